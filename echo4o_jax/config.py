@@ -1,0 +1,290 @@
+"""Model geometry, read from an official checkpoint folder or built for the released 7B-MoT.
+
+Every size used by the model comes from these dataclasses; nothing is hard-coded elsewhere.
+`BagelConfig.from_checkpoint_dir` reads `llm_config.json` / `vit_config.json` (HF field names, as
+shipped) and the optional `meta.json` (AE and BAGEL fields; absent from the released folder, where the
+defaults below are the release's values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+__all__ = [
+    "LLMConfig",
+    "ViTConfig",
+    "VAEConfig",
+    "SpecialTokens",
+    "BagelConfig",
+    "ConfigError",
+]
+
+
+class ConfigError(ValueError):
+    """A checkpoint config file is missing, unreadable or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "LLMConfig":
+        hidden = int(d["hidden_size"])
+        heads = int(d["num_attention_heads"])
+        head_dim = int(d.get("head_dim") or hidden // heads)
+        if d.get("use_sliding_window"):
+            raise ConfigError("llm_config.json: use_sliding_window=True is not supported by BAGEL")
+        return cls(
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(d.get("num_key_value_heads", heads)),
+            head_dim=head_dim,
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": False,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int  # layers actually instantiated: vit_config.json's num_hidden_layers - 1
+    num_heads: int
+    patch_size: int = 14
+    num_channels: int = 3
+    image_size: int = 980
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.num_channels
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "ViTConfig":
+        act = d.get("hidden_act", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ConfigError(f"vit_config.json: hidden_act={act!r}; only gelu_pytorch_tanh is supported")
+        return cls(
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            # The official loaders drop the last SigLIP layer.
+            num_layers=int(d["num_hidden_layers"]) - 1,
+            num_heads=int(d["num_attention_heads"]),
+            patch_size=int(d.get("patch_size", 14)),
+            num_channels=int(d.get("num_channels", 3)),
+            image_size=int(d.get("image_size", 980)),
+            layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        return {
+            "model_type": "siglip_vision_model",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers + 1,
+            "num_attention_heads": self.num_heads,
+            "num_channels": self.num_channels,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": self.layer_norm_eps,
+            "attention_dropout": 0.0,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """FLUX autoencoder (defaults: the FLUX.1 `ae.safetensors` shipped with BAGEL)."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    ch: int = 128
+    out_ch: int = 3
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 16
+    scale_factor: float = 0.3611
+    shift_factor: float = 0.1159
+    downsample: int = 8
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ConfigError(f"meta.json 'ae': unknown fields {sorted(unknown)}")
+        d = dict(d)
+        if "ch_mult" in d:
+            d["ch_mult"] = tuple(int(x) for x in d["ch_mult"])
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    bos_token_id: int = 151644  # <|im_start|>
+    eos_token_id: int = 151645  # <|im_end|>
+    start_of_image: int = 151652  # <|vision_start|>
+    end_of_image: int = 151653  # <|vision_end|>
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BagelConfig:
+    llm: LLMConfig
+    vit: ViTConfig
+    vae: VAEConfig
+    special_tokens: SpecialTokens = SpecialTokens()
+    latent_patch_size: int = 2
+    max_latent_size: int = 64
+    vit_max_num_patch_per_side: int = 70
+    connector_act: str = "gelu_pytorch_tanh"
+    timestep_shift: float = 1.0
+    timestep_embed_dim: int = 256
+    # Numerics / execution.
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    attention_impl: str = "xla_blockwise"  # xla_blockwise | xla_dense
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.z_channels
+
+    @property
+    def patch_latent_dim(self) -> int:
+        return self.latent_patch_size**2 * self.vae.z_channels
+
+    @property
+    def latent_downsample(self) -> int:
+        return self.vae.downsample * self.latent_patch_size
+
+    def replace(self, **kw) -> "BagelConfig":
+        return dataclasses.replace(self, **kw)
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_checkpoint_dir(cls, path: str | os.PathLike, **overrides) -> "BagelConfig":
+        path = os.fspath(path)
+        llm = LLMConfig.from_hf(_read_json(os.path.join(path, "llm_config.json")))
+        vit = ViTConfig.from_hf(_read_json(os.path.join(path, "vit_config.json")))
+        meta_path = os.path.join(path, "meta.json")
+        kw: dict[str, Any] = {}
+        vae = VAEConfig()
+        if os.path.exists(meta_path):
+            meta = _read_json(meta_path)
+            if "ae" in meta:
+                vae = VAEConfig.from_dict(meta["ae"])
+            b = dict(meta.get("bagel", {}))
+            if "special_token_ids" in b:
+                kw["special_tokens"] = SpecialTokens(**{k: int(v) for k, v in b.pop("special_token_ids").items()})
+            if b.pop("interpolate_pos", False):
+                raise ConfigError(f"{meta_path}: interpolate_pos=True is not supported (the release uses False)")
+            for k in ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side", "timestep_shift"):
+                if k in b:
+                    kw[k] = type(getattr(cls, k))(b.pop(k))
+            if "connector_act" in b:
+                kw["connector_act"] = b.pop("connector_act")
+        kw.update(overrides)
+        cfg = cls(llm=llm, vit=vit, vae=vae, **kw)
+        cfg.validate()
+        return cfg
+
+    def meta_dict(self) -> dict[str, Any]:
+        ae = dataclasses.asdict(self.vae)
+        ae["ch_mult"] = list(ae["ch_mult"])
+        return {
+            "ae": ae,
+            "bagel": {
+                "latent_patch_size": self.latent_patch_size,
+                "max_latent_size": self.max_latent_size,
+                "vit_max_num_patch_per_side": self.vit_max_num_patch_per_side,
+                "connector_act": self.connector_act,
+                "interpolate_pos": False,
+                "timestep_shift": self.timestep_shift,
+                "special_token_ids": self.special_tokens.as_dict(),
+            },
+        }
+
+    def validate(self) -> None:
+        l = self.llm
+        if l.num_heads % l.num_kv_heads:
+            raise ConfigError(f"num_attention_heads={l.num_heads} is not a multiple of num_key_value_heads={l.num_kv_heads}")
+        if l.head_dim % 2:
+            raise ConfigError(f"head_dim={l.head_dim} must be even for rotate-half RoPE")
+        if l.hidden_size % 4:
+            raise ConfigError(f"hidden_size={l.hidden_size} must be a multiple of 4 for the 2-D sin-cos tables")
+        if self.vit.hidden_size % self.vit.num_heads:
+            raise ConfigError("vit hidden_size must be a multiple of num_attention_heads")
+        if self.connector_act != "gelu_pytorch_tanh":
+            raise ConfigError(f"connector_act={self.connector_act!r} is not supported")
+        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
+            raise ConfigError(f"remat={self.remat!r}: expected none|full|dots|dots_no_batch")
+        if self.attention_impl not in ("xla_blockwise", "xla_dense"):
+            raise ConfigError(f"attention_impl={self.attention_impl!r}: expected xla_blockwise|xla_dense")
+
+    @classmethod
+    def bagel_7b_mot(cls, **overrides) -> "BagelConfig":
+        """The released BAGEL-7B-MoT geometry (Qwen2.5-7B x2 experts, SigLIP so400m 26 layers, FLUX VAE)."""
+        llm = LLMConfig(
+            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+            num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        )
+        vit = ViTConfig(hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16,
+                        patch_size=14, image_size=980, layer_norm_eps=1e-6)
+        return cls(llm=llm, vit=vit, vae=VAEConfig(), max_latent_size=64, vit_max_num_patch_per_side=70,
+                   **overrides)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"missing config file: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None

@@ -1,0 +1,1 @@
+"""Flax NNX model components: one file per component."""
