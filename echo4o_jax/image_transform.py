@@ -1,0 +1,79 @@
+"""The official BAGEL image transform (`MaxLongEdgeMinShortEdgeResize` + ToTensor + Normalize(0.5, 0.5)).
+
+    scale = min(max_size / long_side, 1); scale = max(scale, min_size / short_side)
+    each side -> round(side * scale), then to the nearest multiple of `stride` (at least `stride`)
+    if w * h > max_pixels / img_num: rescale by max_pixels / img_num / (w * h) (same rounding)
+    if the long side > max_size: rescale by max_size / long side (same rounding)
+    PIL bicubic resize; pixels / 255, then (x - 0.5) / 0.5 -> [-1, 1].
+
+Inference defaults: VAE (1024, 512, 16), ViT (980, 224, 14), max_pixels 14*14*9*1024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["ImageTransform", "resize_shape", "to_unit_range", "from_unit_range"]
+
+
+def _make_divisible(value: float, stride: int) -> int:
+    return max(stride, int(round(value / stride) * stride))
+
+
+def _apply_scale(w: int, h: int, scale: float, stride: int) -> tuple[int, int]:
+    return _make_divisible(round(w * scale), stride), _make_divisible(round(h * scale), stride)
+
+
+def resize_shape(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int,
+                 img_num: int = 1) -> tuple[int, int]:
+    """(new_w, new_h) of the official resize rule."""
+    scale = min(max_size / max(w, h), 1.0)
+    scale = max(scale, min_size / min(w, h))
+    nw, nh = _apply_scale(w, h, scale, stride)
+    if nw * nh > max_pixels / img_num:
+        scale = max_pixels / img_num / (nw * nh)
+        nw, nh = _apply_scale(nw, nh, scale, stride)
+    if max(nw, nh) > max_size:
+        scale = max_size / max(nw, nh)
+        nw, nh = _apply_scale(nw, nh, scale, stride)
+    return nw, nh
+
+
+def to_unit_range(img: Image.Image) -> np.ndarray:
+    """PIL RGB -> float32 [H, W, 3] in [-1, 1] (ToTensor then Normalize(0.5, 0.5))."""
+    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return (a - 0.5) / 0.5
+
+
+def from_unit_range(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] float -> uint8, as the official decode: (x * 0.5 + 0.5).clamp(0, 1) * 255, truncated."""
+    return (np.clip(np.asarray(x, np.float32) * 0.5 + 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+    max_size: int
+    min_size: int
+    stride: int
+    max_pixels: int = 14 * 14 * 9 * 1024
+
+    @classmethod
+    def vae_default(cls) -> "ImageTransform":
+        return cls(1024, 512, 16)
+
+    @classmethod
+    def vit_default(cls) -> "ImageTransform":
+        return cls(980, 224, 14)
+
+    def resize(self, img: Image.Image, img_num: int = 1) -> Image.Image:
+        img = img.convert("RGB")
+        w, h = img.size
+        nw, nh = resize_shape(w, h, self.max_size, self.min_size, self.stride, self.max_pixels, img_num)
+        return img.resize((nw, nh), Image.Resampling.BICUBIC)
+
+    def __call__(self, img: Image.Image, img_num: int = 1) -> np.ndarray:
+        """PIL image -> float32 [H, W, 3] in [-1, 1], both sides multiples of `stride`."""
+        return to_unit_range(self.resize(img, img_num))

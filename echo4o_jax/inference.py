@@ -1,0 +1,387 @@
+"""Inference with a KV cache: context building, Euler flow sampler with 3-branch CFG, text decoding.
+
+The semantics are those of the official `InterleaveInferencer.interleave_inference`:
+
+* a context is a static-capacity KV cache (keys after q/k-norm and RoPE) + its length + next RoPE
+  position; text appends `[bos] ids [eos]` (causal, und expert, one position per token); a ViT image
+  appends `[soi] vit [eoi]` (full, und, one position, then +1); a clean VAE image appends
+  `[soi] latents(t=0) [eoi]` (full, markers und / latents gen, one position, then +1);
+* image generation: query block `[soi] x_t [eoi]` at the branch's position, bidirectional over the
+  cache + itself, cache not updated; Euler from t=1 to 0 on the shifted schedule; CFG with the
+  text-uncond (context before the last text item) and image-uncond (text only) branches, active for
+  `cfg_interval[0] < t <= cfg_interval[1]`, renorm `global` / `channel` / `text_channel`;
+* text: start token `<|im_start|>`, then greedy or temperature sampling until `<|im_end|>` or
+  `max_length` tokens (the start token included), as the official `generate_text`.
+
+All step functions are jitted with static shapes (the cache capacity is fixed per `Inferencer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+
+from .config import BagelConfig
+from .image_transform import ImageTransform, from_unit_range, to_unit_range
+from .model.attention import CAUSAL, FULL, TokenMeta
+from .model.bagel import Bagel, latent_tokens_from_latents, tokens_to_latent
+from .model.layers import dtype_of
+from .model.qwen2_mot import KVCache
+from .model.vae import AutoEncoder
+
+__all__ = ["Context", "Inferencer", "timestep_schedule", "cfg_combine", "CFG_RENORM_TYPES"]
+
+CFG_RENORM_TYPES = ("global", "channel", "text_channel")
+_QUERY_ORDER = 1 << 29  # query blocks come after every cached token
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    cache: KVCache
+    kv_len: int
+    rope: int
+    n_splits: int
+
+
+def timestep_schedule(num_timesteps: int, shift: float) -> np.ndarray:
+    """float32 linspace(1, 0, n) then shift, as the official sampler."""
+    t = np.linspace(1.0, 0.0, num_timesteps, dtype=np.float64).astype(np.float32)
+    s = np.float32(shift)
+    return (s * t / (np.float32(1.0) + (s - np.float32(1.0)) * t)).astype(np.float32)
+
+
+def cfg_combine(v_c, v_t, v_i, *, text_scale: float, img_scale: float, renorm_type: str, renorm_min: float):
+    """Official `_forward_flow` guidance. `v_t` / `v_i` may be None when their scale is <= 1."""
+    if text_scale <= 1.0:
+        return v_c
+    v_text_ = v_t + text_scale * (v_c - v_t)
+    if renorm_type == "text_channel":
+        scale = jnp.linalg.norm(v_c, axis=-1, keepdims=True) / (jnp.linalg.norm(v_text_, axis=-1, keepdims=True) + 1e-8)
+        v_text = v_text_ * jnp.clip(scale, renorm_min, 1.0)
+        return v_i + img_scale * (v_text - v_i) if img_scale > 1.0 else v_text
+    v_ = v_i + img_scale * (v_text_ - v_i) if img_scale > 1.0 else v_text_
+    if renorm_type == "global":
+        n_c, n_ = jnp.linalg.norm(v_c), jnp.linalg.norm(v_)
+    elif renorm_type == "channel":
+        n_c, n_ = jnp.linalg.norm(v_c, axis=-1, keepdims=True), jnp.linalg.norm(v_, axis=-1, keepdims=True)
+    else:
+        raise ValueError(f"cfg_renorm_type={renorm_type!r}; expected one of {CFG_RENORM_TYPES}")
+    return v_ * jnp.clip(n_c / (n_ + 1e-8), renorm_min, 1.0)
+
+
+def _meta(n: int, split: int, mode: int, order0) -> TokenMeta:
+    return TokenMeta(jnp.zeros((n,), jnp.int32), jnp.full((n,), split, jnp.int32),
+                     jnp.full((n,), mode, jnp.int32), order0 + jnp.arange(n, dtype=jnp.int32))
+
+
+class Inferencer:
+    """Generation / understanding with a loaded `Bagel` and `AutoEncoder`."""
+
+    def __init__(self, model: Bagel, vae: AutoEncoder | None, *, max_context: int = 4096,
+                 vae_transform: ImageTransform | None = None, vit_transform: ImageTransform | None = None,
+                 vae_sample_posterior: bool = False):
+        self.cfg: BagelConfig = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self.vae = vae
+        if vae is not None:
+            self.vae_graphdef, self.vae_state = nnx.split(vae)
+        self.max_context = max_context
+        self.vae_transform = vae_transform or ImageTransform.vae_default()
+        self.vit_transform = vit_transform or ImageTransform.vit_default()
+        self.vae_sample_posterior = vae_sample_posterior
+        self.dtype = dtype_of(self.cfg.compute_dtype)
+        tok = self.cfg.special_tokens
+        self.bos, self.eos, self.soi, self.eoi = tok.bos_token_id, tok.eos_token_id, tok.start_of_image, tok.end_of_image
+
+    # ------------------------------------------------------------------ contexts
+    def new_context(self) -> Context:
+        model = nnx.merge(self.graphdef, self.state)
+        return Context(model.llm.empty_cache(self.max_context, self.dtype), 0, 0, 0)
+
+    def _check_room(self, ctx: Context, n: int, what: str):
+        if ctx.kv_len + n > self.max_context:
+            raise ValueError(f"context overflow while adding {what}: {ctx.kv_len} + {n} tokens > max_context={self.max_context}")
+
+    def add_text(self, ctx: Context, ids: Sequence[int]) -> Context:
+        ids = [self.bos, *[int(i) for i in ids], self.eos]
+        n = len(ids)
+        self._check_room(ctx, n, "text")
+        cache = _append_text(self.graphdef, self.state, ctx.cache, jnp.asarray(ids, jnp.int32),
+                             jnp.int32(ctx.rope), jnp.int32(ctx.kv_len), jnp.int32(ctx.n_splits))
+        return Context(cache, ctx.kv_len + n, ctx.rope + n, ctx.n_splits + 1)
+
+    def add_vit_image(self, ctx: Context, image: Image.Image) -> Context:
+        pixels = self.vit_transform(image)  # [H, W, 3]
+        p = self.cfg.vit.patch_size
+        H, W, C = pixels.shape
+        patches = pixels.reshape(H // p, p, W // p, p, C).transpose(0, 2, 1, 3, 4).reshape(-1, p * p * C)
+        rows, cols = np.divmod(np.arange((H // p) * (W // p)), W // p)
+        pos = rows * self.cfg.vit_max_num_patch_per_side + cols
+        n = patches.shape[0] + 2
+        self._check_room(ctx, n, "a ViT image")
+        cache = _append_vit(self.graphdef, self.state, ctx.cache, jnp.asarray(patches), jnp.asarray(pos, jnp.int32),
+                            jnp.int32(ctx.rope), jnp.int32(ctx.kv_len), jnp.int32(ctx.n_splits), self.soi, self.eoi)
+        return Context(cache, ctx.kv_len + n, ctx.rope + 1, ctx.n_splits + 1)
+
+    def encode_latent_tokens(self, pixels: np.ndarray, rng: jax.Array | None = None) -> tuple[jax.Array, int, int]:
+        """[H, W, 3] in [-1, 1] (multiples of the latent stride) -> clean latent tokens [h*w, p*p*z]."""
+        if self.vae is None:
+            raise ValueError("this Inferencer has no VAE: image inputs for generation need one")
+        H, W, _ = pixels.shape
+        ds = self.cfg.latent_downsample
+        if H % ds or W % ds:
+            raise ValueError(f"VAE image size {H}x{W} is not a multiple of {ds}")
+        h, w = H // ds, W // ds
+        lat = _vae_encode(self.vae_graphdef, self.vae_state, jnp.asarray(pixels)[None], self.vae_sample_posterior, rng)
+        rows, cols = np.divmod(np.arange(h * w), w)
+        tokens = latent_tokens_from_latents(lat, jnp.zeros((h * w,), jnp.int32),
+                                            jnp.asarray(np.stack([rows, cols], 1), jnp.int32), self.cfg.latent_patch_size)
+        return tokens, h, w
+
+    def add_vae_image(self, ctx: Context, image: Image.Image, rng: jax.Array | None = None) -> Context:
+        pixels = self.vae_transform(image)
+        tokens, h, w = self.encode_latent_tokens(pixels, rng)
+        n = h * w + 2
+        self._check_room(ctx, n, "a VAE image")
+        cache = _append_vae(self.graphdef, self.state, ctx.cache, tokens, self._latent_pos(h, w),
+                            jnp.int32(ctx.rope), jnp.int32(ctx.kv_len), jnp.int32(ctx.n_splits), self.soi, self.eoi)
+        return Context(cache, ctx.kv_len + n, ctx.rope + 1, ctx.n_splits + 1)
+
+    def _latent_pos(self, h: int, w: int) -> jax.Array:
+        rows, cols = np.divmod(np.arange(h * w), w)
+        return jnp.asarray(rows * self.cfg.max_latent_size + cols, jnp.int32)
+
+    # ------------------------------------------------------------------ image generation
+    def generate_image_latent(
+        self, ctx: Context, cfg_text_ctx: Context, cfg_img_ctx: Context, image_shape: tuple[int, int], *,
+        cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.5, cfg_interval=(0.4, 1.0),
+        cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global", num_timesteps: int = 50,
+        timestep_shift: float = 3.0, init_noise: np.ndarray | None = None, rng: jax.Array | None = None,
+        return_velocities: bool = False,
+    ):
+        """Returns final latent tokens [h*w, p*p*z] (and the guided velocity of each step)."""
+        if cfg_renorm_type not in CFG_RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type={cfg_renorm_type!r}; expected one of {CFG_RENORM_TYPES}")
+        H, W = image_shape
+        ds = self.cfg.latent_downsample
+        if H % ds or W % ds:
+            raise ValueError(f"image_shape {H}x{W} is not a multiple of {ds}")
+        h, w = H // ds, W // ds
+        n = h * w
+        if init_noise is None:
+            if rng is None:
+                raise ValueError("generate_image_latent needs init_noise or rng")
+            init_noise = jax.random.normal(rng, (n, self.cfg.patch_latent_dim), jnp.float32)
+        x = jnp.asarray(init_noise, jnp.float32)
+        if x.shape != (n, self.cfg.patch_latent_dim):
+            raise ValueError(f"init_noise shape {x.shape}, expected {(n, self.cfg.patch_latent_dim)}")
+        ctxs = (ctx, cfg_text_ctx, cfg_img_ctx)
+        caches = jax.tree.map(lambda *a: jnp.stack(a), *[c.cache for c in ctxs])
+        ropes = jnp.asarray([c.rope for c in ctxs], jnp.int32)
+        lat_pos = self._latent_pos(h, w)
+        ts = timestep_schedule(num_timesteps, timestep_shift)
+        vels = []
+        for i in range(num_timesteps - 1):
+            t = ts[i]
+            active = cfg_interval[0] < t <= cfg_interval[1]
+            s_txt = float(cfg_text_scale) if active else 1.0
+            s_img = float(cfg_img_scale) if active else 1.0
+            n_branches = 1 if s_txt <= 1.0 else (3 if s_img > 1.0 else 2)
+            v = _guided_velocity(self.graphdef, self.state, jax.tree.map(lambda a: a[:n_branches], caches),
+                                 ropes[:n_branches], x, jnp.float32(t), lat_pos, self.soi, self.eoi,
+                                 s_txt, s_img, cfg_renorm_type, float(cfg_renorm_min))
+            x = x - v * (ts[i] - ts[i + 1])
+            if return_velocities:
+                vels.append(v)
+        return (x, jnp.stack(vels)) if return_velocities else x
+
+    def decode_latent(self, tokens: jax.Array, image_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Latent tokens -> (decoded [H, W, 3] float in [-1, 1], uint8 picture)."""
+        if self.vae is None:
+            raise ValueError("this Inferencer has no VAE")
+        H, W = image_shape
+        ds = self.cfg.latent_downsample
+        z = tokens_to_latent(tokens, H // ds, W // ds, self.cfg.latent_patch_size, self.cfg.latent_channels)
+        dec = np.asarray(_vae_decode(self.vae_graphdef, self.vae_state, z[None]))[0]
+        return dec, from_unit_range(dec)
+
+    # ------------------------------------------------------------------ text generation
+    def generate_text(self, ctx: Context, *, max_length: int, do_sample: bool = False, temperature: float = 1.0,
+                      rng: jax.Array | None = None) -> list[int]:
+        """Official `generate_text`: returns [start token, generated...], at most `max_length` ids,
+        stopping before an `<|im_end|>` prediction."""
+        if do_sample and rng is None:
+            raise ValueError("do_sample=True needs rng")
+        cache, kv_len, rope, n_splits = ctx.cache, ctx.kv_len, ctx.rope, ctx.n_splits
+        tok = self.bos
+        out = []
+        for step in range(max_length):
+            out.append(tok)
+            self._check_room(Context(cache, kv_len, rope, n_splits), 1, "a generated token")
+            logits, cache = _decode_step(self.graphdef, self.state, cache, jnp.int32(tok), jnp.int32(rope),
+                                         jnp.int32(kv_len), jnp.int32(n_splits))
+            kv_len, rope, n_splits = kv_len + 1, rope + 1, n_splits + 1
+            if do_sample:
+                rng, sub = jax.random.split(rng)
+                tok = int(jax.random.categorical(sub, logits / temperature))
+            else:
+                tok = int(jnp.argmax(logits))
+            if tok == self.eos:
+                break
+        return out
+
+    # ------------------------------------------------------------------ interleaved
+    def interleave_inference(
+        self, inputs: Sequence[Any], *, understanding_output: bool = False, think: bool = False,
+        system_prompt_ids: Sequence[int] | None = None, max_think_token_n: int = 1000, do_sample: bool = False,
+        text_temperature: float = 0.3, image_shapes: tuple[int, int] = (1024, 1024), init_noise=None,
+        rng: jax.Array | None = None, return_velocities: bool = False, **gen_kwargs,
+    ) -> dict[str, Any]:
+        """`inputs`: token-id lists (text) and PIL images, in order. Returns a dict with `text_ids`
+        (understanding / thinking output), and for generation `latent`, `decoded`, `image` (uint8)."""
+        if think and system_prompt_ids is None:
+            raise ValueError("think=True needs system_prompt_ids (the tokenized think system prompt)")
+        gen = cfg_text = cfg_img = self.new_context()
+        if think:
+            gen = self.add_text(gen, system_prompt_ids)
+            cfg_img = self.add_text(cfg_img, system_prompt_ids)
+        for item in inputs:
+            if isinstance(item, Image.Image):
+                item = self.vae_transform.resize(item)
+                if not understanding_output:
+                    gen = self.add_vae_image(gen, item)
+                gen = self.add_vit_image(gen, item)
+                image_shapes = (item.size[1], item.size[0])
+                cfg_text = gen
+            elif isinstance(item, (list, tuple, np.ndarray)):
+                cfg_text = gen
+                gen = self.add_text(gen, item)
+                cfg_img = self.add_text(cfg_img, item)
+            else:
+                raise TypeError(f"unsupported input {type(item).__name__}: expected token ids or a PIL image")
+        out: dict[str, Any] = {}
+        if understanding_output or think:
+            ids = self.generate_text(gen, max_length=max_think_token_n, do_sample=do_sample,
+                                     temperature=text_temperature, rng=rng)
+            out["text_ids"] = ids
+            if understanding_output:
+                return out
+            gen = self.add_text(gen, ids[1:])
+        res = self.generate_image_latent(gen, cfg_text, cfg_img, tuple(image_shapes), init_noise=init_noise, rng=rng,
+                                         return_velocities=return_velocities, **gen_kwargs)
+        latent, vels = res if return_velocities else (res, None)
+        decoded, image = self.decode_latent(latent, tuple(image_shapes))
+        out.update(latent=latent, decoded=decoded, image=image)
+        if vels is not None:
+            out["velocities"] = vels
+        return out
+
+
+# ---------------------------------------------------------------------------- jitted kernels
+
+
+def _write(cache: KVCache, kv, meta: TokenMeta, kv_len) -> KVCache:
+    k, v = kv
+    nk = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, kv_len, 0, 0))
+    nv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, kv_len, 0, 0))
+    nm = TokenMeta(*(jax.lax.dynamic_update_slice(c, m, (kv_len,)) for c, m in zip(cache.meta, meta)))
+    return KVCache(nk, nv, nm, cache.length + k.shape[1])
+
+
+def _run(model: Bagel, x, n_und, meta, positions, cache, *, return_kv):
+    c = model.cfg
+    return model.llm(x, n_und, meta, positions, cache=cache, return_kv=return_kv,
+                     attention_impl=c.attention_impl, block_q=c.attention_block_q, block_kv=c.attention_block_kv)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _append_text(graphdef, state, cache, ids, rope, kv_len, split):
+    model = nnx.merge(graphdef, state)
+    n = ids.shape[0]
+    dt = dtype_of(model.cfg.compute_dtype)
+    x = model.llm.embed_tokens(ids, dt)
+    meta = _meta(n, split, CAUSAL, kv_len)
+    _, kv = _run(model, x, n, meta, rope + jnp.arange(n, dtype=jnp.int32), cache, return_kv=True)
+    return _write(cache, kv, meta, kv_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9))
+def _append_vit(graphdef, state, cache, patches, pos_ids, rope, kv_len, split, soi, eoi):
+    model = nnx.merge(graphdef, state)
+    nv = patches.shape[0]
+    dt = dtype_of(model.cfg.compute_dtype)
+    markers = model.llm.embed_tokens(jnp.asarray([soi, eoi], jnp.int32), dt)
+    vit = model.embed_vit(patches, pos_ids, jnp.zeros((nv,), jnp.int32))
+    x = jnp.concatenate([markers, vit])
+    # official order: soi, vit..., eoi
+    order = kv_len + jnp.concatenate([jnp.asarray([0, nv + 1], jnp.int32), 1 + jnp.arange(nv, dtype=jnp.int32)])
+    meta = TokenMeta(jnp.zeros((nv + 2,), jnp.int32), jnp.full((nv + 2,), split, jnp.int32),
+                     jnp.full((nv + 2,), FULL, jnp.int32), order)
+    _, kv = _run(model, x, nv + 2, meta, jnp.full((nv + 2,), rope, jnp.int32), cache, return_kv=True)
+    return _write(cache, kv, meta, kv_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8, 9))
+def _append_vae(graphdef, state, cache, tokens, lat_pos, rope, kv_len, split, soi, eoi):
+    model = nnx.merge(graphdef, state)
+    n = tokens.shape[0]
+    dt = dtype_of(model.cfg.compute_dtype)
+    markers = model.llm.embed_tokens(jnp.asarray([soi, eoi], jnp.int32), dt)
+    lat = model.embed_latents(tokens, jnp.zeros((n,), jnp.float32), lat_pos)
+    x = jnp.concatenate([markers, lat])
+    order = kv_len + jnp.concatenate([jnp.asarray([0, n + 1], jnp.int32), 1 + jnp.arange(n, dtype=jnp.int32)])
+    meta = TokenMeta(jnp.zeros((n + 2,), jnp.int32), jnp.full((n + 2,), split, jnp.int32),
+                     jnp.full((n + 2,), FULL, jnp.int32), order)
+    _, kv = _run(model, x, 2, meta, jnp.full((n + 2,), rope, jnp.int32), cache, return_kv=True)
+    return _write(cache, kv, meta, kv_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11, 12))
+def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, s_txt, s_img, renorm_type, renorm_min):
+    model = nnx.merge(graphdef, state)
+    n = x_t.shape[0]
+    dt = dtype_of(model.cfg.compute_dtype)
+    markers = model.llm.embed_tokens(jnp.asarray([soi, eoi], jnp.int32), dt)
+    lat = model.embed_latents(x_t, jnp.full((n,), t, jnp.float32), lat_pos)
+    x = jnp.concatenate([markers, lat])
+    order = _QUERY_ORDER + jnp.concatenate([jnp.asarray([0, n + 1], jnp.int32), 1 + jnp.arange(n, dtype=jnp.int32)])
+    meta = TokenMeta(jnp.zeros((n + 2,), jnp.int32), jnp.full((n + 2,), _QUERY_ORDER, jnp.int32),
+                     jnp.full((n + 2,), FULL, jnp.int32), order)
+
+    def branch(cache, rope):
+        h = _run(model, x, 2, meta, jnp.full((n + 2,), rope, jnp.int32), cache, return_kv=False)
+        return model.velocity(h[2:]).astype(jnp.float32)
+
+    v = jax.vmap(branch)(caches, ropes)
+    nb = v.shape[0]
+    return cfg_combine(v[0], v[1] if nb > 1 else None, v[2] if nb > 2 else None, text_scale=s_txt,
+                       img_scale=s_img, renorm_type=renorm_type, renorm_min=renorm_min)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode_step(graphdef, state, cache, token, rope, kv_len, split):
+    model = nnx.merge(graphdef, state)
+    dt = dtype_of(model.cfg.compute_dtype)
+    x = model.llm.embed_tokens(token[None], dt)
+    meta = _meta(1, split, CAUSAL, kv_len)
+    h, kv = _run(model, x, 1, meta, rope[None], cache, return_kv=True)
+    return model.llm.logits(h)[0], _write(cache, kv, meta, kv_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _vae_encode(graphdef, state, pixels, sample, rng):
+    vae = nnx.merge(graphdef, state)
+    return vae.encode(pixels, sample=sample, rng=rng)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _vae_decode(graphdef, state, z):
+    vae = nnx.merge(graphdef, state)
+    return vae.decode(z)

@@ -1,0 +1,689 @@
+"""Sequence packing: official BAGEL samples -> one packed batch with static shapes.
+
+This reproduces the official `PackedDataset.pack_sequence` (ByteDance-Seed/Bagel
+`data/dataset_base.py`) token for token, but lays the pack out for a static-shape JAX model:
+
+    [ text segment (text_capacity) | vit segment (vit_capacity) | vae segment (vae_capacity) ]
+
+* text segment: every text id, markers included (`<|im_start|>`, `<|im_end|>`, start/end of image);
+  run by the understanding expert.
+* vit segment: ViT patch tokens; understanding expert.
+* vae segment: VAE latent tokens (clean and noisy); generation expert.
+
+Inside each segment tokens follow the official packed order. Unused slots are padding. Each token
+carries the metadata of `echo4o_jax.model.attention` (`sample`, `split`, `mode`, `order`), from which
+`mask_from_meta` rebuilds the official per-sample attention masks, and its RoPE position.
+
+`to_official` rebuilds the official arrays (sorting by `order`); `attention_masks` rebuilds the official
+per-sample masks through `mask_from_meta`.
+
+Pure numpy; jax is imported lazily only by `attention_masks` / `dense_attention_mask` / `PackedBatch.token_meta`.
+
+The official dataset skips a sample whose estimated `num_tokens + 2 * len(sequence_plan)` exceeds
+`max_num_tokens_per_sample` before packing; that policy belongs to the data loader (see
+`sample_sizes` for the exact per-sample requirement). `pack_samples` never skips or truncates: it
+raises `PackOverflowError` when a capacity is exceeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from echo4o_jax.config import BagelConfig
+
+__all__ = [
+    "CAUSAL",
+    "FULL",
+    "NOISE",
+    "PackBudget",
+    "PackError",
+    "PackOverflowError",
+    "PackedBatch",
+    "SampleSizes",
+    "sample_sizes",
+    "budget_for",
+    "patchify",
+    "pack_samples",
+    "to_official",
+    "attention_masks",
+    "dense_attention_mask",
+    "batch_arrays",
+    "stack_batches",
+]
+
+# Same values as echo4o_jax.model.attention (kept here so that this module does not import jax).
+CAUSAL, FULL, NOISE = 0, 1, 2
+
+_TEXT, _VIT, _VAE = "text", "vit_image", "vae_image"
+
+
+class PackError(ValueError):
+    """A sample is malformed (plan / item count mismatch, bad image shape, unsupported plan item)."""
+
+
+class PackOverflowError(ValueError):
+    """The samples do not fit the pack budget."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PackBudget:
+    text_tokens: int  # capacity of the text segment (all text ids incl. markers)
+    vit_tokens: int  # capacity of the vit segment
+    vae_tokens: int  # capacity of the vae latent-token segment
+    vae_images: int  # max number of VAE images per pack
+    vae_image_size: tuple[int, int]  # (Hmax, Wmax) padded VAE image size
+
+    def __post_init__(self):
+        for name in ("text_tokens", "vit_tokens", "vae_tokens", "vae_images"):
+            v = getattr(self, name)
+            if int(v) != v or v < 0:
+                raise ValueError(f"PackBudget.{name}={v!r} must be a non-negative int")
+        if len(self.vae_image_size) != 2 or any(int(s) != s or s < 0 for s in self.vae_image_size):
+            raise ValueError(f"PackBudget.vae_image_size={self.vae_image_size!r} must be (H, W) ints >= 0")
+        object.__setattr__(self, "vae_image_size", tuple(int(s) for s in self.vae_image_size))
+
+    @property
+    def total_tokens(self) -> int:
+        return self.text_tokens + self.vit_tokens + self.vae_tokens
+
+
+_TOKEN_FIELDS = ("sample_id", "split_id", "split_mode", "order", "position_id")
+_TEXT_FIELDS = ("text_ids", "text_labels", "text_ce_weight")
+_VIT_FIELDS = ("vit_patches", "vit_pos_ids", "vit_image_id")
+_VAE_FIELDS = ("vae_image_index", "vae_token_hw", "latent_pos_ids", "timestep_raw", "mse_mask")
+_IMAGE_FIELDS = ("vae_images", "vae_image_hw")
+_ARRAY_FIELDS = _TOKEN_FIELDS + _TEXT_FIELDS + _VIT_FIELDS + _VAE_FIELDS + _IMAGE_FIELDS
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    """One pack (numpy). After `stack_batches`, every array gets a leading batch axis and
+    `num_tokens` / `num_samples` become int32 arrays [B]."""
+
+    # per token, length L = text_capacity + vit_capacity + vae_capacity (segments text | vit | vae)
+    sample_id: np.ndarray  # int32, -1 padding
+    split_id: np.ndarray  # int32, unique per split in the pack, -1 padding
+    split_mode: np.ndarray  # int32 CAUSAL / FULL / NOISE, 0 padding
+    order: np.ndarray  # int32 official packed index; padding num_tokens + k
+    position_id: np.ndarray  # int32 RoPE position, 0 padding
+    # text segment [text_capacity]
+    text_ids: np.ndarray  # int32, 0 padding
+    text_labels: np.ndarray  # int32, -1 = no CE
+    text_ce_weight: np.ndarray  # float32, 0 = no CE
+    # vit segment [vit_capacity]
+    vit_patches: np.ndarray  # float32 [vit_capacity, p*p*C]
+    vit_pos_ids: np.ndarray  # int32
+    vit_image_id: np.ndarray  # int32, -1 padding
+    # vae segment [vae_capacity]
+    vae_image_index: np.ndarray  # int32 index into vae_images, -1 padding
+    vae_token_hw: np.ndarray  # int32 [vae_capacity, 2] (row, col) in the latent grid
+    latent_pos_ids: np.ndarray  # int32
+    timestep_raw: np.ndarray  # float32, -inf clean and padding
+    mse_mask: np.ndarray  # bool
+    # images
+    vae_images: np.ndarray  # float32 [vae_images, Hmax, Wmax, C] NHWC zero padded
+    vae_image_hw: np.ndarray  # int32 [vae_images, 2] (H, W) pixels, 0 unused
+    num_tokens: Any  # int (real tokens)
+    num_samples: Any  # int
+
+    @property
+    def text_capacity(self) -> int:
+        return self.text_ids.shape[-1]
+
+    @property
+    def vit_capacity(self) -> int:
+        return self.vit_pos_ids.shape[-1]
+
+    @property
+    def vae_capacity(self) -> int:
+        return self.latent_pos_ids.shape[-1]
+
+    @property
+    def total_tokens(self) -> int:
+        return self.sample_id.shape[-1]
+
+    @property
+    def text_slice(self) -> slice:
+        return slice(0, self.text_capacity)
+
+    @property
+    def vit_slice(self) -> slice:
+        return slice(self.text_capacity, self.text_capacity + self.vit_capacity)
+
+    @property
+    def vae_slice(self) -> slice:
+        return slice(self.text_capacity + self.vit_capacity, self.total_tokens)
+
+    def token_meta(self):
+        """`echo4o_jax.model.attention.TokenMeta` of the whole token array (numpy leaves)."""
+        from echo4o_jax.model.attention import TokenMeta
+
+        return TokenMeta(self.sample_id, self.split_id, self.split_mode, self.order)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSizes:
+    """What one sample needs when packed without dropout."""
+
+    text_tokens: int
+    vit_tokens: int
+    vae_tokens: int
+    vae_images: int
+    vae_image_size: tuple[int, int]  # max (H, W) over the sample's VAE images, (0, 0) if none
+
+    @property
+    def total_tokens(self) -> int:
+        return self.text_tokens + self.vit_tokens + self.vae_tokens
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
+    """[C, H, W] -> [(H/p)*(W/p), p*p*C], feature order (kh, kw, c) (official `patchify`)."""
+    p = patch_size
+    c, h, w = image.shape
+    x = image.reshape(c, h // p, p, w // p, p)
+    x = np.einsum("chpwq->hwpqc", x)
+    return x.reshape(-1, p * p * c)
+
+
+def _grid_pos_ids(h: int, w: int, max_per_side: int) -> np.ndarray:
+    """Official `get_flattened_position_ids_extrapolate` on an h x w grid."""
+    return (np.arange(h)[:, None] * max_per_side + np.arange(w)[None, :]).reshape(-1)
+
+
+def _len2weight(n: int) -> float:
+    return 1.0 / math.sqrt(n)
+
+
+def _sample_name(idx: int, sample: dict) -> str:
+    for key in ("id", "sample_id", "data_indexes"):
+        if key in sample:
+            return f"sample {idx} ({key}={sample[key]!r})"
+    return f"sample {idx}"
+
+
+def _check_image(image, stride: int, max_per_side: int, channels: int, where: str, what: str) -> np.ndarray:
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[0] != channels:
+        raise PackError(f"{where}: {what} must be [{channels}, H, W], got shape {tuple(arr.shape)}")
+    _, H, W = arr.shape
+    if H <= 0 or W <= 0 or H % stride or W % stride:
+        raise PackError(f"{where}: {what} size {H}x{W} is not a positive multiple of {stride}")
+    if H // stride > max_per_side or W // stride > max_per_side:
+        raise PackError(
+            f"{where}: {what} size {H}x{W} gives a {H // stride}x{W // stride} grid, more than "
+            f"{max_per_side} per side (position table size)"
+        )
+    return arr
+
+
+def _validate_sample(idx: int, sample: dict, cfg: BagelConfig):
+    """Returns (plan, text_ids_list, images) as fresh lists, validated. Images are float32 arrays."""
+    name = _sample_name(idx, sample)
+    try:
+        plan = list(sample["sequence_plan"])
+        texts = list(sample["text_ids_list"])
+    except KeyError as e:
+        raise PackError(f"{name}: missing key {e.args[0]!r}") from None
+    images = list(sample.get("image_tensor_list", []))
+    n_text = sum(1 for it in plan if it.get("type") == _TEXT)
+    n_img = sum(1 for it in plan if it.get("type") in (_VIT, _VAE))
+    if n_text != len(texts):
+        raise PackError(f"{name}: sequence_plan has {n_text} text items but text_ids_list has {len(texts)}")
+    if n_img != len(images):
+        raise PackError(f"{name}: sequence_plan has {n_img} image items but image_tensor_list has {len(images)}")
+    vocab = cfg.llm.vocab_size
+    ti = ii = 0
+    out_texts, out_images = [], []
+    for k, item in enumerate(plan):
+        where = f"{name}, plan item {k} ({item.get('type')!r})"
+        typ = item.get("type")
+        if typ not in (_TEXT, _VIT, _VAE):
+            raise PackError(f"{where}: unknown item type")
+        if not item.get("split_start", True) or not item.get("split_end", True) or "frame_delta" in item:
+            raise PackError(f"{where}: multi-item splits / frame_delta (video) are not supported")
+        if item.get("special_token_loss", 0) == 1:
+            lab = item.get("special_token_label")
+            if lab is None or not (0 <= int(lab) < vocab):
+                raise PackError(f"{where}: special_token_loss=1 needs a special_token_label in [0, {vocab})")
+        if typ == _TEXT:
+            ids = np.asarray(texts[ti], dtype=np.int64).reshape(-1)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                raise PackError(f"{where}: text ids outside [0, {vocab})")
+            out_texts.append(ids)
+            ti += 1
+        elif typ == _VIT:
+            out_images.append(
+                _check_image(images[ii], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side,
+                             cfg.vit.num_channels, where, f"image {ii}")
+            )
+            ii += 1
+        else:
+            out_images.append(
+                _check_image(images[ii], cfg.latent_downsample, cfg.max_latent_size, cfg.vae.in_channels,
+                             where, f"image {ii}")
+            )
+            ii += 1
+    return plan, out_texts, out_images
+
+
+def sample_sizes(sample: dict, cfg: BagelConfig, *, index: int = 0) -> SampleSizes:
+    """Exact capacities one sample needs when nothing is dropped (for budgets and loader packing).
+    `index` only names the sample in error messages."""
+    plan, texts, images = _validate_sample(index, sample, cfg)
+    text = vit = vae = n_vae = 0
+    hmax = wmax = 0
+    ti = ii = 0
+    for item in plan:
+        if item["type"] == _TEXT:
+            text += len(texts[ti]) + 2
+            ti += 1
+            continue
+        img = images[ii]
+        ii += 1
+        text += 2
+        _, H, W = img.shape
+        if item["type"] == _VIT:
+            p = cfg.vit.patch_size
+            vit += (H // p) * (W // p)
+        else:
+            d = cfg.latent_downsample
+            vae += (H // d) * (W // d)
+            n_vae += 1
+            hmax, wmax = max(hmax, H), max(wmax, W)
+    return SampleSizes(text, vit, vae, n_vae, (hmax, wmax))
+
+
+def budget_for(samples: Sequence[dict], cfg: BagelConfig, *, slack: int = 0, round_to: int = 1) -> PackBudget:
+    """The smallest budget holding `samples` without dropout, plus `slack` tokens per segment, each token
+    capacity rounded up to a multiple of `round_to`."""
+    sizes = [sample_sizes(s, cfg, index=i) for i, s in enumerate(samples)]
+
+    def cap(n):
+        n += slack
+        return -(-n // round_to) * round_to
+
+    return PackBudget(
+        text_tokens=cap(sum(s.text_tokens for s in sizes)),
+        vit_tokens=cap(sum(s.vit_tokens for s in sizes)),
+        vae_tokens=cap(sum(s.vae_tokens for s in sizes)),
+        vae_images=sum(s.vae_images for s in sizes),
+        vae_image_size=(max([s.vae_image_size[0] for s in sizes], default=0),
+                        max([s.vae_image_size[1] for s in sizes], default=0)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def pack_samples(
+    samples: Sequence[dict],
+    cfg: BagelConfig,
+    budget: PackBudget,
+    *,
+    rng: np.random.Generator,
+    text_dropout: float = 0.0,
+    vit_dropout: float = 0.0,
+    vae_dropout: float = 0.0,
+    timestep_fn: Callable[[], float] | None = None,
+) -> PackedBatch:
+    """Pack official-format samples into one `PackedBatch` laid out as text | vit | vae segments.
+
+    Mirrors `PackedDataset.pack_sequence`: one dropout draw (`rng.random()`) per plan item with
+    `enable_cfg == 1`; one raw timestep per noisy VAE image (`timestep_fn()`, default
+    `rng.standard_normal()`). The caller's lists are not modified.
+    """
+    ds = cfg.latent_downsample
+    p = cfg.vit.patch_size
+    Hmax, Wmax = budget.vae_image_size
+    if Hmax % ds or Wmax % ds:
+        raise ValueError(f"PackBudget.vae_image_size={budget.vae_image_size} must be multiples of {ds}")
+    st = cfg.special_tokens
+    C = cfg.vae.in_channels
+    patch_dim = p * p * cfg.vit.num_channels
+    draw_t = timestep_fn if timestep_fn is not None else rng.standard_normal
+
+    # chunks of per-segment columns, in official order
+    text_cols: dict[str, list] = {k: [] for k in ("ids", "labels", "w", "sample", "split", "mode", "order", "pos")}
+    vit_cols: dict[str, list] = {k: [] for k in ("patches", "posid", "img", "sample", "split", "order", "pos")}
+    vae_cols: dict[str, list] = {k: [] for k in ("img", "hw", "posid", "t", "mse", "sample", "split", "mode",
+                                                 "order", "pos")}
+    vae_imgs: list[np.ndarray] = []
+    n_text = n_vit = n_vae = 0
+    curr = 0  # official packed index
+    split = 0
+    vit_img = 0
+
+    def add_text(ids, labels, weights, s, sp, mode, order, pos):
+        nonlocal n_text
+        n = len(ids)
+        text_cols["ids"].append(np.asarray(ids, np.int32))
+        text_cols["labels"].append(np.asarray(labels, np.int32))
+        text_cols["w"].append(np.asarray(weights, np.float32))
+        text_cols["sample"].append(np.full(n, s, np.int32))
+        text_cols["split"].append(np.full(n, sp, np.int32))
+        text_cols["mode"].append(np.full(n, mode, np.int32))
+        text_cols["order"].append(np.asarray(order, np.int32))
+        text_cols["pos"].append(np.asarray(pos, np.int32))
+        n_text += n
+
+    for si, sample in enumerate(samples):
+        name = _sample_name(si, sample)
+        plan, texts, images = _validate_sample(si, sample, cfg)
+        rope = 0
+        for k, item in enumerate(plan):
+            typ = item["type"]
+            cfg_item = item.get("enable_cfg", 0) == 1
+            loss = item.get("loss", 0) == 1
+            stl = item.get("special_token_loss", 0) == 1
+            stlab = int(item["special_token_label"]) if stl else -1
+            if typ == _TEXT:
+                ids = texts.pop(0)
+                if cfg_item and rng.random() < text_dropout:
+                    continue
+                n = len(ids) + 2
+                toks = np.concatenate([[st.bos_token_id], ids, [st.eos_token_id]])
+                labels = np.full(n, -1, np.int64)
+                weights = np.zeros(n, np.float64)
+                if loss:
+                    labels[: n - 1] = np.concatenate([ids, [st.eos_token_id]])
+                    weights[: n - 1] = _len2weight(len(ids) + 1)
+                if stl:
+                    labels[n - 1] = stlab
+                    weights[n - 1] = 1.0
+                add_text(toks, labels, weights, si, split, CAUSAL, np.arange(curr, curr + n),
+                         np.arange(rope, rope + n))
+                curr += n
+                rope += n
+                split += 1
+                continue
+
+            img = images.pop(0)
+            if typ == _VIT:
+                if cfg_item and rng.random() < vit_dropout:
+                    rope += 1
+                    continue
+                _, H, W = img.shape
+                gh, gw = H // p, W // p
+                N = gh * gw
+                mode = FULL
+            else:
+                if cfg_item and rng.random() < vae_dropout:
+                    rope += 1
+                    continue
+                _, H, W = img.shape
+                if H > Hmax or W > Wmax:
+                    raise PackOverflowError(
+                        f"{name}, plan item {k} (vae_image): image {H}x{W} exceeds vae_image_size {Hmax}x{Wmax}"
+                    )
+                gh, gw = H // ds, W // ds
+                N = gh * gw
+                mode = NOISE if loss else FULL
+            # start marker, N image tokens, end marker: one split, one RoPE position
+            add_text([st.start_of_image], [-1], [0.0], si, split, mode, [curr], [rope])
+            body = np.arange(curr + 1, curr + 1 + N)
+            end_lab, end_w = (stlab, 1.0) if stl else (-1, 0.0)
+            add_text([st.end_of_image], [end_lab], [end_w], si, split, mode, [curr + 1 + N], [rope])
+            if typ == _VIT:
+                vit_cols["patches"].append(patchify(img, p).astype(np.float32))
+                vit_cols["posid"].append(_grid_pos_ids(gh, gw, cfg.vit_max_num_patch_per_side))
+                vit_cols["img"].append(np.full(N, vit_img, np.int32))
+                vit_cols["sample"].append(np.full(N, si, np.int32))
+                vit_cols["split"].append(np.full(N, split, np.int32))
+                vit_cols["order"].append(body)
+                vit_cols["pos"].append(np.full(N, rope, np.int32))
+                vit_img += 1
+                n_vit += N
+                rope += 1
+            else:
+                t = np.float32(draw_t()) if loss else np.float32(-np.inf)
+                rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+                vae_cols["img"].append(np.full(N, len(vae_imgs), np.int32))
+                vae_cols["hw"].append(np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1))
+                vae_cols["posid"].append(_grid_pos_ids(gh, gw, cfg.max_latent_size))
+                vae_cols["t"].append(np.full(N, t, np.float32))
+                vae_cols["mse"].append(np.full(N, loss, bool))
+                vae_cols["sample"].append(np.full(N, si, np.int32))
+                vae_cols["split"].append(np.full(N, split, np.int32))
+                vae_cols["mode"].append(np.full(N, mode, np.int32))
+                vae_cols["order"].append(body)
+                vae_cols["pos"].append(np.full(N, rope, np.int32))
+                vae_imgs.append(img)
+                n_vae += N
+                if not loss:
+                    rope += 1
+            curr += N + 2
+            split += 1
+
+        for what, used, capa in (
+            ("text_tokens", n_text, budget.text_tokens),
+            ("vit_tokens", n_vit, budget.vit_tokens),
+            ("vae_tokens", n_vae, budget.vae_tokens),
+            ("vae_images", len(vae_imgs), budget.vae_images),
+        ):
+            if used > capa:
+                raise PackOverflowError(
+                    f"{name} does not fit: the pack needs {used} {what} up to and including it, "
+                    f"budget {what}={capa}"
+                )
+
+    num_tokens = curr
+    Tc, Vc, Ac = budget.text_tokens, budget.vit_tokens, budget.vae_tokens
+    L = budget.total_tokens
+
+    def cat(chunks, dtype, shape_tail=()):
+        if not chunks:
+            return np.zeros((0, *shape_tail), dtype)
+        return np.concatenate(chunks).astype(dtype, copy=False)
+
+    def padded(chunks, cap, fill, dtype, shape_tail=()):
+        a = cat(chunks, dtype, shape_tail)
+        out = np.full((cap, *shape_tail), fill, dtype)
+        out[: len(a)] = a
+        return out
+
+    sample_id = np.concatenate([
+        padded(text_cols["sample"], Tc, -1, np.int32),
+        padded(vit_cols["sample"], Vc, -1, np.int32),
+        padded(vae_cols["sample"], Ac, -1, np.int32),
+    ])
+    split_id = np.concatenate([
+        padded(text_cols["split"], Tc, -1, np.int32),
+        padded(vit_cols["split"], Vc, -1, np.int32),
+        padded(vae_cols["split"], Ac, -1, np.int32),
+    ])
+    split_mode = np.concatenate([
+        padded(text_cols["mode"], Tc, 0, np.int32),
+        padded([np.full(n_vit, FULL, np.int32)], Vc, 0, np.int32),
+        padded(vae_cols["mode"], Ac, 0, np.int32),
+    ])
+    position_id = np.concatenate([
+        padded(text_cols["pos"], Tc, 0, np.int32),
+        padded(vit_cols["pos"], Vc, 0, np.int32),
+        padded(vae_cols["pos"], Ac, 0, np.int32),
+    ])
+    order = np.concatenate([
+        padded(text_cols["order"], Tc, -1, np.int32),
+        padded(vit_cols["order"], Vc, -1, np.int32),
+        padded(vae_cols["order"], Ac, -1, np.int32),
+    ])
+    pad = sample_id < 0
+    order[pad] = num_tokens + np.arange(int(pad.sum()), dtype=np.int32)
+
+    vae_images = np.zeros((budget.vae_images, Hmax, Wmax, C), np.float32)
+    vae_image_hw = np.zeros((budget.vae_images, 2), np.int32)
+    for i, img in enumerate(vae_imgs):
+        _, H, W = img.shape
+        vae_images[i, :H, :W] = np.transpose(img, (1, 2, 0))
+        vae_image_hw[i] = (H, W)
+
+    return PackedBatch(
+        sample_id=sample_id,
+        split_id=split_id,
+        split_mode=split_mode,
+        order=order,
+        position_id=position_id,
+        text_ids=padded(text_cols["ids"], Tc, 0, np.int32),
+        text_labels=padded(text_cols["labels"], Tc, -1, np.int32),
+        text_ce_weight=padded(text_cols["w"], Tc, 0.0, np.float32),
+        vit_patches=padded(vit_cols["patches"], Vc, 0.0, np.float32, (patch_dim,)),
+        vit_pos_ids=padded(vit_cols["posid"], Vc, 0, np.int32),
+        vit_image_id=padded(vit_cols["img"], Vc, -1, np.int32),
+        vae_image_index=padded(vae_cols["img"], Ac, -1, np.int32),
+        vae_token_hw=padded(vae_cols["hw"], Ac, 0, np.int32, (2,)),
+        latent_pos_ids=padded(vae_cols["posid"], Ac, 0, np.int32),
+        timestep_raw=padded(vae_cols["t"], Ac, -np.inf, np.float32),
+        mse_mask=padded(vae_cols["mse"], Ac, False, bool),
+        vae_images=vae_images,
+        vae_image_hw=vae_image_hw,
+        num_tokens=int(num_tokens),
+        num_samples=len(samples),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- views
+
+
+def _check_single(batch: PackedBatch, fn: str) -> None:
+    if batch.sample_id.ndim != 1:
+        raise ValueError(f"{fn} takes one pack, not a stacked batch (sample_id shape {batch.sample_id.shape})")
+
+
+def to_official(batch: PackedBatch) -> dict[str, Any]:
+    """Rebuild the official `PackedDataset.to_tensor` arrays (numpy; int64 indices, float32 values).
+
+    Components that the pack does not use are returned as empty arrays (the official omits them).
+    Extra keys: `split_lens`, `attn_modes` (the official flex-path lists, without the padding entry).
+    """
+    _check_single(batch, "to_official")
+    T = batch.text_capacity
+    vs, as_ = batch.vit_slice, batch.vae_slice
+    n = int(batch.num_tokens)
+    i64 = np.int64
+
+    real = batch.sample_id >= 0
+    pos = np.zeros(n, i64)
+    pos[batch.order[real]] = batch.position_id[real]
+    sample_lens = np.bincount(batch.sample_id[real], minlength=int(batch.num_samples)).astype(i64)
+
+    # text
+    t_real = np.nonzero(batch.sample_id[:T] >= 0)[0]
+    t_ord = batch.order[:T][t_real]
+    t_sel = t_real[np.argsort(t_ord, kind="stable")]
+    packed_text_ids = batch.text_ids[t_sel].astype(i64)
+    packed_text_indexes = batch.order[:T][t_sel].astype(i64)
+    ce_sel = t_sel[batch.text_labels[t_sel] >= 0]
+
+    # vit
+    v_sid, v_ord = batch.sample_id[vs], batch.order[vs]
+    v_real = np.nonzero(v_sid >= 0)[0]
+    v_sel = v_real[np.argsort(v_ord[v_real], kind="stable")]
+    vit_ids = batch.vit_image_id[v_sel]
+    n_vit_img = int(vit_ids.max()) + 1 if vit_ids.size else 0
+    vit_token_seqlens = np.bincount(vit_ids, minlength=n_vit_img).astype(i64)
+
+    # vae
+    a_sid, a_ord = batch.sample_id[as_], batch.order[as_]
+    a_real = np.nonzero(a_sid >= 0)[0]
+    a_sel = a_real[np.argsort(a_ord[a_real], kind="stable")]
+    a_img = batch.vae_image_index[a_sel]
+    n_img = int(a_img.max()) + 1 if a_img.size else 0
+    shapes = np.zeros((n_img, 2), i64)
+    if n_img:
+        np.maximum.at(shapes, a_img, batch.vae_token_hw[a_sel].astype(i64) + 1)
+    hw = batch.vae_image_hw[:n_img]
+    Hm, Wm = (int(hw[:, 0].max()), int(hw[:, 1].max())) if n_img else (0, 0)
+    padded_images = np.ascontiguousarray(np.transpose(batch.vae_images[:n_img, :Hm, :Wm], (0, 3, 1, 2)))
+    mse_sel = a_sel[batch.mse_mask[a_sel]]
+
+    # splits (official order)
+    r_idx = np.nonzero(real)[0]
+    r_idx = r_idx[np.argsort(batch.order[r_idx], kind="stable")]
+    splits = batch.split_id[r_idx]
+    boundaries = np.nonzero(np.diff(splits))[0] + 1
+    starts = np.concatenate([[0], boundaries]) if len(splits) else np.zeros(0, int)
+    split_lens = np.diff(np.concatenate([starts, [len(splits)]])).astype(i64) if len(splits) else np.zeros(0, i64)
+    names = {CAUSAL: "causal", FULL: "full", NOISE: "noise"}
+    attn_modes = [names[int(m)] for m in batch.split_mode[r_idx][starts]] if len(splits) else []
+
+    return dict(
+        sequence_length=n,
+        sample_lens=sample_lens,
+        packed_text_ids=packed_text_ids,
+        packed_text_indexes=packed_text_indexes,
+        packed_position_ids=pos,
+        packed_vit_tokens=batch.vit_patches[v_sel],
+        packed_vit_position_ids=batch.vit_pos_ids[v_sel].astype(i64),
+        packed_vit_token_indexes=v_ord[v_sel].astype(i64),
+        vit_token_seqlens=vit_token_seqlens,
+        padded_images=padded_images,
+        patchified_vae_latent_shapes=shapes,
+        packed_latent_position_ids=batch.latent_pos_ids[a_sel].astype(i64),
+        packed_vae_token_indexes=a_ord[a_sel].astype(i64),
+        packed_timesteps=batch.timestep_raw[a_sel],
+        mse_loss_indexes=a_ord[mse_sel].astype(i64),
+        packed_label_ids=batch.text_labels[ce_sel].astype(i64),
+        ce_loss_indexes=batch.order[:T][ce_sel].astype(i64),
+        ce_loss_weights=batch.text_ce_weight[ce_sel],
+        split_lens=split_lens,
+        attn_modes=attn_modes,
+    )
+
+
+def attention_masks(batch: PackedBatch) -> list[np.ndarray]:
+    """Per-sample boolean masks [len_i, len_i] in official order, from `mask_from_meta` on the batch
+    metadata (the same function the model uses)."""
+    import jax.numpy as jnp
+
+    from echo4o_jax.model.attention import TokenMeta, mask_from_meta
+
+    _check_single(batch, "attention_masks")
+    out = []
+    for s in range(int(batch.num_samples)):
+        idx = np.nonzero(batch.sample_id == s)[0]
+        idx = idx[np.argsort(batch.order[idx], kind="stable")]
+        meta = TokenMeta(*(jnp.asarray(a[idx]) for a in (batch.sample_id, batch.split_id, batch.split_mode,
+                                                         batch.order)))
+        out.append(np.asarray(mask_from_meta(meta, meta)))
+    return out
+
+
+def dense_attention_mask(batch: PackedBatch) -> np.ndarray:
+    """The [L, L] mask over the whole token array, in slot (segment) order, from `mask_from_meta`."""
+    import jax.numpy as jnp
+
+    from echo4o_jax.model.attention import TokenMeta, mask_from_meta
+
+    _check_single(batch, "dense_attention_mask")
+    meta = TokenMeta(*(jnp.asarray(a) for a in batch.token_meta()))
+    return np.asarray(mask_from_meta(meta, meta))
+
+
+def batch_arrays(batch: PackedBatch) -> dict[str, np.ndarray]:
+    """Every array field (plus `num_tokens` / `num_samples` as int32 arrays), for jit / device_put."""
+    d = {k: getattr(batch, k) for k in _ARRAY_FIELDS}
+    d["num_tokens"] = np.asarray(batch.num_tokens, np.int32)
+    d["num_samples"] = np.asarray(batch.num_samples, np.int32)
+    return d
+
+
+def stack_batches(batches: Sequence[PackedBatch]) -> PackedBatch:
+    """Stack packs built with the same budget into one PackedBatch with a leading batch axis."""
+    if not batches:
+        raise ValueError("stack_batches needs at least one PackedBatch")
+    fields = {}
+    for k in _ARRAY_FIELDS:
+        arrs = [getattr(b, k) for b in batches]
+        shapes = {a.shape for a in arrs}
+        if len(shapes) != 1:
+            raise ValueError(f"stack_batches: field {k!r} has different shapes {sorted(shapes)} (different budgets?)")
+        fields[k] = np.stack(arrs)
+    fields["num_tokens"] = np.asarray([b.num_tokens for b in batches], np.int32)
+    fields["num_samples"] = np.asarray([b.num_samples for b in batches], np.int32)
+    return PackedBatch(**fields)
