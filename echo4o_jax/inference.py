@@ -312,48 +312,44 @@ def _append_text(graphdef, state, cache, ids, rope, kv_len, split):
     return _write(cache, kv, meta, kv_len)
 
 
+def _image_block(model: Bagel, body: jax.Array, soi: int, eoi: int, split, order0) -> tuple[jax.Array, TokenMeta]:
+    """`[soi] body [eoi]` laid out [soi, eoi, body...] (markers first: und stream), one FULL split,
+    `order` in official order (soi, body..., eoi) starting at order0."""
+    n = body.shape[0]
+    markers = model.llm.embed_tokens(jnp.asarray([soi, eoi], jnp.int32), body.dtype)
+    order = order0 + jnp.concatenate([jnp.asarray([0, n + 1], jnp.int32), 1 + jnp.arange(n, dtype=jnp.int32)])
+    meta = TokenMeta(jnp.zeros((n + 2,), jnp.int32), jnp.full((n + 2,), split, jnp.int32),
+                     jnp.full((n + 2,), FULL, jnp.int32), order)
+    return jnp.concatenate([markers, body]), meta
+
+
+def _append_block(model: Bagel, cache, x, meta, n_und, rope, kv_len):
+    _, kv = _run(model, x, n_und, meta, jnp.full((x.shape[0],), rope, jnp.int32), cache, return_kv=True)
+    return _write(cache, kv, meta, kv_len)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 8, 9))
 def _append_vit(graphdef, state, cache, patches, pos_ids, rope, kv_len, split, soi, eoi):
     model = nnx.merge(graphdef, state)
-    nv = patches.shape[0]
-    dt = dtype_of(model.cfg.compute_dtype)
-    markers = model.llm.embed_tokens(jnp.asarray([soi, eoi], jnp.int32), dt)
-    vit = model.embed_vit(patches, pos_ids, jnp.zeros((nv,), jnp.int32))
-    x = jnp.concatenate([markers, vit])
-    # official order: soi, vit..., eoi
-    order = kv_len + jnp.concatenate([jnp.asarray([0, nv + 1], jnp.int32), 1 + jnp.arange(nv, dtype=jnp.int32)])
-    meta = TokenMeta(jnp.zeros((nv + 2,), jnp.int32), jnp.full((nv + 2,), split, jnp.int32),
-                     jnp.full((nv + 2,), FULL, jnp.int32), order)
-    _, kv = _run(model, x, nv + 2, meta, jnp.full((nv + 2,), rope, jnp.int32), cache, return_kv=True)
-    return _write(cache, kv, meta, kv_len)
+    vit = model.embed_vit(patches, pos_ids, jnp.zeros((patches.shape[0],), jnp.int32))
+    x, meta = _image_block(model, vit, soi, eoi, split, kv_len)
+    return _append_block(model, cache, x, meta, x.shape[0], rope, kv_len)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 8, 9))
 def _append_vae(graphdef, state, cache, tokens, lat_pos, rope, kv_len, split, soi, eoi):
     model = nnx.merge(graphdef, state)
-    n = tokens.shape[0]
-    dt = dtype_of(model.cfg.compute_dtype)
-    markers = model.llm.embed_tokens(jnp.asarray([soi, eoi], jnp.int32), dt)
-    lat = model.embed_latents(tokens, jnp.zeros((n,), jnp.float32), lat_pos)
-    x = jnp.concatenate([markers, lat])
-    order = kv_len + jnp.concatenate([jnp.asarray([0, n + 1], jnp.int32), 1 + jnp.arange(n, dtype=jnp.int32)])
-    meta = TokenMeta(jnp.zeros((n + 2,), jnp.int32), jnp.full((n + 2,), split, jnp.int32),
-                     jnp.full((n + 2,), FULL, jnp.int32), order)
-    _, kv = _run(model, x, 2, meta, jnp.full((n + 2,), rope, jnp.int32), cache, return_kv=True)
-    return _write(cache, kv, meta, kv_len)
+    lat = model.embed_latents(tokens, jnp.zeros((tokens.shape[0],), jnp.float32), lat_pos)
+    x, meta = _image_block(model, lat, soi, eoi, split, kv_len)
+    return _append_block(model, cache, x, meta, 2, rope, kv_len)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11, 12))
 def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, s_txt, s_img, renorm_type, renorm_min):
     model = nnx.merge(graphdef, state)
     n = x_t.shape[0]
-    dt = dtype_of(model.cfg.compute_dtype)
-    markers = model.llm.embed_tokens(jnp.asarray([soi, eoi], jnp.int32), dt)
     lat = model.embed_latents(x_t, jnp.full((n,), t, jnp.float32), lat_pos)
-    x = jnp.concatenate([markers, lat])
-    order = _QUERY_ORDER + jnp.concatenate([jnp.asarray([0, n + 1], jnp.int32), 1 + jnp.arange(n, dtype=jnp.int32)])
-    meta = TokenMeta(jnp.zeros((n + 2,), jnp.int32), jnp.full((n + 2,), _QUERY_ORDER, jnp.int32),
-                     jnp.full((n + 2,), FULL, jnp.int32), order)
+    x, meta = _image_block(model, lat, soi, eoi, _QUERY_ORDER, _QUERY_ORDER)
 
     def branch(cache, rope):
         h = _run(model, x, 2, meta, jnp.full((n + 2,), rope, jnp.int32), cache, return_kv=False)

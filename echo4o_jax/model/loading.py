@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ..config import BagelConfig
-from ..safetensors_io import open_checkpoint_file
+from ..config import BagelConfig, VAEConfig
+from ..safetensors_io import SafetensorsFile, open_checkpoint_file
 from . import keymap
 from .bagel import Bagel, bagel_key_rules
 from .vae import AutoEncoder, vae_key_rules
 
-__all__ = ["LOADABLE_DTYPES", "flax_shapes", "load_into", "export_official", "load_bagel", "load_vae"]
+__all__ = ["LOADABLE_DTYPES", "flax_shapes", "load_into", "export_official", "load_bagel", "load_vae",
+           "load_vae_file"]
 
 LOADABLE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -69,7 +70,13 @@ def load_bagel(ckpt_dir: str | os.PathLike, cfg: BagelConfig | None = None, *, d
                      dtype=np.dtype(cfg.param_dtype))
 
 
+def load_vae_file(path: str | os.PathLike, vae_cfg: VAEConfig, *, dtype=jnp.float32, precision=None) -> AutoEncoder:
+    """An AutoEncoder from one official `ae.safetensors` file (dtype: compute and parameter dtype)."""
+    return load_into(lambda: AutoEncoder(vae_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, precision=precision),
+                     vae_key_rules(vae_cfg), SafetensorsFile(path), dtype=np.dtype(dtype))
+
+
 def load_vae(ckpt_dir: str | os.PathLike, cfg: BagelConfig, *, dtype=jnp.float32) -> AutoEncoder:
     src = open_checkpoint_file(ckpt_dir, "ae.safetensors")
-    return load_into(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0), param_dtype=dtype), vae_key_rules(cfg.vae),
-                     src, dtype=np.dtype(dtype))
+    return load_into(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype),
+                     vae_key_rules(cfg.vae), src, dtype=np.dtype(dtype))

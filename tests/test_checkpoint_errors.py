@@ -1,0 +1,96 @@
+"""Bad official checkpoints give one clear error naming what is wrong (file, key, shape, dtype)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from echo4o_jax.config import BagelConfig, ConfigError
+from echo4o_jax.model.keymap import CheckpointMismatchError
+from echo4o_jax.model.loading import export_official, load_bagel
+from echo4o_jax.model.bagel import bagel_key_rules
+from echo4o_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+
+
+def _copy(golden_dir, tmp_path, mutate=None):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    for name in ("llm_config.json", "vit_config.json", "meta.json", "ae.safetensors"):
+        shutil.copy(golden_dir / name, out / name)
+    src = SafetensorsFile(golden_dir / "ema.safetensors")
+    tensors = {k: np.array(src.get(k)) for k in src.keys()}
+    if mutate:
+        mutate(tensors)
+    write_safetensors(out / "ema.safetensors", tensors)
+    return out
+
+
+def test_missing_unexpected_and_misshaped_keys_in_one_error(golden_dir, tmp_path):
+    def mutate(t):
+        del t["language_model.model.norm.weight"]
+        t["language_model.model.extra.weight"] = np.zeros(3, np.float32)
+        k = "connector.fc1.weight"
+        t[k] = np.zeros((t[k].shape[0] + 1, t[k].shape[1]), np.float32)
+
+    ckpt = _copy(golden_dir, tmp_path, mutate)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_bagel(ckpt)
+    msg = str(e.value)
+    assert "ema.safetensors" in msg
+    assert "missing keys (1)" in msg and "language_model.model.norm.weight" in msg
+    assert "unexpected keys (1)" in msg and "language_model.model.extra.weight" in msg
+    assert "wrong shapes (1)" in msg and "connector.fc1.weight" in msg
+
+
+def test_wrong_dtype(golden_dir, tmp_path):
+    def mutate(t):
+        t["vae2llm.bias"] = t["vae2llm.bias"].astype(np.int32)
+
+    with pytest.raises(CheckpointMismatchError, match=r"vae2llm.bias: dtype int32"):
+        load_bagel(_copy(golden_dir, tmp_path, mutate))
+
+
+def test_truncated_file_names_the_file(golden_dir, tmp_path):
+    ckpt = _copy(golden_dir, tmp_path)
+    data = (ckpt / "ema.safetensors").read_bytes()
+    (ckpt / "ema.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SafetensorsError, match=r"ema.safetensors: truncated"):
+        load_bagel(ckpt)
+    (ckpt / "ema.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(SafetensorsError, match=r"ema.safetensors"):
+        load_bagel(ckpt)
+
+
+def test_missing_config_file(golden_dir, tmp_path):
+    ckpt = _copy(golden_dir, tmp_path)
+    (ckpt / "vit_config.json").unlink()
+    with pytest.raises(ConfigError, match="vit_config.json"):
+        load_bagel(ckpt)
+
+
+def test_sharded_bfloat16_checkpoint_loads_and_exports_exactly(golden_dir, tmp_path):
+    """Several shards + index JSON, in bfloat16: loads, and exports back bit for bit."""
+    src = SafetensorsFile(golden_dir / "ema.safetensors")
+    keys = src.keys()
+    out = tmp_path / "sharded"
+    out.mkdir()
+    for name in ("llm_config.json", "vit_config.json", "meta.json"):
+        shutil.copy(golden_dir / name, out / name)
+    bf = {k: np.array(src.get(k)).astype(ml_dtypes.bfloat16) for k in keys}
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves):
+        name = f"ema-{i + 1:05d}-of-00002.safetensors"
+        write_safetensors(out / name, {k: bf[k] for k in part})
+        weight_map.update({k: name for k in part})
+    (out / "ema.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = BagelConfig.from_checkpoint_dir(out)
+    model = load_bagel(out, cfg, dtype="bfloat16")
+    back = dict(export_official(model, bagel_key_rules(cfg)))
+    assert set(back) == set(keys)
+    for k in keys:
+        assert back[k].dtype == bf[k].dtype and back[k].tobytes() == bf[k].tobytes(), k

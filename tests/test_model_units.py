@@ -1,0 +1,221 @@
+"""Unit tests: mask rules on hand-made metadata, blockwise attention, RoPE, sin-cos tables, the
+abstract 7B-MoT geometry, remat / attention-implementation equivalence."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from echo4o_jax.config import BagelConfig
+from echo4o_jax.model import keymap
+from echo4o_jax.model.attention import CAUSAL, FULL, NOISE, TokenMeta, attention, mask_from_meta
+from echo4o_jax.model.bagel import Bagel, bagel_key_rules
+from echo4o_jax.model.layers import apply_rope, rope_cos_sin, sincos_2d_table
+from echo4o_jax.model.loading import flax_shapes
+from echo4o_jax.model.vae import AutoEncoder, vae_key_rules
+from echo4o_jax.safetensors_io import SafetensorsFile
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def meta(sample, split, mode, order=None):
+    n = len(sample)
+    order = list(range(n)) if order is None else order
+    return TokenMeta(*(jnp.asarray(x, jnp.int32) for x in (sample, split, mode, order)))
+
+
+# ----------------------------------------------------------------------------------------- mask rules
+
+
+def test_mask_rules_hand_made():
+    # sample 0: text(3, causal) | noisy image (3, noise) | clean copy (2, full) | text (2, causal)
+    # sample 1: vit image (2, full) | text (2, causal); then 2 padding tokens
+    C, F, N = CAUSAL, FULL, NOISE
+    sample = [0] * 10 + [1] * 4 + [-1, -1]
+    split = [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, -1, -1]
+    mode = [C, C, C, N, N, N, F, F, C, C, F, F, C, C, C, C]
+    m = np.asarray(mask_from_meta(meta(sample, split, mode), meta(sample, split, mode)))
+    # text is causal
+    assert m[2, :3].all() and not m[0, 1] and not m[1, 2]
+    # the noisy image sees the text before it and all of itself, bidirectionally
+    assert m[3:6, 0:6].all()
+    # nobody after the noisy image reads it, but they read what came before it
+    assert not m[6:10, 3:6].any() and m[6:10, 0:3].all()
+    # clean copy: bidirectional inside, never forward across splits
+    assert m[6, 7] and not m[6, 8] and not m[7, 8]
+    # samples are isolated
+    assert not m[:10, 10:].any() and not m[10:14, :10].any()
+    # full split (vit) is bidirectional; later causal text sees it
+    assert m[10, 11] and m[12, 10:12].all() and not m[10, 12]
+    # padding attends only itself and nobody attends padding
+    assert m[14, 14] and m[15, 15] and not m[14, 15] and not m[14, :14].any() and not m[:14, 14:].any()
+
+
+def test_mask_uses_order_not_physical_position():
+    # the same causal text laid out in reverse physical order: causality follows `order`
+    n = 5
+    a = np.asarray(mask_from_meta(meta([0] * n, [0] * n, [CAUSAL] * n), meta([0] * n, [0] * n, [CAUSAL] * n)))
+    rev = list(range(n))[::-1]
+    mr = meta([0] * n, [0] * n, [CAUSAL] * n, rev)
+    b = np.asarray(mask_from_meta(mr, mr))
+    assert np.array_equal(b, a[::-1, ::-1])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
+@pytest.mark.parametrize("block", [8, 16, 512])
+def test_blockwise_attention_equals_dense(heads, kv_heads, block):
+    rng = np.random.default_rng(0)
+    L, D = 37, 8
+    sample = [0] * 20 + [1] * 14 + [-1] * 3
+    split = [0] * 7 + [1] * 6 + [2] * 7 + [3] * 5 + [4] * 9 + [-1] * 3
+    mode = [CAUSAL] * 7 + [NOISE] * 6 + [FULL] * 7 + [FULL] * 5 + [CAUSAL] * 9 + [CAUSAL] * 3
+    order = list(rng.permutation(L))  # arbitrary physical layout
+    mt = meta(sample, split, mode, order)
+    q = jnp.asarray(rng.standard_normal((L, heads, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((L, kv_heads, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((L, kv_heads, D)), jnp.float32)
+    dense = attention(q, k, v, mt, mt, scale=D**-0.5, impl="xla_dense")
+    blk = attention(q, k, v, mt, mt, scale=D**-0.5, impl="xla_blockwise", block_q=block, block_kv=block)
+    assert np.all(np.isfinite(np.asarray(blk)))
+    np.testing.assert_allclose(np.asarray(blk), np.asarray(dense), atol=2e-6)
+    # gradients agree too (the blockwise path is what training differentiates)
+    f = lambda impl: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attention(
+        q, k, v, mt, mt, scale=D**-0.5, impl=impl, block_q=block, block_kv=block))), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(f("xla_blockwise"), f("xla_dense")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_blockwise_attention_never_builds_full_score_matrix():
+    """With blocks of 64 over 1024 tokens, no intermediate of size L x L x heads appears in the jaxpr."""
+    L, H, D = 1024, 4, 16
+    mt = meta([0] * L, [0] * L, [CAUSAL] * L)
+    q = jnp.zeros((L, H, D))
+    jaxpr = jax.make_jaxpr(lambda q: attention(q, q, q, mt, mt, scale=1.0, block_q=64, block_kv=64))(q)
+    sizes = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            for var in eqn.outvars:
+                sizes.append(int(np.prod(var.aval.shape)) if hasattr(var.aval, "shape") else 0)
+            for p in eqn.params.values():
+                if hasattr(p, "jaxpr"):
+                    walk(p.jaxpr if hasattr(p.jaxpr, "eqns") else p.jaxpr.jaxpr)
+    walk(jaxpr.jaxpr)
+    assert max(sizes) < L * L  # the largest intermediate is a (block x L)-ish slab, not L x L
+
+
+# ----------------------------------------------------------------------------------------- RoPE, tables
+
+
+def test_rope_rotate_half_explicit_values():
+    # head_dim 4, theta 100: inv_freq = [1, 0.1]; x = e0 at position p -> [cos p, 0, sin p, 0]
+    p = 3.0
+    cos, sin = rope_cos_sin(jnp.asarray([p]), 4, 100.0, jnp.float32)
+    out = np.asarray(apply_rope(jnp.asarray([[[1.0, 0.0, 0.0, 0.0]]]), cos, sin))[0, 0]
+    np.testing.assert_allclose(out, [np.cos(p), 0, np.sin(p), 0], atol=1e-6)
+    x = jnp.asarray([[[0.0, 1.0, 0.0, 0.0]]])
+    out = np.asarray(apply_rope(x, cos, sin))[0, 0]
+    np.testing.assert_allclose(out, [0, np.cos(0.1 * p), 0, np.sin(0.1 * p)], atol=1e-6)
+
+
+def test_rope_is_relative():
+    rng = np.random.default_rng(1)
+    D = 16
+    q = jnp.asarray(rng.standard_normal((1, 1, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 1, D)), jnp.float32)
+
+    def score(pq, pk):
+        cq, sq = rope_cos_sin(jnp.asarray([pq]), D, 1e6, jnp.float32)
+        ck, sk = rope_cos_sin(jnp.asarray([pk]), D, 1e6, jnp.float32)
+        return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
+
+    assert abs(score(7, 3) - score(104, 100)) < 1e-4
+    assert abs(score(7, 3) - score(3, 7)) > 1e-3
+
+
+def test_sincos_tables_match_official_checkpoint(golden_dir):
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir)
+    f = SafetensorsFile(golden_dir / "ema.safetensors")
+    H = cfg.llm.hidden_size
+    np.testing.assert_allclose(sincos_2d_table(cfg.max_latent_size, H), f.get("latent_pos_embed.pos_embed"), atol=1e-6)
+    np.testing.assert_allclose(sincos_2d_table(cfg.vit_max_num_patch_per_side, H), f.get("vit_pos_embed.pos_embed"), atol=1e-6)
+
+
+def test_sincos_table_layout():
+    t = sincos_2d_table(4, 8)  # F = 2 frequencies: omega = [1, 1/100]
+    y, x = 2, 3
+    row = t[y * 4 + x]
+    om = np.array([1.0, 0.01])
+    np.testing.assert_allclose(row, np.concatenate([np.sin(x * om), np.cos(x * om), np.sin(y * om), np.cos(y * om)]), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- 7B geometry
+
+
+def _tsv():
+    rows = {}
+    for line in (DATA / "bagel_7b_mot_keys.tsv").read_text().splitlines():
+        if line.startswith("#") or line.startswith("file\t"):
+            continue
+        f, key, shape = line.split("\t")
+        rows.setdefault(f, {})[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
+    return rows
+
+
+def test_abstract_7b_mot_parameter_count_and_key_table():
+    cfg = BagelConfig.bagel_7b_mot()
+    abstract = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
+    shapes = flax_shapes(abstract)
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 14_607_260_128
+    entries = keymap.expand_rules(bagel_key_rules(cfg))
+    ours = {e.key: keymap.official_shape(e, shapes[e.path]) for e in entries}
+    want = _tsv()["ema.safetensors"]
+    assert len(want) == 1223
+    assert ours == want
+
+    vae_abs = nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)))
+    vshapes = flax_shapes(vae_abs)
+    assert sum(int(np.prod(s)) for s in vshapes.values()) == 83_819_683
+    ventries = keymap.expand_rules(vae_key_rules(cfg.vae))
+    assert {e.key: keymap.official_shape(e, vshapes[e.path]) for e in ventries} == _tsv()["ae.safetensors"]
+
+
+# ----------------------------------------------------------------------------------------- config / remat
+
+
+def test_remat_and_attention_impls_give_the_same_loss_and_grads(golden_dir):
+    from test_golden import golden_samples  # noqa: E402  (shared golden helpers)
+    from conftest import load_npz
+    from echo4o_jax import packing
+    from echo4o_jax.model.bagel import packed_loss
+    from echo4o_jax.model.loading import load_bagel
+
+    base = BagelConfig.from_checkpoint_dir(golden_dir)
+    d = load_npz(golden_dir / "train_step.npz")
+    samples = golden_samples(d)
+    batch = packing.pack_samples(samples, base, packing.budget_for(samples, base, slack=3),
+                                 rng=np.random.default_rng(0))
+    arrays = {k: jnp.asarray(v)[None] for k, v in packing.batch_arrays(batch).items()}
+    rng = np.random.default_rng(0)
+    noise = jnp.asarray(rng.standard_normal((1, batch.vae_capacity, base.patch_latent_dim)), jnp.float32)
+    x0 = jnp.asarray(rng.standard_normal((1, batch.vae_capacity, base.patch_latent_dim)), jnp.float32)
+
+    def run(**kw):
+        model = load_bagel(golden_dir, base.replace(**kw))
+        gd, params, rest = nnx.split(model, nnx.Param, ...)
+        f = jax.jit(jax.value_and_grad(lambda p: packed_loss(nnx.merge(gd, p, rest), arrays, noise, x0)[0]))
+        loss, g = f(params)
+        return float(loss), jax.tree.leaves(g)
+
+    ref_loss, ref_g = run()
+    for kw in (dict(remat="full"), dict(remat="dots"), dict(attention_impl="xla_dense"),
+               dict(attention_block_q=8, attention_block_kv=16)):
+        loss, g = run(**kw)
+        assert abs(loss - ref_loss) < 1e-5, kw
+        for a, b in zip(g, ref_g):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=str(kw))
