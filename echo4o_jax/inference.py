@@ -242,10 +242,13 @@ class Inferencer:
         self, inputs: Sequence[Any], *, understanding_output: bool = False, think: bool = False,
         system_prompt_ids: Sequence[int] | None = None, max_think_token_n: int = 1000, do_sample: bool = False,
         text_temperature: float = 0.3, image_shapes: tuple[int, int] = (1024, 1024), init_noise=None,
-        rng: jax.Array | None = None, return_velocities: bool = False, **gen_kwargs,
+        rng: jax.Array | None = None, return_velocities: bool = False, output_shape: tuple[int, int] | None = None,
+        **gen_kwargs,
     ) -> dict[str, Any]:
         """`inputs`: token-id lists (text) and PIL images, in order. Returns a dict with `text_ids`
-        (understanding / thinking output), and for generation `latent`, `decoded`, `image` (uint8)."""
+        (understanding / thinking output), and for generation `latent`, `decoded`, `image` (uint8).
+        As the official code, the output shape is `image_shapes` unless an input image came last-most
+        (then its VAE-resized shape); `output_shape` overrides both."""
         if think and system_prompt_ids is None:
             raise ValueError("think=True needs system_prompt_ids (the tokenized think system prompt)")
         gen = cfg_text = cfg_img = self.new_context()
@@ -274,6 +277,8 @@ class Inferencer:
             if understanding_output:
                 return out
             gen = self.add_text(gen, ids[1:])
+        if output_shape is not None:
+            image_shapes = output_shape
         res = self.generate_image_latent(gen, cfg_text, cfg_img, tuple(image_shapes), init_noise=init_noise, rng=rng,
                                          return_velocities=return_velocities, **gen_kwargs)
         latent, vels = res if return_velocities else (res, None)
