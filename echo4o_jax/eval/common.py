@@ -1,0 +1,244 @@
+"""Shared pieces of the benchmark CLIs: image naming, prompt files, judge options, output writers.
+
+Image naming inside ``--images DIR`` (the same for every benchmark, and what
+``echo4o_jax.generate.generate_batch`` writes for a request ``id``)::
+
+    <DIR>/<stem>_<k>.<ext>        k = 0 .. num_images-1, ext in png | jpg | jpeg | webp
+
+with ``<stem>`` given by each benchmark (GenEval++: ``{line:05d}``, the 1-based line number in the
+prompt file; Imagine-Bench: ``{id:05d}``; OmniContext: ``{task_type}__{key}``). For k = 0 the official
+scripts' names are accepted as well (GenEval++ ``<line>.jpg``, Imagine-Bench ``<id>.png``, OmniContext
+``<task_type>/<key>.png``), so images made for the official evaluators can be judged as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import json
+import os
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .judge import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL, Judge, JudgeError, load_template
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+class UsageError(ValueError):
+    """A user-facing error (bad arguments or input files): the CLIs print it without a traceback."""
+
+
+def image_name(stem: str, k: int, ext: str = "png") -> str:
+    return f"{stem}_{k}.{ext}"
+
+
+def find_image(images_dir: str | os.PathLike, names: Iterable[str]) -> Path | None:
+    """The first existing ``<images_dir>/<name>.<ext>`` over `names` (without extension) and IMAGE_EXTS."""
+    d = Path(images_dir)
+    for n in names:
+        for ext in IMAGE_EXTS:
+            for e in (ext, ext.upper()):
+                p = d / f"{n}.{e}"
+                if p.is_file():
+                    return p
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# prompt files
+# ------------------------------------------------------------------------------------------------
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise ValueError(f"{path}:{i}: not JSON: {e}") from None
+    return rows
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def fetch(url: str, dest: str | os.PathLike, md5: str | None = None, timeout: float = 60.0) -> Path:
+    """Download a public file (no credentials) to `dest`, checking its md5 when given."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (fixed https URLs)
+        data = r.read()
+    got = hashlib.md5(data).hexdigest()
+    if md5 and got != md5:
+        raise ValueError(f"{url}: md5 {got} != expected {md5} (the upstream file changed?)")
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return dest
+
+
+def resolve_prompts(path: str | os.PathLike, url: str, md5: str | None, do_fetch: bool) -> Path:
+    """`path` itself, or (with ``--fetch`` and no file there) the public file downloaded to `path`."""
+    p = Path(path)
+    if p.is_file():
+        if md5 and md5sum(p) != md5:
+            print(f"note: {p} differs from the released file (md5 {md5sum(p)} != {md5})", file=sys.stderr)
+        return p
+    if not do_fetch:
+        raise FileNotFoundError(f"{p} not found; pass --fetch to download the public file from {url}")
+    print(f"fetching {url} -> {p}", file=sys.stderr)
+    return fetch(url, p, md5)
+
+
+# ------------------------------------------------------------------------------------------------
+# judge options
+# ------------------------------------------------------------------------------------------------
+
+def add_judge_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("judge")
+    g.add_argument("--judge-model", default=DEFAULT_MODEL, help="judge model name (default %(default)s)")
+    g.add_argument("--base-url", default=None,
+                   help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default %(default)s); the key is "
+                        "never taken from the command line")
+    g.add_argument("--no-api-key", action="store_true",
+                   help="allow a missing key (a local server without authentication)")
+    g.add_argument("--concurrency", type=int, default=8, help="parallel judge requests (threads)")
+    g.add_argument("--max-retries", type=int, default=5,
+                   help="retries on 429 / 5xx / time-outs, with exponential backoff and jitter")
+    g.add_argument("--malformed-retries", type=int, default=2,
+                   help="new requests after an answer that does not parse, before a judge failure")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--backoff-base", type=float, default=1.0, help="first backoff delay, seconds")
+    g.add_argument("--backoff-max", type=float, default=60.0, help="largest backoff delay, seconds")
+    g.add_argument("--client-max-retries", type=int, default=0,
+                   help="retries inside the openai client itself (default 0: ours only)")
+    g.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images above this area are downscaled (JPEG) before sending; 0 = never")
+    g.add_argument("--cache-dir", default=None, help="judge answer cache (default: <out>/judge_cache)")
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def judge_from_args(args: argparse.Namespace, out_dir: str | os.PathLike) -> Judge:
+    cache_dir = None if args.no_cache else (args.cache_dir or str(Path(out_dir) / "judge_cache"))
+    return Judge(model=args.judge_model, base_url=args.base_url, api_key_env=args.api_key_env,
+                 require_api_key=not args.no_api_key, cache_dir=cache_dir, concurrency=args.concurrency,
+                 max_retries=args.max_retries, malformed_retries=args.malformed_retries,
+                 timeout=args.timeout, backoff_base=args.backoff_base, backoff_max=args.backoff_max,
+                 client_max_retries=args.client_max_retries,
+                 max_image_pixels=args.max_image_pixels or None)
+
+
+def template_arg(value: str | None, default: str):
+    return load_template(value or default)
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs
+# ------------------------------------------------------------------------------------------------
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
+
+
+def rel(path: str | os.PathLike | None, start: str | os.PathLike) -> str | None:
+    if path is None:
+        return None
+    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+
+
+def fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+    def cell(v):
+        return fmt(v, digits).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def problem_lists(doc: dict) -> list[str]:
+    """Markdown lines listing the missing images and the judge failures of a results document."""
+    out = []
+    if doc["missing_images"]:
+        out += ["", f"## Missing images ({len(doc['missing_images'])})", "",
+                f"Expected in `{doc['images_dir']}`:", ""]
+        out += [f"- `{m}`" for m in doc["missing_images"]]
+    if doc["judge_failures"]:
+        out += ["", f"## Judge failures ({len(doc['judge_failures'])})", ""]
+        out += [f"- `{f['id']}`: {f['error']}" for f in doc["judge_failures"]]
+    return out
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table.g{border-collapse:collapse;width:100%}
+table.g td,table.g th{border:1px solid #ccc;padding:6px;vertical-align:top;text-align:left}
+td.img img{max-width:256px;max-height:256px}
+td.refs img{max-width:96px;max-height:96px;margin:2px}
+tr.pass td.v{background:#dff5df} tr.fail td.v{background:#f8dede}
+tr.missing td.v,tr.judge_failure td.v{background:#fff1c7}
+.small{font-size:.85em;color:#555} pre{white-space:pre-wrap;margin:0}
+"""
+
+
+def write_gallery(path: str | os.PathLike, title: str, summary_html: str, entries: Sequence[dict]) -> None:
+    """An HTML page: one row per judged image. Entry keys: id, group, image (relative path or None),
+    refs (list of relative paths), prompt, verdict, reasons, status (pass|fail|missing|judge_failure|
+    scored), details (raw answer / error)."""
+    e = html.escape
+    has_refs = any(x.get("refs") for x in entries)
+    rows = []
+    for it in entries:
+        img = it.get("image")
+        img_html = (f'<a href="{e(img)}"><img src="{e(img)}" loading="lazy" alt="{e(str(it.get("id")))}"></a>'
+                    if img else "<b>missing</b>")
+        refs = "".join(f'<a href="{e(r)}"><img src="{e(r)}" loading="lazy"></a>' for r in it.get("refs") or [])
+        rows.append(
+            f'<tr class="{e(it.get("status", ""))}"><td>{e(str(it.get("id")))}<div class="small">'
+            f'{e(str(it.get("group", "")))}</div></td>'
+            f'<td class="img">{img_html}</td>'
+            + (f'<td class="refs">{refs}</td>' if has_refs else "")
+            + f'<td>{e(str(it.get("prompt", "")))}</td>'
+            f'<td class="v"><b>{e(str(it.get("verdict", "")))}</b><div class="small">{e(str(it.get("status", "")))}'
+            f'</div></td><td>{e(str(it.get("reasons", "")))}'
+            f'<details class="small"><summary>judge answer</summary><pre>{e(str(it.get("details") or ""))}</pre>'
+            f'</details></td></tr>')
+    head = ("<tr><th>id</th><th>image</th>" + ("<th>references</th>" if has_refs else "")
+            + "<th>prompt</th><th>verdict</th><th>reasons</th></tr>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>{summary_html}"
+            f"<table class='g'>{head}{''.join(rows)}</table></body></html>\n")
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(page, encoding="utf-8")
+
+
+def run_cli(main_fn, argv=None) -> int:
+    """Run a benchmark main(); turn configuration errors into a one-line message and exit code 2."""
+    try:
+        main_fn(argv)
+    except (JudgeError, FileNotFoundError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

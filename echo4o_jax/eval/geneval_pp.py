@@ -1,0 +1,302 @@
+r"""GenEval++ with a VLM judge (Echo-4o's protocol): 280 prompts in 7 tags, one verdict per image.
+
+    python -m echo4o_jax.eval.geneval_pp --images DIR --prompts geneval_pp.jsonl --out DIR \
+        [--judge-model gpt-4.1] [--base-url URL] [--num-images 1] [--fetch]
+
+* The judge sees the image and a checklist built from the prompt's ``include`` items (class, count,
+  colour, region, size) and ``exclude`` items ("no more than count-1"), temperature 0.
+* An image passes only if every checklist item holds (the judge's ``correct == 1``). A missing image
+  or a judge failure (API errors or malformed answers after the retries) counts as a failure and is
+  listed separately -- never mixed up with a judged fail.
+* Tag accuracy = passes / images of the tag; **score = mean over tags of the tag accuracy** (equal to
+  the plain accuracy when all tags are complete: 7 x 40).
+* Images: ``<images>/<line:05d>_<k>.png`` (line = 1-based line number in the prompt file,
+  k < --num-images; also .jpg/.jpeg/.webp); the official ``<line>.jpg`` is accepted for k = 0.
+
+Outputs in --out: ``results.json`` (summary + per image: verdict, reason, raw judge answer),
+``summary.md`` (per-tag table beside the paper's numbers), ``gallery.html``, ``judge_cache/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import common
+from .judge import Judge, JudgeRequest, JudgeTemplate, load_template
+from .reference import GENEVAL_PP_MD5, GENEVAL_PP_REPORTED, GENEVAL_PP_TAGS, GENEVAL_PP_URL
+
+NAME = "geneval_pp"
+TITLE = "GenEval++"
+PROMPTS_FILE = "geneval_pp.jsonl"  # name used under --benchmarks-dir by eval.run
+PUBLIC_URL, PUBLIC_MD5 = GENEVAL_PP_URL, GENEVAL_PP_MD5
+DEFAULT_TEMPLATE = "geneval_pp"
+
+
+@dataclasses.dataclass
+class Item:
+    line: int  # 1-based line number in the prompt file (the official image name)
+    tag: str
+    prompt: str
+    include: list[dict]
+    exclude: list[dict]
+
+    @property
+    def stem(self) -> str:
+        return f"{self.line:05d}"
+
+
+def load_items(path, limit: int | None = None) -> list[Item]:
+    items = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    import json
+
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        for req in ("tag", "prompt", "include"):
+            if req not in r:
+                raise common.UsageError(f"{path}:{i}: no {req!r} field (is this the GenEval++ jsonl?)")
+        items.append(Item(line=i, tag=r["tag"], prompt=r["prompt"], include=list(r["include"]),
+                          exclude=list(r.get("exclude") or [])))
+        if limit is not None and len(items) >= limit:
+            break
+    return items
+
+
+# ------------------------------------------------------------------------------------------------
+# checklist
+# ------------------------------------------------------------------------------------------------
+
+_SINGULAR = {"skis": "pair of skis", "scissors": "pair of scissors"}
+_PLURAL = {"person": "people", "mouse": "mice", "computer mouse": "computer mice", "knife": "knives",
+           "sheep": "sheep", "skis": "pairs of skis", "scissors": "pairs of scissors",
+           "broccoli": "heads of broccoli", "bus": "buses", "wine glass": "wine glasses"}
+_REGION = {"left": "in the left part of the image", "right": "in the right part of the image",
+           "above": "in the upper part of the image", "below": "in the lower part of the image"}
+
+
+def noun(cls: str, n: int) -> str:
+    if n == 1:
+        return _SINGULAR.get(cls, cls)
+    if cls in _PLURAL:
+        return _PLURAL[cls]
+    if cls.endswith(("s", "x", "ch", "sh")):
+        return cls + "es"
+    if cls.endswith("y") and cls[-2:-1] not in "aeiou":
+        return cls[:-1] + "ies"
+    return cls + "s"
+
+
+def checklist(item: Item) -> list[str]:
+    out = []
+    for inc in item.include:
+        n = int(inc["count"])
+        words = f"exactly {n} " + (f"{inc['color']} " if inc.get("color") else "") + noun(inc["class"], n)
+        if inc.get("size") == "larger":
+            words += ", clearly larger than the other object"
+        elif inc.get("size") == "smaller":
+            words += ", clearly smaller than the other object"
+        elif inc.get("size"):
+            words += f", {inc['size']} in size"
+        if inc.get("region"):
+            words += ", " + _REGION.get(inc["region"], f"in the {inc['region']} part of the image")
+        else:
+            words += ", present in the image"
+        out.append(words)
+    for exc in item.exclude:
+        m = int(exc["count"]) - 1
+        out.append(f"no more than {m} {noun(exc['class'], m)} anywhere in the image")
+    return out
+
+
+def checklist_text(item: Item) -> str:
+    return "\n".join(f"- {c}" for c in checklist(item))
+
+
+# ------------------------------------------------------------------------------------------------
+# aggregation (pure; tested with scripted verdicts)
+# ------------------------------------------------------------------------------------------------
+
+def tag_order(tags) -> list[str]:
+    known = [t for t, _ in GENEVAL_PP_TAGS]
+    return [t for t in known if t in tags] + sorted(t for t in set(tags) if t not in known)
+
+
+def aggregate(records: Sequence[dict]) -> dict:
+    """records: dicts with 'tag', 'correct' (0/1) and 'status' -> per-tag accuracy and the score."""
+    by_tag: dict[str, list[dict]] = {}
+    for r in records:
+        by_tag.setdefault(r["tag"], []).append(r)
+    tags = {}
+    for t in tag_order(by_tag):
+        rs = by_tag[t]
+        n_ok = sum(int(r["correct"] == 1) for r in rs)
+        tags[t] = {"n": len(rs), "n_correct": n_ok, "accuracy": n_ok / len(rs),
+                   "n_missing": sum(r["status"] == "missing" for r in rs),
+                   "n_judge_failures": sum(r["status"] == "judge_failure" for r in rs)}
+    n = len(records)
+    return {
+        "score": sum(v["accuracy"] for v in tags.values()) / len(tags) if tags else 0.0,
+        "accuracy_all_samples": sum(int(r["correct"] == 1) for r in records) / n if n else 0.0,
+        "tags": tags,
+        "n_images": n,
+        "n_correct": sum(int(r["correct"] == 1) for r in records),
+        "n_missing": sum(r["status"] == "missing" for r in records),
+        "n_judge_failures": sum(r["status"] == "judge_failure" for r in records),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------
+
+def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 42,
+                        size: tuple[int, int] | None = None) -> list[dict]:
+    reqs = []
+    for it in items:
+        r = {"id": it.stem, "prompt": it.prompt, "seed": seed + it.line - 1, "num_images": num_images}
+        if size:
+            r["size"] = tuple(size)
+        reqs.append(r)
+    return reqs
+
+
+def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,
+             template: JudgeTemplate | None = None, label: str = "ours", progress: bool = False,
+             source: dict | None = None) -> dict:
+    tpl = template or load_template(DEFAULT_TEMPLATE)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    units = []
+    for it in items:
+        for k in range(num_images):
+            names = [f"{it.stem}_{k}"] + ([str(it.line)] if k == 0 else [])
+            units.append((it, k, common.find_image(images_dir, names)))
+    todo = [(i, u) for i, u in enumerate(units) if u[2] is not None]
+    reqs = [JudgeRequest(tpl, {"prompt": u[0].prompt, "checklist": checklist_text(u[0])}, [u[2]])
+            for _, u in todo]
+    t0 = time.time()
+    results = dict(zip((i for i, _ in todo), judge.judge_many(reqs, progress=progress, desc=TITLE)))
+
+    records = []
+    for i, (it, k, path) in enumerate(units):
+        rec = {"id": f"{it.stem}_{k}", "line": it.line, "k": k, "tag": it.tag, "prompt": it.prompt,
+               "checklist": checklist(it), "image": common.rel(path, out) if path else None,
+               "expected_image": common.image_name(it.stem, k)}
+        res = results.get(i)
+        if path is None or res.image_error:
+            rec.update(status="missing", correct=0, reason=None, raw=None,
+                       error="image not found" if path is None else res.error)
+        elif not res.ok:
+            rec.update(status="judge_failure", correct=0, reason=None, raw=res.raw, error=res.error)
+        else:
+            c = int(res.parsed["correct"])
+            rec.update(status="pass" if c else "fail", correct=c, reason=res.parsed.get("reason", ""),
+                       raw=res.raw, error=None, cached=res.cached)
+        records.append(rec)
+    summary = aggregate(records)
+    doc = {
+        "benchmark": NAME, "label": label, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": source or {}, "images_dir": str(images_dir), "num_images": num_images,
+        "judge": {**judge.describe(), "template": tpl.ident, "template_path": tpl.path},
+        "judge_stats": dict(judge.stats), "seconds": round(time.time() - t0, 2),
+        "summary": summary,
+        "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
+        "judge_failures": [{"id": r["id"], "error": r["error"]} for r in records
+                           if r["status"] == "judge_failure"],
+        "items": records,
+    }
+    common.write_json(out / "results.json", doc)
+    (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
+    write_html(doc, out / "gallery.html")
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    s = doc["summary"]
+    cols = [c for _, c in GENEVAL_PP_TAGS]
+    tags = [t for t, _ in GENEVAL_PP_TAGS]
+    rows = [[f"**{doc['label']}** (this run)"] + [s["tags"].get(t, {}).get("accuracy") for t in tags]
+            + [s["score"]]]
+    for name, vals in GENEVAL_PP_REPORTED.items():
+        rows.append([name] + [vals.get(t) for t in tags] + [vals.get("overall")])
+    j = doc["judge"]
+    parts = [
+        f"# {TITLE}: {doc['label']}", "",
+        f"Judge `{j['model']}`, template `{j['template']}`; {s['n_images']} images "
+        f"({doc['num_images']} per prompt), {s['n_missing']} missing, {s['n_judge_failures']} judge failures.",
+        "",
+        common.markdown_table(["Model"] + cols + ["Overall"], rows), "",
+        "Overall = mean of the tag accuracies; an image passes only if every checklist item holds; missing "
+        "images and judge failures count as failures. Paper rows: Echo-4o figures (overall only); GPT-4o "
+        "per-tag row from a third-party paper (Mind-Brush).", "",
+        f"Accuracy over all images: {common.fmt(s['accuracy_all_samples'])}", "",
+        "## Per tag", "",
+        common.markdown_table(
+            ["tag", "column", "images", "pass", "accuracy", "missing", "judge failures"],
+            [[t, dict(GENEVAL_PP_TAGS).get(t, t), v["n"], v["n_correct"], v["accuracy"], v["n_missing"],
+              v["n_judge_failures"]] for t, v in s["tags"].items()]),
+    ]
+    parts += common.problem_lists(doc)
+    return "\n".join(parts) + "\n"
+
+
+def write_html(doc: dict, path) -> None:
+    s = doc["summary"]
+    summary_html = (f"<p>Score (mean of tag accuracies): <b>{s['score']:.3f}</b>; images {s['n_images']}, "
+                    f"missing {s['n_missing']}, judge failures {s['n_judge_failures']}. Judge "
+                    f"{html.escape(doc['judge']['model'])}, template {html.escape(doc['judge']['template'])}.</p>")
+    entries = []
+    for r in doc["items"]:
+        verdict = {"pass": "PASS", "fail": "FAIL", "missing": "MISSING", "judge_failure": "JUDGE FAILURE"}[r["status"]]
+        entries.append({"id": r["id"], "group": r["tag"], "image": r["image"],
+                        "prompt": r["prompt"] + "\n" + "\n".join(f"• {c}" for c in r["checklist"]),
+                        "verdict": verdict, "status": r["status"], "reasons": r.get("reason") or r.get("error") or "",
+                        "details": r.get("raw") or r.get("error")})
+    common.write_gallery(path, f"{TITLE}: {doc['label']}", summary_html, entries)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.geneval_pp", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", required=True, help="folder of generated images (<line:05d>_<k>.png)")
+    ap.add_argument("--prompts", required=True, help=f"GenEval++ jsonl (public file: {PUBLIC_URL})")
+    ap.add_argument("--fetch", action="store_true", help="download the public prompt file to --prompts if absent")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--num-images", type=int, default=1, help="images per prompt (official: 1)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--template", default=None, help="judge template file (default: built-in geneval_pp)")
+    ap.add_argument("--label", default="ours", help="row name for this run in summary.md")
+    common.add_judge_args(ap)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    prompts = common.resolve_prompts(args.prompts, PUBLIC_URL, PUBLIC_MD5, args.fetch)
+    items = load_items(prompts, args.limit)
+    judge = common.judge_from_args(args, args.out)
+    doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
+                   template=common.template_arg(args.template, DEFAULT_TEMPLATE), label=args.label,
+                   progress=not args.no_progress,
+                   source={"prompts": str(prompts), "prompts_md5": common.md5sum(prompts)})
+    s = doc["summary"]
+    print(f"{TITLE} score {s['score']:.4f} (mean of {len(s['tags'])} tag accuracies); images {s['n_images']}, "
+          f"missing {s['n_missing']}, judge failures {s['n_judge_failures']}; "
+          f"API calls {judge.stats['api_calls']}, cache hits {judge.stats['cache_hits']} -> {args.out}")
+    return doc
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.run_cli(main))

@@ -1,0 +1,288 @@
+r"""Imagine-Bench with a VLM judge (Echo-4o's protocol): 270 fantasy prompts in 8 types / 4 categories.
+
+    python -m echo4o_jax.eval.imagine_bench --images DIR --prompts imagine_bench.jsonl --out DIR \
+        [--judge-model gpt-4.1] [--base-url URL] [--num-images 1] [--fetch]
+
+* The judge scores Fantasy Fulfillment (FF), Identity Preservation (IP) and Aesthetic Quality (AQ),
+  0-10, against the record's ``note`` checklist, temperature 0.
+* **Per image: 0.8 * min(FF, IP) + 0.2 * AQ.** Type and category score = mean over their images
+  (types COLOR/SHAPE/SIZE -> Attribute shift, MATERIAL/COMBINATION -> Hybridization,
+  TIME/ENVIRONMENT -> Spatiotemporal, Multi-Object -> Multi-Object).
+* Two overall numbers are reported:
+    - ``overall`` (headline): weighted mean of the category scores with weights Attribute shift 3,
+      Hybridization 2, Spatiotemporal 2, Multi-Object 2 -- the official weights with every category
+      counted (equal to the plain mean over the 270 images: the categories hold 90/60/60/60 prompts);
+    - ``overall_official_script``: what the official script computes on the released jsonl. Its
+      weight table names the last category ``TWO_OBJECT`` while the data says ``Multi-Object``, so
+      Multi-Object gets no weight and drops out: (3*A + 2*H + 2*S) / 7. We report it for comparison
+      with published numbers, but it ignores 60 of the 270 prompts.
+  Missing images and judge failures score 0 in both (the official script skips missing images; that
+  variant is in results.json as ``official_script_exact``).
+* Images: ``<images>/<id:05d>_<k>.png`` (also .jpg/.jpeg/.webp); the official ``<id>.png`` is
+  accepted for k = 0.
+
+Outputs in --out: ``results.json``, ``summary.md``, ``gallery.html``, ``judge_cache/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import common
+from .judge import Judge, JudgeRequest, JudgeTemplate, load_template
+from .reference import (IMAGINE_BENCH_MD5, IMAGINE_BENCH_URL, IMAGINE_CATEGORIES, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS,
+                        IMAGINE_REPORTED, IMAGINE_TYPE_TO_CATEGORY, IMAGINE_WEIGHTS)
+
+NAME = "imagine_bench"
+TITLE = "Imagine-Bench"
+PROMPTS_FILE = "imagine_bench.jsonl"
+PUBLIC_URL, PUBLIC_MD5 = IMAGINE_BENCH_URL, IMAGINE_BENCH_MD5
+DEFAULT_TEMPLATE = "imagine_bench"
+TYPES = ("COLOR", "SHAPE", "SIZE", "MATERIAL", "COMBINATION", "TIME", "ENVIRONMENT", "Multi-Object")
+
+
+@dataclasses.dataclass
+class Item:
+    id: int
+    instruction: str
+    note: str
+    type: str
+
+    @property
+    def stem(self) -> str:
+        return f"{self.id:05d}"
+
+    @property
+    def category(self) -> str:
+        return IMAGINE_TYPE_TO_CATEGORY.get(self.type, self.type)
+
+
+def load_items(path, limit: int | None = None) -> list[Item]:
+    items = []
+    for i, r in enumerate(common.read_jsonl(path), 1):
+        for req in ("id", "instruction", "note", "type"):
+            if req not in r:
+                raise common.UsageError(f"{path}: record {i} has no {req!r} field (is this the Imagine-Bench jsonl?)")
+        items.append(Item(id=int(r["id"]), instruction=r["instruction"], note=r["note"], type=r["type"]))
+        if limit is not None and len(items) >= limit:
+            break
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        raise common.UsageError(f"{path}: duplicate ids")
+    return items
+
+
+def image_score(ff: float, ip: float, aq: float) -> float:
+    return 0.8 * min(ff, ip) + 0.2 * aq
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def _weighted(cat_scores: dict[str, float], weights: dict[str, float]) -> float | None:
+    num = sum(weights[c] * v for c, v in cat_scores.items() if c in weights)
+    den = sum(weights[c] for c in cat_scores if c in weights)
+    return num / den if den else None
+
+
+def aggregate(records: Sequence[dict]) -> dict:
+    """records: dicts with 'type', 'category', 'score', 'status' (+ FF/IP/AQ when judged)."""
+    by_type: dict[str, list[float]] = {}
+    by_cat: dict[str, list[float]] = {}
+    for r in records:
+        by_type.setdefault(r["type"], []).append(r["score"])
+        by_cat.setdefault(r["category"], []).append(r["score"])
+    order_t = [t for t in TYPES if t in by_type] + sorted(t for t in by_type if t not in TYPES)
+    order_c = [c for c in IMAGINE_CATEGORIES if c in by_cat] + sorted(c for c in by_cat if c not in IMAGINE_CATEGORIES)
+    types = {t: {"n": len(by_type[t]), "score": _mean(by_type[t])} for t in order_t}
+    cats = {c: {"n": len(by_cat[c]), "score": _mean(by_cat[c])} for c in order_c}
+    cat_scores = {c: v["score"] for c, v in cats.items()}
+    judged = [r for r in records if r["status"] == "scored"]
+
+    # As the official script: missing images skipped, failures 0, Multi-Object without a weight.
+    kept = [r for r in records if r["status"] != "missing"]
+    exact_cats: dict[str, list[float]] = {}
+    for r in kept:
+        exact_cats.setdefault(r["category"], []).append(r["score"])
+    exact_scores = {c: _mean(v) for c, v in exact_cats.items()}
+    return {
+        "overall": _weighted(cat_scores, IMAGINE_WEIGHTS),
+        "overall_official_script": _weighted(cat_scores, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS),
+        "official_script_exact": {
+            "note": "missing images skipped (not scored), judge failures 0, Multi-Object dropped",
+            "categories": exact_scores,
+            "overall": _weighted(exact_scores, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS),
+            "n_scored": len(kept),
+        },
+        "mean_over_images": _mean(r["score"] for r in records),
+        "categories": cats,
+        "types": types,
+        "dimensions": {d: _mean(r[d] for r in judged) for d in ("FF", "IP", "AQ")},
+        "n_images": len(records),
+        "n_missing": sum(r["status"] == "missing" for r in records),
+        "n_judge_failures": sum(r["status"] == "judge_failure" for r in records),
+    }
+
+
+def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 42,
+                        size: tuple[int, int] | None = None) -> list[dict]:
+    reqs = []
+    for it in items:
+        r = {"id": it.stem, "prompt": it.instruction, "seed": seed + it.id - 1, "num_images": num_images}
+        if size:
+            r["size"] = tuple(size)
+        reqs.append(r)
+    return reqs
+
+
+def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,
+             template: JudgeTemplate | None = None, label: str = "ours", progress: bool = False,
+             source: dict | None = None) -> dict:
+    tpl = template or load_template(DEFAULT_TEMPLATE)
+    keys = {k for k, _ in tpl.dimensions}
+    if not {"FF", "IP", "AQ"} <= keys:
+        raise common.UsageError(f"template {tpl.path} must define dimensions FF, IP and AQ (has {sorted(keys)})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    units = []
+    for it in items:
+        for k in range(num_images):
+            names = [f"{it.stem}_{k}"] + ([str(it.id)] if k == 0 else [])
+            units.append((it, k, common.find_image(images_dir, names)))
+    todo = [(i, u) for i, u in enumerate(units) if u[2] is not None]
+    reqs = [JudgeRequest(tpl, {"prompt": u[0].instruction, "note": u[0].note}, [u[2]]) for _, u in todo]
+    t0 = time.time()
+    results = dict(zip((i for i, _ in todo), judge.judge_many(reqs, progress=progress, desc=TITLE)))
+
+    records = []
+    for i, (it, k, path) in enumerate(units):
+        rec = {"id": f"{it.stem}_{k}", "item_id": it.id, "k": k, "type": it.type, "category": it.category,
+               "prompt": it.instruction, "note": it.note, "image": common.rel(path, out) if path else None,
+               "expected_image": common.image_name(it.stem, k), "FF": None, "IP": None, "AQ": None}
+        res = results.get(i)
+        if path is None or res.image_error:
+            rec.update(status="missing", score=0.0, reasons=None, raw=None,
+                       error="image not found" if path is None else res.error)
+        elif not res.ok:
+            rec.update(status="judge_failure", score=0.0, reasons=None, raw=res.raw, error=res.error)
+        else:
+            sc = res.parsed["scores"]
+            rec.update(status="scored", FF=sc["FF"], IP=sc["IP"], AQ=sc["AQ"],
+                       score=image_score(sc["FF"], sc["IP"], sc["AQ"]), reasons=res.parsed.get("reasons", {}),
+                       raw=res.raw, error=None, cached=res.cached)
+        records.append(rec)
+    summary = aggregate(records)
+    doc = {
+        "benchmark": NAME, "label": label, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": source or {}, "images_dir": str(images_dir), "num_images": num_images,
+        "judge": {**judge.describe(), "template": tpl.ident, "template_path": tpl.path},
+        "judge_stats": dict(judge.stats), "seconds": round(time.time() - t0, 2),
+        "formula": "per image 0.8*min(FF, IP) + 0.2*AQ; overall = weighted mean of categories (3/2/2/2)",
+        "summary": summary,
+        "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
+        "judge_failures": [{"id": r["id"], "error": r["error"]} for r in records if r["status"] == "judge_failure"],
+        "items": records,
+    }
+    common.write_json(out / "results.json", doc)
+    (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
+    write_html(doc, out / "gallery.html")
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    s = doc["summary"]
+    cats = list(IMAGINE_CATEGORIES)
+    rows = [[f"**{doc['label']}** (this run)"] + [s["categories"].get(c, {}).get("score") for c in cats]
+            + [s["overall"], s["overall_official_script"]]]
+    for name, vals in IMAGINE_REPORTED.items():
+        rows.append([name] + [vals.get(c) for c in cats] + [vals.get("overall"), None])
+    j = doc["judge"]
+    parts = [
+        f"# {TITLE}: {doc['label']}", "",
+        f"Judge `{j['model']}`, template `{j['template']}`; {s['n_images']} images ({doc['num_images']} per "
+        f"prompt), {s['n_missing']} missing, {s['n_judge_failures']} judge failures.", "",
+        common.markdown_table(["Model"] + cats + ["Overall (all 4 categories)", "Overall (official script)"],
+                              rows), "",
+        "Per image 0.8·min(FF, IP) + 0.2·AQ; category = mean over its images; missing images and judge "
+        "failures score 0.", "",
+        "**Overall (all 4 categories)** weights Attribute shift 3, Hybridization 2, Spatiotemporal 2, "
+        "Multi-Object 2 (on the full benchmark, 90/60/60/60 prompts, this is the mean over all 270 images).", "",
+        "**Overall (official script)** is what the released evaluation script computes: its weight table "
+        "calls the last category `TWO_OBJECT` while the data calls it `Multi-Object`, so the 60 Multi-Object "
+        "prompts get no weight and drop out ((3·A + 2·H + 2·S) / 7). The paper's numbers (overall only; "
+        "which of the two it used is not known) are from the Echo-4o figures.", "",
+        f"As the official script exactly (missing images skipped instead of 0): "
+        f"{common.fmt(s['official_script_exact']['overall'])}", "",
+        "## Per type", "",
+        common.markdown_table(["type", "category", "images", "score"],
+                              [[t, IMAGINE_TYPE_TO_CATEGORY.get(t, t), v["n"], v["score"]]
+                               for t, v in s["types"].items()]), "",
+        "## Mean judge scores (judged images)", "",
+        common.markdown_table(["Fantasy Fulfillment", "Identity Preservation", "Aesthetic Quality"],
+                              [[s["dimensions"]["FF"], s["dimensions"]["IP"], s["dimensions"]["AQ"]]]),
+    ]
+    parts += common.problem_lists(doc)
+    return "\n".join(parts) + "\n"
+
+
+def write_html(doc: dict, path) -> None:
+    s = doc["summary"]
+    summary_html = (f"<p>Overall (all 4 categories): <b>{common.fmt(s['overall'])}</b>; overall as the "
+                    f"official script (Multi-Object dropped): {common.fmt(s['overall_official_script'])}; "
+                    f"images {s['n_images']}, missing {s['n_missing']}, judge failures {s['n_judge_failures']}. "
+                    f"Judge {html.escape(doc['judge']['model'])}, template {html.escape(doc['judge']['template'])}.</p>")
+    entries = []
+    for r in doc["items"]:
+        if r["status"] == "scored":
+            verdict = f"{r['score']:.2f} (FF {r['FF']:g}, IP {r['IP']:g}, AQ {r['AQ']:g})"
+            reasons = "\n".join(f"{k}: {v}" for k, v in (r.get("reasons") or {}).items())
+        else:
+            verdict = "MISSING (0)" if r["status"] == "missing" else "JUDGE FAILURE (0)"
+            reasons = r.get("error") or ""
+        entries.append({"id": r["id"], "group": f"{r['type']} / {r['category']}", "image": r["image"],
+                        "prompt": r["prompt"], "verdict": verdict, "status": r["status"], "reasons": reasons,
+                        "details": r.get("raw") or r.get("error")})
+    common.write_gallery(path, f"{TITLE}: {doc['label']}", summary_html, entries)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.imagine_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", required=True, help="folder of generated images (<id:05d>_<k>.png)")
+    ap.add_argument("--prompts", required=True, help=f"Imagine-Bench jsonl (public file: {PUBLIC_URL})")
+    ap.add_argument("--fetch", action="store_true", help="download the public prompt file to --prompts if absent")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--num-images", type=int, default=1, help="images per prompt (official: 1)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--template", default=None, help="judge template file (default: built-in imagine_bench)")
+    ap.add_argument("--label", default="ours", help="row name for this run in summary.md")
+    common.add_judge_args(ap)
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    prompts = common.resolve_prompts(args.prompts, PUBLIC_URL, PUBLIC_MD5, args.fetch)
+    items = load_items(prompts, args.limit)
+    judge = common.judge_from_args(args, args.out)
+    doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
+                   template=common.template_arg(args.template, DEFAULT_TEMPLATE), label=args.label,
+                   progress=not args.no_progress,
+                   source={"prompts": str(prompts), "prompts_md5": common.md5sum(prompts)})
+    s = doc["summary"]
+    print(f"{TITLE} overall {common.fmt(s['overall'])} (all categories), {common.fmt(s['overall_official_script'])} "
+          f"(official script, Multi-Object dropped); images {s['n_images']}, missing {s['n_missing']}, "
+          f"judge failures {s['n_judge_failures']}; API calls {judge.stats['api_calls']}, "
+          f"cache hits {judge.stats['cache_hits']} -> {args.out}")
+    return doc
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.run_cli(main))

@@ -1,0 +1,672 @@
+"""A vision-language judge on the official ``openai`` client: templates, parsing, retries, disk cache.
+
+* **Templates** are text files of our own (``echo4o_jax/eval/templates/*.txt``) with a header of
+  ``# key: value`` lines (``name``, ``version``, ``parser``, ``max_tokens``, ``dimensions``) and two
+  sections ``[system]`` / ``[user]``; ``{{name}}`` placeholders are filled per item (an unfilled
+  placeholder is an error). :func:`load_template` takes a built-in name or a path to another file.
+* **Parsing** tolerates prose and Markdown around the answer: the first JSON object in the reply
+  (```json fences allowed) for ``verdict_json`` / ``score_json``, ``Label: <0-10>`` lines (or a JSON
+  object) for ``dimension_scores``. A reply that does not parse is asked again (``malformed_retries``),
+  then reported as a *judge failure* -- never turned into a pass or a fail silently.
+* **Retries**: 429, 408/409, 5xx, time-outs, connection errors and unreadable HTTP bodies are retried
+  by us with exponential backoff and jitter (or the server's ``retry-after-ms`` / ``retry-after``),
+  up to ``max_retries`` times; the client's own retries are off by default (``client_max_retries=0``)
+  so the two do not multiply. 401/403/404 abort the run (:class:`JudgeFatalError`): a wrong key or
+  model name would otherwise fail every item. Other 4xx are a judge failure of that item.
+* **Cache**: one JSON file per answer under ``cache_dir``, keyed by sha256 of (image sha256s, the
+  rendered prompt text, judge model, template name@version, image size limit). A re-run makes no call
+  for an answer already cached. Only parsed answers are cached; judge failures are retried next run.
+* **Secrets**: the API key is read from the environment (``OPENAI_API_KEY`` or ``api_key_env``) only
+  when a call is needed; it is never logged and is redacted from every error text we keep. Results
+  and caches hold no request headers.
+
+Images are sent as base64 ``data:`` URLs (the file's own bytes, or a JPEG re-encode when the image is
+larger than ``max_image_pixels``). Temperature is 0 unless changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MODEL", "TEMPLATE_DIR", "JudgeTemplate", "load_template", "MalformedAnswer",
+    "extract_json_object", "PARSERS", "JudgeCache", "JudgeRequest", "JudgeResult", "Judge",
+    "JudgeError", "JudgeFatalError", "JudgeConfigError", "encode_image", "cache_key", "redact",
+]
+
+DEFAULT_MODEL = "gpt-4.1"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024
+
+
+class JudgeError(RuntimeError):
+    pass
+
+
+class JudgeConfigError(JudgeError):
+    """Bad configuration found before any call (e.g. no API key in the environment)."""
+
+
+class JudgeFatalError(JudgeError):
+    """An error every further call would repeat (bad key, no access, unknown model): abort the run."""
+
+
+class MalformedAnswer(ValueError):
+    """The judge replied, but not in the form the template asks for."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Templates
+# ------------------------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+_SECTION = re.compile(r"^\[(system|user)\]\s*$")
+_HEADER = re.compile(r"^#\s*([A-Za-z_][A-Za-z0-9_]*)\s*:(.*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeTemplate:
+    name: str
+    version: str
+    parser: str
+    system: str
+    user: str
+    max_tokens: int = 512
+    dimensions: tuple[tuple[str, str], ...] = ()  # (key, label) for the dimension_scores parser
+    options: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+    path: str = ""
+
+    @property
+    def ident(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def placeholders(self) -> set[str]:
+        return set(_PLACEHOLDER.findall(self.system)) | set(_PLACEHOLDER.findall(self.user))
+
+    def render(self, variables: dict[str, Any]) -> tuple[str, str]:
+        missing = self.placeholders() - set(variables)
+        if missing:
+            raise JudgeConfigError(f"template {self.ident} ({self.path}) uses {sorted(missing)}, which this "
+                                   f"benchmark does not provide (it provides {sorted(variables)})")
+
+        def fill(text: str) -> str:
+            return _PLACEHOLDER.sub(lambda m: str(variables[m.group(1)]), text)
+
+        return fill(self.system), fill(self.user)
+
+    def parse(self, text: str) -> dict:
+        return PARSERS[self.parser](text, self)
+
+
+def _parse_template_text(text: str, path: str) -> JudgeTemplate:
+    header: dict[str, str] = {}
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        m = _SECTION.match(line)
+        if m:
+            if m.group(1) in sections:
+                raise ValueError(f"{path}: section [{m.group(1)}] appears twice")
+            current = sections[m.group(1)] = []
+            continue
+        if current is None:
+            s = line.strip()
+            if not s:
+                continue
+            if not s.startswith("#"):
+                raise ValueError(f"{path}: text before the first [system]/[user] section: {s[:60]!r}")
+            m = _HEADER.match(s)
+            if m:  # '# key: value'; other comment lines are ignored
+                header[m.group(1).lower()] = m.group(2).strip()
+            continue
+        current.append(line)
+    for req in ("version", "parser"):
+        if not header.get(req):
+            raise ValueError(f"{path}: header line '# {req}: ...' is required")
+    if "user" not in sections:
+        raise ValueError(f"{path}: a [user] section is required")
+    parser = header["parser"]
+    if parser not in PARSERS:
+        raise ValueError(f"{path}: unknown parser {parser!r} (known: {sorted(PARSERS)})")
+    dims: list[tuple[str, str]] = []
+    if header.get("dimensions"):
+        for part in header["dimensions"].split(";"):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ValueError(f"{path}: dimensions must read 'KEY=Label; KEY=Label', got {part!r}")
+            k, label = part.split("=", 1)
+            dims.append((k.strip(), label.strip()))
+    if parser == "dimension_scores" and not dims:
+        raise ValueError(f"{path}: parser dimension_scores needs a '# dimensions: KEY=Label; ...' line")
+    known = {"name", "version", "parser", "max_tokens", "dimensions"}
+    return JudgeTemplate(
+        name=header.get("name") or Path(path).stem,
+        version=header["version"],
+        parser=parser,
+        system="\n".join(sections.get("system", [])).strip(),
+        user="\n".join(sections["user"]).strip(),
+        max_tokens=int(header.get("max_tokens", 512)),
+        dimensions=tuple(dims),
+        options={k: v for k, v in header.items() if k not in known},
+        path=str(path),
+    )
+
+
+def load_template(name_or_path: str | os.PathLike) -> JudgeTemplate:
+    """A built-in template by name (``geneval_pp``, ``imagine_bench``, ``omnicontext_pf``, ...) or a file."""
+    p = Path(name_or_path)
+    if not p.suffix and not p.exists():
+        p = TEMPLATE_DIR / f"{name_or_path}.txt"
+    if not p.is_file():
+        builtin = sorted(q.stem for q in TEMPLATE_DIR.glob("*.txt"))
+        raise FileNotFoundError(f"judge template {name_or_path!r} not found (built-in: {builtin})")
+    return _parse_template_text(p.read_text(encoding="utf-8"), str(p))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsers
+# ------------------------------------------------------------------------------------------------
+
+_FENCE = re.compile(r"```[A-Za-z]*\s*(.*?)```", re.S)
+
+
+def extract_json_object(text: str) -> dict:
+    """The first JSON object in `text` (inside ``` fences first), ignoring prose around it."""
+    if not isinstance(text, str) or not text.strip():
+        raise MalformedAnswer("empty answer")
+    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    dec = json.JSONDecoder()
+    for cand in candidates:
+        start = cand.find("{")
+        while start != -1:
+            try:
+                obj, _ = dec.raw_decode(cand, start)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                return obj
+            start = cand.find("{", start + 1)
+    raise MalformedAnswer("no JSON object in the answer")
+
+
+def _get_ci(obj: dict, *names: str):
+    low = {str(k).strip().lower(): v for k, v in obj.items()}
+    for n in names:
+        if n.lower() in low:
+            return low[n.lower()]
+    return None
+
+
+def _as_score(v: Any, what: str) -> float:
+    if isinstance(v, list) and len(v) == 1:
+        v = v[0]
+    if isinstance(v, bool) or v is None:
+        raise MalformedAnswer(f"{what}: not a number: {v!r}")
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?\s*", v)
+        if not m:
+            raise MalformedAnswer(f"{what}: not a number: {v!r}")
+        v = float(m.group(1))
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise MalformedAnswer(f"{what}: not a number: {v!r}") from None
+    if not math.isfinite(f) or not 0.0 <= f <= 10.0:
+        raise MalformedAnswer(f"{what}: {f} outside [0, 10]")
+    return f
+
+
+def parse_verdict_json(text: str, tpl: JudgeTemplate | None = None) -> dict:
+    """``{"correct": 0|1, "reason": ...}`` -> {"correct": 0|1, "reason": str}."""
+    obj = extract_json_object(text)
+    v = _get_ci(obj, "correct")
+    if isinstance(v, bool):
+        c = int(v)
+    elif isinstance(v, (int, float)) and v in (0, 1):
+        c = int(v)
+    elif isinstance(v, str) and v.strip().lower() in ("0", "1", "true", "false", "yes", "no"):
+        c = 1 if v.strip().lower() in ("1", "true", "yes") else 0
+    else:
+        raise MalformedAnswer(f'"correct" must be 0 or 1, got {v!r}')
+    reason = _get_ci(obj, "reason", "reasoning", "explanation")
+    return {"correct": c, "reason": "" if reason is None else str(reason)}
+
+
+def parse_score_json(text: str, tpl: JudgeTemplate | None = None) -> dict:
+    """``{"score": 0-10, "reasoning": ...}`` -> {"score": float, "reason": str}."""
+    obj = extract_json_object(text)
+    v = _get_ci(obj, "score")
+    if v is None:
+        raise MalformedAnswer('no "score" in the JSON answer')
+    reason = _get_ci(obj, "reasoning", "reason", "explanation")
+    return {"score": _as_score(v, "score"), "reason": "" if reason is None else str(reason)}
+
+
+def _label_regex(label: str) -> str:
+    return r"[\s_\-]+".join(re.escape(w) for w in label.split())
+
+
+def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
+    """``<Label>: <0-10>`` lines (Markdown allowed), each optionally followed by a reason; or JSON.
+
+    -> {"scores": {KEY: float}, "reasons": {KEY: str}}.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise MalformedAnswer("empty answer")
+    lines = text.splitlines()
+    scores: dict[str, float] = {}
+    reasons: dict[str, str] = {}
+    label_res = {k: _label_regex(lab) for k, lab in tpl.dimensions}
+    any_label = re.compile(r"^[\W_]*(?:" + "|".join(f"(?:{r})" for r in label_res.values()) + r")\b", re.I)
+    for key, rx in label_res.items():
+        pat = re.compile(r"^[\s>#*_\-\d.)]*" + rx + r"[\s*_]*(?:\([^)]*\))?[\s*_]*[:：=\-]\s*[*_]*\s*"
+                         r"(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?[*_]*\s*(.*)$", re.I)
+        for i, line in enumerate(lines):
+            m = pat.match(line)
+            if not m:
+                continue
+            scores[key] = _as_score(m.group(1), key)
+            reason = m.group(2).strip().lstrip("-–—:.;,|*_ ").strip()
+            if not reason:
+                for nxt in lines[i + 1:]:
+                    if nxt.strip():
+                        if not any_label.match(nxt):
+                            reason = nxt.strip().lstrip("-–—:*_ ").strip()
+                        break
+            reasons[key] = reason
+            break
+    if len(scores) < len(label_res):
+        try:
+            obj = extract_json_object(text)
+        except MalformedAnswer:
+            obj = None
+        if obj is not None:
+            for key, label in tpl.dimensions:
+                if key in scores:
+                    continue
+                v = _get_ci(obj, label, key, label.replace(" ", "_"))
+                if isinstance(v, dict):
+                    r = _get_ci(v, "reason", "reasoning")
+                    v = _get_ci(v, "score")
+                    reasons[key] = "" if r is None else str(r)
+                if v is not None:
+                    scores[key] = _as_score(v, key)
+                    reasons.setdefault(key, "")
+    missing = [lab for k, lab in tpl.dimensions if k not in scores]
+    if missing:
+        raise MalformedAnswer(f"no score for {missing}")
+    return {"scores": scores, "reasons": reasons}
+
+
+PARSERS: dict[str, Callable[[str, JudgeTemplate], dict]] = {
+    "verdict_json": parse_verdict_json,
+    "score_json": parse_score_json,
+    "dimension_scores": parse_dimension_scores,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Images, cache keys, cache
+# ------------------------------------------------------------------------------------------------
+
+_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
+class UnreadableImage(ValueError):
+    pass
+
+
+def encode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str:
+    """A ``data:`` URL for image bytes: the bytes themselves, or a JPEG re-encode if too large/odd."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            w, h = im.size
+            if fmt in _MIME and (not max_pixels or w * h <= max_pixels):
+                im.verify()
+                return f"data:{_MIME[fmt]};base64," + base64.b64encode(data).decode("ascii")
+            im = im.convert("RGB")
+            if max_pixels and w * h > max_pixels:
+                s = math.sqrt(max_pixels / (w * h))
+                im = im.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BICUBIC)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=95)
+    except UnreadableImage:
+        raise
+    except Exception as e:  # PIL raises many kinds for broken files
+        raise UnreadableImage(f"cannot read image: {type(e).__name__}: {e}") from None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def cache_key(image_sha256: Sequence[str], system: str, user: str, model: str, template_ident: str,
+              max_pixels: int | None) -> str:
+    blob = json.dumps({"images": list(image_sha256), "system": system, "user": user, "model": model,
+                       "template": template_ident, "max_pixels": max_pixels}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class JudgeCache:
+    """One JSON file per key (``<dir>/<key[:2]>/<key>.json``); safe across threads and processes."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        p = self._path(key)
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, record: dict) -> None:
+        p = self._path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, p)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Secrets
+# ------------------------------------------------------------------------------------------------
+
+_KEYLIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}")
+_BEARER = re.compile(r"(?i)\bBearer\s+\S+")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, "[REDACTED]")
+    text = _KEYLIKE.sub("sk-[REDACTED]", text)
+    return _BEARER.sub("Bearer [REDACTED]", text)
+
+
+def _public_url(url: str | None) -> str | None:
+    """A base URL without userinfo or query (never store credentials that might hide there)."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# The judge
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class JudgeRequest:
+    template: JudgeTemplate
+    variables: dict[str, Any]
+    images: list[str | os.PathLike]
+
+
+@dataclasses.dataclass
+class JudgeResult:
+    ok: bool
+    parsed: dict | None = None
+    raw: str | None = None  # the judge's last answer (also for a malformed one)
+    error: str | None = None
+    cached: bool = False
+    calls: int = 0  # HTTP calls made for this request (0 when cached)
+    key: str | None = None
+    image_error: bool = False  # an input image could not be read (not the judge's fault)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _ItemFailure(Exception):
+    def __init__(self, msg: str, calls: int):
+        super().__init__(msg)
+        self.calls = calls
+
+
+def _retry_after(headers) -> float | None:
+    if headers is None:
+        return None
+    for name, div in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        v = headers.get(name)
+        if v is None:
+            continue
+        try:
+            return max(0.0, float(v) / div)
+        except ValueError:
+            continue
+    return None
+
+
+class Judge:
+    """Thread-safe judge client. See the module docstring for the policies."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, base_url: str | None = None, *,
+                 api_key_env: str = "OPENAI_API_KEY", require_api_key: bool = True,
+                 cache_dir: str | os.PathLike | None = None, concurrency: int = 8,
+                 max_retries: int = 5, malformed_retries: int = 2, timeout: float = 120.0,
+                 backoff_base: float = 1.0, backoff_max: float = 60.0, client_max_retries: int = 0,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, temperature: float = 0.0,
+                 client: Any = None, sleep: Callable[[float], None] = time.sleep):
+        self.model = model
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self.require_api_key = require_api_key
+        self.cache = JudgeCache(cache_dir) if cache_dir else None
+        self.concurrency = max(1, int(concurrency))
+        self.max_retries = max(0, int(max_retries))
+        self.malformed_retries = max(0, int(malformed_retries))
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.client_max_retries = client_max_retries
+        self.max_image_pixels = max_image_pixels
+        self.temperature = temperature
+        self._client = client
+        self._sleep = sleep
+        self._secrets: list[str] = []
+        self._lock = threading.Lock()
+        self.stats = {"requests": 0, "api_calls": 0, "cache_hits": 0, "failures": 0, "retries": 0,
+                      "malformed": 0}
+
+    # -- public ----------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {"model": self.model, "base_url": _public_url(self.base_url), "temperature": self.temperature,
+                "max_image_pixels": self.max_image_pixels, "max_retries": self.max_retries,
+                "malformed_retries": self.malformed_retries}
+
+    def redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    def judge(self, req: JudgeRequest) -> JudgeResult:
+        self._count("requests")
+        tpl = req.template
+        try:
+            blobs = [Path(p).read_bytes() for p in req.images]
+        except OSError as e:
+            self._count("failures")
+            return JudgeResult(ok=False, error=self.redact(f"cannot read image: {e}"), image_error=True)
+        digests = [hashlib.sha256(b).hexdigest() for b in blobs]
+        system, user = tpl.render(req.variables)
+        key = cache_key(digests, system, user, self.model, tpl.ident, self.max_image_pixels)
+        if self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None and isinstance(hit.get("raw"), str):
+                try:
+                    parsed = tpl.parse(hit["raw"])
+                except MalformedAnswer:
+                    parsed = None
+                if parsed is not None:
+                    self._count("cache_hits")
+                    return JudgeResult(ok=True, parsed=parsed, raw=hit["raw"], cached=True, key=key)
+        try:
+            urls = [encode_image(b, self.max_image_pixels) for b in blobs]
+        except UnreadableImage as e:
+            self._count("failures")
+            return JudgeResult(ok=False, error=str(e), key=key, image_error=True)
+        content: list[dict] = [{"type": "text", "text": user}]
+        detail = tpl.options.get("image_detail")
+        for u in urls:
+            part = {"url": u}
+            if detail:
+                part["detail"] = detail
+            content.append({"type": "image_url", "image_url": part})
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": content}]
+
+        calls = 0
+        raw: str | None = None
+        error = None
+        for attempt in range(1 + self.malformed_retries):
+            try:
+                raw, n = self._complete(messages, tpl.max_tokens)
+                calls += n
+            except _ItemFailure as e:
+                calls += e.calls
+                self._count("failures")
+                return JudgeResult(ok=False, raw=raw, error=self.redact(str(e)), calls=calls, key=key)
+            try:
+                parsed = tpl.parse(raw)
+            except MalformedAnswer as e:
+                self._count("malformed")
+                error = f"malformed answer after {attempt + 1} tries: {e}"
+                log.info("judge: malformed answer (%s), %s", e, "retrying" if attempt < self.malformed_retries
+                         else "giving up")
+                continue
+            if self.cache is not None:
+                self.cache.put(key, {"key": key, "model": self.model, "template": tpl.ident,
+                                     "images_sha256": digests, "raw": self.redact(raw), "parsed": parsed,
+                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            return JudgeResult(ok=True, parsed=parsed, raw=self.redact(raw), calls=calls, key=key)
+        self._count("failures")
+        return JudgeResult(ok=False, raw=None if raw is None else self.redact(raw), error=error, calls=calls,
+                           key=key)
+
+    def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = False,
+                   desc: str = "judging") -> list[JudgeResult]:
+        """Judge all requests with `concurrency` threads; results in the order of `requests`."""
+        if not requests:
+            return []
+        out: list[JudgeResult | None] = [None] * len(requests)
+        bar = None
+        if progress:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(requests), desc=desc, unit="img")
+            except ImportError:
+                bar = None
+        pool = cf.ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
+        try:
+            futs = {pool.submit(self.judge, r): i for i, r in enumerate(requests)}
+            for fut in cf.as_completed(futs):
+                out[futs[fut]] = fut.result()  # JudgeFatalError / JudgeConfigError propagate
+                if bar is not None:
+                    bar.update(1)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        pool.shutdown(wait=True)
+        return out  # type: ignore[return-value]
+
+    # -- internals -------------------------------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.stats[name] += n
+
+    def _get_client(self):
+        with self._lock:
+            if self._client is not None:
+                return self._client
+            key = os.environ.get(self.api_key_env) if self.api_key_env else None
+            if not key:
+                if self.require_api_key:
+                    raise JudgeConfigError(
+                        f"no API key: the environment variable {self.api_key_env or '(none)'} is not set "
+                        "(use --api-key-env NAME to read another variable, or --no-api-key for a local "
+                        "server that needs none)")
+                key = "no-key"
+            else:
+                self._secrets.append(key)
+            from openai import OpenAI
+
+            self._client = OpenAI(api_key=key, base_url=self.base_url, max_retries=self.client_max_retries,
+                                  timeout=self.timeout)
+            return self._client
+
+    def _backoff(self, attempt: int, headers=None) -> float:
+        ra = _retry_after(headers)
+        if ra is not None:
+            return min(ra, self.backoff_max)
+        base = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+        return base * (0.5 + 0.5 * random.random())
+
+    def _complete(self, messages: list[dict], max_tokens: int) -> tuple[str, int]:
+        """One answer's text, retrying transient errors; -> (text, HTTP calls made)."""
+        import openai
+
+        client = self._get_client()
+        calls = 0
+        while True:
+            calls += 1
+            self._count("api_calls")
+            headers = None
+            try:
+                resp = client.chat.completions.create(model=self.model, messages=messages,
+                                                      temperature=self.temperature, max_tokens=max_tokens)
+                choices = getattr(resp, "choices", None)
+                if not choices:
+                    raise ValueError("response without choices")
+                return choices[0].message.content or "", calls
+            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
+                raise JudgeFatalError(self.redact(f"judge server refused ({type(e).__name__}, HTTP "
+                                                  f"{e.status_code}): {e}")) from None
+            except openai.APIStatusError as e:
+                if not (e.status_code in (408, 409, 429) or e.status_code >= 500):
+                    raise _ItemFailure(f"HTTP {e.status_code}: {e}", calls) from None
+                err = f"HTTP {e.status_code}: {e}"
+                headers = e.response.headers if e.response is not None else None
+            except openai.APIConnectionError as e:  # includes APITimeoutError
+                err = f"{type(e).__name__}: {e}"
+            except (openai.APIResponseValidationError, ValueError, KeyError, AttributeError, TypeError) as e:
+                err = f"bad response ({type(e).__name__}): {e}"
+            except openai.OpenAIError as e:  # anything else the client raises: retry, then an item failure
+                err = f"{type(e).__name__}: {e}"
+            if calls > self.max_retries:
+                raise _ItemFailure(f"gave up after {calls} calls; last error: {err}", calls)
+            self._count("retries")
+            delay = self._backoff(calls, headers)
+            log.info("judge: %s; retry %d/%d in %.2fs", self.redact(err), calls, self.max_retries, delay)
+            self._sleep(delay)

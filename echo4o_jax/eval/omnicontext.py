@@ -1,0 +1,313 @@
+r"""OmniContext (in-context / multi-reference generation) with a VLM judge, for a user-supplied copy.
+
+    python -m echo4o_jax.eval.omnicontext --images DIR --data metadata.jsonl --out DIR \
+        [--data-root DIR] [--judge-model gpt-4.1] [--base-url URL] [--num-images 1]
+
+Data: the benchmark is ``OmniGen2/OmniContext`` on the Hugging Face Hub (not bundled, not fetched
+here). Give a JSON-lines (or JSON list) manifest with one record per sample::
+
+    {"key": "...", "task_type": "multiple_object", "instruction": "...", "input_images": ["a.jpg", ...]}
+
+(aliases accepted: ``id`` for key, ``task`` for task_type, ``prompt`` for instruction,
+``input_image_paths`` / ``images`` for input_images). Relative image paths are resolved against
+``--data-root`` (default: the manifest's folder). ``--data`` may also be a folder holding
+``metadata.jsonl`` (the layout of Echo-4o's ``arrow2json.py`` conversion: ``images/<task_type>/*.jpg``).
+
+* Two judge calls per image: prompt following (PF) and subject consistency (SC), each 0-10 with a JSON
+  answer; the reference images are sent first, the generated image last. ``scene_*`` tasks use the
+  scene variants of both templates (they also check the background).
+* **Per sample: sqrt(PF * SC)**; task score = mean over its samples; ``overall_8`` = mean over the 8
+  task scores (OmniGen2's number); ``echo4o_avg`` = mean of the MULTIPLE and SCENE group scores (each
+  the mean of its 3 tasks), i.e. the 6-task average Echo-4o reported (its statistics script skips the
+  two single_* tasks). A missing image or a judge failure of either call scores 0 and is listed (the
+  original scorer substituted a random score for an unparsable answer; we do not).
+* Images: ``<images>/<task_type>__<key>_<k>.png`` (also .jpg/.jpeg/.webp); the official
+  ``<task_type>/<key>.png`` is accepted for k = 0.
+
+Outputs in --out: ``results.json``, ``summary.md``, ``gallery.html``, ``judge_cache/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import common
+from .judge import Judge, JudgeRequest, JudgeTemplate, load_template
+from .reference import OMNICONTEXT_GROUPS, OMNICONTEXT_REPORTED, OMNICONTEXT_TASKS, OMNICONTEXT_URL
+
+NAME = "omnicontext"
+TITLE = "OmniContext"
+PROMPTS_FILE = "omnicontext/metadata.jsonl"
+PUBLIC_URL, PUBLIC_MD5 = OMNICONTEXT_URL, None
+TEMPLATES = {"pf": "omnicontext_pf", "sc": "omnicontext_sc", "pf_scene": "omnicontext_pf_scene",
+             "sc_scene": "omnicontext_sc_scene"}
+
+
+@dataclasses.dataclass
+class Item:
+    key: str
+    task_type: str
+    instruction: str
+    input_images: list[str]
+    index: int = 0
+
+    @property
+    def stem(self) -> str:
+        return f"{self.task_type}__{self.key}"
+
+    @property
+    def is_scene(self) -> bool:
+        return self.task_type.startswith("scene")
+
+
+def _pick(r: dict, *names):
+    for n in names:
+        if n in r and r[n] is not None:
+            return r[n]
+    return None
+
+
+def load_items(path, limit: int | None = None, data_root=None) -> list[Item]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metadata.jsonl"
+    if not p.is_file():
+        raise FileNotFoundError(f"OmniContext manifest {p} not found (see `python -m echo4o_jax.eval.omnicontext -h`;"
+                                f" data: {OMNICONTEXT_URL})")
+    text = p.read_text(encoding="utf-8").strip()
+    rows = json.loads(text) if text.startswith("[") else common.read_jsonl(p)
+    root = Path(data_root) if data_root else p.parent
+    items, missing = [], []
+    for i, r in enumerate(rows):
+        key, task, instr = _pick(r, "key", "id"), _pick(r, "task_type", "task"), _pick(r, "instruction", "prompt")
+        imgs = _pick(r, "input_images", "input_image_paths", "images")
+        if key is None or task is None or instr is None or imgs is None:
+            raise common.UsageError(f"{p}: record {i + 1} needs key, task_type, instruction and input_images")
+        if isinstance(imgs, str):
+            imgs = [imgs]
+        paths = []
+        for s in imgs:
+            q = Path(s)
+            q = q if q.is_absolute() else root / q
+            if not q.is_file():
+                missing.append(str(q))
+            paths.append(str(q))
+        items.append(Item(key=str(key), task_type=str(task), instruction=str(instr), input_images=paths, index=i))
+        if limit is not None and len(items) >= limit:
+            break
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} input images of {p} not found, e.g. {missing[:3]} "
+                                f"(set --data-root to the folder they are relative to)")
+    stems = [it.stem for it in items]
+    if len(set(stems)) != len(stems):
+        raise common.UsageError(f"{p}: (task_type, key) pairs are not unique")
+    return items
+
+
+def sample_score(pf: float, sc: float) -> float:
+    return math.sqrt(pf * sc)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def aggregate(records: Sequence[dict]) -> dict:
+    """records: dicts with 'task_type', 'score' (+ 'PF', 'SC' when judged) and 'status'."""
+    by_task: dict[str, list[dict]] = {}
+    for r in records:
+        by_task.setdefault(r["task_type"], []).append(r)
+    order = [t for t in OMNICONTEXT_TASKS if t in by_task] + sorted(t for t in by_task if t not in OMNICONTEXT_TASKS)
+    tasks = {}
+    for t in order:
+        rs = by_task[t]
+        judged = [r for r in rs if r["status"] == "scored"]
+        tasks[t] = {"n": len(rs), "score": _mean(r["score"] for r in rs),
+                    "PF": _mean(r["PF"] for r in judged), "SC": _mean(r["SC"] for r in judged),
+                    "n_missing": sum(r["status"] == "missing" for r in rs),
+                    "n_judge_failures": sum(r["status"] == "judge_failure" for r in rs)}
+    groups = {g: _mean(tasks[t]["score"] for t in ts if t in tasks) for g, ts in OMNICONTEXT_GROUPS.items()}
+    two = [groups[g] for g in ("MULTIPLE", "SCENE") if groups[g] is not None]
+    return {
+        "overall_8": _mean(v["score"] for v in tasks.values()),
+        "echo4o_avg": sum(two) / len(two) if two else None,
+        "groups": groups,
+        "tasks": tasks,
+        "complete_8_tasks": all(t in tasks for t in OMNICONTEXT_TASKS),
+        "n_images": len(records),
+        "n_missing": sum(r["status"] == "missing" for r in records),
+        "n_judge_failures": sum(r["status"] == "judge_failure" for r in records),
+    }
+
+
+def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 42,
+                        size: tuple[int, int] | None = None) -> list[dict]:
+    reqs = []
+    for it in items:
+        r = {"id": it.stem, "prompt": it.instruction, "images": list(it.input_images), "seed": seed + it.index,
+             "num_images": num_images}
+        if size:
+            r["size"] = tuple(size)
+        reqs.append(r)
+    return reqs
+
+
+def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,
+             templates: dict[str, JudgeTemplate] | None = None, label: str = "ours", progress: bool = False,
+             source: dict | None = None) -> dict:
+    tpls = {k: (templates or {}).get(k) or load_template(v) for k, v in TEMPLATES.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    units = []
+    for it in items:
+        for k in range(num_images):
+            names = [f"{it.stem}_{k}"] + ([f"{it.task_type}/{it.key}"] if k == 0 else [])
+            units.append((it, k, common.find_image(images_dir, names)))
+    todo, reqs = [], []
+    for i, (it, k, path) in enumerate(units):
+        if path is None:
+            continue
+        v = {"instruction": it.instruction, "n_inputs": len(it.input_images)}
+        imgs = list(it.input_images) + [path]
+        for dim in ("pf", "sc"):
+            todo.append((i, dim))
+            reqs.append(JudgeRequest(tpls[dim + "_scene" if it.is_scene else dim], v, imgs))
+    t0 = time.time()
+    results = dict(zip(todo, judge.judge_many(reqs, progress=progress, desc=TITLE)))
+
+    records = []
+    for i, (it, k, path) in enumerate(units):
+        rec = {"id": f"{it.stem}_{k}", "key": it.key, "k": k, "task_type": it.task_type, "prompt": it.instruction,
+               "input_images": [common.rel(p, out) for p in it.input_images],
+               "image": common.rel(path, out) if path else None,
+               "expected_image": common.image_name(it.stem, k), "PF": None, "SC": None}
+        pf, sc = results.get((i, "pf")), results.get((i, "sc"))
+        if path is None or pf.image_error or sc.image_error:
+            err = "image not found" if path is None else (pf.error if pf.image_error else sc.error)
+            rec.update(status="missing", score=0.0, reasons=None, raw=None, error=err)
+        elif not (pf.ok and sc.ok):
+            errs = [f"{n}: {r.error}" for n, r in (("PF", pf), ("SC", sc)) if not r.ok]
+            rec.update(status="judge_failure", score=0.0, reasons=None, raw={"PF": pf.raw, "SC": sc.raw},
+                       error="; ".join(errs), PF=pf.parsed["score"] if pf.ok else None,
+                       SC=sc.parsed["score"] if sc.ok else None)
+        else:
+            p, s = pf.parsed["score"], sc.parsed["score"]
+            rec.update(status="scored", PF=p, SC=s, score=sample_score(p, s),
+                       reasons={"PF": pf.parsed.get("reason", ""), "SC": sc.parsed.get("reason", "")},
+                       raw={"PF": pf.raw, "SC": sc.raw}, error=None, cached=pf.cached and sc.cached)
+        records.append(rec)
+    summary = aggregate(records)
+    doc = {
+        "benchmark": NAME, "label": label, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": source or {}, "images_dir": str(images_dir), "num_images": num_images,
+        "judge": {**judge.describe(), "template": {k: t.ident for k, t in tpls.items()},
+                  "template_path": {k: t.path for k, t in tpls.items()}},
+        "judge_stats": dict(judge.stats), "seconds": round(time.time() - t0, 2),
+        "formula": "per sample sqrt(PF*SC); task = mean; overall_8 = mean of tasks; echo4o_avg = mean(MULTIPLE, SCENE)",
+        "summary": summary,
+        "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
+        "judge_failures": [{"id": r["id"], "error": r["error"]} for r in records if r["status"] == "judge_failure"],
+        "items": records,
+    }
+    common.write_json(out / "results.json", doc)
+    (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
+    write_html(doc, out / "gallery.html")
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    s = doc["summary"]
+    rows = [[f"**{doc['label']}** (this run)", s["groups"]["SINGLE"], s["groups"]["MULTIPLE"], s["groups"]["SCENE"],
+             s["overall_8"], s["echo4o_avg"]]]
+    for name, v in OMNICONTEXT_REPORTED.items():
+        rows.append([name, v.get("SINGLE"), v.get("MULTIPLE"), v.get("SCENE"), v.get("overall_8"), v.get("echo4o_avg")])
+    j = doc["judge"]
+    parts = [
+        f"# {TITLE}: {doc['label']}", "",
+        f"Judge `{j['model']}`, templates {', '.join(f'`{t}`' for t in j['template'].values())}; "
+        f"{s['n_images']} images, {s['n_missing']} missing, {s['n_judge_failures']} judge failures"
+        + ("" if s["complete_8_tasks"] else "; **not all 8 task types present**") + ".", "",
+        common.markdown_table(["Model", "SINGLE", "MULTIPLE", "SCENE", "Overall (8 tasks)",
+                               "Echo-4o avg (MULTIPLE, SCENE)"], rows, digits=2), "",
+        "Per sample sqrt(PF·SC); task = mean over samples; group = mean of its tasks; Overall (8 tasks) = mean "
+        "of the task scores (OmniGen2's protocol); Echo-4o avg = mean of the MULTIPLE and SCENE groups (Echo-4o's "
+        "statistics skip the single_* tasks). Missing images and judge failures score 0. BAGEL's Echo-4o avg is "
+        "computed from its two group numbers; 8-task rows are third-party measurements.", "",
+        "## Per task", "",
+        common.markdown_table(["task", "images", "PF", "SC", "score", "missing", "judge failures"],
+                              [[t, v["n"], v["PF"], v["SC"], v["score"], v["n_missing"], v["n_judge_failures"]]
+                               for t, v in s["tasks"].items()], digits=2),
+    ]
+    parts += common.problem_lists(doc)
+    return "\n".join(parts) + "\n"
+
+
+def write_html(doc: dict, path) -> None:
+    s = doc["summary"]
+    summary_html = (f"<p>Overall (8 tasks): <b>{common.fmt(s['overall_8'], 2)}</b>; Echo-4o average (MULTIPLE, "
+                    f"SCENE): <b>{common.fmt(s['echo4o_avg'], 2)}</b>; images {s['n_images']}, missing "
+                    f"{s['n_missing']}, judge failures {s['n_judge_failures']}. Judge "
+                    f"{html.escape(doc['judge']['model'])}.</p>")
+    entries = []
+    for r in doc["items"]:
+        if r["status"] == "scored":
+            verdict = f"{r['score']:.2f} (PF {r['PF']:g}, SC {r['SC']:g})"
+            reasons = "\n".join(f"{k}: {v}" for k, v in (r.get("reasons") or {}).items())
+        else:
+            verdict = "MISSING (0)" if r["status"] == "missing" else "JUDGE FAILURE (0)"
+            reasons = r.get("error") or ""
+        raw = r.get("raw")
+        details = "\n\n".join(f"{k}: {v}" for k, v in raw.items()) if isinstance(raw, dict) else (raw or r.get("error"))
+        entries.append({"id": r["id"], "group": r["task_type"], "image": r["image"], "refs": r["input_images"],
+                        "prompt": r["prompt"], "verdict": verdict, "status": r["status"], "reasons": reasons,
+                        "details": details})
+    common.write_gallery(path, f"{TITLE}: {doc['label']}", summary_html, entries)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.omnicontext", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", required=True, help="folder of generated images (<task_type>__<key>_<k>.png)")
+    ap.add_argument("--data", "--prompts", dest="data", required=True,
+                    help="OmniContext manifest (jsonl/json) or a folder with metadata.jsonl")
+    ap.add_argument("--data-root", default=None, help="folder the input image paths are relative to")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--num-images", type=int, default=1, help="images per sample (official: 1)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    for k in TEMPLATES:
+        ap.add_argument(f"--template-{k.replace('_', '-')}", default=None,
+                        help=f"judge template file for {k} (default: built-in {TEMPLATES[k]})")
+    ap.add_argument("--label", default="ours", help="row name for this run in summary.md")
+    common.add_judge_args(ap)
+    return ap
+
+
+def templates_from_args(args) -> dict[str, JudgeTemplate]:
+    return {k: common.template_arg(getattr(args, f"template_{k}", None), v) for k, v in TEMPLATES.items()}
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    items = load_items(args.data, args.limit, args.data_root)
+    judge = common.judge_from_args(args, args.out)
+    doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
+                   templates=templates_from_args(args), label=args.label, progress=not args.no_progress,
+                   source={"data": str(args.data)})
+    s = doc["summary"]
+    print(f"{TITLE} overall (8 tasks) {common.fmt(s['overall_8'], 3)}, Echo-4o avg (MULTIPLE, SCENE) "
+          f"{common.fmt(s['echo4o_avg'], 3)}; images {s['n_images']}, missing {s['n_missing']}, judge failures "
+          f"{s['n_judge_failures']}; API calls {judge.stats['api_calls']}, cache hits {judge.stats['cache_hits']} "
+          f"-> {args.out}")
+    return doc
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.run_cli(main))

@@ -1,0 +1,302 @@
+"""The judge client against a local fake OpenAI server: parsing, retries, malformed answers, cache, secrets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+
+from echo4o_jax.eval import judge as J
+from fake_openai import FakeOpenAIServer, Reply, message_images, message_text, solid_png
+
+SECRET = "sk-test-7f3a9c1e5b2d4f60a8e1c3b5d7f9a1b3"
+CHAT = "/v1/chat/completions"
+VERDICT_TPL = J.load_template("geneval_pp")
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer(chat_handler=lambda r: '{"correct": 1, "reason": "all good"}') as s:
+        yield s
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+
+
+def make_judge(server, tmp_path=None, **kw):
+    opts = dict(base_url=server.base_url, cache_dir=(tmp_path / "cache") if tmp_path else None,
+                concurrency=4, max_retries=3, malformed_retries=2, timeout=5.0, backoff_base=0.001,
+                backoff_max=0.01)
+    opts.update(kw)
+    return J.Judge(**opts)
+
+
+def image(tmp_path, name="a.png", color=(1, 2, 3)):
+    p = tmp_path / name
+    p.write_bytes(solid_png(8, 8, color))
+    return p
+
+
+def request(img, prompt="a photo of a cat"):
+    return J.JudgeRequest(VERDICT_TPL, {"prompt": prompt, "checklist": "- exactly 1 cat"}, [img])
+
+
+# ------------------------------------------------------------------------------------------------
+# parsing
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,correct", [
+    ('{"correct": 1, "reason": "ok"}', 1),
+    ('Sure! Here is my verdict:\n```json\n{"correct": 0, "reason": "two cats"}\n```\nHope it helps.', 0),
+    ('The image {mostly} works. {"correct": true, "reason": "x"} trailing words', 1),
+    ('{"Correct": "0", "reasoning": "no"}', 0),
+    ('Answer -> {"correct": 1}', 1),
+])
+def test_verdict_parser_tolerates_prose(text, correct):
+    assert J.parse_verdict_json(text)["correct"] == correct
+
+
+@pytest.mark.parametrize("text", ["", "I think it is correct.", '{"correct": 2}', '{"correct": "maybe"}',
+                                  '{"reason": "no verdict"}', '{"correct": 1', "```json\n[1, 0]\n```"])
+def test_verdict_parser_rejects_malformed(text):
+    with pytest.raises(J.MalformedAnswer):
+        J.parse_verdict_json(text)
+
+
+def test_score_json_parser():
+    assert J.parse_score_json('Reasoning first. {"score": 7, "reasoning": "fine"}') == {"score": 7.0, "reason": "fine"}
+    assert J.parse_score_json('{"score": [8.5], "reasoning": "list"}')["score"] == 8.5
+    assert J.parse_score_json('{"score": "6/10"}')["score"] == 6.0
+    for bad in ('{"score": 11}', '{"score": -1}', '{"score": null}', '{"reasoning": "x"}', "score: 5"):
+        with pytest.raises(J.MalformedAnswer):
+            J.parse_score_json(bad)
+
+
+def test_dimension_scores_parser():
+    tpl = J.load_template("imagine_bench")
+    text = ("Here is my evaluation.\n\n**Fantasy Fulfillment**: 8 - the fur is blue.\n"
+            "Identity Preservation: 6/10 — face slightly off\n"
+            "- Aesthetic Quality: **9**\n  Sharp and well lit.\n")
+    got = J.parse_dimension_scores(text, tpl)
+    assert got["scores"] == {"FF": 8.0, "IP": 6.0, "AQ": 9.0}
+    assert got["reasons"]["FF"] == "the fur is blue."
+    assert got["reasons"]["AQ"] == "Sharp and well lit."
+    js = '{"Fantasy Fulfillment": 3, "Identity Preservation": {"score": 4, "reason": "r"}, "AQ": 5}'
+    assert J.parse_dimension_scores(js, tpl)["scores"] == {"FF": 3.0, "IP": 4.0, "AQ": 5.0}
+    for bad in ("Fantasy Fulfillment: 8\nIdentity Preservation: 6", "Fantasy Fulfillment: 12\n"
+                "Identity Preservation: 6\nAesthetic Quality: 1", "no scores at all"):
+        with pytest.raises(J.MalformedAnswer):
+            J.parse_dimension_scores(bad, tpl)
+
+
+# ------------------------------------------------------------------------------------------------
+# templates
+# ------------------------------------------------------------------------------------------------
+
+def test_builtin_templates_have_versions_and_placeholders():
+    for name, ph in [("geneval_pp", {"prompt", "checklist"}), ("imagine_bench", {"prompt", "note"}),
+                     ("omnicontext_pf", {"instruction", "n_inputs"}), ("omnicontext_sc", {"instruction", "n_inputs"}),
+                     ("omnicontext_pf_scene", {"instruction", "n_inputs"}),
+                     ("omnicontext_sc_scene", {"instruction", "n_inputs"})]:
+        t = J.load_template(name)
+        assert t.version.startswith(name + "/") and t.placeholders() == ph and t.system and t.user
+
+
+def test_user_template_file_and_errors(tmp_path):
+    p = tmp_path / "mine.txt"
+    p.write_text("# name: mine\n# version: 7\n# parser: verdict_json\n# max_tokens: 50\n"
+                 "[system]\nJudge {\"json\"} strictly.\n[user]\nPrompt={{prompt}} list={{ checklist }}\n")
+    t = J.load_template(p)
+    assert (t.ident, t.max_tokens) == ("mine@7", 50)
+    assert t.render({"prompt": "P", "checklist": "C", "unused": 1}) == ('Judge {"json"} strictly.', "Prompt=P list=C")
+    with pytest.raises(J.JudgeConfigError, match="checklist"):
+        t.render({"prompt": "P"})
+    p.write_text("# parser: verdict_json\n[user]\nx\n")
+    with pytest.raises(ValueError, match="version"):
+        J.load_template(p)
+    p.write_text("# version: 1\n# parser: nope\n[user]\nx\n")
+    with pytest.raises(ValueError, match="unknown parser"):
+        J.load_template(p)
+    with pytest.raises(FileNotFoundError):
+        J.load_template("no_such_template")
+
+
+# ------------------------------------------------------------------------------------------------
+# the client against the fake server
+# ------------------------------------------------------------------------------------------------
+
+def test_request_shape(server, key_env, tmp_path):
+    img = image(tmp_path)
+    res = make_judge(server).judge(request(img))
+    assert res.ok and res.parsed == {"correct": 1, "reason": "all good"} and res.calls == 1
+    (call,) = server.calls(CHAT)
+    body = call.json
+    assert body["model"] == "gpt-4.1" and body["temperature"] == 0 and body["max_tokens"] == VERDICT_TPL.max_tokens
+    assert body["messages"][0]["role"] == "system"
+    assert "Instruction: a photo of a cat" in message_text(call)
+    (url,) = message_images(call)
+    assert url.startswith("data:image/png;base64,") and base64.b64decode(url.split(",", 1)[1]) == img.read_bytes()
+    assert call.headers["authorization"] == f"Bearer {SECRET}"
+
+
+def test_retries_on_429_500_and_timeout(server, key_env, tmp_path):
+    img = image(tmp_path)
+    server.push(CHAT, Reply.status(429, retry_after_ms=1), Reply.status(500, retry_after_ms=1),
+                Reply.status(503), Reply.delay(2.0))
+    j = make_judge(server, timeout=0.3, max_retries=4)
+    t0 = time.time()
+    res = j.judge(request(img))
+    assert res.ok and res.parsed["correct"] == 1
+    assert res.calls == 5 and len(server.calls(CHAT)) == 5
+    assert j.stats["retries"] == 4 and time.time() - t0 < 3.0
+
+
+def test_retries_exhausted_is_a_judge_failure(server, key_env, tmp_path):
+    img = image(tmp_path)
+    server.push(CHAT, *[Reply.status(429, retry_after_ms=1)] * 4)
+    res = make_judge(server, max_retries=3).judge(request(img))
+    assert not res.ok and res.parsed is None and "429" in res.error and res.calls == 4
+    assert server.pending(CHAT) == 0
+
+
+def test_garbage_http_body_is_retried(server, key_env, tmp_path):
+    server.push(CHAT, Reply.raw(b"<html>proxy error</html>"))
+    res = make_judge(server).judge(request(image(tmp_path)))
+    assert res.ok and res.calls == 2
+
+
+def test_backoff_is_exponential_with_jitter():
+    j = J.Judge(backoff_base=1.0, backoff_max=5.0)
+    for attempt, hi in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 5.0), (9, 5.0)]:
+        ds = [j._backoff(attempt) for _ in range(50)]
+        assert all(hi * 0.5 <= d <= hi for d in ds) and len(set(ds)) > 1
+    assert j._backoff(3, {"retry-after-ms": "250"}) == 0.25
+    assert j._backoff(3, {"retry-after": "100"}) == 5.0  # capped
+
+
+def test_malformed_answers_retried_then_failure(server, key_env, tmp_path):
+    img = image(tmp_path)
+    server.push(CHAT, Reply.text("It looks right to me."), Reply.text('{"correct": 0, "reason": "wrong color"}'))
+    res = make_judge(server, cache_dir=tmp_path / "c").judge(request(img))
+    assert res.ok and res.parsed["correct"] == 0 and res.calls == 2
+
+    server.reset()
+    server.push(CHAT, *[Reply.text("I cannot decide.")] * 3)
+    j = make_judge(server, cache_dir=tmp_path / "c", malformed_retries=2)
+    res = j.judge(request(img, prompt="another prompt"))
+    assert not res.ok and res.calls == 3 and "malformed" in res.error and res.raw == "I cannot decide."
+    assert j.stats["failures"] == 1 and j.stats["malformed"] == 3
+    # a failure is not cached: the next run asks again
+    res2 = j.judge(request(img, prompt="another prompt"))
+    assert res2.ok and res2.calls == 1
+
+
+def test_cache_second_run_makes_no_call(server, key_env, tmp_path):
+    imgs = [image(tmp_path, f"{i}.png", (i, i, i)) for i in range(6)]
+    reqs = [request(p, prompt=f"prompt {i}") for i, p in enumerate(imgs)]
+    first = make_judge(server, tmp_path).judge_many(reqs)
+    assert all(r.ok and not r.cached for r in first) and len(server.calls(CHAT)) == 6
+    j2 = make_judge(server, tmp_path)
+    second = j2.judge_many(reqs)
+    assert len(server.calls(CHAT)) == 6 and j2.stats["api_calls"] == 0 and j2.stats["cache_hits"] == 6
+    assert [r.parsed for r in second] == [r.parsed for r in first] and all(r.cached for r in second)
+    # a cached run needs no key at all
+    # key = (image hash, prompt, model, template version): each change means a new call
+    imgs[0].write_bytes(solid_png(8, 8, (250, 0, 0)))
+    other_tpl = J.JudgeTemplate(**{**VERDICT_TPL.__dict__, "version": "geneval_pp/999"})
+    j3 = make_judge(server, tmp_path)
+    j3.judge_many([reqs[0], request(imgs[1], prompt="changed"), J.JudgeRequest(other_tpl, reqs[2].variables, reqs[2].images)])
+    assert j3.stats["api_calls"] == 3
+    make_judge(server, tmp_path, model="gpt-4.1-mini").judge(reqs[3])
+    assert len(server.calls(CHAT)) == 10
+    assert SECRET not in "".join(p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
+
+
+def test_cache_hit_needs_no_key(server, key_env, tmp_path, monkeypatch):
+    img = image(tmp_path)
+    make_judge(server, tmp_path).judge(request(img))
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert make_judge(server, tmp_path).judge(request(img)).cached
+    with pytest.raises(J.JudgeConfigError, match="OPENAI_API_KEY"):
+        make_judge(server, tmp_path).judge(request(img, prompt="not cached"))
+
+
+def test_api_key_env_and_no_key(server, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("MY_LOCAL_KEY", "local-123456")
+    img = image(tmp_path)
+    assert make_judge(server, api_key_env="MY_LOCAL_KEY").judge(request(img)).ok
+    assert server.calls(CHAT)[-1].headers["authorization"] == "Bearer local-123456"
+    assert make_judge(server, require_api_key=False).judge(request(img)).ok
+
+
+def test_fatal_errors_abort_and_are_redacted(server, key_env, tmp_path):
+    server.push(CHAT, Reply.status(401, message=f"Incorrect API key provided: {SECRET}."))
+    j = make_judge(server)
+    with pytest.raises(J.JudgeFatalError) as ei:
+        j.judge_many([request(image(tmp_path))])
+    assert SECRET not in str(ei.value) and "401" in str(ei.value)
+
+
+def test_client_error_is_item_failure_and_redacted(server, key_env, tmp_path):
+    server.push(CHAT, Reply.status(400, message=f"bad image (key {SECRET[:20]}...)"))
+    res = make_judge(server).judge(request(image(tmp_path)))
+    assert not res.ok and "400" in res.error and SECRET[:12] not in res.error and res.calls == 1
+
+
+def test_unreadable_image(server, key_env, tmp_path):
+    p = tmp_path / "broken.png"
+    p.write_bytes(b"not a png")
+    res = make_judge(server).judge(request(p))
+    assert not res.ok and res.image_error and "cannot read image" in res.error and not server.calls(CHAT)
+
+
+def test_large_image_is_downscaled(tmp_path):
+    from PIL import Image
+    import io
+
+    url = J.encode_image(solid_png(300, 200), max_pixels=100 * 100)
+    assert url.startswith("data:image/jpeg;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
+        assert im.size[0] * im.size[1] <= 100 * 100 and abs(im.size[0] / im.size[1] - 1.5) < 0.05
+
+
+def test_concurrency_and_order(server, key_env, tmp_path):
+    server.chat_handler = lambda r: json.dumps({"correct": int("odd" in message_text(r)), "reason": ""})
+    reqs = [request(image(tmp_path, f"{i}.png", (i, 0, 0)), prompt=("odd" if i % 2 else "even") + f" {i}")
+            for i in range(16)]
+    res = make_judge(server, concurrency=8).judge_many(reqs)
+    assert [r.parsed["correct"] for r in res] == [i % 2 for i in range(16)]
+
+
+def test_redact():
+    assert J.redact(f"x {SECRET} y", [SECRET]) == "x [REDACTED] y"
+    assert "sk-proj-abc" not in J.redact("key sk-proj-abcdef****wxyz here")
+    assert J.redact("Authorization: Bearer abc.def") == "Authorization: Bearer [REDACTED]"
+
+
+def test_fake_server_image_endpoints():
+    """The fake server also speaks /v1/images/generations and /v1/images/edits (b64_json)."""
+    import openai
+
+    with FakeOpenAIServer() as s:
+        c = openai.OpenAI(base_url=s.base_url, api_key="k", max_retries=0, timeout=5)
+        g = c.images.generate(model="gpt-image-1", prompt="a cat", size="32x16", n=2)
+        assert len(g.data) == 2
+        from PIL import Image
+        import io
+
+        with Image.open(io.BytesIO(base64.b64decode(g.data[0].b64_json))) as im:
+            assert im.size == (32, 16)
+        e = c.images.edit(model="gpt-image-1", prompt="make it blue",
+                          image=[("a.png", solid_png(), "image/png"), ("b.png", solid_png(), "image/png")])
+        assert len(e.data) == 1
+        (req,) = s.calls("/v1/images/edits")
+        assert req.form["prompt"] == "make it blue" and sum(len(v) for v in req.files.values()) == 2
+        s.push("/v1/images/generations", Reply.status(429, retry_after_ms=1))
+        with pytest.raises(openai.RateLimitError):
+            c.images.generate(model="gpt-image-1", prompt="x")
