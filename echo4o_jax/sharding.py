@@ -1,0 +1,114 @@
+"""One mesh (data, fsdp, tensor) and one table of logical-axis rules.
+
+Every parameter carries `logical_axes` metadata (see `model.layers.param`); `LOGICAL_RULES` maps
+each logical name to a mesh axis (or None = replicated). A dimension that the mesh axis does not
+divide is replicated instead (reported by `param_shardings(..., report=...)`). Batches are sharded
+over (data, fsdp) on their leading axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+__all__ = ["MESH_AXES", "LOGICAL_RULES", "make_mesh", "logical_to_spec", "state_shardings", "batch_sharding",
+           "replicated", "maybe_initialize_distributed"]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis. Keep this the one table (<= ~20 names).
+LOGICAL_RULES: dict[str, str | None] = {
+    "layers": None,       # scanned layer axis
+    "embed": "fsdp",      # LLM hidden (weights' input side)
+    "embed_out": "tensor",  # LLM hidden on the output side of square matmuls (connector, time MLP)
+    "q_heads": "tensor",  # num_heads * head_dim
+    "kv_heads": "tensor",  # num_kv_heads * head_dim
+    "head_dim": None,
+    "mlp": "tensor",      # intermediate size
+    "vocab": "tensor",
+    "vit_embed": "fsdp",
+    "vit_heads": "tensor",
+    "vit_mlp": "tensor",
+    "patch": None,
+}
+
+
+def maybe_initialize_distributed(force: bool = False) -> None:
+    """`jax.distributed.initialize()` on multi-host launches (TPU pod slices set their own env;
+    GPU clusters: JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or SLURM)."""
+    import os
+
+    multi = force or any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                                                     "MEGASCALE_COORDINATOR_ADDRESS"))
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one of the sizes may be -1 (= what is left)."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {n} devices")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {n} available")
+    arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, str | None] = LOGICAL_RULES, report: list | None = None, name: str = "") -> P:
+    if not axes:
+        return P()
+    out, used = [], set()
+    for dim, ax in zip(shape, axes):
+        m = rules.get(ax) if ax is not None else None
+        if ax is not None and ax not in rules:
+            raise KeyError(f"logical axis {ax!r} of {name} has no sharding rule")
+        if m is None or m in used or mesh.shape[m] == 1:
+            out.append(None)
+            continue
+        if dim % mesh.shape[m]:
+            if report is not None:
+                report.append(f"{name}: dim {dim} ({ax}) not divisible by {m}={mesh.shape[m]}: replicated")
+            out.append(None)
+            continue
+        out.append(m)
+        used.add(m)
+    return P(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, report: list | None = None) -> Any:
+    """NamedShardings for every variable of an NNX state (same tree structure, as a pure dict)."""
+    def one(path, var):
+        axes = var.get_metadata().get("logical_axes") if hasattr(var, "get_metadata") else None
+        shape = var.shape if hasattr(var, "shape") else np.shape(var[...])
+        return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, report=report, name="/".join(map(str, path))))
+
+    out: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = one(path, var)
+    return out
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

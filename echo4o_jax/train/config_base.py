@@ -1,0 +1,72 @@
+"""Defaults shared by every training config (configs/*.py start from `base_config()`).
+
+Sources of the defaults: the official BAGEL training code (`train/pretrain_unified_navit.py`,
+`data/dataset_base.py`) as summarised in ../shared/docs/bagel_architecture.md §4.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+__all__ = ["base_config", "tiny_geometry"]
+
+
+def tiny_geometry(vocab_size: int = 256) -> ConfigDict:
+    """A small random BAGEL for CPU runs and tests."""
+    return ConfigDict(dict(
+        llm=dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+        vit=dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=14, image_size=98),
+        vae=dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16, downsample=8),
+        special_tokens=dict(bos_token_id=vocab_size - 4, eos_token_id=vocab_size - 3,
+                            start_of_image=vocab_size - 2, end_of_image=vocab_size - 1),
+        max_latent_size=16,
+        vit_max_num_patch_per_side=7,
+    ))
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.workdir = ""
+    c.multihost = False
+    c.model = ConfigDict(dict(
+        init="random",            # random | checkpoint
+        ckpt="",                  # official BAGEL folder, converted Orbax folder or training workdir
+        geometry=tiny_geometry(),  # used when init == random
+        compute_dtype="float32",  # bfloat16 on accelerators (fp32 master weights stay in param_dtype)
+        param_dtype="float32",
+        remat="none",             # none | full | dots | dots_no_batch
+        attention_impl="xla_blockwise",
+        attention_block_q=512,
+        attention_block_kv=512,
+        timestep_shift=1.0,       # official training default (BagelConfig.timestep_shift)
+    ))
+    c.data = ConfigDict(dict(
+        kind="synthetic",         # synthetic | records
+        seed=0,
+        packs_per_step=1,         # global packed sequences per step (one per data-parallel device is typical)
+        tokenizer="",
+        budget=dict(text_tokens=128, vit_tokens=64, vae_tokens=64, vae_images=4, vae_image_size=(32, 32)),
+        synthetic=dict(image_size=(32, 32), text_len=8, t2i=1, edit=1, und=1),
+        # records source (echo4o_jax.data): paths / weights / transforms / dropout
+        records=dict(datasets=[], demo_dir="", workers=0),
+        text_dropout=0.1,         # ModelArguments values (override DataConfig defaults 0.1 / 0.4 / 0.1)
+        vit_dropout=0.3,
+        vae_dropout=0.3,
+    ))
+    c.optim = ConfigDict(dict(
+        lr=1e-4, b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, warmup_steps=2000, schedule="constant",
+        min_lr=1e-7, grad_clip=1.0,
+    ))
+    c.train = ConfigDict(dict(
+        steps=500_000, seed=4396, ema_decay=0.9999, ce_weight=1.0, mse_weight=1.0,
+        freeze_und=False, freeze_vit=False, skip_nonfinite=False,
+        debug_step_delay=0.0,     # seconds slept after each step (tests of kill / resume only)
+    ))
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
+    c.log = ConfigDict(dict(
+        every=10, tensorboard=True, sample_every=0, sample_prompts=[], sample_size=(32, 32), sample_steps=10,
+        sample_cfg=4.0, sample_max_context=256, peak_flops=0.0,
+    ))
+    return c

@@ -1,0 +1,98 @@
+"""The sharded train step: VAE encoding (frozen) inside the step, flow-matching + CE loss normalised by
+global token counts, AdamW with clipping, EMA, and a guard that never applies a non-finite update."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ..model.bagel import latent_tokens_from_latents, packed_loss
+from .optim import ema_update
+
+__all__ = ["encode_batch_latents", "make_loss_and_grads", "make_train_step", "trainable_mask", "init_train_state"]
+
+
+def encode_batch_latents(vae, batch, patch: int) -> jax.Array:
+    """Clean latent tokens x0 [B, Cg, p*p*z] of a stacked batch: the padded VAE canvases of every pack
+    are encoded together, then each token is gathered from its image's latent grid."""
+    imgs = batch["vae_images"]
+    B, N, H, W, C = imgs.shape
+    if N == 0:
+        return jnp.zeros(batch["latent_pos_ids"].shape + (patch * patch * vae.cfg.z_channels,), jnp.float32)
+    lat = vae.encode(imgs.reshape(B * N, H, W, C).astype(vae.dtype)).astype(jnp.float32)
+    lat = lat.reshape(B, N, *lat.shape[1:])
+    gather = jax.vmap(lambda l, i, hw: latent_tokens_from_latents(l, i, hw, patch))
+    return jax.lax.stop_gradient(gather(lat, batch["vae_image_index"], batch["vae_token_hw"]))
+
+
+def trainable_mask(params: dict, *, freeze_und: bool, freeze_vit: bool) -> dict:
+    """Bool tree over the Param pure dict: False = frozen (zero update)."""
+    frozen_tops = set()
+    if freeze_vit or freeze_und:
+        frozen_tops |= {"vit", "connector_fc1", "connector_fc2"}
+
+    def mark(path, _):
+        keys = [getattr(k, "key", k) for k in path]
+        if keys[0] in frozen_tops:
+            return False
+        if freeze_und and keys[0] == "llm" and keys[1] in ("und", "embed", "lm_head", "norm"):
+            return False
+        return True
+
+    return jax.tree_util.tree_map_with_path(mark, params)
+
+
+def init_train_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+    return dict(params=params, ema=jax.tree.map(lambda x: x.astype(jnp.float32), params), opt_state=tx.init(params),
+                step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
+
+
+def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weight: float, mse_weight: float) -> Callable:
+    """f(params, vae_state, batch, noise | None, rng) -> ((loss, aux), grads). The VAE (frozen) encodes the
+    batch's images; noise is drawn from `rng` unless given ([B, Cg, p*p*z])."""
+
+    def loss_of(params, batch, noise, x0):
+        model = nnx.merge(graphdef, params, buffers)
+        return packed_loss(model, batch, noise, x0, ce_weight=ce_weight, mse_weight=mse_weight)
+
+    def f(params, vae_state, batch, noise, rng):
+        vae = nnx.merge(vae_graphdef, vae_state)
+        x0 = encode_batch_latents(vae, batch, patch)
+        if noise is None:
+            noise = jax.random.normal(rng, x0.shape, jnp.float32)
+        return jax.value_and_grad(loss_of, has_aux=True)(params, batch, noise, x0)
+
+    return f
+
+
+def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransformation, schedule: Callable,
+                    *, patch: int, ce_weight: float, mse_weight: float, ema_decay: float) -> Callable:
+    """step(state, vae_state, batch) -> (state, metrics). `state` = dict(params, ema, opt_state, step, rng).
+    A non-finite loss or gradient norm leaves params / EMA / optimizer state untouched (metrics['ok'] = 0)."""
+    loss_and_grads = make_loss_and_grads(graphdef, buffers, vae_graphdef, patch=patch, ce_weight=ce_weight,
+                                         mse_weight=mse_weight)
+
+    def step(state: dict, vae_state, batch: dict[str, jax.Array]):
+        rng, k_noise = jax.random.split(state["rng"])
+        (loss, aux), grads = loss_and_grads(state["params"], vae_state, batch, None, k_noise)
+        gnorm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+
+        def apply(_):
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = optax.apply_updates(state["params"], updates)
+            return dict(params=params, ema=ema_update(state["ema"], params, ema_decay), opt_state=opt_state,
+                        step=state["step"] + 1, rng=rng)
+
+        def keep(_):
+            return dict(state, step=state["step"] + 1, rng=rng)
+
+        new = jax.lax.cond(ok, apply, keep, None)
+        metrics = dict(loss=loss, grad_norm=gnorm, ok=ok, lr=jnp.asarray(schedule(state["step"]), jnp.float32), **aux)
+        return new, metrics
+
+    return step

@@ -1,0 +1,465 @@
+"""The training loop: mesh, model init (random or from a checkpoint), sharded jit step with donation,
+Orbax checkpoints (async, keep K, exact resume), logging (progress bar, TensorBoard, JSONL), sample
+grids, failure handling (non-finite loss, SIGTERM / SIGINT)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from .. import sharding as shd
+from ..config import BagelConfig, LLMConfig, SpecialTokens, VAEConfig, ViTConfig
+from ..model.bagel import Bagel
+from ..model.vae import AutoEncoder
+from . import flops as flops_lib
+from .data_sources import make_source
+from .optim import lr_schedule, make_optimizer
+from .step import init_train_state, make_train_step, trainable_mask
+
+__all__ = ["ConfigValueError", "NonFiniteLossError", "Trainer", "model_config_from", "validate_config"]
+
+
+class ConfigValueError(ValueError):
+    """A config value is invalid (raised before anything is compiled)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became non-finite; the update was not applied."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def model_config_from(config) -> BagelConfig:
+    m = config.model
+    exec_kw = dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat=m.remat,
+                   attention_impl=m.attention_impl, attention_block_q=int(m.attention_block_q),
+                   attention_block_kv=int(m.attention_block_kv), timestep_shift=float(m.timestep_shift))
+    if m.init == "checkpoint":
+        if not m.ckpt:
+            raise ConfigValueError("model.init='checkpoint' needs model.ckpt (an official or converted checkpoint folder)")
+        src = _config_dir(m.ckpt)
+        return BagelConfig.from_checkpoint_dir(src, **exec_kw)
+    g = m.geometry
+    llm = LLMConfig(**{k: g.llm[k] for k in g.llm})
+    vit = ViTConfig(**{k: g.vit[k] for k in g.vit})
+    vae_kw = {k: g.vae[k] for k in g.vae}
+    vae_kw["ch_mult"] = tuple(vae_kw.get("ch_mult", (1, 2, 4, 4)))
+    vae = VAEConfig(**vae_kw)
+    tok = SpecialTokens(**{k: int(g.special_tokens[k]) for k in g.special_tokens})
+    return BagelConfig(llm=llm, vit=vit, vae=vae, special_tokens=tok, max_latent_size=int(g.max_latent_size),
+                       vit_max_num_patch_per_side=int(g.vit_max_num_patch_per_side), **exec_kw)
+
+
+def _config_dir(ckpt: str) -> str:
+    p = pathlib.Path(ckpt)
+    return str(p / "model_config") if (p / "model_config" / "llm_config.json").exists() else str(p)
+
+
+def validate_config(config) -> None:
+    """Reject bad values with a clear message before compiling anything."""
+    def need(cond, msg):
+        if not cond:
+            raise ConfigValueError(msg)
+
+    t, o, d, m = config.train, config.optim, config.data, config.model
+    need(int(t.steps) > 0, f"train.steps={t.steps} must be > 0")
+    need(0.0 <= float(t.ema_decay) < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    need(float(t.ce_weight) >= 0 and float(t.mse_weight) >= 0, "train.ce_weight / mse_weight must be >= 0")
+    need(float(o.lr) > 0, f"optim.lr={o.lr} must be > 0")
+    need(int(o.warmup_steps) >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    need(o.schedule in ("constant", "cosine"), f"optim.schedule={o.schedule!r}: expected constant|cosine")
+    need(0 <= float(o.b1) < 1 and 0 <= float(o.b2) < 1, "optim.b1 / b2 must be in [0, 1)")
+    need(float(o.grad_clip) >= 0, "optim.grad_clip must be >= 0 (0 = off)")
+    need(m.init in ("random", "checkpoint"), f"model.init={m.init!r}: expected random|checkpoint")
+    need(m.compute_dtype in ("float32", "bfloat16"), f"model.compute_dtype={m.compute_dtype!r}")
+    need(m.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={m.param_dtype!r}")
+    need(int(d.packs_per_step) > 0, f"data.packs_per_step={d.packs_per_step} must be > 0")
+    b = d.budget
+    need(min(int(b.text_tokens), int(b.vae_tokens)) > 0, "data.budget.text_tokens and vae_tokens must be > 0")
+    need(int(config.checkpoint.every) > 0 and int(config.checkpoint.keep) > 0,
+         "checkpoint.every and checkpoint.keep must be > 0")
+    need(int(config.log.every) > 0, "log.every must be > 0")
+    for k in ("data", "fsdp", "tensor"):
+        v = int(config.mesh[k])
+        need(v == -1 or v > 0, f"mesh.{k}={v} must be > 0 or -1")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _nest(flat: dict[tuple, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+def _flat(tree: dict, prefix=()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _merge_trees(a: dict, b: dict) -> dict:
+    return _nest({**_flat(a), **_flat(b)})
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+@dataclasses.dataclass
+class _Timer:
+    t: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return dt
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, config, workdir: str | os.PathLike):
+        validate_config(config)
+        self.config = config
+        self.workdir = pathlib.Path(workdir)
+        shd.maybe_initialize_distributed(bool(config.get("multihost", False)))
+        self.is_main = jax.process_index() == 0
+        self.mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        P = int(config.data.packs_per_step)
+        if P % dp:
+            raise ConfigValueError(f"data.packs_per_step={P} must be a multiple of data x fsdp = {dp}")
+        if P % jax.process_count():
+            raise ConfigValueError(f"data.packs_per_step={P} must be a multiple of the process count {jax.process_count()}")
+        self.local_packs = P // jax.process_count()
+        self.cfg = model_config_from(config)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._build()
+
+    # ------------------------------------------------------------------ setup
+    def _build(self):
+        c, cfg, mesh = self.config, self.cfg, self.mesh
+        abstract = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, abs_params, abs_buffers = nnx.split(abstract, nnx.Param, ...)
+        report: list[str] = []
+        self.param_sh = shd.state_shardings(abs_params, mesh, report)
+        self.buffer_sh = shd.state_shardings(abs_buffers, mesh, report)
+        self.sharding_report = report
+        abs_vae = nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)))
+        self.vae_graphdef, abs_vae_state = nnx.split(abs_vae)
+        self.vae_sh = shd.state_shardings(abs_vae_state, mesh)
+
+        params, buffers, vae_state = self._init_weights()
+        self.buffers = buffers
+        self.vae_state = vae_state
+
+        o, t = c.optim, c.train
+        self.schedule = lr_schedule(float(o.lr), int(o.warmup_steps), int(t.steps), o.schedule, float(o.min_lr))
+        mask = trainable_mask(params, freeze_und=bool(t.freeze_und), freeze_vit=bool(t.freeze_vit))
+        any_frozen = not all(jax.tree.leaves(mask))
+        self.tx = make_optimizer(self.schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
+                                 weight_decay=float(o.weight_decay), grad_clip=float(o.grad_clip),
+                                 trainable_mask=mask if any_frozen else None)
+        state_sh = dict(params=self.param_sh, ema=self.param_sh, opt_state=None, step=shd.replicated(mesh),
+                        rng=shd.replicated(mesh))
+        abs_opt = jax.eval_shape(self.tx.init, params)
+        state_sh["opt_state"] = self._opt_shardings(abs_opt)
+        self.state_sh = state_sh
+        self.state = jax.jit(lambda p: init_train_state(p, self.tx, int(t.seed)), out_shardings=state_sh)(params)
+        step_fn = make_train_step(self.graphdef, self.buffers, self.vae_graphdef, self.tx, self.schedule,
+                                  patch=cfg.latent_patch_size, ce_weight=float(t.ce_weight),
+                                  mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay))
+        self._step_fn = step_fn
+        self.source = make_source(c, cfg, process_index=jax.process_index(), process_count=jax.process_count(),
+                                  local_packs=self.local_packs)
+        self.ckpt = ocp.CheckpointManager(
+            (self.workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=int(c.checkpoint.keep), create=True,
+                                                 enable_async_checkpointing=bool(c.checkpoint.async_save)))
+        self._write_model_config()
+
+    def _opt_shardings(self, abs_opt):
+        """Optimizer moments follow the params' shardings; scalars are replicated."""
+        flat_p = {tuple(getattr(k, "key", k) for k in path): s for path, s in
+                  jax.tree_util.tree_flatten_with_path(self.param_sh)[0]}
+        def one(path, leaf):
+            keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+            for n in range(len(keys)):
+                if keys[n:] in flat_p and flat_p[keys[n:]] is not None:
+                    return flat_p[keys[n:]]
+            return shd.replicated(self.mesh)
+        return jax.tree_util.tree_map_with_path(one, abs_opt)
+
+    def _init_weights(self):
+        c, cfg, mesh = self.config, self.cfg, self.mesh
+        pdt = jnp.dtype(cfg.param_dtype)
+        if c.model.init == "random":
+            seed = int(c.train.seed)
+
+            def init():
+                m = Bagel(cfg, rngs=nnx.Rngs(seed))
+                _, p, b = nnx.split(m, nnx.Param, ...)
+                vae = AutoEncoder(cfg.vae, rngs=nnx.Rngs(seed + 1))
+                return nnx.to_pure_dict(p), nnx.to_pure_dict(b), nnx.to_pure_dict(nnx.state(vae))
+
+            params, buffers, vae = jax.jit(init, out_shardings=(self.param_sh, self.buffer_sh, self.vae_sh))()
+        else:
+            model, vae_mod = _load_checkpoint(c.model.ckpt, cfg)
+            _, p, b = nnx.split(model, nnx.Param, ...)
+            params = jax.device_put(jax.tree.map(lambda x: x.astype(pdt), nnx.to_pure_dict(p)), self.param_sh)
+            buffers = jax.device_put(nnx.to_pure_dict(b), self.buffer_sh)
+            vae = jax.device_put(nnx.to_pure_dict(nnx.state(vae_mod)), self.vae_sh)
+        return params, buffers, vae
+
+    def _write_model_config(self):
+        if not self.is_main:
+            return
+        d = self.workdir / "model_config"
+        d.mkdir(exist_ok=True)
+        (d / "llm_config.json").write_text(json.dumps(self.cfg.llm.to_hf(), indent=1))
+        (d / "vit_config.json").write_text(json.dumps(self.cfg.vit.to_hf(), indent=1))
+        (d / "meta.json").write_text(json.dumps(self.cfg.meta_dict(), indent=1))
+        (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
+        vae_dir = (self.workdir / "vae").absolute()
+        if not vae_dir.exists():
+            ck = ocp.StandardCheckpointer()
+            ck.save(vae_dir, self.vae_state)
+            ck.wait_until_finished()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, force: bool = False):
+        step = int(self.state["step"])
+        meta = dict(step=step, rng=np.asarray(jax.device_get(self.state["rng"])).tolist(),
+                    data_state=self.source.get_state(), time=time.time())
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(_merge_trees(self.state["params"], self.buffers)),
+            ema=ocp.args.StandardSave(_merge_trees(self.state["ema"], self.buffers)),
+            opt_state=ocp.args.StandardSave(self.state["opt_state"]),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.ckpt.save(step, args=args, force=force)
+
+    def restore(self, step: int | None = None) -> bool:
+        step = self.ckpt.latest_step() if step is None else step
+        if step is None:
+            return False
+        full_sh = _merge_trees(self.param_sh, self.buffer_sh)
+        full_abs = _abstract(_merge_trees(self.state["params"], self.buffers), full_sh)
+        opt_abs = _abstract(self.state["opt_state"], self.state_sh["opt_state"])
+        r = self.ckpt.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(full_abs), ema=ocp.args.StandardRestore(full_abs),
+            opt_state=ocp.args.StandardRestore(opt_abs), meta=ocp.args.JsonRestore()))
+        pkeys = set(_flat(self.state["params"]))
+        only = lambda tree: _nest({k: v for k, v in _flat(tree).items() if k in pkeys})
+        meta = r["meta"]
+        self.state = dict(params=only(r["params"]), ema=only(r["ema"]), opt_state=r["opt_state"],
+                          step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), shd.replicated(self.mesh)),
+                          rng=jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), shd.replicated(self.mesh)))
+        self.source.set_state(meta["data_state"])
+        return True
+
+    # ------------------------------------------------------------------ step
+    def _device_batch(self, batch) -> dict[str, jax.Array]:
+        from ..packing import batch_arrays
+
+        arrays = batch_arrays(batch)
+        return {k: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, max(v.ndim, 1)), v)
+                for k, v in arrays.items() if v.ndim >= 1}
+
+    def compile(self, batch) -> float:
+        t0 = time.perf_counter()
+        dev = self._device_batch(batch)
+        batch_sh = {k: v.sharding for k, v in dev.items()}
+        jitted = jax.jit(self._step_fn, in_shardings=(self.state_sh, self.vae_sh, batch_sh),
+                         out_shardings=(self.state_sh, shd.replicated(self.mesh)), donate_argnums=(0,))
+        self._compiled = jitted.lower(self.state, self.vae_state, dev).compile()
+        return time.perf_counter() - t0
+
+    def train_step(self, batch) -> dict[str, float]:
+        dev = self._device_batch(batch)
+        self.state, metrics = self._compiled(self.state, self.vae_state, dev)
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    # ------------------------------------------------------------------ sampling
+    def sample_grid(self, step: int) -> np.ndarray | None:
+        prompts = list(self.config.log.sample_prompts)
+        if not prompts:
+            return None
+        from ..inference import Inferencer
+        from ..image_transform import ImageTransform
+
+        model = nnx.merge(self.graphdef, self.state["ema"], self.buffers)
+        vae = nnx.merge(self.vae_graphdef, self.vae_state)
+        inf = Inferencer(model, vae, max_context=int(self.config.log.sample_max_context))
+        H, W = (int(x) for x in self.config.log.sample_size)
+        tok = self._tokenizer()
+        imgs = []
+        for i, p in enumerate(prompts):
+            ids = [int(x) for x in p] if not isinstance(p, str) else tok(p)
+            out = inf.interleave_inference([ids], image_shapes=(H, W), rng=jax.random.key(i),
+                                           num_timesteps=int(self.config.log.sample_steps),
+                                           cfg_text_scale=float(self.config.log.sample_cfg), cfg_img_scale=1.0,
+                                           cfg_interval=(0.0, 1.0), timestep_shift=3.0)
+            imgs.append(out["image"])
+        return np.concatenate(imgs, axis=1)
+
+    def _tokenizer(self):
+        path = self.config.data.get("tokenizer", "")
+        if not path:
+            raise ConfigValueError("log.sample_prompts holds text but data.tokenizer is not set")
+        from tokenizers import Tokenizer
+
+        t = Tokenizer.from_file(str(path))
+        return lambda s: t.encode(s, add_special_tokens=False).ids
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict[str, Any]:
+        from PIL import Image
+        from tqdm import tqdm
+
+        c = self.config
+        total = int(c.train.steps)
+        resumed = self.restore()
+        start = int(self.state["step"])
+        logger = _Logger(self.workdir, self.is_main, bool(c.log.tensorboard))
+        if self.is_main:
+            for line in self.sharding_report:
+                print(f"[sharding] {line}")
+        stop = {"flag": False}
+
+        def handler(signum, frame):
+            stop["flag"] = True
+            print(f"\n[train] signal {signum}: finishing the current step, saving, exiting", flush=True)
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        history = []
+        try:
+            if start >= total:
+                return dict(step=start, history=history, resumed=resumed)
+            batch = next(self.source)
+            compile_s = self.compile(batch)
+            logger.log(start, dict(compile_seconds=compile_s))
+            n_dev = self.mesh.size
+            peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(c.log.get("peak_flops", 0.0)))
+            bar = tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True)
+            timer = _Timer()
+            step = start
+            while step < total:
+                if step > start:
+                    batch = next(self.source)
+                m = self.train_step(batch)
+                if float(c.train.debug_step_delay):  # tests: widen the window for an external kill
+                    time.sleep(float(c.train.debug_step_delay))
+                dt = timer.lap()
+                step += 1
+                tokens = int(np.sum(batch.num_tokens)) * jax.process_count()
+                m.update(step=step, step_seconds=dt, tokens=tokens, tokens_per_second=tokens / dt)
+                lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
+                if peak:
+                    fl = sum(flops_lib.step_flops(self.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens))
+                    m["mfu"] = fl * jax.process_count() / (dt * n_dev * peak)
+                history.append(m)
+                if not m["ok"]:
+                    msg = (f"non-finite loss at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
+                           "the update was not applied")
+                    if not c.train.skip_nonfinite:
+                        self.ckpt.wait_until_finished()
+                        last = self.ckpt.latest_step()
+                        raise NonFiniteLossError(f"{msg}; last good checkpoint: "
+                                                 f"{'step ' + str(last) if last is not None else 'none'} in "
+                                                 f"{self.workdir / 'checkpoints'}. Set train.skip_nonfinite=True to skip such steps.")
+                    print(f"[train] {msg}; skipped (train.skip_nonfinite)", flush=True)
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
+                if step % int(c.log.every) == 0 or step == total:
+                    logger.log(step, {k: v for k, v in m.items() if k != "step"})
+                if int(c.log.sample_every) and (step % int(c.log.sample_every) == 0 or step == total):
+                    grid = self.sample_grid(step)
+                    if grid is not None and self.is_main:
+                        d = self.workdir / "samples"
+                        d.mkdir(exist_ok=True)
+                        Image.fromarray(grid).save(d / f"step_{step:07d}.png")
+                        logger.image(step, "samples", grid)
+                if step % int(c.checkpoint.every) == 0 or step == total or stop["flag"]:
+                    self.save(force=True)
+                if stop["flag"]:
+                    break
+            bar.close()
+            self.ckpt.wait_until_finished()
+            return dict(step=step, history=history, resumed=resumed, stopped=stop["flag"])
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            logger.close()
+            self.ckpt.wait_until_finished()
+
+
+def _load_checkpoint(path: str, cfg: BagelConfig):
+    """An official PyTorch folder or a converted / trained Orbax checkpoint -> (Bagel, AutoEncoder)."""
+    try:
+        from ..checkpoint import load_any_bagel, load_any_vae  # converted / trained Orbax folders
+
+        return load_any_bagel(path, cfg=cfg), load_any_vae(path, cfg=cfg)
+    except ImportError:
+        from ..model.loading import load_bagel, load_vae
+
+        return load_bagel(path, cfg), load_vae(path, cfg)
+
+
+class _Logger:
+    """JSONL log + TensorBoard event files (process 0 only)."""
+
+    def __init__(self, workdir: pathlib.Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.f = open(workdir / "log.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, Any]):
+        if not self.enabled:
+            return
+        rec = {"step": step, **{k: (v if not isinstance(v, (np.floating, np.integer)) else v.item()) for k, v in values.items()}}
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    self.tb.add_scalar(k, float(v), step)
+
+    def image(self, step: int, tag: str, img: np.ndarray):
+        if self.tb is not None:
+            self.tb.add_image(tag, np.transpose(img, (2, 0, 1)), step)
+
+    def close(self):
+        if self.f:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()

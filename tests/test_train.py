@@ -1,0 +1,221 @@
+"""Training: golden gradients through the trainer's step code, sharded == single-device, exact resume
+after a hard kill, SIGTERM, non-finite handling, config validation, EMA and LR schedule."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import load_npz
+from echo4o_jax import packing
+from echo4o_jax.config import BagelConfig
+from echo4o_jax.model.bagel import bagel_key_rules
+from echo4o_jax.model.loading import export_official, load_bagel, load_vae
+from echo4o_jax.safetensors_io import SafetensorsFile
+from echo4o_jax.train.optim import ema_update, lr_schedule
+from echo4o_jax.train.step import make_loss_and_grads
+from echo4o_jax.train.trainer import ConfigValueError, NonFiniteLossError, Trainer, validate_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+# ------------------------------------------------------------------------------------------ golden grads
+
+
+def test_train_step_gradients_equal_golden(golden_dir):
+    from test_golden import golden_samples
+
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir)
+    d = load_npz(golden_dir / "train_step.npz")
+    samples = golden_samples(d)
+    raw = d["packed_timesteps_raw"]
+    it = iter([v for i, v in enumerate(raw) if np.isfinite(v) and (i == 0 or raw[i - 1] != v)])
+    batch = packing.pack_samples(samples, cfg, packing.budget_for(samples, cfg, slack=4),
+                                 rng=np.random.default_rng(0), timestep_fn=lambda: next(it))
+    arrays = {k: jnp.asarray(v)[None] for k, v in packing.batch_arrays(batch).items()}
+    model, vae = load_bagel(golden_dir, cfg), load_vae(golden_dir, cfg)
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    vae_gd, vae_state = nnx.split(vae)
+    noise = np.zeros((1, batch.vae_capacity, cfg.patch_latent_dim), np.float32)
+    noise[0, : len(d["noise"])] = d["noise"]
+    f = make_loss_and_grads(graphdef, nnx.to_pure_dict(buffers), vae_gd, patch=cfg.latent_patch_size,
+                            ce_weight=float(d["ce_weight"]), mse_weight=float(d["mse_weight"]))
+    (loss, _), grads = jax.jit(f)(nnx.to_pure_dict(params), vae_state, arrays, jnp.asarray(noise), None)
+    assert abs(float(loss) - float(d["loss"])) <= 1e-4 * max(1.0, abs(float(d["loss"])))
+    got = dict(export_official(nnx.merge(graphdef, grads, buffers), bagel_key_rules(cfg)))
+    want = SafetensorsFile(golden_dir / "train_grads.safetensors")
+    for k in want.keys():
+        w = want.get(k)
+        assert np.max(np.abs(got[k] - w)) <= 1e-4 + 1e-3 * np.max(np.abs(w)), k
+
+
+# ------------------------------------------------------------------------------------------ units
+
+
+def test_lr_schedule_warmup_then_constant_and_cosine():
+    s = lr_schedule(1e-3, 4, 100, "constant")
+    assert [float(s(i)) for i in range(6)] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    c = lr_schedule(1e-3, 0, 10, "cosine", min_lr=1e-5)
+    assert float(c(0)) == pytest.approx(1e-3)
+    assert float(c(10)) == pytest.approx(1e-5)
+    assert float(c(5)) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5, rel=1e-5)
+
+
+def test_ema_update():
+    e = {"a": jnp.asarray([1.0, 2.0])}
+    p = {"a": jnp.asarray([3.0, 6.0])}
+    out = ema_update(e, p, 0.75)
+    np.testing.assert_allclose(np.asarray(out["a"]), [0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 6])
+
+
+def test_bad_config_values_rejected_before_compiling():
+    c = load_config("synthetic_tiny")
+    c.optim.lr = 0.0
+    with pytest.raises(ConfigValueError, match="optim.lr"):
+        validate_config(c)
+    c = load_config("synthetic_tiny")
+    c.data.packs_per_step = 0
+    with pytest.raises(ConfigValueError, match="packs_per_step"):
+        validate_config(c)
+    c = load_config("synthetic_tiny")
+    c.model.init = "checkpoint"
+    with pytest.raises(ConfigValueError, match="model.ckpt"):
+        Trainer(c, "/nonexistent-workdir-not-created")
+    assert not os.path.exists("/nonexistent-workdir-not-created")
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    c = load_config("synthetic_tiny")
+    c.optim.lr = 1e30
+    c.optim.warmup_steps = 0
+    c.train.steps = 6
+    c.checkpoint.every = 1
+    c.checkpoint.async_save = False
+    c.log.tensorboard = False
+    tr = Trainer(c, tmp_path)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step") as e:
+        tr.run()
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert f"last good checkpoint: step {steps[-1]}" in str(e.value)
+    # every saved checkpoint holds finite weights
+    tr2 = Trainer(c, tmp_path)
+    assert tr2.restore(steps[-1])
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tr2.state["params"]))
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _train_cmd(workdir, *overrides):
+    return [sys.executable, "-m", "echo4o_jax.train", "--config", str(ROOT / "configs" / "synthetic_tiny.py"),
+            "--workdir", str(workdir), "--config.log.tensorboard=False", *overrides]
+
+
+def _losses(workdir) -> dict[int, float]:
+    out = {}
+    for line in (pathlib.Path(workdir) / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]  # the last record of a step wins (a resumed run re-logs it)
+    return out
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
+    common = ["--config.train.steps=8", "--config.checkpoint.every=2"]
+    subprocess.run(_train_cmd(tmp_path / "a", *common), check=True, cwd=ROOT, capture_output=True)
+    ref = _losses(tmp_path / "a")
+    assert sorted(ref) == list(range(1, 9))
+
+    wd = tmp_path / "b"
+    p = subprocess.Popen(_train_cmd(wd, *common, "--config.train.debug_step_delay=0.4"), cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (wd / "checkpoints" / "4").exists():
+        assert p.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = max(_losses(wd))
+    assert killed_at < 8
+    subprocess.run(_train_cmd(wd, *common), check=True, cwd=ROOT, capture_output=True)
+    got = _losses(wd)
+    assert sorted(got) == list(range(1, 9))
+    for s in range(1, 9):
+        assert got[s] == pytest.approx(ref[s], abs=1e-6), s
+
+    # SIGTERM: finish the step, save, exit 0; a resumed run ends at the same place
+    wd = tmp_path / "c"
+    p = subprocess.Popen(_train_cmd(wd, *common, "--config.train.debug_step_delay=0.4"), cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (wd / "log.jsonl").exists() or len(_losses(wd)) < 3:
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 0
+    saved = sorted(int(x.name) for x in (wd / "checkpoints").iterdir() if x.name.isdigit())
+    assert saved[-1] == max(_losses(wd)) < 8
+    subprocess.run(_train_cmd(wd, *common), check=True, cwd=ROOT, capture_output=True)
+    assert _losses(wd)[8] == pytest.approx(ref[8], abs=1e-6)
+
+
+_MESH_SCRIPT = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_train import load_config
+from echo4o_jax.train.trainer import Trainer
+from echo4o_jax.train.step import make_loss_and_grads
+
+c = load_config("synthetic_tiny")
+c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+c.data.packs_per_step = 4
+c.log.tensorboard = False
+tr = Trainer(c, sys.argv[2])
+assert tr.mesh.size == 8, tr.mesh
+batch = next(tr.source)
+f = make_loss_and_grads(tr.graphdef, tr.buffers, tr.vae_graphdef, patch=tr.cfg.latent_patch_size,
+                        ce_weight=1.0, mse_weight=1.0)
+dev = tr._device_batch(batch)
+key = jax.random.PRNGKey(3)
+(loss_s, _), g_s = jax.jit(f)(tr.state["params"], tr.vae_state, dev, None, key)
+sharded_leaf = [x for x in jax.tree.leaves(tr.state["params"]) if len(x.sharding.device_set) > 1]
+one = jax.devices()[0]
+put = lambda t: jax.device_put(jax.device_get(t), one)
+(loss_1, _), g_1 = jax.jit(f)(put(tr.state["params"]), put(tr.vae_state), put(dev), None, key)
+err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_1)))
+scale = max(float(np.max(np.abs(np.asarray(b)))) for b in jax.tree.leaves(g_1))
+print(json.dumps(dict(loss_s=float(loss_s), loss_1=float(loss_1), grad_err=err, grad_scale=scale,
+                      n_sharded=len(sharded_leaf))))
+"""
+
+
+@pytest.mark.slow
+def test_mesh_2x2x2_equals_single_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, str(ROOT / "tests"), str(tmp_path / "wd")],
+                       env=env, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["n_sharded"] > 0  # parameters really are distributed over the mesh
+    assert out["loss_s"] == pytest.approx(out["loss_1"], rel=1e-5)
+    assert out["grad_err"] <= 1e-5 * max(1.0, out["grad_scale"])
