@@ -87,7 +87,8 @@ def validate_config(config) -> None:
     need(m.init in ("random", "checkpoint"), f"model.init={m.init!r}: expected random|checkpoint")
     need(m.compute_dtype in ("float32", "bfloat16"), f"model.compute_dtype={m.compute_dtype!r}")
     need(m.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={m.param_dtype!r}")
-    need(int(d.packs_per_step) > 0, f"data.packs_per_step={d.packs_per_step} must be > 0")
+    need(int(d.packs_per_step) > 0 or int(d.packs_per_step) == -1,
+         f"data.packs_per_step={d.packs_per_step} must be > 0 (or -1: one per data-parallel device)")
     b = d.budget
     need(min(int(b.text_tokens), int(b.vae_tokens)) > 0, "data.budget.text_tokens and vae_tokens must be > 0")
     need(int(config.checkpoint.every) > 0 and int(config.checkpoint.keep) > 0,
@@ -152,6 +153,8 @@ class Trainer:
         self.mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         P = int(config.data.packs_per_step)
+        if P == -1:  # one pack per data-parallel device
+            P = dp
         if P % dp:
             raise ConfigValueError(f"data.packs_per_step={P} must be a multiple of data x fsdp = {dp}")
         if P % jax.process_count():

@@ -1,0 +1,111 @@
+"""Train-step throughput on the current backend (CPU, GPU or TPU), written as JSON.
+
+    python bench/train_throughput.py --config configs/bagel_7b_geometry_small.py --steps 5 \
+        [--set model.attention_impl=xla_dense ...] [--out bench_train.json]
+
+Prints and writes: compile seconds, step seconds (median of the timed steps, after one warm-up step),
+real tokens per step, tokens/s, MFU by the official BAGEL FLOP formula (when the device's peak is known
+or --peak-flops is given), peak device memory (where the backend reports it) and the compiled step's
+memory analysis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def apply_override(c, kv: str):
+    import ast
+
+    key, value = kv.split("=", 1)
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--set", action="append", default=[], help="config override key=value (repeat)")
+    ap.add_argument("--peak-flops", type=float, default=0.0, help="per-device peak FLOP/s if not auto-detected")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    from echo4o_jax.train import flops as flops_lib
+    from echo4o_jax.train.trainer import Trainer
+
+    c = load_config(args.config)
+    c.log.tensorboard = False
+    c.log.sample_every = 0
+    for kv in args.set:
+        apply_override(c, kv)
+    with tempfile.TemporaryDirectory() as wd:
+        t0 = time.perf_counter()
+        tr = Trainer(c, wd)
+        setup_s = time.perf_counter() - t0
+        batch = next(tr.source)
+        compile_s = tr.compile(batch)
+        mem = tr._compiled.memory_analysis()
+        tr.train_step(batch)  # warm-up
+        times = []
+        for _ in range(args.steps):
+            batch = next(tr.source)
+            t = time.perf_counter()
+            tr.train_step(batch)
+            times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    tokens = int(np.sum(batch.num_tokens)) * jax.process_count()
+    lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
+    step_flops = sum(flops_lib.step_flops(tr.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens))
+    dev = jax.devices()[0]
+    peak = flops_lib.peak_flops_per_device(dev.device_kind, args.peak_flops)
+    stats = dev.memory_stats() or {}
+    out = dict(
+        config=args.config, overrides=args.set, backend=jax.default_backend(), device_kind=dev.device_kind,
+        devices=len(jax.devices()), mesh=dict(tr.mesh.shape), setup_seconds=round(setup_s, 2),
+        compile_seconds=round(compile_s, 2), step_seconds=step_s, step_seconds_all=times,
+        tokens_per_step=tokens, tokens_per_second=tokens / step_s,
+        model_flops_per_step=step_flops,
+        mfu=(step_flops / (step_s * len(jax.devices()) * peak)) if peak else None,
+        peak_device_memory_bytes=stats.get("peak_bytes_in_use"),
+        compiled_memory=dict(argument=getattr(mem, "argument_size_in_bytes", None),
+                             output=getattr(mem, "output_size_in_bytes", None),
+                             temp=getattr(mem, "temp_size_in_bytes", None)) if mem is not None else None,
+        attention_impl=tr.cfg.attention_impl, remat=tr.cfg.remat, compute_dtype=tr.cfg.compute_dtype,
+    )
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
