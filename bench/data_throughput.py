@@ -1,0 +1,201 @@
+"""Data-loader throughput (not a test): samples/s and tokens/s of the full pipeline (record read, decode,
+resize, tokenise, pack, stack) against what one train step consumes.
+
+    python bench/data_throughput.py [--seconds 20] [--workers 1,2] [--res 512,1024] [--data-dir DIR]
+
+Workloads (synthetic photo-like JPEGs, quality 90, written once into --data-dir):
+  * 512 / 1024: Echo-4o-like mix, 2/3 t2i (GPT-4o sizes 1:1, 3:2, 2:3 at that scale) + 1/3 multiref with 2
+    references; VAE transform (1024, 512, 16) (the official one: 512-class images are kept at 512),
+    ViT (518, 224, 14) (official example.yaml for conditions); 7B fine-tune packing: expected 10240,
+    max 11520, per-sample 10240 tokens; static budget text 1024 | vit 6144 | vae 10240, 8 VAE images
+    of up to 1024 x 1024. One process per host: 8 packs per step (one per device), built in
+    --pack-threads threads.
+  * demo: the offline demo set (64 x 64 PNG), budget text 256 | vit 128 | vae 256, 16 VAE images.
+
+Consumption per step (assumptions, stated in the table):
+  * 7B recipe: 8 devices per host, 1 pack of ~10240 tokens each, step time 1.0 s (BAGEL-7B-MoT,
+    ~7B active params: 6 * 7e9 * 10240 ~ 4.3e14 FLOP/device/step, ~40 % MFU on an H100) -> 8 packs/s/host.
+  * demo: 1 pack per step, 50 ms per step (the tiny CPU model) -> 20 packs/s.
+Target: loader >= 10x consumption. The CPU here has few cores; samples/s scale with worker processes
+(one core each), so the table also gives samples/s per worker and the workers a host needs for 10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from echo4o_jax.config import BagelConfig, SpecialTokens  # noqa: E402
+from echo4o_jax.data import demo as demo_mod  # noqa: E402
+from echo4o_jax.data.pipeline import DataPipeline, DatasetSpec, PipelineConfig  # noqa: E402
+from echo4o_jax.data.records import RecordWriter, load_manifest, multiref_record, t2i_record  # noqa: E402
+from echo4o_jax.image_transform import ImageTransform  # noqa: E402
+from echo4o_jax.packing import PackBudget  # noqa: E402
+
+STEP_7B_S = 1.0
+DEVICES_PER_HOST = 8
+STEP_DEMO_S = 0.05
+
+
+def _photo(rng, w, h) -> bytes:
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    ph = rng.uniform(0, 6, 6)
+    a = np.stack([128 + 100 * np.sin(x / (20 + 40 * ph[c] / 6) + ph[c]) * np.cos(y / (30 + 30 * ph[c + 3] / 6))
+                  for c in range(3)], -1)
+    a += rng.normal(0, 12, a.shape)
+    b = io.BytesIO()
+    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(b, format="JPEG", quality=90)
+    return b.getvalue()
+
+
+def _words(rng, n):
+    vocab = demo_mod.demo_vocabulary()[6:]
+    return " ".join(vocab[int(i)] for i in rng.integers(0, len(vocab), n))
+
+
+def make_photo_dataset(path: str, res: int, n: int, seed: int = 0) -> str:
+    if os.path.exists(os.path.join(path, "manifest.json")) and load_manifest(path)["records"] == n:
+        return path
+    rng = np.random.default_rng(seed)
+    shapes = [(res, res), (res * 3 // 2, res), (res, res * 3 // 2)]
+    with RecordWriter(path, name=f"photo{res}", overwrite=True, shard_bytes=64 << 20) as w:
+        for i in range(n):
+            wh = shapes[i % 3]
+            if i % 3 == 2:
+                refs = [_photo(rng, *shapes[(i + k) % 3]) for k in range(2)]
+                w.write(multiref_record(f"p{i}", refs, _words(rng, 30), _photo(rng, *wh)))
+            else:
+                w.write(t2i_record(f"p{i}", _words(rng, int(rng.integers(20, 80))), _photo(rng, *wh)))
+    return path
+
+
+def run(pipe: DataPipeline, seconds: float, warmup_steps: int = 1) -> dict:
+    it = pipe.iterator()
+    t_start = time.perf_counter()
+    for _ in range(warmup_steps):
+        next(it)
+    t_first = time.perf_counter() - t_start
+    n = samples = tokens = packs = 0
+    tm0 = dict(it.timing)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _, st = next(it)
+        n += 1
+        samples += st["samples"]
+        tokens += st["tokens"]
+        packs += st["packs"]
+    dt = time.perf_counter() - t0
+    c = it.counters
+    wait = (it.timing["wait_s"] - tm0["wait_s"]) / dt
+    pack = (it.timing["pack_s"] - tm0["pack_s"]) / dt
+    it.close()
+    return {"steps": n, "samples_s": samples / dt, "tokens_s": tokens / dt, "packs_s": packs / dt,
+            "fill": tokens / max(1, packs * pipe.config.budget.total_tokens), "startup_s": t_first,
+            "skipped_too_long": c["skipped_too_long"], "read": c["elements_read"], "main_wait": wait,
+            "main_pack": pack, "tokens_per_pack": tokens / max(1, packs)}
+
+
+def print_table(rows: list[dict]) -> None:
+    print()
+    print(f"CPU cores here: {os.cpu_count()}")
+    hdr = ("workload", "workers", "samples/s", "tokens/s", "packs/s", "tokens/pack", "skipped", "main: wait / pack",
+           "main ceiling packs/s", "step consumes", "packs/s needed", "x needed", "samples/s/worker",
+           "workers for 10x")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + "---|" * len(hdr))
+    for r in rows:
+        ratio = r["packs_s"] / r["need_packs_s"]
+        per_w = r["samples_s"] / max(1, r["workers"])
+        samples_per_pack = r["samples_s"] / max(r["packs_s"], 1e-9)
+        need_samples = 10 * r["need_packs_s"] * samples_per_pack
+        w10 = "-" if r["workers"] == 0 else f"{int(np.ceil(need_samples / per_w))}"
+        ceiling = r["packs_s"] / max(r["main_pack"], 1e-9)  # packs/s if the main process never waited
+        print(f"| {r['workload']} | {r['workers']} | {r['samples_s']:.1f} | {r['tokens_s']:.0f} | {r['packs_s']:.2f} | "
+              f"{r['tokens_per_pack']:.0f} | {r['skipped_too_long']}/{r['read']} | "
+              f"{100 * r['main_wait']:.0f}% / {100 * r['main_pack']:.0f}% | {ceiling:.0f} | {r['need_note']} | "
+              f"{r['need_packs_s']:.1f} | {ratio:.2f} | {per_w:.1f} | {w10} |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per configuration")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--res", default="512,1024")
+    ap.add_argument("--samples", type=int, default=96, help="records per synthetic dataset")
+    ap.add_argument("--data-dir", default="/tmp/echo4o_bench_data")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--pack-threads", type=int, default=4)
+    ap.add_argument("--table-from", default=None, help="only print the table of a --json file")
+    a = ap.parse_args(argv)
+    if a.table_from:
+        with open(a.table_from) as f:
+            print_table(json.load(f))
+        return 0
+    os.makedirs(a.data_dir, exist_ok=True)
+    workers = [int(x) for x in a.workers.split(",") if x]
+    rows = []
+
+    # ---------------------------------------------------------------- 7B recipe workloads
+    cfg7 = BagelConfig.bagel_7b_mot()
+    tok_path = os.path.join(a.data_dir, "tokenizer.json")
+    demo_tok = demo_mod.build_tokenizer()
+    demo_tok.save(tok_path)
+    st = demo_mod.special_tokens_info(demo_tok)
+    specials = SpecialTokens(st["bos_token_id"], st["eos_token_id"], st["start_of_image"], st["end_of_image"])
+    cfg7 = cfg7.replace(special_tokens=specials)
+    budget7 = PackBudget(text_tokens=1024, vit_tokens=6144, vae_tokens=10240, vae_images=8,
+                         vae_image_size=(1024, 1024))
+    need7_packs = DEVICES_PER_HOST / STEP_7B_S
+    for res in [int(r) for r in a.res.split(",") if r]:
+        t = time.perf_counter()
+        path = make_photo_dataset(os.path.join(a.data_dir, f"photo{res}"), res, a.samples)
+        print(f"# dataset photo{res}: {a.samples} records ready in {time.perf_counter() - t:.1f} s", flush=True)
+        for nw in workers:
+            pc = PipelineConfig(datasets=(DatasetSpec(path),), tokenizer=tok_path, budget=budget7,
+                                expected_num_tokens=10240, max_num_tokens=11520, max_num_tokens_per_sample=10240,
+                                packs_per_step=DEVICES_PER_HOST, pack_threads=a.pack_threads,
+                                vae_transform=ImageTransform(1024, 512, 16), vit_transform=ImageTransform(518, 224, 14),
+                                worker_count=nw, worker_buffer_size=2, read_threads=1, read_buffer_size=2)
+            r = run(DataPipeline(pc, cfg7), a.seconds)
+            r.update(workload=f"{res}^2 mix", workers=nw, need_packs_s=need7_packs,
+                     need_note=f"{DEVICES_PER_HOST} dev x 1 pack / {STEP_7B_S:g} s")
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+
+    # ---------------------------------------------------------------- demo workload
+    demo_dir = os.path.join(a.data_dir, "demo")
+    if not os.path.exists(os.path.join(demo_dir, "demo.json")):
+        demo_mod.write_demo(demo_dir, n_t2i=2048, n_multiref=512, n_understanding=512, overwrite=True)
+    info = json.load(open(os.path.join(demo_dir, "demo.json")))
+    s = info["special_tokens"]
+    cfgd = BagelConfig.bagel_7b_mot(special_tokens=SpecialTokens(s["bos_token_id"], s["eos_token_id"],
+                                                                 s["start_of_image"], s["end_of_image"]))
+    budgetd = PackBudget(text_tokens=256, vit_tokens=128, vae_tokens=256, vae_images=16, vae_image_size=(64, 64))
+    for nw in [0] + workers:
+        pc = demo_mod.demo_pipeline_config(demo_dir, budgetd, worker_count=nw, worker_buffer_size=16,
+                                           read_threads=1, read_buffer_size=16)
+        r = run(DataPipeline(pc, cfgd), a.seconds / 2)
+        r.update(workload="demo 64^2", workers=nw, need_packs_s=1 / STEP_DEMO_S,
+                 need_note=f"1 pack / {STEP_DEMO_S * 1000:g} ms")
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    print_table(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

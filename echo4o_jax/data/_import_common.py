@@ -1,0 +1,149 @@
+"""Shared pieces of the importers: error policy, parquet row iteration, JSON-safe metadata."""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import math
+import os
+from typing import Any, Iterator
+
+from echo4o_jax.data.records import RecordError, RecordWriter, probe_image
+
+
+class ImportFailure(RuntimeError):
+    """An input item is corrupt and --on-error=fail (the message names the file and row / member)."""
+
+
+class OnError:
+    """`fail`: raise ImportFailure naming the item; `skip`: count it in the writer's manifest."""
+
+    def __init__(self, mode: str, writer: RecordWriter):
+        if mode not in ("fail", "skip"):
+            raise ValueError(f"--on-error={mode!r}: expected fail or skip")
+        self.mode = mode
+        self.writer = writer
+
+    def __call__(self, where: str, reason: str, detail: str = "") -> None:
+        if self.mode == "fail":
+            raise ImportFailure(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+        self.writer.skip(reason, where=where + (f": {detail}" if detail else ""))
+
+
+def check_image(data: Any, check: str) -> bytes:
+    """Raw image bytes as received (an HF image struct {'bytes': ...} is unwrapped), probed; raises
+    RecordError when unreadable."""
+    if isinstance(data, dict):
+        data = data.get("bytes")
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise RecordError(f"not image bytes ({type(data).__name__})")
+    probe_image(bytes(data), check=check)
+    return bytes(data)
+
+
+def jsonable(v: Any, depth: int = 0) -> Any:
+    """A JSON-safe copy of a metadata value (bytes dropped, NaN -> None, dates -> ISO strings)."""
+    if depth > 8:
+        return str(v)
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return f"<{len(v)} bytes>"
+    if isinstance(v, (datetime.date, datetime.datetime, datetime.time)):
+        return v.isoformat()
+    if isinstance(v, dict):
+        return {str(k): jsonable(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x, depth + 1) for x in v]
+    if hasattr(v, "tolist"):
+        return jsonable(v.tolist(), depth + 1)
+    if hasattr(v, "item"):
+        return jsonable(v.item(), depth + 1)
+    return str(v)
+
+
+def scalar_extras(row: dict, used: set[str]) -> dict:
+    """Columns not consumed by the importer, without binary payloads."""
+    out = {}
+    for k, v in row.items():
+        if k in used or isinstance(v, (bytes, bytearray, memoryview)):
+            continue
+        if isinstance(v, list) and v and isinstance(v[0], (bytes, bytearray, dict)):
+            continue
+        out[k] = jsonable(v)
+    return out
+
+
+def find_parquet(inputs: list[str]) -> list[tuple[str, str]]:
+    """(file, root) pairs for parquet files / folders (recursive, sorted)."""
+    out = []
+    for p in inputs:
+        if os.path.isdir(p):
+            files = sorted(glob.glob(os.path.join(p, "**", "*.parquet"), recursive=True))
+            out += [(f, p) for f in files]
+        elif os.path.isfile(p):
+            out.append((p, os.path.dirname(p) or "."))
+        else:
+            raise FileNotFoundError(f"{p}: no such parquet file or folder")
+    return out
+
+
+class ParquetReadError(Exception):
+    """A parquet file cannot be opened or decoded."""
+
+
+def iter_parquet_rows(path: str, batch_size: int = 64) -> Iterator[tuple[int, dict]]:
+    """(row index, row as a dict of Python values); ParquetReadError when the file is unreadable."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("reading parquet needs pyarrow (pip install pyarrow==26.0.1)") from e
+    try:
+        pf = pq.ParquetFile(path)
+        batches = pf.iter_batches(batch_size=batch_size)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+        raise ParquetReadError(f"{type(e).__name__}: {e}") from None
+    i = 0
+    while True:
+        try:
+            batch = next(batches)
+            rows = batch.to_pylist()
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001
+            raise ParquetReadError(f"{type(e).__name__}: {e} (after row {i})") from None
+        for row in rows:
+            yield i, row
+            i += 1
+
+
+def first_text(v: Any) -> str | list[str] | None:
+    """An instruction cell -> str, or list of alternatives: "s", ["s"], [["s"]], [["a", "b"]] ..."""
+    if isinstance(v, str):
+        return v if v.strip() else None
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        if not v:
+            return None
+        if all(isinstance(x, str) for x in v):
+            alts = [x for x in v if x.strip()]
+            return None if not alts else (alts[0] if len(alts) == 1 else alts)
+        return first_text(v[0])
+    return None
+
+
+def text_alternatives(v: Any) -> str | list[str] | None:
+    """A cell holding one instruction or a list of alternative instructions."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, str):
+        return v if v.strip() else None
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v):
+        alts = [x for x in v if x.strip()]
+        return None if not alts else (alts[0] if len(alts) == 1 else alts)
+    return None

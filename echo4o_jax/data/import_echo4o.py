@@ -1,0 +1,295 @@
+"""Import the released Echo-4o-Image dataset (HF `Yejy53/Echo-4o-Image`) into record datasets.
+
+    python -m echo4o_jax.data.import_echo4o --root Echo-4o-Image --out DIR
+        [--subsets surreal,instruction,multiref] [--on-error fail|skip] [--image-check decode|header]
+        [--shard-bytes N] [--limit N]
+
+Layout read (docs/echo4o.md §1):
+
+    ROOT/Surrel-Fantasy-Image/conflict.jsonl             -> DIR/surreal       (t2i)
+    ROOT/Surrel-Fantasy-Image/images/*.tar.gz            (members NNNNN.jpg)
+    ROOT/Instruction-Following-Image/*.jsonl             -> DIR/instruction   (t2i)
+    ROOT/Instruction-Following-Image/images/*.tar.gz
+    ROOT/Multi-Reference-Image/**/*.parquet              -> DIR/multiref      (multiref)
+
+T2I rows: {"task_type": "t2i", "instruction", "output_image": ".../images/00000.jpg", "type", ...}; the
+image is the tar member with the basename of `output_image` (archives are read in numeric order, streaming).
+Rows with another `task_type` are counted as skipped. Multi-reference rows: `image_list` = encoded
+[ref_1 .. ref_K, target], `instruction_list` = [[instruction]] (or alternatives); the category is the
+parquet file's folder. Image bytes are stored as received.
+
+Records: t2i = caption (CFG-droppable) -> noisy VAE target; multiref = per reference clean VAE + ViT
+(CFG-droppable) -> instruction (CFG-droppable) -> noisy VAE target. Meta keeps `type` / `category`,
+`prompt_original` when the row has a pre-rewrite prompt, the provenance (file, line / row, archive, member)
+and the row's other fields.
+
+Errors (unreadable JSON line, missing field, corrupt or missing image, unreadable archive / parquet):
+`--on-error=fail` (default) stops with a message naming the file and row / member; `skip` counts them in
+each dataset's manifest (`skipped.by_reason`, first 100 examples). Exit status 1 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tarfile
+import zlib
+
+from echo4o_jax.data._import_common import (
+    ImportFailure,
+    OnError,
+    ParquetReadError,
+    check_image,
+    find_parquet,
+    first_text,
+    iter_parquet_rows,
+    jsonable,
+    scalar_extras,
+)
+from echo4o_jax.data.records import RecordError, RecordWriter, multiref_record, t2i_record
+
+__all__ = ["import_t2i_subset", "import_multiref", "import_echo4o", "main", "ImportFailure"]
+
+SURREAL_DIRS = ("Surrel-Fantasy-Image", "Surreal-Fantasy-Image")
+INSTRUCTION_DIR = "Instruction-Following-Image"
+MULTIREF_DIR = "Multi-Reference-Image"
+_ORIGINAL_KEYS = ("prompt_original", "original_prompt", "instruction_original", "original_instruction",
+                  "raw_instruction", "raw_prompt", "prompt_before_rewrite")
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _archive_key(path: str):
+    m = re.match(r"(\d+)", os.path.basename(path))
+    return (int(m.group(1)) if m else float("inf"), os.path.basename(path))
+
+
+class _ArchiveError(Exception):
+    pass
+
+
+def _iter_archive(path: str):
+    """(member name, bytes) of the image files of a tar / tar.gz, streaming; read failures raise
+    _ArchiveError naming the last member read."""
+    last = None
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for m in tf:
+                last = m.name
+                if not m.isfile() or not os.path.basename(m.name).lower().endswith(_IMAGE_EXT):
+                    continue
+                data = tf.extractfile(m).read()
+                yield m.name, data
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise _ArchiveError(f"{type(e).__name__}: {e}; last member {last!r}") from None
+
+
+def _read_jsonl_rows(paths: list[str], root: str, on_error: OnError, writer: RecordWriter):
+    """basename -> (row, file, line); rows of another task_type are counted as skipped."""
+    rows: dict[str, tuple[dict, str, int]] = {}
+    for path in paths:
+        rel = os.path.relpath(path, root)
+        with open(path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                where = f"{rel}:{line_no}"
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    on_error(where, "invalid JSON line", str(e))
+                    continue
+                if not isinstance(row, dict):
+                    on_error(where, "JSON line is not an object")
+                    continue
+                if row.get("task_type", "t2i") != "t2i":
+                    writer.skip(f"task_type {row.get('task_type')!r} not imported", where=where)
+                    continue
+                instr = row.get("instruction")
+                out = row.get("output_image")
+                if not isinstance(instr, str) or not instr.strip():
+                    on_error(where, "missing instruction")
+                    continue
+                if not isinstance(out, str) or not out:
+                    on_error(where, "missing output_image")
+                    continue
+                key = os.path.basename(out)
+                if key in rows:
+                    on_error(where, "duplicate output_image", f"{key} also at {rows[key][1]}:{rows[key][2]}")
+                    continue
+                rows[key] = (row, rel, line_no)
+    return rows
+
+
+def import_t2i_subset(subset_dir: str, jsonl_paths: list[str], out_dir: str, *, subset: str,
+                      on_error: str = "fail", image_check: str = "decode", shard_bytes: int = 256 << 20,
+                      limit: int | None = None, overwrite: bool = False, root: str | None = None) -> dict:
+    """One T2I subset (jsonl rows + images/*.tar.gz) -> a record dataset; returns its manifest."""
+    root = root or os.path.dirname(subset_dir)
+    archives = sorted((os.path.join(subset_dir, "images", f) for f in os.listdir(os.path.join(subset_dir, "images"))
+                       if f.endswith((".tar.gz", ".tgz", ".tar"))), key=_archive_key) \
+        if os.path.isdir(os.path.join(subset_dir, "images")) else []
+    info = {"importer": "echo4o_jax.data.import_echo4o", "subset": subset,
+            "jsonl": [os.path.relpath(p, root) for p in jsonl_paths],
+            "archives": [os.path.relpath(p, root) for p in archives], "on_error": on_error,
+            "image_check": image_check}
+    with RecordWriter(out_dir, shard_bytes=shard_bytes, name=subset, overwrite=overwrite, info=info) as w:
+        err = OnError(on_error, w)
+        rows = _read_jsonl_rows(jsonl_paths, root, err, w)
+        done: set[str] = set()
+        for arc in archives:
+            if limit is not None and w.num_records >= limit:
+                break
+            rel_arc = os.path.relpath(arc, root)
+            members = _iter_archive(arc)
+            while True:
+                if limit is not None and w.num_records >= limit:
+                    break
+                try:
+                    name, data = next(members)
+                except StopIteration:
+                    break
+                except _ArchiveError as e:
+                    err(rel_arc, "unreadable archive", str(e))
+                    break
+                key = os.path.basename(name)
+                where = f"{rel_arc}:{name}"
+                if key not in rows:
+                    w.skip("image without a jsonl row", where=where)
+                    continue
+                if key in done:
+                    err(where, "duplicate image member")
+                    continue
+                row, jf, line = rows[key]
+                done.add(key)
+                try:
+                    data = check_image(data, image_check)
+                except RecordError as e:
+                    err(f"{where} (row {jf}:{line})", "corrupt image", str(e))
+                    continue
+                w.write(_t2i_from_row(row, data, subset=subset, key=key,
+                                      prov={"jsonl": jf, "line": line, "archive": rel_arc, "member": name}))
+            members.close()
+        if limit is None:
+            for key in sorted(set(rows) - done):
+                row, jf, line = rows[key]
+                err(f"{jf}:{line}", "image not found in any archive", key)
+        return w.close()
+
+
+def _t2i_from_row(row: dict, data: bytes, *, subset: str, key: str, prov: dict):
+    stem = os.path.splitext(key)[0]
+    meta = {"type": jsonable(row.get("type")), "category": jsonable(row.get("category", row.get("type"))),
+            "output_image": row.get("output_image"), **prov}
+    for k in _ORIGINAL_KEYS:
+        if isinstance(row.get(k), str):
+            meta["prompt_original"] = row[k]
+            break
+    extra = {k: jsonable(v) for k, v in row.items()
+             if k not in {"instruction", "output_image", "type", "category", "task_type", *_ORIGINAL_KEYS}}
+    if extra:
+        meta["extra"] = extra
+    return t2i_record(f"echo4o/{subset}/{stem}", row["instruction"], data, source="echo4o", subset=subset,
+                      meta=meta)
+
+
+def import_multiref(mr_dir: str, out_dir: str, *, on_error: str = "fail", image_check: str = "decode",
+                    shard_bytes: int = 256 << 20, limit: int | None = None, overwrite: bool = False,
+                    root: str | None = None) -> dict:
+    root = root or os.path.dirname(mr_dir)
+    files = [f for f, _ in find_parquet([mr_dir])]
+    info = {"importer": "echo4o_jax.data.import_echo4o", "subset": "multiref",
+            "parquet": [os.path.relpath(f, root) for f in files], "on_error": on_error, "image_check": image_check}
+    with RecordWriter(out_dir, shard_bytes=shard_bytes, name="multiref", overwrite=overwrite, info=info) as w:
+        err = OnError(on_error, w)
+        for f in files:
+            rel = os.path.relpath(f, root)
+            category = os.path.basename(os.path.dirname(f))
+            stem = os.path.relpath(os.path.splitext(f)[0], mr_dir).replace(os.sep, "/")
+            try:
+                for i, row in iter_parquet_rows(f):
+                    if limit is not None and w.num_records >= limit:
+                        break
+                    where = f"{rel} row {i}"
+                    imgs = row.get("image_list")
+                    if not isinstance(imgs, list) or len(imgs) < 2:
+                        err(where, "image_list needs >= 2 images (refs + target)")
+                        continue
+                    instr = first_text(row.get("instruction_list"))
+                    if instr is None:
+                        err(where, "missing instruction_list")
+                        continue
+                    try:
+                        data = [check_image(b, image_check) for b in imgs]
+                    except RecordError as e:
+                        err(where, "corrupt image", str(e))
+                        continue
+                    meta = {"category": category, "parquet": rel, "row": i,
+                            **({"extra": ex} if (ex := scalar_extras(row, {"image_list", "instruction_list"}))
+                               else {})}
+                    w.write(multiref_record(f"echo4o/multiref/{stem}/{i}", data[:-1], instr, data[-1],
+                                            source="echo4o", subset="multiref", meta=meta))
+            except ParquetReadError as e:
+                err(rel, "unreadable parquet", str(e))
+            if limit is not None and w.num_records >= limit:
+                break
+        return w.close()
+
+
+def import_echo4o(root: str, out: str, *, subsets=("surreal", "instruction", "multiref"), **kw) -> dict:
+    """Imports the chosen subsets; returns {subset: manifest}. Missing subset folders raise."""
+    res = {}
+    for s in subsets:
+        if s == "surreal":
+            d = next((os.path.join(root, n) for n in SURREAL_DIRS if os.path.isdir(os.path.join(root, n))), None)
+            if d is None:
+                raise FileNotFoundError(f"{root}: no {SURREAL_DIRS[0]}/")
+            jl = os.path.join(d, "conflict.jsonl")
+            if not os.path.exists(jl):
+                raise FileNotFoundError(f"{jl} not found")
+            res[s] = import_t2i_subset(d, [jl], os.path.join(out, s), subset=s, root=root, **kw)
+        elif s == "instruction":
+            d = os.path.join(root, INSTRUCTION_DIR)
+            jls = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".jsonl")) if os.path.isdir(d) else []
+            if not jls:
+                raise FileNotFoundError(f"{d}: no *.jsonl")
+            res[s] = import_t2i_subset(d, jls, os.path.join(out, s), subset=s, root=root, **kw)
+        elif s == "multiref":
+            d = os.path.join(root, MULTIREF_DIR)
+            if not os.path.isdir(d):
+                raise FileNotFoundError(f"{d} not found")
+            res[s] = import_multiref(d, os.path.join(out, s), root=root, **kw)
+        else:
+            raise ValueError(f"unknown subset {s!r} (surreal, instruction, multiref)")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.data.import_echo4o",
+                                 description="Import Echo-4o-Image into echo4o record datasets.")
+    ap.add_argument("--root", required=True, help="the downloaded Echo-4o-Image folder")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--subsets", default="surreal,instruction,multiref")
+    ap.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    ap.add_argument("--image-check", choices=("decode", "header"), default="decode")
+    ap.add_argument("--shard-bytes", type=int, default=256 << 20)
+    ap.add_argument("--limit", type=int, default=None, help="records per subset (for trials)")
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        res = import_echo4o(a.root, a.out, subsets=[s for s in a.subsets.split(",") if s], on_error=a.on_error,
+                            image_check=a.image_check, shard_bytes=a.shard_bytes, limit=a.limit,
+                            overwrite=a.overwrite)
+    except (ImportFailure, FileNotFoundError, RecordError) as e:
+        print(f"import_echo4o: error: {e}", file=sys.stderr)
+        return 1
+    for s, m in res.items():
+        print(json.dumps({"subset": s, "records": m["records"], "shards": len(m["shards"]), "bytes": m["bytes"],
+                          "skipped": m["skipped"]["count"], "skipped_by_reason": m["skipped"]["by_reason"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Inspect a record dataset.
+
+    python -m echo4o_jax.data.inspect PATH [-n N] [--contact-sheet out.png] [--verify] [--start I]
+
+PATH: a dataset folder, shard file, manifest, glob, or several of them. Prints the counts (records,
+shards, bytes, tasks / subsets / sources from the manifests, or by reading every record with `--scan` or
+when a manifest is incomplete; skipped items from the manifest) and N samples (id, task, plan,
+texts, image formats and sizes, meta); `--contact-sheet` writes a PNG with one row per shown sample
+(its images as thumbnails, then its texts); `--verify` checks shard sizes, sha256 and record counts
+against the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import os
+import sys
+import textwrap
+
+from echo4o_jax.data.records import Record, RecordReader
+
+__all__ = ["summarize", "describe", "contact_sheet", "main"]
+
+
+def summarize(reader: RecordReader, *, scan: bool = False) -> dict:
+    """Counts by task / subset / source: from complete manifests covering every shard, else (or with
+    `scan`) by reading every record header."""
+    counts = {k: collections.Counter() for k in ("task", "subset", "source")}
+    images = 0
+    listed = {os.path.normpath(os.path.join(d, s["file"])) for d, m in reader.manifests.items() for s in m["shards"]}
+    from_manifest = (not scan and reader.manifests and all(m.get("complete") for m in reader.manifests.values())
+                     and {os.path.normpath(f) for f in reader.shards} <= listed)
+    if from_manifest:
+        for m in reader.manifests.values():
+            for k in counts:
+                counts[k].update(m["counts"][k])
+            images += int(m["images"])
+    else:
+        for i in range(len(reader)):
+            h = reader.header(i)
+            for k in counts:
+                counts[k][h.get(k, "")] += 1
+            images += len(h.get("images", []))
+    out = {"records": len(reader), "shards": len(reader.shards), "images": images,
+           "counts_from": "manifest" if from_manifest else "scan",
+           "counts": {k: dict(sorted(v.items())) for k, v in counts.items()}}
+    for d, m in reader.manifests.items():
+        out.setdefault("manifests", {})[d] = {
+            "complete": m.get("complete"), "records": m.get("records"), "bytes": m.get("bytes"),
+            "skipped": (m.get("skipped") or {}).get("count", 0),
+            "skipped_by_reason": (m.get("skipped") or {}).get("by_reason", {}),
+        }
+    return out
+
+
+def _short(s, n=160) -> str:
+    s = json.dumps(s, ensure_ascii=False) if not isinstance(s, str) else s
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def describe(rec: Record) -> str:
+    lines = [f"id={rec.id} task={rec.task} source={rec.source} subset={rec.subset}"]
+    ti = 0
+    for k, it in enumerate(rec.plan):
+        flags = f"loss={it['loss']} cfg={it['enable_cfg']}"
+        if it.get("special_token_loss"):
+            flags += f" special_token_label={it['special_token_label']}"
+        if it["type"] == "text":
+            lines.append(f"  [{k}] text      {flags}: {_short(rec.texts[ti])}")
+            ti += 1
+        else:
+            info = rec.image_info[it["image"]]
+            lines.append(f"  [{k}] {it['type']:<9} {flags}: image {it['image']} ({info.format} "
+                         f"{info.width}x{info.height}, {len(rec.images[it['image']])} B)")
+    if rec.meta:
+        lines.append(f"  meta: {_short(rec.meta, 400)}")
+    return "\n".join(lines)
+
+
+def contact_sheet(records: list[Record], path: str, *, thumb: int = 128, text_width: int = 360) -> None:
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for rec in records:
+        thumbs = []
+        for b in rec.images:
+            try:
+                with Image.open(io.BytesIO(b)) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((thumb, thumb))
+                    thumbs.append(im.copy())
+            except Exception:  # noqa: BLE001 - show a placeholder for a broken image
+                thumbs.append(Image.new("RGB", (thumb, thumb), (255, 0, 255)))
+        texts = [t if isinstance(t, str) else " | ".join(t) for t in rec.texts]
+        caption = f"{rec.id} [{rec.task}]\n" + "\n".join(textwrap.fill(t, 56) for t in texts)
+        rows.append((thumbs, caption))
+    pad = 4
+    W = max([len(t) for t, _ in rows] + [1]) * (thumb + pad) + text_width + pad
+    H = len(rows) * (thumb + pad) + pad
+    sheet = Image.new("RGB", (W, max(H, 1)), (255, 255, 255))
+    d = ImageDraw.Draw(sheet)
+    y = pad
+    for thumbs, caption in rows:
+        x = pad
+        for t in thumbs:
+            sheet.paste(t, (x, y))
+            x += thumb + pad
+        tx = W - text_width
+        d.multiline_text((tx, y), caption, fill=(0, 0, 0), spacing=2)
+        y += thumb + pad
+    sheet.save(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.data.inspect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", nargs="+")
+    ap.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    ap.add_argument("--start", type=int, default=0, help="index of the first sample shown")
+    ap.add_argument("--contact-sheet", metavar="PNG")
+    ap.add_argument("--verify", action="store_true", help="check sizes / sha256 / counts against the manifest")
+    ap.add_argument("--scan", action="store_true", help="count by reading every record (not the manifest)")
+    a = ap.parse_args(argv)
+    reader = RecordReader(a.path if len(a.path) > 1 else a.path[0])
+    if a.verify:
+        print("verify:", json.dumps(reader.verify()))
+    print(json.dumps(summarize(reader, scan=a.scan), indent=1))
+    shown = [reader[i] for i in range(a.start, min(len(reader), a.start + max(a.n, 0)))]
+    for rec in shown:
+        print(describe(rec))
+    if a.contact_sheet:
+        contact_sheet(shown, a.contact_sheet)
+        print(f"contact sheet: {a.contact_sheet} ({len(shown)} samples)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

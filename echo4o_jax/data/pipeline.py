@@ -1,0 +1,760 @@
+"""Grain input pipeline: record shards -> official samples -> packed, statically shaped batches.
+
+    pipe = DataPipeline(PipelineConfig(datasets=(DatasetSpec("data/surreal", 1.0), ...), tokenizer=ckpt_dir,
+                                       budget=PackBudget(...), expected_num_tokens=10240), model_cfg,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    it = pipe.iterator()              # or pipe.iterator(state=saved_state)
+    batch, stats = next(it)           # PackedBatch stacked over packs_per_step, stats dict
+    saved_state = it.get_state()      # JSON-serialisable; resumes exactly
+
+Stages
+------
+1. Elements (a Grain `MapDataset`, random access, deterministic): per dataset, its shards
+   (`ArrayRecordDataSource`) -> global shuffle (seeded, reshuffled every epoch) -> this process's slice
+   `[process_index::process_count]` -> repeat (`num_epochs`, None = forever); the datasets are mixed by
+   weight (`MapDataset.mix`: a deterministic interleave in the given proportions); element k is then
+   prepared by `_Prepare`: record decode, text alternative choice (seeded by (seed, k)), tokenisation
+   (`tokenizers`, no special tokens added), image decode (official `pil_img2rgb`) and the official resize
+   rule (`ImageTransform`: VAE stride 16, ViT stride 14, max pixels, bicubic) into an official sample
+   (`sequence_plan`, `text_ids_list`, images as [H, W, C] arrays) plus its exact no-dropout sizes
+   (from the record header and the resize rule, before decoding, so over-long samples are never
+   decoded; checked against `packing.sample_sizes` after). A record that fails is an error element
+   (counted, skipped).
+   This stage runs in `worker_count` processes (`mp_prefetch`; element order does not depend on the
+   worker count). Workers are started by spawning: a calling script needs an
+   `if __name__ == "__main__":` guard.
+2. Packing (main process): the official `PackedDataset.__iter__` policy around `packing.pack_samples`:
+   a sample whose no-dropout length exceeds `max_num_tokens_per_sample`, or that cannot fit an empty pack
+   (any segment of the static budget, the VAE image slots or padded size), is skipped and counted; a
+   sample is added when the pack's *actual* (post-dropout) usage plus the sample's no-dropout need fits
+   every segment and `max_num_tokens`; else it goes to the overflow buffer (up to `max_buffer_size`, not
+   when it came from the buffer) or the pack is emitted; the pack is emitted once it holds
+   `expected_num_tokens`; while the pack holds fewer than `prefer_buffer_before` tokens, buffered samples
+   are taken first. Condition dropout (text / ViT / clean VAE, per item with `enable_cfg`) is drawn by
+   `pack_samples` from a per-pack rng seeded by (seed, process_index, pack number), raw timesteps from a
+   second one; the packer replays the same dropout draws to know each pack's actual usage.
+   Deviations from the official loop: a sample that does not fit and cannot be buffered starts the next
+   pack (the official drops it); `is_mandatory` groups are not implemented; groups are interleaved by
+   weight deterministically (the official draws a group at random per sample).
+3. Steps: `packs_per_step` packs (built in `pack_threads` threads) stacked by `stack_packs` (the arrays of
+   `packing.stack_batches`, without copying padding). With finite `num_epochs` the last step is
+   padded with empty packs (`num_samples == 0`) and `stats["end_of_data"]` is True; with several
+   datasets the finite mixture ends when the first dataset runs out (Grain's `mix`).
+
+Exact resume: the iterator state is (next element index, element indices in the overflow buffer and the
+carried-over sample, pack / step counters, skip counters); on restore buffered elements are recomputed by
+random access and the element stream restarts at the saved index, so a resumed run yields exactly the
+batches of an uninterrupted one, with any worker count.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from echo4o_jax.config import BagelConfig
+from echo4o_jax.image_transform import ImageTransform, resize_shape
+from echo4o_jax.packing import PackBudget, PackedBatch, pack_samples, sample_sizes
+
+__all__ = [
+    "DatasetSpec",
+    "PipelineConfig",
+    "DataPipeline",
+    "PackIterator",
+    "load_tokenizer",
+    "pil_img2rgb",
+    "stack_packs",
+]
+
+_STATE_VERSION = 1
+_SPECIAL_TOKEN_NAMES = {
+    "bos_token_id": "<|im_start|>",
+    "eos_token_id": "<|im_end|>",
+    "start_of_image": "<|vision_start|>",
+    "end_of_image": "<|vision_end|>",
+}
+# Qwen2's pre-tokenizer split pattern (HF `Qwen2TokenizerFast`), for folders without tokenizer.json.
+_QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+
+
+def _mark_absl_flags_parsed() -> None:
+    # Grain worker processes read absl flags; unparsed flags crash them (grain issue 1355).
+    try:
+        import absl.flags
+
+        if not absl.flags.FLAGS.is_parsed():
+            absl.flags.FLAGS.mark_as_parsed()
+    except Exception:  # pragma: no cover - absl missing or odd state: grain will complain itself
+        pass
+
+
+_mark_absl_flags_parsed()
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One record dataset (folder, shard file, glob or list of them) and its mixing weight."""
+
+    path: str | tuple[str, ...]
+    weight: float = 1.0
+    name: str | None = None
+    vae_transform: ImageTransform | None = None  # overrides PipelineConfig.vae_transform
+    vit_transform: ImageTransform | None = None  # overrides PipelineConfig.vit_transform
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        p = self.path if isinstance(self.path, str) else self.path[0]
+        return os.path.basename(os.path.normpath(p))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    datasets: tuple[DatasetSpec, ...]
+    tokenizer: str  # tokenizer.json, or a checkpoint folder holding it (or vocab.json + merges.txt)
+    budget: PackBudget
+    expected_num_tokens: int
+    max_num_tokens: int | None = None  # hard cap of real tokens per pack; None = budget.total_tokens
+    max_num_tokens_per_sample: int | None = None  # longer samples are skipped; None = max_num_tokens
+    prefer_buffer_before: int = 16384  # official default
+    max_buffer_size: int = 50
+    packs_per_step: int = 1  # packs per process per step (the leading batch axis)
+    pack_threads: int = 4  # threads building the packs of a step (numpy copies release the GIL)
+    vae_transform: ImageTransform = ImageTransform(1024, 512, 16)
+    vit_transform: ImageTransform = ImageTransform(980, 224, 14)
+    text_dropout: float = 0.1
+    vit_dropout: float = 0.3
+    vae_dropout: float = 0.3
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    worker_count: int = 0  # 0: prepare samples in the main process (threads only)
+    worker_buffer_size: int = 4  # prepared samples buffered per worker
+    read_threads: int = 2  # threads per worker (decode / resize release the GIL)
+    read_buffer_size: int = 4
+    max_consecutive_errors: int = 100
+
+    def __post_init__(self):
+        if isinstance(self.datasets, DatasetSpec):
+            object.__setattr__(self, "datasets", (self.datasets,))
+        object.__setattr__(self, "datasets", tuple(self.datasets))
+        if not self.datasets:
+            raise ValueError("PipelineConfig.datasets is empty")
+        for d in self.datasets:
+            if not d.weight > 0:
+                raise ValueError(f"dataset {d.label}: weight={d.weight} must be > 0")
+        for name in ("text_dropout", "vit_dropout", "vae_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}={v} must be in [0, 1]")
+        if self.packs_per_step < 1 or self.expected_num_tokens < 1:
+            raise ValueError("packs_per_step and expected_num_tokens must be >= 1")
+        if self.max_buffer_size < 0 or self.worker_count < 0:
+            raise ValueError("max_buffer_size and worker_count must be >= 0")
+
+    @property
+    def max_tokens(self) -> int:
+        return self.budget.total_tokens if self.max_num_tokens is None else int(self.max_num_tokens)
+
+    @property
+    def max_tokens_per_sample(self) -> int:
+        return self.max_tokens if self.max_num_tokens_per_sample is None else int(self.max_num_tokens_per_sample)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A `tokenizers.Tokenizer` from tokenizer.json (file or folder), or from a folder's Qwen2
+    vocab.json + merges.txt (+ added tokens of tokenizer_config.json)."""
+    from tokenizers import Tokenizer
+
+    p = os.fspath(path)
+    if os.path.isfile(p):
+        return Tokenizer.from_file(p)
+    if not os.path.isdir(p):
+        raise FileNotFoundError(f"tokenizer: {p} is neither tokenizer.json nor a folder")
+    tj = os.path.join(p, "tokenizer.json")
+    if os.path.exists(tj):
+        return Tokenizer.from_file(tj)
+    vocab, merges = os.path.join(p, "vocab.json"), os.path.join(p, "merges.txt")
+    if not (os.path.exists(vocab) and os.path.exists(merges)):
+        raise FileNotFoundError(f"tokenizer: {p} has no tokenizer.json nor vocab.json + merges.txt")
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.BPE.from_file(vocab, merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    cfg_path = os.path.join(p, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            added = json.load(f).get("added_tokens_decoder", {})
+        specials = []
+        for tid, d in sorted(added.items(), key=lambda kv: int(kv[0])):
+            specials.append((int(tid), AddedToken(d["content"], special=bool(d.get("special", True)),
+                                                  normalized=False)))
+        n0 = tok.get_vocab_size(with_added_tokens=False)
+        for tid, at in specials:
+            if tid < n0:
+                continue
+            tok.add_special_tokens([at])
+            got = tok.token_to_id(at.content)
+            if got != tid:
+                raise ValueError(f"tokenizer: added token {at.content!r} got id {got}, expected {tid}")
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------- elements
+
+
+def pil_img2rgb(image):
+    """Official `pil_img2rgb`: RGBA / transparent images go on white, everything else to RGB."""
+    from PIL import Image
+
+    if image.mode == "RGBA" or image.info.get("transparency", None) is not None:
+        image = image.convert("RGBA")
+        white = Image.new(mode="RGB", size=image.size, color=(255, 255, 255))
+        white.paste(image, mask=image.split()[3])
+        return white
+    return image.convert("RGB")
+
+
+class _TagDataset:
+    """raw record bytes -> (dataset index, bytes)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, raw):
+        return self.index, raw
+
+
+class _Prepare:
+    """(k, (dataset index, record bytes)) -> prepared element (official sample + sizes) or error element."""
+
+    def __init__(self, cfg: PipelineConfig, model_cfg: BagelConfig):
+        self.config = cfg
+        self.tokenizer_path = cfg.tokenizer
+        self.seed = cfg.seed
+        self.transforms = [(d.vae_transform or cfg.vae_transform, d.vit_transform or cfg.vit_transform)
+                           for d in cfg.datasets]
+        self.model_cfg = model_cfg
+        self._tok = None
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_tok"] = None
+        return d
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.tokenizer_path)
+        return self._tok
+
+    def __call__(self, k: int, tagged) -> dict:
+        ds, raw = tagged
+        el: dict[str, Any] = {"k": int(k), "dataset": int(ds), "id": None, "task": None, "error": None}
+        try:
+            self._prepare(el, raw)
+        except Exception as e:  # noqa: BLE001 - any failure of one record is counted, not fatal
+            el["error"] = f"{type(e).__name__}: {e}"
+            for key in ("sequence_plan", "text_ids_list", "images_hwc", "sizes"):
+                el.pop(key, None)
+        return el
+
+    def _prepare(self, el: dict, raw: bytes) -> None:
+        from PIL import Image
+
+        from echo4o_jax.data.records import decode_record
+
+        rec = decode_record(raw)
+        el["id"], el["task"] = rec.id, rec.task
+        rec.validate()
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, el["k"], 7])
+        texts = []
+        for t in rec.texts:
+            if not isinstance(t, str):
+                t = t[int(rng.integers(len(t)))]
+            texts.append(list(self.tokenizer.encode(t, add_special_tokens=False).ids))
+        vae_t, vit_t = self.transforms[el["dataset"]]
+        img_num = len(rec.images) if rec.task == "understanding" else 1
+        # exact sizes from the header (the resize rule only needs the source size): over-long samples
+        # are not decoded at all
+        el["sizes"] = predicted = self._predict_sizes(rec, texts, vae_t, vit_t, img_num)
+        if _too_long(predicted, self.config):
+            return
+        pil: dict[int, Any] = {}
+        tensors: dict[tuple[int, str], np.ndarray] = {}
+        image_list = []
+        for item in rec.plan:
+            if item["type"] == "text":
+                continue
+            idx = item["image"]
+            kind = "vit" if item["type"] == "vit_image" else "vae"
+            key = (idx, kind)
+            if key not in tensors:
+                if idx not in pil:
+                    with Image.open(io.BytesIO(rec.images[idx])) as im:
+                        im.load()
+                        pil[idx] = pil_img2rgb(im)
+                tr = vit_t if kind == "vit" else vae_t
+                tensors[key] = tr(pil[idx], img_num=img_num)  # [H, W, 3] float32, C-contiguous
+            image_list.append(tensors[key])
+        sample = {"sequence_plan": rec.official_plan(), "text_ids_list": texts, "images_hwc": image_list}
+        s = sample_sizes(_official_sample(sample), self.model_cfg)
+        sizes = (s.text_tokens, s.vit_tokens, s.vae_tokens, s.vae_images, *s.vae_image_size)
+        if sizes != predicted:
+            raise ValueError(f"decoded image sizes differ from the record header (sizes {sizes} != {predicted})")
+        el.update(sample)
+
+    def _predict_sizes(self, rec, texts, vae_t: ImageTransform, vit_t: ImageTransform, img_num: int) -> tuple:
+        text = sum(len(t) + 2 for t in texts)
+        vit = vae = n_vae = hmax = wmax = 0
+        for item in rec.plan:
+            if item["type"] == "text":
+                continue
+            info = rec.image_info[item["image"]]
+            tr = vit_t if item["type"] == "vit_image" else vae_t
+            w, h = resize_shape(info.width, info.height, tr.max_size, tr.min_size, tr.stride, tr.max_pixels, img_num)
+            text += 2
+            n = (w // tr.stride) * (h // tr.stride)
+            if item["type"] == "vit_image":
+                vit += n
+            else:
+                vae += n
+                n_vae += 1
+                hmax, wmax = max(hmax, h), max(wmax, w)
+        return (text, vit, vae, n_vae, hmax, wmax)
+
+
+def _official_sample(el: dict) -> dict:
+    """The official sample of an element. Images travel as [H, W, C] arrays and are handed to the packer
+    as [C, H, W] views, so that its CHW -> HWC copy is a plain contiguous copy."""
+    return {"sequence_plan": el["sequence_plan"], "text_ids_list": el["text_ids_list"],
+            "image_tensor_list": [a.transpose(2, 0, 1) for a in el["images_hwc"]], "id": el.get("id")}
+
+
+def _too_long(sizes, c: PipelineConfig) -> bool:
+    """The sample exceeds max_num_tokens_per_sample or cannot fit an empty pack."""
+    b = c.budget
+    text, vit, vae, n_vae, h, w = sizes
+    total = text + vit + vae
+    return (total > c.max_tokens_per_sample or total > c.max_tokens or text > b.text_tokens
+            or vit > b.vit_tokens or vae > b.vae_tokens or n_vae > b.vae_images
+            or h > b.vae_image_size[0] or w > b.vae_image_size[1])
+
+
+# ---------------------------------------------------------------------------------------------- stacking
+
+_STACK_FIELDS = tuple(f.name for f in dataclasses.fields(PackedBatch) if f.name not in ("num_tokens", "num_samples"))
+
+
+def stack_packs(batches: Sequence[PackedBatch]) -> PackedBatch:
+    """`packing.stack_batches` without copying padding: one pack becomes views with a leading axis; for
+    several, the padded VAE image tensor is allocated zeroed (lazily, by the OS) and only the real pixels
+    are copied. Same arrays as `stack_batches`."""
+    if not batches:
+        raise ValueError("stack_packs needs at least one PackedBatch")
+    if len(batches) == 1:
+        b = batches[0]
+        fields = {k: getattr(b, k)[None] for k in _STACK_FIELDS}
+    else:
+        fields = {k: np.stack([getattr(b, k) for b in batches]) for k in _STACK_FIELDS if k != "vae_images"}
+        shapes = {b.vae_images.shape for b in batches}
+        if len(shapes) != 1:
+            raise ValueError(f"stack_packs: vae_images shapes differ {sorted(shapes)} (different budgets?)")
+        vi = np.zeros((len(batches), *batches[0].vae_images.shape), batches[0].vae_images.dtype)
+        for i, b in enumerate(batches):
+            for j, (h, w) in enumerate(b.vae_image_hw):
+                if h and w:
+                    vi[i, j, :h, :w] = b.vae_images[j, :h, :w]
+        fields["vae_images"] = vi
+    fields["num_tokens"] = np.asarray([b.num_tokens for b in batches], np.int32)
+    fields["num_samples"] = np.asarray([b.num_samples for b in batches], np.int32)
+    return PackedBatch(**fields)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+
+def _seed32(*parts) -> int:
+    h = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+class DataPipeline:
+    """Builds the element dataset of one process; `iterator()` gives the packed-batch iterator."""
+
+    def __init__(self, config: PipelineConfig, model_cfg: BagelConfig, *, process_index: int = 0,
+                 process_count: int = 1):
+        import grain
+
+        from echo4o_jax.data.records import resolve_shards
+
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        self.config = config
+        self.model_cfg = model_cfg
+        self.process_index = int(process_index)
+        self.process_count = int(process_count)
+        self._check_transforms()
+        self._check_tokenizer()
+        b = config.budget
+        if b.vae_image_size[0] % model_cfg.latent_downsample or b.vae_image_size[1] % model_cfg.latent_downsample:
+            raise ValueError(f"budget.vae_image_size={b.vae_image_size} must be multiples of "
+                             f"{model_cfg.latent_downsample}")
+
+        self.shards: list[list[str]] = []
+        parts = []
+        for i, spec in enumerate(config.datasets):
+            files = resolve_shards(list(spec.path) if isinstance(spec.path, tuple) else spec.path)
+            self.shards.append(files)
+            src = grain.sources.ArrayRecordDataSource(files)
+            n = len(src)
+            if n < process_count:
+                raise ValueError(f"dataset {spec.label} has {n} records, fewer than {process_count} processes")
+            ds = grain.MapDataset.source(src)
+            if config.shuffle:
+                ds = ds.shuffle(seed=_seed32(config.seed, i, "shuffle"))
+            ds = ds.slice(slice(self.process_index, None, self.process_count))
+            ds = ds.repeat(config.num_epochs)
+            parts.append(ds.map(_TagDataset(i)))
+        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [d.weight for d in config.datasets])
+        self.elements = mixed.map_with_index(_Prepare(config, model_cfg))
+        self.fingerprint = self._fingerprint()
+
+    # -------------------------------------------------------------------------------------- checks
+    def _check_transforms(self) -> None:
+        c, m = self.config, self.model_cfg
+        for spec in c.datasets:
+            vae_t = spec.vae_transform or c.vae_transform
+            vit_t = spec.vit_transform or c.vit_transform
+            if vae_t.stride != m.latent_downsample:
+                raise ValueError(f"dataset {spec.label}: VAE transform stride {vae_t.stride} != model "
+                                 f"latent downsample {m.latent_downsample}")
+            if vit_t.stride != m.vit.patch_size:
+                raise ValueError(f"dataset {spec.label}: ViT transform stride {vit_t.stride} != patch size "
+                                 f"{m.vit.patch_size}")
+            if -(-vae_t.max_size // vae_t.stride) > m.max_latent_size:
+                raise ValueError(f"dataset {spec.label}: VAE max_size {vae_t.max_size} exceeds the model's "
+                                 f"{m.max_latent_size} latent positions per side")
+            if -(-vit_t.max_size // vit_t.stride) > m.vit_max_num_patch_per_side:
+                raise ValueError(f"dataset {spec.label}: ViT max_size {vit_t.max_size} exceeds the model's "
+                                 f"{m.vit_max_num_patch_per_side} patches per side")
+
+    def _check_tokenizer(self) -> None:
+        tok = load_tokenizer(self.config.tokenizer)
+        st = self.model_cfg.special_tokens
+        for field, name in _SPECIAL_TOKEN_NAMES.items():
+            got = tok.token_to_id(name)
+            want = getattr(st, field)
+            if got is not None and got != want:
+                raise ValueError(f"tokenizer {self.config.tokenizer}: {name} has id {got}, the model config "
+                                 f"says {field}={want}")
+        n = tok.get_vocab_size(with_added_tokens=True)
+        if n > self.model_cfg.llm.vocab_size:
+            raise ValueError(f"tokenizer has {n} tokens, more than the model vocab_size "
+                             f"{self.model_cfg.llm.vocab_size}")
+
+    def _fingerprint(self) -> str:
+        c = self.config
+        d = {
+            "datasets": [[[os.path.abspath(f) for f in files], spec.weight] for spec, files in
+                         zip(c.datasets, self.shards)],
+            "transforms": [[repr(s.vae_transform or c.vae_transform), repr(s.vit_transform or c.vit_transform)]
+                           for s in c.datasets],
+            "budget": repr(c.budget),
+            "knobs": [c.expected_num_tokens, c.max_tokens, c.max_tokens_per_sample, c.prefer_buffer_before,
+                      c.max_buffer_size, c.packs_per_step, c.text_dropout, c.vit_dropout, c.vae_dropout,
+                      c.seed, c.shuffle, c.num_epochs],
+            "process": [self.process_index, self.process_count],
+        }
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    # -------------------------------------------------------------------------------------- iterators
+    def element_iterator(self, start: int = 0):
+        """Prepared elements from index `start` on (worker processes if configured)."""
+        import grain
+
+        c = self.config
+        ds = self.elements
+        if start:
+            ds = ds.slice(slice(start, None))
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.read_threads,
+                                                     prefetch_buffer_size=c.read_buffer_size))
+        if c.worker_count > 0:
+            _mark_absl_flags_parsed()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.worker_count,
+                                                                   per_worker_buffer_size=c.worker_buffer_size))
+        return iter(it_ds)
+
+    def iterator(self, state: dict | None = None) -> "PackIterator":
+        return PackIterator(self, state)
+
+
+class _Pack:
+    """A pack under construction: its samples and actual (post-dropout) usage, replaying the dropout
+    draws `pack_samples` will make with the same rng."""
+
+    def __init__(self, pipe: DataPipeline, pack_no: int):
+        c = pipe.config
+        self.seed = [_seed32(c.seed, "pack"), pipe.process_index, pack_no]
+        self.rng = np.random.default_rng(self.seed + [0])
+        self.p = (c.text_dropout, c.vit_dropout, c.vae_dropout)
+        self.elements: list[dict] = []
+        self.text = self.vit = self.vae = self.n_vae = 0
+
+    @property
+    def total(self) -> int:
+        return self.text + self.vit + self.vae
+
+    def fits(self, s, budget: PackBudget, max_tokens: int) -> bool:
+        text, vit, vae, n_vae, _, _ = s
+        return (self.text + text <= budget.text_tokens and self.vit + vit <= budget.vit_tokens
+                and self.vae + vae <= budget.vae_tokens and self.n_vae + n_vae <= budget.vae_images
+                and self.total + text + vit + vae <= max_tokens)
+
+    def add(self, el: dict, cfg: BagelConfig) -> None:
+        p_text, p_vit, p_vae = self.p
+        ti = ii = 0
+        for item in el["sequence_plan"]:
+            drop_cfg = item.get("enable_cfg", 0) == 1
+            if item["type"] == "text":
+                n = len(el["text_ids_list"][ti]) + 2
+                ti += 1
+                if drop_cfg and self.rng.random() < p_text:
+                    continue
+                self.text += n
+                continue
+            H, W, _ = el["images_hwc"][ii].shape
+            ii += 1
+            if item["type"] == "vit_image":
+                if drop_cfg and self.rng.random() < p_vit:
+                    continue
+                ps = cfg.vit.patch_size
+                self.vit += (H // ps) * (W // ps)
+            else:
+                if drop_cfg and self.rng.random() < p_vae:
+                    continue
+                d = cfg.latent_downsample
+                self.vae += (H // d) * (W // d)
+                self.n_vae += 1
+            self.text += 2
+        self.elements.append(el)
+
+    def build(self, pipe: DataPipeline) -> PackedBatch:
+        c = pipe.config
+        samples = [_official_sample(e) for e in self.elements]
+        ts_rng = np.random.default_rng(self.seed + [1])
+        batch = pack_samples(samples, pipe.model_cfg, c.budget, rng=np.random.default_rng(self.seed + [0]),
+                             text_dropout=c.text_dropout, vit_dropout=c.vit_dropout, vae_dropout=c.vae_dropout,
+                             timestep_fn=ts_rng.standard_normal)
+        if batch.num_tokens != self.total:  # the replayed dropout must match pack_samples' draws
+            raise AssertionError(f"packer bookkeeping: {self.total} tokens expected, pack has {batch.num_tokens}")
+        return batch
+
+
+class PackIterator:
+    """Yields `(PackedBatch stacked over packs_per_step, stats)`; `get_state()` / `DataPipeline.iterator(state)`
+    resume exactly."""
+
+    _COUNTERS = ("elements_read", "samples_packed", "tokens_packed", "skipped_too_long", "skipped_errors",
+                 "packs_emitted", "steps_emitted")
+
+    def __init__(self, pipe: DataPipeline, state: dict | None = None):
+        self.pipe = pipe
+        self.cfg = pipe.config
+        self._upstream = None
+        self._pool = None
+        self._exhausted = False
+        self._buffer: list[dict] = []
+        self._carry: list[dict] = []
+        self._next_k = 0
+        self._consecutive_errors = 0
+        self.counters = {k: 0 for k in self._COUNTERS}
+        self.recent_errors: collections.deque = collections.deque(maxlen=20)
+        # main-process seconds (cumulative, not part of the state): waiting for prepared samples /
+        # pack_samples + stack_batches
+        self.timing = {"wait_s": 0.0, "pack_s": 0.0}
+        if state is not None:
+            self._restore(state)
+
+    # -------------------------------------------------------------------------------------- state
+    def get_state(self) -> dict:
+        return {
+            "version": _STATE_VERSION,
+            "fingerprint": self.pipe.fingerprint,
+            "next_element": self._next_k,
+            "exhausted": self._exhausted,
+            "buffer": [e["k"] for e in self._buffer],
+            "carry": [e["k"] for e in self._carry],
+            "counters": dict(self.counters),
+        }
+
+    def _restore(self, state: dict) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"iterator state version {state.get('version')} != {_STATE_VERSION}")
+        if state.get("fingerprint") != self.pipe.fingerprint:
+            raise ValueError("iterator state was saved by a pipeline with another configuration "
+                             f"({state.get('fingerprint')} != {self.pipe.fingerprint})")
+        self._next_k = int(state["next_element"])
+        self._exhausted = bool(state["exhausted"])
+        self._buffer = [self.pipe.elements[int(k)] for k in state["buffer"]]
+        self._carry = [self.pipe.elements[int(k)] for k in state["carry"]]
+        self.counters.update({k: int(v) for k, v in state["counters"].items()})
+
+    # -------------------------------------------------------------------------------------- iteration
+    def __iter__(self) -> "PackIterator":
+        return self
+
+    def close(self) -> None:
+        up, self._upstream = self._upstream, None
+        if up is not None and hasattr(up, "close"):
+            up.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def __enter__(self) -> "PackIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _next_element(self) -> dict | None:
+        if self._exhausted:
+            return None
+        if self._upstream is None:
+            self._upstream = self.pipe.element_iterator(self._next_k)
+        t0 = time.perf_counter()
+        try:
+            el = next(self._upstream)
+        except StopIteration:
+            self.timing["wait_s"] += time.perf_counter() - t0
+            self._exhausted = True
+            self.close()
+            return None
+        self.timing["wait_s"] += time.perf_counter() - t0
+        if el["k"] != self._next_k:
+            raise AssertionError(f"element stream out of order: got {el['k']}, expected {self._next_k}")
+        self._next_k += 1
+        self.counters["elements_read"] += 1
+        return el
+
+    def _fill_pack(self) -> _Pack | None:
+        c = self.cfg
+        m = self.pipe.model_cfg
+        pack = _Pack(self.pipe, self.counters["packs_emitted"])
+        for el in self._carry:
+            pack.add(el, m)
+        self._carry = []
+        while pack.total < c.expected_num_tokens:
+            if pack.total < c.prefer_buffer_before and self._buffer:
+                el, from_buffer = self._buffer.pop(0), True
+            else:
+                el, from_buffer = self._next_element(), False
+                if el is None:
+                    if not self._buffer:
+                        break
+                    el, from_buffer = self._buffer.pop(0), True
+            if el["error"] is not None:
+                self.counters["skipped_errors"] += 1
+                self.recent_errors.append({"k": el["k"], "id": el["id"], "error": el["error"]})
+                self._consecutive_errors += 1
+                if self._consecutive_errors >= c.max_consecutive_errors:
+                    raise RuntimeError(f"{self._consecutive_errors} consecutive samples failed to load; last: "
+                                       f"{list(self.recent_errors)[-3:]}")
+                continue
+            self._consecutive_errors = 0
+            s = el["sizes"]
+            if _too_long(s, c):
+                self.counters["skipped_too_long"] += 1
+                continue
+            if not pack.fits(s, c.budget, c.max_tokens):
+                if not from_buffer and len(self._buffer) < c.max_buffer_size:
+                    self._buffer.append(el)
+                    continue
+                self._carry = [el]
+                break
+            pack.add(el, m)
+        if not pack.elements:
+            return None
+        self.counters["packs_emitted"] += 1
+        return pack
+
+    def __next__(self) -> tuple[PackedBatch, dict]:
+        c = self.cfg
+        packs: list[_Pack] = []
+        while len(packs) < c.packs_per_step:
+            p = self._fill_pack()
+            if p is None:
+                break
+            packs.append(p)
+        if not packs:
+            raise StopIteration
+        t0 = time.perf_counter()
+        if len(packs) > 1 and c.pack_threads > 1:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max_workers=c.pack_threads, thread_name_prefix="echo4o-pack")
+            batches = list(self._pool.map(lambda p: p.build(self.pipe), packs))
+        else:
+            batches = [p.build(self.pipe) for p in packs]
+        end = len(packs) < c.packs_per_step
+        while len(batches) < c.packs_per_step:
+            batches.append(pack_samples([], self.pipe.model_cfg, c.budget, rng=np.random.default_rng(0)))
+        stacked = stack_packs(batches)
+        self.timing["pack_s"] += time.perf_counter() - t0
+        labels = [d.label for d in c.datasets]
+        by_ds = collections.Counter(labels[e["dataset"]] for p in packs for e in p.elements)
+        by_task = collections.Counter(e["task"] for p in packs for e in p.elements)
+        tokens = sum(p.total for p in packs)
+        self.counters["samples_packed"] += sum(len(p.elements) for p in packs)
+        self.counters["tokens_packed"] += tokens
+        self.counters["steps_emitted"] += 1
+        stats = {
+            "step": self.counters["steps_emitted"] - 1,
+            "packs": len(packs),
+            "samples": sum(len(p.elements) for p in packs),
+            "tokens": tokens,
+            "tokens_text": sum(p.text for p in packs),
+            "tokens_vit": sum(p.vit for p in packs),
+            "tokens_vae": sum(p.vae for p in packs),
+            "capacity_tokens": c.packs_per_step * c.budget.total_tokens,
+            "fill": tokens / (c.packs_per_step * c.budget.total_tokens),
+            "samples_by_dataset": dict(by_ds),
+            "samples_by_task": dict(by_task),
+            "sample_ids": [[e["id"] for e in p.elements] for p in packs],
+            "buffer": len(self._buffer),
+            "end_of_data": end or (self._exhausted and not self._buffer and not self._carry),
+            **self.counters,
+            **{f"time_{k}": v for k, v in self.timing.items()},
+        }
+        return stacked, stats

@@ -1,0 +1,326 @@
+"""Importers on small replicas of the released layouts (with corrupt members) and the offline demo data."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from echo4o_jax.data import demo as demo_mod
+from echo4o_jax.data import import_bagel_parquet as ibp
+from echo4o_jax.data import import_echo4o as ie
+from echo4o_jax.data.records import RecordReader, load_manifest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def _jpeg(seed, w=24, h=16):
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, format="JPEG", quality=90)
+    return b.getvalue()
+
+
+def _tar_gz(path, members: dict[str, bytes], truncate: int = 0):
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    if truncate:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - truncate)
+
+
+def _row(i, subset_dir, **kw):
+    r = {"task_type": "t2i", "instruction": f"prompt {i}", "output_image": f"/Echo-4o-Image/{subset_dir}/images/{i:05d}.jpg",
+         "type": f"T{i % 5 + 1}"}
+    r.update(kw)
+    return r
+
+
+def _write_jsonl(path, rows, bad_lines=()):
+    with open(path, "w") as f:
+        for k, r in enumerate(rows):
+            f.write(("{not json" if k in bad_lines else json.dumps(r)) + "\n")
+
+
+def _multiref_parquet(path, rows):
+    pq.write_table(pa.table({"image_list": [r[0] for r in rows], "instruction_list": [r[1] for r in rows],
+                             "source": [f"src{i}" for i in range(len(rows))]}), path)
+
+
+@pytest.fixture
+def echo_root(tmp_path):
+    """A replica of Echo-4o-Image: clean apart from what a test adds."""
+    root = tmp_path / "Echo-4o-Image"
+    sur = root / "Surrel-Fantasy-Image"
+    (sur / "images").mkdir(parents=True)
+    imgs = {i: _jpeg(i) for i in range(5)}
+    _write_jsonl(sur / "conflict.jsonl", [_row(i, "Surrel-Fantasy-Image") for i in range(5)])
+    _tar_gz(sur / "images" / "0-3.tar.gz", {f"{i:05d}.jpg": imgs[i] for i in range(3)})
+    _tar_gz(sur / "images" / "3-5.tar.gz", {f"images/{i:05d}.jpg": imgs[i] for i in range(3, 5)})
+    ins = root / "Instruction-Following-Image"
+    (ins / "images").mkdir(parents=True)
+    _write_jsonl(ins / "Instruction-Following-Image.jsonl",
+                 [_row(i, "Instruction-Following-Image", type="easy", original_prompt=f"four watches {i}")
+                  for i in range(3)] + [{"task_type": "edit", "instruction": "x", "output_image": "y.jpg"}])
+    _tar_gz(ins / "images" / "0-5000.tar.gz", {f"{i:05d}.jpg": _jpeg(100 + i) for i in range(3)})
+    mr = root / "Multi-Reference-Image" / "multi_refer_images_output" / "hum_sce"
+    mr.mkdir(parents=True)
+    _multiref_parquet(mr / "part-0.parquet", [
+        ([_jpeg(200), _jpeg(201), _jpeg(202)], [["put the man from image 1 in the scene of image 2"]]),
+        ([_jpeg(203), _jpeg(204), _jpeg(205), _jpeg(206)], [["three refs"]]),
+    ])
+    return root, imgs
+
+
+def test_echo4o_import_clean(echo_root, tmp_path):
+    root, imgs = echo_root
+    out = tmp_path / "out"
+    assert ie.main(["--root", str(root), "--out", str(out)]) == 0
+    r = RecordReader(out / "surreal", verify=True)
+    assert [x.id for x in r] == [f"echo4o/surreal/{i:05d}" for i in range(5)]
+    for i, x in enumerate(r):
+        assert x.task == "t2i" and x.texts == [f"prompt {i}"] and x.images == [imgs[i]]  # bytes as received
+        assert x.meta["type"] == f"T{i % 5 + 1}" and x.meta["jsonl"].endswith("conflict.jsonl")
+        assert x.meta["line"] == i + 1 and x.meta["member"].endswith(f"{i:05d}.jpg")
+        assert x.image_info[0].format == "jpeg" and (x.image_info[0].width, x.image_info[0].height) == (24, 16)
+    r = RecordReader(out / "instruction")
+    assert len(r) == 3 and r[1].meta["prompt_original"] == "four watches 1" and r[1].meta["type"] == "easy"
+    m = load_manifest(out / "instruction")
+    assert m["skipped"]["by_reason"] == {"task_type 'edit' not imported": 1}
+    r = RecordReader(out / "multiref")
+    assert len(r) == 2 and r[0].task == "multiref" and r[0].meta["category"] == "hum_sce"
+    assert r[0].texts == ["put the man from image 1 in the scene of image 2"] and r[0].meta["extra"] == {"source": "src0"}
+    assert r[1].images[-1] == _jpeg(206) and len(r[1].images) == 4
+    types = [(it["type"], it["loss"], it.get("image")) for it in r[1].plan]
+    assert types == [("vae_image", 0, 0), ("vit_image", 0, 0), ("vae_image", 0, 1), ("vit_image", 0, 1),
+                     ("vae_image", 0, 2), ("vit_image", 0, 2), ("text", 0, None), ("vae_image", 1, 3)]
+
+
+def _corrupt(root):
+    sur = root / "Surrel-Fantasy-Image"
+    rows = [_row(i, "Surrel-Fantasy-Image") for i in range(6)]
+    _write_jsonl(sur / "conflict.jsonl", rows, bad_lines=(1,))  # line 2 is not JSON
+    good = _jpeg(0)
+    _tar_gz(sur / "images" / "0-3.tar.gz", {"00000.jpg": good, "00002.jpg": good[: len(good) // 2],  # truncated
+                                            "notes.txt": b"hello", "00099.jpg": _jpeg(99)})  # no row
+    _tar_gz(sur / "images" / "3-5.tar.gz", {f"{i:05d}.jpg": _jpeg(i) for i in range(3, 5)}, truncate=60)
+    # row 5 (00005.jpg) has no image anywhere
+    mr = root / "Multi-Reference-Image" / "multi_refer_images_output" / "hum_sce"
+    _multiref_parquet(mr / "part-0.parquet", [([_jpeg(1), _jpeg(2)], [["ok"]]),
+                                              ([b"garbage", _jpeg(3)], [["bad image"]]),
+                                              ([_jpeg(4)], [["too few"]])])
+    (mr / "part-1.parquet").write_bytes(b"PAR1 this is not parquet")
+
+
+def test_echo4o_import_corrupt_fail_names_file_and_row(echo_root, tmp_path, capsys):
+    root, _ = echo_root
+    _corrupt(root)
+    with pytest.raises(ie.ImportFailure, match=r"conflict.jsonl:2: invalid JSON line"):
+        ie.import_echo4o(str(root), str(tmp_path / "o1"), subsets=["surreal"])
+    _write_jsonl(root / "Surrel-Fantasy-Image" / "conflict.jsonl", [_row(i, "Surrel-Fantasy-Image") for i in range(6)])
+    with pytest.raises(ie.ImportFailure, match=r"0-3.tar.gz:00002.jpg \(row .*conflict.jsonl:3\): corrupt image"):
+        ie.import_echo4o(str(root), str(tmp_path / "o2"), subsets=["surreal"])
+    with pytest.raises(ie.ImportFailure, match=r"part-0.parquet row 1: corrupt image"):
+        ie.import_echo4o(str(root), str(tmp_path / "o3"), subsets=["multiref"])
+    assert ie.main(["--root", str(root), "--out", str(tmp_path / "o4"), "--subsets", "surreal"]) == 1
+    assert "corrupt image" in capsys.readouterr().err
+    m = load_manifest(tmp_path / "o4" / "surreal")
+    assert not m["complete"] and "ImportFailure" in m["error"]
+
+
+def test_echo4o_import_corrupt_skip_counts(echo_root, tmp_path):
+    root, imgs = echo_root
+    _corrupt(root)
+    res = ie.import_echo4o(str(root), str(tmp_path / "o"), subsets=["surreal", "multiref"], on_error="skip")
+    s = res["surreal"]
+    assert s["complete"] and s["records"] == 2  # 00000, and 00003 read before the archive breaks
+    assert s["skipped"]["by_reason"] == {
+        "invalid JSON line": 1, "corrupt image": 1, "image without a jsonl row": 1, "unreadable archive": 1,
+        "image not found in any archive": 2,  # 00004 (lost with the archive tail) and 00005
+    }
+    assert s["skipped"]["count"] == sum(s["skipped"]["by_reason"].values())
+    assert any("3-5.tar.gz" in e["where"] for e in s["skipped"]["examples"])
+    m = res["multiref"]
+    assert m["records"] == 1 and m["skipped"]["by_reason"] == {
+        "corrupt image": 1, "image_list needs >= 2 images (refs + target)": 1, "unreadable parquet": 1}
+    assert [x.id for x in RecordReader(tmp_path / "o" / "surreal")] == ["echo4o/surreal/00000", "echo4o/surreal/00003"]
+
+
+def _bagel_t2i(path, n, bad=()):
+    caps = [json.dumps({"short": f"cap {i}", "long": f"a long caption {i}"}) for i in range(n)]
+    caps[0] = json.dumps({"only": "single caption"})
+    imgs = [(_jpeg(300 + i) if i not in bad else b"\x89PNG broken") for i in range(n)]
+    pq.write_table(pa.table({"image": imgs, "captions": caps, "aesthetic": [5.5] * n}), path)
+
+
+def _bagel_edit(path):
+    rows = {"image_list": [[_jpeg(400), _jpeg(401), _jpeg(402)], [_jpeg(403), _jpeg(404)]],
+            "instruction_list": [[["make it red", "paint it red"], ["add a hat"]], [["zoom in"]]]}
+    pq.write_table(pa.table(rows), path)
+
+
+def test_bagel_parquet_t2i_and_edit(tmp_path):
+    src = tmp_path / "bagel_t2i"
+    src.mkdir()
+    _bagel_t2i(src / "p0.parquet", 3)
+    _bagel_t2i(src / "p1.parquet", 2)
+    assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "t2i")]) == 0
+    r = RecordReader(tmp_path / "t2i", verify=True)
+    assert [x.id for x in r] == [f"bagel_t2i/p0/{i}" for i in range(3)] + [f"bagel_t2i/p1/{i}" for i in range(2)]
+    assert r[0].texts == ["single caption"] and r[1].texts == [["cap 1", "a long caption 1"]]
+    assert r[1].images == [_jpeg(301)] and r[1].meta["extra"] == {"aesthetic": 5.5}
+    assert r[1].meta["caption_keys"] == ["short", "long"]
+
+    ed = tmp_path / "edit.parquet"
+    _bagel_edit(ed)
+    m = ibp.import_bagel_parquet([str(ed)], str(tmp_path / "pairs"), kind="edit")
+    assert m["records"] == 3
+    r = RecordReader(tmp_path / "pairs")
+    assert [x.id for x in r] == ["edit/edit/0/0", "edit/edit/0/1", "edit/edit/1/0"]
+    assert r[0].texts == [["make it red", "paint it red"]] and r[0].images == [_jpeg(400), _jpeg(401)]
+    assert r[1].texts == ["add a hat"] and r[1].images == [_jpeg(401), _jpeg(402)] and r[1].meta["step"] == 1
+    m = ibp.import_bagel_parquet([str(ed)], str(tmp_path / "chain"), kind="edit", edit_mode="chain")
+    r = RecordReader(tmp_path / "chain")
+    assert len(r) == 2 and len(r[0].images) == 3 and r[0].task == "edit"
+    assert [it["type"] for it in r[0].plan] == ["vae_image", "vit_image", "text", "vae_image", "vae_image",
+                                                 "vit_image", "text", "vae_image"]
+
+
+def test_bagel_parquet_errors(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    _bagel_t2i(src / "a.parquet", 4, bad=(2,))
+    (src / "b.parquet").write_bytes(b"not a parquet file at all")
+    with pytest.raises(ibp.ImportFailure, match=r"a.parquet row 2: corrupt image"):
+        ibp.import_bagel_parquet([str(src)], str(tmp_path / "o1"), kind="t2i")
+    assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o2")]) == 1
+    assert "a.parquet row 2" in capsys.readouterr().err
+    m = ibp.import_bagel_parquet([str(src)], str(tmp_path / "o3"), kind="t2i", on_error="skip")
+    assert m["records"] == 3 and m["skipped"]["by_reason"] == {"corrupt image": 1, "unreadable parquet": 1}
+    bad_edit = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"image_list": [[_jpeg(1), _jpeg(2)]], "instruction_list": [[["a"], ["b"]]]}), bad_edit)
+    with pytest.raises(ibp.ImportFailure, match=r"e.parquet row 0: instruction_list must have"):
+        ibp.import_bagel_parquet([str(bad_edit)], str(tmp_path / "o4"), kind="edit")
+
+
+def test_imported_multiref_through_pipeline(echo_root, tmp_path):
+    """End to end: an imported multi-reference row packs with the official plan (ViT per reference,
+    clean VAE refs, noisy target)."""
+    from echo4o_jax.config import BagelConfig
+    from echo4o_jax.data.pipeline import DataPipeline, DatasetSpec, PipelineConfig
+    from echo4o_jax.image_transform import ImageTransform
+    from echo4o_jax.packing import PackBudget
+
+    from conftest import DEFAULT_GOLDEN
+
+    root, _ = echo_root
+    ie.import_echo4o(str(root), str(tmp_path / "o"), subsets=["multiref"])
+    cfg = BagelConfig.from_checkpoint_dir(DEFAULT_GOLDEN)
+    tok = demo_mod.build_tokenizer()
+    tok.save(str(tmp_path / "tok.json"))
+    special = demo_mod.special_tokens_info(tok)
+    cfg = cfg.replace(special_tokens=type(cfg.special_tokens)(
+        special["bos_token_id"], special["eos_token_id"], special["start_of_image"], special["end_of_image"]))
+    pc = PipelineConfig(datasets=(DatasetSpec(str(tmp_path / "o" / "multiref")),), tokenizer=str(tmp_path / "tok.json"),
+                        budget=PackBudget(200, 100, 100, 8, (32, 32)), expected_num_tokens=10**6, num_epochs=1,
+                        shuffle=False, text_dropout=0, vit_dropout=0, vae_dropout=0,
+                        vae_transform=ImageTransform(32, 16, 16), vit_transform=ImageTransform(28, 14, 14))
+    b, st = next(DataPipeline(pc, cfg).iterator())
+    assert st["sample_ids"] == [["echo4o/multiref/multi_refer_images_output/hum_sce/part-0/0",
+                                 "echo4o/multiref/multi_refer_images_output/hum_sce/part-0/1"]]
+    n_vit = len(set(b.vit_image_id[0][b.vit_image_id[0] >= 0].tolist()))
+    assert n_vit == 2 + 3  # one ViT image per reference
+    assert int((b.vae_image_hw[0][:, 0] > 0).sum()) == 3 + 4 and int(b.mse_mask[0].sum()) > 0
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+
+def test_demo_dataset(tmp_path):
+    out = tmp_path / "demo"
+    assert demo_mod.main(["--out", str(out), "--t2i", "40", "--multiref", "12", "--understanding", "8"]) == 0
+    info = json.loads((out / "demo.json").read_text())
+    assert info["counts"] == {"t2i": 40, "multiref": 12, "understanding": 8}
+    tok = demo_mod.build_tokenizer()
+    unk = tok.token_to_id("<unk>")
+    st = json.loads((out / "tokenizer" / "special_tokens.json").read_text())
+    assert st["bos_token_id"] == tok.token_to_id("<|im_start|>") and st["vocab_size"] == len(demo_mod.demo_vocabulary())
+    tags = set()
+    for name in ("t2i", "multiref", "understanding"):
+        for rec in RecordReader(out / name, verify=True):
+            for t in rec.texts:
+                assert unk not in tok.encode(t, add_special_tokens=False).ids
+            m = rec.meta
+            tags.add(m["tag"])
+            img = np.asarray(Image.open(io.BytesIO(rec.images[-1 if name == "multiref" else 0])).convert("RGB"))
+            W, H = m["canvas"]
+            assert img.shape == (H, W, 3)
+            mask = np.zeros((H, W), bool)
+            for o in m["objects"]:  # exact ground truth: the object colour at its centre, background elsewhere
+                x0, y0, x1, y1 = o["bbox"]
+                assert 0 <= x0 < x1 <= W and 0 <= y0 < y1 <= H
+                cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+                assert tuple(img[cy, cx]) == demo_mod.COLORS[o["color"]], (rec.id, o)
+                mask[y0:y1, x0:x1] = True
+            assert (img[~mask] == demo_mod.BACKGROUND).all()
+            by_class = {}
+            for o in m["objects"]:
+                by_class[o["class"]] = by_class.get(o["class"], 0) + 1
+            for inc in m["include"]:
+                assert by_class[inc["class"]] == inc["count"]
+                objs = [o for o in m["objects"] if o["class"] == inc["class"]]
+                for o in objs:
+                    x0, y0, x1, y1 = o["bbox"]
+                    reg = inc.get("region")
+                    assert {"left": x1 <= W // 2 + 1, "right": x0 >= W // 2 - 1, "above": y1 <= H // 2 + 1,
+                            "below": y0 >= H // 2 - 1, None: True, "middle": True}[reg]
+                    if "color" in inc:
+                        assert o["color"] == inc["color"]
+            if m["tag"] == "size_spatial_attr":
+                big = {i["class"]: i["size"] for i in m["include"]}
+                sz = {o["class"]: o["size_px"] for o in m["objects"]}
+                lg = [c for c, s in big.items() if s == "larger"][0]
+                sm = [c for c, s in big.items() if s == "smaller"][0]
+                assert sz[lg] > sz[sm]
+            if name == "multiref":
+                assert len(rec.images) == len(m["references"]) + 1
+                for k, inc in enumerate(m["include"]):
+                    ref = m["references"][inc["reference"] - 1][0]
+                    assert (ref["class"], ref["color"]) == (inc["class"], inc["color"])
+                    assert f"image {inc['reference']}" in rec.texts[0]
+    assert set(demo_mod.TAGS) <= tags | {"single_object"} and "multiref" in tags
+    # deterministic
+    demo_mod.write_demo(str(tmp_path / "demo2"), n_t2i=40, n_multiref=12, n_understanding=8)
+    for name in ("t2i", "multiref", "understanding"):
+        a = load_manifest(out / name)["shards"]
+        b = load_manifest(tmp_path / "demo2" / name)["shards"]
+        assert [s["sha256"] for s in a] == [s["sha256"] for s in b]
+
+
+def test_demo_pipeline_config_packs(tmp_path):
+    from echo4o_jax.config import BagelConfig, SpecialTokens
+    from echo4o_jax.data.pipeline import DataPipeline
+    from echo4o_jax.packing import PackBudget
+
+    from conftest import DEFAULT_GOLDEN
+
+    out = str(tmp_path / "demo")
+    info = demo_mod.write_demo(out, n_t2i=24, n_multiref=6, n_understanding=6)
+    s = info["special_tokens"]
+    cfg = BagelConfig.from_checkpoint_dir(DEFAULT_GOLDEN, special_tokens=SpecialTokens(
+        s["bos_token_id"], s["eos_token_id"], s["start_of_image"], s["end_of_image"]))
+    pc = demo_mod.demo_pipeline_config(out, PackBudget(128, 64, 96, 8, (64, 64)), num_epochs=1)
+    n = 0
+    for b, st in DataPipeline(pc, cfg).iterator():
+        n += st["samples"]
+        assert (b.text_ids[b.text_ids >= 0] < s["vocab_size"]).all()
+    assert n == 36

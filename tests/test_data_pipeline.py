@@ -1,0 +1,433 @@
+"""The Grain pipeline: packing semantics (golden samples_json), policy, dropout, determinism, exact resume
+(also with 2 worker processes), process sharding, mixing, skips."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DEFAULT_GOLDEN, load_npz, npz_json
+from echo4o_jax.config import BagelConfig, SpecialTokens
+from echo4o_jax.data.pipeline import DataPipeline, DatasetSpec, PipelineConfig, load_tokenizer, stack_packs
+from echo4o_jax.data.records import (
+    Record,
+    RecordWriter,
+    multiref_record,
+    t2i_record,
+    text_item,
+    understanding_record,
+    vae_item,
+    vit_item,
+)
+from echo4o_jax.image_transform import ImageTransform
+from echo4o_jax.packing import (
+    PackBudget,
+    PackedBatch,
+    batch_arrays,
+    budget_for,
+    pack_samples,
+    stack_batches,
+    to_official,
+)
+
+VAE_T = ImageTransform(64, 16, 16)
+VIT_T = ImageTransform(56, 14, 14)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _tokenizer_json(path, n_words=150, specials=(150, 151, 152, 153)):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(n_words)}
+    for name, i in zip(("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"), specials):
+        vocab[name] = i
+    vocab["[UNK]"] = max(vocab.values()) + 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
+def _png(arr_u8_hwc) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(arr_u8_hwc).save(b, format="PNG")
+    return b.getvalue()
+
+
+def _rand_png(rng, w, h):
+    return _png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _words(rng, n):
+    return " ".join(f"w{int(i)}" for i in rng.integers(0, 150, n))
+
+
+def _write_dataset(d, n, seed, *, prefix="r", huge=(), corrupt=()):
+    """n mixed records (t2i / multiref / understanding) of varied sizes."""
+    rng = np.random.default_rng(seed)
+    sizes = (16, 32, 48, 64)
+    with RecordWriter(d, shard_bytes=6000, name=prefix) as w:
+        for i in range(n):
+            rid = f"{prefix}{i}"
+            kind = i % 3
+            side = lambda: int(rng.choice(sizes))  # noqa: E731
+            if i in huge:  # more VAE tokens than any pack holds
+                imgs = [_rand_png(rng, 64, 64) for _ in range(5)]
+                w.write(multiref_record(rid, imgs[:4], _words(rng, 4), imgs[4]))
+            elif kind == 0:
+                img = _rand_png(rng, side(), side())
+                if i in corrupt:
+                    img = img[: len(img) // 2]  # header readable, pixels truncated
+                w.write(t2i_record(rid, [_words(rng, int(rng.integers(2, 9))), _words(rng, 3)], img))
+            elif kind == 1:
+                refs = [_rand_png(rng, side(), side()) for _ in range(int(rng.integers(1, 3)))]
+                w.write(multiref_record(rid, refs, _words(rng, int(rng.integers(3, 7))),
+                                        _rand_png(rng, side(), side())))
+            else:
+                w.write(understanding_record(rid, _rand_png(rng, 42, 28), _words(rng, 3),
+                                             _words(rng, int(rng.integers(2, 6)))))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def model_cfg():
+    return BagelConfig.from_checkpoint_dir(DEFAULT_GOLDEN)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    return {
+        "tok": _tokenizer_json(root / "tok.json"),
+        "a": _write_dataset(root / "a", 60, 0, prefix="a"),
+        "b": _write_dataset(root / "b", 30, 1, prefix="b"),
+        "bad": _write_dataset(root / "bad", 12, 2, prefix="x", huge=(4, 7), corrupt=(3,)),
+    }
+
+
+BUDGET = PackBudget(text_tokens=96, vit_tokens=48, vae_tokens=64, vae_images=6, vae_image_size=(64, 64))
+
+
+def _cfg(data, **kw):
+    base = dict(datasets=(DatasetSpec(data["a"]),), tokenizer=data["tok"], budget=BUDGET,
+                expected_num_tokens=150, vae_transform=VAE_T, vit_transform=VIT_T, seed=3)
+    base.update(kw)
+    return PipelineConfig(**base)
+
+
+def _run(pipe, n, state=None):
+    it = pipe.iterator(state)
+    out = []
+    try:
+        for _ in range(n):
+            try:
+                b, st = next(it)
+            except StopIteration:
+                break
+            out.append((batch_arrays(b), st))
+        return out, it.get_state()
+    finally:
+        it.close()
+
+
+def _assert_same(x, y):
+    assert len(x) == len(y)
+    for (ba, sa), (bb, sb) in zip(x, y):
+        assert sa["sample_ids"] == sb["sample_ids"]
+        for k in ba:
+            np.testing.assert_array_equal(ba[k], bb[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- golden
+
+
+def _golden_records(g, samples):
+    """The golden samples as records: ids become words w<id>; images lossless PNG."""
+    recs = []
+    for i, s in enumerate(samples):
+        plan, images, ti = [], [], 0
+        texts = [" ".join(f"w{t}" for t in ids) for ids in s["text_ids_list"]]
+        for it in s["sequence_plan"]:
+            item = {k: it[k] for k in ("type", "loss", "enable_cfg", "special_token_loss", "special_token_label")}
+            if it["type"] != "text":
+                a = g[f"sample_{i}_image_{len(images)}"]
+                u8 = np.round((a * 0.5 + 0.5) * 255).astype(np.uint8).transpose(1, 2, 0)
+                item["image"] = len(images)
+                images.append(_png(u8))
+            plan.append(item)
+        n_loss = sum(it["type"] == "vae_image" and it["loss"] for it in plan)
+        task = "understanding" if not n_loss else ("t2i" if len(images) == 1 else "multiref")
+        recs.append(Record(id=f"golden{i}", task=task, plan=plan, texts=texts, images=images))
+    return recs
+
+
+def test_golden_samples_through_pipeline(golden_dir, tmp_path):
+    """Records made from the official samples, through decode / resize / tokenise / pack, give the
+    packer's (and the official) packed batch."""
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir)
+    g = load_npz(golden_dir / "train_step.npz")
+    samples = npz_json(g["samples_json"])
+    for i, s in enumerate(samples):
+        n_img = sum(it["type"] != "text" for it in s["sequence_plan"])
+        s["image_tensor_list"] = [g[f"sample_{i}_image_{j}"] for j in range(n_img)]
+    st = cfg.special_tokens
+    tok = _tokenizer_json(tmp_path / "tok.json", n_words=min(st.bos_token_id, st.eos_token_id,
+                                                              st.start_of_image, st.end_of_image),
+                          specials=(st.bos_token_id, st.eos_token_id, st.start_of_image, st.end_of_image))
+    with RecordWriter(tmp_path / "golden", name="golden") as w:
+        for r in _golden_records(g, samples):
+            w.write(r)
+    tight = budget_for(samples, cfg)
+    ds = cfg.latent_downsample
+    budget = dataclasses.replace(tight, text_tokens=tight.text_tokens + 3, vae_images=tight.vae_images + 1,
+                                 vae_image_size=(tight.vae_image_size[0] + ds, tight.vae_image_size[1]))
+    sizes = [max(max(a.shape[1:]) for a in s["image_tensor_list"]) for s in samples]
+    pc = PipelineConfig(datasets=(DatasetSpec(str(tmp_path / "golden")),), tokenizer=tok, budget=budget,
+                        expected_num_tokens=10**6, shuffle=False, num_epochs=1, text_dropout=0.0,
+                        vit_dropout=0.0, vae_dropout=0.0,
+                        vae_transform=ImageTransform(max(sizes), ds, ds),
+                        vit_transform=ImageTransform(max(sizes), cfg.vit.patch_size, cfg.vit.patch_size))
+    it = DataPipeline(pc, cfg).iterator()
+    batch, stats = next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    assert stats["sample_ids"] == [["golden0", "golden1", "golden2"]] and stats["end_of_data"]
+    one = batch_arrays(batch)
+    one = {k: v[0] for k, v in one.items()}
+    pb = PackedBatch(**one)
+    o = to_official(pb)
+    for k in ("sample_lens", "packed_text_ids", "packed_text_indexes", "packed_position_ids",
+              "packed_vit_position_ids", "packed_vit_token_indexes", "vit_token_seqlens",
+              "packed_latent_position_ids", "packed_vae_token_indexes", "patchified_vae_latent_shapes",
+              "mse_loss_indexes", "packed_label_ids", "ce_loss_indexes"):
+        np.testing.assert_array_equal(o[k], g[k], err_msg=k)
+    np.testing.assert_allclose(o["packed_vit_tokens"], g["packed_vit_tokens"], atol=1e-6)
+    np.testing.assert_allclose(o["padded_images"], g["padded_images"], atol=1e-6)
+    np.testing.assert_allclose(o["ce_loss_weights"], g["ce_loss_weights"], rtol=1e-6)
+    assert np.array_equal(np.isfinite(o["packed_timesteps"]), np.isfinite(g["packed_timesteps_raw"]))
+    # and equal to pack_samples on the official samples (timesteps aside)
+    ref = pack_samples(copy.deepcopy(samples), cfg, budget, rng=np.random.default_rng(0))
+    for k, v in batch_arrays(ref).items():
+        if k == "timestep_raw":
+            assert np.array_equal(np.isfinite(v), np.isfinite(one[k]))
+            continue
+        if v.dtype.kind == "f":
+            np.testing.assert_allclose(one[k], v, atol=1e-6, err_msg=k)
+        else:
+            np.testing.assert_array_equal(one[k], v, err_msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- policy
+
+
+def _reference_packs(elements, c: PipelineConfig):
+    """The official PackedDataset.__iter__ loop on total token counts (no dropout), with the documented
+    deviation: a sample that neither fits nor can be buffered starts the next pack."""
+    packs, cur, curr, buffer = [], [], 0, []
+    it = iter(elements)
+    while True:
+        if curr < c.prefer_buffer_before and buffer:
+            s, fb = buffer.pop(0), True
+        else:
+            s, fb = next(it, None), False
+            if s is None:
+                if not buffer:
+                    break
+                s, fb = buffer.pop(0), True
+        n = s[1]
+        if n > c.max_tokens_per_sample:
+            continue
+        if curr + n > c.max_tokens:
+            if len(buffer) < c.max_buffer_size and not fb:
+                buffer.append(s)
+                continue
+            packs.append(cur)
+            cur, curr = [s], n
+            if curr >= c.expected_num_tokens:
+                packs.append(cur)
+                cur, curr = [], 0
+            continue
+        cur.append(s)
+        curr += n
+        if curr >= c.expected_num_tokens:
+            packs.append(cur)
+            cur, curr = [], 0
+    if cur:
+        packs.append(cur)
+    return [[x[0] for x in p] for p in packs]
+
+
+def test_packing_policy_matches_official_loop(data, model_cfg):
+    big = PackBudget(text_tokens=400, vit_tokens=400, vae_tokens=400, vae_images=40, vae_image_size=(64, 64))
+    c = _cfg(data, budget=big, max_num_tokens=70, expected_num_tokens=55, max_num_tokens_per_sample=45,
+             prefer_buffer_before=25, max_buffer_size=3, num_epochs=1, text_dropout=0.0, vit_dropout=0.0,
+             vae_dropout=0.0)
+    pipe = DataPipeline(c, model_cfg)
+    n = len(pipe.elements)
+    els = [pipe.elements[k] for k in range(n)]
+    ref = _reference_packs([(e["id"], sum(e["sizes"][:3])) for e in els], c)
+    out, _ = _run(pipe, 1000)
+    got = [p for _, st in out for p in st["sample_ids"]]
+    assert got == ref
+    assert any(sum(e["sizes"][:3]) > 45 for e in els)  # the per-sample limit was exercised
+    assert out[-1][1]["skipped_too_long"] == sum(sum(e["sizes"][:3]) > 45 for e in els)
+    assert max(st["buffer"] for _, st in out) >= 1  # the overflow buffer was used
+    for b, st in out:  # every pack within the hard cap
+        assert (b["num_tokens"] <= 70).all()
+
+
+def test_dropout_through_pack_samples(data, model_cfg):
+    # all conditions dropped: no caption / ViT / clean-VAE tokens remain, targets and answers stay
+    c = _cfg(data, text_dropout=1.0, vit_dropout=1.0, vae_dropout=1.0, num_epochs=1)
+    out, _ = _run(DataPipeline(c, model_cfg), 1000)
+    for b, st in out:  # ViT images left: those of understanding samples (not CFG-droppable)
+        n_und = sum(int(i[1:]) % 3 == 2 for i in st["sample_ids"][0])
+        assert len(set(b["vit_image_id"][0][b["vit_image_id"][0] >= 0].tolist())) == n_und
+        real_vae = b["vae_image_index"] >= 0
+        assert b["mse_mask"][real_vae].all()  # only noisy targets left
+    # partial dropout: the packer's replayed draws agree with pack_samples (asserted inside) over many packs
+    c = _cfg(data, text_dropout=0.5, vit_dropout=0.5, vae_dropout=0.5, num_epochs=1, packs_per_step=2)
+    out, _ = _run(DataPipeline(c, model_cfg), 1000)
+    assert sum(st["samples"] for _, st in out) == 60
+
+
+def test_same_seed_same_order_and_shapes(data, model_cfg):
+    c = _cfg(data, packs_per_step=2)
+    a, _ = _run(DataPipeline(c, model_cfg), 4)
+    b, _ = _run(DataPipeline(dataclasses.replace(c, pack_threads=1), model_cfg), 4)
+    _assert_same(a, b)
+    d, _ = _run(DataPipeline(dataclasses.replace(c, seed=4), model_cfg), 4)
+    assert [st["sample_ids"] for _, st in a] != [st["sample_ids"] for _, st in d]
+    L = BUDGET.total_tokens
+    for arr, st in a:
+        assert arr["sample_id"].shape == (2, L) and arr["vae_images"].shape == (2, 6, 64, 64, 3)
+        assert st["packs"] == 2 and 0 < st["fill"] <= 1 and st["tokens"] == int(arr["num_tokens"].sum())
+
+
+def test_stack_packs_equals_stack_batches(data, model_cfg):
+    c = _cfg(data, packs_per_step=1)
+    it = DataPipeline(c, model_cfg).iterator()
+    packs = [next(it)[0] for _ in range(3)]
+    one = [PackedBatch(**{k: v[0] for k, v in batch_arrays(p).items()}) for p in packs]
+    one.append(pack_samples([], model_cfg, BUDGET, rng=np.random.default_rng(0)))
+    for group in (one[:1], one):
+        x, y = batch_arrays(stack_packs(group)), batch_arrays(stack_batches(group))
+        for k in y:
+            assert x[k].dtype == y[k].dtype
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    it.close()
+
+
+def test_resume_exact(data, model_cfg):
+    c = _cfg(data, datasets=(DatasetSpec(data["a"], 2.0), DatasetSpec(data["b"], 1.0)), packs_per_step=2,
+             max_buffer_size=4)
+    pipe = DataPipeline(c, model_cfg)
+    full, _ = _run(pipe, 9)
+    head, state = _run(pipe, 4)
+    _assert_same(head, full[:4])
+    state = json.loads(json.dumps(state))  # JSON-serialisable
+    assert state["buffer"] or state["carry"]  # the restore of buffered samples is exercised
+    tail, _ = _run(DataPipeline(c, model_cfg), 5, state=state)
+    _assert_same(tail, full[4:])
+    with pytest.raises(ValueError, match="another configuration"):
+        DataPipeline(dataclasses.replace(c, seed=9), model_cfg).iterator(state)
+
+
+def test_resume_exact_with_two_workers(data, model_cfg):
+    c = _cfg(data, packs_per_step=2, max_buffer_size=4)
+    ref, _ = _run(DataPipeline(c, model_cfg), 6)
+    cw = dataclasses.replace(c, worker_count=2, worker_buffer_size=2, read_threads=1)
+    head, state = _run(DataPipeline(cw, model_cfg), 3)
+    _assert_same(head, ref[:3])
+    tail, _ = _run(DataPipeline(cw, model_cfg), 3, state=json.loads(json.dumps(state)))
+    _assert_same(tail, ref[3:])
+
+
+def test_two_processes_see_each_sample_once_per_epoch(data, model_cfg):
+    seen = {}
+    for epochs in (1, 2):
+        ids = []
+        orders = []
+        for p in range(2):
+            c = _cfg(data, num_epochs=epochs, packs_per_step=3)
+            out, _ = _run(DataPipeline(c, model_cfg, process_index=p, process_count=2), 10**6)
+            pid = [i for _, st in out for pack in st["sample_ids"] for i in pack]
+            assert out[-1][1]["end_of_data"] and out[-1][1]["skipped_too_long"] == 0
+            ids += pid
+            orders.append(pid)
+            last = out[-1][0]
+            assert last["sample_id"].shape[0] == 3
+        seen[epochs] = (ids, orders)
+    ids1 = seen[1][0]
+    assert sorted(ids1) == sorted(f"a{i}" for i in range(60))  # each exactly once
+    assert not set(seen[1][1][0]) & set(seen[1][1][1])  # disjoint per process
+    ids2 = seen[2][0]
+    assert sorted(ids2) == sorted([f"a{i}" for i in range(60)] * 2)
+
+
+def test_mixing_by_weight(data, model_cfg):
+    c = _cfg(data, datasets=(DatasetSpec(data["a"], 3.0, name="A"), DatasetSpec(data["b"], 1.0, name="B")),
+             text_dropout=0.0)
+    pipe = DataPipeline(c, model_cfg)
+    names = [pipe.elements[k]["id"][0] for k in range(200)]
+    assert names.count("a") == 150 and names.count("b") == 50
+    out, _ = _run(pipe, 3)
+    tot = {}
+    for _, st in out:
+        for k, v in st["samples_by_dataset"].items():
+            tot[k] = tot.get(k, 0) + v
+    assert set(tot) <= {"A", "B"}
+
+
+def test_overlong_and_corrupt_samples_counted(data, model_cfg):
+    c = _cfg(data, datasets=(DatasetSpec(data["bad"]),), num_epochs=1, shuffle=False)
+    out, state = _run(DataPipeline(c, model_cfg), 100)
+    ids = [i for _, st in out for p in st["sample_ids"] for i in p]
+    st = out[-1][1]
+    assert st["skipped_too_long"] == 2
+    assert st["skipped_errors"] == 1
+    assert sorted(ids) == sorted(f"x{i}" for i in range(12) if i not in (3, 4, 7))
+    assert state["counters"]["elements_read"] == 12
+
+
+def test_config_checks(data, model_cfg, tmp_path):
+    with pytest.raises(ValueError, match="stride"):
+        DataPipeline(_cfg(data, vae_transform=ImageTransform(64, 16, 8)), model_cfg)
+    with pytest.raises(ValueError, match="latent positions"):
+        DataPipeline(_cfg(data, vae_transform=ImageTransform(256, 16, 16)), model_cfg)
+    other = model_cfg.replace(special_tokens=SpecialTokens(1, 2, 3, 4))
+    with pytest.raises(ValueError, match="<|im_start|>"):
+        DataPipeline(_cfg(data), other)
+    with pytest.raises(ValueError, match="weight"):
+        _cfg(data, datasets=(DatasetSpec(data["a"], 0.0),))
+    with pytest.raises(ValueError, match="process_index"):
+        DataPipeline(_cfg(data), model_cfg, process_index=2, process_count=2)
+
+
+def test_tokenizer_from_vocab_and_merges(tmp_path):
+    """A checkpoint folder without tokenizer.json: Qwen2-style BPE from vocab.json + merges.txt."""
+    from tokenizers import pre_tokenizers
+
+    bl = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(bl))}
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    n = len(vocab)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(n): {"content": "<|im_start|>", "special": True}, str(n + 1): {"content": "<|im_end|>", "special": True}}}))
+    tok = load_tokenizer(tmp_path)
+    enc = tok.encode("hello world", add_special_tokens=False)
+    assert enc.tokens[:2] == ["hello", "Ġw"] and tok.decode(enc.ids) == "hello world"
+    assert tok.token_to_id("<|im_end|>") == n + 1
+    assert tok.encode("<|im_start|>hello", add_special_tokens=False).ids[0] == n

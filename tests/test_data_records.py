@@ -1,0 +1,232 @@
+"""Record format, writer (shards, manifest, crash safety, append), reader and the inspect CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from echo4o_jax.data import inspect as inspect_cli
+from echo4o_jax.data.records import (
+    FORMAT_VERSION,
+    MAGIC,
+    ImageInfo,
+    Record,
+    RecordError,
+    RecordReader,
+    RecordWriter,
+    decode_header,
+    decode_record,
+    edit_record,
+    encode_record,
+    load_manifest,
+    multiref_record,
+    t2i_record,
+    text_item,
+    understanding_record,
+    vae_item,
+    vit_item,
+)
+
+
+def _img(w, h, seed, fmt="PNG", mode="RGB"):
+    a = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    im = Image.fromarray(a).convert(mode)
+    b = io.BytesIO()
+    im.save(b, format=fmt)
+    return b.getvalue()
+
+
+def _records():
+    jpg = _img(40, 24, 1, "JPEG")
+    return [
+        t2i_record("t2i/0", "a photo of a red circle", jpg, source="echo4o", subset="surreal",
+                   meta={"type": "T1", "prompt_original": "a red ball", "nested": {"a": [1, 2.5, None]}}),
+        t2i_record("t2i/1", ["first caption", "second caption é ☃"], _img(17, 33, 2), source="bagel_parquet",
+                   subset="t2i"),
+        multiref_record("mr/0", [_img(20, 20, 3), _img(30, 10, 4, "WEBP")], "put image 1 left of image 2",
+                        _img(32, 32, 5), source="echo4o", subset="multiref", meta={"category": "obj_obj"}),
+        edit_record("ed/0", [_img(16, 16, 6), _img(16, 16, 7), _img(16, 16, 8, mode="RGBA")],
+                    [["make it red", "redden it"], "add a hat"], source="bagel_parquet", subset="edit"),
+        understanding_record("und/0", _img(28, 28, 9, "GIF", mode="P"), "what is it?", "a cat",
+                             source="demo", subset="vqa"),
+        Record(id="custom/0", task="understanding", source="x", subset="y",
+               plan=[vit_item(0), text_item(loss=1, special_token_loss=1, special_token_label=7)],
+               texts=["answer"], images=[_img(14, 14, 10)], meta={}),
+    ]
+
+
+def _same(a: Record, b: Record):
+    for f in ("id", "task", "plan", "texts", "images", "source", "subset", "meta", "format_version"):
+        assert getattr(a, f) == getattr(b, f), f
+
+
+def test_roundtrip_every_field(tmp_path):
+    recs = _records()
+    with RecordWriter(tmp_path / "ds", shard_bytes=3000, name="mix") as w:
+        for r in recs:
+            w.write(r)
+    m = load_manifest(tmp_path / "ds")
+    assert m["complete"] and m["records"] == len(recs) and m["format_version"] == FORMAT_VERSION
+    assert len(m["shards"]) > 1  # size-bounded
+    assert m["counts"]["task"] == {"edit": 1, "multiref": 1, "t2i": 2, "understanding": 2}
+    assert m["images"] == sum(len(r.images) for r in recs)
+    assert m["image_bytes"] == sum(len(b) for r in recs for b in r.images)
+    reader = RecordReader(tmp_path / "ds", verify=True)
+    assert len(reader) == len(recs)
+    for r, back in zip(recs, reader):
+        _same(r, back)
+        assert back.image_info == r.image_info
+        for b, info in zip(back.images, back.image_info):
+            with Image.open(io.BytesIO(b)) as im:
+                assert (info.width, info.height) == im.size and info.format == im.format.lower()
+    assert reader[2].image_info[1] == ImageInfo("webp", 30, 10)
+    # official plans: no image references
+    assert all("image" not in it for it in reader[2].official_plan())
+    h = reader.header(3)
+    assert h["id"] == "ed/0" and h["texts"][0] == ["make it red", "redden it"]
+    # a bound that each shard respects unless it holds a single record
+    for s in m["shards"]:
+        assert s["records"] >= 1
+
+
+def test_plans_follow_official_datasets():
+    p = [(it["type"], it["loss"], it["enable_cfg"], it.get("image")) for it in _records()[2].plan]
+    assert p == [("vae_image", 0, 1, 0), ("vit_image", 0, 1, 0), ("vae_image", 0, 1, 1), ("vit_image", 0, 1, 1),
+                 ("text", 0, 1, None), ("vae_image", 1, 0, 2)]
+    p = [(it["type"], it["loss"], it["enable_cfg"], it.get("image")) for it in _records()[3].plan]
+    assert p == [("vae_image", 0, 1, 0), ("vit_image", 0, 1, 0), ("text", 0, 1, None), ("vae_image", 1, 0, 1),
+                 ("vae_image", 0, 1, 1), ("vit_image", 0, 1, 1), ("text", 0, 1, None), ("vae_image", 1, 0, 2)]
+    p = [(it["type"], it["loss"], it["enable_cfg"]) for it in _records()[4].plan]
+    assert p == [("vit_image", 0, 0), ("text", 0, 0), ("text", 1, 0)]
+    p = [(it["type"], it["loss"], it["enable_cfg"]) for it in _records()[0].plan]
+    assert p == [("text", 0, 1), ("vae_image", 1, 0)]
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda r: setattr(r, "task", "video"), "task="),
+    (lambda r: setattr(r, "texts", []), "text items"),
+    (lambda r: r.plan[1].__setitem__("image", 3), "not an index"),
+    (lambda r: r.plan.append(text_item()) or r.texts.append(5), "texts\\[1\\]"),
+    (lambda r: r.plan.__setitem__(1, vit_item(0) | {"loss": 1}), "cannot carry a loss"),
+    (lambda r: r.plan[0].__setitem__("split_start", False), "unknown keys"),
+    (lambda r: r.plan[0].__setitem__("loss", True), "must be 0 or 1"),
+    (lambda r: r.images.append(b"x"), "not referenced"),
+    (lambda r: setattr(r, "id", ""), "id must be"),
+    (lambda r: r.plan[0].__setitem__("special_token_loss", 1), "special_token_label"),
+    (lambda r: setattr(r, "meta", {"x": object()}), "JSON"),
+])
+def test_invalid_records_rejected(mutate, msg):
+    r = t2i_record("a", "caption", _img(8, 8, 0))
+    mutate(r)
+    with pytest.raises(RecordError, match=msg):
+        encode_record(r)
+
+
+def test_decode_rejects_bad_bytes():
+    buf = encode_record(t2i_record("a", "caption", _img(8, 8, 0)))
+    assert decode_record(buf).id == "a"
+    with pytest.raises(RecordError, match="magic"):
+        decode_record(b"XXXX" + buf[4:])
+    with pytest.raises(RecordError, match="format_version 9"):
+        decode_record(MAGIC + struct.pack("<H", 9) + buf[6:])
+    with pytest.raises(RecordError, match="truncated"):
+        decode_record(buf[:-5])
+    with pytest.raises(RecordError, match="trailing"):
+        decode_record(buf + b"\0")
+    with pytest.raises(RecordError, match="too short"):
+        decode_header(b"E4")
+    with pytest.raises(RecordError, match="cannot read image"):
+        encode_record(t2i_record("a", "caption", b"not an image"))
+    # header-only probing accepts a truncated PNG; decode probing does not
+    trunc = _img(32, 32, 1)[:-40]
+    encode_record(t2i_record("a", "c", trunc))
+    with pytest.raises(RecordError, match="cannot read image"):
+        encode_record(t2i_record("a", "c", trunc), check_images="decode")
+
+
+def test_writer_crash_leaves_finished_shards_and_append(tmp_path):
+    d = tmp_path / "ds"
+    w = RecordWriter(d, shard_bytes=2500, name="syn")
+    for i in range(6):
+        w.write(t2i_record(f"s{i}", f"caption {i}", _img(24, 24, i)))
+    with pytest.raises(RecordError, match="duplicate"):
+        w.write(t2i_record("s0", "again", _img(8, 8, 0)))
+    # "crash": never closed; the open shard is a .tmp file, the finished ones are listed
+    m = load_manifest(d)
+    assert not m["complete"] and m["records"] >= 1
+    assert any(f.endswith(".tmp") for f in os.listdir(d))
+    r = RecordReader(d, verify=True)
+    assert len(r) == m["records"] and [x.id for x in r] == [f"s{i}" for i in range(len(r))]
+    done = len(r)
+    # a new writer continues the dataset
+    w2 = RecordWriter(d, shard_bytes=2500, name="syn", append=True)
+    assert w2.ids == {f"s{i}" for i in range(done)}
+    with pytest.raises(RecordError, match="duplicate"):
+        w2.write(t2i_record("s0", "again", _img(8, 8, 0)))
+    for i in range(done, 8):
+        w2.write(t2i_record(f"s{i}", f"caption {i}", _img(24, 24, i)))
+    m2 = w2.close()
+    assert m2["complete"] and m2["records"] == 8 and m2["counts"]["task"] == {"t2i": 8}
+    assert not any(f.endswith(".tmp") for f in os.listdir(d))
+    assert [x.id for x in RecordReader(d, verify=True)] == [f"s{i}" for i in range(8)]
+    with pytest.raises(RecordError, match="already holds a dataset"):
+        RecordWriter(d)
+
+
+def test_writer_exception_and_skips_and_verify(tmp_path):
+    d = tmp_path / "ds"
+    with pytest.raises(ZeroDivisionError):
+        with RecordWriter(d, name="x", info={"tool": "test"}) as w:
+            w.write(t2i_record("a", "c", _img(8, 8, 0)))
+            w.skip("corrupt image", where="file.tar:00001.jpg")
+            w.skip("corrupt image", where="file.tar:00002.jpg")
+            1 / 0
+    m = load_manifest(d)
+    assert not m["complete"] and "ZeroDivisionError" in m["error"] and m["records"] == 1
+    assert m["skipped"]["count"] == 2 and m["skipped"]["by_reason"] == {"corrupt image": 2}
+    assert m["skipped"]["examples"][0]["where"] == "file.tar:00001.jpg" and m["info"] == {"tool": "test"}
+    shard = d / m["shards"][0]["file"]
+    with open(shard, "r+b") as f:  # flip a byte
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(RecordError, match="sha256"):
+        RecordReader(d, verify=True)
+
+
+def test_reader_paths(tmp_path):
+    for name in ("a", "b"):
+        with RecordWriter(tmp_path / name, name=name) as w:
+            for i in range(3):
+                w.write(t2i_record(f"{name}{i}", "c", _img(8, 8, i)))
+    assert len(RecordReader([tmp_path / "a", tmp_path / "b"])) == 6
+    assert len(RecordReader(str(tmp_path / "*"))) == 6
+    assert len(RecordReader(tmp_path / "a" / "manifest.json")) == 3
+    assert len(RecordReader(tmp_path / "a" / "a-00000.array_record")) == 3
+    with pytest.raises(RecordError):
+        RecordReader(tmp_path / "nope")
+
+
+def test_inspect_cli(tmp_path, capsys):
+    with RecordWriter(tmp_path / "ds", name="x") as w:
+        for r in _records():
+            w.write(r)
+    out_png = tmp_path / "sheet.png"
+    assert inspect_cli.main([str(tmp_path / "ds"), "-n", "4", "--contact-sheet", str(out_png), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert '"records": 6' in out and "id=mr/0 task=multiref" in out and "vit_image" in out
+    assert "contact sheet" in out
+    with Image.open(out_png) as im:
+        assert im.size[0] > 128 and im.size[1] >= 4 * 128
+    s = json.loads(out[out.index("\n{") + 1:out.index("\nid=")])
+    assert s["counts"]["task"]["t2i"] == 2 and s["images"] == 10 and s["counts_from"] == "manifest"
+    assert inspect_cli.main([str(tmp_path / "ds"), "-n", "0", "--scan"]) == 0
+    s2 = json.loads(capsys.readouterr().out)
+    assert s2["counts_from"] == "scan" and s2["counts"] == s["counts"] and s2["images"] == 10
