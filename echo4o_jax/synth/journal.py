@@ -1,0 +1,190 @@
+"""The paid-call journal: an append-only, fsync'd JSONL file plus a content-addressed blob store.
+
+Layout (``<journal_dir>``, by default ``<out>/journal``)::
+
+    journal.jsonl            one JSON object per finished paid call (see below), appended + fsync'd
+    blobs/<aa>/<sha256>.<ext> the image bytes a call returned, exactly as received
+    lock                     flock'd while a run uses the journal (two runs on one journal: refused)
+
+An entry is ``{"v": 1, "key", "kind": "chat"|"image"|"edit", "model", "label", "status": "ok"|"refused",
+"text" (chat answer), "blobs": [{"sha256", "bytes", "ext"}] (images), "usage", "cost", "attempts",
+"error" (refusals)}``. ``key`` is the sha256 of the canonical request (kind, model, parameters, messages
+with images replaced by their digests, and a scope: the sample id for per-sample calls, ``shared`` for
+calls whose answer several samples may reuse). The blobs of an entry are written (and fsync'd) before
+the entry, so an entry never points at a missing blob. A run killed while appending leaves at most a
+torn last line, which the next run drops (truncating the file) before appending.
+
+Nothing in the journal is secret: no request headers, no API key; error texts are redacted by the
+caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Journal", "JournalError", "JOURNAL_NAME"]
+
+JOURNAL_NAME = "journal.jsonl"
+JOURNAL_VERSION = 1
+
+
+class JournalError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """Thread-safe; one process at a time (an exclusive ``flock`` on ``<root>/lock``)."""
+
+    def __init__(self, root: str | os.PathLike, *, lock: bool = True, read_only: bool = False):
+        self.root = Path(root)
+        self.path = self.root / JOURNAL_NAME
+        self.blob_dir = self.root / "blobs"
+        self.read_only = read_only
+        self._entries: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._lockfile = None
+        self._f = None
+        self.bad_lines = 0
+        if read_only:
+            if self.path.exists():
+                self._load(truncate=False)
+            return
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        if lock:
+            self._acquire_lock()
+        self._load(truncate=True)
+        self._f = open(self.path, "ab")
+
+    # ---------------------------------------------------------------------------------- lifecycle
+    def _acquire_lock(self) -> None:
+        import fcntl
+
+        f = open(self.root / "lock", "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise JournalError(f"{self.root} is in use by another run (lock held); one run per journal") from None
+        self._lockfile = f
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._lockfile is not None:
+            self._lockfile.close()  # releases the flock
+            self._lockfile = None
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _load(self, *, truncate: bool) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1  # bytes after the last newline: a torn append
+        if end < len(data):
+            log.warning("journal %s: dropping a torn last line (%d bytes)", self.path, len(data) - end)
+            if truncate:
+                with open(self.path, "r+b") as f:
+                    f.truncate(end)
+                    f.flush()
+                    os.fsync(f.fileno())
+        for n, line in enumerate(data[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                e = json.loads(line)
+                key = e["key"]
+            except (ValueError, KeyError, TypeError):
+                self.bad_lines += 1
+                log.warning("journal %s: line %d is not a journal entry; ignored", self.path, n)
+                continue
+            self._entries[key] = e  # a later line for a key (a lost blob re-fetched) wins
+
+    # ---------------------------------------------------------------------------------- entries
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def entries(self) -> list[dict]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def append(self, entry: dict[str, Any]) -> None:
+        if self._f is None:
+            raise JournalError("journal is closed or read-only")
+        entry = {"v": JOURNAL_VERSION, **entry}
+        line = (json.dumps(entry, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")
+        with self._lock:
+            self._f.write(line)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._entries[entry["key"]] = entry
+
+    # ---------------------------------------------------------------------------------- blobs
+    def _blob_path(self, sha: str, ext: str) -> Path:
+        return self.blob_dir / sha[:2] / f"{sha}.{ext}"
+
+    def put_blob(self, data: bytes, ext: str = "bin") -> dict:
+        """Store bytes (durably) under their sha256; returns the reference kept in an entry."""
+        sha = hashlib.sha256(data).hexdigest()
+        ext = "".join(c for c in (ext or "bin").lower() if c.isalnum())[:8] or "bin"
+        p = self._blob_path(sha, ext)
+        if not (p.exists() and p.stat().st_size == len(data)):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+            _fsync_dir(p.parent)
+        return {"sha256": sha, "bytes": len(data), "ext": ext}
+
+    def read_blob(self, ref: dict) -> bytes:
+        p = self._blob_path(ref["sha256"], ref.get("ext", "bin"))
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise JournalError(f"blob {p} is missing ({e})") from None
+        if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+            raise JournalError(f"blob {p} is corrupt (sha256 mismatch)")
+        return data
+
+    def has_blobs(self, entry: dict) -> bool:
+        for ref in entry.get("blobs") or []:
+            p = self._blob_path(ref["sha256"], ref.get("ext", "bin"))
+            if not (p.exists() and p.stat().st_size == ref["bytes"]):
+                return False
+        return True

@@ -1,0 +1,347 @@
+"""Running a track: samples in parallel, records written in sample order, resume, dry run.
+
+Resume rules (the journal makes every rebuild free of paid calls):
+
+* no dataset in ``out`` yet -> a new one;
+* a *complete* dataset (``manifest.json`` with ``"complete": true``) made with the same settings
+  (``info.synth.fingerprint``) -> appended to: samples ``info.synth.items`` .. ``limit - 1`` are added;
+* an *incomplete* dataset (a killed run, failed samples, an abort) -> rebuilt from sample 0: every
+  answer already paid for is replayed from the journal, only missing calls are made, so the result is
+  the dataset an uninterrupted run would have written;
+* a dataset made with other settings -> refused unless ``overwrite`` (then rebuilt; journaled answers
+  to identical requests are still reused).
+
+Records are written in sample order whatever the completion order, so the dataset does not depend on
+timing. A sample whose call was refused on content-policy grounds, or whose chat answers stayed
+malformed, is skipped (``RecordWriter.skip``, listed in the manifest). A sample whose call failed after
+its retries is skipped too and leaves the dataset incomplete (the run exits non-zero; the next run
+retries just those calls).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from echo4o_jax.data.records import MANIFEST_NAME, RecordError, RecordWriter, load_manifest
+from echo4o_jax.eval.judge import MalformedAnswer
+from echo4o_jax.synth.client import (Aborted, CallFailed, Refused, SynthClient, SynthFatalError, chat_cost,
+                                     image_cost)
+from echo4o_jax.synth.journal import Journal
+from echo4o_jax.synth.tracks import SampleContext, Track
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_track", "dry_run", "fingerprint", "SynthError", "RunSummary", "DEFAULT_JOURNAL_SUBDIR"]
+
+DEFAULT_JOURNAL_SUBDIR = "journal"
+# config fields that shape the data (the others: throughput, retries, prices, paths)
+_SHAPING = ("chat_model", "vision_model", "image_model", "edit_model", "image_size", "image_quality",
+            "image_output_format", "max_image_pixels", "malformed_retries", "refusal_patterns", "seed",
+            "surreal_classes", "instruction_classes", "surreal_types", "instruction_bins", "multiref_combos",
+            "generated_refs_per_category")  # word lists, templates, references: by content (fingerprint_parts)
+
+
+class SynthError(RuntimeError):
+    """A run that cannot start or went wrong as a whole (settings, dataset state, fatal API error)."""
+
+
+@dataclasses.dataclass
+class _Outcome:
+    index: int
+    record: Any = None
+    skip: str | None = None
+    failed: str | None = None
+    aborted: bool = False
+
+
+@dataclasses.dataclass
+class RunSummary:
+    track: str
+    out: str
+    limit: int
+    start: int
+    mode: str  # new | append | rebuild | nothing-to-do
+    written: int = 0
+    skipped: dict = dataclasses.field(default_factory=dict)
+    failed: int = 0
+    complete: bool = False
+    aborted: str | None = None
+    stats: dict = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fingerprint(track: Track) -> str:
+    cfg = dataclasses.asdict(track.cfg)
+    shaping = {k: cfg[k] for k in _SHAPING}
+    shaping["refusal_patterns"] = list(shaping["refusal_patterns"])
+    blob = json.dumps({"track": track.name, "config": shaping, "parts": track.fingerprint_parts()},
+                      sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _journal_dir(out_dir: str | os.PathLike, journal_dir: str | os.PathLike | None) -> Path:
+    return Path(journal_dir) if journal_dir else Path(out_dir) / DEFAULT_JOURNAL_SUBDIR
+
+
+def _dataset_state(out_dir: Path, fp: str, overwrite: bool) -> tuple[str, int]:
+    """(mode, first sample index) for a run into `out_dir`."""
+    mpath = out_dir / MANIFEST_NAME
+    if not mpath.exists():
+        shards = list(out_dir.glob("*.array_record")) if out_dir.exists() else []
+        if shards and not overwrite:
+            raise SynthError(f"{out_dir} holds shards but no manifest: not a synthesis dataset? "
+                             f"(--overwrite replaces it)")
+        return ("rebuild" if shards else "new"), 0
+    m = load_manifest(mpath)
+    synth = (m.get("info") or {}).get("synth") or {}
+    if synth.get("fingerprint") != fp:
+        if not overwrite:
+            what = "was not made by this tool" if not synth else "was made with other settings (models, seed, " \
+                   "templates, word lists, references, ...)"
+            raise SynthError(f"the dataset in {out_dir} {what}; pass --overwrite to rebuild it with these settings "
+                             f"(journaled answers to identical requests are reused)")
+        return "rebuild", 0
+    if m.get("complete"):
+        return "append", int(synth.get("items", 0))
+    return "rebuild", 0
+
+
+def _run_sample(track: Track, client: SynthClient, index: int) -> _Outcome:
+    sid = track.sample_id(index)
+    ctx = SampleContext(track, client, sid)
+    try:
+        plan = track.plan(index)
+        return _Outcome(index, record=track.run(plan, ctx))
+    except Refused as e:
+        log.info("%s: refused at %s (%s)", sid, ctx.step, e)
+        return _Outcome(index, skip=f"refused:{ctx.step}")
+    except MalformedAnswer as e:
+        log.warning("%s: %s", sid, client.redact(str(e)))
+        return _Outcome(index, skip=f"malformed_answer:{ctx.step}")
+    except CallFailed as e:
+        log.warning("%s: call failed at %s: %s", sid, ctx.step, e)
+        return _Outcome(index, failed=f"call_failed:{ctx.step}")
+    except RecordError as e:
+        log.warning("%s: invalid record: %s", sid, e)
+        return _Outcome(index, skip=f"invalid_record:{ctx.step}")
+    except Aborted:
+        return _Outcome(index, aborted=True)
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool, stream: TextIO):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="sample", file=stream, dynamic_ncols=True,
+                                mininterval=0.5)
+            except ImportError:
+                self.bar = None
+
+    def update(self, n: int, stats: dict, failed: int, skipped: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix(calls=stats["paid_calls"], replayed=stats["replayed"], retries=stats["retries"],
+                             refused=stats["refusals"], skipped=skipped, failed=failed,
+                             usd=f"{stats['spend_usd']:.2f}", refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_track(track: Track, out_dir: str | os.PathLike, *, limit: int, journal_dir: str | os.PathLike | None = None,
+              overwrite: bool = False, progress: bool = True, stream: TextIO | None = None,
+              client: Any = None) -> RunSummary:
+    """Make samples ``0 .. limit-1`` of `track` into the dataset `out_dir` (see the module docstring).
+    `client`: an ``openai.OpenAI``-like object to use instead of one built from the config."""
+    t0 = time.monotonic()
+    stream = stream or sys.stderr
+    cfg = track.cfg
+    out = Path(out_dir)
+    fp = fingerprint(track)
+    mode, start = _dataset_state(out, fp, overwrite)
+    summary = RunSummary(track=track.name, out=str(out), limit=limit, start=start, mode=mode)
+    if mode == "append" and start >= limit:
+        summary.mode = "nothing-to-do"
+        summary.complete = True
+        print(f"{track.name}: {out} already holds samples 0..{start - 1} (complete); nothing to do for --limit {limit}",
+              file=stream)
+        return summary
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(_journal_dir(out, journal_dir))
+    writer = None
+    try:
+        info = {"synth": {"tool": "echo4o_jax.synth", "track": track.name, "items": limit, "fingerprint": fp,
+                          "config": cfg.to_public_dict(), **track.describe(),
+                          "templates": {n: track.template(n).version for n in track.template_names}}}
+        if mode == "rebuild" and (out / MANIFEST_NAME).exists():
+            print(f"{track.name}: rebuilding {out} from the journal ({len(journal)} journaled calls; "
+                  f"only missing calls are made)", file=stream)
+        writer = RecordWriter(out, shard_bytes=cfg.shard_bytes, name=track.name, append=(mode == "append"),
+                              overwrite=(mode == "rebuild"), info=info)
+        sc = SynthClient(cfg, journal, client=client)
+        _loop(track, sc, writer, summary, start, limit, progress, stream)
+        summary.stats = sc.stats.snapshot()
+    except BaseException as e:
+        if writer is not None:
+            try:
+                writer.close(error=summary.aborted or f"{type(e).__name__}: {e}")
+            except Exception as e2:  # keep the original error
+                log.error("closing the dataset failed: %s", e2)
+        journal.close()
+        raise
+    err = None
+    if summary.failed:
+        err = (f"{summary.failed} samples failed (calls that kept failing); run the same command again to "
+               f"retry them: journaled calls are not repeated")
+    if summary.aborted:
+        err = summary.aborted
+    m = writer.close(error=err)
+    summary.complete = bool(m.get("complete"))
+    summary.seconds = round(time.monotonic() - t0, 3)
+    with open(journal.root / "runs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **summary.to_json()}, sort_keys=True) + "\n")
+    journal.close()
+    return summary
+
+
+def _loop(track: Track, sc: SynthClient, writer: RecordWriter, summary: RunSummary, start: int, limit: int,
+          progress: bool, stream: TextIO) -> None:
+    cfg = track.cfg
+    bar = _Progress(limit - start, track.name, progress, stream)
+    skipped: collections.Counter = collections.Counter()
+    window = max(2, 2 * cfg.concurrency)
+    pool = cf.ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix=f"synth-{track.name}")
+    futures: dict[int, cf.Future] = {}
+    next_submit = start
+    try:
+        for idx in range(start, limit):
+            while next_submit < limit and next_submit < idx + window and not sc.stop.is_set():
+                futures[next_submit] = pool.submit(_run_sample, track, sc, next_submit)
+                next_submit += 1
+            fut = futures.pop(idx, None)
+            if fut is None:  # stopped before this sample was started
+                break
+            while True:
+                try:
+                    o = fut.result(timeout=0.5)
+                    break
+                except cf.TimeoutError:
+                    bar.update(0, sc.stats.snapshot(), summary.failed, sum(skipped.values()))
+            if o.aborted:
+                break
+            if o.record is not None:
+                try:
+                    writer.write(o.record)
+                    summary.written += 1
+                except RecordError as e:
+                    log.warning("%s: invalid record: %s", o.record.id, e)
+                    o.skip = "invalid_record"
+            sid = track.sample_id(idx)
+            if o.skip:
+                writer.skip(o.skip, where=sid)
+                skipped[o.skip] += 1
+            if o.failed:
+                writer.skip(o.failed, where=sid)
+                skipped[o.failed] += 1
+                summary.failed += 1
+                if summary.failed > cfg.max_failures:
+                    summary.aborted = f"aborted: more than {cfg.max_failures} failed samples (max_failures)"
+                    log.error("%s", summary.aborted)
+                    sc.stop.set()
+            bar.update(1, sc.stats.snapshot(), summary.failed, sum(skipped.values()))
+    except SynthFatalError as e:
+        summary.aborted = summary.aborted or f"aborted: {e}"
+        sc.stop.set()
+        raise SynthError(summary.aborted) from None
+    except BaseException:
+        summary.aborted = summary.aborted or "interrupted"
+        sc.stop.set()
+        raise
+    finally:
+        for f in futures.values():
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        summary.skipped = dict(skipped)
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+
+
+def dry_run(track: Track, out_dir: str | os.PathLike | None, *, limit: int,
+            journal_dir: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+    """Calls per model and estimated USD for making samples ``start .. limit-1`` (no call, no file).
+
+    Calls shared by several samples (an object's attributes, a generated reference) count once; those
+    whose answer is already journaled count zero. Per-sample calls are counted in full (an upper bound
+    when a killed run is rebuilt)."""
+    cfg = track.cfg
+    start = 0
+    mode = "new"
+    journal = None
+    if out_dir is not None:
+        out = Path(out_dir)
+        mode, start = _dataset_state(out, fingerprint(track), overwrite)
+        jd = _journal_dir(out, journal_dir)
+        if (jd / "journal.jsonl").exists():
+            journal = Journal(jd, read_only=True)
+    seen: set[str] = set()
+    rows: dict[tuple[str, str], dict] = {}
+    journaled = 0
+    for idx in range(start, limit):
+        for c in track.estimate(track.plan(idx)):
+            if c.shared is not None:
+                if c.shared in seen:
+                    continue
+                seen.add(c.shared)
+            if c.key is not None and journal is not None and c.key in journal:
+                journaled += 1
+                continue
+            row = rows.setdefault((c.model, c.kind), {"model": c.model, "kind": c.kind, "calls": 0, "usd": 0.0})
+            row["calls"] += 1
+            if c.kind == "chat":
+                row["usd"] += chat_cost(cfg.prices, c.model, c.input_tokens, cfg.est_output_tokens)
+            else:
+                row["usd"] += image_cost(cfg.prices, c.model, cfg.image_size, cfg.image_quality, c.n_input_images)
+    table = sorted(rows.values(), key=lambda r: (r["model"], r["kind"]))
+    for r in table:
+        r["usd"] = round(r["usd"], 4)
+    unpriced = sorted({r["model"] for r in table if r["model"] not in cfg.prices})
+    return {"track": track.name, "mode": mode, "start": start, "limit": limit, "samples": max(0, limit - start),
+            "calls": table, "total_calls": sum(r["calls"] for r in table),
+            "total_usd": round(sum(r["usd"] for r in table), 4), "journaled_calls_skipped": journaled,
+            "unpriced_models": unpriced, **track.describe()}
+
+
+def format_dry_run(est: dict) -> str:
+    lines = [f"dry run: {est['track']}, samples {est['start']}..{est['limit'] - 1} "
+             f"({est['samples']} to make, mode {est['mode']})"]
+    lines.append(f"{'model':<24} {'kind':<6} {'calls':>8} {'est. USD':>12}")
+    for r in est["calls"]:
+        lines.append(f"{r['model']:<24} {r['kind']:<6} {r['calls']:>8} {r['usd']:>12.4f}")
+    lines.append(f"{'total':<24} {'':<6} {est['total_calls']:>8} {est['total_usd']:>12.4f}")
+    if est["journaled_calls_skipped"]:
+        lines.append(f"({est['journaled_calls_skipped']} shared calls already journaled: not counted)")
+    if est["unpriced_models"]:
+        lines.append(f"(no price in the config for {est['unpriced_models']}: counted as 0)")
+    lines.append("Prices are estimates from the config's price table; chat tokens are estimated.")
+    return "\n".join(lines)
+

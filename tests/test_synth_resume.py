@@ -1,0 +1,187 @@
+"""Killed / crashed synthesis runs resume without repeating any paid call and yield the dataset an
+uninterrupted run makes; extending a finished dataset; changed settings; the CLI (python -m data_gen)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from synth_fakes import (API_KEY, FakeOpenAIServer, all_file_bytes, chat_answer, dataset_contents, image_answer,
+                         request_body_key, synth_server)
+
+from echo4o_jax.data.records import load_manifest
+from echo4o_jax.synth import Journal, SynthConfig, SynthError, make_track, run_track
+
+REPO = Path(__file__).resolve().parent.parent
+GEN = "/v1/images/generations"
+
+
+@pytest.fixture(autouse=True)
+def _api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+
+
+def make_cfg(server, **kw) -> SynthConfig:
+    base = dict(base_url=server.base_url, image_size="32x32", chat_rpm=0, image_rpm=0, backoff_base=0.01,
+                backoff_max=0.05, timeout=10.0, shard_bytes=3000)
+    base.update(kw)
+    return SynthConfig(**base)
+
+
+def cli(args, **kw):
+    env = {**os.environ, "OPENAI_API_KEY": API_KEY, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "data_gen", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def calls(requests) -> collections.Counter:
+    return collections.Counter(request_body_key(r) for r in requests)
+
+
+def same_dataset(a, b) -> None:
+    ca, cb = dataset_contents(a), dataset_contents(b)
+    assert sorted(ca) == sorted(cb)
+    assert ca == cb  # headers (texts, plan, meta incl. call keys) and image bytes
+    ma, mb = load_manifest(a), load_manifest(b)
+    assert ma["complete"] and mb["complete"]
+    for k in ("records", "images", "image_bytes", "counts"):
+        assert ma[k] == mb[k], k
+    assert ma["skipped"]["by_reason"] == mb["skipped"]["by_reason"]
+
+
+def test_killed_cli_run_resumes_without_repeated_calls(tmp_path):
+    lock = threading.Lock()
+    n_images = [0]
+    reached, release = threading.Event(), threading.Event()
+
+    def images(req):
+        with lock:
+            n_images[0] += 1
+            n = n_images[0]
+        if n == 6:  # the 6th image call never gets an answer: the run is killed while waiting for it
+            reached.set()
+            release.wait(30)
+        return image_answer(req)
+
+    out, ref = tmp_path / "ds", tmp_path / "ref"
+    with FakeOpenAIServer(chat_handler=chat_answer, image_handler=images) as srv:
+        args = ["surreal", "--limit", "10", "--base-url", srv.base_url, "--image-size", "32x32", "--concurrency",
+                "1", "--chat-rpm", "0", "--image-rpm", "0", "--shard-bytes", "3000", "--no-progress", "-v"]
+        p = cli(["--out", str(out), *args])
+        try:
+            assert reached.wait(60), "the run never reached the 6th image call"
+        finally:
+            p.kill()  # SIGKILL: no cleanup of any kind
+            o1, e1 = p.communicate(timeout=30)
+            release.set()
+        run1 = list(srv.requests)
+        m = load_manifest(out)
+        assert m["complete"] is False and 0 < m["records"] < 10  # finished shards survived the kill
+        assert run1[-1].path == GEN  # the unanswered call
+
+        p2 = cli(["--out", str(out), *args])
+        o2, e2 = p2.communicate(timeout=120)
+        assert p2.returncode == 0, e2
+        summary = json.loads(o2.strip().splitlines()[-1])
+        assert summary["mode"] == "rebuild" and summary["complete"] and summary["written"] == 10
+        run2 = srv.requests[len(run1):]
+        answered1 = {request_body_key(r) for r in run1[:-1]}
+        keys2 = [request_body_key(r) for r in run2]
+        assert not answered1 & set(keys2), "a paid call was repeated"
+        assert request_body_key(run1[-1]) in keys2  # the unanswered call was made again
+        assert summary["stats"]["replayed"] >= len(answered1)
+
+        n_before_ref = len(srv.requests)
+        p3 = cli(["--out", str(ref), *args])
+        o3, e3 = p3.communicate(timeout=120)
+        assert p3.returncode == 0, e3
+        # killed + resumed runs made exactly the calls of one uninterrupted run
+        assert calls(run1[:-1]) + calls(run2) == calls(srv.requests[n_before_ref:])
+    same_dataset(out, ref)
+    for path, data in all_file_bytes(tmp_path).items():
+        assert API_KEY.encode() not in data, path
+    for text in (o1, e1, o2, e2, o3, e3):
+        assert API_KEY not in text
+
+
+class _Crash(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("track_name,crash_after", [("instruction", 7), ("multiref", 9)])
+def test_crash_after_n_paid_calls_resumes(tmp_path, monkeypatch, track_name, crash_after):
+    orig = Journal.append
+    counter = [0]
+
+    def crashing(self, entry):
+        orig(self, entry)
+        counter[0] += 1
+        if counter[0] == crash_after:
+            raise _Crash(f"simulated crash after {crash_after} paid calls")
+
+    with synth_server() as srv:
+        cfg = make_cfg(srv, concurrency=3, generated_refs_per_category=3)
+        monkeypatch.setattr(Journal, "append", crashing)
+        with pytest.raises(_Crash):
+            run_track(make_track(track_name, cfg), tmp_path / "ds", limit=8, progress=False)
+        monkeypatch.setattr(Journal, "append", orig)
+        assert load_manifest(tmp_path / "ds")["complete"] is False
+        run1 = list(srv.requests)
+        s = run_track(make_track(track_name, cfg), tmp_path / "ds", limit=8, progress=False)
+        assert s.mode == "rebuild" and s.complete and s.written == 8
+        run2 = srv.requests[len(run1):]
+        n = len(srv.requests)
+        assert run_track(make_track(track_name, cfg), tmp_path / "ref", limit=8, progress=False).complete
+        # crashed + resumed runs made exactly the calls of one uninterrupted run: none repeated
+        # (two samples may send identical requests, e.g. the same references: hence multisets)
+        assert calls(run1) + calls(run2) == calls(srv.requests[n:])
+    same_dataset(tmp_path / "ds", tmp_path / "ref")
+
+
+def test_extend_finished_dataset(tmp_path):
+    with synth_server() as srv:
+        cfg = make_cfg(srv, concurrency=2)
+        s1 = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=4, progress=False)
+        assert s1.mode == "new" and s1.complete
+        n = len(srv.requests)
+        s = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=4, progress=False)
+        assert s.mode == "nothing-to-do" and len(srv.requests) == n
+        s2 = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=7, progress=False)
+        assert (s2.mode, s2.start, s2.written) == ("append", 4, 3) and s2.complete
+        assert load_manifest(tmp_path / "ds")["info"]["synth"]["items"] == 7
+        assert run_track(make_track("surreal", cfg), tmp_path / "ref", limit=7, progress=False).complete
+    same_dataset(tmp_path / "ds", tmp_path / "ref")
+
+
+def test_changed_settings_need_overwrite_and_reuse_journal(tmp_path):
+    with synth_server() as srv:
+        run_track(make_track("surreal", make_cfg(srv)), tmp_path / "ds", limit=3, progress=False)
+        other = make_cfg(srv, image_quality="medium")
+        with pytest.raises(SynthError, match="other settings"):
+            run_track(make_track("surreal", other), tmp_path / "ds", limit=3, progress=False)
+        n = len(srv.requests)
+        s = run_track(make_track("surreal", other), tmp_path / "ds", limit=3, progress=False, overwrite=True)
+        assert s.mode == "rebuild" and s.complete
+        # the chat answers are replayed; only the image calls (new quality) are made
+        assert [r.path for r in srv.requests[n:]] == [GEN] * 3
+        assert all(r.json["quality"] == "medium" for r in srv.requests[n:])
+
+
+def test_cli_dry_run_and_errors(tmp_path):
+    p = cli(["instruction", "--out", str(tmp_path / "ds"), "--limit", "12", "--dry-run"])
+    o, e = p.communicate(timeout=60)
+    assert p.returncode == 0, e
+    est = json.loads(o.strip().splitlines()[-1])
+    rows = {(r["model"], r["kind"]): r["calls"] for r in est["calls"]}
+    assert rows == {("gpt-4o", "chat"): 24, ("gpt-image-1", "image"): 12}
+    assert "est. USD" in o and not (tmp_path / "ds").exists()
+    p = cli(["multiref", "--out", str(tmp_path / "x"), "--limit", "2", "--refs", str(tmp_path / "missing"),
+             "--dry-run"])
+    o, e = p.communicate(timeout=60)
+    assert p.returncode == 2 and "does not exist" in e
