@@ -1,0 +1,85 @@
+"""The trainer's `records` source: the ArrayRecord / Grain pipeline of `echo4o_jax.data`.
+
+`data.records.demo_dir` set: the offline demo dataset (written there on first use); otherwise the
+datasets `data.records.datasets` ([{path, weight}], paths relative to `data.records.root`).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+from ..config import BagelConfig
+from ..image_transform import ImageTransform
+from ..packing import PackBudget
+
+__all__ = ["RecordsSource", "ensure_demo"]
+
+
+def ensure_demo(out: str, **kw) -> dict:
+    """The demo dataset under `out`, written on first use."""
+    import json
+
+    from ..data.demo import write_demo
+
+    meta = pathlib.Path(out) / "demo.json"
+    if meta.exists():
+        return json.loads(meta.read_text())
+    return write_demo(out, **kw)
+
+
+class RecordsSource:
+    def __init__(self, config, cfg: BagelConfig, budget: PackBudget, *, process_index: int, process_count: int,
+                 local_packs: int):
+        from ..data.pipeline import DataPipeline, DatasetSpec, PipelineConfig
+
+        d = config.data
+        r = d.records
+        common = dict(packs_per_step=local_packs, seed=int(d.seed), text_dropout=float(d.text_dropout),
+                      vit_dropout=float(d.vit_dropout), vae_dropout=float(d.vae_dropout),
+                      worker_count=int(r.get("workers", 0)))
+        if d.get("expected_tokens"):
+            common["expected_num_tokens"] = int(d.expected_tokens)
+        if d.get("max_tokens"):
+            common["max_num_tokens"] = int(d.max_tokens)
+        if d.get("max_tokens_per_sample"):
+            common["max_num_tokens_per_sample"] = int(d.max_tokens_per_sample)
+        if r.get("demo_dir"):
+            from ..data.demo import demo_pipeline_config
+
+            ensure_demo(r.demo_dir, size=int(r.get("demo_image_size", 64)))
+            pc = demo_pipeline_config(r.demo_dir, budget, **common)
+        else:
+            root = r.get("root", "")
+            if not r.get("datasets"):
+                raise ValueError("data.kind='records' needs data.records.datasets (or data.records.demo_dir)")
+            specs = tuple(DatasetSpec(os.path.join(root, ds["path"]), weight=float(ds["weight"]),
+                                      name=os.path.basename(os.path.normpath(ds["path"]))) for ds in r.datasets)
+            tok = d.get("tokenizer") or str(config.model.ckpt)
+            if not tok:
+                raise ValueError("data.tokenizer is not set and model.ckpt is empty: no tokenizer to use")
+            kw: dict[str, Any] = dict(common)
+            if r.get("vae_transform"):
+                kw["vae_transform"] = ImageTransform(*[int(x) for x in r.vae_transform])
+            if r.get("vit_transform"):
+                kw["vit_transform"] = ImageTransform(*[int(x) for x in r.vit_transform])
+            kw.setdefault("expected_num_tokens", int(budget.total_tokens * 0.8))
+            pc = PipelineConfig(datasets=specs, tokenizer=tok, budget=budget, **kw)
+        self.pipe = DataPipeline(pc, cfg, process_index=process_index, process_count=process_count)
+        self._it = self.pipe.iterator()
+        self.last_stats: dict = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch, self.last_stats = next(self._it)
+        return batch
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.close()
+        self._it = self.pipe.iterator(state=state)
