@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from conftest import load_npz
 from echo4o_jax import packing
@@ -219,3 +220,22 @@ def test_mesh_2x2x2_equals_single_device(tmp_path):
     assert out["n_sharded"] > 0  # parameters really are distributed over the mesh
     assert out["loss_s"] == pytest.approx(out["loss_1"], rel=1e-5)
     assert out["grad_err"] <= 1e-5 * max(1.0, out["grad_scale"])
+
+
+@pytest.mark.slow
+def test_demo_config_runs_end_to_end_with_falling_loss(tmp_path):
+    data = tmp_path / "demo_data"
+    r = subprocess.run([sys.executable, "-m", "echo4o_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
+                        "--workdir", str(tmp_path / "wd"), "--config.train.steps=40", "--config.log.sample_every=40",
+                        "--config.log.every=1",
+                        f"--config.data.records.demo_dir={data}",
+                        f"--config.data.tokenizer={data / 'tokenizer' / 'tokenizer.json'}"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = _losses(tmp_path / "wd")
+    first = np.mean([losses[s] for s in range(1, 11)])
+    last = np.mean([losses[s] for s in range(31, 41)])
+    assert last < first - 0.3, (first, last)
+    grid = tmp_path / "wd" / "samples" / "step_0000040.png"
+    assert grid.exists() and np.asarray(Image.open(grid)).shape == (64, 64 * 3, 3)
+    assert list((tmp_path / "wd" / "tensorboard").glob("events.out.tfevents.*"))
