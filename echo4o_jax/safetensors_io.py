@@ -3,6 +3,12 @@
 Reading goes through the file header and `numpy.memmap`, so a 27 GB checkpoint is never loaded
 whole. A truncated or corrupt file raises `SafetensorsError` naming the file. A folder may hold one
 file or several shards with a `*.safetensors.index.json` (`weight_map`: key -> shard file).
+
+`get` returns a memory-mapped view (pages stay resident while mapped); `read` copies one tensor into
+a fresh array with plain file reads, so a converter that reads a whole file tensor by tensor keeps
+its resident memory at one tensor. Writing streams too: `write_safetensors_stream` takes the key /
+shape / dtype list first and asks for one tensor at a time; `write_safetensors_sharded` splits by a
+maximum shard size and writes the HF index (`metadata.total_size`, `weight_map`).
 """
 
 from __future__ import annotations
@@ -10,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["SafetensorsError", "SafetensorsFile", "ShardedSafetensors", "open_checkpoint_file", "write_safetensors"]
+__all__ = ["SafetensorsError", "SafetensorsFile", "ShardedSafetensors", "open_checkpoint_file", "write_safetensors",
+           "write_safetensors_stream", "write_safetensors_sharded", "parse_size", "TensorSpec"]
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -83,6 +90,29 @@ class SafetensorsFile:
         dt, shape, _ = self._entries[key]
         return int(np.prod(shape, dtype=np.int64)) * dt.itemsize
 
+    def read(self, key: str) -> np.ndarray:
+        """One tensor copied into a fresh array with plain file reads (no mapping stays resident)."""
+        dt, shape, start = self._entries[key]
+        out = np.empty(shape, dt)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        n = len(buf)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self._base + start)
+                got = 0
+                while got < n:
+                    k = f.readinto(buf[got:])
+                    if not k:
+                        raise SafetensorsError(f"{self.path}: truncated while reading tensor {key!r} "
+                                               f"({got} of {n} bytes)")
+                    got += k
+        except FileNotFoundError:
+            raise SafetensorsError(f"{self.path}: file not found") from None
+        return out
+
+    def files(self) -> list[str]:
+        return [self.path]
+
 
 class ShardedSafetensors:
     """Several shards behind one `*.safetensors.index.json`, presented as one file."""
@@ -118,8 +148,14 @@ class ShardedSafetensors:
     def get(self, key: str) -> np.ndarray:
         return self._where[key].get(key)
 
+    def read(self, key: str) -> np.ndarray:
+        return self._where[key].read(key)
+
     def nbytes(self, key: str) -> int:
         return self._where[key].nbytes(key)
+
+    def files(self) -> list[str]:
+        return [self.path] + [f.path for f in self._files.values()]
 
 
 def open_checkpoint_file(folder: str | os.PathLike, name: str):
@@ -134,27 +170,137 @@ def open_checkpoint_file(folder: str | os.PathLike, name: str):
     raise SafetensorsError(f"{single}: file not found (nor {os.path.basename(index)})")
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors (an iterable of (key, array), consumed twice: shapes first, then data)."""
-    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+class TensorSpec(NamedTuple):
+    key: str
+    shape: tuple
+    dtype: np.dtype
+
+
+def _header(path, specs: Sequence[TensorSpec], metadata) -> tuple[bytes, int]:
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     off = 0
-    for key, arr in items:
-        dt = np.dtype(arr.dtype)
+    for key, shape, dtype in specs:
+        dt = np.dtype(dtype)
         if dt not in _NAMES:
             raise SafetensorsError(f"{path}: cannot write dtype {dt} for {key!r}")
-        n = arr.size * dt.itemsize
-        header[key] = {"dtype": _NAMES[dt], "shape": list(arr.shape), "data_offsets": [off, off + n]}
+        if key in header:
+            raise SafetensorsError(f"{path}: duplicate key {key!r}")
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[key] = {"dtype": _NAMES[dt], "shape": [int(d) for d in shape], "data_offsets": [off, off + n]}
         off += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, arr in items:
-            f.write(np.ascontiguousarray(arr).tobytes())
-    os.replace(tmp, path)
+    return blob, off
+
+
+def write_safetensors_stream(path: str | os.PathLike, specs: Sequence[TensorSpec | tuple],
+                             produce: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None,
+                             on_tensor: Callable[[str, int], None] | None = None) -> int:
+    """Write a safetensors file one tensor at a time: the header comes from `specs` (key, shape,
+    dtype), then `produce(key)` is called for each key in order and returns either the array (that
+    shape and dtype) or an iterator of row blocks (that dtype, C order, concatenating to the tensor)
+    so a big tensor need not exist whole. Written to `path.tmp`, renamed at the end. Returns the data
+    size in bytes."""
+    path = os.fspath(path)
+    specs = [TensorSpec(k, tuple(int(d) for d in s), np.dtype(dt)) for k, s, dt in specs]
+    blob, total = _header(path, specs, metadata)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for key, shape, dt in specs:
+                arr = produce(key)
+                want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+                if isinstance(arr, np.ndarray):
+                    if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dt:
+                        raise SafetensorsError(f"{path}: tensor {key!r} is {arr.dtype}{list(arr.shape)}, "
+                                               f"announced {dt}{list(shape)}")
+                    arr = (arr,)
+                n = 0
+                for block in arr:
+                    if np.dtype(block.dtype) != dt or (block.ndim and tuple(block.shape[1:]) != shape[1:]):
+                        raise SafetensorsError(f"{path}: block of {key!r} is {block.dtype}{list(block.shape)}, "
+                                               f"announced {dt}{list(shape)}")
+                    data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+                    f.write(memoryview(data))
+                    n += data.nbytes
+                    del block, data
+                if n != want:
+                    raise SafetensorsError(f"{path}: tensor {key!r} has {n} bytes, announced {want}")
+                if on_tensor is not None:
+                    on_tensor(key, n)
+                del arr
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return total
+
+
+def write_safetensors_sharded(folder: str | os.PathLike, name: str, specs: Sequence[TensorSpec | tuple],
+                              produce: Callable[[str], np.ndarray], *, max_shard_size: int | None = None,
+                              metadata: Mapping[str, str] | None = None,
+                              on_tensor: Callable[[str, int], None] | None = None) -> list[str]:
+    """`folder/name` as one file, or (with `max_shard_size` in bytes, when more than one shard is
+    needed) `stem-00001-of-0000N.safetensors` shards plus `name.index.json` in the Hugging Face format.
+    A tensor larger than the limit gets a shard of its own. Returns the file names written."""
+    folder = os.fspath(folder)
+    specs = [TensorSpec(k, tuple(int(d) for d in s), np.dtype(dt)) for k, s, dt in specs]
+    sizes = [int(np.prod(s.shape, dtype=np.int64)) * s.dtype.itemsize for s in specs]
+    groups: list[list[int]] = [[]]
+    cur = 0
+    for i, n in enumerate(sizes):
+        if max_shard_size is not None and groups[-1] and cur + n > max_shard_size:
+            groups.append([])
+            cur = 0
+        groups[-1].append(i)
+        cur += n
+    if len(groups) == 1:
+        write_safetensors_stream(os.path.join(folder, name), specs, produce, metadata, on_tensor)
+        return [name]
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    names = [f"{stem}-{j + 1:05d}-of-{len(groups):05d}.safetensors" for j in range(len(groups))]
+    weight_map = {}
+    for shard, idx in zip(names, groups):
+        write_safetensors_stream(os.path.join(folder, shard), [specs[i] for i in idx], produce, metadata, on_tensor)
+        weight_map.update({specs[i].key: shard for i in idx})
+    index = {"metadata": {"total_size": int(sum(sizes))}, "weight_map": weight_map}
+    with open(os.path.join(folder, name + ".index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+    return names + [name + ".index.json"]
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' (10^9), '500MiB' (2^20), '1024' (bytes) -> bytes, as Hugging Face's max_shard_size."""
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().upper().replace(" ", "")
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    if unit not in _UNITS or not num:
+        raise ValueError(f"cannot parse size {text!r} (e.g. 5GB, 500MiB, 1000000)")
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"cannot parse size {text!r} (e.g. 5GB, 500MiB, 1000000)") from None
+    n = int(value * _UNITS[unit])
+    if n <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return n
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors held in memory (a mapping or a list of (key, array))."""
+    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    lookup = dict(items)
+    write_safetensors_stream(path, [(k, a.shape, a.dtype) for k, a in items], lookup.__getitem__, metadata)

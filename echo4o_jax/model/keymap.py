@@ -46,14 +46,24 @@ class Transform:
     shape_to_official: Callable[[tuple], tuple]
 
 
+def swap_last2(x: np.ndarray) -> np.ndarray:
+    """`np.ascontiguousarray(np.swapaxes(x, -1, -2))`, cache-blocked and on an unsigned-integer view
+    (a pure permutation of elements: bit-exact, and 5-10x faster for big matrices; numpy's plain
+    strided copy of bfloat16 runs at ~0.25 GB/s)."""
+    x = np.asarray(x)
+    if x.ndim < 2 or x.size < (1 << 16):
+        return np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    u = x.view(np.dtype(f"u{x.dtype.itemsize}")) if x.dtype.itemsize in (1, 2, 4, 8) else x
+    out = np.empty(x.shape[:-2] + (x.shape[-1], x.shape[-2]), u.dtype)
+    n, m, b = x.shape[-2], x.shape[-1], 256
+    for i in range(0, n, b):
+        for j in range(0, m, b):
+            out[..., j:j + b, i:i + b] = np.swapaxes(u[..., i:i + b, j:j + b], -1, -2)
+    return out.view(x.dtype)
+
+
 ID = Transform("id", lambda x: x, lambda x: x, lambda s: tuple(s), lambda s: tuple(s))
-LINEAR = Transform(
-    "linear",
-    lambda x: np.ascontiguousarray(np.swapaxes(x, -1, -2)),
-    lambda x: np.ascontiguousarray(np.swapaxes(x, -1, -2)),
-    lambda s: (s[1], s[0]),
-    lambda s: (s[1], s[0]),
-)
+LINEAR = Transform("linear", swap_last2, swap_last2, lambda s: (s[1], s[0]), lambda s: (s[1], s[0]))
 CONV = Transform(
     "conv",
     lambda x: np.ascontiguousarray(np.transpose(x, (2, 3, 1, 0))),

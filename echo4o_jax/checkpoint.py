@@ -1,0 +1,536 @@
+"""Checkpoint folders: converted (Orbax) model folders, training workdirs, and their readers.
+
+Converted model folder (written by `tools.convert_weights.to_jax`, see `echo4o_jax.convert`)::
+
+    OUT/llm_config.json, vit_config.json   HF configs, copied from the official folder
+    OUT/meta.json                          cfg.meta_dict(): AE + BAGEL fields incl. special token ids
+    OUT/tokenizer.json ...                 tokenizer files, copied as-is (those that exist)
+    OUT/manifest.json                      provenance: source files (size, sha256), dtype, counts, version
+    OUT/params/                            Orbax PyTree: nnx.to_pure_dict(nnx.state(Bagel))
+    OUT/vae/                               Orbax PyTree: nnx.to_pure_dict(nnx.state(AutoEncoder))
+
+Training workdir (written by the trainer)::
+
+    WORKDIR/model_config/                  the same json + tokenizer files + manifest.json
+    WORKDIR/vae/                           Orbax PyTree of the frozen VAE, copied at start
+    WORKDIR/checkpoints/<step>/            orbax CheckpointManager, Composite items
+        params/, ema/                      Bagel pure dict (same structure as OUT/params)
+        opt_state/                         optimizer state
+        meta/                              JSON: {"step": ..., ...}
+
+Stacked layer arrays ([num_layers, ...]) are stored in zarr chunks that never span two layers
+(`train_save_args` gives the trainer the same layout), so a reader can stream them layer by layer.
+
+Everything restores onto any mesh: the module is built abstractly (`nnx.eval_shape`), the target
+leaves are `jax.ShapeDtypeStruct`s carrying the requested shardings, and the restored arrays are
+merged in (nothing is initialised at random first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from .config import BagelConfig, VAEConfig
+from .model import keymap
+from .model.bagel import Bagel, bagel_key_rules
+from .model.layers import sincos_2d_table
+from .model.vae import AutoEncoder
+
+__all__ = [
+    "CheckpointError",
+    "CONFIG_FILES",
+    "TOKENIZER_FILES",
+    "META_FILE",
+    "MANIFEST_FILE",
+    "PARAMS_ITEM",
+    "VAE_ITEM",
+    "is_official_dir",
+    "is_converted_dir",
+    "is_train_workdir",
+    "is_orbax_dir",
+    "config_dir",
+    "load_config",
+    "abstract_bagel",
+    "abstract_vae",
+    "stacked_paths",
+    "fixed_tables",
+    "OrbaxItem",
+    "save_pytree",
+    "restore_module",
+    "restore_bagel",
+    "restore_vae",
+    "load_any_bagel",
+    "load_any_vae",
+    "copy_model_files",
+    "write_model_config",
+    "save_vae",
+    "train_checkpoint_manager",
+    "train_save_args",
+    "list_train_steps",
+    "train_step_dir",
+    "read_train_meta",
+    "restore_train_weights",
+]
+
+CONFIG_FILES = ("llm_config.json", "vit_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+META_FILE = "meta.json"
+MANIFEST_FILE = "manifest.json"
+PARAMS_ITEM = "params"
+EMA_ITEM = "ema"
+VAE_ITEM = "vae"
+MODEL_CONFIG_DIR = "model_config"
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_ITEMS = ("params", "ema")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder has the wrong layout (not Orbax, missing item, unknown step ...)."""
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+
+def _p(path) -> pathlib.Path:
+    return pathlib.Path(os.fspath(path))
+
+
+def is_official_dir(path) -> bool:
+    """An official PyTorch folder: llm_config.json and ema.safetensors (or its sharded index)."""
+    p = _p(path)
+    return (p / "llm_config.json").is_file() and (
+        (p / "ema.safetensors").is_file() or (p / "ema.safetensors.index.json").is_file())
+
+
+def is_converted_dir(path) -> bool:
+    p = _p(path)
+    return (p / "llm_config.json").is_file() and (p / PARAMS_ITEM / "_METADATA").is_file()
+
+
+def is_train_workdir(path) -> bool:
+    p = _p(path)
+    return (p / MODEL_CONFIG_DIR / "llm_config.json").is_file() and (p / CHECKPOINTS_DIR).is_dir()
+
+
+def is_orbax_dir(path) -> bool:
+    """A converted Orbax model folder or a training workdir."""
+    return is_converted_dir(path) or is_train_workdir(path)
+
+
+def config_dir(path) -> pathlib.Path:
+    """Where the json configs live: WORKDIR/model_config for a training workdir, else the folder."""
+    p = _p(path)
+    return p / MODEL_CONFIG_DIR if (p / MODEL_CONFIG_DIR / "llm_config.json").is_file() else p
+
+
+def load_config(path, **overrides) -> BagelConfig:
+    return BagelConfig.from_checkpoint_dir(config_dir(path), **overrides)
+
+
+def abstract_bagel(cfg: BagelConfig) -> Bagel:
+    return nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
+
+
+def abstract_vae(vae_cfg: VAEConfig, dtype=jnp.float32, precision=None) -> AutoEncoder:
+    return nnx.eval_shape(lambda: AutoEncoder(vae_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                              precision=precision))
+
+
+def stacked_paths(cfg: BagelConfig) -> set[tuple[str, ...]]:
+    """Bagel state paths that hold stacked layers ([num_layers, ...])."""
+    return {r.path for r in bagel_key_rules(cfg) if r.stacked is not None}
+
+
+def fixed_tables(cfg: BagelConfig) -> dict[tuple[str, ...], Callable[[], np.ndarray]]:
+    """The fixed sin-cos tables (Buffers): recomputed when a training checkpoint does not store them."""
+    H = cfg.llm.hidden_size
+    return {
+        ("latent_pos_embed",): lambda: np.asarray(sincos_2d_table(cfg.max_latent_size, H), np.float32),
+        ("vit_pos_embed",): lambda: np.asarray(sincos_2d_table(cfg.vit_max_num_patch_per_side, H), np.float32),
+    }
+
+
+def _name(path) -> str:
+    """Orbax's parameter name of a tree path (keys joined by '.')."""
+    return ".".join(str(k) for k in path)
+
+
+def _flat_abstract(module: nnx.Module) -> dict[tuple, Any]:
+    return {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(module))}
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+class OrbaxItem:
+    """Leaf-by-leaf (and slice-by-slice) reader of one Orbax PyTree item directory, through
+    tensorstore with Orbax's own read spec. Used for streaming exports; `restore_module` restores."""
+
+    def __init__(self, item_dir):
+        import orbax.checkpoint as ocp
+
+        self.path = _p(item_dir)
+        meta_file = self.path / "_METADATA"
+        if not meta_file.is_file():
+            raise CheckpointError(f"{self.path}: not an Orbax PyTree checkpoint (no _METADATA)")
+        try:
+            meta = json.loads(meta_file.read_text())
+            tree = meta["tree_metadata"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{meta_file}: corrupt Orbax metadata ({e!r})") from None
+        self.use_ocdbt = bool(meta.get("use_ocdbt", True))
+        self.use_zarr3 = bool(meta.get("use_zarr3", False))
+        self.leaves: dict[str, tuple[str, ...]] = {}
+        for entry in tree.values():
+            keys = tuple(str(k["key"]) for k in entry["key_metadata"])
+            self.leaves[_name(keys)] = keys
+        self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=self.use_ocdbt)
+        self._stores: dict[str, Any] = {}
+
+    def names(self) -> list[str]:
+        return list(self.leaves)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.leaves
+
+    def open(self, name: str):
+        import orbax.checkpoint as ocp
+        import tensorstore as ts
+
+        if name not in self._stores:
+            if name not in self.leaves:
+                raise CheckpointError(f"{self.path}: no array {name!r}")
+            info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.path),
+                                               is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3,
+                                               ts_context=self._ctx)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.use_ocdbt)
+            try:
+                self._stores[name] = ts.open(ts.Spec(spec), open=True, read=True, context=self._ctx).result()
+            except Exception as e:  # tensorstore raises ValueError with its own message
+                raise CheckpointError(f"{self.path}: cannot open array {name!r}: {e}") from None
+        return self._stores[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.open(name).shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.open(name).dtype.numpy_dtype)
+
+    def chunks(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.open(name).chunk_layout.read_chunk.shape)
+
+    def info(self) -> dict[str, tuple[tuple, str]]:
+        return {n: (self.shape(n), self.dtype(n).name) for n in self.leaves}
+
+    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+        t = self.open(name)
+        return np.asarray((t[index] if index != () else t).read().result())
+
+    def close(self) -> None:
+        self._stores.clear()
+
+
+def _check_item(item: OrbaxItem, abstract_flat: Mapping[tuple, Any], fillable=(), *, source: str) -> list[tuple]:
+    """Key set and shapes of an Orbax item against the abstract module; returns the paths to fill."""
+    expected = {_name(p): p for p in abstract_flat}
+    missing = sorted(n for n in expected if n not in item and expected[n] not in fillable)
+    unexpected = sorted(n for n in item.names() if n not in expected)
+    bad_shape = []
+    for n, p in expected.items():
+        if n in item:
+            want = tuple(abstract_flat[p].shape)
+            got = item.shape(n)
+            if got != want:
+                bad_shape.append(f"{n}: got {list(got)}, expected {list(want)}")
+    if missing or unexpected or bad_shape:
+        msg = f"checkpoint {source} does not match the model config:"
+        msg += keymap._fmt_list("missing arrays", missing)
+        msg += keymap._fmt_list("unexpected arrays", unexpected)
+        msg += keymap._fmt_list("wrong shapes", bad_shape)
+        raise keymap.CheckpointMismatchError(msg)
+    return [p for n, p in expected.items() if n not in item]
+
+
+def _sharding_fn(shardings) -> Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding]:
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if shardings is None:
+        return lambda path, leaf: default
+    if isinstance(shardings, jax.sharding.Sharding):
+        return lambda path, leaf: shardings
+    if callable(shardings):
+        return shardings
+    tree = nnx.to_pure_dict(shardings) if isinstance(shardings, nnx.State) else shardings
+    flat = {tuple(str(k) for k in p): s for p, s in flatten_dict(tree)}
+
+    def lookup(path, leaf):
+        s = flat.get(tuple(str(k) for k in path))
+        if s is None:
+            raise KeyError(f"no sharding given for {_name(path)}")
+        return s
+
+    return lookup
+
+
+def flatten_dict(tree, prefix=()):
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from flatten_dict(v, prefix + (k,))
+    else:
+        yield prefix, tree
+
+
+def unflatten_dict(flat: Mapping[tuple, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+def restore_module(abstract: nnx.Module, item_dir, *, dtype=None, shardings=None,
+                   fill: Mapping[tuple, Callable[[], np.ndarray]] | None = None) -> nnx.Module:
+    """Restore an Orbax PyTree item (an `nnx.to_pure_dict` of the module state) into the abstract
+    module `abstract` (from `nnx.eval_shape`). `dtype`: cast every leaf (None: the module's dtypes);
+    `shardings`: None (default device), one Sharding for all leaves, a pure-dict / nnx.State of
+    Shardings, or a callable (path, ShapeDtypeStruct) -> Sharding. `fill`: leaves that may be absent
+    from the item, computed instead (the fixed sin-cos tables)."""
+    import orbax.checkpoint as ocp
+
+    item_dir = _p(item_dir)
+    item = OrbaxItem(item_dir)
+    flat = _flat_abstract(abstract)
+    to_fill = _check_item(item, flat, fillable=set(fill or ()), source=str(item_dir))
+    shard_of = _sharding_fn(shardings)
+    target_flat = {}
+    for path, leaf in flat.items():
+        dt = np.dtype(dtype) if dtype is not None else np.dtype(leaf.dtype)
+        sds = jax.ShapeDtypeStruct(tuple(leaf.shape), dt)
+        target_flat[path] = jax.ShapeDtypeStruct(sds.shape, dt, sharding=shard_of(path, sds))
+    present = {p: v for p, v in target_flat.items() if p not in to_fill}
+    target = unflatten_dict(present)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    restored = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                 partial_restore=True))
+    restored_flat = {tuple(p): v for p, v in flatten_dict(restored)}
+    graphdef, state = nnx.split(abstract)
+    values = {}
+    for path in flat:
+        key = tuple(path)
+        if key in to_fill:
+            t = target_flat[key]
+            values[key] = jax.device_put(np.asarray(fill[key]()).astype(t.dtype), t.sharding)
+        else:
+            values[key] = restored_flat[key]
+    nnx.replace_by_pure_dict(state, unflatten_dict(values))
+    return nnx.merge(graphdef, state)
+
+
+def _stored_dtype(item_dir, name="llm.embed") -> str:
+    item = OrbaxItem(item_dir)
+    if name not in item:
+        name = item.names()[0]
+    return item.dtype(name).name
+
+
+def _restore_bagel_item(item_dir, cfg: BagelConfig, dtype, shardings) -> Bagel:
+    item_dir = _p(item_dir)
+    if not (item_dir / "_METADATA").is_file():
+        raise CheckpointError(f"{item_dir}: not an Orbax PyTree checkpoint (no _METADATA)")
+    pdt = np.dtype(dtype).name if dtype is not None else _stored_dtype(item_dir)
+    cfg = cfg.replace(param_dtype=pdt)
+    return restore_module(abstract_bagel(cfg), item_dir, dtype=pdt, shardings=shardings, fill=fixed_tables(cfg))
+
+
+def restore_bagel(ckpt_dir, *, item: str = PARAMS_ITEM, dtype=None, shardings=None,
+                  cfg: BagelConfig | None = None, **cfg_overrides) -> Bagel:
+    """A Bagel from a converted folder (`ckpt_dir/item`, configs beside it). dtype None: the stored
+    dtype (also set as cfg.param_dtype). `cfg_overrides` go to BagelConfig (compute_dtype, remat ...)."""
+    cfg = cfg or load_config(ckpt_dir, **cfg_overrides)
+    return _restore_bagel_item(_p(ckpt_dir) / item, cfg, dtype, shardings)
+
+
+def restore_vae(ckpt_dir, *, item: str = VAE_ITEM, dtype=jnp.float32, shardings=None,
+                cfg: BagelConfig | None = None, precision=None) -> AutoEncoder:
+    """The AutoEncoder of a converted folder or training workdir (`ckpt_dir/vae`), in `dtype`."""
+    cfg = cfg or load_config(ckpt_dir)
+    item_dir = _p(ckpt_dir) / item
+    if not (item_dir / "_METADATA").is_file():
+        raise CheckpointError(f"{item_dir}: not an Orbax PyTree checkpoint (no _METADATA)")
+    return restore_module(abstract_vae(cfg.vae, dtype, precision), item_dir, dtype=dtype, shardings=shardings)
+
+
+def _reshard(module: nnx.Module, shardings) -> nnx.Module:
+    if shardings is None:
+        return module
+    fn = _sharding_fn(shardings)
+    graphdef, state = nnx.split(module)
+    flat = [(p, v.replace(jax.device_put(v[...], fn(tuple(p), jax.ShapeDtypeStruct(v.shape, v.dtype)))))
+            for p, v in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_any_bagel(path, *, dtype=None, shardings=None, weights: str = "ema", step: int | None = None,
+                   **cfg_overrides) -> Bagel:
+    """A Bagel from an official PyTorch folder, a converted Orbax folder or a training workdir
+    (`weights` ema|params, `step` default latest)."""
+    from .model.loading import load_bagel
+
+    if is_train_workdir(path):
+        return restore_train_weights(path, step=step, weights=weights, dtype=dtype, shardings=shardings,
+                                     **cfg_overrides)
+    if is_converted_dir(path):
+        return restore_bagel(path, dtype=dtype, shardings=shardings, **cfg_overrides)
+    if is_official_dir(path):
+        cfg = BagelConfig.from_checkpoint_dir(path, **cfg_overrides)
+        return _reshard(load_bagel(path, cfg, dtype=dtype), shardings)
+    raise CheckpointError(f"{path}: neither an official checkpoint folder (llm_config.json + ema.safetensors), "
+                          f"a converted Orbax folder (params/) nor a training workdir (model_config/ + checkpoints/)")
+
+
+def load_any_vae(path, cfg: BagelConfig | None = None, *, dtype=jnp.float32, shardings=None) -> AutoEncoder:
+    from .model.loading import load_vae
+
+    cfg = cfg or load_config(path)
+    if (_p(path) / VAE_ITEM / "_METADATA").is_file():
+        return restore_vae(path, dtype=dtype, shardings=shardings, cfg=cfg)
+    if (_p(path) / "ae.safetensors").is_file() or (_p(path) / "ae.safetensors.index.json").is_file():
+        return _reshard(load_vae(path, cfg, dtype=dtype), shardings)
+    raise CheckpointError(f"{path}: no VAE (neither vae/ nor ae.safetensors)")
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def save_pytree(item_dir, tree, *, save_args=None) -> None:
+    """Save a pytree (e.g. a pure dict of arrays) as an Orbax PyTree item (synchronously)."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    ckptr.save(epath.Path(os.fspath(item_dir)), args=ocp.args.StandardSave(tree, save_args=save_args))
+
+
+def copy_model_files(src_dir, dst_dir) -> list[str]:
+    """Copy the json configs and tokenizer files that exist in `src_dir`; returns their names."""
+    src, dst = _p(src_dir), _p(dst_dir)
+    copied = []
+    for name in CONFIG_FILES + TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_model_config(dst, cfg: BagelConfig, src_dir=None, manifest: Mapping | None = None) -> pathlib.Path:
+    """The config part of a model folder (OUT/ or WORKDIR/model_config/): llm/vit json (copied from
+    `src_dir` when present there, else generated from `cfg`), meta.json, tokenizer files, and
+    manifest.json (`manifest`, or the one in `src_dir`)."""
+    dst = _p(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if src_dir is not None:
+        src = config_dir(src_dir)
+        copy_model_files(src, dst)
+        if manifest is None and (src / MANIFEST_FILE).is_file():
+            shutil.copy2(src / MANIFEST_FILE, dst / MANIFEST_FILE)
+    for name, d in (("llm_config.json", cfg.llm.to_hf()), ("vit_config.json", cfg.vit.to_hf())):
+        if not (dst / name).is_file():
+            _write_json(dst / name, d)
+    _write_json(dst / META_FILE, cfg.meta_dict())
+    if manifest is not None:
+        _write_json(dst / MANIFEST_FILE, manifest)
+    return dst
+
+
+def save_vae(item_dir, vae: AutoEncoder) -> None:
+    """The VAE item (WORKDIR/vae or OUT/vae) from a module."""
+    save_pytree(item_dir, nnx.to_pure_dict(nnx.state(vae)))
+
+
+def _write_json(path, d) -> None:
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
+        f.write("\n")
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def train_checkpoint_manager(workdir, *, read_only: bool = False, **options):
+    """The CheckpointManager of WORKDIR/checkpoints (items params, ema, opt_state, meta)."""
+    import orbax.checkpoint as ocp
+
+    root = _p(workdir) / CHECKPOINTS_DIR
+    if read_only and not root.is_dir():
+        raise CheckpointError(f"{workdir}: no {CHECKPOINTS_DIR}/ folder (not a training workdir)")
+    opts = ocp.CheckpointManagerOptions(read_only=read_only, create=not read_only, **options)
+    return ocp.CheckpointManager(epath.Path(root), options=opts)
+
+
+def train_save_args(tree, stacked: set[tuple[str, ...]]):
+    """SaveArgs for a Bagel pure dict (or any tree containing it, e.g. optimizer moments): stacked
+    layer leaves are chunked one layer per chunk (`shard_axes=(0,)`), so exports stream by layer."""
+    import orbax.checkpoint as ocp
+
+    suffixes = {tuple(s) for s in stacked}
+
+    def one(path, leaf):
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        hit = any(keys[-len(s):] == s for s in suffixes if len(keys) >= len(s)) and np.ndim(leaf) >= 2
+        return ocp.SaveArgs(shard_axes=(0,)) if hit else ocp.SaveArgs()
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def list_train_steps(workdir) -> list[int]:
+    root = _p(workdir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(train_checkpoint_manager(workdir, read_only=True).all_steps())
+
+
+def train_step_dir(workdir, step: int | None = None) -> tuple[int, pathlib.Path]:
+    """(step, WORKDIR/checkpoints/<step>) for `step` (None: the latest)."""
+    import orbax.checkpoint as ocp
+
+    steps = list_train_steps(workdir)
+    if not steps:
+        raise CheckpointError(f"{workdir}: no training checkpoint under {CHECKPOINTS_DIR}/")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise CheckpointError(f"{workdir}: no checkpoint for step {step} (available: {steps})")
+    path = ocp.step.find_step_path(epath.Path(_p(workdir) / CHECKPOINTS_DIR), ocp.step.standard_name_format(),
+                                   step=step)
+    return step, _p(path)
+
+
+def read_train_meta(workdir, step: int | None = None) -> dict:
+    import orbax.checkpoint as ocp
+
+    step, path = train_step_dir(workdir, step)
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(epath.Path(path / "meta"),
+                                                                  args=ocp.args.JsonRestore())
+
+
+def restore_train_weights(workdir, step: int | None = None, weights: str = "ema", *, dtype=None, shardings=None,
+                          cfg: BagelConfig | None = None, **cfg_overrides) -> Bagel:
+    """The Bagel of one training checkpoint: only the `weights` item (ema | params) is read, never the
+    optimizer state. `step` None: the latest."""
+    if weights not in TRAIN_ITEMS:
+        raise ValueError(f"weights={weights!r}: expected one of {TRAIN_ITEMS}")
+    cfg = cfg or load_config(workdir, **cfg_overrides)
+    _, path = train_step_dir(workdir, step)
+    return _restore_bagel_item(path / weights, cfg, dtype, shardings)

@@ -1,0 +1,655 @@
+"""Weight conversion both ways, streaming: official PyTorch BAGEL / Echo-4o folder <-> Orbax.
+
+    convert_to_orbax("BAGEL-7B-MoT", "bagel_jax", dtype="bfloat16")
+    convert_to_official("bagel_jax", "bagel_torch")                       # a converted folder
+    convert_to_official("workdir", "out", weights="ema", step=None)      # a training workdir
+
+Both directions are driven by the one key table (`bagel_key_rules`, `vae_key_rules`); the inverse is
+the table's own `Transform.to_official`. Everything is validated before anything is written (one
+`CheckpointMismatchError` listing missing / unexpected / mis-shaped / wrongly-typed keys, first 20
+of each with counts; `SafetensorsError` naming a truncated or corrupt file; `ConfigError` for a
+missing config); the output is written into a temporary sibling folder and renamed at the end, so
+`out` is untouched on any error. An existing non-empty `out` is refused unless `overwrite=True`.
+
+Memory: one official tensor at a time. Safetensors are read with plain file reads (`read`), and a
+stacked Flax array ([num_layers, ...]) is never assembled: it is written to Orbax through a
+TypeHandler that fills the tensorstore array block by block (zarr chunks of ~CHUNK_BYTES rows that
+never span two layers), so the result is an ordinary Orbax PyTree checkpoint (OCDBT, zarr) that
+`restore_bagel` reads onto any mesh. A background thread reads and transposes the next tensor while
+tensorstore compresses and writes the current one. The way back reads one layer at a time (or the
+layer group of a chunk, for checkpoints chunked otherwise) and streams the safetensors out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import datetime
+import hashlib
+import os
+import pathlib
+import queue
+import shutil
+import sys
+import threading
+import uuid
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from . import __version__
+from . import checkpoint as ck
+from .config import BagelConfig
+from .model import keymap
+from .model.bagel import Bagel, bagel_key_rules
+from .model.loading import LOADABLE_DTYPES, flax_shapes
+from .model.vae import AutoEncoder, vae_key_rules
+from .safetensors_io import (open_checkpoint_file, write_safetensors_sharded,
+                             write_safetensors_stream)
+
+__all__ = [
+    "OutputExistsError",
+    "StreamedArray",
+    "save_streamed",
+    "convert_to_orbax",
+    "convert_to_official",
+    "CHUNK_BYTES",
+]
+
+CHUNK_BYTES = 32 * 2**20  # zarr chunk size target (rows of one layer); several chunks compress in parallel
+INFLIGHT_BYTES = 2 * CHUNK_BYTES  # block writes in flight in tensorstore
+SAFETENSORS_METADATA = {"format": "pt"}  # what torch / accelerate loaders expect
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and is not empty (pass overwrite=True / --overwrite)."""
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _all_or_mismatch(*builders) -> list:
+    """Run every builder; raise one CheckpointMismatchError holding all their mismatches."""
+    errors: list[str] = []
+    out = []
+    for build in builders:
+        try:
+            out.append(build())
+        except keymap.CheckpointMismatchError as e:
+            errors.append(str(e))
+    if errors:
+        raise keymap.CheckpointMismatchError("\n".join(errors))
+    return out
+
+
+def _row_blocks(t: keymap.Transform, x: np.ndarray, rows: int, official: bool) -> Iterator[np.ndarray]:
+    """Row blocks (axis 0) of `t.to_flax(x)` (or `t.to_official(x)`), `rows` at a time. A matrix
+    transpose is done block by block from `x` (the whole transposed copy never exists); any other
+    transform is applied whole first."""
+    if t is keymap.LINEAR and x.ndim == 2:
+        for r0 in range(0, x.shape[1], rows):
+            yield keymap.swap_last2(x[:, r0: r0 + rows])
+        return
+    y = t.to_official(x) if official else t.to_flax(x)
+    if y.ndim == 0:
+        yield y
+        return
+    for r0 in range(0, y.shape[0], rows):
+        yield y[r0: r0 + rows]
+
+
+def _rows_for(shape: tuple, dtype) -> int:
+    """Rows of a [rows, ...] block of about CHUNK_BYTES."""
+    if len(shape) == 0:
+        return 1
+    row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    return int(max(1, min(shape[0], CHUNK_BYTES // max(row, 1))))
+
+
+_END = object()
+
+
+def _prefetched(items: Callable[[], Iterator], depth: int = 1) -> Iterator:
+    """Iterate `items()` in a background thread, `depth` items ahead (reading and transposing the
+    next tensor overlaps compressing / writing the current one; numpy and tensorstore release the
+    GIL). Exceptions are re-raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def run():
+        try:
+            for it in items():
+                while not stop.is_set():
+                    try:
+                        q.put((it, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                del it  # do not keep the item alive while producing the next one
+                if stop.is_set():
+                    return
+            q.put((_END, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((_END, e))
+
+    th = threading.Thread(target=run, daemon=True, name="convert-prefetch")
+    th.start()
+    try:
+        while True:
+            it, err = q.get()
+            if it is _END:
+                if err is not None:
+                    raise err
+                return
+            yield it
+            del it
+    finally:
+        stop.set()
+        while th.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(0.05)
+
+
+class _PrefetchProducer:
+    """`produce(key)` for the safetensors writer, computed one key ahead in a background thread, with
+    at most `budget` bytes of finished tensors alive at once (a big tensor is never produced while
+    another big one is still being written: peak memory stays at one big tensor's working set)."""
+
+    def __init__(self, specs: list[tuple[str, tuple, np.dtype]], produce: Callable[[str], np.ndarray]):
+        sizes = {k: int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for k, s, d in specs}
+        self._budget = max(sizes.values(), default=0)
+        self._sizes, self._held, self._prev = sizes, 0, None
+        self._cond = threading.Condition()
+        keys = [k for k, _, _ in specs]
+
+        def items():
+            for k in keys:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._held == 0 or self._held + sizes[k] <= self._budget)
+                    self._held += sizes[k]
+                yield k, produce(k)
+
+        self._it = _prefetched(items)
+
+    def _release(self, key) -> None:
+        with self._cond:
+            self._held -= self._sizes[key]
+            self._cond.notify_all()
+
+    def __call__(self, key: str) -> np.ndarray:
+        if self._prev is not None:  # the writer asks for the next tensor: the previous one is written
+            self._release(self._prev)
+            self._prev = None
+        k, arr = next(self._it)
+        if k != key:
+            raise RuntimeError(f"prefetch out of order: {k} != {key}")
+        self._prev = k
+        return arr
+
+    def close(self) -> None:
+        if self._prev is not None:
+            self._release(self._prev)
+            self._prev = None
+        with self._cond:
+            self._held = 0
+            self._cond.notify_all()
+        self._it.close()
+
+
+# ------------------------------------------------------------------------------------------ Orbax side
+
+
+@dataclasses.dataclass
+class StreamedArray:
+    """An Orbax leaf written block by block: `blocks()` yields (index, array) covering whole chunks."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    blocks: Callable[[], Iterator[tuple[tuple, np.ndarray]]]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+def _streamed_handler_cls():
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    class StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
+        """Orbax's NumpyHandler, but the array is filled block by block with the chunk shape given by
+        the leaf (the on-disk result is the one of a numpy / sharded array: a zarr array per leaf)."""
+
+        def __init__(self):
+            super().__init__(deepcopy_host_arrays=False)
+
+        async def _background_serialize(self, values, infos, args=None):
+            args = args or [ocp.SaveArgs()] * len(values)
+            stores = []
+            for value, info, arg in zip(values, infos, args):
+                await info.await_path_creation()
+                use_ocdbt = bool(info.is_ocdbt_checkpoint)
+                spec = ocp.type_handlers.get_json_tspec_write(
+                    info, use_ocdbt=use_ocdbt, global_shape=value.shape, local_shape=value.chunks,
+                    dtype=value.dtype, process_index=jax.process_index() if use_ocdbt else None,
+                    metadata_key=self._metadata_key, arg=arg)
+                stores.append(await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context))
+
+            def blocks():
+                for i, value in enumerate(values):
+                    for index, block in value.blocks():
+                        yield i, index, block
+
+            it = _prefetched(blocks)
+            pending: collections.deque = collections.deque()  # (future, nbytes): writes in flight
+            inflight = 0
+            try:
+                while True:
+                    item = await asyncio.to_thread(next, it, None)
+                    if item is None:
+                        break
+                    i, index, block = item
+                    t = stores[i]
+                    pending.append(((t[index] if index != () else t).write(block), block.nbytes))
+                    inflight += block.nbytes
+                    del item, block
+                    # small blocks: many writes in flight (one OCDBT commit for many); big: one at a time
+                    while pending and (inflight > INFLIGHT_BYTES or len(pending) > 64):
+                        fut, n = pending.popleft()
+                        await fut
+                        inflight -= n
+                while pending:
+                    await pending.popleft()[0]
+            finally:
+                it.close()
+
+    return StreamedArrayHandler
+
+
+def save_streamed(item_dir, tree, *, compress: bool = True) -> None:
+    """Save a pytree whose leaves are `StreamedArray`s as an Orbax PyTree item, one block at a time.
+    compress: zstd-1 chunks, Orbax's default (Gaussian-like bf16 weights shrink ~20 %, bf16 values
+    widened to fp32 ~50 %; costs CPU time). Restoring reads either."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    defaults = [(t, ocp.type_handlers.get_type_handler(t)) for t in ocp.type_handlers.supported_types()]
+    registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, _streamed_handler_cls()()), *defaults)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress))
+    ckptr.save(epath.Path(os.fspath(item_dir)), args=ocp.args.PyTreeSave(tree))
+
+
+# ------------------------------------------------------------------------------------------ plans
+
+
+@dataclasses.dataclass
+class _Plan:
+    """One module (Bagel or AutoEncoder) from one official safetensors source, validated."""
+
+    name: str
+    source: Any  # SafetensorsFile | ShardedSafetensors
+    entries: list[keymap.KeyEntry]
+    shapes: dict[tuple, tuple]
+    dtype: np.dtype
+    source_dtypes: dict[str, int]
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(self.source.nbytes(e.key) for e in self.entries)
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.prod(s, dtype=np.int64) for s in self.shapes.values()))
+
+    def tree(self, tick: Callable[[int], None]) -> dict:
+        by_path: dict[tuple, list[keymap.KeyEntry]] = {}
+        for e in self.entries:
+            by_path.setdefault(e.path, []).append(e)
+        flat = {}
+        for path, shape in self.shapes.items():
+            ents = sorted(by_path[path], key=lambda e: -1 if e.layer is None else e.layer)
+            flat[path] = self._leaf(shape, ents, tick)
+        return ck.unflatten_dict(flat)
+
+    def _leaf(self, shape, ents, tick) -> StreamedArray:
+        src, dt = self.source, self.dtype
+        shape = tuple(shape)
+        if len(shape) == 0:
+            (e,) = ents
+
+            def blocks0():
+                yield (), np.asarray(e.transform.to_flax(src.read(e.key))).astype(dt)
+                tick(src.nbytes(e.key))
+            return StreamedArray((), dt, (), blocks0)
+        stacked = ents[0].layer is not None
+        chunks = _chunk_shape(shape, dt, stacked)
+        rows = chunks[int(stacked)] if len(chunks) > int(stacked) else 1
+
+        def blocks():
+            for e in ents:  # one official tensor: one layer, or the whole array
+                lead = (slice(e.layer, e.layer + 1),) if stacked else ()
+                r0 = 0
+                for blk in _row_blocks(e.transform, src.read(e.key), rows, official=False):
+                    blk = blk.astype(dt, copy=False)
+                    if blk.ndim == 0:
+                        yield lead, blk[None]
+                    else:
+                        yield lead + (slice(r0, r0 + blk.shape[0]),), (blk[None] if stacked else blk)
+                        r0 += blk.shape[0]
+                    del blk
+                tick(src.nbytes(e.key))
+        return StreamedArray(shape, dt, chunks, blocks)
+
+
+def _chunk_shape(shape: tuple, dtype: np.dtype, stacked: bool) -> tuple:
+    """One layer per chunk for stacked arrays, split in row blocks of about CHUNK_BYTES."""
+    body = shape[1:] if stacked else shape
+    if len(body) == 0:
+        return (1,) if stacked else ()
+    return ((1,) if stacked else ()) + (_rows_for(body, dtype),) + tuple(body[1:])
+
+
+def _default_dtype(info: dict[str, tuple[tuple, str]]) -> np.dtype:
+    names = {dt for _, dt in info.values()}
+    return np.dtype(names.pop()) if len(names) == 1 else np.dtype("float32")
+
+
+def _plan(name: str, ctor: Callable[[], nnx.Module], rules: list[keymap.Rule], source, dtype) -> _Plan:
+    abstract = nnx.eval_shape(ctor)
+    shapes = flax_shapes(abstract)
+    entries = keymap.expand_rules(rules)
+    uncovered = sorted(set(shapes) - {e.path for e in entries})
+    if uncovered:
+        raise RuntimeError(f"key table does not cover model variables: {uncovered[:10]}")
+    info = source.info()
+    keymap.check_tensors(entries, shapes, info, source=source.path, allowed_dtypes=LOADABLE_DTYPES)
+    counts: dict[str, int] = {}
+    for _, dt in info.values():
+        counts[dt] = counts.get(dt, 0) + 1
+    out_dt = np.dtype(dtype) if dtype is not None else _default_dtype(info)
+    return _Plan(name, source, entries, shapes, out_dt, counts)
+
+
+# ------------------------------------------------------------------------------------------ output folder
+
+
+def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise OutputExistsError(f"{out} exists and is not a folder")
+        if any(out.iterdir()) and not overwrite:
+            raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _tmp_sibling(out: pathlib.Path) -> pathlib.Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _finalize(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+class _Hasher(threading.Thread):
+    """sha256 + size of files, in a background thread (hashlib releases the GIL)."""
+
+    def __init__(self, files: list[pathlib.Path], root: pathlib.Path):
+        super().__init__(daemon=True)
+        self.files, self.root, self.result, self.error = files, root, [], None
+        self.stop = threading.Event()
+
+    def run(self):
+        try:
+            for f in self.files:
+                h = hashlib.sha256()
+                with open(f, "rb", buffering=0) as fh:
+                    buf = bytearray(8 * 2**20)
+                    view = memoryview(buf)
+                    while (n := fh.readinto(buf)) and not self.stop.is_set():
+                        h.update(view[:n])
+                if self.stop.is_set():
+                    return
+                self.result.append({"name": os.path.relpath(f, self.root), "size": f.stat().st_size,
+                                    "sha256": h.hexdigest()})
+        except Exception as e:  # reported by the caller
+            self.error = e
+
+
+def _progress(total: int, n_tensors: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, disable=not enabled,
+               file=sys.stderr, dynamic_ncols=True)
+    state = {"n": 0}
+    lock = threading.Lock()
+
+    def tick(nbytes: int) -> None:
+        with lock:
+            state["n"] += 1
+            bar.update(nbytes)
+            bar.set_postfix_str(f"tensors {state['n']}/{n_tensors}", refresh=False)
+
+    return bar, tick
+
+
+# ------------------------------------------------------------------------------------------ to Orbax
+
+
+def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = False, progress: bool = True,
+                     hash_files: bool = True, compress: bool = True) -> dict:
+    """Official folder `src` -> converted Orbax folder `out` (see `echo4o_jax.checkpoint`).
+
+    dtype: of the Bagel weights (None: the source's dtype when uniform, else float32); vae_dtype: of
+    the VAE (None: likewise from ae.safetensors); hash_files: sha256 of the source files in the
+    manifest (computed in a background thread); compress: zstd chunks (see `save_streamed`).
+    Returns the manifest."""
+    src, out = pathlib.Path(os.fspath(src)).absolute(), pathlib.Path(os.fspath(out)).absolute()
+    _check_out(out, overwrite)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source folder not found: {src}")
+    cfg = BagelConfig.from_checkpoint_dir(src)
+    ema = open_checkpoint_file(src, "ema.safetensors")
+    ae = open_checkpoint_file(src, "ae.safetensors")
+    bagel_plan, vae_plan = _all_or_mismatch(
+        lambda: _plan("params", lambda: Bagel(cfg, rngs=nnx.Rngs(0)), bagel_key_rules(cfg), ema, dtype),
+        lambda: _plan("vae", lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)), vae_key_rules(cfg.vae), ae, vae_dtype))
+
+    src_files = sorted({pathlib.Path(p) for s in (ema, ae) for p in s.files()})
+    side_files = [src / n for n in ck.CONFIG_FILES + ck.TOKENIZER_FILES + (ck.META_FILE,) if (src / n).is_file()]
+    hasher = _Hasher(src_files + side_files, src) if hash_files else None
+    n_tensors = len(bagel_plan.entries) + len(vae_plan.entries)
+    total = bagel_plan.source_bytes + vae_plan.source_bytes
+    tmp = _tmp_sibling(out)
+    bar = None
+    try:
+        if hasher:
+            hasher.start()
+        ck.write_model_config(tmp, cfg, src)
+        bar, tick = _progress(total, n_tensors, f"to_jax {src.name}", progress)
+        save_streamed(tmp / ck.PARAMS_ITEM, bagel_plan.tree(tick), compress=compress)
+        save_streamed(tmp / ck.VAE_ITEM, vae_plan.tree(tick), compress=compress)
+        bar.close()
+        files = None
+        if hasher:
+            hasher.join()
+            if hasher.error:
+                raise hasher.error
+            files = hasher.result
+        manifest = _manifest_to_jax(src, files, bagel_plan, vae_plan)
+        manifest["compression"] = "zstd-1" if compress else None
+        ck._write_json(tmp / ck.MANIFEST_FILE, manifest)
+        _finalize(tmp, out)
+    except BaseException:
+        if hasher:
+            hasher.stop.set()
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _manifest_to_jax(src, files, bagel_plan: _Plan, vae_plan: _Plan) -> dict:
+    import orbax.checkpoint as ocp
+
+    def item(p: _Plan, module: str, source_name: str):
+        return {"module": module, "source": source_name, "dtype": p.dtype.name, "source_dtypes": p.source_dtypes,
+                "official_keys": len(p.entries), "arrays": len(p.shapes), "parameters": p.num_params}
+
+    return {
+        "format": "echo4o_jax.orbax_model/1",
+        "tool": "tools.convert_weights.to_jax",
+        "tool_version": __version__,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "library_versions": {"jax": jax.__version__, "orbax-checkpoint": ocp.__version__},
+        "source": {"path": str(src), "files": files},
+        "dtype": bagel_plan.dtype.name,
+        "vae_dtype": vae_plan.dtype.name,
+        "parameter_count": {"params": bagel_plan.num_params, "vae": vae_plan.num_params,
+                            "total": bagel_plan.num_params + vae_plan.num_params},
+        "key_counts": {"ema.safetensors": len(bagel_plan.entries), "ae.safetensors": len(vae_plan.entries)},
+        "items": {ck.PARAMS_ITEM: item(bagel_plan, "Bagel", "ema.safetensors"),
+                  ck.VAE_ITEM: item(vae_plan, "AutoEncoder", "ae.safetensors")},
+    }
+
+
+# ------------------------------------------------------------------------------------------ to official
+
+
+class _ItemExport:
+    """Official tensors from one Orbax item, one at a time (stacked arrays read one chunk of layers)."""
+
+    def __init__(self, item: ck.OrbaxItem, abstract: nnx.Module, rules: list[keymap.Rule], dtype, fill=None):
+        self.item = item
+        flat = ck._flat_abstract(abstract)
+        self.to_fill = set(ck._check_item(item, flat, fillable=set(fill or ()), source=str(item.path)))
+        self.fill = fill or {}
+        self.shapes = {p: tuple(v.shape) for p, v in flat.items()}
+        self.entries = keymap.expand_rules(rules)
+        self.by_key = {e.key: e for e in self.entries}
+        stored = {p: (item.dtype(ck._name(p)) if p not in self.to_fill else None) for p in flat}
+        default = next((d for d in stored.values() if d is not None), np.dtype("float32"))
+        self.out_dtype = {p: np.dtype(dtype) if dtype is not None else (d if d is not None else default)
+                          for p, d in stored.items()}
+        self._cache: tuple | None = None  # (path, lo, hi, block)
+
+    def specs(self) -> list[tuple[str, tuple, np.dtype]]:
+        return [(e.key, keymap.official_shape(e, self.shapes[e.path]), self.out_dtype[e.path]) for e in self.entries]
+
+    def _array(self, path, layer):
+        if path in self.to_fill:
+            if self._cache is None or self._cache[0] != path:
+                self._cache = (path, 0, 0, np.asarray(self.fill[path]()))
+            x = self._cache[3]
+            return x if layer is None else x[layer]
+        name = ck._name(path)
+        if layer is None:
+            self._cache = None
+            return self.item.read(name)
+        c = self._cache
+        if c is None or c[0] != path or not (c[1] <= layer < c[2]):
+            g = max(1, self.item.chunks(name)[0])
+            lo = layer // g * g
+            hi = min(lo + g, self.shapes[path][0])
+            self._cache = c = (path, lo, hi, self.item.read(name, (slice(lo, hi),)))
+        return c[3][layer - c[1]]
+
+    def produce(self, key: str) -> Iterator[np.ndarray]:
+        """The official tensor as row blocks (read now, transposed / cast block by block when written)."""
+        e = self.by_key[key]
+        x = np.asarray(self._array(e.path, e.layer))
+        dt = self.out_dtype[e.path]
+        rows = _rows_for(keymap.official_shape(e, self.shapes[e.path]), dt)
+        return (b.astype(dt, copy=False) for b in _row_blocks(e.transform, x, rows, official=True))
+
+
+def _resolve_export_source(ckpt: pathlib.Path, step, weights):
+    if ck.is_train_workdir(ckpt):
+        if weights not in ck.TRAIN_ITEMS:
+            raise ValueError(f"weights={weights!r}: expected one of {ck.TRAIN_ITEMS}")
+        step, sdir = ck.train_step_dir(ckpt, step)
+        return ckpt / ck.MODEL_CONFIG_DIR, sdir / weights, ckpt / ck.VAE_ITEM, {
+            "kind": "training", "step": step, "weights": weights}
+    if ck.is_converted_dir(ckpt):
+        if step is not None:
+            raise ck.CheckpointError(f"{ckpt} is a converted model folder, not a training workdir: --step does not apply")
+        return ckpt, ckpt / ck.PARAMS_ITEM, ckpt / ck.VAE_ITEM, {"kind": "converted"}
+    if not ckpt.exists():
+        raise FileNotFoundError(f"checkpoint folder not found: {ckpt}")
+    raise ck.CheckpointError(f"{ckpt}: neither a converted Orbax folder (llm_config.json + params/) nor a "
+                             f"training workdir (model_config/ + checkpoints/)")
+
+
+def convert_to_official(ckpt, out, *, step: int | None = None, weights: str = "ema", dtype=None, vae_dtype=None,
+                        max_shard_size: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Converted folder or training workdir `ckpt` -> official folder `out`: ema.safetensors (official
+    keys, PyTorch layouts, `dtype`; None: as stored), or shards + ema.safetensors.index.json with
+    `max_shard_size` (bytes), ae.safetensors, llm_config.json, vit_config.json, meta.json, tokenizer
+    files. Returns a summary dict."""
+    ckpt, out = pathlib.Path(os.fspath(ckpt)).absolute(), pathlib.Path(os.fspath(out)).absolute()
+    _check_out(out, overwrite)
+    cfg_dir, bagel_dir, vae_dir, source = _resolve_export_source(ckpt, step, weights)
+    cfg = BagelConfig.from_checkpoint_dir(cfg_dir)
+    bagel_item, vae_item = ck.OrbaxItem(bagel_dir), ck.OrbaxItem(vae_dir)
+    bagel_x, vae_x = _all_or_mismatch(
+        lambda: _ItemExport(bagel_item, ck.abstract_bagel(cfg), bagel_key_rules(cfg), dtype, ck.fixed_tables(cfg)),
+        lambda: _ItemExport(vae_item, ck.abstract_vae(cfg.vae), vae_key_rules(cfg.vae), vae_dtype))
+    specs_b, specs_v = bagel_x.specs(), vae_x.specs()
+    nbytes = lambda specs: sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in specs)
+    total = nbytes(specs_b) + nbytes(specs_v)
+    tmp = _tmp_sibling(out)
+    bar = None
+    try:
+        bar, tick = _progress(total, len(specs_b) + len(specs_v), f"to_torch {ckpt.name}", progress)
+        on_tensor = lambda key, n: tick(n)
+        prod = _PrefetchProducer(specs_b, bagel_x.produce)
+        try:
+            files = write_safetensors_sharded(tmp, "ema.safetensors", specs_b, prod, max_shard_size=max_shard_size,
+                                              metadata=SAFETENSORS_METADATA, on_tensor=on_tensor)
+        finally:
+            prod.close()
+        prod = _PrefetchProducer(specs_v, vae_x.produce)
+        try:
+            write_safetensors_stream(tmp / "ae.safetensors", specs_v, prod, SAFETENSORS_METADATA, on_tensor)
+        finally:
+            prod.close()
+        bar.close()
+        ck.copy_model_files(cfg_dir, tmp)
+        for name, d in (("llm_config.json", cfg.llm.to_hf()), ("vit_config.json", cfg.vit.to_hf())):
+            if not (tmp / name).is_file():
+                ck._write_json(tmp / name, d)
+        ck._write_json(tmp / ck.META_FILE, cfg.meta_dict())
+        _finalize(tmp, out)
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bagel_item.close()
+        vae_item.close()
+    return {"source": {"path": str(ckpt), **source}, "out": str(out), "ema_files": files,
+            "ema_keys": len(specs_b), "ae_keys": len(specs_v), "bytes": total,
+            "dtype": sorted({np.dtype(d).name for _, _, d in specs_b})}

@@ -1,0 +1,459 @@
+"""Weight conversion both ways (official safetensors <-> Orbax), restore, training workdirs, bad inputs.
+
+Parametrised over ECHO4O_GOLDEN_DIRS (conftest.py); every size comes from the folder's configs.
+The golden forward is the one of tests/test_golden.py (its `train_case` fixture, fed with the
+restored model through the `loaded` fixture below).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from echo4o_jax import __version__
+from echo4o_jax import checkpoint as ck
+from echo4o_jax import convert
+from echo4o_jax.config import BagelConfig, ConfigError
+from echo4o_jax.model import keymap
+from echo4o_jax.model.bagel import bagel_key_rules
+from echo4o_jax.model.keymap import CheckpointMismatchError
+from echo4o_jax.model.loading import export_official, load_bagel, load_vae
+from echo4o_jax.safetensors_io import (SafetensorsError, SafetensorsFile, open_checkpoint_file,
+                                       write_safetensors)
+from test_golden import _to_official_order, max_err, train_case  # noqa: F401  (fixture reused)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BF16 = np.dtype(ml_dtypes.bfloat16)
+SIDE_FILES = ("llm_config.json", "vit_config.json", "meta.json")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def tensors_of(folder, name) -> dict[str, np.ndarray]:
+    f = open_checkpoint_file(folder, name)
+    return {k: f.read(k) for k in f.keys()}
+
+
+def assert_bit_exact(got: dict, want: dict, what: str):
+    assert set(got) == set(want), f"{what}: key sets differ: {sorted(set(got) ^ set(want))[:10]}"
+    bad = [k for k in want if got[k].dtype != want[k].dtype or got[k].shape != want[k].shape
+           or got[k].tobytes() != want[k].tobytes()]
+    assert not bad, f"{what}: {len(bad)} tensors differ, e.g. {bad[:5]}"
+
+
+def make_official(golden_dir, dst, *, dtype=None, shards: int = 1, mutate=None, vae_mutate=None):
+    """A copy of the golden official folder: ema in `dtype`, in `shards` files + index, mutated."""
+    dst.mkdir(parents=True)
+    for name in SIDE_FILES:
+        shutil.copy(golden_dir / name, dst / name)
+    ema = tensors_of(golden_dir, "ema.safetensors")
+    if dtype is not None:
+        ema = {k: v.astype(dtype) for k, v in ema.items()}
+    if mutate:
+        mutate(ema)
+    keys = list(ema)
+    if shards == 1:
+        write_safetensors(dst / "ema.safetensors", ema)
+    else:
+        weight_map = {}
+        for j, part in enumerate(np.array_split(np.arange(len(keys)), shards)):
+            name = f"ema-{j + 1:05d}-of-{shards:05d}.safetensors"
+            write_safetensors(dst / name, {keys[i]: ema[keys[i]] for i in part})
+            weight_map.update({keys[i]: name for i in part})
+        (dst / "ema.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ae = tensors_of(golden_dir, "ae.safetensors")
+    if vae_mutate:
+        vae_mutate(ae)
+    write_safetensors(dst / "ae.safetensors", ae)
+    return dst
+
+
+def listing(path) -> dict:
+    """Every file under `path` with its bytes (to show that a folder is unchanged)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def converted(golden_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "orbax"
+    manifest = convert.convert_to_orbax(golden_dir, out, progress=False)
+    return out, manifest
+
+
+@pytest.fixture(scope="module")
+def loaded(converted):
+    """Overrides the fixture of test_golden.py: `train_case` then runs on the restored model."""
+    out, _ = converted
+    cfg = BagelConfig.from_checkpoint_dir(out)
+    return cfg, ck.restore_bagel(out), ck.restore_vae(out)
+
+
+# ------------------------------------------------------------------------------------------ golden folders
+
+
+def test_converted_folder_layout_and_manifest(golden_dir, converted):
+    out, manifest = converted
+    assert ck.is_converted_dir(out) and ck.is_orbax_dir(out) and not ck.is_official_dir(out)
+    assert ck.is_official_dir(golden_dir) and not ck.is_orbax_dir(golden_dir)
+    for name in ("llm_config.json", "vit_config.json"):
+        assert (out / name).read_bytes() == (golden_dir / name).read_bytes()
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir)
+    assert json.loads((out / "meta.json").read_text()) == cfg.meta_dict()
+    assert BagelConfig.from_checkpoint_dir(out) == cfg
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["tool_version"] == __version__
+    files = {f["name"]: f for f in manifest["source"]["files"]}
+    for name in ("ema.safetensors", "ae.safetensors", "llm_config.json"):
+        data = (golden_dir / name).read_bytes()
+        assert files[name]["size"] == len(data)
+        assert files[name]["sha256"] == hashlib.sha256(data).hexdigest()
+    ema, ae = SafetensorsFile(golden_dir / "ema.safetensors"), SafetensorsFile(golden_dir / "ae.safetensors")
+    n_ema = sum(int(np.prod(s)) for s, _ in ema.info().values())
+    n_ae = sum(int(np.prod(s)) for s, _ in ae.info().values())
+    assert manifest["parameter_count"] == {"params": n_ema, "vae": n_ae, "total": n_ema + n_ae}
+    assert manifest["key_counts"] == {"ema.safetensors": len(ema.keys()), "ae.safetensors": len(ae.keys())}
+    assert manifest["dtype"] == "float32"
+    # no temporary sibling left behind
+    assert sorted(p.name for p in out.parent.iterdir()) == ["orbax"]
+
+
+def test_restored_model_equals_loaded_official(golden_dir, converted, loaded):
+    cfg, model, vae = loaded
+    want_b = load_bagel(golden_dir, cfg)
+    want_v = load_vae(golden_dir, cfg)
+    pairs = [(model, want_b), (vae, want_v), (ck.load_any_bagel(converted[0]), want_b),
+             (ck.load_any_bagel(golden_dir), want_b), (ck.load_any_vae(converted[0]), want_v)]
+    for got, want in pairs:
+        g = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(got))}
+        w = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(want))}
+        assert set(g) == set(w)
+        bad = [p for p in w if g[p].dtype != w[p].dtype or not np.array_equal(g[p], w[p])]
+        assert not bad, bad[:5]
+
+
+def test_restored_model_reproduces_golden_outputs(train_case):
+    d, batch, arrays, latents, x0, noise, out = train_case
+    assert max_err(latents, d["padded_latent"].transpose(0, 2, 3, 1)) <= 1e-4
+    assert max_err(_to_official_order(batch, out["hidden"]), d["last_hidden_state"]) <= 1e-4
+    mse = np.asarray(out["mse"])[np.asarray(out["mse_mask"])]
+    assert max_err(mse, d["out_mse"]) <= 1e-4
+
+
+def test_export_back_is_bit_exact(golden_dir, converted, tmp_path):
+    src, _ = converted
+    out = tmp_path / "back"
+    summary = convert.convert_to_official(src, out, progress=False)
+    assert summary["ema_files"] == ["ema.safetensors"]
+    for name in ("ema.safetensors", "ae.safetensors"):
+        assert_bit_exact(tensors_of(out, name), tensors_of(golden_dir, name), name)
+        assert SafetensorsFile(out / name).metadata == {"format": "pt"}
+    for name in ("llm_config.json", "vit_config.json"):
+        assert (out / name).read_bytes() == (golden_dir / name).read_bytes()
+    assert BagelConfig.from_checkpoint_dir(out) == BagelConfig.from_checkpoint_dir(golden_dir)
+
+
+def test_restore_onto_a_mesh_with_dtype(converted):
+    out, _ = converted
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    layer = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    stacked = ck.stacked_paths(BagelConfig.from_checkpoint_dir(out))
+    model = ck.restore_bagel(out, dtype=jnp.bfloat16,
+                             shardings=lambda path, leaf: layer if tuple(path) in stacked else repl)
+    assert model.cfg.param_dtype == "bfloat16"
+    assert model.llm.und.wq[...].dtype == jnp.bfloat16
+    assert model.llm.und.wq[...].sharding == layer
+    assert model.llm.embed[...].sharding == repl
+    vae = ck.restore_vae(out, shardings=repl)
+    leaf = jax.tree.leaves(nnx.to_pure_dict(nnx.state(vae)))[0]
+    assert leaf.sharding == repl and leaf.dtype == jnp.float32
+
+
+# ------------------------------------------------------------------------------------------ sharded inputs, dtypes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sharded_input_roundtrip(golden_dir, tmp_path, dtype):
+    src = make_official(golden_dir, tmp_path / "src", dtype=np.dtype(BF16 if dtype == "bfloat16" else dtype), shards=3)
+    mid, back, back_sharded = tmp_path / "orbax", tmp_path / "back", tmp_path / "back_sharded"
+    manifest = convert.convert_to_orbax(src, mid, progress=False, compress=dtype == "float32")
+    assert manifest["dtype"] == dtype and manifest["compression"] == ("zstd-1" if dtype == "float32" else None)
+    assert {f["name"] for f in manifest["source"]["files"]} >= {"ema.safetensors.index.json",
+                                                               "ema-00001-of-00003.safetensors"}
+    model = ck.restore_bagel(mid)
+    assert model.cfg.param_dtype == dtype and model.llm.embed[...].dtype == np.dtype(BF16 if dtype == "bfloat16" else dtype)
+    want = tensors_of(src, "ema.safetensors")
+    convert.convert_to_official(mid, back, progress=False)
+    assert_bit_exact(tensors_of(back, "ema.safetensors"), want, "ema")
+    assert_bit_exact(tensors_of(back, "ae.safetensors"), tensors_of(src, "ae.safetensors"), "ae")
+    # sharded output: shards + HF index
+    total = sum(v.nbytes for v in want.values())
+    summary = convert.convert_to_official(mid, back_sharded, max_shard_size=total // 3 + 1, progress=False)
+    index = json.loads((back_sharded / "ema.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == total
+    assert set(index["weight_map"]) == set(want)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and summary["ema_files"] == shards + ["ema.safetensors.index.json"]
+    assert not (back_sharded / "ema.safetensors").exists()
+    for shard in shards:
+        assert os.path.getsize(back_sharded / shard) <= total // 3 + 1 + 64 * 1024  # + header
+    assert_bit_exact(tensors_of(back_sharded, "ema.safetensors"), want, "ema (sharded)")
+
+
+def test_fp32_source_to_bf16_and_back(golden_dir, tmp_path):
+    mid, back = tmp_path / "orbax", tmp_path / "back"
+    convert.convert_to_orbax(golden_dir, mid, dtype="bfloat16", progress=False)
+    convert.convert_to_official(mid, back, dtype="bfloat16", progress=False)
+    want = {k: v.astype(BF16) for k, v in tensors_of(golden_dir, "ema.safetensors").items()}
+    assert_bit_exact(tensors_of(back, "ema.safetensors"), want, "ema bf16")
+    assert_bit_exact(tensors_of(back, "ae.safetensors"), tensors_of(golden_dir, "ae.safetensors"), "ae")
+    # and back up to float32: the bf16 values, widened exactly
+    back32 = tmp_path / "back32"
+    convert.convert_to_official(mid, back32, dtype="float32", progress=False)
+    assert_bit_exact(tensors_of(back32, "ema.safetensors"), {k: v.astype(np.float32) for k, v in want.items()}, "ema")
+
+
+def test_fast_transpose_is_an_exact_transpose():
+    rng = np.random.default_rng(0)
+    for shape in ((3, 5), (300, 700), (2, 513, 257), (1000, 70)):
+        for dt in (np.float32, BF16, np.float16):
+            x = rng.standard_normal(shape).astype(dt)
+            want = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+            for got in (keymap.LINEAR.to_flax(x), keymap.LINEAR.to_official(x)):
+                assert got.dtype == want.dtype and got.shape == want.shape and got.flags.c_contiguous
+                assert got.tobytes() == want.tobytes()
+            for t in (keymap.LINEAR, keymap.ID):  # row-block streaming of a transform
+                for official, fn in ((False, t.to_flax), (True, t.to_official)):
+                    blocks = list(convert._row_blocks(t, x, 7, official))
+                    assert all(len(b) <= 7 for b in blocks)
+                    assert np.concatenate(blocks).tobytes() == fn(x).tobytes()
+
+
+# ------------------------------------------------------------------------------------------ training workdir
+
+
+def _perturbed(state: dict, delta: float) -> dict:
+    return jax.tree.map(lambda x: np.asarray(x) + np.asarray(delta, np.asarray(x).dtype), state)
+
+
+@pytest.fixture(scope="module")
+def workdir(golden_dir, tmp_path_factory):
+    """A fake training workdir: model_config/, vae/, checkpoints/{10,20} (params, ema, opt_state, meta).
+    `ema` holds only the Params (not the fixed sin-cos Buffers): readers recompute those."""
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir)
+    model = load_bagel(golden_dir, cfg)
+    wd = tmp_path_factory.mktemp("train") / "run"
+    ck.write_model_config(wd / "model_config", cfg, golden_dir, manifest={"note": "test"})
+    ck.save_vae(wd / "vae", load_vae(golden_dir, cfg))
+    full = nnx.to_pure_dict(nnx.state(model))
+    _, params_only, _ = nnx.split(model, nnx.Param, ...)
+    params_only = nnx.to_pure_dict(params_only)
+    stacked = ck.stacked_paths(cfg)
+    mngr = ck.train_checkpoint_manager(wd)
+    expected = {}
+    for step in (10, 20):
+        params = _perturbed(full, step)
+        ema = _perturbed(params_only, step + 0.5)
+        mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params, save_args=ck.train_save_args(params, stacked)),
+            ema=ocp.args.StandardSave(ema, save_args=ck.train_save_args(ema, stacked)),
+            opt_state=ocp.args.StandardSave({"count": np.int32(step), "mu": _perturbed(params_only, 0)}),
+            meta=ocp.args.JsonSave({"step": step})))
+        expected[step] = {"params": params, "ema": ema}
+    mngr.wait_until_finished()
+    mngr.close()
+    return wd, cfg, model, expected
+
+
+def _official_of(cfg, state: dict) -> dict[str, np.ndarray]:
+    """Expected official tensors of a pure-dict state, through the loader's exporter."""
+    graphdef, abstract = nnx.split(ck.abstract_bagel(cfg))
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, state))
+    return dict(export_official(nnx.merge(graphdef, abstract), bagel_key_rules(cfg)))
+
+
+def test_training_workdir_readers(workdir, golden_dir):
+    wd, cfg, model, expected = workdir
+    assert ck.is_train_workdir(wd) and ck.is_orbax_dir(wd) and not ck.is_converted_dir(wd)
+    assert ck.list_train_steps(wd) == [10, 20]
+    assert ck.read_train_meta(wd) == {"step": 20}
+    assert json.loads((wd / "model_config" / "manifest.json").read_text()) == {"note": "test"}
+    # stacked arrays are chunked one layer per chunk
+    item = ck.OrbaxItem(wd / "checkpoints" / "20" / "ema")
+    assert item.chunks("llm.und.w_gate")[0] == 1
+    m = ck.restore_train_weights(wd, weights="params", step=10)
+    np.testing.assert_array_equal(np.asarray(m.llm.und.wq[...]), expected[10]["params"]["llm"]["und"]["wq"])
+    np.testing.assert_array_equal(np.asarray(m.latent_pos_embed[...]), expected[10]["params"]["latent_pos_embed"])
+    m = ck.load_any_bagel(wd)  # ema of the latest step; the sin-cos tables recomputed
+    np.testing.assert_array_equal(np.asarray(m.vit.layers.fc1_w[...]), expected[20]["ema"]["vit"]["layers"]["fc1_w"])
+    np.testing.assert_allclose(np.asarray(m.latent_pos_embed[...]), np.asarray(model.latent_pos_embed[...]), atol=1e-6)
+    vae = ck.load_any_vae(wd)
+    np.testing.assert_array_equal(np.asarray(vae.encoder.conv_in.kernel[...]),
+                                  np.asarray(load_vae(golden_dir, cfg).encoder.conv_in.kernel[...]))
+    with pytest.raises(ck.CheckpointError, match="no checkpoint for step 15"):
+        ck.restore_train_weights(wd, step=15)
+
+
+@pytest.mark.parametrize("weights", ["ema", "params"])
+def test_training_workdir_export(workdir, golden_dir, tmp_path, weights):
+    wd, cfg, model, expected = workdir
+    out = tmp_path / "torch"
+    step = None if weights == "ema" else 10
+    summary = convert.convert_to_official(wd, out, weights=weights, step=step, progress=False)
+    assert summary["source"] == {"path": str(wd), "kind": "training", "step": step or 20, "weights": weights}
+    got = tensors_of(out, "ema.safetensors")
+    state = expected[step or 20][weights]
+    if weights == "ema":  # the Buffers were not saved: recomputed, close to the official tables
+        tables = {k: got.pop(k) for k in ("latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed")}
+        src = tensors_of(golden_dir, "ema.safetensors")
+        for k, v in tables.items():
+            np.testing.assert_allclose(v, src[k], atol=1e-6)
+        full = dict(state, latent_pos_embed=np.asarray(model.latent_pos_embed[...]),
+                    vit_pos_embed=np.asarray(model.vit_pos_embed[...]))
+        want = _official_of(cfg, full)
+        for k in tables:
+            del want[k]
+    else:
+        want = _official_of(cfg, state)
+    assert_bit_exact(got, want, f"ema.safetensors from {weights}")
+    assert_bit_exact(tensors_of(out, "ae.safetensors"), tensors_of(golden_dir, "ae.safetensors"), "ae")
+    for name in ("llm_config.json", "vit_config.json"):
+        assert (out / name).read_bytes() == (golden_dir / name).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def _assert_nothing_written(out):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_mismatched_keys_one_error_nothing_written(golden_dir, tmp_path):
+    def mutate(t):
+        del t["language_model.model.norm.weight"]
+        t["language_model.model.extra.weight"] = np.zeros(3, np.float32)
+        k = "connector.fc1.weight"
+        t[k] = np.zeros((t[k].shape[0] + 1, t[k].shape[1]), np.float32)
+        t["vae2llm.bias"] = t["vae2llm.bias"].astype(np.int32)
+
+    def vae_mutate(t):
+        del t[sorted(t)[0]]
+
+    src = make_official(golden_dir, tmp_path / "src", mutate=mutate, vae_mutate=vae_mutate)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointMismatchError) as e:
+        convert.convert_to_orbax(src, out, progress=False)
+    msg = str(e.value)
+    assert "ema.safetensors" in msg and "ae.safetensors" in msg
+    assert "missing keys (1)" in msg and "language_model.model.norm.weight" in msg
+    assert "unexpected keys (1)" in msg and "language_model.model.extra.weight" in msg
+    assert "wrong shapes (1)" in msg and "connector.fc1.weight" in msg
+    assert "wrong dtypes (1)" in msg and "vae2llm.bias: dtype int32" in msg
+    _assert_nothing_written(out)
+
+
+def test_truncated_file_names_it_nothing_written(golden_dir, tmp_path):
+    src = make_official(golden_dir, tmp_path / "src", shards=2)
+    shard = src / "ema-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    out = tmp_path / "out"
+    with pytest.raises(SafetensorsError, match=r"ema-00002-of-00002.safetensors: truncated"):
+        convert.convert_to_orbax(src, out, progress=False)
+    _assert_nothing_written(out)
+    src2 = make_official(golden_dir, tmp_path / "src2")
+    (src2 / "ae.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(SafetensorsError, match=r"ae.safetensors: truncated"):
+        convert.convert_to_orbax(src2, out, progress=False)
+    _assert_nothing_written(out)
+
+
+def test_missing_config_nothing_written(golden_dir, tmp_path):
+    src = make_official(golden_dir, tmp_path / "src")
+    (src / "vit_config.json").unlink()
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="vit_config.json"):
+        convert.convert_to_orbax(src, out, progress=False)
+    _assert_nothing_written(out)
+    with pytest.raises(FileNotFoundError, match="source folder not found"):
+        convert.convert_to_orbax(tmp_path / "nope", out, progress=False)
+    _assert_nothing_written(out)
+
+
+def test_non_empty_out_refused_unless_overwrite(golden_dir, converted, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = listing(out)
+    with pytest.raises(convert.OutputExistsError, match="not empty"):
+        convert.convert_to_orbax(golden_dir, out, progress=False)
+    with pytest.raises(convert.OutputExistsError, match="not empty"):
+        convert.convert_to_official(converted[0], out, progress=False)
+    assert listing(out) == before
+    convert.convert_to_official(converted[0], out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "ema.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert.convert_to_official(converted[0], empty, progress=False)  # an empty folder is fine
+
+
+def test_to_torch_bad_inputs_nothing_written(golden_dir, converted, workdir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ck.CheckpointError, match="neither a converted Orbax folder"):
+        convert.convert_to_official(golden_dir, out, progress=False)
+    with pytest.raises(ck.CheckpointError, match="no checkpoint for step 7"):
+        convert.convert_to_official(workdir[0], out, step=7, progress=False)
+    with pytest.raises(ck.CheckpointError, match="--step does not apply"):
+        convert.convert_to_official(converted[0], out, step=7, progress=False)
+    # configs that do not match the stored arrays: one error listing the arrays
+    bad = tmp_path / "bad"
+    shutil.copytree(converted[0], bad)
+    llm = json.loads((bad / "llm_config.json").read_text())
+    llm["intermediate_size"] += 8
+    (bad / "llm_config.json").write_text(json.dumps(llm))
+    with pytest.raises(CheckpointMismatchError, match=r"wrong shapes \(\d+\):\n    llm.gen.w_down"):
+        convert.convert_to_official(bad, out, progress=False)
+    with pytest.raises(CheckpointMismatchError, match="wrong shapes"):
+        ck.restore_bagel(bad)
+    _assert_nothing_written(out)
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def test_cli_round_trip(golden_dir, tmp_path, capsys):
+    if REPO not in sys.path:  # the entry points run from a checkout (`python -m tools...` from the root)
+        sys.path.insert(0, REPO)
+    from tools.convert_weights import to_jax, to_torch
+
+    mid, back = tmp_path / "orbax", tmp_path / "back"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "tools.convert_weights.to_jax", "--src", str(golden_dir),
+                        "--out", str(mid), "--dtype", "bfloat16"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["dtype"] == "bfloat16"
+    assert "tensors" in p.stderr  # the progress bar
+    assert to_torch.main(["--ckpt", str(mid), "--out", str(back), "--dtype", "bfloat16", "--max-shard-size", "100KB",
+                          "--no-progress"]) == 0
+    want = {k: v.astype(BF16) for k, v in tensors_of(golden_dir, "ema.safetensors").items()}
+    assert_bit_exact(tensors_of(back, "ema.safetensors"), want, "ema bf16 via the CLIs")
+    assert (back / "ema.safetensors.index.json").is_file()
+    capsys.readouterr()
+    assert to_jax.main(["--src", str(golden_dir), "--out", str(back), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not empty" in err

@@ -1,0 +1,31 @@
+"""Weight conversion entry points (run from a checkout):
+
+    python -m tools.convert_weights.to_jax   --src OFFICIAL_DIR --out DIR [--dtype bfloat16|float32]
+    python -m tools.convert_weights.to_torch --ckpt DIR [--step N] [--weights ema|params] --out DIR
+                                             [--dtype bfloat16|float32] [--max-shard-size SIZE]
+
+The logic lives in `echo4o_jax.convert`; these modules only parse flags and report errors.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def run_cli(fn) -> int:
+    """Call fn(); a known input error prints one clear message (exit 2); the output folder is untouched."""
+    from echo4o_jax.checkpoint import CheckpointError
+    from echo4o_jax.config import ConfigError
+    from echo4o_jax.model.keymap import CheckpointMismatchError
+    from echo4o_jax.safetensors_io import SafetensorsError
+
+    try:
+        fn()
+    except (CheckpointMismatchError, SafetensorsError, ConfigError, CheckpointError, FileExistsError,
+            FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output folder", file=sys.stderr)
+        return 130
+    return 0
