@@ -1,14 +1,26 @@
-"""Generation from the command line: text-to-image, multi-reference / editing, understanding.
+"""Generation from the command line: text-to-image, multi-reference / editing, understanding, batch.
 
     python -m echo4o_jax.generate --ckpt DIR --prompt "a red cube left of a blue ball" --out outputs/gen
     python -m echo4o_jax.generate --ckpt DIR --image a.png --image b.png --prompt "put them together"
     python -m echo4o_jax.generate --ckpt DIR --image a.png --prompt "What is shown?" --understand
+    python -m echo4o_jax.generate --ckpt DIR --prompts requests.jsonl --out outputs/batch
 
-With no arguments it runs the offline demo: text-to-image with the bundled tiny random checkpoint
-(tests/golden/bagel_tiny_a), writing a PNG. Per-task defaults are the official ones (text-to-image:
-text scale 4.0, image scale 1.5, cfg_interval [0.4, 1.0], renorm global; with reference images:
-text scale 4.0, image scale 2.0, cfg_interval [0.0, 1.0], renorm text_channel; shift 3.0, 50 steps);
-every one is overridable.
+DIR is an official PyTorch BAGEL / Echo-4o folder, a converted Orbax checkpoint or a training workdir
+(EMA weights). With no --ckpt the offline demo runs: the bundled tiny random checkpoint
+(tests/golden/bagel_tiny_a), text-to-image, one PNG.
+
+Per-task defaults are the official ones: text-to-image text scale 4.0, image scale 1.5,
+cfg_interval [0.4, 1.0], renorm `global`; with reference images (multi-reference / editing) text
+scale 4.0, image scale 2.0, cfg_interval [0.0, 1.0], renorm `text_channel`; shift 3.0, 50 steps.
+Every one is overridable. `--think` adds the official "think" system prompt and generates the
+reasoning text before the image (or the answer).
+
+Batch mode (`--prompts FILE.jsonl`), one request per line:
+    {"id": "cat", "prompt": "...", "images": ["ref.png"], "size": [1024, 1024], "seed": 0, "num_images": 4}
+(`id` defaults to the line number, `prompt_ids` may replace `prompt`). It writes `<id>_<k>.png`,
+`metadata.jsonl` (one line per finished request) and `contact_sheet.png`; re-running skips finished
+requests. The sampler is compiled once per (resolution, number of references, CFG setting) and reused;
+the CFG branches and the `num_images` images of a request run batched in one forward pass.
 """
 
 from __future__ import annotations
@@ -16,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import sys
 import time
@@ -26,6 +37,13 @@ import numpy as np
 
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
 DEMO_PROMPT_IDS = [13, 60, 2, 38, 77, 23, 87, 59, 101]
+
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> answer here")
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,50 +59,306 @@ class TaskDefaults:
 
 T2I_DEFAULTS = TaskDefaults(4.0, 1.5, (0.4, 1.0), "global")
 EDIT_DEFAULTS = TaskDefaults(4.0, 2.0, (0.0, 1.0), "text_channel")
+SAMPLER_KEYS = tuple(f.name for f in dataclasses.fields(TaskDefaults))
 
 
 class GenerateError(ValueError):
-    """Bad generation input (missing file, bad size, incomplete checkpoint ...)."""
+    """Bad generation input (missing file, bad size, incomplete checkpoint, prompt too long ...)."""
 
 
-def parse_size(s: str, stride: int) -> tuple[int, int]:
+def parse_size(s, stride: int) -> tuple[int, int]:
+    if isinstance(s, str):
+        try:
+            s = tuple(int(x) for x in s.lower().split("x"))
+        except ValueError:
+            raise GenerateError(f"size {s!r}: expected HxW, e.g. 1024x1024") from None
     try:
-        h, w = (int(x) for x in s.lower().split("x"))
-    except ValueError:
-        raise GenerateError(f"--size {s!r}: expected HxW, e.g. 1024x1024") from None
+        h, w = (int(x) for x in s)
+    except (TypeError, ValueError):
+        raise GenerateError(f"size {s!r}: expected [height, width]") from None
     if h <= 0 or w <= 0 or h % stride or w % stride:
-        raise GenerateError(f"--size {s!r}: height and width must be positive multiples of {stride}")
+        raise GenerateError(f"size {h}x{w}: height and width must be positive multiples of {stride}")
     return h, w
 
 
+def _read_image(path):
+    from PIL import Image, UnidentifiedImageError
+
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise GenerateError(f"input image not found: {p}")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise GenerateError(f"cannot read image {p}: {e}") from None
+
+
+class Generator:
+    """A loaded checkpoint + tokenizer + Inferencer, reused across requests (compiled step functions
+    are cached per shape)."""
+
+    def __init__(self, ckpt: str | pathlib.Path, *, dtype: str = "float32", max_context: int = 0,
+                 demo: bool = False, vae_transform: tuple[int, int] | None = None,
+                 vit_transform: tuple[int, int] | None = None):
+        import jax
+
+        from .checkpoint import CheckpointError, load_any_bagel, load_any_vae, load_config
+        from .config import ConfigError
+        from .inference import Inferencer
+        from .safetensors_io import SafetensorsError
+
+        self.ckpt = pathlib.Path(ckpt)
+        if not self.ckpt.exists():
+            raise GenerateError(f"checkpoint folder not found: {self.ckpt}")
+        try:
+            self.cfg = load_config(self.ckpt, compute_dtype=dtype)
+            self.model = load_any_bagel(self.ckpt, dtype=dtype, compute_dtype=dtype)
+            self.vae = load_any_vae(self.ckpt, self.cfg)
+        except (ConfigError, SafetensorsError, CheckpointError, FileNotFoundError) as e:
+            raise GenerateError(f"checkpoint {self.ckpt} is incomplete or unreadable: {e}") from None
+        self.tokenizer = _load_tokenizer(self.ckpt)
+        self.max_context = max_context or (256 if demo else 8192)
+        self.inf = Inferencer(self.model, self.vae, max_context=self.max_context)
+        from .image_transform import ImageTransform
+
+        if demo:  # the tiny checkpoint's images are tiny: no upscaling to 512 px
+            vae_transform, vit_transform = vae_transform or (1024, 16), vit_transform or (980, 14)
+        if vae_transform:
+            self.inf.vae_transform = ImageTransform(*vae_transform, self.cfg.latent_downsample)
+        if vit_transform:
+            self.inf.vit_transform = ImageTransform(*vit_transform, self.cfg.vit.patch_size)
+        self._jax = jax
+
+    # ------------------------------------------------------------------ inputs
+    def encode(self, prompt: str | None = None, prompt_ids: Sequence[int] | None = None) -> list[int]:
+        if prompt_ids is not None:
+            ids = [int(i) for i in prompt_ids]
+        elif prompt is not None:
+            if self.tokenizer is None:
+                raise GenerateError(f"{self.ckpt} has no tokenizer files: give prompt ids instead of text")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        else:
+            raise GenerateError("a request needs `prompt` (or `prompt_ids`)")
+        bad = [i for i in ids if not 0 <= i < self.cfg.llm.vocab_size]
+        if bad:
+            raise GenerateError(f"prompt token ids outside the vocabulary (size {self.cfg.llm.vocab_size}): {bad[:10]}")
+        return ids
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def _check_grid(self, h: int, w: int, limit: int, stride: int, what: str):
+        if h // stride > limit or w // stride > limit:
+            raise GenerateError(f"{what} {h}x{w} exceeds the model's position table ({limit} x {stride} = "
+                                f"{limit * stride} px per side); lower the size / the resize transform")
+
+    def _check_context(self, ids, images, think_tokens: int, out_shape=None):
+        c = self.cfg
+        need = len(ids) + 2 + self.inf.text_bucket + think_tokens
+        if out_shape is not None:
+            self._check_grid(*out_shape, c.max_latent_size, c.latent_downsample, "output size")
+        for im in images:
+            w, h = self.inf.vae_transform.resize(im).size
+            self._check_grid(h, w, c.max_latent_size, c.latent_downsample, "VAE-resized input image")
+            need += (h // c.latent_downsample) * (w // c.latent_downsample) + 2
+            vw, vh = self.inf.vit_transform.resize(im).size
+            self._check_grid(vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size, "ViT-resized input image")
+            need += (vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2
+        if need > self.max_context:
+            raise GenerateError(f"the prompt and images need about {need} context tokens, more than "
+                                f"--max-context={self.max_context}; raise it or shorten the prompt")
+
+    def sampler_settings(self, has_images: bool, overrides: dict[str, Any]) -> dict[str, Any]:
+        d = dataclasses.asdict(EDIT_DEFAULTS if has_images else T2I_DEFAULTS)
+        for k, v in overrides.items():
+            if k not in SAMPLER_KEYS:
+                raise GenerateError(f"unknown sampler setting {k!r}; known: {', '.join(SAMPLER_KEYS)}")
+            if v is not None:
+                d[k] = tuple(v) if k == "cfg_interval" else v
+        return d
+
+    # ------------------------------------------------------------------ tasks
+    def generate(self, prompt=None, *, prompt_ids=None, images: Sequence = (), size=None, seed: int = 0,
+                 num_images: int = 1, think: bool = False, max_think_tokens: int = 1000,
+                 **sampler) -> dict[str, Any]:
+        """Images (uint8 [H, W, 3] each) for one request; `num_images` share the context and run batched."""
+        jax = self._jax
+        ids = self.encode(prompt, prompt_ids)
+        images = [im if not isinstance(im, (str, pathlib.Path)) else _read_image(im) for im in images]
+        kw = self.sampler_settings(bool(images), sampler)
+        shape = parse_size(size, self.cfg.latent_downsample) if size is not None else None
+        self._check_context(ids, images, max_think_tokens if think else 0, shape)
+        if shape is None and not images:
+            shape = (1024, 1024)
+        ds = self.cfg.latent_downsample
+        out_shape = shape
+        if shape is None:  # official: the last input image's VAE-resized shape
+            w, h = self.inf.vae_transform.resize(images[-1]).size
+            out_shape = (h, w)
+        n_tok = (out_shape[0] // ds) * (out_shape[1] // ds)
+        noise = jax.random.normal(jax.random.key(seed), (int(num_images), n_tok, self.cfg.patch_latent_dim))
+        sys_ids = self.encode(GEN_THINK_SYSTEM_PROMPT) if think and self.tokenizer is not None else None
+        if think and sys_ids is None:
+            raise GenerateError("--think needs a checkpoint with tokenizer files")
+        res = self.inf.interleave_inference([*images, ids], think=think, system_prompt_ids=sys_ids,
+                                            max_think_token_n=max_think_tokens, image_shapes=out_shape,
+                                            output_shape=shape, init_noise=noise, rng=jax.random.key(seed), **kw)
+        images_out = res["image"] if res["image"].ndim == 4 else res["image"][None]
+        out = dict(images=list(images_out), settings=kw, size=list(out_shape), prompt_ids=ids)
+        if "text_ids" in res:
+            out["think"] = self.decode_text(res["text_ids"][1:])
+        return out
+
+    def understand(self, prompt=None, *, prompt_ids=None, images: Sequence = (), max_new_tokens: int = 500,
+                   think: bool = False) -> dict[str, Any]:
+        ids = self.encode(prompt, prompt_ids)
+        images = [im if not isinstance(im, (str, pathlib.Path)) else _read_image(im) for im in images]
+        if not images:
+            raise GenerateError("understanding needs at least one image")
+        self._check_context(ids, images, max_new_tokens)
+        sys_ids = self.encode(VLM_THINK_SYSTEM_PROMPT) if think else None
+        res = self.inf.interleave_inference([*images, ids], understanding_output=True, think=think,
+                                            system_prompt_ids=sys_ids, max_think_token_n=max_new_tokens)
+        answer_ids = res["text_ids"][1:]
+        return dict(answer=self.decode_text(answer_ids), answer_ids=answer_ids)
+
+
 def _load_tokenizer(ckpt: pathlib.Path):
-    path = ckpt / "tokenizer.json"
-    if not path.exists():
+    from .checkpoint import config_dir
+
+    d = config_dir(ckpt)
+    if not ((d / "tokenizer.json").exists() or (d / "vocab.json").exists()):
         return None
-    from tokenizers import Tokenizer
+    from .data.pipeline import load_tokenizer
 
-    return Tokenizer.from_file(str(path))
+    return load_tokenizer(d)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    if tokenizer is None:
-        raise GenerateError("this checkpoint folder has no tokenizer.json: pass --prompt-ids instead of --prompt")
-    return tokenizer.encode(text, add_special_tokens=False).ids
+# ---------------------------------------------------------------------------------------------- batch
+
+_GENERATORS: dict[tuple, Generator] = {}
+
+
+def get_generator(ckpt, **kw) -> Generator:
+    key = (str(pathlib.Path(ckpt).resolve()), tuple(sorted(kw.items())))
+    if key not in _GENERATORS:
+        _GENERATORS[key] = Generator(ckpt, **kw)
+    return _GENERATORS[key]
+
+
+def _request_paths(out_dir: pathlib.Path, rid: str, n: int) -> list[pathlib.Path]:
+    return [out_dir / f"{rid}_{k}.png" for k in range(n)]
+
+
+def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides: dict | None = None,
+                 progress: bool = True) -> list[dict]:
+    """Generate every request into `out_dir` (`<id>_<k>.png`); finished requests (all PNGs present and
+    listed in metadata.jsonl) are skipped. Returns one record per request."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = out_dir / "metadata.jsonl"
+    done = {}
+    if meta_path.exists():
+        for line in meta_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[r["id"]] = r
+    records = []
+    overrides = dict(overrides or {})
+    for i, req in enumerate(tqdm(requests, disable=not progress, desc="generate")):
+        rid = str(req.get("id", f"{i:05d}"))
+        n = int(req.get("num_images", 1))
+        paths = _request_paths(out_dir, rid, n)
+        if rid in done and all(p.exists() for p in paths):
+            records.append(done[rid])
+            continue
+        sampler = {k: v for k, v in {**overrides, **req.get("sampler", {})}.items()}
+        t0 = time.time()
+        res = gen.generate(req.get("prompt"), prompt_ids=req.get("prompt_ids"), images=req.get("images", []),
+                           size=req.get("size"), seed=int(req.get("seed", 0)), num_images=n, **sampler)
+        for p, img in zip(paths, res["images"]):
+            Image.fromarray(img).save(p)
+        rec = dict(id=rid, prompt=req.get("prompt"), prompt_ids=res["prompt_ids"], images=list(map(str, req.get("images", []))),
+                   seed=int(req.get("seed", 0)), num_images=n, size=res["size"], outputs=[str(p) for p in paths],
+                   settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()},
+                   seconds=round(time.time() - t0, 3))
+        with open(meta_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        records.append(rec)
+    write_contact_sheet([p for r in records for p in r["outputs"]], out_dir / "contact_sheet.png")
+    return records
+
+
+def write_contact_sheet(paths: Sequence, out, cell: int = 256, cols: int = 8) -> None:
+    from PIL import Image
+
+    paths = [pathlib.Path(p) for p in paths if pathlib.Path(p).exists()]
+    if not paths:
+        return
+    cols = min(cols, len(paths))
+    rows = -(-len(paths) // cols)
+    sheet = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            im.thumbnail((cell, cell))
+            sheet.paste(im, ((i % cols) * cell + (cell - im.width) // 2, (i // cols) * cell + (cell - im.height) // 2))
+    sheet.save(out)
+
+
+def generate_batch(ckpt: str, requests: list[dict], out_dir: str, **overrides) -> list[dict]:
+    """API for the evaluation: requests with `id`, `prompt`, `images`, `size`, `seed`, `num_images`;
+    writes `<out_dir>/<id>_<k>.png`. The loaded checkpoint is cached per path. Sampler settings
+    (cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift,
+    num_timesteps) may be passed as overrides; `dtype` / `max_context` configure the loader."""
+    load_kw = {k: overrides.pop(k) for k in ("dtype", "max_context") if k in overrides}
+    gen = get_generator(ckpt, **load_kw)
+    return run_requests(gen, requests, out_dir, overrides=overrides)
+
+
+def read_requests(path) -> list[dict]:
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise GenerateError(f"prompts file not found: {p}")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GenerateError(f"{p}:{n}: invalid JSON ({e})") from None
+        if not isinstance(r, dict) or ("prompt" not in r and "prompt_ids" not in r):
+            raise GenerateError(f"{p}:{n}: each line needs an object with `prompt` (or `prompt_ids`)")
+        r.setdefault("id", f"{n:05d}")
+        out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m echo4o_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", type=pathlib.Path, default=None,
-                   help="official BAGEL folder (llm_config.json, vit_config.json, ema.safetensors, ae.safetensors)")
+    p.add_argument("--ckpt", type=pathlib.Path, default=None)
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
-    p.add_argument("--image", action="append", default=[], type=pathlib.Path, help="reference / input image (repeat)")
+    p.add_argument("--prompts", type=pathlib.Path, default=None, help="batch mode: a JSONL file of requests")
+    p.add_argument("--image", action="append", default=[], help="reference / input image (repeat)")
     p.add_argument("--understand", action="store_true", help="answer in text about the image(s)")
-    p.add_argument("--size", default=None, help="HxW of the generated image (default 1024x1024, or the last input image's)")
+    p.add_argument("--think", action="store_true", help="official think mode (reasoning text first)")
+    p.add_argument("--size", default=None, help="HxW (default 1024x1024, or the last input image's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/generate"))
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", dest="num_timesteps", type=int, default=None)
     p.add_argument("--cfg-text-scale", type=float, default=None)
     p.add_argument("--cfg-img-scale", type=float, default=None)
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None)
@@ -92,103 +366,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-renorm-min", type=float, default=None)
     p.add_argument("--timestep-shift", type=float, default=None)
     p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--max-context", type=int, default=None, help="KV-cache capacity (tokens)")
+    p.add_argument("--max-context", type=int, default=0, help="KV-cache capacity in tokens (default 8192)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--vae-transform", type=int, nargs=2, metavar=("MAX", "MIN"), default=None,
+                   help="input-image resize for the VAE path (official 1024 512)")
+    p.add_argument("--vit-transform", type=int, nargs=2, metavar=("MAX", "MIN"), default=None,
+                   help="input-image resize for the ViT path (official 980 224; some eval scripts use 980 378)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    demo = args.ckpt is None
-    ckpt = DEMO_CKPT if demo else args.ckpt
     try:
-        return _run(args, ckpt, demo)
+        return _run(args)
     except GenerateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(args, ckpt: pathlib.Path, demo: bool) -> int:
-    from PIL import Image, UnidentifiedImageError
+def _run(args) -> int:
+    from PIL import Image
 
-    for name in ("llm_config.json", "vit_config.json"):
-        if not (ckpt / name).exists():
-            raise GenerateError(f"checkpoint folder {ckpt} is incomplete: {name} is missing")
-    images = []
-    for path in args.image:
-        if not path.exists():
-            raise GenerateError(f"input image not found: {path}")
-        try:
-            images.append(Image.open(path).convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise GenerateError(f"cannot read image {path}: {e}") from None
-
-    import jax
-
-    from .config import BagelConfig
-    from .inference import Inferencer
-    from .model.loading import load_bagel, load_vae
-
-    cfg = BagelConfig.from_checkpoint_dir(ckpt, compute_dtype=args.dtype)
-    tokenizer = _load_tokenizer(ckpt)
-    if args.prompt_ids:
-        prompt = [int(x) for x in args.prompt_ids.split(",")]
-    elif args.prompt is not None:
-        prompt = _encode(tokenizer, args.prompt)
-    elif demo:
-        prompt = DEMO_PROMPT_IDS
-    else:
-        raise GenerateError("give --prompt (or --prompt-ids)")
-    bad = [i for i in prompt if not 0 <= i < cfg.llm.vocab_size]
-    if bad:
-        raise GenerateError(f"prompt token ids out of the vocabulary (size {cfg.llm.vocab_size}): {bad[:10]}")
-
-    defaults = EDIT_DEFAULTS if images else T2I_DEFAULTS
-    size = parse_size(args.size, cfg.latent_downsample) if args.size else ((32, 48) if demo else (1024, 1024))
-    steps = args.steps or (8 if demo else defaults.num_timesteps)
-    kw = dict(
-        cfg_text_scale=args.cfg_text_scale if args.cfg_text_scale is not None else defaults.cfg_text_scale,
-        cfg_img_scale=args.cfg_img_scale if args.cfg_img_scale is not None else defaults.cfg_img_scale,
-        cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else defaults.cfg_interval,
-        cfg_renorm_type=args.cfg_renorm_type or defaults.cfg_renorm_type,
-        cfg_renorm_min=args.cfg_renorm_min if args.cfg_renorm_min is not None else defaults.cfg_renorm_min,
-        timestep_shift=args.timestep_shift if args.timestep_shift is not None else defaults.timestep_shift,
-        num_timesteps=steps,
-    )
+    demo = args.ckpt is None
+    ckpt = DEMO_CKPT if demo else args.ckpt
+    sampler = {k: getattr(args, k) for k in SAMPLER_KEYS if getattr(args, k, None) is not None}
+    if demo:
+        sampler.setdefault("num_timesteps", 8)
     t0 = time.time()
-    model = load_bagel(ckpt, cfg)
-    vae = load_vae(ckpt, cfg)
-    n_ref_tokens = sum((im.size[0] // 14 + 1) * (im.size[1] // 14 + 1) * 3 for im in images)
-    max_context = args.max_context or max(256, len(prompt) + 16 + n_ref_tokens + args.max_new_tokens)
-    inf = Inferencer(model, vae, max_context=max_context)
-    if demo:  # the tiny checkpoint's images are tiny: no upscaling to 512 px
-        from .image_transform import ImageTransform
-
-        inf.vae_transform = ImageTransform(1024, 16, cfg.latent_downsample)
-        inf.vit_transform = ImageTransform(980, 14, cfg.vit.patch_size)
-    rng = jax.random.key(args.seed)
-    inputs: list[Any] = [*images, prompt]
+    gen = get_generator(ckpt, dtype=args.dtype, max_context=args.max_context, demo=demo,
+                        vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
+                        vit_transform=tuple(args.vit_transform) if args.vit_transform else None)
     args.out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = dict(ckpt=str(ckpt), prompt=args.prompt, prompt_ids=prompt,
-                                  images=[str(p) for p in args.image], seed=args.seed)
+    if args.prompts is not None:
+        recs = run_requests(gen, read_requests(args.prompts), args.out, overrides=sampler)
+        print(f"{len(recs)} requests -> {args.out} (metadata.jsonl, contact_sheet.png) in {time.time() - t0:.1f}s")
+        return 0
+    prompt_ids = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else None
+    if demo and args.prompt is None and prompt_ids is None:
+        prompt_ids = DEMO_PROMPT_IDS
     if args.understand:
-        if not images:
-            raise GenerateError("--understand needs at least one --image")
-        out = inf.interleave_inference(inputs, understanding_output=True, max_think_token_n=args.max_new_tokens)
-        ids = out["text_ids"][1:]
-        text = tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
-        record.update(answer=text, answer_ids=ids)
-        print(text)
-    else:
-        # official: the output takes the last input image's shape unless a size is asked for
-        out = inf.interleave_inference(inputs, image_shapes=size, output_shape=size if args.size else None,
-                                       rng=rng, **kw)
-        path = args.out / f"image_seed{args.seed}.png"
-        Image.fromarray(out["image"]).save(path)
-        record.update(output=str(path), size=list(out["image"].shape[:2]), **{k: v for k, v in kw.items()})
-        print(f"wrote {path} ({out['image'].shape[0]}x{out['image'].shape[1]}) in {time.time() - t0:.1f}s")
-    with open(args.out / "generation.json", "w") as f:
-        json.dump(record, f, indent=1, default=list)
+        res = gen.understand(args.prompt, prompt_ids=prompt_ids, images=args.image,
+                             max_new_tokens=args.max_new_tokens, think=args.think)
+        print(res["answer"])
+        (args.out / "answer.json").write_text(json.dumps(res, indent=1))
+        return 0
+    size = args.size or ((32, 48) if demo and not args.image else None)
+    res = gen.generate(args.prompt, prompt_ids=prompt_ids, images=args.image, size=size, seed=args.seed,
+                       num_images=args.num_images, think=args.think, max_think_tokens=args.max_new_tokens,
+                       **sampler)
+    paths = []
+    for k, img in enumerate(res["images"]):
+        path = args.out / f"image_seed{args.seed}_{k}.png"
+        Image.fromarray(img).save(path)
+        paths.append(str(path))
+    rec = dict(ckpt=str(ckpt), prompt=args.prompt, prompt_ids=res["prompt_ids"], images=args.image, seed=args.seed,
+               size=res["size"], outputs=paths, settings={k: list(v) if isinstance(v, tuple) else v
+                                                          for k, v in res["settings"].items()})
+    if "think" in res:
+        rec["think"] = res["think"]
+    (args.out / "generation.json").write_text(json.dumps(rec, indent=1))
+    print(f"wrote {', '.join(paths)} ({res['size'][0]}x{res['size'][1]}) in {time.time() - t0:.1f}s")
     return 0
 
 

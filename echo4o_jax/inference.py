@@ -86,7 +86,7 @@ class Inferencer:
 
     def __init__(self, model: Bagel, vae: AutoEncoder | None, *, max_context: int = 4096,
                  vae_transform: ImageTransform | None = None, vit_transform: ImageTransform | None = None,
-                 vae_sample_posterior: bool = False):
+                 vae_sample_posterior: bool = False, text_bucket: int = 32):
         self.cfg: BagelConfig = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.vae = vae
@@ -96,6 +96,7 @@ class Inferencer:
         self.vae_transform = vae_transform or ImageTransform.vae_default()
         self.vit_transform = vit_transform or ImageTransform.vit_default()
         self.vae_sample_posterior = vae_sample_posterior
+        self.text_bucket = text_bucket
         self.dtype = dtype_of(self.cfg.compute_dtype)
         tok = self.cfg.special_tokens
         self.bos, self.eos, self.soi, self.eoi = tok.bos_token_id, tok.eos_token_id, tok.start_of_image, tok.end_of_image
@@ -112,8 +113,11 @@ class Inferencer:
     def add_text(self, ctx: Context, ids: Sequence[int]) -> Context:
         ids = [self.bos, *[int(i) for i in ids], self.eos]
         n = len(ids)
-        self._check_room(ctx, n, "text")
-        cache = _append_text(self.graphdef, self.state, ctx.cache, jnp.asarray(ids, jnp.int32),
+        padded = -(-n // self.text_bucket) * self.text_bucket  # one compilation per bucket, not per length
+        self._check_room(ctx, padded, "text")
+        arr = np.zeros((padded,), np.int32)
+        arr[:n] = ids
+        cache = _append_text(self.graphdef, self.state, ctx.cache, jnp.asarray(arr), jnp.int32(n),
                              jnp.int32(ctx.rope), jnp.int32(ctx.kv_len), jnp.int32(ctx.n_splits))
         return Context(cache, ctx.kv_len + n, ctx.rope + n, ctx.n_splits + 1)
 
@@ -121,6 +125,10 @@ class Inferencer:
         pixels = self.vit_transform(image)  # [H, W, 3]
         p = self.cfg.vit.patch_size
         H, W, C = pixels.shape
+        side = self.cfg.vit_max_num_patch_per_side
+        if H // p > side or W // p > side:
+            raise ValueError(f"ViT image {H}x{W} has a {H // p}x{W // p} patch grid; the model's position table "
+                             f"allows at most {side} per side ({side * p} px): lower the ViT transform's max size")
         patches = pixels.reshape(H // p, p, W // p, p, C).transpose(0, 2, 1, 3, 4).reshape(-1, p * p * C)
         rows, cols = np.divmod(np.arange((H // p) * (W // p)), W // p)
         pos = rows * self.cfg.vit_max_num_patch_per_side + cols
@@ -139,6 +147,7 @@ class Inferencer:
         if H % ds or W % ds:
             raise ValueError(f"VAE image size {H}x{W} is not a multiple of {ds}")
         h, w = H // ds, W // ds
+        self._check_latent_grid(h, w, f"VAE image {H}x{W}")
         lat = _vae_encode(self.vae_graphdef, self.vae_state, jnp.asarray(pixels)[None], self.vae_sample_posterior, rng)
         rows, cols = np.divmod(np.arange(h * w), w)
         tokens = latent_tokens_from_latents(lat, jnp.zeros((h * w,), jnp.int32),
@@ -153,6 +162,12 @@ class Inferencer:
         cache = _append_vae(self.graphdef, self.state, ctx.cache, tokens, self._latent_pos(h, w),
                             jnp.int32(ctx.rope), jnp.int32(ctx.kv_len), jnp.int32(ctx.n_splits), self.soi, self.eoi)
         return Context(cache, ctx.kv_len + n, ctx.rope + 1, ctx.n_splits + 1)
+
+    def _check_latent_grid(self, h: int, w: int, what: str):
+        m = self.cfg.max_latent_size
+        if h > m or w > m:
+            raise ValueError(f"{what} has a {h}x{w} latent grid; the model's latent position table allows at most "
+                             f"{m} per side ({m * self.cfg.latent_downsample} px)")
 
     def _latent_pos(self, h: int, w: int) -> jax.Array:
         rows, cols = np.divmod(np.arange(h * w), w)
@@ -174,14 +189,18 @@ class Inferencer:
         if H % ds or W % ds:
             raise ValueError(f"image_shape {H}x{W} is not a multiple of {ds}")
         h, w = H // ds, W // ds
+        self._check_latent_grid(h, w, f"image_shape {H}x{W}")
         n = h * w
+        shape = (n, self.cfg.patch_latent_dim)
         if init_noise is None:
             if rng is None:
                 raise ValueError("generate_image_latent needs init_noise or rng")
-            init_noise = jax.random.normal(rng, (n, self.cfg.patch_latent_dim), jnp.float32)
+            init_noise = jax.random.normal(rng, shape, jnp.float32)
         x = jnp.asarray(init_noise, jnp.float32)
-        if x.shape != (n, self.cfg.patch_latent_dim):
-            raise ValueError(f"init_noise shape {x.shape}, expected {(n, self.cfg.patch_latent_dim)}")
+        batched = x.ndim == 3  # [images, tokens, C]: several images of one context in one pass
+        if x.shape[-2:] != shape or x.ndim not in (2, 3):
+            raise ValueError(f"init_noise shape {x.shape}, expected {shape} or (num_images, *{shape})")
+        x = x if batched else x[None]
         ctxs = (ctx, cfg_text_ctx, cfg_img_ctx)
         caches = jax.tree.map(lambda *a: jnp.stack(a), *[c.cache for c in ctxs])
         ropes = jnp.asarray([c.rope for c in ctxs], jnp.int32)
@@ -199,17 +218,23 @@ class Inferencer:
                                  s_txt, s_img, cfg_renorm_type, float(cfg_renorm_min))
             x = x - v * (ts[i] - ts[i + 1])
             if return_velocities:
-                vels.append(v)
-        return (x, jnp.stack(vels)) if return_velocities else x
+                vels.append(v if batched else v[0])
+        x = x if batched else x[0]
+        return (x, jnp.stack(vels, axis=-3)) if return_velocities else x
 
     def decode_latent(self, tokens: jax.Array, image_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """Latent tokens -> (decoded [H, W, 3] float in [-1, 1], uint8 picture)."""
+        """Latent tokens [h*w, C] (or [images, h*w, C]) -> (decoded [(images,) H, W, 3] float in [-1, 1],
+        uint8 picture(s))."""
         if self.vae is None:
             raise ValueError("this Inferencer has no VAE")
         H, W = image_shape
         ds = self.cfg.latent_downsample
-        z = tokens_to_latent(tokens, H // ds, W // ds, self.cfg.latent_patch_size, self.cfg.latent_channels)
-        dec = np.asarray(_vae_decode(self.vae_graphdef, self.vae_state, z[None]))[0]
+        batched = tokens.ndim == 3
+        toks = tokens if batched else tokens[None]
+        z = jax.vmap(lambda t: tokens_to_latent(t, H // ds, W // ds, self.cfg.latent_patch_size,
+                                                self.cfg.latent_channels))(toks)
+        dec = np.asarray(_vae_decode(self.vae_graphdef, self.vae_state, z))
+        dec = dec if batched else dec[0]
         return dec, from_unit_range(dec)
 
     # ------------------------------------------------------------------ text generation
@@ -297,7 +322,7 @@ def _write(cache: KVCache, kv, meta: TokenMeta, kv_len) -> KVCache:
     nk = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, kv_len, 0, 0))
     nv = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, kv_len, 0, 0))
     nm = TokenMeta(*(jax.lax.dynamic_update_slice(c, m, (kv_len,)) for c, m in zip(cache.meta, meta)))
-    return KVCache(nk, nv, nm, cache.length + k.shape[1])
+    return KVCache(nk, nv, nm)
 
 
 def _run(model: Bagel, x, n_und, meta, positions, cache, *, return_kv):
@@ -307,12 +332,14 @@ def _run(model: Bagel, x, n_und, meta, positions, cache, *, return_kv):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _append_text(graphdef, state, cache, ids, rope, kv_len, split):
+def _append_text(graphdef, state, cache, ids, n_real, rope, kv_len, split):
+    """ids padded to a bucket; the padding (sample -1) is written to the cache but never attended."""
     model = nnx.merge(graphdef, state)
     n = ids.shape[0]
     dt = dtype_of(model.cfg.compute_dtype)
     x = model.llm.embed_tokens(ids, dt)
     meta = _meta(n, split, CAUSAL, kv_len)
+    meta = meta._replace(sample=jnp.where(jnp.arange(n) < n_real, 0, -1).astype(jnp.int32))
     _, kv = _run(model, x, n, meta, rope + jnp.arange(n, dtype=jnp.int32), cache, return_kv=True)
     return _write(cache, kv, meta, kv_len)
 
@@ -351,19 +378,25 @@ def _append_vae(graphdef, state, cache, tokens, lat_pos, rope, kv_len, split, so
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11, 12))
 def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, s_txt, s_img, renorm_type, renorm_min):
+    """x_t [images, N, C] -> guided velocity [images, N, C]; branches (cond / text-uncond / image-uncond)
+    and images run batched (vmap) over the shared context caches."""
     model = nnx.merge(graphdef, state)
-    n = x_t.shape[0]
-    lat = model.embed_latents(x_t, jnp.full((n,), t, jnp.float32), lat_pos)
-    x, meta = _image_block(model, lat, soi, eoi, _QUERY_ORDER, _QUERY_ORDER)
 
-    def branch(cache, rope):
-        h = _run(model, x, 2, meta, jnp.full((n + 2,), rope, jnp.int32), cache, return_kv=False)
-        return model.velocity(h[2:]).astype(jnp.float32)
+    def one_image(x):
+        n = x.shape[0]
+        lat = model.embed_latents(x, jnp.full((n,), t, jnp.float32), lat_pos)
+        xq, meta = _image_block(model, lat, soi, eoi, _QUERY_ORDER, _QUERY_ORDER)
 
-    v = jax.vmap(branch)(caches, ropes)
-    nb = v.shape[0]
-    return cfg_combine(v[0], v[1] if nb > 1 else None, v[2] if nb > 2 else None, text_scale=s_txt,
-                       img_scale=s_img, renorm_type=renorm_type, renorm_min=renorm_min)
+        def branch(cache, rope):
+            h = _run(model, xq, 2, meta, jnp.full((n + 2,), rope, jnp.int32), cache, return_kv=False)
+            return model.velocity(h[2:]).astype(jnp.float32)
+
+        v = jax.vmap(branch)(caches, ropes)
+        nb = v.shape[0]
+        return cfg_combine(v[0], v[1] if nb > 1 else None, v[2] if nb > 2 else None, text_scale=s_txt,
+                           img_scale=s_img, renorm_type=renorm_type, renorm_min=renorm_min)
+
+    return jax.vmap(one_image)(x_t)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -66,7 +66,6 @@ class KVCache(NamedTuple):
     k: jax.Array
     v: jax.Array
     meta: TokenMeta
-    length: jax.Array  # int32 scalar: filled entries
 
 
 class Qwen2MoT(nnx.Module):
@@ -93,7 +92,7 @@ class Qwen2MoT(nnx.Module):
             jnp.full((capacity,), -1, jnp.int32), jnp.full((capacity,), -1, jnp.int32),
             jnp.zeros((capacity,), jnp.int32), jnp.full((capacity,), jnp.iinfo(jnp.int32).max // 2, jnp.int32),
         )
-        return KVCache(z, z, meta, jnp.zeros((), jnp.int32))
+        return KVCache(z, z, meta)
 
     # ------------------------------------------------------------------ forward
     def __call__(
