@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from .. import sharding as shd
+from ..checkpoint import flatten_dict, unflatten_dict
 from ..config import BagelConfig, LLMConfig, SpecialTokens, VAEConfig, ViTConfig
 from ..model.bagel import Bagel
 from ..model.vae import AutoEncoder
@@ -102,28 +104,12 @@ def validate_config(config) -> None:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _nest(flat: dict[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = v
-    return out
-
-
-def _flat(tree: dict, prefix=()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
+def _flat(tree: dict) -> dict[tuple, Any]:
+    return dict(flatten_dict(tree))
 
 
 def _merge_trees(a: dict, b: dict) -> dict:
-    return _nest({**_flat(a), **_flat(b)})
+    return unflatten_dict({**_flat(a), **_flat(b)})
 
 
 def _abstract(tree, shardings):
@@ -200,10 +186,11 @@ class Trainer:
         self._step_fn = step_fn
         self.source = make_source(c, cfg, process_index=jax.process_index(), process_count=jax.process_count(),
                                   local_packs=self.local_packs)
-        self.ckpt = ocp.CheckpointManager(
-            (self.workdir / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=int(c.checkpoint.keep), create=True,
-                                                 enable_async_checkpointing=bool(c.checkpoint.async_save)))
+        from .. import checkpoint as ck
+
+        self._stacked = ck.stacked_paths(cfg)
+        self.ckpt = ck.train_checkpoint_manager(self.workdir.absolute(), max_to_keep=int(c.checkpoint.keep),
+                                                enable_async_checkpointing=bool(c.checkpoint.async_save))
         self._write_model_config()
 
     def _opt_shardings(self, abs_opt):
@@ -240,29 +227,36 @@ class Trainer:
         return params, buffers, vae
 
     def _write_model_config(self):
+        """WORKDIR/model_config (configs, tokenizer files, manifest) and WORKDIR/vae (the frozen VAE), the
+        layout `echo4o_jax.checkpoint` reads (generate, to_torch)."""
         if not self.is_main:
             return
-        d = self.workdir / "model_config"
-        d.mkdir(exist_ok=True)
-        (d / "llm_config.json").write_text(json.dumps(self.cfg.llm.to_hf(), indent=1))
-        (d / "vit_config.json").write_text(json.dumps(self.cfg.vit.to_hf(), indent=1))
-        (d / "meta.json").write_text(json.dumps(self.cfg.meta_dict(), indent=1))
+        from .. import checkpoint as ck
+
+        src = self.config.model.ckpt if self.config.model.init == "checkpoint" else None
+        ck.write_model_config(self.workdir / "model_config", self.cfg, src_dir=src)
+        tok = self.config.data.get("tokenizer", "")
+        if tok and pathlib.Path(tok).is_file() and not (self.workdir / "model_config" / "tokenizer.json").exists():
+            shutil.copy2(tok, self.workdir / "model_config" / "tokenizer.json")
         (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
-        vae_dir = (self.workdir / "vae").absolute()
+        vae_dir = (self.workdir / ck.VAE_ITEM).absolute()
         if not vae_dir.exists():
-            ck = ocp.StandardCheckpointer()
-            ck.save(vae_dir, self.vae_state)
-            ck.wait_until_finished()
+            ck.save_pytree(vae_dir, self.vae_state)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, force: bool = False):
         step = int(self.state["step"])
         meta = dict(step=step, rng=np.asarray(jax.device_get(self.state["rng"])).tolist(),
                     data_state=self.source.get_state(), time=time.time())
+        from .. import checkpoint as ck
+
+        full = _merge_trees(self.state["params"], self.buffers)
+        save_args = ck.train_save_args(full, self._stacked)  # one chunk per layer: exports stream by layer
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(_merge_trees(self.state["params"], self.buffers)),
-            ema=ocp.args.StandardSave(_merge_trees(self.state["ema"], self.buffers)),
-            opt_state=ocp.args.StandardSave(self.state["opt_state"]),
+            params=ocp.args.StandardSave(full, save_args=save_args),
+            ema=ocp.args.StandardSave(_merge_trees(self.state["ema"], self.buffers), save_args=save_args),
+            opt_state=ocp.args.StandardSave(self.state["opt_state"],
+                                            save_args=ck.train_save_args(self.state["opt_state"], self._stacked)),
             meta=ocp.args.JsonSave(meta),
         )
         self.ckpt.save(step, args=args, force=force)
@@ -278,7 +272,7 @@ class Trainer:
             params=ocp.args.StandardRestore(full_abs), ema=ocp.args.StandardRestore(full_abs),
             opt_state=ocp.args.StandardRestore(opt_abs), meta=ocp.args.JsonRestore()))
         pkeys = set(_flat(self.state["params"]))
-        only = lambda tree: _nest({k: v for k, v in _flat(tree).items() if k in pkeys})
+        only = lambda tree: unflatten_dict({k: v for k, v in _flat(tree).items() if k in pkeys})
         meta = r["meta"]
         self.state = dict(params=only(r["params"]), ema=only(r["ema"]), opt_state=r["opt_state"],
                           step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), shd.replicated(self.mesh)),
@@ -423,15 +417,11 @@ class Trainer:
 
 
 def _load_checkpoint(path: str, cfg: BagelConfig):
-    """An official PyTorch folder or a converted / trained Orbax checkpoint -> (Bagel, AutoEncoder)."""
-    try:
-        from ..checkpoint import load_any_bagel, load_any_vae  # converted / trained Orbax folders
+    """An official PyTorch folder, a converted Orbax checkpoint or a training workdir (EMA weights)
+    -> (Bagel, AutoEncoder)."""
+    from ..checkpoint import load_any_bagel, load_any_vae
 
-        return load_any_bagel(path, cfg=cfg), load_any_vae(path, cfg=cfg)
-    except ImportError:
-        from ..model.loading import load_bagel, load_vae
-
-        return load_bagel(path, cfg), load_vae(path, cfg)
+    return load_any_bagel(path), load_any_vae(path, cfg)
 
 
 class _Logger:
