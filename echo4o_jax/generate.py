@@ -100,7 +100,7 @@ class Generator:
 
     def __init__(self, ckpt: str | pathlib.Path, *, dtype: str = "float32", max_context: int = 0,
                  demo: bool = False, vae_transform: tuple[int, int] | None = None,
-                 vit_transform: tuple[int, int] | None = None):
+                 vit_transform: tuple[int, int] | None = None, mesh: tuple[int, int, int] | None = None):
         import jax
 
         from .checkpoint import CheckpointError, load_any_bagel, load_any_vae, load_config
@@ -113,8 +113,20 @@ class Generator:
             raise GenerateError(f"checkpoint folder not found: {self.ckpt}")
         try:
             self.cfg = load_config(self.ckpt, compute_dtype=dtype)
-            self.model = load_any_bagel(self.ckpt, dtype=dtype, compute_dtype=dtype)
-            self.vae = load_any_vae(self.ckpt, self.cfg)
+            shardings = vae_shardings = None
+            if mesh is not None:  # params sharded by the logical-axis rules (14B in bf16 over several chips)
+                from flax import nnx
+
+                from . import sharding as shd
+                from .model.bagel import Bagel
+                from .model.vae import AutoEncoder
+
+                self.mesh = shd.make_mesh(*mesh)
+                shardings = shd.state_shardings(nnx.state(nnx.eval_shape(lambda: Bagel(self.cfg, rngs=nnx.Rngs(0)))),
+                                                self.mesh)
+                vae_shardings = shd.replicated(self.mesh)
+            self.model = load_any_bagel(self.ckpt, dtype=dtype, shardings=shardings, compute_dtype=dtype)
+            self.vae = load_any_vae(self.ckpt, self.cfg, shardings=vae_shardings)
         except (ConfigError, SafetensorsError, CheckpointError, FileNotFoundError) as e:
             raise GenerateError(f"checkpoint {self.ckpt} is incomplete or unreadable: {e}") from None
         self.tokenizer = _load_tokenizer(self.ckpt)
@@ -368,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=500)
     p.add_argument("--max-context", type=int, default=0, help="KV-cache capacity in tokens (default 8192)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="shard the parameters over a device mesh, e.g. 1,-1,1 (FSDP over all devices)")
     p.add_argument("--vae-transform", type=int, nargs=2, metavar=("MAX", "MIN"), default=None,
                    help="input-image resize for the VAE path (official 1024 512)")
     p.add_argument("--vit-transform", type=int, nargs=2, metavar=("MAX", "MIN"), default=None,
@@ -393,7 +407,10 @@ def _run(args) -> int:
     if demo:
         sampler.setdefault("num_timesteps", 8)
     t0 = time.time()
-    gen = get_generator(ckpt, dtype=args.dtype, max_context=args.max_context, demo=demo,
+    mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
+    if mesh is not None and len(mesh) != 3:
+        raise GenerateError(f"--mesh {args.mesh!r}: expected DATA,FSDP,TENSOR")
+    gen = get_generator(ckpt, dtype=args.dtype, max_context=args.max_context, demo=demo, mesh=mesh,
                         vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
                         vit_transform=tuple(args.vit_transform) if args.vit_transform else None)
     args.out.mkdir(parents=True, exist_ok=True)
