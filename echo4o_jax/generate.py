@@ -224,6 +224,38 @@ class Generator:
             out["think"] = self.decode_text(res["text_ids"][1:])
         return out
 
+    def batch_key(self, req: dict, overrides: dict) -> tuple | None:
+        """Requests with equal keys run together in one sampler pass (text-to-image of one shape and
+        one sampler setting); None = run alone (reference images, think mode)."""
+        if req.get("images") or req.get("think"):
+            return None
+        size = parse_size(req.get("size") or (1024, 1024), self.cfg.latent_downsample)
+        kw = self.sampler_settings(False, {**overrides, **req.get("sampler", {})})
+        return size, int(req.get("num_images", 1)), tuple(sorted(kw.items()))
+
+    def generate_many(self, reqs: Sequence[dict], overrides: dict) -> list[dict[str, Any]]:
+        """Text-to-image requests of one `batch_key`: contexts built per request, then one batched
+        sampler pass (each request keeps its own seed's noise, so results equal one-by-one runs)."""
+        jax = self._jax
+        size, n, _ = self.batch_key(reqs[0], overrides)
+        kw = self.sampler_settings(False, {**overrides, **reqs[0].get("sampler", {})})
+        ds = self.cfg.latent_downsample
+        n_tok = (size[0] // ds) * (size[1] // ds)
+        triples, noises, ids_all = [], [], []
+        for r in reqs:
+            ids = self.encode(r.get("prompt"), r.get("prompt_ids"))
+            self._check_context(ids, [], 0, size)
+            c = self.inf.build_contexts([ids], image_shapes=size)
+            triples.append((c["gen"], c["cfg_text"], c["cfg_img"]))
+            noises.append(jax.random.normal(jax.random.key(int(r.get("seed", 0))), (n, n_tok, self.cfg.patch_latent_dim)))
+            ids_all.append(ids)
+        lat = self.inf.generate_image_latents(triples, size, jax.numpy.stack(noises), **kw)
+        out = []
+        for i, ids in enumerate(ids_all):
+            _, images = self.inf.decode_latent(lat[i], size)
+            out.append(dict(images=list(images), settings=kw, size=list(size), prompt_ids=ids))
+        return out
+
     def understand(self, prompt=None, *, prompt_ids=None, images: Sequence = (), max_new_tokens: int = 500,
                    think: bool = False) -> dict[str, Any]:
         ids = self.encode(prompt, prompt_ids)
@@ -266,9 +298,10 @@ def _request_paths(out_dir: pathlib.Path, rid: str, n: int) -> list[pathlib.Path
 
 
 def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides: dict | None = None,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, batch_size: int = 4) -> list[dict]:
     """Generate every request into `out_dir` (`<id>_<k>.png`); finished requests (all PNGs present and
-    listed in metadata.jsonl) are skipped. Returns one record per request."""
+    listed in metadata.jsonl) are skipped. Consecutive text-to-image requests of one shape and sampler
+    setting run batched (up to `batch_size` per sampler pass). Returns one record per request."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -281,28 +314,50 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
             if line.strip():
                 r = json.loads(line)
                 done[r["id"]] = r
-    records = []
     overrides = dict(overrides or {})
-    for i, req in enumerate(tqdm(requests, disable=not progress, desc="generate")):
+    records: dict[int, dict] = {}
+    pending = []
+    for i, req in enumerate(requests):
         rid = str(req.get("id", f"{i:05d}"))
-        n = int(req.get("num_images", 1))
-        paths = _request_paths(out_dir, rid, n)
+        paths = _request_paths(out_dir, rid, int(req.get("num_images", 1)))
         if rid in done and all(p.exists() for p in paths):
-            records.append(done[rid])
-            continue
-        sampler = {k: v for k, v in {**overrides, **req.get("sampler", {})}.items()}
+            records[i] = done[rid]
+        else:
+            pending.append((i, rid, req, paths))
+    # consecutive requests of one shape and sampler setting share a sampler pass
+    groups: list[list] = []
+    for item in pending:
+        key = gen.batch_key(item[2], overrides)
+        if groups and key is not None and len(groups[-1]) < batch_size and gen.batch_key(groups[-1][0][2], overrides) == key:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    bar = tqdm(total=len(pending), disable=not progress, desc="generate")
+    for group in groups:
         t0 = time.time()
-        res = gen.generate(req.get("prompt"), prompt_ids=req.get("prompt_ids"), images=req.get("images", []),
-                           size=req.get("size"), seed=int(req.get("seed", 0)), num_images=n, **sampler)
-        for p, img in zip(paths, res["images"]):
-            Image.fromarray(img).save(p)
-        rec = dict(id=rid, prompt=req.get("prompt"), prompt_ids=res["prompt_ids"], images=list(map(str, req.get("images", []))),
-                   seed=int(req.get("seed", 0)), num_images=n, size=res["size"], outputs=[str(p) for p in paths],
-                   settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()},
-                   seconds=round(time.time() - t0, 3))
-        with open(meta_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        records.append(rec)
+        if len(group) == 1:
+            _, _, req, _ = group[0]
+            sampler = {**overrides, **req.get("sampler", {})}
+            results = [gen.generate(req.get("prompt"), prompt_ids=req.get("prompt_ids"), images=req.get("images", []),
+                                    size=req.get("size"), seed=int(req.get("seed", 0)),
+                                    num_images=int(req.get("num_images", 1)), **sampler)]
+        else:
+            results = gen.generate_many([g[2] for g in group], overrides)
+        seconds = round((time.time() - t0) / len(group), 3)
+        for (i, rid, req, paths), res in zip(group, results):
+            for p, img in zip(paths, res["images"]):
+                Image.fromarray(img).save(p)
+            rec = dict(id=rid, prompt=req.get("prompt"), prompt_ids=res["prompt_ids"],
+                       images=list(map(str, req.get("images", []))), seed=int(req.get("seed", 0)),
+                       num_images=len(paths), size=res["size"], outputs=[str(p) for p in paths],
+                       settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()},
+                       seconds=seconds, batched_with=len(group))
+            with open(meta_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            records[i] = rec
+        bar.update(len(group))
+    bar.close()
+    records = [records[i] for i in sorted(records)]
     write_contact_sheet([p for r in records for p in r["outputs"]], out_dir / "contact_sheet.png")
     return records
 

@@ -174,24 +174,14 @@ class Inferencer:
         return jnp.asarray(rows * self.cfg.max_latent_size + cols, jnp.int32)
 
     # ------------------------------------------------------------------ image generation
-    def generate_image_latent(
-        self, ctx: Context, cfg_text_ctx: Context, cfg_img_ctx: Context, image_shape: tuple[int, int], *,
-        cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.5, cfg_interval=(0.4, 1.0),
-        cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global", num_timesteps: int = 50,
-        timestep_shift: float = 3.0, init_noise: np.ndarray | None = None, rng: jax.Array | None = None,
-        return_velocities: bool = False,
-    ):
-        """Returns final latent tokens [h*w, p*p*z] (and the guided velocity of each step)."""
-        if cfg_renorm_type not in CFG_RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type={cfg_renorm_type!r}; expected one of {CFG_RENORM_TYPES}")
+    def generate_image_latent(self, ctx: Context, cfg_text_ctx: Context, cfg_img_ctx: Context,
+                              image_shape: tuple[int, int], *, init_noise=None, rng: jax.Array | None = None,
+                              return_velocities: bool = False, **kw):
+        """Final latent tokens [h*w, C] (or [images, h*w, C] when init_noise has a leading images axis),
+        and the guided velocity of each step with `return_velocities`."""
         H, W = image_shape
         ds = self.cfg.latent_downsample
-        if H % ds or W % ds:
-            raise ValueError(f"image_shape {H}x{W} is not a multiple of {ds}")
-        h, w = H // ds, W // ds
-        self._check_latent_grid(h, w, f"image_shape {H}x{W}")
-        n = h * w
-        shape = (n, self.cfg.patch_latent_dim)
+        shape = ((H // ds) * (W // ds), self.cfg.patch_latent_dim)
         if init_noise is None:
             if rng is None:
                 raise ValueError("generate_image_latent needs init_noise or rng")
@@ -200,10 +190,38 @@ class Inferencer:
         batched = x.ndim == 3  # [images, tokens, C]: several images of one context in one pass
         if x.shape[-2:] != shape or x.ndim not in (2, 3):
             raise ValueError(f"init_noise shape {x.shape}, expected {shape} or (num_images, *{shape})")
-        x = x if batched else x[None]
-        ctxs = (ctx, cfg_text_ctx, cfg_img_ctx)
-        caches = jax.tree.map(lambda *a: jnp.stack(a), *[c.cache for c in ctxs])
-        ropes = jnp.asarray([c.rope for c in ctxs], jnp.int32)
+        res = self.generate_image_latents([(ctx, cfg_text_ctx, cfg_img_ctx)], image_shape,
+                                          (x if batched else x[None])[None], return_velocities=return_velocities, **kw)
+        lat, vels = res if return_velocities else (res, None)
+        lat = lat[0] if batched else lat[0, 0]
+        if not return_velocities:
+            return lat
+        return lat, (vels[0] if batched else vels[0, 0])
+
+    def generate_image_latents(
+        self, contexts: Sequence[tuple[Context, Context, Context]], image_shape: tuple[int, int], init_noise, *,
+        cfg_text_scale: float = 4.0, cfg_img_scale: float = 1.5, cfg_interval=(0.4, 1.0),
+        cfg_renorm_min: float = 0.0, cfg_renorm_type: str = "global", num_timesteps: int = 50,
+        timestep_shift: float = 3.0, return_velocities: bool = False,
+    ):
+        """Several requests of one shape in one sampler pass: `contexts` = [(cond, text-uncond, image-uncond)]
+        per request, init_noise [requests, images, h*w, C]. Returns latents [requests, images, h*w, C]
+        (and velocities [requests, images, steps, h*w, C])."""
+        if cfg_renorm_type not in CFG_RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type={cfg_renorm_type!r}; expected one of {CFG_RENORM_TYPES}")
+        H, W = image_shape
+        ds = self.cfg.latent_downsample
+        if H % ds or W % ds:
+            raise ValueError(f"image_shape {H}x{W} is not a multiple of {ds}")
+        h, w = H // ds, W // ds
+        self._check_latent_grid(h, w, f"image_shape {H}x{W}")
+        x = jnp.asarray(init_noise, jnp.float32)
+        want = (len(contexts), h * w, self.cfg.patch_latent_dim)
+        if x.ndim != 4 or (x.shape[0], *x.shape[2:]) != want:
+            raise ValueError(f"init_noise shape {x.shape}, expected ({want[0]}, images, {want[1]}, {want[2]})")
+        caches = jax.tree.map(lambda *a: jnp.stack(a).reshape(len(contexts), 3, *a[0].shape),
+                              *[c.cache for triple in contexts for c in triple])
+        ropes = jnp.asarray([[c.rope for c in triple] for triple in contexts], jnp.int32)
         lat_pos = self._latent_pos(h, w)
         ts = timestep_schedule(num_timesteps, timestep_shift)
         vels = []
@@ -212,15 +230,14 @@ class Inferencer:
             active = cfg_interval[0] < t <= cfg_interval[1]
             s_txt = float(cfg_text_scale) if active else 1.0
             s_img = float(cfg_img_scale) if active else 1.0
-            n_branches = 1 if s_txt <= 1.0 else (3 if s_img > 1.0 else 2)
-            v = _guided_velocity(self.graphdef, self.state, jax.tree.map(lambda a: a[:n_branches], caches),
-                                 ropes[:n_branches], x, jnp.float32(t), lat_pos, self.soi, self.eoi,
+            nb = 1 if s_txt <= 1.0 else (3 if s_img > 1.0 else 2)
+            v = _guided_velocity(self.graphdef, self.state, jax.tree.map(lambda a: a[:, :nb], caches),
+                                 ropes[:, :nb], x, jnp.float32(t), lat_pos, self.soi, self.eoi,
                                  s_txt, s_img, cfg_renorm_type, float(cfg_renorm_min))
             x = x - v * (ts[i] - ts[i + 1])
             if return_velocities:
-                vels.append(v if batched else v[0])
-        x = x if batched else x[0]
-        return (x, jnp.stack(vels, axis=-3)) if return_velocities else x
+                vels.append(v)
+        return (x, jnp.stack(vels, axis=2)) if return_velocities else x
 
     def decode_latent(self, tokens: jax.Array, image_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Latent tokens [h*w, C] (or [images, h*w, C]) -> (decoded [(images,) H, W, 3] float in [-1, 1],
@@ -274,6 +291,32 @@ class Inferencer:
         (understanding / thinking output), and for generation `latent`, `decoded`, `image` (uint8).
         As the official code, the output shape is `image_shapes` unless an input image came last-most
         (then its VAE-resized shape); `output_shape` overrides both."""
+        ctx = self.build_contexts(inputs, understanding_output=understanding_output, think=think,
+                                  system_prompt_ids=system_prompt_ids, max_think_token_n=max_think_token_n,
+                                  do_sample=do_sample, text_temperature=text_temperature,
+                                  image_shapes=image_shapes, rng=rng)
+        out: dict[str, Any] = {k: ctx[k] for k in ("text_ids",) if k in ctx}
+        if understanding_output:
+            return out
+        image_shapes = output_shape if output_shape is not None else ctx["image_shapes"]
+        res = self.generate_image_latent(ctx["gen"], ctx["cfg_text"], ctx["cfg_img"], tuple(image_shapes),
+                                         init_noise=init_noise, rng=rng, return_velocities=return_velocities,
+                                         **gen_kwargs)
+        latent, vels = res if return_velocities else (res, None)
+        decoded, image = self.decode_latent(latent, tuple(image_shapes))
+        out.update(latent=latent, decoded=decoded, image=image)
+        if vels is not None:
+            out["velocities"] = vels
+        return out
+
+    def build_contexts(
+        self, inputs: Sequence[Any], *, understanding_output: bool = False, think: bool = False,
+        system_prompt_ids: Sequence[int] | None = None, max_think_token_n: int = 1000, do_sample: bool = False,
+        text_temperature: float = 0.3, image_shapes: tuple[int, int] = (1024, 1024), rng: jax.Array | None = None,
+    ) -> dict[str, Any]:
+        """The official context building of `interleave_inference`: returns the cond (`gen`), text-uncond
+        (`cfg_text`) and image-uncond (`cfg_img`) contexts, the output `image_shapes`, and `text_ids` when
+        text was generated (understanding answer, or the think-mode reasoning appended to `gen`)."""
         if think and system_prompt_ids is None:
             raise ValueError("think=True needs system_prompt_ids (the tokenized think system prompt)")
         gen = cfg_text = cfg_img = self.new_context()
@@ -294,23 +337,13 @@ class Inferencer:
                 cfg_img = self.add_text(cfg_img, item)
             else:
                 raise TypeError(f"unsupported input {type(item).__name__}: expected token ids or a PIL image")
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = dict(gen=gen, cfg_text=cfg_text, cfg_img=cfg_img, image_shapes=tuple(image_shapes))
         if understanding_output or think:
             ids = self.generate_text(gen, max_length=max_think_token_n, do_sample=do_sample,
                                      temperature=text_temperature, rng=rng)
             out["text_ids"] = ids
-            if understanding_output:
-                return out
-            gen = self.add_text(gen, ids[1:])
-        if output_shape is not None:
-            image_shapes = output_shape
-        res = self.generate_image_latent(gen, cfg_text, cfg_img, tuple(image_shapes), init_noise=init_noise, rng=rng,
-                                         return_velocities=return_velocities, **gen_kwargs)
-        latent, vels = res if return_velocities else (res, None)
-        decoded, image = self.decode_latent(latent, tuple(image_shapes))
-        out.update(latent=latent, decoded=decoded, image=image)
-        if vels is not None:
-            out["velocities"] = vels
+            if not understanding_output:
+                out["gen"] = self.add_text(gen, ids[1:])
         return out
 
 
@@ -378,11 +411,12 @@ def _append_vae(graphdef, state, cache, tokens, lat_pos, rope, kv_len, split, so
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11, 12))
 def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, s_txt, s_img, renorm_type, renorm_min):
-    """x_t [images, N, C] -> guided velocity [images, N, C]; branches (cond / text-uncond / image-uncond)
-    and images run batched (vmap) over the shared context caches."""
+    """x_t [requests, images, N, C] -> guided velocity, same shape. Per request, its CFG branches
+    (cond / text-uncond / image-uncond: caches [requests, branches, ...]) and its images run batched
+    (vmap) over that request's context caches."""
     model = nnx.merge(graphdef, state)
 
-    def one_image(x):
+    def one_image(x, caches, ropes):
         n = x.shape[0]
         lat = model.embed_latents(x, jnp.full((n,), t, jnp.float32), lat_pos)
         xq, meta = _image_block(model, lat, soi, eoi, _QUERY_ORDER, _QUERY_ORDER)
@@ -396,7 +430,8 @@ def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, 
         return cfg_combine(v[0], v[1] if nb > 1 else None, v[2] if nb > 2 else None, text_scale=s_txt,
                            img_scale=s_img, renorm_type=renorm_type, renorm_min=renorm_min)
 
-    return jax.vmap(one_image)(x_t)
+    one_request = jax.vmap(one_image, in_axes=(0, None, None))  # images of one request share its caches
+    return jax.vmap(one_request)(x_t, caches, ropes)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -93,6 +93,14 @@ def test_batch_mode_resumes_and_compiles_once_per_shape(golden_dir, gen, tmp_pat
     assert sorted(p.name for p in tmp_path.glob("*_?.png")) == [f"{r}_{k}.png" for r in "abc" for k in range(2)]
     assert (tmp_path / "contact_sheet.png").exists()
 
+    # the same requests batched in one sampler pass give the same pictures as one by one
+    recs = G.run_requests(gen, reqs, tmp_path / "batched", overrides=fast, progress=False, batch_size=4)
+    assert [r["batched_with"] for r in recs] == [3, 3, 3]
+    for r in "abc":
+        for k in range(2):
+            assert_uint8_close(np.asarray(Image.open(tmp_path / "batched" / f"{r}_{k}.png")),
+                               np.asarray(Image.open(tmp_path / f"{r}_{k}.png")))
+
 
 def test_bad_inputs_give_clear_errors(golden_dir, gen, tmp_path):
     with pytest.raises(G.GenerateError, match="not found"):
