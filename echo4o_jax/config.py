@@ -264,8 +264,9 @@ class BagelConfig:
             raise ConfigError(f"connector_act={self.connector_act!r} is not supported")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):
             raise ConfigError(f"remat={self.remat!r}: expected none|full|dots|dots_no_batch")
-        if self.attention_impl not in ("xla_blockwise", "xla_dense"):
-            raise ConfigError(f"attention_impl={self.attention_impl!r}: expected xla_blockwise|xla_dense")
+        if self.attention_impl not in ("xla_blockwise", "xla_dense", "pallas_gpu", "pallas_tpu", "pallas_interpret"):
+            raise ConfigError(f"attention_impl={self.attention_impl!r}: "
+                              "expected xla_blockwise|xla_dense|pallas_gpu|pallas_tpu|pallas_interpret")
 
     @classmethod
     def bagel_7b_mot(cls, **overrides) -> "BagelConfig":

@@ -57,18 +57,23 @@ def golden_samples(d):
     return samples
 
 
+def pack_golden(d, cfg, slack: int = 5) -> packing.PackedBatch:
+    """The golden training pack through our packer, with the golden timestep draws. Slack leaves padding
+    in every segment (padding must be inert); the VAE canvas is the official one (max image size of the
+    batch), since the VAE's GroupNorm / attention see the zero padding."""
+    samples = golden_samples(d)
+    # one raw timestep per noisy image, in order: the first value of each run of equal finite values
+    raw = d["packed_timesteps_raw"]
+    it = iter([v for i, v in enumerate(raw) if np.isfinite(v) and (i == 0 or raw[i - 1] != v)])
+    return packing.pack_samples(samples, cfg, packing.budget_for(samples, cfg, slack=slack),
+                                rng=np.random.default_rng(0), timestep_fn=lambda: next(it))
+
+
 @pytest.fixture(scope="module")
 def train_case(golden_dir, loaded):
     cfg, model, vae = loaded
     d = load_npz(golden_dir / "train_step.npz")
-    samples = golden_samples(d)
-    # Slack leaves padding in every segment: padding must be inert. The VAE canvas is the official one
-    # (max image size of the batch), since the VAE's GroupNorm/attention see the zero padding.
-    budget = packing.budget_for(samples, cfg, slack=5)
-    # one raw timestep per noisy image, in order: the first value of each run of equal finite values
-    raw = d["packed_timesteps_raw"]
-    it = iter([v for i, v in enumerate(raw) if np.isfinite(v) and (i == 0 or raw[i - 1] != v)])
-    batch = packing.pack_samples(samples, cfg, budget, rng=np.random.default_rng(0), timestep_fn=lambda: next(it))
+    batch = pack_golden(d, cfg)
     arrays = {k: jnp.asarray(v) for k, v in packing.batch_arrays(batch).items()}
     latents = vae.encode(arrays["vae_images"])
     x0 = latent_tokens_from_latents(latents, arrays["vae_image_index"], arrays["vae_token_hw"], cfg.latent_patch_size)

@@ -43,15 +43,11 @@ def load_config(name: str):
 
 
 def test_train_step_gradients_equal_golden(golden_dir):
-    from test_golden import golden_samples
+    from test_golden import pack_golden
 
     cfg = BagelConfig.from_checkpoint_dir(golden_dir)
     d = load_npz(golden_dir / "train_step.npz")
-    samples = golden_samples(d)
-    raw = d["packed_timesteps_raw"]
-    it = iter([v for i, v in enumerate(raw) if np.isfinite(v) and (i == 0 or raw[i - 1] != v)])
-    batch = packing.pack_samples(samples, cfg, packing.budget_for(samples, cfg, slack=4),
-                                 rng=np.random.default_rng(0), timestep_fn=lambda: next(it))
+    batch = pack_golden(d, cfg, slack=4)
     arrays = {k: jnp.asarray(v)[None] for k, v in packing.batch_arrays(batch).items()}
     model, vae = load_bagel(golden_dir, cfg), load_vae(golden_dir, cfg)
     graphdef, params, buffers = nnx.split(model, nnx.Param, ...)

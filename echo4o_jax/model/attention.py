@@ -15,7 +15,11 @@ Rules (official `prepare_attention_mask_per_sample` / flex `create_sparse_mask`)
 
 One entry point, `attention`, with a memory-efficient XLA reference implementation (`xla_blockwise`:
 query blocks x key blocks with an online softmax, never an L x L score tensor) and a dense one
-(`xla_dense`, for tests and tiny inputs). Fused kernels (cuDNN / Pallas / splash) slot in here.
+(`xla_dense`, for tests and tiny inputs). Fused kernels (echo4o_jax/model/kernels): `pallas_gpu`
+(Pallas flash attention, forward + backward, mask computed in-kernel from the metadata, block
+skipping; Triton on GPU, interpret mode on CPU), `pallas_tpu` (the same kernel laid out for Mosaic:
+grid-axis kv loop, scalar-prefetched block lists; interpret mode on CPU) and `pallas_interpret`
+(the GPU-shaped kernel, always interpreted).
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ import jax.numpy as jnp
 __all__ = ["CAUSAL", "FULL", "NOISE", "TokenMeta", "mask_from_meta", "attention", "concat_meta"]
 
 CAUSAL, FULL, NOISE = 0, 1, 2
+
+# fused Pallas flash-attention kernels (echo4o_jax/model/kernels)
+PALLAS_IMPLS = ("pallas_gpu", "pallas_tpu", "pallas_interpret")
+IMPLS = ("xla_blockwise", "xla_dense") + PALLAS_IMPLS
 
 
 class TokenMeta(NamedTuple):
@@ -79,6 +87,19 @@ def attention(
         return _dense(q, k, v, mask_from_meta(q_meta, k_meta), scale)
     if impl == "xla_blockwise":
         return _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv)
+    if impl == "pallas_tpu":
+        from echo4o_jax.model.kernels.pallas_tpu_flash import flash_attention_tpu
+
+        # Mosaic on TPU, interpret mode when the default backend is the CPU
+        return flash_attention_tpu(q, k, v, q_meta, k_meta, scale=scale, block_q=block_q, block_kv=block_kv)
+    if impl in PALLAS_IMPLS:
+        from echo4o_jax.model.kernels.pallas_flash import flash_attention
+
+        # pallas_gpu: Triton lowering on GPU, interpret mode when the default backend is the CPU;
+        # pallas_interpret: always interpret mode (any backend; slow, for tests and debugging).
+        interpret = True if impl == "pallas_interpret" else None
+        return flash_attention(q, k, v, q_meta, k_meta, scale=scale, block_q=block_q, block_kv=block_kv,
+                               interpret=interpret)
     raise ValueError(f"unknown attention impl {impl!r}")
 
 

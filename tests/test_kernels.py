@@ -1,0 +1,252 @@
+"""Pallas flash-attention kernels (echo4o_jax/model/kernels) against the XLA reference, in interpret mode.
+
+Random packed metadata (several samples; causal / FULL / NOISE splits; padding; shuffled physical
+layout), GQA ratios 1 / 2 / 7, head dims 64 / 72 / 128, lengths that are not block multiples; values
+and gradients. Block skipping is checked against a brute-force block mask and by poisoning keys that
+only skipped blocks hold. The golden model forward runs with the kernel selected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from echo4o_jax.config import BagelConfig, ConfigError
+from echo4o_jax.model.attention import CAUSAL, FULL, NOISE, TokenMeta, attention, mask_from_meta
+from echo4o_jax.model.kernels import pallas_flash as pf
+
+BQ = BK = 16  # small blocks: several blocks per sequence at interpret-friendly sizes
+
+
+def random_meta(rng, L: int, n_pad: int = 3, shuffle: bool = True) -> TokenMeta:
+    """Samples of random segment plans (text runs, FULL and NOISE images), then padding; shuffled layout."""
+    sample, split, mode = [], [], []
+    s = sp = 0
+    n_real = L - n_pad
+    while len(sample) < n_real:
+        for _ in range(int(rng.integers(1, 4))):
+            if len(sample) >= n_real:
+                break
+            m = int(rng.choice([CAUSAL, FULL, NOISE], p=[0.5, 0.25, 0.25]))
+            n = min(int(rng.integers(1, 9)), n_real - len(sample))
+            if m == CAUSAL:  # each causal text token is its own split, as in the packer
+                for _ in range(n):
+                    sample.append(s); split.append(sp); mode.append(m); sp += 1
+            else:
+                sample += [s] * n; split += [sp] * n; mode += [m] * n; sp += 1
+        s += 1
+    for _ in range(n_pad):
+        sample.append(-1); split.append(sp); mode.append(CAUSAL); sp += 1
+    order = np.arange(L)
+    perm = rng.permutation(L) if shuffle else np.arange(L)
+    arr = lambda x: jnp.asarray(np.asarray(x, np.int32)[perm])
+    return TokenMeta(arr(sample), arr(split), arr(mode), arr(order))
+
+
+def qkv(rng, Lq, Lk, H, KVH, D, dtype=jnp.float32):
+    f = lambda *s: jnp.asarray(rng.normal(size=s), dtype)
+    return f(Lq, H, D), f(Lk, KVH, D), f(Lk, KVH, D)
+
+
+def _loss(impl, meta_q, meta_k, scale, w):
+    def f(q, k, v):
+        o = attention(q, k, v, meta_q, meta_k, scale=scale, impl=impl, block_q=BQ, block_kv=BK)
+        return jnp.sum(o * w), o
+    return f
+
+
+@pytest.mark.parametrize("impl,L,KVH,G,D", [
+    ("pallas_interpret", 45, 2, 1, 64), ("pallas_interpret", 53, 2, 2, 72), ("pallas_interpret", 37, 1, 7, 128),
+    ("pallas_tpu", 37, 1, 7, 72),
+])
+def test_values_and_grads_match_dense(impl, L, KVH, G, D):
+    rng = np.random.default_rng(L)
+    meta = random_meta(rng, L)
+    H = KVH * G
+    q, k, v = qkv(rng, L, L, H, KVH, D)
+    w = jnp.asarray(rng.normal(size=(L, H, D)), jnp.float32)
+    scale = D ** -0.5
+    got = jax.jit(jax.value_and_grad(_loss(impl, meta, meta, scale, w), argnums=(0, 1, 2), has_aux=True))
+    want = jax.jit(jax.value_and_grad(_loss("xla_dense", meta, meta, scale, w), argnums=(0, 1, 2), has_aux=True))
+    (_, o1), g1 = got(q, k, v)
+    (_, o2), g2 = want(q, k, v)
+    np.testing.assert_allclose(o1, o2, atol=2e-5, rtol=1e-5)
+    for name, a, b in zip("qkv", g1, g2):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
+
+
+def test_bf16_inputs_close_to_dense():
+    rng = np.random.default_rng(1)
+    L, H, KVH, D = 40, 4, 2, 64
+    meta = random_meta(rng, L)
+    q, k, v = qkv(rng, L, L, H, KVH, D, jnp.bfloat16)
+    f = lambda impl: jax.jit(lambda q, k, v: attention(q, k, v, meta, meta, scale=D ** -0.5, impl=impl,
+                                                       block_q=BQ, block_kv=BK))(q, k, v)
+    o1, o2 = f("pallas_interpret"), f("xla_dense")
+    assert o1.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(o1, np.float32), np.asarray(o2, np.float32), atol=3e-2)
+
+
+def _prepare(meta, L):
+    return jax.jit(lambda m: pf.prepare(m, m, L, L, BQ, BK))(meta)
+
+
+def _exact_block_mask(qm, km, bq, bk):
+    mask = np.asarray(mask_from_meta(qm, km))
+    Lq, Lk = mask.shape
+    return mask.reshape(Lq // bq, bq, Lk // bk, bk).any(axis=(1, 3))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_table_is_conservative(seed):
+    rng = np.random.default_rng(100 + seed)
+    L = 96  # one shape: one compile
+    meta = random_meta(rng, L, n_pad=int(rng.integers(0, 6)), shuffle=bool(seed % 2))
+    qm, km, table, _ = _prepare(meta, L)
+    qm, km = TokenMeta(*qm), TokenMeta(*km)
+    exact = _exact_block_mask(qm, km, BQ, BK)
+    table = np.asarray(table)
+    assert np.all(table[exact]), "a block with an allowed pair would be skipped"
+
+
+def test_block_table_skips_in_causal_physical_order():
+    """Several samples laid out in order: cross-sample blocks and blocks above the diagonal are skipped."""
+    rng = np.random.default_rng(7)
+    L = 128
+    meta = random_meta(rng, L, n_pad=0, shuffle=False)
+    qm, km, table, (kv_idx, kv_cnt, q_idx, q_cnt) = _prepare(meta, L)
+    exact = _exact_block_mask(TokenMeta(*qm), TokenMeta(*km), BQ, BK)
+    table = np.asarray(table)
+    assert np.all(table[exact])
+    n = table.shape[0]
+    assert table.sum() < n * (n + 1) // 2  # strictly fewer than causal: sample isolation skips blocks
+    assert not np.any(np.triu(table, 2))  # nothing far above the diagonal (bidir splits are < 16 tokens)
+    # the compacted lists hold exactly the table's blocks
+    kv_idx, kv_cnt = np.asarray(kv_idx), np.asarray(kv_cnt)
+    for i in range(n):
+        assert sorted(kv_idx[i, : kv_cnt[i]].tolist()) == np.flatnonzero(table[i]).tolist()
+    q_idx, q_cnt = np.asarray(q_idx), np.asarray(q_cnt)
+    for j in range(n):
+        assert sorted(q_idx[j, : q_cnt[j]].tolist()) == np.flatnonzero(table[:, j]).tolist()
+
+
+def test_skipped_blocks_are_never_read():
+    """Keys of another sample, in whole blocks, hold NaN: any computed skipped block would poison the output
+    (NaN * 0 = NaN in p @ v) and the gradients."""
+    rng = np.random.default_rng(3)
+    Lq, Lk, H, KVH, D = 20, 64, 2, 1, 64
+    # keys: sample 0 (tokens 0..31, causal text + a FULL image), sample 1 (32..63); queries: sample 0's
+    ks = np.r_[np.zeros(32), np.ones(32)].astype(np.int32)
+    ksp = np.r_[np.arange(16), np.full(16, 16), 17 + np.arange(32)].astype(np.int32)
+    kmo = np.r_[np.zeros(16), np.full(16, FULL), np.zeros(32)].astype(np.int32)
+    kor = np.arange(Lk, dtype=np.int32)
+    k_meta = TokenMeta(*map(jnp.asarray, (ks, ksp, kmo, kor)))
+    sel = np.r_[np.arange(10), 16 + np.arange(10)]
+    q_meta = TokenMeta(*(x[sel] for x in k_meta))
+    q, k, v = qkv(rng, Lq, Lk, H, KVH, D)
+    poison = jnp.asarray(np.r_[np.zeros(32), np.full(32, np.nan)], jnp.float32)[:, None, None]
+    kp, vp = k + poison, v + poison
+    table = np.asarray(pf.prepare(q_meta, k_meta, Lq, Lk, BQ, BK)[2])
+    assert not table[:, 2:].any()  # both sample-1 key blocks are skipped for every query block
+    f = lambda impl, k, v: attention(q, k, v, q_meta, k_meta, scale=D ** -0.5, impl=impl, block_q=BQ, block_kv=BK)
+    want = f("xla_dense", k, v)
+    for impl in ("pallas_interpret", "pallas_tpu"):
+        got = jax.jit(lambda k, v: f(impl, k, v))(kp, vp)
+        assert np.all(np.isfinite(got)), impl
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=impl)
+    # backward (dQ pass reads kv blocks, dK/dV pass reads q blocks through the transposed lists)
+    g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f("pallas_interpret", k, v) * q.sum()), argnums=(0, 1, 2)))(q, kp, vp)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in g)
+    assert not np.any(np.asarray(g[1])[32:]) and not np.any(np.asarray(g[2])[32:])  # skipped blocks: exact 0
+
+
+@pytest.mark.parametrize("L,D", [(300, 72), (256, 128)])
+def test_triton_lowering_on_cpu(L, D):
+    """The non-interpreted kernels (forward and both backward passes) lower to Triton for CUDA on this
+    CPU-only machine (no PTX compile here: that needs a GPU)."""
+    rng = np.random.default_rng(0)
+    meta = random_meta(rng, L)
+    q, k, v = qkv(rng, L, L, 4, 2, D, jnp.bfloat16)
+    f = lambda q, k, v: pf.flash_attention(q, k, v, meta, meta, scale=0.1, block_q=64, block_kv=64, interpret=False)
+    g = jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    txt = jax.jit(g).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert txt.count("triton") >= 3
+
+
+def test_mosaic_lowering_on_cpu(monkeypatch):
+    """The non-interpreted TPU kernels (forward + both backward passes) lower to Mosaic here, with the
+    device kind pinned to a TPU (Pallas asks the default device for its chip; private hook, skipped if
+    it moves); and, when libtpu is installed, compile ahead of time for a v5p topology (the Mosaic
+    compiler proper: layouts, VMEM)."""
+    import importlib.util
+
+    from echo4o_jax.model.kernels.pallas_tpu_flash import flash_attention_tpu
+
+    try:
+        from jax._src.pallas.mosaic import tpu_info
+        tpu_info.get_device_kind, tpu_info.get_num_device_cores  # noqa: B018
+    except (ImportError, AttributeError):
+        pytest.skip("Pallas TPU device-info hook not found in this jax")
+    monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5")
+    monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+    L, D, H, KVH = 300, 72, 4, 2
+    S = lambda shape, dt, sh=None: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+
+    def step(q, k, v, m):
+        f = lambda q, k, v: flash_attention_tpu(q, k, v, m, m, scale=0.1, block_q=128, block_kv=128, interpret=False)
+        return jax.value_and_grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    def args(sh=None):
+        return (S((L, H, D), jnp.bfloat16, sh), S((L, KVH, D), jnp.bfloat16, sh), S((L, KVH, D), jnp.bfloat16, sh),
+                TokenMeta(*(S((L,), jnp.int32, sh) for _ in range(4))))
+
+    txt = jax.jit(step).trace(*args()).lower(lowering_platforms=("tpu",)).as_text()
+    assert txt.count("tpu_custom_call") >= 3
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    from jax.experimental import topologies
+
+    try:
+        dev = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices[0]
+    except Exception as e:  # noqa: BLE001 - libtpu present but unusable here
+        pytest.skip(f"no TPU topology: {e}")
+    jax.jit(step).trace(*args(jax.sharding.SingleDeviceSharding(dev))).lower().compile()
+
+
+def test_config_accepts_kernel_impls():
+    for impl in ("pallas_gpu", "pallas_tpu", "pallas_interpret"):
+        BagelConfig.bagel_7b_mot().replace(attention_impl=impl).validate()
+    with pytest.raises(ConfigError):
+        BagelConfig.bagel_7b_mot().replace(attention_impl="splash").validate()
+
+
+def test_golden_forward_with_kernel(golden_dir):
+    """The golden training pack's forward: both kernels' hidden states and losses == xla_blockwise's (1e-4)."""
+    from conftest import load_npz
+    from test_golden import pack_golden
+
+    from echo4o_jax import packing
+    from echo4o_jax.model.bagel import forward_packed, latent_tokens_from_latents
+    from echo4o_jax.model.loading import load_bagel, load_vae
+
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir)
+    d = load_npz(golden_dir / "train_step.npz")
+    batch = pack_golden(d, cfg)
+    arrays = {k: jnp.asarray(v) for k, v in packing.batch_arrays(batch).items()}
+    vae = load_vae(golden_dir, cfg)
+    x0 = latent_tokens_from_latents(vae.encode(arrays["vae_images"]), arrays["vae_image_index"],
+                                    arrays["vae_token_hw"], cfg.latent_patch_size)
+    noise = jnp.asarray(np.random.default_rng(0).normal(size=x0.shape), jnp.float32)
+    outs = {}
+    for impl in ("xla_blockwise", "pallas_interpret", "pallas_tpu"):
+        c = cfg.replace(attention_impl=impl, attention_block_q=64, attention_block_kv=32)
+        model = load_bagel(golden_dir, c)
+        outs[impl] = jax.jit(lambda b, n, x: forward_packed(model, b, n, x))(arrays, noise, x0)
+    for impl in ("pallas_interpret", "pallas_tpu"):
+        for key in ("hidden", "mse", "ce"):
+            a, b = np.asarray(outs["xla_blockwise"][key]), np.asarray(outs[impl][key])
+            assert np.all(np.isfinite(b)), (impl, key)
+            assert np.max(np.abs(a - b)) <= 1e-4, (impl, key)
