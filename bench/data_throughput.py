@@ -1,7 +1,11 @@
 """Data-loader throughput (not a test): samples/s and tokens/s of the full pipeline (record read, decode,
-resize, tokenise, pack, stack) against what one train step consumes.
+resize, tokenise, pack into the step's stacked batch) against what one train step consumes.
 
     python bench/data_throughput.py [--seconds 20] [--workers 1,2] [--res 512,1024] [--data-dir DIR]
+                                    [--image-dtype uint8|float32]
+
+Images travel as uint8 pixels (the pipeline default; the train step normalises them on device,
+bit-identical); `--image-dtype float32` measures the older float32 batches (normalised in the packer).
 
 Workloads (synthetic photo-like JPEGs, quality 90, written once into --data-dir):
   * 512 / 1024: Echo-4o-like mix, 2/3 t2i (GPT-4o sizes 1:1, 3:2, 2:3 at that scale) + 1/3 multiref with 2
@@ -23,6 +27,7 @@ Target: loader >= 10x consumption. The CPU here has few cores; samples/s scale w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -136,6 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--pack-threads", type=int, default=4)
     ap.add_argument("--table-from", default=None, help="only print the table of a --json file")
+    ap.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"),
+                    help="dtype of the batches' images (PipelineConfig.image_dtype)")
     a = ap.parse_args(argv)
     if a.table_from:
         with open(a.table_from) as f:
@@ -165,7 +172,8 @@ def main(argv=None) -> int:
                                 expected_num_tokens=10240, max_num_tokens=11520, max_num_tokens_per_sample=10240,
                                 packs_per_step=DEVICES_PER_HOST, pack_threads=a.pack_threads,
                                 vae_transform=ImageTransform(1024, 512, 16), vit_transform=ImageTransform(518, 224, 14),
-                                worker_count=nw, worker_buffer_size=2, read_threads=1, read_buffer_size=2)
+                                worker_count=nw, worker_buffer_size=2, read_threads=1, read_buffer_size=2,
+                                image_dtype=a.image_dtype)
             r = run(DataPipeline(pc, cfg7), a.seconds)
             r.update(workload=f"{res}^2 mix", workers=nw, need_packs_s=need7_packs,
                      need_note=f"{DEVICES_PER_HOST} dev x 1 pack / {STEP_7B_S:g} s")
@@ -184,6 +192,7 @@ def main(argv=None) -> int:
     for nw in [0] + workers:
         pc = demo_mod.demo_pipeline_config(demo_dir, budgetd, worker_count=nw, worker_buffer_size=16,
                                            read_threads=1, read_buffer_size=16)
+        pc = dataclasses.replace(pc, image_dtype=a.image_dtype)
         r = run(DataPipeline(pc, cfgd), a.seconds / 2)
         r.update(workload="demo 64^2", workers=nw, need_packs_s=1 / STEP_DEMO_S,
                  need_note=f"1 pack / {STEP_DEMO_S * 1000:g} ms")

@@ -17,6 +17,13 @@ carries the metadata of `echo4o_jax.model.attention` (`sample`, `split`, `mode`,
 `to_official` rebuilds the official arrays (sorting by `order`); `attention_masks` rebuilds the official
 per-sample masks through `mask_from_meta`.
 
+Images: `pack_samples(..., image_dtype="float32")` (default) stores `vae_images` / `vit_patches` as [-1, 1]
+floats; `image_dtype="uint8"` stores the decoded pixels as they are (4x fewer bytes to copy in the
+loader and to send to the device) and `normalize_images` (jit-able, called by the train step) turns them
+into bit for bit the float32 arrays. `allocate_packs(budget, cfg, n)` + `pack_samples(..., out=batch,
+out_index=i)` write packs straight into one stacked batch (the data loader's path: no per-pack arrays,
+no stacking copy, padding never written).
+
 Pure numpy; jax is imported lazily only by `attention_masks` / `dense_attention_mask` / `PackedBatch.token_meta`.
 
 The official dataset skips a sample whose estimated `num_tokens + 2 * len(sequence_plan)` exceeds
@@ -53,12 +60,22 @@ __all__ = [
     "dense_attention_mask",
     "batch_arrays",
     "stack_batches",
+    "allocate_packs",
+    "IMAGE_DTYPES",
+    "normalize_images",
+    "unit_range_lut",
 ]
 
 # Same values as echo4o_jax.model.attention (kept here so that this module does not import jax).
 CAUSAL, FULL, NOISE = 0, 1, 2
 
 _TEXT, _VIT, _VAE = "text", "vit_image", "vae_image"
+
+# Dtype of the packed image fields (`vae_images`, `vit_patches`):
+#   "float32": values in [-1, 1] (official ToTensor + Normalize(0.5, 0.5)), padding 0.0;
+#   "uint8": raw decoded pixels [0, 255], padding 0; `normalize_images` (on device, inside the step) turns
+#            them into exactly the float32 arrays of the "float32" layout.
+IMAGE_DTYPES = ("float32", "uint8")
 
 
 class PackError(ValueError):
@@ -115,7 +132,7 @@ class PackedBatch:
     text_labels: np.ndarray  # int32, -1 = no CE
     text_ce_weight: np.ndarray  # float32, 0 = no CE
     # vit segment [vit_capacity]
-    vit_patches: np.ndarray  # float32 [vit_capacity, p*p*C]
+    vit_patches: np.ndarray  # float32 [vit_capacity, p*p*C] in [-1, 1], or uint8 pixels (image_dtype)
     vit_pos_ids: np.ndarray  # int32
     vit_image_id: np.ndarray  # int32, -1 padding
     # vae segment [vae_capacity]
@@ -125,7 +142,7 @@ class PackedBatch:
     timestep_raw: np.ndarray  # float32, -inf clean and padding
     mse_mask: np.ndarray  # bool
     # images
-    vae_images: np.ndarray  # float32 [vae_images, Hmax, Wmax, C] NHWC zero padded
+    vae_images: np.ndarray  # float32 [vae_images, Hmax, Wmax, C] NHWC zero padded, or uint8 pixels
     vae_image_hw: np.ndarray  # int32 [vae_images, 2] (H, W) pixels, 0 unused
     num_tokens: Any  # int (real tokens)
     num_samples: Any  # int
@@ -157,6 +174,13 @@ class PackedBatch:
     @property
     def vae_slice(self) -> slice:
         return slice(self.text_capacity + self.vit_capacity, self.total_tokens)
+
+    def row(self, i: int) -> "PackedBatch":
+        """Pack `i` of a stacked batch, as views (writes go into this batch)."""
+        if self.sample_id.ndim != 2:
+            raise ValueError("row() needs a stacked batch")
+        fields = {k: getattr(self, k)[i] for k in _ARRAY_FIELDS}
+        return PackedBatch(**fields, num_tokens=int(self.num_tokens[i]), num_samples=int(self.num_samples[i]))
 
     def token_meta(self):
         """`echo4o_jax.model.attention.TokenMeta` of the whole token array (numpy leaves)."""
@@ -192,6 +216,58 @@ def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
     return x.reshape(-1, p * p * c)
 
 
+def _to_unit_range_np(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1], the official ToTensor + Normalize(0.5, 0.5) in float32:
+    ((x / 255) - 0.5) / 0.5 (the formula of `image_transform.to_unit_range`)."""
+    a = np.asarray(pixels).astype(np.float32) / np.float32(255.0)
+    return (a - np.float32(0.5)) / np.float32(0.5)
+
+
+_LUT = _to_unit_range_np(np.arange(256, dtype=np.uint8))
+_LUT.setflags(write=False)
+
+
+def unit_range_lut() -> np.ndarray:
+    """float32 [256]: the normalised value of every uint8 pixel (`_to_unit_range_np(arange(256))`)."""
+    return _LUT
+
+
+def _images_dtype(sample: dict) -> str:
+    imgs = sample.get("image_tensor_list", [])
+    return "uint8" if imgs and all(getattr(a, "dtype", None) == np.uint8 for a in imgs) else "float32"
+
+
+def normalize_images(batch: dict) -> dict:
+    """Arrays of `batch_arrays` (one pack or stacked; numpy or jax, jit-able) with uint8 `vae_images` /
+    `vit_patches` turned into the float32 arrays a float32 pack holds: every real pixel x becomes
+    ((x / 255) - 0.5) / 0.5 in float32 (the official ToTensor + Normalize, bit for bit: a lookup in the
+    256-entry table `unit_range_lut`, so no compiler rewrite of the division can change a bit), padding
+    (pixels outside `vae_image_hw`, ViT rows with `vit_image_id < 0`) becomes 0.0. Float fields are left
+    as they are; returns a new dict."""
+    out = dict(batch)
+    vi, vp = batch.get("vae_images"), batch.get("vit_patches")
+    todo = [a for a in (vi, vp) if a is not None and a.dtype == np.uint8]
+    if not todo:
+        return out
+    if all(isinstance(a, np.ndarray) for a in todo):
+        xp, lut = np, _LUT
+    else:
+        import jax.numpy as xp
+
+        lut = xp.asarray(_LUT)
+    if vi is not None and vi.dtype == np.uint8:
+        H, W = vi.shape[-3], vi.shape[-2]
+        hw = batch["vae_image_hw"]
+        rows = xp.arange(H)[:, None] < hw[..., 0, None, None]  # [..., N, H, 1]
+        cols = xp.arange(W)[None, :] < hw[..., 1, None, None]  # [..., N, 1, W]
+        mask = (rows & cols)[..., None]
+        out["vae_images"] = xp.where(mask, lut[vi.astype(xp.int32)], xp.float32(0.0))
+    if vp is not None and vp.dtype == np.uint8:
+        mask = (batch["vit_image_id"] >= 0)[..., None]
+        out["vit_patches"] = xp.where(mask, lut[vp.astype(xp.int32)], xp.float32(0.0))
+    return out
+
+
 def _grid_pos_ids(h: int, w: int, max_per_side: int) -> np.ndarray:
     """Official `get_flattened_position_ids_extrapolate` on an h x w grid."""
     return (np.arange(h)[:, None] * max_per_side + np.arange(w)[None, :]).reshape(-1)
@@ -208,8 +284,16 @@ def _sample_name(idx: int, sample: dict) -> str:
     return f"sample {idx}"
 
 
-def _check_image(image, stride: int, max_per_side: int, channels: int, where: str, what: str) -> np.ndarray:
-    arr = np.asarray(image, dtype=np.float32)
+def _check_image(image, stride: int, max_per_side: int, channels: int, where: str, what: str,
+                 image_dtype: str = "float32") -> np.ndarray:
+    arr = np.asarray(image)
+    if image_dtype == "uint8":
+        if arr.dtype != np.uint8:
+            raise PackError(f"{where}: {what} must be uint8 pixels for image_dtype='uint8', got {arr.dtype}")
+    elif arr.dtype == np.uint8:
+        arr = _to_unit_range_np(arr)
+    else:
+        arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[0] != channels:
         raise PackError(f"{where}: {what} must be [{channels}, H, W], got shape {tuple(arr.shape)}")
     _, H, W = arr.shape
@@ -223,8 +307,9 @@ def _check_image(image, stride: int, max_per_side: int, channels: int, where: st
     return arr
 
 
-def _validate_sample(idx: int, sample: dict, cfg: BagelConfig):
-    """Returns (plan, text_ids_list, images) as fresh lists, validated. Images are float32 arrays."""
+def _validate_sample(idx: int, sample: dict, cfg: BagelConfig, image_dtype: str = "float32"):
+    """Returns (plan, text_ids_list, images) as fresh lists, validated. Images are float32 arrays (uint8
+    inputs normalised exactly as the official ToTensor + Normalize), or uint8 for image_dtype='uint8'."""
     name = _sample_name(idx, sample)
     try:
         plan = list(sample["sequence_plan"])
@@ -261,13 +346,13 @@ def _validate_sample(idx: int, sample: dict, cfg: BagelConfig):
         elif typ == _VIT:
             out_images.append(
                 _check_image(images[ii], cfg.vit.patch_size, cfg.vit_max_num_patch_per_side,
-                             cfg.vit.num_channels, where, f"image {ii}")
+                             cfg.vit.num_channels, where, f"image {ii}", image_dtype)
             )
             ii += 1
         else:
             out_images.append(
                 _check_image(images[ii], cfg.latent_downsample, cfg.max_latent_size, cfg.vae.in_channels,
-                             where, f"image {ii}")
+                             where, f"image {ii}", image_dtype)
             )
             ii += 1
     return plan, out_texts, out_images
@@ -276,7 +361,7 @@ def _validate_sample(idx: int, sample: dict, cfg: BagelConfig):
 def sample_sizes(sample: dict, cfg: BagelConfig, *, index: int = 0) -> SampleSizes:
     """Exact capacities one sample needs when nothing is dropped (for budgets and loader packing).
     `index` only names the sample in error messages."""
-    plan, texts, images = _validate_sample(index, sample, cfg)
+    plan, texts, images = _validate_sample(index, sample, cfg, _images_dtype(sample))
     text = vit = vae = n_vae = 0
     hmax = wmax = 0
     ti = ii = 0
@@ -332,13 +417,33 @@ def pack_samples(
     vit_dropout: float = 0.0,
     vae_dropout: float = 0.0,
     timestep_fn: Callable[[], float] | None = None,
+    image_dtype: str | None = None,
+    out: PackedBatch | None = None,
+    out_index: int = 0,
 ) -> PackedBatch:
     """Pack official-format samples into one `PackedBatch` laid out as text | vit | vae segments.
 
     Mirrors `PackedDataset.pack_sequence`: one dropout draw (`rng.random()`) per plan item with
     `enable_cfg == 1`; one raw timestep per noisy VAE image (`timestep_fn()`, default
     `rng.standard_normal()`). The caller's lists are not modified.
+
+    image_dtype: "float32" (default): `vae_images` / `vit_patches` hold [-1, 1] floats; float images are
+    copied as they are, uint8 images are normalised exactly as the official ToTensor + Normalize.
+    "uint8": the images must be uint8 pixels, copied as they are (4x fewer bytes to copy and transfer);
+    `normalize_images` gives the float32 arrays on device.
+    out / out_index: write the pack into row `out_index` of a stacked batch from `allocate_packs` (whose
+    image arrays must still be zero there; every other field of the row is overwritten) instead of
+    allocating one; returns that row (views) and sets `out.num_tokens[out_index]` / `num_samples`.
+    `image_dtype` defaults to the dtype of `out`.
     """
+    if image_dtype is None:
+        image_dtype = "float32" if out is None else str(out.vae_images.dtype)
+    if image_dtype not in IMAGE_DTYPES:
+        raise ValueError(f"image_dtype={image_dtype!r}: expected one of {IMAGE_DTYPES}")
+    if out is not None:
+        _check_out(out, budget, cfg, image_dtype)
+        if not 0 <= out_index < out.sample_id.shape[0]:
+            raise IndexError(f"pack_samples: out_index={out_index} outside the {out.sample_id.shape[0]} packs of out")
     ds = cfg.latent_downsample
     p = cfg.vit.patch_size
     Hmax, Wmax = budget.vae_image_size
@@ -351,7 +456,8 @@ def pack_samples(
 
     # chunks of per-segment columns, in official order
     text_cols: dict[str, list] = {k: [] for k in ("ids", "labels", "w", "sample", "split", "mode", "order", "pos")}
-    vit_cols: dict[str, list] = {k: [] for k in ("patches", "posid", "img", "sample", "split", "order", "pos")}
+    vit_cols: dict[str, list] = {k: [] for k in ("posid", "img", "sample", "split", "order", "pos")}
+    vit_imgs: list[tuple[np.ndarray, int, int]] = []  # (image [C, H, W], gh, gw), patchified at the end
     vae_cols: dict[str, list] = {k: [] for k in ("img", "hw", "posid", "t", "mse", "sample", "split", "mode",
                                                  "order", "pos")}
     vae_imgs: list[np.ndarray] = []
@@ -375,7 +481,7 @@ def pack_samples(
 
     for si, sample in enumerate(samples):
         name = _sample_name(si, sample)
-        plan, texts, images = _validate_sample(si, sample, cfg)
+        plan, texts, images = _validate_sample(si, sample, cfg, image_dtype)
         rope = 0
         for k, item in enumerate(plan):
             typ = item["type"]
@@ -431,7 +537,7 @@ def pack_samples(
             end_lab, end_w = (stlab, 1.0) if stl else (-1, 0.0)
             add_text([st.end_of_image], [end_lab], [end_w], si, split, mode, [curr + 1 + N], [rope])
             if typ == _VIT:
-                vit_cols["patches"].append(patchify(img, p).astype(np.float32))
+                vit_imgs.append((img, gh, gw))
                 vit_cols["posid"].append(_grid_pos_ids(gh, gw, cfg.vit_max_num_patch_per_side))
                 vit_cols["img"].append(np.full(N, vit_img, np.int32))
                 vit_cols["sample"].append(np.full(N, si, np.int32))
@@ -476,75 +582,120 @@ def pack_samples(
     num_tokens = curr
     Tc, Vc, Ac = budget.text_tokens, budget.vit_tokens, budget.vae_tokens
     L = budget.total_tokens
+    if out is None:
+        row = allocate_packs(budget, cfg, None, image_dtype=image_dtype)
+    else:
+        row = out.row(out_index)
 
-    def cat(chunks, dtype, shape_tail=()):
-        if not chunks:
-            return np.zeros((0, *shape_tail), dtype)
-        return np.concatenate(chunks).astype(dtype, copy=False)
+    def put(dst, chunks, fill, dtype=None):
+        """Real entries then padding into the preallocated `dst` (a view)."""
+        n = 0
+        for c in chunks:
+            m = len(c)
+            dst[n:n + m] = c
+            n += m
+        if n > len(dst):  # cannot happen: capacities were checked per sample
+            raise PackOverflowError(f"internal: {n} entries for a segment of {len(dst)}")
+        dst[n:] = fill
 
-    def padded(chunks, cap, fill, dtype, shape_tail=()):
-        a = cat(chunks, dtype, shape_tail)
-        out = np.full((cap, *shape_tail), fill, dtype)
-        out[: len(a)] = a
-        return out
+    segs = ((0, Tc), (Tc, Tc + Vc), (Tc + Vc, L))
+    for (a, b), chunks in zip(segs, (text_cols["sample"], vit_cols["sample"], vae_cols["sample"])):
+        put(row.sample_id[a:b], chunks, -1)
+    for (a, b), chunks in zip(segs, (text_cols["split"], vit_cols["split"], vae_cols["split"])):
+        put(row.split_id[a:b], chunks, -1)
+    for (a, b), chunks in zip(segs, (text_cols["mode"], [np.full(n_vit, FULL, np.int32)], vae_cols["mode"])):
+        put(row.split_mode[a:b], chunks, 0)
+    for (a, b), chunks in zip(segs, (text_cols["pos"], vit_cols["pos"], vae_cols["pos"])):
+        put(row.position_id[a:b], chunks, 0)
+    for (a, b), chunks in zip(segs, (text_cols["order"], vit_cols["order"], vae_cols["order"])):
+        put(row.order[a:b], chunks, -1)
+    pad = row.sample_id < 0
+    row.order[pad] = num_tokens + np.arange(int(pad.sum()), dtype=np.int32)
 
-    sample_id = np.concatenate([
-        padded(text_cols["sample"], Tc, -1, np.int32),
-        padded(vit_cols["sample"], Vc, -1, np.int32),
-        padded(vae_cols["sample"], Ac, -1, np.int32),
-    ])
-    split_id = np.concatenate([
-        padded(text_cols["split"], Tc, -1, np.int32),
-        padded(vit_cols["split"], Vc, -1, np.int32),
-        padded(vae_cols["split"], Ac, -1, np.int32),
-    ])
-    split_mode = np.concatenate([
-        padded(text_cols["mode"], Tc, 0, np.int32),
-        padded([np.full(n_vit, FULL, np.int32)], Vc, 0, np.int32),
-        padded(vae_cols["mode"], Ac, 0, np.int32),
-    ])
-    position_id = np.concatenate([
-        padded(text_cols["pos"], Tc, 0, np.int32),
-        padded(vit_cols["pos"], Vc, 0, np.int32),
-        padded(vae_cols["pos"], Ac, 0, np.int32),
-    ])
-    order = np.concatenate([
-        padded(text_cols["order"], Tc, -1, np.int32),
-        padded(vit_cols["order"], Vc, -1, np.int32),
-        padded(vae_cols["order"], Ac, -1, np.int32),
-    ])
-    pad = sample_id < 0
-    order[pad] = num_tokens + np.arange(int(pad.sum()), dtype=np.int32)
+    put(row.text_ids, text_cols["ids"], 0)
+    put(row.text_labels, text_cols["labels"], -1)
+    put(row.text_ce_weight, text_cols["w"], 0.0)
+    put(row.vit_pos_ids, vit_cols["posid"], 0)
+    put(row.vit_image_id, vit_cols["img"], -1)
+    put(row.vae_image_index, vae_cols["img"], -1)
+    put(row.vae_token_hw, vae_cols["hw"], 0)
+    put(row.latent_pos_ids, vae_cols["posid"], 0)
+    put(row.timestep_raw, vae_cols["t"], -np.inf)
+    put(row.mse_mask, vae_cols["mse"], False)
 
-    vae_images = np.zeros((budget.vae_images, Hmax, Wmax, C), np.float32)
-    vae_image_hw = np.zeros((budget.vae_images, 2), np.int32)
+    # images: one copy each, straight into the (zeroed) output; padding is never touched
+    Cv = cfg.vit.num_channels
+    o = 0
+    for img, gh, gw in vit_imgs:
+        n = gh * gw
+        # patchify (feature order kh, kw, c) as one strided copy
+        row.vit_patches[o:o + n].reshape(gh, gw, p, p, Cv)[...] = img.reshape(Cv, gh, p, gw, p).transpose(1, 3, 2, 4, 0)
+        o += n
     for i, img in enumerate(vae_imgs):
         _, H, W = img.shape
-        vae_images[i, :H, :W] = np.transpose(img, (1, 2, 0))
-        vae_image_hw[i] = (H, W)
+        row.vae_images[i, :H, :W] = np.transpose(img, (1, 2, 0))
+        row.vae_image_hw[i] = (H, W)
+    row.vae_image_hw[len(vae_imgs):] = 0
 
-    return PackedBatch(
-        sample_id=sample_id,
-        split_id=split_id,
-        split_mode=split_mode,
-        order=order,
-        position_id=position_id,
-        text_ids=padded(text_cols["ids"], Tc, 0, np.int32),
-        text_labels=padded(text_cols["labels"], Tc, -1, np.int32),
-        text_ce_weight=padded(text_cols["w"], Tc, 0.0, np.float32),
-        vit_patches=padded(vit_cols["patches"], Vc, 0.0, np.float32, (patch_dim,)),
-        vit_pos_ids=padded(vit_cols["posid"], Vc, 0, np.int32),
-        vit_image_id=padded(vit_cols["img"], Vc, -1, np.int32),
-        vae_image_index=padded(vae_cols["img"], Ac, -1, np.int32),
-        vae_token_hw=padded(vae_cols["hw"], Ac, 0, np.int32, (2,)),
-        latent_pos_ids=padded(vae_cols["posid"], Ac, 0, np.int32),
-        timestep_raw=padded(vae_cols["t"], Ac, -np.inf, np.float32),
-        mse_mask=padded(vae_cols["mse"], Ac, False, bool),
-        vae_images=vae_images,
-        vae_image_hw=vae_image_hw,
-        num_tokens=int(num_tokens),
-        num_samples=len(samples),
-    )
+    row.num_tokens = int(num_tokens)
+    row.num_samples = len(samples)
+    if out is not None:
+        out.num_tokens[out_index] = row.num_tokens
+        out.num_samples[out_index] = row.num_samples
+    return row
+
+
+def _field_specs(budget: PackBudget, cfg: BagelConfig, image_dtype: str) -> dict:
+    """field -> (shape, dtype, padding fill) of one pack."""
+    Tc, Vc, Ac, L = budget.text_tokens, budget.vit_tokens, budget.vae_tokens, budget.total_tokens
+    patch_dim = cfg.vit.patch_size ** 2 * cfg.vit.num_channels
+    Hmax, Wmax = budget.vae_image_size
+    img = np.dtype(image_dtype)
+    i32, f32 = np.int32, np.float32
+    return {
+        "sample_id": ((L,), i32, -1), "split_id": ((L,), i32, -1), "split_mode": ((L,), i32, 0),
+        "order": ((L,), i32, None), "position_id": ((L,), i32, 0),
+        "text_ids": ((Tc,), i32, 0), "text_labels": ((Tc,), i32, -1), "text_ce_weight": ((Tc,), f32, 0.0),
+        "vit_patches": ((Vc, patch_dim), img, 0), "vit_pos_ids": ((Vc,), i32, 0), "vit_image_id": ((Vc,), i32, -1),
+        "vae_image_index": ((Ac,), i32, -1), "vae_token_hw": ((Ac, 2), i32, 0), "latent_pos_ids": ((Ac,), i32, 0),
+        "timestep_raw": ((Ac,), f32, -np.inf), "mse_mask": ((Ac,), bool, False),
+        "vae_images": ((budget.vae_images, Hmax, Wmax, cfg.vae.in_channels), img, 0),
+        "vae_image_hw": ((budget.vae_images, 2), i32, 0),
+    }
+
+
+def allocate_packs(budget: PackBudget, cfg: BagelConfig, n: int | None, *, image_dtype: str = "float32") -> PackedBatch:
+    """`n` empty packs stacked (leading axis n; `n=None`: one pack without the axis), every row equal to
+    `pack_samples([], ...)`. The image arrays are `np.zeros` (pages the OS zero-fills lazily: the padding
+    is never written). Fill rows with `pack_samples(..., out=batch, out_index=i)`."""
+    if image_dtype not in IMAGE_DTYPES:
+        raise ValueError(f"image_dtype={image_dtype!r}: expected one of {IMAGE_DTYPES}")
+    lead = () if n is None else (int(n),)
+    fields = {}
+    for k, (shape, dtype, fill) in _field_specs(budget, cfg, image_dtype).items():
+        if k == "order":
+            a = np.empty(lead + shape, dtype)
+            a[...] = np.arange(shape[0], dtype=dtype)
+        elif fill == 0 or fill is False:
+            a = np.zeros(lead + shape, dtype)
+        else:
+            a = np.full(lead + shape, fill, dtype)
+        fields[k] = a
+    if n is None:
+        return PackedBatch(**fields, num_tokens=0, num_samples=0)
+    return PackedBatch(**fields, num_tokens=np.zeros(lead, np.int32), num_samples=np.zeros(lead, np.int32))
+
+
+def _check_out(out: PackedBatch, budget: PackBudget, cfg: BagelConfig, image_dtype: str) -> None:
+    specs = _field_specs(budget, cfg, image_dtype)
+    n = out.sample_id.shape[0] if out.sample_id.ndim == 2 else None
+    if n is None:
+        raise ValueError("pack_samples(out=...) needs a stacked batch from allocate_packs(..., n)")
+    for k, (shape, dtype, _) in specs.items():
+        a = getattr(out, k)
+        if a.shape != (n, *shape) or a.dtype != dtype:
+            raise ValueError(f"pack_samples(out=...): field {k!r} is {a.dtype}{list(a.shape)}, the budget and "
+                             f"image_dtype={image_dtype!r} need {np.dtype(dtype)}{[n, *shape]}")
 
 
 # ---------------------------------------------------------------------------------------------- views

@@ -31,6 +31,7 @@ from echo4o_jax.packing import (
     PackedBatch,
     batch_arrays,
     budget_for,
+    normalize_images,
     pack_samples,
     stack_batches,
     to_official,
@@ -200,7 +201,14 @@ def test_golden_samples_through_pipeline(golden_dir, tmp_path):
     with pytest.raises(StopIteration):
         next(it)
     assert stats["sample_ids"] == [["golden0", "golden1", "golden2"]] and stats["end_of_data"]
-    one = batch_arrays(batch)
+    # the default uint8 batch, normalised as on device, is bit for bit the float32 batch
+    assert batch.vae_images.dtype == np.uint8 and batch.vit_patches.dtype == np.uint8
+    batch_f, _ = next(DataPipeline(dataclasses.replace(pc, image_dtype="float32"), cfg).iterator())
+    one = normalize_images(batch_arrays(batch))
+    ref_f = batch_arrays(batch_f)
+    for k in ref_f:
+        assert one[k].dtype == ref_f[k].dtype, k
+        np.testing.assert_array_equal(one[k], ref_f[k], err_msg=k)
     one = {k: v[0] for k, v in one.items()}
     pb = PackedBatch(**one)
     o = to_official(pb)
@@ -317,13 +325,52 @@ def test_stack_packs_equals_stack_batches(data, model_cfg):
     it = DataPipeline(c, model_cfg).iterator()
     packs = [next(it)[0] for _ in range(3)]
     one = [PackedBatch(**{k: v[0] for k, v in batch_arrays(p).items()}) for p in packs]
-    one.append(pack_samples([], model_cfg, BUDGET, rng=np.random.default_rng(0)))
+    one.append(pack_samples([], model_cfg, BUDGET, rng=np.random.default_rng(0), image_dtype="uint8"))
     for group in (one[:1], one):
         x, y = batch_arrays(stack_packs(group)), batch_arrays(stack_batches(group))
         for k in y:
             assert x[k].dtype == y[k].dtype
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
     it.close()
+
+
+def test_packs_written_into_stacked_batch(data, model_cfg):
+    """Packs built straight into the step's stacked arrays (threads or not) equal the packs of one-pack
+    steps stacked by stack_batches; the rows after the data ends equal pack_samples([])."""
+    c1 = _cfg(data, packs_per_step=1, num_epochs=1)
+    singles = [PackedBatch(**{k: v[0] for k, v in arr.items()}) for arr, _ in _run(DataPipeline(c1, model_cfg), 1000)[0]]
+    assert len(singles) >= 5
+    empty = pack_samples([], model_cfg, BUDGET, rng=np.random.default_rng(0), image_dtype="uint8")
+    n = 3
+    rows = singles + [empty] * (-len(singles) % n)
+    for threads in (1, 4):
+        out, _ = _run(DataPipeline(dataclasses.replace(c1, packs_per_step=n, pack_threads=threads), model_cfg), 1000)
+        assert len(out) == len(rows) // n and out[-1][1]["end_of_data"]
+        for j, (arr, st) in enumerate(out):
+            ref = batch_arrays(stack_batches(rows[j * n:(j + 1) * n]))
+            assert set(arr) == set(ref)
+            for k in ref:
+                assert arr[k].dtype == ref[k].dtype, k
+                np.testing.assert_array_equal(arr[k], ref[k], err_msg=k)
+
+
+def test_image_dtype_float32_equals_normalized_uint8(data, model_cfg):
+    """image_dtype='float32' (normalised by the packer) and the default uint8 batches normalised by
+    `normalize_images` (numpy and jitted jax) are bit-identical, padding included."""
+    import jax
+
+    c = _cfg(data, packs_per_step=2, vit_dropout=0.5)
+    u8, _ = _run(DataPipeline(c, model_cfg), 3)
+    f32, _ = _run(DataPipeline(dataclasses.replace(c, image_dtype="float32"), model_cfg), 3)
+    norm_jit = jax.jit(normalize_images)
+    for (a, _), (b, _) in zip(u8, f32):
+        assert a["vae_images"].dtype == np.uint8 and b["vae_images"].dtype == np.float32
+        for got in (normalize_images(a), {k: np.asarray(v) for k, v in norm_jit(a).items()}):
+            for k in b:
+                assert got[k].dtype == b[k].dtype, k
+                np.testing.assert_array_equal(got[k].view(np.uint8), b[k].view(np.uint8), err_msg=k)
+    with pytest.raises(ValueError, match="image_dtype"):
+        _cfg(data, image_dtype="float16")
 
 
 def test_resume_exact(data, model_cfg):

@@ -357,3 +357,154 @@ def test_plan_mismatch_errors():
         pack_samples([bad_img], cfg, BIG, rng=np.random.default_rng(0))
     with pytest.raises(PackError, match="outside"):
         pack_samples([{**ok, "text_ids_list": [[100]]}], cfg, BIG, rng=np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------- uint8 images
+
+
+def _quantized(golden):
+    """The golden samples with images as uint8 pixels ([C, H, W] views of [H, W, C] arrays, as the data
+    pipeline hands them over) and the same samples with those pixels normalised by the official
+    ToTensor + Normalize (image_transform.to_unit_range on a PIL image)."""
+    from PIL import Image
+
+    from echo4o_jax.image_transform import to_unit_range
+
+    cfg, g, samples, ts = golden
+    s8, sf = copy.deepcopy(samples), copy.deepcopy(samples)
+    for a, b in zip(s8, sf):
+        hwc = [np.ascontiguousarray(np.round((x.transpose(1, 2, 0) * 0.5 + 0.5) * 255).astype(np.uint8))
+               for x in a["image_tensor_list"]]
+        a["image_tensor_list"] = [x.transpose(2, 0, 1) for x in hwc]
+        b["image_tensor_list"] = [to_unit_range(Image.fromarray(x)).transpose(2, 0, 1) for x in hwc]
+    return cfg, s8, sf, ts
+
+
+def test_unit_range_lut_is_official_normalize():
+    from PIL import Image
+
+    from echo4o_jax.image_transform import to_unit_range
+    from echo4o_jax.packing import unit_range_lut
+
+    px = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    ref = to_unit_range(Image.fromarray(px))[..., 0].reshape(-1)
+    lut = unit_range_lut()
+    assert lut.dtype == np.float32 and lut.shape == (256,)
+    np.testing.assert_array_equal(lut.view(np.uint32), ref.view(np.uint32))
+    # and the literal formula in float32
+    x = np.arange(256).astype(np.float32)
+    np.testing.assert_array_equal(lut, ((x / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5))
+
+
+@pytest.mark.parametrize("mode", ["fresh", "out"])
+def test_uint8_pack_normalizes_to_float_pack_bitwise(golden, mode):
+    """uint8 packs + normalize_images (numpy and jitted) == float32 packs of the officially normalised
+    images, bit for bit, padding included; the float32 packer normalises uint8 inputs the same way."""
+    import jax
+
+    from echo4o_jax.packing import allocate_packs, normalize_images
+
+    cfg, s8, sf, ts = _quantized(golden)
+    budget = _pack_golden(golden)[1]
+
+    def pack(samples, dtype, out=None, i=0):
+        it = iter(ts)
+        return pack_samples(samples, cfg, budget, rng=np.random.default_rng(0), timestep_fn=lambda: next(it),
+                            image_dtype=dtype, out=out, out_index=i)
+
+    ref = batch_arrays(pack(sf, "float32"))
+    if mode == "fresh":
+        b8 = batch_arrays(pack(s8, "uint8"))
+        bf = batch_arrays(pack(s8, "float32"))  # uint8 inputs normalised by the packer
+    else:
+        out8 = allocate_packs(budget, cfg, 3, image_dtype="uint8")
+        row = pack(s8, None, out8, 1)
+        assert row.vae_images.dtype == np.uint8 and np.shares_memory(row.vae_images, out8.vae_images)
+        assert out8.num_tokens.tolist() == [0, row.num_tokens, 0] and out8.num_samples[1] == len(s8)
+        b8 = {k: v[1] for k, v in batch_arrays(out8).items()}
+        outf = allocate_packs(budget, cfg, 2, image_dtype="float32")
+        pack(sf, "float32", outf, 0)
+        bf = {k: v[0] for k, v in batch_arrays(outf).items()}
+        # the unused rows are empty packs
+        empty = batch_arrays(pack_samples([], cfg, budget, rng=np.random.default_rng(0), image_dtype="uint8"))
+        for k in empty:
+            np.testing.assert_array_equal(batch_arrays(out8)[k][2], empty[k], err_msg=k)
+    assert b8["vae_images"].dtype == np.uint8 and b8["vit_patches"].dtype == np.uint8
+    for got in (normalize_images(b8), {k: np.asarray(v) for k, v in jax.jit(normalize_images)(b8).items()}, bf):
+        assert set(got) == set(ref)
+        for k in ref:
+            assert got[k].dtype == ref[k].dtype, k
+            np.testing.assert_array_equal(np.asarray(got[k]).reshape(-1).view(np.uint8),
+                                          ref[k].reshape(-1).view(np.uint8), err_msg=k)
+
+
+def test_normalize_images_passes_floats_and_stacks(golden):
+    from echo4o_jax.packing import normalize_images
+
+    cfg, s8, sf, ts = _quantized(golden)
+    budget = _pack_golden(golden)[1]
+    f = batch_arrays(pack_samples(sf, cfg, budget, rng=np.random.default_rng(0)))
+    assert normalize_images(f)["vae_images"] is f["vae_images"]
+    u = [pack_samples(s8[:k], cfg, budget, rng=np.random.default_rng(0), image_dtype="uint8") for k in (1, 3)]
+    fl = [pack_samples(sf[:k], cfg, budget, rng=np.random.default_rng(0)) for k in (1, 3)]
+    a, b = normalize_images(batch_arrays(stack_batches(u))), batch_arrays(stack_batches(fl))
+    for k in b:
+        if k != "timestep_raw":
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_uint8_errors(golden):
+    from echo4o_jax.packing import allocate_packs
+
+    cfg, s8, sf, ts = _quantized(golden)
+    budget = _pack_golden(golden)[1]
+    with pytest.raises(PackError, match="uint8"):
+        pack_samples(sf, cfg, budget, rng=np.random.default_rng(0), image_dtype="uint8")
+    with pytest.raises(ValueError, match="image_dtype"):
+        pack_samples(sf, cfg, budget, rng=np.random.default_rng(0), image_dtype="bfloat16")
+    out = allocate_packs(budget, cfg, 2, image_dtype="uint8")
+    with pytest.raises(ValueError, match="is uint8.*need float32"):
+        pack_samples(sf, cfg, budget, rng=np.random.default_rng(0), image_dtype="float32", out=out)
+    small = PackBudget(budget.text_tokens, budget.vit_tokens, budget.vae_tokens - 1, budget.vae_images,
+                       budget.vae_image_size)
+    with pytest.raises(ValueError, match="need int32"):
+        pack_samples(s8, cfg, small, rng=np.random.default_rng(0), out=out)
+    # sample_sizes does not care about the dtype
+    assert [sample_sizes(s, cfg) for s in s8] == [sample_sizes(s, cfg) for s in sf]
+
+
+def test_uint8_batch_gives_identical_loss_and_grads(golden_dir):
+    """The train step's loss and gradients on a uint8 batch (normalised inside the step) equal those on
+    the float32 batch of the same pixels, bit for bit."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from echo4o_jax.model.loading import load_bagel, load_vae
+    from echo4o_jax.train.step import make_loss_and_grads
+
+    from test_golden import golden_samples
+
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir)
+    g = load_npz(golden_dir / "train_step.npz")
+    samples = golden_samples(g)
+    _, s8, sf, _ = _quantized((cfg, g, samples, None))
+    budget = budget_for(samples, cfg, slack=4)
+    batches = []
+    for ss, dt in ((s8, "uint8"), (sf, "float32")):
+        b = pack_samples(ss, cfg, budget, rng=np.random.default_rng(0), image_dtype=dt)
+        batches.append({k: jnp.asarray(v)[None] for k, v in batch_arrays(b).items()})
+    assert batches[0]["vae_images"].dtype == jnp.uint8
+    model, vae = load_bagel(golden_dir, cfg), load_vae(golden_dir, cfg)
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
+    vae_gd, vae_state = nnx.split(vae)
+    f = jax.jit(make_loss_and_grads(graphdef, nnx.to_pure_dict(buffers), vae_gd, patch=cfg.latent_patch_size,
+                                    ce_weight=1.0, mse_weight=1.0))
+    p = nnx.to_pure_dict(params)
+    rng = jax.random.PRNGKey(0)
+    (l8, a8), g8 = f(p, vae_state, batches[0], None, rng)
+    (lf, af), gf = f(p, vae_state, batches[1], None, rng)
+    assert np.isfinite(float(lf))
+    assert np.asarray(l8).tobytes() == np.asarray(lf).tobytes()
+    for x, y in zip(jax.tree.leaves((a8, g8)), jax.tree.leaves((af, gf))):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()

@@ -36,8 +36,11 @@ Stages
    Deviations from the official loop: a sample that does not fit and cannot be buffered starts the next
    pack (the official drops it); `is_mandatory` groups are not implemented; groups are interleaved by
    weight deterministically (the official draws a group at random per sample).
-3. Steps: `packs_per_step` packs (built in `pack_threads` threads) stacked by `stack_packs` (the arrays of
-   `packing.stack_batches`, without copying padding). With finite `num_epochs` the last step is
+3. Steps: `packs_per_step` packs (built in `pack_threads` threads) written straight into one stacked
+   batch (`packing.allocate_packs` + `pack_samples(out=...)`: the arrays of `packing.stack_batches`, with
+   no per-pack arrays and no padding written). Images stay uint8 pixels end to end unless
+   `image_dtype="float32"` (then normalised in the packer); the train step normalises uint8 batches on
+   device (`packing.normalize_images`, bit-identical). With finite `num_epochs` the last step is
    padded with empty packs (`num_samples == 0`) and `stats["end_of_data"]` is True; with several
    datasets the finite mixture ends when the first dataset runs out (Grain's `mix`).
 
@@ -62,7 +65,7 @@ import numpy as np
 
 from echo4o_jax.config import BagelConfig
 from echo4o_jax.image_transform import ImageTransform, resize_shape
-from echo4o_jax.packing import PackBudget, PackedBatch, pack_samples, sample_sizes
+from echo4o_jax.packing import IMAGE_DTYPES, PackBudget, PackedBatch, allocate_packs, pack_samples, sample_sizes
 
 __all__ = [
     "DatasetSpec",
@@ -148,8 +151,14 @@ class PipelineConfig:
     read_threads: int = 2  # threads per worker (decode / resize release the GIL)
     read_buffer_size: int = 4
     max_consecutive_errors: int = 100
+    # dtype of the batches' `vae_images` / `vit_patches`: "uint8" (decoded pixels; the train step
+    # normalises them on device with `packing.normalize_images`, bit-identical to "float32") or
+    # "float32" ([-1, 1], normalised here). Not part of the resume fingerprint (same data either way).
+    image_dtype: str = "uint8"
 
     def __post_init__(self):
+        if self.image_dtype not in IMAGE_DTYPES:
+            raise ValueError(f"image_dtype={self.image_dtype!r}: expected one of {IMAGE_DTYPES}")
         if isinstance(self.datasets, DatasetSpec):
             object.__setattr__(self, "datasets", (self.datasets,))
         object.__setattr__(self, "datasets", tuple(self.datasets))
@@ -318,7 +327,9 @@ class _Prepare:
                         im.load()
                         pil[idx] = pil_img2rgb(im)
                 tr = vit_t if kind == "vit" else vae_t
-                tensors[key] = tr(pil[idx], img_num=img_num)  # [H, W, 3] float32, C-contiguous
+                # [H, W, 3] uint8 pixels, C-contiguous (the official resize; ToTensor + Normalize is
+                # applied exactly, later: by the packer for float32 batches, on device for uint8 ones)
+                tensors[key] = np.ascontiguousarray(np.asarray(tr.resize(pil[idx], img_num=img_num), np.uint8))
             image_list.append(tensors[key])
         sample = {"sequence_plan": rec.official_plan(), "text_ids_list": texts, "images_hwc": image_list}
         s = sample_sizes(_official_sample(sample), self.model_cfg)
@@ -562,13 +573,15 @@ class _Pack:
             self.text += 2
         self.elements.append(el)
 
-    def build(self, pipe: DataPipeline) -> PackedBatch:
+    def build(self, pipe: DataPipeline, out: PackedBatch | None = None, index: int = 0) -> PackedBatch:
+        """The pack; with `out` (from `allocate_packs`) written into its row `index`."""
         c = pipe.config
         samples = [_official_sample(e) for e in self.elements]
         ts_rng = np.random.default_rng(self.seed + [1])
         batch = pack_samples(samples, pipe.model_cfg, c.budget, rng=np.random.default_rng(self.seed + [0]),
                              text_dropout=c.text_dropout, vit_dropout=c.vit_dropout, vae_dropout=c.vae_dropout,
-                             timestep_fn=ts_rng.standard_normal)
+                             timestep_fn=ts_rng.standard_normal, image_dtype=c.image_dtype, out=out,
+                             out_index=index)
         if batch.num_tokens != self.total:  # the replayed dropout must match pack_samples' draws
             raise AssertionError(f"packer bookkeeping: {self.total} tokens expected, pack has {batch.num_tokens}")
         return batch
@@ -594,7 +607,7 @@ class PackIterator:
         self.counters = {k: 0 for k in self._COUNTERS}
         self.recent_errors: collections.deque = collections.deque(maxlen=20)
         # main-process seconds (cumulative, not part of the state): waiting for prepared samples /
-        # pack_samples + stack_batches
+        # allocating the step's batch + pack_samples into it
         self.timing = {"wait_s": 0.0, "pack_s": 0.0}
         if state is not None:
             self._restore(state)
@@ -719,18 +732,19 @@ class PackIterator:
         if not packs:
             raise StopIteration
         t0 = time.perf_counter()
+        # packs are written straight into the stacked arrays (no per-pack arrays, no stacking copy); rows
+        # without a pack stay empty packs (num_samples == 0)
+        stacked = allocate_packs(c.budget, self.pipe.model_cfg, c.packs_per_step, image_dtype=c.image_dtype)
         if len(packs) > 1 and c.pack_threads > 1:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._pool = ThreadPoolExecutor(max_workers=c.pack_threads, thread_name_prefix="echo4o-pack")
-            batches = list(self._pool.map(lambda p: p.build(self.pipe), packs))
+            list(self._pool.map(lambda ip: ip[1].build(self.pipe, stacked, ip[0]), enumerate(packs)))
         else:
-            batches = [p.build(self.pipe) for p in packs]
+            for i, p in enumerate(packs):
+                p.build(self.pipe, stacked, i)
         end = len(packs) < c.packs_per_step
-        while len(batches) < c.packs_per_step:
-            batches.append(pack_samples([], self.pipe.model_cfg, c.budget, rng=np.random.default_rng(0)))
-        stacked = stack_packs(batches)
         self.timing["pack_s"] += time.perf_counter() - t0
         labels = [d.label for d in c.datasets]
         by_ds = collections.Counter(labels[e["dataset"]] for p in packs for e in p.elements)

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from ..model.bagel import latent_tokens_from_latents, packed_loss
+from ..packing import normalize_images
 from .optim import ema_update
 
 __all__ = ["encode_batch_latents", "make_loss_and_grads", "make_train_step", "trainable_mask", "init_train_state"]
@@ -18,8 +19,9 @@ __all__ = ["encode_batch_latents", "make_loss_and_grads", "make_train_step", "tr
 
 def encode_batch_latents(vae, batch, patch: int) -> jax.Array:
     """Clean latent tokens x0 [B, Cg, p*p*z] of a stacked batch: the padded VAE canvases of every pack
-    are encoded together, then each token is gathered from its image's latent grid."""
-    imgs = batch["vae_images"]
+    are encoded together, then each token is gathered from its image's latent grid. uint8 pixel canvases
+    (the data pipeline's) are normalised first (`packing.normalize_images`: bit-identical to float packs)."""
+    imgs = normalize_images({k: batch[k] for k in ("vae_images", "vae_image_hw")})["vae_images"]
     B, N, H, W, C = imgs.shape
     if N == 0:
         return jnp.zeros(batch["latent_pos_ids"].shape + (patch * patch * vae.cfg.z_channels,), jnp.float32)
@@ -60,6 +62,8 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
         return packed_loss(model, batch, noise, x0, ce_weight=ce_weight, mse_weight=mse_weight)
 
     def f(params, vae_state, batch, noise, rng):
+        # uint8 pixel batches (the data pipeline's) -> the float32 [-1, 1] arrays of a float pack, on device
+        batch = normalize_images(batch)
         vae = nnx.merge(vae_graphdef, vae_state)
         x0 = encode_batch_latents(vae, batch, patch)
         if noise is None:
