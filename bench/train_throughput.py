@@ -1,7 +1,7 @@
 """Train-step throughput on the current backend (CPU, GPU or TPU), written as JSON.
 
     python bench/train_throughput.py --config configs/bagel_7b_geometry_small.py --steps 5 \
-        [--set model.attention_impl=xla_dense ...] [--out bench_train.json]
+        [--impls xla_blockwise,pallas_gpu] [--set model.remat=dots ...] [--out bench_train.json]
 
 Prints and writes: compile seconds, step seconds (median of the timed steps, after one warm-up step),
 real tokens per step, tokens/s, MFU by the official BAGEL FLOP formula (when the device's peak is known
@@ -52,8 +52,35 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--set", action="append", default=[], help="config override key=value (repeat)")
     ap.add_argument("--peak-flops", type=float, default=0.0, help="per-device peak FLOP/s if not auto-detected")
+    ap.add_argument("--impls", default="", help="comma-separated attention implementations, measured in one run "
+                                                   "(default: the config's)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    impls = [x for x in args.impls.split(",") if x] or [None]
+    results = []
+    for impl in impls:
+        try:
+            results.append(measure(args, impl))
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
+            results.append(dict(attention_impl=impl, error=f"{type(e).__name__}: {e}"[:2000]))
+    text = json.dumps(results if len(results) > 1 else results[0], indent=1)
+    print(text)
+    if len(results) > 1:
+        print(f"\n{'attention':<18}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
+        for r in results:
+            if "error" in r:
+                print(f"{str(r['attention_impl']):<18} error: {r['error'][:80]}")
+                continue
+            mem = (r.get("peak_device_memory_bytes") or 0) / 2**30
+            mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+            print(f"{r['attention_impl']:<18}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}"
+                  f"{r['tokens_per_second']:>11.0f}{mfu:>7}{mem:>10.1f}")
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+    return 0
+
+
+def measure(args, impl: str | None) -> dict:
 
     import jax
     import numpy as np
@@ -66,6 +93,8 @@ def main(argv=None) -> int:
     c.log.sample_every = 0
     for kv in args.set:
         apply_override(c, kv)
+    if impl:
+        c.model.attention_impl = impl
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
         tr = Trainer(c, wd)
@@ -100,11 +129,7 @@ def main(argv=None) -> int:
                              temp=getattr(mem, "temp_size_in_bytes", None)) if mem is not None else None,
         attention_impl=tr.cfg.attention_impl, remat=tr.cfg.remat, compute_dtype=tr.cfg.compute_dtype,
     )
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).write_text(text)
-    return 0
+    return out
 
 
 if __name__ == "__main__":
