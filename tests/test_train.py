@@ -194,7 +194,11 @@ f = make_loss_and_grads(tr.graphdef, tr.buffers, tr.vae_graphdef, patch=tr.cfg.l
                         ce_weight=1.0, mse_weight=1.0)
 dev = tr._device_batch(batch)
 key = jax.random.PRNGKey(3)
-(loss_s, _), g_s = jax.jit(f)(tr.state["params"], tr.vae_state, dev, None, key)
+with jax.set_mesh(tr.mesh):  # as the trainer compiles: activations pinned to (data, fsdp) in the model
+    (loss_s, _), g_s = jax.jit(f)(tr.state["params"], tr.vae_state, dev, None, key)
+tr.compile(batch)
+m = tr.train_step(batch)  # the real sharded, donated step runs on the mesh
+assert np.isfinite(m["loss"]) and m["ok"] == 1.0, m
 sharded_leaf = [x for x in jax.tree.leaves(tr.state["params"]) if len(x.sharding.device_set) > 1]
 one = jax.devices()[0]
 put = lambda t: jax.device_put(jax.device_get(t), one)

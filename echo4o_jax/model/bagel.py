@@ -231,14 +231,16 @@ def forward_packed(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Arra
 
 
 def packed_loss(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Array, latent_tokens: jax.Array,
-                *, ce_weight: float = 1.0, mse_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                *, ce_weight: float = 1.0, mse_weight: float = 1.0,
+                batch_axes: tuple[str, ...] = ("data", "fsdp")) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss over a batch of packs (leading axis B on every array), normalised as the official code:
     CE = sum / (global count of CE tokens), MSE = (mean over channels, summed over tokens) / (global
-    count of MSE tokens); loss = ce_weight * CE + mse_weight * MSE."""
+    count of MSE tokens); loss = ce_weight * CE + mse_weight * MSE. Under a mesh the packs' axis stays
+    sharded over `batch_axes` inside the model (vmap spmd_axis_name + `qwen2_mot.pin_activation`)."""
     def one(b, n, x0):
         return forward_packed(model, b, n, x0)
 
-    out = jax.vmap(one)(dict(batch), noise, latent_tokens)
+    out = jax.vmap(one, spmd_axis_name=batch_axes)(dict(batch), noise, latent_tokens)
     ce_count = jnp.sum(out["ce_mask"])
     mse_count = jnp.sum(out["mse_mask"])
     loss_ce = jnp.sum(out["ce"]) / jnp.maximum(ce_count, 1)

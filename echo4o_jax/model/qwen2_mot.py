@@ -46,6 +46,18 @@ EXPERT_FIELDS = {
 }
 
 
+def pin_activation(y: jax.Array) -> jax.Array:
+    """Under a mesh context (`jax.set_mesh`, as the trainer compiles), a sharding constraint with every
+    dim UNCONSTRAINED: inside `vmap(..., spmd_axis_name=("data", "fsdp"))` (see `packed_loss`) it pins the
+    packs' batch axis to (data, fsdp), so XLA never replicates activations across the data-parallel chips.
+    A no-op without a mesh."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return y
+    from jax.sharding import PartitionSpec as P
+
+    return jax.lax.with_sharding_constraint(y, P(*([P.UNCONSTRAINED] * y.ndim)))
+
+
 class ExpertLayers(nnx.Module):
     """All decoder layers of one expert, stacked on a leading `layers` axis."""
 
@@ -136,8 +148,8 @@ class Qwen2MoT(nnx.Module):
             a = fn(xs[:n_und], pu)
             b = fn(xs[n_und:], pg)
             if isinstance(a, tuple):
-                return tuple(jnp.concatenate([u, g], axis=0) for u, g in zip(a, b))
-            return jnp.concatenate([a, b], axis=0)
+                return tuple(pin_activation(jnp.concatenate([u, g], axis=0)) for u, g in zip(a, b))
+            return pin_activation(jnp.concatenate([a, b], axis=0))
 
         def layer(x, xs):
             pu, pg, ck, cv = xs

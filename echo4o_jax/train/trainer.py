@@ -294,7 +294,8 @@ class Trainer:
         batch_sh = {k: v.sharding for k, v in dev.items()}
         jitted = jax.jit(self._step_fn, in_shardings=(self.state_sh, self.vae_sh, batch_sh),
                          out_shardings=(self.state_sh, shd.replicated(self.mesh)), donate_argnums=(0,))
-        self._compiled = jitted.lower(self.state, self.vae_state, dev).compile()
+        with jax.set_mesh(self.mesh):  # activations pinned to the mesh inside the model (pin_activation)
+            self._compiled = jitted.lower(self.state, self.vae_state, dev).compile()
         return time.perf_counter() - t0
 
     def train_step(self, batch) -> dict[str, float]:

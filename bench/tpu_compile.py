@@ -1,0 +1,376 @@
+"""Compile the FULL train step ahead of time for a TPU topology on a CPU-only machine ("TPU without a TPU").
+
+    pip install "jax[tpu]==0.10.2"        # brings libtpu (the TPU compiler); no TPU needed
+    JAX_PLATFORMS=cpu python bench/tpu_compile.py --config configs/echo4o_7b.py --topology v5p:4x4x4
+        [--set model.remat=full --set mesh.tensor=2 ...] [--no-search] [--all] [--out result.json]
+
+Everything is abstract (`jax.ShapeDtypeStruct` with shardings): params, optimizer state, EMA, VAE, buffers
+and the packed batch of the config's budget (`data.packs_per_step=-1` = one pack per data-parallel chip).
+No 7B array is ever allocated. The abstract state is built from the same public pieces the `Trainer`
+uses (model_config_from, state_shardings, make_optimizer, init_train_state, make_train_step).
+
+For each candidate setting (remat policy x mesh), cheapest first, it compiles the step and prints per chip:
+argument / output / temporary memory, the total (args + outputs - donated aliases + temps) against the
+chip's HBM, headroom and the compiled FLOPs; it stops at the first candidate with >= --headroom (10%) free
+HBM and says which one it chose (`--all`: compile every candidate). `--no-search`: only the config as given.
+
+A config with `model.init="checkpoint"` and no `model.ckpt` (configs/echo4o_7b.py) uses the released
+BAGEL-7B-MoT geometry (`BagelConfig.bagel_7b_mot`), which is what such a checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) meant for real TPU hosts; compiling only, several
+# processes may load it at once
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from train_throughput import apply_override, load_config  # noqa: E402
+
+GiB = 1024**3
+# HBM per chip
+HBM_BYTES = {"v5p": 95 * GiB, "v6e": 32 * GiB, "v5e": 16 * GiB, "v4": 32 * GiB}
+# remat policies from cheapest (recompute nothing) to most memory-saving
+REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
+
+
+def chip_hbm(topology: str) -> int:
+    gen = topology.split(":")[0].lower()
+    if gen not in HBM_BYTES:
+        raise ValueError(f"unknown TPU generation {gen!r} in {topology!r}; known: {sorted(HBM_BYTES)}")
+    return HBM_BYTES[gen]
+
+
+def tpu_devices(topology: str):
+    """The devices of a TPU topology (needs libtpu: `pip install "jax[tpu]"`), on a machine without TPUs."""
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    return list(topo.devices)
+
+
+def bagel_config(config):
+    """model_config_from(config), or the released 7B-MoT geometry for a checkpoint config without a path."""
+    from echo4o_jax.config import BagelConfig
+    from echo4o_jax.train.trainer import model_config_from
+
+    m = config.model
+    if m.init == "checkpoint" and not m.ckpt:
+        return BagelConfig.bagel_7b_mot(
+            compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl,
+            attention_block_q=int(m.attention_block_q), attention_block_kv=int(m.attention_block_kv),
+            timestep_shift=float(m.timestep_shift))
+    return model_config_from(config)
+
+
+def _abstract(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_batch(cfg, budget, packs: int, mesh):
+    """ShapeDtypeStructs of a stacked batch of `packs` packs of `budget`, sharded over (data, fsdp)."""
+    import jax
+    import numpy as np
+
+    from echo4o_jax import packing
+    from echo4o_jax import sharding as shd
+
+    # one empty pack of the budget gives every field's shape and dtype (the images are the largest: a few MB)
+    empty = packing.batch_arrays(packing.pack_samples([], cfg, budget, rng=np.random.default_rng(0)))
+    return {k: jax.ShapeDtypeStruct((packs, *v.shape), v.dtype, sharding=shd.batch_sharding(mesh, v.ndim + 1))
+            for k, v in empty.items()}
+
+
+@dataclasses.dataclass
+class Built:
+    cfg: object
+    mesh: object
+    packs: int
+    fn: object  # step(state, vae_state, buffers, batch)
+    in_shardings: tuple
+    out_shardings: tuple
+    args: tuple  # abstract
+    sharding_report: list
+
+
+def build_abstract_step(config, devices) -> Built:
+    """The Trainer's state / shardings / step, all abstract, over `devices` (e.g. a TPU topology's)."""
+    import jax
+    from flax import nnx
+
+    from echo4o_jax import sharding as shd
+    from echo4o_jax.model.bagel import Bagel
+    from echo4o_jax.model.vae import AutoEncoder
+    from echo4o_jax.train.data_sources import budget_from_config
+    from echo4o_jax.train.optim import lr_schedule, make_optimizer
+    from echo4o_jax.train.step import init_train_state, make_train_step, trainable_mask
+    from echo4o_jax.train.trainer import validate_config
+
+    validate_config(config)
+    cfg = bagel_config(config)
+    mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor), devices=devices)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    packs = int(config.data.packs_per_step)
+    packs = dp if packs == -1 else packs
+    if packs % dp:
+        raise ValueError(f"data.packs_per_step={packs} must be a multiple of data x fsdp = {dp}")
+
+    abstract = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_params, abs_buffers = nnx.split(abstract, nnx.Param, ...)
+    report: list[str] = []
+    param_sh = shd.state_shardings(abs_params, mesh, report)
+    buffer_sh = shd.state_shardings(abs_buffers, mesh, report)
+    abs_vae = nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)))
+    vae_graphdef, abs_vae_state = nnx.split(abs_vae)
+    vae_sh = shd.state_shardings(abs_vae_state, mesh)
+
+    pdt = jax.numpy.dtype(cfg.param_dtype)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, pdt if jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
+                                                         else x.dtype), nnx.to_pure_dict(abs_params))
+    buffers = _abstract(nnx.to_pure_dict(abs_buffers), buffer_sh)
+    vae_state = _abstract(nnx.to_pure_dict(abs_vae_state), vae_sh)
+
+    o, t = config.optim, config.train
+    schedule = lr_schedule(float(o.lr), int(o.warmup_steps), int(t.steps), o.schedule, float(o.min_lr))
+    mask = trainable_mask(params, freeze_und=bool(t.freeze_und), freeze_vit=bool(t.freeze_vit))
+    any_frozen = not all(jax.tree.leaves(mask))
+    tx = make_optimizer(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
+                        grad_clip=float(o.grad_clip), trainable_mask=mask if any_frozen else None)
+    abs_state = jax.eval_shape(lambda p: init_train_state(p, tx, int(t.seed)), params)
+    state_sh = dict(params=param_sh, ema=param_sh, opt_state=_opt_shardings(abs_state["opt_state"], param_sh, mesh),
+                    step=shd.replicated(mesh), rng=shd.replicated(mesh))
+    state = _abstract(abs_state, state_sh)
+    batch = abstract_batch(cfg, budget_from_config(config.data.budget), packs, mesh)
+    batch_sh = {k: v.sharding for k, v in batch.items()}
+
+    def step(state, vae_state, buffers, batch):
+        # buffers travel as an argument (the Trainer closes over concrete ones; here they are abstract)
+        fn = make_train_step(graphdef, buffers, vae_graphdef, tx, schedule, patch=cfg.latent_patch_size,
+                             ce_weight=float(t.ce_weight), mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay))
+        return fn(state, vae_state, batch)
+
+    return Built(cfg=cfg, mesh=mesh, packs=packs, fn=step, in_shardings=(state_sh, vae_sh, buffer_sh, batch_sh),
+                 out_shardings=(state_sh, shd.replicated(mesh)), args=(state, vae_state, buffers, batch),
+                 sharding_report=report)
+
+
+def _opt_shardings(abs_opt, param_sh, mesh):
+    """As Trainer._opt_shardings: optimizer moments follow the params' shardings; scalars are replicated."""
+    import jax
+
+    from echo4o_jax import sharding as shd
+
+    flat_p = {tuple(getattr(k, "key", k) for k in path): s for path, s in
+              jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+
+    def one(path, leaf):
+        keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+        for n in range(len(keys)):
+            if keys[n:] in flat_p and flat_p[keys[n:]] is not None:
+                return flat_p[keys[n:]]
+        return shd.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, abs_opt)
+
+
+import contextlib
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh):
+    """EXPERIMENT (bench only, monkeypatch): keep the packs' batch axis sharded over (data, fsdp) inside the
+    model. `packed_loss` vmaps over packs without `spmd_axis_name`, and nothing inside the decoder constrains
+    activations, so XLA's sharding propagation is free to replicate the batch axis of the activations
+    against the fsdp-sharded weights. Here: vmap(..., spmd_axis_name=("data", "fsdp")) and a constraint on
+    every decoder linear / RMSNorm output that pins only that batch axis (other dims UNCONSTRAINED)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import echo4o_jax.model.bagel as bagel
+    import echo4o_jax.model.qwen2_mot as qmot
+    import echo4o_jax.train.step as step_mod
+    from echo4o_jax.sharding import BATCH_AXES
+
+    def pin(y):
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(*([P.UNCONSTRAINED] * y.ndim))))
+
+    orig = (qmot.linear, qmot.rms_norm, step_mod.packed_loss)
+
+    def packed_loss(model, batch, noise, latent_tokens, *, ce_weight=1.0, mse_weight=1.0):
+        out = jax.vmap(lambda b, n, x0: bagel.forward_packed(model, b, n, x0),
+                       spmd_axis_name=BATCH_AXES)(dict(batch), noise, latent_tokens)
+        ce_count, mse_count = jnp.sum(out["ce_mask"]), jnp.sum(out["mse_mask"])
+        loss_ce = jnp.sum(out["ce"]) / jnp.maximum(ce_count, 1)
+        loss_mse = jnp.sum(jnp.mean(out["mse"], axis=-1)) / jnp.maximum(mse_count, 1)
+        return ce_weight * loss_ce + mse_weight * loss_mse, dict(loss_ce=loss_ce, loss_mse=loss_mse,
+                                                                 ce_tokens=ce_count, mse_tokens=mse_count)
+
+    qmot.linear = lambda *a, **k: pin(orig[0](*a, **k))
+    qmot.rms_norm = lambda *a, **k: pin(orig[1](*a, **k))
+    step_mod.packed_loss = packed_loss
+    try:
+        yield
+    finally:
+        qmot.linear, qmot.rms_norm, step_mod.packed_loss = orig
+
+
+def compile_step(config, devices, hbm_bytes: int | None = None, shard_activations: bool = False) -> dict:
+    """Lower + compile the abstract train step; memory per chip, FLOPs, compile time."""
+    import jax
+
+    t0 = time.perf_counter()
+    b = build_abstract_step(config, devices)
+    jitted = jax.jit(b.fn, in_shardings=b.in_shardings, out_shardings=b.out_shardings, donate_argnums=(0,))
+    with activation_sharding(b.mesh) if shard_activations else contextlib.nullcontext():
+        lowered = jitted.lower(*b.args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    g = lambda k: int(getattr(mem, k, 0) or 0)
+    arg, out, tmp, alias = (g("argument_size_in_bytes"), g("output_size_in_bytes"), g("temp_size_in_bytes"),
+                            g("alias_size_in_bytes"))
+    total = arg + out - alias + tmp
+    tokens = b.packs * (config.data.budget.text_tokens + config.data.budget.vit_tokens + config.data.budget.vae_tokens)
+    res = dict(
+        remat=b.cfg.remat, shard_activations=shard_activations, mesh=dict(b.mesh.shape), devices=len(devices), device_kind=devices[0].device_kind,
+        packs=b.packs, tokens_per_step=int(tokens),
+        argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=tmp,
+        generated_code_bytes=g("generated_code_size_in_bytes"), total_bytes=total,
+        flops_per_chip=float(cost.get("flops", 0.0)), bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
+        lower_seconds=round(t1 - t0, 1), compile_seconds=round(t2 - t1, 1),
+    )
+    # XLA's cost_analysis counts a while-loop body once (the scanned decoder / ViT layers, the blockwise
+    # attention loops): a lower bound. The official formula (train/flops.py) for the same step, with each
+    # pack counted as one sample for the attention term (an upper bound on it):
+    from echo4o_jax.train import flops as flops_lib
+
+    per_pack = tokens // b.packs
+    res["formula_flops_per_chip"] = flops_lib.step_flops(b.cfg.llm, per_pack, [per_pack]) * b.packs / len(devices)
+    if hbm_bytes:
+        res.update(hbm_bytes=hbm_bytes, headroom=1.0 - total / hbm_bytes)
+    return res
+
+
+def candidates(config, n_devices: int, search: bool):
+    """(remat, tensor) settings, cheapest first: less recompute before more, pure FSDP before tensor parallel.
+    Pure FSDP is tried with every remat policy before any tensor-parallel mesh (FSDP all-gathers overlap;
+    tensor parallelism adds per-layer all-reduces of activations)."""
+    if not search:
+        return [(config.model.remat, int(config.mesh.tensor))]
+    out = []
+    tensors = [t for t in (1, 2, 4, 8) if n_devices % t == 0]
+    for tp in tensors:
+        for r in REMAT_ORDER:
+            out.append((r, tp))
+    return out
+
+
+def fmt_gib(b: float) -> str:
+    return f"{b / GiB:7.2f}"
+
+
+def print_row(r: dict, file=sys.stdout):
+    head = f"{r['headroom'] * 100:6.1f}%" if "headroom" in r else "    n/a"
+    print(f"{r['remat']:>13} {r['mesh']['data']:>4} {r['mesh']['fsdp']:>4} {r['mesh']['tensor']:>4} "
+          f"{fmt_gib(r['argument_bytes'])} {fmt_gib(r['output_bytes'])} {fmt_gib(r['alias_bytes'])} "
+          f"{fmt_gib(r['temp_bytes'])} {fmt_gib(r['total_bytes'])} {head} {r['flops_per_chip'] / 1e12:9.1f} "
+          f"{r['compile_seconds']:8.1f} {r.get('formula_flops_per_chip', 0) / 1e12:9.1f}", file=file, flush=True)
+
+
+HEADER = (f"{'remat':>13} {'data':>4} {'fsdp':>4} {'tp':>4} {'arg GiB':>7} {'out GiB':>7} {'alias':>7} "
+          f"{'temp GiB':>7} {'total':>7} {'headroom':>7} {'TFLOP/chip':>9} {'compile s':>8} {'formulaTF':>9}")
+# TFLOP/chip: compiled (cost_analysis; loop bodies counted once, so a lower bound for scanned layers);
+# formulaTF: official MFU formula per chip (6 x active params x tokens + attention, pack = one sample)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v6e:16x16, v5e:16x16, v5p:2x2x1")
+    ap.add_argument("--set", action="append", default=[], help="config override key=value (repeat)")
+    ap.add_argument("--headroom", type=float, default=0.10, help="required free HBM fraction (default 0.10)")
+    ap.add_argument("--no-search", action="store_true", help="compile the config's remat / mesh only")
+    ap.add_argument("--all", action="store_true", help="compile every candidate instead of stopping at the first fit")
+    ap.add_argument("--remat", default="", help="comma list restricting the remat candidates")
+    ap.add_argument("--tensor", default="", help="comma list restricting the tensor-parallel candidates")
+    ap.add_argument("--shard-activations", action="store_true",
+                    help="experiment: pin the packs' batch axis of the decoder activations (see activation_sharding)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    c = load_config(args.config)
+    for kv in args.set:
+        apply_override(c, kv)
+    hbm = chip_hbm(args.topology)
+    t0 = time.perf_counter()
+    devices = tpu_devices(args.topology)
+    print(f"[tpu_compile] {args.topology}: {len(devices)} x {devices[0].device_kind}, HBM {hbm / GiB:.0f} GiB/chip "
+          f"(topology {time.perf_counter() - t0:.1f}s; jax {jax.__version__})", flush=True)
+    cand = candidates(c, len(devices), not args.no_search)
+    if args.remat:
+        cand = [x for x in cand if x[0] in args.remat.split(",")]
+    if args.tensor:
+        cand = [x for x in cand if str(x[1]) in args.tensor.split(",")]
+    results, chosen = [], None
+    print(HEADER, flush=True)
+    for remat, tp in cand:
+        c.model.remat = remat
+        c.mesh.tensor = tp
+        if not args.no_search:  # everything not tensor-parallel goes to FSDP
+            c.mesh.data, c.mesh.fsdp = 1, -1
+        try:
+            r = compile_step(c, devices, hbm, args.shard_activations)
+        except Exception as e:  # noqa: BLE001 - a candidate that does not compile is reported, not fatal
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"{remat:>13} tensor={tp}: FAILED {msg}", flush=True)
+            results.append(dict(remat=remat, tensor=tp, error=msg))
+            continue
+        results.append(r)
+        print_row(r)
+        if chosen is None and r["headroom"] >= args.headroom:
+            chosen = r
+            if not args.all:
+                break
+    best = chosen
+    if best is not None:
+        m = best["mesh"]
+        print(f"[tpu_compile] chosen: model.remat={best['remat']} mesh=(data={m['data']}, fsdp={m['fsdp']}, "
+              f"tensor={m['tensor']}): {best['total_bytes'] / GiB:.2f} of {hbm / GiB:.0f} GiB per chip, "
+              f"headroom {best['headroom'] * 100:.1f}% (>= {args.headroom * 100:.0f}%), "
+              f"{best['packs']} packs x {best['tokens_per_step'] // best['packs']} tokens/step, "
+              f"{best['flops_per_chip'] / 1e12:.1f} TFLOP/chip/step (compiled), compile {best['compile_seconds']:.0f}s",
+              flush=True)
+    else:
+        print(f"[tpu_compile] no candidate fits with >= {args.headroom * 100:.0f}% headroom", flush=True)
+    out = dict(config=args.config, topology=args.topology, overrides=args.set, hbm_bytes=hbm,
+               headroom_required=args.headroom, results=results, chosen=best)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0 if best is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
