@@ -242,3 +242,34 @@ def run_cli(main_fn, argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def benchmark_parser(prog: str, description: str, *, images_help: str, prompts_help: str,
+                     template_help: str):
+    """The CLI of a prompt-file benchmark (GenEval++, Imagine-Bench): images, prompts, judge options."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", required=True, help=images_help)
+    ap.add_argument("--prompts", required=True, help=prompts_help.replace("%", "%%"))  # URLs hold %2B
+    ap.add_argument("--fetch", action="store_true", help="download the public prompt file to --prompts if absent")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--num-images", type=int, default=1, help="images per prompt (official: 1)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--template", default=None, help=template_help)
+    ap.add_argument("--label", default="ours", help="row name for this run in summary.md")
+    add_judge_args(ap)
+    return ap
+
+
+def run_benchmark(args, *, public_url: str, public_md5: str, load_items, evaluate, default_template):
+    """Resolve the prompt file, load the items, judge the images: (results document, judge)."""
+    prompts = resolve_prompts(args.prompts, public_url, public_md5, args.fetch)
+    items = load_items(prompts, args.limit)
+    judge = judge_from_args(args, args.out)
+    doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
+                   template=template_arg(args.template, default_template), label=args.label,
+                   progress=not args.no_progress,
+                   source={"prompts": str(prompts), "prompts_md5": md5sum(prompts)})
+    return doc, judge

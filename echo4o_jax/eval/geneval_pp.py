@@ -268,29 +268,15 @@ def write_html(doc: dict, path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.geneval_pp", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", required=True, help="folder of generated images (<line:05d>_<k>.png)")
-    ap.add_argument("--prompts", required=True, help=f"GenEval++ jsonl (public file: {PUBLIC_URL})")
-    ap.add_argument("--fetch", action="store_true", help="download the public prompt file to --prompts if absent")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--num-images", type=int, default=1, help="images per prompt (official: 1)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    ap.add_argument("--template", default=None, help="judge template file (default: built-in geneval_pp)")
-    ap.add_argument("--label", default="ours", help="row name for this run in summary.md")
-    common.add_judge_args(ap)
-    return ap
+    return common.benchmark_parser("python -m echo4o_jax.eval.geneval_pp", __doc__, images_help="folder of generated images (<line:05d>_<k>.png)",
+                                   prompts_help=f"GenEval++ jsonl (public file: {PUBLIC_URL})",
+                                   template_help="judge template file (default: built-in geneval_pp)")
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    prompts = common.resolve_prompts(args.prompts, PUBLIC_URL, PUBLIC_MD5, args.fetch)
-    items = load_items(prompts, args.limit)
-    judge = common.judge_from_args(args, args.out)
-    doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
-                   template=common.template_arg(args.template, DEFAULT_TEMPLATE), label=args.label,
-                   progress=not args.no_progress,
-                   source={"prompts": str(prompts), "prompts_md5": common.md5sum(prompts)})
+    doc, judge = common.run_benchmark(args, public_url=PUBLIC_URL, public_md5=PUBLIC_MD5, load_items=load_items,
+                                      evaluate=evaluate, default_template=DEFAULT_TEMPLATE)
     s = doc["summary"]
     print(f"{TITLE} score {s['score']:.4f} (mean of {len(s['tags'])} tag accuracies); images {s['n_images']}, "
           f"missing {s['n_missing']}, judge failures {s['n_judge_failures']}; "
