@@ -153,11 +153,14 @@ def _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv):
 
     @jax.checkpoint
     def one_q_block(args):
-        qb, qmb = args  # [bq, KVH, G, D]
+        qb, qmb, need_row = args  # [bq, KVH, G, D]; need_row [nk]: False = no allowed pair in that kv block
 
         def body(carry, kv):
+            kb, vb, kmb, need = kv
+            return jax.lax.cond(need, lambda c: update(c, kb, vb, kmb), lambda c: c, carry), None
+
+        def update(carry, kb, vb, kmb):
             m, l, acc = carry
-            kb, vb, kmb = kv
             s = jnp.einsum("qhgd,khd->hgqk", qb, kb, preferred_element_type=jnp.float32) * scale
             mask = mask_from_meta(TokenMeta(*qmb), TokenMeta(*kmb))[None, None]
             s = jnp.where(mask, s, -jnp.inf)
@@ -169,16 +172,20 @@ def _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv):
             acc = acc * alpha[..., None] + jnp.einsum(
                 "hgqk,khd->hgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32
             )
-            return (m_new, l, acc), None
+            return m_new, l, acc
 
         init = (
             jnp.full((KVH, G, bq), -jnp.inf, jnp.float32),
             jnp.zeros((KVH, G, bq), jnp.float32),
             jnp.zeros((KVH, G, bq, D), jnp.float32),
         )
-        (m, l, acc), _ = jax.lax.scan(body, init, (kp, vp, tuple(km_b)))
+        (m, l, acc), _ = jax.lax.scan(body, init, (kp, vp, tuple(km_b), need_row))
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]
         return jnp.transpose(out, (2, 0, 1, 3))  # [bq, KVH, G, D]
 
-    out = jax.lax.map(one_q_block, (qp, tuple(qm_b)))
+    # block skipping: (q block, kv block) pairs whose mask is provably empty are not computed
+    from .kernels.pallas_flash import block_table
+
+    need = block_table(qm, km, bq, bk)
+    out = jax.lax.map(one_q_block, (qp, tuple(qm_b), need))
     return out.reshape(Lq_p, H, D)[:Lq].astype(q.dtype)
