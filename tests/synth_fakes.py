@@ -119,3 +119,13 @@ def small_image_folder(root, layout: dict[str, int]) -> str:
             with open(os.path.join(d, f"{sub}_{i}.{'jpg' if fmt == 'JPEG' else 'png'}"), "wb") as f:
                 f.write(buf.getvalue())
     return str(root)
+
+
+def fast_config(server, **kw):
+    """A SynthConfig pointed at the fake server, with no rate limits and millisecond back-off (tests)."""
+    from echo4o_jax.synth import SynthConfig
+
+    base = dict(base_url=server.base_url, image_size="32x32", chat_rpm=0, image_rpm=0, backoff_base=0.01,
+                backoff_max=0.05, timeout=10.0)
+    base.update(kw)
+    return SynthConfig(**base)

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from synth_fakes import (API_KEY, FakeOpenAIServer, all_file_bytes, chat_answer, dataset_contents, image_answer,
+from synth_fakes import (fast_config, API_KEY, FakeOpenAIServer, all_file_bytes, chat_answer, dataset_contents, image_answer,
                          request_body_key, synth_server)
 
 from echo4o_jax.data.records import load_manifest
@@ -28,10 +28,7 @@ def _api_key(monkeypatch):
 
 
 def make_cfg(server, **kw) -> SynthConfig:
-    base = dict(base_url=server.base_url, image_size="32x32", chat_rpm=0, image_rpm=0, backoff_base=0.01,
-                backoff_max=0.05, timeout=10.0, shard_bytes=3000)
-    base.update(kw)
-    return SynthConfig(**base)
+    return fast_config(server, **{"shard_bytes": 3000, **kw})
 
 
 def cli(args, **kw):

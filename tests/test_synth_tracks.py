@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from synth_fakes import API_KEY, message_images, small_image_folder, synth_server
+from synth_fakes import fast_config, API_KEY, message_images, small_image_folder, synth_server
 
 from echo4o_jax.data.records import RecordReader
 from echo4o_jax.synth import SynthConfig, dry_run, get_template, make_track, run_track
@@ -31,10 +31,7 @@ def _api_key(monkeypatch):
 
 
 def make_cfg(server, **kw) -> SynthConfig:
-    base = dict(base_url=server.base_url, image_size="32x32", chat_rpm=0, image_rpm=0, backoff_base=0.01,
-                backoff_max=0.05, timeout=10.0)
-    base.update(kw)
-    return SynthConfig(**base)
+    return fast_config(server, **kw)
 
 
 def read_records(path):
