@@ -1,19 +1,86 @@
 #!/usr/bin/env bash
-# One GPU check for a lent H100/H200 (about 8 minutes): the train-step throughput of the full-width
-# 7B geometry (few layers) for each attention implementation, printed as one table.
-#   bash bench/gpu_check.sh            (writes $OUT or ./gpu_check/*.json)
-# Uses $PYTHON (default python3) when it already has a GPU JAX; otherwise installs jax[cuda12] into
-# .venv-gpu (needs PyPI: the lent machines reach no network, so carry a prepared venv there).
-set -euo pipefail
+# One GPU check for a lent H100/H200 (about 8 minutes), in stages that each have their own time limit
+# and write their own log, so that one failing stage does not hide the others:
+#   0. the machine and the package versions;
+#   1. import check (adds the carried wheels of .whl/ when the machine's Python lacks a package, and our
+#      pinned flax/optax/orbax from .whl/pinned/ when the machine's versions do not import our code);
+#   2. bench/attention_bench.py on the 7B geometry's ~10.7K-token pack: exactness of each implementation
+#      against the XLA reference on this GPU (float32), forward+backward time per layer (bf16), block
+#      skipping share, and cuDNN over the whole pack for scale;
+#   3. bench/train_throughput.py on configs/bagel_7b_geometry_small.py (full 7B width, 4 layers):
+#      tokens/s, step time, compile time, MFU (official formula), peak memory, per attention impl,
+#      each impl in its own process.
+#   bash bench/gpu_check.sh            (logs and JSON under $OUT, default ./gpu_check)
+# Uses $PYTHON (default python3), which must already have a GPU JAX (the lent machines reach no network).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-if ! $PY -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then
-  python3 -m venv .venv-gpu && . .venv-gpu/bin/activate && PY=python
-  pip install -q -e . "jax[cuda12]==0.10.2" 2>&1 | tail -2
+IMPLS=${IMPLS:-pallas_gpu,xla_blockwise}
+CONFIG=${CONFIG:-configs/bagel_7b_geometry_small.py}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+stage() { echo; echo "=== $* ($(date +%T))"; }
+
+stage "0 machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+$PY - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
+import importlib, sys
+print("python", sys.version.split()[0])
+for m in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "ml_collections", "numpy"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as e:
+        print(m, "MISSING", type(e).__name__)
+import jax
+print("devices", jax.devices())
+EOF
+
+stage "1 imports"
+IMPORT_CHECK='import ml_collections, echo4o_jax.train.trainer, echo4o_jax.model.kernels.pallas_flash'
+if ! $PY -c "import ml_collections" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-$PY -c "import echo4o_jax" 2>/dev/null || $PY -m pip install -q -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-timeout 420 $PY bench/train_throughput.py --config configs/bagel_7b_geometry_small.py --steps 5 \
-  --impls pallas_gpu,xla_blockwise,xla_dense --out "$OUT/train.json" 2>&1 | tee "$OUT/train.log" | tail -6
+if ! $PY -c "$IMPORT_CHECK" 2>"$OUT/import_err.txt"; then
+  echo "machine packages do not import our code:"; tail -3 "$OUT/import_err.txt"
+  if ls .whl/pinned/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/pinned .whl/pinned/*.whl \
+      && export PYTHONPATH="/tmp/pinned:$PYTHONPATH" && echo "using the pinned flax/optax/orbax wheels"
+  fi
+  $PY -c "$IMPORT_CHECK" || { echo "imports still fail"; exit 1; }
+fi
+echo "imports ok"
+
+stage "2 attention alone (one layer, fwd+bwd)"
+timeout ${ATTN_TIMEOUT:-150} $PY bench/attention_bench.py --config "$CONFIG" --iters 10 --cudnn \
+  --impls pallas_gpu,xla_blockwise,xla_dense --out "$OUT/attention.json" 2>&1 | grep -v "^W0000\|^I0000" \
+  | tee "$OUT/attention.log" | tail -8
+
+for impl in ${IMPLS//,/ }; do
+  stage "3 train step: $impl"
+  timeout ${TRAIN_TIMEOUT:-180} $PY bench/train_throughput.py --config "$CONFIG" --steps 5 --impls "$impl" \
+    --out "$OUT/train_$impl.json" 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/train_$impl.log" | tail -4
+done
+
+stage "summary"
+$PY - "$OUT" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+a = json.loads((out / "attention.json").read_text()) if (out / "attention.json").exists() else None
+print(f"{'attention':<18}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'attn share':>11}")
+for f in sorted(out.glob("train_*.json")):
+    r = json.loads(f.read_text())
+    if "error" in r:
+        print(f"{f.stem[6:]:<18} error: {r['error'][:90]}")
+        continue
+    share = "-"
+    if a:
+        at = [x for x in a["results"] if x["impl"] == r["attention_impl"] and "decoder_attention_s" in x]
+        if at:  # decoder attention time (fwd + recomputed fwd + bwd, x layers) over the step time
+            share = f"{at[0]['decoder_attention_s'] / r['step_seconds']:.0%}"
+    mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+    print(f"{r['attention_impl']:<18}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}"
+          f"{r['tokens_per_second']:>11.0f}{mfu:>7}{(r.get('peak_device_memory_bytes') or 0) / 2**30:>10.1f}{share:>11}")
+EOF

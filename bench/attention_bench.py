@@ -1,0 +1,172 @@
+"""Attention alone on a real BAGEL pack layout: exactness and forward+backward time per implementation.
+
+    python bench/attention_bench.py [--config configs/bagel_7b_geometry_small.py] \
+        [--impls pallas_gpu,xla_blockwise,xla_dense] [--iters 10] [--cudnn] [--out attention.json]
+
+The pack comes from the config's synthetic recipe (same packer as training: [text | vit | vae] segments,
+per-token metadata), the head geometry from the config's LLM (28 query / 4 KV heads of 128 for 7B).
+For each implementation: compile seconds and the median seconds of one jitted forward+backward of
+sum(attention(q, k, v) * w) (bf16 inputs, the train step's shape for one layer), the fraction of
+(q block, kv block) pairs the block table keeps, and the max abs difference of the output and of the
+gradients against `xla_blockwise` in float32 on the same pack (the exactness check on this backend).
+
+`--cudnn` adds, for scale only, cuDNN flash attention (`jax.nn.dot_product_attention(implementation=
+"cudnn")`) over the same [L, H, D] with a plain causal mask: not BAGEL's mask (cuDNN takes no per-token
+split/mode rule), the speed a cuDNN call over the whole pack would have.
+
+`--layers N` (default: the config's) turns the per-layer time into the attention time of a full forward +
+backward of the decoder, to compare with a train step's time (bench/train_throughput.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def pack_meta(config_path: str):
+    """(TokenMeta of one synthetic pack of the config, number of real tokens, LLMConfig, remat == full)."""
+    import numpy as np
+
+    from bench.train_throughput import load_config
+    from echo4o_jax.model.attention import TokenMeta
+    from echo4o_jax.train.data_sources import make_source
+    from echo4o_jax.train.trainer import model_config_from
+
+    c = load_config(config_path)
+    cfg = model_config_from(c)
+    b = next(make_source(c, cfg, process_index=0, process_count=1, local_packs=1))
+    meta = TokenMeta(*(np.asarray(getattr(b, k))[0] for k in ("sample_id", "split_id", "split_mode", "order")))
+    return meta, int(np.asarray(b.num_tokens)[0]), cfg.llm, c.model.remat == "full"
+
+
+def _median_time(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs/bagel_7b_geometry_small.py"))
+    ap.add_argument("--impls", default="xla_blockwise,xla_dense")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=0)
+    ap.add_argument("--block", type=int, default=0, help="block_q = block_kv (default: each impl's default)")
+    ap.add_argument("--cudnn", action="store_true")
+    ap.add_argument("--no-check", action="store_true", help="skip the float32 exactness check")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from echo4o_jax.model.attention import attention
+    from echo4o_jax.model.kernels.pallas_flash import block_sizes, prepare
+
+    meta, n_real, llm, remat_full = pack_meta(args.config)
+    L, H, KVH, D = meta.sample.shape[0], llm.num_heads, llm.num_kv_heads, llm.head_dim
+    layers = args.layers or llm.num_layers
+    scale = D ** -0.5
+    rng = np.random.default_rng(0)
+    q32, k32, v32, w32 = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+                          for s in ((L, H, D), (L, KVH, D), (L, KVH, D), (L, H, D)))
+    meta_j = type(meta)(*(jnp.asarray(x) for x in meta))
+    lens = np.bincount(meta.sample[meta.sample >= 0])
+    print(f"pack: L={L} real={n_real} samples={len(lens)} sum(len^2)/L^2={np.sum(lens.astype(float)**2) / L**2:.3f} "
+          f"H={H} KVH={KVH} D={D} backend={jax.default_backend()} device={jax.devices()[0].device_kind}", flush=True)
+
+    def fb(impl, dtype):
+        kw = dict(block_q=args.block, block_kv=args.block) if args.block else {}
+
+        def loss(q, k, v, w):
+            o = attention(q, k, v, meta_j, meta_j, scale=scale, impl=impl, **kw)
+            return jnp.sum(o.astype(jnp.float32) * w)
+
+        g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+        args_ = tuple(x.astype(dtype) for x in (q32, k32, v32)) + (w32,)
+        return g, args_
+
+    ref = None
+    if not args.no_check:
+        g, a = fb("xla_blockwise", jnp.float32)
+        ref = jax.block_until_ready(g(*a))
+
+    results = []
+    for impl in [x for x in args.impls.split(",") if x]:
+        r = dict(impl=impl)
+        try:
+            if impl.startswith("pallas"):
+                bq, bk = block_sizes(L, L, args.block or 128, args.block or 128)
+            else:
+                bq = bk = min(args.block or 512, -(-L // 8) * 8)
+            r["blocks_kept"] = float(jnp.mean(prepare(meta_j, meta_j, L, L, bq, bk)[2]))
+            g, a = fb(impl, jnp.bfloat16)
+            t0 = time.perf_counter()
+            jax.block_until_ready(g(*a))
+            r["compile_s"] = round(time.perf_counter() - t0, 2)
+            r["fwd_bwd_s"] = _median_time(lambda: jax.block_until_ready(g(*a)), args.iters)
+            kw = dict(block_q=args.block, block_kv=args.block) if args.block else {}
+            f = jax.jit(lambda q, k, v: attention(q, k, v, meta_j, meta_j, scale=scale, impl=impl, **kw))
+            jax.block_until_ready(f(*a[:3]))
+            r["fwd_s"] = _median_time(lambda: jax.block_until_ready(f(*a[:3])), args.iters)
+            # the decoder's attention time in a train step: fwd + bwd per layer, + one more fwd under remat
+            r["decoder_attention_s"] = (r["fwd_bwd_s"] + (r["fwd_s"] if remat_full else 0.0)) * layers
+            if ref is not None:
+                g32, a32 = fb(impl, jnp.float32)
+                out = jax.block_until_ready(g32(*a32))
+                r["max_abs_err_loss"] = float(abs(out[0] - ref[0]))
+                r["max_abs_err_grads"] = [float(jnp.max(jnp.abs(x - y))) for x, y in zip(out[1], ref[1])]
+                r["max_abs_ref_grads"] = [float(jnp.max(jnp.abs(y))) for y in ref[1]]
+        except Exception as e:  # noqa: BLE001 - report and go on with the next implementation
+            r["error"] = f"{type(e).__name__}: {e}"[:1500]
+        print(json.dumps(r), flush=True)
+        results.append(r)
+
+    if args.cudnn:
+        r = dict(impl="cudnn_causal_whole_pack (not BAGEL's mask)")
+        try:
+            def loss(q, k, v, w):
+                o = jax.nn.dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                                 implementation="cudnn")[0]
+                return jnp.sum(o.astype(jnp.float32) * w)
+
+            g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+            a = (q32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16), v32.astype(jnp.bfloat16), w32)
+            t0 = time.perf_counter()
+            jax.block_until_ready(g(*a))
+            r["compile_s"] = round(time.perf_counter() - t0, 2)
+            r["fwd_bwd_s"] = _median_time(lambda: jax.block_until_ready(g(*a)), args.iters)
+            r["decoder_attention_s"] = r["fwd_bwd_s"] * layers  # (no forward-only timing here)
+        except Exception as e:  # noqa: BLE001
+            r["error"] = f"{type(e).__name__}: {e}"[:1500]
+        print(json.dumps(r), flush=True)
+        results.append(r)
+
+    print(f"\n{'attention':<40}{'kept':>6}{'compile s':>10}{'fwd+bwd ms':>11}{'x layers s':>11}{'grad err':>10}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['impl']:<40} error: {r['error'][:100]}")
+            continue
+        err = max(r["max_abs_err_grads"]) if "max_abs_err_grads" in r else float("nan")
+        print(f"{r['impl']:<40}{r.get('blocks_kept', float('nan')):>6.2f}{r['compile_s']:>10.1f}"
+              f"{r['fwd_bwd_s'] * 1e3:>11.2f}{r['decoder_attention_s']:>11.3f}{err:>10.2e}")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(dict(L=L, real_tokens=n_real, H=H, KVH=KVH, D=D, layers=layers,
+                                                          results=results), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
