@@ -47,6 +47,28 @@ def pack_meta(config_path: str):
     return meta, int(np.asarray(b.num_tokens)[0]), cfg.llm, c.model.remat == "full"
 
 
+# launch shapes tried by --sweep (kernels.pallas_flash.parse_tuning syntax); the first of each is the default
+# (the best of the 2026-11-26 H200 sweep, bench/results/)
+FWD_TILES = ["64x64:w4:s3", "128x128:w8:s2", "128x64:w4:s3", "128x64:w8:s3", "128x128:w8:s3", "64x128:w4:s2",
+             "128x32:w4:s4", "64x32:w4:s3", "32x64:w4:s3"]
+BWD_TILES = [("64x64:w4:s2", "64x64:w4:s2"), ("128x128:w8:s2", "128x128:w8:s2"), ("128x64:w8:s2", "64x128:w8:s2"),
+             ("128x32:w4:s3", "32x128:w4:s3"), ("64x64:w4:s3", "64x128:w8:s2"), ("128x64:w8:s3", "64x64:w4:s3"),
+             ("64x32:w4:s2", "32x64:w4:s2"), ("32x32:w4:s2", "32x32:w4:s2"), ("64x64:w8:s2", "64x64:w8:s2")]
+
+
+def _timed(build, args, iters: int) -> tuple[float | None, str | None]:
+    """(median seconds of `build()(*args)` after one warm-up call, None) or (None, error): a launch shape
+    the chip refuses (shared memory, registers) is reported, not fatal."""
+    import jax
+
+    try:
+        f = build()
+        jax.block_until_ready(f(*args))
+        return _median_time(lambda: jax.block_until_ready(f(*args)), iters), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
 def _median_time(fn, n: int) -> float:
     times = []
     for _ in range(n):
@@ -64,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=0)
     ap.add_argument("--block", type=int, default=0, help="block_q = block_kv (default: each impl's default)")
     ap.add_argument("--cudnn", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="pallas_gpu: time launch shapes (FWD_TILES, then BWD_TILES "
+                                                        "with the best forward) and print the best tuning string")
     ap.add_argument("--no-check", action="store_true", help="skip the float32 exactness check")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
@@ -73,7 +97,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from echo4o_jax.model.attention import attention
-    from echo4o_jax.model.kernels.pallas_flash import block_sizes, prepare
+    from echo4o_jax.model.kernels.pallas_flash import default_tiles, prepare
 
     meta, n_real, llm, remat_full = pack_meta(args.config)
     L, H, KVH, D = meta.sample.shape[0], llm.num_heads, llm.num_kv_heads, llm.head_dim
@@ -87,16 +111,20 @@ def main(argv=None) -> int:
     print(f"pack: L={L} real={n_real} samples={len(lens)} sum(len^2)/L^2={np.sum(lens.astype(float)**2) / L**2:.3f} "
           f"H={H} KVH={KVH} D={D} backend={jax.default_backend()} device={jax.devices()[0].device_kind}", flush=True)
 
-    def fb(impl, dtype):
+    def fb(impl, dtype, tuning=""):
         kw = dict(block_q=args.block, block_kv=args.block) if args.block else {}
 
         def loss(q, k, v, w):
-            o = attention(q, k, v, meta_j, meta_j, scale=scale, impl=impl, **kw)
+            o = attention(q, k, v, meta_j, meta_j, scale=scale, impl=impl, tuning=tuning, **kw)
             return jnp.sum(o.astype(jnp.float32) * w)
 
         g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         args_ = tuple(x.astype(dtype) for x in (q32, k32, v32)) + (w32,)
         return g, args_
+
+    def fwd_only(impl, tuning=""):
+        kw = dict(block_q=args.block, block_kv=args.block) if args.block else {}
+        return jax.jit(lambda q, k, v: attention(q, k, v, meta_j, meta_j, scale=scale, impl=impl, tuning=tuning, **kw))
 
     ref = None
     if not args.no_check:
@@ -108,7 +136,7 @@ def main(argv=None) -> int:
         r = dict(impl=impl)
         try:
             if impl.startswith("pallas"):
-                bq, bk = block_sizes(L, L, args.block or 128, args.block or 128)
+                bq, bk = default_tiles(L, L, args.block or 64, args.block or 64)[0][:2]
             else:
                 bq = bk = min(args.block or 512, -(-L // 8) * 8)
             r["blocks_kept"] = float(jnp.mean(prepare(meta_j, meta_j, L, L, bq, bk)[2]))
@@ -117,8 +145,7 @@ def main(argv=None) -> int:
             jax.block_until_ready(g(*a))
             r["compile_s"] = round(time.perf_counter() - t0, 2)
             r["fwd_bwd_s"] = _median_time(lambda: jax.block_until_ready(g(*a)), args.iters)
-            kw = dict(block_q=args.block, block_kv=args.block) if args.block else {}
-            f = jax.jit(lambda q, k, v: attention(q, k, v, meta_j, meta_j, scale=scale, impl=impl, **kw))
+            f = fwd_only(impl)
             jax.block_until_ready(f(*a[:3]))
             r["fwd_s"] = _median_time(lambda: jax.block_until_ready(f(*a[:3])), args.iters)
             # the decoder's attention time in a train step: fwd + bwd per layer, + one more fwd under remat
@@ -133,6 +160,33 @@ def main(argv=None) -> int:
             r["error"] = f"{type(e).__name__}: {e}"[:1500]
         print(json.dumps(r), flush=True)
         results.append(r)
+
+    sweep = None
+    if args.sweep:
+        sweep = dict(fwd=[], bwd=[])
+        bf = (q32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16), v32.astype(jnp.bfloat16))
+        best_fwd, best_t = "", float("inf")
+        for t in FWD_TILES:  # forward alone
+            sec, err = _timed(lambda: fwd_only("pallas_gpu", f"fwd={t}"), bf, args.iters)
+            sweep["fwd"].append(dict(tile=t, fwd_s=sec) if err is None else dict(tile=t, error=err))
+            if err:
+                continue
+            print(f"sweep fwd {t}: {sec * 1e3:.2f} ms", flush=True)
+            if sec < best_t:
+                best_fwd, best_t = t, sec
+        best, best_t = f"fwd={best_fwd}", float("inf")
+        for dq, dkv in BWD_TILES:  # forward + backward, with the best forward
+            tuning = f"fwd={best_fwd},dq={dq},dkv={dkv}"
+            sec, err = _timed(lambda: fb("pallas_gpu", jnp.bfloat16, tuning)[0], bf + (w32,), args.iters)
+            sweep["bwd"].append(dict(tuning=tuning, fwd_bwd_s=sec) if err is None else dict(tuning=tuning, error=err))
+            if err:
+                continue
+            print(f"sweep {tuning}: fwd+bwd {sec * 1e3:.2f} ms", flush=True)
+            if sec < best_t:
+                best, best_t = tuning, sec
+        sweep.update(best=best, best_fwd_s=min([x["fwd_s"] for x in sweep["fwd"] if "fwd_s" in x], default=None),
+                     best_fwd_bwd_s=best_t if best_t < float("inf") else None)
+        print(f"best tuning: {best}", flush=True)
 
     if args.cudnn:
         r = dict(impl="cudnn_causal_whole_pack (not BAGEL's mask)")
@@ -164,7 +218,7 @@ def main(argv=None) -> int:
               f"{r['fwd_bwd_s'] * 1e3:>11.2f}{r['decoder_attention_s']:>11.3f}{err:>10.2e}")
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(dict(L=L, real_tokens=n_real, H=H, KVH=KVH, D=D, layers=layers,
-                                                          results=results), indent=1))
+                                                          results=results, sweep=sweep), indent=1))
     return 0
 
 

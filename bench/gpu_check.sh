@@ -6,10 +6,10 @@
 #      pinned flax/optax/orbax from .whl/pinned/ when the machine's versions do not import our code);
 #   2. bench/attention_bench.py on the 7B geometry's ~10.7K-token pack: exactness of each implementation
 #      against the XLA reference on this GPU (float32), forward+backward time per layer (bf16), block
-#      skipping share, and cuDNN over the whole pack for scale;
+#      skipping share, cuDNN over the whole pack for scale, and a sweep of the pallas_gpu launch shapes;
 #   3. bench/train_throughput.py on configs/bagel_7b_geometry_small.py (full 7B width, 4 layers):
-#      tokens/s, step time, compile time, MFU (official formula), peak memory, per attention impl,
-#      each impl in its own process.
+#      tokens/s, step time, compile time, MFU (official formula), peak memory, for each of $IMPLS
+#      (default pallas_gpu) and then pallas_gpu with the sweep's best launch shapes, each in its own process.
 #   bash bench/gpu_check.sh            (logs and JSON under $OUT, default ./gpu_check)
 # Uses $PYTHON (default python3), which must already have a GPU JAX (the lent machines reach no network).
 set -uo pipefail
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-IMPLS=${IMPLS:-pallas_gpu,xla_blockwise}
+IMPLS=${IMPLS:-pallas_gpu}  # train-step runs; then pallas_gpu with the sweep's best tuning
 CONFIG=${CONFIG:-configs/bagel_7b_geometry_small.py}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -53,34 +53,47 @@ if ! $PY -c "$IMPORT_CHECK" 2>"$OUT/import_err.txt"; then
 fi
 echo "imports ok"
 
-stage "2 attention alone (one layer, fwd+bwd)"
-timeout ${ATTN_TIMEOUT:-150} $PY bench/attention_bench.py --config "$CONFIG" --iters 10 --cudnn \
-  --impls pallas_gpu,xla_blockwise,xla_dense --out "$OUT/attention.json" 2>&1 | grep -v "^W0000\|^I0000" \
+stage "2 attention alone (one layer, fwd+bwd; pallas_gpu launch-shape sweep)"
+timeout ${ATTN_TIMEOUT:-150} $PY bench/attention_bench.py --config "$CONFIG" --iters 10 --cudnn --sweep \
+  --impls ${ATTN_IMPLS:-pallas_gpu,xla_blockwise} --out "$OUT/attention.json" 2>&1 | grep -v "^W0000\|^I0000" \
   | tee "$OUT/attention.log" | tail -8
+BEST=$($PY -c "import json,sys; print((json.load(open(sys.argv[1])).get('sweep') or {}).get('best') or '')" \
+  "$OUT/attention.json" 2>/dev/null)
 
 for impl in ${IMPLS//,/ }; do
   stage "3 train step: $impl"
   timeout ${TRAIN_TIMEOUT:-180} $PY bench/train_throughput.py --config "$CONFIG" --steps 5 --impls "$impl" \
     --out "$OUT/train_$impl.json" 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/train_$impl.log" | tail -4
 done
+if [ -n "$BEST" ]; then
+  stage "3 train step: pallas_gpu with the sweep's best launch shapes: $BEST"
+  timeout ${TRAIN_TIMEOUT:-180} $PY bench/train_throughput.py --config "$CONFIG" --steps 5 --impls pallas_gpu \
+    --set "model.attention_tuning=$BEST" --out "$OUT/train_pallas_gpu_tuned.json" 2>&1 \
+    | grep -v "^W0000\|^I0000" | tee "$OUT/train_pallas_gpu_tuned.log" | tail -4
+fi
 
 stage "summary"
 $PY - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 a = json.loads((out / "attention.json").read_text()) if (out / "attention.json").exists() else None
-print(f"{'attention':<18}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'attn share':>11}")
+print(f"{'attention':<18}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'attn share':>11}  tuning")
 for f in sorted(out.glob("train_*.json")):
     r = json.loads(f.read_text())
     if "error" in r:
         print(f"{f.stem[6:]:<18} error: {r['error'][:90]}")
         continue
-    share = "-"
-    if a:
-        at = [x for x in a["results"] if x["impl"] == r["attention_impl"] and "decoder_attention_s" in x]
-        if at:  # decoder attention time (fwd + recomputed fwd + bwd, x layers) over the step time
-            share = f"{at[0]['decoder_attention_s'] / r['step_seconds']:.0%}"
+    share, tuning = "-", r.get("attention_tuning") or ""
+    if a:  # decoder attention time (fwd + recomputed fwd + bwd, x layers) over the step time
+        sw = a.get("sweep") or {}
+        if tuning and tuning == sw.get("best") and sw.get("best_fwd_bwd_s"):
+            t = (sw["best_fwd_bwd_s"] + sw["best_fwd_s"]) * a["layers"]
+        else:
+            at = [x for x in a["results"] if x["impl"] == r["attention_impl"] and "decoder_attention_s" in x]
+            t = at[0]["decoder_attention_s"] if at else None
+        share = f"{t / r['step_seconds']:.0%}" if t else "-"
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
     print(f"{r['attention_impl']:<18}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}"
-          f"{r['tokens_per_second']:>11.0f}{mfu:>7}{(r.get('peak_device_memory_bytes') or 0) / 2**30:>10.1f}{share:>11}")
+          f"{r['tokens_per_second']:>11.0f}{mfu:>7}{(r.get('peak_device_memory_bytes') or 0) / 2**30:>10.1f}"
+          f"{share:>11}  {tuning or 'default'}")
 EOF

@@ -127,7 +127,7 @@ def measure(args, impl: str | None) -> dict:
         compiled_memory=dict(argument=getattr(mem, "argument_size_in_bytes", None),
                              output=getattr(mem, "output_size_in_bytes", None),
                              temp=getattr(mem, "temp_size_in_bytes", None)) if mem is not None else None,
-        attention_impl=tr.cfg.attention_impl, remat=tr.cfg.remat, compute_dtype=tr.cfg.compute_dtype,
+        attention_impl=tr.cfg.attention_impl, attention_tuning=tr.cfg.attention_tuning, remat=tr.cfg.remat, compute_dtype=tr.cfg.compute_dtype,
     )
     return out
 

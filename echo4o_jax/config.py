@@ -189,6 +189,7 @@ class BagelConfig:
     attention_impl: str = "xla_blockwise"  # xla_blockwise | xla_dense
     attention_block_q: int = 512
     attention_block_kv: int = 512
+    attention_tuning: str = ""  # pallas_gpu launch shapes, e.g. "fwd=128x64:w8:s3" (kernels.pallas_flash.parse_tuning)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -267,6 +268,13 @@ class BagelConfig:
         if self.attention_impl not in ("xla_blockwise", "xla_dense", "pallas_gpu", "pallas_tpu", "pallas_interpret"):
             raise ConfigError(f"attention_impl={self.attention_impl!r}: "
                               "expected xla_blockwise|xla_dense|pallas_gpu|pallas_tpu|pallas_interpret")
+        if self.attention_tuning:
+            from .model.kernels.pallas_flash import parse_tuning
+
+            try:
+                parse_tuning(self.attention_tuning)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     @classmethod
     def bagel_7b_mot(cls, **overrides) -> "BagelConfig":

@@ -361,7 +361,8 @@ def _write(cache: KVCache, kv, meta: TokenMeta, kv_len) -> KVCache:
 def _run(model: Bagel, x, n_und, meta, positions, cache, *, return_kv):
     c = model.cfg
     return model.llm(x, n_und, meta, positions, cache=cache, return_kv=return_kv,
-                     attention_impl=c.attention_impl, block_q=c.attention_block_q, block_kv=c.attention_block_kv)
+                     attention_impl=c.attention_impl, block_q=c.attention_block_q, block_kv=c.attention_block_kv,
+                     tuning=c.attention_tuning)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -78,6 +78,40 @@ def test_values_and_grads_match_dense(impl, L, KVH, G, D):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
 
 
+def test_separate_tiles_per_kernel_match_dense():
+    """fwd, dQ and dK/dV with three different launch shapes (own block lists each): exact vs dense."""
+    rng = np.random.default_rng(5)
+    L, H, KVH, D = 150, 4, 2, 64
+    meta = random_meta(rng, L)
+    q, k, v = qkv(rng, L, L, H, KVH, D)
+    w = jnp.asarray(rng.normal(size=(L, H, D)), jnp.float32)
+    tuning = "fwd=32x16:w4:s2,dq=16x64:w4:s2,dkv=64x32:w4:s2"
+
+    def loss(impl, **kw):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attention(
+            q, k, v, meta, meta, scale=0.125, impl=impl, **kw) * w), argnums=(0, 1, 2)))(q, k, v)
+
+    (l1, g1), (l2, g2) = loss("pallas_interpret", tuning=tuning), loss("xla_dense")
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for name, a, b in zip("qkv", g1, g2):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
+    tiles = pf.default_tiles(L, L, 128, 128, tuning=tuning)
+    assert [t.bq for t in tiles] == [32, 16, 64] and [t.bk for t in tiles] == [16, 64, 32]
+
+
+def test_tuning_errors_and_defaults():
+    for bad in ("fwd=128x64", "fwd=100x64:w4:s2", "bwd=64x64:w4:s2", "fwd=8x64:w4:s2"):
+        with pytest.raises(ValueError, match="attention tuning"):
+            pf.parse_tuning(bad)
+        with pytest.raises(ConfigError, match="attention tuning"):
+            BagelConfig.bagel_7b_mot().replace(attention_impl="pallas_gpu", attention_tuning=bad).validate()
+    # defaults (the H200 sweep's best): 64 x 64 blocks, 4 warps, 3 stages forward / 2 backward; capped by L
+    assert pf.default_tiles(4096, 4096, 512, 512) == (pf.Tile(64, 64, 4, 3), pf.Tile(64, 64, 4, 2),
+                                                           pf.Tile(64, 64, 4, 2))
+    assert pf.default_tiles(20, 4096, 512, 512)[0] == pf.Tile(32, 64, 4, 3)
+    assert pf.default_tiles(4096, 4096, 512, 512, tuning="dq=64x32:w8:s3")[1] == pf.Tile(64, 32, 8, 3)
+
+
 def test_bf16_inputs_close_to_dense():
     rng = np.random.default_rng(1)
     L, H, KVH, D = 40, 4, 2, 64

@@ -77,8 +77,10 @@ def attention(
     impl: str = "xla_blockwise",
     block_q: int = 512,
     block_kv: int = 512,
+    tuning: str = "",
 ) -> jax.Array:
-    """q [Lq, H, D], k/v [Lk, KVH, D] (GQA: query head h uses KV head h // (H // KVH)) -> [Lq, H, D]."""
+    """q [Lq, H, D], k/v [Lk, KVH, D] (GQA: query head h uses KV head h // (H // KVH)) -> [Lq, H, D].
+    `tuning`: Triton launch shapes of the `pallas_gpu` kernels (`kernels.pallas_flash.parse_tuning`)."""
     Lq, H, D = q.shape
     KVH = k.shape[1]
     if H % KVH:
@@ -99,7 +101,7 @@ def attention(
         # pallas_interpret: always interpret mode (any backend; slow, for tests and debugging).
         interpret = True if impl == "pallas_interpret" else None
         return flash_attention(q, k, v, q_meta, k_meta, scale=scale, block_q=block_q, block_kv=block_kv,
-                               interpret=interpret)
+                               interpret=interpret, tuning=tuning)
     raise ValueError(f"unknown attention impl {impl!r}")
 
 

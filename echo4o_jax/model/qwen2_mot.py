@@ -120,6 +120,7 @@ class Qwen2MoT(nnx.Module):
         attention_impl: str = "xla_blockwise",
         block_q: int = 512,
         block_kv: int = 512,
+        tuning: str = "",
         remat: str = "none",
         return_layer_outputs: bool = False,
     ):
@@ -158,7 +159,7 @@ class Qwen2MoT(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             keys, vals = (k, v) if ck is None else (jnp.concatenate([ck, k]), jnp.concatenate([cv, v]))
             o = attention(q, keys, vals, meta, key_meta, scale=scale, impl=attention_impl,
-                          block_q=block_q, block_kv=block_kv).reshape(L, c.num_heads * c.head_dim)
+                          block_q=block_q, block_kv=block_kv, tuning=tuning).reshape(L, c.num_heads * c.head_dim)
             x = x + per_expert(lambda t, p: linear(t, p["wo"]), o, pu, pg)
             h = per_expert(lambda t, p: rms_norm(t, p["post_norm"], eps), x, pu, pg)
             x = x + per_expert(mlp, h, pu, pg)

@@ -39,6 +39,7 @@ def base_config() -> ConfigDict:
         attention_impl="xla_blockwise",
         attention_block_q=512,
         attention_block_kv=512,
+        attention_tuning="",      # pallas_gpu launch shapes per kernel, e.g. "fwd=128x64:w8:s3,dkv=64x128:w8:s2"
         timestep_shift=1.0,       # official training default (BagelConfig.timestep_shift)
     ))
     c.data = ConfigDict(dict(

@@ -49,7 +49,8 @@ def model_config_from(config) -> BagelConfig:
     m = config.model
     exec_kw = dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat=m.remat,
                    attention_impl=m.attention_impl, attention_block_q=int(m.attention_block_q),
-                   attention_block_kv=int(m.attention_block_kv), timestep_shift=float(m.timestep_shift))
+                   attention_block_kv=int(m.attention_block_kv),
+                   attention_tuning=str(m.get("attention_tuning", "")), timestep_shift=float(m.timestep_shift))
     if m.init == "checkpoint":
         if not m.ckpt:
             raise ConfigValueError("model.init='checkpoint' needs model.ckpt (an official or converted checkpoint folder)")

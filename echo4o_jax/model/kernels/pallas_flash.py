@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 
 from echo4o_jax.model.attention import CAUSAL, NOISE, TokenMeta, _pad_meta, _round_up
 
-__all__ = ["flash_attention", "block_table", "block_lists"]
+__all__ = ["flash_attention", "block_table", "block_lists", "Tile", "parse_tuning", "default_tiles"]
 
 _NEG = -1e30  # finite "masked" score (Triton-friendly); masked probabilities are zeroed explicitly
 _I32_MAX = jnp.iinfo(jnp.int32).max
@@ -220,34 +220,45 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, do_ref, l
 # ------------------------------------------------------------------------------------ pallas calls
 
 
+class Tile(NamedTuple):
+    """Triton launch shape of one kernel: q block rows, kv block rows, warps, software-pipeline stages."""
+    bq: int
+    bk: int
+    warps: int
+    stages: int
+
+
 class _Cfg(NamedTuple):
     scale: float
     bq: int
     bk: int
     groups: int
     interpret: bool
+    tiles: tuple = ()  # GPU: (fwd, dq, dkv) Tiles
 
 
 def _full(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _params(cfg: _Cfg, dp: int):
+def _params(cfg: _Cfg, tile: Tile):
     if cfg.interpret:
         return {}
     from jax.experimental.pallas import triton as plgpu
 
-    return dict(compiler_params=plgpu.CompilerParams(num_warps=4 if dp <= 64 else 8, num_stages=2))
+    return dict(compiler_params=plgpu.CompilerParams(num_warps=tile.warps, num_stages=tile.stages))
 
 
-def _fwd_call(q, k, v, qm, km, kv_idx, kv_cnt, cfg: _Cfg):
+def _fwd_call(q, k, v, qm, km, lists, cfg: _Cfg):
     Lq, H, dp = q.shape
     Lk = k.shape[0]
-    bq, G = cfg.bq, cfg.groups
+    tile = cfg.tiles[0]
+    (kv_idx, kv_cnt), G = lists[0], cfg.groups
+    bq = tile.bq
     q_spec = pl.BlockSpec((bq, None, dp), lambda i, h: (i, h, 0))
     kv_spec = pl.BlockSpec((Lk, None, dp), lambda i, h: (0, h // G, 0))
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, scale=cfg.scale, bk=cfg.bk),
+        functools.partial(_fwd_kernel, scale=cfg.scale, bk=tile.bk),
         grid=(Lq // bq, H),
         in_specs=[_full(kv_idx.shape), _full(kv_cnt.shape), q_spec, kv_spec, kv_spec,
                   pl.BlockSpec((4, bq), lambda i, h: (0, i)), _full(km.shape)],
@@ -255,14 +266,17 @@ def _fwd_call(q, k, v, qm, km, kv_idx, kv_cnt, cfg: _Cfg):
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((H, Lq), jnp.float32)],
         interpret=cfg.interpret,
         name="bagel_flash_fwd",
-        **_params(cfg, dp),
+        **_params(cfg, tile),
     )(kv_idx, kv_cnt, q, k, v, qm, km)
 
 
-def _bwd_calls(q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, do, lse, delta, cfg: _Cfg):
+def _bwd_calls(q, k, v, qm, km, lists, do, lse, delta, cfg: _Cfg):
     Lq, H, dp = q.shape
     Lk, KVH, _ = k.shape
-    bq, bk, G = cfg.bq, cfg.bk, cfg.groups
+    G = cfg.groups
+    (kv_idx, kv_cnt), (q_idx, q_cnt) = lists[1], lists[2]
+    tile = cfg.tiles[1]
+    bq, bk = tile.bq, tile.bk
     # dQ: grid over (q block, head), loop over the needed kv blocks
     q_blk = pl.BlockSpec((bq, None, dp), lambda i, h: (i, h, 0))
     kv_all = pl.BlockSpec((Lk, None, dp), lambda i, h: (0, h // G, 0))
@@ -276,8 +290,10 @@ def _bwd_calls(q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, do, lse, delta, cf
         out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
         interpret=cfg.interpret,
         name="bagel_flash_dq",
-        **_params(cfg, dp),
+        **_params(cfg, tile),
     )(kv_idx, kv_cnt, q, k, v, qm, km, do, lse, delta)
+    tile = cfg.tiles[2]
+    bq, bk = tile.bq, tile.bk
     # dK/dV: grid over (kv block, query head), loop over the needed q blocks; summed over the group below
     q_all = pl.BlockSpec((Lq, None, dp), lambda j, h: (0, h, 0))
     kv_blk = pl.BlockSpec((bk, None, dp), lambda j, h: (j, h // G, 0))
@@ -292,7 +308,7 @@ def _bwd_calls(q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, do, lse, delta, cf
         out_shape=[jax.ShapeDtypeStruct((Lk, H, dp), jnp.float32)] * 2,
         interpret=cfg.interpret,
         name="bagel_flash_dkv",
-        **_params(cfg, dp),
+        **_params(cfg, tile),
     )(q_idx, q_cnt, q, k, v, qm, km, do, lse, delta)
     dk = dk.reshape(Lk, KVH, G, dp).sum(axis=2)
     dv = dv.reshape(Lk, KVH, G, dp).sum(axis=2)
@@ -301,20 +317,21 @@ def _bwd_calls(q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, do, lse, delta, cf
 
 def flash_vjp(fwd_call, bwd_calls, delta_fn):
     """The custom-VJP flash function of one kernel family: `fwd_call(...) -> (o, lse)`,
-    `bwd_calls(...) -> (dq, dk, dv)`, `delta_fn(o, do)` = rowsum(o * do) in the kernel's layout."""
+    `bwd_calls(...) -> (dq, dk, dv)`, `delta_fn(o, do)` = rowsum(o * do) in the kernel's layout; `lists`
+    (integer block lists, no gradient) is whatever pytree the family's calls read."""
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
-    def flash(q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, cfg):
-        return fwd_call(q, k, v, qm, km, kv_idx, kv_cnt, cfg)[0]
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+    def flash(q, k, v, qm, km, lists, cfg):
+        return fwd_call(q, k, v, qm, km, lists, cfg)[0]
 
-    def fwd(q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, cfg):
-        o, lse = fwd_call(q, k, v, qm, km, kv_idx, kv_cnt, cfg)
-        return o, (q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, o, lse)
+    def fwd(q, k, v, qm, km, lists, cfg):
+        o, lse = fwd_call(q, k, v, qm, km, lists, cfg)
+        return o, (q, k, v, qm, km, lists, o, lse)
 
     def bwd(cfg, res, do):
-        q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, o, lse = res
-        dq, dk, dv = bwd_calls(q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, do, lse, delta_fn(o, do), cfg)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, qm, km, lists, o, lse = res
+        dq, dk, dv = bwd_calls(q, k, v, qm, km, lists, do, lse, delta_fn(o, do), cfg)
+        return dq, dk, dv, None, None, None
 
     flash.defvjp(fwd, bwd)
     return flash
@@ -334,11 +351,52 @@ def block_sizes(Lq: int, Lk: int, block_q: int, block_kv: int, max_block: int = 
     return bq, bk
 
 
-def prepare(q_meta: TokenMeta, k_meta: TokenMeta, Lq: int, Lk: int, bq: int, bk: int):
-    """Padded metadata ([4, L] int32 each) and the block lists (forward/dQ and dK/dV directions)."""
-    Lq_p, Lk_p = _round_up(Lq, bq), _round_up(Lk, bk)
+def parse_tuning(text: str) -> dict[str, Tile]:
+    """'fwd=128x64:w8:s3,dq=64x64:w4:s2,dkv=64x128:w8:s2' -> {kernel: Tile}; every part optional.
+
+    Per kernel: q block rows x kv block rows (powers of two >= 16), Triton warps, pipeline stages."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            name, spec = part.split("=")
+            blocks, w, st = spec.split(":")
+            bq, bk = (int(x) for x in blocks.split("x"))
+            if name not in ("fwd", "dq", "dkv") or not (w[0] == "w" and st[0] == "s"):
+                raise ValueError
+            tile = Tile(bq, bk, int(w[1:]), int(st[1:]))
+        except ValueError:
+            raise ValueError(f"attention tuning {part!r}: expected KERNEL=BQxBK:wWARPS:sSTAGES with KERNEL in "
+                             f"fwd|dq|dkv, e.g. 'fwd=128x64:w8:s3'") from None
+        if any(b < 16 or b & (b - 1) for b in (bq, bk)):
+            raise ValueError(f"attention tuning {part!r}: block sizes must be powers of two >= 16")
+        out[name] = tile
+    return out
+
+
+def default_tiles(Lq: int, Lk: int, block_q: int, block_kv: int,
+                  max_block: int = 64, tuning: str = "") -> tuple[Tile, Tile, Tile]:
+    """(fwd, dq, dkv) tiles. Default: 64 x 64 blocks (`block_sizes`, capped by `max_block`), 4 warps,
+    3 pipeline stages for the forward and 2 for the backward kernels: the fastest of the shapes
+    bench/attention_bench.py --sweep tried on an H200 for the 7B geometry's 10.7K-token pack (head dim 128,
+    bf16; fwd+bwd 7.0 ms vs 13.0 ms for 128 x 128 / 8 warps; results in bench/results/). Entries of `tuning`
+    (`parse_tuning`) replace them, their blocks capped by the padded lengths."""
+    bq, bk = block_sizes(Lq, Lk, block_q, block_kv, max_block)
+    base = Tile(bq, bk, 4, 2)
+    given = parse_tuning(tuning)
+    fit = lambda t: t._replace(bq=min(t.bq, _next_pow2(max(Lq, 16))), bk=min(t.bk, _next_pow2(max(Lk, 16))))
+    defaults = dict(fwd=base._replace(stages=3), dq=base, dkv=base)
+    return tuple(fit(given.get(name, defaults[name])) for name in ("fwd", "dq", "dkv"))
+
+
+def _pad_metas(q_meta: TokenMeta, k_meta: TokenMeta, Lq_p: int, Lk_p: int) -> tuple[TokenMeta, TokenMeta]:
     qm = _pad_meta(TokenMeta(*(jnp.asarray(x, jnp.int32) for x in q_meta)), Lq_p, -1)
     km = _pad_meta(TokenMeta(*(jnp.asarray(x, jnp.int32) for x in k_meta)), Lk_p, -2)  # padded keys match nothing
+    return qm, km
+
+
+def prepare(q_meta: TokenMeta, k_meta: TokenMeta, Lq: int, Lk: int, bq: int, bk: int):
+    """Padded metadata ([4, L] int32 each) and the block lists (forward/dQ and dK/dV directions)."""
+    qm, km = _pad_metas(q_meta, k_meta, _round_up(Lq, bq), _round_up(Lk, bk))
     table = block_table(qm, km, bq, bk)
     kv_idx, kv_cnt = block_lists(table)
     q_idx, q_cnt = block_lists(table.T)
@@ -346,17 +404,26 @@ def prepare(q_meta: TokenMeta, k_meta: TokenMeta, Lq: int, Lk: int, bq: int, bk:
 
 
 def flash_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, scale: float, block_q: int = 128,
-                    block_kv: int = 128, interpret: bool | None = None, max_block: int = 128):
-    """q [Lq, H, D], k/v [Lk, KVH, D] -> [Lq, H, D]; same contract as `attention.attention`."""
+                    block_kv: int = 128, interpret: bool | None = None, max_block: int = 64, tuning: str = ""):
+    """q [Lq, H, D], k/v [Lk, KVH, D] -> [Lq, H, D]; same contract as `attention.attention`.
+    `tuning`: per-kernel launch shapes (`parse_tuning`), e.g. measured with bench/attention_bench.py --sweep."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     Lq, H, D = q.shape
     Lk, KVH, _ = k.shape
-    bq, bk = block_sizes(Lq, Lk, block_q, block_kv, max_block)
-    Lq_p, Lk_p = _round_up(Lq, bq), _round_up(Lk, bk)
+    tiles = default_tiles(Lq, Lk, block_q, block_kv, max_block, tuning)
+    Lq_p = _round_up(Lq, max(t.bq for t in tiles))  # powers of two: a multiple of every tile's block
+    Lk_p = _round_up(Lk, max(t.bk for t in tiles))
     dp = max(16, _next_pow2(D))
-    qm, km, _, lists = prepare(q_meta, k_meta, Lq, Lk, bq, bk)
+    qm, km = _pad_metas(q_meta, k_meta, Lq_p, Lk_p)
+    lists = {}
+    for t in tiles:
+        if (t.bq, t.bk) not in lists:
+            table = block_table(qm, km, t.bq, t.bk)
+            lists[t.bq, t.bk] = (block_lists(table), block_lists(table.T))
+    fwd, dq, dkv = tiles
+    lists = (lists[fwd.bq, fwd.bk][0], lists[dq.bq, dq.bk][0], lists[dkv.bq, dkv.bk][1])
     pad = lambda x, L: jnp.pad(x, ((0, L - x.shape[0]), (0, 0), (0, dp - D)))
-    cfg = _Cfg(float(scale), bq, bk, H // KVH, bool(interpret))
-    o = _flash(pad(q, Lq_p), pad(k, Lk_p), pad(v, Lk_p), qm, km, *lists, cfg)
+    cfg = _Cfg(float(scale), fwd.bq, fwd.bk, H // KVH, bool(interpret), tiles)
+    o = _flash(pad(q, Lq_p), pad(k, Lk_p), pad(v, Lk_p), jnp.stack(qm), jnp.stack(km), lists, cfg)
     return o[:Lq, :, :D]

@@ -125,7 +125,8 @@ def _params(cfg):
     return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")))
 
 
-def _fwd_call(q, k, v, qm, km, kv_idx, kv_cnt, cfg: _Cfg):
+def _fwd_call(q, k, v, qm, km, lists, cfg: _Cfg):
+    kv_idx, kv_cnt = lists[:2]
     H, Lq, D = q.shape
     Lk = k.shape[1]
     bq, bk, G = cfg.bq, cfg.bk, cfg.groups
@@ -158,7 +159,8 @@ def _fwd_call(q, k, v, qm, km, kv_idx, kv_cnt, cfg: _Cfg):
     )(kv_idx.reshape(-1), kv_cnt, q, k, v, qm, km)
 
 
-def _bwd_calls(q, k, v, qm, km, kv_idx, kv_cnt, q_idx, q_cnt, do, lse, delta, cfg: _Cfg):
+def _bwd_calls(q, k, v, qm, km, lists, do, lse, delta, cfg: _Cfg):
+    kv_idx, kv_cnt, q_idx, q_cnt = lists
     H, Lq, D = q.shape
     KVH, Lk, _ = k.shape
     bq, bk, G = cfg.bq, cfg.bk, cfg.groups
@@ -223,5 +225,5 @@ def flash_attention_tpu(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, scale:
     qm, km, _, lists = prepare(q_meta, k_meta, Lq, Lk, bq, bk)
     tr = lambda x, L: jnp.transpose(jnp.pad(x, ((0, L - x.shape[0]), (0, 0), (0, 0))), (1, 0, 2))
     cfg = _Cfg(float(scale), bq, bk, H // KVH, bool(interpret))
-    o = _flash(tr(q, Lq_p), tr(k, Lk_p), tr(v, Lk_p), qm[:, :, None], km[:, None, :], *lists, cfg)
+    o = _flash(tr(q, Lq_p), tr(k, Lk_p), tr(v, Lk_p), qm[:, :, None], km[:, None, :], lists, cfg)
     return jnp.transpose(o, (1, 0, 2))[:Lq]
