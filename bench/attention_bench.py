@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="pallas_gpu: time launch shapes (FWD_TILES, then BWD_TILES "
                                                         "with the best forward) and print the best tuning string")
     ap.add_argument("--no-check", action="store_true", help="skip the float32 exactness check")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="inputs of the timed runs")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
@@ -111,11 +112,18 @@ def main(argv=None) -> int:
     print(f"pack: L={L} real={n_real} samples={len(lens)} sum(len^2)/L^2={np.sum(lens.astype(float)**2) / L**2:.3f} "
           f"H={H} KVH={KVH} D={D} backend={jax.default_backend()} device={jax.devices()[0].device_kind}", flush=True)
 
+    from bench.cpu_baseline import naive_attention_from_meta
+
+    naive, _ = naive_attention_from_meta(meta)
+
+    def attn(impl):  # "naive_per_sample": bench/cpu_baseline.py's per-sample dense-mask attention
+        return naive if impl == "naive_per_sample" else attention
+
     def fb(impl, dtype, tuning=""):
         kw = dict(block_q=args.block, block_kv=args.block) if args.block else {}
 
         def loss(q, k, v, w):
-            o = attention(q, k, v, meta_j, meta_j, scale=scale, impl=impl, tuning=tuning, **kw)
+            o = attn(impl)(q, k, v, meta_j, meta_j, scale=scale, impl=impl, tuning=tuning, **kw)
             return jnp.sum(o.astype(jnp.float32) * w)
 
         g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -124,8 +132,10 @@ def main(argv=None) -> int:
 
     def fwd_only(impl, tuning=""):
         kw = dict(block_q=args.block, block_kv=args.block) if args.block else {}
-        return jax.jit(lambda q, k, v: attention(q, k, v, meta_j, meta_j, scale=scale, impl=impl, tuning=tuning, **kw))
+        return jax.jit(lambda q, k, v: attn(impl)(q, k, v, meta_j, meta_j, scale=scale, impl=impl, tuning=tuning,
+                                                  **kw))
 
+    dt = jnp.dtype(args.dtype)
     ref = None
     if not args.no_check:
         g, a = fb("xla_blockwise", jnp.float32)
@@ -135,12 +145,15 @@ def main(argv=None) -> int:
     for impl in [x for x in args.impls.split(",") if x]:
         r = dict(impl=impl)
         try:
-            if impl.startswith("pallas"):
+            if impl == "naive_per_sample":
+                bq = bk = 0
+            elif impl.startswith("pallas"):
                 bq, bk = default_tiles(L, L, args.block or 64, args.block or 64)[0][:2]
             else:
                 bq = bk = min(args.block or 512, -(-L // 8) * 8)
-            r["blocks_kept"] = float(jnp.mean(prepare(meta_j, meta_j, L, L, bq, bk)[2]))
-            g, a = fb(impl, jnp.bfloat16)
+            if bq:
+                r["blocks_kept"] = float(jnp.mean(prepare(meta_j, meta_j, L, L, bq, bk)[2]))
+            g, a = fb(impl, dt)
             t0 = time.perf_counter()
             jax.block_until_ready(g(*a))
             r["compile_s"] = round(time.perf_counter() - t0, 2)
@@ -164,7 +177,7 @@ def main(argv=None) -> int:
     sweep = None
     if args.sweep:
         sweep = dict(fwd=[], bwd=[])
-        bf = (q32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16), v32.astype(jnp.bfloat16))
+        bf = (q32.astype(dt), k32.astype(dt), v32.astype(dt))
         best_fwd, best_t = "", float("inf")
         for t in FWD_TILES:  # forward alone
             sec, err = _timed(lambda: fwd_only("pallas_gpu", f"fwd={t}"), bf, args.iters)
@@ -177,7 +190,7 @@ def main(argv=None) -> int:
         best, best_t = f"fwd={best_fwd}", float("inf")
         for dq, dkv in BWD_TILES:  # forward + backward, with the best forward
             tuning = f"fwd={best_fwd},dq={dq},dkv={dkv}"
-            sec, err = _timed(lambda: fb("pallas_gpu", jnp.bfloat16, tuning)[0], bf + (w32,), args.iters)
+            sec, err = _timed(lambda: fb("pallas_gpu", dt, tuning)[0], bf + (w32,), args.iters)
             sweep["bwd"].append(dict(tuning=tuning, fwd_bwd_s=sec) if err is None else dict(tuning=tuning, error=err))
             if err:
                 continue
@@ -197,7 +210,7 @@ def main(argv=None) -> int:
                 return jnp.sum(o.astype(jnp.float32) * w)
 
             g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-            a = (q32.astype(jnp.bfloat16), k32.astype(jnp.bfloat16), v32.astype(jnp.bfloat16), w32)
+            a = (q32.astype(dt), k32.astype(dt), v32.astype(dt), w32)
             t0 = time.perf_counter()
             jax.block_until_ready(g(*a))
             r["compile_s"] = round(time.perf_counter() - t0, 2)

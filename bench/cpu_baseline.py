@@ -11,7 +11,8 @@ step (VAE encode, loss, backward, AdamW, EMA). It is swapped in by replacing the
 decoder calls (`echo4o_jax.model.qwen2_mot.attention`) while the naive step is traced.
 
 Variants, all compiled with jit: `xla_blockwise` (default impl), `xla_dense` (one masked L x L attention over
-the whole pack) and `naive_per_sample`. Steps of the variants are interleaved (round-robin) so that load from
+the whole pack) and `naive_per_sample`; `no_attention` (attention replaced by its query input) times
+everything else in the step, the floor any attention implementation adds to. Steps of the variants are interleaved (round-robin) so that load from
 other processes on the machine hits them alike; the table reports the median step time and tokens/s over
 real (non-padding) tokens, and the losses of the first step (they must agree: same math).
 """
@@ -65,21 +66,30 @@ def make_config(args):
 def naive_attention_for(batch):
     """An attention function with the same signature as `echo4o_jax.model.attention.attention`, doing the
     naive per-sample dense-mask computation for the (host-known) single pack `batch`."""
+    import numpy as np
+
+    from echo4o_jax.model.attention import TokenMeta
+
+    return naive_attention_from_meta(
+        TokenMeta(*(np.asarray(getattr(batch, k))[0] for k in ("sample_id", "split_id", "split_mode", "order"))))
+
+
+def naive_attention_from_meta(meta):
+    """`naive_attention_for` from one pack's numpy TokenMeta: (attention function, sample lengths)."""
     import jax.numpy as jnp
     import numpy as np
 
     from echo4o_jax.model.attention import TokenMeta
 
-    sid = np.asarray(batch.sample_id)[0]
-    meta = TokenMeta(*(np.asarray(getattr(batch, k))[0] for k in ("sample_id", "split_id", "split_mode", "order")))
+    sid = np.asarray(meta.sample)
     samples = []
-    for s in range(int(np.asarray(batch.num_samples)[0])):
+    for s in range(int(sid.max()) + 1):
         idx = np.nonzero(sid == s)[0]
-        m = TokenMeta(*(x[idx] for x in meta))
+        m = TokenMeta(*(np.asarray(x)[idx] for x in meta))
         allowed = _np_mask(m)
         samples.append((idx, np.where(allowed, 0.0, -np.inf).astype(np.float32)))  # official float mask
 
-    def attention(q, k, v, q_meta, k_meta, *, scale, impl="", block_q=0, block_kv=0):
+    def attention(q, k, v, q_meta, k_meta, *, scale, **_):  # impl / block / tuning arguments: unused
         L, H, D = q.shape
         KVH = k.shape[1]
         k_r = jnp.repeat(k, H // KVH, axis=1)  # repeat_kv
@@ -130,7 +140,9 @@ def main(argv=None) -> int:
     ap.add_argument("--text-budget", type=int, default=512)
     ap.add_argument("--vit-budget", type=int, default=512)
     ap.add_argument("--vae-budget", type=int, default=1024)
-    ap.add_argument("--variants", default="xla_blockwise,xla_dense,naive_per_sample")
+    ap.add_argument("--variants", default="xla_blockwise,xla_dense,naive_per_sample",
+                    help="comma-separated; xla_blockwise:B sets attention_block_q = attention_block_kv = B")
+    ap.add_argument("--block", type=int, default=64, help="attention block (q and kv) of xla_blockwise")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
@@ -147,12 +159,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as wd:
         for name in variants:
             c.model.attention_impl = "xla_dense" if name == "xla_dense" else "xla_blockwise"
+            c.model.attention_block_q = c.model.attention_block_kv = int(name.split(":")[1]) if ":" in name else args.block
             tr = Trainer(c, os.path.join(wd, name))
             if batch is None:
                 batch = next(tr.source)  # one fixed pack for every variant and step
             if name == "naive_per_sample":
                 naive, lens = naive_attention_for(batch)
                 qmot.attention = naive
+            if name == "no_attention":  # a floor: every other part of the step, attention output = q
+                qmot.attention = lambda q, k, v, q_meta, k_meta, **_: q
             try:
                 t0 = time.perf_counter()
                 compile_s = tr.compile(batch)

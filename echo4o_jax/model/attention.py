@@ -13,8 +13,9 @@ Rules (official `prepare_attention_mask_per_sample` / flex `create_sparse_mask`)
   3. forbidden if j is in a NOISE split other than i's own (nobody reads a noisy image);
   4. padding (sample < 0) attends to itself only, so it stays finite and inert.
 
-One entry point, `attention`, with a memory-efficient XLA reference implementation (`xla_blockwise`:
-query blocks x key blocks with an online softmax, never an L x L score tensor) and a dense one
+One entry point, `attention`, with a memory-efficient XLA implementation (`xla_blockwise`: flash
+attention in plain XLA with a custom VJP, looping only over the (q block, kv block) pairs the mask does
+not provably empty, also under vmap; never an L x L score tensor) and a dense one
 (`xla_dense`, for tests and tiny inputs). Fused kernels (echo4o_jax/model/kernels): `pallas_gpu`
 (Pallas flash attention, forward + backward, mask computed in-kernel from the metadata, block
 skipping; Triton on GPU, interpret mode on CPU), `pallas_tpu` (the same kernel laid out for Mosaic:
@@ -136,58 +137,220 @@ def _pad_meta(m: TokenMeta, n: int, sample_fill: int) -> TokenMeta:
     )
 
 
+# ------------------------------------------------------------------ block skipping and flash VJP (shared
+# with the Pallas kernels in echo4o_jax/model/kernels)
+
+_I32_MAX = jnp.iinfo(jnp.int32).max
+_I32_MIN = jnp.iinfo(jnp.int32).min
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class _Bounds(NamedTuple):
+    s_min: jax.Array  # sample range of real (sample >= 0) tokens
+    s_max: jax.Array
+    sp_min: jax.Array  # split range of real tokens
+    sp_max: jax.Array
+    o_lo: jax.Array  # q: max order of real tokens; k: min order of real non-NOISE tokens
+    po_min: jax.Array  # order range of padding (sample < 0) tokens
+    po_max: jax.Array
+
+
+def _bounds(m: TokenMeta, b: int, is_key: bool) -> _Bounds:
+    n = m.sample.shape[0] // b
+    r = lambda x: x.reshape(n, b)
+    s, sp, mo, o = r(m.sample), r(m.split), r(m.mode), r(m.order)
+    real, pad = s >= 0, s < 0
+    mn = lambda x, w: jnp.where(w, x, _I32_MAX).min(axis=1)
+    mx = lambda x, w: jnp.where(w, x, _I32_MIN).max(axis=1)
+    o_lo = mn(o, real & (mo != NOISE)) if is_key else mx(o, real)
+    return _Bounds(mn(s, real), mx(s, real), mn(sp, real), mx(sp, real), o_lo, mn(o, pad), mx(o, pad))
+
+
+def _overlap(a_min, a_max, b_min, b_max):
+    return (a_min[:, None] <= b_max[None, :]) & (b_min[None, :] <= a_max[:, None])
+
+
+def block_table(q_meta: TokenMeta, k_meta: TokenMeta, bq: int, bk: int) -> jax.Array:
+    """Conservative bool [Lq/bq, Lk/bk]: False only if no (query, key) pair of the two blocks is allowed.
+
+    An allowed real pair needs the same sample and either order_k <= order_q with key not NOISE
+    (a NOISE key is only visible inside its own split), or the same split; padding pairs need equal
+    orders among padding tokens. Each condition is relaxed to an interval-overlap test on per-block
+    bounds, so the table is a superset of the exact block mask.
+    """
+    qb, kb = _bounds(q_meta, bq, False), _bounds(k_meta, bk, True)
+    same_sample = _overlap(qb.s_min, qb.s_max, kb.s_min, kb.s_max)
+    causal = kb.o_lo[None, :] <= qb.o_lo[:, None]
+    same_split = _overlap(qb.sp_min, qb.sp_max, kb.sp_min, kb.sp_max)
+    pad = _overlap(qb.po_min, qb.po_max, kb.po_min, kb.po_max)
+    return (same_sample & (causal | same_split)) | pad
+
+
+def block_lists(table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row: indices of the True columns first (ascending), padded to a power of two; and counts
+    (length padded to a power of two, for Triton-friendly whole-array blocks)."""
+    n_rows, n_cols = table.shape
+    idx = jnp.argsort(~table, axis=1, stable=True).astype(jnp.int32)
+    idx = jnp.pad(idx, ((0, 0), (0, _next_pow2(n_cols) - n_cols)))
+    cnt = table.sum(axis=1, dtype=jnp.int32)
+    cnt = jnp.pad(cnt, (0, _next_pow2(n_rows) - n_rows))
+    return idx, cnt
+
+
+class _Cfg(NamedTuple):
+    scale: float
+    bq: int
+    bk: int
+    groups: int
+    interpret: bool
+    tiles: tuple = ()  # GPU: (fwd, dq, dkv) Tiles
+
+
+def flash_vjp(fwd_call, bwd_calls, delta_fn):
+    """The custom-VJP flash function of one kernel family: `fwd_call(...) -> (o, lse)`,
+    `bwd_calls(...) -> (dq, dk, dv)`, `delta_fn(o, do)` = rowsum(o * do) in the kernel's layout; `lists`
+    (integer block lists, no gradient) is whatever pytree the family's calls read."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+    def flash(q, k, v, qm, km, lists, cfg):
+        return fwd_call(q, k, v, qm, km, lists, cfg)[0]
+
+    def fwd(q, k, v, qm, km, lists, cfg):
+        o, lse = fwd_call(q, k, v, qm, km, lists, cfg)
+        return o, (q, k, v, qm, km, lists, o, lse)
+
+    def bwd(cfg, res, do):
+        q, k, v, qm, km, lists, o, lse = res
+        dq, dk, dv = bwd_calls(q, k, v, qm, km, lists, do, lse, delta_fn(o, do), cfg)
+        return dq, dk, dv, None, None, None
+
+    flash.defvjp(fwd, bwd)
+    return flash
+
+
 def _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv):
+    """Flash attention in plain XLA: the kernels' algorithm (online softmax forward, dQ and dK/dV passes
+    with a custom VJP) looping, per block, over the compacted list of the blocks the mask does not empty
+    (`kernels.pallas_flash.block_table` / `block_lists`). The loops have dynamic trip counts, so skipped
+    blocks cost nothing, also under `vmap` over packs (a batched loop runs the longest list of the batch).
+    Residuals: q, k, v, o and the row log-sum-exp; no score block outlives its loop iteration."""
     Lq, H, D = q.shape
     Lk, KVH, _ = k.shape
-    G = H // KVH
     bq = min(block_q, _round_up(Lq, 8))
     bk = min(block_kv, _round_up(Lk, 8))
     Lq_p, Lk_p = _round_up(Lq, bq), _round_up(Lk, bk)
-    q_meta = TokenMeta(*(jnp.asarray(x, jnp.int32) for x in q_meta))
-    k_meta = TokenMeta(*(jnp.asarray(x, jnp.int32) for x in k_meta))
-    qp = jnp.pad(q, ((0, Lq_p - Lq), (0, 0), (0, 0))).reshape(Lq_p // bq, bq, KVH, G, D)
-    kp = jnp.pad(k, ((0, Lk_p - Lk), (0, 0), (0, 0))).reshape(Lk_p // bk, bk, KVH, D)
-    vp = jnp.pad(v, ((0, Lk_p - Lk), (0, 0), (0, 0))).reshape(Lk_p // bk, bk, KVH, D)
-    qm = _pad_meta(q_meta, Lq_p, -1)
-    km = _pad_meta(k_meta, Lk_p, -2)  # padded keys match nothing
-    qm_b = TokenMeta(*(x.reshape(Lq_p // bq, bq) for x in qm))
-    km_b = TokenMeta(*(x.reshape(Lk_p // bk, bk) for x in km))
+    qm = _pad_meta(TokenMeta(*(jnp.asarray(x, jnp.int32) for x in q_meta)), Lq_p, -1)
+    km = _pad_meta(TokenMeta(*(jnp.asarray(x, jnp.int32) for x in k_meta)), Lk_p, -2)  # padded keys match nothing
+    table = block_table(qm, km, bq, bk)
+    lists = block_lists(table) + block_lists(table.T)
+    pad = lambda x, L: jnp.pad(x, ((0, L - x.shape[0]), (0, 0), (0, 0)))
+    cfg = _Cfg(float(scale), bq, bk, H // KVH, False)
+    o = _xla_flash(pad(q, Lq_p), pad(k, Lk_p), pad(v, Lk_p), jnp.stack(qm), jnp.stack(km), lists, cfg)
+    return o[:Lq]
 
-    @jax.checkpoint
-    def one_q_block(args):
-        qb, qmb, need_row = args  # [bq, KVH, G, D]; need_row [nk]: False = no allowed pair in that kv block
 
-        def body(carry, kv):
-            kb, vb, kmb, need = kv
-            return jax.lax.cond(need, lambda c: update(c, kb, vb, kmb), lambda c: c, carry), None
+def _step_blocks(idx, cnt, t):
+    """Step t of every row's block list: (block index per row [n], whether row has a t-th block [n])."""
+    n = idx.shape[0]
+    return idx[:, t], t < cnt[:n]
 
-        def update(carry, kb, vb, kmb):
-            m, l, acc = carry
-            s = jnp.einsum("qhgd,khd->hgqk", qb, kb, preferred_element_type=jnp.float32) * scale
-            mask = mask_from_meta(TokenMeta(*qmb), TokenMeta(*kmb))[None, None]
-            s = jnp.where(mask, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
-            alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-            l = l * alpha + p.sum(axis=-1)
-            acc = acc * alpha[..., None] + jnp.einsum(
-                "hgqk,khd->hgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32
-            )
-            return m_new, l, acc
 
-        init = (
-            jnp.full((KVH, G, bq), -jnp.inf, jnp.float32),
-            jnp.zeros((KVH, G, bq), jnp.float32),
-            jnp.zeros((KVH, G, bq, D), jnp.float32),
-        )
-        (m, l, acc), _ = jax.lax.scan(body, init, (kp, vp, tuple(km_b), need_row))
-        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-        return jnp.transpose(out, (2, 0, 1, 3))  # [bq, KVH, G, D]
+def _scores(qb, kb, qmb, kmb, valid, scale):
+    """Row-batched block pairs: qb [n, bq, KVH, G, D], kb [n, bk, KVH, D], metas [4, n, b], valid [n] ->
+    (fp32 scores [n, KVH, G, bq, bk], mask [n, 1, 1, bq, bk])."""
+    s = jnp.einsum("nqhgd,nkhd->nhgqk", qb, kb, preferred_element_type=jnp.float32) * scale
+    mask = jax.vmap(mask_from_meta)(TokenMeta(*qmb), TokenMeta(*kmb)) & valid[:, None, None]
+    return s, mask[:, None, None]
 
-    # block skipping: (q block, kv block) pairs whose mask is provably empty are not computed
-    from .kernels.pallas_flash import block_table
 
-    need = block_table(qm, km, bq, bk)
-    out = jax.lax.map(one_q_block, (qp, tuple(qm_b), need))
-    return out.reshape(Lq_p, H, D)[:Lq].astype(q.dtype)
+def _xla_fwd(q, k, v, qm, km, lists, cfg):
+    """Forward. Step t handles, for every q block at once, the t-th kv block of its list (rows whose list
+    is shorter are masked), for t < the longest list: few large steps instead of one per block pair."""
+    Lq, H, D = q.shape
+    Lk, KVH, _ = k.shape
+    G, bq, bk = cfg.groups, cfg.bq, cfg.bk
+    nq, nk = Lq // bq, Lk // bk
+    kv_idx, kv_cnt = lists[0], lists[1]
+    qb, qmb = q.reshape(nq, bq, KVH, G, D), qm.reshape(4, nq, bq)
+    kb_all, vb_all, kmb_all = k.reshape(nk, bk, KVH, D), v.reshape(nk, bk, KVH, D), km.reshape(4, nk, bk)
+
+    def body(t, carry):
+        m, l, acc = carry
+        j, valid = _step_blocks(kv_idx, kv_cnt, t)
+        s, mask = _scores(qb, kb_all[j], qmb, kmb_all[:, j], valid, cfg.scale)
+        s = jnp.where(mask, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
+        alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
+        vb = vb_all[j]
+        acc = acc * alpha[..., None] + jnp.einsum("nhgqk,nkhd->nhgqd", p.astype(vb.dtype), vb,
+                                                  preferred_element_type=jnp.float32)
+        return m_new, l * alpha + p.sum(axis=-1), acc
+
+    init = (jnp.full((nq, KVH, G, bq), -jnp.inf, jnp.float32), jnp.zeros((nq, KVH, G, bq), jnp.float32),
+            jnp.zeros((nq, KVH, G, bq, D), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, jnp.max(kv_cnt[:nq]), body, init)
+    ok = l > 0
+    o = acc / jnp.where(ok, l, 1.0)[..., None]
+    lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), 0.0)  # [nq, KVH, G, bq]
+    return (jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(Lq, H, D).astype(q.dtype),
+            jnp.transpose(lse, (1, 2, 0, 3)).reshape(KVH, G, Lq))
+
+
+def _xla_bwd(q, k, v, qm, km, lists, do, lse, delta, cfg):
+    """dQ (rows = q blocks, steps over their kv lists) and dK/dV (rows = kv blocks, steps over their q
+    lists), each batched over rows like the forward; GQA groups are summed inside the dK/dV einsums."""
+    Lq, H, D = q.shape
+    Lk, KVH, _ = k.shape
+    G, bq, bk = cfg.groups, cfg.bq, cfg.bk
+    nq, nk = Lq // bq, Lk // bk
+    kv_idx, kv_cnt, q_idx, q_cnt = lists
+    qb_all, dob_all = (x.reshape(nq, bq, KVH, G, D) for x in (q, do))
+    kb_all, vb_all = k.reshape(nk, bk, KVH, D), v.reshape(nk, bk, KVH, D)
+    qmb_all, kmb_all = qm.reshape(4, nq, bq), km.reshape(4, nk, bk)
+    lse_b, delta_b = (jnp.transpose(x.reshape(KVH, G, nq, bq), (2, 0, 1, 3)) for x in (lse, delta))
+
+    def probs(qb, kb, qmb, kmb, valid, lse_rows):  # p [n, KVH, G, bq, bk] from the saved log-sum-exp
+        s, mask = _scores(qb, kb, qmb, kmb, valid, cfg.scale)
+        return jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse_rows[..., None]), 0.0)
+
+    def dq_body(t, dq):
+        j, valid = _step_blocks(kv_idx, kv_cnt, t)
+        kb, vb = kb_all[j], vb_all[j]
+        p = probs(qb_all, kb, qmb_all, kmb_all[:, j], valid, lse_b)
+        dp = jnp.einsum("nqhgd,nkhd->nhgqk", dob_all, vb, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_b[..., None])
+        return dq + jnp.einsum("nhgqk,nkhd->nqhgd", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
+
+    dq = jax.lax.fori_loop(0, jnp.max(kv_cnt[:nq]), dq_body, jnp.zeros((nq, bq, KVH, G, D), jnp.float32))
+
+    def dkv_body(t, carry):
+        dk, dv = carry
+        i, valid = _step_blocks(q_idx, q_cnt, t)
+        qb, dob = qb_all[i], dob_all[i]
+        p = probs(qb, kb_all, qmb_all[:, i], kmb_all, valid, lse_b[i])
+        dv = dv + jnp.einsum("nhgqk,nqhgd->nkhd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("nqhgd,nkhd->nhgqk", dob, vb_all, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_b[i][..., None])
+        dk = dk + jnp.einsum("nhgqk,nqhgd->nkhd", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    zeros = jnp.zeros((nk, bk, KVH, D), jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, jnp.max(q_cnt[:nk]), dkv_body, (zeros, zeros))
+    return ((dq * cfg.scale).reshape(Lq, H, D).astype(q.dtype), (dk * cfg.scale).reshape(Lk, KVH, D).astype(k.dtype),
+            dv.reshape(Lk, KVH, D).astype(v.dtype))
+
+
+def _xla_delta(o, do):  # rowsum(o * do) [H, L]; reshaped to the log-sum-exp's [KVH, G, L] by the bwd
+    return jnp.einsum("qhd,qhd->hq", o.astype(jnp.float32), do.astype(jnp.float32))
+
+
+def _xla_bwd_calls(q, k, v, qm, km, lists, do, lse, delta, cfg):
+    return _xla_bwd(q, k, v, qm, km, lists, do, lse, delta.reshape(lse.shape), cfg)
+
+
+_xla_flash = flash_vjp(_xla_fwd, _xla_bwd_calls, _xla_delta)

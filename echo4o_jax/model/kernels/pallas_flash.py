@@ -34,17 +34,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from echo4o_jax.model.attention import CAUSAL, NOISE, TokenMeta, _pad_meta, _round_up
+from echo4o_jax.model.attention import (CAUSAL, NOISE, TokenMeta, _Cfg, _next_pow2, _pad_meta, _round_up, block_lists,
+                                        block_table, flash_vjp)
 
 __all__ = ["flash_attention", "block_table", "block_lists", "Tile", "parse_tuning", "default_tiles"]
 
 _NEG = -1e30  # finite "masked" score (Triton-friendly); masked probabilities are zeroed explicitly
-_I32_MAX = jnp.iinfo(jnp.int32).max
-_I32_MIN = jnp.iinfo(jnp.int32).min
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _pow2_floor(n: int) -> int:
@@ -52,58 +47,6 @@ def _pow2_floor(n: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ block tables
-
-
-class _Bounds(NamedTuple):
-    s_min: jax.Array  # sample range of real (sample >= 0) tokens
-    s_max: jax.Array
-    sp_min: jax.Array  # split range of real tokens
-    sp_max: jax.Array
-    o_lo: jax.Array  # q: max order of real tokens; k: min order of real non-NOISE tokens
-    po_min: jax.Array  # order range of padding (sample < 0) tokens
-    po_max: jax.Array
-
-
-def _bounds(m: TokenMeta, b: int, is_key: bool) -> _Bounds:
-    n = m.sample.shape[0] // b
-    r = lambda x: x.reshape(n, b)
-    s, sp, mo, o = r(m.sample), r(m.split), r(m.mode), r(m.order)
-    real, pad = s >= 0, s < 0
-    mn = lambda x, w: jnp.where(w, x, _I32_MAX).min(axis=1)
-    mx = lambda x, w: jnp.where(w, x, _I32_MIN).max(axis=1)
-    o_lo = mn(o, real & (mo != NOISE)) if is_key else mx(o, real)
-    return _Bounds(mn(s, real), mx(s, real), mn(sp, real), mx(sp, real), o_lo, mn(o, pad), mx(o, pad))
-
-
-def _overlap(a_min, a_max, b_min, b_max):
-    return (a_min[:, None] <= b_max[None, :]) & (b_min[None, :] <= a_max[:, None])
-
-
-def block_table(q_meta: TokenMeta, k_meta: TokenMeta, bq: int, bk: int) -> jax.Array:
-    """Conservative bool [Lq/bq, Lk/bk]: False only if no (query, key) pair of the two blocks is allowed.
-
-    An allowed real pair needs the same sample and either order_k <= order_q with key not NOISE
-    (a NOISE key is only visible inside its own split), or the same split; padding pairs need equal
-    orders among padding tokens. Each condition is relaxed to an interval-overlap test on per-block
-    bounds, so the table is a superset of the exact block mask.
-    """
-    qb, kb = _bounds(q_meta, bq, False), _bounds(k_meta, bk, True)
-    same_sample = _overlap(qb.s_min, qb.s_max, kb.s_min, kb.s_max)
-    causal = kb.o_lo[None, :] <= qb.o_lo[:, None]
-    same_split = _overlap(qb.sp_min, qb.sp_max, kb.sp_min, kb.sp_max)
-    pad = _overlap(qb.po_min, qb.po_max, kb.po_min, kb.po_max)
-    return (same_sample & (causal | same_split)) | pad
-
-
-def block_lists(table: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per row: indices of the True columns first (ascending), padded to a power of two; and counts
-    (length padded to a power of two, for Triton-friendly whole-array blocks)."""
-    n_rows, n_cols = table.shape
-    idx = jnp.argsort(~table, axis=1, stable=True).astype(jnp.int32)
-    idx = jnp.pad(idx, ((0, 0), (0, _next_pow2(n_cols) - n_cols)))
-    cnt = table.sum(axis=1, dtype=jnp.int32)
-    cnt = jnp.pad(cnt, (0, _next_pow2(n_rows) - n_rows))
-    return idx, cnt
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -228,15 +171,6 @@ class Tile(NamedTuple):
     stages: int
 
 
-class _Cfg(NamedTuple):
-    scale: float
-    bq: int
-    bk: int
-    groups: int
-    interpret: bool
-    tiles: tuple = ()  # GPU: (fwd, dq, dkv) Tiles
-
-
 def _full(shape):
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
@@ -313,28 +247,6 @@ def _bwd_calls(q, k, v, qm, km, lists, do, lse, delta, cfg: _Cfg):
     dk = dk.reshape(Lk, KVH, G, dp).sum(axis=2)
     dv = dv.reshape(Lk, KVH, G, dp).sum(axis=2)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-def flash_vjp(fwd_call, bwd_calls, delta_fn):
-    """The custom-VJP flash function of one kernel family: `fwd_call(...) -> (o, lse)`,
-    `bwd_calls(...) -> (dq, dk, dv)`, `delta_fn(o, do)` = rowsum(o * do) in the kernel's layout; `lists`
-    (integer block lists, no gradient) is whatever pytree the family's calls read."""
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-    def flash(q, k, v, qm, km, lists, cfg):
-        return fwd_call(q, k, v, qm, km, lists, cfg)[0]
-
-    def fwd(q, k, v, qm, km, lists, cfg):
-        o, lse = fwd_call(q, k, v, qm, km, lists, cfg)
-        return o, (q, k, v, qm, km, lists, o, lse)
-
-    def bwd(cfg, res, do):
-        q, k, v, qm, km, lists, o, lse = res
-        dq, dk, dv = bwd_calls(q, k, v, qm, km, lists, do, lse, delta_fn(o, do), cfg)
-        return dq, dk, dv, None, None, None
-
-    flash.defvjp(fwd, bwd)
-    return flash
 
 
 _flash = flash_vjp(_fwd_call, _bwd_calls,

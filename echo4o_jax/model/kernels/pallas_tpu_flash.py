@@ -22,7 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from echo4o_jax.model.attention import TokenMeta, _round_up
-from echo4o_jax.model.kernels.pallas_flash import _NEG, _Cfg, _dot, _dot_t, _dot_tn, _mask_2d, flash_vjp, prepare
+from echo4o_jax.model.attention import _Cfg, flash_vjp
+from echo4o_jax.model.kernels.pallas_flash import _NEG, _dot, _dot_t, _dot_tn, _mask_2d, prepare
 
 __all__ = ["flash_attention_tpu"]
 
