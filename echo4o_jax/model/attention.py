@@ -94,16 +94,37 @@ def attention(
         from echo4o_jax.model.kernels.pallas_tpu_flash import flash_attention_tpu
 
         # Mosaic on TPU, interpret mode when the default backend is the CPU
-        return flash_attention_tpu(q, k, v, q_meta, k_meta, scale=scale, block_q=block_q, block_kv=block_kv)
+        kernel = functools.partial(flash_attention_tpu, scale=scale, block_q=block_q, block_kv=block_kv)
+        return _per_shard(kernel, q, k, v, q_meta, k_meta)
     if impl in PALLAS_IMPLS:
         from echo4o_jax.model.kernels.pallas_flash import flash_attention
 
         # pallas_gpu: Triton lowering on GPU, interpret mode when the default backend is the CPU;
         # pallas_interpret: always interpret mode (any backend; slow, for tests and debugging).
         interpret = True if impl == "pallas_interpret" else None
-        return flash_attention(q, k, v, q_meta, k_meta, scale=scale, block_q=block_q, block_kv=block_kv,
-                               interpret=interpret, tuning=tuning)
+        kernel = functools.partial(flash_attention, scale=scale, block_q=block_q, block_kv=block_kv,
+                                   interpret=interpret, tuning=tuning)
+        return _per_shard(kernel, q, k, v, q_meta, k_meta)
     raise ValueError(f"unknown attention impl {impl!r}")
+
+
+def _per_shard(kernel, q, k, v, q_meta, k_meta):
+    """Run a Pallas kernel on each device's own shard under the current mesh (`jax.set_mesh`).
+
+    The SPMD partitioner cannot split a kernel call: left alone it would gather every pack of the global
+    batch onto every device. Inside `shard_map` each device runs the kernel on its local data: heads split
+    over "tensor" (when the mesh has it and the KV heads divide), and, under the model's
+    `vmap(..., spmd_axis_name=("data", "fsdp"))` over packs, the packs axis split over the batch axes
+    (shard_map's batching rule maps the vmapped axis to `spmd_axis_name`). Without a mesh: a plain call."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, q_meta, k_meta)
+    P = jax.sharding.PartitionSpec
+    tp = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tp > 1 and k.shape[1] % tp == 0 else None
+    spec, mspec = P(None, heads, None), TokenMeta(*([P(None)] * 4))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, mspec, mspec), out_specs=spec,
+                         check_vma=False)(q, k, v, q_meta, k_meta)
 
 
 def _dense(q, k, v, mask, scale):
