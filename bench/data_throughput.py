@@ -14,12 +14,15 @@ Workloads (synthetic photo-like JPEGs, quality 90, written once into --data-dir)
     max 11520, per-sample 10240 tokens; static budget text 1024 | vit 6144 | vae 10240, 8 VAE images
     of up to 1024 x 1024. One process per host: 8 packs per step (one per device), built in
     --pack-threads threads.
-  * demo: the offline demo set (64 x 64 PNG), budget text 256 | vit 128 | vae 256, 16 VAE images.
+  * demo: configs/demo.py's own records pipeline (the offline demo set, 64 x 64 PNG, its budget).
 
-Consumption per step (assumptions, stated in the table):
-  * 7B recipe: 8 devices per host, 1 pack of ~10240 tokens each, step time 1.0 s (BAGEL-7B-MoT,
-    ~7B active params: 6 * 7e9 * 10240 ~ 4.3e14 FLOP/device/step, ~40 % MFU on an H100) -> 8 packs/s/host.
-  * demo: 1 pack per step, 50 ms per step (the tiny CPU model) -> 20 packs/s.
+Consumption per step (stated in the table):
+  * 7B recipe: 8 GPUs per host, 1 pack of ~10K tokens each; the step time of the FULL BAGEL-7B-MoT on one
+    pack is derived from the measured H200 run in bench/results/ (configs/bagel_7b_geometry_small.py, the
+    same pack recipe): official-formula FLOPs of the 28-layer model on that pack / (the measured MFU x
+    the H200 bf16 peak).
+  * demo: MEASURED in this run: the median time of configs/demo.py's train step on this machine and its
+    packs per step; the demo rows run the demo's own records pipeline (its budget) per worker count.
 Target: loader >= 10x consumption. The CPU here has few cores; samples/s scale with worker processes
 (one core each), so the table also gives samples/s per worker and the workers a host needs for 10x.
 """
@@ -36,7 +39,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from echo4o_jax.config import BagelConfig, SpecialTokens  # noqa: E402
 from echo4o_jax.data import demo as demo_mod  # noqa: E402
@@ -44,10 +49,26 @@ from echo4o_jax.data.pipeline import DataPipeline, DatasetSpec, PipelineConfig  
 from echo4o_jax.data.records import RecordWriter, load_manifest, multiref_record, t2i_record  # noqa: E402
 from echo4o_jax.image_transform import ImageTransform  # noqa: E402
 from echo4o_jax.packing import PackBudget  # noqa: E402
+from train_throughput import apply_override, load_config, measure  # noqa: E402
 
-STEP_7B_S = 1.0
 DEVICES_PER_HOST = 8
-STEP_DEMO_S = 0.05
+H200_RUN = os.path.join(ROOT, "bench/results/h200_train_pallas_gpu_tuned_2026-11-26.json")
+
+
+def step_7b_seconds() -> tuple[float, str]:
+    """Seconds per ~10K-token pack of the full 7B-MoT on one GPU, from the measured H200 MFU (see docstring)."""
+    import numpy as np
+
+    from attention_bench import pack_meta
+    from echo4o_jax.train import flops as flops_lib
+
+    with open(H200_RUN) as f:
+        run = json.load(f)
+    meta, n_real, _, _ = pack_meta(os.path.join(ROOT, run["config"]))
+    lens = np.bincount(meta.sample[meta.sample >= 0])
+    fl = flops_lib.step_flops(BagelConfig.bagel_7b_mot().llm, n_real, lens)
+    peak = flops_lib.peak_flops_per_device(run["device_kind"])
+    return fl / (run["mfu"] * peak), f"7B: {fl:.3g} FLOP/pack at the measured {run['mfu']:.1%} MFU of an H200"
 
 
 def _photo(rng, w, h) -> bytes:
@@ -110,6 +131,21 @@ def run(pipe: DataPipeline, seconds: float, warmup_steps: int = 1) -> dict:
             "main_pack": pack, "tokens_per_pack": tokens / max(1, packs)}
 
 
+def demo_pipeline(config_path: str, overrides: list[str]) -> DataPipeline:
+    """The DataPipeline the trainer's records source builds for this config (budget, packs per step, workers)."""
+    from echo4o_jax.train.data_sources import budget_from_config
+    from echo4o_jax.train.records_source import RecordsSource
+    from echo4o_jax.train.trainer import model_config_from
+
+    c = load_config(config_path)
+    for kv in overrides:
+        apply_override(c, kv)
+    src = RecordsSource(c, model_config_from(c), budget_from_config(c.data.budget), process_index=0, process_count=1,
+                        local_packs=int(c.data.packs_per_step))
+    src._it.close()
+    return src.pipe
+
+
 def print_table(rows: list[dict]) -> None:
     print()
     print(f"CPU cores here: {os.cpu_count()}")
@@ -134,12 +170,14 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per configuration")
-    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--workers", default="1,2", help="worker processes (0 = threads in the main process, "
+                                                         "always measured too)")
     ap.add_argument("--res", default="512,1024")
     ap.add_argument("--samples", type=int, default=96, help="records per synthetic dataset")
     ap.add_argument("--data-dir", default="/tmp/echo4o_bench_data")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--pack-threads", type=int, default=4)
+    ap.add_argument("--demo-steps", type=int, default=5, help="timed demo train steps (consumption)")
     ap.add_argument("--table-from", default=None, help="only print the table of a --json file")
     ap.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"),
                     help="dtype of the batches' images (PipelineConfig.image_dtype)")
@@ -162,12 +200,15 @@ def main(argv=None) -> int:
     cfg7 = cfg7.replace(special_tokens=specials)
     budget7 = PackBudget(text_tokens=1024, vit_tokens=6144, vae_tokens=10240, vae_images=8,
                          vae_image_size=(1024, 1024))
-    need7_packs = DEVICES_PER_HOST / STEP_7B_S
+    step7, note7 = step_7b_seconds()
+    need7_packs = DEVICES_PER_HOST / step7
+    print(f"# {note7}: {step7:.2f} s per pack per GPU -> {need7_packs:.1f} packs/s per {DEVICES_PER_HOST}-GPU host",
+          flush=True)
     for res in [int(r) for r in a.res.split(",") if r]:
         t = time.perf_counter()
         path = make_photo_dataset(os.path.join(a.data_dir, f"photo{res}"), res, a.samples)
         print(f"# dataset photo{res}: {a.samples} records ready in {time.perf_counter() - t:.1f} s", flush=True)
-        for nw in workers:
+        for nw in [0] + workers:
             pc = PipelineConfig(datasets=(DatasetSpec(path),), tokenizer=tok_path, budget=budget7,
                                 expected_num_tokens=10240, max_num_tokens=11520, max_num_tokens_per_sample=10240,
                                 packs_per_step=DEVICES_PER_HOST, pack_threads=a.pack_threads,
@@ -176,26 +217,25 @@ def main(argv=None) -> int:
                                 image_dtype=a.image_dtype)
             r = run(DataPipeline(pc, cfg7), a.seconds)
             r.update(workload=f"{res}^2 mix", workers=nw, need_packs_s=need7_packs,
-                     need_note=f"{DEVICES_PER_HOST} dev x 1 pack / {STEP_7B_S:g} s")
+                     need_note=f"{DEVICES_PER_HOST} GPUs x 1 pack / {step7:.2f} s")
             rows.append(r)
             print(json.dumps(r), flush=True)
 
-    # ---------------------------------------------------------------- demo workload
-    demo_dir = os.path.join(a.data_dir, "demo")
-    if not os.path.exists(os.path.join(demo_dir, "demo.json")):
-        demo_mod.write_demo(demo_dir, n_t2i=2048, n_multiref=512, n_understanding=512, overwrite=True)
-    info = json.load(open(os.path.join(demo_dir, "demo.json")))
-    s = info["special_tokens"]
-    cfgd = BagelConfig.bagel_7b_mot(special_tokens=SpecialTokens(s["bos_token_id"], s["eos_token_id"],
-                                                                 s["start_of_image"], s["end_of_image"]))
-    budgetd = PackBudget(text_tokens=256, vit_tokens=128, vae_tokens=256, vae_images=16, vae_image_size=(64, 64))
+    # ---------------------------------------------------------------- demo workload (configs/demo.py itself)
+    # consumption MEASURED in this run: the demo train step's median time on this machine, fed by the
+    # demo's own records source; then that source alone (the config's budget, 2 packs per step) per worker count
+    demo_dir = os.path.join(a.data_dir, "demo_cfg")
+    over = [f"data.records.demo_dir={demo_dir}", f"data.tokenizer={demo_dir}/tokenizer/tokenizer.json"]
+    step = measure(argparse.Namespace(config=os.path.join(ROOT, "configs/demo.py"), set=over, steps=a.demo_steps,
+                                      peak_flops=0.0), None)
+    step_s, packs_per_step = step["step_seconds"], step["packs_per_step"]
+    print(f"# demo train step: {step_s * 1e3:.0f} ms median of {a.demo_steps} ({packs_per_step} packs per step)",
+          flush=True)
     for nw in [0] + workers:
-        pc = demo_mod.demo_pipeline_config(demo_dir, budgetd, worker_count=nw, worker_buffer_size=16,
-                                           read_threads=1, read_buffer_size=16)
-        pc = dataclasses.replace(pc, image_dtype=a.image_dtype)
-        r = run(DataPipeline(pc, cfgd), a.seconds / 2)
-        r.update(workload="demo 64^2", workers=nw, need_packs_s=1 / STEP_DEMO_S,
-                 need_note=f"1 pack / {STEP_DEMO_S * 1000:g} ms")
+        r = run(demo_pipeline(os.path.join(ROOT, "configs/demo.py"), over + [f"data.records.workers={nw}"]),
+                a.seconds / 2)
+        r.update(workload="demo (configs/demo.py)", workers=nw, need_packs_s=packs_per_step / step_s,
+                 need_note=f"{packs_per_step} packs / {step_s * 1e3:.0f} ms (measured)")
         rows.append(r)
         print(json.dumps(r), flush=True)
 
