@@ -188,56 +188,15 @@ def _opt_shardings(abs_opt, param_sh, mesh):
     return jax.tree_util.tree_map_with_path(one, abs_opt)
 
 
-import contextlib
-
-
-@contextlib.contextmanager
-def activation_sharding(mesh):
-    """EXPERIMENT (bench only, monkeypatch): keep the packs' batch axis sharded over (data, fsdp) inside the
-    model. `packed_loss` vmaps over packs without `spmd_axis_name`, and nothing inside the decoder constrains
-    activations, so XLA's sharding propagation is free to replicate the batch axis of the activations
-    against the fsdp-sharded weights. Here: vmap(..., spmd_axis_name=("data", "fsdp")) and a constraint on
-    every decoder linear / RMSNorm output that pins only that batch axis (other dims UNCONSTRAINED)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    import echo4o_jax.model.bagel as bagel
-    import echo4o_jax.model.qwen2_mot as qmot
-    import echo4o_jax.train.step as step_mod
-    from echo4o_jax.sharding import BATCH_AXES
-
-    def pin(y):
-        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(*([P.UNCONSTRAINED] * y.ndim))))
-
-    orig = (qmot.linear, qmot.rms_norm, step_mod.packed_loss)
-
-    def packed_loss(model, batch, noise, latent_tokens, *, ce_weight=1.0, mse_weight=1.0):
-        out = jax.vmap(lambda b, n, x0: bagel.forward_packed(model, b, n, x0),
-                       spmd_axis_name=BATCH_AXES)(dict(batch), noise, latent_tokens)
-        ce_count, mse_count = jnp.sum(out["ce_mask"]), jnp.sum(out["mse_mask"])
-        loss_ce = jnp.sum(out["ce"]) / jnp.maximum(ce_count, 1)
-        loss_mse = jnp.sum(jnp.mean(out["mse"], axis=-1)) / jnp.maximum(mse_count, 1)
-        return ce_weight * loss_ce + mse_weight * loss_mse, dict(loss_ce=loss_ce, loss_mse=loss_mse,
-                                                                 ce_tokens=ce_count, mse_tokens=mse_count)
-
-    qmot.linear = lambda *a, **k: pin(orig[0](*a, **k))
-    qmot.rms_norm = lambda *a, **k: pin(orig[1](*a, **k))
-    step_mod.packed_loss = packed_loss
-    try:
-        yield
-    finally:
-        qmot.linear, qmot.rms_norm, step_mod.packed_loss = orig
-
-
-def compile_step(config, devices, hbm_bytes: int | None = None, shard_activations: bool = False) -> dict:
-    """Lower + compile the abstract train step; memory per chip, FLOPs, compile time."""
+def compile_step(config, devices, hbm_bytes: int | None = None) -> dict:
+    """Lower + compile the abstract train step exactly as `Trainer.compile` does (under `jax.set_mesh`, so the
+    model pins its activations' batch axis and runs Pallas kernels per shard); memory per chip, FLOPs, time."""
     import jax
 
     t0 = time.perf_counter()
     b = build_abstract_step(config, devices)
     jitted = jax.jit(b.fn, in_shardings=b.in_shardings, out_shardings=b.out_shardings, donate_argnums=(0,))
-    with activation_sharding(b.mesh) if shard_activations else contextlib.nullcontext():
+    with jax.set_mesh(b.mesh):
         lowered = jitted.lower(*b.args)
     t1 = time.perf_counter()
     compiled = lowered.compile()
@@ -253,7 +212,7 @@ def compile_step(config, devices, hbm_bytes: int | None = None, shard_activation
     total = arg + out - alias + tmp
     tokens = b.packs * (config.data.budget.text_tokens + config.data.budget.vit_tokens + config.data.budget.vae_tokens)
     res = dict(
-        remat=b.cfg.remat, shard_activations=shard_activations, mesh=dict(b.mesh.shape), devices=len(devices), device_kind=devices[0].device_kind,
+        remat=b.cfg.remat, mesh=dict(b.mesh.shape), devices=len(devices), device_kind=devices[0].device_kind,
         packs=b.packs, tokens_per_step=int(tokens),
         argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=tmp,
         generated_code_bytes=g("generated_code_size_in_bytes"), total_bytes=total,
@@ -314,8 +273,6 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="compile every candidate instead of stopping at the first fit")
     ap.add_argument("--remat", default="", help="comma list restricting the remat candidates")
     ap.add_argument("--tensor", default="", help="comma list restricting the tensor-parallel candidates")
-    ap.add_argument("--shard-activations", action="store_true",
-                    help="experiment: pin the packs' batch axis of the decoder activations (see activation_sharding)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 
@@ -342,7 +299,7 @@ def main(argv=None) -> int:
         if not args.no_search:  # everything not tensor-parallel goes to FSDP
             c.mesh.data, c.mesh.fsdp = 1, -1
         try:
-            r = compile_step(c, devices, hbm, args.shard_activations)
+            r = compile_step(c, devices, hbm)
         except Exception as e:  # noqa: BLE001 - a candidate that does not compile is reported, not fatal
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"{remat:>13} tensor={tp}: FAILED {msg}", flush=True)
