@@ -175,19 +175,23 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
     assert _losses(wd)[8] == pytest.approx(ref[8], abs=1e-6)
 
 
-_MESH_SCRIPT = r"""
+_EIGHT_DEVICE_TRAINER = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, sys.argv[1])
 from test_train import load_config
 from echo4o_jax.train.trainer import Trainer
-from echo4o_jax.train.step import make_loss_and_grads
 
 c = load_config("synthetic_tiny")
 c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
 c.data.packs_per_step = 4
 c.log.tensorboard = False
 tr = Trainer(c, sys.argv[2])
+"""  # the shared start of the 8-device subprocess scripts: a synthetic_tiny Trainer on a 2 x 2 x 2 mesh
+
+_MESH_SCRIPT = _EIGHT_DEVICE_TRAINER + r"""
+from echo4o_jax.train.step import make_loss_and_grads
+
 assert tr.mesh.size == 8, tr.mesh
 batch = next(tr.source)
 f = make_loss_and_grads(tr.graphdef, tr.buffers, tr.vae_graphdef, patch=tr.cfg.latent_patch_size,
@@ -260,18 +264,7 @@ def test_freeze_vit_keeps_vit_and_connector_fixed(tmp_path):
     assert all(changed)
 
 
-_RESTORE_SCRIPT = r"""
-import json, sys
-import jax, numpy as np
-sys.path.insert(0, sys.argv[1])
-from test_train import load_config
-from echo4o_jax.train.trainer import Trainer
-
-c = load_config("synthetic_tiny")
-c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
-c.data.packs_per_step = 4
-c.log.tensorboard = False
-tr = Trainer(c, sys.argv[2])
+_RESTORE_SCRIPT = _EIGHT_DEVICE_TRAINER + r"""
 assert tr.restore()
 want = np.load(sys.argv[3])
 flat = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(tr.state["params"])[0]}
