@@ -46,10 +46,8 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
-# ------------------------------------------------------------------------------------ block tables
-
-
 # ------------------------------------------------------------------------------------------ kernels
+# (block tables, block lists and the custom-VJP wrapper are shared with the XLA path: model/attention.py)
 
 
 def _rows(ref, sl=slice(None)):
