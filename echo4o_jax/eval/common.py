@@ -19,11 +19,13 @@ import html
 import json
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from .judge import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL, Judge, JudgeError, load_template
+from .judge import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL, Judge, JudgeError, JudgeRequest, JudgeResult,
+                    JudgeTemplate, load_template)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -142,6 +144,115 @@ def template_arg(value: str | None, default: str):
 
 
 # ------------------------------------------------------------------------------------------------
+# the per-image loop: find the image, judge it, record the outcome
+# ------------------------------------------------------------------------------------------------
+
+def locate_images(items: Sequence, images_dir, num_images: int,
+                  official_name: Callable[[Any], str]) -> list[tuple[Any, int, Path | None]]:
+    """One unit (item, k, image path or None) per item and k < num_images: the image is looked up as
+    ``<item.stem>_<k>`` and, for k = 0, also under the official scripts' name ``official_name(item)``."""
+    units = []
+    for it in items:
+        for k in range(num_images):
+            names = [f"{it.stem}_{k}"] + ([official_name(it)] if k == 0 else [])
+            units.append((it, k, find_image(images_dir, names)))
+    return units
+
+
+def judge_units(judge: Judge, units: Sequence[tuple[Any, int, Path | None]],
+                requests_for: Callable[[Any, Path], dict[str, JudgeRequest]], *, progress: bool,
+                desc: str) -> dict[int, dict[str, JudgeResult]]:
+    """Judge every unit that has an image, all requests in one batch. requests_for(item, image) gives the
+    unit's requests by name (one per judge call); returns {unit index: {name: JudgeResult}}."""
+    keys, reqs = [], []
+    for i, (it, _k, path) in enumerate(units):
+        if path is None:
+            continue
+        for name, req in requests_for(it, path).items():
+            keys.append((i, name))
+            reqs.append(req)
+    results: dict[int, dict[str, JudgeResult]] = {}
+    for (i, name), res in zip(keys, judge.judge_many(reqs, progress=progress, desc=desc)):
+        results.setdefault(i, {})[name] = res
+    return results
+
+
+def unit_outcome(path: Path | None, results: dict[str, JudgeResult] | None) -> tuple[str, str | None]:
+    """(status, error) of one unit: ``missing`` without an image or when an image could not be read,
+    ``judge_failure`` when a judge call failed after its retries (with several calls the errors read
+    ``<name>: <error>; ...``), else ``judged`` (error None)."""
+    if path is None:
+        return "missing", "image not found"
+    unreadable = [r for r in results.values() if r.image_error]
+    if unreadable:
+        return "missing", unreadable[0].error
+    failed = [(name, r) for name, r in results.items() if not r.ok]
+    if not failed:
+        return "judged", None
+    if len(results) == 1:
+        return "judge_failure", failed[0][1].error
+    return "judge_failure", "; ".join(f"{name}: {r.error}" for name, r in failed)
+
+
+def unit_records(units: Sequence[tuple[Any, int, Path | None]], results: dict[int, dict[str, JudgeResult]], *,
+                 record: Callable[[Any, int, Path | None], dict], zero: dict,
+                 failure: Callable[[dict[str, JudgeResult]], dict],
+                 judged: Callable[[dict[str, JudgeResult]], dict]) -> list[dict]:
+    """One record per unit: record(item, k, image) holds the fixed fields; then ``status``, and
+    - missing image / judge failure: the `zero` score fields, ``raw`` None and ``error`` (a judge failure
+      then gets failure(results) on top: its raw answer(s), any partial scores);
+    - judged: judged(results), which sets the status (pass, fail, scored...) and the score fields."""
+    records = []
+    for i, (it, k, path) in enumerate(units):
+        rec = record(it, k, path)
+        res = results.get(i)
+        status, error = unit_outcome(path, res)
+        if status == "judged":
+            rec.update(judged(res))
+        else:
+            rec.update(status=status, **zero, raw=None, error=error)
+            if status == "judge_failure":
+                rec.update(failure(res))
+        records.append(rec)
+    return records
+
+
+def results_document(name: str, *, label: str, source: dict | None, images_dir, num_images: int, judge: Judge,
+                     templates: JudgeTemplate | dict[str, JudgeTemplate], t0: float, summary: dict,
+                     records: list[dict], formula: str | None = None) -> dict:
+    """The ``results.json`` document of a benchmark run (judge template(s), stats, summary, problems, items)."""
+    if isinstance(templates, dict):
+        tpl_info = {"template": {k: t.ident for k, t in templates.items()},
+                    "template_path": {k: t.path for k, t in templates.items()}}
+    else:
+        tpl_info = {"template": templates.ident, "template_path": templates.path}
+    doc = {
+        "benchmark": name, "label": label, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": source or {}, "images_dir": str(images_dir), "num_images": num_images,
+        "judge": {**judge.describe(), **tpl_info},
+        "judge_stats": dict(judge.stats), "seconds": round(time.time() - t0, 2),
+    }
+    if formula is not None:
+        doc["formula"] = formula
+    doc.update({
+        "summary": summary,
+        "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
+        "judge_failures": [{"id": r["id"], "error": r["error"]} for r in records if r["status"] == "judge_failure"],
+        "items": records,
+    })
+    return doc
+
+
+def write_outputs(out_dir, doc: dict, markdown: Callable[[dict], str],
+                  write_html: Callable[[dict, Path], None]) -> None:
+    """``results.json``, ``summary.md`` and ``gallery.html`` in `out_dir`."""
+    out = Path(out_dir)
+    write_json(out / "results.json", doc)
+    (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
+    write_html(doc, out / "gallery.html")
+
+
+# ------------------------------------------------------------------------------------------------
 # outputs
 # ------------------------------------------------------------------------------------------------
 
@@ -177,6 +288,28 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits
     return "\n".join(lines)
 
 
+def summary_markdown(parts: list[str], doc: dict) -> str:
+    """``summary.md``: the benchmark's `parts` (lines), then the lists of missing images and judge failures."""
+    return "\n".join(parts + problem_lists(doc)) + "\n"
+
+
+def generation_requests(items: Sequence, *, prompt: Callable[[Any], str], seed: Callable[[Any], int],
+                        num_images: int, size: tuple[int, int] | None,
+                        images: Callable[[Any], list[str]] | None = None) -> list[dict]:
+    """Requests for ``echo4o_jax.generate.generate_batch``, one per item, named by ``item.stem``:
+    prompt(item), reference images(item) for in-context tasks, seed(item)."""
+    reqs = []
+    for it in items:
+        r = {"id": it.stem, "prompt": prompt(it)}
+        if images is not None:
+            r["images"] = list(images(it))
+        r.update(seed=seed(it), num_images=num_images)
+        if size:
+            r["size"] = tuple(size)
+        reqs.append(r)
+    return reqs
+
+
 def problem_lists(doc: dict) -> list[str]:
     """Markdown lines listing the missing images and the judge failures of a results document."""
     out = []
@@ -200,6 +333,30 @@ tr.pass td.v{background:#dff5df} tr.fail td.v{background:#f8dede}
 tr.missing td.v,tr.judge_failure td.v{background:#fff1c7}
 .small{font-size:.85em;color:#555} pre{white-space:pre-wrap;margin:0}
 """
+
+
+def scored_verdict(r: dict, dims: Sequence[str]) -> dict:
+    """Gallery ``verdict`` and ``reasons`` of a record scored on 0-10 dimensions, e.g. ``7.20 (FF 8, IP 7,
+    AQ 9)`` and one ``<dim>: <reason>`` line each; a missing image or a judge failure scores 0 and shows
+    its error."""
+    if r["status"] == "scored":
+        verdict = f"{r['score']:.2f} (" + ", ".join(f"{d} {r[d]:g}" for d in dims) + ")"
+        reasons = "\n".join(f"{k}: {v}" for k, v in (r.get("reasons") or {}).items())
+    else:
+        verdict = "MISSING (0)" if r["status"] == "missing" else "JUDGE FAILURE (0)"
+        reasons = r.get("error") or ""
+    return {"verdict": verdict, "reasons": reasons}
+
+
+def gallery_entry(r: dict, *, group: str, verdict: str, reasons: str, prompt: str | None = None,
+                  details: str | None = None, refs: list[str] | None = None) -> dict:
+    """A write_gallery entry for a record (prompt defaults to the record's, details to its raw answer or error)."""
+    entry = {"id": r["id"], "group": group, "image": r["image"],
+             "prompt": r["prompt"] if prompt is None else prompt, "verdict": verdict, "status": r["status"],
+             "reasons": reasons, "details": details if details is not None else (r.get("raw") or r.get("error"))}
+    if refs is not None:
+        entry["refs"] = refs
+    return entry
 
 
 def write_gallery(path: str | os.PathLike, title: str, summary_html: str, entries: Sequence[dict]) -> None:

@@ -159,13 +159,8 @@ def aggregate(records: Sequence[dict]) -> dict:
 
 def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 42,
                         size: tuple[int, int] | None = None) -> list[dict]:
-    reqs = []
-    for it in items:
-        r = {"id": it.stem, "prompt": it.prompt, "seed": seed + it.line - 1, "num_images": num_images}
-        if size:
-            r["size"] = tuple(size)
-        reqs.append(r)
-    return reqs
+    return common.generation_requests(items, prompt=lambda it: it.prompt, seed=lambda it: seed + it.line - 1,
+                                      num_images=num_images, size=size)
 
 
 def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,
@@ -174,48 +169,30 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
     tpl = template or load_template(DEFAULT_TEMPLATE)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    units = []
-    for it in items:
-        for k in range(num_images):
-            names = [f"{it.stem}_{k}"] + ([str(it.line)] if k == 0 else [])
-            units.append((it, k, common.find_image(images_dir, names)))
-    todo = [(i, u) for i, u in enumerate(units) if u[2] is not None]
-    reqs = [JudgeRequest(tpl, {"prompt": u[0].prompt, "checklist": checklist_text(u[0])}, [u[2]])
-            for _, u in todo]
-    t0 = time.time()
-    results = dict(zip((i for i, _ in todo), judge.judge_many(reqs, progress=progress, desc=TITLE)))
+    units = common.locate_images(items, images_dir, num_images, official_name=lambda it: str(it.line))
 
-    records = []
-    for i, (it, k, path) in enumerate(units):
-        rec = {"id": f"{it.stem}_{k}", "line": it.line, "k": k, "tag": it.tag, "prompt": it.prompt,
-               "checklist": checklist(it), "image": common.rel(path, out) if path else None,
-               "expected_image": common.image_name(it.stem, k)}
-        res = results.get(i)
-        if path is None or res.image_error:
-            rec.update(status="missing", correct=0, reason=None, raw=None,
-                       error="image not found" if path is None else res.error)
-        elif not res.ok:
-            rec.update(status="judge_failure", correct=0, reason=None, raw=res.raw, error=res.error)
-        else:
-            c = int(res.parsed["correct"])
-            rec.update(status="pass" if c else "fail", correct=c, reason=res.parsed.get("reason", ""),
-                       raw=res.raw, error=None, cached=res.cached)
-        records.append(rec)
-    summary = aggregate(records)
-    doc = {
-        "benchmark": NAME, "label": label, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": source or {}, "images_dir": str(images_dir), "num_images": num_images,
-        "judge": {**judge.describe(), "template": tpl.ident, "template_path": tpl.path},
-        "judge_stats": dict(judge.stats), "seconds": round(time.time() - t0, 2),
-        "summary": summary,
-        "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
-        "judge_failures": [{"id": r["id"], "error": r["error"]} for r in records
-                           if r["status"] == "judge_failure"],
-        "items": records,
-    }
-    common.write_json(out / "results.json", doc)
-    (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
-    write_html(doc, out / "gallery.html")
+    def requests_for(it: Item, path) -> dict:
+        return {"verdict": JudgeRequest(tpl, {"prompt": it.prompt, "checklist": checklist_text(it)}, [path])}
+
+    t0 = time.time()
+    results = common.judge_units(judge, units, requests_for, progress=progress, desc=TITLE)
+
+    def record(it: Item, k: int, path) -> dict:
+        return {"id": f"{it.stem}_{k}", "line": it.line, "k": k, "tag": it.tag, "prompt": it.prompt,
+                "checklist": checklist(it), "image": common.rel(path, out) if path else None,
+                "expected_image": common.image_name(it.stem, k)}
+
+    def judged(res) -> dict:
+        r = res["verdict"]
+        c = int(r.parsed["correct"])
+        return dict(status="pass" if c else "fail", correct=c, reason=r.parsed.get("reason", ""), raw=r.raw,
+                    error=None, cached=r.cached)
+
+    records = common.unit_records(units, results, record=record, zero={"correct": 0, "reason": None},
+                                  failure=lambda res: {"raw": res["verdict"].raw}, judged=judged)
+    doc = common.results_document(NAME, label=label, source=source, images_dir=images_dir, num_images=num_images,
+                                  judge=judge, templates=tpl, t0=t0, summary=aggregate(records), records=records)
+    common.write_outputs(out, doc, markdown, write_html)
     return doc
 
 
@@ -244,8 +221,10 @@ def markdown(doc: dict) -> str:
             [[t, dict(GENEVAL_PP_TAGS).get(t, t), v["n"], v["n_correct"], v["accuracy"], v["n_missing"],
               v["n_judge_failures"]] for t, v in s["tags"].items()]),
     ]
-    parts += common.problem_lists(doc)
-    return "\n".join(parts) + "\n"
+    return common.summary_markdown(parts, doc)
+
+
+_VERDICT = {"pass": "PASS", "fail": "FAIL", "missing": "MISSING", "judge_failure": "JUDGE FAILURE"}
 
 
 def write_html(doc: dict, path) -> None:
@@ -253,13 +232,10 @@ def write_html(doc: dict, path) -> None:
     summary_html = (f"<p>Score (mean of tag accuracies): <b>{s['score']:.3f}</b>; images {s['n_images']}, "
                     f"missing {s['n_missing']}, judge failures {s['n_judge_failures']}. Judge "
                     f"{html.escape(doc['judge']['model'])}, template {html.escape(doc['judge']['template'])}.</p>")
-    entries = []
-    for r in doc["items"]:
-        verdict = {"pass": "PASS", "fail": "FAIL", "missing": "MISSING", "judge_failure": "JUDGE FAILURE"}[r["status"]]
-        entries.append({"id": r["id"], "group": r["tag"], "image": r["image"],
-                        "prompt": r["prompt"] + "\n" + "\n".join(f"• {c}" for c in r["checklist"]),
-                        "verdict": verdict, "status": r["status"], "reasons": r.get("reason") or r.get("error") or "",
-                        "details": r.get("raw") or r.get("error")})
+    entries = [common.gallery_entry(r, group=r["tag"], verdict=_VERDICT[r["status"]],
+                                    reasons=r.get("reason") or r.get("error") or "",
+                                    prompt=r["prompt"] + "\n" + "\n".join(f"• {c}" for c in r["checklist"]))
+               for r in doc["items"]]
     common.write_gallery(path, f"{TITLE}: {doc['label']}", summary_html, entries)
 
 

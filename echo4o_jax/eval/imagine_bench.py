@@ -133,13 +133,8 @@ def aggregate(records: Sequence[dict]) -> dict:
 
 def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 42,
                         size: tuple[int, int] | None = None) -> list[dict]:
-    reqs = []
-    for it in items:
-        r = {"id": it.stem, "prompt": it.instruction, "seed": seed + it.id - 1, "num_images": num_images}
-        if size:
-            r["size"] = tuple(size)
-        reqs.append(r)
-    return reqs
+    return common.generation_requests(items, prompt=lambda it: it.instruction, seed=lambda it: seed + it.id - 1,
+                                      num_images=num_images, size=size)
 
 
 def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,
@@ -151,48 +146,33 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
         raise common.UsageError(f"template {tpl.path} must define dimensions FF, IP and AQ (has {sorted(keys)})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    units = []
-    for it in items:
-        for k in range(num_images):
-            names = [f"{it.stem}_{k}"] + ([str(it.id)] if k == 0 else [])
-            units.append((it, k, common.find_image(images_dir, names)))
-    todo = [(i, u) for i, u in enumerate(units) if u[2] is not None]
-    reqs = [JudgeRequest(tpl, {"prompt": u[0].instruction, "note": u[0].note}, [u[2]]) for _, u in todo]
-    t0 = time.time()
-    results = dict(zip((i for i, _ in todo), judge.judge_many(reqs, progress=progress, desc=TITLE)))
+    units = common.locate_images(items, images_dir, num_images, official_name=lambda it: str(it.id))
 
-    records = []
-    for i, (it, k, path) in enumerate(units):
-        rec = {"id": f"{it.stem}_{k}", "item_id": it.id, "k": k, "type": it.type, "category": it.category,
-               "prompt": it.instruction, "note": it.note, "image": common.rel(path, out) if path else None,
-               "expected_image": common.image_name(it.stem, k), "FF": None, "IP": None, "AQ": None}
-        res = results.get(i)
-        if path is None or res.image_error:
-            rec.update(status="missing", score=0.0, reasons=None, raw=None,
-                       error="image not found" if path is None else res.error)
-        elif not res.ok:
-            rec.update(status="judge_failure", score=0.0, reasons=None, raw=res.raw, error=res.error)
-        else:
-            sc = res.parsed["scores"]
-            rec.update(status="scored", FF=sc["FF"], IP=sc["IP"], AQ=sc["AQ"],
-                       score=image_score(sc["FF"], sc["IP"], sc["AQ"]), reasons=res.parsed.get("reasons", {}),
-                       raw=res.raw, error=None, cached=res.cached)
-        records.append(rec)
-    summary = aggregate(records)
-    doc = {
-        "benchmark": NAME, "label": label, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": source or {}, "images_dir": str(images_dir), "num_images": num_images,
-        "judge": {**judge.describe(), "template": tpl.ident, "template_path": tpl.path},
-        "judge_stats": dict(judge.stats), "seconds": round(time.time() - t0, 2),
-        "formula": "per image 0.8*min(FF, IP) + 0.2*AQ; overall = weighted mean of categories (3/2/2/2)",
-        "summary": summary,
-        "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
-        "judge_failures": [{"id": r["id"], "error": r["error"]} for r in records if r["status"] == "judge_failure"],
-        "items": records,
-    }
-    common.write_json(out / "results.json", doc)
-    (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
-    write_html(doc, out / "gallery.html")
+    def requests_for(it: Item, path) -> dict:
+        return {"scores": JudgeRequest(tpl, {"prompt": it.instruction, "note": it.note}, [path])}
+
+    t0 = time.time()
+    results = common.judge_units(judge, units, requests_for, progress=progress, desc=TITLE)
+
+    def record(it: Item, k: int, path) -> dict:
+        return {"id": f"{it.stem}_{k}", "item_id": it.id, "k": k, "type": it.type, "category": it.category,
+                "prompt": it.instruction, "note": it.note, "image": common.rel(path, out) if path else None,
+                "expected_image": common.image_name(it.stem, k), "FF": None, "IP": None, "AQ": None}
+
+    def judged(res) -> dict:
+        r = res["scores"]
+        sc = r.parsed["scores"]
+        return dict(status="scored", FF=sc["FF"], IP=sc["IP"], AQ=sc["AQ"],
+                    score=image_score(sc["FF"], sc["IP"], sc["AQ"]), reasons=r.parsed.get("reasons", {}),
+                    raw=r.raw, error=None, cached=r.cached)
+
+    records = common.unit_records(units, results, record=record, zero={"score": 0.0, "reasons": None},
+                                  failure=lambda res: {"raw": res["scores"].raw}, judged=judged)
+    doc = common.results_document(
+        NAME, label=label, source=source, images_dir=images_dir, num_images=num_images, judge=judge,
+        templates=tpl, t0=t0, summary=aggregate(records), records=records,
+        formula="per image 0.8*min(FF, IP) + 0.2*AQ; overall = weighted mean of categories (3/2/2/2)")
+    common.write_outputs(out, doc, markdown, write_html)
     return doc
 
 
@@ -228,8 +208,7 @@ def markdown(doc: dict) -> str:
         common.markdown_table(["Fantasy Fulfillment", "Identity Preservation", "Aesthetic Quality"],
                               [[s["dimensions"]["FF"], s["dimensions"]["IP"], s["dimensions"]["AQ"]]]),
     ]
-    parts += common.problem_lists(doc)
-    return "\n".join(parts) + "\n"
+    return common.summary_markdown(parts, doc)
 
 
 def write_html(doc: dict, path) -> None:
@@ -238,17 +217,8 @@ def write_html(doc: dict, path) -> None:
                     f"official script (Multi-Object dropped): {common.fmt(s['overall_official_script'])}; "
                     f"images {s['n_images']}, missing {s['n_missing']}, judge failures {s['n_judge_failures']}. "
                     f"Judge {html.escape(doc['judge']['model'])}, template {html.escape(doc['judge']['template'])}.</p>")
-    entries = []
-    for r in doc["items"]:
-        if r["status"] == "scored":
-            verdict = f"{r['score']:.2f} (FF {r['FF']:g}, IP {r['IP']:g}, AQ {r['AQ']:g})"
-            reasons = "\n".join(f"{k}: {v}" for k, v in (r.get("reasons") or {}).items())
-        else:
-            verdict = "MISSING (0)" if r["status"] == "missing" else "JUDGE FAILURE (0)"
-            reasons = r.get("error") or ""
-        entries.append({"id": r["id"], "group": f"{r['type']} / {r['category']}", "image": r["image"],
-                        "prompt": r["prompt"], "verdict": verdict, "status": r["status"], "reasons": reasons,
-                        "details": r.get("raw") or r.get("error")})
+    entries = [common.gallery_entry(r, group=f"{r['type']} / {r['category']}",
+                                    **common.scored_verdict(r, ("FF", "IP", "AQ"))) for r in doc["items"]]
     common.write_gallery(path, f"{TITLE}: {doc['label']}", summary_html, entries)
 
 

@@ -150,14 +150,8 @@ def aggregate(records: Sequence[dict]) -> dict:
 
 def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 42,
                         size: tuple[int, int] | None = None) -> list[dict]:
-    reqs = []
-    for it in items:
-        r = {"id": it.stem, "prompt": it.instruction, "images": list(it.input_images), "seed": seed + it.index,
-             "num_images": num_images}
-        if size:
-            r["size"] = tuple(size)
-        reqs.append(r)
-    return reqs
+    return common.generation_requests(items, prompt=lambda it: it.instruction, images=lambda it: it.input_images,
+                                      seed=lambda it: seed + it.index, num_images=num_images, size=size)
 
 
 def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,
@@ -166,60 +160,42 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
     tpls = {k: (templates or {}).get(k) or load_template(v) for k, v in TEMPLATES.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    units = []
-    for it in items:
-        for k in range(num_images):
-            names = [f"{it.stem}_{k}"] + ([f"{it.task_type}/{it.key}"] if k == 0 else [])
-            units.append((it, k, common.find_image(images_dir, names)))
-    todo, reqs = [], []
-    for i, (it, k, path) in enumerate(units):
-        if path is None:
-            continue
+    units = common.locate_images(items, images_dir, num_images, official_name=lambda it: f"{it.task_type}/{it.key}")
+
+    def requests_for(it: Item, path) -> dict:
         v = {"instruction": it.instruction, "n_inputs": len(it.input_images)}
         imgs = list(it.input_images) + [path]
-        for dim in ("pf", "sc"):
-            todo.append((i, dim))
-            reqs.append(JudgeRequest(tpls[dim + "_scene" if it.is_scene else dim], v, imgs))
-    t0 = time.time()
-    results = dict(zip(todo, judge.judge_many(reqs, progress=progress, desc=TITLE)))
+        return {dim.upper(): JudgeRequest(tpls[dim + "_scene" if it.is_scene else dim], v, imgs)
+                for dim in ("pf", "sc")}
 
-    records = []
-    for i, (it, k, path) in enumerate(units):
-        rec = {"id": f"{it.stem}_{k}", "key": it.key, "k": k, "task_type": it.task_type, "prompt": it.instruction,
-               "input_images": [common.rel(p, out) for p in it.input_images],
-               "image": common.rel(path, out) if path else None,
-               "expected_image": common.image_name(it.stem, k), "PF": None, "SC": None}
-        pf, sc = results.get((i, "pf")), results.get((i, "sc"))
-        if path is None or pf.image_error or sc.image_error:
-            err = "image not found" if path is None else (pf.error if pf.image_error else sc.error)
-            rec.update(status="missing", score=0.0, reasons=None, raw=None, error=err)
-        elif not (pf.ok and sc.ok):
-            errs = [f"{n}: {r.error}" for n, r in (("PF", pf), ("SC", sc)) if not r.ok]
-            rec.update(status="judge_failure", score=0.0, reasons=None, raw={"PF": pf.raw, "SC": sc.raw},
-                       error="; ".join(errs), PF=pf.parsed["score"] if pf.ok else None,
-                       SC=sc.parsed["score"] if sc.ok else None)
-        else:
-            p, s = pf.parsed["score"], sc.parsed["score"]
-            rec.update(status="scored", PF=p, SC=s, score=sample_score(p, s),
-                       reasons={"PF": pf.parsed.get("reason", ""), "SC": sc.parsed.get("reason", "")},
-                       raw={"PF": pf.raw, "SC": sc.raw}, error=None, cached=pf.cached and sc.cached)
-        records.append(rec)
-    summary = aggregate(records)
-    doc = {
-        "benchmark": NAME, "label": label, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": source or {}, "images_dir": str(images_dir), "num_images": num_images,
-        "judge": {**judge.describe(), "template": {k: t.ident for k, t in tpls.items()},
-                  "template_path": {k: t.path for k, t in tpls.items()}},
-        "judge_stats": dict(judge.stats), "seconds": round(time.time() - t0, 2),
-        "formula": "per sample sqrt(PF*SC); task = mean; overall_8 = mean of tasks; echo4o_avg = mean(MULTIPLE, SCENE)",
-        "summary": summary,
-        "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
-        "judge_failures": [{"id": r["id"], "error": r["error"]} for r in records if r["status"] == "judge_failure"],
-        "items": records,
-    }
-    common.write_json(out / "results.json", doc)
-    (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
-    write_html(doc, out / "gallery.html")
+    t0 = time.time()
+    results = common.judge_units(judge, units, requests_for, progress=progress, desc=TITLE)
+
+    def record(it: Item, k: int, path) -> dict:
+        return {"id": f"{it.stem}_{k}", "key": it.key, "k": k, "task_type": it.task_type, "prompt": it.instruction,
+                "input_images": [common.rel(p, out) for p in it.input_images],
+                "image": common.rel(path, out) if path else None,
+                "expected_image": common.image_name(it.stem, k), "PF": None, "SC": None}
+
+    def failure(res) -> dict:  # keeps the score of the call that succeeded, if any
+        pf, sc = res["PF"], res["SC"]
+        return dict(raw={"PF": pf.raw, "SC": sc.raw}, PF=pf.parsed["score"] if pf.ok else None,
+                    SC=sc.parsed["score"] if sc.ok else None)
+
+    def judged(res) -> dict:
+        pf, sc = res["PF"], res["SC"]
+        p, s = pf.parsed["score"], sc.parsed["score"]
+        return dict(status="scored", PF=p, SC=s, score=sample_score(p, s),
+                    reasons={"PF": pf.parsed.get("reason", ""), "SC": sc.parsed.get("reason", "")},
+                    raw={"PF": pf.raw, "SC": sc.raw}, error=None, cached=pf.cached and sc.cached)
+
+    records = common.unit_records(units, results, record=record, zero={"score": 0.0, "reasons": None},
+                                  failure=failure, judged=judged)
+    doc = common.results_document(
+        NAME, label=label, source=source, images_dir=images_dir, num_images=num_images, judge=judge,
+        templates=tpls, t0=t0, summary=aggregate(records), records=records,
+        formula="per sample sqrt(PF*SC); task = mean; overall_8 = mean of tasks; echo4o_avg = mean(MULTIPLE, SCENE)")
+    common.write_outputs(out, doc, markdown, write_html)
     return doc
 
 
@@ -246,8 +222,13 @@ def markdown(doc: dict) -> str:
                               [[t, v["n"], v["PF"], v["SC"], v["score"], v["n_missing"], v["n_judge_failures"]]
                                for t, v in s["tasks"].items()], digits=2),
     ]
-    parts += common.problem_lists(doc)
-    return "\n".join(parts) + "\n"
+    return common.summary_markdown(parts, doc)
+
+
+def _details(r: dict) -> str | None:
+    """The gallery's judge answers of a record: both raw answers, or the error."""
+    raw = r.get("raw")
+    return "\n\n".join(f"{k}: {v}" for k, v in raw.items()) if isinstance(raw, dict) else (raw or r.get("error"))
 
 
 def write_html(doc: dict, path) -> None:
@@ -256,19 +237,8 @@ def write_html(doc: dict, path) -> None:
                     f"SCENE): <b>{common.fmt(s['echo4o_avg'], 2)}</b>; images {s['n_images']}, missing "
                     f"{s['n_missing']}, judge failures {s['n_judge_failures']}. Judge "
                     f"{html.escape(doc['judge']['model'])}.</p>")
-    entries = []
-    for r in doc["items"]:
-        if r["status"] == "scored":
-            verdict = f"{r['score']:.2f} (PF {r['PF']:g}, SC {r['SC']:g})"
-            reasons = "\n".join(f"{k}: {v}" for k, v in (r.get("reasons") or {}).items())
-        else:
-            verdict = "MISSING (0)" if r["status"] == "missing" else "JUDGE FAILURE (0)"
-            reasons = r.get("error") or ""
-        raw = r.get("raw")
-        details = "\n\n".join(f"{k}: {v}" for k, v in raw.items()) if isinstance(raw, dict) else (raw or r.get("error"))
-        entries.append({"id": r["id"], "group": r["task_type"], "image": r["image"], "refs": r["input_images"],
-                        "prompt": r["prompt"], "verdict": verdict, "status": r["status"], "reasons": reasons,
-                        "details": details})
+    entries = [common.gallery_entry(r, group=r["task_type"], details=_details(r), refs=r["input_images"],
+                                    **common.scored_verdict(r, ("PF", "SC"))) for r in doc["items"]]
     common.write_gallery(path, f"{TITLE}: {doc['label']}", summary_html, entries)
 
 
