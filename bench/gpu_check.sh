@@ -12,6 +12,11 @@
 #      (default pallas_gpu) and then pallas_gpu with the sweep's best launch shapes, each in its own process.
 #   bash bench/gpu_check.sh            (logs and JSON under $OUT, default ./gpu_check)
 # Uses $PYTHON (default python3), which must already have a GPU JAX (the lent machines reach no network).
+# Wheels to carry (prepared where PyPI is reachable; .whl/ is not committed):
+#   d="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64"
+#   pip download $d -d .whl ml-collections==1.1.0
+#   pip download $d -d .whl/pinned flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8
+# Measured 2026-11-26 on an H200 in 4.3 minutes (bench/results/, README "Design notes").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
