@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["MESH_AXES", "LOGICAL_RULES", "make_mesh", "logical_to_spec", "state_shardings", "batch_sharding",
-           "replicated", "maybe_initialize_distributed"]
+__all__ = ["MESH_AXES", "LOGICAL_RULES", "make_mesh", "logical_to_spec", "state_shardings", "elements_per_device",
+           "batch_sharding", "replicated", "maybe_initialize_distributed"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -104,6 +104,25 @@ def state_shardings(state: nnx.State, mesh: Mesh, report: list | None = None) ->
             d = d.setdefault(k, {})
         d[path[-1]] = one(path, var)
     return out
+
+
+def elements_per_device(state: nnx.State, mesh_shape: Mapping[str, int]) -> int:
+    """Elements of `state` (abstract or concrete) one device holds under a mesh of `mesh_shape` (axis -> size)
+    with `LOGICAL_RULES`; dims the mesh axis does not divide count whole (they are replicated). Compares
+    mesh shapes without devices, e.g. FSDP over 256 chips vs (data 2, fsdp 128)."""
+    class _Shape:  # logical_to_spec only reads `.shape`
+        shape = dict(mesh_shape)
+
+    total = 0
+    for path, var in nnx.to_flat_state(state):
+        axes = var.get_metadata().get("logical_axes") if hasattr(var, "get_metadata") else None
+        shape = tuple(var.shape)
+        spec = logical_to_spec(axes, shape, _Shape, name="/".join(map(str, path)))
+        n = 1
+        for dim, m in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+            n *= dim // (mesh_shape[m] if m else 1)
+        total += n
+    return total
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -1,0 +1,47 @@
+"""Mesh-shape arithmetic: parameter elements per device, and the (data, fsdp) split the TPU search picks."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+import numpy as np
+from flax import nnx
+
+from echo4o_jax import sharding as shd
+from echo4o_jax.config import BagelConfig
+from echo4o_jax.model.bagel import Bagel
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _params_7b():
+    return nnx.state(nnx.eval_shape(lambda: Bagel(BagelConfig.bagel_7b_mot(), rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def test_elements_per_device_counts_replicated_dims_whole():
+    params = _params_7b()
+    flat = list(nnx.to_flat_state(params))
+    total = sum(int(np.prod(v.shape)) for _, v in flat)
+    assert shd.elements_per_device(params, dict(data=1, fsdp=1, tensor=1)) == total
+    # 256 does not divide the SigLIP width 1152 (ViT and connector input): those dims stay whole per chip
+    report: list[str] = []
+    for path, v in flat:
+        shd.logical_to_spec(v.get_metadata().get("logical_axes"), v.shape, type("M", (), {"shape": dict(
+            data=1, fsdp=256, tensor=1)}), report=report, name="/".join(map(str, path)))
+    assert report and all("(vit_embed) not divisible by fsdp=256" in r for r in report)
+    e = lambda data, fsdp: shd.elements_per_device(params, dict(data=data, fsdp=fsdp, tensor=1))
+    assert e(1, 256) > total // 256 + 300_000_000  # the 0.4B replicated ViT weights
+    assert e(2, 128) == e(1, 128) < e(1, 256)  # the data axis holds full copies of the FSDP shards
+    assert e(1, 128) < total // 128 * 1.01  # 128 divides (almost) everything
+
+
+def test_tpu_search_splits_data_and_fsdp_where_fsdp_would_replicate():
+    spec = importlib.util.spec_from_file_location("tpu_compile_bench_split", ROOT / "bench" / "tpu_compile.py")
+    tc = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tc
+    spec.loader.exec_module(tc)
+    c = tc.load_config(str(ROOT / "configs" / "echo4o_7b.py"))
+    assert tc.data_fsdp_split(c, 64) == (1, 64)  # 1152 / 64 = 18: FSDP over every chip shards everything
+    assert tc.data_fsdp_split(c, 256) == (2, 128)  # v6e-256: FSDP 256 would replicate the ViT
