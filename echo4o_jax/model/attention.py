@@ -254,10 +254,10 @@ def flash_vjp(fwd_call, bwd_calls, delta_fn):
 
 def _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv):
     """Flash attention in plain XLA: the kernels' algorithm (online softmax forward, dQ and dK/dV passes
-    with a custom VJP) looping, per block, over the compacted list of the blocks the mask does not empty
-    (`kernels.pallas_flash.block_table` / `block_lists`). The loops have dynamic trip counts, so skipped
-    blocks cost nothing, also under `vmap` over packs (a batched loop runs the longest list of the batch).
-    Residuals: q, k, v, o and the row log-sum-exp; no score block outlives its loop iteration."""
+    with a custom VJP) over the compacted lists of the blocks the mask does not empty (`block_table`,
+    `block_lists`); step t handles the t-th listed block of every row at once. The loops have dynamic trip
+    counts (the longest list), so skipped blocks cost nothing, also under `vmap` over packs (a batched loop
+    runs the longest list of the batch). Residuals: q, k, v, o and the row log-sum-exp."""
     Lq, H, D = q.shape
     Lk, KVH, _ = k.shape
     bq = min(block_q, _round_up(Lq, 8))
