@@ -1,21 +1,28 @@
 """Attention alone on a real BAGEL pack layout: exactness and forward+backward time per implementation.
 
     python bench/attention_bench.py [--config configs/bagel_7b_geometry_small.py] \
-        [--impls pallas_gpu,xla_blockwise,xla_dense] [--iters 10] [--cudnn] [--out attention.json]
+        [--impls pallas_gpu,xla_blockwise,xla_dense,naive_per_sample] [--iters 10] [--dtype bfloat16|float32] \
+        [--block B] [--cudnn] [--sweep] [--out attention.json]
 
 The pack comes from the config's synthetic recipe (same packer as training: [text | vit | vae] segments,
 per-token metadata), the head geometry from the config's LLM (28 query / 4 KV heads of 128 for 7B).
-For each implementation: compile seconds and the median seconds of one jitted forward+backward of
-sum(attention(q, k, v) * w) (bf16 inputs, the train step's shape for one layer), the fraction of
-(q block, kv block) pairs the block table keeps, and the max abs difference of the output and of the
-gradients against `xla_blockwise` in float32 on the same pack (the exactness check on this backend).
+For each implementation: compile seconds, the median seconds of one jitted forward+backward of
+sum(attention(q, k, v) * w) and of the forward alone (--dtype inputs, default bf16: the train step's shape
+for one layer), the fraction of (q block, kv block) pairs the block table keeps, and the max abs difference
+of the loss and of the gradients against `xla_blockwise` in float32 on the same pack (the exactness check
+on this backend; `xla_blockwise` itself is tested against the dense reference in tests/test_kernels.py).
+`naive_per_sample` is bench/cpu_baseline.py's per-sample dense-mask attention (padding rows are left at
+zero there, so its "error" against the reference is not meaningful).
 
 `--cudnn` adds, for scale only, cuDNN flash attention (`jax.nn.dot_product_attention(implementation=
 "cudnn")`) over the same [L, H, D] with a plain causal mask: not BAGEL's mask (cuDNN takes no per-token
 split/mode rule), the speed a cuDNN call over the whole pack would have.
 
+`--sweep` (GPU) times the pallas_gpu launch shapes FWD_TILES (forward alone), then BWD_TILES with the best
+forward, and prints the best as a `model.attention_tuning` string.
+
 `--layers N` (default: the config's) turns the per-layer time into the attention time of a full forward +
-backward of the decoder, to compare with a train step's time (bench/train_throughput.py).
+backward of the decoder (plus the recomputed forward under remat=full), to compare with a train step's time.
 """
 
 from __future__ import annotations
