@@ -10,6 +10,8 @@ import json
 import os
 import re
 
+import pytest
+
 from fake_openai import FakeOpenAIServer, Reply, Request, message_images, message_text, solid_png  # noqa: F401
 
 __all__ = ["API_KEY", "FakeOpenAIServer", "Reply", "Request", "message_images", "message_text", "solid_png",
@@ -129,3 +131,15 @@ def fast_config(server, **kw):
                 backoff_max=0.05, timeout=10.0)
     base.update(kw)
     return SynthConfig(**base)
+
+
+# fixtures shared by the synthesis test modules (imported there by name)
+@pytest.fixture
+def server():
+    with synth_server() as s:
+        yield s
+
+
+@pytest.fixture(autouse=True)
+def _api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)

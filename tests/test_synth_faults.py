@@ -10,24 +10,14 @@ import logging
 import time
 
 import pytest
-from synth_fakes import (fast_config, API_KEY, Reply, all_file_bytes, dataset_contents, request_body_key, synth_server)
+from synth_fakes import (API_KEY, Reply, _api_key, all_file_bytes, dataset_contents, fast_config,  # noqa: F401
+                         request_body_key, server)
 
 from echo4o_jax.data.records import load_manifest
 from echo4o_jax.synth import Journal, JournalError, SynthConfig, SynthError, make_track, run_track
 
 CHAT = "/v1/chat/completions"
 GEN = "/v1/images/generations"
-
-
-@pytest.fixture
-def server():
-    with synth_server() as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _api_key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
 
 
 def make_cfg(server, **kw) -> SynthConfig:

@@ -10,24 +10,14 @@ import os
 from pathlib import Path
 
 import pytest
-from synth_fakes import fast_config, API_KEY, message_images, small_image_folder, synth_server
+from synth_fakes import (API_KEY, _api_key, fast_config, message_images, server,  # noqa: F401
+                         small_image_folder)
 
 from echo4o_jax.data.records import RecordReader
 from echo4o_jax.synth import SynthConfig, dry_run, get_template, make_track, run_track
 from echo4o_jax.synth.client import chat_cost, image_cost
 
 SURREAL_TYPES = {"attribute_shift", "hybridization", "spatiotemporal_anomaly", "multi_object"}
-
-
-@pytest.fixture
-def server():
-    with synth_server() as s:
-        yield s
-
-
-@pytest.fixture(autouse=True)
-def _api_key(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
 
 
 def make_cfg(server, **kw) -> SynthConfig:
