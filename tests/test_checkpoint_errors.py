@@ -14,29 +14,15 @@ from echo4o_jax.model.keymap import CheckpointMismatchError
 from echo4o_jax.model.loading import export_official, load_bagel
 from echo4o_jax.model.bagel import bagel_key_rules
 from echo4o_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
+from test_convert import break_keys, make_official
 
 
 def _copy(golden_dir, tmp_path, mutate=None):
-    out = tmp_path / "ckpt"
-    out.mkdir()
-    for name in ("llm_config.json", "vit_config.json", "meta.json", "ae.safetensors"):
-        shutil.copy(golden_dir / name, out / name)
-    src = SafetensorsFile(golden_dir / "ema.safetensors")
-    tensors = {k: np.array(src.get(k)) for k in src.keys()}
-    if mutate:
-        mutate(tensors)
-    write_safetensors(out / "ema.safetensors", tensors)
-    return out
+    return make_official(golden_dir, tmp_path / "ckpt", mutate=mutate)
 
 
 def test_missing_unexpected_and_misshaped_keys_in_one_error(golden_dir, tmp_path):
-    def mutate(t):
-        del t["language_model.model.norm.weight"]
-        t["language_model.model.extra.weight"] = np.zeros(3, np.float32)
-        k = "connector.fc1.weight"
-        t[k] = np.zeros((t[k].shape[0] + 1, t[k].shape[1]), np.float32)
-
-    ckpt = _copy(golden_dir, tmp_path, mutate)
+    ckpt = _copy(golden_dir, tmp_path, break_keys)
     with pytest.raises(CheckpointMismatchError) as e:
         load_bagel(ckpt)
     msg = str(e.value)

@@ -343,12 +343,17 @@ def _assert_nothing_written(out):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
+def break_keys(t: dict) -> None:
+    """One missing, one unexpected and one misshaped key in an official ema tensor dict."""
+    del t["language_model.model.norm.weight"]
+    t["language_model.model.extra.weight"] = np.zeros(3, np.float32)
+    k = "connector.fc1.weight"
+    t[k] = np.zeros((t[k].shape[0] + 1, t[k].shape[1]), np.float32)
+
+
 def test_mismatched_keys_one_error_nothing_written(golden_dir, tmp_path):
     def mutate(t):
-        del t["language_model.model.norm.weight"]
-        t["language_model.model.extra.weight"] = np.zeros(3, np.float32)
-        k = "connector.fc1.weight"
-        t[k] = np.zeros((t[k].shape[0] + 1, t[k].shape[1]), np.float32)
+        break_keys(t)
         t["vae2llm.bias"] = t["vae2llm.bias"].astype(np.int32)
 
     def vae_mutate(t):
