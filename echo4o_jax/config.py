@@ -190,6 +190,7 @@ class BagelConfig:
     attention_block_q: int = 512
     attention_block_kv: int = 512
     attention_tuning: str = ""  # pallas_gpu launch shapes, e.g. "fwd=128x64:w8:s3" (kernels.pallas_flash.parse_tuning)
+    freeze_und: bool = False  # training: detach every understanding-token path (official `freeze_und`)
 
     # ------------------------------------------------------------------ derived sizes
     @property

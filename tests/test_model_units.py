@@ -188,7 +188,9 @@ def test_abstract_7b_mot_parameter_count_and_key_table():
 # ----------------------------------------------------------------------------------------- config / remat
 
 
-def test_remat_and_attention_impls_give_the_same_loss_and_grads(golden_dir):
+def _golden_pack_loss(golden_dir):
+    """(base config, run(**cfg_overrides, ce_weight=1.0) -> (loss, grads as a pure dict)) on the golden
+    training pack with fixed noise / latents."""
     from test_golden import golden_samples  # noqa: E402  (shared golden helpers)
     from conftest import load_npz
     from echo4o_jax import packing
@@ -205,17 +207,43 @@ def test_remat_and_attention_impls_give_the_same_loss_and_grads(golden_dir):
     noise = jnp.asarray(rng.standard_normal((1, batch.vae_capacity, base.patch_latent_dim)), jnp.float32)
     x0 = jnp.asarray(rng.standard_normal((1, batch.vae_capacity, base.patch_latent_dim)), jnp.float32)
 
-    def run(**kw):
+    def run(ce_weight=1.0, **kw):
         model = load_bagel(golden_dir, base.replace(**kw))
         gd, params, rest = nnx.split(model, nnx.Param, ...)
-        f = jax.jit(jax.value_and_grad(lambda p: packed_loss(nnx.merge(gd, p, rest), arrays, noise, x0)[0]))
-        loss, g = f(params)
-        return float(loss), jax.tree.leaves(g)
+        loss_of = lambda p: packed_loss(nnx.merge(gd, p, rest), arrays, noise, x0, ce_weight=ce_weight)[0]
+        loss, g = jax.jit(jax.value_and_grad(loss_of))(params)
+        return float(loss), nnx.to_pure_dict(g)
 
+    return base, run
+
+
+def test_remat_and_attention_impls_give_the_same_loss_and_grads(golden_dir):
+    _, run = _golden_pack_loss(golden_dir)
     ref_loss, ref_g = run()
     for kw in (dict(remat="full"), dict(remat="dots"), dict(attention_impl="xla_dense"),
                dict(attention_block_q=8, attention_block_kv=16)):
         loss, g = run(**kw)
         assert abs(loss - ref_loss) < 1e-5, kw
-        for a, b in zip(g, ref_g):
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=str(kw))
+
+
+def test_freeze_und_detaches_understanding_paths_as_the_official(golden_dir):
+    """Official `freeze_und`: the und tokens' input, attention / MLP outputs and final norm are detached.
+    Same forward; no gradient reaches the ViT, connector or text embedding; the CE loss (read from und
+    tokens only) no longer reaches any gen-expert weight; and the MSE gradient of the gen expert changes on
+    this pack, whose multi-reference sample has instruction text (und) reading clean VAE tokens (gen)."""
+    _, run = _golden_pack_loss(golden_dir)
+    loss, g = run()
+    loss_f, g_f = run(freeze_und=True)
+    assert abs(loss - loss_f) < 1e-6
+    norm = lambda tree: float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+    for name in ("vit", "connector_fc1", "connector_fc2"):
+        assert norm(g[name]) > 0 and norm(g_f[name]) == 0.0, name
+    assert norm(g["llm"]["embed"]) > 0 and norm(g_f["llm"]["embed"]) == 0.0
+    _, g_f_no_ce = run(freeze_und=True, ce_weight=0.0)
+    for a, b in zip(jax.tree.leaves(g_f["llm"]["gen"]), jax.tree.leaves(g_f_no_ce["llm"]["gen"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+    _, g_no_ce = run(ce_weight=0.0)
+    diff = norm(jax.tree.map(lambda a, b: a - b, g_no_ce["llm"]["gen"], g_f_no_ce["llm"]["gen"]))
+    assert diff > 1e-6 * norm(g_no_ce["llm"]["gen"])

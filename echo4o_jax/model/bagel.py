@@ -206,7 +206,8 @@ def forward_packed(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Arra
     parts.append(model.embed_latents(x_t, t, batch["latent_pos_ids"], debug=dbg))
     x = jnp.concatenate(parts, axis=0)
     n_und = Ct + Cv
-    out = model.llm(x, n_und, _meta(batch), batch["position_id"], return_layer_outputs=debug, **model._kw())
+    out = model.llm(x, n_und, _meta(batch), batch["position_id"], return_layer_outputs=debug,
+                    freeze_und=cfg.freeze_und, **model._kw())
     h, layer_outs = (out if debug else (out, None))
 
     # text: CE on labelled positions

@@ -123,11 +123,15 @@ class Qwen2MoT(nnx.Module):
         tuning: str = "",
         remat: str = "none",
         return_layer_outputs: bool = False,
+        freeze_und: bool = False,
     ):
         """x [L, H] laid out as [und stream (n_und) | gen stream]; returns hidden [L, H] (after the
         per-expert final norms when `final_norm`), plus per-layer (k, v) [num_layers, L, KVH, D] when
         `return_kv` (for a cache update) and per-layer outputs when `return_layer_outputs`.
-        With `cache`, every token additionally attends to the cached context (read-only here)."""
+        With `cache`, every token additionally attends to the cached context (read-only here).
+        `freeze_und` (training): as the official `freeze_und`, no gradient flows along an understanding token's
+        residual stream: its input, its attention and MLP outputs and its final norm are detached (the gen
+        tokens still read its keys and values)."""
         c = self.cfg
         L = x.shape[0]
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
@@ -145,9 +149,11 @@ class Qwen2MoT(nnx.Module):
         def mlp(h, p):
             return linear(jax.nn.silu(linear(h, p["w_gate"])) * linear(h, p["w_up"]), p["w_down"])
 
-        def per_expert(fn, xs, pu, pg):
+        def per_expert(fn, xs, pu, pg, detach_und=False):
             a = fn(xs[:n_und], pu)
             b = fn(xs[n_und:], pg)
+            if detach_und and freeze_und:
+                a = jax.tree.map(jax.lax.stop_gradient, a)
             if isinstance(a, tuple):
                 return tuple(pin_activation(jnp.concatenate([u, g], axis=0)) for u, g in zip(a, b))
             return pin_activation(jnp.concatenate([a, b], axis=0))
@@ -160,9 +166,9 @@ class Qwen2MoT(nnx.Module):
             keys, vals = (k, v) if ck is None else (jnp.concatenate([ck, k]), jnp.concatenate([cv, v]))
             o = attention(q, keys, vals, meta, key_meta, scale=scale, impl=attention_impl,
                           block_q=block_q, block_kv=block_kv, tuning=tuning).reshape(L, c.num_heads * c.head_dim)
-            x = x + per_expert(lambda t, p: linear(t, p["wo"]), o, pu, pg)
+            x = x + per_expert(lambda t, p: linear(t, p["wo"]), o, pu, pg, detach_und=True)
             h = per_expert(lambda t, p: rms_norm(t, p["post_norm"], eps), x, pu, pg)
-            x = x + per_expert(mlp, h, pu, pg)
+            x = x + per_expert(mlp, h, pu, pg, detach_und=True)
             out = (k, v) if return_kv else None
             return x, (out, x if return_layer_outputs else None)
 
@@ -173,12 +179,16 @@ class Qwen2MoT(nnx.Module):
         dt = x.dtype
         pu = {k: v.astype(dt) for k, v in self.und.arrays().items()}
         pg = {k: v.astype(dt) for k, v in self.gen.arrays().items()}
+        if freeze_und:
+            x = jnp.concatenate([jax.lax.stop_gradient(x[:n_und]), x[n_und:]])
         ck = cv = None
         if cache is not None:
             ck, cv = cache.k.astype(dt), cache.v.astype(dt)
         x, (kv, layer_outs) = jax.lax.scan(layer, x, (pu, pg, ck, cv))
         if final_norm:
-            x = jnp.concatenate([rms_norm(x[:n_und], self.norm[...], eps), rms_norm(x[n_und:], self.norm_gen[...], eps)])
+            hu = rms_norm(x[:n_und], self.norm[...], eps)
+            x = jnp.concatenate([jax.lax.stop_gradient(hu) if freeze_und else hu,
+                                 rms_norm(x[n_und:], self.norm_gen[...], eps)])
         outs = [x]
         if return_kv:
             outs.append(kv)
