@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -94,6 +95,21 @@ def _read_image(path):
         raise GenerateError(f"cannot read image {p}: {e}") from None
 
 
+def _under_mesh(method):
+    """Run a Generator method under its parameters' mesh (`jax.set_mesh`), as the trainer compiles: the
+    model's traced functions then see the mesh, so Pallas attention runs per shard (heads over `tensor`)
+    instead of on gathered inputs. Without --mesh: a plain call."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        if self.mesh is None:
+            return method(self, *args, **kwargs)
+        with self._jax.set_mesh(self.mesh):
+            return method(self, *args, **kwargs)
+
+    return wrapped
+
+
 class Generator:
     """A loaded checkpoint + tokenizer + Inferencer, reused across requests (compiled step functions
     are cached per shape)."""
@@ -109,6 +125,7 @@ class Generator:
         from .safetensors_io import SafetensorsError
 
         self.ckpt = pathlib.Path(ckpt)
+        self.mesh = None
         if not self.ckpt.exists():
             raise GenerateError(f"checkpoint folder not found: {self.ckpt}")
         try:
@@ -193,6 +210,7 @@ class Generator:
         return d
 
     # ------------------------------------------------------------------ tasks
+    @_under_mesh
     def generate(self, prompt=None, *, prompt_ids=None, images: Sequence = (), size=None, seed: int = 0,
                  num_images: int = 1, think: bool = False, max_think_tokens: int = 1000,
                  **sampler) -> dict[str, Any]:
@@ -233,6 +251,7 @@ class Generator:
         kw = self.sampler_settings(False, {**overrides, **req.get("sampler", {})})
         return size, int(req.get("num_images", 1)), tuple(sorted(kw.items()))
 
+    @_under_mesh
     def generate_many(self, reqs: Sequence[dict], overrides: dict) -> list[dict[str, Any]]:
         """Text-to-image requests of one `batch_key`: contexts built per request, then one batched
         sampler pass (each request keeps its own seed's noise, so results equal one-by-one runs)."""
@@ -256,6 +275,7 @@ class Generator:
             out.append(dict(images=list(images), settings=kw, size=list(size), prompt_ids=ids))
         return out
 
+    @_under_mesh
     def understand(self, prompt=None, *, prompt_ids=None, images: Sequence = (), max_new_tokens: int = 500,
                    think: bool = False) -> dict[str, Any]:
         ids = self.encode(prompt, prompt_ids)
