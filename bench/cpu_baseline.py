@@ -15,6 +15,14 @@ the whole pack) and `naive_per_sample`; `no_attention` (attention replaced by it
 everything else in the step, the floor any attention implementation adds to. Steps of the variants are interleaved (round-robin) so that load from
 other processes on the machine hits them alike; the table reports the median step time and tokens/s over
 real (non-padding) tokens, and the losses of the first step (they must agree: same math).
+
+Bounds printed with the table (why the XLA path cannot be 2x the naive one at these shapes): the naive
+attention computes sum(len_i^2) scores per head, the mask allows A of them, and no exact attention computes
+fewer than A, so at the naive's efficiency per score attention can at best get sum(len_i^2) / A faster
+(BAGEL's mask is mostly dense inside a sample: images attend fully, the noisy target sees everything before
+it). With `naive_per_sample` and `no_attention` both run, the step bounds follow (Amdahl): with free
+attention, T_naive / T_floor; with attention at that score-count bound, T_naive / (T_floor + (T_naive -
+T_floor) * A / sum(len_i^2)).
 """
 
 from __future__ import annotations
@@ -112,6 +120,21 @@ def jax_softmax(s):
     return jax.nn.softmax(s, axis=-1)
 
 
+def score_counts(batch) -> tuple[int, int]:
+    """(sum over samples of len^2, number of (query, key) pairs the mask allows) for the single pack `batch`."""
+    import numpy as np
+
+    from echo4o_jax.model.attention import TokenMeta
+
+    meta = TokenMeta(*(np.asarray(getattr(batch, k))[0] for k in ("sample_id", "split_id", "split_mode", "order")))
+    naive = allowed = 0
+    for s in range(int(meta.sample.max()) + 1):
+        idx = np.nonzero(meta.sample == s)[0]
+        naive += len(idx) ** 2
+        allowed += int(_np_mask(TokenMeta(*(x[idx] for x in meta))).sum())
+    return naive, allowed
+
+
 def _np_mask(m):
     """numpy copy of `mask_from_meta` for one sample's tokens (no padding)."""
     import numpy as np
@@ -202,7 +225,19 @@ def main(argv=None) -> int:
         rows.append(row)
         sp = f"{ref_s / s:7.2f}x" if ref_s else "     n/a"
         print(f"{name:>18} {d['compile_s']:9.1f} {s:8.3f} {tokens / s:9.0f} {sp} {d['loss']:12.6f}")
-    out = dict(args=vars(args), tokens=tokens, capacity=cap, sample_lengths=lens, rows=rows)
+    naive_scores, allowed = score_counts(batch)
+    bounds = dict(naive_scores_per_head=naive_scores, allowed_scores_per_head=allowed,
+                  attention_bound=naive_scores / allowed)
+    print(f"\nscores per head: naive per-sample dense {naive_scores:,}, allowed by the mask {allowed:,} -> an exact "
+          f"attention does at least {allowed / naive_scores:.0%} of the naive's work (at most "
+          f"{naive_scores / allowed:.2f}x faster at equal cost per score)")
+    if ref_s and "no_attention" in trainers:
+        floor = statistics.median(trainers["no_attention"]["times"])
+        bounds.update(step_bound_free_attention=ref_s / floor,
+                      step_bound_score_count=ref_s / (floor + (ref_s - floor) * allowed / naive_scores))
+        print(f"step bounds vs naive: free attention {bounds['step_bound_free_attention']:.2f}x; attention at the "
+              f"score-count bound {bounds['step_bound_score_count']:.2f}x")
+    out = dict(args=vars(args), tokens=tokens, capacity=cap, sample_lengths=lens, rows=rows, bounds=bounds)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
