@@ -24,6 +24,13 @@ into bit for bit the float32 arrays. `allocate_packs(budget, cfg, n)` + `pack_sa
 out_index=i)` write packs straight into one stacked batch (the data loader's path: no per-pack arrays,
 no stacking copy, padding never written).
 
+Precomputed VAE latents (`vae_moments="float32" | "bfloat16"`, the data pipeline's `vae_latents` option):
+the samples' VAE images are then the frozen encoder's posterior moments [2z, h, w] (h, w = H/8, W/8)
+instead of pixels, and the pack carries `vae_moments` canvases [vae_images, Hmax/8, Wmax/8, 2z] (zero
+padded, that dtype) instead of `vae_images`, with `vae_image_hw` = the latent (h, w). Token counts,
+budget checks and everything else are computed from the equivalent pixel size (h * 8, w * 8), so a pack
+is laid out exactly as with the pixel images.
+
 Pure numpy; jax is imported lazily only by `attention_masks` / `dense_attention_mask` / `PackedBatch.token_meta`.
 
 The official dataset skips a sample whose estimated `num_tokens + 2 * len(sequence_plan)` exceeds
@@ -64,6 +71,9 @@ __all__ = [
     "IMAGE_DTYPES",
     "normalize_images",
     "unit_range_lut",
+    "MOMENT_DTYPES",
+    "moments_dtype",
+    "vae_pixel_size",
 ]
 
 # Same values as echo4o_jax.model.attention (kept here so that this module does not import jax).
@@ -76,6 +86,26 @@ _TEXT, _VIT, _VAE = "text", "vit_image", "vae_image"
 #   "uint8": raw decoded pixels [0, 255], padding 0; `normalize_images` (on device, inside the step) turns
 #            them into exactly the float32 arrays of the "float32" layout.
 IMAGE_DTYPES = ("float32", "uint8")
+# Dtypes of precomputed VAE posterior moments (`vae_moments` canvases).
+MOMENT_DTYPES = ("float32", "bfloat16")
+
+
+def moments_dtype(name: str) -> np.dtype:
+    """numpy dtype of a `MOMENT_DTYPES` name (bfloat16 via ml_dtypes)."""
+    if name not in MOMENT_DTYPES:
+        raise ValueError(f"moments dtype {name!r}: expected one of {MOMENT_DTYPES}")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def vae_pixel_size(h: int, w: int, cfg: BagelConfig, moments: bool) -> tuple[int, int]:
+    """The pixel size (H, W) a VAE item stands for: its own size, or for posterior moments [h, w] (precomputed
+    latents) the size of the image they encode (h, w) * the VAE downsample."""
+    f = cfg.vae.downsample if moments else 1
+    return h * f, w * f
 
 
 class PackError(ValueError):
@@ -112,14 +142,15 @@ _TOKEN_FIELDS = ("sample_id", "split_id", "split_mode", "order", "position_id")
 _TEXT_FIELDS = ("text_ids", "text_labels", "text_ce_weight")
 _VIT_FIELDS = ("vit_patches", "vit_pos_ids", "vit_image_id")
 _VAE_FIELDS = ("vae_image_index", "vae_token_hw", "latent_pos_ids", "timestep_raw", "mse_mask")
-_IMAGE_FIELDS = ("vae_images", "vae_image_hw")
+_IMAGE_FIELDS = ("vae_images", "vae_image_hw", "vae_moments")  # one of vae_images / vae_moments is None
 _ARRAY_FIELDS = _TOKEN_FIELDS + _TEXT_FIELDS + _VIT_FIELDS + _VAE_FIELDS + _IMAGE_FIELDS
 
 
 @dataclasses.dataclass
 class PackedBatch:
     """One pack (numpy). After `stack_batches`, every array gets a leading batch axis and
-    `num_tokens` / `num_samples` become int32 arrays [B]."""
+    `num_tokens` / `num_samples` become int32 arrays [B]. The VAE canvases are `vae_images` (pixels) or
+    `vae_moments` (precomputed posterior moments); the other one is None."""
 
     # per token, length L = text_capacity + vit_capacity + vae_capacity (segments text | vit | vae)
     sample_id: np.ndarray  # int32, -1 padding
@@ -142,10 +173,15 @@ class PackedBatch:
     timestep_raw: np.ndarray  # float32, -inf clean and padding
     mse_mask: np.ndarray  # bool
     # images
-    vae_images: np.ndarray  # float32 [vae_images, Hmax, Wmax, C] NHWC zero padded, or uint8 pixels
-    vae_image_hw: np.ndarray  # int32 [vae_images, 2] (H, W) pixels, 0 unused
+    vae_image_hw: np.ndarray  # int32 [vae_images, 2] real (H, W) of each canvas (pixels, or latent for moments), 0 unused
     num_tokens: Any  # int (real tokens)
     num_samples: Any  # int
+    vae_images: Any = None  # float32 [vae_images, Hmax, Wmax, C] NHWC zero padded, or uint8 pixels
+    vae_moments: Any = None  # [vae_images, Hmax/8, Wmax/8, 2z] posterior moments (MOMENT_DTYPES), zero padded
+
+    def __post_init__(self):
+        if (self.vae_images is None) == (self.vae_moments is None):
+            raise ValueError("PackedBatch needs exactly one of vae_images (pixels) / vae_moments (precomputed latents)")
 
     @property
     def text_capacity(self) -> int:
@@ -179,7 +215,7 @@ class PackedBatch:
         """Pack `i` of a stacked batch, as views (writes go into this batch)."""
         if self.sample_id.ndim != 2:
             raise ValueError("row() needs a stacked batch")
-        fields = {k: getattr(self, k)[i] for k in _ARRAY_FIELDS}
+        fields = {k: getattr(self, k)[i] for k in _present_fields(self)}
         return PackedBatch(**fields, num_tokens=int(self.num_tokens[i]), num_samples=int(self.num_samples[i]))
 
     def token_meta(self):
@@ -187,6 +223,11 @@ class PackedBatch:
         from echo4o_jax.model.attention import TokenMeta
 
         return TokenMeta(self.sample_id, self.split_id, self.split_mode, self.order)
+
+
+def _present_fields(batch: PackedBatch) -> tuple[str, ...]:
+    """The array fields the batch holds (without the unused VAE canvas)."""
+    return tuple(k for k in _ARRAY_FIELDS if getattr(batch, k) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +273,10 @@ def unit_range_lut() -> np.ndarray:
     return _LUT
 
 
-def _images_dtype(sample: dict) -> str:
+def _images_dtype(sample: dict, vae_moments: str | None = None) -> str:
     imgs = sample.get("image_tensor_list", [])
+    if vae_moments is not None:  # the pixel images only
+        imgs = [a for a in imgs if getattr(a, "dtype", None) != moments_dtype(vae_moments)]
     return "uint8" if imgs and all(getattr(a, "dtype", None) == np.uint8 for a in imgs) else "float32"
 
 
@@ -285,9 +328,14 @@ def _sample_name(idx: int, sample: dict) -> str:
 
 
 def _check_image(image, stride: int, max_per_side: int, channels: int, where: str, what: str,
-                 image_dtype: str = "float32") -> np.ndarray:
+                 image_dtype: str = "float32", moments: str | None = None) -> np.ndarray:
+    """A [C, H, W] image (or, with `moments`, posterior moments of exactly that dtype) checked."""
     arr = np.asarray(image)
-    if image_dtype == "uint8":
+    if moments is not None:
+        if arr.dtype != moments_dtype(moments):
+            raise PackError(f"{where}: {what} must be {moments} posterior moments (vae_moments={moments!r}), "
+                            f"got {arr.dtype}")
+    elif image_dtype == "uint8":
         if arr.dtype != np.uint8:
             raise PackError(f"{where}: {what} must be uint8 pixels for image_dtype='uint8', got {arr.dtype}")
     elif arr.dtype == np.uint8:
@@ -307,9 +355,11 @@ def _check_image(image, stride: int, max_per_side: int, channels: int, where: st
     return arr
 
 
-def _validate_sample(idx: int, sample: dict, cfg: BagelConfig, image_dtype: str = "float32"):
+def _validate_sample(idx: int, sample: dict, cfg: BagelConfig, image_dtype: str = "float32",
+                     vae_moments: str | None = None):
     """Returns (plan, text_ids_list, images) as fresh lists, validated. Images are float32 arrays (uint8
-    inputs normalised exactly as the official ToTensor + Normalize), or uint8 for image_dtype='uint8'."""
+    inputs normalised exactly as the official ToTensor + Normalize), or uint8 for image_dtype='uint8';
+    with `vae_moments` the VAE items are posterior moments [2z, h, w] of that dtype."""
     name = _sample_name(idx, sample)
     try:
         plan = list(sample["sequence_plan"])
@@ -349,6 +399,12 @@ def _validate_sample(idx: int, sample: dict, cfg: BagelConfig, image_dtype: str 
                              cfg.vit.num_channels, where, f"image {ii}", image_dtype)
             )
             ii += 1
+        elif vae_moments is not None:
+            out_images.append(
+                _check_image(images[ii], cfg.latent_patch_size, cfg.max_latent_size, 2 * cfg.vae.z_channels,
+                             where, f"moments {ii}", moments=vae_moments)
+            )
+            ii += 1
         else:
             out_images.append(
                 _check_image(images[ii], cfg.latent_downsample, cfg.max_latent_size, cfg.vae.in_channels,
@@ -358,10 +414,11 @@ def _validate_sample(idx: int, sample: dict, cfg: BagelConfig, image_dtype: str 
     return plan, out_texts, out_images
 
 
-def sample_sizes(sample: dict, cfg: BagelConfig, *, index: int = 0) -> SampleSizes:
+def sample_sizes(sample: dict, cfg: BagelConfig, *, index: int = 0, vae_moments: str | None = None) -> SampleSizes:
     """Exact capacities one sample needs when nothing is dropped (for budgets and loader packing).
-    `index` only names the sample in error messages."""
-    plan, texts, images = _validate_sample(index, sample, cfg, _images_dtype(sample))
+    `index` only names the sample in error messages; `vae_moments`: its VAE items are posterior moments
+    of that dtype (sizes are then those of the images they encode)."""
+    plan, texts, images = _validate_sample(index, sample, cfg, _images_dtype(sample, vae_moments), vae_moments)
     text = vit = vae = n_vae = 0
     hmax = wmax = 0
     ti = ii = 0
@@ -378,6 +435,7 @@ def sample_sizes(sample: dict, cfg: BagelConfig, *, index: int = 0) -> SampleSiz
             p = cfg.vit.patch_size
             vit += (H // p) * (W // p)
         else:
+            H, W = vae_pixel_size(H, W, cfg, vae_moments is not None)
             d = cfg.latent_downsample
             vae += (H // d) * (W // d)
             n_vae += 1
@@ -420,6 +478,7 @@ def pack_samples(
     image_dtype: str | None = None,
     out: PackedBatch | None = None,
     out_index: int = 0,
+    vae_moments: str | None = None,
 ) -> PackedBatch:
     """Pack official-format samples into one `PackedBatch` laid out as text | vit | vae segments.
 
@@ -435,13 +494,20 @@ def pack_samples(
     image arrays must still be zero there; every other field of the row is overwritten) instead of
     allocating one; returns that row (views) and sets `out.num_tokens[out_index]` / `num_samples`.
     `image_dtype` defaults to the dtype of `out`.
+    vae_moments: the samples' VAE items are precomputed posterior moments [2z, h, w] of this dtype
+    (`MOMENT_DTYPES`), packed into `vae_moments` canvases instead of `vae_images` (see the module
+    docstring); with `out`, defaults to out's canvases.
     """
     if image_dtype is None:
-        image_dtype = "float32" if out is None else str(out.vae_images.dtype)
+        image_dtype = "float32" if out is None else str(out.vit_patches.dtype)
     if image_dtype not in IMAGE_DTYPES:
         raise ValueError(f"image_dtype={image_dtype!r}: expected one of {IMAGE_DTYPES}")
+    if vae_moments is None and out is not None and out.vae_moments is not None:
+        vae_moments = str(out.vae_moments.dtype)
+    if vae_moments is not None:
+        moments_dtype(vae_moments)  # validates the name
     if out is not None:
-        _check_out(out, budget, cfg, image_dtype)
+        _check_out(out, budget, cfg, image_dtype, vae_moments)
         if not 0 <= out_index < out.sample_id.shape[0]:
             raise IndexError(f"pack_samples: out_index={out_index} outside the {out.sample_id.shape[0]} packs of out")
     ds = cfg.latent_downsample
@@ -481,7 +547,7 @@ def pack_samples(
 
     for si, sample in enumerate(samples):
         name = _sample_name(si, sample)
-        plan, texts, images = _validate_sample(si, sample, cfg, image_dtype)
+        plan, texts, images = _validate_sample(si, sample, cfg, image_dtype, vae_moments)
         rope = 0
         for k, item in enumerate(plan):
             typ = item["type"]
@@ -523,7 +589,7 @@ def pack_samples(
                 if cfg_item and rng.random() < vae_dropout:
                     rope += 1
                     continue
-                _, H, W = img.shape
+                H, W = vae_pixel_size(img.shape[1], img.shape[2], cfg, vae_moments is not None)
                 if H > Hmax or W > Wmax:
                     raise PackOverflowError(
                         f"{name}, plan item {k} (vae_image): image {H}x{W} exceeds vae_image_size {Hmax}x{Wmax}"
@@ -583,7 +649,7 @@ def pack_samples(
     Tc, Vc, Ac = budget.text_tokens, budget.vit_tokens, budget.vae_tokens
     L = budget.total_tokens
     if out is None:
-        row = allocate_packs(budget, cfg, None, image_dtype=image_dtype)
+        row = allocate_packs(budget, cfg, None, image_dtype=image_dtype, vae_moments=vae_moments)
     else:
         row = out.row(out_index)
 
@@ -631,9 +697,10 @@ def pack_samples(
         # patchify (feature order kh, kw, c) as one strided copy
         row.vit_patches[o:o + n].reshape(gh, gw, p, p, Cv)[...] = img.reshape(Cv, gh, p, gw, p).transpose(1, 3, 2, 4, 0)
         o += n
+    canvas = row.vae_images if vae_moments is None else row.vae_moments
     for i, img in enumerate(vae_imgs):
         _, H, W = img.shape
-        row.vae_images[i, :H, :W] = np.transpose(img, (1, 2, 0))
+        canvas[i, :H, :W] = np.transpose(img, (1, 2, 0))
         row.vae_image_hw[i] = (H, W)
     row.vae_image_hw[len(vae_imgs):] = 0
 
@@ -645,13 +712,19 @@ def pack_samples(
     return row
 
 
-def _field_specs(budget: PackBudget, cfg: BagelConfig, image_dtype: str) -> dict:
-    """field -> (shape, dtype, padding fill) of one pack."""
+def _field_specs(budget: PackBudget, cfg: BagelConfig, image_dtype: str, vae_moments: str | None = None) -> dict:
+    """field -> (shape, dtype, padding fill) of one pack (the VAE canvas: `vae_images`, or `vae_moments`)."""
     Tc, Vc, Ac, L = budget.text_tokens, budget.vit_tokens, budget.vae_tokens, budget.total_tokens
     patch_dim = cfg.vit.patch_size ** 2 * cfg.vit.num_channels
     Hmax, Wmax = budget.vae_image_size
     img = np.dtype(image_dtype)
     i32, f32 = np.int32, np.float32
+    if vae_moments is None:
+        canvas = {"vae_images": ((budget.vae_images, Hmax, Wmax, cfg.vae.in_channels), img, 0)}
+    else:
+        f = cfg.vae.downsample
+        canvas = {"vae_moments": ((budget.vae_images, Hmax // f, Wmax // f, 2 * cfg.vae.z_channels),
+                                  moments_dtype(vae_moments), 0)}
     return {
         "sample_id": ((L,), i32, -1), "split_id": ((L,), i32, -1), "split_mode": ((L,), i32, 0),
         "order": ((L,), i32, None), "position_id": ((L,), i32, 0),
@@ -659,20 +732,22 @@ def _field_specs(budget: PackBudget, cfg: BagelConfig, image_dtype: str) -> dict
         "vit_patches": ((Vc, patch_dim), img, 0), "vit_pos_ids": ((Vc,), i32, 0), "vit_image_id": ((Vc,), i32, -1),
         "vae_image_index": ((Ac,), i32, -1), "vae_token_hw": ((Ac, 2), i32, 0), "latent_pos_ids": ((Ac,), i32, 0),
         "timestep_raw": ((Ac,), f32, -np.inf), "mse_mask": ((Ac,), bool, False),
-        "vae_images": ((budget.vae_images, Hmax, Wmax, cfg.vae.in_channels), img, 0),
+        **canvas,
         "vae_image_hw": ((budget.vae_images, 2), i32, 0),
     }
 
 
-def allocate_packs(budget: PackBudget, cfg: BagelConfig, n: int | None, *, image_dtype: str = "float32") -> PackedBatch:
+def allocate_packs(budget: PackBudget, cfg: BagelConfig, n: int | None, *, image_dtype: str = "float32",
+                   vae_moments: str | None = None) -> PackedBatch:
     """`n` empty packs stacked (leading axis n; `n=None`: one pack without the axis), every row equal to
     `pack_samples([], ...)`. The image arrays are `np.zeros` (pages the OS zero-fills lazily: the padding
-    is never written). Fill rows with `pack_samples(..., out=batch, out_index=i)`."""
+    is never written). Fill rows with `pack_samples(..., out=batch, out_index=i)`. `vae_moments` (a
+    `MOMENT_DTYPES` name): `vae_moments` canvases instead of `vae_images`."""
     if image_dtype not in IMAGE_DTYPES:
         raise ValueError(f"image_dtype={image_dtype!r}: expected one of {IMAGE_DTYPES}")
     lead = () if n is None else (int(n),)
     fields = {}
-    for k, (shape, dtype, fill) in _field_specs(budget, cfg, image_dtype).items():
+    for k, (shape, dtype, fill) in _field_specs(budget, cfg, image_dtype, vae_moments).items():
         if k == "order":
             a = np.empty(lead + shape, dtype)
             a[...] = np.arange(shape[0], dtype=dtype)
@@ -686,13 +761,16 @@ def allocate_packs(budget: PackBudget, cfg: BagelConfig, n: int | None, *, image
     return PackedBatch(**fields, num_tokens=np.zeros(lead, np.int32), num_samples=np.zeros(lead, np.int32))
 
 
-def _check_out(out: PackedBatch, budget: PackBudget, cfg: BagelConfig, image_dtype: str) -> None:
-    specs = _field_specs(budget, cfg, image_dtype)
+def _check_out(out: PackedBatch, budget: PackBudget, cfg: BagelConfig, image_dtype: str,
+               vae_moments: str | None = None) -> None:
+    specs = _field_specs(budget, cfg, image_dtype, vae_moments)
     n = out.sample_id.shape[0] if out.sample_id.ndim == 2 else None
     if n is None:
         raise ValueError("pack_samples(out=...) needs a stacked batch from allocate_packs(..., n)")
     for k, (shape, dtype, _) in specs.items():
         a = getattr(out, k)
+        if a is None:
+            raise ValueError(f"pack_samples(out=...): out has no {k!r} canvas (vae_moments={vae_moments!r})")
         if a.shape != (n, *shape) or a.dtype != dtype:
             raise ValueError(f"pack_samples(out=...): field {k!r} is {a.dtype}{list(a.shape)}, the budget and "
                              f"image_dtype={image_dtype!r} need {np.dtype(dtype)}{[n, *shape]}")
@@ -710,6 +788,7 @@ def to_official(batch: PackedBatch) -> dict[str, Any]:
     """Rebuild the official `PackedDataset.to_tensor` arrays (numpy; int64 indices, float32 values).
 
     Components that the pack does not use are returned as empty arrays (the official omits them).
+    For a `vae_moments` pack, `padded_images` holds the moments canvases [N, 2z, h, w] (cropped likewise).
     Extra keys: `split_lens`, `attn_modes` (the official flex-path lists, without the padding entry).
     """
     _check_single(batch, "to_official")
@@ -750,7 +829,8 @@ def to_official(batch: PackedBatch) -> dict[str, Any]:
         np.maximum.at(shapes, a_img, batch.vae_token_hw[a_sel].astype(i64) + 1)
     hw = batch.vae_image_hw[:n_img]
     Hm, Wm = (int(hw[:, 0].max()), int(hw[:, 1].max())) if n_img else (0, 0)
-    padded_images = np.ascontiguousarray(np.transpose(batch.vae_images[:n_img, :Hm, :Wm], (0, 3, 1, 2)))
+    canvas = batch.vae_images if batch.vae_images is not None else batch.vae_moments
+    padded_images = np.ascontiguousarray(np.transpose(canvas[:n_img, :Hm, :Wm], (0, 3, 1, 2)))
     mse_sel = a_sel[batch.mse_mask[a_sel]]
 
     # splits (official order)
@@ -818,7 +898,7 @@ def dense_attention_mask(batch: PackedBatch) -> np.ndarray:
 
 def batch_arrays(batch: PackedBatch) -> dict[str, np.ndarray]:
     """Every array field (plus `num_tokens` / `num_samples` as int32 arrays), for jit / device_put."""
-    d = {k: getattr(batch, k) for k in _ARRAY_FIELDS}
+    d = {k: getattr(batch, k) for k in _present_fields(batch)}
     d["num_tokens"] = np.asarray(batch.num_tokens, np.int32)
     d["num_samples"] = np.asarray(batch.num_samples, np.int32)
     return d
@@ -829,8 +909,10 @@ def stack_batches(batches: Sequence[PackedBatch]) -> PackedBatch:
     if not batches:
         raise ValueError("stack_batches needs at least one PackedBatch")
     fields = {}
-    for k in _ARRAY_FIELDS:
+    for k in _present_fields(batches[0]):
         arrs = [getattr(b, k) for b in batches]
+        if any(a is None for a in arrs):
+            raise ValueError(f"stack_batches: field {k!r} is missing from some packs (vae_images vs vae_moments?)")
         shapes = {a.shape for a in arrs}
         if len(shapes) != 1:
             raise ValueError(f"stack_batches: field {k!r} has different shapes {sorted(shapes)} (different budgets?)")

@@ -71,11 +71,11 @@ def _words(rng, n):
     return " ".join(f"w{int(i)}" for i in rng.integers(0, 150, n))
 
 
-def _write_dataset(d, n, seed, *, prefix="r", huge=(), corrupt=()):
-    """n mixed records (t2i / multiref / understanding) of varied sizes."""
+def _write_dataset(d, n, seed, *, prefix="r", huge=(), corrupt=(), sizes=(16, 32, 48, 64), append=False):
+    """n mixed records (t2i / multiref / understanding) of varied sizes (VAE image sides drawn from `sizes`);
+    `append`: added to an existing dataset (ids must differ)."""
     rng = np.random.default_rng(seed)
-    sizes = (16, 32, 48, 64)
-    with RecordWriter(d, shard_bytes=6000, name=prefix) as w:
+    with RecordWriter(d, shard_bytes=6000, name=prefix, append=append) as w:
         for i in range(n):
             rid = f"{prefix}{i}"
             kind = i % 3

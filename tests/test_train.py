@@ -54,8 +54,10 @@ def test_train_step_gradients_equal_golden(golden_dir):
     vae_gd, vae_state = nnx.split(vae)
     noise = np.zeros((1, batch.vae_capacity, cfg.patch_latent_dim), np.float32)
     noise[0, : len(d["noise"])] = d["noise"]
+    # the golden recording took the posterior mean (deterministic); training samples it by default
     f = make_loss_and_grads(graphdef, nnx.to_pure_dict(buffers), vae_gd, patch=cfg.latent_patch_size,
-                            ce_weight=float(d["ce_weight"]), mse_weight=float(d["mse_weight"]))
+                            ce_weight=float(d["ce_weight"]), mse_weight=float(d["mse_weight"]),
+                            vae_posterior="mean")
     (loss, _), grads = jax.jit(f)(nnx.to_pure_dict(params), vae_state, arrays, jnp.asarray(noise), None)
     assert abs(float(loss) - float(d["loss"])) <= 1e-4 * max(1.0, abs(float(d["loss"])))
     got = dict(export_official(nnx.merge(graphdef, grads, buffers), bagel_key_rules(cfg)))
@@ -262,6 +264,18 @@ def test_freeze_vit_keeps_vit_and_connector_fixed(tmp_path):
             assert np.array_equal(a, b), top
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["llm"]), jax.tree.leaves(after["llm"]))]
     assert all(changed)
+
+
+
+def test_freeze_und_reaches_the_model():
+    """train.freeze_und zeroes the und updates (trainable_mask) and turns on the model's detaches
+    (tests/test_model_units.py::test_freeze_und_detaches_understanding_paths_as_the_official)."""
+    from echo4o_jax.train.trainer import model_config_from
+
+    c = load_config("synthetic_tiny")
+    assert model_config_from(c).freeze_und is False
+    c.train.freeze_und = True
+    assert model_config_from(c).freeze_und is True
 
 
 _RESTORE_SCRIPT = _EIGHT_DEVICE_TRAINER + r"""

@@ -44,6 +44,13 @@ Stages
    padded with empty packs (`num_samples == 0`) and `stats["end_of_data"]` is True; with several
    datasets the finite mixture ends when the first dataset runs out (Grain's `mix`).
 
+Precomputed VAE latents (`PipelineConfig.vae_latents`, a folder written by `python -m
+echo4o_jax.data.latents`): VAE images are then neither decoded nor resized; stage 1 loads each VAE image's
+stored posterior moments [h, w, 2z] (after checking the folder's manifest against this pipeline's
+transforms, the model's z_channels and `vae_fingerprint`) and the batches carry `vae_moments` canvases
+instead of `vae_images` (`packing`'s module docstring); sizes, packing and dropout are unchanged. A
+missing latent is an error, never a skipped sample nor an in-step encoding.
+
 Exact resume: the iterator state is (next element index, element indices in the overflow buffer and the
 carried-over sample, pack / step counters, skip counters); on restore buffered elements are recomputed by
 random access and the element stream restarts at the saved index, so a resumed run yields exactly the
@@ -65,16 +72,23 @@ import numpy as np
 
 from echo4o_jax.config import BagelConfig
 from echo4o_jax.image_transform import ImageTransform, resize_shape
-from echo4o_jax.packing import IMAGE_DTYPES, PackBudget, PackedBatch, allocate_packs, pack_samples, sample_sizes
+from echo4o_jax.data.latents import LatentStore, LatentStoreError
+from echo4o_jax.packing import (IMAGE_DTYPES, PackBudget, PackedBatch, allocate_packs, pack_samples, sample_sizes,
+                                vae_pixel_size)
 
 __all__ = [
     "DatasetSpec",
     "PipelineConfig",
     "DataPipeline",
     "PackIterator",
+    "dataset_transforms",
+    "decode_image",
     "load_tokenizer",
     "pil_img2rgb",
+    "record_img_num",
+    "resized_hw",
     "stack_packs",
+    "transform_pixels",
 ]
 
 _STATE_VERSION = 1
@@ -155,6 +169,11 @@ class PipelineConfig:
     # normalises them on device with `packing.normalize_images`, bit-identical to "float32") or
     # "float32" ([-1, 1], normalised here). Not part of the resume fingerprint (same data either way).
     image_dtype: str = "uint8"
+    # folder of precomputed VAE posterior moments (`echo4o_jax.data.latents`); "" = VAE images are decoded
+    # and encoded in the train step. `vae_fingerprint` (`latents.vae_fingerprint` of the VAE the trainer
+    # uses) must match the folder's. Neither is part of the resume fingerprint (same samples either way).
+    vae_latents: str = ""
+    vae_fingerprint: str = ""
 
     def __post_init__(self):
         if self.image_dtype not in IMAGE_DTYPES:
@@ -235,6 +254,38 @@ def load_tokenizer(path: str | os.PathLike):
 # ---------------------------------------------------------------------------------------------- elements
 
 
+def dataset_transforms(cfg: PipelineConfig) -> list[tuple[ImageTransform, ImageTransform]]:
+    """(VAE transform, ViT transform) of every dataset: its own, else the config's."""
+    return [(d.vae_transform or cfg.vae_transform, d.vit_transform or cfg.vit_transform) for d in cfg.datasets]
+
+
+def record_img_num(rec) -> int:
+    """The image count the resize rule divides `max_pixels` by (official: all images of an understanding
+    sample, 1 otherwise)."""
+    return len(rec.images) if rec.task == "understanding" else 1
+
+
+def resized_hw(info, tr: ImageTransform, img_num: int) -> tuple[int, int]:
+    """(H, W) of a record image (`ImageInfo`) after the resize rule, from its header size alone."""
+    w, h = resize_shape(info.width, info.height, tr.max_size, tr.min_size, tr.stride, tr.max_pixels, img_num)
+    return h, w
+
+
+def decode_image(blob: bytes):
+    """Encoded image bytes -> RGB PIL image (official `pil_img2rgb`)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(blob)) as im:
+        im.load()
+        return pil_img2rgb(im)
+
+
+def transform_pixels(image, tr: ImageTransform, img_num: int) -> np.ndarray:
+    """The official resize of a decoded image: [H, W, 3] uint8 pixels, C-contiguous (ToTensor + Normalize is
+    applied exactly, later: by the packer for float32 batches, on device for uint8 ones)."""
+    return np.ascontiguousarray(np.asarray(tr.resize(image, img_num=img_num), np.uint8))
+
+
 def pil_img2rgb(image):
     """Official `pil_img2rgb`: RGBA / transparent images go on white, everything else to RGB."""
     from PIL import Image
@@ -260,13 +311,15 @@ class _TagDataset:
 class _Prepare:
     """(k, (dataset index, record bytes)) -> prepared element (official sample + sizes) or error element."""
 
-    def __init__(self, cfg: PipelineConfig, model_cfg: BagelConfig):
+    def __init__(self, cfg: PipelineConfig, model_cfg: BagelConfig, latents: LatentStore | None = None):
         self.config = cfg
         self.tokenizer_path = cfg.tokenizer
         self.seed = cfg.seed
-        self.transforms = [(d.vae_transform or cfg.vae_transform, d.vit_transform or cfg.vit_transform)
-                           for d in cfg.datasets]
+        self.transforms = dataset_transforms(cfg)
+        self.labels = [d.label for d in cfg.datasets]
         self.model_cfg = model_cfg
+        self.latents = latents  # precomputed VAE moments, or None (decode the VAE images)
+        self.vae_moments = None if latents is None else latents.dtype
         self._tok = None
 
     def __getstate__(self):
@@ -285,6 +338,8 @@ class _Prepare:
         el: dict[str, Any] = {"k": int(k), "dataset": int(ds), "id": None, "task": None, "error": None}
         try:
             self._prepare(el, raw)
+        except LatentStoreError:  # a missing / wrong precomputed latent is fatal, never a skipped sample
+            raise
         except Exception as e:  # noqa: BLE001 - any failure of one record is counted, not fatal
             el["error"] = f"{type(e).__name__}: {e}"
             for key in ("sequence_plan", "text_ids_list", "images_hwc", "sizes"):
@@ -292,8 +347,6 @@ class _Prepare:
         return el
 
     def _prepare(self, el: dict, raw: bytes) -> None:
-        from PIL import Image
-
         from echo4o_jax.data.records import decode_record
 
         rec = decode_record(raw)
@@ -306,7 +359,7 @@ class _Prepare:
                 t = t[int(rng.integers(len(t)))]
             texts.append(list(self.tokenizer.encode(t, add_special_tokens=False).ids))
         vae_t, vit_t = self.transforms[el["dataset"]]
-        img_num = len(rec.images) if rec.task == "understanding" else 1
+        img_num = record_img_num(rec)
         # exact sizes from the header (the resize rule only needs the source size): over-long samples
         # are not decoded at all
         el["sizes"] = predicted = self._predict_sizes(rec, texts, vae_t, vit_t, img_num)
@@ -321,18 +374,20 @@ class _Prepare:
             idx = item["image"]
             kind = "vit" if item["type"] == "vit_image" else "vae"
             key = (idx, kind)
-            if key not in tensors:
+            if key in tensors:
+                pass
+            elif kind == "vae" and self.latents is not None:
+                # the stored posterior moments [h, w, 2z] of this image (no decode, no resize)
+                h, w = resized_hw(rec.image_info[idx], vae_t, img_num)
+                f = self.model_cfg.vae.downsample
+                tensors[key] = self.latents.moments(self.labels[el["dataset"]], rec.id, idx, (h // f, w // f))
+            else:
                 if idx not in pil:
-                    with Image.open(io.BytesIO(rec.images[idx])) as im:
-                        im.load()
-                        pil[idx] = pil_img2rgb(im)
-                tr = vit_t if kind == "vit" else vae_t
-                # [H, W, 3] uint8 pixels, C-contiguous (the official resize; ToTensor + Normalize is
-                # applied exactly, later: by the packer for float32 batches, on device for uint8 ones)
-                tensors[key] = np.ascontiguousarray(np.asarray(tr.resize(pil[idx], img_num=img_num), np.uint8))
+                    pil[idx] = decode_image(rec.images[idx])
+                tensors[key] = transform_pixels(pil[idx], vit_t if kind == "vit" else vae_t, img_num)
             image_list.append(tensors[key])
         sample = {"sequence_plan": rec.official_plan(), "text_ids_list": texts, "images_hwc": image_list}
-        s = sample_sizes(_official_sample(sample), self.model_cfg)
+        s = sample_sizes(_official_sample(sample), self.model_cfg, vae_moments=self.vae_moments)
         sizes = (s.text_tokens, s.vit_tokens, s.vae_tokens, s.vae_images, *s.vae_image_size)
         if sizes != predicted:
             raise ValueError(f"decoded image sizes differ from the record header (sizes {sizes} != {predicted})")
@@ -344,9 +399,8 @@ class _Prepare:
         for item in rec.plan:
             if item["type"] == "text":
                 continue
-            info = rec.image_info[item["image"]]
             tr = vit_t if item["type"] == "vit_image" else vae_t
-            w, h = resize_shape(info.width, info.height, tr.max_size, tr.min_size, tr.stride, tr.max_pixels, img_num)
+            h, w = resized_hw(rec.image_info[item["image"]], tr, img_num)
             text += 2
             n = (w // tr.stride) * (h // tr.stride)
             if item["type"] == "vit_image":
@@ -382,24 +436,27 @@ _STACK_FIELDS = tuple(f.name for f in dataclasses.fields(PackedBatch) if f.name 
 
 def stack_packs(batches: Sequence[PackedBatch]) -> PackedBatch:
     """`packing.stack_batches` without copying padding: one pack becomes views with a leading axis; for
-    several, the padded VAE image tensor is allocated zeroed (lazily, by the OS) and only the real pixels
-    are copied. Same arrays as `stack_batches`."""
+    several, the padded VAE canvas (`vae_images`, or `vae_moments`) is allocated zeroed (lazily, by the OS)
+    and only the real pixels / moments are copied. Same arrays as `stack_batches`."""
     if not batches:
         raise ValueError("stack_packs needs at least one PackedBatch")
+    canvas = "vae_images" if batches[0].vae_images is not None else "vae_moments"
+    present = [k for k in _STACK_FIELDS if getattr(batches[0], k) is not None]
     if len(batches) == 1:
         b = batches[0]
-        fields = {k: getattr(b, k)[None] for k in _STACK_FIELDS}
+        fields = {k: getattr(b, k)[None] for k in present}
     else:
-        fields = {k: np.stack([getattr(b, k) for b in batches]) for k in _STACK_FIELDS if k != "vae_images"}
-        shapes = {b.vae_images.shape for b in batches}
+        fields = {k: np.stack([getattr(b, k) for b in batches]) for k in present if k != canvas}
+        shapes = {getattr(getattr(b, canvas), "shape", None) for b in batches}
         if len(shapes) != 1:
-            raise ValueError(f"stack_packs: vae_images shapes differ {sorted(shapes)} (different budgets?)")
-        vi = np.zeros((len(batches), *batches[0].vae_images.shape), batches[0].vae_images.dtype)
+            raise ValueError(f"stack_packs: {canvas} shapes differ {sorted(map(str, shapes))} (different budgets?)")
+        first = getattr(batches[0], canvas)
+        vi = np.zeros((len(batches), *first.shape), first.dtype)
         for i, b in enumerate(batches):
             for j, (h, w) in enumerate(b.vae_image_hw):
                 if h and w:
-                    vi[i, j, :h, :w] = b.vae_images[j, :h, :w]
-        fields["vae_images"] = vi
+                    vi[i, j, :h, :w] = getattr(b, canvas)[j, :h, :w]
+        fields[canvas] = vi
     fields["num_tokens"] = np.asarray([b.num_tokens for b in batches], np.int32)
     fields["num_samples"] = np.asarray([b.num_samples for b in batches], np.int32)
     return PackedBatch(**fields)
@@ -434,6 +491,8 @@ class DataPipeline:
         if b.vae_image_size[0] % model_cfg.latent_downsample or b.vae_image_size[1] % model_cfg.latent_downsample:
             raise ValueError(f"budget.vae_image_size={b.vae_image_size} must be multiples of "
                              f"{model_cfg.latent_downsample}")
+        self.latents = self._open_latents()
+        self.vae_moments = None if self.latents is None else self.latents.dtype  # canvases' dtype name
 
         self.shards: list[list[str]] = []
         parts = []
@@ -451,15 +510,27 @@ class DataPipeline:
             ds = ds.repeat(config.num_epochs)
             parts.append(ds.map(_TagDataset(i)))
         mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [d.weight for d in config.datasets])
-        self.elements = mixed.map_with_index(_Prepare(config, model_cfg))
+        self.elements = mixed.map_with_index(_Prepare(config, model_cfg, self.latents))
         self.fingerprint = self._fingerprint()
 
     # -------------------------------------------------------------------------------------- checks
+    def _open_latents(self) -> LatentStore | None:
+        """The precomputed-latent folder, checked against this pipeline (config.vae_latents set)."""
+        c = self.config
+        if not c.vae_latents:
+            return None
+        if not c.vae_fingerprint:
+            raise ValueError("PipelineConfig.vae_latents is set but vae_fingerprint is empty: pass the fingerprint "
+                             "of the VAE the train step uses (echo4o_jax.data.latents.vae_fingerprint)")
+        store = LatentStore(c.vae_latents)
+        store.check(fingerprint=c.vae_fingerprint, z_channels=self.model_cfg.vae.z_channels,
+                    downsample=self.model_cfg.vae.downsample,
+                    transforms={spec.label: vae_t for spec, (vae_t, _) in zip(c.datasets, dataset_transforms(c))})
+        return store
+
     def _check_transforms(self) -> None:
         c, m = self.config, self.model_cfg
-        for spec in c.datasets:
-            vae_t = spec.vae_transform or c.vae_transform
-            vit_t = spec.vit_transform or c.vit_transform
+        for spec, (vae_t, vit_t) in zip(c.datasets, dataset_transforms(c)):
             if vae_t.stride != m.latent_downsample:
                 raise ValueError(f"dataset {spec.label}: VAE transform stride {vae_t.stride} != model "
                                  f"latent downsample {m.latent_downsample}")
@@ -492,8 +563,7 @@ class DataPipeline:
         d = {
             "datasets": [[[os.path.abspath(f) for f in files], spec.weight] for spec, files in
                          zip(c.datasets, self.shards)],
-            "transforms": [[repr(s.vae_transform or c.vae_transform), repr(s.vit_transform or c.vit_transform)]
-                           for s in c.datasets],
+            "transforms": [[repr(vae_t), repr(vit_t)] for vae_t, vit_t in dataset_transforms(c)],
             "budget": repr(c.budget),
             "knobs": [c.expected_num_tokens, c.max_tokens, c.max_tokens_per_sample, c.prefer_buffer_before,
                       c.max_buffer_size, c.packs_per_step, c.text_dropout, c.vit_dropout, c.vae_dropout,
@@ -532,6 +602,7 @@ class _Pack:
         self.seed = [_seed32(c.seed, "pack"), pipe.process_index, pack_no]
         self.rng = np.random.default_rng(self.seed + [0])
         self.p = (c.text_dropout, c.vit_dropout, c.vae_dropout)
+        self.moments = pipe.vae_moments is not None  # VAE items are [h, w, 2z] posterior moments
         self.elements: list[dict] = []
         self.text = self.vit = self.vae = self.n_vae = 0
 
@@ -567,6 +638,7 @@ class _Pack:
             else:
                 if drop_cfg and self.rng.random() < p_vae:
                     continue
+                H, W = vae_pixel_size(H, W, cfg, self.moments)
                 d = cfg.latent_downsample
                 self.vae += (H // d) * (W // d)
                 self.n_vae += 1
@@ -581,7 +653,7 @@ class _Pack:
         batch = pack_samples(samples, pipe.model_cfg, c.budget, rng=np.random.default_rng(self.seed + [0]),
                              text_dropout=c.text_dropout, vit_dropout=c.vit_dropout, vae_dropout=c.vae_dropout,
                              timestep_fn=ts_rng.standard_normal, image_dtype=c.image_dtype, out=out,
-                             out_index=index)
+                             out_index=index, vae_moments=pipe.vae_moments)
         if batch.num_tokens != self.total:  # the replayed dropout must match pack_samples' draws
             raise AssertionError(f"packer bookkeeping: {self.total} tokens expected, pack has {batch.num_tokens}")
         return batch
@@ -734,7 +806,8 @@ class PackIterator:
         t0 = time.perf_counter()
         # packs are written straight into the stacked arrays (no per-pack arrays, no stacking copy); rows
         # without a pack stay empty packs (num_samples == 0)
-        stacked = allocate_packs(c.budget, self.pipe.model_cfg, c.packs_per_step, image_dtype=c.image_dtype)
+        stacked = allocate_packs(c.budget, self.pipe.model_cfg, c.packs_per_step, image_dtype=c.image_dtype,
+                                 vae_moments=self.pipe.vae_moments)
         if len(packs) > 1 and c.pack_threads > 1:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor

@@ -20,7 +20,7 @@ from flax import nnx
 from echo4o_jax.config import VAEConfig
 from echo4o_jax.model.keymap import CONV, ID, Rule
 
-__all__ = ["AutoEncoder", "vae_key_rules"]
+__all__ = ["AutoEncoder", "latent_from_moments", "vae_key_rules"]
 
 NUM_GROUPS = 32
 NORM_EPS = 1e-6
@@ -156,6 +156,20 @@ class Mid(nnx.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
+# ---------------------------------------------------------------------------------------- posterior
+def latent_from_moments(moments: jax.Array, cfg: VAEConfig, *, rng: jax.Array | None = None) -> jax.Array:
+    """Posterior moments [..., 2z] (mean | logvar, the encoder output) -> scaled latent [..., z] float32:
+    the mean (`rng=None`) or a sample `mean + exp(0.5 * clip(logvar)) * N(0, 1)` drawn with `rng` over the
+    whole moments shape, then `scale * (z - shift)`. The one place of this maths: `AutoEncoder.encode`,
+    the train step and the precomputed-latent path (`echo4o_jax.data.latents`) all go through it."""
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    z = mean
+    if rng is not None:
+        logvar = jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
+        z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, jnp.float32)
+    return cfg.scale_factor * (z - cfg.shift_factor)
+
+
 # ---------------------------------------------------------------------------------------- encoder / decoder
 class Encoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, **kw):
@@ -238,13 +252,8 @@ class AutoEncoder(nnx.Module):
         """Posterior mean (or a sample with `sample=True, rng=key`), then `scale * (z - shift)`."""
         if sample and rng is None:
             raise ValueError("AutoEncoder.encode(sample=True) needs an rng key (rng=jax.random.key(...))")
-        moments = self.encode_moments(x).astype(jnp.float32)
-        mean, logvar = jnp.split(moments, 2, axis=-1)
-        z = mean
-        if sample:
-            logvar = jnp.clip(logvar, LOGVAR_MIN, LOGVAR_MAX)
-            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, jnp.float32)
-        return (self.cfg.scale_factor * (z - self.cfg.shift_factor)).astype(self.dtype)
+        z = latent_from_moments(self.encode_moments(x), self.cfg, rng=rng if sample else None)
+        return z.astype(self.dtype)
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Scaled/shifted latent [N, h, w, z] -> image [N, 8h, 8w, out_ch] (roughly in [-1, 1])."""

@@ -41,6 +41,7 @@ def base_config() -> ConfigDict:
         attention_block_kv=512,
         attention_tuning="",      # pallas_gpu launch shapes per kernel, e.g. "fwd=128x64:w8:s3,dkv=64x128:w8:s2"
         timestep_shift=1.0,       # official training default (BagelConfig.timestep_shift)
+        vae_posterior="sample",   # sample (official: z = mean + std * N(0, 1)) | mean (deterministic)
     ))
     c.data = ConfigDict(dict(
         kind="synthetic",         # synthetic | records
@@ -51,6 +52,8 @@ def base_config() -> ConfigDict:
         synthetic=dict(image_size=(32, 32), text_len=8, t2i=1, edit=1, und=1),
         # records source (echo4o_jax.data): paths / weights / transforms / dropout
         records=dict(datasets=[], demo_dir="", workers=0),
+        vae_latents="",           # folder of precomputed VAE posterior moments (python -m echo4o_jax.data.latents):
+                                  # the pipeline loads them instead of decoding VAE images; "" = encode in the step
         text_dropout=0.1,         # ModelArguments values (override DataConfig defaults 0.1 / 0.4 / 0.1)
         vit_dropout=0.3,
         vae_dropout=0.3,

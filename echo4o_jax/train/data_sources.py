@@ -78,7 +78,10 @@ class SyntheticSource:
         return packing.stack_batches(out)
 
 
-def make_source(config, cfg: BagelConfig, *, process_index: int, process_count: int, local_packs: int):
+def make_source(config, cfg: BagelConfig, *, process_index: int, process_count: int, local_packs: int,
+                vae_fingerprint: str = ""):
+    """`vae_fingerprint`: of the VAE the step uses (`data.latents.vae_fingerprint`), checked against the
+    precomputed latents of `data.vae_latents` (records only)."""
     d = config.data
     budget = budget_from_config(d.budget)
     if d.kind == "synthetic":
@@ -90,5 +93,5 @@ def make_source(config, cfg: BagelConfig, *, process_index: int, process_count: 
         from .records_source import RecordsSource
 
         return RecordsSource(config, cfg, budget, process_index=process_index, process_count=process_count,
-                             local_packs=local_packs)
+                             local_packs=local_packs, vae_fingerprint=vae_fingerprint)
     raise ValueError(f"data.kind={d.kind!r}: expected synthetic|records")

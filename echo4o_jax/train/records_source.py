@@ -2,6 +2,8 @@
 
 `data.records.demo_dir` set: the offline demo dataset (written there on first use); otherwise the
 datasets `data.records.datasets` ([{path, weight}], paths relative to `data.records.root`).
+`data.vae_latents` set: the VAE images' posterior moments come from that precomputed folder
+(`python -m echo4o_jax.data.latents`) instead of being decoded and encoded in the step.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from ..config import BagelConfig
 from ..image_transform import ImageTransform
 from ..packing import PackBudget
 
-__all__ = ["RecordsSource", "ensure_demo"]
+__all__ = ["RecordsSource", "ensure_demo", "pipeline_config_from"]
 
 
 def ensure_demo(out: str, **kw) -> dict:
@@ -29,43 +31,52 @@ def ensure_demo(out: str, **kw) -> dict:
     return write_demo(out, **kw)
 
 
+def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fingerprint: str = ""):
+    """The `PipelineConfig` of a training config's records source (also used by `echo4o_jax.data.latents`,
+    which precomputes the VAE latents of exactly these datasets and transforms). `vae_fingerprint`: of the
+    VAE the step uses, checked against the `data.vae_latents` folder when that is set."""
+    from ..data.pipeline import DatasetSpec, PipelineConfig
+
+    d = config.data
+    r = d.records
+    common = dict(packs_per_step=local_packs, seed=int(d.seed), text_dropout=float(d.text_dropout),
+                  vit_dropout=float(d.vit_dropout), vae_dropout=float(d.vae_dropout),
+                  worker_count=int(r.get("workers", 0)), vae_latents=str(d.get("vae_latents", "") or ""),
+                  vae_fingerprint=vae_fingerprint)
+    if d.get("expected_tokens"):
+        common["expected_num_tokens"] = int(d.expected_tokens)
+    if d.get("max_tokens"):
+        common["max_num_tokens"] = int(d.max_tokens)
+    if d.get("max_tokens_per_sample"):
+        common["max_num_tokens_per_sample"] = int(d.max_tokens_per_sample)
+    if r.get("demo_dir"):
+        from ..data.demo import demo_pipeline_config
+
+        ensure_demo(r.demo_dir, size=int(r.get("demo_image_size", 64)))
+        return demo_pipeline_config(r.demo_dir, budget, **common)
+    root = r.get("root", "")
+    if not r.get("datasets"):
+        raise ValueError("data.kind='records' needs data.records.datasets (or data.records.demo_dir)")
+    specs = tuple(DatasetSpec(os.path.join(root, ds["path"]), weight=float(ds["weight"]),
+                              name=os.path.basename(os.path.normpath(ds["path"]))) for ds in r.datasets)
+    tok = d.get("tokenizer") or str(config.model.ckpt)
+    if not tok:
+        raise ValueError("data.tokenizer is not set and model.ckpt is empty: no tokenizer to use")
+    kw: dict[str, Any] = dict(common)
+    if r.get("vae_transform"):
+        kw["vae_transform"] = ImageTransform(*[int(x) for x in r.vae_transform])
+    if r.get("vit_transform"):
+        kw["vit_transform"] = ImageTransform(*[int(x) for x in r.vit_transform])
+    kw.setdefault("expected_num_tokens", int(budget.total_tokens * 0.8))
+    return PipelineConfig(datasets=specs, tokenizer=tok, budget=budget, **kw)
+
+
 class RecordsSource:
     def __init__(self, config, cfg: BagelConfig, budget: PackBudget, *, process_index: int, process_count: int,
-                 local_packs: int):
-        from ..data.pipeline import DataPipeline, DatasetSpec, PipelineConfig
+                 local_packs: int, vae_fingerprint: str = ""):
+        from ..data.pipeline import DataPipeline
 
-        d = config.data
-        r = d.records
-        common = dict(packs_per_step=local_packs, seed=int(d.seed), text_dropout=float(d.text_dropout),
-                      vit_dropout=float(d.vit_dropout), vae_dropout=float(d.vae_dropout),
-                      worker_count=int(r.get("workers", 0)))
-        if d.get("expected_tokens"):
-            common["expected_num_tokens"] = int(d.expected_tokens)
-        if d.get("max_tokens"):
-            common["max_num_tokens"] = int(d.max_tokens)
-        if d.get("max_tokens_per_sample"):
-            common["max_num_tokens_per_sample"] = int(d.max_tokens_per_sample)
-        if r.get("demo_dir"):
-            from ..data.demo import demo_pipeline_config
-
-            ensure_demo(r.demo_dir, size=int(r.get("demo_image_size", 64)))
-            pc = demo_pipeline_config(r.demo_dir, budget, **common)
-        else:
-            root = r.get("root", "")
-            if not r.get("datasets"):
-                raise ValueError("data.kind='records' needs data.records.datasets (or data.records.demo_dir)")
-            specs = tuple(DatasetSpec(os.path.join(root, ds["path"]), weight=float(ds["weight"]),
-                                      name=os.path.basename(os.path.normpath(ds["path"]))) for ds in r.datasets)
-            tok = d.get("tokenizer") or str(config.model.ckpt)
-            if not tok:
-                raise ValueError("data.tokenizer is not set and model.ckpt is empty: no tokenizer to use")
-            kw: dict[str, Any] = dict(common)
-            if r.get("vae_transform"):
-                kw["vae_transform"] = ImageTransform(*[int(x) for x in r.vae_transform])
-            if r.get("vit_transform"):
-                kw["vit_transform"] = ImageTransform(*[int(x) for x in r.vit_transform])
-            kw.setdefault("expected_num_tokens", int(budget.total_tokens * 0.8))
-            pc = PipelineConfig(datasets=specs, tokenizer=tok, budget=budget, **kw)
+        pc = pipeline_config_from(config, budget, local_packs=local_packs, vae_fingerprint=vae_fingerprint)
         self.pipe = DataPipeline(pc, cfg, process_index=process_index, process_count=process_count)
         self._it = self.pipe.iterator()
         self.last_stats: dict = {}

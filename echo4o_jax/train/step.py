@@ -1,5 +1,7 @@
-"""The sharded train step: VAE encoding (frozen) inside the step, flow-matching + CE loss normalised by
-global token counts, AdamW with clipping, EMA, and a guard that never applies a non-finite update."""
+"""The sharded train step: VAE encoding (frozen) inside the step, or posterior moments precomputed by the
+data pipeline (`data.vae_latents`); the posterior sampled (official) or taken at its mean
+(`model.vae_posterior`); flow-matching + CE loss normalised by global token counts, AdamW with clipping,
+EMA, and a guard that never applies a non-finite update."""
 
 from __future__ import annotations
 
@@ -11,21 +13,44 @@ import optax
 from flax import nnx
 
 from ..model.bagel import latent_tokens_from_latents, packed_loss
+from ..model.vae import latent_from_moments
 from ..packing import normalize_images
 from .optim import ema_update
 
-__all__ = ["encode_batch_latents", "make_loss_and_grads", "make_train_step", "trainable_mask", "init_train_state"]
+__all__ = ["VAE_POSTERIORS", "check_vae_posterior", "encode_batch_latents", "make_loss_and_grads",
+           "make_train_step", "trainable_mask", "init_train_state"]
+
+# "sample": z = mean + std * N(0, 1), as the official training (its DiagonalGaussian samples);
+# "mean": the posterior mean (deterministic; the golden recordings use it).
+VAE_POSTERIORS = ("sample", "mean")
 
 
-def encode_batch_latents(vae, batch, patch: int) -> jax.Array:
-    """Clean latent tokens x0 [B, Cg, p*p*z] of a stacked batch: the padded VAE canvases of every pack
-    are encoded together, then each token is gathered from its image's latent grid. uint8 pixel canvases
-    (the data pipeline's) are normalised first (`packing.normalize_images`: bit-identical to float packs)."""
-    imgs = normalize_images({k: batch[k] for k in ("vae_images", "vae_image_hw")})["vae_images"]
-    B, N, H, W, C = imgs.shape
+def check_vae_posterior(value: str, name: str = "vae_posterior") -> str:
+    if value not in VAE_POSTERIORS:
+        raise ValueError(f"{name}={value!r}: expected one of {'|'.join(VAE_POSTERIORS)}")
+    return value
+
+
+def encode_batch_latents(vae, batch, patch: int, rng: jax.Array | None = None) -> jax.Array:
+    """Clean latent tokens x0 [B, Cg, p*p*z] of a stacked batch. The posterior moments of every VAE image
+    come from the batch's `vae_moments` canvases (precomputed by the data pipeline: the VAE encoder is not
+    run) or from encoding its padded `vae_images` canvases together (uint8 pixels normalised first,
+    `packing.normalize_images`: bit-identical to float packs). Both paths then take the same
+    moments -> latent step (`vae.latent_from_moments`: the mean, or a sample drawn with `rng` over the
+    [B * N, h, w, z] canvases) and gather each token from its image's latent grid."""
+    if "vae_moments" in batch:
+        moments = batch["vae_moments"]
+        B, N = moments.shape[:2]
+        if N:
+            moments = moments.reshape(B * N, *moments.shape[2:])
+    else:
+        imgs = normalize_images({k: batch[k] for k in ("vae_images", "vae_image_hw")})["vae_images"]
+        B, N, H, W, C = imgs.shape
+        if N:
+            moments = vae.encode_moments(imgs.reshape(B * N, H, W, C).astype(vae.dtype))
     if N == 0:
         return jnp.zeros(batch["latent_pos_ids"].shape + (patch * patch * vae.cfg.z_channels,), jnp.float32)
-    lat = vae.encode(imgs.reshape(B * N, H, W, C).astype(vae.dtype)).astype(jnp.float32)
+    lat = latent_from_moments(moments, vae.cfg, rng=rng)
     lat = lat.reshape(B, N, *lat.shape[1:])
     gather = jax.vmap(lambda l, i, hw: latent_tokens_from_latents(l, i, hw, patch))
     return jax.lax.stop_gradient(gather(lat, batch["vae_image_index"], batch["vae_token_hw"]))
@@ -53,9 +78,14 @@ def init_train_state(params: dict, tx: optax.GradientTransformation, seed: int) 
                 step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed))
 
 
-def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weight: float, mse_weight: float) -> Callable:
-    """f(params, vae_state, batch, noise | None, rng) -> ((loss, aux), grads). The VAE (frozen) encodes the
-    batch's images; noise is drawn from `rng` unless given ([B, Cg, p*p*z])."""
+def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weight: float, mse_weight: float,
+                        vae_posterior: str = "sample") -> Callable:
+    """f(params, vae_state, batch, noise | None, rng) -> ((loss, aux), grads). The frozen VAE encodes the
+    batch's images (or the batch carries precomputed `vae_moments`); the latent is the posterior mean or,
+    with `vae_posterior="sample"`, a sample drawn with its own key: `rng` is split into (noise key,
+    posterior key). With "mean", `rng` is the noise key as it is (and may be None when `noise` is given);
+    noise is drawn unless given ([B, Cg, p*p*z])."""
+    sample = check_vae_posterior(vae_posterior) == "sample"
 
     def loss_of(params, batch, noise, x0):
         model = nnx.merge(graphdef, params, buffers)
@@ -65,7 +95,12 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
         # uint8 pixel batches (the data pipeline's) -> the float32 [-1, 1] arrays of a float pack, on device
         batch = normalize_images(batch)
         vae = nnx.merge(vae_graphdef, vae_state)
-        x0 = encode_batch_latents(vae, batch, patch)
+        k_post = None
+        if sample:
+            if rng is None:
+                raise ValueError("vae_posterior='sample' needs an rng key (the posterior sample's key is split from it)")
+            rng, k_post = jax.random.split(rng)
+        x0 = encode_batch_latents(vae, batch, patch, rng=k_post)
         if noise is None:
             noise = jax.random.normal(rng, x0.shape, jnp.float32)
         return jax.value_and_grad(loss_of, has_aux=True)(params, batch, noise, x0)
@@ -74,15 +109,18 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
 
 
 def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransformation, schedule: Callable,
-                    *, patch: int, ce_weight: float, mse_weight: float, ema_decay: float) -> Callable:
+                    *, patch: int, ce_weight: float, mse_weight: float, ema_decay: float,
+                    vae_posterior: str = "sample") -> Callable:
     """step(state, vae_state, batch) -> (state, metrics). `state` = dict(params, ema, opt_state, step, rng).
-    A non-finite loss or gradient norm leaves params / EMA / optimizer state untouched (metrics['ok'] = 0)."""
+    A non-finite loss or gradient norm leaves params / EMA / optimizer state untouched (metrics['ok'] = 0).
+    The step's key (split from `state["rng"]`) draws the noise and, with `vae_posterior="sample"`, the
+    posterior sample (`make_loss_and_grads`)."""
     loss_and_grads = make_loss_and_grads(graphdef, buffers, vae_graphdef, patch=patch, ce_weight=ce_weight,
-                                         mse_weight=mse_weight)
+                                         mse_weight=mse_weight, vae_posterior=vae_posterior)
 
     def step(state: dict, vae_state, batch: dict[str, jax.Array]):
-        rng, k_noise = jax.random.split(state["rng"])
-        (loss, aux), grads = loss_and_grads(state["params"], vae_state, batch, None, k_noise)
+        rng, k_step = jax.random.split(state["rng"])
+        (loss, aux), grads = loss_and_grads(state["params"], vae_state, batch, None, k_step)
         gnorm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
 

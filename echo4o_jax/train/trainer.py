@@ -5,6 +5,7 @@ grids, failure handling (non-finite loss, SIGTERM / SIGINT)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,9 +30,9 @@ from ..model.vae import AutoEncoder
 from . import flops as flops_lib
 from .data_sources import make_source
 from .optim import lr_schedule, make_optimizer
-from .step import init_train_state, make_train_step, trainable_mask
+from .step import check_vae_posterior, init_train_state, make_train_step, trainable_mask
 
-__all__ = ["ConfigValueError", "NonFiniteLossError", "Trainer", "model_config_from", "validate_config"]
+__all__ = ["ConfigValueError", "NonFiniteLossError", "Trainer", "init_vae_state", "model_config_from", "validate_config"]
 
 
 class ConfigValueError(ValueError):
@@ -50,7 +51,8 @@ def model_config_from(config) -> BagelConfig:
     exec_kw = dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat=m.remat,
                    attention_impl=m.attention_impl, attention_block_q=int(m.attention_block_q),
                    attention_block_kv=int(m.attention_block_kv),
-                   attention_tuning=str(m.get("attention_tuning", "")), timestep_shift=float(m.timestep_shift))
+                   attention_tuning=str(m.get("attention_tuning", "")), timestep_shift=float(m.timestep_shift),
+                   freeze_und=bool(config.train.freeze_und))
     if m.init == "checkpoint":
         if not m.ckpt:
             raise ConfigValueError("model.init='checkpoint' needs model.ckpt (an official or converted checkpoint folder)")
@@ -65,6 +67,25 @@ def model_config_from(config) -> BagelConfig:
     tok = SpecialTokens(**{k: int(g.special_tokens[k]) for k in g.special_tokens})
     return BagelConfig(llm=llm, vit=vit, vae=vae, special_tokens=tok, max_latent_size=int(g.max_latent_size),
                        vit_max_num_patch_per_side=int(g.vit_max_num_patch_per_side), **exec_kw)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_vae_state(vae_cfg: VAEConfig, seed: int) -> dict:
+    # one compilation per (geometry, seed) and process: the frozen VAE is the same every time
+    return nnx.to_pure_dict(nnx.state(AutoEncoder(vae_cfg, rngs=nnx.Rngs(seed))))
+
+
+def init_vae_state(config, cfg: BagelConfig, shardings=None) -> dict:
+    """The frozen VAE's state (pure dict) as the trainer uses it: loaded from `model.ckpt`
+    (model.init='checkpoint'), or random with seed `train.seed + 1` (also what
+    `echo4o_jax.data.latents` encodes with); placed with `shardings` when given."""
+    if config.model.init == "random":
+        vae = _random_vae_state(cfg.vae, int(config.train.seed) + 1)
+    else:
+        from ..checkpoint import load_any_vae
+
+        vae = nnx.to_pure_dict(nnx.state(load_any_vae(config.model.ckpt, cfg)))
+    return vae if shardings is None else jax.device_put(vae, shardings)
 
 
 def _config_dir(ckpt: str) -> str:
@@ -90,6 +111,12 @@ def validate_config(config) -> None:
     need(m.init in ("random", "checkpoint"), f"model.init={m.init!r}: expected random|checkpoint")
     need(m.compute_dtype in ("float32", "bfloat16"), f"model.compute_dtype={m.compute_dtype!r}")
     need(m.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={m.param_dtype!r}")
+    try:
+        check_vae_posterior(m.vae_posterior, "model.vae_posterior")
+    except ValueError as e:
+        raise ConfigValueError(str(e)) from None
+    need(not d.get("vae_latents") or d.kind == "records",
+         f"data.vae_latents={d.get('vae_latents')!r} needs data.kind='records' (got {d.kind!r})")
     need(int(d.packs_per_step) > 0 or int(d.packs_per_step) == -1,
          f"data.packs_per_step={d.packs_per_step} must be > 0 (or -1: one per data-parallel device)")
     b = d.budget
@@ -183,10 +210,16 @@ class Trainer:
         self.state = jax.jit(lambda p: init_train_state(p, self.tx, int(t.seed)), out_shardings=state_sh)(params)
         step_fn = make_train_step(self.graphdef, self.buffers, self.vae_graphdef, self.tx, self.schedule,
                                   patch=cfg.latent_patch_size, ce_weight=float(t.ce_weight),
-                                  mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay))
+                                  mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay),
+                                  vae_posterior=str(c.model.vae_posterior))
         self._step_fn = step_fn
+        fp = ""
+        if c.data.get("vae_latents"):  # precomputed latents must come from this very VAE
+            from ..data.latents import vae_fingerprint
+
+            fp = vae_fingerprint(self.vae_state)
         self.source = make_source(c, cfg, process_index=jax.process_index(), process_count=jax.process_count(),
-                                  local_packs=self.local_packs)
+                                  local_packs=self.local_packs, vae_fingerprint=fp)
         from .. import checkpoint as ck
 
         self._stacked = ck.stacked_paths(cfg)
@@ -215,17 +248,16 @@ class Trainer:
             def init():
                 m = Bagel(cfg, rngs=nnx.Rngs(seed))
                 _, p, b = nnx.split(m, nnx.Param, ...)
-                vae = AutoEncoder(cfg.vae, rngs=nnx.Rngs(seed + 1))
-                return nnx.to_pure_dict(p), nnx.to_pure_dict(b), nnx.to_pure_dict(nnx.state(vae))
+                return nnx.to_pure_dict(p), nnx.to_pure_dict(b)
 
-            params, buffers, vae = jax.jit(init, out_shardings=(self.param_sh, self.buffer_sh, self.vae_sh))()
+            params, buffers = jax.jit(init, out_shardings=(self.param_sh, self.buffer_sh))()
         else:
-            model, vae_mod = _load_checkpoint(c.model.ckpt, cfg)
-            _, p, b = nnx.split(model, nnx.Param, ...)
+            from ..checkpoint import load_any_bagel
+
+            _, p, b = nnx.split(load_any_bagel(c.model.ckpt), nnx.Param, ...)
             params = jax.device_put(jax.tree.map(lambda x: x.astype(pdt), nnx.to_pure_dict(p)), self.param_sh)
             buffers = jax.device_put(nnx.to_pure_dict(b), self.buffer_sh)
-            vae = jax.device_put(nnx.to_pure_dict(nnx.state(vae_mod)), self.vae_sh)
-        return params, buffers, vae
+        return params, buffers, init_vae_state(c, cfg, self.vae_sh)
 
     def _write_model_config(self):
         """WORKDIR/model_config (configs, tokenizer files, manifest) and WORKDIR/vae (the frozen VAE), the
@@ -416,14 +448,6 @@ class Trainer:
                 signal.signal(s, h)
             logger.close()
             self.ckpt.wait_until_finished()
-
-
-def _load_checkpoint(path: str, cfg: BagelConfig):
-    """An official PyTorch folder, a converted Orbax checkpoint or a training workdir (EMA weights)
-    -> (Bagel, AutoEncoder)."""
-    from ..checkpoint import load_any_bagel, load_any_vae
-
-    return load_any_bagel(path), load_any_vae(path, cfg)
 
 
 class _Logger:

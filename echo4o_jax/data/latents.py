@@ -1,0 +1,421 @@
+"""Precomputed VAE latents: the frozen VAE encoder run once over a training config's record datasets, so
+that training neither decodes the VAE images nor runs the encoder in the step.
+
+    python -m echo4o_jax.data.latents --config configs/X.py --out DIR [--dtype float32|bfloat16] [--batch N]
+        [--shard_mb 1024] [--config.key=value ...]
+
+then train with `--config.data.vae_latents=DIR`. The CLI walks every record of the config's records
+datasets (`data.records.datasets`, or the demo dataset), applies the data pipeline's own VAE transform
+to every VAE image (`pipeline.decode_image` / `transform_pixels`, with the sample's `img_num`), encodes
+batches of equal-sized images with the VAE the trainer would use (`trainer.init_vae_state`: `model.ckpt`
+or random) and stores the posterior moments. Sampling (or the mean) and scale / shift happen in the
+train step (`model.vae_posterior`, `vae.latent_from_moments`), so a fresh posterior sample is drawn every
+step, as in the official training.
+
+Each image is encoded at its own size. The in-step path encodes the zero-padded canvases of a pack
+together, and the encoder's GroupNorm / attention see that padding: a VAE image smaller than
+`data.budget.vae_image_size` gets slightly different moments near its border (bagel_architecture.md
+§5, note 17). Images that fill the canvas get the same moments either way.
+
+Layout of DIR
+-------------
+`latents.json`, the manifest (rewritten atomically after every finished shard):
+
+    {"format": "echo4o-vae-latents", "format_version": 1,
+     "vae_fingerprint": sha256 of the VAE encoder's parameters (`vae_fingerprint`),
+     "z_channels", "downsample" (of that VAE), "dtype": "float32" | "bfloat16",
+     "datasets": {label: {"path": [record shard files], "transform": repr of the VAE ImageTransform,
+                          "complete": bool, "records": int, "images": int,
+                          "failed": {key: reason} (images / records that could not be read; the pipeline
+                                    skips their samples as it would with in-step encoding),
+                          "shards": [{"file", "images", "bytes"}]}},
+     "created_utc", "updated_utc"}
+
+`<label>-00000.safetensors`, ...: one tensor per VAE image, key `<record id>#<image index>` (the index
+into the record's images) -> the moments [h, w, 2z] = [H/8, W/8, mean | logvar] (the encoder output
+before sampling / scale / shift), in `dtype`. Cost per image: h * w * 2z * 4 bytes in float32 (2 MiB for
+a 1024x1024 image with z = 16), half in bfloat16.
+
+Resume: a shard is written under a `.tmp` name, renamed, then listed in the manifest; a rerun with the
+same --out skips every image already listed (a killed run loses at most the shard it was filling) and
+refuses to mix latents of another VAE, dtype or transform.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+from echo4o_jax.data.records import _atomic_write_json
+from echo4o_jax.packing import MOMENT_DTYPES, moments_dtype
+from echo4o_jax.safetensors_io import SafetensorsFile, write_safetensors
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "LatentStore", "LatentStoreError", "latent_key",
+           "precompute", "vae_fingerprint"]
+
+FORMAT = "echo4o-vae-latents"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "latents.json"
+_SHARD_SUFFIX = ".safetensors"
+
+
+class LatentStoreError(ValueError):
+    """A precomputed-latent folder is missing, incomplete, lacks a latent, or does not match the config."""
+
+
+def latent_key(record_id: str, image: int) -> str:
+    """The store key of image `image` (index into the record's images) of record `record_id`."""
+    return f"{record_id}#{int(image)}"
+
+
+def vae_fingerprint(vae_state) -> str:
+    """sha256 over the VAE encoder's parameters (paths, dtypes, shapes, bytes) of a VAE state (pure dict or
+    nnx.State, as `trainer.init_vae_state` gives it): two VAEs with this fingerprint give the same moments."""
+    import jax
+    from flax import nnx
+
+    if isinstance(vae_state, nnx.State):
+        vae_state = nnx.to_pure_dict(vae_state)
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(vae_state["encoder"])[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
+        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(a.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_manifest(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise LatentStoreError(f"precomputed latents: {path} is not a folder (write it with "
+                               f"python -m echo4o_jax.data.latents --config ... --out {path})")
+    mf = os.path.join(path, MANIFEST_NAME)
+    try:
+        with open(mf) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise LatentStoreError(f"precomputed latents: {path} has no {MANIFEST_NAME} (not written by "
+                               f"python -m echo4o_jax.data.latents, or that run never finished a shard)") from None
+    except json.JSONDecodeError as e:
+        raise LatentStoreError(f"precomputed latents: {mf} is not valid JSON ({e})") from None
+    if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+        raise LatentStoreError(f"precomputed latents: {mf} is not an {FORMAT} v{FORMAT_VERSION} manifest "
+                               f"(format {m.get('format')!r}, version {m.get('format_version')!r})")
+    if m.get("dtype") not in MOMENT_DTYPES:
+        raise LatentStoreError(f"precomputed latents: {mf}: dtype {m.get('dtype')!r} not in {MOMENT_DTYPES}")
+    return m
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class LatentStore:
+    """Read side of a precomputed-latent folder (the data pipeline's `vae_latents`). Picklable (Grain
+    workers): the shard index is built lazily in each process."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.manifest = _load_manifest(self.path)
+        self.dtype: str = self.manifest["dtype"]
+        self._index: dict[str, dict[str, SafetensorsFile]] = {}
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_index"] = {}
+        return d
+
+    def check(self, *, fingerprint: str, z_channels: int, downsample: int, transforms: dict) -> None:
+        """Raise LatentStoreError unless the folder holds complete latents of this VAE (fingerprint, z
+        channels, downsample) for every dataset label of `transforms` (label -> VAE ImageTransform) made
+        with that transform."""
+        m, p = self.manifest, self.path
+        if m["vae_fingerprint"] != fingerprint:
+            raise LatentStoreError(f"precomputed latents {p}: VAE fingerprint mismatch: the latents were computed "
+                                   f"with VAE {m['vae_fingerprint']}, the current config's VAE is {fingerprint} "
+                                   "(recompute them with this config's model)")
+        for name, want in (("z_channels", z_channels), ("downsample", downsample)):
+            if int(m[name]) != int(want):
+                raise LatentStoreError(f"precomputed latents {p}: VAE {name} mismatch: stored {m[name]}, the current "
+                                       f"config's VAE has {want}")
+        for label, tr in transforms.items():
+            ds = m["datasets"].get(label)
+            if ds is None:
+                raise LatentStoreError(f"precomputed latents {p}: no latents for dataset {label!r} (the folder holds "
+                                       f"{sorted(m['datasets'])})")
+            if ds["transform"] != repr(tr):
+                raise LatentStoreError(f"precomputed latents {p}: VAE transform mismatch for dataset {label!r}: "
+                                       f"stored {ds['transform']}, the pipeline uses {tr!r}")
+            if not ds["complete"]:
+                raise LatentStoreError(f"precomputed latents {p}: dataset {label!r} is incomplete (the precompute "
+                                       "run was interrupted): run python -m echo4o_jax.data.latents again")
+
+    def _files(self, dataset: str) -> dict[str, SafetensorsFile]:
+        idx = self._index.get(dataset)
+        if idx is None:
+            idx = {}
+            for s in self.manifest["datasets"][dataset]["shards"]:
+                f = SafetensorsFile(os.path.join(self.path, s["file"]))
+                idx.update(dict.fromkeys(f.keys(), f))
+            self._index[dataset] = idx
+        return idx
+
+    def moments(self, dataset: str, record_id: str, image: int, hw: tuple[int, int]) -> np.ndarray:
+        """The stored moments [h, w, 2z] of one image, checked against the latent size `hw` the current
+        transform gives it. A missing latent raises LatentStoreError (fatal); an image the precompute run
+        could not read raises ValueError (the pipeline skips that sample, as it would in-step)."""
+        key = latent_key(record_id, image)
+        ds = self.manifest["datasets"].get(dataset)
+        if ds is None:
+            raise LatentStoreError(f"precomputed latents {self.path}: no latents for dataset {dataset!r}")
+        if key in ds.get("failed", {}):
+            raise ValueError(f"image {image} of record {record_id!r} could not be read when the latents were "
+                             f"computed: {ds['failed'][key]}")
+        f = self._files(dataset).get(key)
+        if f is None:
+            raise LatentStoreError(f"precomputed latents {self.path}: missing latent for dataset {dataset!r}, "
+                                   f"record {record_id!r}, image {image} (records added after the precompute run? "
+                                   "run python -m echo4o_jax.data.latents again)")
+        a = np.array(f.get(key))
+        want = (int(hw[0]), int(hw[1]), 2 * int(self.manifest["z_channels"]))
+        if a.shape != want or a.dtype != moments_dtype(self.dtype):
+            raise LatentStoreError(f"precomputed latents {self.path}: dataset {dataset!r}, record {record_id!r}, "
+                                   f"image {image}: stored moments are {a.dtype}{list(a.shape)}, the pipeline needs "
+                                   f"{self.dtype}{list(want)}")
+        return a
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+class _Writer:
+    """Shards + manifest of one --out folder (resumable)."""
+
+    def __init__(self, out: str, *, fingerprint: str, z_channels: int, downsample: int, dtype: str,
+                 shard_bytes: int, on_shard: Callable[[str], None] | None = None):
+        self.out, self.shard_bytes, self.on_shard = out, int(shard_bytes), on_shard
+        os.makedirs(out, exist_ok=True)
+        want = {"vae_fingerprint": fingerprint, "z_channels": int(z_channels), "downsample": int(downsample),
+                "dtype": dtype}
+        if os.path.exists(os.path.join(out, MANIFEST_NAME)):
+            self.m = _load_manifest(out)
+            for k, v in want.items():
+                if self.m[k] != v:
+                    raise LatentStoreError(f"{out} holds latents with {k}={self.m[k]!r}, this run would write "
+                                           f"{k}={v!r}: use another --out (latents of different VAEs / dtypes "
+                                           "are never mixed)")
+        else:
+            self.m = {"format": FORMAT, "format_version": FORMAT_VERSION, **want, "datasets": {},
+                      "created_utc": _now(), "updated_utc": _now()}
+        listed = {s["file"] for ds in self.m["datasets"].values() for s in ds["shards"]}
+        for name in os.listdir(out):  # leftovers of a killed run: unfinished or unlisted shards
+            if name.endswith(_SHARD_SUFFIX + ".tmp") or (name.endswith(_SHARD_SUFFIX) and name not in listed):
+                os.remove(os.path.join(out, name))
+        self.ds: dict = {}
+        self.label = ""
+        self.pending: dict[str, np.ndarray] = {}
+        self.pending_bytes = 0
+        self.written = 0
+
+    def begin(self, label: str, paths: list[str], transform) -> set[str]:
+        """Start dataset `label`; returns the keys already stored."""
+        ds = self.m["datasets"].get(label)
+        if ds is None:
+            ds = self.m["datasets"][label] = {"path": paths, "transform": repr(transform), "complete": False,
+                                              "records": 0, "images": 0, "failed": {}, "shards": []}
+        elif ds["transform"] != repr(transform):
+            raise LatentStoreError(f"{self.out}: dataset {label!r} was precomputed with VAE transform "
+                                   f"{ds['transform']}, this config uses {transform!r}: use another --out")
+        self.ds, self.label = ds, label
+        done: set[str] = set()
+        for s in ds["shards"]:
+            done.update(SafetensorsFile(os.path.join(self.out, s["file"])).keys())
+        return done
+
+    def add(self, key: str, moments: np.ndarray) -> None:
+        self.pending[key] = moments
+        self.pending_bytes += moments.nbytes
+        if self.pending_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        taken = {s["file"] for d in self.m["datasets"].values() for s in d["shards"]}
+        i = len(self.ds["shards"])
+        while f"{self.label}-{i:05d}{_SHARD_SUFFIX}" in taken:
+            i += 1
+        name = f"{self.label}-{i:05d}{_SHARD_SUFFIX}"
+        path = os.path.join(self.out, name)
+        write_safetensors(path, self.pending, metadata={"dataset": self.label, "format": FORMAT})
+        self.ds["shards"].append({"file": name, "images": len(self.pending), "bytes": os.path.getsize(path)})
+        self.ds["complete"] = False
+        self.written += len(self.pending)
+        self.pending, self.pending_bytes = {}, 0
+        self.save()
+        if self.on_shard is not None:
+            self.on_shard(name)
+
+    def end(self, records: int, images: int, failed: dict[str, str]) -> None:
+        self.flush()
+        self.ds.update(complete=True, records=int(records), images=int(images), failed=dict(failed))
+        self.save()
+
+    def save(self) -> None:
+        self.m["updated_utc"] = _now()
+        _atomic_write_json(os.path.join(self.out, MANIFEST_NAME), self.m)
+
+
+def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shard_bytes: int = 1 << 30,
+               on_shard: Callable[[str], None] | None = None, log: Callable[[str], None] | None = print) -> dict:
+    """Encode every VAE image of the config's records datasets into `out` (see the module docstring).
+    Returns {"images_written", "images_skipped" (already stored), "failed", "vae_fingerprint"}.
+    `on_shard(file)` is called after each shard is listed in the manifest (tests stop a run there)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from echo4o_jax.data.pipeline import (dataset_transforms, decode_image, record_img_num, transform_pixels)
+    from echo4o_jax.data.records import RecordReader, decode_record, resolve_shards
+    from echo4o_jax.model.vae import AutoEncoder
+    from echo4o_jax.packing import unit_range_lut
+    from echo4o_jax.train.data_sources import budget_from_config
+    from echo4o_jax.train.records_source import pipeline_config_from
+    from echo4o_jax.train.trainer import init_vae_state, model_config_from
+
+    store_dt = moments_dtype(dtype)
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1")
+    if config.data.kind != "records":
+        raise LatentStoreError(f"data.kind={config.data.kind!r}: precomputed latents need a records config")
+    cfg = model_config_from(config)
+    pc = pipeline_config_from(config, budget_from_config(config.data.budget), local_packs=1)
+    labels = [d.label for d in pc.datasets]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise LatentStoreError(f"datasets {dup} share a label: latents are stored per dataset label")
+
+    vae_state = init_vae_state(config, cfg)
+    graphdef = nnx.split(nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0))))[0]
+    fp = vae_fingerprint(vae_state)
+
+    @jax.jit
+    def encode(state, x):
+        vae = nnx.merge(graphdef, state)
+        return vae.encode_moments(x.astype(vae.dtype)).astype(store_dt)
+
+    lut = unit_range_lut()
+    w = _Writer(out, fingerprint=fp, z_channels=cfg.vae.z_channels, downsample=cfg.vae.downsample, dtype=dtype,
+                shard_bytes=shard_bytes, on_shard=on_shard)
+    stats = {"images_written": 0, "images_skipped": 0, "failed": 0, "vae_fingerprint": fp}
+
+    def run(bucket: list[tuple[str, np.ndarray]]) -> None:
+        x = lut[np.stack([px for _, px in bucket])]  # exactly `packing.normalize_images`' values
+        if len(bucket) < batch:  # one compiled shape per image size: pad the batch (images are independent)
+            x = np.concatenate([x, np.zeros((batch - len(bucket), *x.shape[1:]), x.dtype)])
+        m = np.asarray(encode(vae_state, jnp.asarray(x)))
+        for i, (key, _) in enumerate(bucket):
+            w.add(key, m[i])
+        stats["images_written"] += len(bucket)
+
+    for spec, (vae_t, _) in zip(pc.datasets, dataset_transforms(pc)):
+        files = resolve_shards(list(spec.path) if isinstance(spec.path, tuple) else spec.path)
+        done = w.begin(spec.label, [os.path.abspath(f) for f in files], vae_t)
+        failed = {k: v for k, v in w.ds.get("failed", {}).items()}
+        reader = RecordReader(files)
+        buckets: dict[tuple, list] = {}
+        n_images = 0
+        for i in range(len(reader)):
+            raw = reader.raw(i)
+            try:
+                head = decode_record(raw, images=False)
+                keys = {idx: latent_key(head.id, idx) for idx in
+                        sorted({it["image"] for it in head.plan if it["type"] == "vae_image"})}
+            except Exception as e:  # noqa: BLE001 - the pipeline skips such a record too
+                failed[f"#record {i}"] = f"{type(e).__name__}: {e}"
+                continue
+            n_images += len(keys)
+            todo = {idx: k for idx, k in keys.items() if k not in done and k not in failed}
+            stats["images_skipped"] += len(keys) - len(todo)
+            if not todo:
+                continue
+            try:
+                rec = decode_record(raw)
+                rec.validate()
+            except Exception as e:  # noqa: BLE001
+                failed.update(dict.fromkeys(todo.values(), f"{type(e).__name__}: {e}"))
+                continue
+            img_num = record_img_num(rec)
+            for idx, key in todo.items():
+                try:  # the pipeline's own decode + resize (its VAE transform, this sample's img_num)
+                    px = transform_pixels(decode_image(rec.images[idx]), vae_t, img_num)
+                except Exception as e:  # noqa: BLE001 - in-step encoding would skip this sample too
+                    failed[key] = f"{type(e).__name__}: {e}"
+                    continue
+                b = buckets.setdefault(px.shape, [])
+                b.append((key, px))
+                if len(b) == batch:
+                    run(b)
+                    buckets[px.shape] = []
+            if log is not None and (i + 1) % 1000 == 0:
+                log(f"[latents] {spec.label}: {i + 1}/{len(reader)} records, {stats['images_written']} images encoded")
+        for b in buckets.values():
+            if b:
+                run(b)
+        reader.close()
+        w.end(len(reader), n_images, failed)
+        stats["failed"] += len(failed)
+        if log is not None:
+            log(f"[latents] {spec.label}: {len(reader)} records, {n_images} VAE images, {len(failed)} failed "
+                f"-> {out}")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _cli() -> None:
+    import sys
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
+                                             lock_config=True)
+    out_dir = flags.DEFINE_string("out", None, "output folder (re-use to resume)")
+    dtype = flags.DEFINE_enum("dtype", "float32", list(MOMENT_DTYPES), "dtype of the stored moments")
+    batch = flags.DEFINE_integer("batch", 8, "images per VAE encoder call (same-size images are batched)")
+    shard_mb = flags.DEFINE_float("shard_mb", 1024.0, "shard size in MiB (a killed run loses at most one shard)")
+
+    def main(argv) -> int:
+        del argv
+        if config.value is None or not out_dir.value:
+            print("error: --config and --out are required", file=sys.stderr)
+            return 2
+        try:
+            s = precompute(config.value, out_dir.value, dtype=dtype.value, batch=batch.value,
+                           shard_bytes=int(shard_mb.value * 2**20))
+        except LatentStoreError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"[latents] {s['images_written']} images encoded, {s['images_skipped']} already stored, "
+              f"{s['failed']} failed; VAE {s['vae_fingerprint'][:16]}; train with --config.data.vae_latents="
+              f"{out_dir.value}")
+        return 0
+
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    _cli()

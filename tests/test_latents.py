@@ -1,0 +1,256 @@
+"""Precomputed VAE latents (`echo4o_jax.data.latents`, `data.vae_latents`) and the VAE posterior in the
+train step (`model.vae_posterior`): the precomputed pipeline gives the in-step pipeline's loss and
+gradients, resume, the errors, and sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from echo4o_jax.data.latents import MANIFEST_NAME, LatentStore, LatentStoreError, precompute, vae_fingerprint
+from echo4o_jax.image_transform import ImageTransform
+from echo4o_jax.packing import batch_arrays
+from echo4o_jax.safetensors_io import SafetensorsFile
+from echo4o_jax.train.config_base import base_config
+from echo4o_jax.train.data_sources import make_source
+from echo4o_jax.train.step import make_loss_and_grads
+from echo4o_jax.train.trainer import ConfigValueError, Trainer, validate_config
+from conftest import DEFAULT_GOLDEN
+from test_data_pipeline import _tokenizer_json, _write_dataset
+
+SIDE = 32  # every VAE image fills the budget canvas: in-step encoding sees no padding (module docstring of latents)
+VAE_T = (SIDE, 16, 16)
+
+
+def _config(data_dir, tok, **data):
+    c = base_config()
+    c.model.init = "checkpoint"  # the tiny golden BAGEL + VAE (loads in no time; the CLI loads it as the trainer)
+    c.model.ckpt = str(DEFAULT_GOLDEN)
+    c.data.kind = "records"
+    c.data.tokenizer = tok
+    c.data.records = dict(datasets=[dict(path=str(data_dir), weight=1.0)], root="", demo_dir="", workers=0,
+                          vae_transform=VAE_T, vit_transform=(56, 14, 14))
+    c.data.budget = dict(text_tokens=96, vit_tokens=48, vae_tokens=64, vae_images=6, vae_image_size=(SIDE, SIDE))
+    c.data.expected_tokens = 150
+    c.model.vae_posterior = "mean"
+    c.log.tensorboard = False
+    c.data.update(data)
+    return c
+
+
+def _keys(out) -> set[str]:
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    return {k for ds in m["datasets"].values() for s in ds["shards"] for k in SafetensorsFile(out / s["file"]).keys()}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latents")
+    tok = _tokenizer_json(root / "tok.json")
+    data_dir = _write_dataset(root / "ds", 12, 5, prefix="s", sizes=(SIDE,))
+    out = root / "lat"
+    c_in = _config(data_dir, tok)
+    stats = precompute(c_in, str(out), batch=4, shard_bytes=12_000, log=None)
+    c_lat = _config(data_dir, tok, vae_latents=str(out))
+    return dict(root=root, tok=tok, data_dir=data_dir, out=out, stats=stats, c_in=c_in, c_lat=c_lat,
+                tr_in=Trainer(c_in, root / "wd_in"), tr_lat=Trainer(c_lat, root / "wd_lat"))
+
+
+@pytest.fixture(scope="module")
+def steps(env):
+    """loss / grads of the in-step and the precomputed pipelines' first batch, posterior mean and sampled."""
+    tr_in, tr_lat = env["tr_in"], env["tr_lat"]
+    b_in, b_lat = next(tr_in.source), next(tr_lat.source)
+    assert tr_in.source.last_stats["sample_ids"] == tr_lat.source.last_stats["sample_ids"]
+    fs = {post: jax.jit(make_loss_and_grads(tr_in.graphdef, tr_in.buffers, tr_in.vae_graphdef,
+                                            patch=tr_in.cfg.latent_patch_size, ce_weight=1.0, mse_weight=1.0,
+                                            vae_posterior=post)) for post in ("mean", "sample")}
+    key = jax.random.PRNGKey(11)
+    run = lambda post, b, k=key: fs[post](tr_in.state["params"], tr_in.vae_state, tr_in._device_batch(b), None, k)  # noqa: E731
+    return dict(b_in=b_in, b_lat=b_lat, run=run, key=key,
+                **{f"{post}_{src}": run(post, b) for post in ("mean", "sample")
+                   for src, b in (("in", b_in), ("lat", b_lat))})
+
+
+def _source(env, fingerprint=None, **data):
+    """The trainer's records source for the env's dataset with `data` overrides (a pipeline is built and
+    its store checked)."""
+    tr = env["tr_in"]
+    c = _config(env["data_dir"], env["tok"], **data)
+    fp = vae_fingerprint(tr.vae_state) if fingerprint is None else fingerprint
+    return make_source(c, tr.cfg, process_index=0, process_count=1, local_packs=1, vae_fingerprint=fp)
+
+
+def _max_err(a, b) -> tuple[float, float]:
+    err = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return err, max(float(np.max(np.abs(np.asarray(y)))) for y in jax.tree.leaves(b))
+
+
+# ---------------------------------------------------------------------------------------------- equality
+
+
+def test_precomputed_batch_carries_moments_instead_of_images(env, steps):
+    b_in, b_lat = steps["b_in"], steps["b_lat"]
+    a_in, a_lat = batch_arrays(b_in), batch_arrays(b_lat)
+    assert "vae_images" in a_in and "vae_moments" not in a_in
+    assert "vae_moments" in a_lat and "vae_images" not in a_lat
+    z, f = env["tr_in"].cfg.vae.z_channels, env["tr_in"].cfg.vae.downsample
+    assert a_lat["vae_moments"].shape == a_in["vae_images"].shape[:2] + (SIDE // f, SIDE // f, 2 * z)
+    assert a_lat["vae_moments"].dtype == np.float32
+    for k in a_in.keys() - {"vae_images", "vae_image_hw"}:  # same packing, token for token
+        np.testing.assert_array_equal(a_in[k], a_lat[k], err_msg=k)
+    np.testing.assert_array_equal(a_in["vae_image_hw"] // f, a_lat["vae_image_hw"])  # latent hw
+    assert b_in.num_tokens.sum() > 0 and (a_in["vae_image_hw"] > 0).any()
+
+
+def test_precomputed_step_equals_in_step_encoding(steps):
+    (loss_in, _), g_in = steps["mean_in"]
+    (loss_lat, _), g_lat = steps["mean_lat"]
+    assert float(loss_lat) == pytest.approx(float(loss_in), rel=1e-5, abs=1e-6)
+    err, scale = _max_err(g_lat, g_in)
+    assert err <= 1e-5 * max(1.0, scale)
+
+
+def test_posterior_sample_differs_from_mean_and_is_deterministic(steps):
+    (loss_mean, _), _ = steps["mean_lat"]
+    (loss_s, _), g_s = steps["sample_lat"]
+    assert abs(float(loss_s) - float(loss_mean)) > 1e-6
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(g_s))
+    (loss_again, _), g_again = steps["run"]("sample", steps["b_lat"])  # same key: same sample
+    assert float(loss_again) == float(loss_s)
+    assert _max_err(g_again, g_s)[0] == 0.0
+    (loss_other, _), _ = steps["run"]("sample", steps["b_lat"], jax.random.PRNGKey(12))
+    assert float(loss_other) != float(loss_s)
+
+
+def test_in_step_sampling_samples_like_the_precomputed_path(steps):
+    (loss_mean, _), _ = steps["mean_in"]
+    (loss_s, _), g_s = steps["sample_in"]
+    assert abs(float(loss_s) - float(loss_mean)) > 1e-6
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(g_s))
+    # same key, same canvases: the in-step path draws the very sample of the precomputed one
+    (loss_lat, _), g_lat = steps["sample_lat"]
+    assert float(loss_s) == pytest.approx(float(loss_lat), rel=1e-5, abs=1e-6)
+    err, scale = _max_err(g_lat, g_s)
+    assert err <= 1e-5 * max(1.0, scale)
+
+
+def test_trainer_step_runs_on_precomputed_latents(env):
+    """The real (donated, sharded) train step with `model.vae_posterior="sample"` and precomputed moments."""
+    tr = env["tr_lat"]
+    b = next(tr.source)
+    tr.compile(b)
+    m = tr.train_step(b)
+    assert m["ok"] == 1.0 and np.isfinite(m["loss"])
+
+
+# ---------------------------------------------------------------------------------------------- store
+
+
+def test_rerun_writes_nothing_new(env):
+    out = env["out"]
+    assert env["stats"]["images_written"] > 0 and env["stats"]["failed"] == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert sum(n.endswith(".safetensors") for n in before) > 1  # several shards
+    stats = precompute(env["c_in"], str(out), batch=4, shard_bytes=12_000, log=None)
+    assert stats["images_written"] == 0 and stats["images_skipped"] == env["stats"]["images_written"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert {k: v for k, v in after.items() if k != MANIFEST_NAME} == {k: v for k, v in before.items() if k != MANIFEST_NAME}
+
+
+def test_killed_run_resumes_losing_at_most_one_shard(env, tmp_path):
+    out = tmp_path / "lat"
+
+    class Killed(Exception):
+        pass
+
+    def kill(name):
+        raise Killed(name)
+
+    with pytest.raises(Killed):
+        precompute(env["c_in"], str(out), batch=4, shard_bytes=12_000, on_shard=kill, log=None)
+    first = _keys(out)
+    assert 0 < len(first) < env["stats"]["images_written"]
+    with pytest.raises(LatentStoreError, match="dataset 'ds' is incomplete"):
+        _source(env, vae_latents=str(out))
+    stats = precompute(env["c_in"], str(out), batch=4, shard_bytes=12_000, log=None)
+    assert stats["images_written"] == env["stats"]["images_written"] - len(first)
+    assert _keys(out) == _keys(env["out"])
+    ref, got = LatentStore(env["out"]), LatentStore(out)
+    for k in _keys(out):
+        rid, idx = k.rsplit("#", 1)
+        a = ref._files("ds")[k].get(k)
+        np.testing.assert_allclose(got.moments("ds", rid, int(idx), a.shape[:2]), a, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_record_is_an_error_naming_it(env, tmp_path):
+    d = _write_dataset(tmp_path / "ds", 3, 7, prefix="m", sizes=(SIDE,))
+    out = tmp_path / "lat"
+    precompute(_config(d, env["tok"]), str(out), batch=4, log=None)
+    _write_dataset(d, 1, 8, prefix="late", sizes=(SIDE,), append=True)  # a t2i record added afterwards
+    src = make_source(_config(d, env["tok"], vae_latents=str(out)), env["tr_in"].cfg, process_index=0,
+                      process_count=1, local_packs=1, vae_fingerprint=vae_fingerprint(env["tr_in"].vae_state))
+    with pytest.raises(LatentStoreError, match=r"missing latent for dataset 'ds', record 'late0', image 0"):
+        for _ in range(20):
+            next(src)
+
+
+def test_fingerprint_mismatch(env):
+    assert vae_fingerprint(env["tr_lat"].vae_state) == env["stats"]["vae_fingerprint"]  # the trainer's VAE is the CLI's
+    other = jax.tree.map(lambda x: x, env["tr_in"].vae_state)
+    other["encoder"]["conv_in"]["bias"] = other["encoder"]["conv_in"]["bias"] + 1e-3  # another VAE
+    fp = vae_fingerprint(other)
+    assert fp != env["stats"]["vae_fingerprint"]
+    with pytest.raises(LatentStoreError, match=f"VAE fingerprint mismatch: .*{env['stats']['vae_fingerprint']}.*{fp}"):
+        _source(env, fingerprint=fp, vae_latents=str(env["out"]))
+
+
+def test_transform_mismatch(env):
+    records = dict(env["c_in"].data.records)
+    records["vae_transform"] = (48, 16, 16)
+    with pytest.raises(LatentStoreError, match=r"VAE transform mismatch for dataset 'ds': stored "
+                                               r"ImageTransform\(max_size=32.*the pipeline uses ImageTransform\(max_size=48"):
+        _source(env, vae_latents=str(env["out"]), records=records)
+
+
+def test_store_errors(env, tmp_path):
+    with pytest.raises(LatentStoreError, match="is not a folder"):
+        LatentStore(tmp_path / "nope")
+    with pytest.raises(LatentStoreError, match=f"has no {MANIFEST_NAME}"):
+        LatentStore(tmp_path)
+    store = LatentStore(env["out"])
+    m = store.manifest
+    ok = dict(fingerprint=m["vae_fingerprint"], z_channels=m["z_channels"], downsample=m["downsample"],
+              transforms={"ds": ImageTransform(*VAE_T)})
+    store.check(**ok)
+    with pytest.raises(LatentStoreError, match=f"z_channels mismatch: stored {m['z_channels']}, .* has {m['z_channels'] + 1}"):
+        store.check(**{**ok, "z_channels": m["z_channels"] + 1})
+    with pytest.raises(LatentStoreError, match="no latents for dataset 'other'"):
+        store.check(**{**ok, "transforms": {"other": ImageTransform(*VAE_T)}})
+    k = sorted(_keys(env["out"]))[0]
+    rid, idx = k.rsplit("#", 1)
+    with pytest.raises(LatentStoreError, match=f"record '{rid}', image {idx}: stored moments are float32"):
+        store.moments("ds", rid, int(idx), (3, 3))
+    with pytest.raises(LatentStoreError, match=f"another --out|dtype='float32'"):
+        precompute(env["c_in"], str(env["out"]), dtype="bfloat16", log=None)
+
+
+def test_config_values_checked():
+    c = base_config()
+    c.model.vae_posterior = "median"
+    with pytest.raises(ConfigValueError, match="model.vae_posterior='median': expected one of sample|mean"):
+        validate_config(c)
+    c = base_config()
+    c.data.vae_latents = "/somewhere"
+    with pytest.raises(ConfigValueError, match="data.vae_latents=.* needs data.kind='records'"):
+        validate_config(c)
+    with pytest.raises(ValueError, match="vae_posterior='median'"):
+        make_loss_and_grads(None, None, None, patch=2, ce_weight=1.0, mse_weight=1.0, vae_posterior="median")
