@@ -23,6 +23,11 @@ Consumption per step (stated in the table):
     the H200 bf16 peak).
   * demo: MEASURED in this run: the median time of configs/demo.py's train step on this machine and its
     packs per step; the demo rows run the demo's own records pipeline (its budget) per worker count.
+`--latents`: the 7B workloads are measured a second time with precomputed VAE latents (`data.vae_latents`:
+the loader reads the VAE images' posterior moments, bf16, instead of decoding and resizing them; ViT images
+are still decoded). They are precomputed once into DATA_DIR/latents<res> (`echo4o_jax.data.latents`, rerun =
+resume) with a small random VAE of the FLUX latent geometry (z 16, downsample 8): the loader's work depends
+on the moments' shapes, not on the VAE's weights.
 Target: loader >= 10x consumption. The CPU here has few cores; samples/s scale with worker processes
 (one core each), so the table also gives samples/s per worker and the workers a host needs for 10x.
 """
@@ -105,6 +110,29 @@ def make_photo_dataset(path: str, res: int, n: int, seed: int = 0) -> str:
     return path
 
 
+VAE_T7, VIT_T7 = ImageTransform(1024, 512, 16), ImageTransform(518, 224, 14)  # the 7B workloads' transforms
+
+
+def precompute_latents(path: str, out: str, tok_path: str, budget: PackBudget) -> tuple[str, str]:
+    """Precomputed VAE latents (bf16 moments) of the photo dataset `path`, as `python -m echo4o_jax.data.latents`
+    writes them for a records training config of that dataset and the 7B workloads' transforms, with a small
+    random VAE of the FLUX latent geometry. Returns (folder, VAE fingerprint)."""
+    from echo4o_jax.data.latents import precompute
+    from echo4o_jax.train.config_base import base_config
+
+    c = base_config()
+    g = c.model.geometry
+    g.vae = dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16, downsample=8)
+    g.max_latent_size, g.vit_max_num_patch_per_side = 64, 70
+    c.data.kind, c.data.tokenizer = "records", tok_path
+    c.data.budget = dataclasses.asdict(budget)
+    c.data.records = dict(datasets=[dict(path=path, weight=1.0)], root="", demo_dir="", workers=0,
+                          vae_transform=(VAE_T7.max_size, VAE_T7.min_size, VAE_T7.stride),
+                          vit_transform=(VIT_T7.max_size, VIT_T7.min_size, VIT_T7.stride))
+    stats = precompute(c, out, dtype="bfloat16", batch=4, log=None)
+    return out, stats["vae_fingerprint"]
+
+
 def run(pipe: DataPipeline, seconds: float, warmup_steps: int = 1) -> dict:
     it = pipe.iterator()
     t_start = time.perf_counter()
@@ -179,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pack-threads", type=int, default=4)
     ap.add_argument("--demo-steps", type=int, default=5, help="timed demo train steps (consumption)")
     ap.add_argument("--table-from", default=None, help="only print the table of a --json file")
+    ap.add_argument("--latents", action="store_true", help="also measure the 7B workloads with precomputed VAE "
+                                                          "latents (see the docstring)")
     ap.add_argument("--image-dtype", default="uint8", choices=("uint8", "float32"),
                     help="dtype of the batches' images (PipelineConfig.image_dtype)")
     a = ap.parse_args(argv)
@@ -208,18 +238,25 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         path = make_photo_dataset(os.path.join(a.data_dir, f"photo{res}"), res, a.samples)
         print(f"# dataset photo{res}: {a.samples} records ready in {time.perf_counter() - t:.1f} s", flush=True)
-        for nw in [0] + workers:
-            pc = PipelineConfig(datasets=(DatasetSpec(path),), tokenizer=tok_path, budget=budget7,
-                                expected_num_tokens=10240, max_num_tokens=11520, max_num_tokens_per_sample=10240,
-                                packs_per_step=DEVICES_PER_HOST, pack_threads=a.pack_threads,
-                                vae_transform=ImageTransform(1024, 512, 16), vit_transform=ImageTransform(518, 224, 14),
-                                worker_count=nw, worker_buffer_size=2, read_threads=1, read_buffer_size=2,
-                                image_dtype=a.image_dtype)
-            r = run(DataPipeline(pc, cfg7), a.seconds)
-            r.update(workload=f"{res}^2 mix", workers=nw, need_packs_s=need7_packs,
-                     need_note=f"{DEVICES_PER_HOST} GPUs x 1 pack / {step7:.2f} s")
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+        modes = [("", "", "")]
+        if a.latents:
+            t = time.perf_counter()
+            out, fp = precompute_latents(path, os.path.join(a.data_dir, f"latents{res}"), tok_path, budget7)
+            print(f"# latents{res}: ready in {time.perf_counter() - t:.1f} s", flush=True)
+            modes.append((out, fp, ", latents"))
+        for latents, fp, tag in modes:
+            for nw in [0] + workers:
+                pc = PipelineConfig(datasets=(DatasetSpec(path, name=os.path.basename(path)),), tokenizer=tok_path,
+                                    budget=budget7, expected_num_tokens=10240, max_num_tokens=11520,
+                                    max_num_tokens_per_sample=10240, packs_per_step=DEVICES_PER_HOST,
+                                    pack_threads=a.pack_threads, vae_transform=VAE_T7, vit_transform=VIT_T7,
+                                    worker_count=nw, worker_buffer_size=2, read_threads=1, read_buffer_size=2,
+                                    image_dtype=a.image_dtype, vae_latents=latents, vae_fingerprint=fp)
+                r = run(DataPipeline(pc, cfg7), a.seconds)
+                r.update(workload=f"{res}^2 mix{tag}", workers=nw, need_packs_s=need7_packs,
+                         need_note=f"{DEVICES_PER_HOST} GPUs x 1 pack / {step7:.2f} s")
+                rows.append(r)
+                print(json.dumps(r), flush=True)
 
     # ---------------------------------------------------------------- demo workload (configs/demo.py itself)
     # consumption MEASURED in this run: the demo train step's median time on this machine, fed by the
