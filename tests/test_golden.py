@@ -96,6 +96,31 @@ def test_vae_latent_of_packed_images(train_case):
     assert max_err(latents, want) <= 1e-4
 
 
+def test_vae_latents_on_a_larger_static_canvas_equal_the_official(golden_dir, loaded, train_case):
+    """Training packs have a static VAE canvas (data.budget.vae_image_size), usually larger than the
+    official one (the max image size of the pack, whose zero padding the encoder's GroupNorm and attention
+    see). The train step encodes each image on its pack's official canvas inside the larger one, so the
+    latent tokens equal those of the official canvas; encoding the whole larger canvas would not."""
+    import dataclasses
+
+    from echo4o_jax.train.step import encode_batch_latents
+
+    cfg, _, vae = loaded
+    d, batch, _, _, x0, *_ = train_case
+    samples = golden_samples(d)
+    b = packing.budget_for(samples, cfg, slack=5)
+    b = dataclasses.replace(b, vae_image_size=(b.vae_image_size[0] + 16, b.vae_image_size[1] + 32))
+    big = packing.pack_samples(samples, cfg, b, rng=np.random.default_rng(0))
+    assert big.vae_images.shape[1:3] == b.vae_image_size
+    arrays = {k: jnp.asarray(v)[None] for k, v in packing.batch_arrays(big).items()}
+    n_vae = len(d["packed_vae_token_indexes"])
+    got = encode_batch_latents(vae, arrays, cfg.latent_patch_size)[0]
+    assert max_err(got[:n_vae], x0[:n_vae]) <= 1e-4
+    whole = latent_tokens_from_latents(vae.encode(arrays["vae_images"][0]), arrays["vae_image_index"][0],
+                                       arrays["vae_token_hw"][0], cfg.latent_patch_size)
+    assert max_err(whole[:n_vae], x0[:n_vae]) > 1e-2  # the padding matters: the check above is not vacuous
+
+
 def test_llm_input_and_intermediates(train_case):
     d, batch, arrays, latents, x0, noise, out = train_case
     assert max_err(_to_official_order(batch, out["dbg_llm_input"]), d["dbg_llm_input"]) <= 1e-4

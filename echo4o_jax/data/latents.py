@@ -12,10 +12,14 @@ or random) and stores the posterior moments. Sampling (or the mean) and scale / 
 train step (`model.vae_posterior`, `vae.latent_from_moments`), so a fresh posterior sample is drawn every
 step, as in the official training.
 
-Each image is encoded at its own size. The in-step path encodes the zero-padded canvases of a pack
-together, and the encoder's GroupNorm / attention see that padding: a VAE image smaller than
-`data.budget.vae_image_size` gets slightly different moments near its border (bagel_architecture.md
-§5, note 17). Images that fill the canvas get the same moments either way.
+Each image is encoded on its own canvas. The official code (and the in-step path, which reproduces it,
+`AutoEncoder.encode_moments(valid_hw=...)`) encodes the images of a pack zero-padded to the pack's max
+height / width, and the encoder's GroupNorm statistics and mid-block attention see that padding
+(bagel_architecture.md §5, note 17). So a precomputed latent equals the official one when its image is the
+largest of its pack in both dimensions (e.g. packs of same-size images) and otherwise differs everywhere,
+not only at the borders (the tiny test VAE: mean abs difference 0.15 for a latent std of 0.32, a 48 x 64
+image on a 64 x 64 canvas). Which images share a pack is only known when packing, so this cannot be
+precomputed; use in-step encoding where exactness against the official code matters.
 
 Layout of DIR
 -------------

@@ -20,7 +20,7 @@ from flax import nnx
 from echo4o_jax.config import VAEConfig
 from echo4o_jax.model.keymap import CONV, ID, Rule
 
-__all__ = ["AutoEncoder", "latent_from_moments", "vae_key_rules"]
+__all__ = ["AutoEncoder", "latent_from_moments", "region_masks", "vae_key_rules"]
 
 NUM_GROUPS = 32
 NORM_EPS = 1e-6
@@ -29,6 +29,24 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 def swish(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(x)
+
+
+def _zero_outside(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """x with every position outside the region `mask` [N, H, W, 1] set to 0 (no-op without a mask)."""
+    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
+def region_masks(valid_hw: jax.Array, canvas_hw: tuple[int, int], levels: int) -> list[jax.Array]:
+    """Per resolution level l (canvas / 2^l), bool [N, H_l, W_l, 1]: inside the region [0, h / 2^l) x
+    [0, w / 2^l) of each image (`valid_hw` [N, 2] pixels, multiples of 2^(levels - 1))."""
+    H, W = canvas_hw
+    out = []
+    for lvl in range(levels):
+        f = 2**lvl
+        ys = jnp.arange(H // f)[None, :, None, None] < (valid_hw[:, 0] // f)[:, None, None, None]
+        xs = jnp.arange(W // f)[None, None, :, None] < (valid_hw[:, 1] // f)[:, None, None, None]
+        out.append(ys & xs)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -67,11 +85,19 @@ class GroupNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((c,), param_dtype))
         self.bias = nnx.Param(jnp.zeros((c,), param_dtype))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """`mask` [N, H, W, 1]: statistics over the positions inside it only (a smaller image embedded in
+        a larger zero canvas normalises as on its own canvas)."""
         n, h, w, c = x.shape
         g = x.astype(jnp.float32).reshape(n, h, w, NUM_GROUPS, c // NUM_GROUPS)
-        mean = g.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+        if mask is None:
+            mean = g.mean(axis=(1, 2, 4), keepdims=True)
+            var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+        else:
+            m = mask[..., None].astype(jnp.float32)  # [N, H, W, 1, 1]
+            count = jnp.maximum(jnp.sum(m, axis=(1, 2), keepdims=True), 1.0) * (c // NUM_GROUPS)  # empty: finite
+            mean = jnp.sum(g * m, axis=(1, 2, 4), keepdims=True) / count
+            var = jnp.sum(jnp.square((g - mean) * m), axis=(1, 2, 4), keepdims=True) / count
         y = ((g - mean) * jax.lax.rsqrt(var + NORM_EPS)).reshape(n, h, w, c)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
@@ -87,9 +113,9 @@ class ResnetBlock(nnx.Module):
         self.conv2 = Conv(c_out, c_out, 3, rngs=rngs, **kw)
         self.nin_shortcut = Conv(c_in, c_out, 1, rngs=rngs, **kw) if c_in != c_out else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        h = self.conv1(_zero_outside(swish(self.norm1(x, mask)), mask))
+        h = self.conv2(_zero_outside(swish(self.norm2(h, mask)), mask))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -106,11 +132,13 @@ class AttnBlock(nnx.Module):
         self.v = Conv(c, c, 1, rngs=rngs, **kw)
         self.proj_out = Conv(c, c, 1, rngs=rngs, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         n, h, w, c = x.shape
-        y = self.norm(x)
+        y = self.norm(x, mask)
         q, k, v = (f(y).reshape(n, h * w, c) for f in (self.q, self.k, self.v))
         s = jnp.einsum("nqc,nkc->nqk", q, k, precision=self.precision).astype(jnp.float32)
+        if mask is not None:  # keys inside the region only (finite fill: an empty region stays finite)
+            s = jnp.where(mask.reshape(n, 1, h * w), s, jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s / math.sqrt(c), axis=-1).astype(self.dtype)
         o = jnp.einsum("nqk,nkc->nqc", p, v, precision=self.precision).reshape(n, h, w, c)
         return x + self.proj_out(o)
@@ -122,8 +150,8 @@ class Downsample(nnx.Module):
     def __init__(self, c: int, *, rngs: nnx.Rngs, **kw):
         self.conv = Conv(c, c, 3, stride=2, padding=((0, 1), (0, 1)), rngs=rngs, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        return self.conv(_zero_outside(x, mask))
 
 
 class Upsample(nnx.Module):
@@ -152,8 +180,8 @@ class Mid(nnx.Module):
         self.attn_1 = AttnBlock(c, rngs=rngs, **kw)
         self.block_2 = ResnetBlock(c, c, rngs=rngs, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        return self.block_2(self.attn_1(self.block_1(x, mask), mask), mask)
 
 
 # ---------------------------------------------------------------------------------------- posterior
@@ -190,15 +218,24 @@ class Encoder(nnx.Module):
         self.norm_out = GroupNorm(block_in, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
         self.conv_out = Conv(block_in, 2 * cfg.z_channels, 3, rngs=rngs, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.conv_in(x)
-        for level in self.down:
+    def __call__(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+        """x [N, H, W, C] -> moments [N, H/f, W/f, 2z]. `valid_hw` [N, 2] (pixels, multiples of f): encode
+        each image as if its canvas were only [0, h) x [0, w) of x (the official code zero-pads the images of
+        a batch to their max size, and GroupNorm / the mid-block attention see that padding): statistics and
+        attention keys inside the region only, zeros outside it before every spatial convolution. Inside
+        the region the moments equal those of the cropped canvas; outside they are meaningless."""
+        masks = [None] * len(self.down)
+        if valid_hw is not None:
+            masks = region_masks(valid_hw, x.shape[1:3], len(self.down))
+        h = self.conv_in(_zero_outside(x, masks[0]))
+        for level, mask in zip(self.down, masks):
             for block in level.block:
-                h = block(h)
+                h = block(h, mask)
             if level.downsample is not None:
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(swish(self.norm_out(h)))
+                h = level.downsample(h, mask)
+        mask = masks[-1]
+        h = self.mid(h, mask)
+        return self.conv_out(_zero_outside(swish(self.norm_out(h, mask)), mask))
 
 
 class Decoder(nnx.Module):
@@ -244,9 +281,10 @@ class AutoEncoder(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs, **kw)
         self.decoder = Decoder(cfg, rngs=rngs, **kw)
 
-    def encode_moments(self, x: jax.Array) -> jax.Array:
-        """[N, H, W, in_channels] -> [N, h, w, 2z] (posterior mean and logvar, concatenated)."""
-        return self.encoder(x)
+    def encode_moments(self, x: jax.Array, valid_hw: jax.Array | None = None) -> jax.Array:
+        """[N, H, W, in_channels] -> [N, h, w, 2z] (posterior mean and logvar, concatenated); `valid_hw`:
+        per image, the canvas the official code would have encoded it on (`Encoder.__call__`)."""
+        return self.encoder(x, valid_hw)
 
     def encode(self, x: jax.Array, *, sample: bool = False, rng: jax.Array | None = None) -> jax.Array:
         """Posterior mean (or a sample with `sample=True, rng=key`), then `scale * (z - shift)`."""

@@ -35,7 +35,9 @@ def encode_batch_latents(vae, batch, patch: int, rng: jax.Array | None = None) -
     """Clean latent tokens x0 [B, Cg, p*p*z] of a stacked batch. The posterior moments of every VAE image
     come from the batch's `vae_moments` canvases (precomputed by the data pipeline: the VAE encoder is not
     run) or from encoding its padded `vae_images` canvases together (uint8 pixels normalised first,
-    `packing.normalize_images`: bit-identical to float packs). Both paths then take the same
+    `packing.normalize_images`: bit-identical to float packs), each image on its pack's official canvas
+    (the max height / width of the pack's images, `AutoEncoder.encode_moments(valid_hw=...)`), whatever
+    the static canvas size. Both paths then take the same
     moments -> latent step (`vae.latent_from_moments`: the mean, or a sample drawn with `rng` over the
     [B * N, h, w, z] canvases) and gather each token from its image's latent grid."""
     if "vae_moments" in batch:
@@ -47,7 +49,10 @@ def encode_batch_latents(vae, batch, patch: int, rng: jax.Array | None = None) -
         imgs = normalize_images({k: batch[k] for k in ("vae_images", "vae_image_hw")})["vae_images"]
         B, N, H, W, C = imgs.shape
         if N:
-            moments = vae.encode_moments(imgs.reshape(B * N, H, W, C).astype(vae.dtype))
+            # the official code pads a pack's images to their max height / width, not to our static canvas
+            pack_hw = jnp.broadcast_to(jnp.max(batch["vae_image_hw"], axis=1, keepdims=True), (B, N, 2))
+            moments = vae.encode_moments(imgs.reshape(B * N, H, W, C).astype(vae.dtype),
+                                         valid_hw=pack_hw.reshape(B * N, 2))
     if N == 0:
         return jnp.zeros(batch["latent_pos_ids"].shape + (patch * patch * vae.cfg.z_channels,), jnp.float32)
     lat = latent_from_moments(moments, vae.cfg, rng=rng)
