@@ -163,6 +163,20 @@ def test_losses(train_case, loaded):
         assert abs(float(got) - want) <= 1e-4 * max(1.0, abs(want)), name
 
 
+def test_ce_loss_reweighting_uses_the_official_token_weights(train_case, loaded):
+    """`ce_reweighting` (official `ce_loss_reweighting`): CE = sum(ce_i * w_i) / sum(w_i) with the official
+    per-token weights `ce_loss_weights` and per-token losses `out_ce` recorded in the golden batch."""
+    d, batch, arrays, latents, x0, noise, out = train_case
+    _, model, _ = loaded
+    w = np.asarray(arrays["text_ce_weight"])[np.asarray(out["ce_mask"])]
+    np.testing.assert_allclose(w, d["ce_loss_weights"], rtol=1e-6)  # the packer's weights are the official ones
+    want = float(np.sum(d["out_ce"].astype(np.float64) * d["ce_loss_weights"]) / np.sum(d["ce_loss_weights"]))
+    batched = {k: v[None] for k, v in arrays.items()}
+    _, parts = jax.jit(lambda: packed_loss(model, batched, noise[None], x0[None], ce_reweighting=True))()
+    assert abs(float(parts["loss_ce"]) - want) <= 1e-4 * max(1.0, abs(want))
+    assert abs(float(parts["loss_ce"]) - float(d["loss_ce"])) > 1e-3  # the weights change the CE here
+
+
 def test_gradients_match_official(golden_dir, train_case, loaded):
     d, batch, arrays, latents, x0, noise, out = train_case
     cfg, model, _ = loaded

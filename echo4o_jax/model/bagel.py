@@ -232,11 +232,13 @@ def forward_packed(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Arra
 
 
 def packed_loss(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Array, latent_tokens: jax.Array,
-                *, ce_weight: float = 1.0, mse_weight: float = 1.0,
+                *, ce_weight: float = 1.0, mse_weight: float = 1.0, ce_reweighting: bool = False,
                 batch_axes: tuple[str, ...] = ("data", "fsdp")) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss over a batch of packs (leading axis B on every array), normalised as the official code:
     CE = sum / (global count of CE tokens), MSE = (mean over channels, summed over tokens) / (global
-    count of MSE tokens); loss = ce_weight * CE + mse_weight * MSE. Under a mesh the packs' axis stays
+    count of MSE tokens); loss = ce_weight * CE + mse_weight * MSE. `ce_reweighting` (the official
+    `ce_loss_reweighting`, off by default): CE = sum of ce * `text_ce_weight` (1 / sqrt(the length of its
+    text segment)) / (global sum of those weights). Under a mesh the packs' axis stays
     sharded over `batch_axes` inside the model (vmap spmd_axis_name + `qwen2_mot.pin_activation`)."""
     def one(b, n, x0):
         return forward_packed(model, b, n, x0)
@@ -244,7 +246,11 @@ def packed_loss(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Array, 
     out = jax.vmap(one, spmd_axis_name=batch_axes)(dict(batch), noise, latent_tokens)
     ce_count = jnp.sum(out["ce_mask"])
     mse_count = jnp.sum(out["mse_mask"])
-    loss_ce = jnp.sum(out["ce"]) / jnp.maximum(ce_count, 1)
+    if ce_reweighting:
+        w = jnp.where(out["ce_mask"], batch["text_ce_weight"], 0.0)
+        loss_ce = jnp.sum(out["ce"] * w) / jnp.maximum(jnp.sum(w), 1e-12)
+    else:
+        loss_ce = jnp.sum(out["ce"]) / jnp.maximum(ce_count, 1)
     loss_mse = jnp.sum(jnp.mean(out["mse"], axis=-1)) / jnp.maximum(mse_count, 1)
     loss = ce_weight * loss_ce + mse_weight * loss_mse
     return loss, dict(loss_ce=loss_ce, loss_mse=loss_mse, ce_tokens=ce_count, mse_tokens=mse_count)

@@ -64,6 +64,7 @@ def base_config() -> ConfigDict:
     ))
     c.train = ConfigDict(dict(
         steps=500_000, seed=4396, ema_decay=0.9999, ce_weight=1.0, mse_weight=1.0,
+        ce_loss_reweighting=False,  # official option: each CE token weighted 1/sqrt(its text segment's length)
         freeze_und=False, freeze_vit=False, skip_nonfinite=False,
         debug_step_delay=0.0,     # seconds slept after each step (tests of kill / resume only)
     ))

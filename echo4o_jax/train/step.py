@@ -84,7 +84,7 @@ def init_train_state(params: dict, tx: optax.GradientTransformation, seed: int) 
 
 
 def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weight: float, mse_weight: float,
-                        vae_posterior: str = "sample") -> Callable:
+                        vae_posterior: str = "sample", ce_reweighting: bool = False) -> Callable:
     """f(params, vae_state, batch, noise | None, rng) -> ((loss, aux), grads). The frozen VAE encodes the
     batch's images (or the batch carries precomputed `vae_moments`); the latent is the posterior mean or,
     with `vae_posterior="sample"`, a sample drawn with its own key: `rng` is split into (noise key,
@@ -94,7 +94,8 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
 
     def loss_of(params, batch, noise, x0):
         model = nnx.merge(graphdef, params, buffers)
-        return packed_loss(model, batch, noise, x0, ce_weight=ce_weight, mse_weight=mse_weight)
+        return packed_loss(model, batch, noise, x0, ce_weight=ce_weight, mse_weight=mse_weight,
+                           ce_reweighting=ce_reweighting)
 
     def f(params, vae_state, batch, noise, rng):
         # uint8 pixel batches (the data pipeline's) -> the float32 [-1, 1] arrays of a float pack, on device
@@ -115,13 +116,14 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
 
 def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransformation, schedule: Callable,
                     *, patch: int, ce_weight: float, mse_weight: float, ema_decay: float,
-                    vae_posterior: str = "sample") -> Callable:
+                    vae_posterior: str = "sample", ce_reweighting: bool = False) -> Callable:
     """step(state, vae_state, batch) -> (state, metrics). `state` = dict(params, ema, opt_state, step, rng).
     A non-finite loss or gradient norm leaves params / EMA / optimizer state untouched (metrics['ok'] = 0).
     The step's key (split from `state["rng"]`) draws the noise and, with `vae_posterior="sample"`, the
     posterior sample (`make_loss_and_grads`)."""
     loss_and_grads = make_loss_and_grads(graphdef, buffers, vae_graphdef, patch=patch, ce_weight=ce_weight,
-                                         mse_weight=mse_weight, vae_posterior=vae_posterior)
+                                         mse_weight=mse_weight, vae_posterior=vae_posterior,
+                                         ce_reweighting=ce_reweighting)
 
     def step(state: dict, vae_state, batch: dict[str, jax.Array]):
         rng, k_step = jax.random.split(state["rng"])

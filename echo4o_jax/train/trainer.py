@@ -211,7 +211,8 @@ class Trainer:
         step_fn = make_train_step(self.graphdef, self.buffers, self.vae_graphdef, self.tx, self.schedule,
                                   patch=cfg.latent_patch_size, ce_weight=float(t.ce_weight),
                                   mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay),
-                                  vae_posterior=str(c.model.vae_posterior))
+                                  vae_posterior=str(c.model.vae_posterior),
+                                  ce_reweighting=bool(t.ce_loss_reweighting))
         self._step_fn = step_fn
         fp = ""
         if c.data.get("vae_latents"):  # precomputed latents must come from this very VAE
