@@ -128,7 +128,7 @@ def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransform
     def step(state: dict, vae_state, batch: dict[str, jax.Array]):
         rng, k_step = jax.random.split(state["rng"])
         (loss, aux), grads = loss_and_grads(state["params"], vae_state, batch, None, k_step)
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
 
         def apply(_):
