@@ -254,3 +254,13 @@ def test_config_values_checked():
         validate_config(c)
     with pytest.raises(ValueError, match="vae_posterior='median'"):
         make_loss_and_grads(None, None, None, patch=2, ce_weight=1.0, mse_weight=1.0, vae_posterior="median")
+
+
+def test_train_command_reports_a_missing_latent_folder_in_one_line(env, capsys):
+    from echo4o_jax.train.__main__ import run
+
+    missing = env["root"] / "no_latents_here"
+    assert run(_config(env["data_dir"], env["tok"], vae_latents=str(missing)), str(env["root"] / "wd_cli")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: precomputed latents: {missing} is not a folder (write it with python -m "
+                   f"echo4o_jax.data.latents --config ... --out {missing})"]

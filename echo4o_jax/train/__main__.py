@@ -22,8 +22,6 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
-    from .trainer import ConfigValueError, NonFiniteLossError, Trainer
-
     config = _CONFIG.value
     if config is None:
         print("error: --config is required, e.g. --config configs/demo.py", file=sys.stderr)
@@ -32,11 +30,25 @@ def main(argv):
     if not workdir:
         print("error: --workdir is required (or set config.workdir)", file=sys.stderr)
         return 2
+    return run(config, workdir)
+
+
+def run(config, workdir: str) -> int:
+    """Train (or resume) in `workdir`; bad input (config, checkpoint, records, precomputed latents) is one
+    `error:` line and exit status 2, a non-finite loss 3 (the last good checkpoint is kept)."""
+    from ..checkpoint import CheckpointError
+    from ..data.latents import LatentStoreError
+    from ..data.records import RecordError
+    from .trainer import ConfigValueError, NonFiniteLossError, Trainer
+
     try:
         trainer = Trainer(config, workdir)
         out = trainer.run()
     except ConfigValueError as e:
         print(f"error: bad config: {e}", file=sys.stderr)
+        return 2
+    except (CheckpointError, RecordError, LatentStoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
