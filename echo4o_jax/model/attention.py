@@ -366,7 +366,8 @@ def _xla_bwd(q, k, v, qm, km, lists, do, lse, delta, cfg):
             dv.reshape(Lk, KVH, D).astype(v.dtype))
 
 
-def _xla_delta(o, do):  # rowsum(o * do) [H, L]; reshaped to the log-sum-exp's [KVH, G, L] by the bwd
+def rowsum_o_do(o, do):
+    """rowsum(o * do) [H, L] of [L, H, D] arrays (flash backward's delta), in float32."""
     return jnp.einsum("qhd,qhd->hq", o.astype(jnp.float32), do.astype(jnp.float32))
 
 
@@ -374,4 +375,4 @@ def _xla_bwd_calls(q, k, v, qm, km, lists, do, lse, delta, cfg):
     return _xla_bwd(q, k, v, qm, km, lists, do, lse, delta.reshape(lse.shape), cfg)
 
 
-_xla_flash = flash_vjp(_xla_fwd, _xla_bwd_calls, _xla_delta)
+_xla_flash = flash_vjp(_xla_fwd, _xla_bwd_calls, rowsum_o_do)  # the bwd reshapes delta to [KVH, G, L]

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from echo4o_jax.model.attention import (CAUSAL, NOISE, TokenMeta, _Cfg, _next_pow2, _pad_meta, _round_up, block_lists,
-                                        block_table, flash_vjp)
+                                        block_table, flash_vjp, rowsum_o_do)
 
 __all__ = ["flash_attention", "block_table", "block_lists", "Tile", "parse_tuning", "default_tiles"]
 
@@ -247,8 +247,7 @@ def _bwd_calls(q, k, v, qm, km, lists, do, lse, delta, cfg: _Cfg):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-_flash = flash_vjp(_fwd_call, _bwd_calls,
-                   lambda o, do: jnp.einsum("qhd,qhd->hq", o.astype(jnp.float32), do.astype(jnp.float32)))
+_flash = flash_vjp(_fwd_call, _bwd_calls, rowsum_o_do)
 
 
 # ------------------------------------------------------------------------------------------ entry
