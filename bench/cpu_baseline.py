@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-budget", type=int, default=1024)
     ap.add_argument("--variants", default="xla_blockwise,xla_dense,naive_per_sample",
                     help="comma-separated; xla_blockwise:B sets attention_block_q = attention_block_kv = B")
-    ap.add_argument("--block", type=int, default=64, help="attention block (q and kv) of xla_blockwise")
+    ap.add_argument("--block", type=int, default=32, help="attention block (q and kv) of xla_blockwise")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
 

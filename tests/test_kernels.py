@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from echo4o_jax.config import BagelConfig, ConfigError
-from echo4o_jax.model.attention import CAUSAL, FULL, NOISE, TokenMeta, attention, mask_from_meta
+from echo4o_jax.model.attention import (CAUSAL, FULL, NOISE, TokenMeta, _pad_meta, attention, block_table,
+                                        mask_from_meta, pair_list)
 from echo4o_jax.model.kernels import pallas_flash as pf
 
 BQ = BK = 16  # small blocks: several blocks per sequence at interpret-friendly sizes
@@ -77,6 +78,35 @@ def test_values_and_grads_match_dense(impl, L, KVH, G, D, block):
     (_, o1), g1 = got(q, k, v)
     (_, o2), g2 = want(q, k, v)
     np.testing.assert_allclose(o1, o2, atol=2e-5, rtol=1e-5)
+    for name, a, b in zip("qkv", g1, g2):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("chunk,bq,bk", [(1, 16, 16), (3, 16, 8), (7, 8, 16)])
+def test_xla_blockwise_chunks_of_pairs(chunk, bq, bk):
+    """Chunks of the flat pair list that hold one row several times and split rows between chunks (and a
+    partial last chunk), with q and kv blocks of different sizes: values and gradients equal the dense."""
+    L, KVH, G, D = 150, 2, 3, 32
+    rng = np.random.default_rng(chunk)
+    meta = random_meta(rng, L)
+    pad = lambda m, b, fill: _pad_meta(m, -(-L // b) * b, fill)
+    rows, _, valid, count = pair_list(block_table(pad(meta, bq, -1), pad(meta, bk, -2), bq, bk), chunk)
+    rows = np.asarray(rows)[: int(count)]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # where each row's pairs begin
+    ends = np.r_[starts[1:], len(rows)]
+    if chunk > 1:
+        assert np.any(ends - starts >= 2) and any(a // chunk != (b - 1) // chunk for a, b in zip(starts, ends))
+        assert int(count) % chunk, "the last chunk should be partial"
+    q, k, v = qkv(rng, L, L, KVH * G, KVH, D)
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+    def loss(impl):
+        f = lambda q, k, v: jnp.sum(attention(q, k, v, meta, meta, scale=D ** -0.5, impl=impl, block_q=bq,
+                                              block_kv=bk, chunk=chunk) * w)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    (l1, g1), (l2, g2) = loss("xla_blockwise"), loss("xla_dense")
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
     for name, a, b in zip("qkv", g1, g2):
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=f"d{name}")
 
@@ -205,16 +235,21 @@ def test_skipped_blocks_are_never_read():
     kp, vp = k + poison, v + poison
     table = np.asarray(pf.prepare(q_meta, k_meta, Lq, Lk, BQ, BK)[2])
     assert not table[:, 2:].any()  # both sample-1 key blocks are skipped for every query block
-    f = lambda impl, k, v: attention(q, k, v, q_meta, k_meta, scale=D ** -0.5, impl=impl, block_q=BQ, block_kv=BK)
-    want = f("xla_dense", k, v)
-    for impl in ("pallas_interpret", "pallas_tpu"):
-        got = jax.jit(lambda k, v: f(impl, k, v))(kp, vp)
+    impls = [("pallas_interpret", 0), ("pallas_tpu", 0), ("xla_blockwise", 0), ("xla_blockwise", 3)]  # (impl, chunk)
+    f = lambda impl, chunk, q, k, v: attention(q, k, v, q_meta, k_meta, scale=D ** -0.5, impl=impl, block_q=BQ,
+                                               block_kv=BK, chunk=chunk)
+    want = f("xla_dense", 0, q, k, v)
+    for impl, chunk in impls:
+        got = jax.jit(lambda k, v: f(impl, chunk, q, k, v))(kp, vp)
         assert np.all(np.isfinite(got)), impl
         np.testing.assert_allclose(got, want, atol=2e-5, err_msg=impl)
-    # backward (dQ pass reads kv blocks, dK/dV pass reads q blocks through the transposed lists)
-    g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f("pallas_interpret", k, v) * q.sum()), argnums=(0, 1, 2)))(q, kp, vp)
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in g)
-    assert not np.any(np.asarray(g[1])[32:]) and not np.any(np.asarray(g[2])[32:])  # skipped blocks: exact 0
+    # backward (Pallas: the dQ pass reads kv blocks, the dK/dV pass reads q blocks through the transposed
+    # lists; XLA: one pass over the pair list, whose unused tail entries must not point at skipped blocks)
+    for impl, chunk in (impls[0], impls[3]):
+        loss = lambda q, k, v: jnp.sum(f(impl, chunk, q, k, v) * q.sum())
+        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, kp, vp)
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in g), impl
+        assert not np.any(np.asarray(g[1])[32:]) and not np.any(np.asarray(g[2])[32:]), impl  # skipped: exact 0
 
 
 @pytest.mark.parametrize("L,D", [(300, 72), (256, 128)])

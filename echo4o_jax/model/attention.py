@@ -14,9 +14,9 @@ Rules (official `prepare_attention_mask_per_sample` / flex `create_sparse_mask`)
   4. padding (sample < 0) attends to itself only, so it stays finite and inert.
 
 One entry point, `attention`, with a memory-efficient XLA implementation (`xla_blockwise`: flash
-attention in plain XLA with a custom VJP, looping only over the (q block, kv block) pairs the mask does
-not provably empty, also under vmap; never an L x L score tensor) and a dense one
-(`xla_dense`, for tests and tiny inputs). Fused kernels (echo4o_jax/model/kernels): `pallas_gpu`
+attention in plain XLA with a custom VJP, looping in fixed-size chunks over the flat list of the
+(q block, kv block) pairs the mask does not provably empty, also under vmap; never an L x L score
+tensor) and a dense one (`xla_dense`, for tests and tiny inputs). Fused kernels (echo4o_jax/model/kernels): `pallas_gpu`
 (Pallas flash attention, forward + backward, mask computed in-kernel from the metadata, block
 skipping; Triton on GPU, interpret mode on CPU), `pallas_tpu` (the same kernel laid out for Mosaic:
 grid-axis kv loop, scalar-prefetched block lists; interpret mode on CPU) and `pallas_interpret`
@@ -79,9 +79,11 @@ def attention(
     block_q: int = 512,
     block_kv: int = 512,
     tuning: str = "",
+    chunk: int = 0,
 ) -> jax.Array:
     """q [Lq, H, D], k/v [Lk, KVH, D] (GQA: query head h uses KV head h // (H // KVH)) -> [Lq, H, D].
-    `tuning`: Triton launch shapes of the `pallas_gpu` kernels (`kernels.pallas_flash.parse_tuning`)."""
+    `tuning`: Triton launch shapes of the `pallas_gpu` kernels (`kernels.pallas_flash.parse_tuning`);
+    `chunk`: block pairs per loop step of `xla_blockwise` (0: the number of q blocks)."""
     Lq, H, D = q.shape
     KVH = k.shape[1]
     if H % KVH:
@@ -89,7 +91,7 @@ def attention(
     if impl == "xla_dense":
         return _dense(q, k, v, mask_from_meta(q_meta, k_meta), scale)
     if impl == "xla_blockwise":
-        return _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv)
+        return _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv, chunk)
     if impl == "pallas_tpu":
         from echo4o_jax.model.kernels.pallas_tpu_flash import flash_attention_tpu
 
@@ -228,6 +230,7 @@ class _Cfg(NamedTuple):
     groups: int
     interpret: bool
     tiles: tuple = ()  # GPU: (fwd, dq, dkv) Tiles
+    chunk: int = 0  # XLA path: block pairs per loop step
 
 
 def flash_vjp(fwd_call, bwd_calls, delta_fn):
@@ -252,12 +255,31 @@ def flash_vjp(fwd_call, bwd_calls, delta_fn):
     return flash
 
 
-def _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv):
-    """Flash attention in plain XLA: the kernels' algorithm (online softmax forward, dQ and dK/dV passes
-    with a custom VJP) over the compacted lists of the blocks the mask does not empty (`block_table`,
-    `block_lists`); step t handles the t-th listed block of every row at once. The loops have dynamic trip
-    counts (the longest list), so skipped blocks cost nothing, also under `vmap` over packs (a batched loop
-    runs the longest list of the batch). Residuals: q, k, v, o and the row log-sum-exp."""
+def pair_list(table: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The table's True (q block, kv block) pairs in row-major order, as (rows, cols, valid, count): static
+    length (every block pair of the table, rounded up to a multiple of `chunk`), the first `count` entries
+    are the listed pairs, `valid` marks them; the others repeat the first pair (a chunk's unused entries
+    are computed fully masked: they must not read blocks the table skips, which may hold anything)."""
+    nq, nk = table.shape
+    flat = table.reshape(-1)
+    count = flat.sum(dtype=jnp.int32)
+    n_all = _round_up(nq * nk, chunk)
+    idx = jnp.pad(jnp.argsort(~flat, stable=True).astype(jnp.int32), (0, n_all - nq * nk))
+    valid = jnp.arange(n_all) < count
+    idx = jnp.where(valid, idx, idx[0])
+    return idx // nk, idx % nk, valid, count
+
+
+def _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv, chunk=0):
+    """Flash attention in plain XLA over the flat list of the (q block, kv block) pairs the mask does not
+    provably empty (`block_table`, `pair_list`): step t handles pairs [t*C, (t+1)*C) of the list at once
+    (C = `chunk`, default the number of q blocks), whichever rows they belong to, so the work is the listed
+    pairs rounded up to one chunk, not rows x longest row. The forward merges each chunk into per-row
+    online-softmax statistics with scatter-max / scatter-add (a row may appear several times in a chunk);
+    the backward is one pass over the same list (dQ, dK, dV scatter-added: each score block is recomputed
+    once, not once for dQ and once for dK/dV). The loops have a dynamic trip count (the listed pairs); under
+    `vmap` over packs, the longest list of the batch (shorter lists' extra chunks are invalid pairs, which
+    add nothing). Residuals: q, k, v, o and the row log-sum-exp."""
     Lq, H, D = q.shape
     Lk, KVH, _ = k.shape
     bq = min(block_q, _round_up(Lq, 8))
@@ -266,104 +288,104 @@ def _blockwise(q, k, v, q_meta, k_meta, scale, block_q, block_kv):
     qm = _pad_meta(TokenMeta(*(jnp.asarray(x, jnp.int32) for x in q_meta)), Lq_p, -1)
     km = _pad_meta(TokenMeta(*(jnp.asarray(x, jnp.int32) for x in k_meta)), Lk_p, -2)  # padded keys match nothing
     table = block_table(qm, km, bq, bk)
-    lists = block_lists(table) + block_lists(table.T)
+    cfg = _Cfg(float(scale), bq, bk, H // KVH, False, chunk=int(chunk) or Lq_p // bq)
     pad = lambda x, L: jnp.pad(x, ((0, L - x.shape[0]), (0, 0), (0, 0)))
-    cfg = _Cfg(float(scale), bq, bk, H // KVH, False)
-    o = _xla_flash(pad(q, Lq_p), pad(k, Lk_p), pad(v, Lk_p), jnp.stack(qm), jnp.stack(km), lists, cfg)
+    o = _xla_flash(pad(q, Lq_p), pad(k, Lk_p), pad(v, Lk_p), jnp.stack(qm), jnp.stack(km),
+                   pair_list(table, cfg.chunk), cfg)
     return o[:Lq]
 
 
-def _step_blocks(idx, cnt, t):
-    """Step t of every row's block list: (block index per row [n], whether row has a t-th block [n])."""
-    n = idx.shape[0]
-    return idx[:, t], t < cnt[:n]
+def _heads_major(x, b, G):
+    """[L, KVH*G, D] -> [L/b, KVH, G*b, D]: blocks of b tokens, the G query heads of a KV head and the
+    block's tokens on one axis (the matmul rows), so every pair's einsum is a plain batched matmul."""
+    L, H, D = x.shape
+    KVH = H // G
+    return x.reshape(L // b, b, KVH, G, D).transpose(0, 2, 3, 1, 4).reshape(L // b, KVH, G * b, D)
 
 
-def _scores(qb, kb, qmb, kmb, valid, scale):
-    """Row-batched block pairs: qb [n, bq, KVH, G, D], kb [n, bk, KVH, D], metas [4, n, b], valid [n] ->
-    (fp32 scores [n, KVH, G, bq, bk], mask [n, 1, 1, bq, bk])."""
-    s = jnp.einsum("nqhgd,nkhd->nhgqk", qb, kb, preferred_element_type=jnp.float32) * scale
-    mask = jax.vmap(mask_from_meta)(TokenMeta(*qmb), TokenMeta(*kmb)) & valid[:, None, None]
-    return s, mask[:, None, None]
+def _tokens_major(x, G):
+    """Inverse of `_heads_major`: [n, KVH, G*b, D] -> [n*b, KVH*G, D]."""
+    n, KVH, Gb, D = x.shape
+    b = Gb // G
+    return x.reshape(n, KVH, G, b, D).transpose(0, 3, 1, 2, 4).reshape(n * b, KVH * G, D)
 
 
-def _xla_fwd(q, k, v, qm, km, lists, cfg):
-    """Forward. Step t handles, for every q block at once, the t-th kv block of its list (rows whose list
-    is shorter are masked), for t < the longest list: few large steps instead of one per block pair."""
+def _chunk(pairs, t, C):
+    """Pairs [t*C, (t+1)*C) of the list: (rows [C], cols [C], valid [C])."""
+    return tuple(jax.lax.dynamic_slice_in_dim(x, t * C, C) for x in pairs[:3])
+
+
+def _pair_scores(qc, kc, qmb, kmb, r, c, ok, cfg):
+    """Scores of C block pairs, qc [C, KVH, G*bq, D], kc [C, KVH, bk, D] -> (fp32 [C, KVH, G*bq, bk],
+    mask of the same shape: the pair's token mask, False for invalid pairs)."""
+    C, KVH, Gbq, _ = qc.shape
+    s = jnp.einsum("chqd,chkd->chqk", qc, kc, preferred_element_type=jnp.float32) * cfg.scale
+    mask = jax.vmap(mask_from_meta)(TokenMeta(*qmb[:, r]), TokenMeta(*kmb[:, c])) & ok[:, None, None]
+    mask = jnp.broadcast_to(mask[:, None, None], (C, KVH, cfg.groups, cfg.bq, cfg.bk))
+    return s, mask.reshape(C, KVH, Gbq, cfg.bk)
+
+
+def _xla_fwd(q, k, v, qm, km, pairs, cfg):
+    """Forward: online softmax per q-block row; a chunk's pairs raise their rows' maxima (scatter-max),
+    the rows' running sums are rescaled once per chunk and the pairs' contributions scatter-added."""
     Lq, H, D = q.shape
     Lk, KVH, _ = k.shape
-    G, bq, bk = cfg.groups, cfg.bq, cfg.bk
+    G, bq, bk, C = cfg.groups, cfg.bq, cfg.bk, cfg.chunk
     nq, nk = Lq // bq, Lk // bk
-    kv_idx, kv_cnt = lists[0], lists[1]
-    qb, qmb = q.reshape(nq, bq, KVH, G, D), qm.reshape(4, nq, bq)
-    kb_all, vb_all, kmb_all = k.reshape(nk, bk, KVH, D), v.reshape(nk, bk, KVH, D), km.reshape(4, nk, bk)
+    qT, kT, vT = _heads_major(q, bq, G), _heads_major(k, bk, 1), _heads_major(v, bk, 1)
+    qmb, kmb = qm.reshape(4, nq, bq), km.reshape(4, nk, bk)
 
     def body(t, carry):
         m, l, acc = carry
-        j, valid = _step_blocks(kv_idx, kv_cnt, t)
-        s, mask = _scores(qb, kb_all[j], qmb, kmb_all[:, j], valid, cfg.scale)
+        r, c, ok = _chunk(pairs, t, C)
+        s, mask = _pair_scores(qT[r], kT[c], qmb, kmb, r, c, ok, cfg)
         s = jnp.where(mask, s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_new = m.at[r].max(s.max(axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.where(mask, jnp.exp(s - m_safe[..., None]), 0.0)
         alpha = jnp.where(jnp.isfinite(m), jnp.exp(m - m_safe), 0.0)
-        vb = vb_all[j]
-        acc = acc * alpha[..., None] + jnp.einsum("nhgqk,nkhd->nhgqd", p.astype(vb.dtype), vb,
-                                                  preferred_element_type=jnp.float32)
-        return m_new, l * alpha + p.sum(axis=-1), acc
+        p = jnp.exp(s - m_safe[r][..., None])  # masked scores are -inf: p = 0
+        pv = jnp.einsum("chqk,chkd->chqd", p.astype(vT.dtype), vT[c], preferred_element_type=jnp.float32)
+        return m_new, (l * alpha).at[r].add(p.sum(axis=-1)), (acc * alpha[..., None]).at[r].add(pv)
 
-    init = (jnp.full((nq, KVH, G, bq), -jnp.inf, jnp.float32), jnp.zeros((nq, KVH, G, bq), jnp.float32),
-            jnp.zeros((nq, KVH, G, bq, D), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, jnp.max(kv_cnt[:nq]), body, init)
+    init = (jnp.full((nq, KVH, G * bq), -jnp.inf, jnp.float32), jnp.zeros((nq, KVH, G * bq), jnp.float32),
+            jnp.zeros((nq, KVH, G * bq, D), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, -(-pairs[3] // C), body, init)
     ok = l > 0
     o = acc / jnp.where(ok, l, 1.0)[..., None]
-    lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), 0.0)  # [nq, KVH, G, bq]
-    return (jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(Lq, H, D).astype(q.dtype),
-            jnp.transpose(lse, (1, 2, 0, 3)).reshape(KVH, G, Lq))
+    lse = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), 0.0)  # [nq, KVH, G*bq]
+    return _tokens_major(o, G).astype(q.dtype), lse
 
 
-def _xla_bwd(q, k, v, qm, km, lists, do, lse, delta, cfg):
-    """dQ (rows = q blocks, steps over their kv lists) and dK/dV (rows = kv blocks, steps over their q
-    lists), each batched over rows like the forward; GQA groups are summed inside the dK/dV einsums."""
+def _xla_bwd(q, k, v, qm, km, pairs, do, lse, delta, cfg):
+    """dQ, dK and dV in one pass over the pair list (probabilities from the saved log-sum-exp); GQA groups
+    are summed inside the dK/dV einsums (the G heads share the matmul's contracted axis)."""
     Lq, H, D = q.shape
     Lk, KVH, _ = k.shape
-    G, bq, bk = cfg.groups, cfg.bq, cfg.bk
+    G, bq, bk, C = cfg.groups, cfg.bq, cfg.bk, cfg.chunk
     nq, nk = Lq // bq, Lk // bk
-    kv_idx, kv_cnt, q_idx, q_cnt = lists
-    qb_all, dob_all = (x.reshape(nq, bq, KVH, G, D) for x in (q, do))
-    kb_all, vb_all = k.reshape(nk, bk, KVH, D), v.reshape(nk, bk, KVH, D)
-    qmb_all, kmb_all = qm.reshape(4, nq, bq), km.reshape(4, nk, bk)
-    lse_b, delta_b = (jnp.transpose(x.reshape(KVH, G, nq, bq), (2, 0, 1, 3)) for x in (lse, delta))
+    qT, doT, kT, vT = _heads_major(q, bq, G), _heads_major(do, bq, G), _heads_major(k, bk, 1), _heads_major(v, bk, 1)
+    qmb, kmb = qm.reshape(4, nq, bq), km.reshape(4, nk, bk)
+    # delta [H, Lq] -> the lse layout [nq, KVH, G*bq]
+    delta = delta.reshape(KVH, G, nq, bq).transpose(2, 0, 1, 3).reshape(nq, KVH, G * bq)
 
-    def probs(qb, kb, qmb, kmb, valid, lse_rows):  # p [n, KVH, G, bq, bk] from the saved log-sum-exp
-        s, mask = _scores(qb, kb, qmb, kmb, valid, cfg.scale)
-        return jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse_rows[..., None]), 0.0)
+    def body(t, carry):
+        dq, dk, dv = carry
+        r, c, ok = _chunk(pairs, t, C)
+        qc, doc, kc, vc = qT[r], doT[r], kT[c], vT[c]
+        s, mask = _pair_scores(qc, kc, qmb, kmb, r, c, ok, cfg)
+        p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse[r][..., None]), 0.0)
+        dp = jnp.einsum("chqd,chkd->chqk", doc, vc, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[r][..., None])
+        dq = dq.at[r].add(jnp.einsum("chqk,chkd->chqd", ds.astype(kc.dtype), kc, preferred_element_type=jnp.float32))
+        dk = dk.at[c].add(jnp.einsum("chqk,chqd->chkd", ds.astype(qc.dtype), qc, preferred_element_type=jnp.float32))
+        dv = dv.at[c].add(jnp.einsum("chqk,chqd->chkd", p.astype(doc.dtype), doc, preferred_element_type=jnp.float32))
+        return dq, dk, dv
 
-    def dq_body(t, dq):
-        j, valid = _step_blocks(kv_idx, kv_cnt, t)
-        kb, vb = kb_all[j], vb_all[j]
-        p = probs(qb_all, kb, qmb_all, kmb_all[:, j], valid, lse_b)
-        dp = jnp.einsum("nqhgd,nkhd->nhgqk", dob_all, vb, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_b[..., None])
-        return dq + jnp.einsum("nhgqk,nkhd->nqhgd", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
-
-    dq = jax.lax.fori_loop(0, jnp.max(kv_cnt[:nq]), dq_body, jnp.zeros((nq, bq, KVH, G, D), jnp.float32))
-
-    def dkv_body(t, carry):
-        dk, dv = carry
-        i, valid = _step_blocks(q_idx, q_cnt, t)
-        qb, dob = qb_all[i], dob_all[i]
-        p = probs(qb, kb_all, qmb_all[:, i], kmb_all, valid, lse_b[i])
-        dv = dv + jnp.einsum("nhgqk,nqhgd->nkhd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("nqhgd,nkhd->nhgqk", dob, vb_all, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_b[i][..., None])
-        dk = dk + jnp.einsum("nhgqk,nqhgd->nkhd", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
-        return dk, dv
-
-    zeros = jnp.zeros((nk, bk, KVH, D), jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, jnp.max(q_cnt[:nk]), dkv_body, (zeros, zeros))
-    return ((dq * cfg.scale).reshape(Lq, H, D).astype(q.dtype), (dk * cfg.scale).reshape(Lk, KVH, D).astype(k.dtype),
-            dv.reshape(Lk, KVH, D).astype(v.dtype))
+    zeros_k = jnp.zeros((nk, KVH, bk, D), jnp.float32)
+    dq, dk, dv = jax.lax.fori_loop(0, -(-pairs[3] // C), body,
+                                   (jnp.zeros((nq, KVH, G * bq, D), jnp.float32), zeros_k, zeros_k))
+    return (_tokens_major(dq * cfg.scale, G).astype(q.dtype), _tokens_major(dk * cfg.scale, 1).astype(k.dtype),
+            _tokens_major(dv, 1).astype(v.dtype))
 
 
 def rowsum_o_do(o, do):
@@ -371,8 +393,4 @@ def rowsum_o_do(o, do):
     return jnp.einsum("qhd,qhd->hq", o.astype(jnp.float32), do.astype(jnp.float32))
 
 
-def _xla_bwd_calls(q, k, v, qm, km, lists, do, lse, delta, cfg):
-    return _xla_bwd(q, k, v, qm, km, lists, do, lse, delta.reshape(lse.shape), cfg)
-
-
-_xla_flash = flash_vjp(_xla_fwd, _xla_bwd_calls, rowsum_o_do)  # the bwd reshapes delta to [KVH, G, L]
+_xla_flash = flash_vjp(_xla_fwd, _xla_bwd, rowsum_o_do)  # the bwd lays delta out as lse
