@@ -47,7 +47,10 @@ def maybe_initialize_distributed(force: bool = False) -> None:
     multi = force or any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
                                                      "MEGASCALE_COORDINATOR_ADDRESS"))
     if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        # jax reads JAX_COORDINATOR_ADDRESS itself, but not the process count / id (only cluster detection)
+        kw = {k: int(os.environ[e]) for k, e in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                 ("process_id", "JAX_PROCESS_ID")) if e in os.environ}
+        jax.distributed.initialize(**kw)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo4o_jax.data.latents import MANIFEST_NAME, LatentStore, LatentStoreError, precompute, vae_fingerprint
+from echo4o_jax.data.latents import (MANIFEST_NAME, LatentStore, LatentStoreError, merge_parts, precompute,
+                                    vae_fingerprint)
 from echo4o_jax.image_transform import ImageTransform
 from echo4o_jax.packing import batch_arrays
 from echo4o_jax.safetensors_io import SafetensorsFile
@@ -264,3 +265,114 @@ def test_train_command_reports_a_missing_latent_folder_in_one_line(env, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: precomputed latents: {missing} is not a folder (write it with python -m "
                    f"echo4o_jax.data.latents --config ... --out {missing})"]
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+def _same_latents(out, ref) -> None:
+    assert _keys(out) == _keys(ref)
+    a, b = LatentStore(out), LatentStore(ref)
+    for k in _keys(ref):
+        rid, idx = k.rsplit("#", 1)
+        want = b._files("ds")[k].get(k)
+        np.testing.assert_allclose(a.moments("ds", rid, int(idx), want.shape[:2]), want, atol=1e-5, err_msg=k)
+
+
+def _cli(*args, devices: int = 1, env_extra: dict | None = None, wait: bool = True):
+    """The latents CLI in a subprocess (`wait=False`: the Popen, output to pipes)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               **(env_extra or {}))
+    cmd = [sys.executable, "-m", "echo4o_jax.data.latents", *args]
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def _config_file(env, path):
+    """The env's in-step config as a config file for the CLI."""
+    path.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
+                    f"    return ml_collections.ConfigDict(json.loads({env['c_in'].to_json()!r}))\n")
+    return str(path)
+
+
+def test_parts_on_several_devices_merge_into_the_single_run(env, tmp_path):
+    """Part 0 of 2 here, part 1 by the CLI on 4 devices (batches split over them), then --merge: the same
+    latents as the single run; before the merge the folder is not readable, a rerun of a part writes
+    nothing and leaves the other part's files alone, and the layouts never mix."""
+    out = tmp_path / "lat"
+    kw = dict(batch=4, shard_bytes=12_000, log=None)
+    s0 = precompute(env["c_in"], str(out), part=0, parts=2, **kw)
+    assert 0 < s0["images_written"] < env["stats"]["images_written"]
+    with pytest.raises(LatentStoreError, match=r"has no latents.json \(it holds 1 part manifest\(s\): merge them"):
+        LatentStore(out)
+    r = _cli("--out", str(out), "--merge")
+    assert r.returncode == 2 and "error:" in r.stderr and "parts [1] of 2 have not written a manifest" in r.stderr
+    r = _cli("--config", _config_file(env, tmp_path / "cfg.py"), "--out", str(out), "--parts", "2", "--part", "1", "--batch", "3",
+             "--shard_mb", "0.0115", devices=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "encoding on 4 device(s) (cpu), batches of 4; part 1 of 2" in r.stdout  # --batch 3 rounded up
+    assert "--merge" in r.stdout
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if "-part00001-of-00002-" in p.name}
+    assert len(files) > 1
+    again = precompute(env["c_in"], str(out), part=0, parts=2, **kw)
+    assert again["images_written"] == 0 and again["images_skipped"] == s0["images_written"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if "-part00001-of-00002-" in p.name} == files
+    r = _cli("--out", str(out), "--merge")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m, single = (json.loads((d / MANIFEST_NAME).read_text()) for d in (out, env["out"]))
+    assert m["parts"] == 2 and m["vae_fingerprint"] == single["vae_fingerprint"]
+    for k in ("records", "images", "complete", "transform", "path"):
+        assert m["datasets"]["ds"][k] == single["datasets"]["ds"][k], k
+    _same_latents(out, env["out"])
+    next(_source(env, vae_latents=str(out)))  # the pipeline reads the merged folder
+    with pytest.raises(LatentStoreError, match=r"holds latents written in \[2\] parts"):
+        precompute(env["c_in"], str(out), **kw)
+    with pytest.raises(LatentStoreError, match="holds latents written in \\[2\\] parts, this run would write 3"):
+        precompute(env["c_in"], str(out), part=0, parts=3, **kw)
+    with pytest.raises(LatentStoreError, match="holds a single run's latents: --parts 2 needs another --out"):
+        precompute(env["c_in"], str(env["out"]), part=1, parts=2, **kw)
+
+
+def test_merge_refuses_parts_that_disagree(env, tmp_path):
+    out = tmp_path / "lat"
+    kw = dict(batch=4, log=None)
+    precompute(env["c_in"], str(out), part=0, parts=2, **kw)
+    precompute(env["c_in"], str(out), part=1, parts=2, **kw)
+    name = "latents.part-00001-of-00002.json"
+    m = json.loads((out / name).read_text())
+    m["datasets"]["ds"]["complete"] = False
+    (out / name).write_text(json.dumps(m))
+    with pytest.raises(LatentStoreError, match=f"{name}: dataset 'ds' is incomplete: run part 1 again"):
+        merge_parts(str(out), log=None)
+    m["datasets"]["ds"].update(complete=True, transform="ImageTransform(max_size=999)")
+    (out / name).write_text(json.dumps(m))
+    with pytest.raises(LatentStoreError, match=f"{name}: dataset 'ds' has transform 'ImageTransform\\(max_size=999\\)'"):
+        merge_parts(str(out), log=None)
+    with pytest.raises(ValueError, match="part 2 of 2"):
+        precompute(env["c_in"], str(out), part=2, parts=2, **kw)
+
+
+def test_multi_process_launch_splits_and_merges(env, tmp_path):
+    """The same CLI command on 2 jax.distributed processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID, as on a GPU cluster): one part each, process 0 merges after both finished."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    out, cfg = tmp_path / "lat", _config_file(env, tmp_path / "cfg.py")
+    procs = [_cli("--config", cfg, "--out", str(out), "--batch", "4", wait=False,
+                  env_extra=dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                 JAX_PROCESS_ID=str(i))) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for i, (p, (so, se)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i}: {se[-3000:]}"
+        assert f"part {i} of 2" in so
+    assert "merged 2 parts" in outs[0][0]
+    assert json.loads((out / MANIFEST_NAME).read_text())["parts"] == 2
+    _same_latents(out, env["out"])

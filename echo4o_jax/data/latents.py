@@ -43,6 +43,17 @@ a 1024x1024 image with z = 16), half in bfloat16.
 Resume: a shard is written under a `.tmp` name, renamed, then listed in the manifest; a rerun with the
 same --out skips every image already listed (a killed run loses at most the shard it was filling) and
 refuses to mix latents of another VAE, dtype or transform.
+
+Parallel runs. One process encodes on all its local devices (each batch split over them; `--batch` is
+rounded up to a multiple of the device count). Several processes split the records: part I of N takes
+the records whose index in their dataset is I mod N, and writes `latents.part-0000I-of-0000N.json` and
+`<label>-part0000I-of-0000N-00000.safetensors`, ... into the same DIR (resumable like a single run);
+`--merge` then checks that all N parts are complete and consistent (VAE, dtype, transforms, record files)
+and writes `latents.json` listing every part's shards (`"parts": N`), which training reads. Under
+`jax.distributed` (a multi-host launch: the same command on every host) `--parts` / `--part` default to
+the process count / index and process 0 merges after all have finished; otherwise pass `--parts N
+--part I` to N separate jobs and run `--merge` once they are done. A single-run folder and a parts
+folder are never mixed.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 from typing import Callable
 
 import numpy as np
@@ -60,12 +72,29 @@ from echo4o_jax.packing import MOMENT_DTYPES, moments_dtype
 from echo4o_jax.safetensors_io import SafetensorsFile, write_safetensors
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "LatentStore", "LatentStoreError", "latent_key",
-           "precompute", "vae_fingerprint"]
+           "merge_parts", "precompute", "vae_fingerprint"]
 
 FORMAT = "echo4o-vae-latents"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "latents.json"
 _SHARD_SUFFIX = ".safetensors"
+_PART_MANIFEST = re.compile(r"^latents\.part-(\d{5})-of-(\d{5})\.json$")
+_PART_SHARD = re.compile(r"-part\d{5}-of-\d{5}-\d{5}\.safetensors(\.tmp)?$")
+
+
+def _part_tag(part: int, parts: int) -> str:
+    """"" for a single run, else "-part0000I-of-0000N" (in shard names; the manifest is latents.part-...)."""
+    return "" if parts == 1 else f"-part{part:05d}-of-{parts:05d}"
+
+
+def _part_manifests(out: str) -> dict[tuple[int, int], str]:
+    """{(part, parts): file name} of the part manifests in `out`."""
+    found = {}
+    for name in (os.listdir(out) if os.path.isdir(out) else []):
+        m = _PART_MANIFEST.match(name)
+        if m:
+            found[int(m.group(1)), int(m.group(2))] = name
+    return found
 
 
 class LatentStoreError(ValueError):
@@ -101,17 +130,20 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _load_manifest(path: str) -> dict:
+def _load_manifest(path: str, name: str = MANIFEST_NAME) -> dict:
     if not os.path.isdir(path):
         raise LatentStoreError(f"precomputed latents: {path} is not a folder (write it with "
                                f"python -m echo4o_jax.data.latents --config ... --out {path})")
-    mf = os.path.join(path, MANIFEST_NAME)
+    mf = os.path.join(path, name)
     try:
         with open(mf) as f:
             m = json.load(f)
     except FileNotFoundError:
-        raise LatentStoreError(f"precomputed latents: {path} has no {MANIFEST_NAME} (not written by "
-                               f"python -m echo4o_jax.data.latents, or that run never finished a shard)") from None
+        parts = _part_manifests(path) if name == MANIFEST_NAME else {}
+        hint = (f"it holds {len(parts)} part manifest(s): merge them with python -m echo4o_jax.data.latents "
+                f"--out {path} --merge once every part has finished" if parts else
+                "not written by python -m echo4o_jax.data.latents, or that run never finished a shard")
+        raise LatentStoreError(f"precomputed latents: {path} has no {name} ({hint})") from None
     except json.JSONDecodeError as e:
         raise LatentStoreError(f"precomputed latents: {mf} is not valid JSON ({e})") from None
     if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
@@ -207,13 +239,16 @@ class _Writer:
     """Shards + manifest of one --out folder (resumable)."""
 
     def __init__(self, out: str, *, fingerprint: str, z_channels: int, downsample: int, dtype: str,
-                 shard_bytes: int, on_shard: Callable[[str], None] | None = None):
+                 shard_bytes: int, on_shard: Callable[[str], None] | None = None, part: int = 0, parts: int = 1):
         self.out, self.shard_bytes, self.on_shard = out, int(shard_bytes), on_shard
+        self.tag = _part_tag(part, parts)
+        self.manifest_name = MANIFEST_NAME if parts == 1 else f"latents.part-{part:05d}-of-{parts:05d}.json"
         os.makedirs(out, exist_ok=True)
+        _check_layout(out, parts)
         want = {"vae_fingerprint": fingerprint, "z_channels": int(z_channels), "downsample": int(downsample),
                 "dtype": dtype}
-        if os.path.exists(os.path.join(out, MANIFEST_NAME)):
-            self.m = _load_manifest(out)
+        if os.path.exists(os.path.join(out, self.manifest_name)):
+            self.m = _load_manifest(out, self.manifest_name)
             for k, v in want.items():
                 if self.m[k] != v:
                     raise LatentStoreError(f"{out} holds latents with {k}={self.m[k]!r}, this run would write "
@@ -223,8 +258,10 @@ class _Writer:
             self.m = {"format": FORMAT, "format_version": FORMAT_VERSION, **want, "datasets": {},
                       "created_utc": _now(), "updated_utc": _now()}
         listed = {s["file"] for ds in self.m["datasets"].values() for s in ds["shards"]}
-        for name in os.listdir(out):  # leftovers of a killed run: unfinished or unlisted shards
-            if name.endswith(_SHARD_SUFFIX + ".tmp") or (name.endswith(_SHARD_SUFFIX) and name not in listed):
+        for name in os.listdir(out):  # leftovers of this run's killed predecessor: unfinished or unlisted shards
+            ours = (re.search(re.escape(self.tag) + r"-\d{5}\.safetensors(\.tmp)?$", name) if self.tag
+                    else not _PART_SHARD.search(name))  # never another part's files
+            if ours and (name.endswith(_SHARD_SUFFIX + ".tmp") or (name.endswith(_SHARD_SUFFIX) and name not in listed)):
                 os.remove(os.path.join(out, name))
         self.ds: dict = {}
         self.label = ""
@@ -258,9 +295,9 @@ class _Writer:
             return
         taken = {s["file"] for d in self.m["datasets"].values() for s in d["shards"]}
         i = len(self.ds["shards"])
-        while f"{self.label}-{i:05d}{_SHARD_SUFFIX}" in taken:
+        while f"{self.label}{self.tag}-{i:05d}{_SHARD_SUFFIX}" in taken:
             i += 1
-        name = f"{self.label}-{i:05d}{_SHARD_SUFFIX}"
+        name = f"{self.label}{self.tag}-{i:05d}{_SHARD_SUFFIX}"
         path = os.path.join(self.out, name)
         write_safetensors(path, self.pending, metadata={"dataset": self.label, "format": FORMAT})
         self.ds["shards"].append({"file": name, "images": len(self.pending), "bytes": os.path.getsize(path)})
@@ -278,16 +315,85 @@ class _Writer:
 
     def save(self) -> None:
         self.m["updated_utc"] = _now()
-        _atomic_write_json(os.path.join(self.out, MANIFEST_NAME), self.m)
+        _atomic_write_json(os.path.join(self.out, self.manifest_name), self.m)
+
+
+def _check_layout(out: str, parts: int) -> None:
+    """A single-run folder and a parts folder (of one part count) are never mixed."""
+    found = sorted({n for _, n in _part_manifests(out)})
+    merged = _load_manifest(out).get("parts") if os.path.exists(os.path.join(out, MANIFEST_NAME)) else None
+    single = os.path.exists(os.path.join(out, MANIFEST_NAME)) and merged is None
+    if parts == 1 and (found or merged):
+        raise LatentStoreError(f"{out} holds latents written in {found or [merged]} parts (--parts): run with "
+                               f"--parts {(found or [merged])[0]} --part I, or use another --out")
+    if parts > 1 and single:
+        raise LatentStoreError(f"{out} holds a single run's latents: --parts {parts} needs another --out")
+    if parts > 1 and found and found != [parts]:
+        raise LatentStoreError(f"{out} holds latents written in {found} parts, this run would write {parts}: "
+                               "use the same --parts or another --out")
+
+
+def merge_parts(out: str, log: Callable[[str], None] | None = print) -> dict:
+    """Write `out/latents.json` from the N complete part manifests of `out` (module docstring, "Parallel
+    runs"); returns the merged manifest. Missing or incomplete parts and parts that disagree (VAE, dtype,
+    z_channels, downsample, a dataset's transform or record files) are errors naming the part file."""
+    found = _part_manifests(out)
+    counts = sorted({n for _, n in found})
+    if not counts:
+        raise LatentStoreError(f"{out}: no part manifests (latents.part-I-of-N.json) to merge")
+    if len(counts) > 1:
+        raise LatentStoreError(f"{out}: part manifests of different part counts {counts}")
+    n = counts[0]
+    missing = [i for i in range(n) if (i, n) not in found]
+    if missing:
+        raise LatentStoreError(f"{out}: parts {missing} of {n} have not written a manifest yet (run them with "
+                               f"--parts {n} --part I)")
+    merged: dict = {}
+    first: set = set()
+    for i in range(n):
+        name = found[i, n]
+        m = _load_manifest(out, name)
+        if not merged:
+            merged = {k: m[k] for k in ("format", "format_version", "vae_fingerprint", "z_channels", "downsample",
+                                        "dtype", "created_utc")}
+            merged.update(parts=n, datasets={})
+        for k in ("vae_fingerprint", "z_channels", "downsample", "dtype"):
+            if m[k] != merged[k]:
+                raise LatentStoreError(f"{out}/{name}: {k}={m[k]!r}, part 0 has {merged[k]!r}")
+        for label, ds in m["datasets"].items():
+            if not ds["complete"]:
+                raise LatentStoreError(f"{out}/{name}: dataset {label!r} is incomplete: run part {i} again")
+            acc = merged["datasets"].setdefault(label, {"path": ds["path"], "transform": ds["transform"],
+                                                        "complete": True, "records": 0, "images": 0,
+                                                        "failed": {}, "shards": []})
+            for k in ("path", "transform"):
+                if ds[k] != acc[k]:
+                    raise LatentStoreError(f"{out}/{name}: dataset {label!r} has {k} {ds[k]!r}, an earlier part "
+                                           f"has {acc[k]!r}")
+            acc["records"] += ds["records"]
+            acc["images"] += ds["images"]
+            acc["failed"].update(ds["failed"])
+            acc["shards"] += ds["shards"]
+        first = first or set(m["datasets"])
+        if set(m["datasets"]) != first:
+            raise LatentStoreError(f"{out}/{name}: datasets {sorted(m['datasets'])}, part 0 has {sorted(first)}")
+    merged["updated_utc"] = _now()
+    _atomic_write_json(os.path.join(out, MANIFEST_NAME), merged)
+    if log is not None:
+        imgs = sum(d["images"] for d in merged["datasets"].values())
+        log(f"[latents] merged {n} parts: {imgs} VAE images in {len(merged['datasets'])} dataset(s) -> {out}")
+    return merged
 
 
 def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shard_bytes: int = 1 << 30,
-               on_shard: Callable[[str], None] | None = None, log: Callable[[str], None] | None = print) -> dict:
-    """Encode every VAE image of the config's records datasets into `out` (see the module docstring).
-    Returns {"images_written", "images_skipped" (already stored), "failed", "vae_fingerprint"}.
-    `on_shard(file)` is called after each shard is listed in the manifest (tests stop a run there)."""
+               on_shard: Callable[[str], None] | None = None, log: Callable[[str], None] | None = print,
+               part: int = 0, parts: int = 1, devices=None) -> dict:
+    """Encode every VAE image of the config's records datasets into `out` (see the module docstring), or
+    with `parts` > 1 the records of part `part` (index mod `parts`). Each batch is split over `devices`
+    (default: this process's local devices). Returns {"images_written", "images_skipped" (already
+    stored), "failed", "vae_fingerprint"}. `on_shard(file)` is called after each shard is listed in the
+    manifest (tests stop a run there)."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from echo4o_jax.data.pipeline import (dataset_transforms, decode_image, record_img_num, transform_pixels)
@@ -301,6 +407,8 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
     store_dt = moments_dtype(dtype)
     if batch < 1:
         raise ValueError(f"batch={batch} must be >= 1")
+    if parts < 1 or not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}: need parts >= 1 and 0 <= part < parts")
     if config.data.kind != "records":
         raise LatentStoreError(f"data.kind={config.data.kind!r}: precomputed latents need a records config")
     cfg = model_config_from(config)
@@ -313,6 +421,15 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
     vae_state = init_vae_state(config, cfg)
     graphdef = nnx.split(nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0))))[0]
     fp = vae_fingerprint(vae_state)
+    # data parallel over this process's devices: the VAE replicated, each batch split over "batch"
+    mesh = jax.sharding.Mesh(np.asarray(list(devices or jax.local_devices())), ("batch",))
+    batch = -(-batch // mesh.size) * mesh.size
+    P = jax.sharding.PartitionSpec
+    vae_state = jax.device_put(vae_state, jax.sharding.NamedSharding(mesh, P()))
+    x_sharding = jax.sharding.NamedSharding(mesh, P("batch"))
+    if log is not None:
+        log(f"[latents] encoding on {mesh.size} device(s) ({mesh.devices.flat[0].platform}), batches of {batch}"
+            f"{'' if parts == 1 else f'; part {part} of {parts}'}")
 
     @jax.jit
     def encode(state, x):
@@ -321,14 +438,14 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
 
     lut = unit_range_lut()
     w = _Writer(out, fingerprint=fp, z_channels=cfg.vae.z_channels, downsample=cfg.vae.downsample, dtype=dtype,
-                shard_bytes=shard_bytes, on_shard=on_shard)
+                shard_bytes=shard_bytes, on_shard=on_shard, part=part, parts=parts)
     stats = {"images_written": 0, "images_skipped": 0, "failed": 0, "vae_fingerprint": fp}
 
     def run(bucket: list[tuple[str, np.ndarray]]) -> None:
         x = lut[np.stack([px for _, px in bucket])]  # exactly `packing.normalize_images`' values
         if len(bucket) < batch:  # one compiled shape per image size: pad the batch (images are independent)
             x = np.concatenate([x, np.zeros((batch - len(bucket), *x.shape[1:]), x.dtype)])
-        m = np.asarray(encode(vae_state, jnp.asarray(x)))
+        m = np.asarray(encode(vae_state, jax.device_put(x, x_sharding)))
         for i, (key, _) in enumerate(bucket):
             w.add(key, m[i])
         stats["images_written"] += len(bucket)
@@ -340,7 +457,8 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
         reader = RecordReader(files)
         buckets: dict[tuple, list] = {}
         n_images = 0
-        for i in range(len(reader)):
+        mine = range(part, len(reader), parts)  # this part's records
+        for i in mine:
             raw = reader.raw(i)
             try:
                 head = decode_record(raw, images=False)
@@ -378,11 +496,11 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
             if b:
                 run(b)
         reader.close()
-        w.end(len(reader), n_images, failed)
+        w.end(len(mine), n_images, failed)
         stats["failed"] += len(failed)
         if log is not None:
-            log(f"[latents] {spec.label}: {len(reader)} records, {n_images} VAE images, {len(failed)} failed "
-                f"-> {out}")
+            log(f"[latents] {spec.label}: {len(mine)} records{'' if parts == 1 else f' (part {part} of {parts})'}, "
+                f"{n_images} VAE images, {len(failed)} failed -> {out}")
     return stats
 
 
@@ -399,20 +517,60 @@ def _cli() -> None:
                                              lock_config=True)
     out_dir = flags.DEFINE_string("out", None, "output folder (re-use to resume)")
     dtype = flags.DEFINE_enum("dtype", "float32", list(MOMENT_DTYPES), "dtype of the stored moments")
-    batch = flags.DEFINE_integer("batch", 8, "images per VAE encoder call (same-size images are batched)")
+    batch = flags.DEFINE_integer("batch", 8, "images per VAE encoder call (same-size images are batched; rounded "
+                                 "up to a multiple of the local device count)")
     shard_mb = flags.DEFINE_float("shard_mb", 1024.0, "shard size in MiB (a killed run loses at most one shard)")
+    parts = flags.DEFINE_integer("parts", 0, "split the records into this many parts, one per process "
+                                 "(0: the jax.distributed process count)")
+    part = flags.DEFINE_integer("part", -1, "the part this process encodes (-1: the jax.distributed process index)")
+    merge = flags.DEFINE_bool("merge", False, "only merge the finished parts of --out into latents.json")
 
     def main(argv) -> int:
         del argv
-        if config.value is None or not out_dir.value:
-            print("error: --config and --out are required", file=sys.stderr)
-            return 2
+        import jax
+
+        from echo4o_jax.sharding import maybe_initialize_distributed
+
         try:
+            if merge.value:
+                if not out_dir.value:
+                    print("error: --merge needs --out", file=sys.stderr)
+                    return 2
+                merge_parts(out_dir.value)
+                return 0
+            if config.value is None or not out_dir.value:
+                print("error: --config and --out are required", file=sys.stderr)
+                return 2
+            if (parts.value > 0) != (part.value >= 0):
+                print("error: pass --parts and --part together (or neither: one part per jax.distributed process)",
+                      file=sys.stderr)
+                return 2
+            maybe_initialize_distributed()
+            auto = parts.value == 0
+            n, i = (jax.process_count(), jax.process_index()) if auto else (parts.value, part.value)
             s = precompute(config.value, out_dir.value, dtype=dtype.value, batch=batch.value,
-                           shard_bytes=int(shard_mb.value * 2**20))
+                           shard_bytes=int(shard_mb.value * 2**20), part=i, parts=n)
+            if auto and n > 1:  # every process's part is written: process 0 merges
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("echo4o_latents_parts_done")
+                failed = None
+                if i == 0:
+                    try:
+                        merge_parts(out_dir.value)
+                    except LatentStoreError as e:
+                        failed = e
+                multihost_utils.sync_global_devices("echo4o_latents_merged")  # nobody exits before the merge
+                if failed is not None:
+                    raise failed
         except LatentStoreError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if n > 1 and not auto:
+            print(f"[latents] part {i} of {n}: {s['images_written']} images encoded, {s['images_skipped']} already "
+                  f"stored, {s['failed']} failed; when every part has finished: python -m echo4o_jax.data.latents "
+                  f"--out {out_dir.value} --merge")
+            return 0
         print(f"[latents] {s['images_written']} images encoded, {s['images_skipped']} already stored, "
               f"{s['failed']} failed; VAE {s['vae_fingerprint'][:16]}; train with --config.data.vae_latents="
               f"{out_dir.value}")
