@@ -31,6 +31,20 @@ def check_vae_posterior(value: str, name: str = "vae_posterior") -> str:
     return value
 
 
+def image_moments(vae, batch) -> jax.Array:
+    """Posterior moments [B, N, H/8, W/8, 2z] of a stacked batch's `vae_images` canvases, each image encoded on
+    its pack's official canvas (see `encode_batch_latents`)."""
+    imgs = normalize_images({k: batch[k] for k in ("vae_images", "vae_image_hw")})["vae_images"]
+    B, N, H, W, C = imgs.shape
+    if N == 0:
+        f = vae.cfg.downsample
+        return jnp.zeros((B, 0, H // f, W // f, 2 * vae.cfg.z_channels), jnp.float32)
+    # the official code pads a pack's images to their max height / width, not to our static canvas
+    pack_hw = jnp.broadcast_to(jnp.max(batch["vae_image_hw"], axis=1, keepdims=True), (B, N, 2))
+    m = vae.encode_moments(imgs.reshape(B * N, H, W, C).astype(vae.dtype), valid_hw=pack_hw.reshape(B * N, 2))
+    return m.reshape(B, N, *m.shape[1:])
+
+
 def encode_batch_latents(vae, batch, patch: int, rng: jax.Array | None = None) -> jax.Array:
     """Clean latent tokens x0 [B, Cg, p*p*z] of a stacked batch. The posterior moments of every VAE image
     come from the batch's `vae_moments` canvases (precomputed by the data pipeline: the VAE encoder is not
@@ -40,22 +54,11 @@ def encode_batch_latents(vae, batch, patch: int, rng: jax.Array | None = None) -
     the static canvas size. Both paths then take the same
     moments -> latent step (`vae.latent_from_moments`: the mean, or a sample drawn with `rng` over the
     [B * N, h, w, z] canvases) and gather each token from its image's latent grid."""
-    if "vae_moments" in batch:
-        moments = batch["vae_moments"]
-        B, N = moments.shape[:2]
-        if N:
-            moments = moments.reshape(B * N, *moments.shape[2:])
-    else:
-        imgs = normalize_images({k: batch[k] for k in ("vae_images", "vae_image_hw")})["vae_images"]
-        B, N, H, W, C = imgs.shape
-        if N:
-            # the official code pads a pack's images to their max height / width, not to our static canvas
-            pack_hw = jnp.broadcast_to(jnp.max(batch["vae_image_hw"], axis=1, keepdims=True), (B, N, 2))
-            moments = vae.encode_moments(imgs.reshape(B * N, H, W, C).astype(vae.dtype),
-                                         valid_hw=pack_hw.reshape(B * N, 2))
+    moments = batch["vae_moments"] if "vae_moments" in batch else image_moments(vae, batch)
+    B, N = moments.shape[:2]
     if N == 0:
         return jnp.zeros(batch["latent_pos_ids"].shape + (patch * patch * vae.cfg.z_channels,), jnp.float32)
-    lat = latent_from_moments(moments, vae.cfg, rng=rng)
+    lat = latent_from_moments(moments.reshape(B * N, *moments.shape[2:]), vae.cfg, rng=rng)
     lat = lat.reshape(B, N, *lat.shape[1:])
     gather = jax.vmap(lambda l, i, hw: latent_tokens_from_latents(l, i, hw, patch))
     return jax.lax.stop_gradient(gather(lat, batch["vae_image_index"], batch["vae_token_hw"]))
