@@ -186,7 +186,7 @@ class BagelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch
-    attention_impl: str = "xla_blockwise"  # xla_blockwise | xla_dense
+    attention_impl: str = "xla_blockwise"  # xla_blockwise | xla_dense | pallas_gpu | pallas_tpu | pallas_interpret
     attention_block_q: int = 512
     attention_block_kv: int = 512
     attention_tuning: str = ""  # pallas_gpu launch shapes, e.g. "fwd=128x64:w8:s3" (kernels.pallas_flash.parse_tuning)

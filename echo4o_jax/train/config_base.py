@@ -36,7 +36,7 @@ def base_config() -> ConfigDict:
         compute_dtype="float32",  # bfloat16 on accelerators (fp32 master weights stay in param_dtype)
         param_dtype="float32",
         remat="none",             # none | full | dots | dots_no_batch
-        attention_impl="xla_blockwise",
+        attention_impl="xla_blockwise",  # | xla_dense | pallas_gpu | pallas_tpu | pallas_interpret
         attention_block_q=512,
         attention_block_kv=512,
         attention_tuning="",      # pallas_gpu launch shapes per kernel, e.g. "fwd=128x64:w8:s3,dkv=64x128:w8:s2"
