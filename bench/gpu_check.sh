@@ -65,16 +65,29 @@ timeout ${ATTN_TIMEOUT:-150} $PY bench/attention_bench.py --config "$CONFIG" --i
 BEST=$($PY -c "import json,sys; print((json.load(open(sys.argv[1])).get('sweep') or {}).get('best') or '')" \
   "$OUT/attention.json" 2>/dev/null)
 
+# The 4-layer geometry peaked at 78.9 GiB on the H200 (fp32 master + Adam + EMA: 45 GiB of state): if a run
+# does not fit this GPU, it and every later run are repeated with FALLBACK_LAYERS decoder layers (each
+# layer holds ~7 GiB of state); the summary's run names say so.
+FALLBACK=()
+train() {  # train NAME IMPL [--set k=v ...]
+  local name=$1 impl=$2; shift 2
+  timeout ${TRAIN_TIMEOUT:-180} $PY bench/train_throughput.py --config "$CONFIG" --steps 5 --impls "$impl" \
+    "${FALLBACK[@]}" "$@" --out "$OUT/train_$name.json" 2>&1 | grep -v "^W0000\|^I0000" \
+    | tee "$OUT/train_$name.log" | tail -4
+  if [ ${#FALLBACK[@]} -eq 0 ] && grep -qiE "RESOURCE_EXHAUSTED|out of memory" "$OUT/train_$name.log"; then
+    FALLBACK=(--set "model.geometry.llm.num_layers=${FALLBACK_LAYERS:-3}")
+    stage "3 train step $name did not fit in memory: again with ${FALLBACK[*]} (also for the runs below)"
+    mv "$OUT/train_$name.json" "$OUT/oom_$name.json" 2>/dev/null
+    train "${name}_${FALLBACK_LAYERS:-3}layers" "$impl" "$@"
+  fi
+}
 for impl in ${IMPLS//,/ }; do
   stage "3 train step: $impl"
-  timeout ${TRAIN_TIMEOUT:-180} $PY bench/train_throughput.py --config "$CONFIG" --steps 5 --impls "$impl" \
-    --out "$OUT/train_$impl.json" 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/train_$impl.log" | tail -4
+  train "$impl" "$impl"
 done
 if [ -n "$BEST" ]; then
   stage "3 train step: pallas_gpu with the sweep's best launch shapes: $BEST"
-  timeout ${TRAIN_TIMEOUT:-180} $PY bench/train_throughput.py --config "$CONFIG" --steps 5 --impls pallas_gpu \
-    --set "model.attention_tuning=$BEST" --out "$OUT/train_pallas_gpu_tuned.json" 2>&1 \
-    | grep -v "^W0000\|^I0000" | tee "$OUT/train_pallas_gpu_tuned.log" | tail -4
+  train pallas_gpu_tuned pallas_gpu --set "model.attention_tuning=$BEST"
 fi
 
 stage "summary"
@@ -82,23 +95,25 @@ $PY - "$OUT" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 a = json.loads((out / "attention.json").read_text()) if (out / "attention.json").exists() else None
-print(f"{'attention':<18}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'attn share':>11}  tuning")
+print(f"{'run':<22}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'attn share':>11}  tuning")
 for f in sorted(out.glob("train_*.json")):
     r = json.loads(f.read_text())
     if "error" in r:
-        print(f"{f.stem[6:]:<18} error: {r['error'][:90]}")
+        print(f"{f.stem[6:]:<22} error: {r['error'][:90]}")
         continue
     share, tuning = "-", r.get("attention_tuning") or ""
+    layers = [int(o.split("=")[1]) for o in r.get("overrides", []) if o.startswith("model.geometry.llm.num_layers=")]
     if a:  # decoder attention time (fwd + recomputed fwd + bwd, x layers) over the step time
+        scale = layers[0] / a["layers"] if layers else 1.0
         sw = a.get("sweep") or {}
         if tuning and tuning == sw.get("best") and sw.get("best_fwd_bwd_s"):
             t = (sw["best_fwd_bwd_s"] + sw["best_fwd_s"]) * a["layers"]
         else:
             at = [x for x in a["results"] if x["impl"] == r["attention_impl"] and "decoder_attention_s" in x]
             t = at[0]["decoder_attention_s"] if at else None
-        share = f"{t / r['step_seconds']:.0%}" if t else "-"
+        share = f"{t * scale / r['step_seconds']:.0%}" if t else "-"
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
-    print(f"{r['attention_impl']:<18}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}"
+    print(f"{f.stem[6:]:<22}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}"
           f"{r['tokens_per_second']:>11.0f}{mfu:>7}{(r.get('peak_device_memory_bytes') or 0) / 2**30:>10.1f}"
           f"{share:>11}  {tuning or 'default'}")
 EOF

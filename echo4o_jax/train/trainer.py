@@ -207,7 +207,9 @@ class Trainer:
         abs_opt = jax.eval_shape(self.tx.init, params)
         state_sh["opt_state"] = self._opt_shardings(abs_opt)
         self.state_sh = state_sh
-        self.state = jax.jit(lambda p: init_train_state(p, self.tx, int(t.seed)), out_shardings=state_sh)(params)
+        # params donated: the state's params reuse them (one params-sized copy less at the init peak)
+        self.state = jax.jit(lambda p: init_train_state(p, self.tx, int(t.seed)), out_shardings=state_sh,
+                             donate_argnums=0)(params)
         step_fn = make_train_step(self.graphdef, self.buffers, self.vae_graphdef, self.tx, self.schedule,
                                   patch=cfg.latent_patch_size, ce_weight=float(t.ce_weight),
                                   mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay),
