@@ -320,16 +320,16 @@ class _Writer:
 
 def _check_layout(out: str, parts: int) -> None:
     """A single-run folder and a parts folder (of one part count) are never mixed."""
-    found = sorted({n for _, n in _part_manifests(out)})
-    merged = _load_manifest(out).get("parts") if os.path.exists(os.path.join(out, MANIFEST_NAME)) else None
-    single = os.path.exists(os.path.join(out, MANIFEST_NAME)) and merged is None
-    if parts == 1 and (found or merged):
-        raise LatentStoreError(f"{out} holds latents written in {found or [merged]} parts (--parts): run with "
-                               f"--parts {(found or [merged])[0]} --part I, or use another --out")
-    if parts > 1 and single:
+    has_manifest = os.path.exists(os.path.join(out, MANIFEST_NAME))
+    merged = _load_manifest(out).get("parts") if has_manifest else None  # part count of a merged folder
+    counts = sorted({n for _, n in _part_manifests(out)} | ({merged} if merged else set()))
+    if parts == 1 and counts:
+        raise LatentStoreError(f"{out} holds latents written in {counts} parts (--parts): run with --parts "
+                               f"{counts[0]} --part I, or use another --out")
+    if parts > 1 and has_manifest and merged is None:
         raise LatentStoreError(f"{out} holds a single run's latents: --parts {parts} needs another --out")
-    if parts > 1 and found and found != [parts]:
-        raise LatentStoreError(f"{out} holds latents written in {found} parts, this run would write {parts}: "
+    if parts > 1 and counts and counts != [parts]:
+        raise LatentStoreError(f"{out} holds latents written in {counts} parts, this run would write {parts}: "
                                "use the same --parts or another --out")
 
 
@@ -458,7 +458,7 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
         buckets: dict[tuple, list] = {}
         n_images = 0
         mine = range(part, len(reader), parts)  # this part's records
-        for i in mine:
+        for n_done, i in enumerate(mine, 1):
             raw = reader.raw(i)
             try:
                 head = decode_record(raw, images=False)
@@ -490,8 +490,8 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
                 if len(b) == batch:
                     run(b)
                     buckets[px.shape] = []
-            if log is not None and (i + 1) % 1000 == 0:
-                log(f"[latents] {spec.label}: {i + 1}/{len(reader)} records, {stats['images_written']} images encoded")
+            if log is not None and n_done % 1000 == 0:
+                log(f"[latents] {spec.label}: {n_done}/{len(mine)} records, {stats['images_written']} images encoded")
         for b in buckets.values():
             if b:
                 run(b)

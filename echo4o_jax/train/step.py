@@ -51,9 +51,9 @@ def encode_batch_latents(vae, batch, patch: int, rng: jax.Array | None = None) -
     run) or from encoding its padded `vae_images` canvases together (uint8 pixels normalised first,
     `packing.normalize_images`: bit-identical to float packs), each image on its pack's official canvas
     (the max height / width of the pack's images, `AutoEncoder.encode_moments(valid_hw=...)`), whatever
-    the static canvas size. Both paths then take the same
-    moments -> latent step (`vae.latent_from_moments`: the mean, or a sample drawn with `rng` over the
-    [B * N, h, w, z] canvases) and gather each token from its image's latent grid."""
+    the static canvas size. Both paths then take the same moments -> latent step
+    (`vae.latent_from_moments`: the mean, or a sample drawn with `rng` over the [B * N, h, w, z] canvases)
+    and gather each token from its image's latent grid."""
     moments = batch["vae_moments"] if "vae_moments" in batch else image_moments(vae, batch)
     B, N = moments.shape[:2]
     if N == 0:
