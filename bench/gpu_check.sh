@@ -9,7 +9,9 @@
 #      skipping share, cuDNN over the whole pack for scale, and a sweep of the pallas_gpu launch shapes;
 #   3. bench/train_throughput.py on configs/bagel_7b_geometry_small.py (full 7B width, 4 layers):
 #      tokens/s, step time, compile time, MFU (official formula), peak memory, for each of $IMPLS
-#      (default pallas_gpu) and then pallas_gpu with the sweep's best launch shapes, each in its own process.
+#      (default pallas_gpu) and then pallas_gpu with the sweep's best launch shapes, each in its own process;
+#   4. bench/gpu_summary.py: one table of the runs (with each step's attention share), then where each run's
+#      device memory went (in use / peak so far after setup, compile, the first and the timed steps).
 #   bash bench/gpu_check.sh            (logs and JSON under $OUT, default ./gpu_check)
 # Uses $PYTHON (default python3), which must already have a GPU JAX (the lent machines reach no network).
 # Wheels to carry (prepared where PyPI is reachable; .whl/ is not committed):
@@ -91,29 +93,4 @@ if [ -n "$BEST" ]; then
 fi
 
 stage "summary"
-$PY - "$OUT" <<'EOF'
-import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-a = json.loads((out / "attention.json").read_text()) if (out / "attention.json").exists() else None
-print(f"{'run':<22}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'attn share':>11}  tuning")
-for f in sorted(out.glob("train_*.json")):
-    r = json.loads(f.read_text())
-    if "error" in r:
-        print(f"{f.stem[6:]:<22} error: {r['error'][:90]}")
-        continue
-    share, tuning = "-", r.get("attention_tuning") or ""
-    layers = [int(o.split("=")[1]) for o in r.get("overrides", []) if o.startswith("model.geometry.llm.num_layers=")]
-    if a:  # decoder attention time (fwd + recomputed fwd + bwd, x layers) over the step time
-        scale = layers[0] / a["layers"] if layers else 1.0
-        sw = a.get("sweep") or {}
-        if tuning and tuning == sw.get("best") and sw.get("best_fwd_bwd_s"):
-            t = (sw["best_fwd_bwd_s"] + sw["best_fwd_s"]) * a["layers"]
-        else:
-            at = [x for x in a["results"] if x["impl"] == r["attention_impl"] and "decoder_attention_s" in x]
-            t = at[0]["decoder_attention_s"] if at else None
-        share = f"{t * scale / r['step_seconds']:.0%}" if t else "-"
-    mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
-    print(f"{f.stem[6:]:<22}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}"
-          f"{r['tokens_per_second']:>11.0f}{mfu:>7}{(r.get('peak_device_memory_bytes') or 0) / 2**30:>10.1f}"
-          f"{share:>11}  {tuning or 'default'}")
-EOF
+$PY bench/gpu_summary.py "$OUT"

@@ -6,7 +6,9 @@
 Prints and writes: compile seconds, step seconds (median of the timed steps, after one warm-up step),
 real tokens per step, tokens/s, MFU by the official BAGEL FLOP formula (when the device's peak is known
 or --peak-flops is given), peak device memory (where the backend reports it) and the compiled step's
-memory analysis.
+memory analysis. `memory_phases` has the device memory in use and the peak so far after setup (weights,
+optimizer state, EMA), compile, the first step and the timed steps, so a peak above the compiled step's
+arguments + temporaries can be placed (GPU/TPU; CPU reports none).
 """
 
 from __future__ import annotations
@@ -95,25 +97,38 @@ def measure(args, impl: str | None) -> dict:
         apply_override(c, kv)
     if impl:
         c.model.attention_impl = impl
+    dev = jax.devices()[0]
+    phases = {}
+
+    def phase(name):  # device memory in use now / peak so far, per phase: tells where a peak comes from
+        stats = dev.memory_stats()
+        if stats:
+            phases[name] = dict(in_use=stats.get("bytes_in_use"), peak=stats.get("peak_bytes_in_use"))
+
+    phase("start")
     with tempfile.TemporaryDirectory() as wd:
         t0 = time.perf_counter()
         tr = Trainer(c, wd)
         setup_s = time.perf_counter() - t0
+        phase("setup")
         batch = next(tr.source)
         compile_s = tr.compile(batch)
         mem = tr._compiled.memory_analysis()
+        phase("compile")
         tr.train_step(batch)  # warm-up
+        phase("first_step")
         times = []
         for _ in range(args.steps):
             batch = next(tr.source)
             t = time.perf_counter()
             tr.train_step(batch)
             times.append(time.perf_counter() - t)
+        phase("timed_steps")
+        state_bytes = sum(x.nbytes for x in jax.tree.leaves(tr.state))
     step_s = statistics.median(times)
     tokens = int(np.sum(batch.num_tokens)) * jax.process_count()
     lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
     step_flops = sum(flops_lib.step_flops(tr.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens))
-    dev = jax.devices()[0]
     peak = flops_lib.peak_flops_per_device(dev.device_kind, args.peak_flops)
     stats = dev.memory_stats() or {}
     out = dict(
@@ -125,6 +140,7 @@ def measure(args, impl: str | None) -> dict:
         model_flops_per_step=step_flops,
         mfu=(step_flops / (step_s * len(jax.devices()) * peak)) if peak else None,
         peak_device_memory_bytes=stats.get("peak_bytes_in_use"),
+        memory_phases=phases or None, train_state_bytes=state_bytes,
         compiled_memory=dict(argument=getattr(mem, "argument_size_in_bytes", None),
                              output=getattr(mem, "output_size_in_bytes", None),
                              temp=getattr(mem, "temp_size_in_bytes", None)) if mem is not None else None,

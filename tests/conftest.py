@@ -7,9 +7,11 @@ from the folder's configs.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +19,15 @@ import pytest
 HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_GOLDEN = HERE / "golden" / "bagel_tiny_a"
 SHARED_BENCHMARKS = HERE.parent.parent / "shared" / "benchmarks"
+
+
+def load_file(path: pathlib.Path, name: str):
+    """Import a file that is not part of a package (bench/*.py, configs/*.py) as the module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def golden_dirs() -> list[pathlib.Path]:

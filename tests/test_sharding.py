@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
-import sys
 
 import numpy as np
+from conftest import load_file
 from flax import nnx
 
 from echo4o_jax import sharding as shd
@@ -38,10 +37,7 @@ def test_elements_per_device_counts_replicated_dims_whole():
 
 
 def test_tpu_search_splits_data_and_fsdp_where_fsdp_would_replicate():
-    spec = importlib.util.spec_from_file_location("tpu_compile_bench_split", ROOT / "bench" / "tpu_compile.py")
-    tc = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tc
-    spec.loader.exec_module(tc)
+    tc = load_file(ROOT / "bench" / "tpu_compile.py", "tpu_compile_bench_split")
     c = tc.load_config(str(ROOT / "configs" / "echo4o_7b.py"))
     assert tc.data_fsdp_split(c, 64) == (1, 64)  # 1152 / 64 = 18: FSDP over every chip shards everything
     assert tc.data_fsdp_split(c, 256) == (2, 128)  # v6e-256: FSDP 256 would replicate the ViT

@@ -3,12 +3,11 @@ machine, through the same code path as `bench/tpu_compile.py` (needs libtpu: the
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
-import sys
 
 import pytest
+from conftest import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -16,21 +15,13 @@ pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[tp
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no exclusive TPU lock needed
 
 
-def _load(path: pathlib.Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_demo_train_step_compiles_for_v5p_2x2x1():
     import jax
 
     if jax.default_backend() == "tpu":
         pytest.skip("on a real TPU host: the topology API is for compiling without one")
-    tc = _load(ROOT / "bench" / "tpu_compile.py", "tpu_compile_bench")
-    c = _load(ROOT / "configs" / "demo.py", "demo_config").get_config()
+    tc = load_file(ROOT / "bench" / "tpu_compile.py", "tpu_compile_bench")
+    c = load_file(ROOT / "configs" / "demo.py", "demo_config").get_config()
     c.data.packs_per_step = -1  # one pack per data-parallel chip
     c.mesh = dict(data=1, fsdp=2, tensor=2)
     c.model.remat = "full"

@@ -3,7 +3,6 @@ after a hard kill, SIGTERM, non-finite handling, config validation, EMA and LR s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -19,7 +18,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import load_npz
+from conftest import load_file, load_npz
 from echo4o_jax import packing
 from echo4o_jax.config import BagelConfig
 from echo4o_jax.model.bagel import bagel_key_rules
@@ -33,10 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+    return load_file(ROOT / "configs" / f"{name}.py", f"cfg_{name}").get_config()
 
 
 # ------------------------------------------------------------------------------------------ golden grads
