@@ -1,6 +1,7 @@
-"""The one table of `bench/gpu_check.sh`: its train-step runs (OUT/train_*.json from bench/train_throughput.py)
-with the attention share of each step (from OUT/attention.json, bench/attention_bench.py), then where each
-run's device memory went (in use / peak so far after setup, compile, the first step and the timed steps).
+"""The one table of `bench/gpu_check.sh`: its train-step runs (OUT/train_*.json from bench/train_throughput.py:
+MFU by the official formula and full-model MFU) with the attention share of each step (from
+OUT/attention.json, bench/attention_bench.py), then where each run's device memory went (in use / peak so
+far after setup, compile, the first step and the timed steps).
 
     python bench/gpu_summary.py OUT
 """
@@ -31,8 +32,8 @@ def attention_seconds(a: dict, r: dict) -> float | None:
 def summary(out: pathlib.Path) -> str:
     a = json.loads((out / "attention.json").read_text()) if (out / "attention.json").exists() else None
     runs = [(f.stem[len("train_"):], json.loads(f.read_text())) for f in sorted(out.glob("train_*.json"))]
-    lines = [f"{'run':<22}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}{'attn share':>11}"
-             "  tuning"]
+    lines = [f"{'run':<22}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'MFU full':>9}{'peak GiB':>10}"
+             f"{'attn share':>11}  tuning"]
     for name, r in runs:
         if "error" in r:
             lines.append(f"{name:<22} error: {r['error'][:90]}")
@@ -40,8 +41,9 @@ def summary(out: pathlib.Path) -> str:
         t = attention_seconds(a, r) if a else None
         share = f"{t / r['step_seconds']:.0%}" if t else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+        mfu_full = f"{r['mfu_full_model']:.1%}" if r.get("mfu_full_model") else "-"
         lines.append(f"{name:<22}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}{r['tokens_per_second']:>11.0f}"
-                     f"{mfu:>7}{(r.get('peak_device_memory_bytes') or 0) / GIB:>10.1f}{share:>11}"
+                     f"{mfu:>7}{mfu_full:>9}{(r.get('peak_device_memory_bytes') or 0) / GIB:>10.1f}{share:>11}"
                      f"  {r.get('attention_tuning') or 'default'}")
     for name, r in runs:
         ph, cm = r.get("memory_phases") or {}, r.get("compiled_memory") or {}

@@ -7,7 +7,7 @@
 Everything is abstract (`jax.ShapeDtypeStruct` with shardings): params, optimizer state, EMA, VAE, buffers
 and the packed batch of the config's budget (`data.packs_per_step=-1` = one pack per data-parallel chip).
 No 7B array is ever allocated. The abstract state is built from the same public pieces the `Trainer`
-uses (model_config_from, state_shardings, make_optimizer, init_train_state, make_train_step).
+uses (model_config_from, state_shardings, optimizer_from_config, init_train_state, make_train_step).
 
 For each candidate setting (remat policy x mesh), cheapest first, it compiles the step and prints per chip:
 argument / output / temporary memory, the total (args + outputs - donated aliases + temps) against the
@@ -117,9 +117,8 @@ def build_abstract_step(config, devices) -> Built:
     from echo4o_jax.model.bagel import Bagel
     from echo4o_jax.model.vae import AutoEncoder
     from echo4o_jax.train.data_sources import budget_from_config
-    from echo4o_jax.train.optim import lr_schedule, make_optimizer
-    from echo4o_jax.train.step import init_train_state, make_train_step, trainable_mask
-    from echo4o_jax.train.trainer import validate_config
+    from echo4o_jax.train.step import init_train_state, make_train_step
+    from echo4o_jax.train.trainer import optimizer_from_config, validate_config
 
     validate_config(config)
     cfg = bagel_config(config)
@@ -145,12 +144,8 @@ def build_abstract_step(config, devices) -> Built:
     buffers = _abstract(nnx.to_pure_dict(abs_buffers), buffer_sh)
     vae_state = _abstract(nnx.to_pure_dict(abs_vae_state), vae_sh)
 
-    o, t = config.optim, config.train
-    schedule = lr_schedule(float(o.lr), int(o.warmup_steps), int(t.steps), o.schedule, float(o.min_lr))
-    mask = trainable_mask(params, freeze_und=bool(t.freeze_und), freeze_vit=bool(t.freeze_vit))
-    any_frozen = not all(jax.tree.leaves(mask))
-    tx = make_optimizer(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
-                        grad_clip=float(o.grad_clip), trainable_mask=mask if any_frozen else None)
+    t = config.train
+    schedule, tx, trainable = optimizer_from_config(config, params)
     abs_state = jax.eval_shape(lambda p: init_train_state(p, tx, int(t.seed)), params)
     state_sh = dict(params=param_sh, ema=param_sh, opt_state=_opt_shardings(abs_state["opt_state"], param_sh, mesh),
                     step=shd.replicated(mesh), rng=shd.replicated(mesh))
@@ -161,7 +156,8 @@ def build_abstract_step(config, devices) -> Built:
     def step(state, vae_state, buffers, batch):
         # buffers travel as an argument (the Trainer closes over concrete ones; here they are abstract)
         fn = make_train_step(graphdef, buffers, vae_graphdef, tx, schedule, patch=cfg.latent_patch_size,
-                             ce_weight=float(t.ce_weight), mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay))
+                             ce_weight=float(t.ce_weight), mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay),
+                             trainable=trainable)
         return fn(state, vae_state, batch)
 
     return Built(cfg=cfg, mesh=mesh, packs=packs, fn=step, in_shardings=(state_sh, vae_sh, buffer_sh, batch_sh),

@@ -5,10 +5,12 @@
 
 Prints and writes: compile seconds, step seconds (median of the timed steps, after one warm-up step),
 real tokens per step, tokens/s, MFU by the official BAGEL FLOP formula (when the device's peak is known
-or --peak-flops is given), peak device memory (where the backend reports it) and the compiled step's
-memory analysis. `memory_phases` has the device memory in use and the peak so far after setup (weights,
-optimizer state, EMA), compile, the first step and the timed steps, so a peak above the compiled step's
-arguments + temporaries can be placed (GPU/TPU; CPU reports none).
+or --peak-flops is given; the language model only) and a full-model MFU (`flops.full_step_flops`: + the
+ViT, connector, time embedder / latent projections and the VAE encoder when the step encodes), peak device
+memory (where the backend reports it) and the compiled step's memory analysis. `memory_phases` has the
+device memory in use and the peak so far after setup (weights, optimizer state, EMA), compile, the first
+step and the timed steps, so a peak above the compiled step's arguments + temporaries can be placed
+(GPU/TPU; CPU reports none).
 """
 
 from __future__ import annotations
@@ -68,15 +70,16 @@ def main(argv=None) -> int:
     text = json.dumps(results if len(results) > 1 else results[0], indent=1)
     print(text)
     if len(results) > 1:
-        print(f"\n{'attention':<18}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
+        print(f"\n{'attention':<18}{'compile s':>10}{'step s':>9}{'tokens/s':>11}{'MFU':>7}{'MFU full':>9}{'peak GiB':>10}")
         for r in results:
             if "error" in r:
                 print(f"{str(r['attention_impl']):<18} error: {r['error'][:80]}")
                 continue
             mem = (r.get("peak_device_memory_bytes") or 0) / 2**30
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
+            mfu_full = f"{r['mfu_full_model']:.1%}" if r.get("mfu_full_model") else "-"
             print(f"{r['attention_impl']:<18}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}"
-                  f"{r['tokens_per_second']:>11.0f}{mfu:>7}{mem:>10.1f}")
+                  f"{r['tokens_per_second']:>11.0f}{mfu:>7}{mfu_full:>9}{mem:>10.1f}")
     if args.out:
         pathlib.Path(args.out).write_text(text)
     return 0
@@ -129,6 +132,12 @@ def measure(args, impl: str | None) -> dict:
     tokens = int(np.sum(batch.num_tokens)) * jax.process_count()
     lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
     step_flops = sum(flops_lib.step_flops(tr.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens))
+    full_flops = sum(flops_lib.full_step_flops(
+        tr.cfg, int(n), l, np.bincount(vid[vid >= 0]), int(np.sum(vidx >= 0)),
+        hw[hw[:, 0] > 0] if batch.vae_images is not None else [],  # precomputed latents: no encoder in the step
+        freeze_vit=bool(c.train.freeze_vit))
+        for n, l, vid, vidx, hw in zip(batch.num_tokens, lens, np.asarray(batch.vit_image_id),
+                                       np.asarray(batch.vae_image_index), np.asarray(batch.vae_image_hw)))
     peak = flops_lib.peak_flops_per_device(dev.device_kind, args.peak_flops)
     stats = dev.memory_stats() or {}
     out = dict(
@@ -139,6 +148,8 @@ def measure(args, impl: str | None) -> dict:
         tokens_per_step=tokens, tokens_per_second=tokens / step_s,
         model_flops_per_step=step_flops,
         mfu=(step_flops / (step_s * len(jax.devices()) * peak)) if peak else None,
+        model_flops_full_per_step=full_flops,
+        mfu_full_model=(full_flops / (step_s * len(jax.devices()) * peak)) if peak else None,
         peak_device_memory_bytes=stats.get("peak_bytes_in_use"),
         memory_phases=phases or None, train_state_bytes=state_bytes,
         compiled_memory=dict(argument=getattr(mem, "argument_size_in_bytes", None),

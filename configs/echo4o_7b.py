@@ -16,6 +16,7 @@ Every value with its source (../shared/docs/echo4o.md §3, bagel_architecture.md
 * CE and MSE weights 1.0 / 1.0: official defaults (the paper's 0.25:1 could not be verified).
 * timestep_shift 1.0 in training: official default (BagelConfig / TrainingArguments).
 * condition dropout text 0.1 / ViT 0.3 / VAE 0.3: ModelArguments values.
+* image transforms: the official example.yaml's edit group (VAE 1024 / 512 / 16, ViT 518 / 224 / 14).
 * the three Echo-4o-Image subsets mixed by weight proportional to their sizes (37,541 surreal fantasy,
   72,729 multi-reference, 67,958 instruction following; pie-data.ts). The real mixing ratio was not
   released.
@@ -51,8 +52,11 @@ def get_config():
             dict(path="instruction_following", weight=67958),
         ],
         workers=2,
+        # official example.yaml: VAE images max 1024 / min 512 / stride 16; ViT conditions of edit-like data
+        # (the multi-reference subset's references) max 518 / min 224 / stride 14 (980 is the VLM / inference
+        # transform: a 980-px reference alone is 4,900 ViT tokens, more than the vit_tokens budget)
         vae_transform=(1024, 512, 16),
-        vit_transform=(980, 224, 14),
+        vit_transform=(518, 224, 14),
     )
     c.data.text_dropout = 0.1
     c.data.vit_dropout = 0.3

@@ -35,6 +35,9 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
     assert r["attention_impl"] == "xla_blockwise" and r["tokens_per_step"] > 0 and r["model_flops_per_step"] > 0
     assert abs(r["tokens_per_second"] - r["tokens_per_step"] / r["step_seconds"]) < 1e-6 * r["tokens_per_second"]
     assert abs(r["mfu"] - r["model_flops_per_step"] / (r["step_seconds"] * len(jax.devices()) * peak)) < 1e-12
+    # the full-model count adds the ViT, connector, latent projections and the VAE encoder to the official one
+    assert r["model_flops_full_per_step"] > r["model_flops_per_step"]
+    assert abs(r["mfu_full_model"] / r["mfu"] - r["model_flops_full_per_step"] / r["model_flops_per_step"]) < 1e-9
     # the train state is fp32 params + EMA + two Adam moments (+ step and rng), all arguments of the step
     cfg = tt.load_config(str(TINY))
     from echo4o_jax.model.bagel import Bagel
@@ -56,5 +59,6 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
     assert len(row) == 1
     share = f"{att['decoder_attention_s'] / r['step_seconds']:.0%}"
     assert f"{r['step_seconds']:.3f}" in row[0] and f"{r['mfu']:.1%}" in row[0] and share in row[0]
+    assert f"{r['mfu_full_model']:.1%}" in row[0]
     assert "xla_blockwise memory GiB (in use / peak so far): setup 45.0 / 60.0, first_step 46.0 / 79.0" in text
     assert f"train state {r['train_state_bytes'] / G:.1f}" in text

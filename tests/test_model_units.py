@@ -3,6 +3,7 @@ abstract 7B-MoT geometry, remat / attention-implementation equivalence."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
@@ -19,6 +20,7 @@ from echo4o_jax.model.layers import apply_rope, rope_cos_sin, sincos_2d_table
 from echo4o_jax.model.loading import flax_shapes
 from echo4o_jax.model.vae import AutoEncoder, vae_key_rules
 from echo4o_jax.safetensors_io import SafetensorsFile
+from echo4o_jax.train import flops
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -185,6 +187,81 @@ def test_abstract_7b_mot_parameter_count_and_key_table():
     assert {e.key: keymap.official_shape(e, vshapes[e.path]) for e in ventries} == _tsv()["ae.safetensors"]
 
 
+# ----------------------------------------------------------------------------------------- FLOP accounting
+
+
+def test_official_flop_formula_counts_one_expert_of_the_checkpoint():
+    """N_active of the official MFU formula = the understanding expert's decoder matrices (q, k, v, o, gate,
+    up, down; no biases or norms) + embedding + LM head, counted from the checkpoint's key table."""
+    want = sum(int(np.prod(shape)) for key, shape in _tsv()["ema.safetensors"].items()
+               if key.startswith("language_model.") and key.endswith(".weight") and "moe_gen" not in key
+               and ("_proj." in key or key.endswith(("embed_tokens.weight", "lm_head.weight"))))
+    cfg = BagelConfig.bagel_7b_mot()
+    assert flops.active_params(cfg.llm) == want
+    lens = np.array([700, 1300])
+    assert flops.step_flops(cfg.llm, int(lens.sum()), lens) == 6.0 * want * lens.sum() + \
+        12.0 * cfg.llm.head_dim * cfg.llm.num_heads * cfg.llm.num_layers * float(np.sum(lens.astype(np.float64) ** 2))
+
+
+def _xla_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def _vision_bagel(vit_layers: int):
+    """BAGEL-7B's ViT (one layer: XLA's cost analysis counts a scan body once), connector and VAE with a small
+    LLM, as abstract shapes (nothing allocated: the counts come from compiling)."""
+    from echo4o_jax.config import LLMConfig, ViTConfig
+
+    full = BagelConfig.bagel_7b_mot()
+    llm = LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=2,
+                    num_kv_heads=1, head_dim=128)
+    vit = ViTConfig(**{**full.vit.__dict__, "num_layers": vit_layers})
+    cfg = BagelConfig(llm=llm, vit=vit, vae=full.vae, max_latent_size=64, vit_max_num_patch_per_side=70)
+    return cfg, nnx.split(nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0))))
+
+
+@pytest.mark.parametrize("n", [256, 400])
+def test_vit_and_connector_flops_match_xla(n):
+    """The ViT + connector count for one image of n patches, forward and trained (forward + backward),
+    against XLA's own count of the compiled computation (which adds the elementwise work: layer norms,
+    GELU, softmax). Dense attention: XLA's cost analysis counts a loop body once, not per trip."""
+    cfg, (gd, state) = _vision_bagel(1)
+    pos = jnp.arange(n, dtype=jnp.int32) % cfg.vit.num_positions
+    image_id = jnp.zeros((n,), jnp.int32)
+    x = jax.ShapeDtypeStruct((n, cfg.vit.patch_dim), jnp.float32)
+
+    def forward(state, x):
+        m = nnx.merge(gd, state)
+        m.cfg = dataclasses.replace(m.cfg, attention_impl="xla_dense")
+        return m.embed_vit(x, pos, image_id)
+
+    def trained(state, x):
+        return jax.grad(lambda s: jnp.sum(forward(s, x)))(state)
+
+    H = cfg.llm.hidden_size
+    connector = 2 * n * (cfg.vit.hidden_size * H + H * H)
+    ours = flops.vit_flops(cfg.vit, [n]) + connector
+    xla_fwd = _xla_flops(forward, state, x)
+    assert 0.97 * xla_fwd <= ours <= xla_fwd, (ours, xla_fwd)
+    xla_trained = _xla_flops(trained, state, x)
+    # the patch embedding needs no input gradient: XLA does slightly under 3x the forward's matmuls
+    assert 0.96 * xla_trained <= 3 * ours <= 1.02 * xla_trained, (3 * ours, xla_trained)
+    # images attend only within themselves: a pack's count is the sum of its images' counts
+    assert flops.vit_flops(cfg.vit, [n, 100]) == flops.vit_flops(cfg.vit, [n]) + flops.vit_flops(cfg.vit, [100])
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 128)])
+def test_vae_encoder_flops_match_xla(hw):
+    cfg = BagelConfig.bagel_7b_mot()
+    gd, state = nnx.split(nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)).encoder))
+    x = jax.ShapeDtypeStruct((1, *hw, cfg.vae.in_channels), jnp.float32)
+    xla = _xla_flops(lambda s, x: nnx.merge(gd, s)(x), state, x)
+    ours = flops.vae_encoder_flops(cfg.vae, [hw])
+    assert 0.99 * xla <= ours <= xla, (ours, xla)
+    assert flops.vae_encoder_flops(cfg.vae, [hw, hw]) == 2 * ours
+
+
 # ----------------------------------------------------------------------------------------- config / remat
 
 
@@ -229,10 +306,12 @@ def test_remat_and_attention_impls_give_the_same_loss_and_grads(golden_dir):
 
 
 def test_freeze_und_detaches_understanding_paths_as_the_official(golden_dir):
-    """Official `freeze_und`: the und tokens' input, attention / MLP outputs and final norm are detached.
-    Same forward; no gradient reaches the ViT, connector or text embedding; the CE loss (read from und
-    tokens only) no longer reaches any gen-expert weight; and the MSE gradient of the gen expert changes on
-    this pack, whose multi-reference sample has instruction text (und) reading clean VAE tokens (gen)."""
+    """Official `freeze_und`: the und tokens' input, queries / keys / values, attention / MLP outputs and
+    final norm are detached. Same forward; no gradient reaches the ViT, connector, text embedding, final
+    norm or any und-expert weight (each of them gets one without the flag); the LM head still gets the CE
+    gradient, unchanged (its input is only detached); the CE loss (read from und tokens only) no longer
+    reaches any gen-expert weight; and the MSE gradient of the gen expert changes on this pack, whose
+    multi-reference sample has instruction text (und) reading clean VAE tokens (gen)."""
     _, run = _golden_pack_loss(golden_dir)
     loss, g = run()
     loss_f, g_f = run(freeze_und=True)
@@ -240,7 +319,12 @@ def test_freeze_und_detaches_understanding_paths_as_the_official(golden_dir):
     norm = lambda tree: float(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
     for name in ("vit", "connector_fc1", "connector_fc2"):
         assert norm(g[name]) > 0 and norm(g_f[name]) == 0.0, name
-    assert norm(g["llm"]["embed"]) > 0 and norm(g_f["llm"]["embed"]) == 0.0
+    for name in ("embed", "norm"):
+        assert norm(g["llm"][name]) > 0 and norm(g_f["llm"][name]) == 0.0, name
+    for name in g["llm"]["und"]:
+        assert norm(g["llm"]["und"][name]) > 0 and norm(g_f["llm"]["und"][name]) == 0.0, name
+    np.testing.assert_allclose(np.asarray(g_f["llm"]["lm_head"]), np.asarray(g["llm"]["lm_head"]), rtol=1e-5, atol=1e-8)
+    assert norm(g_f["llm"]["lm_head"]) > 0
     _, g_f_no_ce = run(freeze_und=True, ce_weight=0.0)
     for a, b in zip(jax.tree.leaves(g_f["llm"]["gen"]), jax.tree.leaves(g_f_no_ce["llm"]["gen"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)

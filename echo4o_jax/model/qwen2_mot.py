@@ -130,8 +130,9 @@ class Qwen2MoT(nnx.Module):
         `return_kv` (for a cache update) and per-layer outputs when `return_layer_outputs`.
         With `cache`, every token additionally attends to the cached context (read-only here).
         `freeze_und` (training): as the official `freeze_und`, no gradient flows along an understanding token's
-        residual stream: its input, its attention and MLP outputs and its final norm are detached (the gen
-        tokens still read its keys and values)."""
+        paths: its input, its queries, keys and values, its attention and MLP outputs and its final norm are
+        detached (the gen tokens still read its keys and values, as constants), so no understanding-expert
+        weight gets a gradient; the LM head still does, from the CE on those (constant) hidden states."""
         c = self.cfg
         L = x.shape[0]
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
@@ -161,7 +162,7 @@ class Qwen2MoT(nnx.Module):
         def layer(x, xs):
             pu, pg, ck, cv = xs
             h = per_expert(lambda t, p: rms_norm(t, p["input_norm"], eps), x, pu, pg)
-            q, k, v = per_expert(qkv, h, pu, pg)
+            q, k, v = per_expert(qkv, h, pu, pg, detach_und=True)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             keys, vals = (k, v) if ck is None else (jnp.concatenate([ck, k]), jnp.concatenate([cv, v]))
             o = attention(q, keys, vals, meta, key_meta, scale=scale, impl=attention_impl,

@@ -65,7 +65,9 @@ def base_config() -> ConfigDict:
     c.train = ConfigDict(dict(
         steps=500_000, seed=4396, ema_decay=0.9999, ce_weight=1.0, mse_weight=1.0,
         ce_loss_reweighting=False,  # official option: each CE token weighted 1/sqrt(its text segment's length)
-        freeze_und=False, freeze_vit=False, skip_nonfinite=False,
+        # as the official flags: freeze_vit / freeze_llm = requires_grad False on the SigLIP ViT / the whole
+        # language model (no gradient, no update); freeze_und detaches the understanding tokens' paths in the model
+        freeze_und=False, freeze_vit=False, freeze_llm=False, skip_nonfinite=False,
         debug_step_delay=0.0,     # seconds slept after each step (tests of kill / resume only)
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -64,21 +64,15 @@ def encode_batch_latents(vae, batch, patch: int, rng: jax.Array | None = None) -
     return jax.lax.stop_gradient(gather(lat, batch["vae_image_index"], batch["vae_token_hw"]))
 
 
-def trainable_mask(params: dict, *, freeze_und: bool, freeze_vit: bool) -> dict:
-    """Bool tree over the Param pure dict: False = frozen (zero update)."""
-    frozen_tops = set()
-    if freeze_vit or freeze_und:
-        frozen_tops |= {"vit", "connector_fc1", "connector_fc2"}
-
-    def mark(path, _):
-        keys = [getattr(k, "key", k) for k in path]
-        if keys[0] in frozen_tops:
-            return False
-        if freeze_und and keys[0] == "llm" and keys[1] in ("und", "embed", "lm_head", "norm"):
-            return False
-        return True
-
-    return jax.tree_util.tree_map_with_path(mark, params)
+def trainable_mask(params: dict, *, freeze_vit: bool = False, freeze_llm: bool = False) -> dict:
+    """Bool tree over the Param pure dict: False = frozen, as the official `requires_grad = False`: no
+    gradient (the loss sees it through `stop_gradient`, so it adds nothing to the clipped norm and its
+    backward is not computed) and no update. `freeze_vit`: the SigLIP ViT (the connector still trains);
+    `freeze_llm`: the whole language model, both experts. (`freeze_und` is not a mask: as the official,
+    it detaches the understanding tokens' paths inside the model.)"""
+    frozen_tops = ({"vit"} if freeze_vit else set()) | ({"llm"} if freeze_llm else set())
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[0], "key", path[0]) not in frozen_tops,
+                                            params)
 
 
 def init_train_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dict:
@@ -87,15 +81,19 @@ def init_train_state(params: dict, tx: optax.GradientTransformation, seed: int) 
 
 
 def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weight: float, mse_weight: float,
-                        vae_posterior: str = "sample", ce_reweighting: bool = False) -> Callable:
+                        vae_posterior: str = "sample", ce_reweighting: bool = False,
+                        trainable: dict | None = None) -> Callable:
     """f(params, vae_state, batch, noise | None, rng) -> ((loss, aux), grads). The frozen VAE encodes the
     batch's images (or the batch carries precomputed `vae_moments`); the latent is the posterior mean or,
     with `vae_posterior="sample"`, a sample drawn with its own key: `rng` is split into (noise key,
     posterior key). With "mean", `rng` is the noise key as it is (and may be None when `noise` is given);
-    noise is drawn unless given ([B, Cg, p*p*z])."""
+    noise is drawn unless given ([B, Cg, p*p*z]). `trainable` (`trainable_mask`): frozen parameters get
+    exactly zero gradients."""
     sample = check_vae_posterior(vae_posterior) == "sample"
 
     def loss_of(params, batch, noise, x0):
+        if trainable is not None:
+            params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
         model = nnx.merge(graphdef, params, buffers)
         return packed_loss(model, batch, noise, x0, ce_weight=ce_weight, mse_weight=mse_weight,
                            ce_reweighting=ce_reweighting)
@@ -119,14 +117,16 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
 
 def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransformation, schedule: Callable,
                     *, patch: int, ce_weight: float, mse_weight: float, ema_decay: float,
-                    vae_posterior: str = "sample", ce_reweighting: bool = False) -> Callable:
+                    vae_posterior: str = "sample", ce_reweighting: bool = False,
+                    trainable: dict | None = None) -> Callable:
     """step(state, vae_state, batch) -> (state, metrics). `state` = dict(params, ema, opt_state, step, rng).
     A non-finite loss or gradient norm leaves params / EMA / optimizer state untouched (metrics['ok'] = 0).
     The step's key (split from `state["rng"]`) draws the noise and, with `vae_posterior="sample"`, the
-    posterior sample (`make_loss_and_grads`)."""
+    posterior sample (`make_loss_and_grads`). `trainable`: the frozen parameters' gradients are zero; `tx`
+    leaves them unchanged (`optimizer_from_config` builds both from one mask)."""
     loss_and_grads = make_loss_and_grads(graphdef, buffers, vae_graphdef, patch=patch, ce_weight=ce_weight,
                                          mse_weight=mse_weight, vae_posterior=vae_posterior,
-                                         ce_reweighting=ce_reweighting)
+                                         ce_reweighting=ce_reweighting, trainable=trainable)
 
     def step(state: dict, vae_state, batch: dict[str, jax.Array]):
         rng, k_step = jax.random.split(state["rng"])

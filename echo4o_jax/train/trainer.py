@@ -88,6 +88,19 @@ def init_vae_state(config, cfg: BagelConfig, shardings=None) -> dict:
     return vae if shardings is None else jax.device_put(vae, shardings)
 
 
+def optimizer_from_config(config, params) -> tuple[Any, Any, dict | None]:
+    """(lr schedule, AdamW `tx`, trainable mask or None) from `config.optim` / `config.train`: the mask
+    (`train.freeze_vit` / `freeze_llm`) goes to both the optimizer (frozen: no update) and the train step
+    (frozen: zero gradient), so they cannot disagree."""
+    o, t = config.optim, config.train
+    schedule = lr_schedule(float(o.lr), int(o.warmup_steps), int(t.steps), o.schedule, float(o.min_lr))
+    mask = trainable_mask(params, freeze_vit=bool(t.freeze_vit), freeze_llm=bool(t.freeze_llm))
+    trainable = None if all(jax.tree.leaves(mask)) else mask
+    tx = make_optimizer(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
+                        grad_clip=float(o.grad_clip), trainable_mask=trainable)
+    return schedule, tx, trainable
+
+
 def _config_dir(ckpt: str) -> str:
     p = pathlib.Path(ckpt)
     return str(p / "model_config") if (p / "model_config" / "llm_config.json").exists() else str(p)
@@ -195,13 +208,8 @@ class Trainer:
         self.buffers = buffers
         self.vae_state = vae_state
 
-        o, t = c.optim, c.train
-        self.schedule = lr_schedule(float(o.lr), int(o.warmup_steps), int(t.steps), o.schedule, float(o.min_lr))
-        mask = trainable_mask(params, freeze_und=bool(t.freeze_und), freeze_vit=bool(t.freeze_vit))
-        any_frozen = not all(jax.tree.leaves(mask))
-        self.tx = make_optimizer(self.schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps),
-                                 weight_decay=float(o.weight_decay), grad_clip=float(o.grad_clip),
-                                 trainable_mask=mask if any_frozen else None)
+        t = c.train
+        self.schedule, self.tx, trainable = optimizer_from_config(c, params)
         state_sh = dict(params=self.param_sh, ema=self.param_sh, opt_state=None, step=shd.replicated(mesh),
                         rng=shd.replicated(mesh))
         abs_opt = jax.eval_shape(self.tx.init, params)
@@ -214,7 +222,7 @@ class Trainer:
                                   patch=cfg.latent_patch_size, ce_weight=float(t.ce_weight),
                                   mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay),
                                   vae_posterior=str(c.model.vae_posterior),
-                                  ce_reweighting=bool(t.ce_loss_reweighting))
+                                  ce_reweighting=bool(t.ce_loss_reweighting), trainable=trainable)
         self._step_fn = step_fn
         fp = ""
         if c.data.get("vae_latents"):  # precomputed latents must come from this very VAE
