@@ -39,7 +39,11 @@ def get_config():
     c.data.kind = "records"
     c.data.packs_per_step = -1  # one ~10K-token pack per data-parallel device
     c.data.tokenizer = ""  # default: <model.ckpt>/tokenizer.json
-    c.data.budget = dict(text_tokens=1024, vit_tokens=3072, vae_tokens=8192, vae_images=4,
+    # Static capacities (each segment must hold what the official packing puts in one pack, or the pack is
+    # closed early): on an Echo-4o-like 1024-class mix (bench/data_throughput.py's photo1024) the official
+    # policy packs ~9,950 real tokens, up to 11,008 VAE tokens / 4 VAE images, so vae_tokens 11264 (a budget
+    # of 8192 closed packs at ~6,950 tokens); ViT: two 518-px references; text: long instructions.
+    c.data.budget = dict(text_tokens=1024, vit_tokens=3072, vae_tokens=11264, vae_images=4,
                          vae_image_size=(1024, 1024))
     c.data.expected_tokens = 10240
     c.data.max_tokens = 11520

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import io
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -478,3 +479,45 @@ def test_tokenizer_from_vocab_and_merges(tmp_path):
     assert enc.tokens[:2] == ["hello", "Ġw"] and tok.decode(enc.ids) == "hello world"
     assert tok.token_to_id("<|im_end|>") == n + 1
     assert tok.encode("<|im_start|>hello", add_special_tokens=False).ids[0] == n
+
+
+def test_pack_stats_of_the_demo_config(tmp_path, capsys):
+    """`python -m echo4o_jax.data.pack_stats`: per-pack segment usage with unbounded segments (the official
+    policy) and with the config's budget; with the suggested budget the packer takes every sample it took
+    unbounded, so training with it packs exactly what the official policy packs (same packs, no early close)."""
+    from conftest import load_file
+
+    from echo4o_jax.data import pack_stats as ps
+    from echo4o_jax.train.data_sources import budget_from_config
+    from echo4o_jax.train.trainer import model_config_from
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    c = load_file(root / "configs" / "demo.py", "demo_config_pack_stats").get_config()
+    c.data.records.demo_dir = str(tmp_path / "demo")
+    # the demo's packing limits default to its budget's total: pin them, so that only the budget changes below
+    c.data.max_tokens = budget_from_config(c.data.budget).total_tokens
+    c.data.expected_tokens = int(0.8 * c.data.max_tokens)
+    cfg = model_config_from(c)
+    s = ps.pack_stats(c, cfg, packs=24)
+    free, used, b = s["unbounded"], s["budget"], budget_from_config(c.data.budget)
+    assert free.shape == used.shape == (24, 5)
+    caps = np.array([b.text_tokens, b.vit_tokens, b.vae_tokens, b.vae_images, b.total_tokens])
+    from echo4o_jax.train.records_source import pipeline_config_from
+
+    assert np.all(used <= caps) and np.all(free[:, 4] <= pipeline_config_from(c, b, local_packs=1).max_tokens)
+    assert np.all(free[:, :3].sum(1) == free[:, 4]) and np.all(used[:, :3].sum(1) == used[:, 4])
+    assert free[:, 4].mean() > used[:, 4].mean()  # the demo's small budget closes packs early
+    assert np.any(free[:, :4] > caps[:4])
+
+    peaks = s["unbounded_peaks"]
+    assert peaks.shape == (24, 4) and np.all(peaks >= free[:, :4])  # admission needs cover the final usage
+    sug = ps.suggested_budget(peaks, b, round_to=16)
+    assert np.all(peaks <= [sug.text_tokens, sug.vit_tokens, sug.vae_tokens, sug.vae_images])
+    c.data.budget = dataclasses.asdict(sug)
+    s2 = ps.pack_stats(c, cfg, packs=24)
+    np.testing.assert_array_equal(s2["budget"], s2["unbounded"])
+    np.testing.assert_array_equal(s2["unbounded"], free)
+
+    report = ps.format_report(s, round_to=16)
+    assert f"real tokens per pack: {used[:, 4].mean():.0f} with the config's budget, {free[:, 4].mean():.0f}" in report
+    assert f"vae_images={sug.vae_images}" in report and f"vae_tokens={sug.vae_tokens}" in report

@@ -605,6 +605,9 @@ class _Pack:
         self.moments = pipe.vae_moments is not None  # VAE items are [h, w, 2z] posterior moments
         self.elements: list[dict] = []
         self.text = self.vit = self.vae = self.n_vae = 0
+        # the largest usage + no-dropout need each segment was checked against when a sample was added:
+        # the capacities that would have let this pack take exactly these samples
+        self.peak = [0, 0, 0, 0]
 
     @property
     def total(self) -> int:
@@ -617,6 +620,9 @@ class _Pack:
                 and self.total + text + vit + vae <= max_tokens)
 
     def add(self, el: dict, cfg: BagelConfig) -> None:
+        text, vit, vae, n_vae, _, _ = el["sizes"]
+        self.peak = [max(a, b) for a, b in zip(self.peak, (self.text + text, self.vit + vit, self.vae + vae,
+                                                           self.n_vae + n_vae))]
         p_text, p_vit, p_vae = self.p
         ti = ii = 0
         for item in el["sequence_plan"]:
@@ -834,6 +840,7 @@ class PackIterator:
             "tokens_text": sum(p.text for p in packs),
             "tokens_vit": sum(p.vit for p in packs),
             "tokens_vae": sum(p.vae for p in packs),
+            "pack_peaks": [p.peak for p in packs],  # per pack: text / vit / vae tokens, VAE images (_Pack.peak)
             "capacity_tokens": c.packs_per_step * c.budget.total_tokens,
             "fill": tokens / (c.packs_per_step * c.budget.total_tokens),
             "samples_by_dataset": dict(by_ds),
