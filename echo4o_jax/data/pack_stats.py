@@ -62,7 +62,7 @@ def _usage(pipe, packs: int) -> tuple[np.ndarray, np.ndarray]:
 def pack_stats(config, model_cfg, *, packs: int = 256) -> dict:
     """For a training config with a records source (`data.kind="records"`): {"unbounded": [packs, 5],
     "budget": [packs, 5]} (`segment_usage`), "unbounded_peaks" [packs, 4] (the need each segment was checked
-    against in the unbounded run) and "budget_spec" (the config's PackBudget)."""
+    against in the unbounded run), "budget_spec" (the config's PackBudget) and "unbounded_spec"."""
     from ..train.data_sources import budget_from_config
     from ..train.records_source import pipeline_config_from
     from .pipeline import DataPipeline
@@ -80,7 +80,7 @@ def pack_stats(config, model_cfg, *, packs: int = 256) -> dict:
     out["unbounded"], out["unbounded_peaks"] = _usage(DataPipeline(dataclasses.replace(pc, budget=free), model_cfg),
                                                       packs)
     out["budget"], _ = _usage(DataPipeline(pc, model_cfg), packs)
-    out["budget_spec"] = budget
+    out["budget_spec"], out["unbounded_spec"] = budget, free
     return out
 
 
@@ -112,6 +112,9 @@ def format_report(s: dict, round_to: int = 256) -> str:
         f"vae_tokens={sug.vae_tokens}, vae_images={sug.vae_images} ({sug.total_tokens} tokens; fill "
         f"{real_free / sug.total_tokens:.1%} at the official policy's {real_free:.0f} real tokens per pack)",
     ]
+    if "unbounded_spec" in s and s["unbounded_peaks"][:, 3].max() >= s["unbounded_spec"].vae_images:
+        lines.append(f"note: the unbounded run's {s['unbounded_spec'].vae_images} VAE image slots were all used in "
+                     "some pack: the official policy may pack more images than shown")
     return "\n".join(lines)
 
 
