@@ -80,7 +80,7 @@ def vae_encoder_flops(c: VAEConfig, image_hw) -> float:
 
 def full_step_flops(cfg: BagelConfig, num_tokens: int, sample_lens, vit_image_patches, vae_tokens: int,
                     vae_image_hw=(), *, freeze_vit: bool = False) -> float:
-    """`step_flops` plus the rest of the model for one pack: ViT (forward; + backward x2 when trained), the
+    """`step_flops` plus the rest of the model for one pack: ViT (forward; + backward when trained), the
     connector on the ViT tokens, the time embedder and vae2llm / llm2vae on the `vae_tokens` latent tokens
     (forward + backward), and the VAE encoder's forward on `vae_image_hw` (empty when the latents were
     precomputed)."""
@@ -89,8 +89,10 @@ def full_step_flops(cfg: BagelConfig, num_tokens: int, sample_lens, vit_image_pa
     connector = 2 * n_vit * (cfg.vit.hidden_size * H + H * H)
     latent = 2 * float(vae_tokens) * (cfg.timestep_embed_dim * H + H * H + 2 * cfg.patch_latent_dim * H)
     vit = vit_flops(cfg.vit, vit_image_patches)
-    # frozen ViT: its forward only, and the connector needs no input gradient (forward + weight gradient)
-    vision = vit + 2 * connector if freeze_vit else 3 * (vit + connector)
+    # frozen ViT: its forward only, and the connector needs no input gradient (forward + weight gradient);
+    # trained: forward + backward (2x), less the patch embedding's input gradient (the pixels need none)
+    patch_dx = 2 * n_vit * cfg.vit.patch_dim * cfg.vit.hidden_size
+    vision = vit + 2 * connector if freeze_vit else 3 * (vit + connector) - patch_dx
     return step_flops(cfg.llm, num_tokens, sample_lens) + vision + 3 * latent + vae_encoder_flops(cfg.vae, vae_image_hw)
 
 
