@@ -39,11 +39,20 @@ def get_config():
     c.data.kind = "records"
     c.data.packs_per_step = -1  # one ~10K-token pack per data-parallel device
     c.data.tokenizer = ""  # default: <model.ckpt>/tokenizer.json
-    # Static capacities (each segment must hold what the official packing puts in one pack, or the pack is
-    # closed early): on an Echo-4o-like 1024-class mix (bench/data_throughput.py's photo1024) the official
-    # policy packs ~9,950 real tokens, up to 11,008 VAE tokens / 4 VAE images, so vae_tokens 11264 (a budget
-    # of 8192 closed packs at ~6,950 tokens); ViT: two 518-px references; text: long instructions.
-    c.data.budget = dict(text_tokens=1024, vit_tokens=3072, vae_tokens=11264, vae_images=4,
+    # Static capacities. A segment too small for a sample that the official policy trains on skips it (it
+    # cannot fit an empty pack); one too small for a pack closes the pack early; every capacity token costs
+    # compute, padding included. Sized so that no sample within the per-sample limit (10,240 tokens) is
+    # skipped by the budget, and packs are the official policy's (python -m echo4o_jax.data.pack_stats
+    # measures both on your data):
+    # * vit_tokens 4224: a reference costs at least ~2,370 tokens (its VAE copy, short side >= 512 px, plus
+    #   its ViT copy, long side <= 518 px) and the target at least 1,024, so a sample under the limit has at
+    #   most 3 references: at most 3 x 1,369 = 4,107 ViT tokens (and 4 VAE images). Two 1024-px references
+    #   already make a sample of ~11,900 tokens: it is skipped, as by the official trainer.
+    # * vae_tokens 11264 / 4 images: on an Echo-4o-like 1024-class mix (bench/data_throughput.py's photo1024)
+    #   the official policy packs ~9,950 real tokens, up to 11,008 VAE tokens in 4 images (a budget of 8192
+    #   closed packs at ~6,950 tokens).
+    # * text_tokens 1024: long instructions.
+    c.data.budget = dict(text_tokens=1024, vit_tokens=4224, vae_tokens=11264, vae_images=4,
                          vae_image_size=(1024, 1024))
     c.data.expected_tokens = 10240
     c.data.max_tokens = 11520

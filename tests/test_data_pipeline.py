@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import io
@@ -15,7 +16,8 @@ from PIL import Image
 
 from conftest import DEFAULT_GOLDEN, load_npz, npz_json
 from echo4o_jax.config import BagelConfig, SpecialTokens
-from echo4o_jax.data.pipeline import DataPipeline, DatasetSpec, PipelineConfig, load_tokenizer, stack_packs
+from echo4o_jax.data.pipeline import (DataPipeline, DatasetSpec, PipelineConfig, load_tokenizer, skip_reason,
+                                      stack_packs)
 from echo4o_jax.data.records import (
     Record,
     RecordWriter,
@@ -288,6 +290,8 @@ def test_packing_policy_matches_official_loop(data, model_cfg):
     assert got == ref
     assert any(sum(e["sizes"][:3]) > 45 for e in els)  # the per-sample limit was exercised
     assert out[-1][1]["skipped_too_long"] == sum(sum(e["sizes"][:3]) > 45 for e in els)
+    by_task = collections.Counter(e["task"] for e in els if sum(e["sizes"][:3]) > 45)
+    assert out[-1][1]["skipped_by"] == {f"{t}/max_tokens_per_sample": n for t, n in sorted(by_task.items())}
     assert max(st["buffer"] for _, st in out) >= 1  # the overflow buffer was used
     for b, st in out:  # every pack within the hard cap
         assert (b["num_tokens"] <= 70).all()
@@ -437,10 +441,18 @@ def test_mixing_by_weight(data, model_cfg):
 
 def test_overlong_and_corrupt_samples_counted(data, model_cfg):
     c = _cfg(data, datasets=(DatasetSpec(data["bad"]),), num_epochs=1, shuffle=False)
-    out, state = _run(DataPipeline(c, model_cfg), 100)
+    pipe = DataPipeline(c, model_cfg)
+    out, state = _run(pipe, 100)
     ids = [i for _, st in out for p in st["sample_ids"] for i in p]
     st = out[-1][1]
     assert st["skipped_too_long"] == 2
+    # both over-long records (x4, x7: 4 references + target) are within the per-sample limit but exceed the
+    # budget's ViT tokens (the first segment checked) in an empty pack
+    sizes = {e["id"]: e["sizes"] for e in (pipe.elements[k] for k in range(12)) if e["id"] in ("x4", "x7")}
+    for i in ("x4", "x7"):
+        assert sum(sizes[i][:3]) <= c.max_tokens_per_sample and sizes[i][1] > BUDGET.vit_tokens
+        assert skip_reason(sizes[i], c) == "vit_tokens"
+    assert st["skipped_by"] == {"multiref/vit_tokens": 2}
     assert st["skipped_errors"] == 1
     assert sorted(ids) == sorted(f"x{i}" for i in range(12) if i not in (3, 4, 7))
     assert state["counters"]["elements_read"] == 12
@@ -521,3 +533,7 @@ def test_pack_stats_of_the_demo_config(tmp_path, capsys):
     report = ps.format_report(s, round_to=16)
     assert f"real tokens per pack: {used[:, 4].mean():.0f} with the config's budget, {free[:, 4].mean():.0f}" in report
     assert f"vae_images={sug.vae_images}" in report and f"vae_tokens={sug.vae_tokens}" in report
+    for name in ("unbounded", "budget"):  # samples packed / skipped by each run, from the pipeline's counters
+        st = s[f"{name}_stats"]
+        assert st["samples_packed"] > 0 and st["skipped_too_long"] == sum(st["skipped_by"].values())
+        assert f"{name} run: {st['samples_packed']} samples packed, {st['skipped_too_long']} skipped" in report

@@ -238,6 +238,19 @@ def test_demo_config_runs_end_to_end_with_falling_loss(tmp_path):
     first = np.mean([losses[s] for s in range(1, 11)])
     last = np.mean([losses[s] for s in range(31, 41)])
     assert last < first - 0.3, (first, last)
+    # every step logs the pack fill (real tokens / capacity) and the records pipeline's counters
+    from conftest import load_file
+    from echo4o_jax.train.data_sources import budget_from_config
+
+    cap = budget_from_config(load_file(ROOT / "configs" / "demo.py", "demo_cfg_fill").get_config().data.budget).total_tokens
+    recs = [json.loads(x) for x in (tmp_path / "wd" / "log.jsonl").read_text().splitlines()]
+    recs = [x for x in recs if "loss" in x]
+    assert len(recs) == 40
+    for x in recs:
+        assert 0 < x["fill"] <= 1 and x["data_skipped_too_long"] >= 0 and x["data_skipped_errors"] == 0
+        assert x["data_time_wait_s"] >= 0
+        packs = x["tokens"] / x["fill"] / cap  # capacity = packs per step x the budget's tokens
+        assert packs == pytest.approx(round(packs), abs=1e-6) and round(packs) >= 1
     grid = tmp_path / "wd" / "samples" / "step_0000040.png"
     assert grid.exists() and np.asarray(Image.open(grid)).shape == (64, 64 * 3, 3)
     assert list((tmp_path / "wd" / "tensorboard").glob("events.out.tfevents.*"))

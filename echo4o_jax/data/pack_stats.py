@@ -43,9 +43,11 @@ def segment_usage(batch: PackedBatch) -> np.ndarray:
                      (hw[:, :, 0] > 0).sum(1), (sid >= 0).sum(1)], axis=1)
 
 
-def _usage(pipe, packs: int) -> tuple[np.ndarray, np.ndarray]:
-    """([packs, 5] `segment_usage`, [packs, 4] the packer's peak need per segment: `stats["pack_peaks"]`)."""
+def _usage(pipe, packs: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """([packs, 5] `segment_usage`, [packs, 4] the packer's peak need per segment: `stats["pack_peaks"]`,
+    the last step's stats: counters and skipped samples by task / reason)."""
     rows, peaks, it = [], [], pipe.iterator()
+    stats = {}
     try:
         while sum(len(r) for r in rows) < packs:
             batch, stats = next(it)
@@ -56,7 +58,7 @@ def _usage(pipe, packs: int) -> tuple[np.ndarray, np.ndarray]:
                 break
     finally:
         it.close()
-    return np.concatenate(rows)[:packs], np.concatenate(peaks)[:packs]
+    return np.concatenate(rows)[:packs], np.concatenate(peaks)[:packs], stats
 
 
 def pack_stats(config, model_cfg, *, packs: int = 256) -> dict:
@@ -77,9 +79,10 @@ def pack_stats(config, model_cfg, *, packs: int = 256) -> dict:
                       vae_images=max(budget.vae_images, pc.max_tokens // per_image),
                       vae_image_size=budget.vae_image_size)
     out = {}
-    out["unbounded"], out["unbounded_peaks"] = _usage(DataPipeline(dataclasses.replace(pc, budget=free), model_cfg),
-                                                      packs)
-    out["budget"], _ = _usage(DataPipeline(pc, model_cfg), packs)
+    out["unbounded"], out["unbounded_peaks"], out["unbounded_stats"] = _usage(
+        DataPipeline(dataclasses.replace(pc, budget=free), model_cfg), packs)
+    out["budget"], _, out["budget_stats"] = _usage(DataPipeline(pc, model_cfg), packs)
+    out["max_tokens_per_sample"] = pc.max_tokens_per_sample
     out["budget_spec"], out["unbounded_spec"] = budget, free
     return out
 
@@ -112,6 +115,24 @@ def format_report(s: dict, round_to: int = 256) -> str:
         f"vae_tokens={sug.vae_tokens}, vae_images={sug.vae_images} ({sug.total_tokens} tokens; fill "
         f"{real_free / sug.total_tokens:.1%} at the official policy's {real_free:.0f} real tokens per pack)",
     ]
+    budget_reasons = set()
+    for name in ("unbounded", "budget"):
+        st = s.get(f"{name}_stats") or {}
+        if not st:
+            continue
+        by = st.get("skipped_by", {})
+        detail = ", ".join(f"{k}: {n}" for k, n in by.items())
+        lines.append(f"{name} run: {st['samples_packed']} samples packed, {st['skipped_too_long']} skipped as too long"
+                     + (f" ({detail})" if detail else "") + f", {st['skipped_errors']} failed to load")
+        if name == "budget":
+            budget_reasons = {k.split("/", 1)[1] for k in by} - {"max_tokens_per_sample", "max_tokens"}
+    if any(k.endswith("/max_tokens_per_sample") for k in (s.get("unbounded_stats") or {}).get("skipped_by", {})):
+        lines.append(f"note: samples over max_tokens_per_sample={s.get('max_tokens_per_sample')} are skipped (as by the "
+                     "official trainer); to train on them lower their dataset's image transforms or raise "
+                     "data.max_tokens_per_sample (with data.max_tokens and the budget)")
+    if budget_reasons:
+        lines.append(f"note: the config's budget ({', '.join(sorted(budget_reasons))}) is too small for some samples "
+                     "the official policy packs: they are skipped; raise it (see the smallest budget above)")
     if "unbounded_spec" in s and s["unbounded_peaks"][:, 3].max() >= s["unbounded_spec"].vae_images:
         lines.append(f"note: the unbounded run's {s['unbounded_spec'].vae_images} VAE image slots were all used in "
                      "some pack: the official policy may pack more images than shown")

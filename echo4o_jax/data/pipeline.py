@@ -25,7 +25,8 @@ Stages
    `if __name__ == "__main__":` guard.
 2. Packing (main process): the official `PackedDataset.__iter__` policy around `packing.pack_samples`:
    a sample whose no-dropout length exceeds `max_num_tokens_per_sample`, or that cannot fit an empty pack
-   (any segment of the static budget, the VAE image slots or padded size), is skipped and counted; a
+   (any segment of the static budget, the VAE image slots or padded size), is skipped and counted
+   (`stats["skipped_too_long"]`; by task and `skip_reason` in `stats["skipped_by"]`); a
    sample is added when the pack's *actual* (post-dropout) usage plus the sample's no-dropout need fits
    every segment and `max_num_tokens`; else it goes to the overflow buffer (up to `max_buffer_size`, not
    when it came from the buffer) or the pack is emitted; the pack is emitted once it holds
@@ -87,6 +88,7 @@ __all__ = [
     "pil_img2rgb",
     "record_img_num",
     "resized_hw",
+    "skip_reason",
     "stack_packs",
     "transform_pixels",
 ]
@@ -363,7 +365,7 @@ class _Prepare:
         # exact sizes from the header (the resize rule only needs the source size): over-long samples
         # are not decoded at all
         el["sizes"] = predicted = self._predict_sizes(rec, texts, vae_t, vit_t, img_num)
-        if _too_long(predicted, self.config):
+        if skip_reason(predicted, self.config) is not None:
             return
         pil: dict[int, Any] = {}
         tensors: dict[tuple[int, str], np.ndarray] = {}
@@ -419,14 +421,21 @@ def _official_sample(el: dict) -> dict:
             "image_tensor_list": [a.transpose(2, 0, 1) for a in el["images_hwc"]], "id": el.get("id")}
 
 
-def _too_long(sizes, c: PipelineConfig) -> bool:
-    """The sample exceeds max_num_tokens_per_sample or cannot fit an empty pack."""
+def skip_reason(sizes, c: PipelineConfig) -> str | None:
+    """Why a sample (its no-dropout `sizes`) is skipped, or None: "max_tokens_per_sample" (the official rule)
+    or "max_tokens", or the budget segment it cannot fit even in an empty pack ("text_tokens", "vit_tokens",
+    "vae_tokens", "vae_images", "vae_image_size": a budget too small for the data)."""
     b = c.budget
     text, vit, vae, n_vae, h, w = sizes
     total = text + vit + vae
-    return (total > c.max_tokens_per_sample or total > c.max_tokens or text > b.text_tokens
-            or vit > b.vit_tokens or vae > b.vae_tokens or n_vae > b.vae_images
-            or h > b.vae_image_size[0] or w > b.vae_image_size[1])
+    for reason, over in (("max_tokens_per_sample", total > c.max_tokens_per_sample),
+                         ("max_tokens", total > c.max_tokens), ("text_tokens", text > b.text_tokens),
+                         ("vit_tokens", vit > b.vit_tokens), ("vae_tokens", vae > b.vae_tokens),
+                         ("vae_images", n_vae > b.vae_images),
+                         ("vae_image_size", h > b.vae_image_size[0] or w > b.vae_image_size[1])):
+        if over:
+            return reason
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- stacking
@@ -684,6 +693,8 @@ class PackIterator:
         self._consecutive_errors = 0
         self.counters = {k: 0 for k in self._COUNTERS}
         self.recent_errors: collections.deque = collections.deque(maxlen=20)
+        # skipped samples by (task, `skip_reason`) since this iterator was made (not part of the state)
+        self.skipped_by: collections.Counter = collections.Counter()
         # main-process seconds (cumulative, not part of the state): waiting for prepared samples /
         # allocating the step's batch + pack_samples into it
         self.timing = {"wait_s": 0.0, "pack_s": 0.0}
@@ -784,8 +795,10 @@ class PackIterator:
                 continue
             self._consecutive_errors = 0
             s = el["sizes"]
-            if _too_long(s, c):
+            reason = skip_reason(s, c)
+            if reason is not None:
                 self.counters["skipped_too_long"] += 1
+                self.skipped_by[(el["task"], reason)] += 1
                 continue
             if not pack.fits(s, c.budget, c.max_tokens):
                 if not from_buffer and len(self._buffer) < c.max_buffer_size:
@@ -847,6 +860,7 @@ class PackIterator:
             "samples_by_task": dict(by_task),
             "sample_ids": [[e["id"] for e in p.elements] for p in packs],
             "buffer": len(self._buffer),
+            "skipped_by": {f"{t}/{r}": n for (t, r), n in sorted(self.skipped_by.items())},
             "end_of_data": end or (self._exhausted and not self._buffer and not self._carry),
             **self.counters,
             **{f"time_{k}": v for k, v in self.timing.items()},

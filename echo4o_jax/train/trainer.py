@@ -411,6 +411,7 @@ class Trainer:
             bar = tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True)
             timer = _Timer()
             step = start
+            skipped_reported = 0
             while step < total:
                 if step > start:
                     batch = next(self.source)
@@ -420,7 +421,12 @@ class Trainer:
                 dt = timer.lap()
                 step += 1
                 tokens = int(np.sum(batch.num_tokens)) * jax.process_count()
-                m.update(step=step, step_seconds=dt, tokens=tokens, tokens_per_second=tokens / dt)
+                m.update(step=step, step_seconds=dt, tokens=tokens, tokens_per_second=tokens / dt,
+                         fill=int(np.sum(batch.num_tokens)) / np.asarray(batch.sample_id).size)
+                st = getattr(self.source, "last_stats", None) or {}  # records pipeline: this process's counters
+                for k in ("skipped_too_long", "skipped_errors", "time_wait_s"):
+                    if k in st:
+                        m[f"data_{k}"] = st[k]
                 lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
                 if peak:
                     fl = sum(flops_lib.step_flops(self.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens))
@@ -440,6 +446,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
                 if step % int(c.log.every) == 0 or step == total:
                     logger.log(step, {k: v for k, v in m.items() if k != "step"})
+                    if self.is_main and st.get("skipped_too_long", 0) > skipped_reported:
+                        skipped_reported = st["skipped_too_long"]
+                        tqdm.write(f"[data] {skipped_reported} samples skipped as too long so far (this run, by "
+                                   f"task / reason: {st.get('skipped_by')}); python -m echo4o_jax.data.pack_stats "
+                                   "--config ... shows why")
                 if int(c.log.sample_every) and (step % int(c.log.sample_every) == 0 or step == total):
                     grid = self.sample_grid(step)
                     if grid is not None and self.is_main:
