@@ -19,7 +19,8 @@ Batch mode (`--prompts FILE.jsonl`), one request per line:
     {"id": "cat", "prompt": "...", "images": ["ref.png"], "size": [1024, 1024], "seed": 0, "num_images": 4}
 (`id` defaults to the line number, `prompt_ids` may replace `prompt`). It writes `<id>_<k>.png`,
 `metadata.jsonl` (one line per finished request) and `contact_sheet.png`; re-running skips finished
-requests. The sampler is compiled once per (resolution, number of references, CFG setting) and reused;
+requests (a PNG cut short by a kill does not count: PNGs are written to a temporary file and renamed,
+and one that does not decode is generated again). The sampler is compiled once per (resolution, number of references, CFG setting) and reused;
 the CFG branches and the `num_images` images of a request run batched in one forward pass.
 """
 
@@ -29,6 +30,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 import sys
 import time
@@ -317,33 +319,100 @@ def _request_paths(out_dir: pathlib.Path, rid: str, n: int) -> list[pathlib.Path
     return [out_dir / f"{rid}_{k}.png" for k in range(n)]
 
 
-def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides: dict | None = None,
-                 progress: bool = True, batch_size: int = 4) -> list[dict]:
-    """Generate every request into `out_dir` (`<id>_<k>.png`); finished requests (all PNGs present and
-    listed in metadata.jsonl) are skipped. Consecutive text-to-image requests of one shape and sampler
-    setting run batched (up to `batch_size` per sampler pass). Returns one record per request."""
+def save_png(img, path) -> None:
+    """Write `img` (uint8 [H, W, 3]) to `path` atomically: a temporary file in the same folder, flushed,
+    then renamed over `path`, so a kill mid-write never leaves a truncated PNG under the final name."""
     from PIL import Image
+
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            Image.fromarray(np.asarray(img)).save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def image_complete(path) -> bool:
+    """Whether `path` is an image that decodes to its last pixel (a file cut short by a kill does not).
+    The resume checks (here and in echo4o_jax.eval.run) reuse an existing output only when this holds."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception:  # noqa: BLE001 -- PIL raises many kinds for broken files; any means "not complete"
+        return False
+    return True
+
+
+def _read_metadata(meta_path: pathlib.Path) -> dict[str, dict]:
+    """{id: record} of the finished requests in `meta_path` (the last record per id). A last line cut
+    short by a kill (no newline, not JSON) is reported and cut off, so that the next record starts on a
+    line of its own; its request counts as unfinished. Any other line that is not a JSON record is an
+    error naming it."""
+    if not meta_path.exists():
+        return {}
+    data = meta_path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    tail = data[complete:]
+    if tail.strip():  # no final newline: an interrupted append
+        try:
+            json.loads(tail)
+        except ValueError:
+            print(f"{meta_path}: the last line is cut short (interrupted write?): {tail[:80]!r}; removing it, "
+                  "its request is generated again", file=sys.stderr)
+            with open(meta_path, "r+b") as f:
+                f.truncate(complete)
+            data = data[:complete]
+        else:
+            with open(meta_path, "ab") as f:
+                f.write(b"\n")
+    done = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise GenerateError(f"{meta_path}:{n}: not a JSON record ({e}); fix or remove that line") from None
+        if not isinstance(r, dict) or "id" not in r:
+            raise GenerateError(f"{meta_path}:{n}: a record needs an `id`")
+        done[r["id"]] = r
+    return done
+
+
+def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides: dict | None = None,
+                 progress: bool = True, batch_size: int = 4, regenerate: bool = False) -> list[dict]:
+    """Generate every request into `out_dir` (`<id>_<k>.png`, written atomically); finished requests (listed
+    in metadata.jsonl, every PNG present and decoding fully) are skipped unless `regenerate`; a PNG that
+    does not decode (an interrupted write) is reported and its request generated again. Consecutive
+    text-to-image requests of one shape and sampler setting run batched (up to `batch_size` per sampler
+    pass). Returns one record per request."""
     from tqdm import tqdm
 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "metadata.jsonl"
-    done = {}
-    if meta_path.exists():
-        for line in meta_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[r["id"]] = r
+    done = _read_metadata(meta_path)
     overrides = dict(overrides or {})
     records: dict[int, dict] = {}
     pending = []
     for i, req in enumerate(requests):
         rid = str(req.get("id", f"{i:05d}"))
         paths = _request_paths(out_dir, rid, int(req.get("num_images", 1)))
-        if rid in done and all(p.exists() for p in paths):
-            records[i] = done[rid]
-        else:
-            pending.append((i, rid, req, paths))
+        if not regenerate and rid in done and all(p.exists() for p in paths):
+            broken = [str(p) for p in paths if not image_complete(p)]
+            if not broken:
+                records[i] = done[rid]
+                continue
+            print(f"{', '.join(broken)}: exists but does not decode fully (interrupted write?); generating "
+                  f"request {rid!r} again", file=sys.stderr)
+        pending.append((i, rid, req, paths))
     # consecutive requests of one shape and sampler setting share a sampler pass
     groups: list[list] = []
     for item in pending:
@@ -352,31 +421,31 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
             groups[-1].append(item)
         else:
             groups.append([item])
-    bar = tqdm(total=len(pending), disable=not progress, desc="generate")
-    for group in groups:
-        t0 = time.time()
-        if len(group) == 1:
-            _, _, req, _ = group[0]
-            sampler = {**overrides, **req.get("sampler", {})}
-            results = [gen.generate(req.get("prompt"), prompt_ids=req.get("prompt_ids"), images=req.get("images", []),
-                                    size=req.get("size"), seed=int(req.get("seed", 0)),
-                                    num_images=int(req.get("num_images", 1)), **sampler)]
-        else:
-            results = gen.generate_many([g[2] for g in group], overrides)
-        seconds = round((time.time() - t0) / len(group), 3)
-        for (i, rid, req, paths), res in zip(group, results):
-            for p, img in zip(paths, res["images"]):
-                Image.fromarray(img).save(p)
-            rec = dict(id=rid, prompt=req.get("prompt"), prompt_ids=res["prompt_ids"],
-                       images=list(map(str, req.get("images", []))), seed=int(req.get("seed", 0)),
-                       num_images=len(paths), size=res["size"], outputs=[str(p) for p in paths],
-                       settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()},
-                       seconds=seconds, batched_with=len(group))
-            with open(meta_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            records[i] = rec
-        bar.update(len(group))
-    bar.close()
+    with tqdm(total=len(pending), disable=not progress, desc="generate") as bar:  # closed before an error prints
+        for group in groups:
+            t0 = time.time()
+            if len(group) == 1:
+                _, _, req, _ = group[0]
+                sampler = {**overrides, **req.get("sampler", {})}
+                results = [gen.generate(req.get("prompt"), prompt_ids=req.get("prompt_ids"),
+                                        images=req.get("images", []), size=req.get("size"),
+                                        seed=int(req.get("seed", 0)), num_images=int(req.get("num_images", 1)),
+                                        **sampler)]
+            else:
+                results = gen.generate_many([g[2] for g in group], overrides)
+            seconds = round((time.time() - t0) / len(group), 3)
+            for (i, rid, req, paths), res in zip(group, results):
+                for p, img in zip(paths, res["images"]):
+                    save_png(img, p)
+                rec = dict(id=rid, prompt=req.get("prompt"), prompt_ids=res["prompt_ids"],
+                           images=list(map(str, req.get("images", []))), seed=int(req.get("seed", 0)),
+                           num_images=len(paths), size=res["size"], outputs=[str(p) for p in paths],
+                           settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()},
+                           seconds=seconds, batched_with=len(group))
+                with open(meta_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                records[i] = rec
+            bar.update(len(group))
     records = [records[i] for i in sorted(records)]
     write_contact_sheet([p for r in records for p in r["outputs"]], out_dir / "contact_sheet.png")
     return records
@@ -399,14 +468,16 @@ def write_contact_sheet(paths: Sequence, out, cell: int = 256, cols: int = 8) ->
     sheet.save(out)
 
 
-def generate_batch(ckpt: str, requests: list[dict], out_dir: str, **overrides) -> list[dict]:
+def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate: bool = False,
+                   **overrides) -> list[dict]:
     """API for the evaluation: requests with `id`, `prompt`, `images`, `size`, `seed`, `num_images`;
-    writes `<out_dir>/<id>_<k>.png`. The loaded checkpoint is cached per path. Sampler settings
-    (cfg_text_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min, timestep_shift,
-    num_timesteps) may be passed as overrides; `dtype` / `max_context` configure the loader."""
+    writes `<out_dir>/<id>_<k>.png` (finished requests skipped unless `regenerate`). The loaded
+    checkpoint is cached per path. Sampler settings (cfg_text_scale, cfg_img_scale, cfg_interval,
+    cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps) may be passed as overrides;
+    `dtype` / `max_context` configure the loader."""
     load_kw = {k: overrides.pop(k) for k in ("dtype", "max_context") if k in overrides}
     gen = get_generator(ckpt, **load_kw)
-    return run_requests(gen, requests, out_dir, overrides=overrides)
+    return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate)
 
 
 def read_requests(path) -> list[dict]:
@@ -474,8 +545,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from PIL import Image
-
     demo = args.ckpt is None
     ckpt = DEMO_CKPT if demo else args.ckpt
     sampler = {k: getattr(args, k) for k in SAMPLER_KEYS if getattr(args, k, None) is not None}
@@ -509,7 +578,7 @@ def _run(args) -> int:
     paths = []
     for k, img in enumerate(res["images"]):
         path = args.out / f"image_seed{args.seed}_{k}.png"
-        Image.fromarray(img).save(path)
+        save_png(img, path)
         paths.append(str(path))
     rec = dict(ckpt=str(ckpt), prompt=args.prompt, prompt_ids=res["prompt_ids"], images=args.image, seed=args.seed,
                size=res["size"], outputs=paths, settings={k: list(v) if isinstance(v, tuple) else v

@@ -212,6 +212,61 @@ def test_bagel_parquet_errors(tmp_path, capsys):
         ibp.import_bagel_parquet([str(bad_edit)], str(tmp_path / "o4"), kind="edit")
 
 
+def test_bagel_parquet_repeated_file_names_get_distinct_ids(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for sub in ("a", "b"):
+        os.mkdir(sub)
+        _bagel_t2i(f"{sub}/part-0.parquet", 2)
+    files = ["a/part-0.parquet", "b/part-0.parquet"]
+    assert ibp.main([*files, "--kind", "t2i", "--out", "o1", "--on-error", "skip"]) == 0
+    r = RecordReader("o1", verify=True)
+    assert [x.id for x in r] == ["part-0/a/part-0/0", "part-0/a/part-0/1", "part-0/b/part-0/0", "part-0/b/part-0/1"]
+    assert [x.meta["parquet"] for x in r] == ["a/part-0.parquet"] * 2 + ["b/part-0.parquet"] * 2
+    assert load_manifest("o1")["complete"]
+    # the same ids on a rerun (absolute paths, another working folder) and when the folders are given
+    monkeypatch.chdir("/")
+    m = ibp.import_bagel_parquet([str(tmp_path / f) for f in files], str(tmp_path / "o2"), kind="t2i")
+    assert m["complete"] and [x.id for x in RecordReader(tmp_path / "o2")] == [x.id for x in r]
+    assert ibp.main([str(tmp_path / "a"), str(tmp_path / "b"), "--kind", "t2i", "--out", str(tmp_path / "o3")]) == 0
+    assert [x.id for x in RecordReader(tmp_path / "o3")] == [f"a/{s}/part-0/{i}" for s in "ab" for i in range(2)]
+    # a rerun into an existing dataset names the CLI flag
+    assert ibp.main([str(tmp_path / "a"), "--kind", "t2i", "--out", str(tmp_path / "o3")]) == 1
+    assert f"{tmp_path / 'o3'} already holds a dataset; pass --overwrite" in capsys.readouterr().err
+    # inputs that would give the same ids: an error naming both files, even with --on-error skip; nothing written
+    (tmp_path / "a" / "part-0").write_bytes((tmp_path / "a" / "part-0.parquet").read_bytes())
+    for inputs, second in [([tmp_path / "a" / "part-0.parquet", tmp_path / "a" / "part-0"], "a/part-0"),
+                           ([tmp_path / "a" / "part-0.parquet", tmp_path / "a"], "a/part-0.parquet")]:
+        with pytest.raises(ibp.ImportFailure, match=f"{tmp_path}/a/part-0.parquet and {tmp_path}/{second} would "
+                                                    "get the same record ids"):
+            ibp.import_bagel_parquet([str(p) for p in inputs], str(tmp_path / "o4"), kind="t2i", on_error="skip")
+    assert not (tmp_path / "o4").exists()
+
+
+def test_echo4o_overwrite_keeps_old_dataset_on_failure(echo_root, tmp_path, capsys):
+    root, _ = echo_root
+    out = tmp_path / "rec"
+    args = ["--root", str(root), "--out", str(out), "--subsets", "surreal"]
+    assert ie.main(args) == 0
+    good = [x.id for x in RecordReader(out / "surreal", verify=True)]
+    assert len(good) == 5
+    capsys.readouterr()
+    assert ie.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{out / 'surreal'} already holds a dataset; pass --overwrite to replace it" in err
+    assert "overwrite=True" not in err
+    _corrupt(root)
+    assert ie.main([*args, "--overwrite"]) == 1
+    assert "conflict.jsonl:2: invalid JSON line" in capsys.readouterr().err
+    m = load_manifest(out / "surreal")
+    assert m["complete"] and m["records"] == 5
+    assert [x.id for x in RecordReader(out / "surreal", verify=True)] == good
+    assert sorted(os.listdir(out / "surreal")) == ["manifest.json", "surreal-00000.array_record"]
+    assert ie.main([*args, "--overwrite", "--on-error", "skip"]) == 0
+    assert [x.id for x in RecordReader(out / "surreal", verify=True)] == ["echo4o/surreal/00000",
+                                                                           "echo4o/surreal/00003"]
+    assert sorted(os.listdir(out / "surreal")) == ["manifest.json", "surreal-00000.array_record"]
+
+
 def test_imported_multiref_through_pipeline(echo_root, tmp_path):
     """End to end: an imported multi-reference row packs with the official plan (ViT per reference,
     clean VAE refs, noisy target)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 
 import numpy as np
@@ -15,6 +16,7 @@ from echo4o_jax.data import inspect as inspect_cli
 from echo4o_jax.data.records import (
     FORMAT_VERSION,
     MAGIC,
+    DatasetExistsError,
     ImageInfo,
     Record,
     RecordError,
@@ -230,3 +232,147 @@ def test_inspect_cli(tmp_path, capsys):
     assert inspect_cli.main([str(tmp_path / "ds"), "-n", "0", "--scan"]) == 0
     s2 = json.loads(capsys.readouterr().out)
     assert s2["counts_from"] == "scan" and s2["counts"] == s["counts"] and s2["images"] == 10
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _dataset(d, n=8, name="surreal"):
+    """A dataset of `n` t2i records (~2.2 kB each) in shards of 2 records; returns its manifest."""
+    with RecordWriter(d, shard_bytes=5000, name=name) as w:
+        for i in range(n):
+            w.write(t2i_record(f"{name}/{i}", f"caption {i}", _img(24, 24, i)))
+    m = load_manifest(d)
+    assert [s["records"] for s in m["shards"]] == [2] * (n // 2)
+    return m
+
+
+def _cli_error(capsys, argv) -> str:
+    """Runs the inspect CLI expecting a one-line error; returns it."""
+    assert inspect_cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("inspect: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_truncated_shard_named_with_and_without_verify(tmp_path, capsys):
+    d = tmp_path / "ds"
+    m = _dataset(d)
+    shard = str(d / m["shards"][0]["file"])
+    os.truncate(shard, os.path.getsize(shard) // 2)
+    with pytest.raises(RecordError, match=re.escape(shard) + ": not a readable ArrayRecord shard"):
+        RecordReader(d)
+    # verify checks the manifest's size / sha256 before opening anything
+    with pytest.raises(RecordError, match=re.escape(shard) + r": size \d+ != manifest"):
+        RecordReader(d, verify=True)
+    assert shard in _cli_error(capsys, [str(d), "-n", "5"])
+    assert re.search(re.escape(shard) + r": size \d+ != manifest", _cli_error(capsys, [str(d), "-n", "5", "--verify"]))
+
+
+def test_corrupt_record_named_by_shard_and_index(tmp_path, capsys):
+    d = tmp_path / "ds"
+    m = _dataset(d)
+    shard = str(d / m["shards"][1]["file"])
+    first = m["shards"][0]["records"]
+    data = bytearray(open(shard, "rb").read())
+    img = _img(24, 24, first + 1)  # record 1 of the second shard (stored uncompressed)
+    at = data.find(img)
+    assert at > 0
+    data[at + len(img) // 2] ^= 0xFF  # same size, flipped byte
+    open(shard, "wb").write(bytes(data))
+    r = RecordReader(d)  # opening reads no record data
+    assert r[first].id == f"surreal/{first}"  # the other records of that shard stay readable
+    msg = re.escape(shard) + r": record 1: cannot read \(RuntimeError: .*hash mismatch"
+    for read in (r.__getitem__, r.header, r.raw):
+        with pytest.raises(RecordError, match=msg):
+            read(first + 1)
+    with pytest.raises(RecordError, match=re.escape(shard) + ": sha256 mismatch"):
+        RecordReader(d, verify=True)
+    assert re.search(msg, _cli_error(capsys, [str(d), "--start", str(first), "-n", "2"]))
+    assert "sha256 mismatch" in _cli_error(capsys, [str(d), "--verify"])
+
+
+def test_undecodable_record_named_by_shard_and_index(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    shard = str(tmp_path / "x-00000.array_record")
+    w = ArrayRecordWriter(shard, "group_size:1,uncompressed")
+    w.write(encode_record(t2i_record("ok", "c", _img(8, 8, 0))))
+    w.write(b"XXXX not a record")
+    w.close()
+    r = RecordReader(shard)
+    assert r[0].id == "ok"
+    with pytest.raises(RecordError, match=re.escape(shard) + ": record 1: not an echo4o record"):
+        r[1]
+    with pytest.raises(RecordError, match=re.escape(shard) + ": record 1: not an echo4o record"):
+        r.header(-1)
+    with pytest.raises(IndexError):
+        r[2]
+
+
+def test_inspect_cli_bad_manifest_and_missing_shard(tmp_path, capsys):
+    d = tmp_path / "ds"
+    m = _dataset(d)
+    mpath = d / "manifest.json"
+    # a manifest without counts (optional): counted by reading the records
+    mpath.write_text(json.dumps({k: v for k, v in m.items() if k != "counts"}))
+    assert inspect_cli.main([str(d), "-n", "0"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["counts_from"] == "scan" and s["counts"]["task"] == {"t2i": 8} and s["images"] == 8
+    # a shard entry without its sha256
+    bad = json.loads(json.dumps(m))
+    del bad["shards"][1]["sha256"]
+    mpath.write_text(json.dumps(bad))
+    assert re.search(re.escape(str(mpath)) + r": shards\[1\] lacks \['sha256'\]", _cli_error(capsys, [str(d)]))
+    mpath.write_text("{not json")
+    assert re.search(re.escape(str(mpath)) + ": invalid JSON", _cli_error(capsys, [str(d)]))
+    mpath.write_text(json.dumps(m))
+    os.remove(d / m["shards"][2]["file"])
+    assert "missing shards" in (err := _cli_error(capsys, [str(d)])) and m["shards"][2]["file"] in err
+
+
+def test_overwrite_keeps_the_old_dataset_until_success(tmp_path):
+    d = tmp_path / "ds"
+    _dataset(d, n=4, name="old")
+    old = [f"old/{i}" for i in range(4)]
+    (d / "journal").mkdir()  # other files of the folder (e.g. a synthesis journal) are never touched
+    (d / "journal" / "journal.jsonl").write_text("kept\n")
+    before = os.listdir(d)
+    with pytest.raises(DatasetExistsError, match="overwrite=True") as ei:
+        RecordWriter(d)
+    assert ei.value.path == str(d)
+
+    def new(w, n=5):
+        for i in range(n):
+            w.write(t2i_record(f"new/{i}", "c", _img(24, 24, 50 + i)))
+
+    with pytest.raises(ZeroDivisionError):
+        with RecordWriter(d, name="new", shard_bytes=5000, overwrite=True) as w:
+            new(w)
+            assert [x.id for x in RecordReader(d, verify=True)] == old  # untouched while writing
+            1 / 0
+    assert [x.id for x in RecordReader(d, verify=True)] == old and load_manifest(d)["complete"]
+    assert sorted(os.listdir(d)) == sorted(before)  # the failed new dataset is dropped
+    # a crashed overwrite (never closed) leaves the old dataset too; the next overwrite starts afresh
+    w = RecordWriter(d, name="new", shard_bytes=5000, overwrite=True)
+    new(w)
+    assert [x.id for x in RecordReader(d, verify=True)] == old
+    w2 = RecordWriter(d, name="new", shard_bytes=5000, overwrite=True)
+    new(w2)
+    m = w2.close()
+    assert m["complete"] and m["records"] == 5 and m["counts"]["task"] == {"t2i": 5}
+    assert [x.id for x in RecordReader(d, verify=True)] == [f"new/{i}" for i in range(5)]
+    assert sorted(p for p in os.listdir(d) if p.endswith(".array_record")) == [s["file"] for s in m["shards"]]
+    assert all(p.startswith("new-") for p in os.listdir(d) if p.endswith(".array_record"))
+    assert (d / "journal" / "journal.jsonl").read_text() == "kept\n"
+    assert not [p for p in os.listdir(d) if p.startswith(".")] and w2.close() == load_manifest(d)
+    # keep_partial (a resumable writer, e.g. a synthesis rebuild): the incomplete new dataset replaces the old
+    w3 = RecordWriter(d, name="part", shard_bytes=5000, overwrite=True)
+    w3.write(t2i_record("part/0", "c", _img(24, 24, 7)))
+    m = w3.close(error="2 samples failed", keep_partial=True)
+    assert not m["complete"] and load_manifest(d)["error"] == "2 samples failed"
+    assert [x.id for x in RecordReader(d, verify=True)] == ["part/0"]
+    # an interrupted swap leaves the previous dataset in a backup folder: no writer starts over it
+    (d / ".overwrite-old").mkdir()
+    with pytest.raises(RecordError, match=r"/\.overwrite-old exists: an overwrite of .* was interrupted"):
+        RecordWriter(d, overwrite=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from echo4o_jax.eval import geneval_pp, imagine_bench, omnicontext, run as eval_run
+from echo4o_jax import generate as real_generate
+from echo4o_jax.eval import common, geneval_pp, imagine_bench, omnicontext, run as eval_run
 from fake_openai import FakeOpenAIServer, message_images, message_text, solid_png
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
@@ -364,11 +365,16 @@ def test_omnicontext_formula_and_scene_templates(tmp_path):
 # eval.run: generation (fake generate_batch) then judging
 # ------------------------------------------------------------------------------------------------
 
-def _fake_generate_module(calls, skip_prompts=()):
+def _fake_generate_module(calls, skip_prompts=(), error=None):
+    """A stand-in for echo4o_jax.generate: generate_batch writes solid PNGs (or raises `error`); the
+    error class and the completeness check are the real ones."""
     mod = types.ModuleType("echo4o_jax.generate")
 
-    def generate_batch(ckpt, requests, out_dir, **overrides):
-        calls.append({"ckpt": ckpt, "requests": requests, "out_dir": out_dir, "overrides": overrides})
+    def generate_batch(ckpt, requests, out_dir, *, regenerate=False, **overrides):
+        calls.append({"ckpt": ckpt, "requests": requests, "out_dir": out_dir, "overrides": overrides,
+                      "regenerate": regenerate})
+        if error is not None:
+            raise error
         recs = []
         for r in requests:
             paths = []
@@ -382,6 +388,8 @@ def _fake_generate_module(calls, skip_prompts=()):
         return recs
 
     mod.generate_batch = generate_batch
+    mod.GenerateError = real_generate.GenerateError
+    mod.image_complete = real_generate.image_complete
     return mod
 
 
@@ -423,11 +431,37 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
         md = (out / "summary.md").read_text()
         assert md.startswith("# Evaluation of tiny") and "# GenEval++: tiny" in md and "# Imagine-Bench: tiny" in md
 
+        # judge counters: each results.json has its own benchmark's; summary.json the run's total
+        res_g = json.loads((out / "geneval_pp" / "results.json").read_text())["judge_stats"]
+        res_i = json.loads((out / "imagine_bench" / "results.json").read_text())["judge_stats"]
+        assert (res_g["requests"], res_g["api_calls"], res_g["cache_hits"]) == (6, 6, 0)
+        assert (res_i["requests"], res_i["api_calls"], res_i["cache_hits"]) == (4, 4, 0)
+        assert gb["judge_stats"] == res_g and ib["judge_stats"] == res_i
+        assert (rep["judge_stats"]["requests"], rep["judge_stats"]["api_calls"]) == (10, 10)
+        assert json.loads((out / "summary.json").read_text())["judge_stats"] == rep["judge_stats"]
+
         # second run: nothing to generate but the absent images, nothing to judge again
         calls.clear()
         rep2 = eval_run.main(argv)
         assert [len(c["requests"]) for c in calls] == [1]  # imagine 00002 retried, geneval complete
         assert len(s.calls(CHAT)) == 10 and rep2["judge_stats"]["api_calls"] == 0
+        res_i = json.loads((out / "imagine_bench" / "results.json").read_text())["judge_stats"]
+        assert (res_i["requests"], res_i["api_calls"], res_i["cache_hits"]) == (4, 0, 4)
+        assert rep2["benchmarks"]["geneval_pp"]["judge_stats"]["cache_hits"] == 6
+
+        # an image cut short (a kill mid-write) is generated again, not judged as it is
+        img = out / "geneval_pp" / "images" / "00002_1.png"
+        img.write_bytes(img.read_bytes()[:40])
+        calls.clear()
+        eval_run.main(argv)
+        assert [[r["id"] for r in c["requests"]] for c in calls] == [["00002"], ["00002"]]
+        assert real_generate.image_complete(img)
+
+        # --regenerate reaches generate_batch (which otherwise skips its finished requests)
+        calls.clear()
+        eval_run.main(argv + ["--regenerate", "--generate-only"])
+        assert [(len(c["requests"]), c["regenerate"]) for c in calls] == [(3, True), (3, True)]
+        assert calls[0]["overrides"] == {"cfg_text_scale": 4.0, "note": "plain"}
     assert_no_secret(out)
 
 
@@ -441,6 +475,65 @@ def test_run_without_generate_module_is_a_clear_error(tmp_path, monkeypatch):
     from echo4o_jax.eval import common
     assert common.run_cli(eval_run.main, ["--ckpt", "x", "--bench", "geneval_pp", "--out", str(tmp_path / "o"),
                                           "--geneval-pp-prompts", str(gpp)]) == 2
+
+
+def test_run_generation_error_is_one_line(tmp_path, monkeypatch, capsys):
+    msg = ("output size 1024x1024 exceeds the model's position table (8 x 16 = 128 px per side); lower the "
+           "size / the resize transform")
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate",
+                        _fake_generate_module(calls, error=real_generate.GenerateError(msg)))
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:1])
+    argv = ["--ckpt", str(tmp_path / "ckpt"), "--bench", "geneval_pp", "--out", str(tmp_path / "o"),
+            "--geneval-pp-prompts", str(gpp), "--generate-only"]
+    capsys.readouterr()
+    assert common.run_cli(eval_run.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: [geneval_pp] generation failed: {msg}"
+    assert not any("Traceback" in line for line in err) and len(calls) == 1
+
+
+def test_run_generation_error_from_the_real_generator(golden_dir, tmp_path, capsys):
+    """The real generate_batch on the tiny golden checkpoint (it has no tokenizer: text prompts fail)."""
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:1])
+    capsys.readouterr()
+    rc = common.run_cli(eval_run.main, ["--ckpt", str(golden_dir), "--bench", "geneval_pp", "--out",
+                                        str(tmp_path / "o"), "--geneval-pp-prompts", str(gpp), "--generate-only"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: [geneval_pp] generation failed: ") and "tokenizer" in err
+
+
+def test_run_missing_prompt_file_names_the_flags(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ECHO4O_BENCHMARKS_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./benchmarks here
+    argv = ["--judge-only", "--bench", "geneval_pp", "--out", str(tmp_path / "o")]
+    with pytest.raises(FileNotFoundError) as ei:
+        eval_run.main(argv)
+    msg = str(ei.value)
+    assert msg.startswith("benchmarks/geneval_pp.jsonl not found; ")
+    for part in ("--benchmarks-dir DIR", "../shared/benchmarks", "--geneval-pp-prompts FILE", "--fetch",
+                 "githubusercontent"):
+        assert part in msg, part
+    assert common.run_cli(eval_run.main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {msg}"]
+    # an explicit file names its own flag
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl not found; point --imagine-bench-prompts FILE.*--fetch"):
+        eval_run.main(["--judge-only", "--bench", "imagine_bench", "--out", str(tmp_path / "o"),
+                       "--imagine-bench-prompts", str(tmp_path / "nope.jsonl")])
+
+
+@needs_bench
+def test_run_readme_command_reads_shared_benchmarks(tmp_path, monkeypatch):
+    """README's eval command (run from the repository root, prompt files from ../shared/benchmarks)."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the repository root; BENCH_DIR is ../shared/benchmarks
+    rep = eval_run.main(["--ckpt", "runs/echo4o", "--bench", "geneval_pp,imagine_bench",
+                         "--benchmarks-dir", "../shared/benchmarks", "--out", str(tmp_path / "eval"),
+                         "--generate-only", "--limit", "2"])
+    assert {n: b["items"] for n, b in rep["benchmarks"].items()} == {"geneval_pp": 2, "imagine_bench": 2}
+    assert [len(c["requests"]) for c in calls] == [2, 2]
 
 
 def test_run_template_override(tmp_path):

@@ -93,6 +93,64 @@ def test_dimension_scores_parser():
             J.parse_dimension_scores(bad, tpl)
 
 
+IMAGINE_TPL = J.load_template("imagine_bench")
+_IP_AQ = "\nIdentity Preservation: 6 - fine\nAesthetic Quality: 7 - sharp\n"
+
+
+@pytest.mark.parametrize("ff_line,score,reason", [
+    ("Fantasy Fulfillment: 8 - the fur is blue", 8.0, "the fur is blue"),  # the template's own format
+    ("Fantasy Fulfillment: 8.5 - nearly", 8.5, "nearly"),
+    ("Fantasy Fulfillment: 8/10. Clear.", 8.0, "Clear."),
+    ("**Fantasy Fulfillment:** **10/10** — exact", 10.0, "exact"),
+    ("1. Fantasy Fulfillment (FF): 9, blue fur", 9.0, "blue fur"),
+    ("Fantasy Fulfillment: 8 - 3 of 4 traits changed", 8.0, "3 of 4 traits changed"),  # a reason may hold numbers
+])
+def test_dimension_scores_accepts_one_number(ff_line, score, reason):
+    got = J.parse_dimension_scores(ff_line + _IP_AQ, IMAGINE_TPL)
+    assert got["scores"] == {"FF": score, "IP": 6.0, "AQ": 7.0} and got["reasons"]["FF"] == reason
+
+
+@pytest.mark.parametrize("ff_line", [
+    "Fantasy Fulfillment: 1,5 - decimal comma",
+    "Fantasy Fulfillment - 1-3 faint attempt",  # the rubric's range
+    "Fantasy Fulfillment: 1–3",
+    "Fantasy Fulfillment: 7 or 8 - between",
+    "Fantasy Fulfillment: 1 to 3",
+    "Fantasy Fulfillment: 7/8",
+    "Fantasy Fulfillment: 8/100",
+    "Fantasy Fulfillment: **8**,5",
+    "Fantasy Fulfillment: 8.5.1",
+    "Fantasy Fulfillment: 8 - good\nFantasy Fulfillment: 3 - on reflection, weak",  # two different scores
+])
+def test_dimension_scores_rejects_ambiguous_numbers(ff_line):
+    with pytest.raises(J.MalformedAnswer, match="FF: (ambiguous score|two different scores)"):
+        J.parse_dimension_scores(ff_line + _IP_AQ, IMAGINE_TPL)
+
+
+def test_dimension_scores_same_score_twice_is_fine():
+    text = "Fantasy Fulfillment: 8 - good" + _IP_AQ + "Summary:\nFantasy Fulfillment: 8\n"
+    assert J.parse_dimension_scores(text, IMAGINE_TPL)["scores"]["FF"] == 8.0
+
+
+def test_ambiguous_score_is_asked_again(server, key_env, tmp_path):
+    server.push(CHAT, Reply.text("Fantasy Fulfillment: 1,5 - faint" + _IP_AQ),
+                Reply.text("Fantasy Fulfillment: 2 - faint" + _IP_AQ))
+    j = make_judge(server)
+    res = j.judge(J.JudgeRequest(IMAGINE_TPL, {"prompt": "p", "note": "n"}, [image(tmp_path)]))
+    assert res.ok and res.parsed["scores"]["FF"] == 2.0 and res.calls == 2 and j.stats["malformed"] == 1
+
+
+def test_stats_since_is_one_batch_share(server, key_env, tmp_path):
+    j = make_judge(server)
+    j.judge(request(image(tmp_path)))
+    snap = j.stats_snapshot()
+    server.push(CHAT, Reply.status(500, retry_after_ms=1))
+    j.judge_many([request(image(tmp_path, "b.png", (9, 9, 9)), prompt="b")])
+    assert j.stats_since(snap) == {"requests": 1, "api_calls": 2, "cache_hits": 0, "failures": 0, "retries": 1,
+                                   "malformed": 0}
+    assert (j.stats["requests"], j.stats["api_calls"]) == (2, 3)
+
+
 # ------------------------------------------------------------------------------------------------
 # templates
 # ------------------------------------------------------------------------------------------------

@@ -102,6 +102,80 @@ def test_batch_mode_resumes_and_compiles_once_per_shape(golden_dir, gen, tmp_pat
                                np.asarray(Image.open(tmp_path / f"{r}_{k}.png")))
 
 
+class _Killed(BaseException):
+    """Stands for the process being killed in the middle of a write."""
+
+
+def _dying_save(monkeypatch):
+    """Image.save writes the first 60 bytes of the PNG to its target, then the process 'dies'."""
+    import io
+
+    real = Image.Image.save
+
+    def save(self, fp, format=None, **kw):
+        buf = io.BytesIO()
+        real(self, buf, format="PNG")
+        if hasattr(fp, "write"):
+            fp.write(buf.getvalue()[:60])
+        else:
+            with open(fp, "wb") as f:
+                f.write(buf.getvalue()[:60])
+        raise _Killed
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def test_kill_mid_save_leaves_no_truncated_png(gen, tmp_path, monkeypatch):
+    req = dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=1)
+    fast = dict(num_timesteps=3)
+    with monkeypatch.context() as m:
+        _dying_save(m)
+        with pytest.raises(_Killed):
+            G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no PNG under its name, no temporary left
+    G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
+    before = (tmp_path / "a_0.png").read_bytes()
+    # a kill while regenerating keeps the previous picture whole
+    with monkeypatch.context() as m:
+        _dying_save(m)
+        with pytest.raises(_Killed):
+            G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False, regenerate=True)
+    assert (tmp_path / "a_0.png").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_0.png", "contact_sheet.png", "metadata.jsonl"]
+
+
+def test_resume_regenerates_truncated_png_and_cut_metadata(gen, tmp_path, monkeypatch, capsys):
+    reqs = [dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=2),
+            dict(id="b", prompt_ids=[4, 5], size=[32, 32], seed=1, num_images=1)]
+    fast = dict(num_timesteps=3)
+    G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
+    good = np.asarray(Image.open(tmp_path / "a_1.png"))
+    # what a kill mid-write left behind before writes were atomic: a PNG cut short, a metadata line cut short
+    (tmp_path / "a_1.png").write_bytes((tmp_path / "a_1.png").read_bytes()[:70])
+    assert not G.image_complete(tmp_path / "a_1.png") and G.image_complete(tmp_path / "a_0.png")
+    with open(tmp_path / "metadata.jsonl", "a") as f:
+        f.write('{"id": "b", "prompt": nu')
+    calls = []  # "a" (2 images) and "b" (1 image) never share a sampler pass: one generate() call each
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    capsys.readouterr()
+    recs = G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
+    err = capsys.readouterr().err
+    assert calls == [0] and [r["id"] for r in recs] == ["a", "b"]  # only "a" (seed 0) generated again
+    assert "a_1.png: exists but does not decode fully" in err and "last line is cut short" in err
+    assert_uint8_close(np.asarray(Image.open(tmp_path / "a_1.png")), good)
+    lines = (tmp_path / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["a", "b", "a"]
+    # --regenerate (eval.run) / regenerate=True: finished requests are generated again
+    calls.clear()
+    G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False, regenerate=True)
+    assert calls == [0, 1]
+    # a broken record that is not the last line is an error naming it
+    (tmp_path / "metadata.jsonl").write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
+    with pytest.raises(G.GenerateError, match=r"metadata.jsonl:2: not a JSON record"):
+        G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
+
+
 def test_bad_inputs_give_clear_errors(golden_dir, gen, tmp_path):
     with pytest.raises(G.GenerateError, match="not found"):
         gen.generate(prompt_ids=[1], images=[tmp_path / "missing.png"])

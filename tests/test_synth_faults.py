@@ -5,15 +5,18 @@ key never written or logged."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import random
 import time
+from pathlib import Path
 
 import pytest
 from synth_fakes import (API_KEY, Reply, _api_key, all_file_bytes, dataset_contents, fast_config,  # noqa: F401
-                         request_body_key, server)
+                         message_text, request_body_key, server, small_image_folder)
 
-from echo4o_jax.data.records import load_manifest
+from echo4o_jax.data.records import RecordError, RecordReader, load_manifest, probe_image
 from echo4o_jax.synth import Journal, JournalError, SynthConfig, SynthError, make_track, run_track
 
 CHAT = "/v1/chat/completions"
@@ -171,3 +174,148 @@ def test_journal_torn_line_and_lock(tmp_path):
     j2.close()
     lines = (tmp_path / "j" / "journal.jsonl").read_text().splitlines()
     assert [json.loads(x)["key"] for x in lines] == ["a", "c"]
+
+
+# ------------------------------------------------------------------------------ answers that are not images
+
+
+def _truncated(fmt: str) -> bytes:
+    """The first half of a noisy image: its header reads fine, its pixels do not decode."""
+    from PIL import Image
+
+    rng = random.Random(fmt)
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (64, 64), rng.randbytes(64 * 64 * 3)).save(buf, format=fmt)
+    data = buf.getvalue()[: len(buf.getvalue()) // 2]
+    assert probe_image(data).format == fmt.lower()  # the header check alone lets it through
+    with pytest.raises(RecordError, match="truncated"):
+        probe_image(data, check="decode")
+    return data
+
+
+def _journal_blobs(ds) -> list[bytes]:
+    return [p.read_bytes() for p in (Path(ds) / "journal" / "blobs").rglob("*") if p.is_file()]
+
+
+def _decodes(data: bytes) -> bool:
+    try:
+        probe_image(data, check="decode")
+        return True
+    except RecordError:
+        return False
+
+
+NOT_AN_IMAGE = b"hello this is not an image"
+
+
+def test_undecodable_image_answers_are_retried_and_never_journaled(server, tmp_path, caplog):
+    truncated = _truncated("PNG")
+    # sample 0's image: not an image, then a truncated PNG, then a good one: two retries, one entry
+    server.push(GEN, Reply.text([NOT_AN_IMAGE]), Reply.text([truncated]))
+    s = run_track(make_track("surreal", make_cfg(server, max_retries=2)), tmp_path / "ok", limit=2, progress=False)
+    assert s.complete and s.written == 2 and not s.skipped and s.stats["retries"] == 2
+    assert len(server.calls(GEN)) == 4
+    images = [e for e in journal_entries(tmp_path / "ok") if e["kind"] == "image"]
+    assert sorted(e["attempts"] for e in images) == [1, 3]
+    assert all(_decodes(b) for b in _journal_blobs(tmp_path / "ok"))
+
+    # the answer stays undecodable: the sample fails (named), the run is incomplete, nothing is journaled
+    caplog.set_level(logging.WARNING)
+    cfg = make_cfg(server, max_retries=1)
+    server.push(GEN, Reply.text([NOT_AN_IMAGE]), Reply.text([truncated]))
+    s = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=2, progress=False)
+    assert not s.complete and s.failed == 1 and s.written == 1
+    assert s.failures == ["gpt4o/surreal/0000000: call_failed:image"]
+    m = load_manifest(tmp_path / "ds")
+    assert m["complete"] is False and "gpt4o/surreal/0000000: call_failed:image" in m["error"]
+    assert "gpt4o/surreal/0000000" in caplog.text and "not a decodable image" in caplog.text
+    assert [e["kind"] for e in journal_entries(tmp_path / "ds")].count("image") == 1  # sample 1's only
+    assert all(_decodes(b) for b in _journal_blobs(tmp_path / "ds"))
+    # the next run asks for that image again (and only for it) and completes the dataset
+    n = len(server.requests)
+    s2 = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=2, progress=False)
+    assert s2.complete and s2.written == 2 and [r.path for r in server.requests[n:]] == [GEN]
+    assert all(_decodes(rec.images[0]) for rec in RecordReader(tmp_path / "ds", verify=True))
+
+
+def test_journaled_undecodable_image_is_asked_again(server, tmp_path, caplog):
+    """A journal written before image answers were decoded may hold a bad image: it is not replayed."""
+    cfg = make_cfg(server)
+    ds = tmp_path / "ds"
+    assert run_track(make_track("surreal", cfg), ds, limit=2, progress=False).complete
+    good = dataset_contents(ds)
+    first_image_call = request_body_key(server.calls(GEN)[0])
+    j = Journal(ds / "journal")
+    entry = next(e for e in j.entries() if e["label"] == "gpt4o/surreal/0000000:image")
+    j.append({**entry, "blobs": [j.put_blob(NOT_AN_IMAGE, "bin")]})  # the later line wins
+    j.close()
+    (ds / "manifest.json").unlink()
+    for p in ds.glob("*.array_record"):
+        p.unlink()
+    caplog.set_level(logging.WARNING)
+    n = len(server.requests)
+    s = run_track(make_track("surreal", cfg), ds, limit=2, progress=False)
+    assert s.complete and s.written == 2 and not s.skipped
+    assert [request_body_key(r) for r in server.requests[n:]] == [first_image_call]  # asked again, only it
+    assert "gpt4o/surreal/0000000:image: journaled image 0" in caplog.text and "asking again" in caplog.text
+    assert dataset_contents(ds) == good
+    # the new answer superseded the bad entry: a rebuild now replays everything
+    (ds / "manifest.json").unlink()
+    n = len(server.requests)
+    assert run_track(make_track("surreal", cfg), ds, limit=2, progress=False, overwrite=True).complete
+    assert len(server.requests) == n
+
+
+def test_truncated_reference_image_fails_its_samples(server, tmp_path):
+    refs = Path(small_image_folder(tmp_path / "refs", {"humans": 2, "object": 3, "scenes": 2}))
+    (refs / "object" / "object_1.jpg").write_bytes(_truncated("JPEG"))
+    track = make_track("multiref", make_cfg(server), refs_dir=refs)
+    limit = 8
+    bad = [i for i in range(limit) if "folder/object/object_1.jpg" in track.plan(i)["refs"]]
+    assert 0 < len(bad) < limit
+    s = run_track(track, tmp_path / "ds", limit=limit, progress=False)
+    assert not s.complete and s.failed == len(bad) and s.written == limit - len(bad)
+    assert s.failures == [f"gpt4o/multiref/{i:07d}: invalid_record" for i in bad]
+    m = load_manifest(tmp_path / "ds")
+    assert m["complete"] is False and f"gpt4o/multiref/{bad[0]:07d}: invalid_record" in m["error"]
+    for rec in RecordReader(tmp_path / "ds", verify=True):
+        assert int(rec.id.rsplit("/", 1)[1]) not in bad
+        assert all(_decodes(b) for b in rec.images)
+
+
+def test_malformed_shared_attributes_are_asked_again(server, tmp_path):
+    """The shared 'normal attributes' answer is validated like any other: a bad one is asked again,
+    never stored for the other samples of the object."""
+    (tmp_path / "classes.txt").write_text("banana\nteacup\nbicycle\n")  # few objects: each is shared
+    cfg = make_cfg(server, malformed_retries=1, surreal_classes=str(tmp_path / "classes.txt"))
+    track = make_track("surreal", cfg)
+    limit = 8
+    obj = track.plan(0)["objects"][0]
+    users = [i for i in range(limit) if obj in track.plan(i)["objects"]]
+    assert 2 <= len(users) < limit, "the test needs an object used by several (not all) samples"
+
+    def attr_calls():
+        return [c for c in server.calls(CHAT) if "List the normal attributes" in message_text(c)
+                and f"Object: {obj}" in message_text(c)]
+
+    server.push(CHAT, Reply.text('{"prompt": ""}'))  # sample 0's first call: the attributes of `obj`
+    s = run_track(track, tmp_path / "ds", limit=limit, progress=False)
+    assert s.complete and s.written == limit and not s.skipped
+    assert len(attr_calls()) == 2
+    asked = json.loads(server.calls(CHAT)[0].json["messages"][0]["content"].split("Reply with a single JSON object "
+                                                                                  "and nothing else:", 1)[1])
+    seen = []
+    for rec in RecordReader(tmp_path / "ds"):
+        for o, a in zip(rec.meta["objects"], rec.meta["attributes"]):
+            if o == obj:
+                assert set(a) == set(asked) and all(isinstance(v, str) and v.strip() for v in a.values())
+                seen.append(a)
+    assert len(seen) >= len(users) and all(a == seen[0] for a in seen)
+
+    # still malformed after the retries: every sample of the object is skipped, none uses the bad answer
+    server.push(CHAT, Reply.text('{"prompt": ""}'), Reply.text('{"object": "x", "color": ""}'))
+    n = len(attr_calls())
+    s = run_track(track, tmp_path / "ds2", limit=limit, progress=False)
+    assert s.complete and s.written == limit - len(users)
+    assert s.skipped == {"malformed_answer:surreal_attributes": len(users)}
+    assert len(attr_calls()) - n == 2  # asked twice, then replayed for the other samples

@@ -6,17 +6,18 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from synth_fakes import (fast_config, API_KEY, FakeOpenAIServer, all_file_bytes, chat_answer, dataset_contents, image_answer,
-                         request_body_key, synth_server)
+from synth_fakes import (fast_config, API_KEY, FakeOpenAIServer, Reply, all_file_bytes, chat_answer, dataset_contents,
+                         image_answer, request_body_key, synth_server)
 
 from echo4o_jax.data.records import load_manifest
-from echo4o_jax.synth import Journal, SynthConfig, SynthError, make_track, run_track
+from echo4o_jax.synth import Journal, SynthConfig, SynthError, dry_run, make_track, run_track
 
 REPO = Path(__file__).resolve().parent.parent
 GEN = "/v1/images/generations"
@@ -182,3 +183,69 @@ def test_cli_dry_run_and_errors(tmp_path):
              "--dry-run"])
     o, e = p.communicate(timeout=60)
     assert p.returncode == 2 and "does not exist" in e
+
+
+def test_cli_rerun_without_its_journal_dir_is_refused(tmp_path):
+    """A rerun that forgets --journal-dir must not delete the records and pay for them again; -v logs
+    the retries but not the HTTP stack's per-request lines."""
+    out, j1 = tmp_path / "S10", tmp_path / "J1"
+    with synth_server() as srv:
+        srv.push(GEN, Reply.status(503), Reply.status(503))  # sample 0's image fails (1 retry)
+        args = ["surreal", "--out", str(out), "--limit", "3", "--max-retries", "1", "--base-url", srv.base_url,
+                "--image-size", "32x32", "--concurrency", "1", "--chat-rpm", "0", "--image-rpm", "0",
+                "--backoff-max", "0.05", "--no-progress", "-v"]
+        p = cli([*args, "--journal-dir", str(j1)])
+        o, e = p.communicate(timeout=120)
+        assert p.returncode == 1, e
+        assert "retry 1/1" in e  # -v is on ...
+        assert "HTTP Request" not in e  # ... without one line per HTTP request
+        records = dataset_contents(out)
+        manifest = load_manifest(out)
+        assert len(records) == 2 and manifest["info"]["synth"]["journal"] == str(j1.resolve())
+
+        n = len(srv.requests)
+        p = cli(args)  # --journal-dir forgotten
+        o, e = p.communicate(timeout=120)
+        assert p.returncode == 2, e
+        assert str(j1.resolve()) in e and str(out / "journal") in e and "--journal-dir" in e
+        assert len(srv.requests) == n  # no call
+        assert dataset_contents(out) == records and load_manifest(out) == manifest  # nothing lost
+        assert not (out / "journal").exists()
+        p = cli([*args, "--dry-run"])
+        o, e = p.communicate(timeout=120)
+        assert p.returncode == 2 and str(j1.resolve()) in e
+
+        p = cli([*args, "--journal-dir", str(j1)])
+        o, e = p.communicate(timeout=120)
+        assert p.returncode == 0, e
+        assert [r.path for r in srv.requests[n:]] == [GEN]  # only the call that failed
+
+
+def test_rebuild_with_an_emptied_or_moved_journal(tmp_path):
+    ds, j2 = tmp_path / "ds", tmp_path / "moved_journal"
+    with synth_server() as srv:
+        cfg = make_cfg(srv, max_retries=0)
+        srv.push(GEN, Reply.status(503))
+        s = run_track(make_track("surreal", cfg), ds, limit=3, progress=False)
+        assert s.failed == 1 and s.written == 2 and load_manifest(ds)["info"]["synth"]["journal"] == "journal"
+        records = dataset_contents(ds)
+        shutil.move(ds / "journal", j2)
+        n = len(srv.requests)
+        for attempt in (lambda: run_track(make_track("surreal", cfg), ds, limit=3, progress=False),
+                        lambda: dry_run(make_track("surreal", cfg), ds, limit=3)):
+            with pytest.raises(SynthError, match=r"has 2 records but the journal .* holds none of their calls"):
+                attempt()
+        assert len(srv.requests) == n and dataset_contents(ds) == records
+        # the moved journal holds the dataset's calls: accepted, and remembered
+        s = run_track(make_track("surreal", cfg), ds, limit=3, progress=False, journal_dir=j2)
+        assert s.mode == "rebuild" and s.complete and s.written == 3
+        assert [r.path for r in srv.requests[n:]] == [GEN]
+        assert load_manifest(ds)["info"]["synth"]["journal"] == str(j2.resolve())
+        # extending it without that journal is refused too (it would pay again for shared answers)
+        with pytest.raises(SynthError, match="--journal-dir"):
+            run_track(make_track("surreal", cfg), ds, limit=5, progress=False)
+        # --overwrite: the user accepts paying again; the records are kept, the new journal remembered
+        s = run_track(make_track("surreal", cfg), ds, limit=5, progress=False, overwrite=True)
+        assert (s.mode, s.written, s.complete) == ("append", 2, True)
+        assert load_manifest(ds)["info"]["synth"]["journal"] == "journal"
+        assert records.items() < dataset_contents(ds).items()

@@ -1,4 +1,5 @@
-"""Shared pieces of the importers: error policy, parquet row iteration, JSON-safe metadata."""
+"""Shared pieces of the importers: error policy, CLI error lines, parquet row iteration, JSON-safe
+metadata."""
 
 from __future__ import annotations
 
@@ -6,13 +7,24 @@ import datetime
 import glob
 import math
 import os
+import sys
 from typing import Any, Iterator
 
-from echo4o_jax.data.records import RecordError, RecordWriter, probe_image
+from echo4o_jax.data.records import DatasetExistsError, RecordError, RecordWriter, probe_image
 
 
 class ImportFailure(RuntimeError):
-    """An input item is corrupt and --on-error=fail (the message names the file and row / member)."""
+    """An input item is corrupt and --on-error=fail (the message names the file and row / member), or
+    the inputs cannot be imported together (the message names the files)."""
+
+
+def cli_error(prog: str, e: Exception) -> int:
+    """Prints an importer CLI's one-line error (`PROG: error: ...`, naming the CLI flag where the library
+    message names a keyword argument); returns the exit status 1."""
+    msg = f"{e.path} already holds a dataset; pass --overwrite to replace it" \
+        if isinstance(e, DatasetExistsError) else str(e)
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return 1
 
 
 class OnError:

@@ -2,9 +2,13 @@
 
     python -m echo4o_jax.data.import_bagel_parquet --kind t2i|edit INPUT [INPUT ...] --out DIR
         [--name NAME] [--edit-mode pairs|chain] [--on-error fail|skip] [--image-check decode|header]
-        [--shard-bytes N] [--limit N]
+        [--shard-bytes N] [--limit N] [--overwrite]
 
-INPUT: parquet files or folders (searched recursively).
+INPUT: parquet files or folders (searched recursively). Record ids are `NAME/PATH/ROW` (edit pairs:
+`NAME/PATH/ROW/STEP`), PATH = the parquet file's path relative to the inputs' common folder, without
+`.parquet` (for one folder: relative to it; for one file: its name): unique across inputs whose file names
+repeat (`a/part-0.parquet b/part-0.parquet` -> `a/part-0`, `b/part-0`) and the same on every run over the
+same inputs. A file given twice (or two paths that map to the same PATH) is an error naming both.
 
 * `t2i` (`T2IIterableDataset`): columns `image` (encoded bytes) and `captions` (a JSON object string
   {key: caption}); all captions are kept as text alternatives (the official loader picks one at random
@@ -17,7 +21,8 @@ INPUT: parquet files or folders (searched recursively).
   random sub-chain per draw and sometimes concatenates instructions; records keep fixed plans.)
 
 Other scalar columns are kept in `meta.extra`; images are stored as received. Errors: `--on-error=fail`
-(default) names the file and row; `skip` counts them in the manifest.
+(default) names the file and row; `skip` counts them in the manifest. `--overwrite` replaces an existing
+dataset only when the import succeeds (a failed import leaves it as it was).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from echo4o_jax.data._import_common import (
     OnError,
     ParquetReadError,
     check_image,
+    cli_error,
     find_parquet,
     iter_parquet_rows,
     scalar_extras,
@@ -56,6 +62,26 @@ def _captions(v) -> str | list[str] | None:
     return text_alternatives(v)
 
 
+def _parquet_sources(inputs: list[str]) -> list[tuple[str, str, str]]:
+    """(file, path for messages and meta, id part) of the parquet files of `inputs`: paths relative to the
+    inputs' common folder (id part: without `.parquet`, `/`-separated). Raises ImportFailure when two
+    files get the same id part (names both), FileNotFoundError when there are no files."""
+    files = find_parquet(list(inputs))
+    if not files:
+        raise FileNotFoundError(f"no parquet files in {inputs}")
+    common = os.path.commonpath([os.path.abspath(root) for _, root in files])
+    out, seen = [], {}
+    for f, _ in files:
+        rel = os.path.relpath(os.path.abspath(f), common)
+        part = os.path.splitext(rel)[0].replace(os.sep, "/")
+        if part in seen:
+            raise ImportFailure(f"{seen[part]} and {f} would get the same record ids ('.../{part}/<row>'): "
+                                f"give each parquet file once")
+        seen[part] = f
+        out.append((f, rel, part))
+    return out
+
+
 def import_bagel_parquet(inputs: list[str], out_dir: str, *, kind: str, name: str | None = None,
                          edit_mode: str = "pairs", on_error: str = "fail", image_check: str = "decode",
                          shard_bytes: int = 256 << 20, limit: int | None = None, overwrite: bool = False) -> dict:
@@ -63,17 +89,13 @@ def import_bagel_parquet(inputs: list[str], out_dir: str, *, kind: str, name: st
         raise ValueError(f"kind={kind!r}: expected t2i or edit")
     if edit_mode not in ("pairs", "chain"):
         raise ValueError(f"edit_mode={edit_mode!r}: expected pairs or chain")
-    files = find_parquet(list(inputs))
-    if not files:
-        raise FileNotFoundError(f"no parquet files in {inputs}")
+    files = _parquet_sources(inputs)
     name = name or os.path.basename(os.path.normpath(inputs[0])).removesuffix(".parquet") or kind
     info = {"importer": "echo4o_jax.data.import_bagel_parquet", "kind": kind, "edit_mode": edit_mode,
             "inputs": [os.path.abspath(p) for p in inputs], "on_error": on_error, "image_check": image_check}
     with RecordWriter(out_dir, shard_bytes=shard_bytes, name=name, overwrite=overwrite, info=info) as w:
         err = OnError(on_error, w)
-        for f, root in files:
-            rel = os.path.relpath(f, root)
-            stem = os.path.splitext(rel)[0].replace(os.sep, "/")
+        for f, rel, stem in files:
             try:
                 for i, row in iter_parquet_rows(f):
                     if limit is not None and w.num_records >= limit:
@@ -158,15 +180,15 @@ def main(argv=None) -> int:
     ap.add_argument("--image-check", choices=("decode", "header"), default="decode")
     ap.add_argument("--shard-bytes", type=int, default=256 << 20)
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing dataset (swapped in only when the import succeeds)")
     a = ap.parse_args(argv)
     try:
         m = import_bagel_parquet(a.inputs, a.out, kind=a.kind, name=a.name, edit_mode=a.edit_mode,
                                  on_error=a.on_error, image_check=a.image_check, shard_bytes=a.shard_bytes,
                                  limit=a.limit, overwrite=a.overwrite)
     except (ImportFailure, FileNotFoundError, RecordError) as e:
-        print(f"import_bagel_parquet: error: {e}", file=sys.stderr)
-        return 1
+        return cli_error("import_bagel_parquet", e)
     print(json.dumps({"records": m["records"], "shards": len(m["shards"]), "bytes": m["bytes"],
                       "skipped": m["skipped"]["count"], "skipped_by_reason": m["skipped"]["by_reason"]}))
     return 0

@@ -2,7 +2,7 @@
 
     python -m echo4o_jax.data.import_echo4o --root Echo-4o-Image --out DIR
         [--subsets surreal,instruction,multiref] [--on-error fail|skip] [--image-check decode|header]
-        [--shard-bytes N] [--limit N]
+        [--shard-bytes N] [--limit N] [--overwrite]
 
 Layout read (docs/echo4o.md §1):
 
@@ -26,6 +26,8 @@ and the row's other fields.
 Errors (unreadable JSON line, missing field, corrupt or missing image, unreadable archive / parquet):
 `--on-error=fail` (default) stops with a message naming the file and row / member; `skip` counts them in
 each dataset's manifest (`skipped.by_reason`, first 100 examples). Exit status 1 on failure.
+`--overwrite` replaces existing datasets: each is written aside and swapped in only when its import
+succeeds (a failed import leaves the old dataset as it was).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from echo4o_jax.data._import_common import (
     OnError,
     ParquetReadError,
     check_image,
+    cli_error,
     find_parquet,
     first_text,
     iter_parquet_rows,
@@ -276,15 +279,15 @@ def main(argv=None) -> int:
     ap.add_argument("--image-check", choices=("decode", "header"), default="decode")
     ap.add_argument("--shard-bytes", type=int, default=256 << 20)
     ap.add_argument("--limit", type=int, default=None, help="records per subset (for trials)")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace existing datasets (swapped in only when a subset's import succeeds)")
     a = ap.parse_args(argv)
     try:
         res = import_echo4o(a.root, a.out, subsets=[s for s in a.subsets.split(",") if s], on_error=a.on_error,
                             image_check=a.image_check, shard_bytes=a.shard_bytes, limit=a.limit,
                             overwrite=a.overwrite)
     except (ImportFailure, FileNotFoundError, RecordError) as e:
-        print(f"import_echo4o: error: {e}", file=sys.stderr)
-        return 1
+        return cli_error("import_echo4o", e)
     for s, m in res.items():
         print(json.dumps({"subset": s, "records": m["records"], "shards": len(m["shards"]), "bytes": m["bytes"],
                           "skipped": m["skipped"]["count"], "skipped_by_reason": m["skipped"]["by_reason"]}))

@@ -4,10 +4,12 @@
 
 PATH: a dataset folder, shard file, manifest, glob, or several of them. Prints the counts (records,
 shards, bytes, tasks / subsets / sources from the manifests, or by reading every record with `--scan` or
-when a manifest is incomplete; skipped items from the manifest) and N samples (id, task, plan,
-texts, image formats and sizes, meta); `--contact-sheet` writes a PNG with one row per shown sample
-(its images as thumbnails, then its texts); `--verify` checks shard sizes, sha256 and record counts
-against the manifest.
+when a manifest is incomplete or has no counts; skipped items from the manifest) and N samples (id,
+task, plan, texts, image formats and sizes, meta); `--contact-sheet` writes a PNG with one row per
+shown sample (its images as thumbnails, then its texts); `--verify` checks shard sizes and sha256
+against the manifest (before opening any shard), then the record counts. Errors (bad manifest,
+missing / truncated / corrupt shard, undecodable record) print one line `inspect: error: ...` naming
+the file (and record) and exit with status 1.
 """
 
 from __future__ import annotations
@@ -20,18 +22,25 @@ import os
 import sys
 import textwrap
 
-from echo4o_jax.data.records import Record, RecordReader
+from echo4o_jax.data.records import Record, RecordError, RecordReader
 
 __all__ = ["summarize", "describe", "contact_sheet", "main"]
 
 
+def _has_counts(m: dict) -> bool:
+    """Whether a manifest is complete and carries the counts (`counts`, `images`) of its records."""
+    c = m.get("counts")
+    return (bool(m.get("complete")) and isinstance(m.get("images"), int) and isinstance(c, dict)
+            and all(isinstance(c.get(k), dict) for k in ("task", "subset", "source")))
+
+
 def summarize(reader: RecordReader, *, scan: bool = False) -> dict:
-    """Counts by task / subset / source: from complete manifests covering every shard, else (or with
-    `scan`) by reading every record header."""
+    """Counts by task / subset / source: from complete manifests (with counts) covering every shard,
+    else (or with `scan`) by reading every record header; `counts_from` says which."""
     counts = {k: collections.Counter() for k in ("task", "subset", "source")}
     images = 0
     listed = {os.path.normpath(os.path.join(d, s["file"])) for d, m in reader.manifests.items() for s in m["shards"]}
-    from_manifest = (not scan and reader.manifests and all(m.get("complete") for m in reader.manifests.values())
+    from_manifest = (not scan and reader.manifests and all(_has_counts(m) for m in reader.manifests.values())
                      and {os.path.normpath(f) for f in reader.shards} <= listed)
     if from_manifest:
         for m in reader.manifests.values():
@@ -123,16 +132,20 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", action="store_true", help="check sizes / sha256 / counts against the manifest")
     ap.add_argument("--scan", action="store_true", help="count by reading every record (not the manifest)")
     a = ap.parse_args(argv)
-    reader = RecordReader(a.path if len(a.path) > 1 else a.path[0])
-    if a.verify:
-        print("verify:", json.dumps(reader.verify()))
-    print(json.dumps(summarize(reader, scan=a.scan), indent=1))
-    shown = [reader[i] for i in range(a.start, min(len(reader), a.start + max(a.n, 0)))]
-    for rec in shown:
-        print(describe(rec))
-    if a.contact_sheet:
-        contact_sheet(shown, a.contact_sheet)
-        print(f"contact sheet: {a.contact_sheet} ({len(shown)} samples)")
+    try:
+        reader = RecordReader(a.path if len(a.path) > 1 else a.path[0], verify=a.verify)
+        if a.verify:
+            print("verify:", json.dumps(reader.verification))
+        print(json.dumps(summarize(reader, scan=a.scan), indent=1))
+        shown = [reader[i] for i in range(a.start, min(len(reader), a.start + max(a.n, 0)))]
+        for rec in shown:
+            print(describe(rec))
+        if a.contact_sheet:
+            contact_sheet(shown, a.contact_sheet)
+            print(f"contact sheet: {a.contact_sheet} ({len(shown)} samples)")
+    except (RecordError, OSError) as e:
+        print(f"inspect: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

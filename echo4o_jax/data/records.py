@@ -38,7 +38,10 @@ Shards and manifest
 group_size 1, uncompressed: the payload is mostly JPEG/PNG). A shard is written under a `.tmp` name and
 renamed when full or at `close()`, and `manifest.json` is rewritten (atomically) after every finished
 shard, so a crash leaves every finished shard readable and listed (`"complete": false`). `close()` writes
-the final manifest:
+the final manifest. `overwrite=True` over an existing dataset writes the new one into the hidden
+subfolder `.overwrite-new` and swaps its files in (renames, same file system) only at a successful
+`close()`: until then, and when the writer fails, the old dataset stays as it was (other files of the
+folder are never touched):
 
     {"format": "echo4o-records", "format_version": 1, "name", "complete": true, "created_utc",
      "shard_bytes", "records", "bytes" (shard file bytes), "image_bytes", "images",
@@ -49,18 +52,25 @@ the final manifest:
 
 `RecordReader(path)` takes a dataset folder (manifest or `*.array_record`), a shard file, a manifest
 path, a glob, or a list of these; `len`, indexing, iteration, `header(i)` (no image copies), `verify()`.
+Every shard is opened (record count) when the reader is made; `verify=True` first checks the shard sizes
+and sha256 against the manifests, before any shard is opened. Unreadable shards (truncated, corrupt) and
+records raise RecordError naming the shard file (and the record's index in it).
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
+import shutil
 import struct
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -70,6 +80,7 @@ __all__ = [
     "TASKS",
     "MANIFEST_NAME",
     "RecordError",
+    "DatasetExistsError",
     "ImageInfo",
     "Record",
     "probe_image",
@@ -97,11 +108,22 @@ MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".array_record"
 _PLAN_KEYS = {"type", "loss", "enable_cfg", "special_token_loss", "special_token_label", "image"}
 _ITEM_TYPES = ("text", "vit_image", "vae_image")
+_HEADER_KEYS = ("format_version", "id", "task", "plan", "texts", "images")
+_SHARD_KEYS = {"file": str, "records": int, "bytes": int, "sha256": str}
 _ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 
 
 class RecordError(ValueError):
     """A record is malformed, cannot be encoded/decoded, or a dataset folder is inconsistent."""
+
+
+class DatasetExistsError(RecordError):
+    """`RecordWriter` was given a folder that already holds a dataset, without append / overwrite."""
+
+    def __init__(self, path: str, files: list[str]):
+        self.path = path
+        super().__init__(f"{path} already holds a dataset ({sorted(files)[:3]} ...); pass append=True or "
+                         f"overwrite=True")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,6 +372,11 @@ def decode_header(buf: bytes) -> dict:
         header = json.loads(bytes(buf[_PREFIX.size:end]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecordError(f"record header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise RecordError(f"record header is a JSON {type(header).__name__}, not an object")
+    missing = [k for k in _HEADER_KEYS if k not in header]
+    if missing:
+        raise RecordError(f"record {header.get('id')!r}: header lacks {missing}")
     header["_blob_start"] = end
     return header
 
@@ -388,6 +415,11 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _dataset_files(folder: str) -> list[str]:
+    """The names of the files of `folder` that make up a dataset (shards and manifest)."""
+    return [p for p in os.listdir(folder) if p.endswith(SHARD_SUFFIX) or p == MANIFEST_NAME]
+
+
 def _atomic_write_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -408,8 +440,10 @@ class RecordWriter:
     A shard is closed once adding a record would pass `shard_bytes` (a record larger than
     `shard_bytes` gets a shard of its own). `append=True` continues an existing dataset (new shards,
     same manifest, ids checked against the existing ones); otherwise the folder must not hold a
-    dataset yet unless `overwrite=True`. `check_images="decode"` decodes every image (slow,
-    catches truncated files); the default only reads the image header.
+    dataset yet (DatasetExistsError) unless `overwrite=True`, which writes the new dataset into a hidden
+    subfolder and swaps it in at a successful `close()` (on failure the old dataset is kept and the new
+    one dropped). `check_images="decode"` decodes every image (slow, catches truncated files); the
+    default only reads the image header.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, shard_bytes: int = 256 << 20, name: str = "records",
@@ -425,7 +459,8 @@ class RecordWriter:
         self.check_images = check_images
         self.info = dict(info or {})
         os.makedirs(self.out_dir, exist_ok=True)
-        self._manifest_path = os.path.join(self.out_dir, MANIFEST_NAME)
+        self._staging: str | None = None  # overwrite: where the new dataset is written until close()
+        self._write_dir = self.out_dir
         self._shards: list[dict] = []
         self._counts = {k: collections.Counter() for k in ("task", "subset", "source")}
         self._records = 0
@@ -439,18 +474,31 @@ class RecordWriter:
         self._cur_bytes = 0
         self._closed = False
         self._created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        existing = [p for p in os.listdir(self.out_dir) if p.endswith(SHARD_SUFFIX) or p == MANIFEST_NAME]
-        if append and os.path.exists(self._manifest_path):
+        existing = _dataset_files(self.out_dir)
+        backup = self._aside("old")
+        if os.path.exists(backup):
+            raise RecordError(f"{backup} exists: an overwrite of {self.out_dir} was interrupted while swapping "
+                              f"datasets and it holds the previous dataset's files; move them back into "
+                              f"{self.out_dir} (or delete them) and remove the folder")
+        if append and os.path.exists(os.path.join(self.out_dir, MANIFEST_NAME)):
+            self._manifest_path = os.path.join(self.out_dir, MANIFEST_NAME)
             self._load_existing()
         elif existing:
             if not overwrite:
-                raise RecordError(f"{self.out_dir} already holds a dataset ({sorted(existing)[:3]} ...); "
-                                  f"pass append=True or overwrite=True")
-            for p in existing:
-                os.remove(os.path.join(self.out_dir, p))
+                raise DatasetExistsError(self.out_dir, existing)
+            self._staging = self._write_dir = self._aside("new")
+            if os.path.exists(self._staging):  # the partial output of a crashed overwrite
+                shutil.rmtree(self._staging)
+            os.makedirs(self._staging)
+        self._manifest_path = os.path.join(self._write_dir, MANIFEST_NAME)
         for p in os.listdir(self.out_dir):  # leftovers of a crashed writer
             if p.endswith(SHARD_SUFFIX + ".tmp"):
                 os.remove(os.path.join(self.out_dir, p))
+
+    def _aside(self, which: str) -> str:
+        """The hidden subfolder of an overwrite: "new" (the new dataset until close), "old" (the old
+        dataset's files while they are swapped)."""
+        return os.path.join(self.out_dir, f".overwrite-{which}")
 
     def _load_existing(self) -> None:
         m = load_manifest(self._manifest_path)
@@ -513,8 +561,10 @@ class RecordWriter:
     def num_skipped(self) -> int:
         return sum(self._skipped.values())
 
-    def close(self, *, error: str | None = None) -> dict:
-        """Finish the open shard and write the final manifest; returns it."""
+    def close(self, *, error: str | None = None, keep_partial: bool = False) -> dict:
+        """Finish the open shard and write the final manifest; returns it. An overwrite that ends with an
+        `error` keeps the old dataset and drops the new one, unless `keep_partial` (then the partial new
+        dataset, `"complete": false`, replaces the old one: what a resumable writer continues)."""
         if self._closed:
             return load_manifest(self._manifest_path)
         if self._cur is not None:
@@ -524,7 +574,26 @@ class RecordWriter:
         if error is not None:
             m["error"] = error
         _atomic_write_json(self._manifest_path, m)
+        if self._staging is not None:
+            if error is None or keep_partial:
+                self._swap_in()
+            else:  # an overwrite that failed: the old dataset stays as it was
+                shutil.rmtree(self._staging)
+            self._manifest_path = os.path.join(self.out_dir, MANIFEST_NAME)
         return m
+
+    def _swap_in(self) -> None:
+        """Replaces the dataset files of `out_dir` by the staged ones. The old files are moved to a backup
+        subfolder first (manifest first) and the new manifest comes last, so an interruption loses
+        neither dataset (the next writer refuses to start while the backup folder exists)."""
+        backup = self._aside("old")
+        os.makedirs(backup)
+        for p in sorted(_dataset_files(self.out_dir), key=lambda p: p != MANIFEST_NAME):
+            os.replace(os.path.join(self.out_dir, p), os.path.join(backup, p))
+        for p in sorted(_dataset_files(self._staging), key=lambda p: p == MANIFEST_NAME):
+            os.replace(os.path.join(self._staging, p), os.path.join(self.out_dir, p))
+        shutil.rmtree(backup)
+        shutil.rmtree(self._staging)
 
     def __enter__(self) -> "RecordWriter":
         return self
@@ -538,7 +607,7 @@ class RecordWriter:
         i = len(self._shards)
         while True:
             f = f"{self.name}-{i:05d}{SHARD_SUFFIX}"
-            if f not in taken and not os.path.exists(os.path.join(self.out_dir, f)):
+            if f not in taken and not os.path.exists(os.path.join(self._write_dir, f)):
                 return f
             i += 1
 
@@ -546,7 +615,7 @@ class RecordWriter:
         from array_record.python.array_record_module import ArrayRecordWriter
 
         final = self._next_shard_name()
-        tmp = os.path.join(self.out_dir, final + ".tmp")
+        tmp = os.path.join(self._write_dir, final + ".tmp")
         self._cur = (ArrayRecordWriter(tmp, _ARRAY_RECORD_OPTIONS), tmp, final)
         self._cur_records = 0
         self._cur_bytes = 0
@@ -555,7 +624,7 @@ class RecordWriter:
         writer, tmp, final = self._cur
         writer.close()
         self._cur = None
-        path = os.path.join(self.out_dir, final)
+        path = os.path.join(self._write_dir, final)
         os.replace(tmp, path)
         self._shards.append({"file": final, "records": self._cur_records, "bytes": os.path.getsize(path),
                              "sha256": _sha256(path)})
@@ -595,10 +664,17 @@ def load_manifest(path: str | os.PathLike) -> dict:
         raise RecordError(f"no manifest at {path}") from None
     except json.JSONDecodeError as e:
         raise RecordError(f"{path}: invalid JSON ({e})") from None
-    if m.get("format") != "echo4o-records":
+    if not isinstance(m, dict) or m.get("format") != "echo4o-records":
         raise RecordError(f"{path}: not an echo4o-records manifest")
     if m.get("format_version") != FORMAT_VERSION:
         raise RecordError(f"{path}: format_version {m.get('format_version')} is not supported")
+    if not isinstance(m.get("shards"), list):
+        raise RecordError(f"{path}: 'shards' must be a list")
+    for k, s in enumerate(m["shards"]):
+        bad = [key for key, typ in _SHARD_KEYS.items() if not isinstance(s, dict) or not isinstance(s.get(key), typ)]
+        if bad:
+            raise RecordError(f"{path}: shards[{k}] lacks {bad} (expected {{'file': str, 'records': int, "
+                              f"'bytes': int, 'sha256': str}})")
     return m
 
 
@@ -633,23 +709,67 @@ def resolve_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     return [f for g in files for f in (resolve_shards(g) if os.path.isdir(g) else [g])]
 
 
+def _shard_num_records(path: str) -> int:
+    """The record count of one ArrayRecord shard; RecordError naming the file when it cannot be opened
+    (truncated, corrupt, not an ArrayRecord file)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        r = ArrayRecordReader(path)
+        n = r.num_records() if r.ok() else None
+    except (RuntimeError, OSError, ValueError) as e:
+        raise RecordError(f"{path}: cannot open the shard ({type(e).__name__}: {e})") from None
+    try:
+        r.close()  # a reader that is not ok raises here (with an empty message)
+    except RuntimeError as e:
+        if n is not None:
+            raise RecordError(f"{path}: cannot read the shard ({type(e).__name__}: {e})") from None
+    if n is None:
+        raise RecordError(f"{path}: not a readable ArrayRecord shard (truncated or corrupt)")
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardSlice:
+    """The `FileInstruction` protocol of ArrayRecordDataSource (so that it does not reopen the shard)."""
+
+    filename: str
+    skip: int
+    take: int
+    examples_in_shard: int
+
+
 class RecordReader:
-    """Random access over the records of one or more datasets / shards (in shard order)."""
+    """Random access over the records of one or more datasets / shards (in shard order).
+
+    Every shard is opened when the reader is made (record counts); `verify=True` checks the shard files
+    against their manifests first (`verify()`). Read and decode errors raise RecordError naming the shard
+    file and the record's index in it."""
 
     def __init__(self, path, *, verify: bool = False):
         self.paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         self.shards = resolve_shards(self.paths)
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
-
-        self._src = ArrayRecordDataSource(self.shards)
+        if not self.shards:
+            raise RecordError(f"{self.paths}: no shards")
         self.manifests = {}
         for p in self.paths:
             p = os.fspath(p)
             d = p if os.path.isdir(p) else (os.path.dirname(p) if os.path.basename(p) == MANIFEST_NAME else None)
             if d is not None and os.path.exists(os.path.join(d, MANIFEST_NAME)):
                 self.manifests[d] = load_manifest(d)
+        self.verification: dict | None = None  # verify()'s summary when verify=True
         if verify:
-            self.verify()
+            checked = self._verify_files()  # before any shard is opened
+        with concurrent.futures.ThreadPoolExecutor(min(16, len(self.shards))) as ex:
+            counts = list(ex.map(_shard_num_records, self.shards))
+        self._shard_records = {os.path.normpath(f): n for f, n in zip(self.shards, counts)}
+        self._ends = list(itertools.accumulate(counts))
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        self._src = ArrayRecordDataSource([_ShardSlice(f, 0, n, n) for f, n in zip(self.shards, counts)])
+        if verify:
+            self._verify_counts()
+            self.verification = {"shards_checked": checked, "records": len(self)}
 
     @property
     def manifest(self) -> dict | None:
@@ -657,43 +777,72 @@ class RecordReader:
         return next(iter(self.manifests.values())) if len(self.manifests) == 1 else None
 
     def __len__(self) -> int:
-        return len(self._src)
+        return self._ends[-1] if self._ends else 0
+
+    def where(self, i: int) -> str:
+        """`"<shard file>: record <index in the shard>"` of record `i` (for messages)."""
+        i = self._index(i)
+        k = bisect.bisect_right(self._ends, i)
+        return f"{self.shards[k]}: record {i - (self._ends[k - 1] if k else 0)}"
+
+    def _index(self, i: int) -> int:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record index {i} out of range ({len(self)} records)")
+        return i % len(self)
 
     def raw(self, i: int) -> bytes:
-        return self._src[i]
+        i = self._index(i)
+        try:
+            return self._src[i]
+        except (RuntimeError, OSError, ValueError) as e:  # riegeli / array_record: corrupt chunk, ...
+            raise RecordError(f"{self.where(i)}: cannot read ({type(e).__name__}: {e})") from None
+
+    def _decode(self, i: int, decode, **kw):
+        i = self._index(i)
+        buf = self.raw(i)
+        try:
+            return decode(buf, **kw)
+        except RecordError as e:
+            raise RecordError(f"{self.where(i)}: {e}") from None
 
     def header(self, i: int) -> dict:
-        h = decode_header(self._src[i])
+        h = self._decode(i, decode_header)
         h.pop("_blob_start", None)
         return h
 
     def __getitem__(self, i: int) -> Record:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return decode_record(self._src[i % len(self)])
+        return self._decode(i, decode_record)
 
     def __iter__(self) -> Iterator[Record]:
         for i in range(len(self)):
             yield self[i]
 
-    def verify(self) -> dict:
-        """Checks shard sizes, sha256 and record counts against the manifests; returns a summary."""
-        from array_record.python.array_record_module import ArrayRecordReader
-
+    def _verify_files(self) -> int:
+        """Shard sizes and sha256 against the manifests (no shard opened); returns the shards checked."""
         checked = 0
         for d, m in self.manifests.items():
             for s in m["shards"]:
                 f = os.path.join(d, s["file"])
                 if os.path.getsize(f) != s["bytes"]:
-                    raise RecordError(f"{f}: size {os.path.getsize(f)} != manifest {s['bytes']}")
+                    raise RecordError(f"{f}: size {os.path.getsize(f)} != manifest {s['bytes']} (truncated or "
+                                      f"rewritten)")
                 if _sha256(f) != s["sha256"]:
-                    raise RecordError(f"{f}: sha256 mismatch with the manifest")
-                r = ArrayRecordReader(f)
-                n = r.num_records()
-                r.close()
+                    raise RecordError(f"{f}: sha256 mismatch with the manifest (corrupt or rewritten)")
+                checked += 1
+        return checked
+
+    def _verify_counts(self) -> None:
+        for d, m in self.manifests.items():
+            for s in m["shards"]:
+                f = os.path.join(d, s["file"])
+                n = self._shard_records[os.path.normpath(f)]
                 if n != s["records"]:
                     raise RecordError(f"{f}: {n} records, manifest says {s['records']}")
-                checked += 1
+
+    def verify(self) -> dict:
+        """Checks shard sizes, sha256 and record counts against the manifests; returns a summary."""
+        checked = self._verify_files()
+        self._verify_counts()
         return {"shards_checked": checked, "records": len(self)}
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ scripts' names are accepted as well (GenEval++ ``<line>.jpg``, Imagine-Bench ``<
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import html
 import json
@@ -85,15 +86,19 @@ def fetch(url: str, dest: str | os.PathLike, md5: str | None = None, timeout: fl
     return dest
 
 
-def resolve_prompts(path: str | os.PathLike, url: str, md5: str | None, do_fetch: bool) -> Path:
-    """`path` itself, or (with ``--fetch`` and no file there) the public file downloaded to `path`."""
+def resolve_prompts(path: str | os.PathLike, url: str, md5: str | None, do_fetch: bool, *,
+                    how_to_point: str = "--prompts FILE at a local copy") -> Path:
+    """`path` itself, or (with ``--fetch`` and no file there) the public file downloaded to `path`.
+    A missing file without ``--fetch`` is an error naming both ways out: `how_to_point` (the CLI's flag
+    for another location) and ``--fetch``; no other folder is searched."""
     p = Path(path)
     if p.is_file():
         if md5 and md5sum(p) != md5:
             print(f"note: {p} differs from the released file (md5 {md5sum(p)} != {md5})", file=sys.stderr)
         return p
     if not do_fetch:
-        raise FileNotFoundError(f"{p} not found; pass --fetch to download the public file from {url}")
+        raise FileNotFoundError(f"{p} not found; point {how_to_point}, or pass --fetch to download the public "
+                                f"file from {url} to {p}")
     print(f"fetching {url} -> {p}", file=sys.stderr)
     return fetch(url, p, md5)
 
@@ -217,10 +222,23 @@ def unit_records(units: Sequence[tuple[Any, int, Path | None]], results: dict[in
     return records
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """When a benchmark's judging began: the clock and a snapshot of the judge's counters (one Judge may
+    serve several benchmarks in a run, so its counters hold the whole run's totals)."""
+    t0: float
+    stats: dict[str, int]
+
+
+def start(judge: Judge) -> Start:
+    return Start(time.time(), judge.stats_snapshot())
+
+
 def results_document(name: str, *, label: str, source: dict | None, images_dir, num_images: int, judge: Judge,
-                     templates: JudgeTemplate | dict[str, JudgeTemplate], t0: float, summary: dict,
+                     templates: JudgeTemplate | dict[str, JudgeTemplate], started: Start, summary: dict,
                      records: list[dict], formula: str | None = None) -> dict:
-    """The ``results.json`` document of a benchmark run (judge template(s), stats, summary, problems, items)."""
+    """The ``results.json`` document of a benchmark run (judge template(s), stats, summary, problems, items).
+    ``judge_stats`` and ``seconds`` cover this benchmark only (since `started`)."""
     if isinstance(templates, dict):
         tpl_info = {"template": {k: t.ident for k, t in templates.items()},
                     "template_path": {k: t.path for k, t in templates.items()}}
@@ -230,7 +248,7 @@ def results_document(name: str, *, label: str, source: dict | None, images_dir, 
         "benchmark": name, "label": label, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "source": source or {}, "images_dir": str(images_dir), "num_images": num_images,
         "judge": {**judge.describe(), **tpl_info},
-        "judge_stats": dict(judge.stats), "seconds": round(time.time() - t0, 2),
+        "judge_stats": judge.stats_since(started.stats), "seconds": round(time.time() - started.t0, 2),
     }
     if formula is not None:
         doc["formula"] = formula

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -174,7 +173,7 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
     def requests_for(it: Item, path) -> dict:
         return {"verdict": JudgeRequest(tpl, {"prompt": it.prompt, "checklist": checklist_text(it)}, [path])}
 
-    t0 = time.time()
+    started = common.start(judge)
     results = common.judge_units(judge, units, requests_for, progress=progress, desc=TITLE)
 
     def record(it: Item, k: int, path) -> dict:
@@ -191,7 +190,8 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
     records = common.unit_records(units, results, record=record, zero={"correct": 0, "reason": None},
                                   failure=lambda res: {"raw": res["verdict"].raw}, judged=judged)
     doc = common.results_document(NAME, label=label, source=source, images_dir=images_dir, num_images=num_images,
-                                  judge=judge, templates=tpl, t0=t0, summary=aggregate(records), records=records)
+                                  judge=judge, templates=tpl, started=started, summary=aggregate(records),
+                                  records=records)
     common.write_outputs(out, doc, markdown, write_html)
     return doc
 

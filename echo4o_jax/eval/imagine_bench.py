@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -151,7 +150,7 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
     def requests_for(it: Item, path) -> dict:
         return {"scores": JudgeRequest(tpl, {"prompt": it.instruction, "note": it.note}, [path])}
 
-    t0 = time.time()
+    started = common.start(judge)
     results = common.judge_units(judge, units, requests_for, progress=progress, desc=TITLE)
 
     def record(it: Item, k: int, path) -> dict:
@@ -170,7 +169,7 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
                                   failure=lambda res: {"raw": res["scores"].raw}, judged=judged)
     doc = common.results_document(
         NAME, label=label, source=source, images_dir=images_dir, num_images=num_images, judge=judge,
-        templates=tpl, t0=t0, summary=aggregate(records), records=records,
+        templates=tpl, started=started, summary=aggregate(records), records=records,
         formula="per image 0.8*min(FF, IP) + 0.2*AQ; overall = weighted mean of categories (3/2/2/2)")
     common.write_outputs(out, doc, markdown, write_html)
     return doc

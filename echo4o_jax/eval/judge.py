@@ -263,8 +263,17 @@ def _label_regex(label: str) -> str:
     return r"[\s_\-]+".join(re.escape(w) for w in label.split())
 
 
+# What may not follow a score on a ``<Label>: <score>`` line: another number glued to it (``1,5``, ``1-3``,
+# ``7/8``, ``8/100``, ``1.5.2``) or joined by a word (``7 or 8``, ``1 to 3``). Such a score is ambiguous.
+_AMBIGUOUS_SCORE_TAIL = re.compile(r"[*_]*(?:\d|[,.\-–—~/]\d|\s+(?:to|or)\s+\d)", re.I)
+
+
 def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
     """``<Label>: <0-10>`` lines (Markdown allowed), each optionally followed by a reason; or JSON.
+
+    A score line must hold one number (``8``, ``8.5``, ``8/10``; after it a reason, e.g. ``8 - sharp``);
+    an ambiguous one (``1,5``, ``1-3``, ``7 or 8``) or a label scored twice with different numbers makes
+    the answer malformed (asked again), never a truncated score.
 
     -> {"scores": {KEY: float}, "reasons": {KEY: str}}.
     """
@@ -276,13 +285,20 @@ def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
     label_res = {k: _label_regex(lab) for k, lab in tpl.dimensions}
     any_label = re.compile(r"^[\W_]*(?:" + "|".join(f"(?:{r})" for r in label_res.values()) + r")\b", re.I)
     for key, rx in label_res.items():
-        pat = re.compile(r"^[\s>#*_\-\d.)]*" + rx + r"[\s*_]*(?:\([^)]*\))?[\s*_]*[:：=\-]\s*[*_]*\s*"
-                         r"(-?\d+(?:\.\d+)?)\s*(?:/\s*10)?[*_]*\s*(.*)$", re.I)
+        pat = re.compile(r"^[\s>#*_\-\d.)]*" + rx + r"[\s*_]*(?:\([^)]*\))?[\s*_]*[:：=\-][\s*_]*"
+                         r"(-?\d+(?:\.\d+)?)(?:\s*/\s*10(?!\d))?(.*)$", re.I)
         for i, line in enumerate(lines):
             m = pat.match(line)
             if not m:
                 continue
-            scores[key] = _as_score(m.group(1), key)
+            if _AMBIGUOUS_SCORE_TAIL.match(m.group(2)):
+                raise MalformedAnswer(f"{key}: ambiguous score in {line.strip()!r} (expected one number 0-10)")
+            score = _as_score(m.group(1), key)
+            if key in scores:
+                if score != scores[key]:
+                    raise MalformedAnswer(f"{key}: two different scores ({scores[key]:g} and {score:g})")
+                continue
+            scores[key] = score
             reason = m.group(2).strip().lstrip("-–—:.;,|*_ ").strip()
             if not reason:
                 for nxt in lines[i + 1:]:
@@ -291,7 +307,6 @@ def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
                             reason = nxt.strip().lstrip("-–—:*_ ").strip()
                         break
             reasons[key] = reason
-            break
     if len(scores) < len(label_res):
         try:
             obj = extract_json_object(text)
@@ -506,6 +521,16 @@ class Judge:
 
     def redact(self, text: str) -> str:
         return redact(text, self._secrets)
+
+    def stats_snapshot(self) -> dict[str, int]:
+        """A copy of the counters (``stats`` totals everything this Judge did)."""
+        with self._lock:
+            return dict(self.stats)
+
+    def stats_since(self, snapshot: dict[str, int]) -> dict[str, int]:
+        """The counters' growth since `snapshot` (from :meth:`stats_snapshot`): one benchmark's share."""
+        now = self.stats_snapshot()
+        return {k: v - snapshot.get(k, 0) for k, v in now.items()}
 
     def judge(self, req: JudgeRequest) -> JudgeResult:
         self._count("requests")

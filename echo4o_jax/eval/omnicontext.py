@@ -34,7 +34,6 @@ import dataclasses
 import html
 import json
 import math
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -168,7 +167,7 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
         return {dim.upper(): JudgeRequest(tpls[dim + "_scene" if it.is_scene else dim], v, imgs)
                 for dim in ("pf", "sc")}
 
-    t0 = time.time()
+    started = common.start(judge)
     results = common.judge_units(judge, units, requests_for, progress=progress, desc=TITLE)
 
     def record(it: Item, k: int, path) -> dict:
@@ -193,7 +192,7 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
                                   failure=failure, judged=judged)
     doc = common.results_document(
         NAME, label=label, source=source, images_dir=images_dir, num_images=num_images, judge=judge,
-        templates=tpls, t0=t0, summary=aggregate(records), records=records,
+        templates=tpls, started=started, summary=aggregate(records), records=records,
         formula="per sample sqrt(PF*SC); task = mean; overall_8 = mean of tasks; echo4o_avg = mean(MULTIPLE, SCENE)")
     common.write_outputs(out, doc, markdown, write_html)
     return doc

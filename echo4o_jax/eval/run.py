@@ -8,25 +8,31 @@ r"""Generate the benchmark images with a checkpoint, then judge them.
 For each benchmark B the images go to ``<out>/B/images/<stem>_<k>.png`` (the naming every
 ``python -m echo4o_jax.eval.B --images`` reads) and the results to ``<out>/B/`` (results.json,
 summary.md, gallery.html); ``<out>/summary.md`` / ``summary.json`` collect the headline numbers, and
-``<out>/judge_cache`` is shared. Images that already exist are not generated again (``--regenerate``
-forces it), so an interrupted run resumes.
+``<out>/judge_cache`` is shared. Images that already exist and decode fully are not generated again
+(``--regenerate`` forces it; an image cut short by a kill is generated again), so an interrupted run
+resumes. ``results.json`` holds each benchmark's own judge counters; ``summary.json`` the run's totals.
 
-Generation uses ``echo4o_jax.generate.generate_batch(ckpt, requests, out_dir, **overrides)`` (one call
-per benchmark; ``--gen-arg KEY=VALUE`` become the overrides, VALUE parsed as JSON when it parses). A
-request is ``{"id": <stem>, "prompt", "seed": seed + index, "num_images", "size"?, "images"?}``.
+Generation uses ``echo4o_jax.generate.generate_batch(ckpt, requests, out_dir, regenerate=..., **overrides)``
+(one call per benchmark; ``--gen-arg KEY=VALUE`` become the overrides, VALUE parsed as JSON when it
+parses). A request is ``{"id": <stem>, "prompt", "seed": seed + index, "num_images", "size"?, "images"?}``.
+A generation error (``GenerateError``: e.g. an output size the checkpoint cannot make) stops the run
+with a one-line ``error: ...``; images written before it are kept.
 
-Prompt files: ``--benchmarks-dir`` (default ``$ECHO4O_BENCHMARKS_DIR`` or ``./benchmarks``) holds
-``geneval_pp.jsonl`` and ``imagine_bench.jsonl``; ``--fetch`` downloads the public files there when
-absent. OmniContext needs a local copy (``--omnicontext-data``).
+Prompt files: ``--benchmarks-dir`` (default ``$ECHO4O_BENCHMARKS_DIR`` or ``./benchmarks``; no other
+folder is searched, e.g. ``--benchmarks-dir ../shared/benchmarks``) holds ``geneval_pp.jsonl`` and
+``imagine_bench.jsonl``; ``--fetch`` downloads the public files there when absent. OmniContext needs a
+local copy (``--omnicontext-data``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from . import common, geneval_pp, imagine_bench, omnicontext
 from .judge import load_template
@@ -45,15 +51,22 @@ def _templates(pairs) -> dict:
     return out
 
 
-def _load_generate_batch():
+@dataclasses.dataclass(frozen=True)
+class _GenerationAPI:
+    generate_batch: Callable  # (ckpt, requests, out_dir, *, regenerate=False, **overrides)
+    error: type[Exception]  # what generate_batch raises for bad input (GenerateError)
+    image_complete: Callable[[Path], bool]  # does an existing image decode fully (else: generate it again)
+
+
+def _load_generation_api() -> _GenerationAPI:
     try:
-        from echo4o_jax.generate import generate_batch  # the generation issue's batch API
+        from echo4o_jax.generate import GenerateError, generate_batch, image_complete
     except ImportError as e:
         raise common.UsageError(
-            "image generation needs echo4o_jax.generate.generate_batch, which could not be imported "
-            f"({type(e).__name__}: {e}). Generate the images another way as <stem>_<k>.png in "
-            "<out>/<bench>/images and re-run with --judge-only.") from None
-    return generate_batch
+            "image generation needs echo4o_jax.generate (generate_batch, GenerateError, image_complete), which "
+            f"could not be imported ({type(e).__name__}: {e}). Generate the images another way as "
+            "<stem>_<k>.png in <out>/<bench>/images and re-run with --judge-only.") from None
+    return _GenerationAPI(generate_batch, GenerateError, image_complete)
 
 
 def _parse_gen_args(pairs) -> dict:
@@ -62,6 +75,8 @@ def _parse_gen_args(pairs) -> dict:
         if "=" not in p:
             raise common.UsageError(f"--gen-arg expects KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
+        if k.strip() == "regenerate":
+            raise common.UsageError("--gen-arg regenerate=...: use --regenerate")
         try:
             out[k.strip()] = json.loads(v)
         except ValueError:
@@ -77,8 +92,14 @@ def _prompt_path(args, name: str) -> Path:
             raise FileNotFoundError("--bench omnicontext needs --omnicontext-data (a local copy of OmniContext; "
                                     f"see python -m echo4o_jax.eval.omnicontext -h; data: {mod.PUBLIC_URL})")
         return Path(args.omnicontext_data)
-    path = Path(explicit) if explicit else Path(args.benchmarks_dir) / mod.PROMPTS_FILE
-    return common.resolve_prompts(path, mod.PUBLIC_URL, mod.PUBLIC_MD5, args.fetch)
+    flag = f"--{name.replace('_', '-')}-prompts"
+    if explicit:
+        path, how = Path(explicit), f"{flag} FILE at a local copy"
+    else:
+        path = Path(args.benchmarks_dir) / mod.PROMPTS_FILE
+        how = (f"--benchmarks-dir DIR at the folder holding {mod.PROMPTS_FILE} (e.g. ../shared/benchmarks) "
+               f"or {flag} FILE at the file")
+    return common.resolve_prompts(path, mod.PUBLIC_URL, mod.PUBLIC_MD5, args.fetch, how_to_point=how)
 
 
 def _load(name: str, path: Path, args):
@@ -92,17 +113,36 @@ def _expected(images_dir: Path, req: dict) -> list[Path]:
     return [images_dir / common.image_name(req["id"], k) for k in range(req["num_images"])]
 
 
-def generate(name: str, items, images_dir: Path, args, generate_batch) -> dict:
+def _done(name: str, images_dir: Path, req: dict, api: _GenerationAPI) -> bool:
+    """Every image of `req` exists and decodes fully (one cut short by a kill is reported, then redone)."""
+    paths = _expected(images_dir, req)
+    if not all(p.is_file() for p in paths):
+        return False
+    broken = [str(p) for p in paths if not api.image_complete(p)]
+    if broken:
+        print(f"[{name}] {', '.join(broken)}: exists but does not decode fully (interrupted write?); "
+              "generating it again", file=sys.stderr)
+    return not broken
+
+
+def generate(name: str, items, images_dir: Path, args, api: _GenerationAPI) -> dict:
+    """Generate the images of the requests that lack one (absent, or not decoding fully: a write cut
+    short); all of them with --regenerate. A GenerateError becomes a UsageError naming the benchmark
+    (images written before it are kept; a re-run resumes)."""
     mod = BENCHES[name]
     reqs = mod.generation_requests(items, num_images=args.num_images, seed=args.seed,
                                    size=tuple(args.size) if args.size else None)
-    todo = [r for r in reqs if args.regenerate or not all(p.is_file() for p in _expected(images_dir, r))]
+    todo = list(reqs) if args.regenerate else [r for r in reqs if not _done(name, images_dir, r, api)]
     info = {"requests": len(reqs), "generated": len(todo)}
     if todo:
         images_dir.mkdir(parents=True, exist_ok=True)
         print(f"[{name}] generating {len(todo)} of {len(reqs)} requests -> {images_dir}", file=sys.stderr)
-        generate_batch(str(args.ckpt), todo, str(images_dir), **_parse_gen_args(args.gen_arg))
-        absent = [str(p) for r in todo for p in _expected(images_dir, r) if not p.is_file()]
+        try:
+            api.generate_batch(str(args.ckpt), todo, str(images_dir), regenerate=args.regenerate,
+                               **_parse_gen_args(args.gen_arg))
+        except api.error as e:
+            raise common.UsageError(f"[{name}] generation failed: {e}") from None
+        absent = [str(p) for r in todo for p in _expected(images_dir, r) if not api.image_complete(p)]
         info["not_written"] = absent
         if absent:
             print(f"[{name}] warning: generate_batch did not write {len(absent)} images (they count as "
@@ -159,7 +199,7 @@ def main(argv=None) -> dict:
     for name in names:
         path = _prompt_path(args, name)
         loaded[name] = (path, _load(name, path, args))
-    generate_batch = None if args.judge_only else _load_generate_batch()
+    gen_api = None if args.judge_only else _load_generation_api()
     judge = None if args.generate_only else common.judge_from_args(args, out)
     report = {"ckpt": args.ckpt, "label": label, "benchmarks": {}}
     for name in names:
@@ -167,8 +207,8 @@ def main(argv=None) -> dict:
         path, items = loaded[name]
         images_dir = out / name / "images"
         entry = {"prompts": str(path), "items": len(items), "images_dir": str(images_dir)}
-        if generate_batch is not None:
-            entry["generation"] = generate(name, items, images_dir, args, generate_batch)
+        if gen_api is not None:
+            entry["generation"] = generate(name, items, images_dir, args, gen_api)
         if judge is not None:
             kw = dict(num_images=args.num_images, label=label, progress=not args.no_progress,
                       source={"prompts": str(path), "ckpt": args.ckpt})
@@ -178,6 +218,7 @@ def main(argv=None) -> dict:
                 kw["template"] = templates[name]
             doc = mod.evaluate(items, images_dir, judge, out / name, **kw)
             entry["summary"] = {k: v for k, v in doc["summary"].items() if not isinstance(v, dict)}
+            entry["judge_stats"] = doc["judge_stats"]  # this benchmark's; report["judge_stats"]: the run's
             entry["results"] = str(out / name / "results.json")
             entry["markdown"] = (out / name / "summary.md").read_text(encoding="utf-8")
         report["benchmarks"][name] = entry

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true",
                     help="print the calls per model and the estimated cost; make no call and no file")
     ap.add_argument("--config", default=None, help="JSON file overriding SynthConfig fields (see echo4o_jax.synth.config)")
-    ap.add_argument("--journal-dir", default=None, help="paid-call journal (default: <out>/journal)")
+    ap.add_argument("--journal-dir", default=None, help="paid-call journal (default: <out>/journal); the manifest records it and a "
+                                                  "later run with a journal lacking the dataset's calls is refused")
     ap.add_argument("--overwrite", action="store_true",
                     help="rebuild a dataset that was made with other settings (journaled answers are reused)")
     ap.add_argument("--refs", default=None,
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "openai"):  # request logs could carry headers
+    # per-request logs of the HTTP stack (noise; could carry headers): httpx / httpcore, or the httpx2 /
+    # httpcore2 forks some openai releases use instead
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.limit < 0:
         print("error: --limit must be >= 0", file=sys.stderr)

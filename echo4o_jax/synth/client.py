@@ -7,7 +7,8 @@ Every call goes through :meth:`SynthClient._call`:
    :class:`Refused` again. Two samples asking the same shared question at once make one call.
 2. otherwise the call waits for its model's **rate limiter** (requests per minute, evenly spaced) and a
    slot of the **concurrency** semaphore, and is made with the client's own retries off;
-3. 429 / 408 / 409 / 5xx, time-outs, connection errors and unreadable bodies are **retried** with
+3. 429 / 408 / 409 / 5xx, time-outs, connection errors and unreadable bodies (an image answer whose
+   bytes do not fully decode as an image included) are **retried** with
    exponential backoff and full jitter, or after the server's ``retry-after-ms`` / ``retry-after``
    (:func:`echo4o_jax.eval.judge._retry_after`), up to ``max_retries`` times, then :class:`CallFailed`
    (not journaled: a later run tries again). 429 ``insufficient_quota``, 401, 403 and 404 abort the run
@@ -15,7 +16,9 @@ Every call goes through :meth:`SynthClient._call`:
 4. a **content-policy refusal** (an HTTP 400 whose code or message names the safety system / content
    policy / moderation, ``finish_reason == "content_filter"``, a ``refusal`` message, or an answer
    matching ``refusal_patterns``) is journaled with status ``refused`` and raised as :class:`Refused`;
-5. a successful answer is journaled (images first, as blobs) with its usage and estimated cost.
+5. a successful answer is journaled (images first, as blobs) with its usage and estimated cost. A
+   journaled image answer whose blobs do not decode (written by an older version) is not replayed: it
+   is asked again (with a warning), and the new answer's entry supersedes it.
 
 The API key is read from the environment variable ``cfg.api_key_env`` when the first HTTP call is
 made; it is passed to the ``openai`` client only, and removed (:func:`echo4o_jax.eval.judge.redact`)
@@ -37,6 +40,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
+from echo4o_jax.data.records import RecordError, probe_image
 from echo4o_jax.eval.judge import _retry_after, redact
 from echo4o_jax.synth.config import SynthConfig
 from echo4o_jax.synth.journal import Journal
@@ -321,9 +325,13 @@ class SynthClient:
             if not b64:
                 raise ValueError("image response without b64_json (a URL answer is not supported)")
             try:
-                out.append(base64.b64decode(b64, validate=True))
+                img = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError) as e:
                 raise ValueError(f"image response with bad base64: {e}") from None
+            problem = _undecodable(img)
+            if problem:  # never journaled: retried like any unreadable answer
+                raise ValueError(f"image response {len(out)} is not a decodable image ({problem})")
+            out.append(img)
         if not out:
             raise ValueError("image response without images")
         return {"images": out}
@@ -363,30 +371,43 @@ class SynthClient:
             return random.uniform(0.0, min(cap, self.cfg.backoff_base * 2.0 ** (attempt - 1)))
         return min(server_says, cap)
 
-    def _replay(self, entry: dict) -> CallResult:
+    def _replayable_images(self, entry: dict, label: str) -> list[bytes] | None:
+        """The images of a journaled answer, or None when it cannot be replayed (a missing blob, or an
+        image that does not decode: a bad answer journaled by an older version; asked again)."""
+        if not self.journal.has_blobs(entry):
+            return None
+        images = [self.journal.read_blob(ref) for ref in entry.get("blobs") or []]
+        for i, img in enumerate(images):
+            problem = _undecodable(img)
+            if problem:
+                log.warning("%s: journaled image %d (%s) is not a decodable image (%s); asking again", label, i,
+                            entry["blobs"][i]["sha256"][:12], problem)
+                return None
+        return images
+
+    def _replay(self, entry: dict, images: list[bytes]) -> CallResult:
         self.stats.add("replayed")
         with self.stats._lock:
             self.stats.replayed_spend += float(entry.get("cost") or 0.0)
         self._on_event("replayed")
         if entry.get("status") == "refused":
             raise Refused(entry.get("error") or "refused (journaled)")
-        images = [self.journal.read_blob(ref) for ref in entry.get("blobs") or []]
         return CallResult(key=entry["key"], text=entry.get("text"), images=images, cost=float(entry.get("cost") or 0.0),
                           replayed=True)
 
     def _call(self, key: str, kind: str, model: str, label: str, do, cost_of) -> CallResult:
         while True:
+            e = self.journal.get(key)
+            images = self._replayable_images(e, label) if e is not None else None
+            if images is not None:
+                return self._replay(e, images)
             with self._lock:
-                e = self.journal.get(key)
-                if e is not None and self.journal.has_blobs(e):
-                    owner = None
-                else:
-                    ev = self._inflight.get(key)
-                    owner = ev is None
-                    if owner:
-                        ev = self._inflight[key] = threading.Event()
-            if owner is None:
-                return self._replay(e)
+                if self.journal.get(key) is not e:
+                    continue  # an answer was journaled meanwhile: look at it
+                ev = self._inflight.get(key)
+                owner = ev is None
+                if owner:
+                    ev = self._inflight[key] = threading.Event()
             if owner:
                 break
             ev.wait()  # another thread makes this call; then replay its answer (or try ourselves)
@@ -500,6 +521,16 @@ def _error_fields(e) -> tuple[str | None, str | None, str | None]:
     msg = err.get("message") or getattr(e, "message", None)
     return (str(code) if code is not None else None, str(etype) if etype is not None else None,
             str(msg) if msg is not None else None)
+
+
+def _undecodable(data: bytes) -> str | None:
+    """Why `data` is not a fully decodable image (None when it is): the pixels are decoded, so a
+    truncated file is caught, not only a bad header."""
+    try:
+        probe_image(data, check="decode")
+    except RecordError as e:
+        return str(e)
+    return None
 
 
 def _ext_of(data: bytes) -> str:

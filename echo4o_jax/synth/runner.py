@@ -9,13 +9,18 @@ Resume rules (the journal makes every rebuild free of paid calls):
   answer already paid for is replayed from the journal, only missing calls are made, so the result is
   the dataset an uninterrupted run would have written;
 * a dataset made with other settings -> refused unless ``overwrite`` (then rebuilt; journaled answers
-  to identical requests are still reused).
+  to identical requests are still reused);
+* the manifest records the journal a dataset was built with (``info.synth.journal``: relative to
+  ``out`` when inside it). A run with another journal that holds none of the dataset's calls (a
+  forgotten ``--journal-dir``), or a rebuild whose journal holds none of the calls of the records it
+  would replace, is refused unless ``overwrite``: it would delete records and pay for them again.
 
 Records are written in sample order whatever the completion order, so the dataset does not depend on
 timing. A sample whose call was refused on content-policy grounds, or whose chat answers stayed
 malformed, is skipped (``RecordWriter.skip``, listed in the manifest). A sample whose call failed after
-its retries is skipped too and leaves the dataset incomplete (the run exits non-zero; the next run
-retries just those calls).
+its retries (an image answer that never decoded included), or whose record is invalid (every image is
+fully decoded before it is written), is skipped too and leaves the dataset incomplete (the run exits
+non-zero, the manifest's error names the samples; the next run retries just the failed calls).
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from echo4o_jax.data.records import MANIFEST_NAME, RecordError, RecordWriter, load_manifest
+from echo4o_jax.data.records import MANIFEST_NAME, RecordError, RecordReader, RecordWriter, load_manifest
 from echo4o_jax.eval.judge import MalformedAnswer
 from echo4o_jax.synth.client import (Aborted, CallFailed, Refused, SynthClient, SynthFatalError, chat_cost,
                                      image_cost)
-from echo4o_jax.synth.journal import Journal
+from echo4o_jax.synth.journal import JOURNAL_NAME, Journal
 from echo4o_jax.synth.tracks import SampleContext, Track
 
 log = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ class RunSummary:
     written: int = 0
     skipped: dict = dataclasses.field(default_factory=dict)
     failed: int = 0
+    failures: list = dataclasses.field(default_factory=list)  # "<sample id>: <reason>" of each failed sample
     complete: bool = False
     aborted: str | None = None
     stats: dict = dataclasses.field(default_factory=dict)
@@ -94,6 +100,63 @@ def fingerprint(track: Track) -> str:
 
 def _journal_dir(out_dir: str | os.PathLike, journal_dir: str | os.PathLike | None) -> Path:
     return Path(journal_dir) if journal_dir else Path(out_dir) / DEFAULT_JOURNAL_SUBDIR
+
+
+def _journal_ref(out_dir: Path, journal_dir: Path) -> str:
+    """How the manifest records a journal: relative to the dataset when inside it (the two move
+    together), else absolute."""
+    jd, out = journal_dir.resolve(), out_dir.resolve()
+    try:
+        return jd.relative_to(out).as_posix()
+    except ValueError:
+        return str(jd)
+
+
+def _open_journal_if_any(journal_dir: Path, **kw) -> Journal | None:
+    """The journal in `journal_dir` when it has one (nothing is created), else None."""
+    return Journal(journal_dir, **kw) if (journal_dir / JOURNAL_NAME).exists() else None
+
+
+def _check_journal(out_dir: Path, mode: str, journal_dir: Path, journal: Journal | None, overwrite: bool) -> None:
+    """Refuse to run the dataset in `out_dir` against a journal that holds none of its paid answers
+    (see the module docstring). `journal`: the journal in `journal_dir` (None: there is none)."""
+    mpath = out_dir / MANIFEST_NAME
+    if overwrite or mode not in ("append", "rebuild") or not mpath.exists():
+        return
+    m = load_manifest(mpath)
+    recorded = ((m.get("info") or {}).get("synth") or {}).get("journal")
+    recorded_dir = out_dir / recorded if recorded else None  # (an absolute path stays itself)
+    moved = recorded_dir is not None and recorded_dir.resolve() != journal_dir.resolve()
+    n_records = int(m.get("records") or 0)
+    if not moved and not (mode == "rebuild" and n_records):
+        return
+    if n_records and journal is not None and len(journal) and _holds_any_call(out_dir, journal):
+        return
+    if moved:
+        raise SynthError(f"the dataset in {out_dir} was built with the journal {recorded_dir} (its paid answers), "
+                         f"but this run uses {journal_dir}, which holds none of the dataset's calls: pass "
+                         f"--journal-dir {recorded_dir} to reuse them (or --overwrite to go on with {journal_dir} "
+                         f"and pay for every call again)")
+    raise SynthError(f"the dataset in {out_dir} has {n_records} records but the journal {journal_dir} holds none "
+                     f"of their calls (moved or deleted?): rebuilding would delete them and pay for every call "
+                     f"again; pass --journal-dir with the journal it was built with (or --overwrite to rebuild it "
+                     f"with {journal_dir})")
+
+
+def _holds_any_call(out_dir: Path, journal: Journal) -> bool:
+    """Whether `journal` holds a call of any record of the dataset in `out_dir` (``meta.calls``)."""
+    try:
+        reader = RecordReader(out_dir)
+        try:
+            for i in range(len(reader)):
+                if any(k in journal for k in (reader.header(i).get("meta") or {}).get("calls") or ()):
+                    return True
+        finally:
+            reader.close()
+    except RecordError as e:
+        raise SynthError(f"cannot check that the journal {journal.root} holds the calls of the dataset in {out_dir} "
+                         f"(its records are unreadable: {e}); pass --overwrite to rebuild it anyway") from None
+    return False
 
 
 def _dataset_state(out_dir: Path, fp: str, overwrite: bool) -> tuple[str, int]:
@@ -135,8 +198,8 @@ def _run_sample(track: Track, client: SynthClient, index: int) -> _Outcome:
         log.warning("%s: call failed at %s: %s", sid, ctx.step, e)
         return _Outcome(index, failed=f"call_failed:{ctx.step}")
     except RecordError as e:
-        log.warning("%s: invalid record: %s", sid, e)
-        return _Outcome(index, skip=f"invalid_record:{ctx.step}")
+        log.warning("%s: invalid record at %s (not written): %s", sid, ctx.step, e)
+        return _Outcome(index, failed=f"invalid_record:{ctx.step}")
     except Aborted:
         return _Outcome(index, aborted=True)
 
@@ -185,17 +248,25 @@ def run_track(track: Track, out_dir: str | os.PathLike, *, limit: int, journal_d
               file=stream)
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(_journal_dir(out, journal_dir))
+    jd = _journal_dir(out, journal_dir)
+    journal = _open_journal_if_any(jd)
+    try:
+        _check_journal(out, mode, jd, journal, overwrite)
+    except BaseException:
+        if journal is not None:
+            journal.close()
+        raise
+    journal = journal or Journal(jd)
     writer = None
     try:
         info = {"synth": {"tool": "echo4o_jax.synth", "track": track.name, "items": limit, "fingerprint": fp,
-                          "config": cfg.to_public_dict(), **track.describe(),
+                          "journal": _journal_ref(out, jd), "config": cfg.to_public_dict(), **track.describe(),
                           "templates": {n: track.template(n).version for n in track.template_names}}}
         if mode == "rebuild" and (out / MANIFEST_NAME).exists():
             print(f"{track.name}: rebuilding {out} from the journal ({len(journal)} journaled calls; "
                   f"only missing calls are made)", file=stream)
         writer = RecordWriter(out, shard_bytes=cfg.shard_bytes, name=track.name, append=(mode == "append"),
-                              overwrite=(mode == "rebuild"), info=info)
+                              overwrite=(mode == "rebuild"), check_images="decode", info=info)
         sc = SynthClient(cfg, journal, client=client)
         _loop(track, sc, writer, summary, start, limit, progress, stream)
         summary.stats = sc.stats.snapshot()
@@ -209,11 +280,14 @@ def run_track(track: Track, out_dir: str | os.PathLike, *, limit: int, journal_d
         raise
     err = None
     if summary.failed:
-        err = (f"{summary.failed} samples failed (calls that kept failing); run the same command again to "
-               f"retry them: journaled calls are not repeated")
+        shown = "; ".join(summary.failures[:5]) + (f"; and {summary.failed - 5} more" if summary.failed > 5 else "")
+        err = (f"{summary.failed} samples failed ({shown}; the log has each error); run the same command again to "
+               f"retry their failed calls: journaled calls are not repeated")
     if summary.aborted:
         err = summary.aborted
-    m = writer.close(error=err)
+    # a rebuild that ends incomplete still replaces the old dataset (as an append leaves its partial
+    # dataset): the next run continues it, and every paid answer of both is in the journal
+    m = writer.close(error=err, keep_partial=True)
     summary.complete = bool(m.get("complete"))
     summary.seconds = round(time.monotonic() - t0, 3)
     with open(journal.root / "runs.jsonl", "a", encoding="utf-8") as f:
@@ -252,8 +326,8 @@ def _loop(track: Track, sc: SynthClient, writer: RecordWriter, summary: RunSumma
                     writer.write(o.record)
                     summary.written += 1
                 except RecordError as e:
-                    log.warning("%s: invalid record: %s", o.record.id, e)
-                    o.skip = "invalid_record"
+                    log.warning("%s: invalid record (not written): %s", o.record.id, e)
+                    o.failed = "invalid_record"
             sid = track.sample_id(idx)
             if o.skip:
                 writer.skip(o.skip, where=sid)
@@ -262,6 +336,7 @@ def _loop(track: Track, sc: SynthClient, writer: RecordWriter, summary: RunSumma
                 writer.skip(o.failed, where=sid)
                 skipped[o.failed] += 1
                 summary.failed += 1
+                summary.failures.append(f"{sid}: {o.failed}")
                 if summary.failed > cfg.max_failures:
                     summary.aborted = f"aborted: more than {cfg.max_failures} failed samples (max_failures)"
                     log.error("%s", summary.aborted)
@@ -301,8 +376,8 @@ def dry_run(track: Track, out_dir: str | os.PathLike | None, *, limit: int,
         out = Path(out_dir)
         mode, start = _dataset_state(out, fingerprint(track), overwrite)
         jd = _journal_dir(out, journal_dir)
-        if (jd / "journal.jsonl").exists():
-            journal = Journal(jd, read_only=True)
+        journal = _open_journal_if_any(jd, read_only=True)
+        _check_journal(out, mode, jd, journal, overwrite)
     seen: set[str] = set()
     rows: dict[tuple[str, str], dict] = {}
     journaled = 0

@@ -218,8 +218,12 @@ class SurrealTrack(Track):
         objects = rng.sample(self.classes, 2 if typ == "multi_object" else 1)
         return {"index": index, "type": typ, "objects": objects, "hint": rng.choice(self.hints[typ])}
 
+    # the keys the surreal_attributes template asks for: an answer without one of them is malformed
+    # (asked again), never stored as the shared answer every later sample of the object reuses
+    ATTRIBUTE_KEYS = ("object", "color", "shape", "size", "material", "structure", "setting")
+
     def _attributes(self, ctx: SampleContext, obj: str) -> dict:
-        return ctx.ask("surreal_attributes", {"object": obj}, scope="shared")
+        return ctx.ask("surreal_attributes", {"object": obj}, scope="shared", require=self.ATTRIBUTE_KEYS)
 
     def run(self, plan: dict, ctx: SampleContext) -> Record:
         attrs = [self._attributes(ctx, o) for o in plan["objects"]]
