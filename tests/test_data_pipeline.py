@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -437,6 +438,19 @@ def test_mixing_by_weight(data, model_cfg):
         for k, v in st["samples_by_dataset"].items():
             tot[k] = tot.get(k, 0) + v
     assert set(tot) <= {"A", "B"}
+
+
+def test_truncated_shard_named_when_the_pipeline_is_built(data, model_cfg, tmp_path):
+    import shutil
+
+    from echo4o_jax.data.records import RecordError
+
+    d = tmp_path / "a"
+    shutil.copytree(data["a"], d)
+    shard = sorted(d.glob("*.array_record"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(RecordError, match=re.escape(str(shard))):
+        DataPipeline(_cfg(data, datasets=(DatasetSpec(str(d)),)), model_cfg)
 
 
 def test_overlong_and_corrupt_samples_counted(data, model_cfg):

@@ -486,7 +486,7 @@ class DataPipeline:
                  process_count: int = 1):
         import grain
 
-        from echo4o_jax.data.records import resolve_shards
+        from echo4o_jax.data.records import resolve_shards, shard_record_counts
 
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
@@ -508,6 +508,7 @@ class DataPipeline:
         for i, spec in enumerate(config.datasets):
             files = resolve_shards(list(spec.path) if isinstance(spec.path, tuple) else spec.path)
             self.shards.append(files)
+            shard_record_counts(files)  # a truncated / corrupt shard: RecordError naming it (grain's is bare)
             src = grain.sources.ArrayRecordDataSource(files)
             n = len(src)
             if n < process_count:

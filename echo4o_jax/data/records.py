@@ -81,6 +81,7 @@ __all__ = [
     "MANIFEST_NAME",
     "RecordError",
     "DatasetExistsError",
+    "shard_record_counts",
     "ImageInfo",
     "Record",
     "probe_image",
@@ -729,6 +730,15 @@ def _shard_num_records(path: str) -> int:
     return n
 
 
+def shard_record_counts(files: Sequence[str]) -> list[int]:
+    """The record count of every shard (opened in threads); RecordError naming the first shard that cannot
+    be opened (truncated, corrupt)."""
+    if not files:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(files))) as ex:
+        return list(ex.map(_shard_num_records, files))
+
+
 @dataclasses.dataclass(frozen=True)
 class _ShardSlice:
     """The `FileInstruction` protocol of ArrayRecordDataSource (so that it does not reopen the shard)."""
@@ -760,8 +770,7 @@ class RecordReader:
         self.verification: dict | None = None  # verify()'s summary when verify=True
         if verify:
             checked = self._verify_files()  # before any shard is opened
-        with concurrent.futures.ThreadPoolExecutor(min(16, len(self.shards))) as ex:
-            counts = list(ex.map(_shard_num_records, self.shards))
+        counts = shard_record_counts(self.shards)
         self._shard_records = {os.path.normpath(f): n for f, n in zip(self.shards, counts)}
         self._ends = list(itertools.accumulate(counts))
         from array_record.python.array_record_data_source import ArrayRecordDataSource
