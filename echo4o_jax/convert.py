@@ -9,7 +9,10 @@ the table's own `Transform.to_official`. Everything is validated before anything
 `CheckpointMismatchError` listing missing / unexpected / mis-shaped / wrongly-typed keys, first 20
 of each with counts; `SafetensorsError` naming a truncated or corrupt file; `ConfigError` for a
 missing config); the output is written into a temporary sibling folder and renamed at the end, so
-`out` is untouched on any error. An existing non-empty `out` is refused unless `overwrite=True`.
+`out` is untouched on any error. An existing non-empty `out` is refused unless `overwrite=True`; an
+`out` that is the source, contains it or lies inside it (real paths: symlinks and bind mounts seen
+through, the files read included) is always refused (`SourceOverlapError`), before anything is written.
+An `out` that is a symlink to a folder is written through: the export lands in the link's target.
 
 Memory: one official tensor at a time. Safetensors are read with plain file reads (`read`), and a
 stacked Flax array ([num_layers, ...]) is never assembled: it is written to Orbax through a
@@ -52,6 +55,7 @@ from .safetensors_io import (open_checkpoint_file, write_safetensors_sharded,
 
 __all__ = [
     "OutputExistsError",
+    "SourceOverlapError",
     "StreamedArray",
     "save_streamed",
     "convert_to_orbax",
@@ -66,6 +70,10 @@ SAFETENSORS_METADATA = {"format": "pt"}  # what torch / accelerate loaders expec
 
 class OutputExistsError(FileExistsError):
     """The output folder exists and is not empty (pass overwrite=True / --overwrite)."""
+
+
+class SourceOverlapError(ValueError):
+    """The output folder is the source, contains it or lies inside it (replacing it would delete the source)."""
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -387,12 +395,61 @@ def _plan(name: str, ctor: Callable[[], nnx.Module], rules: list[keymap.Rule], s
 # ------------------------------------------------------------------------------------------ output folder
 
 
-def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+def _fs_ids(p: pathlib.Path) -> list[tuple[int, int]]:
+    """(st_dev, st_ino) of `p` and of each of its parent folders that exists, `p` first when it exists (a folder
+    reached through symlinks or a bind mount has the same identity as through its real path)."""
+    ids = []
+    for q in (p, *p.parents):
+        try:
+            st = q.stat()
+        except OSError:
+            continue
+        ids.append((st.st_dev, st.st_ino))
+    return ids
+
+
+def _check_apart(out: pathlib.Path, src: pathlib.Path, paths) -> None:
+    """Raise SourceOverlapError when the output folder `out` is, contains or lies inside one of `paths` (the
+    source folder `src` or what is read from it), comparing real paths and file identities."""
+    o = out.resolve()
+    o_ids = _fs_ids(o)
+    o_id = o_ids[0] if o.exists() else None
+    for p in paths:
+        r = p.resolve()
+        if not r.exists():
+            continue
+        r_ids = _fs_ids(r)
+        if o_id == r_ids[0]:
+            rel = "is"
+        elif o_id in r_ids:
+            rel = "contains"
+        elif r_ids[0] in o_ids:
+            rel = "lies inside"
+        else:
+            continue
+        what = f"the source {src}" if p == src else f"{p}, read from the source {src}"
+        real = f" (real paths: {o} and {r})" if (o, r) != (out, p) else ""
+        raise SourceOverlapError(f"the output folder {out} {rel} {what}{real}: writing it would replace the "
+                                 f"source; choose an output folder outside the source (refused with or "
+                                 f"without --overwrite)")
+
+
+def _check_out(out: pathlib.Path, overwrite: bool, src: pathlib.Path, paths) -> pathlib.Path:
+    """Refuse an `out` that overlaps the source folder `src` or the `paths` read from it (see `_check_apart`),
+    that is not a folder, or that is not empty without `overwrite`. Returns the real path to write (an `out`
+    symlink is written through)."""
+    _check_apart(out, src, [src, *paths])
     if out.exists():
         if not out.is_dir():
             raise OutputExistsError(f"{out} exists and is not a folder")
         if any(out.iterdir()) and not overwrite:
             raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    return out.resolve()
+
+
+def _side_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The json configs, meta.json and tokenizer files that exist in `folder`."""
+    return [folder / n for n in ck.CONFIG_FILES + ck.TOKENIZER_FILES + (ck.META_FILE,) if (folder / n).is_file()]
 
 
 def _tmp_sibling(out: pathlib.Path) -> pathlib.Path:
@@ -466,9 +523,10 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
     manifest (computed in a background thread); compress: zstd chunks (see `save_streamed`).
     Returns the manifest."""
     src, out = pathlib.Path(os.fspath(src)).absolute(), pathlib.Path(os.fspath(out)).absolute()
-    _check_out(out, overwrite)
+    _check_apart(out, src, [src])  # first: before any message about the source
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
+    _check_not_orbax_source(src)
     cfg = BagelConfig.from_checkpoint_dir(src)
     ema = open_checkpoint_file(src, "ema.safetensors")
     ae = open_checkpoint_file(src, "ae.safetensors")
@@ -477,11 +535,12 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
         lambda: _plan("vae", lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)), vae_key_rules(cfg.vae), ae, vae_dtype))
 
     src_files = sorted({pathlib.Path(p) for s in (ema, ae) for p in s.files()})
-    side_files = [src / n for n in ck.CONFIG_FILES + ck.TOKENIZER_FILES + (ck.META_FILE,) if (src / n).is_file()]
+    side_files = _side_files(src)
+    dest = _check_out(out, overwrite, src, src_files + side_files)
     hasher = _Hasher(src_files + side_files, src) if hash_files else None
     n_tensors = len(bagel_plan.entries) + len(vae_plan.entries)
     total = bagel_plan.source_bytes + vae_plan.source_bytes
-    tmp = _tmp_sibling(out)
+    tmp = _tmp_sibling(dest)
     bar = None
     try:
         if hasher:
@@ -500,7 +559,7 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
         manifest = _manifest_to_jax(src, files, bagel_plan, vae_plan)
         manifest["compression"] = "zstd-1" if compress else None
         ck._write_json(tmp / ck.MANIFEST_FILE, manifest)
-        _finalize(tmp, out)
+        _finalize(tmp, dest)
     except BaseException:
         if hasher:
             hasher.stop.set()
@@ -509,6 +568,25 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _check_not_orbax_source(src: pathlib.Path) -> None:
+    """A training workdir or a converted Orbax folder given as the official source: say what it is and what to
+    do instead (rather than a missing-file error)."""
+    if ck.is_official_dir(src):
+        return
+    if (src / ck.MODEL_CONFIG_DIR).is_dir() or (src / ck.CHECKPOINTS_DIR).is_dir():
+        raise ck.CheckpointError(
+            f"{src} is a training workdir ({ck.MODEL_CONFIG_DIR}/, {ck.CHECKPOINTS_DIR}/), not an official PyTorch "
+            f"folder: to_jax converts official folders. A workdir is already in the JAX format and is used "
+            f"directly where a checkpoint is expected (e.g. python -m echo4o_jax.generate --ckpt {src}); to "
+            f"export it to an official PyTorch folder: python -m tools.convert_weights.to_torch --ckpt {src} "
+            f"--out DIR")
+    if ck.is_converted_dir(src):
+        raise ck.CheckpointError(
+            f"{src} is a converted Orbax folder ({ck.PARAMS_ITEM}/), not an official PyTorch folder: it is "
+            f"already in the JAX format and is used directly where a checkpoint is expected; to export it to an "
+            f"official PyTorch folder: python -m tools.convert_weights.to_torch --ckpt {src} --out DIR")
 
 
 def _manifest_to_jax(src, files, bagel_plan: _Plan, vae_plan: _Plan) -> dict:
@@ -609,8 +687,9 @@ def convert_to_official(ckpt, out, *, step: int | None = None, weights: str = "e
     `max_shard_size` (bytes), ae.safetensors, llm_config.json, vit_config.json, meta.json, tokenizer
     files. Returns a summary dict."""
     ckpt, out = pathlib.Path(os.fspath(ckpt)).absolute(), pathlib.Path(os.fspath(out)).absolute()
-    _check_out(out, overwrite)
+    _check_apart(out, ckpt, [ckpt])  # first: before any message about the source
     cfg_dir, bagel_dir, vae_dir, source = _resolve_export_source(ckpt, step, weights)
+    dest = _check_out(out, overwrite, ckpt, _side_files(cfg_dir) + [bagel_dir, vae_dir])
     cfg = BagelConfig.from_checkpoint_dir(cfg_dir)
     bagel_item, vae_item = ck.OrbaxItem(bagel_dir), ck.OrbaxItem(vae_dir)
     bagel_x, vae_x = _all_or_mismatch(
@@ -619,7 +698,7 @@ def convert_to_official(ckpt, out, *, step: int | None = None, weights: str = "e
     specs_b, specs_v = bagel_x.specs(), vae_x.specs()
     nbytes = lambda specs: sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in specs)
     total = nbytes(specs_b) + nbytes(specs_v)
-    tmp = _tmp_sibling(out)
+    tmp = _tmp_sibling(dest)
     bar = None
     try:
         bar, tick = _progress(total, len(specs_b) + len(specs_v), f"to_torch {ckpt.name}", progress)
@@ -641,7 +720,7 @@ def convert_to_official(ckpt, out, *, step: int | None = None, weights: str = "e
             if not (tmp / name).is_file():
                 ck._write_json(tmp / name, d)
         ck._write_json(tmp / ck.META_FILE, cfg.meta_dict())
-        _finalize(tmp, out)
+        _finalize(tmp, dest)
     except BaseException:
         if bar is not None:
             bar.close()

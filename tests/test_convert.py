@@ -438,6 +438,107 @@ def test_to_torch_bad_inputs_nothing_written(golden_dir, converted, workdir, tmp
     _assert_nothing_written(out)
 
 
+def tree_state(path) -> dict:
+    """Every entry under `path` (files with their bytes, folders, symlinks with their targets)."""
+    def one(p):
+        if p.is_symlink():
+            return ("link", os.readlink(p))
+        return p.read_bytes() if p.is_file() else "dir"
+    return {str(p.relative_to(path)): one(p) for p in sorted(path.rglob("*"))}
+
+
+def test_out_overlapping_a_workdir_refused_nothing_lost(workdir, tmp_path):
+    """--out the workdir itself, its parent, a folder inside it, a symlink to it, or (through a symlinked
+    checkpoints/) the folder that really holds its checkpoints: refused with or without overwrite."""
+    parent = tmp_path / "P"
+    wd = parent / "run"
+    shutil.copytree(workdir[0], wd)
+    (wd / "log.jsonl").write_text('{"step": 20}\n')
+    (wd / "link").symlink_to(wd, target_is_directory=True)
+    big = tmp_path / "big"
+    big.mkdir()
+    shutil.copytree(workdir[0], big / "run2")
+    wd2 = tmp_path / "run2"
+    wd2.mkdir()
+    for name in ("model_config", "vae"):
+        (wd2 / name).symlink_to(big / "run2" / name, target_is_directory=True)
+    (wd2 / "checkpoints").symlink_to(big / "run2" / "checkpoints", target_is_directory=True)
+    before = tree_state(tmp_path)
+    cases = [(wd, wd, "is the source"), (wd, parent, "contains the source"), (wd, wd / "export", "lies inside"),
+             (wd, wd / "checkpoints", "lies inside"), (wd, wd / "link", "is the source"),
+             (wd2, big, "contains .*model_config/llm_config.json, read from the source"),
+             (wd2, big / "run2", "contains .*, read from the source"),
+             (wd2, big / "run2" / "checkpoints",
+              r"contains .*checkpoints/20/ema, read from the source .*\(real paths: ")]
+    for src, out, rel in cases:
+        for overwrite in (True, False):
+            with pytest.raises(convert.SourceOverlapError, match=rel) as e:
+                convert.convert_to_official(src, out, overwrite=overwrite, progress=False)
+            msg = str(e.value)
+            assert str(out) in msg and str(src) in msg, msg
+    assert tree_state(tmp_path) == before
+    # and the workdir still exports (to a folder beside it)
+    convert.convert_to_official(wd, tmp_path / "beside", progress=False)
+    assert (tmp_path / "beside" / "ema.safetensors").is_file() and (wd / "log.jsonl").is_file()
+
+
+def test_out_overlapping_an_official_or_converted_source_refused(golden_dir, converted, tmp_path):
+    parent = tmp_path / "P"
+    src = make_official(golden_dir, parent / "src")
+    blobs = tmp_path / "blobs"  # a source whose weights are symlinks (as in the Hugging Face cache)
+    blobs.mkdir()
+    src2 = make_official(golden_dir, tmp_path / "src2")
+    for name in ("ema.safetensors", "ae.safetensors"):
+        (src2 / name).rename(blobs / name)
+        (src2 / name).symlink_to(blobs / name)
+    conv = tmp_path / "conv"
+    shutil.copytree(converted[0], conv)
+    before = tree_state(tmp_path)
+    for fn, s, out, rel in [(convert.convert_to_orbax, src, src, "is the source"),
+                            (convert.convert_to_orbax, src, parent, "contains the source"),
+                            (convert.convert_to_orbax, src, src / "jax", "lies inside the source"),
+                            (convert.convert_to_orbax, src2, blobs,
+                             r"contains \S*/src2/ae.safetensors, read from the source .*\(real paths: "),
+                            (convert.convert_to_official, conv, conv, "is the source"),
+                            (convert.convert_to_official, conv, conv / "vae", "lies inside the source")]:
+        for overwrite in (True, False):
+            with pytest.raises(convert.SourceOverlapError, match=rel) as e:
+                fn(s, out, overwrite=overwrite, progress=False)
+            assert str(out) in str(e.value) and str(s) in str(e.value)
+    assert tree_state(tmp_path) == before
+    convert.convert_to_orbax(src2, tmp_path / "jax", progress=False)  # symlinked weights convert fine
+
+
+def test_out_symlink_is_written_through(converted, tmp_path):
+    """An --out symlink to a folder: the export lands in the target, the link stays."""
+    target = tmp_path / "disk" / "export"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("old")
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    with pytest.raises(convert.OutputExistsError, match="not empty"):
+        convert.convert_to_official(converted[0], link, progress=False)
+    summary = convert.convert_to_official(converted[0], link, overwrite=True, progress=False)
+    assert summary["out"] == str(link)
+    assert link.is_symlink() and (target / "ema.safetensors").is_file() and not (target / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["export"]
+
+
+def test_to_jax_on_a_workdir_or_converted_folder_says_what_to_do(workdir, converted, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ck.CheckpointError, match="is a training workdir") as e:
+        convert.convert_to_orbax(workdir[0], out, progress=False)
+    msg = str(e.value)
+    assert f"python -m tools.convert_weights.to_torch --ckpt {workdir[0]}" in msg
+    assert f"python -m echo4o_jax.generate --ckpt {workdir[0]}" in msg
+    _assert_nothing_written(out)
+    with pytest.raises(ck.CheckpointError, match="is a converted Orbax folder") as e:
+        convert.convert_to_orbax(converted[0], out, progress=False)
+    assert f"python -m tools.convert_weights.to_torch --ckpt {converted[0]}" in str(e.value)
+    _assert_nothing_written(out)
+
+
 # ------------------------------------------------------------------------------------------ entry points
 
 
@@ -462,3 +563,29 @@ def test_cli_round_trip(golden_dir, tmp_path, capsys):
     assert to_jax.main(["--src", str(golden_dir), "--out", str(back), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not empty" in err
+
+
+def test_cli_refuses_out_overlapping_source(golden_dir, workdir, tmp_path, capsys):
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from tools.convert_weights import to_jax, to_torch
+
+    parent = tmp_path / "P"
+    wd = parent / "wd"
+    shutil.copytree(workdir[0], wd)
+    src = make_official(golden_dir, tmp_path / "src")
+    before = tree_state(tmp_path)
+    for argv, src_path, out_path in [
+            (["to_torch", "--ckpt", str(wd), "--out", str(wd)], wd, wd),
+            (["to_torch", "--ckpt", str(wd), "--out", str(parent)], wd, parent),
+            (["to_jax", "--src", str(src), "--out", str(src)], src, src)]:
+        main = to_torch.main if argv[0] == "to_torch" else to_jax.main
+        capsys.readouterr()
+        assert main(argv[1:] + ["--overwrite", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: the output folder ") and "would replace the source" in err
+        assert str(src_path) in err and str(out_path) in err
+    assert tree_state(tmp_path) == before
+    assert to_jax.main(["--src", str(wd), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "training workdir" in err and "to_torch --ckpt" in err and not (tmp_path / "x").exists()

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="official checkpoint folder (llm_config.json, vit_config.json, "
                    "ema.safetensors or shards + index, ae.safetensors, tokenizer files)")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty; never the source, a "
+                   "folder holding it or one inside it)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="dtype of the model weights (default: the source's)")
     p.add_argument("--vae-dtype", choices=["bfloat16", "float32"], default=None,

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="training step (workdir only; default: latest)")
     p.add_argument("--weights", choices=["ema", "params"], default="ema",
                    help="which weights of a training checkpoint (default: ema)")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty; never the source, a "
+                   "folder holding it or one inside it)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="dtype of ema.safetensors (default: as stored)")
     p.add_argument("--vae-dtype", choices=["bfloat16", "float32"], default=None,
