@@ -17,24 +17,35 @@ reasoning text before the image (or the answer).
 
 Batch mode (`--prompts FILE.jsonl`), one request per line:
     {"id": "cat", "prompt": "...", "images": ["ref.png"], "size": [1024, 1024], "seed": 0, "num_images": 4}
-(`id` defaults to the line number, `prompt_ids` may replace `prompt`). It writes `<id>_<k>.png`,
+(`id` defaults to the line number, `prompt_ids` may replace `prompt`; optional `think`: true and
+`sampler`: {setting: value}). Ids must be unique in the file (they name the outputs). Relative image
+paths are read from the JSONL file's folder, not the current directory. Every request is checked
+(JSON, ids, sizes, image files, prompt length) before the model weights load and before `--out` is
+created; an error names `FILE:LINE (id=...)`. The per-request flags (--prompt, --image, --size,
+--seed, --num-images, --think, --understand) are refused with --prompts. It writes `<id>_<k>.png`,
 `metadata.jsonl` (one line per finished request) and `contact_sheet.png`; re-running skips finished
 requests (a PNG cut short by a kill does not count: PNGs are written to a temporary file and renamed,
-and one that does not decode is generated again). The sampler is compiled once per (resolution, number of references, CFG setting) and reused;
-the CFG branches and the `num_images` images of a request run batched in one forward pass.
+and one that does not decode is generated again). The sampler is compiled once per (resolution,
+number of references, CFG setting) and reused; the CFG branches and the `num_images` images of a
+request run batched in one forward pass.
+
+Without --size, text-to-image makes 1024x1024 and editing the last input image's VAE-resized size;
+either must fit the model's latent position table (an error names the largest size it allows).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
+import operator
 import os
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -65,8 +76,55 @@ EDIT_DEFAULTS = TaskDefaults(4.0, 2.0, (0.0, 1.0), "text_channel")
 SAMPLER_KEYS = tuple(f.name for f in dataclasses.fields(TaskDefaults))
 
 
+DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
+TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (one compilation per bucket)
+
+
 class GenerateError(ValueError):
     """Bad generation input (missing file, bad size, incomplete checkpoint, prompt too long ...)."""
+
+
+@contextlib.contextmanager
+def _checkpoint_errors(ckpt: pathlib.Path):
+    """Loader errors -> one GenerateError naming the checkpoint."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .safetensors_io import SafetensorsError
+
+    try:
+        yield
+    except (ConfigError, SafetensorsError, CheckpointError, FileNotFoundError) as e:
+        raise GenerateError(f"checkpoint {ckpt} is incomplete or unreadable: {e}") from None
+
+
+def _check_sampler_keys(settings) -> None:
+    unknown = [k for k in settings if k not in SAMPLER_KEYS]
+    if unknown:
+        raise GenerateError(f"unknown sampler setting {', '.join(map(repr, unknown))}; known: {', '.join(SAMPLER_KEYS)}")
+
+
+def _as_int(v, what: str, minimum: int | None = None) -> int:
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        n = operator.index(v)
+    except TypeError:
+        raise GenerateError(f"{what} {v!r}: expected an integer") from None
+    if minimum is not None and n < minimum:
+        raise GenerateError(f"{what} {n}: must be at least {minimum}")
+    return n
+
+
+class _Prepared(NamedTuple):
+    """A checked generation request: prompt ids, PIL images, sampler settings, output (H, W), ..."""
+    ids: list[int]
+    images: list
+    sampler: dict[str, Any]
+    shape: tuple[int, int]
+    seed: int
+    num_images: int
+    sys_ids: list[int] | None  # the think system prompt (think mode), else None
+    max_think_tokens: int
 
 
 def parse_size(s, stride: int) -> tuple[int, int]:
@@ -113,59 +171,99 @@ def _under_mesh(method):
 
 
 class Generator:
-    """A loaded checkpoint + tokenizer + Inferencer, reused across requests (compiled step functions
-    are cached per shape)."""
+    """A checkpoint's config + tokenizer + Inferencer, reused across requests (compiled step functions
+    are cached per shape). With `load_weights=False` the weights load at the first generation, so that
+    requests are checked (`check`, `check_request`) against the model's limits before the slow part."""
 
     def __init__(self, ckpt: str | pathlib.Path, *, dtype: str = "float32", max_context: int = 0,
                  demo: bool = False, vae_transform: tuple[int, int] | None = None,
-                 vit_transform: tuple[int, int] | None = None, mesh: tuple[int, int, int] | None = None):
+                 vit_transform: tuple[int, int] | None = None, mesh: tuple[int, int, int] | None = None,
+                 load_weights: bool = True):
         import jax
 
-        from .checkpoint import CheckpointError, load_any_bagel, load_any_vae, load_config
-        from .config import ConfigError
-        from .inference import Inferencer
-        from .safetensors_io import SafetensorsError
-
-        self.ckpt = pathlib.Path(ckpt)
-        self.mesh = None
-        if not self.ckpt.exists():
-            raise GenerateError(f"checkpoint folder not found: {self.ckpt}")
-        try:
-            self.cfg = load_config(self.ckpt, compute_dtype=dtype)
-            shardings = vae_shardings = None
-            if mesh is not None:  # params sharded by the logical-axis rules (14B in bf16 over several chips)
-                from flax import nnx
-
-                from . import sharding as shd
-                from .model.bagel import Bagel
-                from .model.vae import AutoEncoder
-
-                self.mesh = shd.make_mesh(*mesh)
-                shardings = shd.state_shardings(nnx.state(nnx.eval_shape(lambda: Bagel(self.cfg, rngs=nnx.Rngs(0)))),
-                                                self.mesh)
-                vae_shardings = shd.replicated(self.mesh)
-            self.model = load_any_bagel(self.ckpt, dtype=dtype, shardings=shardings, compute_dtype=dtype)
-            self.vae = load_any_vae(self.ckpt, self.cfg, shardings=vae_shardings)
-        except (ConfigError, SafetensorsError, CheckpointError, FileNotFoundError) as e:
-            raise GenerateError(f"checkpoint {self.ckpt} is incomplete or unreadable: {e}") from None
-        self.tokenizer = _load_tokenizer(self.ckpt)
-        self.max_context = max_context or (256 if demo else 8192)
-        self.inf = Inferencer(self.model, self.vae, max_context=self.max_context)
+        from .checkpoint import load_config
         from .image_transform import ImageTransform
 
+        self.ckpt = pathlib.Path(ckpt)
+        self.dtype = dtype
+        self.mesh = None
+        self.inf = None
+        if not self.ckpt.exists():
+            raise GenerateError(f"checkpoint folder not found: {self.ckpt}")
+        with _checkpoint_errors(self.ckpt):
+            self.cfg = load_config(self.ckpt, compute_dtype=dtype)
+        if mesh is not None:  # params sharded by the logical-axis rules (14B in bf16 over several chips)
+            from . import sharding as shd
+
+            try:
+                self.mesh = shd.make_mesh(*mesh)
+            except ValueError as e:
+                raise GenerateError(f"--mesh {','.join(map(str, mesh))}: {e}") from None
+        self.tokenizer = _load_tokenizer(self.ckpt)
+        self.max_context = max_context or (256 if demo else 8192)
         if demo:  # the tiny checkpoint's images are tiny: no upscaling to 512 px
             vae_transform, vit_transform = vae_transform or (1024, 16), vit_transform or (980, 14)
-        if vae_transform:
-            self.inf.vae_transform = ImageTransform(*vae_transform, self.cfg.latent_downsample)
-        if vit_transform:
-            self.inf.vit_transform = ImageTransform(*vit_transform, self.cfg.vit.patch_size)
+        self._vae_transform = (ImageTransform(*vae_transform, self.cfg.latent_downsample) if vae_transform
+                               else ImageTransform.vae_default())
+        self._vit_transform = (ImageTransform(*vit_transform, self.cfg.vit.patch_size) if vit_transform
+                               else ImageTransform.vit_default())
         self._jax = jax
+        if load_weights:
+            self.load_weights()
+
+    def load_weights(self) -> None:
+        """Load the model and VAE weights and build the Inferencer (once; later calls do nothing)."""
+        if self.inf is not None:
+            return
+        from .checkpoint import load_any_bagel, load_any_vae
+        from .inference import Inferencer
+
+        shardings = vae_shardings = None
+        if self.mesh is not None:
+            from flax import nnx
+
+            from . import sharding as shd
+            from .model.bagel import Bagel
+
+            shardings = shd.state_shardings(nnx.state(nnx.eval_shape(lambda: Bagel(self.cfg, rngs=nnx.Rngs(0)))),
+                                            self.mesh)
+            vae_shardings = shd.replicated(self.mesh)
+        with _checkpoint_errors(self.ckpt):
+            self.model = load_any_bagel(self.ckpt, dtype=self.dtype, shardings=shardings, compute_dtype=self.dtype)
+            self.vae = load_any_vae(self.ckpt, self.cfg, shardings=vae_shardings)
+        self.inf = Inferencer(self.model, self.vae, max_context=self.max_context, vae_transform=self._vae_transform,
+                              vit_transform=self._vit_transform, text_bucket=TEXT_BUCKET)
+
+    # the resize transforms are the Inferencer's once it exists (the checks and the context building use one pair)
+    @property
+    def vae_transform(self):
+        return self._vae_transform if self.inf is None else self.inf.vae_transform
+
+    @vae_transform.setter
+    def vae_transform(self, t):
+        self._vae_transform = t
+        if self.inf is not None:
+            self.inf.vae_transform = t
+
+    @property
+    def vit_transform(self):
+        return self._vit_transform if self.inf is None else self.inf.vit_transform
+
+    @vit_transform.setter
+    def vit_transform(self, t):
+        self._vit_transform = t
+        if self.inf is not None:
+            self.inf.vit_transform = t
 
     # ------------------------------------------------------------------ inputs
     def encode(self, prompt: str | None = None, prompt_ids: Sequence[int] | None = None) -> list[int]:
         if prompt_ids is not None:
-            ids = [int(i) for i in prompt_ids]
+            if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
+                raise GenerateError(f"prompt_ids {prompt_ids!r}: expected a list of token ids")
+            ids = [_as_int(i, "prompt_ids entry") for i in prompt_ids]
         elif prompt is not None:
+            if not isinstance(prompt, str):
+                raise GenerateError(f"prompt {prompt!r}: expected a string")
             if self.tokenizer is None:
                 raise GenerateError(f"{self.ckpt} has no tokenizer files: give prompt ids instead of text")
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -181,65 +279,112 @@ class Generator:
             return " ".join(map(str, ids))
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
-    def _check_grid(self, h: int, w: int, limit: int, stride: int, what: str):
-        if h // stride > limit or w // stride > limit:
-            raise GenerateError(f"{what} {h}x{w} exceeds the model's position table ({limit} x {stride} = "
-                                f"{limit * stride} px per side); lower the size / the resize transform")
+    def _think_prompt(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise GenerateError("--think needs a checkpoint with tokenizer files")
+        return self.encode(text)
 
-    def _check_context(self, ids, images, think_tokens: int, out_shape=None):
+    @staticmethod
+    def _read_images(images) -> list:
+        if isinstance(images, (str, bytes, pathlib.Path)) or not isinstance(images, Sequence):
+            raise GenerateError(f"images {images!r}: expected a list of image paths")
+        return [im if not isinstance(im, (str, pathlib.Path)) else _read_image(im) for im in images]
+
+    def _check_grid(self, h: int, w: int, limit: int, stride: int, what: str, fix: str, note: str = ""):
+        if h // stride > limit or w // stride > limit:
+            raise GenerateError(f"{what} {h}x{w}{note} exceeds the model's position table ({limit} x {stride} = "
+                                f"{limit * stride} px per side); {fix}")
+
+    def _check_context(self, ids, images, new_tokens: int, out_shape=None, *, understanding: bool = False,
+                       default_size: bool = False):
+        """What the context building will feed must fit the model: each input image resized as
+        `Inferencer.build_contexts` does (VAE transform; the ViT sees the VAE-resized image; the VAE image
+        itself only when generating), the output size (`default_size`: not given by the user), and the
+        context tokens (prompt, images, `new_tokens` generated ones) within max_context."""
         c = self.cfg
-        need = len(ids) + 2 + self.inf.text_bucket + think_tokens
-        if out_shape is not None:
-            self._check_grid(*out_shape, c.max_latent_size, c.latent_downsample, "output size")
+        need = len(ids) + 2 + TEXT_BUCKET + new_tokens
         for im in images:
-            w, h = self.inf.vae_transform.resize(im).size
-            self._check_grid(h, w, c.max_latent_size, c.latent_downsample, "VAE-resized input image")
-            need += (h // c.latent_downsample) * (w // c.latent_downsample) + 2
-            vw, vh = self.inf.vit_transform.resize(im).size
-            self._check_grid(vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size, "ViT-resized input image")
+            vae_im = self.vae_transform.resize(im)
+            if not understanding:  # understanding feeds the ViT only (official vae=not understanding_output)
+                w, h = vae_im.size
+                self._check_grid(h, w, c.max_latent_size, c.latent_downsample, "VAE-resized input image",
+                                 "lower the VAE resize (--vae-transform MAX MIN)")
+                need += (h // c.latent_downsample) * (w // c.latent_downsample) + 2
+            vw, vh = self.vit_transform.resize(vae_im).size
+            self._check_grid(vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size, "ViT-resized input image",
+                             "lower the ViT resize (--vit-transform MAX MIN)")
             need += (vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2
+        if out_shape is not None:
+            m = c.max_latent_size * c.latent_downsample
+            self._check_grid(*out_shape, c.max_latent_size, c.latent_downsample, "output size",
+                             f"give a size of at most {m}x{m} (--size HxW, or `size` in a --prompts request)",
+                             " (the default; no size given)" if default_size else "")
         if need > self.max_context:
             raise GenerateError(f"the prompt and images need about {need} context tokens, more than "
                                 f"--max-context={self.max_context}; raise it or shorten the prompt")
 
     def sampler_settings(self, has_images: bool, overrides: dict[str, Any]) -> dict[str, Any]:
         d = dataclasses.asdict(EDIT_DEFAULTS if has_images else T2I_DEFAULTS)
+        _check_sampler_keys(overrides)
         for k, v in overrides.items():
-            if k not in SAMPLER_KEYS:
-                raise GenerateError(f"unknown sampler setting {k!r}; known: {', '.join(SAMPLER_KEYS)}")
             if v is not None:
                 d[k] = tuple(v) if k == "cfg_interval" else v
         return d
 
+    def _prepare(self, prompt=None, *, prompt_ids=None, images: Sequence = (), size=None, seed: int = 0,
+                 num_images: int = 1, think: bool = False, max_think_tokens: int = 1000,
+                 **sampler) -> _Prepared:
+        """Every check of a generation request (no weights needed): prompt, images, sampler settings,
+        size (default 1024x1024 without reference images, else the last one's VAE-resized size), context."""
+        ids = self.encode(prompt, prompt_ids)
+        images = self._read_images(images)
+        kw = self.sampler_settings(bool(images), sampler)
+        seed = _as_int(seed, "seed")
+        num_images = _as_int(num_images, "num_images", minimum=1)
+        max_think_tokens = _as_int(max_think_tokens, "max_think_tokens", minimum=1)
+        sys_ids = self._think_prompt(GEN_THINK_SYSTEM_PROMPT) if think else None
+        if size is not None:
+            shape = parse_size(size, self.cfg.latent_downsample)
+        elif images:  # official: the last input image's VAE-resized shape
+            w, h = self.vae_transform.resize(images[-1]).size
+            shape = (h, w)
+        else:
+            shape = DEFAULT_SIZE
+        self._check_context(ids, images, max_think_tokens if think else 0, shape,
+                            default_size=size is None and not images)
+        return _Prepared(ids, images, kw, shape, seed, num_images, sys_ids, max_think_tokens)
+
+    def check(self, prompt=None, **kw) -> None:
+        """Raise GenerateError when `generate(prompt, **kw)` would reject its input (no weights needed)."""
+        self._prepare(prompt, **kw)
+
+    def check_request(self, req: dict, overrides: dict | None = None) -> None:
+        """`check` for a batch request (as run_requests passes it to `generate`)."""
+        self._prepare(**_request_kwargs(req, overrides or {}))
+
     # ------------------------------------------------------------------ tasks
-    @_under_mesh
     def generate(self, prompt=None, *, prompt_ids=None, images: Sequence = (), size=None, seed: int = 0,
                  num_images: int = 1, think: bool = False, max_think_tokens: int = 1000,
                  **sampler) -> dict[str, Any]:
-        """Images (uint8 [H, W, 3] each) for one request; `num_images` share the context and run batched."""
+        """Images (uint8 [H, W, 3] each) for one request; `num_images` share the context and run batched.
+        The request is checked before the weights load (when not loaded yet) and before any compute."""
+        r = self._prepare(prompt, prompt_ids=prompt_ids, images=images, size=size, seed=seed,
+                          num_images=num_images, think=think, max_think_tokens=max_think_tokens, **sampler)
+        self.load_weights()
+        return self._generate(r)
+
+    @_under_mesh
+    def _generate(self, r: _Prepared) -> dict[str, Any]:
         jax = self._jax
-        ids = self.encode(prompt, prompt_ids)
-        images = [im if not isinstance(im, (str, pathlib.Path)) else _read_image(im) for im in images]
-        kw = self.sampler_settings(bool(images), sampler)
-        shape = parse_size(size, self.cfg.latent_downsample) if size is not None else None
-        self._check_context(ids, images, max_think_tokens if think else 0, shape)
-        if shape is None and not images:
-            shape = (1024, 1024)
         ds = self.cfg.latent_downsample
-        out_shape = shape
-        if shape is None:  # official: the last input image's VAE-resized shape
-            w, h = self.inf.vae_transform.resize(images[-1]).size
-            out_shape = (h, w)
-        n_tok = (out_shape[0] // ds) * (out_shape[1] // ds)
-        noise = jax.random.normal(jax.random.key(seed), (int(num_images), n_tok, self.cfg.patch_latent_dim))
-        sys_ids = self.encode(GEN_THINK_SYSTEM_PROMPT) if think and self.tokenizer is not None else None
-        if think and sys_ids is None:
-            raise GenerateError("--think needs a checkpoint with tokenizer files")
-        res = self.inf.interleave_inference([*images, ids], think=think, system_prompt_ids=sys_ids,
-                                            max_think_token_n=max_think_tokens, image_shapes=out_shape,
-                                            output_shape=shape, init_noise=noise, rng=jax.random.key(seed), **kw)
+        n_tok = (r.shape[0] // ds) * (r.shape[1] // ds)
+        noise = jax.random.normal(jax.random.key(r.seed), (r.num_images, n_tok, self.cfg.patch_latent_dim))
+        res = self.inf.interleave_inference([*r.images, r.ids], think=r.sys_ids is not None,
+                                            system_prompt_ids=r.sys_ids, max_think_token_n=r.max_think_tokens,
+                                            image_shapes=r.shape, output_shape=r.shape, init_noise=noise,
+                                            rng=jax.random.key(r.seed), **r.sampler)
         images_out = res["image"] if res["image"].ndim == 4 else res["image"][None]
-        out = dict(images=list(images_out), settings=kw, size=list(out_shape), prompt_ids=ids)
+        out = dict(images=list(images_out), settings=r.sampler, size=list(r.shape), prompt_ids=r.ids)
         if "text_ids" in res:
             out["think"] = self.decode_text(res["text_ids"][1:])
         return out
@@ -249,44 +394,50 @@ class Generator:
         one sampler setting); None = run alone (reference images, think mode)."""
         if req.get("images") or req.get("think"):
             return None
-        size = parse_size(req.get("size") or (1024, 1024), self.cfg.latent_downsample)
+        size = parse_size(req["size"], self.cfg.latent_downsample) if req.get("size") is not None else DEFAULT_SIZE
         kw = self.sampler_settings(False, {**overrides, **req.get("sampler", {})})
         return size, int(req.get("num_images", 1)), tuple(sorted(kw.items()))
 
-    @_under_mesh
     def generate_many(self, reqs: Sequence[dict], overrides: dict) -> list[dict[str, Any]]:
         """Text-to-image requests of one `batch_key`: contexts built per request, then one batched
         sampler pass (each request keeps its own seed's noise, so results equal one-by-one runs)."""
-        jax = self._jax
-        size, n, _ = self.batch_key(reqs[0], overrides)
-        kw = self.sampler_settings(False, {**overrides, **reqs[0].get("sampler", {})})
-        ds = self.cfg.latent_downsample
-        n_tok = (size[0] // ds) * (size[1] // ds)
-        triples, noises, ids_all = [], [], []
-        for r in reqs:
-            ids = self.encode(r.get("prompt"), r.get("prompt_ids"))
-            self._check_context(ids, [], 0, size)
-            c = self.inf.build_contexts([ids], image_shapes=size)
-            triples.append((c["gen"], c["cfg_text"], c["cfg_img"]))
-            noises.append(jax.random.normal(jax.random.key(int(r.get("seed", 0))), (n, n_tok, self.cfg.patch_latent_dim)))
-            ids_all.append(ids)
-        lat = self.inf.generate_image_latents(triples, size, jax.numpy.stack(noises), **kw)
-        out = []
-        for i, ids in enumerate(ids_all):
-            _, images = self.inf.decode_latent(lat[i], size)
-            out.append(dict(images=list(images), settings=kw, size=list(size), prompt_ids=ids))
-        return out
+        prepared = [self._prepare(**_request_kwargs(r, overrides)) for r in reqs]
+        self.load_weights()
+        return self._generate_many(prepared)
 
     @_under_mesh
+    def _generate_many(self, prepared: Sequence[_Prepared]) -> list[dict[str, Any]]:
+        jax = self._jax
+        size, n, kw = prepared[0].shape, prepared[0].num_images, prepared[0].sampler
+        ds = self.cfg.latent_downsample
+        n_tok = (size[0] // ds) * (size[1] // ds)
+        triples, noises = [], []
+        for r in prepared:
+            c = self.inf.build_contexts([r.ids], image_shapes=size)
+            triples.append((c["gen"], c["cfg_text"], c["cfg_img"]))
+            noises.append(jax.random.normal(jax.random.key(r.seed), (n, n_tok, self.cfg.patch_latent_dim)))
+        lat = self.inf.generate_image_latents(triples, size, jax.numpy.stack(noises), **kw)
+        out = []
+        for i, r in enumerate(prepared):
+            _, images = self.inf.decode_latent(lat[i], size)
+            out.append(dict(images=list(images), settings=kw, size=list(size), prompt_ids=r.ids))
+        return out
+
     def understand(self, prompt=None, *, prompt_ids=None, images: Sequence = (), max_new_tokens: int = 500,
                    think: bool = False) -> dict[str, Any]:
         ids = self.encode(prompt, prompt_ids)
-        images = [im if not isinstance(im, (str, pathlib.Path)) else _read_image(im) for im in images]
+        images = self._read_images(images)
         if not images:
             raise GenerateError("understanding needs at least one image")
-        self._check_context(ids, images, max_new_tokens)
-        sys_ids = self.encode(VLM_THINK_SYSTEM_PROMPT) if think else None
-        res = self.inf.interleave_inference([*images, ids], understanding_output=True, think=think,
+        max_new_tokens = _as_int(max_new_tokens, "max_new_tokens", minimum=1)
+        self._check_context(ids, images, max_new_tokens, understanding=True)
+        sys_ids = self._think_prompt(VLM_THINK_SYSTEM_PROMPT) if think else None
+        self.load_weights()
+        return self._understand(ids, images, max_new_tokens, sys_ids)
+
+    @_under_mesh
+    def _understand(self, ids, images, max_new_tokens, sys_ids) -> dict[str, Any]:
+        res = self.inf.interleave_inference([*images, ids], understanding_output=True, think=sys_ids is not None,
                                             system_prompt_ids=sys_ids, max_think_token_n=max_new_tokens)
         answer_ids = res["text_ids"][1:]
         return dict(answer=self.decode_text(answer_ids), answer_ids=answer_ids)
@@ -309,10 +460,58 @@ _GENERATORS: dict[tuple, Generator] = {}
 
 
 def get_generator(ckpt, **kw) -> Generator:
+    """A Generator per (checkpoint, settings), cached; config and tokenizer load now, the weights at its
+    first generation (after the requests are checked)."""
     key = (str(pathlib.Path(ckpt).resolve()), tuple(sorted(kw.items())))
     if key not in _GENERATORS:
-        _GENERATORS[key] = Generator(ckpt, **kw)
+        _GENERATORS[key] = Generator(ckpt, load_weights=False, **kw)
     return _GENERATORS[key]
+
+
+SOURCE_KEY = "_source"  # read_requests notes each request's 'FILE:LINE' here, for error messages
+
+
+def _source(req: dict, i: int) -> str:
+    return req.get(SOURCE_KEY) or f"request {i + 1}"
+
+
+def _request_ids(requests: Sequence[dict]) -> list[str]:
+    """The id of each request (default: its index, 5 digits). An id must be a string or an integer usable in
+    a file name (it names `<id>_<k>.png`) and unique: a repeated id would overwrite the first request's
+    images; the error names both requests."""
+    ids: list[str] = []
+    first: dict[str, int] = {}
+    for i, req in enumerate(requests):
+        rid = req.get("id", f"{i:05d}")
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise GenerateError(f"{_source(req, i)}: id {rid!r}: expected a string or an integer")
+        rid = str(rid)
+        if not rid or any(c in rid for c in "/\\\0"):
+            raise GenerateError(f"{_source(req, i)}: id {rid!r} cannot name a file (<id>_<k>.png): it must be "
+                                "non-empty, without '/' or '\\'")
+        if rid in first:
+            j = first[rid]
+            raise GenerateError(f"{_source(req, i)}: id {rid!r} is already used by {_source(requests[j], j)}; "
+                                "ids name the output files (<id>_<k>.png), so each must be unique")
+        first[rid] = i
+        ids.append(rid)
+    return ids
+
+
+def _request_kwargs(req: dict, overrides: dict) -> dict[str, Any]:
+    """The `Generator.generate` keywords of a batch request: its fields, its `sampler` settings over
+    `overrides`."""
+    sampler = req.get("sampler", {})
+    if not isinstance(sampler, dict):
+        raise GenerateError(f"sampler {sampler!r}: expected an object of sampler settings")
+    sampler = {**overrides, **sampler}
+    _check_sampler_keys(sampler)  # before they become keywords beside `seed`, `size` ...
+    think = req.get("think", False)
+    if not isinstance(think, bool):
+        raise GenerateError(f"think {think!r}: expected true or false")
+    return dict(prompt=req.get("prompt"), prompt_ids=req.get("prompt_ids"), images=req.get("images", []),
+                size=req.get("size"), seed=req.get("seed", 0), num_images=req.get("num_images", 1), think=think,
+                **sampler)
 
 
 def _request_paths(out_dir: pathlib.Path, rid: str, n: int) -> list[pathlib.Path]:
@@ -396,14 +595,19 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     from tqdm import tqdm
 
     out_dir = pathlib.Path(out_dir)
+    overrides = dict(overrides or {})
+    ids = _request_ids(requests)
+    for i, (rid, req) in enumerate(zip(ids, requests)):  # all checked before anything is loaded or written
+        try:
+            gen.check_request(req, overrides)
+        except GenerateError as e:
+            raise GenerateError(f"{_source(req, i)} (id={rid}): {e}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / "metadata.jsonl"
     done = _read_metadata(meta_path)
-    overrides = dict(overrides or {})
     records: dict[int, dict] = {}
     pending = []
-    for i, req in enumerate(requests):
-        rid = str(req.get("id", f"{i:05d}"))
+    for i, (rid, req) in enumerate(zip(ids, requests)):
         paths = _request_paths(out_dir, rid, int(req.get("num_images", 1)))
         if not regenerate and rid in done and all(p.exists() for p in paths):
             broken = [str(p) for p in paths if not image_complete(p)]
@@ -425,12 +629,7 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
         for group in groups:
             t0 = time.time()
             if len(group) == 1:
-                _, _, req, _ = group[0]
-                sampler = {**overrides, **req.get("sampler", {})}
-                results = [gen.generate(req.get("prompt"), prompt_ids=req.get("prompt_ids"),
-                                        images=req.get("images", []), size=req.get("size"),
-                                        seed=int(req.get("seed", 0)), num_images=int(req.get("num_images", 1)),
-                                        **sampler)]
+                results = [gen.generate(**_request_kwargs(group[0][2], overrides))]
             else:
                 results = gen.generate_many([g[2] for g in group], overrides)
             seconds = round((time.time() - t0) / len(group), 3)
@@ -474,28 +673,48 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate:
     writes `<out_dir>/<id>_<k>.png` (finished requests skipped unless `regenerate`). The loaded
     checkpoint is cached per path. Sampler settings (cfg_text_scale, cfg_img_scale, cfg_interval,
     cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps) may be passed as overrides;
-    `dtype` / `max_context` configure the loader."""
+    `dtype` / `max_context` configure the loader. Every request is checked (ids unique, sizes, image
+    files, prompt length; the error names the request) before the weights load or anything is written."""
     load_kw = {k: overrides.pop(k) for k in ("dtype", "max_context") if k in overrides}
     gen = get_generator(ckpt, **load_kw)
     return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate)
 
 
 def read_requests(path) -> list[dict]:
+    """The requests of a JSONL file (one object per line, blank lines skipped), checked for what needs no
+    model: valid JSON, `prompt` or `prompt_ids`, `images` a list of paths, ids unique and usable as file
+    names (default id: the line number, 5 digits). Relative image paths are taken relative to the file's
+    folder (stored resolved). Each request notes its 'FILE:LINE' under SOURCE_KEY, which run_requests
+    names in its errors; run_requests checks the rest (sizes, image files, prompt length ...) against the
+    model before generating anything."""
     p = pathlib.Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise GenerateError(f"prompts file not found: {p}")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise GenerateError(f"{p}: not UTF-8 text ({e})") from None
     out = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{p}:{n}"
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
-            raise GenerateError(f"{p}:{n}: invalid JSON ({e})") from None
+            raise GenerateError(f"{where}: invalid JSON ({e})") from None
         if not isinstance(r, dict) or ("prompt" not in r and "prompt_ids" not in r):
-            raise GenerateError(f"{p}:{n}: each line needs an object with `prompt` (or `prompt_ids`)")
+            raise GenerateError(f"{where}: each line needs an object with `prompt` (or `prompt_ids`)")
         r.setdefault("id", f"{n:05d}")
+        r[SOURCE_KEY] = where
+        images = r.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+            raise GenerateError(f"{where} (id={r['id']}): `images` {images!r}: expected a list of image paths")
+        r["images"] = [str(p.parent / x) for x in images]  # an absolute path stays as it is
         out.append(r)
+    if not out:
+        raise GenerateError(f"{p}: no requests (one JSON object per line)")
+    _request_ids(out)
     return out
 
 
@@ -508,13 +727,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", type=pathlib.Path, default=None)
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
-    p.add_argument("--prompts", type=pathlib.Path, default=None, help="batch mode: a JSONL file of requests")
+    p.add_argument("--prompts", type=pathlib.Path, default=None,
+                   help="batch mode: a JSONL file of requests (ids unique; relative image paths are read from "
+                        "the file's folder); every request is checked before the model loads")
     p.add_argument("--image", action="append", default=[], help="reference / input image (repeat)")
     p.add_argument("--understand", action="store_true", help="answer in text about the image(s)")
     p.add_argument("--think", action="store_true", help="official think mode (reasoning text first)")
     p.add_argument("--size", default=None, help="HxW (default 1024x1024, or the last input image's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--num-images", type=int, default=None, help="default 1")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/generate"))
     p.add_argument("--steps", dest="num_timesteps", type=int, default=None)
     p.add_argument("--cfg-text-scale", type=float, default=None)
@@ -551,36 +772,56 @@ def _run(args) -> int:
     if demo:
         sampler.setdefault("num_timesteps", 8)
     t0 = time.time()
-    mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
+    try:
+        mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
+    except ValueError:
+        mesh = ()
     if mesh is not None and len(mesh) != 3:
-        raise GenerateError(f"--mesh {args.mesh!r}: expected DATA,FSDP,TENSOR")
+        raise GenerateError(f"--mesh {args.mesh!r}: expected DATA,FSDP,TENSOR (integers, one may be -1)")
+    reqs = None
+    if args.prompts is not None:
+        per_request = [flag for flag, v in (("--prompt", args.prompt), ("--prompt-ids", args.prompt_ids),
+                                            ("--image", args.image or None), ("--understand", args.understand or None),
+                                            ("--think", args.think or None), ("--size", args.size),
+                                            ("--seed", args.seed), ("--num-images", args.num_images))
+                       if v is not None]
+        if per_request:
+            raise GenerateError(f"--prompts takes each request's settings from its line; {', '.join(per_request)} "
+                                "would be ignored: put them in the JSONL (see --help)")
+        reqs = read_requests(args.prompts)  # before the checkpoint: a broken file fails in seconds
+    # config and tokenizer now; the weights load at the first generation, once the input is checked
     gen = get_generator(ckpt, dtype=args.dtype, max_context=args.max_context, demo=demo, mesh=mesh,
                         vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
                         vit_transform=tuple(args.vit_transform) if args.vit_transform else None)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.prompts is not None:
-        recs = run_requests(gen, read_requests(args.prompts), args.out, overrides=sampler)
+    if reqs is not None:  # run_requests checks every request before it creates --out
+        recs = run_requests(gen, reqs, args.out, overrides=sampler)
         print(f"{len(recs)} requests -> {args.out} (metadata.jsonl, contact_sheet.png) in {time.time() - t0:.1f}s")
         return 0
-    prompt_ids = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else None
+    seed = 0 if args.seed is None else args.seed
+    try:
+        prompt_ids = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else None
+    except ValueError:
+        raise GenerateError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated token ids") from None
     if demo and args.prompt is None and prompt_ids is None:
         prompt_ids = DEMO_PROMPT_IDS
     if args.understand:
         res = gen.understand(args.prompt, prompt_ids=prompt_ids, images=args.image,
                              max_new_tokens=args.max_new_tokens, think=args.think)
         print(res["answer"])
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "answer.json").write_text(json.dumps(res, indent=1))
         return 0
     size = args.size or ((32, 48) if demo and not args.image else None)
-    res = gen.generate(args.prompt, prompt_ids=prompt_ids, images=args.image, size=size, seed=args.seed,
-                       num_images=args.num_images, think=args.think, max_think_tokens=args.max_new_tokens,
-                       **sampler)
+    res = gen.generate(args.prompt, prompt_ids=prompt_ids, images=args.image, size=size, seed=seed,
+                       num_images=1 if args.num_images is None else args.num_images, think=args.think,
+                       max_think_tokens=args.max_new_tokens, **sampler)
+    args.out.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, img in enumerate(res["images"]):
-        path = args.out / f"image_seed{args.seed}_{k}.png"
+        path = args.out / f"image_seed{seed}_{k}.png"
         save_png(img, path)
         paths.append(str(path))
-    rec = dict(ckpt=str(ckpt), prompt=args.prompt, prompt_ids=res["prompt_ids"], images=args.image, seed=args.seed,
+    rec = dict(ckpt=str(ckpt), prompt=args.prompt, prompt_ids=res["prompt_ids"], images=args.image, seed=seed,
                size=res["size"], outputs=paths, settings={k: list(v) if isinstance(v, tuple) else v
                                                           for k, v in res["settings"].items()})
     if "think" in res:

@@ -4,6 +4,8 @@ compilation counts, bad inputs."""
 from __future__ import annotations
 
 import json
+import pathlib
+import re
 import shutil
 
 import jax
@@ -225,3 +227,118 @@ def test_generation_with_params_sharded_over_a_mesh(golden_dir, gen, tmp_path):
     ref = G.Generator(golden_dir, max_context=128).generate(prompt_ids=[5, 6, 7], size=(32, 32), seed=1,
                                                             num_images=1, num_timesteps=3)["images"][0]
     assert_uint8_close(np.load(tmp_path / "img.npy"), ref)
+
+
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_duplicate_request_ids_are_refused(golden_dir, gen, tmp_path):
+    # the audit's file: two lines with id "a" (64x64, then 32x32) used to leave one a_0.png and two records
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1, 2], size=[64, 64]),
+                                               dict(id="b", prompt_ids=[3]),
+                                               dict(id="a", prompt_ids=[4, 5], size=[32, 32])])
+    with pytest.raises(G.GenerateError, match=rf"reqs.jsonl:3: id 'a' is already used by .*reqs.jsonl:1\b"):
+        G.read_requests(f)
+    # a default id (the line number) clashing with an explicit one
+    f = _write_jsonl(tmp_path / "reqs2.jsonl", [dict(id="00002", prompt_ids=[1]), dict(prompt_ids=[2])])
+    with pytest.raises(G.GenerateError, match=r"reqs2.jsonl:2: id '00002' is already used by .*reqs2.jsonl:1"):
+        G.read_requests(f)
+    # ids name files: no path separators
+    f = _write_jsonl(tmp_path / "reqs3.jsonl", [dict(id="../x", prompt_ids=[1])])
+    with pytest.raises(G.GenerateError, match=r"reqs3.jsonl:1: id '../x' cannot name a file"):
+        G.read_requests(f)
+    # the API (eval's generate_batch) too: nothing generated, nothing written
+    reqs = [dict(id="a", prompt_ids=[1], size=[32, 32]), dict(id="a", prompt_ids=[2], size=[32, 32])]
+    with pytest.raises(G.GenerateError, match=r"request 2: id 'a' is already used by request 1"):
+        G.run_requests(gen, reqs, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_request_file_fails_before_the_weights_load(golden_dir, tmp_path, monkeypatch, capsys):
+    """Per-request errors name FILE:LINE (id=...); every request is checked before the weights load and
+    before --out is created; relative image paths are read from the JSONL file's folder."""
+    monkeypatch.setattr(G, "_GENERATORS", {})
+
+    def no_weights(self):
+        raise AssertionError("the weights were loaded for an invalid file")
+
+    monkeypatch.setattr(G.Generator, "load_weights", no_weights, raising=False)
+    monkeypatch.chdir(tmp_path)  # relative image paths must not be read from here
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "ref.png")  # the CWD's, not the file's
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(sub / "here.png")
+    good = [dict(id="a", prompt_ids=[1, 2], size=[32, 32]), dict(id="e", prompt_ids=[1], images=["here.png"])]
+    out = tmp_path / "out"
+    cases = [
+        (dict(id="b", prompt_ids=[3], size="huge"), r"sub/reqs.jsonl:3 \(id=b\): size 'huge': expected HxW"),
+        (dict(id="c", prompt_ids=[3], images=["ref.png"]),
+         r"sub/reqs.jsonl:3 \(id=c\): input image not found: sub/ref.png"),
+        (dict(id="d", prompt_ids=[3], size=[512, 512]),
+         r"sub/reqs.jsonl:3 \(id=d\): output size 512x512 exceeds the model's position table.*at most 128x128"),
+        (dict(prompt_ids=[3], num_images=0), r"sub/reqs.jsonl:3 \(id=00003\): num_images 0: must be at least 1"),
+        (dict(id="f", prompt_ids=[3], sampler={"steps": 3}), r"sub/reqs.jsonl:3 \(id=f\): unknown sampler setting"),
+    ]
+    for bad, msg in cases:
+        f = _write_jsonl(sub / "reqs.jsonl", [good[0], good[1], bad])
+        capsys.readouterr()
+        assert G.main(["--ckpt", str(golden_dir), "--prompts", "sub/reqs.jsonl", "--out", str(out),
+                       "--vae-transform", "64", "16", "--vit-transform", "98", "14"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        assert re.search(msg, err[0]), (msg, err[0])
+        assert not out.exists()
+    # the good lines pass every check (here.png read from the file's folder) without the weights
+    reqs = G.read_requests(f)
+    assert reqs[1]["images"] == [str(sub / "here.png")] and G.read_requests("sub/reqs.jsonl")[1]["images"] == ["sub/here.png"]
+    lazy = G.get_generator(golden_dir, vae_transform=(64, 16), vit_transform=(98, 14))
+    for r in reqs[:2]:
+        lazy.check_request(r)
+    assert lazy.inf is None
+    # per-request flags would be ignored in batch mode: refused
+    assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--size", "32x32", "--out", str(out)]) == 2
+    assert "--size would be ignored" in capsys.readouterr().err and not out.exists()
+
+
+def test_default_size_is_checked_like_an_explicit_one(golden_dir, gen, tmp_path, capsys):
+    with pytest.raises(G.GenerateError, match=r"output size 1024x1024 \(the default; no size given\) exceeds the "
+                                              r"model's position table \(8 x 16 = 128 px per side\); give a size "
+                                              r"of at most 128x128 \(--size HxW"):
+        gen.generate(prompt_ids=[1, 2])
+    out = tmp_path / "o"
+    capsys.readouterr()
+    assert G.main(["--ckpt", str(golden_dir), "--prompt-ids", "1,2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: output size 1024x1024 (the default") and "--size" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, capsys):
+    # the VAE resize (official 1024/512: 512x512 here) is over the tiny model's latent table, but understanding
+    # feeds the ViT only (of the VAE-resized image: 98x98 with --vit-transform 98 14)
+    img = tmp_path / "red.png"
+    Image.fromarray(np.full((64, 64, 3), (200, 0, 0), np.uint8)).save(img)
+    capsys.readouterr()
+    rc = G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--understand",
+                 "--max-new-tokens", "2", "--max-context", "128", "--vit-transform", "98", "14",
+                 "--out", str(tmp_path / "und")])
+    assert rc == 0, capsys.readouterr().err
+    assert "answer_ids" in json.loads((tmp_path / "und" / "answer.json").read_text())
+    # ... and the ViT is still checked (its own flag named)
+    assert G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--understand",
+                   "--out", str(tmp_path / "und2")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: ViT-resized input image \d+x\d+ exceeds .*7 x 14 = 98 px.*--vit-transform", err), err
+    assert not (tmp_path / "und2").exists()
+    # the context count leaves out the VAE tokens understanding never adds: a 96x96 image is 6x6+2 VAE
+    # tokens, 7x7+2 ViT tokens; 3 prompt ids + 2 + 32 (text bucket) + 51 + 160 = 248 <= 256 (+38 VAE would not fit)
+    pic = Image.fromarray(np.full((96, 96, 3), 60, np.uint8))
+    assert gen.max_context == 256
+    res = gen.understand(prompt_ids=[5, 6, 7], images=[pic], max_new_tokens=160)
+    assert len(res["answer_ids"]) <= 159
+    # generation does feed the VAE image: 140 + 2 + 32 + 38 + 51 = 263 > 256 (225 without the VAE tokens)
+    with pytest.raises(G.GenerateError, match="need about 263 context tokens"):
+        gen.check(prompt_ids=[5] * 140, images=[pic], size=(32, 32))
