@@ -28,6 +28,7 @@ merged in (nothing is initialised at random first).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -54,12 +55,16 @@ __all__ = [
     "MANIFEST_FILE",
     "PARAMS_ITEM",
     "VAE_ITEM",
+    "MODEL_CONFIG_DIR",
     "is_official_dir",
     "is_converted_dir",
     "is_train_workdir",
     "is_orbax_dir",
     "config_dir",
     "load_config",
+    "RESUMABLE_MODEL_FIELDS",
+    "model_geometry",
+    "geometry_diff",
     "abstract_bagel",
     "abstract_vae",
     "stacked_paths",
@@ -136,6 +141,24 @@ def config_dir(path) -> pathlib.Path:
 
 def load_config(path, **overrides) -> BagelConfig:
     return BagelConfig.from_checkpoint_dir(config_dir(path), **overrides)
+
+
+# BagelConfig fields a training checkpoint does not depend on: a resumed run may change them
+RESUMABLE_MODEL_FIELDS = ("param_dtype", "compute_dtype", "remat", "attention_impl", "attention_block_q",
+                          "attention_block_kv", "attention_tuning", "timestep_shift", "freeze_und")
+
+
+def model_geometry(cfg: BagelConfig) -> dict[str, Any]:
+    """Every other BagelConfig field, flat ('llm.hidden_size', 'vae.ch_mult', 'special_tokens.bos_token_id',
+    'max_latent_size' ...; model.geometry's key names): the parameters' shapes and the token ids' meaning."""
+    tree = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_MODEL_FIELDS}
+    return {".".join(path): v for path, v in flatten_dict(tree)}
+
+
+def geometry_diff(stored: BagelConfig, cfg: BagelConfig) -> list[tuple[str, Any, Any]]:
+    """[(field, stored value, cfg value)] where the two geometries (`model_geometry`) differ."""
+    a, b = model_geometry(stored), model_geometry(cfg)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def abstract_bagel(cfg: BagelConfig) -> Bagel:
@@ -495,10 +518,13 @@ def train_save_args(tree, stacked: set[tuple[str, ...]]):
 
 
 def list_train_steps(workdir) -> list[int]:
+    """The finalized checkpoint steps of a training workdir (no CheckpointManager: it logs warnings)."""
+    import orbax.checkpoint as ocp
+
     root = _p(workdir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    return sorted(train_checkpoint_manager(workdir, read_only=True).all_steps())
+    return sorted(ocp.step.checkpoint_steps(epath.Path(root)))
 
 
 def train_step_dir(workdir, step: int | None = None) -> tuple[int, pathlib.Path]:

@@ -80,3 +80,27 @@ def test_sharded_bfloat16_checkpoint_loads_and_exports_exactly(golden_dir, tmp_p
     assert set(back) == set(keys)
     for k in keys:
         assert back[k].dtype == bf[k].dtype and back[k].tobytes() == bf[k].tobytes(), k
+
+
+def test_geometry_diff_names_the_geometry_fields_only(golden_dir):
+    """What a resumed training run may not change (`checkpoint.model_geometry`): every field that shapes the
+    parameters or gives token ids their meaning; the execution settings (`RESUMABLE_MODEL_FIELDS`) may change."""
+    import dataclasses
+
+    from echo4o_jax.checkpoint import RESUMABLE_MODEL_FIELDS, geometry_diff, model_geometry
+
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir)
+    geo = model_geometry(cfg)
+    assert {"llm.hidden_size", "vit.num_layers", "vae.ch_mult", "special_tokens.bos_token_id", "max_latent_size",
+            "latent_patch_size"} <= set(geo)
+    assert not set(RESUMABLE_MODEL_FIELDS) & set(geo)
+    execution = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16", remat="full", attention_impl="xla_dense",
+                            attention_block_q=64, attention_block_kv=64, timestep_shift=3.0, freeze_und=True)
+    assert geometry_diff(cfg, execution) == []
+    other = cfg.replace(max_latent_size=cfg.max_latent_size * 2,
+                        llm=dataclasses.replace(cfg.llm, num_layers=cfg.llm.num_layers + 1),
+                        special_tokens=dataclasses.replace(cfg.special_tokens, eos_token_id=7))
+    assert geometry_diff(cfg, other) == [
+        ("llm.num_layers", cfg.llm.num_layers, cfg.llm.num_layers + 1),
+        ("max_latent_size", cfg.max_latent_size, cfg.max_latent_size * 2),
+        ("special_tokens.eos_token_id", cfg.special_tokens.eos_token_id, 7)]

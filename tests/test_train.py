@@ -130,7 +130,7 @@ def _losses(workdir) -> dict[int, float]:
     for line in (pathlib.Path(workdir) / "log.jsonl").read_text().splitlines():
         r = json.loads(line)
         if "loss" in r:
-            out[r["step"]] = r["loss"]  # the last record of a step wins (a resumed run re-logs it)
+            out[r["step"]] = r["loss"]  # the last record of a step wins (a resumed run re-logs it after its marker)
     return out
 
 
@@ -152,23 +152,36 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
     p.wait()
     killed_at = max(_losses(wd))
     assert killed_at < 8
+    from echo4o_jax.checkpoint import list_train_steps
+
+    restored = list_train_steps(wd)[-1]
     subprocess.run(_train_cmd(wd, *common), check=True, cwd=ROOT, capture_output=True)
     got = _losses(wd)
     assert sorted(got) == list(range(1, 9))
     for s in range(1, 9):
         assert got[s] == pytest.approx(ref[s], abs=1e-6), s
+    # the resume is marked; the steps the killed run logged after its last checkpoint are named and re-logged
+    recs = [json.loads(x) for x in (wd / "log.jsonl").read_text().splitlines()]
+    marks = [i for i, r in enumerate(recs) if r.get("event") == "resumed"]
+    assert len(marks) == 1 and recs[marks[0]]["step"] == restored
+    if killed_at > restored:
+        assert recs[marks[0]]["superseded_steps"] == [restored + 1, killed_at]
+    assert [r["step"] for r in recs[marks[0]:] if "loss" in r] == list(range(restored + 1, 9))
 
-    # SIGTERM: finish the step, save, exit 0; a resumed run ends at the same place
+    # SIGTERM: finish the step, save, exit 128 + SIGTERM saying so; a resumed run ends at the same place
     wd = tmp_path / "c"
     p = subprocess.Popen(_train_cmd(wd, *common, "--config.train.debug_step_delay=0.4"), cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (wd / "log.jsonl").exists() or len(_losses(wd)) < 3:
         assert p.poll() is None and time.time() < deadline
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=120) == 0
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM
     saved = sorted(int(x.name) for x in (wd / "checkpoints").iterdir() if x.name.isdigit())
     assert saved[-1] == max(_losses(wd)) < 8
+    assert out.strip().splitlines()[-1] == (f"[train] stopped by SIGTERM at step {saved[-1]} of 8 (checkpoint saved); "
+                                            f"rerun the same command to resume (workdir {wd})")
     subprocess.run(_train_cmd(wd, *common), check=True, cwd=ROOT, capture_output=True)
     assert _losses(wd)[8] == pytest.approx(ref[8], abs=1e-6)
 

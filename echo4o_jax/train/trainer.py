@@ -1,12 +1,30 @@
 """The training loop: mesh, model init (random or from a checkpoint), sharded jit step with donation,
 Orbax checkpoints (async, keep K, exact resume), logging (progress bar, TensorBoard, JSONL), sample
-grids, failure handling (non-finite loss, SIGTERM / SIGINT)."""
+grids, failure handling (non-finite loss, SIGTERM / SIGINT).
+
+Resume: a workdir that holds checkpoints is resumed from its latest one. The model geometry must be the
+workdir's (`checkpoint.model_geometry`, compared with WORKDIR/model_config before anything is built or
+written); the execution settings may change (`checkpoint.RESUMABLE_MODEL_FIELDS`: dtypes, remat, attention
+implementation and blocks, timestep_shift, freeze_und), and so may the optimizer / schedule / logging
+settings. The data settings must let the data iterator resume (a records pipeline refuses other settings;
+the error names the data settings that differ from the checkpoint's run, which its meta records).
+WORKDIR/model_config/ and WORKDIR/config.json are written after a successful restore (or, in a new workdir,
+before the first step), never before: a refused run leaves the workdir as it was. A checkpoint that cannot
+be read is a `CheckpointError` naming the earlier steps to resume from instead.
+
+log.jsonl is append-only: one record per logged step, a `{"step": s, "compile_seconds": ...}` record per
+run, and on resume a marker `{"step": s, "event": "resumed", ...}` (s = the restored step). A run that died
+after its last checkpoint (a hard kill) has logged steps after s: the resumed run logs them again after the
+marker (`superseded_steps` [first, last] names them), so readers keep the last record of a step.
+TensorBoard hides those steps' earlier events (`purge_step`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import pathlib
@@ -23,8 +41,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from .. import sharding as shd
-from ..checkpoint import flatten_dict, unflatten_dict
-from ..config import BagelConfig, LLMConfig, SpecialTokens, VAEConfig, ViTConfig
+from ..checkpoint import CheckpointError, flatten_dict, unflatten_dict
+from ..config import BagelConfig, ConfigError, LLMConfig, SpecialTokens, VAEConfig, ViTConfig
 from ..model.bagel import Bagel
 from ..model.vae import AutoEncoder
 from . import flops as flops_lib
@@ -47,26 +65,41 @@ class NonFiniteLossError(RuntimeError):
 
 
 def model_config_from(config) -> BagelConfig:
+    """The BagelConfig of a training config: the geometry of `model.ckpt` (model.init='checkpoint') or of
+    `model.geometry`, with the execution settings of `model` / `train.freeze_und`. Invalid values are a
+    `ConfigValueError` naming where they came from."""
     m = config.model
     exec_kw = dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat=m.remat,
                    attention_impl=m.attention_impl, attention_block_q=int(m.attention_block_q),
                    attention_block_kv=int(m.attention_block_kv),
                    attention_tuning=str(m.get("attention_tuning", "")), timestep_shift=float(m.timestep_shift),
                    freeze_und=bool(config.train.freeze_und))
-    if m.init == "checkpoint":
-        if not m.ckpt:
-            raise ConfigValueError("model.init='checkpoint' needs model.ckpt (an official or converted checkpoint folder)")
-        src = _config_dir(m.ckpt)
-        return BagelConfig.from_checkpoint_dir(src, **exec_kw)
-    g = m.geometry
-    llm = LLMConfig(**{k: g.llm[k] for k in g.llm})
-    vit = ViTConfig(**{k: g.vit[k] for k in g.vit})
-    vae_kw = {k: g.vae[k] for k in g.vae}
-    vae_kw["ch_mult"] = tuple(vae_kw.get("ch_mult", (1, 2, 4, 4)))
-    vae = VAEConfig(**vae_kw)
-    tok = SpecialTokens(**{k: int(g.special_tokens[k]) for k in g.special_tokens})
-    return BagelConfig(llm=llm, vit=vit, vae=vae, special_tokens=tok, max_latent_size=int(g.max_latent_size),
-                       vit_max_num_patch_per_side=int(g.vit_max_num_patch_per_side), **exec_kw)
+    if m.init == "checkpoint" and not m.ckpt:
+        raise ConfigValueError("model.init='checkpoint' needs model.ckpt (an official or converted checkpoint folder)")
+    where = f"model.ckpt={m.ckpt!r}" if m.init == "checkpoint" else "model.geometry"
+    try:
+        if m.init == "checkpoint":
+            geometry = BagelConfig.from_checkpoint_dir(_config_dir(m.ckpt))
+        else:
+            g = m.geometry
+            llm = LLMConfig(**{k: g.llm[k] for k in g.llm})
+            vit = ViTConfig(**{k: g.vit[k] for k in g.vit})
+            vae_kw = {k: g.vae[k] for k in g.vae}
+            vae_kw["ch_mult"] = tuple(vae_kw.get("ch_mult", (1, 2, 4, 4)))
+            vae = VAEConfig(**vae_kw)
+            tok = SpecialTokens(**{k: int(g.special_tokens[k]) for k in g.special_tokens})
+            geometry = BagelConfig(llm=llm, vit=vit, vae=vae, special_tokens=tok,
+                                   max_latent_size=int(g.max_latent_size),
+                                   vit_max_num_patch_per_side=int(g.vit_max_num_patch_per_side))
+            geometry.validate()
+    except ConfigError as e:
+        raise ConfigValueError(f"{where}: {e}") from None
+    cfg = geometry.replace(**exec_kw)
+    try:
+        cfg.validate()  # the geometry passed: what fails is an execution setting of config.model
+    except ConfigError as e:
+        raise ConfigValueError(f"model.{e}") from None
+    return cfg
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -175,9 +208,13 @@ class Trainer:
         validate_config(config)
         self.config = config
         self.workdir = pathlib.Path(workdir)
+        self.cfg = model_config_from(config)
         shd.maybe_initialize_distributed(bool(config.get("multihost", False)))
         self.is_main = jax.process_index() == 0
-        self.mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
+        try:
+            self.mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
+        except ValueError as e:  # sizes that do not fit the devices
+            raise ConfigValueError(f"mesh.data / fsdp / tensor: {e}") from None
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         P = int(config.data.packs_per_step)
         if P == -1:  # one pack per data-parallel device
@@ -187,9 +224,31 @@ class Trainer:
         if P % jax.process_count():
             raise ConfigValueError(f"data.packs_per_step={P} must be a multiple of the process count {jax.process_count()}")
         self.local_packs = P // jax.process_count()
-        self.cfg = model_config_from(config)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._check_workdir_geometry()
         self._build()
+
+    def _check_workdir_geometry(self):
+        """A workdir with checkpoints holds a model of its model_config's geometry: refuse another one
+        before anything is built or written (the workdir stays as it was)."""
+        from .. import checkpoint as ck
+
+        stored_dir = self.workdir / ck.MODEL_CONFIG_DIR
+        if not ck.list_train_steps(self.workdir) or not (stored_dir / "llm_config.json").is_file():
+            return  # nothing to resume, or no record of it (restore() checks the arrays' shapes)
+        try:
+            stored = ck.load_config(self.workdir)
+        except ConfigError as e:
+            raise CheckpointError(f"{stored_dir}: {e}") from None
+        diff = ck.geometry_diff(stored, self.cfg)
+        if diff:
+            m = self.config.model
+            src = f"model.ckpt={m.ckpt!r}" if m.init == "checkpoint" else "model.geometry"
+            raise CheckpointError(
+                f"workdir {self.workdir} holds checkpoints of another model geometry than this config's ({src}): "
+                + "; ".join(f"{k}: workdir {a!r}, config {b!r}" for k, a, b in diff)
+                + ". The geometry cannot change on resume; these settings may: "
+                + ", ".join(("train." if f == "freeze_und" else "model.") + f for f in ck.RESUMABLE_MODEL_FIELDS)
+                + ". Use the workdir's geometry or another --workdir")
 
     # ------------------------------------------------------------------ setup
     def _build(self):
@@ -203,10 +262,10 @@ class Trainer:
         abs_vae = nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)))
         self.vae_graphdef, abs_vae_state = nnx.split(abs_vae)
         self.vae_sh = shd.state_shardings(abs_vae_state, mesh)
+        self.vae_state = init_vae_state(c, cfg, self.vae_sh)
+        self.source = self._make_source()  # before the weights: bad data settings fail fast
 
-        params, buffers, vae_state = self._init_weights()
-        self.buffers = buffers
-        self.vae_state = vae_state
+        params, self.buffers = self._init_weights()
 
         t = c.train
         self.schedule, self.tx, trainable = optimizer_from_config(c, params)
@@ -224,19 +283,32 @@ class Trainer:
                                   vae_posterior=str(c.model.vae_posterior),
                                   ce_reweighting=bool(t.ce_loss_reweighting), trainable=trainable)
         self._step_fn = step_fn
+        from .. import checkpoint as ck
+
+        self._stacked = ck.stacked_paths(cfg)
+        self.workdir.mkdir(parents=True, exist_ok=True)  # only now: a config refused above leaves no trace
+        self.ckpt = ck.train_checkpoint_manager(self.workdir.absolute(), max_to_keep=int(c.checkpoint.keep),
+                                                enable_async_checkpointing=bool(c.checkpoint.async_save))
+
+    def _make_source(self):
+        """The batch source; its configuration errors (the data pipeline raises ValueError: no datasets,
+        transforms too large for the geometry, tokenizer ids ...) are a ConfigValueError."""
+        from ..data.latents import LatentStoreError
+        from ..data.records import RecordError
+
+        c = self.config
         fp = ""
         if c.data.get("vae_latents"):  # precomputed latents must come from this very VAE
             from ..data.latents import vae_fingerprint
 
             fp = vae_fingerprint(self.vae_state)
-        self.source = make_source(c, cfg, process_index=jax.process_index(), process_count=jax.process_count(),
-                                  local_packs=self.local_packs, vae_fingerprint=fp)
-        from .. import checkpoint as ck
-
-        self._stacked = ck.stacked_paths(cfg)
-        self.ckpt = ck.train_checkpoint_manager(self.workdir.absolute(), max_to_keep=int(c.checkpoint.keep),
-                                                enable_async_checkpointing=bool(c.checkpoint.async_save))
-        self._write_model_config()
+        try:
+            return make_source(c, self.cfg, process_index=jax.process_index(), process_count=jax.process_count(),
+                               local_packs=self.local_packs, vae_fingerprint=fp)
+        except (RecordError, LatentStoreError, CheckpointError):
+            raise  # reported as they are
+        except ValueError as e:
+            raise ConfigValueError(f"data ({c.data.kind}): {e}") from e
 
     def _opt_shardings(self, abs_opt):
         """Optimizer moments follow the params' shardings; scalars are replicated."""
@@ -268,11 +340,12 @@ class Trainer:
             _, p, b = nnx.split(load_any_bagel(c.model.ckpt), nnx.Param, ...)
             params = jax.device_put(jax.tree.map(lambda x: x.astype(pdt), nnx.to_pure_dict(p)), self.param_sh)
             buffers = jax.device_put(nnx.to_pure_dict(b), self.buffer_sh)
-        return params, buffers, init_vae_state(c, cfg, self.vae_sh)
+        return params, buffers
 
     def _write_model_config(self):
-        """WORKDIR/model_config (configs, tokenizer files, manifest) and WORKDIR/vae (the frozen VAE), the
-        layout `echo4o_jax.checkpoint` reads (generate, to_torch)."""
+        """WORKDIR/model_config (configs, tokenizer files, manifest), WORKDIR/config.json (this run's config)
+        and WORKDIR/vae (the frozen VAE), the layout `echo4o_jax.checkpoint` reads (generate, to_torch).
+        `run` calls it after a successful restore (or in a new workdir), never before."""
         if not self.is_main:
             return
         from .. import checkpoint as ck
@@ -290,8 +363,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, force: bool = False):
         step = int(self.state["step"])
+        # data_config / local_packs / process_count: what the data state was made with (named by restore()
+        # when another data config cannot resume it)
         meta = dict(step=step, rng=np.asarray(jax.device_get(self.state["rng"])).tolist(),
-                    data_state=self.source.get_state(), time=time.time())
+                    data_state=self.source.get_state(), time=time.time(),
+                    data_config=json.loads(self.config.data.to_json_best_effort()),
+                    local_packs=self.local_packs, process_count=jax.process_count())
         from .. import checkpoint as ck
 
         full = _merge_trees(self.state["params"], self.buffers)
@@ -306,23 +383,75 @@ class Trainer:
         self.ckpt.save(step, args=args, force=force)
 
     def restore(self, step: int | None = None) -> bool:
+        """Restore checkpoint `step` (None: the latest; False when there is none). A checkpoint that cannot
+        be read, or whose data state this data config cannot resume, is a CheckpointError naming the step,
+        the workdir and what to do."""
+        from .. import checkpoint as ck
+
         step = self.ckpt.latest_step() if step is None else step
         if step is None:
             return False
+        _, step_dir = ck.train_step_dir(self.workdir, step)  # an unknown step: CheckpointError listing the others
         full_sh = _merge_trees(self.param_sh, self.buffer_sh)
         full_abs = _abstract(_merge_trees(self.state["params"], self.buffers), full_sh)
         opt_abs = _abstract(self.state["opt_state"], self.state_sh["opt_state"])
-        r = self.ckpt.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(full_abs), ema=ocp.args.StandardRestore(full_abs),
-            opt_state=ocp.args.StandardRestore(opt_abs), meta=ocp.args.JsonRestore()))
+        quiet = _AbortedRestoreReports()
+        quiet.install()
+        try:
+            r = self.ckpt.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(full_abs), ema=ocp.args.StandardRestore(full_abs),
+                opt_state=ocp.args.StandardRestore(opt_abs), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax / tensorstore: plain Exception (a truncated file), ValueError, OSError ...
+            raise CheckpointError(self._unreadable_step_message(step, step_dir, e)) from e
+        quiet.remove()
         pkeys = set(_flat(self.state["params"]))
         only = lambda tree: unflatten_dict({k: v for k, v in _flat(tree).items() if k in pkeys})
         meta = r["meta"]
+        try:
+            self.source.set_state(meta["data_state"])
+        except ValueError as e:  # the records pipeline refuses a state made by another configuration
+            raise CheckpointError(self._data_state_message(step, meta, e)) from e
         self.state = dict(params=only(r["params"]), ema=only(r["ema"]), opt_state=r["opt_state"],
                           step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), shd.replicated(self.mesh)),
                           rng=jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), shd.replicated(self.mesh)))
-        self.source.set_state(meta["data_state"])
         return True
+
+    def _unreadable_step_message(self, step: int, step_dir: pathlib.Path, e: Exception) -> str:
+        from .. import checkpoint as ck
+
+        while e.__cause__ is not None:  # tensorstore's own error (the array, the file) is the innermost one
+            e = e.__cause__
+        # orbax appends tensorstore's whole read spec to its message: keep the sentence before it
+        why = (str(e).split(" See full TensorStore details")[0].splitlines() or [type(e).__name__])[0][:400].rstrip(".")
+        earlier = [s for s in ck.list_train_steps(self.workdir) if s < step]
+        msg = f"cannot restore the checkpoint of step {step} in workdir {self.workdir} ({step_dir}): {why}. "
+        moved = self.workdir / f"broken_checkpoint_{step}"
+        if earlier:
+            return msg + (f"Earlier checkpoints: steps {earlier}. To resume from step {earlier[-1]}, move the broken "
+                          f"one out of checkpoints/ (mv {step_dir} {moved}) and rerun")
+        return msg + (f"There is no earlier checkpoint: move it away (mv {step_dir} {moved}) to train from step 0, "
+                      "or use another --workdir")
+
+    def _data_state_message(self, step: int, meta: dict, e: Exception) -> str:
+        msg = (f"the data iterator state of step {step} in workdir {self.workdir} cannot resume with this config's "
+               f"data settings ({e}). ")
+        if "data_config" not in meta:
+            return msg + ("The checkpoint does not record its data settings (saved by an older version): resume "
+                          "with the data settings it was trained with, or use another --workdir")
+        now = dict(flatten_dict(json.loads(self.config.data.to_json_best_effort())))
+        then = dict(flatten_dict(meta["data_config"]))
+        diff = [f"data.{'.'.join(k)}: checkpoint {then.get(k, '(unset)')!r}, config {now.get(k, '(unset)')!r}"
+                for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)]
+        for name, a, b in (("packs per process", meta.get("local_packs"), self.local_packs),
+                           ("process count", meta.get("process_count"), jax.process_count())):
+            if a != b:
+                diff.append(f"{name}: checkpoint {a}, this run {b}")
+        if diff:
+            return msg + f"Settings that differ from the checkpoint's run: {'; '.join(diff)}. " + (
+                "Resume with the checkpoint's values, or use another --workdir")
+        return msg + ("No data setting differs from the checkpoint's run: the pipeline's inputs did (dataset files, "
+                      "their paths relative to the current folder). Resume with the same inputs, or use another "
+                      "--workdir")
 
     # ------------------------------------------------------------------ step
     def _device_batch(self, batch) -> dict[str, jax.Array]:
@@ -381,6 +510,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
+        """Train from the latest checkpoint (or step 0) to `train.steps`. Returns `step` (where it ended),
+        `total` (train.steps), `history` (this run's step metrics: empty when the workdir was already at
+        `total`), `resumed` and `stopped_by` (the signal number of a SIGTERM / SIGINT that stopped it before
+        `total`, after saving that step; else None)."""
         from PIL import Image
         from tqdm import tqdm
 
@@ -388,21 +521,24 @@ class Trainer:
         total = int(c.train.steps)
         resumed = self.restore()
         start = int(self.state["step"])
-        logger = _Logger(self.workdir, self.is_main, bool(c.log.tensorboard))
+        self._write_model_config()  # after the restore succeeded: a refused run leaves the workdir as it was
+        logger = _Logger(self.workdir, self.is_main, bool(c.log.tensorboard), purge_step=start + 1 if resumed else None)
         if self.is_main:
             for line in self.sharding_report:
                 print(f"[sharding] {line}")
-        stop = {"flag": False}
+        stop = {"signal": None}
 
         def handler(signum, frame):
-            stop["flag"] = True
+            stop["signal"] = signum
             print(f"\n[train] signal {signum}: finishing the current step, saving, exiting", flush=True)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         history = []
         try:
             if start >= total:
-                return dict(step=start, history=history, resumed=resumed)
+                return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=None)
+            if resumed:
+                logger.resumed(start)
             batch = next(self.source)
             compile_s = self.compile(batch)
             logger.log(start, dict(compile_seconds=compile_s))
@@ -458,13 +594,14 @@ class Trainer:
                         d.mkdir(exist_ok=True)
                         Image.fromarray(grid).save(d / f"step_{step:07d}.png")
                         logger.image(step, "samples", grid)
-                if step % int(c.checkpoint.every) == 0 or step == total or stop["flag"]:
+                if step % int(c.checkpoint.every) == 0 or step == total or stop["signal"] is not None:
                     self.save(force=True)
-                if stop["flag"]:
+                if stop["signal"] is not None:
                     break
             bar.close()
             self.ckpt.wait_until_finished()
-            return dict(step=step, history=history, resumed=resumed, stopped=stop["flag"])
+            return dict(step=step, total=total, history=history, resumed=resumed,
+                        stopped_by=stop["signal"] if step < total else None)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -472,17 +609,85 @@ class Trainer:
             self.ckpt.wait_until_finished()
 
 
+class _AbortedRestoreReports(logging.Filter):
+    """Silences what an aborted Orbax restore leaves behind once its error is raised: when one array cannot
+    be read, the restore's other reads are abandoned; tensorstore completes them into the closed asyncio
+    loop (RuntimeError 'Event loop is closed'), and Orbax's read coroutines and futures raise again when
+    they are collected, each reported with a traceback of hundreds of lines (thousands in all, after the
+    one error line) through sys.unraisablehook or the `asyncio` logger. `install()` before a restore;
+    `remove()` after a successful one (after a failed one the reports come later: it stays)."""
+
+    def __init__(self):
+        super().__init__()
+        self.prev_hook = sys.unraisablehook
+
+    @staticmethod
+    def _from_orbax(tb) -> bool:
+        orbax_dir = f"{os.sep}orbax{os.sep}"
+        while tb is not None:
+            if orbax_dir in tb.tb_frame.f_code.co_filename:
+                return True
+            tb = tb.tb_next
+        return False
+
+    def filter(self, record: logging.LogRecord) -> bool:  # the asyncio logger's "exception was never retrieved"
+        return not (record.exc_info and self._from_orbax(record.exc_info[2]))
+
+    def unraisablehook(self, unraisable) -> None:
+        e = unraisable.exc_value
+        closed_loop = isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+        if not (closed_loop or self._from_orbax(unraisable.exc_traceback)):
+            self.prev_hook(unraisable)
+
+    def install(self) -> None:
+        sys.unraisablehook = self.unraisablehook
+        logging.getLogger("asyncio").addFilter(self)
+
+    def remove(self) -> None:
+        sys.unraisablehook = self.prev_hook
+        logging.getLogger("asyncio").removeFilter(self)
+
+
 class _Logger:
     """JSONL log + TensorBoard event files (process 0 only)."""
 
-    def __init__(self, workdir: pathlib.Path, enabled: bool, tensorboard: bool):
+    def __init__(self, workdir: pathlib.Path, enabled: bool, tensorboard: bool, purge_step: int | None = None):
+        """`purge_step`: TensorBoard hides the earlier runs' events from that step on (a resumed run)."""
         self.enabled = enabled
-        self.f = open(workdir / "log.jsonl", "a") if enabled else None
+        self.path = workdir / "log.jsonl"
+        self.f = open(self.path, "a") if enabled else None
+        if enabled and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"
+            if cut:  # the last line was cut by a hard kill: the next record starts on a line of its own
+                self.f.write("\n")
         self.tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge_step)
+
+    def resumed(self, step: int):
+        """The resume marker (module docstring): `superseded_steps` [first, last] are the steps after `step`
+        that log.jsonl already holds (a run that died after its last checkpoint), logged again below it."""
+        if not self.enabled:
+            return
+        self.f.flush()
+        later = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    s = json.loads(line).get("step")
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a line cut by a hard kill
+                if isinstance(s, int) and s > step:
+                    later.append(s)
+        rec = {"step": step, "event": "resumed", "time": time.time()}
+        if later:
+            rec["superseded_steps"] = [min(later), max(later)]
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
 
     def log(self, step: int, values: dict[str, Any]):
         if not self.enabled:

@@ -1,0 +1,232 @@
+"""The train command's contract (`echo4o_jax.train.__main__`): bad input is one `error:` line and exit
+status 2 (flags, config keys and values, mesh, data settings, a workdir of another geometry, an unreadable
+checkpoint) and leaves the workdir as it was; a finished workdir says so; a run stopped by a signal exits
+128 + the signal; a resume is marked in log.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import pytest
+
+from echo4o_jax.train.__main__ import run
+from test_train import _losses, load_config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "synthetic_tiny.py"
+
+
+def _tiny(**train):
+    c = load_config("synthetic_tiny")
+    c.log.tensorboard = False
+    c.checkpoint.async_save = False
+    c.checkpoint.every = 2
+    c.train.update(train)
+    return c
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _files(d: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _records(wd) -> list[dict]:
+    return [json.loads(x) for x in (pathlib.Path(wd) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished synthetic_tiny workdir: 4 steps, checkpoints at 2 and 4, every step logged."""
+    wd = tmp_path_factory.mktemp("trained") / "wd"
+    assert run(_tiny(steps=4), str(wd)) == 0
+    return wd
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+    wd = tmp_path / "wd"
+    shutil.copytree(trained, wd)
+    return wd
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+@pytest.mark.parametrize("args, want", [
+    (["--config.train.nope=1"], "error: unknown config key train.nope"),
+    (["--config.train.step=5"], "error: unknown config key train.step (did you mean train.steps?)"),
+    (["--config.train.steps.x=1"], "error: unknown config key train.steps.x: train.steps is a value, not a group of keys"),
+    (["--config.train.steps=abc"], "error: flag --config.train.steps=abc: invalid literal for int() with base 10: 'abc'"),
+    (["--wrkdir=x"], "error: Unknown command line flag 'wrkdir'"),
+])
+def test_flag_errors_are_one_line(tmp_path, args, want):
+    r = subprocess.run([sys.executable, "-m", "echo4o_jax.train", "--config", str(TINY), "--workdir",
+                        str(tmp_path / "wd"), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(want), err
+    assert not (tmp_path / "wd").exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    missing = tmp_path / "nope.py"
+    r = subprocess.run([sys.executable, "-m", "echo4o_jax.train", "--config", str(missing), "--workdir",
+                        str(tmp_path / "wd")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: --config {missing}: no such file"]
+
+
+def test_bad_model_and_mesh_values_are_one_line(tmp_path, capsys):
+    wd = tmp_path / "wd"
+    c = _tiny()
+    c.model.remat = "bogus"
+    assert run(c, str(wd)) == 2
+    assert _error_line(capsys) == "error: bad config: model.remat='bogus': expected none|full|dots|dots_no_batch"
+    c = _tiny()
+    c.model.attention_impl = "bogus"
+    assert run(c, str(wd)) == 2
+    assert _error_line(capsys).startswith("error: bad config: model.attention_impl='bogus': expected xla_blockwise|")
+    c = _tiny()
+    n = jax.device_count() + 1
+    c.mesh.data = n
+    assert run(c, str(wd)) == 2
+    assert _error_line(capsys) == (f"error: bad config: mesh.data / fsdp / tensor: mesh {{'data': {n}, 'fsdp': 1, "
+                                   f"'tensor': 1}} needs {n} devices, {jax.device_count()} available")
+    assert not wd.exists()
+
+
+def test_bad_records_settings_are_one_line(tmp_path, capsys):
+    wd = tmp_path / "wd"
+    c = _tiny()
+    c.data.kind = "records"
+    c.data.records = dict(datasets=[], demo_dir="", workers=0)
+    assert run(c, str(wd)) == 2
+    assert _error_line(capsys) == ("error: bad config: data (records): data.kind='records' needs "
+                                   "data.records.datasets (or data.records.demo_dir)")
+    c.data.tokenizer = str(tmp_path / "tokenizer.json")  # never read: the transform is refused first
+    c.data.records = dict(datasets=[dict(path=str(tmp_path / "ds"), weight=1.0)], demo_dir="", workers=0,
+                          vae_transform=(1024, 256, 16), vit_transform=(98, 28, 14))
+    assert run(c, str(wd)) == 2
+    assert _error_line(capsys) == ("error: bad config: data (records): dataset ds: VAE max_size 1024 exceeds the "
+                                   "model's 16 latent positions per side")
+    assert not wd.exists()
+
+
+def test_changed_data_settings_are_named(tmp_path, capsys):
+    from echo4o_jax.train.trainer import Trainer
+    from test_data_pipeline import _tokenizer_json, _write_dataset
+    from test_latents import SIDE, _config
+
+    tok = _tokenizer_json(tmp_path / "tok.json")
+    data = _write_dataset(tmp_path / "ds", 6, 5, prefix="s", sizes=(SIDE,))
+    wd = tmp_path / "wd"
+    c = _config(data, tok)
+    c.checkpoint.async_save = False
+    tr = Trainer(c, wd)
+    tr.save(force=True)  # step 0, with the records iterator's state
+    tr.ckpt.wait_until_finished()
+    before = _files(wd)
+    assert run(_config(data, tok, packs_per_step=2), str(wd)) == 2
+    err = _error_line(capsys)
+    assert err.startswith(f"error: the data iterator state of step 0 in workdir {wd} cannot resume with this "
+                          "config's data settings (iterator state was saved by a pipeline with another configuration")
+    assert ("Settings that differ from the checkpoint's run: data.packs_per_step: checkpoint 1, config 2; "
+            "packs per process: checkpoint 1, this run 2. Resume with the checkpoint's values") in err
+    assert _files(wd) == before
+
+
+# ------------------------------------------------------------------------------------------ workdirs
+
+
+def test_other_geometry_is_refused_and_leaves_the_workdir_as_it_was(workdir, capsys):
+    before = _files(workdir)
+    c = _tiny(steps=4)
+    c.model.geometry.max_latent_size = 8
+    c.model.geometry.llm.num_layers = 3
+    c.model.remat = "full"  # an execution setting: not named
+    assert run(c, str(workdir)) == 2
+    err = _error_line(capsys)
+    assert err.startswith(f"error: workdir {workdir} holds checkpoints of another model geometry than this "
+                          "config's (model.geometry): llm.num_layers: workdir 2, config 3; max_latent_size: "
+                          "workdir 16, config 8. The geometry cannot change on resume; these settings may: "
+                          "model.param_dtype, model.compute_dtype, model.remat, model.attention_impl")
+    assert err.endswith(", model.timestep_shift, train.freeze_und. Use the workdir's geometry or another --workdir")
+    assert _files(workdir) == before  # model_config/, config.json, checkpoints, log untouched
+
+
+def test_finished_workdir_says_so_and_execution_settings_may_change(workdir, capsys):
+    before = _files(workdir)
+    c = _tiny(steps=4)
+    c.model.remat = "full"
+    c.model.attention_impl = "xla_dense"
+    assert run(c, str(workdir)) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"[train] already complete: workdir {workdir} is at step 4 (train.steps=4); nothing to train (a larger "
+        "--config.train.steps trains further)")
+    after = _files(workdir)
+    assert {k for k in before if before[k] != after.get(k)} == {"config.json"}  # this run's config
+    assert json.loads(after["config.json"])["model"]["remat"] == "full"
+
+
+def test_unreadable_checkpoint_names_the_earlier_steps_and_resuming_from_one_works(workdir, capsys):
+    ref = _losses(workdir)
+    data = workdir / "checkpoints" / "4" / "params" / "ocdbt.process_0" / "d"
+    biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    before = _files(workdir)
+    assert run(_tiny(steps=4), str(workdir)) == 2
+    err = _error_line(capsys)
+    step_dir, moved = workdir / "checkpoints" / "4", workdir / "broken_checkpoint_4"
+    assert err.startswith(f"error: cannot restore the checkpoint of step 4 in workdir {workdir} ({step_dir}): "), err
+    assert err.endswith(f". Earlier checkpoints: steps [2]. To resume from step 2, move the broken one out of "
+                        f"checkpoints/ (mv {step_dir} {moved}) and rerun"), err
+    assert len(err) < 1000 and ".." not in err
+    assert _files(workdir) == before
+    shutil.move(step_dir, moved)  # as the message says
+    assert run(_tiny(steps=4), str(workdir)) == 0
+    recs = _records(workdir)
+    marks = [i for i, r in enumerate(recs) if r.get("event") == "resumed"]
+    assert len(marks) == 1
+    mark = recs[marks[0]]
+    assert mark["step"] == 2 and mark["superseded_steps"] == [3, 4]
+    assert [r["step"] for r in recs[marks[0]:] if "loss" in r] == [3, 4]  # logged again after the marker
+    got = _losses(workdir)  # the last record of a step wins: the resumed run's, equal to the first run's
+    assert sorted(got) == [1, 2, 3, 4]
+    for s in (3, 4):
+        assert got[s] == pytest.approx(ref[s], abs=1e-6)
+
+
+def test_interrupted_run_exits_128_plus_the_signal(workdir, capsys):
+    def interrupt():  # once the resumed run has logged a step (its SIGINT handler is installed)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if any("loss" in r and r["step"] > 4 for r in _records(workdir)):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=interrupt, daemon=True)
+    t.start()
+    assert run(_tiny(steps=40, debug_step_delay=0.3), str(workdir)) == 128 + signal.SIGINT
+    t.join()
+    step = max(_losses(workdir))
+    assert 4 < step < 40
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"[train] stopped by SIGINT at step {step} of 40 (checkpoint saved); rerun the same command to resume "
+        f"(workdir {workdir})")
+    assert (workdir / "checkpoints" / str(step)).is_dir()
+    resumed = [r for r in _records(workdir) if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 4 and "superseded_steps" not in resumed[0]
