@@ -45,6 +45,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+VARIANTS = ("xla_blockwise", "xla_dense", "naive_per_sample", "no_attention")
+
+
 def make_config(args):
     from echo4o_jax.train.config_base import base_config
 
@@ -186,7 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vit-budget", type=int, default=512)
     ap.add_argument("--vae-budget", type=int, default=1024)
     ap.add_argument("--variants", default="xla_blockwise,xla_dense,naive_per_sample",
-                    help="comma-separated; xla_blockwise:B sets attention_block_q = attention_block_kv = B")
+                    help="comma-separated, of " + ", ".join(VARIANTS) + "; NAME:B sets attention_block_q = "
+                         "attention_block_kv = B; NAME+latents runs on precomputed latents")
     ap.add_argument("--block", type=int, default=32, help="attention block (q and kv) of xla_blockwise")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
@@ -198,21 +202,30 @@ def main(argv=None) -> int:
     from echo4o_jax.train.trainer import Trainer
 
     c = make_config(args)
-    variants = args.variants.split(",")
+    variants = [v for v in args.variants.split(",") if v]
+    parsed = {}
+    for name in variants:
+        base, _, block = name.removesuffix("+latents").partition(":")
+        if base not in VARIANTS or (block and not block.isdigit()):
+            ap.error(f"--variants: unknown variant {name!r} (one of {', '.join(VARIANTS)}, optionally with :BLOCK "
+                     "and / or +latents)")
+        parsed[name] = (base, int(block) if block else args.block)
     trainers, batch, lens = {}, None, None
     orig_attention = qmot.attention
     with tempfile.TemporaryDirectory() as wd:
         for name in variants:
-            c.model.attention_impl = "xla_dense" if name == "xla_dense" else "xla_blockwise"
-            c.model.attention_block_q = c.model.attention_block_kv = int(name.split(":")[1]) if ":" in name else args.block
+            base, block = parsed[name]
+            # naive_per_sample / no_attention replace the attention function of an xla_blockwise model
+            c.model.attention_impl = "xla_dense" if base == "xla_dense" else "xla_blockwise"
+            c.model.attention_block_q = c.model.attention_block_kv = block
             tr = Trainer(c, os.path.join(wd, name))
             if batch is None:
                 batch = next(tr.source)  # one fixed pack for every variant and step
             b = with_moments(tr, batch) if name.endswith("+latents") else batch
-            if name == "naive_per_sample":
+            if base == "naive_per_sample":
                 naive, lens = naive_attention_for(batch)
                 qmot.attention = naive
-            if name == "no_attention":  # a floor: every other part of the step, attention output = q
+            if base == "no_attention":  # a floor: every other part of the step, attention output = q
                 qmot.attention = lambda q, k, v, q_meta, k_meta, **_: q
             try:
                 compile_s = tr.compile(b)

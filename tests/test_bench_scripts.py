@@ -62,3 +62,15 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
     assert f"{r['mfu_full_model']:.1%}" in row[0]
     assert "xla_blockwise memory GiB (in use / peak so far): setup 45.0 / 60.0, first_step 46.0 / 79.0" in text
     assert f"train state {r['train_state_bytes'] / G:.1f}" in text
+
+
+def test_cpu_baseline_refuses_unknown_variants_before_compiling(capsys):
+    import pytest
+
+    cb = load_file(ROOT / "bench" / "cpu_baseline.py", "cpu_baseline_script")
+    for bad in ("pallas_gpu", "xla_dense:x", "xla_blockwise,typo+latents"):
+        with pytest.raises(SystemExit) as e:
+            cb.main(["--variants", bad])
+        assert e.value.code == 2
+        out, err = capsys.readouterr()
+        assert "unknown variant" in err and "compiled" not in out  # refused before any variant compiled

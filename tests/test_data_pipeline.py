@@ -544,6 +544,10 @@ def test_pack_stats_of_the_demo_config(tmp_path, capsys):
     np.testing.assert_array_equal(s2["budget"], s2["unbounded"])
     np.testing.assert_array_equal(s2["unbounded"], free)
 
+    c_lat = copy.deepcopy(c)  # a training config with precomputed latents (they change no size): same packs
+    c_lat.data.vae_latents = str(tmp_path / "latents_not_needed_here")
+    np.testing.assert_array_equal(ps.pack_stats(c_lat, cfg, packs=24)["budget"], s2["budget"])
+
     report = ps.format_report(s, round_to=16)
     assert f"real tokens per pack: {used[:, 4].mean():.0f} with the config's budget, {free[:, 4].mean():.0f}" in report
     assert f"vae_images={sug.vae_images}" in report and f"vae_tokens={sug.vae_tokens}" in report

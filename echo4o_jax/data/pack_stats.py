@@ -72,7 +72,9 @@ def pack_stats(config, model_cfg, *, packs: int = 256) -> dict:
     budget = budget_from_config(config.data.budget)
     pc = pipeline_config_from(config, budget, local_packs=1)
     # the packing limits stay those of the config's budget (max_tokens defaults to the budget's total)
-    pc = dataclasses.replace(pc, max_num_tokens=pc.max_tokens, max_num_tokens_per_sample=pc.max_tokens_per_sample)
+    # precomputed latents change no size, pack or dropout draw: measured on the records' images
+    pc = dataclasses.replace(pc, max_num_tokens=pc.max_tokens, max_num_tokens_per_sample=pc.max_tokens_per_sample,
+                             vae_latents="", vae_fingerprint="")
     # unbounded: every segment can take a whole pack; the VAE slots as many images as max_tokens allows
     per_image = max(1, (pc.vae_transform.min_size // (model_cfg.vae.downsample * model_cfg.latent_patch_size)) ** 2)
     free = PackBudget(text_tokens=pc.max_tokens, vit_tokens=pc.max_tokens, vae_tokens=pc.max_tokens,
@@ -155,6 +157,9 @@ def _cli() -> None:
 
         if config.value is None:
             print("error: --config is required", file=sys.stderr)
+            return 2
+        if packs.value < 1:
+            print(f"error: --packs={packs.value}: need at least 1", file=sys.stderr)
             return 2
         if config.value.data.kind != "records":
             print(f"error: data.kind={config.value.data.kind!r}: pack statistics need a records source",
