@@ -192,16 +192,114 @@ def test_killed_run_resumes_losing_at_most_one_shard(env, tmp_path):
 # ---------------------------------------------------------------------------------------------- errors
 
 
-def test_missing_record_is_an_error_naming_it(env, tmp_path):
+def _make_source(env, data_dir, out):
+    return make_source(_config(data_dir, env["tok"], vae_latents=str(out)), env["tr_in"].cfg, process_index=0,
+                       process_count=1, local_packs=1, vae_fingerprint=vae_fingerprint(env["tr_in"].vae_state))
+
+
+def test_added_records_are_refused_until_encoded(env, tmp_path):
     d = _write_dataset(tmp_path / "ds", 3, 7, prefix="m", sizes=(SIDE,))
     out = tmp_path / "lat"
-    precompute(_config(d, env["tok"]), str(out), batch=4, log=None)
-    _write_dataset(d, 1, 8, prefix="late", sizes=(SIDE,), append=True)  # a t2i record added afterwards
-    src = make_source(_config(d, env["tok"], vae_latents=str(out)), env["tr_in"].cfg, process_index=0,
-                      process_count=1, local_packs=1, vae_fingerprint=vae_fingerprint(env["tr_in"].vae_state))
-    with pytest.raises(LatentStoreError, match=r"missing latent for dataset 'ds', record 'late0', image 0"):
-        for _ in range(20):
-            next(src)
+    first = precompute(_config(d, env["tok"]), str(out), batch=4, log=None)
+    _write_dataset(d, 1, 8, prefix="late", sizes=(SIDE,), append=True)  # a t2i record added afterwards (new shard)
+    with pytest.raises(LatentStoreError, match=rf"dataset 'ds': .*1 record shard\(s\) read now were not encoded "
+                                               rf"\(records added after the precompute run\?\): {d}/late-\d{{5}}"
+                                               rf"\.array_record: run python -m echo4o_jax.data.latents .*--out {out} again"):
+        _make_source(env, d, out)
+    again = precompute(_config(d, env["tok"]), str(out), batch=4, log=None)
+    assert again["images_written"] == 1 and again["images_skipped"] == first["images_written"]
+    assert any(k.startswith("late0#") for k in _keys(out))
+    next(_make_source(env, d, out))
+    store = LatentStore(out)  # a latent the manifest does not hold is still fatal when read
+    with pytest.raises(LatentStoreError, match=r"missing latent for dataset 'ds', record 'nope', image 0"):
+        store.moments("ds", "nope", 0, (4, 4))
+
+
+def test_latents_of_other_records_with_the_same_label_and_ids_are_refused(env, tmp_path):
+    """Folders a/ds and b/ds: same label, same record ids, other images. Training with a/ds's latents on
+    b/ds and a precompute rerun of b/ds into a/ds's folder are refused naming both folders; nothing written
+    is lost. A copy of a/ds elsewhere (a folder moved to another machine) is the same records."""
+    import shutil
+
+    a = _write_dataset(tmp_path / "a" / "ds", 4, 21, prefix="s", sizes=(SIDE,))
+    b = _write_dataset(tmp_path / "b" / "ds", 4, 22, prefix="s", sizes=(SIDE,))
+    out = tmp_path / "lat"
+    first = precompute(_config(a, env["tok"]), str(out), batch=4, log=None)
+    assert first["images_written"] > 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    refused = (rf"dataset 'ds': the latents were made from the records in {a}, the records read now are in {b}; "
+               rf"\d record shard\(s\) the latents were made from are not among the records read now \(rewritten, "
+               rf"replaced or removed\): {a}/s-00000\.array_record.*; \d record shard\(s\) read now were not encoded")
+    with pytest.raises(LatentStoreError, match=refused + r".*: these latents are not the records' latents \(precompute "
+                                                r"them into another --out\)"):
+        _make_source(env, b, out)
+    with pytest.raises(LatentStoreError, match=rf"{out}: " + refused + r".*: use another --out"):
+        precompute(_config(b, env["tok"]), str(out), batch=4, log=None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, nothing lost
+    c = shutil.copytree(a, tmp_path / "elsewhere" / "ds")
+    next(_make_source(env, c, out))
+    again = precompute(_config(c, env["tok"]), str(out), batch=4, log=None)
+    assert again["images_written"] == 0 and again["images_skipped"] == first["images_written"]
+    m = json.loads((out / MANIFEST_NAME).read_text())["datasets"]["ds"]
+    assert m["complete"] and m["path"] and all(p.startswith(f"{c}{os.sep}") for p in m["path"])
+
+
+def test_folder_without_records_sha256(env, tmp_path):
+    """A latent folder written before records_sha256: training says how to add it; a precompute rerun on
+    the record files it lists adds it (encoding nothing), on other record files it is refused."""
+    import shutil
+
+    out = tmp_path / "lat"
+    shutil.copytree(env["out"], out)
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    shas = m["datasets"]["ds"].pop("records_sha256")
+    (out / MANIFEST_NAME).write_text(json.dumps(m))
+    with pytest.raises(LatentStoreError, match=rf"dataset 'ds' was precomputed before latent folders recorded the "
+                                               rf"sha256 of their records.*--out {out} again"):
+        _source(env, vae_latents=str(out))
+    other = _write_dataset(tmp_path / "ds", 3, 5, prefix="s", sizes=(SIDE,))
+    with pytest.raises(LatentStoreError, match=rf"{out}: dataset 'ds' was precomputed from the records "
+                                               rf"{env['data_dir']}/s-00000.*this config reads {other}/s-00000.*use another --out"):
+        precompute(_config(other, env["tok"]), str(out), batch=4, log=None)
+    logs = []
+    stats = precompute(env["c_in"], str(out), batch=4, log=logs.append)
+    assert stats["images_written"] == 0
+    assert any("the latents' records sha256 recorded from" in line for line in logs)
+    assert json.loads((out / MANIFEST_NAME).read_text())["datasets"]["ds"]["records_sha256"] == shas
+    next(_source(env, vae_latents=str(out)))
+
+
+def test_broken_latent_shard_is_fatal_and_a_rerun_repairs_it(env, tmp_path):
+    """A listed shard that is missing or truncated is a LatentStoreError naming the file (at the check, and
+    when read after it), never counted bad samples; a precompute rerun re-encodes what it held."""
+    import shutil
+
+    out = tmp_path / "lat"
+    shutil.copytree(env["out"], out)
+    shards = json.loads((out / MANIFEST_NAME).read_text())["datasets"]["ds"]["shards"]
+    gone, cut = shards[0], shards[1]
+    store = LatentStore(out)  # opened (and checked) before the shard went missing: fatal when read
+    (out / gone["file"]).unlink()
+    k = sorted(_keys(env["out"]))[0]
+    with pytest.raises(LatentStoreError, match=rf"latent shard {gone['file']} of dataset 'ds' is missing: run "
+                                               rf"python -m echo4o_jax.data.latents --config ... --out {out} again"):
+        store.moments("ds", k.rsplit("#")[0], 0, (4, 4))
+    with pytest.raises(LatentStoreError, match=rf"latent shard {gone['file']} of dataset 'ds' is missing"):
+        _source(env, vae_latents=str(out))
+    data = (out / cut["file"]).read_bytes()
+    (out / cut["file"]).write_bytes(data[: len(data) // 2])
+    (out / gone["file"]).write_bytes(b"")  # present again but empty
+    with pytest.raises(LatentStoreError, match=rf"latent shard {gone['file']} of dataset 'ds' is 0 bytes, the "
+                                               rf"manifest lists {gone['bytes']} \(truncated or rewritten\)"):
+        _source(env, vae_latents=str(out))
+    logs = []
+    stats = precompute(env["c_in"], str(out), batch=4, shard_bytes=12_000, log=logs.append)
+    assert stats["images_written"] == gone["images"] + cut["images"]
+    assert stats["images_skipped"] == env["stats"]["images_written"] - stats["images_written"]
+    assert sum(f"latent shard {s['file']} is" in line and "encoded again" in line for line in logs for s in (gone, cut)) == 2
+    assert (out / (cut["file"] + ".broken")).read_bytes() == data[: len(data) // 2]  # kept, out of the way
+    _same_latents(out, env["out"])
+    next(_source(env, vae_latents=str(out)))
 
 
 def test_fingerprint_mismatch(env):
@@ -230,12 +328,12 @@ def test_store_errors(env, tmp_path):
     store = LatentStore(env["out"])
     m = store.manifest
     ok = dict(fingerprint=m["vae_fingerprint"], z_channels=m["z_channels"], downsample=m["downsample"],
-              transforms={"ds": ImageTransform(*VAE_T)})
+              transforms={"ds": ImageTransform(*VAE_T)}, records={"ds": env["data_dir"]})
     store.check(**ok)
     with pytest.raises(LatentStoreError, match=f"z_channels mismatch: stored {m['z_channels']}, .* has {m['z_channels'] + 1}"):
         store.check(**{**ok, "z_channels": m["z_channels"] + 1})
     with pytest.raises(LatentStoreError, match="no latents for dataset 'other'"):
-        store.check(**{**ok, "transforms": {"other": ImageTransform(*VAE_T)}})
+        store.check(**{**ok, "transforms": {"other": ImageTransform(*VAE_T)}, "records": {"other": env["data_dir"]}})
     k = sorted(_keys(env["out"]))[0]
     rid, idx = k.rsplit("#", 1)
     with pytest.raises(LatentStoreError, match=f"record '{rid}', image {idx}: stored moments are float32"):
@@ -330,6 +428,14 @@ def test_parts_on_several_devices_merge_into_the_single_run(env, tmp_path):
         assert m["datasets"]["ds"][k] == single["datasets"]["ds"][k], k
     _same_latents(out, env["out"])
     next(_source(env, vae_latents=str(out)))  # the pipeline reads the merged folder
+    lost = next(s for s in m["datasets"]["ds"]["shards"] if "-part00000-of-00002-" in s["file"])
+    (out / lost["file"]).unlink()  # a part's shard lost: that part's rerun and a merge repair the folder
+    with pytest.raises(LatentStoreError, match=rf"{lost['file']} of dataset 'ds' is missing: run its part again "
+                                               rf"\(.*--parts 2 --part 0\), then --merge"):
+        _source(env, vae_latents=str(out))
+    assert precompute(env["c_in"], str(out), part=0, parts=2, **kw)["images_written"] == lost["images"]
+    merge_parts(str(out), log=None)
+    _same_latents(out, env["out"])
     with pytest.raises(LatentStoreError, match=r"holds latents written in \[2\] parts"):
         precompute(env["c_in"], str(out), **kw)
     with pytest.raises(LatentStoreError, match="holds latents written in \\[2\\] parts, this run would write 3"):
@@ -352,6 +458,11 @@ def test_merge_refuses_parts_that_disagree(env, tmp_path):
     m["datasets"]["ds"].update(complete=True, transform="ImageTransform(max_size=999)")
     (out / name).write_text(json.dumps(m))
     with pytest.raises(LatentStoreError, match=f"{name}: dataset 'ds' has transform 'ImageTransform\\(max_size=999\\)'"):
+        merge_parts(str(out), log=None)
+    m["datasets"]["ds"].update(transform=json.loads((out / "latents.part-00000-of-00002.json").read_text())
+                               ["datasets"]["ds"]["transform"], records_sha256=["0" * 64])
+    (out / name).write_text(json.dumps(m))
+    with pytest.raises(LatentStoreError, match=f"{name}: dataset 'ds' has records_sha256 \\['0000"):
         merge_parts(str(out), log=None)
     with pytest.raises(ValueError, match="part 2 of 2"):
         precompute(env["c_in"], str(out), part=2, parts=2, **kw)

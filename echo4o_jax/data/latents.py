@@ -29,6 +29,8 @@ Layout of DIR
      "vae_fingerprint": sha256 of the VAE encoder's parameters (`vae_fingerprint`),
      "z_channels", "downsample" (of that VAE), "dtype": "float32" | "bfloat16",
      "datasets": {label: {"path": [record shard files], "transform": repr of the VAE ImageTransform,
+                          "records_sha256": [sha256 of each file of "path", from its records folder's
+                                             manifest.json, else hashed from the file],
                           "complete": bool, "records": int, "images": int,
                           "failed": {key: reason} (images / records that could not be read; the pipeline
                                     skips their samples as it would with in-step encoding),
@@ -44,6 +46,21 @@ Resume: a shard is written under a `.tmp` name, renamed, then listed in the mani
 same --out skips every image already listed (a killed run loses at most the shard it was filling) and
 refuses to mix latents of another VAE, dtype or transform.
 
+Which records. Latents are keyed by record id, so they belong to the record files they were made from,
+not to a dataset label or a folder path (two folders with the same name and ids may hold other images;
+folders move between machines). A dataset's "records_sha256" is compared, as a multiset, with the sha256s
+of the record files being read: training (`LatentStore.check`) needs them equal and names the shards that
+differ; a precompute rerun accepts added shards (records appended with `RecordWriter(append=True)`: it
+encodes their images, the dataset is incomplete until it ends) and refuses changed or removed ones (use
+another --out). A folder written before "records_sha256" existed is refused by training with the command
+that fixes it: a precompute rerun records the sha256s, encoding nothing new, when the record files are
+the ones listed in "path" (it trusts those paths once and says so); other record files are refused.
+
+Broken shards. A listed shard that is missing, of another size than listed, or unreadable is a fatal
+LatentStoreError naming the file, at `check` and when read (never a skipped sample). A precompute rerun
+repairs the folder in place: such a shard is dropped from the manifest (a present file is renamed to
+`<file>.broken`, kept for inspection) and the images it held are encoded again.
+
 Parallel runs. One process encodes on all its local devices (each batch split over them; `--batch` is
 rounded up to a multiple of the device count). Several processes split the records: part I of N takes
 the records whose index in their dataset is I mod N, and writes `latents.part-0000I-of-0000N.json` and
@@ -58,6 +75,7 @@ folder are never mixed.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
 import json
@@ -67,9 +85,10 @@ from typing import Callable
 
 import numpy as np
 
-from echo4o_jax.data.records import _atomic_write_json
+from echo4o_jax.data.records import MANIFEST_NAME as RECORDS_MANIFEST
+from echo4o_jax.data.records import _atomic_write_json, _sha256, load_manifest, resolve_shards
 from echo4o_jax.packing import MOMENT_DTYPES, moments_dtype
-from echo4o_jax.safetensors_io import SafetensorsFile, write_safetensors
+from echo4o_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "LatentStore", "LatentStoreError", "latent_key",
            "merge_parts", "precompute", "vae_fingerprint"]
@@ -99,6 +118,87 @@ def _part_manifests(out: str) -> dict[tuple[int, int], str]:
 
 class LatentStoreError(ValueError):
     """A precomputed-latent folder is missing, incomplete, lacks a latent, or does not match the config."""
+
+
+class _BrokenShard(LatentStoreError):
+    """A listed latent shard that is missing, of another size than listed, or unreadable (repairable)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _open_shard(folder: str, shard: dict) -> SafetensorsFile:
+    """The latent shard `shard` (a manifest entry) of `folder`: _BrokenShard when it is missing, of another
+    size than the manifest lists, or unreadable; LatentStoreError when the file system refuses it."""
+    path = os.path.join(folder, shard["file"])
+    try:
+        size = os.path.getsize(path)
+        if size != shard["bytes"]:
+            raise _BrokenShard(path, f"{size} bytes, the manifest lists {shard['bytes']} (truncated or rewritten)")
+        return SafetensorsFile(path)
+    except FileNotFoundError:
+        raise _BrokenShard(path, "missing") from None
+    except SafetensorsError as e:
+        raise _BrokenShard(path, f"unreadable ({e})") from None
+    except OSError as e:
+        raise LatentStoreError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _record_files(path) -> list[str]:
+    """The absolute record shard files of a dataset's path (folder, shard file, glob, or a list of them)."""
+    return [os.path.abspath(f) for f in resolve_shards(path)]
+
+
+def _records_sha256(files: list[str]) -> list[str]:
+    """The sha256 of each record shard file: from its folder's records manifest when that lists it, else
+    hashed from the file (a read of the whole file)."""
+    listed: dict[str, dict[str, str]] = {}
+    out = []
+    for f in files:
+        d = os.path.dirname(f)
+        if d not in listed:
+            has = os.path.exists(os.path.join(d, RECORDS_MANIFEST))
+            listed[d] = {s["file"]: s["sha256"] for s in load_manifest(d)["shards"]} if has else {}
+        out.append(listed[d].get(os.path.basename(f)) or _sha256(f))
+    return out
+
+
+def _folders(files: list[str]) -> str:
+    return ", ".join(sorted({os.path.dirname(f) for f in files})) or "(no files)"
+
+
+def _few(files: list[str], n: int = 3) -> str:
+    return ", ".join(files[:n]) + (f" and {len(files) - n} more" if len(files) > n else "")
+
+
+def _records_mismatch(label: str, ds: dict, files: list[str], shas: list[str], *,
+                      added_ok: bool) -> tuple[str, bool] | None:
+    """None when the records `files` (sha256s `shas`) are those the latents of dataset `ds` were made from
+    (as a multiset; with `added_ok`, or more); else (what differs, naming both folders and the shards;
+    whether shards the latents were made from are gone, so that the latents are not the records')."""
+    def only_in(a_files, a_shas, b_shas):
+        left, out = collections.Counter(b_shas), []
+        for f, h in zip(a_files, a_shas):
+            if left[h] > 0:
+                left[h] -= 1
+            else:
+                out.append(f)
+        return out
+
+    gone = only_in(ds["path"], ds["records_sha256"], shas)
+    new = only_in(files, shas, ds["records_sha256"])
+    if not gone and (added_ok or not new):
+        return None
+    what = []
+    if gone:
+        what.append(f"{len(gone)} record shard(s) the latents were made from are not among the records read now "
+                    f"(rewritten, replaced or removed): {_few(gone)}")
+    if new:
+        what.append(f"{len(new)} record shard(s) read now were not encoded (records added after the precompute "
+                    f"run?): {_few(new)}")
+    return (f"dataset {label!r}: the latents were made from the records in {_folders(ds['path'])}, the records "
+            f"read now are in {_folders(files)}; " + "; ".join(what)), bool(gone)
 
 
 def latent_key(record_id: str, image: int) -> str:
@@ -172,11 +272,16 @@ class LatentStore:
         d["_index"] = {}
         return d
 
-    def check(self, *, fingerprint: str, z_channels: int, downsample: int, transforms: dict) -> None:
+    def check(self, *, fingerprint: str, z_channels: int, downsample: int, transforms: dict, records: dict) -> None:
         """Raise LatentStoreError unless the folder holds complete latents of this VAE (fingerprint, z
         channels, downsample) for every dataset label of `transforms` (label -> VAE ImageTransform) made
-        with that transform."""
+        with that transform from the record files of `records` (label -> the dataset's path: folder, shard
+        file, glob or a list of them; compared by sha256, module docstring "Which records"), and every
+        latent shard of those datasets is readable."""
         m, p = self.manifest, self.path
+        if set(records) != set(transforms):
+            raise ValueError(f"LatentStore.check: records {sorted(records)} and transforms {sorted(transforms)} "
+                             "must name the same datasets")
         if m["vae_fingerprint"] != fingerprint:
             raise LatentStoreError(f"precomputed latents {p}: VAE fingerprint mismatch: the latents were computed "
                                    f"with VAE {m['vae_fingerprint']}, the current config's VAE is {fingerprint} "
@@ -196,21 +301,51 @@ class LatentStore:
             if not ds["complete"]:
                 raise LatentStoreError(f"precomputed latents {p}: dataset {label!r} is incomplete (the precompute "
                                        "run was interrupted): run python -m echo4o_jax.data.latents again")
+            files = _record_files(records[label])
+            if "records_sha256" not in ds:
+                raise LatentStoreError(
+                    f"precomputed latents {p}: dataset {label!r} was precomputed before latent folders recorded "
+                    f"the sha256 of their records, so it cannot be checked against the records in "
+                    f"{_folders(files)}: run python -m echo4o_jax.data.latents --config ... --out {p} again (it "
+                    f"records them, encoding nothing new, when those are the record files the latents were made "
+                    f"from, {_folders(ds['path'])}; other record files are refused)")
+            diff = _records_mismatch(label, ds, files, _records_sha256(files), added_ok=False)
+            if diff is not None:
+                what, gone = diff
+                raise LatentStoreError(
+                    f"precomputed latents {p}: {what}: " + (
+                        "these latents are not the records' latents (precompute them into another --out)" if gone
+                        else f"run python -m echo4o_jax.data.latents --config ... --out {p} again (it encodes "
+                             "the added records)"))
+            for s in ds["shards"]:  # every shard readable, before any sample is read
+                self._open(label, s)
+
+    def _open(self, dataset: str, shard: dict) -> SafetensorsFile:
+        """`_open_shard` with a LatentStoreError that says how to repair the folder."""
+        try:
+            return _open_shard(self.path, shard)
+        except _BrokenShard as e:
+            m = re.search(r"-part(\d{5})-of-(\d{5})-\d{5}\.safetensors$", shard["file"])
+            redo = (f"run its part again (python -m echo4o_jax.data.latents --config ... --out {self.path} "
+                    f"--parts {int(m[2])} --part {int(m[1])}), then --merge" if m else
+                    f"run python -m echo4o_jax.data.latents --config ... --out {self.path} again")
+            raise LatentStoreError(f"precomputed latents {self.path}: latent shard {shard['file']} of dataset "
+                                   f"{dataset!r} is {e.reason}: {redo} (it re-encodes the shard's images)") from None
 
     def _files(self, dataset: str) -> dict[str, SafetensorsFile]:
         idx = self._index.get(dataset)
         if idx is None:
             idx = {}
             for s in self.manifest["datasets"][dataset]["shards"]:
-                f = SafetensorsFile(os.path.join(self.path, s["file"]))
+                f = self._open(dataset, s)
                 idx.update(dict.fromkeys(f.keys(), f))
             self._index[dataset] = idx
         return idx
 
     def moments(self, dataset: str, record_id: str, image: int, hw: tuple[int, int]) -> np.ndarray:
         """The stored moments [h, w, 2z] of one image, checked against the latent size `hw` the current
-        transform gives it. A missing latent raises LatentStoreError (fatal); an image the precompute run
-        could not read raises ValueError (the pipeline skips that sample, as it would in-step)."""
+        transform gives it. A missing latent or a broken shard raises LatentStoreError (fatal); an image the
+        precompute run could not read raises ValueError (the pipeline skips that sample, as it would in-step)."""
         key = latent_key(record_id, image)
         ds = self.manifest["datasets"].get(dataset)
         if ds is None:
@@ -239,8 +374,9 @@ class _Writer:
     """Shards + manifest of one --out folder (resumable)."""
 
     def __init__(self, out: str, *, fingerprint: str, z_channels: int, downsample: int, dtype: str,
-                 shard_bytes: int, on_shard: Callable[[str], None] | None = None, part: int = 0, parts: int = 1):
-        self.out, self.shard_bytes, self.on_shard = out, int(shard_bytes), on_shard
+                 shard_bytes: int, on_shard: Callable[[str], None] | None = None, part: int = 0, parts: int = 1,
+                 log: Callable[[str], None] | None = None):
+        self.out, self.shard_bytes, self.on_shard, self.log = out, int(shard_bytes), on_shard, log
         self.tag = _part_tag(part, parts)
         self.manifest_name = MANIFEST_NAME if parts == 1 else f"latents.part-{part:05d}-of-{parts:05d}.json"
         os.makedirs(out, exist_ok=True)
@@ -269,20 +405,59 @@ class _Writer:
         self.pending_bytes = 0
         self.written = 0
 
-    def begin(self, label: str, paths: list[str], transform) -> set[str]:
-        """Start dataset `label`; returns the keys already stored."""
+    def begin(self, label: str, files: list[str], transform) -> set[str]:
+        """Start dataset `label` of the record shard files `files` (absolute); returns the keys already
+        stored. Refuses latents of other records or another transform; repairs broken shards (module
+        docstring, "Which records", "Broken shards")."""
+        shas = _records_sha256(files)
         ds = self.m["datasets"].get(label)
         if ds is None:
-            ds = self.m["datasets"][label] = {"path": paths, "transform": repr(transform), "complete": False,
-                                              "records": 0, "images": 0, "failed": {}, "shards": []}
+            ds = self.m["datasets"][label] = {"path": files, "transform": repr(transform), "records_sha256": shas,
+                                              "complete": False, "records": 0, "images": 0, "failed": {},
+                                              "shards": []}
         elif ds["transform"] != repr(transform):
             raise LatentStoreError(f"{self.out}: dataset {label!r} was precomputed with VAE transform "
                                    f"{ds['transform']}, this config uses {transform!r}: use another --out")
+        elif "records_sha256" not in ds:  # written before records_sha256: trust the very same files once
+            if sorted(ds["path"]) != sorted(files):
+                raise LatentStoreError(
+                    f"{self.out}: dataset {label!r} was precomputed from the records {_few(ds['path'])} (before "
+                    f"latent folders recorded the sha256 of their records), this config reads {_few(files)}: "
+                    "use another --out (latents of other records are never mixed)")
+            ds["records_sha256"] = [dict(zip(files, shas))[f] for f in ds["path"]]
+            self.save()
+            self._note(f"{label}: the latents' records sha256 recorded from {_folders(files)} (the record files "
+                       "this folder lists; written before latent folders recorded them)")
+        diff = _records_mismatch(label, ds, files, shas, added_ok=True)
+        if diff is not None:
+            raise LatentStoreError(f"{self.out}: {diff[0]}: use another --out (latents of other records are never "
+                                   "mixed)")
+        if ds["path"] != files or ds["records_sha256"] != shas:  # records added (encode them) or moved
+            added = _records_mismatch(label, ds, files, shas, added_ok=False) is not None
+            ds.update(path=files, records_sha256=shas, complete=ds["complete"] and not added)
+            self.save()
         self.ds, self.label = ds, label
         done: set[str] = set()
+        broken = []
         for s in ds["shards"]:
-            done.update(SafetensorsFile(os.path.join(self.out, s["file"])).keys())
+            try:
+                done.update(_open_shard(self.out, s).keys())
+            except _BrokenShard as e:
+                broken.append(s)
+                kept = ""
+                if os.path.exists(e.path):  # kept for inspection, out of the way of new shard names
+                    os.replace(e.path, e.path + ".broken")
+                    kept = f" (the file is kept as {s['file']}.broken)"
+                self._note(f"{label}: latent shard {s['file']} is {e.reason}: dropped from the manifest{kept}; "
+                           "its images are encoded again")
+        if broken:
+            ds.update(shards=[s for s in ds["shards"] if s not in broken], complete=False)
+            self.save()
         return done
+
+    def _note(self, msg: str) -> None:
+        if self.log is not None:
+            self.log(f"[latents] {msg}")
 
     def add(self, key: str, moments: np.ndarray) -> None:
         self.pending[key] = moments
@@ -364,12 +539,13 @@ def merge_parts(out: str, log: Callable[[str], None] | None = print) -> dict:
             if not ds["complete"]:
                 raise LatentStoreError(f"{out}/{name}: dataset {label!r} is incomplete: run part {i} again")
             acc = merged["datasets"].setdefault(label, {"path": ds["path"], "transform": ds["transform"],
+                                                        "records_sha256": ds.get("records_sha256"),
                                                         "complete": True, "records": 0, "images": 0,
                                                         "failed": {}, "shards": []})
-            for k in ("path", "transform"):
-                if ds[k] != acc[k]:
-                    raise LatentStoreError(f"{out}/{name}: dataset {label!r} has {k} {ds[k]!r}, an earlier part "
-                                           f"has {acc[k]!r}")
+            for k in ("path", "transform", "records_sha256"):  # in order: parts split the records by index
+                if ds.get(k) != acc[k]:
+                    raise LatentStoreError(f"{out}/{name}: dataset {label!r} has {k} {ds.get(k)!r}, an earlier "
+                                           f"part has {acc[k]!r}")
             acc["records"] += ds["records"]
             acc["images"] += ds["images"]
             acc["failed"].update(ds["failed"])
@@ -377,6 +553,9 @@ def merge_parts(out: str, log: Callable[[str], None] | None = print) -> dict:
         first = first or set(m["datasets"])
         if set(m["datasets"]) != first:
             raise LatentStoreError(f"{out}/{name}: datasets {sorted(m['datasets'])}, part 0 has {sorted(first)}")
+    for ds in merged["datasets"].values():
+        if ds["records_sha256"] is None:  # parts written before records_sha256: `check` says how to add it
+            del ds["records_sha256"]
     merged["updated_utc"] = _now()
     _atomic_write_json(os.path.join(out, MANIFEST_NAME), merged)
     if log is not None:
@@ -397,7 +576,7 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
     from flax import nnx
 
     from echo4o_jax.data.pipeline import (dataset_transforms, decode_image, record_img_num, transform_pixels)
-    from echo4o_jax.data.records import RecordReader, decode_record, resolve_shards
+    from echo4o_jax.data.records import RecordReader, decode_record
     from echo4o_jax.model.vae import AutoEncoder
     from echo4o_jax.packing import unit_range_lut
     from echo4o_jax.train.data_sources import budget_from_config
@@ -438,7 +617,7 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
 
     lut = unit_range_lut()
     w = _Writer(out, fingerprint=fp, z_channels=cfg.vae.z_channels, downsample=cfg.vae.downsample, dtype=dtype,
-                shard_bytes=shard_bytes, on_shard=on_shard, part=part, parts=parts)
+                shard_bytes=shard_bytes, on_shard=on_shard, part=part, parts=parts, log=log)
     stats = {"images_written": 0, "images_skipped": 0, "failed": 0, "vae_fingerprint": fp}
 
     def run(bucket: list[tuple[str, np.ndarray]]) -> None:
@@ -451,8 +630,8 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
         stats["images_written"] += len(bucket)
 
     for spec, (vae_t, _) in zip(pc.datasets, dataset_transforms(pc)):
-        files = resolve_shards(list(spec.path) if isinstance(spec.path, tuple) else spec.path)
-        done = w.begin(spec.label, [os.path.abspath(f) for f in files], vae_t)
+        files = _record_files(spec.path)
+        done = w.begin(spec.label, files, vae_t)
         failed = {k: v for k, v in w.ds.get("failed", {}).items()}
         reader = RecordReader(files)
         buckets: dict[tuple, list] = {}

@@ -535,7 +535,8 @@ class DataPipeline:
         store = LatentStore(c.vae_latents)
         store.check(fingerprint=c.vae_fingerprint, z_channels=self.model_cfg.vae.z_channels,
                     downsample=self.model_cfg.vae.downsample,
-                    transforms={spec.label: vae_t for spec, (vae_t, _) in zip(c.datasets, dataset_transforms(c))})
+                    transforms={spec.label: vae_t for spec, (vae_t, _) in zip(c.datasets, dataset_transforms(c))},
+                    records={spec.label: spec.path for spec in c.datasets})
         return store
 
     def _check_transforms(self) -> None:
