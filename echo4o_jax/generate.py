@@ -170,6 +170,24 @@ def _under_mesh(method):
     return wrapped
 
 
+class _TransformSlot:
+    """A Generator's resize transform: its own until the Inferencer exists, then the Inferencer's (reads and
+    writes go through), so that request checks and context building always use the same transform."""
+
+    def __init__(self, name: str):
+        self.name, self.own = name, "_" + name
+
+    def __get__(self, gen, owner=None):
+        if gen is None:
+            return self
+        return getattr(gen, self.own) if gen.inf is None else getattr(gen.inf, self.name)
+
+    def __set__(self, gen, t):
+        setattr(gen, self.own, t)
+        if gen.inf is not None:
+            setattr(gen.inf, self.name, t)
+
+
 class Generator:
     """A checkpoint's config + tokenizer + Inferencer, reused across requests (compiled step functions
     are cached per shape). With `load_weights=False` the weights load at the first generation, so that
@@ -235,25 +253,8 @@ class Generator:
                               vit_transform=self._vit_transform, text_bucket=TEXT_BUCKET)
 
     # the resize transforms are the Inferencer's once it exists (the checks and the context building use one pair)
-    @property
-    def vae_transform(self):
-        return self._vae_transform if self.inf is None else self.inf.vae_transform
-
-    @vae_transform.setter
-    def vae_transform(self, t):
-        self._vae_transform = t
-        if self.inf is not None:
-            self.inf.vae_transform = t
-
-    @property
-    def vit_transform(self):
-        return self._vit_transform if self.inf is None else self.inf.vit_transform
-
-    @vit_transform.setter
-    def vit_transform(self, t):
-        self._vit_transform = t
-        if self.inf is not None:
-            self.inf.vit_transform = t
+    vae_transform = _TransformSlot("vae_transform")
+    vit_transform = _TransformSlot("vit_transform")
 
     # ------------------------------------------------------------------ inputs
     def encode(self, prompt: str | None = None, prompt_ids: Sequence[int] | None = None) -> list[int]:
@@ -539,12 +540,11 @@ def save_png(img, path) -> None:
 def image_complete(path) -> bool:
     """Whether `path` is an image that decodes to its last pixel (a file cut short by a kill does not).
     The resume checks (here and in echo4o_jax.eval.run) reuse an existing output only when this holds."""
-    from PIL import Image
+    from echo4o_jax.data.records import RecordError, probe_image
 
     try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception:  # noqa: BLE001 -- PIL raises many kinds for broken files; any means "not complete"
+        probe_image(pathlib.Path(path).read_bytes(), check="decode")
+    except (OSError, RecordError):
         return False
     return True
 
