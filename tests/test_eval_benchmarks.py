@@ -382,7 +382,9 @@ def _fake_generate_module(calls, skip_prompts=(), error=None):
                 if r["prompt"] in skip_prompts:
                     continue
                 p = Path(out_dir) / f"{r['id']}_{k}.png"
-                write_png(p, r["seed"])
+                # a distinct picture per image: identical ones would share one judge cache entry, and whether
+                # the second is a cache hit or a second call would depend on the judge threads' timing
+                write_png(p, 2 * r["seed"] + k)
                 paths.append(str(p))
             recs.append({"id": r["id"], "paths": paths})
         return recs
