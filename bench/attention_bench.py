@@ -204,7 +204,8 @@ def main(argv=None) -> int:
             print(f"sweep {tuning}: fwd+bwd {sec * 1e3:.2f} ms", flush=True)
             if sec < best_t:
                 best, best_t = tuning, sec
-        sweep.update(best=best, best_fwd_s=min([x["fwd_s"] for x in sweep["fwd"] if "fwd_s" in x], default=None),
+        sweep.update(best=best, default=f"fwd={FWD_TILES[0]},dq={BWD_TILES[0][0]},dkv={BWD_TILES[0][1]}",
+                     best_fwd_s=min([x["fwd_s"] for x in sweep["fwd"] if "fwd_s" in x], default=None),
                      best_fwd_bwd_s=best_t if best_t < float("inf") else None)
         print(f"best tuning: {best}", flush=True)
 

@@ -64,8 +64,9 @@ stage "2 attention alone (one layer, fwd+bwd; pallas_gpu launch-shape sweep)"
 timeout ${ATTN_TIMEOUT:-150} $PY bench/attention_bench.py --config "$CONFIG" --iters 10 --cudnn --sweep \
   --impls ${ATTN_IMPLS:-pallas_gpu,xla_blockwise} --out "$OUT/attention.json" 2>&1 | grep -v "^W0000\|^I0000" \
   | tee "$OUT/attention.log" | tail -8
-BEST=$($PY -c "import json,sys; print((json.load(open(sys.argv[1])).get('sweep') or {}).get('best') or '')" \
-  "$OUT/attention.json" 2>/dev/null)
+# the sweep's best launch shapes, or nothing when they are the defaults (the tuned run would repeat the first)
+BEST=$($PY -c "import json,sys; s=json.load(open(sys.argv[1])).get('sweep') or {}
+print(s.get('best') if s.get('best') != s.get('default') else '')" "$OUT/attention.json" 2>/dev/null)
 
 # The 4-layer geometry peaked at 78.9 GiB on the H200 (fp32 master + Adam + EMA: 45 GiB of state): if a run
 # does not fit this GPU, it and every later run are repeated with FALLBACK_LAYERS decoder layers (each

@@ -51,7 +51,9 @@ def summary(out: pathlib.Path) -> str:
             lines.append(f"{name} memory GiB (in use / peak so far): "
                          + ", ".join(f"{k} {v['in_use'] / GIB:.1f} / {v['peak'] / GIB:.1f}" for k, v in ph.items())
                          + f"; train state {r.get('train_state_bytes', 0) / GIB:.1f}, compiled step arguments "
-                         f"{(cm.get('argument') or 0) / GIB:.1f} + temporaries {(cm.get('temp') or 0) / GIB:.1f}")
+                         f"{(cm.get('argument') or 0) / GIB:.1f} + temporaries {(cm.get('temp') or 0) / GIB:.1f}"
+                         f" (outputs {(cm.get('output') or 0) / GIB:.1f}, of which aliased to donated arguments "
+                         f"{(cm.get('alias') or 0) / GIB:.1f})")
     return "\n".join(lines)
 
 

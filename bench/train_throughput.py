@@ -154,7 +154,8 @@ def measure(args, impl: str | None) -> dict:
         memory_phases=phases or None, train_state_bytes=state_bytes,
         compiled_memory=dict(argument=getattr(mem, "argument_size_in_bytes", None),
                              output=getattr(mem, "output_size_in_bytes", None),
-                             temp=getattr(mem, "temp_size_in_bytes", None)) if mem is not None else None,
+                             temp=getattr(mem, "temp_size_in_bytes", None),
+                             alias=getattr(mem, "alias_size_in_bytes", None)) if mem is not None else None,
         attention_impl=tr.cfg.attention_impl, attention_tuning=tr.cfg.attention_tuning, remat=tr.cfg.remat, compute_dtype=tr.cfg.compute_dtype,
     )
     return out
