@@ -9,16 +9,21 @@
 #      skipping share, cuDNN over the whole pack for scale, and a sweep of the pallas_gpu launch shapes;
 #   3. bench/train_throughput.py on configs/bagel_7b_geometry_small.py (full 7B width, 4 layers):
 #      tokens/s, step time, compile time, MFU (official formula), peak memory, for each of $IMPLS
-#      (default pallas_gpu) and then pallas_gpu with the sweep's best launch shapes, each in its own process;
-#   4. bench/gpu_summary.py: one table of the runs (with each step's attention share), then where each run's
-#      device memory went (in use / peak so far after setup, compile, the first and the timed steps).
+#      (default pallas_gpu) and then pallas_gpu with the sweep's best launch shapes (when >= 5% faster than the
+#      defaults on one layer), each in its own process;
+#   4. the same with remat `dots` (matmul outputs saved), and both remats with 2 decoder layers;
+#   5. bench/gpu_summary.py: one table of the runs (with each step's attention share), where each run's
+#      device memory went (in use / peak so far after setup, compile, the first and the timed steps), and
+#      one decoder layer's time and MFU per remat (the 4-layer step's MFU is half embedding/LM-head FLOPs
+#      of the official formula) with the step extrapolated to 28 layers.
 #   bash bench/gpu_check.sh            (logs and JSON under $OUT, default ./gpu_check)
 # Uses $PYTHON (default python3), which must already have a GPU JAX (the lent machines reach no network).
 # Wheels to carry (prepared where PyPI is reachable; .whl/ is not committed):
 #   d="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64"
 #   pip download $d -d .whl ml-collections==1.1.0
 #   pip download $d -d .whl/pinned flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8
-# Measured 2026-11-26 on an H200 in 4.3 minutes (bench/results/, README "Design notes").
+# Measured 2026-11-26 on an H200 and 2026-11-27 on an H100 (bench/results/, README "Design notes"); the
+# stages took 55 s (attention) and ~90 s per train-step run there: about 7 minutes in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check}
@@ -64,20 +69,26 @@ stage "2 attention alone (one layer, fwd+bwd; pallas_gpu launch-shape sweep)"
 timeout ${ATTN_TIMEOUT:-150} $PY bench/attention_bench.py --config "$CONFIG" --iters 10 --cudnn --sweep \
   --impls ${ATTN_IMPLS:-pallas_gpu,xla_blockwise} --out "$OUT/attention.json" 2>&1 | grep -v "^W0000\|^I0000" \
   | tee "$OUT/attention.log" | tail -8
-# the sweep's best launch shapes, or nothing when they are the defaults (the tuned run would repeat the first)
-BEST=$($PY -c "import json,sys; s=json.load(open(sys.argv[1])).get('sweep') or {}
-print(s.get('best') if s.get('best') != s.get('default') else '')" "$OUT/attention.json" 2>/dev/null)
+# the sweep's best launch shapes, or nothing when they are the defaults or less than 5% faster than them on
+# one layer's forward+backward (the tuned train-step run would then tell nothing new)
+BEST=$($PY -c "import json,sys; a=json.load(open(sys.argv[1])); s=a.get('sweep') or {}
+d=[r['fwd_bwd_s'] for r in a['results'] if r['impl'] == 'pallas_gpu' and 'fwd_bwd_s' in r]
+ok=s.get('best') and s.get('best') != s.get('default') and d and s['best_fwd_bwd_s'] < 0.95 * d[0]
+print(s['best'] if ok else '')" "$OUT/attention.json" 2>/dev/null)
 
-# The 4-layer geometry peaked at 78.9 GiB on the H200 (fp32 master + Adam + EMA: 45 GiB of state): if a run
-# does not fit this GPU, it and every later run are repeated with FALLBACK_LAYERS decoder layers (each
-# layer holds ~7 GiB of state); the summary's run names say so.
+# A run that does not fit this GPU (its JSON's error says RESOURCE_EXHAUSTED / out of memory; XLA's
+# allocator warnings in the log are not failures: the autotuner probes for more than it gets) is repeated,
+# with every later run, with FALLBACK_LAYERS decoder layers (each layer holds ~7 GiB of state); the
+# summary's run names say so. The 4-layer geometry peaked at 57.3 GiB on an H100 (2026-11-27).
 FALLBACK=()
+oom() { $PY -c "import json,sys; e=json.load(open(sys.argv[1])).get('error') or ''
+sys.exit(0 if 'RESOURCE_EXHAUSTED' in e or 'out of memory' in e.lower() else 1)" "$1" 2>/dev/null; }
 train() {  # train NAME IMPL [--set k=v ...]
   local name=$1 impl=$2; shift 2
   timeout ${TRAIN_TIMEOUT:-180} $PY bench/train_throughput.py --config "$CONFIG" --steps 5 --impls "$impl" \
     "${FALLBACK[@]}" "$@" --out "$OUT/train_$name.json" 2>&1 | grep -v "^W0000\|^I0000" \
     | tee "$OUT/train_$name.log" | tail -4
-  if [ ${#FALLBACK[@]} -eq 0 ] && grep -qiE "RESOURCE_EXHAUSTED|out of memory" "$OUT/train_$name.log"; then
+  if [ ${#FALLBACK[@]} -eq 0 ] && oom "$OUT/train_$name.json"; then
     FALLBACK=(--set "model.geometry.llm.num_layers=${FALLBACK_LAYERS:-3}")
     stage "3 train step $name did not fit in memory: again with ${FALLBACK[*]} (also for the runs below)"
     mv "$OUT/train_$name.json" "$OUT/oom_$name.json" 2>/dev/null
@@ -92,6 +103,19 @@ if [ -n "$BEST" ]; then
   stage "3 train step: pallas_gpu with the sweep's best launch shapes: $BEST"
   train pallas_gpu_tuned pallas_gpu --set "model.attention_tuning=$BEST"
 fi
+# One decoder layer's cost (the summary's per-layer rows): each remat of $LAYER_REMATS at the config's depth
+# (the config's own remat: the first run above) and at LOW_LAYERS layers.
+CFG_REMAT=$($PY -c "import sys; sys.path.insert(0, 'bench'); from train_throughput import load_config
+print(load_config(sys.argv[1]).model.remat)" "$CONFIG" 2>/dev/null)
+for remat in ${LAYER_REMATS:-full dots}; do
+  if [ "$remat" != "$CFG_REMAT" ]; then
+    stage "4 per-layer cost: pallas_gpu remat $remat"
+    train "pallas_gpu_$remat" pallas_gpu --set "model.remat=$remat"
+  fi
+  stage "4 per-layer cost: pallas_gpu remat $remat, ${LOW_LAYERS:-2} layers"
+  train "pallas_gpu_${remat}_${LOW_LAYERS:-2}layers" pallas_gpu --set "model.remat=$remat" \
+    --set "model.geometry.llm.num_layers=${LOW_LAYERS:-2}"
+done
 
 stage "summary"
 $PY bench/gpu_summary.py "$OUT"

@@ -1,7 +1,16 @@
 """The one table of `bench/gpu_check.sh`: its train-step runs (OUT/train_*.json from bench/train_throughput.py:
 MFU by the official formula and full-model MFU) with the attention share of each step (from
 OUT/attention.json, bench/attention_bench.py), then where each run's device memory went (in use / peak so
-far after setup, compile, the first step and the timed steps).
+far after setup, compile, the first step and the timed steps), then the cost of one decoder layer.
+
+Why the per-layer rows: the official formula counts 6 x 2 x vocab x hidden per token (the embedding and
+the LM head, for every token, although the LM head runs on the loss tokens only and the embedding is a
+lookup). With the 4-layer geometry of `configs/bagel_7b_geometry_small.py` that term is half the counted
+FLOPs, so its MFU says little about the 28 layers of the real model. Runs that differ only in their number
+of decoder layers give the time and FLOPs of one layer (the difference over the difference), its MFU, and
+the step extrapolated to BAGEL-7B-MoT's 28 layers on this one GPU (which could not hold that state); with
+the runs' `update_seconds`, the layer's share of the optimizer update (AdamW + EMA, memory-bound, divided
+among the chips by FSDP) is split from its compute.
 
     python bench/gpu_summary.py OUT
 """
@@ -29,6 +38,60 @@ def attention_seconds(a: dict, r: dict) -> float | None:
     return t * scale if t else None
 
 
+REAL_DEPTH = 28  # BAGEL-7B-MoT (Qwen2.5-7B) decoder layers
+# overrides whose effect a run records itself (its group key below), or that the per-layer rows vary
+RECORDED = tuple(f"model.{k}=" for k in ("geometry.llm.num_layers", "attention_tuning", "attention_impl", "remat",
+                                         "compute_dtype"))
+
+
+def num_layers(r: dict) -> int | None:
+    """A run's decoder layers: recorded by train_throughput (older runs: the override, else the config's)."""
+    if r.get("num_layers"):
+        return int(r["num_layers"])
+    for o in reversed(r.get("overrides", [])):
+        if o.startswith("model.geometry.llm.num_layers="):
+            return int(o.split("=")[1])
+    try:
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        from train_throughput import load_config
+
+        return int(load_config(r["config"]).model.geometry.llm.num_layers)
+    except Exception:  # noqa: BLE001 - a config this checkout cannot load: the run joins no per-layer row
+        return None
+
+
+def layer_rows(runs: list[tuple[str, dict]]) -> list[str]:
+    """Per group of runs equal but for their decoder layers (same attention, tuning, remat, dtype, other
+    overrides): one decoder layer's time and FLOPs (deepest minus shallowest run), its MFU, and the official
+    MFU of the step extrapolated to REAL_DEPTH layers."""
+    groups: dict[tuple, list[tuple[int, dict]]] = {}
+    for _, r in runs:
+        n = num_layers(r) if "error" not in r and r.get("mfu") else None
+        if n:
+            other = tuple(sorted(o for o in r.get("overrides", []) if not o.startswith(RECORDED)))
+            key = (r["attention_impl"], r.get("attention_tuning") or "", r.get("remat"), r.get("compute_dtype"), other)
+            groups.setdefault(key, []).append((n, r))
+    lines = []
+    for (impl, tuning, remat, dtype, other), rs in groups.items():
+        (lo, a), (hi, b) = min(rs, key=lambda x: x[0]), max(rs, key=lambda x: x[0])
+        if hi == lo or a["tokens_per_step"] != b["tokens_per_step"]:
+            continue
+        peak = b["model_flops_per_step"] / (b["step_seconds"] * b["devices"] * b["mfu"])
+        dt = (b["step_seconds"] - a["step_seconds"]) / (hi - lo)
+        df = (b["model_flops_per_step"] - a["model_flops_per_step"]) / (hi - lo)
+        t28 = b["step_seconds"] + (REAL_DEPTH - hi) * dt
+        f28 = b["model_flops_per_step"] + (REAL_DEPTH - hi) * df
+        name = f"{impl} remat {remat}" + (f" {tuning}" if tuning else "") + (f" {' '.join(other)}" if other else "")
+        line = (f"{name}: one decoder layer ({lo} vs {hi} layers) {dt * 1e3:.1f} ms, {df / 1e12:.1f} TFLOP, "
+                f"MFU {df / (dt * b['devices'] * peak):.1%}")
+        if b.get("update_seconds") and b.get("layer_param_fraction"):
+            u = b["update_seconds"] * b["layer_param_fraction"]
+            line += (f" (optimizer update {u * 1e3:.1f} ms, which FSDP divides among the chips; compute alone "
+                     f"{(dt - u) * 1e3:.1f} ms, MFU {df / ((dt - u) * b['devices'] * peak):.1%})")
+        lines.append(line + f"; step at {REAL_DEPTH} layers {t28:.3f} s, MFU {f28 / (t28 * b['devices'] * peak):.1%}")
+    return lines
+
+
 def summary(out: pathlib.Path) -> str:
     a = json.loads((out / "attention.json").read_text()) if (out / "attention.json").exists() else None
     runs = [(f.stem[len("train_"):], json.loads(f.read_text())) for f in sorted(out.glob("train_*.json"))]
@@ -54,7 +117,7 @@ def summary(out: pathlib.Path) -> str:
                          f"{(cm.get('argument') or 0) / GIB:.1f} + temporaries {(cm.get('temp') or 0) / GIB:.1f}"
                          f" (outputs {(cm.get('output') or 0) / GIB:.1f}, of which aliased to donated arguments "
                          f"{(cm.get('alias') or 0) / GIB:.1f})")
-    return "\n".join(lines)
+    return "\n".join(lines + layer_rows(runs))
 
 
 def main(argv=None) -> int:

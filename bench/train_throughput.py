@@ -10,7 +10,9 @@ ViT, connector, time embedder / latent projections and the VAE encoder when the 
 memory (where the backend reports it) and the compiled step's memory analysis. `memory_phases` has the
 device memory in use and the peak so far after setup (weights, optimizer state, EMA), compile, the first
 step and the timed steps, so a peak above the compiled step's arguments + temporaries can be placed
-(GPU/TPU; CPU reports none).
+(GPU/TPU; CPU reports none). `update_seconds` times the step's optimizer part alone (AdamW + EMA + gradient
+norm) and `layer_param_fraction` is one decoder layer's share of the parameters, so that
+bench/gpu_summary.py can split one layer's time into compute and optimizer work.
 """
 
 from __future__ import annotations
@@ -85,6 +87,47 @@ def main(argv=None) -> int:
     return 0
 
 
+def batch_work(cfg, batch, freeze_vit: bool) -> tuple[int, float, float]:
+    """(real tokens, FLOPs by the official formula, full-model FLOPs) of one process's batch."""
+    import numpy as np
+
+    from echo4o_jax.train import flops as flops_lib
+
+    lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
+    step_flops = sum(flops_lib.step_flops(cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens))
+    full_flops = sum(flops_lib.full_step_flops(
+        cfg, int(n), l, np.bincount(vid[vid >= 0]), int(np.sum(vidx >= 0)),
+        hw[hw[:, 0] > 0] if batch.vae_images is not None else [],  # precomputed latents: no encoder in the step
+        freeze_vit=freeze_vit)
+        for n, l, vid, vidx, hw in zip(batch.num_tokens, lens, np.asarray(batch.vit_image_id),
+                                       np.asarray(batch.vae_image_index), np.asarray(batch.vae_image_hw)))
+    return int(np.sum(batch.num_tokens)), step_flops, full_flops
+
+
+def update_seconds(tr, ema_decay: float, steps: int) -> float:
+    """Median seconds of the step's optimizer part alone (`step.apply_update`: AdamW, clipping, EMA, and the
+    gradient norm), on zero gradients: memory-bound work in proportion to the parameters, which FSDP divides
+    among the chips while every chip still runs the whole model on its own tokens."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from echo4o_jax.train.step import apply_update
+
+    def update(state, grads):
+        return dict(state, **apply_update(state, grads, tr.tx, ema_decay)), optax.tree.norm(grads)
+
+    fn = jax.jit(update, in_shardings=(tr.state_sh, tr.param_sh), donate_argnums=0)
+    grads = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=tr.param_sh)(tr.state["params"])
+    times = []
+    for i in range(steps + 1):  # the first call compiles
+        t = time.perf_counter()
+        tr.state, gnorm = fn(tr.state, grads)
+        jax.block_until_ready((tr.state, gnorm))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
 def measure(args, impl: str | None) -> dict:
 
     import jax
@@ -120,24 +163,22 @@ def measure(args, impl: str | None) -> dict:
         phase("compile")
         tr.train_step(batch)  # warm-up
         phase("first_step")
-        times = []
+        times, work = [], []
         for _ in range(args.steps):
             batch = next(tr.source)
             t = time.perf_counter()
             tr.train_step(batch)
             times.append(time.perf_counter() - t)
+            work.append(batch_work(tr.cfg, batch, bool(c.train.freeze_vit)))
         phase("timed_steps")
         state_bytes = sum(x.nbytes for x in jax.tree.leaves(tr.state))
+        update_s = update_seconds(tr, float(c.train.ema_decay), args.steps)
+        n_all = sum(x.size for x in jax.tree.leaves(tr.state["params"]))
+        n_layers = sum(x.size for e in ("und", "gen") for x in jax.tree.leaves(tr.state["params"]["llm"][e]))
     step_s = statistics.median(times)
-    tokens = int(np.sum(batch.num_tokens)) * jax.process_count()
-    lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
-    step_flops = sum(flops_lib.step_flops(tr.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens))
-    full_flops = sum(flops_lib.full_step_flops(
-        tr.cfg, int(n), l, np.bincount(vid[vid >= 0]), int(np.sum(vidx >= 0)),
-        hw[hw[:, 0] > 0] if batch.vae_images is not None else [],  # precomputed latents: no encoder in the step
-        freeze_vit=bool(c.train.freeze_vit))
-        for n, l, vid, vidx, hw in zip(batch.num_tokens, lens, np.asarray(batch.vit_image_id),
-                                       np.asarray(batch.vae_image_index), np.asarray(batch.vae_image_hw)))
+    # per step: the mean over the timed batches (real data varies from pack to pack); other processes' packs
+    # are taken to be like this one's
+    tokens, step_flops, full_flops = (float(np.mean(x)) * jax.process_count() for x in zip(*work))
     peak = flops_lib.peak_flops_per_device(dev.device_kind, args.peak_flops)
     stats = dev.memory_stats() or {}
     out = dict(
@@ -150,13 +191,15 @@ def measure(args, impl: str | None) -> dict:
         mfu=(step_flops / (step_s * len(jax.devices()) * peak)) if peak else None,
         model_flops_full_per_step=full_flops,
         mfu_full_model=(full_flops / (step_s * len(jax.devices()) * peak)) if peak else None,
+        update_seconds=update_s, layer_param_fraction=n_layers / tr.cfg.llm.num_layers / n_all,
         peak_device_memory_bytes=stats.get("peak_bytes_in_use"),
         memory_phases=phases or None, train_state_bytes=state_bytes,
         compiled_memory=dict(argument=getattr(mem, "argument_size_in_bytes", None),
                              output=getattr(mem, "output_size_in_bytes", None),
                              temp=getattr(mem, "temp_size_in_bytes", None),
                              alias=getattr(mem, "alias_size_in_bytes", None)) if mem is not None else None,
-        attention_impl=tr.cfg.attention_impl, attention_tuning=tr.cfg.attention_tuning, remat=tr.cfg.remat, compute_dtype=tr.cfg.compute_dtype,
+        num_layers=tr.cfg.llm.num_layers, attention_impl=tr.cfg.attention_impl,
+        attention_tuning=tr.cfg.attention_tuning, remat=tr.cfg.remat, compute_dtype=tr.cfg.compute_dtype,
     )
     return out
 

@@ -46,6 +46,10 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
     params = nnx.state(nnx.eval_shape(lambda: Bagel(model_config_from(cfg), rngs=nnx.Rngs(0))), nnx.Param)
     n_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))
     assert 4 * n_bytes <= r["train_state_bytes"] <= 4 * n_bytes + 1024
+    # the optimizer part timed alone, and one decoder layer's share of the parameters
+    n_llm_layers = sum(x.size for e in ("und", "gen") for x in jax.tree.leaves(params["llm"][e]))
+    assert r["num_layers"] == cfg.model.geometry.llm.num_layers and r["update_seconds"] > 0
+    assert abs(r["layer_param_fraction"] * r["num_layers"] * (n_bytes // 4) - n_llm_layers) < 1e-6 * n_llm_layers
     assert r["compiled_memory"]["argument"] >= r["train_state_bytes"]
 
     # CPU reports no device memory: give the summary the phases a GPU run records
@@ -62,6 +66,23 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
     assert f"{r['mfu_full_model']:.1%}" in row[0]
     assert "xla_blockwise memory GiB (in use / peak so far): setup 45.0 / 60.0, first_step 46.0 / 79.0" in text
     assert f"train state {r['train_state_bytes'] / G:.1f}" in text
+
+    # per-layer rows: runs equal but for their depth give one layer's time, FLOPs and MFU, split from its
+    # share of the optimizer update, and the step extrapolated to 28 layers
+    deep = dict(r, num_layers=4, step_seconds=0.25, model_flops_per_step=130e12, mfu=130e12 / (0.25 * peak),
+                update_seconds=0.04, layer_param_fraction=0.15, overrides=["model.geometry.llm.num_layers=4"])
+    shallow = dict(deep, num_layers=2, step_seconds=0.16, model_flops_per_step=100e12, mfu=100e12 / (0.16 * peak),
+                   overrides=["model.geometry.llm.num_layers=2"])
+    (tmp_path / "train_deep.json").write_text(json.dumps(deep))
+    (tmp_path / "train_shallow.json").write_text(json.dumps(shallow))
+    assert gs.main([str(tmp_path)]) == 0
+    (layer,) = [line for line in capsys.readouterr().out.splitlines() if "one decoder layer" in line]
+    dt, df, u = 0.045, 15e12, 0.04 * 0.15
+    assert layer.startswith("xla_blockwise remat ") and "(2 vs 4 layers) 45.0 ms, 15.0 TFLOP" in layer
+    assert f"MFU {df / (dt * peak):.1%}" in layer and f"compute alone {(dt - u) * 1e3:.1f} ms" in layer
+    assert f"MFU {df / ((dt - u) * peak):.1%})" in layer
+    t28, f28 = 0.25 + 24 * dt, 130e12 + 24 * df
+    assert f"step at 28 layers {t28:.3f} s, MFU {f28 / (t28 * peak):.1%}" in layer
 
 
 def test_cpu_baseline_refuses_unknown_variants_before_compiling(capsys):

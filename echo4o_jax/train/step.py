@@ -18,7 +18,7 @@ from ..packing import normalize_images
 from .optim import ema_update
 
 __all__ = ["VAE_POSTERIORS", "check_vae_posterior", "encode_batch_latents", "make_loss_and_grads",
-           "make_train_step", "trainable_mask", "init_train_state"]
+           "apply_update", "make_train_step", "trainable_mask", "init_train_state"]
 
 # "sample": z = mean + std * N(0, 1), as the official training (its DiagonalGaussian samples);
 # "mean": the posterior mean (deterministic; the golden recordings use it).
@@ -115,6 +115,13 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
     return f
 
 
+def apply_update(state: dict, grads, tx: optax.GradientTransformation, ema_decay: float) -> dict:
+    """The optimizer and EMA part of a step: dict(params, ema, opt_state) after `grads` (fp32, per param)."""
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return dict(params=params, ema=ema_update(state["ema"], params, ema_decay), opt_state=opt_state)
+
+
 def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransformation, schedule: Callable,
                     *, patch: int, ce_weight: float, mse_weight: float, ema_decay: float,
                     vae_posterior: str = "sample", ce_reweighting: bool = False,
@@ -135,10 +142,7 @@ def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransform
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
 
         def apply(_):
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            return dict(params=params, ema=ema_update(state["ema"], params, ema_decay), opt_state=opt_state,
-                        step=state["step"] + 1, rng=rng)
+            return dict(apply_update(state, grads, tx, ema_decay), step=state["step"] + 1, rng=rng)
 
         def keep(_):
             return dict(state, step=state["step"] + 1, rng=rng)
