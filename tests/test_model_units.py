@@ -187,6 +187,18 @@ def test_abstract_7b_mot_parameter_count_and_key_table():
     assert {e.key: keymap.official_shape(e, vshapes[e.path]) for e in ventries} == _tsv()["ae.safetensors"]
 
 
+def test_hf_configs_round_trip_with_a_head_dim_other_than_hidden_over_heads():
+    """The llm_config.json / vit_config.json written with a converted or exported checkpoint read back as
+    the same geometry (head_dim 72 is not hidden / heads here: it must be written, not derived)."""
+    from echo4o_jax.config import LLMConfig, ViTConfig
+
+    llm = dataclasses.replace(BagelConfig.bagel_7b_mot().llm, hidden_size=1024, num_heads=8, head_dim=72)
+    assert llm.hidden_size // llm.num_heads != llm.head_dim
+    assert LLMConfig.from_hf(llm.to_hf()) == llm
+    vit = BagelConfig.bagel_7b_mot().vit
+    assert ViTConfig.from_hf(vit.to_hf()) == vit
+
+
 # ----------------------------------------------------------------------------------------- FLOP accounting
 
 

@@ -266,18 +266,24 @@ def test_journaled_undecodable_image_is_asked_again(server, tmp_path, caplog):
     assert len(server.requests) == n
 
 
-def test_truncated_reference_image_fails_its_samples(server, tmp_path):
+def test_truncated_reference_image_fails_its_samples(server, tmp_path, caplog):
+    """Its samples fail before any paid call, and the log names the file; the other samples are written."""
     refs = Path(small_image_folder(tmp_path / "refs", {"humans": 2, "object": 3, "scenes": 2}))
     (refs / "object" / "object_1.jpg").write_bytes(_truncated("JPEG"))
     track = make_track("multiref", make_cfg(server), refs_dir=refs)
     limit = 8
     bad = [i for i in range(limit) if "folder/object/object_1.jpg" in track.plan(i)["refs"]]
     assert 0 < len(bad) < limit
-    s = run_track(track, tmp_path / "ds", limit=limit, progress=False)
+    with caplog.at_level(logging.WARNING):
+        s = run_track(track, tmp_path / "ds", limit=limit, progress=False)
     assert not s.complete and s.failed == len(bad) and s.written == limit - len(bad)
-    assert s.failures == [f"gpt4o/multiref/{i:07d}: invalid_record" for i in bad]
+    assert s.failures == [f"gpt4o/multiref/{i:07d}: invalid_record:ref_object" for i in bad]
+    logged = [r.getMessage() for r in caplog.records if "object_1.jpg" in r.getMessage()]
+    assert len(logged) == len(bad) and all("reference file" in m and "cannot read image" in m for m in logged)
+    # none of their calls was paid for: one chat call per written sample, none for the failed ones
+    assert len(server.calls(CHAT)) == limit - len(bad)
     m = load_manifest(tmp_path / "ds")
-    assert m["complete"] is False and f"gpt4o/multiref/{bad[0]:07d}: invalid_record" in m["error"]
+    assert m["complete"] is False and f"gpt4o/multiref/{bad[0]:07d}: invalid_record:ref_object" in m["error"]
     for rec in RecordReader(tmp_path / "ds", verify=True):
         assert int(rec.id.rsplit("/", 1)[1]) not in bad
         assert all(_decodes(b) for b in rec.images)

@@ -129,6 +129,16 @@ def test_multiref_folder_references_kept_verbatim(server, tmp_path):
         assert cats == sorted(cats, key=("human", "object", "scene").index)
 
 
+def test_reference_folder_with_a_file_that_is_no_image_is_refused(server, tmp_path):
+    """Refused before any call, naming the file (a truncated file, whose header reads, fails only the
+    samples that use it: test_synth_faults)."""
+    refs = small_image_folder(tmp_path / "refs", {"humans": 2, "object": 3, "scenes": 2})
+    Path(refs, "object", "object_0.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    with pytest.raises(ValueError, match=r"1 image file\(s\) cannot be read: object/object_0.png \("):
+        make_track("multiref", make_cfg(server), refs_dir=refs)
+    assert not server.requests
+
+
 def test_plans_are_deterministic_and_seeded():
     cfg = SynthConfig()
     for name in ("surreal", "instruction", "multiref"):

@@ -26,7 +26,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from echo4o_jax.data.records import Record, multiref_record, t2i_record
+from echo4o_jax.data.records import Record, RecordError, multiref_record, probe_image, t2i_record
 from echo4o_jax.eval.judge import MalformedAnswer
 from echo4o_jax.synth.client import SynthClient, _ext_of, chat_key, chat_params, image_key
 from echo4o_jax.synth.config import SynthConfig
@@ -284,7 +284,23 @@ def scan_refs(root: str | os.PathLike) -> dict[str, list[RefImage]]:
         pools[cat] = [RefImage(cat, f"folder/{rel}", "folder", path=rel, size=p.stat().st_size) for rel, p in rels]
     if not any(pools.values()):
         raise ValueError(f"{root}: no images under human/, object/ or scene/ (jpg, png, webp)")
+    bad = [f"{r.path} ({e})" for p in pools.values() for r in p if (e := _unreadable_header(root / r.path))]
+    if bad:
+        raise ValueError(f"references folder {root}: {len(bad)} image file(s) cannot be read: "
+                         + "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else "") + ". Fix or remove them")
     return pools
+
+
+def _unreadable_header(path: Path) -> str | None:
+    """Why an image file's header cannot be read (PIL reads only the header here), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+        return None if w > 0 and h > 0 else f"size {w}x{h}"
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds (UnidentifiedImageError, OSError, ...)
+        return f"{type(e).__name__}: {e}"
 
 
 class MultirefTrack(Track):
@@ -364,8 +380,15 @@ class MultirefTrack(Track):
         return self.template(f"ref_{ref.category}").render({"subject": ref.subject})[1]
 
     def ref_bytes(self, ref: RefImage, ctx: SampleContext) -> bytes:
-        if ref.source == "folder":
-            return (self.refs_dir / ref.path).read_bytes()
+        if ref.source == "folder":  # a broken file fails the samples that use it, before any paid call
+            ctx.step = f"ref_{ref.category}"
+            path = self.refs_dir / ref.path
+            try:
+                data = path.read_bytes()
+                probe_image(data, check="decode")
+            except (OSError, RecordError) as e:
+                raise RecordError(f"reference file {path}: {e}") from None
+            return data
         ctx._use(self.template(f"ref_{ref.category}"))
         return ctx.image(self.ref_prompt(ref), scope=ref.id, step=f"ref_{ref.category}")
 
