@@ -8,7 +8,8 @@
 #      against the XLA reference on this GPU (float32), forward+backward time per layer (bf16), block
 #      skipping share, cuDNN over the whole pack for scale, and a sweep of the pallas_gpu launch shapes;
 #   3. bench/train_throughput.py on configs/bagel_7b_geometry_small.py (full 7B width, 4 layers):
-#      tokens/s, step time, compile time, MFU (official formula), peak memory, for each of $IMPLS
+#      tokens/s, step time, compile time, MFU (official formula), peak memory, device time by the model's
+#      named scopes (attention, mlp, qkv, ..., optimizer; from a 2-step trace), for each of $IMPLS
 #      (default pallas_gpu) and then pallas_gpu with the sweep's best launch shapes (when >= 5% faster than the
 #      defaults on one layer), each in its own process;
 #   4. the same with remat `dots` (matmul outputs saved), and both remats with 2 decoder layers;
@@ -95,9 +96,9 @@ train() {  # train NAME IMPL [--set k=v ...]
     train "${name}_${FALLBACK_LAYERS:-3}layers" "$impl" "$@"
   fi
 }
-for impl in ${IMPLS//,/ }; do
+for impl in ${IMPLS//,/ }; do  # traced for 2 more steps: device time by named scope (attention, mlp, ...)
   stage "3 train step: $impl"
-  train "$impl" "$impl"
+  train "$impl" "$impl" --profile-steps 2
 done
 if [ -n "$BEST" ]; then
   stage "3 train step: pallas_gpu with the sweep's best launch shapes: $BEST"

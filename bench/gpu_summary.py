@@ -1,7 +1,8 @@
 """The one table of `bench/gpu_check.sh`: its train-step runs (OUT/train_*.json from bench/train_throughput.py:
 MFU by the official formula and full-model MFU) with the attention share of each step (from
 OUT/attention.json, bench/attention_bench.py), then where each run's device memory went (in use / peak so
-far after setup, compile, the first step and the timed steps), then the cost of one decoder layer.
+far after setup, compile, the first step and the timed steps), the device time per step by the model's
+named scopes (runs with --profile-steps), then the cost of one decoder layer.
 
 Why the per-layer rows: the official formula counts 6 x 2 x vocab x hidden per token (the embedding and
 the LM head, for every token, although the LM head runs on the loss tokens only and the embedding is a
@@ -117,6 +118,13 @@ def summary(out: pathlib.Path) -> str:
                          f"{(cm.get('argument') or 0) / GIB:.1f} + temporaries {(cm.get('temp') or 0) / GIB:.1f}"
                          f" (outputs {(cm.get('output') or 0) / GIB:.1f}, of which aliased to donated arguments "
                          f"{(cm.get('alias') or 0) / GIB:.1f})")
+    for name, r in runs:
+        pr = r.get("profile")
+        if pr and pr.get("device_seconds_per_step"):
+            tot = pr["device_seconds_per_step"]
+            lines.append(f"{name} device time per step by scope ({pr['source']}; {tot * 1e3:.1f} ms in all, "
+                         f"{pr['wall_seconds_per_step'] * 1e3:.1f} ms wall): "
+                         + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / tot:.0%})" for k, v in pr["by_scope"].items()))
     return "\n".join(lines + layer_rows(runs))
 
 

@@ -60,6 +60,10 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-flops", type=float, default=0.0, help="per-device peak FLOP/s if not auto-detected")
     ap.add_argument("--impls", default="", help="comma-separated attention implementations, measured in one run "
                                                    "(default: the config's)")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="after the timed steps, trace this many more (jax.profiler) and report the device time "
+                         "per step by the model's named scopes (attention, mlp, qkv, ..., optimizer)")
+    ap.add_argument("--profile-dir", default="", help="keep the trace here (default: a temporary folder)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     impls = [x for x in args.impls.split(",") if x] or [None]
@@ -102,6 +106,27 @@ def batch_work(cfg, batch, freeze_vit: bool) -> tuple[int, float, float]:
         for n, l, vid, vidx, hw in zip(batch.num_tokens, lens, np.asarray(batch.vit_image_id),
                                        np.asarray(batch.vae_image_index), np.asarray(batch.vae_image_hw)))
     return int(np.sum(batch.num_tokens)), step_flops, full_flops
+
+
+def profile_steps(tr, steps: int, log_dir: str) -> dict:
+    """`steps` train steps under jax.profiler.trace: device time per step by named scope
+    (echo4o_jax.train.profile), with the wall time per step of the traced steps for comparison."""
+    import jax
+
+    from echo4o_jax.train import profile as prof
+
+    scopes = prof.hlo_op_scopes(tr._compiled.as_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        d = log_dir or tmp
+        pathlib.Path(d).mkdir(parents=True, exist_ok=True)
+        batches = [next(tr.source) for _ in range(steps)]
+        t = time.perf_counter()
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for b in batches:
+                tr.train_step(b)
+        wall = (time.perf_counter() - t) / steps
+        out = prof.summarize_trace(prof.find_trace(d), scopes, steps)
+    return dict(out, wall_seconds_per_step=wall, trace_dir=log_dir or None)
 
 
 def update_seconds(tr, ema_decay: float, steps: int) -> float:
@@ -171,6 +196,7 @@ def measure(args, impl: str | None) -> dict:
             times.append(time.perf_counter() - t)
             work.append(batch_work(tr.cfg, batch, bool(c.train.freeze_vit)))
         phase("timed_steps")
+        profile = profile_steps(tr, args.profile_steps, args.profile_dir) if args.profile_steps > 0 else None
         state_bytes = sum(x.nbytes for x in jax.tree.leaves(tr.state))
         update_s = update_seconds(tr, float(c.train.ema_decay), args.steps)
         n_all = sum(x.size for x in jax.tree.leaves(tr.state["params"]))
@@ -192,7 +218,7 @@ def measure(args, impl: str | None) -> dict:
         model_flops_full_per_step=full_flops,
         mfu_full_model=(full_flops / (step_s * len(jax.devices()) * peak)) if peak else None,
         update_seconds=update_s, layer_param_fraction=n_layers / tr.cfg.llm.num_layers / n_all,
-        peak_device_memory_bytes=stats.get("peak_bytes_in_use"),
+        profile=profile, peak_device_memory_bytes=stats.get("peak_bytes_in_use"),
         memory_phases=phases or None, train_state_bytes=state_bytes,
         compiled_memory=dict(argument=getattr(mem, "argument_size_in_bytes", None),
                              output=getattr(mem, "output_size_in_bytes", None),

@@ -28,13 +28,20 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
 
     peak = 1e12
     out = tmp_path / "train_xla_blockwise.json"
-    assert tt.main(["--config", str(TINY), "--steps", "1", "--impls", "xla_blockwise",
+    assert tt.main(["--config", str(TINY), "--steps", "1", "--impls", "xla_blockwise", "--profile-steps", "1",
                     "--peak-flops", str(peak), "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert "error" not in r, r
     assert r["attention_impl"] == "xla_blockwise" and r["tokens_per_step"] > 0 and r["model_flops_per_step"] > 0
     assert abs(r["tokens_per_second"] - r["tokens_per_step"] / r["step_seconds"]) < 1e-6 * r["tokens_per_second"]
     assert abs(r["mfu"] - r["model_flops_per_step"] / (r["step_seconds"] * len(jax.devices()) * peak)) < 1e-12
+    # the traced step's op time by named scope: every part of the model shows up, and the parts add up
+    pr = r["profile"]
+    assert pr["steps"] == 1 and pr["events"] > 0
+    assert {"attention", "qkv", "mlp", "norm", "o_proj", "vit", "lm_head_ce", "vae_encode", "optimizer"} <= {
+        k for k, v in pr["by_scope"].items() if v > 0}
+    assert abs(sum(pr["by_scope"].values()) - pr["device_seconds_per_step"]) < 1e-9
+    assert pr["unmapped_events"] < 0.2 * pr["events"]
     # the full-model count adds the ViT, connector, latent projections and the VAE encoder to the official one
     assert r["model_flops_full_per_step"] > r["model_flops_per_step"]
     assert abs(r["mfu_full_model"] / r["mfu"] - r["model_flops_full_per_step"] / r["model_flops_per_step"]) < 1e-9
@@ -59,13 +66,17 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
     capsys.readouterr()
     assert gs.main([str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    row = [line for line in text.splitlines() if line.split()[0] == "xla_blockwise" and "memory" not in line]
+    row = [line for line in text.splitlines() if line.split()[0] == "xla_blockwise" and "memory" not in line
+           and "by scope" not in line]
     assert len(row) == 1
     share = f"{att['decoder_attention_s'] / r['step_seconds']:.0%}"
     assert f"{r['step_seconds']:.3f}" in row[0] and f"{r['mfu']:.1%}" in row[0] and share in row[0]
     assert f"{r['mfu_full_model']:.1%}" in row[0]
     assert "xla_blockwise memory GiB (in use / peak so far): setup 45.0 / 60.0, first_step 46.0 / 79.0" in text
     assert f"train state {r['train_state_bytes'] / G:.1f}" in text
+    (scope_line,) = [line for line in text.splitlines() if "device time per step by scope" in line]
+    top_scope, top_s = next(iter(pr["by_scope"].items()))
+    assert scope_line.startswith("xla_blockwise ") and f"{top_scope} {top_s * 1e3:.1f} ms" in scope_line
 
     # per-layer rows: runs equal but for their depth give one layer's time, FLOPs and MFU, split from its
     # share of the optimizer update, and the step extrapolated to 28 layers

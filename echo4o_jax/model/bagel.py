@@ -197,7 +197,9 @@ def forward_packed(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Arra
     text = model.llm.embed_tokens(batch["text_ids"], dt)
     parts = [text]
     if Cv:
-        parts.append(model.embed_vit(batch["vit_patches"], batch["vit_pos_ids"], batch["vit_image_id"], debug=dbg))
+        with jax.named_scope("vit"):
+            parts.append(model.embed_vit(batch["vit_patches"], batch["vit_pos_ids"], batch["vit_image_id"],
+                                         debug=dbg))
     t = jax.nn.sigmoid(batch["timestep_raw"].astype(jnp.float32))
     t = shift_timesteps(t, cfg.timestep_shift)
     x0 = latent_tokens.astype(jnp.float32)
@@ -211,17 +213,19 @@ def forward_packed(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Arra
     h, layer_outs = (out if debug else (out, None))
 
     # text: CE on labelled positions
-    logits = model.llm.logits(h[:Ct])
-    labels = batch["text_labels"]
-    ce_mask = labels >= 0
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.clip(labels, 0)[:, None], axis=-1)[:, 0]
-    ce = jnp.where(ce_mask, logz - picked, 0.0)
+    with jax.named_scope("lm_head_ce"):
+        logits = model.llm.logits(h[:Ct])
+        labels = batch["text_labels"]
+        ce_mask = labels >= 0
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, jnp.clip(labels, 0)[:, None], axis=-1)[:, 0]
+        ce = jnp.where(ce_mask, logz - picked, 0.0)
 
     # image: flow-matching MSE on noisy target tokens (target = eps - x0)
-    v_pred = model.velocity(h[n_und:]).astype(jnp.float32)
-    mse_mask = batch["mse_mask"] & (t > 0)
-    mse = jnp.where(mse_mask[:, None], jnp.square(v_pred - (eps - x0)), 0.0)
+    with jax.named_scope("velocity_mse"):
+        v_pred = model.velocity(h[n_und:]).astype(jnp.float32)
+        mse_mask = batch["mse_mask"] & (t > 0)
+        mse = jnp.where(mse_mask[:, None], jnp.square(v_pred - (eps - x0)), 0.0)
     res = dict(ce=ce, ce_mask=ce_mask, mse=mse, mse_mask=mse_mask, hidden=h)
     if debug:
         res.update({f"dbg_{k}": v for k, v in dbg.items()})

@@ -159,17 +159,24 @@ class Qwen2MoT(nnx.Module):
                 return tuple(pin_activation(jnp.concatenate([u, g], axis=0)) for u, g in zip(a, b))
             return pin_activation(jnp.concatenate([a, b], axis=0))
 
-        def layer(x, xs):
+        def layer(x, xs):  # named scopes: where the step's time goes (train/profile.py)
             pu, pg, ck, cv = xs
-            h = per_expert(lambda t, p: rms_norm(t, p["input_norm"], eps), x, pu, pg)
-            q, k, v = per_expert(qkv, h, pu, pg, detach_und=True)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            with jax.named_scope("norm"):
+                h = per_expert(lambda t, p: rms_norm(t, p["input_norm"], eps), x, pu, pg)
+            with jax.named_scope("qkv"):
+                q, k, v = per_expert(qkv, h, pu, pg, detach_und=True)
+            with jax.named_scope("rope"):
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             keys, vals = (k, v) if ck is None else (jnp.concatenate([ck, k]), jnp.concatenate([cv, v]))
-            o = attention(q, keys, vals, meta, key_meta, scale=scale, impl=attention_impl,
-                          block_q=block_q, block_kv=block_kv, tuning=tuning).reshape(L, c.num_heads * c.head_dim)
-            x = x + per_expert(lambda t, p: linear(t, p["wo"]), o, pu, pg, detach_und=True)
-            h = per_expert(lambda t, p: rms_norm(t, p["post_norm"], eps), x, pu, pg)
-            x = x + per_expert(mlp, h, pu, pg, detach_und=True)
+            with jax.named_scope("attention"):
+                o = attention(q, keys, vals, meta, key_meta, scale=scale, impl=attention_impl, block_q=block_q,
+                              block_kv=block_kv, tuning=tuning).reshape(L, c.num_heads * c.head_dim)
+            with jax.named_scope("o_proj"):
+                x = x + per_expert(lambda t, p: linear(t, p["wo"]), o, pu, pg, detach_und=True)
+            with jax.named_scope("norm"):
+                h = per_expert(lambda t, p: rms_norm(t, p["post_norm"], eps), x, pu, pg)
+            with jax.named_scope("mlp"):
+                x = x + per_expert(mlp, h, pu, pg, detach_und=True)
             out = (k, v) if return_kv else None
             return x, (out, x if return_layer_outputs else None)
 

@@ -107,7 +107,8 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
             if rng is None:
                 raise ValueError("vae_posterior='sample' needs an rng key (the posterior sample's key is split from it)")
             rng, k_post = jax.random.split(rng)
-        x0 = encode_batch_latents(vae, batch, patch, rng=k_post)
+        with jax.named_scope("vae_encode"):
+            x0 = encode_batch_latents(vae, batch, patch, rng=k_post)
         if noise is None:
             noise = jax.random.normal(rng, x0.shape, jnp.float32)
         return jax.value_and_grad(loss_of, has_aux=True)(params, batch, noise, x0)
@@ -117,9 +118,10 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
 
 def apply_update(state: dict, grads, tx: optax.GradientTransformation, ema_decay: float) -> dict:
     """The optimizer and EMA part of a step: dict(params, ema, opt_state) after `grads` (fp32, per param)."""
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return dict(params=params, ema=ema_update(state["ema"], params, ema_decay), opt_state=opt_state)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return dict(params=params, ema=ema_update(state["ema"], params, ema_decay), opt_state=opt_state)
 
 
 def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransformation, schedule: Callable,
@@ -138,7 +140,8 @@ def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransform
     def step(state: dict, vae_state, batch: dict[str, jax.Array]):
         rng, k_step = jax.random.split(state["rng"])
         (loss, aux), grads = loss_and_grads(state["params"], vae_state, batch, None, k_step)
-        gnorm = optax.tree.norm(grads)
+        with jax.named_scope("optimizer"):
+            gnorm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
 
         def apply(_):
