@@ -120,7 +120,9 @@ def summary(out: pathlib.Path) -> str:
                          f"{(cm.get('alias') or 0) / GIB:.1f})")
     for name, r in runs:
         pr = r.get("profile")
-        if pr and pr.get("device_seconds_per_step"):
+        if pr and pr.get("error"):
+            lines.append(f"{name} profile failed: {pr['error'][:200]}")
+        elif pr and pr.get("device_seconds_per_step"):
             tot = pr["device_seconds_per_step"]
             lines.append(f"{name} device time per step by scope ({pr['source']}; {tot * 1e3:.1f} ms in all, "
                          f"{pr['wall_seconds_per_step'] * 1e3:.1f} ms wall): "

@@ -106,3 +106,16 @@ def test_cpu_baseline_refuses_unknown_variants_before_compiling(capsys):
         assert e.value.code == 2
         out, err = capsys.readouterr()
         assert "unknown variant" in err and "compiled" not in out  # refused before any variant compiled
+
+
+def test_a_failing_profiler_is_reported_not_fatal():
+    """train_throughput's profile is an extra: a profiler that fails (no CUPTI on the machine, ...) is
+    recorded as the run's profile error, and the measurements taken before it are kept."""
+    tt = load_file(ROOT / "bench" / "train_throughput.py", "train_throughput_script")
+
+    class NoProfiler:
+        @property
+        def _compiled(self):
+            raise RuntimeError("CUPTI unavailable")
+
+    assert tt.profile_steps(NoProfiler(), 2, "") == {"error": "RuntimeError: CUPTI unavailable"}

@@ -77,3 +77,15 @@ def test_gpu_trace_counts_stream_kernels_once(tmp_path):
     assert abs(s["device_seconds_per_step"] - 0.0005) < 1e-12
     assert s["unmapped_events"] == 1 and s["top_ops"][0][:2] == ["attn", "attention"]
     assert prof.find_trace(tmp_path) == tmp_path / "perfetto_trace.json.gz"
+
+
+def test_gpu_trace_without_hlo_ops_is_attributed_by_kernel_name(tmp_path):
+    def ev(name, dur):
+        return dict(ph="X", pid=1, tid=7, name=name, ts=0, dur=dur, args=dict(correlation_id=1))
+
+    events = [ev("bagel_flash_dkv", 400.0), ev("sm90_xmma_gemm_bf16bf16_bf16f32", 300.0), ev("fusion.3", 100.0),
+              ev("loop_multiply_fusion_2", 50.0)]
+    s = prof.summarize_trace(_trace(tmp_path, events), prof.hlo_op_scopes(HLO), steps=1)
+    assert s["source"].startswith("device kernels without hlo_op")
+    ms = {k: round(v * 1e3, 6) for k, v in s["by_scope"].items()}
+    assert ms == {"attention": 0.4, "gemm (unattributed)": 0.3, "mlp": 0.1, "other": 0.05}
