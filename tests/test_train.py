@@ -117,6 +117,24 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tr2.state["params"]))
 
 
+def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys):
+    """log.profile_start / profile_steps: the traced steps' device time by the model's named scopes is
+    printed and written to <workdir>/profile/summary.json, and training goes on to its last step."""
+    c = load_config("synthetic_tiny")
+    c.train.steps = 3
+    c.log.tensorboard = False
+    c.log.profile_start = 1
+    c.log.profile_steps = 1
+    out = Trainer(c, tmp_path).run()
+    assert out["step"] == 3 and len(out["history"]) == 3
+    s = json.loads((tmp_path / "profile" / "summary.json").read_text())
+    assert s["steps"] == 1 and s["events"] > 0
+    assert {"attention", "mlp", "qkv", "optimizer"} <= {k for k, v in s["by_scope"].items() if v > 0}
+    assert list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))
+    printed = capsys.readouterr().out
+    assert "[profile] step 2, device time per step" in printed and "attention" in printed
+
+
 # ------------------------------------------------------------------------------------------ processes
 
 

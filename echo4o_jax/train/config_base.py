@@ -75,5 +75,9 @@ def base_config() -> ConfigDict:
     c.log = ConfigDict(dict(
         every=10, tensorboard=True, sample_every=0, sample_prompts=[], sample_size=(32, 32), sample_steps=10,
         sample_cfg=4.0, sample_max_context=256, peak_flops=0.0,
+        # profile_start > 0: trace steps profile_start+1 .. profile_start+profile_steps (jax.profiler; the
+        # trace in <workdir>/profile/ opens in Perfetto / TensorBoard) and print their device time by the
+        # model's named scopes (attention, mlp, qkv, ..., optimizer), also written to profile/summary.json
+        profile_start=0, profile_steps=3,
     ))
     return c

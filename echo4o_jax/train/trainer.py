@@ -548,10 +548,13 @@ class Trainer:
             timer = _Timer()
             step = start
             skipped_reported = 0
+            prof = _StepProfile(self, int(c.log.profile_start), int(c.log.profile_steps))
             while step < total:
                 if step > start:
                     batch = next(self.source)
+                prof.before(step)
                 m = self.train_step(batch)
+                prof.after(step + 1)
                 if float(c.train.debug_step_delay):  # tests: widen the window for an external kill
                     time.sleep(float(c.train.debug_step_delay))
                 dt = timer.lap()
@@ -603,10 +606,54 @@ class Trainer:
             return dict(step=step, total=total, history=history, resumed=resumed,
                         stopped_by=stop["signal"] if step < total else None)
         finally:
+            if "prof" in locals():
+                prof.close()
             for s, h in old.items():
                 signal.signal(s, h)
             logger.close()
             self.ckpt.wait_until_finished()
+
+
+class _StepProfile:
+    """`log.profile_start` / `log.profile_steps`: traces those steps into <workdir>/profile/ and prints (main
+    process) their device time by named scope (`train.profile`), also written to profile/summary.json."""
+
+    def __init__(self, trainer: "Trainer", start: int, steps: int):
+        self.tr, self.start, self.steps = trainer, start, max(int(steps), 1)
+        self.dir = trainer.workdir / "profile"
+        self.active = False
+
+    def before(self, step: int) -> None:  # `step`: steps done so far
+        if self.start > 0 and step == self.start and not self.active:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
+            self.active, self.traced = True, 0
+
+    def after(self, step: int) -> None:
+        if self.active:
+            self.traced += 1
+            if self.traced == self.steps:
+                self.close()
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        jax.block_until_ready(self.tr.state)
+        jax.profiler.stop_trace()
+        if not self.tr.is_main:
+            return
+        from . import profile as prof
+
+        s = prof.summarize_trace(prof.find_trace(self.dir), prof.hlo_op_scopes(self.tr._compiled.as_text()),
+                                 self.traced)
+        (self.dir / "summary.json").write_text(json.dumps(s, indent=1))
+        tot = s["device_seconds_per_step"] or 1.0
+        a, b = self.start + 1, self.start + self.traced
+        print(f"[profile] {f'step {a}' if a == b else f'steps {a}-{b}'}, device time per step "
+              f"{s['device_seconds_per_step'] * 1e3:.1f} ms ({s['source']}): "
+              + ", ".join(f"{k} {v / tot:.0%}" for k, v in s["by_scope"].items())
+              + f"; trace and summary.json in {self.dir}", flush=True)
 
 
 class _AbortedRestoreReports(logging.Filter):
