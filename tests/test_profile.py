@@ -47,7 +47,9 @@ def test_hlo_instruction_names_map_to_named_scopes():
     assert sc["dot.7"] == "jit(step)/while"  # no metadata, calls nothing: its loop's
     assert prof.scope_of(sc["dot.7"]) == "other"
     assert prof.scope_of("jit(step)/transpose(jvp(mlp))/dot_general") == "mlp"
-    assert prof.scope_of("jit(step)/rms_norm_like/normalize") == "other"  # whole path elements only
+    assert prof.scope_of("jit(step)/rms_norm_like/normalize") == "other"  # whole words only
+    assert prof.scope_of("jit(step)/optimizer/jit(norm)/reduce_sum") == "optimizer"  # the outermost scope
+    assert prof.scope_of("jit(step)/vit/attention/dot_general") == "vit"
 
 
 def _trace(tmp_path, events):

@@ -26,7 +26,7 @@ import re
 
 __all__ = ["SCOPES", "hlo_op_scopes", "scope_of", "find_trace", "device_op_events", "summarize_trace"]
 
-# the named scopes of the model and the step, most specific first
+# the named scopes of the model and the step
 SCOPES = ("attention", "qkv", "rope", "o_proj", "mlp", "norm", "vit", "lm_head_ce", "velocity_mse", "vae_encode",
           "optimizer")
 
@@ -94,15 +94,12 @@ def hlo_op_scopes(hlo_text: str) -> dict[str, str | None]:
 
 
 def scope_of(op_name: str) -> str:
-    """The first of SCOPES that names a path element of `op_name` ("other" if none)."""
-    parts = set()
-    for p in op_name.split("/"):
-        parts.add(p)
-        parts.update(re.findall(r"\(([\w]+)\)", p))  # transpose(jvp(mlp)) -> mlp
-        parts.update(re.findall(r"[\w]+", p))
-    for s in SCOPES:
-        if s in parts:
-            return s
+    """The outermost of SCOPES that names an element of the `op_name` path ("other" if none): the ViT's own
+    attention is "vit", the gradient norm's `jit(norm)` inside "optimizer" is "optimizer"."""
+    for part in op_name.split("/"):
+        for word in re.findall(r"\w+", part):  # transpose(jvp(mlp)) -> transpose, jvp, mlp
+            if word in SCOPES:
+                return word
     return "other"
 
 
