@@ -117,6 +117,26 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tr2.state["params"]))
 
 
+def test_resume_with_another_frozen_vae_is_refused(tmp_path):
+    """model.init=random draws the frozen VAE from train.seed: a resume with another seed would train the
+    rest of the run against another VAE. Refused, naming why; the same seed resumes."""
+    from echo4o_jax.checkpoint import CheckpointError
+
+    c = load_config("synthetic_tiny")
+    c.train.steps = 1
+    c.checkpoint.async_save = False
+    c.log.tensorboard = False
+    assert Trainer(c, tmp_path).run()["step"] == 1
+    c.train.steps = 2
+    c.train.seed = int(c.train.seed) + 1
+    with pytest.raises(CheckpointError, match=r"frozen VAE .* trained with \(checkpoint of step 1\): model.init="
+                                              rf"random draws it with train.seed \+ 1 = {c.train.seed + 1}"):
+        Trainer(c, tmp_path).restore()
+    c.train.seed = int(c.train.seed) - 1
+    tr = Trainer(c, tmp_path)
+    assert tr.restore() and int(tr.state["step"]) == 1
+
+
 def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys):
     """log.profile_start / profile_steps: the traced steps' device time by the model's named scopes is
     printed and written to <workdir>/profile/summary.json, and training goes on to its last step."""

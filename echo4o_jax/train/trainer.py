@@ -297,11 +297,7 @@ class Trainer:
         from ..data.records import RecordError
 
         c = self.config
-        fp = ""
-        if c.data.get("vae_latents"):  # precomputed latents must come from this very VAE
-            from ..data.latents import vae_fingerprint
-
-            fp = vae_fingerprint(self.vae_state)
+        fp = self.vae_fingerprint if c.data.get("vae_latents") else ""  # latents must come from this very VAE
         try:
             return make_source(c, self.cfg, process_index=jax.process_index(), process_count=jax.process_count(),
                                local_packs=self.local_packs, vae_fingerprint=fp)
@@ -309,6 +305,14 @@ class Trainer:
             raise  # reported as they are
         except ValueError as e:
             raise ConfigValueError(f"data ({c.data.kind}): {e}") from e
+
+    @functools.cached_property
+    def vae_fingerprint(self) -> str:
+        """sha256 of the frozen VAE encoder (`data.latents.vae_fingerprint`): recorded with each checkpoint, so
+        that a resume with another VAE (another train.seed for a random one, another model.ckpt) is refused."""
+        from ..data.latents import vae_fingerprint
+
+        return vae_fingerprint(self.vae_state)
 
     def _opt_shardings(self, abs_opt):
         """Optimizer moments follow the params' shardings; scalars are replicated."""
@@ -368,7 +372,8 @@ class Trainer:
         meta = dict(step=step, rng=np.asarray(jax.device_get(self.state["rng"])).tolist(),
                     data_state=self.source.get_state(), time=time.time(),
                     data_config=json.loads(self.config.data.to_json_best_effort()),
-                    local_packs=self.local_packs, process_count=jax.process_count())
+                    local_packs=self.local_packs, process_count=jax.process_count(),
+                    vae_fingerprint=self.vae_fingerprint)
         from .. import checkpoint as ck
 
         full = _merge_trees(self.state["params"], self.buffers)
@@ -407,6 +412,14 @@ class Trainer:
         pkeys = set(_flat(self.state["params"]))
         only = lambda tree: unflatten_dict({k: v for k, v in _flat(tree).items() if k in pkeys})
         meta = r["meta"]
+        if meta.get("vae_fingerprint", self.vae_fingerprint) != self.vae_fingerprint:
+            c = self.config
+            how = (f"model.init=random draws it with train.seed + 1 = {int(c.train.seed) + 1}"
+                   if c.model.init == "random" else f"model.ckpt={c.model.ckpt}")
+            raise CheckpointError(
+                f"the frozen VAE of this config differs from the one the run in workdir {self.workdir} trained "
+                f"with (checkpoint of step {step}): {how}. Resume with the run's settings (its config.json), or "
+                "use another --workdir")
         try:
             self.source.set_state(meta["data_state"])
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
