@@ -116,7 +116,6 @@ def profile_steps(tr, steps: int, log_dir: str) -> dict:
     from echo4o_jax.train import profile as prof
 
     try:  # a profiler that fails (no CUPTI, ...) must not lose the measurements above
-        scopes = prof.hlo_op_scopes(tr._compiled.as_text())
         with tempfile.TemporaryDirectory() as tmp:
             d = log_dir or tmp
             pathlib.Path(d).mkdir(parents=True, exist_ok=True)
@@ -126,7 +125,7 @@ def profile_steps(tr, steps: int, log_dir: str) -> dict:
                 for b in batches:
                     tr.train_step(b)
             wall = (time.perf_counter() - t) / steps
-            out = prof.summarize_trace(prof.find_trace(d), scopes, steps)
+            out = prof.summarize_compiled_trace(d, tr._compiled, steps)
     except Exception as e:  # noqa: BLE001
         return dict(error=f"{type(e).__name__}: {e}"[:1000])
     return dict(out, wall_seconds_per_step=wall, trace_dir=log_dir or None)

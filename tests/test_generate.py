@@ -265,7 +265,7 @@ def test_bad_request_file_fails_before_the_weights_load(golden_dir, tmp_path, mo
     def no_weights(self):
         raise AssertionError("the weights were loaded for an invalid file")
 
-    monkeypatch.setattr(G.Generator, "load_weights", no_weights, raising=False)
+    monkeypatch.setattr(G.Generator, "load_weights", no_weights)
     monkeypatch.chdir(tmp_path)  # relative image paths must not be read from here
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "ref.png")  # the CWD's, not the file's
     sub = tmp_path / "sub"

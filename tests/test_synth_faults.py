@@ -46,6 +46,19 @@ def test_429_500_and_timeout_are_retried(server, tmp_path):
     assert sorted(e["attempts"] for e in entries) == [1, 1, 1, 1, 3, 4]
 
 
+def test_rerun_after_a_run_whose_every_call_failed(server, tmp_path):
+    """The first run journals nothing (every call failed): its journal file exists and is empty. The rerun
+    opens it once (an empty journal once counted as "none" and was opened a second time: 'in use by
+    another run') and completes the dataset."""
+    cfg = make_cfg(server, max_retries=0)
+    server.push(CHAT, Reply.status(500))  # the sample's first call
+    s = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=1, progress=False)
+    assert s.failed == 1 and s.written == 0 and len(server.requests) == 1
+    assert journal_entries(tmp_path / "ds") == []
+    s2 = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=1, progress=False)
+    assert s2.complete and s2.written == 1
+
+
 def test_failed_sample_then_rerun_repeats_no_paid_call(server, tmp_path):
     cfg = make_cfg(server, max_retries=1)
     # sample 0's image call fails twice (attempt + 1 retry): the sample fails, sample 1 is made

@@ -424,7 +424,8 @@ class _Writer:
                     f"{self.out}: dataset {label!r} was precomputed from the records {_few(ds['path'])} (before "
                     f"latent folders recorded the sha256 of their records), this config reads {_few(files)}: "
                     "use another --out (latents of other records are never mixed)")
-            ds["records_sha256"] = [dict(zip(files, shas))[f] for f in ds["path"]]
+            sha_of = dict(zip(files, shas))
+            ds["records_sha256"] = [sha_of[f] for f in ds["path"]]
             self.save()
             self._note(f"{label}: the latents' records sha256 recorded from {_folders(files)} (the record files "
                        "this folder lists; written before latent folders recorded them)")

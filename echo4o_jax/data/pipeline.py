@@ -506,7 +506,7 @@ class DataPipeline:
         self.shards: list[list[str]] = []
         parts = []
         for i, spec in enumerate(config.datasets):
-            files = resolve_shards(list(spec.path) if isinstance(spec.path, tuple) else spec.path)
+            files = resolve_shards(spec.path)
             self.shards.append(files)
             shard_record_counts(files)  # a truncated / corrupt shard: RecordError naming it (grain's is bare)
             src = grain.sources.ArrayRecordDataSource(files)

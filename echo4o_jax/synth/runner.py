@@ -256,7 +256,8 @@ def run_track(track: Track, out_dir: str | os.PathLike, *, limit: int, journal_d
         if journal is not None:
             journal.close()
         raise
-    journal = journal or Journal(jd)
+    if journal is None:  # (an open journal with no entries is falsy: it has __len__)
+        journal = Journal(jd)
     writer = None
     try:
         info = {"synth": {"tool": "echo4o_jax.synth", "track": track.name, "items": limit, "fingerprint": fp,

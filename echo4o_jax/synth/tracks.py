@@ -292,15 +292,12 @@ def scan_refs(root: str | os.PathLike) -> dict[str, list[RefImage]]:
 
 
 def _unreadable_header(path: Path) -> str | None:
-    """Why an image file's header cannot be read (PIL reads only the header here), or None."""
-    from PIL import Image
-
+    """Why an image file cannot be read or its header parsed (`probe_image`), or None."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-        return None if w > 0 and h > 0 else f"size {w}x{h}"
-    except Exception as e:  # noqa: BLE001 - PIL raises many kinds (UnidentifiedImageError, OSError, ...)
-        return f"{type(e).__name__}: {e}"
+        probe_image(path.read_bytes())
+        return None
+    except (OSError, RecordError) as e:
+        return str(e)
 
 
 class MultirefTrack(Track):
@@ -310,6 +307,7 @@ class MultirefTrack(Track):
     def __init__(self, cfg: SynthConfig, refs_dir: str | os.PathLike | None = None):
         super().__init__(cfg)
         self.refs_dir = Path(refs_dir) if refs_dir else None
+        self._decoded: set[str] = set()  # folder references whose bytes decoded fully
         if self.refs_dir is not None:
             self.pools = scan_refs(self.refs_dir)
         else:
@@ -385,7 +383,9 @@ class MultirefTrack(Track):
             path = self.refs_dir / ref.path
             try:
                 data = path.read_bytes()
-                probe_image(data, check="decode")
+                if ref.path not in self._decoded:  # fully decoded once per run (the header at the scan)
+                    probe_image(data, check="decode")
+                    self._decoded.add(ref.path)
             except (OSError, RecordError) as e:
                 raise RecordError(f"reference file {path}: {e}") from None
             return data

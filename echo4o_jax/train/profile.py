@@ -6,10 +6,9 @@ instruction's `op_name` metadata, and the profiler (`jax.profiler.trace`, Perfet
 executed op or kernel with its HLO instruction name (`hlo_op`). `hlo_op_scopes` maps instruction names to
 op_name paths from the compiled module's text; `summarize_trace` sums a trace's op times per scope.
 
-    scopes = hlo_op_scopes(compiled.as_text())
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        ... run n steps ...
-    summary = summarize_trace(find_trace(log_dir), scopes, steps=n)
+        ... run n steps of `compiled` ...
+    summary = summarize_compiled_trace(log_dir, compiled, steps=n)
 
 Backward ops (op_name under `transpose(`) count towards the scope they differentiate; recomputed
 forwards (remat) likewise. Ops outside every named scope are "other" (embeddings, the latent and time
@@ -24,7 +23,8 @@ import json
 import pathlib
 import re
 
-__all__ = ["SCOPES", "hlo_op_scopes", "scope_of", "find_trace", "device_op_events", "summarize_trace"]
+__all__ = ["SCOPES", "hlo_op_scopes", "scope_of", "find_trace", "device_op_events", "summarize_trace",
+           "summarize_compiled_trace"]
 
 # the named scopes of the model and the step
 SCOPES = ("attention", "qkv", "rope", "o_proj", "mlp", "norm", "vit", "lm_head_ce", "velocity_mse", "vae_encode",
@@ -149,7 +149,13 @@ def device_op_events(trace: dict | list) -> tuple[list[dict], str]:
     return dev, "device lines"
 
 
-def summarize_trace(path: str | pathlib.Path, op_scopes: dict[str, str], steps: int, top: int = 12) -> dict:
+def summarize_compiled_trace(log_dir: str | pathlib.Path, compiled, steps: int) -> dict:
+    """`summarize_trace` of the newest trace under `log_dir`, its ops named by `compiled`'s module (the
+    `jax.stages.Compiled` that ran the `steps` traced steps)."""
+    return summarize_trace(find_trace(log_dir), hlo_op_scopes(compiled.as_text()), steps)
+
+
+def summarize_trace(path: str | pathlib.Path, op_scopes: dict[str, str | None], steps: int, top: int = 12) -> dict:
     """Seconds per step by scope (SCOPES + "other"; op times summed, so overlapping streams add up), the
     top ops, and how many op events had no op_name in the module (`unmapped`, counted as "other")."""
     path = pathlib.Path(path)

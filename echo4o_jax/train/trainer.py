@@ -547,6 +547,7 @@ class Trainer:
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         history = []
+        prof = _StepProfile(self, int(c.log.profile_start), int(c.log.profile_steps))
         try:
             if start >= total:
                 return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=None)
@@ -561,7 +562,6 @@ class Trainer:
             timer = _Timer()
             step = start
             skipped_reported = 0
-            prof = _StepProfile(self, int(c.log.profile_start), int(c.log.profile_steps))
             while step < total:
                 if step > start:
                     batch = next(self.source)
@@ -619,8 +619,7 @@ class Trainer:
             return dict(step=step, total=total, history=history, resumed=resumed,
                         stopped_by=stop["signal"] if step < total else None)
         finally:
-            if "prof" in locals():
-                prof.close()
+            prof.close()
             for s, h in old.items():
                 signal.signal(s, h)
             logger.close()
@@ -658,8 +657,7 @@ class _StepProfile:
             return
         from . import profile as prof
 
-        s = prof.summarize_trace(prof.find_trace(self.dir), prof.hlo_op_scopes(self.tr._compiled.as_text()),
-                                 self.traced)
+        s = prof.summarize_compiled_trace(self.dir, self.tr._compiled, self.traced)
         (self.dir / "summary.json").write_text(json.dumps(s, indent=1))
         tot = s["device_seconds_per_step"] or 1.0
         a, b = self.start + 1, self.start + self.traced
