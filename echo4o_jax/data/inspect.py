@@ -22,6 +22,7 @@ import os
 import sys
 import textwrap
 
+from echo4o_jax.data._import_common import cli_error
 from echo4o_jax.data.records import Record, RecordError, RecordReader
 
 __all__ = ["summarize", "describe", "contact_sheet", "main"]
@@ -144,8 +145,7 @@ def main(argv=None) -> int:
             contact_sheet(shown, a.contact_sheet)
             print(f"contact sheet: {a.contact_sheet} ({len(shown)} samples)")
     except (RecordError, OSError) as e:
-        print(f"inspect: error: {e}", file=sys.stderr)
-        return 1
+        return cli_error("inspect", e)
     return 0
 
 
