@@ -266,13 +266,23 @@ def _label_regex(label: str) -> str:
 # What may not follow a score on a ``<Label>: <score>`` line: another number glued to it (``1,5``, ``1-3``,
 # ``7/8``, ``8/100``, ``1.5.2``) or joined by a word (``7 or 8``, ``1 to 3``). Such a score is ambiguous.
 _AMBIGUOUS_SCORE_TAIL = re.compile(r"[*_]*(?:\d|[,.\-–—~/]\d|\s+(?:to|or)\s+\d)", re.I)
+# A score followed by a dash and a larger number up to 10 (``1 - 3 faint``, ``7 – 9``) reads as a range (the
+# rubric's bands, spaced): ambiguous too. A smaller number after the dash starts a reason (``8 - 3 of 4 traits``).
+_SPACED_RANGE_TAIL = re.compile(r"[*_]*\s*[\-–—~]\s*[*_]*(\d+(?:\.\d+)?)(?![\d.]*\s*/)")
+
+
+def _ambiguous_tail(score: float, tail: str) -> bool:
+    if _AMBIGUOUS_SCORE_TAIL.match(tail):
+        return True
+    m = _SPACED_RANGE_TAIL.match(tail)
+    return m is not None and score < float(m.group(1)) <= 10
 
 
 def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
     """``<Label>: <0-10>`` lines (Markdown allowed), each optionally followed by a reason; or JSON.
 
     A score line must hold one number (``8``, ``8.5``, ``8/10``; after it a reason, e.g. ``8 - sharp``);
-    an ambiguous one (``1,5``, ``1-3``, ``7 or 8``) or a label scored twice with different numbers makes
+    an ambiguous one (``1,5``, ``1-3``, ``1 - 3``, ``7 or 8``) or a label scored twice with different numbers makes
     the answer malformed (asked again), never a truncated score.
 
     -> {"scores": {KEY: float}, "reasons": {KEY: str}}.
@@ -291,9 +301,9 @@ def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
             m = pat.match(line)
             if not m:
                 continue
-            if _AMBIGUOUS_SCORE_TAIL.match(m.group(2)):
-                raise MalformedAnswer(f"{key}: ambiguous score in {line.strip()!r} (expected one number 0-10)")
             score = _as_score(m.group(1), key)
+            if _ambiguous_tail(score, m.group(2)):
+                raise MalformedAnswer(f"{key}: ambiguous score in {line.strip()!r} (expected one number 0-10)")
             if key in scores:
                 if score != scores[key]:
                     raise MalformedAnswer(f"{key}: two different scores ({scores[key]:g} and {score:g})")
