@@ -279,6 +279,45 @@ def test_journaled_undecodable_image_is_asked_again(server, tmp_path, caplog):
     assert len(server.requests) == n
 
 
+@pytest.mark.parametrize("track_name,refs", [("surreal", False), ("multiref", True), ("multiref", False)])
+def test_each_image_is_fully_decoded_once_per_run(server, tmp_path, monkeypatch, track_name, refs):
+    """Every image of every record is fully decoded before it is written, once per run: an answer by the
+    client (fresh, or replayed from the journal by a rebuild; a generated reference shared by samples
+    once), a folder reference by its track; the writer checks headers only."""
+    import hashlib
+
+    import echo4o_jax.data.records as records_mod
+    import echo4o_jax.synth.client as client_mod
+    import echo4o_jax.synth.tracks as tracks_mod
+
+    decoded: list[str] = []
+
+    def counting_probe(data, *, check="header"):
+        if check == "decode":
+            decoded.append(hashlib.sha256(data).hexdigest())
+        return probe_image(data, check=check)
+
+    for mod in (records_mod, client_mod, tracks_mod):
+        monkeypatch.setattr(mod, "probe_image", counting_probe)
+    kw = {}
+    if refs:
+        kw["refs_dir"] = small_image_folder(tmp_path / "refs", {"humans": 2, "object": 3, "scenes": 2})
+    ds = tmp_path / "ds"
+    for replay in (False, True):  # a fresh run, then a rebuild that replays every answer
+        decoded.clear()
+        n = len(server.requests)
+        s = run_track(make_track(track_name, make_cfg(server), **kw), ds, limit=4, progress=False)
+        assert s.complete and s.written == 4
+        assert (len(server.requests) == n) == replay
+        in_run = list(decoded)
+        written = {hashlib.sha256(b).hexdigest() for rec in RecordReader(ds) for b in rec.images}
+        assert written <= set(in_run)  # every written image was decoded...
+        assert len(in_run) == len(set(in_run))  # ...and none twice
+        (ds / "manifest.json").unlink()  # the next run rebuilds the dataset from the journal
+        for p in ds.glob("*.array_record"):
+            p.unlink()
+
+
 def test_truncated_reference_image_fails_its_samples(server, tmp_path, caplog):
     """Its samples fail before any paid call, and the log names the file; the other samples are written."""
     refs = Path(small_image_folder(tmp_path / "refs", {"humans": 2, "object": 3, "scenes": 2}))
@@ -300,6 +339,30 @@ def test_truncated_reference_image_fails_its_samples(server, tmp_path, caplog):
     for rec in RecordReader(tmp_path / "ds", verify=True):
         assert int(rec.id.rsplit("/", 1)[1]) not in bad
         assert all(_decodes(b) for b in rec.images)
+
+
+def test_template_declares_the_keys_its_answer_must_hold(server, tmp_path):
+    """A template's '# require:' keys are checked (the built-in attributes template's, and a user's own
+    template with other keys: the code holds no copy of them)."""
+    from echo4o_jax.synth.tracks import template_requires
+
+    builtin = make_track("surreal", make_cfg(server)).template("surreal_attributes")
+    assert template_requires(builtin) == ("object", "color", "shape", "size", "material", "structure", "setting")
+    tdir = tmp_path / "templates"
+    tdir.mkdir()
+    text = Path(builtin.path).read_text()
+    text = text.replace("# require: object, color, shape, size, material, structure, setting", "# require: hue")
+    (tdir / "surreal_attributes.txt").write_text(text)
+    cfg = make_cfg(server, malformed_retries=1, template_dir=str(tdir))
+    # the fake server's default attributes answer has no 'hue': asked again, then the sample is skipped
+    s = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=1, progress=False)
+    assert s.written == 0 and s.skipped == {"malformed_answer:surreal_attributes": 1}
+    track = make_track("surreal", cfg)
+    n_objects = len(track.plan(0)["objects"])
+    server.push(CHAT, *[Reply.text('{"hue": "yellow"}')] * n_objects)  # the attributes of each object
+    s = run_track(track, tmp_path / "ds2", limit=1, progress=False)
+    assert s.complete and s.written == 1
+    assert next(iter(RecordReader(tmp_path / "ds2"))).meta["attributes"] == [{"hue": "yellow"}] * n_objects
 
 
 def test_malformed_shared_attributes_are_asked_again(server, tmp_path):

@@ -246,6 +246,7 @@ class SynthClient:
         self._on_event = on_event or (lambda name: None)
         self._refusal_res = [re.compile(p, re.I) for p in cfg.refusal_patterns]
         self._warned_prices: set[str] = set()
+        self._decoded: set[str] = set()  # sha256 of the image answers fully decoded in this run
 
     # ------------------------------------------------------------------------------------------ API
     def redact(self, text: str) -> str:
@@ -376,13 +377,17 @@ class SynthClient:
         image that does not decode: a bad answer journaled by an older version; asked again)."""
         if not self.journal.has_blobs(entry):
             return None
-        images = [self.journal.read_blob(ref) for ref in entry.get("blobs") or []]
-        for i, img in enumerate(images):
+        refs = entry.get("blobs") or []
+        images = [self.journal.read_blob(ref) for ref in refs]  # (each checked against its sha256)
+        for i, (ref, img) in enumerate(zip(refs, images)):
+            if ref["sha256"] in self._decoded:  # decoded once per run (a shared answer is replayed per use)
+                continue
             problem = _undecodable(img)
             if problem:
                 log.warning("%s: journaled image %d (%s) is not a decodable image (%s); asking again", label, i,
-                            entry["blobs"][i]["sha256"][:12], problem)
+                            ref["sha256"][:12], problem)
                 return None
+            self._decoded.add(ref["sha256"])
         return images
 
     def _replay(self, entry: dict, images: list[bytes]) -> CallResult:
@@ -459,8 +464,9 @@ class SynthClient:
 
     def _succeeded(self, key, kind, model, label, out, usage, attempts, cost) -> CallResult:
         blobs = []
-        for b in out.get("images", []):
+        for b in out.get("images", []):  # (each fully decoded by _images_of)
             blobs.append(self.journal.put_blob(b, _ext_of(b)))
+            self._decoded.add(blobs[-1]["sha256"])
         entry = {"key": key, "kind": kind, "model": model, "label": label, "status": "ok", "text": out.get("text"),
                  "blobs": blobs, "usage": usage, "cost": round(cost, 8), "attempts": attempts}
         self.journal.append(entry)

@@ -56,6 +56,12 @@ class CallEstimate:
     key: str | None = None
 
 
+def template_requires(tpl: Template) -> tuple[str, ...]:
+    """The answer keys a synthesis template declares (``# require: key, key``): each must be a non-empty
+    string, else the answer is malformed (asked again)."""
+    return tuple(k.strip() for k in tpl.options.get("require", "").split(",") if k.strip())
+
+
 class SampleContext:
     """The calls of one sample: parses and validates chat answers (asking again, with a new journal key,
     after a malformed answer), remembers the current step (for skip reasons), the call keys and the
@@ -86,7 +92,7 @@ class SampleContext:
             self.calls.append(res.key)
             try:
                 parsed = tpl.parse(res.text or "")
-                for k in require:
+                for k in (*template_requires(tpl), *require):
                     v = parsed.get(k)
                     if not isinstance(v, str) or not v.strip():
                         raise MalformedAnswer(f"no non-empty string {k!r} in the answer")
@@ -218,12 +224,10 @@ class SurrealTrack(Track):
         objects = rng.sample(self.classes, 2 if typ == "multi_object" else 1)
         return {"index": index, "type": typ, "objects": objects, "hint": rng.choice(self.hints[typ])}
 
-    # the keys the surreal_attributes template asks for: an answer without one of them is malformed
-    # (asked again), never stored as the shared answer every later sample of the object reuses
-    ATTRIBUTE_KEYS = ("object", "color", "shape", "size", "material", "structure", "setting")
-
     def _attributes(self, ctx: SampleContext, obj: str) -> dict:
-        return ctx.ask("surreal_attributes", {"object": obj}, scope="shared", require=self.ATTRIBUTE_KEYS)
+        # the keys are the template's ('# require:'): an answer without one is malformed (asked again),
+        # never stored as the shared answer every later sample of the object reuses
+        return ctx.ask("surreal_attributes", {"object": obj}, scope="shared")
 
     def run(self, plan: dict, ctx: SampleContext) -> Record:
         attrs = [self._attributes(ctx, o) for o in plan["objects"]]
