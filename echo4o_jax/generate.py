@@ -155,6 +155,15 @@ def _read_image(path):
         raise GenerateError(f"cannot read image {p}: {e}") from None
 
 
+def _resized_size(transform, size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of `transform.resize` on an image of `size` (width, height), from the sizes alone: the
+    checks need no resized pixels (the context building resizes each image, once)."""
+    from .image_transform import resize_shape
+
+    t = transform
+    return resize_shape(*size, t.max_size, t.min_size, t.stride, t.max_pixels)
+
+
 def _under_mesh(method):
     """Run a Generator method under its parameters' mesh (`jax.set_mesh`), as the trainer compiles: the
     model's traced functions then see the mesh, so Pallas attention runs per shard (heads over `tensor`)
@@ -305,13 +314,12 @@ class Generator:
         c = self.cfg
         need = len(ids) + 2 + TEXT_BUCKET + new_tokens
         for im in images:
-            vae_im = self.vae_transform.resize(im)
+            w, h = _resized_size(self.vae_transform, im.size)
             if not understanding:  # understanding feeds the ViT only (official vae=not understanding_output)
-                w, h = vae_im.size
                 self._check_grid(h, w, c.max_latent_size, c.latent_downsample, "VAE-resized input image",
                                  "lower the VAE resize (--vae-transform MAX MIN)")
                 need += (h // c.latent_downsample) * (w // c.latent_downsample) + 2
-            vw, vh = self.vit_transform.resize(vae_im).size
+            vw, vh = _resized_size(self.vit_transform, (w, h))
             self._check_grid(vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size, "ViT-resized input image",
                              "lower the ViT resize (--vit-transform MAX MIN)")
             need += (vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2
@@ -347,7 +355,7 @@ class Generator:
         if size is not None:
             shape = parse_size(size, self.cfg.latent_downsample)
         elif images:  # official: the last input image's VAE-resized shape
-            w, h = self.vae_transform.resize(images[-1]).size
+            w, h = _resized_size(self.vae_transform, images[-1].size)
             shape = (h, w)
         else:
             shape = DEFAULT_SIZE
@@ -359,9 +367,12 @@ class Generator:
         """Raise GenerateError when `generate(prompt, **kw)` would reject its input (no weights needed)."""
         self._prepare(prompt, **kw)
 
-    def check_request(self, req: dict, overrides: dict | None = None) -> None:
-        """`check` for a batch request (as run_requests passes it to `generate`)."""
-        self._prepare(**_request_kwargs(req, overrides or {}))
+    def check_request(self, req: dict, overrides: dict | None = None) -> _Prepared:
+        """`check` for a batch request (its fields and `sampler` settings over `overrides`); returns the checked
+        request, which `generate_prepared` / `generate_many` take as it is. Its images stay as given (paths are
+        decoded for the check, then dropped: a long batch holds no pixels between its check and its turn)."""
+        kw = _request_kwargs(req, overrides or {})
+        return self._prepare(**kw)._replace(images=list(kw["images"]))
 
     # ------------------------------------------------------------------ tasks
     def generate(self, prompt=None, *, prompt_ids=None, images: Sequence = (), size=None, seed: int = 0,
@@ -369,10 +380,17 @@ class Generator:
                  **sampler) -> dict[str, Any]:
         """Images (uint8 [H, W, 3] each) for one request; `num_images` share the context and run batched.
         The request is checked before the weights load (when not loaded yet) and before any compute."""
-        r = self._prepare(prompt, prompt_ids=prompt_ids, images=images, size=size, seed=seed,
-                          num_images=num_images, think=think, max_think_tokens=max_think_tokens, **sampler)
+        return self.generate_prepared(self._prepare(prompt, prompt_ids=prompt_ids, images=images, size=size,
+                                                    seed=seed, num_images=num_images, think=think,
+                                                    max_think_tokens=max_think_tokens, **sampler))
+
+    def generate_prepared(self, r: _Prepared) -> dict[str, Any]:
+        """`generate` for a request already checked (`check_request`): only its image files are read again."""
         self.load_weights()
-        return self._generate(r)
+        return self._generate(self._with_pixels(r))
+
+    def _with_pixels(self, r: _Prepared) -> _Prepared:
+        return r._replace(images=self._read_images(r.images))
 
     @_under_mesh
     def _generate(self, r: _Prepared) -> dict[str, Any]:
@@ -390,21 +408,20 @@ class Generator:
             out["think"] = self.decode_text(res["text_ids"][1:])
         return out
 
-    def batch_key(self, req: dict, overrides: dict) -> tuple | None:
-        """Requests with equal keys run together in one sampler pass (text-to-image of one shape and
+    @staticmethod
+    def batch_key(r: _Prepared) -> tuple | None:
+        """Checked requests with equal keys run together in one sampler pass (text-to-image of one shape and
         one sampler setting); None = run alone (reference images, think mode)."""
-        if req.get("images") or req.get("think"):
+        if r.images or r.sys_ids is not None:
             return None
-        size = parse_size(req["size"], self.cfg.latent_downsample) if req.get("size") is not None else DEFAULT_SIZE
-        kw = self.sampler_settings(False, {**overrides, **req.get("sampler", {})})
-        return size, int(req.get("num_images", 1)), tuple(sorted(kw.items()))
+        return r.shape, r.num_images, tuple(sorted(r.sampler.items()))
 
-    def generate_many(self, reqs: Sequence[dict], overrides: dict) -> list[dict[str, Any]]:
-        """Text-to-image requests of one `batch_key`: contexts built per request, then one batched
-        sampler pass (each request keeps its own seed's noise, so results equal one-by-one runs)."""
-        prepared = [self._prepare(**_request_kwargs(r, overrides)) for r in reqs]
+    def generate_many(self, prepared: Sequence[_Prepared]) -> list[dict[str, Any]]:
+        """Checked text-to-image requests (`check_request`) of one `batch_key`: contexts built per request,
+        then one batched sampler pass (each request keeps its own seed's noise, so results equal one-by-one
+        runs)."""
         self.load_weights()
-        return self._generate_many(prepared)
+        return self._generate_many([self._with_pixels(r) for r in prepared])
 
     @_under_mesh
     def _generate_many(self, prepared: Sequence[_Prepared]) -> list[dict[str, Any]]:
@@ -538,8 +555,7 @@ def save_png(img, path) -> None:
 
 
 def image_complete(path) -> bool:
-    """Whether `path` is an image that decodes to its last pixel (a file cut short by a kill does not).
-    The resume checks (here and in echo4o_jax.eval.run) reuse an existing output only when this holds."""
+    """Whether `path` is an image that decodes to its last pixel (a file cut short by a kill does not)."""
     from echo4o_jax.data.records import RecordError, probe_image
 
     try:
@@ -547,6 +563,20 @@ def image_complete(path) -> bool:
     except (OSError, RecordError):
         return False
     return True
+
+
+def outputs_finished(paths: Sequence, what: str) -> bool:
+    """The resume check of one request (run_requests, echo4o_jax.eval.run): whether every output in `paths`
+    exists and decodes fully (`image_complete`; nothing is decoded while one is absent). Outputs that exist
+    but do not decode (a write cut short by a kill) are reported on stderr: `what` is generated again."""
+    paths = [pathlib.Path(p) for p in paths]
+    if not all(p.is_file() for p in paths):
+        return False
+    broken = [str(p) for p in paths if not image_complete(p)]
+    if broken:
+        print(f"{', '.join(broken)}: exists but does not decode fully (interrupted write?); generating {what} "
+              "again", file=sys.stderr)
+    return not broken
 
 
 def _read_metadata(meta_path: pathlib.Path) -> dict[str, dict]:
@@ -591,15 +621,18 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     in metadata.jsonl, every PNG present and decoding fully) are skipped unless `regenerate`; a PNG that
     does not decode (an interrupted write) is reported and its request generated again. Consecutive
     text-to-image requests of one shape and sampler setting run batched (up to `batch_size` per sampler
-    pass). Returns one record per request."""
+    pass). Every request is checked (its images decoded) before anything is loaded or written, and generated
+    from that checked form: its images are decoded again at its turn (no pixels are held meanwhile) and
+    resized once. Returns one record per request."""
     from tqdm import tqdm
 
     out_dir = pathlib.Path(out_dir)
     overrides = dict(overrides or {})
     ids = _request_ids(requests)
+    prepared = []
     for i, (rid, req) in enumerate(zip(ids, requests)):  # all checked before anything is loaded or written
         try:
-            gen.check_request(req, overrides)
+            prepared.append(gen.check_request(req, overrides))
         except GenerateError as e:
             raise GenerateError(f"{_source(req, i)} (id={rid}): {e}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -607,37 +640,35 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     done = _read_metadata(meta_path)
     records: dict[int, dict] = {}
     pending = []
-    for i, (rid, req) in enumerate(zip(ids, requests)):
-        paths = _request_paths(out_dir, rid, int(req.get("num_images", 1)))
-        if not regenerate and rid in done and all(p.exists() for p in paths):
-            broken = [str(p) for p in paths if not image_complete(p)]
-            if not broken:
-                records[i] = done[rid]
-                continue
-            print(f"{', '.join(broken)}: exists but does not decode fully (interrupted write?); generating "
-                  f"request {rid!r} again", file=sys.stderr)
-        pending.append((i, rid, req, paths))
+    for i, (rid, req, r) in enumerate(zip(ids, requests, prepared)):
+        paths = _request_paths(out_dir, rid, r.num_images)
+        if not regenerate and rid in done and outputs_finished(paths, f"request {rid!r}"):
+            records[i] = done[rid]
+            continue
+        pending.append((i, rid, req, r, paths))
     # consecutive requests of one shape and sampler setting share a sampler pass
     groups: list[list] = []
+    last_key = None
     for item in pending:
-        key = gen.batch_key(item[2], overrides)
-        if groups and key is not None and len(groups[-1]) < batch_size and gen.batch_key(groups[-1][0][2], overrides) == key:
+        key = gen.batch_key(item[3])
+        if groups and key is not None and len(groups[-1]) < batch_size and key == last_key:
             groups[-1].append(item)
         else:
             groups.append([item])
+        last_key = key
     with tqdm(total=len(pending), disable=not progress, desc="generate") as bar:  # closed before an error prints
         for group in groups:
             t0 = time.time()
             if len(group) == 1:
-                results = [gen.generate(**_request_kwargs(group[0][2], overrides))]
+                results = [gen.generate_prepared(group[0][3])]
             else:
-                results = gen.generate_many([g[2] for g in group], overrides)
+                results = gen.generate_many([g[3] for g in group])
             seconds = round((time.time() - t0) / len(group), 3)
-            for (i, rid, req, paths), res in zip(group, results):
+            for (i, rid, req, r, paths), res in zip(group, results):
                 for p, img in zip(paths, res["images"]):
                     save_png(img, p)
                 rec = dict(id=rid, prompt=req.get("prompt"), prompt_ids=res["prompt_ids"],
-                           images=list(map(str, req.get("images", []))), seed=int(req.get("seed", 0)),
+                           images=list(map(str, req.get("images", []))), seed=r.seed,
                            num_images=len(paths), size=res["size"], outputs=[str(p) for p in paths],
                            settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()},
                            seconds=seconds, batched_with=len(group))

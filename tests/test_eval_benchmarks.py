@@ -367,7 +367,7 @@ def test_omnicontext_formula_and_scene_templates(tmp_path):
 
 def _fake_generate_module(calls, skip_prompts=(), error=None):
     """A stand-in for echo4o_jax.generate: generate_batch writes solid PNGs (or raises `error`); the
-    error class and the completeness check are the real ones."""
+    error class and the completeness checks are the real ones."""
     mod = types.ModuleType("echo4o_jax.generate")
 
     def generate_batch(ckpt, requests, out_dir, *, regenerate=False, **overrides):
@@ -392,12 +392,15 @@ def _fake_generate_module(calls, skip_prompts=(), error=None):
     mod.generate_batch = generate_batch
     mod.GenerateError = real_generate.GenerateError
     mod.image_complete = real_generate.image_complete
+    mod.outputs_finished = real_generate.outputs_finished
     return mod
 
 
 def test_run_generates_then_judges(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls, skip_prompts={"I2"}))
+    calls, decoded = [], []  # decoded: the images eval.run checks again after generate_batch
+    fake = _fake_generate_module(calls, skip_prompts={"I2"})
+    fake.image_complete = lambda p: decoded.append(Path(p).name) or real_generate.image_complete(p)
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", fake)
     gpp = write_jsonl(tmp_path / "bench" / "geneval_pp.jsonl", _gpp_rows()[:3])
     write_jsonl(tmp_path / "bench" / "imagine_bench.jsonl",
                 [{"id": i, "instruction": f"I{i}", "note": "n", "type": t} for i, t in
@@ -417,7 +420,7 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
                 "--label", "tiny", *judge_args(s)]
         rep = eval_run.main(argv)
         assert len(s.calls(CHAT)) == 3 * 2 + 2 * 2  # 3 geneval x 2 images, imagine id 2 not written
-        assert len(calls) == 2
+        assert len(calls) == 2 and decoded == []  # images written by generate_batch are not decoded again
         g = calls[0]
         assert g["out_dir"] == str(out / "geneval_pp" / "images") and g["overrides"] == {"cfg_text_scale": 4.0,
                                                                                            "note": "plain"}
@@ -457,6 +460,7 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
         calls.clear()
         eval_run.main(argv)
         assert [[r["id"] for r in c["requests"]] for c in calls] == [["00002"], ["00002"]]
+        assert sorted(decoded) == ["00002_0.png", "00002_1.png"]  # there before generate_batch: checked again
         assert real_generate.image_complete(img)
 
         # --regenerate reaches generate_batch (which otherwise skips its finished requests)

@@ -86,8 +86,8 @@ def test_batch_mode_resumes_and_compiles_once_per_shape(golden_dir, gen, tmp_pat
     assert inference._guided_velocity._cache_size() == n_vel
     assert inference._append_text._cache_size() == n_txt
     calls = []
-    real = gen.generate
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = gen.generate_prepared
+    monkeypatch.setattr(gen, "generate_prepared", lambda r: calls.append(r) or real(r))
     recs = G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
     assert len(calls) == 1  # only "c" was left
     assert [r["id"] for r in recs] == ["a", "b", "c"]
@@ -102,6 +102,63 @@ def test_batch_mode_resumes_and_compiles_once_per_shape(golden_dir, gen, tmp_pat
         for k in range(2):
             assert_uint8_close(np.asarray(Image.open(tmp_path / "batched" / f"{r}_{k}.png")),
                                np.asarray(Image.open(tmp_path / f"{r}_{k}.png")))
+
+
+def test_batch_reads_and_resizes_each_input_image_once(gen, tmp_path, monkeypatch):
+    """run_requests checks every request (its images decoded) before the weights load, then generates from the
+    checked requests, which hold the image paths, not pixels (memory stays bounded): per run, each request's
+    input files are decoded for the check and at generation, and each decoded image is resized once (by the
+    context building; the checks take the resized sizes from the sizes alone)."""
+    from echo4o_jax.image_transform import ImageTransform as IT
+
+    for name, (w, h) in [("p.png", (40, 24)), ("q.png", (24, 40))]:
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(tmp_path / name)
+    inputs = {str(tmp_path / "p.png"), str(tmp_path / "q.png")}
+    opened, resized = [], []
+    real_open, real_resize = Image.open, IT.resize
+
+    def counting_open(fp, *a, **k):
+        if isinstance(fp, (str, pathlib.Path)) and str(fp) in inputs:
+            opened.append(pathlib.Path(fp).name)
+        return real_open(fp, *a, **k)
+
+    def counting_resize(self, img, *a, **k):
+        resized.append(img.size)
+        return real_resize(self, img, *a, **k)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    monkeypatch.setattr(IT, "resize", counting_resize)
+    reqs = [dict(id="a", prompt_ids=[1, 2], images=[str(tmp_path / "p.png")], seed=0),
+            dict(id="b", prompt_ids=[3], images=[str(tmp_path / "p.png"), str(tmp_path / "q.png")], seed=1)]
+    recs = G.run_requests(gen, reqs, tmp_path / "out", overrides=dict(num_timesteps=2), progress=False)
+    assert [r["size"] for r in recs] == [[32, 32], [32, 32]]  # the last input's VAE-resized size (40x24 -> 32x32)
+    assert sorted(opened) == ["p.png"] * 4 + ["q.png"] * 2  # per request that names it: check, generation
+    originals = [s for s in resized if s in ((40, 24), (24, 40))]
+    assert sorted(originals) == [(24, 40), (40, 24), (40, 24)]
+    # a resumed run (all finished) reads each image for its check only, and resizes none
+    opened.clear(), resized.clear()
+    G.run_requests(gen, reqs, tmp_path / "out", overrides=dict(num_timesteps=2), progress=False)
+    assert sorted(opened) == ["p.png", "p.png", "q.png"] and resized == []
+
+
+def test_check_sizes_and_batch_key_come_from_the_checked_request(gen, tmp_path):
+    # the checks' resized sizes equal the transforms' own (no pixel resampled for them)
+    for t in [ImageTransform.vae_default(), ImageTransform.vit_default(), ImageTransform(64, 16, 16),
+              ImageTransform(98, 14, 14), ImageTransform(500, 500, 16), ImageTransform(1024, 512, 16, 300 * 300)]:
+        for size in [(40, 24), (24, 40), (1000, 300), (7, 513), (512, 512)]:
+            assert G._resized_size(t, size) == t.resize(Image.new("RGB", size)).size, (t, size)
+    over = dict(num_timesteps=3)
+    a = gen.check_request(dict(prompt_ids=[1, 2], size=[32, 32], seed=4), over)
+    b = gen.check_request(dict(prompt_ids=[3], size=[32, 32], seed=5, sampler={"cfg_renorm_min": 0.0}), over)
+    c = gen.check_request(dict(prompt_ids=[3], size=[32, 32], num_images=2), over)
+    d = gen.check_request(dict(prompt_ids=[3], size=[32, 32], sampler={"num_timesteps": 4}), over)
+    e = gen.check_request(dict(prompt_ids=[3], images=[Image.new("RGB", (32, 32))]), over)
+    Image.new("RGB", (40, 24)).save(tmp_path / "p.png")
+    f = gen.check_request(dict(prompt_ids=[3], images=[str(tmp_path / "p.png")]), over)
+    assert f.images == [str(tmp_path / "p.png")] and f.shape == (32, 32)  # checked, no pixels held
+    keys = [G.Generator.batch_key(r) for r in (a, b, c, d, e)]
+    assert keys[0] == keys[1] == ((32, 32), 1, tuple(sorted(gen.sampler_settings(False, over).items())))
+    assert len({keys[0], keys[2], keys[3]}) == 3 and keys[4] is None
 
 
 class _Killed(BaseException):
@@ -157,9 +214,9 @@ def test_resume_regenerates_truncated_png_and_cut_metadata(gen, tmp_path, monkey
     assert not G.image_complete(tmp_path / "a_1.png") and G.image_complete(tmp_path / "a_0.png")
     with open(tmp_path / "metadata.jsonl", "a") as f:
         f.write('{"id": "b", "prompt": nu')
-    calls = []  # "a" (2 images) and "b" (1 image) never share a sampler pass: one generate() call each
-    real = gen.generate
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    calls = []  # "a" (2 images) and "b" (1 image) never share a sampler pass: one generate_prepared() call each
+    real = gen.generate_prepared
+    monkeypatch.setattr(gen, "generate_prepared", lambda r: calls.append(r.seed) or real(r))
     capsys.readouterr()
     recs = G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
     err = capsys.readouterr().err

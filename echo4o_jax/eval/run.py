@@ -55,18 +55,20 @@ def _templates(pairs) -> dict:
 class _GenerationAPI:
     generate_batch: Callable  # (ckpt, requests, out_dir, *, regenerate=False, **overrides)
     error: type[Exception]  # what generate_batch raises for bad input (GenerateError)
-    image_complete: Callable[[Path], bool]  # does an existing image decode fully (else: generate it again)
+    image_complete: Callable[[Path], bool]  # does an existing image decode fully
+    # (paths, what) -> every image exists and decodes fully (broken ones reported): generate_batch's resume check
+    outputs_finished: Callable[[list[Path], str], bool]
 
 
 def _load_generation_api() -> _GenerationAPI:
     try:
-        from echo4o_jax.generate import GenerateError, generate_batch, image_complete
+        from echo4o_jax.generate import GenerateError, generate_batch, image_complete, outputs_finished
     except ImportError as e:
         raise common.UsageError(
-            "image generation needs echo4o_jax.generate (generate_batch, GenerateError, image_complete), which "
-            f"could not be imported ({type(e).__name__}: {e}). Generate the images another way as "
-            "<stem>_<k>.png in <out>/<bench>/images and re-run with --judge-only.") from None
-    return _GenerationAPI(generate_batch, GenerateError, image_complete)
+            "image generation needs echo4o_jax.generate (generate_batch, GenerateError, image_complete, "
+            f"outputs_finished), which could not be imported ({type(e).__name__}: {e}). Generate the images "
+            "another way as <stem>_<k>.png in <out>/<bench>/images and re-run with --judge-only.") from None
+    return _GenerationAPI(generate_batch, GenerateError, image_complete, outputs_finished)
 
 
 def _parse_gen_args(pairs) -> dict:
@@ -113,18 +115,6 @@ def _expected(images_dir: Path, req: dict) -> list[Path]:
     return [images_dir / common.image_name(req["id"], k) for k in range(req["num_images"])]
 
 
-def _done(name: str, images_dir: Path, req: dict, api: _GenerationAPI) -> bool:
-    """Every image of `req` exists and decodes fully (one cut short by a kill is reported, then redone)."""
-    paths = _expected(images_dir, req)
-    if not all(p.is_file() for p in paths):
-        return False
-    broken = [str(p) for p in paths if not api.image_complete(p)]
-    if broken:
-        print(f"[{name}] {', '.join(broken)}: exists but does not decode fully (interrupted write?); "
-              "generating it again", file=sys.stderr)
-    return not broken
-
-
 def generate(name: str, items, images_dir: Path, args, api: _GenerationAPI) -> dict:
     """Generate the images of the requests that lack one (absent, or not decoding fully: a write cut
     short); all of them with --regenerate. A GenerateError becomes a UsageError naming the benchmark
@@ -132,9 +122,13 @@ def generate(name: str, items, images_dir: Path, args, api: _GenerationAPI) -> d
     mod = BENCHES[name]
     reqs = mod.generation_requests(items, num_images=args.num_images, seed=args.seed,
                                    size=tuple(args.size) if args.size else None)
-    todo = list(reqs) if args.regenerate else [r for r in reqs if not _done(name, images_dir, r, api)]
+    todo = list(reqs) if args.regenerate else [
+        r for r in reqs if not api.outputs_finished(_expected(images_dir, r), f"{name} request {r['id']!r}")]
     info = {"requests": len(reqs), "generated": len(todo)}
     if todo:
+        # generate_batch writes atomically: an image absent before is complete once it exists; one there before
+        # (cut short, or beside an absent one) may be left as it was, so only those are decoded again
+        existed = {p for r in todo for p in _expected(images_dir, r) if p.is_file()}
         images_dir.mkdir(parents=True, exist_ok=True)
         print(f"[{name}] generating {len(todo)} of {len(reqs)} requests -> {images_dir}", file=sys.stderr)
         try:
@@ -142,7 +136,8 @@ def generate(name: str, items, images_dir: Path, args, api: _GenerationAPI) -> d
                                **_parse_gen_args(args.gen_arg))
         except api.error as e:
             raise common.UsageError(f"[{name}] generation failed: {e}") from None
-        absent = [str(p) for r in todo for p in _expected(images_dir, r) if not api.image_complete(p)]
+        absent = [str(p) for r in todo for p in _expected(images_dir, r)
+                  if not p.is_file() or (p in existed and not api.image_complete(p))]
         info["not_written"] = absent
         if absent:
             print(f"[{name}] warning: generate_batch did not write {len(absent)} images (they count as "
