@@ -453,6 +453,22 @@ def test_truncated_shard_named_when_the_pipeline_is_built(data, model_cfg, tmp_p
         DataPipeline(_cfg(data, datasets=(DatasetSpec(str(d)),)), model_cfg)
 
 
+def test_each_shard_opened_once_when_the_pipeline_is_built(data, model_cfg, monkeypatch):
+    """Building the pipeline opens every shard exactly once (its record count); grain's source is given the
+    counts and opens a shard only to read it."""
+    from echo4o_jax.data.records import resolve_shards
+    from test_data_records import count_shard_opens
+
+    c = _cfg(data, datasets=(DatasetSpec(data["a"], 3.0), DatasetSpec(data["b"], 1.0)), shuffle=False)
+    shards = resolve_shards(data["a"]) + resolve_shards(data["b"])
+    assert len(resolve_shards(data["a"])) > 1 and len(resolve_shards(data["b"])) > 1
+    opened = count_shard_opens(monkeypatch)
+    pipe = DataPipeline(c, model_cfg)
+    assert opened == collections.Counter(shards)  # old code: twice each (count, then grain's source)
+    els = [pipe.elements[k] for k in range(4)]  # read through the lazily opened readers
+    assert [e["id"] for e in els] == ["a0", "a1", "a2", "b0"] and all(e["error"] is None for e in els)
+
+
 def test_overlong_and_corrupt_samples_counted(data, model_cfg):
     c = _cfg(data, datasets=(DatasetSpec(data["bad"]),), num_epochs=1, shuffle=False)
     pipe = DataPipeline(c, model_cfg)

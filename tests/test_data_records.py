@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -33,6 +34,7 @@ from echo4o_jax.data.records import (
     understanding_record,
     vae_item,
     vit_item,
+    whole_shards,
 )
 
 
@@ -308,6 +310,41 @@ def test_undecodable_record_named_by_shard_and_index(tmp_path):
         r.header(-1)
     with pytest.raises(IndexError):
         r[2]
+
+
+def count_calls(monkeypatch, module, name: str) -> collections.Counter:
+    """Counts the calls of `module.name` by their first argument as a str (a path, a dataset label)."""
+    calls = collections.Counter()
+    real = getattr(module, name)
+
+    def counting(first, *args, **kw):
+        calls[str(first)] += 1
+        return real(first, *args, **kw)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def count_shard_opens(monkeypatch) -> collections.Counter:
+    """Counts `ArrayRecordReader` constructions per shard file (ours, array_record's and grain's sources)."""
+    from array_record.python import array_record_module
+
+    return count_calls(monkeypatch, array_record_module, "ArrayRecordReader")
+
+
+def test_reader_opens_each_shard_once(tmp_path, monkeypatch):
+    """A reader opens every shard once when made (record counts): its source is given them
+    (`whole_shards`) and opens a shard again only to read it."""
+    d = tmp_path / "ds"
+    m = _dataset(d)
+    shards = [str(d / s["file"]) for s in m["shards"]]
+    opened = count_shard_opens(monkeypatch)
+    given = whole_shards(shards, [s["records"] for s in m["shards"]])
+    assert not opened and whole_shards(shards) == given and opened == collections.Counter(shards)
+    opened.clear()
+    r = RecordReader(d, verify=True)
+    assert opened == collections.Counter(shards) and len(r) == 8
+    assert r[3].id == "surreal/3" and opened[shards[1]] == 2 and opened[shards[0]] == 1  # opened to read
 
 
 def test_inspect_cli_bad_manifest_and_missing_shard(tmp_path, capsys):

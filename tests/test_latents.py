@@ -4,6 +4,7 @@ gradients, resume, the errors, and sampling."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 
@@ -23,6 +24,7 @@ from echo4o_jax.train.step import make_loss_and_grads
 from echo4o_jax.train.trainer import ConfigValueError, Trainer, validate_config
 from conftest import DEFAULT_GOLDEN
 from test_data_pipeline import _tokenizer_json, _write_dataset
+from test_data_records import count_calls
 
 SIDE = 32  # every VAE image fills the budget canvas: in-step encoding sees no padding (module docstring of latents)
 VAE_T = (SIDE, 16, 16)
@@ -303,6 +305,72 @@ def test_broken_latent_shard_is_fatal_and_a_rerun_repairs_it(env, tmp_path):
     assert (out / (cut["file"] + ".broken")).read_bytes() == data[: len(data) // 2]  # kept, out of the way
     _same_latents(out, env["out"])
     next(_source(env, vae_latents=str(out)))
+
+
+def test_latent_shard_headers_read_once_and_records_compared_once(env, tmp_path, monkeypatch):
+    """Building the pipeline (the store's check) and reading its batches read each latent shard header once
+    and compare the records once; a shard that breaks after the check is still fatal, naming it."""
+    import shutil
+
+    from echo4o_jax.data import latents
+
+    headers = count_calls(monkeypatch, latents, "SafetensorsFile")
+    compared = count_calls(monkeypatch, latents, "_records_mismatch")
+    src = _source(env, vae_latents=str(env["out"]))
+    next(src)
+    next(src)
+    shards = json.loads((env["out"] / MANIFEST_NAME).read_text())["datasets"]["ds"]["shards"]
+    assert headers == collections.Counter(str(env["out"] / s["file"]) for s in shards)  # old code: twice each
+    assert compared == {"ds": 1}
+    out = tmp_path / "lat"
+    shutil.copytree(env["out"], out)
+    store = LatentStore(out)
+    m = store.manifest
+    check = dict(fingerprint=m["vae_fingerprint"], z_channels=m["z_channels"], downsample=m["downsample"],
+                 transforms={"ds": ImageTransform(*VAE_T)}, records={"ds": env["data_dir"]})
+    store.check(**check)
+    gone, cut = shards[0], shards[1]
+    (out / gone["file"]).unlink()
+    k = SafetensorsFile(env["out"] / gone["file"]).keys()[0]
+    with pytest.raises(LatentStoreError, match=rf"latent shard {gone['file']} of dataset 'ds' is missing: run "
+                                               rf"python -m echo4o_jax.data.latents --config ... --out {out} again"):
+        store.moments("ds", k.rsplit("#")[0], 0, (4, 4))
+    shutil.copy(env["out"] / gone["file"], out / gone["file"])
+    store.check(**check)
+    os.truncate(out / cut["file"], cut["bytes"] // 2)
+    k = SafetensorsFile(env["out"] / cut["file"]).keys()[-1]  # its data is in the lost half
+    with pytest.raises(LatentStoreError, match=rf"latent shard {cut['file']} of dataset 'ds' is {cut['bytes'] // 2} "
+                                               rf"bytes, the manifest lists {cut['bytes']} \(truncated or rewritten\)"):
+        store.moments("ds", k.rsplit("#")[0], int(k.rsplit("#")[1]), (SIDE // 8, SIDE // 8))
+
+
+def test_precompute_rerun_compares_the_records_once(env, tmp_path, monkeypatch):
+    """A precompute rerun (`_Writer.begin`) compares the records read now with the latents' once: records
+    moved (same files elsewhere), records added, records of other shards (refused)."""
+    import shutil
+
+    from echo4o_jax.data import latents
+
+    out = tmp_path / "lat"
+    shutil.copytree(env["out"], out)
+    moved = shutil.copytree(env["data_dir"], tmp_path / "moved" / "ds")
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    w = latents._Writer(str(out), fingerprint=m["vae_fingerprint"], z_channels=m["z_channels"],
+                        downsample=m["downsample"], dtype=m["dtype"], shard_bytes=1 << 20)
+    compared = count_calls(monkeypatch, latents, "_records_mismatch")
+    files = latents._record_files(moved)
+    assert w.begin("ds", files, ImageTransform(*VAE_T)) == _keys(env["out"])
+    assert compared == {"ds": 1} and w.ds["path"] == files and w.ds["complete"]  # old code: 2 calls
+    _write_dataset(moved, 1, 8, prefix="late", sizes=(SIDE,), append=True)
+    compared.clear()
+    w.begin("ds", latents._record_files(moved), ImageTransform(*VAE_T))
+    assert compared == {"ds": 1} and not w.ds["complete"] and len(w.ds["path"]) == len(files) + 1
+    other = _write_dataset(tmp_path / "b" / "ds", 4, 22, prefix="s", sizes=(SIDE,))
+    compared.clear()
+    with pytest.raises(LatentStoreError, match=rf"{out}: dataset 'ds': .*record shard\(s\) the latents were made "
+                                               rf"from are not among the records read now.*: use another --out"):
+        w.begin("ds", latents._record_files(other), ImageTransform(*VAE_T))
+    assert compared == {"ds": 1}
 
 
 def test_fingerprint_mismatch(env):

@@ -172,11 +172,10 @@ def _few(files: list[str], n: int = 3) -> str:
     return ", ".join(files[:n]) + (f" and {len(files) - n} more" if len(files) > n else "")
 
 
-def _records_mismatch(label: str, ds: dict, files: list[str], shas: list[str], *,
-                      added_ok: bool) -> tuple[str, bool] | None:
+def _records_mismatch(label: str, ds: dict, files: list[str], shas: list[str]) -> tuple[str, bool] | None:
     """None when the records `files` (sha256s `shas`) are those the latents of dataset `ds` were made from
-    (as a multiset; with `added_ok`, or more); else (what differs, naming both folders and the shards;
-    whether shards the latents were made from are gone, so that the latents are not the records')."""
+    (as a multiset); else (what differs, naming both folders and the shards; whether shards the latents were
+    made from are gone, so that the latents are not the records': False when shards were only added)."""
     def only_in(a_files, a_shas, b_shas):
         left, out = collections.Counter(b_shas), []
         for f, h in zip(a_files, a_shas):
@@ -188,7 +187,7 @@ def _records_mismatch(label: str, ds: dict, files: list[str], shas: list[str], *
 
     gone = only_in(ds["path"], ds["records_sha256"], shas)
     new = only_in(files, shas, ds["records_sha256"])
-    if not gone and (added_ok or not new):
+    if not gone and not new:
         return None
     what = []
     if gone:
@@ -309,7 +308,7 @@ class LatentStore:
                     f"{_folders(files)}: run python -m echo4o_jax.data.latents --config ... --out {p} again (it "
                     f"records them, encoding nothing new, when those are the record files the latents were made "
                     f"from, {_folders(ds['path'])}; other record files are refused)")
-            diff = _records_mismatch(label, ds, files, _records_sha256(files), added_ok=False)
+            diff = _records_mismatch(label, ds, files, _records_sha256(files))
             if diff is not None:
                 what, gone = diff
                 raise LatentStoreError(
@@ -317,8 +316,7 @@ class LatentStore:
                         "these latents are not the records' latents (precompute them into another --out)" if gone
                         else f"run python -m echo4o_jax.data.latents --config ... --out {p} again (it encodes "
                              "the added records)"))
-            for s in ds["shards"]:  # every shard readable, before any sample is read
-                self._open(label, s)
+            self._index[label] = self._read_index(label)  # every shard readable, before any sample is read
 
     def _open(self, dataset: str, shard: dict) -> SafetensorsFile:
         """`_open_shard` with a LatentStoreError that says how to repair the folder."""
@@ -332,14 +330,20 @@ class LatentStore:
             raise LatentStoreError(f"precomputed latents {self.path}: latent shard {shard['file']} of dataset "
                                    f"{dataset!r} is {e.reason}: {redo} (it re-encodes the shard's images)") from None
 
+    def _read_index(self, dataset: str) -> dict[str, SafetensorsFile]:
+        """key -> its opened shard, over every latent shard of `dataset` (each shard header read once)."""
+        idx: dict[str, SafetensorsFile] = {}
+        for s in self.manifest["datasets"][dataset]["shards"]:
+            f = self._open(dataset, s)
+            idx.update(dict.fromkeys(f.keys(), f))
+        return idx
+
     def _files(self, dataset: str) -> dict[str, SafetensorsFile]:
+        """The shard index of `dataset`: the one `check` built (the headers it read are not read again), else
+        built now (a Grain worker: the index is not pickled)."""
         idx = self._index.get(dataset)
         if idx is None:
-            idx = {}
-            for s in self.manifest["datasets"][dataset]["shards"]:
-                f = self._open(dataset, s)
-                idx.update(dict.fromkeys(f.keys(), f))
-            self._index[dataset] = idx
+            idx = self._index[dataset] = self._read_index(dataset)
         return idx
 
     def moments(self, dataset: str, record_id: str, image: int, hw: tuple[int, int]) -> np.ndarray:
@@ -358,7 +362,12 @@ class LatentStore:
             raise LatentStoreError(f"precomputed latents {self.path}: missing latent for dataset {dataset!r}, "
                                    f"record {record_id!r}, image {image} (records added after the precompute run? "
                                    "run python -m echo4o_jax.data.latents again)")
-        a = np.array(f.get(key))
+        try:
+            a = np.array(f.get(key))
+        except (OSError, ValueError):  # the shard broke after its header was read (by `check`, or an earlier read)
+            self._index.pop(dataset, None)
+            self._files(dataset)  # reopens every shard: the LatentStoreError naming the broken one
+            raise
         want = (int(hw[0]), int(hw[1]), 2 * int(self.manifest["z_channels"]))
         if a.shape != want or a.dtype != moments_dtype(self.dtype):
             raise LatentStoreError(f"precomputed latents {self.path}: dataset {dataset!r}, record {record_id!r}, "
@@ -429,13 +438,12 @@ class _Writer:
             self.save()
             self._note(f"{label}: the latents' records sha256 recorded from {_folders(files)} (the record files "
                        "this folder lists; written before latent folders recorded them)")
-        diff = _records_mismatch(label, ds, files, shas, added_ok=True)
-        if diff is not None:
+        diff = _records_mismatch(label, ds, files, shas)  # once: None, or only added shards, or shards gone
+        if diff is not None and diff[1]:
             raise LatentStoreError(f"{self.out}: {diff[0]}: use another --out (latents of other records are never "
                                    "mixed)")
         if ds["path"] != files or ds["records_sha256"] != shas:  # records added (encode them) or moved
-            added = _records_mismatch(label, ds, files, shas, added_ok=False) is not None
-            ds.update(path=files, records_sha256=shas, complete=ds["complete"] and not added)
+            ds.update(path=files, records_sha256=shas, complete=ds["complete"] and diff is None)
             self.save()
         self.ds, self.label = ds, label
         done: set[str] = set()

@@ -486,7 +486,7 @@ class DataPipeline:
                  process_count: int = 1):
         import grain
 
-        from echo4o_jax.data.records import resolve_shards, shard_record_counts
+        from echo4o_jax.data.records import resolve_shards, whole_shards
 
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
@@ -508,8 +508,9 @@ class DataPipeline:
         for i, spec in enumerate(config.datasets):
             files = resolve_shards(spec.path)
             self.shards.append(files)
-            shard_record_counts(files)  # a truncated / corrupt shard: RecordError naming it (grain's is bare)
-            src = grain.sources.ArrayRecordDataSource(files)
+            # every shard opened once, here, for its record count (a truncated / corrupt shard: RecordError naming
+            # it; grain's is bare); the source is given the counts and opens shards only to read them
+            src = grain.sources.ArrayRecordDataSource(whole_shards(files))
             n = len(src)
             if n < process_count:
                 raise ValueError(f"dataset {spec.label} has {n} records, fewer than {process_count} processes")

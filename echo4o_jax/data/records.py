@@ -82,6 +82,7 @@ __all__ = [
     "RecordError",
     "DatasetExistsError",
     "shard_record_counts",
+    "whole_shards",
     "ImageInfo",
     "Record",
     "probe_image",
@@ -749,6 +750,16 @@ class _ShardSlice:
     examples_in_shard: int
 
 
+def whole_shards(files: Sequence[str], counts: Sequence[int] | None = None) -> list[_ShardSlice]:
+    """The paths argument of an ArrayRecordDataSource (array_record's or grain's) reading every record of
+    `files`, given their record `counts` (default `shard_record_counts(files)`: RecordError naming a shard
+    that cannot be opened): the source then opens no shard when it is made (only lazily, to read), where
+    plain paths would be opened once more to count their records."""
+    if counts is None:
+        counts = shard_record_counts(files)
+    return [_ShardSlice(f, 0, n, n) for f, n in zip(files, counts)]
+
+
 class RecordReader:
     """Random access over the records of one or more datasets / shards (in shard order).
 
@@ -775,7 +786,7 @@ class RecordReader:
         self._ends = list(itertools.accumulate(counts))
         from array_record.python.array_record_data_source import ArrayRecordDataSource
 
-        self._src = ArrayRecordDataSource([_ShardSlice(f, 0, n, n) for f, n in zip(self.shards, counts)])
+        self._src = ArrayRecordDataSource(whole_shards(self.shards, counts))
         if verify:
             self._verify_counts()
             self.verification = {"shards_checked": checked, "records": len(self)}
