@@ -212,7 +212,8 @@ def measure(args, impl: str | None) -> dict:
     out = dict(
         config=args.config, overrides=args.set, backend=jax.default_backend(), device_kind=dev.device_kind,
         devices=len(jax.devices()), mesh=dict(tr.mesh.shape), setup_seconds=round(setup_s, 2),
-        compile_seconds=round(compile_s, 2), step_seconds=step_s, step_seconds_all=times,
+        compile_seconds=round(compile_s, 2), compile_cache_hit=tr.compile_cache_hit,  # (JAX_COMPILATION_CACHE_DIR)
+        step_seconds=step_s, step_seconds_all=times,
         packs_per_step=int(np.asarray(batch.num_tokens).shape[0]) * jax.process_count(),
         tokens_per_step=tokens, tokens_per_second=tokens / step_s,
         model_flops_per_step=step_flops,

@@ -34,6 +34,7 @@ def get_config():
     c.model.compute_dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat = "full"
+    c.train.compilation_cache = "~/.cache/echo4o_jax/jax"  # a resume (a preempted host) skips the step's compile
     c.model.timestep_shift = 1.0
 
     c.data.kind = "records"

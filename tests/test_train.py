@@ -98,6 +98,28 @@ def test_bad_config_values_rejected_before_compiling():
     assert not os.path.exists("/nonexistent-workdir-not-created")
 
 
+def test_compilation_cache_setting(tmp_path, monkeypatch):
+    """train.compilation_cache points JAX's persistent cache ("~" expanded; "" leaves JAX's setting alone);
+    JAX_COMPILATION_CACHE_DIR, when set, takes precedence. (Hits are checked end to end by the kill / resume
+    test.)"""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    from echo4o_jax.train.trainer import use_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        assert use_compilation_cache("") == (before or None)
+        assert use_compilation_cache("~/cc") == str(tmp_path / "cc") == jax.config.jax_compilation_cache_dir
+        assert use_compilation_cache("gs://bucket/~cache") == "gs://bucket/~cache"  # not a local path
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+        assert use_compilation_cache(str(tmp_path / "cfg")) == "gs://bucket/~cache"  # unchanged: JAX's own
+    finally:  # nothing compiles in between: restore before any later test does
+        jax.config.update("jax_compilation_cache_dir", before)
+        cc.reset_cache()
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = load_config("synthetic_tiny")
     c.optim.lr = 1e30
@@ -172,12 +194,23 @@ def _losses(workdir) -> dict[int, float]:
     return out
 
 
+def _cache_hits(workdir) -> list[bool]:
+    """compile_cache_hit of each run's compile record in log.jsonl."""
+    recs = [json.loads(x) for x in (pathlib.Path(workdir) / "log.jsonl").read_text().splitlines()]
+    return [r["compile_cache_hit"] for r in recs if "compile_seconds" in r]
+
+
 @pytest.mark.slow
-def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
-    common = ["--config.train.steps=8", "--config.checkpoint.every=2"]
-    subprocess.run(_train_cmd(tmp_path / "a", *common), check=True, cwd=ROOT, capture_output=True)
+def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    # every run shares one persistent compilation cache: only the first compiles the step
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    common = ["--config.train.steps=8", "--config.checkpoint.every=2",
+              f"--config.train.compilation_cache={tmp_path / 'xla_cache'}"]
+    out = subprocess.run(_train_cmd(tmp_path / "a", *common), check=True, cwd=ROOT, capture_output=True, text=True)
     ref = _losses(tmp_path / "a")
     assert sorted(ref) == list(range(1, 9))
+    assert _cache_hits(tmp_path / "a") == [False] and any((tmp_path / "xla_cache").iterdir())
+    assert f"(compilation cache {tmp_path / 'xla_cache'}: miss)" in out.stdout
 
     wd = tmp_path / "b"
     p = subprocess.Popen(_train_cmd(wd, *common, "--config.train.debug_step_delay=0.4"), cwd=ROOT,
@@ -196,6 +229,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
     subprocess.run(_train_cmd(wd, *common), check=True, cwd=ROOT, capture_output=True)
     got = _losses(wd)
     assert sorted(got) == list(range(1, 9))
+    assert _cache_hits(wd) == [True, True]  # the killed run and its resume loaded the step from the cache
     for s in range(1, 9):
         assert got[s] == pytest.approx(ref[s], abs=1e-6), s
     # the resume is marked; the steps the killed run logged after its last checkpoint are named and re-logged

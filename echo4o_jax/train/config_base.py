@@ -69,6 +69,10 @@ def base_config() -> ConfigDict:
         # language model (no gradient, no update); freeze_und detaches the understanding tokens' paths in the model
         freeze_und=False, freeze_vit=False, freeze_llm=False, skip_nonfinite=False,
         debug_step_delay=0.0,     # seconds slept after each step (tests of kill / resume only)
+        # persistent XLA compilation cache: a folder (local or gs://) where compiled steps are kept, so that a
+        # rerun or resume of the same step skips its compile; "" = none. JAX_COMPILATION_CACHE_DIR, when set,
+        # takes precedence (it is JAX's own setting).
+        compilation_cache="",
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))

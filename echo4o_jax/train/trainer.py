@@ -12,8 +12,9 @@ WORKDIR/model_config/ and WORKDIR/config.json are written after a successful res
 before the first step), never before: a refused run leaves the workdir as it was. A checkpoint that cannot
 be read is a `CheckpointError` naming the earlier steps to resume from instead.
 
-log.jsonl is append-only: one record per logged step, a `{"step": s, "compile_seconds": ...}` record per
-run, and on resume a marker `{"step": s, "event": "resumed", ...}` (s = the restored step). A run that died
+log.jsonl is append-only: one record per logged step, a `{"step": s, "compile_seconds": ...,
+"compile_cache_hit": ...}` record per run (a hit: the step came from the persistent compilation cache,
+`train.compilation_cache`), and on resume a marker `{"step": s, "event": "resumed", ...}` (s = the restored step). A run that died
 after its last checkpoint (a hard kill) has logged steps after s: the resumed run logs them again after the
 marker (`superseded_steps` [first, last] names them), so readers keep the last record of a step.
 TensorBoard hides those steps' earlier events (`purge_step`).
@@ -202,12 +203,40 @@ class _Timer:
 
 # ---------------------------------------------------------------------------------------------- trainer
 
+_CACHE_HITS = [0]  # executables this process loaded from the persistent compilation cache
+
+
+def _count_cache_hit(event: str, **kwargs) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_HITS[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+def use_compilation_cache(setting: str) -> str | None:
+    """Point this process's persistent compilation cache at `setting` (train.compilation_cache: a folder,
+    "~" expanded, or gs://...; "" = none) and return the folder in use, or None. JAX_COMPILATION_CACHE_DIR,
+    when set, takes precedence (JAX's own setting): then `setting` is not used."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not setting:
+        return jax.config.jax_compilation_cache_dir or None
+    path = setting if "://" in setting else os.path.expanduser(setting)
+    if jax.config.jax_compilation_cache_dir != path:
+        from jax.experimental.compilation_cache import compilation_cache as cc
+
+        jax.config.update("jax_compilation_cache_dir", path)
+        cc.reset_cache()  # (the cache is set up once per process, at the first compile: set up again)
+    return path
+
+
 
 class Trainer:
     def __init__(self, config, workdir: str | os.PathLike):
         validate_config(config)
         self.config = config
         self.workdir = pathlib.Path(workdir)
+        self.compilation_cache = use_compilation_cache(str(config.train.get("compilation_cache", "")))
+        self.compile_cache_hit = False
         self.cfg = model_config_from(config)
         shd.maybe_initialize_distributed(bool(config.get("multihost", False)))
         self.is_main = jax.process_index() == 0
@@ -480,8 +509,10 @@ class Trainer:
         batch_sh = {k: v.sharding for k, v in dev.items()}
         jitted = jax.jit(self._step_fn, in_shardings=(self.state_sh, self.vae_sh, batch_sh),
                          out_shardings=(self.state_sh, shd.replicated(self.mesh)), donate_argnums=(0,))
+        hits = _CACHE_HITS[0]
         with jax.set_mesh(self.mesh):  # activations pinned to the mesh inside the model (pin_activation)
             self._compiled = jitted.lower(self.state, self.vae_state, dev).compile()
+        self.compile_cache_hit = _CACHE_HITS[0] > hits
         return time.perf_counter() - t0
 
     def train_step(self, batch) -> dict[str, float]:
@@ -555,7 +586,10 @@ class Trainer:
                 logger.resumed(start)
             batch = next(self.source)
             compile_s = self.compile(batch)
-            logger.log(start, dict(compile_seconds=compile_s))
+            logger.log(start, dict(compile_seconds=compile_s, compile_cache_hit=self.compile_cache_hit))
+            if self.is_main and self.compilation_cache:
+                print(f"[train] step compiled in {compile_s:.1f} s (compilation cache {self.compilation_cache}: "
+                      f"{'hit' if self.compile_cache_hit else 'miss'})", flush=True)
             n_dev = self.mesh.size
             peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(c.log.get("peak_flops", 0.0)))
             bar = tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True)
