@@ -401,7 +401,9 @@ def _reshard(module: nnx.Module, shardings) -> nnx.Module:
         return module
     fn = _sharding_fn(shardings)
     graphdef, state = nnx.split(module)
-    flat = [(p, v.replace(jax.device_put(v[...], fn(tuple(p), jax.ShapeDtypeStruct(v.shape, v.dtype)))))
+    from .sharding import put_global  # (the shardings may span several processes)
+
+    flat = [(p, v.replace(put_global(v[...], fn(tuple(p), jax.ShapeDtypeStruct(v.shape, v.dtype)))))
             for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 

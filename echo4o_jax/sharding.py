@@ -134,3 +134,11 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def put_global(tree, shardings):
+    """Place values that every process holds alike (a loaded or seeded model, a restored step counter) with
+    `shardings`, which may span several processes: each process fills its own shards from a host copy.
+    (`jax.device_put` of an array committed to a local device onto a multi-process sharding does not do
+    that: it made arrays that Orbax could not save.)"""
+    return jax.device_put(jax.device_get(tree), shardings)

@@ -96,6 +96,42 @@ def test_bad_config_values_rejected_before_compiling():
     with pytest.raises(ConfigValueError, match="model.ckpt"):
         Trainer(c, "/nonexistent-workdir-not-created")
     assert not os.path.exists("/nonexistent-workdir-not-created")
+    with pytest.raises(ConfigValueError, match="'gs://bucket/run': a URL"):
+        Trainer(load_config("synthetic_tiny"), "gs://bucket/run")
+    assert not os.path.exists("gs:")
+
+
+def test_trainer_starts_from_a_converted_checkpoint(golden_dir, tmp_path, monkeypatch):
+    """model.init=checkpoint with a converted folder (python -m tools.convert_weights.to_jax): the weights and
+    the VAE are restored straight into the mesh's shardings (each leaf as the trainer's shardings say, never
+    whole on one device first: nothing is placed afterwards), equal the official ones in param_dtype, and
+    train."""
+    import echo4o_jax.sharding as shd
+    from echo4o_jax.checkpoint import flatten_dict
+    from echo4o_jax.convert import convert_to_orbax
+
+    def no_placement(*a, **k):
+        raise AssertionError("weights loaded whole, then placed on the mesh")
+
+    monkeypatch.setattr(shd, "put_global", no_placement)
+
+    conv = tmp_path / "conv"
+    convert_to_orbax(golden_dir, conv, dtype="bfloat16", progress=False, hash_files=False)
+    c = load_config("synthetic_tiny")
+    c.model.init, c.model.ckpt = "checkpoint", str(conv)
+    c.train.steps = 2
+    c.log.tensorboard = False
+    tr = Trainer(c, tmp_path / "wd")
+    official = load_bagel(golden_dir, BagelConfig.from_checkpoint_dir(golden_dir))
+    want = dict(flatten_dict(nnx.to_pure_dict(nnx.state(official, nnx.Param))))
+    got = dict(flatten_dict(tr.state["params"]))
+    shardings = dict(flatten_dict(tr.param_sh))
+    assert set(got) == set(want)
+    for k, w in want.items():
+        assert got[k].dtype == jnp.float32 and got[k].sharding == shardings[k], k
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
+    res = tr.run()
+    assert res["step"] == 2 and all(np.isfinite(h["loss"]) for h in res["history"])
 
 
 def test_compilation_cache_setting(tmp_path, monkeypatch):
@@ -397,6 +433,55 @@ err = max(float(np.max(np.abs(np.asarray(flat[k]) - want[k]))) for k in want.fil
 n_sharded = sum(len(v.sharding.device_set) > 1 for v in flat.values())
 print(json.dumps(dict(err=err, n=len(want.files), n_sharded=n_sharded, step=int(tr.state["step"]))))
 """
+
+
+def _two_process_train(workdir, *overrides, timeout=240):
+    """The train command on 2 jax.distributed CPU processes of one device each (JAX_COORDINATOR_ADDRESS /
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID, as on a GPU cluster; TPU pods set theirs); their outputs."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    procs = [subprocess.Popen(_train_cmd(workdir, *overrides), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env={**env, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outs = []
+    try:
+        for i, p in enumerate(procs):
+            out, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, f"process {i} exited {p.returncode}: {err[-3000:]}"
+            outs.append(out)
+    finally:
+        for p in procs:  # a hung process (e.g. one waiting in a collective the other never joins) is killed
+            p.kill()
+    return outs
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume_as_one(tmp_path):
+    """Multi-host: 2 processes (one CPU device each) train, save and resume cooperatively, step for step as
+    one process with 2 devices (the synthetic packs are seeded by their global index). Before, process 0
+    alone saved the frozen VAE (an Orbax save syncs every process: it waited forever), and a VAE placed with
+    device_put from one process's device could not be saved."""
+    common = ["--config.data.packs_per_step=2", "--config.log.every=1", "--config.checkpoint.every=2",
+              f"--config.train.compilation_cache={tmp_path / 'xla_cache'}"]
+    outs = _two_process_train(tmp_path / "mp", "--config.train.steps=4", *common)
+    assert all("[train] step 4:" in o for o in outs)
+    outs = _two_process_train(tmp_path / "mp", "--config.train.steps=6", *common)  # resumed from step 4
+    assert all("[train] step 6:" in o for o in outs)
+    from echo4o_jax.checkpoint import list_train_steps
+
+    assert list_train_steps(tmp_path / "mp") == [2, 4, 6]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    subprocess.run(_train_cmd(tmp_path / "one", "--config.train.steps=6", *common), check=True, cwd=ROOT,
+                   capture_output=True, env=env)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "mp")
+    assert sorted(two) == sorted(one) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
 
 
 @pytest.mark.slow

@@ -113,13 +113,12 @@ def init_vae_state(config, cfg: BagelConfig, shardings=None) -> dict:
     """The frozen VAE's state (pure dict) as the trainer uses it: loaded from `model.ckpt`
     (model.init='checkpoint'), or random with seed `train.seed + 1` (also what
     `echo4o_jax.data.latents` encodes with); placed with `shardings` when given."""
-    if config.model.init == "random":
-        vae = _random_vae_state(cfg.vae, int(config.train.seed) + 1)
-    else:
+    if config.model.init == "checkpoint":
         from ..checkpoint import load_any_vae
 
-        vae = nnx.to_pure_dict(nnx.state(load_any_vae(config.model.ckpt, cfg)))
-    return vae if shardings is None else jax.device_put(vae, shardings)
+        return nnx.to_pure_dict(nnx.state(load_any_vae(config.model.ckpt, cfg, shardings=shardings)))
+    vae = _random_vae_state(cfg.vae, int(config.train.seed) + 1)
+    return vae if shardings is None else shd.put_global(vae, shardings)
 
 
 def optimizer_from_config(config, params) -> tuple[Any, Any, dict | None]:
@@ -233,6 +232,10 @@ def use_compilation_cache(setting: str) -> str | None:
 class Trainer:
     def __init__(self, config, workdir: str | os.PathLike):
         validate_config(config)
+        if "://" in os.fspath(workdir):  # (pathlib would quietly make a local folder "gs:" of gs://bucket/run)
+            raise ConfigValueError(f"workdir {os.fspath(workdir)!r}: a URL; the workdir is a filesystem path (every "
+                                   "host of a multi-host run must see the same one: NFS, Filestore, or a bucket "
+                                   "mounted with gcsfuse)")
         self.config = config
         self.workdir = pathlib.Path(workdir)
         self.compilation_cache = use_compilation_cache(str(config.train.get("compilation_cache", "")))
@@ -370,27 +373,36 @@ class Trainer:
         else:
             from ..checkpoint import load_any_bagel
 
-            _, p, b = nnx.split(load_any_bagel(c.model.ckpt), nnx.Param, ...)
-            params = jax.device_put(jax.tree.map(lambda x: x.astype(pdt), nnx.to_pure_dict(p)), self.param_sh)
-            buffers = jax.device_put(nnx.to_pure_dict(b), self.buffer_sh)
+            # restored straight into the mesh's shardings (a converted folder: each process reads its shards;
+            # the 7B model never sits whole on one device)
+            model = load_any_bagel(c.model.ckpt, shardings=_merge_trees(self.param_sh, self.buffer_sh))
+            _, p, b = nnx.split(model, nnx.Param, ...)
+            params = jax.tree.map(lambda x: x.astype(pdt), nnx.to_pure_dict(p))  # (keeps each leaf's sharding)
+            buffers = nnx.to_pure_dict(b)
         return params, buffers
 
     def _write_model_config(self):
         """WORKDIR/model_config (configs, tokenizer files, manifest), WORKDIR/config.json (this run's config)
         and WORKDIR/vae (the frozen VAE), the layout `echo4o_jax.checkpoint` reads (generate, to_torch).
-        `run` calls it after a successful restore (or in a new workdir), never before."""
-        if not self.is_main:
-            return
+        `run` calls it after a successful restore (or in a new workdir), never before. Every process calls it:
+        process 0 writes the files; the VAE is an Orbax save, which every process takes part in (multi-host:
+        Orbax syncs the processes, so a save by process 0 alone waits for the others forever)."""
         from .. import checkpoint as ck
 
-        src = self.config.model.ckpt if self.config.model.init == "checkpoint" else None
-        ck.write_model_config(self.workdir / "model_config", self.cfg, src_dir=src)
-        tok = self.config.data.get("tokenizer", "")
-        if tok and pathlib.Path(tok).is_file() and not (self.workdir / "model_config" / "tokenizer.json").exists():
-            shutil.copy2(tok, self.workdir / "model_config" / "tokenizer.json")
-        (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
         vae_dir = (self.workdir / ck.VAE_ITEM).absolute()
-        if not vae_dir.exists():
+        save_vae = not vae_dir.exists()
+        if jax.process_count() > 1:  # one decision for all processes (process 0 may create it meanwhile)
+            from jax.experimental import multihost_utils
+
+            save_vae = bool(multihost_utils.broadcast_one_to_all(np.int32(save_vae)))
+        if self.is_main:
+            src = self.config.model.ckpt if self.config.model.init == "checkpoint" else None
+            ck.write_model_config(self.workdir / "model_config", self.cfg, src_dir=src)
+            tok = self.config.data.get("tokenizer", "")
+            if tok and pathlib.Path(tok).is_file() and not (self.workdir / "model_config" / "tokenizer.json").exists():
+                shutil.copy2(tok, self.workdir / "model_config" / "tokenizer.json")
+            (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
+        if save_vae:
             ck.save_pytree(vae_dir, self.vae_state)
 
     # ------------------------------------------------------------------ checkpoints
@@ -454,8 +466,8 @@ class Trainer:
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
             raise CheckpointError(self._data_state_message(step, meta, e)) from e
         self.state = dict(params=only(r["params"]), ema=only(r["ema"]), opt_state=r["opt_state"],
-                          step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), shd.replicated(self.mesh)),
-                          rng=jax.device_put(jnp.asarray(meta["rng"], jnp.uint32), shd.replicated(self.mesh)))
+                          step=shd.put_global(np.asarray(meta["step"], np.int32), shd.replicated(self.mesh)),
+                          rng=shd.put_global(np.asarray(meta["rng"], np.uint32), shd.replicated(self.mesh)))
         return True
 
     def _unreadable_step_message(self, step: int, step_dir: pathlib.Path, e: Exception) -> str:
