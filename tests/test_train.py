@@ -132,6 +132,11 @@ def test_trainer_starts_from_a_converted_checkpoint(golden_dir, tmp_path, monkey
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
     res = tr.run()
     assert res["step"] == 2 and all(np.isfinite(h["loss"]) for h in res["history"])
+    # sample grids from token-id prompts need no tokenizer (data.tokenizer is unset here)
+    tr.config.log.sample_prompts, tr.config.log.sample_steps = [[1, 2, 3], [4]], 2
+    grid = tr.sample_grid(2)
+    H, W = tr.config.log.sample_size
+    assert grid.shape == (H, 2 * W, 3) and grid.dtype == np.uint8
 
 
 def test_compilation_cache_setting(tmp_path, monkeypatch):

@@ -544,7 +544,7 @@ class Trainer:
         vae = nnx.merge(self.vae_graphdef, self.vae_state)
         inf = Inferencer(model, vae, max_context=int(self.config.log.sample_max_context))
         H, W = (int(x) for x in self.config.log.sample_size)
-        tok = self._tokenizer()
+        tok = self._tokenizer() if any(isinstance(p, str) for p in prompts) else None  # (token-id prompts need none)
         imgs = []
         for i, p in enumerate(prompts):
             ids = [int(x) for x in p] if not isinstance(p, str) else tok(p)
