@@ -379,3 +379,32 @@ def test_demo_pipeline_config_packs(tmp_path):
         n += st["samples"]
         assert (b.text_ids[b.text_ids >= 0] < s["vocab_size"]).all()
     assert n == 36
+
+
+def test_demo_data_is_written_by_process_zero_only(tmp_path, monkeypatch):
+    """Multi-host: process 0 writes the demo dataset, the others wait for it (a barrier), then read it; a
+    process that does not see it (a demo_dir not shared by the hosts) says so. (Every process writing the same
+    files made the runs crash or hang.)"""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from echo4o_jax.train import records_source
+
+    calls = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: calls.append(name))
+    real_write = demo_mod.write_demo
+    monkeypatch.setattr(demo_mod, "write_demo", lambda out, **kw: calls.append("write") or real_write(
+        out, n_t2i=4, n_multiref=2, n_understanding=2))
+    out = str(tmp_path / "demo")
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with pytest.raises(FileNotFoundError, match="process 1 does not see .*demo_dir must be a path every host sees"):
+        records_source.ensure_demo(out)
+    assert calls == [f"echo4o_jax demo data {out}"]  # waited, wrote nothing
+    calls.clear()
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    info = records_source.ensure_demo(out)
+    assert calls == ["write", f"echo4o_jax demo data {out}"] and info["special_tokens"]
+    calls.clear()
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert records_source.ensure_demo(out) == info and calls == [f"echo4o_jax demo data {out}"]

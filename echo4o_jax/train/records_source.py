@@ -20,15 +20,26 @@ __all__ = ["RecordsSource", "ensure_demo", "pipeline_config_from"]
 
 
 def ensure_demo(out: str, **kw) -> dict:
-    """The demo dataset under `out`, written on first use."""
+    """The demo dataset under `out`, written on first use (multi-host: by process 0, the others wait for it;
+    `out` must be a path every host sees)."""
     import json
+
+    import jax
 
     from ..data.demo import write_demo
 
     meta = pathlib.Path(out) / "demo.json"
-    if meta.exists():
-        return json.loads(meta.read_text())
-    return write_demo(out, **kw)
+    if jax.process_count() == 1:
+        return json.loads(meta.read_text()) if meta.exists() else write_demo(out, **kw)
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0 and not meta.exists():
+        write_demo(out, **kw)
+    multihost_utils.sync_global_devices(f"echo4o_jax demo data {out}")
+    if not meta.exists():
+        raise FileNotFoundError(f"demo data {out}: process 0 wrote it, process {jax.process_index()} does not see "
+                                f"{meta}: data.records.demo_dir must be a path every host sees")
+    return json.loads(meta.read_text())
 
 
 def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fingerprint: str = ""):
