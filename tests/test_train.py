@@ -440,27 +440,32 @@ print(json.dumps(dict(err=err, n=len(want.files), n_sharded=n_sharded, step=int(
 """
 
 
-def _two_process_train(workdir, *overrides, timeout=240):
+def _start_two_processes(workdir, *overrides) -> list[subprocess.Popen]:
     """The train command on 2 jax.distributed CPU processes of one device each (JAX_COORDINATOR_ADDRESS /
-    JAX_NUM_PROCESSES / JAX_PROCESS_ID, as on a GPU cluster; TPU pods set theirs); their outputs."""
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID, as on a GPU cluster; TPU pods set theirs)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-    procs = [subprocess.Popen(_train_cmd(workdir, *overrides), cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
-                              env={**env, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-                                   "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    return [subprocess.Popen(_train_cmd(workdir, *overrides), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
+                             env={**env, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                  "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+
+
+def _finish(procs, returncode=0, timeout=240) -> list[str]:
+    """Their outputs, once both exited with `returncode`; a hung process (e.g. one waiting in a collective
+    the other never joins) is killed."""
     outs = []
     try:
         for i, p in enumerate(procs):
             out, err = p.communicate(timeout=timeout)
-            assert p.returncode == 0, f"process {i} exited {p.returncode}: {err[-3000:]}"
+            assert p.returncode == returncode, f"process {i} exited {p.returncode}: {err[-3000:]}"
             outs.append(out)
     finally:
-        for p in procs:  # a hung process (e.g. one waiting in a collective the other never joins) is killed
+        for p in procs:
             p.kill()
     return outs
 
@@ -468,22 +473,30 @@ def _two_process_train(workdir, *overrides, timeout=240):
 @pytest.mark.slow
 def test_two_processes_train_and_resume_as_one(tmp_path):
     """Multi-host: 2 processes (one CPU device each) train, save and resume cooperatively, step for step as
-    one process with 2 devices (the synthetic packs are seeded by their global index). Before, process 0
-    alone saved the frozen VAE (an Orbax save syncs every process: it waited forever), and a VAE placed with
-    device_put from one process's device could not be saved."""
-    common = ["--config.data.packs_per_step=2", "--config.log.every=1", "--config.checkpoint.every=2",
-              f"--config.train.compilation_cache={tmp_path / 'xla_cache'}"]
-    outs = _two_process_train(tmp_path / "mp", "--config.train.steps=4", *common)
-    assert all("[train] step 4:" in o for o in outs)
-    outs = _two_process_train(tmp_path / "mp", "--config.train.steps=6", *common)  # resumed from step 4
-    assert all("[train] step 6:" in o for o in outs)
+    one process with 2 devices (the synthetic packs are seeded by their global index). A SIGTERM that reaches
+    one process only stops both after the same step, with a checkpoint. Before: process 0 alone saved the
+    frozen VAE (an Orbax save syncs every process: it waited forever), a VAE placed with device_put from one
+    process's device could not be saved, and a signal stopped only the process it reached."""
     from echo4o_jax.checkpoint import list_train_steps
 
-    assert list_train_steps(tmp_path / "mp") == [2, 4, 6]
+    common = ["--config.train.steps=6", "--config.data.packs_per_step=2", "--config.log.every=1",
+              "--config.checkpoint.every=3", f"--config.train.compilation_cache={tmp_path / 'xla_cache'}"]
+    wd = tmp_path / "mp"
+    procs = _start_two_processes(wd, *common, "--config.train.debug_step_delay=0.5")
+    deadline = time.time() + 240
+    while not (wd / "log.jsonl").exists() or not _losses(wd):  # process 0 logged a step
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, "ended before the signal"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 only
+    outs = _finish(procs, returncode=128 + signal.SIGTERM)
+    stopped = list_train_steps(wd)[-1]
+    assert 0 < stopped < 6 and max(_losses(wd)) == stopped
+    assert all(f"[train] stopped by SIGTERM at step {stopped} of 6 (checkpoint saved)" in o for o in outs)
+    outs = _finish(_start_two_processes(wd, *common))  # resumed
+    assert all("[train] step 6:" in o for o in outs) and list_train_steps(wd)[-1] == 6
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    subprocess.run(_train_cmd(tmp_path / "one", "--config.train.steps=6", *common), check=True, cwd=ROOT,
-                   capture_output=True, env=env)
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "mp")
+    subprocess.run(_train_cmd(tmp_path / "one", *common), check=True, cwd=ROOT, capture_output=True, env=env)
+    one, two = _losses(tmp_path / "one"), _losses(wd)
     assert sorted(two) == sorted(one) == list(range(1, 7))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step

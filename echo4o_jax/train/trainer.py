@@ -582,7 +582,7 @@ class Trainer:
         if self.is_main:
             for line in self.sharding_report:
                 print(f"[sharding] {line}")
-        stop = {"signal": None}
+        stop = {"signal": None, "agreed": None}  # agreed: the signal all processes stop on (see _agreed_signal)
 
         def handler(signum, frame):
             stop["signal"] = signum
@@ -656,20 +656,32 @@ class Trainer:
                         d.mkdir(exist_ok=True)
                         Image.fromarray(grid).save(d / f"step_{step:07d}.png")
                         logger.image(step, "samples", grid)
-                if step % int(c.checkpoint.every) == 0 or step == total or stop["signal"] is not None:
+                stop["agreed"] = _agreed_signal(stop["signal"])
+                if step % int(c.checkpoint.every) == 0 or step == total or stop["agreed"] is not None:
                     self.save(force=True)
-                if stop["signal"] is not None:
+                if stop["agreed"] is not None:
                     break
             bar.close()
             self.ckpt.wait_until_finished()
             return dict(step=step, total=total, history=history, resumed=resumed,
-                        stopped_by=stop["signal"] if step < total else None)
+                        stopped_by=stop["agreed"] if step < total else None)
         finally:
             prof.close()
             for s, h in old.items():
                 signal.signal(s, h)
             logger.close()
             self.ckpt.wait_until_finished()
+
+
+def _agreed_signal(local: int | None) -> int | None:
+    """The signal that stops training after this step, the same on every process: a SIGTERM / SIGINT that
+    reached any of them (a preemption may signal some hosts only, or a step apart; the save is collective, so
+    every process must stop at the same step). One process: its own."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(local or 0)))) or None
 
 
 class _StepProfile:
