@@ -410,11 +410,14 @@ class Trainer:
         step = int(self.state["step"])
         # data_config / local_packs / process_count: what the data state was made with (named by restore()
         # when another data config cannot resume it)
+        states = _gather_process_states(self.source.get_state())  # (every process's: the JSON item is process 0's)
         meta = dict(step=step, rng=np.asarray(jax.device_get(self.state["rng"])).tolist(),
-                    data_state=self.source.get_state(), time=time.time(),
+                    data_state=states[0], time=time.time(),
                     data_config=json.loads(self.config.data.to_json_best_effort()),
                     local_packs=self.local_packs, process_count=jax.process_count(),
                     vae_fingerprint=self.vae_fingerprint)
+        if len(states) > 1:
+            meta["data_states"] = states  # [process]: each process resumes its own iterator
         from .. import checkpoint as ck
 
         full = _merge_trees(self.state["params"], self.buffers)
@@ -461,8 +464,12 @@ class Trainer:
                 f"the frozen VAE of this config differs from the one the run in workdir {self.workdir} trained "
                 f"with (checkpoint of step {step}): {how}. Resume with the run's settings (its config.json), or "
                 "use another --workdir")
+        states = meta.get("data_states") or [meta["data_state"]]
         try:
-            self.source.set_state(meta["data_state"])
+            if len(states) != jax.process_count():
+                raise ValueError(f"the checkpoint holds the data states of {len(states)} processes, this run has "
+                                 f"{jax.process_count()}")
+            self.source.set_state(states[jax.process_index()])
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
             raise CheckpointError(self._data_state_message(step, meta, e)) from e
         self.state = dict(params=only(r["params"]), ema=only(r["ema"]), opt_state=r["opt_state"],
@@ -671,6 +678,20 @@ class Trainer:
                 signal.signal(s, h)
             logger.close()
             self.ckpt.wait_until_finished()
+
+
+def _gather_process_states(state: dict) -> list[dict]:
+    """[process]: every process's JSON-able `state` (here: its data iterator's), on every process."""
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    b = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(b.size))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:b.size] = b
+    every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(bytes(every[i, :n])) for i, n in enumerate(sizes)]
 
 
 def _agreed_signal(local: int | None) -> int | None:
