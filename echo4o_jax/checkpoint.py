@@ -286,7 +286,7 @@ def _check_item(item: OrbaxItem, abstract_flat: Mapping[tuple, Any], fillable=()
 
 
 def _sharding_fn(shardings) -> Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding]:
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # (multi-process: this process's own)
     if shardings is None:
         return lambda path, leaf: default
     if isinstance(shardings, jax.sharding.Sharding):

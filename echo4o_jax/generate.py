@@ -125,6 +125,7 @@ class _Prepared(NamedTuple):
     num_images: int
     sys_ids: list[int] | None  # the think system prompt (think mode), else None
     max_think_tokens: int
+    image_sizes: tuple = ()  # (width, height) of each image as checked
 
 
 def parse_size(s, stride: int) -> tuple[int, int]:
@@ -361,7 +362,8 @@ class Generator:
             shape = DEFAULT_SIZE
         self._check_context(ids, images, max_think_tokens if think else 0, shape,
                             default_size=size is None and not images)
-        return _Prepared(ids, images, kw, shape, seed, num_images, sys_ids, max_think_tokens)
+        return _Prepared(ids, images, kw, shape, seed, num_images, sys_ids, max_think_tokens,
+                         tuple(im.size for im in images))
 
     def check(self, prompt=None, **kw) -> None:
         """Raise GenerateError when `generate(prompt, **kw)` would reject its input (no weights needed)."""
@@ -390,7 +392,12 @@ class Generator:
         return self._generate(self._with_pixels(r))
 
     def _with_pixels(self, r: _Prepared) -> _Prepared:
-        return r._replace(images=self._read_images(r.images))
+        images = self._read_images(r.images)
+        for spec, im, size in zip(r.images, images, r.image_sizes):
+            if im.size != size:  # the file changed since its check: the checks no longer hold
+                raise GenerateError(f"input image {spec}: {im.size[0]}x{im.size[1]} now, {size[0]}x{size[1]} when "
+                                    "the request was checked (the file changed during the run)")
+        return r._replace(images=images)
 
     @_under_mesh
     def _generate(self, r: _Prepared) -> dict[str, Any]:

@@ -138,7 +138,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def put_global(tree, shardings):
     """Place values that every process holds alike (a loaded or seeded model, a restored step counter) with
-    `shardings`, which may span several processes: each process fills its own shards from a host copy.
-    (`jax.device_put` of an array committed to a local device onto a multi-process sharding does not do
-    that: it made arrays that Orbax could not save.)"""
-    return jax.device_put(jax.device_get(tree), shardings)
+    `shardings`, which may span several processes: each process fills only its own shards, from a host copy,
+    with no collective. (`jax.device_put` of an array committed to a local device onto a multi-process
+    sharding made arrays that Orbax could not save; of a host array, it first all-gathers the whole value
+    onto every device to check that the processes agree: a copy per process of each leaf.)"""
+    def one(x, s):
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)

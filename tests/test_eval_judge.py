@@ -104,7 +104,7 @@ _IP_AQ = "\nIdentity Preservation: 6 - fine\nAesthetic Quality: 7 - sharp\n"
     ("**Fantasy Fulfillment:** **10/10** — exact", 10.0, "exact"),
     ("1. Fantasy Fulfillment (FF): 9, blue fur", 9.0, "blue fur"),
     ("Fantasy Fulfillment: 8 - 3 of 4 traits changed", 8.0, "3 of 4 traits changed"),  # a reason may hold numbers
-    ("Fantasy Fulfillment: 3 - 8/10 of the traits are missing", 3.0, "8/10 of the traits are missing"),
+    ("Fantasy Fulfillment: 3/10 - 8 of the traits are missing", 3.0, "8 of the traits are missing"),
 ])
 def test_dimension_scores_accepts_one_number(ff_line, score, reason):
     got = J.parse_dimension_scores(ff_line + _IP_AQ, IMAGINE_TPL)
@@ -118,6 +118,8 @@ def test_dimension_scores_accepts_one_number(ff_line, score, reason):
     "Fantasy Fulfillment: 1 - 3 faint attempt",  # the rubric's band, spaced
     "Fantasy Fulfillment: **7** – 9 clearly realised",
     "Fantasy Fulfillment: 9 - 10 details right",  # a range or a reason: asked again
+    "Fantasy Fulfillment: 7 - 9/10 clearly realised",
+    "Fantasy Fulfillment: 1 - 3/10 faint",
     "Fantasy Fulfillment: 7 or 8 - between",
     "Fantasy Fulfillment: 1 to 3",
     "Fantasy Fulfillment: 7/8",

@@ -156,6 +156,9 @@ def test_check_sizes_and_batch_key_come_from_the_checked_request(gen, tmp_path):
     Image.new("RGB", (40, 24)).save(tmp_path / "p.png")
     f = gen.check_request(dict(prompt_ids=[3], images=[str(tmp_path / "p.png")]), over)
     assert f.images == [str(tmp_path / "p.png")] and f.shape == (32, 32)  # checked, no pixels held
+    Image.new("RGB", (24, 40)).save(tmp_path / "p.png")  # the file changes before the request's turn
+    with pytest.raises(G.GenerateError, match=r"p.png: 24x40 now, 40x24 when the request was checked"):
+        gen.generate_prepared(f)
     keys = [G.Generator.batch_key(r) for r in (a, b, c, d, e)]
     assert keys[0] == keys[1] == ((32, 32), 1, tuple(sorted(gen.sampler_settings(False, over).items())))
     assert len({keys[0], keys[2], keys[3]}) == 3 and keys[4] is None

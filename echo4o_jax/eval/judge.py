@@ -266,15 +266,16 @@ def _label_regex(label: str) -> str:
 # What may not follow a score on a ``<Label>: <score>`` line: another number glued to it (``1,5``, ``1-3``,
 # ``7/8``, ``8/100``, ``1.5.2``) or joined by a word (``7 or 8``, ``1 to 3``). Such a score is ambiguous.
 _AMBIGUOUS_SCORE_TAIL = re.compile(r"[*_]*(?:\d|[,.\-–—~/]\d|\s+(?:to|or)\s+\d)", re.I)
-# A score followed by a dash and a larger number up to 10 (``1 - 3 faint``, ``7 – 9``) reads as a range (the
-# rubric's bands, spaced): ambiguous too. A smaller number after the dash starts a reason (``8 - 3 of 4 traits``).
-_SPACED_RANGE_TAIL = re.compile(r"[*_]*\s*[\-–—~]\s*[*_]*(\d+(?:\.\d+)?)(?![\d.]*\s*/)")
+# A bare score followed by a dash and a larger number up to 10 (``1 - 3 faint``, ``7 – 9/10``) reads as a
+# range (the rubric's bands, spaced): ambiguous too. A smaller number after the dash starts a reason
+# (``8 - 3 of 4 traits``), and so does any number after a score written out of 10 (``3/10 - 8 traits``).
+_SPACED_RANGE_TAIL = re.compile(r"[*_]*\s*[\-–—~]\s*[*_]*(\d+(?:\.\d+)?)")
 
 
-def _ambiguous_tail(score: float, tail: str) -> bool:
+def _ambiguous_tail(score: float, out_of_ten: bool, tail: str) -> bool:
     if _AMBIGUOUS_SCORE_TAIL.match(tail):
         return True
-    m = _SPACED_RANGE_TAIL.match(tail)
+    m = None if out_of_ten else _SPACED_RANGE_TAIL.match(tail)
     return m is not None and score < float(m.group(1)) <= 10
 
 
@@ -296,20 +297,20 @@ def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
     any_label = re.compile(r"^[\W_]*(?:" + "|".join(f"(?:{r})" for r in label_res.values()) + r")\b", re.I)
     for key, rx in label_res.items():
         pat = re.compile(r"^[\s>#*_\-\d.)]*" + rx + r"[\s*_]*(?:\([^)]*\))?[\s*_]*[:：=\-][\s*_]*"
-                         r"(-?\d+(?:\.\d+)?)(?:\s*/\s*10(?!\d))?(.*)$", re.I)
+                         r"(-?\d+(?:\.\d+)?)(\s*/\s*10(?!\d))?(.*)$", re.I)
         for i, line in enumerate(lines):
             m = pat.match(line)
             if not m:
                 continue
             score = _as_score(m.group(1), key)
-            if _ambiguous_tail(score, m.group(2)):
+            if _ambiguous_tail(score, m.group(2) is not None, m.group(3)):
                 raise MalformedAnswer(f"{key}: ambiguous score in {line.strip()!r} (expected one number 0-10)")
             if key in scores:
                 if score != scores[key]:
                     raise MalformedAnswer(f"{key}: two different scores ({scores[key]:g} and {score:g})")
                 continue
             scores[key] = score
-            reason = m.group(2).strip().lstrip("-–—:.;,|*_ ").strip()
+            reason = m.group(3).strip().lstrip("-–—:.;,|*_ ").strip()
             if not reason:
                 for nxt in lines[i + 1:]:
                     if nxt.strip():

@@ -183,8 +183,11 @@ class Track:
     # ----------------------------------------------------------------------------------------- API
     def fingerprint_parts(self) -> dict:
         """What shapes this track's data besides the config (templates, word lists, references)."""
-        return {"templates": {n: [self.template(n).version, _sha([self.template(n).system, self.template(n).user,
-                                                                   self.template(n).options])]
+        # ('require' only rejects answers, it shapes no request: a dataset made before a template declared it
+        # goes on with it)
+        return {"templates": {n: [self.template(n).version, _sha([
+                    self.template(n).system, self.template(n).user,
+                    {k: v for k, v in self.template(n).options.items() if k != "require"}])]
                               for n in self.template_names}}
 
     def plan(self, index: int) -> dict:
@@ -311,7 +314,7 @@ class MultirefTrack(Track):
     def __init__(self, cfg: SynthConfig, refs_dir: str | os.PathLike | None = None):
         super().__init__(cfg)
         self.refs_dir = Path(refs_dir) if refs_dir else None
-        self._decoded: set[str] = set()  # folder references whose bytes decoded fully
+        self._decoded: set[str] = set()  # sha256 of the folder references' bytes that decoded fully
         if self.refs_dir is not None:
             self.pools = scan_refs(self.refs_dir)
         else:
@@ -387,9 +390,10 @@ class MultirefTrack(Track):
             path = self.refs_dir / ref.path
             try:
                 data = path.read_bytes()
-                if ref.path not in self._decoded:  # fully decoded once per run (the header at the scan)
-                    probe_image(data, check="decode")
-                    self._decoded.add(ref.path)
+                sha = hashlib.sha256(data).hexdigest()
+                if sha not in self._decoded:  # each content fully decoded once per run (a file changed meanwhile
+                    probe_image(data, check="decode")  # is decoded again; the header at the scan)
+                    self._decoded.add(sha)
             except (OSError, RecordError) as e:
                 raise RecordError(f"reference file {path}: {e}") from None
             return data

@@ -70,7 +70,7 @@ class SyntheticSource:
         out = []
         for k in range(self.packs):
             # seeded by the pack's global index: the global batch does not depend on how many processes share it
-            rng = np.random.default_rng([self.seed, self.step, self.process_index * self.packs + k])
+            rng = np.random.default_rng([self.seed, self.step, 0, self.process_index * self.packs + k])
             samples = [self._sample(rng, "t2i") for _ in range(self.t2i)]
             samples += [self._sample(rng, "edit") for _ in range(self.edit)]
             samples += [self._sample(rng, "und") for _ in range(self.und)]

@@ -215,9 +215,11 @@ jax.monitoring.register_event_listener(_count_cache_hit)
 
 def use_compilation_cache(setting: str) -> str | None:
     """Point this process's persistent compilation cache at `setting` (train.compilation_cache: a folder,
-    "~" expanded, or gs://...; "" = none) and return the folder in use, or None. JAX_COMPILATION_CACHE_DIR,
-    when set, takes precedence (JAX's own setting): then `setting` is not used."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not setting:
+    "~" expanded, or gs://...) and return the folder in use, or None. JAX_COMPILATION_CACHE_DIR, when set,
+    takes precedence (JAX's own setting). "" sets nothing: a cache set before in this process stays.
+    Multi-host: JAX writes the cache from process 0 only, so the folder must be one every host sees."""
+    setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or setting
+    if not setting:
         return jax.config.jax_compilation_cache_dir or None
     path = setting if "://" in setting else os.path.expanduser(setting)
     if jax.config.jax_compilation_cache_dir != path:
@@ -465,13 +467,21 @@ class Trainer:
                 f"with (checkpoint of step {step}): {how}. Resume with the run's settings (its config.json), or "
                 "use another --workdir")
         states = meta.get("data_states") or [meta["data_state"]]
+        refused = None
         try:
             if len(states) != jax.process_count():
                 raise ValueError(f"the checkpoint holds the data states of {len(states)} processes, this run has "
                                  f"{jax.process_count()}")
             self.source.set_state(states[jax.process_index()])
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
-            raise CheckpointError(self._data_state_message(step, meta, e)) from e
+            refused = e
+        # multi-host: every process learns whether any refused (one going on alone would wait in a collective)
+        who = [i for i, r in enumerate(_gather_process_states({"refused": refused is not None})) if r["refused"]]
+        if refused is not None:
+            raise CheckpointError(self._data_state_message(step, meta, refused)) from refused
+        if who:
+            raise CheckpointError(f"process(es) {who} could not resume their data iterator from step {step} in "
+                                  f"workdir {self.workdir} (their logs say why); this process stops with them")
         self.state = dict(params=only(r["params"]), ema=only(r["ema"]), opt_state=r["opt_state"],
                           step=shd.put_global(np.asarray(meta["step"], np.int32), shd.replicated(self.mesh)),
                           rng=shd.put_global(np.asarray(meta["rng"], np.uint32), shd.replicated(self.mesh)))
@@ -531,7 +541,9 @@ class Trainer:
         hits = _CACHE_HITS[0]
         with jax.set_mesh(self.mesh):  # activations pinned to the mesh inside the model (pin_activation)
             self._compiled = jitted.lower(self.state, self.vae_state, dev).compile()
-        self.compile_cache_hit = _CACHE_HITS[0] > hits
+        # multi-host: a hit on every process (JAX writes the cache from process 0 only: a folder the other hosts
+        # do not see gives them misses)
+        self.compile_cache_hit = all(r["hit"] for r in _gather_process_states({"hit": _CACHE_HITS[0] > hits}))
         return time.perf_counter() - t0
 
     def train_step(self, batch) -> dict[str, float]:
