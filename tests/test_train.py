@@ -167,7 +167,8 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
         assert use_compilation_cache("~/cc") == str(tmp_path / "cc") == jax.config.jax_compilation_cache_dir
         assert use_compilation_cache("gs://bucket/~cache") == "gs://bucket/~cache"  # not a local path
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
-        assert use_compilation_cache(str(tmp_path / "cfg")) == str(tmp_path / "env") == jax.config.jax_compilation_cache_dir
+        got = use_compilation_cache(str(tmp_path / "cfg"))  # the environment's, even when set after jax's import
+        assert got == str(tmp_path / "env") == jax.config.jax_compilation_cache_dir
     finally:  # nothing compiles in between: restore before any later test does
         jax.config.update("jax_compilation_cache_dir", before)
         cc.reset_cache()

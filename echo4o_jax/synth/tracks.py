@@ -183,12 +183,10 @@ class Track:
     # ----------------------------------------------------------------------------------------- API
     def fingerprint_parts(self) -> dict:
         """What shapes this track's data besides the config (templates, word lists, references)."""
-        # ('require' only rejects answers, it shapes no request: a dataset made before a template declared it
-        # goes on with it)
-        return {"templates": {n: [self.template(n).version, _sha([
-                    self.template(n).system, self.template(n).user,
-                    {k: v for k, v in self.template(n).options.items() if k != "require"}])]
-                              for n in self.template_names}}
+        def shape(t: Template) -> list:  # ('require' only rejects answers: a dataset made before a template
+            return [t.system, t.user, {k: v for k, v in t.options.items() if k != "require"}]  # declared it goes on)
+
+        return {"templates": {n: [self.template(n).version, _sha(shape(self.template(n)))] for n in self.template_names}}
 
     def plan(self, index: int) -> dict:
         raise NotImplementedError
@@ -390,9 +388,11 @@ class MultirefTrack(Track):
             path = self.refs_dir / ref.path
             try:
                 data = path.read_bytes()
+                # each content fully decoded once per run (the header at the scan; a file changed meanwhile is
+                # decoded again)
                 sha = hashlib.sha256(data).hexdigest()
-                if sha not in self._decoded:  # each content fully decoded once per run (a file changed meanwhile
-                    probe_image(data, check="decode")  # is decoded again; the header at the scan)
+                if sha not in self._decoded:
+                    probe_image(data, check="decode")
                     self._decoded.add(sha)
             except (OSError, RecordError) as e:
                 raise RecordError(f"reference file {path}: {e}") from None

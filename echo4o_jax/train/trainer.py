@@ -14,10 +14,10 @@ be read is a `CheckpointError` naming the earlier steps to resume from instead.
 
 log.jsonl is append-only: one record per logged step, a `{"step": s, "compile_seconds": ...,
 "compile_cache_hit": ...}` record per run (a hit: the step came from the persistent compilation cache,
-`train.compilation_cache`), and on resume a marker `{"step": s, "event": "resumed", ...}` (s = the restored step). A run that died
-after its last checkpoint (a hard kill) has logged steps after s: the resumed run logs them again after the
-marker (`superseded_steps` [first, last] names them), so readers keep the last record of a step.
-TensorBoard hides those steps' earlier events (`purge_step`).
+`train.compilation_cache`), and on resume a marker `{"step": s, "event": "resumed", ...}` (s = the restored
+step). A run that died after its last checkpoint (a hard kill) has logged steps after s: the resumed run
+logs them again after the marker (`superseded_steps` [first, last] names them), so readers keep the last
+record of a step. TensorBoard hides those steps' earlier events (`purge_step`).
 """
 
 from __future__ import annotations
@@ -228,7 +228,6 @@ def use_compilation_cache(setting: str) -> str | None:
         jax.config.update("jax_compilation_cache_dir", path)
         cc.reset_cache()  # (the cache is set up once per process, at the first compile: set up again)
     return path
-
 
 
 class Trainer:
@@ -693,7 +692,7 @@ class Trainer:
 
 
 def _gather_process_states(state: dict) -> list[dict]:
-    """[process]: every process's JSON-able `state` (here: its data iterator's), on every process."""
+    """[process]: every process's JSON-able `state` (its data iterator's state, a flag), on every process."""
     if jax.process_count() == 1:
         return [state]
     from jax.experimental import multihost_utils
