@@ -426,6 +426,44 @@ def test_two_processes_see_each_sample_once_per_epoch(data, model_cfg):
     assert sorted(ids2) == sorted([f"a{i}" for i in range(60)] * 2)
 
 
+def _trained_ids(out) -> list[str]:
+    return [i for _, st in out for pack in st["sample_ids"] for i in pack]
+
+
+def test_resharded_state_continues_the_epoch_on_another_process_count(data, model_cfg):
+    """2 processes train a step of a 60-sample epoch; 3 processes of 1 pack, then 1 process of 3 packs, go on
+    from their states to the end of the epoch: every sample is trained once across the two runs, except for
+    the old processes' unequal reads (`uneven`: read again, or not at all) and their buffered samples
+    (`dropped`), as `resharded_state` says."""
+    c = _cfg(data, num_epochs=1, packs_per_step=2, max_buffer_size=4)
+    before, states = [], []
+    for p in range(2):
+        out, st = _run(DataPipeline(c, model_cfg, process_index=p, process_count=2), 1)
+        before += _trained_ids(out)
+        states.append(json.loads(json.dumps(st)))
+    assert before and sum(len(st["buffer"]) + len(st["carry"]) for st in states)  # dropped samples exercised
+    every = {f"a{i}" for i in range(60)}
+    for P, packs in ((3, 1), (1, 3)):
+        after = []
+        for p in range(P):
+            pipe = DataPipeline(dataclasses.replace(c, packs_per_step=packs), model_cfg, process_index=p,
+                                process_count=P)
+            state, info = pipe.resharded_state(states)
+            assert info["elements_read"] == sum(st["next_element"] for st in states)
+            out, _ = _run(pipe, 10**6, json.loads(json.dumps(state)))
+            assert out[-1][1]["end_of_data"]
+            after += _trained_ids(out)
+        trained = before + after
+        assert set(trained) <= every and after
+        assert len(trained) - len(set(trained)) <= info["uneven"]
+        assert len(every - set(trained)) <= info["uneven"] + info["dropped"]
+    with pytest.raises(ValueError, match="another configuration"):
+        DataPipeline(dataclasses.replace(c, seed=9), model_cfg).resharded_state(states)
+    old = [{k: v for k, v in st.items() if k != "stream_fingerprint"} for st in states]
+    with pytest.raises(ValueError, match="older version"):
+        DataPipeline(c, model_cfg).resharded_state(old)
+
+
 def test_mixing_by_weight(data, model_cfg):
     c = _cfg(data, datasets=(DatasetSpec(data["a"], 3.0, name="A"), DatasetSpec(data["b"], 1.0, name="B")),
              text_dropout=0.0)

@@ -125,7 +125,10 @@ def test_bad_records_settings_are_one_line(tmp_path, capsys):
     assert not wd.exists()
 
 
-def test_changed_data_settings_are_named(tmp_path, capsys):
+def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path, capsys):
+    """A records checkpoint resumed with other data settings is refused, naming them; when only the process
+    count / packs per process changed, the error offers train.data_resume=reshard, which then goes on from
+    the run's data position (logged as a data_resharded record)."""
     from echo4o_jax.train.trainer import Trainer
     from test_data_pipeline import _tokenizer_json, _write_dataset
     from test_latents import SIDE, _config
@@ -136,16 +139,43 @@ def test_changed_data_settings_are_named(tmp_path, capsys):
     c = _config(data, tok)
     c.checkpoint.async_save = False
     tr = Trainer(c, wd)
+    next(tr.source)  # (a data position past the start)
+    st = tr.source.get_state()
     tr.save(force=True)  # step 0, with the records iterator's state
     tr.ckpt.wait_until_finished()
+    # a 2-process run's states (here: this one's twice) on 1 process: refused, or resharded
+    with pytest.raises(ValueError, match="the checkpoint holds the data states of 2 processes, this run has 1"):
+        tr.source.resume([st, st], reshard=False)
+    assert tr.source.resume([st, st], reshard=True)["start_element"] == 2 * st["next_element"]
+    assert tr.source.get_state()["next_element"] == 2 * st["next_element"]
     before = _files(wd)
     assert run(_config(data, tok, packs_per_step=2), str(wd)) == 2
     err = _error_line(capsys)
     assert err.startswith(f"error: the data iterator state of step 0 in workdir {wd} cannot resume with this "
                           "config's data settings (iterator state was saved by a pipeline with another configuration")
     assert ("Settings that differ from the checkpoint's run: data.packs_per_step: checkpoint 1, config 2; "
-            "packs per process: checkpoint 1, this run 2. Resume with the checkpoint's values") in err
+            "packs per process: checkpoint 1, this run 2. Resume with the checkpoint's values, set "
+            "train.data_resume=reshard to go on") in err
     assert _files(wd) == before
+    c = _config(data, tok, packs_per_step=2, seed=1)  # another data setting too: no reshard offered
+    c.train.data_resume = "reshard"
+    assert run(c, str(wd)) == 2
+    err = _error_line(capsys)
+    assert "data.seed: checkpoint 0, config 1" in err and "data_resume" not in err
+    assert _files(wd) == before
+    c = _config(data, tok, packs_per_step=2)
+    c.train.update(steps=1, data_resume="reshard")
+    c.checkpoint.async_save = False
+    assert run(c, str(wd)) == 0
+    rec = [r for r in _records(wd) if r.get("event") == "data_resharded"]
+    assert len(rec) == 1 and rec[0]["step"] == 0
+    assert {k: rec[0][k] for k in ("from_processes", "from_packs_per_process", "processes", "packs_per_process",
+                                   "elements_read", "start_element")} == dict(
+        from_processes=1, from_packs_per_process=1, processes=1, packs_per_process=2,
+        elements_read=st["next_element"], start_element=st["next_element"])
+    assert st["next_element"] > 0 and rec[0]["dropped"] == len(st["buffer"]) + len(st["carry"])
+    assert "[train] data resharded (train.data_resume=reshard): 1 process(es) x 1 pack(s) -> 1 x 2" in \
+        capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ workdirs

@@ -56,6 +56,11 @@ Exact resume: the iterator state is (next element index, element indices in the 
 carried-over sample, pack / step counters, skip counters); on restore buffered elements are recomputed by
 random access and the element stream restarts at the saved index, so a resumed run yields exactly the
 batches of an uninterrupted one, with any worker count.
+
+Resume on another process count or `packs_per_step` (`DataPipeline.resharded_state`, the trainer's
+`train.data_resume="reshard"`): each process starts at its share of the elements all old processes had
+read, in the same shuffled order; approximate by the old processes' unequal reads and their buffered
+samples (the method's docstring).
 """
 
 from __future__ import annotations
@@ -523,6 +528,7 @@ class DataPipeline:
         mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [d.weight for d in config.datasets])
         self.elements = mixed.map_with_index(_Prepare(config, model_cfg, self.latents))
         self.fingerprint = self._fingerprint()
+        self.stream_fingerprint = self._fingerprint(stream_only=True)
 
     # -------------------------------------------------------------------------------------- checks
     def _open_latents(self) -> LatentStore | None:
@@ -570,7 +576,9 @@ class DataPipeline:
             raise ValueError(f"tokenizer has {n} tokens, more than the model vocab_size "
                              f"{self.model_cfg.llm.vocab_size}")
 
-    def _fingerprint(self) -> str:
+    def _fingerprint(self, *, stream_only: bool = False) -> str:
+        """Of everything a resumed iterator state depends on; `stream_only`: without this process's place
+        (process index / count) and `packs_per_step`, the settings `resharded_state` may change."""
         c = self.config
         d = {
             "datasets": [[[os.path.abspath(f) for f in files], spec.weight] for spec, files in
@@ -578,10 +586,11 @@ class DataPipeline:
             "transforms": [[repr(vae_t), repr(vit_t)] for vae_t, vit_t in dataset_transforms(c)],
             "budget": repr(c.budget),
             "knobs": [c.expected_num_tokens, c.max_tokens, c.max_tokens_per_sample, c.prefer_buffer_before,
-                      c.max_buffer_size, c.packs_per_step, c.text_dropout, c.vit_dropout, c.vae_dropout,
-                      c.seed, c.shuffle, c.num_epochs],
-            "process": [self.process_index, self.process_count],
+                      c.max_buffer_size, *([] if stream_only else [c.packs_per_step]), c.text_dropout,
+                      c.vit_dropout, c.vae_dropout, c.seed, c.shuffle, c.num_epochs],
         }
+        if not stream_only:
+            d["process"] = [self.process_index, self.process_count]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # -------------------------------------------------------------------------------------- iterators
@@ -603,6 +612,47 @@ class DataPipeline:
 
     def iterator(self, state: dict | None = None) -> "PackIterator":
         return PackIterator(self, state)
+
+    def resharded_state(self, states: Sequence[dict]) -> tuple[dict, dict]:
+        """(iterator state, info): this process's start in the element stream that `states` (every process's
+        `PackIterator.get_state()` of a run on another process count or `packs_per_step`, with the same data
+        settings otherwise) had reached. Process p of P reads the global positions p, p + P, ... of each
+        dataset's shuffled order, so with T elements read by all old processes together, process p of this
+        run starts at its local element ceil((T - p) / P): the global positions from ~T on, in the same order.
+        Approximate: where the old processes had read unequal counts, up to `uneven` = sum(k_i - min k)
+        elements are read again and as many not at all (this epoch); the `dropped` elements the old processes
+        held in their overflow buffers / carried samples (read, not yet trained) are not trained this epoch.
+        A ValueError when the states cannot be resharded (another data configuration, an older version)."""
+        for i, st in enumerate(states):
+            if st.get("version") != _STATE_VERSION:
+                raise ValueError(f"process {i}'s iterator state version {st.get('version')} != {_STATE_VERSION}")
+            if "stream_fingerprint" not in st:
+                raise ValueError("the iterator states were saved by an older version, which cannot be resumed on "
+                                 "another process count or packs_per_step")
+            if st["stream_fingerprint"] != self.stream_fingerprint:
+                raise ValueError("iterator state was saved by a pipeline with another configuration "
+                                 f"({st['stream_fingerprint']} != {self.stream_fingerprint}, not counting the "
+                                 "process count and packs_per_step)")
+        reads = [int(st["next_element"]) for st in states]
+        total = sum(reads)
+        P, p = self.process_count, self.process_index
+        start = max(0, -((p - total) // P))  # ceil((total - p) / P)
+
+        def share(n: int) -> int:  # this process's part of a count summed over the old processes
+            return n // P + (p < n % P)
+
+        counters = {k: share(sum(int(st["counters"][k]) for st in states)) for k in PackIterator._COUNTERS}
+        counters["elements_read"] = start
+        # steps: the same on every process; pack numbers seed the packs' dropout (with the process index):
+        # from the largest old one on, no (process, pack) seed of the old run is drawn again
+        for k in ("steps_emitted", "packs_emitted"):
+            counters[k] = max(int(st["counters"][k]) for st in states)
+        state = {"version": _STATE_VERSION, "fingerprint": self.fingerprint,
+                 "stream_fingerprint": self.stream_fingerprint, "next_element": start, "exhausted": False,
+                 "buffer": [], "carry": [], "counters": counters}
+        info = {"elements_read": total, "start_element": start, "uneven": sum(r - min(reads) for r in reads),
+                "dropped": sum(len(st["buffer"]) + len(st["carry"]) for st in states)}
+        return state, info
 
 
 class _Pack:
@@ -709,6 +759,7 @@ class PackIterator:
         return {
             "version": _STATE_VERSION,
             "fingerprint": self.pipe.fingerprint,
+            "stream_fingerprint": self.pipe.stream_fingerprint,
             "next_element": self._next_k,
             "exhausted": self._exhausted,
             "buffer": [e["k"] for e in self._buffer],

@@ -73,6 +73,12 @@ def base_config() -> ConfigDict:
         # rerun or resume of the same step skips its compile; "" = none. JAX_COMPILATION_CACHE_DIR, when set,
         # takes precedence (it is JAX's own setting).
         compilation_cache="",
+        # a checkpoint's data position on another process count or data.packs_per_step: "exact" refuses it (the
+        # error names what changed); "reshard" goes on from about where the run had read (each process takes its
+        # share of the same shuffled order; samples in the old processes' buffers are dropped, and their unequal
+        # reads give a few samples read twice or skipped; log.jsonl's data_resharded record counts both).
+        # Synthetic data resumes exactly either way.
+        data_resume="exact",
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))

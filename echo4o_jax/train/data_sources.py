@@ -1,5 +1,7 @@
 """Batch sources for the trainer: every source yields, per step, this process's packs stacked
-(`PackedBatch` with a leading axis) and has `get_state()` / `set_state()` (JSON-able) for exact resume.
+(`PackedBatch` with a leading axis) and has `get_state()` (JSON-able) and `resume(states, reshard=...)`,
+which continues from every process's saved state (exactly; or, for the records pipeline on another process
+count or packs per process, with `reshard`, from about where the old run had read).
 
 * `synthetic`: random token ids and images in a fixed per-pack recipe (throughput runs, tests);
 * `records`: the ArrayRecord / Grain pipeline of `echo4o_jax.data` (the demo dataset included).
@@ -38,8 +40,10 @@ class SyntheticSource:
     def get_state(self) -> dict[str, Any]:
         return {"step": self.step}
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+    def resume(self, states: list[dict[str, Any]], *, reshard: bool) -> None:
+        """Exact with any process count and packs per process (`reshard` is not needed): the state is the step,
+        the same on every process, and packs are seeded by their global index."""
+        self.step = int(states[0]["step"])
 
     def _sample(self, rng, kind: str) -> dict:
         H, W = self.image_size

@@ -102,6 +102,21 @@ class RecordsSource:
     def get_state(self) -> dict:
         return self._it.get_state()
 
-    def set_state(self, state: dict) -> None:
+    def resume(self, states: list[dict], *, reshard: bool) -> dict | None:
+        """Continue from the checkpoint's data states (one per process of its run). The same process count and
+        packs per process: exactly, from this process's own state. Else, with `reshard`, each process starts at
+        its share of what the old processes had read (`DataPipeline.resharded_state`; returns its info), else a
+        ValueError. A state of another data configuration is a ValueError either way."""
+        pipe = self.pipe
+        own = states[pipe.process_index] if len(states) == pipe.process_count else None
+        info = None
+        if own is not None and (not reshard or own.get("fingerprint") == pipe.fingerprint):
+            state = own
+        elif not reshard:
+            raise ValueError(f"the checkpoint holds the data states of {len(states)} processes, this run has "
+                             f"{pipe.process_count}")
+        else:
+            state, info = pipe.resharded_state(states)
         self._it.close()
-        self._it = self.pipe.iterator(state=state)
+        self._it = pipe.iterator(state=state)
+        return info

@@ -163,6 +163,7 @@ def validate_config(config) -> None:
         raise ConfigValueError(str(e)) from None
     need(not d.get("vae_latents") or d.kind == "records",
          f"data.vae_latents={d.get('vae_latents')!r} needs data.kind='records' (got {d.kind!r})")
+    need(t.data_resume in ("exact", "reshard"), f"train.data_resume={t.data_resume!r}: expected exact|reshard")
     need(int(d.packs_per_step) > 0 or int(d.packs_per_step) == -1,
          f"data.packs_per_step={d.packs_per_step} must be > 0 (or -1: one per data-parallel device)")
     b = d.budget
@@ -241,6 +242,7 @@ class Trainer:
         self.workdir = pathlib.Path(workdir)
         self.compilation_cache = use_compilation_cache(str(config.train.get("compilation_cache", "")))
         self.compile_cache_hit = False
+        self.data_resharded: dict | None = None  # restore(): how the data state was resharded (train.data_resume)
         self.cfg = model_config_from(config)
         shd.maybe_initialize_distributed(bool(config.get("multihost", False)))
         self.is_main = jax.process_index() == 0
@@ -466,12 +468,9 @@ class Trainer:
                 f"with (checkpoint of step {step}): {how}. Resume with the run's settings (its config.json), or "
                 "use another --workdir")
         states = meta.get("data_states") or [meta["data_state"]]
-        refused = None
+        refused = resharded = None
         try:
-            if len(states) != jax.process_count():
-                raise ValueError(f"the checkpoint holds the data states of {len(states)} processes, this run has "
-                                 f"{jax.process_count()}")
-            self.source.set_state(states[jax.process_index()])
+            resharded = self.source.resume(states, reshard=self.config.train.data_resume == "reshard")
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
             refused = e
         # multi-host: every process learns whether any refused (one going on alone would wait in a collective)
@@ -481,6 +480,10 @@ class Trainer:
         if who:
             raise CheckpointError(f"process(es) {who} could not resume their data iterator from step {step} in "
                                   f"workdir {self.workdir} (their logs say why); this process stops with them")
+        if resharded is not None:  # logged by run() (this process's part: its start element)
+            self.data_resharded = dict(from_processes=len(states), from_packs_per_process=meta.get("local_packs"),
+                                       processes=jax.process_count(), packs_per_process=self.local_packs,
+                                       **resharded)
         self.state = dict(params=only(r["params"]), ema=only(r["ema"]), opt_state=r["opt_state"],
                           step=shd.put_global(np.asarray(meta["step"], np.int32), shd.replicated(self.mesh)),
                           rng=shd.put_global(np.asarray(meta["rng"], np.uint32), shd.replicated(self.mesh)))
@@ -510,15 +513,21 @@ class Trainer:
                           "with the data settings it was trained with, or use another --workdir")
         now = dict(flatten_dict(json.loads(self.config.data.to_json_best_effort())))
         then = dict(flatten_dict(meta["data_config"]))
-        diff = [f"data.{'.'.join(k)}: checkpoint {then.get(k, '(unset)')!r}, config {now.get(k, '(unset)')!r}"
+        diff = [(f"data.{'.'.join(k)}", f"checkpoint {then.get(k, '(unset)')!r}, config {now.get(k, '(unset)')!r}")
                 for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)]
         for name, a, b in (("packs per process", meta.get("local_packs"), self.local_packs),
                            ("process count", meta.get("process_count"), jax.process_count())):
             if a != b:
-                diff.append(f"{name}: checkpoint {a}, this run {b}")
+                diff.append((name, f"checkpoint {a}, this run {b}"))
         if diff:
-            return msg + f"Settings that differ from the checkpoint's run: {'; '.join(diff)}. " + (
-                "Resume with the checkpoint's values, or use another --workdir")
+            msg += (f"Settings that differ from the checkpoint's run: {'; '.join(f'{k}: {v}' for k, v in diff)}. "
+                    "Resume with the checkpoint's values, ")
+            topology = {"data.packs_per_step", "packs per process", "process count"}
+            if self.config.train.data_resume != "reshard" and {k for k, _ in diff} <= topology:
+                msg += ("set train.data_resume=reshard to go on from about where the run's data had got to (each "
+                        "process takes its share of the same shuffled order; a few samples may be read twice or "
+                        "skipped this epoch), ")
+            return msg + "or use another --workdir"
         return msg + ("No data setting differs from the checkpoint's run: the pipeline's inputs did (dataset files, "
                       "their paths relative to the current folder). Resume with the same inputs, or use another "
                       "--workdir")
@@ -614,6 +623,15 @@ class Trainer:
                 return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=None)
             if resumed:
                 logger.resumed(start)
+            if self.data_resharded is not None:
+                logger.log(start, dict(event="data_resharded", **self.data_resharded))
+                if self.is_main:
+                    r = self.data_resharded
+                    print(f"[train] data resharded (train.data_resume=reshard): {r['from_processes']} process(es) x "
+                          f"{r['from_packs_per_process']} pack(s) -> {r['processes']} x {r['packs_per_process']}; "
+                          f"{r['elements_read']} elements had been read, this process starts at its element "
+                          f"{r['start_element']}; {r['dropped']} buffered sample(s) dropped, up to {r['uneven']} "
+                          "read twice or skipped (uneven reads)", flush=True)
             batch = next(self.source)
             compile_s = self.compile(batch)
             logger.log(start, dict(compile_seconds=compile_s, compile_cache_hit=self.compile_cache_hit))
