@@ -19,7 +19,8 @@ import jax
 import pytest
 
 from echo4o_jax.train.__main__ import run
-from test_train import _losses, load_config
+from test_train import load_config
+from test_train_processes import _losses
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "synthetic_tiny.py"
