@@ -426,40 +426,55 @@ def test_two_processes_see_each_sample_once_per_epoch(data, model_cfg):
     assert sorted(ids2) == sorted([f"a{i}" for i in range(60)] * 2)
 
 
-def _trained_ids(out) -> list[str]:
-    return [i for _, st in out for pack in st["sample_ids"] for i in pack]
+def test_resharded_state_goes_on_with_each_datasets_order(data, model_cfg, tmp_path):
+    """2 processes read 3 steps of a mix of 60 and 7 records (the 7 wrap into later epochs, not divisible by
+    the process counts); 3 processes, then 1, resume from their states: each new process reads, per dataset,
+    exactly its own places of the global epoch-major order from the first position the old processes had not
+    reached together (the reference order is one process's), and `read_twice` counts the old reads past that
+    position (enumerated here)."""
+    from echo4o_jax.data.records import decode_record
 
-
-def test_resharded_state_continues_the_epoch_on_another_process_count(data, model_cfg):
-    """2 processes train a step of a 60-sample epoch; 3 processes of 1 pack, then 1 process of 3 packs, go on
-    from their states to the end of the epoch: every sample is trained once across the two runs, except for
-    the old processes' unequal reads (`uneven`: read again, or not at all) and their buffered samples
-    (`dropped`), as `resharded_state` says."""
-    c = _cfg(data, num_epochs=1, packs_per_step=2, max_buffer_size=4)
-    before, states = [], []
-    for p in range(2):
-        out, st = _run(DataPipeline(c, model_cfg, process_index=p, process_count=2), 1)
-        before += _trained_ids(out)
-        states.append(json.loads(json.dumps(st)))
-    assert before and sum(len(st["buffer"]) + len(st["carry"]) for st in states)  # dropped samples exercised
-    every = {f"a{i}" for i in range(60)}
-    for P, packs in ((3, 1), (1, 3)):
-        after = []
+    small = _write_dataset(tmp_path / "small", 7, 9, prefix="s", sizes=(16,))
+    c = _cfg(data, datasets=(DatasetSpec(data["a"], 2.0), DatasetSpec(small, 1.0)), packs_per_step=2,
+             max_buffer_size=4)
+    states = [json.loads(json.dumps(_run(DataPipeline(c, model_cfg, process_index=p, process_count=2), 3)[1]))
+              for p in range(2)]
+    one = DataPipeline(c, model_cfg)  # one process reads every place: its record stream is the global order
+    sizes = one.dataset_sizes
+    assert sizes == [60, 7]
+    glob = lambda d, g: decode_record(one._parts[d][g][1]).id
+    used = [[st["read_by_dataset"][d] for st in states] for d in range(2)]  # records read per old process
+    assert sum(used[1]) > 7  # the small dataset is past its first epoch
+    twice = 0
+    for d, n in enumerate(sizes):  # the old processes' reads as global positions: read again if past sum(used)
+        for i, u in enumerate(used[d]):
+            L = len(range(i, n, 2))
+            twice += sum((j // L) * n + i + (j % L) * 2 >= sum(used[d]) for j in range(u))
+    assert sum(len(st["buffer"]) + len(st["carry"]) for st in states)  # `dropped` exercised
+    for P in (3, 1):
         for p in range(P):
-            pipe = DataPipeline(dataclasses.replace(c, packs_per_step=packs), model_cfg, process_index=p,
+            pipe = DataPipeline(dataclasses.replace(c, packs_per_step=3 - P // 3), model_cfg, process_index=p,
                                 process_count=P)
             state, info = pipe.resharded_state(states)
-            assert info["elements_read"] == sum(st["next_element"] for st in states)
-            out, _ = _run(pipe, 10**6, json.loads(json.dumps(state)))
-            assert out[-1][1]["end_of_data"]
-            after += _trained_ids(out)
-        trained = before + after
-        assert set(trained) <= every and after
-        assert len(trained) - len(set(trained)) <= info["uneven"]
-        assert len(every - set(trained)) <= info["uneven"] + info["dropped"]
+            assert info["read_twice"] == twice
+            assert info["dropped"] == sum(len(st["buffer"]) + len(st["carry"]) for st in states)
+            els = pipe.elements_from(state["offsets"])
+            read = [els[k] for k in range(30)]
+            for d, n in enumerate(sizes):
+                got = [e["id"] for e in read if e["dataset"] == d]
+                places = (g for g in range(sum(used[d]), 10**6) if (g % n) % P == p)
+                assert got == [glob(d, next(places)) for _ in got], (P, p, d)
+            if P == 3 and p == 2:  # the iterator trains that stream; its state (offsets kept) resumes exactly
+                full, _ = _run(pipe, 3, state)
+                head, st = _run(pipe, 2, state)
+                assert st["offsets"] == state["offsets"]
+                tail, _ = _run(pipe, 1, json.loads(json.dumps(st)))
+                _assert_same(head + tail, full)
+                stream = [e["id"] for e in (els[k] for k in range(st["next_element"]))]
+                assert set(i for _, b in head for pack in b["sample_ids"] for i in pack) <= set(stream)
     with pytest.raises(ValueError, match="another configuration"):
         DataPipeline(dataclasses.replace(c, seed=9), model_cfg).resharded_state(states)
-    old = [{k: v for k, v in st.items() if k != "stream_fingerprint"} for st in states]
+    old = [{k: v for k, v in st.items() if k != "read_by_dataset"} for st in states]
     with pytest.raises(ValueError, match="older version"):
         DataPipeline(c, model_cfg).resharded_state(old)
 

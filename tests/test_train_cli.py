@@ -147,8 +147,8 @@ def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path,
     # a 2-process run's states (here: this one's twice) on 1 process: refused, or resharded
     with pytest.raises(ValueError, match="the checkpoint holds the data states of 2 processes, this run has 1"):
         tr.source.resume([st, st], reshard=False)
-    assert tr.source.resume([st, st], reshard=True)["start_element"] == 2 * st["next_element"]
-    assert tr.source.get_state()["next_element"] == 2 * st["next_element"]
+    assert tr.source.resume([st, st], reshard=True)["offsets"] == [2 * st["next_element"]]  # (one dataset)
+    assert tr.source.get_state()["offsets"] == [2 * st["next_element"]]
     before = _files(wd)
     assert run(_config(data, tok, packs_per_step=2), str(wd)) == 2
     err = _error_line(capsys)
@@ -171,9 +171,9 @@ def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path,
     rec = [r for r in _records(wd) if r.get("event") == "data_resharded"]
     assert len(rec) == 1 and rec[0]["step"] == 0
     assert {k: rec[0][k] for k in ("from_processes", "from_packs_per_process", "processes", "packs_per_process",
-                                   "elements_read", "start_element")} == dict(
+                                   "elements_read", "offsets", "read_twice")} == dict(
         from_processes=1, from_packs_per_process=1, processes=1, packs_per_process=2,
-        elements_read=st["next_element"], start_element=st["next_element"])
+        elements_read=st["next_element"], offsets=[st["next_element"]], read_twice=0)
     assert st["next_element"] > 0 and rec[0]["dropped"] == len(st["buffer"]) + len(st["carry"])
     assert "[train] data resharded (train.data_resume=reshard): 1 process(es) x 1 pack(s) -> 1 x 2" in \
         capsys.readouterr().out

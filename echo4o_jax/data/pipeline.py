@@ -53,14 +53,15 @@ instead of `vae_images` (`packing`'s module docstring); sizes, packing and dropo
 missing latent is an error, never a skipped sample nor an in-step encoding.
 
 Exact resume: the iterator state is (next element index, element indices in the overflow buffer and the
-carried-over sample, pack / step counters, skip counters); on restore buffered elements are recomputed by
-random access and the element stream restarts at the saved index, so a resumed run yields exactly the
-batches of an uninterrupted one, with any worker count.
+carried-over sample, pack / step counters, skip counters, records read per dataset, each dataset's start);
+on restore buffered elements are recomputed by random access and the element stream restarts at the saved
+index, so a resumed run yields exactly the batches of an uninterrupted one, with any worker count.
 
 Resume on another process count or `packs_per_step` (`DataPipeline.resharded_state`, the trainer's
-`train.data_resume="reshard"`): each process starts at its share of the elements all old processes had
-read, in the same shuffled order; approximate by the old processes' unequal reads and their buffered
-samples (the method's docstring).
+`train.data_resume="reshard"`): per dataset, each process starts at its first record past those all old
+processes had read together, in the same shuffled order of the same epoch; the mixed stream restarts
+from there. Exact but for the old processes' uneven reads (counted: read twice / not read) and the
+samples in their overflow buffers (counted: dropped); the method's docstring.
 """
 
 from __future__ import annotations
@@ -509,7 +510,8 @@ class DataPipeline:
         self.vae_moments = None if self.latents is None else self.latents.dtype  # canvases' dtype name
 
         self.shards: list[list[str]] = []
-        parts = []
+        self.dataset_sizes: list[int] = []  # records per dataset
+        self._parts = []  # per dataset: this process's tagged records (shuffled, its slice, repeated)
         for i, spec in enumerate(config.datasets):
             files = resolve_shards(spec.path)
             self.shards.append(files)
@@ -524,9 +526,11 @@ class DataPipeline:
                 ds = ds.shuffle(seed=_seed32(config.seed, i, "shuffle"))
             ds = ds.slice(slice(self.process_index, None, self.process_count))
             ds = ds.repeat(config.num_epochs)
-            parts.append(ds.map(_TagDataset(i)))
-        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [d.weight for d in config.datasets])
-        self.elements = mixed.map_with_index(_Prepare(config, model_cfg, self.latents))
+            self._parts.append(ds.map(_TagDataset(i)))
+            self.dataset_sizes.append(n)
+        self._prepare = _Prepare(config, model_cfg, self.latents)
+        self._streams: dict[tuple[int, ...], Any] = {}
+        self.elements = self.elements_from(None)
         self.fingerprint = self._fingerprint()
         self.stream_fingerprint = self._fingerprint(stream_only=True)
 
@@ -594,12 +598,26 @@ class DataPipeline:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # -------------------------------------------------------------------------------------- iterators
-    def element_iterator(self, start: int = 0):
-        """Prepared elements from index `start` on (worker processes if configured)."""
+    def elements_from(self, offsets: Sequence[int] | None):
+        """The prepared elements (random access, index k): each dataset's records from its element `offsets[d]`
+        of this process on (where a resharded run starts, `resharded_state`; None: from the start), mixed by
+        weight."""
+        import grain
+
+        key = tuple(int(o) for o in offsets) if offsets else (0,) * len(self._parts)
+        if key not in self._streams:
+            parts = [ds.slice(slice(o, None)) if o else ds for ds, o in zip(self._parts, key)]
+            weights = [d.weight for d in self.config.datasets]
+            mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+            self._streams[key] = mixed.map_with_index(self._prepare)
+        return self._streams[key]
+
+    def element_iterator(self, start: int = 0, offsets: Sequence[int] | None = None):
+        """Prepared elements from index `start` on (worker processes if configured) of `elements_from(offsets)`."""
         import grain
 
         c = self.config
-        ds = self.elements
+        ds = self.elements_from(offsets)
         if start:
             ds = ds.slice(slice(start, None))
         it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.read_threads,
@@ -614,45 +632,58 @@ class DataPipeline:
         return PackIterator(self, state)
 
     def resharded_state(self, states: Sequence[dict]) -> tuple[dict, dict]:
-        """(iterator state, info): this process's start in the element stream that `states` (every process's
+        """(iterator state, info): where this process starts so as to go on with what `states` (every process's
         `PackIterator.get_state()` of a run on another process count or `packs_per_step`, with the same data
-        settings otherwise) had reached. Process p of P reads the global positions p, p + P, ... of each
-        dataset's shuffled order, so with T elements read by all old processes together, process p of this
-        run starts at its local element ceil((T - p) / P): the global positions from ~T on, in the same order.
-        Approximate: where the old processes had read unequal counts, up to `uneven` = sum(k_i - min k)
-        elements are read again and as many not at all (this epoch); the `dropped` elements the old processes
-        held in their overflow buffers / carried samples (read, not yet trained) are not trained this epoch.
-        A ValueError when the states cannot be resharded (another data configuration, an older version)."""
+        settings otherwise) had read. Per dataset of n records, process p of P reads the positions p, p + P,
+        ... of each epoch's shuffled order (epoch-major: global position g is epoch g // n, place g % n). The
+        old processes had read T records of the dataset together; process p of this run starts at its first
+        record at a global position >= T (`offsets`, per dataset) and the mixed stream restarts there. Exact
+        when the old processes' reads end at one global position; otherwise the records an old process had
+        read past T are read again and as many below T not at all (`read_twice`, the same count), this epoch.
+        The records held in the old processes' overflow buffers / carried over (read, not yet trained: at most
+        `max_buffer_size` + 1 per old process) are not trained (`dropped`). A ValueError when the states
+        cannot be resharded (another data configuration, an older version)."""
+        D = len(self._parts)
         for i, st in enumerate(states):
             if st.get("version") != _STATE_VERSION:
                 raise ValueError(f"process {i}'s iterator state version {st.get('version')} != {_STATE_VERSION}")
-            if "stream_fingerprint" not in st:
+            if "stream_fingerprint" not in st or st.get("read_by_dataset") is None:
                 raise ValueError("the iterator states were saved by an older version, which cannot be resumed on "
                                  "another process count or packs_per_step")
             if st["stream_fingerprint"] != self.stream_fingerprint:
                 raise ValueError("iterator state was saved by a pipeline with another configuration "
                                  f"({st['stream_fingerprint']} != {self.stream_fingerprint}, not counting the "
                                  "process count and packs_per_step)")
-        reads = [int(st["next_element"]) for st in states]
-        total = sum(reads)
-        P, p = self.process_count, self.process_index
-        start = max(0, -((p - total) // P))  # ceil((total - p) / P)
+        P_old, P, p = len(states), self.process_count, self.process_index
+        offsets, read_twice = [], 0
+        for d, n in enumerate(self.dataset_sizes):
+            # records of dataset d each old process had read (its stream's start + what it read since)
+            used = [int((st.get("offsets") or [0] * D)[d]) + int(st["read_by_dataset"][d]) for st in states]
+            T = sum(used)
+            offsets.append(_positions_below(T, n, p, P))
+            read_twice += sum(max(0, u - _positions_below(T, n, i, P_old)) for i, u in enumerate(used))
 
         def share(n: int) -> int:  # this process's part of a count summed over the old processes
             return n // P + (p < n % P)
 
         counters = {k: share(sum(int(st["counters"][k]) for st in states)) for k in PackIterator._COUNTERS}
-        counters["elements_read"] = start
         # steps: the same on every process; pack numbers seed the packs' dropout (with the process index):
         # from the largest old one on, no (process, pack) seed of the old run is drawn again
         for k in ("steps_emitted", "packs_emitted"):
             counters[k] = max(int(st["counters"][k]) for st in states)
         state = {"version": _STATE_VERSION, "fingerprint": self.fingerprint,
-                 "stream_fingerprint": self.stream_fingerprint, "next_element": start, "exhausted": False,
-                 "buffer": [], "carry": [], "counters": counters}
-        info = {"elements_read": total, "start_element": start, "uneven": sum(r - min(reads) for r in reads),
-                "dropped": sum(len(st["buffer"]) + len(st["carry"]) for st in states)}
+                 "stream_fingerprint": self.stream_fingerprint, "offsets": offsets, "next_element": 0,
+                 "read_by_dataset": [0] * D, "exhausted": False, "buffer": [], "carry": [], "counters": counters}
+        info = {"elements_read": sum(int(st["next_element"]) for st in states), "offsets": offsets,
+                "read_twice": read_twice, "dropped": sum(len(st["buffer"]) + len(st["carry"]) for st in states)}
         return state, info
+
+
+def _positions_below(g: int, n: int, p: int, P: int) -> int:
+    """How many of process p's (of P) records of a dataset of n records lie at global positions < g (epoch-major;
+    the process reads places p, p + P, ... of every epoch)."""
+    epochs, place = divmod(g, n)
+    return epochs * len(range(p, n, P)) + len(range(p, place, P))
 
 
 class _Pack:
@@ -743,6 +774,8 @@ class PackIterator:
         self._buffer: list[dict] = []
         self._carry: list[dict] = []
         self._next_k = 0
+        self._offsets: list[int] | None = None  # each dataset's start (`DataPipeline.elements_from`)
+        self._read_by_dataset: list[int] | None = [0] * len(pipe.dataset_sizes)  # None: unknown (older state)
         self._consecutive_errors = 0
         self.counters = {k: 0 for k in self._COUNTERS}
         self.recent_errors: collections.deque = collections.deque(maxlen=20)
@@ -760,7 +793,9 @@ class PackIterator:
             "version": _STATE_VERSION,
             "fingerprint": self.pipe.fingerprint,
             "stream_fingerprint": self.pipe.stream_fingerprint,
+            "offsets": self._offsets,
             "next_element": self._next_k,
+            "read_by_dataset": self._read_by_dataset,
             "exhausted": self._exhausted,
             "buffer": [e["k"] for e in self._buffer],
             "carry": [e["k"] for e in self._carry],
@@ -774,9 +809,13 @@ class PackIterator:
             raise ValueError("iterator state was saved by a pipeline with another configuration "
                              f"({state.get('fingerprint')} != {self.pipe.fingerprint})")
         self._next_k = int(state["next_element"])
+        self._offsets = state.get("offsets")
+        rbd = state.get("read_by_dataset")
+        self._read_by_dataset = None if rbd is None else [int(x) for x in rbd]
         self._exhausted = bool(state["exhausted"])
-        self._buffer = [self.pipe.elements[int(k)] for k in state["buffer"]]
-        self._carry = [self.pipe.elements[int(k)] for k in state["carry"]]
+        elements = self.pipe.elements_from(self._offsets)
+        self._buffer = [elements[int(k)] for k in state["buffer"]]
+        self._carry = [elements[int(k)] for k in state["carry"]]
         self.counters.update({k: int(v) for k, v in state["counters"].items()})
 
     # -------------------------------------------------------------------------------------- iteration
@@ -807,7 +846,7 @@ class PackIterator:
         if self._exhausted:
             return None
         if self._upstream is None:
-            self._upstream = self.pipe.element_iterator(self._next_k)
+            self._upstream = self.pipe.element_iterator(self._next_k, self._offsets)
         t0 = time.perf_counter()
         try:
             el = next(self._upstream)
@@ -821,6 +860,8 @@ class PackIterator:
             raise AssertionError(f"element stream out of order: got {el['k']}, expected {self._next_k}")
         self._next_k += 1
         self.counters["elements_read"] += 1
+        if self._read_by_dataset is not None:
+            self._read_by_dataset[el["dataset"]] += 1
         return el
 
     def _fill_pack(self) -> _Pack | None:

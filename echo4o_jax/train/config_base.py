@@ -73,10 +73,10 @@ def base_config() -> ConfigDict:
         # rerun or resume of the same step skips its compile; "" = none. JAX_COMPILATION_CACHE_DIR, when set,
         # takes precedence (it is JAX's own setting).
         compilation_cache="",
-        # a checkpoint's data position on another process count or data.packs_per_step: "exact" refuses it (the
-        # error names what changed); "reshard" goes on from about where the run had read (each process takes its
-        # share of the same shuffled order; samples in the old processes' buffers are dropped, and their unequal
-        # reads give a few samples read twice or skipped; log.jsonl's data_resharded record counts both).
+        # a records checkpoint's data position on another process count or packs per process: "exact" refuses it
+        # (the error names what changed); "reshard" goes on, per dataset, from the first sample past those the old
+        # processes had read, in the same shuffled order (their buffered samples are dropped; their uneven reads
+        # give a few samples read twice or not at all; log.jsonl's data_resharded record counts both).
         # Synthetic data resumes exactly either way.
         data_resume="exact",
     ))

@@ -103,20 +103,40 @@ class RecordsSource:
         return self._it.get_state()
 
     def resume(self, states: list[dict], *, reshard: bool) -> dict | None:
-        """Continue from the checkpoint's data states (one per process of its run). The same process count and
-        packs per process: exactly, from this process's own state. Else, with `reshard`, each process starts at
-        its share of what the old processes had read (`DataPipeline.resharded_state`; returns its info), else a
-        ValueError. A state of another data configuration is a ValueError either way."""
+        """Continue from the checkpoint's data states (one per process of its run). Saved by this process count
+        and data settings (packs per process included): exactly, from this process's own state. Else, with
+        `reshard`, from where the old processes had read (`DataPipeline.resharded_state`; returns its info),
+        else a `DataStateError` saying whether `reshard` could go on (only the process count / packs changed).
+        A state of other data settings is refused either way."""
         pipe = self.pipe
         own = states[pipe.process_index] if len(states) == pipe.process_count else None
         info = None
-        if own is not None and (not reshard or own.get("fingerprint") == pipe.fingerprint):
+        if own is not None and own.get("fingerprint") == pipe.fingerprint:
             state = own
-        elif not reshard:
-            raise ValueError(f"the checkpoint holds the data states of {len(states)} processes, this run has "
-                             f"{pipe.process_count}")
-        else:
+        elif reshard:
             state, info = pipe.resharded_state(states)
+        else:
+            why = (f"iterator state was saved by a pipeline with another configuration ({own.get('fingerprint')} != "
+                   f"{pipe.fingerprint})" if own is not None else
+                   f"the checkpoint holds the data states of {len(states)} processes, this run has "
+                   f"{pipe.process_count}")
+            raise DataStateError(why, reshardable=_reshardable(pipe, states))
         self._it.close()
         self._it = pipe.iterator(state=state)
         return info
+
+
+class DataStateError(ValueError):
+    """A data state this run cannot resume exactly; `reshardable`: `train.data_resume=reshard` could go on."""
+
+    def __init__(self, msg: str, reshardable: bool):
+        super().__init__(msg)
+        self.reshardable = reshardable
+
+
+def _reshardable(pipe, states: list[dict]) -> bool:
+    try:
+        pipe.resharded_state(states)
+    except ValueError:
+        return False
+    return True

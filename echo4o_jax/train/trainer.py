@@ -7,7 +7,11 @@ workdir's (`checkpoint.model_geometry`, compared with WORKDIR/model_config befor
 written); the execution settings may change (`checkpoint.RESUMABLE_MODEL_FIELDS`: dtypes, remat, attention
 implementation and blocks, timestep_shift, freeze_und), and so may the optimizer / schedule / logging
 settings. The data settings must let the data iterator resume (a records pipeline refuses other settings;
-the error names the data settings that differ from the checkpoint's run, which its meta records).
+the error names the data settings that differ from the checkpoint's run, which its meta records). Another
+process count or packs per process (another slice) is refused too unless `train.data_resume="reshard"`:
+then each process goes on from where the old processes had read (`DataPipeline.resharded_state`), logged
+as a `{"step": s, "event": "data_resharded", ...}` record (this process's start `offsets` per dataset,
+`read_twice`, `dropped`; the main process's).
 WORKDIR/model_config/ and WORKDIR/config.json are written after a successful restore (or, in a new workdir,
 before the first step), never before: a refused run leaves the workdir as it was. A checkpoint that cannot
 be read is a `CheckpointError` naming the earlier steps to resume from instead.
@@ -513,20 +517,19 @@ class Trainer:
                           "with the data settings it was trained with, or use another --workdir")
         now = dict(flatten_dict(json.loads(self.config.data.to_json_best_effort())))
         then = dict(flatten_dict(meta["data_config"]))
-        diff = [(f"data.{'.'.join(k)}", f"checkpoint {then.get(k, '(unset)')!r}, config {now.get(k, '(unset)')!r}")
+        diff = [f"data.{'.'.join(k)}: checkpoint {then.get(k, '(unset)')!r}, config {now.get(k, '(unset)')!r}"
                 for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)]
         for name, a, b in (("packs per process", meta.get("local_packs"), self.local_packs),
                            ("process count", meta.get("process_count"), jax.process_count())):
             if a != b:
-                diff.append((name, f"checkpoint {a}, this run {b}"))
+                diff.append(f"{name}: checkpoint {a}, this run {b}")
         if diff:
-            msg += (f"Settings that differ from the checkpoint's run: {'; '.join(f'{k}: {v}' for k, v in diff)}. "
-                    "Resume with the checkpoint's values, ")
-            topology = {"data.packs_per_step", "packs per process", "process count"}
-            if self.config.train.data_resume != "reshard" and {k for k, _ in diff} <= topology:
-                msg += ("set train.data_resume=reshard to go on from about where the run's data had got to (each "
-                        "process takes its share of the same shuffled order; a few samples may be read twice or "
-                        "skipped this epoch), ")
+            msg += (f"Settings that differ from the checkpoint's run: {'; '.join(diff)}. Resume with the "
+                    "checkpoint's values, ")
+            if getattr(e, "reshardable", False):  # (records: only the process count / packs per process changed)
+                msg += ("set train.data_resume=reshard to go on from where the run's data had got to (each process "
+                        "from its first sample past those read, in the same shuffled order; the old processes' "
+                        "buffered samples are dropped and a few may be read twice or skipped), ")
             return msg + "or use another --workdir"
         return msg + ("No data setting differs from the checkpoint's run: the pipeline's inputs did (dataset files, "
                       "their paths relative to the current folder). Resume with the same inputs, or use another "
@@ -624,14 +627,14 @@ class Trainer:
             if resumed:
                 logger.resumed(start)
             if self.data_resharded is not None:
-                logger.log(start, dict(event="data_resharded", **self.data_resharded))
+                r = self.data_resharded
+                logger.event(start, "data_resharded", r)
                 if self.is_main:
-                    r = self.data_resharded
                     print(f"[train] data resharded (train.data_resume=reshard): {r['from_processes']} process(es) x "
                           f"{r['from_packs_per_process']} pack(s) -> {r['processes']} x {r['packs_per_process']}; "
-                          f"{r['elements_read']} elements had been read, this process starts at its element "
-                          f"{r['start_element']}; {r['dropped']} buffered sample(s) dropped, up to {r['uneven']} "
-                          "read twice or skipped (uneven reads)", flush=True)
+                          f"this process starts at its records {r['offsets']} of each dataset; {r['read_twice']} "
+                          f"sample(s) read twice and as many not read (the old processes' uneven reads), "
+                          f"{r['dropped']} dropped (their overflow buffers)", flush=True)
             batch = next(self.source)
             compile_s = self.compile(batch)
             logger.log(start, dict(compile_seconds=compile_s, compile_cache_hit=self.compile_cache_hit))
@@ -849,11 +852,14 @@ class _Logger:
                     continue  # a line cut by a hard kill
                 if isinstance(s, int) and s > step:
                     later.append(s)
-        rec = {"step": step, "event": "resumed", "time": time.time()}
-        if later:
-            rec["superseded_steps"] = [min(later), max(later)]
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        self.event(step, "resumed", dict(time=time.time(), **(
+            {"superseded_steps": [min(later), max(later)]} if later else {})))
+
+    def event(self, step: int, name: str, fields: dict[str, Any]):
+        """A `{"step": step, "event": name, ...}` record in log.jsonl only (no TensorBoard scalars)."""
+        if self.enabled:
+            self.f.write(json.dumps({"step": step, "event": name, **fields}) + "\n")
+            self.f.flush()
 
     def log(self, step: int, values: dict[str, Any]):
         if not self.enabled:
