@@ -29,7 +29,7 @@ from flax import nnx
 from PIL import Image
 
 from .config import BagelConfig
-from .image_transform import ImageTransform, from_unit_range, to_unit_range
+from .image_transform import ImageTransform, from_unit_range
 from .model.attention import CAUSAL, FULL, TokenMeta
 from .model.bagel import Bagel, latent_tokens_from_latents, tokens_to_latent
 from .model.layers import dtype_of

@@ -516,8 +516,6 @@ def pack_samples(
     if Hmax % ds or Wmax % ds:
         raise ValueError(f"PackBudget.vae_image_size={budget.vae_image_size} must be multiples of {ds}")
     st = cfg.special_tokens
-    C = cfg.vae.in_channels
-    patch_dim = p * p * cfg.vit.num_channels
     draw_t = timestep_fn if timestep_fn is not None else rng.standard_normal
 
     # chunks of per-segment columns, in official order
@@ -646,7 +644,7 @@ def pack_samples(
                 )
 
     num_tokens = curr
-    Tc, Vc, Ac = budget.text_tokens, budget.vit_tokens, budget.vae_tokens
+    Tc, Vc = budget.text_tokens, budget.vit_tokens
     L = budget.total_tokens
     if out is None:
         row = allocate_packs(budget, cfg, None, image_dtype=image_dtype, vae_moments=vae_moments)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import ml_dtypes
 import numpy as np

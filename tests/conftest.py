@@ -14,7 +14,6 @@ import pathlib
 import sys
 
 import numpy as np
-import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_GOLDEN = HERE / "golden" / "bagel_tiny_a"

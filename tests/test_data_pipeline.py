@@ -24,10 +24,7 @@ from echo4o_jax.data.records import (
     RecordWriter,
     multiref_record,
     t2i_record,
-    text_item,
     understanding_record,
-    vae_item,
-    vit_item,
 )
 from echo4o_jax.image_transform import ImageTransform
 from echo4o_jax.packing import (
@@ -158,7 +155,7 @@ def _golden_records(g, samples):
     """The golden samples as records: ids become words w<id>; images lossless PNG."""
     recs = []
     for i, s in enumerate(samples):
-        plan, images, ti = [], [], 0
+        plan, images = [], []
         texts = [" ".join(f"w{t}" for t in ids) for ids in s["text_ids_list"]]
         for it in s["sequence_plan"]:
             item = {k: it[k] for k in ("type", "loss", "enable_cfg", "special_token_loss", "special_token_label")}

@@ -32,7 +32,6 @@ from echo4o_jax.data.records import (
     t2i_record,
     text_item,
     understanding_record,
-    vae_item,
     vit_item,
     whole_shards,
 )

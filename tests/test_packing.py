@@ -101,7 +101,7 @@ def test_golden_layout_invariants(golden):
     cfg, g, samples, _ = golden
     batch, budget = _pack_golden(golden)
     L = budget.total_tokens
-    T, V, A = budget.text_tokens, budget.vit_tokens, budget.vae_tokens
+    T, V = budget.text_tokens, budget.vit_tokens
     for k in ("sample_id", "split_id", "split_mode", "order", "position_id"):
         assert getattr(batch, k).shape == (L,) and getattr(batch, k).dtype == np.int32, k
     # order is a permutation of 0..L-1, real tokens first

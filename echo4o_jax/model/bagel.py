@@ -12,12 +12,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ..config import BagelConfig
 from .attention import TokenMeta
-from .keymap import ID, LINEAR, Rule
+from .keymap import LINEAR, Rule
 from .layers import Buffer, dtype_of, gelu_tanh, linear, param, sincos_2d_table, timestep_frequencies
 from .qwen2_mot import Qwen2MoT
 from .siglip import SigLIPNaViT

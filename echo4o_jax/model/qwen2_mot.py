@@ -14,7 +14,6 @@ run with `jax.lax.scan`, so compile time does not grow with depth.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax

@@ -5,7 +5,7 @@ EMA, and a guard that never applies a non-finite update."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -366,7 +366,7 @@ class Trainer:
         return jax.tree_util.tree_map_with_path(one, abs_opt)
 
     def _init_weights(self):
-        c, cfg, mesh = self.config, self.cfg, self.mesh
+        c, cfg = self.config, self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
         if c.model.init == "random":
             seed = int(c.train.seed)
@@ -568,7 +568,6 @@ class Trainer:
         if not prompts:
             return None
         from ..inference import Inferencer
-        from ..image_transform import ImageTransform
 
         model = nnx.merge(self.graphdef, self.state["ema"], self.buffers)
         vae = nnx.merge(self.vae_graphdef, self.vae_state)
