@@ -126,7 +126,7 @@ def test_bad_records_settings_are_one_line(tmp_path, capsys):
     assert not wd.exists()
 
 
-def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path, capsys):
+def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path, capsys, monkeypatch):
     """A records checkpoint resumed with other data settings is refused, naming them; when only the process
     count / packs per process changed, the error offers train.data_resume=reshard, which then goes on from
     the run's data position (logged as a data_resharded record)."""
@@ -149,6 +149,15 @@ def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path,
         tr.source.resume([st, st], reshard=False)
     assert tr.source.resume([st, st], reshard=True)["offsets"] == [2 * st["next_element"]]  # (one dataset)
     assert tr.source.get_state()["offsets"] == [2 * st["next_element"]]
+    # multi-host: a process that resharded while the others resumed exactly (their configs differ) stops all
+    import echo4o_jax.train.trainer as trainer_mod
+
+    real = trainer_mod._gather_process_states
+    monkeypatch.setattr(trainer_mod, "_gather_process_states",
+                        lambda s: real(s) + [{"refused": False, "resharded": True}])
+    with pytest.raises(trainer_mod.CheckpointError, match=r"process\(es\) \[1\] resharded the data state of step 0"):
+        tr.restore()
+    monkeypatch.undo()
     before = _files(wd)
     assert run(_config(data, tok, packs_per_step=2), str(wd)) == 2
     err = _error_line(capsys)

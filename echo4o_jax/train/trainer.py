@@ -477,14 +477,21 @@ class Trainer:
             resharded = self.source.resume(states, reshard=self.config.train.data_resume == "reshard")
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
             refused = e
-        # multi-host: every process learns whether any refused (one going on alone would wait in a collective)
-        who = [i for i, r in enumerate(_gather_process_states({"refused": refused is not None})) if r["refused"]]
+        # multi-host: every process learns whether any refused (one going on alone would wait in a collective),
+        # and whether all resumed the same way (exactly / resharded: a mix would train from two data positions)
+        every = _gather_process_states({"refused": refused is not None, "resharded": resharded is not None})
+        who = [i for i, r in enumerate(every) if r["refused"]]
         if refused is not None:
             raise CheckpointError(self._data_state_message(step, meta, refused)) from refused
         if who:
             raise CheckpointError(f"process(es) {who} could not resume their data iterator from step {step} in "
                                   f"workdir {self.workdir} (their logs say why); this process stops with them")
-        if resharded is not None:  # logged by run() (this process's part: its start element)
+        if len({r["resharded"] for r in every}) > 1:
+            raise CheckpointError(
+                f"process(es) {[i for i, r in enumerate(every) if r['resharded']]} resharded the data state of step "
+                f"{step} in workdir {self.workdir}, the others resumed theirs exactly: their data settings differ "
+                "(every host must run the same config)")
+        if resharded is not None:  # logged by run() (this process's part: its offsets)
             self.data_resharded = dict(from_processes=len(states), from_packs_per_process=meta.get("local_packs"),
                                        processes=jax.process_count(), packs_per_process=self.local_packs,
                                        **resharded)
