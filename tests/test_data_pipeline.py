@@ -427,15 +427,16 @@ def test_resharded_state_goes_on_with_each_datasets_order(data, model_cfg, tmp_p
     """2 processes read 3 steps of a mix of 60 and 7 records (the 7 wrap into later epochs, not divisible by
     the process counts); 3 processes, then 1, resume from their states: each new process reads, per dataset,
     exactly its own places of the global epoch-major order from the first position the old processes had not
-    reached together (the reference order is one process's), and `read_twice` counts the old reads past that
-    position (enumerated here)."""
+    reached together (the reference order is one process's), `read_twice` counts the old reads past that
+    position (enumerated here), and the samples the old processes held in their buffers are shared out."""
     from echo4o_jax.data.records import decode_record
 
     small = _write_dataset(tmp_path / "small", 7, 9, prefix="s", sizes=(16,))
     c = _cfg(data, datasets=(DatasetSpec(data["a"], 2.0), DatasetSpec(small, 1.0)), packs_per_step=2,
              max_buffer_size=4)
-    states = [json.loads(json.dumps(_run(DataPipeline(c, model_cfg, process_index=p, process_count=2), 3)[1]))
-              for p in range(2)]
+    olds = [DataPipeline(c, model_cfg, process_index=p, process_count=2) for p in range(2)]
+    states = [json.loads(json.dumps(_run(pipe, 3)[1])) for pipe in olds]
+    held = sorted(olds[i].elements[k]["id"] for i, st in enumerate(states) for k in st["buffer"] + st["carry"])
     one = DataPipeline(c, model_cfg)  # one process reads every place: its record stream is the global order
     sizes = one.dataset_sizes
     assert sizes == [60, 7]
@@ -447,28 +448,33 @@ def test_resharded_state_goes_on_with_each_datasets_order(data, model_cfg, tmp_p
         for i, u in enumerate(used[d]):
             L = len(range(i, n, 2))
             twice += sum((j // L) * n + i + (j % L) * 2 >= sum(used[d]) for j in range(u))
-    assert sum(len(st["buffer"]) + len(st["carry"]) for st in states)  # `dropped` exercised
+    assert held  # handing over exercised
     for P in (3, 1):
+        taken = []
         for p in range(P):
             pipe = DataPipeline(dataclasses.replace(c, packs_per_step=3 - P // 3), model_cfg, process_index=p,
                                 process_count=P)
             state, info = pipe.resharded_state(states)
             assert info["read_twice"] == twice
-            assert info["dropped"] == sum(len(st["buffer"]) + len(st["carry"]) for st in states)
+            assert info["handed_over"] == len(held)
+            taken += [pipe.held_element(x, state["offsets"])["id"] for x in state["buffer"]]
             els = pipe.elements_from(state["offsets"])
             read = [els[k] for k in range(30)]
             for d, n in enumerate(sizes):
                 got = [e["id"] for e in read if e["dataset"] == d]
                 places = (g for g in range(sum(used[d]), 10**6) if (g % n) % P == p)
                 assert got == [glob(d, next(places)) for _ in got], (P, p, d)
-            if P == 3 and p == 2:  # the iterator trains that stream; its state (offsets kept) resumes exactly
+            if P == 3 and p == 0:  # it trains its held samples and that stream; its state resumes exactly
+                assert state["buffer"]
                 full, _ = _run(pipe, 3, state)
                 head, st = _run(pipe, 2, state)
                 assert st["offsets"] == state["offsets"]
                 tail, _ = _run(pipe, 1, json.loads(json.dumps(st)))
                 _assert_same(head + tail, full)
                 stream = [e["id"] for e in (els[k] for k in range(st["next_element"]))]
-                assert set(i for _, b in head for pack in b["sample_ids"] for i in pack) <= set(stream)
+                trained = {i for _, b in head for pack in b["sample_ids"] for i in pack}
+                assert trained <= set(stream) | set(held) and set(taken) <= trained
+        assert sorted(taken) == held
     with pytest.raises(ValueError, match="another configuration"):
         DataPipeline(dataclasses.replace(c, seed=9), model_cfg).resharded_state(states)
     old = [{k: v for k, v in st.items() if k != "read_by_dataset"} for st in states]

@@ -183,7 +183,7 @@ def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path,
                                    "elements_read", "offsets", "read_twice")} == dict(
         from_processes=1, from_packs_per_process=1, processes=1, packs_per_process=2,
         elements_read=st["next_element"], offsets=[st["next_element"]], read_twice=0)
-    assert st["next_element"] > 0 and rec[0]["dropped"] == len(st["buffer"]) + len(st["carry"])
+    assert st["next_element"] > 0 and rec[0]["handed_over"] == len(st["buffer"]) + len(st["carry"])
     assert "[train] data resharded (train.data_resume=reshard): 1 process(es) x 1 pack(s) -> 1 x 2" in \
         capsys.readouterr().out
 

@@ -259,9 +259,9 @@ def test_two_processes_stop_and_resume_as_if_never_stopped(tmp_path):
     read = [sum(s["read_by_dataset"][d] for s in states) for d in range(len(states[0]["read_by_dataset"]))]
     assert len(rec) == 1 and rec[0]["step"] == stopped and min(read) > 0  # (the demo mixes 3 datasets)
     # one process goes on from every dataset's first record that neither old process had read
-    assert {k: rec[0][k] for k in ("from_processes", "processes", "packs_per_process", "offsets", "dropped")} == dict(
+    assert {k: rec[0][k] for k in ("from_processes", "processes", "packs_per_process", "offsets", "handed_over")} == dict(
         from_processes=2, processes=1, packs_per_process=2, offsets=read,
-        dropped=sum(len(s["buffer"]) + len(s["carry"]) for s in states))
+        handed_over=sum(len(s["buffer"]) + len(s["carry"]) for s in states))
     assert sorted(_losses(one)) == list(range(1, 7))
 
 

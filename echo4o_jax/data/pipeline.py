@@ -60,8 +60,8 @@ index, so a resumed run yields exactly the batches of an uninterrupted one, with
 Resume on another process count or `packs_per_step` (`DataPipeline.resharded_state`, the trainer's
 `train.data_resume="reshard"`): per dataset, each process starts at its first record past those all old
 processes had read together, in the same shuffled order of the same epoch; the mixed stream restarts
-from there. Exact but for the old processes' uneven reads (counted: read twice / not read) and the
-samples in their overflow buffers (counted: dropped); the method's docstring.
+from there; the samples the old processes held in their overflow buffers are handed over. Exact but for
+the old processes' uneven reads (counted: read twice / not read); the method's docstring.
 """
 
 from __future__ import annotations
@@ -511,7 +511,7 @@ class DataPipeline:
 
         self.shards: list[list[str]] = []
         self.dataset_sizes: list[int] = []  # records per dataset
-        self._parts = []  # per dataset: this process's tagged records (shuffled, its slice, repeated)
+        self._sources = []
         for i, spec in enumerate(config.datasets):
             files = resolve_shards(spec.path)
             self.shards.append(files)
@@ -521,15 +521,11 @@ class DataPipeline:
             n = len(src)
             if n < process_count:
                 raise ValueError(f"dataset {spec.label} has {n} records, fewer than {process_count} processes")
-            ds = grain.MapDataset.source(src)
-            if config.shuffle:
-                ds = ds.shuffle(seed=_seed32(config.seed, i, "shuffle"))
-            ds = ds.slice(slice(self.process_index, None, self.process_count))
-            ds = ds.repeat(config.num_epochs)
-            self._parts.append(ds.map(_TagDataset(i)))
+            self._sources.append(src)
             self.dataset_sizes.append(n)
         self._prepare = _Prepare(config, model_cfg, self.latents)
-        self._streams: dict[tuple[int, ...], Any] = {}
+        self._streams: dict[tuple, Any] = {}
+        self._parts = self._process_parts(self.process_index, self.process_count)
         self.elements = self.elements_from(None)
         self.fingerprint = self._fingerprint()
         self.stream_fingerprint = self._fingerprint(stream_only=True)
@@ -598,19 +594,47 @@ class DataPipeline:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     # -------------------------------------------------------------------------------------- iterators
-    def elements_from(self, offsets: Sequence[int] | None):
-        """The prepared elements (random access, index k): each dataset's records from its element `offsets[d]`
-        of this process on (where a resharded run starts, `resharded_state`; None: from the start), mixed by
-        weight."""
+    def _process_parts(self, index: int, count: int) -> list:
+        """Per dataset: the tagged records of process `index` of `count` (shuffled, its slice, repeated)."""
         import grain
 
-        key = tuple(int(o) for o in offsets) if offsets else (0,) * len(self._parts)
+        c = self.config
+        parts = []
+        for i, src in enumerate(self._sources):
+            ds = grain.MapDataset.source(src)
+            if c.shuffle:
+                ds = ds.shuffle(seed=_seed32(c.seed, i, "shuffle"))
+            ds = ds.slice(slice(index, None, count)).repeat(c.num_epochs)
+            parts.append(ds.map(_TagDataset(i)))
+        return parts
+
+    def elements_from(self, offsets: Sequence[int] | None, place: tuple[int, int] | None = None):
+        """The prepared elements (random access, index k): each dataset's records from its element `offsets[d]`
+        of this process on (where a resharded run starts, `resharded_state`; None: from the start), mixed by
+        weight. `place` (index, count): another process's stream (an old run's, for its buffered samples)."""
+        import grain
+
+        place = (self.process_index, self.process_count) if place is None else tuple(int(x) for x in place)
+        key = (place, tuple(int(o) for o in offsets) if offsets else (0,) * len(self._parts))
         if key not in self._streams:
-            parts = [ds.slice(slice(o, None)) if o else ds for ds, o in zip(self._parts, key)]
+            own = place == (self.process_index, self.process_count)
+            base = self._parts if own else self._process_parts(*place)
+            parts = [ds.slice(slice(o, None)) if o else ds for ds, o in zip(base, key[1])]
             weights = [d.weight for d in self.config.datasets]
             mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
             self._streams[key] = mixed.map_with_index(self._prepare)
         return self._streams[key]
+
+    def held_element(self, entry, offsets: Sequence[int] | None) -> dict:
+        """A buffered / carried sample of an iterator state: its index k in this process's stream (from
+        `offsets`), or [process index, process count, offsets, k]: one an old run's process held
+        (`resharded_state` hands them over), recomputed from that process's stream."""
+        if isinstance(entry, list):
+            index, count, offs, k = entry
+            el = self.elements_from(offs, place=(index, count))[int(k)]
+            el["held_from"] = entry
+            return el
+        return self.elements_from(offsets)[int(entry)]
 
     def element_iterator(self, start: int = 0, offsets: Sequence[int] | None = None):
         """Prepared elements from index `start` on (worker processes if configured) of `elements_from(offsets)`."""
@@ -640,9 +664,9 @@ class DataPipeline:
         record at a global position >= T (`offsets`, per dataset) and the mixed stream restarts there. Exact
         when the old processes' reads end at one global position; otherwise the records an old process had
         read past T are read again and as many below T not at all (`read_twice`, the same count), this epoch.
-        The records held in the old processes' overflow buffers / carried over (read, not yet trained: at most
-        `max_buffer_size` + 1 per old process) are not trained (`dropped`). A ValueError when the states
-        cannot be resharded (another data configuration, an older version)."""
+        The samples the old processes held in their overflow buffers / carried over (read, not yet trained)
+        are handed over: process p takes every P-th of them into its buffer (`handed_over`, their number). A
+        ValueError when the states cannot be resharded (another data configuration, an older version)."""
         D = len(self._parts)
         for i, st in enumerate(states):
             if st.get("version") != _STATE_VERSION:
@@ -671,11 +695,14 @@ class DataPipeline:
         # from the largest old one on, no (process, pack) seed of the old run is drawn again
         for k in ("steps_emitted", "packs_emitted"):
             counters[k] = max(int(st["counters"][k]) for st in states)
+        held = [x if isinstance(x, list) else [i, P_old, st.get("offsets"), int(x)]  # (`held_element`)
+                for i, st in enumerate(states) for x in list(st["buffer"]) + list(st["carry"])]
         state = {"version": _STATE_VERSION, "fingerprint": self.fingerprint,
                  "stream_fingerprint": self.stream_fingerprint, "offsets": offsets, "next_element": 0,
-                 "read_by_dataset": [0] * D, "exhausted": False, "buffer": [], "carry": [], "counters": counters}
+                 "read_by_dataset": [0] * D, "exhausted": False, "buffer": held[p::P], "carry": [],
+                 "counters": counters}
         info = {"elements_read": sum(int(st["next_element"]) for st in states), "offsets": offsets,
-                "read_twice": read_twice, "dropped": sum(len(st["buffer"]) + len(st["carry"]) for st in states)}
+                "read_twice": read_twice, "handed_over": len(held)}
         return state, info
 
 
@@ -797,8 +824,8 @@ class PackIterator:
             "next_element": self._next_k,
             "read_by_dataset": self._read_by_dataset,
             "exhausted": self._exhausted,
-            "buffer": [e["k"] for e in self._buffer],
-            "carry": [e["k"] for e in self._carry],
+            "buffer": [e.get("held_from", e["k"]) for e in self._buffer],
+            "carry": [e.get("held_from", e["k"]) for e in self._carry],
             "counters": dict(self.counters),
         }
 
@@ -813,9 +840,8 @@ class PackIterator:
         rbd = state.get("read_by_dataset")
         self._read_by_dataset = None if rbd is None else [int(x) for x in rbd]
         self._exhausted = bool(state["exhausted"])
-        elements = self.pipe.elements_from(self._offsets)
-        self._buffer = [elements[int(k)] for k in state["buffer"]]
-        self._carry = [elements[int(k)] for k in state["carry"]]
+        self._buffer = [self.pipe.held_element(x, self._offsets) for x in state["buffer"]]
+        self._carry = [self.pipe.held_element(x, self._offsets) for x in state["carry"]]
         self.counters.update({k: int(v) for k, v in state["counters"].items()})
 
     # -------------------------------------------------------------------------------------- iteration

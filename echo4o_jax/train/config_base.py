@@ -75,8 +75,8 @@ def base_config() -> ConfigDict:
         compilation_cache="",
         # a records checkpoint's data position on another process count or packs per process: "exact" refuses it
         # (the error names what changed); "reshard" goes on, per dataset, from the first sample past those the old
-        # processes had read, in the same shuffled order (their buffered samples are dropped; their uneven reads
-        # give a few samples read twice or not at all; log.jsonl's data_resharded record counts both).
+        # processes had read, in the same shuffled order (their buffered samples are handed over; their uneven
+        # reads give a few samples read twice or not at all: log.jsonl's data_resharded record counts them).
         # Synthetic data resumes exactly either way.
         data_resume="exact",
     ))

@@ -11,7 +11,7 @@ the error names the data settings that differ from the checkpoint's run, which i
 process count or packs per process (another slice) is refused too unless `train.data_resume="reshard"`:
 then each process goes on from where the old processes had read (`DataPipeline.resharded_state`), logged
 as a `{"step": s, "event": "data_resharded", ...}` record (this process's start `offsets` per dataset,
-`read_twice`, `dropped`; the main process's).
+`read_twice`, `handed_over`; the main process's).
 WORKDIR/model_config/ and WORKDIR/config.json are written after a successful restore (or, in a new workdir,
 before the first step), never before: a refused run leaves the workdir as it was. A checkpoint that cannot
 be read is a `CheckpointError` naming the earlier steps to resume from instead.
@@ -535,8 +535,8 @@ class Trainer:
                     "checkpoint's values, ")
             if getattr(e, "reshardable", False):  # (records: only the process count / packs per process changed)
                 msg += ("set train.data_resume=reshard to go on from where the run's data had got to (each process "
-                        "from its first sample past those read, in the same shuffled order; the old processes' "
-                        "buffered samples are dropped and a few may be read twice or skipped), ")
+                        "from its first sample past those read, in the same shuffled order, the old processes' "
+                        "buffered samples handed over; a few may be read twice or skipped), ")
             return msg + "or use another --workdir"
         return msg + ("No data setting differs from the checkpoint's run: the pipeline's inputs did (dataset files, "
                       "their paths relative to the current folder). Resume with the same inputs, or use another "
@@ -639,8 +639,8 @@ class Trainer:
                     print(f"[train] data resharded (train.data_resume=reshard): {r['from_processes']} process(es) x "
                           f"{r['from_packs_per_process']} pack(s) -> {r['processes']} x {r['packs_per_process']}; "
                           f"this process starts at its records {r['offsets']} of each dataset; {r['read_twice']} "
-                          f"sample(s) read twice and as many not read (the old processes' uneven reads), "
-                          f"{r['dropped']} dropped (their overflow buffers)", flush=True)
+                          f"sample(s) read twice and as many not read (the old processes' uneven reads); "
+                          f"{r['handed_over']} buffered sample(s) handed over", flush=True)
             batch = next(self.source)
             compile_s = self.compile(batch)
             logger.log(start, dict(compile_seconds=compile_s, compile_cache_hit=self.compile_cache_hit))
