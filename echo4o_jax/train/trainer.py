@@ -417,14 +417,12 @@ class Trainer:
         step = int(self.state["step"])
         # data_config / local_packs / process_count: what the data state was made with (named by restore()
         # when another data config cannot resume it)
-        states = _gather_process_states(self.source.get_state())  # (every process's: the JSON item is process 0's)
+        # data_states [process]: every process's data iterator (the JSON item is written by process 0)
         meta = dict(step=step, rng=np.asarray(jax.device_get(self.state["rng"])).tolist(),
-                    data_state=states[0], time=time.time(),
+                    data_states=_gather_process_states(self.source.get_state()), time=time.time(),
                     data_config=json.loads(self.config.data.to_json_best_effort()),
                     local_packs=self.local_packs, process_count=jax.process_count(),
                     vae_fingerprint=self.vae_fingerprint)
-        if len(states) > 1:
-            meta["data_states"] = states  # [process]: each process resumes its own iterator
         from .. import checkpoint as ck
 
         full = _merge_trees(self.state["params"], self.buffers)
@@ -471,7 +469,7 @@ class Trainer:
                 f"the frozen VAE of this config differs from the one the run in workdir {self.workdir} trained "
                 f"with (checkpoint of step {step}): {how}. Resume with the run's settings (its config.json), or "
                 "use another --workdir")
-        states = meta.get("data_states") or [meta["data_state"]]
+        states = meta.get("data_states") or [meta["data_state"]]  # (data_state: one process's, older checkpoints)
         refused = resharded = None
         try:
             resharded = self.source.resume(states, reshard=self.config.train.data_resume == "reshard")
