@@ -4,6 +4,7 @@ for, plus dataset comparison helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -16,7 +17,7 @@ from fake_openai import FakeOpenAIServer, Reply, Request, message_images, messag
 
 __all__ = ["API_KEY", "FakeOpenAIServer", "Reply", "Request", "message_images", "message_text", "solid_png",
            "chat_answer", "image_answer", "synth_server", "path_counts", "request_body_key", "dataset_contents",
-           "all_file_bytes", "small_image_folder"]
+           "all_file_bytes", "small_image_folder", "fast_config", "fast_cli_args", "data_gen", "one_line_error"]
 
 API_KEY = "sk-test-SYNTHSECRET-0123456789abcdef"
 
@@ -131,6 +132,30 @@ def fast_config(server, **kw):
                 backoff_max=0.05, timeout=10.0)
     base.update(kw)
     return SynthConfig(**base)
+
+
+def fast_cli_args(server) -> list[str]:
+    """The options of fast_config, for ``python -m data_gen``."""
+    return ["--base-url", server.base_url, "--image-size", "32x32", "--chat-rpm", "0", "--image-rpm", "0",
+            "--backoff-base", "0.01", "--backoff-max", "0.05", "--timeout", "10", "--no-progress"]
+
+
+def data_gen(*args) -> tuple[int, str, str]:
+    """``python -m data_gen ARGS`` in this process: (exit status, stdout, stderr)."""
+    from echo4o_jax.synth.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_line_error(err: str) -> str:
+    """The one 'error: ...' line of a refused run's stderr (no traceback)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 # fixtures shared by the synthesis test modules (imported there by name)

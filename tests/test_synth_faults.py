@@ -5,16 +5,19 @@ key never written or logged."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
 
 import pytest
-from synth_fakes import (API_KEY, Reply, _api_key, all_file_bytes, dataset_contents, fast_config,  # noqa: F401
-                         message_text, request_body_key, server, small_image_folder)
+from synth_fakes import (API_KEY, Reply, _api_key, all_file_bytes, data_gen, dataset_contents,  # noqa: F401
+                         fast_cli_args, fast_config, message_text, one_line_error, request_body_key, server,
+                         small_image_folder, solid_png)
 
 from echo4o_jax.data.records import RecordError, RecordReader, load_manifest, probe_image
 from echo4o_jax.synth import Journal, JournalError, SynthConfig, SynthError, make_track, run_track
@@ -172,11 +175,91 @@ def test_api_key_never_written_or_logged(server, tmp_path, caplog, capsys):
     assert "[REDACTED]" in caplog.text  # the echoed key was there, and was redacted
 
 
+def test_api_key_with_a_trailing_newline_is_a_fatal_error(server, tmp_path, monkeypatch):
+    """A pasted key with a newline: one line naming the variable (never the key), exit status 2 (a fatal
+    API error), no call made; with the key fixed the same command completes the dataset."""
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY + "\n")
+    args = ["surreal", "--out", tmp_path / "ds", "--limit", 2, *fast_cli_args(server)]
+    rc, out, err = data_gen(*args)
+    assert rc == 2 and not out
+    line = one_line_error(err)
+    assert "environment variable OPENAI_API_KEY holds a newline" in line and API_KEY not in err
+    assert not server.requests
+    for p, data in all_file_bytes(tmp_path).items():
+        assert API_KEY.encode() not in data, p
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    rc, out, err = data_gen(*args)
+    assert rc == 0, err
+    assert json.loads(out)["complete"] and len(dataset_contents(tmp_path / "ds")) == 2
+
+
+def test_out_or_journal_dir_that_is_a_file(server, tmp_path):
+    """One line naming the path, exit status 2, nothing made (dry run or not), the file left alone."""
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    cases = [(["--out", f], f"the dataset folder (--out) {f} is a file, not a folder"),
+             (["--out", f / "ds"],
+              f"the dataset folder (--out) {f / 'ds'} cannot be made: {f} is a file, not a folder"),
+             (["--out", tmp_path / "ds", "--journal-dir", f],
+              f"the journal folder (--journal-dir) {f} is a file, not a folder")]
+    for args, expected in cases:
+        for dry in ([], ["--dry-run"]):
+            rc, out, err = data_gen("surreal", *args, "--limit", 1, *fast_cli_args(server), *dry)
+            assert rc == 2 and one_line_error(err) == f"error: {expected}", (args, dry)
+    assert f.read_text() == "keep me" and not (tmp_path / "ds").exists() and not server.requests
+
+
+def test_corrupt_journal_blob_is_asked_again(server, tmp_path, caplog):
+    """A journaled image whose blob no longer matches its sha256 (a flipped byte, same size) is not
+    replayed: a warning names the blob and the call, that call alone is asked again and journaled, the
+    run completes, and the corrupt bytes never reach the dataset."""
+    cfg = make_cfg(server)
+    ds = tmp_path / "ds"
+    assert run_track(make_track("surreal", cfg), ds, limit=2, progress=False).complete
+    good = dataset_contents(ds)
+    j = Journal(ds / "journal", read_only=True)
+    ref = next(e for e in j.entries() if e["label"] == "gpt4o/surreal/0000000:image")["blobs"][0]
+    blob = ds / "journal" / "blobs" / ref["sha256"][:2] / f"{ref['sha256']}.{ref['ext']}"
+    image_call = request_body_key(server.calls(GEN)[0])  # sample 0's (one sample at a time)
+
+    def corrupt_and_rebuild() -> list:
+        data = bytearray(blob.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blob.write_bytes(bytes(data))
+        (ds / "manifest.json").unlink()
+        for p in ds.glob("*.array_record"):
+            p.unlink()
+        caplog.clear()
+        n = len(server.requests)
+        with caplog.at_level(logging.WARNING):
+            s = run_track(make_track("surreal", cfg), ds, limit=2, progress=False)
+        assert s.complete and s.written == 2 and not s.skipped
+        assert f"gpt4o/surreal/0000000:image: journaled answer not replayed: blob {blob} is corrupt" in caplog.text
+        return [request_body_key(r) for r in server.requests[n:]]
+
+    # the same answer comes back: the blob file is repaired, and the dataset is the one made before
+    assert corrupt_and_rebuild() == [image_call]
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == ref["sha256"]
+    assert dataset_contents(ds) == good
+    # another answer comes back: it is journaled and written; the corrupt bytes are not
+    other = solid_png(32, 32, (1, 2, 3))
+    server.push(GEN, Reply.text([other]))
+    assert corrupt_and_rebuild() == [image_call]
+    written = {rec.id: rec.images[0] for rec in RecordReader(ds, verify=True)}
+    assert written["gpt4o/surreal/0000000"] == other and blob.read_bytes() not in written.values()
+    (ds / "manifest.json").unlink()  # a rebuild now replays every answer, the new one included
+    n = len(server.requests)
+    assert run_track(make_track("surreal", cfg), ds, limit=2, progress=False, overwrite=True).complete
+    assert len(server.requests) == n
+    assert {rec.id: rec.images[0] for rec in RecordReader(ds)} == written
+
+
 def test_journal_torn_line_and_lock(tmp_path):
     j = Journal(tmp_path / "j")
     ref = j.put_blob(b"\x89PNG\r\n\x1a\nfake", "png")
     j.append({"key": "a", "status": "ok", "text": "x", "blobs": [ref]})
-    with pytest.raises(JournalError, match="in use"):
+    in_use = f"the journal {tmp_path / 'j'} is in use by another run \\(pid {os.getpid()};"
+    with pytest.raises(JournalError, match=in_use):
         Journal(tmp_path / "j")
     j.close()
     with open(tmp_path / "j" / "journal.jsonl", "ab") as f:

@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from synth_fakes import (fast_config, API_KEY, FakeOpenAIServer, Reply, all_file_bytes, chat_answer, dataset_contents,
-                         image_answer, request_body_key, synth_server)
+from synth_fakes import (fast_config, API_KEY, FakeOpenAIServer, Reply, all_file_bytes, chat_answer, data_gen,
+                         dataset_contents, fast_cli_args, image_answer, one_line_error, request_body_key, synth_server)
 
 from echo4o_jax.data.records import load_manifest
 from echo4o_jax.synth import Journal, SynthConfig, SynthError, dry_run, make_track, run_track
@@ -249,3 +249,45 @@ def test_rebuild_with_an_emptied_or_moved_journal(tmp_path):
         assert (s.mode, s.written, s.complete) == ("append", 2, True)
         assert load_manifest(ds)["info"]["synth"]["journal"] == "journal"
         assert records.items() < dataset_contents(ds).items()
+
+
+def test_second_run_into_the_same_dataset_folder_is_refused(tmp_path):
+    """Two runs into one --out with different journals once both paid for every call and the manifest
+    listed the shards of one: the dataset folder is locked too; the second run is refused (one line naming
+    the folder and the first run's pid, exit status 2) before any call or file, and the first completes."""
+    reached, release = threading.Event(), threading.Event()
+
+    def images(req):
+        reached.set()
+        release.wait(30)
+        return image_answer(req)
+
+    out = tmp_path / "ds"
+    first: dict = {}
+
+    def run_first():
+        try:
+            first["summary"] = run_track(make_track("surreal", make_cfg(srv, concurrency=1)), out, limit=2,
+                                         progress=False, journal_dir=tmp_path / "J1")
+        except BaseException as e:  # (reported by the assertions below)
+            first["error"] = e
+
+    with FakeOpenAIServer(chat_handler=chat_answer, image_handler=images) as srv:
+        t = threading.Thread(target=run_first)
+        t.start()
+        try:
+            assert reached.wait(60), "the first run never reached its first image call"
+            n = len(srv.requests)
+            rc, o, e = data_gen("surreal", "--out", out, "--journal-dir", tmp_path / "J2", "--limit", 2,
+                                *fast_cli_args(srv))
+            assert rc == 2 and not o
+            assert one_line_error(e) == (f"error: the dataset folder {out} is in use by another run (pid "
+                                         f"{os.getpid()}; lock file {out / 'synth.lock'}): one run at a time")
+            assert len(srv.requests) == n and not (tmp_path / "J2").exists()
+        finally:
+            release.set()
+            t.join(60)
+    assert "error" not in first, first.get("error")
+    assert first["summary"].complete and first["summary"].written == 2
+    m = load_manifest(out)
+    assert m["complete"] and m["records"] == 2 and len(dataset_contents(out)) == 2

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
-from synth_fakes import (API_KEY, _api_key, fast_config, message_images, server,  # noqa: F401
-                         small_image_folder)
+from synth_fakes import (API_KEY, _api_key, data_gen, fast_cli_args, fast_config, message_images,  # noqa: F401
+                         one_line_error, server, small_image_folder)
 
 from echo4o_jax.data.records import RecordReader
 from echo4o_jax.synth import SynthConfig, dry_run, get_template, make_track, run_track
@@ -261,3 +261,107 @@ def test_progress_bar_shows_calls_failures_spend(server, tmp_path):
     text = buf.getvalue()
     for field in ("calls=", "failed=", "usd=", "3/3"):
         assert field in text, text
+
+
+@pytest.mark.parametrize("content,expected", [
+    ('{"concurrency": "4"}', 'concurrency: expected an integer >= 1, got string "4"'),
+    ('{"image_size": 1024}', "image_size: expected a string, got integer 1024"),
+    ('{"max_failures": "x"}', 'max_failures: expected an integer >= 0, got string "x"'),
+    ('{"timeout": -1}', "timeout: expected a number > 0, got integer -1"),
+    ('{"refusal_patterns": "sorry"}', 'refusal_patterns: expected a list of strings, got string "sorry"'),
+    ('{"surreal_types": {"hybridization": "1"}}', "surreal_types: expected an object of numbers, got object"),
+    ('{"prices": {"gpt-4o": {"input_per_1m": "2.5"}}}',
+     "prices['gpt-4o']['input_per_1m']: expected a number >= 0 (USD), got string \"2.5\""),
+    ('{"seed": 1,\n}', "not valid JSON (Expecting property name enclosed in double quotes: line 2"),
+    ('[1, 2]', "expected a JSON object, got list"),
+], ids=["str-int", "int-str", "max_failures", "timeout", "patterns", "weights", "prices", "bad-json", "not-object"])
+def test_bad_config_file_is_refused_before_any_call(server, tmp_path, content, expected):
+    """Each value of a --config file is checked (type and range) up front: one line naming the file, the
+    key, what it expects and what it got; exit status 2; no call, no file (dry run or not)."""
+    cfg = tmp_path / "my config.json"
+    cfg.write_text(content)
+    for dry in ([], ["--dry-run"]):
+        rc, out, err = data_gen("surreal", "--out", tmp_path / "ds", "--limit", 2, "--config", cfg,
+                                *fast_cli_args(server), *dry)
+        assert rc == 2 and not out
+        assert one_line_error(err).startswith(f"error: config file {cfg}: {expected}")
+    assert not server.requests and not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--timeout", "-1", "timeout: expected a number > 0, got number -1.0"),
+    ("--concurrency", "0", "concurrency: expected an integer >= 1, got integer 0"),
+    ("--backoff-max", "nan", "backoff_max: expected a number >= 0, got number NaN"),
+    ("--shard-bytes", "0", "shard_bytes: expected an integer >= 1, got integer 0"),
+    ("--image-size", "1024", 'image_size: expected WIDTHxHEIGHT (e.g. 1024x1024) or auto, got string "1024"'),
+])
+def test_bad_command_line_setting_is_refused_before_any_call(server, tmp_path, option, value, expected):
+    rc, out, err = data_gen("instruction", "--out", tmp_path / "ds", "--limit", 2, *fast_cli_args(server),
+                            option, value)
+    assert rc == 2 and one_line_error(err) == f"error: command line: {expected}"
+    assert not server.requests and not (tmp_path / "ds").exists()
+
+
+def test_config_values_are_checked_in_code_too():
+    with pytest.raises(ValueError, match=r"^max_image_pixels: expected an integer >= 1 or null, got integer 0$"):
+        SynthConfig(max_image_pixels=0)
+    with pytest.raises(ValueError, match=r"^multiref_combos\['x'\]: expected \[list of categories, weight >= 0\]"):
+        SynthConfig(multiref_combos={"x": ["human", 1.0]})
+    with pytest.raises(ValueError, match=r"^instruction_bins\['easy'\]: expected \[min constraints, .* got a list of 3"):
+        SynthConfig().update({"instruction_bins": {"easy": [1, 2, 1]}})
+    with pytest.raises(ValueError, match=r"^prices\['gpt-4o'\]: unknown key 'input_per_1M'"):
+        SynthConfig().update({"prices": {"gpt-4o": {"input_per_1M": 2.5}}})
+    with pytest.raises(ValueError, match=r"^refusal_patterns\[0\]: not a regular expression"):
+        SynthConfig(refusal_patterns=["(sorry"])
+    cfg = SynthConfig().update({"timeout": 30, "refusal_patterns": ["^no"], "max_image_pixels": None})
+    assert cfg.timeout == 30 and cfg.refusal_patterns == ("^no",) and cfg.max_image_pixels is None
+
+
+def _edited_templates(tmp_path, name: str, old: str, new: str) -> Path:
+    tdir = tmp_path / "templates"
+    tdir.mkdir(exist_ok=True)
+    text = Path(get_template(name).path).read_text()
+    assert old in text
+    (tdir / f"{name}.txt").write_text(text.replace(old, new))
+    return tdir
+
+
+def test_template_with_an_unknown_placeholder_is_refused_before_any_call(server, tmp_path):
+    """Checked when the track is built, so --dry-run finds it too: one line naming the template file and
+    the placeholder, exit status 2, no call and no file."""
+    tdir = _edited_templates(tmp_path, "surreal_deflect", "Variation hint: {{hint}}",
+                             "Variation hint: {{hint}} {{nothing}}")
+    tfile = tdir / "surreal_deflect.txt"
+    with pytest.raises(ValueError) as ei:
+        make_track("surreal", make_cfg(server, template_dir=str(tdir)))
+    assert str(ei.value) == (f"template file {tfile} uses {{{{nothing}}}}, which the surreal track does not fill in "
+                             "surreal_deflect (it fills {{deflection_type}}, {{hint}}, {{objects}})")
+    for dry in ([], ["--dry-run"]):
+        rc, out, err = data_gen("surreal", "--out", tmp_path / "ds", "--limit", 2, "--template-dir", tdir,
+                                *fast_cli_args(server), *dry)
+        assert rc == 2 and not out
+        assert one_line_error(err) == f"error: {ei.value}"
+    assert not server.requests and not (tmp_path / "ds").exists()
+
+
+def test_template_option_and_folder_errors_name_the_file(server, tmp_path):
+    """A template option that does not parse, or a template / word list folder that does not exist: one line
+    naming the file or folder, before any call (a bad temperature once failed each sample after its
+    calls)."""
+    tdir = _edited_templates(tmp_path, "instruction_rewrite", "# temperature: 0", "# temperature: warm")
+    with pytest.raises(ValueError, match=f"^template file {tdir / 'instruction_rewrite.txt'}: '# temperature: warm' "
+                                         "is not a number$"):
+        make_track("instruction", make_cfg(server, template_dir=str(tdir)))
+    (tdir / "ref_scene.txt").write_bytes(b"# version: \xff\n")  # not UTF-8
+    rc, _, err = data_gen("multiref", "--out", tmp_path / "ds", "--limit", 1, "--template-dir", tdir, "--dry-run")
+    assert rc == 2 and str(tdir / "ref_scene.txt") in one_line_error(err)
+    # a --template-dir / --data-dir that does not exist is refused (not silently replaced by the built-ins)
+    rc, _, err = data_gen("surreal", "--out", tmp_path / "ds", "--limit", 1, "--template-dir", tmp_path / "nope",
+                          "--dry-run")
+    assert rc == 2
+    assert one_line_error(err) == f"error: template folder {tmp_path / 'nope'} does not exist (or is not a folder)"
+    rc, _, err = data_gen("surreal", "--out", tmp_path / "ds", "--limit", 1, "--data-dir", tmp_path / "nope",
+                          "--dry-run")
+    assert rc == 2
+    assert one_line_error(err) == f"error: word list folder {tmp_path / 'nope'} does not exist (or is not a folder)"
+    assert not server.requests

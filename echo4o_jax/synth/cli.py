@@ -10,8 +10,11 @@ Tracks: ``surreal`` (surreal fantasy), ``multiref`` (multi-reference composition
     python -m data_gen instruction --out data/synth/instr --limit 2000 --base-url http://127.0.0.1:8000/v1
 
 Run the same command again after a crash or a kill: paid calls are journaled (``<out>/journal``) and
-never repeated; a larger ``--limit`` extends a finished dataset. Exit status: 0 complete, 1 incomplete
-(failed samples: run again), 2 bad arguments / settings / fatal API error, 130 interrupted.
+never repeated; a larger ``--limit`` extends a finished dataset. Every setting (``--config`` file and
+options) and every template is checked before any call (``--dry-run`` too). Exit status: 0 complete,
+1 incomplete (failed samples: run again), 2 bad arguments / settings / templates, a dataset folder or
+journal in use by another run, or a fatal API error (bad or missing key, no access, no quota),
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> SynthConfig:
     return load_config(
-        args.config, seed=args.seed, chat_model=args.chat_model, vision_model=args.vision_model,
+        args.config, overrides_from="command line", seed=args.seed, chat_model=args.chat_model,
+        vision_model=args.vision_model,
         image_model=args.image_model, edit_model=args.edit_model, base_url=args.base_url,
         api_key_env=args.api_key_env, require_api_key=False if args.no_api_key else None,
         image_size=args.image_size, image_quality=args.image_quality, image_output_format=args.image_format,

@@ -17,8 +17,10 @@ Every call goes through :meth:`SynthClient._call`:
    policy / moderation, ``finish_reason == "content_filter"``, a ``refusal`` message, or an answer
    matching ``refusal_patterns``) is journaled with status ``refused`` and raised as :class:`Refused`;
 5. a successful answer is journaled (images first, as blobs) with its usage and estimated cost. A
-   journaled image answer whose blobs do not decode (written by an older version) is not replayed: it
-   is asked again (with a warning), and the new answer's entry supersedes it.
+   journaled image answer with a missing or corrupt blob (sha256 mismatch), or whose blobs do not decode
+   (written by an older version), is not replayed: it is asked again (with a warning naming the blob and
+   the call), and the new answer's entry supersedes it (a corrupt blob file is rewritten when the same
+   bytes come back).
 
 The API key is read from the environment variable ``cfg.api_key_env`` when the first HTTP call is
 made; it is passed to the ``openai`` client only, and removed (:func:`echo4o_jax.eval.judge.redact`)
@@ -33,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import threading
@@ -41,9 +42,9 @@ import time
 from typing import Any, Callable, Sequence
 
 from echo4o_jax.data.records import RecordError, probe_image
-from echo4o_jax.eval.judge import _retry_after, redact
+from echo4o_jax.eval.judge import _retry_after, api_key_from_env, redact
 from echo4o_jax.synth.config import SynthConfig
-from echo4o_jax.synth.journal import Journal
+from echo4o_jax.synth.journal import BlobError, Journal
 from echo4o_jax.synth.resources import data_url_digest
 
 log = logging.getLogger(__name__)
@@ -344,16 +345,11 @@ class SynthClient:
         return any(r.search(head) for r in self._refusal_res)
 
     def _api_key(self) -> str:
-        name = self.cfg.api_key_env
-        value = os.environ.get(name, "") if name else ""
-        if value:
-            self._secrets.append(value)  # redacted from every text we keep
-            return value
-        if not self.cfg.require_api_key:
+        value = api_key_from_env(self.cfg.api_key_env, require=self.cfg.require_api_key, error=SynthFatalError)
+        if value is None:
             return "no-key"
-        raise SynthFatalError(f"no API key: the environment variable {name or '(none)'} is not set "
-                              "(--api-key-env NAME reads another variable; --no-api-key for a local server "
-                              "without authentication)")
+        self._secrets.append(value)  # redacted from every text we keep
+        return value
 
     def _get_client(self):
         with self._lock:
@@ -373,12 +369,15 @@ class SynthClient:
         return min(server_says, cap)
 
     def _replayable_images(self, entry: dict, label: str) -> list[bytes] | None:
-        """The images of a journaled answer, or None when it cannot be replayed (a missing blob, or an
-        image that does not decode: a bad answer journaled by an older version; asked again)."""
-        if not self.journal.has_blobs(entry):
-            return None
+        """The images of a journaled answer, or None when it cannot be replayed (asked again, with a
+        warning): a missing blob, a corrupt one (its bytes do not match its sha256: a disk or a copy went
+        wrong), or an image that does not decode (a bad answer journaled by an older version)."""
         refs = entry.get("blobs") or []
-        images = [self.journal.read_blob(ref) for ref in refs]  # (each checked against its sha256)
+        try:
+            images = [self.journal.read_blob(ref) for ref in refs]  # (each checked against its sha256)
+        except BlobError as e:
+            log.warning("%s: journaled answer not replayed: %s; asking again", label, e)
+            return None
         for i, (ref, img) in enumerate(zip(refs, images)):
             if ref["sha256"] in self._decoded:  # decoded once per run (a shared answer is replayed per use)
                 continue

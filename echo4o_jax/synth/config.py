@@ -1,7 +1,9 @@
 """Configuration of the GPT-4o data synthesis: models, image parameters, limits, prices, track weights.
 
 Every field has a default; ``--config FILE.json`` overrides any subset (unknown keys are an error) and
-the command line overrides the file. Nothing secret lives here: the API key is read from the
+the command line overrides the file. Every value is checked for its type (the field's annotation; a JSON
+list for a tuple) and range when it is set: a bad one is a ValueError naming the file, the key, what it
+expects and what it got, before any call is made. Nothing secret lives here: the API key is read from the
 environment variable named by ``api_key_env`` when the first call is made, and never stored.
 
 Prices are USD estimates (public list prices, mid 2025) used for ``--dry-run`` and for the spend shown
@@ -16,7 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
+import types
+import typing
 from typing import Any
 
 __all__ = ["SynthConfig", "DEFAULT_PRICES", "load_config"]
@@ -103,18 +109,21 @@ class SynthConfig:
     est_image_tokens: int = 765  # dry-run estimate per image sent to a vision model (1024x1024, high detail)
 
     def __post_init__(self) -> None:
-        self.refusal_patterns = tuple(self.refusal_patterns)
         self.check()
+        self.refusal_patterns = tuple(self.refusal_patterns)
 
     @property
     def edit_model_name(self) -> str:
         return self.edit_model or self.image_model
 
     def update(self, values: dict[str, Any]) -> "SynthConfig":
+        """Sets the fields in `values` (checked first: a ValueError names a bad key and what it expects)."""
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown config keys {unknown} (known: {sorted(names)})")
+        for k, v in values.items():
+            _check_field(k, v)
         for k, v in values.items():
             if k == "refusal_patterns":
                 v = tuple(v)
@@ -127,14 +136,45 @@ class SynthConfig:
         return self
 
     def check(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency={self.concurrency} must be >= 1")
-        if self.max_retries < 0 or self.malformed_retries < 0:
-            raise ValueError("max_retries and malformed_retries must be >= 0")
-        if self.chat_rpm < 0 or self.image_rpm < 0:
-            raise ValueError("chat_rpm and image_rpm must be >= 0 (0 = unlimited)")
-        if "x" not in self.image_size and self.image_size != "auto":
-            raise ValueError(f"image_size={self.image_size!r}: expected WIDTHxHEIGHT or auto")
+        """Every field's type and range (ValueError naming the key, what it expects and what it got)."""
+        for f in dataclasses.fields(self):
+            _check_field(f.name, getattr(self, f.name))
+        if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*|auto", self.image_size):
+            raise ValueError(f"image_size: expected WIDTHxHEIGHT (e.g. 1024x1024) or auto, "
+                             f"got {_got(self.image_size)}")
+        for k in ("chat_model", "vision_model", "image_model"):
+            if not getattr(self, k).strip():
+                raise ValueError(f"{k}: expected a model name, got an empty string")
+        for i, p in enumerate(self.refusal_patterns):
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"refusal_patterns[{i}]: not a regular expression ({e}): {p!r}") from None
+        for name, w in self.surreal_types.items():
+            if w < 0:
+                raise ValueError(f"surreal_types[{name!r}]: expected a weight >= 0, got {_got(w)}")
+        for name, b in self.instruction_bins.items():
+            if len(b) != 5:
+                raise ValueError(f"instruction_bins[{name!r}]: expected [min constraints, max constraints, min objects, "
+                                 f"max objects, weight], got a list of {len(b)}")
+        for name, spec in self.multiref_combos.items():
+            if not (len(spec) == 2 and isinstance(spec[0], (list, tuple)) and all(isinstance(c, str) for c in spec[0])
+                    and _is_number(spec[1]) and spec[1] >= 0):
+                raise ValueError(f"multiref_combos[{name!r}]: expected [list of categories, weight >= 0], "
+                                 f"got {_got(spec)}")
+        for model, p in self.prices.items():
+            for k, v in p.items():
+                if k == "per_image":
+                    ok = _is_price(v) or (isinstance(v, dict) and all(
+                        isinstance(row, dict) and all(_is_price(x) for x in row.values()) for row in v.values()))
+                    if not ok:
+                        raise ValueError(f"prices[{model!r}]['per_image']: expected a number >= 0 or "
+                                         f"{{size: {{quality: number >= 0}}}}, got {_got(v)}")
+                elif k not in _PRICE_KEYS:
+                    raise ValueError(f"prices[{model!r}]: unknown key {k!r} "
+                                     f"(known: {sorted(_PRICE_KEYS | {'per_image'})})")
+                elif not _is_price(v):
+                    raise ValueError(f"prices[{model!r}][{k!r}]: expected a number >= 0 (USD), got {_got(v)}")
 
     def to_public_dict(self) -> dict[str, Any]:
         """Everything that shapes the data, for manifests (no secrets: there are none in here; the
@@ -147,14 +187,109 @@ class SynthConfig:
         return d
 
 
-def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> SynthConfig:
-    """Defaults, then the JSON file at `path`, then `overrides` whose value is not None."""
+def load_config(path: str | os.PathLike | None = None, *, overrides_from: str = "overrides",
+                **overrides: Any) -> SynthConfig:
+    """Defaults, then the JSON file at `path`, then `overrides` whose value is not None. A bad value is a
+    ValueError naming the file (or `overrides_from`, e.g. "command line"), the key and what it expects."""
     cfg = SynthConfig()
     if path:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except OSError as e:
+            raise ValueError(f"config file {path}: cannot read it ({e.strerror or e})") from None
+        except ValueError as e:  # not JSON, not UTF-8
+            raise ValueError(f"config file {path}: not valid JSON ({e})") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: the config must be a JSON object")
-        cfg.update(values)
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
+            raise ValueError(f"config file {path}: expected a JSON object, got {_got(values)}")
+        try:
+            cfg.update(values)
+        except ValueError as e:
+            raise ValueError(f"config file {path}: {e}") from None
+    try:
+        cfg.update({k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:
+        raise ValueError(f"{overrides_from}: {e}") from None
     return cfg
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+# lower bounds of numeric fields: (operator, bound)
+_RANGES: dict[str, tuple[str, float]] = {
+    "max_image_pixels": (">=", 1), "concurrency": (">=", 1), "chat_rpm": (">=", 0), "image_rpm": (">=", 0),
+    "max_retries": (">=", 0), "backoff_base": (">=", 0), "backoff_max": (">=", 0), "timeout": (">", 0),
+    "malformed_retries": (">=", 0), "max_failures": (">=", 0), "generated_refs_per_category": (">=", 0),
+    "shard_bytes": (">=", 1), "est_output_tokens": (">=", 0), "est_image_tokens": (">=", 0)}
+_PRICE_KEYS = frozenset({"input_per_1m", "output_per_1m", "per_input_image", "text_input_per_1m",
+                         "image_input_per_1m"})  # besides per_image
+_SINGULAR = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null",
+             Any: "any value"}
+_PLURAL = {bool: "booleans", int: "integers", float: "numbers", str: "strings", Any: "values"}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_price(v: Any) -> bool:
+    return _is_number(v) and v >= 0
+
+
+def _type_ok(v: Any, hint: Any) -> bool:
+    """Whether `v` (as read from JSON: lists for tuples) is of the annotated type `hint`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(v, a) for a in args)
+    if origin in (list, tuple):
+        return isinstance(v, (list, tuple)) and all(_type_ok(x, args[0]) for x in v)
+    if origin is dict:
+        return isinstance(v, dict) and all(_type_ok(k, args[0]) and _type_ok(x, args[1]) for k, x in v.items())
+    if hint is Any:
+        return True
+    if hint is float:
+        return _is_number(v)
+    if hint is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, hint)  # bool, str, NoneType
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """`hint` in words, as a JSON value ("an integer", "an object of lists of numbers", ...)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a, plural) for a in args)
+    if origin in (list, tuple):
+        return f"{'lists' if plural else 'a list'} of {_describe(args[0], True)}"
+    if origin is dict:
+        return f"{'objects' if plural else 'an object'} of {_describe(args[1], True)}"
+    return (_PLURAL if plural else _SINGULAR)[hint]
+
+
+def _got(v: Any) -> str:
+    """The JSON type of `v`, with the value when it is a short scalar."""
+    kind = ("null" if v is None else "boolean" if isinstance(v, bool) else "integer" if isinstance(v, int) else
+            "number" if isinstance(v, float) else "string" if isinstance(v, str) else
+            "list" if isinstance(v, (list, tuple)) else "object" if isinstance(v, dict) else type(v).__name__)
+    if v is None or not isinstance(v, (bool, int, float, str)):
+        return kind
+    text = json.dumps(v)
+    return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+_FIELD_TYPES: dict[str, Any] = typing.get_type_hints(SynthConfig)
+
+
+def _check_field(name: str, value: Any) -> None:
+    """The type (the field's annotation) and range (`_RANGES`) of one config value."""
+    hint = _FIELD_TYPES[name]
+    op, bound = _RANGES.get(name, ("", 0))
+    ok = _type_ok(value, hint) and (not op or value is None or (value >= bound if op == ">=" else value > bound))
+    if not ok:
+        expected = _describe(hint)
+        if op:  # "an integer >= 1 or null"
+            args = typing.get_args(hint)
+            core = [a for a in args if a is not type(None)] or [hint]
+            expected = " or ".join(f"{_describe(a)} {op} {bound:g}" for a in core) + (
+                " or null" if len(core) < len(args) else "")
+        raise ValueError(f"{name}: expected {expected}, got {_got(value)}")

@@ -4,7 +4,8 @@ Layout (``<journal_dir>``, by default ``<out>/journal``)::
 
     journal.jsonl            one JSON object per finished paid call (see below), appended + fsync'd
     blobs/<aa>/<sha256>.<ext> the image bytes a call returned, exactly as received
-    lock                     flock'd while a run uses the journal (two runs on one journal: refused)
+    lock                     flock'd while a run uses the journal (two runs on one journal: refused);
+                             holds the pid of the run
 
 An entry is ``{"v": 1, "key", "kind": "chat"|"image"|"edit", "model", "label", "status": "ok"|"refused",
 "text" (chat answer), "blobs": [{"sha256", "bytes", "ext"}] (images), "usage", "cost", "attempts",
@@ -30,7 +31,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Journal", "JournalError", "JOURNAL_NAME"]
+__all__ = ["Journal", "JournalError", "BlobError", "JOURNAL_NAME", "hold_lock"]
 
 JOURNAL_NAME = "journal.jsonl"
 JOURNAL_VERSION = 1
@@ -38,6 +39,32 @@ JOURNAL_VERSION = 1
 
 class JournalError(RuntimeError):
     pass
+
+
+class BlobError(JournalError):
+    """A blob of an entry is missing or corrupt (its bytes do not match its sha256): its call is asked again."""
+
+
+def hold_lock(path: Path, what: str):
+    """An exclusive ``flock`` on the file `path` (created), which then holds this process's pid; returns the
+    open file (closing it releases the lock). Raises JournalError naming `what` and the holder's pid when
+    another run holds it."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+        raise JournalError(f"{what} is in use by another run ({who}; lock file {path}): one run at a time") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,7 +97,10 @@ class Journal:
             if self.path.exists():
                 self._load(truncate=False)
             return
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise JournalError(f"cannot create the journal folder {self.root}: {e.strerror or e}") from None
         if lock:
             self._acquire_lock()
         self._load(truncate=True)
@@ -78,15 +108,7 @@ class Journal:
 
     # ---------------------------------------------------------------------------------- lifecycle
     def _acquire_lock(self) -> None:
-        import fcntl
-
-        f = open(self.root / "lock", "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise JournalError(f"{self.root} is in use by another run (lock held); one run per journal") from None
-        self._lockfile = f
+        self._lockfile = hold_lock(self.root / "lock", f"the journal {self.root}")
 
     def close(self) -> None:
         if self._f is not None:
@@ -157,11 +179,15 @@ class Journal:
         return self.blob_dir / sha[:2] / f"{sha}.{ext}"
 
     def put_blob(self, data: bytes, ext: str = "bin") -> dict:
-        """Store bytes (durably) under their sha256; returns the reference kept in an entry."""
+        """Store bytes (durably) under their sha256; returns the reference kept in an entry. A blob file
+        already there is kept when its content matches, else (corrupt) replaced."""
         sha = hashlib.sha256(data).hexdigest()
         ext = "".join(c for c in (ext or "bin").lower() if c.isalnum())[:8] or "bin"
-        p = self._blob_path(sha, ext)
-        if not (p.exists() and p.stat().st_size == len(data)):
+        ref = {"sha256": sha, "bytes": len(data), "ext": ext}
+        try:
+            self.read_blob(ref)  # stored already (the same answer again)
+        except BlobError:  # missing, or corrupt: (re)written
+            p = self._blob_path(sha, ext)
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
@@ -170,21 +196,15 @@ class Journal:
                 os.fsync(f.fileno())
             os.replace(tmp, p)
             _fsync_dir(p.parent)
-        return {"sha256": sha, "bytes": len(data), "ext": ext}
+        return ref
 
     def read_blob(self, ref: dict) -> bytes:
+        """The bytes of a blob; BlobError when it is missing or corrupt (checked against its sha256)."""
         p = self._blob_path(ref["sha256"], ref.get("ext", "bin"))
         try:
             data = p.read_bytes()
         except OSError as e:
-            raise JournalError(f"blob {p} is missing ({e})") from None
+            raise BlobError(f"blob {p} is missing ({e.strerror or e})") from None
         if hashlib.sha256(data).hexdigest() != ref["sha256"]:
-            raise JournalError(f"blob {p} is corrupt (sha256 mismatch)")
+            raise BlobError(f"blob {p} is corrupt (sha256 mismatch)")
         return data
-
-    def has_blobs(self, entry: dict) -> bool:
-        for ref in entry.get("blobs") or []:
-            p = self._blob_path(ref["sha256"], ref.get("ext", "bin"))
-            if not (p.exists() and p.stat().st_size == ref["bytes"]):
-                return False
-        return True

@@ -35,15 +35,20 @@ _judge.PARSERS.setdefault("synth_text", lambda text, tpl: {"text": (text or "").
 
 
 def get_template(name: str, template_dir: str | os.PathLike | None = None) -> JudgeTemplate:
-    """The template `name` from `template_dir` when it holds ``<name>.txt``, else the built-in one."""
-    if template_dir:
-        p = Path(template_dir) / f"{name}.txt"
-        if p.is_file():
-            return load_template(p)
+    """The template `name` from `template_dir` (which must exist) when it holds ``<name>.txt``, else the
+    built-in one. A file that cannot be read or parsed is a ValueError naming it."""
     p = TEMPLATE_DIR / f"{name}.txt"
+    if template_dir:
+        if not Path(template_dir).is_dir():
+            raise FileNotFoundError(f"template folder {template_dir} does not exist (or is not a folder)")
+        if (Path(template_dir) / f"{name}.txt").is_file():
+            p = Path(template_dir) / f"{name}.txt"
     if not p.is_file():
         raise FileNotFoundError(f"synthesis template {name!r} not found in {TEMPLATE_DIR}")
-    return load_template(p)
+    try:
+        return load_template(p)  # (a file that does not parse: a ValueError naming it)
+    except OSError as e:
+        raise ValueError(f"template file {p}: cannot read it ({e.strerror or e})") from None
 
 
 def chat_messages(tpl: JudgeTemplate, variables: dict[str, Any], images: Sequence[bytes] = (),
@@ -70,6 +75,8 @@ def _lines(path: Path) -> list[str]:
 
 
 def _data_path(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
+    if data_dir and not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"word list folder {data_dir} does not exist (or is not a folder)")
     p = Path(name_or_path)
     if p.is_file():
         return p

@@ -15,6 +15,9 @@ Resume rules (the journal makes every rebuild free of paid calls):
   forgotten ``--journal-dir``), or a rebuild whose journal holds none of the calls of the records it
   would replace, is refused unless ``overwrite``: it would delete records and pay for them again.
 
+One run at a time per dataset folder and per journal: a run holds an exclusive ``flock`` on
+``<out>/synth.lock`` and on ``<journal>/lock`` (each holding its pid); a second run into either is refused.
+
 Records are written in sample order whatever the completion order, so the dataset does not depend on
 timing. A sample whose call was refused on content-policy grounds, or whose chat answers stayed
 malformed, is skipped (``RecordWriter.skip``, listed in the manifest). A sample whose call failed after
@@ -41,7 +44,7 @@ from echo4o_jax.data.records import MANIFEST_NAME, RecordError, RecordReader, Re
 from echo4o_jax.eval.judge import MalformedAnswer
 from echo4o_jax.synth.client import (Aborted, CallFailed, Refused, SynthClient, SynthFatalError, chat_cost,
                                      image_cost)
-from echo4o_jax.synth.journal import JOURNAL_NAME, Journal
+from echo4o_jax.synth.journal import JOURNAL_NAME, Journal, hold_lock
 from echo4o_jax.synth.tracks import SampleContext, Track
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 __all__ = ["run_track", "dry_run", "fingerprint", "SynthError", "RunSummary", "DEFAULT_JOURNAL_SUBDIR"]
 
 DEFAULT_JOURNAL_SUBDIR = "journal"
+DATASET_LOCK = "synth.lock"  # in the dataset folder: flock'd while a run writes it
 # config fields that shape the data (the others: throughput, retries, prices, paths)
 _SHAPING = ("chat_model", "vision_model", "image_model", "edit_model", "image_size", "image_quality",
             "image_output_format", "max_image_pixels", "malformed_retries", "refusal_patterns", "seed",
@@ -110,6 +114,17 @@ def _journal_ref(out_dir: Path, journal_dir: Path) -> str:
         return jd.relative_to(out).as_posix()
     except ValueError:
         return str(jd)
+
+
+def _check_folders(out_dir: Path, journal_dir: Path) -> None:
+    """Refuse a dataset or journal folder that is a file, or lies under one (before anything is made)."""
+    for p, what in ((out_dir, "dataset folder (--out)"), (journal_dir, "journal folder (--journal-dir)")):
+        q = p
+        while not q.exists() and q != q.parent:
+            q = q.parent
+        if q.exists() and not q.is_dir():
+            raise SynthError(f"the {what} {p} is a file, not a folder" if q == p else
+                             f"the {what} {p} cannot be made: {q} is a file, not a folder")
 
 
 def _open_journal_if_any(journal_dir: Path, **kw) -> Journal | None:
@@ -234,10 +249,25 @@ def run_track(track: Track, out_dir: str | os.PathLike, *, limit: int, journal_d
               client: Any = None) -> RunSummary:
     """Make samples ``0 .. limit-1`` of `track` into the dataset `out_dir` (see the module docstring).
     `client`: an ``openai.OpenAI``-like object to use instead of one built from the config."""
-    t0 = time.monotonic()
-    stream = stream or sys.stderr
-    cfg = track.cfg
     out = Path(out_dir)
+    jd = _journal_dir(out, journal_dir)
+    _check_folders(out, jd)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SynthError(f"cannot create the dataset folder {out}: {e.strerror or e}") from None
+    lock = hold_lock(out / DATASET_LOCK, f"the dataset folder {out}")  # before its state is read
+    try:
+        return _run_locked(track, out, jd, limit=limit, overwrite=overwrite, progress=progress,
+                           stream=stream or sys.stderr, client=client)
+    finally:
+        lock.close()
+
+
+def _run_locked(track: Track, out: Path, jd: Path, *, limit: int, overwrite: bool, progress: bool, stream: TextIO,
+                client: Any) -> RunSummary:
+    t0 = time.monotonic()
+    cfg = track.cfg
     fp = fingerprint(track)
     mode, start = _dataset_state(out, fp, overwrite)
     summary = RunSummary(track=track.name, out=str(out), limit=limit, start=start, mode=mode)
@@ -247,8 +277,6 @@ def run_track(track: Track, out_dir: str | os.PathLike, *, limit: int, journal_d
         print(f"{track.name}: {out} already holds samples 0..{start - 1} (complete); nothing to do for --limit {limit}",
               file=stream)
         return summary
-    out.mkdir(parents=True, exist_ok=True)
-    jd = _journal_dir(out, journal_dir)
     journal = _open_journal_if_any(jd)
     try:
         _check_journal(out, mode, jd, journal, overwrite)
@@ -378,8 +406,9 @@ def dry_run(track: Track, out_dir: str | os.PathLike | None, *, limit: int,
     journal = None
     if out_dir is not None:
         out = Path(out_dir)
-        mode, start = _dataset_state(out, fingerprint(track), overwrite)
         jd = _journal_dir(out, journal_dir)
+        _check_folders(out, jd)
+        mode, start = _dataset_state(out, fingerprint(track), overwrite)
         journal = _open_journal_if_any(jd, read_only=True)
         _check_journal(out, mode, jd, journal, overwrite)
     seen: set[str] = set()

@@ -138,21 +138,48 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
+def _placeholders(names) -> str:
+    return ", ".join("{{%s}}" % n for n in sorted(names))
+
+
+def _temperature(tpl: Template) -> float | None:
+    """A template's ``# temperature:`` option (None: not set)."""
+    t = tpl.options.get("temperature")
+    if t in (None, ""):
+        return None
+    try:
+        return float(t)
+    except ValueError:
+        raise ValueError(f"template file {tpl.path}: '# temperature: {t}' is not a number") from None
+
+
 class Track:
     name = ""
-    template_names: tuple[str, ...] = ()
+    # template name -> the placeholders the track fills in it: a template (an edited copy in
+    # cfg.template_dir, typically) using another one is refused when the track is built
+    template_variables: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, cfg: SynthConfig):
         self.cfg = cfg
         self._templates: dict[str, Template] = {}
         for n in self.template_names:
-            self.template(n)  # fail early on a broken template
+            self.template(n)  # fail early (--dry-run included) on a broken template, before any call
+
+    @property
+    def template_names(self) -> tuple[str, ...]:
+        return tuple(self.template_variables)
 
     # ----------------------------------------------------------------------------------------- helpers
     def template(self, name: str) -> Template:
         t = self._templates.get(name)
         if t is None:
-            t = self._templates[name] = get_template(name, self.cfg.template_dir)
+            t = get_template(name, self.cfg.template_dir)
+            unknown = t.placeholders() - set(self.template_variables[name])
+            if unknown:
+                raise ValueError(f"template file {t.path} uses {_placeholders(unknown)}, which the {self.name} track "
+                                 f"does not fill in {name} (it fills {_placeholders(self.template_variables[name])})")
+            _temperature(t)
+            self._templates[name] = t
         return t
 
     def chat_request(self, name: str, variables: dict[str, Any], images: Sequence[bytes] = ()):
@@ -160,8 +187,7 @@ class Track:
         tpl = self.template(name)
         model = self.cfg.vision_model if images else self.cfg.chat_model
         messages = chat_messages(tpl, variables, images, self.cfg.max_image_pixels)
-        t = tpl.options.get("temperature")
-        params = {"temperature": None if t in (None, "") else float(t), "max_tokens": tpl.max_tokens,
+        params = {"temperature": _temperature(tpl), "max_tokens": tpl.max_tokens,
                   "response_format": tpl.options.get("response_format") or None}
         return model, messages, params
 
@@ -206,7 +232,8 @@ class Track:
 
 class SurrealTrack(Track):
     name = "surreal"
-    template_names = ("surreal_attributes", "surreal_deflect")
+    template_variables = {"surreal_attributes": ("object",),
+                          "surreal_deflect": ("deflection_type", "objects", "hint")}
 
     def __init__(self, cfg: SynthConfig):
         super().__init__(cfg)
@@ -307,7 +334,8 @@ def _unreadable_header(path: Path) -> str | None:
 
 class MultirefTrack(Track):
     name = "multiref"
-    template_names = ("multiref_instruction", "ref_human", "ref_object", "ref_scene")
+    template_variables = {"multiref_instruction": ("num_images", "references", "combo"), "ref_human": ("subject",),
+                          "ref_object": ("subject",), "ref_scene": ("subject",)}
 
     def __init__(self, cfg: SynthConfig, refs_dir: str | os.PathLike | None = None):
         super().__init__(cfg)
@@ -440,7 +468,8 @@ class MultirefTrack(Track):
 
 class InstructionTrack(Track):
     name = "instruction"
-    template_names = ("instruction_prompt", "instruction_rewrite")
+    template_variables = {"instruction_prompt": ("constraints", "difficulty", "num_constraints"),
+                          "instruction_rewrite": ("prompt",)}
 
     def __init__(self, cfg: SynthConfig):
         super().__init__(cfg)
