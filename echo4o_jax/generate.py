@@ -25,7 +25,9 @@ created; an error names `FILE:LINE (id=...)`. The per-request flags (--prompt, -
 --seed, --num-images, --think, --understand) are refused with --prompts. It writes `<id>_<k>.png`,
 `metadata.jsonl` (one line per finished request) and `contact_sheet.png`; re-running skips finished
 requests (a PNG cut short by a kill does not count: PNGs are written to a temporary file and renamed,
-and one that does not decode is generated again). The sampler is compiled once per (resolution,
+and one that does not decode is generated again). A finished request recorded with other settings
+(checkpoint, prompt, images, seed, size, sampler ...) is refused, naming what differs: use another --out,
+or `--regenerate` to generate every request again. The sampler is compiled once per (resolution,
 number of references, CFG setting) and reused; the CFG branches and the `num_images` images of a
 request run batched in one forward pass.
 
@@ -622,15 +624,40 @@ def _read_metadata(meta_path: pathlib.Path) -> dict[str, dict]:
     return done
 
 
+def _generated_with(gen: Generator, req: dict, r: _Prepared) -> dict[str, Any]:
+    """What makes a request's pictures, as its metadata.jsonl record keeps it: checkpoint, prompt (and its
+    token ids), reference images, seed, number of images, size, think mode, sampler settings."""
+    return dict(ckpt=str(gen.ckpt.resolve()), prompt=req.get("prompt"), prompt_ids=list(r.ids),
+                images=list(map(str, req.get("images", []))), seed=r.seed, num_images=r.num_images,
+                size=list(r.shape), think=r.sys_ids is not None,
+                settings={k: list(v) if isinstance(v, tuple) else v for k, v in r.sampler.items()})
+
+
+_ABSENT = object()
+
+
+def _changed_settings(record: dict, now: dict[str, Any]) -> str:
+    """'' when a finished request's record matches `now` (_generated_with); else each differing field, e.g.
+    ``seed 0 -> 1`` (a field the record lacks, written by an older version, differs too)."""
+    def short(v):
+        t = "(not recorded)" if v is _ABSENT else repr(v)
+        return t if len(t) <= 60 else t[:57] + "..."
+
+    return ", ".join(f"{k} {short(record.get(k, _ABSENT))} -> {short(v)}" for k, v in now.items()
+                     if record.get(k, _ABSENT) != v)
+
+
 def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides: dict | None = None,
                  progress: bool = True, batch_size: int = 4, regenerate: bool = False) -> list[dict]:
     """Generate every request into `out_dir` (`<id>_<k>.png`, written atomically); finished requests (listed
     in metadata.jsonl, every PNG present and decoding fully) are skipped unless `regenerate`; a PNG that
-    does not decode (an interrupted write) is reported and its request generated again. Consecutive
-    text-to-image requests of one shape and sampler setting run batched (up to `batch_size` per sampler
-    pass). Every request is checked (its images decoded) before anything is loaded or written, and generated
-    from that checked form: its images are decoded again at its turn (no pixels are held meanwhile) and
-    resized once. Returns one record per request."""
+    does not decode (an interrupted write) is reported and its request generated again. A finished request
+    whose record differs from the request (checkpoint, prompt, images, seed, number of images, size, think,
+    sampler settings) is an error naming it, before anything is generated: its images are not this request's.
+    Consecutive text-to-image requests of one shape and sampler setting run batched (up to `batch_size` per
+    sampler pass). Every request is checked (its images decoded) before anything is loaded or written, and
+    generated from that checked form: its images are decoded again at its turn (no pixels are held meanwhile)
+    and resized once. Returns one record per request."""
     from tqdm import tqdm
 
     out_dir = pathlib.Path(out_dir)
@@ -646,13 +673,20 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     meta_path = out_dir / "metadata.jsonl"
     done = _read_metadata(meta_path)
     records: dict[int, dict] = {}
-    pending = []
+    pending, changed = [], []
     for i, (rid, req, r) in enumerate(zip(ids, requests, prepared)):
         paths = _request_paths(out_dir, rid, r.num_images)
         if not regenerate and rid in done and outputs_finished(paths, f"request {rid!r}"):
+            diff = _changed_settings(done[rid], _generated_with(gen, req, r))
+            if diff:
+                changed.append(f"{_source(req, i)} (id={rid}): {diff}")
             records[i] = done[rid]
             continue
         pending.append((i, rid, req, r, paths))
+    if changed:  # keeping those images would pass them off as this request's
+        raise GenerateError(f"{meta_path} says {len(changed)} finished request(s) were generated otherwise, e.g. "
+                            f"{changed[0]}. Nothing was generated: use another output folder, or regenerate them "
+                            "(python -m echo4o_jax.generate --regenerate; generate_batch(..., regenerate=True))")
     # consecutive requests of one shape and sampler setting share a sampler pass
     groups: list[list] = []
     last_key = None
@@ -674,10 +708,7 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
             for (i, rid, req, r, paths), res in zip(group, results):
                 for p, img in zip(paths, res["images"]):
                     save_png(img, p)
-                rec = dict(id=rid, prompt=req.get("prompt"), prompt_ids=res["prompt_ids"],
-                           images=list(map(str, req.get("images", []))), seed=r.seed,
-                           num_images=len(paths), size=res["size"], outputs=[str(p) for p in paths],
-                           settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()},
+                rec = dict(id=rid, **_generated_with(gen, req, r), outputs=[str(p) for p in paths],
                            seconds=seconds, batched_with=len(group))
                 with open(meta_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
@@ -775,6 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--num-images", type=int, default=None, help="default 1")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/generate"))
+    p.add_argument("--regenerate", action="store_true",
+                   help="with --prompts: generate every request again, also finished ones (e.g. made with other "
+                        "settings, which are otherwise refused)")
     p.add_argument("--steps", dest="num_timesteps", type=int, default=None)
     p.add_argument("--cfg-text-scale", type=float, default=None)
     p.add_argument("--cfg-img-scale", type=float, default=None)
@@ -817,6 +851,8 @@ def _run(args) -> int:
     if mesh is not None and len(mesh) != 3:
         raise GenerateError(f"--mesh {args.mesh!r}: expected DATA,FSDP,TENSOR (integers, one may be -1)")
     reqs = None
+    if args.regenerate and args.prompts is None:
+        raise GenerateError("--regenerate applies to --prompts (batch mode) only")
     if args.prompts is not None:
         per_request = [flag for flag, v in (("--prompt", args.prompt), ("--prompt-ids", args.prompt_ids),
                                             ("--image", args.image or None), ("--understand", args.understand or None),
@@ -832,7 +868,7 @@ def _run(args) -> int:
                         vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
                         vit_transform=tuple(args.vit_transform) if args.vit_transform else None)
     if reqs is not None:  # run_requests checks every request before it creates --out
-        recs = run_requests(gen, reqs, args.out, overrides=sampler)
+        recs = run_requests(gen, reqs, args.out, overrides=sampler, regenerate=args.regenerate)
         print(f"{len(recs)} requests -> {args.out} (metadata.jsonl, contact_sheet.png) in {time.time() - t0:.1f}s")
         return 0
     seed = 0 if args.seed is None else args.seed

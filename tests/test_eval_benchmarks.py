@@ -19,7 +19,7 @@ import pytest
 
 from echo4o_jax import generate as real_generate
 from echo4o_jax.eval import common, geneval_pp, imagine_bench, omnicontext, run as eval_run
-from fake_openai import FakeOpenAIServer, message_images, message_text, solid_png
+from fake_openai import FakeOpenAIServer, Reply, message_images, message_text, solid_png
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 needs_bench = pytest.mark.skipif(not BENCH_DIR.is_dir(),
@@ -554,3 +554,498 @@ def test_run_template_override(tmp_path):
         assert message_text(s.calls(CHAT)[0]).startswith("Check P1")
     res = json.loads((tmp_path / "out" / "geneval_pp" / "results.json").read_text())
     assert res["judge"]["template"] == "my@mine-2" and rep["benchmarks"]["geneval_pp"]["summary"]["score"] == 0.5 / 1
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.run: the images' generation record (a rerun with other settings is refused)
+# ------------------------------------------------------------------------------------------------
+
+def _two_benches(tmp_path, gpp_rows=None):
+    bench = tmp_path / "bench"
+    write_jsonl(bench / "geneval_pp.jsonl", gpp_rows or _gpp_rows()[:2])
+    write_jsonl(bench / "imagine_bench.jsonl", [{"id": 1, "instruction": "I1", "note": "n", "type": "COLOR"}])
+    return bench
+
+
+def _image_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
+    bench = _two_benches(tmp_path)
+    out = tmp_path / "out"
+    ckpt_a, ckpt_b = tmp_path / "ckpt_a", tmp_path / "ckpt_b"
+    base = ["--bench", "geneval_pp,imagine_bench", "--out", str(out), "--benchmarks-dir", str(bench),
+            "--generate-only"]
+    first = ["--ckpt", str(ckpt_a), "--seed", "100", "--gen-arg", "cfg_text_scale=4.0"]
+    eval_run.main(base + first)
+    assert [len(c["requests"]) for c in calls] == [2, 1]
+    rec = json.loads((out / "geneval_pp" / "images" / eval_run.GENERATION_RECORD).read_text())["requests"]
+    assert rec["00002"] == {"ckpt": str(ckpt_a.resolve()), "seed": 101, "gen_args": {"cfg_text_scale": 4.0},
+                            "size": None, "num_images": 1, "prompt": "P2", "images": []}
+    images = _image_bytes(out)
+
+    # the same settings: resumes (nothing to generate)
+    calls.clear()
+    assert common.run_cli(eval_run.main, base + first) == 0 and calls == []
+
+    # each setting that makes other pictures is refused, naming it; nothing generated, no image touched
+    changed = {
+        "--ckpt": ["--ckpt", str(ckpt_b), "--seed", "100", "--gen-arg", "cfg_text_scale=4.0"],
+        "--seed": ["--ckpt", str(ckpt_a), "--seed", "7", "--gen-arg", "cfg_text_scale=4.0"],
+        "--gen-arg": ["--ckpt", str(ckpt_a), "--seed", "100", "--gen-arg", "cfg_text_scale=5.0"],
+        "--size": first + ["--size", "64", "64"],
+    }
+    for flag, argv in changed.items():
+        capsys.readouterr()
+        assert common.run_cli(eval_run.main, base + argv) == 2, flag
+        err = _stderr_lines(capsys)
+        assert len(err) == 1 and err[0].startswith("error: [geneval_pp] ") and "Traceback" not in err[0]
+        assert f"{flag}" in err[0] and "--regenerate" in err[0] and "another --out" in err[0], err[0]
+        assert calls == [] and _image_bytes(out) == images
+    with pytest.raises(common.UsageError) as ei:
+        eval_run.main(base + changed["--ckpt"])
+    assert f"made with {str(ckpt_a.resolve())!r}, this run has {str(ckpt_b.resolve())!r}" in str(ei.value)
+    assert "for 2 request(s)" in str(ei.value)
+
+    # another prompt under the same id (the prompt file changed)
+    rows = _gpp_rows()[:2]
+    rows[1] = {**rows[1], "prompt": "P2 edited"}
+    write_jsonl(bench / "geneval_pp.jsonl", rows)
+    with pytest.raises(common.UsageError, match=r"the prompt differs for 1 request\(s\), e.g. 00002: the images were "
+                                                r"made with 'P2', this run has 'P2 edited'"):
+        eval_run.main(base + first)
+    assert calls == []
+    write_jsonl(bench / "geneval_pp.jsonl", _gpp_rows()[:2])
+
+    # --regenerate: every image again with the new settings, and the record says so; then that resumes
+    eval_run.main(base + changed["--ckpt"] + ["--regenerate"])
+    assert [(len(c["requests"]), c["ckpt"]) for c in calls] == [(2, str(ckpt_b)), (1, str(ckpt_b))]
+    rec = json.loads((out / "imagine_bench" / "images" / eval_run.GENERATION_RECORD).read_text())["requests"]
+    assert rec["00001"]["ckpt"] == str(ckpt_b.resolve())
+    calls.clear()
+    eval_run.main(base + changed["--ckpt"])
+    assert calls == []
+
+    # images without a record (an older eval.run, or made by hand) are refused too
+    (out / "geneval_pp" / "images" / eval_run.GENERATION_RECORD).unlink()
+    with pytest.raises(common.UsageError, match=r"2 request\(s\) have images but no record of what made them"):
+        eval_run.main(base + changed["--ckpt"])
+    assert calls == []
+
+
+def test_run_record_survives_an_interrupted_generation(tmp_path, monkeypatch):
+    """The record is written before generate_batch: the images a killed run leaves resume, not refused."""
+    calls = []
+    fake = _fake_generate_module(calls)
+    real_batch = fake.generate_batch
+
+    def dying_batch(ckpt, requests, out_dir, **kw):
+        real_batch(ckpt, requests[:1], out_dir, **kw)  # the first request's images, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", fake)
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:3])
+    argv = ["--ckpt", str(tmp_path / "ckpt"), "--bench", "geneval_pp", "--out", str(tmp_path / "o"),
+            "--geneval-pp-prompts", str(gpp), "--generate-only"]
+    monkeypatch.setattr(fake, "generate_batch", dying_batch)
+    assert common.run_cli(eval_run.main, argv) == 130
+    monkeypatch.setattr(fake, "generate_batch", real_batch)
+    calls.clear()
+    eval_run.main(argv)
+    assert [[r["id"] for r in c["requests"]] for c in calls] == [["00002", "00003"]]
+
+
+def test_run_record_after_a_failed_or_killed_regenerate(tmp_path, monkeypatch):
+    """--regenerate with new settings that stops early: the record names, per request, what made the images
+    that are there (a generation error, or a kill before the record was settled: told apart by mtimes)."""
+    import os
+
+    calls = []
+    fake = _fake_generate_module(calls)
+    real_batch = fake.generate_batch
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", fake)
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
+    images = tmp_path / "o" / "geneval_pp" / "images"
+    base = ["--bench", "geneval_pp", "--out", str(tmp_path / "o"), "--geneval-pp-prompts", str(gpp), "--generate-only"]
+    a, b = ["--ckpt", str(tmp_path / "a")], ["--ckpt", str(tmp_path / "b")]
+    eval_run.main(base + a)
+    for p in images.glob("*.png"):  # made well before the next runs
+        os.utime(p, (p.stat().st_atime - 100, p.stat().st_mtime - 100))
+
+    def failing(*args_, **kw):
+        raise real_generate.GenerateError("size 7x7: not a multiple of 16")
+
+    monkeypatch.setattr(fake, "generate_batch", failing)
+    with pytest.raises(common.UsageError, match="generation failed"):
+        eval_run.main(base + b + ["--regenerate"])
+    monkeypatch.setattr(fake, "generate_batch", real_batch)
+    calls.clear()
+    eval_run.main(base + a)  # the images are still the first checkpoint's
+    assert calls == []
+    with pytest.raises(common.UsageError, match=r"--ckpt differs for 2 request"):
+        eval_run.main(base + b)
+
+    # killed outright after the first request's images: the record was never settled
+    def killed(ckpt, requests, out_dir, **kw):
+        real_batch(ckpt, requests[:1], out_dir, **kw)
+        raise KeyboardInterrupt
+
+    writes = []
+    real_write = eval_run._write_record
+
+    def pending_record_only(d, record):  # the process dies before it settles the record
+        if not writes:
+            real_write(d, record)
+        writes.append(record)
+
+    monkeypatch.setattr(eval_run, "_write_record", pending_record_only)
+    monkeypatch.setattr(fake, "generate_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        eval_run.main(base + b + ["--regenerate"])
+    monkeypatch.setattr(eval_run, "_write_record", real_write)
+    monkeypatch.setattr(fake, "generate_batch", real_batch)
+    assert "pending_since" in json.loads((images / eval_run.GENERATION_RECORD).read_text())["requests"]["00001"]
+    with pytest.raises(common.UsageError, match=r"--ckpt differs for 1 request\(s\), e.g. 00001: the images were "
+                                                rf"made with {re.escape(repr(str((tmp_path / 'b').resolve())))}"):
+        eval_run.main(base + a)
+    with pytest.raises(common.UsageError, match=r"--ckpt differs for 1 request\(s\), e.g. 00002: the images were "
+                                                rf"made with {re.escape(repr(str((tmp_path / 'a').resolve())))}"):
+        eval_run.main(base + b)
+    with pytest.raises(common.UsageError, match="cannot go with --judge-only"):
+        eval_run.main(base[:-1] + ["--judge-only", "--regenerate"])
+
+
+def test_run_judge_only_checks_the_record(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
+    out = tmp_path / "out"
+    common_args = ["--bench", "geneval_pp", "--out", str(out), "--geneval-pp-prompts", str(gpp)]
+    eval_run.main(common_args + ["--ckpt", str(tmp_path / "a"), "--generate-only"])
+    with FakeOpenAIServer(chat_handler=lambda r: '{"correct": 1, "reason": "ok"}') as s:
+        # another --ckpt named: refused (the scores would be reported under it)
+        with pytest.raises(common.UsageError, match=r"--ckpt differs.*use --regenerate \(without --judge-only\)"):
+            eval_run.main(common_args + ["--judge-only", "--ckpt", str(tmp_path / "b"), *judge_args(s)])
+        assert s.calls(CHAT) == []
+        # settings not given are not checked; the judged results name the record
+        rep = eval_run.main(common_args + ["--judge-only", *judge_args(s)])
+        assert rep["complete"] and rep["benchmarks"]["geneval_pp"]["summary"]["score"] == 1.0
+    res = json.loads((out / "geneval_pp" / "results.json").read_text())
+    assert res["source"]["generation_record"] == str(out / "geneval_pp" / "images" / eval_run.GENERATION_RECORD)
+
+
+# ------------------------------------------------------------------------------------------------
+# incomplete runs: exit status 1, marked INCOMPLETE, no score when nothing was judged
+# ------------------------------------------------------------------------------------------------
+
+def _down(req):
+    raise RuntimeError("judge server down")  # the fake server answers HTTP 500
+
+
+def test_every_judge_call_failing_is_incomplete_without_a_score(tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "gpp.jsonl", _gpp_rows()[:3])
+    images, out = tmp_path / "images", tmp_path / "out"
+    for line in (1, 2, 3):
+        write_png(images / f"{line:05d}_0.png", line)
+    with FakeOpenAIServer(chat_handler=_down) as s:
+        argv = ["--images", str(images), "--prompts", str(prompts), "--out", str(out),
+                *judge_args(s, "--max-retries", "1")]
+        capsys.readouterr()
+        assert common.run_cli(geneval_pp.main, argv) == 1
+        cap = capsys.readouterr()
+        assert len(s.calls(CHAT)) == 3 * 2
+    assert "score – " in cap.out and "INCOMPLETE" in cap.out and "3 judge failures" in cap.out
+    err = [x for x in cap.err.strip().splitlines() if not x.startswith("note: ")]
+    assert len(err) == 1 and err[0].startswith("incomplete: none of the 3 images could be judged (0 missing, 0 "
+                                               "unreadable, 3 judge failures): there is no score. Run the same "
+                                               "command again: judge failures are asked again")
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] is False and res["summary"]["score"] is None and res["summary"]["n_judged"] == 0
+    md = (out / "summary.md").read_text()
+    assert md.splitlines()[2].startswith("**INCOMPLETE: none of the 3 images could be judged")
+    ours = next(line for line in md.splitlines() if line.startswith("| **ours**"))
+    assert ours.endswith("| – |")  # no overall
+    assert "INCOMPLETE" in (out / "gallery.html").read_text()
+
+    # the server is back: the rerun judges the failed images (nothing was cached), then exits 0
+    with FakeOpenAIServer(chat_handler=lambda r: '{"correct": 1, "reason": "ok"}') as s:
+        argv = ["--images", str(images), "--prompts", str(prompts), "--out", str(out), *judge_args(s)]
+        assert common.run_cli(geneval_pp.main, argv) == 0
+        assert len(s.calls(CHAT)) == 3
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] is True and res["summary"]["score"] == 1.0
+    assert "INCOMPLETE" not in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("fault", ["http400", "http429", "bad_base_url"])
+def test_judge_faults_give_exit_status_1(tmp_path, fault, capsys):
+    prompts = write_jsonl(tmp_path / "ib.jsonl", [{"id": i, "instruction": f"I{i}", "note": "n", "type": "COLOR"}
+                                                  for i in (1, 2)])
+    images, out = tmp_path / "images", tmp_path / "out"
+    for i in (1, 2):
+        write_png(images / f"{i:05d}_0.png", i)
+    with FakeOpenAIServer(chat_handler=lambda r: _imagine_answer(5, 5, 5)) as s:
+        extra = ["--max-retries", "1"]
+        if fault == "http400":
+            s.push(CHAT, Reply.status(400))  # one image: a partial result
+        elif fault == "http429":
+            s.push(CHAT, *[Reply.status(429, retry_after_ms=1)] * 4)
+        args = judge_args(s, *extra)
+        if fault == "bad_base_url":
+            args[1] = "http://127.0.0.1:9/v1"  # nothing listens there
+        assert common.run_cli(imagine_bench.main, ["--images", str(images), "--prompts", str(prompts), "--out",
+                                                   str(out), *args]) == 1
+    res = json.loads((out / "results.json").read_text())
+    sm = res["summary"]
+    if fault == "http400":
+        assert sm["n_judge_failures"] == 1 and sm["overall"] == pytest.approx(5.0 / 2)  # judged one, failure 0
+        assert "**INCOMPLETE: 1 of 2 images could not be judged" in (out / "summary.md").read_text()
+    else:
+        assert sm["n_judge_failures"] == 2 and sm["overall"] is None and sm["overall_official_script"] is None
+    assert "incomplete: " in capsys.readouterr().err
+
+
+def test_mistyped_images_folder_exits_1_and_run_marks_it(tmp_path, capsys):
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
+    with FakeOpenAIServer(chat_handler=lambda r: '{"correct": 1}') as s:
+        assert common.run_cli(geneval_pp.main, ["--images", str(tmp_path / "imgaes"), "--prompts", str(gpp),
+                                                "--out", str(tmp_path / "o1"), *judge_args(s)]) == 1
+        res = json.loads((tmp_path / "o1" / "results.json").read_text())
+        assert res["summary"]["score"] is None and res["missing_images"] == ["00001_0.png", "00002_0.png"]
+        # eval.run --judge-only on an output folder without images
+        capsys.readouterr()
+        argv = ["--judge-only", "--bench", "geneval_pp", "--out", str(tmp_path / "o2"),
+                "--geneval-pp-prompts", str(gpp), *judge_args(s)]
+        assert common.run_cli(eval_run.main, argv) == 1
+        assert s.calls(CHAT) == []
+    cap = capsys.readouterr()
+    assert "geneval_pp: score=–" in cap.out and cap.out.rstrip().endswith("INCOMPLETE")
+    assert cap.err.strip().splitlines()[-1].startswith(
+        "incomplete: geneval_pp: none of the 2 images could be judged (2 missing, 0 unreadable, 0 judge failures): "
+        "there is no score. Run the same command again once the missing or unreadable images are in place")
+    md = (tmp_path / "o2" / "summary.md").read_text()
+    assert "**INCOMPLETE: geneval_pp (see below)" in md
+    rep = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert rep["complete"] is False and rep["benchmarks"]["geneval_pp"]["complete"] is False
+
+
+def test_unreadable_image_is_listed_as_unreadable(tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "gpp.jsonl", _gpp_rows()[:2])
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_png(images / "00001_0.png", 1)
+    images.joinpath("00002_0.png").write_bytes(solid_png()[:30])  # a write cut short
+    with FakeOpenAIServer(chat_handler=lambda r: '{"correct": 1, "reason": "ok"}') as s:
+        assert common.run_cli(geneval_pp.main, ["--images", str(images), "--prompts", str(prompts), "--out",
+                                                str(out), *judge_args(s)]) == 1
+        assert len(s.calls(CHAT)) == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["missing_images"] == [] and [u["id"] for u in res["unreadable_images"]] == ["00002_0"]
+    assert res["unreadable_images"][0]["error"].startswith("cannot read image")
+    sm = res["summary"]
+    assert (sm["n_missing"], sm["n_unreadable"], sm["n_judged"]) == (0, 1, 1)
+    assert sm["score"] == pytest.approx(0.5)  # counted as a failure
+    md = (out / "summary.md").read_text()
+    assert "## Missing images" not in md and "## Unreadable images (1)" in md
+    line = next(x for x in md.splitlines() if "00002_0" in x and x.startswith("- "))
+    assert line.startswith("- `../images/00002_0.png` (`00002_0`): cannot read image"), line
+    assert "UNREADABLE" in (out / "gallery.html").read_text()
+
+
+def test_interrupt_while_judging_is_one_line(tmp_path, monkeypatch, capsys):
+    prompts = write_jsonl(tmp_path / "gpp.jsonl", _gpp_rows()[:1])
+    write_png(tmp_path / "images" / "00001_0.png")
+
+    def interrupted(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.Judge, "judge_many", interrupted)
+    capsys.readouterr()
+    rc = common.run_cli(geneval_pp.main, ["--images", str(tmp_path / "images"), "--prompts", str(prompts),
+                                          "--out", str(tmp_path / "o"), "--no-progress"])
+    err = _stderr_lines(capsys)
+    assert rc == 130 and len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("interrupted: ") and "judge cache" in err[0] and "run the same command again" in err[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input files and arguments: one line naming file, line and key; exit status 2
+# ------------------------------------------------------------------------------------------------
+
+def _stderr_lines(capsys) -> list[str]:
+    """stderr without the notes that a prompt file differs from the released one (test files do)."""
+    return [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("note: ")]
+
+
+def _one_error_line(capsys, main_fn, argv) -> str:
+    capsys.readouterr()
+    rc = common.run_cli(main_fn, argv)
+    err = _stderr_lines(capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0][len("error: "):]
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("{not json", r"gpp.jsonl:2: not JSON: "),
+    ({"tag": "counting", "prompt": "P", "include": [{"class": "cow"}]}, r"gpp.jsonl:2: include\[0\] has no 'count'"),
+    ({"tag": "counting", "prompt": "P", "include": "cow"}, r"gpp.jsonl:2: 'include' must be a non-empty list"),
+    ({"tag": "counting", "prompt": "P", "include": [{"class": "cow", "count": "two"}]},
+     r"gpp.jsonl:2: include\[0\].count must be an integer >= 1, got 'two'"),
+    ({"tag": "counting", "prompt": "P", "include": [{"class": "cow", "count": 2}], "exclude": [{"count": 3}]},
+     r"gpp.jsonl:2: exclude\[0\] has no 'class'"),
+    ([1, 2], r"gpp.jsonl:2: expected a JSON object, got list"),
+])
+def test_geneval_pp_bad_prompt_file(tmp_path, capsys, bad, message):
+    p = tmp_path / "gpp.jsonl"
+    p.write_text(json.dumps(_gpp_rows()[0]) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
+    msg = _one_error_line(capsys, geneval_pp.main, ["--images", str(tmp_path), "--prompts", str(p),
+                                                    "--out", str(tmp_path / "o")])
+    assert re.search(message, msg) and str(p) in msg, msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_checks_every_prompt_file_before_generating(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
+    bench = _two_benches(tmp_path, gpp_rows=[{"tag": "counting", "prompt": "P", "include": [{"class": "cow"}]}])
+    msg = _one_error_line(capsys, eval_run.main, ["--ckpt", str(tmp_path / "c"), "--bench", "imagine_bench,geneval_pp",
+                                                  "--out", str(tmp_path / "o"), "--benchmarks-dir", str(bench)])
+    assert msg == f"{bench / 'geneval_pp.jsonl'}:1: include[0] has no 'count'" and calls == []
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"id": 1, "instruction": "I", "note": "n", "type": "COLOR"}', '', '{"id": 2, "instr'],
+     r"ib.jsonl:3: not JSON: "),
+    (['{"id": 1, "instruction": "I", "note": "n", "type": "COLOR"}', '{"id": "three", "instruction": "I", '
+      '"note": "n", "type": "COLOR"}'], r"ib.jsonl:2: 'id' must be an integer .*got 'three'"),
+    (['{"id": 1, "instruction": "I", "note": "n", "type": "COLOR"}', '', '',
+      '{"id": 2, "note": "n", "type": "COLOR"}'], r"ib.jsonl:4: no 'instruction' field"),
+    (['{"id": 7, "instruction": "I", "note": "n", "type": "COLOR"}', '',
+      '{"id": 7, "instruction": "J", "note": "n", "type": "COLOR"}'], r"ib.jsonl:3: duplicate id 7 \(also on line 1\)"),
+])
+def test_imagine_bench_bad_prompt_file(tmp_path, capsys, lines, message):
+    p = tmp_path / "ib.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    msg = _one_error_line(capsys, imagine_bench.main, ["--images", str(tmp_path), "--prompts", str(p),
+                                                       "--out", str(tmp_path / "o")])
+    assert re.search(message, msg) and msg.startswith(str(p)), msg
+
+
+def test_bad_template_file_is_one_line(tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "ib.jsonl", [{"id": 1, "instruction": "I", "note": "n", "type": "COLOR"}])
+    t = tmp_path / "mine.txt"
+    t.write_text("# parser: dimension_scores\n[user]\n{{prompt}}\n")
+    msg = _one_error_line(capsys, imagine_bench.main, ["--images", str(tmp_path), "--prompts", str(prompts),
+                                                       "--out", str(tmp_path / "o"), "--template", str(t)])
+    assert msg == f"{t}: header line '# version: ...' is required"
+    t.write_text("# version: 1\n# parser: verdict_json\n# max_tokens: lots\n[user]\nx\n")
+    msg = _one_error_line(capsys, eval_run.main, ["--judge-only", "--bench", "imagine_bench", "--out",
+                                                  str(tmp_path / "o"), "--imagine-bench-prompts", str(prompts),
+                                                  "--template", f"imagine_bench={t}"])
+    assert msg == f"{t}: '# max_tokens: lots' must be a positive integer"
+
+
+def test_omnicontext_bad_manifest(tmp_path, capsys):
+    data = tmp_path / "oc"
+    write_png(data / "a.png")
+    rec = {"key": "k", "task_type": "multiple_object", "instruction": "i", "input_images": ["a.png"]}
+    manifest = data / "manifest.json"
+    manifest.write_text("[\n" + json.dumps(rec) + ",\n" + json.dumps(rec)[:-1] + "\n]\n")  # second record unclosed
+    argv = ["--images", str(tmp_path), "--data", str(manifest), "--out", str(tmp_path / "o")]
+    msg = _one_error_line(capsys, omnicontext.main, argv)
+    assert msg.startswith(f"{manifest}:4: not JSON (column "), msg
+    manifest.write_text(json.dumps([rec, {**rec, "key": "k2", "input_images": None}]))
+    assert _one_error_line(capsys, omnicontext.main, argv) == (
+        f"{manifest}: record 2: no 'input_images' (a record needs key, task_type, instruction and input_images)")
+    jl = write_jsonl(data / "metadata.jsonl", [rec, {**rec, "instruction": "other"}])
+    assert re.fullmatch(rf"{re.escape(str(jl))}:2: \(task_type, key\) = \('multiple_object', 'k'\) is already used "
+                        rf"by {re.escape(str(jl))}:1; .*", _one_error_line(capsys, omnicontext.main,
+                                                                          argv[:2] + ["--data", str(data)] + argv[4:]))
+
+
+@pytest.mark.parametrize("flag,value", [("--limit", "-1"), ("--limit", "0"), ("--num-images", "0")])
+def test_non_positive_limit_and_num_images_are_refused(tmp_path, capsys, flag, value):
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:3])
+    data = tmp_path / "oc"
+    write_png(data / "a.png")
+    write_jsonl(data / "metadata.jsonl", [{"key": "k", "task_type": "single_object", "instruction": "i",
+                                           "input_images": ["a.png"]}])
+    for main_fn, argv in [(geneval_pp.main, ["--images", str(tmp_path), "--prompts", str(gpp)]),
+                          (imagine_bench.main, ["--images", str(tmp_path), "--prompts", str(gpp)]),
+                          (omnicontext.main, ["--images", str(tmp_path), "--data", str(data)]),
+                          (eval_run.main, ["--judge-only", "--bench", "geneval_pp", "--geneval-pp-prompts", str(gpp)])]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as ei:
+            main_fn(argv + ["--out", str(tmp_path / "o"), flag, value])
+        assert ei.value.code == 2
+        assert f"argument {flag}: must be at least 1, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(common.UsageError, match="limit -1: must be a positive integer"):
+        geneval_pp.load_items(gpp, -1)
+    assert len(geneval_pp.load_items(gpp, 2)) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# the API key: never in outputs (also when the judge repeats it); checked before generation
+# ------------------------------------------------------------------------------------------------
+
+def test_key_in_the_judge_answer_reaches_no_output(tmp_path):
+    prompts = write_jsonl(tmp_path / "gpp.jsonl", _gpp_rows()[:1])
+    write_png(tmp_path / "images" / "00001_0.png")
+    out = tmp_path / "out"
+    answer = json.dumps({"correct": 1, "reason": f"the request said Bearer {SECRET}, key {SECRET}"})
+    with FakeOpenAIServer(chat_handler=lambda r: answer) as s:
+        doc = geneval_pp.main(["--images", str(tmp_path / "images"), "--prompts", str(prompts), "--out", str(out),
+                               *judge_args(s)])
+    assert doc["items"][0]["status"] == "pass" and "[REDACTED]" in doc["items"][0]["reason"]
+    assert SECRET not in json.dumps(doc)
+    assert_no_secret(out)
+
+
+def test_run_checks_the_key_before_generating(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
+    out = tmp_path / "out"
+    with FakeOpenAIServer(chat_handler=lambda r: '{"correct": 1, "reason": "ok"}') as s:
+        argv = ["--ckpt", str(tmp_path / "c"), "--bench", "geneval_pp", "--out", str(out),
+                "--geneval-pp-prompts", str(gpp), *judge_args(s)]
+        monkeypatch.delenv("OPENAI_API_KEY")
+        assert "OPENAI_API_KEY is not set" in _one_error_line(capsys, eval_run.main, argv)
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET + "\n")  # pasted with its newline
+        msg = _one_error_line(capsys, eval_run.main, argv)
+        assert "holds a newline" in msg and SECRET not in msg
+        assert calls == [] and not out.exists()
+        # generating only needs no key; nor does judging against a server without authentication
+        monkeypatch.delenv("OPENAI_API_KEY")
+        eval_run.main(argv + ["--generate-only"])
+        assert len(calls) == 1
+        rep = eval_run.main(argv + ["--no-api-key"])
+        assert rep["complete"] and len(s.calls(CHAT)) == 2 and len(calls) == 1
+        # nothing to generate, every answer cached: no key needed either
+        assert eval_run.main(argv)["judge_stats"]["cache_hits"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# OmniContext with fewer than the 8 tasks
+# ------------------------------------------------------------------------------------------------
+
+def test_omnicontext_overall_names_the_tasks_present(tmp_path, capsys):
+    data, images = tmp_path / "oc", tmp_path / "gen"
+    rows = []
+    for task in ("multiple_object", "scene_object"):
+        write_png(data / f"{task}.png")
+        rows.append({"key": "k", "task_type": task, "instruction": f"i {task}", "input_images": [f"{task}.png"]})
+        write_png(images / f"{task}__k_0.png")
+    write_jsonl(data / "metadata.jsonl", rows)
+    with FakeOpenAIServer(chat_handler=lambda r: '{"score": 4, "reasoning": "r"}') as s:
+        capsys.readouterr()
+        assert common.run_cli(omnicontext.main, ["--images", str(images), "--data", str(data), "--out",
+                                                 str(tmp_path / "o"), *judge_args(s)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("OmniContext overall (2 tasks) 4.000, Echo-4o avg (MULTIPLE, SCENE) 4.000;"), line
+    md = (tmp_path / "o" / "summary.md").read_text()
+    assert "| Overall (8 tasks; this run: 2) |" in md and "not all 8 task types present (this run has 2)" in md
+    assert "Overall (2 tasks)" in (tmp_path / "o" / "gallery.html").read_text()

@@ -185,6 +185,18 @@ def test_user_template_file_and_errors(tmp_path):
     p.write_text("# version: 1\n# parser: nope\n[user]\nx\n")
     with pytest.raises(ValueError, match="unknown parser"):
         J.load_template(p)
+    # every bad file is a TemplateError: a JudgeConfigError (the CLIs print it as one line) and a ValueError
+    for text, msg in [("# parser: verdict_json\n[user]\nx\n", "header line '# version: ...' is required"),
+                      ("# version: 1\n# parser: verdict_json\n# max_tokens: many\n[user]\nx\n",
+                       "'# max_tokens: many' must be a positive integer"),
+                      ("# version: 1\n# parser: verdict_json\n", "a [user] section is required")]:
+        p.write_text(text)
+        with pytest.raises(J.TemplateError) as ei:
+            J.load_template(p)
+        assert isinstance(ei.value, J.JudgeConfigError) and str(ei.value) == f"{p}: {msg}"
+    p.write_bytes(b"# version: 1\n\xff\xfe\n")
+    with pytest.raises(J.TemplateError, match="not UTF-8"):
+        J.load_template(p)
     with pytest.raises(FileNotFoundError):
         J.load_template("no_such_template")
 
@@ -304,6 +316,23 @@ def test_fatal_errors_abort_and_are_redacted(server, key_env, tmp_path):
     with pytest.raises(J.JudgeFatalError) as ei:
         j.judge_many([request(image(tmp_path))])
     assert SECRET not in str(ei.value) and "401" in str(ei.value)
+
+
+def test_key_in_the_answer_is_redacted_from_parsed_and_cache(server, tmp_path, monkeypatch):
+    """A judge that repeats the key (not shaped like sk-...: only the Judge knows it) in its reason: neither the
+    parsed answer, the cache nor a cached rerun holds it; nor the error of an answer that does not parse."""
+    key = "plainkey-0123456789abcdef"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    server.chat_handler = lambda r: json.dumps({"correct": 1, "reason": f"you sent {key}"})
+    res = make_judge(server, tmp_path).judge(request(image(tmp_path)))
+    assert res.ok and res.parsed == {"correct": 1, "reason": "you sent [REDACTED]"} and key not in res.raw
+    cached = list((tmp_path / "cache").rglob("*.json"))
+    assert len(cached) == 1 and key not in cached[0].read_text()
+    again = make_judge(server, tmp_path).judge(request(image(tmp_path)))
+    assert again.cached and again.parsed == res.parsed
+    server.push(CHAT, *[Reply.text(f"Fantasy Fulfillment: 1,5 {key}" + _IP_AQ)] * 3)
+    bad = make_judge(server).judge(J.JudgeRequest(IMAGINE_TPL, {"prompt": "p", "note": "n"}, [image(tmp_path)]))
+    assert not bad.ok and "ambiguous score" in bad.error and key not in bad.error and key not in bad.raw
 
 
 def test_client_error_is_item_failure_and_redacted(server, key_env, tmp_path):

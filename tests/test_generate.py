@@ -238,6 +238,54 @@ def test_resume_regenerates_truncated_png_and_cut_metadata(gen, tmp_path, monkey
         G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
 
 
+def test_resume_refuses_a_finished_request_made_otherwise(golden_dir, gen, tmp_path, monkeypatch, capsys):
+    """metadata.jsonl records what made each finished request (checkpoint, prompt, seed, size, sampler ...);
+    a request that asks for other pictures under the same id is refused, naming what differs, before anything
+    is generated, instead of being skipped and its old images passed off as its own."""
+    req = dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=1)
+    fast = dict(num_timesteps=3)
+    G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
+    meta = tmp_path / "metadata.jsonl"
+    rec = json.loads(meta.read_text())
+    assert (rec["ckpt"], rec["prompt_ids"], rec["seed"], rec["size"], rec["think"]) == (
+        str(golden_dir.resolve()), [1, 2, 3], 0, [32, 32], False)
+    before = (tmp_path / "a_0.png").read_bytes()
+    calls = []
+    real = gen.generate_prepared
+    monkeypatch.setattr(gen, "generate_prepared", lambda r: calls.append(r.seed) or real(r))
+    G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)  # the same request: skipped
+    assert calls == []
+    for changed, over, what in [(dict(req, seed=1), fast, "seed 0 -> 1"),
+                                (dict(req, prompt_ids=[1, 2, 4]), fast, "prompt_ids [1, 2, 3] -> [1, 2, 4]"),
+                                (dict(req, size=[32, 48]), fast, "size [32, 32] -> [32, 48]"),
+                                (req, dict(num_timesteps=4), "settings {")]:
+        with pytest.raises(G.GenerateError, match=r"metadata.jsonl says 1 finished request\(s\) were generated "
+                                                  r"otherwise, e.g. request 1 \(id=a\): .*" + re.escape(what)):
+            G.run_requests(gen, [changed], tmp_path, overrides=over, progress=False)
+    assert calls == [] and (tmp_path / "a_0.png").read_bytes() == before
+    # another checkpoint's record, and a record of an older version that did not note the checkpoint
+    meta.write_text(json.dumps({**rec, "ckpt": "/elsewhere/ckpt"}) + "\n")
+    with pytest.raises(G.GenerateError, match=re.escape(f"ckpt '/elsewhere/ckpt' -> '{golden_dir.resolve()}'")):
+        G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
+    meta.write_text(json.dumps({k: v for k, v in rec.items() if k != "ckpt"}) + "\n")
+    with pytest.raises(G.GenerateError, match=r"ckpt \(not recorded\) -> .*--regenerate"):
+        G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
+    # regenerate=True: generated again, and the new record makes the next run skip it
+    G.run_requests(gen, [dict(req, seed=1)], tmp_path, overrides=fast, progress=False, regenerate=True)
+    G.run_requests(gen, [dict(req, seed=1)], tmp_path, overrides=fast, progress=False)
+    assert calls == [1]
+
+    # the CLI: --regenerate reaches run_requests in batch mode, and is refused without --prompts
+    seen = []
+    monkeypatch.setattr(G, "run_requests", lambda *a, **kw: seen.append(kw["regenerate"]) or [])
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=[32, 32])])
+    assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(tmp_path / "o"), "--regenerate"]) == 0
+    assert seen == [True]
+    capsys.readouterr()
+    assert G.main(["--ckpt", str(golden_dir), "--prompt-ids", "1", "--regenerate"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --regenerate applies to --prompts (batch mode) only"
+
+
 def test_bad_inputs_give_clear_errors(golden_dir, gen, tmp_path):
     with pytest.raises(G.GenerateError, match="not found"):
         gen.generate(prompt_ids=[1], images=[tmp_path / "missing.png"])
@@ -300,7 +348,7 @@ def test_duplicate_request_ids_are_refused(golden_dir, gen, tmp_path):
     f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1, 2], size=[64, 64]),
                                                dict(id="b", prompt_ids=[3]),
                                                dict(id="a", prompt_ids=[4, 5], size=[32, 32])])
-    with pytest.raises(G.GenerateError, match=rf"reqs.jsonl:3: id 'a' is already used by .*reqs.jsonl:1\b"):
+    with pytest.raises(G.GenerateError, match=r"reqs.jsonl:3: id 'a' is already used by .*reqs.jsonl:1\b"):
         G.read_requests(f)
     # a default id (the line number) clashing with an explicit one
     f = _write_jsonl(tmp_path / "reqs2.jsonl", [dict(id="00002", prompt_ids=[1]), dict(prompt_ids=[2])])

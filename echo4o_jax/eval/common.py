@@ -32,7 +32,29 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
 class UsageError(ValueError):
-    """A user-facing error (bad arguments or input files): the CLIs print it without a traceback."""
+    """A user-facing error (bad arguments or input files): the CLIs print it without a traceback. An input
+    file's error names the file, the line (or record) and the key."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type of --limit / --num-images: an integer of at least 1 (0 or -1 would judge nothing, or
+    one prompt, without a word)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def take(items: list, limit: int | None) -> list:
+    """The first `limit` items (all with None); a limit below 1 is an error."""
+    if limit is None:
+        return items
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise UsageError(f"limit {limit!r}: must be a positive integer (or None for all)")
+    return items[:limit]
 
 
 def image_name(stem: str, k: int, ext: str = "png") -> str:
@@ -55,16 +77,30 @@ def find_image(images_dir: str | os.PathLike, names: Iterable[str]) -> Path | No
 # prompt files
 # ------------------------------------------------------------------------------------------------
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def jsonl_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(1-based line number, object) per non-blank line of a JSON-lines file. A line that is not UTF-8 text or
+    not a JSON object is a UsageError naming the file and the line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{i}: not JSON: {e}") from None
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{path}:{i}: not UTF-8 text ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise UsageError(f"{path}:{i}: not JSON: {e}") from None
+            if not isinstance(r, dict):
+                raise UsageError(f"{path}:{i}: expected a JSON object, got {type(r).__name__}")
+            rows.append((i, r))
     return rows
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [r for _, r in jsonl_records(path)]
 
 
 def md5sum(path: str | os.PathLike) -> str:
@@ -145,7 +181,7 @@ def judge_from_args(args: argparse.Namespace, out_dir: str | os.PathLike) -> Jud
 
 
 def template_arg(value: str | None, default: str):
-    return load_template(value or default)
+    return load_template(value or default)  # a bad file: TemplateError (a JudgeError), named by run_cli
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,6 +192,8 @@ def locate_images(items: Sequence, images_dir, num_images: int,
                   official_name: Callable[[Any], str]) -> list[tuple[Any, int, Path | None]]:
     """One unit (item, k, image path or None) per item and k < num_images: the image is looked up as
     ``<item.stem>_<k>`` and, for k = 0, also under the official scripts' name ``official_name(item)``."""
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise UsageError(f"num_images {num_images!r}: must be a positive integer")
     units = []
     for it in items:
         for k in range(num_images):
@@ -183,14 +221,14 @@ def judge_units(judge: Judge, units: Sequence[tuple[Any, int, Path | None]],
 
 
 def unit_outcome(path: Path | None, results: dict[str, JudgeResult] | None) -> tuple[str, str | None]:
-    """(status, error) of one unit: ``missing`` without an image or when an image could not be read,
-    ``judge_failure`` when a judge call failed after its retries (with several calls the errors read
-    ``<name>: <error>; ...``), else ``judged`` (error None)."""
+    """(status, error) of one unit: ``missing`` without an image, ``unreadable`` when the image exists but
+    could not be read or decoded (error: why), ``judge_failure`` when a judge call failed after its retries
+    (with several calls the errors read ``<name>: <error>; ...``), else ``judged`` (error None)."""
     if path is None:
         return "missing", "image not found"
     unreadable = [r for r in results.values() if r.image_error]
     if unreadable:
-        return "missing", unreadable[0].error
+        return "unreadable", unreadable[0].error
     failed = [(name, r) for name, r in results.items() if not r.ok]
     if not failed:
         return "judged", None
@@ -199,13 +237,25 @@ def unit_outcome(path: Path | None, results: dict[str, JudgeResult] | None) -> t
     return "judge_failure", "; ".join(f"{name}: {r.error}" for name, r in failed)
 
 
+NOT_JUDGED = ("missing", "unreadable", "judge_failure")  # the record statuses of images that were not judged
+NOT_JUDGED_LABEL = {"missing": "MISSING", "unreadable": "UNREADABLE", "judge_failure": "JUDGE FAILURE"}
+
+
+def status_counts(records: Sequence[dict]) -> dict[str, int]:
+    """The counts every summary (and each of its groups) holds: images, judged, missing, unreadable, judge
+    failures."""
+    n = {s: sum(r["status"] == s for r in records) for s in NOT_JUDGED}
+    return {"n_images": len(records), "n_judged": len(records) - sum(n.values()), "n_missing": n["missing"],
+            "n_unreadable": n["unreadable"], "n_judge_failures": n["judge_failure"]}
+
+
 def unit_records(units: Sequence[tuple[Any, int, Path | None]], results: dict[int, dict[str, JudgeResult]], *,
                  record: Callable[[Any, int, Path | None], dict], zero: dict,
                  failure: Callable[[dict[str, JudgeResult]], dict],
                  judged: Callable[[dict[str, JudgeResult]], dict]) -> list[dict]:
     """One record per unit: record(item, k, image) holds the fixed fields; then ``status``, and
-    - missing image / judge failure: the `zero` score fields, ``raw`` None and ``error`` (a judge failure
-      then gets failure(results) on top: its raw answer(s), any partial scores);
+    - missing / unreadable image, judge failure: the `zero` score fields, ``raw`` None and ``error`` (a judge
+      failure then gets failure(results) on top: its raw answer(s), any partial scores);
     - judged: judged(results), which sets the status (pass, fail, scored...) and the score fields."""
     records = []
     for i, (it, k, path) in enumerate(units):
@@ -254,11 +304,40 @@ def results_document(name: str, *, label: str, source: dict | None, images_dir, 
         doc["formula"] = formula
     doc.update({
         "summary": summary,
+        "complete": all(r["status"] not in NOT_JUDGED for r in records),
         "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
+        "unreadable_images": [{"id": r["id"], "image": r["image"], "error": r["error"]}
+                              for r in records if r["status"] == "unreadable"],
         "judge_failures": [{"id": r["id"], "error": r["error"]} for r in records if r["status"] == "judge_failure"],
         "items": records,
     })
     return doc
+
+
+def not_judged(s: dict) -> str:
+    """``1 missing, 2 unreadable, 0 judge failures`` of a summary (status_counts)."""
+    return f"{s['n_missing']} missing, {s['n_unreadable']} unreadable, {s['n_judge_failures']} judge failures"
+
+
+def incomplete_note(doc: dict) -> str | None:
+    """None when every image was judged; else what was not, that the numbers are not final, and how to go on."""
+    if doc["complete"]:
+        return None
+    s = doc["summary"]
+    if not s["n_judged"]:
+        what = f"none of the {s['n_images']} images could be judged ({not_judged(s)}): there is no score"
+    else:
+        what = (f"{s['n_images'] - s['n_judged']} of {s['n_images']} images could not be judged ({not_judged(s)}); "
+                "they count as failures (score 0) in the numbers below, which are therefore not final")
+    images = " once the missing or unreadable images are in place" if s["n_missing"] or s["n_unreadable"] else ""
+    return (f"{what}. Run the same command again{images}: judge failures are asked again, answers already judged "
+            "come from the judge cache.")
+
+
+def incomplete_html(doc: dict) -> str:
+    """The gallery's banner for an incomplete run ('' when complete)."""
+    note = incomplete_note(doc)
+    return f'<p class="incomplete"><b>INCOMPLETE: {html.escape(note)}</b></p>' if note else ""
 
 
 def write_outputs(out_dir, doc: dict, markdown: Callable[[dict], str],
@@ -307,7 +386,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits
 
 
 def summary_markdown(parts: list[str], doc: dict) -> str:
-    """``summary.md``: the benchmark's `parts` (lines), then the lists of missing images and judge failures."""
+    """``summary.md``: the benchmark's `parts` (lines; the first is the title), an INCOMPLETE banner under the
+    title when some images were not judged, then the lists of missing / unreadable images and judge failures."""
+    note = incomplete_note(doc)
+    if note:
+        parts = parts[:1] + ["", f"**INCOMPLETE: {note}**"] + parts[1:]
     return "\n".join(parts + problem_lists(doc)) + "\n"
 
 
@@ -329,12 +412,16 @@ def generation_requests(items: Sequence, *, prompt: Callable[[Any], str], seed: 
 
 
 def problem_lists(doc: dict) -> list[str]:
-    """Markdown lines listing the missing images and the judge failures of a results document."""
+    """Markdown lines listing the missing and unreadable images and the judge failures of a results document."""
     out = []
     if doc["missing_images"]:
         out += ["", f"## Missing images ({len(doc['missing_images'])})", "",
                 f"Expected in `{doc['images_dir']}`:", ""]
         out += [f"- `{m}`" for m in doc["missing_images"]]
+    if doc["unreadable_images"]:
+        out += ["", f"## Unreadable images ({len(doc['unreadable_images'])})", "",
+                "They exist but could not be read or decoded (a write cut short? regenerate them):", ""]
+        out += [f"- `{u['image']}` (`{u['id']}`): {u['error']}" for u in doc["unreadable_images"]]
     if doc["judge_failures"]:
         out += ["", f"## Judge failures ({len(doc['judge_failures'])})", ""]
         out += [f"- `{f['id']}`: {f['error']}" for f in doc["judge_failures"]]
@@ -348,20 +435,21 @@ table.g td,table.g th{border:1px solid #ccc;padding:6px;vertical-align:top;text-
 td.img img{max-width:256px;max-height:256px}
 td.refs img{max-width:96px;max-height:96px;margin:2px}
 tr.pass td.v{background:#dff5df} tr.fail td.v{background:#f8dede}
-tr.missing td.v,tr.judge_failure td.v{background:#fff1c7}
+tr.missing td.v,tr.unreadable td.v,tr.judge_failure td.v{background:#fff1c7}
+p.incomplete{background:#fff1c7;padding:.5em}
 .small{font-size:.85em;color:#555} pre{white-space:pre-wrap;margin:0}
 """
 
 
 def scored_verdict(r: dict, dims: Sequence[str]) -> dict:
     """Gallery ``verdict`` and ``reasons`` of a record scored on 0-10 dimensions, e.g. ``7.20 (FF 8, IP 7,
-    AQ 9)`` and one ``<dim>: <reason>`` line each; a missing image or a judge failure scores 0 and shows
-    its error."""
+    AQ 9)`` and one ``<dim>: <reason>`` line each; a missing or unreadable image or a judge failure scores 0
+    and shows its error."""
     if r["status"] == "scored":
         verdict = f"{r['score']:.2f} (" + ", ".join(f"{d} {r[d]:g}" for d in dims) + ")"
         reasons = "\n".join(f"{k}: {v}" for k, v in (r.get("reasons") or {}).items())
     else:
-        verdict = "MISSING (0)" if r["status"] == "missing" else "JUDGE FAILURE (0)"
+        verdict = f"{NOT_JUDGED_LABEL[r['status']]} (0)"
         reasons = r.get("error") or ""
     return {"verdict": verdict, "reasons": reasons}
 
@@ -379,8 +467,8 @@ def gallery_entry(r: dict, *, group: str, verdict: str, reasons: str, prompt: st
 
 def write_gallery(path: str | os.PathLike, title: str, summary_html: str, entries: Sequence[dict]) -> None:
     """An HTML page: one row per judged image. Entry keys: id, group, image (relative path or None),
-    refs (list of relative paths), prompt, verdict, reasons, status (pass|fail|missing|judge_failure|
-    scored), details (raw answer / error)."""
+    refs (list of relative paths), prompt, verdict, reasons, status (pass|fail|missing|unreadable|
+    judge_failure|scored), details (raw answer / error)."""
     e = html.escape
     has_refs = any(x.get("refs") for x in entries)
     rows = []
@@ -409,29 +497,48 @@ def write_gallery(path: str | os.PathLike, title: str, summary_html: str, entrie
     p.write_text(page, encoding="utf-8")
 
 
+EXIT_STATUS = """Exit status:
+
+    0    every image was judged (eval.run: and every image was generated)
+    1    incomplete: some images are missing or unreadable, or their judge calls failed after the retries;
+         the partial results are written and marked INCOMPLETE (there is no score when nothing was judged);
+         run the same command again to retry them (answers already judged come from the judge cache)
+    2    bad input, one `error:` line: a bad argument, prompt file, manifest or template, a missing API key,
+         a key or model the judge server refuses (eval.run: a generation error)
+    130  interrupted (Ctrl-C): what was done is kept; run the same command again to continue
+"""
+
+
 def run_cli(main_fn, argv=None) -> int:
-    """Run a benchmark main(); turn configuration errors into a one-line message and exit code 2."""
+    """Run a benchmark main() (or eval.run's) with the exit status of EXIT_STATUS: bad input becomes a one-line
+    ``error:`` (2), an incomplete result (``complete`` false in what main returns) a one-line ``incomplete:``
+    (1), Ctrl-C one line (130)."""
     try:
-        main_fn(argv)
+        result = main_fn(argv)
     except (JudgeError, FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the images written and the judge answers received so far are kept (judge cache); "
+              "run the same command again to continue", file=sys.stderr)
+        return 130
+    if isinstance(result, dict) and result.get("complete") is False:
+        print(f"incomplete: {result.get('incomplete') or incomplete_note(result)}", file=sys.stderr)
+        return 1
     return 0
 
 
 def benchmark_parser(prog: str, description: str, *, images_help: str, prompts_help: str,
                      template_help: str):
     """The CLI of a prompt-file benchmark (GenEval++, Imagine-Bench): images, prompts, judge options."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog=prog, description=description,
+    ap = argparse.ArgumentParser(prog=prog, description=description + "\n" + EXIT_STATUS,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", required=True, help=images_help)
     ap.add_argument("--prompts", required=True, help=prompts_help.replace("%", "%%"))  # URLs hold %2B
     ap.add_argument("--fetch", action="store_true", help="download the public prompt file to --prompts if absent")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--num-images", type=int, default=1, help="images per prompt (official: 1)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (official: 1)")
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
     ap.add_argument("--template", default=None, help=template_help)
     ap.add_argument("--label", default="ours", help="row name for this run in summary.md")
     add_judge_args(ap)

@@ -5,16 +5,22 @@ r"""GenEval++ with a VLM judge (Echo-4o's protocol): 280 prompts in 7 tags, one 
 
 * The judge sees the image and a checklist built from the prompt's ``include`` items (class, count,
   colour, region, size) and ``exclude`` items ("no more than count-1"), temperature 0.
-* An image passes only if every checklist item holds (the judge's ``correct == 1``). A missing image
-  or a judge failure (API errors or malformed answers after the retries) counts as a failure and is
-  listed separately -- never mixed up with a judged fail.
+* An image passes only if every checklist item holds (the judge's ``correct == 1``). A missing or
+  unreadable image or a judge failure (API errors or malformed answers after the retries) counts as a
+  failure and is listed separately -- never mixed up with a judged fail; the run is then INCOMPLETE
+  (exit status 1; with nothing judged there is no score).
 * Tag accuracy = passes / images of the tag; **score = mean over tags of the tag accuracy** (equal to
   the plain accuracy when all tags are complete: 7 x 40).
 * Images: ``<images>/<line:05d>_<k>.png`` (line = 1-based line number in the prompt file,
   k < --num-images; also .jpg/.jpeg/.webp); the official ``<line>.jpg`` is accepted for k = 0.
 
+* Prompt file: one JSON object per line with ``tag``, ``prompt`` and ``include`` (a non-empty list of
+  ``{"class", "count"[, "color", "size", "region"]}``), optional ``exclude`` (``{"class", "count"}``);
+  every line is checked when the file loads (an error names ``FILE:LINE`` and the key).
+
 Outputs in --out: ``results.json`` (summary + per image: verdict, reason, raw judge answer),
 ``summary.md`` (per-tag table beside the paper's numbers), ``gallery.html``, ``judge_cache/``.
+Exit status: 0 every image judged, 1 incomplete, 2 bad input, 130 interrupted (see -h).
 """
 
 from __future__ import annotations
@@ -49,24 +55,51 @@ class Item:
         return f"{self.line:05d}"
 
 
-def load_items(path, limit: int | None = None) -> list[Item]:
-    items = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    import json
+_ENTRY_KEYS = {"include": ("class", "count", "color", "size", "region"), "exclude": ("class", "count")}
 
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        r = json.loads(line)
+
+def _entries(where: str, r: dict, field: str) -> list[dict]:
+    """The checked ``include`` / ``exclude`` list of a prompt record: objects with a non-empty string
+    ``class``, an integer ``count`` >= 1 and (include only) optional string color / size / region."""
+    v = r.get(field, [])
+    if field == "exclude" and v is None:
+        return []
+    if not isinstance(v, list) or (field == "include" and not v):
+        raise common.UsageError(f"{where}: {field!r} must be a {'non-empty ' if field == 'include' else ''}list "
+                                f"of objects like {{\"class\": \"cat\", \"count\": 1}}, got {v!r}")
+    for j, e in enumerate(v):
+        key = f"{field}[{j}]"
+        if not isinstance(e, dict):
+            raise common.UsageError(f"{where}: {key} must be an object with 'class' and 'count', got {e!r}")
+        for req in ("class", "count"):
+            if req not in e:
+                raise common.UsageError(f"{where}: {key} has no {req!r}")
+        if not isinstance(e["class"], str) or not e["class"].strip():
+            raise common.UsageError(f"{where}: {key}.class must be a non-empty string, got {e['class']!r}")
+        if isinstance(e["count"], bool) or not isinstance(e["count"], int) or e["count"] < 1:
+            raise common.UsageError(f"{where}: {key}.count must be an integer >= 1, got {e['count']!r}")
+        for opt in _ENTRY_KEYS[field][2:]:
+            if e.get(opt) is not None and not isinstance(e[opt], str):
+                raise common.UsageError(f"{where}: {key}.{opt} must be a string, got {e[opt]!r}")
+    return list(v)
+
+
+def load_items(path, limit: int | None = None) -> list[Item]:
+    """The prompts of a GenEval++ jsonl, every line checked (the first `limit` kept)."""
+    items = []
+    for i, r in common.jsonl_records(path):
+        where = f"{path}:{i}"
         for req in ("tag", "prompt", "include"):
             if req not in r:
-                raise common.UsageError(f"{path}:{i}: no {req!r} field (is this the GenEval++ jsonl?)")
-        items.append(Item(line=i, tag=r["tag"], prompt=r["prompt"], include=list(r["include"]),
-                          exclude=list(r.get("exclude") or [])))
-        if limit is not None and len(items) >= limit:
-            break
-    return items
+                raise common.UsageError(f"{where}: no {req!r} field (is this the GenEval++ jsonl?)")
+        for key in ("tag", "prompt"):
+            if not isinstance(r[key], str) or not r[key].strip():
+                raise common.UsageError(f"{where}: {key!r} must be a non-empty string, got {r[key]!r}")
+        items.append(Item(line=i, tag=r["tag"], prompt=r["prompt"], include=_entries(where, r, "include"),
+                          exclude=_entries(where, r, "exclude")))
+    if not items:
+        raise common.UsageError(f"{path}: no prompts (one JSON object per line)")
+    return common.take(items, limit)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +162,8 @@ def tag_order(tags) -> list[str]:
 
 
 def aggregate(records: Sequence[dict]) -> dict:
-    """records: dicts with 'tag', 'correct' (0/1) and 'status' -> per-tag accuracy and the score."""
+    """records: dicts with 'tag', 'correct' (0/1) and 'status' -> per-tag accuracy and the score (None, with
+    the accuracies, when no image was judged: there is no score to give)."""
     by_tag: dict[str, list[dict]] = {}
     for r in records:
         by_tag.setdefault(r["tag"], []).append(r)
@@ -137,18 +171,18 @@ def aggregate(records: Sequence[dict]) -> dict:
     for t in tag_order(by_tag):
         rs = by_tag[t]
         n_ok = sum(int(r["correct"] == 1) for r in rs)
+        c = common.status_counts(rs)
         tags[t] = {"n": len(rs), "n_correct": n_ok, "accuracy": n_ok / len(rs),
-                   "n_missing": sum(r["status"] == "missing" for r in rs),
-                   "n_judge_failures": sum(r["status"] == "judge_failure" for r in rs)}
+                   **{k: v for k, v in c.items() if k != "n_images"}}
+    counts = common.status_counts(records)
+    judged = counts["n_judged"] > 0
     n = len(records)
     return {
-        "score": sum(v["accuracy"] for v in tags.values()) / len(tags) if tags else 0.0,
-        "accuracy_all_samples": sum(int(r["correct"] == 1) for r in records) / n if n else 0.0,
+        "score": sum(v["accuracy"] for v in tags.values()) / len(tags) if tags and judged else None,
+        "accuracy_all_samples": sum(int(r["correct"] == 1) for r in records) / n if n and judged else None,
         "tags": tags,
-        "n_images": n,
         "n_correct": sum(int(r["correct"] == 1) for r in records),
-        "n_missing": sum(r["status"] == "missing" for r in records),
-        "n_judge_failures": sum(r["status"] == "judge_failure" for r in records),
+        **counts,
     }
 
 
@@ -208,30 +242,31 @@ def markdown(doc: dict) -> str:
     parts = [
         f"# {TITLE}: {doc['label']}", "",
         f"Judge `{j['model']}`, template `{j['template']}`; {s['n_images']} images "
-        f"({doc['num_images']} per prompt), {s['n_missing']} missing, {s['n_judge_failures']} judge failures.",
+        f"({doc['num_images']} per prompt), {common.not_judged(s)}.",
         "",
         common.markdown_table(["Model"] + cols + ["Overall"], rows), "",
         "Overall = mean of the tag accuracies; an image passes only if every checklist item holds; missing "
-        "images and judge failures count as failures. Paper rows: Echo-4o figures (overall only); GPT-4o "
+        "or unreadable images and judge failures count as failures. Paper rows: Echo-4o figures (overall only); GPT-4o "
         "per-tag row from a third-party paper (Mind-Brush).", "",
         f"Accuracy over all images: {common.fmt(s['accuracy_all_samples'])}", "",
         "## Per tag", "",
         common.markdown_table(
-            ["tag", "column", "images", "pass", "accuracy", "missing", "judge failures"],
+            ["tag", "column", "images", "pass", "accuracy", "missing", "unreadable", "judge failures"],
             [[t, dict(GENEVAL_PP_TAGS).get(t, t), v["n"], v["n_correct"], v["accuracy"], v["n_missing"],
-              v["n_judge_failures"]] for t, v in s["tags"].items()]),
+              v["n_unreadable"], v["n_judge_failures"]] for t, v in s["tags"].items()]),
     ]
     return common.summary_markdown(parts, doc)
 
 
-_VERDICT = {"pass": "PASS", "fail": "FAIL", "missing": "MISSING", "judge_failure": "JUDGE FAILURE"}
+_VERDICT = {"pass": "PASS", "fail": "FAIL", **common.NOT_JUDGED_LABEL}
 
 
 def write_html(doc: dict, path) -> None:
     s = doc["summary"]
-    summary_html = (f"<p>Score (mean of tag accuracies): <b>{s['score']:.3f}</b>; images {s['n_images']}, "
-                    f"missing {s['n_missing']}, judge failures {s['n_judge_failures']}. Judge "
-                    f"{html.escape(doc['judge']['model'])}, template {html.escape(doc['judge']['template'])}.</p>")
+    summary_html = common.incomplete_html(doc) + (
+        f"<p>Score (mean of tag accuracies): <b>{common.fmt(s['score'])}</b>; images {s['n_images']}, "
+        f"{html.escape(common.not_judged(s))}. Judge "
+        f"{html.escape(doc['judge']['model'])}, template {html.escape(doc['judge']['template'])}.</p>")
     entries = [common.gallery_entry(r, group=r["tag"], verdict=_VERDICT[r["status"]],
                                     reasons=r.get("reason") or r.get("error") or "",
                                     prompt=r["prompt"] + "\n" + "\n".join(f"• {c}" for c in r["checklist"]))
@@ -254,8 +289,8 @@ def main(argv=None) -> dict:
     doc, judge = common.run_benchmark(args, public_url=PUBLIC_URL, public_md5=PUBLIC_MD5, load_items=load_items,
                                       evaluate=evaluate, default_template=DEFAULT_TEMPLATE)
     s = doc["summary"]
-    print(f"{TITLE} score {s['score']:.4f} (mean of {len(s['tags'])} tag accuracies); images {s['n_images']}, "
-          f"missing {s['n_missing']}, judge failures {s['n_judge_failures']}; "
+    print(f"{TITLE} score {common.fmt(s['score'], 4)} (mean of {len(s['tags'])} tag accuracies)"
+          f"{'' if doc['complete'] else ' INCOMPLETE'}; images {s['n_images']}, {common.not_judged(s)}; "
           f"API calls {judge.stats['api_calls']}, cache hits {judge.stats['cache_hits']} -> {args.out}")
     return doc
 

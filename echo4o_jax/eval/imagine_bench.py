@@ -16,12 +16,17 @@ r"""Imagine-Bench with a VLM judge (Echo-4o's protocol): 270 fantasy prompts in 
       weight table names the last category ``TWO_OBJECT`` while the data says ``Multi-Object``, so
       Multi-Object gets no weight and drops out: (3*A + 2*H + 2*S) / 7. We report it for comparison
       with published numbers, but it ignores 60 of the 270 prompts.
-  Missing images and judge failures score 0 in both (the official script skips missing images; that
-  variant is in results.json as ``official_script_exact``).
+  Missing or unreadable images and judge failures score 0 in both (the official script skips missing
+  images; that variant is in results.json as ``official_script_exact``); the run is then INCOMPLETE
+  (exit status 1; with nothing judged there is no overall).
 * Images: ``<images>/<id:05d>_<k>.png`` (also .jpg/.jpeg/.webp); the official ``<id>.png`` is
   accepted for k = 0.
 
+* Prompt file: one JSON object per line with an integer ``id`` (unique) and the strings ``instruction``,
+  ``note``, ``type``; every line is checked when the file loads (an error names ``FILE:LINE`` and the key).
+
 Outputs in --out: ``results.json``, ``summary.md``, ``gallery.html``, ``judge_cache/``.
+Exit status: 0 every image judged, 1 incomplete, 2 bad input, 130 interrupted (see -h).
 """
 
 from __future__ import annotations
@@ -62,18 +67,28 @@ class Item:
 
 
 def load_items(path, limit: int | None = None) -> list[Item]:
-    items = []
-    for i, r in enumerate(common.read_jsonl(path), 1):
+    """The prompts of an Imagine-Bench jsonl, every line checked (the first `limit` kept)."""
+    items, lines = [], {}
+    for i, r in common.jsonl_records(path):
+        where = f"{path}:{i}"
         for req in ("id", "instruction", "note", "type"):
             if req not in r:
-                raise common.UsageError(f"{path}: record {i} has no {req!r} field (is this the Imagine-Bench jsonl?)")
-        items.append(Item(id=int(r["id"]), instruction=r["instruction"], note=r["note"], type=r["type"]))
-        if limit is not None and len(items) >= limit:
-            break
-    ids = [it.id for it in items]
-    if len(set(ids)) != len(ids):
-        raise common.UsageError(f"{path}: duplicate ids")
-    return items
+                raise common.UsageError(f"{where}: no {req!r} field (is this the Imagine-Bench jsonl?)")
+        rid = r["id"]
+        if isinstance(rid, bool) or not isinstance(rid, int):
+            raise common.UsageError(f"{where}: 'id' must be an integer (it names the image <id:05d>_<k>.png), "
+                                    f"got {rid!r}")
+        for key in ("instruction", "note", "type"):
+            if not isinstance(r[key], str):
+                raise common.UsageError(f"{where}: {key!r} must be a string, got {r[key]!r}")
+        if rid in lines:
+            raise common.UsageError(f"{where}: duplicate id {rid} (also on line {lines[rid]}); ids name the images, "
+                                    "so each must be unique")
+        lines[rid] = i
+        items.append(Item(id=rid, instruction=r["instruction"], note=r["note"], type=r["type"]))
+    if not items:
+        raise common.UsageError(f"{path}: no prompts (one JSON object per line)")
+    return common.take(items, limit)
 
 
 def image_score(ff: float, ip: float, aq: float) -> float:
@@ -92,7 +107,8 @@ def _weighted(cat_scores: dict[str, float], weights: dict[str, float]) -> float 
 
 
 def aggregate(records: Sequence[dict]) -> dict:
-    """records: dicts with 'type', 'category', 'score', 'status' (+ FF/IP/AQ when judged)."""
+    """records: dicts with 'type', 'category', 'score', 'status' (+ FF/IP/AQ when judged). The overall numbers
+    are None when no image was judged (there is no score to give)."""
     by_type: dict[str, list[float]] = {}
     by_cat: dict[str, list[float]] = {}
     for r in records:
@@ -102,11 +118,11 @@ def aggregate(records: Sequence[dict]) -> dict:
     order_c = [c for c in IMAGINE_CATEGORIES if c in by_cat] + sorted(c for c in by_cat if c not in IMAGINE_CATEGORIES)
     types = {t: {"n": len(by_type[t]), "score": _mean(by_type[t])} for t in order_t}
     cats = {c: {"n": len(by_cat[c]), "score": _mean(by_cat[c])} for c in order_c}
-    cat_scores = {c: v["score"] for c, v in cats.items()}
     judged = [r for r in records if r["status"] == "scored"]
+    cat_scores = {c: v["score"] for c, v in cats.items()} if judged else {}  # nothing judged: no overall
 
-    # As the official script: missing images skipped, failures 0, Multi-Object without a weight.
-    kept = [r for r in records if r["status"] != "missing"]
+    # As the official script: missing (and unreadable) images skipped, failures 0, Multi-Object without a weight.
+    kept = [r for r in records if r["status"] not in ("missing", "unreadable")] if judged else []
     exact_cats: dict[str, list[float]] = {}
     for r in kept:
         exact_cats.setdefault(r["category"], []).append(r["score"])
@@ -115,18 +131,16 @@ def aggregate(records: Sequence[dict]) -> dict:
         "overall": _weighted(cat_scores, IMAGINE_WEIGHTS),
         "overall_official_script": _weighted(cat_scores, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS),
         "official_script_exact": {
-            "note": "missing images skipped (not scored), judge failures 0, Multi-Object dropped",
+            "note": "missing and unreadable images skipped (not scored), judge failures 0, Multi-Object dropped",
             "categories": exact_scores,
             "overall": _weighted(exact_scores, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS),
             "n_scored": len(kept),
         },
-        "mean_over_images": _mean(r["score"] for r in records),
+        "mean_over_images": _mean(r["score"] for r in records) if judged else None,
         "categories": cats,
         "types": types,
         "dimensions": {d: _mean(r[d] for r in judged) for d in ("FF", "IP", "AQ")},
-        "n_images": len(records),
-        "n_missing": sum(r["status"] == "missing" for r in records),
-        "n_judge_failures": sum(r["status"] == "judge_failure" for r in records),
+        **common.status_counts(records),
     }
 
 
@@ -186,11 +200,11 @@ def markdown(doc: dict) -> str:
     parts = [
         f"# {TITLE}: {doc['label']}", "",
         f"Judge `{j['model']}`, template `{j['template']}`; {s['n_images']} images ({doc['num_images']} per "
-        f"prompt), {s['n_missing']} missing, {s['n_judge_failures']} judge failures.", "",
+        f"prompt), {common.not_judged(s)}.", "",
         common.markdown_table(["Model"] + cats + ["Overall (all 4 categories)", "Overall (official script)"],
                               rows), "",
-        "Per image 0.8·min(FF, IP) + 0.2·AQ; category = mean over its images; missing images and judge "
-        "failures score 0.", "",
+        "Per image 0.8·min(FF, IP) + 0.2·AQ; category = mean over its images; missing or unreadable images and "
+        "judge failures score 0.", "",
         "**Overall (all 4 categories)** weights Attribute shift 3, Hybridization 2, Spatiotemporal 2, "
         "Multi-Object 2 (on the full benchmark, 90/60/60/60 prompts, this is the mean over all 270 images).", "",
         "**Overall (official script)** is what the released evaluation script computes: its weight table "
@@ -212,10 +226,11 @@ def markdown(doc: dict) -> str:
 
 def write_html(doc: dict, path) -> None:
     s = doc["summary"]
-    summary_html = (f"<p>Overall (all 4 categories): <b>{common.fmt(s['overall'])}</b>; overall as the "
-                    f"official script (Multi-Object dropped): {common.fmt(s['overall_official_script'])}; "
-                    f"images {s['n_images']}, missing {s['n_missing']}, judge failures {s['n_judge_failures']}. "
-                    f"Judge {html.escape(doc['judge']['model'])}, template {html.escape(doc['judge']['template'])}.</p>")
+    summary_html = common.incomplete_html(doc) + (
+        f"<p>Overall (all 4 categories): <b>{common.fmt(s['overall'])}</b>; overall as the "
+        f"official script (Multi-Object dropped): {common.fmt(s['overall_official_script'])}; "
+        f"images {s['n_images']}, {html.escape(common.not_judged(s))}. "
+        f"Judge {html.escape(doc['judge']['model'])}, template {html.escape(doc['judge']['template'])}.</p>")
     entries = [common.gallery_entry(r, group=f"{r['type']} / {r['category']}",
                                     **common.scored_verdict(r, ("FF", "IP", "AQ"))) for r in doc["items"]]
     common.write_gallery(path, f"{TITLE}: {doc['label']}", summary_html, entries)
@@ -233,8 +248,8 @@ def main(argv=None) -> dict:
                                       evaluate=evaluate, default_template=DEFAULT_TEMPLATE)
     s = doc["summary"]
     print(f"{TITLE} overall {common.fmt(s['overall'])} (all categories), {common.fmt(s['overall_official_script'])} "
-          f"(official script, Multi-Object dropped); images {s['n_images']}, missing {s['n_missing']}, "
-          f"judge failures {s['n_judge_failures']}; API calls {judge.stats['api_calls']}, "
+          f"(official script, Multi-Object dropped){'' if doc['complete'] else ' INCOMPLETE'}; images "
+          f"{s['n_images']}, {common.not_judged(s)}; API calls {judge.stats['api_calls']}, "
           f"cache hits {judge.stats['cache_hits']} -> {args.out}")
     return doc
 

@@ -17,8 +17,9 @@
   rendered prompt text, judge model, template name@version, image size limit). A re-run makes no call
   for an answer already cached. Only parsed answers are cached; judge failures are retried next run.
 * **Secrets**: the API key is read from the environment (``OPENAI_API_KEY`` or ``api_key_env``) only
-  when a call is needed; it is never logged and is redacted from every error text we keep. Results
-  and caches hold no request headers.
+  when a call is needed; it is never logged and is redacted from every error text we keep and from
+  the judge's answers before they are parsed (so neither the raw answer nor what is parsed from it,
+  e.g. a reason, can carry it). Results and caches hold no request headers.
 
 Images are sent as base64 ``data:`` URLs (the file's own bytes, or a JPEG re-encode when the image is
 larger than ``max_image_pixels``). Temperature is 0 unless changed.
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MODEL", "TEMPLATE_DIR", "JudgeTemplate", "load_template", "MalformedAnswer",
     "extract_json_object", "PARSERS", "JudgeCache", "JudgeRequest", "JudgeResult", "Judge",
-    "JudgeError", "JudgeFatalError", "JudgeConfigError", "encode_image", "cache_key", "redact",
+    "JudgeError", "JudgeFatalError", "JudgeConfigError", "TemplateError", "encode_image", "cache_key", "redact",
+    "api_key_from_env",
 ]
 
 DEFAULT_MODEL = "gpt-4.1"
@@ -61,6 +63,10 @@ class JudgeError(RuntimeError):
 
 class JudgeConfigError(JudgeError):
     """Bad configuration found before any call (e.g. no API key in the environment)."""
+
+
+class TemplateError(JudgeConfigError, ValueError):
+    """A template file that cannot be used (its message names the file and what is wrong)."""
 
 
 class JudgeFatalError(JudgeError):
@@ -114,6 +120,16 @@ class JudgeTemplate:
         return PARSERS[self.parser](text, self)
 
 
+def _max_tokens(value: str, path: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise TemplateError(f"{path}: '# max_tokens: {value}' must be a positive integer")
+    return n
+
+
 def _parse_template_text(text: str, path: str) -> JudgeTemplate:
     header: dict[str, str] = {}
     sections: dict[str, list[str]] = {}
@@ -122,7 +138,7 @@ def _parse_template_text(text: str, path: str) -> JudgeTemplate:
         m = _SECTION.match(line)
         if m:
             if m.group(1) in sections:
-                raise ValueError(f"{path}: section [{m.group(1)}] appears twice")
+                raise TemplateError(f"{path}: section [{m.group(1)}] appears twice")
             current = sections[m.group(1)] = []
             continue
         if current is None:
@@ -130,7 +146,7 @@ def _parse_template_text(text: str, path: str) -> JudgeTemplate:
             if not s:
                 continue
             if not s.startswith("#"):
-                raise ValueError(f"{path}: text before the first [system]/[user] section: {s[:60]!r}")
+                raise TemplateError(f"{path}: text before the first [system]/[user] section: {s[:60]!r}")
             m = _HEADER.match(s)
             if m:  # '# key: value'; other comment lines are ignored
                 header[m.group(1).lower()] = m.group(2).strip()
@@ -138,23 +154,23 @@ def _parse_template_text(text: str, path: str) -> JudgeTemplate:
         current.append(line)
     for req in ("version", "parser"):
         if not header.get(req):
-            raise ValueError(f"{path}: header line '# {req}: ...' is required")
+            raise TemplateError(f"{path}: header line '# {req}: ...' is required")
     if "user" not in sections:
-        raise ValueError(f"{path}: a [user] section is required")
+        raise TemplateError(f"{path}: a [user] section is required")
     parser = header["parser"]
     if parser not in PARSERS:
-        raise ValueError(f"{path}: unknown parser {parser!r} (known: {sorted(PARSERS)})")
+        raise TemplateError(f"{path}: unknown parser {parser!r} (known: {sorted(PARSERS)})")
     dims: list[tuple[str, str]] = []
     if header.get("dimensions"):
         for part in header["dimensions"].split(";"):
             if not part.strip():
                 continue
             if "=" not in part:
-                raise ValueError(f"{path}: dimensions must read 'KEY=Label; KEY=Label', got {part!r}")
+                raise TemplateError(f"{path}: dimensions must read 'KEY=Label; KEY=Label', got {part!r}")
             k, label = part.split("=", 1)
             dims.append((k.strip(), label.strip()))
     if parser == "dimension_scores" and not dims:
-        raise ValueError(f"{path}: parser dimension_scores needs a '# dimensions: KEY=Label; ...' line")
+        raise TemplateError(f"{path}: parser dimension_scores needs a '# dimensions: KEY=Label; ...' line")
     known = {"name", "version", "parser", "max_tokens", "dimensions"}
     return JudgeTemplate(
         name=header.get("name") or Path(path).stem,
@@ -162,7 +178,7 @@ def _parse_template_text(text: str, path: str) -> JudgeTemplate:
         parser=parser,
         system="\n".join(sections.get("system", [])).strip(),
         user="\n".join(sections["user"]).strip(),
-        max_tokens=int(header.get("max_tokens", 512)),
+        max_tokens=_max_tokens(header.get("max_tokens", "512"), path),
         dimensions=tuple(dims),
         options={k: v for k, v in header.items() if k not in known},
         path=str(path),
@@ -170,14 +186,19 @@ def _parse_template_text(text: str, path: str) -> JudgeTemplate:
 
 
 def load_template(name_or_path: str | os.PathLike) -> JudgeTemplate:
-    """A built-in template by name (``geneval_pp``, ``imagine_bench``, ``omnicontext_pf``, ...) or a file."""
+    """A built-in template by name (``geneval_pp``, ``imagine_bench``, ``omnicontext_pf``, ...) or a file; a file
+    that is not a usable template raises TemplateError (a JudgeConfigError and a ValueError) naming it."""
     p = Path(name_or_path)
     if not p.suffix and not p.exists():
         p = TEMPLATE_DIR / f"{name_or_path}.txt"
     if not p.is_file():
         builtin = sorted(q.stem for q in TEMPLATE_DIR.glob("*.txt"))
         raise FileNotFoundError(f"judge template {name_or_path!r} not found (built-in: {builtin})")
-    return _parse_template_text(p.read_text(encoding="utf-8"), str(p))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TemplateError(f"{p}: not UTF-8 text ({e.reason})") from None
+    return _parse_template_text(text, str(p))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,6 +454,26 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _BEARER.sub("Bearer [REDACTED]", text)
 
 
+def api_key_from_env(name: str | None, *, require: bool, error: type[Exception]) -> str | None:
+    """The API key in environment variable `name` (None when it is unset or empty and `require` is False).
+    Raises `error` naming the variable, never its value, when the key is required but missing, or when it
+    holds whitespace or control characters (a pasted key with a trailing newline or spaces: the HTTP
+    client would fail every call with a bare "Connection error.")."""
+    value = os.environ.get(name, "") if name else ""
+    if not value:
+        if require:
+            raise error(f"no API key: the environment variable {name or '(none)'} is not set (--api-key-env NAME "
+                        "reads another variable; --no-api-key for a local server without authentication)")
+        return None
+    bad = sorted({("a newline" if c in "\r\n" else "a space" if c == " " else "a tab" if c == "\t" else
+                   f"control character {ord(c):#04x}") for c in value if c.isspace() or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        where = "at its ends" if value.strip() and not any(c.isspace() for c in value.strip()) else "in it"
+        raise error(f"the API key in the environment variable {name} holds {', '.join(bad)} {where} (its value is "
+                    f"not shown): set it without them, e.g. export {name}=\"$(printf %s \"${name}\" | tr -d '[:space:]')\"")
+    return value
+
+
 def _public_url(url: str | None) -> str | None:
     """A base URL without userinfo or query (never store credentials that might hide there)."""
     if not url:
@@ -584,12 +625,14 @@ class Judge:
         error = None
         for attempt in range(1 + self.malformed_retries):
             try:
-                raw, n = self._complete(messages, tpl.max_tokens)
+                answer, n = self._complete(messages, tpl.max_tokens)
                 calls += n
             except _ItemFailure as e:
                 calls += e.calls
                 self._count("failures")
                 return JudgeResult(ok=False, raw=raw, error=self.redact(str(e)), calls=calls, key=key)
+            # everything kept (raw, parsed: reasons are answer text) comes from the redacted answer
+            raw = self.redact(answer)
             try:
                 parsed = tpl.parse(raw)
             except MalformedAnswer as e:
@@ -600,12 +643,11 @@ class Judge:
                 continue
             if self.cache is not None:
                 self.cache.put(key, {"key": key, "model": self.model, "template": tpl.ident,
-                                     "images_sha256": digests, "raw": self.redact(raw), "parsed": parsed,
+                                     "images_sha256": digests, "raw": raw, "parsed": parsed,
                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            return JudgeResult(ok=True, parsed=parsed, raw=self.redact(raw), calls=calls, key=key)
+            return JudgeResult(ok=True, parsed=parsed, raw=raw, calls=calls, key=key)
         self._count("failures")
-        return JudgeResult(ok=False, raw=None if raw is None else self.redact(raw), error=error, calls=calls,
-                           key=key)
+        return JudgeResult(ok=False, raw=raw, error=error, calls=calls, key=key)
 
     def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = False,
                    desc: str = "judging") -> list[JudgeResult]:
@@ -646,13 +688,8 @@ class Judge:
         with self._lock:
             if self._client is not None:
                 return self._client
-            key = os.environ.get(self.api_key_env) if self.api_key_env else None
-            if not key:
-                if self.require_api_key:
-                    raise JudgeConfigError(
-                        f"no API key: the environment variable {self.api_key_env or '(none)'} is not set "
-                        "(use --api-key-env NAME to read another variable, or --no-api-key for a local "
-                        "server that needs none)")
+            key = api_key_from_env(self.api_key_env, require=self.require_api_key, error=JudgeConfigError)
+            if key is None:
                 key = "no-key"
             else:
                 self._secrets.append(key)

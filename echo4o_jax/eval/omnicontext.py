@@ -19,12 +19,15 @@ here). Give a JSON-lines (or JSON list) manifest with one record per sample::
 * **Per sample: sqrt(PF * SC)**; task score = mean over its samples; ``overall_8`` = mean over the 8
   task scores (OmniGen2's number); ``echo4o_avg`` = mean of the MULTIPLE and SCENE group scores (each
   the mean of its 3 tasks), i.e. the 6-task average Echo-4o reported (its statistics script skips the
-  two single_* tasks). A missing image or a judge failure of either call scores 0 and is listed (the
-  original scorer substituted a random score for an unparsable answer; we do not).
+  two single_* tasks). A missing or unreadable image or a judge failure of either call scores 0 and is
+  listed (the original scorer substituted a random score for an unparsable answer; we do not); the run
+  is then INCOMPLETE (exit status 1; with nothing judged there is no overall). With fewer than the 8
+  tasks in the manifest, the overall is the mean over the tasks present (it says how many).
 * Images: ``<images>/<task_type>__<key>_<k>.png`` (also .jpg/.jpeg/.webp); the official
   ``<task_type>/<key>.png`` is accepted for k = 0.
 
 Outputs in --out: ``results.json``, ``summary.md``, ``gallery.html``, ``judge_cache/``.
+Exit status: 0 every image judged, 1 incomplete, 2 bad input, 130 interrupted (see -h).
 """
 
 from __future__ import annotations
@@ -73,40 +76,62 @@ def _pick(r: dict, *names):
     return None
 
 
+def _manifest_rows(p: Path) -> list[tuple[str, dict]]:
+    """(where, record) per sample of a JSON-lines manifest (where: ``FILE:LINE``) or a JSON list (``FILE: record
+    N``); a syntax error or a record that is not an object is a UsageError naming the file and the line."""
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise common.UsageError(f"{p}: not UTF-8 text ({e.reason})") from None
+    if not text.startswith("["):
+        return [(f"{p}:{i}", r) for i, r in common.jsonl_records(p)]
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise common.UsageError(f"{p}:{e.lineno}: not JSON (column {e.colno}): {e.msg}") from None
+    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise common.UsageError(f"{p}: record {bad} of the JSON list must be an object, got "
+                                f"{type(rows[bad - 1]).__name__}")
+    return [(f"{p}: record {i}", r) for i, r in enumerate(rows, 1)]
+
+
 def load_items(path, limit: int | None = None, data_root=None) -> list[Item]:
+    """The samples of a manifest, every record checked; the input images of the first `limit` must exist."""
     p = Path(path)
     if p.is_dir():
         p = p / "metadata.jsonl"
     if not p.is_file():
         raise FileNotFoundError(f"OmniContext manifest {p} not found (see `python -m echo4o_jax.eval.omnicontext -h`;"
                                 f" data: {OMNICONTEXT_URL})")
-    text = p.read_text(encoding="utf-8").strip()
-    rows = json.loads(text) if text.startswith("[") else common.read_jsonl(p)
     root = Path(data_root) if data_root else p.parent
-    items, missing = [], []
-    for i, r in enumerate(rows):
+    items, stems = [], {}
+    for i, (where, r) in enumerate(_manifest_rows(p)):
         key, task, instr = _pick(r, "key", "id"), _pick(r, "task_type", "task"), _pick(r, "instruction", "prompt")
         imgs = _pick(r, "input_images", "input_image_paths", "images")
-        if key is None or task is None or instr is None or imgs is None:
-            raise common.UsageError(f"{p}: record {i + 1} needs key, task_type, instruction and input_images")
+        absent = [n for n, v in (("key", key), ("task_type", task), ("instruction", instr), ("input_images", imgs))
+                  if v is None]
+        if absent:
+            raise common.UsageError(f"{where}: no {', '.join(map(repr, absent))} (a record needs key, task_type, "
+                                    "instruction and input_images)")
         if isinstance(imgs, str):
             imgs = [imgs]
-        paths = []
-        for s in imgs:
-            q = Path(s)
-            q = q if q.is_absolute() else root / q
-            if not q.is_file():
-                missing.append(str(q))
-            paths.append(str(q))
-        items.append(Item(key=str(key), task_type=str(task), instruction=str(instr), input_images=paths, index=i))
-        if limit is not None and len(items) >= limit:
-            break
+        if not isinstance(imgs, list) or not imgs or not all(isinstance(s, str) and s for s in imgs):
+            raise common.UsageError(f"{where}: 'input_images' must be a non-empty list of image paths, got {imgs!r}")
+        item = Item(key=str(key), task_type=str(task), instruction=str(instr),
+                    input_images=[str(q if q.is_absolute() else root / q) for q in map(Path, imgs)], index=i)
+        if item.stem in stems:
+            raise common.UsageError(f"{where}: (task_type, key) = ({item.task_type!r}, {item.key!r}) is already "
+                                    f"used by {stems[item.stem]}; they name the images, so each pair must be unique")
+        stems[item.stem] = where
+        items.append(item)
+    if not items:
+        raise common.UsageError(f"{p}: no samples")
+    items = common.take(items, limit)
+    missing = [q for it in items for q in it.input_images if not Path(q).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} input images of {p} not found, e.g. {missing[:3]} "
                                 f"(set --data-root to the folder they are relative to)")
-    stems = [it.stem for it in items]
-    if len(set(stems)) != len(stems):
-        raise common.UsageError(f"{p}: (task_type, key) pairs are not unique")
     return items
 
 
@@ -120,7 +145,8 @@ def _mean(xs):
 
 
 def aggregate(records: Sequence[dict]) -> dict:
-    """records: dicts with 'task_type', 'score' (+ 'PF', 'SC' when judged) and 'status'."""
+    """records: dicts with 'task_type', 'score' (+ 'PF', 'SC' when judged) and 'status'. The overall numbers
+    are None when no image was judged (there is no score to give)."""
     by_task: dict[str, list[dict]] = {}
     for r in records:
         by_task.setdefault(r["task_type"], []).append(r)
@@ -129,21 +155,23 @@ def aggregate(records: Sequence[dict]) -> dict:
     for t in order:
         rs = by_task[t]
         judged = [r for r in rs if r["status"] == "scored"]
+        c = common.status_counts(rs)
         tasks[t] = {"n": len(rs), "score": _mean(r["score"] for r in rs),
                     "PF": _mean(r["PF"] for r in judged), "SC": _mean(r["SC"] for r in judged),
-                    "n_missing": sum(r["status"] == "missing" for r in rs),
-                    "n_judge_failures": sum(r["status"] == "judge_failure" for r in rs)}
-    groups = {g: _mean(tasks[t]["score"] for t in ts if t in tasks) for g, ts in OMNICONTEXT_GROUPS.items()}
+                    **{k: v for k, v in c.items() if k != "n_images"}}
+    counts = common.status_counts(records)
+    scored = counts["n_judged"] > 0  # nothing judged: no overall numbers
+    groups = {g: _mean(tasks[t]["score"] for t in ts if t in tasks) if scored else None
+              for g, ts in OMNICONTEXT_GROUPS.items()}
     two = [groups[g] for g in ("MULTIPLE", "SCENE") if groups[g] is not None]
     return {
-        "overall_8": _mean(v["score"] for v in tasks.values()),
+        "overall_8": _mean(v["score"] for v in tasks.values()) if scored else None,
         "echo4o_avg": sum(two) / len(two) if two else None,
         "groups": groups,
         "tasks": tasks,
+        "n_tasks": len(tasks),
         "complete_8_tasks": all(t in tasks for t in OMNICONTEXT_TASKS),
-        "n_images": len(records),
-        "n_missing": sum(r["status"] == "missing" for r in records),
-        "n_judge_failures": sum(r["status"] == "judge_failure" for r in records),
+        **counts,
     }
 
 
@@ -208,20 +236,27 @@ def markdown(doc: dict) -> str:
     parts = [
         f"# {TITLE}: {doc['label']}", "",
         f"Judge `{j['model']}`, templates {', '.join(f'`{t}`' for t in j['template'].values())}; "
-        f"{s['n_images']} images, {s['n_missing']} missing, {s['n_judge_failures']} judge failures"
-        + ("" if s["complete_8_tasks"] else "; **not all 8 task types present**") + ".", "",
-        common.markdown_table(["Model", "SINGLE", "MULTIPLE", "SCENE", "Overall (8 tasks)",
+        f"{s['n_images']} images, {common.not_judged(s)}"
+        + ("" if s["complete_8_tasks"] else f"; **not all 8 task types present (this run has {s['n_tasks']})**")
+        + ".", "",
+        common.markdown_table(["Model", "SINGLE", "MULTIPLE", "SCENE", _overall_label(s),
                                "Echo-4o avg (MULTIPLE, SCENE)"], rows, digits=2), "",
         "Per sample sqrt(PF·SC); task = mean over samples; group = mean of its tasks; Overall (8 tasks) = mean "
         "of the task scores (OmniGen2's protocol); Echo-4o avg = mean of the MULTIPLE and SCENE groups (Echo-4o's "
-        "statistics skip the single_* tasks). Missing images and judge failures score 0. BAGEL's Echo-4o avg is "
+        "statistics skip the single_* tasks). Missing or unreadable images and judge failures score 0. BAGEL's "
+        "Echo-4o avg is "
         "computed from its two group numbers; 8-task rows are third-party measurements.", "",
         "## Per task", "",
-        common.markdown_table(["task", "images", "PF", "SC", "score", "missing", "judge failures"],
-                              [[t, v["n"], v["PF"], v["SC"], v["score"], v["n_missing"], v["n_judge_failures"]]
-                               for t, v in s["tasks"].items()], digits=2),
+        common.markdown_table(["task", "images", "PF", "SC", "score", "missing", "unreadable", "judge failures"],
+                              [[t, v["n"], v["PF"], v["SC"], v["score"], v["n_missing"], v["n_unreadable"],
+                                v["n_judge_failures"]] for t, v in s["tasks"].items()], digits=2),
     ]
     return common.summary_markdown(parts, doc)
+
+
+def _overall_label(s: dict) -> str:
+    """The overall's column name: ``Overall (8 tasks)``, or with fewer tasks how many this run has."""
+    return "Overall (8 tasks)" if s["complete_8_tasks"] else f"Overall (8 tasks; this run: {s['n_tasks']})"
 
 
 def _details(r: dict) -> str | None:
@@ -232,25 +267,26 @@ def _details(r: dict) -> str | None:
 
 def write_html(doc: dict, path) -> None:
     s = doc["summary"]
-    summary_html = (f"<p>Overall (8 tasks): <b>{common.fmt(s['overall_8'], 2)}</b>; Echo-4o average (MULTIPLE, "
-                    f"SCENE): <b>{common.fmt(s['echo4o_avg'], 2)}</b>; images {s['n_images']}, missing "
-                    f"{s['n_missing']}, judge failures {s['n_judge_failures']}. Judge "
-                    f"{html.escape(doc['judge']['model'])}.</p>")
+    summary_html = common.incomplete_html(doc) + (
+        f"<p>Overall ({s['n_tasks']} tasks): <b>{common.fmt(s['overall_8'], 2)}</b>; Echo-4o average (MULTIPLE, "
+        f"SCENE): <b>{common.fmt(s['echo4o_avg'], 2)}</b>; images {s['n_images']}, "
+        f"{html.escape(common.not_judged(s))}. Judge {html.escape(doc['judge']['model'])}.</p>")
     entries = [common.gallery_entry(r, group=r["task_type"], details=_details(r), refs=r["input_images"],
                                     **common.scored_verdict(r, ("PF", "SC"))) for r in doc["items"]]
     common.write_gallery(path, f"{TITLE}: {doc['label']}", summary_html, entries)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.omnicontext", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.omnicontext",
+                                 description=__doc__ + "\n" + common.EXIT_STATUS,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", required=True, help="folder of generated images (<task_type>__<key>_<k>.png)")
     ap.add_argument("--data", "--prompts", dest="data", required=True,
                     help="OmniContext manifest (jsonl/json) or a folder with metadata.jsonl")
     ap.add_argument("--data-root", default=None, help="folder the input image paths are relative to")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--num-images", type=int, default=1, help="images per sample (official: 1)")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    ap.add_argument("--num-images", type=common.positive_int, default=1, help="images per sample (official: 1)")
+    ap.add_argument("--limit", type=common.positive_int, default=None, help="only the first N samples")
     for k in TEMPLATES:
         ap.add_argument(f"--template-{k.replace('_', '-')}", default=None,
                         help=f"judge template file for {k} (default: built-in {TEMPLATES[k]})")
@@ -266,14 +302,15 @@ def templates_from_args(args) -> dict[str, JudgeTemplate]:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     items = load_items(args.data, args.limit, args.data_root)
+    templates = templates_from_args(args)
     judge = common.judge_from_args(args, args.out)
     doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
-                   templates=templates_from_args(args), label=args.label, progress=not args.no_progress,
+                   templates=templates, label=args.label, progress=not args.no_progress,
                    source={"data": str(args.data)})
     s = doc["summary"]
-    print(f"{TITLE} overall (8 tasks) {common.fmt(s['overall_8'], 3)}, Echo-4o avg (MULTIPLE, SCENE) "
-          f"{common.fmt(s['echo4o_avg'], 3)}; images {s['n_images']}, missing {s['n_missing']}, judge failures "
-          f"{s['n_judge_failures']}; API calls {judge.stats['api_calls']}, cache hits {judge.stats['cache_hits']} "
+    print(f"{TITLE} overall ({s['n_tasks']} tasks) {common.fmt(s['overall_8'], 3)}, Echo-4o avg (MULTIPLE, SCENE) "
+          f"{common.fmt(s['echo4o_avg'], 3)}{'' if doc['complete'] else ' INCOMPLETE'}; images {s['n_images']}, "
+          f"{common.not_judged(s)}; API calls {judge.stats['api_calls']}, cache hits {judge.stats['cache_hits']} "
           f"-> {args.out}")
     return doc
 

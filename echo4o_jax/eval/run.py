@@ -8,9 +8,21 @@ r"""Generate the benchmark images with a checkpoint, then judge them.
 For each benchmark B the images go to ``<out>/B/images/<stem>_<k>.png`` (the naming every
 ``python -m echo4o_jax.eval.B --images`` reads) and the results to ``<out>/B/`` (results.json,
 summary.md, gallery.html); ``<out>/summary.md`` / ``summary.json`` collect the headline numbers, and
-``<out>/judge_cache`` is shared. Images that already exist and decode fully are not generated again
-(``--regenerate`` forces it; an image cut short by a kill is generated again), so an interrupted run
-resumes. ``results.json`` holds each benchmark's own judge counters; ``summary.json`` the run's totals.
+``<out>/judge_cache`` is shared. ``results.json`` holds each benchmark's own judge counters;
+``summary.json`` the run's totals.
+
+Resuming: ``<out>/B/images/generation.json`` records what generated each request's images (checkpoint
+path, seed, ``--gen-arg`` settings, size, number of images, prompt and reference images); written when
+generation starts and settled when it stops (images of a run killed outright are told apart by their
+modification times). Images that already exist and decode fully are not generated again when that record
+matches this run (an image cut short by a kill is generated again), so an interrupted run resumes. A
+rerun with another checkpoint, seed, generation setting, size, number of images or prompt in the same
+``--out`` is refused before anything is generated, with an error naming what differs -- judging those
+images would report another generation's scores under this run's name: use another ``--out``, or pass
+``--regenerate`` to generate every image again with this run's settings (images without a record, e.g.
+from an older version, are refused the same way). ``--judge-only`` judges the images as they are
+(images made another way are fine), but refuses ones whose record names another prompt, or another
+``--ckpt`` / ``--seed`` / ``--size`` / ``--gen-arg`` when those are given.
 
 Generation uses ``echo4o_jax.generate.generate_batch(ckpt, requests, out_dir, regenerate=..., **overrides)``
 (one call per benchmark; ``--gen-arg KEY=VALUE`` become the overrides, VALUE parsed as JSON when it
@@ -18,10 +30,18 @@ parses). A request is ``{"id": <stem>, "prompt", "seed": seed + index, "num_imag
 A generation error (``GenerateError``: e.g. an output size the checkpoint cannot make) stops the run
 with a one-line ``error: ...``; images written before it are kept.
 
+Before anything is generated: every prompt file is loaded and checked, the templates and ``--gen-arg``
+values parsed, the output folders checked against their records, and -- when judging follows and there
+is something to generate -- the API key checked (``--no-api-key`` for a server without one), so that a
+mistake fails in seconds, not after hours of generation.
+
 Prompt files: ``--benchmarks-dir`` (default ``$ECHO4O_BENCHMARKS_DIR`` or ``./benchmarks``; no other
 folder is searched, e.g. ``--benchmarks-dir ../shared/benchmarks``) holds ``geneval_pp.jsonl`` and
 ``imagine_bench.jsonl``; ``--fetch`` downloads the public files there when absent. OmniContext needs a
 local copy (``--omnicontext-data``).
+
+Exit status: 0 every image generated and judged, 1 incomplete (some images missing, unreadable or not
+judged: the partial results are written and marked INCOMPLETE), 2 bad input, 130 interrupted (see -h).
 """
 
 from __future__ import annotations
@@ -35,10 +55,12 @@ from pathlib import Path
 from typing import Callable
 
 from . import common, geneval_pp, imagine_bench, omnicontext
-from .judge import load_template
+from .judge import JudgeConfigError, api_key_from_env, load_template
 
 BENCHES = {"geneval_pp": geneval_pp, "imagine_bench": imagine_bench, "omnicontext": omnicontext}
 TEMPLATE_NAMES = ("geneval_pp", "imagine_bench") + tuple(omnicontext.TEMPLATES.values())
+GENERATION_RECORD = "generation.json"  # in <out>/<bench>/images: what generated each request's images
+DEFAULT_SEED = 42
 
 
 def _templates(pairs) -> dict:
@@ -111,42 +133,202 @@ def _load(name: str, path: Path, args):
     return mod.load_items(path, args.limit)
 
 
+def _images_of(images_dir: Path, rid: str, num_images: int) -> list[Path]:
+    return [images_dir / common.image_name(rid, k) for k in range(num_images)]
+
+
 def _expected(images_dir: Path, req: dict) -> list[Path]:
-    return [images_dir / common.image_name(req["id"], k) for k in range(req["num_images"])]
+    return _images_of(images_dir, req["id"], req["num_images"])
 
 
-def generate(name: str, items, images_dir: Path, args, api: _GenerationAPI) -> dict:
-    """Generate the images of the requests that lack one (absent, or not decoding fully: a write cut
-    short); all of them with --regenerate. A GenerateError becomes a UsageError naming the benchmark
-    (images written before it are kept; a re-run resumes)."""
-    mod = BENCHES[name]
-    reqs = mod.generation_requests(items, num_images=args.num_images, seed=args.seed,
-                                   size=tuple(args.size) if args.size else None)
-    todo = list(reqs) if args.regenerate else [
-        r for r in reqs if not api.outputs_finished(_expected(images_dir, r), f"{name} request {r['id']!r}")]
-    info = {"requests": len(reqs), "generated": len(todo)}
+# What generated a request's images (one entry per request id in GENERATION_RECORD), and the flag that sets each.
+_SETTINGS = {"ckpt": "--ckpt", "seed": "--seed (request seed = --seed + its index)", "gen_args": "--gen-arg",
+             "size": "--size", "num_images": "--num-images", "prompt": "the prompt", "images": "the reference images"}
+
+
+def _provenance(req: dict, ckpt: str | None, gen_args: dict) -> dict:
+    return {"ckpt": None if ckpt is None else str(Path(ckpt).resolve()), "seed": req["seed"], "gen_args": gen_args,
+            "size": list(req["size"]) if req.get("size") else None, "num_images": req["num_images"],
+            "prompt": req["prompt"], "images": [str(Path(p).resolve()) for p in req.get("images", [])]}
+
+
+def _resolved(images_dir: Path, rid: str, entry: dict | None) -> dict | None:
+    """The settings that made request `rid`'s images per its record entry. An entry written as generation began
+    (``pending_since``: the folder's clock then; a run killed before it settled its record leaves one) holds
+    for images written since then; images all older are those of the entry it replaced (``previous``); a mix
+    (a kill in the middle of a request) is of unknown origin: None."""
+    while entry is not None and "pending_since" in entry:
+        times = [p.stat().st_mtime for p in _images_of(images_dir, rid, entry.get("num_images", 0)) if p.is_file()]
+        if all(t >= entry["pending_since"] for t in times):
+            return {k: v for k, v in entry.items() if k not in ("pending_since", "previous")}
+        if any(t >= entry["pending_since"] for t in times):
+            return None
+        entry = entry.get("previous")
+    return entry
+
+
+def _read_record(images_dir: Path) -> dict[str, dict]:
+    """{request id: provenance} of a benchmark's images folder ({} when there is no record)."""
+    p = images_dir / GENERATION_RECORD
+    if not p.is_file():
+        return {}
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        reqs = doc["requests"]
+        if not isinstance(reqs, dict) or not all(isinstance(v, dict) for v in reqs.values()):
+            raise ValueError("'requests' must map request ids to objects")
+        resolved = {rid: _resolved(images_dir, rid, e) for rid, e in reqs.items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise common.UsageError(f"{p}: not a generation record ({type(e).__name__}: {e}); it says what made the "
+                                "images beside it: restore it, or pass --regenerate to generate them again") from None
+    return {rid: e for rid, e in resolved.items() if e is not None}
+
+
+def _write_record(images_dir: Path, record: dict[str, dict]) -> None:
+    common.write_json(images_dir / GENERATION_RECORD, {
+        "about": "what generated each request's images (python -m echo4o_jax.eval.run); a rerun with other "
+                 "settings in this folder is refused", "requests": record})
+
+
+def _folder_clock(d: Path) -> float:
+    """Now, by the clock of the file system holding `d` (the one that stamps the images' mtimes)."""
+    p = d / f".clock.{os.getpid()}"
+    p.touch()
+    try:
+        return p.stat().st_mtime
+    finally:
+        p.unlink()
+
+
+def _settled(plan: "_Plan", since: float) -> dict[str, dict]:
+    """The record once generation stopped (finished, failed or interrupted): a request whose images were all
+    written since `since` was made with this run's settings; one with none written keeps its old entry; a mix
+    has no entry (unknown origin)."""
+    record = dict(plan.record)
+    for r in plan.todo:
+        times = [p.stat().st_mtime for p in _expected(plan.images_dir, r) if p.is_file()]
+        if times and all(t >= since for t in times):
+            record[r["id"]] = plan.current[r["id"]]
+        elif any(t >= since for t in times):
+            record.pop(r["id"], None)
+    return record
+
+
+def _refuse_mismatches(name: str, images_dir: Path, mismatched: dict[str, list], unrecorded: list[str], *,
+                       judge_only: bool) -> None:
+    """A UsageError naming each setting that differs between the images' record and this run (an example
+    request and how many), and the images without a record; nothing when both are empty."""
+    if not mismatched and not unrecorded:
+        return
+    parts = []
+    for field, rows in mismatched.items():
+        rid, was, now = rows[0]
+        parts.append(f"{_SETTINGS[field]} differs for {len(rows)} request(s), e.g. {rid}: the images were made "
+                     f"with {was!r}, this run has {now!r}")
+    if unrecorded:
+        parts.append(f"{len(unrecorded)} request(s) have images but no record of what made them (e.g. "
+                     f"{unrecorded[0]}; an older eval.run or another tool)")
+    how = ("use --regenerate (without --judge-only) to generate them again with these settings, or another --out"
+           if judge_only else "use another --out for this run, or pass --regenerate to generate every image again "
+           "with these settings (or --judge-only to judge them as they are)")
+    raise common.UsageError(f"[{name}] {images_dir} holds images from another generation, which would be judged "
+                            f"as this run's: {'; '.join(parts)}. Nothing was generated; {how}")
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What eval.run generates for one benchmark: its requests, those to generate, the images' record."""
+    name: str
+    images_dir: Path
+    reqs: list[dict]
+    todo: list[dict]
+    record: dict[str, dict]
+    current: dict[str, dict]  # this run's provenance per request id
+
+
+def _requests(name: str, items, args) -> list[dict]:
+    return BENCHES[name].generation_requests(items, num_images=args.num_images,
+                                             seed=DEFAULT_SEED if args.seed is None else args.seed,
+                                             size=tuple(args.size) if args.size else None)
+
+
+def plan_generation(name: str, items, images_dir: Path, args, gen_args: dict, api: _GenerationAPI) -> _Plan:
+    """The requests that lack an image (absent, or not decoding fully: a write cut short); all of them with
+    --regenerate. A request whose images are kept must have been generated with this run's settings (its entry
+    in the images' record); otherwise nothing is generated and the error names what differs."""
+    reqs = _requests(name, items, args)
+    record = _read_record(images_dir)
+    current = {r["id"]: _provenance(r, args.ckpt, gen_args) for r in reqs}
+    todo, mismatched, unrecorded = [], {}, []
+    for r in reqs:
+        if args.regenerate or not api.outputs_finished(_expected(images_dir, r), f"{name} request {r['id']!r}"):
+            todo.append(r)
+            continue
+        was = record.get(r["id"])
+        if was is None:
+            unrecorded.append(r["id"])
+            continue
+        for field, now in current[r["id"]].items():
+            if was.get(field) != now:
+                mismatched.setdefault(field, []).append((r["id"], was.get(field), now))
+    _refuse_mismatches(name, images_dir, mismatched, unrecorded, judge_only=False)
+    return _Plan(name, images_dir, reqs, todo, record, current)
+
+
+def check_judge_only(name: str, items, images_dir: Path, args, gen_args: dict) -> None:
+    """--judge-only: images whose record names another prompt or reference images, or another --ckpt / --seed /
+    --size / --gen-arg than those given, are refused (images without a record are judged as they are)."""
+    record = _read_record(images_dir)
+    if not record:
+        return
+    fields = ["prompt", "images"] + [f for f, given in (("ckpt", args.ckpt), ("seed", args.seed is not None),
+                                                         ("size", args.size), ("gen_args", args.gen_arg)) if given]
+    mismatched: dict[str, list] = {}
+    for r in _requests(name, items, args):
+        was = record.get(r["id"])
+        if was is None or not any(p.is_file() for p in _expected(images_dir, r)):
+            continue
+        now = _provenance(r, args.ckpt, gen_args)
+        for field in fields:
+            if was.get(field) != now[field]:
+                mismatched.setdefault(field, []).append((r["id"], was.get(field), now[field]))
+    _refuse_mismatches(name, images_dir, mismatched, [], judge_only=True)
+
+
+def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
+    """Generate the plan's requests to do. Their record entries are written first as pending (so that the
+    images of a run killed outright are attributed by their mtimes), and settled when generation stops, also on
+    an error or Ctrl-C. A GenerateError becomes a UsageError naming the benchmark (images written before it are
+    kept; a re-run resumes)."""
+    name, images_dir, todo = plan.name, plan.images_dir, plan.todo
+    info = {"requests": len(plan.reqs), "generated": len(todo)}
     if todo:
         # generate_batch writes atomically: an image absent before is complete once it exists; one there before
         # (cut short, or beside an absent one) may be left as it was, so only those are decoded again
         existed = {p for r in todo for p in _expected(images_dir, r) if p.is_file()}
         images_dir.mkdir(parents=True, exist_ok=True)
-        print(f"[{name}] generating {len(todo)} of {len(reqs)} requests -> {images_dir}", file=sys.stderr)
+        since = _folder_clock(images_dir)
+        _write_record(images_dir, {**plan.record, **{
+            r["id"]: {**plan.current[r["id"]], "pending_since": since, "previous": plan.record.get(r["id"])}
+            for r in todo}})
+        print(f"[{name}] generating {len(todo)} of {len(plan.reqs)} requests -> {images_dir}", file=sys.stderr)
         try:
-            api.generate_batch(str(args.ckpt), todo, str(images_dir), regenerate=args.regenerate,
-                               **_parse_gen_args(args.gen_arg))
+            api.generate_batch(str(args.ckpt), todo, str(images_dir), regenerate=args.regenerate, **gen_args)
         except api.error as e:
             raise common.UsageError(f"[{name}] generation failed: {e}") from None
+        finally:
+            _write_record(images_dir, _settled(plan, since))
         absent = [str(p) for r in todo for p in _expected(images_dir, r)
                   if not p.is_file() or (p in existed and not api.image_complete(p))]
         info["not_written"] = absent
         if absent:
             print(f"[{name}] warning: generate_batch did not write {len(absent)} images (they count as "
-                  "failures), e.g. " + ", ".join(absent[:3]), file=sys.stderr)
+                  "missing), e.g. " + ", ".join(absent[:3]), file=sys.stderr)
     return info
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.run", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.run", description=__doc__ + "\n" + common.EXIT_STATUS,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default=None, help="checkpoint folder passed to generate_batch")
     ap.add_argument("--bench", default="geneval_pp,imagine_bench",
@@ -160,14 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--omnicontext-data", default=None, help="OmniContext manifest or folder (see eval.omnicontext)")
     ap.add_argument("--omnicontext-data-root", default=None, help="folder OmniContext input paths are relative to")
     ap.add_argument("--fetch", action="store_true", help="download absent public prompt files")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of each benchmark")
-    ap.add_argument("--num-images", type=int, default=1, help="images per prompt (official: 1)")
-    ap.add_argument("--seed", type=int, default=42, help="seed of the first prompt; prompt i gets seed + i")
-    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+    ap.add_argument("--limit", type=common.positive_int, default=None,
+                    help="only the first N prompts of each benchmark")
+    ap.add_argument("--num-images", type=common.positive_int, default=1, help="images per prompt (official: 1)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help=f"seed of the first prompt; prompt i gets seed + i (default {DEFAULT_SEED})")
+    ap.add_argument("--size", type=common.positive_int, nargs=2, metavar=("H", "W"), default=None,
                     help="output size (default: generate_batch's own default)")
     ap.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra keyword for generate_batch (repeatable), e.g. cfg_text_scale=4.0")
-    ap.add_argument("--regenerate", action="store_true", help="generate even when the images exist")
+    ap.add_argument("--regenerate", action="store_true",
+                    help="generate every image again, also those that exist (e.g. made with other settings)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--judge-only", action="store_true", help="skip generation (images already there)")
     mode.add_argument("--generate-only", action="store_true", help="skip judging")
@@ -186,16 +371,29 @@ def main(argv=None) -> dict:
         raise common.UsageError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     if not args.judge_only and not args.ckpt:
         raise common.UsageError("--ckpt is required unless --judge-only")
+    if args.judge_only and args.regenerate:
+        raise common.UsageError("--regenerate generates images again; it cannot go with --judge-only")
     templates = _templates(args.template)
+    gen_args = _parse_gen_args(args.gen_arg)
     label = args.label or (Path(args.ckpt).name if args.ckpt else "ours")
     out = Path(args.out)
-    # Load every prompt file first, so that a missing file fails before hours of generation.
+    # Everything that can fail on bad input fails before hours of generation: every prompt file loaded and
+    # checked, each output folder's images checked against their record, the API key when judging follows.
     loaded = {}
     for name in names:
         path = _prompt_path(args, name)
         loaded[name] = (path, _load(name, path, args))
     gen_api = None if args.judge_only else _load_generation_api()
+    plans = {}
+    for name in names:
+        images_dir = out / name / "images"
+        if gen_api is not None:
+            plans[name] = plan_generation(name, loaded[name][1], images_dir, args, gen_args, gen_api)
+        else:
+            check_judge_only(name, loaded[name][1], images_dir, args, gen_args)
     judge = None if args.generate_only else common.judge_from_args(args, out)
+    if judge is not None and any(p.todo for p in plans.values()):
+        api_key_from_env(args.api_key_env, require=not args.no_api_key, error=JudgeConfigError)
     report = {"ckpt": args.ckpt, "label": label, "benchmarks": {}}
     for name in names:
         mod = BENCHES[name]
@@ -203,31 +401,47 @@ def main(argv=None) -> dict:
         images_dir = out / name / "images"
         entry = {"prompts": str(path), "items": len(items), "images_dir": str(images_dir)}
         if gen_api is not None:
-            entry["generation"] = generate(name, items, images_dir, args, gen_api)
+            entry["generation"] = generate(plans[name], args, gen_args, gen_api)
+            entry["complete"] = not entry["generation"].get("not_written")
         if judge is not None:
+            record = images_dir / GENERATION_RECORD
             kw = dict(num_images=args.num_images, label=label, progress=not args.no_progress,
-                      source={"prompts": str(path), "ckpt": args.ckpt})
+                      source={"prompts": str(path), "ckpt": args.ckpt,
+                              "generation_record": str(record) if record.is_file() else None})
             if name == "omnicontext":
                 kw["templates"] = {k: templates[v] for k, v in omnicontext.TEMPLATES.items() if v in templates}
             elif name in templates:
                 kw["template"] = templates[name]
             doc = mod.evaluate(items, images_dir, judge, out / name, **kw)
             entry["summary"] = {k: v for k, v in doc["summary"].items() if not isinstance(v, dict)}
+            entry["complete"] = doc["complete"]
+            entry["incomplete"] = common.incomplete_note(doc)
             entry["judge_stats"] = doc["judge_stats"]  # this benchmark's; report["judge_stats"]: the run's
             entry["results"] = str(out / name / "results.json")
             entry["markdown"] = (out / name / "summary.md").read_text(encoding="utf-8")
+        elif entry["generation"].get("not_written"):
+            entry["incomplete"] = f"{len(entry['generation']['not_written'])} images were not written"
         report["benchmarks"][name] = entry
+    report["complete"] = all(e["complete"] for e in report["benchmarks"].values())
+    report["incomplete"] = None if report["complete"] else "; ".join(
+        f"{n}: {e['incomplete']}" for n, e in report["benchmarks"].items() if not e["complete"])
     if judge is not None:
         report["judge_stats"] = dict(judge.stats)
-        md = [f"# Evaluation of {label}", ""] + [report["benchmarks"][n].pop("markdown") for n in names]
+        md = [f"# Evaluation of {label}", ""]
+        if not report["complete"]:
+            md += [f"**INCOMPLETE: {', '.join(n for n, e in report['benchmarks'].items() if not e['complete'])} "
+                   "(see below); rerun the same command to retry.**", ""]
+        md += [report["benchmarks"][n].pop("markdown") for n in names]
         (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
     common.write_json(out / "summary.json", report)
     for name in names:
         s = report["benchmarks"][name].get("summary")
         if s:
             head = {k: v for k, v in s.items() if k in ("score", "overall", "overall_official_script", "overall_8",
-                                                        "echo4o_avg", "n_missing", "n_judge_failures")}
-            print(f"{name}: " + ", ".join(f"{k}={common.fmt(v, 4)}" for k, v in head.items()))
+                                                        "echo4o_avg", "n_missing", "n_unreadable",
+                                                        "n_judge_failures")}
+            print(f"{name}: " + ", ".join(f"{k}={common.fmt(v, 4)}" for k, v in head.items())
+                  + ("" if report["benchmarks"][name]["complete"] else " INCOMPLETE"))
     return report
 
 
