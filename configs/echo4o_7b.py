@@ -60,10 +60,12 @@ def get_config():
     c.data.max_tokens_per_sample = 10240
     c.data.records = dict(
         root="",
+        # the folders `python -m echo4o_jax.data.import_echo4o --out <root>` writes (synthesised data of
+        # your own: `python -m data_gen <track> --out <root>/<name>`, then add dict(path=<name>, weight=...))
         datasets=[
-            dict(path="surreal_fantasy", weight=37541),
-            dict(path="multi_reference", weight=72729),
-            dict(path="instruction_following", weight=67958),
+            dict(path="surreal", weight=37541),
+            dict(path="multiref", weight=72729),
+            dict(path="instruction", weight=67958),
         ],
         workers=2,
         # official example.yaml: VAE images max 1024 / min 512 / stride 16; ViT conditions of edit-like data

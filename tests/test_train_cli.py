@@ -126,6 +126,69 @@ def test_bad_records_settings_are_one_line(tmp_path, capsys):
     assert not wd.exists()
 
 
+def test_model_checkpoint_and_sampling_settings_are_checked_before_training(golden_dir, tmp_path, capsys):
+    """A checkpoint that is set but ignored, one that cannot be read (truncated, keys missing), a workdir that is
+    a file and a sample size the model cannot draw are one error line each before any step; nothing is written."""
+    wd = tmp_path / "wd"
+    c = _tiny()
+    c.model.ckpt = str(golden_dir)  # model.init stays random
+    assert run(c, str(wd)) == 2
+    assert _error_line(capsys) == (f"error: bad config: model.ckpt={str(golden_dir)!r} is set but model.init='random': "
+                                   "the checkpoint would be ignored and a random model of model.geometry trained. Add "
+                                   "--config.model.init=checkpoint to start from it, or leave model.ckpt empty")
+    bad = tmp_path / "bad"
+    shutil.copytree(golden_dir, bad)
+    ema = bad / "ema.safetensors"
+    size = ema.stat().st_size
+    with open(ema, "r+b") as f:
+        f.truncate(size - 100)
+    c.model.init, c.model.ckpt = "checkpoint", str(bad)
+    assert run(c, str(wd)) == 2
+    line = _error_line(capsys)
+    assert line.startswith(f"error: model.ckpt={str(bad)!r}: cannot load the model: {ema}: truncated"), line
+    shutil.copy2(golden_dir / "ema.safetensors", ema)
+    (bad / "ae.safetensors").write_bytes(b"not a safetensors file")
+    assert run(c, str(wd)) == 2
+    assert _error_line(capsys).startswith(f"error: model.ckpt={str(bad)!r}: cannot load the VAE: {bad / 'ae.safetensors'}")
+    assert not wd.exists()
+
+    c = _tiny()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for w in (afile, afile / "wd"):
+        assert run(c, str(w)) == 2
+        assert _error_line(capsys) == (f"error: bad config: workdir {w}: {'it' if w == afile else afile} is a file, "
+                                       "not a folder")
+    assert afile.read_text() == "x"
+
+    from echo4o_jax.train.trainer import model_config_from
+
+    m = model_config_from(c)
+    ds, side = m.latent_downsample, m.max_latent_size
+    c.log.sample_every, c.log.sample_prompts = 1, [[1, 2, 3]]
+    for size in [(ds * (side + 1), ds), (ds + 1, ds), (0, ds)]:
+        c.log.sample_size = size
+        assert run(c, str(wd)) == 2
+        assert _error_line(capsys) == (f"error: bad config: log.sample_size={size}: each side must be a positive "
+                                       f"multiple of {ds} px and at most {ds * side} px (the model's latent position "
+                                       f"table: {side} per side)")
+    c.log.sample_size, c.log.sample_prompts = (ds, ds), ["text needs a tokenizer"]
+    assert run(c, str(wd)) == 2
+    assert _error_line(capsys) == ("error: bad config: log.sample_prompts holds text but there is no tokenizer: set "
+                                   "data.tokenizer (tokenizer.json, or a folder holding it)")
+    assert not wd.exists()
+
+
+def test_recipe_reads_the_folders_the_importer_writes():
+    import inspect
+
+    from echo4o_jax.data.import_echo4o import import_echo4o
+
+    recipe = load_config("echo4o_7b")
+    written = inspect.signature(import_echo4o).parameters["subsets"].default
+    assert sorted(d["path"] for d in recipe.data.records.datasets) == sorted(written)
+
+
 def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path, capsys, monkeypatch):
     """A records checkpoint resumed with other data settings is refused, naming them; when only the process
     count / packs per process changed, the error offers train.data_resume=reshard, which then goes on from

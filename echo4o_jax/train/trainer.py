@@ -81,6 +81,10 @@ def model_config_from(config) -> BagelConfig:
                    freeze_und=bool(config.train.freeze_und))
     if m.init == "checkpoint" and not m.ckpt:
         raise ConfigValueError("model.init='checkpoint' needs model.ckpt (an official or converted checkpoint folder)")
+    if m.init == "random" and m.ckpt:
+        raise ConfigValueError(f"model.ckpt={m.ckpt!r} is set but model.init='random': the checkpoint would be ignored "
+                               "and a random model of model.geometry trained. Add --config.model.init=checkpoint to "
+                               "start from it, or leave model.ckpt empty")
     where = f"model.ckpt={m.ckpt!r}" if m.init == "checkpoint" else "model.geometry"
     try:
         if m.init == "checkpoint":
@@ -120,7 +124,8 @@ def init_vae_state(config, cfg: BagelConfig, shardings=None) -> dict:
     if config.model.init == "checkpoint":
         from ..checkpoint import load_any_vae
 
-        return nnx.to_pure_dict(nnx.state(load_any_vae(config.model.ckpt, cfg, shardings=shardings)))
+        vae = _loading(config.model.ckpt, "VAE", lambda: load_any_vae(config.model.ckpt, cfg, shardings=shardings))
+        return nnx.to_pure_dict(nnx.state(vae))
     vae = _random_vae_state(cfg.vae, int(config.train.seed) + 1)
     return vae if shardings is None else shd.put_global(vae, shardings)
 
@@ -136,6 +141,28 @@ def optimizer_from_config(config, params) -> tuple[Any, Any, dict | None]:
     tx = make_optimizer(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
                         grad_clip=float(o.grad_clip), trainable_mask=trainable)
     return schedule, tx, trainable
+
+
+def _error_summary(e: BaseException) -> str:
+    """One readable line for an error from reading a checkpoint: tensorstore's own (innermost) error, without
+    the read spec Orbax appends; other errors (safetensors, key mismatches) keep their whole message."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e)
+    if " See full TensorStore details" in text or type(e) is Exception:  # orbax / tensorstore
+        return (text.split(" See full TensorStore details")[0].splitlines() or [type(e).__name__])[0][:400].rstrip(".")
+    return text or type(e).__name__
+
+
+def _loading(ckpt: str, what: str, load):
+    """load(), with a failure to read `model.ckpt` (a truncated or corrupt file, keys or shapes that do not
+    match) as a CheckpointError naming the folder (the train CLI prints it on one line, exit 2)."""
+    try:
+        return load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # SafetensorsError, CheckpointMismatchError, ConfigError, OSError, orbax (plain Exception)
+        raise CheckpointError(f"model.ckpt={ckpt!r}: cannot load the {what}: {_error_summary(e)}") from e
 
 
 def _config_dir(ckpt: str) -> str:
@@ -244,6 +271,11 @@ class Trainer:
                                    "mounted with gcsfuse)")
         self.config = config
         self.workdir = pathlib.Path(workdir)
+        up = self.workdir
+        while not up.exists() and up != up.parent:
+            up = up.parent
+        if up.exists() and not up.is_dir():
+            raise ConfigValueError(f"workdir {self.workdir}: {'it' if up == self.workdir else up} is a file, not a folder")
         self.compilation_cache = use_compilation_cache(str(config.train.get("compilation_cache", "")))
         self.compile_cache_hit = False
         self.data_resharded: dict | None = None  # restore(): how the data state was resharded (train.data_resume)
@@ -263,8 +295,24 @@ class Trainer:
         if P % jax.process_count():
             raise ConfigValueError(f"data.packs_per_step={P} must be a multiple of the process count {jax.process_count()}")
         self.local_packs = P // jax.process_count()
+        self._check_sampling()
         self._check_workdir_geometry()
         self._build()
+
+    def _check_sampling(self):
+        """The sample grids' settings (log.sample_*), checked before anything is built: a bad one would
+        otherwise stop the run at its first sample grid."""
+        lg = self.config.log
+        if not int(lg.sample_every) or not list(lg.sample_prompts):
+            return
+        try:
+            H, W = (int(x) for x in lg.sample_size)
+        except (TypeError, ValueError):
+            raise ConfigValueError(f"log.sample_size={lg.sample_size!r}: expected (height, width)") from None
+        ds, m = self.cfg.latent_downsample, self.cfg.max_latent_size
+        if min(H, W) <= 0 or H % ds or W % ds or max(H, W) > m * ds:
+            raise ConfigValueError(f"log.sample_size=({H}, {W}): each side must be a positive multiple of {ds} px "
+                                   f"and at most {m * ds} px (the model's latent position table: {m} per side)")
 
     def _check_workdir_geometry(self):
         """A workdir with checkpoints holds a model of its model_config's geometry: refuse another one
@@ -303,6 +351,8 @@ class Trainer:
         self.vae_sh = shd.state_shardings(abs_vae_state, mesh)
         self.vae_state = init_vae_state(c, cfg, self.vae_sh)
         self.source = self._make_source()  # before the weights: bad data settings fail fast
+        if int(c.log.sample_every) and any(isinstance(p, str) for p in c.log.sample_prompts):
+            self._tokenizer()  # text prompts need a tokenizer (checked once the data, e.g. the demo's, exists)
 
         params, self.buffers = self._init_weights()
 
@@ -382,7 +432,8 @@ class Trainer:
 
             # restored straight into the mesh's shardings (a converted folder: each process reads its shards;
             # the 7B model never sits whole on one device)
-            model = load_any_bagel(c.model.ckpt, shardings=_merge_trees(self.param_sh, self.buffer_sh))
+            model = _loading(c.model.ckpt, "model", lambda: load_any_bagel(
+                c.model.ckpt, shardings=_merge_trees(self.param_sh, self.buffer_sh)))
             _, p, b = nnx.split(model, nnx.Param, ...)
             params = jax.tree.map(lambda x: x.astype(pdt), nnx.to_pure_dict(p))  # (keeps each leaf's sharding)
             buffers = nnx.to_pure_dict(b)
@@ -501,10 +552,7 @@ class Trainer:
     def _unreadable_step_message(self, step: int, step_dir: pathlib.Path, e: Exception) -> str:
         from .. import checkpoint as ck
 
-        while e.__cause__ is not None:  # tensorstore's own error (the array, the file) is the innermost one
-            e = e.__cause__
-        # orbax appends tensorstore's whole read spec to its message: keep the sentence before it
-        why = (str(e).split(" See full TensorStore details")[0].splitlines() or [type(e).__name__])[0][:400].rstrip(".")
+        why = _error_summary(e).splitlines()[0]
         earlier = [s for s in ck.list_train_steps(self.workdir) if s < step]
         msg = f"cannot restore the checkpoint of step {step} in workdir {self.workdir} ({step_dir}): {why}. "
         moved = self.workdir / f"broken_checkpoint_{step}"
@@ -590,12 +638,18 @@ class Trainer:
         return np.concatenate(imgs, axis=1)
 
     def _tokenizer(self):
-        path = self.config.data.get("tokenizer", "")
-        if not path:
-            raise ConfigValueError("log.sample_prompts holds text but data.tokenizer is not set")
-        from tokenizers import Tokenizer
+        """The sample prompts' tokenizer: data.tokenizer, else the one of model.ckpt (as the records data)."""
+        from ..data.pipeline import load_tokenizer
 
-        t = Tokenizer.from_file(str(path))
+        m = self.config.model
+        path = self.config.data.get("tokenizer", "") or (_config_dir(m.ckpt) if m.init == "checkpoint" else "")
+        if not path:
+            raise ConfigValueError("log.sample_prompts holds text but there is no tokenizer: set data.tokenizer "
+                                   "(tokenizer.json, or a folder holding it)")
+        try:
+            t = load_tokenizer(path)
+        except Exception as e:  # (tokenizers raises plain Exceptions for a file it cannot parse)
+            raise ConfigValueError(f"log.sample_prompts holds text: cannot load the tokenizer {path} ({e})") from None
         return lambda s: t.encode(s, add_special_tokens=False).ids
 
     # ------------------------------------------------------------------ loop
@@ -692,6 +746,9 @@ class Trainer:
                         tqdm.write(f"[data] {skipped_reported} samples skipped as too long so far (this run, by "
                                    f"task / reason: {st.get('skipped_by')}); python -m echo4o_jax.data.pack_stats "
                                    "--config ... shows why")
+                stop["agreed"] = _agreed_signal(stop["signal"])
+                if step % int(c.checkpoint.every) == 0 or step == total or stop["agreed"] is not None:
+                    self.save(force=True)  # (before the sample grid: a failure there loses no step)
                 if int(c.log.sample_every) and (step % int(c.log.sample_every) == 0 or step == total):
                     grid = self.sample_grid(step)
                     if grid is not None and self.is_main:
@@ -699,9 +756,6 @@ class Trainer:
                         d.mkdir(exist_ok=True)
                         Image.fromarray(grid).save(d / f"step_{step:07d}.png")
                         logger.image(step, "samples", grid)
-                stop["agreed"] = _agreed_signal(stop["signal"])
-                if step % int(c.checkpoint.every) == 0 or step == total or stop["agreed"] is not None:
-                    self.save(force=True)
                 if stop["agreed"] is not None:
                     break
             bar.close()
