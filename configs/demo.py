@@ -18,7 +18,8 @@ def get_config():
     g.max_latent_size = 8  # 64 px images: 4 x 4 latent tokens
     c.model.geometry = g
     c.data.kind = "records"
-    c.data.records = dict(demo_dir="outputs/demo_data", demo_image_size=64, workers=0, datasets=[], root="")
+    c.data.records = dict(demo_dir="outputs/demo_data", demo_image_size=64, workers=0, datasets=[], root="",
+                          allow_incomplete=False)
     c.data.tokenizer = "outputs/demo_data/tokenizer/tokenizer.json"
     c.data.packs_per_step = 2
     # xla_blockwise on CPU: small blocks skip more of the mask's empty area (18% faster steps than 512 here)

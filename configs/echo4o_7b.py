@@ -68,6 +68,7 @@ def get_config():
             dict(path="instruction", weight=67958),
         ],
         workers=2,
+        allow_incomplete=False,  # True: train on a dataset whose import / synthesis ended incomplete (warned)
         # official example.yaml: VAE images max 1024 / min 512 / stride 16; ViT conditions of edit-like data
         # (the multi-reference subset's references) max 518 / min 224 / stride 14 (980 is the VLM / inference
         # transform: a 980-px reference alone is 4,900 ViT tokens, more than the vit_tokens budget)

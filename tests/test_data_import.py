@@ -267,6 +267,86 @@ def test_echo4o_overwrite_keeps_old_dataset_on_failure(echo_root, tmp_path, caps
     assert sorted(os.listdir(out / "surreal")) == ["manifest.json", "surreal-00000.array_record"]
 
 
+def _tree(d) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_echo4o_arguments_checked_before_anything_is_written(echo_root, tmp_path, capsys):
+    """Bad arguments (an unknown or repeated subset, --shard-bytes / --limit < 1), a missing subset folder and an
+    existing dataset without --overwrite are one `import_echo4o: error:` line, exit status 1, before any subset is
+    imported: an existing dataset stays as it was even with --overwrite (surreal was imported and overwritten
+    before `bogus` failed, a traceback)."""
+    root, _ = echo_root
+    out = tmp_path / "rec"
+    assert ie.main(["--root", str(root), "--out", str(out), "--subsets", "surreal", "--limit", "2"]) == 0
+    before = _tree(out)
+    capsys.readouterr()
+
+    def error(*args) -> str:
+        assert ie.main(["--root", str(root), "--out", str(out), *args]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("import_echo4o: error: ") and "Traceback" not in err, err
+        assert _tree(out) == before
+        return err.strip()
+
+    assert error("--subsets", "surreal,bogus", "--overwrite") == (
+        "import_echo4o: error: --subsets=surreal,bogus: unknown subset 'bogus' (expected surreal, instruction, "
+        "multiref)")
+    assert error("--subsets", "surreal,surreal", "--overwrite") == (
+        "import_echo4o: error: --subsets=surreal,surreal: subset 'surreal' is given twice")
+    assert error("--subsets", ",", "--overwrite") == (
+        "import_echo4o: error: --subsets=: no subset chosen (from surreal, instruction, multiref)")
+    assert error("--subsets", "surreal", "--overwrite", "--shard-bytes", "0") == (
+        "import_echo4o: error: --shard-bytes=0: must be a positive number of bytes")
+    assert error("--subsets", "surreal", "--overwrite", "--limit", "0") == (
+        "import_echo4o: error: --limit=0: must be >= 1 (records per dataset; leave it out for all)")
+    import shutil
+
+    shutil.rmtree(root / "Multi-Reference-Image")
+    assert error("--subsets", "surreal,multiref", "--overwrite") == (
+        f"import_echo4o: error: {root / 'Multi-Reference-Image'} not found")
+    assert error("--root", str(tmp_path / "nowhere"), "--overwrite") == (
+        f"import_echo4o: error: {tmp_path / 'nowhere'}: no such folder (the downloaded Echo-4o-Image)")
+    assert error("--subsets", "instruction,surreal") == (  # surreal exists: instruction not imported first
+        f"import_echo4o: error: {out / 'surreal'} already holds a dataset; pass --overwrite to replace it")
+    (tmp_path / "afile").write_text("x")  # an --out that cannot be a folder: one line too
+    assert ie.main(["--root", str(root), "--out", str(tmp_path / "afile"), "--subsets", "surreal"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("import_echo4o: error: ") and "afile" in err, err
+
+
+def test_bagel_parquet_wrong_columns_and_captions_named(tmp_path, capsys):
+    """A t2i parquet without the `image` / `captions` columns is an error naming the expected columns and those
+    found; a `captions` string that is not a JSON object is an error naming the row (it was stored as the
+    caption); argument errors come before anything is written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"img": [_jpeg(1)], "caption": ["a cat"]}), src / "part-0.parquet")
+    assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o1")]) == 1
+    assert capsys.readouterr().err == (
+        "import_bagel_parquet: error: part-0.parquet row 0: missing columns ['image', 'captions'] (--kind t2i reads "
+        "the columns ['image', 'captions']; the file has ['caption', 'img'])\n")
+    assert ibp.main([str(src), "--kind", "edit", "--out", str(tmp_path / "o2")]) == 1
+    assert "missing columns ['image_list', 'instruction_list']" in capsys.readouterr().err
+
+    caps = [json.dumps({"a": "a red cat"}), "a plain caption, not JSON", json.dumps(["a", "list"]), json.dumps({})]
+    pq.write_table(pa.table({"image": [_jpeg(i) for i in range(4)], "captions": caps}), src / "part-0.parquet")
+    with pytest.raises(ibp.ImportFailure) as e:
+        ibp.import_bagel_parquet([str(src)], str(tmp_path / "o3"), kind="t2i")
+    assert str(e.value) == ("part-0.parquet row 1: captions is not JSON (expected a JSON object {key: caption}, got "
+                            "'a plain caption, not JSON')")
+    m = ibp.import_bagel_parquet([str(src)], str(tmp_path / "o4"), kind="t2i", on_error="skip")
+    assert m["records"] == 1 and m["skipped"]["by_reason"] == {
+        "captions is not JSON": 1, "captions is not a JSON object": 1, "no caption": 1}
+    assert [r.texts for r in RecordReader(tmp_path / "o4")] == [["a red cat"]]
+    for args, msg in [(["--shard-bytes", "0"], "--shard-bytes=0: must be a positive number of bytes"),
+                      (["--limit", "-1"], "--limit=-1: must be >= 1 (records per dataset; leave it out for all)"),
+                      (["--name", "a/b"], "--name=a/b: must be a plain file-name prefix (no '/')")]:
+        assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o5"), *args]) == 1
+        assert capsys.readouterr().err == f"import_bagel_parquet: error: {msg}\n"
+        assert not (tmp_path / "o5").exists()
+
+
 def test_imported_multiref_through_pipeline(echo_root, tmp_path):
     """End to end: an imported multi-reference row packs with the official plan (ViT per reference,
     clean VAE refs, noisy target)."""

@@ -8,8 +8,11 @@ import copy
 import dataclasses
 import io
 import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +24,9 @@ from echo4o_jax.data.pipeline import (DataPipeline, DatasetSpec, PipelineConfig,
                                       stack_packs)
 from echo4o_jax.data.records import (
     Record,
+    RecordError,
     RecordWriter,
+    load_manifest,
     multiref_record,
     t2i_record,
     understanding_record,
@@ -40,6 +45,7 @@ from echo4o_jax.packing import (
 
 VAE_T = ImageTransform(64, 16, 16)
 VIT_T = ImageTransform(56, 14, 14)
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -97,6 +103,35 @@ def _write_dataset(d, n, seed, *, prefix="r", huge=(), corrupt=(), sizes=(16, 32
                 w.write(understanding_record(rid, _rand_png(rng, 42, 28), _words(rng, 3),
                                              _words(rng, int(rng.integers(2, 6)))))
     return str(d)
+
+
+def corrupt_record(d, record: int) -> tuple[str, int]:
+    """Flips 20 bytes inside record `record` (index in the dataset `d`; records are stored uncompressed);
+    returns (its shard file, its index in the shard)."""
+    m = load_manifest(d)
+    k, i = 0, record
+    while i >= m["shards"][k]["records"]:
+        i, k = i - m["shards"][k]["records"], k + 1
+    shard = os.path.join(d, m["shards"][k]["file"])
+    data = bytearray(open(shard, "rb").read())
+    at = [j for j in range(len(data)) if data.startswith(b"E4OR", j)][i]  # the record's magic
+    data[at + 100:at + 120] = bytes(b ^ 0xFF for b in data[at + 100:at + 120])
+    open(shard, "wb").write(bytes(data))
+    return shard, i
+
+
+def config_file(path, c) -> str:
+    """The training config `c` as a config file (for the command-line tools)."""
+    path.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
+                    f"    return ml_collections.ConfigDict(json.loads({c.to_json()!r}))\n")
+    return str(path)
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """The one `error:` line of a command that refused its input (exit status 2, no traceback)."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (r.returncode, r.stderr[-3000:])
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -627,3 +662,126 @@ def test_pack_stats_of_the_demo_config(tmp_path, capsys):
         st = s[f"{name}_stats"]
         assert st["samples_packed"] > 0 and st["skipped_too_long"] == sum(st["skipped_by"].values())
         assert f"{name} run: {st['samples_packed']} samples packed, {st['skipped_too_long']} skipped" in report
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_unreadable_record_is_a_record_error_naming_dataset_shard_and_index(data, model_cfg, tmp_path):
+    """A record whose shard chunk is corrupt (its bytes flipped after writing) stops the pipeline with a
+    RecordError naming the shard file, the record's index in it and the dataset, also from Grain worker
+    processes (it was riegeli's bare RuntimeError, raised inside Grain, naming no file)."""
+    d = _write_dataset(tmp_path / "ds", 6, 7, prefix="c", sizes=(16,))
+    assert load_manifest(d)["shards"][1]["records"] == 2
+    shard, index = corrupt_record(d, 3)
+    assert index == 1  # the second record of the second shard
+    msg = re.escape(f"{shard}: record 1: cannot read (RuntimeError: ") + ".*hash mismatch.*" + re.escape(
+        ") (dataset ds)")
+    for workers in (0, 2):
+        pipe = DataPipeline(_cfg(data, datasets=(DatasetSpec(d),), shuffle=False, num_epochs=1,
+                                 worker_count=workers), model_cfg)
+        with pytest.raises(RecordError) as e:
+            _run(pipe, 10)
+        assert re.fullmatch(msg, str(e.value)), str(e.value)
+
+
+def test_train_command_reports_an_unreadable_record_in_one_line(tmp_path, capsys):
+    from echo4o_jax.train.__main__ import run
+    from test_latents import _config
+
+    tok = _tokenizer_json(tmp_path / "tok.json")
+    d = _write_dataset(tmp_path / "ds", 3, 5, prefix="s", sizes=(32,))
+    shard, index = corrupt_record(d, 1)
+    assert run(_config(d, tok), str(tmp_path / "wd")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.fullmatch(re.escape(f"error: {shard}: record {index}: cannot read (RuntimeError: ")
+                                          + ".*hash mismatch.*" + re.escape(") (dataset ds)"), err[0]), err
+
+
+def _failed_dataset(d, n: int = 4, error: str = "2 samples failed (s7, s9); run the same command again") -> str:
+    """A dataset whose writer ended with `error` after `n` records (a synthesis run with failed samples, an
+    import that failed): its manifest says "complete": false and the error."""
+    rng = np.random.default_rng(3)
+    w = RecordWriter(d, shard_bytes=6000, name="p")
+    for i in range(n):
+        w.write(t2i_record(f"p{i}", _words(rng, 4), _rand_png(rng, 32, 32)))
+    w.close(error=error)
+    return str(d)
+
+
+def test_incomplete_dataset_refused_unless_allowed(data, model_cfg, tmp_path, capsys):
+    """The pipeline refuses a dataset whose manifest says it is incomplete, naming the manifest, its error and
+    how to go on; `allow_incomplete` (the training config's data.records.allow_incomplete) reads it with a
+    warning line. The train command prints the refusal as one line, exit status 2."""
+    from echo4o_jax.train.__main__ import run
+    from echo4o_jax.train.data_sources import make_source
+    from test_latents import _config
+
+    d = _failed_dataset(tmp_path / "part")
+    shards = len(load_manifest(d)["shards"])
+    why = (f"{d}/manifest.json says the dataset is incomplete (error: 2 samples failed (s7, s9); run the same "
+           f"command again); it holds 4 records in {shards} shards")
+    refused = (f"dataset part: {why}: run the command that wrote it again to complete it (the importer, or the "
+               "synthesis run, which goes on where it stopped), or set data.records.allow_incomplete=True "
+               "(PipelineConfig.allow_incomplete) to use the records it holds")
+    with pytest.raises(RecordError) as e:
+        DataPipeline(_cfg(data, datasets=(DatasetSpec(d),)), model_cfg)
+    assert str(e.value) == refused
+    assert capsys.readouterr().err == ""
+    pipe = DataPipeline(_cfg(data, datasets=(DatasetSpec(d),), num_epochs=1, allow_incomplete=True), model_cfg)
+    assert capsys.readouterr().err == f"warning: dataset part: {why}; using these records (allow_incomplete)\n"
+    out, _ = _run(pipe, 10)
+    assert sorted(i for _, st in out for p in st["sample_ids"] for i in p) == ["p0", "p1", "p2", "p3"]
+
+    tok = _tokenizer_json(tmp_path / "tok.json")
+    c = _config(d, tok)
+    assert run(c, str(tmp_path / "wd")) == 2
+    assert capsys.readouterr().err == f"error: {refused}\n"
+    c.data.records.allow_incomplete = True
+    src = make_source(c, model_cfg, process_index=0, process_count=1, local_packs=1)
+    assert capsys.readouterr().err == ""  # warned once per process (above)
+    next(src)
+    assert set(i for p in src.last_stats["sample_ids"] for i in p) <= {"p0", "p1", "p2", "p3"}
+
+
+def test_pack_stats_command_reports_bad_input_in_one_line(tmp_path):
+    """`python -m echo4o_jax.data.pack_stats` reports bad input as the train command does: one `error:` line,
+    exit status 2 (they were tracebacks): an unknown config key, a missing dataset, an unreadable record,
+    transforms too large for the model, a tokenizer of other special-token ids, an incomplete dataset (read,
+    with a warning, under data.records.allow_incomplete=True)."""
+    from test_latents import _config
+
+    tok = _tokenizer_json(tmp_path / "tok.json")
+    good = _write_dataset(tmp_path / "ds", 4, 5, prefix="s", sizes=(32,))
+
+    def cmd(c, *args):
+        return subprocess.run([sys.executable, "-m", "echo4o_jax.data.pack_stats", "--config",
+                               config_file(tmp_path / "cfg.py", c), "--packs", "2", *args], capture_output=True,
+                              text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+
+    assert one_error_line(cmd(_config(good, tok), "--config.data.bogus=1")) == "error: unknown config key data.bogus"
+    assert one_error_line(cmd(_config(tmp_path / "nope", tok))) == (
+        f"error: {tmp_path / 'nope'}: no such dataset, shard or glob match")
+    assert one_error_line(cmd(_config(good, tok, records=dict(datasets=[dict(path=good, weight=1.0)],
+                                                              vae_transform=(1024, 512, 16))))) == (
+        "error: bad config: data (records): dataset ds: VAE max_size 1024 exceeds the model's 8 latent positions "
+        "per side")
+    other = _tokenizer_json(tmp_path / "other.json", n_words=100, specials=(100, 101, 102, 103))
+    assert one_error_line(cmd(_config(good, other))) == (
+        f"error: bad config: data (records): tokenizer {other}: <|im_start|> has id 100, the model config says "
+        "bos_token_id=150")
+    part = _failed_dataset(tmp_path / "part")
+    assert one_error_line(cmd(_config(part, tok))).startswith(
+        f"error: dataset part: {part}/manifest.json says the dataset is incomplete (error: 2 samples failed")
+    c = _config(part, tok)
+    c.data.records.allow_incomplete = False  # the key of config_base's records defaults
+    r = cmd(c, "--config.data.records.allow_incomplete=True")
+    assert r.returncode == 0 and "real tokens per pack" in r.stdout, r.stderr[-3000:]
+    assert [line for line in r.stderr.splitlines() if "warning" in line] == [  # once, not per pipeline built
+        f"warning: dataset part: {part}/manifest.json says the dataset is incomplete (error: 2 samples failed (s7, "
+        f"s9); run the same command again); it holds 4 records in {len(load_manifest(part)['shards'])} shards; using "
+        "these records (allow_incomplete)"]
+    bad = _write_dataset(tmp_path / "bad", 3, 5, prefix="s", sizes=(32,))
+    shard, index = corrupt_record(bad, 1)
+    assert re.fullmatch(re.escape(f"error: {shard}: record {index}: cannot read (RuntimeError: ") + ".*" +
+                        re.escape(") (dataset bad)"), one_error_line(cmd(_config(bad, tok))))

@@ -23,6 +23,7 @@ from echo4o_jax.data.records import (
     RecordError,
     RecordReader,
     RecordWriter,
+    ShardSource,
     decode_header,
     decode_record,
     edit_record,
@@ -293,6 +294,28 @@ def test_corrupt_record_named_by_shard_and_index(tmp_path, capsys):
     assert "sha256 mismatch" in _cli_error(capsys, [str(d), "--verify"])
 
 
+def test_shard_source_names_shard_index_and_dataset_after_pickling(tmp_path):
+    """The data pipeline's source (in Grain worker processes: pickled) reads lazily and names an unreadable
+    record's shard file, its index in the shard and the dataset."""
+    import pickle
+
+    d = tmp_path / "ds"
+    m = _dataset(d, n=6)
+    shards = [str(d / s["file"]) for s in m["shards"]]
+    data = bytearray(open(shards[2], "rb").read())
+    img = _img(24, 24, 4)  # record 0 of the third shard (stored uncompressed)
+    at = data.find(img)
+    assert at > 0
+    data[at + 100:at + 120] = bytes(b ^ 0xFF for b in data[at + 100:at + 120])  # 20 bytes flipped
+    open(shards[2], "wb").write(bytes(data))
+    src = pickle.loads(pickle.dumps(ShardSource(shards, [2, 2, 2], name="surreal")))
+    assert len(src) == 6 and decode_record(src[5]).id == "surreal/5"  # the other record of that shard
+    with pytest.raises(RecordError, match=re.escape(shards[2]) + r": record 0: cannot read \(RuntimeError: "
+                                          r".*hash mismatch.*\) \(dataset surreal\)$"):
+        src[4]
+    src.close()
+
+
 def test_undecodable_record_named_by_shard_and_index(tmp_path):
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -365,6 +388,43 @@ def test_inspect_cli_bad_manifest_and_missing_shard(tmp_path, capsys):
     mpath.write_text(json.dumps(m))
     os.remove(d / m["shards"][2]["file"])
     assert "missing shards" in (err := _cli_error(capsys, [str(d)])) and m["shards"][2]["file"] in err
+
+
+def test_inspect_warns_about_an_incomplete_dataset(tmp_path, capsys):
+    """A dataset whose writer failed (its manifest: "complete": false and the error) or was killed (no error
+    recorded) is shown with a warning line naming the manifest; a complete one without."""
+    d = tmp_path / "ds"
+    with pytest.raises(ZeroDivisionError):
+        with RecordWriter(d, name="x") as w:
+            w.write(t2i_record("a", "c", _img(8, 8, 0)))
+            1 / 0
+    assert inspect_cli.main([str(d), "-n", "1", "--verify"]) == 0
+    out, err = capsys.readouterr()
+    assert err == (f"inspect: warning: {d / 'manifest.json'} says the dataset is incomplete (error: ZeroDivisionError: "
+                   "division by zero); it holds 1 records in 1 shards\n")
+    assert '"complete": false' in out and "id=a task=t2i" in out
+    w = RecordWriter(tmp_path / "killed", shard_bytes=1000, name="k")  # never closed: killed after 2 shards
+    for i in range(3):
+        w.write(t2i_record(f"k{i}", "c", _img(16, 16, i)))
+    assert inspect_cli.main([str(tmp_path / "killed"), "-n", "0"]) == 0
+    assert capsys.readouterr().err == (f"inspect: warning: {tmp_path / 'killed' / 'manifest.json'} says the dataset "
+                                       "is incomplete (no error recorded: its writer was interrupted); it holds 2 "
+                                       "records in 2 shards\n")
+    _dataset(tmp_path / "ok")
+    assert inspect_cli.main([str(tmp_path / "ok"), "-n", "0"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_inspect_start_and_count_out_of_range(tmp_path, capsys):
+    d = tmp_path / "ds"
+    _dataset(d, n=4)
+    for start in (4, 10, -1):
+        assert _cli_error(capsys, [str(d), "--start", str(start)]) == (
+            f"inspect: error: --start={start}: {d} holds 4 records (indices 0 .. 3)\n")
+    assert _cli_error(capsys, [str(d), "-n", "-2"]) == (
+        "inspect: error: -n=-2: the number of samples to show must be >= 0\n")
+    assert inspect_cli.main([str(d), "--start", "3", "-n", "5"]) == 0  # from the last record: shows it
+    assert capsys.readouterr().out.count("id=surreal/") == 1
 
 
 def test_overwrite_keeps_the_old_dataset_until_success(tmp_path):

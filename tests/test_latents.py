@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -22,7 +23,7 @@ from echo4o_jax.train.data_sources import make_source
 from echo4o_jax.train.step import make_loss_and_grads
 from echo4o_jax.train.trainer import ConfigValueError, Trainer, validate_config
 from conftest import DEFAULT_GOLDEN
-from test_data_pipeline import _tokenizer_json, _write_dataset
+from test_data_pipeline import _tokenizer_json, _write_dataset, config_file, corrupt_record, one_error_line
 from test_data_records import count_calls
 
 SIDE = 32  # every VAE image fills the budget canvas: in-step encoding sees no padding (module docstring of latents)
@@ -408,7 +409,7 @@ def test_store_errors(env, tmp_path):
     rid, idx = k.rsplit("#", 1)
     with pytest.raises(LatentStoreError, match=f"record '{rid}', image {idx}: stored moments are float32"):
         store.moments("ds", rid, int(idx), (3, 3))
-    with pytest.raises(LatentStoreError, match=f"another --out|dtype='float32'"):
+    with pytest.raises(LatentStoreError, match="another --out|dtype='float32'"):
         precompute(env["c_in"], str(env["out"]), dtype="bfloat16", log=None)
 
 
@@ -463,9 +464,7 @@ def _cli(*args, devices: int = 1, env_extra: dict | None = None, wait: bool = Tr
 
 def _config_file(env, path):
     """The env's in-step config as a config file for the CLI."""
-    path.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
-                    f"    return ml_collections.ConfigDict(json.loads({env['c_in'].to_json()!r}))\n")
-    return str(path)
+    return config_file(path, env["c_in"])
 
 
 def test_parts_on_several_devices_merge_into_the_single_run(env, tmp_path):
@@ -557,3 +556,56 @@ def test_multi_process_launch_splits_and_merges(env, tmp_path):
     assert "merged 2 parts" in outs[0][0]
     assert json.loads((out / MANIFEST_NAME).read_text())["parts"] == 2
     _same_latents(out, env["out"])
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def test_cli_reports_bad_input_in_one_line(env, tmp_path):
+    """The CLI reports bad input as the train command does, one `error:` line and exit status 2, before
+    anything is written (they were tracebacks): an unknown config key, flag values, a missing dataset, an
+    incomplete dataset (refused as training refuses it), transforms too large for the model, an unreadable
+    record."""
+    from test_data_pipeline import _failed_dataset
+
+    out = tmp_path / "lat"
+    cfg = _config_file(env, tmp_path / "cfg.py")
+    assert one_error_line(_cli("--config", cfg, "--out", str(out), "--config.data.bogus=1")) == (
+        "error: unknown config key data.bogus")
+    assert one_error_line(_cli("--config", cfg, "--out", str(out), "--batch", "0")) == "error: --batch=0: need at least 1"
+    assert one_error_line(_cli("--config", cfg, "--out", str(out), "--parts", "2", "--part", "2")) == (
+        "error: --part=2: parts are numbered 0 .. 1 (--parts=2)")
+
+    def refused(c) -> str:
+        return one_error_line(_cli("--config", config_file(tmp_path / "c.py", c), "--out", str(out)))
+
+    assert refused(_config(tmp_path / "nope", env["tok"])) == (
+        f"error: {tmp_path / 'nope'}: no such dataset, shard or glob match")
+    part = _failed_dataset(tmp_path / "part")
+    assert refused(_config(part, env["tok"])).startswith(
+        f"error: dataset part: {part}/manifest.json says the dataset is incomplete (error: 2 samples failed")
+    c = _config(env["data_dir"], env["tok"])
+    c.data.records.vae_transform = (1024, 512, 16)
+    assert refused(c) == ("error: bad config: data (records): dataset ds: VAE max_size 1024 exceeds the model's 8 "
+                          "latent positions per side")
+    assert not out.exists()
+    bad = _write_dataset(tmp_path / "bad", 3, 5, prefix="s", sizes=(SIDE,))
+    shard, index = corrupt_record(bad, 1)
+    assert re.fullmatch(re.escape(f"error: {shard}: record {index}: cannot read (RuntimeError: ") + ".*hash mismatch.*",
+                        refused(_config(bad, env["tok"])))
+
+
+def test_cli_does_not_print_orbax_info_logs(env, tmp_path):
+    """With an Orbax VAE (model.ckpt a converted folder or a training workdir) the CLI printed Orbax's INFO lines
+    (`I1127 ... Restoring checkpoint ...`) on every run: absl logging is at WARNING, as in the train command."""
+    from echo4o_jax.checkpoint import VAE_ITEM, save_pytree, write_model_config
+
+    ckpt = tmp_path / "ckpt"  # a converted folder: model config + the VAE as an Orbax item
+    write_model_config(ckpt, env["tr_in"].cfg, src_dir=DEFAULT_GOLDEN)
+    save_pytree(ckpt / VAE_ITEM, env["tr_in"].vae_state)
+    c = _config(env["data_dir"], env["tok"])
+    c.model.ckpt = str(ckpt)
+    r = _cli("--config", config_file(tmp_path / "c.py", c), "--out", str(tmp_path / "lat"), "--batch", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not re.search(r"^I\d{4} ", r.stderr, re.M), r.stderr[-3000:]
+    _same_latents(tmp_path / "lat", env["out"])  # the same VAE as the env's (its safetensors)

@@ -18,11 +18,42 @@ class ImportFailure(RuntimeError):
     the inputs cannot be imported together (the message names the files)."""
 
 
+class ArgumentError(ValueError):
+    """An argument is invalid: `name` (the keyword argument; its CLI flag is `--name` with `-` for `_`, `-n` for
+    a one-letter name), its `value` and why. Raised before anything is written."""
+
+    def __init__(self, name: str, value: Any, why: str):
+        self.name, self.value, self.why = name, value, why
+        super().__init__(f"{name}={value!r}: {why}")
+
+    def cli(self) -> str:
+        """The message naming the CLI flag and the value as typed."""
+        flag = f"-{self.name}" if len(self.name) == 1 else "--" + self.name.replace("_", "-")
+        v = ",".join(map(str, self.value)) if isinstance(self.value, (list, tuple)) else self.value
+        return f"{flag}={v}: {self.why}"
+
+
+def check_writer_args(*, shard_bytes: int, limit: int | None, on_error: str, image_check: str) -> None:
+    """ArgumentError for the importers' common arguments (before anything is written)."""
+    if not isinstance(shard_bytes, int) or shard_bytes < 1:
+        raise ArgumentError("shard_bytes", shard_bytes, "must be a positive number of bytes")
+    if limit is not None and limit < 1:
+        raise ArgumentError("limit", limit, "must be >= 1 (records per dataset; leave it out for all)")
+    if on_error not in ("fail", "skip"):
+        raise ArgumentError("on_error", on_error, "expected fail or skip")
+    if image_check not in ("decode", "header"):
+        raise ArgumentError("image_check", image_check, "expected decode or header")
+
+
 def cli_error(prog: str, e: Exception) -> int:
-    """Prints an importer CLI's one-line error (`PROG: error: ...`, naming the CLI flag where the library
-    message names a keyword argument); returns the exit status 1."""
-    msg = f"{e.path} already holds a dataset; pass --overwrite to replace it" \
-        if isinstance(e, DatasetExistsError) else str(e)
+    """Prints a data CLI's one-line error (`PROG: error: ...`, naming the CLI flag where the library message
+    names a keyword argument); returns the exit status 1."""
+    if isinstance(e, DatasetExistsError):
+        msg = f"{e.path} already holds a dataset; pass --overwrite to replace it"
+    elif isinstance(e, ArgumentError):
+        msg = e.cli()
+    else:
+        msg = str(e)
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return 1
 

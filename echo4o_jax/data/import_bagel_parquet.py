@@ -11,8 +11,10 @@ repeat (`a/part-0.parquet b/part-0.parquet` -> `a/part-0`, `b/part-0`) and the s
 same inputs. A file given twice (or two paths that map to the same PATH) is an error naming both.
 
 * `t2i` (`T2IIterableDataset`): columns `image` (encoded bytes) and `captions` (a JSON object string
-  {key: caption}); all captions are kept as text alternatives (the official loader picks one at random
-  per draw; the pipeline does the same, seeded). Record: caption (CFG-droppable) -> noisy VAE target.
+  {key: caption}, or a struct / list column of captions); all captions are kept as text alternatives (the
+  official loader picks one at random per draw; the pipeline does the same, seeded). A `captions` string
+  that is not a JSON object is an error naming the row and column (never stored as the caption itself).
+  Record: caption (CFG-droppable) -> noisy VAE target.
 * `edit` (`UnifiedEditIterableDataset`): `image_list` (encoded images of an edit chain) and
   `instruction_list` (per step a list of alternative instructions). `--edit-mode pairs` (default) writes
   one record per step i -> i+1; `chain` one record per row over the whole chain (the official "step by
@@ -20,8 +22,11 @@ same inputs. A file given twice (or two paths that map to the same PATH) is an e
   (CFG-droppable) -> instruction (CFG-droppable) -> noisy VAE target. (The official loader samples a
   random sub-chain per draw and sometimes concatenates instructions; records keep fixed plans.)
 
-Other scalar columns are kept in `meta.extra`; images are stored as received. Errors: `--on-error=fail`
-(default) names the file and row; `skip` counts them in the manifest. `--overwrite` replaces an existing
+Other scalar columns are kept in `meta.extra`; images are stored as received. A row without the columns of
+its `--kind` is an error naming them and the columns found. Errors: `--on-error=fail` (default) names the
+file and row; `skip` counts them in the manifest. Arguments (`--shard-bytes`, `--limit` >= 1,
+`--name`) are checked before anything is written. Exit status 1 on failure, with one line
+`import_bagel_parquet: error: ...`. `--overwrite` replaces an existing
 dataset only when the import succeeds (a failed import leaves it as it was).
 """
 
@@ -33,10 +38,12 @@ import os
 import sys
 
 from echo4o_jax.data._import_common import (
+    ArgumentError,
     ImportFailure,
     OnError,
     ParquetReadError,
     check_image,
+    check_writer_args,
     cli_error,
     find_parquet,
     iter_parquet_rows,
@@ -48,18 +55,44 @@ from echo4o_jax.data.records import RecordError, RecordWriter, edit_record, t2i_
 __all__ = ["import_bagel_parquet", "main", "ImportFailure"]
 
 
-def _captions(v) -> str | list[str] | None:
+COLUMNS = {"t2i": ("image", "captions"), "edit": ("image_list", "instruction_list")}
+
+
+class _BadCell(ValueError):
+    """A cell the importer cannot use: `reason` (the skip category) and a detail."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def _captions(v) -> tuple[str | list[str], list[str] | None]:
+    """(the caption, or its alternatives; the keys of a {key: caption} object) of a `captions` cell: a JSON
+    object string {key: caption} (the official format), or a struct / list column of captions. Anything else
+    (a string that is not a JSON object: never taken as the caption itself) raises _BadCell."""
     if isinstance(v, (bytes, bytearray)):
-        v = v.decode("utf-8")
+        try:
+            v = bytes(v).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _BadCell("captions is not UTF-8 text", str(e)) from None
+    keys = None
     if isinstance(v, str):
         try:
             v = json.loads(v)
         except json.JSONDecodeError:
-            return v if v.strip() else None
+            raise _BadCell("captions is not JSON", f"expected a JSON object {{key: caption}}, got {v[:80]!r}") from None
+        if not isinstance(v, dict):
+            raise _BadCell("captions is not a JSON object",
+                           f"expected {{key: caption}}, got a JSON {type(v).__name__}: {json.dumps(v)[:80]}")
     if isinstance(v, dict):
+        keys = [str(k) for k in v]
         caps = [c for c in v.values() if isinstance(c, str) and c.strip()]
-        return None if not caps else (caps[0] if len(caps) == 1 else caps)
-    return text_alternatives(v)
+        caps = None if not caps else (caps[0] if len(caps) == 1 else caps)
+    else:
+        caps = text_alternatives(v)
+    if caps is None:
+        raise _BadCell("no caption", f"captions cell {json.dumps(v, default=str)[:80]}")
+    return caps, keys
 
 
 def _parquet_sources(inputs: list[str]) -> list[tuple[str, str, str]]:
@@ -85,10 +118,15 @@ def _parquet_sources(inputs: list[str]) -> list[tuple[str, str, str]]:
 def import_bagel_parquet(inputs: list[str], out_dir: str, *, kind: str, name: str | None = None,
                          edit_mode: str = "pairs", on_error: str = "fail", image_check: str = "decode",
                          shard_bytes: int = 256 << 20, limit: int | None = None, overwrite: bool = False) -> dict:
+    """The parquet files of `inputs` -> one record dataset in `out_dir`; returns its manifest. The arguments
+    (ArgumentError) and the inputs (FileNotFoundError, ImportFailure) are checked before anything is written."""
     if kind not in ("t2i", "edit"):
-        raise ValueError(f"kind={kind!r}: expected t2i or edit")
+        raise ArgumentError("kind", kind, "expected t2i or edit")
     if edit_mode not in ("pairs", "chain"):
-        raise ValueError(f"edit_mode={edit_mode!r}: expected pairs or chain")
+        raise ArgumentError("edit_mode", edit_mode, "expected pairs or chain")
+    check_writer_args(shard_bytes=shard_bytes, limit=limit, on_error=on_error, image_check=image_check)
+    if name is not None and (not name or "/" in name or os.sep in name):
+        raise ArgumentError("name", name, "must be a plain file-name prefix (no '/')")
     files = _parquet_sources(inputs)
     name = name or os.path.basename(os.path.normpath(inputs[0])).removesuffix(".parquet") or kind
     info = {"importer": "echo4o_jax.data.import_bagel_parquet", "kind": kind, "edit_mode": edit_mode,
@@ -102,6 +140,11 @@ def import_bagel_parquet(inputs: list[str], out_dir: str, *, kind: str, name: st
                         break
                     where = f"{rel} row {i}"
                     prov = {"parquet": rel, "row": i}
+                    missing = [c for c in COLUMNS[kind] if c not in row]
+                    if missing:
+                        err(where, f"missing columns {missing}", f"--kind {kind} reads the columns "
+                            f"{list(COLUMNS[kind])}; the file has {sorted(row)}")
+                        continue
                     if kind == "t2i":
                         _t2i_row(w, err, row, where, prov, f"{name}/{stem}/{i}", image_check)
                     else:
@@ -114,32 +157,28 @@ def import_bagel_parquet(inputs: list[str], out_dir: str, *, kind: str, name: st
 
 
 def _t2i_row(w, err, row, where, prov, rid, image_check) -> None:
-    caps = _captions(row.get("captions"))
-    if caps is None:
-        err(where, "no caption")
+    try:
+        caps, keys = _captions(row["captions"])
+    except _BadCell as e:
+        err(where, e.reason, e.detail)
         return
     try:
-        data = check_image(row.get("image"), image_check)
+        data = check_image(row["image"], image_check)
     except RecordError as e:
         err(where, "corrupt image", str(e))
         return
     meta = dict(prov)
-    ex = scalar_extras(row, {"image", "captions"})
-    if isinstance(row.get("captions"), (str, dict)):
-        try:
-            d = json.loads(row["captions"]) if isinstance(row["captions"], str) else row["captions"]
-            if isinstance(d, dict):
-                meta["caption_keys"] = [str(k) for k in d]
-        except json.JSONDecodeError:
-            pass
+    if keys is not None:
+        meta["caption_keys"] = keys
+    ex = scalar_extras(row, set(COLUMNS["t2i"]))
     if ex:
         meta["extra"] = ex
     w.write(t2i_record(rid, caps, data, source="bagel_parquet", subset="t2i", meta=meta))
 
 
 def _edit_row(w, err, row, where, prov, rid, image_check, edit_mode) -> None:
-    imgs = row.get("image_list")
-    instrs = row.get("instruction_list")
+    imgs = row["image_list"]
+    instrs = row["instruction_list"]
     if not isinstance(imgs, list) or len(imgs) < 2:
         err(where, "image_list needs >= 2 images")
         return
@@ -157,7 +196,7 @@ def _edit_row(w, err, row, where, prov, rid, image_check, edit_mode) -> None:
         err(where, "corrupt image", str(e))
         return
     meta = dict(prov)
-    ex = scalar_extras(row, {"image_list", "instruction_list"})
+    ex = scalar_extras(row, set(COLUMNS["edit"]))
     if ex:
         meta["extra"] = ex
     if edit_mode == "chain":
@@ -187,7 +226,7 @@ def main(argv=None) -> int:
         m = import_bagel_parquet(a.inputs, a.out, kind=a.kind, name=a.name, edit_mode=a.edit_mode,
                                  on_error=a.on_error, image_check=a.image_check, shard_bytes=a.shard_bytes,
                                  limit=a.limit, overwrite=a.overwrite)
-    except (ImportFailure, FileNotFoundError, RecordError) as e:
+    except (ImportFailure, ArgumentError, RecordError, OSError) as e:
         return cli_error("import_bagel_parquet", e)
     print(json.dumps({"records": m["records"], "shards": len(m["shards"]), "bytes": m["bytes"],
                       "skipped": m["skipped"]["count"], "skipped_by_reason": m["skipped"]["by_reason"]}))

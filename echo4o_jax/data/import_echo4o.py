@@ -25,9 +25,12 @@ and the row's other fields.
 
 Errors (unreadable JSON line, missing field, corrupt or missing image, unreadable archive / parquet):
 `--on-error=fail` (default) stops with a message naming the file and row / member; `skip` counts them in
-each dataset's manifest (`skipped.by_reason`, first 100 examples). Exit status 1 on failure.
-`--overwrite` replaces existing datasets: each is written aside and swapped in only when its import
-succeeds (a failed import leaves the old dataset as it was).
+each dataset's manifest (`skipped.by_reason`, first 100 examples). Every argument (`--subsets` names,
+`--shard-bytes` and `--limit` >= 1) and every chosen subset's input folder is checked before anything is
+written, as is every output folder (an existing dataset without `--overwrite`). Exit status 1 on failure,
+with one line `import_echo4o: error: ...` naming the file and row / member, or the argument. `--overwrite` replaces existing datasets: each is written aside and swapped in
+only when its import succeeds (a failed import leaves the old dataset as it was; the subsets imported
+before it stay imported).
 """
 
 from __future__ import annotations
@@ -41,10 +44,12 @@ import tarfile
 import zlib
 
 from echo4o_jax.data._import_common import (
+    ArgumentError,
     ImportFailure,
     OnError,
     ParquetReadError,
     check_image,
+    check_writer_args,
     cli_error,
     find_parquet,
     first_text,
@@ -52,7 +57,7 @@ from echo4o_jax.data._import_common import (
     jsonable,
     scalar_extras,
 )
-from echo4o_jax.data.records import RecordError, RecordWriter, multiref_record, t2i_record
+from echo4o_jax.data.records import RecordError, RecordWriter, check_writable, multiref_record, t2i_record
 
 __all__ = ["import_t2i_subset", "import_multiref", "import_echo4o", "main", "ImportFailure"]
 
@@ -241,9 +246,23 @@ def import_multiref(mr_dir: str, out_dir: str, *, on_error: str = "fail", image_
         return w.close()
 
 
-def import_echo4o(root: str, out: str, *, subsets=("surreal", "instruction", "multiref"), **kw) -> dict:
-    """Imports the chosen subsets; returns {subset: manifest}. Missing subset folders raise."""
-    res = {}
+SUBSETS = ("surreal", "instruction", "multiref")
+
+
+def _subset_inputs(root: str, subsets) -> list[tuple[str, str, list[str] | None]]:
+    """(subset, its folder, its jsonl files (None for multiref)) of every chosen subset; an unknown or repeated
+    subset is an ArgumentError, a missing folder / jsonl a FileNotFoundError (all before anything is written)."""
+    subsets = list(subsets)
+    if not subsets:
+        raise ArgumentError("subsets", subsets, f"no subset chosen (from {', '.join(SUBSETS)})")
+    for s in subsets:
+        if s not in SUBSETS:
+            raise ArgumentError("subsets", subsets, f"unknown subset {s!r} (expected {', '.join(SUBSETS)})")
+        if subsets.count(s) > 1:
+            raise ArgumentError("subsets", subsets, f"subset {s!r} is given twice")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such folder (the downloaded Echo-4o-Image)")
+    out = []
     for s in subsets:
         if s == "surreal":
             d = next((os.path.join(root, n) for n in SURREAL_DIRS if os.path.isdir(os.path.join(root, n))), None)
@@ -252,20 +271,39 @@ def import_echo4o(root: str, out: str, *, subsets=("surreal", "instruction", "mu
             jl = os.path.join(d, "conflict.jsonl")
             if not os.path.exists(jl):
                 raise FileNotFoundError(f"{jl} not found")
-            res[s] = import_t2i_subset(d, [jl], os.path.join(out, s), subset=s, root=root, **kw)
+            out.append((s, d, [jl]))
         elif s == "instruction":
             d = os.path.join(root, INSTRUCTION_DIR)
             jls = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".jsonl")) if os.path.isdir(d) else []
             if not jls:
                 raise FileNotFoundError(f"{d}: no *.jsonl")
-            res[s] = import_t2i_subset(d, jls, os.path.join(out, s), subset=s, root=root, **kw)
-        elif s == "multiref":
+            out.append((s, d, jls))
+        else:
             d = os.path.join(root, MULTIREF_DIR)
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"{d} not found")
-            res[s] = import_multiref(d, os.path.join(out, s), root=root, **kw)
+            out.append((s, d, None))
+    return out
+
+
+def import_echo4o(root: str, out: str, *, subsets=SUBSETS, on_error: str = "fail", image_check: str = "decode",
+                  shard_bytes: int = 256 << 20, limit: int | None = None, overwrite: bool = False) -> dict:
+    """Imports the chosen subsets into `out/<subset>`; returns {subset: manifest}. Every argument, every subset's
+    input folder and output folder is checked before anything is written: an unknown subset or a bad value
+    raises ArgumentError, a missing subset folder FileNotFoundError, an existing dataset without `overwrite`
+    DatasetExistsError."""
+    check_writer_args(shard_bytes=shard_bytes, limit=limit, on_error=on_error, image_check=image_check)
+    kw = dict(on_error=on_error, image_check=image_check, shard_bytes=shard_bytes, limit=limit, overwrite=overwrite,
+              root=root)
+    plan = _subset_inputs(root, subsets)
+    for s, _, _ in plan:  # an existing dataset without --overwrite: refused before any subset is imported
+        check_writable(os.path.join(out, s), overwrite=overwrite)
+    res = {}
+    for s, d, jsonl in plan:
+        if jsonl is None:
+            res[s] = import_multiref(d, os.path.join(out, s), **kw)
         else:
-            raise ValueError(f"unknown subset {s!r} (surreal, instruction, multiref)")
+            res[s] = import_t2i_subset(d, jsonl, os.path.join(out, s), subset=s, **kw)
     return res
 
 
@@ -274,7 +312,7 @@ def main(argv=None) -> int:
                                  description="Import Echo-4o-Image into echo4o record datasets.")
     ap.add_argument("--root", required=True, help="the downloaded Echo-4o-Image folder")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--subsets", default="surreal,instruction,multiref")
+    ap.add_argument("--subsets", default=",".join(SUBSETS))
     ap.add_argument("--on-error", choices=("fail", "skip"), default="fail")
     ap.add_argument("--image-check", choices=("decode", "header"), default="decode")
     ap.add_argument("--shard-bytes", type=int, default=256 << 20)
@@ -286,7 +324,7 @@ def main(argv=None) -> int:
         res = import_echo4o(a.root, a.out, subsets=[s for s in a.subsets.split(",") if s], on_error=a.on_error,
                             image_check=a.image_check, shard_bytes=a.shard_bytes, limit=a.limit,
                             overwrite=a.overwrite)
-    except (ImportFailure, FileNotFoundError, RecordError) as e:
+    except (ImportFailure, ArgumentError, RecordError, OSError) as e:
         return cli_error("import_echo4o", e)
     for s, m in res.items():
         print(json.dumps({"subset": s, "records": m["records"], "shards": len(m["shards"]), "bytes": m["bytes"],

@@ -7,9 +7,12 @@ shards, bytes, tasks / subsets / sources from the manifests, or by reading every
 when a manifest is incomplete or has no counts; skipped items from the manifest) and N samples (id,
 task, plan, texts, image formats and sizes, meta); `--contact-sheet` writes a PNG with one row per
 shown sample (its images as thumbnails, then its texts); `--verify` checks shard sizes and sha256
-against the manifest (before opening any shard), then the record counts. Errors (bad manifest,
-missing / truncated / corrupt shard, undecodable record) print one line `inspect: error: ...` naming
-the file (and record) and exit with status 1.
+against the manifest (before opening any shard), then the record counts. A dataset whose manifest says it
+is incomplete (a failed or interrupted import / synthesis run; training refuses it unless
+`data.records.allow_incomplete`) is shown with a line `inspect: warning: ...` on stderr naming the manifest
+and its recorded error. Errors (bad manifest, missing / truncated / corrupt shard, undecodable record,
+`--start` past the last record, `-n` < 0) print one line `inspect: error: ...` naming the file (and record)
+and exit with status 1.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import os
 import sys
 import textwrap
 
-from echo4o_jax.data._import_common import cli_error
-from echo4o_jax.data.records import Record, RecordError, RecordReader
+from echo4o_jax.data._import_common import ArgumentError, cli_error
+from echo4o_jax.data.records import Record, RecordError, RecordReader, incomplete_reason
 
 __all__ = ["summarize", "describe", "contact_sheet", "main"]
 
@@ -134,7 +137,16 @@ def main(argv=None) -> int:
     ap.add_argument("--scan", action="store_true", help="count by reading every record (not the manifest)")
     a = ap.parse_args(argv)
     try:
+        if a.n < 0:
+            raise ArgumentError("n", a.n, "the number of samples to show must be >= 0")
         reader = RecordReader(a.path if len(a.path) > 1 else a.path[0], verify=a.verify)
+        if not 0 <= a.start < len(reader):
+            raise ArgumentError("start", a.start, f"{' '.join(a.path)} holds {len(reader)} records (indices 0 .. "
+                                f"{len(reader) - 1})")
+        for d, m in reader.manifests.items():
+            why = incomplete_reason(d, m)
+            if why is not None:
+                print(f"inspect: warning: {why}", file=sys.stderr)
         if a.verify:
             print("verify:", json.dumps(reader.verification))
         print(json.dumps(summarize(reader, scan=a.scan), indent=1))
@@ -144,7 +156,7 @@ def main(argv=None) -> int:
         if a.contact_sheet:
             contact_sheet(shown, a.contact_sheet)
             print(f"contact sheet: {a.contact_sheet} ({len(shown)} samples)")
-    except (RecordError, OSError) as e:
+    except (RecordError, ArgumentError, OSError) as e:
         return cli_error("inspect", e)
     return 0
 

@@ -71,6 +71,11 @@ and writes `latents.json` listing every part's shards (`"parts": N`), which trai
 the process count / index and process 0 merges after all have finished; otherwise pass `--parts N
 --part I` to N separate jobs and run `--merge` once they are done. A single-run folder and a parts
 folder are never mixed.
+
+Exit status 0, or 2 for bad input, reported as by the train command in one `error:` line: an unknown flag or
+config key, a bad value, a model / data mismatch, missing, unreadable or incomplete records (an incomplete
+dataset is refused as training refuses it, unless --config.data.records.allow_incomplete=True), an
+unreadable `model.ckpt`, a latent folder this run cannot write into.
 """
 
 from __future__ import annotations
@@ -584,12 +589,13 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
     import jax
     from flax import nnx
 
-    from echo4o_jax.data.pipeline import (dataset_transforms, decode_image, record_img_num, transform_pixels)
+    from echo4o_jax.data.pipeline import (check_complete, check_transforms, dataset_transforms, decode_image,
+                                          record_img_num, transform_pixels)
     from echo4o_jax.data.records import RecordReader, decode_record
     from echo4o_jax.model.vae import AutoEncoder
     from echo4o_jax.packing import unit_range_lut
     from echo4o_jax.train.data_sources import budget_from_config
-    from echo4o_jax.train.records_source import pipeline_config_from
+    from echo4o_jax.train.records_source import data_config_errors, pipeline_config_from
     from echo4o_jax.train.trainer import init_vae_state, model_config_from
 
     store_dt = moments_dtype(dtype)
@@ -600,11 +606,15 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
     if config.data.kind != "records":
         raise LatentStoreError(f"data.kind={config.data.kind!r}: precomputed latents need a records config")
     cfg = model_config_from(config)
-    pc = pipeline_config_from(config, budget_from_config(config.data.budget), local_packs=1)
+    with data_config_errors(config):  # the data settings training would refuse are refused before encoding
+        pc = pipeline_config_from(config, budget_from_config(config.data.budget), local_packs=1)
+        check_transforms(pc, cfg)
+        check_complete(pc)
     labels = [d.label for d in pc.datasets]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise LatentStoreError(f"datasets {dup} share a label: latents are stored per dataset label")
+    record_files = [_record_files(spec.path) for spec in pc.datasets]  # every dataset found before --out is made
 
     vae_state = init_vae_state(config, cfg)
     graphdef = nnx.split(nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0))))[0]
@@ -638,8 +648,7 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
             w.add(key, m[i])
         stats["images_written"] += len(bucket)
 
-    for spec, (vae_t, _) in zip(pc.datasets, dataset_transforms(pc)):
-        files = _record_files(spec.path)
+    for spec, (vae_t, _), files in zip(pc.datasets, dataset_transforms(pc), record_files):
         done = w.begin(spec.label, files, vae_t)
         failed = {k: v for k, v in w.ds.get("failed", {}).items()}
         reader = RecordReader(files)
@@ -701,6 +710,8 @@ def _cli() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from echo4o_jax.train.config_cli import bad_input, flags_parser, run_reporting_bad_input
+
     config = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
                                              lock_config=True)
     out_dir = flags.DEFINE_string("out", None, "output folder (re-use to resume)")
@@ -719,41 +730,39 @@ def _cli() -> None:
 
         from echo4o_jax.sharding import maybe_initialize_distributed
 
-        try:
-            if merge.value:
-                if not out_dir.value:
-                    print("error: --merge needs --out", file=sys.stderr)
-                    return 2
-                merge_parts(out_dir.value)
-                return 0
-            if config.value is None or not out_dir.value:
-                print("error: --config and --out are required", file=sys.stderr)
-                return 2
-            if (parts.value > 0) != (part.value >= 0):
-                print("error: pass --parts and --part together (or neither: one part per jax.distributed process)",
-                      file=sys.stderr)
-                return 2
-            maybe_initialize_distributed()
-            auto = parts.value == 0
-            n, i = (jax.process_count(), jax.process_index()) if auto else (parts.value, part.value)
-            s = precompute(config.value, out_dir.value, dtype=dtype.value, batch=batch.value,
-                           shard_bytes=int(shard_mb.value * 2**20), part=i, parts=n)
-            if auto and n > 1:  # every process's part is written: process 0 merges
-                from jax.experimental import multihost_utils
+        if merge.value:
+            if not out_dir.value:
+                bad_input("--merge needs --out")
+            merge_parts(out_dir.value)
+            return 0
+        if config.value is None or not out_dir.value:
+            bad_input("--config and --out are required")
+        if (parts.value > 0) != (part.value >= 0):
+            bad_input("pass --parts and --part together (or neither: one part per jax.distributed process)")
+        if parts.value > 0 and part.value >= parts.value:
+            bad_input(f"--part={part.value}: parts are numbered 0 .. {parts.value - 1} (--parts={parts.value})")
+        if batch.value < 1:
+            bad_input(f"--batch={batch.value}: need at least 1")
+        if not shard_mb.value > 0:
+            bad_input(f"--shard_mb={shard_mb.value}: must be > 0")
+        maybe_initialize_distributed()
+        auto = parts.value == 0
+        n, i = (jax.process_count(), jax.process_index()) if auto else (parts.value, part.value)
+        s = precompute(config.value, out_dir.value, dtype=dtype.value, batch=batch.value,
+                       shard_bytes=int(shard_mb.value * 2**20), part=i, parts=n)
+        if auto and n > 1:  # every process's part is written: process 0 merges
+            from jax.experimental import multihost_utils
 
-                multihost_utils.sync_global_devices("echo4o_latents_parts_done")
-                failed = None
-                if i == 0:
-                    try:
-                        merge_parts(out_dir.value)
-                    except LatentStoreError as e:
-                        failed = e
-                multihost_utils.sync_global_devices("echo4o_latents_merged")  # nobody exits before the merge
-                if failed is not None:
-                    raise failed
-        except LatentStoreError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            multihost_utils.sync_global_devices("echo4o_latents_parts_done")
+            failed = None
+            if i == 0:
+                try:
+                    merge_parts(out_dir.value)
+                except LatentStoreError as e:
+                    failed = e
+            multihost_utils.sync_global_devices("echo4o_latents_merged")  # nobody exits before the merge
+            if failed is not None:
+                raise failed
         if n > 1 and not auto:
             print(f"[latents] part {i} of {n}: {s['images_written']} images encoded, {s['images_skipped']} already "
                   f"stored, {s['failed']} failed; when every part has finished: python -m echo4o_jax.data.latents "
@@ -764,8 +773,12 @@ def _cli() -> None:
               f"{out_dir.value}")
         return 0
 
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(run_reporting_bad_input(lambda: main(argv))), flags_parser=flags_parser(config))
 
 
 if __name__ == "__main__":
-    _cli()
+    # run the importable module's CLI: its errors are the classes everyone else catches (LatentStoreError), not
+    # this __main__ copy's
+    from echo4o_jax.data.latents import _cli as _module_cli
+
+    _module_cli()

@@ -18,6 +18,10 @@ every sample it took in the unbounded run (each segment's largest usage + no-dro
 admission; tokens rounded up to multiples of `--round`), i.e. would pack these samples as the official
 policy does. If the config leaves `data.max_tokens` / `expected_tokens` unset they follow the budget's
 total: set them before changing the budget.
+
+Exit status 0, or 2 for bad input, reported as by the train command in one `error:` line: an unknown flag or
+config key, a bad value, a model / data mismatch (transforms, tokenizer), missing, unreadable or incomplete
+records (an incomplete dataset is used, with a warning, under --config.data.records.allow_incomplete=True).
 """
 
 from __future__ import annotations
@@ -66,24 +70,25 @@ def pack_stats(config, model_cfg, *, packs: int = 256) -> dict:
     "budget": [packs, 5]} (`segment_usage`), "unbounded_peaks" [packs, 4] (the need each segment was checked
     against in the unbounded run), "budget_spec" (the config's PackBudget) and "unbounded_spec"."""
     from ..train.data_sources import budget_from_config
-    from ..train.records_source import pipeline_config_from
+    from ..train.records_source import data_config_errors, pipeline_config_from
     from .pipeline import DataPipeline
 
-    budget = budget_from_config(config.data.budget)
-    pc = pipeline_config_from(config, budget, local_packs=1)
-    # the packing limits stay those of the config's budget (max_tokens defaults to the budget's total)
-    # precomputed latents change no size, pack or dropout draw: measured on the records' images
-    pc = dataclasses.replace(pc, max_num_tokens=pc.max_tokens, max_num_tokens_per_sample=pc.max_tokens_per_sample,
-                             vae_latents="", vae_fingerprint="")
-    # unbounded: every segment can take a whole pack; the VAE slots as many images as max_tokens allows
-    per_image = max(1, (pc.vae_transform.min_size // (model_cfg.vae.downsample * model_cfg.latent_patch_size)) ** 2)
-    free = PackBudget(text_tokens=pc.max_tokens, vit_tokens=pc.max_tokens, vae_tokens=pc.max_tokens,
-                      vae_images=max(budget.vae_images, pc.max_tokens // per_image),
-                      vae_image_size=budget.vae_image_size)
+    with data_config_errors(config):  # a bad data setting is reported as the trainer reports it
+        budget = budget_from_config(config.data.budget)
+        pc = pipeline_config_from(config, budget, local_packs=1)
+        # the packing limits stay those of the config's budget (max_tokens defaults to the budget's total)
+        # precomputed latents change no size, pack or dropout draw: measured on the records' images
+        pc = dataclasses.replace(pc, max_num_tokens=pc.max_tokens, max_num_tokens_per_sample=pc.max_tokens_per_sample,
+                                 vae_latents="", vae_fingerprint="")
+        # unbounded: every segment can take a whole pack; the VAE slots as many images as max_tokens allows
+        per_image = max(1, (pc.vae_transform.min_size // (model_cfg.vae.downsample * model_cfg.latent_patch_size)) ** 2)
+        free = PackBudget(text_tokens=pc.max_tokens, vit_tokens=pc.max_tokens, vae_tokens=pc.max_tokens,
+                          vae_images=max(budget.vae_images, pc.max_tokens // per_image),
+                          vae_image_size=budget.vae_image_size)
+        unbounded, budgeted = DataPipeline(dataclasses.replace(pc, budget=free), model_cfg), DataPipeline(pc, model_cfg)
     out = {}
-    out["unbounded"], out["unbounded_peaks"], out["unbounded_stats"] = _usage(
-        DataPipeline(dataclasses.replace(pc, budget=free), model_cfg), packs)
-    out["budget"], _, out["budget_stats"] = _usage(DataPipeline(pc, model_cfg), packs)
+    out["unbounded"], out["unbounded_peaks"], out["unbounded_stats"] = _usage(unbounded, packs)
+    out["budget"], _, out["budget_stats"] = _usage(budgeted, packs)
     out["max_tokens_per_sample"] = pc.max_tokens_per_sample
     out["budget_spec"], out["unbounded_spec"] = budget, free
     return out
@@ -147,6 +152,8 @@ def _cli() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
+    from ..train.config_cli import bad_input, flags_parser, run_reporting_bad_input
+
     config = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
     packs = flags.DEFINE_integer("packs", 256, "packs to sample (the first ones of the training order)")
     round_to = flags.DEFINE_integer("round", 256, "round the suggested token capacities up to this multiple")
@@ -156,20 +163,18 @@ def _cli() -> None:
         from ..train.trainer import model_config_from
 
         if config.value is None:
-            print("error: --config is required", file=sys.stderr)
-            return 2
+            bad_input("--config is required")
         if packs.value < 1:
-            print(f"error: --packs={packs.value}: need at least 1", file=sys.stderr)
-            return 2
+            bad_input(f"--packs={packs.value}: need at least 1")
+        if round_to.value < 1:
+            bad_input(f"--round={round_to.value}: need at least 1")
         if config.value.data.kind != "records":
-            print(f"error: data.kind={config.value.data.kind!r}: pack statistics need a records source",
-                  file=sys.stderr)
-            return 2
+            bad_input(f"data.kind={config.value.data.kind!r}: pack statistics need a records source")
         s = pack_stats(config.value, model_config_from(config.value), packs=packs.value)
         print(format_report(s, round_to.value))
         return 0
 
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(run_reporting_bad_input(lambda: main(argv))), flags_parser=flags_parser(config))
 
 
 if __name__ == "__main__":

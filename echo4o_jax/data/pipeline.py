@@ -10,7 +10,7 @@
 Stages
 ------
 1. Elements (a Grain `MapDataset`, random access, deterministic): per dataset, its shards
-   (`ArrayRecordDataSource`) -> global shuffle (seeded, reshuffled every epoch) -> this process's slice
+   (`records.ShardSource`) -> global shuffle (seeded, reshuffled every epoch) -> this process's slice
    `[process_index::process_count]` -> repeat (`num_epochs`, None = forever); the datasets are mixed by
    weight (`MapDataset.mix`: a deterministic interleave in the given proportions); element k is then
    prepared by `_Prepare`: record decode, text alternative choice (seeded by (seed, k)), tokenisation
@@ -18,8 +18,9 @@ Stages
    rule (`ImageTransform`: VAE stride 16, ViT stride 14, max pixels, bicubic) into an official sample
    (`sequence_plan`, `text_ids_list`, images as [H, W, C] arrays) plus its exact no-dropout sizes
    (from the record header and the resize rule, before decoding, so over-long samples are never
-   decoded; checked against `packing.sample_sizes` after). A record that fails is an error element
-   (counted, skipped).
+   decoded; checked against `packing.sample_sizes` after). A record that fails to decode or prepare is an
+   error element (counted, skipped); one that cannot be read from its shard (a corrupt chunk) is fatal: a
+   RecordError naming the dataset, the shard file and the record's index in it.
    This stage runs in `worker_count` processes (`mp_prefetch`; element order does not depend on the
    worker count). Workers are started by spawning: a calling script needs an
    `if __name__ == "__main__":` guard.
@@ -52,6 +53,10 @@ transforms, the model's z_channels and `vae_fingerprint`) and the batches carry 
 instead of `vae_images` (`packing`'s module docstring); sizes, packing and dropout are unchanged. A
 missing latent is an error, never a skipped sample nor an in-step encoding.
 
+Incomplete datasets: a dataset whose manifest says it is incomplete (an import or synthesis run that failed
+or was interrupted: `"complete": false`, its `"error"`) is refused when the pipeline is built (RecordError
+naming the manifest and the error, `check_complete`) unless `allow_incomplete` (then a warning line on stderr).
+
 Exact resume: the iterator state is (next element index, element indices in the overflow buffer and the
 carried-over sample, pack / step counters, skip counters, records read per dataset, each dataset's start);
 on restore buffered elements are recomputed by random access and the element stream restarts at the saved
@@ -72,6 +77,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 from typing import Any, Sequence
 
@@ -88,6 +94,8 @@ __all__ = [
     "PipelineConfig",
     "DataPipeline",
     "PackIterator",
+    "check_complete",
+    "check_transforms",
     "dataset_transforms",
     "decode_image",
     "load_tokenizer",
@@ -182,6 +190,10 @@ class PipelineConfig:
     # uses) must match the folder's. Neither is part of the resume fingerprint (same samples either way).
     vae_latents: str = ""
     vae_fingerprint: str = ""
+    # read a dataset whose manifest says it is incomplete (a failed / interrupted import or synthesis run;
+    # `check_complete`): False refuses it (RecordError naming the manifest), True warns (stderr). Not part of the
+    # resume fingerprint (the record files are).
+    allow_incomplete: bool = False
 
     def __post_init__(self):
         if self.image_dtype not in IMAGE_DTYPES:
@@ -444,6 +456,49 @@ def skip_reason(sizes, c: PipelineConfig) -> str | None:
     return None
 
 
+def check_transforms(c: PipelineConfig, m: BagelConfig) -> None:
+    """ValueError naming the dataset when its image transforms do not suit the model `m` (strides, sizes past
+    the model's position tables)."""
+    for spec, (vae_t, vit_t) in zip(c.datasets, dataset_transforms(c)):
+        if vae_t.stride != m.latent_downsample:
+            raise ValueError(f"dataset {spec.label}: VAE transform stride {vae_t.stride} != model "
+                             f"latent downsample {m.latent_downsample}")
+        if vit_t.stride != m.vit.patch_size:
+            raise ValueError(f"dataset {spec.label}: ViT transform stride {vit_t.stride} != patch size "
+                             f"{m.vit.patch_size}")
+        if -(-vae_t.max_size // vae_t.stride) > m.max_latent_size:
+            raise ValueError(f"dataset {spec.label}: VAE max_size {vae_t.max_size} exceeds the model's "
+                             f"{m.max_latent_size} latent positions per side")
+        if -(-vit_t.max_size // vit_t.stride) > m.vit_max_num_patch_per_side:
+            raise ValueError(f"dataset {spec.label}: ViT max_size {vit_t.max_size} exceeds the model's "
+                             f"{m.vit_max_num_patch_per_side} patches per side")
+
+
+_warned_incomplete: set[str] = set()  # the warnings `check_complete` printed (once per process each)
+
+
+def check_complete(c: PipelineConfig) -> None:
+    """A dataset whose manifest says it is incomplete (`records.incomplete_reason`: an import or synthesis run
+    that failed or was interrupted) is a RecordError naming the manifest and saying how to go on, unless
+    `c.allow_incomplete`: then a warning line on stderr (once per process: pack_stats builds two pipelines)."""
+    from echo4o_jax.data.records import RecordError, dataset_manifests, incomplete_reason
+
+    for spec in c.datasets:
+        for folder, m in dataset_manifests(spec.path).items():
+            why = incomplete_reason(folder, m)
+            if why is None:
+                continue
+            if not c.allow_incomplete:
+                raise RecordError(f"dataset {spec.label}: {why}: run the command that wrote it again to complete it "
+                                  "(the importer, or the synthesis run, which goes on where it stopped), or set "
+                                  "data.records.allow_incomplete=True (PipelineConfig.allow_incomplete) to use the "
+                                  "records it holds")
+            warning = f"warning: dataset {spec.label}: {why}; using these records (allow_incomplete)"
+            if warning not in _warned_incomplete:
+                _warned_incomplete.add(warning)
+                print(warning, file=sys.stderr, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- stacking
 
 _STACK_FIELDS = tuple(f.name for f in dataclasses.fields(PackedBatch) if f.name not in ("num_tokens", "num_samples"))
@@ -490,9 +545,7 @@ class DataPipeline:
 
     def __init__(self, config: PipelineConfig, model_cfg: BagelConfig, *, process_index: int = 0,
                  process_count: int = 1):
-        import grain
-
-        from echo4o_jax.data.records import resolve_shards, whole_shards
+        from echo4o_jax.data.records import ShardSource, resolve_shards
 
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} not in [0, {process_count})")
@@ -500,7 +553,8 @@ class DataPipeline:
         self.model_cfg = model_cfg
         self.process_index = int(process_index)
         self.process_count = int(process_count)
-        self._check_transforms()
+        check_transforms(config, model_cfg)
+        check_complete(config)
         self._check_tokenizer()
         b = config.budget
         if b.vae_image_size[0] % model_cfg.latent_downsample or b.vae_image_size[1] % model_cfg.latent_downsample:
@@ -516,8 +570,9 @@ class DataPipeline:
             files = resolve_shards(spec.path)
             self.shards.append(files)
             # every shard opened once, here, for its record count (a truncated / corrupt shard: RecordError naming
-            # it; grain's is bare); the source is given the counts and opens shards only to read them
-            src = grain.sources.ArrayRecordDataSource(whole_shards(files))
+            # it; grain's is bare); the source is given the counts and opens shards only to read them (a record it
+            # cannot read: RecordError naming the shard, the record's index in it and the dataset)
+            src = ShardSource(files, name=spec.label)
             n = len(src)
             if n < process_count:
                 raise ValueError(f"dataset {spec.label} has {n} records, fewer than {process_count} processes")
@@ -546,24 +601,11 @@ class DataPipeline:
                     records={spec.label: spec.path for spec in c.datasets})
         return store
 
-    def _check_transforms(self) -> None:
-        c, m = self.config, self.model_cfg
-        for spec, (vae_t, vit_t) in zip(c.datasets, dataset_transforms(c)):
-            if vae_t.stride != m.latent_downsample:
-                raise ValueError(f"dataset {spec.label}: VAE transform stride {vae_t.stride} != model "
-                                 f"latent downsample {m.latent_downsample}")
-            if vit_t.stride != m.vit.patch_size:
-                raise ValueError(f"dataset {spec.label}: ViT transform stride {vit_t.stride} != patch size "
-                                 f"{m.vit.patch_size}")
-            if -(-vae_t.max_size // vae_t.stride) > m.max_latent_size:
-                raise ValueError(f"dataset {spec.label}: VAE max_size {vae_t.max_size} exceeds the model's "
-                                 f"{m.max_latent_size} latent positions per side")
-            if -(-vit_t.max_size // vit_t.stride) > m.vit_max_num_patch_per_side:
-                raise ValueError(f"dataset {spec.label}: ViT max_size {vit_t.max_size} exceeds the model's "
-                                 f"{m.vit_max_num_patch_per_side} patches per side")
-
     def _check_tokenizer(self) -> None:
-        tok = load_tokenizer(self.config.tokenizer)
+        try:
+            tok = load_tokenizer(self.config.tokenizer)
+        except Exception as e:  # noqa: BLE001 - a missing file; tokenizers raises plain Exceptions for a bad one
+            raise ValueError(f"cannot load the tokenizer {self.config.tokenizer} ({type(e).__name__}: {e})") from None
         st = self.model_cfg.special_tokens
         for field, name in _SPECIAL_TOKEN_NAMES.items():
             got = tok.token_to_id(name)

@@ -83,6 +83,7 @@ __all__ = [
     "DatasetExistsError",
     "shard_record_counts",
     "whole_shards",
+    "ShardSource",
     "ImageInfo",
     "Record",
     "probe_image",
@@ -97,9 +98,12 @@ __all__ = [
     "decode_record",
     "decode_header",
     "RecordWriter",
+    "check_writable",
     "RecordReader",
     "resolve_shards",
     "load_manifest",
+    "dataset_manifests",
+    "incomplete_reason",
 ]
 
 FORMAT_VERSION = 1
@@ -432,6 +436,28 @@ def _atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _aside(out_dir: str, which: str) -> str:
+    """The hidden subfolder of an overwrite: "new" (the new dataset until close), "old" (the old dataset's files
+    while they are swapped)."""
+    return os.path.join(out_dir, f".overwrite-{which}")
+
+
+def check_writable(out_dir: str | os.PathLike, *, append: bool = False, overwrite: bool = False) -> None:
+    """The refusals of `RecordWriter(out_dir, append=..., overwrite=...)`, without writing anything (a tool that
+    writes several datasets checks them all first): DatasetExistsError when the folder holds a dataset and
+    neither `append` (onto its manifest) nor `overwrite` is given; RecordError when an interrupted overwrite left
+    the previous dataset's files aside."""
+    out_dir = os.fspath(out_dir)
+    backup = _aside(out_dir, "old")
+    if os.path.exists(backup):
+        raise RecordError(f"{backup} exists: an overwrite of {out_dir} was interrupted while swapping "
+                          f"datasets and it holds the previous dataset's files; move them back into "
+                          f"{out_dir} (or delete them) and remove the folder")
+    existing = _dataset_files(out_dir) if os.path.isdir(out_dir) else []
+    if existing and not overwrite and not (append and os.path.exists(os.path.join(out_dir, MANIFEST_NAME))):
+        raise DatasetExistsError(out_dir, existing)
+
+
 class RecordWriter:
     """Writes records into size-bounded ArrayRecord shards plus `manifest.json`.
 
@@ -476,18 +502,11 @@ class RecordWriter:
         self._cur_bytes = 0
         self._closed = False
         self._created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        existing = _dataset_files(self.out_dir)
-        backup = self._aside("old")
-        if os.path.exists(backup):
-            raise RecordError(f"{backup} exists: an overwrite of {self.out_dir} was interrupted while swapping "
-                              f"datasets and it holds the previous dataset's files; move them back into "
-                              f"{self.out_dir} (or delete them) and remove the folder")
+        check_writable(self.out_dir, append=append, overwrite=overwrite)
         if append and os.path.exists(os.path.join(self.out_dir, MANIFEST_NAME)):
             self._manifest_path = os.path.join(self.out_dir, MANIFEST_NAME)
             self._load_existing()
-        elif existing:
-            if not overwrite:
-                raise DatasetExistsError(self.out_dir, existing)
+        elif _dataset_files(self.out_dir):  # overwrite (check_writable)
             self._staging = self._write_dir = self._aside("new")
             if os.path.exists(self._staging):  # the partial output of a crashed overwrite
                 shutil.rmtree(self._staging)
@@ -498,9 +517,7 @@ class RecordWriter:
                 os.remove(os.path.join(self.out_dir, p))
 
     def _aside(self, which: str) -> str:
-        """The hidden subfolder of an overwrite: "new" (the new dataset until close), "old" (the old
-        dataset's files while they are swapped)."""
-        return os.path.join(self.out_dir, f".overwrite-{which}")
+        return _aside(self.out_dir, which)
 
     def _load_existing(self) -> None:
         m = load_manifest(self._manifest_path)
@@ -711,6 +728,29 @@ def resolve_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     return [f for g in files for f in (resolve_shards(g) if os.path.isdir(g) else [g])]
 
 
+def dataset_manifests(path: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, dict]:
+    """{folder: manifest} of the dataset folders `path` names (as `resolve_shards` takes it): a folder holding a
+    manifest, a manifest path, or a list of these (shard files and globs name no manifest)."""
+    out = {}
+    for p in ([path] if isinstance(path, (str, os.PathLike)) else path):
+        p = os.fspath(p)
+        d = p if os.path.isdir(p) else (os.path.dirname(p) if os.path.basename(p) == MANIFEST_NAME else None)
+        if d is not None and os.path.exists(os.path.join(d, MANIFEST_NAME)):
+            out[d] = load_manifest(d)
+    return out
+
+
+def incomplete_reason(folder: str, manifest: dict) -> str | None:
+    """None for a complete dataset; else what its manifest says (naming the manifest): a writer that failed
+    (its recorded error) or was interrupted (no error recorded: killed) leaves `"complete": false`."""
+    if manifest.get("complete") is True and not manifest.get("error"):
+        return None
+    err = manifest.get("error")
+    why = f"error: {err}" if err else "no error recorded: its writer was interrupted"
+    return (f"{os.path.join(folder, MANIFEST_NAME)} says the dataset is incomplete ({why}); it holds "
+            f"{manifest.get('records')} records in {len(manifest.get('shards') or [])} shards")
+
+
 def _shard_num_records(path: str) -> int:
     """The record count of one ArrayRecord shard; RecordError naming the file when it cannot be opened
     (truncated, corrupt, not an ArrayRecord file)."""
@@ -760,6 +800,43 @@ def whole_shards(files: Sequence[str], counts: Sequence[int] | None = None) -> l
     return [_ShardSlice(f, 0, n, n) for f, n in zip(files, counts)]
 
 
+class ShardSource:
+    """Random access over the records of whole shards (the data-source protocol of Grain and array_record:
+    `len`, indexing), given their record `counts` (default `shard_record_counts(files)`): no shard is opened
+    when it is made, each only lazily to read it. A record that cannot be read (a corrupt chunk, a shard
+    truncated or removed since) raises RecordError naming the shard file and the record's index in it (and
+    the dataset `name`, when given). Picklable (Grain worker processes)."""
+
+    def __init__(self, files: Sequence[str], counts: Sequence[int] | None = None, *, name: str = ""):
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        self.files = [os.fspath(f) for f in files]
+        if counts is None:
+            counts = shard_record_counts(self.files)
+        self.name = name
+        self._ends = list(itertools.accumulate(counts))
+        self._src = ArrayRecordDataSource(whole_shards(self.files, counts))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def where(self, i: int) -> str:
+        """`"<shard file>: record <index in the shard>"` of record `i` (0 <= i < len; for messages)."""
+        k = bisect.bisect_right(self._ends, i)
+        return f"{self.files[k]}: record {i - (self._ends[k - 1] if k else 0)}"
+
+    def __getitem__(self, i) -> bytes:
+        i = i.__index__()
+        try:
+            return self._src[i]
+        except (RuntimeError, OSError, ValueError) as e:  # riegeli / array_record: corrupt chunk, ...
+            of = f" (dataset {self.name})" if self.name else ""
+            raise RecordError(f"{self.where(i)}: cannot read ({type(e).__name__}: {e}){of}") from None
+
+    def close(self) -> None:
+        self._src.__exit__(None, None, None)  # closes the shards opened so far
+
+
 class RecordReader:
     """Random access over the records of one or more datasets / shards (in shard order).
 
@@ -772,21 +849,13 @@ class RecordReader:
         self.shards = resolve_shards(self.paths)
         if not self.shards:
             raise RecordError(f"{self.paths}: no shards")
-        self.manifests = {}
-        for p in self.paths:
-            p = os.fspath(p)
-            d = p if os.path.isdir(p) else (os.path.dirname(p) if os.path.basename(p) == MANIFEST_NAME else None)
-            if d is not None and os.path.exists(os.path.join(d, MANIFEST_NAME)):
-                self.manifests[d] = load_manifest(d)
+        self.manifests = dataset_manifests(self.paths)
         self.verification: dict | None = None  # verify()'s summary when verify=True
         if verify:
             checked = self._verify_files()  # before any shard is opened
         counts = shard_record_counts(self.shards)
         self._shard_records = {os.path.normpath(f): n for f, n in zip(self.shards, counts)}
-        self._ends = list(itertools.accumulate(counts))
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
-
-        self._src = ArrayRecordDataSource(whole_shards(self.shards, counts))
+        self._src = ShardSource(self.shards, counts)
         if verify:
             self._verify_counts()
             self.verification = {"shards_checked": checked, "records": len(self)}
@@ -797,13 +866,11 @@ class RecordReader:
         return next(iter(self.manifests.values())) if len(self.manifests) == 1 else None
 
     def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
+        return len(self._src)
 
     def where(self, i: int) -> str:
         """`"<shard file>: record <index in the shard>"` of record `i` (for messages)."""
-        i = self._index(i)
-        k = bisect.bisect_right(self._ends, i)
-        return f"{self.shards[k]}: record {i - (self._ends[k - 1] if k else 0)}"
+        return self._src.where(self._index(i))
 
     def _index(self, i: int) -> int:
         if not -len(self) <= i < len(self):
@@ -811,11 +878,7 @@ class RecordReader:
         return i % len(self)
 
     def raw(self, i: int) -> bytes:
-        i = self._index(i)
-        try:
-            return self._src[i]
-        except (RuntimeError, OSError, ValueError) as e:  # riegeli / array_record: corrupt chunk, ...
-            raise RecordError(f"{self.where(i)}: cannot read ({type(e).__name__}: {e})") from None
+        return self._src[self._index(i)]
 
     def _decode(self, i: int, decode, **kw):
         i = self._index(i)
@@ -866,9 +929,7 @@ class RecordReader:
         return {"shards_checked": checked, "records": len(self)}
 
     def close(self) -> None:
-        close = getattr(self._src, "close", None)
-        if close is not None:
-            close()
+        self._src.close()
 
 
 def iter_headers(reader: RecordReader, indices: Iterable[int] | None = None) -> Iterator[dict]:

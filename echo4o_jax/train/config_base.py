@@ -50,8 +50,10 @@ def base_config() -> ConfigDict:
         tokenizer="",
         budget=dict(text_tokens=128, vit_tokens=64, vae_tokens=64, vae_images=4, vae_image_size=(32, 32)),
         synthetic=dict(image_size=(32, 32), text_len=8, t2i=1, edit=1, und=1),
-        # records source (echo4o_jax.data): paths / weights / transforms / dropout
-        records=dict(datasets=[], demo_dir="", workers=0),
+        # records source (echo4o_jax.data): paths / weights / transforms / dropout. allow_incomplete: train on a
+        # dataset whose manifest says it is incomplete (a failed or interrupted import / synthesis run: its
+        # "error" says what failed; rerunning that command completes it); False refuses it, naming the manifest
+        records=dict(datasets=[], demo_dir="", workers=0, allow_incomplete=False),
         vae_latents="",           # folder of precomputed VAE posterior moments (python -m echo4o_jax.data.latents):
                                   # the pipeline loads them instead of decoding VAE images; "" = encode in the step
         text_dropout=0.1,         # ModelArguments values (override DataConfig defaults 0.1 / 0.4 / 0.1)

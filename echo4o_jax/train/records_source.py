@@ -4,19 +4,42 @@
 datasets `data.records.datasets` ([{path, weight}], paths relative to `data.records.root`).
 `data.vae_latents` set: the VAE images' posterior moments come from that precomputed folder
 (`python -m echo4o_jax.data.latents`) instead of being decoded and encoded in the step.
+A dataset whose manifest says it is incomplete (a failed or interrupted import / synthesis run) is refused
+unless `data.records.allow_incomplete` (then a warning names it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 from typing import Any
 
+from ..checkpoint import config_dir
 from ..config import BagelConfig
 from ..image_transform import ImageTransform
 from ..packing import PackBudget
 
-__all__ = ["RecordsSource", "ensure_demo", "pipeline_config_from"]
+__all__ = ["RecordsSource", "data_config_errors", "ensure_demo", "pipeline_config_from"]
+
+
+@contextlib.contextmanager
+def data_config_errors(config):
+    """The data settings' errors as the train command reports them: a ValueError of the data source (no
+    datasets, transforms too large for the model geometry, tokenizer ids, an unreadable tokenizer ...)
+    becomes a `ConfigValueError` "data (<kind>): ..."; RecordError, LatentStoreError and CheckpointError pass
+    as they are (they name their file)."""
+    from ..checkpoint import CheckpointError
+    from ..data.latents import LatentStoreError
+    from ..data.records import RecordError
+    from .trainer import ConfigValueError
+
+    try:
+        yield
+    except (RecordError, LatentStoreError, CheckpointError, ConfigValueError):
+        raise
+    except ValueError as e:
+        raise ConfigValueError(f"data ({config.data.kind}): {e}") from e
 
 
 def ensure_demo(out: str, **kw) -> dict:
@@ -53,7 +76,7 @@ def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fi
     common = dict(packs_per_step=local_packs, seed=int(d.seed), text_dropout=float(d.text_dropout),
                   vit_dropout=float(d.vit_dropout), vae_dropout=float(d.vae_dropout),
                   worker_count=int(r.get("workers", 0)), vae_latents=str(d.get("vae_latents", "") or ""),
-                  vae_fingerprint=vae_fingerprint)
+                  vae_fingerprint=vae_fingerprint, allow_incomplete=bool(r.get("allow_incomplete", False)))
     if d.get("expected_tokens"):
         common["expected_num_tokens"] = int(d.expected_tokens)
     if d.get("max_tokens"):
@@ -70,7 +93,8 @@ def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fi
         raise ValueError("data.kind='records' needs data.records.datasets (or data.records.demo_dir)")
     specs = tuple(DatasetSpec(os.path.join(root, ds["path"]), weight=float(ds["weight"]),
                               name=os.path.basename(os.path.normpath(ds["path"]))) for ds in r.datasets)
-    tok = d.get("tokenizer") or str(config.model.ckpt)
+    # default: the tokenizer files of model.ckpt (a training workdir keeps them in model_config/)
+    tok = d.get("tokenizer") or (str(config_dir(config.model.ckpt)) if config.model.ckpt else "")
     if not tok:
         raise ValueError("data.tokenizer is not set and model.ckpt is empty: no tokenizer to use")
     kw: dict[str, Any] = dict(common)

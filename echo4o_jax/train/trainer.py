@@ -46,7 +46,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from .. import sharding as shd
-from ..checkpoint import CheckpointError, flatten_dict, unflatten_dict
+from ..checkpoint import CheckpointError, config_dir, flatten_dict, unflatten_dict
 from ..config import BagelConfig, ConfigError, LLMConfig, SpecialTokens, VAEConfig, ViTConfig
 from ..model.bagel import Bagel
 from ..model.vae import AutoEncoder
@@ -88,7 +88,7 @@ def model_config_from(config) -> BagelConfig:
     where = f"model.ckpt={m.ckpt!r}" if m.init == "checkpoint" else "model.geometry"
     try:
         if m.init == "checkpoint":
-            geometry = BagelConfig.from_checkpoint_dir(_config_dir(m.ckpt))
+            geometry = BagelConfig.from_checkpoint_dir(config_dir(m.ckpt))
         else:
             g = m.geometry
             llm = LLMConfig(**{k: g.llm[k] for k in g.llm})
@@ -163,11 +163,6 @@ def _loading(ckpt: str, what: str, load):
         raise
     except Exception as e:  # SafetensorsError, CheckpointMismatchError, ConfigError, OSError, orbax (plain Exception)
         raise CheckpointError(f"model.ckpt={ckpt!r}: cannot load the {what}: {_error_summary(e)}") from e
-
-
-def _config_dir(ckpt: str) -> str:
-    p = pathlib.Path(ckpt)
-    return str(p / "model_config") if (p / "model_config" / "llm_config.json").exists() else str(p)
 
 
 def validate_config(config) -> None:
@@ -382,18 +377,13 @@ class Trainer:
     def _make_source(self):
         """The batch source; its configuration errors (the data pipeline raises ValueError: no datasets,
         transforms too large for the geometry, tokenizer ids ...) are a ConfigValueError."""
-        from ..data.latents import LatentStoreError
-        from ..data.records import RecordError
+        from .records_source import data_config_errors
 
         c = self.config
         fp = self.vae_fingerprint if c.data.get("vae_latents") else ""  # latents must come from this very VAE
-        try:
+        with data_config_errors(c):
             return make_source(c, self.cfg, process_index=jax.process_index(), process_count=jax.process_count(),
                                local_packs=self.local_packs, vae_fingerprint=fp)
-        except (RecordError, LatentStoreError, CheckpointError):
-            raise  # reported as they are
-        except ValueError as e:
-            raise ConfigValueError(f"data ({c.data.kind}): {e}") from e
 
     @functools.cached_property
     def vae_fingerprint(self) -> str:
@@ -642,7 +632,7 @@ class Trainer:
         from ..data.pipeline import load_tokenizer
 
         m = self.config.model
-        path = self.config.data.get("tokenizer", "") or (_config_dir(m.ckpt) if m.init == "checkpoint" else "")
+        path = self.config.data.get("tokenizer", "") or (str(config_dir(m.ckpt)) if m.init == "checkpoint" else "")
         if not path:
             raise ConfigValueError("log.sample_prompts holds text but there is no tokenizer: set data.tokenizer "
                                    "(tokenizer.json, or a folder holding it)")
