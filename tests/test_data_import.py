@@ -488,3 +488,44 @@ def test_demo_data_is_written_by_process_zero_only(tmp_path, monkeypatch):
     calls.clear()
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     assert records_source.ensure_demo(out) == info and calls == [f"echo4o_jax demo data {out}"]
+
+
+def test_interrupted_demo_write_is_written_again_but_other_data_is_not_overwritten(tmp_path, monkeypatch):
+    """The README's first command interrupted while it writes the demo data (no demo.json yet): the rerun
+    writes the demo again, the same as an uninterrupted write. A folder of other data is refused, untouched."""
+    from echo4o_jax.data.records import DatasetExistsError, RecordWriter, t2i_record
+    from echo4o_jax.train import records_source
+
+    small = dict(n_t2i=6, n_multiref=2, n_understanding=2)
+    real_write = demo_mod.write_demo
+    monkeypatch.setattr(demo_mod, "write_demo", lambda out, **kw: real_write(out, **small, **kw))
+    want = real_write(str(tmp_path / "whole"), **small)
+
+    out = tmp_path / "demo"
+    calls = []
+
+    def interrupted(rid, *a, **k):
+        calls.append(rid)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_t2i(rid, *a, **k)
+
+    real_t2i = demo_mod.t2i_record
+    monkeypatch.setattr(demo_mod, "t2i_record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        records_source.ensure_demo(str(out))
+    assert (out / "t2i").is_dir() and not (out / "demo.json").exists()
+    monkeypatch.setattr(demo_mod, "t2i_record", real_t2i)
+    info = records_source.ensure_demo(str(out))
+    assert info["counts"] == want["counts"]
+    for name in demo_mod.DEMO_DATASETS:
+        a = load_manifest(tmp_path / "whole" / name)["shards"]
+        assert [s["sha256"] for s in load_manifest(out / name)["shards"]] == [s["sha256"] for s in a]
+
+    other = tmp_path / "other"
+    with RecordWriter(str(other / "t2i"), name="mine") as w:
+        w.write(t2i_record("mine/0", "a caption", demo_mod.make_t2i(np.random.default_rng(0), 64, 64)[1].png()))
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    with pytest.raises(DatasetExistsError):
+        records_source.ensure_demo(str(other))
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from echo4o_jax.data.records import (
     RecordWriter,
+    check_writable,
     multiref_record,
     t2i_record,
     understanding_record,
@@ -347,10 +348,16 @@ def special_tokens_info(tok) -> dict:
 # ---------------------------------------------------------------------------------------------- writer
 
 
+DEMO_DATASETS = ("t2i", "multiref", "understanding")  # the folders write_demo writes under `out`
+
+
 def write_demo(out: str, *, size: int = 64, n_t2i: int = 512, n_multiref: int = 128,
                n_understanding: int = 128, seed: int = 0, shard_bytes: int = 8 << 20,
                overwrite: bool = False) -> dict:
-    """Writes the demo datasets and tokenizer under `out`; returns the demo.json content."""
+    """Writes the demo datasets and tokenizer under `out`; returns the demo.json content. A dataset already
+    there is refused (`records.check_writable`) before anything is written, unless `overwrite`."""
+    for name in DEMO_DATASETS:
+        check_writable(os.path.join(out, name), overwrite=overwrite)
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     w = h = int(size)

@@ -53,16 +53,29 @@ def ensure_demo(out: str, **kw) -> dict:
 
     meta = pathlib.Path(out) / "demo.json"
     if jax.process_count() == 1:
-        return json.loads(meta.read_text()) if meta.exists() else write_demo(out, **kw)
+        return json.loads(meta.read_text()) if meta.exists() else write_demo(out, overwrite=_demo_leftovers(out), **kw)
     from jax.experimental import multihost_utils
 
     if jax.process_index() == 0 and not meta.exists():
-        write_demo(out, **kw)
+        write_demo(out, overwrite=_demo_leftovers(out), **kw)
     multihost_utils.sync_global_devices(f"echo4o_jax demo data {out}")
     if not meta.exists():
         raise FileNotFoundError(f"demo data {out}: process 0 wrote it, process {jax.process_index()} does not see "
                                 f"{meta}: data.records.demo_dir must be a path every host sees")
     return json.loads(meta.read_text())
+
+
+def _demo_leftovers(out: str) -> bool:
+    """Whether `out` (no demo.json: the demo was never finished) holds only what an interrupted demo write left,
+    which is written again; a dataset of anything else there is refused by the writer, never overwritten."""
+    from ..data.demo import DEMO_DATASETS
+    from ..data.records import MANIFEST_NAME, load_manifest
+
+    for name in DEMO_DATASETS:
+        if (pathlib.Path(out) / name / MANIFEST_NAME).exists():  # (a write killed outright leaves shards only)
+            if load_manifest(str(pathlib.Path(out) / name)).get("info", {}).get("generator") != "echo4o_jax.data.demo":
+                return False
+    return True
 
 
 def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fingerprint: str = ""):
