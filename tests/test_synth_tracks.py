@@ -364,4 +364,13 @@ def test_template_option_and_folder_errors_name_the_file(server, tmp_path):
                           "--dry-run")
     assert rc == 2
     assert one_line_error(err) == f"error: word list folder {tmp_path / 'nope'} does not exist (or is not a folder)"
+    # an edited copy under a misspelt name would be ignored (the built-in used): refused, naming it
+    typo = tmp_path / "typo"
+    typo.mkdir()
+    (typo / "surreal_deflec.txt").write_text("# version: mine\n[user]\nhi\n")
+    rc, _, err = data_gen("surreal", "--out", tmp_path / "ds", "--limit", 1, "--template-dir", typo, "--dry-run")
+    assert rc == 2
+    line = one_line_error(err)
+    assert line.startswith(f"error: template folder {typo}: surreal_deflec.txt is no synthesis template (the "
+                           "templates: ") and "surreal_deflect.txt" in line, line
     assert not server.requests

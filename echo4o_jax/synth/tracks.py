@@ -574,6 +574,12 @@ TRACKS = {"surreal": SurrealTrack, "multiref": MultirefTrack, "instruction": Ins
 def make_track(name: str, cfg: SynthConfig, *, refs_dir: str | os.PathLike | None = None) -> Track:
     if name not in TRACKS:
         raise ValueError(f"unknown track {name!r} (known: {sorted(TRACKS)})")
+    if cfg.template_dir and Path(cfg.template_dir).is_dir():  # a misnamed edited copy would go unused, silently
+        known = {n for t in TRACKS.values() for n in t.template_variables}
+        stray = sorted(p.name for p in Path(cfg.template_dir).glob("*.txt") if p.stem not in known)
+        if stray:
+            raise ValueError(f"template folder {cfg.template_dir}: {', '.join(stray)} is no synthesis template "
+                             f"(the templates: {', '.join(sorted(f'{n}.txt' for n in known))})")
     if name == "multiref":
         return MultirefTrack(cfg, refs_dir=refs_dir)
     if refs_dir:
