@@ -225,6 +225,30 @@ def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys):
     assert "[profile] step 2, device time per step" in printed and "attention" in printed
 
 
+def test_profile_summary_time_is_no_steps_and_an_unreachable_start_is_said(tmp_path, capsys, monkeypatch):
+    """The trace's stop and summary (seconds on a big model) are not charged to the last traced step (its
+    step_seconds, tokens/s and MFU in log.jsonl); a profile_start the run never reaches says so."""
+    import time
+
+    from echo4o_jax.train import trainer as trainer_mod
+
+    real_close = trainer_mod._StepProfile.close
+    monkeypatch.setattr(trainer_mod._StepProfile, "close", lambda self: (time.sleep(3.0), real_close(self)))
+    c = load_config("synthetic_tiny")
+    c.train.steps, c.log.tensorboard, c.log.profile_start, c.log.profile_steps = 3, False, 1, 1
+    out = Trainer(c, tmp_path / "a").run()
+    assert max(m["step_seconds"] for m in out["history"]) < 3.0, [m["step_seconds"] for m in out["history"]]
+    capsys.readouterr()
+    c.train.steps, c.log.profile_start = 5, 2  # a resume at step 3: past the start
+    Trainer(c, tmp_path / "a").run()
+    assert ("[profile] log.profile_start=2 is never reached (this run starts after step 3): nothing will be "
+            "traced") in capsys.readouterr().out
+    c.log.profile_start = 9
+    Trainer(c, tmp_path / "b").run()
+    assert "[profile] log.profile_start=9 is never reached (train.steps is 5)" in capsys.readouterr().out
+    assert not (tmp_path / "b" / "profile").exists()
+
+
 def test_freeze_flags_as_the_official(tmp_path):
     """train.freeze_vit / freeze_llm = the official `requires_grad = False` on the ViT / the language model:
     their gradients are zero (so the clipped global norm is the trained parameters' norm), every other

@@ -100,6 +100,13 @@ def test_bad_model_and_mesh_values_are_one_line(tmp_path, capsys):
     c.model.attention_impl = "bogus"
     assert run(c, str(wd)) == 2
     assert _error_line(capsys).startswith("error: bad config: model.attention_impl='bogus': expected xla_blockwise|")
+    for k, v in (("attention_block_q", 0), ("attention_block_kv", -4)):
+        c = _tiny()
+        c.model[k] = v
+        assert run(c, str(wd)) == 2
+        q, kv = (v, c.model.attention_block_kv) if k == "attention_block_q" else (c.model.attention_block_q, v)
+        assert _error_line(capsys) == (f"error: bad config: model.attention_block_q={q} / attention_block_kv={kv} "
+                                       "must be > 0")
     c = _tiny()
     n = jax.device_count() + 1
     c.mesh.data = n

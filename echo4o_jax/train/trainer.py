@@ -197,6 +197,8 @@ def validate_config(config) -> None:
     need(int(config.checkpoint.every) > 0 and int(config.checkpoint.keep) > 0,
          "checkpoint.every and checkpoint.keep must be > 0")
     need(int(config.log.every) > 0, "log.every must be > 0")
+    need(int(m.attention_block_q) > 0 and int(m.attention_block_kv) > 0,
+         f"model.attention_block_q={m.attention_block_q} / attention_block_kv={m.attention_block_kv} must be > 0")
     for k in ("data", "fsdp", "tensor"):
         v = int(config.mesh[k])
         need(v == -1 or v > 0, f"mesh.{k}={v} must be > 0 or -1")
@@ -669,6 +671,7 @@ class Trainer:
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         history = []
         prof = _StepProfile(self, int(c.log.profile_start), int(c.log.profile_steps))
+        prof.check_reachable(start, total)
         try:
             if start >= total:
                 return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=None)
@@ -700,10 +703,11 @@ class Trainer:
                     batch = next(self.source)
                 prof.before(step)
                 m = self.train_step(batch)
-                prof.after(step + 1)
                 if float(c.train.debug_step_delay):  # tests: widen the window for an external kill
                     time.sleep(float(c.train.debug_step_delay))
                 dt = timer.lap()
+                if prof.after(step + 1):
+                    timer.lap()  # the trace's stop and summary belong to no step's time
                 step += 1
                 tokens = int(np.sum(batch.num_tokens)) * jax.process_count()
                 m.update(step=step, step_seconds=dt, tokens=tokens, tokens_per_second=tokens / dt,
@@ -800,11 +804,22 @@ class _StepProfile:
             jax.profiler.start_trace(str(self.dir), create_perfetto_trace=True)
             self.active, self.traced = True, 0
 
-    def after(self, step: int) -> None:
+    def after(self, step: int) -> bool:
+        """Counts a traced step; True when that ended the trace (stopped and summarised now)."""
         if self.active:
             self.traced += 1
             if self.traced == self.steps:
                 self.close()
+                return True
+        return False
+
+    def check_reachable(self, first: int, total: int) -> None:
+        """A profile_start this run never reaches (past its steps, or before a resumed run's first step) would
+        trace nothing: say so."""
+        if self.start > 0 and not first <= self.start < total and self.tr.is_main:
+            why = (f"this run starts after step {first}" if self.start < first else f"train.steps is {total}")
+            print(f"[profile] log.profile_start={self.start} is never reached ({why}): nothing will be traced",
+                  flush=True)
 
     def close(self) -> None:
         if not self.active:
