@@ -6,33 +6,51 @@
     python -m echo4o_jax.generate --ckpt DIR --prompts requests.jsonl --out outputs/batch
 
 DIR is an official PyTorch BAGEL / Echo-4o folder, a converted Orbax checkpoint or a training workdir
-(EMA weights). With no --ckpt the offline demo runs: the bundled tiny random checkpoint
-(tests/golden/bagel_tiny_a), text-to-image, one PNG.
+(EMA weights of its latest checkpoint, or of `--step N`; --step is refused for other folders). With no
+--ckpt the offline demo runs: the bundled tiny random checkpoint (tests/golden/bagel_tiny_a),
+text-to-image, one PNG.
 
 Per-task defaults are the official ones: text-to-image text scale 4.0, image scale 1.5,
 cfg_interval [0.4, 1.0], renorm `global`; with reference images (multi-reference / editing) text
 scale 4.0, image scale 2.0, cfg_interval [0.0, 1.0], renorm `text_channel`; shift 3.0, 50 steps.
-Every one is overridable. `--think` adds the official "think" system prompt and generates the
-reasoning text before the image (or the answer).
+Every one is overridable (checked: steps at least 2, scales >= 0, 0 <= cfg_interval low <= high <= 1,
+0 <= renorm min <= 1, shift > 0). `--think` adds the official "think" system prompt and generates the
+reasoning text (at most --max-new-tokens, default 500) before the image (or the answer). A prompt
+(text or ids, not both) must not be empty; flags a mode would ignore are refused (e.g. --size, --seed,
+--steps or --cfg-* with --understand; --max-new-tokens without --think or --understand).
+
+Single mode writes `image_seed<seed>_<k>.png` and `generation.json` (or `answer.json` with --understand)
+into --out (checked before the model loads: a folder or a path to create). An --out that holds an earlier
+single-mode generation (generation.json, answer.json, image_seed*_*.png) is refused unless `--overwrite`,
+which removes that generation's files once the new one is written (other files stay); an --out holding a
+batch run (metadata.jsonl) is refused.
 
 Batch mode (`--prompts FILE.jsonl`), one request per line:
     {"id": "cat", "prompt": "...", "images": ["ref.png"], "size": [1024, 1024], "seed": 0, "num_images": 4}
-(`id` defaults to the line number, `prompt_ids` may replace `prompt`; optional `think`: true and
-`sampler`: {setting: value}). Ids must be unique in the file (they name the outputs). Relative image
-paths are read from the JSONL file's folder, not the current directory. Every request is checked
-(JSON, ids, sizes, image files, prompt length) before the model weights load and before `--out` is
-created; an error names `FILE:LINE (id=...)`. The per-request flags (--prompt, --image, --size,
---seed, --num-images, --think, --understand) are refused with --prompts. It writes `<id>_<k>.png`,
-`metadata.jsonl` (one line per finished request) and `contact_sheet.png`; re-running skips finished
-requests (a PNG cut short by a kill does not count: PNGs are written to a temporary file and renamed,
-and one that does not decode is generated again). A finished request recorded with other settings
-(checkpoint, prompt, images, seed, size, sampler ...) is refused, naming what differs: use another --out,
-or `--regenerate` to generate every request again. The sampler is compiled once per (resolution,
-number of references, CFG setting) and reused; the CFG branches and the `num_images` images of a
-request run batched in one forward pass.
+(`id` defaults to the line number, `prompt_ids` may replace `prompt`; optional `think`: true,
+`max_new_tokens` (think requests: the think text's limit, default --max-new-tokens) and `sampler`:
+{setting: value}; any other key is refused). Ids must be unique in the file (they name the outputs, at most
+200 bytes). Relative image paths are read from the JSONL file's folder, not the current directory. Every
+request is checked (JSON, keys, ids, sizes, sampler values, image files, prompt length) before the model
+weights load and before `--out` is created; an error names `FILE:LINE (id=...)`. The per-request flags
+(--prompt, --image, --size, --seed, --num-images, --think, --understand) are refused with --prompts. It
+writes `<id>_<k>.png`, `metadata.jsonl` (one line per finished request; `outputs` are file names in --out)
+and `contact_sheet.png`; re-running (from any directory) skips finished requests (a PNG cut short by a kill
+does not count: PNGs are written to a temporary file and renamed, and one that does not decode is generated
+again). A finished request recorded with other settings is refused, naming each field that differs with
+both values: the checkpoint (folder, workdir step, size and mtime of its weight files), --dtype, the
+--vae-transform / --vit-transform resizes, prompt, reference images (path and sha256 of the content),
+seed, number of images, size, think and its max_new_tokens, sampler settings. Use another --out, or
+`--regenerate` to generate every request again. Ctrl-C stops the batch with one line saying how many
+requests are finished (kept: rerun the same command to resume). The sampler is compiled once per
+(resolution, number of references, CFG setting) and reused; the CFG branches and the `num_images` images of
+a request run batched in one forward pass.
 
 Without --size, text-to-image makes 1024x1024 and editing the last input image's VAE-resized size;
 either must fit the model's latent position table (an error names the largest size it allows).
+
+Exit status: 0 done; 2 bad input (one `error:` line, nothing generated; also argparse's usage errors);
+130 interrupted (Ctrl-C; finished batch requests are kept).
 """
 
 from __future__ import annotations
@@ -41,7 +59,9 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
+import math
 import operator
 import os
 import pathlib
@@ -76,6 +96,12 @@ class TaskDefaults:
 T2I_DEFAULTS = TaskDefaults(4.0, 1.5, (0.4, 1.0), "global")
 EDIT_DEFAULTS = TaskDefaults(4.0, 2.0, (0.0, 1.0), "text_channel")
 SAMPLER_KEYS = tuple(f.name for f in dataclasses.fields(TaskDefaults))
+SAMPLER_FLAGS = {k: "--steps" if k == "num_timesteps" else "--" + k.replace("_", "-") for k in SAMPLER_KEYS}
+# the keys of a batch request (a --prompts line, or a generate_batch request); any other is refused
+REQUEST_KEYS = ("id", "prompt", "prompt_ids", "images", "size", "seed", "num_images", "think", "max_new_tokens",
+                "sampler")
+DEFAULT_MAX_NEW_TOKENS = 500  # the CLI's --max-new-tokens (understanding answer, think text)
+MAX_ID_BYTES = 200  # a request id names files (<id>_<k>.png and its temporary .<id>_<k>.png.<pid>.tmp)
 
 
 DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
@@ -99,10 +125,45 @@ def _checkpoint_errors(ckpt: pathlib.Path):
         raise GenerateError(f"checkpoint {ckpt} is incomplete or unreadable: {e}") from None
 
 
-def _check_sampler_keys(settings) -> None:
+def _check_sampler(settings) -> dict[str, Any]:
+    """Sampler settings checked by name and value (types, ranges, choices; None = not given, passes): a
+    GenerateError names the setting, its flag and the value. Returns them with cfg_interval a tuple."""
+    from .inference import CFG_RENORM_TYPES
+
     unknown = [k for k in settings if k not in SAMPLER_KEYS]
     if unknown:
         raise GenerateError(f"unknown sampler setting {', '.join(map(repr, unknown))}; known: {', '.join(SAMPLER_KEYS)}")
+    out = {}
+    for k, v in settings.items():
+        what = f"{k} ({SAMPLER_FLAGS[k]})"
+        if v is None:
+            pass
+        elif k == "num_timesteps":  # the sampler makes num_timesteps - 1 denoising steps
+            v = _as_int(v, what, minimum=2)
+        elif k == "cfg_renorm_type":
+            if v not in CFG_RENORM_TYPES:
+                raise GenerateError(f"{what} {v!r}: expected one of {', '.join(CFG_RENORM_TYPES)}")
+        elif k == "cfg_interval":
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2:
+                raise GenerateError(f"{what} {v!r}: expected [low, high]")
+            lo, hi = (_as_number(x, what) for x in v)
+            if not 0 <= lo <= hi <= 1:
+                raise GenerateError(f"{what} {list(v)!r}: expected 0 <= low <= high <= 1")
+            v = tuple(v)
+        else:
+            lo, hi = {"cfg_renorm_min": (0, 1), "timestep_shift": (0, math.inf)}.get(k, (0, math.inf))
+            n = _as_number(v, what)
+            if not lo <= n <= hi or (k == "timestep_shift" and n == 0):
+                raise GenerateError(f"{what} {v!r}: must be " + {"cfg_renorm_min": "between 0 and 1",
+                                                                 "timestep_shift": "positive"}.get(k, "at least 0"))
+        out[k] = v
+    return out
+
+
+def _as_number(v, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise GenerateError(f"{what} {v!r}: expected a finite number")
+    return v
 
 
 def _as_int(v, what: str, minimum: int | None = None) -> int:
@@ -203,9 +264,12 @@ class _TransformSlot:
 class Generator:
     """A checkpoint's config + tokenizer + Inferencer, reused across requests (compiled step functions
     are cached per shape). With `load_weights=False` the weights load at the first generation, so that
-    requests are checked (`check`, `check_request`) against the model's limits before the slow part."""
+    requests are checked (`check`, `check_request`) against the model's limits before the slow part.
+    `step`: a training workdir's checkpoint step (None: its latest, resolved now: a checkpoint the training
+    saves meanwhile is not picked up); `identity` (checkpoint_identity) says which weights these are."""
 
-    def __init__(self, ckpt: str | pathlib.Path, *, dtype: str = "float32", max_context: int = 0,
+    def __init__(self, ckpt: str | pathlib.Path, *, step: int | None = None, dtype: str = "float32",
+                 max_context: int = 0,
                  demo: bool = False, vae_transform: tuple[int, int] | None = None,
                  vit_transform: tuple[int, int] | None = None, mesh: tuple[int, int, int] | None = None,
                  load_weights: bool = True):
@@ -220,8 +284,16 @@ class Generator:
         self.inf = None
         if not self.ckpt.exists():
             raise GenerateError(f"checkpoint folder not found: {self.ckpt}")
+        if not self.ckpt.is_dir():
+            raise GenerateError(f"checkpoint {self.ckpt} is a file: --ckpt takes a checkpoint folder (official, "
+                                "converted or a training workdir)")
+        for flag, t in (("--vae-transform", vae_transform), ("--vit-transform", vit_transform)):
+            if t is not None and not 0 < t[1] <= t[0]:
+                raise GenerateError(f"{flag} {t[0]} {t[1]}: expected MAX MIN with 0 < MIN <= MAX")
         with _checkpoint_errors(self.ckpt):
             self.cfg = load_config(self.ckpt, compute_dtype=dtype)
+        self.identity = checkpoint_identity(self.ckpt, step)
+        self.step = self.identity["ckpt_step"]
         if mesh is not None:  # params sharded by the logical-axis rules (14B in bf16 over several chips)
             from . import sharding as shd
 
@@ -259,7 +331,8 @@ class Generator:
                                             self.mesh)
             vae_shardings = shd.replicated(self.mesh)
         with _checkpoint_errors(self.ckpt):
-            self.model = load_any_bagel(self.ckpt, dtype=self.dtype, shardings=shardings, compute_dtype=self.dtype)
+            self.model = load_any_bagel(self.ckpt, dtype=self.dtype, shardings=shardings, step=self.step,
+                                        compute_dtype=self.dtype)
             self.vae = load_any_vae(self.ckpt, self.cfg, shardings=vae_shardings)
         self.inf = Inferencer(self.model, self.vae, max_context=self.max_context, vae_transform=self._vae_transform,
                               vit_transform=self._vit_transform, text_bucket=TEXT_BUCKET)
@@ -270,13 +343,20 @@ class Generator:
 
     # ------------------------------------------------------------------ inputs
     def encode(self, prompt: str | None = None, prompt_ids: Sequence[int] | None = None) -> list[int]:
+        if prompt is not None and prompt_ids is not None:
+            raise GenerateError("both a prompt and prompt ids given (--prompt and --prompt-ids, or `prompt` and "
+                                "`prompt_ids`): give one")
         if prompt_ids is not None:
             if isinstance(prompt_ids, (str, bytes)) or not isinstance(prompt_ids, Sequence):
                 raise GenerateError(f"prompt_ids {prompt_ids!r}: expected a list of token ids")
+            if not prompt_ids:
+                raise GenerateError("prompt_ids is empty: give at least one token id")
             ids = [_as_int(i, "prompt_ids entry") for i in prompt_ids]
         elif prompt is not None:
             if not isinstance(prompt, str):
                 raise GenerateError(f"prompt {prompt!r}: expected a string")
+            if not prompt.strip():
+                raise GenerateError(f"prompt {prompt!r} is empty: give a prompt")
             if self.tokenizer is None:
                 raise GenerateError(f"{self.ckpt} has no tokenizer files: give prompt ids instead of text")
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -337,10 +417,7 @@ class Generator:
 
     def sampler_settings(self, has_images: bool, overrides: dict[str, Any]) -> dict[str, Any]:
         d = dataclasses.asdict(EDIT_DEFAULTS if has_images else T2I_DEFAULTS)
-        _check_sampler_keys(overrides)
-        for k, v in overrides.items():
-            if v is not None:
-                d[k] = tuple(v) if k == "cfg_interval" else v
+        d.update({k: v for k, v in _check_sampler(overrides).items() if v is not None})
         return d
 
     def _prepare(self, prompt=None, *, prompt_ids=None, images: Sequence = (), size=None, seed: int = 0,
@@ -353,7 +430,7 @@ class Generator:
         kw = self.sampler_settings(bool(images), sampler)
         seed = _as_int(seed, "seed")
         num_images = _as_int(num_images, "num_images", minimum=1)
-        max_think_tokens = _as_int(max_think_tokens, "max_think_tokens", minimum=1)
+        max_think_tokens = _as_int(max_think_tokens, "max_new_tokens (think)", minimum=1)
         sys_ids = self._think_prompt(GEN_THINK_SYSTEM_PROMPT) if think else None
         if size is not None:
             shape = parse_size(size, self.cfg.latent_downsample)
@@ -371,11 +448,12 @@ class Generator:
         """Raise GenerateError when `generate(prompt, **kw)` would reject its input (no weights needed)."""
         self._prepare(prompt, **kw)
 
-    def check_request(self, req: dict, overrides: dict | None = None) -> _Prepared:
-        """`check` for a batch request (its fields and `sampler` settings over `overrides`); returns the checked
-        request, which `generate_prepared` / `generate_many` take as it is. Its images stay as given (paths are
-        decoded for the check, then dropped: a long batch holds no pixels between its check and its turn)."""
-        kw = _request_kwargs(req, overrides or {})
+    def check_request(self, req: dict, overrides: dict | None = None, max_new_tokens: int | None = None) -> _Prepared:
+        """`check` for a batch request (its fields and `sampler` settings over `overrides`, its `max_new_tokens`
+        over `max_new_tokens`); returns the checked request, which `generate_prepared` / `generate_many` take as
+        it is. Its images stay as given (paths are decoded for the check, then dropped: a long batch holds no
+        pixels between its check and its turn)."""
+        kw = _request_kwargs(req, overrides or {}, max_new_tokens)
         return self._prepare(**kw)._replace(images=list(kw["images"]))
 
     # ------------------------------------------------------------------ tasks
@@ -481,15 +559,50 @@ def _load_tokenizer(ckpt: pathlib.Path):
     return load_tokenizer(d)
 
 
+def checkpoint_identity(ckpt, step: int | None = None) -> dict[str, Any]:
+    """Which weights a checkpoint folder gives, as the records keep it (metadata.jsonl, generation.json,
+    eval.run's generation.json): `ckpt` (the folder, resolved), `ckpt_step` (a training workdir's checkpoint
+    step: `step`, default its latest; None for other folders, where a `step` is an error) and `ckpt_weights`
+    ({file: [size, mtime_ns]} of the files that hold or describe the weights: a workdir step's ema/_METADATA
+    and the workdir's vae/_METADATA; a converted folder's manifest.json, params/_METADATA, vae/_METADATA; an
+    official folder's *.safetensors and their index files), so that a folder trained on, converted again or
+    replaced in place counts as other weights. A path that is not a folder gives its path alone (the loader
+    refuses it)."""
+    from .checkpoint import CheckpointError, EMA_ITEM, VAE_ITEM, is_train_workdir, train_step_dir
+
+    p = pathlib.Path(ckpt)
+    out = dict(ckpt=str(p.resolve()), ckpt_step=None, ckpt_weights=None)
+    if is_train_workdir(p):
+        try:
+            out["ckpt_step"], step_dir = train_step_dir(p, step)
+        except CheckpointError as e:
+            raise GenerateError(f"--step: {e}" if step is not None else str(e)) from None
+        files = [step_dir / EMA_ITEM / "_METADATA", p / VAE_ITEM / "_METADATA"]
+    elif step is not None:
+        raise GenerateError(f"--step {step}: {p} is not a training workdir (model_config/ + checkpoints/); --step "
+                            "picks one of a workdir's checkpoints, a converted or official folder holds one")
+    elif not p.is_dir():
+        return out
+    else:
+        files = [p / "manifest.json", p / "params" / "_METADATA", p / VAE_ITEM / "_METADATA",
+                 *sorted(p.glob("*.safetensors")), *sorted(p.glob("*.safetensors.index.json"))]
+    stats = {str(f.relative_to(p)): f.stat() for f in files if f.is_file()}
+    out["ckpt_weights"] = {k: [st.st_size, st.st_mtime_ns] for k, st in stats.items()}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- batch
 
 _GENERATORS: dict[tuple, Generator] = {}
 
 
 def get_generator(ckpt, **kw) -> Generator:
-    """A Generator per (checkpoint, settings), cached; config and tokenizer load now, the weights at its
-    first generation (after the requests are checked)."""
-    key = (str(pathlib.Path(ckpt).resolve()), tuple(sorted(kw.items())))
+    """A Generator per (checkpoint, settings incl. `step`), cached; config and tokenizer load now, the weights
+    at its first generation (after the requests are checked). A training workdir's latest step is resolved
+    per call: a checkpoint saved since gives another Generator."""
+    ident = checkpoint_identity(ckpt, kw.pop("step", None))
+    kw["step"] = ident["ckpt_step"]
+    key = (ident["ckpt"], json.dumps(ident["ckpt_weights"]), tuple(sorted(kw.items())))
     if key not in _GENERATORS:
         _GENERATORS[key] = Generator(ckpt, load_weights=False, **kw)
     return _GENERATORS[key]
@@ -513,9 +626,10 @@ def _request_ids(requests: Sequence[dict]) -> list[str]:
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise GenerateError(f"{_source(req, i)}: id {rid!r}: expected a string or an integer")
         rid = str(rid)
-        if not rid or any(c in rid for c in "/\\\0"):
-            raise GenerateError(f"{_source(req, i)}: id {rid!r} cannot name a file (<id>_<k>.png): it must be "
-                                "non-empty, without '/' or '\\'")
+        if not rid or any(c in rid for c in "/\\\0") or len(rid.encode()) > MAX_ID_BYTES:
+            raise GenerateError(f"{_source(req, i)}: id {rid if len(rid) <= 40 else rid[:37] + '...'!r} cannot name "
+                                f"a file (<id>_<k>.png): it must be non-empty, at most {MAX_ID_BYTES} bytes, "
+                                "without '/' or '\\'")
         if rid in first:
             j = first[rid]
             raise GenerateError(f"{_source(req, i)}: id {rid!r} is already used by {_source(requests[j], j)}; "
@@ -525,20 +639,28 @@ def _request_ids(requests: Sequence[dict]) -> list[str]:
     return ids
 
 
-def _request_kwargs(req: dict, overrides: dict) -> dict[str, Any]:
-    """The `Generator.generate` keywords of a batch request: its fields, its `sampler` settings over
-    `overrides`."""
+def _request_kwargs(req: dict, overrides: dict, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """The `Generator.generate` keywords of a batch request: its fields (REQUEST_KEYS; another key is an error),
+    its `sampler` settings over `overrides`, its `max_new_tokens` over `max_new_tokens` (None: the Generator's
+    default)."""
+    unknown = [k for k in req if k not in REQUEST_KEYS and k != SOURCE_KEY]
+    if unknown:
+        raise GenerateError(f"unknown request key {', '.join(map(repr, unknown))}; known: {', '.join(REQUEST_KEYS)}")
     sampler = req.get("sampler", {})
     if not isinstance(sampler, dict):
         raise GenerateError(f"sampler {sampler!r}: expected an object of sampler settings")
-    sampler = {**overrides, **sampler}
-    _check_sampler_keys(sampler)  # before they become keywords beside `seed`, `size` ...
+    sampler = _check_sampler({**overrides, **sampler})  # before they become keywords beside `seed`, `size` ...
     think = req.get("think", False)
     if not isinstance(think, bool):
         raise GenerateError(f"think {think!r}: expected true or false")
+    if req.get("max_new_tokens") is not None:
+        if not think:
+            raise GenerateError("max_new_tokens applies to think requests only (the think text's limit)")
+        max_new_tokens = req["max_new_tokens"]
+    limit = {} if max_new_tokens is None else dict(max_think_tokens=max_new_tokens)
     return dict(prompt=req.get("prompt"), prompt_ids=req.get("prompt_ids"), images=req.get("images", []),
                 size=req.get("size"), seed=req.get("seed", 0), num_images=req.get("num_images", 1), think=think,
-                **sampler)
+                **limit, **sampler)
 
 
 def _request_paths(out_dir: pathlib.Path, rid: str, n: int) -> list[pathlib.Path]:
@@ -624,12 +746,30 @@ def _read_metadata(meta_path: pathlib.Path) -> dict[str, dict]:
     return done
 
 
+def _image_identity(im) -> tuple[str, str]:
+    """(what, sha256 of the content) of a reference image: a file (its resolved path, its bytes' hash) or an
+    image object given to the API (its pixels' hash)."""
+    if isinstance(im, (str, pathlib.Path)):
+        p = pathlib.Path(im)
+        try:
+            return str(p.resolve()), hashlib.sha256(p.read_bytes()).hexdigest()
+        except OSError as e:
+            raise GenerateError(f"cannot read image {p}: {e}") from None
+    return f"<{type(im).__name__} {im.size[0]}x{im.size[1]}>", hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
+
+
 def _generated_with(gen: Generator, req: dict, r: _Prepared) -> dict[str, Any]:
-    """What makes a request's pictures, as its metadata.jsonl record keeps it: checkpoint, prompt (and its
-    token ids), reference images, seed, number of images, size, think mode, sampler settings."""
-    return dict(ckpt=str(gen.ckpt.resolve()), prompt=req.get("prompt"), prompt_ids=list(r.ids),
-                images=list(map(str, req.get("images", []))), seed=r.seed, num_images=r.num_images,
-                size=list(r.shape), think=r.sys_ids is not None,
+    """What makes a request's pictures, as its metadata.jsonl record keeps it: the checkpoint's identity
+    (folder, workdir step, weight files), dtype, input resizes, prompt (and its token ids), reference images
+    (resolved paths, sha256 of their content), seed, number of images, size, think mode (and its token limit),
+    sampler settings."""
+    images = [_image_identity(im) for im in req.get("images", [])]
+    think = r.sys_ids is not None
+    return dict(**gen.identity, dtype=gen.dtype, vae_transform=dataclasses.asdict(gen.vae_transform),
+                vit_transform=dataclasses.asdict(gen.vit_transform), prompt=req.get("prompt"),
+                prompt_ids=list(r.ids), images=[name for name, _ in images], images_sha256=[h for _, h in images],
+                seed=r.seed, num_images=r.num_images, size=list(r.shape), think=think,
+                max_new_tokens=r.max_think_tokens if think else None,
                 settings={k: list(v) if isinstance(v, tuple) else v for k, v in r.sampler.items()})
 
 
@@ -637,17 +777,58 @@ _ABSENT = object()
 
 
 def _changed_settings(record: dict, now: dict[str, Any]) -> str:
-    """'' when a finished request's record matches `now` (_generated_with); else each differing field, e.g.
-    ``seed 0 -> 1`` (a field the record lacks, written by an older version, differs too)."""
-    def short(v):
-        t = "(not recorded)" if v is _ABSENT else repr(v)
-        return t if len(t) <= 60 else t[:57] + "..."
+    """'' when a finished request's record matches `now` (_generated_with); else each differing field with both
+    values, e.g. ``seed 0 -> 1``, and each differing key of a dict field, e.g. ``settings.num_timesteps 2 -> 50``
+    (a field the record lacks, written by an older version, differs too)."""
+    def short(v, absent="(not recorded)"):
+        t = absent if v is _ABSENT else repr(v)
+        return t if len(t) <= 80 else t[:77] + "..."
 
-    return ", ".join(f"{k} {short(record.get(k, _ABSENT))} -> {short(v)}" for k, v in now.items()
-                     if record.get(k, _ABSENT) != v)
+    parts = []
+    for k, v in now.items():
+        was = record.get(k, _ABSENT)
+        if was == v:
+            continue
+        if isinstance(was, dict) and isinstance(v, dict):
+            parts += [f"{k}.{kk} {short(was.get(kk, _ABSENT))} -> {short(v.get(kk, _ABSENT), '(none)')}"
+                      for kk in sorted(was.keys() | v.keys()) if was.get(kk, _ABSENT) != v.get(kk, _ABSENT)]
+        else:
+            parts.append(f"{k} {short(was)} -> {short(v)}")
+    return ", ".join(parts)
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C in run_requests: `finished` of `total` requests are finished (their images and records kept)."""
+
+    def __init__(self, finished: int, total: int):
+        super().__init__(f"{finished} of {total} requests finished")
+        self.finished, self.total = finished, total
+
+
+def check_out_dir(out) -> None:
+    """An output folder must be a folder or a path that can become one: an existing file, or a path under a
+    file, is a GenerateError (before anything is generated)."""
+    out = pathlib.Path(out)
+    for q in (out, *out.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise GenerateError(f"--out {out}: exists and is not a folder" if q == out
+                                    else f"--out {out}: {q} is a file, not a folder")
+            if not os.access(q, os.W_OK | os.X_OK):
+                raise GenerateError(f"--out {out}: {q} is not writable")
+            return
+
+
+def _make_out_dir(out: pathlib.Path) -> None:
+    check_out_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GenerateError(f"--out {out}: cannot create the folder ({e})") from None
 
 
 def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides: dict | None = None,
+                 max_new_tokens: int | None = None,
                  progress: bool = True, batch_size: int = 4, regenerate: bool = False) -> list[dict]:
     """Generate every request into `out_dir` (`<id>_<k>.png`, written atomically); finished requests (listed
     in metadata.jsonl, every PNG present and decoding fully) are skipped unless `regenerate`; a PNG that
@@ -657,7 +838,9 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     Consecutive text-to-image requests of one shape and sampler setting run batched (up to `batch_size` per
     sampler pass). Every request is checked (its images decoded) before anything is loaded or written, and
     generated from that checked form: its images are decoded again at its turn (no pixels are held meanwhile)
-    and resized once. Returns one record per request."""
+    and resized once. `max_new_tokens`: the think text's limit of a think request without its own
+    `max_new_tokens` (None: the Generator's default). Returns one record per request (`outputs`: file names in
+    `out_dir`). Ctrl-C raises BatchInterrupted (a KeyboardInterrupt) saying how many requests are finished."""
     from tqdm import tqdm
 
     out_dir = pathlib.Path(out_dir)
@@ -666,10 +849,10 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     prepared = []
     for i, (rid, req) in enumerate(zip(ids, requests)):  # all checked before anything is loaded or written
         try:
-            prepared.append(gen.check_request(req, overrides))
+            prepared.append(gen.check_request(req, overrides, max_new_tokens))
         except GenerateError as e:
             raise GenerateError(f"{_source(req, i)} (id={rid}): {e}") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _make_out_dir(out_dir)
     meta_path = out_dir / "metadata.jsonl"
     done = _read_metadata(meta_path)
     records: dict[int, dict] = {}
@@ -697,26 +880,30 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
         else:
             groups.append([item])
         last_key = key
-    with tqdm(total=len(pending), disable=not progress, desc="generate") as bar:  # closed before an error prints
-        for group in groups:
-            t0 = time.time()
-            if len(group) == 1:
-                results = [gen.generate_prepared(group[0][3])]
-            else:
-                results = gen.generate_many([g[3] for g in group])
-            seconds = round((time.time() - t0) / len(group), 3)
-            for (i, rid, req, r, paths), res in zip(group, results):
-                for p, img in zip(paths, res["images"]):
-                    save_png(img, p)
-                rec = dict(id=rid, **_generated_with(gen, req, r), outputs=[str(p) for p in paths],
-                           seconds=seconds, batched_with=len(group))
-                with open(meta_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                records[i] = rec
-            bar.update(len(group))
-    records = [records[i] for i in sorted(records)]
-    write_contact_sheet([p for r in records for p in r["outputs"]], out_dir / "contact_sheet.png")
-    return records
+    try:
+        with tqdm(total=len(pending), disable=not progress, desc="generate") as bar:  # closed before an error prints
+            for group in groups:
+                t0 = time.time()
+                if len(group) == 1:
+                    results = [gen.generate_prepared(group[0][3])]
+                else:
+                    results = gen.generate_many([g[3] for g in group])
+                seconds = round((time.time() - t0) / len(group), 3)
+                for (i, rid, req, r, paths), res in zip(group, results):
+                    for p, img in zip(paths, res["images"]):
+                        save_png(img, p)
+                    rec = dict(id=rid, **_generated_with(gen, req, r), outputs=[p.name for p in paths],
+                               seconds=seconds, batched_with=len(group))
+                    with open(meta_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    records[i] = rec
+                bar.update(len(group))
+    except KeyboardInterrupt:
+        raise BatchInterrupted(len(records), len(requests)) from None
+    # the outputs are named by the ids (records of older versions held paths relative to their working directory)
+    write_contact_sheet([p for rid, r in zip(ids, prepared) for p in _request_paths(out_dir, rid, r.num_images)],
+                        out_dir / "contact_sheet.png")
+    return [records[i] for i in sorted(records)]
 
 
 def write_contact_sheet(paths: Sequence, out, cell: int = 256, cols: int = 8) -> None:
@@ -741,12 +928,14 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate:
     """API for the evaluation: requests with `id`, `prompt`, `images`, `size`, `seed`, `num_images`;
     writes `<out_dir>/<id>_<k>.png` (finished requests skipped unless `regenerate`). The loaded
     checkpoint is cached per path. Sampler settings (cfg_text_scale, cfg_img_scale, cfg_interval,
-    cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps) may be passed as overrides;
-    `dtype` / `max_context` configure the loader. Every request is checked (ids unique, sizes, image
-    files, prompt length; the error names the request) before the weights load or anything is written."""
-    load_kw = {k: overrides.pop(k) for k in ("dtype", "max_context") if k in overrides}
+    cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps) may be passed as overrides. Every
+    request is checked (ids unique, keys, sizes, sampler values, image files, prompt length; the error names
+    the request) before the weights load or anything is written. `step` (a training workdir's checkpoint step, default its latest), `dtype`, `max_context` configure the
+    loader; `max_new_tokens` is run_requests'."""
+    load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context") if k in overrides}
+    run_kw = {k: overrides.pop(k) for k in ("max_new_tokens",) if k in overrides}
     gen = get_generator(ckpt, **load_kw)
-    return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate)
+    return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate, **run_kw)
 
 
 def read_requests(path) -> list[dict]:
@@ -779,7 +968,7 @@ def read_requests(path) -> list[dict]:
         images = r.get("images", [])
         if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
             raise GenerateError(f"{where} (id={r['id']}): `images` {images!r}: expected a list of image paths")
-        r["images"] = [str(p.parent / x) for x in images]  # an absolute path stays as it is
+        r["images"] = [str((p.parent / x).resolve()) for x in images]  # an absolute path stays as it is
         out.append(r)
     if not out:
         raise GenerateError(f"{p}: no requests (one JSON object per line)")
@@ -791,9 +980,11 @@ def read_requests(path) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m echo4o_jax.generate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m echo4o_jax.generate", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=pathlib.Path, default=None)
+    p.add_argument("--step", type=int, default=None,
+                   help="a training workdir's checkpoint step (default: its latest); refused for other folders")
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of --prompt")
     p.add_argument("--prompts", type=pathlib.Path, default=None,
@@ -806,6 +997,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--num-images", type=int, default=None, help="default 1")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/generate"))
+    p.add_argument("--overwrite", action="store_true",
+                   help="single mode: replace the earlier generation in --out (its files are removed once the new "
+                        "one is written); without it such an --out is refused")
     p.add_argument("--regenerate", action="store_true",
                    help="with --prompts: generate every request again, also finished ones (e.g. made with other "
                         "settings, which are otherwise refused)")
@@ -816,7 +1010,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"], default=None)
     p.add_argument("--cfg-renorm-min", type=float, default=None)
     p.add_argument("--timestep-shift", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"length limit of the --understand answer / the --think text (default "
+                        f"{DEFAULT_MAX_NEW_TOKENS}; batch mode: of think requests without their own max_new_tokens)")
     p.add_argument("--max-context", type=int, default=0, help="KV-cache capacity in tokens (default 8192)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
@@ -835,14 +1031,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GenerateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BatchInterrupted as e:
+        print(f"interrupted: {e.finished} of {e.total} requests finished and kept; rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted: nothing of this run was written", file=sys.stderr)
+        return 130
+
+
+SINGLE_RECORDS = ("generation.json", "answer.json")
+
+
+def _earlier_generation(out: pathlib.Path) -> list[pathlib.Path]:
+    """The files of an earlier single-mode run in `out`: its record and its images."""
+    if not out.is_dir():
+        return []
+    return sorted([out / n for n in SINGLE_RECORDS if (out / n).is_file()] + list(out.glob("image_seed*_*.png")))
 
 
 def _run(args) -> int:
     demo = args.ckpt is None
     ckpt = DEMO_CKPT if demo else args.ckpt
-    sampler = {k: getattr(args, k) for k in SAMPLER_KEYS if getattr(args, k, None) is not None}
+    sampler = _check_sampler({k: getattr(args, k) for k in SAMPLER_KEYS if getattr(args, k, None) is not None})
+    given = [SAMPLER_FLAGS[k] for k in sampler]
     if demo:
         sampler.setdefault("num_timesteps", 8)
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     t0 = time.time()
     try:
         mesh = tuple(int(x) for x in args.mesh.split(",")) if args.mesh else None
@@ -853,6 +1068,7 @@ def _run(args) -> int:
     reqs = None
     if args.regenerate and args.prompts is None:
         raise GenerateError("--regenerate applies to --prompts (batch mode) only")
+    check_out_dir(args.out)
     if args.prompts is not None:
         per_request = [flag for flag, v in (("--prompt", args.prompt), ("--prompt-ids", args.prompt_ids),
                                             ("--image", args.image or None), ("--understand", args.understand or None),
@@ -862,13 +1078,35 @@ def _run(args) -> int:
         if per_request:
             raise GenerateError(f"--prompts takes each request's settings from its line; {', '.join(per_request)} "
                                 "would be ignored: put them in the JSONL (see --help)")
+        if args.overwrite:
+            raise GenerateError("--overwrite applies to single mode; batch mode resumes (--regenerate generates "
+                                "every request again)")
         reqs = read_requests(args.prompts)  # before the checkpoint: a broken file fails in seconds
+        if args.max_new_tokens is not None and not any(r.get("think") is True for r in reqs):
+            raise GenerateError(f"--max-new-tokens would be ignored: no request of {args.prompts} has "
+                                "\"think\": true")
+    else:
+        ignored = ([f for f, v in (("--size", args.size), ("--seed", args.seed), ("--num-images", args.num_images))
+                    if v is not None] + given) if args.understand else (
+            ["--max-new-tokens"] if args.max_new_tokens is not None and not args.think else [])
+        if ignored:
+            raise GenerateError(f"{', '.join(ignored)} would be ignored "
+                                + ("by --understand (it generates text)" if args.understand
+                                   else "without --think or --understand (it limits their text)"))
+        if (args.out / "metadata.jsonl").exists():
+            raise GenerateError(f"--out {args.out} holds a batch run (metadata.jsonl): use another --out")
+        earlier = _earlier_generation(args.out)
+        if earlier and not args.overwrite:
+            raise GenerateError(f"--out {args.out} holds an earlier generation ({', '.join(p.name for p in earlier[:3])}"
+                                f"{', ...' if len(earlier) > 3 else ''}): use another --out, or --overwrite to "
+                                "replace it")
     # config and tokenizer now; the weights load at the first generation, once the input is checked
-    gen = get_generator(ckpt, dtype=args.dtype, max_context=args.max_context, demo=demo, mesh=mesh,
+    gen = get_generator(ckpt, step=args.step, dtype=args.dtype, max_context=args.max_context, demo=demo, mesh=mesh,
                         vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
                         vit_transform=tuple(args.vit_transform) if args.vit_transform else None)
     if reqs is not None:  # run_requests checks every request before it creates --out
-        recs = run_requests(gen, reqs, args.out, overrides=sampler, regenerate=args.regenerate)
+        recs = run_requests(gen, reqs, args.out, overrides=sampler, regenerate=args.regenerate,
+                            max_new_tokens=max_new_tokens)
         print(f"{len(recs)} requests -> {args.out} (metadata.jsonl, contact_sheet.png) in {time.time() - t0:.1f}s")
         return 0
     seed = 0 if args.seed is None else args.seed
@@ -880,29 +1118,37 @@ def _run(args) -> int:
         prompt_ids = DEMO_PROMPT_IDS
     if args.understand:
         res = gen.understand(args.prompt, prompt_ids=prompt_ids, images=args.image,
-                             max_new_tokens=args.max_new_tokens, think=args.think)
+                             max_new_tokens=max_new_tokens, think=args.think)
         print(res["answer"])
-        args.out.mkdir(parents=True, exist_ok=True)
+        _make_out_dir(args.out)
         (args.out / "answer.json").write_text(json.dumps(res, indent=1))
+        _remove_earlier(earlier, [args.out / "answer.json"])
         return 0
     size = args.size or ((32, 48) if demo and not args.image else None)
     res = gen.generate(args.prompt, prompt_ids=prompt_ids, images=args.image, size=size, seed=seed,
                        num_images=1 if args.num_images is None else args.num_images, think=args.think,
-                       max_think_tokens=args.max_new_tokens, **sampler)
-    args.out.mkdir(parents=True, exist_ok=True)
+                       max_think_tokens=max_new_tokens, **sampler)
+    _make_out_dir(args.out)
     paths = []
     for k, img in enumerate(res["images"]):
         path = args.out / f"image_seed{seed}_{k}.png"
         save_png(img, path)
-        paths.append(str(path))
-    rec = dict(ckpt=str(ckpt), prompt=args.prompt, prompt_ids=res["prompt_ids"], images=args.image, seed=seed,
-               size=res["size"], outputs=paths, settings={k: list(v) if isinstance(v, tuple) else v
-                                                          for k, v in res["settings"].items()})
+        paths.append(path)
+    rec = dict(**gen.identity, dtype=gen.dtype, prompt=args.prompt, prompt_ids=res["prompt_ids"], images=args.image,
+               seed=seed, size=res["size"], outputs=[p.name for p in paths],
+               settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()})
     if "think" in res:
-        rec["think"] = res["think"]
+        rec.update(max_new_tokens=max_new_tokens, think=res["think"])
     (args.out / "generation.json").write_text(json.dumps(rec, indent=1))
-    print(f"wrote {', '.join(paths)} ({res['size'][0]}x{res['size'][1]}) in {time.time() - t0:.1f}s")
+    _remove_earlier(earlier, [*paths, args.out / "generation.json"])
+    print(f"wrote {', '.join(map(str, paths))} ({res['size'][0]}x{res['size'][1]}) in {time.time() - t0:.1f}s")
     return 0
+
+
+def _remove_earlier(earlier: Sequence[pathlib.Path], written: Sequence[pathlib.Path]) -> None:
+    """--overwrite: once the new generation is written, the earlier one's files it did not replace go."""
+    for p in set(earlier) - set(written):
+        p.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -393,6 +393,7 @@ def _fake_generate_module(calls, skip_prompts=(), error=None):
     mod.GenerateError = real_generate.GenerateError
     mod.image_complete = real_generate.image_complete
     mod.outputs_finished = real_generate.outputs_finished
+    mod.checkpoint_identity = real_generate.checkpoint_identity
     return mod
 
 
@@ -583,7 +584,7 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
     eval_run.main(base + first)
     assert [len(c["requests"]) for c in calls] == [2, 1]
     rec = json.loads((out / "geneval_pp" / "images" / eval_run.GENERATION_RECORD).read_text())["requests"]
-    assert rec["00002"] == {"ckpt": str(ckpt_a.resolve()), "seed": 101, "gen_args": {"cfg_text_scale": 4.0},
+    assert rec["00002"] == {"ckpt": str(ckpt_a.resolve()), "ckpt_step": None, "ckpt_weights": None, "seed": 101, "gen_args": {"cfg_text_scale": 4.0},
                             "size": None, "num_images": 1, "prompt": "P2", "images": []}
     images = _image_bytes(out)
 
@@ -633,6 +634,54 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
     (out / "geneval_pp" / "images" / eval_run.GENERATION_RECORD).unlink()
     with pytest.raises(common.UsageError, match=r"2 request\(s\) have images but no record of what made them"):
         eval_run.main(base + changed["--ckpt"])
+    assert calls == []
+
+
+def _fake_workdir(d: Path, steps) -> Path:
+    """A training workdir's layout (model_config/, vae/, checkpoints/<step>/ema/): enough to name its steps."""
+    (d / "model_config").mkdir(parents=True)
+    (d / "model_config" / "llm_config.json").write_text("{}")
+    (d / "vae").mkdir()
+    (d / "vae" / "_METADATA").write_text("{}")
+    for s in steps:
+        (d / "checkpoints" / str(s) / "ema").mkdir(parents=True)
+        (d / "checkpoints" / str(s) / "ema" / "_METADATA").write_text(f'{{"step": {s}}}')
+    return d
+
+
+def test_run_records_and_passes_the_workdir_step(tmp_path, monkeypatch, capsys):
+    """A training workdir's step (--step, default its latest, resolved once) is recorded and passed to
+    generate_batch; a newer checkpoint in the same workdir is other weights: refused on resume."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
+    bench = _two_benches(tmp_path)
+    wd = _fake_workdir(tmp_path / "wd", [2, 4])
+    base = ["--bench", "geneval_pp", "--out", str(tmp_path / "out"), "--benchmarks-dir", str(bench),
+            "--generate-only", "--ckpt", str(wd)]
+    eval_run.main(base)
+    assert [c["overrides"] for c in calls] == [{"step": 4}]
+    rec = json.loads((tmp_path / "out" / "geneval_pp" / "images" / eval_run.GENERATION_RECORD).read_text())
+    entry = rec["requests"]["00001"]
+    assert (entry["ckpt"], entry["ckpt_step"]) == (str(wd.resolve()), 4)
+    assert set(entry["ckpt_weights"]) == {"checkpoints/4/ema/_METADATA", "vae/_METADATA"}
+    calls.clear()
+    (wd / "checkpoints" / "6" / "ema").mkdir(parents=True)  # the training went on
+    (wd / "checkpoints" / "6" / "ema" / "_METADATA").write_text("{}")
+    msg = _one_error_line(capsys, eval_run.main, base)
+    assert "--step (the training workdir's checkpoint; default its latest) differs for 2 request(s)" in msg, msg
+    assert "made with 4, this run has 6" in msg and calls == []
+    eval_run.main(base + ["--step", "4"])  # the step the images were made with: resumed
+    assert calls == []
+    msg = _one_error_line(capsys, eval_run.main, base + ["--step", "3"])
+    assert msg == f"--step: {wd}: no checkpoint for step 3 (available: [2, 4, 6])"
+    # --step needs a workdir; it is a flag of its own (not --gen-arg step=..., no prefix matching)
+    other = ["--bench", "geneval_pp", "--out", str(tmp_path / "o2"), "--benchmarks-dir", str(bench), "--generate-only"]
+    msg = _one_error_line(capsys, eval_run.main, other + ["--ckpt", str(tmp_path), "--step", "4"])
+    assert msg.startswith(f"--step 4: {tmp_path} is not a training workdir"), msg
+    msg = _one_error_line(capsys, eval_run.main, other + ["--ckpt", str(wd), "--gen-arg", "step=4"])
+    assert msg == "--gen-arg step=...: use --step"
+    with pytest.raises(SystemExit):
+        eval_run.build_parser().parse_args(other + ["--ckpt", str(wd), "--regen"])
     assert calls == []
 
 

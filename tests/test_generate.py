@@ -258,7 +258,7 @@ def test_resume_refuses_a_finished_request_made_otherwise(golden_dir, gen, tmp_p
     for changed, over, what in [(dict(req, seed=1), fast, "seed 0 -> 1"),
                                 (dict(req, prompt_ids=[1, 2, 4]), fast, "prompt_ids [1, 2, 3] -> [1, 2, 4]"),
                                 (dict(req, size=[32, 48]), fast, "size [32, 32] -> [32, 48]"),
-                                (req, dict(num_timesteps=4), "settings {")]:
+                                (req, dict(num_timesteps=4), "settings.num_timesteps 3 -> 4")]:
         with pytest.raises(G.GenerateError, match=r"metadata.jsonl says 1 finished request\(s\) were generated "
                                                   r"otherwise, e.g. request 1 \(id=a\): .*" + re.escape(what)):
             G.run_requests(gen, [changed], tmp_path, overrides=over, progress=False)
@@ -384,7 +384,7 @@ def test_bad_request_file_fails_before_the_weights_load(golden_dir, tmp_path, mo
     cases = [
         (dict(id="b", prompt_ids=[3], size="huge"), r"sub/reqs.jsonl:3 \(id=b\): size 'huge': expected HxW"),
         (dict(id="c", prompt_ids=[3], images=["ref.png"]),
-         r"sub/reqs.jsonl:3 \(id=c\): input image not found: sub/ref.png"),
+         r"sub/reqs.jsonl:3 \(id=c\): input image not found: /.*/sub/ref.png"),
         (dict(id="d", prompt_ids=[3], size=[512, 512]),
          r"sub/reqs.jsonl:3 \(id=d\): output size 512x512 exceeds the model's position table.*at most 128x128"),
         (dict(prompt_ids=[3], num_images=0), r"sub/reqs.jsonl:3 \(id=00003\): num_images 0: must be at least 1"),
@@ -401,7 +401,7 @@ def test_bad_request_file_fails_before_the_weights_load(golden_dir, tmp_path, mo
         assert not out.exists()
     # the good lines pass every check (here.png read from the file's folder) without the weights
     reqs = G.read_requests(f)
-    assert reqs[1]["images"] == [str(sub / "here.png")] and G.read_requests("sub/reqs.jsonl")[1]["images"] == ["sub/here.png"]
+    assert reqs[1]["images"] == [str(sub / "here.png")] == G.read_requests("sub/reqs.jsonl")[1]["images"]
     lazy = G.get_generator(golden_dir, vae_transform=(64, 16), vit_transform=(98, 14))
     for r in reqs[:2]:
         lazy.check_request(r)
@@ -450,3 +450,264 @@ def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, caps
     # generation does feed the VAE image: 140 + 2 + 32 + 38 + 51 = 263 > 256 (225 without the VAE tokens)
     with pytest.raises(G.GenerateError, match="need about 263 context tokens"):
         gen.check(prompt_ids=[5] * 140, images=[pic], size=(32, 32))
+
+
+# ------------------------------------------------------------------------------------- audit fixes
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Generators made afresh, whose weights must not load: what is tested fails before."""
+    monkeypatch.setattr(G, "_GENERATORS", {})
+
+    def refuse(self):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(G.Generator, "load_weights", refuse)
+
+
+def _one_error(capsys, argv, status=2):
+    capsys.readouterr()
+    assert G.main(argv) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(gen, tmp_path_factory):
+    """A training workdir holding the golden weights as its step-4 checkpoint."""
+    from flax import nnx
+
+    from echo4o_jax import checkpoint as ck
+
+    d = tmp_path_factory.mktemp("workdir")
+    ck.write_model_config(d / "model_config", gen.cfg, src_dir=gen.ckpt)
+    ck.save_vae(d / "vae", gen.vae)
+    ck.save_pytree(d / "checkpoints" / "4" / "ema", nnx.to_pure_dict(nnx.state(gen.model)))
+    return d
+
+
+def test_workdir_step_is_recorded_and_a_newer_step_is_refused(golden_dir, workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(G, "_GENERATORS", {})
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1, 2], size=[32, 32])])
+    out = tmp_path / "out"
+    argv = ["--ckpt", str(workdir), "--prompts", str(f), "--out", str(out), "--steps", "2", "--max-context", "128"]
+    assert G.main(argv) == 0
+    rec = json.loads((out / "metadata.jsonl").read_text())
+    assert (rec["ckpt"], rec["ckpt_step"]) == (str(workdir.resolve()), 4)
+    assert set(rec["ckpt_weights"]) == {"checkpoints/4/ema/_METADATA", "vae/_METADATA"}
+    shutil.copytree(workdir / "checkpoints" / "4", workdir / "checkpoints" / "6")  # the training went on
+    try:
+        err = _one_error(capsys, argv)
+        assert "reqs.jsonl:1 (id=a): " in err and "ckpt_step 4 -> 6" in err and "--regenerate" in err, err
+        assert G.main(argv + ["--step", "4"]) == 0  # the step the images were made with: resumed
+        err = _one_error(capsys, argv + ["--step", "5"])
+        assert err == f"error: --step: {workdir}: no checkpoint for step 5 (available: [4, 6])", err
+        # single mode records the step too
+        assert G.main(["--ckpt", str(workdir), "--prompt-ids", "1,2", "--size", "32x32", "--steps", "2",
+                       "--max-context", "128", "--out", str(tmp_path / "one")]) == 0
+        assert json.loads((tmp_path / "one" / "generation.json").read_text())["ckpt_step"] == 6
+    finally:
+        shutil.rmtree(workdir / "checkpoints" / "6")
+    # --step is a flag of its own (no prefix match for --steps), refused for a folder that is not a workdir
+    err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompt-ids", "1", "--step", "4", "--out", str(tmp_path / "o")])
+    assert err.startswith(f"error: --step 4: {golden_dir} is not a training workdir"), err
+    with pytest.raises(SystemExit):
+        G.build_parser().parse_args(["--step", "4", "--num-imag", "2"])
+    ident = G.checkpoint_identity(golden_dir)
+    st = (golden_dir / "ema.safetensors").stat()
+    assert ident["ckpt_step"] is None and ident["ckpt_weights"]["ema.safetensors"] == [st.st_size, st.st_mtime_ns]
+
+
+def test_bad_values_in_a_request_file_are_refused_up_front(golden_dir, tmp_path, no_weights, capsys):
+    """Sampler values, unknown keys, empty prompts, prompt and prompt_ids both, ids too long for a file name,
+    max_new_tokens without think: FILE:LINE (id=...) before the weights load, --out not created."""
+    out = tmp_path / "out"
+    good = dict(id="a", prompt_ids=[1, 2], size=[32, 32])
+    cases = [
+        (dict(id="b", prompt_ids=[3], sampler={"cfg_renorm_type": "bogus"}),
+         r"reqs.jsonl:2 \(id=b\): cfg_renorm_type \(--cfg-renorm-type\) 'bogus': expected one of global, channel, "
+         r"text_channel$"),
+        (dict(id="b", prompt_ids=[3], sampler={"num_timesteps": "3"}),
+         r"reqs.jsonl:2 \(id=b\): num_timesteps \(--steps\) '3': expected an integer$"),
+        (dict(id="b", prompt_ids=[3], sampler={"num_timesteps": 1}),
+         r"reqs.jsonl:2 \(id=b\): num_timesteps \(--steps\) 1: must be at least 2$"),
+        (dict(id="b", prompt_ids=[3], sampler={"cfg_interval": [0.6, 0.2]}),
+         r"\(id=b\): cfg_interval \(--cfg-interval\) \[0.6, 0.2\]: expected 0 <= low <= high <= 1$"),
+        (dict(id="b", prompt_ids=[3], sampler={"timestep_shift": 0}),
+         r"\(id=b\): timestep_shift \(--timestep-shift\) 0: must be positive$"),
+        (dict(id="b", prompt_ids=[3], sampler={"cfg_text_scale": "4"}),
+         r"\(id=b\): cfg_text_scale \(--cfg-text-scale\) '4': expected a finite number$"),
+        (dict(id="b", prompt_ids=[3], sampler={"cfg_renorm_min": 2}),
+         r"\(id=b\): cfg_renorm_min \(--cfg-renorm-min\) 2: must be between 0 and 1$"),
+        (dict(id="b", prompt_ids=[3], sede=4),
+         r"reqs.jsonl:2 \(id=b\): unknown request key 'sede'; known: id, prompt, prompt_ids, images, size, seed, "
+         r"num_images, think, max_new_tokens, sampler$"),
+        (dict(id="b", prompt=""), r"reqs.jsonl:2 \(id=b\): prompt '' is empty"),
+        (dict(id="b", prompt_ids=[]), r"reqs.jsonl:2 \(id=b\): prompt_ids is empty"),
+        (dict(id="b", prompt="a cat", prompt_ids=[3]), r"reqs.jsonl:2 \(id=b\): both a prompt and prompt ids given"),
+        (dict(id="x" * 300, prompt_ids=[3]), r"reqs.jsonl:2: id 'x{37}\.\.\.' cannot name a file .*at most 200 bytes"),
+        (dict(id="b", prompt_ids=[3], max_new_tokens=5), r"\(id=b\): max_new_tokens applies to think requests only"),
+    ]
+    for bad, msg in cases:
+        f = _write_jsonl(tmp_path / "reqs.jsonl", [good, bad])
+        err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(out)])
+        assert re.search(msg, err), (msg, err)
+        assert not out.exists()
+
+
+def test_bad_flags_are_refused_before_the_weights_load(golden_dir, tmp_path, no_weights, capsys):
+    img = tmp_path / "in.png"
+    Image.fromarray(np.full((32, 32, 3), 9, np.uint8)).save(img)
+    (tmp_path / "afile").write_text("x")
+    base = ["--ckpt", str(golden_dir), "--prompt-ids", "1,2", "--size", "32x32"]
+    und = ["--ckpt", str(golden_dir), "--prompt-ids", "1,2", "--image", str(img), "--understand"]
+    cases = [
+        (base + ["--steps", "-1"], "error: num_timesteps (--steps) -1: must be at least 2"),
+        (base + ["--steps", "1"], "error: num_timesteps (--steps) 1: must be at least 2"),
+        (base + ["--steps", "0"], "error: num_timesteps (--steps) 0: must be at least 2"),
+        (["--ckpt", str(img), "--prompt-ids", "1"], f"error: checkpoint {img} is a file: --ckpt takes a checkpoint"),
+        (base + ["--out", str(tmp_path / "afile")], f"error: --out {tmp_path / 'afile'}: exists and is not a folder"),
+        (base + ["--out", str(tmp_path / "afile" / "sub")],
+         f"error: --out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a folder"),
+        (["--ckpt", str(golden_dir), "--prompts", str(img), "--out", str(tmp_path / "afile")],
+         f"error: --out {tmp_path / 'afile'}: exists and is not a folder"),
+        (und + ["--size", "32x32", "--seed", "3", "--steps", "4", "--cfg-text-scale", "2"],
+         "error: --size, --seed, --cfg-text-scale, --steps would be ignored by --understand"),
+        (und + ["--num-images", "2"], "error: --num-images would be ignored by --understand"),
+        (base + ["--max-new-tokens", "9"], "error: --max-new-tokens would be ignored without --think or --understand"),
+        (["--ckpt", str(golden_dir), "--prompt", "a cat", "--prompt-ids", "5,6,7", "--size", "32x32"],
+         "error: both a prompt and prompt ids given"),
+        (["--ckpt", str(golden_dir), "--prompt", "", "--size", "32x32"], "error: prompt '' is empty"),
+        (["--ckpt", str(golden_dir), "--prompt", "   ", "--image", str(img), "--understand"],
+         "error: prompt '   ' is empty"),
+        (base + ["--vae-transform", "64", "200"], "error: --vae-transform 64 200: expected MAX MIN with 0 < MIN <= MAX"),
+    ]
+    for argv, start in cases:
+        err = _one_error(capsys, argv + ([] if "--out" in argv else ["--out", str(tmp_path / "o")]))
+        assert err.startswith(start), (start, err)
+    assert not (tmp_path / "o").exists()
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=[32, 32])])
+    err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f), "--overwrite", "--out", str(tmp_path / "o")])
+    assert err.startswith("error: --overwrite applies to single mode"), err
+    err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f), "--max-new-tokens", "9",
+                              "--out", str(tmp_path / "o")])
+    assert err.startswith("error: --max-new-tokens would be ignored: no request of"), err
+
+
+def test_single_mode_refuses_an_earlier_generation_unless_overwrite(golden_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(G, "_GENERATORS", {})
+    out = tmp_path / "out"
+    run = ["--ckpt", str(golden_dir), "--size", "32x32", "--steps", "2", "--seed", "5", "--max-context", "128",
+           "--out", str(out)]
+    assert G.main(run + ["--prompt-ids", "1,2", "--num-images", "2"]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["generation.json", "image_seed5_0.png", "image_seed5_1.png", "notes.txt"]
+    err = _one_error(capsys, run + ["--prompt-ids", "3"])
+    assert err == (f"error: --out {out} holds an earlier generation (generation.json, image_seed5_0.png, "
+                   "image_seed5_1.png): use another --out, or --overwrite to replace it"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert G.main(run + ["--prompt-ids", "3", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["generation.json", "image_seed5_0.png", "notes.txt"]
+    rec = json.loads((out / "generation.json").read_text())
+    assert rec["prompt_ids"] == [3] and rec["outputs"] == ["image_seed5_0.png"] and rec["ckpt_step"] is None
+    # a batch folder is not single mode's to replace
+    (tmp_path / "batch").mkdir()
+    (tmp_path / "batch" / "metadata.jsonl").write_text("")
+    err = _one_error(capsys, run[:-1] + [str(tmp_path / "batch"), "--prompt-ids", "3", "--overwrite"])
+    assert err.endswith("holds a batch run (metadata.jsonl): use another --out"), err
+
+
+def test_batch_resumes_from_another_directory_with_its_contact_sheet(golden_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(G, "_GENERATORS", {})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "ref.png")
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="x", prompt_ids=[1, 2], images=["ref.png"]),
+                                               dict(id="y", prompt_ids=[3], size=[32, 32], num_images=2)])
+    flags = ["--ckpt", str(golden_dir), "--steps", "2", "--max-context", "256", "--vae-transform", "64", "16",
+             "--vit-transform", "98", "14"]
+    monkeypatch.chdir(tmp_path / "a")
+    assert G.main(flags + ["--prompts", "../reqs.jsonl", "--out", "out"]) == 0
+    out = tmp_path / "a" / "out"
+    recs = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["outputs"] for r in recs] == [["x_0.png"], ["y_0.png", "y_1.png"]]  # relative to --out
+    assert recs[0]["images"] == [str(tmp_path / "ref.png")] and len(recs[0]["images_sha256"][0]) == 64
+    # a record of an older version: outputs relative to its working directory
+    recs[1]["outputs"] = ["out/y_0.png", "out/y_1.png"]
+    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (out / "contact_sheet.png").unlink()
+    monkeypatch.chdir(tmp_path / "b")
+    monkeypatch.setattr(G.Generator, "load_weights", lambda self: pytest.fail("nothing is left to generate"))
+    assert G.main(flags + ["--prompts", str(f), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert Image.open(out / "contact_sheet.png").size == (3 * 256, 256)  # every image, also the older record's
+
+
+def test_resume_compares_dtype_resizes_and_reference_content(gen, tmp_path, monkeypatch):
+    for name, v in [("p.png", 90), ("q.png", 30)]:
+        Image.fromarray(np.full((32, 32, 3), v, np.uint8)).save(tmp_path / name)
+    req = dict(id="a", prompt_ids=[1, 2], images=[str(tmp_path / "p.png")])
+    fast = dict(num_timesteps=2)
+    out = tmp_path / "out"
+    G.run_requests(gen, [req], out, overrides=fast, progress=False)
+    G.run_requests(gen, [req], out, overrides=fast, progress=False)  # unchanged: resumes
+
+    def refused(what):
+        with pytest.raises(G.GenerateError, match=r"generated otherwise, e\.g\. request 1 \(id=a\): .*" + what):
+            G.run_requests(gen, [req], out, overrides=fast, progress=False)
+
+    with monkeypatch.context() as m:
+        m.setattr(gen, "dtype", "bfloat16")
+        refused(re.escape("dtype 'float32' -> 'bfloat16'"))
+    with monkeypatch.context() as m:
+        m.setattr(gen.inf, "vae_transform", ImageTransform(HUGE, 2, gen.cfg.latent_downsample, HUGE))
+        refused(r"vae_transform\.min_size 1 -> 2")
+    shutil.copy(tmp_path / "q.png", tmp_path / "p.png")  # another picture under the same name
+    refused(r"images_sha256 \['[0-9a-f]{16}")
+
+
+def test_think_token_limit_in_batch_mode(golden_dir, gen, tmp_path, monkeypatch):
+    class Tok:  # the golden checkpoint has no tokenizer; think mode needs one for its system prompt
+        def encode(self, text, add_special_tokens=False):
+            return type("E", (), {"ids": [1, 2, 3]})()
+
+    monkeypatch.setattr(gen, "tokenizer", Tok())
+    think = dict(prompt_ids=[5], size=[32, 32], think=True)
+    assert gen.check_request(think, {}, 7).max_think_tokens == 7  # --max-new-tokens
+    assert gen.check_request(dict(think, max_new_tokens=3), {}, 7).max_think_tokens == 3  # the request's own
+    with pytest.raises(G.GenerateError, match=r"max_new_tokens \(think\) 0: must be at least 1"):
+        gen.check_request(dict(think, max_new_tokens=0), {}, 7)
+    # the CLI passes --max-new-tokens (default 500) to run_requests
+    seen = []
+    monkeypatch.setattr(G, "run_requests", lambda *a, **kw: seen.append(kw["max_new_tokens"]) or [])
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(think, id="t")])
+    for extra, want in [([], 500), (["--max-new-tokens", "12"], 12)]:
+        assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(tmp_path / "o"), *extra]) == 0
+        assert seen[-1] == want
+
+
+def test_ctrl_c_in_a_batch_is_one_line(golden_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(G, "_GENERATORS", {})
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id=f"r{k}", prompt_ids=[k + 1], size=[32, 32], num_images=k + 1)
+                                               for k in range(3)])
+    real = G.Generator.generate_prepared
+    calls = []
+
+    def interrupted_second(self, r):
+        calls.append(r)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, r)
+
+    monkeypatch.setattr(G.Generator, "generate_prepared", interrupted_second)
+    argv = ["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(tmp_path / "out"), "--steps", "2",
+            "--max-context", "128"]
+    capsys.readouterr()
+    assert G.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err  # the progress bar, then one line
+    assert err.strip().splitlines()[-1] == "interrupted: 1 of 3 requests finished and kept; rerun the same command to resume"
+    assert [json.loads(x)["id"] for x in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()] == ["r0"]
+    assert G.main(argv) == 0 and len(calls) == 4  # resumed: r1 and r2

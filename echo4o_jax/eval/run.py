@@ -1,6 +1,6 @@
 r"""Generate the benchmark images with a checkpoint, then judge them.
 
-    python -m echo4o_jax.eval.run --ckpt DIR --bench geneval_pp,imagine_bench --out DIR \
+    python -m echo4o_jax.eval.run --ckpt DIR [--step N] --bench geneval_pp,imagine_bench --out DIR \
         [--benchmarks-dir DIR | --geneval-pp-prompts F --imagine-bench-prompts F] [--fetch] \
         [--omnicontext-data F [--omnicontext-data-root DIR]] [--num-images 1] [--seed 42] [--size H W] \
         [--gen-arg KEY=VALUE ...] [--judge-only | --generate-only] [--regenerate] [judge options]
@@ -12,21 +12,22 @@ summary.md, gallery.html); ``<out>/summary.md`` / ``summary.json`` collect the h
 ``summary.json`` the run's totals.
 
 Resuming: ``<out>/B/images/generation.json`` records what generated each request's images (checkpoint
-path, seed, ``--gen-arg`` settings, size, number of images, prompt and reference images); written when
+path, training-workdir step -- ``--step N``, default the workdir's latest, resolved once per run -- and
+the size and modification time of its weight files; seed, ``--gen-arg`` settings, size, number of images, prompt and reference images); written when
 generation starts and settled when it stops (images of a run killed outright are told apart by their
 modification times). Images that already exist and decode fully are not generated again when that record
 matches this run (an image cut short by a kill is generated again), so an interrupted run resumes. A
-rerun with another checkpoint, seed, generation setting, size, number of images or prompt in the same
+rerun with another checkpoint (or step, or weights rewritten in place), seed, generation setting, size, number of images or prompt in the same
 ``--out`` is refused before anything is generated, with an error naming what differs -- judging those
 images would report another generation's scores under this run's name: use another ``--out``, or pass
 ``--regenerate`` to generate every image again with this run's settings (images without a record, e.g.
 from an older version, are refused the same way). ``--judge-only`` judges the images as they are
 (images made another way are fine), but refuses ones whose record names another prompt, or another
-``--ckpt`` / ``--seed`` / ``--size`` / ``--gen-arg`` when those are given.
+``--ckpt`` / ``--step`` / ``--seed`` / ``--size`` / ``--gen-arg`` when those are given.
 
 Generation uses ``echo4o_jax.generate.generate_batch(ckpt, requests, out_dir, regenerate=..., **overrides)``
 (one call per benchmark; ``--gen-arg KEY=VALUE`` become the overrides, VALUE parsed as JSON when it
-parses). A request is ``{"id": <stem>, "prompt", "seed": seed + index, "num_images", "size"?, "images"?}``.
+parses; a training workdir's resolved step is passed as ``step``). A request is ``{"id": <stem>, "prompt", "seed": seed + index, "num_images", "size"?, "images"?}``.
 A generation error (``GenerateError``: e.g. an output size the checkpoint cannot make) stops the run
 with a one-line ``error: ...``; images written before it are kept.
 
@@ -80,17 +81,21 @@ class _GenerationAPI:
     image_complete: Callable[[Path], bool]  # does an existing image decode fully
     # (paths, what) -> every image exists and decodes fully (broken ones reported): generate_batch's resume check
     outputs_finished: Callable[[list[Path], str], bool]
+    # (ckpt, step) -> {"ckpt", "ckpt_step", "ckpt_weights"}: which weights generate_batch loads
+    checkpoint_identity: Callable[[str, int | None], dict]
 
 
 def _load_generation_api() -> _GenerationAPI:
     try:
-        from echo4o_jax.generate import GenerateError, generate_batch, image_complete, outputs_finished
+        from echo4o_jax.generate import (GenerateError, checkpoint_identity, generate_batch, image_complete,
+                                         outputs_finished)
     except ImportError as e:
         raise common.UsageError(
             "image generation needs echo4o_jax.generate (generate_batch, GenerateError, image_complete, "
-            f"outputs_finished), which could not be imported ({type(e).__name__}: {e}). Generate the images "
-            "another way as <stem>_<k>.png in <out>/<bench>/images and re-run with --judge-only.") from None
-    return _GenerationAPI(generate_batch, GenerateError, image_complete, outputs_finished)
+            f"outputs_finished, checkpoint_identity), which could not be imported ({type(e).__name__}: {e}). "
+            "Generate the images another way as <stem>_<k>.png in <out>/<bench>/images and re-run with "
+            "--judge-only.") from None
+    return _GenerationAPI(generate_batch, GenerateError, image_complete, outputs_finished, checkpoint_identity)
 
 
 def _parse_gen_args(pairs) -> dict:
@@ -99,8 +104,8 @@ def _parse_gen_args(pairs) -> dict:
         if "=" not in p:
             raise common.UsageError(f"--gen-arg expects KEY=VALUE, got {p!r}")
         k, v = p.split("=", 1)
-        if k.strip() == "regenerate":
-            raise common.UsageError("--gen-arg regenerate=...: use --regenerate")
+        if k.strip() in ("regenerate", "step"):
+            raise common.UsageError(f"--gen-arg {k.strip()}=...: use --{k.strip()}")
         try:
             out[k.strip()] = json.loads(v)
         except ValueError:
@@ -142,12 +147,27 @@ def _expected(images_dir: Path, req: dict) -> list[Path]:
 
 
 # What generated a request's images (one entry per request id in GENERATION_RECORD), and the flag that sets each.
-_SETTINGS = {"ckpt": "--ckpt", "seed": "--seed (request seed = --seed + its index)", "gen_args": "--gen-arg",
+_SETTINGS = {"ckpt": "--ckpt", "ckpt_step": "--step (the training workdir's checkpoint; default its latest)",
+             "ckpt_weights": "the checkpoint's weight files (size, modification time: trained on or replaced in place)",
+             "seed": "--seed (request seed = --seed + its index)", "gen_args": "--gen-arg",
              "size": "--size", "num_images": "--num-images", "prompt": "the prompt", "images": "the reference images"}
 
 
-def _provenance(req: dict, ckpt: str | None, gen_args: dict) -> dict:
-    return {"ckpt": None if ckpt is None else str(Path(ckpt).resolve()), "seed": req["seed"], "gen_args": gen_args,
+def _checkpoint(args, api: _GenerationAPI | None) -> dict:
+    """Which weights this run names: {"ckpt", "ckpt_step", "ckpt_weights"} (generate.checkpoint_identity; the
+    step of a training workdir resolved once, so that every benchmark uses it). --judge-only (no generation API):
+    the folder and --step as given."""
+    if api is None or args.ckpt is None:
+        return {"ckpt": None if args.ckpt is None else str(Path(args.ckpt).resolve()), "ckpt_step": args.step,
+                "ckpt_weights": None}
+    try:
+        return api.checkpoint_identity(args.ckpt, args.step)
+    except api.error as e:
+        raise common.UsageError(str(e)) from None
+
+
+def _provenance(req: dict, ckpt: dict, gen_args: dict) -> dict:
+    return {**ckpt, "seed": req["seed"], "gen_args": gen_args,
             "size": list(req["size"]) if req.get("size") else None, "num_images": req["num_images"],
             "prompt": req["prompt"], "images": [str(Path(p).resolve()) for p in req.get("images", [])]}
 
@@ -252,13 +272,14 @@ def _requests(name: str, items, args) -> list[dict]:
                                              size=tuple(args.size) if args.size else None)
 
 
-def plan_generation(name: str, items, images_dir: Path, args, gen_args: dict, api: _GenerationAPI) -> _Plan:
+def plan_generation(name: str, items, images_dir: Path, args, ckpt: dict, gen_args: dict,
+                    api: _GenerationAPI) -> _Plan:
     """The requests that lack an image (absent, or not decoding fully: a write cut short); all of them with
     --regenerate. A request whose images are kept must have been generated with this run's settings (its entry
     in the images' record); otherwise nothing is generated and the error names what differs."""
     reqs = _requests(name, items, args)
     record = _read_record(images_dir)
-    current = {r["id"]: _provenance(r, args.ckpt, gen_args) for r in reqs}
+    current = {r["id"]: _provenance(r, ckpt, gen_args) for r in reqs}
     todo, mismatched, unrecorded = [], {}, []
     for r in reqs:
         if args.regenerate or not api.outputs_finished(_expected(images_dir, r), f"{name} request {r['id']!r}"):
@@ -275,20 +296,21 @@ def plan_generation(name: str, items, images_dir: Path, args, gen_args: dict, ap
     return _Plan(name, images_dir, reqs, todo, record, current)
 
 
-def check_judge_only(name: str, items, images_dir: Path, args, gen_args: dict) -> None:
-    """--judge-only: images whose record names another prompt or reference images, or another --ckpt / --seed /
-    --size / --gen-arg than those given, are refused (images without a record are judged as they are)."""
+def check_judge_only(name: str, items, images_dir: Path, args, ckpt: dict, gen_args: dict) -> None:
+    """--judge-only: images whose record names another prompt or reference images, or another --ckpt / --step /
+    --seed / --size / --gen-arg than those given, are refused (images without a record are judged as they are)."""
     record = _read_record(images_dir)
     if not record:
         return
-    fields = ["prompt", "images"] + [f for f, given in (("ckpt", args.ckpt), ("seed", args.seed is not None),
+    fields = ["prompt", "images"] + [f for f, given in (("ckpt", args.ckpt), ("ckpt_step", args.step is not None),
+                                                         ("seed", args.seed is not None),
                                                          ("size", args.size), ("gen_args", args.gen_arg)) if given]
     mismatched: dict[str, list] = {}
     for r in _requests(name, items, args):
         was = record.get(r["id"])
         if was is None or not any(p.is_file() for p in _expected(images_dir, r)):
             continue
-        now = _provenance(r, args.ckpt, gen_args)
+        now = _provenance(r, ckpt, gen_args)
         for field in fields:
             if was.get(field) != now[field]:
                 mismatched.setdefault(field, []).append((r["id"], was.get(field), now[field]))
@@ -313,7 +335,9 @@ def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
             for r in todo}})
         print(f"[{name}] generating {len(todo)} of {len(plan.reqs)} requests -> {images_dir}", file=sys.stderr)
         try:
-            api.generate_batch(str(args.ckpt), todo, str(images_dir), regenerate=args.regenerate, **gen_args)
+            step = plan.current[todo[0]["id"]]["ckpt_step"]  # resolved once: the step the record names
+            api.generate_batch(str(args.ckpt), todo, str(images_dir), regenerate=args.regenerate, **gen_args,
+                               **({} if step is None else {"step": step}))
         except api.error as e:
             raise common.UsageError(f"[{name}] generation failed: {e}") from None
         finally:
@@ -329,8 +353,10 @@ def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.run", description=__doc__ + "\n" + common.EXIT_STATUS,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--ckpt", default=None, help="checkpoint folder passed to generate_batch")
+    ap.add_argument("--step", type=int, default=None,
+                    help="a training workdir's checkpoint step (default: its latest); refused for other folders")
     ap.add_argument("--bench", default="geneval_pp,imagine_bench",
                     help=f"comma-separated, from {','.join(BENCHES)} (default %(default)s)")
     ap.add_argument("--out", required=True, help="output folder")
@@ -371,6 +397,8 @@ def main(argv=None) -> dict:
         raise common.UsageError(f"unknown benchmark(s) {unknown}; choose from {list(BENCHES)}")
     if not args.judge_only and not args.ckpt:
         raise common.UsageError("--ckpt is required unless --judge-only")
+    if args.step is not None and not args.ckpt:
+        raise common.UsageError("--step picks a checkpoint of the --ckpt workdir: give --ckpt")
     if args.judge_only and args.regenerate:
         raise common.UsageError("--regenerate generates images again; it cannot go with --judge-only")
     templates = _templates(args.template)
@@ -384,17 +412,18 @@ def main(argv=None) -> dict:
         path = _prompt_path(args, name)
         loaded[name] = (path, _load(name, path, args))
     gen_api = None if args.judge_only else _load_generation_api()
+    ckpt = _checkpoint(args, gen_api)
     plans = {}
     for name in names:
         images_dir = out / name / "images"
         if gen_api is not None:
-            plans[name] = plan_generation(name, loaded[name][1], images_dir, args, gen_args, gen_api)
+            plans[name] = plan_generation(name, loaded[name][1], images_dir, args, ckpt, gen_args, gen_api)
         else:
-            check_judge_only(name, loaded[name][1], images_dir, args, gen_args)
+            check_judge_only(name, loaded[name][1], images_dir, args, ckpt, gen_args)
     judge = None if args.generate_only else common.judge_from_args(args, out)
     if judge is not None and any(p.todo for p in plans.values()):
         api_key_from_env(args.api_key_env, require=not args.no_api_key, error=JudgeConfigError)
-    report = {"ckpt": args.ckpt, "label": label, "benchmarks": {}}
+    report = {"ckpt": args.ckpt, "ckpt_step": ckpt["ckpt_step"], "label": label, "benchmarks": {}}
     for name in names:
         mod = BENCHES[name]
         path, items = loaded[name]
@@ -406,7 +435,7 @@ def main(argv=None) -> dict:
         if judge is not None:
             record = images_dir / GENERATION_RECORD
             kw = dict(num_images=args.num_images, label=label, progress=not args.no_progress,
-                      source={"prompts": str(path), "ckpt": args.ckpt,
+                      source={"prompts": str(path), "ckpt": args.ckpt, "ckpt_step": ckpt["ckpt_step"],
                               "generation_record": str(record) if record.is_file() else None})
             if name == "omnicontext":
                 kw["templates"] = {k: templates[v] for k, v in omnicontext.TEMPLATES.items() if v in templates}
