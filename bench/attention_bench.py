@@ -12,7 +12,9 @@ for one layer), the fraction of (q block, kv block) pairs the block table keeps,
 of the loss and of the gradients against `xla_blockwise` in float32 on the same pack (the exactness check
 on this backend; `xla_blockwise` itself is tested against the dense reference in tests/test_kernels.py).
 `naive_per_sample` is bench/cpu_baseline.py's per-sample dense-mask attention (padding rows are left at
-zero there, so its "error" against the reference is not meaningful).
+zero there, so its "error" against the reference is not meaningful). A Pallas kernel that runs in interpret
+mode (pallas_gpu / pallas_tpu on the CPU, pallas_interpret) is labelled so in the table and has
+`interpret_mode: true` in the JSON: its times are not kernel timings.
 
 `--cudnn` adds, for scale only, cuDNN flash attention (`jax.nn.dot_product_attention(implementation=
 "cudnn")`) over the same [L, H, D] with a plain causal mask: not BAGEL's mask (cuDNN takes no per-token
@@ -36,6 +38,7 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def pack_meta(config_path: str):
@@ -148,9 +151,13 @@ def main(argv=None) -> int:
         g, a = fb("xla_blockwise", jnp.float32)
         ref = jax.block_until_ready(g(*a))
 
+    from train_throughput import INTERPRET_NOTE, interpret_mode
+
     results = []
     for impl in [x for x in args.impls.split(",") if x]:
         r = dict(impl=impl)
+        if interpret_mode(impl, jax.default_backend()):
+            r["interpret_mode"] = True  # the Pallas kernel interpreted: not a kernel timing
         try:
             if impl == "naive_per_sample":
                 bq = bk = 0
@@ -235,8 +242,9 @@ def main(argv=None) -> int:
             print(f"{r['impl']:<40} error: {r['error'][:100]}")
             continue
         err = max(r["max_abs_err_grads"]) if "max_abs_err_grads" in r else float("nan")
+        note = f"  ({INTERPRET_NOTE})" if r.get("interpret_mode") else ""
         print(f"{r['impl']:<40}{r.get('blocks_kept', float('nan')):>6.2f}{r['compile_s']:>10.1f}"
-              f"{r['fwd_bwd_s'] * 1e3:>11.2f}{r['decoder_attention_s']:>11.3f}{err:>10.2e}")
+              f"{r['fwd_bwd_s'] * 1e3:>11.2f}{r['decoder_attention_s']:>11.3f}{err:>10.2e}{note}")
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(dict(L=L, real_tokens=n_real, H=H, KVH=KVH, D=D, layers=layers,
                                                           results=results, sweep=sweep), indent=1))

@@ -9,18 +9,20 @@ bit-identical); `--image-dtype float32` measures the older float32 batches (norm
 
 Workloads (synthetic photo-like JPEGs, quality 90, written once into --data-dir):
   * 512 / 1024: Echo-4o-like mix, 2/3 t2i (GPT-4o sizes 1:1, 3:2, 2:3 at that scale) + 1/3 multiref with 2
-    references; VAE transform (1024, 512, 16) (the official one: 512-class images are kept at 512),
-    ViT (518, 224, 14) (official example.yaml for conditions); 7B fine-tune packing: expected 10240,
-    max 11520, per-sample 10240 tokens; static budget text 1024 | vit 6144 | vae 10240, 8 VAE images
-    of up to 1024 x 1024. One process per host: 8 packs per step (one per device), built in
-    --pack-threads threads.
+    references, packed as the 7B recipe (configs/echo4o_7b.py, read from it): its VAE / ViT transforms
+    (official example.yaml: VAE (1024, 512, 16), 512-class images kept at 512; ViT (518, 224, 14)), its
+    token limits (expected 10240, max 11520, per sample 10240) and its static budget (text 1024 | vit 4224 |
+    vae 11264 in 4 VAE images of up to 1024 x 1024; the first line of the run prints it). One process per
+    host: 8 packs per step (one per device), built in --pack-threads threads.
   * demo: configs/demo.py's own records pipeline (the offline demo set, 64 x 64 PNG, its budget).
 
 Consumption per step (stated in the table):
-  * 7B recipe: 8 GPUs per host, 1 pack of ~10K tokens each; the step time of the FULL BAGEL-7B-MoT on one
-    pack is derived from the measured H200 run in bench/results/ (configs/bagel_7b_geometry_small.py, the
-    same pack recipe): official-formula FLOPs of the 28-layer model on that pack / (the measured MFU x
-    the H200 bf16 peak).
+  * 7B recipe: 8 GPUs per host, 1 pack of ~10K tokens each; the step time of the FULL 28-layer BAGEL-7B-MoT
+    on one pack is the one-H100 step extrapolated from the measured 2- and 4-layer runs in bench/results/
+    (configs/bagel_7b_geometry_small.py, 10,446-token packs, the recipe's remat), computed as
+    bench/gpu_summary.py does (`layer_fits`: one decoder layer = the difference of the runs; 38.4% MFU by
+    the official formula for remat full). The 4-layer runs' own MFU is not used: the embedding / LM-head
+    term is half of their counted FLOPs.
   * demo: MEASURED in this run: the median time of configs/demo.py's train step on this machine and its
     packs per step; the demo rows run the demo's own records pipeline (its budget) per worker count.
 `--latents`: the 7B workloads are measured a second time with precomputed VAE latents (`data.vae_latents`:
@@ -49,31 +51,45 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from echo4o_jax.config import BagelConfig, SpecialTokens  # noqa: E402
+from echo4o_jax.train.data_sources import budget_from_config  # noqa: E402
 from echo4o_jax.data import demo as demo_mod  # noqa: E402
 from echo4o_jax.data.pipeline import DataPipeline, DatasetSpec, PipelineConfig  # noqa: E402
 from echo4o_jax.data.records import RecordWriter, load_manifest, multiref_record, t2i_record  # noqa: E402
 from echo4o_jax.image_transform import ImageTransform  # noqa: E402
 from echo4o_jax.packing import PackBudget  # noqa: E402
-from train_throughput import apply_override, load_config, measure  # noqa: E402
+from train_throughput import apply_override, build_parser, load_config, measure  # noqa: E402
 
 DEVICES_PER_HOST = 8
-H200_RUN = os.path.join(ROOT, "bench/results/h200_train_pallas_gpu_tuned_2026-11-26.json")
+RECIPE = os.path.join(ROOT, "configs/echo4o_7b.py")  # the 7B fine-tune whose packs the 7B workloads build
+# one-H100 runs of configs/bagel_7b_geometry_small.py differing only in their decoder layers (2026-11-27)
+LAYER_RUNS = "bench/results/h100_train_pallas_gpu_*layers_2026-11-27.json"
 
 
-def step_7b_seconds() -> tuple[float, str]:
-    """Seconds per ~10K-token pack of the full 7B-MoT on one GPU, from the measured H200 MFU (see docstring)."""
-    import numpy as np
+def recipe_packing(path: str = RECIPE) -> dict:
+    """The 7B recipe's packing, read from its config: budget, token limits, VAE / ViT transforms, remat."""
+    c = load_config(path)
+    d, r = c.data, c.data.records
+    return dict(budget=budget_from_config(d.budget), expected=int(d.expected_tokens), max=int(d.max_tokens),
+                per_sample=int(d.max_tokens_per_sample), vae_t=ImageTransform(*r.vae_transform),
+                vit_t=ImageTransform(*r.vit_transform), remat=str(c.model.remat))
 
-    from attention_bench import pack_meta
-    from echo4o_jax.train import flops as flops_lib
 
-    with open(H200_RUN) as f:
-        run = json.load(f)
-    meta, n_real, _, _ = pack_meta(os.path.join(ROOT, run["config"]))
-    lens = np.bincount(meta.sample[meta.sample >= 0])
-    fl = flops_lib.step_flops(BagelConfig.bagel_7b_mot().llm, n_real, lens)
-    peak = flops_lib.peak_flops_per_device(run["device_kind"])
-    return fl / (run["mfu"] * peak), f"7B: {fl:.3g} FLOP/pack at the measured {run['mfu']:.1%} MFU of an H200"
+def step_7b_seconds(remat: str) -> tuple[float, str]:
+    """Seconds per ~10K-token pack of the full 28-layer 7B-MoT on one H100: the step extrapolated from the
+    measured 2- and 4-layer runs with this remat, as bench/gpu_summary.py computes it (see the docstring)."""
+    import glob
+
+    import gpu_summary
+
+    runs = [(os.path.basename(f), json.load(open(f))) for f in sorted(glob.glob(os.path.join(ROOT, LAYER_RUNS)))]
+    fits = [f for f in gpu_summary.layer_fits(runs) if f["remat"] == remat and not f["tuning"]]
+    if len(fits) != 1:
+        raise SystemExit(f"error: {LAYER_RUNS}: expected one group of remat {remat!r} runs, found {len(fits)}")
+    f = fits[0]
+    b = f["run"]
+    return f["t28"], (f"7B: {gpu_summary.REAL_DEPTH}-layer step on one {b['device_kind']} extrapolated from its "
+                      f"{f['lo']}- and {f['hi']}-layer runs (remat {remat}, {b['tokens_per_step']:.0f}-token pack): "
+                      f"{f['t28']:.3f} s, {f['mfu28']:.1%} MFU (official formula)")
 
 
 def _photo(rng, w, h) -> bytes:
@@ -110,10 +126,8 @@ def make_photo_dataset(path: str, res: int, n: int, seed: int = 0) -> str:
     return path
 
 
-VAE_T7, VIT_T7 = ImageTransform(1024, 512, 16), ImageTransform(518, 224, 14)  # the 7B workloads' transforms
-
-
-def precompute_latents(path: str, out: str, tok_path: str, budget: PackBudget) -> tuple[str, str]:
+def precompute_latents(path: str, out: str, tok_path: str, budget: PackBudget, vae_t: ImageTransform,
+                       vit_t: ImageTransform) -> tuple[str, str]:
     """Precomputed VAE latents (bf16 moments) of the photo dataset `path`, as `python -m echo4o_jax.data.latents`
     writes them for a records training config of that dataset and the 7B workloads' transforms, with a small
     random VAE of the FLUX latent geometry. Returns (folder, VAE fingerprint)."""
@@ -127,8 +141,8 @@ def precompute_latents(path: str, out: str, tok_path: str, budget: PackBudget) -
     c.data.kind, c.data.tokenizer = "records", tok_path
     c.data.budget = dataclasses.asdict(budget)
     c.data.records = dict(datasets=[dict(path=path, weight=1.0)], root="", demo_dir="", workers=0,
-                          vae_transform=(VAE_T7.max_size, VAE_T7.min_size, VAE_T7.stride),
-                          vit_transform=(VIT_T7.max_size, VIT_T7.min_size, VIT_T7.stride))
+                          vae_transform=(vae_t.max_size, vae_t.min_size, vae_t.stride),
+                          vit_transform=(vit_t.max_size, vit_t.min_size, vit_t.stride))
     stats = precompute(c, out, dtype="bfloat16", batch=4, log=None)
     return out, stats["vae_fingerprint"]
 
@@ -216,8 +230,16 @@ def main(argv=None) -> int:
         with open(a.table_from) as f:
             print_table(json.load(f))
         return 0
+    try:
+        workers = [int(x) for x in a.workers.split(",") if x]
+        resolutions = [int(r) for r in a.res.split(",") if r]
+    except ValueError:
+        ap.error(f"--workers {a.workers!r} / --res {a.res!r}: expected comma lists of integers")
+    if any(w < 0 for w in workers) or any(r <= 0 for r in resolutions):
+        ap.error("--workers must be >= 0 and --res > 0")
+    if a.seconds <= 0 or a.samples <= 0 or a.demo_steps < 1 or a.pack_threads < 1:
+        ap.error("--seconds and --samples must be > 0, --demo-steps and --pack-threads >= 1")
     os.makedirs(a.data_dir, exist_ok=True)
-    workers = [int(x) for x in a.workers.split(",") if x]
     rows = []
 
     # ---------------------------------------------------------------- 7B recipe workloads
@@ -228,58 +250,65 @@ def main(argv=None) -> int:
     st = demo_mod.special_tokens_info(demo_tok)
     specials = SpecialTokens(st["bos_token_id"], st["eos_token_id"], st["start_of_image"], st["end_of_image"])
     cfg7 = cfg7.replace(special_tokens=specials)
-    budget7 = PackBudget(text_tokens=1024, vit_tokens=6144, vae_tokens=10240, vae_images=8,
-                         vae_image_size=(1024, 1024))
-    step7, note7 = step_7b_seconds()
+    rp = recipe_packing()
+    budget7 = rp["budget"]
+    step7, note7 = step_7b_seconds(rp["remat"])
     need7_packs = DEVICES_PER_HOST / step7
+    print(f"# 7B packs as {os.path.relpath(RECIPE, ROOT)}: budget {budget7}, expected / max / per-sample tokens "
+          f"{rp['expected']} / {rp['max']} / {rp['per_sample']}", flush=True)
     print(f"# {note7}: {step7:.2f} s per pack per GPU -> {need7_packs:.1f} packs/s per {DEVICES_PER_HOST}-GPU host",
           flush=True)
-    for res in [int(r) for r in a.res.split(",") if r]:
+
+    def done(r):  # one row measured: printed, and the JSON rewritten (a later stage that fails loses nothing)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+
+    for res in resolutions:
         t = time.perf_counter()
         path = make_photo_dataset(os.path.join(a.data_dir, f"photo{res}"), res, a.samples)
         print(f"# dataset photo{res}: {a.samples} records ready in {time.perf_counter() - t:.1f} s", flush=True)
         modes = [("", "", "")]
         if a.latents:
             t = time.perf_counter()
-            out, fp = precompute_latents(path, os.path.join(a.data_dir, f"latents{res}"), tok_path, budget7)
+            out, fp = precompute_latents(path, os.path.join(a.data_dir, f"latents{res}"), tok_path, budget7,
+                                         rp["vae_t"], rp["vit_t"])
             print(f"# latents{res}: ready in {time.perf_counter() - t:.1f} s", flush=True)
             modes.append((out, fp, ", latents"))
         for latents, fp, tag in modes:
             for nw in [0] + workers:
                 pc = PipelineConfig(datasets=(DatasetSpec(path, name=os.path.basename(path)),), tokenizer=tok_path,
-                                    budget=budget7, expected_num_tokens=10240, max_num_tokens=11520,
-                                    max_num_tokens_per_sample=10240, packs_per_step=DEVICES_PER_HOST,
-                                    pack_threads=a.pack_threads, vae_transform=VAE_T7, vit_transform=VIT_T7,
+                                    budget=budget7, expected_num_tokens=rp["expected"], max_num_tokens=rp["max"],
+                                    max_num_tokens_per_sample=rp["per_sample"], packs_per_step=DEVICES_PER_HOST,
+                                    pack_threads=a.pack_threads, vae_transform=rp["vae_t"], vit_transform=rp["vit_t"],
                                     worker_count=nw, worker_buffer_size=2, read_threads=1, read_buffer_size=2,
                                     image_dtype=a.image_dtype, vae_latents=latents, vae_fingerprint=fp)
                 r = run(DataPipeline(pc, cfg7), a.seconds)
                 r.update(workload=f"{res}^2 mix{tag}", workers=nw, need_packs_s=need7_packs,
-                         need_note=f"{DEVICES_PER_HOST} GPUs x 1 pack / {step7:.2f} s")
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+                         need_note=f"{DEVICES_PER_HOST} GPUs x 1 pack / {step7:.2f} s (H100, 28 layers extrapolated)")
+                done(r)
 
     # ---------------------------------------------------------------- demo workload (configs/demo.py itself)
     # consumption MEASURED in this run: the demo train step's median time on this machine, fed by the
     # demo's own records source; then that source alone (the config's budget, 2 packs per step) per worker count
     demo_dir = os.path.join(a.data_dir, "demo_cfg")
     over = [f"data.records.demo_dir={demo_dir}", f"data.tokenizer={demo_dir}/tokenizer/tokenizer.json"]
-    step = measure(argparse.Namespace(config=os.path.join(ROOT, "configs/demo.py"), set=over, steps=a.demo_steps,
-                                      peak_flops=0.0), None)
+    demo_cfg = os.path.join(ROOT, "configs/demo.py")
+    # train_throughput's own command line (its defaults for every other setting)
+    step = measure(build_parser().parse_args(["--config", demo_cfg, "--steps", str(a.demo_steps)]
+                                             + [x for kv in over for x in ("--set", kv)]), None)
     step_s, packs_per_step = step["step_seconds"], step["packs_per_step"]
     print(f"# demo train step: {step_s * 1e3:.0f} ms median of {a.demo_steps} ({packs_per_step} packs per step)",
           flush=True)
     for nw in [0] + workers:
-        r = run(demo_pipeline(os.path.join(ROOT, "configs/demo.py"), over + [f"data.records.workers={nw}"]),
-                a.seconds / 2)
+        r = run(demo_pipeline(demo_cfg, over + [f"data.records.workers={nw}"]), a.seconds / 2)
         r.update(workload="demo (configs/demo.py)", workers=nw, need_packs_s=packs_per_step / step_s,
                  need_note=f"{packs_per_step} packs / {step_s * 1e3:.0f} ms (measured)")
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+        done(r)
 
     print_table(rows)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
     return 0
 
 

@@ -17,7 +17,7 @@
 #      device memory went (in use / peak so far after setup, compile, the first and the timed steps), and
 #      one decoder layer's time and MFU per remat (the 4-layer step's MFU is half embedding/LM-head FLOPs
 #      of the official formula) with the step extrapolated to 28 layers.
-#   bash bench/gpu_check.sh            (logs and JSON under $OUT, default ./gpu_check)
+#   bash bench/gpu_check.sh            (logs and JSON under $OUT, default ./gpu_check in the caller's folder)
 # Uses $PYTHON (default python3), which must already have a GPU JAX (the lent machines reach no network).
 # Wheels to carry (prepared where PyPI is reachable; .whl/ is not committed):
 #   d="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64"
@@ -26,9 +26,10 @@
 # Measured 2026-11-26 on an H200 and 2026-11-27 on an H100 (bench/results/, README "Design notes"); the
 # stages took 55 s (attention) and ~90 s per train-step run there: about 7 minutes in all.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+# OUT (default ./gpu_check) is relative to the caller's folder: made absolute before the cd to the repo root
 OUT=${OUT:-gpu_check}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "error: cannot create OUT=$OUT" >&2; exit 2; }
+cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 IMPLS=${IMPLS:-pallas_gpu}  # train-step runs; then pallas_gpu with the sweep's best tuning
 CONFIG=${CONFIG:-configs/bagel_7b_geometry_small.py}

@@ -61,10 +61,11 @@ def num_layers(r: dict) -> int | None:
         return None
 
 
-def layer_rows(runs: list[tuple[str, dict]]) -> list[str]:
+def layer_fits(runs: list[tuple[str, dict]]) -> list[dict]:
     """Per group of runs equal but for their decoder layers (same attention, tuning, remat, dtype, other
-    overrides): one decoder layer's time and FLOPs (deepest minus shallowest run), its MFU, and the official
-    MFU of the step extrapolated to REAL_DEPTH layers."""
+    overrides): one decoder layer's time `dt` and FLOPs `df` (deepest minus shallowest run, `lo` / `hi` layers),
+    the device `peak` FLOP/s, the layer's share `update` of the optimizer update (or None), and the step
+    extrapolated to REAL_DEPTH layers (`t28` seconds, `f28` FLOPs, `mfu28` official MFU); `run`: the deepest."""
     groups: dict[tuple, list[tuple[int, dict]]] = {}
     for _, r in runs:
         n = num_layers(r) if "error" not in r and r.get("mfu") else None
@@ -72,7 +73,7 @@ def layer_rows(runs: list[tuple[str, dict]]) -> list[str]:
             other = tuple(sorted(o for o in r.get("overrides", []) if not o.startswith(RECORDED)))
             key = (r["attention_impl"], r.get("attention_tuning") or "", r.get("remat"), r.get("compute_dtype"), other)
             groups.setdefault(key, []).append((n, r))
-    lines = []
+    fits = []
     for (impl, tuning, remat, dtype, other), rs in groups.items():
         (lo, a), (hi, b) = min(rs, key=lambda x: x[0]), max(rs, key=lambda x: x[0])
         if hi == lo or a["tokens_per_step"] != b["tokens_per_step"]:
@@ -82,14 +83,26 @@ def layer_rows(runs: list[tuple[str, dict]]) -> list[str]:
         df = (b["model_flops_per_step"] - a["model_flops_per_step"]) / (hi - lo)
         t28 = b["step_seconds"] + (REAL_DEPTH - hi) * dt
         f28 = b["model_flops_per_step"] + (REAL_DEPTH - hi) * df
+        u = b["update_seconds"] * b["layer_param_fraction"] if b.get("update_seconds") and b.get("layer_param_fraction") \
+            else None
         name = f"{impl} remat {remat}" + (f" {tuning}" if tuning else "") + (f" {' '.join(other)}" if other else "")
-        line = (f"{name}: one decoder layer ({lo} vs {hi} layers) {dt * 1e3:.1f} ms, {df / 1e12:.1f} TFLOP, "
-                f"MFU {df / (dt * b['devices'] * peak):.1%}")
-        if b.get("update_seconds") and b.get("layer_param_fraction"):
-            u = b["update_seconds"] * b["layer_param_fraction"]
+        fits.append(dict(name=name, impl=impl, remat=remat, tuning=tuning, lo=lo, hi=hi, dt=dt, df=df, peak=peak,
+                         update=u, t28=t28, f28=f28, mfu28=f28 / (t28 * b["devices"] * peak), run=b))
+    return fits
+
+
+def layer_rows(runs: list[tuple[str, dict]]) -> list[str]:
+    """One line per `layer_fits` group: one decoder layer's time and FLOPs, its MFU, and the official MFU of
+    the step extrapolated to REAL_DEPTH layers."""
+    lines = []
+    for f in layer_fits(runs):
+        dt, df, u, n_dev, peak = f["dt"], f["df"], f["update"], f["run"]["devices"], f["peak"]
+        line = (f"{f['name']}: one decoder layer ({f['lo']} vs {f['hi']} layers) {dt * 1e3:.1f} ms, "
+                f"{df / 1e12:.1f} TFLOP, MFU {df / (dt * n_dev * peak):.1%}")
+        if u is not None:
             line += (f" (optimizer update {u * 1e3:.1f} ms, which FSDP divides among the chips; compute alone "
-                     f"{(dt - u) * 1e3:.1f} ms, MFU {df / ((dt - u) * b['devices'] * peak):.1%})")
-        lines.append(line + f"; step at {REAL_DEPTH} layers {t28:.3f} s, MFU {f28 / (t28 * b['devices'] * peak):.1%}")
+                     f"{(dt - u) * 1e3:.1f} ms, MFU {df / ((dt - u) * n_dev * peak):.1%})")
+        lines.append(line + f"; step at {REAL_DEPTH} layers {f['t28']:.3f} s, MFU {f['mfu28']:.1%}")
     return lines
 
 

@@ -15,7 +15,17 @@ chip's HBM, headroom and the compiled FLOPs; it stops at the first candidate wit
 HBM and says which one it chose (`--all`: compile every candidate). `--no-search`: only the config as given.
 
 A config with `model.init="checkpoint"` and no `model.ckpt` (configs/echo4o_7b.py) uses the released
-BAGEL-7B-MoT geometry (`BagelConfig.bagel_7b_mot`), which is what such a checkpoint holds.
+BAGEL-7B-MoT geometry (`BagelConfig.bagel_7b_mot`), which is what such a checkpoint holds; every execution
+setting (dtypes, remat, attention impl / tuning, train.freeze_und, ...) goes through the Trainer's
+`model_config_from`, and make_train_step gets the Trainer's arguments (model.vae_posterior,
+train.ce_loss_reweighting, the freeze masks). The abstract batch is the one the config's source yields:
+uint8 images for records, float32 for synthetic packs; with `data.vae_latents`, `vae_moments` canvases
+instead of pixels (no VAE encoder in the step), of the folder's dtype when it exists here, else
+--latents-dtype (default float32).
+
+The search sets model.remat and mesh.* itself (--set of those needs --no-search). Bad arguments or a config
+the Trainer would refuse: one `error:` line, exit 2. Exit 1: no candidate fits (or every one failed to
+compile: the distinct reasons are printed).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import os
 import pathlib
 import sys
 import time
+import types
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,10 +57,10 @@ REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
 
 
 def chip_hbm(topology: str) -> int:
-    gen = topology.split(":")[0].lower()
-    if gen not in HBM_BYTES:
-        raise ValueError(f"unknown TPU generation {gen!r} in {topology!r}; known: {sorted(HBM_BYTES)}")
-    return HBM_BYTES[gen]
+    try:
+        return HBM_BYTES[parse_topology(topology)[0]]
+    except UsageError as e:
+        raise ValueError(str(e)) from None
 
 
 def tpu_devices(topology: str):
@@ -60,18 +71,68 @@ def tpu_devices(topology: str):
     return list(topo.devices)
 
 
-def bagel_config(config):
-    """model_config_from(config), or the released 7B-MoT geometry for a checkpoint config without a path."""
+def released_7b_geometry():
+    """`model.geometry` (a ConfigDict) of the released BAGEL-7B-MoT (`BagelConfig.bagel_7b_mot`)."""
+    from ml_collections import ConfigDict
+
     from echo4o_jax.config import BagelConfig
-    from echo4o_jax.train.trainer import model_config_from
+
+    g = BagelConfig.bagel_7b_mot()
+    return ConfigDict(dict(llm=dataclasses.asdict(g.llm), vit=dataclasses.asdict(g.vit), vae=dataclasses.asdict(g.vae),
+                           special_tokens=dataclasses.asdict(g.special_tokens), max_latent_size=g.max_latent_size,
+                           vit_max_num_patch_per_side=g.vit_max_num_patch_per_side))
+
+
+def compile_config(config):
+    """The config whose step is compiled: `config` itself, or, for `model.init="checkpoint"` without
+    `model.ckpt` (configs/echo4o_7b.py), a copy with the released 7B-MoT geometry as `model.geometry` (what
+    such a checkpoint holds), so that `model_config_from` applies every execution setting (dtypes, remat,
+    attention, freeze_und, ...) exactly as the Trainer does."""
+    import copy
 
     m = config.model
-    if m.init == "checkpoint" and not m.ckpt:
-        return BagelConfig.bagel_7b_mot(
-            compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat=m.remat, attention_impl=m.attention_impl,
-            attention_block_q=int(m.attention_block_q), attention_block_kv=int(m.attention_block_kv),
-            timestep_shift=float(m.timestep_shift))
-    return model_config_from(config)
+    if m.init != "checkpoint" or m.ckpt:
+        return config
+    c = copy.deepcopy(config)
+    c.model.init = "random"
+    c.model.geometry = released_7b_geometry()
+    return c
+
+
+def bagel_config(config):
+    """The Trainer's `model_config_from` of `compile_config(config)`."""
+    from echo4o_jax.train.trainer import model_config_from
+
+    return model_config_from(compile_config(config))
+
+
+def latents_dtype(config, given: str | None = None) -> str | None:
+    """dtype of the `vae_moments` canvases the records pipeline yields for `data.vae_latents` (None when unset):
+    the folder's manifest's when the folder exists (`given`, i.e. --latents-dtype, must then agree), else
+    `given` or float32 (`python -m echo4o_jax.data.latents`'s default). ValueError on a mismatch."""
+    from echo4o_jax.data.latents import LatentStore
+
+    path = str(config.data.get("vae_latents", "") or "")
+    if not path:
+        if given:
+            raise ValueError(f"--latents-dtype {given} needs data.vae_latents (precomputed latents) to be set")
+        return None
+    if not os.path.exists(path):
+        return given or "float32"
+    stored = LatentStore(path).dtype  # LatentStoreError (a ValueError) for a folder that is not one
+    if given and given != stored:
+        raise ValueError(f"--latents-dtype {given}: data.vae_latents={path!r} holds {stored} moments")
+    return stored
+
+
+def source_image_dtype(config) -> str:
+    """dtype of the images the config's batch source yields: the records pipeline's (`PipelineConfig`'s
+    default image_dtype, uint8, normalised on device), the synthetic source's float32 (`pack_samples`')."""
+    from echo4o_jax.data.pipeline import PipelineConfig
+
+    if config.data.kind == "records":
+        return PipelineConfig.__dataclass_fields__["image_dtype"].default
+    return "float32"
 
 
 def _abstract(tree, shardings):
@@ -80,8 +141,10 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def abstract_batch(cfg, budget, packs: int, mesh):
-    """ShapeDtypeStructs of a stacked batch of `packs` packs of `budget`, sharded over (data, fsdp)."""
+def abstract_batch(cfg, budget, packs: int, mesh, *, image_dtype: str = "float32", vae_moments: str | None = None):
+    """ShapeDtypeStructs of a stacked batch of `packs` packs of `budget`, sharded over (data, fsdp), as the batch
+    source yields it: images of `image_dtype`; with `vae_moments` (precomputed latents, a `MOMENT_DTYPES` name)
+    `vae_moments` canvases instead of `vae_images` (the step then has no VAE encoder)."""
     import jax
     import numpy as np
 
@@ -89,7 +152,8 @@ def abstract_batch(cfg, budget, packs: int, mesh):
     from echo4o_jax import sharding as shd
 
     # one empty pack of the budget gives every field's shape and dtype (the images are the largest: a few MB)
-    empty = packing.batch_arrays(packing.pack_samples([], cfg, budget, rng=np.random.default_rng(0)))
+    empty = packing.batch_arrays(packing.pack_samples([], cfg, budget, rng=np.random.default_rng(0),
+                                                      image_dtype=image_dtype, vae_moments=vae_moments))
     return {k: jax.ShapeDtypeStruct((packs, *v.shape), v.dtype, sharding=shd.batch_sharding(mesh, v.ndim + 1))
             for k, v in empty.items()}
 
@@ -99,6 +163,7 @@ class Built:
     cfg: object
     mesh: object
     packs: int
+    vae_moments: str | None  # dtype of the batch's precomputed latents (data.vae_latents), None: pixels
     fn: object  # step(state, vae_state, buffers, batch)
     in_shardings: tuple
     out_shardings: tuple
@@ -106,8 +171,9 @@ class Built:
     sharding_report: list
 
 
-def build_abstract_step(config, devices) -> Built:
-    """The Trainer's state / shardings / step, all abstract, over `devices` (e.g. a TPU topology's)."""
+def build_abstract_step(config, devices, latents: str | None = None) -> Built:
+    """The Trainer's state / shardings / step, all abstract, over `devices` (e.g. a TPU topology's).
+    `latents`: --latents-dtype (see `latents_dtype`)."""
     import jax
     from flax import nnx
 
@@ -116,10 +182,12 @@ def build_abstract_step(config, devices) -> Built:
     from echo4o_jax.model.vae import AutoEncoder
     from echo4o_jax.train.data_sources import budget_from_config
     from echo4o_jax.train.step import init_train_state, make_train_step
-    from echo4o_jax.train.trainer import optimizer_from_config, validate_config
+    from echo4o_jax.train.trainer import Trainer, optimizer_from_config, validate_config
 
+    config = compile_config(config)
     validate_config(config)
     cfg = bagel_config(config)
+    moments = latents_dtype(config, latents)
     mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor), devices=devices)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     packs = int(config.data.packs_per_step)
@@ -145,53 +213,45 @@ def build_abstract_step(config, devices) -> Built:
     t = config.train
     schedule, tx, trainable = optimizer_from_config(config, params)
     abs_state = jax.eval_shape(lambda p: init_train_state(p, tx, int(t.seed)), params)
-    state_sh = dict(params=param_sh, ema=param_sh, opt_state=_opt_shardings(abs_state["opt_state"], param_sh, mesh),
-                    step=shd.replicated(mesh), rng=shd.replicated(mesh))
+    # Trainer._opt_shardings reads the trainer's param_sh and mesh only
+    opt_sh = Trainer._opt_shardings(types.SimpleNamespace(param_sh=param_sh, mesh=mesh), abs_state["opt_state"])
+    state_sh = dict(params=param_sh, ema=param_sh, opt_state=opt_sh, step=shd.replicated(mesh),
+                    rng=shd.replicated(mesh))
     state = _abstract(abs_state, state_sh)
-    batch = abstract_batch(cfg, budget_from_config(config.data.budget), packs, mesh)
+    batch = abstract_batch(cfg, budget_from_config(config.data.budget), packs, mesh,
+                           image_dtype=source_image_dtype(config), vae_moments=moments)
     batch_sh = {k: v.sharding for k, v in batch.items()}
 
     def step(state, vae_state, buffers, batch):
-        # buffers travel as an argument (the Trainer closes over concrete ones; here they are abstract)
-        fn = make_train_step(graphdef, buffers, vae_graphdef, tx, schedule, patch=cfg.latent_patch_size,
-                             ce_weight=float(t.ce_weight), mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay),
-                             trainable=trainable)
+        # buffers travel as an argument (the Trainer closes over concrete ones; here they are abstract); the
+        # other arguments as Trainer._build passes them
+        fn = make_train_step(graphdef, buffers, vae_graphdef, tx, schedule,
+                             patch=cfg.latent_patch_size, ce_weight=float(t.ce_weight),
+                             mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay),
+                             vae_posterior=str(config.model.vae_posterior),
+                             ce_reweighting=bool(t.ce_loss_reweighting), trainable=trainable)
         return fn(state, vae_state, batch)
 
-    return Built(cfg=cfg, mesh=mesh, packs=packs, fn=step, in_shardings=(state_sh, vae_sh, buffer_sh, batch_sh),
+    return Built(cfg=cfg, mesh=mesh, packs=packs, vae_moments=moments, fn=step, in_shardings=(state_sh, vae_sh, buffer_sh, batch_sh),
                  out_shardings=(state_sh, shd.replicated(mesh)), args=(state, vae_state, buffers, batch),
                  sharding_report=report)
 
 
-def _opt_shardings(abs_opt, param_sh, mesh):
-    """As Trainer._opt_shardings: optimizer moments follow the params' shardings; scalars are replicated."""
+def lower_step(config, devices, latents: str | None = None):
+    """(Built, lowered): the abstract train step lowered exactly as `Trainer.compile` does (under `jax.set_mesh`,
+    so the model pins its activations' batch axis and runs Pallas kernels per shard)."""
     import jax
 
-    from echo4o_jax import sharding as shd
-
-    flat_p = {tuple(getattr(k, "key", k) for k in path): s for path, s in
-              jax.tree_util.tree_flatten_with_path(param_sh)[0]}
-
-    def one(path, leaf):
-        keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-        for n in range(len(keys)):
-            if keys[n:] in flat_p and flat_p[keys[n:]] is not None:
-                return flat_p[keys[n:]]
-        return shd.replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(one, abs_opt)
-
-
-def compile_step(config, devices, hbm_bytes: int | None = None) -> dict:
-    """Lower + compile the abstract train step exactly as `Trainer.compile` does (under `jax.set_mesh`, so the
-    model pins its activations' batch axis and runs Pallas kernels per shard); memory per chip, FLOPs, time."""
-    import jax
-
-    t0 = time.perf_counter()
-    b = build_abstract_step(config, devices)
+    b = build_abstract_step(config, devices, latents)
     jitted = jax.jit(b.fn, in_shardings=b.in_shardings, out_shardings=b.out_shardings, donate_argnums=(0,))
     with jax.set_mesh(b.mesh):
-        lowered = jitted.lower(*b.args)
+        return b, jitted.lower(*b.args)
+
+
+def compile_step(config, devices, hbm_bytes: int | None = None, latents: str | None = None) -> dict:
+    """Lower + compile the abstract train step (`lower_step`); memory per chip, FLOPs, time."""
+    t0 = time.perf_counter()
+    b, lowered = lower_step(config, devices, latents)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
@@ -206,7 +266,7 @@ def compile_step(config, devices, hbm_bytes: int | None = None) -> dict:
     total = arg + out - alias + tmp
     tokens = b.packs * (config.data.budget.text_tokens + config.data.budget.vit_tokens + config.data.budget.vae_tokens)
     res = dict(
-        remat=b.cfg.remat, mesh=dict(b.mesh.shape), devices=len(devices), device_kind=devices[0].device_kind,
+        remat=b.cfg.remat, mesh=dict(b.mesh.shape), freeze_und=b.cfg.freeze_und, vae_latents_dtype=b.vae_moments, devices=len(devices), device_kind=devices[0].device_kind,
         packs=b.packs, tokens_per_step=int(tokens),
         argument_bytes=arg, output_bytes=out, alias_bytes=alias, temp_bytes=tmp,
         generated_code_bytes=g("generated_code_size_in_bytes"), total_bytes=total,
@@ -278,6 +338,75 @@ HEADER = (f"{'remat':>13} {'data':>4} {'fsdp':>4} {'tp':>4} {'arg GiB':>7} {'out
 # formulaTF: official MFU formula per chip (6 x active params x tokens + attention, pack = one sample)
 
 
+SEARCHED_KEYS = ("model.remat", "mesh.data", "mesh.fsdp", "mesh.tensor")  # set by the search itself
+
+
+class UsageError(Exception):
+    """A bad argument or config: one `error:` line, exit 2."""
+
+
+def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
+    """("v5p", (2, 2, 1)) of "v5p:2x2x1"; UsageError for a malformed name or an unknown generation."""
+    gen, sep, dims = topology.partition(":")
+    gen = gen.lower()
+    if not sep or not dims or not all(d.isdigit() and int(d) > 0 for d in dims.split("x")):
+        raise UsageError(f"--topology {topology!r}: expected GENERATION:AxB[xC] with positive sizes, e.g. v5p:2x2x1")
+    if gen not in HBM_BYTES:
+        raise UsageError(f"--topology {topology!r}: unknown TPU generation {gen!r}; known: {', '.join(sorted(HBM_BYTES))}")
+    return gen, tuple(int(d) for d in dims.split("x"))
+
+
+def check_args(args) -> None:
+    """Everything about the arguments that can be checked before a config is loaded or libtpu asked."""
+    parse_topology(args.topology)
+    if not 0.0 <= args.headroom < 1.0:
+        raise UsageError(f"--headroom {args.headroom}: expected a fraction in [0, 1)")
+    remats = [x for x in args.remat.split(",") if x]
+    bad = [x for x in remats if x not in REMAT_ORDER]
+    if bad or (args.remat and not remats):
+        raise UsageError(f"--remat {args.remat!r}: expected a comma list of {', '.join(REMAT_ORDER)}")
+    tensors = [x for x in args.tensor.split(",") if x]
+    if (args.tensor and not tensors) or not all(x.isdigit() and int(x) > 0 for x in tensors):
+        raise UsageError(f"--tensor {args.tensor!r}: expected a comma list of positive integers")
+    if args.no_search and (remats or tensors):
+        raise UsageError("--remat / --tensor restrict the search; with --no-search set them in the config "
+                         "(--set model.remat=... --set mesh.tensor=...)")
+    if args.no_search and args.all:
+        raise UsageError("--all compiles every searched candidate; with --no-search there is one")
+    for kv in args.set:
+        if "=" not in kv:
+            raise UsageError(f"--set {kv!r}: expected key=value")
+        if not args.no_search and kv.split("=", 1)[0] in SEARCHED_KEYS:
+            raise UsageError(f"--set {kv}: the search sets {', '.join(SEARCHED_KEYS)} itself; add --no-search to "
+                             "compile the config as given, or restrict the search with --remat / --tensor")
+
+
+def load(args):
+    """The config with the overrides applied, checked as the Trainer checks it (UsageError if it is refused)."""
+    from echo4o_jax.train.trainer import ConfigValueError
+
+    if not os.path.isfile(args.config):
+        raise UsageError(f"--config {args.config}: no such file")
+    c = load_config(args.config)
+    for kv in args.set:
+        try:
+            apply_override(c, kv)
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            raise UsageError(f"--set {kv}: {type(e).__name__}: {e}") from None
+    try:
+        bagel_config(c)  # validate_config's checks run with the step's build; the model's here, up front
+        latents_dtype(c, args.latents_dtype or None)
+    except ValueError as e:  # ConfigValueError, LatentStoreError, a --latents-dtype mismatch
+        raise UsageError(str(e)) from None
+    from echo4o_jax.train.trainer import validate_config
+
+    try:
+        validate_config(compile_config(c))
+    except ConfigValueError as e:
+        raise UsageError(str(e)) from None
+    return c
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -286,26 +415,49 @@ def main(argv=None) -> int:
     ap.add_argument("--headroom", type=float, default=0.10, help="required free HBM fraction (default 0.10)")
     ap.add_argument("--no-search", action="store_true", help="compile the config's remat / mesh only")
     ap.add_argument("--all", action="store_true", help="compile every candidate instead of stopping at the first fit")
-    ap.add_argument("--remat", default="", help="comma list restricting the remat candidates")
+    ap.add_argument("--remat", default="", help=f"comma list restricting the remat candidates ({', '.join(REMAT_ORDER)})")
     ap.add_argument("--tensor", default="", help="comma list restricting the tensor-parallel candidates")
+    ap.add_argument("--latents-dtype", default="", choices=("", "float32", "bfloat16"),
+                    help="with data.vae_latents: dtype of the precomputed moments when that folder does not exist "
+                         "here (default float32, the latents tool's default; an existing folder's manifest decides)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    try:
+        check_args(args)
+        c = load(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     import jax
 
-    c = load_config(args.config)
-    for kv in args.set:
-        apply_override(c, kv)
     hbm = chip_hbm(args.topology)
     t0 = time.perf_counter()
-    devices = tpu_devices(args.topology)
+    try:
+        devices = tpu_devices(args.topology)
+    except Exception as e:  # noqa: BLE001 - no libtpu, or a topology libtpu cannot describe
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        print(f"error: --topology {args.topology}: libtpu cannot describe it ({type(e).__name__}: {msg})",
+              file=sys.stderr)
+        return 2
     print(f"[tpu_compile] {args.topology}: {len(devices)} x {devices[0].device_kind}, HBM {hbm / GiB:.0f} GiB/chip "
           f"(topology {time.perf_counter() - t0:.1f}s; jax {jax.__version__})", flush=True)
+    if c.model.init == "checkpoint" and not c.model.ckpt:
+        print("[tpu_compile] model.init='checkpoint' without model.ckpt: the released BAGEL-7B-MoT geometry",
+              flush=True)
+    moments = latents_dtype(c, args.latents_dtype or None)
+    if moments:
+        print(f"[tpu_compile] data.vae_latents: batches carry {moments} posterior moments (no VAE encoder in the "
+              "step)", flush=True)
     cand = candidates(c, len(devices), not args.no_search)
     if args.remat:
         cand = [x for x in cand if x[0] in args.remat.split(",")]
     if args.tensor:
         cand = [x for x in cand if str(x[1]) in args.tensor.split(",")]
+    if not cand:
+        print(f"error: --tensor {args.tensor}: no candidate; the search tries tensor sizes 1, 2, 4, 8 that divide "
+              f"the {len(devices)} chips", file=sys.stderr)
+        return 2
     results, chosen = [], None
     print(HEADER, flush=True)
     for remat, tp in cand:
@@ -314,7 +466,7 @@ def main(argv=None) -> int:
         if not args.no_search:  # everything not tensor-parallel: FSDP, with data parallelism only where a
             c.mesh.data, c.mesh.fsdp = data_fsdp_split(c, len(devices) // tp)  # smaller group shards more
         try:
-            r = compile_step(c, devices, hbm)
+            r = compile_step(c, devices, hbm, args.latents_dtype or None)
         except Exception as e:  # noqa: BLE001 - a candidate that does not compile is reported, not fatal
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"{remat:>13} tensor={tp}: FAILED {msg}", flush=True)
@@ -330,6 +482,7 @@ def main(argv=None) -> int:
             if not args.all:
                 break
     best = chosen
+    failed = [r for r in results if "error" in r]
     if best is not None:
         m = best["mesh"]
         print(f"[tpu_compile] chosen: model.remat={best['remat']} mesh=(data={m['data']}, fsdp={m['fsdp']}, "
@@ -338,8 +491,15 @@ def main(argv=None) -> int:
               f"{best['packs']} packs x {best['tokens_per_step'] // best['packs']} tokens/step, "
               f"{best['flops_per_chip'] / 1e12:.1f} TFLOP/chip/step (compiled), compile {best['compile_seconds']:.0f}s",
               flush=True)
+    elif len(failed) == len(results):
+        reasons = sorted({r["error"] for r in failed})
+        print(f"[tpu_compile] every candidate ({len(failed)}) failed to compile; "
+              f"{len(reasons)} distinct reason{'s' if len(reasons) > 1 else ''}:", flush=True)
+        for why in reasons:
+            print(f"  {why}", flush=True)
     else:
-        print(f"[tpu_compile] no candidate fits with >= {args.headroom * 100:.0f}% headroom", flush=True)
+        print(f"[tpu_compile] no candidate fits with >= {args.headroom * 100:.0f}% headroom"
+              + (f" ({len(failed)} of {len(results)} failed to compile)" if failed else ""), flush=True)
     out = dict(config=args.config, topology=args.topology, overrides=args.set, hbm_bytes=hbm,
                headroom_required=args.headroom, results=results, chosen=best)
     if args.out:

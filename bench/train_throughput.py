@@ -12,7 +12,9 @@ device memory in use and the peak so far after setup (weights, optimizer state, 
 step and the timed steps, so a peak above the compiled step's arguments + temporaries can be placed
 (GPU/TPU; CPU reports none). `update_seconds` times the step's optimizer part alone (AdamW + EMA + gradient
 norm) and `layer_param_fraction` is one decoder layer's share of the parameters, so that
-bench/gpu_summary.py can split one layer's time into compute and optimizer work.
+bench/gpu_summary.py can split one layer's time into compute and optimizer work. `interpret_mode` is true
+where the attention is a Pallas kernel run in interpret mode (pallas_gpu / pallas_tpu on the CPU,
+pallas_interpret): its times are not kernel timings, and the table says so.
 """
 
 from __future__ import annotations
@@ -52,7 +54,23 @@ def apply_override(c, kv: str):
     node[leaf] = value
 
 
-def main(argv=None) -> int:
+INTERPRET_NOTE = "interpret mode: not a kernel timing"
+
+
+def interpret_mode(impl: str | None, backend: str) -> bool:
+    """Whether attention `impl` runs its Pallas kernel in interpret mode on `backend` (model.attention: the
+    pallas_gpu / pallas_tpu kernels interpret on the CPU; pallas_interpret always does)."""
+    return impl == "pallas_interpret" or (impl in ("pallas_gpu", "pallas_tpu") and backend == "cpu")
+
+
+def impl_label(impl: str | None, backend: str) -> str:
+    """`impl`, with "(interpret mode: not a kernel timing)" where `interpret_mode`."""
+    return f"{impl} ({INTERPRET_NOTE})" if interpret_mode(impl, backend) else str(impl)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; `measure(args, impl)` reads the parsed namespace (bench/data_throughput.py builds its
+    own with `build_parser().parse_args([...])`)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--steps", type=int, default=5)
@@ -65,7 +83,11 @@ def main(argv=None) -> int:
                          "per step by the model's named scopes (attention, mlp, qkv, ..., optimizer)")
     ap.add_argument("--profile-dir", default="", help="keep the trace here (default: a temporary folder)")
     ap.add_argument("--out", default="")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     impls = [x for x in args.impls.split(",") if x] or [None]
     results = []
     for impl in impls:
@@ -81,11 +103,12 @@ def main(argv=None) -> int:
             if "error" in r:
                 print(f"{str(r['attention_impl']):<18} error: {r['error'][:80]}")
                 continue
-            mem = (r.get("peak_device_memory_bytes") or 0) / 2**30
+            mem = f"{r['peak_device_memory_bytes'] / 2**30:.1f}" if r.get("peak_device_memory_bytes") else "-"
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
             mfu_full = f"{r['mfu_full_model']:.1%}" if r.get("mfu_full_model") else "-"
+            note = f"  ({INTERPRET_NOTE})" if r.get("interpret_mode") else ""
             print(f"{r['attention_impl']:<18}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}"
-                  f"{r['tokens_per_second']:>11.0f}{mfu:>7}{mfu_full:>9}{mem:>10.1f}")
+                  f"{r['tokens_per_second']:>11.0f}{mfu:>7}{mfu_full:>9}{mem:>10}{note}")
     if args.out:
         pathlib.Path(args.out).write_text(text)
     return 0
@@ -228,6 +251,7 @@ def measure(args, impl: str | None) -> dict:
                              temp=getattr(mem, "temp_size_in_bytes", None),
                              alias=getattr(mem, "alias_size_in_bytes", None)) if mem is not None else None,
         num_layers=tr.cfg.llm.num_layers, attention_impl=tr.cfg.attention_impl,
+        interpret_mode=interpret_mode(tr.cfg.attention_impl, jax.default_backend()),
         attention_tuning=tr.cfg.attention_tuning, remat=tr.cfg.remat, compute_dtype=tr.cfg.compute_dtype,
     )
     return out

@@ -128,3 +128,142 @@ def test_a_failing_profiler_is_reported_not_fatal(monkeypatch):
     tr = Trainer()
     assert tt.profile_steps(tr, 2, "") == {"error": "RuntimeError: CUPTI unavailable"}
     assert tr.steps_run == 0
+
+
+def test_tpu_compile_refuses_bad_arguments_before_compiling(capsys):
+    """One `error:` line and exit 2, before libtpu is asked for a topology or a config compiled."""
+    tc = load_file(ROOT / "bench" / "tpu_compile.py", "tpu_compile_bench")
+    base = ["--config", str(TINY)]
+    cases = [
+        (["--topology", "v7x:2x2x1"], "unknown TPU generation 'v7x'"),
+        (["--topology", "v5p"], "expected GENERATION:AxB[xC]"),
+        (["--topology", "v5p:2x0x1"], "expected GENERATION:AxB[xC]"),
+        (["--topology", "v5p:2x2x1", "--remat", "bogus"], "--remat 'bogus'"),
+        (["--topology", "v5p:2x2x1", "--tensor", "two"], "--tensor 'two'"),
+        (["--topology", "v5p:2x2x1", "--headroom", "1.5"], "--headroom 1.5"),
+        (["--topology", "v5p:2x2x1", "--no-search", "--remat", "full"], "with --no-search"),
+        (["--topology", "v5p:2x2x1", "--set", "model.remat=full"], "the search sets model.remat"),
+        (["--topology", "v5p:2x2x1", "--set", "model.remat"], "expected key=value"),
+        (["--topology", "v5p:2x2x1", "--no-search", "--set", "nosuch.key=1"], "--set nosuch.key=1"),
+        (["--topology", "v5p:2x2x1", "--no-search", "--set", "model.vae_posterior=bogus"], "model.vae_posterior"),
+        (["--topology", "v5p:2x2x1", "--no-search", "--latents-dtype", "bfloat16"], "needs data.vae_latents"),
+    ]
+    for args, msg in cases:
+        assert tc.main(base + args) == 2, args
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (args, err)
+        assert "[tpu_compile]" not in out
+    assert tc.main(["--config", "/nonexistent.py", "--topology", "v5p:2x2x1"]) == 2
+    assert capsys.readouterr().err.startswith("error: --config /nonexistent.py")
+
+
+def test_data_throughput_end_to_end_with_tiny_settings(tmp_path, monkeypatch, capsys):
+    """bench/data_throughput.py runs every stage with tiny settings: the 7B recipe rows (packed as
+    configs/echo4o_7b.py, consumption from the 28-layer extrapolation of the H100 layer runs) and the demo rows.
+    The demo train step's timing is train_throughput.measure, run end to end in the test above; here it is
+    replaced by a stand-in that checks it was handed a namespace carrying every attribute measure reads (the
+    demo stage once crashed on `args.profile_steps`), so the test stays a few seconds long. The JSON is
+    rewritten after each row, so a stage that fails keeps the rows measured before it."""
+    import inspect
+    import re
+
+    import pytest
+
+    dt = load_file(ROOT / "bench" / "data_throughput.py", "data_throughput_script")
+    tt = load_file(ROOT / "bench" / "train_throughput.py", "train_throughput_script")
+    gs = load_file(ROOT / "bench" / "gpu_summary.py", "gpu_summary_script")
+    read = set(re.findall(r"\bargs\.(\w+)", inspect.getsource(tt.measure)))
+    assert {"config", "set", "steps", "profile_steps", "profile_dir"} <= read
+    handed = []
+
+    def measure(args, impl):
+        assert impl is None and all(hasattr(args, k) for k in read), sorted(read - set(vars(args)))
+        handed.append(args)
+        return dict(step_seconds=0.5, packs_per_step=2)
+
+    monkeypatch.setattr(dt, "measure", measure)
+    out_json = tmp_path / "dt.json"
+    argv = ["--seconds", "0.3", "--workers", "", "--res", "256", "--samples", "3", "--demo-steps", "2",
+            "--data-dir", str(tmp_path / "data"), "--json", str(out_json)]
+    assert dt.main(argv) == 0
+    (args,) = handed
+    assert args.steps == 2 and args.config.endswith("configs/demo.py") and args.profile_steps == 0
+    assert any(kv.startswith("data.records.demo_dir=") for kv in args.set)
+    rows = json.loads(out_json.read_text())
+    assert [r["workload"] for r in rows] == ["256^2 mix", "demo (configs/demo.py)"]
+    # the 7B consumption: 8 GPUs / the 28-layer step gpu_summary extrapolates from the H100 remat-full runs
+    runs = [(f.name, json.loads(f.read_text())) for f in sorted(ROOT.glob(dt.LAYER_RUNS))]
+    (fit,) = [f for f in gs.layer_fits(runs) if f["remat"] == "full" and not f["tuning"]]
+    assert abs(rows[0]["need_packs_s"] - 8 / fit["t28"]) < 1e-9 and 0.38 < fit["mfu28"] < 0.39
+    text = capsys.readouterr().out
+    assert f"{fit['mfu28']:.1%} MFU" in text and "28 layers extrapolated" in text
+    # the recipe's budget (configs/echo4o_7b.py), not another one
+    assert "text_tokens=1024, vit_tokens=4224, vae_tokens=11264, vae_images=4" in text
+    assert rows[0]["tokens_per_pack"] <= 1024 + 4224 + 11264
+    assert rows[1]["need_packs_s"] == 2 / 0.5
+
+    def broken(*a, **k):
+        raise RuntimeError("demo stage failed")
+
+    monkeypatch.setattr(dt, "demo_pipeline", broken)
+    out_json.unlink()
+    with pytest.raises(RuntimeError, match="demo stage failed"):
+        dt.main(argv)
+    assert [r["workload"] for r in json.loads(out_json.read_text())] == ["256^2 mix"]  # kept
+
+    for bad in (["--workers", "x"], ["--seconds", "0"], ["--demo-steps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            dt.main(argv + bad)
+        assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_generate_throughput_refuses_bad_input_with_one_error_line(capsys):
+    """--requests < 2 (the first request compiles: per-request figures need a later one), --steps < 2, an
+    unknown dtype, a bad size or checkpoint: `error:` and exit 2, no traceback, nothing timed."""
+    import pytest
+
+    gt = load_file(ROOT / "bench" / "generate_throughput.py", "generate_throughput_script")
+    for bad, msg in ((["--requests", "1"], "--requests 1: at least 2"), (["--requests", "0"], "--requests 0"),
+                     (["--steps", "0"], "--steps 0: at least 2"), (["--images", "0"], "--images 0"),
+                     (["--dtype", "float16"], "invalid choice: 'float16'")):
+        with pytest.raises(SystemExit) as e:
+            gt.main(bad)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, bad
+    for bad, msg in ((["--ckpt", "/nonexistent"], "/nonexistent"), (["--size", "33x48"], "size 33x48")):
+        assert gt.main(bad + ["--steps", "2", "--requests", "2"]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1 and not out, bad
+
+
+def test_interpret_mode_rows_and_unreported_memory_are_labelled(tmp_path, monkeypatch, capsys):
+    """On the CPU the Pallas kernels run in interpret mode: attention_bench and train_throughput label such rows
+    (table and JSON) as not kernel timings; a backend that reports no device memory shows `-`, not 0.0 GiB."""
+    ab = load_file(ROOT / "bench" / "attention_bench.py", "attention_bench_script")
+    tt = load_file(ROOT / "bench" / "train_throughput.py", "train_throughput_script")
+    assert tt.interpret_mode("pallas_gpu", "cpu") and tt.interpret_mode("pallas_tpu", "cpu")
+    assert tt.interpret_mode("pallas_interpret", "gpu") and not tt.interpret_mode("pallas_gpu", "gpu")
+    assert not tt.interpret_mode("xla_blockwise", "cpu")
+
+    assert ab.main(["--config", str(TINY), "--iters", "1", "--impls", "xla_blockwise,pallas_gpu", "--dtype", "float32",
+                    "--out", str(tmp_path / "attention.json")]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "attention.json").read_text())["results"]}
+    assert rows["pallas_gpu"]["interpret_mode"] is True and "interpret_mode" not in rows["xla_blockwise"]
+    table = capsys.readouterr().out.split("\nattention")[-1]
+    (pallas,) = [line for line in table.splitlines() if line.startswith("pallas_gpu")]
+    (xla,) = [line for line in table.splitlines() if line.startswith("xla_blockwise")]
+    assert pallas.endswith("(interpret mode: not a kernel timing)") and "interpret" not in xla
+
+    # the multi-implementation table of train_throughput, on what measure records (measure itself: above)
+    def measure(args, impl):
+        return dict(attention_impl=impl, compile_seconds=1.0, step_seconds=0.5, tokens_per_second=100.0, mfu=None,
+                    mfu_full_model=None, peak_device_memory_bytes=None if impl == "pallas_gpu" else 3 * 2**30,
+                    interpret_mode=tt.interpret_mode(impl, "cpu"))
+
+    monkeypatch.setattr(tt, "measure", measure)
+    assert tt.main(["--config", str(TINY), "--impls", "pallas_gpu,xla_blockwise"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (pallas,) = [line for line in lines if line.startswith("pallas_gpu ")]
+    (xla,) = [line for line in lines if line.startswith("xla_blockwise ")]
+    assert pallas.split()[4:7] == ["-", "-", "-"] and pallas.endswith("(interpret mode: not a kernel timing)")
+    assert xla.split()[4:7] == ["-", "-", "3.0"] and "interpret" not in xla
