@@ -7,7 +7,7 @@
 Everything is abstract (`jax.ShapeDtypeStruct` with shardings): params, optimizer state, EMA, VAE, buffers
 and the packed batch of the config's budget (`data.packs_per_step=-1` = one pack per data-parallel chip).
 No 7B array is ever allocated. The abstract state is built from the same public pieces the `Trainer`
-uses (model_config_from, state_shardings, optimizer_from_config, init_train_state, make_train_step).
+uses (model_config_from, state_shardings, optimizer_from_config, init_train_state, train_step_from_config, opt_state_shardings).
 
 For each candidate setting (remat policy x mesh), cheapest first, it compiles the step and prints per chip:
 argument / output / temporary memory, the total (args + outputs - donated aliases + temps) against the
@@ -17,7 +17,7 @@ HBM and says which one it chose (`--all`: compile every candidate). `--no-search
 A config with `model.init="checkpoint"` and no `model.ckpt` (configs/echo4o_7b.py) uses the released
 BAGEL-7B-MoT geometry (`BagelConfig.bagel_7b_mot`), which is what such a checkpoint holds; every execution
 setting (dtypes, remat, attention impl / tuning, train.freeze_und, ...) goes through the Trainer's
-`model_config_from`, and make_train_step gets the Trainer's arguments (model.vae_posterior,
+`model_config_from`, and the step is `train_step_from_config` with the Trainer's arguments (model.vae_posterior,
 train.ce_loss_reweighting, the freeze masks). The abstract batch is the one the config's source yields:
 uint8 images for records, float32 for synthetic packs; with `data.vae_latents`, `vae_moments` canvases
 instead of pixels (no VAE encoder in the step), of the folder's dtype when it exists here, else
@@ -37,7 +37,6 @@ import os
 import pathlib
 import sys
 import time
-import types
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -181,8 +180,9 @@ def build_abstract_step(config, devices, latents: str | None = None) -> Built:
     from echo4o_jax.model.bagel import Bagel
     from echo4o_jax.model.vae import AutoEncoder
     from echo4o_jax.train.data_sources import budget_from_config
-    from echo4o_jax.train.step import init_train_state, make_train_step
-    from echo4o_jax.train.trainer import Trainer, optimizer_from_config, validate_config
+    from echo4o_jax.train.step import init_train_state
+    from echo4o_jax.train.trainer import (opt_state_shardings, optimizer_from_config, train_step_from_config,
+                                          validate_config)
 
     config = compile_config(config)
     validate_config(config)
@@ -213,8 +213,7 @@ def build_abstract_step(config, devices, latents: str | None = None) -> Built:
     t = config.train
     schedule, tx, trainable = optimizer_from_config(config, params)
     abs_state = jax.eval_shape(lambda p: init_train_state(p, tx, int(t.seed)), params)
-    # Trainer._opt_shardings reads the trainer's param_sh and mesh only
-    opt_sh = Trainer._opt_shardings(types.SimpleNamespace(param_sh=param_sh, mesh=mesh), abs_state["opt_state"])
+    opt_sh = opt_state_shardings(abs_state["opt_state"], param_sh, mesh)
     state_sh = dict(params=param_sh, ema=param_sh, opt_state=opt_sh, step=shd.replicated(mesh),
                     rng=shd.replicated(mesh))
     state = _abstract(abs_state, state_sh)
@@ -223,13 +222,8 @@ def build_abstract_step(config, devices, latents: str | None = None) -> Built:
     batch_sh = {k: v.sharding for k, v in batch.items()}
 
     def step(state, vae_state, buffers, batch):
-        # buffers travel as an argument (the Trainer closes over concrete ones; here they are abstract); the
-        # other arguments as Trainer._build passes them
-        fn = make_train_step(graphdef, buffers, vae_graphdef, tx, schedule,
-                             patch=cfg.latent_patch_size, ce_weight=float(t.ce_weight),
-                             mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay),
-                             vae_posterior=str(config.model.vae_posterior),
-                             ce_reweighting=bool(t.ce_loss_reweighting), trainable=trainable)
+        # buffers travel as an argument (the Trainer closes over concrete ones; here they are abstract)
+        fn = train_step_from_config(config, cfg, graphdef, buffers, vae_graphdef, tx, schedule, trainable)
         return fn(state, vae_state, batch)
 
     return Built(cfg=cfg, mesh=mesh, packs=packs, vae_moments=moments, fn=step, in_shardings=(state_sh, vae_sh, buffer_sh, batch_sh),

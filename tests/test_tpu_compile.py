@@ -54,18 +54,18 @@ def _tiny_on_v5p():
 
 def test_the_trainers_settings_reach_the_compiled_step(monkeypatch):
     """freeze_und, vae_posterior, ce_loss_reweighting and data.vae_latents reach the step bench/tpu_compile.py
-    lowers for a TPU topology: the model config, make_train_step's arguments (as Trainer._build passes them) and
+    lowers for a TPU topology: the model config, the step's make_train_step arguments (train_step_from_config, as the Trainer) and
     the batch (precomputed latents: `vae_moments` canvases, no VAE encoder; records: uint8 images)."""
     import jax
 
     if jax.default_backend() == "tpu":
         pytest.skip("on a real TPU host: the topology API is for compiling without one")
-    import echo4o_jax.train.step as step_mod
+    import echo4o_jax.train.trainer as trainer_mod
 
     tc, devices, c = _tiny_on_v5p()
     seen = []
-    real = step_mod.make_train_step
-    monkeypatch.setattr(step_mod, "make_train_step", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    real = trainer_mod.make_train_step  # (what train_step_from_config calls, for the Trainer and tpu_compile)
+    monkeypatch.setattr(trainer_mod, "make_train_step", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
 
     b, pixels = tc.lower_step(c, devices)
     assert not b.cfg.freeze_und and b.vae_moments is None

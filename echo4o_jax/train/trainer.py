@@ -143,6 +143,30 @@ def optimizer_from_config(config, params) -> tuple[Any, Any, dict | None]:
     return schedule, tx, trainable
 
 
+def opt_state_shardings(abs_opt, param_sh, mesh):
+    """Optimizer moments follow the params' shardings (`param_sh`); scalars are replicated over `mesh`."""
+    flat_p = {tuple(getattr(k, "key", k) for k in path): s for path, s in
+              jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+
+    def one(path, leaf):
+        keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+        for n in range(len(keys)):
+            if keys[n:] in flat_p and flat_p[keys[n:]] is not None:
+                return flat_p[keys[n:]]
+        return shd.replicated(mesh)
+    return jax.tree_util.tree_map_with_path(one, abs_opt)
+
+
+def train_step_from_config(config, cfg: BagelConfig, graphdef, buffers, vae_graphdef, tx, schedule, trainable):
+    """The train step (`step.make_train_step`) with the settings of a training config, as the Trainer runs it
+    (also what bench/tpu_compile.py compiles ahead of time)."""
+    t = config.train
+    return make_train_step(graphdef, buffers, vae_graphdef, tx, schedule, patch=cfg.latent_patch_size,
+                           ce_weight=float(t.ce_weight), mse_weight=float(t.mse_weight),
+                           ema_decay=float(t.ema_decay), vae_posterior=str(config.model.vae_posterior),
+                           ce_reweighting=bool(t.ce_loss_reweighting), trainable=trainable)
+
+
 def _error_summary(e: BaseException) -> str:
     """One readable line for an error from reading a checkpoint: tensorstore's own (innermost) error, without
     the read spec Orbax appends; other errors (safetensors, key mismatches) keep their whole message."""
@@ -358,17 +382,13 @@ class Trainer:
         state_sh = dict(params=self.param_sh, ema=self.param_sh, opt_state=None, step=shd.replicated(mesh),
                         rng=shd.replicated(mesh))
         abs_opt = jax.eval_shape(self.tx.init, params)
-        state_sh["opt_state"] = self._opt_shardings(abs_opt)
+        state_sh["opt_state"] = opt_state_shardings(abs_opt, self.param_sh, mesh)
         self.state_sh = state_sh
         # params donated: the state's params reuse them (one params-sized copy less at the init peak)
         self.state = jax.jit(lambda p: init_train_state(p, self.tx, int(t.seed)), out_shardings=state_sh,
                              donate_argnums=0)(params)
-        step_fn = make_train_step(self.graphdef, self.buffers, self.vae_graphdef, self.tx, self.schedule,
-                                  patch=cfg.latent_patch_size, ce_weight=float(t.ce_weight),
-                                  mse_weight=float(t.mse_weight), ema_decay=float(t.ema_decay),
-                                  vae_posterior=str(c.model.vae_posterior),
-                                  ce_reweighting=bool(t.ce_loss_reweighting), trainable=trainable)
-        self._step_fn = step_fn
+        self._step_fn = train_step_from_config(c, cfg, self.graphdef, self.buffers, self.vae_graphdef, self.tx,
+                                               self.schedule, trainable)
         from .. import checkpoint as ck
 
         self._stacked = ck.stacked_paths(cfg)
@@ -394,18 +414,6 @@ class Trainer:
         from ..data.latents import vae_fingerprint
 
         return vae_fingerprint(self.vae_state)
-
-    def _opt_shardings(self, abs_opt):
-        """Optimizer moments follow the params' shardings; scalars are replicated."""
-        flat_p = {tuple(getattr(k, "key", k) for k in path): s for path, s in
-                  jax.tree_util.tree_flatten_with_path(self.param_sh)[0]}
-        def one(path, leaf):
-            keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-            for n in range(len(keys)):
-                if keys[n:] in flat_p and flat_p[keys[n:]] is not None:
-                    return flat_p[keys[n:]]
-            return shd.replicated(self.mesh)
-        return jax.tree_util.tree_map_with_path(one, abs_opt)
 
     def _init_weights(self):
         c, cfg = self.config, self.cfg
