@@ -7,7 +7,8 @@
 Everything is abstract (`jax.ShapeDtypeStruct` with shardings): params, optimizer state, EMA, VAE, buffers
 and the packed batch of the config's budget (`data.packs_per_step=-1` = one pack per data-parallel chip).
 No 7B array is ever allocated. The abstract state is built from the same public pieces the `Trainer`
-uses (model_config_from, state_shardings, optimizer_from_config, init_train_state, train_step_from_config, opt_state_shardings).
+uses (model_config_from, state_shardings, optimizer_from_config, init_train_state, opt_state_shardings,
+train_step_from_config).
 
 For each candidate setting (remat policy x mesh), cheapest first, it compiles the step and prints per chip:
 argument / output / temporary memory, the total (args + outputs - donated aliases + temps) against the
