@@ -207,9 +207,17 @@ def test_resume_with_another_frozen_vae_is_refused(tmp_path):
     assert tr.restore() and int(tr.state["step"]) == 0
 
 
-def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys):
+def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys, monkeypatch):
     """log.profile_start / profile_steps: the traced steps' device time by the model's named scopes is
-    printed and written to <workdir>/profile/summary.json, and training goes on to its last step."""
+    printed and written to <workdir>/profile/summary.json, and training goes on to its last step. The trace's
+    stop and summary (seconds on a big model; 3 s here) are not charged to the last traced step (its
+    step_seconds, tokens/s and MFU in log.jsonl)."""
+    import time
+
+    from echo4o_jax.train import trainer as trainer_mod
+
+    real_close = trainer_mod._StepProfile.close
+    monkeypatch.setattr(trainer_mod._StepProfile, "close", lambda self: (time.sleep(3.0), real_close(self)))
     c = load_config("synthetic_tiny")
     c.train.steps = 3
     c.log.tensorboard = False
@@ -217,6 +225,7 @@ def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys):
     c.log.profile_steps = 1
     out = Trainer(c, tmp_path).run()
     assert out["step"] == 3 and len(out["history"]) == 3
+    assert max(m["step_seconds"] for m in out["history"]) < 3.0, [m["step_seconds"] for m in out["history"]]
     s = json.loads((tmp_path / "profile" / "summary.json").read_text())
     assert s["steps"] == 1 and s["events"] > 0
     assert {"attention", "mlp", "qkv", "optimizer"} <= {k for k, v in s["by_scope"].items() if v > 0}
@@ -225,28 +234,22 @@ def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys):
     assert "[profile] step 2, device time per step" in printed and "attention" in printed
 
 
-def test_profile_summary_time_is_no_steps_and_an_unreachable_start_is_said(tmp_path, capsys, monkeypatch):
-    """The trace's stop and summary (seconds on a big model) are not charged to the last traced step (its
-    step_seconds, tokens/s and MFU in log.jsonl); a profile_start the run never reaches says so."""
-    import time
+def test_an_unreachable_profile_start_is_said(tmp_path, capsys):
+    """A profile_start the run never reaches (a resumed run past it, or past train.steps) would trace nothing:
+    the run says so when it starts (`Trainer.run` calls check_reachable(first step, train.steps))."""
+    import types
 
-    from echo4o_jax.train import trainer as trainer_mod
+    from echo4o_jax.train.trainer import _StepProfile
 
-    real_close = trainer_mod._StepProfile.close
-    monkeypatch.setattr(trainer_mod._StepProfile, "close", lambda self: (time.sleep(3.0), real_close(self)))
-    c = load_config("synthetic_tiny")
-    c.train.steps, c.log.tensorboard, c.log.profile_start, c.log.profile_steps = 3, False, 1, 1
-    out = Trainer(c, tmp_path / "a").run()
-    assert max(m["step_seconds"] for m in out["history"]) < 3.0, [m["step_seconds"] for m in out["history"]]
-    capsys.readouterr()
-    c.train.steps, c.log.profile_start = 5, 2  # a resume at step 3: past the start
-    Trainer(c, tmp_path / "a").run()
-    assert ("[profile] log.profile_start=2 is never reached (this run starts after step 3): nothing will be "
-            "traced") in capsys.readouterr().out
-    c.log.profile_start = 9
-    Trainer(c, tmp_path / "b").run()
-    assert "[profile] log.profile_start=9 is never reached (train.steps is 5)" in capsys.readouterr().out
-    assert not (tmp_path / "b" / "profile").exists()
+    tr = types.SimpleNamespace(workdir=tmp_path, is_main=True)
+    for start, first, total, why in [(2, 3, 5, "this run starts after step 3"), (9, 0, 5, "train.steps is 5"),
+                                     (5, 0, 5, "train.steps is 5")]:
+        _StepProfile(tr, start, 1).check_reachable(first, total)
+        assert capsys.readouterr().out == (f"[profile] log.profile_start={start} is never reached ({why}): nothing "
+                                           "will be traced\n")
+    for start, first, total in [(0, 0, 5), (2, 0, 5), (3, 3, 5), (4, 0, 5)]:  # off, or reached
+        _StepProfile(tr, start, 1).check_reachable(first, total)
+        assert capsys.readouterr().out == ""
 
 
 def test_freeze_flags_as_the_official(tmp_path):
