@@ -1,8 +1,10 @@
 """Shared test fixtures.
 
 Golden folders (recorded from the official PyTorch BAGEL) come from ECHO4O_GOLDEN_DIRS
-(os.pathsep-separated); by default the bundled copy tests/golden/bagel_tiny_a. Every size is read
-from the folder's configs.
+(os.pathsep-separated); by default every folder under tests/golden/ (the bundled copy bagel_tiny_a) and
+every folder under the checkout's ../shared/golden/ that is not a byte-identical copy of a bundled one
+(a folder of the same layout with other sizes dropped into either place is run through the same tests).
+Every size is read from the folder's configs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_GOLDEN = HERE / "golden" / "bagel_tiny_a"
 SHARED_BENCHMARKS = HERE.parent.parent / "shared" / "benchmarks"
+SHARED_GOLDEN = HERE.parent.parent / "shared" / "golden"
 
 
 def load_file(path: pathlib.Path, name: str):
@@ -29,22 +32,44 @@ def load_file(path: pathlib.Path, name: str):
     return mod
 
 
+def _golden_folders(parent: pathlib.Path) -> list[pathlib.Path]:
+    if not parent.is_dir():
+        return []
+    return sorted(d for d in parent.iterdir() if d.is_dir() and (d / "llm_config.json").exists())
+
+
+def _same_files(a: pathlib.Path, b: pathlib.Path) -> bool:
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    if names != sorted(p.name for p in b.iterdir() if p.is_file()):
+        return False
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
 def golden_dirs() -> list[pathlib.Path]:
     env = os.environ.get("ECHO4O_GOLDEN_DIRS")
     if env:
         dirs = [pathlib.Path(p) for p in env.split(os.pathsep) if p]
     else:
-        dirs = [DEFAULT_GOLDEN]
+        dirs = _golden_folders(DEFAULT_GOLDEN.parent)
+        for d in _golden_folders(SHARED_GOLDEN):
+            if not any(d.name == b.name and _same_files(d, b) for b in dirs):
+                dirs.append(d)
     for d in dirs:
         if not (d / "llm_config.json").exists():
             raise FileNotFoundError(f"golden folder {d} has no llm_config.json")
     return dirs
 
 
+def golden_ids(dirs: list[pathlib.Path]) -> list[str]:
+    """Test ids: the folder names, with the parent's name added where two folders share a name."""
+    names = [d.name for d in dirs]
+    return [d.name if names.count(d.name) == 1 else f"{d.parent.parent.name}-{d.parent.name}-{d.name}" for d in dirs]
+
+
 def pytest_generate_tests(metafunc):
     if "golden_dir" in metafunc.fixturenames:
         dirs = golden_dirs()
-        metafunc.parametrize("golden_dir", dirs, ids=[d.name for d in dirs], scope="module")
+        metafunc.parametrize("golden_dir", dirs, ids=golden_ids(dirs), scope="module")
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
