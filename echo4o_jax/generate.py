@@ -71,6 +71,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from .jsonl import jsonl_lines
+
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
 DEMO_PROMPT_IDS = [13, 60, 2, 38, 77, 23, 87, 59, 101]
 
@@ -733,14 +735,10 @@ def _read_metadata(meta_path: pathlib.Path) -> dict[str, dict]:
             with open(meta_path, "ab") as f:
                 f.write(b"\n")
     done = {}
-    for n, line in enumerate(data.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            raise GenerateError(f"{meta_path}:{n}: not a JSON record ({e}); fix or remove that line") from None
-        if not isinstance(r, dict) or "id" not in r:
+    for n, r, why in jsonl_lines(data.splitlines()):
+        if why:
+            raise GenerateError(f"{meta_path}:{n}: {why}; fix or remove that line")
+        if "id" not in r:
             raise GenerateError(f"{meta_path}:{n}: a record needs an `id`")
         done[r["id"]] = r
     return done
@@ -948,20 +946,12 @@ def read_requests(path) -> list[dict]:
     p = pathlib.Path(path)
     if not p.is_file():
         raise GenerateError(f"prompts file not found: {p}")
-    try:
-        text = p.read_text()
-    except UnicodeDecodeError as e:
-        raise GenerateError(f"{p}: not UTF-8 text ({e})") from None
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, r, why in jsonl_lines(p.read_bytes().splitlines()):
         where = f"{p}:{n}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GenerateError(f"{where}: invalid JSON ({e})") from None
-        if not isinstance(r, dict) or ("prompt" not in r and "prompt_ids" not in r):
+        if why:
+            raise GenerateError(f"{where}: {why}")
+        if "prompt" not in r and "prompt_ids" not in r:
             raise GenerateError(f"{where}: each line needs an object with `prompt` (or `prompt_ids`)")
         r.setdefault("id", f"{n:05d}")
         r[SOURCE_KEY] = where

@@ -234,7 +234,7 @@ def test_resume_regenerates_truncated_png_and_cut_metadata(gen, tmp_path, monkey
     assert calls == [0, 1]
     # a broken record that is not the last line is an error naming it
     (tmp_path / "metadata.jsonl").write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
-    with pytest.raises(G.GenerateError, match=r"metadata.jsonl:2: not a JSON record"):
+    with pytest.raises(G.GenerateError, match=r"metadata.jsonl:2: not JSON: .*; fix or remove that line"):
         G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
 
 
@@ -305,7 +305,7 @@ def test_bad_inputs_give_clear_errors(golden_dir, gen, tmp_path):
     assert G.main(["--ckpt", str(tmp_path / "nowhere"), "--prompt-ids", "1"]) == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt_ids": [1]}\nnot json\n')
-    with pytest.raises(G.GenerateError, match=r"bad.jsonl:2: invalid JSON"):
+    with pytest.raises(G.GenerateError, match=r"bad.jsonl:2: not JSON: "):
         G.read_requests(bad)
 
 

@@ -57,6 +57,7 @@ from echo4o_jax.data._import_common import (
     jsonable,
     scalar_extras,
 )
+from echo4o_jax.jsonl import jsonl_lines
 from echo4o_jax.data.records import RecordError, RecordWriter, check_writable, multiref_record, t2i_record
 
 __all__ = ["import_t2i_subset", "import_multiref", "import_echo4o", "main", "ImportFailure"]
@@ -100,17 +101,10 @@ def _read_jsonl_rows(paths: list[str], root: str, on_error: OnError, writer: Rec
     for path in paths:
         rel = os.path.relpath(path, root)
         with open(path, "rb") as f:
-            for line_no, line in enumerate(f, 1):
+            for line_no, row, why in jsonl_lines(f):
                 where = f"{rel}:{line_no}"
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    on_error(where, "invalid JSON line", str(e))
-                    continue
-                if not isinstance(row, dict):
-                    on_error(where, "JSON line is not an object")
+                if why:
+                    on_error(where, "invalid JSON line", why)
                     continue
                 if row.get("task_type", "t2i") != "t2i":
                     writer.skip(f"task_type {row.get('task_type')!r} not imported", where=where)

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from ..jsonl import jsonl_lines
 from .judge import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL, Judge, JudgeError, JudgeRequest, JudgeResult,
                     JudgeTemplate, load_template)
 
@@ -82,19 +83,9 @@ def jsonl_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
     not a JSON object is a UsageError naming the file and the line."""
     rows = []
     with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UsageError(f"{path}:{i}: not UTF-8 text ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise UsageError(f"{path}:{i}: not JSON: {e}") from None
-            if not isinstance(r, dict):
-                raise UsageError(f"{path}:{i}: expected a JSON object, got {type(r).__name__}")
+        for i, r, why in jsonl_lines(f):
+            if why:
+                raise UsageError(f"{path}:{i}: {why}")
             rows.append((i, r))
     return rows
 

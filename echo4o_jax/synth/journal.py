@@ -29,6 +29,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..jsonl import jsonl_lines
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Journal", "JournalError", "BlobError", "JOURNAL_NAME", "hold_lock"]
@@ -136,15 +138,12 @@ class Journal:
                     f.truncate(end)
                     f.flush()
                     os.fsync(f.fileno())
-        for n, line in enumerate(data[:end].splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                e = json.loads(line)
-                key = e["key"]
-            except (ValueError, KeyError, TypeError):
+        for n, e, why in jsonl_lines(data[:end].splitlines()):
+            key = e.get("key") if e else None
+            if not isinstance(key, str):
                 self.bad_lines += 1
-                log.warning("journal %s: line %d is not a journal entry; ignored", self.path, n)
+                log.warning("journal %s: line %d is not a journal entry (%s); ignored", self.path, n,
+                            why or "no string `key`")
                 continue
             self._entries[key] = e  # a later line for a key (a lost blob re-fetched) wins
 
