@@ -26,13 +26,18 @@
 # Measured 2026-11-26 on an H200 and 2026-11-27 on an H100 (bench/results/, README "Design notes"); the
 # stages took 55 s (attention) and ~90 s per train-step run there: about 7 minutes in all.
 set -uo pipefail
-# OUT (default ./gpu_check) is relative to the caller's folder: made absolute before the cd to the repo root
+# OUT (default ./gpu_check) and CONFIG are relative to the caller's folder (CONFIG's default: the repo's
+# configs/bagel_7b_geometry_small.py): made absolute before the cd to the repo root
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || { echo "error: cannot create OUT=$OUT" >&2; exit 2; }
+if [ -n "${CONFIG:-}" ]; then
+  [ -f "$CONFIG" ] || { echo "error: CONFIG=$CONFIG: no such file (relative to $PWD)" >&2; exit 2; }
+  CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")
+fi
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 IMPLS=${IMPLS:-pallas_gpu}  # train-step runs; then pallas_gpu with the sweep's best tuning
-CONFIG=${CONFIG:-configs/bagel_7b_geometry_small.py}
+CONFIG=${CONFIG:-$PWD/configs/bagel_7b_geometry_small.py}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 stage() { echo; echo "=== $* ($(date +%T))"; }

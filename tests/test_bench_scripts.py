@@ -267,3 +267,15 @@ def test_interpret_mode_rows_and_unreported_memory_are_labelled(tmp_path, monkey
     (xla,) = [line for line in lines if line.startswith("xla_blockwise ")]
     assert pallas.split()[4:7] == ["-", "-", "-"] and pallas.endswith("(interpret mode: not a kernel timing)")
     assert xla.split()[4:7] == ["-", "-", "3.0"] and "interpret" not in xla
+
+
+def test_gpu_check_paths_are_the_callers(tmp_path):
+    """OUT and CONFIG are taken relative to the folder gpu_check.sh is called from (it works in the repo root);
+    a CONFIG that is not there stops it before any stage runs."""
+    import subprocess
+
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "OUT": "mine", "CONFIG": "configs/x.py"}, timeout=60)
+    assert r.returncode == 2 and (tmp_path / "mine").is_dir(), r
+    assert f"CONFIG=configs/x.py: no such file (relative to {tmp_path})" in r.stderr
+    assert "=== 0 machine" not in r.stdout
