@@ -340,3 +340,28 @@ def test_interrupted_run_exits_128_plus_the_signal(workdir, capsys):
     assert (workdir / "checkpoints" / str(step)).is_dir()
     resumed = [r for r in _records(workdir) if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] == 4 and "superseded_steps" not in resumed[0]
+
+
+def test_ctrl_c_before_the_first_step_is_one_line_and_ends_the_process(tmp_path, capsys, monkeypatch):
+    """A SIGINT while the model is set up or restored (before the step loop's handler): one line, exit 130,
+    without the interpreter's teardown (which can crash with an XLA compilation in flight)."""
+    import echo4o_jax.train.__main__ as train_main
+    import echo4o_jax.train.trainer as trainer_mod
+
+    class Interrupted(Exception):
+        pass
+
+    def setup(*a, **k):
+        raise KeyboardInterrupt
+
+    def hard_exit(code):
+        raise Interrupted(code)
+
+    monkeypatch.setattr(trainer_mod, "Trainer", setup)
+    monkeypatch.setattr(train_main, "_hard_exit", hard_exit)
+    with pytest.raises(Interrupted) as e:
+        run(_tiny(steps=2), str(tmp_path / "wd"))
+    assert e.value.args == (128 + signal.SIGINT,)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"[train] interrupted (SIGINT) before the first step of this run (setting up or restoring): nothing "
+                   f"was trained or saved; rerun the same command to start or resume (workdir {tmp_path / 'wd'})"]

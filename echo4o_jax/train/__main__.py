@@ -12,11 +12,13 @@ change on resume). Exit status:
          model geometry, an unreadable checkpoint, records, precomputed latents
     3    non-finite loss (the last good checkpoint is kept)
     128 + N   stopped by signal N (130: SIGINT, 143: SIGTERM) after finishing and saving the current
-         step; rerun the same command to resume
+         step; rerun the same command to resume. A Ctrl-C before the first step (model set-up, restore) ends
+         the process at once with 130 and one line (nothing of this run was trained or saved)
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -30,6 +32,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and samples go (re-use to resume)")
 
 EXIT_NONFINITE = 3
+# a Ctrl-C before the step loop's own handler is installed ends the process without the interpreter's teardown:
+# with an XLA compilation in flight, that teardown can crash (a segfault after the KeyboardInterrupt traceback)
+_hard_exit = os._exit
 
 
 def main(argv):
@@ -57,7 +62,14 @@ def run(config, workdir: str) -> int:
             return EXIT_NONFINITE
         return 0
 
-    rc = run_reporting_bad_input(train)  # bad input: one error line, EXIT_BAD_INPUT
+    try:
+        rc = run_reporting_bad_input(train)  # bad input: one error line, EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # the step loop stops on SIGINT itself: this is set-up or restore, nothing is written
+        print(f"\n[train] interrupted (SIGINT) before the first step of this run (setting up or restoring): nothing "
+              f"was trained or saved; rerun the same command to start or resume (workdir {workdir})",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        _hard_exit(128 + signal.SIGINT)
     if not out:
         return rc
     step, total, hist = out["step"], out["total"], out["history"]
