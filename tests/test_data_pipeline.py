@@ -226,12 +226,18 @@ def test_golden_samples_through_pipeline(golden_dir, tmp_path):
     ds = cfg.latent_downsample
     budget = dataclasses.replace(tight, text_tokens=tight.text_tokens + 3, vae_images=tight.vae_images + 1,
                                  vae_image_size=(tight.vae_image_size[0] + ds, tight.vae_image_size[1]))
-    sizes = [max(max(a.shape[1:]) for a in s["image_tensor_list"]) for s in samples]
+    # the largest side of the VAE / ViT images (each within its own position table): no image is resized
+    sides = {"vae_image": 0, "vit_image": 0}
+    for s in samples:
+        imgs = iter(s["image_tensor_list"])
+        for it in s["sequence_plan"]:
+            if it["type"] != "text":
+                sides[it["type"]] = max(sides[it["type"]], *next(imgs).shape[1:])
     pc = PipelineConfig(datasets=(DatasetSpec(str(tmp_path / "golden")),), tokenizer=tok, budget=budget,
                         expected_num_tokens=10**6, shuffle=False, num_epochs=1, text_dropout=0.0,
                         vit_dropout=0.0, vae_dropout=0.0,
-                        vae_transform=ImageTransform(max(sizes), ds, ds),
-                        vit_transform=ImageTransform(max(sizes), cfg.vit.patch_size, cfg.vit.patch_size))
+                        vae_transform=ImageTransform(sides["vae_image"], ds, ds),
+                        vit_transform=ImageTransform(sides["vit_image"], cfg.vit.patch_size, cfg.vit.patch_size))
     it = DataPipeline(pc, cfg).iterator()
     batch, stats = next(it)
     with pytest.raises(StopIteration):

@@ -109,7 +109,8 @@ def test_vae_latents_on_a_larger_static_canvas_equal_the_official(golden_dir, lo
     d, batch, _, _, x0, *_ = train_case
     samples = golden_samples(d)
     b = packing.budget_for(samples, cfg, slack=5)
-    b = dataclasses.replace(b, vae_image_size=(b.vae_image_size[0] + 16, b.vae_image_size[1] + 32))
+    ds = cfg.latent_downsample
+    b = dataclasses.replace(b, vae_image_size=(b.vae_image_size[0] + ds, b.vae_image_size[1] + 2 * ds))
     big = packing.pack_samples(samples, cfg, b, rng=np.random.default_rng(0))
     assert big.vae_images.shape[1:3] == b.vae_image_size
     arrays = {k: jnp.asarray(v)[None] for k, v in packing.batch_arrays(big).items()}

@@ -322,9 +322,9 @@ def test_freeze_und_detaches_understanding_paths_as_the_official(golden_dir):
     final norm are detached. Same forward; no gradient reaches the ViT, connector, text embedding, final
     norm or any und-expert weight (each of them gets one without the flag); the LM head still gets the CE
     gradient, unchanged (its input is only detached); the CE loss (read from und tokens only) no longer
-    reaches any gen-expert weight; and the MSE gradient of the gen expert changes on this pack, whose
-    multi-reference sample has instruction text (und) reading clean VAE tokens (gen)."""
-    _, run = _golden_pack_loss(golden_dir)
+    reaches any gen-expert weight; and (with two layers or more) the MSE gradient of the gen expert changes
+    on this pack, whose multi-reference sample has instruction text (und) reading clean VAE tokens (gen)."""
+    base, run = _golden_pack_loss(golden_dir)
     loss, g = run()
     loss_f, g_f = run(freeze_und=True)
     assert abs(loss - loss_f) < 1e-6
@@ -342,4 +342,7 @@ def test_freeze_und_detaches_understanding_paths_as_the_official(golden_dir):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
     _, g_no_ce = run(ce_weight=0.0)
     diff = norm(jax.tree.map(lambda a, b: a - b, g_no_ce["llm"]["gen"], g_f_no_ce["llm"]["gen"]))
-    assert diff > 1e-6 * norm(g_no_ce["llm"]["gen"])
+    if base.llm.num_layers > 1:
+        assert diff > 1e-6 * norm(g_no_ce["llm"]["gen"])
+    else:  # one layer: the und tokens' outputs (the only detached path from gen weights to the MSE) feed nothing
+        assert diff <= 1e-10 * norm(g_no_ce["llm"]["gen"])
