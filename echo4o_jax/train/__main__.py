@@ -65,6 +65,8 @@ def run(config, workdir: str) -> int:
     try:
         rc = run_reporting_bad_input(train)  # bad input: one error line, EXIT_BAD_INPUT
     except KeyboardInterrupt:  # the step loop stops on SIGINT itself: this is set-up or restore, nothing is written
+        if out:  # (after training: the run has returned, everything is written)
+            raise
         print(f"\n[train] interrupted (SIGINT) before the first step of this run (setting up or restoring): nothing "
               f"was trained or saved; rerun the same command to start or resume (workdir {workdir})",
               file=sys.stderr, flush=True)

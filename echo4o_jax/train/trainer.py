@@ -765,11 +765,13 @@ class Trainer:
             return dict(step=step, total=total, history=history, resumed=resumed,
                         stopped_by=stop["agreed"] if step < total else None)
         finally:
-            prof.close()
-            for s, h in old.items():
-                signal.signal(s, h)
-            logger.close()
-            self.ckpt.wait_until_finished()
+            try:
+                prof.close()
+                logger.close()
+                self.ckpt.wait_until_finished()
+            finally:  # only now: a signal meanwhile must not cut the last checkpoint's write
+                for s, h in old.items():
+                    signal.signal(s, h)
 
 
 def _gather_process_states(state: dict) -> list[dict]:
