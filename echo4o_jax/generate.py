@@ -71,6 +71,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from .interrupts import exit_process, keep_ctrl_c
 from .jsonl import jsonl_lines
 
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
@@ -1016,6 +1017,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_ctrl_c()
     try:
         return _run(args)
     except GenerateError as e:
@@ -1142,4 +1144,4 @@ def _remove_earlier(earlier: Sequence[pathlib.Path], written: Sequence[pathlib.P
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from ..interrupts import keep_ctrl_c
 from ..jsonl import jsonl_lines
 from .judge import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL, Judge, JudgeError, JudgeRequest, JudgeResult,
                     JudgeTemplate, load_template)
@@ -504,6 +505,7 @@ def run_cli(main_fn, argv=None) -> int:
     """Run a benchmark main() (or eval.run's) with the exit status of EXIT_STATUS: bad input becomes a one-line
     ``error:`` (2), an incomplete result (``complete`` false in what main returns) a one-line ``incomplete:``
     (1), Ctrl-C one line (130)."""
+    keep_ctrl_c()
     try:
         result = main_fn(argv)
     except (JudgeError, FileNotFoundError, UsageError) as e:

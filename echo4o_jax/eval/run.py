@@ -55,6 +55,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ..interrupts import exit_process
 from . import common, geneval_pp, imagine_bench, omnicontext
 from .judge import JudgeConfigError, api_key_from_env, load_template
 
@@ -475,4 +476,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(common.run_cli(main))
+    exit_process(common.run_cli(main))

@@ -24,6 +24,7 @@ import json
 import logging
 import sys
 
+from echo4o_jax.interrupts import keep_ctrl_c
 from echo4o_jax.synth.config import SynthConfig, load_config
 from echo4o_jax.synth.journal import JournalError
 from echo4o_jax.synth.runner import SynthError, dry_run, format_dry_run, run_track
@@ -94,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_ctrl_c()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     # per-request logs of the HTTP stack (noise; could carry headers): httpx / httpcore, or the httpx2 /

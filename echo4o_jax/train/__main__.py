@@ -18,13 +18,13 @@ change on resume). Exit status:
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from ..interrupts import end_now, keep_ctrl_c
 from .config_cli import bad_input, flags_parser, run_reporting_bad_input
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)",
@@ -32,13 +32,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, logs and samples go (re-use to resume)")
 
 EXIT_NONFINITE = 3
-# a Ctrl-C before the step loop's own handler is installed ends the process without the interpreter's teardown:
-# with an XLA compilation in flight, that teardown can crash (a segfault after the KeyboardInterrupt traceback)
-_hard_exit = os._exit
+# a Ctrl-C before the step loop's own handler is installed ends the process without the interpreter's teardown
+# (`end_now`: with an XLA compilation in flight, the teardown can crash)
+_hard_exit = end_now
 
 
 def main(argv):
     del argv
+    keep_ctrl_c()
     config = _CONFIG.value
     if config is None:
         bad_input("--config is required, e.g. --config configs/demo.py")
@@ -70,7 +71,6 @@ def run(config, workdir: str) -> int:
         print(f"\n[train] interrupted (SIGINT) before the first step of this run (setting up or restoring): nothing "
               f"was trained or saved; rerun the same command to start or resume (workdir {workdir})",
               file=sys.stderr, flush=True)
-        sys.stdout.flush()
         _hard_exit(128 + signal.SIGINT)
     if not out:
         return rc

@@ -17,8 +17,10 @@ def run_cli(fn) -> int:
     from echo4o_jax.checkpoint import CheckpointError
     from echo4o_jax.config import ConfigError
     from echo4o_jax.model.keymap import CheckpointMismatchError
+    from echo4o_jax.interrupts import keep_ctrl_c
     from echo4o_jax.safetensors_io import SafetensorsError
 
+    keep_ctrl_c()
     try:
         fn()
     except (CheckpointMismatchError, SafetensorsError, ConfigError, CheckpointError, FileExistsError,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Sequence
 
 from . import run_cli
@@ -56,4 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from echo4o_jax.interrupts import exit_process
+
+    exit_process(main())
