@@ -66,9 +66,15 @@ def golden_ids(dirs: list[pathlib.Path]) -> list[str]:
     return [d.name if names.count(d.name) == 1 else f"{d.parent.parent.name}-{d.parent.name}-{d.name}" for d in dirs]
 
 
+_COLLECTED: list[pathlib.Path] | None = None  # golden_dirs() once per session (it compares folders byte by byte)
+
+
 def pytest_generate_tests(metafunc):
+    global _COLLECTED
     if "golden_dir" in metafunc.fixturenames:
-        dirs = golden_dirs()
+        if _COLLECTED is None:
+            _COLLECTED = golden_dirs()
+        dirs = _COLLECTED
         metafunc.parametrize("golden_dir", dirs, ids=golden_ids(dirs), scope="module")
 
 

@@ -207,12 +207,16 @@ def test_gradients_match_official(golden_dir, train_case, loaded):
 # ------------------------------------------------------------------------------------------ inference
 
 
-@pytest.fixture(scope="module")
-def inferencer(loaded):
-    cfg, model, vae = loaded
+def golden_inferencer(cfg, model, vae) -> Inferencer:
+    """The inference cases' settings: no resize beyond the strides (huge max size / pixels, min size 1)."""
     return Inferencer(model, vae, max_context=256,
                       vae_transform=ImageTransform(HUGE, 1, cfg.latent_downsample, HUGE),
                       vit_transform=ImageTransform(HUGE, 1, cfg.vit.patch_size, HUGE))
+
+
+@pytest.fixture(scope="module")
+def inferencer(loaded):
+    return golden_inferencer(*loaded)
 
 
 def _inputs(d):

@@ -44,7 +44,6 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 REFERENCE = HERE / "golden" / "bagel_tiny_a"  # the layout (keys, dtypes) to reproduce
-HUGE = 1 << 20
 
 # ------------------------------------------------------------------------------------------ presets
 # Token grids (rows, cols) of the images: VAE grids are in latent tokens (x latent_downsample pixels),
@@ -342,8 +341,9 @@ def record_train_step(out: pathlib.Path, cfg, model, vae, samples, rng) -> None:
                     if not k.endswith("pos_embed.pos_embed")}
     _save_safetensors(out / "train_grads.safetensors", grad_tensors)
 
-    order = np.argsort(batch.order)[: batch.num_tokens]
-    official = lambda x: np.asarray(x)[order]  # noqa: E731
+    from test_golden import _to_official_order
+
+    official = lambda x: _to_official_order(batch, x)  # noqa: E731
     n_vit = len(o["packed_vit_tokens"])
     mse_mask, ce_mask = np.asarray(res["mse_mask"]), np.asarray(res["ce_mask"])
     d = dict(
@@ -376,15 +376,6 @@ def record_train_step(out: pathlib.Path, cfg, model, vae, samples, rng) -> None:
         d[f"attention_mask_{i}"] = m
     # the timesteps of clean tokens are -inf; padded_latent zero where the images are
     _save_npz(out / "train_step.npz", d)
-
-
-def _inferencer(cfg, model, vae):
-    from echo4o_jax.image_transform import ImageTransform
-    from echo4o_jax.inference import Inferencer
-
-    return Inferencer(model, vae, max_context=256,
-                      vae_transform=ImageTransform(HUGE, 1, cfg.latent_downsample, HUGE),
-                      vit_transform=ImageTransform(HUGE, 1, cfg.vit.patch_size, HUGE))
 
 
 def _inputs(order, prompts, images):
@@ -504,7 +495,9 @@ def main(argv=None) -> int:
     assert cfg2 == cfg, (cfg2, cfg)
     model, vae = load_bagel(args.out, cfg), load_vae(args.out, cfg)
     record_train_step(args.out, cfg, model, vae, make_samples(cfg, p, rng), rng)
-    inf = _inferencer(cfg, model, vae)
+    from test_golden import golden_inferencer
+
+    inf = golden_inferencer(cfg, model, vae)
     record_generation(args.out, "t2i", cfg, inf, rng, p)
     record_generation(args.out, "multiref", cfg, inf, rng, p)
     record_understand(args.out, cfg, inf, rng, p)
