@@ -529,3 +529,70 @@ def test_interrupted_demo_write_is_written_again_but_other_data_is_not_overwritt
     with pytest.raises(DatasetExistsError):
         records_source.ensure_demo(str(other))
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
+def test_echo4o_ctrl_c_keeps_the_partial_dataset_and_a_rerun_names_it(echo_root, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during an import: one line and status 130, not a traceback; a new dataset keeps the records written
+    so far, marked incomplete (the rerun without --overwrite says so); an --overwrite leaves the dataset as it
+    was; a full rerun with --overwrite completes it."""
+    root, _ = echo_root
+    out = tmp_path / "rec"
+    args = ["--root", str(root), "--out", str(out), "--subsets", "surreal"]
+    real_check = ie.check_image
+    calls = []
+
+    def ctrl_c_at_third(data, how):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_check(data, how)
+
+    monkeypatch.setattr(ie, "check_image", ctrl_c_at_third)
+    assert ie.main(args) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("import_echo4o: interrupted (Ctrl-C): ") and err.count("\n") == 1, err
+    m = load_manifest(out / "surreal")
+    assert (m["complete"], m["records"], m["error"]) == (False, 2, "interrupted (Ctrl-C)")
+    assert [x.id for x in RecordReader(out / "surreal", verify=True)] == ["echo4o/surreal/00000",
+                                                                           "echo4o/surreal/00001"]
+    assert ie.main(args) == 1
+    err = capsys.readouterr().err
+    assert err == (f"import_echo4o: error: {out / 'surreal' / 'manifest.json'} says the dataset is incomplete "
+                   "(error: interrupted (Ctrl-C)); it holds 2 records in 1 shards; pass --overwrite to write it "
+                   "again\n")
+    before = _tree(out)
+    calls.clear()
+    assert ie.main([*args, "--overwrite"]) == 130
+    assert _tree(out) == before  # the dataset being replaced is left as it was
+    monkeypatch.setattr(ie, "check_image", real_check)
+    assert ie.main([*args, "--overwrite"]) == 0
+    m = load_manifest(out / "surreal")
+    assert (m["complete"], m["records"], m.get("error")) == (True, 5, None)
+
+
+def test_demo_cli_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    for argv, msg in [(["--size", "16"], f"--size=16: must be >= {demo_mod.MIN_SIZE} pixels"),
+                      (["--t2i", "-1"], "--t2i=-1: must be a number of samples >= 0"),
+                      (["--shard-bytes", "0"], "--shard-bytes=0: must be a positive number of bytes")]:
+        assert demo_mod.main(["--out", str(out), *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("demo: error: ") and msg in err and err.count("\n") == 1, err
+        assert not out.exists()
+    small = ["--out", str(out), "--t2i", "4", "--multiref", "2", "--understanding", "2"]
+    assert demo_mod.main(small) == 0
+    capsys.readouterr()
+    assert demo_mod.main(small) == 1
+    err = capsys.readouterr().err
+    assert err == f"demo: error: {out / 't2i'} already holds a dataset; pass --overwrite to replace it\n"
+
+
+def test_demo_scenes_fit_the_smallest_canvas():
+    """Every scene kind is placed on a MIN_SIZE canvas (write_demo refuses smaller ones)."""
+    rng = np.random.default_rng(0)
+    s = demo_mod.MIN_SIZE
+    for _ in range(60):
+        for tag in demo_mod.TAGS:
+            demo_mod.make_t2i(rng, s, s, tag=tag)
+        demo_mod.make_multiref(rng, s, s)
+        demo_mod.make_understanding(rng, s, s)

@@ -236,6 +236,25 @@ def test_inspect_cli(tmp_path, capsys):
     assert s2["counts_from"] == "scan" and s2["counts"] == s["counts"] and s2["images"] == 10
 
 
+def test_inspect_contact_sheet_is_never_left_cut_short(tmp_path, capsys, monkeypatch):
+    """A contact sheet is written whole then renamed: a Ctrl-C (or a failed write) in the middle of the PNG
+    write leaves neither a cut-short sheet nor the temporary file; the CLI says so in one line (130)."""
+    with RecordWriter(tmp_path / "ds", name="x") as w:
+        for r in _records():
+            w.write(r)
+    sheet = tmp_path / "sheet.png"
+
+    def save_half_then_ctrl_c(self, fp, *a, **k):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", save_half_then_ctrl_c)
+    assert inspect_cli.main([str(tmp_path / "ds"), "-n", "2", "--contact-sheet", str(sheet)]) == 130
+    assert capsys.readouterr().err == "inspect: interrupted (Ctrl-C): nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

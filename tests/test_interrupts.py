@@ -31,3 +31,24 @@ def test_a_keyboard_interrupt_swallowed_in_a_gc_callback_is_delivered_again(monk
     finally:
         gc.callbacks.remove(callback)
     assert others == [ValueError]
+
+
+def test_reporting_main_makes_ctrl_c_and_bad_input_one_line(monkeypatch, capsys):
+    """The data commands' absl main (latents, pack_stats): Ctrl-C is one line naming what is kept, status 130;
+    bad input stays one `error:` line, status 2; the process ends through `exit_process`."""
+    from echo4o_jax.data.records import RecordError
+    from echo4o_jax.train.config_cli import reporting_main
+
+    ended = []
+    monkeypatch.setattr(interrupts, "exit_process", ended.append)
+    raised = [KeyboardInterrupt(), RecordError("shard x: truncated")]
+
+    def main(argv):
+        assert argv == ["prog"]
+        raise raised.pop(0)
+
+    run = reporting_main("latents", main, interrupted="the finished shards are kept")
+    run(["prog"])
+    assert ended == [130] and capsys.readouterr().err == "latents: interrupted (Ctrl-C): the finished shards are kept\n"
+    run(["prog"])
+    assert ended == [130, 2] and capsys.readouterr().err == "error: shard x: truncated\n"

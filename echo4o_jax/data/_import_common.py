@@ -10,7 +10,14 @@ import os
 import sys
 from typing import Any, Iterator
 
-from echo4o_jax.data.records import DatasetExistsError, RecordError, RecordWriter, probe_image
+from echo4o_jax.data.records import (DatasetExistsError, RecordError, RecordWriter, incomplete_reason,
+                                     load_manifest, probe_image)
+from echo4o_jax.interrupts import EXIT_INTERRUPTED
+
+# what a Ctrl-C leaves of a dataset a RecordWriter was writing (RecordWriter.close via its `with` block)
+WRITER_INTERRUPTED = ("a dataset that was being written into a new folder keeps the records written so far, marked "
+                      "incomplete in its manifest (rerun with --overwrite to write it again); a dataset that was "
+                      "being replaced (--overwrite) is left as it was")
 
 
 class ImportFailure(RuntimeError):
@@ -50,12 +57,24 @@ def cli_error(prog: str, e: Exception) -> int:
     names a keyword argument); returns the exit status 1."""
     if isinstance(e, DatasetExistsError):
         msg = f"{e.path} already holds a dataset; pass --overwrite to replace it"
+        try:
+            why = incomplete_reason(e.path, load_manifest(e.path))
+        except (RecordError, OSError):
+            why = None  # no readable manifest: the plain message
+        if why is not None:  # e.g. an interrupted import
+            msg = f"{why}; pass --overwrite to write it again"
     elif isinstance(e, ArgumentError):
         msg = e.cli()
     else:
         msg = str(e)
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return 1
+
+
+def cli_interrupted(prog: str, kept: str) -> int:
+    """Prints a data CLI's one line for a Ctrl-C (`PROG: interrupted (Ctrl-C): <what is kept>`); returns 130."""
+    print(f"{prog}: interrupted (Ctrl-C): {kept}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 class OnError:

@@ -29,13 +29,15 @@ import io
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from echo4o_jax.data._import_common import ArgumentError, WRITER_INTERRUPTED, cli_error, cli_interrupted
+from echo4o_jax.interrupts import exit_process, keep_ctrl_c
 from echo4o_jax.data.records import (
+    RecordError,
     RecordWriter,
     check_writable,
     multiref_record,
@@ -349,13 +351,22 @@ def special_tokens_info(tok) -> dict:
 
 
 DEMO_DATASETS = ("t2i", "multiref", "understanding")  # the folders write_demo writes under `out`
+MIN_SIZE = 32  # the smallest canvas side (px) write_demo accepts: every scene kind fits it (tests)
 
 
 def write_demo(out: str, *, size: int = 64, n_t2i: int = 512, n_multiref: int = 128,
                n_understanding: int = 128, seed: int = 0, shard_bytes: int = 8 << 20,
                overwrite: bool = False) -> dict:
     """Writes the demo datasets and tokenizer under `out`; returns the demo.json content. A dataset already
-    there is refused (`records.check_writable`) before anything is written, unless `overwrite`."""
+    there is refused (`records.check_writable`) before anything is written, unless `overwrite`; so is a bad
+    argument (ArgumentError)."""
+    if not isinstance(size, int) or size < MIN_SIZE:
+        raise ArgumentError("size", size, f"must be >= {MIN_SIZE} pixels (the scenes' smallest objects are 4 px)")
+    for name, n in (("t2i", n_t2i), ("multiref", n_multiref), ("understanding", n_understanding)):
+        if not isinstance(n, int) or n < 0:
+            raise ArgumentError(name, n, "must be a number of samples >= 0")
+    if not isinstance(shard_bytes, int) or shard_bytes < 1:
+        raise ArgumentError("shard_bytes", shard_bytes, "must be a positive number of bytes")
     for name in DEMO_DATASETS:
         check_writable(os.path.join(out, name), overwrite=overwrite)
     os.makedirs(out, exist_ok=True)
@@ -458,12 +469,18 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-bytes", type=int, default=8 << 20)
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    demo = write_demo(a.out, size=a.size, n_t2i=a.t2i, n_multiref=a.multiref, n_understanding=a.understanding,
-                      seed=a.seed, shard_bytes=a.shard_bytes, overwrite=a.overwrite)
+    keep_ctrl_c()
+    try:
+        demo = write_demo(a.out, size=a.size, n_t2i=a.t2i, n_multiref=a.multiref, n_understanding=a.understanding,
+                          seed=a.seed, shard_bytes=a.shard_bytes, overwrite=a.overwrite)
+    except (ArgumentError, RecordError, OSError) as e:
+        return cli_error("demo", e)
+    except KeyboardInterrupt:
+        return cli_interrupted("demo", WRITER_INTERRUPTED)
     print(json.dumps({k: demo[k] for k in ("counts", "special_tokens", "vae_transform", "vit_transform",
                                           "seconds")}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from echo4o_jax.data._import_common import (
     ArgumentError,
@@ -44,12 +43,15 @@ from echo4o_jax.data._import_common import (
     ParquetReadError,
     check_image,
     check_writer_args,
+    WRITER_INTERRUPTED,
     cli_error,
+    cli_interrupted,
     find_parquet,
     iter_parquet_rows,
     scalar_extras,
     text_alternatives,
 )
+from echo4o_jax.interrupts import exit_process, keep_ctrl_c
 from echo4o_jax.data.records import RecordError, RecordWriter, edit_record, t2i_record
 
 __all__ = ["import_bagel_parquet", "main", "ImportFailure"]
@@ -222,16 +224,19 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing dataset (swapped in only when the import succeeds)")
     a = ap.parse_args(argv)
+    keep_ctrl_c()
     try:
         m = import_bagel_parquet(a.inputs, a.out, kind=a.kind, name=a.name, edit_mode=a.edit_mode,
                                  on_error=a.on_error, image_check=a.image_check, shard_bytes=a.shard_bytes,
                                  limit=a.limit, overwrite=a.overwrite)
     except (ImportFailure, ArgumentError, RecordError, OSError) as e:
         return cli_error("import_bagel_parquet", e)
+    except KeyboardInterrupt:
+        return cli_interrupted("import_bagel_parquet", WRITER_INTERRUPTED)
     print(json.dumps({"records": m["records"], "shards": len(m["shards"]), "bytes": m["bytes"],
                       "skipped": m["skipped"]["count"], "skipped_by_reason": m["skipped"]["by_reason"]}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

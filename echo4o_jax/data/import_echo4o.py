@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import tarfile
 import zlib
 
@@ -50,7 +49,9 @@ from echo4o_jax.data._import_common import (
     ParquetReadError,
     check_image,
     check_writer_args,
+    WRITER_INTERRUPTED,
     cli_error,
+    cli_interrupted,
     find_parquet,
     first_text,
     iter_parquet_rows,
@@ -58,6 +59,7 @@ from echo4o_jax.data._import_common import (
     scalar_extras,
 )
 from echo4o_jax.jsonl import jsonl_lines
+from echo4o_jax.interrupts import exit_process, keep_ctrl_c
 from echo4o_jax.data.records import RecordError, RecordWriter, check_writable, multiref_record, t2i_record
 
 __all__ = ["import_t2i_subset", "import_multiref", "import_echo4o", "main", "ImportFailure"]
@@ -314,12 +316,15 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true",
                     help="replace existing datasets (swapped in only when a subset's import succeeds)")
     a = ap.parse_args(argv)
+    keep_ctrl_c()
     try:
         res = import_echo4o(a.root, a.out, subsets=[s for s in a.subsets.split(",") if s], on_error=a.on_error,
                             image_check=a.image_check, shard_bytes=a.shard_bytes, limit=a.limit,
                             overwrite=a.overwrite)
     except (ImportFailure, ArgumentError, RecordError, OSError) as e:
         return cli_error("import_echo4o", e)
+    except KeyboardInterrupt:
+        return cli_interrupted("import_echo4o", "subsets imported before it are complete; " + WRITER_INTERRUPTED)
     for s, m in res.items():
         print(json.dumps({"subset": s, "records": m["records"], "shards": len(m["shards"]), "bytes": m["bytes"],
                           "skipped": m["skipped"]["count"], "skipped_by_reason": m["skipped"]["by_reason"]}))
@@ -327,4 +332,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

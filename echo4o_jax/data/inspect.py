@@ -25,7 +25,8 @@ import os
 import sys
 import textwrap
 
-from echo4o_jax.data._import_common import ArgumentError, cli_error
+from echo4o_jax.data._import_common import ArgumentError, cli_error, cli_interrupted
+from echo4o_jax.interrupts import exit_process, keep_ctrl_c
 from echo4o_jax.data.records import Record, RecordError, RecordReader, incomplete_reason
 
 __all__ = ["summarize", "describe", "contact_sheet", "main"]
@@ -124,7 +125,14 @@ def contact_sheet(records: list[Record], path: str, *, thumb: int = 128, text_wi
         tx = W - text_width
         d.multiline_text((tx, y), caption, fill=(0, 0, 0), spacing=2)
         y += thumb + pad
-    sheet.save(path)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.part{ext}"  # written whole, then renamed: a Ctrl-C or a failed write leaves no cut-short file
+    try:
+        sheet.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def main(argv=None) -> int:
@@ -136,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", action="store_true", help="check sizes / sha256 / counts against the manifest")
     ap.add_argument("--scan", action="store_true", help="count by reading every record (not the manifest)")
     a = ap.parse_args(argv)
+    keep_ctrl_c()
     try:
         if a.n < 0:
             raise ArgumentError("n", a.n, "the number of samples to show must be >= 0")
@@ -158,8 +167,10 @@ def main(argv=None) -> int:
             print(f"contact sheet: {a.contact_sheet} ({len(shown)} samples)")
     except (RecordError, ArgumentError, OSError) as e:
         return cli_error("inspect", e)
+    except KeyboardInterrupt:
+        return cli_interrupted("inspect", "nothing was written")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -705,12 +705,10 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
 
 
 def _cli() -> None:
-    import sys
-
     from absl import app, flags
     from ml_collections import config_flags
 
-    from echo4o_jax.train.config_cli import bad_input, flags_parser, run_reporting_bad_input
+    from echo4o_jax.train.config_cli import bad_input, flags_parser, reporting_main
 
     config = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
                                              lock_config=True)
@@ -773,7 +771,8 @@ def _cli() -> None:
               f"{out_dir.value}")
         return 0
 
-    app.run(lambda argv: sys.exit(run_reporting_bad_input(lambda: main(argv))), flags_parser=flags_parser(config))
+    app.run(reporting_main("latents", main, interrupted="the shards finished so far are kept (the one being written is "
+                           "dropped); run the same command again to go on"), flags_parser=flags_parser(config))
 
 
 if __name__ == "__main__":

@@ -147,12 +147,10 @@ def format_report(s: dict, round_to: int = 256) -> str:
 
 
 def _cli() -> None:
-    import sys
-
     from absl import app, flags
     from ml_collections import config_flags
 
-    from ..train.config_cli import bad_input, flags_parser, run_reporting_bad_input
+    from ..train.config_cli import bad_input, flags_parser, reporting_main
 
     config = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
     packs = flags.DEFINE_integer("packs", 256, "packs to sample (the first ones of the training order)")
@@ -174,7 +172,7 @@ def _cli() -> None:
         print(format_report(s, round_to.value))
         return 0
 
-    app.run(lambda argv: sys.exit(run_reporting_bad_input(lambda: main(argv))), flags_parser=flags_parser(config))
+    app.run(reporting_main("pack_stats", main, interrupted="nothing was written"), flags_parser=flags_parser(config))
 
 
 if __name__ == "__main__":

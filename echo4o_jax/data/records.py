@@ -618,7 +618,11 @@ class RecordWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(error=None if exc is None else f"{exc_type.__name__}: {exc}")
+        if exc is None:
+            self.close()
+        else:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            self.close(error="interrupted (Ctrl-C)" if interrupted else f"{exc_type.__name__}: {exc}")
 
     # ------------------------------------------------------------------------------------------ shards
     def _next_shard_name(self) -> str:

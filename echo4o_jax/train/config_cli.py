@@ -5,9 +5,11 @@ input: an unknown flag or config key, a bad flag value, a missing --config file 
 config value (`ConfigValueError`, printed as `error: bad config: ...`), an unreadable checkpoint, records or
 precomputed latents (`CheckpointError`, `RecordError`, `LatentStoreError`)
 (`run_reporting_bad_input`, which also sets absl logging to WARNING: Orbax logs every read at INFO).
+A Ctrl-C is one `PROG: interrupted (Ctrl-C): <what is kept>` line and exit status 130 (`reporting_main`).
 
     config = config_flags.DEFINE_config_file("config", None, "...", lock_config=True)
-    app.run(lambda argv: sys.exit(run_reporting_bad_input(lambda: main(argv))), flags_parser=flags_parser(config))
+    app.run(reporting_main("pack_stats", main, interrupted="nothing was written"),
+            flags_parser=flags_parser(config))
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable, NoReturn
 from absl import flags
 from ml_collections import ConfigDict
 
-__all__ = ["EXIT_BAD_INPUT", "bad_input", "config_args", "flags_parser", "run_reporting_bad_input",
+__all__ = ["EXIT_BAD_INPUT", "bad_input", "config_args", "flags_parser", "reporting_main", "run_reporting_bad_input",
            "unknown_config_key"]
 
 EXIT_BAD_INPUT = 2
@@ -104,3 +106,22 @@ def run_reporting_bad_input(main: Callable[[], int]) -> int:
     except (CheckpointError, RecordError, LatentStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def reporting_main(prog: str, main: Callable[[list[str]], int], *, interrupted: str) -> Callable[[list[str]], None]:
+    """The `absl.app.run` main of a command (not train, whose step loop handles SIGINT itself): `main(argv)` under
+    `run_reporting_bad_input`; a Ctrl-C (`keep_ctrl_c`: also one Python would swallow) is one line saying
+    `interrupted` (what is kept), status 130; the process ends without the interpreter's teardown
+    (`interrupts.exit_process`: a compilation may still be in flight)."""
+    from echo4o_jax.data._import_common import cli_interrupted
+    from echo4o_jax.interrupts import exit_process, keep_ctrl_c
+
+    def run(argv: list[str]) -> None:
+        keep_ctrl_c()
+        try:
+            rc = run_reporting_bad_input(lambda: main(argv))
+        except KeyboardInterrupt:
+            rc = cli_interrupted(prog, interrupted)
+        exit_process(rc)
+
+    return run
