@@ -14,6 +14,9 @@ GENEVAL_PP_MD5 = "957bd4aea2d3ce4f702d5c854d7d89d3"  # 280 lines, 64,253 bytes
 IMAGINE_BENCH_URL = f"{ECHO4O_RAW}/Imagine.jsonl"
 IMAGINE_BENCH_MD5 = "6624cfafa28587d6018bcf4d78c06248"  # 270 records, 191,440 bytes
 OMNICONTEXT_URL = "https://huggingface.co/datasets/OmniGen2/OmniContext"  # user-supplied (see omnicontext.py)
+# GenEval's own prompt file (553 prompts, short ones); no checksum pinned: the copy it was read from
+# (../shared/benchmarks/geneval_metadata.jsonl, 85,209 bytes) could not be compared with the upstream file here
+GENEVAL_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"
 
 # --- GenEval++ -----------------------------------------------------------------------------------
 GENEVAL_PP_TAGS = (  # (tag in the jsonl, paper column)
@@ -68,4 +71,19 @@ OMNICONTEXT_REPORTED = {  # group / overall numbers; "echo4o_avg" = mean(MULTIPL
     "Echo-4o (paper)": {"MULTIPLE": 7.94, "SCENE": 8.23, "echo4o_avg": 8.09},
     "Echo-4o (3rd party: Scone, 8 tasks)": {"overall_8": 7.95},
     "BAGEL (3rd party: Scone, 8 tasks)": {"overall_8": 6.03},
+}
+
+# --- GenEval (object detector; djghosh13/geneval) ---------------------------------------------------
+GENEVAL_TASKS = (  # (tag in the metadata jsonl, column)
+    ("single_object", "Single obj."),
+    ("two_object", "Two obj."),
+    ("counting", "Counting"),
+    ("colors", "Colors"),
+    ("position", "Position"),
+    ("color_attr", "Color attr."),
+)
+GENEVAL_REPORTED = {  # overall only (echo4o.md 6.1); Echo-4o's run script defaults to the rewritten prompts
+    "BAGEL (paper)": {"overall": 0.82},
+    "BAGEL + prompt rewriter (BAGEL paper)": {"overall": 0.88},
+    "Echo-4o (paper; likely rewritten prompts)": {"overall": 0.89},
 }

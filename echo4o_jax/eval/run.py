@@ -1,9 +1,17 @@
 r"""Generate the benchmark images with a checkpoint, then judge them.
 
     python -m echo4o_jax.eval.run --ckpt DIR [--step N] --bench geneval_pp,imagine_bench --out DIR \
-        [--benchmarks-dir DIR | --geneval-pp-prompts F --imagine-bench-prompts F] [--fetch] \
-        [--omnicontext-data F [--omnicontext-data-root DIR]] [--num-images 1] [--seed 42] [--size H W] \
-        [--gen-arg KEY=VALUE ...] [--judge-only | --generate-only] [--regenerate] [judge options]
+        [--benchmarks-dir DIR | --geneval-pp-prompts F --imagine-bench-prompts F --geneval-prompts F] [--fetch] \
+        [--omnicontext-data F [--omnicontext-data-root DIR]] [--num-images N] [--seed 42] [--size H W] \
+        [--gen-arg KEY=VALUE ...] [--judge-only | --generate-only] [--regenerate] [--geneval-results F] \
+        [judge options]
+
+Benchmarks: ``geneval_pp``, ``imagine_bench`` and ``omnicontext`` are judged by the VLM judge (1 image per
+prompt by default); ``geneval`` (the original GenEval) is scored by its official object detector, which runs
+outside this tool: its images (4 per prompt, cfg_interval [0, 1], as BAGEL's / Echo-4o's GenEval script) are
+laid out for the official evaluator in ``<out>/geneval/layout`` and its output is read back from
+``<out>/geneval/detector_results.jsonl`` (or ``--geneval-results F``) when the run is repeated (see
+``python -m echo4o_jax.eval.geneval -h``); it needs no API key.
 
 For each benchmark B the images go to ``<out>/B/images/<stem>_<k>.png`` (the naming every
 ``python -m echo4o_jax.eval.B --images`` reads) and the results to ``<out>/B/`` (results.json,
@@ -37,12 +45,13 @@ is something to generate -- the API key checked (``--no-api-key`` for a server w
 mistake fails in seconds, not after hours of generation.
 
 Prompt files: ``--benchmarks-dir`` (default ``$ECHO4O_BENCHMARKS_DIR`` or ``./benchmarks``; no other
-folder is searched, e.g. ``--benchmarks-dir ../shared/benchmarks``) holds ``geneval_pp.jsonl`` and
-``imagine_bench.jsonl``; ``--fetch`` downloads the public files there when absent. OmniContext needs a
+folder is searched, e.g. ``--benchmarks-dir ../shared/benchmarks``) holds ``geneval_pp.jsonl``,
+``imagine_bench.jsonl`` and ``geneval_metadata.jsonl``; ``--fetch`` downloads the public files there when absent. OmniContext needs a
 local copy (``--omnicontext-data``).
 
 Exit status: 0 every image generated and judged, 1 incomplete (some images missing, unreadable or not
-judged: the partial results are written and marked INCOMPLETE), 2 bad input, 130 interrupted (see -h).
+judged, or GenEval without detector results yet: the partial results are written and marked INCOMPLETE),
+2 bad input, 130 interrupted (see -h).
 """
 
 from __future__ import annotations
@@ -56,10 +65,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..interrupts import exit_process
-from . import common, geneval_pp, imagine_bench, omnicontext
+from . import common, geneval, geneval_pp, imagine_bench, omnicontext
 from .judge import JudgeConfigError, api_key_from_env, load_template
 
-BENCHES = {"geneval_pp": geneval_pp, "imagine_bench": imagine_bench, "omnicontext": omnicontext}
+BENCHES = {"geneval_pp": geneval_pp, "imagine_bench": imagine_bench, "omnicontext": omnicontext, "geneval": geneval}
 TEMPLATE_NAMES = ("geneval_pp", "imagine_bench") + tuple(omnicontext.TEMPLATES.values())
 GENERATION_RECORD = "generation.json"  # in <out>/<bench>/images: what generated each request's images
 DEFAULT_SEED = 42
@@ -267,8 +276,22 @@ class _Plan:
     current: dict[str, dict]  # this run's provenance per request id
 
 
+def _num_images(args, name: str) -> int:
+    """--num-images, else the benchmark's protocol (GenEval: 4; the judged ones: 1)."""
+    return args.num_images or getattr(BENCHES[name], "NUM_IMAGES", 1)
+
+
+def _gen_args(gen_args: dict, name: str) -> dict:
+    """The generation settings of a benchmark: its protocol's (GenEval: cfg_interval [0, 1]) under --gen-arg."""
+    return {**getattr(BENCHES[name], "GEN_DEFAULTS", {}), **gen_args}
+
+
+def _judged(name: str) -> bool:
+    return getattr(BENCHES[name], "JUDGED", True)
+
+
 def _requests(name: str, items, args) -> list[dict]:
-    return BENCHES[name].generation_requests(items, num_images=args.num_images,
+    return BENCHES[name].generation_requests(items, num_images=_num_images(args, name),
                                              seed=DEFAULT_SEED if args.seed is None else args.seed,
                                              size=tuple(args.size) if args.size else None)
 
@@ -366,12 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "or ./benchmarks)")
     ap.add_argument("--geneval-pp-prompts", default=None, help="GenEval++ jsonl (overrides --benchmarks-dir)")
     ap.add_argument("--imagine-bench-prompts", default=None, help="Imagine-Bench jsonl (overrides --benchmarks-dir)")
+    ap.add_argument("--geneval-prompts", default=None,
+                    help="GenEval metadata jsonl (overrides --benchmarks-dir; e.g. the rewritten-prompt file)")
+    ap.add_argument("--geneval-results", default=None,
+                    help="the official GenEval evaluator's output (default: <out>/geneval/detector_results.jsonl "
+                         "when it exists; see python -m echo4o_jax.eval.geneval -h)")
     ap.add_argument("--omnicontext-data", default=None, help="OmniContext manifest or folder (see eval.omnicontext)")
     ap.add_argument("--omnicontext-data-root", default=None, help="folder OmniContext input paths are relative to")
     ap.add_argument("--fetch", action="store_true", help="download absent public prompt files")
     ap.add_argument("--limit", type=common.positive_int, default=None,
                     help="only the first N prompts of each benchmark")
-    ap.add_argument("--num-images", type=common.positive_int, default=1, help="images per prompt (official: 1)")
+    ap.add_argument("--num-images", type=common.positive_int, default=None,
+                    help="images per prompt (default: each benchmark's protocol: GenEval 4, the others 1)")
     ap.add_argument("--seed", type=int, default=None,
                     help=f"seed of the first prompt; prompt i gets seed + i (default {DEFAULT_SEED})")
     ap.add_argument("--size", type=common.positive_int, nargs=2, metavar=("H", "W"), default=None,
@@ -400,6 +429,8 @@ def main(argv=None) -> dict:
         raise common.UsageError("--ckpt is required unless --judge-only")
     if args.step is not None and not args.ckpt:
         raise common.UsageError("--step picks a checkpoint of the --ckpt workdir: give --ckpt")
+    if args.geneval_results and "geneval" not in names:
+        raise common.UsageError("--geneval-results is the GenEval detector's output: it needs --bench geneval")
     if args.judge_only and args.regenerate:
         raise common.UsageError("--regenerate generates images again; it cannot go with --judge-only")
     templates = _templates(args.template)
@@ -418,11 +449,14 @@ def main(argv=None) -> dict:
     for name in names:
         images_dir = out / name / "images"
         if gen_api is not None:
-            plans[name] = plan_generation(name, loaded[name][1], images_dir, args, ckpt, gen_args, gen_api)
+            plans[name] = plan_generation(name, loaded[name][1], images_dir, args, ckpt, _gen_args(gen_args, name),
+                                          gen_api)
         else:
-            check_judge_only(name, loaded[name][1], images_dir, args, ckpt, gen_args)
-    judge = None if args.generate_only else common.judge_from_args(args, out)
-    if judge is not None and any(p.todo for p in plans.values()):
+            check_judge_only(name, loaded[name][1], images_dir, args, ckpt, _gen_args(gen_args, name))
+    evaluating = not args.generate_only  # judging, and GenEval's layout and detector results
+    judged = [n for n in names if _judged(n)]
+    judge = common.judge_from_args(args, out) if evaluating and judged else None
+    if judge is not None and any(plans[n].todo for n in judged if n in plans):
         api_key_from_env(args.api_key_env, require=not args.no_api_key, error=JudgeConfigError)
     report = {"ckpt": args.ckpt, "ckpt_step": ckpt["ckpt_step"], "label": label, "benchmarks": {}}
     for name in names:
@@ -431,22 +465,25 @@ def main(argv=None) -> dict:
         images_dir = out / name / "images"
         entry = {"prompts": str(path), "items": len(items), "images_dir": str(images_dir)}
         if gen_api is not None:
-            entry["generation"] = generate(plans[name], args, gen_args, gen_api)
+            entry["generation"] = generate(plans[name], args, _gen_args(gen_args, name), gen_api)
             entry["complete"] = not entry["generation"].get("not_written")
-        if judge is not None:
+        if evaluating:
             record = images_dir / GENERATION_RECORD
-            kw = dict(num_images=args.num_images, label=label, progress=not args.no_progress,
+            kw = dict(num_images=_num_images(args, name), label=label, progress=not args.no_progress,
                       source={"prompts": str(path), "ckpt": args.ckpt, "ckpt_step": ckpt["ckpt_step"],
                               "generation_record": str(record) if record.is_file() else None})
             if name == "omnicontext":
                 kw["templates"] = {k: templates[v] for k, v in omnicontext.TEMPLATES.items() if v in templates}
+            elif name == "geneval":
+                kw["detector_results"] = args.geneval_results
             elif name in templates:
                 kw["template"] = templates[name]
             doc = mod.evaluate(items, images_dir, judge, out / name, **kw)
             entry["summary"] = {k: v for k, v in doc["summary"].items() if not isinstance(v, dict)}
             entry["complete"] = doc["complete"]
-            entry["incomplete"] = common.incomplete_note(doc)
-            entry["judge_stats"] = doc["judge_stats"]  # this benchmark's; report["judge_stats"]: the run's
+            entry["incomplete"] = getattr(mod, "incomplete_note", common.incomplete_note)(doc)
+            if _judged(name):
+                entry["judge_stats"] = doc["judge_stats"]  # this benchmark's; report["judge_stats"]: the run's
             entry["results"] = str(out / name / "results.json")
             entry["markdown"] = (out / name / "summary.md").read_text(encoding="utf-8")
         elif entry["generation"].get("not_written"):
@@ -455,8 +492,9 @@ def main(argv=None) -> dict:
     report["complete"] = all(e["complete"] for e in report["benchmarks"].values())
     report["incomplete"] = None if report["complete"] else "; ".join(
         f"{n}: {e['incomplete']}" for n, e in report["benchmarks"].items() if not e["complete"])
-    if judge is not None:
-        report["judge_stats"] = dict(judge.stats)
+    if evaluating:
+        if judge is not None:
+            report["judge_stats"] = dict(judge.stats)
         md = [f"# Evaluation of {label}", ""]
         if not report["complete"]:
             md += [f"**INCOMPLETE: {', '.join(n for n, e in report['benchmarks'].items() if not e['complete'])} "

@@ -1,0 +1,390 @@
+r"""GenEval (djghosh13/geneval): 553 prompts in 6 tasks, scored by the official object detector.
+
+    python -m echo4o_jax.eval.geneval --images DIR --prompts geneval_metadata.jsonl --out DIR \
+        [--num-images 4] [--detector-results FILE] [--fetch]
+
+GenEval is not judged by a VLM: its score comes from a Mask2Former detector (mmdet 2.x) and CLIP, which
+run in the official evaluator's own environment. This module does the two ends around it:
+
+1. **Layout.** The images (``<images>/<index:05d>_<k>.png``, index = 0-based line of the prompt file, as
+   ``eval.run --bench geneval`` writes them; also .jpg/.jpeg/.webp, converted) are laid out as the official
+   evaluator reads them, in ``<out>/layout/``::
+
+       <index:05d>/metadata.jsonl       the prompt file's line (one JSON object)
+       <index:05d>/samples/<k:04d>.png  hard links to the images (copies across file systems)
+
+   The layout is rebuilt on every run (built beside it, then swapped in), so it always holds exactly the
+   images there are now.
+2. **Score.** Run the official evaluator on it (in its environment, with the detector downloaded)::
+
+       python evaluation/evaluate_images.py <out>/layout --outfile <out>/detector_results.jsonl \
+           --model-path <DETECTOR_FOLDER>
+
+   then run this command again: it reads ``<out>/detector_results.jsonl`` (or ``--detector-results FILE``),
+   checks that every result is one of this layout's images scored against its own prompt line and that no
+   image changed after the results were written, and writes ``results.json`` and ``summary.md``.
+   Task score = share of correct images; **overall = mean of the task scores** (the official
+   ``summary_scores.py``). A missing image or one without a result counts as incorrect and is listed: the run
+   is then INCOMPLETE (exit status 1), as is a run without detector results yet (no score).
+
+Protocol (GenEval, BAGEL's / Echo-4o's scripts): 4 images per prompt, 1024x1024, cfg_interval [0, 1]
+(``eval.run`` uses these for this benchmark; ``--gen-arg`` / ``--num-images`` override them). Echo-4o's run
+script defaults to LLM-rewritten long prompts (``evaluation_metadata_long.jsonl``, the same 553 items): pass
+that file as the prompt file to compare with its 0.89.
+
+Prompt file: one JSON object per line with ``tag``, ``prompt`` and ``include`` (a non-empty list of
+``{"class", "count"[, "color", "position": [relation, index of an earlier include]]}``), optional
+``exclude`` (``{"class", "count"}``); every line is checked when the file loads (an error names
+``FILE:LINE`` and the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+
+from . import common
+from .reference import GENEVAL_REPORTED, GENEVAL_TASKS, GENEVAL_URL
+
+NAME = "geneval"
+TITLE = "GenEval"
+PROMPTS_FILE = "geneval_metadata.jsonl"  # name used under --benchmarks-dir by eval.run
+PUBLIC_URL, PUBLIC_MD5 = GENEVAL_URL, None
+JUDGED = False  # scored by the official detector, not by the judge: eval.run needs no API key for it
+NUM_IMAGES = 4  # images per prompt (GenEval protocol)
+GEN_DEFAULTS = {"cfg_interval": [0.0, 1.0]}  # BAGEL's / Echo-4o's GenEval script (the t2i default is [0.4, 1])
+LAYOUT = "layout"  # <out>/layout: what the official evaluator reads
+DETECTOR_RESULTS = "detector_results.jsonl"  # <out>/...: where the commands above put its output
+RELATIONS = ("left of", "right of", "above", "below")  # the evaluator's relative positions
+
+
+@dataclasses.dataclass
+class Item:
+    index: int  # 0-based line index among the prompt file's objects (the official folder name)
+    tag: str
+    prompt: str
+    metadata: dict  # the line as read: the evaluator's metadata.jsonl
+
+    @property
+    def stem(self) -> str:
+        return f"{self.index:05d}"
+
+
+def _count(where: str, key: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise common.UsageError(f"{where}: {key}: expected a count >= 1, got {v!r}")
+    return v
+
+
+def _check_line(where: str, r: dict) -> None:
+    for key in ("tag", "prompt"):
+        if not isinstance(r.get(key), str) or not r[key].strip():
+            raise common.UsageError(f"{where}: no {key!r} string (is this GenEval's evaluation_metadata.jsonl?)")
+    include = r.get("include")
+    if not isinstance(include, list) or not include:
+        raise common.UsageError(f"{where}: 'include' must be a non-empty list of objects")
+    for field in ("include", "exclude"):
+        for j, e in enumerate(r.get(field) or []):
+            at = f"{field}[{j}]"
+            if not isinstance(e, dict) or not isinstance(e.get("class"), str) or not e["class"]:
+                raise common.UsageError(f"{where}: {at}: expected an object with a 'class' name")
+            _count(where, f"{at}.count", e.get("count"))
+            if "color" in e and (field == "exclude" or not isinstance(e["color"], str)):
+                raise common.UsageError(f"{where}: {at}.color: expected a colour name in an include entry")
+            if "position" in e:
+                pos = e["position"]
+                if (field == "exclude" or not isinstance(pos, list) or len(pos) != 2 or pos[0] not in RELATIONS
+                        or isinstance(pos[1], bool) or not isinstance(pos[1], int) or not 0 <= pos[1] < j):
+                    raise common.UsageError(f"{where}: {at}.position: expected [relation, index of an earlier "
+                                            f"include entry] with relation in {list(RELATIONS)}, got {pos!r}")
+    if "exclude" in r and not isinstance(r["exclude"], list):
+        raise common.UsageError(f"{where}: 'exclude' must be a list of objects")
+
+
+def load_items(path, limit: int | None = None) -> list[Item]:
+    """The prompts of a GenEval metadata jsonl, every line checked (the first `limit` kept)."""
+    items = []
+    for i, (line, r) in enumerate(common.jsonl_records(path)):
+        _check_line(f"{path}:{line}", r)
+        items.append(Item(i, r["tag"], r["prompt"], r))
+    if not items:
+        raise common.UsageError(f"{path}: no prompts")
+    return common.take(items, limit)
+
+
+def generation_requests(items: Sequence[Item], num_images: int = NUM_IMAGES, seed: int = 42,
+                        size: tuple[int, int] | None = None) -> list[dict]:
+    return common.generation_requests(items, prompt=lambda it: it.prompt, seed=lambda it: seed + it.index,
+                                      num_images=num_images, size=size)
+
+
+# ------------------------------------------------------------------------------------------------
+# layout for the official evaluator
+# ------------------------------------------------------------------------------------------------
+
+def sample_path(layout: Path, stem: str, k: int) -> Path:
+    return layout / stem / "samples" / f"{k:04d}.png"
+
+
+def _place(src: Path, dst: Path) -> None:
+    """`dst` gets `src`'s picture as PNG: a hard link to a PNG (a copy across file systems), else converted."""
+    if src.suffix.lower() == ".png":
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        return
+    with Image.open(src) as im:
+        im.convert("RGB").save(dst, format="PNG")
+
+
+def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -> tuple[Path, list[dict]]:
+    """Lay the images out for the official evaluator in ``<out_dir>/layout`` (module docstring); returns the
+    layout folder and one unit per (item, k): ``{"item", "k", "image"}`` (the image found, or None: missing).
+    An image that cannot be read is a UsageError naming it (nothing is swapped in)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layout, staging, old = out / LAYOUT, out / f".{LAYOUT}.new", out / f".{LAYOUT}.old"
+    for d in (staging, old):  # what an interrupted earlier export left (the layout itself is still whole)
+        if d.exists():
+            shutil.rmtree(d)
+    units = []
+    try:
+        for it in items:
+            folder = staging / it.stem
+            (folder / "samples").mkdir(parents=True)
+            (folder / "metadata.jsonl").write_text(json.dumps(it.metadata) + "\n", encoding="utf-8")
+            for k in range(num_images):
+                src = common.find_image(images_dir, [f"{it.stem}_{k}"])
+                if src is not None:
+                    try:
+                        _place(src, sample_path(staging, it.stem, k))
+                    except OSError as e:
+                        raise common.UsageError(f"{src}: cannot be laid out for the GenEval evaluator "
+                                                f"({type(e).__name__}: {e})") from None
+                units.append({"item": it, "k": k, "image": src})
+        if layout.exists():
+            layout.rename(old)
+        staging.rename(layout)
+    finally:
+        for d in (staging, old):
+            if d.exists():
+                shutil.rmtree(d)
+    return layout, units
+
+
+def evaluator_commands(layout: Path, results: Path) -> str:
+    return (f"python evaluation/evaluate_images.py {layout} --outfile {results} --model-path <DETECTOR_FOLDER>  "
+            f"(in a checkout of github.com/djghosh13/geneval, its environment and detector; see its README)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the detector's results
+# ------------------------------------------------------------------------------------------------
+
+def read_detector_results(path: Path, items: Sequence[Item], layout: Path,
+                          units: Sequence[dict]) -> dict[tuple[str, int], bool]:
+    """{(stem, k): correct} from the official evaluator's results.jsonl. Each line must name an image of this
+    layout (``<stem>/samples/<k>.png``) that exists, scored against that prompt's metadata; an image may be
+    scored once; the results must be newer than every image (an image generated again after scoring would be
+    reported with another image's verdict). Any violation is a UsageError naming the line."""
+    by_stem = {it.stem: it for it in items}
+    present = {(u["item"].stem, u["k"]): u["image"] for u in units if u["image"] is not None}
+    written = path.stat().st_mtime
+    out: dict[tuple[str, int], bool] = {}
+    for line, r in common.jsonl_records(path):
+        where = f"{path}:{line}"
+        try:
+            f = Path(r["filename"])
+            stem, k, correct, meta = f.parent.parent.name, int(f.stem), r["correct"], json.loads(r["metadata"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise common.UsageError(f"{where}: not a line of GenEval's evaluate_images.py output (needs filename "
+                                    f"<index>/samples/<k>.png, correct, metadata; {type(e).__name__}: {e})") from None
+        if not isinstance(correct, bool):
+            raise common.UsageError(f"{where}: 'correct' must be true or false, got {correct!r}")
+        it = by_stem.get(stem)
+        if it is None or (stem, k) not in present:
+            raise common.UsageError(f"{where}: {f} is not an image of this layout ({layout}): results of another "
+                                    "run or prompt file? Score this layout again")
+        if meta != it.metadata:
+            raise common.UsageError(f"{where}: {f} was scored against other metadata than prompt {it.index} of "
+                                    f"this prompt file ({meta.get('prompt') if isinstance(meta, dict) else meta!r}"
+                                    f" vs {it.prompt!r}): another prompt file? Score this layout again")
+        if (stem, k) in out:
+            raise common.UsageError(f"{where}: {f} is scored twice")
+        if present[(stem, k)].stat().st_mtime > written:
+            raise common.UsageError(f"{where}: {present[(stem, k)]} changed after the detector results were "
+                                    f"written ({path}): score the layout again")
+        out[(stem, k)] = correct
+    return out
+
+
+def tag_order(tags) -> list[str]:
+    known = [t for t, _ in GENEVAL_TASKS]
+    return [t for t in known if t in tags] + sorted(t for t in set(tags) if t not in known)
+
+
+def aggregate(records: Sequence[dict]) -> dict:
+    """records: dicts with 'tag', 'index', 'status' (correct / incorrect / missing / unscored) -> per-task
+    accuracy (missing and unscored images count as incorrect) and overall = mean of the task accuracies (None
+    when no image was scored)."""
+    by_tag: dict[str, list[dict]] = {}
+    for r in records:
+        by_tag.setdefault(r["tag"], []).append(r)
+    counts = {s: sum(r["status"] == s for r in records) for s in ("correct", "missing", "unscored")}
+    tasks = {}
+    for t in tag_order(by_tag):
+        rs = by_tag[t]
+        ok = sum(r["status"] == "correct" for r in rs)
+        tasks[t] = {"n": len(rs), "n_correct": ok, "accuracy": ok / len(rs),
+                    "n_missing": sum(r["status"] == "missing" for r in rs),
+                    "n_unscored": sum(r["status"] == "unscored" for r in rs)}
+    n = len(records)
+    scored = n - counts["missing"] - counts["unscored"]
+    prompts: dict[int, bool] = {}
+    for r in records:
+        prompts[r["index"]] = prompts.get(r["index"], False) or r["status"] == "correct"
+    return {
+        "overall": sum(v["accuracy"] for v in tasks.values()) / len(tasks) if tasks and scored else None,
+        "tasks": tasks,
+        "correct_images": counts["correct"] / n if n and scored else None,
+        "correct_prompts": sum(prompts.values()) / len(prompts) if prompts and scored else None,
+        "n_images": n, "n_scored": scored, "n_correct": counts["correct"], "n_missing": counts["missing"],
+        "n_unscored": counts["unscored"],
+    }
+
+
+def incomplete_note(doc: dict) -> str | None:
+    """None when every image was scored; else what was not and how to go on."""
+    if doc["complete"]:
+        return None
+    s = doc["summary"]
+    if doc["detector_results"] is None:
+        return (f"not scored yet: {s['n_images'] - s['n_missing']} of {s['n_images']} images laid out in "
+                f"{doc['layout']}; run the official evaluator: {doc['evaluator_command']}, then this command again")
+    what = (f"{s['n_missing']} images missing, {s['n_unscored']} laid out but without a detector result; they "
+            "count as incorrect in the numbers below, which are therefore not final")
+    return (f"{what}. Once the images are in place, run the evaluator again ({doc['evaluator_command']}) and then "
+            "this command.")
+
+
+def evaluate(items: Sequence[Item], images_dir, judge, out_dir, *, num_images: int = NUM_IMAGES,
+             label: str = "ours", progress: bool = False, source: dict | None = None,
+             detector_results=None) -> dict:
+    """Lay the images out and score the detector results there are (``<out_dir>/detector_results.jsonl``, or
+    `detector_results`); `judge` is not used (the signature of the judged benchmarks, for eval.run)."""
+    del judge, progress
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise common.UsageError(f"num_images {num_images!r}: must be a positive integer")
+    out = Path(out_dir)
+    results = Path(detector_results) if detector_results is not None else out / DETECTOR_RESULTS
+    if detector_results is not None and not results.is_file():
+        raise common.UsageError(f"--detector-results {results}: no such file")
+    layout, units = export_layout(items, images_dir, out, num_images)
+    verdicts = read_detector_results(results, items, layout, units) if results.is_file() else None
+    records = []
+    for u in units:
+        it, k, image = u["item"], u["k"], u["image"]
+        key = (it.stem, k)
+        if image is None:
+            status = "missing"
+        elif verdicts is None or key not in verdicts:
+            status = "unscored"
+        else:
+            status = "correct" if verdicts[key] else "incorrect"
+        records.append({"id": f"{it.stem}_{k}", "index": it.index, "k": k, "tag": it.tag, "prompt": it.prompt,
+                        "image": common.rel(image, out) if image else None,
+                        "layout_image": common.rel(sample_path(layout, it.stem, k), out) if image else None,
+                        "expected_image": common.image_name(it.stem, k), "status": status})
+    summary = aggregate(records)
+    doc = {
+        "benchmark": NAME, "label": label, "source": source or {}, "images_dir": str(images_dir),
+        "num_images": num_images, "layout": str(layout),
+        "detector_results": str(results) if verdicts is not None else None,
+        "evaluator_command": evaluator_commands(layout, results),
+        "formula": "overall = mean over tasks of the share of correct images (official summary_scores.py); "
+                   "missing and unscored images count as incorrect",
+        "summary": summary,
+        "complete": verdicts is not None and summary["n_scored"] == summary["n_images"],
+        "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
+        "unscored_images": [r["layout_image"] for r in records if r["status"] == "unscored"],
+        "items": records,
+    }
+    doc["incomplete"] = incomplete_note(doc)
+    common.write_json(out / "results.json", doc)
+    (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    s = doc["summary"]
+    tags = [t for t, _ in GENEVAL_TASKS]
+    rows = [[f"**{doc['label']}** (this run)"] + [s["tasks"].get(t, {}).get("accuracy") if s["n_scored"] else None
+                                                   for t in tags] + [s["overall"]]]
+    rows += [[name] + [vals.get(t) for t in tags] + [vals.get("overall")] for name, vals in GENEVAL_REPORTED.items()]
+    parts = [f"# {TITLE}: {doc['label']}", ""]
+    if doc["incomplete"]:
+        parts += [f"**INCOMPLETE: {doc['incomplete']}**", ""]
+    parts += [
+        f"Official object detector (results: `{doc['detector_results']}`); {s['n_images']} images "
+        f"({doc['num_images']} per prompt): {s['n_scored']} scored, {s['n_missing']} missing, {s['n_unscored']} "
+        f"without a result. Layout for the evaluator: `{doc['layout']}`.", "",
+        common.markdown_table(["Model"] + [c for _, c in GENEVAL_TASKS] + ["Overall"], rows), "",
+        "Overall = mean of the task scores (share of correct images), as the official summary_scores.py. Paper "
+        "rows: overall only.", "",
+        f"Correct images: {common.fmt(s['correct_images'])}; prompts with a correct image: "
+        f"{common.fmt(s['correct_prompts'])}", "",
+        "## Per task", "",
+        common.markdown_table(["task", "images", "correct", "accuracy", "missing", "unscored"],
+                              [[t, v["n"], v["n_correct"], v["accuracy"], v["n_missing"], v["n_unscored"]]
+                               for t, v in s["tasks"].items()]),
+    ]
+    if doc["missing_images"]:
+        parts += ["", f"## Missing images ({len(doc['missing_images'])})", ""]
+        parts += [f"- `{p}`" for p in doc["missing_images"]]
+    return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m echo4o_jax.eval.geneval", description=__doc__ + "\n"
+                                 + common.EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", required=True, help="folder of generated images (<index:05d>_<k>.png)")
+    ap.add_argument("--prompts", required=True, help=f"GenEval metadata jsonl (public file: {PUBLIC_URL})")
+    ap.add_argument("--fetch", action="store_true", help="download the public prompt file to --prompts if absent")
+    ap.add_argument("--out", required=True, help="output folder (layout/, results.json, summary.md)")
+    ap.add_argument("--num-images", type=common.positive_int, default=NUM_IMAGES,
+                    help=f"images per prompt (GenEval: {NUM_IMAGES})")
+    ap.add_argument("--limit", type=common.positive_int, default=None, help="only the first N prompts")
+    ap.add_argument("--detector-results", default=None,
+                    help=f"the official evaluator's output (default: <out>/{DETECTOR_RESULTS} when it exists)")
+    ap.add_argument("--label", default="ours", help="row name for this run in summary.md")
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    prompts = common.resolve_prompts(args.prompts, PUBLIC_URL, PUBLIC_MD5, args.fetch)
+    items = load_items(prompts, args.limit)
+    doc = evaluate(items, args.images, None, args.out, num_images=args.num_images, label=args.label,
+                   source={"prompts": str(prompts), "prompts_md5": common.md5sum(prompts)},
+                   detector_results=args.detector_results)
+    s = doc["summary"]
+    print(f"{TITLE} overall {common.fmt(s['overall'], 4)} (mean of {len(s['tasks'])} task scores)"
+          f"{'' if doc['complete'] else ' INCOMPLETE'}; images {s['n_images']}: {s['n_scored']} scored, "
+          f"{s['n_missing']} missing, {s['n_unscored']} without a result -> {args.out}")
+    return doc
+
+
+if __name__ == "__main__":
+    raise SystemExit(common.run_cli(main))

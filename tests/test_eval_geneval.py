@@ -1,0 +1,226 @@
+"""GenEval (the detector-scored original): prompt file checks, the layout the official evaluator reads, reading
+its results back, the official summary formula, and eval.run --bench geneval (no judge, no API key).
+
+The official evaluator (mmdet + CLIP) cannot run here; `_official_walk` follows its `main()` (how it finds the
+images and their metadata, and the fields it writes), with the verdicts given by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from echo4o_jax.eval import common, geneval, run as eval_run
+from test_eval_benchmarks import BENCH_DIR, _fake_generate_module, needs_bench, write_jsonl
+
+ROWS = [
+    {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+    {"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}],
+     "prompt": "a photo of a cat and a dog"},
+    {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
+     "prompt": "a photo of two clocks"},
+    {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
+                                    {"class": "dog", "count": 1, "position": ["right of", 0]}],
+     "prompt": "a photo of a dog right of a teddy bear"},
+]
+
+
+def _png(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def _official_walk(imagedir: Path, verdict) -> list[dict]:
+    """What evaluation/evaluate_images.py's main() writes for `imagedir` (one dict per image; `verdict(path,
+    metadata)` stands in for the detector): folders whose name is digits, `metadata.jsonl` read with json.load,
+    images `samples/\\d+.png`."""
+    rows = []
+    for sub in os.listdir(imagedir):
+        folder = os.path.join(imagedir, sub)
+        if not os.path.isdir(folder) or not sub.isdigit():
+            continue
+        with open(os.path.join(folder, "metadata.jsonl")) as fp:
+            metadata = json.load(fp)
+        for name in os.listdir(os.path.join(folder, "samples")):
+            path = os.path.join(folder, "samples", name)
+            if not os.path.isfile(path) or not re.match(r"\d+\.png", name):
+                continue
+            ok = verdict(path, metadata)
+            rows.append({"filename": path, "tag": metadata["tag"], "prompt": metadata["prompt"], "correct": ok,
+                         "reason": "" if ok else "expected more", "metadata": json.dumps(metadata), "details": "{}"})
+    return rows
+
+
+def _write_results(path: Path, rows) -> Path:
+    # pandas' to_json(orient="records", lines=True) escapes '/' as '\/': so does this
+    path.write_text("".join(json.dumps(r).replace("/", "\\/") + "\n" for r in rows))
+    return path
+
+
+def _images(d: Path, n_items: int, num_images: int, skip=()) -> None:
+    for i in range(n_items):
+        for k in range(num_images):
+            if (i, k) not in skip:
+                _png(d / f"{i:05d}_{k}.png", 10 * i + k)
+
+
+def test_layout_results_and_the_official_formula(tmp_path, capsys):
+    prompts = write_jsonl(tmp_path / "meta.jsonl", ROWS)
+    images, out = tmp_path / "images", tmp_path / "out"
+    _images(images, len(ROWS), 2, skip={(3, 1)})
+    Image.open(images / "00002_1.png").convert("RGB").save(images / "00002_1.jpg")  # a JPEG is converted
+    (images / "00002_1.png").unlink()
+    argv = ["--images", str(images), "--prompts", str(prompts), "--out", str(out), "--num-images", "2"]
+
+    doc = geneval.main(argv)  # no detector results yet: laid out, not scored
+    assert not doc["complete"] and doc["summary"]["overall"] is None
+    assert doc["incomplete"].startswith("not scored yet: 7 of 8 images laid out") and "evaluate_images.py" in \
+        doc["incomplete"]
+    layout = out / "layout"
+    assert sorted(p.name for p in layout.iterdir()) == ["00000", "00001", "00002", "00003"]
+    for i, row in enumerate(ROWS):
+        assert json.loads((layout / f"{i:05d}" / "metadata.jsonl").read_text()) == row
+    assert sorted(p.name for p in (layout / "00003" / "samples").iterdir()) == ["0000.png"]
+    with Image.open(layout / "00002" / "samples" / "0001.png") as im:
+        assert im.format == "PNG" and im.getpixel((0, 0)) == (21, 21, 21)
+    assert os.path.samefile(layout / "00000" / "samples" / "0001.png", images / "00000_1.png")  # a hard link
+
+    # the detector's verdicts (by image): the official formula computed here from the rows it wrote
+    wrong = {("00001", 0), ("00002", 0), ("00002", 1), ("00003", 0)}
+
+    def verdict(path, metadata):
+        p = Path(path)
+        return (p.parent.parent.name, int(p.stem)) not in wrong
+
+    rows = _official_walk(layout, verdict)
+    assert len(rows) == 7
+    _write_results(out / geneval.DETECTOR_RESULTS, rows)
+    capsys.readouterr()
+    doc = geneval.main(argv)
+    s = doc["summary"]
+    # one image missing (counts as incorrect): single 2/2, two_object 1/2, counting 0/2, position 0/2
+    assert [(t, v["n"], v["n_correct"]) for t, v in s["tasks"].items()] == [
+        ("single_object", 2, 2), ("two_object", 2, 1), ("counting", 2, 0), ("position", 2, 0)]
+    assert s["overall"] == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+    assert (s["n_images"], s["n_scored"], s["n_missing"], s["n_unscored"]) == (8, 7, 1, 0)
+    assert s["correct_prompts"] == pytest.approx(2 / 4) and s["correct_images"] == pytest.approx(3 / 8)
+    assert not doc["complete"] and doc["missing_images"] == ["00003_1.png"]
+    assert "INCOMPLETE" in capsys.readouterr().out
+
+    # the missing image generated: the layout is rebuilt with it; scored again, the run is complete
+    _png(images / "00003_1.png", 99)
+    os.utime(out / geneval.DETECTOR_RESULTS)  # (written after the new image, as a new evaluator run would be)
+    doc = geneval.main(argv)
+    assert doc["summary"]["n_unscored"] == 1 and not doc["complete"]  # no detector result for it yet
+    _write_results(out / geneval.DETECTOR_RESULTS, _official_walk(layout, verdict))
+    doc = geneval.main(argv)
+    assert doc["complete"] and doc["incomplete"] is None
+    assert doc["summary"]["overall"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    md = (out / "summary.md").read_text()
+    assert "| Echo-4o (paper; likely rewritten prompts)" in md and "INCOMPLETE" not in md
+
+    # fewer images per prompt: the layout holds exactly those (no stale samples); the old results name images
+    # this layout no longer has and are refused
+    with pytest.raises(common.UsageError, match=r"00000.samples.0001\.png is not an image of this layout"):
+        geneval.main(argv[:-2] + ["--num-images", "1"])
+    assert sorted(p.name for p in (layout / "00000" / "samples").iterdir()) == ["0000.png"]
+    assert not any(p.name.startswith(".layout") for p in out.iterdir())
+
+
+def test_detector_results_that_do_not_belong_are_refused(tmp_path):
+    prompts = write_jsonl(tmp_path / "meta.jsonl", ROWS[:2])
+    images, out = tmp_path / "images", tmp_path / "out"
+    _images(images, 2, 1)
+    items = geneval.load_items(prompts)
+    geneval.evaluate(items, images, None, out, num_images=1)
+    rows = _official_walk(out / "layout", lambda p, m: True)
+    results = out / geneval.DETECTOR_RESULTS
+
+    def refused(rows, match):
+        _write_results(results, rows)
+        with pytest.raises(common.UsageError, match=match):
+            geneval.evaluate(items, images, None, out, num_images=1)
+
+    other = [dict(r, metadata=json.dumps(dict(json.loads(r["metadata"]), prompt="another"))) for r in rows]
+    refused(other, r"scored against other metadata than prompt \d of this prompt file")
+    refused(rows + rows[:1], "is scored twice")
+    refused([dict(rows[0], correct="yes")], "'correct' must be true or false")
+    refused([{"tag": "x"}], "not a line of GenEval's evaluate_images.py output")
+    _write_results(results, rows)
+    later = results.stat().st_mtime + 5
+    os.utime(images / "00001_0.png", (later, later))  # generated again after the results were written
+    with pytest.raises(common.UsageError, match="changed after the detector results were written"):
+        geneval.evaluate(items, images, None, out, num_images=1)
+    with pytest.raises(common.UsageError, match="--detector-results .*: no such file"):
+        geneval.evaluate(items, images, None, out, num_images=1, detector_results=tmp_path / "absent.jsonl")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"include": [{"class": "cat", "count": 1}], "prompt": "p"}, "no 'tag' string"),
+    ({"tag": "t", "include": [], "prompt": "p"}, "'include' must be a non-empty list"),
+    ({"tag": "t", "include": [{"class": "cat", "count": 0}], "prompt": "p"}, r"include\[0\]\.count: expected a count"),
+    ({"tag": "t", "include": [{"count": 1}], "prompt": "p"}, r"include\[0\]: expected an object with a 'class'"),
+    ({"tag": "t", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["near", 0]}],
+      "prompt": "p"}, r"include\[1\]\.position: expected \[relation"),
+    ({"tag": "t", "include": [{"class": "a", "count": 1, "position": ["above", 0]}], "prompt": "p"},
+     r"include\[0\]\.position"),
+    ({"tag": "t", "include": [{"class": "a", "count": 1}], "exclude": [{"class": "a", "count": True}],
+      "prompt": "p"}, r"exclude\[0\]\.count"),
+])
+def test_bad_prompt_lines_are_named(tmp_path, bad, message):
+    f = write_jsonl(tmp_path / "meta.jsonl", [ROWS[0], bad])
+    with pytest.raises(common.UsageError, match=re.escape(f"{f}:2: ") + message):
+        geneval.load_items(f)
+
+
+@needs_bench
+def test_public_prompt_file():
+    path = BENCH_DIR / geneval.PROMPTS_FILE
+    items = geneval.load_items(path)
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    assert [it.metadata for it in items] == lines and [it.stem for it in items[:2]] == ["00000", "00001"]
+    assert set(geneval.tag_order(it.tag for it in items)) == {t for t, _ in geneval.GENEVAL_TASKS}
+
+
+def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
+    """eval.run --bench geneval: 4 images per prompt with cfg_interval [0, 1] (--gen-arg wins), laid out for the
+    evaluator without a judge or an API key; a rerun with --judge-only reads the detector's results."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
+    bench = tmp_path / "bench"
+    write_jsonl(bench / geneval.PROMPTS_FILE, ROWS[:3])
+    out = tmp_path / "out"
+    argv = ["--ckpt", str(tmp_path / "ckpt"), "--bench", "geneval", "--out", str(out), "--benchmarks-dir",
+            str(bench), "--no-progress"]
+    rep = eval_run.main(argv)
+    (call,) = calls
+    assert call["overrides"] == {"cfg_interval": [0.0, 1.0]}
+    assert [(r["id"], r["seed"], r["num_images"]) for r in call["requests"]] == [
+        ("00000", 42, 4), ("00001", 43, 4), ("00002", 44, 4)]
+    entry = rep["benchmarks"]["geneval"]
+    assert not rep["complete"] and entry["incomplete"].startswith("not scored yet: 12 of 12 images laid out")
+    assert "judge_stats" not in rep and (out / "summary.md").read_text().startswith("# Evaluation of ckpt")
+    layout = out / "geneval" / "layout"
+    assert len(list(layout.glob("*/samples/*.png"))) == 12
+
+    _write_results(out / "geneval" / geneval.DETECTOR_RESULTS,
+                   _official_walk(layout, lambda p, m: m["tag"] != "counting"))
+    rep = eval_run.main(argv[2:] + ["--judge-only"])
+    entry = rep["benchmarks"]["geneval"]
+    assert rep["complete"] and entry["summary"]["overall"] == pytest.approx(2 / 3)
+    assert "geneval: overall=0.6667" in capsys.readouterr().out
+
+    calls.clear()
+    eval_run.main(argv + ["--gen-arg", "cfg_interval=[0.4, 1.0]", "--num-images", "1", "--regenerate",
+                          "--generate-only"])
+    assert calls[0]["overrides"] == {"cfg_interval": [0.4, 1.0]} and calls[0]["requests"][0]["num_images"] == 1
+    with pytest.raises(common.UsageError, match="--geneval-results .* needs --bench geneval"):
+        eval_run.main(["--judge-only", "--bench", "geneval_pp", "--out", str(out), "--geneval-results", "x"])
