@@ -190,8 +190,8 @@ def test_public_prompt_file():
 
 
 def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
-    """eval.run --bench geneval: 4 images per prompt with cfg_interval [0, 1] (--gen-arg wins), laid out for the
-    evaluator without a judge or an API key; a rerun with --judge-only reads the detector's results."""
+    """eval.run --bench geneval: 4 images per prompt without image CFG, cfg_interval [0, 1] (--gen-arg wins), laid
+    out for the evaluator without a judge or an API key; a rerun with --judge-only reads the detector's results."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     calls = []
     monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
@@ -202,7 +202,7 @@ def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
             str(bench), "--no-progress"]
     rep = eval_run.main(argv)
     (call,) = calls
-    assert call["overrides"] == {"cfg_interval": [0.0, 1.0]}
+    assert call["overrides"] == {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0]}
     assert [(r["id"], r["seed"], r["num_images"]) for r in call["requests"]] == [
         ("00000", 42, 4), ("00001", 43, 4), ("00002", 44, 4)]
     entry = rep["benchmarks"]["geneval"]
@@ -221,6 +221,7 @@ def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
     calls.clear()
     eval_run.main(argv + ["--gen-arg", "cfg_interval=[0.4, 1.0]", "--num-images", "1", "--regenerate",
                           "--generate-only"])
-    assert calls[0]["overrides"] == {"cfg_interval": [0.4, 1.0]} and calls[0]["requests"][0]["num_images"] == 1
+    assert calls[0]["overrides"] == {"cfg_img_scale": 1.0, "cfg_interval": [0.4, 1.0]}
+    assert calls[0]["requests"][0]["num_images"] == 1
     with pytest.raises(common.UsageError, match="--geneval-results .* needs --bench geneval"):
         eval_run.main(["--judge-only", "--bench", "geneval_pp", "--out", str(out), "--geneval-results", "x"])

@@ -27,8 +27,9 @@ run in the official evaluator's own environment. This module does the two ends a
    ``summary_scores.py``). A missing image or one without a result counts as incorrect and is listed: the run
    is then INCOMPLETE (exit status 1), as is a run without detector results yet (no score).
 
-Protocol (GenEval, BAGEL's / Echo-4o's scripts): 4 images per prompt, 1024x1024, cfg_interval [0, 1]
-(``eval.run`` uses these for this benchmark; ``--gen-arg`` / ``--num-images`` override them). Echo-4o's run
+Protocol (GenEval, BAGEL's / Echo-4o's scripts): 4 images per prompt, 1024x1024, text scale 4 without image
+CFG (cfg_img_scale 1), cfg_interval [0, 1], global renorm with min 0, shift 3, 50 steps (``eval.run`` uses these
+for this benchmark; ``--gen-arg`` / ``--num-images`` override them). Echo-4o's run
 script defaults to LLM-rewritten long prompts (``evaluation_metadata_long.jsonl``, the same 553 items): pass
 that file as the prompt file to compare with its 0.89.
 
@@ -59,7 +60,9 @@ PROMPTS_FILE = "geneval_metadata.jsonl"  # name used under --benchmarks-dir by e
 PUBLIC_URL, PUBLIC_MD5 = GENEVAL_URL, None
 JUDGED = False  # scored by the official detector, not by the judge: eval.run needs no API key for it
 NUM_IMAGES = 4  # images per prompt (GenEval protocol)
-GEN_DEFAULTS = {"cfg_interval": [0.0, 1.0]}  # BAGEL's / Echo-4o's GenEval script (the t2i default is [0.4, 1])
+# BAGEL's / Echo-4o's GenEval script (eval/gen/gen_images_mp.py): text scale 4, no image CFG (the generator's t2i
+# default 1.5 would strengthen text guidance, see generate.py), cfg_interval [0, 1] (t2i default [0.4, 1])
+GEN_DEFAULTS = {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0]}
 LAYOUT = "layout"  # <out>/layout: what the official evaluator reads
 DETECTOR_RESULTS = "detector_results.jsonl"  # <out>/...: where the commands above put its output
 RELATIONS = ("left of", "right of", "above", "below")  # the evaluator's relative positions

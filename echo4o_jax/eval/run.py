@@ -8,7 +8,7 @@ r"""Generate the benchmark images with a checkpoint, then judge them.
 
 Benchmarks: ``geneval_pp``, ``imagine_bench`` and ``omnicontext`` are judged by the VLM judge (1 image per
 prompt by default); ``geneval`` (the original GenEval) is scored by its official object detector, which runs
-outside this tool: its images (4 per prompt, cfg_interval [0, 1], as BAGEL's / Echo-4o's GenEval script) are
+outside this tool: its images (4 per prompt, no image CFG, cfg_interval [0, 1], as BAGEL's GenEval script) are
 laid out for the official evaluator in ``<out>/geneval/layout`` and its output is read back from
 ``<out>/geneval/detector_results.jsonl`` (or ``--geneval-results F``) when the run is repeated (see
 ``python -m echo4o_jax.eval.geneval -h``); it needs no API key.
@@ -282,7 +282,7 @@ def _num_images(args, name: str) -> int:
 
 
 def _gen_args(gen_args: dict, name: str) -> dict:
-    """The generation settings of a benchmark: its protocol's (GenEval: cfg_interval [0, 1]) under --gen-arg."""
+    """The generation settings of a benchmark: its protocol's (GenEval: geneval.GEN_DEFAULTS) under --gen-arg."""
     return {**getattr(BENCHES[name], "GEN_DEFAULTS", {}), **gen_args}
 
 
