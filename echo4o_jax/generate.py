@@ -929,9 +929,16 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate:
     checkpoint is cached per path. Sampler settings (cfg_text_scale, cfg_img_scale, cfg_interval,
     cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps) may be passed as overrides. Every
     request is checked (ids unique, keys, sizes, sampler values, image files, prompt length; the error names
-    the request) before the weights load or anything is written. `step` (a training workdir's checkpoint step, default its latest), `dtype`, `max_context` configure the
+    the request) before the weights load or anything is written. `step` (a training workdir's checkpoint step, default its latest), `dtype`, `max_context` and
+    `vae_transform` / `vit_transform` ((max, min) side, as --vae-transform / --vit-transform) configure the
     loader; `max_new_tokens` is run_requests'."""
     load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context") if k in overrides}
+    for k in ("vae_transform", "vit_transform"):
+        if k in overrides:
+            t = overrides.pop(k)
+            if not (isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(v, int) for v in t)):
+                raise GenerateError(f"{k} {t!r}: expected [MAX, MIN] image sides")
+            load_kw[k] = tuple(t)
     run_kw = {k: overrides.pop(k) for k in ("max_new_tokens",) if k in overrides}
     gen = get_generator(ckpt, **load_kw)
     return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate, **run_kw)

@@ -1098,3 +1098,33 @@ def test_omnicontext_overall_names_the_tasks_present(tmp_path, capsys):
     md = (tmp_path / "o" / "summary.md").read_text()
     assert "| Overall (8 tasks; this run: 2) |" in md and "not all 8 task types present (this run has 2)" in md
     assert "Overall (2 tasks)" in (tmp_path / "o" / "gallery.html").read_text()
+
+
+def test_run_omnicontext_generates_as_echo4o_script(tmp_path, monkeypatch):
+    """eval.run --bench omnicontext generates with Echo-4o's OmniContext settings: image scale 1.5 and the ViT
+    transform (980, 378) (--gen-arg wins), output size = the FIRST input image under the VAE rule (max side
+    1024, min 512, multiples of 16; --size wins)."""
+    from PIL import Image
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
+    data = tmp_path / "oc"
+    data.mkdir()
+    # first images (w x h): 300 x 200 -> min side up to 512: 768 x 512; 2048 x 1536 -> max side down to 1024:
+    # 1024 x 768 (both multiples of 16); the last image, 64 x 64, is not what sizes the output
+    for name, wh in (("a.png", (300, 200)), ("b.png", (2048, 1536)), ("c.png", (64, 64))):
+        Image.new("RGB", wh).save(data / name)
+    write_jsonl(data / "metadata.jsonl", [
+        {"key": "1", "task_type": "multiple_object", "instruction": "i1", "input_images": ["a.png", "c.png"]},
+        {"key": "2", "task_type": "scene_object", "instruction": "i2", "input_images": ["b.png", "c.png"]}])
+    out = tmp_path / "out"
+    argv = ["--ckpt", str(tmp_path / "ckpt"), "--bench", "omnicontext", "--omnicontext-data", str(data),
+            "--out", str(out), "--generate-only"]
+    eval_run.main(argv)
+    (call,) = calls
+    assert call["overrides"] == {"cfg_img_scale": 1.5, "vit_transform": [980, 378]}
+    assert [tuple(r["size"]) for r in call["requests"]] == [(512, 768), (768, 1024)]
+    calls.clear()
+    eval_run.main(argv + ["--regenerate", "--size", "256", "256", "--gen-arg", "cfg_img_scale=2.0"])
+    assert calls[0]["overrides"] == {"cfg_img_scale": 2.0, "vit_transform": [980, 378]}
+    assert [tuple(r["size"]) for r in calls[0]["requests"]] == [(256, 256), (256, 256)]

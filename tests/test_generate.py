@@ -743,3 +743,17 @@ def test_ctrl_c_in_a_batch_is_one_line(golden_dir, tmp_path, monkeypatch, capsys
     assert err.strip().splitlines()[-1] == "interrupted: 1 of 3 requests finished and kept; rerun the same command to resume"
     assert [json.loads(x)["id"] for x in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()] == ["r0"]
     assert G.main(argv) == 0 and len(calls) == 4  # resumed: r1 and r2
+
+
+def test_generate_batch_passes_image_transforms_to_the_loader(monkeypatch):
+    """`vae_transform` / `vit_transform` overrides (eval.run --gen-arg, OmniContext's ViT transform) configure the
+    loaded Generator as --vae-transform / --vit-transform; the sampler overrides go to the requests."""
+    seen = {}
+    monkeypatch.setattr(G, "get_generator", lambda ckpt, **kw: seen.setdefault("load", kw) and "gen")
+    monkeypatch.setattr(G, "run_requests", lambda gen, reqs, out, **kw: seen.setdefault("run", kw) and [])
+    G.generate_batch("ckpt", [], "out", vit_transform=[980, 378], vae_transform=(1024, 512), cfg_img_scale=1.5,
+                     max_context=512)
+    assert seen["load"] == {"max_context": 512, "vae_transform": (1024, 512), "vit_transform": (980, 378)}
+    assert seen["run"]["overrides"] == {"cfg_img_scale": 1.5}
+    with pytest.raises(G.GenerateError, match=r"vit_transform \[980\]: expected \[MAX, MIN\] image sides"):
+        G.generate_batch("ckpt", [], "out", vit_transform=[980])

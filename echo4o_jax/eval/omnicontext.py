@@ -25,6 +25,11 @@ here). Give a JSON-lines (or JSON list) manifest with one record per sample::
   tasks in the manifest, the overall is the mean over the tasks present (it says how many).
 * Images: ``<images>/<task_type>__<key>_<k>.png`` (also .jpg/.jpeg/.webp); the official
   ``<task_type>/<key>.png`` is accepted for k = 0.
+* Generation (``eval.run --bench omnicontext``) follows Echo-4o's OmniContext script: text scale 4, image
+  scale 1.5, cfg_interval [0, 1], text_channel renorm (the generator's reference-image defaults apart from the
+  image scale, 2.0 there), the ViT transform (980, 378), and the output size of the FIRST input image resized
+  by the VAE rule (max side 1024, min 512, multiples of 16), where the generator's own default takes the last
+  image's. ``--size`` / ``--gen-arg`` override them.
 
 Outputs in --out: ``results.json``, ``summary.md``, ``gallery.html``, ``judge_cache/``.
 Exit status: 0 every image judged, 1 incomplete, 2 bad input, 130 interrupted (see -h).
@@ -40,6 +45,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from ..image_transform import ImageTransform, resize_shape
 from . import common
 from .judge import Judge, JudgeRequest, JudgeTemplate, load_template
 from .reference import OMNICONTEXT_GROUPS, OMNICONTEXT_REPORTED, OMNICONTEXT_TASKS, OMNICONTEXT_URL
@@ -175,10 +181,37 @@ def aggregate(records: Sequence[dict]) -> dict:
     }
 
 
+# Echo-4o's OmniContext script (shared/docs/echo4o.md 3.5); the other settings are the generator's reference-image
+# defaults (text scale 4, cfg_interval [0, 1], text_channel renorm, shift 3, 50 steps)
+GEN_DEFAULTS = {"cfg_img_scale": 1.5, "vit_transform": [980, 378]}
+OUTPUT_TRANSFORM = ImageTransform.vae_default()  # the output size: the first input image's, resized by this rule
+
+
+def output_size(item: Item) -> tuple[int, int]:
+    """[height, width] of the generated image: the first input image's size under OUTPUT_TRANSFORM (read from its
+    header; a UsageError names an image that cannot be read)."""
+    from PIL import Image
+
+    path = item.input_images[0]
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except OSError as e:
+        raise common.UsageError(f"OmniContext sample {item.stem}: input image {path} cannot be read "
+                                f"({type(e).__name__}: {e})") from None
+    t = OUTPUT_TRANSFORM
+    w, h = resize_shape(w, h, t.max_size, t.min_size, t.stride, t.max_pixels)
+    return h, w
+
+
 def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 42,
                         size: tuple[int, int] | None = None) -> list[dict]:
-    return common.generation_requests(items, prompt=lambda it: it.instruction, images=lambda it: it.input_images,
+    reqs = common.generation_requests(items, prompt=lambda it: it.instruction, images=lambda it: it.input_images,
                                       seed=lambda it: seed + it.index, num_images=num_images, size=size)
+    if size is None:
+        for r, it in zip(reqs, items):
+            r["size"] = output_size(it)
+    return reqs
 
 
 def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,

@@ -11,7 +11,9 @@ prompt by default); ``geneval`` (the original GenEval) is scored by its official
 outside this tool: its images (4 per prompt, no image CFG, cfg_interval [0, 1], as BAGEL's GenEval script) are
 laid out for the official evaluator in ``<out>/geneval/layout`` and its output is read back from
 ``<out>/geneval/detector_results.jsonl`` (or ``--geneval-results F``) when the run is repeated (see
-``python -m echo4o_jax.eval.geneval -h``); it needs no API key.
+``python -m echo4o_jax.eval.geneval -h``); it needs no API key. OmniContext is generated with Echo-4o's
+script settings (image scale 1.5, ViT transform (980, 378), the output size of the first input image: see
+``python -m echo4o_jax.eval.omnicontext -h``); ``--size`` and ``--gen-arg`` override a benchmark's settings.
 
 For each benchmark B the images go to ``<out>/B/images/<stem>_<k>.png`` (the naming every
 ``python -m echo4o_jax.eval.B --images`` reads) and the results to ``<out>/B/`` (results.json,
