@@ -929,19 +929,33 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate:
     checkpoint is cached per path. Sampler settings (cfg_text_scale, cfg_img_scale, cfg_interval,
     cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps) may be passed as overrides. Every
     request is checked (ids unique, keys, sizes, sampler values, image files, prompt length; the error names
-    the request) before the weights load or anything is written. `step` (a training workdir's checkpoint step, default its latest), `dtype`, `max_context` and
-    `vae_transform` / `vit_transform` ((max, min) side, as --vae-transform / --vit-transform) configure the
-    loader; `max_new_tokens` is run_requests'."""
+    the request) before the weights load or anything is written. `step` (a training workdir's checkpoint step,
+    default its latest), `dtype`, `max_context` configure the loader; `vae_transform` / `vit_transform` ([max, min]
+    side, as --vae-transform / --vit-transform) the input resizes of this batch only (set on the cached Generator
+    and restored after it: one loaded model serves batches with different transforms); `max_new_tokens` is
+    run_requests'."""
+    from .image_transform import ImageTransform
+
     load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context") if k in overrides}
+    transforms = {}
     for k in ("vae_transform", "vit_transform"):
         if k in overrides:
             t = overrides.pop(k)
-            if not (isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(v, int) for v in t)):
-                raise GenerateError(f"{k} {t!r}: expected [MAX, MIN] image sides")
-            load_kw[k] = tuple(t)
+            if not (isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(v, int) for v in t)
+                    and 0 < t[1] <= t[0]):
+                raise GenerateError(f"{k} {t!r}: expected [MAX, MIN] image sides with 0 < MIN <= MAX")
+            transforms[k] = tuple(t)
     run_kw = {k: overrides.pop(k) for k in ("max_new_tokens",) if k in overrides}
     gen = get_generator(ckpt, **load_kw)
-    return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate, **run_kw)
+    saved = {k: getattr(gen, k) for k in transforms}
+    try:
+        for k, (hi, lo) in transforms.items():
+            stride = gen.cfg.latent_downsample if k == "vae_transform" else gen.cfg.vit.patch_size
+            setattr(gen, k, ImageTransform(hi, lo, stride))
+        return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate, **run_kw)
+    finally:
+        for k, t in saved.items():
+            setattr(gen, k, t)
 
 
 def read_requests(path) -> list[dict]:

@@ -596,3 +596,21 @@ def test_demo_scenes_fit_the_smallest_canvas():
             demo_mod.make_t2i(rng, s, s, tag=tag)
         demo_mod.make_multiref(rng, s, s)
         demo_mod.make_understanding(rng, s, s)
+
+
+def test_interrupted_demo_overwrite_leaves_no_stale_demo_json(tmp_path, monkeypatch):
+    """demo.json (settings and transforms; its presence says the demo is complete) is removed before an
+    overwrite and written last: a rewrite cut short never leaves the old one beside new datasets."""
+    out = tmp_path / "demo"
+    small = dict(n_t2i=4, n_multiref=2, n_understanding=2)
+    demo_mod.write_demo(str(out), **small)
+    before = load_manifest(out / "t2i")["shards"]
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_mod, "multiref_record", ctrl_c)  # after t2i was rewritten at the new size
+    with pytest.raises(KeyboardInterrupt):
+        demo_mod.write_demo(str(out), size=48, overwrite=True, **small)
+    assert not (out / "demo.json").exists()
+    assert load_manifest(out / "t2i")["shards"] != before  # t2i was swapped in at the new size

@@ -1128,3 +1128,8 @@ def test_run_omnicontext_generates_as_echo4o_script(tmp_path, monkeypatch):
     eval_run.main(argv + ["--regenerate", "--size", "256", "256", "--gen-arg", "cfg_img_scale=2.0"])
     assert calls[0]["overrides"] == {"cfg_img_scale": 2.0, "vit_transform": [980, 378]}
     assert [tuple(r["size"]) for r in calls[0]["requests"]] == [(256, 256), (256, 256)]
+    calls.clear()  # another VAE resize rule sizes the output by that rule: 300 x 200 under (512, 256) -> 384 x 256
+    eval_run.main(argv + ["--regenerate", "--gen-arg", "vae_transform=[512, 256]"])
+    assert [tuple(r["size"]) for r in calls[0]["requests"]] == [(256, 384), (384, 512)]
+    with pytest.raises(common.UsageError, match=r"--gen-arg vae_transform=\[512\]: expected \[MAX, MIN\]"):
+        eval_run.main(argv + ["--regenerate", "--gen-arg", "vae_transform=[512]"])

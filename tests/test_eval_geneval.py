@@ -7,6 +7,7 @@ images and their metadata, and the fields it writes), with the verdicts given by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,7 +19,8 @@ import pytest
 from PIL import Image
 
 from echo4o_jax.eval import common, geneval, run as eval_run
-from test_eval_benchmarks import BENCH_DIR, _fake_generate_module, needs_bench, write_jsonl
+from fake_openai import FakeOpenAIServer
+from test_eval_benchmarks import BENCH_DIR, _fake_generate_module, _gpp_rows, judge_args, needs_bench, write_jsonl
 
 ROWS = [
     {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
@@ -81,12 +83,16 @@ def test_layout_results_and_the_official_formula(tmp_path, capsys):
 
     doc = geneval.main(argv)  # no detector results yet: laid out, not scored
     assert not doc["complete"] and doc["summary"]["overall"] is None
-    assert doc["incomplete"].startswith("not scored yet: 7 of 8 images laid out") and "evaluate_images.py" in \
+    assert doc["incomplete"].startswith("not scored: 7 of 8 images laid out") and "evaluate_images.py" in \
         doc["incomplete"]
     layout = out / "layout"
     assert sorted(p.name for p in layout.iterdir()) == ["00000", "00001", "00002", "00003"]
     for i, row in enumerate(ROWS):
-        assert json.loads((layout / f"{i:05d}" / "metadata.jsonl").read_text()) == row
+        meta = json.loads((layout / f"{i:05d}" / "metadata.jsonl").read_text())
+        shas = meta.pop(geneval.SAMPLES_KEY)
+        assert meta == row and sorted(shas) == (["0000.png"] if i == 3 else ["0000.png", "0001.png"])
+        for name, sha in shas.items():
+            assert sha == hashlib.sha256((layout / f"{i:05d}" / "samples" / name).read_bytes()).hexdigest()
     assert sorted(p.name for p in (layout / "00003" / "samples").iterdir()) == ["0000.png"]
     with Image.open(layout / "00002" / "samples" / "0001.png") as im:
         assert im.format == "PNG" and im.getpixel((0, 0)) == (21, 21, 21)
@@ -111,14 +117,13 @@ def test_layout_results_and_the_official_formula(tmp_path, capsys):
     assert s["overall"] == pytest.approx((1 + 0.5 + 0 + 0) / 4)
     assert (s["n_images"], s["n_scored"], s["n_missing"], s["n_unscored"]) == (8, 7, 1, 0)
     assert s["correct_prompts"] == pytest.approx(2 / 4) and s["correct_images"] == pytest.approx(3 / 8)
-    assert not doc["complete"] and doc["missing_images"] == ["00003_1.png"]
+    assert not doc["complete"] and doc["missing_images"] == ["00003_1.png"] and doc["results_problems"] == []
     assert "INCOMPLETE" in capsys.readouterr().out
 
-    # the missing image generated: the layout is rebuilt with it; scored again, the run is complete
+    # the missing image generated: laid out, but without a result until the evaluator runs again
     _png(images / "00003_1.png", 99)
-    os.utime(out / geneval.DETECTOR_RESULTS)  # (written after the new image, as a new evaluator run would be)
     doc = geneval.main(argv)
-    assert doc["summary"]["n_unscored"] == 1 and not doc["complete"]  # no detector result for it yet
+    assert (doc["summary"]["n_scored"], doc["summary"]["n_unscored"]) == (7, 1) and not doc["complete"]
     _write_results(out / geneval.DETECTOR_RESULTS, _official_walk(layout, verdict))
     doc = geneval.main(argv)
     assert doc["complete"] and doc["incomplete"] is None
@@ -126,40 +131,66 @@ def test_layout_results_and_the_official_formula(tmp_path, capsys):
     md = (out / "summary.md").read_text()
     assert "| Echo-4o (paper; likely rewritten prompts)" in md and "INCOMPLETE" not in md
 
-    # fewer images per prompt: the layout holds exactly those (no stale samples); the old results name images
-    # this layout no longer has and are refused
-    with pytest.raises(common.UsageError, match=r"00000.samples.0001\.png is not an image of this layout"):
-        geneval.main(argv[:-2] + ["--num-images", "1"])
+    # an image generated again after scoring: its old result no longer counts (the others do)
+    _png(images / "00000_1.png", 123)
+    doc = geneval.main(argv)
+    assert doc["summary"]["n_unscored"] == 1 and doc["items"][1]["status"] == "unscored"
+    assert len(doc["results_problems"]) == 1 and "scored on another image" in doc["results_problems"][0]
+
+    # fewer images per prompt: the layout holds exactly those (no stale samples); the other results are ignored
+    doc = geneval.main(argv[:-2] + ["--num-images", "1"])
     assert sorted(p.name for p in (layout / "00000" / "samples").iterdir()) == ["0000.png"]
+    assert doc["complete"] and doc["results_lines_ignored"] == 4 and doc["results_problems"] == []
     assert not any(p.name.startswith(".layout") for p in out.iterdir())
 
 
-def test_detector_results_that_do_not_belong_are_refused(tmp_path):
+def test_results_of_another_layout_or_prompt_file_score_nothing(tmp_path):
     prompts = write_jsonl(tmp_path / "meta.jsonl", ROWS[:2])
+    items = geneval.load_items(prompts)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    _images(ours, 2, 1)
+    for i in range(2):
+        _png(theirs / f"{i:05d}_0.png", 200 + i)  # another model's images of the same prompts
+    geneval.evaluate(items, theirs, None, tmp_path / "t", num_images=1)
+    foreign = _official_walk(tmp_path / "t" / "layout", lambda p, m: True)
+    out = tmp_path / "out"
+    results = _write_results(tmp_path / "results.jsonl", foreign)
+    doc = geneval.evaluate(items, ours, None, out, num_images=1, detector_results=results)
+    assert doc["summary"]["n_unscored"] == 2 and doc["summary"]["overall"] is None and not doc["complete"]
+    assert all("scored on another image" in p for p in doc["results_problems"])
+    # another prompt file, a line twice, lines not in the evaluator's format: problems, never an exception
+    geneval.evaluate(items, ours, None, out, num_images=1)
+    rows = _official_walk(out / "layout", lambda p, m: True)
+    other = [dict(r, metadata=json.dumps(dict(json.loads(r["metadata"]), prompt="another"))) for r in rows]
+    for bad, why in [(other, "other metadata than prompt"), (rows + rows[:1], "is scored again (first at line"),
+                     ([dict(rows[0], correct="yes"), rows[1]], "not a line of GenEval's evaluate_images.py output"),
+                     ([{"tag": "x"}, rows[1]], "not a line of GenEval's evaluate_images.py output")]:
+        _write_results(results, bad)
+        doc = geneval.evaluate(items, ours, None, out, num_images=1, detector_results=results)
+        assert any(why in p for p in doc["results_problems"]), (why, doc["results_problems"])
+        assert doc["summary"]["n_scored"] < 2 and not doc["complete"]
+        assert why.split(" (")[0] in (out / "summary.md").read_text()
+    with pytest.raises(common.UsageError, match="--detector-results .*: no such file"):
+        geneval.evaluate(items, ours, None, out, num_images=1, detector_results=tmp_path / "absent.jsonl")
+
+
+def test_broken_image_is_left_out_and_evaluator_output_in_the_layout_is_kept(tmp_path):
+    """The evaluator stops its whole run at an image it cannot read: such an image is not laid out but listed as
+    unreadable. A results file the user wrote inside the layout folder survives the layout's rebuild."""
+    prompts = write_jsonl(tmp_path / "meta.jsonl", ROWS[:2])
+    items = geneval.load_items(prompts)
     images, out = tmp_path / "images", tmp_path / "out"
     _images(images, 2, 1)
-    items = geneval.load_items(prompts)
+    good = (images / "00001_0.png").read_bytes()
+    (images / "00001_0.png").write_bytes(good[: len(good) // 2])  # cut short
     geneval.evaluate(items, images, None, out, num_images=1)
-    rows = _official_walk(out / "layout", lambda p, m: True)
-    results = out / geneval.DETECTOR_RESULTS
-
-    def refused(rows, match):
-        _write_results(results, rows)
-        with pytest.raises(common.UsageError, match=match):
-            geneval.evaluate(items, images, None, out, num_images=1)
-
-    other = [dict(r, metadata=json.dumps(dict(json.loads(r["metadata"]), prompt="another"))) for r in rows]
-    refused(other, r"scored against other metadata than prompt \d of this prompt file")
-    refused(rows + rows[:1], "is scored twice")
-    refused([dict(rows[0], correct="yes")], "'correct' must be true or false")
-    refused([{"tag": "x"}], "not a line of GenEval's evaluate_images.py output")
-    _write_results(results, rows)
-    later = results.stat().st_mtime + 5
-    os.utime(images / "00001_0.png", (later, later))  # generated again after the results were written
-    with pytest.raises(common.UsageError, match="changed after the detector results were written"):
-        geneval.evaluate(items, images, None, out, num_images=1)
-    with pytest.raises(common.UsageError, match="--detector-results .*: no such file"):
-        geneval.evaluate(items, images, None, out, num_images=1, detector_results=tmp_path / "absent.jsonl")
+    layout = out / "layout"
+    inside = _write_results(layout / "results.jsonl", _official_walk(layout, lambda p, m: True))
+    doc = geneval.evaluate(items, images, None, out, num_images=1, detector_results=inside)
+    assert inside.is_file() and not (layout / "00001" / "samples" / "0000.png").exists()
+    assert [r["status"] for r in doc["items"]] == ["correct", "unreadable"]
+    assert doc["unreadable_images"][0]["error"].startswith("RecordError: cannot read image")
+    assert "## Unreadable images (1)" in (out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -206,7 +237,7 @@ def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
     assert [(r["id"], r["seed"], r["num_images"]) for r in call["requests"]] == [
         ("00000", 42, 4), ("00001", 43, 4), ("00002", 44, 4)]
     entry = rep["benchmarks"]["geneval"]
-    assert not rep["complete"] and entry["incomplete"].startswith("not scored yet: 12 of 12 images laid out")
+    assert not rep["complete"] and entry["incomplete"].startswith("not scored: 12 of 12 images laid out")
     assert "judge_stats" not in rep and (out / "summary.md").read_text().startswith("# Evaluation of ckpt")
     layout = out / "geneval" / "layout"
     assert len(list(layout.glob("*/samples/*.png"))) == 12
@@ -217,6 +248,18 @@ def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
     entry = rep["benchmarks"]["geneval"]
     assert rep["complete"] and entry["summary"]["overall"] == pytest.approx(2 / 3)
     assert "geneval: overall=0.6667" in capsys.readouterr().out
+
+    # generated again with another seed, beside a judged benchmark: the old detector results no longer count
+    # (listed, INCOMPLETE), and the run goes on: the judged benchmark is judged, the summaries are written
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    write_jsonl(bench / "geneval_pp.jsonl", _gpp_rows()[:2])
+    with FakeOpenAIServer(chat_handler=lambda r: '{"correct": 1, "reason": "ok"}') as server:
+        rep = eval_run.main(argv[:3] + ["geneval,geneval_pp"] + argv[4:] + ["--seed", "7", "--regenerate",
+                                                                             *judge_args(server)])
+    g, gpp = rep["benchmarks"]["geneval"], rep["benchmarks"]["geneval_pp"]
+    assert g["summary"]["n_unscored"] == 12 and "scored on another image" in g["incomplete"]
+    assert gpp["complete"] and gpp["summary"]["score"] == 1.0 and rep["judge_stats"]["api_calls"] == 2
+    assert json.loads((out / "summary.json").read_text())["benchmarks"]["geneval"]["complete"] is False
 
     calls.clear()
     eval_run.main(argv + ["--gen-arg", "cfg_interval=[0.4, 1.0]", "--num-images", "1", "--regenerate",

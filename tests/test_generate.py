@@ -745,15 +745,29 @@ def test_ctrl_c_in_a_batch_is_one_line(golden_dir, tmp_path, monkeypatch, capsys
     assert G.main(argv) == 0 and len(calls) == 4  # resumed: r1 and r2
 
 
-def test_generate_batch_passes_image_transforms_to_the_loader(monkeypatch):
-    """`vae_transform` / `vit_transform` overrides (eval.run --gen-arg, OmniContext's ViT transform) configure the
-    loaded Generator as --vae-transform / --vit-transform; the sampler overrides go to the requests."""
+def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
+    """`vae_transform` / `vit_transform` overrides (eval.run --gen-arg, OmniContext's ViT transform) resize the
+    inputs of this batch, on the cached Generator (no second model load), and are restored after it; the sampler
+    overrides go to the requests."""
+    import types
+
+    from echo4o_jax.image_transform import ImageTransform
+
+    vae0, vit0 = ImageTransform.vae_default(), ImageTransform.vit_default()
+    cfg = types.SimpleNamespace(latent_downsample=16, vit=types.SimpleNamespace(patch_size=14))
+    gen = types.SimpleNamespace(cfg=cfg, vae_transform=vae0, vit_transform=vit0)
     seen = {}
-    monkeypatch.setattr(G, "get_generator", lambda ckpt, **kw: seen.setdefault("load", kw) and "gen")
-    monkeypatch.setattr(G, "run_requests", lambda gen, reqs, out, **kw: seen.setdefault("run", kw) and [])
-    G.generate_batch("ckpt", [], "out", vit_transform=[980, 378], vae_transform=(1024, 512), cfg_img_scale=1.5,
-                     max_context=512)
-    assert seen["load"] == {"max_context": 512, "vae_transform": (1024, 512), "vit_transform": (980, 378)}
-    assert seen["run"]["overrides"] == {"cfg_img_scale": 1.5}
-    with pytest.raises(G.GenerateError, match=r"vit_transform \[980\]: expected \[MAX, MIN\] image sides"):
-        G.generate_batch("ckpt", [], "out", vit_transform=[980])
+
+    def run_requests(g, reqs, out, **kw):
+        seen["run"] = (g.vae_transform, g.vit_transform, kw["overrides"])
+        return []
+
+    monkeypatch.setattr(G, "get_generator", lambda ckpt, **kw: seen.setdefault("load", kw) and gen)
+    monkeypatch.setattr(G, "run_requests", run_requests)
+    G.generate_batch("ckpt", [], "out", vit_transform=[980, 378], cfg_img_scale=1.5, max_context=512)
+    assert seen["load"] == {"max_context": 512}
+    assert seen["run"] == (vae0, ImageTransform(980, 378, 14), {"cfg_img_scale": 1.5})
+    assert (gen.vae_transform, gen.vit_transform) == (vae0, vit0)
+    for bad in ([980], [300, 400]):
+        with pytest.raises(G.GenerateError, match=r"vit_transform .*: expected \[MAX, MIN\] image sides"):
+            G.generate_batch("ckpt", [], "out", vit_transform=bad)

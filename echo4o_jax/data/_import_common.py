@@ -59,8 +59,8 @@ def cli_error(prog: str, e: Exception) -> int:
         msg = f"{e.path} already holds a dataset; pass --overwrite to replace it"
         try:
             why = incomplete_reason(e.path, load_manifest(e.path))
-        except (RecordError, OSError):
-            why = None  # no readable manifest: the plain message
+        except (RecordError, OSError, ValueError):
+            why = None  # no readable manifest (not UTF-8, say): the plain message
         if why is not None:  # e.g. an interrupted import
             msg = f"{why}; pass --overwrite to write it again"
     elif isinstance(e, ArgumentError):

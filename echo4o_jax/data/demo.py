@@ -370,6 +370,9 @@ def write_demo(out: str, *, size: int = 64, n_t2i: int = 512, n_multiref: int = 
     for name in DEMO_DATASETS:
         check_writable(os.path.join(out, name), overwrite=overwrite)
     os.makedirs(out, exist_ok=True)
+    demo_json = os.path.join(out, "demo.json")
+    if os.path.exists(demo_json):  # (overwrite) written last: an interrupted rewrite leaves none, never the old one
+        os.remove(demo_json)
     t0 = time.time()
     w = h = int(size)
     tok = build_tokenizer()
@@ -430,8 +433,9 @@ def write_demo(out: str, *, size: int = 64, n_t2i: int = 512, n_multiref: int = 
         "vit_transform": [vit_side, max(14, vit_side // 2), 14],
         "seconds": round(time.time() - t0, 2),
     }
-    with open(os.path.join(out, "demo.json"), "w") as f:
+    with open(demo_json + ".tmp", "w") as f:
         json.dump(demo, f, indent=1)
+    os.replace(demo_json + ".tmp", demo_json)  # whole or absent: its presence says the demo is complete
     return demo
 
 

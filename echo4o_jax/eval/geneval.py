@@ -6,26 +6,33 @@ r"""GenEval (djghosh13/geneval): 553 prompts in 6 tasks, scored by the official 
 GenEval is not judged by a VLM: its score comes from a Mask2Former detector (mmdet 2.x) and CLIP, which
 run in the official evaluator's own environment. This module does the two ends around it:
 
-1. **Layout.** The images (``<images>/<index:05d>_<k>.png``, index = 0-based line of the prompt file, as
-   ``eval.run --bench geneval`` writes them; also .jpg/.jpeg/.webp, converted) are laid out as the official
-   evaluator reads them, in ``<out>/layout/``::
+1. **Layout.** The images (``<images>/<index:05d>_<k>.png``, index = 0-based among the prompt file's
+   non-blank lines, as ``eval.run --bench geneval`` writes them; also .jpg/.jpeg/.webp, converted) are laid out
+   as the official evaluator reads them, in ``<out>/layout/``::
 
-       <index:05d>/metadata.jsonl       the prompt file's line (one JSON object)
+       <index:05d>/metadata.jsonl       the prompt file's line (one JSON object), plus "echo4o_samples":
+                                        {sample name: sha256 of its PNG} (the evaluator reads only tag,
+                                        include, exclude and prompt, and copies the whole object into its
+                                        results: how a result is matched to the image it scored)
        <index:05d>/samples/<k:04d>.png  hard links to the images (copies across file systems)
 
-   The layout is rebuilt on every run (built beside it, then swapped in), so it always holds exactly the
-   images there are now.
+   Every image must decode fully (the evaluator would stop its whole run at a broken one): one that does not
+   is left out and listed as unreadable. The layout is rebuilt on every run (built beside it, then swapped
+   in), so it always holds exactly the images there are now; other files in it (the evaluator's output, say)
+   are carried over.
 2. **Score.** Run the official evaluator on it (in its environment, with the detector downloaded)::
 
        python evaluation/evaluate_images.py <out>/layout --outfile <out>/detector_results.jsonl \
            --model-path <DETECTOR_FOLDER>
 
-   then run this command again: it reads ``<out>/detector_results.jsonl`` (or ``--detector-results FILE``),
-   checks that every result is one of this layout's images scored against its own prompt line and that no
-   image changed after the results were written, and writes ``results.json`` and ``summary.md``.
-   Task score = share of correct images; **overall = mean of the task scores** (the official
-   ``summary_scores.py``). A missing image or one without a result counts as incorrect and is listed: the run
-   is then INCOMPLETE (exit status 1), as is a run without detector results yet (no score).
+   then run this command again: it reads ``<out>/detector_results.jsonl`` (or ``--detector-results FILE``) and
+   writes ``results.json`` and ``summary.md``. A result counts for an image laid out now only when it was
+   scored against that prompt's line and that very image (its sha256); lines for images outside this run's
+   selection (``--limit``, ``--num-images``) are ignored; any other line (another prompt file, an image
+   generated again since, a line scored twice, not the evaluator's format) is listed as a problem and leaves
+   its image unscored. Task score = share of correct images; **overall = mean of the task scores** (the
+   official ``summary_scores.py``). A missing, unreadable or unscored image counts as incorrect and is listed:
+   the run is then INCOMPLETE (exit status 1), as is a run without detector results yet (no score).
 
 Protocol (GenEval, BAGEL's / Echo-4o's scripts): 4 images per prompt, 1024x1024, text scale 4 without image
 CFG (cfg_img_scale 1), cfg_interval [0, 1], global renorm with min 0, shift 3, 50 steps (``eval.run`` uses these
@@ -65,6 +72,7 @@ NUM_IMAGES = 4  # images per prompt (GenEval protocol)
 GEN_DEFAULTS = {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0]}
 LAYOUT = "layout"  # <out>/layout: what the official evaluator reads
 DETECTOR_RESULTS = "detector_results.jsonl"  # <out>/...: where the commands above put its output
+SAMPLES_KEY = "echo4o_samples"  # added to each metadata.jsonl: {sample name: sha256} (export_layout)
 RELATIONS = ("left of", "right of", "above", "below")  # the evaluator's relative positions
 
 
@@ -132,26 +140,44 @@ def generation_requests(items: Sequence[Item], num_images: int = NUM_IMAGES, see
 # layout for the official evaluator
 # ------------------------------------------------------------------------------------------------
 
+def sample_name(k: int) -> str:
+    return f"{k:04d}.png"
+
+
 def sample_path(layout: Path, stem: str, k: int) -> Path:
-    return layout / stem / "samples" / f"{k:04d}.png"
+    return layout / stem / "samples" / sample_name(k)
 
 
-def _place(src: Path, dst: Path) -> None:
-    """`dst` gets `src`'s picture as PNG: a hard link to a PNG (a copy across file systems), else converted."""
-    if src.suffix.lower() == ".png":
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-        return
-    with Image.open(src) as im:
-        im.convert("RGB").save(dst, format="PNG")
+def _sample(src: Path) -> tuple[bytes | None, str | None]:
+    """(PNG bytes to write, or None: hard-link `src` itself; error) of one image: it must decode fully (the
+    official evaluator stops its whole run at an image it cannot read); a PNG is linked, another format
+    converted."""
+    import io
+
+    from echo4o_jax.data.records import RecordError, probe_image
+
+    try:
+        data = src.read_bytes()
+        if probe_image(data, check="decode").format == "png":
+            return None, None
+        buf = io.BytesIO()
+        with Image.open(io.BytesIO(data)) as im:
+            im.convert("RGB").save(buf, format="PNG")
+        return buf.getvalue(), None
+    except (OSError, RecordError) as e:
+        return None, f"{type(e).__name__}: {e}"
 
 
 def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -> tuple[Path, list[dict]]:
     """Lay the images out for the official evaluator in ``<out_dir>/layout`` (module docstring); returns the
-    layout folder and one unit per (item, k): ``{"item", "k", "image"}`` (the image found, or None: missing).
-    An image that cannot be read is a UsageError naming it (nothing is swapped in)."""
+    layout folder and one unit per (item, k): ``{"item", "k", "image"`` (found, or None), ``"error"`` (why it
+    cannot be read, or None: then it is laid out), ``"sha"`` (of the laid-out PNG)}. Each prompt folder's
+    metadata.jsonl is the prompt file's line plus ``"echo4o_samples"``: {sample name: sha256 of its PNG}, which
+    the evaluator copies into its results (it reads only tag / include / exclude / prompt), so that results are
+    matched to the very images they scored. Anything else found in an old layout folder (the evaluator's
+    output, say) is carried over into the new one."""
+    import hashlib
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layout, staging, old = out / LAYOUT, out / f".{LAYOUT}.new", out / f".{LAYOUT}.old"
@@ -163,20 +189,34 @@ def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -
         for it in items:
             folder = staging / it.stem
             (folder / "samples").mkdir(parents=True)
-            (folder / "metadata.jsonl").write_text(json.dumps(it.metadata) + "\n", encoding="utf-8")
+            shas = {}
             for k in range(num_images):
                 src = common.find_image(images_dir, [f"{it.stem}_{k}"])
+                unit = {"item": it, "k": k, "image": src, "error": None, "sha": None}
                 if src is not None:
-                    try:
-                        _place(src, sample_path(staging, it.stem, k))
-                    except OSError as e:
-                        raise common.UsageError(f"{src}: cannot be laid out for the GenEval evaluator "
-                                                f"({type(e).__name__}: {e})") from None
-                units.append({"item": it, "k": k, "image": src})
+                    png, unit["error"] = _sample(src)
+                    if unit["error"] is None:
+                        dst = sample_path(staging, it.stem, k)
+                        if png is None:
+                            try:
+                                os.link(src, dst)
+                            except OSError:  # another file system
+                                shutil.copyfile(src, dst)
+                        else:
+                            dst.write_bytes(png)
+                        unit["sha"] = shas[sample_name(k)] = hashlib.sha256(dst.read_bytes()).hexdigest()
+                units.append(unit)
+            (folder / "metadata.jsonl").write_text(json.dumps({**it.metadata, SAMPLES_KEY: shas}) + "\n",
+                                                   encoding="utf-8")
         if layout.exists():
+            for entry in layout.iterdir():
+                if not (entry.is_dir() and entry.name.isdigit()):
+                    entry.rename(staging / entry.name)
             layout.rename(old)
         staging.rename(layout)
     finally:
+        if old.exists() and not layout.exists():  # interrupted between the two renames: the old layout back
+            old.rename(layout)
         for d in (staging, old):
             if d.exists():
                 shutil.rmtree(d)
@@ -192,41 +232,50 @@ def evaluator_commands(layout: Path, results: Path) -> str:
 # the detector's results
 # ------------------------------------------------------------------------------------------------
 
-def read_detector_results(path: Path, items: Sequence[Item], layout: Path,
-                          units: Sequence[dict]) -> dict[tuple[str, int], bool]:
-    """{(stem, k): correct} from the official evaluator's results.jsonl. Each line must name an image of this
-    layout (``<stem>/samples/<k>.png``) that exists, scored against that prompt's metadata; an image may be
-    scored once; the results must be newer than every image (an image generated again after scoring would be
-    reported with another image's verdict). Any violation is a UsageError naming the line."""
+def read_detector_results(path: Path, items: Sequence[Item],
+                          units: Sequence[dict]) -> tuple[dict[tuple[str, int], bool], list[str], int]:
+    """({(stem, k): correct}, problems, ignored) from the official evaluator's results.jsonl. A result counts
+    for an image of the layout when it names ``<stem>/samples/<k>.png`` and was scored against that prompt's
+    metadata and that very image (its ``echo4o_samples`` sha256); `ignored` counts lines for images outside
+    this run's selection (another --limit / --num-images). Anything else (a line that is not the evaluator's,
+    another prompt or image, an image scored twice) is a problem, `FILE:LINE: why`, and gives no verdict:
+    the image stays unscored."""
     by_stem = {it.stem: it for it in items}
-    present = {(u["item"].stem, u["k"]): u["image"] for u in units if u["image"] is not None}
-    written = path.stat().st_mtime
+    sha = {(u["item"].stem, u["k"]): u["sha"] for u in units if u["sha"] is not None}
     out: dict[tuple[str, int], bool] = {}
-    for line, r in common.jsonl_records(path):
+    problems, ignored, seen = [], 0, {}
+    try:
+        rows = common.jsonl_records(path)
+    except (common.UsageError, OSError) as e:
+        return {}, [str(e)], 0
+    for line, r in rows:
         where = f"{path}:{line}"
         try:
             f = Path(r["filename"])
             stem, k, correct, meta = f.parent.parent.name, int(f.stem), r["correct"], json.loads(r["metadata"])
+            if f.parent.name != "samples" or not isinstance(correct, bool) or not isinstance(meta, dict):
+                raise ValueError("expected <index>/samples/<k>.png, a true/false 'correct' and object metadata")
         except (KeyError, TypeError, ValueError) as e:
-            raise common.UsageError(f"{where}: not a line of GenEval's evaluate_images.py output (needs filename "
-                                    f"<index>/samples/<k>.png, correct, metadata; {type(e).__name__}: {e})") from None
-        if not isinstance(correct, bool):
-            raise common.UsageError(f"{where}: 'correct' must be true or false, got {correct!r}")
+            problems.append(f"{where}: not a line of GenEval's evaluate_images.py output ({type(e).__name__}: {e})")
+            continue
         it = by_stem.get(stem)
-        if it is None or (stem, k) not in present:
-            raise common.UsageError(f"{where}: {f} is not an image of this layout ({layout}): results of another "
-                                    "run or prompt file? Score this layout again")
+        if it is None or (stem, k) not in sha:
+            ignored += 1
+            continue
+        scored = meta.pop(SAMPLES_KEY, {})
         if meta != it.metadata:
-            raise common.UsageError(f"{where}: {f} was scored against other metadata than prompt {it.index} of "
-                                    f"this prompt file ({meta.get('prompt') if isinstance(meta, dict) else meta!r}"
-                                    f" vs {it.prompt!r}): another prompt file? Score this layout again")
-        if (stem, k) in out:
-            raise common.UsageError(f"{where}: {f} is scored twice")
-        if present[(stem, k)].stat().st_mtime > written:
-            raise common.UsageError(f"{where}: {present[(stem, k)]} changed after the detector results were "
-                                    f"written ({path}): score the layout again")
-        out[(stem, k)] = correct
-    return out
+            problems.append(f"{where}: {f} was scored against other metadata than prompt {it.index} of this prompt "
+                            f"file ({meta.get('prompt')!r} vs {it.prompt!r})")
+        elif not isinstance(scored, dict) or scored.get(f.name) != sha[(stem, k)]:
+            problems.append(f"{where}: {f} was scored on another image than the one laid out now (generated again "
+                            "since, or another layout's results)")
+        elif (stem, k) in seen:
+            problems.append(f"{where}: {f} is scored again (first at line {seen[(stem, k)]})")
+            out.pop((stem, k), None)
+        else:
+            seen[(stem, k)] = line
+            out[(stem, k)] = correct
+    return out, problems, ignored
 
 
 def tag_order(tags) -> list[str]:
@@ -234,33 +283,37 @@ def tag_order(tags) -> list[str]:
     return [t for t in known if t in tags] + sorted(t for t in set(tags) if t not in known)
 
 
+NOT_SCORED = ("missing", "unreadable", "unscored")  # statuses of images without a verdict (count as incorrect)
+
+
 def aggregate(records: Sequence[dict]) -> dict:
-    """records: dicts with 'tag', 'index', 'status' (correct / incorrect / missing / unscored) -> per-task
-    accuracy (missing and unscored images count as incorrect) and overall = mean of the task accuracies (None
-    when no image was scored)."""
+    """records: dicts with 'tag', 'index', 'status' (correct / incorrect / NOT_SCORED) -> per-task accuracy
+    (images without a verdict count as incorrect) and overall = mean of the task accuracies (None when no image
+    was scored)."""
     by_tag: dict[str, list[dict]] = {}
     for r in records:
         by_tag.setdefault(r["tag"], []).append(r)
-    counts = {s: sum(r["status"] == s for r in records) for s in ("correct", "missing", "unscored")}
+
+    def counts(rs) -> dict:
+        return {f"n_{s}": sum(r["status"] == s for r in rs) for s in NOT_SCORED}
+
     tasks = {}
     for t in tag_order(by_tag):
         rs = by_tag[t]
         ok = sum(r["status"] == "correct" for r in rs)
-        tasks[t] = {"n": len(rs), "n_correct": ok, "accuracy": ok / len(rs),
-                    "n_missing": sum(r["status"] == "missing" for r in rs),
-                    "n_unscored": sum(r["status"] == "unscored" for r in rs)}
+        tasks[t] = {"n": len(rs), "n_correct": ok, "accuracy": ok / len(rs), **counts(rs)}
     n = len(records)
-    scored = n - counts["missing"] - counts["unscored"]
+    scored = sum(r["status"] in ("correct", "incorrect") for r in records)
     prompts: dict[int, bool] = {}
     for r in records:
         prompts[r["index"]] = prompts.get(r["index"], False) or r["status"] == "correct"
     return {
         "overall": sum(v["accuracy"] for v in tasks.values()) / len(tasks) if tasks and scored else None,
         "tasks": tasks,
-        "correct_images": counts["correct"] / n if n and scored else None,
+        "correct_images": sum(r["status"] == "correct" for r in records) / n if n and scored else None,
         "correct_prompts": sum(prompts.values()) / len(prompts) if prompts and scored else None,
-        "n_images": n, "n_scored": scored, "n_correct": counts["correct"], "n_missing": counts["missing"],
-        "n_unscored": counts["unscored"],
+        "n_images": n, "n_scored": scored, "n_correct": sum(r["status"] == "correct" for r in records),
+        **counts(records),
     }
 
 
@@ -269,20 +322,25 @@ def incomplete_note(doc: dict) -> str | None:
     if doc["complete"]:
         return None
     s = doc["summary"]
-    if doc["detector_results"] is None:
-        return (f"not scored yet: {s['n_images'] - s['n_missing']} of {s['n_images']} images laid out in "
-                f"{doc['layout']}; run the official evaluator: {doc['evaluator_command']}, then this command again")
-    what = (f"{s['n_missing']} images missing, {s['n_unscored']} laid out but without a detector result; they "
-            "count as incorrect in the numbers below, which are therefore not final")
-    return (f"{what}. Once the images are in place, run the evaluator again ({doc['evaluator_command']}) and then "
-            "this command.")
+    cmd = doc["evaluator_command"]
+    problems = (f" The detector results have {len(doc['results_problems'])} problem(s), e.g. "
+                f"{doc['results_problems'][0]}." if doc["results_problems"] else "")
+    if not s["n_scored"]:
+        laid = s["n_images"] - s["n_missing"] - s["n_unreadable"]
+        return (f"not scored: {laid} of {s['n_images']} images laid out in {doc['layout']} and no detector result "
+                f"for them.{problems} Run the official evaluator: {cmd}, then this command again")
+    return (f"{s['n_missing']} images missing, {s['n_unreadable']} unreadable, {s['n_unscored']} laid out but without "
+            f"a detector result; they count as incorrect in the numbers below, which are therefore not final."
+            f"{problems} Once the images are in place, run the evaluator again ({cmd}), then this command.")
 
 
 def evaluate(items: Sequence[Item], images_dir, judge, out_dir, *, num_images: int = NUM_IMAGES,
              label: str = "ours", progress: bool = False, source: dict | None = None,
              detector_results=None) -> dict:
     """Lay the images out and score the detector results there are (``<out_dir>/detector_results.jsonl``, or
-    `detector_results`); `judge` is not used (the signature of the judged benchmarks, for eval.run)."""
+    `detector_results`); `judge` is not used (the signature of the judged benchmarks, for eval.run). Results that
+    do not belong to the images laid out now leave those images unscored (listed), never an error: eval.run
+    calls this after hours of generation."""
     del judge, progress
     if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
         raise common.UsageError(f"num_images {num_images!r}: must be a positive integer")
@@ -291,21 +349,26 @@ def evaluate(items: Sequence[Item], images_dir, judge, out_dir, *, num_images: i
     if detector_results is not None and not results.is_file():
         raise common.UsageError(f"--detector-results {results}: no such file")
     layout, units = export_layout(items, images_dir, out, num_images)
-    verdicts = read_detector_results(results, items, layout, units) if results.is_file() else None
+    if results.is_file():
+        verdicts, problems, ignored = read_detector_results(results, items, units)
+    else:
+        verdicts, problems, ignored = None, [], 0
     records = []
     for u in units:
         it, k, image = u["item"], u["k"], u["image"]
-        key = (it.stem, k)
         if image is None:
             status = "missing"
-        elif verdicts is None or key not in verdicts:
+        elif u["error"] is not None:
+            status = "unreadable"
+        elif verdicts is None or (it.stem, k) not in verdicts:
             status = "unscored"
         else:
-            status = "correct" if verdicts[key] else "incorrect"
+            status = "correct" if verdicts[(it.stem, k)] else "incorrect"
         records.append({"id": f"{it.stem}_{k}", "index": it.index, "k": k, "tag": it.tag, "prompt": it.prompt,
                         "image": common.rel(image, out) if image else None,
-                        "layout_image": common.rel(sample_path(layout, it.stem, k), out) if image else None,
-                        "expected_image": common.image_name(it.stem, k), "status": status})
+                        "layout_image": common.rel(sample_path(layout, it.stem, k), out) if u["sha"] else None,
+                        "sha256": u["sha"], "expected_image": common.image_name(it.stem, k), "status": status,
+                        "error": u["error"]})
     summary = aggregate(records)
     doc = {
         "benchmark": NAME, "label": label, "source": source or {}, "images_dir": str(images_dir),
@@ -313,10 +376,13 @@ def evaluate(items: Sequence[Item], images_dir, judge, out_dir, *, num_images: i
         "detector_results": str(results) if verdicts is not None else None,
         "evaluator_command": evaluator_commands(layout, results),
         "formula": "overall = mean over tasks of the share of correct images (official summary_scores.py); "
-                   "missing and unscored images count as incorrect",
+                   "missing, unreadable and unscored images count as incorrect",
         "summary": summary,
-        "complete": verdicts is not None and summary["n_scored"] == summary["n_images"],
+        "complete": summary["n_scored"] == summary["n_images"],
+        "results_problems": problems, "results_lines_ignored": ignored,
         "missing_images": [r["expected_image"] for r in records if r["status"] == "missing"],
+        "unreadable_images": [{"id": r["id"], "image": r["image"], "error": r["error"]}
+                              for r in records if r["status"] == "unreadable"],
         "unscored_images": [r["layout_image"] for r in records if r["status"] == "unscored"],
         "items": records,
     }
@@ -324,6 +390,11 @@ def evaluate(items: Sequence[Item], images_dir, judge, out_dir, *, num_images: i
     common.write_json(out / "results.json", doc)
     (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
     return doc
+
+
+def not_scored(s: dict) -> str:
+    return (f"{s['n_scored']} scored, {s['n_missing']} missing, {s['n_unreadable']} unreadable, {s['n_unscored']} "
+            "without a detector result")
 
 
 def markdown(doc: dict) -> str:
@@ -337,21 +408,22 @@ def markdown(doc: dict) -> str:
         parts += [f"**INCOMPLETE: {doc['incomplete']}**", ""]
     parts += [
         f"Official object detector (results: `{doc['detector_results']}`); {s['n_images']} images "
-        f"({doc['num_images']} per prompt): {s['n_scored']} scored, {s['n_missing']} missing, {s['n_unscored']} "
-        f"without a result. Layout for the evaluator: `{doc['layout']}`.", "",
+        f"({doc['num_images']} per prompt): {not_scored(s)}. Layout for the evaluator: `{doc['layout']}`.", "",
         common.markdown_table(["Model"] + [c for _, c in GENEVAL_TASKS] + ["Overall"], rows), "",
         "Overall = mean of the task scores (share of correct images), as the official summary_scores.py. Paper "
         "rows: overall only.", "",
         f"Correct images: {common.fmt(s['correct_images'])}; prompts with a correct image: "
         f"{common.fmt(s['correct_prompts'])}", "",
         "## Per task", "",
-        common.markdown_table(["task", "images", "correct", "accuracy", "missing", "unscored"],
-                              [[t, v["n"], v["n_correct"], v["accuracy"], v["n_missing"], v["n_unscored"]]
-                               for t, v in s["tasks"].items()]),
+        common.markdown_table(["task", "images", "correct", "accuracy", "missing", "unreadable", "unscored"],
+                              [[t, v["n"], v["n_correct"], v["accuracy"], v["n_missing"], v["n_unreadable"],
+                                v["n_unscored"]] for t, v in s["tasks"].items()]),
     ]
-    if doc["missing_images"]:
-        parts += ["", f"## Missing images ({len(doc['missing_images'])})", ""]
-        parts += [f"- `{p}`" for p in doc["missing_images"]]
+    for title, rows in (("Missing images", [f"`{p}`" for p in doc["missing_images"]]),
+                        ("Unreadable images", [f"`{u['image']}`: {u['error']}" for u in doc["unreadable_images"]]),
+                        ("Problems in the detector results", doc["results_problems"])):
+        if rows:
+            parts += ["", f"## {title} ({len(rows)})", ""] + [f"- {r}" for r in rows]
     return "\n".join(parts) + "\n"
 
 
@@ -384,8 +456,7 @@ def main(argv=None) -> dict:
                    detector_results=args.detector_results)
     s = doc["summary"]
     print(f"{TITLE} overall {common.fmt(s['overall'], 4)} (mean of {len(s['tasks'])} task scores)"
-          f"{'' if doc['complete'] else ' INCOMPLETE'}; images {s['n_images']}: {s['n_scored']} scored, "
-          f"{s['n_missing']} missing, {s['n_unscored']} without a result -> {args.out}")
+          f"{'' if doc['complete'] else ' INCOMPLETE'}; images {s['n_images']}: {not_scored(s)} -> {args.out}")
     return doc
 
 

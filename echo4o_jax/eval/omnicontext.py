@@ -187,8 +187,8 @@ GEN_DEFAULTS = {"cfg_img_scale": 1.5, "vit_transform": [980, 378]}
 OUTPUT_TRANSFORM = ImageTransform.vae_default()  # the output size: the first input image's, resized by this rule
 
 
-def output_size(item: Item) -> tuple[int, int]:
-    """[height, width] of the generated image: the first input image's size under OUTPUT_TRANSFORM (read from its
+def output_size(item: Item, transform: ImageTransform = OUTPUT_TRANSFORM) -> tuple[int, int]:
+    """[height, width] of the generated image: the first input image's size under `transform` (read from its
     header; a UsageError names an image that cannot be read)."""
     from PIL import Image
 
@@ -199,18 +199,27 @@ def output_size(item: Item) -> tuple[int, int]:
     except OSError as e:
         raise common.UsageError(f"OmniContext sample {item.stem}: input image {path} cannot be read "
                                 f"({type(e).__name__}: {e})") from None
-    t = OUTPUT_TRANSFORM
+    t = transform
     w, h = resize_shape(w, h, t.max_size, t.min_size, t.stride, t.max_pixels)
     return h, w
 
 
 def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 42,
-                        size: tuple[int, int] | None = None) -> list[dict]:
+                        size: tuple[int, int] | None = None, vae_transform=None) -> list[dict]:
+    """`vae_transform` ([max, min] side, the generation's --gen-arg): the rule that sizes the output (default
+    OUTPUT_TRANSFORM); `size` (--size) replaces it."""
     reqs = common.generation_requests(items, prompt=lambda it: it.instruction, images=lambda it: it.input_images,
                                       seed=lambda it: seed + it.index, num_images=num_images, size=size)
     if size is None:
+        t = OUTPUT_TRANSFORM
+        if vae_transform is not None:
+            v = vae_transform
+            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) and 0 < v[1] <= v[0]):
+                raise common.UsageError(f"--gen-arg vae_transform={json.dumps(v)}: expected [MAX, MIN] image sides "
+                                        "with 0 < MIN <= MAX")
+            t = ImageTransform(*v, OUTPUT_TRANSFORM.stride)
         for r, it in zip(reqs, items):
-            r["size"] = output_size(it)
+            r["size"] = output_size(it, t)
     return reqs
 
 

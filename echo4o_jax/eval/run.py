@@ -161,8 +161,10 @@ def _expected(images_dir: Path, req: dict) -> list[Path]:
 # What generated a request's images (one entry per request id in GENERATION_RECORD), and the flag that sets each.
 _SETTINGS = {"ckpt": "--ckpt", "ckpt_step": "--step (the training workdir's checkpoint; default its latest)",
              "ckpt_weights": "the checkpoint's weight files (size, modification time: trained on or replaced in place)",
-             "seed": "--seed (request seed = --seed + its index)", "gen_args": "--gen-arg",
-             "size": "--size", "num_images": "--num-images", "prompt": "the prompt", "images": "the reference images"}
+             "seed": "--seed (request seed = --seed + its index)",
+             "gen_args": "the generation settings (--gen-arg over the benchmark's own, e.g. GenEval's cfg_interval)",
+             "size": "the output size (--size, else the benchmark's own, e.g. OmniContext's first input image's)",
+             "num_images": "--num-images", "prompt": "the prompt", "images": "the reference images"}
 
 
 def _checkpoint(args, api: _GenerationAPI | None) -> dict:
@@ -292,8 +294,10 @@ def _judged(name: str) -> bool:
     return getattr(BENCHES[name], "JUDGED", True)
 
 
-def _requests(name: str, items, args) -> list[dict]:
-    return BENCHES[name].generation_requests(items, num_images=_num_images(args, name),
+def _requests(name: str, items, args, gen_args: dict) -> list[dict]:
+    # OmniContext's default output size follows the VAE resize rule: a --gen-arg vae_transform changes it too
+    kw = {"vae_transform": gen_args["vae_transform"]} if name == "omnicontext" and "vae_transform" in gen_args else {}
+    return BENCHES[name].generation_requests(items, num_images=_num_images(args, name), **kw,
                                              seed=DEFAULT_SEED if args.seed is None else args.seed,
                                              size=tuple(args.size) if args.size else None)
 
@@ -303,7 +307,7 @@ def plan_generation(name: str, items, images_dir: Path, args, ckpt: dict, gen_ar
     """The requests that lack an image (absent, or not decoding fully: a write cut short); all of them with
     --regenerate. A request whose images are kept must have been generated with this run's settings (its entry
     in the images' record); otherwise nothing is generated and the error names what differs."""
-    reqs = _requests(name, items, args)
+    reqs = _requests(name, items, args, gen_args)
     record = _read_record(images_dir)
     current = {r["id"]: _provenance(r, ckpt, gen_args) for r in reqs}
     todo, mismatched, unrecorded = [], {}, []
@@ -332,7 +336,7 @@ def check_judge_only(name: str, items, images_dir: Path, args, ckpt: dict, gen_a
                                                          ("seed", args.seed is not None),
                                                          ("size", args.size), ("gen_args", args.gen_arg)) if given]
     mismatched: dict[str, list] = {}
-    for r in _requests(name, items, args):
+    for r in _requests(name, items, args, gen_args):
         was = record.get(r["id"])
         if was is None or not any(p.is_file() for p in _expected(images_dir, r)):
             continue
@@ -433,6 +437,8 @@ def main(argv=None) -> dict:
         raise common.UsageError("--step picks a checkpoint of the --ckpt workdir: give --ckpt")
     if args.geneval_results and "geneval" not in names:
         raise common.UsageError("--geneval-results is the GenEval detector's output: it needs --bench geneval")
+    if args.geneval_results and not Path(args.geneval_results).is_file():
+        raise common.UsageError(f"--geneval-results {args.geneval_results}: no such file")
     if args.judge_only and args.regenerate:
         raise common.UsageError("--regenerate generates images again; it cannot go with --judge-only")
     templates = _templates(args.template)
@@ -500,7 +506,8 @@ def main(argv=None) -> dict:
         md = [f"# Evaluation of {label}", ""]
         if not report["complete"]:
             md += [f"**INCOMPLETE: {', '.join(n for n, e in report['benchmarks'].items() if not e['complete'])} "
-                   "(see below); rerun the same command to retry.**", ""]
+                   "(see below); rerun the same command to retry (GenEval: once its evaluator has scored the "
+                   "images).**", ""]
         md += [report["benchmarks"][n].pop("markdown") for n in names]
         (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
     common.write_json(out / "summary.json", report)
@@ -509,7 +516,7 @@ def main(argv=None) -> dict:
         if s:
             head = {k: v for k, v in s.items() if k in ("score", "overall", "overall_official_script", "overall_8",
                                                         "echo4o_avg", "n_missing", "n_unreadable",
-                                                        "n_judge_failures")}
+                                                        "n_judge_failures", "n_unscored")}
             print(f"{name}: " + ", ".join(f"{k}={common.fmt(v, 4)}" for k, v in head.items())
                   + ("" if report["benchmarks"][name]["complete"] else " INCOMPLETE"))
     return report
