@@ -148,10 +148,11 @@ def sample_path(layout: Path, stem: str, k: int) -> Path:
     return layout / stem / "samples" / sample_name(k)
 
 
-def _sample(src: Path) -> tuple[bytes | None, str | None]:
-    """(PNG bytes to write, or None: hard-link `src` itself; error) of one image: it must decode fully (the
-    official evaluator stops its whole run at an image it cannot read); a PNG is linked, another format
-    converted."""
+def _sample(src: Path) -> tuple[bytes | None, str | None, str | None]:
+    """(PNG bytes to write, or None: hard-link `src` itself; sha256 of the laid-out PNG; error) of one image: it
+    must decode fully (the official evaluator stops its whole run at an image it cannot read); a PNG is linked,
+    another format converted."""
+    import hashlib
     import io
 
     from echo4o_jax.data.records import RecordError, probe_image
@@ -159,13 +160,13 @@ def _sample(src: Path) -> tuple[bytes | None, str | None]:
     try:
         data = src.read_bytes()
         if probe_image(data, check="decode").format == "png":
-            return None, None
+            return None, hashlib.sha256(data).hexdigest(), None
         buf = io.BytesIO()
         with Image.open(io.BytesIO(data)) as im:
             im.convert("RGB").save(buf, format="PNG")
-        return buf.getvalue(), None
+        return buf.getvalue(), hashlib.sha256(buf.getvalue()).hexdigest(), None
     except (OSError, RecordError) as e:
-        return None, f"{type(e).__name__}: {e}"
+        return None, None, f"{type(e).__name__}: {e}"
 
 
 def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -> tuple[Path, list[dict]]:
@@ -176,8 +177,6 @@ def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -
     the evaluator copies into its results (it reads only tag / include / exclude / prompt), so that results are
     matched to the very images they scored. Anything else found in an old layout folder (the evaluator's
     output, say) is carried over into the new one."""
-    import hashlib
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layout, staging, old = out / LAYOUT, out / f".{LAYOUT}.new", out / f".{LAYOUT}.old"
@@ -194,7 +193,7 @@ def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -
                 src = common.find_image(images_dir, [f"{it.stem}_{k}"])
                 unit = {"item": it, "k": k, "image": src, "error": None, "sha": None}
                 if src is not None:
-                    png, unit["error"] = _sample(src)
+                    png, sha, unit["error"] = _sample(src)
                     if unit["error"] is None:
                         dst = sample_path(staging, it.stem, k)
                         if png is None:
@@ -204,7 +203,7 @@ def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -
                                 shutil.copyfile(src, dst)
                         else:
                             dst.write_bytes(png)
-                        unit["sha"] = shas[sample_name(k)] = hashlib.sha256(dst.read_bytes()).hexdigest()
+                        unit["sha"] = shas[sample_name(k)] = sha
                 units.append(unit)
             (folder / "metadata.jsonl").write_text(json.dumps({**it.metadata, SAMPLES_KEY: shas}) + "\n",
                                                    encoding="utf-8")
