@@ -588,14 +588,25 @@ def test_demo_cli_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys)
 
 
 def test_demo_scenes_fit_the_smallest_canvas():
-    """Every scene kind is placed on a MIN_SIZE canvas (write_demo refuses smaller ones)."""
+    """Every scene kind is placed on a MIN_SIZE canvas (write_demo refuses smaller ones): its objects lie inside
+    the canvas and do not overlap."""
     rng = np.random.default_rng(0)
     s = demo_mod.MIN_SIZE
+
+    def check(scene):
+        boxes = [o.bbox for o in scene.objects]
+        assert boxes and all(0 <= x0 < x1 <= s and 0 <= y0 < y1 <= s for x0, y0, x1, y1 in boxes)
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+
     for _ in range(60):
         for tag in demo_mod.TAGS:
-            demo_mod.make_t2i(rng, s, s, tag=tag)
-        demo_mod.make_multiref(rng, s, s)
-        demo_mod.make_understanding(rng, s, s)
+            check(demo_mod.make_t2i(rng, s, s, tag=tag)[1])
+        refs, _, target, _ = demo_mod.make_multiref(rng, s, s)
+        for scene in [*refs, target]:
+            check(scene)
+        check(demo_mod.make_understanding(rng, s, s)[0])
 
 
 def test_interrupted_demo_overwrite_leaves_no_stale_demo_json(tmp_path, monkeypatch):
