@@ -941,8 +941,8 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate:
     for k in ("vae_transform", "vit_transform"):
         if k in overrides:
             t = overrides.pop(k)
-            if not (isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(v, int) for v in t)
-                    and 0 < t[1] <= t[0]):
+            if not (isinstance(t, (list, tuple)) and len(t) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in t) and 0 < t[1] <= t[0]):
                 raise GenerateError(f"{k} {t!r}: expected [MAX, MIN] image sides with 0 < MIN <= MAX")
             transforms[k] = tuple(t)
     run_kw = {k: overrides.pop(k) for k in ("max_new_tokens",) if k in overrides}

@@ -22,8 +22,8 @@ def jsonl_lines(lines: Iterable[bytes | str]) -> Iterator[tuple[int, dict | None
             continue
         try:
             obj = json.loads(raw)
-        except ValueError as e:
-            yield n, None, f"not JSON: {e}"
+        except (ValueError, RecursionError) as e:  # (RecursionError: nested too deeply)
+            yield n, None, f"not JSON: {type(e).__name__ if isinstance(e, RecursionError) else e}"
             continue
         if not isinstance(obj, dict):
             yield n, None, f"expected a JSON object, got {type(obj).__name__}"

@@ -1131,5 +1131,6 @@ def test_run_omnicontext_generates_as_echo4o_script(tmp_path, monkeypatch):
     calls.clear()  # another VAE resize rule sizes the output by that rule: 300 x 200 under (512, 256) -> 384 x 256
     eval_run.main(argv + ["--regenerate", "--gen-arg", "vae_transform=[512, 256]"])
     assert [tuple(r["size"]) for r in calls[0]["requests"]] == [(256, 384), (384, 512)]
+    assert calls[0]["overrides"] == {"cfg_img_scale": 1.5, "vit_transform": [980, 378], "vae_transform": [512, 256]}
     with pytest.raises(common.UsageError, match=r"--gen-arg vae_transform=\[512\]: expected \[MAX, MIN\]"):
         eval_run.main(argv + ["--regenerate", "--gen-arg", "vae_transform=[512]"])

@@ -141,7 +141,7 @@ def test_layout_results_and_the_official_formula(tmp_path, capsys):
     doc = geneval.main(argv[:-2] + ["--num-images", "1"])
     assert sorted(p.name for p in (layout / "00000" / "samples").iterdir()) == ["0000.png"]
     assert doc["complete"] and doc["results_lines_ignored"] == 4 and doc["results_problems"] == []
-    assert not any(p.name.startswith(".layout") for p in out.iterdir())
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".layout")) == [".layout.lock"]
 
 
 def test_results_of_another_layout_or_prompt_file_score_nothing(tmp_path):
@@ -268,3 +268,95 @@ def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
     assert calls[0]["requests"][0]["num_images"] == 1
     with pytest.raises(common.UsageError, match="--geneval-results .* needs --bench geneval"):
         eval_run.main(["--judge-only", "--bench", "geneval_pp", "--out", str(out), "--geneval-results", "x"])
+
+
+def _user_files(layout: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in layout.iterdir() if p.is_file()}
+
+
+def test_layout_rebuild_never_loses_what_the_user_put_there(tmp_path, monkeypatch):
+    """The layout is rebuilt each run; files the user put in it (the evaluator's output) survive a Ctrl-C in the
+    middle of the carry-over, a failed swap, a run killed between the two renames and a name taken by a
+    prompt folder; results inside a prompt folder (rebuilt) are refused; one run at a time per folder."""
+    import fcntl
+
+    items = geneval.load_items(write_jsonl(tmp_path / "meta.jsonl", ROWS[:2]))
+    images, out = tmp_path / "images", tmp_path / "out"
+    _images(images, 2, 1)
+    layout = out / "layout"
+    geneval.evaluate(items, images, None, out, num_images=1)
+    mine = {"results.jsonl": "r\n", "notes.txt": "n\n", "00001x": "x\n"}
+    for name, text in mine.items():
+        (layout / name).write_text(text)
+
+    def run():
+        return geneval.evaluate(items, images, None, out, num_images=1)
+
+    # Ctrl-C after the first carried file: the next run carries the rest
+    real = geneval._carry_over
+
+    def carry_one_then_ctrl_c(old, new):
+        entry = next(e for e in sorted(old.iterdir()) if not geneval._ours(e))
+        entry.rename(new / entry.name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geneval, "_carry_over", carry_one_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(geneval, "_carry_over", real)
+    run()
+    assert _user_files(layout) == mine and not (out / ".layout.old").exists()
+
+    # the second rename fails: the old layout is put back as it was, user files included
+    real_rename = Path.rename
+
+    def failing_rename(self, target):
+        if self.name == ".layout.new":
+            raise OSError("disk full")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk full"):
+        run()
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert _user_files(layout) == mine and (layout / "00000" / "metadata.jsonl").is_file()
+
+    # killed between the two renames (no layout, the old one aside, a half-built new one): the next run recovers
+    layout.rename(out / ".layout.old")
+    (out / ".layout.new" / "00000").mkdir(parents=True)
+    run()
+    assert _user_files(layout) == mine and sorted(p.name for p in out.iterdir() if p.name.startswith(".layout")) \
+        == [".layout.lock"]
+
+    # a file named like a prompt folder is kept under another name
+    (layout / "00001x").unlink()
+    (layout / "00001").rename(tmp_path / "aside")
+    (layout / "00001").write_text("mine\n")
+    run()
+    assert (layout / "00001").is_dir() and (layout / "00001.kept1").read_text() == "mine\n"
+
+    # results inside a prompt folder would be deleted by the rebuild: refused before anything is touched
+    (layout / "00000" / "res.jsonl").write_text("")
+    with pytest.raises(common.UsageError, match=r"lie in .*layout/00000, which every run rebuilds"):
+        geneval.evaluate(items, images, None, out, num_images=1, detector_results=layout / "00000" / "res.jsonl")
+    assert (layout / "00000" / "res.jsonl").is_file()
+
+    with open(out / ".layout.lock", "w") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(common.UsageError, match="another run is laying out GenEval images"):
+            run()
+
+
+def test_a_bad_line_in_the_detector_results_costs_only_that_line(tmp_path):
+    items = geneval.load_items(write_jsonl(tmp_path / "meta.jsonl", ROWS[:2]))
+    images, out = tmp_path / "images", tmp_path / "out"
+    _images(images, 2, 1)
+    geneval.evaluate(items, images, None, out, num_images=1)
+    rows = _official_walk(out / "layout", lambda p, m: True)
+    results = _write_results(out / geneval.DETECTOR_RESULTS, rows)
+    with open(results, "a") as f:
+        f.write('{"filename": "00001/samples/00')  # a tail cut short
+        f.write("\n" + "[" * 100000 + "\n")  # nested too deeply for json
+    doc = geneval.evaluate(items, images, None, out, num_images=1)
+    assert doc["summary"]["n_scored"] == 2 and doc["complete"]  # every image scored; the bad lines are listed
+    assert [p.split(": ", 1)[1][:8] for p in doc["results_problems"]] == ["not JSON", "not JSON"]

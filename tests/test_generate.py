@@ -747,27 +747,35 @@ def test_ctrl_c_in_a_batch_is_one_line(golden_dir, tmp_path, monkeypatch, capsys
 
 def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
     """`vae_transform` / `vit_transform` overrides (eval.run --gen-arg, OmniContext's ViT transform) resize the
-    inputs of this batch, on the cached Generator (no second model load), and are restored after it; the sampler
-    overrides go to the requests."""
+    inputs of this batch, on the cached Generator (no second model load), also once its Inferencer exists, and
+    are restored after it, even when the batch fails; the sampler overrides go to the requests."""
     import types
 
     from echo4o_jax.image_transform import ImageTransform
 
     vae0, vit0 = ImageTransform.vae_default(), ImageTransform.vit_default()
-    cfg = types.SimpleNamespace(latent_downsample=16, vit=types.SimpleNamespace(patch_size=14))
-    gen = types.SimpleNamespace(cfg=cfg, vae_transform=vae0, vit_transform=vit0)
-    seen = {}
+    gen = object.__new__(G.Generator)  # no checkpoint: only the transform slots matter here
+    gen.cfg = types.SimpleNamespace(latent_downsample=16, vit=types.SimpleNamespace(patch_size=14))
+    gen.inf, gen._vae_transform, gen._vit_transform = None, vae0, vit0
+    loads, runs = [], []
 
     def run_requests(g, reqs, out, **kw):
-        seen["run"] = (g.vae_transform, g.vit_transform, kw["overrides"])
+        # the weights load during the batch: the Inferencer takes the Generator's transforms then
+        g.inf = types.SimpleNamespace(vae_transform=g.vae_transform, vit_transform=g.vit_transform)
+        runs.append((g.vae_transform, g.vit_transform, kw["overrides"]))
+        if kw["overrides"].get("fail"):
+            raise RuntimeError("batch failed")
         return []
 
-    monkeypatch.setattr(G, "get_generator", lambda ckpt, **kw: seen.setdefault("load", kw) and gen)
+    monkeypatch.setattr(G, "get_generator", lambda ckpt, **kw: loads.append(kw) or gen)
     monkeypatch.setattr(G, "run_requests", run_requests)
     G.generate_batch("ckpt", [], "out", vit_transform=[980, 378], cfg_img_scale=1.5, max_context=512)
-    assert seen["load"] == {"max_context": 512}
-    assert seen["run"] == (vae0, ImageTransform(980, 378, 14), {"cfg_img_scale": 1.5})
-    assert (gen.vae_transform, gen.vit_transform) == (vae0, vit0)
-    for bad in ([980], [300, 400]):
+    assert loads == [{"max_context": 512}]
+    assert runs == [(vae0, ImageTransform(980, 378, 14), {"cfg_img_scale": 1.5})]
+    assert (gen.vae_transform, gen.vit_transform) == (vae0, vit0) and gen.inf.vit_transform == vit0
+    with pytest.raises(RuntimeError, match="batch failed"):
+        G.generate_batch("ckpt", [], "out", vae_transform=(512, 256), fail=True)
+    assert runs[-1][0] == ImageTransform(512, 256, 16) and (gen.vae_transform, gen.inf.vae_transform) == (vae0, vae0)
+    for bad in ([980], [300, 400], [True, True]):
         with pytest.raises(G.GenerateError, match=r"vit_transform .*: expected \[MAX, MIN\] image sides"):
             G.generate_batch("ckpt", [], "out", vit_transform=bad)

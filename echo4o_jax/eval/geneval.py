@@ -58,6 +58,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from ..jsonl import jsonl_lines
 from . import common
 from .reference import GENEVAL_REPORTED, GENEVAL_TASKS, GENEVAL_URL
 
@@ -148,10 +149,10 @@ def sample_path(layout: Path, stem: str, k: int) -> Path:
     return layout / stem / "samples" / sample_name(k)
 
 
-def _sample(src: Path) -> tuple[bytes | None, str | None, str | None]:
-    """(PNG bytes to write, or None: hard-link `src` itself; sha256 of the laid-out PNG; error) of one image: it
-    must decode fully (the official evaluator stops its whole run at an image it cannot read); a PNG is linked,
-    another format converted."""
+def _sample(src: Path) -> tuple[bytes, bool, str | None, str | None]:
+    """(PNG bytes, whether they are `src`'s own (a PNG: hard-linked), sha256 of the bytes, error) of one image: it
+    must decode fully (the official evaluator stops its whole run at an image it cannot read); another format is
+    converted to PNG."""
     import hashlib
     import io
 
@@ -159,14 +160,47 @@ def _sample(src: Path) -> tuple[bytes | None, str | None, str | None]:
 
     try:
         data = src.read_bytes()
-        if probe_image(data, check="decode").format == "png":
-            return None, hashlib.sha256(data).hexdigest(), None
-        buf = io.BytesIO()
-        with Image.open(io.BytesIO(data)) as im:
-            im.convert("RGB").save(buf, format="PNG")
-        return buf.getvalue(), hashlib.sha256(buf.getvalue()).hexdigest(), None
+        own = probe_image(data, check="decode").format == "png"
+        if not own:
+            buf = io.BytesIO()
+            with Image.open(io.BytesIO(data)) as im:
+                im.convert("RGB").save(buf, format="PNG")
+            data = buf.getvalue()
+        return data, own, hashlib.sha256(data).hexdigest(), None
     except (OSError, RecordError) as e:
-        return None, None, f"{type(e).__name__}: {e}"
+        return b"", False, None, f"{type(e).__name__}: {e}"
+
+
+def _ours(entry: Path) -> bool:
+    """A prompt folder of a layout (the tool's own, rebuilt each run); anything else in a layout is carried over."""
+    return entry.is_dir() and not entry.is_symlink() and entry.name.isdigit()
+
+
+def _carry_over(old: Path, layout: Path) -> None:
+    """Move what is not a prompt folder from `old` into `layout` (a name taken there gets a `.kept<N>` suffix)."""
+    for entry in sorted(old.iterdir()):
+        if _ours(entry):
+            continue
+        target, n = layout / entry.name, 0
+        while target.exists() or target.is_symlink():
+            n += 1
+            target = layout / f"{entry.name}.kept{n}"
+        entry.rename(target)
+
+
+def _finish_swap(layout: Path, staging: Path, old: Path) -> None:
+    """Complete (or undo) a layout swap an earlier run left half done. `staging` holds only prompt folders (the
+    new layout being built: dropped); `old` the previous layout: put back when no layout took its place, else
+    its carried-over files are moved on and it is dropped once nothing but prompt folders is left."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    if old.exists():
+        if not layout.exists():
+            old.rename(layout)
+        else:
+            _carry_over(old, layout)
+            if all(_ours(e) for e in old.iterdir()):
+                shutil.rmtree(old)
 
 
 def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -> tuple[Path, list[dict]]:
@@ -175,16 +209,28 @@ def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -
     cannot be read, or None: then it is laid out), ``"sha"`` (of the laid-out PNG)}. Each prompt folder's
     metadata.jsonl is the prompt file's line plus ``"echo4o_samples"``: {sample name: sha256 of its PNG}, which
     the evaluator copies into its results (it reads only tag / include / exclude / prompt), so that results are
-    matched to the very images they scored. Anything else found in an old layout folder (the evaluator's
-    output, say) is carried over into the new one."""
+    matched to the very images they scored.
+
+    The new prompt folders are built beside the layout (``.layout.new``) and swapped in (the old layout goes to
+    ``.layout.old``); whatever else the old layout held (the evaluator's output, say) is then moved into the new
+    one, and only then is the old one deleted: an interruption at any point loses nothing the user put there
+    (the next run completes or undoes the swap). One run at a time per folder (a lock file)."""
+    import fcntl
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layout, staging, old = out / LAYOUT, out / f".{LAYOUT}.new", out / f".{LAYOUT}.old"
-    for d in (staging, old):  # what an interrupted earlier export left (the layout itself is still whole)
-        if d.exists():
-            shutil.rmtree(d)
-    units = []
+    if layout.exists() and not layout.is_dir():
+        raise common.UsageError(f"{layout} is a file: it is where the GenEval layout goes; move it away")
+    lock = open(out / f".{LAYOUT}.lock", "w")  # noqa: SIM115 - held until the swap is done
     try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise common.UsageError(f"another run is laying out GenEval images in {out}: wait for it to finish "
+                                    "(or use another --out)") from None
+        _finish_swap(layout, staging, old)
+        units = []
         for it in items:
             folder = staging / it.stem
             (folder / "samples").mkdir(parents=True)
@@ -193,33 +239,47 @@ def export_layout(items: Sequence[Item], images_dir, out_dir, num_images: int) -
                 src = common.find_image(images_dir, [f"{it.stem}_{k}"])
                 unit = {"item": it, "k": k, "image": src, "error": None, "sha": None}
                 if src is not None:
-                    png, sha, unit["error"] = _sample(src)
+                    data, own, sha, unit["error"] = _sample(src)
                     if unit["error"] is None:
                         dst = sample_path(staging, it.stem, k)
-                        if png is None:
-                            try:
-                                os.link(src, dst)
-                            except OSError:  # another file system
-                                shutil.copyfile(src, dst)
-                        else:
-                            dst.write_bytes(png)
+                        try:
+                            if not own:
+                                raise OSError("converted")
+                            os.link(src, dst)
+                        except OSError:  # converted, or another file system: the bytes checked and hashed
+                            dst.write_bytes(data)
                         unit["sha"] = shas[sample_name(k)] = sha
                 units.append(unit)
             (folder / "metadata.jsonl").write_text(json.dumps({**it.metadata, SAMPLES_KEY: shas}) + "\n",
                                                    encoding="utf-8")
         if layout.exists():
-            for entry in layout.iterdir():
-                if not (entry.is_dir() and entry.name.isdigit()):
-                    entry.rename(staging / entry.name)
             layout.rename(old)
         staging.rename(layout)
+        _finish_swap(layout, staging, old)
     finally:
-        if old.exists() and not layout.exists():  # interrupted between the two renames: the old layout back
+        if old.exists() and not layout.exists():  # the second rename failed: the old layout back as it was
             old.rename(layout)
-        for d in (staging, old):
-            if d.exists():
-                shutil.rmtree(d)
+        if staging.exists():  # a build or swap cut short: it holds only prompt folders of this run
+            shutil.rmtree(staging)
+        lock.close()
     return layout, units
+
+
+def check_results_path(results: Path, out_dir) -> None:
+    """A UsageError when the detector results would sit where a run rebuilds the layout (inside a prompt folder,
+    or the staging folders), which would delete them."""
+    out, p = Path(os.path.abspath(out_dir)), Path(os.path.abspath(results))
+    if not p.is_relative_to(out):
+        return
+    parts = p.relative_to(out).parts
+    if len(parts) > 2 and parts[0] == LAYOUT and parts[1].isdigit():
+        rebuilt = out / LAYOUT / parts[1]
+    elif len(parts) > 1 and parts[0] in (f".{LAYOUT}.new", f".{LAYOUT}.old"):
+        rebuilt = out / parts[0]
+    else:
+        return
+    raise common.UsageError(f"detector results {results} lie in {rebuilt}, which every run rebuilds: move them "
+                            f"elsewhere, e.g. {out / DETECTOR_RESULTS}")
 
 
 def evaluator_commands(layout: Path, results: Path) -> str:
@@ -244,11 +304,15 @@ def read_detector_results(path: Path, items: Sequence[Item],
     out: dict[tuple[str, int], bool] = {}
     problems, ignored, seen = [], 0, {}
     try:
-        rows = common.jsonl_records(path)
-    except (common.UsageError, OSError) as e:
-        return {}, [str(e)], 0
-    for line, r in rows:
+        with open(path, "rb") as fh:
+            rows = list(jsonl_lines(fh))
+    except OSError as e:
+        return {}, [f"{path}: cannot be read ({type(e).__name__}: {e})"], 0
+    for line, r, why in rows:
         where = f"{path}:{line}"
+        if why:
+            problems.append(f"{where}: {why}")
+            continue
         try:
             f = Path(r["filename"])
             stem, k, correct, meta = f.parent.parent.name, int(f.stem), r["correct"], json.loads(r["metadata"])
@@ -347,6 +411,7 @@ def evaluate(items: Sequence[Item], images_dir, judge, out_dir, *, num_images: i
     results = Path(detector_results) if detector_results is not None else out / DETECTOR_RESULTS
     if detector_results is not None and not results.is_file():
         raise common.UsageError(f"--detector-results {results}: no such file")
+    check_results_path(results, out)
     layout, units = export_layout(items, images_dir, out, num_images)
     if results.is_file():
         verdicts, problems, ignored = read_detector_results(results, items, units)

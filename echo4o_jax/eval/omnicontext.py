@@ -214,7 +214,8 @@ def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 
         t = OUTPUT_TRANSFORM
         if vae_transform is not None:
             v = vae_transform
-            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) and 0 < v[1] <= v[0]):
+            if not (isinstance(v, list) and len(v) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in v) and 0 < v[1] <= v[0]):
                 raise common.UsageError(f"--gen-arg vae_transform={json.dumps(v)}: expected [MAX, MIN] image sides "
                                         "with 0 < MIN <= MAX")
             t = ImageTransform(*v, OUTPUT_TRANSFORM.stride)

@@ -439,6 +439,8 @@ def main(argv=None) -> dict:
         raise common.UsageError("--geneval-results is the GenEval detector's output: it needs --bench geneval")
     if args.geneval_results and not Path(args.geneval_results).is_file():
         raise common.UsageError(f"--geneval-results {args.geneval_results}: no such file")
+    if args.geneval_results:
+        geneval.check_results_path(Path(args.geneval_results), Path(args.out) / "geneval")
     if args.judge_only and args.regenerate:
         raise common.UsageError("--regenerate generates images again; it cannot go with --judge-only")
     templates = _templates(args.template)
