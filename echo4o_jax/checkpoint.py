@@ -108,7 +108,8 @@ class CheckpointError(ValueError):
 
 
 def _p(path) -> pathlib.Path:
-    return pathlib.Path(os.fspath(path))
+    """The path, absolute (Orbax / tensorstore refuse relative checkpoint paths: `--ckpt ckpt/bagel7b` must work)."""
+    return pathlib.Path(os.path.abspath(os.fspath(path)))
 
 
 def is_official_dir(path) -> bool:

@@ -573,7 +573,7 @@ def checkpoint_identity(ckpt, step: int | None = None) -> dict[str, Any]:
     refuses it)."""
     from .checkpoint import CheckpointError, EMA_ITEM, VAE_ITEM, is_train_workdir, train_step_dir
 
-    p = pathlib.Path(ckpt)
+    p = pathlib.Path(os.path.abspath(ckpt))  # as the checkpoint module's paths (relative_to below)
     out = dict(ckpt=str(p.resolve()), ckpt_step=None, ckpt_weights=None)
     if is_train_workdir(p):
         try:

@@ -104,6 +104,17 @@ def loaded(converted):
 # ------------------------------------------------------------------------------------------ golden folders
 
 
+def test_converted_folder_given_relative_to_the_working_directory(converted, loaded, monkeypatch):
+    """`--config.model.ckpt=ckpt/bagel7b` as the README writes it: Orbax refuses relative checkpoint paths (the
+    trainer's VAE load used to fail with "Checkpoint path should be absolute"), so the loaders make them absolute."""
+    out, _ = converted
+    _, model, vae = loaded
+    monkeypatch.chdir(out.parent)
+    for a, b in ((ck.load_any_bagel(out.name), model), (ck.load_any_vae(out.name), vae)):
+        la, lb = jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))
+        assert len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
 def test_converted_folder_layout_and_manifest(golden_dir, converted):
     out, manifest = converted
     assert ck.is_converted_dir(out) and ck.is_orbax_dir(out) and not ck.is_official_dir(out)

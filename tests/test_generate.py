@@ -520,6 +520,19 @@ def workdir(gen, tmp_path_factory):
     return d
 
 
+def test_checkpoint_given_relative_to_the_working_directory(workdir, tmp_path, monkeypatch):
+    """`--ckpt runs/echo4o` as the README writes it: Orbax (tensorstore) refuses relative checkpoint paths, so the
+    loaders make every path absolute (a relative workdir used to end in a traceback)."""
+    monkeypatch.setattr(G, "_GENERATORS", {})
+    monkeypatch.chdir(workdir.parent)
+    out = tmp_path / "rel"
+    assert G.main(["--ckpt", workdir.name, "--prompt-ids", "1,2", "--size", "32x32", "--steps", "2",
+                   "--max-context", "128", "--out", str(out)]) == 0
+    rec = json.loads((out / "generation.json").read_text())
+    assert (rec["ckpt"], rec["ckpt_step"]) == (str(workdir.resolve()), 4)
+    assert G.checkpoint_identity(workdir.name) == G.checkpoint_identity(workdir)
+
+
 def test_workdir_step_is_recorded_and_a_newer_step_is_refused(golden_dir, workdir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(G, "_GENERATORS", {})
     f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1, 2], size=[32, 32])])
