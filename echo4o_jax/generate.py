@@ -279,7 +279,7 @@ class Generator:
         import jax
 
         from .checkpoint import load_config
-        from .image_transform import ImageTransform
+        from .image_transform import ImageTransform, valid_sides
 
         self.ckpt = pathlib.Path(ckpt)
         self.dtype = dtype
@@ -291,8 +291,8 @@ class Generator:
             raise GenerateError(f"checkpoint {self.ckpt} is a file: --ckpt takes a checkpoint folder (official, "
                                 "converted or a training workdir)")
         for flag, t in (("--vae-transform", vae_transform), ("--vit-transform", vit_transform)):
-            if t is not None and not 0 < t[1] <= t[0]:
-                raise GenerateError(f"{flag} {t[0]} {t[1]}: expected MAX MIN with 0 < MIN <= MAX")
+            if t is not None and not valid_sides(t):
+                raise GenerateError(f"{flag} {' '.join(map(str, t))}: expected MAX MIN with 0 < MIN <= MAX")
         with _checkpoint_errors(self.ckpt):
             self.cfg = load_config(self.ckpt, compute_dtype=dtype)
         self.identity = checkpoint_identity(self.ckpt, step)
@@ -934,15 +934,14 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate:
     side, as --vae-transform / --vit-transform) the input resizes of this batch only (set on the cached Generator
     and restored after it: one loaded model serves batches with different transforms); `max_new_tokens` is
     run_requests'."""
-    from .image_transform import ImageTransform
+    from .image_transform import ImageTransform, valid_sides
 
     load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context") if k in overrides}
     transforms = {}
     for k in ("vae_transform", "vit_transform"):
         if k in overrides:
             t = overrides.pop(k)
-            if not (isinstance(t, (list, tuple)) and len(t) == 2
-                    and all(isinstance(v, int) and not isinstance(v, bool) for v in t) and 0 < t[1] <= t[0]):
+            if not valid_sides(t):
                 raise GenerateError(f"{k} {t!r}: expected [MAX, MIN] image sides with 0 < MIN <= MAX")
             transforms[k] = tuple(t)
     run_kw = {k: overrides.pop(k) for k in ("max_new_tokens",) if k in overrides}

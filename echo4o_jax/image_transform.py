@@ -27,6 +27,13 @@ def _apply_scale(w: int, h: int, scale: float, stride: int) -> tuple[int, int]:
     return _make_divisible(round(w * scale), stride), _make_divisible(round(h * scale), stride)
 
 
+def valid_sides(v) -> bool:
+    """Whether `v` is the [max, min] image sides of a resize setting (--vae-transform / --vit-transform, or their
+    JSON form): two integers, 0 < min <= max."""
+    return (isinstance(v, (list, tuple)) and len(v) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in v) and 0 < v[1] <= v[0])
+
+
 def resize_shape(w: int, h: int, max_size: int, min_size: int, stride: int, max_pixels: int,
                  img_num: int = 1) -> tuple[int, int]:
     """(new_w, new_h) of the official resize rule."""

@@ -4,8 +4,8 @@ import importlib
 
 import pytest
 
-MODULES = ["echo4o_jax.eval.geneval", "echo4o_jax.eval.geneval_pp", "echo4o_jax.eval.imagine_bench", "echo4o_jax.eval.omnicontext",
-           "echo4o_jax.eval.run", "echo4o_jax.generate"]
+MODULES = ["echo4o_jax.eval.geneval", "echo4o_jax.eval.geneval_pp", "echo4o_jax.eval.imagine_bench",
+           "echo4o_jax.eval.omnicontext", "echo4o_jax.eval.run", "echo4o_jax.generate"]
 
 
 @pytest.mark.parametrize("name", MODULES)

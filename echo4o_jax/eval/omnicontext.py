@@ -45,7 +45,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from ..image_transform import ImageTransform, resize_shape
+from ..image_transform import ImageTransform, resize_shape, valid_sides
 from . import common
 from .judge import Judge, JudgeRequest, JudgeTemplate, load_template
 from .reference import OMNICONTEXT_GROUPS, OMNICONTEXT_REPORTED, OMNICONTEXT_TASKS, OMNICONTEXT_URL
@@ -213,12 +213,10 @@ def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 
     if size is None:
         t = OUTPUT_TRANSFORM
         if vae_transform is not None:
-            v = vae_transform
-            if not (isinstance(v, list) and len(v) == 2
-                    and all(isinstance(x, int) and not isinstance(x, bool) for x in v) and 0 < v[1] <= v[0]):
-                raise common.UsageError(f"--gen-arg vae_transform={json.dumps(v)}: expected [MAX, MIN] image sides "
-                                        "with 0 < MIN <= MAX")
-            t = ImageTransform(*v, OUTPUT_TRANSFORM.stride)
+            if not valid_sides(vae_transform):
+                raise common.UsageError(f"--gen-arg vae_transform={json.dumps(vae_transform)}: expected [MAX, MIN] "
+                                        "image sides with 0 < MIN <= MAX")
+            t = ImageTransform(*vae_transform, OUTPUT_TRANSFORM.stride)
         for r, it in zip(reqs, items):
             r["size"] = output_size(it, t)
     return reqs

@@ -48,8 +48,8 @@ mistake fails in seconds, not after hours of generation.
 
 Prompt files: ``--benchmarks-dir`` (default ``$ECHO4O_BENCHMARKS_DIR`` or ``./benchmarks``; no other
 folder is searched, e.g. ``--benchmarks-dir ../shared/benchmarks``) holds ``geneval_pp.jsonl``,
-``imagine_bench.jsonl`` and ``geneval_metadata.jsonl``; ``--fetch`` downloads the public files there when absent. OmniContext needs a
-local copy (``--omnicontext-data``).
+``imagine_bench.jsonl`` and ``geneval_metadata.jsonl``; ``--fetch`` downloads the public files there when
+absent. OmniContext needs a local copy (``--omnicontext-data``).
 
 Exit status: 0 every image generated and judged, 1 incomplete (some images missing, unreadable or not
 judged, or GenEval without detector results yet: the partial results are written and marked INCOMPLETE),
