@@ -204,6 +204,8 @@ def test_broken_image_is_left_out_and_evaluator_output_in_the_layout_is_kept(tmp
      r"include\[0\]\.position"),
     ({"tag": "t", "include": [{"class": "a", "count": 1}], "exclude": [{"class": "a", "count": True}],
       "prompt": "p"}, r"exclude\[0\]\.count"),
+    ({"tag": "t", "include": [{"class": "a", "count": 1}], "exclude": {"class": "a", "count": 2}, "prompt": "p"},
+     "'exclude' must be a list of objects"),
 ])
 def test_bad_prompt_lines_are_named(tmp_path, bad, message):
     f = write_jsonl(tmp_path / "meta.jsonl", [ROWS[0], bad])

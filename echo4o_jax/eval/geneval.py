@@ -102,6 +102,8 @@ def _check_line(where: str, r: dict) -> None:
     include = r.get("include")
     if not isinstance(include, list) or not include:
         raise common.UsageError(f"{where}: 'include' must be a non-empty list of objects")
+    if "exclude" in r and not isinstance(r["exclude"], list):
+        raise common.UsageError(f"{where}: 'exclude' must be a list of objects")
     for field in ("include", "exclude"):
         for j, e in enumerate(r.get(field) or []):
             at = f"{field}[{j}]"
@@ -116,8 +118,6 @@ def _check_line(where: str, r: dict) -> None:
                         or isinstance(pos[1], bool) or not isinstance(pos[1], int) or not 0 <= pos[1] < j):
                     raise common.UsageError(f"{where}: {at}.position: expected [relation, index of an earlier "
                                             f"include entry] with relation in {list(RELATIONS)}, got {pos!r}")
-    if "exclude" in r and not isinstance(r["exclude"], list):
-        raise common.UsageError(f"{where}: 'exclude' must be a list of objects")
 
 
 def load_items(path, limit: int | None = None) -> list[Item]:
