@@ -318,7 +318,7 @@ def read_detector_results(path: Path, items: Sequence[Item],
             stem, k, correct, meta = f.parent.parent.name, int(f.stem), r["correct"], json.loads(r["metadata"])
             if f.parent.name != "samples" or not isinstance(correct, bool) or not isinstance(meta, dict):
                 raise ValueError("expected <index>/samples/<k>.png, a true/false 'correct' and object metadata")
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RecursionError) as e:
             problems.append(f"{where}: not a line of GenEval's evaluate_images.py output ({type(e).__name__}: {e})")
             continue
         it = by_stem.get(stem)
