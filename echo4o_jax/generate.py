@@ -20,7 +20,8 @@ reasoning text (at most --max-new-tokens, default 500) before the image (or the 
 --steps or --cfg-* with --understand; --max-new-tokens without --think or --understand).
 
 Single mode writes `image_seed<seed>_<k>.png` and `generation.json` (or `answer.json` with --understand)
-into --out (checked before the model loads: a folder or a path to create). An --out that holds an earlier
+into --out (checked before the model loads: a folder or a path to create; without --out, a new folder
+`outputs/generate/<date-time>` per run). An --out that holds an earlier
 single-mode generation (generation.json, answer.json, image_seed*_*.png) is refused unless `--overwrite`,
 which removes that generation's files once the new one is written (other files stay); an --out holding a
 batch run (metadata.jsonl) is refused.
@@ -108,6 +109,7 @@ MAX_ID_BYTES = 200  # a request id names files (<id>_<k>.png and its temporary .
 
 
 DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
+DEFAULT_OUT = pathlib.Path("outputs/generate")  # single mode without --out: a new <date-time> folder under it
 TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (one compilation per bucket)
 
 
@@ -1007,7 +1009,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="HxW (default 1024x1024, or the last input image's)")
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--num-images", type=int, default=None, help="default 1")
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("outputs/generate"))
+    p.add_argument("--out", type=pathlib.Path, default=None,
+                   help=f"output folder (single mode and --understand: default a new folder {DEFAULT_OUT}/<date-time> "
+                        "per run; batch mode: required, the folder a rerun resumes)")
     p.add_argument("--overwrite", action="store_true",
                    help="single mode: replace the earlier generation in --out (its files are removed once the new "
                         "one is written); without it such an --out is refused")
@@ -1055,6 +1059,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 SINGLE_RECORDS = ("generation.json", "answer.json")
 
 
+def _fresh_out(root: pathlib.Path) -> pathlib.Path:
+    """A folder under `root` that does not exist yet, named by the date and time (-2, -3 ... if taken)."""
+    base = root / time.strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
 def _earlier_generation(out: pathlib.Path) -> list[pathlib.Path]:
     """The files of an earlier single-mode run in `out`: its record and its images."""
     if not out.is_dir():
@@ -1080,6 +1094,12 @@ def _run(args) -> int:
     reqs = None
     if args.regenerate and args.prompts is None:
         raise GenerateError("--regenerate applies to --prompts (batch mode) only")
+    if args.out is None:
+        if args.prompts is not None:
+            raise GenerateError("--prompts needs --out: the folder the outputs go to, which a rerun resumes")
+        if args.overwrite:
+            raise GenerateError("--overwrite replaces the generation in --out: give --out")
+        args.out = _fresh_out(DEFAULT_OUT)
     check_out_dir(args.out)
     if args.prompts is not None:
         per_request = [flag for flag, v in (("--prompt", args.prompt), ("--prompt-ids", args.prompt_ids),
@@ -1093,6 +1113,10 @@ def _run(args) -> int:
         if args.overwrite:
             raise GenerateError("--overwrite applies to single mode; batch mode resumes (--regenerate generates "
                                 "every request again)")
+        earlier = _earlier_generation(args.out)
+        if earlier:
+            raise GenerateError(f"--out {args.out} holds a single-mode generation ({earlier[0].name}): use another "
+                                "--out for a batch run")
         reqs = read_requests(args.prompts)  # before the checkpoint: a broken file fails in seconds
         if args.max_new_tokens is not None and not any(r.get("think") is True for r in reqs):
             raise GenerateError(f"--max-new-tokens would be ignored: no request of {args.prompts} has "
@@ -1134,6 +1158,7 @@ def _run(args) -> int:
         print(res["answer"])
         _make_out_dir(args.out)
         (args.out / "answer.json").write_text(json.dumps(res, indent=1))
+        print(f"(saved to {args.out / 'answer.json'})", file=sys.stderr)
         _remove_earlier(earlier, [args.out / "answer.json"])
         return 0
     size = args.size or ((32, 48) if demo and not args.image else None)

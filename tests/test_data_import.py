@@ -625,3 +625,15 @@ def test_interrupted_demo_overwrite_leaves_no_stale_demo_json(tmp_path, monkeypa
         demo_mod.write_demo(str(out), size=48, overwrite=True, **small)
     assert not (out / "demo.json").exists()
     assert load_manifest(out / "t2i")["shards"] != before  # t2i was swapped in at the new size
+
+
+def test_demo_data_written_at_another_size_is_refused(tmp_path):
+    """data.records.demo_image_size would be ignored by demo data already written at another size: refused."""
+    from echo4o_jax.train import records_source
+
+    out = str(tmp_path / "demo")
+    small = dict(n_t2i=4, n_multiref=2, n_understanding=2)
+    info = records_source.ensure_demo(out, size=32, **small)
+    assert records_source.ensure_demo(out, size=32, **small) == info
+    with pytest.raises(ValueError, match=r"demo_image_size=48, but the demo data in .* was written at 32 px"):
+        records_source.ensure_demo(out, size=48, **small)

@@ -222,7 +222,7 @@ def test_inspect_cli(tmp_path, capsys):
     with RecordWriter(tmp_path / "ds", name="x") as w:
         for r in _records():
             w.write(r)
-    out_png = tmp_path / "sheet.png"
+    out_png = tmp_path / "sheets" / "sheet.png"  # (its folder is created)
     assert inspect_cli.main([str(tmp_path / "ds"), "-n", "4", "--contact-sheet", str(out_png), "--verify"]) == 0
     out = capsys.readouterr().out
     assert '"records": 6' in out and "id=mr/0 task=multiref" in out and "vit_image" in out

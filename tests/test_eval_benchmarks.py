@@ -1125,7 +1125,7 @@ def test_run_omnicontext_generates_as_echo4o_script(tmp_path, monkeypatch):
     assert call["overrides"] == {"cfg_img_scale": 1.5, "vit_transform": [980, 378]}
     assert [tuple(r["size"]) for r in call["requests"]] == [(512, 768), (768, 1024)]
     calls.clear()
-    eval_run.main(argv + ["--regenerate", "--size", "256", "256", "--gen-arg", "cfg_img_scale=2.0"])
+    eval_run.main(argv + ["--regenerate", "--size", "256x256", "--gen-arg", "cfg_img_scale=2.0"])  # generate's form
     assert calls[0]["overrides"] == {"cfg_img_scale": 2.0, "vit_transform": [980, 378]}
     assert [tuple(r["size"]) for r in calls[0]["requests"]] == [(256, 256), (256, 256)]
     calls.clear()  # another VAE resize rule sizes the output by that rule: 300 x 200 under (512, 256) -> 384 x 256
@@ -1134,3 +1134,10 @@ def test_run_omnicontext_generates_as_echo4o_script(tmp_path, monkeypatch):
     assert calls[0]["overrides"] == {"cfg_img_scale": 1.5, "vit_transform": [980, 378], "vae_transform": [512, 256]}
     with pytest.raises(common.UsageError, match=r"--gen-arg vae_transform=\[512\]: expected \[MAX, MIN\]"):
         eval_run.main(argv + ["--regenerate", "--gen-arg", "vae_transform=[512]"])
+
+
+def test_run_size_takes_generates_form_and_h_w():
+    assert eval_run._parse_size(["256x128"]) == eval_run._parse_size(["256", "128"]) == (256, 128)
+    for bad in (["256"], ["256x0"], ["a", "b"], ["1", "2", "3"]):
+        with pytest.raises(common.UsageError, match=r"--size .*: expected HxW \(or H W\)"):
+            eval_run._parse_size(bad)

@@ -83,6 +83,7 @@ def test_layout_results_and_the_official_formula(tmp_path, capsys):
 
     doc = geneval.main(argv)  # no detector results yet: laid out, not scored
     assert not doc["complete"] and doc["summary"]["overall"] is None
+    assert all(v["accuracy"] is None for v in doc["summary"]["tasks"].values())
     assert doc["incomplete"].startswith("not scored: 7 of 8 images laid out") and "evaluate_images.py" in \
         doc["incomplete"]
     layout = out / "layout"
@@ -264,8 +265,10 @@ def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
     assert json.loads((out / "summary.json").read_text())["benchmarks"]["geneval"]["complete"] is False
 
     calls.clear()
+    capsys.readouterr()
     eval_run.main(argv + ["--gen-arg", "cfg_interval=[0.4, 1.0]", "--num-images", "1", "--regenerate",
                           "--generate-only"])
+    assert f"geneval: 3 of 3 requests generated -> {out / 'geneval' / 'images'}" in capsys.readouterr().out
     assert calls[0]["overrides"] == {"cfg_img_scale": 1.0, "cfg_interval": [0.4, 1.0]}
     assert calls[0]["requests"][0]["num_images"] == 1
     with pytest.raises(common.UsageError, match="--geneval-results .* needs --bench geneval"):

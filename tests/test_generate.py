@@ -663,6 +663,11 @@ def test_single_mode_refuses_an_earlier_generation_unless_overwrite(golden_dir, 
     (tmp_path / "batch" / "metadata.jsonl").write_text("")
     err = _one_error(capsys, run[:-1] + [str(tmp_path / "batch"), "--prompt-ids", "3", "--overwrite"])
     assert err.endswith("holds a batch run (metadata.jsonl): use another --out"), err
+    # and a single-mode folder is not a batch run's to resume in
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=[32, 32])])
+    err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(out)])
+    assert err == f"error: --out {out} holds a single-mode generation (generation.json): use another --out for a " \
+                  "batch run", err
 
 
 def test_batch_resumes_from_another_directory_with_its_contact_sheet(golden_dir, tmp_path, monkeypatch, capsys):
@@ -792,3 +797,18 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
     for bad in ([980], [300, 400], [True, True]):
         with pytest.raises(G.GenerateError, match=r"vit_transform .*: expected \[MAX, MIN\] image sides"):
             G.generate_batch("ckpt", [], "out", vit_transform=bad)
+
+
+def test_without_out_each_single_run_gets_a_new_folder(golden_dir, tmp_path, monkeypatch, capsys):
+    """Without --out, single mode writes into a new outputs/generate/<date-time> folder per run (a fixed default
+    refused the second run as "holds an earlier generation"); batch mode needs --out (the folder it resumes)."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--size", "32x32", "--steps", "2",
+            "--max-context", "128"]
+    assert G.main(argv) == 0 and G.main(argv) == 0
+    runs = sorted((tmp_path / "outputs" / "generate").iterdir())
+    assert len(runs) == 2 and all((r / "generation.json").is_file() for r in runs)
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=[32, 32])])
+    capsys.readouterr()
+    err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f)])
+    assert err == "error: --prompts needs --out: the folder the outputs go to, which a rerun resumes", err

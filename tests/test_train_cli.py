@@ -144,6 +144,10 @@ def test_model_checkpoint_and_sampling_settings_are_checked_before_training(gold
                                    "the checkpoint would be ignored and a random model of model.geometry trained. Add "
                                    "--config.model.init=checkpoint to start from it, or leave model.ckpt empty")
     bad = tmp_path / "bad"
+    c.model.init, c.model.ckpt = "checkpoint", str(bad)  # (a mistyped path)
+    assert run(c, str(wd)) == 2
+    assert _error_line(capsys) == (f"error: bad config: model.ckpt={str(bad)!r}: no such folder (an official or "
+                                   "converted checkpoint folder)")
     shutil.copytree(golden_dir, bad)
     ema = bad / "ema.safetensors"
     size = ema.stat().st_size

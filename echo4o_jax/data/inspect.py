@@ -127,6 +127,7 @@ def contact_sheet(records: list[Record], path: str, *, thumb: int = 128, text_wi
         y += thumb + pad
     root, ext = os.path.splitext(path)
     tmp = f"{root}.part{ext}"  # written whole, then renamed: a Ctrl-C or a failed write leaves no cut-short file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         sheet.save(tmp)
         os.replace(tmp, path)

@@ -360,13 +360,13 @@ def aggregate(records: Sequence[dict]) -> dict:
     def counts(rs) -> dict:
         return {f"n_{s}": sum(r["status"] == s for r in rs) for s in NOT_SCORED}
 
+    n = len(records)
+    scored = sum(r["status"] in ("correct", "incorrect") for r in records)
     tasks = {}
     for t in tag_order(by_tag):
         rs = by_tag[t]
         ok = sum(r["status"] == "correct" for r in rs)
-        tasks[t] = {"n": len(rs), "n_correct": ok, "accuracy": ok / len(rs), **counts(rs)}
-    n = len(records)
-    scored = sum(r["status"] in ("correct", "incorrect") for r in records)
+        tasks[t] = {"n": len(rs), "n_correct": ok, "accuracy": ok / len(rs) if scored else None, **counts(rs)}
     prompts: dict[int, bool] = {}
     for r in records:
         prompts[r["index"]] = prompts.get(r["index"], False) or r["status"] == "correct"
@@ -464,8 +464,8 @@ def not_scored(s: dict) -> str:
 def markdown(doc: dict) -> str:
     s = doc["summary"]
     tags = [t for t, _ in GENEVAL_TASKS]
-    rows = [[f"**{doc['label']}** (this run)"] + [s["tasks"].get(t, {}).get("accuracy") if s["n_scored"] else None
-                                                   for t in tags] + [s["overall"]]]
+    rows = [[f"**{doc['label']}** (this run)"] + [s["tasks"].get(t, {}).get("accuracy") for t in tags]
+            + [s["overall"]]]
     rows += [[name] + [vals.get(t) for t in tags] + [vals.get("overall")] for name, vals in GENEVAL_REPORTED.items()]
     parts = [f"# {TITLE}: {doc['label']}", ""]
     if doc["incomplete"]:

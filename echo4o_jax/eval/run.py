@@ -290,6 +290,19 @@ def _gen_args(gen_args: dict, name: str) -> dict:
     return {**getattr(BENCHES[name], "GEN_DEFAULTS", {}), **gen_args}
 
 
+def _parse_size(values: list[str] | None) -> tuple[int, int] | None:
+    """--size HxW (generate's form) or H W -> (H, W)."""
+    if values is None:
+        return None
+    parts = values[0].lower().split("x") if len(values) == 1 else values
+    try:
+        h, w = (common.positive_int(v) for v in parts)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise common.UsageError(f"--size {' '.join(values)}: expected HxW (or H W), positive integers, e.g. "
+                                "1024x1024") from None
+    return h, w
+
+
 def _judged(name: str) -> bool:
     return getattr(BENCHES[name], "JUDGED", True)
 
@@ -409,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images per prompt (default: each benchmark's protocol: GenEval 4, the others 1)")
     ap.add_argument("--seed", type=int, default=None,
                     help=f"seed of the first prompt; prompt i gets seed + i (default {DEFAULT_SEED})")
-    ap.add_argument("--size", type=common.positive_int, nargs=2, metavar=("H", "W"), default=None,
-                    help="output size (default: generate_batch's own default)")
+    ap.add_argument("--size", nargs="+", metavar="HxW", default=None,
+                    help="output size, HxW as generate's --size (or H W), e.g. 1024x1024 (default: each benchmark's "
+                         "own, else generate_batch's)")
     ap.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra keyword for generate_batch (repeatable), e.g. cfg_text_scale=4.0")
     ap.add_argument("--regenerate", action="store_true",
@@ -435,6 +449,7 @@ def main(argv=None) -> dict:
         raise common.UsageError("--ckpt is required unless --judge-only")
     if args.step is not None and not args.ckpt:
         raise common.UsageError("--step picks a checkpoint of the --ckpt workdir: give --ckpt")
+    args.size = _parse_size(args.size)
     if args.geneval_results and "geneval" not in names:
         raise common.UsageError("--geneval-results is the GenEval detector's output: it needs --bench geneval")
     if args.geneval_results and not Path(args.geneval_results).is_file():
@@ -515,6 +530,11 @@ def main(argv=None) -> dict:
     common.write_json(out / "summary.json", report)
     for name in names:
         s = report["benchmarks"][name].get("summary")
+        if not s and "generation" in report["benchmarks"][name]:  # --generate-only
+            e = report["benchmarks"][name]
+            g = e["generation"]
+            print(f"{name}: {g['generated']} of {g['requests']} requests generated -> {e['images_dir']}"
+                  + ("" if e["complete"] else " INCOMPLETE"))
         if s:
             head = {k: v for k, v in s.items() if k in ("score", "overall", "overall_official_script", "overall_8",
                                                         "echo4o_avg", "n_missing", "n_unreadable",

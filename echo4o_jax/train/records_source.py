@@ -52,8 +52,16 @@ def ensure_demo(out: str, **kw) -> dict:
     from ..data.demo import write_demo
 
     meta = pathlib.Path(out) / "demo.json"
+
+    def written() -> dict:
+        demo = json.loads(meta.read_text())
+        if "size" in kw and demo.get("size") != kw["size"]:  # (a setting the existing data would silently ignore)
+            raise ValueError(f"data.records.demo_image_size={kw['size']}, but the demo data in {out} was written at "
+                             f"{demo.get('size')} px: set data.records.demo_dir to another folder (or delete {out})")
+        return demo
+
     if jax.process_count() == 1:
-        return json.loads(meta.read_text()) if meta.exists() else write_demo(out, overwrite=_demo_leftovers(out), **kw)
+        return written() if meta.exists() else write_demo(out, overwrite=_demo_leftovers(out), **kw)
     from jax.experimental import multihost_utils
 
     if jax.process_index() == 0 and not meta.exists():
@@ -62,7 +70,7 @@ def ensure_demo(out: str, **kw) -> dict:
     if not meta.exists():
         raise FileNotFoundError(f"demo data {out}: process 0 wrote it, process {jax.process_index()} does not see "
                                 f"{meta}: data.records.demo_dir must be a path every host sees")
-    return json.loads(meta.read_text())
+    return written()
 
 
 def _demo_leftovers(out: str) -> bool:

@@ -86,6 +86,9 @@ def model_config_from(config) -> BagelConfig:
                                "and a random model of model.geometry trained. Add --config.model.init=checkpoint to "
                                "start from it, or leave model.ckpt empty")
     where = f"model.ckpt={m.ckpt!r}" if m.init == "checkpoint" else "model.geometry"
+    if m.init == "checkpoint" and not os.path.isdir(m.ckpt):
+        raise ConfigValueError(f"{where}: {'no such folder' if not os.path.exists(m.ckpt) else 'not a folder'} "
+                               f"(an official or converted checkpoint folder)")
     try:
         if m.init == "checkpoint":
             geometry = BagelConfig.from_checkpoint_dir(config_dir(m.ckpt))
