@@ -407,6 +407,13 @@ def test_inspect_cli_bad_manifest_and_missing_shard(tmp_path, capsys):
     mpath.write_text(json.dumps(m))
     os.remove(d / m["shards"][2]["file"])
     assert "missing shards" in (err := _cli_error(capsys, [str(d)])) and m["shards"][2]["file"] in err
+    # the folder above datasets (an import's --out) is named as such; an empty folder says what it lacks
+    _dataset(tmp_path / "b", name="b")
+    assert _cli_error(capsys, [str(tmp_path)]) == (f"inspect: error: {tmp_path}: no shards; it holds the datasets b, "
+                                                   "ds: give one of them (or several)\n")
+    (tmp_path / "empty").mkdir()
+    err = _cli_error(capsys, [str(tmp_path / "empty")])
+    assert err.endswith("no shards (no manifest.json, no *.array_record file)\n"), err
 
 
 def test_inspect_warns_about_an_incomplete_dataset(tmp_path, capsys):

@@ -717,7 +717,12 @@ def resolve_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         else:
             files = sorted(glob.glob(os.path.join(p, "*" + SHARD_SUFFIX)))
         if not files:
-            raise RecordError(f"{p}: no shards")
+            inner = sorted(d for d in os.listdir(p) if os.path.isfile(os.path.join(p, d, MANIFEST_NAME)))
+            if inner:  # a root of datasets (an import's --out), not a dataset
+                raise RecordError(f"{p}: no shards; it holds the datasets {', '.join(inner[:8])}"
+                                  f"{' ...' if len(inner) > 8 else ''}: give one of them (or several)")
+            raise RecordError(f"{p}: no shards" + (" (its manifest lists none)" if os.path.exists(
+                os.path.join(p, MANIFEST_NAME)) else " (no manifest.json, no *.array_record file)"))
         missing = [f for f in files if not os.path.exists(f)]
         if missing:
             raise RecordError(f"{p}: manifest lists missing shards {missing[:3]}")
