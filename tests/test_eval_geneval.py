@@ -173,6 +173,9 @@ def test_results_of_another_layout_or_prompt_file_score_nothing(tmp_path):
         assert why.split(" (")[0] in (out / "summary.md").read_text()
     with pytest.raises(common.UsageError, match="--detector-results .*: no such file"):
         geneval.evaluate(items, ours, None, out, num_images=1, detector_results=tmp_path / "absent.jsonl")
+    doc = geneval.evaluate(items, tmp_path / "oursx", None, out, num_images=1)  # a mistyped images folder
+    assert doc["summary"]["n_missing"] == 2 and doc["incomplete"] == (
+        f"the images folder {tmp_path / 'oursx'} does not exist: all 2 images are missing (a mistyped --images?)")
 
 
 def test_broken_image_is_left_out_and_evaluator_output_in_the_layout_is_kept(tmp_path):

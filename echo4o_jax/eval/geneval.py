@@ -388,6 +388,9 @@ def incomplete_note(doc: dict) -> str | None:
     cmd = doc["evaluator_command"]
     problems = (f" The detector results have {len(doc['results_problems'])} problem(s), e.g. "
                 f"{doc['results_problems'][0]}." if doc["results_problems"] else "")
+    if not Path(doc["images_dir"]).is_dir():
+        return (f"the images folder {doc['images_dir']} does not exist: all {s['n_images']} images are missing "
+                "(a mistyped --images?)")
     if not s["n_scored"]:
         laid = s["n_images"] - s["n_missing"] - s["n_unreadable"]
         return (f"not scored: {laid} of {s['n_images']} images laid out in {doc['layout']} and no detector result "
