@@ -121,6 +121,19 @@ _QWEN2_PATTERN = (
 )
 
 
+def _own_arrays(x):
+    """`x` with each array a worker process sent through shared memory (grain's `SharedMemoryArray`) copied
+    into an ordinary one, so that the shared block is freed now rather than when the sample leaves the pack
+    buffers: blocks still held at exit are what Python's resource tracker reports as leaked."""
+    if isinstance(x, dict):
+        return {k: _own_arrays(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_own_arrays(v) for v in x)
+    if isinstance(x, np.ndarray) and type(x) is not np.ndarray:
+        return np.array(x)
+    return x
+
+
 def _mark_absl_flags_parsed() -> None:
     # Grain worker processes read absl flags; unparsed flags crash them (grain issue 1355).
     try:
@@ -924,6 +937,8 @@ class PackIterator:
             self.close()
             return None
         self.timing["wait_s"] += time.perf_counter() - t0
+        if self.pipe.config.worker_count > 0:
+            el = _own_arrays(el)
         if el["k"] != self._next_k:
             raise AssertionError(f"element stream out of order: got {el['k']}, expected {self._next_k}")
         self._next_k += 1
