@@ -973,6 +973,10 @@ def test_run_checks_every_prompt_file_before_generating(tmp_path, monkeypatch, c
       '{"id": 2, "note": "n", "type": "COLOR"}'], r"ib.jsonl:4: no 'instruction' field"),
     (['{"id": 7, "instruction": "I", "note": "n", "type": "COLOR"}', '',
       '{"id": 7, "instruction": "J", "note": "n", "type": "COLOR"}'], r"ib.jsonl:3: duplicate id 7 \(also on line 1\)"),
+    # a type outside the 8 would count in no category weight: silently dropped from the overall score
+    (['{"id": 1, "instruction": "I", "note": "n", "type": "COLOR"}', '{"id": 31, "instruction": "I", "note": "n", '
+      '"type": "Shape"}'], r"ib.jsonl:2: unknown type 'Shape' \(Imagine-Bench's: COLOR, SHAPE, SIZE, MATERIAL, "
+     r"COMBINATION, TIME, ENVIRONMENT, Multi-Object\)$"),
 ])
 def test_imagine_bench_bad_prompt_file(tmp_path, capsys, lines, message):
     p = tmp_path / "ib.jsonl"
@@ -980,6 +984,25 @@ def test_imagine_bench_bad_prompt_file(tmp_path, capsys, lines, message):
     msg = _one_error_line(capsys, imagine_bench.main, ["--images", str(tmp_path), "--prompts", str(p),
                                                        "--out", str(tmp_path / "o")])
     assert re.search(message, msg) and msg.startswith(str(p)), msg
+
+
+def test_bad_base_url_is_one_line_before_anything(tmp_path, capsys):
+    """eval.run and the benchmark commands refuse a --base-url that is no http(s) URL or carries a query
+    (the client would append its paths after it: every call a 404), before any file is made and without
+    showing credentials: a URL without a scheme went into results.json with its userinfo."""
+    prompts = write_jsonl(tmp_path / "ib.jsonl", [{"id": 1, "instruction": "I", "note": "n", "type": "COLOR"}])
+    for url, want in [("user:SECRET-1@127.0.0.1:8000/v1", "--base-url: expected an http(s) URL with a host, such "
+                       "as http://127.0.0.1:8000/v1, got '***@127.0.0.1:8000/v1'"),
+                      ("http://127.0.0.1:8000/v1?api-key=SECRET-1", "--base-url: 'http://127.0.0.1:8000/v1' carries "
+                       "a query or fragment ('?...' / '#...'), which the client would put before its endpoint "
+                       "paths; give the base URL alone (an API key is read from the environment: --api-key-env)")]:
+        out = tmp_path / "o"
+        assert _one_error_line(capsys, eval_run.main, [
+            "--judge-only", "--bench", "imagine_bench", "--out", str(out), "--imagine-bench-prompts", str(prompts),
+            "--base-url", url, "--no-api-key"]) == want
+        assert _one_error_line(capsys, imagine_bench.main, [
+            "--images", str(tmp_path), "--prompts", str(prompts), "--out", str(out), "--base-url", url]) == want
+        assert not out.exists()
 
 
 def test_bad_template_file_is_one_line(tmp_path, capsys):

@@ -301,6 +301,13 @@ def test_cache_hit_needs_no_key(server, key_env, tmp_path, monkeypatch):
         make_judge(server, tmp_path).judge(request(img, prompt="not cached"))
 
 
+def test_base_url_is_checked():
+    for bad in ("127.0.0.1:8000/v1", "ftp://h/v1", "http://h:70000/v1", "http://h/v1?api-key=k", "http://h/v1#x", ""):
+        with pytest.raises(ValueError, match="^base_url: "):
+            J.Judge(base_url=bad)
+    assert J.Judge(base_url="https://h:8443/v1").base_url == "https://h:8443/v1"
+
+
 def test_api_key_env_and_no_key(server, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("MY_LOCAL_KEY", "local-123456")

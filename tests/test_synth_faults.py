@@ -148,6 +148,36 @@ def test_fatal_errors_abort(server, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(SynthError, match="no API key"):
         run_track(make_track("surreal", make_cfg(server)), tmp_path / "c", limit=1, progress=False)
+    assert not (tmp_path / "c").exists()  # a new dataset: the key is checked before any file is made
+    # a dataset with a journal may need no call (a rebuild from it): the key is asked for at the first call
+    (tmp_path / "a" / "manifest.json").unlink()
+    with pytest.raises(SynthError, match="no API key"):
+        run_track(make_track("surreal", make_cfg(server)), tmp_path / "a", limit=3, progress=False)
+
+
+def test_bad_base_url_is_refused_before_anything(server, tmp_path):
+    """A --base-url that is no http(s) URL, has a bad port, or carries a query (the client would append its
+    endpoint paths after the query: every call a 404) is one error line naming it, exit status 2, before any
+    file is made; credentials in it are never shown (a URL without a scheme parses with its userinfo as the
+    path, which went into the manifest as it was)."""
+    secret = "AUDITSECRET-9"
+    cases = [
+        (f"user:{secret}@127.0.0.1:8000/v1", "error: command line: base_url: expected an http(s) URL with a host, such as "
+         "http://127.0.0.1:8000/v1, got '***@127.0.0.1:8000/v1'"),
+        ("ftp://127.0.0.1/v1", "error: command line: base_url: expected an http(s) URL with a host, such as "
+         "http://127.0.0.1:8000/v1, got 'ftp://127.0.0.1/v1'"),
+        ("http://127.0.0.1:99999/v1", "error: command line: base_url: the port of 'http://127.0.0.1:99999/v1' is not a number in "
+         "0-65535"),
+        (f"{server.base_url}?api-key={secret}", f"error: command line: base_url: '{server.base_url}' carries a query or fragment "
+         "('?...' / '#...'), which the client would put before its endpoint paths; give the base URL alone (an API "
+         "key is read from the environment: --api-key-env)"),
+    ]
+    for url, want in cases:
+        for dry in ([], ["--dry-run"]):
+            args = [*fast_cli_args(server), "--base-url", url]  # (the last --base-url counts)
+            rc, out, err = data_gen("surreal", "--out", tmp_path / "ds", "--limit", 2, *args, *dry)
+            assert rc == 2 and not out and one_line_error(err) == want and secret not in err, (url, err)
+    assert not list(tmp_path.iterdir()) and not server.requests
 
 
 def test_max_failures_aborts(server, tmp_path):
@@ -184,9 +214,7 @@ def test_api_key_with_a_trailing_newline_is_a_fatal_error(server, tmp_path, monk
     assert rc == 2 and not out
     line = one_line_error(err)
     assert "environment variable OPENAI_API_KEY holds a newline" in line and API_KEY not in err
-    assert not server.requests
-    for p, data in all_file_bytes(tmp_path).items():
-        assert API_KEY.encode() not in data, p
+    assert not server.requests and not (tmp_path / "ds").exists()
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     rc, out, err = data_gen(*args)
     assert rc == 0, err
@@ -332,6 +360,30 @@ def test_undecodable_image_answers_are_retried_and_never_journaled(server, tmp_p
     s2 = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=2, progress=False)
     assert s2.complete and s2.written == 2 and [r.path for r in server.requests[n:]] == [GEN]
     assert all(_decodes(rec.images[0]) for rec in RecordReader(tmp_path / "ds", verify=True))
+
+
+def test_image_answers_of_another_size_are_retried(server, tmp_path, caplog):
+    """An image of another size than the requested one (a misbehaving server or proxy) is a bad answer like
+    an undecodable one: retried, never journaled, and the sample fails if it stays wrong (it was written, while
+    the record's metadata stated the requested size); "auto" takes any size."""
+    caplog.set_level(logging.INFO)
+    cfg = make_cfg(server, max_retries=1)  # image_size 32x32
+    wrong = solid_png(7, 5)
+    server.push(GEN, Reply.text([wrong]), Reply.text([wrong]))
+    s = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=2, progress=False)
+    assert not s.complete and s.failures == ["gpt4o/surreal/0000000: call_failed:image"]
+    assert "an image of 7x5 pixels, not the requested size 32x32" in caplog.text
+    assert [e["kind"] for e in journal_entries(tmp_path / "ds")].count("image") == 1  # sample 1's only
+    server.push(GEN, Reply.text([wrong]))  # the rerun: retried once, then the server's 32x32 answer
+    s = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=2, progress=False)
+    assert s.complete and s.stats["retries"] == 1
+    assert {(probe_image(r.images[0]).width, probe_image(r.images[0]).height)
+            for r in RecordReader(tmp_path / "ds")} == {(32, 32)}
+    server.push(GEN, Reply.text([wrong]))
+    s = run_track(make_track("surreal", make_cfg(server, image_size="auto")), tmp_path / "auto", limit=1,
+                  progress=False)
+    assert s.complete and s.stats["retries"] == 0
+    assert probe_image(next(iter(RecordReader(tmp_path / "auto"))).images[0]).width == 7
 
 
 def test_journaled_undecodable_image_is_asked_again(server, tmp_path, caplog):

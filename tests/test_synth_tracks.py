@@ -238,8 +238,10 @@ def test_config_file_and_manifest_info(server, tmp_path):
     info = manifest["info"]["synth"]
     assert info["config"]["seed"] == 7 and info["items"] == 3 and info["config"]["base_url"] == server.base_url
     # no credentials that may hide in a URL are kept
-    public = SynthConfig(base_url="http://user:pw@example.test:8000/v1?token=abc").to_public_dict()
+    public = SynthConfig(base_url="http://user:pw@example.test:8000/v1").to_public_dict()
     assert public["base_url"] == "http://example.test:8000/v1"
+    with pytest.raises(ValueError, match="carries a query"):  # (a query is refused: the client appends paths)
+        SynthConfig(base_url="http://user:pw@example.test:8000/v1?token=abc")
 
 
 def test_data_dir_overrides_word_lists(tmp_path):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..interrupts import keep_ctrl_c
 from ..jsonl import jsonl_lines
 from .judge import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL, Judge, JudgeError, JudgeRequest, JudgeResult,
-                    JudgeTemplate, load_template)
+                    JudgeTemplate, check_base_url, load_template)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -163,6 +163,10 @@ def add_judge_args(ap: argparse.ArgumentParser) -> None:
 
 
 def judge_from_args(args: argparse.Namespace, out_dir: str | os.PathLike) -> Judge:
+    try:
+        check_base_url(args.base_url)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     cache_dir = None if args.no_cache else (args.cache_dir or str(Path(out_dir) / "judge_cache"))
     return Judge(model=args.judge_model, base_url=args.base_url, api_key_env=args.api_key_env,
                  require_api_key=not args.no_api_key, cache_dir=cache_dir, concurrency=args.concurrency,

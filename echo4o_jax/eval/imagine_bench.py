@@ -23,7 +23,7 @@ r"""Imagine-Bench with a VLM judge (Echo-4o's protocol): 270 fantasy prompts in 
   accepted for k = 0.
 
 * Prompt file: one JSON object per line with an integer ``id`` (unique) and the strings ``instruction``,
-  ``note``, ``type``; every line is checked when the file loads (an error names ``FILE:LINE`` and the key).
+  ``note``, ``type`` (one of the 8 types above); every line is checked when the file loads (an error names ``FILE:LINE`` and the key).
 
 Outputs in --out: ``results.json``, ``summary.md``, ``gallery.html``, ``judge_cache/``.
 Exit status: 0 every image judged, 1 incomplete, 2 bad input, 130 interrupted (see -h).
@@ -81,6 +81,8 @@ def load_items(path, limit: int | None = None) -> list[Item]:
         for key in ("instruction", "note", "type"):
             if not isinstance(r[key], str):
                 raise common.UsageError(f"{where}: {key!r} must be a string, got {r[key]!r}")
+        if r["type"] not in TYPES:  # it would count in no category weight: dropped from the overall score
+            raise common.UsageError(f"{where}: unknown type {r['type']!r} (Imagine-Bench's: {', '.join(TYPES)})")
         if rid in lines:
             raise common.UsageError(f"{where}: duplicate id {rid} (also on line {lines[rid]}); ids name the images, "
                                     "so each must be unique")

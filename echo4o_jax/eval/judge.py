@@ -474,6 +474,32 @@ def api_key_from_env(name: str | None, *, require: bool, error: type[Exception])
     return value
 
 
+def check_base_url(url: str | None, *, flag: str = "--base-url") -> None:
+    """Raise a ValueError naming `flag` unless `url` (None: OpenAI's own) is an http(s) URL with a host and
+    a valid port, and no query or fragment: the client appends its endpoint paths to the URL, so a query
+    would end up before them (every call a 404), and the key belongs in the environment, not in the URL.
+    The message shows the URL without its userinfo or query (`_public_url`)."""
+    if url is None:
+        return
+    from urllib.parse import urlsplit
+
+    shown = _public_url(url) if isinstance(url, str) else url
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"{flag}: expected an http(s) URL such as http://127.0.0.1:8000/v1, got {shown!r}")
+    p = urlsplit(url)
+    if p.scheme not in ("http", "https") or not p.hostname:
+        raise ValueError(f"{flag}: expected an http(s) URL with a host, such as http://127.0.0.1:8000/v1, got "
+                         f"{shown!r}")
+    try:
+        p.port
+    except ValueError:
+        raise ValueError(f"{flag}: the port of {shown!r} is not a number in 0-65535") from None
+    if p.query or p.fragment or url.rstrip().endswith(("?", "#")):
+        raise ValueError(f"{flag}: {shown!r} carries a query or fragment ('?...' / '#...'), which the client "
+                         "would put before its endpoint paths; give the base URL alone (an API key is read from "
+                         "the environment: --api-key-env)")
+
+
 def _public_url(url: str | None) -> str | None:
     """A base URL without userinfo or query (never store credentials that might hide there)."""
     if not url:
@@ -481,10 +507,13 @@ def _public_url(url: str | None) -> str | None:
     from urllib.parse import urlsplit, urlunsplit
 
     p = urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return urlunsplit((p.scheme, host, p.path, "", ""))
+    if p.scheme in ("http", "https") and p.hostname:
+        host = p.netloc.rpartition("@")[2]  # (the port as written: it may be out of range)
+        return urlunsplit((p.scheme, host, p.path, "", ""))
+    # not a URL urlsplit reads as one (no scheme: "user:key@host/v1" parses as scheme "user"): cut the query
+    # and fragment, and anything before an "@"
+    cut = url.split("?", 1)[0].split("#", 1)[0]
+    return "***@" + cut.rpartition("@")[2] if "@" in cut else cut
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,6 +573,7 @@ class Judge:
                  backoff_base: float = 1.0, backoff_max: float = 60.0, client_max_retries: int = 0,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, temperature: float = 0.0,
                  client: Any = None, sleep: Callable[[float], None] = time.sleep):
+        check_base_url(base_url, flag="base_url")
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env

@@ -8,7 +8,8 @@ Every call goes through :meth:`SynthClient._call`:
 2. otherwise the call waits for its model's **rate limiter** (requests per minute, evenly spaced) and a
    slot of the **concurrency** semaphore, and is made with the client's own retries off;
 3. 429 / 408 / 409 / 5xx, time-outs, connection errors and unreadable bodies (an image answer whose
-   bytes do not fully decode as an image included) are **retried** with
+   bytes do not fully decode as an image, or of another size than the requested one, included) are
+   **retried** with
    exponential backoff and full jitter, or after the server's ``retry-after-ms`` / ``retry-after``
    (:func:`echo4o_jax.eval.judge._retry_after`), up to ``max_retries`` times, then :class:`CallFailed`
    (not journaled: a later run tries again). 429 ``insufficient_quota``, 401, 403 and 404 abort the run
@@ -18,7 +19,7 @@ Every call goes through :meth:`SynthClient._call`:
    matching ``refusal_patterns``) is journaled with status ``refused`` and raised as :class:`Refused`;
 5. a successful answer is journaled (images first, as blobs) with its usage and estimated cost. A
    journaled image answer with a missing or corrupt blob (sha256 mismatch), or whose blobs do not decode
-   (written by an older version), is not replayed: it is asked again (with a warning naming the blob and
+   or are not of the requested size (written by an older version), is not replayed: it is asked again (with a warning naming the blob and
    the call), and the new answer's entry supersedes it (a corrupt blob file is rewritten when the same
    bytes come back).
 
@@ -287,7 +288,7 @@ class SynthClient:
 
         def do(client):
             resp = client.images.generate(model=model, prompt=prompt, n=1, **params)
-            return self._images_of(resp), _usage_dict(getattr(resp, "usage", None))
+            return self._images_of(resp, params["size"]), _usage_dict(getattr(resp, "usage", None))
 
         return self._call(key, "image", model, label, do,
                           lambda usage: self._image_cost(model, 0, usage))
@@ -302,7 +303,7 @@ class SynthClient:
 
         def do(client):
             resp = client.images.edit(model=model, image=[tuple(x) for x in images], prompt=prompt, n=1, **params)
-            return self._images_of(resp), _usage_dict(getattr(resp, "usage", None))
+            return self._images_of(resp, params["size"]), _usage_dict(getattr(resp, "usage", None))
 
         return self._call(key, "edit", model, label, do,
                           lambda usage: self._image_cost(model, len(images), usage))
@@ -319,7 +320,7 @@ class SynthClient:
             log.warning("no price for model %r in the config's price table: its spend counts as 0", model)
 
     @staticmethod
-    def _images_of(resp) -> dict:
+    def _images_of(resp, size: str) -> dict:
         data = getattr(resp, "data", None) or []
         out = []
         for d in data:
@@ -330,9 +331,9 @@ class SynthClient:
                 img = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError) as e:
                 raise ValueError(f"image response with bad base64: {e}") from None
-            problem = _undecodable(img)
+            problem = _image_problem(img, size)
             if problem:  # never journaled: retried like any unreadable answer
-                raise ValueError(f"image response {len(out)} is not a decodable image ({problem})")
+                raise ValueError(f"image response {len(out)}: {problem}")
             out.append(img)
         if not out:
             raise ValueError("image response without images")
@@ -381,10 +382,9 @@ class SynthClient:
         for i, (ref, img) in enumerate(zip(refs, images)):
             if ref["sha256"] in self._decoded:  # decoded once per run (a shared answer is replayed per use)
                 continue
-            problem = _undecodable(img)
+            problem = _image_problem(img, self.cfg.image_size)
             if problem:
-                log.warning("%s: journaled image %d (%s) is not a decodable image (%s); asking again", label, i,
-                            ref["sha256"][:12], problem)
+                log.warning("%s: journaled image %d (%s): %s; asking again", label, i, ref["sha256"][:12], problem)
                 return None
             self._decoded.add(ref["sha256"])
         return images
@@ -463,7 +463,7 @@ class SynthClient:
 
     def _succeeded(self, key, kind, model, label, out, usage, attempts, cost) -> CallResult:
         blobs = []
-        for b in out.get("images", []):  # (each fully decoded by _images_of)
+        for b in out.get("images", []):  # (each fully decoded and its size checked by _images_of)
             blobs.append(self.journal.put_blob(b, _ext_of(b)))
             self._decoded.add(blobs[-1]["sha256"])
         entry = {"key": key, "kind": kind, "model": model, "label": label, "status": "ok", "text": out.get("text"),
@@ -528,13 +528,16 @@ def _error_fields(e) -> tuple[str | None, str | None, str | None]:
             str(msg) if msg is not None else None)
 
 
-def _undecodable(data: bytes) -> str | None:
-    """Why `data` is not a fully decodable image (None when it is): the pixels are decoded, so a
-    truncated file is caught, not only a bad header."""
+def _image_problem(data: bytes, size: str) -> str | None:
+    """Why `data` is not an image answer to keep (None when it is): it does not fully decode (the pixels are
+    decoded, so a truncated file is caught, not only a bad header), or it is not of the requested `size`
+    (WIDTHxHEIGHT; "auto": any), which the record's metadata states."""
     try:
-        probe_image(data, check="decode")
+        info = probe_image(data, check="decode")
     except RecordError as e:
-        return str(e)
+        return f"not a decodable image ({e})"
+    if size != "auto" and f"{info.width}x{info.height}" != size:
+        return f"an image of {info.width}x{info.height} pixels, not the requested size {size}"
     return None
 
 

@@ -25,6 +25,8 @@ import types
 import typing
 from typing import Any
 
+from echo4o_jax.eval.judge import _public_url, check_base_url
+
 __all__ = ["SynthConfig", "DEFAULT_PRICES", "load_config"]
 
 _GPT_IMAGE_1_PER_IMAGE = {
@@ -142,6 +144,7 @@ class SynthConfig:
         if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*|auto", self.image_size):
             raise ValueError(f"image_size: expected WIDTHxHEIGHT (e.g. 1024x1024) or auto, "
                              f"got {_got(self.image_size)}")
+        check_base_url(self.base_url, flag="base_url")
         for k in ("chat_model", "vision_model", "image_model"):
             if not getattr(self, k).strip():
                 raise ValueError(f"{k}: expected a model name, got an empty string")
@@ -179,8 +182,6 @@ class SynthConfig:
     def to_public_dict(self) -> dict[str, Any]:
         """Everything that shapes the data, for manifests (no secrets: there are none in here; the
         base URL is stored without credentials or query)."""
-        from echo4o_jax.eval.judge import _public_url
-
         d = dataclasses.asdict(self)
         d["base_url"] = _public_url(self.base_url)
         d["refusal_patterns"] = list(self.refusal_patterns)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from echo4o_jax.data.records import MANIFEST_NAME, RecordError, RecordReader, RecordWriter, load_manifest
-from echo4o_jax.eval.judge import MalformedAnswer
+from echo4o_jax.eval.judge import MalformedAnswer, api_key_from_env
 from echo4o_jax.synth.client import (Aborted, CallFailed, Refused, SynthClient, SynthFatalError, chat_cost,
                                      image_cost)
 from echo4o_jax.synth.journal import JOURNAL_NAME, Journal, hold_lock
@@ -252,6 +252,8 @@ def run_track(track: Track, out_dir: str | os.PathLike, *, limit: int, journal_d
     out = Path(out_dir)
     jd = _journal_dir(out, journal_dir)
     _check_folders(out, jd)
+    if client is None and not (jd / JOURNAL_NAME).exists():  # every sample needs calls: the key, before any file
+        api_key_from_env(track.cfg.api_key_env, require=track.cfg.require_api_key, error=SynthError)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
