@@ -347,8 +347,14 @@ def restore_module(abstract: nnx.Module, item_dir, *, dtype=None, shardings=None
     target = unflatten_dict(present)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    restored = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
-                                                                 partial_restore=True))
+    try:
+        restored = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
+                                                                     partial_restore=True))
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as e:  # tensorstore / Orbax: ValueError or bare Exception, a TensorStore spec in the text
+        raise CheckpointError(f"{item_dir}: cannot read its arrays (a chunk file missing, truncated or corrupt?): "
+                              f"{_tensorstore_error(e)}") from None
     restored_flat = {tuple(p): v for p, v in flatten_dict(restored)}
     graphdef, state = nnx.split(abstract)
     values = {}
@@ -361,6 +367,16 @@ def restore_module(abstract: nnx.Module, item_dir, *, dtype=None, shardings=None
             values[key] = restored_flat[key]
     nnx.replace_by_pure_dict(state, unflatten_dict(values))
     return nnx.merge(graphdef, state)
+
+
+def _tensorstore_error(e: BaseException) -> str:
+    """The first line of a tensorstore error (its own message: which array, what is wrong), without the
+    TensorStore spec that Orbax appends; for Orbax's wrapper ("Encountered error while reading array index"),
+    that of the error it wraps."""
+    while e.__cause__ is not None and "Encountered error while reading" in str(e):
+        e = e.__cause__
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return first if len(first) <= 400 else first[:400] + " ..."
 
 
 def _stored_dtype(item_dir, name="llm.embed") -> str:

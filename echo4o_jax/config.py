@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -27,6 +28,33 @@ class ConfigError(ValueError):
     """A checkpoint config file is missing, unreadable or inconsistent."""
 
 
+_REQUIRED = object()
+
+
+def _field(d: dict[str, Any], key: str, where: str, kind: type = int, default: Any = _REQUIRED,
+           minimum: float = 1) -> Any:
+    """`d[key]` of a config file, checked (`default` when absent or null): for `kind` int a JSON integer (not a
+    bool) >= `minimum`, else a finite number > `minimum`. A ConfigError names the file (`where`), the key and
+    the value: a string, a fraction for a size or a negative layer count used to end in a TypeError deep inside
+    JAX, or to be cut silently (4.9 -> 4)."""
+    v = d.get(key)
+    if v is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{where}: no {key!r}")
+        return default
+    if kind is int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{where}: {key!r} must be an integer, got {v!r}")
+        if v < minimum:
+            raise ConfigError(f"{where}: {key}={v} must be >= {minimum}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{where}: {key!r} must be a number, got {v!r}")
+    if not v > minimum:
+        raise ConfigError(f"{where}: {key}={v} must be > {minimum}")
+    return float(v)
+
+
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
     vocab_size: int
@@ -41,23 +69,22 @@ class LLMConfig:
     max_position_embeddings: int = 32768
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "LLMConfig":
-        hidden = int(d["hidden_size"])
-        heads = int(d["num_attention_heads"])
-        head_dim = int(d.get("head_dim") or hidden // heads)
+    def from_hf(cls, d: dict[str, Any], where: str = "llm_config.json") -> "LLMConfig":
+        hidden = _field(d, "hidden_size", where)
+        heads = _field(d, "num_attention_heads", where)
         if d.get("use_sliding_window"):
-            raise ConfigError("llm_config.json: use_sliding_window=True is not supported by BAGEL")
+            raise ConfigError(f"{where}: use_sliding_window=True is not supported by BAGEL")
         return cls(
-            vocab_size=int(d["vocab_size"]),
+            vocab_size=_field(d, "vocab_size", where),
             hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
+            intermediate_size=_field(d, "intermediate_size", where),
+            num_layers=_field(d, "num_hidden_layers", where),
             num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads", heads)),
-            head_dim=head_dim,
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            num_kv_heads=_field(d, "num_key_value_heads", where, default=heads),
+            head_dim=_field(d, "head_dim", where, default=hidden // heads),
+            rope_theta=_field(d, "rope_theta", where, float, 10000.0, minimum=0.0),
+            rms_norm_eps=_field(d, "rms_norm_eps", where, float, 1e-6, minimum=0.0),
+            max_position_embeddings=_field(d, "max_position_embeddings", where, default=32768),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -101,20 +128,20 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "ViTConfig":
+    def from_hf(cls, d: dict[str, Any], where: str = "vit_config.json") -> "ViTConfig":
         act = d.get("hidden_act", "gelu_pytorch_tanh")
         if act != "gelu_pytorch_tanh":
-            raise ConfigError(f"vit_config.json: hidden_act={act!r}; only gelu_pytorch_tanh is supported")
+            raise ConfigError(f"{where}: hidden_act={act!r}; only gelu_pytorch_tanh is supported")
         return cls(
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
+            hidden_size=_field(d, "hidden_size", where),
+            intermediate_size=_field(d, "intermediate_size", where),
             # The official loaders drop the last SigLIP layer.
-            num_layers=int(d["num_hidden_layers"]) - 1,
-            num_heads=int(d["num_attention_heads"]),
-            patch_size=int(d.get("patch_size", 14)),
-            num_channels=int(d.get("num_channels", 3)),
-            image_size=int(d.get("image_size", 980)),
-            layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+            num_layers=_field(d, "num_hidden_layers", where, minimum=2) - 1,
+            num_heads=_field(d, "num_attention_heads", where),
+            patch_size=_field(d, "patch_size", where, default=14),
+            num_channels=_field(d, "num_channels", where, default=3),
+            image_size=_field(d, "image_size", where, default=980),
+            layer_norm_eps=_field(d, "layer_norm_eps", where, float, 1e-6, minimum=0.0),
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -149,15 +176,27 @@ class VAEConfig:
     downsample: int = 8
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
+    def from_dict(cls, d: dict[str, Any], where: str = "meta.json") -> "VAEConfig":
+        where = f"{where} 'ae'"
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(fields)
         if unknown:
-            raise ConfigError(f"meta.json 'ae': unknown fields {sorted(unknown)}")
-        d = dict(d)
-        if "ch_mult" in d:
-            d["ch_mult"] = tuple(int(x) for x in d["ch_mult"])
-        return cls(**d)
+            raise ConfigError(f"{where}: unknown fields {sorted(unknown)}")
+        kw: dict[str, Any] = {}
+        for k in d:
+            if k == "ch_mult":
+                m = d[k]
+                if not isinstance(m, list) or not m or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
+                                                           for x in m):
+                    raise ConfigError(f"{where}: 'ch_mult' must be a list of positive integers, got {m!r}")
+                kw[k] = tuple(m)
+            elif isinstance(fields[k], float):  # scale and shift: any finite number
+                kw[k] = _field(d, k, where, float, minimum=-math.inf)
+            else:
+                kw[k] = _field(d, k, where)
+        return cls(**kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,23 +252,35 @@ class BagelConfig:
     @classmethod
     def from_checkpoint_dir(cls, path: str | os.PathLike, **overrides) -> "BagelConfig":
         path = os.fspath(path)
-        llm = LLMConfig.from_hf(_read_json(os.path.join(path, "llm_config.json")))
-        vit = ViTConfig.from_hf(_read_json(os.path.join(path, "vit_config.json")))
+        llm_path, vit_path = os.path.join(path, "llm_config.json"), os.path.join(path, "vit_config.json")
+        llm = LLMConfig.from_hf(_read_json(llm_path), llm_path)
+        vit = ViTConfig.from_hf(_read_json(vit_path), vit_path)
         meta_path = os.path.join(path, "meta.json")
         kw: dict[str, Any] = {}
         vae = VAEConfig()
         if os.path.exists(meta_path):
             meta = _read_json(meta_path)
             if "ae" in meta:
-                vae = VAEConfig.from_dict(meta["ae"])
-            b = dict(meta.get("bagel", {}))
+                vae = VAEConfig.from_dict(meta["ae"], meta_path)
+            b = meta.get("bagel", {})
+            if not isinstance(b, dict):
+                raise ConfigError(f"{meta_path}: 'bagel' must be a JSON object, got {type(b).__name__}")
+            b = dict(b)
             if "special_token_ids" in b:
-                kw["special_tokens"] = SpecialTokens(**{k: int(v) for k, v in b.pop("special_token_ids").items()})
+                ids = b.pop("special_token_ids")
+                names = {f.name for f in dataclasses.fields(SpecialTokens)}
+                if not isinstance(ids, dict) or set(ids) - names:
+                    raise ConfigError(f"{meta_path}: 'special_token_ids' must map {sorted(names)} to token ids, "
+                                      f"got {ids!r}")
+                kw["special_tokens"] = SpecialTokens(**{k: _field(ids, k, f"{meta_path} 'special_token_ids'",
+                                                                  minimum=0) for k in ids})
             if b.pop("interpolate_pos", False):
                 raise ConfigError(f"{meta_path}: interpolate_pos=True is not supported (the release uses False)")
             for k in ("latent_patch_size", "max_latent_size", "vit_max_num_patch_per_side", "timestep_shift"):
                 if k in b:
-                    kw[k] = type(getattr(cls, k))(b.pop(k))
+                    kind = type(getattr(cls, k))
+                    kw[k] = _field(b, k, f"{meta_path} 'bagel'", kind, minimum=1 if kind is int else 0.0)
+                    b.pop(k)
             if "connector_act" in b:
                 kw["connector_act"] = b.pop("connector_act")
         kw.update(overrides)
@@ -294,8 +345,13 @@ class BagelConfig:
 def _read_json(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
-            return json.load(f)
+            d = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"missing config file: {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d

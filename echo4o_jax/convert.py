@@ -9,7 +9,9 @@ the table's own `Transform.to_official`. Everything is validated before anything
 `CheckpointMismatchError` listing missing / unexpected / mis-shaped / wrongly-typed keys, first 20
 of each with counts; `SafetensorsError` naming a truncated or corrupt file; `ConfigError` for a
 missing config); the output is written into a temporary sibling folder and renamed at the end, so
-`out` is untouched on any error. An existing non-empty `out` is refused unless `overwrite=True`; an
+`out` is untouched on any error. An existing non-empty `out` is refused unless `overwrite=True`, and then
+unless it is an earlier output of the same direction (a converted / an official folder: the whole folder is
+replaced, so a mistyped `out` never deletes other files); an
 `out` that is the source, contains it or lies inside it (real paths: symlinks and bind mounts seen
 through, the files read included) is always refused (`SourceOverlapError`), before anything is written.
 An `out` that is a symlink to a folder is written through: the export lands in the link's target.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -34,8 +37,10 @@ import os
 import pathlib
 import queue
 import shutil
+import signal
 import sys
 import threading
+import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -70,6 +75,10 @@ SAFETENSORS_METADATA = {"format": "pt"}  # what torch / accelerate loaders expec
 
 class OutputExistsError(FileExistsError):
     """The output folder exists and is not empty (pass overwrite=True / --overwrite)."""
+
+
+class OutputError(ValueError):
+    """The output folder cannot be made or written (a file on its path, no permission)."""
 
 
 class SourceOverlapError(ValueError):
@@ -244,6 +253,7 @@ def _streamed_handler_cls():
 
         def __init__(self):
             super().__init__(deepcopy_host_arrays=False)
+            self.stop = threading.Event()  # set: write no further block (a deferred Ctrl-C, `save_streamed`)
 
         async def _background_serialize(self, values, infos, args=None):
             args = args or [ocp.SaveArgs()] * len(values)
@@ -266,7 +276,7 @@ def _streamed_handler_cls():
             pending: collections.deque = collections.deque()  # (future, nbytes): writes in flight
             inflight = 0
             try:
-                while True:
+                while not self.stop.is_set():
                     item = await asyncio.to_thread(next, it, None)
                     if item is None:
                         break
@@ -296,9 +306,39 @@ def save_streamed(item_dir, tree, *, compress: bool = True) -> None:
     from etils import epath
 
     defaults = [(t, ocp.type_handlers.get_type_handler(t)) for t in ocp.type_handlers.supported_types()]
-    registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, _streamed_handler_cls()()), *defaults)
+    handler = _streamed_handler_cls()()
+    registry = ocp.type_handlers.create_type_handler_registry((StreamedArray, handler), *defaults)
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=compress))
-    ckptr.save(epath.Path(os.fspath(item_dir)), args=ocp.args.PyTreeSave(tree))
+    with _ctrl_c_deferred(handler.stop):
+        ckptr.save(epath.Path(os.fspath(item_dir)), args=ocp.args.PyTreeSave(tree))
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred(stop: threading.Event):
+    """Inside: a Ctrl-C sets `stop` (the writer then writes no further block and Orbax's save ends in order),
+    and the KeyboardInterrupt is raised on leaving. A KeyboardInterrupt in the middle of an Orbax save left its
+    background threads writing, and logging tracebacks, after the caller had removed the folder (which they
+    recreated). A second Ctrl-C interrupts at once. Off the main thread (no signal handler): nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except Exception:
+        if stop.is_set():  # Orbax's check of the incomplete save ("params are missing"): the Ctrl-C is the cause
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop.is_set():
+        raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------------------------------ plans
@@ -434,16 +474,26 @@ def _check_apart(out: pathlib.Path, src: pathlib.Path, paths) -> None:
                                  f"without --overwrite)")
 
 
-def _check_out(out: pathlib.Path, overwrite: bool, src: pathlib.Path, paths) -> pathlib.Path:
+def _check_out(out: pathlib.Path, overwrite: bool, src: pathlib.Path, paths, kind: str) -> pathlib.Path:
     """Refuse an `out` that overlaps the source folder `src` or the `paths` read from it (see `_check_apart`),
-    that is not a folder, or that is not empty without `overwrite`. Returns the real path to write (an `out`
-    symlink is written through)."""
+    that is not a folder, or that is not empty without `overwrite`; with `overwrite`, one that is not an
+    earlier output of the same kind (`kind`: "converted" or "official"): `--overwrite` replaces the whole
+    folder, so a mistyped `--out` must not delete a folder of other files. Returns the real path to write (an
+    `out` symlink is written through)."""
     _check_apart(out, src, [src, *paths])
     if out.exists():
         if not out.is_dir():
             raise OutputExistsError(f"{out} exists and is not a folder")
-        if any(out.iterdir()) and not overwrite:
-            raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+            earlier = ck.is_converted_dir(out) if kind == "converted" else ck.is_official_dir(out)
+            if not earlier:
+                what = ("a converted folder (llm_config.json + params/)" if kind == "converted" else
+                        "an official folder (llm_config.json + ema.safetensors)")
+                raise OutputExistsError(f"{out} is not empty and is not {what}: --overwrite replaces only an "
+                                        "earlier output of this command, as the whole folder is deleted; choose "
+                                        "another --out, or empty this one yourself")
     return out.resolve()
 
 
@@ -453,9 +503,19 @@ def _side_files(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _tmp_sibling(out: pathlib.Path) -> pathlib.Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    """A new hidden folder beside `out` to write into (renamed to `out` when complete). An OutputError names
+    `out` when it cannot be made (a file on the way, no permission, a read-only disk)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        q = out.parent
+        while not q.exists() and q != q.parent:
+            q = q.parent
+        why = f"{q} is a file, not a folder" if q.exists() and not q.is_dir() else (
+            f"cannot write in {out.parent} ({e.strerror or e})")
+        raise OutputError(f"the output folder {out} cannot be made: {why}") from None
     return tmp
 
 
@@ -536,7 +596,7 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
 
     src_files = sorted({pathlib.Path(p) for s in (ema, ae) for p in s.files()})
     side_files = _side_files(src)
-    dest = _check_out(out, overwrite, src, src_files + side_files)
+    dest = _check_out(out, overwrite, src, src_files + side_files, "converted")
     hasher = _Hasher(src_files + side_files, src) if hash_files else None
     n_tensors = len(bagel_plan.entries) + len(vae_plan.entries)
     total = bagel_plan.source_bytes + vae_plan.source_bytes
@@ -565,9 +625,26 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
             hasher.stop.set()
         if bar is not None:
             bar.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_when_quiet(tmp)
         raise
     return manifest
+
+
+def _remove_when_quiet(folder: pathlib.Path, quiet_s: float = 2.0, limit_s: float = 60.0) -> None:
+    """Remove `folder`, again each time it reappears, until it has stayed away for `quiet_s`: after a Ctrl-C or
+    an error inside an Orbax save, tensorstore's own threads go on writing the chunks in flight (the Python
+    side's cancellation does not reach them) and recreate the folder after a first removal; that left a hidden
+    `.OUT.tmp-*` folder beside the output, as large as the part converted (tens of GB for the 7B model)."""
+    end = time.monotonic() + limit_s
+    quiet_until = time.monotonic() + quiet_s
+    while True:
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            quiet_until = time.monotonic() + quiet_s
+        now = time.monotonic()
+        if now >= quiet_until or now >= end:
+            return
+        time.sleep(0.1)
 
 
 def _check_not_orbax_source(src: pathlib.Path) -> None:
@@ -689,7 +766,7 @@ def convert_to_official(ckpt, out, *, step: int | None = None, weights: str = "e
     ckpt, out = pathlib.Path(os.fspath(ckpt)).absolute(), pathlib.Path(os.fspath(out)).absolute()
     _check_apart(out, ckpt, [ckpt])  # first: before any message about the source
     cfg_dir, bagel_dir, vae_dir, source = _resolve_export_source(ckpt, step, weights)
-    dest = _check_out(out, overwrite, ckpt, _side_files(cfg_dir) + [bagel_dir, vae_dir])
+    dest = _check_out(out, overwrite, ckpt, _side_files(cfg_dir) + [bagel_dir, vae_dir], "official")
     cfg = BagelConfig.from_checkpoint_dir(cfg_dir)
     bagel_item, vae_item = ck.OrbaxItem(bagel_dir), ck.OrbaxItem(vae_dir)
     bagel_x, vae_x = _all_or_mismatch(

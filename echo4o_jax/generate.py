@@ -122,11 +122,12 @@ def _checkpoint_errors(ckpt: pathlib.Path):
     """Loader errors -> one GenerateError naming the checkpoint."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .model.keymap import CheckpointMismatchError
     from .safetensors_io import SafetensorsError
 
     try:
         yield
-    except (ConfigError, SafetensorsError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, SafetensorsError, CheckpointError, CheckpointMismatchError, FileNotFoundError) as e:
         raise GenerateError(f"checkpoint {ckpt} is incomplete or unreadable: {e}") from None
 
 
@@ -214,12 +215,14 @@ def parse_size(s, stride: int) -> tuple[int, int]:
 def _read_image(path):
     from PIL import Image, UnidentifiedImageError
 
+    from .image_transform import pil_img2rgb
+
     p = pathlib.Path(path)
     if not p.exists():
         raise GenerateError(f"input image not found: {p}")
     try:
         with Image.open(p) as im:
-            return im.convert("RGB")
+            return pil_img2rgb(im)  # as the official inferencer: transparent pixels on white
     except (UnidentifiedImageError, OSError) as e:
         raise GenerateError(f"cannot read image {p}: {e}") from None
 
@@ -386,7 +389,12 @@ class Generator:
     def _read_images(images) -> list:
         if isinstance(images, (str, bytes, pathlib.Path)) or not isinstance(images, Sequence):
             raise GenerateError(f"images {images!r}: expected a list of image paths")
-        return [im if not isinstance(im, (str, pathlib.Path)) else _read_image(im) for im in images]
+        from PIL import Image
+
+        from .image_transform import pil_img2rgb
+
+        return [_read_image(im) if isinstance(im, (str, pathlib.Path)) else
+                pil_img2rgb(im) if isinstance(im, Image.Image) else im for im in images]
 
     def _check_grid(self, h: int, w: int, limit: int, stride: int, what: str, fix: str, note: str = ""):
         if h // stride > limit or w // stride > limit:

@@ -16,7 +16,18 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageTransform", "resize_shape", "to_unit_range", "from_unit_range"]
+__all__ = ["ImageTransform", "pil_img2rgb", "resize_shape", "to_unit_range", "from_unit_range"]
+
+
+def pil_img2rgb(image: Image.Image) -> Image.Image:
+    """Official `pil_img2rgb` (training data and the inferencer's inputs): RGBA / transparent images go on
+    white, everything else to RGB."""
+    if image.mode == "RGBA" or image.info.get("transparency", None) is not None:
+        image = image.convert("RGBA")
+        white = Image.new(mode="RGB", size=image.size, color=(255, 255, 255))
+        white.paste(image, mask=image.split()[3])
+        return white
+    return image.convert("RGB")
 
 
 def _make_divisible(value: float, stride: int) -> int:

@@ -1,8 +1,10 @@
 """Memory-mapped safetensors reading (one tensor at a time, bfloat16 included) and writing.
 
 Reading goes through the file header and `numpy.memmap`, so a 27 GB checkpoint is never loaded
-whole. A truncated or corrupt file raises `SafetensorsError` naming the file. A folder may hold one
-file or several shards with a `*.safetensors.index.json` (`weight_map`: key -> shard file).
+whole. A truncated or corrupt file raises `SafetensorsError` naming the file: the header is checked on
+opening as the `safetensors` library checks it (well-formed entries, byte ranges tiling the data without
+gaps or overlaps, lengths matching dtype x shape). A folder may hold one file or several shards with a
+`*.safetensors.index.json` (`weight_map`: key -> shard file); each key is read from the shard it names.
 
 `get` returns a memory-mapped view (pages stay resident while mapped); `read` copies one tensor into
 a fresh array with plain file reads, so a converter that reads a whole file tensor by tensor keeps
@@ -14,6 +16,7 @@ maximum shard size and writes the HF index (`metadata.total_size`, `weight_map`)
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -36,7 +39,110 @@ class SafetensorsError(ValueError):
     """A safetensors file is missing, truncated or corrupt (the message names the file)."""
 
 
+_JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _show(value, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters (a corrupt header may hold anything, of any size)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value) -> bool:
+    """A JSON integer (not a bool, a float or a numeric string: the format stores plain integers)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_object(path: str, text: bytes, what: str) -> dict:
+    """`text` parsed as a JSON object, or a SafetensorsError naming `path` and `what` (header, index). A key
+    given twice is refused: `json` would keep the last one silently, hiding which of two tensors is meant."""
+    def no_duplicates(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise SafetensorsError(f"{path}: corrupt {what}: key {k!r} appears twice")
+            out[k] = v
+        return out
+    try:
+        obj = json.loads(text, object_pairs_hook=no_duplicates)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise SafetensorsError(f"{path}: corrupt {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise SafetensorsError(f"{path}: corrupt {what}: a JSON {_JSON_KINDS.get(type(obj), '?')}, "
+                               f"expected an object")
+    return obj
+
+
+def _metadata(path: str, meta) -> dict[str, str]:
+    """The header's `__metadata__`: absent / null, or an object of strings (as the format defines it)."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise SafetensorsError(f"{path}: corrupt header: __metadata__ is a JSON {_JSON_KINDS.get(type(meta), '?')}, "
+                               f"expected an object of strings")
+    bad = [k for k, v in meta.items() if not isinstance(v, str)]
+    if bad:
+        raise SafetensorsError(f"{path}: corrupt header: __metadata__ entry {bad[0]!r} is {_show(meta[bad[0]])}, "
+                               f"expected a string")
+    return meta
+
+
+def _entry(path: str, key: str, info) -> tuple[np.dtype, tuple, int, int]:
+    """One tensor's header entry checked: (dtype, shape, begin, end), where end - begin is the byte length
+    that dtype x shape needs. Anything else is a SafetensorsError naming the file and the key."""
+    where = f"{path}: corrupt header entry for {key!r}"
+    if not isinstance(info, dict):
+        raise SafetensorsError(f"{where}: a JSON {_JSON_KINDS.get(type(info), '?')}, expected an object with "
+                               f"dtype, shape and data_offsets")
+    missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+    if missing:
+        raise SafetensorsError(f"{where}: no {' / '.join(missing)}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise SafetensorsError(f"{where}: dtype {_show(dtype)} is not one of {', '.join(_DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise SafetensorsError(f"{where}: shape {_show(shape)} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise SafetensorsError(f"{where}: data_offsets {_show(offsets)} is not [begin, end] (two integers)")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise SafetensorsError(f"{where}: invalid offset: data_offsets {offsets} (needs 0 <= begin <= end)")
+    dt, shape = _DTYPES[dtype], tuple(shape)
+    if end - begin != math.prod(shape) * dt.itemsize:
+        raise SafetensorsError(f"{path}: tensor {key!r} has {end - begin} bytes, expected {shape} x {dt} "
+                               f"({math.prod(shape) * dt.itemsize} bytes)")
+    return dt, shape, begin, end
+
+
+def _check_layout(path: str, spans: list[tuple[int, int, str]], base: int, size: int) -> None:
+    """The tensors' byte ranges (begin, end, key), sorted by begin, must tile the data buffer (file bytes
+    `base`..`size`) from 0 without gaps or overlaps, as the format requires and the `safetensors` library
+    checks ("invalid offset"): two keys sharing bytes would both read the same values, a gap or trailing
+    bytes mean the header and the data disagree. A last end beyond the file is a truncated file."""
+    pos, prev = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < pos:
+            raise SafetensorsError(f"{path}: invalid offset: tensor {key!r} (data bytes {begin}..{end}) overlaps "
+                                   f"{prev!r} (which ends at {pos})")
+        if begin > pos:
+            after = f"after {prev!r} (which ends at {pos})" if prev is not None else "at the start of the data"
+            raise SafetensorsError(f"{path}: invalid offset: tensor {key!r} starts at data byte {begin}, leaving a "
+                                   f"gap of {begin - pos} bytes {after}")
+        pos, prev = end, key
+    if base + pos > size:
+        raise SafetensorsError(f"{path}: truncated (tensor {prev!r} ends at byte {base + pos}, file has {size})")
+    if base + pos < size:
+        last = f"tensor {prev!r} ends at byte {base + pos}" if prev is not None else f"the header ends at byte {base}"
+        raise SafetensorsError(f"{path}: corrupt: {size - base - pos} bytes after the last tensor's data ({last}, "
+                               f"file has {size}); the header does not describe them")
+
+
 class SafetensorsFile:
+    """One safetensors file. The header is checked when the file is opened (entries well formed, byte
+    ranges tiling the data, lengths matching dtype x shape, file not truncated), so reading a tensor later
+    cannot return another tensor's bytes or run past the end."""
+
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
@@ -48,27 +154,21 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8 or n > 100 * 2**20:
                     raise SafetensorsError(f"{self.path}: corrupt or truncated header (length {n}, file size {size})")
-                header = json.loads(f.read(n))
+                text = f.read(n)
         except FileNotFoundError:
             raise SafetensorsError(f"{self.path}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SafetensorsError(f"{self.path}: corrupt header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        except OSError as e:
+            raise SafetensorsError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        header = _json_object(self.path, text, "header")
+        self.metadata = _metadata(self.path, header.pop("__metadata__", None))
         self._base = 8 + n
         self._entries = {}
+        spans = []
         for key, info in header.items():
-            try:
-                dt = _DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(f"{self.path}: corrupt header entry for {key!r}") from None
-            if end - start != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-                raise SafetensorsError(f"{self.path}: tensor {key!r} has {end - start} bytes, expected {shape} x {dt}")
-            if self._base + end > size:
-                raise SafetensorsError(
-                    f"{self.path}: truncated (tensor {key!r} ends at byte {self._base + end}, file has {size})")
-            self._entries[key] = (dt, shape, start)
+            dt, shape, begin, end = _entry(self.path, key, info)
+            self._entries[key] = (dt, shape, begin)
+            spans.append((begin, end, key))
+        _check_layout(self.path, spans, self._base, size)
         self._mm = None
 
     def keys(self) -> list[str]:
@@ -114,27 +214,59 @@ class SafetensorsFile:
         return [self.path]
 
 
+def _shard_name(path: str, key: str, name) -> str:
+    """A shard file named by the index: a plain file name in the index's folder. Anything else (not a
+    string, a path with a separator, absolute, `.` / `..`) is refused: it could read a file elsewhere."""
+    if not isinstance(name, str):
+        raise SafetensorsError(f"{path}: corrupt index: weight_map[{key!r}] is {_show(name)}, expected a shard "
+                               f"file name (a string)")
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or os.path.isabs(name)
+            or (os.altsep and os.altsep in name)):
+        raise SafetensorsError(f"{path}: corrupt index: weight_map[{key!r}] is {_show(name)}, expected a file name in "
+                               f"the index's folder (no path)")
+    return name
+
+
 class ShardedSafetensors:
-    """Several shards behind one `*.safetensors.index.json`, presented as one file."""
+    """Several shards behind one `*.safetensors.index.json`, presented as one file. Each key is read from
+    the shard the index's `weight_map` names; a shard holding a key the index assigns elsewhere (a stale
+    copy) or does not list at all is refused, so which values are read never depends on the file order."""
 
     def __init__(self, index_path: str | os.PathLike):
         self.path = os.fspath(index_path)
         try:
-            with open(self.path) as f:
-                weight_map = json.load(f)["weight_map"]
+            with open(self.path, "rb") as f:
+                text = f.read()
         except FileNotFoundError:
             raise SafetensorsError(f"{self.path}: file not found") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SafetensorsError(f"{self.path}: corrupt index ({e!r})") from None
+        except OSError as e:
+            raise SafetensorsError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        index = _json_object(self.path, text, "index")
+        if "weight_map" not in index:
+            raise SafetensorsError(f"{self.path}: corrupt index: no weight_map (key -> shard file)")
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise SafetensorsError(f"{self.path}: corrupt index: weight_map is a JSON "
+                                   f"{_JSON_KINDS.get(type(weight_map), '?')}, expected an object (key -> shard file)")
+        for key, name in weight_map.items():
+            _shard_name(self.path, key, name)
         folder = os.path.dirname(self.path)
         self._files = {name: SafetensorsFile(os.path.join(folder, name)) for name in sorted(set(weight_map.values()))}
+        missing = [k for k, name in weight_map.items() if k not in self._files[name]._entries]
+        if missing:
+            raise SafetensorsError(f"{self.path}: {len(missing)} keys listed in the index are absent from their "
+                                   f"shards, e.g. {missing[:5]}")
         self._where = {}
         for name, f in self._files.items():
             for k in f.keys():
+                if k not in weight_map:
+                    raise SafetensorsError(f"{self.path}: tensor {k!r} in shard {f.path} is not in the index's "
+                                           f"weight_map (a stale or foreign tensor?)")
+                if weight_map[k] != name:
+                    raise SafetensorsError(f"{self.path}: tensor {k!r} is in shard {f.path} as well as in "
+                                           f"{self._files[weight_map[k]].path}, the shard the index assigns it to "
+                                           f"(a stale copy?)")
                 self._where[k] = f
-        missing = [k for k, name in weight_map.items() if k not in self._files[name].info()]
-        if missing:
-            raise SafetensorsError(f"{self.path}: {len(missing)} keys listed in the index are absent from their shards, e.g. {missing[:5]}")
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -159,10 +291,14 @@ class ShardedSafetensors:
 
 
 def open_checkpoint_file(folder: str | os.PathLike, name: str):
-    """`folder/name` (e.g. ema.safetensors) or its sharded form `folder/name.index.json`."""
+    """`folder/name` (e.g. ema.safetensors) or its sharded form `folder/name.index.json`. A folder holding
+    both is refused: which of the two copies of the weights is meant cannot be told (one may be stale)."""
     folder = os.fspath(folder)
     single = os.path.join(folder, name)
     index = single + ".index.json"
+    if os.path.exists(single) and os.path.exists(index):
+        raise SafetensorsError(f"{single}: both this file and {os.path.basename(index)} (its sharded form) are in "
+                               f"{folder}: remove the one that is not meant")
     if os.path.exists(single):
         return SafetensorsFile(single)
     if os.path.exists(index):

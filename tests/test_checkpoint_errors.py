@@ -58,6 +58,44 @@ def test_missing_config_file(golden_dir, tmp_path):
         load_bagel(ckpt)
 
 
+@pytest.mark.parametrize("file,change,message", [
+    ("llm_config.json", lambda d: [d], "llm_config.json: expected a JSON object, got list"),
+    ("llm_config.json", lambda d: {k: v for k, v in d.items() if k != "hidden_size"},
+     "llm_config.json: no 'hidden_size'"),
+    ("llm_config.json", dict(num_hidden_layers=-1), "llm_config.json: num_hidden_layers=-1 must be >= 1"),
+    ("llm_config.json", dict(hidden_size="64"), "llm_config.json: 'hidden_size' must be an integer, got '64'"),
+    ("llm_config.json", dict(num_attention_heads=4.9), "'num_attention_heads' must be an integer, got 4.9"),
+    ("llm_config.json", dict(rms_norm_eps="abc"), "llm_config.json: 'rms_norm_eps' must be a number, got 'abc'"),
+    ("llm_config.json", dict(rope_theta="1e6"), "llm_config.json: 'rope_theta' must be a number, got '1e6'"),
+    ("llm_config.json", dict(rope_theta=0), "llm_config.json: rope_theta=0 must be > 0.0"),
+    ("llm_config.json", dict(num_key_value_heads=True), "'num_key_value_heads' must be an integer, got True"),
+    ("vit_config.json", dict(num_hidden_layers=1), "vit_config.json: num_hidden_layers=1 must be >= 2"),
+    ("vit_config.json", dict(layer_norm_eps=[1e-6]), "vit_config.json: 'layer_norm_eps' must be a number"),
+    ("meta.json", lambda d: {**d, "ae": {**d["ae"], "ch_mult": [1, "2"]}},
+     "meta.json 'ae': 'ch_mult' must be a list of positive integers, got [1, '2']"),
+    ("meta.json", lambda d: {**d, "ae": {**d["ae"], "z_channels": 16.5}}, "meta.json 'ae': 'z_channels' must be an "
+     "integer, got 16.5"),
+    ("meta.json", lambda d: {**d, "ae": {**d["ae"], "scale_factor": "0.36"}}, "meta.json 'ae': 'scale_factor' must "
+     "be a number, got '0.36'"),
+    ("meta.json", lambda d: {**d, "bagel": {**d["bagel"], "max_latent_size": "8"}}, "meta.json 'bagel': "
+     "'max_latent_size' must be an integer, got '8'"),
+    ("meta.json", lambda d: {**d, "bagel": [1]}, "meta.json: 'bagel' must be a JSON object, got list"),
+    ("meta.json", lambda d: {**d, "bagel": {**d["bagel"], "special_token_ids": {"bos_token_id": "2"}}},
+     "meta.json 'special_token_ids': 'bos_token_id' must be an integer, got '2'"),
+])
+def test_bad_config_values_name_file_and_key(golden_dir, tmp_path, file, change, message):
+    """A config value of the wrong type or range is a ConfigError naming the file and the key (a string, a
+    list or a negative layer count ended in a KeyError / TypeError from deep inside JAX, or was converted
+    silently: 4.9 heads -> 4, "1e6" -> 1e6)."""
+    ckpt = _copy(golden_dir, tmp_path)
+    d = json.loads((ckpt / file).read_text())
+    d = change(d) if callable(change) else {**d, **change}
+    (ckpt / file).write_text(json.dumps(d))
+    with pytest.raises(ConfigError) as e:
+        BagelConfig.from_checkpoint_dir(ckpt)
+    assert str(e.value).startswith(str(ckpt / file)) and message in str(e.value), str(e.value)
+
+
 def test_sharded_bfloat16_checkpoint_loads_and_exports_exactly(golden_dir, tmp_path):
     """Several shards + index JSON, in bfloat16: loads, and exports back bit for bit."""
     src = SafetensorsFile(golden_dir / "ema.safetensors")

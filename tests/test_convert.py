@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -410,6 +413,48 @@ def test_missing_config_nothing_written(golden_dir, tmp_path):
     _assert_nothing_written(out)
 
 
+def test_ctrl_c_inside_the_orbax_save_ends_it_in_order(golden_dir, converted, tmp_path, monkeypatch, caplog):
+    """A Ctrl-C while the Orbax save runs stops the block writer at its next block and lets the save end in
+    order, then raises KeyboardInterrupt: no folder is left beside --out (Orbax's threads went on writing
+    after the interrupted call had removed its temporary folder, and recreated it, logging tracebacks), and
+    an earlier conversion in --out is kept."""
+    out = tmp_path / "out"
+    shutil.copytree(converted[0], out)
+    before = tree_state(out)
+    real, served = convert._prefetched, []
+
+    def prefetched(items, depth=1):
+        def interrupting():
+            for n, item in enumerate(items()):
+                if n == 3:
+                    os.kill(os.getpid(), signal.SIGINT)  # handled in the main thread: the deferred Ctrl-C
+                served.append(n)
+                yield item
+        return real(interrupting, depth)
+
+    monkeypatch.setattr(convert, "_prefetched", prefetched)
+    monkeypatch.setattr(convert, "_remove_when_quiet", lambda folder: shutil.rmtree(folder))  # no second chance
+    caplog.set_level(logging.WARNING)
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert_to_orbax(golden_dir, out, overwrite=True, progress=False)
+    assert signal.getsignal(signal.SIGINT) is previous
+    time.sleep(1.0)  # anything still writing would show now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and tree_state(out) == before
+    assert len(served) < 10 and "Traceback" not in caplog.text and "raised an exception" not in caplog.text
+
+
+def test_out_under_a_file_is_named(golden_dir, converted, tmp_path):
+    """An --out whose parent is a file: one error naming the file (was "[Errno 17] File exists: ...")."""
+    (tmp_path / "afile").write_text("mine")
+    for fn, src in ((convert.convert_to_orbax, golden_dir), (convert.convert_to_official, converted[0])):
+        with pytest.raises(convert.OutputError) as e:
+            fn(src, tmp_path / "afile" / "sub", progress=False)
+        assert str(e.value) == (f"the output folder {tmp_path / 'afile' / 'sub'} cannot be made: "
+                                f"{tmp_path / 'afile'} is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == "mine"
+
+
 def test_non_empty_out_refused_unless_overwrite(golden_dir, converted, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -420,9 +465,26 @@ def test_non_empty_out_refused_unless_overwrite(golden_dir, converted, tmp_path)
     with pytest.raises(convert.OutputExistsError, match="not empty"):
         convert.convert_to_official(converted[0], out, progress=False)
     assert listing(out) == before
+    # --overwrite replaces the whole folder: only an earlier output of the same direction (a mistyped --out
+    # with --overwrite deleted any folder, e.g. one of photos)
+    for fn, src, what in ((convert.convert_to_orbax, golden_dir, "a converted folder"),
+                          (convert.convert_to_official, converted[0], "an official folder")):
+        with pytest.raises(convert.OutputExistsError, match=f"is not empty and is not {what} .*--overwrite replaces "
+                                                            "only an earlier output of this command"):
+            fn(src, out, overwrite=True, progress=False)
+    assert listing(out) == before
+    (out / "keep.txt").unlink()
+    convert.convert_to_official(converted[0], out, progress=False)
+    (out / "keep.txt").write_text("mine")  # beside an earlier export: replaced with it
+    with pytest.raises(convert.OutputExistsError, match="is not empty and is not a converted folder"):
+        convert.convert_to_orbax(golden_dir, out, overwrite=True, progress=False)  # not the other direction's
     convert.convert_to_official(converted[0], out, overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "ema.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    conv = tmp_path / "conv"
+    convert.convert_to_orbax(golden_dir, conv, progress=False)
+    convert.convert_to_orbax(golden_dir, conv, overwrite=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv", "out"]
     empty = tmp_path / "empty"
     empty.mkdir()
     convert.convert_to_official(converted[0], empty, progress=False)  # an empty folder is fine
@@ -524,9 +586,10 @@ def test_out_symlink_is_written_through(converted, tmp_path):
     """An --out symlink to a folder: the export lands in the target, the link stays."""
     target = tmp_path / "disk" / "export"
     target.mkdir(parents=True)
-    (target / "old.txt").write_text("old")
     link = tmp_path / "out"
     link.symlink_to(target, target_is_directory=True)
+    convert.convert_to_official(converted[0], link, progress=False)
+    (target / "old.txt").write_text("old")
     with pytest.raises(convert.OutputExistsError, match="not empty"):
         convert.convert_to_official(converted[0], link, progress=False)
     summary = convert.convert_to_official(converted[0], link, overwrite=True, progress=False)

@@ -812,3 +812,19 @@ def test_without_out_each_single_run_gets_a_new_folder(golden_dir, tmp_path, mon
     capsys.readouterr()
     err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f)])
     assert err == "error: --prompts needs --out: the folder the outputs go to, which a rerun resumes", err
+
+
+def test_transparent_input_images_go_on_white_as_the_official_inferencer(tmp_path):
+    """The official inferencer feeds each input image through `pil_img2rgb` (transparent pixels on white), as
+    the training data is read; a plain convert("RGB") showed the colour under transparent pixels instead."""
+    blue = Image.new("RGBA", (8, 8), (0, 0, 255, 0))
+    blue.putpixel((0, 0), (0, 0, 255, 255))
+    blue.save(tmp_path / "rgba.png")
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.save(tmp_path / "pal.png", transparency=1)  # palette index 1 (blue) transparent
+    for im in (G._read_image(tmp_path / "rgba.png"), G.Generator._read_images([blue])[0]):
+        assert im.mode == "RGB" and im.getpixel((3, 3)) == (255, 255, 255) and im.getpixel((0, 0)) == (0, 0, 255)
+    assert G._read_image(tmp_path / "pal.png").getpixel((3, 3)) == (255, 255, 255)
+    rgb = Image.new("RGB", (4, 4), (1, 2, 3))
+    assert G.Generator._read_images([rgb])[0].getpixel((0, 0)) == (1, 2, 3)

@@ -84,7 +84,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from echo4o_jax.config import BagelConfig
-from echo4o_jax.image_transform import ImageTransform, resize_shape
+from echo4o_jax.image_transform import ImageTransform, pil_img2rgb, resize_shape
 from echo4o_jax.data.latents import LatentStore, LatentStoreError
 from echo4o_jax.packing import (IMAGE_DTYPES, PackBudget, PackedBatch, allocate_packs, pack_samples, sample_sizes,
                                 vae_pixel_size)
@@ -317,18 +317,6 @@ def transform_pixels(image, tr: ImageTransform, img_num: int) -> np.ndarray:
     """The official resize of a decoded image: [H, W, 3] uint8 pixels, C-contiguous (ToTensor + Normalize is
     applied exactly, later: by the packer for float32 batches, on device for uint8 ones)."""
     return np.ascontiguousarray(np.asarray(tr.resize(image, img_num=img_num), np.uint8))
-
-
-def pil_img2rgb(image):
-    """Official `pil_img2rgb`: RGBA / transparent images go on white, everything else to RGB."""
-    from PIL import Image
-
-    if image.mode == "RGBA" or image.info.get("transparency", None) is not None:
-        image = image.convert("RGBA")
-        white = Image.new(mode="RGB", size=image.size, color=(255, 255, 255))
-        white.paste(image, mask=image.split()[3])
-        return white
-    return image.convert("RGB")
 
 
 class _TagDataset:

@@ -23,8 +23,8 @@ def run_cli(fn) -> int:
     keep_ctrl_c()
     try:
         fn()
-    except (CheckpointMismatchError, SafetensorsError, ConfigError, CheckpointError, FileExistsError,
-            FileNotFoundError, ValueError) as e:
+    except (CheckpointMismatchError, SafetensorsError, ConfigError, CheckpointError, ValueError,
+            OSError) as e:  # OSError: a disk that is full or read-only while writing (it names the file)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
