@@ -750,6 +750,9 @@ def _resolve_export_source(ckpt: pathlib.Path, step, weights):
     if ck.is_converted_dir(ckpt):
         if step is not None:
             raise ck.CheckpointError(f"{ckpt} is a converted model folder, not a training workdir: --step does not apply")
+        if weights != "ema":  # (its one set of weights is the official ema.safetensors it was converted from)
+            raise ck.CheckpointError(f"{ckpt} is a converted model folder, which holds one set of weights (the "
+                                     f"official ema.safetensors): --weights {weights} applies to a training workdir")
         return ckpt, ckpt / ck.PARAMS_ITEM, ckpt / ck.VAE_ITEM, {"kind": "converted"}
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt}")

@@ -498,6 +498,8 @@ def test_to_torch_bad_inputs_nothing_written(golden_dir, converted, workdir, tmp
         convert.convert_to_official(workdir[0], out, step=7, progress=False)
     with pytest.raises(ck.CheckpointError, match="--step does not apply"):
         convert.convert_to_official(converted[0], out, step=7, progress=False)
+    with pytest.raises(ck.CheckpointError, match="holds one set of weights .*--weights params applies to a training"):
+        convert.convert_to_official(converted[0], out, weights="params", progress=False)  # (was ignored)
     # configs that do not match the stored arrays: one error listing the arrays
     bad = tmp_path / "bad"
     shutil.copytree(converted[0], bad)
