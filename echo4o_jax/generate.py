@@ -215,16 +215,19 @@ def parse_size(s, stride: int) -> tuple[int, int]:
 def _read_image(path):
     from PIL import Image, UnidentifiedImageError
 
-    from .image_transform import pil_img2rgb
+    from .image_transform import pil_img2rgb, unsupported_mode
 
     p = pathlib.Path(path)
     if not p.exists():
         raise GenerateError(f"input image not found: {p}")
     try:
         with Image.open(p) as im:
-            return pil_img2rgb(im)  # as the official inferencer: transparent pixels on white
+            bad_mode = unsupported_mode(im)
+            if bad_mode is None:
+                return pil_img2rgb(im)  # as the official inferencer: transparent pixels on white
     except (UnidentifiedImageError, OSError) as e:
         raise GenerateError(f"cannot read image {p}: {e}") from None
+    raise GenerateError(f"cannot use image {p}: {bad_mode}")
 
 
 def _resized_size(transform, size: tuple[int, int]) -> tuple[int, int]:

@@ -16,7 +16,23 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageTransform", "pil_img2rgb", "resize_shape", "to_unit_range", "from_unit_range"]
+__all__ = ["ImageTransform", "pil_img2rgb", "unsupported_mode", "resize_shape", "to_unit_range", "from_unit_range"]
+
+
+# PIL modes whose convert("RGB") clips (values above 255 -> white), as the official pil_img2rgb does: 16-bit
+# greyscale PNGs open as I;16 (or I), TIFFs may be I or F. 16-bit RGB PNGs open as RGB (8 bits) and are fine.
+_CLIPPED_MODES = {"I;16": "16-bit greyscale", "I;16B": "16-bit greyscale", "I;16L": "16-bit greyscale",
+                  "I;16N": "16-bit greyscale", "I": "32-bit integer greyscale", "F": "32-bit float greyscale"}
+
+
+def unsupported_mode(image: Image.Image) -> str | None:
+    """Why `image` cannot be used (None when it can): a mode whose conversion to RGB clips it (a 16-bit
+    greyscale image comes out almost white), which would be fed on without a word."""
+    what = _CLIPPED_MODES.get(image.mode)
+    if what is None:
+        return None
+    return (f"{what} image (PIL mode {image.mode}): its conversion to RGB clips values above 255 (white); "
+            "convert it to 8-bit first")
 
 
 def pil_img2rgb(image: Image.Image) -> Image.Image:

@@ -637,3 +637,99 @@ def test_demo_data_written_at_another_size_is_refused(tmp_path):
     assert records_source.ensure_demo(out, size=32, **small) == info
     with pytest.raises(ValueError, match=r"demo_image_size=48, but the demo data in .* was written at 32 px"):
         records_source.ensure_demo(out, size=48, **small)
+
+
+def _png16_grey(value=40000, size=(8, 8)):
+    b = io.BytesIO()
+    Image.fromarray(np.full(size[::-1], value, np.uint16)).save(b, format="PNG")
+    return b.getvalue()
+
+
+def test_echo4o_rows_checked_by_type_and_subset(echo_root, tmp_path):
+    """Rows the importer would have paired wrongly or dropped quietly are errors naming the line: a task_type
+    that is not a string (was skipped as "another task"), an instruction / output_image of another type (was
+    "missing"), an output_image in another subset's folder or with '..' (images are found by file name, so it
+    was paired with this subset's image of that name); a 16-bit greyscale image (its RGB conversion is white)."""
+    root, _ = echo_root
+    sur = root / "Surrel-Fantasy-Image"
+    cases = [
+        (dict(task_type=None), "conflict.jsonl:2: task_type is not a string (got null)"),
+        (dict(task_type=["t2i"]), "conflict.jsonl:2: task_type is not a string (got a list [\"t2i\"])"),
+        (dict(instruction=5), "conflict.jsonl:2: instruction is not a non-empty string (got 5)"),
+        (dict(instruction=["p"]), "conflict.jsonl:2: instruction is not a non-empty string (got a list [\"p\"])"),
+        (dict(output_image=7), "conflict.jsonl:2: output_image is not a non-empty string (got 7)"),
+        (dict(output_image="/Echo-4o-Image/Instruction-Following-Image/images/00001.jpg"),
+         "conflict.jsonl:2: output_image outside this subset's images ('/Echo-4o-Image/Instruction-Following-Image/"
+         "images/00001.jpg': the image is found by its file name in this subset's archives)"),
+        (dict(output_image="../../etc/00001.jpg"), "conflict.jsonl:2: output_image outside this subset's images"),
+    ]
+    for i, (change, msg) in enumerate(cases):
+        _write_jsonl(sur / "conflict.jsonl", [_row(k, "Surrel-Fantasy-Image", **(change if k == 1 else {}))
+                                              for k in range(5)])
+        with pytest.raises(ie.ImportFailure) as e:
+            ie.import_echo4o(str(root), str(tmp_path / f"o{i}"), subsets=["surreal"])
+        assert str(e.value).startswith("Surrel-Fantasy-Image/" + msg), str(e.value)
+    # the other spelling of the surreal folder is this subset's, and a missing key is still "missing"
+    rows = [_row(k, "Surreal-Fantasy-Image") for k in range(5)]
+    del rows[4]["instruction"]
+    _write_jsonl(sur / "conflict.jsonl", rows)
+    with pytest.raises(ie.ImportFailure, match=r"conflict.jsonl:5: missing instruction$"):
+        ie.import_echo4o(str(root), str(tmp_path / "p"), subsets=["surreal"])
+    _write_jsonl(sur / "conflict.jsonl", rows[:4])
+    _tar_gz(sur / "images" / "3-5.tar.gz", {"00003.jpg": _png16_grey()})
+    with pytest.raises(ie.ImportFailure, match=r"3-5.tar.gz:00003.jpg \(row .*:4\): corrupt image \(16-bit "
+                                               r"greyscale image \(PIL mode I;16\): its conversion to RGB clips"):
+        ie.import_echo4o(str(root), str(tmp_path / "q"), subsets=["surreal"])
+
+
+def test_multiref_symlink_loop_and_extra_steps(echo_root, tmp_path):
+    """A symlink back up the multi-reference tree imported every parquet again under ever longer paths (82
+    records from 2 rows); each real folder is now searched once. An instruction_list of two steps kept the
+    first silently: a multi-reference sample has one instruction."""
+    root, _ = echo_root
+    mr = root / "Multi-Reference-Image" / "multi_refer_images_output"
+    (mr / "loop").symlink_to("..", target_is_directory=True)
+    (mr / "again").symlink_to("hum_sce", target_is_directory=True)
+    m = ie.import_echo4o(str(root), str(tmp_path / "o"), subsets=["multiref"])["multiref"]
+    assert m["records"] == 2 and len({r.id for r in RecordReader(tmp_path / "o" / "multiref")}) == 2
+    _multiref_parquet(mr / "hum_sce" / "part-0.parquet", [([_jpeg(1), _jpeg(2)], [["step one"], ["step two"]])])
+    with pytest.raises(ie.ImportFailure, match=r"part-0.parquet row 0: instruction_list has more than one step "
+                                               r"\(2 steps; a multi-reference sample has one instruction"):
+        ie.import_echo4o(str(root), str(tmp_path / "o2"), subsets=["multiref"])
+
+
+def test_an_import_of_nothing_is_an_error(echo_root, tmp_path, capsys):
+    """No record to import (an empty jsonl, rows of other tasks only, an empty parquet) was a "complete"
+    dataset of 0 records; it is an error naming the input (the dataset is left marked incomplete)."""
+    root, _ = echo_root
+    _write_jsonl(root / "Surrel-Fantasy-Image" / "conflict.jsonl", [])
+    assert ie.main(["--root", str(root), "--out", str(tmp_path / "o"), "--subsets", "surreal"]) == 1
+    assert capsys.readouterr().err.startswith("import_echo4o: error: surreal (Surrel-Fantasy-Image/conflict.jsonl): "
+                                              "no records to import; skipped: 5 x image without a jsonl row")
+    ins = root / "Instruction-Following-Image" / "Instruction-Following-Image.jsonl"
+    _write_jsonl(ins, [{"task_type": "edit", "instruction": "x", "output_image": "y.jpg"}])
+    with pytest.raises(ie.ImportFailure, match=r"no records to import; skipped: 3 x image without a jsonl row, "
+                                               r"1 x task_type 'edit' not imported$"):
+        ie.import_echo4o(str(root), str(tmp_path / "o2"), subsets=["instruction"], on_error="skip")
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"image": pa.array([], pa.binary()), "captions": pa.array([], pa.string())}),
+                   src / "part-0.parquet")
+    with pytest.raises(ibp.ImportFailure, match=r"t2i \(1 parquet files\): no records to import$"):
+        ibp.import_bagel_parquet([str(src)], str(tmp_path / "o3"), kind="t2i")
+
+
+def test_bagel_caption_values_of_another_type_are_named(tmp_path):
+    """A {key: caption} object with a value that is not a non-empty string: an error naming the row and key
+    (the value was dropped while meta's caption_keys still listed its key)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    caps = [json.dumps({"short": "a red cat", "long": "a long red cat"}), json.dumps({"short": 5, "long": "x"}),
+            json.dumps({"short": "", "long": "y"})]
+    pq.write_table(pa.table({"image": [_jpeg(i) for i in range(3)], "captions": caps}), src / "part-0.parquet")
+    with pytest.raises(ibp.ImportFailure) as e:
+        ibp.import_bagel_parquet([str(src)], str(tmp_path / "o"), kind="t2i")
+    assert str(e.value) == "part-0.parquet row 1: caption is not a non-empty string (key 'short': got 5)"
+    m = ibp.import_bagel_parquet([str(src)], str(tmp_path / "o2"), kind="t2i", on_error="skip")
+    assert m["records"] == 1 and m["skipped"]["by_reason"] == {"caption is not a non-empty string": 2}
+    assert [r.texts for r in RecordReader(tmp_path / "o2")] == [[["a red cat", "a long red cat"]]]

@@ -828,3 +828,10 @@ def test_transparent_input_images_go_on_white_as_the_official_inferencer(tmp_pat
     assert G._read_image(tmp_path / "pal.png").getpixel((3, 3)) == (255, 255, 255)
     rgb = Image.new("RGB", (4, 4), (1, 2, 3))
     assert G.Generator._read_images([rgb])[0].getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_sixteen_bit_greyscale_input_is_refused(tmp_path):
+    """A 16-bit greyscale input converts to an almost white RGB image (PIL clips): refused, naming the file."""
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "g16.png")
+    with pytest.raises(G.GenerateError, match=r"cannot use image .*g16.png: 16-bit greyscale image \(PIL mode I;16"):
+        G._read_image(tmp_path / "g16.png")

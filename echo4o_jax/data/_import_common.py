@@ -4,7 +4,7 @@ metadata."""
 from __future__ import annotations
 
 import datetime
-import glob
+import json
 import math
 import os
 import sys
@@ -92,6 +92,24 @@ class OnError:
         self.writer.skip(reason, where=where + (f": {detail}" if detail else ""))
 
 
+def require_records(writer: RecordWriter, what: str) -> None:
+    """An ImportFailure when `writer` holds no record: an import of nothing (an empty jsonl / parquet, no row
+    of the task imported, every row skipped) is a mistake, not a complete dataset of 0 records."""
+    if writer.num_records:
+        return
+    sk = writer._skipped
+    skipped = (f"; skipped: {', '.join(f'{n} x {r}' for r, n in sk.most_common(5))}" if sk else "")
+    raise ImportFailure(f"{what}: no records to import{skipped}")
+
+
+def type_error(value: Any) -> str:
+    """A short description of a cell of the wrong type, for messages: `got 5`, `got a list ['a']`."""
+    text = json.dumps(value, default=str)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    kind = {list: "a list ", dict: "an object ", str: "the string "}.get(type(value), "")
+    return f"got {kind}{text}"
+
+
 def check_image(data: Any, check: str) -> bytes:
     """Raw image bytes as received (an HF image struct {'bytes': ...} is unwrapped), probed; raises
     RecordError when unreadable."""
@@ -141,12 +159,21 @@ def scalar_extras(row: dict, used: set[str]) -> dict:
 
 
 def find_parquet(inputs: list[str]) -> list[tuple[str, str]]:
-    """(file, root) pairs for parquet files / folders (recursive, sorted)."""
+    """(file, root) pairs for parquet files / folders (recursive, sorted). Symlinked folders are followed, each
+    real folder once: a link back up the tree (`loop -> ..`) made the recursive glob import every file again
+    under ever longer paths, and a link to a folder already searched imported its files twice."""
     out = []
     for p in inputs:
         if os.path.isdir(p):
-            files = sorted(glob.glob(os.path.join(p, "**", "*.parquet"), recursive=True))
-            out += [(f, p) for f in files]
+            files, seen = [], set()
+            for folder, subfolders, names in os.walk(p, followlinks=True):
+                real = os.path.realpath(folder)
+                if real in seen:
+                    subfolders[:] = []
+                    continue
+                seen.add(real)
+                files += [os.path.join(folder, n) for n in names if n.endswith(".parquet")]
+            out += [(f, p) for f in sorted(files)]
         elif os.path.isfile(p):
             out.append((p, os.path.dirname(p) or "."))
         else:

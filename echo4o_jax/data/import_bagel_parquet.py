@@ -48,8 +48,10 @@ from echo4o_jax.data._import_common import (
     cli_interrupted,
     find_parquet,
     iter_parquet_rows,
+    require_records,
     scalar_extras,
     text_alternatives,
+    type_error,
 )
 from echo4o_jax.interrupts import exit_process, keep_ctrl_c
 from echo4o_jax.data.records import RecordError, RecordWriter, edit_record, t2i_record
@@ -88,7 +90,10 @@ def _captions(v) -> tuple[str | list[str], list[str] | None]:
                            f"expected {{key: caption}}, got a JSON {type(v).__name__}: {json.dumps(v)[:80]}")
     if isinstance(v, dict):
         keys = [str(k) for k in v]
-        caps = [c for c in v.values() if isinstance(c, str) and c.strip()]
+        bad = [k for k, c in v.items() if not isinstance(c, str) or not c.strip()]
+        if bad:  # (was dropped, while meta's caption_keys still named it)
+            raise _BadCell("caption is not a non-empty string", f"key {bad[0]!r}: {type_error(v[bad[0]])}")
+        caps = list(v.values())
         caps = None if not caps else (caps[0] if len(caps) == 1 else caps)
     else:
         caps = text_alternatives(v)
@@ -155,6 +160,7 @@ def import_bagel_parquet(inputs: list[str], out_dir: str, *, kind: str, name: st
                 err(rel, "unreadable parquet", str(e))
             if limit is not None and w.num_records >= limit:
                 break
+        require_records(w, f"{kind} ({len(files)} parquet files)")
         return w.close()
 
 
@@ -220,7 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--on-error", choices=("fail", "skip"), default="fail")
     ap.add_argument("--image-check", choices=("decode", "header"), default="decode")
     ap.add_argument("--shard-bytes", type=int, default=256 << 20)
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None,
+                    help="stop at the first row that brings the dataset to N records (an edit row writes one "
+                         "record per step with --edit-mode pairs, so up to N + steps - 1)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing dataset (swapped in only when the import succeeds)")
     a = ap.parse_args(argv)

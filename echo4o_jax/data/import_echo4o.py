@@ -56,7 +56,9 @@ from echo4o_jax.data._import_common import (
     first_text,
     iter_parquet_rows,
     jsonable,
+    require_records,
     scalar_extras,
+    type_error,
 )
 from echo4o_jax.jsonl import jsonl_lines
 from echo4o_jax.interrupts import exit_process, keep_ctrl_c
@@ -97,8 +99,12 @@ def _iter_archive(path: str):
         raise _ArchiveError(f"{type(e).__name__}: {e}; last member {last!r}") from None
 
 
-def _read_jsonl_rows(paths: list[str], root: str, on_error: OnError, writer: RecordWriter):
-    """basename -> (row, file, line); rows of another task_type are counted as skipped."""
+def _read_jsonl_rows(paths: list[str], root: str, on_error: OnError, writer: RecordWriter, subset_dirs=()):
+    """basename -> (row, file, line); rows of another task_type are counted as skipped. An `output_image`
+    whose folders name another subset (`subset_dirs`: this subset's folder names) or hold `..` is an error:
+    the image is found by its file name alone, so such a row would be paired with this subset's image of
+    that name."""
+    others = {d for d in (*SURREAL_DIRS, INSTRUCTION_DIR, MULTIREF_DIR) if d not in subset_dirs}
     rows: dict[str, tuple[dict, str, int]] = {}
     for path in paths:
         rel = os.path.relpath(path, root)
@@ -108,16 +114,28 @@ def _read_jsonl_rows(paths: list[str], root: str, on_error: OnError, writer: Rec
                 if why:
                     on_error(where, "invalid JSON line", why)
                     continue
-                if row.get("task_type", "t2i") != "t2i":
-                    writer.skip(f"task_type {row.get('task_type')!r} not imported", where=where)
+                task = row.get("task_type", "t2i")
+                if not isinstance(task, str):
+                    on_error(where, "task_type is not a string", type_error(task))
+                    continue
+                if task != "t2i":
+                    writer.skip(f"task_type {task!r} not imported", where=where)
                     continue
                 instr = row.get("instruction")
                 out = row.get("output_image")
-                if not isinstance(instr, str) or not instr.strip():
-                    on_error(where, "missing instruction")
+                if instr is None or out is None:
+                    on_error(where, f"missing {'instruction' if instr is None else 'output_image'}")
                     continue
-                if not isinstance(out, str) or not out:
-                    on_error(where, "missing output_image")
+                if not isinstance(instr, str) or not instr.strip():
+                    on_error(where, "instruction is not a non-empty string", type_error(instr))
+                    continue
+                if not isinstance(out, str) or not out.strip():
+                    on_error(where, "output_image is not a non-empty string", type_error(out))
+                    continue
+                folders = out.replace("\\", "/").split("/")[:-1]
+                if ".." in folders or others & set(folders):
+                    on_error(where, "output_image outside this subset's images",
+                             f"{out!r}: the image is found by its file name in this subset's archives")
                     continue
                 key = os.path.basename(out)
                 if key in rows:
@@ -141,7 +159,8 @@ def import_t2i_subset(subset_dir: str, jsonl_paths: list[str], out_dir: str, *, 
             "image_check": image_check}
     with RecordWriter(out_dir, shard_bytes=shard_bytes, name=subset, overwrite=overwrite, info=info) as w:
         err = OnError(on_error, w)
-        rows = _read_jsonl_rows(jsonl_paths, root, err, w)
+        rows = _read_jsonl_rows(jsonl_paths, root, err, w, subset_dirs=(os.path.basename(subset_dir),
+                                                                  *(SURREAL_DIRS if subset == "surreal" else ())))
         done: set[str] = set()
         for arc in archives:
             if limit is not None and w.num_records >= limit:
@@ -180,6 +199,7 @@ def import_t2i_subset(subset_dir: str, jsonl_paths: list[str], out_dir: str, *, 
             for key in sorted(set(rows) - done):
                 row, jf, line = rows[key]
                 err(f"{jf}:{line}", "image not found in any archive", key)
+        require_records(w, f"{subset} ({', '.join(info['jsonl'])})")
         return w.close()
 
 
@@ -221,9 +241,16 @@ def import_multiref(mr_dir: str, out_dir: str, *, on_error: str = "fail", image_
                     if not isinstance(imgs, list) or len(imgs) < 2:
                         err(where, "image_list needs >= 2 images (refs + target)")
                         continue
-                    instr = first_text(row.get("instruction_list"))
+                    steps = row.get("instruction_list")
+                    steps = steps.tolist() if hasattr(steps, "tolist") else steps
+                    if isinstance(steps, list) and len(steps) > 1 and any(isinstance(x, list) for x in steps):
+                        err(where, "instruction_list has more than one step", f"{len(steps)} steps; a "
+                            "multi-reference sample has one instruction (alternatives: one list of strings)")
+                        continue
+                    instr = first_text(steps)
                     if instr is None:
-                        err(where, "missing instruction_list")
+                        err(where, "missing instruction_list" if steps is None else "no instruction text in "
+                            "instruction_list", "" if steps is None else type_error(steps))
                         continue
                     try:
                         data = [check_image(b, image_check) for b in imgs]
@@ -239,6 +266,7 @@ def import_multiref(mr_dir: str, out_dir: str, *, on_error: str = "fail", image_
                 err(rel, "unreadable parquet", str(e))
             if limit is not None and w.num_records >= limit:
                 break
+        require_records(w, f"multiref ({len(files)} parquet files under {os.path.relpath(mr_dir, root)})")
         return w.close()
 
 

@@ -144,6 +144,8 @@ def probe_image(data: bytes, *, check: str = "header") -> ImageInfo:
     truncated / corrupt files, which the header alone does not). Raises RecordError."""
     from PIL import Image
 
+    from echo4o_jax.image_transform import unsupported_mode
+
     if check not in ("header", "decode"):
         raise ValueError(f"check={check!r}: expected 'header' or 'decode'")
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
@@ -152,10 +154,13 @@ def probe_image(data: bytes, *, check: str = "header") -> ImageInfo:
         with Image.open(io.BytesIO(data)) as im:
             fmt = (im.format or "").lower()
             w, h = im.size
+            bad_mode = unsupported_mode(im)
             if check == "decode":
                 im.load()
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise RecordError(f"cannot read image: {type(e).__name__}: {e}") from None
+    if bad_mode:
+        raise RecordError(bad_mode)
     if w <= 0 or h <= 0:
         raise RecordError(f"image has size {w}x{h}")
     return ImageInfo(fmt or "unknown", int(w), int(h))
