@@ -23,7 +23,9 @@ Records: t2i = caption (CFG-droppable) -> noisy VAE target; multiref = per refer
 `prompt_original` when the row has a pre-rewrite prompt, the provenance (file, line / row, archive, member)
 and the row's other fields.
 
-Errors (unreadable JSON line, missing field, corrupt or missing image, unreadable archive / parquet):
+Errors (unreadable JSON line, missing field or one of another type, an `output_image` naming another subset's
+folder or `..`, corrupt, missing or 16-bit greyscale image, unreadable archive / parquet, a multi-reference row
+with more than one instruction step, no record at all):
 `--on-error=fail` (default) stops with a message naming the file and row / member; `skip` counts them in
 each dataset's manifest (`skipped.by_reason`, first 100 examples). Every argument (`--subsets` names,
 `--shard-bytes` and `--limit` >= 1) and every chosen subset's input folder is checked before anything is
