@@ -307,6 +307,98 @@ def test_broken_latent_shard_is_fatal_and_a_rerun_repairs_it(env, tmp_path):
     next(_source(env, vae_latents=str(out)))
 
 
+
+def _overwrite_middle(path, n: int = 1000) -> bytes:
+    """Overwrite `n` bytes in the middle of file `path` with 0xff (a float32 NaN), its size unchanged (the
+    manifest's size check cannot see it); returns the file's new bytes."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2 - n // 2
+    data[mid: mid + n] = b"\xff" * n
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_corrupt_latent_shard_is_fatal_when_read_and_a_rerun_repairs_it(env, tmp_path):
+    """Bytes changed inside a latent shard, its size unchanged: the check at training start (headers only)
+    passes, reading a damaged latent is a LatentStoreError naming the shard and the key (old code: NaNs handed
+    to training), the others read as stored; a precompute rerun with --verify reads every tensor, keeps the shard as
+    .broken, re-encodes its images, and the latents equal an undamaged run's. A changed header (a checksum
+    digit) is caught by the check, through the manifest's header checksum."""
+    import shutil
+
+    out = tmp_path / "lat"
+    shutil.copytree(env["out"], out)
+    shards = json.loads((out / MANIFEST_NAME).read_text())["datasets"]["ds"]["shards"]
+    bad = shards[0]
+    data = _overwrite_middle(out / bad["file"])
+    ref, now = SafetensorsFile(env["out"] / bad["file"]), SafetensorsFile(out / bad["file"])
+    hit = [k for k in ref.keys() if now.get(k).tobytes() != ref.get(k).tobytes()]
+    assert hit and np.isnan(now.get(hit[0])).any()  # the damage is in the data, not in the header
+    store = LatentStore(out)
+    m = store.manifest
+    check = dict(fingerprint=m["vae_fingerprint"], z_channels=m["z_channels"], downsample=m["downsample"],
+                 transforms={"ds": ImageTransform(*VAE_T)}, records={"ds": env["data_dir"]})
+    store.check(**check)
+    hw = (SIDE // 8, SIDE // 8)
+    for k in ref.keys():
+        rid, idx = k.rsplit("#", 1)
+        if k not in hit:
+            np.testing.assert_array_equal(store.moments("ds", rid, int(idx), hw), ref.get(k))
+            continue
+        with pytest.raises(LatentStoreError, match=rf"latents {out}: latent shard {bad['file']} of dataset 'ds' is "
+                                                   rf"corrupt: tensor '{k}' reads with crc32 [0-9a-f]{{8}}, the shard "
+                                                   rf"lists [0-9a-f]{{8}} .*: run python -m echo4o_jax.data.latents "
+                                                   rf"--config \.\.\. --out {out} --verify again"):
+            store.moments("ds", rid, int(idx), hw)
+    logs = []
+    # a plain rerun (resuming a killed run) reads headers only: hundreds of GB are not read again
+    assert precompute(env["c_in"], str(out), batch=4, shard_bytes=12_000, log=None)["images_written"] == 0
+    stats = precompute(env["c_in"], str(out), batch=4, shard_bytes=12_000, log=logs.append, verify=True)
+    assert stats["images_written"] == bad["images"]
+    assert stats["images_skipped"] == env["stats"]["images_written"] - bad["images"]
+    assert sum(f"latent shard {bad['file']} is corrupt: tensor '" in line and "encoded again" in line
+               for line in logs) == 1
+    assert (out / (bad["file"] + ".broken")).read_bytes() == data  # kept, out of the way
+    _same_latents(out, env["out"])
+    next(_source(env, vae_latents=str(out)))
+    # a header changed in place (one tensor's checksum digits: still a valid header of the same size)
+    shard = json.loads((out / MANIFEST_NAME).read_text())["datasets"]["ds"]["shards"][-1]
+    f = SafetensorsFile(out / shard["file"])
+    crc = json.loads(f.metadata["crc32"])[f.keys()[0]]
+    raw = (out / shard["file"]).read_bytes()
+    (out / shard["file"]).write_bytes(raw.replace(crc.encode(), f"{int(crc, 16) ^ 1:08x}".encode(), 1))
+    with pytest.raises(LatentStoreError, match=rf"latent shard {shard['file']} of dataset 'ds' is corrupt: its "
+                                               rf"header reads with crc32 [0-9a-f]{{8}}, the manifest lists "
+                                               rf"{shard['header_crc32']}"):
+        LatentStore(out).check(**check)
+
+
+def test_latent_folder_written_before_checksums_is_read_unverified(env, tmp_path):
+    """Shards without checksums (no "crc32" metadata, no "header_crc32" entry: written before they existed)
+    are read as before, unverified; a precompute rerun keeps them, encodes nothing, and says so."""
+    import shutil
+
+    from echo4o_jax.safetensors_io import write_safetensors
+
+    out = tmp_path / "lat"
+    shutil.copytree(env["out"], out)
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    for s in m["datasets"]["ds"]["shards"]:
+        f = SafetensorsFile(out / s["file"])
+        write_safetensors(out / s["file"], [(k, f.read(k)) for k in f.keys()],
+                          metadata={k: v for k, v in f.metadata.items() if k != "crc32"})
+        del s["header_crc32"]
+        s["bytes"] = (out / s["file"]).stat().st_size
+    (out / MANIFEST_NAME).write_text(json.dumps(m))
+    _same_latents(out, env["out"])
+    logs = []
+    stats = precompute(env["c_in"], str(out), batch=4, shard_bytes=12_000, log=logs.append)
+    assert stats["images_written"] == 0 and stats["images_skipped"] == env["stats"]["images_written"]
+    n = len(m["datasets"]["ds"]["shards"])
+    assert any(f"ds: {n} latent shard(s) were written before shards carried checksums: kept and read "
+               "unverified" in line for line in logs)
+    next(_source(env, vae_latents=str(out)))
+
 def test_latent_shard_headers_read_once_and_records_compared_once(env, tmp_path, monkeypatch):
     """Building the pipeline (the store's check) and reading its batches read each latent shard header once
     and compare the records once; a shard that breaks after the check is still fatal, naming it."""
