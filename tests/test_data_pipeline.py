@@ -822,3 +822,28 @@ def test_pack_stats_command_reports_bad_input_in_one_line(tmp_path):
     shard, index = corrupt_record(bad, 1)
     assert re.fullmatch(re.escape(f"error: {shard}: record {index}: cannot read (RuntimeError: ") + ".*" +
                         re.escape(") (dataset bad)"), one_error_line(cmd(_config(bad, tok))))
+
+
+def test_state_of_other_records_under_the_same_files_is_refused(data, model_cfg, tmp_path):
+    """An iterator state resumes only over the records it was saved with: a dataset rewritten in place (same
+    shard file names, other records) is refused naming it, as is a reshard onto it; a state saved before states
+    recorded their records ("contents" absent) is resumed as before."""
+    import shutil
+
+    from echo4o_jax.data.pipeline import DataContentsError
+
+    d = tmp_path / "mine"
+    _write_dataset(d, 8, 3, prefix="m", sizes=(16,))
+    c = _cfg(data, datasets=(DatasetSpec(data["a"], 1.0), DatasetSpec(str(d), 1.0)))
+    _, state = _run(DataPipeline(c, model_cfg), 2)
+    shutil.rmtree(d)
+    _write_dataset(d, 8, 4, prefix="m", sizes=(16,))
+    pipe = DataPipeline(c, model_cfg)
+    assert pipe.fingerprint == state["fingerprint"]  # (paths and settings: the same)
+    with pytest.raises(DataContentsError, match=r"the records of dataset\(s\) mine differ from those the iterator "
+                                                r"state was saved with"):
+        pipe.iterator(state)
+    with pytest.raises(DataContentsError, match="mine"):
+        pipe.resharded_state([state])
+    old = {k: v for k, v in state.items() if k != "contents"}
+    pipe.iterator(old).close()

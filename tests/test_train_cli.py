@@ -245,7 +245,9 @@ def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path,
     c.train.data_resume = "reshard"
     assert run(c, str(wd)) == 2
     err = _error_line(capsys)
-    assert "data.seed: checkpoint 0, config 1" in err and "data_resume" not in err
+    assert "data.seed: checkpoint 0, config 1" in err and "data_resume=reshard" not in err
+    assert err.endswith("set train.data_resume=restart to keep the weights, optimizer and step and start the data "
+                        "stream from its beginning, or use another --workdir")
     assert _files(wd) == before
     c = _config(data, tok, packs_per_step=2)
     c.train.update(steps=1, data_resume="reshard")
@@ -260,6 +262,47 @@ def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path,
     assert st["next_element"] > 0 and rec[0]["handed_over"] == len(st["buffer"]) + len(st["carry"])
     assert "[train] data resharded (train.data_resume=reshard): 1 process(es) x 1 pack(s) -> 1 x 2" in \
         capsys.readouterr().out
+
+
+def test_other_records_under_the_same_path_are_refused_and_restart_goes_on(tmp_path, capsys):
+    """A dataset rewritten at the same path (or completed in place) gives another shuffled stream: resuming the
+    old position in it was accepted silently (the state's fingerprint saw paths and settings only). It is
+    refused, naming the dataset and offering train.data_resume=restart, which resumes the weights, optimizer and
+    step, starts the data stream from its beginning and logs a data_restarted record."""
+    import shutil
+
+    from test_data_pipeline import _tokenizer_json, _write_dataset
+    from test_latents import SIDE, _config
+
+    tok = _tokenizer_json(tmp_path / "tok.json")
+    data = _write_dataset(tmp_path / "ds", 6, 5, prefix="s", sizes=(SIDE,))
+    wd = tmp_path / "wd"
+    c = _config(data, tok)
+    c.train.steps = 1
+    c.checkpoint.update(async_save=False, every=1)
+    assert run(c, str(wd)) == 0
+    capsys.readouterr()
+    shutil.rmtree(data)
+    _write_dataset(tmp_path / "ds", 6, 6, prefix="s", sizes=(SIDE,))  # other records, same files and settings
+    c.train.steps = 2
+    before = _files(wd)
+    assert run(c, str(wd)) == 2
+    err = _error_line(capsys)
+    assert err.startswith(f"error: the data iterator state of step 1 in workdir {wd} cannot resume with this "
+                          "config's data settings (the records of dataset(s) ds differ from those the iterator state "
+                          "was saved with (shard files' sha256 or record counts)"), err
+    assert err.endswith("Resume with the records the run trained on, set train.data_resume=restart to keep the "
+                        "weights, optimizer and step and start the data stream from its beginning, or use another "
+                        "--workdir")
+    assert _files(wd) == before
+    c.train.data_resume = "restart"
+    assert run(c, str(wd)) == 0
+    assert "[train] data stream started from its beginning (train.data_resume=restart)" in capsys.readouterr().out
+    recs = _records(wd)
+    assert [r["step"] for r in recs if r.get("event") == "data_restarted"] == [1]
+    assert max(r["step"] for r in recs if "loss" in r) == 2
+    c.train.update(steps=3, data_resume="exact")  # the restarted stream's state resumes exactly
+    assert run(c, str(wd)) == 0
 
 
 # ------------------------------------------------------------------------------------------ workdirs

@@ -118,8 +118,7 @@ from typing import Callable
 
 import numpy as np
 
-from echo4o_jax.data.records import MANIFEST_NAME as RECORDS_MANIFEST
-from echo4o_jax.data.records import _atomic_write_json, _sha256, load_manifest, resolve_shards
+from echo4o_jax.data.records import _atomic_write_json, _sha256, listed_sha256, resolve_shards
 from echo4o_jax.packing import MOMENT_DTYPES, moments_dtype
 from echo4o_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
@@ -233,15 +232,7 @@ def _record_files(path) -> list[str]:
 def _records_sha256(files: list[str]) -> list[str]:
     """The sha256 of each record shard file: from its folder's records manifest when that lists it, else
     hashed from the file (a read of the whole file)."""
-    listed: dict[str, dict[str, str]] = {}
-    out = []
-    for f in files:
-        d = os.path.dirname(f)
-        if d not in listed:
-            has = os.path.exists(os.path.join(d, RECORDS_MANIFEST))
-            listed[d] = {s["file"]: s["sha256"] for s in load_manifest(d)["shards"]} if has else {}
-        out.append(listed[d].get(os.path.basename(f)) or _sha256(f))
-    return out
+    return [sha or _sha256(f) for f, sha in zip(files, listed_sha256(files))]
 
 
 def _folders(files: list[str]) -> str:

@@ -100,6 +100,7 @@ __all__ = [
     "decode_image",
     "load_tokenizer",
     "pil_img2rgb",
+    "DataContentsError",
     "record_img_num",
     "resized_hw",
     "skip_reason",
@@ -579,6 +580,7 @@ class DataPipeline:
                 raise ValueError(f"dataset {spec.label} has {n} records, fewer than {process_count} processes")
             self._sources.append(src)
             self.dataset_sizes.append(n)
+        self.contents = [_records_digest(files, n) for files, n in zip(self.shards, self.dataset_sizes)]
         self._prepare = _Prepare(config, model_cfg, self.latents)
         self._streams: dict[tuple, Any] = {}
         self._parts = self._process_parts(self.process_index, self.process_count)
@@ -635,6 +637,22 @@ class DataPipeline:
         if not stream_only:
             d["process"] = [self.process_index, self.process_count]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def check_contents(self, state: dict) -> None:
+        """A DataContentsError naming the datasets whose records differ from those an iterator `state` was saved
+        with (shard files' sha256 as their manifests list them, record counts): the same paths and settings
+        with other records (a dataset rewritten, or completed in place) give another shuffled order, so its
+        position would resume at another place of another stream. A state saved before it recorded its records
+        ("contents" absent) is not checked."""
+        then = state.get("contents")
+        if then is None:
+            return
+        changed = [spec.label for spec, a, b in zip(self.config.datasets, then, self.contents) if a != b]
+        if changed or len(then) != len(self.contents):
+            raise DataContentsError(
+                f"the records of dataset(s) {', '.join(changed) or '(another dataset list)'} differ from those the "
+                "iterator state was saved with (shard files' sha256 or record counts): its position is a place in "
+                "another data stream")
 
     # -------------------------------------------------------------------------------------- iterators
     def _process_parts(self, index: int, count: int) -> list:
@@ -721,6 +739,7 @@ class DataPipeline:
                 raise ValueError("iterator state was saved by a pipeline with another configuration "
                                  f"({st['stream_fingerprint']} != {self.stream_fingerprint}, not counting the "
                                  "process count and packs_per_step)")
+            self.check_contents(st)
         P_old, P, p = len(states), self.process_count, self.process_index
         offsets, read_twice = [], 0
         for d, n in enumerate(self.dataset_sizes):
@@ -740,13 +759,27 @@ class DataPipeline:
             counters[k] = max(int(st["counters"][k]) for st in states)
         held = [x if isinstance(x, list) else [i, P_old, st.get("offsets"), int(x)]  # (`held_element`)
                 for i, st in enumerate(states) for x in list(st["buffer"]) + list(st["carry"])]
-        state = {"version": _STATE_VERSION, "fingerprint": self.fingerprint,
+        state = {"version": _STATE_VERSION, "fingerprint": self.fingerprint, "contents": self.contents,
                  "stream_fingerprint": self.stream_fingerprint, "offsets": offsets, "next_element": 0,
                  "read_by_dataset": [0] * D, "exhausted": False, "buffer": held[p::P], "carry": [],
                  "counters": counters}
         info = {"elements_read": sum(int(st["next_element"]) for st in states), "offsets": offsets,
                 "read_twice": read_twice, "handed_over": len(held)}
         return state, info
+
+
+class DataContentsError(ValueError):
+    """An iterator state saved with other records in its datasets (`DataPipeline.check_contents`)."""
+
+
+def _records_digest(files: Sequence[str], records: int) -> str:
+    """What a dataset's data stream depends on besides paths and settings: its record count and each shard
+    file's sha256 as its manifest lists it (a shard without a manifest entry: its size; nothing is hashed)."""
+    from echo4o_jax.data.records import listed_sha256
+
+    shas = listed_sha256(files)
+    parts = [sha or f"size {os.path.getsize(f)}" for f, sha in zip(files, shas)]
+    return hashlib.sha256(json.dumps([records, parts]).encode()).hexdigest()[:16]
 
 
 def _positions_below(g: int, n: int, p: int, P: int) -> int:
@@ -862,6 +895,7 @@ class PackIterator:
         return {
             "version": _STATE_VERSION,
             "fingerprint": self.pipe.fingerprint,
+            "contents": self.pipe.contents,
             "stream_fingerprint": self.pipe.stream_fingerprint,
             "offsets": self._offsets,
             "next_element": self._next_k,
@@ -878,6 +912,7 @@ class PackIterator:
         if state.get("fingerprint") != self.pipe.fingerprint:
             raise ValueError("iterator state was saved by a pipeline with another configuration "
                              f"({state.get('fingerprint')} != {self.pipe.fingerprint})")
+        self.pipe.check_contents(state)
         self._next_k = int(state["next_element"])
         self._offsets = state.get("offsets")
         rbd = state.get("read_by_dataset")

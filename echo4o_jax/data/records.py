@@ -706,6 +706,20 @@ def load_manifest(path: str | os.PathLike) -> dict:
     return m
 
 
+def listed_sha256(files: Sequence[str]) -> list[str | None]:
+    """The sha256 that each record shard file's folder manifest lists for it (None: no manifest there, or it
+    does not list the file). Nothing is hashed: a read of the manifests only."""
+    listed: dict[str, dict[str, str]] = {}
+    out = []
+    for f in files:
+        d = os.path.dirname(f)
+        if d not in listed:
+            has = os.path.exists(os.path.join(d, MANIFEST_NAME))
+            listed[d] = {s["file"]: s["sha256"] for s in load_manifest(d)["shards"]} if has else {}
+        out.append(listed[d].get(os.path.basename(f)))
+    return out
+
+
 def resolve_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Shard files of a dataset folder (from its manifest, else its sorted `*.array_record`), a manifest
     path, a shard file, a glob, or a list of any of these."""

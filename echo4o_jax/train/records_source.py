@@ -157,6 +157,7 @@ class RecordsSource:
         own = states[pipe.process_index] if len(states) == pipe.process_count else None
         info = None
         if own is not None and own.get("fingerprint") == pipe.fingerprint:
+            pipe.check_contents(own)  # (before the running iterator is closed)
             state = own
         elif reshard:
             state, info = pipe.resharded_state(states)

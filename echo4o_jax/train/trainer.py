@@ -11,7 +11,10 @@ the error names the data settings that differ from the checkpoint's run, which i
 process count or packs per process (another slice) is refused too unless `train.data_resume="reshard"`:
 then each process goes on from where the old processes had read (`DataPipeline.resharded_state`), logged
 as a `{"step": s, "event": "data_resharded", ...}` record (this process's start `offsets` per dataset,
-`read_twice`, `handed_over`; the main process's).
+`read_twice`, `handed_over`; the main process's). So are other records under the same dataset paths (a
+dataset rewritten or completed in place: `DataPipeline.check_contents`). `train.data_resume="restart"`
+resumes the weights, optimizer and step and starts the data stream from its beginning (other data settings
+or records), logged as a `{"step": s, "event": "data_restarted"}` record.
 WORKDIR/model_config/ and WORKDIR/config.json are written after a successful restore (or, in a new workdir,
 before the first step), never before: a refused run leaves the workdir as it was. A checkpoint that cannot
 be read is a `CheckpointError` naming the earlier steps to resume from instead.
@@ -216,7 +219,8 @@ def validate_config(config) -> None:
         raise ConfigValueError(str(e)) from None
     need(not d.get("vae_latents") or d.kind == "records",
          f"data.vae_latents={d.get('vae_latents')!r} needs data.kind='records' (got {d.kind!r})")
-    need(t.data_resume in ("exact", "reshard"), f"train.data_resume={t.data_resume!r}: expected exact|reshard")
+    need(t.data_resume in ("exact", "reshard", "restart"),
+         f"train.data_resume={t.data_resume!r}: expected exact|reshard|restart")
     need(int(d.packs_per_step) > 0 or int(d.packs_per_step) == -1,
          f"data.packs_per_step={d.packs_per_step} must be > 0 (or -1: one per data-parallel device)")
     b = d.budget
@@ -303,6 +307,7 @@ class Trainer:
         self.compilation_cache = use_compilation_cache(str(config.train.get("compilation_cache", "")))
         self.compile_cache_hit = False
         self.data_resharded: dict | None = None  # restore(): how the data state was resharded (train.data_resume)
+        self.data_restarted = False  # restore(): the data stream started again (train.data_resume=restart)
         self.cfg = model_config_from(config)
         shd.maybe_initialize_distributed(bool(config.get("multihost", False)))
         self.is_main = jax.process_index() == 0
@@ -525,8 +530,12 @@ class Trainer:
                 "use another --workdir")
         states = meta.get("data_states") or [meta["data_state"]]  # (data_state: one process's, older checkpoints)
         refused = resharded = None
+        mode = self.config.train.data_resume
         try:
-            resharded = self.source.resume(states, reshard=self.config.train.data_resume == "reshard")
+            if mode == "restart":  # (the source as built: its stream from the beginning)
+                self.data_restarted = True
+            else:
+                resharded = self.source.resume(states, reshard=mode == "reshard")
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
             refused = e
         # multi-host: every process learns whether any refused (one going on alone would wait in a collective),
@@ -566,8 +575,12 @@ class Trainer:
                       "or use another --workdir")
 
     def _data_state_message(self, step: int, meta: dict, e: Exception) -> str:
+        from ..data.pipeline import DataContentsError
+
         msg = (f"the data iterator state of step {step} in workdir {self.workdir} cannot resume with this config's "
                f"data settings ({e}). ")
+        restart = ("set train.data_resume=restart to keep the weights, optimizer and step and start the data "
+                   "stream from its beginning")
         if "data_config" not in meta:
             return msg + ("The checkpoint does not record its data settings (saved by an older version): resume "
                           "with the data settings it was trained with, or use another --workdir")
@@ -586,10 +599,12 @@ class Trainer:
                 msg += ("set train.data_resume=reshard to go on from where the run's data had got to (each process "
                         "from its first sample past those read, in the same shuffled order, the old processes' "
                         "buffered samples handed over; a few may be read twice or skipped), ")
-            return msg + "or use another --workdir"
+            return msg + f"{restart}, or use another --workdir"
+        if isinstance(e, DataContentsError):
+            return msg + f"Resume with the records the run trained on, {restart}, or use another --workdir"
         return msg + ("No data setting differs from the checkpoint's run: the pipeline's inputs did (dataset files, "
-                      "their paths relative to the current folder). Resume with the same inputs, or use another "
-                      "--workdir")
+                      f"their paths relative to the current folder). Resume with the same inputs, {restart}, or use "
+                      "another --workdir")
 
     # ------------------------------------------------------------------ step
     def _device_batch(self, batch) -> dict[str, jax.Array]:
@@ -688,6 +703,10 @@ class Trainer:
                 return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=None)
             if resumed:
                 logger.resumed(start)
+            if self.data_restarted:
+                logger.event(start, "data_restarted", {})
+                if self.is_main:
+                    print("[train] data stream started from its beginning (train.data_resume=restart)", flush=True)
             if self.data_resharded is not None:
                 r = self.data_resharded
                 logger.event(start, "data_resharded", r)
