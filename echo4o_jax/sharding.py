@@ -66,7 +66,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
             raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {n} devices")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, {n} available")
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} spans {math.prod(sizes)} devices; it must span all "
+                         f"{n} (the product of the sizes; one of them may be -1: what is left)")
     arr = np.asarray(devices).reshape(sizes)
     return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 

@@ -847,3 +847,65 @@ def test_state_of_other_records_under_the_same_files_is_refused(data, model_cfg,
         pipe.resharded_state([state])
     old = {k: v for k, v in state.items() if k != "contents"}
     pipe.iterator(old).close()
+
+
+def test_a_budget_no_sample_fits_is_an_error_not_a_hang(data, model_cfg, tmp_path):
+    """With data that repeats, a budget no sample fits skipped samples forever without emitting a pack (a
+    training run hung at its first step, deaf to SIGTERM): after twice the datasets' records in a row it is a
+    PackBudgetError naming the skip reasons and the budget; `pack_stats` adds the budget that fits."""
+    import subprocess
+    import sys
+
+    from echo4o_jax.data.pipeline import PackBudgetError
+
+    tiny = dataclasses.replace(BUDGET, text_tokens=4)
+    it = DataPipeline(_cfg(data, budget=tiny), model_cfg).iterator()
+    with pytest.raises(PackBudgetError, match=r"^\d+ samples in a row were skipped as too long \(\d+ x t2i/"
+                                              r"text_tokens, .*\): no sample of the data fits the pack budget "
+                                              r"\(text_tokens=4, "):
+        next(it)
+    it.close()
+    assert it.counters["skipped_too_long"] == 2 * 60 + 101  # (dataset "a": 60 records)
+    from test_latents import _config
+
+    c = _config(_write_dataset(tmp_path / "ds", 4, 5, prefix="s", sizes=(32,)), _tokenizer_json(tmp_path / "t.json"))
+    c.data.budget.text_tokens = 4
+    r = subprocess.run([sys.executable, "-m", "echo4o_jax.data.pack_stats", "--config",
+                        config_file(tmp_path / "cfg.py", c), "--packs", "2"], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    line = one_error_line(r)
+    assert "no sample of the data fits the pack budget (text_tokens=4" in line
+    assert re.search(r"; on this data: --config.data.budget.text_tokens=\d+ --config.data.budget.vit_tokens=\d+ "
+                     r"--config.data.budget.vae_tokens=\d+ --config.data.budget.vae_images=\d+$", line), line
+
+
+def test_a_data_error_mid_run_saves_the_steps_trained_first(tmp_path, capsys, monkeypatch):
+    """A record that cannot be read after some steps (a corrupt shard hours into a run) ended the run without
+    saving what it had trained since the last checkpoint; they are saved first and the error line says so (on
+    a line of its own, not glued to the progress bar)."""
+    from echo4o_jax.data.records import RecordError
+    from echo4o_jax.train import records_source
+    from echo4o_jax.train.__main__ import run
+    from test_latents import _config
+
+    tok = _tokenizer_json(tmp_path / "tok.json")
+    d = _write_dataset(tmp_path / "ds", 12, 5, prefix="s", sizes=(32,))
+    real, calls = records_source.RecordsSource.__next__, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RecordError(f"{d}/s-00001.array_record: record 1: cannot read (RuntimeError: hash mismatch)")
+        return real(self)
+
+    monkeypatch.setattr(records_source.RecordsSource, "__next__", failing)
+    c = _config(d, tok)
+    c.train.steps = 10
+    c.checkpoint.update(every=1000, async_save=False)
+    wd = tmp_path / "wd"
+    assert run(c, str(wd)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err == [f"error: {d}/s-00001.array_record: record 1: cannot read (RuntimeError: hash mismatch) [the 2 "
+                   f"step(s) this run trained were saved: checkpoint 2 in {wd / 'checkpoints'}; the same command "
+                   "resumes from it once the data is fixed]"]
+    assert (wd / "checkpoints" / "2").is_dir()

@@ -87,6 +87,11 @@ def test_bad_config_values_rejected_before_compiling():
     c.data.packs_per_step = 0
     with pytest.raises(ConfigValueError, match="packs_per_step"):
         validate_config(c)
+    for min_lr in (1.0, -1e-7):  # (above lr the cosine "decay" climbed to min_lr: accepted silently)
+        c = load_config("synthetic_tiny")
+        c.optim.update(schedule="cosine", min_lr=min_lr)
+        with pytest.raises(ConfigValueError, match=rf"optim.min_lr={min_lr} must be in \[0, optim.lr="):
+            validate_config(c)
     c = load_config("synthetic_tiny")
     c.model.init = "checkpoint"
     with pytest.raises(ConfigValueError, match="model.ckpt"):

@@ -112,7 +112,8 @@ def test_bad_model_and_mesh_values_are_one_line(tmp_path, capsys):
     c.mesh.data = n
     assert run(c, str(wd)) == 2
     assert _error_line(capsys) == (f"error: bad config: mesh.data / fsdp / tensor: mesh {{'data': {n}, 'fsdp': 1, "
-                                   f"'tensor': 1}} needs {n} devices, {jax.device_count()} available")
+                                   f"'tensor': 1}} spans {n} devices; it must span all {jax.device_count()} (the "
+                                   "product of the sizes; one of them may be -1: what is left)")
     assert not wd.exists()
 
 
@@ -124,6 +125,13 @@ def test_bad_records_settings_are_one_line(tmp_path, capsys):
     assert run(c, str(wd)) == 2
     assert _error_line(capsys) == ("error: bad config: data (records): data.kind='records' needs "
                                    "data.records.datasets (or data.records.demo_dir)")
+    for ds, msg in [(dict(path="t2i"), "data.records.datasets[0]: expected dict(path=..., weight=...), got "
+                                       "{'path': 't2i'}"),  # (was a KeyError traceback)
+                    (dict(path="t2i", weight="2"), "data.records.datasets[0] (t2i): weight must be a number, got '2'"),
+                    (dict(path="", weight=1.0), "data.records.datasets[0]: path must be a non-empty string, got ''")]:
+        c.data.records = dict(datasets=[ds], demo_dir="", workers=0)
+        assert run(c, str(wd)) == 2
+        assert _error_line(capsys) == f"error: bad config: data (records): {msg}"
     c.data.tokenizer = str(tmp_path / "tokenizer.json")  # never read: the transform is refused first
     c.data.records = dict(datasets=[dict(path=str(tmp_path / "ds"), weight=1.0)], demo_dir="", workers=0,
                           vae_transform=(1024, 256, 16), vit_transform=(98, 28, 14))
@@ -410,5 +418,40 @@ def test_ctrl_c_before_the_first_step_is_one_line_and_ends_the_process(tmp_path,
         run(_tiny(steps=2), str(tmp_path / "wd"))
     assert e.value.args == (128 + signal.SIGINT,)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"[train] interrupted (SIGINT) before the first step of this run (setting up or restoring): nothing "
-                   f"was trained or saved; rerun the same command to start or resume (workdir {tmp_path / 'wd'})"]
+    assert err == [f"[train] interrupted (SIGINT) before the first step of this run ended (setting up, restoring, "
+                   f"compiling or running it): nothing was trained or saved; rerun the same command to start or "
+                   f"resume (workdir {tmp_path / 'wd'})"]
+
+
+def test_ctrl_c_while_the_step_compiles_ends_at_once(tmp_path, capsys, monkeypatch):
+    """A SIGINT after the step loop's handler is installed but before a step has finished (the compile: minutes
+    for the 7B model) ends the run at once as above (it used to wait for the compile, train a step and save it);
+    after the first step it finishes the step and saves (test_interrupted_run_exits_128_plus_the_signal)."""
+    import os
+    import time
+
+    import echo4o_jax.train.__main__ as train_main
+    import echo4o_jax.train.trainer as trainer_mod
+
+    class Interrupted(Exception):
+        pass
+
+    def hard_exit(code):
+        raise Interrupted(code)
+
+    real = trainer_mod.Trainer.compile
+
+    def compile_interrupted(self, batch):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # (the handler raises in this frame at once)
+        return real(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "compile", compile_interrupted)
+    monkeypatch.setattr(train_main, "_hard_exit", hard_exit)
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted) as e:
+        run(_tiny(steps=2), str(tmp_path / "wd"))
+    assert e.value.args == (128 + signal.SIGINT,) and time.monotonic() - t0 < 60
+    assert "interrupted (SIGINT) before the first step of this run ended" in capsys.readouterr().err
+    assert not list((tmp_path / "wd" / "checkpoints").glob("[0-9]*"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler was taken down

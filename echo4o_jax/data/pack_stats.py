@@ -71,7 +71,7 @@ def pack_stats(config, model_cfg, *, packs: int = 256) -> dict:
     against in the unbounded run), "budget_spec" (the config's PackBudget) and "unbounded_spec"."""
     from ..train.data_sources import budget_from_config
     from ..train.records_source import data_config_errors, pipeline_config_from
-    from .pipeline import DataPipeline
+    from .pipeline import DataPipeline, PackBudgetError
 
     with data_config_errors(config):  # a bad data setting is reported as the trainer reports it
         budget = budget_from_config(config.data.budget)
@@ -88,7 +88,13 @@ def pack_stats(config, model_cfg, *, packs: int = 256) -> dict:
         unbounded, budgeted = DataPipeline(dataclasses.replace(pc, budget=free), model_cfg), DataPipeline(pc, model_cfg)
     out = {}
     out["unbounded"], out["unbounded_peaks"], out["unbounded_stats"] = _usage(unbounded, packs)
-    out["budget"], _, out["budget_stats"] = _usage(budgeted, packs)
+    try:
+        out["budget"], _, out["budget_stats"] = _usage(budgeted, packs)
+    except PackBudgetError as e:  # nothing fits the config's budget: say which budget does
+        sug = suggested_budget(out["unbounded_peaks"], budget)
+        raise PackBudgetError(f"{e}; on this data: --config.data.budget.text_tokens={sug.text_tokens} "
+                              f"--config.data.budget.vit_tokens={sug.vit_tokens} --config.data.budget.vae_tokens="
+                              f"{sug.vae_tokens} --config.data.budget.vae_images={sug.vae_images}") from None
     out["max_tokens_per_sample"] = pc.max_tokens_per_sample
     out["budget_spec"], out["unbounded_spec"] = budget, free
     return out

@@ -86,6 +86,7 @@ import numpy as np
 from echo4o_jax.config import BagelConfig
 from echo4o_jax.image_transform import ImageTransform, pil_img2rgb, resize_shape
 from echo4o_jax.data.latents import LatentStore, LatentStoreError
+from echo4o_jax.data.records import RecordError
 from echo4o_jax.packing import (IMAGE_DTYPES, PackBudget, PackedBatch, allocate_packs, pack_samples, sample_sizes,
                                 vae_pixel_size)
 
@@ -768,6 +769,10 @@ class DataPipeline:
         return state, info
 
 
+class PackBudgetError(RecordError):
+    """No sample of the data fits the pack budget (`PackIterator._nothing_fits`)."""
+
+
 class DataContentsError(ValueError):
     """An iterator state saved with other records in its datasets (`DataPipeline.check_contents`)."""
 
@@ -880,6 +885,7 @@ class PackIterator:
         self._offsets: list[int] | None = None  # each dataset's start (`DataPipeline.elements_from`)
         self._read_by_dataset: list[int] | None = [0] * len(pipe.dataset_sizes)  # None: unknown (older state)
         self._consecutive_errors = 0
+        self._skipped_in_a_row = 0  # samples skipped as too long since one was packed (`_fill_pack`)
         self.counters = {k: 0 for k in self._COUNTERS}
         self.recent_errors: collections.deque = collections.deque(maxlen=20)
         # skipped samples by (task, `skip_reason`) since this iterator was made (not part of the state)
@@ -1000,7 +1006,11 @@ class PackIterator:
             if reason is not None:
                 self.counters["skipped_too_long"] += 1
                 self.skipped_by[(el["task"], reason)] += 1
+                self._skipped_in_a_row += 1
+                if self._skipped_in_a_row > 2 * sum(self.pipe.dataset_sizes) + 100:
+                    self._nothing_fits()
                 continue
+            self._skipped_in_a_row = 0
             if not pack.fits(s, c.budget, c.max_tokens):
                 if not from_buffer and len(self._buffer) < c.max_buffer_size:
                     self._buffer.append(el)
@@ -1012,6 +1022,20 @@ class PackIterator:
             return None
         self.counters["packs_emitted"] += 1
         return pack
+
+    def _nothing_fits(self) -> None:
+        """A PackBudgetError: more samples in a row than the datasets hold twice were skipped as too long, so
+        (all but certainly) none fits the budget; with data that repeats, the iterator would otherwise read
+        forever without emitting a pack (a training run hung silently at its first step)."""
+        c = self.cfg
+        why = ", ".join(f"{n} x {task}/{reason}" for (task, reason), n in self.skipped_by.most_common(6))
+        raise PackBudgetError(
+            f"{self._skipped_in_a_row} samples in a row were skipped as too long ({why}): no sample of the data "
+            f"fits the pack budget (text_tokens={c.budget.text_tokens}, vit_tokens={c.budget.vit_tokens}, "
+            f"vae_tokens={c.budget.vae_tokens}, vae_images={c.budget.vae_images}, vae_image_size="
+            f"{tuple(c.budget.vae_image_size)}; max_tokens={c.max_tokens}, max_tokens_per_sample="
+            f"{c.max_tokens_per_sample}): raise data.budget.* (python -m echo4o_jax.data.pack_stats prints the "
+            "smallest budget that takes every sample)")
 
     def __next__(self) -> tuple[PackedBatch, dict]:
         c = self.cfg

@@ -68,8 +68,9 @@ def run(config, workdir: str) -> int:
     except KeyboardInterrupt:  # the step loop stops on SIGINT itself: this is set-up or restore, nothing is written
         if out:  # (after training: the run has returned, everything is written)
             raise
-        print(f"\n[train] interrupted (SIGINT) before the first step of this run (setting up or restoring): nothing "
-              f"was trained or saved; rerun the same command to start or resume (workdir {workdir})",
+        print(f"\n[train] interrupted (SIGINT) before the first step of this run ended (setting up, restoring, "
+              f"compiling or running it): nothing was trained or saved; rerun the same command to start or resume "
+              f"(workdir {workdir})",
               file=sys.stderr, flush=True)
         _hard_exit(128 + signal.SIGINT)
     if not out:

@@ -112,6 +112,15 @@ def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fi
     root = r.get("root", "")
     if not r.get("datasets"):
         raise ValueError("data.kind='records' needs data.records.datasets (or data.records.demo_dir)")
+    for i, ds in enumerate(r.datasets):
+        keys = set(ds) if hasattr(ds, "keys") else None
+        if keys is None or not {"path", "weight"} <= keys or keys - {"path", "weight"}:
+            raise ValueError(f"data.records.datasets[{i}]: expected dict(path=..., weight=...), got {ds!r}")
+        if not isinstance(ds["path"], str) or not ds["path"]:
+            raise ValueError(f"data.records.datasets[{i}]: path must be a non-empty string, got {ds['path']!r}")
+        if isinstance(ds["weight"], bool) or not isinstance(ds["weight"], (int, float)):
+            raise ValueError(f"data.records.datasets[{i}] ({ds['path']}): weight must be a number, got "
+                             f"{ds['weight']!r}")
     specs = tuple(DatasetSpec(os.path.join(root, ds["path"]), weight=float(ds["weight"]),
                               name=os.path.basename(os.path.normpath(ds["path"]))) for ds in r.datasets)
     # default: the tokenizer files of model.ckpt (a training workdir keeps them in model_config/)

@@ -17,7 +17,9 @@ resumes the weights, optimizer and step and starts the data stream from its begi
 or records), logged as a `{"step": s, "event": "data_restarted"}` record.
 WORKDIR/model_config/ and WORKDIR/config.json are written after a successful restore (or, in a new workdir,
 before the first step), never before: a refused run leaves the workdir as it was. A checkpoint that cannot
-be read is a `CheckpointError` naming the earlier steps to resume from instead.
+be read is a `CheckpointError` naming the earlier steps to resume from instead. A data error after the first
+step (a record that cannot be read, a corrupt precomputed latent) saves the steps trained since the last
+checkpoint before the run ends (on one process: several would each have to join the save).
 
 log.jsonl is append-only: one record per logged step, a `{"step": s, "compile_seconds": ...,
 "compile_cache_hit": ...}` record per run (a hit: the step came from the persistent compilation cache,
@@ -208,6 +210,8 @@ def validate_config(config) -> None:
     need(float(o.lr) > 0, f"optim.lr={o.lr} must be > 0")
     need(int(o.warmup_steps) >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     need(o.schedule in ("constant", "cosine"), f"optim.schedule={o.schedule!r}: expected constant|cosine")
+    need(0 <= float(o.min_lr) <= float(o.lr), f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}] (the cosine "
+         "schedule's floor; above lr it would climb, not decay)")
     need(0 <= float(o.b1) < 1 and 0 <= float(o.b2) < 1, "optim.b1 / b2 must be in [0, 1)")
     need(float(o.grad_clip) >= 0, "optim.grad_clip must be >= 0 (0 = off)")
     need(m.init in ("random", "checkpoint"), f"model.init={m.init!r}: expected random|checkpoint")
@@ -671,6 +675,17 @@ class Trainer:
         return lambda s: t.encode(s, add_special_tokens=False).ids
 
     # ------------------------------------------------------------------ loop
+    def _next_batch(self, step: int, start: int):
+        """The next batch; a data error (a record that cannot be read, precomputed latents, a budget nothing
+        fits) first saves the steps trained since the last checkpoint (`_saved_before_error`)."""
+        from ..data.latents import LatentStoreError
+        from ..data.records import RecordError
+
+        try:
+            return next(self.source)
+        except (RecordError, LatentStoreError) as e:
+            raise _saved_before_error(self, step, start, e) from None
+
     def run(self) -> dict[str, Any]:
         """Train from the latest checkpoint (or step 0) to `train.steps`. Returns `step` (where it ended),
         `total` (train.steps), `history` (this run's step metrics: empty when the workdir was already at
@@ -688,14 +703,18 @@ class Trainer:
         if self.is_main:
             for line in self.sharding_report:
                 print(f"[sharding] {line}")
-        stop = {"signal": None, "agreed": None}  # agreed: the signal all processes stop on (see _agreed_signal)
+        # agreed: the signal all processes stop on (see _agreed_signal); stepped: a step of this run has finished
+        stop = {"signal": None, "agreed": None, "stepped": False}
 
         def handler(signum, frame):
+            if signum == signal.SIGINT and not stop["stepped"]:  # compiling / the first step: nothing to save, and
+                raise KeyboardInterrupt  # waiting for a 7B compile to end is not what a Ctrl-C asks (train.__main__)
             stop["signal"] = signum
             print(f"\n[train] signal {signum}: finishing the current step, saving, exiting", flush=True)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         history = []
+        closers: list = []
         prof = _StepProfile(self, int(c.log.profile_start), int(c.log.profile_steps))
         prof.check_reachable(start, total)
         try:
@@ -725,12 +744,13 @@ class Trainer:
             n_dev = self.mesh.size
             peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(c.log.get("peak_flops", 0.0)))
             bar = tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True)
+            closers.append(bar.close)  # (an error then starts on a line of its own)
             timer = _Timer()
             step = start
             skipped_reported = 0
             while step < total:
                 if step > start:
-                    batch = next(self.source)
+                    batch = self._next_batch(step, start)
                 prof.before(step)
                 m = self.train_step(batch)
                 if float(c.train.debug_step_delay):  # tests: widen the window for an external kill
@@ -739,6 +759,7 @@ class Trainer:
                 if prof.after(step + 1):
                     timer.lap()  # the trace's stop and summary belong to no step's time
                 step += 1
+                stop["stepped"] = True
                 tokens = int(np.sum(batch.num_tokens)) * jax.process_count()
                 m.update(step=step, step_seconds=dt, tokens=tokens, tokens_per_second=tokens / dt,
                          fill=int(np.sum(batch.num_tokens)) / np.asarray(batch.sample_id).size)
@@ -788,12 +809,30 @@ class Trainer:
                         stopped_by=stop["agreed"] if step < total else None)
         finally:
             try:
+                for close in closers:
+                    close()
                 prof.close()
                 logger.close()
                 self.ckpt.wait_until_finished()
             finally:  # only now: a signal meanwhile must not cut the last checkpoint's write
                 for s, h in old.items():
                     signal.signal(s, h)
+
+
+def _saved_before_error(trainer: "Trainer", step: int, start: int, e: Exception) -> Exception:
+    """`e` (a data error at `step`) with the steps this run trained saved first when they can be: on one process
+    (several would each have to join the save, while only this one stopped) and when a step was trained since
+    the last checkpoint; the message then says so. A corrupt record read after hours of training lost them."""
+    if jax.process_count() != 1 or step <= start or step == trainer.ckpt.latest_step():
+        return e
+    from ..data.latents import LatentStoreError
+    from ..data.records import RecordError
+
+    trainer.save(force=True)
+    trainer.ckpt.wait_until_finished()
+    cls = RecordError if isinstance(e, RecordError) else LatentStoreError  # (what the command reports in one line)
+    return cls(f"{e} [the {step - start} step(s) this run trained were saved: checkpoint {step} in "
+               f"{trainer.workdir / 'checkpoints'}; the same command resumes from it once the data is fixed]")
 
 
 def _gather_process_states(state: dict) -> list[dict]:
