@@ -350,9 +350,11 @@ def restore_module(abstract: nnx.Module, item_dir, *, dtype=None, shardings=None
     try:
         restored = ckptr.restore(item_dir, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                                      partial_restore=True))
-    except (KeyboardInterrupt, SystemExit, MemoryError):
-        raise
-    except Exception as e:  # tensorstore / Orbax: ValueError or bare Exception, a TensorStore spec in the text
+    except Exception as e:
+        # what tensorstore / Orbax raise for unreadable chunks: ValueError, or Orbax's bare Exception around it
+        # (a TensorStore spec in the text); anything else (device memory, XLA, sharding) passes as it is
+        if not (isinstance(e, ValueError) or type(e) is Exception):
+            raise
         raise CheckpointError(f"{item_dir}: cannot read its arrays (a chunk file missing, truncated or corrupt?): "
                               f"{_tensorstore_error(e)}") from None
     restored_flat = {tuple(p): v for p, v in flatten_dict(restored)}

@@ -487,10 +487,13 @@ def _check_out(out: pathlib.Path, overwrite: bool, src: pathlib.Path, paths, kin
         if any(out.iterdir()):
             if not overwrite:
                 raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-            earlier = ck.is_converted_dir(out) if kind == "converted" else ck.is_official_dir(out)
+            # an official folder this command wrote holds meta.json, which the released BAGEL-7B-MoT download
+            # lacks: a mistyped --out naming that download is refused, not replaced
+            earlier = (ck.is_converted_dir(out) if kind == "converted" else
+                       ck.is_official_dir(out) and (out / ck.META_FILE).is_file())
             if not earlier:
                 what = ("a converted folder (llm_config.json + params/)" if kind == "converted" else
-                        "an official folder (llm_config.json + ema.safetensors)")
+                        "an exported folder (llm_config.json + ema.safetensors + meta.json)")
                 raise OutputExistsError(f"{out} is not empty and is not {what}: --overwrite replaces only an "
                                         "earlier output of this command, as the whole folder is deleted; choose "
                                         "another --out, or empty this one yourself")

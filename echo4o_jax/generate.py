@@ -394,8 +394,11 @@ class Generator:
             raise GenerateError(f"images {images!r}: expected a list of image paths")
         from PIL import Image
 
-        from .image_transform import pil_img2rgb
+        from .image_transform import pil_img2rgb, unsupported_mode
 
+        for i, im in enumerate(images):
+            if isinstance(im, Image.Image) and (bad := unsupported_mode(im)):
+                raise GenerateError(f"cannot use input image {i}: {bad}")
         return [_read_image(im) if isinstance(im, (str, pathlib.Path)) else
                 pil_img2rgb(im) if isinstance(im, Image.Image) else im for im in images]
 

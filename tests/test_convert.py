@@ -444,6 +444,23 @@ def test_ctrl_c_inside_the_orbax_save_ends_it_in_order(golden_dir, converted, tm
     assert len(served) < 10 and "Traceback" not in caplog.text and "raised an exception" not in caplog.text
 
 
+def test_restore_errors_not_about_the_files_pass_unchanged(converted, monkeypatch):
+    """Only what tensorstore / Orbax raise for unreadable chunks (ValueError, Orbax's bare Exception) is reported
+    as a damaged checkpoint; device memory or XLA errors while restoring pass as they are (generate called an
+    out-of-memory "checkpoint ... is incomplete or unreadable")."""
+    def failing(exc):
+        def restore(self, *a, **k):
+            raise exc
+        return restore
+
+    monkeypatch.setattr(ocp.Checkpointer, "restore", failing(RuntimeError("RESOURCE_EXHAUSTED: out of memory")))
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        ck.restore_bagel(converted[0])
+    monkeypatch.setattr(ocp.Checkpointer, "restore", failing(ValueError("NOT_FOUND: Error reading \"x\"")))
+    with pytest.raises(ck.CheckpointError, match=r"params: cannot read its arrays .*NOT_FOUND: Error reading"):
+        ck.restore_bagel(converted[0])
+
+
 def test_out_under_a_file_is_named(golden_dir, converted, tmp_path):
     """An --out whose parent is a file: one error naming the file (was "[Errno 17] File exists: ...")."""
     (tmp_path / "afile").write_text("mine")
@@ -468,7 +485,7 @@ def test_non_empty_out_refused_unless_overwrite(golden_dir, converted, tmp_path)
     # --overwrite replaces the whole folder: only an earlier output of the same direction (a mistyped --out
     # with --overwrite deleted any folder, e.g. one of photos)
     for fn, src, what in ((convert.convert_to_orbax, golden_dir, "a converted folder"),
-                          (convert.convert_to_official, converted[0], "an official folder")):
+                          (convert.convert_to_official, converted[0], "an exported folder")):
         with pytest.raises(convert.OutputExistsError, match=f"is not empty and is not {what} .*--overwrite replaces "
                                                             "only an earlier output of this command"):
             fn(src, out, overwrite=True, progress=False)
@@ -481,6 +498,13 @@ def test_non_empty_out_refused_unless_overwrite(golden_dir, converted, tmp_path)
     convert.convert_to_official(converted[0], out, overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "ema.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    download = tmp_path / "BAGEL-7B-MoT"  # an official download (no meta.json): never replaced
+    download.mkdir()
+    for n in ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors"):
+        shutil.copy2(golden_dir / n, download / n)
+    with pytest.raises(convert.OutputExistsError, match="is not empty and is not an exported folder"):
+        convert.convert_to_official(converted[0], download, overwrite=True, progress=False)
+    shutil.rmtree(download)
     conv = tmp_path / "conv"
     convert.convert_to_orbax(golden_dir, conv, progress=False)
     convert.convert_to_orbax(golden_dir, conv, overwrite=True, progress=False)

@@ -690,6 +690,9 @@ def test_multiref_symlink_loop_and_extra_steps(echo_root, tmp_path):
     mr = root / "Multi-Reference-Image" / "multi_refer_images_output"
     (mr / "loop").symlink_to("..", target_is_directory=True)
     (mr / "again").symlink_to("hum_sce", target_is_directory=True)
+    (mr / ".cache").mkdir()  # hidden files and folders are skipped (as the recursive glob did)
+    (mr / ".cache" / "x.parquet").write_bytes(b"not parquet")
+    (mr / "hum_sce" / "._part-0.parquet").write_bytes(b"macOS AppleDouble")
     m = ie.import_echo4o(str(root), str(tmp_path / "o"), subsets=["multiref"])["multiref"]
     assert m["records"] == 2 and len({r.id for r in RecordReader(tmp_path / "o" / "multiref")}) == 2
     _multiref_parquet(mr / "hum_sce" / "part-0.parquet", [([_jpeg(1), _jpeg(2)], [["step one"], ["step two"]])])

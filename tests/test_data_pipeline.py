@@ -909,3 +909,36 @@ def test_a_data_error_mid_run_saves_the_steps_trained_first(tmp_path, capsys, mo
                    f"step(s) this run trained were saved: checkpoint 2 in {wd / 'checkpoints'}; the same command "
                    "resumes from it once the data is fixed]"]
     assert (wd / "checkpoints" / "2").is_dir()
+
+
+def test_a_failed_step_leaves_the_state_before_it(data, model_cfg, monkeypatch):
+    """A step that fails part-way (a record that cannot be read while its second pack fills) had already taken
+    samples from the stream and the buffer into its first pack, in no buffer or carry: the state a trainer saves
+    then skipped them on resume. get_state() now gives the state before that step, and a resume from it yields
+    what an uninterrupted run does."""
+    from echo4o_jax.data.pipeline import PackIterator
+    from echo4o_jax.data.records import RecordError
+
+    c = _cfg(data, packs_per_step=2, max_buffer_size=4)
+    ref, _ = _run(DataPipeline(c, model_cfg), 5)
+    it = DataPipeline(c, model_cfg).iterator()
+    head = [(batch_arrays(b), st) for b, st in (next(it) for _ in range(2))]
+    before = json.loads(json.dumps(it.get_state()))
+    real, calls = PackIterator._fill_pack, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == 2:  # the step's second pack
+            raise RecordError("x.array_record: record 3: cannot read")
+        return real(self)
+
+    monkeypatch.setattr(PackIterator, "_fill_pack", failing)
+    with pytest.raises(RecordError):
+        next(it)
+    monkeypatch.undo()
+    assert it.get_state() == before
+    with pytest.raises(RuntimeError, match="failed in an earlier step"):
+        next(it)
+    it.close()
+    tail, _ = _run(DataPipeline(c, model_cfg), 3, state=it.get_state())
+    _assert_same(head + tail, ref)

@@ -835,3 +835,6 @@ def test_sixteen_bit_greyscale_input_is_refused(tmp_path):
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "g16.png")
     with pytest.raises(G.GenerateError, match=r"cannot use image .*g16.png: 16-bit greyscale image \(PIL mode I;16"):
         G._read_image(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:  # (a PIL image given to the library)
+        with pytest.raises(G.GenerateError, match=r"cannot use input image 0: 16-bit greyscale image"):
+            G.Generator._read_images([im])

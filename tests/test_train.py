@@ -92,6 +92,8 @@ def test_bad_config_values_rejected_before_compiling():
         c.optim.update(schedule="cosine", min_lr=min_lr)
         with pytest.raises(ConfigValueError, match=rf"optim.min_lr={min_lr} must be in \[0, optim.lr="):
             validate_config(c)
+        c.optim.schedule = "constant"  # (min_lr unused)
+        validate_config(c)
     c = load_config("synthetic_tiny")
     c.model.init = "checkpoint"
     with pytest.raises(ConfigValueError, match="model.ckpt"):

@@ -172,7 +172,8 @@ def find_parquet(inputs: list[str]) -> list[tuple[str, str]]:
                     subfolders[:] = []
                     continue
                 seen.add(real)
-                files += [os.path.join(folder, n) for n in names if n.endswith(".parquet")]
+                subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # hidden: skipped, as glob did
+                files += [os.path.join(folder, n) for n in names if n.endswith(".parquet") and not n.startswith(".")]
             out += [(f, p) for f in sorted(files)]
         elif os.path.isfile(p):
             out.append((p, os.path.dirname(p) or "."))

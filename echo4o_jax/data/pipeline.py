@@ -84,7 +84,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from echo4o_jax.config import BagelConfig
-from echo4o_jax.image_transform import ImageTransform, pil_img2rgb, resize_shape
+from echo4o_jax.image_transform import ImageTransform, pil_img2rgb, resize_shape, unsupported_mode
 from echo4o_jax.data.latents import LatentStore, LatentStoreError
 from echo4o_jax.data.records import RecordError
 from echo4o_jax.packing import (IMAGE_DTYPES, PackBudget, PackedBatch, allocate_packs, pack_samples, sample_sizes,
@@ -311,6 +311,9 @@ def decode_image(blob: bytes):
     from PIL import Image
 
     with Image.open(io.BytesIO(blob)) as im:
+        bad = unsupported_mode(im)  # (records written before imports refused such images)
+        if bad:
+            raise ValueError(bad)
         im.load()
         return pil_img2rgb(im)
 
@@ -886,6 +889,10 @@ class PackIterator:
         self._read_by_dataset: list[int] | None = [0] * len(pipe.dataset_sizes)  # None: unknown (older state)
         self._consecutive_errors = 0
         self._skipped_in_a_row = 0  # samples skipped as too long since one was packed (`_fill_pack`)
+        self._state_at_failure: dict | None = None  # `__next__` failed: the state before that step
+        # that many in a row: none fits (twice this process's share of the records; at most 10,000 reads, so that
+        # a budget too small for real data is reported in minutes, not after hours of reading)
+        self._nothing_fits_after = min(2 * -(-sum(pipe.dataset_sizes) // pipe.process_count) + 100, 10_000)
         self.counters = {k: 0 for k in self._COUNTERS}
         self.recent_errors: collections.deque = collections.deque(maxlen=20)
         # skipped samples by (task, `skip_reason`) since this iterator was made (not part of the state)
@@ -898,14 +905,16 @@ class PackIterator:
 
     # -------------------------------------------------------------------------------------- state
     def get_state(self) -> dict:
+        if self._state_at_failure is not None:
+            return self._state_at_failure
         return {
             "version": _STATE_VERSION,
             "fingerprint": self.pipe.fingerprint,
-            "contents": self.pipe.contents,
+            "contents": list(self.pipe.contents),
             "stream_fingerprint": self.pipe.stream_fingerprint,
-            "offsets": self._offsets,
+            "offsets": None if self._offsets is None else list(self._offsets),  # (copies: a snapshot stays put)
             "next_element": self._next_k,
-            "read_by_dataset": self._read_by_dataset,
+            "read_by_dataset": None if self._read_by_dataset is None else list(self._read_by_dataset),
             "exhausted": self._exhausted,
             "buffer": [e.get("held_from", e["k"]) for e in self._buffer],
             "carry": [e.get("held_from", e["k"]) for e in self._carry],
@@ -997,8 +1006,8 @@ class PackIterator:
                 self.recent_errors.append({"k": el["k"], "id": el["id"], "error": el["error"]})
                 self._consecutive_errors += 1
                 if self._consecutive_errors >= c.max_consecutive_errors:
-                    raise RuntimeError(f"{self._consecutive_errors} consecutive samples failed to load; last: "
-                                       f"{list(self.recent_errors)[-3:]}")
+                    raise RecordError(f"{self._consecutive_errors} consecutive samples failed to load; last: "
+                                      f"{list(self.recent_errors)[-3:]}")
                 continue
             self._consecutive_errors = 0
             s = el["sizes"]
@@ -1007,7 +1016,7 @@ class PackIterator:
                 self.counters["skipped_too_long"] += 1
                 self.skipped_by[(el["task"], reason)] += 1
                 self._skipped_in_a_row += 1
-                if self._skipped_in_a_row > 2 * sum(self.pipe.dataset_sizes) + 100:
+                if self._skipped_in_a_row > self._nothing_fits_after:
                     self._nothing_fits()
                 continue
             self._skipped_in_a_row = 0
@@ -1024,9 +1033,9 @@ class PackIterator:
         return pack
 
     def _nothing_fits(self) -> None:
-        """A PackBudgetError: more samples in a row than the datasets hold twice were skipped as too long, so
-        (all but certainly) none fits the budget; with data that repeats, the iterator would otherwise read
-        forever without emitting a pack (a training run hung silently at its first step)."""
+        """A PackBudgetError: more samples in a row than `_nothing_fits_after` were skipped as too long, so (all
+        but certainly) none fits the budget; with data that repeats, the iterator would otherwise read forever
+        without emitting a pack (a training run hung silently at its first step)."""
         c = self.cfg
         why = ", ".join(f"{n} x {task}/{reason}" for (task, reason), n in self.skipped_by.most_common(6))
         raise PackBudgetError(
@@ -1038,6 +1047,21 @@ class PackIterator:
             "smallest budget that takes every sample)")
 
     def __next__(self) -> tuple[PackedBatch, dict]:
+        """The next step's packs and stats. When it fails (a record that cannot be read ...), `get_state` keeps
+        returning the state from before it: the samples it had taken from the stream and the buffer are in no
+        pack, buffer or carry, so a checkpoint of the later state would skip them (`Trainer` saves one)."""
+        if self._state_at_failure is not None:
+            raise RuntimeError("this iterator failed in an earlier step; resume a new one from get_state()")
+        before = self.get_state()
+        try:
+            return self._next_step()
+        except StopIteration:
+            raise
+        except BaseException:
+            self._state_at_failure = before
+            raise
+
+    def _next_step(self) -> tuple[PackedBatch, dict]:
         c = self.cfg
         packs: list[_Pack] = []
         while len(packs) < c.packs_per_step:

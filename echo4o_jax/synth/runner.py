@@ -252,7 +252,8 @@ def run_track(track: Track, out_dir: str | os.PathLike, *, limit: int, journal_d
     out = Path(out_dir)
     jd = _journal_dir(out, journal_dir)
     _check_folders(out, jd)
-    if client is None and not (jd / JOURNAL_NAME).exists():  # every sample needs calls: the key, before any file
+    if client is None and not (jd / JOURNAL_NAME).exists() and not (out / MANIFEST_NAME).exists():
+        # a new dataset: every sample needs calls, so the key is checked before any file is made
         api_key_from_env(track.cfg.api_key_env, require=track.cfg.require_api_key, error=SynthError)
     try:
         out.mkdir(parents=True, exist_ok=True)

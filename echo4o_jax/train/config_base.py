@@ -79,9 +79,10 @@ def base_config() -> ConfigDict:
         # (the error names what changed); "reshard" goes on, per dataset, from the first sample past those the old
         # processes had read, in the same shuffled order (their buffered samples are handed over; their uneven
         # reads give a few samples read twice or not at all: log.jsonl's data_resharded record counts them).
-        # Synthetic data resumes exactly either way. "restart": the weights, optimizer and step resume, the data
-        # stream starts from its beginning (after a change of data settings or of the records under a dataset's
-        # path, which "exact" refuses, naming it).
+        # Synthetic data resumes exactly either way. "restart": a data state that cannot resume exactly (other data
+        # settings, or other records under a dataset's path, which "exact" refuses, naming them) is dropped: the
+        # weights, optimizer and step resume, the data stream starts from its beginning (a state that can resume
+        # still does).
         data_resume="exact",
     ))
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -12,9 +12,10 @@ process count or packs per process (another slice) is refused too unless `train.
 then each process goes on from where the old processes had read (`DataPipeline.resharded_state`), logged
 as a `{"step": s, "event": "data_resharded", ...}` record (this process's start `offsets` per dataset,
 `read_twice`, `handed_over`; the main process's). So are other records under the same dataset paths (a
-dataset rewritten or completed in place: `DataPipeline.check_contents`). `train.data_resume="restart"`
-resumes the weights, optimizer and step and starts the data stream from its beginning (other data settings
-or records), logged as a `{"step": s, "event": "data_restarted"}` record.
+dataset rewritten or completed in place: `DataPipeline.check_contents`). With `train.data_resume="restart"`
+a data state that cannot resume exactly (other data settings or records) is not an error: the weights,
+optimizer and step resume and the data stream starts from its beginning, logged as a `{"step": s, "event":
+"data_restarted", "why": ...}` record (a state that can resume still does: the setting may stay set).
 WORKDIR/model_config/ and WORKDIR/config.json are written after a successful restore (or, in a new workdir,
 before the first step), never before: a refused run leaves the workdir as it was. A checkpoint that cannot
 be read is a `CheckpointError` naming the earlier steps to resume from instead. A data error after the first
@@ -210,8 +211,8 @@ def validate_config(config) -> None:
     need(float(o.lr) > 0, f"optim.lr={o.lr} must be > 0")
     need(int(o.warmup_steps) >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     need(o.schedule in ("constant", "cosine"), f"optim.schedule={o.schedule!r}: expected constant|cosine")
-    need(0 <= float(o.min_lr) <= float(o.lr), f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}] (the cosine "
-         "schedule's floor; above lr it would climb, not decay)")
+    need(o.schedule != "cosine" or 0 <= float(o.min_lr) <= float(o.lr), f"optim.min_lr={o.min_lr} must be in "
+         f"[0, optim.lr={o.lr}] (the cosine schedule's floor; above lr it would climb, not decay)")
     need(0 <= float(o.b1) < 1 and 0 <= float(o.b2) < 1, "optim.b1 / b2 must be in [0, 1)")
     need(float(o.grad_clip) >= 0, "optim.grad_clip must be >= 0 (0 = off)")
     need(m.init in ("random", "checkpoint"), f"model.init={m.init!r}: expected random|checkpoint")
@@ -311,7 +312,7 @@ class Trainer:
         self.compilation_cache = use_compilation_cache(str(config.train.get("compilation_cache", "")))
         self.compile_cache_hit = False
         self.data_resharded: dict | None = None  # restore(): how the data state was resharded (train.data_resume)
-        self.data_restarted = False  # restore(): the data stream started again (train.data_resume=restart)
+        self.data_restarted = ""  # restore(): why the data stream started again (train.data_resume=restart)
         self.cfg = model_config_from(config)
         shd.maybe_initialize_distributed(bool(config.get("multihost", False)))
         self.is_main = jax.process_index() == 0
@@ -536,12 +537,12 @@ class Trainer:
         refused = resharded = None
         mode = self.config.train.data_resume
         try:
-            if mode == "restart":  # (the source as built: its stream from the beginning)
-                self.data_restarted = True
-            else:
-                resharded = self.source.resume(states, reshard=mode == "reshard")
+            resharded = self.source.resume(states, reshard=mode == "reshard")
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
-            refused = e
+            if mode == "restart":  # (the source as built: its stream from the beginning)
+                self.data_restarted = str(e)
+            else:
+                refused = e
         # multi-host: every process learns whether any refused (one going on alone would wait in a collective),
         # and whether all resumed the same way (exactly / resharded: a mix would train from two data positions)
         every = _gather_process_states({"refused": refused is not None, "resharded": resharded is not None})
@@ -723,9 +724,10 @@ class Trainer:
             if resumed:
                 logger.resumed(start)
             if self.data_restarted:
-                logger.event(start, "data_restarted", {})
+                logger.event(start, "data_restarted", {"why": self.data_restarted})
                 if self.is_main:
-                    print("[train] data stream started from its beginning (train.data_resume=restart)", flush=True)
+                    print(f"[train] data stream started from its beginning (train.data_resume=restart: the data "
+                          f"state of step {start} cannot resume: {self.data_restarted})", flush=True)
             if self.data_resharded is not None:
                 r = self.data_resharded
                 logger.event(start, "data_resharded", r)
