@@ -461,6 +461,26 @@ def test_restore_errors_not_about_the_files_pass_unchanged(converted, monkeypatc
         ck.restore_bagel(converted[0])
 
 
+def test_remove_when_quiet_outlasts_late_writers(tmp_path):
+    """The cleanup after a failed save removes the temporary folder again when a writer still in flight (a
+    tensorstore thread) recreates it after the first removal."""
+    import threading
+
+    tmp = tmp_path / ".out.tmp-1"
+    (tmp / "params").mkdir(parents=True)
+
+    def late_writer():
+        time.sleep(0.5)
+        (tmp / "params" / "d").mkdir(parents=True, exist_ok=True)
+        (tmp / "params" / "d" / "chunk").write_bytes(b"x")
+
+    t = threading.Thread(target=late_writer)
+    t.start()
+    convert._remove_when_quiet(tmp, quiet_s=1.0)
+    t.join()
+    assert not tmp.exists()
+
+
 def test_out_under_a_file_is_named(golden_dir, converted, tmp_path):
     """An --out whose parent is a file: one error naming the file (was "[Errno 17] File exists: ...")."""
     (tmp_path / "afile").write_text("mine")

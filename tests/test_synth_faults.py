@@ -161,16 +161,16 @@ def test_bad_base_url_is_refused_before_anything(server, tmp_path):
     file is made; credentials in it are never shown (a URL without a scheme parses with its userinfo as the
     path, which went into the manifest as it was)."""
     secret = "AUDITSECRET-9"
+    e = "error: command line: base_url:"
     cases = [
-        (f"user:{secret}@127.0.0.1:8000/v1", "error: command line: base_url: expected an http(s) URL with a host, such as "
+        (f"user:{secret}@127.0.0.1:8000/v1", f"{e} expected an http(s) URL with a host, such as "
          "http://127.0.0.1:8000/v1, got '***@127.0.0.1:8000/v1'"),
-        ("ftp://127.0.0.1/v1", "error: command line: base_url: expected an http(s) URL with a host, such as "
-         "http://127.0.0.1:8000/v1, got 'ftp://127.0.0.1/v1'"),
-        ("http://127.0.0.1:99999/v1", "error: command line: base_url: the port of 'http://127.0.0.1:99999/v1' is not a number in "
-         "0-65535"),
-        (f"{server.base_url}?api-key={secret}", f"error: command line: base_url: '{server.base_url}' carries a query or fragment "
-         "('?...' / '#...'), which the client would put before its endpoint paths; give the base URL alone (an API "
-         "key is read from the environment: --api-key-env)"),
+        ("ftp://127.0.0.1/v1", f"{e} expected an http(s) URL with a host, such as http://127.0.0.1:8000/v1, got "
+         "'ftp://127.0.0.1/v1'"),
+        ("http://127.0.0.1:99999/v1", f"{e} the port of 'http://127.0.0.1:99999/v1' is not a number in 0-65535"),
+        (f"{server.base_url}?api-key={secret}", f"{e} '{server.base_url}' carries a query or fragment ('?...' / "
+         "'#...'), which the client would put before its endpoint paths; give the base URL alone (an API key is "
+         "read from the environment: --api-key-env)"),
     ]
     for url, want in cases:
         for dry in ([], ["--dry-run"]):

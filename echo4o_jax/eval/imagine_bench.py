@@ -23,7 +23,8 @@ r"""Imagine-Bench with a VLM judge (Echo-4o's protocol): 270 fantasy prompts in 
   accepted for k = 0.
 
 * Prompt file: one JSON object per line with an integer ``id`` (unique) and the strings ``instruction``,
-  ``note``, ``type`` (one of the 8 types above); every line is checked when the file loads (an error names ``FILE:LINE`` and the key).
+  ``note``, ``type`` (one of the 8 types above); every line is checked when the file loads (an error names
+  ``FILE:LINE`` and the key).
 
 Outputs in --out: ``results.json``, ``summary.md``, ``gallery.html``, ``judge_cache/``.
 Exit status: 0 every image judged, 1 incomplete, 2 bad input, 130 interrupted (see -h).

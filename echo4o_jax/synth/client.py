@@ -19,9 +19,9 @@ Every call goes through :meth:`SynthClient._call`:
    matching ``refusal_patterns``) is journaled with status ``refused`` and raised as :class:`Refused`;
 5. a successful answer is journaled (images first, as blobs) with its usage and estimated cost. A
    journaled image answer with a missing or corrupt blob (sha256 mismatch), or whose blobs do not decode
-   or are not of the requested size (written by an older version), is not replayed: it is asked again (with a warning naming the blob and
-   the call), and the new answer's entry supersedes it (a corrupt blob file is rewritten when the same
-   bytes come back).
+   or are not of the requested size (written by an older version), is not replayed: it is asked again
+   (with a warning naming the blob and the call), and the new answer's entry supersedes it (a corrupt blob
+   file is rewritten when the same bytes come back).
 
 The API key is read from the environment variable ``cfg.api_key_env`` when the first HTTP call is
 made; it is passed to the ``openai`` client only, and removed (:func:`echo4o_jax.eval.judge.redact`)

@@ -715,7 +715,7 @@ class Trainer:
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         history = []
-        closers: list = []
+        bar = None  # the progress bar, closed in `finally` (an error then starts on a line of its own)
         prof = _StepProfile(self, int(c.log.profile_start), int(c.log.profile_steps))
         prof.check_reachable(start, total)
         try:
@@ -746,7 +746,6 @@ class Trainer:
             n_dev = self.mesh.size
             peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(c.log.get("peak_flops", 0.0)))
             bar = tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True)
-            closers.append(bar.close)  # (an error then starts on a line of its own)
             timer = _Timer()
             step = start
             skipped_reported = 0
@@ -805,14 +804,13 @@ class Trainer:
                         logger.image(step, "samples", grid)
                 if stop["agreed"] is not None:
                     break
-            bar.close()
             self.ckpt.wait_until_finished()
             return dict(step=step, total=total, history=history, resumed=resumed,
                         stopped_by=stop["agreed"] if step < total else None)
         finally:
             try:
-                for close in closers:
-                    close()
+                if bar is not None:
+                    bar.close()
                 prof.close()
                 logger.close()
                 self.ckpt.wait_until_finished()
