@@ -9,10 +9,12 @@
 #      skipping share, cuDNN over the whole pack for scale, and a sweep of the pallas_gpu launch shapes;
 #   3. bench/train_throughput.py on configs/bagel_7b_geometry_small.py (full 7B width, 4 layers):
 #      tokens/s, step time, compile time, MFU (official formula), peak memory, device time by the model's
-#      named scopes (attention, mlp, qkv, ..., optimizer; from a 2-step trace), for each of $IMPLS
+#      named scopes (attention, mlp, qkv, ..., optimizer; from a 2-step trace of the step compiled again
+#      without CUDA graphs, which hide their kernels' scopes: +~40 s), for each of $IMPLS
 #      (default pallas_gpu) and then pallas_gpu with the sweep's best launch shapes (when >= 5% faster than the
 #      defaults on one layer), each in its own process;
-#   4. the same with remat `dots` (matmul outputs saved), and both remats with 2 decoder layers;
+#   4. the same with remat `dots` (matmul outputs saved), and both remats with 2 decoder layers (the config's
+#      remat traced too: one layer's device time by scope);
 #   5. bench/gpu_summary.py: one table of the runs (with each step's attention share), where each run's
 #      device memory went (in use / peak so far after setup, compile, the first and the timed steps), and
 #      one decoder layer's time and MFU per remat (the 4-layer step's MFU is half embedding/LM-head FLOPs
@@ -23,8 +25,9 @@
 #   d="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64"
 #   pip download $d -d .whl ml-collections==1.1.0
 #   pip download $d -d .whl/pinned flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8
-# Measured 2026-11-26 on an H200 and 2026-11-27 on an H100 (bench/results/, README "Design notes"); the
-# stages took 55 s (attention) and ~90 s per train-step run there: about 7 minutes in all.
+# Measured 2026-11-26 and 2026-11-28 on an H200 and 2026-11-27 on an H100 (bench/results/, README "Design
+# notes"); the stages took 50-55 s (attention) and ~90 s per train-step run there: 408 s in all on the H200
+# (2026-11-28, before the traced runs compiled the step again: expect ~80 s more).
 set -uo pipefail
 # OUT (default ./gpu_check) and CONFIG are relative to the caller's folder (CONFIG's default: the repo's
 # configs/bagel_7b_geometry_small.py): made absolute before the cd to the repo root
@@ -120,8 +123,10 @@ for remat in ${LAYER_REMATS:-full dots}; do
     train "pallas_gpu_$remat" pallas_gpu --set "model.remat=$remat"
   fi
   stage "4 per-layer cost: pallas_gpu remat $remat, ${LOW_LAYERS:-2} layers"
+  prof=()  # the config's remat traced at both depths: one layer's device time by scope
+  [ "$remat" = "$CFG_REMAT" ] && prof=(--profile-steps 2)
   train "pallas_gpu_${remat}_${LOW_LAYERS:-2}layers" pallas_gpu --set "model.remat=$remat" \
-    --set "model.geometry.llm.num_layers=${LOW_LAYERS:-2}"
+    --set "model.geometry.llm.num_layers=${LOW_LAYERS:-2}" "${prof[@]}"
 done
 
 stage "summary"

@@ -2,7 +2,8 @@
 MFU by the official formula and full-model MFU) with the attention share of each step (from
 OUT/attention.json, bench/attention_bench.py), then where each run's device memory went (in use / peak so
 far after setup, compile, the first step and the timed steps), the device time per step by the model's
-named scopes (runs with --profile-steps), then the cost of one decoder layer.
+named scopes (runs with --profile-steps), then the cost of one decoder layer (by scope, where both runs of
+the pair were traced).
 
 Why the per-layer rows: the official formula counts 6 x 2 x vocab x hidden per token (the embedding and
 the LM head, for every token, although the LM head runs on the loss tokens only and the embedding is a
@@ -61,6 +62,30 @@ def num_layers(r: dict) -> int | None:
         return None
 
 
+def hidden_scopes(profile: dict) -> str | None:
+    """Why a run's profile cannot tell its scopes apart, or None: its time ran in XLA command buffers (CUDA
+    graphs; `note`, or, in runs from before train_throughput traced a step compiled without them, command
+    buffers among its top ops)."""
+    if profile.get("note"):
+        return profile["note"]
+    if any(str(op).startswith("command_buffer") for op, *_ in profile.get("top_ops") or []):
+        return ("its top ops are XLA command buffers (CUDA graphs), which hide their kernels' scopes (traced "
+                "before train_throughput compiled the traced steps without them)")
+    return None
+
+
+def layer_scopes(a: dict, b: dict, layers: int) -> dict[str, float] | None:
+    """One decoder layer's device seconds by named scope: the difference of two profiled runs (`b` with
+    `layers` more layers) over `layers`; None unless both were traced with every scope attributed (no
+    time in command buffers)."""
+    pa, pb = a.get("profile") or {}, b.get("profile") or {}
+    if not (pa.get("by_scope") and pb.get("by_scope")) or hidden_scopes(pa) or hidden_scopes(pb):
+        return None
+    keys = sorted(set(pa["by_scope"]) | set(pb["by_scope"]))
+    d = {k: (pb["by_scope"].get(k, 0.0) - pa["by_scope"].get(k, 0.0)) / layers for k in keys}
+    return dict(sorted(d.items(), key=lambda kv: -kv[1]))
+
+
 def layer_fits(runs: list[tuple[str, dict]]) -> list[dict]:
     """Per group of runs equal but for their decoder layers (same attention, tuning, remat, dtype, other
     overrides): one decoder layer's time `dt` and FLOPs `df` (deepest minus shallowest run, `lo` / `hi` layers),
@@ -87,7 +112,8 @@ def layer_fits(runs: list[tuple[str, dict]]) -> list[dict]:
             else None
         name = f"{impl} remat {remat}" + (f" {tuning}" if tuning else "") + (f" {' '.join(other)}" if other else "")
         fits.append(dict(name=name, impl=impl, remat=remat, tuning=tuning, lo=lo, hi=hi, dt=dt, df=df, peak=peak,
-                         update=u, t28=t28, f28=f28, mfu28=f28 / (t28 * b["devices"] * peak), run=b))
+                         update=u, t28=t28, f28=f28, mfu28=f28 / (t28 * b["devices"] * peak), run=b,
+                         scopes=layer_scopes(a, b, hi - lo)))
     return fits
 
 
@@ -103,6 +129,10 @@ def layer_rows(runs: list[tuple[str, dict]]) -> list[str]:
             line += (f" (optimizer update {u * 1e3:.1f} ms, which FSDP divides among the chips; compute alone "
                      f"{(dt - u) * 1e3:.1f} ms, MFU {df / ((dt - u) * n_dev * peak):.1%})")
         lines.append(line + f"; step at {REAL_DEPTH} layers {f['t28']:.3f} s, MFU {f['mfu28']:.1%}")
+        if f["scopes"]:
+            tot = sum(f["scopes"].values())
+            lines.append(f"{f['name']}: one decoder layer's device time by scope (traced runs; {tot * 1e3:.1f} ms): "
+                         + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in f["scopes"].items() if abs(v) >= 5e-5))
     return lines
 
 
@@ -135,6 +165,8 @@ def summary(out: pathlib.Path) -> str:
         pr = r.get("profile")
         if pr and pr.get("error"):
             lines.append(f"{name} profile failed: {pr['error'][:200]}")
+        elif pr and hidden_scopes(pr):
+            lines.append(f"{name} profile: {hidden_scopes(pr)}")
         elif pr and pr.get("device_seconds_per_step"):
             tot = pr["device_seconds_per_step"]
             lines.append(f"{name} device time per step by scope ({pr['source']}; {tot * 1e3:.1f} ms in all, "

@@ -133,16 +133,24 @@ def batch_work(cfg, batch, freeze_vit: bool) -> tuple[int, float, float]:
 
 def profile_steps(tr, steps: int, log_dir: str) -> dict:
     """`steps` train steps under jax.profiler.trace: device time per step by named scope
-    (echo4o_jax.train.profile), with the wall time per step of the traced steps for comparison."""
+    (echo4o_jax.train.profile), with the wall time per step of the traced steps for comparison. On a GPU the
+    traced steps run the step compiled again without command buffers (CUDA graphs hide their kernels'
+    scopes; `profile.readable_compiler_options`); the timed steps before them ran the step as trained."""
     import jax
 
     from echo4o_jax.train import profile as prof
 
+    options = prof.readable_compiler_options(jax.default_backend())
+    timed = tr._compiled
     try:  # a profiler that fails (no CUPTI, ...) must not lose the measurements above
         with tempfile.TemporaryDirectory() as tmp:
             d = log_dir or tmp
             pathlib.Path(d).mkdir(parents=True, exist_ok=True)
             batches = [next(tr.source) for _ in range(steps)]
+            compile_s = 0.0
+            if options:
+                compile_s = tr.compile(batches[0], options)
+                tr.train_step(batches[0])  # its first run outside the trace
             t = time.perf_counter()
             with jax.profiler.trace(d, create_perfetto_trace=True):
                 for b in batches:
@@ -151,7 +159,10 @@ def profile_steps(tr, steps: int, log_dir: str) -> dict:
             out = prof.summarize_compiled_trace(d, tr._compiled, steps)
     except Exception as e:  # noqa: BLE001
         return dict(error=f"{type(e).__name__}: {e}"[:1000])
-    return dict(out, wall_seconds_per_step=wall, trace_dir=log_dir or None)
+    finally:
+        tr._compiled = timed
+    return dict(out, wall_seconds_per_step=wall, trace_dir=log_dir or None, compiler_options=options,
+                compile_seconds=round(compile_s, 2))
 
 
 def update_seconds(tr, ema_decay: float, steps: int) -> float:

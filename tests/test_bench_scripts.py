@@ -80,20 +80,43 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
 
     # per-layer rows: runs equal but for their depth give one layer's time, FLOPs and MFU, split from its
     # share of the optimizer update, and the step extrapolated to 28 layers
+    # (and, both runs traced, one layer's device time by scope)
     deep = dict(r, num_layers=4, step_seconds=0.25, model_flops_per_step=130e12, mfu=130e12 / (0.25 * peak),
-                update_seconds=0.04, layer_param_fraction=0.15, overrides=["model.geometry.llm.num_layers=4"])
+                update_seconds=0.04, layer_param_fraction=0.15, overrides=["model.geometry.llm.num_layers=4"],
+                profile=dict(pr, note=None, by_scope={"mlp": 0.05, "attention": 0.03, "other": 0.01}))
     shallow = dict(deep, num_layers=2, step_seconds=0.16, model_flops_per_step=100e12, mfu=100e12 / (0.16 * peak),
-                   overrides=["model.geometry.llm.num_layers=2"])
+                   overrides=["model.geometry.llm.num_layers=2"],
+                   profile=dict(pr, note=None, by_scope={"mlp": 0.02, "attention": 0.01, "other": 0.008}))
     (tmp_path / "train_deep.json").write_text(json.dumps(deep))
     (tmp_path / "train_shallow.json").write_text(json.dumps(shallow))
     assert gs.main([str(tmp_path)]) == 0
-    (layer,) = [line for line in capsys.readouterr().out.splitlines() if "one decoder layer" in line]
+    lines = capsys.readouterr().out.splitlines()
+    (scopes,) = [line for line in lines if "one decoder layer's device time by scope" in line]
+    assert scopes.endswith("(traced runs; 26.0 ms): mlp 15.0 ms, attention 10.0 ms, other 1.0 ms")
+    (layer,) = [line for line in lines if "one decoder layer (" in line]
     dt, df, u = 0.045, 15e12, 0.04 * 0.15
     assert layer.startswith("xla_blockwise remat ") and "(2 vs 4 layers) 45.0 ms, 15.0 TFLOP" in layer
     assert f"MFU {df / (dt * peak):.1%}" in layer and f"compute alone {(dt - u) * 1e3:.1f} ms" in layer
     assert f"MFU {df / ((dt - u) * peak):.1%})" in layer
     t28, f28 = 0.25 + 24 * dt, 130e12 + 24 * df
     assert f"step at 28 layers {t28:.3f} s, MFU {f28 / (t28 * peak):.1%}" in layer
+    # a traced run whose time went into command buffers (scopes hidden) gives no per-layer scopes, and says why
+    note = "80% of the device time ran in XLA command buffers"
+    shallow["profile"]["note"] = note
+    (tmp_path / "train_shallow.json").write_text(json.dumps(shallow))
+    assert gs.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if "one decoder layer's device time by scope" in line]
+    assert f"shallow profile: {note}" in lines
+    # as does one traced before the traced steps ran without command buffers (no note; H200, 2026-11-28)
+    old = json.loads((ROOT / "bench/results/h200_train_pallas_gpu_full_2layers_2026-11-28.json").read_text())
+    assert old["profile"]["top_ops"][0][0].startswith("command_buffer") and "note" not in old["profile"]
+    shallow["profile"] = old["profile"]
+    (tmp_path / "train_shallow.json").write_text(json.dumps(shallow))
+    assert gs.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if "one decoder layer's device time by scope" in line]
+    assert any(line.startswith("shallow profile: its top ops are XLA command buffers") for line in lines)
 
 
 def test_cpu_baseline_refuses_unknown_variants_before_compiling(capsys):
@@ -121,13 +144,49 @@ def test_a_failing_profiler_is_reported_not_fatal(monkeypatch):
     class Trainer:  # what profile_steps uses of a trainer
         source = iter(range(2))
         steps_run = 0
+        _compiled = "the timed step"
 
         def train_step(self, batch):
             self.steps_run += 1
 
     tr = Trainer()
     assert tt.profile_steps(tr, 2, "") == {"error": "RuntimeError: CUPTI unavailable"}
-    assert tr.steps_run == 0
+    assert tr.steps_run == 0 and tr._compiled == "the timed step"
+
+
+def test_gpu_profile_traces_a_step_compiled_without_command_buffers(monkeypatch):
+    """On a GPU, CUDA graphs (XLA command buffers) hide their kernels' scopes (an H200 trace gave 91% "other"):
+    the traced steps run the step compiled again without them; the timed executable is restored after."""
+    import contextlib
+
+    from echo4o_jax.train import profile as prof
+
+    tt = load_file(ROOT / "bench" / "train_throughput.py", "train_throughput_script")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.profiler, "trace", lambda *a, **k: contextlib.nullcontext())
+    traced_with = []
+    monkeypatch.setattr(prof, "summarize_compiled_trace",
+                        lambda d, compiled, steps: traced_with.append(compiled) or dict(steps=steps))
+
+    class Trainer:
+        source = iter(range(3))
+        _compiled = "the timed step"
+        ran = []
+
+        def compile(self, batch, compiler_options=None):
+            self._compiled = ("recompiled", tuple(sorted(compiler_options.items())))
+            return 1.5
+
+        def train_step(self, batch):
+            self.ran.append((batch, self._compiled))
+
+    tr = Trainer()
+    out = tt.profile_steps(tr, 2, "")
+    readable = ("recompiled", (("xla_gpu_enable_command_buffer", ""),))
+    assert traced_with == [readable] and tr._compiled == "the timed step"
+    assert tr.ran == [(0, readable), (0, readable), (1, readable)]  # a first run outside the trace, then 2
+    assert out["compiler_options"] == {"xla_gpu_enable_command_buffer": ""} and out["compile_seconds"] == 1.5
+    assert prof.readable_compiler_options("cpu") == {} and prof.readable_compiler_options("tpu") == {}
 
 
 def test_tpu_compile_refuses_bad_arguments_before_compiling(capsys):

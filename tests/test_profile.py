@@ -91,3 +91,22 @@ def test_gpu_trace_without_hlo_ops_is_attributed_by_kernel_name(tmp_path):
     assert s["source"].startswith("device kernels without hlo_op")
     ms = {k: round(v * 1e3, 6) for k, v in s["by_scope"].items()}
     assert ms == {"attention": 0.4, "gemm (unattributed)": 0.3, "mlp": 0.1, "other": 0.05}
+
+
+def test_command_buffer_time_is_named_and_explained(tmp_path):
+    """A GPU step's CUDA graphs are one event each, with the command buffer's name as their op (the module
+    may call it a `call`): their time is counted, as COMMAND_BUFFER, and the summary says how to see it."""
+    def ev(op, dur):
+        return dict(ph="X", pid=1, tid=7, name=op, ts=0, dur=dur, args=dict(hlo_op=op))
+
+    hlo = HLO.replace("  ROOT %adam", "  %command_buffer_5 = f32[4]{0} call(%a), to_apply=%body\n  ROOT %adam")
+    sc = prof.hlo_op_scopes(hlo)
+    assert "command_buffer_5" in sc and sc["command_buffer_5"] is None  # a container to the module
+    events = [ev("command_buffer_5", 600.0), ev("command_buffer_633", 200.0), ev("fusion.3", 200.0)]
+    s = prof.summarize_trace(_trace(tmp_path, events), sc, steps=1)
+    ms = {k: round(v * 1e3, 6) for k, v in s["by_scope"].items()}
+    assert ms == {prof.COMMAND_BUFFER: 0.8, "mlp": 0.2}
+    assert s["note"].startswith("80% of the device time ran in XLA command buffers")
+    assert "--xla_gpu_enable_command_buffer=" in s["note"]
+    s = prof.summarize_trace(_trace(tmp_path, [ev("fusion.3", 200.0)]), sc, steps=1)
+    assert s["note"] is None

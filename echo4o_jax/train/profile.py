@@ -23,12 +23,24 @@ import json
 import pathlib
 import re
 
-__all__ = ["SCOPES", "hlo_op_scopes", "scope_of", "find_trace", "device_op_events", "summarize_trace",
-           "summarize_compiled_trace"]
+__all__ = ["SCOPES", "COMMAND_BUFFER", "hlo_op_scopes", "scope_of", "find_trace", "device_op_events",
+           "summarize_trace", "summarize_compiled_trace", "readable_compiler_options"]
 
 # the named scopes of the model and the step
 SCOPES = ("attention", "qkv", "rope", "o_proj", "mlp", "norm", "vit", "lm_head_ce", "velocity_mse", "vae_encode",
           "optimizer")
+
+# On a GPU, XLA runs runs of kernels as CUDA graphs ("command buffers"); a trace records each graph as one
+# event named after its command buffer, whose kernels, and so their named scopes, it does not show.
+COMMAND_BUFFER = "command buffer (unattributed)"
+_COMMAND_BUFFER_OP = re.compile(r"^command_buffer")
+
+
+def readable_compiler_options(backend: str) -> dict[str, str]:
+    """Compiler options for a step compiled to be traced: on a GPU no command buffers, so that every kernel
+    is an event of its own, named by its HLO op (each kernel is then launched alone: maybe slower)."""
+    return {"xla_gpu_enable_command_buffer": ""} if backend in ("gpu", "cuda", "rocm") else {}
+
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -105,7 +117,10 @@ def scope_of(op_name: str) -> str:
 
 def _scope_of_kernel(name: str) -> str:
     """A kernel or op that the module does not name: our flash kernels by their name, matrix multiplies
-    (cuBLAS / CUTLASS / Triton GEMMs) as "gemm (unattributed)", the rest "other"."""
+    (cuBLAS / CUTLASS / Triton GEMMs) as "gemm (unattributed)", a CUDA graph as COMMAND_BUFFER, the rest
+    "other"."""
+    if _COMMAND_BUFFER_OP.match(name):
+        return COMMAND_BUFFER
     if "bagel_flash" in name:
         return "attention"
     if re.search(r"gemm|cublas|cutlass|xmma|matmul", name, re.I):
@@ -157,7 +172,9 @@ def summarize_compiled_trace(log_dir: str | pathlib.Path, compiled, steps: int) 
 
 def summarize_trace(path: str | pathlib.Path, op_scopes: dict[str, str | None], steps: int, top: int = 12) -> dict:
     """Seconds per step by scope (SCOPES + "other"; op times summed, so overlapping streams add up), the
-    top ops, and how many op events had no op_name in the module (`unmapped`, counted as "other")."""
+    top ops, and how many op events had no op_name in the module (`unmapped`, counted as "other", or by
+    kernel name). When command buffers hide the scopes of part of the time, `note` says how much and how to
+    see them."""
     path = pathlib.Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
@@ -168,16 +185,22 @@ def summarize_trace(path: str | pathlib.Path, op_scopes: dict[str, str | None], 
     unmapped = 0
     for e in events:
         op = (e.get("args") or {}).get("hlo_op") or e.get("name", "")
-        if op in op_scopes and op_scopes[op] is None:
+        graph = bool(_COMMAND_BUFFER_OP.match(op))  # one event for its kernels, whatever the module calls it
+        if op in op_scopes and op_scopes[op] is None and not graph:
             continue  # control flow: its ops are events of their own
-        name = op_scopes.get(op)
+        name = None if graph else op_scopes.get(op)
         if name is None:
             unmapped += 1
         scope = scope_of(name) if name is not None else _scope_of_kernel(op)
         sec = float(e.get("dur", 0.0)) * 1e-6 / steps  # trace times are microseconds
         by_scope[scope] += sec
         by_op[(op, scope)] += sec
-    return dict(steps=steps, source=source, events=len(events), unmapped_events=unmapped,
-                device_seconds_per_step=sum(by_scope.values()),
+    total = sum(by_scope.values())
+    hidden = by_scope.get(COMMAND_BUFFER, 0.0)
+    note = (f"{hidden / total:.0%} of the device time ran in XLA command buffers (CUDA graphs), whose kernels and "
+            "scopes the trace does not show: trace a step compiled without them (XLA_FLAGS="
+            "--xla_gpu_enable_command_buffer= ; train_throughput --profile-steps does this)" if hidden else None)
+    return dict(steps=steps, source=source, events=len(events), unmapped_events=unmapped, note=note,
+                device_seconds_per_step=total,
                 by_scope={k: v for k, v in sorted(by_scope.items(), key=lambda kv: -kv[1])},
                 top_ops=[[op, scope, sec] for (op, scope), sec in by_op.most_common(top)])

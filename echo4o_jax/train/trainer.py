@@ -619,7 +619,9 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, max(v.ndim, 1)), v)
                 for k, v in arrays.items() if v.ndim >= 1}
 
-    def compile(self, batch) -> float:
+    def compile(self, batch, compiler_options: dict | None = None) -> float:
+        """Compiles the train step for `batch`'s shapes (with XLA `compiler_options`, e.g. a profile's
+        `profile.readable_compiler_options`) as the step that `train_step` runs; -> seconds taken."""
         t0 = time.perf_counter()
         dev = self._device_batch(batch)
         batch_sh = {k: v.sharding for k, v in dev.items()}
@@ -627,7 +629,7 @@ class Trainer:
                          out_shardings=(self.state_sh, shd.replicated(self.mesh)), donate_argnums=(0,))
         hits = _CACHE_HITS[0]
         with jax.set_mesh(self.mesh):  # activations pinned to the mesh inside the model (pin_activation)
-            self._compiled = jitted.lower(self.state, self.vae_state, dev).compile()
+            self._compiled = jitted.lower(self.state, self.vae_state, dev).compile(compiler_options)
         # multi-host: a hit on every process (JAX writes the cache from process 0 only: a folder the other hosts
         # do not see gives them misses)
         self.compile_cache_hit = all(r["hit"] for r in _gather_process_states({"hit": _CACHE_HITS[0] > hits}))
@@ -910,6 +912,8 @@ class _StepProfile:
               f"{s['device_seconds_per_step'] * 1e3:.1f} ms ({s['source']}): "
               + ", ".join(f"{k} {v / tot:.0%}" for k, v in s["by_scope"].items())
               + f"; trace and summary.json in {self.dir}", flush=True)
+        if s["note"]:
+            print(f"[profile] {s['note']}", flush=True)
 
 
 class _AbortedRestoreReports(logging.Filter):
