@@ -141,7 +141,7 @@ def profile_steps(tr, steps: int, log_dir: str) -> dict:
     from echo4o_jax.train import profile as prof
 
     options = prof.readable_compiler_options(jax.default_backend())
-    timed = tr._compiled
+    timed, hit = tr._compiled, getattr(tr, "compile_cache_hit", None)  # the timed step's, kept for the results
     try:  # a profiler that fails (no CUPTI, ...) must not lose the measurements above
         with tempfile.TemporaryDirectory() as tmp:
             d = log_dir or tmp
@@ -160,7 +160,7 @@ def profile_steps(tr, steps: int, log_dir: str) -> dict:
     except Exception as e:  # noqa: BLE001
         return dict(error=f"{type(e).__name__}: {e}"[:1000])
     finally:
-        tr._compiled = timed
+        tr._compiled, tr.compile_cache_hit = timed, hit
     return dict(out, wall_seconds_per_step=wall, trace_dir=log_dir or None, compiler_options=options,
                 compile_seconds=round(compile_s, 2))
 

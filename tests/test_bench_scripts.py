@@ -171,10 +171,12 @@ def test_gpu_profile_traces_a_step_compiled_without_command_buffers(monkeypatch)
     class Trainer:
         source = iter(range(3))
         _compiled = "the timed step"
+        compile_cache_hit = "the timed step's"
         ran = []
 
         def compile(self, batch, compiler_options=None):
             self._compiled = ("recompiled", tuple(sorted(compiler_options.items())))
+            self.compile_cache_hit = "the profile's"
             return 1.5
 
         def train_step(self, batch):
@@ -184,6 +186,7 @@ def test_gpu_profile_traces_a_step_compiled_without_command_buffers(monkeypatch)
     out = tt.profile_steps(tr, 2, "")
     readable = ("recompiled", (("xla_gpu_enable_command_buffer", ""),))
     assert traced_with == [readable] and tr._compiled == "the timed step"
+    assert tr.compile_cache_hit == "the timed step's"
     assert tr.ran == [(0, readable), (0, readable), (1, readable)]  # a first run outside the trace, then 2
     assert out["compiler_options"] == {"xla_gpu_enable_command_buffer": ""} and out["compile_seconds"] == 1.5
     assert prof.readable_compiler_options("cpu") == {} and prof.readable_compiler_options("tpu") == {}
