@@ -117,9 +117,9 @@ def layer_fits(runs: list[tuple[str, dict]]) -> list[dict]:
     return fits
 
 
-def layer_rows(runs: list[tuple[str, dict]]) -> list[str]:
+def layer_rows(runs: list[tuple[str, dict]], a: dict | None = None) -> list[str]:
     """One line per `layer_fits` group: one decoder layer's time and FLOPs, its MFU, and the official MFU of
-    the step extrapolated to REAL_DEPTH layers."""
+    the step extrapolated to REAL_DEPTH layers (with the attention bench `a`: attention's share of it)."""
     lines = []
     for f in layer_fits(runs):
         dt, df, u, n_dev, peak = f["dt"], f["df"], f["update"], f["run"]["devices"], f["peak"]
@@ -128,7 +128,11 @@ def layer_rows(runs: list[tuple[str, dict]]) -> list[str]:
         if u is not None:
             line += (f" (optimizer update {u * 1e3:.1f} ms, which FSDP divides among the chips; compute alone "
                      f"{(dt - u) * 1e3:.1f} ms, MFU {df / ((dt - u) * n_dev * peak):.1%})")
-        lines.append(line + f"; step at {REAL_DEPTH} layers {f['t28']:.3f} s, MFU {f['mfu28']:.1%}")
+        line += f"; step at {REAL_DEPTH} layers {f['t28']:.3f} s, MFU {f['mfu28']:.1%}"
+        t = attention_seconds(a, f["run"]) if a else None
+        if t:  # the bench's attention per layer (forward, recomputed forward, backward) x REAL_DEPTH
+            line += f", attention {t / f['hi'] * REAL_DEPTH / f['t28']:.0%} of it"
+        lines.append(line)
         if f["scopes"]:
             tot = sum(f["scopes"].values())
             lines.append(f"{f['name']}: one decoder layer's device time by scope (traced runs; {tot * 1e3:.1f} ms): "
@@ -172,7 +176,7 @@ def summary(out: pathlib.Path) -> str:
             lines.append(f"{name} device time per step by scope ({pr['source']}; {tot * 1e3:.1f} ms in all, "
                          f"{pr['wall_seconds_per_step'] * 1e3:.1f} ms wall): "
                          + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / tot:.0%})" for k, v in pr["by_scope"].items()))
-    return "\n".join(lines + layer_rows(runs))
+    return "\n".join(lines + layer_rows(runs, a))
 
 
 def main(argv=None) -> int:

@@ -100,6 +100,7 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
     assert f"MFU {df / ((dt - u) * peak):.1%})" in layer
     t28, f28 = 0.25 + 24 * dt, 130e12 + 24 * df
     assert f"step at 28 layers {t28:.3f} s, MFU {f28 / (t28 * peak):.1%}" in layer
+    assert layer.endswith(f", attention {att['decoder_attention_s'] / a['layers'] * 28 / t28:.0%} of it")
     # a traced run whose time went into command buffers (scopes hidden) gives no per-layer scopes, and says why
     note = "80% of the device time ran in XLA command buffers"
     shallow["profile"]["note"] = note
