@@ -19,8 +19,10 @@ reasoning text (at most --max-new-tokens, default 500) before the image (or the 
 (text or ids, not both) must not be empty; flags a mode would ignore are refused (e.g. --size, --seed,
 --steps or --cfg-* with --understand; --max-new-tokens without --think or --understand).
 
-Single mode writes `image_seed<seed>_<k>.png` and `generation.json` (or `answer.json` with --understand)
-into --out (checked before the model loads: a folder or a path to create; without --out, a new folder
+Single mode writes `image_seed<seed>_<k>.png` and `generation.json` (or `answer.json` with --understand; each
+records what made it as batch mode's metadata.jsonl does: the checkpoint's identity, dtype, input resizes,
+prompt, reference images with the sha256 of their content, settings) into --out (checked before the model
+loads: a folder or a path to create; without --out, a new folder
 `outputs/generate/<date-time>` per run). An --out that holds an earlier
 single-mode generation (generation.json, answer.json, image_seed*_*.png) is refused unless `--overwrite`,
 which removes that generation's files once the new one is written (other files stay); an --out holding a
@@ -28,7 +30,8 @@ batch run (metadata.jsonl) is refused.
 
 Batch mode (`--prompts FILE.jsonl`), one request per line:
     {"id": "cat", "prompt": "...", "images": ["ref.png"], "size": [1024, 1024], "seed": 0, "num_images": 4}
-(`id` defaults to the line number, `prompt_ids` may replace `prompt`; optional `think`: true,
+(`id` defaults to the line number, `prompt_ids` may replace `prompt`; seeds in [0, 2**32), since
+jax.random.key keeps a seed's low 32 bits; optional `think`: true,
 `max_new_tokens` (think requests: the think text's limit, default --max-new-tokens) and `sampler`:
 {setting: value}; any other key is refused). Ids must be unique in the file (they name the outputs, at most
 200 bytes). Relative image paths are read from the JSONL file's folder, not the current directory. Every
@@ -172,7 +175,10 @@ def _as_number(v, what: str) -> float:
     return v
 
 
-def _as_int(v, what: str, minimum: int | None = None) -> int:
+SEED_LIMIT = 2**32  # jax.random.key(seed) keeps the low 32 bits: seeds 3 and 2**32 + 3 are one key
+
+
+def _as_int(v, what: str, minimum: int | None = None, limit: int | None = None) -> int:
     try:
         if isinstance(v, bool):
             raise TypeError
@@ -181,6 +187,8 @@ def _as_int(v, what: str, minimum: int | None = None) -> int:
         raise GenerateError(f"{what} {v!r}: expected an integer") from None
     if minimum is not None and n < minimum:
         raise GenerateError(f"{what} {n}: must be at least {minimum}")
+    if limit is not None and n >= limit:
+        raise GenerateError(f"{what} {n}: must be below {limit}")
     return n
 
 
@@ -204,9 +212,10 @@ def parse_size(s, stride: int) -> tuple[int, int]:
         except ValueError:
             raise GenerateError(f"size {s!r}: expected HxW, e.g. 1024x1024") from None
     try:
-        h, w = (int(x) for x in s)
+        h, w = s
+        h, w = (operator.index(x) for x in (h, w) if not isinstance(x, bool))
     except (TypeError, ValueError):
-        raise GenerateError(f"size {s!r}: expected [height, width]") from None
+        raise GenerateError(f"size {s!r}: expected [height, width] (two integers)") from None
     if h <= 0 or w <= 0 or h % stride or w % stride:
         raise GenerateError(f"size {h}x{w}: height and width must be positive multiples of {stride}")
     return h, w
@@ -447,7 +456,7 @@ class Generator:
         ids = self.encode(prompt, prompt_ids)
         images = self._read_images(images)
         kw = self.sampler_settings(bool(images), sampler)
-        seed = _as_int(seed, "seed")
+        seed = _as_int(seed, "seed", minimum=0, limit=SEED_LIMIT)
         num_images = _as_int(num_images, "num_images", minimum=1)
         max_think_tokens = _as_int(max_think_tokens, "max_new_tokens (think)", minimum=1)
         sys_ids = self._think_prompt(GEN_THINK_SYSTEM_PROMPT) if think else None
@@ -773,16 +782,22 @@ def _image_identity(im) -> tuple[str, str]:
     return f"<{type(im).__name__} {im.size[0]}x{im.size[1]}>", hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
 
 
+def _inputs_record(gen: Generator, prompt, images) -> dict[str, Any]:
+    """The part of a record every mode shares: the checkpoint's identity, dtype, input resizes, prompt and
+    reference images (resolved paths, sha256 of their content)."""
+    ims = [_image_identity(im) for im in images]
+    return dict(**gen.identity, dtype=gen.dtype, vae_transform=dataclasses.asdict(gen.vae_transform),
+                vit_transform=dataclasses.asdict(gen.vit_transform), prompt=prompt,
+                images=[name for name, _ in ims], images_sha256=[h for _, h in ims])
+
+
 def _generated_with(gen: Generator, req: dict, r: _Prepared) -> dict[str, Any]:
     """What makes a request's pictures, as its metadata.jsonl record keeps it: the checkpoint's identity
     (folder, workdir step, weight files), dtype, input resizes, prompt (and its token ids), reference images
     (resolved paths, sha256 of their content), seed, number of images, size, think mode (and its token limit),
     sampler settings."""
-    images = [_image_identity(im) for im in req.get("images", [])]
     think = r.sys_ids is not None
-    return dict(**gen.identity, dtype=gen.dtype, vae_transform=dataclasses.asdict(gen.vae_transform),
-                vit_transform=dataclasses.asdict(gen.vit_transform), prompt=req.get("prompt"),
-                prompt_ids=list(r.ids), images=[name for name, _ in images], images_sha256=[h for _, h in images],
+    return dict(**_inputs_record(gen, req.get("prompt"), req.get("images", [])), prompt_ids=list(r.ids),
                 seed=r.seed, num_images=r.num_images, size=list(r.shape), think=think,
                 max_new_tokens=r.max_think_tokens if think else None,
                 settings={k: list(v) if isinstance(v, tuple) else v for k, v in r.sampler.items()})
@@ -823,15 +838,11 @@ class BatchInterrupted(KeyboardInterrupt):
 def check_out_dir(out) -> None:
     """An output folder must be a folder or a path that can become one: an existing file, or a path under a
     file, is a GenerateError (before anything is generated)."""
-    out = pathlib.Path(out)
-    for q in (out, *out.parents):
-        if q.exists():
-            if not q.is_dir():
-                raise GenerateError(f"--out {out}: exists and is not a folder" if q == out
-                                    else f"--out {out}: {q} is a file, not a folder")
-            if not os.access(q, os.W_OK | os.X_OK):
-                raise GenerateError(f"--out {out}: {q} is not writable")
-            return
+    from .paths import folder_problem
+
+    why = folder_problem(out)
+    if why:
+        raise GenerateError(f"--out {out}: {why}")
 
 
 def _make_out_dir(out: pathlib.Path) -> None:
@@ -840,6 +851,21 @@ def _make_out_dir(out: pathlib.Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GenerateError(f"--out {out}: cannot create the folder ({e})") from None
+
+
+def check_requests(gen: Generator, requests: Sequence[dict], overrides: dict | None = None,
+                   max_new_tokens: int | None = None) -> tuple[list[str], list[_Prepared]]:
+    """Every request checked against the model (`Generator.check_request`; ids unique), nothing written:
+    -> (ids, checked requests). The first error names the request (its 'FILE:LINE', else its number) and id."""
+    ids = _request_ids(requests)
+    overrides = dict(overrides or {})
+    prepared = []
+    for i, (rid, req) in enumerate(zip(ids, requests)):
+        try:
+            prepared.append(gen.check_request(req, overrides, max_new_tokens))
+        except GenerateError as e:
+            raise GenerateError(f"{_source(req, i)} (id={rid}): {e}") from None
+    return ids, prepared
 
 
 def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides: dict | None = None,
@@ -860,13 +886,7 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
 
     out_dir = pathlib.Path(out_dir)
     overrides = dict(overrides or {})
-    ids = _request_ids(requests)
-    prepared = []
-    for i, (rid, req) in enumerate(zip(ids, requests)):  # all checked before anything is loaded or written
-        try:
-            prepared.append(gen.check_request(req, overrides, max_new_tokens))
-        except GenerateError as e:
-            raise GenerateError(f"{_source(req, i)} (id={rid}): {e}") from None
+    ids, prepared = check_requests(gen, requests, overrides, max_new_tokens)
     _make_out_dir(out_dir)
     meta_path = out_dir / "metadata.jsonl"
     done = _read_metadata(meta_path)
@@ -938,8 +958,8 @@ def write_contact_sheet(paths: Sequence, out, cell: int = 256, cols: int = 8) ->
     sheet.save(out)
 
 
-def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate: bool = False,
-                   **overrides) -> list[dict]:
+def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, regenerate: bool = False,
+                   check_only: bool = False, **overrides) -> list[dict]:
     """API for the evaluation: requests with `id`, `prompt`, `images`, `size`, `seed`, `num_images`;
     writes `<out_dir>/<id>_<k>.png` (finished requests skipped unless `regenerate`). The loaded
     checkpoint is cached per path. Sampler settings (cfg_text_scale, cfg_img_scale, cfg_interval,
@@ -949,7 +969,9 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate:
     default its latest), `dtype`, `max_context` configure the loader; `vae_transform` / `vit_transform` ([max, min]
     side, as --vae-transform / --vit-transform) the input resizes of this batch only (set on the cached Generator
     and restored after it: one loaded model serves batches with different transforms); `max_new_tokens` is
-    run_requests'."""
+    run_requests'. `check_only`: the requests are checked (the model loaded and cached, their images read) and
+    nothing is written or generated (-> []): an evaluation checks every benchmark's requests before it
+    generates any."""
     from .image_transform import ImageTransform, valid_sides
 
     load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context") if k in overrides}
@@ -967,6 +989,9 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str, *, regenerate:
         for k, (hi, lo) in transforms.items():
             stride = gen.cfg.latent_downsample if k == "vae_transform" else gen.cfg.vit.patch_size
             setattr(gen, k, ImageTransform(hi, lo, stride))
+        if check_only:
+            check_requests(gen, requests, overrides, **run_kw)
+            return []
         return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate, **run_kw)
     finally:
         for k, t in saved.items():
@@ -1171,7 +1196,9 @@ def _run(args) -> int:
                              max_new_tokens=max_new_tokens, think=args.think)
         print(res["answer"])
         _make_out_dir(args.out)
-        (args.out / "answer.json").write_text(json.dumps(res, indent=1))
+        rec = dict(**_inputs_record(gen, args.prompt, args.image), prompt_ids=prompt_ids, think=args.think,
+                   max_new_tokens=max_new_tokens, **res)
+        (args.out / "answer.json").write_text(json.dumps(rec, indent=1))
         print(f"(saved to {args.out / 'answer.json'})", file=sys.stderr)
         _remove_earlier(earlier, [args.out / "answer.json"])
         return 0
@@ -1185,8 +1212,8 @@ def _run(args) -> int:
         path = args.out / f"image_seed{seed}_{k}.png"
         save_png(img, path)
         paths.append(path)
-    rec = dict(**gen.identity, dtype=gen.dtype, prompt=args.prompt, prompt_ids=res["prompt_ids"], images=args.image,
-               seed=seed, size=res["size"], outputs=[p.name for p in paths],
+    rec = dict(**_inputs_record(gen, args.prompt, args.image), prompt_ids=res["prompt_ids"], seed=seed,
+               num_images=len(paths), size=res["size"], outputs=[p.name for p in paths],
                settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()})
     if "think" in res:
         rec.update(max_new_tokens=max_new_tokens, think=res["think"])

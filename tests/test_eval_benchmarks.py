@@ -370,7 +370,10 @@ def _fake_generate_module(calls, skip_prompts=(), error=None):
     error class and the completeness checks are the real ones."""
     mod = types.ModuleType("echo4o_jax.generate")
 
-    def generate_batch(ckpt, requests, out_dir, *, regenerate=False, **overrides):
+    def generate_batch(ckpt, requests, out_dir, *, regenerate=False, check_only=False, **overrides):
+        if check_only:  # eval.run's check of every benchmark's requests before any is generated
+            assert out_dir is None and not regenerate
+            return []
         calls.append({"ckpt": ckpt, "requests": requests, "out_dir": out_dir, "overrides": overrides,
                       "regenerate": regenerate})
         if error is not None:
@@ -472,6 +475,76 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
     assert_no_secret(out)
 
 
+def test_run_checks_every_benchmarks_requests_before_generating_any(tmp_path, monkeypatch, capsys):
+    """A request the generator refuses in a later benchmark stops the run before the first benchmark's hours of
+    generation, naming the prompt file; a bad --out and a blank Imagine-Bench instruction fail at once too."""
+    calls, checked = [], []
+    fake = _fake_generate_module(calls)
+    real_batch = fake.generate_batch
+
+    def batch(ckpt, requests, out_dir, **kw):
+        if kw.get("check_only"):
+            checked.append([r["prompt"] for r in requests])
+            if any(r["prompt"] == "I2" for r in requests):
+                raise real_generate.GenerateError("request 2 (id=00002): size 7x7: not a multiple of 16")
+        return real_batch(ckpt, requests, out_dir, **kw)
+
+    fake.generate_batch = batch
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", fake)
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
+    ib = write_jsonl(tmp_path / "imagine_bench.jsonl", [{"id": i, "instruction": f"I{i}", "note": "n", "type": "COLOR"}
+                                                        for i in (1, 2)])
+    argv = ["--ckpt", str(tmp_path / "ckpt"), "--bench", "geneval_pp,imagine_bench", "--out", str(tmp_path / "o"),
+            "--geneval-pp-prompts", str(gpp), "--imagine-bench-prompts", str(ib), "--generate-only"]
+    capsys.readouterr()
+    assert common.run_cli(eval_run.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: [imagine_bench] {ib}: request 2 (id=00002): size 7x7: not a multiple of 16 "
+                       "(nothing was generated)")
+    assert checked == [["P1 <b>bus</b>", "P2"], ["I1", "I2"]] and calls == []
+    assert not (tmp_path / "o" / "geneval_pp" / "images").exists()
+    # --out that is a file, or under one: one line, before anything
+    (tmp_path / "f").write_text("x")
+    for bad, why in ((tmp_path / "f", "exists and is not a folder"), (tmp_path / "f" / "o", "is a file, not a folder")):
+        argv_out = argv[:argv.index("--out") + 1] + [str(bad)] + argv[argv.index("--out") + 2:]
+        assert common.run_cli(eval_run.main, argv_out) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --out {bad}: ") and why in err[0], err
+    # an instruction of spaces would be an empty prompt: refused when the file loads
+    write_jsonl(ib, [{"id": 1, "instruction": "   ", "note": "n", "type": "COLOR"}])
+    with pytest.raises(common.UsageError, match=rf"{re.escape(str(ib))}:1: 'instruction' must be a non-empty"):
+        eval_run.main(argv)
+
+
+def test_run_of_fewer_benchmarks_keeps_the_others_in_the_summary(tmp_path, monkeypatch):
+    """A later run of one benchmark into the same --out (a re-judge, say) rewrites summary.json / summary.md
+    with that benchmark's new entry and keeps the others' (marked from_earlier_run); --judge-only without
+    --ckpt names the checkpoint the images' records name."""
+    calls = []
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
+    ib = write_jsonl(tmp_path / "imagine_bench.jsonl", [{"id": 1, "instruction": "I1", "note": "n", "type": "COLOR"}])
+    out = tmp_path / "o"
+    prompts = ["--geneval-pp-prompts", str(gpp), "--imagine-bench-prompts", str(ib), "--out", str(out)]
+
+    def handler(req):
+        return '{"correct": 1}' if "Instruction:" in message_text(req) else _imagine_answer(5, 6, 10)
+
+    with FakeOpenAIServer(chat_handler=handler) as s:
+        eval_run.main(["--ckpt", str(tmp_path / "ckpt"), "--bench", "geneval_pp,imagine_bench", *prompts,
+                       *judge_args(s)])
+        first = json.loads((out / "summary.json").read_text())
+        rep = eval_run.main(["--judge-only", "--bench", "geneval_pp", *prompts, *judge_args(s)])
+    assert list(rep["benchmarks"]) == ["geneval_pp", "imagine_bench"]
+    kept = rep["benchmarks"]["imagine_bench"]
+    assert kept == {**first["benchmarks"]["imagine_bench"], "from_earlier_run": True}
+    assert "from_earlier_run" not in rep["benchmarks"]["geneval_pp"]
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(rep))
+    md = (out / "summary.md").read_text()
+    assert md.startswith("# Evaluation of ckpt") and "# GenEval++: ckpt" in md and "# Imagine-Bench: ckpt" in md
+    assert (rep["ckpt"], rep["ckpt_from"]) == (str((tmp_path / "ckpt").resolve()), "generation records")
+
+
 def test_run_without_generate_module_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "echo4o_jax.generate", None)  # import raises ImportError
     gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:1])
@@ -508,7 +581,9 @@ def test_run_generation_error_from_the_real_generator(golden_dir, tmp_path, caps
                                         str(tmp_path / "o"), "--geneval-pp-prompts", str(gpp), "--generate-only"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: [geneval_pp] generation failed: ") and "tokenizer" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: [geneval_pp] {gpp}: ") and "tokenizer" in last
+    assert last.endswith("(nothing was generated)") and not (tmp_path / "o" / "geneval_pp" / "images").exists()
 
 
 def test_run_missing_prompt_file_names_the_flags(tmp_path, monkeypatch, capsys):
@@ -692,6 +767,8 @@ def test_run_record_survives_an_interrupted_generation(tmp_path, monkeypatch):
     real_batch = fake.generate_batch
 
     def dying_batch(ckpt, requests, out_dir, **kw):
+        if kw.get("check_only"):  # the check before generation passes
+            return real_batch(ckpt, requests, out_dir, **kw)
         real_batch(ckpt, requests[:1], out_dir, **kw)  # the first request's images, then the process dies
         raise KeyboardInterrupt
 
@@ -724,7 +801,9 @@ def test_run_record_after_a_failed_or_killed_regenerate(tmp_path, monkeypatch):
     for p in images.glob("*.png"):  # made well before the next runs
         os.utime(p, (p.stat().st_atime - 100, p.stat().st_mtime - 100))
 
-    def failing(*args_, **kw):
+    def failing(*args_, **kw):  # during generation (the check before it passes)
+        if kw.get("check_only"):
+            return []
         raise real_generate.GenerateError("size 7x7: not a multiple of 16")
 
     monkeypatch.setattr(fake, "generate_batch", failing)
@@ -739,6 +818,8 @@ def test_run_record_after_a_failed_or_killed_regenerate(tmp_path, monkeypatch):
 
     # killed outright after the first request's images: the record was never settled
     def killed(ckpt, requests, out_dir, **kw):
+        if kw.get("check_only"):
+            return real_batch(ckpt, requests, out_dir, **kw)
         real_batch(ckpt, requests[:1], out_dir, **kw)
         raise KeyboardInterrupt
 

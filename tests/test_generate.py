@@ -3,6 +3,7 @@ compilation counts, bad inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import re
@@ -71,7 +72,20 @@ def test_cli_end_to_end_writes_pngs(golden_dir, tmp_path):
     rc = G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--understand",
                  "--max-new-tokens", "3", "--out", str(tmp_path / "und"), "--max-context", "128",
                  "--vae-transform", "64", "16", "--vit-transform", "98", "14"])
-    assert rc == 0 and "answer_ids" in json.loads((tmp_path / "und" / "answer.json").read_text())
+    assert rc == 0
+    ans = json.loads((tmp_path / "und" / "answer.json").read_text())
+    # what made the answer, as generation.json / metadata.jsonl keep it: weights, resizes, inputs by content
+    assert "answer_ids" in ans and ans["prompt_ids"] == [5, 6] and ans["max_new_tokens"] == 3
+    assert ans["ckpt"] == str(pathlib.Path(golden_dir).resolve()) and ans["images"] == [str(img.resolve())]
+    assert ans["images_sha256"] == [hashlib.sha256(img.read_bytes()).hexdigest()]
+    assert (ans["vae_transform"]["max_size"], ans["vit_transform"]["max_size"]) == (64, 98)
+    rc = G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--size", "32x32",
+                 "--steps", "2", "--out", str(tmp_path / "edit"), "--max-context", "128",
+                 "--vae-transform", "64", "16", "--vit-transform", "98", "14"])
+    rec = json.loads((tmp_path / "edit" / "generation.json").read_text())
+    assert rc == 0 and rec["images_sha256"] == ans["images_sha256"] and rec["images"] == ans["images"]
+    assert (rec["vae_transform"], rec["vit_transform"], rec["num_images"]) == (ans["vae_transform"],
+                                                                               ans["vit_transform"], 1)
 
 
 def test_batch_mode_resumes_and_compiles_once_per_shape(golden_dir, gen, tmp_path, monkeypatch):
@@ -398,6 +412,12 @@ def test_bad_request_file_fails_before_the_weights_load(golden_dir, tmp_path, mo
          rf"at most {side}x{side}"),
         (dict(prompt_ids=[3], num_images=0), r"sub/reqs.jsonl:3 \(id=00003\): num_images 0: must be at least 1"),
         (dict(id="f", prompt_ids=[3], sampler={"steps": 3}), r"sub/reqs.jsonl:3 \(id=f\): unknown sampler setting"),
+        # jax.random.key keeps a seed's low 32 bits: 2**32 + 3 would make seed 3's images under another name
+        (dict(id="g", prompt_ids=[3], seed=2**32 + 3), rf"\(id=g\): seed {2**32 + 3}: must be below {2**32}"),
+        (dict(id="h", prompt_ids=[3], seed=-1), r"\(id=h\): seed -1: must be at least 0"),
+        (dict(id="i", prompt_ids=[3], size=[32.9, 32]), r"\(id=i\): size \[32.9, 32\]: expected \[height, width\] "
+                                                         r"\(two integers\)"),
+        (dict(id="j", prompt_ids=[3], size=["32", "32"]), r"\(id=j\): size \['32', '32'\]: expected"),
     ]
     for bad, msg in cases:
         f = _write_jsonl(sub / "reqs.jsonl", [good[0], good[1], bad])

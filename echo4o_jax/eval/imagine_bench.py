@@ -82,6 +82,8 @@ def load_items(path, limit: int | None = None) -> list[Item]:
         for key in ("instruction", "note", "type"):
             if not isinstance(r[key], str):
                 raise common.UsageError(f"{where}: {key!r} must be a string, got {r[key]!r}")
+        if not r["instruction"].strip():  # the prompt of the image: one of spaces would fail only at generation
+            raise common.UsageError(f"{where}: 'instruction' must be a non-empty string, got {r['instruction']!r}")
         if r["type"] not in TYPES:  # it would count in no category weight: dropped from the overall score
             raise common.UsageError(f"{where}: unknown type {r['type']!r} (Imagine-Bench's: {', '.join(TYPES)})")
         if rid in lines:

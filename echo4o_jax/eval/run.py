@@ -17,7 +17,8 @@ script settings (image scale 1.5, ViT transform (980, 378), the output size of t
 
 For each benchmark B the images go to ``<out>/B/images/<stem>_<k>.png`` (the naming every
 ``python -m echo4o_jax.eval.B --images`` reads) and the results to ``<out>/B/`` (results.json,
-summary.md, gallery.html); ``<out>/summary.md`` / ``summary.json`` collect the headline numbers, and
+summary.md, gallery.html); ``<out>/summary.md`` / ``summary.json`` collect the headline numbers (a later run
+of fewer benchmarks into the same ``--out`` keeps the others' entries, marked ``from_earlier_run``), and
 ``<out>/judge_cache`` is shared. ``results.json`` holds each benchmark's own judge counters;
 ``summary.json`` the run's totals.
 
@@ -36,13 +37,15 @@ from an older version, are refused the same way). ``--judge-only`` judges the im
 ``--ckpt`` / ``--step`` / ``--seed`` / ``--size`` / ``--gen-arg`` when those are given.
 
 Generation uses ``echo4o_jax.generate.generate_batch(ckpt, requests, out_dir, regenerate=..., **overrides)``
-(one call per benchmark; ``--gen-arg KEY=VALUE`` become the overrides, VALUE parsed as JSON when it
+(one call per benchmark, after one call per benchmark with ``check_only=True`` that checks every request
+against the checkpoint before any is generated; ``--gen-arg KEY=VALUE`` become the overrides, VALUE parsed as JSON when it
 parses; a training workdir's resolved step is passed as ``step``). A request is ``{"id": <stem>, "prompt", "seed": seed + index, "num_images", "size"?, "images"?}``.
 A generation error (``GenerateError``: e.g. an output size the checkpoint cannot make) stops the run
 with a one-line ``error: ...``; images written before it are kept.
 
 Before anything is generated: every prompt file is loaded and checked, the templates and ``--gen-arg``
-values parsed, the output folders checked against their records, and -- when judging follows and there
+values parsed, the output folders checked against their records, every request to generate checked by the
+generator (sizes, settings, reference images, prompt length), and -- when judging follows and there
 is something to generate -- the API key checked (``--no-api-key`` for a server without one), so that a
 mistake fails in seconds, not after hours of generation.
 
@@ -67,6 +70,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..interrupts import exit_process
+from ..paths import folder_problem
 from . import common, geneval, geneval_pp, imagine_bench, omnicontext
 from .judge import JudgeConfigError, api_key_from_env, load_template
 
@@ -360,6 +364,24 @@ def check_judge_only(name: str, items, images_dir: Path, args, ckpt: dict, gen_a
     _refuse_mismatches(name, images_dir, mismatched, [], judge_only=True)
 
 
+def _batch_overrides(plan: _Plan, gen_args: dict) -> dict:
+    """generate_batch's keyword arguments for the plan's requests: the settings, and the training workdir's step
+    resolved once (the step the record names)."""
+    step = plan.current[plan.todo[0]["id"]]["ckpt_step"] if plan.todo else None
+    return {**gen_args, **({} if step is None else {"step": step})}
+
+
+def check_generation(plan: _Plan, prompts: Path, args, gen_args: dict, api: _GenerationAPI) -> None:
+    """The plan's requests checked by the generator (sizes, settings, reference images, prompt length against
+    the checkpoint) without generating anything: every benchmark's are checked before any is generated."""
+    if not plan.todo:
+        return
+    try:
+        api.generate_batch(str(args.ckpt), plan.todo, None, check_only=True, **_batch_overrides(plan, gen_args))
+    except api.error as e:
+        raise common.UsageError(f"[{plan.name}] {prompts}: {e} (nothing was generated)") from None
+
+
 def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
     """Generate the plan's requests to do. Their record entries are written first as pending (so that the
     images of a run killed outright are attributed by their mtimes), and settled when generation stops, also on
@@ -378,9 +400,8 @@ def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
             for r in todo}})
         print(f"[{name}] generating {len(todo)} of {len(plan.reqs)} requests -> {images_dir}", file=sys.stderr)
         try:
-            step = plan.current[todo[0]["id"]]["ckpt_step"]  # resolved once: the step the record names
-            api.generate_batch(str(args.ckpt), todo, str(images_dir), regenerate=args.regenerate, **gen_args,
-                               **({} if step is None else {"step": step}))
+            api.generate_batch(str(args.ckpt), todo, str(images_dir), regenerate=args.regenerate,
+                               **_batch_overrides(plan, gen_args))
         except api.error as e:
             raise common.UsageError(f"[{name}] generation failed: {e}") from None
         finally:
@@ -439,6 +460,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _earlier_benchmarks(out: Path, names: list[str]) -> dict[str, dict]:
+    """The entries of an earlier summary.json in `out` for benchmarks this run does not do (their images and
+    results are still there), each marked with `from_earlier_run`."""
+    p = out / "summary.json"
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    except ValueError:
+        print(f"warning: {p} is not JSON: it is replaced by this run's benchmarks only", file=sys.stderr)
+        return {}
+    earlier = doc.get("benchmarks") if isinstance(doc, dict) else None
+    return {n: {**e, "from_earlier_run": True} for n, e in (earlier or {}).items()
+            if n in BENCHES and n not in names and isinstance(e, dict) and "complete" in e}
+
+
+def _markdown_of(out: Path, name: str) -> str:
+    """An earlier benchmark's section of summary.md: its own summary.md, as that run wrote it."""
+    p = out / name / "summary.md"
+    return p.read_text(encoding="utf-8") if p.is_file() else f"## {name}\n\n(no results: generated only)\n"
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     names = [b.strip() for b in args.bench.split(",") if b.strip()]
@@ -460,8 +501,17 @@ def main(argv=None) -> dict:
         raise common.UsageError("--regenerate generates images again; it cannot go with --judge-only")
     templates = _templates(args.template)
     gen_args = _parse_gen_args(args.gen_arg)
-    label = args.label or (Path(args.ckpt).name if args.ckpt else "ours")
     out = Path(args.out)
+    why = folder_problem(out)
+    if why:
+        raise common.UsageError(f"--out {out}: {why}")
+    recorded = None  # --judge-only without --ckpt: (checkpoint, step) the images' records name, when just one
+    if args.ckpt is None:
+        named = {(e.get("ckpt"), e.get("ckpt_step")) for n in names for e in _read_record(out / n / "images").values()}
+        if len(named) == 1 and next(iter(named))[0]:
+            (recorded,) = named
+    ckpt_name = args.ckpt or (recorded[0] if recorded else None)
+    label = args.label or (Path(ckpt_name).name if ckpt_name else "ours")
     # Everything that can fail on bad input fails before hours of generation: every prompt file loaded and
     # checked, each output folder's images checked against their record, the API key when judging follows.
     loaded = {}
@@ -478,12 +528,16 @@ def main(argv=None) -> dict:
                                           gen_api)
         else:
             check_judge_only(name, loaded[name][1], images_dir, args, ckpt, _gen_args(gen_args, name))
+    for name in plans:
+        check_generation(plans[name], loaded[name][0], args, _gen_args(gen_args, name), gen_api)
     evaluating = not args.generate_only  # judging, and GenEval's layout and detector results
     judged = [n for n in names if _judged(n)]
     judge = common.judge_from_args(args, out) if evaluating and judged else None
     if judge is not None and any(plans[n].todo for n in judged if n in plans):
         api_key_from_env(args.api_key_env, require=not args.no_api_key, error=JudgeConfigError)
     report = {"ckpt": args.ckpt, "ckpt_step": ckpt["ckpt_step"], "label": label, "benchmarks": {}}
+    if recorded:
+        (report["ckpt"], report["ckpt_step"]), report["ckpt_from"] = recorded, "generation records"
     for name in names:
         mod = BENCHES[name]
         path, items = loaded[name]
@@ -514,6 +568,9 @@ def main(argv=None) -> dict:
         elif entry["generation"].get("not_written"):
             entry["incomplete"] = f"{len(entry['generation']['not_written'])} images were not written"
         report["benchmarks"][name] = entry
+    kept = _earlier_benchmarks(out, names)  # a run of fewer benchmarks into the same --out keeps the others' rows
+    report["benchmarks"] = {n: report["benchmarks"].get(n) or kept[n] for n in BENCHES
+                            if n in report["benchmarks"] or n in kept}
     report["complete"] = all(e["complete"] for e in report["benchmarks"].values())
     report["incomplete"] = None if report["complete"] else "; ".join(
         f"{n}: {e['incomplete']}" for n, e in report["benchmarks"].items() if not e["complete"])
@@ -525,7 +582,8 @@ def main(argv=None) -> dict:
             md += [f"**INCOMPLETE: {', '.join(n for n, e in report['benchmarks'].items() if not e['complete'])} "
                    "(see below); rerun the same command to retry (GenEval: once its evaluator has scored the "
                    "images).**", ""]
-        md += [report["benchmarks"][n].pop("markdown") for n in names]
+        md += [report["benchmarks"][n].pop("markdown") if n in names else _markdown_of(out, n)
+               for n in report["benchmarks"]]
         (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
     common.write_json(out / "summary.json", report)
     for name in names:
