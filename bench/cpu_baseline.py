@@ -194,6 +194,12 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=32, help="attention block (q and kv) of xla_blockwise")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    small = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("steps", "hidden", "layers", "vocab", "block",
+                                                                       "text_len") if getattr(args, k) < 1]
+    if small:
+        ap.error(f"{', '.join(small)}: must be at least 1")
+    if args.image < 16 or args.image % 16:  # the VAE's 8x downsampling, then 2x2 latent patches
+        ap.error(f"--image {args.image}: must be a positive multiple of 16")
 
     import jax
     import numpy as np

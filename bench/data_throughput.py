@@ -192,7 +192,7 @@ def print_table(rows: list[dict]) -> None:
     print()
     print(f"CPU cores here: {os.cpu_count()}")
     hdr = ("workload", "workers", "samples/s", "tokens/s", "packs/s", "tokens/pack", "skipped", "main: wait / pack",
-           "main ceiling packs/s", "step consumes", "packs/s needed", "x needed", "samples/s/worker",
+           "main ceiling packs/s", "step consumes", "packs/s needed", "x what a step needs", "samples/s/worker",
            "workers for 10x")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
             print(f"# latents{res}: ready in {time.perf_counter() - t:.1f} s", flush=True)
             modes.append((out, fp, ", latents"))
         for latents, fp, tag in modes:
-            for nw in [0] + workers:
+            for nw in [0] + [w for w in workers if w]:  # threads (0) always, once
                 pc = PipelineConfig(datasets=(DatasetSpec(path, name=os.path.basename(path)),), tokenizer=tok_path,
                                     budget=budget7, expected_num_tokens=rp["expected"], max_num_tokens=rp["max"],
                                     max_num_tokens_per_sample=rp["per_sample"], packs_per_step=DEVICES_PER_HOST,
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     step_s, packs_per_step = step["step_seconds"], step["packs_per_step"]
     print(f"# demo train step: {step_s * 1e3:.0f} ms median of {a.demo_steps} ({packs_per_step} packs per step)",
           flush=True)
-    for nw in [0] + workers:
+    for nw in [0] + [w for w in workers if w]:  # threads (0) always, once
         r = run(demo_pipeline(demo_cfg, over + [f"data.records.workers={nw}"]), a.seconds / 2)
         r.update(workload="demo (configs/demo.py)", workers=nw, need_packs_s=packs_per_step / step_s,
                  need_note=f"{packs_per_step} packs / {step_s * 1e3:.0f} ms (measured)")

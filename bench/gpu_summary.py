@@ -54,10 +54,13 @@ def num_layers(r: dict) -> int | None:
         if o.startswith("model.geometry.llm.num_layers="):
             return int(o.split("=")[1])
     try:
-        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+        here = pathlib.Path(__file__).resolve().parent
+        sys.path.insert(0, str(here))
         from train_throughput import load_config
 
-        return int(load_config(r["config"]).model.geometry.llm.num_layers)
+        path = pathlib.Path(r["config"])  # older runs: as given on the command line, relative to the repo root
+        path = path if path.is_absolute() or path.is_file() else here.parent / path
+        return int(load_config(str(path)).model.geometry.llm.num_layers)
     except Exception:  # noqa: BLE001 - a config this checkout cannot load: the run joins no per-layer row
         return None
 

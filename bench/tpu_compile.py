@@ -387,7 +387,8 @@ def load(args):
         try:
             apply_override(c, kv)
         except (KeyError, AttributeError, TypeError, ValueError) as e:
-            raise UsageError(f"--set {kv}: {type(e).__name__}: {e}") from None
+            raise UsageError(str(e) if str(e).startswith("--set") else f"--set {kv}: {type(e).__name__}: {e}") \
+                from None
     try:
         bagel_config(c)  # validate_config's checks run with the step's build; the model's here, up front
         latents_dtype(c, args.latents_dtype or None)
@@ -453,6 +454,17 @@ def main(argv=None) -> int:
         print(f"error: --tensor {args.tensor}: no candidate; the search tries tensor sizes 1, 2, 4, 8 that divide "
               f"the {len(devices)} chips", file=sys.stderr)
         return 2
+    packs = int(c.data.packs_per_step)  # the mesh spans every chip: data x fsdp = chips / tensor
+    fits = [x for x in cand if packs == -1 or packs % (len(devices) // x[1]) == 0]
+    if not fits:
+        print(f"error: data.packs_per_step={packs} must be a multiple of data x fsdp (= {len(devices)} chips / "
+              f"tensor: {', '.join(str(len(devices) // t) for t in sorted({t for _, t in cand}))} here); set it to "
+              "-1 (one pack per data-parallel chip) or a multiple", file=sys.stderr)
+        return 2
+    if len(fits) < len(cand):
+        print(f"[tpu_compile] skipped tensor={sorted({t for _, t in cand} - {t for _, t in fits})}: data x fsdp "
+              f"would not divide data.packs_per_step={packs}", flush=True)
+    cand = fits
     results, chosen = [], None
     print(HEADER, flush=True)
     for remat, tp in cand:
@@ -496,7 +508,9 @@ def main(argv=None) -> int:
         print(f"[tpu_compile] no candidate fits with >= {args.headroom * 100:.0f}% headroom"
               + (f" ({len(failed)} of {len(results)} failed to compile)" if failed else ""), flush=True)
     out = dict(config=args.config, topology=args.topology, overrides=args.set, hbm_bytes=hbm,
-               headroom_required=args.headroom, results=results, chosen=best)
+               headroom_required=args.headroom, search=dict(searched=not args.no_search, all=args.all,
+                                                            remat=args.remat or None, tensor=args.tensor or None),
+               latents_dtype=args.latents_dtype or None, results=results, chosen=best)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
     return 0 if best is not None else 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -40,9 +41,19 @@ def load_config(path: str):
 
 
 def apply_override(c, kv: str):
+    """`--set key=value` on the config `c` (value a Python literal, else the string). A key the config lacks
+    is a ValueError naming it (with the closest key), as the train command's --config.key refuses it: a
+    typo must not measure the config's own value under the typo's name."""
     import ast
 
+    from echo4o_jax.train.config_cli import unknown_config_key
+
+    if "=" not in kv:
+        raise ValueError(f"--set {kv}: expected key=value")
     key, value = kv.split("=", 1)
+    why = unknown_config_key(c, key)
+    if why:
+        raise ValueError(f"--set {kv}: {why}")
     try:
         value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -52,6 +63,19 @@ def apply_override(c, kv: str):
     for p in parents:
         node = node[p]
     node[leaf] = value
+
+
+def checked_overrides(config: str, overrides: list[str]) -> str | None:
+    """Why the config file or an override cannot be used (one line), or None: checked before any measurement."""
+    if not os.path.isfile(config):
+        return f"--config {config}: no such file"
+    c = load_config(config)
+    for kv in overrides:
+        try:
+            apply_override(c, kv)
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            return str(e) if str(e).startswith("--set") else f"--set {kv}: {type(e).__name__}: {e}"
+    return None
 
 
 INTERPRET_NOTE = "interpret mode: not a kernel timing"
@@ -88,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    why = checked_overrides(args.config, args.set)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     impls = [x for x in args.impls.split(",") if x] or [None]
     results = []
     for impl in impls:

@@ -130,6 +130,23 @@ def test_cpu_baseline_refuses_unknown_variants_before_compiling(capsys):
         assert e.value.code == 2
         out, err = capsys.readouterr()
         assert "unknown variant" in err and "compiled" not in out  # refused before any variant compiled
+    for bad, msg in ((["--steps", "0"], "--steps 0: must be at least 1"),
+                     (["--image", "1000"], "--image 1000: must be a positive multiple of 16")):
+        with pytest.raises(SystemExit) as e:
+            cb.main(bad)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_train_throughput_refuses_a_misspelt_override(capsys):
+    """--set with a key the config lacks: one error line, exit 2, before anything is measured (it used to run
+    the config's own value and record the typo as an override)."""
+    tt = load_file(ROOT / "bench" / "train_throughput.py", "train_throughput_script")
+    assert tt.main(["--config", str(TINY), "--set", "model.remat_typo=dots"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == ("error: --set model.remat_typo=dots: unknown config key model.remat_typo (did you mean "
+                           "model.remat?)") and out == ""
+    assert tt.main(["--config", str(TINY), "--set", "model.remat"]) == 2
+    assert "expected key=value" in capsys.readouterr().err
 
 
 def test_a_failing_profiler_is_reported_not_fatal(monkeypatch):
@@ -219,6 +236,25 @@ def test_tpu_compile_refuses_bad_arguments_before_compiling(capsys):
         assert "[tpu_compile]" not in out
     assert tc.main(["--config", "/nonexistent.py", "--topology", "v5p:2x2x1"]) == 2
     assert capsys.readouterr().err.startswith("error: --config /nonexistent.py")
+    # a misspelt key is refused (it used to compile the config's own value under the typo's name), with the
+    # key it was likely meant to be
+    assert tc.main(base + ["--topology", "v5p:2x2x1", "--no-search", "--set", "model.remat_typo=full"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --set model.remat_typo=full: unknown config key "
+                                               "model.remat_typo (did you mean model.remat?)")
+
+
+def test_tpu_compile_packs_per_step_the_mesh_cannot_split(capsys):
+    """data.packs_per_step must be a multiple of data x fsdp (= chips / tensor): the search skips the tensor
+    sizes that break it, and a config none fits is one error line (it used to be reported as compile failures)."""
+    pytest = __import__("pytest")
+    pytest.importorskip("libtpu", reason="libtpu (the tpu extra) compiles for TPU topologies")
+    tc = load_file(ROOT / "bench" / "tpu_compile.py", "tpu_compile_bench")
+    assert tc.main(["--config", str(TINY), "--topology", "v5p:2x2x1", "--no-search",
+                    "--set", "data.packs_per_step=2"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == ("error: data.packs_per_step=2 must be a multiple of data x fsdp (= 4 chips / tensor: 4 "
+                           "here); set it to -1 (one pack per data-parallel chip) or a multiple")
+    assert "FAILED" not in out
 
 
 def test_data_throughput_end_to_end_with_tiny_settings(tmp_path, monkeypatch, capsys):
@@ -342,3 +378,14 @@ def test_gpu_check_paths_are_the_callers(tmp_path):
     assert r.returncode == 2 and (tmp_path / "mine").is_dir(), r
     assert f"CONFIG=configs/x.py: no such file (relative to {tmp_path})" in r.stderr
     assert "=== 0 machine" not in r.stdout
+
+
+def test_gpu_summary_reads_an_old_runs_relative_config_from_any_folder(tmp_path, monkeypatch):
+    """Runs recorded before train_throughput wrote num_layers name their config relative to the repo root:
+    their depth must not depend on the folder gpu_summary runs in (elsewhere the 4-layer H100 run dropped out
+    and the per-layer fit silently used the 3-layer run)."""
+    gs = load_file(ROOT / "bench" / "gpu_summary.py", "gpu_summary_script")
+    monkeypatch.chdir(tmp_path)
+    old = json.loads((ROOT / "bench/results/h100_train_pallas_gpu_full_4layers_2026-11-27.json").read_text())
+    assert "num_layers" not in old and not pathlib.Path(old["config"]).is_absolute()
+    assert gs.num_layers(old) == 4
