@@ -27,7 +27,9 @@ log.jsonl is append-only: one record per logged step, a `{"step": s, "compile_se
 `train.compilation_cache`), and on resume a marker `{"step": s, "event": "resumed", ...}` (s = the restored
 step). A run that died after its last checkpoint (a hard kill) has logged steps after s: the resumed run
 logs them again after the marker (`superseded_steps` [first, last] names them), so readers keep the last
-record of a step. TensorBoard hides those steps' earlier events (`purge_step`).
+record of a step. A run killed before its first checkpoint finished is started again from step 0 under a
+`{"step": 0, "event": "restarted", "superseded_steps": ...}` marker. TensorBoard hides those steps' earlier
+events (`purge_step`).
 """
 
 from __future__ import annotations
@@ -702,7 +704,7 @@ class Trainer:
         resumed = self.restore()
         start = int(self.state["step"])
         self._write_model_config()  # after the restore succeeded: a refused run leaves the workdir as it was
-        logger = _Logger(self.workdir, self.is_main, bool(c.log.tensorboard), purge_step=start + 1 if resumed else None)
+        logger = _Logger(self.workdir, self.is_main, bool(c.log.tensorboard), start)
         if self.is_main:
             for line in self.sharding_report:
                 print(f"[sharding] {line}")
@@ -724,7 +726,9 @@ class Trainer:
             if start >= total:
                 return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=None)
             if resumed:
-                logger.resumed(start)
+                logger.marker(start, "resumed")
+            elif logger.superseded:  # steps of an earlier run that finished no checkpoint (killed before it)
+                logger.marker(start, "restarted")
             if self.data_restarted:
                 logger.event(start, "data_restarted", {"why": self.data_restarted})
                 if self.is_main:
@@ -763,17 +767,25 @@ class Trainer:
                     timer.lap()  # the trace's stop and summary belong to no step's time
                 step += 1
                 stop["stepped"] = True
-                tokens = int(np.sum(batch.num_tokens)) * jax.process_count()
+                log_now = step % int(c.log.every) == 0 or step == total  # the same step on every process
+                lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
+                fl = sum(flops_lib.step_flops(self.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens)) \
+                    if peak else 0.0
+                # this process's real tokens, capacity tokens and FLOPs; summed over the processes at a logged
+                # step (each reads other packs), else estimated from this one's (the progress bar)
+                work = _process_sums([float(np.sum(batch.num_tokens)), float(np.asarray(batch.sample_id).size), fl],
+                                     gather=log_now)
+                tokens = int(work["sum"][0])
                 m.update(step=step, step_seconds=dt, tokens=tokens, tokens_per_second=tokens / dt,
-                         fill=int(np.sum(batch.num_tokens)) / np.asarray(batch.sample_id).size)
+                         fill=work["sum"][0] / work["sum"][1])
+                if work["by_process"] is not None:
+                    m["tokens_by_process"] = [int(x[0]) for x in work["by_process"]]
                 st = getattr(self.source, "last_stats", None) or {}  # records pipeline: this process's counters
                 for k in ("skipped_too_long", "skipped_errors", "time_wait_s"):
                     if k in st:
                         m[f"data_{k}"] = st[k]
-                lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
                 if peak:
-                    fl = sum(flops_lib.step_flops(self.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens))
-                    m["mfu"] = fl * jax.process_count() / (dt * n_dev * peak)
+                    m["mfu"] = work["sum"][2] / (dt * n_dev * peak)
                 history.append(m)
                 if not m["ok"]:
                     msg = (f"non-finite loss at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
@@ -787,7 +799,7 @@ class Trainer:
                     print(f"[train] {msg}; skipped (train.skip_nonfinite)", flush=True)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
-                if step % int(c.log.every) == 0 or step == total:
+                if log_now:
                     logger.log(step, {k: v for k, v in m.items() if k != "step"})
                     if self.is_main and st.get("skipped_too_long", 0) > skipped_reported:
                         skipped_reported = st["skipped_too_long"]
@@ -804,6 +816,7 @@ class Trainer:
                         d.mkdir(exist_ok=True)
                         Image.fromarray(grid).save(d / f"step_{step:07d}.png")
                         logger.image(step, "samples", grid)
+                timer.lap()  # a save or a sample grid belongs to no step's time (nor to its tokens/s and MFU)
                 if stop["agreed"] is not None:
                     break
             self.ckpt.wait_until_finished()
@@ -835,6 +848,19 @@ def _saved_before_error(trainer: "Trainer", step: int, start: int, e: Exception)
     cls = RecordError if isinstance(e, RecordError) else LatentStoreError  # (what the command reports in one line)
     return cls(f"{e} [the {step - start} step(s) this run trained were saved: checkpoint {step} in "
                f"{trainer.workdir / 'checkpoints'}; the same command resumes from it once the data is fixed]")
+
+
+def _process_sums(values: list[float], gather: bool) -> dict:
+    """{"sum": per value, the sum over the processes, "by_process": [process][value] or None}: gathered from
+    every process when `gather` (all must call it at the same step), else this process's values x the process
+    count (an estimate: each process reads other packs)."""
+    v = np.asarray(values, np.float64)
+    if jax.process_count() == 1 or not gather:
+        return {"sum": v * jax.process_count(), "by_process": None}
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(v)).reshape(jax.process_count(), -1)
+    return {"sum": every.sum(0), "by_process": every.tolist()}
 
 
 def _gather_process_states(state: dict) -> list[dict]:
@@ -958,10 +984,13 @@ class _AbortedRestoreReports(logging.Filter):
 class _Logger:
     """JSONL log + TensorBoard event files (process 0 only)."""
 
-    def __init__(self, workdir: pathlib.Path, enabled: bool, tensorboard: bool, purge_step: int | None = None):
-        """`purge_step`: TensorBoard hides the earlier runs' events from that step on (a resumed run)."""
+    def __init__(self, workdir: pathlib.Path, enabled: bool, tensorboard: bool, start: int = 0):
+        """`start`: the step this run starts from; steps after it that log.jsonl already holds (`superseded`:
+        [first, last] or None; an earlier run that died after its last checkpoint, or before its first) are
+        logged again, and TensorBoard hides their earlier events (`purge_step`)."""
         self.enabled = enabled
         self.path = workdir / "log.jsonl"
+        self.superseded = self._steps_after(start) if enabled else None
         self.f = open(self.path, "a") if enabled else None
         if enabled and self.path.stat().st_size:
             with open(self.path, "rb") as f:
@@ -973,25 +1002,29 @@ class _Logger:
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge_step)
+            self.tb = SummaryWriter(str(workdir / "tensorboard"),
+                                    purge_step=start + 1 if start or self.superseded else None)
 
-    def resumed(self, step: int):
-        """The resume marker (module docstring): `superseded_steps` [first, last] are the steps after `step`
-        that log.jsonl already holds (a run that died after its last checkpoint), logged again below it."""
-        if not self.enabled:
-            return
-        self.f.flush()
+    def _steps_after(self, step: int) -> list[int] | None:
+        """[first, last] of the steps after `step` in log.jsonl, or None."""
         later = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    s = json.loads(line).get("step")
-                except (json.JSONDecodeError, AttributeError):
-                    continue  # a line cut by a hard kill
-                if isinstance(s, int) and s > step:
-                    later.append(s)
-        self.event(step, "resumed", dict(time=time.time(), **(
-            {"superseded_steps": [min(later), max(later)]} if later else {})))
+        if self.path.is_file():
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        s = json.loads(line).get("step")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue  # a line cut by a hard kill
+                    if isinstance(s, int) and s > step:
+                        later.append(s)
+        return [min(later), max(later)] if later else None
+
+    def marker(self, step: int, name: str):
+        """The "resumed" (from the checkpoint of `step`) or "restarted" (no checkpoint: from the start) marker
+        (module docstring), with `superseded_steps` [first, last] when log.jsonl already holds steps after
+        `step`, which are logged again below it."""
+        self.event(step, name, dict(time=time.time(), **(
+            {"superseded_steps": self.superseded} if self.superseded else {})))
 
     def event(self, step: int, name: str, fields: dict[str, Any]):
         """A `{"step": step, "event": name, ...}` record in log.jsonl only (no TensorBoard scalars)."""
