@@ -17,7 +17,7 @@ from flax import nnx
 from ..config import BagelConfig
 from .attention import TokenMeta
 from .keymap import LINEAR, Rule
-from .layers import Buffer, dtype_of, gelu_tanh, linear, param, sincos_2d_table, timestep_frequencies
+from .layers import Buffer, dtype_of, gelu_tanh, linear, lookup_rows, param, sincos_2d_table, timestep_frequencies
 from .qwen2_mot import Qwen2MoT
 from .siglip import SigLIPNaViT
 
@@ -72,7 +72,7 @@ class Bagel(nnx.Module):
         conn = self.connector_fc2(gelu_tanh(self.connector_fc1(h)))
         if debug is not None:
             debug["vit_output"], debug["connector_output"] = h, conn
-        return conn + jnp.take(self.vit_pos_embed[...], pos_ids, axis=0).astype(dt)
+        return conn + lookup_rows(self.vit_pos_embed[...], pos_ids).astype(dt)
 
     def time_embed(self, t: jax.Array) -> jax.Array:
         dt = dtype_of(self.cfg.compute_dtype)
@@ -85,7 +85,7 @@ class Bagel(nnx.Module):
         temb = self.time_embed(t)
         if debug is not None:
             debug["timestep_embeds"] = temb
-        pos = jnp.take(self.latent_pos_embed[...], latent_pos_ids, axis=0).astype(dt)
+        pos = lookup_rows(self.latent_pos_embed[...], latent_pos_ids).astype(dt)
         return self.vae2llm(x_t.astype(dt)) + temb + pos
 
     def velocity(self, h_gen: jax.Array) -> jax.Array:

@@ -51,6 +51,18 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
+def lookup_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`table[ids]` for a small table (position embeddings) whose row width is sharded (fsdp): under a mesh the
+    table is gathered whole first, as FSDP gathers a weight before use. A gather from the sharded table gives
+    rows split by width, which the packs' batch sharding then needs whole: XLA could only replicate the
+    activations ("Involuntary full rematerialization") - larger than the table by far for the ViT's tokens."""
+    if not jax.sharding.get_abstract_mesh().empty:
+        from jax.sharding import PartitionSpec as P
+
+        table = jax.lax.with_sharding_constraint(table, P(*([None] * table.ndim)))
+    return jnp.take(table, ids, axis=0)
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     """Qwen2 RMSNorm: statistics in float32, cast back to the input dtype, then scale."""
     dt = x.dtype

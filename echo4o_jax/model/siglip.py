@@ -14,7 +14,7 @@ from flax import nnx
 
 from ..config import ViTConfig
 from .attention import FULL, TokenMeta, attention
-from .layers import gelu_tanh, layer_norm, linear, param, remat_policy
+from .layers import gelu_tanh, layer_norm, linear, lookup_rows, param, remat_policy
 
 __all__ = ["SigLIPNaViT", "VIT_LAYER_FIELDS"]
 
@@ -69,7 +69,7 @@ class SigLIPNaViT(nnx.Module):
         image_id = image_id.astype(jnp.int32)
         meta = TokenMeta(image_id, image_id, jnp.full((N,), FULL, jnp.int32), jnp.arange(N, dtype=jnp.int32))
         x = linear(patches, self.patch_w[...], self.patch_b[...])
-        x = x + jnp.take(self.pos_embed[...], pos_ids, axis=0).astype(dt)
+        x = x + lookup_rows(self.pos_embed[...], pos_ids).astype(dt)
         eps = c.layer_norm_eps
 
         def layer(x, p):
