@@ -94,8 +94,9 @@ FALLBACK=()
 oom() { $PY -c "import json,sys; e=json.load(open(sys.argv[1])).get('error') or ''
 sys.exit(0 if 'RESOURCE_EXHAUSTED' in e or 'out of memory' in e.lower() else 1)" "$1" 2>/dev/null; }
 train() {  # train NAME IMPL [--set k=v ...]
-  local name=$1 impl=$2; shift 2
-  timeout ${TRAIN_TIMEOUT:-180} $PY bench/train_throughput.py --config "$CONFIG" --steps 5 --impls "$impl" \
+  local name=$1 impl=$2 limit=${TRAIN_TIMEOUT:-180}; shift 2
+  [[ " $* " == *" --profile-steps "* ]] && limit=${PROFILE_TIMEOUT:-300}  # a traced run compiles the step twice
+  timeout $limit $PY bench/train_throughput.py --config "$CONFIG" --steps 5 --impls "$impl" \
     "${FALLBACK[@]}" "$@" --out "$OUT/train_$name.json" 2>&1 | grep -v "^W0000\|^I0000" \
     | tee "$OUT/train_$name.log" | tail -4
   if [ ${#FALLBACK[@]} -eq 0 ] && oom "$OUT/train_$name.json"; then

@@ -23,6 +23,8 @@ import json
 import pathlib
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # echo4o_jax from a checkout
+
 GIB = 2**30
 
 
@@ -65,24 +67,33 @@ def num_layers(r: dict) -> int | None:
         return None
 
 
-def hidden_scopes(profile: dict) -> str | None:
-    """Why a run's profile cannot tell its scopes apart, or None: its time ran in XLA command buffers (CUDA
-    graphs; `note`, or, in runs from before train_throughput traced a step compiled without them, command
-    buffers among its top ops)."""
+HIDDEN_LIMIT = 0.05  # a traced run with more of its time in command buffers gives no per-layer scopes
+
+
+def hidden_scopes(profile: dict) -> tuple[float, str | None]:
+    """(share of the device time that ran in XLA command buffers, whose kernels' scopes a trace does not show;
+    why, or None when none did): from `note` / the COMMAND_BUFFER scope, or, in runs from before
+    train_throughput traced a step compiled without them, the command buffers among their top ops."""
+    from echo4o_jax.train.profile import COMMAND_BUFFER, is_command_buffer
+
+    total = profile.get("device_seconds_per_step") or 0.0
     if profile.get("note"):
-        return profile["note"]
-    if any(str(op).startswith("command_buffer") for op, *_ in profile.get("top_ops") or []):
-        return ("its top ops are XLA command buffers (CUDA graphs), which hide their kernels' scopes (traced "
-                "before train_throughput compiled the traced steps without them)")
-    return None
+        return (profile.get("by_scope") or {}).get(COMMAND_BUFFER, 0.0) / (total or 1.0), profile["note"]
+    cb = sum(sec for op, _, sec in profile.get("top_ops") or [] if is_command_buffer(str(op)))
+    if cb:
+        return cb / (total or 1.0), (f"at least {cb / (total or 1.0):.0%} of its device time ran in XLA command "
+                                     "buffers (CUDA graphs), which hide their kernels' scopes (traced before "
+                                     "train_throughput compiled the traced steps without them)")
+    return 0.0, None
 
 
 def layer_scopes(a: dict, b: dict, layers: int) -> dict[str, float] | None:
     """One decoder layer's device seconds by named scope: the difference of two profiled runs (`b` with
-    `layers` more layers) over `layers`; None unless both were traced with every scope attributed (no
-    time in command buffers)."""
+    `layers` more layers) over `layers`; None unless both were traced with (almost) every scope attributed
+    (at most HIDDEN_LIMIT of the time in command buffers)."""
     pa, pb = a.get("profile") or {}, b.get("profile") or {}
-    if not (pa.get("by_scope") and pb.get("by_scope")) or hidden_scopes(pa) or hidden_scopes(pb):
+    if not (pa.get("by_scope") and pb.get("by_scope")) or \
+            max(hidden_scopes(pa)[0], hidden_scopes(pb)[0]) > HIDDEN_LIMIT:
         return None
     keys = sorted(set(pa["by_scope"]) | set(pb["by_scope"]))
     d = {k: (pb["by_scope"].get(k, 0.0) - pa["by_scope"].get(k, 0.0)) / layers for k in keys}
@@ -172,9 +183,10 @@ def summary(out: pathlib.Path) -> str:
         pr = r.get("profile")
         if pr and pr.get("error"):
             lines.append(f"{name} profile failed: {pr['error'][:200]}")
-        elif pr and hidden_scopes(pr):
-            lines.append(f"{name} profile: {hidden_scopes(pr)}")
-        elif pr and pr.get("device_seconds_per_step"):
+            continue
+        if pr and hidden_scopes(pr)[1]:
+            lines.append(f"{name} profile: {hidden_scopes(pr)[1]}")
+        if pr and pr.get("device_seconds_per_step"):
             tot = pr["device_seconds_per_step"]
             lines.append(f"{name} device time per step by scope ({pr['source']}; {tot * 1e3:.1f} ms in all, "
                          f"{pr['wall_seconds_per_step'] * 1e3:.1f} ms wall): "

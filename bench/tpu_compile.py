@@ -191,10 +191,7 @@ def build_abstract_step(config, devices, latents: str | None = None) -> Built:
     moments = latents_dtype(config, latents)
     mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor), devices=devices)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    packs = int(config.data.packs_per_step)
-    packs = dp if packs == -1 else packs
-    if packs % dp:
-        raise ValueError(f"data.packs_per_step={packs} must be a multiple of data x fsdp = {dp}")
+    packs = shd.packs_per_step(int(config.data.packs_per_step), dp)
 
     abstract = nnx.eval_shape(lambda: Bagel(cfg, rngs=nnx.Rngs(0)))
     graphdef, abs_params, abs_buffers = nnx.split(abstract, nnx.Param, ...)
@@ -386,9 +383,8 @@ def load(args):
     for kv in args.set:
         try:
             apply_override(c, kv)
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
-            raise UsageError(str(e) if str(e).startswith("--set") else f"--set {kv}: {type(e).__name__}: {e}") \
-                from None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     try:
         bagel_config(c)  # validate_config's checks run with the step's build; the model's here, up front
         latents_dtype(c, args.latents_dtype or None)
@@ -454,8 +450,16 @@ def main(argv=None) -> int:
         print(f"error: --tensor {args.tensor}: no candidate; the search tries tensor sizes 1, 2, 4, 8 that divide "
               f"the {len(devices)} chips", file=sys.stderr)
         return 2
-    packs = int(c.data.packs_per_step)  # the mesh spans every chip: data x fsdp = chips / tensor
-    fits = [x for x in cand if packs == -1 or packs % (len(devices) // x[1]) == 0]
+    from echo4o_jax import sharding as shd
+
+    def packs_fit(tp: int) -> bool:  # the mesh spans every chip: data x fsdp = chips / tensor
+        try:
+            return bool(shd.packs_per_step(packs, len(devices) // tp))
+        except ValueError:
+            return False
+
+    packs = int(c.data.packs_per_step)
+    fits = [x for x in cand if packs_fit(x[1])]
     if not fits:
         print(f"error: data.packs_per_step={packs} must be a multiple of data x fsdp (= {len(devices)} chips / "
               f"tensor: {', '.join(str(len(devices) // t) for t in sorted({t for _, t in cand}))} here); set it to "

@@ -41,9 +41,10 @@ def load_config(path: str):
 
 
 def apply_override(c, kv: str):
-    """`--set key=value` on the config `c` (value a Python literal, else the string). A key the config lacks
-    is a ValueError naming it (with the closest key), as the train command's --config.key refuses it: a
-    typo must not measure the config's own value under the typo's name."""
+    """`--set key=value` on the config `c` (value a Python literal, else the string). A key the config lacks,
+    or a value it refuses, is a ValueError starting `--set key=value: ` (a missing key named with the closest
+    one, as the train command's --config.key refuses it: a typo must not measure the config's own value under
+    the typo's name)."""
     import ast
 
     from echo4o_jax.train.config_cli import unknown_config_key
@@ -60,9 +61,12 @@ def apply_override(c, kv: str):
         pass
     node = c
     *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    try:
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    except (KeyError, AttributeError, TypeError, ValueError) as e:  # e.g. a value of another type than the field's
+        raise ValueError(f"--set {kv}: {type(e).__name__}: {e}") from None
 
 
 def checked_overrides(config: str, overrides: list[str]) -> str | None:
@@ -73,8 +77,8 @@ def checked_overrides(config: str, overrides: list[str]) -> str | None:
     for kv in overrides:
         try:
             apply_override(c, kv)
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
-            return str(e) if str(e).startswith("--set") else f"--set {kv}: {type(e).__name__}: {e}"
+        except ValueError as e:
+            return str(e)
     return None
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["MESH_AXES", "LOGICAL_RULES", "make_mesh", "logical_to_spec", "state_shardings", "elements_per_device",
+__all__ = ["MESH_AXES", "LOGICAL_RULES", "make_mesh", "packs_per_step", "logical_to_spec", "state_shardings", "elements_per_device",
            "batch_sharding", "replicated", "maybe_initialize_distributed"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -37,6 +37,15 @@ LOGICAL_RULES: dict[str, str | None] = {
     "vit_mlp": "tensor",
     "patch": None,
 }
+
+
+def packs_per_step(packs: int, data_parallel: int) -> int:
+    """The packs of a step: `packs` (data.packs_per_step; -1 = one per data-parallel device), which must be a
+    multiple of data x fsdp = `data_parallel` (ValueError naming both)."""
+    packs = data_parallel if packs == -1 else packs
+    if packs % data_parallel:
+        raise ValueError(f"data.packs_per_step={packs} must be a multiple of data x fsdp = {data_parallel}")
+    return packs
 
 
 def maybe_initialize_distributed(force: bool = False) -> None:

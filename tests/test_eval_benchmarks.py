@@ -510,6 +510,9 @@ def test_run_checks_every_benchmarks_requests_before_generating_any(tmp_path, mo
         assert common.run_cli(eval_run.main, argv_out) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: --out {bad}: ") and why in err[0], err
+    # check_only is eval.run's own argument, not a setting
+    with pytest.raises(common.UsageError, match="--gen-arg check_only=...: not a generation setting"):
+        eval_run.main(argv + ["--gen-arg", "check_only=true"])
     # an instruction of spaces would be an empty prompt: refused when the file loads
     write_jsonl(ib, [{"id": 1, "instruction": "   ", "note": "n", "type": "COLOR"}])
     with pytest.raises(common.UsageError, match=rf"{re.escape(str(ib))}:1: 'instruction' must be a non-empty"):
@@ -543,6 +546,15 @@ def test_run_of_fewer_benchmarks_keeps_the_others_in_the_summary(tmp_path, monke
     md = (out / "summary.md").read_text()
     assert md.startswith("# Evaluation of ckpt") and "# GenEval++: ckpt" in md and "# Imagine-Bench: ckpt" in md
     assert (rep["ckpt"], rep["ckpt_from"]) == (str((tmp_path / "ckpt").resolve()), "generation records")
+    res = json.loads((out / "geneval_pp" / "results.json").read_text())
+    assert res["source"]["ckpt"] == str((tmp_path / "ckpt").resolve())  # results.json names it too
+    # another checkpoint's run of one benchmark: the earlier benchmark's scores are not credited to it
+    with FakeOpenAIServer(chat_handler=handler) as s:
+        rep = eval_run.main(["--ckpt", str(tmp_path / "other"), "--bench", "geneval_pp", "--regenerate", *prompts,
+                             *judge_args(s)])
+    assert list(rep["benchmarks"]) == ["geneval_pp"] and rep["label"] == "other"
+    assert "# Imagine-Bench" not in (out / "summary.md").read_text()
+    assert (out / "imagine_bench" / "results.json").is_file()  # its own results stay
 
 
 def test_run_without_generate_module_is_a_clear_error(tmp_path, monkeypatch):

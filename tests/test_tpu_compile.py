@@ -102,12 +102,16 @@ def test_a_checkpoint_config_without_ckpt_compiles_the_released_geometry_with_it
     assert c.model.init == "checkpoint"  # the caller's config is left as it was
 
 
-def test_every_candidate_failing_is_reported_with_its_reasons(capsys):
+def test_every_candidate_failing_is_reported_with_its_reasons(capsys, monkeypatch):
     tc, _, _ = _tiny_on_v5p()
-    # synthetic_tiny's one pack per step: no data x fsdp > 1 divides it, so each candidate fails before lowering
+
+    def failing(c, *args, **kwargs):  # each candidate fails to compile, for a reason of its tensor size
+        raise (RuntimeError("RESOURCE_EXHAUSTED: out of HBM") if c.mesh.tensor == 1 else ValueError("no layout"))
+
+    monkeypatch.setattr(tc, "compile_step", failing)
     assert tc.main(["--config", str(ROOT / "configs" / "synthetic_tiny.py"), "--topology", "v5p:2x2x1",
-                    "--tensor", "1,2"]) == 1
+                    "--tensor", "1,2", "--set", "data.packs_per_step=-1"]) == 1
     out = capsys.readouterr().out
     assert "no candidate fits" not in out
     assert "every candidate (8) failed to compile; 2 distinct reasons:" in out
-    assert "  ValueError: data.packs_per_step=1 must be a multiple of data x fsdp = 4" in out
+    assert "  RuntimeError: RESOURCE_EXHAUSTED: out of HBM" in out and "  ValueError: no layout" in out

@@ -44,9 +44,9 @@ A generation error (``GenerateError``: e.g. an output size the checkpoint cannot
 with a one-line ``error: ...``; images written before it are kept.
 
 Before anything is generated: every prompt file is loaded and checked, the templates and ``--gen-arg``
-values parsed, the output folders checked against their records, every request to generate checked by the
-generator (sizes, settings, reference images, prompt length), and -- when judging follows and there
-is something to generate -- the API key checked (``--no-api-key`` for a server without one), so that a
+values parsed, the output folders checked against their records, the API key checked when judging
+follows and there is something to generate (``--no-api-key`` for a server without one), and every request
+to generate checked by the generator (sizes, settings, reference images, prompt length), so that a
 mistake fails in seconds, not after hours of generation.
 
 Prompt files: ``--benchmarks-dir`` (default ``$ECHO4O_BENCHMARKS_DIR`` or ``./benchmarks``; no other
@@ -122,6 +122,8 @@ def _parse_gen_args(pairs) -> dict:
         k, v = p.split("=", 1)
         if k.strip() in ("regenerate", "step"):
             raise common.UsageError(f"--gen-arg {k.strip()}=...: use --{k.strip()}")
+        if k.strip() == "check_only":  # eval.run's own call before generating
+            raise common.UsageError("--gen-arg check_only=...: not a generation setting")
         try:
             out[k.strip()] = json.loads(v)
         except ValueError:
@@ -460,9 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _earlier_benchmarks(out: Path, names: list[str]) -> dict[str, dict]:
+def _earlier_benchmarks(out: Path, names: list[str], ckpt: tuple) -> dict[str, dict]:
     """The entries of an earlier summary.json in `out` for benchmarks this run does not do (their images and
-    results are still there), each marked with `from_earlier_run`."""
+    results are still there), each marked with `from_earlier_run`: only those of the same (checkpoint, step,
+    label) as this run (`ckpt`); another checkpoint's results are dropped from the summary, with a warning
+    (their own results.json stays)."""
     p = out / "summary.json"
     try:
         doc = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
@@ -470,8 +474,13 @@ def _earlier_benchmarks(out: Path, names: list[str]) -> dict[str, dict]:
         print(f"warning: {p} is not JSON: it is replaced by this run's benchmarks only", file=sys.stderr)
         return {}
     earlier = doc.get("benchmarks") if isinstance(doc, dict) else None
-    return {n: {**e, "from_earlier_run": True} for n, e in (earlier or {}).items()
+    kept = {n: e for n, e in (earlier or {}).items()
             if n in BENCHES and n not in names and isinstance(e, dict) and "complete" in e}
+    same = {n: e for n, e in kept.items() if (e.get("ckpt"), e.get("ckpt_step"), e.get("label")) == ckpt}
+    if len(same) < len(kept):
+        print(f"warning: {p}: {', '.join(sorted(set(kept) - set(same)))} evaluated another checkpoint (or label) "
+              f"than this run's: left out of the summary (its results.json stays)", file=sys.stderr)
+    return {n: {**e, "from_earlier_run": True} for n, e in same.items()}
 
 
 def _markdown_of(out: Path, name: str) -> str:
@@ -528,28 +537,30 @@ def main(argv=None) -> dict:
                                           gen_api)
         else:
             check_judge_only(name, loaded[name][1], images_dir, args, ckpt, _gen_args(gen_args, name))
-    for name in plans:
-        check_generation(plans[name], loaded[name][0], args, _gen_args(gen_args, name), gen_api)
     evaluating = not args.generate_only  # judging, and GenEval's layout and detector results
     judged = [n for n in names if _judged(n)]
     judge = common.judge_from_args(args, out) if evaluating and judged else None
     if judge is not None and any(plans[n].todo for n in judged if n in plans):
         api_key_from_env(args.api_key_env, require=not args.no_api_key, error=JudgeConfigError)
+    for name in plans:
+        check_generation(plans[name], loaded[name][0], args, _gen_args(gen_args, name), gen_api)
     report = {"ckpt": args.ckpt, "ckpt_step": ckpt["ckpt_step"], "label": label, "benchmarks": {}}
     if recorded:
         (report["ckpt"], report["ckpt_step"]), report["ckpt_from"] = recorded, "generation records"
+    ident = recorded or (ckpt["ckpt"], ckpt["ckpt_step"])  # the checkpoint (resolved) and step evaluated
     for name in names:
         mod = BENCHES[name]
         path, items = loaded[name]
         images_dir = out / name / "images"
-        entry = {"prompts": str(path), "items": len(items), "images_dir": str(images_dir)}
+        entry = {"prompts": str(path), "items": len(items), "images_dir": str(images_dir), "ckpt": ident[0],
+                 "ckpt_step": ident[1], "label": label}
         if gen_api is not None:
             entry["generation"] = generate(plans[name], args, _gen_args(gen_args, name), gen_api)
             entry["complete"] = not entry["generation"].get("not_written")
         if evaluating:
             record = images_dir / GENERATION_RECORD
             kw = dict(num_images=_num_images(args, name), label=label, progress=not args.no_progress,
-                      source={"prompts": str(path), "ckpt": args.ckpt, "ckpt_step": ckpt["ckpt_step"],
+                      source={"prompts": str(path), "ckpt": ident[0], "ckpt_step": ident[1],
                               "generation_record": str(record) if record.is_file() else None})
             if name == "omnicontext":
                 kw["templates"] = {k: templates[v] for k, v in omnicontext.TEMPLATES.items() if v in templates}
@@ -568,7 +579,8 @@ def main(argv=None) -> dict:
         elif entry["generation"].get("not_written"):
             entry["incomplete"] = f"{len(entry['generation']['not_written'])} images were not written"
         report["benchmarks"][name] = entry
-    kept = _earlier_benchmarks(out, names)  # a run of fewer benchmarks into the same --out keeps the others' rows
+    # a run of fewer benchmarks into the same --out keeps the others' rows (of the same checkpoint)
+    kept = _earlier_benchmarks(out, names, (*ident, label))
     report["benchmarks"] = {n: report["benchmarks"].get(n) or kept[n] for n in BENCHES
                             if n in report["benchmarks"] or n in kept}
     report["complete"] = all(e["complete"] for e in report["benchmarks"].values())

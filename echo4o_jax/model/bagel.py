@@ -72,7 +72,7 @@ class Bagel(nnx.Module):
         conn = self.connector_fc2(gelu_tanh(self.connector_fc1(h)))
         if debug is not None:
             debug["vit_output"], debug["connector_output"] = h, conn
-        return conn + lookup_rows(self.vit_pos_embed[...], pos_ids).astype(dt)
+        return conn + lookup_rows(self.vit_pos_embed[...].astype(dt), pos_ids)
 
     def time_embed(self, t: jax.Array) -> jax.Array:
         dt = dtype_of(self.cfg.compute_dtype)
@@ -85,7 +85,7 @@ class Bagel(nnx.Module):
         temb = self.time_embed(t)
         if debug is not None:
             debug["timestep_embeds"] = temb
-        pos = lookup_rows(self.latent_pos_embed[...], latent_pos_ids).astype(dt)
+        pos = lookup_rows(self.latent_pos_embed[...].astype(dt), latent_pos_ids)
         return self.vae2llm(x_t.astype(dt)) + temb + pos
 
     def velocity(self, h_gen: jax.Array) -> jax.Array:

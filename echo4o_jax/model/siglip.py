@@ -69,7 +69,7 @@ class SigLIPNaViT(nnx.Module):
         image_id = image_id.astype(jnp.int32)
         meta = TokenMeta(image_id, image_id, jnp.full((N,), FULL, jnp.int32), jnp.arange(N, dtype=jnp.int32))
         x = linear(patches, self.patch_w[...], self.patch_b[...])
-        x = x + lookup_rows(self.pos_embed[...], pos_ids).astype(dt)
+        x = x + lookup_rows(self.pos_embed[...].astype(dt), pos_ids)
         eps = c.layer_norm_eps
 
         def layer(x, p):

@@ -24,7 +24,7 @@ import pathlib
 import re
 
 __all__ = ["SCOPES", "COMMAND_BUFFER", "hlo_op_scopes", "scope_of", "find_trace", "device_op_events",
-           "summarize_trace", "summarize_compiled_trace", "readable_compiler_options"]
+           "summarize_trace", "summarize_compiled_trace", "readable_compiler_options", "is_command_buffer"]
 
 # the named scopes of the model and the step
 SCOPES = ("attention", "qkv", "rope", "o_proj", "mlp", "norm", "vit", "lm_head_ce", "velocity_mse", "vae_encode",
@@ -34,6 +34,11 @@ SCOPES = ("attention", "qkv", "rope", "o_proj", "mlp", "norm", "vit", "lm_head_c
 # event named after its command buffer, whose kernels, and so their named scopes, it does not show.
 COMMAND_BUFFER = "command buffer (unattributed)"
 _COMMAND_BUFFER_OP = re.compile(r"^command_buffer")
+
+
+def is_command_buffer(op: str) -> bool:
+    """Whether a trace event's op is a whole command buffer (a CUDA graph of kernels)."""
+    return bool(_COMMAND_BUFFER_OP.match(op))
 
 
 def readable_compiler_options(backend: str) -> dict[str, str]:
@@ -119,7 +124,7 @@ def _scope_of_kernel(name: str) -> str:
     """A kernel or op that the module does not name: our flash kernels by their name, matrix multiplies
     (cuBLAS / CUTLASS / Triton GEMMs) as "gemm (unattributed)", a CUDA graph as COMMAND_BUFFER, the rest
     "other"."""
-    if _COMMAND_BUFFER_OP.match(name):
+    if is_command_buffer(name):
         return COMMAND_BUFFER
     if "bagel_flash" in name:
         return "attention"
@@ -185,7 +190,7 @@ def summarize_trace(path: str | pathlib.Path, op_scopes: dict[str, str | None], 
     unmapped = 0
     for e in events:
         op = (e.get("args") or {}).get("hlo_op") or e.get("name", "")
-        graph = bool(_COMMAND_BUFFER_OP.match(op))  # one event for its kernels, whatever the module calls it
+        graph = is_command_buffer(op)  # one event for its kernels, whatever the module calls it
         if op in op_scopes and op_scopes[op] is None and not graph:
             continue  # control flow: its ops are events of their own
         name = None if graph else op_scopes.get(op)

@@ -322,12 +322,10 @@ class Trainer:
             self.mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
         except ValueError as e:  # sizes that do not fit the devices
             raise ConfigValueError(f"mesh.data / fsdp / tensor: {e}") from None
-        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        P = int(config.data.packs_per_step)
-        if P == -1:  # one pack per data-parallel device
-            P = dp
-        if P % dp:
-            raise ConfigValueError(f"data.packs_per_step={P} must be a multiple of data x fsdp = {dp}")
+        try:
+            P = shd.packs_per_step(int(config.data.packs_per_step), self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        except ValueError as e:
+            raise ConfigValueError(str(e)) from None
         if P % jax.process_count():
             raise ConfigValueError(f"data.packs_per_step={P} must be a multiple of the process count {jax.process_count()}")
         self.local_packs = P // jax.process_count()
