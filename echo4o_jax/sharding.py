@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-__all__ = ["MESH_AXES", "LOGICAL_RULES", "make_mesh", "packs_per_step", "logical_to_spec", "state_shardings", "elements_per_device",
-           "batch_sharding", "replicated", "maybe_initialize_distributed"]
+__all__ = ["MESH_AXES", "LOGICAL_RULES", "make_mesh", "packs_per_step", "logical_to_spec", "state_shardings",
+           "elements_per_device", "batch_sharding", "replicated", "maybe_initialize_distributed"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

@@ -233,7 +233,8 @@ def test_two_processes_stop_and_resume_as_if_never_stopped(tmp_path):
     from conftest import load_file
     from echo4o_jax.train.data_sources import budget_from_config
 
-    cap = budget_from_config(load_file(ROOT / "configs" / "demo.py", "demo_cfg_mp").get_config().data.budget).total_tokens
+    demo = load_file(ROOT / "configs" / "demo.py", "demo_cfg_mp").get_config()
+    cap = budget_from_config(demo.data.budget).total_tokens
     for x in (x for x in map(json.loads, (ref / "log.jsonl").read_text().splitlines()) if "loss" in x):
         assert len(x["tokens_by_process"]) == 2 and x["tokens"] == sum(x["tokens_by_process"])
         assert x["fill"] == pytest.approx(x["tokens"] / (2 * cap))

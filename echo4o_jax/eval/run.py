@@ -38,8 +38,8 @@ from an older version, are refused the same way). ``--judge-only`` judges the im
 
 Generation uses ``echo4o_jax.generate.generate_batch(ckpt, requests, out_dir, regenerate=..., **overrides)``
 (one call per benchmark, after one call per benchmark with ``check_only=True`` that checks every request
-against the checkpoint before any is generated; ``--gen-arg KEY=VALUE`` become the overrides, VALUE parsed as JSON when it
-parses; a training workdir's resolved step is passed as ``step``). A request is ``{"id": <stem>, "prompt", "seed": seed + index, "num_images", "size"?, "images"?}``.
+against the checkpoint before any is generated; ``--gen-arg KEY=VALUE`` become the overrides, VALUE
+parsed as JSON when it parses; a training workdir's resolved step is passed as ``step``). A request is ``{"id": <stem>, "prompt", "seed": seed + index, "num_images", "size"?, "images"?}``.
 A generation error (``GenerateError``: e.g. an output size the checkpoint cannot make) stops the run
 with a one-line ``error: ...``; images written before it are kept.
 
