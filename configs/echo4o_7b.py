@@ -12,7 +12,8 @@ Every value with its source (../shared/docs/echo4o.md §3, bagel_architecture.md
   warm-up, EMA 0.9999: official TrainingArguments defaults.
 * max_latent_size 64: mandatory for the 7B-MoT checkpoint (TRAIN.md; BAGEL issue #127) - read from the
   checkpoint's latent table.
-* ~10K packed tokens per device: TRAIN.md fine-tune (expected 10,240 / max 11,520 / per sample 10,240).
+* ~10K packed tokens per device: TRAIN.md fine-tune (expected 10,240 / max 11,520 / per sample 10,240);
+  samples that fit neither the pack nor the overflow buffer dropped as the official PackedDataset does.
 * CE and MSE weights 1.0 / 1.0: official defaults (the paper's 0.25:1 could not be verified).
 * timestep_shift 1.0 in training: official default (BagelConfig / TrainingArguments).
 * condition dropout text 0.1 / ViT 0.3 / VAE 0.3: ModelArguments values.
@@ -55,6 +56,10 @@ def get_config():
     # * text_tokens 1024: long instructions.
     c.data.budget = dict(text_tokens=1024, vit_tokens=4224, vae_tokens=11264, vae_images=4,
                          vae_image_size=(1024, 1024))
+    # the official packing loop drops a sample that fits neither the pack nor its buffer (it yields the pack and
+    # reads on): with these knobs that discards a sizeable share of the long multi-reference samples, so the
+    # official run trained on a mix with fewer of them; True reproduces that mix (log: data_dropped_unfit)
+    c.data.drop_unfit = True
     c.data.expected_tokens = 10240
     c.data.max_tokens = 11520
     c.data.max_tokens_per_sample = 10240

@@ -279,8 +279,9 @@ def test_golden_samples_through_pipeline(golden_dir, tmp_path):
 
 
 def _reference_packs(elements, c: PipelineConfig):
-    """The official PackedDataset.__iter__ loop on total token counts (no dropout), with the documented
-    deviation: a sample that neither fits nor can be buffered starts the next pack."""
+    """The official PackedDataset.__iter__ loop on total token counts (no dropout): a sample that neither fits
+    nor can be buffered is dropped with `drop_unfit` (the official), else (the documented deviation) it starts
+    the next pack."""
     packs, cur, curr, buffer = [], [], 0, []
     it = iter(elements)
     while True:
@@ -300,6 +301,9 @@ def _reference_packs(elements, c: PipelineConfig):
                 buffer.append(s)
                 continue
             packs.append(cur)
+            if c.drop_unfit:  # official: yield the pack, read on
+                cur, curr = [], 0
+                continue
             cur, curr = [s], n
             if curr >= c.expected_num_tokens:
                 packs.append(cur)
@@ -315,11 +319,12 @@ def _reference_packs(elements, c: PipelineConfig):
     return [[x[0] for x in p] for p in packs]
 
 
-def test_packing_policy_matches_official_loop(data, model_cfg):
+@pytest.mark.parametrize("drop_unfit,buffer", [(False, 3), (True, 3), (False, 0), (True, 0)])
+def test_packing_policy_matches_official_loop(data, model_cfg, drop_unfit, buffer):
     big = PackBudget(text_tokens=400, vit_tokens=400, vae_tokens=400, vae_images=40, vae_image_size=(64, 64))
     c = _cfg(data, budget=big, max_num_tokens=70, expected_num_tokens=55, max_num_tokens_per_sample=45,
-             prefer_buffer_before=25, max_buffer_size=3, num_epochs=1, text_dropout=0.0, vit_dropout=0.0,
-             vae_dropout=0.0)
+             prefer_buffer_before=25, max_buffer_size=buffer, num_epochs=1, text_dropout=0.0, vit_dropout=0.0,
+             vae_dropout=0.0, drop_unfit=drop_unfit)
     pipe = DataPipeline(c, model_cfg)
     n = len(pipe.elements)
     els = [pipe.elements[k] for k in range(n)]
@@ -327,11 +332,16 @@ def test_packing_policy_matches_official_loop(data, model_cfg):
     out, _ = _run(pipe, 1000)
     got = [p for _, st in out for p in st["sample_ids"]]
     assert got == ref
+    # every sample read is packed, skipped as too long or (official) dropped for not fitting
+    last = out[-1][1]
+    assert last["samples_packed"] + last["skipped_too_long"] + last["dropped_unfit"] == n
+    if buffer == 0:  # every sample that does not fit is the drop's (or the carry's) case
+        assert (last["dropped_unfit"] > 0) == drop_unfit
     assert any(sum(e["sizes"][:3]) > 45 for e in els)  # the per-sample limit was exercised
     assert out[-1][1]["skipped_too_long"] == sum(sum(e["sizes"][:3]) > 45 for e in els)
     by_task = collections.Counter(e["task"] for e in els if sum(e["sizes"][:3]) > 45)
     assert out[-1][1]["skipped_by"] == {f"{t}/max_tokens_per_sample": n for t, n in sorted(by_task.items())}
-    assert max(st["buffer"] for _, st in out) >= 1  # the overflow buffer was used
+    assert max(st["buffer"] for _, st in out) >= min(buffer, 1)  # the overflow buffer was used
     for b, st in out:  # every pack within the hard cap
         assert (b["num_tokens"] <= 70).all()
 
@@ -675,6 +685,10 @@ def test_pack_stats_of_the_demo_config(tmp_path, capsys):
     from echo4o_jax.train.records_source import pipeline_config_from
 
     assert np.all(used <= caps) and np.all(free[:, 4] <= pipeline_config_from(c, b, local_packs=1).max_tokens)
+    assert not pipeline_config_from(c, b, local_packs=1).drop_unfit  # data.drop_unfit reaches the pipeline
+    c.data.drop_unfit = True
+    assert pipeline_config_from(c, b, local_packs=1).drop_unfit
+    c.data.drop_unfit = False
     assert np.all(free[:, :3].sum(1) == free[:, 4]) and np.all(used[:, :3].sum(1) == used[:, 4])
     assert free[:, 4].mean() > used[:, 4].mean()  # the demo's small budget closes packs early
     assert np.any(free[:, :4] > caps[:4])

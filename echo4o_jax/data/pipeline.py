@@ -36,7 +36,8 @@ Stages
    `pack_samples` from a per-pack rng seeded by (seed, process_index, pack number), raw timesteps from a
    second one; the packer replays the same dropout draws to know each pack's actual usage.
    Deviations from the official loop: a sample that does not fit and cannot be buffered starts the next
-   pack (the official drops it); `is_mandatory` groups are not implemented; groups are interleaved by
+   pack (the official drops it: `drop_unfit=True` does too, counted in `stats["dropped_unfit"]`);
+   `is_mandatory` groups are not implemented; groups are interleaved by
    weight deterministically (the official draws a group at random per sample).
 3. Steps: `packs_per_step` packs (built in `pack_threads` threads) written straight into one stacked
    batch (`packing.allocate_packs` + `pack_samples(out=...)`: the arrays of `packing.stack_batches`, with
@@ -181,6 +182,11 @@ class PipelineConfig:
     max_num_tokens_per_sample: int | None = None  # longer samples are skipped; None = max_num_tokens
     prefer_buffer_before: int = 16384  # official default
     max_buffer_size: int = 50
+    # a sample that does not fit the pack and cannot be buffered (it came from the buffer, or the buffer is full):
+    # True drops it, as the official loop does (it yields the pack and reads on); False starts the next pack with
+    # it. The official drop discards a sizeable share of large samples (long multi-reference samples more often
+    # than short ones), so it changes the data mix the run trains on: True reproduces the official mix.
+    drop_unfit: bool = False
     packs_per_step: int = 1  # packs per process per step (the leading batch axis)
     pack_threads: int = 4  # threads building the packs of a step (numpy copies release the GIL)
     vae_transform: ImageTransform = ImageTransform(1024, 512, 16)
@@ -636,7 +642,8 @@ class DataPipeline:
             "budget": repr(c.budget),
             "knobs": [c.expected_num_tokens, c.max_tokens, c.max_tokens_per_sample, c.prefer_buffer_before,
                       c.max_buffer_size, *([] if stream_only else [c.packs_per_step]), c.text_dropout,
-                      c.vit_dropout, c.vae_dropout, c.seed, c.shuffle, c.num_epochs],
+                      c.vit_dropout, c.vae_dropout, c.seed, c.shuffle, c.num_epochs,
+                      *(["drop_unfit"] if c.drop_unfit else [])],  # (absent when False: older states resume)
         }
         if not stream_only:
             d["process"] = [self.process_index, self.process_count]
@@ -756,7 +763,7 @@ class DataPipeline:
         def share(n: int) -> int:  # this process's part of a count summed over the old processes
             return n // P + (p < n % P)
 
-        counters = {k: share(sum(int(st["counters"][k]) for st in states)) for k in PackIterator._COUNTERS}
+        counters = {k: share(sum(int(st["counters"].get(k, 0)) for st in states)) for k in PackIterator._COUNTERS}
         # steps: the same on every process; pack numbers seed the packs' dropout (with the process index):
         # from the largest old one on, no (process, pack) seed of the old run is drawn again
         for k in ("steps_emitted", "packs_emitted"):
@@ -874,7 +881,7 @@ class PackIterator:
     resume exactly."""
 
     _COUNTERS = ("elements_read", "samples_packed", "tokens_packed", "skipped_too_long", "skipped_errors",
-                 "packs_emitted", "steps_emitted")
+                 "packs_emitted", "steps_emitted", "dropped_unfit")
 
     def __init__(self, pipe: DataPipeline, state: dict | None = None):
         self.pipe = pipe
@@ -1024,7 +1031,10 @@ class PackIterator:
                 if not from_buffer and len(self._buffer) < c.max_buffer_size:
                     self._buffer.append(el)
                     continue
-                self._carry = [el]
+                if c.drop_unfit:  # the official loop: the pack is emitted and this sample is not trained on
+                    self.counters["dropped_unfit"] += 1
+                else:
+                    self._carry = [el]
                 break
             pack.add(el, m)
         if not pack.elements:

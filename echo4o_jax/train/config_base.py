@@ -56,6 +56,8 @@ def base_config() -> ConfigDict:
         records=dict(datasets=[], demo_dir="", workers=0, allow_incomplete=False),
         vae_latents="",           # folder of precomputed VAE posterior moments (python -m echo4o_jax.data.latents):
                                   # the pipeline loads them instead of decoding VAE images; "" = encode in the step
+        drop_unfit=False,         # records: drop a sample that fits neither the pack nor the buffer, as the official
+                                  # loop does (True: the official data mix), instead of starting the next pack with it
         text_dropout=0.1,         # ModelArguments values (override DataConfig defaults 0.1 / 0.4 / 0.1)
         vit_dropout=0.3,
         vae_dropout=0.3,

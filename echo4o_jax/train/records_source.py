@@ -97,7 +97,8 @@ def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fi
     common = dict(packs_per_step=local_packs, seed=int(d.seed), text_dropout=float(d.text_dropout),
                   vit_dropout=float(d.vit_dropout), vae_dropout=float(d.vae_dropout),
                   worker_count=int(r.get("workers", 0)), vae_latents=str(d.get("vae_latents", "") or ""),
-                  vae_fingerprint=vae_fingerprint, allow_incomplete=bool(r.get("allow_incomplete", False)))
+                  vae_fingerprint=vae_fingerprint, allow_incomplete=bool(r.get("allow_incomplete", False)),
+                  drop_unfit=bool(d.get("drop_unfit", False)))
     if d.get("expected_tokens"):
         common["expected_num_tokens"] = int(d.expected_tokens)
     if d.get("max_tokens"):

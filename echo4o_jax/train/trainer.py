@@ -779,7 +779,7 @@ class Trainer:
                 if work["by_process"] is not None:
                     m["tokens_by_process"] = [int(x[0]) for x in work["by_process"]]
                 st = getattr(self.source, "last_stats", None) or {}  # records pipeline: this process's counters
-                for k in ("skipped_too_long", "skipped_errors", "time_wait_s"):
+                for k in ("skipped_too_long", "skipped_errors", "dropped_unfit", "time_wait_s"):
                     if k in st:
                         m[f"data_{k}"] = st[k]
                 if peak:
