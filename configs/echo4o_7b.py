@@ -21,6 +21,11 @@ Every value with its source (../shared/docs/echo4o.md §3, bagel_architecture.md
 * the three Echo-4o-Image subsets mixed by weight proportional to their sizes (37,541 surreal fantasy,
   72,729 multi-reference, 67,958 instruction following; pie-data.ts). The real mixing ratio was not
   released.
+* open question: Echo-4o's data has no text targets (no CE tokens). The official training loop then reaches
+  `assert not training_args.visual_und` (a run with visual_und=True and no CE tokens stops), so the released
+  run either set visual_und=False (no ViT tokens: references through their VAE copies only) or mixed in
+  understanding data; neither is in the release. This config keeps the ViT conditions of the multi-reference
+  samples (CE is 0 in every step) and the ViT trainable.
 * bf16 compute, fp32 master weights; remat on every layer (official: activation checkpointing on every
   decoder / SigLIP layer); FSDP over all devices (official: HYBRID_SHARD, shard 8 inside a node).
 """
