@@ -21,11 +21,11 @@ Every value with its source (../shared/docs/echo4o.md §3, bagel_architecture.md
 * the three Echo-4o-Image subsets mixed by weight proportional to their sizes (37,541 surreal fantasy,
   72,729 multi-reference, 67,958 instruction following; pie-data.ts). The real mixing ratio was not
   released.
-* open question: Echo-4o's data has no text targets (no CE tokens). The official training loop then reaches
-  `assert not training_args.visual_und` (a run with visual_und=True and no CE tokens stops), so the released
-  run either set visual_und=False (no ViT tokens: references through their VAE copies only) or mixed in
-  understanding data; neither is in the release. This config keeps the ViT conditions of the multi-reference
-  samples (CE is 0 in every step) and the ViT trainable.
+* Echo-4o's data has no text targets: CE is 0 in every step. The official loop trains on then (its
+  `assert not training_args.visual_und` for a step without CE tokens is commented out, in both stored
+  versions of train/pretrain_unified_navit.py), keeping the multi-reference samples' ViT conditions and the
+  ViT trainable (visual_und default True); so does this config. Whether the released run set
+  visual_und=False or mixed in understanding data is not in the release.
 * bf16 compute, fp32 master weights; remat on every layer (official: activation checkpointing on every
   decoder / SigLIP layer); FSDP over all devices (official: HYBRID_SHARD, shard 8 inside a node).
 """
