@@ -184,8 +184,9 @@ def summary(out: pathlib.Path) -> str:
         if pr and pr.get("error"):
             lines.append(f"{name} profile failed: {pr['error'][:200]}")
             continue
-        if pr and hidden_scopes(pr)[1]:
-            lines.append(f"{name} profile: {hidden_scopes(pr)[1]}")
+        why = hidden_scopes(pr)[1] if pr else None
+        if why:
+            lines.append(f"{name} profile: {why}")
         if pr and pr.get("device_seconds_per_step"):
             tot = pr["device_seconds_per_step"]
             lines.append(f"{name} device time per step by scope ({pr['source']}; {tot * 1e3:.1f} ms in all, "

@@ -452,13 +452,15 @@ def main(argv=None) -> int:
         return 2
     from echo4o_jax import sharding as shd
 
+    packs = int(c.data.packs_per_step)
+
     def packs_fit(tp: int) -> bool:  # the mesh spans every chip: data x fsdp = chips / tensor
         try:
-            return bool(shd.packs_per_step(packs, len(devices) // tp))
+            shd.packs_per_step(packs, len(devices) // tp)
         except ValueError:
             return False
+        return True
 
-    packs = int(c.data.packs_per_step)
     fits = [x for x in cand if packs_fit(x[1])]
     if not fits:
         print(f"error: data.packs_per_step={packs} must be a multiple of data x fsdp (= {len(devices)} chips / "

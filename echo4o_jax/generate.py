@@ -885,7 +885,6 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     from tqdm import tqdm
 
     out_dir = pathlib.Path(out_dir)
-    overrides = dict(overrides or {})
     ids, prepared = check_requests(gen, requests, overrides, max_new_tokens)
     _make_out_dir(out_dir)
     meta_path = out_dir / "metadata.jsonl"
