@@ -32,10 +32,13 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
+import logging
 import os
 import pathlib
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -50,6 +53,7 @@ from flax import nnx
 
 from . import __version__
 from . import checkpoint as ck
+from .interrupts import Terminated
 from .config import BagelConfig
 from .model import keymap
 from .model.bagel import Bagel, bagel_key_rules
@@ -318,27 +322,44 @@ def _ctrl_c_deferred(stop: threading.Event):
     """Inside: a Ctrl-C sets `stop` (the writer then writes no further block and Orbax's save ends in order),
     and the KeyboardInterrupt is raised on leaving. A KeyboardInterrupt in the middle of an Orbax save left its
     background threads writing, and logging tracebacks, after the caller had removed the folder (which they
-    recreated). A second Ctrl-C interrupts at once. Off the main thread (no signal handler): nothing changes."""
+    recreated). A second Ctrl-C interrupts at once. A SIGTERM does the same (raising `Terminated`) when the
+    command handles it (a Python handler is installed: the conversion commands). Off the main thread (no
+    signal handler): nothing changes. Orbax's own log of the error that ends the save (an ERROR with a
+    traceback per background thread) is dropped: the save raises that error, which the command reports."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    got: list[int] = []
 
-    def on_sigint(signum, frame):
+    def interruption() -> BaseException:
+        return Terminated() if got and got[0] == signal.SIGTERM else KeyboardInterrupt()
+
+    def on_signal(signum, frame):
         if stop.is_set():
-            raise KeyboardInterrupt
+            raise interruption()
+        got.append(signum)
         stop.set()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    sigs = [signal.SIGINT] + ([signal.SIGTERM] if callable(signal.getsignal(signal.SIGTERM)) else [])
+    previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(_drop_orbax_thread_errors)
     try:
         yield
     except Exception:
-        if stop.is_set():  # Orbax's check of the incomplete save ("params are missing"): the Ctrl-C is the cause
-            raise KeyboardInterrupt from None
+        if stop.is_set():  # Orbax's check of the incomplete save ("params are missing"): the signal is the cause
+            raise interruption() from None
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        absl_log.removeFilter(_drop_orbax_thread_errors)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
     if stop.is_set():
-        raise KeyboardInterrupt
+        raise interruption()
+
+
+def _drop_orbax_thread_errors(record: logging.LogRecord) -> bool:
+    return "_SignalingThread.run() raised an exception" not in record.getMessage()
 
 
 # ------------------------------------------------------------------------------------------ plans
@@ -477,13 +498,21 @@ def _check_apart(out: pathlib.Path, src: pathlib.Path, paths) -> None:
 def _check_out(out: pathlib.Path, overwrite: bool, src: pathlib.Path, paths, kind: str) -> pathlib.Path:
     """Refuse an `out` that overlaps the source folder `src` or the `paths` read from it (see `_check_apart`),
     that is not a folder, or that is not empty without `overwrite`; with `overwrite`, one that is not an
-    earlier output of the same kind (`kind`: "converted" or "official"): `--overwrite` replaces the whole
-    folder, so a mistyped `--out` must not delete a folder of other files. Returns the real path to write (an
-    `out` symlink is written through)."""
+    earlier output of the same kind (`kind`: "converted" or "official"), or holds files such an output does
+    not (`_written_by`): `--overwrite` replaces the whole folder, so a mistyped `--out` must not delete other
+    files. Also refused: a mount point (see the message). Returns the real path to write (an `out` symlink is
+    written through)."""
     _check_apart(out, src, [src, *paths])
     if out.exists():
         if not out.is_dir():
             raise OutputExistsError(f"{out} exists and is not a folder")
+        real = out.resolve()
+        if os.path.ismount(real) or real.stat().st_dev != real.parent.stat().st_dev:
+            # the output is written beside `out` and renamed to it at the end: a mount point cannot be replaced
+            # (the rename failed after the whole conversion, which had filled the parent's disk)
+            raise OutputError(f"{out} is a mount point (another file system than its parent's): the conversion "
+                              f"is written beside the output folder and renamed to it, which cannot replace a "
+                              f"mount point; give a folder inside it, e.g. {out / 'bagel'}")
         if any(out.iterdir()):
             if not overwrite:
                 raise OutputExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
@@ -497,7 +526,28 @@ def _check_out(out: pathlib.Path, overwrite: bool, src: pathlib.Path, paths, kin
                 raise OutputExistsError(f"{out} is not empty and is not {what}: --overwrite replaces only an "
                                         "earlier output of this command, as the whole folder is deleted; choose "
                                         "another --out, or empty this one yourself")
+            foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                             if not _written_by(kind, p.name))
+            if foreign:  # e.g. an official folder that also holds other files: they would be deleted
+                raise OutputExistsError(f"{out} holds {len(foreign)} file(s) that this command does not write "
+                                        f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): "
+                                        "--overwrite replaces only an earlier output of this command, as the whole "
+                                        "folder is deleted; choose another --out, or move those files away")
     return out.resolve()
+
+
+_EMA_SHARD = re.compile(r"ema-\d{5}-of-\d{5}\.safetensors")
+
+
+def _written_by(kind: str, name: str) -> bool:
+    """Whether a conversion of `kind` ("converted": to_jax, "official": to_torch) writes the entry `name` of
+    its output folder."""
+    if name in ck.CONFIG_FILES + ck.TOKENIZER_FILES + (ck.META_FILE,):
+        return True
+    if kind == "converted":
+        return name in (ck.MANIFEST_FILE, ck.PARAMS_ITEM, ck.VAE_ITEM)
+    return name in ("ema.safetensors", "ema.safetensors.index.json", "ae.safetensors") or bool(
+        _EMA_SHARD.fullmatch(name))
 
 
 def _side_files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -506,10 +556,12 @@ def _side_files(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _tmp_sibling(out: pathlib.Path) -> pathlib.Path:
-    """A new hidden folder beside `out` to write into (renamed to `out` when complete). An OutputError names
-    `out` when it cannot be made (a file on the way, no permission, a read-only disk)."""
+    """A new hidden folder beside `out` to write into (renamed to `out` when complete), after the leftovers of
+    killed conversions into `out` are removed (`_remove_leftovers`). An OutputError names `out` when it cannot
+    be made (a file on the way, no permission, a read-only disk)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     except OSError as e:
@@ -522,14 +574,74 @@ def _tmp_sibling(out: pathlib.Path) -> pathlib.Path:
     return tmp
 
 
+def _leftovers(out: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
+    """[(folder, "tmp" | "old")]: the hidden folders beside `out` (`.OUT.tmp-PID-*`: a conversion's partial
+    output; `.OUT.old-PID-*`: the output it was replacing) of conversions whose process PID no longer runs on
+    this machine (a kill -9, a crash, a power cut: nothing removed them)."""
+    found = []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}")
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not _pid_runs(int(m.group(2))):
+            found.append((p, m.group(1)))
+    return sorted(found)
+
+
+def _pid_runs(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_leftovers(out: pathlib.Path) -> None:
+    """Remove the leftovers (`_leftovers`) of killed conversions into `out`, saying so on stderr. An `.old-`
+    folder is kept, and reported, while `out` does not exist: the kill came between the two renames that swap
+    a new output in, so it holds the last complete output."""
+    for p, kind in _leftovers(out):
+        if kind == "old" and not out.exists():
+            print(f"note: {p} holds the output that an interrupted conversion was replacing ({out} does not exist): "
+                  f"it is kept; rename it to {out.name} to use it, or delete it", file=sys.stderr)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        print(f"note: removed {p}, left by a conversion into {out} that was killed", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT / SIGTERM wait until the block ends (the main thread only; elsewhere nothing changes), and are then
+    dropped: the block completes an output, so the command has succeeded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {sig: signal.signal(sig, lambda n, f: got.append(n)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+        if got:
+            print("note: the output was complete when the signal came; it was finished, not abandoned",
+                  file=sys.stderr)
+
+
 def _finalize(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    """Rename the complete `tmp` to `out` (replacing an earlier output), with Ctrl-C / SIGTERM deferred: one in
+    the middle left `out` missing, or a `.old-` folder behind with "nothing was written" said."""
+    with _signals_deferred():
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
 
 
 class _Hasher(threading.Thread):
@@ -623,14 +735,34 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
         manifest["compression"] = "zstd-1" if compress else None
         ck._write_json(tmp / ck.MANIFEST_FILE, manifest)
         _finalize(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         if hasher:
             hasher.stop.set()
         if bar is not None:
             bar.close()
         _remove_when_quiet(tmp)
+        _raise_if_disk_full(e, dest, total)
         raise
     return manifest
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                     errno.EFBIG: "File too large"}
+
+
+def _raise_if_disk_full(e: BaseException, dest: pathlib.Path, total: int) -> None:
+    """Raise an OutputError in one line when `e` says that the disk (or quota) of `dest` is full: a bare
+    "[Errno 28] No space left on device" named no file, and Orbax's error held a 2,000-character spec."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+        why = _DISK_FULL_ERRNOS[e.errno]
+    elif isinstance(e, (OSError, ValueError, RuntimeError)):
+        why = next((w for w in _DISK_FULL_ERRNOS.values() if w in str(e)), None)
+    else:
+        why = None
+    if why:
+        raise OutputError(f"cannot write the output folder {dest}: {why} (the partial output was removed; the "
+                          f"output takes about {total / 2**20:,.1f} MiB, written beside it in {dest.parent} first)"
+                          ) from None
 
 
 def _remove_when_quiet(folder: pathlib.Path, quiet_s: float = 2.0, limit_s: float = 60.0) -> None:
@@ -804,10 +936,11 @@ def convert_to_official(ckpt, out, *, step: int | None = None, weights: str = "e
                 ck._write_json(tmp / name, d)
         ck._write_json(tmp / ck.META_FILE, cfg.meta_dict())
         _finalize(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         if bar is not None:
             bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(e, dest, total)
         raise
     finally:
         bagel_item.close()

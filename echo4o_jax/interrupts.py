@@ -44,6 +44,16 @@ def keep_ctrl_c(resend: Callable[[], None] = _send_sigint, delay_s: float = 0.05
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
+class Terminated(BaseException):
+    """A SIGTERM, raised in the main thread by the handler of commands that clean up after it as after a Ctrl-C
+    (BaseException, as KeyboardInterrupt: `except Exception` does not swallow it)."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """A SIGTERM handler: raise Terminated."""
+    raise Terminated()
+
+
 def end_now(rc: int) -> None:
     """End the process with `rc` at once, without the interpreter's teardown: after a Ctrl-C an XLA compilation
     may still run on a worker thread, and the teardown then can crash (a segfault after the command's own

@@ -518,11 +518,16 @@ def test_non_empty_out_refused_unless_overwrite(golden_dir, converted, tmp_path)
     assert listing(out) == before
     (out / "keep.txt").unlink()
     convert.convert_to_official(converted[0], out, progress=False)
-    (out / "keep.txt").write_text("mine")  # beside an earlier export: replaced with it
+    (out / "keep.txt").write_text("mine")  # beside an earlier export: it would be deleted with it
     with pytest.raises(convert.OutputExistsError, match="is not empty and is not a converted folder"):
         convert.convert_to_orbax(golden_dir, out, overwrite=True, progress=False)  # not the other direction's
+    with pytest.raises(convert.OutputExistsError, match=r"holds 1 file\(s\) that this command does not write "
+                                                        r"\(keep.txt\)"):
+        convert.convert_to_official(converted[0], out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     convert.convert_to_official(converted[0], out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "ema.safetensors").is_file()
+    assert (out / "ema.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     download = tmp_path / "BAGEL-7B-MoT"  # an official download (no meta.json): never replaced
     download.mkdir()
@@ -538,6 +543,111 @@ def test_non_empty_out_refused_unless_overwrite(golden_dir, converted, tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
     convert.convert_to_official(converted[0], empty, progress=False)  # an empty folder is fine
+
+
+def test_overwrite_refuses_an_output_holding_other_files(golden_dir, converted, tmp_path):
+    """An official folder with meta.json that also holds other files (here a copy of the golden folder, with
+    its recorded tensors): `to_torch --overwrite` deleted them; it now names them and leaves all as it was.
+    The same for a converted folder holding another file."""
+    out = tmp_path / "official_copy"
+    shutil.copytree(golden_dir, out)
+    before = listing(out)
+    with pytest.raises(convert.OutputExistsError, match=r"holds \d+ file\(s\) that this command does not write "
+                                                        r"\(multiref.npz, t2i.npz, train_grads.safetensors, "):
+        convert.convert_to_official(converted[0], out, overwrite=True, progress=False)
+    assert listing(out) == before
+    conv = tmp_path / "conv"
+    shutil.copytree(converted[0], conv)
+    (conv / "notes.txt").write_text("mine")
+    with pytest.raises(convert.OutputExistsError, match=r"holds 1 file\(s\) that this command does not write "
+                                                        r"\(notes.txt\)"):
+        convert.convert_to_orbax(golden_dir, conv, overwrite=True, progress=False)
+    assert (conv / "notes.txt").read_text() == "mine"
+
+
+def test_leftovers_of_killed_conversions_are_removed(golden_dir, converted, tmp_path, capsys):
+    """A conversion killed with kill -9 leaves its partial output `.OUT.tmp-PID-*` beside OUT (tens of GB for
+    the 7B model), which no later run removed. The next conversion into OUT removes those of processes that no
+    longer run, and an `.OUT.old-PID-*` (the output being replaced) once OUT exists; while OUT is missing the
+    `.old-` folder is the last complete output: kept, and named."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    tmp_left = tmp_path / f".out.tmp-{dead.pid}-0123abcd"
+    old_left = tmp_path / f".out.old-{dead.pid}-4567cdef"
+    running = tmp_path / f".out.tmp-{os.getppid()}-89abcdef"  # a conversion still running: not touched
+    other = tmp_path / f".other.tmp-{dead.pid}-0123abcd"  # another output's: not touched
+    for d in (tmp_left, old_left, running, other):
+        (d / "params").mkdir(parents=True)
+    convert.convert_to_official(converted[0], out, progress=False)
+    err = capsys.readouterr().err
+    assert f"note: {old_left} holds the output that an interrupted conversion was replacing" in err
+    assert f"note: removed {tmp_left}, left by a conversion into {out} that was killed" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", old_left.name, running.name, other.name])
+    convert.convert_to_official(converted[0], out, overwrite=True, progress=False)  # OUT exists now
+    assert f"note: removed {old_left}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", running.name, other.name])
+
+
+def test_mount_point_as_out_is_refused_before_the_conversion(golden_dir, converted, tmp_path, monkeypatch):
+    """An empty mount point as --out: the output is written beside it and renamed, which cannot replace a mount
+    point; that failed (EBUSY) after the whole conversion, written on the parent's disk. Refused up front."""
+    out = tmp_path / "mnt"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(out.resolve()) or real(p))
+    for fn, src in ((convert.convert_to_orbax, golden_dir), (convert.convert_to_official, converted[0])):
+        with pytest.raises(convert.OutputError, match=rf"{out} is a mount point .* give a folder inside it, "
+                                                      rf"e.g. {out / 'bagel'}"):
+            fn(src, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"] and not list(out.iterdir())
+
+
+@pytest.mark.parametrize("tool", ["to_jax", "to_torch"])
+def test_full_disk_is_one_line_and_leaves_nothing(golden_dir, converted, tmp_path, tool):
+    """Writing fails for want of space (here: the file size limit, as a full disk or quota would): one error
+    line naming the output folder and the cause, exit status 2, nothing left beside --out. to_jax printed ~100
+    lines (Orbax's thread tracebacks, then a 2,000-character tensorstore spec); to_torch printed
+    "[Errno 28] No space left on device" naming no file."""
+    import resource
+
+    src = ["--src", str(golden_dir)] if tool == "to_jax" else ["--ckpt", str(converted[0])]
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", f"tools.convert_weights.{tool}", *src, "--out", str(out),
+                        "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith(f"error: cannot write the output folder {out}: File too large (the partial output "
+                               "was removed; the output takes about "), p.stderr
+    assert len(p.stderr.splitlines()) == 1 and not p.stdout
+    assert not list(tmp_path.iterdir())
+
+
+def test_sigterm_removes_the_partial_output(golden_dir, tmp_path):
+    """SIGTERM (a job scheduler's stop) is handled as a Ctrl-C: exit status 143, one line, no partial output
+    left beside --out (it left a hidden folder as large as the part converted)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    script = ("import os, signal, sys, threading, time\n"
+              "from echo4o_jax import convert\n"
+              "real = convert._prefetched\n"
+              "def prefetched(items, depth=1):\n"
+              "    def slow():\n"
+              "        for n, item in enumerate(items()):\n"
+              "            if n == 3:\n"
+              "                os.kill(os.getpid(), signal.SIGTERM)\n"
+              "            yield item\n"
+              "    return real(slow, depth)\n"
+              "convert._prefetched = prefetched\n"
+              "from tools.convert_weights import to_jax\n"
+              "sys.exit(to_jax.main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, "-c", script, "--src", str(golden_dir), "--out", str(out), "--no-progress"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 143, p.stderr
+    assert p.stderr.strip() == "terminated (SIGTERM): nothing was written to the output folder"
+    time.sleep(1.0)  # anything still writing would show now
+    assert not list(tmp_path.iterdir())
 
 
 def test_to_torch_bad_inputs_nothing_written(golden_dir, converted, workdir, tmp_path):
@@ -641,12 +751,12 @@ def test_out_symlink_is_written_through(converted, tmp_path):
     link = tmp_path / "out"
     link.symlink_to(target, target_is_directory=True)
     convert.convert_to_official(converted[0], link, progress=False)
-    (target / "old.txt").write_text("old")
+    (target / "ema.safetensors").write_bytes(b"an older export")
     with pytest.raises(convert.OutputExistsError, match="not empty"):
         convert.convert_to_official(converted[0], link, progress=False)
     summary = convert.convert_to_official(converted[0], link, overwrite=True, progress=False)
     assert summary["out"] == str(link)
-    assert link.is_symlink() and (target / "ema.safetensors").is_file() and not (target / "old.txt").exists()
+    assert link.is_symlink() and (target / "ema.safetensors").read_bytes() != b"an older export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["export"]
 

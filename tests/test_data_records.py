@@ -183,6 +183,63 @@ def test_writer_crash_leaves_finished_shards_and_append(tmp_path):
         RecordWriter(d)
 
 
+_FULL_DISK_SCRIPT = """
+import io, json, sys
+import numpy as np
+from PIL import Image
+from echo4o_jax.data.records import RecordWriteError, RecordWriter, t2i_record
+
+
+def png(side, seed):
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(b, "PNG")
+    return b.getvalue()
+
+
+w = RecordWriter(sys.argv[1], shard_bytes=20000, name="d")
+res = {}
+try:
+    for i, side in enumerate([32, 32, 32, 160, 32]):  # shard 0: three small images; shard 1: one too large
+        w.write(t2i_record(f"r{i}", "c", png(side, i)))
+    w.close()
+except RecordWriteError as e:
+    res["error"] = str(e)
+    try:
+        w.write(t2i_record("late", "c", png(8, 0)))
+    except RecordWriteError as e2:
+        res["later_write"] = str(e2)
+    w.close(error=f"import failed: {e}")
+print(json.dumps(res))
+"""
+
+
+def test_a_full_disk_keeps_the_finished_shards_and_names_the_failed_one(tmp_path):
+    """A shard write that fails (here: the file size limit, as a full disk or a quota would) is a
+    RecordWriteError (an OSError) naming the shard, not array_record's bare RuntimeError; the finished shards
+    stay listed in a manifest marked incomplete (before, close() failed the same way and wrote no manifest),
+    no .tmp file is left, and the writer takes no more records."""
+    import resource
+    import subprocess
+    import sys
+
+    # bytes per file: the first shard fits (128 KiB: ArrayRecord writes 64 KiB blocks), the next one, with a
+    # 160x160 noise PNG (~77 kB), does not (192 KiB)
+    limit = 150_000
+    p = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, str(tmp_path / "ds")], capture_output=True, text=True,
+                       timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    shard = str(tmp_path / "ds" / "d-00001.array_record")
+    assert res["error"].startswith(f"cannot write the shard {shard} (") and "File too large" in res["error"]
+    assert res["error"].endswith("its 1 records are not in the dataset")
+    assert res["later_write"] == f"the writer of {tmp_path / 'ds'} failed earlier: {res['error']}"
+    m = load_manifest(tmp_path / "ds")
+    assert m["complete"] is False and m["error"] == f"import failed: {res['error']}"
+    assert [s["file"] for s in m["shards"]] == ["d-00000.array_record"] and m["records"] == 3
+    assert [r.id for r in RecordReader(tmp_path / "ds", verify=True)] == ["r0", "r1", "r2"]
+    assert sorted(os.listdir(tmp_path / "ds")) == ["d-00000.array_record", "manifest.json"]
+
+
 def test_writer_exception_and_skips_and_verify(tmp_path):
     d = tmp_path / "ds"
     with pytest.raises(ZeroDivisionError):

@@ -1130,8 +1130,17 @@ def test_omnicontext_bad_manifest(tmp_path, capsys):
                                                                           argv[:2] + ["--data", str(data)] + argv[4:]))
 
 
-@pytest.mark.parametrize("flag,value", [("--limit", "-1"), ("--limit", "0"), ("--num-images", "0")])
-def test_non_positive_limit_and_num_images_are_refused(tmp_path, capsys, flag, value):
+@pytest.mark.parametrize("flag,value,why", [
+    ("--limit", "-1", "must be at least 1"), ("--limit", "0", "must be at least 1"),
+    ("--num-images", "0", "must be at least 1"), ("--limit", "2.5", "expected an integer"),
+    # judge options: once clamped without a word (--concurrency 0, --max-retries -3), failing every call
+    # (--timeout 0), crashing in a retry (a negative backoff) or calling every image unreadable
+    ("--concurrency", "0", "must be at least 1"), ("--max-retries", "-3", "must be at least 0"),
+    ("--malformed-retries", "-1", "must be at least 0"), ("--client-max-retries", "-1", "must be at least 0"),
+    ("--timeout", "0", "must be greater than 0"), ("--timeout", "nan", "expected a number"),
+    ("--backoff-base", "-1", "must be at least 0"), ("--backoff-max", "-1", "must be at least 0"),
+    ("--max-image-pixels", "-5", "must be at least 0")])
+def test_out_of_range_options_are_refused(tmp_path, capsys, flag, value, why):
     gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:3])
     data = tmp_path / "oc"
     write_png(data / "a.png")
@@ -1145,7 +1154,7 @@ def test_non_positive_limit_and_num_images_are_refused(tmp_path, capsys, flag, v
         with pytest.raises(SystemExit) as ei:
             main_fn(argv + ["--out", str(tmp_path / "o"), flag, value])
         assert ei.value.code == 2
-        assert f"argument {flag}: must be at least 1, got {value}" in capsys.readouterr().err
+        assert f"argument {flag}: {why}, got {value if why.startswith('must') else repr(value)}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     with pytest.raises(common.UsageError, match="limit -1: must be a positive integer"):
         geneval_pp.load_items(gpp, -1)

@@ -105,6 +105,8 @@ _IP_AQ = "\nIdentity Preservation: 6 - fine\nAesthetic Quality: 7 - sharp\n"
     ("1. Fantasy Fulfillment (FF): 9, blue fur", 9.0, "blue fur"),
     ("Fantasy Fulfillment: 8 - 3 of 4 traits changed", 8.0, "3 of 4 traits changed"),  # a reason may hold numbers
     ("Fantasy Fulfillment: 3/10 - 8 of the traits are missing", 3.0, "8 of the traits are missing"),
+    ("Fantasy Fulfillment: **8**/10 - good", 8.0, "good"),  # bold score, then out of 10 (was "ambiguous")
+    ("- **Fantasy Fulfillment**: __8__ / 10 — good", 8.0, "good"),
 ])
 def test_dimension_scores_accepts_one_number(ff_line, score, reason):
     got = J.parse_dimension_scores(ff_line + _IP_AQ, IMAGINE_TPL)
@@ -131,6 +133,17 @@ def test_dimension_scores_accepts_one_number(ff_line, score, reason):
 def test_dimension_scores_rejects_ambiguous_numbers(ff_line):
     with pytest.raises(J.MalformedAnswer, match="FF: (ambiguous score|two different scores)"):
         J.parse_dimension_scores(ff_line + _IP_AQ, IMAGINE_TPL)
+
+
+def test_dimension_scores_reasons_of_a_numbered_list():
+    """Each reason on the line under its score: the next numbered label line is not taken as the reason of a
+    score line without one (it was, for each label but the last)."""
+    labels = [label for _, label in IMAGINE_TPL.dimensions]
+    text = "\n".join(f"{i + 1}. {label}: {8 - i}\n   why {i}" for i, label in enumerate(labels))
+    got = J.parse_dimension_scores(text, IMAGINE_TPL)
+    assert got["reasons"] == {k: f"why {i}" for i, (k, _) in enumerate(IMAGINE_TPL.dimensions)}
+    bare = "\n".join(f"{i + 1}. {label}: {8 - i}" for i, label in enumerate(labels))  # no reasons at all
+    assert set(J.parse_dimension_scores(bare, IMAGINE_TPL)["reasons"].values()) == {""}
 
 
 def test_dimension_scores_same_score_twice_is_fine():
@@ -323,6 +336,41 @@ def test_fatal_errors_abort_and_are_redacted(server, key_env, tmp_path):
     with pytest.raises(J.JudgeFatalError) as ei:
         j.judge_many([request(image(tmp_path))])
     assert SECRET not in str(ei.value) and "401" in str(ei.value)
+
+
+def test_no_quota_aborts_the_run_at_once(server, key_env, tmp_path):
+    """429 insufficient_quota and 400 billing_hard_limit_reached: every further call would fail the same way,
+    so the run aborts at the first (as synthesis does), instead of retrying and failing every item."""
+    for status, code in ((429, "insufficient_quota"), (400, "billing_hard_limit_reached")):
+        body = {"error": {"message": "You exceeded your current quota", "type": code, "code": code}}
+        server.push(CHAT, Reply.raw(json.dumps(body).encode(), status=status))
+        n = len(server.calls(CHAT))
+        with pytest.raises(J.JudgeFatalError, match=code):
+            make_judge(server).judge_many([request(image(tmp_path))])
+        assert len(server.calls(CHAT)) == n + 1
+
+
+def test_lone_surrogate_in_an_answer_is_cached(server, key_env, tmp_path):
+    """Half an emoji in the answer's JSON ("\\ud83d"): the reason keeps U+FFFD in its place; writing the
+    cache used to crash the whole run (UnicodeEncodeError)."""
+    server.chat_handler = lambda r: '{"correct": 1, "reason": "nice \\ud83d cat"}'
+    res = make_judge(server, tmp_path).judge(request(image(tmp_path)))
+    assert res.ok and res.parsed == {"correct": 1, "reason": "nice \ufffd cat"}
+    again = make_judge(server, tmp_path).judge(request(image(tmp_path)))
+    assert again.cached and again.parsed == res.parsed
+
+
+def test_api_key_env_holding_a_key_is_refused_without_showing_it(monkeypatch):
+    """`--api-key-env "$OPENAI_API_KEY"` (the key instead of the variable's name): refused, and the message
+    does not repeat it (it said "the environment variable sk-... is not set")."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    for bad in (SECRET, "MY KEY", "1ABC", ""):
+        with pytest.raises(J.JudgeConfigError, match="^api_key_env: expected the name of an environment variable") as ei:
+            J.Judge(api_key_env=bad)
+        assert SECRET not in str(ei.value)
+        with pytest.raises(J.JudgeConfigError, match="^api_key_env: ") if bad else pytest.raises(J.JudgeConfigError, match="no API key"):
+            J.api_key_from_env(bad, require=True, error=J.JudgeConfigError)
+    assert J.Judge(api_key_env="MY_KEY_2").api_key_env == "MY_KEY_2"
 
 
 def test_key_in_the_answer_is_redacted_from_parsed_and_cache(server, tmp_path, monkeypatch):

@@ -145,6 +145,11 @@ def test_fatal_errors_abort(server, tmp_path, monkeypatch):
                                                      "code": "insufficient_quota"}}).encode(), status=429))
     with pytest.raises(SynthError, match="insufficient_quota"):
         run_track(make_track("surreal", make_cfg(server)), tmp_path / "b", limit=3, progress=False)
+    server.push(GEN, Reply.raw(json.dumps({"error": {"message": "Billing hard limit has been reached",
+                                                     "type": "invalid_request_error",
+                                                     "code": "billing_hard_limit_reached"}}).encode(), status=400))
+    with pytest.raises(SynthError, match="billing_hard_limit_reached"):  # the account's cap: not one sample's fault
+        run_track(make_track("surreal", make_cfg(server)), tmp_path / "b2", limit=3, progress=False)
     monkeypatch.delenv("OPENAI_API_KEY")
     with pytest.raises(SynthError, match="no API key"):
         run_track(make_track("surreal", make_cfg(server)), tmp_path / "c", limit=1, progress=False)
@@ -185,6 +190,92 @@ def test_max_failures_aborts(server, tmp_path):
     s = run_track(make_track("surreal", make_cfg(server, max_failures=1)), tmp_path / "ds", limit=6, progress=False)
     assert s.failed == 2 and "max_failures" in s.aborted and not s.complete
     assert len(server.calls(GEN)) == 2
+
+
+def test_a_rejected_call_is_named_and_its_rerun_not_promised_to_help(server, tmp_path):
+    """A non-retryable 4xx (a prompt too long for the image model) fails the sample as `call_rejected`; the
+    error no longer only says that a rerun retries it: the same request is rejected again."""
+    server.push(GEN, Reply.raw(json.dumps({"error": {"message": "string too long", "type": "invalid_request_error",
+                                                     "code": "string_above_max_length"}}).encode(), status=400))
+    s = run_track(make_track("surreal", make_cfg(server)), tmp_path / "ds", limit=2, progress=False)
+    assert s.failed == 1 and s.written == 1 and s.failures == ["gpt4o/surreal/0000000: call_rejected:image"]
+    m = load_manifest(tmp_path / "ds")
+    assert m["complete"] is False and m["skipped"]["by_reason"] == {"call_rejected:image": 1}
+    assert ("1 of them were rejected by the server with a non-retryable error (HTTP 4xx, call_rejected): a rerun "
+            "sends the same requests, which fail again unless their cause is fixed") in m["error"]
+    assert len(server.calls(GEN)) == 2  # not retried
+
+
+def test_base_url_from_the_environment_is_recorded(server, tmp_path, monkeypatch):
+    """Without --base-url the openai client calls OPENAI_BASE_URL: the manifest records it (it said null,
+    i.e. OpenAI's own, for data made elsewhere)."""
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    s = run_track(make_track("surreal", make_cfg(server, base_url=None)), tmp_path / "ds", limit=1, progress=False)
+    assert s.complete and server.requests
+    assert load_manifest(tmp_path / "ds")["info"]["synth"]["config"]["base_url"] == server.base_url
+
+
+def test_api_key_env_given_the_key_itself(server, tmp_path, monkeypatch):
+    """`--api-key-env "$OPENAI_API_KEY"`: one error line that does not show the key, exit status 2, and the
+    complete dataset in --out stays as it was (the key went into its manifest's settings, and the dataset
+    was marked incomplete)."""
+    rc, _, err = data_gen("surreal", "--out", tmp_path / "ds", "--limit", 1, *fast_cli_args(server))
+    assert rc == 0, err
+    before = all_file_bytes(tmp_path)
+    rc, out, err = data_gen("surreal", "--out", tmp_path / "ds", "--limit", 2, *fast_cli_args(server),
+                            "--api-key-env", API_KEY)
+    assert rc == 2 and not out and API_KEY not in err
+    assert one_line_error(err).startswith("error: command line: api_key_env: expected the name of an environment "
+                                          "variable")
+    assert all_file_bytes(tmp_path) == before
+
+
+def test_full_disk_is_one_error_line_and_the_rerun_completes(server, tmp_path, monkeypatch):
+    """The shard writer fails (disk full) at the second record: one error line naming the shard, exit status 2,
+    the manifest marked incomplete; the same command later completes the dataset without paying again for
+    the calls made (it was a traceback, exit status 1, and no manifest)."""
+    from array_record.python import array_record_module
+
+    real = array_record_module.ArrayRecordWriter
+    writes = [0]
+
+    class FullDisk:
+        def __init__(self, path, options):
+            self.w = real(path, options)
+
+        def write(self, b):
+            writes[0] += 1
+            if writes[0] == 2:
+                raise RuntimeError("write() failed: No space left on device")
+            self.w.write(b)
+
+        def close(self):
+            self.w.close()
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDisk)
+    args = ["surreal", "--out", tmp_path / "ds", "--limit", 3, *fast_cli_args(server)]
+    rc, out, err = data_gen(*args)
+    assert rc == 2 and not out
+    line = one_line_error(err)
+    assert "cannot write the shard" in line and "No space left on device" in line and "run the same command" in line
+    m = load_manifest(tmp_path / "ds")
+    assert m["complete"] is False and "No space left on device" in m["error"]
+    paid = {request_body_key(r) for r in server.requests}
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", real)
+    n = len(server.requests)
+    rc, out, err = data_gen(*args)
+    assert rc == 0, err
+    assert json.loads(out)["written"] == 3 and load_manifest(tmp_path / "ds")["complete"]
+    assert not paid & {request_body_key(r) for r in server.requests[n:]}  # nothing paid for twice
+
+
+def test_a_lone_surrogate_in_an_answer_is_replaced(server, tmp_path):
+    """Half an emoji in a chat answer's JSON ("\\ud83d") used to be journaled as it was and then fail the
+    image call locally on every run (an HTTP body cannot hold it): it becomes U+FFFD."""
+    server.push(CHAT, Reply.text('{"prompt": "Two red apples \\ud83d on a table."}'))
+    s = run_track(make_track("instruction", make_cfg(server)), tmp_path / "ds", limit=1, progress=False)
+    assert s.complete and s.written == 1
+    assert server.calls(GEN)[0].json["prompt"].startswith("Two red apples \ufffd on a table.")
 
 
 def test_api_key_never_written_or_logged(server, tmp_path, caplog, capsys):

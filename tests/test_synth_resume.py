@@ -108,6 +108,48 @@ def test_killed_cli_run_resumes_without_repeated_calls(tmp_path):
         assert API_KEY not in text
 
 
+def test_ctrl_c_twice_keeps_the_answer_in_flight(tmp_path):
+    """Ctrl-C while an image call is in flight, then Ctrl-C again: the run says that it waits for that call,
+    keeps waiting, and journals its answer (paid for) before exiting 130. The second Ctrl-C used to close the
+    journal while the call was still running, so its answer was dropped, and the exit still waited for it."""
+    import signal
+    import time
+
+    reached, release, images = blocking_images()
+
+    out = tmp_path / "ds"
+    with FakeOpenAIServer(chat_handler=chat_answer, image_handler=images) as srv:
+        p = cli(["surreal", "--out", str(out), "--limit", "2", "--base-url", srv.base_url, "--image-size", "32x32",
+                 "--concurrency", "1", "--chat-rpm", "0", "--image-rpm", "0", "--no-progress"])
+        try:
+            assert reached.wait(60), "the run never reached its image call"
+            p.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            p.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+            assert p.poll() is None, p.communicate()  # still waiting for the call in flight
+        finally:
+            release.set()
+            o, e = p.communicate(timeout=60)
+    assert p.returncode == 130, e
+    assert "stopping: waiting for the calls in flight of 1 sample(s)" in e
+    assert "still waiting for the calls in flight" in e and "Traceback" not in e
+    entries = [json.loads(line) for line in (out / "journal" / "journal.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in entries if x["kind"] == "image"] == ["ok"]  # the answer in flight was kept
+
+
+def blocking_images():
+    """(reached, release, handler): an image handler that sets `reached` and answers once `release` is set."""
+    reached, release = threading.Event(), threading.Event()
+
+    def images(req):
+        reached.set()
+        release.wait(30)
+        return image_answer(req)
+
+    return reached, release, images
+
+
 class _Crash(BaseException):
     pass
 
@@ -255,12 +297,7 @@ def test_second_run_into_the_same_dataset_folder_is_refused(tmp_path):
     """Two runs into one --out with different journals once both paid for every call and the manifest
     listed the shards of one: the dataset folder is locked too; the second run is refused (one line naming
     the folder and the first run's pid, exit status 2) before any call or file, and the first completes."""
-    reached, release = threading.Event(), threading.Event()
-
-    def images(req):
-        reached.set()
-        release.wait(30)
-        return image_answer(req)
+    reached, release, images = blocking_images()
 
     out = tmp_path / "ds"
     first: dict = {}

@@ -129,6 +129,24 @@ def test_multiref_folder_references_kept_verbatim(server, tmp_path):
         assert cats == sorted(cats, key=("human", "object", "scene").index)
 
 
+def test_reference_folders_in_any_case_and_dropped_combinations_named(server, tmp_path, caplog):
+    """`Scene/` or `HUMANS/` are the scene and human pools (they were ignored, and every combination with a
+    scene silently dropped); combinations the pools cannot fill are named in a warning."""
+    from echo4o_jax.synth.tracks import scan_refs
+
+    refs = small_image_folder(tmp_path / "refs", {"HUMANS": 2, "Object": 3, "Scene": 2})
+    assert {c: len(p) for c, p in scan_refs(refs).items()} == {"human": 2, "object": 3, "scene": 2}
+    track = make_track("multiref", make_cfg(server), refs_dir=refs)
+    assert "hum_obj_sce" in track.combos and "hum_hum_obj_sce" in track.combos
+    small = small_image_folder(tmp_path / "small", {"human": 1, "object": 3})
+    caplog.set_level("WARNING")
+    track = make_track("multiref", make_cfg(server), refs_dir=small)
+    assert set(track.combos) == {"obj_obj", "any_two", "hum_obj"}
+    warned = [r.getMessage() for r in caplog.records if "too small for the combinations" in r.getMessage()]
+    assert len(warned) == 1 and "'hum_hum'" in warned[0] and "'hum_obj_sce'" in warned[0]
+    assert "{'human': 1, 'object': 3, 'scene': 0}" in warned[0]
+
+
 def test_reference_folder_with_a_file_that_is_no_image_is_refused(server, tmp_path):
     """Refused before any call, naming the file (a truncated file, whose header reads, fails only the
     samples that use it: test_synth_faults)."""

@@ -133,6 +133,15 @@ def test_trainer_starts_from_a_converted_checkpoint(golden_dir, tmp_path, monkey
     for k, w in want.items():
         assert got[k].dtype == jnp.float32 and got[k].sharding == shardings[k], k
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32))
+    # the sin-cos position tables are the float32 ones, as the official trainer keeps them (it drops the
+    # checkpoint's, here rounded to bf16; they were trained on as restored)
+    from echo4o_jax.checkpoint import fixed_tables
+
+    assert set(tr.buffers) == {k[0] for k in fixed_tables(tr.cfg)}
+    for (name,), make in fixed_tables(tr.cfg).items():
+        assert tr.buffers[name].dtype == jnp.float32 and tr.buffers[name].sharding == tr.buffer_sh[name]
+        np.testing.assert_array_equal(np.asarray(tr.buffers[name]), make())
+        assert not np.array_equal(np.asarray(jnp.asarray(make(), jnp.bfloat16), np.float32), make())
     res = tr.run()
     assert res["step"] == 2 and all(np.isfinite(h["loss"]) for h in res["history"])
     # sample grids from token-id prompts need no tokenizer (data.tokenizer is unset here)

@@ -81,6 +81,7 @@ __all__ = [
     "MANIFEST_NAME",
     "RecordError",
     "DatasetExistsError",
+    "RecordWriteError",
     "shard_record_counts",
     "whole_shards",
     "ShardSource",
@@ -130,6 +131,11 @@ class DatasetExistsError(RecordError):
         self.path = path
         super().__init__(f"{path} already holds a dataset ({sorted(files)[:3]} ...); pass append=True or "
                          f"overwrite=True")
+
+
+class RecordWriteError(OSError):
+    """A shard could not be written (disk full, quota, I/O error): the message names the file. The records
+    of the unfinished shard are not in the dataset; the writer takes no more records."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,6 +512,7 @@ class RecordWriter:
         self._cur_records = 0
         self._cur_bytes = 0
         self._closed = False
+        self._broken: str | None = None  # why a shard could not be written (no more records are taken)
         self._created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         check_writable(self.out_dir, append=append, overwrite=overwrite)
         if append and os.path.exists(os.path.join(self.out_dir, MANIFEST_NAME)):
@@ -557,6 +564,8 @@ class RecordWriter:
     def write(self, record: Record) -> None:
         if self._closed:
             raise RecordError("RecordWriter is closed")
+        if self._broken is not None:
+            raise RecordWriteError(f"the writer of {self.out_dir} failed earlier: {self._broken}")
         if record.id in self._ids:
             raise RecordError(f"duplicate record id {record.id!r} in {self.out_dir}")
         buf = encode_record(record, check_images=self.check_images)
@@ -564,7 +573,10 @@ class RecordWriter:
             self._finish_shard()
         if self._cur is None:
             self._open_shard()
-        self._cur[0].write(buf)
+        try:
+            self._cur[0].write(buf)
+        except RuntimeError as e:  # array_record reports I/O errors (disk full, ...) as RuntimeError
+            raise self._abandon_shard(e) from None
         self._cur_records += 1
         self._cur_bytes += len(buf)
         self._ids.add(record.id)
@@ -591,8 +603,15 @@ class RecordWriter:
         dataset, `"complete": false`, replaces the old one: what a resumable writer continues)."""
         if self._closed:
             return load_manifest(self._manifest_path)
+        failure = None
         if self._cur is not None:
-            self._finish_shard()
+            try:
+                self._finish_shard()
+            except RecordWriteError as e:  # the finished shards stay listed, in a manifest marked incomplete
+                failure = e
+        given = error
+        if self._broken is not None and self._broken not in (error or ""):
+            error = f"{error}; {self._broken}" if error else self._broken
         self._closed = True
         m = self._manifest(complete=error is None)
         if error is not None:
@@ -604,6 +623,8 @@ class RecordWriter:
             else:  # an overwrite that failed: the old dataset stays as it was
                 shutil.rmtree(self._staging)
             self._manifest_path = os.path.join(self.out_dir, MANIFEST_NAME)
+        if failure is not None and given is None:  # a close() that was to succeed: say why it did not
+            raise failure
         return m
 
     def _swap_in(self) -> None:
@@ -650,13 +671,32 @@ class RecordWriter:
 
     def _finish_shard(self) -> None:
         writer, tmp, final = self._cur
-        writer.close()
+        try:
+            writer.close()
+        except RuntimeError as e:  # (as in write)
+            raise self._abandon_shard(e) from None
         self._cur = None
         path = os.path.join(self._write_dir, final)
         os.replace(tmp, path)
         self._shards.append({"file": final, "records": self._cur_records, "bytes": os.path.getsize(path),
                              "sha256": _sha256(path)})
         _atomic_write_json(self._manifest_path, self._manifest(complete=False))
+
+    def _abandon_shard(self, e: RuntimeError) -> RecordWriteError:
+        """The open shard failed to write (`e`): drop its file, take no more records; -> the error to raise."""
+        writer, tmp, final = self._cur
+        self._cur = None
+        try:
+            writer.close()
+        except RuntimeError:
+            pass
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        self._broken = (f"cannot write the shard {os.path.join(self._write_dir, final)} ({e}): its "
+                        f"{self._cur_records} records are not in the dataset")
+        return RecordWriteError(self._broken)
 
     def _manifest(self, *, complete: bool) -> dict:
         return {

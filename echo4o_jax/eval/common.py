@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import html
 import json
+import math
 import os
 import sys
 import time
@@ -38,16 +39,25 @@ class UsageError(ValueError):
     file's error names the file, the line (or record) and the key."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type of --limit / --num-images: an integer of at least 1 (0 or -1 would judge nothing, or
-    one prompt, without a word)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def number_arg(kind: type, low: float, *, above: bool = False):
+    """An argparse type: a `kind` (int or float, finite) of at least `low` (greater than `low` when `above`).
+    Judge options out of range used to be clamped without a word, or to fail every call (--timeout 0) or
+    crash in a retry (a negative backoff)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if v < low or (above and v == low):
+            raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {low:g}, got {text}")
+        return v
+    return parse
+
+
+# --limit / --num-images: 0 or -1 would judge nothing, or one prompt, without a word
+positive_int = number_arg(int, 1)
 
 
 def take(items: list, limit: int | None) -> list:
@@ -145,17 +155,17 @@ def add_judge_args(ap: argparse.ArgumentParser) -> None:
                         "never taken from the command line")
     g.add_argument("--no-api-key", action="store_true",
                    help="allow a missing key (a local server without authentication)")
-    g.add_argument("--concurrency", type=int, default=8, help="parallel judge requests (threads)")
-    g.add_argument("--max-retries", type=int, default=5,
+    g.add_argument("--concurrency", type=number_arg(int, 1), default=8, help="parallel judge requests (threads)")
+    g.add_argument("--max-retries", type=number_arg(int, 0), default=5,
                    help="retries on 429 / 5xx / time-outs, with exponential backoff and jitter")
-    g.add_argument("--malformed-retries", type=int, default=2,
+    g.add_argument("--malformed-retries", type=number_arg(int, 0), default=2,
                    help="new requests after an answer that does not parse, before a judge failure")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    g.add_argument("--backoff-base", type=float, default=1.0, help="first backoff delay, seconds")
-    g.add_argument("--backoff-max", type=float, default=60.0, help="largest backoff delay, seconds")
-    g.add_argument("--client-max-retries", type=int, default=0,
+    g.add_argument("--timeout", type=number_arg(float, 0, above=True), default=120.0, help="seconds per request")
+    g.add_argument("--backoff-base", type=number_arg(float, 0), default=1.0, help="first backoff delay, seconds")
+    g.add_argument("--backoff-max", type=number_arg(float, 0), default=60.0, help="largest backoff delay, seconds")
+    g.add_argument("--client-max-retries", type=number_arg(int, 0), default=0,
                    help="retries inside the openai client itself (default 0: ours only)")
-    g.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+    g.add_argument("--max-image-pixels", type=number_arg(int, 0), default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="images above this area are downscaled (JPEG) before sending; 0 = never")
     g.add_argument("--cache-dir", default=None, help="judge answer cache (default: <out>/judge_cache)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")

@@ -49,7 +49,7 @@ __all__ = [
     "DEFAULT_MODEL", "TEMPLATE_DIR", "JudgeTemplate", "load_template", "MalformedAnswer",
     "extract_json_object", "PARSERS", "JudgeCache", "JudgeRequest", "JudgeResult", "Judge",
     "JudgeError", "JudgeFatalError", "JudgeConfigError", "TemplateError", "encode_image", "cache_key", "redact",
-    "api_key_from_env",
+    "api_key_from_env", "check_api_key_env", "clean_text",
 ]
 
 DEFAULT_MODEL = "gpt-4.1"
@@ -222,9 +222,21 @@ def extract_json_object(text: str) -> dict:
             except ValueError:
                 obj = None
             if isinstance(obj, dict):
-                return obj
+                return _clean_strings(obj)
             start = cand.find("{", start + 1)
     raise MalformedAnswer("no JSON object in the answer")
+
+
+def _clean_strings(obj: Any) -> Any:
+    """`obj` (parsed JSON) with :func:`clean_text` applied to every string in it: a "\\ud83d" escape in an
+    answer's JSON parses to a lone surrogate, which no file or later request can hold."""
+    if isinstance(obj, str):
+        return clean_text(obj)
+    if isinstance(obj, dict):
+        return {_clean_strings(k): _clean_strings(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean_strings(v) for v in obj]
+    return obj
 
 
 def _get_ci(obj: dict, *names: str):
@@ -315,10 +327,12 @@ def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
     scores: dict[str, float] = {}
     reasons: dict[str, str] = {}
     label_res = {k: _label_regex(lab) for k, lab in tpl.dimensions}
-    any_label = re.compile(r"^[\W_]*(?:" + "|".join(f"(?:{r})" for r in label_res.values()) + r")\b", re.I)
+    # a label line may start as a list item or a heading ("1. ", "- ", "### ", "> **")
+    lead = r"^[\s>#*_\-\d.)]*"
+    any_label = re.compile(lead + r"(?:" + "|".join(f"(?:{r})" for r in label_res.values()) + r")\b", re.I)
     for key, rx in label_res.items():
-        pat = re.compile(r"^[\s>#*_\-\d.)]*" + rx + r"[\s*_]*(?:\([^)]*\))?[\s*_]*[:：=\-][\s*_]*"
-                         r"(-?\d+(?:\.\d+)?)(\s*/\s*10(?!\d))?(.*)$", re.I)
+        pat = re.compile(lead + rx + r"[\s*_]*(?:\([^)]*\))?[\s*_]*[:：=\-][\s*_]*"
+                         r"(-?\d+(?:\.\d+)?)([*_]*\s*/\s*10(?!\d))?(.*)$", re.I)
         for i, line in enumerate(lines):
             m = pat.match(line)
             if not m:
@@ -454,11 +468,35 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _BEARER.sub("Bearer [REDACTED]", text)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """`text` with its lone surrogates (half an emoji in a JSON answer: "\\ud83d") replaced by U+FFFD: UTF-8
+    files and HTTP request bodies cannot hold them (a str holds surrogates only unpaired)."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_api_key_env(name: Any, *, flag: str = "--api-key-env", error: type[Exception] = ValueError) -> None:
+    """Raise `error` unless `name` is an environment variable's name. The message never shows the value:
+    a key passed by mistake (``--api-key-env "$OPENAI_API_KEY"``) would otherwise be printed, and stored
+    in the manifests that record the settings."""
+    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+        raise error(f"{flag}: expected the name of an environment variable (letters, digits and underscores, "
+                    "e.g. OPENAI_API_KEY), got something else (not shown: it may be the key itself; the key is "
+                    "read from the variable named here, never given on the command line)")
+
+
 def api_key_from_env(name: str | None, *, require: bool, error: type[Exception]) -> str | None:
     """The API key in environment variable `name` (None when it is unset or empty and `require` is False).
     Raises `error` naming the variable, never its value, when the key is required but missing, or when it
     holds whitespace or control characters (a pasted key with a trailing newline or spaces: the HTTP
     client would fail every call with a bare "Connection error.")."""
+    if name:
+        check_api_key_env(name, flag="api_key_env", error=error)
     value = os.environ.get(name, "") if name else ""
     if not value:
         if require:
@@ -498,6 +536,12 @@ def check_base_url(url: str | None, *, flag: str = "--base-url") -> None:
         raise ValueError(f"{flag}: {shown!r} carries a query or fragment ('?...' / '#...'), which the client "
                          "would put before its endpoint paths; give the base URL alone (an API key is read from "
                          "the environment: --api-key-env)")
+
+
+def effective_base_url(url: str | None) -> str | None:
+    """The base URL the ``openai`` client calls: `url`, else the environment's ``OPENAI_BASE_URL`` (which the
+    client reads when given none), else None (OpenAI's own). What manifests and results record."""
+    return url or os.environ.get("OPENAI_BASE_URL") or None
 
 
 def _public_url(url: str | None) -> str | None:
@@ -574,6 +618,7 @@ class Judge:
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, temperature: float = 0.0,
                  client: Any = None, sleep: Callable[[float], None] = time.sleep):
         check_base_url(base_url, flag="base_url")
+        check_api_key_env(api_key_env, flag="api_key_env", error=JudgeConfigError)
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
@@ -597,7 +642,8 @@ class Judge:
 
     # -- public ----------------------------------------------------------------------------------
     def describe(self) -> dict:
-        return {"model": self.model, "base_url": _public_url(self.base_url), "temperature": self.temperature,
+        return {"model": self.model, "base_url": _public_url(effective_base_url(self.base_url)),
+                "temperature": self.temperature,
                 "max_image_pixels": self.max_image_pixels, "max_retries": self.max_retries,
                 "malformed_retries": self.malformed_retries}
 
@@ -737,36 +783,33 @@ class Judge:
         return base * (0.5 + 0.5 * random.random())
 
     def _complete(self, messages: list[dict], max_tokens: int) -> tuple[str, int]:
-        """One answer's text, retrying transient errors; -> (text, HTTP calls made)."""
-        import openai
+        """One answer's text, retrying transient errors; -> (text, HTTP calls made). Errors are sorted as the
+        synthesis client sorts them (:func:`echo4o_jax.synth.client.classify_error`): 401 / 403 / 404 and no
+        quota abort the run, another 4xx (a content-policy refusal included) fails the item, the rest is
+        retried."""
+        from echo4o_jax.synth.client import classify_error
 
         client = self._get_client()
         calls = 0
         while True:
             calls += 1
             self._count("api_calls")
-            headers = None
             try:
                 resp = client.chat.completions.create(model=self.model, messages=messages,
                                                       temperature=self.temperature, max_tokens=max_tokens)
                 choices = getattr(resp, "choices", None)
                 if not choices:
                     raise ValueError("response without choices")
-                return choices[0].message.content or "", calls
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise JudgeFatalError(self.redact(f"judge server refused ({type(e).__name__}, HTTP "
-                                                  f"{e.status_code}): {e}")) from None
-            except openai.APIStatusError as e:
-                if not (e.status_code in (408, 409, 429) or e.status_code >= 500):
-                    raise _ItemFailure(f"HTTP {e.status_code}: {e}", calls) from None
-                err = f"HTTP {e.status_code}: {e}"
-                headers = e.response.headers if e.response is not None else None
-            except openai.APIConnectionError as e:  # includes APITimeoutError
-                err = f"{type(e).__name__}: {e}"
-            except (openai.APIResponseValidationError, ValueError, KeyError, AttributeError, TypeError) as e:
-                err = f"bad response ({type(e).__name__}): {e}"
-            except openai.OpenAIError as e:  # anything else the client raises: retry, then an item failure
-                err = f"{type(e).__name__}: {e}"
+                return clean_text(choices[0].message.content or ""), calls
+            except Exception as e:  # noqa: BLE001 -- sorted by classify_error; unknown kinds re-raised
+                verdict = classify_error(e)
+                if verdict is None:
+                    raise
+            action, err, headers = verdict
+            if action == "fatal":
+                raise JudgeFatalError(self.redact(f"judge: {err}")) from None
+            if action in ("fail", "refused"):
+                raise _ItemFailure(err, calls) from None
             if calls > self.max_retries:
                 raise _ItemFailure(f"gave up after {calls} calls; last error: {err}", calls)
             self._count("retries")

@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SynthError, JournalError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # writing the dataset or the journal (disk full, quota, I/O error)
+        print(f"error: {e}; the dataset is left marked incomplete: once this is fixed, run the same command again "
+              "(the answers paid for are in the journal)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130

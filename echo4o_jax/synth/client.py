@@ -12,8 +12,10 @@ Every call goes through :meth:`SynthClient._call`:
    **retried** with
    exponential backoff and full jitter, or after the server's ``retry-after-ms`` / ``retry-after``
    (:func:`echo4o_jax.eval.judge._retry_after`), up to ``max_retries`` times, then :class:`CallFailed`
-   (not journaled: a later run tries again). 429 ``insufficient_quota``, 401, 403 and 404 abort the run
-   (:class:`SynthFatalError`): every further call would fail the same way;
+   (not journaled: a later run tries again). 429 ``insufficient_quota``, 400 ``billing_hard_limit_reached``,
+   401, 403 and 404 abort the run (:class:`SynthFatalError`): every further call would fail the same way.
+   Another 4xx fails the call at once (:class:`CallFailed` with ``rejected``): the same request would be
+   rejected again;
 4. a **content-policy refusal** (an HTTP 400 whose code or message names the safety system / content
    policy / moderation, ``finish_reason == "content_filter"``, a ``refusal`` message, or an answer
    matching ``refusal_patterns``) is journaled with status ``refused`` and raised as :class:`Refused`;
@@ -43,7 +45,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from echo4o_jax.data.records import RecordError, probe_image
-from echo4o_jax.eval.judge import _retry_after, api_key_from_env, redact
+from echo4o_jax.eval.judge import _retry_after, api_key_from_env, clean_text, redact
 from echo4o_jax.synth.config import SynthConfig
 from echo4o_jax.synth.journal import BlobError, Journal
 from echo4o_jax.synth.resources import data_url_digest
@@ -60,7 +62,11 @@ class SynthFatalError(RuntimeError):
 
 
 class CallFailed(RuntimeError):
-    """A call that failed after its retries (or with a non-retryable 4xx); not journaled."""
+    """A call that failed after its retries, or (`rejected`) with a non-retryable 4xx; not journaled."""
+
+    def __init__(self, message: str, rejected: bool = False):
+        super().__init__(message)
+        self.rejected = rejected
 
 
 class Refused(RuntimeError):
@@ -268,7 +274,8 @@ class SynthClient:
             msg = ch.message
             usage = _usage_dict(getattr(resp, "usage", None))
             refusal = getattr(msg, "refusal", None)
-            text = msg.content or ""
+            # (as the judge keeps answers: no key echoed back, no lone surrogate that no later request can send)
+            text = self.redact(clean_text(msg.content or ""))
             if refusal or getattr(ch, "finish_reason", None) == "content_filter" or self._looks_refused(text):
                 raise _RefusedAnswer(refusal or text or "content_filter", usage)
             return {"text": text}, usage
@@ -396,8 +403,9 @@ class SynthClient:
         self._on_event("replayed")
         if entry.get("status") == "refused":
             raise Refused(entry.get("error") or "refused (journaled)")
-        return CallResult(key=entry["key"], text=entry.get("text"), images=images, cost=float(entry.get("cost") or 0.0),
-                          replayed=True)
+        text = entry.get("text")
+        return CallResult(key=entry["key"], text=clean_text(text) if isinstance(text, str) else text, images=images,
+                          cost=float(entry.get("cost") or 0.0), replayed=True)
 
     def _call(self, key: str, kind: str, model: str, label: str, do, cost_of) -> CallResult:
         while True:
@@ -453,7 +461,7 @@ class SynthClient:
             if action == "fail" or attempts > self.cfg.max_retries:
                 self.stats.add("call_failures")
                 why = err if action == "fail" else f"gave up after {attempts} attempts; last error: {err}"
-                raise CallFailed(self.redact(f"{label}: {why}"))
+                raise CallFailed(self.redact(f"{label}: {why}"), rejected=action == "fail")
             self.stats.add("retries")
             self._on_event("retry")
             delay = self._backoff(attempts, headers)
@@ -494,7 +502,7 @@ class _RefusedAnswer(Exception):
 def classify_error(e: BaseException) -> tuple[str, str, Any] | None:
     """What to do after an exception of one call: (action, message, response headers), action one of
     ``retry`` (429 / 408 / 409 / 5xx, time-out, connection error, unreadable answer), ``refused``
-    (content policy), ``fatal`` (401 / 403 / 404, no quota) or ``fail`` (another 4xx); None for an
+    (content policy), ``fatal`` (401 / 403 / 404, no quota, billing cap) or ``fail`` (another 4xx); None for an
     exception that is not about the call (a bug: re-raised)."""
     import openai
 
@@ -505,7 +513,7 @@ def classify_error(e: BaseException) -> tuple[str, str, Any] | None:
         hdrs = e.response.headers if getattr(e, "response", None) is not None else None
         if status == 400 and (code in _REFUSAL_CODES or etype in _REFUSAL_CODES or _REFUSAL_TEXT.search(text or "")):
             return "refused", desc, hdrs
-        if status in (401, 403, 404) or (status == 429 and "insufficient_quota" in (code, etype)):
+        if status in (401, 403, 404) or (status in (400, 429) and _NO_QUOTA & {code, etype}):
             return "fatal", f"the server refused ({type(e).__name__}): {desc}", hdrs
         transient = status in (408, 409, 429) or status >= 500
         return ("retry" if transient else "fail"), desc, hdrs
@@ -514,6 +522,11 @@ def classify_error(e: BaseException) -> tuple[str, str, Any] | None:
     if isinstance(e, (openai.OpenAIError, ValueError, KeyError, AttributeError, TypeError)):
         return "retry", f"unreadable answer ({type(e).__name__}): {e}", None
     return None
+
+
+# 429 insufficient_quota (no credit) and 400 billing_hard_limit_reached (the account's spending cap): every
+# further call fails the same way until the account changes
+_NO_QUOTA = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 
 
 def _error_fields(e) -> tuple[str | None, str | None, str | None]:

@@ -25,7 +25,7 @@ import types
 import typing
 from typing import Any
 
-from echo4o_jax.eval.judge import _public_url, check_base_url
+from echo4o_jax.eval.judge import _public_url, check_api_key_env, check_base_url, effective_base_url
 
 __all__ = ["SynthConfig", "DEFAULT_PRICES", "load_config"]
 
@@ -145,6 +145,7 @@ class SynthConfig:
             raise ValueError(f"image_size: expected WIDTHxHEIGHT (e.g. 1024x1024) or auto, "
                              f"got {_got(self.image_size)}")
         check_base_url(self.base_url, flag="base_url")
+        check_api_key_env(self.api_key_env, flag="api_key_env")
         for k in ("chat_model", "vision_model", "image_model"):
             if not getattr(self, k).strip():
                 raise ValueError(f"{k}: expected a model name, got an empty string")
@@ -181,9 +182,10 @@ class SynthConfig:
 
     def to_public_dict(self) -> dict[str, Any]:
         """Everything that shapes the data, for manifests (no secrets: there are none in here; the
-        base URL is stored without credentials or query)."""
+        base URL, the environment's OPENAI_BASE_URL when none is given, is stored without credentials or
+        query)."""
         d = dataclasses.asdict(self)
-        d["base_url"] = _public_url(self.base_url)
+        d["base_url"] = _public_url(effective_base_url(self.base_url))
         d["refusal_patterns"] = list(self.refusal_patterns)
         return d
 

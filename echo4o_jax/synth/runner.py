@@ -23,7 +23,9 @@ timing. A sample whose call was refused on content-policy grounds, or whose chat
 malformed, is skipped (``RecordWriter.skip``, listed in the manifest). A sample whose call failed after
 its retries (an image answer that never decoded included), or whose record is invalid (every image is
 fully decoded, once, before it is written), is skipped too and leaves the dataset incomplete (the run exits
-non-zero, the manifest's error names the samples; the next run retries just the failed calls).
+non-zero, the manifest's error names the samples; the next run retries just the failed calls). A call the
+server rejected with a non-retryable 4xx (``call_rejected``) is retried too, and the error says that it is
+likely to fail again.
 """
 
 from __future__ import annotations
@@ -210,8 +212,8 @@ def _run_sample(track: Track, client: SynthClient, index: int) -> _Outcome:
         log.warning("%s: %s", sid, client.redact(str(e)))
         return _Outcome(index, skip=f"malformed_answer:{ctx.step}")
     except CallFailed as e:
-        log.warning("%s: call failed at %s: %s", sid, ctx.step, e)
-        return _Outcome(index, failed=f"call_failed:{ctx.step}")
+        log.warning("%s: call %s at %s: %s", sid, "rejected" if e.rejected else "failed", ctx.step, e)
+        return _Outcome(index, failed=f"call_{'rejected' if e.rejected else 'failed'}:{ctx.step}")
     except RecordError as e:
         log.warning("%s: invalid record at %s (not written): %s", sid, ctx.step, e)
         return _Outcome(index, failed=f"invalid_record:{ctx.step}")
@@ -316,8 +318,14 @@ def _run_locked(track: Track, out: Path, jd: Path, *, limit: int, overwrite: boo
     err = None
     if summary.failed:
         shown = "; ".join(summary.failures[:5]) + (f"; and {summary.failed - 5} more" if summary.failed > 5 else "")
+        rejected = sum(": call_rejected:" in f for f in summary.failures)
         err = (f"{summary.failed} samples failed ({shown}; the log has each error); run the same command again to "
                f"retry their failed calls: journaled calls are not repeated")
+        if rejected:
+            err += (f". {rejected} of them were rejected by the server with a non-retryable error (HTTP 4xx, "
+                    "call_rejected): a rerun sends the same requests, which fail again unless their cause is "
+                    "fixed (the settings, or the server's limits); to train on the records made, pass "
+                    "--config.data.records.allow_incomplete=True")
     if summary.aborted:
         err = summary.aborted
     # a rebuild that ends incomplete still replaces the old dataset (as an append leaves its partial
@@ -345,7 +353,7 @@ def _loop(track: Track, sc: SynthClient, writer: RecordWriter, summary: RunSumma
             while next_submit < limit and next_submit < idx + window and not sc.stop.is_set():
                 futures[next_submit] = pool.submit(_run_sample, track, sc, next_submit)
                 next_submit += 1
-            fut = futures.pop(idx, None)
+            fut = futures.get(idx)
             if fut is None:  # stopped before this sample was started
                 break
             while True:
@@ -354,6 +362,7 @@ def _loop(track: Track, sc: SynthClient, writer: RecordWriter, summary: RunSumma
                     break
                 except cf.TimeoutError:
                     bar.update(0, sc.stats.snapshot(), summary.failed, sum(skipped.values()))
+            del futures[idx]
             if o.aborted:
                 break
             if o.record is not None:
@@ -381,16 +390,39 @@ def _loop(track: Track, sc: SynthClient, writer: RecordWriter, summary: RunSumma
         summary.aborted = summary.aborted or f"aborted: {e}"
         sc.stop.set()
         raise SynthError(summary.aborted) from None
-    except BaseException:
-        summary.aborted = summary.aborted or "interrupted"
+    except BaseException as e:
+        summary.aborted = summary.aborted or ("interrupted" if isinstance(e, KeyboardInterrupt) else
+                                              f"aborted: {type(e).__name__}: {e}")
         sc.stop.set()
         raise
     finally:
         for f in futures.values():
             f.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+        _finish_calls_in_flight(pool, futures, cfg.timeout, stream)
         summary.skipped = dict(skipped)
+
+
+def _finish_calls_in_flight(pool: cf.ThreadPoolExecutor, futures: dict[int, cf.Future], timeout: float,
+                            stream: TextIO) -> None:
+    """Wait for the samples still running (no new call starts once the run stops) so that the answers of
+    their calls in flight, paid for, reach the journal before it closes. A Ctrl-C during this wait is
+    ignored, with one line saying so: stopping the wait would lose those answers, not end the calls."""
+    running = [f for f in futures.values() if f.running()]
+    if running:
+        print(f"stopping: waiting for the calls in flight of {len(running)} sample(s) (at most {timeout:g} s each, "
+              "--timeout) so that their paid answers are kept", file=stream)
+    told = False
+    while True:
+        try:  # (the futures, not the threads: a thread join interrupted once may return early the next time)
+            cf.wait(running)
+            pool.shutdown(wait=True, cancel_futures=True)
+            return
+        except KeyboardInterrupt:
+            if not told:
+                print("still waiting for the calls in flight (their answers are paid for); kill -9 loses them",
+                      file=stream)
+                told = True
 
 
 # ------------------------------------------------------------------------------------------------ dry run

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import logging
 import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,6 +36,8 @@ from echo4o_jax.synth.resources import (Template, chat_messages, class_list, get
 
 __all__ = ["SOURCE", "Track", "SurrealTrack", "MultirefTrack", "InstructionTrack", "TRACKS", "make_track",
            "SampleContext", "CallEstimate", "RefImage", "REF_CATEGORIES"]
+
+log = logging.getLogger(__name__)
 
 SOURCE = "gpt4o"
 REF_CATEGORIES = ("human", "object", "scene")
@@ -301,16 +304,15 @@ class RefImage:
 
 def scan_refs(root: str | os.PathLike) -> dict[str, list[RefImage]]:
     """``root/<human|humans|person|people>/``, ``root/<object|objects>/``, ``root/<scene|scenes>/`` image
-    files (jpg / png / webp, any depth), sorted by path."""
+    files (jpg / png / webp, any depth), sorted by path. Folder names match in any case."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"references folder {root} does not exist")
     pools: dict[str, list[RefImage]] = {}
     for cat, aliases in _REF_DIR_ALIASES.items():
         files: list[Path] = []
-        for a in aliases:
-            d = root / a
-            if d.is_dir():
+        for d in sorted(root.iterdir()):
+            if d.name.lower() in aliases and d.is_dir():  # (Scene/, Humans/, ... too)
                 files += [p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_EXTS]
         rels = sorted({p.relative_to(root).as_posix(): p for p in files}.items())
         pools[cat] = [RefImage(cat, f"folder/{rel}", "folder", path=rel, size=p.stat().st_size) for rel, p in rels]
@@ -346,12 +348,18 @@ class MultirefTrack(Track):
         else:
             self.pools = self._generated_pools()
         self.combos = {}
+        dropped: list[str] = []
         for name, spec in cfg.multiref_combos.items():
             cats, weight = list(spec[0]), float(spec[1])
             if not 2 <= len(cats) <= 4 or any(c not in (*REF_CATEGORIES, "entity") for c in cats):
                 raise ValueError(f"multiref combo {name!r}: {cats} must be 2-4 of {REF_CATEGORIES + ('entity',)}")
             if weight > 0 and self._feasible(cats):
                 self.combos[name] = (cats, weight)
+            elif weight > 0:
+                dropped.append(name)
+        if dropped and self.combos:
+            log.warning("multiref: the reference pools (%s) are too small for the combinations %s: they are not "
+                        "drawn (the others take their share)", {c: len(p) for c, p in self.pools.items()}, dropped)
         if not self.combos:
             raise ValueError(f"no multi-reference combination can be drawn from the reference pools "
                              f"({ {c: len(p) for c, p in self.pools.items()} })")

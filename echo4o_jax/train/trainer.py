@@ -449,7 +449,16 @@ class Trainer:
                 c.model.ckpt, shardings=_merge_trees(self.param_sh, self.buffer_sh)))
             _, p, b = nnx.split(model, nnx.Param, ...)
             params = jax.tree.map(lambda x: x.astype(pdt), nnx.to_pure_dict(p))  # (keeps each leaf's sharding)
+            # the buffers are the fixed sin-cos position tables: the official trainer drops the checkpoint's
+            # (bf16-rounded in a bf16 folder) and keeps its own float32 ones, and so does this one
             buffers = nnx.to_pure_dict(b)
+            from ..checkpoint import fixed_tables
+
+            tables = {path[0]: make() for path, make in fixed_tables(cfg).items()}
+            if set(tables) != set(buffers):
+                raise AssertionError(f"buffers {sorted(buffers)} are not the fixed tables {sorted(tables)}")
+            buffers = {k: jax.make_array_from_callback(v.shape, self.buffer_sh[k], lambda i, v=v: v[i])
+                       for k, v in tables.items()}
         return params, buffers
 
     def _write_model_config(self):

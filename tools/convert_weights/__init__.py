@@ -9,6 +9,7 @@ The logic lives in `echo4o_jax.convert`; these modules only parse flags and repo
 
 from __future__ import annotations
 
+import signal
 import sys
 
 
@@ -17,10 +18,11 @@ def run_cli(fn) -> int:
     from echo4o_jax.checkpoint import CheckpointError
     from echo4o_jax.config import ConfigError
     from echo4o_jax.model.keymap import CheckpointMismatchError
-    from echo4o_jax.interrupts import keep_ctrl_c
+    from echo4o_jax.interrupts import Terminated, keep_ctrl_c, raise_terminated
     from echo4o_jax.safetensors_io import SafetensorsError
 
     keep_ctrl_c()
+    signal.signal(signal.SIGTERM, raise_terminated)  # as a Ctrl-C: the partial output is removed (it was left)
     try:
         fn()
     except (CheckpointMismatchError, SafetensorsError, ConfigError, CheckpointError, ValueError,
@@ -30,4 +32,8 @@ def run_cli(fn) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written to the output folder", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM): nothing was written to the output folder", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
+

@@ -6,7 +6,9 @@
 
 Output: ema.safetensors (official key names, PyTorch layouts; with --max-shard-size, shards and
 ema.safetensors.index.json), ae.safetensors, llm_config.json, vit_config.json, meta.json, tokenizer
-files: a folder the official BAGEL inferencer loads unchanged.
+files: a folder the official BAGEL inferencer loads unchanged (without --max-shard-size: the official
+inferencer and trainer open ema.safetensors by that name, so they cannot load a sharded export; this
+project's tools read both).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-dtype", choices=["bfloat16", "float32"], default=None,
                    help="dtype of ae.safetensors (default: as stored)")
     p.add_argument("--max-shard-size", default=None,
-                   help="split ema.safetensors into shards of at most SIZE (e.g. 5GB, 500MiB) plus an index JSON")
+                   help="split ema.safetensors into shards of at most SIZE (e.g. 5GB, 500MiB) plus an index JSON "
+                        "(the official BAGEL code loads only a single ema.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
