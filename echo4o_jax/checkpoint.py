@@ -415,16 +415,17 @@ def restore_vae(ckpt_dir, *, item: str = VAE_ITEM, dtype=jnp.float32, shardings=
     return restore_module(abstract_vae(cfg.vae, dtype, precision), item_dir, dtype=dtype, shardings=shardings)
 
 
-def _reshard(module: nnx.Module, shardings) -> nnx.Module:
+def _placer(shardings):
+    """`place(path, host array)` for `echo4o_jax.model.loading.load_into`: each variable straight into its
+    sharding (each device gets its shard only; the shardings may span several processes), or None (whole, on
+    the default device) without `shardings`. An official 7B folder used to be loaded whole onto one device
+    before it was resharded."""
     if shardings is None:
-        return module
+        return None
     fn = _sharding_fn(shardings)
-    graphdef, state = nnx.split(module)
-    from .sharding import put_global  # (the shardings may span several processes)
+    from .sharding import put_global
 
-    flat = [(p, v.replace(put_global(v[...], fn(tuple(p), jax.ShapeDtypeStruct(v.shape, v.dtype)))))
-            for p, v in nnx.to_flat_state(state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return lambda path, host: put_global(host, fn(path, jax.ShapeDtypeStruct(host.shape, host.dtype)))
 
 
 def load_any_bagel(path, *, dtype=None, shardings=None, weights: str = "ema", step: int | None = None,
@@ -440,7 +441,7 @@ def load_any_bagel(path, *, dtype=None, shardings=None, weights: str = "ema", st
         return restore_bagel(path, dtype=dtype, shardings=shardings, **cfg_overrides)
     if is_official_dir(path):
         cfg = BagelConfig.from_checkpoint_dir(path, **cfg_overrides)
-        return _reshard(load_bagel(path, cfg, dtype=dtype), shardings)
+        return load_bagel(path, cfg, dtype=dtype, place=_placer(shardings))
     raise CheckpointError(f"{path}: neither an official checkpoint folder (llm_config.json + ema.safetensors), "
                           f"a converted Orbax folder (params/) nor a training workdir (model_config/ + checkpoints/)")
 
@@ -452,7 +453,7 @@ def load_any_vae(path, cfg: BagelConfig | None = None, *, dtype=jnp.float32, sha
     if (_p(path) / VAE_ITEM / "_METADATA").is_file():
         return restore_vae(path, dtype=dtype, shardings=shardings, cfg=cfg)
     if (_p(path) / "ae.safetensors").is_file() or (_p(path) / "ae.safetensors.index.json").is_file():
-        return _reshard(load_vae(path, cfg, dtype=dtype), shardings)
+        return load_vae(path, cfg, dtype=dtype, place=_placer(shardings))
     raise CheckpointError(f"{path}: no VAE (neither vae/ nor ae.safetensors)")
 
 

@@ -16,7 +16,9 @@ replaced, so a mistyped `out` never deletes other files); an
 through, the files read included) is always refused (`SourceOverlapError`), before anything is written.
 An `out` that is a symlink to a folder is written through: the export lands in the link's target.
 
-Memory: one official tensor at a time. Safetensors are read with plain file reads (`read`), and a
+Memory: a few official tensors at a time (measured: about 2x the largest one above the baseline, the tensor
+being written and the next, read ahead; for the 7B model a few GB). Safetensors are read with plain file
+reads (`read`), and a
 stacked Flax array ([num_layers, ...]) is never assembled: it is written to Orbax through a
 TypeHandler that fills the tensorstore array block by block (zarr chunks of ~CHUNK_BYTES rows that
 never span two layers), so the result is an ordinary Orbax PyTree checkpoint (OCDBT, zarr) that
@@ -690,8 +692,11 @@ def _progress(total: int, n_tensors: int, desc: str, enabled: bool):
 
 
 def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = False, progress: bool = True,
-                     hash_files: bool = True, compress: bool = True) -> dict:
+                     hash_files: bool = True, compress: bool = True, weights: str = "ema") -> dict:
     """Official folder `src` -> converted Orbax folder `out` (see `echo4o_jax.checkpoint`).
+
+    weights: "ema" (ema.safetensors, what the official inference and fine-tuning load) or "model" (the
+    non-EMA model.safetensors of an official training checkpoint).
 
     dtype: of the Bagel weights (None: the source's dtype when uniform, else float32); vae_dtype: of
     the VAE (None: likewise from ae.safetensors); hash_files: sha256 of the source files in the
@@ -701,9 +706,11 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
     _check_apart(out, src, [src])  # first: before any message about the source
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights={weights!r}: expected 'ema' or 'model'")
     _check_not_orbax_source(src)
     cfg = BagelConfig.from_checkpoint_dir(src)
-    ema = open_checkpoint_file(src, "ema.safetensors")
+    ema = open_checkpoint_file(src, f"{weights}.safetensors")
     ae = open_checkpoint_file(src, "ae.safetensors")
     bagel_plan, vae_plan = _all_or_mismatch(
         lambda: _plan("params", lambda: Bagel(cfg, rngs=nnx.Rngs(0)), bagel_key_rules(cfg), ema, dtype),
@@ -731,7 +738,7 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
             if hasher.error:
                 raise hasher.error
             files = hasher.result
-        manifest = _manifest_to_jax(src, files, bagel_plan, vae_plan)
+        manifest = _manifest_to_jax(src, files, bagel_plan, vae_plan, f"{weights}.safetensors")
         manifest["compression"] = "zstd-1" if compress else None
         ck._write_json(tmp / ck.MANIFEST_FILE, manifest)
         _finalize(tmp, dest)
@@ -799,9 +806,16 @@ def _check_not_orbax_source(src: pathlib.Path) -> None:
             f"{src} is a converted Orbax folder ({ck.PARAMS_ITEM}/), not an official PyTorch folder: it is "
             f"already in the JAX format and is used directly where a checkpoint is expected; to export it to an "
             f"official PyTorch folder: python -m tools.convert_weights.to_torch --ckpt {src} --out DIR")
+    weights = [n for n in ("ema.safetensors", "model.safetensors") if (src / n).is_file()]
+    if weights and not (src / "llm_config.json").is_file():
+        raise ck.CheckpointError(
+            f"{src} holds {' and '.join(weights)} but no llm_config.json: an official training checkpoint (the "
+            f"numbered folders of train/pretrain_unified_navit.py) holds no configs; copy llm_config.json, "
+            f"vit_config.json, ae.safetensors and the tokenizer files from the model folder it was trained from "
+            f"(e.g. BAGEL-7B-MoT) into it, then run again (--weights model converts its model.safetensors)")
 
 
-def _manifest_to_jax(src, files, bagel_plan: _Plan, vae_plan: _Plan) -> dict:
+def _manifest_to_jax(src, files, bagel_plan: _Plan, vae_plan: _Plan, weights_file: str) -> dict:
     import orbax.checkpoint as ocp
 
     def item(p: _Plan, module: str, source_name: str):
@@ -819,8 +833,8 @@ def _manifest_to_jax(src, files, bagel_plan: _Plan, vae_plan: _Plan) -> dict:
         "vae_dtype": vae_plan.dtype.name,
         "parameter_count": {"params": bagel_plan.num_params, "vae": vae_plan.num_params,
                             "total": bagel_plan.num_params + vae_plan.num_params},
-        "key_counts": {"ema.safetensors": len(bagel_plan.entries), "ae.safetensors": len(vae_plan.entries)},
-        "items": {ck.PARAMS_ITEM: item(bagel_plan, "Bagel", "ema.safetensors"),
+        "key_counts": {weights_file: len(bagel_plan.entries), "ae.safetensors": len(vae_plan.entries)},
+        "items": {ck.PARAMS_ITEM: item(bagel_plan, "Bagel", weights_file),
                   ck.VAE_ITEM: item(vae_plan, "AutoEncoder", "ae.safetensors")},
     }
 

@@ -197,6 +197,37 @@ def test_restore_onto_a_mesh_with_dtype(converted):
     assert leaf.sharding == repl and leaf.dtype == jnp.float32
 
 
+def test_official_folder_loads_straight_into_its_shardings(golden_dir, loaded, monkeypatch):
+    """An official folder given with shardings (training from it: model.ckpt) places each variable straight
+    into its sharding: nothing goes whole onto the default device first (the 7B model did, before a
+    reshard), and the values are those of the plain load."""
+    from echo4o_jax.model import loading
+
+    mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    layer = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    stacked = ck.stacked_paths(BagelConfig.from_checkpoint_dir(golden_dir))
+
+    class NoWholeArrays:  # loading's jnp, whose asarray (the whole-variable placement) fails
+        def __getattr__(self, name):
+            return getattr(jnp, name)
+
+        def asarray(self, *a, **k):
+            raise AssertionError("a variable went whole onto the default device")
+
+    monkeypatch.setattr(loading, "jnp", NoWholeArrays())
+    model = ck.load_any_bagel(golden_dir, shardings=lambda path, leaf: layer if tuple(path) in stacked else repl)
+    vae = ck.load_any_vae(golden_dir, shardings=repl)
+    monkeypatch.undo()
+    assert model.llm.und.wq[...].sharding == layer and model.llm.embed[...].sharding == repl
+    assert all(x.sharding == repl for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(vae))))
+    want = dict(ck.flatten_dict(nnx.to_pure_dict(nnx.state(loaded[1]))))
+    got = dict(ck.flatten_dict(nnx.to_pure_dict(nnx.state(model))))
+    assert set(got) == set(want)
+    for k, w in want.items():
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(w), err_msg=str(k))
+
+
 # ------------------------------------------------------------------------------------------ sharded inputs, dtypes
 
 
@@ -609,14 +640,15 @@ def test_full_disk_is_one_line_and_leaves_nothing(golden_dir, converted, tmp_pat
     line naming the output folder and the cause, exit status 2, nothing left beside --out. to_jax printed ~100
     lines (Orbax's thread tracebacks, then a 2,000-character tensorstore spec); to_torch printed
     "[Errno 28] No space left on device" naming no file."""
-    import resource
-
     src = ["--src", str(golden_dir)] if tool == "to_jax" else ["--ckpt", str(converted[0])]
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "-m", f"tools.convert_weights.{tool}", *src, "--out", str(out),
-                        "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)))
+    limited = ("import resource, runpy, sys\n"  # (set in the child: a preexec_fn would fork this JAX process)
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+               f"sys.argv[0] = 'tools.convert_weights.{tool}'\n"
+               f"runpy.run_module('tools.convert_weights.{tool}', run_name='__main__', alter_sys=True)\n")
+    p = subprocess.run([sys.executable, "-c", limited, *src, "--out", str(out), "--no-progress"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith(f"error: cannot write the output folder {out}: File too large (the partial output "
                                "was removed; the output takes about "), p.stderr
@@ -648,6 +680,32 @@ def test_sigterm_removes_the_partial_output(golden_dir, tmp_path):
     assert p.stderr.strip() == "terminated (SIGTERM): nothing was written to the output folder"
     time.sleep(1.0)  # anything still writing would show now
     assert not list(tmp_path.iterdir())
+
+
+def test_official_training_checkpoint_folder(golden_dir, tmp_path):
+    """An official training checkpoint (ema.safetensors + model.safetensors, no configs) is named as such, with
+    what to copy into it (it was "missing config file: .../llm_config.json"); then `weights="model"`
+    (--weights model) converts its non-EMA weights."""
+    ckpt = tmp_path / "0005000"
+    ckpt.mkdir()
+    ema = tensors_of(golden_dir, "ema.safetensors")
+    write_safetensors(ckpt / "ema.safetensors", ema)
+    model = {k: (v * 2).astype(v.dtype) for k, v in ema.items()}
+    write_safetensors(ckpt / "model.safetensors", model)
+    with pytest.raises(ck.CheckpointError, match=r"holds ema.safetensors and model.safetensors but no "
+                                                 r"llm_config.json: an official training checkpoint .* copy "
+                                                 r"llm_config.json, vit_config.json, ae.safetensors"):
+        convert.convert_to_orbax(ckpt, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0005000"]
+    for name in SIDE_FILES + ("ae.safetensors",):
+        if (golden_dir / name).is_file():
+            shutil.copy(golden_dir / name, ckpt / name)
+    m = convert.convert_to_orbax(ckpt, tmp_path / "out", progress=False, hash_files=False, weights="model")
+    assert m["items"]["params"]["source"] == "model.safetensors" and "model.safetensors" in m["key_counts"]
+    convert.convert_to_official(tmp_path / "out", tmp_path / "back", progress=False)
+    assert_bit_exact(tensors_of(tmp_path / "back", "ema.safetensors"), model, "model.safetensors via to_jax")
+    with pytest.raises(ValueError, match="weights='params': expected 'ema' or 'model'"):
+        convert.convert_to_orbax(ckpt, tmp_path / "out2", progress=False, weights="params")
 
 
 def test_to_torch_bad_inputs_nothing_written(golden_dir, converted, workdir, tmp_path):

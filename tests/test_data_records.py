@@ -184,7 +184,8 @@ def test_writer_crash_leaves_finished_shards_and_append(tmp_path):
 
 
 _FULL_DISK_SCRIPT = """
-import io, json, sys
+import io, json, resource, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
 import numpy as np
 from PIL import Image
 from echo4o_jax.data.records import RecordWriteError, RecordWriter, t2i_record
@@ -218,15 +219,14 @@ def test_a_full_disk_keeps_the_finished_shards_and_names_the_failed_one(tmp_path
     RecordWriteError (an OSError) naming the shard, not array_record's bare RuntimeError; the finished shards
     stay listed in a manifest marked incomplete (before, close() failed the same way and wrote no manifest),
     no .tmp file is left, and the writer takes no more records."""
-    import resource
     import subprocess
     import sys
 
     # bytes per file: the first shard fits (128 KiB: ArrayRecord writes 64 KiB blocks), the next one, with a
     # 160x160 noise PNG (~77 kB), does not (192 KiB)
     limit = 150_000
-    p = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, str(tmp_path / "ds")], capture_output=True, text=True,
-                       timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    p = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, str(tmp_path / "ds"), str(limit)],
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     shard = str(tmp_path / "ds" / "d-00001.array_record")

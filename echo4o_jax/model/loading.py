@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -32,9 +33,12 @@ def flax_shapes(abstract: nnx.Module) -> dict[tuple, tuple]:
     return {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract))}
 
 
-def load_into(ctor: Callable[[], nnx.Module], rules: list[keymap.Rule], source, *, dtype=None) -> nnx.Module:
+def load_into(ctor: Callable[[], nnx.Module], rules: list[keymap.Rule], source, *, dtype=None,
+              place: Callable[[tuple, np.ndarray], jax.Array] | None = None) -> nnx.Module:
     """Validate `source` (a SafetensorsFile / ShardedSafetensors) against `rules`, then build the module
-    abstractly and fill every variable from the official tensors (nothing is initialised at random)."""
+    abstractly and fill every variable from the official tensors (nothing is initialised at random).
+    `place(path, host array)`: how each variable goes to the devices (default: whole, on the default device;
+    `echo4o_jax.checkpoint.load_any_bagel` places each straight into its sharding)."""
     abstract = nnx.eval_shape(ctor)
     shapes = flax_shapes(abstract)
     entries = keymap.expand_rules(rules)
@@ -49,7 +53,8 @@ def load_into(ctor: Callable[[], nnx.Module], rules: list[keymap.Rule], source, 
     for path, var in nnx.to_flat_state(state):
         arr = arrays[tuple(path)]
         want = np.dtype(dtype) if dtype is not None else np.dtype(var.dtype)
-        flat.append((path, var.replace(jnp.asarray(np.asarray(arr).astype(want, copy=False)))))
+        host = np.asarray(arr).astype(want, copy=False)
+        flat.append((path, var.replace(place(tuple(path), host) if place is not None else jnp.asarray(host))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -60,13 +65,13 @@ def export_official(module: nnx.Module, rules: list[keymap.Rule], dtype=None) ->
         yield key, (arr if dtype is None else arr.astype(dtype))
 
 
-def load_bagel(ckpt_dir: str | os.PathLike, cfg: BagelConfig | None = None, *, dtype=None) -> Bagel:
+def load_bagel(ckpt_dir: str | os.PathLike, cfg: BagelConfig | None = None, *, dtype=None, place=None) -> Bagel:
     cfg = cfg or BagelConfig.from_checkpoint_dir(ckpt_dir)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=np.dtype(dtype).name)
     src = open_checkpoint_file(ckpt_dir, "ema.safetensors")
     return load_into(lambda: Bagel(cfg, rngs=nnx.Rngs(0)), bagel_key_rules(cfg), src,
-                     dtype=np.dtype(cfg.param_dtype))
+                     dtype=np.dtype(cfg.param_dtype), place=place)
 
 
 def load_vae_file(path: str | os.PathLike, vae_cfg: VAEConfig, *, dtype=jnp.float32, precision=None) -> AutoEncoder:
@@ -75,7 +80,7 @@ def load_vae_file(path: str | os.PathLike, vae_cfg: VAEConfig, *, dtype=jnp.floa
                      vae_key_rules(vae_cfg), SafetensorsFile(path), dtype=np.dtype(dtype))
 
 
-def load_vae(ckpt_dir: str | os.PathLike, cfg: BagelConfig, *, dtype=jnp.float32) -> AutoEncoder:
+def load_vae(ckpt_dir: str | os.PathLike, cfg: BagelConfig, *, dtype=jnp.float32, place=None) -> AutoEncoder:
     src = open_checkpoint_file(ckpt_dir, "ae.safetensors")
     return load_into(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype),
-                     vae_key_rules(cfg.vae), src, dtype=np.dtype(dtype))
+                     vae_key_rules(cfg.vae), src, dtype=np.dtype(dtype), place=place)

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the model weights (default: the source's)")
     p.add_argument("--vae-dtype", choices=["bfloat16", "float32"], default=None,
                    help="dtype of the VAE weights (default: the source's)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema",
+                   help="ema.safetensors (default: what the official inference and fine-tuning load) or the "
+                        "non-EMA model.safetensors of an official training checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-compression", action="store_true",
                    help="store uncompressed zarr chunks (faster; zstd is Orbax's default)")
@@ -41,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         m = convert_to_orbax(args.src, args.out, dtype=args.dtype, vae_dtype=args.vae_dtype,
                              overwrite=args.overwrite, progress=not args.no_progress,
-                             compress=not args.no_compression)
+                             compress=not args.no_compression, weights=args.weights)
         print(json.dumps({"out": args.out, "dtype": m["dtype"], "vae_dtype": m["vae_dtype"],
                           "parameters": m["parameter_count"], "keys": m["key_counts"]}))
 
