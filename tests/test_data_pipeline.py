@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import time
 import pathlib
 import re
 import subprocess
@@ -450,6 +451,35 @@ def test_resume_exact_with_two_workers(data, model_cfg):
     _assert_same(head, ref[:3])
     tail, _ = _run(DataPipeline(cw, model_cfg), 3, state=json.loads(json.dumps(state)))
     _assert_same(tail, ref[3:])
+
+
+def test_worker_processes_ignore_ctrl_c(data, model_cfg):
+    """A terminal's Ctrl-C reaches the whole process group: the worker processes ignore it (the trainer finishes
+    its step and saves; workers that died of it made its next batch fail, losing the steps since the last
+    checkpoint), and the packs go on coming, the same as without the signal."""
+    import multiprocessing
+    import signal
+
+    c = _cfg(data, packs_per_step=2, max_buffer_size=4)
+    ref, _ = _run(DataPipeline(c, model_cfg), 4)
+    cw = dataclasses.replace(c, worker_count=1, worker_buffer_size=1, read_threads=1)
+    it = DataPipeline(cw, model_cfg).iterator()
+    def one():
+        b, st = next(it)
+        return batch_arrays(b), st
+
+    try:
+        got = [one()]
+        workers = multiprocessing.active_children()
+        assert workers
+        for w in workers:
+            os.kill(w.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert all(w.is_alive() for w in workers)
+        got += [one() for _ in range(3)]
+    finally:
+        it.close()
+    _assert_same(got, ref)
 
 
 def test_samples_from_worker_processes_hold_no_shared_memory(data, model_cfg):

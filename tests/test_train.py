@@ -223,6 +223,22 @@ def test_resume_with_another_frozen_vae_is_refused(tmp_path):
     assert tr.restore() and int(tr.state["step"]) == 0
 
 
+def test_a_resumed_bf16_run_keeps_its_ema_in_float32(tmp_path):
+    """model.param_dtype=bfloat16: the EMA is float32 (init_train_state) and stays so across a resume (it was
+    restored in the params' dtype: bf16 from the first resume on, where a 0.9999 decay barely moves it)."""
+    def cfg(steps):
+        c = load_config("synthetic_tiny")
+        c.model.param_dtype = "bfloat16"
+        c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = steps, 2, False, False
+        return c
+
+    Trainer(cfg(2), tmp_path / "resumed").run()
+    resumed = Trainer(cfg(3), tmp_path / "resumed")
+    assert resumed.restore() and int(resumed.state["step"]) == 2
+    assert {x.dtype for x in jax.tree.leaves(resumed.state["ema"])} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(resumed.state["params"])} == {jnp.dtype(jnp.bfloat16)}
+
+
 def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys, monkeypatch):
     """log.profile_start / profile_steps: the traced steps' device time by the model's named scopes is
     printed and written to <workdir>/profile/summary.json, and training goes on to its last step. The trace's

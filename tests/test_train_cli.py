@@ -335,6 +335,33 @@ def test_other_geometry_is_refused_and_leaves_the_workdir_as_it_was(workdir, cap
     assert _files(workdir) == before  # model_config/, config.json, checkpoints, log untouched
 
 
+def test_settings_that_change_the_optimizer_state_are_named_on_resume(workdir, capsys):
+    """A gradient clip switched off, or a frozen ViT, changes the optimizer state's tree: one line naming the
+    settings (Orbax's tree mismatch was reported as a broken checkpoint, each earlier one too), the workdir
+    as it was. Checkpoints from before the layout was recorded are compared with the run's config.json."""
+    before = _files(workdir)
+    for change, named in ((dict(grad_clip=0.0), "optim.grad_clip > 0: checkpoint True, config False"),
+                          (dict(freeze_vit=True), "train.freeze_vit: checkpoint False, config True")):
+        c = _tiny(steps=6)
+        for k, v in change.items():
+            (c.optim if k == "grad_clip" else c.train)[k] = v
+        assert run(c, str(workdir)) == 2
+        assert _error_line(capsys) == (
+            f"error: the optimizer state of the checkpoint of step 4 in workdir {workdir} has another layout than "
+            f"this config's ({named}): these settings cannot change on resume (a gradient clip switched on or "
+            "off, or other frozen parts, change the optimizer state). Resume with the run's values (its "
+            "config.json), or use another --workdir")
+        assert _files(workdir) == before
+    meta = workdir / "checkpoints" / "4" / "meta" / "metadata"
+    m = json.loads(meta.read_text())
+    del m["optimizer_layout"]  # (a checkpoint saved before it was recorded)
+    meta.write_text(json.dumps(m))
+    c = _tiny(steps=6)
+    c.optim.grad_clip = 0.0
+    assert run(c, str(workdir)) == 2
+    assert "(optim.grad_clip > 0: checkpoint True, config False)" in _error_line(capsys)
+
+
 def test_finished_workdir_says_so_and_execution_settings_may_change(workdir, capsys):
     before = _files(workdir)
     c = _tiny(steps=4)
@@ -398,6 +425,43 @@ def test_interrupted_run_exits_128_plus_the_signal(workdir, capsys):
     assert (workdir / "checkpoints" / str(step)).is_dir()
     resumed = [r for r in _records(workdir) if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] == 4 and "superseded_steps" not in resumed[0]
+
+
+def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_143(tmp_path, capsys):
+    """A job scheduler's SIGTERM to the whole process group also ends the records pipeline's worker processes
+    (they keep SIGTERM: multiprocessing stops them with it at exit): the next batch cannot come. The steps
+    trained are saved and the run exits 143, as for a SIGTERM to the trainer alone (it failed with 'Worker
+    process was terminated unexpectedly', losing the steps since the last checkpoint)."""
+    import multiprocessing
+
+    c = load_config("demo")
+    c.data.records.demo_dir = str(tmp_path / "demo_data")
+    c.data.records.workers = 1
+    c.train.steps, c.train.debug_step_delay = 40, 0.3
+    c.checkpoint.every, c.checkpoint.async_save = 1000, False
+    c.log.every, c.log.sample_every, c.log.tensorboard = 1, 0, False
+    wd = tmp_path / "wd"
+
+    def group_sigterm():  # once a step is logged (the handler is installed), as `kill -TERM -PGID` would
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if (wd / "log.jsonl").exists() and any("loss" in r and r["step"] >= 2 for r in _records(wd)):
+                for w in multiprocessing.active_children():
+                    os.kill(w.pid, signal.SIGTERM)
+                time.sleep(0.5)  # the trainer's handler runs last: it meets the ended workers first
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=group_sigterm, daemon=True)
+    t.start()
+    assert run(c, str(wd)) == 128 + signal.SIGTERM
+    t.join()
+    step = max(_losses(wd))
+    assert 2 <= step < 40 and (wd / "checkpoints" / str(step)).is_dir()
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == (f"[train] stopped by SIGTERM at step {step} of 40 (checkpoint saved); "
+                                            f"rerun the same command to resume (workdir {wd})")
 
 
 def test_ctrl_c_before_the_first_step_is_one_line_and_ends_the_process(tmp_path, capsys, monkeypatch):

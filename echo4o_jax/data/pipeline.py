@@ -137,6 +137,16 @@ def _own_arrays(x):
     return x
 
 
+def _worker_ignores_ctrl_c(worker_index: int, worker_count: int) -> None:
+    """grain worker start-up: ignore SIGINT. A terminal's Ctrl-C reaches the whole process group: the workers
+    died with tracebacks, and the trainer, which finishes its step and saves on a Ctrl-C, then failed on its
+    next batch ("Worker process was terminated unexpectedly"), losing the steps since its last checkpoint. The
+    trainer stops them (SIGTERM, which they keep, is how multiprocessing ends daemon processes at exit)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _mark_absl_flags_parsed() -> None:
     # Grain worker processes read absl flags; unparsed flags crash them (grain issue 1355).
     try:
@@ -721,7 +731,8 @@ class DataPipeline:
         if c.worker_count > 0:
             _mark_absl_flags_parsed()
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.worker_count,
-                                                                   per_worker_buffer_size=c.worker_buffer_size))
+                                                                   per_worker_buffer_size=c.worker_buffer_size),
+                                      worker_init_fn=_worker_ignores_ctrl_c)
         return iter(it_ds)
 
     def iterator(self, state: dict | None = None) -> "PackIterator":

@@ -154,6 +154,14 @@ def optimizer_from_config(config, params) -> tuple[Any, Any, dict | None]:
     return schedule, tx, trainable
 
 
+def _optimizer_layout(config) -> dict:
+    """The settings that shape the optimizer state's tree (`optimizer_from_config`): a clip step or none, the
+    frozen parts (a masked optimizer). `config`: a training config, or one as a dict (a run's config.json)."""
+    o, t = (config["optim"], config["train"]) if isinstance(config, dict) else (config.optim, config.train)
+    return {"optim.grad_clip > 0": float(o["grad_clip"]) > 0, "train.freeze_vit": bool(t.get("freeze_vit", False)),
+            "train.freeze_llm": bool(t.get("freeze_llm", False))}
+
+
 def opt_state_shardings(abs_opt, param_sh, mesh):
     """Optimizer moments follow the params' shardings (`param_sh`); scalars are replicated over `mesh`."""
     flat_p = {tuple(getattr(k, "key", k) for k in path): s for path, s in
@@ -495,7 +503,7 @@ class Trainer:
                     data_states=_gather_process_states(self.source.get_state()), time=time.time(),
                     data_config=json.loads(self.config.data.to_json_best_effort()),
                     local_packs=self.local_packs, process_count=jax.process_count(),
-                    vae_fingerprint=self.vae_fingerprint)
+                    vae_fingerprint=self.vae_fingerprint, optimizer_layout=_optimizer_layout(self.config))
         from .. import checkpoint as ck
 
         full = _merge_trees(self.state["params"], self.buffers)
@@ -521,12 +529,16 @@ class Trainer:
         _, step_dir = ck.train_step_dir(self.workdir, step)  # an unknown step: CheckpointError listing the others
         full_sh = _merge_trees(self.param_sh, self.buffer_sh)
         full_abs = _abstract(_merge_trees(self.state["params"], self.buffers), full_sh)
+        # the EMA is float32 whatever param_dtype is (init_train_state): restored as such (with the params'
+        # dtype, a bf16 run's EMA turned bf16 at every resume, where a decay of 0.9999 barely moves it)
+        ema_abs = _abstract(_merge_trees(self.state["ema"], self.buffers), full_sh)
         opt_abs = _abstract(self.state["opt_state"], self.state_sh["opt_state"])
+        self._check_optimizer_layout(step)
         quiet = _AbortedRestoreReports()
         quiet.install()
         try:
             r = self.ckpt.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(full_abs), ema=ocp.args.StandardRestore(full_abs),
+                params=ocp.args.StandardRestore(full_abs), ema=ocp.args.StandardRestore(ema_abs),
                 opt_state=ocp.args.StandardRestore(opt_abs), meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax / tensorstore: plain Exception (a truncated file), ValueError, OSError ...
             raise CheckpointError(self._unreadable_step_message(step, step_dir, e)) from e
@@ -574,6 +586,29 @@ class Trainer:
                           step=shd.put_global(np.asarray(meta["step"], np.int32), shd.replicated(self.mesh)),
                           rng=shd.put_global(np.asarray(meta["rng"], np.uint32), shd.replicated(self.mesh)))
         return True
+
+    def _check_optimizer_layout(self, step: int) -> None:
+        """Refuse, naming the settings, a resume whose optimizer state has another layout than the checkpoint's
+        (`_optimizer_layout`; recorded by the checkpoints' meta since it exists, else read from the run's
+        config.json): Orbax's tree mismatch called the checkpoint broken, and so each earlier one."""
+        try:
+            meta = self.ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # noqa: BLE001 -- an unreadable meta: the full restore names it
+            return
+        saved = meta.get("optimizer_layout")
+        if saved is None:
+            try:
+                saved = _optimizer_layout(json.loads((self.workdir / "config.json").read_text()))
+            except Exception:  # noqa: BLE001 -- no (readable) config.json of the run: nothing to compare with
+                return
+        now = _optimizer_layout(self.config)
+        diff = [f"{k}: checkpoint {saved.get(k)}, config {v}" for k, v in now.items() if saved.get(k) != v]
+        if diff:
+            raise CheckpointError(
+                f"the optimizer state of the checkpoint of step {step} in workdir {self.workdir} has another layout "
+                f"than this config's ({'; '.join(diff)}): these settings cannot change on resume (a gradient clip "
+                "switched on or off, or other frozen parts, change the optimizer state). Resume with the run's "
+                "values (its config.json), or use another --workdir")
 
     def _unreadable_step_message(self, step: int, step_dir: pathlib.Path, e: Exception) -> str:
         from .. import checkpoint as ck
@@ -764,7 +799,19 @@ class Trainer:
             skipped_reported = 0
             while step < total:
                 if step > start:
-                    batch = self._next_batch(step, start)
+                    try:
+                        batch = self._next_batch(step, start)
+                    except RuntimeError:
+                        if not _signalled(stop) or jax.process_count() != 1:
+                            raise
+                        # a signal sent to the whole process group (a job scheduler's SIGTERM) ended the data
+                        # workers too, so no next batch: the steps trained are saved, and the run stops as asked
+                        stop["agreed"] = stop["signal"]
+                        if step != self.ckpt.latest_step():
+                            self.save(force=True)
+                        print(f"[train] the data workers ended with signal {stop['signal']} too; saved step {step}",
+                              flush=True)
+                        break
                 prof.before(step)
                 m = self.train_step(batch)
                 if float(c.train.debug_step_delay):  # tests: widen the window for an external kill
@@ -839,6 +886,15 @@ class Trainer:
             finally:  # only now: a signal meanwhile must not cut the last checkpoint's write
                 for s, h in old.items():
                     signal.signal(s, h)
+
+
+def _signalled(stop: dict, wait_s: float = 1.0) -> bool:
+    """Whether the run's signal handler has seen a SIGTERM / SIGINT (`stop["signal"]`), waiting up to `wait_s`
+    for it: the data workers that the same signal ended may be seen dead before the handler has run."""
+    end = time.monotonic() + wait_s
+    while stop["signal"] is None and time.monotonic() < end:
+        time.sleep(0.05)
+    return stop["signal"] is not None
 
 
 def _saved_before_error(trainer: "Trainer", step: int, start: int, e: Exception) -> Exception:
