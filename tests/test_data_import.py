@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import json
 import os
 import tarfile
@@ -720,6 +721,85 @@ def test_an_import_of_nothing_is_an_error(echo_root, tmp_path, capsys):
                    src / "part-0.parquet")
     with pytest.raises(ibp.ImportFailure, match=r"t2i \(1 parquet files\): no records to import$"):
         ibp.import_bagel_parquet([str(src)], str(tmp_path / "o3"), kind="t2i")
+
+
+def test_echo4o_archive_names_and_layouts_seen_in_practice(echo_root, tmp_path, capsys):
+    """What a real download may hold: a latin-1 tar (member names that are not UTF-8) imports, its names kept
+    as escapes (the record's header could not hold them: the whole import stopped, even with skip); two
+    images of one name in other formats (one record id) are a named error, not a 'duplicate record id'; an
+    image type not imported is named with its row; loose images instead of archives, and a multi-reference
+    folder without parquet files, are refused before any subset is imported; --limit is in the manifest."""
+    root, imgs = echo_root
+    sur = root / "Surrel-Fantasy-Image"
+    for f in (sur / "images").iterdir():
+        f.unlink()
+    with tarfile.open(sur / "images" / "0.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        for name, data in [("im\u00e1genes/00000.jpg", imgs[0]), ("im\u00e1genes/00001.jpg", imgs[1]),
+                           ("im\u00e1genes/00001.png", imgs[2]), ("im\u00e1genes/00002.bmp", b"BM..")]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    _write_jsonl(sur / "conflict.jsonl", [_row(0, "Surrel-Fantasy-Image"), _row(1, "Surrel-Fantasy-Image"),
+                                          _row(1, "Surrel-Fantasy-Image", output_image="images/00001.png"),
+                                          _row(2, "Surrel-Fantasy-Image", output_image="images/00002.bmp")])
+    res = ie.import_echo4o(str(root), str(tmp_path / "o"), subsets=["surreal"], on_error="skip", limit=10)
+    m = res["surreal"]
+    assert m["records"] == 2 and m["info"]["limit"] == 10
+    recs = list(RecordReader(tmp_path / "o" / "surreal"))
+    assert recs[0].meta["member"] == "im\\xe1genes/00000.jpg"  # the latin-1 byte, escaped
+    assert m["skipped"]["by_reason"] == {"another image of the same name": 1, "image file type not imported": 1}
+    ex = {e["reason"]: e["where"] for e in m["skipped"]["examples"]}
+    assert ex["another image of the same name"] == (
+        "Surrel-Fantasy-Image/images/0.tar:im\\xe1genes/00001.png (row Surrel-Fantasy-Image/conflict.jsonl:3): "
+        "Surrel-Fantasy-Image/images/0.tar:im\\xe1genes/00001.jpg (row Surrel-Fantasy-Image/conflict.jsonl:2) "
+        "gives the same record id echo4o/surreal/00001")
+    assert ex["image file type not imported"].startswith(
+        "Surrel-Fantasy-Image/images/0.tar:im\\xe1genes/00002.bmp (row Surrel-Fantasy-Image/conflict.jsonl:4): .bmp")
+    assert ie.main(["--root", str(root), "--out", str(tmp_path / "o2"), "--subsets", "surreal"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("import_echo4o: error: Surrel-Fantasy-Image/images/0.tar:im\\xe1genes/00001.png (row "
+                          "Surrel-Fantasy-Image/conflict.jsonl:3): another image of the same name") and \
+        err.endswith("gives the same record id echo4o/surreal/00001)\n"), err
+
+    (sur / "images" / "0.tar").unlink()
+    (sur / "images" / "00000.jpg").write_bytes(imgs[0])
+    for f in (root / "Multi-Reference-Image").rglob("*.parquet"):
+        f.unlink()
+    out = tmp_path / "o3"
+    assert ie.main(["--root", str(root), "--out", str(out), "--subsets", "instruction,surreal"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"import_echo4o: error: {sur / 'images'}: no image archives (*.tar.gz, *.tgz, *.tar); its 1 loose image "
+        f"file(s) are not read: the release ships the images as archives (pack loose ones, e.g. tar -czf "
+        f"{sur / 'images' / '000.tar.gz'} -C {sur / 'images'} .)")
+    assert ie.main(["--root", str(root), "--out", str(out), "--subsets", "instruction,multiref"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"import_echo4o: error: {root / 'Multi-Reference-Image'}: no *.parquet")
+    assert not out.exists()  # refused before the instruction subset was imported
+
+
+def test_inspect_names_a_trial_import_and_an_unknown_sheet_extension(echo_root, tmp_path, capsys):
+    """A dataset imported with --limit is complete yet not the whole source: inspect says so. A contact sheet of
+    an unknown extension is one error line before anything is read (it was a traceback when saving)."""
+    from echo4o_jax.data import inspect as inspect_cli
+
+    root, _ = echo_root
+    ie.import_echo4o(str(root), str(tmp_path / "o"), subsets=["surreal"], limit=2)
+    assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "-n", "0"]) == 0
+    assert capsys.readouterr().err == (f"inspect: note: {tmp_path / 'o' / 'surreal'} was imported with --limit 2 (a "
+                                       "trial import: not the whole source)\n")
+    assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "--contact-sheet", str(tmp_path / "s.xyz")]) == 1
+    assert capsys.readouterr().err.strip().endswith("unknown image file extension '.xyz' (e.g. .png, .jpg)")
+    assert not (tmp_path / "s.xyz").exists()
+
+
+def test_echo4o_multiref_parquet_without_its_columns_is_named(echo_root, tmp_path):
+    root, _ = echo_root
+    mr = root / "Multi-Reference-Image" / "multi_refer_images_output" / "hum_sce"
+    pq.write_table(pa.table({"images": [[_jpeg(1), _jpeg(2)]], "instruction_list": [[["x"]]]}), mr / "part-0.parquet")
+    with pytest.raises(ie.ImportFailure, match=re.escape(
+            "hum_sce/part-0.parquet row 0: missing columns ['image_list'] (multi-reference rows read the columns "
+            "['image_list', 'instruction_list']; the file has ['images', 'instruction_list'])")):
+        ie.import_echo4o(str(root), str(tmp_path / "o"), subsets=["multiref"])
 
 
 def test_bagel_caption_values_of_another_type_are_named(tmp_path):

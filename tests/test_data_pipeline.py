@@ -11,6 +11,7 @@ import json
 import os
 import time
 import pathlib
+import glob
 import re
 import subprocess
 import sys
@@ -823,6 +824,33 @@ def test_incomplete_dataset_refused_unless_allowed(data, model_cfg, tmp_path, ca
     assert capsys.readouterr().err == ""  # warned once per process (above)
     next(src)
     assert set(i for p in src.last_stats["sample_ids"] for i in p) <= {"p0", "p1", "p2", "p3"}
+
+
+def test_an_incomplete_dataset_is_refused_when_named_by_a_glob_or_killed_before_its_first_manifest(
+        data, model_cfg, tmp_path):
+    """Shards named by a glob into an incomplete dataset are refused as the folder is (they were read as a
+    complete dataset). A writer writes its manifest ("complete": false) when it opens: one killed after its
+    first shard's rename, before a manifest listed it, left shards and no manifest, read as complete."""
+    d = _failed_dataset(tmp_path / "part")
+    with pytest.raises(RecordError, match=re.escape(f"dataset part: {d}/manifest.json says the dataset is "
+                                                    "incomplete")):
+        DataPipeline(_cfg(data, datasets=(DatasetSpec(f"{d}/*.array_record", name="part"),)), model_cfg)
+    with pytest.raises(RecordError, match="says the dataset is incomplete"):
+        DataPipeline(_cfg(data, datasets=(DatasetSpec(sorted(glob.glob(f"{d}/*.array_record"))[0],
+                                                      name="part"),)), model_cfg)
+    killed = tmp_path / "killed"
+    w = RecordWriter(killed, name="k")  # ("killed": never closed, no shard finished)
+    m = load_manifest(killed)
+    assert m["complete"] is False and m["records"] == 0 and m["shards"] == []
+    del w
+    with pytest.raises(RecordError, match=re.escape(f"{killed}/manifest.json says the dataset is incomplete (no "
+                                                    "error recorded: its writer was interrupted)")):
+        DataPipeline(_cfg(data, datasets=(DatasetSpec(str(killed)),)), model_cfg)
+    bad = tmp_path / "nonutf8"
+    bad.mkdir()
+    (bad / "manifest.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(RecordError, match=re.escape(f"{bad}/manifest.json: invalid JSON ('utf-8' codec")):
+        load_manifest(bad)
 
 
 def test_pack_stats_command_reports_bad_input_in_one_line(tmp_path):

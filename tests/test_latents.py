@@ -15,6 +15,7 @@ import pytest
 
 from echo4o_jax.data.latents import (MANIFEST_NAME, LatentStore, LatentStoreError, merge_parts, precompute,
                                     vae_fingerprint)
+from echo4o_jax.data import latents as latents_mod
 from echo4o_jax.image_transform import ImageTransform
 from echo4o_jax.packing import batch_arrays
 from echo4o_jax.safetensors_io import SafetensorsFile
@@ -503,6 +504,46 @@ def test_store_errors(env, tmp_path):
         store.moments("ds", rid, int(idx), (3, 3))
     with pytest.raises(LatentStoreError, match="another --out|dtype='float32'"):
         precompute(env["c_in"], str(env["out"]), dtype="bfloat16", log=None)
+
+
+def test_out_that_is_not_a_latents_folder_is_refused_and_left_alone(env, tmp_path):
+    """A non-empty --out without latents (a mistyped path naming a checkpoint): refused before anything is
+    written (its *.safetensors were deleted as leftovers of a killed run); an --out that cannot be made is
+    named before the VAE is loaded; a full disk is one error naming the shard, keeping the shards written."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for name in ("ema.safetensors", "ae.safetensors", "config.json"):
+        (ckpt / name).write_bytes(b"weights")
+    with pytest.raises(LatentStoreError, match=rf"{ckpt} is not empty \(ae.safetensors, config.json, "
+                                               rf"ema.safetensors\) and holds no latents \({MANIFEST_NAME}\)"):
+        precompute(env["c_in"], str(ckpt), log=None)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ae.safetensors", "config.json", "ema.safetensors"]
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    with pytest.raises(LatentStoreError, match=rf"--out {afile / 'lat'}: {afile} is a file, not a folder"):
+        precompute(env["c_in"], str(afile / "lat"), log=None)
+
+    out = tmp_path / "lat"
+    real = latents_mod.write_safetensors
+    calls = []
+
+    def full_disk(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, *a, **k)
+
+    latents_mod.write_safetensors = full_disk
+    try:
+        with pytest.raises(LatentStoreError, match=rf"cannot write the latents shard {out}/.*: No space left on "
+                                                   "device; the shards finished so far are kept"):
+            precompute(env["c_in"], str(out), batch=4, shard_bytes=12_000, log=None)
+    finally:
+        latents_mod.write_safetensors = real
+    kept = json.loads((out / MANIFEST_NAME).read_text())
+    assert [s["file"] for ds in kept["datasets"].values() for s in ds["shards"]] == [os.path.basename(calls[0])]
+    s = precompute(env["c_in"], str(out), batch=4, shard_bytes=12_000, log=None)  # the rerun goes on
+    assert s["images_skipped"] > 0 and _keys(out) == _keys(env["out"])
 
 
 def test_config_values_checked():

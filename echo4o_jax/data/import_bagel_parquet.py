@@ -137,7 +137,8 @@ def import_bagel_parquet(inputs: list[str], out_dir: str, *, kind: str, name: st
     files = _parquet_sources(inputs)
     name = name or os.path.basename(os.path.normpath(inputs[0])).removesuffix(".parquet") or kind
     info = {"importer": "echo4o_jax.data.import_bagel_parquet", "kind": kind, "edit_mode": edit_mode,
-            "inputs": [os.path.abspath(p) for p in inputs], "on_error": on_error, "image_check": image_check}
+            "inputs": [os.path.abspath(p) for p in inputs], "on_error": on_error, "image_check": image_check,
+            "limit": limit}
     with RecordWriter(out_dir, shard_bytes=shard_bytes, name=name, overwrite=overwrite, info=info) as w:
         err = OnError(on_error, w)
         for f, rel, stem in files:

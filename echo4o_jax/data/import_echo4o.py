@@ -92,13 +92,19 @@ def _iter_archive(path: str):
     try:
         with tarfile.open(path, mode="r|*") as tf:
             for m in tf:
-                last = m.name
-                if not m.isfile() or not os.path.basename(m.name).lower().endswith(_IMAGE_EXT):
+                last = _printable(m.name)
+                if not m.isfile():
                     continue
-                data = tf.extractfile(m).read()
-                yield m.name, data
+                yield last, tf.extractfile(m).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise _ArchiveError(f"{type(e).__name__}: {e}; last member {last!r}") from None
+
+
+def _printable(name: str) -> str:
+    """A tar member name as text a record can hold: bytes that are not UTF-8 (a latin-1 archive's `imágenes/`,
+    decoded with surrogates) as backslash escapes. They made the record's header unencodable, which stopped the
+    whole import even with --on-error skip."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_jsonl_rows(paths: list[str], root: str, on_error: OnError, writer: RecordWriter, subset_dirs=()):
@@ -152,18 +158,17 @@ def import_t2i_subset(subset_dir: str, jsonl_paths: list[str], out_dir: str, *, 
                       limit: int | None = None, overwrite: bool = False, root: str | None = None) -> dict:
     """One T2I subset (jsonl rows + images/*.tar.gz) -> a record dataset; returns its manifest."""
     root = root or os.path.dirname(subset_dir)
-    archives = sorted((os.path.join(subset_dir, "images", f) for f in os.listdir(os.path.join(subset_dir, "images"))
-                       if f.endswith((".tar.gz", ".tgz", ".tar"))), key=_archive_key) \
-        if os.path.isdir(os.path.join(subset_dir, "images")) else []
+    archives = _archives(subset_dir)
     info = {"importer": "echo4o_jax.data.import_echo4o", "subset": subset,
             "jsonl": [os.path.relpath(p, root) for p in jsonl_paths],
             "archives": [os.path.relpath(p, root) for p in archives], "on_error": on_error,
-            "image_check": image_check}
+            "image_check": image_check, "limit": limit}
     with RecordWriter(out_dir, shard_bytes=shard_bytes, name=subset, overwrite=overwrite, info=info) as w:
         err = OnError(on_error, w)
         rows = _read_jsonl_rows(jsonl_paths, root, err, w, subset_dirs=(os.path.basename(subset_dir),
                                                                   *(SURREAL_DIRS if subset == "surreal" else ())))
         done: set[str] = set()
+        stems: dict[str, str] = {}  # record id stem -> the member that gave it
         for arc in archives:
             if limit is not None and w.num_records >= limit:
                 break
@@ -182,13 +187,25 @@ def import_t2i_subset(subset_dir: str, jsonl_paths: list[str], out_dir: str, *, 
                 key = os.path.basename(name)
                 where = f"{rel_arc}:{name}"
                 if key not in rows:
-                    w.skip("image without a jsonl row", where=where)
+                    if key.lower().endswith(_IMAGE_EXT):
+                        w.skip("image without a jsonl row", where=where)
+                    continue  # (other files of the archive)
+                row, jf, line = rows[key]
+                if not key.lower().endswith(_IMAGE_EXT):
+                    err(f"{where} (row {jf}:{line})", "image file type not imported",
+                        f"{os.path.splitext(key)[1] or 'no extension'}; expected {', '.join(_IMAGE_EXT)}")
+                    done.add(key)
                     continue
                 if key in done:
                     err(where, "duplicate image member")
                     continue
-                row, jf, line = rows[key]
                 done.add(key)
+                stem = os.path.splitext(key)[0]
+                if stem in stems:  # 00001.jpg and 00001.png: one record id (it stopped the import, naming neither)
+                    err(f"{where} (row {jf}:{line})", "another image of the same name",
+                        f"{stems[stem]} gives the same record id echo4o/{subset}/{stem}")
+                    continue
+                stems[stem] = f"{where} (row {jf}:{line})"
                 try:
                     data = check_image(data, image_check)
                 except RecordError as e:
@@ -203,6 +220,22 @@ def import_t2i_subset(subset_dir: str, jsonl_paths: list[str], out_dir: str, *, 
                 err(f"{jf}:{line}", "image not found in any archive", key)
         require_records(w, f"{subset} ({', '.join(info['jsonl'])})")
         return w.close()
+
+
+def _archives(subset_dir: str) -> list[str]:
+    """The image archives of a T2I subset, in numeric order; FileNotFoundError when there is none (before any
+    subset is imported: every row would have failed as "image not found in any archive"), saying so when the
+    folder holds loose images instead."""
+    images = os.path.join(subset_dir, "images")
+    names = os.listdir(images) if os.path.isdir(images) else []
+    archives = sorted((os.path.join(images, f) for f in names if f.endswith((".tar.gz", ".tgz", ".tar"))),
+                      key=_archive_key)
+    if not archives:
+        loose = [f for f in names if f.lower().endswith(_IMAGE_EXT)]
+        raise FileNotFoundError(f"{images}: no image archives (*.tar.gz, *.tgz, *.tar)" + (
+            f"; its {len(loose)} loose image file(s) are not read: the release ships the images as archives "
+            f"(pack loose ones, e.g. tar -czf {os.path.join(images, '000.tar.gz')} -C {images} .)" if loose else ""))
+    return archives
 
 
 def _t2i_from_row(row: dict, data: bytes, *, subset: str, key: str, prov: dict):
@@ -227,7 +260,8 @@ def import_multiref(mr_dir: str, out_dir: str, *, on_error: str = "fail", image_
     root = root or os.path.dirname(mr_dir)
     files = [f for f, _ in find_parquet([mr_dir])]
     info = {"importer": "echo4o_jax.data.import_echo4o", "subset": "multiref",
-            "parquet": [os.path.relpath(f, root) for f in files], "on_error": on_error, "image_check": image_check}
+            "parquet": [os.path.relpath(f, root) for f in files], "on_error": on_error, "image_check": image_check,
+            "limit": limit}
     with RecordWriter(out_dir, shard_bytes=shard_bytes, name="multiref", overwrite=overwrite, info=info) as w:
         err = OnError(on_error, w)
         for f in files:
@@ -239,6 +273,11 @@ def import_multiref(mr_dir: str, out_dir: str, *, on_error: str = "fail", image_
                     if limit is not None and w.num_records >= limit:
                         break
                     where = f"{rel} row {i}"
+                    missing = [c for c in ("image_list", "instruction_list") if c not in row]
+                    if missing:
+                        err(where, f"missing columns {missing}", f"multi-reference rows read the columns "
+                            f"['image_list', 'instruction_list']; the file has {sorted(row)}")
+                        continue
                     imgs = row.get("image_list")
                     if not isinstance(imgs, list) or len(imgs) < 2:
                         err(where, "image_list needs >= 2 images (refs + target)")
@@ -297,17 +336,21 @@ def _subset_inputs(root: str, subsets) -> list[tuple[str, str, list[str] | None]
             jl = os.path.join(d, "conflict.jsonl")
             if not os.path.exists(jl):
                 raise FileNotFoundError(f"{jl} not found")
+            _archives(d)
             out.append((s, d, [jl]))
         elif s == "instruction":
             d = os.path.join(root, INSTRUCTION_DIR)
             jls = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".jsonl")) if os.path.isdir(d) else []
             if not jls:
                 raise FileNotFoundError(f"{d}: no *.jsonl")
+            _archives(d)
             out.append((s, d, jls))
         else:
             d = os.path.join(root, MULTIREF_DIR)
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"{d} not found")
+            if not find_parquet([d]):  # (found after the other subsets' hours of import, leaving an empty dataset)
+                raise FileNotFoundError(f"{d}: no *.parquet")
             out.append((s, d, None))
     return out
 

@@ -149,6 +149,14 @@ def main(argv=None) -> int:
     try:
         if a.n < 0:
             raise ArgumentError("n", a.n, "the number of samples to show must be >= 0")
+        if a.contact_sheet:  # (before anything is read: an unknown extension failed when saving, as a traceback)
+            from PIL import Image
+
+            Image.init()
+            ext = os.path.splitext(a.contact_sheet)[1].lower()
+            if ext not in Image.registered_extensions():
+                raise ArgumentError("contact_sheet", a.contact_sheet, f"unknown image file extension {ext or '(none)'!r}"
+                                    " (e.g. .png, .jpg)")
         reader = RecordReader(a.path if len(a.path) > 1 else a.path[0], verify=a.verify)
         if not 0 <= a.start < len(reader):
             raise ArgumentError("start", a.start, f"{' '.join(a.path)} holds {len(reader)} records (indices 0 .. "
@@ -157,6 +165,10 @@ def main(argv=None) -> int:
             why = incomplete_reason(d, m)
             if why is not None:
                 print(f"inspect: warning: {why}", file=sys.stderr)
+            limit = (m.get("info") or {}).get("limit")
+            if limit is not None:
+                print(f"inspect: note: {d} was imported with --limit {limit} (a trial import: not the whole source)",
+                      file=sys.stderr)
         if a.verify:
             print("verify:", json.dumps(reader.verification))
         print(json.dumps(summarize(reader, scan=a.scan), indent=1))

@@ -119,6 +119,7 @@ from typing import Callable
 import numpy as np
 
 from echo4o_jax.data.records import _atomic_write_json, _sha256, listed_sha256, resolve_shards
+from echo4o_jax.paths import folder_problem
 from echo4o_jax.packing import MOMENT_DTYPES, moments_dtype
 from echo4o_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
 
@@ -471,11 +472,22 @@ class _Writer:
         self.verify = verify  # a rerun reads every listed tensor against its checksum (else headers only)
         self.tag = _part_tag(part, parts)
         self.manifest_name = MANIFEST_NAME if parts == 1 else f"latents.part-{part:05d}-of-{parts:05d}.json"
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise LatentStoreError(f"--out {out}: cannot make the folder ({e.strerror or e})") from None
         _check_layout(out, parts)
         want = {"vae_fingerprint": fingerprint, "z_channels": int(z_channels), "downsample": int(downsample),
                 "dtype": dtype}
-        if os.path.exists(os.path.join(out, self.manifest_name)):
+        fresh = not os.path.exists(os.path.join(out, self.manifest_name))
+        if fresh and not (parts > 1 and _part_manifests(out)):
+            # a folder of other files (a mistyped --out naming a checkpoint): the leftover clean-up below
+            # deleted its *.safetensors; a killed first run always leaves its manifest (written at once)
+            others = sorted(os.listdir(out))
+            if others:
+                raise LatentStoreError(f"{out} is not empty ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''})"
+                                       f" and holds no latents ({self.manifest_name}): give a new or empty --out")
+        if not fresh:
             self.m = _load_manifest(out, self.manifest_name)
             for k, v in want.items():
                 if self.m[k] != v:
@@ -487,8 +499,8 @@ class _Writer:
                       "created_utc": _now(), "updated_utc": _now()}
         listed = {s["file"] for ds in self.m["datasets"].values() for s in ds["shards"]}
         for name in os.listdir(out):  # leftovers of this run's killed predecessor: unfinished or unlisted shards
-            ours = (re.search(re.escape(self.tag) + r"-\d{5}\.safetensors(\.tmp)?$", name) if self.tag
-                    else not _PART_SHARD.search(name))  # never another part's files
+            ours = re.search(re.escape(self.tag) + r"-\d{5}\.safetensors(\.tmp)?$", name) and (
+                self.tag or not _PART_SHARD.search(name))  # shard names only, never another part's files
             if ours and (name.endswith(_SHARD_SUFFIX + ".tmp") or (name.endswith(_SHARD_SUFFIX) and name not in listed)):
                 os.remove(os.path.join(out, name))
         self.ds: dict = {}
@@ -496,6 +508,8 @@ class _Writer:
         self.pending: dict[str, np.ndarray] = {}
         self.pending_bytes = 0
         self.written = 0
+        if fresh:
+            self.save()  # at once: the folder is known as a latents folder (a rerun after a kill continues it)
 
     def begin(self, label: str, files: list[str], transform) -> set[str]:
         """Start dataset `label` of the record shard files `files` (absolute); returns the keys already
@@ -577,7 +591,11 @@ class _Writer:
         name = f"{self.label}{self.tag}-{i:05d}{_SHARD_SUFFIX}"
         path = os.path.join(self.out, name)
         crcs = json.dumps({k: _crc32(a) for k, a in self.pending.items()}, separators=(",", ":"))
-        write_safetensors(path, self.pending, metadata={"dataset": self.label, "format": FORMAT, "crc32": crcs})
+        try:
+            write_safetensors(path, self.pending, metadata={"dataset": self.label, "format": FORMAT, "crc32": crcs})
+        except OSError as e:  # a full disk or quota: one line (it was a traceback, exit 1)
+            raise LatentStoreError(f"cannot write the latents shard {path}: {e.strerror or e}; the shards finished "
+                                   "so far are kept: once fixed, run the same command again to go on") from None
         self.ds["shards"].append({"file": name, "images": len(self.pending), "bytes": os.path.getsize(path),
                                   "header_crc32": _header_crc32(path)})
         self.ds["complete"] = False
@@ -594,7 +612,12 @@ class _Writer:
 
     def save(self) -> None:
         self.m["updated_utc"] = _now()
-        _atomic_write_json(os.path.join(self.out, self.manifest_name), self.m)
+        path = os.path.join(self.out, self.manifest_name)
+        try:
+            _atomic_write_json(path, self.m)
+        except OSError as e:
+            raise LatentStoreError(f"cannot write {path}: {e.strerror or e}; once fixed, run the same command "
+                                   "again to go on") from None
 
 
 def _check_layout(out: str, parts: int) -> None:
@@ -706,6 +729,9 @@ def precompute(config, out: str, *, dtype: str = "float32", batch: int = 8, shar
     if dup:
         raise LatentStoreError(f"datasets {dup} share a label: latents are stored per dataset label")
     record_files = [_record_files(spec.path) for spec in pc.datasets]  # every dataset found before --out is made
+    problem = folder_problem(out)  # before the VAE is loaded (a mistyped --out used to fail after it)
+    if problem:
+        raise LatentStoreError(f"--out {out}: {problem}")
 
     vae_state = init_vae_state(config, cfg)
     graphdef = nnx.split(nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0))))[0]

@@ -527,6 +527,10 @@ class RecordWriter:
         for p in os.listdir(self.out_dir):  # leftovers of a crashed writer
             if p.endswith(SHARD_SUFFIX + ".tmp"):
                 os.remove(os.path.join(self.out_dir, p))
+        if not os.path.exists(self._manifest_path):
+            # at once, before any shard: a writer killed after its first shard's rename (before a manifest
+            # listed it) left shards and no manifest, which readers took as a complete dataset
+            _atomic_write_json(self._manifest_path, self._manifest(complete=False))
 
     def _aside(self, which: str) -> str:
         return _aside(self.out_dir, which)
@@ -730,8 +734,10 @@ def load_manifest(path: str | os.PathLike) -> dict:
             m = json.load(f)
     except FileNotFoundError:
         raise RecordError(f"no manifest at {path}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (a manifest that is not UTF-8: a traceback)
         raise RecordError(f"{path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise RecordError(f"{path}: cannot read ({e.strerror or e})") from None
     if not isinstance(m, dict) or m.get("format") != "echo4o-records":
         raise RecordError(f"{path}: not an echo4o-records manifest")
     if m.get("format_version") != FORMAT_VERSION:
@@ -798,13 +804,18 @@ def resolve_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
 
 def dataset_manifests(path: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, dict]:
     """{folder: manifest} of the dataset folders `path` names (as `resolve_shards` takes it): a folder holding a
-    manifest, a manifest path, or a list of these (shard files and globs name no manifest)."""
+    manifest, a manifest path, or a list of these; for shard files and globs, the folders of the shards they
+    match that hold a manifest (a glob into an incomplete dataset was read as complete)."""
     out = {}
     for p in ([path] if isinstance(path, (str, os.PathLike)) else path):
         p = os.fspath(p)
-        d = p if os.path.isdir(p) else (os.path.dirname(p) if os.path.basename(p) == MANIFEST_NAME else None)
-        if d is not None and os.path.exists(os.path.join(d, MANIFEST_NAME)):
-            out[d] = load_manifest(d)
+        if os.path.isdir(p) or os.path.basename(p) == MANIFEST_NAME:
+            folders = [p if os.path.isdir(p) else os.path.dirname(p)]
+        else:
+            folders = sorted({os.path.dirname(f) for f in resolve_shards(p)})
+        for d in folders:
+            if d not in out and os.path.exists(os.path.join(d, MANIFEST_NAME)):
+                out[d] = load_manifest(d)
     return out
 
 
