@@ -539,6 +539,15 @@ def train_save_args(tree, stacked: set[tuple[str, ...]]):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def drop_orbax_thread_errors(record) -> bool:
+    """A `logging` filter (of the "absl" logger) for the reports Orbax's background threads log, with a
+    traceback each, of the error that ends a save: the save (or `wait_until_finished`) raises that error, which
+    the commands report in one line."""
+    msg = record.getMessage()
+    return not any(m in msg for m in ("_SignalingThread.run() raised an exception", "Checkpointer failed",
+                                      "Handler Commit operations", "Save Finalize thread"))
+
+
 def list_train_steps(workdir) -> list[int]:
     """The finalized checkpoint steps of a training workdir (no CheckpointManager: it logs warnings)."""
     import orbax.checkpoint as ocp

@@ -345,7 +345,7 @@ def _ctrl_c_deferred(stop: threading.Event):
     sigs = [signal.SIGINT] + ([signal.SIGTERM] if callable(signal.getsignal(signal.SIGTERM)) else [])
     previous = {sig: signal.signal(sig, on_signal) for sig in sigs}
     absl_log = logging.getLogger("absl")
-    absl_log.addFilter(_drop_orbax_thread_errors)
+    absl_log.addFilter(ck.drop_orbax_thread_errors)
     try:
         yield
     except Exception:
@@ -353,15 +353,11 @@ def _ctrl_c_deferred(stop: threading.Event):
             raise interruption() from None
         raise
     finally:
-        absl_log.removeFilter(_drop_orbax_thread_errors)
+        absl_log.removeFilter(ck.drop_orbax_thread_errors)
         for sig, h in previous.items():
             signal.signal(sig, h)
     if stop.is_set():
         raise interruption()
-
-
-def _drop_orbax_thread_errors(record: logging.LogRecord) -> bool:
-    return "_SignalingThread.run() raised an exception" not in record.getMessage()
 
 
 # ------------------------------------------------------------------------------------------ plans

@@ -767,6 +767,27 @@ def test_unreadable_record_is_a_record_error_naming_dataset_shard_and_index(data
         assert re.fullmatch(msg, str(e.value)), str(e.value)
 
 
+def test_training_names_each_record_skipped_as_undecodable(tmp_path, capsys):
+    """A record whose image does not decode is skipped (the run goes on); training prints its id and the error,
+    and logs a `data_skipped_errors` event: it was only a counter in log.jsonl."""
+    from echo4o_jax.train.__main__ import run
+    from test_latents import _config
+
+    tok = _tokenizer_json(tmp_path / "tok.json")
+    d = _write_dataset(tmp_path / "ds", 6, 5, prefix="s", sizes=(32,), corrupt=(0, 3))
+    c = _config(d, tok)
+    c.train.steps, c.log.every, c.log.sample_every = 3, 1, 0
+    assert run(c, str(tmp_path / "wd")) == 0
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("[data] record ")]
+    assert {x.split()[2] for x in lines} == {"s0", "s3"}, out  # (read again each epoch)
+    assert all(x.endswith("skipped: OSError: image file is truncated") for x in lines), out
+    assert "[data] 2 unreadable record(s) skipped so far" in out
+    events = [json.loads(x) for x in (tmp_path / "wd" / "log.jsonl").read_text().splitlines()]
+    ev = [e for e in events if e.get("event") == "data_skipped_errors"]
+    assert ev and ev[0]["total"] == 2 and {r["id"] for e in ev for r in e["recent"]} == {"s0", "s3"}
+
+
 def test_train_command_reports_an_unreadable_record_in_one_line(tmp_path, capsys):
     from echo4o_jax.train.__main__ import run
     from test_latents import _config

@@ -176,8 +176,8 @@ def test_model_checkpoint_and_sampling_settings_are_checked_before_training(gold
     afile.write_text("x")
     for w in (afile, afile / "wd"):
         assert run(c, str(w)) == 2
-        assert _error_line(capsys) == (f"error: bad config: workdir {w}: {'it' if w == afile else afile} is a file, "
-                                       "not a folder")
+        assert _error_line(capsys) == (f"error: bad config: workdir {w}: " + (
+            "exists and is not a folder" if w == afile else f"{afile} is a file, not a folder"))
     assert afile.read_text() == "x"
 
     from echo4o_jax.train.trainer import model_config_from
@@ -360,6 +360,53 @@ def test_settings_that_change_the_optimizer_state_are_named_on_resume(workdir, c
     c.optim.grad_clip = 0.0
     assert run(c, str(workdir)) == 2
     assert "(optim.grad_clip > 0: checkpoint True, config False)" in _error_line(capsys)
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line_before_the_set_up(tmp_path, capsys, monkeypatch):
+    """A workdir that cannot be written (a read-only mount: here os.access says so, as it does there) is one
+    error line, exit 2, before the model is set up (it was a traceback, exit 1, after it). (A file on its way:
+    test_model_checkpoint_and_sampling_settings_are_checked_before_training.)"""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p) == str(ro) else real(p, mode, **k))
+    assert run(_tiny(), str(ro / "wd")) == 2
+    assert _error_line(capsys) == f"error: bad config: workdir {ro / 'wd'}: {ro} is not writable"
+    assert not list(ro.iterdir())
+
+
+@pytest.mark.parametrize("async_save,vae", [(True, False), (False, False), (True, True)])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, async_save, vae):
+    """A save that fails for want of space (here: a file size limit, as a full disk would) stops training at
+    once with one error line naming the step, the cause and the last complete checkpoint, exit 2; so does the
+    frozen VAE's save in a new workdir (`vae`). An asynchronous save's failure surfaced only at the next save,
+    `checkpoint.every` steps later, as ~2,500 lines of Orbax and asyncio tracebacks and exit 1."""
+    wd = tmp_path / "wd"
+    if not vae:  # a workdir at step 1 (its VAE saved); the resumed run fails at its first save
+        assert run(_tiny(steps=1), str(wd)) == 0
+    limited = ("import resource, runpy, sys\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))\n"
+               "sys.argv[0] = 'echo4o_jax.train'\n"
+               "runpy.run_module('echo4o_jax.train', run_name='__main__', alter_sys=True)\n")
+    p = subprocess.run([sys.executable, "-c", limited, "--config", str(TINY), "--workdir", str(wd),
+                        "--config.train.steps=12", "--config.checkpoint.every=2",
+                        f"--config.checkpoint.async_save={async_save}", "--config.log.tensorboard=False"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = [x for x in p.stderr.splitlines() if "it/s" not in x and x.strip()]  # (the progress bar)
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "File too large" in lines[0], lines
+    if vae:
+        assert lines[0].startswith(f"error: saving the frozen VAE to {wd / 'vae'} failed: ") and lines[0].endswith(
+            "(once the disk has room, the same command goes on)"), lines
+        assert not (wd / "log.jsonl").exists() and not (wd / "checkpoints").exists() or not list(
+            (wd / "checkpoints").iterdir())
+        return
+    assert lines[0].startswith(f"error: saving the checkpoint of step 2 in {wd / 'checkpoints'} failed: "), lines
+    assert lines[0].endswith("Training stopped; the last complete checkpoint: step 1 (once the disk has room, the "
+                             "same command resumes from it)"), lines
+    steps = [r["step"] for r in _records(wd) if "loss" in r]
+    assert max(steps) < 12
 
 
 def test_finished_workdir_says_so_and_execution_settings_may_change(workdir, capsys):

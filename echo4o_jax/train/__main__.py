@@ -9,7 +9,8 @@ change on resume). Exit status:
 
     0    trained to train.steps (or the workdir was already there: it says so)
     2    bad input, one `error:` line: an unknown flag or config key, a bad value, a workdir of another
-         model geometry, an unreadable checkpoint, records, precomputed latents
+         model geometry, an unreadable checkpoint, records, precomputed latents; or a checkpoint that could
+         not be written (a full disk: training stops at once, naming the last complete checkpoint)
     3    non-finite loss (the last good checkpoint is kept)
     128 + N   stopped by signal N (130: SIGINT, 143: SIGTERM) after finishing and saving the current
          step; rerun the same command to resume. A Ctrl-C before the first step (model set-up, restore) ends
@@ -25,7 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ..interrupts import end_now, keep_ctrl_c
-from .config_cli import bad_input, flags_parser, run_reporting_bad_input
+from .config_cli import EXIT_BAD_INPUT, bad_input, flags_parser, run_reporting_bad_input
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)",
                                           lock_config=True)
@@ -51,7 +52,7 @@ def main(argv):
 
 def run(config, workdir: str) -> int:
     """Train (or resume) in `workdir`; the exit status of the module docstring."""
-    from .trainer import NonFiniteLossError, Trainer
+    from .trainer import CheckpointSaveError, NonFiniteLossError, Trainer
 
     out = {}
 
@@ -61,6 +62,9 @@ def run(config, workdir: str) -> int:
         except NonFiniteLossError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_NONFINITE
+        except CheckpointSaveError as e:  # ended at once: the failed save's threads would report again at exit
+            print(f"error: {e}", file=sys.stderr)
+            _hard_exit(EXIT_BAD_INPUT)
         return 0
 
     try:

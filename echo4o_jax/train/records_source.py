@@ -154,6 +154,11 @@ class RecordsSource:
         batch, self.last_stats = next(self._it)
         return batch
 
+    @property
+    def recent_errors(self) -> list[dict]:
+        """The last unreadable records skipped ({"k", "id", "error"}, up to 20)."""
+        return list(self._it.recent_errors)
+
     def get_state(self) -> dict:
         return self._it.get_state()
 

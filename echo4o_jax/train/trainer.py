@@ -57,6 +57,7 @@ from .. import sharding as shd
 from ..checkpoint import CheckpointError, config_dir, flatten_dict, unflatten_dict
 from ..config import BagelConfig, ConfigError, LLMConfig, SpecialTokens, VAEConfig, ViTConfig
 from ..model.bagel import Bagel
+from ..paths import folder_problem
 from ..model.vae import AutoEncoder
 from . import flops as flops_lib
 from .data_sources import make_source
@@ -72,6 +73,11 @@ class ConfigValueError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became non-finite; the update was not applied."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota): training stops at once, naming the last
+    complete checkpoint (the train command prints it on one line, exit 2)."""
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -314,11 +320,9 @@ class Trainer:
                                    "mounted with gcsfuse)")
         self.config = config
         self.workdir = pathlib.Path(workdir)
-        up = self.workdir
-        while not up.exists() and up != up.parent:
-            up = up.parent
-        if up.exists() and not up.is_dir():
-            raise ConfigValueError(f"workdir {self.workdir}: {'it' if up == self.workdir else up} is a file, not a folder")
+        problem = folder_problem(self.workdir)  # (a read-only one failed with a traceback after the model's set-up)
+        if problem:
+            raise ConfigValueError(f"workdir {self.workdir}: {problem}")
         self.compilation_cache = use_compilation_cache(str(config.train.get("compilation_cache", "")))
         self.compile_cache_hit = False
         self.data_resharded: dict | None = None  # restore(): how the data state was resharded (train.data_resume)
@@ -416,6 +420,7 @@ class Trainer:
         self.workdir.mkdir(parents=True, exist_ok=True)  # only now: a config refused above leaves no trace
         self.ckpt = ck.train_checkpoint_manager(self.workdir.absolute(), max_to_keep=int(c.checkpoint.keep),
                                                 enable_async_checkpointing=bool(c.checkpoint.async_save))
+        self._saving: int | None = None  # the step of the save in flight (`_save_failure`)
 
     def _make_source(self):
         """The batch source; its configuration errors (the data pipeline raises ValueError: no datasets,
@@ -485,13 +490,27 @@ class Trainer:
             save_vae = bool(multihost_utils.broadcast_one_to_all(np.int32(save_vae)))
         if self.is_main:
             src = self.config.model.ckpt if self.config.model.init == "checkpoint" else None
-            ck.write_model_config(self.workdir / "model_config", self.cfg, src_dir=src)
-            tok = self.config.data.get("tokenizer", "")
-            if tok and pathlib.Path(tok).is_file() and not (self.workdir / "model_config" / "tokenizer.json").exists():
-                shutil.copy2(tok, self.workdir / "model_config" / "tokenizer.json")
-            (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
+            try:
+                ck.write_model_config(self.workdir / "model_config", self.cfg, src_dir=src)
+                tok = self.config.data.get("tokenizer", "")
+                if tok and pathlib.Path(tok).is_file() and not (self.workdir / "model_config" / "tokenizer.json").exists():
+                    shutil.copy2(tok, self.workdir / "model_config" / "tokenizer.json")
+                (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
+            except OSError as e:
+                raise CheckpointSaveError(f"cannot write the model files of workdir {self.workdir}: {e}") from e
         if save_vae:
-            ck.save_pytree(vae_dir, self.vae_state)
+            reports = _AbortedRestoreReports()  # (as for a failed checkpoint save: one line, see run)
+            reports.install()
+            logging.getLogger("absl").addFilter(ck.drop_orbax_thread_errors)
+            try:
+                ck.save_pytree(vae_dir, self.vae_state)
+            except Exception as e:  # noqa: BLE001 -- orbax / tensorstore / OSError
+                raise CheckpointSaveError(f"saving the frozen VAE to {vae_dir} failed: "
+                                          f"{_error_summary(e).splitlines()[0]} (once the disk has room, the same "
+                                          "command goes on)") from e
+            finally:
+                logging.getLogger("absl").removeFilter(ck.drop_orbax_thread_errors)
+            reports.remove()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, force: bool = False):
@@ -515,7 +534,36 @@ class Trainer:
                                             save_args=ck.train_save_args(self.state["opt_state"], self._stacked)),
             meta=ocp.args.JsonSave(meta),
         )
-        self.ckpt.save(step, args=args, force=force)
+        failure = self._save_failure(block=True)  # (the previous save: orbax would raise its error here)
+        if failure:
+            raise CheckpointSaveError(failure)
+        try:
+            self.ckpt.save(step, args=args, force=force)
+        except Exception as e:  # noqa: BLE001 -- a synchronous save's error (orbax / tensorstore / OSError)
+            raise CheckpointSaveError(self._save_failed(step, e)) from e
+        self._saving = step
+
+    def _save_failure(self, block: bool) -> str | None:
+        """Why the last asynchronous save failed, once it has ended (`block`: wait for it), else None. Its error
+        (a full disk) surfaced only at the next save, after `checkpoint.every` more steps, as thousands of lines
+        of tracebacks."""
+        if self._saving is None or (not block and self.ckpt.is_saving_in_progress()):
+            return None
+        step, self._saving = self._saving, None
+        try:
+            self.ckpt.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 -- orbax / tensorstore: ValueError, OSError, ...
+            return self._save_failed(step, e)
+        return None
+
+    def _save_failed(self, step: int, e: Exception) -> str:
+        from .. import checkpoint as ck
+
+        done = [s for s in ck.list_train_steps(self.workdir) if s != step]
+        last = f"step {done[-1]}" if done else "none"
+        return (f"saving the checkpoint of step {step} in {self.workdir / 'checkpoints'} failed: "
+                f"{_error_summary(e).splitlines()[0]}. Training stopped; the last complete checkpoint: {last} "
+                "(once the disk has room, the same command resumes from it)")
 
     def restore(self, step: int | None = None) -> bool:
         """Restore checkpoint `step` (None: the latest; False when there is none). A checkpoint that cannot
@@ -586,6 +634,22 @@ class Trainer:
                           step=shd.put_global(np.asarray(meta["step"], np.int32), shd.replicated(self.mesh)),
                           rng=shd.put_global(np.asarray(meta["rng"], np.uint32), shd.replicated(self.mesh)))
         return True
+
+    def _report_skipped_records(self, step: int, total: int, reported: int, logger) -> int:
+        """Print (and log, as a `data_skipped_errors` event) the records skipped as unreadable since `reported`
+        of this process's `total`: they were only a counter in log.jsonl, naming no record. Returns `total`."""
+        from tqdm import tqdm
+
+        new = total - reported
+        recent = list(getattr(self.source, "recent_errors", ()))[-new:]
+        where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
+        for e in recent:
+            tqdm.write(f"[data] record {e['id']} skipped{where}: {e['error']}")
+        if new > len(recent):
+            tqdm.write(f"[data] ... and {new - len(recent)} more record(s) skipped{where}")
+        tqdm.write(f"[data] {total} unreadable record(s) skipped so far{where}")
+        logger.event(step, "data_skipped_errors", {"total": total, "recent": recent})
+        return total
 
     def _check_optimizer_layout(self, step: int) -> None:
         """Refuse, naming the settings, a resume whose optimizer state has another layout than the checkpoint's
@@ -760,6 +824,13 @@ class Trainer:
             print(f"\n[train] signal {signum}: finishing the current step, saving, exiting", flush=True)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        from ..checkpoint import drop_orbax_thread_errors as ck_filter
+
+        # a failed save is reported once, by _save_failure: not by Orbax's threads, nor by the writes it
+        # abandons (hundreds of 'Event loop is closed' tracebacks)
+        logging.getLogger("absl").addFilter(ck_filter)
+        save_reports = _AbortedRestoreReports()
+        save_reports.install()
         history = []
         bar = None  # the progress bar, closed in `finally` (an error then starts on a line of its own)
         prof = _StepProfile(self, int(c.log.profile_start), int(c.log.profile_steps))
@@ -796,7 +867,7 @@ class Trainer:
             bar = tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True)
             timer = _Timer()
             step = start
-            skipped_reported = 0
+            skipped_reported = errors_reported = 0
             while step < total:
                 if step > start:
                     try:
@@ -853,6 +924,9 @@ class Trainer:
                     print(f"[train] {msg}; skipped (train.skip_nonfinite)", flush=True)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
+                if st.get("skipped_errors", 0) > errors_reported:  # each unreadable record, named (this process's)
+                    errors_reported = self._report_skipped_records(step, st["skipped_errors"], errors_reported,
+                                                                   logger)
                 if log_now:
                     logger.log(step, {k: v for k, v in m.items() if k != "step"})
                     if self.is_main and st.get("skipped_too_long", 0) > skipped_reported:
@@ -871,9 +945,17 @@ class Trainer:
                         Image.fromarray(grid).save(d / f"step_{step:07d}.png")
                         logger.image(step, "samples", grid)
                 timer.lap()  # a save or a sample grid belongs to no step's time (nor to its tokens/s and MFU)
+                # a failed asynchronous save stops the run now (every process at a logged step, when several)
+                failure = self._save_failure(block=False) if jax.process_count() == 1 or log_now else None
+                if jax.process_count() > 1 and log_now:
+                    failure = next((x["f"] for x in _gather_process_states({"f": failure}) if x["f"]), None)
+                if failure:
+                    raise CheckpointSaveError(failure)
                 if stop["agreed"] is not None:
                     break
-            self.ckpt.wait_until_finished()
+            failure = self._save_failure(block=True)
+            if failure:
+                raise CheckpointSaveError(failure)
             return dict(step=step, total=total, history=history, resumed=resumed,
                         stopped_by=stop["agreed"] if step < total else None)
         finally:
@@ -882,7 +964,11 @@ class Trainer:
                     bar.close()
                 prof.close()
                 logger.close()
-                self.ckpt.wait_until_finished()
+                failure = self._save_failure(block=True)  # (an error of the run's own is already on its way)
+                if failure:
+                    print(f"note: {failure}", file=sys.stderr, flush=True)
+                logging.getLogger("absl").removeFilter(ck_filter)
+                save_reports.remove()
             finally:  # only now: a signal meanwhile must not cut the last checkpoint's write
                 for s, h in old.items():
                     signal.signal(s, h)
@@ -1006,12 +1092,13 @@ class _StepProfile:
 
 
 class _AbortedRestoreReports(logging.Filter):
-    """Silences what an aborted Orbax restore leaves behind once its error is raised: when one array cannot
-    be read, the restore's other reads are abandoned; tensorstore completes them into the closed asyncio
-    loop (RuntimeError 'Event loop is closed'), and Orbax's read coroutines and futures raise again when
-    they are collected, each reported with a traceback of hundreds of lines (thousands in all, after the
-    one error line) through sys.unraisablehook or the `asyncio` logger. `install()` before a restore;
-    `remove()` after a successful one (after a failed one the reports come later: it stays)."""
+    """Silences what an aborted Orbax restore (or save) leaves behind once its error is raised: when one array
+    cannot be read (written), the operation's other reads (writes) are abandoned; tensorstore completes them
+    into the closed asyncio loop (RuntimeError 'Event loop is closed'), and Orbax's coroutines and futures
+    raise again when they are collected, each reported with a traceback of hundreds of lines (thousands in
+    all, after the one error line) through sys.unraisablehook or the `asyncio` logger. `install()` before a
+    restore; `remove()` after a successful one (after a failed one the reports come later: it stays). The
+    step loop installs one for its saves."""
 
     def __init__(self):
         super().__init__()
