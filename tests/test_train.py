@@ -151,6 +151,33 @@ def test_trainer_starts_from_a_converted_checkpoint(golden_dir, tmp_path, monkey
     assert grid.shape == (H, 2 * W, 3) and grid.dtype == np.uint8
 
 
+def test_a_resume_does_not_load_the_base_checkpoint_again(golden_dir, tmp_path, monkeypatch, capsys):
+    """model.init=checkpoint: a resume takes the weights from the workdir's checkpoint, so model.ckpt's are not
+    read again (a 7B run re-read 14B parameters at every restart); the resumed run continues from them."""
+    import echo4o_jax.checkpoint as ck
+
+    c = load_config("synthetic_tiny")
+    c.model.init, c.model.ckpt = "checkpoint", str(golden_dir)
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 2, 2, False, False
+    Trainer(c, tmp_path).run()
+    saved = Trainer(c, tmp_path)
+    assert saved.restore(2)
+
+    def no_load(*a, **k):
+        raise AssertionError("model.ckpt's weights were loaded for a resume")
+
+    monkeypatch.setattr(ck, "load_any_bagel", no_load)
+    capsys.readouterr()
+    c.train.steps = 3
+    tr = Trainer(c, tmp_path)
+    assert f"[train] resuming in {tmp_path}: the weights come from its checkpoint" in capsys.readouterr().out
+    assert tr.restore()
+    for a, b in zip(jax.tree.leaves(tr.state["params"]), jax.tree.leaves(saved.state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    res = tr.run()
+    assert res["step"] == 3 and res["resumed"]
+
+
 def test_synthetic_packs_do_not_depend_on_the_process_count():
     """Synthetic packs are seeded by their global index: 2 processes of 1 pack make one process's 2 packs."""
     from echo4o_jax.train.data_sources import make_source
@@ -203,6 +230,30 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tr2 = Trainer(c, tmp_path)
     assert tr2.restore(steps[-1])
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tr2.state["params"]))
+
+
+def test_skipped_nonfinite_steps_log_the_lr_applied_and_stop_after_too_many(tmp_path):
+    """train.skip_nonfinite: a skipped step keeps the optimizer state, so its schedule's count lags the step;
+    the lr logged is the one the optimizer applies (it was schedule(step)), and a run of non-finite steps
+    longer than the limit stops (every step was NaN and the run exited 0)."""
+    from echo4o_jax.train.trainer import _MAX_SKIPPED_IN_A_ROW
+
+    c = load_config("synthetic_tiny")
+    c.optim.lr, c.optim.warmup_steps, c.optim.grad_clip = 1e30, 8, 0.0
+    c.train.steps, c.train.skip_nonfinite = _MAX_SKIPPED_IN_A_ROW + 10, True
+    c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard, c.log.every = 1000, False, False, 1
+    tr = Trainer(c, tmp_path)
+    with pytest.raises(NonFiniteLossError, match=rf"{_MAX_SKIPPED_IN_A_ROW + 1} steps in a row were non-finite "
+                                                 rf"\(train.skip_nonfinite skips at most {_MAX_SKIPPED_IN_A_ROW} in "
+                                                 r"a row\); last good checkpoint: none in .*checkpoints\.$"):
+        tr.run()
+    recs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    bad = [r for r in steps if not r["ok"]]
+    assert len(bad) == _MAX_SKIPPED_IN_A_ROW and bad[-1]["step"] == steps[-1]["step"]  # (the last raised unlogged)
+    applied = sum(r["ok"] for r in steps)  # the optimizer's count: the steps it applied
+    assert all(r["lr"] == pytest.approx(float(tr.schedule(applied))) for r in bad)
+    assert float(tr.schedule(applied)) != float(tr.schedule(bad[-1]["step"] - 1))  # (what was logged before)
 
 
 def test_resume_with_another_frozen_vae_is_refused(tmp_path):

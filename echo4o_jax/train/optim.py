@@ -36,6 +36,15 @@ def make_optimizer(schedule, *, b1: float, b2: float, eps: float, weight_decay: 
     return tx
 
 
+def schedule_count(opt_state, default):
+    """The step count the optimizer's learning-rate schedule reads (its `ScaleByScheduleState`), or `default`
+    when there is none. It lags the train step by the steps skipped as non-finite (train.skip_nonfinite: the
+    optimizer state is kept as it was), so the lr logged is `schedule(schedule_count(...))`, the one applied."""
+    states = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+              if isinstance(x, optax.ScaleByScheduleState)]
+    return states[0].count if states else default
+
+
 def ema_update(ema, params, decay: float):
     """ema <- decay * ema + (1 - decay) * params (in the EMA's dtype)."""
     return jax.tree.map(lambda e, p: (decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype),

@@ -15,7 +15,7 @@ from flax import nnx
 from ..model.bagel import latent_tokens_from_latents, packed_loss
 from ..model.vae import latent_from_moments
 from ..packing import normalize_images
-from .optim import ema_update
+from .optim import ema_update, schedule_count
 
 __all__ = ["VAE_POSTERIORS", "check_vae_posterior", "encode_batch_latents", "make_loss_and_grads",
            "apply_update", "make_train_step", "trainable_mask", "init_train_state"]
@@ -151,7 +151,8 @@ def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransform
             return dict(state, step=state["step"] + 1, rng=rng)
 
         new = jax.lax.cond(ok, apply, keep, None)
-        metrics = dict(loss=loss, grad_norm=gnorm, ok=ok, lr=jnp.asarray(schedule(state["step"]), jnp.float32), **aux)
+        lr = schedule(schedule_count(state["opt_state"], state["step"]))  # (what this step applies)
+        metrics = dict(loss=loss, grad_norm=gnorm, ok=ok, lr=jnp.asarray(lr, jnp.float32), **aux)
         return new, metrics
 
     return step

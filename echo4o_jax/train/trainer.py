@@ -75,6 +75,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became non-finite; the update was not applied."""
 
 
+_MAX_SKIPPED_IN_A_ROW = 20  # train.skip_nonfinite: more non-finite steps in a row stop the run
+
+
 class CheckpointSaveError(CheckpointError):
     """A checkpoint could not be written (a full disk, a quota): training stops at once, naming the last
     complete checkpoint (the train command prints it on one line, exit 2)."""
@@ -444,7 +447,15 @@ class Trainer:
     def _init_weights(self):
         c, cfg = self.config, self.cfg
         pdt = jnp.dtype(cfg.param_dtype)
-        if c.model.init == "random":
+        from ..checkpoint import list_train_steps
+
+        # a resume overwrites the weights with its checkpoint's (restore raises rather than find none): model.ckpt's
+        # are not read again (14B parameters on every restart of a 7B run); a random init only gives the shapes
+        resuming = c.model.init == "checkpoint" and bool(list_train_steps(self.workdir))
+        if resuming and self.is_main:
+            print(f"[train] resuming in {self.workdir}: the weights come from its checkpoint (model.ckpt's are not "
+                  "loaded)", flush=True)
+        if c.model.init == "random" or resuming:
             seed = int(c.train.seed)
 
             def init():
@@ -867,7 +878,7 @@ class Trainer:
             bar = tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True)
             timer = _Timer()
             step = start
-            skipped_reported = errors_reported = 0
+            skipped_reported = errors_reported = nonfinite_run = 0
             while step < total:
                 if step > start:
                     try:
@@ -912,15 +923,20 @@ class Trainer:
                 if peak:
                     m["mfu"] = work["sum"][2] / (dt * n_dev * peak)
                 history.append(m)
+                nonfinite_run = 0 if m["ok"] else nonfinite_run + 1
                 if not m["ok"]:
                     msg = (f"non-finite loss at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}): "
                            "the update was not applied")
-                    if not c.train.skip_nonfinite:
+                    if not c.train.skip_nonfinite or nonfinite_run > _MAX_SKIPPED_IN_A_ROW:
+                        if c.train.skip_nonfinite:  # skipping for ever trains nothing (it exited 0, all NaN)
+                            msg = (f"{msg}; {nonfinite_run} steps in a row were non-finite (train.skip_nonfinite "
+                                   f"skips at most {_MAX_SKIPPED_IN_A_ROW} in a row)")
                         self.ckpt.wait_until_finished()
                         last = self.ckpt.latest_step()
+                        hint = "" if c.train.skip_nonfinite else " Set train.skip_nonfinite=True to skip such steps."
                         raise NonFiniteLossError(f"{msg}; last good checkpoint: "
                                                  f"{'step ' + str(last) if last is not None else 'none'} in "
-                                                 f"{self.workdir / 'checkpoints'}. Set train.skip_nonfinite=True to skip such steps.")
+                                                 f"{self.workdir / 'checkpoints'}.{hint}")
                     print(f"[train] {msg}; skipped (train.skip_nonfinite)", flush=True)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
