@@ -83,6 +83,13 @@ def test_bad_config_values_rejected_before_compiling():
     c.optim.lr = 0.0
     with pytest.raises(ConfigValueError, match="optim.lr"):
         validate_config(c)
+    for key, value, msg in (("sample_every", -5, r"log.sample_every=-5 must be >= 0"),
+                            ("sample_steps", 0, r"log.sample_steps=0 must be > 0")):
+        c = load_config("synthetic_tiny")
+        c.log.sample_every = 10
+        c.log[key] = value
+        with pytest.raises(ConfigValueError, match=msg):
+            validate_config(c)
     c = load_config("synthetic_tiny")
     c.data.packs_per_step = 0
     with pytest.raises(ConfigValueError, match="packs_per_step"):

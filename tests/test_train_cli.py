@@ -117,6 +117,14 @@ def test_bad_model_and_mesh_values_are_one_line(tmp_path, capsys):
     assert not wd.exists()
 
 
+def test_a_bad_budget_value_is_named_by_its_config_key(tmp_path, capsys):
+    c = _tiny()
+    c.data.budget.vae_image_size = (64,)
+    assert run(c, str(tmp_path / "wd")) == 2
+    assert _error_line(capsys) == ("error: bad config: data (synthetic): data.budget.vae_image_size=(64,) must be "
+                                   "(H, W) ints >= 0")  # (it named PackBudget.vae_image_size)
+
+
 def test_bad_records_settings_are_one_line(tmp_path, capsys):
     wd = tmp_path / "wd"
     c = _tiny()
@@ -270,6 +278,12 @@ def test_changed_data_settings_are_named_and_another_slice_may_reshard(tmp_path,
     assert st["next_element"] > 0 and rec[0]["handed_over"] == len(st["buffer"]) + len(st["carry"])
     assert "[train] data resharded (train.data_resume=reshard): 1 process(es) x 1 pack(s) -> 1 x 2" in \
         capsys.readouterr().out
+    c = _config(data, tok, packs_per_step=2, seed=1)  # train.data_resume=restart names what changed (it gave a hash)
+    c.train.update(steps=2, data_resume="restart")
+    c.checkpoint.async_save = False
+    assert run(c, str(wd)) == 0
+    assert [r["why"] for r in _records(wd) if r.get("event") == "data_restarted"] == ["data.seed: checkpoint 0, config 1"]
+    assert ("the data state of step 1 cannot resume: data.seed: checkpoint 0, config 1)" in capsys.readouterr().out)
 
 
 def test_other_records_under_the_same_path_are_refused_and_restart_goes_on(tmp_path, capsys):

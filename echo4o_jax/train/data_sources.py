@@ -20,9 +20,13 @@ __all__ = ["SyntheticSource", "make_source", "budget_from_config"]
 
 
 def budget_from_config(b) -> packing.PackBudget:
-    return packing.PackBudget(text_tokens=int(b.text_tokens), vit_tokens=int(b.vit_tokens),
-                              vae_tokens=int(b.vae_tokens), vae_images=int(b.vae_images),
-                              vae_image_size=tuple(int(x) for x in b.vae_image_size))
+    """The PackBudget of `config.data.budget`; a bad value is a ValueError naming the config key."""
+    try:
+        return packing.PackBudget(text_tokens=int(b.text_tokens), vit_tokens=int(b.vit_tokens),
+                                  vae_tokens=int(b.vae_tokens), vae_images=int(b.vae_images),
+                                  vae_image_size=tuple(int(x) for x in b.vae_image_size))
+    except ValueError as e:  # (PackBudget names its own fields)
+        raise ValueError(str(e).replace("PackBudget.", "data.budget.")) from None
 
 
 class SyntheticSource:

@@ -26,8 +26,8 @@ log.jsonl is append-only: one record per logged step, a `{"step": s, "compile_se
 "compile_cache_hit": ...}` record per run (a hit: the step came from the persistent compilation cache,
 `train.compilation_cache`), and on resume a marker `{"step": s, "event": "resumed", ...}` (s = the restored
 step). A run that died after its last checkpoint (a hard kill) has logged steps after s: the resumed run
-logs them again after the marker (`superseded_steps` [first, last] names them), so readers keep the last
-record of a step. A run killed before its first checkpoint finished is started again from step 0 under a
+logs them again after the marker (`superseded_steps` [first, last] names them), so readers keep, for each
+step, the last record holding its metrics ("loss"; markers and compile records carry the step they follow). A run killed before its first checkpoint finished is started again from step 0 under a
 `{"step": 0, "event": "restarted", "superseded_steps": ...}` marker. TensorBoard hides those steps' earlier
 events (`purge_step`).
 """
@@ -252,6 +252,10 @@ def validate_config(config) -> None:
     need(int(config.checkpoint.every) > 0 and int(config.checkpoint.keep) > 0,
          "checkpoint.every and checkpoint.keep must be > 0")
     need(int(config.log.every) > 0, "log.every must be > 0")
+    need(int(config.log.sample_every) >= 0, f"log.sample_every={config.log.sample_every} must be >= 0 (0 = no sample "
+         "grids)")  # (a negative one was taken as "every step")
+    need(not int(config.log.sample_every) or int(config.log.sample_steps) > 0,
+         f"log.sample_steps={config.log.sample_steps} must be > 0 (the sampler's timesteps)")
     need(int(m.attention_block_q) > 0 and int(m.attention_block_kv) > 0,
          f"model.attention_block_q={m.attention_block_q} / attention_block_kv={m.attention_block_kv} must be > 0")
     for k in ("data", "fsdp", "tensor"):
@@ -620,7 +624,8 @@ class Trainer:
             resharded = self.source.resume(states, reshard=mode == "reshard")
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
             if mode == "restart":  # (the source as built: its stream from the beginning)
-                self.data_restarted = str(e)
+                diff = self._data_settings_diff(meta)  # (the pipeline's own reason is a fingerprint: name the keys)
+                self.data_restarted = "; ".join(diff) if diff else str(e)
             else:
                 refused = e
         # multi-host: every process learns whether any refused (one going on alone would wait in a collective),
@@ -698,6 +703,21 @@ class Trainer:
         return msg + (f"There is no earlier checkpoint: move it away (mv {step_dir} {moved}) to train from step 0, "
                       "or use another --workdir")
 
+    def _data_settings_diff(self, meta: dict) -> list[str]:
+        """The data settings (and packs per process, process count) of this run that differ from those the
+        checkpoint `meta` records ("data.KEY: checkpoint A, config B"); [] when it records none."""
+        if "data_config" not in meta:
+            return []
+        now = dict(flatten_dict(json.loads(self.config.data.to_json_best_effort())))
+        then = dict(flatten_dict(meta["data_config"]))
+        diff = [f"data.{'.'.join(k)}: checkpoint {then.get(k, '(unset)')!r}, config {now.get(k, '(unset)')!r}"
+                for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)]
+        for name, a, b in (("packs per process", meta.get("local_packs"), self.local_packs),
+                           ("process count", meta.get("process_count"), jax.process_count())):
+            if a != b:
+                diff.append(f"{name}: checkpoint {a}, this run {b}")
+        return diff
+
     def _data_state_message(self, step: int, meta: dict, e: Exception) -> str:
         from ..data.pipeline import DataContentsError
 
@@ -708,14 +728,7 @@ class Trainer:
         if "data_config" not in meta:
             return msg + ("The checkpoint does not record its data settings (saved by an older version): resume "
                           "with the data settings it was trained with, or use another --workdir")
-        now = dict(flatten_dict(json.loads(self.config.data.to_json_best_effort())))
-        then = dict(flatten_dict(meta["data_config"]))
-        diff = [f"data.{'.'.join(k)}: checkpoint {then.get(k, '(unset)')!r}, config {now.get(k, '(unset)')!r}"
-                for k in sorted(then.keys() | now.keys()) if then.get(k) != now.get(k)]
-        for name, a, b in (("packs per process", meta.get("local_packs"), self.local_packs),
-                           ("process count", meta.get("process_count"), jax.process_count())):
-            if a != b:
-                diff.append(f"{name}: checkpoint {a}, this run {b}")
+        diff = self._data_settings_diff(meta)
         if diff:
             msg += (f"Settings that differ from the checkpoint's run: {'; '.join(diff)}. Resume with the "
                     "checkpoint's values, ")
