@@ -1,11 +1,12 @@
-"""Output folders: whether a path is, or can become, a folder this process writes into."""
+"""Output folders: whether a path is, or can become, a folder this process writes into; one run at a time
+in a folder (`hold_lock`)."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 
-__all__ = ["folder_problem"]
+__all__ = ["folder_problem", "hold_lock"]
 
 
 def folder_problem(path) -> str | None:
@@ -21,3 +22,25 @@ def folder_problem(path) -> str | None:
                 return f"{q} is not writable"
             return None
     return None
+
+
+def hold_lock(path, what: str, error: type[Exception] = RuntimeError):
+    """An exclusive ``flock`` on the file `path` (created), which then holds this process's pid; returns the
+    open file (closing it releases the lock; so does the process's end, however it ends). Raises `error` naming
+    `what` and the holder's pid when another run holds it."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        who = f"pid {holder}" if holder.isdigit() else "pid unknown"
+        raise error(f"{what} is in use by another run ({who}; lock file {path}): one run at a time") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

@@ -423,6 +423,23 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
     assert max(steps) < 12
 
 
+def test_a_second_run_on_a_workdir_in_use_is_refused(workdir, capsys):
+    """Two runs on one workdir (two jobs, a command started twice) trained side by side, each saving over the
+    other's checkpoints: the second is one error line naming the first's pid; the workdir is as it was."""
+    from echo4o_jax.paths import hold_lock
+
+    other = hold_lock(workdir / "train.lock", "test")  # (the first run's lock)
+    try:
+        before = _files(workdir)
+        assert run(_tiny(steps=6), str(workdir)) == 2
+        assert _error_line(capsys) == (f"error: workdir {workdir} is in use by another run (pid {os.getpid()}; lock "
+                                       f"file {workdir / 'train.lock'}): one run at a time")
+        assert _files(workdir) == before
+    finally:
+        other.close()
+    assert run(_tiny(steps=5), str(workdir)) == 0  # once it has ended
+
+
 def test_finished_workdir_says_so_and_execution_settings_may_change(workdir, capsys):
     before = _files(workdir)
     c = _tiny(steps=4)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..jsonl import jsonl_lines
+from ..paths import hold_lock as _hold_lock
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +49,8 @@ class BlobError(JournalError):
 
 
 def hold_lock(path: Path, what: str):
-    """An exclusive ``flock`` on the file `path` (created), which then holds this process's pid; returns the
-    open file (closing it releases the lock). Raises JournalError naming `what` and the holder's pid when
-    another run holds it."""
-    import fcntl
-
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip()
-        f.close()
-        who = f"pid {holder}" if holder.isdigit() else "pid unknown"
-        raise JournalError(f"{what} is in use by another run ({who}; lock file {path}): one run at a time") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
+    """`echo4o_jax.paths.hold_lock` raising JournalError."""
+    return _hold_lock(path, what, JournalError)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -825,7 +825,36 @@ class Trainer:
         """Train from the latest checkpoint (or step 0) to `train.steps`. Returns `step` (where it ended),
         `total` (train.steps), `history` (this run's step metrics: empty when the workdir was already at
         `total`), `resumed` and `stopped_by` (the signal number of a SIGTERM / SIGINT that stopped it before
-        `total`, after saving that step; else None)."""
+        `total`, after saving that step; else None). One run at a time in a workdir (`_lock_workdir`)."""
+        lock = self._lock_workdir()
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _lock_workdir(self):
+        """Process 0's `flock` on WORKDIR/train.lock (the open file), else None: a second run on the workdir
+        (two jobs, or a command run twice) is a CheckpointError naming the first's pid, on every process. Two
+        runs used to train side by side, each saving over the other's checkpoints and log."""
+        from ..paths import hold_lock
+
+        lock = refused = None
+        if self.is_main:
+            try:
+                lock = hold_lock(self.workdir / "train.lock", f"workdir {self.workdir}", CheckpointError)
+            except CheckpointError as e:
+                refused = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            if bool(multihost_utils.broadcast_one_to_all(np.int32(refused is not None))) and refused is None:
+                refused = CheckpointError(f"workdir {self.workdir} is in use by another run (process 0's lock)")
+        if refused is not None:
+            raise refused
+        return lock
+
+    def _run(self) -> dict[str, Any]:
         from PIL import Image
         from tqdm import tqdm
 
@@ -1143,7 +1172,9 @@ class _AbortedRestoreReports(logging.Filter):
         return False
 
     def filter(self, record: logging.LogRecord) -> bool:  # the asyncio logger's "exception was never retrieved"
-        return not (record.exc_info and self._from_orbax(record.exc_info[2]))
+        # (a tensorstore future's error has no Orbax frame: a 3-line report after the one error line)
+        return not ((record.exc_info and self._from_orbax(record.exc_info[2]))
+                    or "exception was never retrieved" in record.getMessage())
 
     def unraisablehook(self, unraisable) -> None:
         e = unraisable.exc_value
