@@ -60,6 +60,10 @@ def end_now(rc: int) -> None:
     'interrupted' line). Call it only where nothing is being written (the commands' files are closed)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # the data pipeline's workers (they ignore Ctrl-C and would
+        child.kill()  # outlive this process: multiprocessing ends them at a normal exit only)
     os._exit(rc)
 
 

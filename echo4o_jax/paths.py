@@ -6,7 +6,12 @@ from __future__ import annotations
 import os
 import pathlib
 
-__all__ = ["folder_problem", "hold_lock"]
+__all__ = ["folder_problem", "hold_lock", "LockUnavailable"]
+
+
+class LockUnavailable(OSError):
+    """The lock file cannot be opened or locked at all (permissions, a file system without locks): not another
+    run holding it."""
 
 
 def folder_problem(path) -> str | None:
@@ -25,18 +30,38 @@ def folder_problem(path) -> str | None:
 
 
 def hold_lock(path, what: str, error: type[Exception] = RuntimeError):
-    """An exclusive ``flock`` on the file `path` (created), which then holds this process's pid; returns the
-    open file (closing it releases the lock; so does the process's end, however it ends). Raises `error` naming
-    `what` and the holder's pid when another run holds it."""
+    """An exclusive ``flock`` on the file `path` (created), which then holds this process's pid, or on the folder
+    `path`; returns the open file (closing it releases the lock; so does the process's end, however it ends). Raises `error` naming
+    `what` and the holder's pid when another run holds it; LockUnavailable when it cannot be opened or locked
+    for another reason (the caller decides whether to go on unlocked)."""
+    import errno
     import fcntl
 
-    f = open(path, "a+")
+    if os.path.isdir(path):  # a folder locks itself: nothing is written into it (no pid to name, then)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise LockUnavailable(f"{what}: cannot open {path} to lock it ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockUnavailable(f"{what}: cannot lock {path} ({e.strerror or e})") from None
+            raise error(f"{what} is in use by another run (it holds the folder's lock): one run at a time") from None
+        return _FolderLock(fd)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise LockUnavailable(f"{what}: cannot open the lock file {path} ({e.strerror or e})") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         f.seek(0)
         holder = f.read().strip()
         f.close()
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # e.g. no locks on this file system
+            raise LockUnavailable(f"{what}: cannot lock {path} ({e.strerror or e})") from None
         who = f"pid {holder}" if holder.isdigit() else "pid unknown"
         raise error(f"{what} is in use by another run ({who}; lock file {path}): one run at a time") from None
     f.seek(0)
@@ -44,3 +69,13 @@ def hold_lock(path, what: str, error: type[Exception] = RuntimeError):
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+class _FolderLock:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

@@ -27,6 +27,7 @@ from echo4o_jax.data.pipeline import (DataPipeline, DatasetSpec, PipelineConfig,
 from echo4o_jax.data.records import (
     Record,
     RecordError,
+    RecordReader,
     RecordWriter,
     load_manifest,
     multiref_record,
@@ -786,6 +787,15 @@ def test_training_names_each_record_skipped_as_undecodable(tmp_path, capsys):
     events = [json.loads(x) for x in (tmp_path / "wd" / "log.jsonl").read_text().splitlines()]
     ev = [e for e in events if e.get("event") == "data_skipped_errors"]
     assert ev and ev[0]["total"] == 2 and {r["id"] for e in ev for r in e["recent"]} == {"s0", "s3"}
+    # a resume goes on counting from the checkpoint's count: only this run's skips are reported (the earlier
+    # ones were reported again, as "... and N more", with an event naming none)
+    c.train.steps = 6
+    assert run(c, str(tmp_path / "wd")) == 0
+    out = capsys.readouterr().out
+    assert "more record(s) skipped" not in out
+    events = [json.loads(x) for x in (tmp_path / "wd" / "log.jsonl").read_text().splitlines()]
+    ev = [e for e in events if e.get("event") == "data_skipped_errors"]
+    assert all(len(b["recent"]) == b["total"] - a["total"] for a, b in zip(ev, ev[1:]))
 
 
 def test_train_command_reports_an_unreadable_record_in_one_line(tmp_path, capsys):
@@ -848,7 +858,7 @@ def test_incomplete_dataset_refused_unless_allowed(data, model_cfg, tmp_path, ca
 
 
 def test_an_incomplete_dataset_is_refused_when_named_by_a_glob_or_killed_before_its_first_manifest(
-        data, model_cfg, tmp_path):
+        data, model_cfg, tmp_path, monkeypatch):
     """Shards named by a glob into an incomplete dataset are refused as the folder is (they were read as a
     complete dataset). A writer writes its manifest ("complete": false) when it opens: one killed after its
     first shard's rename, before a manifest listed it, left shards and no manifest, read as complete."""
@@ -859,6 +869,14 @@ def test_an_incomplete_dataset_is_refused_when_named_by_a_glob_or_killed_before_
     with pytest.raises(RecordError, match="says the dataset is incomplete"):
         DataPipeline(_cfg(data, datasets=(DatasetSpec(sorted(glob.glob(f"{d}/*.array_record"))[0],
                                                       name="part"),)), model_cfg)
+    monkeypatch.chdir(d)  # a glob relative to the current folder (its folder part is empty)
+    with pytest.raises(RecordError, match=re.escape("dataset part: ./manifest.json says the dataset is incomplete")):
+        DataPipeline(_cfg(data, datasets=(DatasetSpec("*.array_record", name="part"),)), model_cfg)
+    # a reader of some shards reports those, not the folder's manifest (which lists them all)
+    first = sorted(glob.glob("*.array_record"))[0]
+    r = RecordReader(first, verify=True)
+    assert len(r) == load_manifest(d)["shards"][0]["records"] and r.manifests == {}
+    monkeypatch.chdir(tmp_path)
     killed = tmp_path / "killed"
     w = RecordWriter(killed, name="k")  # ("killed": never closed, no shard finished)
     m = load_manifest(killed)

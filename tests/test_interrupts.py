@@ -52,3 +52,37 @@ def test_reporting_main_makes_ctrl_c_and_bad_input_one_line(monkeypatch, capsys)
     assert ended == [130] and capsys.readouterr().err == "latents: interrupted (Ctrl-C): the finished shards are kept\n"
     run(["prog"])
     assert ended == [130, 2] and capsys.readouterr().err == "error: shard x: truncated\n"
+
+
+def test_end_now_ends_the_child_processes_too(tmp_path):
+    """`end_now` (the commands' exit after a Ctrl-C) kills the process's multiprocessing children: the data
+    pipeline's workers ignore Ctrl-C, and os._exit left them running for ever."""
+    import os
+    import subprocess
+    import time
+
+    script = (
+        "import multiprocessing, signal, sys, time\n"
+        "from echo4o_jax import interrupts\n"
+        "def worker():\n"
+        "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    p = multiprocessing.get_context('spawn').Process(target=worker, daemon=True)\n"
+        "    p.start()\n"
+        "    print(p.pid, flush=True)\n"
+        "    interrupts.end_now(130)\n")
+    (tmp_path / "s.py").write_text(script)
+    r = subprocess.run([sys.executable, str(tmp_path / "s.py")], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 130, r.stderr
+    pid = int(r.stdout.split()[0])
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError("the child process outlived end_now")

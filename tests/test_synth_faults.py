@@ -278,6 +278,17 @@ def test_a_lone_surrogate_in_an_answer_is_replaced(server, tmp_path):
     assert server.calls(GEN)[0].json["prompt"].startswith("Two red apples \ufffd on a table.")
 
 
+def test_answers_lose_the_key_only(server, tmp_path):
+    """A chat answer that repeats the API key loses it; words that merely look like the generic key patterns
+    ("a flag bearer holding ...", "sk-shaped") are kept: prompts are data."""
+    prompt = f"A flag bearer holding a sk-shaped banner, key {API_KEY}."
+    server.push(CHAT, Reply.text(json.dumps({"prompt": prompt})))
+    s = run_track(make_track("instruction", make_cfg(server)), tmp_path / "ds", limit=1, progress=False)
+    assert s.complete
+    assert server.calls(GEN)[0].json["prompt"].startswith(
+        "A flag bearer holding a sk-shaped banner, key [REDACTED].")
+
+
 def test_api_key_never_written_or_logged(server, tmp_path, caplog, capsys):
     caplog.set_level(logging.DEBUG)
     # error bodies that echo the key: retried (logged), then a non-retryable one (a failed sample)

@@ -480,10 +480,12 @@ class _Writer:
         want = {"vae_fingerprint": fingerprint, "z_channels": int(z_channels), "downsample": int(downsample),
                 "dtype": dtype}
         fresh = not os.path.exists(os.path.join(out, self.manifest_name))
-        if fresh and not (parts > 1 and _part_manifests(out)):
+        if fresh:
             # a folder of other files (a mistyped --out naming a checkpoint): the leftover clean-up below
-            # deleted its *.safetensors; a killed first run always leaves its manifest (written at once)
-            others = sorted(os.listdir(out))
+            # deleted its *.safetensors; a killed first run always leaves its manifest (written at once). Other
+            # parts' files (parts started together) are latents files, not others.
+            ours = lambda n: parts > 1 and (_PART_MANIFEST.match(n.removesuffix(".tmp")) or _PART_SHARD.search(n))
+            others = sorted(n for n in os.listdir(out) if not ours(n))
             if others:
                 raise LatentStoreError(f"{out} is not empty ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''})"
                                        f" and holds no latents ({self.manifest_name}): give a new or empty --out")

@@ -506,7 +506,7 @@ def check_complete(c: PipelineConfig) -> None:
     from echo4o_jax.data.records import RecordError, dataset_manifests, incomplete_reason
 
     for spec in c.datasets:
-        for folder, m in dataset_manifests(spec.path).items():
+        for folder, m in dataset_manifests(spec.path, of_shards=True).items():
             why = incomplete_reason(folder, m)
             if why is None:
                 continue

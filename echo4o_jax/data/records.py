@@ -802,17 +802,21 @@ def resolve_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     return [f for g in files for f in (resolve_shards(g) if os.path.isdir(g) else [g])]
 
 
-def dataset_manifests(path: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, dict]:
+def dataset_manifests(path: str | os.PathLike | Sequence[str | os.PathLike], *,
+                      of_shards: bool = False) -> dict[str, dict]:
     """{folder: manifest} of the dataset folders `path` names (as `resolve_shards` takes it): a folder holding a
-    manifest, a manifest path, or a list of these; for shard files and globs, the folders of the shards they
-    match that hold a manifest (a glob into an incomplete dataset was read as complete)."""
+    manifest, a manifest path, or a list of these (shard files and globs name no manifest). `of_shards`: also
+    the manifests of the folders holding the shard files and glob matches it names (whether their dataset is
+    complete: a glob into an incomplete dataset was read as complete)."""
     out = {}
     for p in ([path] if isinstance(path, (str, os.PathLike)) else path):
         p = os.fspath(p)
         if os.path.isdir(p) or os.path.basename(p) == MANIFEST_NAME:
             folders = [p if os.path.isdir(p) else os.path.dirname(p)]
+        elif of_shards:
+            folders = sorted({os.path.dirname(f) or "." for f in resolve_shards(p)})
         else:
-            folders = sorted({os.path.dirname(f) for f in resolve_shards(p)})
+            folders = []
         for d in folders:
             if d not in out and os.path.exists(os.path.join(d, MANIFEST_NAME)):
                 out[d] = load_manifest(d)

@@ -460,10 +460,14 @@ _KEYLIKE = re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}")
 _BEARER = re.compile(r"(?i)\bBearer\s+\S+")
 
 
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
+def redact(text: str, secrets: Iterable[str] = (), *, patterns: bool = True) -> str:
+    """`text` without the `secrets` and (`patterns`) anything shaped like a key ("sk-...", "Bearer ...": for
+    error texts; not for a model's answers, where they rewrite ordinary words: "a flag bearer holding ...")."""
     for s in secrets:
         if s and len(s) >= 4:
             text = text.replace(s, "[REDACTED]")
+    if not patterns:
+        return text
     text = _KEYLIKE.sub("sk-[REDACTED]", text)
     return _BEARER.sub("Bearer [REDACTED]", text)
 

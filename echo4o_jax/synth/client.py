@@ -274,8 +274,9 @@ class SynthClient:
             msg = ch.message
             usage = _usage_dict(getattr(resp, "usage", None))
             refusal = getattr(msg, "refusal", None)
-            # (as the judge keeps answers: no key echoed back, no lone surrogate that no later request can send)
-            text = self.redact(clean_text(msg.content or ""))
+            # no key echoed back (the key itself only: the generic patterns rewrite ordinary words of a prompt), no
+            # lone surrogate, which no later request can send
+            text = redact(clean_text(msg.content or ""), self._secrets, patterns=False)
             if refusal or getattr(ch, "finish_reason", None) == "content_filter" or self._looks_refused(text):
                 raise _RefusedAnswer(refusal or text or "content_filter", usage)
             return {"text": text}, usage

@@ -155,6 +155,11 @@ class RecordsSource:
         return batch
 
     @property
+    def skipped_errors(self) -> int:
+        """Unreadable records skipped so far (restored with the iterator's state on resume)."""
+        return int(self._it.counters["skipped_errors"])
+
+    @property
     def recent_errors(self) -> list[dict]:
         """The last unreadable records skipped ({"k", "id", "error"}, up to 20)."""
         return list(self._it.recent_errors)

@@ -625,7 +625,8 @@ class Trainer:
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
             if mode == "restart":  # (the source as built: its stream from the beginning)
                 diff = self._data_settings_diff(meta)  # (the pipeline's own reason is a fingerprint: name the keys)
-                self.data_restarted = "; ".join(diff) if diff else str(e)
+                self.data_restarted = str(e) + (f"; data settings that differ from the checkpoint's run: "
+                                                f"{'; '.join(diff)}" if diff else "")
             else:
                 refused = e
         # multi-host: every process learns whether any refused (one going on alone would wait in a collective),
@@ -834,17 +835,19 @@ class Trainer:
                 lock.close()
 
     def _lock_workdir(self):
-        """Process 0's `flock` on WORKDIR/train.lock (the open file), else None: a second run on the workdir
+        """Process 0's `flock` on the workdir folder (its open descriptor), else None: a second run on the workdir
         (two jobs, or a command run twice) is a CheckpointError naming the first's pid, on every process. Two
         runs used to train side by side, each saving over the other's checkpoints and log."""
-        from ..paths import hold_lock
+        from ..paths import LockUnavailable, hold_lock
 
         lock = refused = None
         if self.is_main:
             try:
-                lock = hold_lock(self.workdir / "train.lock", f"workdir {self.workdir}", CheckpointError)
+                lock = hold_lock(self.workdir, f"workdir {self.workdir}", CheckpointError)  # (writes nothing)
             except CheckpointError as e:
                 refused = e
+            except LockUnavailable as e:  # (a file system without locks: training goes on, said once)
+                print(f"[train] warning: {e}: a second run on this workdir would not be refused", flush=True)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -909,6 +912,8 @@ class Trainer:
                           f"this process starts at its records {r['offsets']} of each dataset; {r['read_twice']} "
                           f"sample(s) read twice and as many not read (the old processes' uneven reads); "
                           f"{r['handed_over']} buffered sample(s) handed over", flush=True)
+            # (the records source's counters go on from the checkpoint's: only this run's skips are reported)
+            errors_before = getattr(self.source, "skipped_errors", 0)
             batch = next(self.source)
             compile_s = self.compile(batch)
             logger.log(start, dict(compile_seconds=compile_s, compile_cache_hit=self.compile_cache_hit))
@@ -920,7 +925,8 @@ class Trainer:
             bar = tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True)
             timer = _Timer()
             step = start
-            skipped_reported = errors_reported = nonfinite_run = 0
+            skipped_reported = nonfinite_run = 0
+            errors_reported = errors_before
             while step < total:
                 if step > start:
                     try:
@@ -973,7 +979,9 @@ class Trainer:
                         if c.train.skip_nonfinite:  # skipping for ever trains nothing (it exited 0, all NaN)
                             msg = (f"{msg}; {nonfinite_run} steps in a row were non-finite (train.skip_nonfinite "
                                    f"skips at most {_MAX_SKIPPED_IN_A_ROW} in a row)")
-                        self.ckpt.wait_until_finished()
+                        failed = self._save_failure(block=True)  # (a failed save: said, not a traceback)
+                        if failed:
+                            msg = f"{msg}; also, {failed}"
                         last = self.ckpt.latest_step()
                         hint = "" if c.train.skip_nonfinite else " Set train.skip_nonfinite=True to skip such steps."
                         raise NonFiniteLossError(f"{msg}; last good checkpoint: "
@@ -1025,9 +1033,9 @@ class Trainer:
                 failure = self._save_failure(block=True)  # (an error of the run's own is already on its way)
                 if failure:
                     print(f"note: {failure}", file=sys.stderr, flush=True)
+            finally:  # only now: a signal meanwhile must not cut the last checkpoint's write
                 logging.getLogger("absl").removeFilter(ck_filter)
                 save_reports.remove()
-            finally:  # only now: a signal meanwhile must not cut the last checkpoint's write
                 for s, h in old.items():
                     signal.signal(s, h)
 
