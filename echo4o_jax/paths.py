@@ -31,9 +31,10 @@ def folder_problem(path) -> str | None:
 
 def hold_lock(path, what: str, error: type[Exception] = RuntimeError):
     """An exclusive ``flock`` on the file `path` (created), which then holds this process's pid, or on the folder
-    `path`; returns the open file (closing it releases the lock; so does the process's end, however it ends). Raises `error` naming
-    `what` and the holder's pid when another run holds it; LockUnavailable when it cannot be opened or locked
-    for another reason (the caller decides whether to go on unlocked)."""
+    `path` (nothing is written); returns the open file (closing it releases the lock; so does the process's
+    end, however it ends). Raises `error` naming `what` (and the holder's pid, for a file) when another run
+    holds it; LockUnavailable when it cannot be opened or locked for another reason (a file system without
+    locks: the caller decides whether to go on unlocked)."""
     import errno
     import fcntl
 

@@ -835,9 +835,9 @@ class Trainer:
                 lock.close()
 
     def _lock_workdir(self):
-        """Process 0's `flock` on the workdir folder (its open descriptor), else None: a second run on the workdir
-        (two jobs, or a command run twice) is a CheckpointError naming the first's pid, on every process. Two
-        runs used to train side by side, each saving over the other's checkpoints and log."""
+        """Process 0's `flock` on the workdir folder (nothing is written into it), else None: a second run on the
+        workdir (two jobs, or a command run twice) is a CheckpointError on every process. Two runs used to train
+        side by side, each saving over the other's checkpoints and log. A file system without locks: a warning."""
         from ..paths import LockUnavailable, hold_lock
 
         lock = refused = None
