@@ -38,43 +38,38 @@ def hold_lock(path, what: str, error: type[Exception] = RuntimeError):
     import errno
     import fcntl
 
-    if os.path.isdir(path):  # a folder locks itself: nothing is written into it (no pid to name, then)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise LockUnavailable(f"{what}: cannot open {path} to lock it ({e.strerror or e})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockUnavailable(f"{what}: cannot lock {path} ({e.strerror or e})") from None
-            raise error(f"{what} is in use by another run (it holds the folder's lock): one run at a time") from None
-        return _FolderLock(fd)
+    folder = os.path.isdir(path)  # a folder locks itself: nothing is written into it (no pid to name, then)
     try:
-        f = open(path, "a+")
+        f = _FolderLock(os.open(path, os.O_RDONLY)) if folder else open(path, "a+")
     except OSError as e:
-        raise LockUnavailable(f"{what}: cannot open the lock file {path} ({e.strerror or e})") from None
+        raise LockUnavailable(f"{what}: cannot open {path} to lock it ({e.strerror or e})") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        f.seek(0)
-        holder = f.read().strip()
+        holder = ""
+        if not folder:
+            f.seek(0)
+            holder = f.read().strip()
         f.close()
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # e.g. no locks on this file system
             raise LockUnavailable(f"{what}: cannot lock {path} ({e.strerror or e})") from None
-        who = f"pid {holder}" if holder.isdigit() else "pid unknown"
-        raise error(f"{what} is in use by another run ({who}; lock file {path}): one run at a time") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
+        who = ("it holds the folder's lock" if folder else
+               f"{'pid ' + holder if holder.isdigit() else 'pid unknown'}; lock file {path}")
+        raise error(f"{what} is in use by another run ({who}): one run at a time") from None
+    if not folder:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
     return f
 
 
 class _FolderLock:
     def __init__(self, fd: int):
         self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
 
     def close(self) -> None:
         if self.fd is not None:

@@ -485,8 +485,7 @@ class Trainer:
             tables = {path[0]: make() for path, make in fixed_tables(cfg).items()}
             if set(tables) != set(buffers):
                 raise AssertionError(f"buffers {sorted(buffers)} are not the fixed tables {sorted(tables)}")
-            buffers = {k: jax.make_array_from_callback(v.shape, self.buffer_sh[k], lambda i, v=v: v[i])
-                       for k, v in tables.items()}
+            buffers = shd.put_global(tables, {k: self.buffer_sh[k] for k in tables})
         return params, buffers
 
     def _write_model_config(self):
@@ -516,15 +515,12 @@ class Trainer:
         if save_vae:
             reports = _AbortedRestoreReports()  # (as for a failed checkpoint save: one line, see run)
             reports.install()
-            logging.getLogger("absl").addFilter(ck.drop_orbax_thread_errors)
             try:
                 ck.save_pytree(vae_dir, self.vae_state)
             except Exception as e:  # noqa: BLE001 -- orbax / tensorstore / OSError
                 raise CheckpointSaveError(f"saving the frozen VAE to {vae_dir} failed: "
                                           f"{_error_summary(e).splitlines()[0]} (once the disk has room, the same "
                                           "command goes on)") from e
-            finally:
-                logging.getLogger("absl").removeFilter(ck.drop_orbax_thread_errors)
             reports.remove()
 
     # ------------------------------------------------------------------ checkpoints
@@ -880,11 +876,8 @@ class Trainer:
             print(f"\n[train] signal {signum}: finishing the current step, saving, exiting", flush=True)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        from ..checkpoint import drop_orbax_thread_errors as ck_filter
-
         # a failed save is reported once, by _save_failure: not by Orbax's threads, nor by the writes it
         # abandons (hundreds of 'Event loop is closed' tracebacks)
-        logging.getLogger("absl").addFilter(ck_filter)
         save_reports = _AbortedRestoreReports()
         save_reports.install()
         history = []
@@ -1034,7 +1027,6 @@ class Trainer:
                 if failure:
                     print(f"note: {failure}", file=sys.stderr, flush=True)
             finally:  # only now: a signal meanwhile must not cut the last checkpoint's write
-                logging.getLogger("absl").removeFilter(ck_filter)
                 save_reports.remove()
                 for s, h in old.items():
                     signal.signal(s, h)
@@ -1162,7 +1154,8 @@ class _AbortedRestoreReports(logging.Filter):
     cannot be read (written), the operation's other reads (writes) are abandoned; tensorstore completes them
     into the closed asyncio loop (RuntimeError 'Event loop is closed'), and Orbax's coroutines and futures
     raise again when they are collected, each reported with a traceback of hundreds of lines (thousands in
-    all, after the one error line) through sys.unraisablehook or the `asyncio` logger. `install()` before a
+    all, after the one error line) through sys.unraisablehook or the `asyncio` logger; Orbax's background threads
+    log the error itself once more each (`checkpoint.drop_orbax_thread_errors`). `install()` before a
     restore; `remove()` after a successful one (after a failed one the reports come later: it stays). The
     step loop installs one for its saves."""
 
@@ -1191,12 +1184,18 @@ class _AbortedRestoreReports(logging.Filter):
             self.prev_hook(unraisable)
 
     def install(self) -> None:
+        from ..checkpoint import drop_orbax_thread_errors
+
         sys.unraisablehook = self.unraisablehook
         logging.getLogger("asyncio").addFilter(self)
+        logging.getLogger("absl").addFilter(drop_orbax_thread_errors)  # Orbax's threads' own reports
 
     def remove(self) -> None:
+        from ..checkpoint import drop_orbax_thread_errors
+
         sys.unraisablehook = self.prev_hook
         logging.getLogger("asyncio").removeFilter(self)
+        logging.getLogger("absl").removeFilter(drop_orbax_thread_errors)
 
 
 class _Logger:
