@@ -430,11 +430,14 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(workdir, capsys, monkeypatc
     """Two runs on one workdir (two jobs, a command started twice) trained side by side, each saving over the
     other's checkpoints: the second is one error line naming the first's pid; the workdir is as it was."""
     from echo4o_jax.paths import hold_lock
+    from echo4o_jax.train.trainer import Trainer
 
     other = hold_lock(workdir, "test")  # (the first run's lock)
     try:
         before = _files(workdir)
-        assert run(_tiny(steps=6), str(workdir)) == 2
+        with monkeypatch.context() as m:  # refused before the model is built (a 7B run's weights load for minutes)
+            m.setattr(Trainer, "_build", lambda self: pytest.fail("built before the workdir's lock was checked"))
+            assert run(_tiny(steps=6), str(workdir)) == 2
         assert _error_line(capsys) == (f"error: workdir {workdir} is in use by another run (it holds the folder's "
                                        "lock): one run at a time")
         assert _files(workdir) == before

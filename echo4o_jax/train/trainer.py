@@ -350,6 +350,8 @@ class Trainer:
         self.local_packs = P // jax.process_count()
         self._check_sampling()
         self._check_workdir_geometry()
+        if self.workdir.is_dir():  # a run in progress refuses this one before the weights load (minutes on 7B)
+            self._lock_workdir(probe=True)
         self._build()
 
     def _check_sampling(self):
@@ -830,10 +832,11 @@ class Trainer:
             if lock is not None:
                 lock.close()
 
-    def _lock_workdir(self):
+    def _lock_workdir(self, probe: bool = False):
         """Process 0's `flock` on the workdir folder (nothing is written into it), else None: a second run on the
         workdir (two jobs, or a command run twice) is a CheckpointError on every process. Two runs used to train
-        side by side, each saving over the other's checkpoints and log. A file system without locks: a warning."""
+        side by side, each saving over the other's checkpoints and log. A file system without locks: a warning.
+        `probe`: released at once (the constructor's early check of an existing workdir; run() holds the lock)."""
         from ..paths import LockUnavailable, hold_lock
 
         lock = refused = None
@@ -842,8 +845,12 @@ class Trainer:
                 lock = hold_lock(self.workdir, f"workdir {self.workdir}", CheckpointError)  # (writes nothing)
             except CheckpointError as e:
                 refused = e
-            except LockUnavailable as e:  # (a file system without locks: training goes on, said once)
-                print(f"[train] warning: {e}: a second run on this workdir would not be refused", flush=True)
+            except LockUnavailable as e:  # (a file system without locks: training goes on, said once, by run())
+                if not probe:
+                    print(f"[train] warning: {e}: a second run on this workdir would not be refused", flush=True)
+            if probe and lock is not None:
+                lock.close()
+                lock = None
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
