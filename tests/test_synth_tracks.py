@@ -314,6 +314,8 @@ def test_bad_config_file_is_refused_before_any_call(server, tmp_path, content, e
     ("--backoff-max", "nan", "backoff_max: expected a number >= 0, got number NaN"),
     ("--shard-bytes", "0", "shard_bytes: expected an integer >= 1, got integer 0"),
     ("--image-size", "1024", 'image_size: expected WIDTHxHEIGHT (e.g. 1024x1024) or auto, got string "1024"'),
+    ("--image-quality", "hihg", "image_quality: gpt-image-1 knows ['auto', 'high', 'low', 'medium'], got string "
+     "\"hihg\" (the qualities of prices['gpt-image-1']['per_image']: add one there if your server takes it)"),
 ])
 def test_bad_command_line_setting_is_refused_before_any_call(server, tmp_path, option, value, expected):
     rc, out, err = data_gen("instruction", "--out", tmp_path / "ds", "--limit", 2, *fast_cli_args(server),
@@ -333,6 +335,10 @@ def test_config_values_are_checked_in_code_too():
         SynthConfig().update({"prices": {"gpt-4o": {"input_per_1M": 2.5}}})
     with pytest.raises(ValueError, match=r"^refusal_patterns\[0\]: not a regular expression"):
         SynthConfig(refusal_patterns=["(sorry"])
+    with pytest.raises(ValueError, match=r"^image_quality: gpt-image-1 knows .* got string \"standard\""):
+        SynthConfig(image_model="dall-e-3", edit_model="gpt-image-1", image_quality="standard")
+    assert SynthConfig(image_model="dall-e-3", image_quality="standard").image_quality == "standard"  # no table
+    assert SynthConfig(prices={"gpt-image-1": {"per_image": {"32x32": {"draft": 0.001}}}}, image_quality="draft")
     cfg = SynthConfig().update({"timeout": 30, "refusal_patterns": ["^no"], "max_image_pixels": None})
     assert cfg.timeout == 30 and cfg.refusal_patterns == ("^no",) and cfg.max_image_pixels is None
 

@@ -146,6 +146,13 @@ class SynthConfig:
                              f"got {_got(self.image_size)}")
         check_base_url(self.base_url, flag="base_url")
         check_api_key_env(self.api_key_env, flag="api_key_env")
+        for model in dict.fromkeys((self.image_model, self.edit_model_name)):  # (a typo cost a 400 per sample)
+            table = (self.prices.get(model) or {}).get("per_image")
+            known = {q for row in table.values() for q in row} | {"auto"} if isinstance(table, dict) else None
+            if known and self.image_quality and self.image_quality not in known:
+                raise ValueError(f"image_quality: {model} knows {sorted(known)}, got {_got(self.image_quality)} "
+                                 f"(the qualities of prices[{model!r}]['per_image']: add one there if your server "
+                                 "takes it)")
         for k in ("chat_model", "vision_model", "image_model"):
             if not getattr(self, k).strip():
                 raise ValueError(f"{k}: expected a model name, got an empty string")
