@@ -356,7 +356,7 @@ def restore_module(abstract: nnx.Module, item_dir, *, dtype=None, shardings=None
         if not (isinstance(e, ValueError) or type(e) is Exception):
             raise
         raise CheckpointError(f"{item_dir}: cannot read its arrays (a chunk file missing, truncated or corrupt?): "
-                              f"{_tensorstore_error(e)}") from None
+                              f"{tensorstore_error(e)}") from None
     restored_flat = {tuple(p): v for p, v in flatten_dict(restored)}
     graphdef, state = nnx.split(abstract)
     values = {}
@@ -371,13 +371,19 @@ def restore_module(abstract: nnx.Module, item_dir, *, dtype=None, shardings=None
     return nnx.merge(graphdef, state)
 
 
-def _tensorstore_error(e: BaseException) -> str:
+TENSORSTORE_SPEC_MARKERS = (" See full TensorStore details", " [tensorstore_spec=")
+
+
+def tensorstore_error(e: BaseException) -> str:
     """The first line of a tensorstore error (its own message: which array, what is wrong), without the
-    TensorStore spec that Orbax appends; for Orbax's wrapper ("Encountered error while reading array index"),
-    that of the error it wraps."""
+    TensorStore spec that Orbax or tensorstore append (2,000 characters of JSON); for Orbax's wrapper
+    ("Encountered error while reading array index"), that of the error it wraps."""
     while e.__cause__ is not None and "Encountered error while reading" in str(e):
         e = e.__cause__
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = str(e)
+    for marker in TENSORSTORE_SPEC_MARKERS:
+        text = text.split(marker)[0]
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
     return first if len(first) <= 400 else first[:400] + " ..."
 
 

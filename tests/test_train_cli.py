@@ -73,6 +73,8 @@ def workdir(trained, tmp_path):
     (["--config.train.steps.x=1"], "error: unknown config key train.steps.x: train.steps is a value, not a group of keys"),
     (["--config.train.steps=abc"], "error: flag --config.train.steps=abc: invalid literal for int() with base 10: 'abc'"),
     (["--wrkdir=x"], "error: Unknown command line flag 'wrkdir'"),
+    (['--config.mesh={"data": 2}'], "error: --config.mesh replaces the whole group mesh and needs exactly its keys "
+     "['data', 'fsdp', 'tensor']; missing ['fsdp', 'tensor'] (set single keys instead, e.g. --config.mesh.data=...)"),
 ])
 def test_flag_errors_are_one_line(tmp_path, args, want):
     r = subprocess.run([sys.executable, "-m", "echo4o_jax.train", "--config", str(TINY), "--workdir",
@@ -81,6 +83,29 @@ def test_flag_errors_are_one_line(tmp_path, args, want):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(want), err
     assert not (tmp_path / "wd").exists()
+
+
+def test_a_group_replaced_whole_must_give_its_keys():
+    """`--config.mesh={...}` replaces the group: a missing key failed later with a traceback, an unknown one was
+    silently ignored. Nested groups are checked too; an empty (free-form) group takes any keys."""
+    from ml_collections import ConfigDict
+
+    from echo4o_jax.train.config_cli import replaced_group
+
+    default = ConfigDict(dict(mesh=dict(data=1, fsdp=-1), model=dict(geometry=dict(llm=dict(hidden=8, layers=2)),
+                                                                      extra=dict())))
+    c = ConfigDict(default.to_dict())
+    c.mesh = dict(data=2, fsdp=-1, extra=3)
+    assert replaced_group(default, c, "mesh") == (
+        "--config.mesh replaces the whole group mesh and needs exactly its keys ['data', 'fsdp']; unknown ['extra'] "
+        "(set single keys instead, e.g. --config.mesh.data=...)")
+    c.mesh = dict(data=2, fsdp=-1)  # every key: fine
+    assert replaced_group(default, c, "mesh") is None and replaced_group(default, c, "mesh.data") is None
+    c.model = dict(geometry=dict(llm=dict(hidden=8)), extra=dict())
+    assert replaced_group(default, c, "model").startswith("--config.model replaces the whole group model.geometry.llm "
+                                                          "and needs exactly its keys ['hidden', 'layers']; missing")
+    c.model = dict(geometry=dict(llm=dict(hidden=8, layers=2)), extra=dict(anything=1))
+    assert replaced_group(default, c, "model") is None
 
 
 def test_missing_config_file_is_one_line(tmp_path):
@@ -472,6 +497,14 @@ def test_finished_workdir_says_so_and_execution_settings_may_change(workdir, cap
 
 def test_unreadable_checkpoint_names_the_earlier_steps_and_resuming_from_one_works(workdir, capsys):
     ref = _losses(workdir)
+    manifest = workdir / "checkpoints" / "4" / "ema" / "manifest.ocdbt"  # tensorstore's spec was in the line
+    saved = manifest.read_bytes()
+    manifest.unlink()
+    assert run(_tiny(steps=4), str(workdir)) == 2
+    err = _error_line(capsys)
+    assert err.startswith("error: cannot restore the checkpoint of step 4") and "Earlier checkpoints" in err, err
+    assert len(err) < 1000 and "tensorstore_spec" not in err, err
+    manifest.write_bytes(saved)
     data = workdir / "checkpoints" / "4" / "params" / "ocdbt.process_0" / "d"
     biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])

@@ -72,7 +72,7 @@ def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
         if path is not None and not os.path.isfile(path.split(":", 1)[0]):
             bad_input(f"--config {path}: no such file")
         try:
-            return flags.FLAGS(argv)
+            rest = flags.FLAGS(argv)
         except flags.Error as e:
             bad_input(str(e))
         except (AttributeError, KeyError, ValueError) as e:  # ml_collections, on an override of a key the config
@@ -85,8 +85,40 @@ def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
             if why is None:
                 raise
             bad_input(why)
+        if path is not None:
+            default = flags.FLAGS[config_flag.name].parser.parse(path)
+            why = next((w for w in (replaced_group(default, flags.FLAGS[config_flag.name].value, k) for k in keys)
+                        if w), None)
+            if why:
+                bad_input(why)
+        return rest
 
     return parse
+
+
+def replaced_group(default: ConfigDict, config: ConfigDict, key: str) -> str | None:
+    """Why the override `key` of `config`, when it replaces a whole group of keys (`--config.mesh={"data": 2}`),
+    does not give exactly the keys of `default`'s group (recursively), or None. ml_collections replaces the group:
+    a missing key failed later with a traceback, an unknown one was silently ignored. An empty group (free-form)
+    takes any keys."""
+    old, new = default, config
+    for part in key.split("."):
+        old, new = old.get(part), new.get(part) if isinstance(new, ConfigDict) else None
+    if not isinstance(old, ConfigDict) or not isinstance(new, ConfigDict):
+        return None
+
+    def diff(o: ConfigDict, n: ConfigDict, where: str) -> str | None:
+        if not len(o):
+            return None
+        missing, unknown = sorted(set(o.keys()) - set(n.keys())), sorted(set(n.keys()) - set(o.keys()))
+        if missing or unknown:
+            return (f"--config.{key} replaces the whole group {where} and needs exactly its keys {sorted(o.keys())}"
+                    + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else "")
+                    + f" (set single keys instead, e.g. --config.{where}.{sorted(o.keys())[0]}=...)")
+        return next((w for w in (diff(o[k], n[k], f"{where}.{k}") for k in o.keys()
+                                 if isinstance(o[k], ConfigDict) and isinstance(n[k], ConfigDict)) if w), None)
+
+    return diff(old, new, key)
 
 
 def run_reporting_bad_input(main: Callable[[], int]) -> int:

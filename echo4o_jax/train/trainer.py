@@ -198,11 +198,13 @@ def train_step_from_config(config, cfg: BagelConfig, graphdef, buffers, vae_grap
 def _error_summary(e: BaseException) -> str:
     """One readable line for an error from reading a checkpoint: tensorstore's own (innermost) error, without
     the read spec Orbax appends; other errors (safetensors, key mismatches) keep their whole message."""
+    from ..checkpoint import TENSORSTORE_SPEC_MARKERS, tensorstore_error
+
     while e.__cause__ is not None:
         e = e.__cause__
     text = str(e)
-    if " See full TensorStore details" in text or type(e) is Exception:  # orbax / tensorstore
-        return (text.split(" See full TensorStore details")[0].splitlines() or [type(e).__name__])[0][:400].rstrip(".")
+    if any(m in text for m in TENSORSTORE_SPEC_MARKERS) or type(e) is Exception:  # orbax / tensorstore
+        return tensorstore_error(e).rstrip(".")
     return text or type(e).__name__
 
 
@@ -235,8 +237,8 @@ def validate_config(config) -> None:
     need(0 <= float(o.b1) < 1 and 0 <= float(o.b2) < 1, "optim.b1 / b2 must be in [0, 1)")
     need(float(o.grad_clip) >= 0, "optim.grad_clip must be >= 0 (0 = off)")
     need(m.init in ("random", "checkpoint"), f"model.init={m.init!r}: expected random|checkpoint")
-    need(m.compute_dtype in ("float32", "bfloat16"), f"model.compute_dtype={m.compute_dtype!r}")
-    need(m.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={m.param_dtype!r}")
+    need(m.compute_dtype in ("float32", "bfloat16"), f"model.compute_dtype={m.compute_dtype!r}: expected float32|bfloat16")
+    need(m.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={m.param_dtype!r}: expected float32|bfloat16")
     try:
         check_vae_posterior(m.vae_posterior, "model.vae_posterior")
     except ValueError as e:
