@@ -45,16 +45,22 @@ again). A finished request recorded with other settings is refused, naming each 
 both values: the checkpoint (folder, workdir step, size and mtime of its weight files), --dtype, the
 --vae-transform / --vit-transform resizes, prompt, reference images (path and sha256 of the content),
 seed, number of images, size, think and its max_new_tokens, sampler settings. Use another --out, or
-`--regenerate` to generate every request again. Ctrl-C stops the batch with one line saying how many
-requests are finished (kept: rerun the same command to resume). The sampler is compiled once per
-(resolution, number of references, CFG setting) and reused; the CFG branches and the `num_images` images of
-a request run batched in one forward pass.
+`--regenerate` to generate those requests again (requests finished with this run's settings are kept: an
+interrupted --regenerate run resumes). Ctrl-C, or an output that cannot be written (a full disk: one
+`error:` line naming it), stops the batch with one line saying how many requests are finished (kept:
+rerun the same command to resume); a rerun removes the temporary files (.<id>_<k>.png.<pid>.tmp) of a
+killed run. The sampler is compiled once per (resolution, number of references, CFG setting) and
+reused; the CFG branches and the `num_images` images of a request run batched in one forward pass.
 
 Without --size, text-to-image makes 1024x1024 and editing the last input image's VAE-resized size;
 either must fit the model's latent position table (an error names the largest size it allows).
 
-Exit status: 0 done; 2 bad input (one `error:` line, nothing generated; also argparse's usage errors);
-130 interrupted (Ctrl-C; finished batch requests are kept).
+Single mode writes its images and record all at once (temporary files, then renamed): an output that cannot
+be written (a full disk) is one `error:` line naming it, and --out is left as it was.
+
+Exit status: 0 done; 2 bad input (one `error:` line, nothing generated; also argparse's usage errors), or an
+output that cannot be written (finished batch requests are kept); 130 interrupted (Ctrl-C; finished batch
+requests are kept).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ import math
 import operator
 import os
 import pathlib
+import re
 import sys
 import time
 from typing import Any, NamedTuple, Sequence
@@ -108,6 +115,7 @@ SAMPLER_FLAGS = {k: "--steps" if k == "num_timesteps" else "--" + k.replace("_",
 REQUEST_KEYS = ("id", "prompt", "prompt_ids", "images", "size", "seed", "num_images", "think", "max_new_tokens",
                 "sampler")
 DEFAULT_MAX_NEW_TOKENS = 500  # the CLI's --max-new-tokens (understanding answer, think text)
+DTYPES = ("float32", "bfloat16")  # --dtype, generate_batch's `dtype`
 MAX_ID_BYTES = 200  # a request id names files (<id>_<k>.png and its temporary .<id>_<k>.png.<pid>.tmp)
 
 
@@ -236,6 +244,9 @@ def _read_image(path):
                 return pil_img2rgb(im)  # as the official inferencer: transparent pixels on white
     except (UnidentifiedImageError, OSError) as e:
         raise GenerateError(f"cannot read image {p}: {e}") from None
+    except Image.DecompressionBombError as e:  # more pixels than PIL allows (not an OSError); its limit stays
+        raise GenerateError(f"cannot read image {p}: too many pixels for PIL ({e}; its limit is "
+                            "PIL.Image.MAX_IMAGE_PIXELS): use a smaller image") from None
     raise GenerateError(f"cannot use image {p}: {bad_mode}")
 
 
@@ -695,22 +706,83 @@ def _request_paths(out_dir: pathlib.Path, rid: str, n: int) -> list[pathlib.Path
     return [out_dir / f"{rid}_{k}.png" for k in range(n)]
 
 
+class OutputError(GenerateError):
+    """An output that could not be written (a full disk, no permission ...): names the file and the cause."""
+
+    def __init__(self, path, cause: OSError):
+        super().__init__(f"cannot write {path}: {cause.strerror or cause}")
+
+
+# the temporary file of an output being written: .<name>.<pid>.tmp beside it (write_files); a rerun removes those
+# of processes no longer running (killed mid-write)
+_TEMP_NAME = re.compile(r"\.(.+\.png|generation\.json|answer\.json)\.(\d+)\.tmp")
+
+
+def write_files(files: Sequence[tuple[pathlib.Path, Any]]) -> None:
+    """Write each (path, write(f)) atomically, all of them or none: each to a temporary file in its folder
+    (flushed to disk), then all renamed over their paths, so that a kill or a failure never leaves a truncated file
+    under a final name, nor a part of the files. An OSError (a full disk ...) is an OutputError naming the file;
+    the temporary files are removed on any failure."""
+    staged = []
+    try:
+        for path, write in files:
+            path = pathlib.Path(path)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            staged.append((tmp, path))
+            with _naming(path), open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            with _naming(path):
+                os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _naming(path):
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(path, e) from None
+
+
 def save_png(img, path) -> None:
-    """Write `img` (uint8 [H, W, 3]) to `path` atomically: a temporary file in the same folder, flushed,
-    then renamed over `path`, so a kill mid-write never leaves a truncated PNG under the final name."""
+    """Write `img` (uint8 [H, W, 3]) to `path` atomically (write_files)."""
+    write_files([(path, functools.partial(_write_png, img))])
+
+
+def _write_png(img, f) -> None:
     from PIL import Image
 
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(np.asarray(img)).save(f, format="PNG")
+
+
+def _remove_stale_temps(folder: pathlib.Path) -> None:
+    """Remove the temporary files write_files left in `folder` in a process that is no longer running (a kill -9
+    mid-write); those of running processes (another run writing there) stay."""
+    for p in folder.glob(".*.tmp"):
+        m = _TEMP_NAME.fullmatch(p.name)
+        if m and not _pid_running(int(m[2])):
+            p.unlink(missing_ok=True)
+
+
+def _pid_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        with open(tmp, "wb") as f:
-            Image.fromarray(np.asarray(img)).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):  # not a process id
+        return False
+    except OSError:  # unknown: keep its files
+        return True
+    return True
 
 
 def image_complete(path) -> bool:
@@ -872,10 +944,13 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
                  max_new_tokens: int | None = None,
                  progress: bool = True, batch_size: int = 4, regenerate: bool = False) -> list[dict]:
     """Generate every request into `out_dir` (`<id>_<k>.png`, written atomically); finished requests (listed
-    in metadata.jsonl, every PNG present and decoding fully) are skipped unless `regenerate`; a PNG that
-    does not decode (an interrupted write) is reported and its request generated again. A finished request
-    whose record differs from the request (checkpoint, prompt, images, seed, number of images, size, think,
-    sampler settings) is an error naming it, before anything is generated: its images are not this request's.
+    in metadata.jsonl, every PNG present and decoding fully) are skipped; a PNG that does not decode (an
+    interrupted write) is reported and its request generated again. A finished request whose record differs
+    from the request (checkpoint, prompt, images, seed, number of images, size, think, sampler settings) is an
+    error naming it, before anything is generated: its images are not this request's; with `regenerate` it is
+    generated again (one finished with exactly these settings is still skipped: an interrupted regenerate run
+    resumes). An output that cannot be written (a full disk) is a GenerateError naming it, the finished
+    requests kept (a rerun resumes); temporary files of a killed earlier run are removed.
     Consecutive text-to-image requests of one shape and sampler setting run batched (up to `batch_size` per
     sampler pass). Every request is checked (its images decoded) before anything is loaded or written, and
     generated from that checked form: its images are decoded again at its turn (no pixels are held meanwhile)
@@ -887,18 +962,20 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     out_dir = pathlib.Path(out_dir)
     ids, prepared = check_requests(gen, requests, overrides, max_new_tokens)
     _make_out_dir(out_dir)
+    _remove_stale_temps(out_dir)
     meta_path = out_dir / "metadata.jsonl"
     done = _read_metadata(meta_path)
     records: dict[int, dict] = {}
     pending, changed = [], []
     for i, (rid, req, r) in enumerate(zip(ids, requests, prepared)):
         paths = _request_paths(out_dir, rid, r.num_images)
-        if not regenerate and rid in done and outputs_finished(paths, f"request {rid!r}"):
+        if rid in done and outputs_finished(paths, f"request {rid!r}"):
             diff = _changed_settings(done[rid], _generated_with(gen, req, r))
-            if diff:
+            if not diff:
+                records[i] = done[rid]
+                continue
+            if not regenerate:
                 changed.append(f"{_source(req, i)} (id={rid}): {diff}")
-            records[i] = done[rid]
-            continue
         pending.append((i, rid, req, r, paths))
     if changed:  # keeping those images would pass them off as this request's
         raise GenerateError(f"{meta_path} says {len(changed)} finished request(s) were generated otherwise, e.g. "
@@ -928,15 +1005,18 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
                         save_png(img, p)
                     rec = dict(id=rid, **_generated_with(gen, req, r), outputs=[p.name for p in paths],
                                seconds=seconds, batched_with=len(group))
-                    with open(meta_path, "a") as f:
+                    with _naming(meta_path), open(meta_path, "a") as f:  # a line cut short: _read_metadata
                         f.write(json.dumps(rec) + "\n")
                     records[i] = rec
                 bar.update(len(group))
+        # the outputs are named by the ids (records of older versions held paths relative to their working directory)
+        write_contact_sheet([p for rid, r in zip(ids, prepared) for p in _request_paths(out_dir, rid, r.num_images)],
+                            out_dir / "contact_sheet.png")
     except KeyboardInterrupt:
         raise BatchInterrupted(len(records), len(requests)) from None
-    # the outputs are named by the ids (records of older versions held paths relative to their working directory)
-    write_contact_sheet([p for rid, r in zip(ids, prepared) for p in _request_paths(out_dir, rid, r.num_images)],
-                        out_dir / "contact_sheet.png")
+    except OutputError as e:
+        raise GenerateError(f"{e}; {len(records)} of {len(requests)} requests finished and kept: rerun the same "
+                            "command to resume") from None
     return [records[i] for i in sorted(records)]
 
 
@@ -954,26 +1034,32 @@ def write_contact_sheet(paths: Sequence, out, cell: int = 256, cols: int = 8) ->
             im = im.convert("RGB")
             im.thumbnail((cell, cell))
             sheet.paste(im, ((i % cols) * cell + (cell - im.width) // 2, (i // cols) * cell + (cell - im.height) // 2))
-    sheet.save(out)
+    save_png(sheet, out)
 
 
 def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, regenerate: bool = False,
-                   check_only: bool = False, **overrides) -> list[dict]:
+                   check_only: bool = False, progress: bool = True, **overrides) -> list[dict]:
     """API for the evaluation: requests with `id`, `prompt`, `images`, `size`, `seed`, `num_images`;
-    writes `<out_dir>/<id>_<k>.png` (finished requests skipped unless `regenerate`). The loaded
+    writes `<out_dir>/<id>_<k>.png` (finished requests skipped; with `regenerate` those finished with other
+    settings are generated again: run_requests; `progress`: its progress bar). The loaded
     checkpoint is cached per path. Sampler settings (cfg_text_scale, cfg_img_scale, cfg_interval,
     cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps) may be passed as overrides. Every
     request is checked (ids unique, keys, sizes, sampler values, image files, prompt length; the error names
     the request) before the weights load or anything is written. `step` (a training workdir's checkpoint step,
-    default its latest), `dtype`, `max_context` configure the loader; `vae_transform` / `vit_transform` ([max, min]
-    side, as --vae-transform / --vit-transform) the input resizes of this batch only (set on the cached Generator
-    and restored after it: one loaded model serves batches with different transforms); `max_new_tokens` is
-    run_requests'. `check_only`: the requests are checked (the model loaded and cached, their images read) and
-    nothing is written or generated (-> []): an evaluation checks every benchmark's requests before it
-    generates any."""
+    default its latest), `dtype` (DTYPES), `max_context` configure the loader (checked as the CLI's flags);
+    `vae_transform` / `vit_transform` ([max, min] side, as --vae-transform / --vit-transform) the input resizes of
+    this batch only (set on the cached Generator and restored after it: one loaded model serves batches with
+    different transforms); `max_new_tokens` is run_requests'. `check_only`: the requests are checked (the model
+    loaded and cached, their images read) and nothing is written or generated (-> []): an evaluation checks every
+    benchmark's requests before it generates any."""
     from .image_transform import ImageTransform, valid_sides
 
     load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context") if k in overrides}
+    if "dtype" in load_kw and load_kw["dtype"] not in DTYPES:  # (the loader would fail once the weights load)
+        raise GenerateError(f"dtype (--dtype) {load_kw['dtype']!r}: expected one of {', '.join(DTYPES)}")
+    for k in ("step", "max_context"):
+        if load_kw.get(k) is not None:
+            _as_int(load_kw[k], f"{k} (--{k.replace('_', '-')})", minimum=0)
     transforms = {}
     for k in ("vae_transform", "vit_transform"):
         if k in overrides:
@@ -991,7 +1077,8 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, rege
         if check_only:
             check_requests(gen, requests, overrides, **run_kw)
             return []
-        return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate, **run_kw)
+        return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate, progress=progress,
+                            **run_kw)
     finally:
         for k, t in saved.items():
             setattr(gen, k, t)
@@ -1054,8 +1141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single mode: replace the earlier generation in --out (its files are removed once the new "
                         "one is written); without it such an --out is refused")
     p.add_argument("--regenerate", action="store_true",
-                   help="with --prompts: generate every request again, also finished ones (e.g. made with other "
-                        "settings, which are otherwise refused)")
+                   help="with --prompts: generate again the finished requests made with other settings (otherwise "
+                        "refused); those finished with this run's settings are kept, so an interrupted "
+                        "--regenerate run resumes")
     p.add_argument("--steps", dest="num_timesteps", type=int, default=None)
     p.add_argument("--cfg-text-scale", type=float, default=None)
     p.add_argument("--cfg-img-scale", type=float, default=None)
@@ -1067,7 +1155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"length limit of the --understand answer / the --think text (default "
                         f"{DEFAULT_MAX_NEW_TOKENS}; batch mode: of think requests without their own max_new_tokens)")
     p.add_argument("--max-context", type=int, default=0, help="KV-cache capacity in tokens (default 8192)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard the parameters over a device mesh, e.g. 1,-1,1 (FSDP over all devices)")
     p.add_argument("--vae-transform", type=int, nargs=2, metavar=("MAX", "MIN"), default=None,
@@ -1194,10 +1282,9 @@ def _run(args) -> int:
         res = gen.understand(args.prompt, prompt_ids=prompt_ids, images=args.image,
                              max_new_tokens=max_new_tokens, think=args.think)
         print(res["answer"])
-        _make_out_dir(args.out)
         rec = dict(**_inputs_record(gen, args.prompt, args.image), prompt_ids=prompt_ids, think=args.think,
                    max_new_tokens=max_new_tokens, **res)
-        (args.out / "answer.json").write_text(json.dumps(rec, indent=1))
+        _write_single(args.out, [(args.out / "answer.json", _json_writer(rec))])
         print(f"(saved to {args.out / 'answer.json'})", file=sys.stderr)
         _remove_earlier(earlier, [args.out / "answer.json"])
         return 0
@@ -1205,21 +1292,33 @@ def _run(args) -> int:
     res = gen.generate(args.prompt, prompt_ids=prompt_ids, images=args.image, size=size, seed=seed,
                        num_images=1 if args.num_images is None else args.num_images, think=args.think,
                        max_think_tokens=max_new_tokens, **sampler)
-    _make_out_dir(args.out)
-    paths = []
-    for k, img in enumerate(res["images"]):
-        path = args.out / f"image_seed{seed}_{k}.png"
-        save_png(img, path)
-        paths.append(path)
+    paths = [args.out / f"image_seed{seed}_{k}.png" for k in range(len(res["images"]))]
     rec = dict(**_inputs_record(gen, args.prompt, args.image), prompt_ids=res["prompt_ids"], seed=seed,
                num_images=len(paths), size=res["size"], outputs=[p.name for p in paths],
                settings={k: list(v) if isinstance(v, tuple) else v for k, v in res["settings"].items()})
     if "think" in res:
         rec.update(max_new_tokens=max_new_tokens, think=res["think"])
-    (args.out / "generation.json").write_text(json.dumps(rec, indent=1))
+    _write_single(args.out, [*((p, functools.partial(_write_png, img)) for p, img in zip(paths, res["images"])),
+                             (args.out / "generation.json", _json_writer(rec))])
     _remove_earlier(earlier, [*paths, args.out / "generation.json"])
     print(f"wrote {', '.join(map(str, paths))} ({res['size'][0]}x{res['size'][1]}) in {time.time() - t0:.1f}s")
     return 0
+
+
+def _json_writer(rec: dict):
+    return lambda f: f.write(json.dumps(rec, indent=1).encode())
+
+
+def _write_single(out: pathlib.Path, files) -> None:
+    """Single mode's outputs, written all or none (write_files): a failure (a full disk) leaves --out as it was,
+    an earlier generation there (--overwrite) included."""
+    _make_out_dir(out)
+    _remove_stale_temps(out)
+    try:
+        write_files(files)
+    except OutputError as e:
+        raise GenerateError(f"{e}; nothing of this run was written ({out} holds what it held before): rerun the "
+                            "same command once it can be written") from None
 
 
 def _remove_earlier(earlier: Sequence[pathlib.Path], written: Sequence[pathlib.Path]) -> None:

@@ -370,12 +370,12 @@ def _fake_generate_module(calls, skip_prompts=(), error=None):
     error class and the completeness checks are the real ones."""
     mod = types.ModuleType("echo4o_jax.generate")
 
-    def generate_batch(ckpt, requests, out_dir, *, regenerate=False, check_only=False, **overrides):
+    def generate_batch(ckpt, requests, out_dir, *, regenerate=False, check_only=False, progress=True, **overrides):
         if check_only:  # eval.run's check of every benchmark's requests before any is generated
             assert out_dir is None and not regenerate
             return []
         calls.append({"ckpt": ckpt, "requests": requests, "out_dir": out_dir, "overrides": overrides,
-                      "regenerate": regenerate})
+                      "regenerate": regenerate, "progress": progress})
         if error is not None:
             raise error
         recs = []
@@ -425,6 +425,7 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
         rep = eval_run.main(argv)
         assert len(s.calls(CHAT)) == 3 * 2 + 2 * 2  # 3 geneval x 2 images, imagine id 2 not written
         assert len(calls) == 2 and decoded == []  # images written by generate_batch are not decoded again
+        assert [c["progress"] for c in calls] == [False, False]  # --no-progress (judge_args): no bar of its own
         g = calls[0]
         assert g["out_dir"] == str(out / "geneval_pp" / "images") and g["overrides"] == {"cfg_text_scale": 4.0,
                                                                                            "note": "plain"}
@@ -467,11 +468,15 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
         assert sorted(decoded) == ["00002_0.png", "00002_1.png"]  # there before generate_batch: checked again
         assert real_generate.image_complete(img)
 
-        # --regenerate reaches generate_batch (which otherwise skips its finished requests)
+        # --regenerate (other settings) reaches generate_batch (which otherwise refuses its finished requests made
+        # otherwise); images made with this run's settings are kept (an interrupted --regenerate run resumes)
         calls.clear()
-        eval_run.main(argv + ["--regenerate", "--generate-only"])
+        eval_run.main(argv + ["--gen-arg", "cfg_text_scale=5.0", "--regenerate", "--generate-only"])
         assert [(len(c["requests"]), c["regenerate"]) for c in calls] == [(3, True), (3, True)]
-        assert calls[0]["overrides"] == {"cfg_text_scale": 4.0, "note": "plain"}
+        assert calls[0]["overrides"] == {"cfg_text_scale": 5.0, "note": "plain"}
+        calls.clear()
+        eval_run.main(argv + ["--gen-arg", "cfg_text_scale=5.0", "--regenerate", "--generate-only"])
+        assert [[r["id"] for r in c["requests"]] for c in calls] == [["00002"]]  # imagine 00002: never written
     assert_no_secret(out)
 
 
@@ -596,6 +601,14 @@ def test_run_generation_error_from_the_real_generator(golden_dir, tmp_path, caps
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: [geneval_pp] {gpp}: ") and "tokenizer" in last
     assert last.endswith("(nothing was generated)") and not (tmp_path / "o" / "geneval_pp" / "images").exists()
+    # the loader's settings are checked then too, as generate's flags (before any record is written)
+    for dtype in ("foo", "int8", "float16"):
+        msg = _one_error_line(capsys, eval_run.main, ["--ckpt", str(golden_dir), "--bench", "geneval_pp", "--out",
+                                                      str(tmp_path / "o"), "--geneval-pp-prompts", str(gpp),
+                                                      "--generate-only", "--gen-arg", f"dtype={dtype}"])
+        assert msg == (f"[geneval_pp] {gpp}: dtype (--dtype) {dtype!r}: expected one of float32, bfloat16 (nothing "
+                       "was generated)"), msg
+    assert not (tmp_path / "o").exists()
 
 
 def test_run_missing_prompt_file_names_the_flags(tmp_path, monkeypatch, capsys):
@@ -685,6 +698,8 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
         "--seed": ["--ckpt", str(ckpt_a), "--seed", "7", "--gen-arg", "cfg_text_scale=4.0"],
         "--gen-arg": ["--ckpt", str(ckpt_a), "--seed", "100", "--gen-arg", "cfg_text_scale=5.0"],
         "--size": first + ["--size", "64", "64"],
+        # more images per prompt: the request would be generated again, replacing the images there
+        "--num-images": first + ["--num-images", "2"],
     }
     for flag, argv in changed.items():
         capsys.readouterr()
@@ -722,6 +737,90 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
     with pytest.raises(common.UsageError, match=r"2 request\(s\) have images but no record of what made them"):
         eval_run.main(base + changed["--ckpt"])
     assert calls == []
+
+
+def test_run_full_disk_is_one_error_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    """A full disk during generation (generate_batch's one-line error) and then while settling the images' record:
+    one error line (exit 2), no temporary file beside the record, which still says what made the images written:
+    the rerun resumes. A record that cannot be written as generation begins: one line naming it, nothing made."""
+    import errno
+    import os
+
+    calls, full = [], []
+    fake = _fake_generate_module(calls)
+    real_batch = fake.generate_batch
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", fake)
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
+    images = tmp_path / "o" / "geneval_pp" / "images"
+    argv = ["--ckpt", str(tmp_path / "ckpt"), "--bench", "geneval_pp", "--out", str(tmp_path / "o"),
+            "--geneval-pp-prompts", str(gpp), "--generate-only"]
+    for method in ("write_bytes", "write_text"):
+        def write(self, data, *a, _real=getattr(Path, method), **kw):  # once the disk is full: nothing fits
+            if full:
+                _real(self, data[:0], *a, **kw)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return _real(self, data, *a, **kw)
+
+        monkeypatch.setattr(Path, method, write)
+    image_error = (f"cannot write {images / '00002_0.png'}: No space left on device; 1 of 2 requests finished and "
+                   "kept: rerun the same command to resume")  # as the real generate_batch says it
+
+    def filling(ckpt, requests, out_dir, **kw):
+        if kw.get("check_only"):
+            return []
+        real_batch(ckpt, requests[:1], out_dir, **kw)
+        full.append(True)
+        raise real_generate.GenerateError(image_error)
+
+    monkeypatch.setattr(fake, "generate_batch", filling)
+    capsys.readouterr()
+    assert common.run_cli(eval_run.main, argv) == 2
+    err = _stderr_lines(capsys)
+    assert err[-1] == f"error: [geneval_pp] generation failed: {image_error}" and "Traceback" not in "".join(err)
+    assert sorted(p.name for p in images.iterdir()) == ["00001_0.png", eval_run.GENERATION_RECORD]
+    full.clear()  # space freed: the rerun makes the rest
+    monkeypatch.setattr(fake, "generate_batch", real_batch)
+    calls.clear()
+    assert common.run_cli(eval_run.main, argv) == 0
+    assert [[r["id"] for r in c["requests"]] for c in calls] == [["00002"]]
+    (images / "00002_0.png").unlink()
+    full.append(True)
+    calls.clear()
+    capsys.readouterr()
+    assert common.run_cli(eval_run.main, argv) == 2
+    assert _stderr_lines(capsys) == [f"error: cannot write {images / eval_run.GENERATION_RECORD}: No space left on "
+                                     "device; what was written before is kept: rerun the same command to continue"]
+    assert calls == [] and sorted(p.name for p in images.iterdir()) == ["00001_0.png", eval_run.GENERATION_RECORD]
+
+
+def test_run_fetch_that_cannot_download_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """--fetch without network, or a file upstream that is not the released one: one error line naming the URL and
+    the cause (exit 2); nothing is written, not even the benchmarks folder."""
+    import io
+    import socket
+    import urllib.error
+    import urllib.request
+
+    bench = tmp_path / "nobench"
+    dest = bench / imagine_bench.PROMPTS_FILE
+    argv = ["--judge-only", "--bench", "imagine_bench", "--benchmarks-dir", str(bench), "--fetch",
+            "--out", str(tmp_path / "evf")]
+
+    def offline(url, timeout=None):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    capsys.readouterr()
+    assert common.run_cli(eval_run.main, argv) == 2
+    err = _stderr_lines(capsys)
+    assert err[-1] == (f"error: cannot download {imagine_bench.PUBLIC_URL}: [Errno -3] Temporary failure in name "
+                       f"resolution; nothing was written to {dest}") and "Traceback" not in "".join(err)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(b"{}\n"))
+    assert common.run_cli(eval_run.main, argv) == 2
+    assert _stderr_lines(capsys)[-1] == (
+        f"error: cannot use {imagine_bench.PUBLIC_URL}: md5 {hashlib.md5(b'{}' + bytes([10])).hexdigest()} != "
+        f"expected {imagine_bench.PUBLIC_MD5} (the upstream file changed?); nothing was written to {dest}")
+    assert not bench.exists() and not (tmp_path / "evf").exists()
 
 
 def _fake_workdir(d: Path, steps) -> Path:
@@ -767,6 +866,11 @@ def test_run_records_and_passes_the_workdir_step(tmp_path, monkeypatch, capsys):
     assert msg.startswith(f"--step 4: {tmp_path} is not a training workdir"), msg
     msg = _one_error_line(capsys, eval_run.main, other + ["--ckpt", str(wd), "--gen-arg", "step=4"])
     assert msg == "--gen-arg step=...: use --step"
+    msg = _one_error_line(capsys, eval_run.main, other + ["--ckpt", str(wd), "--gen-arg", "max_new_tokens=5"])
+    assert msg == ("--gen-arg max_new_tokens=... would be ignored: it limits the think text of think requests, and "
+                   "no benchmark request thinks")
+    msg = _one_error_line(capsys, eval_run.main, other + ["--ckpt", str(wd), "--gen-arg", "progress=false"])
+    assert msg == "--gen-arg progress=...: not a generation setting"
     with pytest.raises(SystemExit):
         eval_run.build_parser().parse_args(other + ["--ckpt", str(wd), "--regen"])
     assert calls == []
@@ -856,6 +960,10 @@ def test_run_record_after_a_failed_or_killed_regenerate(tmp_path, monkeypatch):
     with pytest.raises(common.UsageError, match=r"--ckpt differs for 1 request\(s\), e.g. 00002: the images were "
                                                 rf"made with {re.escape(repr(str((tmp_path / 'a').resolve())))}"):
         eval_run.main(base + b)
+    # --regenerate resumes: 00001, already made with b's settings, is kept
+    calls.clear()
+    eval_run.main(base + b + ["--regenerate"])
+    assert [[r["id"] for r in c["requests"]] for c in calls] == [["00002"]]
     with pytest.raises(common.UsageError, match="cannot go with --judge-only"):
         eval_run.main(base[:-1] + ["--judge-only", "--regenerate"])
 

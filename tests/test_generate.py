@@ -3,11 +3,14 @@ compilation counts, bad inputs."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import pathlib
 import re
 import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -217,11 +220,11 @@ def test_kill_mid_save_leaves_no_truncated_png(gen, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no PNG under its name, no temporary left
     G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
     before = (tmp_path / "a_0.png").read_bytes()
-    # a kill while regenerating keeps the previous picture whole
+    # a kill while regenerating (other settings) keeps the previous picture whole
     with monkeypatch.context() as m:
         _dying_save(m)
         with pytest.raises(_Killed):
-            G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False, regenerate=True)
+            G.run_requests(gen, [dict(req, seed=1)], tmp_path, overrides=fast, progress=False, regenerate=True)
     assert (tmp_path / "a_0.png").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_0.png", "contact_sheet.png", "metadata.jsonl"]
 
@@ -248,10 +251,13 @@ def test_resume_regenerates_truncated_png_and_cut_metadata(gen, tmp_path, monkey
     assert_uint8_close(np.asarray(Image.open(tmp_path / "a_1.png")), good)
     lines = (tmp_path / "metadata.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["a", "b", "a"]
-    # --regenerate (eval.run) / regenerate=True: finished requests are generated again
+    # --regenerate / regenerate=True: the requests finished with other settings are generated again, those
+    # finished with this run's settings are kept (so that an interrupted --regenerate run resumes)
     calls.clear()
     G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False, regenerate=True)
-    assert calls == [0, 1]
+    assert calls == []
+    G.run_requests(gen, [reqs[0], dict(reqs[1], seed=7)], tmp_path, overrides=fast, progress=False, regenerate=True)
+    assert calls == [7]
     # a broken record that is not the last line is an error naming it
     (tmp_path / "metadata.jsonl").write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
     with pytest.raises(G.GenerateError, match=r"metadata.jsonl:2: not JSON: .*; fix or remove that line"):
@@ -678,6 +684,23 @@ def test_single_mode_refuses_an_earlier_generation_unless_overwrite(golden_dir, 
     assert sorted(p.name for p in out.iterdir()) == ["generation.json", "image_seed5_0.png", "notes.txt"]
     rec = json.loads((out / "generation.json").read_text())
     assert rec["prompt_ids"] == [3] and rec["outputs"] == ["image_seed5_0.png"] and rec["ckpt_step"] is None
+    # a full disk while writing the record (after the image): one error line naming it; --out as it was (the
+    # earlier generation whole, no empty generation.json, no temporary file)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_fsync, fsyncs = os.fsync, []
+
+    def fsync(fd):
+        fsyncs.append(fd)
+        if len(fsyncs) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync)
+        err = _one_error(capsys, run + ["--prompt-ids", "4", "--overwrite"])
+    assert err == (f"error: cannot write {out / 'generation.json'}: No space left on device; nothing of this run was "
+                   f"written ({out} holds what it held before): rerun the same command once it can be written"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # a batch folder is not single mode's to replace
     (tmp_path / "batch").mkdir()
     (tmp_path / "batch" / "metadata.jsonl").write_text("")
@@ -781,6 +804,11 @@ def test_ctrl_c_in_a_batch_is_one_line(golden_dir, tmp_path, monkeypatch, capsys
     assert err.strip().splitlines()[-1] == "interrupted: 1 of 3 requests finished and kept; rerun the same command to resume"
     assert [json.loads(x)["id"] for x in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()] == ["r0"]
     assert G.main(argv) == 0 and len(calls) == 4  # resumed: r1 and r2
+    # an interrupted --regenerate (other settings) resumes too: the requests it finished are kept
+    calls.clear()
+    regen = argv + ["--cfg-text-scale", "2", "--regenerate"]
+    assert G.main(regen) == 130 and len(calls) == 2  # r0 made again, interrupted in r1
+    assert G.main(regen) == 0 and [r.num_images for r in calls[2:]] == [2, 3]  # r1 and r2 only
 
 
 def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
@@ -795,9 +823,10 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
     gen = object.__new__(G.Generator)  # no checkpoint: only the transform slots matter here
     gen.cfg = types.SimpleNamespace(latent_downsample=16, vit=types.SimpleNamespace(patch_size=14))
     gen.inf, gen._vae_transform, gen._vit_transform = None, vae0, vit0
-    loads, runs = [], []
+    loads, runs, progress = [], [], []
 
     def run_requests(g, reqs, out, **kw):
+        progress.append(kw["progress"])
         # the weights load during the batch: the Inferencer takes the Generator's transforms then
         g.inf = types.SimpleNamespace(vae_transform=g.vae_transform, vit_transform=g.vit_transform)
         runs.append((g.vae_transform, g.vit_transform, kw["overrides"]))
@@ -809,7 +838,7 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
     monkeypatch.setattr(G, "run_requests", run_requests)
     G.generate_batch("ckpt", [], "out", vit_transform=[980, 378], cfg_img_scale=1.5, max_context=512)
     assert loads == [{"max_context": 512}]
-    assert runs == [(vae0, ImageTransform(980, 378, 14), {"cfg_img_scale": 1.5})]
+    assert runs == [(vae0, ImageTransform(980, 378, 14), {"cfg_img_scale": 1.5})] and progress == [True]
     assert (gen.vae_transform, gen.vit_transform) == (vae0, vit0) and gen.inf.vit_transform == vit0
     with pytest.raises(RuntimeError, match="batch failed"):
         G.generate_batch("ckpt", [], "out", vae_transform=(512, 256), fail=True)
@@ -817,6 +846,18 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
     for bad in ([980], [300, 400], [True, True]):
         with pytest.raises(G.GenerateError, match=r"vit_transform .*: expected \[MAX, MIN\] image sides"):
             G.generate_batch("ckpt", [], "out", vit_transform=bad)
+    G.generate_batch("ckpt", [], "out", progress=False)  # eval.run --no-progress
+    assert progress[-1] is False
+    # the loader's settings are checked as the CLI's flags, before the checkpoint is looked at
+    loads.clear()
+    for bad, msg in [(dict(dtype="foo"), "dtype (--dtype) 'foo': expected one of float32, bfloat16"),
+                     (dict(dtype="float16"), "dtype (--dtype) 'float16': expected one of float32, bfloat16"),
+                     (dict(max_context=-1), "max_context (--max-context) -1: must be at least 0"),
+                     (dict(max_context="9"), "max_context (--max-context) '9': expected an integer"),
+                     (dict(step=1.5), "step (--step) 1.5: expected an integer")]:
+        with pytest.raises(G.GenerateError, match=re.escape(msg) + "$"):
+            G.generate_batch("ckpt", [], "out", check_only=True, **bad)
+    assert loads == []
 
 
 def test_without_out_each_single_run_gets_a_new_folder(golden_dir, tmp_path, monkeypatch, capsys):
@@ -858,3 +899,57 @@ def test_sixteen_bit_greyscale_input_is_refused(tmp_path):
     with Image.open(tmp_path / "g16.png") as im:  # (a PIL image given to the library)
         with pytest.raises(G.GenerateError, match=r"cannot use input image 0: 16-bit greyscale image"):
             G.Generator._read_images([im])
+
+
+def test_an_image_over_pils_pixel_limit_is_one_error_line(golden_dir, tmp_path, no_weights, monkeypatch, capsys):
+    """PIL refuses an image of more than twice Image.MAX_IMAGE_PIXELS (a DecompressionBombError, not an
+    OSError): one error line naming the file and why, in single and batch mode, before the weights load."""
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels: as a 20000x20000 image under PIL's limit
+    big, out = tmp_path / "big.png", tmp_path / "o"
+    err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompt-ids", "1", "--image", str(big), "--out", str(out)])
+    assert err.startswith(f"error: cannot read image {big}: too many pixels for PIL (Image size (256 pixels) "
+                          "exceeds limit of 200 pixels") and "PIL.Image.MAX_IMAGE_PIXELS" in err, err
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], images=["big.png"])])
+    err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(out)])
+    assert err.startswith(f"error: {f}:1 (id=a): cannot read image {big}: too many pixels for PIL"), err
+    assert not out.exists()
+
+
+def test_a_full_disk_stops_the_batch_keeping_what_is_finished(gen, tmp_path, monkeypatch):
+    """An output that cannot be written (a full disk) is one GenerateError naming it and the cause, saying how many
+    requests are finished and kept (no temporary file is left); the rerun resumes, removing the temporary files
+    of a killed run (a process no longer running) and only those."""
+    reqs = [dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=2),
+            dict(id="b", prompt_ids=[4, 5], size=[32, 32], seed=1, num_images=1)]
+    fast = dict(num_timesteps=3)
+    real, saved = Image.Image.save, []
+
+    def save(self, fp, format=None, **kw):  # room for two PNGs: a part of the third is written, then ENOSPC
+        if len(saved) == 2:
+            fp.write(b"\x89PNG\r\n")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        saved.append(fp)
+        return real(self, fp, format=format, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", save)
+        with pytest.raises(G.GenerateError) as e:
+            G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
+    assert str(e.value) == (f"cannot write {tmp_path / 'b_0.png'}: No space left on device; 1 of 2 requests finished "
+                            "and kept: rerun the same command to resume")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_0.png", "a_1.png", "metadata.jsonl"]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [f".b_0.png.{dead.pid}.tmp", f".contact_sheet.png.{dead.pid}.tmp"]  # left by a kill -9
+    kept = [f".a_0.png.{os.getppid()}.tmp",  # a running process's
+            f"b_0.png.{dead.pid}.tmp", f".notes.{dead.pid}.tmp", ".b_0.png.x.tmp"]  # not write_files' names
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"\x89PNG")
+    calls = []
+    real_gen = gen.generate_prepared
+    monkeypatch.setattr(gen, "generate_prepared", lambda r: calls.append(r.seed) or real_gen(r))
+    G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
+    assert calls == [1]  # b only
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["a_0.png", "a_1.png", "b_0.png", "contact_sheet.png", "metadata.jsonl"] + kept)

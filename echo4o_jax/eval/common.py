@@ -17,11 +17,13 @@ import argparse
 import dataclasses
 import hashlib
 import html
+import http.client
 import json
 import math
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -110,17 +112,21 @@ def md5sum(path: str | os.PathLike) -> str:
 
 
 def fetch(url: str, dest: str | os.PathLike, md5: str | None = None, timeout: float = 60.0) -> Path:
-    """Download a public file (no credentials) to `dest`, checking its md5 when given."""
+    """Download a public file (no credentials) to `dest`, checking its md5 when given. A download that fails (no
+    network, an HTTP error, another md5) is a UsageError naming the URL and the cause; nothing is written then
+    (not even `dest`'s folder)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (fixed https URLs)
-        data = r.read()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (fixed https URLs)
+            data = r.read()
+    except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, time-outs, connections cut
+        why = e.reason if type(e) is urllib.error.URLError else e  # (an HTTPError's str has its status)
+        raise UsageError(f"cannot download {url}: {why}; nothing was written to {dest}") from None
     got = hashlib.md5(data).hexdigest()
     if md5 and got != md5:
-        raise ValueError(f"{url}: md5 {got} != expected {md5} (the upstream file changed?)")
-    tmp = dest.with_name(dest.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+        raise UsageError(f"cannot use {url}: md5 {got} != expected {md5} (the upstream file changed?); nothing was "
+                         f"written to {dest}")
+    write_bytes(dest, data)
     return dest
 
 
@@ -351,7 +357,7 @@ def write_outputs(out_dir, doc: dict, markdown: Callable[[dict], str],
     """``results.json``, ``summary.md`` and ``gallery.html`` in `out_dir`."""
     out = Path(out_dir)
     write_json(out / "results.json", doc)
-    (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
+    write_bytes(out / "summary.md", markdown(doc).encode("utf-8"))
     write_html(doc, out / "gallery.html")
 
 
@@ -360,11 +366,26 @@ def write_outputs(out_dir, doc: dict, markdown: Callable[[dict], str],
 # ------------------------------------------------------------------------------------------------
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `path` atomically: a temporary file beside it (``<name>.tmp``), renamed over it. A failure (a full
+    disk ...) removes the temporary file, leaves `path` as it was and is a UsageError naming the file and the
+    cause."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {p}: {e.strerror or e}; what was written before is kept: rerun the same "
+                         "command to continue") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rel(path: str | os.PathLike | None, start: str | os.PathLike) -> str | None:
@@ -498,9 +519,7 @@ def write_gallery(path: str | os.PathLike, title: str, summary_html: str, entrie
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
             f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>{summary_html}"
             f"<table class='g'>{head}{''.join(rows)}</table></body></html>\n")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(page, encoding="utf-8")
+    write_bytes(path, page.encode("utf-8"))
 
 
 EXIT_STATUS = """Exit status:
@@ -510,7 +529,9 @@ EXIT_STATUS = """Exit status:
          the partial results are written and marked INCOMPLETE (there is no score when nothing was judged);
          run the same command again to retry them (answers already judged come from the judge cache)
     2    bad input, one `error:` line: a bad argument, prompt file, manifest or template, a missing API key,
-         a key or model the judge server refuses (eval.run: a generation error)
+         a key or model the judge server refuses (eval.run: a generation error), a prompt file --fetch cannot
+         download, an output that cannot be written (a full disk: what was written before is kept; run the
+         same command again to continue)
     130  interrupted (Ctrl-C): what was done is kept; run the same command again to continue
 """
 
@@ -524,6 +545,9 @@ def run_cli(main_fn, argv=None) -> int:
         result = main_fn(argv)
     except (JudgeError, FileNotFoundError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be written or read (one not named above)
+        print(f"error: {e}; what was written before is kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the images written and the judge answers received so far are kept (judge cache); "

@@ -31,17 +31,21 @@ matches this run (an image cut short by a kill is generated again), so an interr
 rerun with another checkpoint (or step, or weights rewritten in place), seed, generation setting, size, number of images or prompt in the same
 ``--out`` is refused before anything is generated, with an error naming what differs -- judging those
 images would report another generation's scores under this run's name: use another ``--out``, or pass
-``--regenerate`` to generate every image again with this run's settings (images without a record, e.g.
-from an older version, are refused the same way). ``--judge-only`` judges the images as they are
-(images made another way are fine), but refuses ones whose record names another prompt, or another
-``--ckpt`` / ``--step`` / ``--seed`` / ``--size`` / ``--gen-arg`` when those are given.
+``--regenerate`` to generate those images again with this run's settings (images without a record, e.g.
+from an older version, are refused the same way; images already made with this run's settings are kept, so
+an interrupted ``--regenerate`` run resumes). A larger ``--num-images`` is refused as well: a request's images
+are generated together, so adding one generates the request again, replacing the images there.
+``--judge-only`` judges the images as they are (images made another way are fine), but refuses ones whose
+record names another prompt, or another ``--ckpt`` / ``--step`` / ``--seed`` / ``--size`` / ``--gen-arg``
+when those are given.
 
 Generation uses ``echo4o_jax.generate.generate_batch(ckpt, requests, out_dir, regenerate=..., **overrides)``
 (one call per benchmark, after one call per benchmark with ``check_only=True`` that checks every request
 against the checkpoint before any is generated; ``--gen-arg KEY=VALUE`` become the overrides, VALUE
 parsed as JSON when it parses; a training workdir's resolved step is passed as ``step``). A request is ``{"id": <stem>, "prompt", "seed": seed + index, "num_images", "size"?, "images"?}``.
-A generation error (``GenerateError``: e.g. an output size the checkpoint cannot make) stops the run
-with a one-line ``error: ...``; images written before it are kept.
+A generation error (``GenerateError``: e.g. an output size the checkpoint cannot make, or an image that cannot be
+written: a full disk) stops the run with a one-line ``error: ...``; images written before it are kept (a rerun
+resumes).
 
 Before anything is generated: every prompt file is loaded and checked, the templates and ``--gen-arg``
 values parsed, the output folders checked against their records, the API key checked when judging
@@ -92,7 +96,7 @@ def _templates(pairs) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class _GenerationAPI:
-    generate_batch: Callable  # (ckpt, requests, out_dir, *, regenerate=False, **overrides)
+    generate_batch: Callable  # (ckpt, requests, out_dir, *, regenerate=False, progress=True, **overrides)
     error: type[Exception]  # what generate_batch raises for bad input (GenerateError)
     image_complete: Callable[[Path], bool]  # does an existing image decode fully
     # (paths, what) -> every image exists and decodes fully (broken ones reported): generate_batch's resume check
@@ -122,8 +126,11 @@ def _parse_gen_args(pairs) -> dict:
         k, v = p.split("=", 1)
         if k.strip() in ("regenerate", "step"):
             raise common.UsageError(f"--gen-arg {k.strip()}=...: use --{k.strip()}")
-        if k.strip() == "check_only":  # eval.run's own call before generating
-            raise common.UsageError("--gen-arg check_only=...: not a generation setting")
+        if k.strip() in ("check_only", "progress"):  # eval.run's own (its check before generating, --no-progress)
+            raise common.UsageError(f"--gen-arg {k.strip()}=...: not a generation setting")
+        if k.strip() == "max_new_tokens":
+            raise common.UsageError("--gen-arg max_new_tokens=... would be ignored: it limits the think text of "
+                                    "think requests, and no benchmark request thinks")
         try:
             out[k.strip()] = json.loads(v)
         except ValueError:
@@ -240,14 +247,15 @@ def _folder_clock(d: Path) -> float:
         p.unlink()
 
 
-def _settled(plan: "_Plan", since: float) -> dict[str, dict]:
-    """The record once generation stopped (finished, failed or interrupted): a request whose images were all
-    written since `since` was made with this run's settings; one with none written keeps its old entry; a mix
-    has no entry (unknown origin)."""
+def _settled(plan: "_Plan", since: float, made=()) -> dict[str, dict]:
+    """The record once generation stopped (finished, failed or interrupted): a request in `made` (generate_batch
+    returned, every image of it there: generated now, or found made with exactly these settings by
+    generate_batch's own record under --regenerate) or whose images were all written since `since` was made
+    with this run's settings; one with none written keeps its old entry; a mix has no entry (unknown origin)."""
     record = dict(plan.record)
     for r in plan.todo:
         times = [p.stat().st_mtime for p in _expected(plan.images_dir, r) if p.is_file()]
-        if times and all(t >= since for t in times):
+        if r["id"] in made or (times and all(t >= since for t in times)):
             record[r["id"]] = plan.current[r["id"]]
         elif any(t >= since for t in times):
             record.pop(r["id"], None)
@@ -269,7 +277,7 @@ def _refuse_mismatches(name: str, images_dir: Path, mismatched: dict[str, list],
         parts.append(f"{len(unrecorded)} request(s) have images but no record of what made them (e.g. "
                      f"{unrecorded[0]}; an older eval.run or another tool)")
     how = ("use --regenerate (without --judge-only) to generate them again with these settings, or another --out"
-           if judge_only else "use another --out for this run, or pass --regenerate to generate every image again "
+           if judge_only else "use another --out for this run, or pass --regenerate to generate those images again "
            "with these settings (or --judge-only to judge them as they are)")
     raise common.UsageError(f"[{name}] {images_dir} holds images from another generation, which would be judged "
                             f"as this run's: {'; '.join(parts)}. Nothing was generated; {how}")
@@ -323,24 +331,33 @@ def _requests(name: str, items, args, gen_args: dict) -> list[dict]:
 
 def plan_generation(name: str, items, images_dir: Path, args, ckpt: dict, gen_args: dict,
                     api: _GenerationAPI) -> _Plan:
-    """The requests that lack an image (absent, or not decoding fully: a write cut short); all of them with
-    --regenerate. A request whose images are kept must have been generated with this run's settings (its entry
-    in the images' record); otherwise nothing is generated and the error names what differs."""
+    """The requests that lack an image (absent, or not decoding fully: a write cut short). A request whose images
+    are kept must have been generated with this run's settings (its entry in the images' record), and so must a
+    request with some of its images there (more images now: generating it would replace them); otherwise
+    nothing is generated and the error names what differs. With --regenerate those are generated again, and a
+    request made with exactly this run's settings is still kept (an interrupted --regenerate run resumes)."""
     reqs = _requests(name, items, args, gen_args)
     record = _read_record(images_dir)
     current = {r["id"]: _provenance(r, ckpt, gen_args) for r in reqs}
     todo, mismatched, unrecorded = [], {}, []
     for r in reqs:
-        if args.regenerate or not api.outputs_finished(_expected(images_dir, r), f"{name} request {r['id']!r}"):
-            todo.append(r)
-            continue
+        paths = _expected(images_dir, r)
+        finished = api.outputs_finished(paths, f"{name} request {r['id']!r}")
         was = record.get(r["id"])
-        if was is None:
-            unrecorded.append(r["id"])
+        if not finished and (was is None or not any(p.is_file() for p in paths)):
+            todo.append(r)  # nothing of it to keep
             continue
-        for field, now in current[r["id"]].items():
-            if was.get(field) != now:
-                mismatched.setdefault(field, []).append((r["id"], was.get(field), now))
+        diff = [] if was is None else [(f, was.get(f), now) for f, now in current[r["id"]].items() if was.get(f) != now]
+        if was is not None and not diff:
+            if not finished:  # this run's settings: the rest of its images
+                todo.append(r)
+        elif args.regenerate:
+            todo.append(r)
+        elif was is None:
+            unrecorded.append(r["id"])
+        else:
+            for field, old, now in diff:
+                mismatched.setdefault(field, []).append((r["id"], old, now))
     _refuse_mismatches(name, images_dir, mismatched, unrecorded, judge_only=False)
     return _Plan(name, images_dir, reqs, todo, record, current)
 
@@ -401,15 +418,23 @@ def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
             r["id"]: {**plan.current[r["id"]], "pending_since": since, "previous": plan.record.get(r["id"])}
             for r in todo}})
         print(f"[{name}] generating {len(todo)} of {len(plan.reqs)} requests -> {images_dir}", file=sys.stderr)
+        made = None  # the requests generate_batch finished, once it returns
         try:
             api.generate_batch(str(args.ckpt), todo, str(images_dir), regenerate=args.regenerate,
-                               **_batch_overrides(plan, gen_args))
+                               progress=not args.no_progress, **_batch_overrides(plan, gen_args))
+            absent = [str(p) for r in todo for p in _expected(images_dir, r)
+                      if not p.is_file() or (p in existed and not api.image_complete(p))]
+            made = {r["id"] for r in todo if not any(str(p) in absent for p in _expected(images_dir, r))}
         except api.error as e:
             raise common.UsageError(f"[{name}] generation failed: {e}") from None
         finally:
-            _write_record(images_dir, _settled(plan, since))
-        absent = [str(p) for r in todo for p in _expected(images_dir, r)
-                  if not p.is_file() or (p in existed and not api.image_complete(p))]
+            try:
+                _write_record(images_dir, _settled(plan, since, made or ()))
+            except common.UsageError:  # e.g. the disk is full
+                if made is not None:
+                    raise
+                # the generation's own error (or Ctrl-C) is the one to report; the record written as generation
+                # began stays, which a rerun settles by the images' times
         info["not_written"] = absent
         if absent:
             print(f"[{name}] warning: generate_batch did not write {len(absent)} images (they count as "
@@ -451,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra keyword for generate_batch (repeatable), e.g. cfg_text_scale=4.0")
     ap.add_argument("--regenerate", action="store_true",
-                    help="generate every image again, also those that exist (e.g. made with other settings)")
+                    help="generate again the images made with other settings (otherwise refused); those made with "
+                         "this run's settings are kept, so an interrupted --regenerate run resumes")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--judge-only", action="store_true", help="skip generation (images already there)")
     mode.add_argument("--generate-only", action="store_true", help="skip judging")
@@ -596,7 +622,7 @@ def main(argv=None) -> dict:
                    "images).**", ""]
         md += [report["benchmarks"][n].pop("markdown") if n in names else _markdown_of(out, n)
                for n in report["benchmarks"]]
-        (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
+        common.write_bytes(out / "summary.md", "\n".join(md).encode("utf-8"))
     common.write_json(out / "summary.json", report)
     for name in names:
         s = report["benchmarks"][name].get("summary")
