@@ -185,11 +185,17 @@ def test_bad_base_url_is_refused_before_anything(server, tmp_path):
     assert not list(tmp_path.iterdir()) and not server.requests
 
 
-def test_max_failures_aborts(server, tmp_path):
+def test_max_failures_aborts(server, tmp_path, caplog):
     server.push(GEN, *[Reply.status(400, "bad request") for _ in range(4)])
     s = run_track(make_track("surreal", make_cfg(server, max_failures=1)), tmp_path / "ds", limit=6, progress=False)
     assert s.failed == 2 and "max_failures" in s.aborted and not s.complete
     assert len(server.calls(GEN)) == 2
+    caplog.clear()  # samples in flight that fail after the abort: it is said once (it was, per such sample)
+    server.push(GEN, *[Reply.status(400, "bad request") for _ in range(6)])
+    s = run_track(make_track("surreal", make_cfg(server, max_failures=1, concurrency=4)), tmp_path / "ds2", limit=6,
+                  progress=False)
+    assert s.failed > 2 and "max_failures" in s.aborted
+    assert [r.message for r in caplog.records if "max_failures" in r.message] == [s.aborted]
 
 
 def test_a_rejected_call_is_named_and_its_rerun_not_promised_to_help(server, tmp_path):

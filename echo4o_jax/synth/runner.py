@@ -381,7 +381,7 @@ def _loop(track: Track, sc: SynthClient, writer: RecordWriter, summary: RunSumma
                 skipped[o.failed] += 1
                 summary.failed += 1
                 summary.failures.append(f"{sid}: {o.failed}")
-                if summary.failed > cfg.max_failures:
+                if summary.failed > cfg.max_failures and not summary.aborted:  # (samples in flight may fail too)
                     summary.aborted = f"aborted: more than {cfg.max_failures} failed samples (max_failures)"
                     log.error("%s", summary.aborted)
                     sc.stop.set()
