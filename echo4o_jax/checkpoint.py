@@ -371,7 +371,7 @@ def restore_module(abstract: nnx.Module, item_dir, *, dtype=None, shardings=None
     return nnx.merge(graphdef, state)
 
 
-TENSORSTORE_SPEC_MARKERS = (" See full TensorStore details", " [tensorstore_spec=")
+TENSORSTORE_SPEC_MARKERS = (" See full TensorStore details", " [tensorstore_spec")  # (also "[tensorstore_spec[1]=")
 
 
 def tensorstore_error(e: BaseException) -> str:

@@ -142,3 +142,19 @@ def test_geometry_diff_names_the_geometry_fields_only(golden_dir):
         ("llm.num_layers", cfg.llm.num_layers, cfg.llm.num_layers + 1),
         ("max_latent_size", cfg.max_latent_size, cfg.max_latent_size * 2),
         ("special_tokens.eos_token_id", cfg.special_tokens.eos_token_id, 7)]
+
+
+def test_tensorstore_errors_lose_the_specs_appended_to_them():
+    """tensorstore appends its read spec (2,000 characters of JSON) in several forms: an error line keeps the
+    message only."""
+    from echo4o_jax.checkpoint import tensorstore_error
+
+    spec = "{" + '"driver":"zarr",' * 100 + "}"
+    for text in (f"NOT_FOUND: Metadata at \"a/.zarray\" does not exist [tensorstore_spec='{spec}']",
+                 f"NOT_FOUND: Metadata at \"a/.zarray\" does not exist [tensorstore_spec[1]='{spec}'] "
+                 f"[tensorstore_spec[0]='{spec}']",
+                 f"NOT_FOUND: Metadata at \"a/.zarray\" does not exist See full TensorStore details {spec}"):
+        assert tensorstore_error(ValueError(text)) == 'NOT_FOUND: Metadata at "a/.zarray" does not exist'
+    wrapped = Exception("Encountered error while reading array index 3")
+    wrapped.__cause__ = ValueError(f"DATA_LOSS: truncated [tensorstore_spec='{spec}']")
+    assert tensorstore_error(wrapped) == "DATA_LOSS: truncated"
