@@ -352,8 +352,7 @@ class Trainer:
         self.local_packs = P // jax.process_count()
         self._check_sampling()
         self._check_workdir_geometry()
-        if self.workdir.is_dir():  # a run in progress refuses this one before the weights load (minutes on 7B)
-            self._lock_workdir(probe=True)
+        self._lock_workdir(probe=True)  # a run in progress refuses this one before the weights load (minutes on 7B)
         self._build()
 
     def _check_sampling(self):
@@ -838,11 +837,12 @@ class Trainer:
         """Process 0's `flock` on the workdir folder (nothing is written into it), else None: a second run on the
         workdir (two jobs, or a command run twice) is a CheckpointError on every process. Two runs used to train
         side by side, each saving over the other's checkpoints and log. A file system without locks: a warning.
-        `probe`: released at once (the constructor's early check of an existing workdir; run() holds the lock)."""
+        `probe`: released at once, and only if the workdir exists (the constructor's early check; run() holds the
+        lock; what process 0 sees decides for all: every process takes part in the agreement)."""
         from ..paths import LockUnavailable, hold_lock
 
         lock = refused = None
-        if self.is_main:
+        if self.is_main and (not probe or self.workdir.is_dir()):
             try:
                 lock = hold_lock(self.workdir, f"workdir {self.workdir}", CheckpointError)  # (writes nothing)
             except CheckpointError as e:
