@@ -20,8 +20,9 @@ mode (pallas_gpu / pallas_tpu on the CPU, pallas_interpret) is labelled so in th
 "cudnn")`) over the same [L, H, D] with a plain causal mask: not BAGEL's mask (cuDNN takes no per-token
 split/mode rule), the speed a cuDNN call over the whole pack would have.
 
-`--sweep` (GPU) times the pallas_gpu launch shapes FWD_TILES (forward alone), then BWD_TILES with the best
-forward, and prints the best as a `model.attention_tuning` string.
+`--sweep` (GPU only: refused elsewhere, where the kernel is interpreted and its times are noise) times the
+pallas_gpu launch shapes FWD_TILES (forward alone), then BWD_TILES with the best forward, and prints the best
+as a `model.attention_tuning` string. Bad input: one `error:` line, exit 2, before anything is built.
 
 `--layers N` (default: the config's) turns the per-layer time into the attention time of a full forward +
 backward of the decoder (plus the recomputed forward under remat=full), to compare with a train step's time.
@@ -39,6 +40,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_common import UsageError, check_at_least, check_out, usage_error  # noqa: E402
 
 
 def pack_meta(config_path: str):
@@ -66,6 +69,14 @@ BWD_TILES = [("64x64:w4:s2", "64x64:w4:s2"), ("128x128:w8:s2", "128x128:w8:s2"),
              ("64x32:w4:s2", "32x64:w4:s2"), ("32x32:w4:s2", "32x32:w4:s2"), ("64x64:w8:s2", "64x64:w8:s2")]
 
 
+def tpu_blocks(L: int, block: int = 0) -> tuple[int, int]:
+    """(block_q, block_kv) the pallas_tpu kernel runs with on an L-token pack on this backend (`--block`, else
+    attention()'s default 512; capped by the padded length, lane-aligned on a TPU): its `block_sizes`."""
+    from echo4o_jax.model.kernels.pallas_tpu_flash import BLOCK, block_sizes
+
+    return block_sizes(L, L, block or BLOCK, block or BLOCK)
+
+
 def _timed(build, args, iters: int) -> tuple[float | None, str | None]:
     """(median seconds of `build()(*args)` after one warm-up call, None) or (None, error): a launch shape
     the chip refuses (shared memory, registers) is reported, not fatal."""
@@ -88,6 +99,31 @@ def _median_time(fn, n: int) -> float:
     return statistics.median(times)
 
 
+NAIVE = "naive_per_sample"
+
+
+def check_args(args) -> list[str]:
+    """The implementations to time; UsageError for bad input, before the pack is built or anything compiled."""
+    from echo4o_jax.model.attention import IMPLS
+
+    check_at_least(iters=(args.iters, 1), layers=(args.layers, 0), block=(args.block, 0))
+    check_out("--out", args.out)
+    if not pathlib.Path(args.config).is_file():
+        raise UsageError(f"--config {args.config}: no such file")
+    impls = [x for x in args.impls.split(",") if x]
+    bad = [x for x in impls if x not in IMPLS + (NAIVE,)]
+    if bad:
+        raise UsageError(f"--impls {args.impls}: unknown {', '.join(bad)} (known: "
+                         f"{', '.join(IMPLS + (NAIVE,))})")
+    if args.sweep:
+        import jax
+
+        if jax.default_backend() != "gpu":  # interpreted kernels: their times are noise, not a tuning
+            raise UsageError(f"--sweep times pallas_gpu's Triton launch shapes: it needs a GPU (the backend is "
+                             f"{jax.default_backend()}, where the kernel runs in interpret mode)")
+    return impls
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs/bagel_7b_geometry_small.py"))
@@ -102,6 +138,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="inputs of the timed runs")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    try:
+        impls = check_args(args)
+    except UsageError as e:
+        return usage_error(str(e))
 
     import jax
     import jax.numpy as jnp
@@ -154,13 +194,15 @@ def main(argv=None) -> int:
     from train_throughput import INTERPRET_NOTE, interpret_mode
 
     results = []
-    for impl in [x for x in args.impls.split(",") if x]:
+    for impl in impls:
         r = dict(impl=impl)
         if interpret_mode(impl, jax.default_backend()):
             r["interpret_mode"] = True  # the Pallas kernel interpreted: not a kernel timing
         try:
             if impl == "naive_per_sample":
                 bq = bk = 0
+            elif impl == "pallas_tpu":
+                bq, bk = tpu_blocks(L, args.block)
             elif impl.startswith("pallas"):
                 bq, bk = default_tiles(L, L, args.block or 64, args.block or 64)[0][:2]
             else:

@@ -32,6 +32,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_common import INTERRUPTED, usage_error  # noqa: E402
 
 
 def _status_kb(field: str) -> int:
@@ -109,17 +112,39 @@ def synth_checkpoint(folder: pathlib.Path, n_llm: int, n_vit: int, dtype: str) -
     return hashes
 
 
-def run_child(direction: str, src: pathlib.Path, out: pathlib.Path, args) -> dict:
+def run_child(direction: str, src: pathlib.Path, out: pathlib.Path, args, pids: list[int]) -> dict:
+    """One conversion in a child process (its pid appended to `pids`: `remove_run_files` finds its leftovers)."""
     cmd = [sys.executable, __file__, "--child", direction, "--src", str(src), "--out", str(out)]
     cmd += ["--quiet"] if args.quiet else []
     cmd += ["--no-compression"] if args.no_compression else []
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                JAX_PLATFORMS="cpu")
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    pids.append(p.pid)
+    try:
+        stdout, _ = p.communicate()
+    except KeyboardInterrupt:
+        # the child got the Ctrl-C too: the converter ends its Orbax save in order and removes its partial
+        # output; killing it here (as subprocess.run does) left that output (hundreds of MB) in the workdir
+        print("interrupted: waiting for the conversion to stop in order", file=sys.stderr, flush=True)
+        p.communicate()
+        raise
     if p.returncode != 0:
         raise SystemExit(f"{direction} failed (exit {p.returncode})")
-    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
+
+
+def remove_run_files(folders: list[pathlib.Path], pids: list[int], keep: bool) -> None:
+    """Remove `folders` (unless `keep`) and, always, the converters' temporary siblings of them that the child
+    processes `pids` left (`.NAME.tmp-PID-*` / `.NAME.old-PID-*`, echo4o_jax.convert's naming: a partial output)."""
+    for f in folders:
+        if not keep:
+            shutil.rmtree(f, ignore_errors=True)
+        for pid in pids:
+            for kind in ("tmp", "old"):
+                for left in f.parent.glob(f".{f.name}.{kind}-{pid}-*"):
+                    shutil.rmtree(left, ignore_errors=True)
 
 
 def main(argv=None) -> int:
@@ -145,10 +170,18 @@ def main(argv=None) -> int:
         child(args)
         return 0
 
+    for name in ("llm_layers", "vit_layers"):  # checked before gigabytes are written (the model needs >= 1 of each)
+        if getattr(args, name) < 1:
+            return usage_error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    try:
+        work = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="convert_bench_", dir="/tmp"))
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return usage_error(f"--workdir {args.workdir}: cannot be made ({e.strerror or e})")
+
     from echo4o_jax.safetensors_io import SafetensorsFile
 
-    work = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="convert_bench_", dir="/tmp"))
-    work.mkdir(parents=True, exist_ok=True)
+    pids: list[int] = []  # the conversion children
     src, mid, back = work / "official", work / "orbax", work / "official_back"
     for p in (src, mid, back):
         if p.exists():
@@ -170,12 +203,12 @@ def main(argv=None) -> int:
               f"(built in {time.perf_counter() - t0:.0f} s); largest tensor {largest_key} {largest / 1e9:.3f} GB")
         budget = 3 * largest + 2**30
         rows = []
-        r = run_child("to_jax", src, mid, args)
+        r = run_child("to_jax", src, mid, args, pids)
         rows.append(("to_jax", r))
         if not args.keep:
             shutil.rmtree(src)
         orbax_bytes = sum(p.stat().st_size for p in mid.rglob("*") if p.is_file())
-        r = run_child("to_torch", mid, back, args)
+        r = run_child("to_torch", mid, back, args, pids)
         rows.append(("to_torch", r))
         # round trip: every tensor identical (keys, shapes, dtypes via the header; bytes via hashes)
         got = {}
@@ -197,13 +230,15 @@ def main(argv=None) -> int:
         print(f"round trip bit-exact: {exact} ({len(hashes)} tensors); Orbax folder {orbax_bytes / 1e9:.2f} GB "
               f"({'zstd-1' if not args.no_compression else 'uncompressed'})")
         return 0 if exact and all(r["peak_rss"] < budget for _, r in rows) else 1
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)" + ("" if args.keep else "; the files this run wrote are removed"),
+              file=sys.stderr)
+        return INTERRUPTED
     finally:
-        if not args.keep:
-            if args.workdir is None:
-                shutil.rmtree(work, ignore_errors=True)
-            else:  # only what this run wrote: the workdir may hold other files
-                for p in (src, mid, back):
-                    shutil.rmtree(p, ignore_errors=True)
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:  # only what this run wrote: the workdir may hold other files
+            remove_run_files([src, mid, back], pids, args.keep)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from bench_common import UsageError, check_at_least, check_out, usage_error  # noqa: E402
 
 
 VARIANTS = ("xla_blockwise", "xla_dense", "naive_per_sample", "no_attention")
@@ -173,6 +176,51 @@ def _np_mask(m):
     return (causal | bidir) & ~hidden_noise & np.ones_like(same_split)
 
 
+def check_args(args) -> dict[str, tuple[str, int]]:
+    """{variant: (its base, its attention block)}; UsageError for bad input, found before anything is compiled
+    (the model's and the data's settings checked as the Trainer checks them, and the pack built once)."""
+    from echo4o_jax.packing import PackOverflowError
+    from echo4o_jax.train.data_sources import make_source
+    from echo4o_jax.train.trainer import ConfigValueError, model_config_from, validate_config
+
+    check_at_least(steps=(args.steps, 1), hidden=(args.hidden, 32), layers=(args.layers, 1), vocab=(args.vocab, 1),
+                   block=(args.block, 1), text_len=(args.text_len, 1), t2i=(args.t2i, 0), edit=(args.edit, 0),
+                   und=(args.und, 0))
+    if args.hidden % 32:  # make_config's heads are 32 wide
+        raise UsageError(f"--hidden {args.hidden}: must be a multiple of 32 (the attention heads' width)")
+    if args.image < 16 or args.image % 16:  # the VAE's 8x downsampling, then 2x2 latent patches
+        raise UsageError(f"--image {args.image}: must be a positive multiple of 16")
+    if not args.t2i + args.edit + args.und:
+        raise UsageError("--t2i, --edit and --und are all 0: the pack needs at least one sample")
+    check_out("--out", args.out)
+    parsed = {}
+    for name in [v for v in args.variants.split(",") if v]:
+        base, _, block = name.removesuffix("+latents").partition(":")
+        if base not in VARIANTS or (block and not block.isdigit()):
+            raise UsageError(f"--variants: unknown variant {name!r} (one of {', '.join(VARIANTS)}, optionally with "
+                             ":BLOCK and / or +latents)")
+        parsed[name] = (base, int(block) if block else args.block)
+    if not parsed:
+        raise UsageError(f"--variants {args.variants!r}: no variant given")
+    c = make_config(args)
+    try:
+        validate_config(c)
+        cfg = model_config_from(c)
+    except ConfigValueError as e:
+        raise UsageError(f"{e} (from --hidden / --layers / --vocab / the budgets)") from None
+    for name, (base, block) in parsed.items():
+        c.model.attention_block_q = c.model.attention_block_kv = block
+        try:
+            validate_config(c)
+        except ConfigValueError as e:
+            raise UsageError(f"--variants {name}: {e}") from None
+    try:
+        next(make_source(c, cfg, process_index=0, process_count=1, local_packs=1))
+    except PackOverflowError as e:  # budgets the samples do not fit in
+        raise UsageError(f"--text-budget / --vit-budget / --vae-budget: {e}") from None
+    return parsed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
@@ -194,12 +242,10 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=32, help="attention block (q and kv) of xla_blockwise")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    small = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("steps", "hidden", "layers", "vocab", "block",
-                                                                       "text_len") if getattr(args, k) < 1]
-    if small:
-        ap.error(f"{', '.join(small)}: must be at least 1")
-    if args.image < 16 or args.image % 16:  # the VAE's 8x downsampling, then 2x2 latent patches
-        ap.error(f"--image {args.image}: must be a positive multiple of 16")
+    try:
+        parsed = check_args(args)
+    except UsageError as e:
+        return usage_error(str(e))
 
     import jax
     import numpy as np
@@ -208,14 +254,7 @@ def main(argv=None) -> int:
     from echo4o_jax.train.trainer import Trainer
 
     c = make_config(args)
-    variants = [v for v in args.variants.split(",") if v]
-    parsed = {}
-    for name in variants:
-        base, _, block = name.removesuffix("+latents").partition(":")
-        if base not in VARIANTS or (block and not block.isdigit()):
-            ap.error(f"--variants: unknown variant {name!r} (one of {', '.join(VARIANTS)}, optionally with :BLOCK "
-                     "and / or +latents)")
-        parsed[name] = (base, int(block) if block else args.block)
+    variants = list(parsed)
     trainers, batch, lens = {}, None, None
     orig_attention = qmot.attention
     with tempfile.TemporaryDirectory() as wd:

@@ -57,6 +57,7 @@ from echo4o_jax.data.pipeline import DataPipeline, DatasetSpec, PipelineConfig  
 from echo4o_jax.data.records import RecordWriter, load_manifest, multiref_record, t2i_record  # noqa: E402
 from echo4o_jax.image_transform import ImageTransform  # noqa: E402
 from echo4o_jax.packing import PackBudget  # noqa: E402
+from bench_common import out_file_problem  # noqa: E402
 from train_throughput import apply_override, build_parser, load_config, measure  # noqa: E402
 
 DEVICES_PER_HOST = 8
@@ -227,8 +228,12 @@ def main(argv=None) -> int:
                     help="dtype of the batches' images (PipelineConfig.image_dtype)")
     a = ap.parse_args(argv)
     if a.table_from:
-        with open(a.table_from) as f:
-            print_table(json.load(f))
+        try:
+            with open(a.table_from) as f:
+                rows = json.load(f)
+        except (OSError, ValueError) as e:  # (json's errors are ValueErrors)
+            ap.error(f"--table-from {a.table_from}: {getattr(e, 'strerror', None) or e}")
+        print_table(rows)
         return 0
     try:
         workers = [int(x) for x in a.workers.split(",") if x]
@@ -239,6 +244,9 @@ def main(argv=None) -> int:
         ap.error("--workers must be >= 0 and --res > 0")
     if a.seconds <= 0 or a.samples <= 0 or a.demo_steps < 1 or a.pack_threads < 1:
         ap.error("--seconds and --samples must be > 0, --demo-steps and --pack-threads >= 1")
+    why = out_file_problem(a.json) if a.json else None
+    if why:  # (found now, not when the first row is written)
+        ap.error(f"--json {a.json}: {why}")
     os.makedirs(a.data_dir, exist_ok=True)
     rows = []
 

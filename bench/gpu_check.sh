@@ -20,7 +20,8 @@
 #      one decoder layer's time and MFU per remat (the 4-layer step's MFU is half embedding/LM-head FLOPs
 #      of the official formula) with the step extrapolated to 28 layers.
 #   bash bench/gpu_check.sh            (logs and JSON under $OUT, default ./gpu_check in the caller's folder)
-# Uses $PYTHON (default python3), which must already have a GPU JAX (the lent machines reach no network).
+# Uses $PYTHON (default python3), which must already have a GPU JAX (the lent machines reach no network):
+# stage 0 stops the check (exit 1) when JAX's backend is not the GPU.
 # Wheels to carry (prepared where PyPI is reachable; .whl/ is not committed):
 #   d="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64"
 #   pip download $d -d .whl ml-collections==1.1.0
@@ -58,6 +59,14 @@ for m in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "ml_collections"
 import jax
 print("devices", jax.devices())
 EOF
+# Without a GPU every stage would run on the CPU (Pallas kernels in interpret mode, minutes, the 7B-width
+# config risking the host's memory) and the summary would read like a GPU result: stop here instead.
+BACKEND=$($PY -c "import jax; print(jax.default_backend())" 2>/dev/null)
+if [ "$BACKEND" != gpu ]; then
+  echo "error: JAX's backend is ${BACKEND:-unknown (jax does not import with $PY)}, not gpu: this check needs a GPU" \
+    "and a GPU JAX (see $OUT/gpu.txt)" >&2
+  exit 1
+fi
 
 stage "1 imports"
 IMPORT_CHECK='import ml_collections, echo4o_jax.train.trainer, echo4o_jax.model.kernels.pallas_flash'

@@ -24,6 +24,9 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # echo4o_jax from a checkout
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from train_throughput import INTERPRET_NOTE  # noqa: E402
 
 GIB = 2**30
 
@@ -57,7 +60,6 @@ def num_layers(r: dict) -> int | None:
             return int(o.split("=")[1])
     try:
         here = pathlib.Path(__file__).resolve().parent
-        sys.path.insert(0, str(here))
         from train_throughput import load_config
 
         path = pathlib.Path(r["config"])  # older runs: as given on the command line, relative to the repo root
@@ -167,9 +169,11 @@ def summary(out: pathlib.Path) -> str:
         share = f"{t / r['step_seconds']:.0%}" if t else "-"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
         mfu_full = f"{r['mfu_full_model']:.1%}" if r.get("mfu_full_model") else "-"
+        peak = r.get("peak_device_memory_bytes")  # (None where the backend reports no device memory)
+        peak = f"{peak / GIB:.1f}" if peak else "-"
+        note = f"  ({INTERPRET_NOTE})" if r.get("interpret_mode") else ""  # a CPU run must not read as a GPU's
         lines.append(f"{name:<22}{r['compile_seconds']:>10.1f}{r['step_seconds']:>9.3f}{r['tokens_per_second']:>11.0f}"
-                     f"{mfu:>7}{mfu_full:>9}{(r.get('peak_device_memory_bytes') or 0) / GIB:>10.1f}{share:>11}"
-                     f"  {r.get('attention_tuning') or 'default'}")
+                     f"{mfu:>7}{mfu_full:>9}{peak:>10}{share:>11}  {r.get('attention_tuning') or 'default'}{note}")
     for name, r in runs:
         ph, cm = r.get("memory_phases") or {}, r.get("compiled_memory") or {}
         if ph:
@@ -197,6 +201,9 @@ def summary(out: pathlib.Path) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if len(argv) != 1 or not pathlib.Path(argv[0]).is_dir():
         print(__doc__.strip(), file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # processes may load it at once
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+from bench_common import UsageError, check_out, usage_error  # noqa: E402  (UsageError: one `error:` line, exit 2)
 from train_throughput import apply_override, load_config  # noqa: E402
 
 GiB = 1024**3
@@ -333,10 +334,6 @@ HEADER = (f"{'remat':>13} {'data':>4} {'fsdp':>4} {'tp':>4} {'arg GiB':>7} {'out
 SEARCHED_KEYS = ("model.remat", "mesh.data", "mesh.fsdp", "mesh.tensor")  # set by the search itself
 
 
-class UsageError(Exception):
-    """A bad argument or config: one `error:` line, exit 2."""
-
-
 def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
     """("v5p", (2, 2, 1)) of "v5p:2x2x1"; UsageError for a malformed name or an unknown generation."""
     gen, sep, dims = topology.partition(":")
@@ -365,6 +362,7 @@ def check_args(args) -> None:
                          "(--set model.remat=... --set mesh.tensor=...)")
     if args.no_search and args.all:
         raise UsageError("--all compiles every searched candidate; with --no-search there is one")
+    check_out("--out", args.out)
     for kv in args.set:
         if "=" not in kv:
             raise UsageError(f"--set {kv!r}: expected key=value")
@@ -452,6 +450,11 @@ def main(argv=None) -> int:
         return 2
     from echo4o_jax import sharding as shd
 
+    if args.no_search:  # the config's own mesh must span the chips (the search makes its own): not a compile error
+        try:
+            shd.make_mesh(int(c.mesh.data), int(c.mesh.fsdp), int(c.mesh.tensor), devices=devices)
+        except ValueError as e:
+            return usage_error(f"--topology {args.topology} has {len(devices)} chips: {e}")
     packs = int(c.data.packs_per_step)
 
     def packs_fit(tp: int) -> bool:  # the mesh spans every chip: data x fsdp = chips / tensor

@@ -15,6 +15,9 @@ norm) and `layer_param_fraction` is one decoder layer's share of the parameters,
 bench/gpu_summary.py can split one layer's time into compute and optimizer work. `interpret_mode` is true
 where the attention is a Pallas kernel run in interpret mode (pallas_gpu / pallas_tpu on the CPU,
 pallas_interpret): its times are not kernel timings, and the table says so.
+
+Exit status: 0; 1 when an implementation failed (its JSON row holds the error); 2 for bad input (one
+`error:` line, before anything is measured); 130 on Ctrl-C, after writing the implementations measured.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_common import INTERRUPTED, UsageError, check_at_least, check_out, usage_error  # noqa: E402
 
 
 def load_config(path: str):
@@ -69,17 +75,49 @@ def apply_override(c, kv: str):
         raise ValueError(f"--set {kv}: {type(e).__name__}: {e}") from None
 
 
-def checked_overrides(config: str, overrides: list[str]) -> str | None:
-    """Why the config file or an override cannot be used (one line), or None: checked before any measurement."""
-    if not os.path.isfile(config):
-        return f"--config {config}: no such file"
-    c = load_config(config)
-    for kv in overrides:
+def bench_config(args, impl: str | None):
+    """The config `measure` trains: --config with --set applied, `impl` as the attention (None: the config's)."""
+    c = load_config(args.config)
+    c.log.tensorboard = False
+    c.log.sample_every = 0
+    for kv in args.set:
+        apply_override(c, kv)
+    if impl:
+        c.model.attention_impl = impl
+    return c
+
+
+def check_args(args) -> list[str | None]:
+    """The implementations to measure (None: the config's), each one's config checked as the Trainer checks it;
+    UsageError for any bad input: found here, before the first compile, not as an error row (or a traceback)
+    after the others were measured."""
+    from echo4o_jax.model.attention import IMPLS
+    from echo4o_jax.paths import folder_problem
+    from echo4o_jax.train.trainer import ConfigValueError, model_config_from, validate_config
+
+    check_at_least(steps=(args.steps, 1), profile_steps=(args.profile_steps, 0), peak_flops=(args.peak_flops, 0))
+    check_out("--out", args.out)
+    why = folder_problem(args.profile_dir) if args.profile_dir else None
+    if why:
+        raise UsageError(f"--profile-dir {args.profile_dir}: {why}")
+    if not os.path.isfile(args.config):
+        raise UsageError(f"--config {args.config}: no such file")
+    impls = [x for x in args.impls.split(",") if x] or [None]
+    bad = [x for x in impls if x and x not in IMPLS]
+    if bad:
+        raise UsageError(f"--impls {args.impls}: unknown {', '.join(bad)} (known: {', '.join(IMPLS)})")
+    for impl in impls:
         try:
-            apply_override(c, kv)
-        except ValueError as e:
-            return str(e)
-    return None
+            c = bench_config(args, impl)
+            validate_config(c)
+            layers = model_config_from(c).llm.num_layers
+        except ConfigValueError as e:
+            raise UsageError(f"--impls {impl}: {e}" if impl else str(e)) from None
+        except ValueError as e:  # apply_override's, naming the --set
+            raise UsageError(str(e)) from None
+        if layers < 1:  # (the results divide by it: one layer's share of the parameters)
+            raise UsageError(f"model.geometry.llm.num_layers={layers}: at least 1 decoder layer")
+    return impls
 
 
 INTERPRET_NOTE = "interpret mode: not a kernel timing"
@@ -116,17 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    why = checked_overrides(args.config, args.set)
-    if why:
-        print(f"error: {why}", file=sys.stderr)
-        return 2
-    impls = [x for x in args.impls.split(",") if x] or [None]
-    results = []
-    for impl in impls:
-        try:
-            results.append(measure(args, impl))
-        except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
-            results.append(dict(attention_impl=impl, error=f"{type(e).__name__}: {e}"[:2000]))
+    try:
+        impls = check_args(args)
+    except UsageError as e:
+        return usage_error(str(e))
+    results, interrupted = [], False
+    try:
+        for impl in impls:
+            try:
+                results.append(measure(args, impl))
+            except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
+                results.append(dict(attention_impl=impl, error=f"{type(e).__name__}: {e}"[:2000]))
+    except KeyboardInterrupt:  # Ctrl-C: keep (print and write) the implementations measured before it
+        interrupted = True
+        results += [dict(attention_impl=impl, error="interrupted (Ctrl-C): not measured", interrupted=True)
+                    for impl in impls[len(results):]]
     text = json.dumps(results if len(results) > 1 else results[0], indent=1)
     print(text)
     if len(results) > 1:
@@ -143,7 +185,12 @@ def main(argv=None) -> int:
                   f"{r['tokens_per_second']:>11.0f}{mfu:>7}{mfu_full:>9}{mem:>10}{note}")
     if args.out:
         pathlib.Path(args.out).write_text(text)
-    return 0
+    if interrupted:
+        n = sum("error" not in r for r in results)
+        print(f"error: interrupted (Ctrl-C): {n} of {len(impls)} implementations measured"
+              + (f", written to {args.out}" if args.out else ""), file=sys.stderr)
+        return INTERRUPTED
+    return 1 if any("error" in r for r in results) else 0  # (the error rows: in the JSON and the table)
 
 
 def batch_work(cfg, batch, freeze_vit: bool) -> tuple[int, float, float]:
@@ -183,11 +230,12 @@ def profile_steps(tr, steps: int, log_dir: str) -> dict:
             if options:
                 compile_s = tr.compile(batches[0], options)
                 tr.train_step(batches[0])  # its first run outside the trace
-            t = time.perf_counter()
             with jax.profiler.trace(d, create_perfetto_trace=True):
+                t = time.perf_counter()  # the steps alone: not the trace's start, stop and dump
                 for b in batches:
                     tr.train_step(b)
-            wall = (time.perf_counter() - t) / steps
+                jax.block_until_ready(tr.state)
+                wall = (time.perf_counter() - t) / steps
             out = prof.summarize_compiled_trace(d, tr._compiled, steps)
     except Exception as e:  # noqa: BLE001
         return dict(error=f"{type(e).__name__}: {e}"[:1000])
@@ -229,13 +277,7 @@ def measure(args, impl: str | None) -> dict:
     from echo4o_jax.train import flops as flops_lib
     from echo4o_jax.train.trainer import Trainer
 
-    c = load_config(args.config)
-    c.log.tensorboard = False
-    c.log.sample_every = 0
-    for kv in args.set:
-        apply_override(c, kv)
-    if impl:
-        c.model.attention_impl = impl
+    c = bench_config(args, impl)
     dev = jax.devices()[0]
     phases = {}
 

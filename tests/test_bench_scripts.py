@@ -127,21 +127,33 @@ def test_attention_and_train_benchmarks_and_gpu_summary(tmp_path, capsys):
                for line in lines)
 
 
-def test_cpu_baseline_refuses_unknown_variants_before_compiling(capsys):
-    import pytest
+def test_cpu_baseline_refuses_bad_input_before_compiling(monkeypatch, capsys):
+    """One `error:` line and exit 2, before any variant is compiled: the widths, budgets and blocks are checked
+    as the Trainer checks them and the pack is built once (bad ones used to end in a traceback, some after the
+    whole run)."""
+    from echo4o_jax.train import trainer
 
     cb = load_file(ROOT / "bench" / "cpu_baseline.py", "cpu_baseline_script")
-    for bad in ("pallas_gpu", "xla_dense:x", "xla_blockwise,typo+latents"):
-        with pytest.raises(SystemExit) as e:
-            cb.main(["--variants", bad])
-        assert e.value.code == 2
+
+    def no_trainer(*a, **k):
+        raise AssertionError("compiled before refusing")
+
+    monkeypatch.setattr(trainer, "Trainer", no_trainer)
+    cases = [(["--variants", bad], "unknown variant") for bad in ("pallas_gpu", "xla_dense:x", "xla_blockwise,typo+latents")]
+    cases += [(["--steps", "0"], "--steps 0: must be at least 1"),
+              (["--image", "1000"], "--image 1000: must be a positive multiple of 16"),
+              (["--text-budget", "256", "--image", "64"], "budget text_tokens=256"),
+              (["--t2i", "-1"], "--t2i -1: must be at least 0"),
+              (["--hidden", "16"], "--hidden 16: must be at least 32"),
+              (["--hidden", "48"], "--hidden 48: must be a multiple of 32"),
+              (["--variants", "xla_blockwise:0"], "--variants xla_blockwise:0: model.attention_block_q=0"),
+              (["--vae-budget", "0"], "data.budget.text_tokens and vae_tokens must be > 0"),
+              (["--t2i", "0", "--edit", "0", "--und", "0"], "the pack needs at least one sample"),
+              (["--out", "/nonexistent_dir/x.json"], "--out /nonexistent_dir/x.json: no such folder /nonexistent_dir")]
+    for bad, msg in cases:
+        assert cb.main(bad) == 2, bad
         out, err = capsys.readouterr()
-        assert "unknown variant" in err and "compiled" not in out  # refused before any variant compiled
-    for bad, msg in ((["--steps", "0"], "--steps 0: must be at least 1"),
-                     (["--image", "1000"], "--image 1000: must be a positive multiple of 16")):
-        with pytest.raises(SystemExit) as e:
-            cb.main(bad)
-        assert e.value.code == 2 and msg in capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1 and not out, (bad, err)
 
 
 def test_train_throughput_refuses_a_misspelt_override(capsys):
@@ -154,6 +166,88 @@ def test_train_throughput_refuses_a_misspelt_override(capsys):
                            "model.remat?)") and out == ""
     assert tt.main(["--config", str(TINY), "--set", "model.remat"]) == 2
     assert "expected key=value" in capsys.readouterr().err
+
+
+def test_train_throughput_refuses_bad_input_before_measuring(monkeypatch, capsys):
+    """Bad input is one `error:` line and exit 2 before the first implementation is measured (it used to be a
+    JSON error row with exit 0, after the others were measured, or a ZeroDivisionError after the whole run)."""
+    tt = load_file(ROOT / "bench" / "train_throughput.py", "train_throughput_script")
+
+    def measure(args, impl):
+        raise AssertionError("measured before refusing")
+
+    monkeypatch.setattr(tt, "measure", measure)
+    base = ["--config", str(TINY)]
+    for bad, msg in ((["--steps", "0"], "--steps 0: must be at least 1"), (["--steps", "-2"], "--steps -2"),
+                     (["--set", "model.remat=bogus"], "model.remat='bogus': expected"),
+                     (["--set", "optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+                     (["--impls", "xla_blockwise,xla_dense,bogus"], "--impls xla_blockwise,xla_dense,bogus: unknown bogus"),
+                     (["--impls", "xla_dense", "--set", "model.attention_block_q=0"], "--impls xla_dense: model."),
+                     (["--set", "model.geometry.llm.num_layers=0"], "num_layers=0: at least 1 decoder layer"),
+                     (["--peak-flops", "-1"], "--peak-flops -1.0"), (["--profile-steps", "-1"], "--profile-steps -1"),
+                     (["--out", "/nonexistent_dir/x.json"], "--out /nonexistent_dir/x.json: no such folder"),
+                     (["--config", "/nonexistent.py"], "--config /nonexistent.py: no such file")):
+        assert tt.main(base + bad) == 2, bad
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1 and not out, (bad, err)
+
+
+def test_train_throughput_keeps_what_it_measured_when_interrupted(tmp_path, monkeypatch, capsys):
+    """Ctrl-C with several --impls writes the implementations measured before it (the others marked) and exits
+    130 with one line (it was a traceback that lost them); an implementation that failed makes the exit 1."""
+    import pytest
+
+    tt = load_file(ROOT / "bench" / "train_throughput.py", "train_throughput_script")
+
+    def measure(args, impl):
+        if impl == "xla_dense":
+            raise KeyboardInterrupt
+        if impl == "pallas_interpret":
+            raise RuntimeError("does not fit")
+        return dict(attention_impl=impl, compile_seconds=1.0, step_seconds=0.5, tokens_per_second=100.0)
+
+    monkeypatch.setattr(tt, "measure", measure)
+    out = tmp_path / "t.json"
+    try:
+        rc = tt.main(["--config", str(TINY), "--impls", "xla_blockwise,xla_dense,pallas_gpu", "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C went through: what was measured before it is lost")
+    assert rc == 130
+    rows = json.loads(out.read_text())
+    assert rows[0]["step_seconds"] == 0.5 and [r.get("interrupted") for r in rows] == [None, True, True]
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: interrupted (Ctrl-C): 1 of 3 implementations measured, written to {out}"
+    assert tt.main(["--config", str(TINY), "--impls", "xla_blockwise,pallas_interpret", "--out", str(out)]) == 1
+    assert json.loads(out.read_text())[1]["error"] == "RuntimeError: does not fit"
+
+
+def test_traced_steps_wall_time_leaves_the_profiler_out(monkeypatch):
+    """The traced steps' wall time per step counts the steps, not the trace's start, stop and dump."""
+    import contextlib
+    import time
+
+    from echo4o_jax.train import profile as prof
+
+    tt = load_file(ROOT / "bench" / "train_throughput.py", "train_throughput_script")
+
+    @contextlib.contextmanager
+    def slow_trace(*a, **k):
+        time.sleep(0.3)
+        yield
+        time.sleep(0.3)
+
+    monkeypatch.setattr(jax.profiler, "trace", slow_trace)
+    monkeypatch.setattr(prof, "summarize_compiled_trace", lambda d, compiled, steps: dict(steps=steps))
+
+    class Trainer:
+        source = iter(range(2))
+        _compiled, state = "the timed step", None
+
+        def train_step(self, batch):
+            time.sleep(0.01)
+
+    out = tt.profile_steps(Trainer(), 2, "")
+    assert 0.01 <= out["wall_seconds_per_step"] < 0.1, out
 
 
 def test_a_failing_profiler_is_reported_not_fatal(monkeypatch):
@@ -198,6 +292,7 @@ def test_gpu_profile_traces_a_step_compiled_without_command_buffers(monkeypatch)
         _compiled = "the timed step"
         compile_cache_hit = "the timed step's"
         ran = []
+        state = None
 
         def compile(self, batch, compiler_options=None):
             self._compiled = ("recompiled", tuple(sorted(compiler_options.items())))
@@ -234,6 +329,7 @@ def test_tpu_compile_refuses_bad_arguments_before_compiling(capsys):
         (["--topology", "v5p:2x2x1", "--no-search", "--set", "nosuch.key=1"], "--set nosuch.key=1"),
         (["--topology", "v5p:2x2x1", "--no-search", "--set", "model.vae_posterior=bogus"], "model.vae_posterior"),
         (["--topology", "v5p:2x2x1", "--no-search", "--latents-dtype", "bfloat16"], "needs data.vae_latents"),
+        (["--topology", "v5p:2x2x1", "--out", "/proc/nope/x.json"], "--out /proc/nope/x.json: no such folder"),
     ]
     for args, msg in cases:
         assert tc.main(base + args) == 2, args
@@ -248,6 +344,23 @@ def test_tpu_compile_refuses_bad_arguments_before_compiling(capsys):
     assert tc.main(base + ["--topology", "v5p:2x2x1", "--no-search", "--set", "model.remat_typo=full"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --set model.remat_typo=full: unknown config key "
                                                "model.remat_typo (did you mean model.remat?)")
+
+
+def test_tpu_compile_refuses_a_mesh_that_does_not_span_the_chips(monkeypatch, capsys):
+    """--no-search with mesh.tensor=3 on 4 chips is a usage error (it was reported as "every candidate failed to
+    compile", exit 1: the docs' "no candidate fits"); checked on the topology's devices, before compiling."""
+    import types
+
+    tc = load_file(ROOT / "bench" / "tpu_compile.py", "tpu_compile_bench")
+    monkeypatch.setattr(tc, "tpu_devices", lambda topology: [types.SimpleNamespace(device_kind="TPU v5")] * 4)
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled before refusing")
+
+    monkeypatch.setattr(tc, "compile_step", no_compile)
+    assert tc.main(["--config", str(TINY), "--topology", "v5p:2x2x1", "--no-search", "--set", "mesh.tensor=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --topology v5p:2x2x1 has 4 chips: mesh ") and "4 devices" in err, err
 
 
 def test_tpu_compile_packs_per_step_the_mesh_cannot_split(capsys):
@@ -318,10 +431,12 @@ def test_data_throughput_end_to_end_with_tiny_settings(tmp_path, monkeypatch, ca
         dt.main(argv)
     assert [r["workload"] for r in json.loads(out_json.read_text())] == ["256^2 mix"]  # kept
 
-    for bad in (["--workers", "x"], ["--seconds", "0"], ["--demo-steps", "0"]):
+    for bad, msg in ((["--workers", "x"], "--workers"), (["--seconds", "0"], "--seconds"),
+                     (["--demo-steps", "0"], "--demo-steps"), (["--table-from", "/nonexistent.json"], "/nonexistent"),
+                     (["--json", "/nonexistent_dir/x.json"], "--json /nonexistent_dir/x.json: no such folder")):
         with pytest.raises(SystemExit) as e:
             dt.main(argv + bad)
-        assert e.value.code == 2 and "error:" in capsys.readouterr().err
+        assert e.value.code == 2 and msg in capsys.readouterr().err.strip().splitlines()[-1], bad
 
 
 def test_generate_throughput_refuses_bad_input_with_one_error_line(capsys):
@@ -396,3 +511,122 @@ def test_gpu_summary_reads_an_old_runs_relative_config_from_any_folder(tmp_path,
     old = json.loads((ROOT / "bench/results/h100_train_pallas_gpu_full_4layers_2026-11-27.json").read_text())
     assert "num_layers" not in old and not pathlib.Path(old["config"]).is_absolute()
     assert gs.num_layers(old) == 4
+
+
+def test_gpu_check_stops_without_a_gpu(tmp_path):
+    """Without a GPU (JAX's backend cpu) stage 0 stops the check with one line: every stage used to run on the
+    CPU in interpret mode for minutes and exit 0 with a summary that read like a GPU result."""
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": "o", "JAX_PLATFORMS": "cpu",
+           "ATTN_TIMEOUT": "1", "TRAIN_TIMEOUT": "1", "PROFILE_TIMEOUT": "1"}  # (the old script: over at once)
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 1, r
+    assert r.stderr.strip().splitlines()[-1].startswith("error: JAX's backend is cpu, not gpu: this check needs a GPU")
+    assert "=== 0 machine" in r.stdout and "=== 1 imports" not in r.stdout
+
+
+def test_attention_bench_refuses_bad_input_before_building_the_pack(monkeypatch, capsys):
+    """One `error:` line, exit 2, before the pack is built or anything compiled (they were StatisticsError rows
+    with exit 0, negative times, tracebacks); --sweep needs a GPU: interpreted timings would pick a "best
+    tuning" from noise, which gpu_check.sh then trained with."""
+    ab = load_file(ROOT / "bench" / "attention_bench.py", "attention_bench_script")
+
+    def no_pack(*a, **k):
+        raise AssertionError("built the pack before refusing")
+
+    monkeypatch.setattr(ab, "pack_meta", no_pack)
+    base = ["--config", str(TINY)]
+    for bad, msg in ((["--iters", "0"], "--iters 0: must be at least 1"), (["--iters", "-1"], "--iters -1"),
+                     (["--layers", "-2"], "--layers -2: must be at least 0"), (["--block", "-8"], "--block -8"),
+                     (["--config", "/nonexist.py"], "--config /nonexist.py: no such file"),
+                     (["--impls", "xla_blockwise,bogus"], "--impls xla_blockwise,bogus: unknown bogus"),
+                     (["--out", "/nonexistent_dir/a.json"], "--out /nonexistent_dir/a.json: no such folder"),
+                     (["--sweep"], "--sweep times pallas_gpu's Triton launch shapes: it needs a GPU (the backend is "
+                                   "cpu")):
+        assert ab.main(base + bad) == 2, bad
+        out, err = capsys.readouterr()
+        assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1 and not out, (bad, err)
+
+
+def test_attention_bench_counts_pallas_tpu_blocks_with_the_tpu_kernels_blocks():
+    """pallas_tpu's blocks_kept is counted with the blocks its kernel runs with (512, capped by the padded
+    length), not pallas_gpu's 64 x 64 tiles."""
+    import inspect
+
+    from echo4o_jax.model import attention
+    from echo4o_jax.model.kernels.pallas_tpu_flash import BLOCK
+
+    ab = load_file(ROOT / "bench" / "attention_bench.py", "attention_bench_script")
+    assert inspect.signature(attention.attention).parameters["block_q"].default == BLOCK  # (what the bench takes)
+    assert ab.tpu_blocks(1000) == (512, 512) and ab.tpu_blocks(40) == (40, 40)
+    assert ab.tpu_blocks(1000, 128) == (128, 128)
+
+
+def test_convert_memory_checks_layers_first_and_leaves_no_partial_output(tmp_path, monkeypatch, capsys):
+    """Layer counts are checked before gigabytes are written (they failed in a child, with an off-by-one
+    message or a traceback); on Ctrl-C the conversion child is waited for (it ends its Orbax save in order and
+    removes its partial output; killed, it left hundreds of MB), and the run's leftovers are removed."""
+    import pytest
+
+    cm = load_file(ROOT / "bench" / "convert_memory.py", "convert_memory_script")
+
+    def no_child(*a, **k):
+        raise AssertionError("started a child before refusing")
+
+    monkeypatch.setattr(cm.subprocess, "run", no_child)
+    for bad, msg in ((["--llm-layers", "0"], "--llm-layers 0: must be at least 1"),
+                     (["--vit-layers", "0"], "--vit-layers 0: must be at least 1"),
+                     (["--llm-layers", "-1"], "--llm-layers -1"),
+                     (["--workdir", "/proc/nope/w"], "--workdir /proc/nope/w: ")):
+        assert cm.main(bad) == 2, bad
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and msg in err and len(err.splitlines()) == 1, (bad, err)
+
+    calls = []
+
+    class Child:  # Ctrl-C while the parent waits for the child (which got it too)
+        pid = 4242
+
+        def __init__(self, cmd, **kwargs):
+            pass
+
+        def communicate(self):
+            calls.append("wait")
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return "", None
+
+        def kill(self):
+            calls.append("kill")
+
+    monkeypatch.setattr(cm.subprocess, "Popen", Child)
+    pids = []
+    args = type("Args", (), dict(quiet=True, no_compression=False))
+    with pytest.raises(KeyboardInterrupt):
+        cm.run_child("to_jax", tmp_path / "official", tmp_path / "orbax", args, pids)
+    assert calls == ["wait", "wait"] and pids == [4242]
+    for name in (".orbax.tmp-4242-0123abcd", ".orbax.tmp-999-0123abcd", "orbax", "other"):
+        (tmp_path / name).mkdir()
+    cm.remove_run_files([tmp_path / "official", tmp_path / "orbax"], pids, keep=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".orbax.tmp-999-0123abcd", "other"]  # (not this run's)
+
+
+def test_gpu_summary_marks_interpret_runs_and_unreported_memory(tmp_path, capsys):
+    """A run without device memory figures shows `-` (it showed 0.0 GiB), an interpret-mode run says so (a CPU
+    run read like a GPU result), and --help exits 0."""
+    gs = load_file(ROOT / "bench" / "gpu_summary.py", "gpu_summary_script")
+    run = dict(attention_impl="pallas_gpu", compile_seconds=1.0, step_seconds=0.5, tokens_per_second=100.0,
+               peak_device_memory_bytes=None, interpret_mode=True)
+    (tmp_path / "train_cpu.json").write_text(json.dumps(run))
+    (tmp_path / "train_gpu.json").write_text(json.dumps(dict(run, peak_device_memory_bytes=3 * 2**30,
+                                                             interpret_mode=False)))
+    assert gs.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (cpu,) = [line for line in lines if line.startswith("cpu ")]
+    (gpu,) = [line for line in lines if line.startswith("gpu ")]
+    assert cpu.split()[6] == "-" and cpu.endswith("default  (interpret mode: not a kernel timing)")
+    assert gpu.split()[6] == "3.0" and gpu.endswith("default")
+    assert gs.main(["--help"]) == 0 and "python bench/gpu_summary.py OUT" in capsys.readouterr().out

@@ -209,19 +209,28 @@ _flash = flash_vjp(_fwd_call, _bwd_calls, lambda o, do: jnp.einsum(
     "hqd,hqd->hq", o.astype(jnp.float32), do.astype(jnp.float32))[..., None])
 
 
-def flash_attention_tpu(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, scale: float, block_q: int = 512,
-                        block_kv: int = 512, interpret: bool | None = None):
+BLOCK = 512  # default block_q / block_kv
+
+
+def block_sizes(Lq: int, Lk: int, block_q: int = BLOCK, block_kv: int = BLOCK, interpret: bool | None = None):
+    """(bq, bk) the kernel runs with for these lengths (also bench/attention_bench.py's blocks_kept)."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if interpret:  # any block size; keep them >= 8 and no larger than the padded lengths
+        return min(max(8, block_q), _round_up(Lq, 8)), min(max(8, block_kv), _round_up(Lk, 8))
+    # (8, 128) tiling: bq rows on sublanes, bk key columns on lanes
+    return (min(_round_up(max(8, block_q), 8), _round_up(Lq, 8)),
+            min(_round_up(max(128, block_kv), 128), _round_up(Lk, 128)))
+
+
+def flash_attention_tpu(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, scale: float, block_q: int = BLOCK,
+                        block_kv: int = BLOCK, interpret: bool | None = None):
     """q [Lq, H, D], k/v [Lk, KVH, D] -> [Lq, H, D]; same contract as `attention.attention`."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     Lq, H, D = q.shape
     Lk, KVH, _ = k.shape
-    if interpret:  # any block size; keep them >= 8 and no larger than the padded lengths
-        bq = min(max(8, block_q), _round_up(Lq, 8))
-        bk = min(max(8, block_kv), _round_up(Lk, 8))
-    else:  # (8, 128) tiling: bq rows on sublanes, bk key columns on lanes
-        bq = min(_round_up(max(8, block_q), 8), _round_up(Lq, 8))
-        bk = min(_round_up(max(128, block_kv), 128), _round_up(Lk, 128))
+    bq, bk = block_sizes(Lq, Lk, block_q, block_kv, interpret)
     Lq_p, Lk_p = _round_up(Lq, bq), _round_up(Lk, bk)
     qm, km, _, lists = prepare(q_meta, k_meta, Lq, Lk, bq, bk)
     tr = lambda x, L: jnp.transpose(jnp.pad(x, ((0, L - x.shape[0]), (0, 0), (0, 0))), (1, 0, 2))
