@@ -305,6 +305,12 @@ class BagelConfig:
         }
 
     def validate(self) -> None:
+        for part in ("llm", "vit", "vae"):  # (a geometry from model.geometry is not read through _field: 0 layers or
+            sub = getattr(self, part)  # heads trained, or failed at the first checkpoint)
+            for f in dataclasses.fields(sub):
+                v = getattr(sub, f.name)
+                if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+                    raise ConfigError(f"{part}.{f.name}={v} must be >= 1")
         l = self.llm
         if l.num_heads % l.num_kv_heads:
             raise ConfigError(f"num_attention_heads={l.num_heads} is not a multiple of num_key_value_heads={l.num_kv_heads}")

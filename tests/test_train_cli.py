@@ -132,6 +132,11 @@ def test_bad_model_and_mesh_values_are_one_line(tmp_path, capsys):
         q, kv = (v, c.model.attention_block_kv) if k == "attention_block_q" else (c.model.attention_block_q, v)
         assert _error_line(capsys) == (f"error: bad config: model.attention_block_q={q} / attention_block_kv={kv} "
                                        "must be > 0")
+    for part, key in (("llm", "num_layers"), ("vit", "num_heads")):  # (0 layers trained, then failed to save)
+        c = _tiny()
+        c.model.geometry[part][key] = 0
+        assert run(c, str(wd)) == 2
+        assert _error_line(capsys) == f"error: bad config: model.geometry: {part}.{key}=0 must be >= 1"
     c = _tiny()
     n = jax.device_count() + 1
     c.mesh.data = n
