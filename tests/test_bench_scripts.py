@@ -183,7 +183,7 @@ def test_train_throughput_refuses_bad_input_before_measuring(monkeypatch, capsys
                      (["--set", "optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
                      (["--impls", "xla_blockwise,xla_dense,bogus"], "--impls xla_blockwise,xla_dense,bogus: unknown bogus"),
                      (["--impls", "xla_dense", "--set", "model.attention_block_q=0"], "--impls xla_dense: model."),
-                     (["--set", "model.geometry.llm.num_layers=0"], "num_layers=0: at least 1 decoder layer"),
+                     (["--set", "model.geometry.llm.num_layers=0"], "model.geometry: llm.num_layers=0 must be >= 1"),
                      (["--peak-flops", "-1"], "--peak-flops -1.0"), (["--profile-steps", "-1"], "--profile-steps -1"),
                      (["--out", "/nonexistent_dir/x.json"], "--out /nonexistent_dir/x.json: no such folder"),
                      (["--config", "/nonexistent.py"], "--config /nonexistent.py: no such file")):

@@ -237,8 +237,8 @@ def validate_config(config) -> None:
     need(0 <= float(o.b1) < 1 and 0 <= float(o.b2) < 1, "optim.b1 / b2 must be in [0, 1)")
     need(float(o.grad_clip) >= 0, "optim.grad_clip must be >= 0 (0 = off)")
     need(m.init in ("random", "checkpoint"), f"model.init={m.init!r}: expected random|checkpoint")
-    need(m.compute_dtype in ("float32", "bfloat16"), f"model.compute_dtype={m.compute_dtype!r}: expected float32|bfloat16")
-    need(m.param_dtype in ("float32", "bfloat16"), f"model.param_dtype={m.param_dtype!r}: expected float32|bfloat16")
+    for k in ("compute_dtype", "param_dtype"):
+        need(m[k] in ("float32", "bfloat16"), f"model.{k}={m[k]!r}: expected float32|bfloat16")
     try:
         check_vae_posterior(m.vae_posterior, "model.vae_posterior")
     except ValueError as e:
