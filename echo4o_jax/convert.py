@@ -61,6 +61,7 @@ from .model import keymap
 from .model.bagel import Bagel, bagel_key_rules
 from .model.loading import LOADABLE_DTYPES, flax_shapes
 from .model.vae import AutoEncoder, vae_key_rules
+from .paths import pid_running
 from .safetensors_io import (open_checkpoint_file, write_safetensors_sharded,
                              write_safetensors_stream)
 
@@ -580,21 +581,9 @@ def _leftovers(out: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[0-9a-f]{{8}}")
     for p in out.parent.iterdir():
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not _pid_runs(int(m.group(2))):
+        if m and p.is_dir() and not pid_running(int(m.group(2))):
             found.append((p, m.group(1)))
     return sorted(found)
-
-
-def _pid_runs(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _remove_leftovers(out: pathlib.Path) -> None:

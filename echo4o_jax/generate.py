@@ -84,6 +84,7 @@ import numpy as np
 
 from .interrupts import exit_process, keep_ctrl_c
 from .jsonl import jsonl_lines
+from .paths import pid_running
 
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
 DEMO_PROMPT_IDS = [13, 60, 2, 38, 77, 23, 87, 59, 101]
@@ -765,24 +766,8 @@ def _remove_stale_temps(folder: pathlib.Path) -> None:
     mid-write); those of running processes (another run writing there) stay."""
     for p in folder.glob(".*.tmp"):
         m = _TEMP_NAME.fullmatch(p.name)
-        if m and not _pid_running(int(m[2])):
+        if m and not pid_running(int(m[2])):
             p.unlink(missing_ok=True)
-
-
-def _pid_running(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    except (OverflowError, ValueError):  # not a process id
-        return False
-    except OSError:  # unknown: keep its files
-        return True
-    return True
 
 
 def image_complete(path) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-__all__ = ["folder_problem", "hold_lock", "LockUnavailable"]
+__all__ = ["folder_problem", "hold_lock", "LockUnavailable", "pid_running"]
 
 
 class LockUnavailable(OSError):
@@ -75,3 +75,19 @@ class _FolderLock:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (this process: True). What is unknown counts as running: the
+    callers remove the leftovers of processes that no longer run, and must not remove a live one's."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):  # not a process id
+        return False
+    except OSError:  # another user's process (PermissionError), or unknown
+        return True
+    return True
