@@ -28,7 +28,7 @@
 #   pip download $d -d .whl/pinned flax==0.12.8 optax==0.2.8 orbax-checkpoint==0.12.8
 # Measured 2026-11-26 and 2026-11-28 on an H200 and 2026-11-27 on an H100 (bench/results/, README "Design
 # notes"); the stages took 50-55 s (attention) and ~90 s per train-step run there: 408 s in all on the H200
-# (2026-11-28, before the traced runs compiled the step again: expect ~80 s more).
+# (2026-11-28, before the traced runs compiled the step again), 493 s with them (H200, 2026-11-28).
 set -uo pipefail
 # OUT (default ./gpu_check) and CONFIG are relative to the caller's folder (CONFIG's default: the repo's
 # configs/bagel_7b_geometry_small.py): made absolute before the cd to the repo root

@@ -140,9 +140,6 @@ def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransform
     def step(state: dict, vae_state, batch: dict[str, jax.Array]):
         rng, k_step = jax.random.split(state["rng"])
         (loss, aux), grads = loss_and_grads(state["params"], vae_state, batch, None, k_step)
-        with jax.named_scope("optimizer"):
-            gnorm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
 
         def apply(_):
             return dict(apply_update(state, grads, tx, ema_decay), step=state["step"] + 1, rng=rng)
@@ -150,7 +147,13 @@ def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransform
         def keep(_):
             return dict(state, step=state["step"] + 1, rng=rng)
 
-        new = jax.lax.cond(ok, apply, keep, None)
+        # the whole update under "optimizer", the cond too: a GPU compile turns the cond into selects fused with
+        # the update (`loop_select_fusion`), named after the cond: outside the scope, the profile showed the
+        # update's 33 ms as "other" and "optimizer" as 2 ms (H200, 4-layer 7B-width step)
+        with jax.named_scope("optimizer"):
+            gnorm = optax.tree.norm(grads)
+            ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+            new = jax.lax.cond(ok, apply, keep, None)
         lr = schedule(schedule_count(state["opt_state"], state["step"]))  # (what this step applies)
         metrics = dict(loss=loss, grad_norm=gnorm, ok=ok, lr=jnp.asarray(lr, jnp.float32), **aux)
         return new, metrics
