@@ -834,8 +834,9 @@ def test_incomplete_dataset_refused_unless_allowed(data, model_cfg, tmp_path, ca
     shards = len(load_manifest(d)["shards"])
     why = (f"{d}/manifest.json says the dataset is incomplete (error: 2 samples failed (s7, s9); run the same "
            f"command again); it holds 4 records in {shards} shards")
-    refused = (f"dataset part: {why}: run the command that wrote it again to complete it (the importer, or the "
-               "synthesis run, which goes on where it stopped), or set data.records.allow_incomplete=True "
+    refused = (f"dataset part: {why}: run the command that wrote it again to complete it (an import with "
+               "--overwrite; a synthesis run as it was: it goes on where it stopped), or set "
+               "data.records.allow_incomplete=True "
                "(PipelineConfig.allow_incomplete) to use the records it holds")
     with pytest.raises(RecordError) as e:
         DataPipeline(_cfg(data, datasets=(DatasetSpec(d),)), model_cfg)

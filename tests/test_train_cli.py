@@ -108,6 +108,50 @@ def test_a_group_replaced_whole_must_give_its_keys():
     assert replaced_group(default, c, "model") is None
 
 
+def test_a_list_field_is_overridden_from_the_command_line(capsys):
+    """ml_collections cannot override a list ("Type <class 'list'> ... is not supported for overriding"), so
+    adding a synthesised dataset to data.records.datasets needed an edited config: `list_overrides` parses
+    the list as the config files write it (dict(...) or {...}, `--config.key=v` or `--config.key v`); a value
+    that is not a list literal is one error: line, exit 2."""
+    from ml_collections import ConfigDict
+
+    from echo4o_jax.train.config_cli import list_overrides
+
+    default = ConfigDict(dict(data=dict(records=dict(datasets=[dict(path="a", weight=1)], root=""), seed=1)))
+    argv = ["prog", "--config", "c.py", '--config.data.records.datasets=[dict(path="a", weight=1), '
+            '{"path": "mine", "weight": 2.5}]', "--config.data.seed=3", "--config.data.records.datasets",
+            '(dict(path="b", weight=-1, note=None, on=true),)', "--workdir", "w"]
+    rest, found = list_overrides(argv, default)
+    assert rest == ["prog", "--config", "c.py", "--config.data.seed=3", "--workdir", "w"]
+    assert found == {"data.records.datasets": [dict(path="b", weight=-1, note=None, on=True)]}  # the last one
+    for value, why in [('[dict(path=open("x"))]', "\"open('x')\" is not a literal (lists, dicts / dict(key=value), "
+                                                  "strings, numbers, True / False / None)"),
+                       ('[1,', "not a Python literal ('[' was never closed)"),
+                       ('dict(path="a")', "expected a list (it replaces the whole list, e.g. [{'path': 'a', "
+                                          "'weight': 1}])")]:
+        with pytest.raises(SystemExit) as e:
+            list_overrides(["prog", f"--config.data.records.datasets={value}"], default)
+        assert e.value.code == 2
+        assert _error_line(capsys) == f"error: --config.data.records.datasets={value}: {why}"
+
+
+def test_list_overrides_reach_the_config_and_help_exits_0(tmp_path):
+    """End to end (pack_stats, whose parser train and latents share): the list reaches the command's config (its
+    bad weight is named by the records check); `--help` exits 0 (absl's exits 1) and latents' help lists its
+    flags (it listed none: they were defined in the importable module, not in __main__)."""
+    r = subprocess.run([sys.executable, "-m", "echo4o_jax.data.pack_stats", "--config", str(ROOT / "configs/demo.py"),
+                        "--config.data.records.demo_dir=", "--config.data.records.datasets",
+                        '[dict(path="mine", weight="heavy")]', "--packs", "1"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: bad config: data (records): data.records.datasets[0] (mine): weight must be a number, got 'heavy'"]
+    r = subprocess.run([sys.executable, "-m", "echo4o_jax.data.latents", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(f"--{f}:" in r.stdout or f"--[no]{f}:" in r.stdout
+               for f in ("config", "out", "verify", "parts", "merge")), r.stdout[-2000:]
+
+
 def test_missing_config_file_is_one_line(tmp_path):
     missing = tmp_path / "nope.py"
     r = subprocess.run([sys.executable, "-m", "echo4o_jax.train", "--config", str(missing), "--workdir",

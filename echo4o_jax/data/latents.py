@@ -113,6 +113,7 @@ import json
 import os
 import re
 import struct
+import sys
 import zlib
 from typing import Callable
 
@@ -843,6 +844,11 @@ def _cli() -> None:
     verify = flags.DEFINE_bool("verify", False, "read every latent already stored in --out against its checksum "
                                "and re-encode the images of corrupt shards (a rerun otherwise checks shard headers "
                                "only: reading every latent costs a read of the whole folder)")
+
+    # the flags belong to the command (`python -m echo4o_jax.data.latents`, whose `__main__` calls this
+    # importable copy): absl's --help lists the key flags of the main module, which it names by sys.argv[0]
+    for holder in (config, out_dir, dtype, batch, shard_mb, parts, part, merge, verify):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[holder.name])
 
     def main(argv) -> int:
         del argv

@@ -512,9 +512,9 @@ def check_complete(c: PipelineConfig) -> None:
                 continue
             if not c.allow_incomplete:
                 raise RecordError(f"dataset {spec.label}: {why}: run the command that wrote it again to complete it "
-                                  "(the importer, or the synthesis run, which goes on where it stopped), or set "
-                                  "data.records.allow_incomplete=True (PipelineConfig.allow_incomplete) to use the "
-                                  "records it holds")
+                                  "(an import with --overwrite; a synthesis run as it was: it goes on where it "
+                                  "stopped), or set data.records.allow_incomplete=True "
+                                  "(PipelineConfig.allow_incomplete) to use the records it holds")
             warning = f"warning: dataset {spec.label}: {why}; using these records (allow_incomplete)"
             if warning not in _warned_incomplete:
                 _warned_incomplete.add(warning)

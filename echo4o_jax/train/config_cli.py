@@ -14,6 +14,7 @@ A Ctrl-C is one `PROG: interrupted (Ctrl-C): <what is kept>` line and exit statu
 
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 import re
@@ -23,8 +24,8 @@ from typing import Callable, NoReturn
 from absl import flags
 from ml_collections import ConfigDict
 
-__all__ = ["EXIT_BAD_INPUT", "bad_input", "config_args", "flags_parser", "reporting_main", "run_reporting_bad_input",
-           "unknown_config_key"]
+__all__ = ["EXIT_BAD_INPUT", "bad_input", "config_args", "flags_parser", "list_overrides", "parse_literal",
+           "reporting_main", "run_reporting_bad_input", "unknown_config_key"]
 
 EXIT_BAD_INPUT = 2
 
@@ -63,34 +64,119 @@ def unknown_config_key(config: ConfigDict, key: str) -> str | None:
     return None
 
 
+def parse_literal(text: str):
+    """The value of a list override: a Python (or JSON) literal of lists, tuples, dicts, strings, numbers,
+    booleans and None, with `dict(key=value, ...)` allowed for dicts, as the config files write them
+    ('[dict(path="surreal", weight=1), dict(path="mine", weight=2)]'). ValueError naming what is not one."""
+    names = {"True": True, "False": False, "None": None, "true": True, "false": False, "null": None}
+
+    def value(node):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in names:
+            return names[node.id]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)) \
+                and isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float)):
+            return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
+        if isinstance(node, ast.List):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.Tuple):
+            return tuple(value(e) for e in node.elts)
+        if isinstance(node, ast.Dict) and None not in node.keys:
+            return {value(k): value(v) for k, v in zip(node.keys, node.values)}
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" \
+                and not node.args and all(k.arg is not None for k in node.keywords):
+            return {k.arg: value(k.value) for k in node.keywords}
+        raise ValueError(f"{ast.unparse(node)!r} is not a literal (lists, dicts / dict(key=value), strings, "
+                         f"numbers, True / False / None)")
+
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as e:
+        raise ValueError(f"not a Python literal ({e.msg})") from None
+    return value(tree.body)
+
+
+def list_overrides(argv: list[str], default: ConfigDict) -> tuple[list[str], dict[str, list]]:
+    """(`argv` without the overrides of `default`'s list fields, {key: the parsed list}): ml_collections'
+    flags cannot override a list ("Type <class 'list'> ... is not supported for overriding"), so these are
+    parsed here (`parse_literal`; `--config.key=value` or `--config.key value`) and set after absl's parsing.
+    The list replaces the config's whole list. A value that is not a list literal is one `error:` line."""
+    rest, found, i = [], {}, 0
+    while i < len(argv):
+        a = argv[i]
+        m = re.match(r"^--?config\.([^=]+)(?:=(.*))?$", a, re.S)
+        key = m.group(1) if m else None
+        node = default
+        for part in (key.split(".") if key else ()):
+            node = node.get(part) if isinstance(node, ConfigDict) else None
+        if key is None or not isinstance(node, list):
+            rest.append(a)
+            i += 1
+            continue
+        text = m.group(2)
+        if text is None:
+            if i + 1 >= len(argv):
+                bad_input(f"--config.{key} needs a value (a list, e.g. {node!r})")
+            text, i = argv[i + 1], i + 1
+        try:
+            v = parse_literal(text)
+        except ValueError as e:
+            bad_input(f"--config.{key}={text}: {e}")
+        if not isinstance(v, (list, tuple)):
+            bad_input(f"--config.{key}={text}: expected a list (it replaces the whole list, e.g. {node!r})")
+        found[key] = list(v)
+        i += 1
+    return rest, found
+
+
 def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
     """The `flags_parser` of `absl.app.run` for a command with the config file flag `config_flag` (the holder
     `config_flags.DEFINE_config_file` returns): absl's flag parsing, with its errors (unknown flags, bad
-    values, a missing config file, config keys the config lacks) as one `error:` line and exit status 2."""
+    values, a missing config file, config keys the config lacks) as one `error:` line and exit status 2.
+    Overrides of list fields are parsed here (`list_overrides`). `--help` exits 0 (absl's exits 1)."""
     def parse(argv: list[str]) -> list[str]:
         path, keys = config_args(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
         if path is not None and not os.path.isfile(path.split(":", 1)[0]):
             bad_input(f"--config {path}: no such file")
+        # the config file's own values (ml_collections runs its get_config)
+        default = flags.FLAGS[config_flag.name].parser.parse(path) if path is not None else None
+        lists: dict[str, list] = {}
+        if isinstance(default, ConfigDict) and keys:
+            argv, lists = list_overrides(list(argv), default)
+        saved_argv = sys.argv
+        if lists:  # ml_collections defines its override flags from the keys in sys.argv (not from `argv`)
+            sys.argv = argv
         try:
             rest = flags.FLAGS(argv)
+        except SystemExit as e:  # absl's --help / --helpfull print the help and exit 1
+            if e.code == 1 and any(re.match(r"^--?(help|helpshort|helpfull|helpxml|\?)$", a) for a in argv[1:]):
+                sys.exit(0)
+            raise
         except flags.Error as e:
             bad_input(str(e))
         except (AttributeError, KeyError, ValueError) as e:  # ml_collections, on an override of a key the config
             # lacks (AttributeError, KeyError) or that it cannot parse (ValueError: "Could not parse 'a.0.b'")
-            config = flags.FLAGS[config_flag.name].parser.parse(path) if path is not None else None
-            why = next((w for w in (unknown_config_key(config, k) for k in keys) if w), None) \
-                if isinstance(config, ConfigDict) else None
+            why = next((w for w in (unknown_config_key(default, k) for k in keys) if w), None) \
+                if isinstance(default, ConfigDict) else None
             if why is None and isinstance(e, ValueError):
                 why = str(e)
             if why is None:
                 raise
             bad_input(why)
-        if path is not None:
-            default = flags.FLAGS[config_flag.name].parser.parse(path)
+        finally:
+            sys.argv = saved_argv
+        if default is not None:
             why = next((w for w in (replaced_group(default, flags.FLAGS[config_flag.name].value, k) for k in keys)
                         if w), None)
             if why:
                 bad_input(why)
+        for key, v in lists.items():
+            *group, last = key.split(".")
+            node = flags.FLAGS[config_flag.name].value
+            for part in group:
+                node = node[part]
+            node[last] = v
         return rest
 
     return parse
