@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "model"], default="ema",
                    help="ema.safetensors (default: what the official inference and fine-tuning load) or the "
                         "non-EMA model.safetensors of an official training checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this command in --out (a folder holding other files is "
+                        "refused)")
     p.add_argument("--no-compression", action="store_true",
                    help="store uncompressed zarr chunks (faster; zstd is Orbax's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

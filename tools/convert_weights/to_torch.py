@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default=None,
                    help="split ema.safetensors into shards of at most SIZE (e.g. 5GB, 500MiB) plus an index JSON "
                         "(the official BAGEL code loads only a single ema.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this command in --out (a folder holding other files is "
+                        "refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
