@@ -47,13 +47,12 @@ def load_config(path: str):
 
 
 def apply_override(c, kv: str):
-    """`--set key=value` on the config `c` (value a Python literal, else the string). A key the config lacks,
+    """`--set key=value` on the config `c` (value a Python literal as the train command's list overrides read
+    them, `config_cli.parse_literal`: dict(key=value) too; else the string). A key the config lacks,
     or a value it refuses, is a ValueError starting `--set key=value: ` (a missing key named with the closest
     one, as the train command's --config.key refuses it: a typo must not measure the config's own value under
     the typo's name)."""
-    import ast
-
-    from echo4o_jax.train.config_cli import unknown_config_key
+    from echo4o_jax.train.config_cli import parse_literal, unknown_config_key
 
     if "=" not in kv:
         raise ValueError(f"--set {kv}: expected key=value")
@@ -62,8 +61,8 @@ def apply_override(c, kv: str):
     if why:
         raise ValueError(f"--set {kv}: {why}")
     try:
-        value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
+        value = parse_literal(value)
+    except ValueError:
         pass
     node = c
     *parents, leaf = key.split(".")

@@ -166,6 +166,12 @@ def test_train_throughput_refuses_a_misspelt_override(capsys):
                            "model.remat?)") and out == ""
     assert tt.main(["--config", str(TINY), "--set", "model.remat"]) == 2
     assert "expected key=value" in capsys.readouterr().err
+    # values read as the train command reads list overrides (dict(...) too), else as the string
+    from ml_collections import ConfigDict
+    c = ConfigDict(dict(data=dict(datasets=[dict(path="a", weight=1)], name="x")))
+    tt.apply_override(c, 'data.datasets=[dict(path="b", weight=2.5)]')
+    tt.apply_override(c, "data.name=surreal")
+    assert c.data.datasets == [dict(path="b", weight=2.5)] and c.data.name == "surreal"
 
 
 def test_train_throughput_refuses_bad_input_before_measuring(monkeypatch, capsys):
