@@ -773,7 +773,9 @@ def test_echo4o_archive_names_and_layouts_seen_in_practice(echo_root, tmp_path, 
         f"{sur / 'images' / '000.tar.gz'} -C {sur / 'images'} .)")
     assert ie.main(["--root", str(root), "--out", str(out), "--subsets", "instruction,multiref"]) == 1
     assert capsys.readouterr().err.strip() == (
-        f"import_echo4o: error: {root / 'Multi-Reference-Image'}: no *.parquet")
+        f"import_echo4o: error: {root / 'Multi-Reference-Image'}: no *.parquet (multi-reference rows are read as "
+        "Echo-4o's training code reads them: parquet with image_list / instruction_list; convert the folder to such "
+        "rows, or leave it out with --subsets surreal,instruction)")
     assert not out.exists()  # refused before the instruction subset was imported
 
 

@@ -427,8 +427,11 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
         assert len(calls) == 2 and decoded == []  # images written by generate_batch are not decoded again
         assert [c["progress"] for c in calls] == [False, False]  # --no-progress (judge_args): no bar of its own
         g = calls[0]
-        assert g["out_dir"] == str(out / "geneval_pp" / "images") and g["overrides"] == {"cfg_text_scale": 4.0,
+        # the GenEval script's text-to-image settings (no image CFG, interval [0, 1]) under --gen-arg, both benches
+        t2i = {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0]}
+        assert g["out_dir"] == str(out / "geneval_pp" / "images") and g["overrides"] == {**t2i, "cfg_text_scale": 4.0,
                                                                                            "note": "plain"}
+        assert calls[1]["overrides"] == g["overrides"]
         assert [(r["id"], r["prompt"], r["seed"], r["num_images"]) for r in g["requests"]] == [
             ("00001", "P1 <b>bus</b>", 100, 2), ("00002", "P2", 101, 2), ("00003", "P3", 102, 2)]
         assert [r["id"] for r in calls[1]["requests"]] == ["00001", "00002", "00003"]
@@ -473,7 +476,7 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
         calls.clear()
         eval_run.main(argv + ["--gen-arg", "cfg_text_scale=5.0", "--regenerate", "--generate-only"])
         assert [(len(c["requests"]), c["regenerate"]) for c in calls] == [(3, True), (3, True)]
-        assert calls[0]["overrides"] == {"cfg_text_scale": 5.0, "note": "plain"}
+        assert calls[0]["overrides"] == {**t2i, "cfg_text_scale": 5.0, "note": "plain"}
         calls.clear()
         eval_run.main(argv + ["--gen-arg", "cfg_text_scale=5.0", "--regenerate", "--generate-only"])
         assert [[r["id"] for r in c["requests"]] for c in calls] == [["00002"]]  # imagine 00002: never written
@@ -684,7 +687,8 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
     eval_run.main(base + first)
     assert [len(c["requests"]) for c in calls] == [2, 1]
     rec = json.loads((out / "geneval_pp" / "images" / eval_run.GENERATION_RECORD).read_text())["requests"]
-    assert rec["00002"] == {"ckpt": str(ckpt_a.resolve()), "ckpt_step": None, "ckpt_weights": None, "seed": 101, "gen_args": {"cfg_text_scale": 4.0},
+    assert rec["00002"] == {"ckpt": str(ckpt_a.resolve()), "ckpt_step": None, "ckpt_weights": None, "seed": 101,
+                            "gen_args": {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0], "cfg_text_scale": 4.0},
                             "size": None, "num_images": 1, "prompt": "P2", "images": []}
     images = _image_bytes(out)
 
@@ -845,7 +849,7 @@ def test_run_records_and_passes_the_workdir_step(tmp_path, monkeypatch, capsys):
     base = ["--bench", "geneval_pp", "--out", str(tmp_path / "out"), "--benchmarks-dir", str(bench),
             "--generate-only", "--ckpt", str(wd)]
     eval_run.main(base)
-    assert [c["overrides"] for c in calls] == [{"step": 4}]
+    assert [c["overrides"] for c in calls] == [{"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0], "step": 4}]
     rec = json.loads((tmp_path / "out" / "geneval_pp" / "images" / eval_run.GENERATION_RECORD).read_text())
     entry = rec["requests"]["00001"]
     assert (entry["ckpt"], entry["ckpt_step"]) == (str(wd.resolve()), 4)
@@ -1232,6 +1236,11 @@ def test_omnicontext_bad_manifest(tmp_path, capsys):
     manifest.write_text(json.dumps([rec, {**rec, "key": "k2", "input_images": None}]))
     assert _one_error_line(capsys, omnicontext.main, argv) == (
         f"{manifest}: record 2: no 'input_images' (a record needs key, task_type, instruction and input_images)")
+    manifest.write_text(json.dumps([rec, {**rec, "task_type": "multi_object"}]))  # a misspelt task: in no group
+    assert _one_error_line(capsys, omnicontext.main, argv) == (
+        f"{manifest}: record 2: task_type 'multi_object' is not one of OmniContext's tasks single_character, "
+        "single_object, multiple_character, multiple_object, multiple_character_object, scene_character, "
+        "scene_object, scene_character_object")
     jl = write_jsonl(data / "metadata.jsonl", [rec, {**rec, "instruction": "other"}])
     assert re.fullmatch(rf"{re.escape(str(jl))}:2: \(task_type, key\) = \('multiple_object', 'k'\) is already used "
                         rf"by {re.escape(str(jl))}:1; .*", _one_error_line(capsys, omnicontext.main,

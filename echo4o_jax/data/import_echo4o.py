@@ -12,6 +12,11 @@ Layout read (docs/echo4o.md §1):
     ROOT/Instruction-Following-Image/images/*.tar.gz
     ROOT/Multi-Reference-Image/**/*.parquet              -> DIR/multiref      (multiref)
 
+The multi-reference rows are read as Echo-4o's training code reads them (BAGEL-style parquet, echo4o.md §1.5);
+how the released `Multi-Reference-Image/multi_refer_images_output/<category>/` folders store them is not
+documented (§1.1), so a release without parquet files needs converting to such rows first (or leave the subset
+out: `--subsets surreal,instruction`).
+
 T2I rows: {"task_type": "t2i", "instruction", "output_image": ".../images/00000.jpg", "type", ...}; the
 image is the tar member with the basename of `output_image` (archives are read in numeric order, streaming).
 Rows with another `task_type` are counted as skipped. Multi-reference rows: `image_list` = encoded
@@ -350,7 +355,9 @@ def _subset_inputs(root: str, subsets) -> list[tuple[str, str, list[str] | None]
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"{d} not found")
             if not find_parquet([d]):  # (found after the other subsets' hours of import, leaving an empty dataset)
-                raise FileNotFoundError(f"{d}: no *.parquet")
+                raise FileNotFoundError(f"{d}: no *.parquet (multi-reference rows are read as Echo-4o's training "
+                                        "code reads them: parquet with image_list / instruction_list; convert the "
+                                        "folder to such rows, or leave it out with --subsets surreal,instruction)")
             out.append((s, d, None))
     return out
 

@@ -34,6 +34,13 @@ from .judge import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL, Judge, JudgeError, 
                     JudgeTemplate, check_base_url, load_template)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+# The text-to-image generation settings of the benchmarks without input images (GenEval, GenEval++, Imagine-Bench):
+# BAGEL's / Echo-4o's GenEval script (eval/gen/gen_images_mp.py; echo4o.md §3.5, the one text-to-image setting of
+# Echo-4o's evals): text scale 4, no image CFG, cfg_interval [0, 1]. The generator's own text-to-image defaults (the
+# Gradio app's: image scale 1.5, interval [0.4, 1]) differ: with no input image an image scale s > 1 strengthens the
+# text guidance (effective text scale 1 + s (4 - 1) = 5.5, bagel_architecture.md §5.3). Echo-4o does not publish
+# the settings it generated GenEval++ / Imagine-Bench images with; --gen-arg overrides these.
+T2I_EVAL_GEN_DEFAULTS = {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0]}
 
 
 class UsageError(ValueError):

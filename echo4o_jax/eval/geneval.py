@@ -68,9 +68,7 @@ PROMPTS_FILE = "geneval_metadata.jsonl"  # name used under --benchmarks-dir by e
 PUBLIC_URL, PUBLIC_MD5 = GENEVAL_URL, None
 JUDGED = False  # scored by the official detector, not by the judge: eval.run needs no API key for it
 NUM_IMAGES = 4  # images per prompt (GenEval protocol)
-# BAGEL's / Echo-4o's GenEval script (eval/gen/gen_images_mp.py): text scale 4, no image CFG (the generator's t2i
-# default 1.5 would strengthen text guidance, see generate.py), cfg_interval [0, 1] (t2i default [0.4, 1])
-GEN_DEFAULTS = {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0]}
+GEN_DEFAULTS = common.T2I_EVAL_GEN_DEFAULTS  # BAGEL's / Echo-4o's GenEval script's settings
 LAYOUT = "layout"  # <out>/layout: what the official evaluator reads
 DETECTOR_RESULTS = "detector_results.jsonl"  # <out>/...: where the commands above put its output
 SAMPLES_KEY = "echo4o_samples"  # added to each metadata.jsonl: {sample name: sha256} (export_layout)

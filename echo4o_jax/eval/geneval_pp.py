@@ -40,6 +40,7 @@ TITLE = "GenEval++"
 PROMPTS_FILE = "geneval_pp.jsonl"  # name used under --benchmarks-dir by eval.run
 PUBLIC_URL, PUBLIC_MD5 = GENEVAL_PP_URL, GENEVAL_PP_MD5
 DEFAULT_TEMPLATE = "geneval_pp"
+GEN_DEFAULTS = common.T2I_EVAL_GEN_DEFAULTS  # generation settings (eval.run): the GenEval script's, see there
 
 
 @dataclasses.dataclass

@@ -48,6 +48,7 @@ TITLE = "Imagine-Bench"
 PROMPTS_FILE = "imagine_bench.jsonl"
 PUBLIC_URL, PUBLIC_MD5 = IMAGINE_BENCH_URL, IMAGINE_BENCH_MD5
 DEFAULT_TEMPLATE = "imagine_bench"
+GEN_DEFAULTS = common.T2I_EVAL_GEN_DEFAULTS  # generation settings (eval.run): the GenEval script's, see there
 TYPES = ("COLOR", "SHAPE", "SIZE", "MATERIAL", "COMBINATION", "TIME", "ENVIRONMENT", "Multi-Object")
 
 
@@ -136,7 +137,9 @@ def aggregate(records: Sequence[dict]) -> dict:
         "overall": _weighted(cat_scores, IMAGINE_WEIGHTS),
         "overall_official_script": _weighted(cat_scores, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS),
         "official_script_exact": {
-            "note": "missing and unreadable images skipped (not scored), judge failures 0, Multi-Object dropped",
+            "note": "as the official script aggregates: missing and unreadable images skipped (not scored), judge "
+                    "failures 0, Multi-Object dropped (answers are parsed as ours: decimals kept, a score above 10 "
+                    "or a missing dimension asked again, then a failure)",
             "categories": exact_scores,
             "overall": _weighted(exact_scores, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS),
             "n_scored": len(kept),
@@ -216,7 +219,7 @@ def markdown(doc: dict) -> str:
         "calls the last category `TWO_OBJECT` while the data calls it `Multi-Object`, so the 60 Multi-Object "
         "prompts get no weight and drop out ((3·A + 2·H + 2·S) / 7). The paper's numbers (overall only; "
         "which of the two it used is not known) are from the Echo-4o figures.", "",
-        f"As the official script exactly (missing images skipped instead of 0): "
+        f"Aggregated as the official script (missing images skipped instead of 0; answers parsed as ours): "
         f"{common.fmt(s['official_script_exact']['overall'])}", "",
         "## Per type", "",
         common.markdown_table(["type", "category", "images", "score"],

@@ -120,6 +120,9 @@ def load_items(path, limit: int | None = None, data_root=None) -> list[Item]:
         if absent:
             raise common.UsageError(f"{where}: no {', '.join(map(repr, absent))} (a record needs key, task_type, "
                                     "instruction and input_images)")
+        if str(task) not in OMNICONTEXT_TASKS:  # (it would count in the 8-task overall and in no group)
+            raise common.UsageError(f"{where}: task_type {task!r} is not one of OmniContext's tasks "
+                                    f"{', '.join(OMNICONTEXT_TASKS)}")
         if isinstance(imgs, str):
             imgs = [imgs]
         if not isinstance(imgs, list) or not imgs or not all(isinstance(s, str) and s for s in imgs):

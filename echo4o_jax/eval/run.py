@@ -300,7 +300,8 @@ def _num_images(args, name: str) -> int:
 
 
 def _gen_args(gen_args: dict, name: str) -> dict:
-    """The generation settings of a benchmark: its protocol's (GenEval: geneval.GEN_DEFAULTS) under --gen-arg."""
+    """The generation settings of a benchmark: its GEN_DEFAULTS (text-to-image ones:
+    common.T2I_EVAL_GEN_DEFAULTS; OmniContext: its script's) under --gen-arg."""
     return {**getattr(BENCHES[name], "GEN_DEFAULTS", {}), **gen_args}
 
 

@@ -117,12 +117,17 @@ def image_cost(prices: dict, model: str, size: str, quality: str, n_inputs: int 
         return (text_in * float(p.get("text_input_per_1m", 0.0)) + image_in * float(p.get("image_input_per_1m", 0.0))
                 + usage["output_tokens"] * float(p["output_per_1m"])) / 1e6
     table = p.get("per_image") or {}
+
+    def per_row(row: dict) -> float:
+        q = quality if quality in row else "high"
+        return float(row.get(q, max(row.values()) if row else 0.0))
+
     if isinstance(table, (int, float)):
         per = float(table)
+    elif size == "auto" and table:  # the model picks the shape: the dearest one, so an estimate is not short
+        per = max(per_row(r) for r in table.values())
     else:
-        row = table.get(size) or table.get("1024x1024") or (next(iter(table.values())) if table else {})
-        q = quality if quality in row else "high"
-        per = float(row.get(q, max(row.values()) if row else 0.0))
+        per = per_row(table.get(size) or table.get("1024x1024") or (next(iter(table.values())) if table else {}))
     return per + n_inputs * float(p.get("per_input_image", 0.0))
 
 

@@ -14,6 +14,22 @@ a :class:`SampleContext` (journaled API calls, see :mod:`.client`) into one reco
   spatial and size relations) in a difficulty bin -> chat: a natural prompt -> image -> vision chat:
   the prompt rewritten to match the image -> ``t2i`` record whose text is the rewritten prompt;
   ``meta.prompt_original`` keeps the prompt the image was made from.
+
+Where this differs from Echo-4o's description (echo4o.md §1-2), knowingly:
+
+* Image shapes: the released images come in 1024x1024, 1024x1536 and 1536x1024; the default
+  ``image_size="1024x1024"`` makes every image square. ``--image-size auto`` lets the image model choose the
+  shape per prompt (``--dry-run`` prices ``auto`` as the dearest size of the price table). Images are stored in the
+  server's format (PNG for gpt-image-1; the release is JPEG): ``--image-format jpeg`` to match it.
+* Multi-reference references: the paper draws *real* photos from human / scene / object pools; without
+  ``--refs`` this track generates ``generated_refs_per_category`` (12) studio-style references per category
+  and reuses them across samples. Pass ``--refs DIR`` with real photos for the paper's setting.
+* Multi-reference instructions are written once, before the edit, from the references; the paper also
+  *optimises* the instruction after the image exists (linguistic diversity, clarity): not done here.
+* Instruction-following prompts are written by the chat model from the constraint list (natural, varied
+  phrasing, simple backgrounds allowed); the paper renders slot templates ("A photo of two brown beehives on
+  the top and four white wristwatches on the bottom") with pure backgrounds as a goal. The bins count
+  constraints (easy 1-3, medium 4-5, hard 6-9: the paper's "3-5" overlaps its "1-3").
 """
 
 from __future__ import annotations
