@@ -364,13 +364,54 @@ def test_api_key_env_holding_a_key_is_refused_without_showing_it(monkeypatch):
     """`--api-key-env "$OPENAI_API_KEY"` (the key instead of the variable's name): refused, and the message
     does not repeat it (it said "the environment variable sk-... is not set")."""
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    for bad in (SECRET, "MY KEY", "1ABC", ""):
+    # (a key that is a valid identifier too: Groq's gsk_..., mixed case, or a long random run)
+    for bad in (SECRET, "MY KEY", "1ABC", "", "gsk_AUDITSECRET123456", "A1B2C3D4E5F60718293A4B5C6D7E8F90"):
         with pytest.raises(J.JudgeConfigError, match="^api_key_env: expected the name of an environment variable") as ei:
             J.Judge(api_key_env=bad)
         assert SECRET not in str(ei.value)
         with pytest.raises(J.JudgeConfigError, match="^api_key_env: ") if bad else pytest.raises(J.JudgeConfigError, match="no API key"):
             J.api_key_from_env(bad, require=True, error=J.JudgeConfigError)
     assert J.Judge(api_key_env="MY_KEY_2").api_key_env == "MY_KEY_2"
+
+
+def test_an_unknown_client_exception_is_redacted_and_unchained(server, tmp_path, monkeypatch):
+    """An exception of the API call that classify_error does not know (here one whose text holds the request's
+    headers and a URL with credentials, as an unwrapped transport error may) was raised as it was: printed with
+    the key in a traceback. It is raised again redacted, without its chain."""
+    key = "plainkey-0123456789abcdef"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    j = make_judge(server, tmp_path)
+    client = j._get_client()
+
+    def boom(**kw):
+        raise RuntimeError(f"send failed: {{'authorization': 'Bearer {key}'}} via http://user:{key}@proxy/v1")
+
+    monkeypatch.setattr(client.chat.completions, "create", boom)
+    with pytest.raises(J.ClientCallError) as ei:
+        j.judge(request(image(tmp_path)))
+    assert str(ei.value).startswith("RuntimeError: send failed: ") and key not in str(ei.value)
+    assert ei.value.__cause__ is None and ei.value.__suppress_context__
+
+
+def test_base_url_with_credentials_or_not_a_url_is_refused_without_showing_it():
+    """A key given as --base-url was echoed ("got 'sk-...'"); credentials in the URL (user:key@host) were
+    accepted and sent as Basic auth instead of the environment's key."""
+    for bad in ("plainkey-0123456789abcdef", "gsk_0123456789abcdefABCDEF"):
+        with pytest.raises(ValueError) as ei:
+            J.check_base_url(bad)
+        assert bad not in str(ei.value) and "not shown: it is not a URL and may be a key" in str(ei.value)
+    with pytest.raises(ValueError) as ei:
+        J.check_base_url("http://user:plainkey-0123456789abcdef@127.0.0.1:8000/v1")
+    assert str(ei.value) == ("--base-url: 'http://127.0.0.1:8000/v1' carries credentials (user:password@ before the "
+                             "host, not shown); give the URL without them (the API key is read from the environment: "
+                             "--api-key-env)")
+    assert "'htp://host/v1'" in _raises(ValueError, J.check_base_url, "htp://host/v1")  # a URL typo is still shown
+
+
+def _raises(kind, fn, *a) -> str:
+    with pytest.raises(kind) as ei:
+        fn(*a)
+    return str(ei.value)
 
 
 def test_key_in_the_answer_is_redacted_from_parsed_and_cache(server, tmp_path, monkeypatch):

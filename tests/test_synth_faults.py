@@ -313,6 +313,28 @@ def test_api_key_never_written_or_logged(server, tmp_path, caplog, capsys):
     assert "[REDACTED]" in caplog.text  # the echoed key was there, and was redacted
 
 
+def test_an_unknown_client_exception_reaches_neither_manifest_nor_traceback_with_the_key(server, tmp_path,
+                                                                                         monkeypatch):
+    """An exception of the openai client that classify_error does not know, whose text holds the request's
+    headers (as an unwrapped transport error may): it was raised as it was, printed in a traceback and written
+    into the dataset's manifest ("aborted: RuntimeError: ...Bearer <key>"). Now redacted, without its chain."""
+    from openai.resources.chat.completions import Completions
+
+    from echo4o_jax.eval.judge import ClientCallError
+
+    def boom(self, **kw):
+        raise RuntimeError(f"send failed: {{'authorization': 'Bearer {API_KEY}'}}")
+
+    monkeypatch.setattr(Completions, "create", boom)
+    with pytest.raises(ClientCallError) as ei:
+        run_track(make_track("surreal", make_cfg(server)), tmp_path / "ds", limit=1)
+    assert str(ei.value).startswith("RuntimeError: send failed") and API_KEY not in str(ei.value)
+    assert ei.value.__cause__ is None and ei.value.__suppress_context__
+    assert "send failed" in load_manifest(str(tmp_path / "ds"))["error"]
+    for p, data in all_file_bytes(tmp_path).items():
+        assert API_KEY.encode() not in data, p
+
+
 def test_api_key_with_a_trailing_newline_is_a_fatal_error(server, tmp_path, monkeypatch):
     """A pasted key with a newline: one line naming the variable (never the key), exit status 2 (a fatal
     API error), no call made; with the key fixed the same command completes the dataset."""

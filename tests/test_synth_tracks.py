@@ -244,7 +244,7 @@ def test_cost_functions():
         (50 * 5 + 4160 * 40) / 1e6)
 
 
-def test_config_file_and_manifest_info(server, tmp_path):
+def test_config_file_and_manifest_info(server, tmp_path, monkeypatch):
     from echo4o_jax.synth import load_config
 
     p = tmp_path / "cfg.json"
@@ -259,11 +259,14 @@ def test_config_file_and_manifest_info(server, tmp_path):
     assert {r.meta["type"] for r in recs} == {"attribute_shift"}
     info = manifest["info"]["synth"]
     assert info["config"]["seed"] == 7 and info["items"] == 3 and info["config"]["base_url"] == server.base_url
-    # no credentials that may hide in a URL are kept
-    public = SynthConfig(base_url="http://user:pw@example.test:8000/v1").to_public_dict()
-    assert public["base_url"] == "http://example.test:8000/v1"
+    # credentials in a base URL are refused (the client would send them instead of the environment's key); in
+    # the environment's OPENAI_BASE_URL (not checked) they are not kept in the manifest
+    with pytest.raises(ValueError, match="carries credentials"):
+        SynthConfig(base_url="http://user:pw@example.test:8000/v1")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://user:pw@example.test:8000/v1")
+    assert SynthConfig().to_public_dict()["base_url"] == "http://example.test:8000/v1"
     with pytest.raises(ValueError, match="carries a query"):  # (a query is refused: the client appends paths)
-        SynthConfig(base_url="http://user:pw@example.test:8000/v1?token=abc")
+        SynthConfig(base_url="http://example.test:8000/v1?token=abc")
 
 
 def test_data_dir_overrides_word_lists(tmp_path):

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MODEL", "TEMPLATE_DIR", "JudgeTemplate", "load_template", "MalformedAnswer",
     "extract_json_object", "PARSERS", "JudgeCache", "JudgeRequest", "JudgeResult", "Judge",
-    "JudgeError", "JudgeFatalError", "JudgeConfigError", "TemplateError", "encode_image", "cache_key", "redact",
+    "JudgeError", "JudgeFatalError", "JudgeConfigError", "ClientCallError", "TemplateError", "encode_image", "cache_key", "redact",
     "api_key_from_env", "check_api_key_env", "clean_text",
 ]
 
@@ -59,6 +59,12 @@ DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024
 
 class JudgeError(RuntimeError):
     pass
+
+
+class ClientCallError(RuntimeError):
+    """An exception of one API call that `classify_error` does not know (a bug, or a kind the openai client lets
+    through unwrapped), raised again with its text redacted and without its cause: the original's message, or an
+    exception chained to it, may carry the request's headers (the key) or a URL with credentials."""
 
 
 class JudgeConfigError(JudgeError):
@@ -481,17 +487,22 @@ def clean_text(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# an environment variable's name as people write them: upper case, short words (OPENAI_API_KEY); a key passed by
+# mistake (sk-..., gsk_..., mixed-case or long random runs) is not one, and must not be echoed or stored as a name
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+_ENV_NAME_WORD_MAX = 24
 
 
 def check_api_key_env(name: Any, *, flag: str = "--api-key-env", error: type[Exception] = ValueError) -> None:
     """Raise `error` unless `name` is an environment variable's name. The message never shows the value:
     a key passed by mistake (``--api-key-env "$OPENAI_API_KEY"``) would otherwise be printed, and stored
     in the manifests that record the settings."""
-    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-        raise error(f"{flag}: expected the name of an environment variable (letters, digits and underscores, "
-                    "e.g. OPENAI_API_KEY), got something else (not shown: it may be the key itself; the key is "
-                    "read from the variable named here, never given on the command line)")
+    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name) \
+            or max(len(w) for w in name.split("_")) > _ENV_NAME_WORD_MAX:
+        raise error(f"{flag}: expected the name of an environment variable (upper-case letters, digits and "
+                    f"underscores, words of at most {_ENV_NAME_WORD_MAX} characters, e.g. OPENAI_API_KEY), got "
+                    "something else (not shown: it may be the key itself; the key is read from the variable named "
+                    "here, never given on the command line)")
 
 
 def api_key_from_env(name: str | None, *, require: bool, error: type[Exception]) -> str | None:
@@ -530,8 +541,14 @@ def check_base_url(url: str | None, *, flag: str = "--base-url") -> None:
         raise ValueError(f"{flag}: expected an http(s) URL such as http://127.0.0.1:8000/v1, got {shown!r}")
     p = urlsplit(url)
     if p.scheme not in ("http", "https") or not p.hostname:
-        raise ValueError(f"{flag}: expected an http(s) URL with a host, such as http://127.0.0.1:8000/v1, got "
-                         f"{shown!r}")
+        # a value that is not even URL-shaped may be a key passed in the wrong place: not shown (one with an "@"
+        # is shown without what precedes it)
+        got = repr(shown) if "://" in url or "@" in url else \
+            "something else (not shown: it is not a URL and may be a key)"
+        raise ValueError(f"{flag}: expected an http(s) URL with a host, such as http://127.0.0.1:8000/v1, got {got}")
+    if "@" in p.netloc:  # the client would send user:password as Basic auth, instead of the environment's key
+        raise ValueError(f"{flag}: {shown!r} carries credentials (user:password@ before the host, not shown); give "
+                         "the URL without them (the API key is read from the environment: --api-key-env)")
     try:
         p.port
     except ValueError:
@@ -808,7 +825,7 @@ class Judge:
             except Exception as e:  # noqa: BLE001 -- sorted by classify_error; unknown kinds re-raised
                 verdict = classify_error(e)
                 if verdict is None:
-                    raise
+                    raise ClientCallError(self.redact(f"{type(e).__name__}: {e}")) from None
             action, err, headers = verdict
             if action == "fatal":
                 raise JudgeFatalError(self.redact(f"judge: {err}")) from None

@@ -45,7 +45,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from echo4o_jax.data.records import RecordError, probe_image
-from echo4o_jax.eval.judge import _retry_after, api_key_from_env, clean_text, redact
+from echo4o_jax.eval.judge import ClientCallError, _retry_after, api_key_from_env, clean_text, redact
 from echo4o_jax.synth.config import SynthConfig
 from echo4o_jax.synth.journal import BlobError, Journal
 from echo4o_jax.synth.resources import data_url_digest
@@ -455,7 +455,7 @@ class SynthClient:
                 except Exception as e:  # noqa: BLE001 -- sorted by classify_error; unknown kinds re-raised
                     verdict = classify_error(e)
                     if verdict is None:
-                        raise
+                        raise ClientCallError(self.redact(f"{type(e).__name__}: {e}")) from None
                 else:
                     return self._succeeded(key, kind, model, label, out, usage, attempts, cost_of(usage))
             action, err, headers = verdict
