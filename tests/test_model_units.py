@@ -16,7 +16,7 @@ from echo4o_jax.config import BagelConfig
 from echo4o_jax.model import keymap
 from echo4o_jax.model.attention import CAUSAL, FULL, NOISE, TokenMeta, attention, mask_from_meta
 from echo4o_jax.model.bagel import Bagel, bagel_key_rules
-from echo4o_jax.model.layers import apply_rope, rope_cos_sin, sincos_2d_table
+from echo4o_jax.model.layers import apply_rope, gelu_tanh, rope_cos_sin, silu, sincos_2d_table
 from echo4o_jax.model.loading import flax_shapes
 from echo4o_jax.model.vae import AutoEncoder, vae_key_rules
 from echo4o_jax.safetensors_io import SafetensorsFile
@@ -112,6 +112,23 @@ def test_blockwise_attention_never_builds_full_score_matrix():
 
 
 # ----------------------------------------------------------------------------------------- RoPE, tables
+
+
+def test_bf16_activations_are_rounded_once_as_pytorch_computes_them():
+    """PyTorch computes a bf16 SiLU / tanh-GELU in float32 and rounds once; JAX's composite bf16 versions
+    rounded every step (tanh-GELU up to ~240 bf16 rounding steps off in the negative tail: the connector's and
+    the ViT's MLPs; SiLU 2.4). Against the exact value (float64): within one rounding to bf16 (2^-8 relative,
+    + 2^-20 absolute for float32's own error near 0)."""
+    x = jnp.asarray(np.linspace(-8.0, 8.0, 4097), jnp.bfloat16)
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    exact = {"silu": x64 / (1.0 + np.exp(-x64)),
+             "gelu": 0.5 * x64 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x64 + 0.044715 * x64 ** 3)))}
+    for name, fn in (("silu", silu), ("gelu", gelu_tanh)):
+        got = fn(x)
+        assert got.dtype == jnp.bfloat16
+        err = np.abs(np.asarray(got.astype(jnp.float32), np.float64) - exact[name])
+        steps = err / (np.abs(exact[name]) * 2.0 ** -8 + 2.0 ** -20)
+        assert steps.max() <= 1.0, (name, float(steps.max()), float(x64[steps.argmax()]))
 
 
 def test_rope_rotate_half_explicit_values():

@@ -287,9 +287,10 @@ def test_resume_with_another_frozen_vae_is_refused(tmp_path):
     assert tr.restore() and int(tr.state["step"]) == 0
 
 
-def test_a_resumed_bf16_run_keeps_its_ema_in_float32(tmp_path):
+def test_a_resumed_bf16_run_keeps_its_ema_in_float32(tmp_path, capsys):
     """model.param_dtype=bfloat16: the EMA is float32 (init_train_state) and stays so across a resume (it was
-    restored in the params' dtype: bf16 from the first resume on, where a 0.9999 decay barely moves it)."""
+    restored in the params' dtype: bf16 from the first resume on, where a 0.9999 decay barely moves it). The run
+    warns that its master weights and AdamW state are bf16 (the official keeps them in float32)."""
     def cfg(steps):
         c = load_config("synthetic_tiny")
         c.model.param_dtype = "bfloat16"
@@ -297,6 +298,7 @@ def test_a_resumed_bf16_run_keeps_its_ema_in_float32(tmp_path):
         return c
 
     Trainer(cfg(2), tmp_path / "resumed").run()
+    assert "[train] warning: model.param_dtype=bfloat16 keeps the master weights" in capsys.readouterr().out
     resumed = Trainer(cfg(3), tmp_path / "resumed")
     assert resumed.restore() and int(resumed.state["step"]) == 2
     assert {x.dtype for x in jax.tree.leaves(resumed.state["ema"])} == {jnp.dtype(jnp.float32)}

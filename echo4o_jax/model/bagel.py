@@ -17,7 +17,8 @@ from flax import nnx
 from ..config import BagelConfig
 from .attention import TokenMeta
 from .keymap import LINEAR, Rule
-from .layers import Buffer, dtype_of, gelu_tanh, linear, lookup_rows, param, sincos_2d_table, timestep_frequencies
+from .layers import (Buffer, dtype_of, gelu_tanh, linear, lookup_rows, param, silu, sincos_2d_table,
+                     timestep_frequencies)
 from .qwen2_mot import Qwen2MoT
 from .siglip import SigLIPNaViT
 
@@ -78,7 +79,7 @@ class Bagel(nnx.Module):
         dt = dtype_of(self.cfg.compute_dtype)
         args = t.astype(jnp.float32)[:, None] * timestep_frequencies(self.cfg.timestep_embed_dim)[None, :]
         emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1).astype(dt)
-        return self.time_fc2(jax.nn.silu(self.time_fc1(emb)))
+        return self.time_fc2(silu(self.time_fc1(emb)))
 
     def embed_latents(self, x_t, t, latent_pos_ids, *, debug: dict | None = None):
         dt = dtype_of(self.cfg.compute_dtype)

@@ -16,6 +16,7 @@ __all__ = [
     "rms_norm",
     "layer_norm",
     "gelu_tanh",
+    "silu",
     "linear",
     "rope_cos_sin",
     "apply_rope",
@@ -81,7 +82,14 @@ def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Arra
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=True)
+    """tanh-GELU computed in float32 and rounded once to x's dtype, as PyTorch computes bf16 activations (JAX's
+    composite bf16 GELU rounds every step: up to 256 ulp off in the negative tail)."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+
+
+def silu(x: jax.Array) -> jax.Array:
+    """SiLU computed in float32 and rounded once to x's dtype (PyTorch's bf16 silu; see gelu_tanh)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:

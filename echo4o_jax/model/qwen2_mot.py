@@ -22,7 +22,7 @@ from flax import nnx
 
 from ..config import LLMConfig
 from .attention import TokenMeta, attention, concat_meta
-from .layers import apply_rope, linear, param, remat_policy, rms_norm, rope_cos_sin
+from .layers import apply_rope, linear, param, remat_policy, rms_norm, rope_cos_sin, silu
 
 __all__ = ["ExpertLayers", "Qwen2MoT", "KVCache", "EXPERT_FIELDS"]
 
@@ -147,7 +147,7 @@ class Qwen2MoT(nnx.Module):
             return rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps), v
 
         def mlp(h, p):
-            return linear(jax.nn.silu(linear(h, p["w_gate"])) * linear(h, p["w_up"]), p["w_down"])
+            return linear(silu(linear(h, p["w_gate"])) * linear(h, p["w_up"]), p["w_down"])
 
         def per_expert(fn, xs, pu, pg, detach_und=False):
             a = fn(xs[:n_und], pu)

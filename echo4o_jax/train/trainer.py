@@ -339,6 +339,11 @@ class Trainer:
         self.cfg = model_config_from(config)
         shd.maybe_initialize_distributed(bool(config.get("multihost", False)))
         self.is_main = jax.process_index() == 0
+        if config.model.param_dtype == "bfloat16" and self.is_main:
+            print("[train] warning: model.param_dtype=bfloat16 keeps the master weights and the AdamW state in "
+                  "bfloat16 (8 significant bits): updates below ~1/256 of a weight (lr 2e-5 steps) round away. The "
+                  "official trains float32 master weights (model.compute_dtype=bfloat16 computes in bf16 with them)",
+                  flush=True)
         try:
             self.mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
         except ValueError as e:  # sizes that do not fit the devices
