@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_MODEL", "TEMPLATE_DIR", "JudgeTemplate", "load_template", "MalformedAnswer",
     "extract_json_object", "PARSERS", "JudgeCache", "JudgeRequest", "JudgeResult", "Judge",
-    "JudgeError", "JudgeFatalError", "JudgeConfigError", "ClientCallError", "TemplateError", "encode_image", "cache_key", "redact",
-    "api_key_from_env", "check_api_key_env", "clean_text",
+    "JudgeError", "JudgeFatalError", "JudgeConfigError", "ClientCallError", "TemplateError", "encode_image",
+    "cache_key", "redact", "api_key_from_env", "check_api_key_env", "clean_text",
 ]
 
 DEFAULT_MODEL = "gpt-4.1"
