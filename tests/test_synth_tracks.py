@@ -235,10 +235,11 @@ def test_cost_functions():
     assert chat_cost(prices, "unknown-model", 10**6, 10**6) == 0.0
     assert image_cost(prices, "gpt-image-1", "1024x1024", "medium") == pytest.approx(0.042)
     assert image_cost(prices, "gpt-image-1", "1536x1024", "high", n_inputs=2) == pytest.approx(0.25 + 2 * 0.0065)
-    # size auto (the model picks the shape): the dearest size of the quality, not the square one's price
-    assert image_cost(prices, "gpt-image-1", "auto", "high") == pytest.approx(0.25)
-    assert image_cost(prices, "gpt-image-1", "auto", "medium") == pytest.approx(
-        max(r["medium"] for r in prices["gpt-image-1"]["per_image"].values()))
+    # size auto (the model picks the shape): priced as the dearest shape (1536x1024), not as the square one
+    for q in ("high", "medium", "low"):
+        auto = image_cost(prices, "gpt-image-1", "auto", q)
+        assert auto == image_cost(prices, "gpt-image-1", "1536x1024", q) > image_cost(prices, "gpt-image-1",
+                                                                                     "1024x1024", q)
     usage = {"input_tokens": 50, "output_tokens": 4160, "input_tokens_details": {"text_tokens": 50, "image_tokens": 0}}
     assert image_cost(prices, "gpt-image-1", "1024x1024", "high", usage=usage) == pytest.approx(
         (50 * 5 + 4160 * 40) / 1e6)
