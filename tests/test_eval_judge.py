@@ -409,6 +409,24 @@ def test_base_url_with_credentials_or_not_a_url_is_refused_without_showing_it():
         J.check_base_url("htp://host/v1")
 
 
+def test_the_environments_base_url_is_checked_when_none_is_given(monkeypatch):
+    """Without a base URL the client calls OPENAI_BASE_URL, which was not checked: credentials in it were sent
+    as Basic auth, a key put there by mistake went unnoticed. It is checked as --base-url is, and named."""
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    J.check_base_url(None)  # OpenAI's own
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://user:plainkey-0123456789abcdef@127.0.0.1:8000/v1")
+    with pytest.raises(ValueError) as ei:
+        J.Judge(base_url=None)
+    assert str(ei.value).startswith("the environment variable OPENAI_BASE_URL (the client's base URL when none is "
+                                    "given): 'http://127.0.0.1:8000/v1' carries credentials")
+    assert "plainkey" not in str(ei.value)
+    monkeypatch.setenv("OPENAI_BASE_URL", "plainkey-0123456789abcdef")
+    with pytest.raises(ValueError, match="OPENAI_BASE_URL.*not shown: it is not a URL") as ei:
+        J.check_base_url(None)
+    assert "plainkey" not in str(ei.value)
+    J.check_base_url("http://127.0.0.1:8000/v1")  # a base URL given is the one checked (and called)
+
+
 def test_key_in_the_answer_is_redacted_from_parsed_and_cache(server, tmp_path, monkeypatch):
     """A judge that repeats the key (not shaped like sk-...: only the Judge knows it) in its reason: neither the
     parsed answer, the cache nor a cached rerun holds it; nor the error of an answer that does not parse."""

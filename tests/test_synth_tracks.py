@@ -260,12 +260,17 @@ def test_config_file_and_manifest_info(server, tmp_path, monkeypatch):
     assert {r.meta["type"] for r in recs} == {"attribute_shift"}
     info = manifest["info"]["synth"]
     assert info["config"]["seed"] == 7 and info["items"] == 3 and info["config"]["base_url"] == server.base_url
-    # credentials in a base URL are refused (the client would send them instead of the environment's key); in
-    # the environment's OPENAI_BASE_URL (not checked) they are not kept in the manifest
+    # credentials in a base URL are refused (the client would send them instead of the environment's key), in
+    # the environment's OPENAI_BASE_URL too (it was not checked); that one is recorded as the client's base URL
     with pytest.raises(ValueError, match="carries credentials"):
         SynthConfig(base_url="http://user:pw@example.test:8000/v1")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://user:pw@example.test:8000/v1")
-    assert SynthConfig().to_public_dict()["base_url"] == "http://example.test:8000/v1"
+    with pytest.raises(ValueError, match=r"^the environment variable OPENAI_BASE_URL .*: 'http://example.test:8000/v1' "
+                                         r"carries credentials") as ei:
+        SynthConfig()
+    assert "pw" not in str(ei.value)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://example.test:8000/v1/")
+    assert SynthConfig().to_public_dict()["base_url"] == "http://example.test:8000/v1/"
     with pytest.raises(ValueError, match="carries a query"):  # (a query is refused: the client appends paths)
         SynthConfig(base_url="http://example.test:8000/v1?token=abc")
 

@@ -531,9 +531,13 @@ def check_base_url(url: str | None, *, flag: str = "--base-url") -> None:
     """Raise a ValueError naming `flag` unless `url` (None: OpenAI's own) is an http(s) URL with a host and
     a valid port, and no query or fragment: the client appends its endpoint paths to the URL, so a query
     would end up before them (every call a 404), and the key belongs in the environment, not in the URL.
-    The message shows the URL without its userinfo or query (`_public_url`)."""
+    The message shows the URL without its userinfo or query (`_public_url`). With `url` None the environment's
+    ``OPENAI_BASE_URL``, which the client then calls, is checked the same way when it is set."""
     if url is None:
-        return
+        url = os.environ.get("OPENAI_BASE_URL")
+        if url is None:
+            return
+        flag = "the environment variable OPENAI_BASE_URL (the client's base URL when none is given)"
     from urllib.parse import urlsplit
 
     shown = _public_url(url) if isinstance(url, str) else url
