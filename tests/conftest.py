@@ -15,9 +15,38 @@ import os
 import pathlib
 import sys
 
+import shutil
+import tempfile
+
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
+
+# One persistent XLA compilation cache for the test session: its worker processes (pytest-xdist starts them
+# from this process, with its environment) and every training / bench process a test starts. Dozens of tests
+# compile the same tiny train step, in-process and in subprocesses; loading it from the cache saves about a
+# third of a training test's time. A cache the caller set (JAX_COMPILATION_CACHE_DIR) is used as it is. The
+# size limit turns on JAX's file lock, so that processes writing the same entry at once do not read a
+# half-written one. Tests of the cache itself unset the variable for the processes they start.
+_SESSION_CACHE: str | None = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="echo4o_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+    if "jax" in sys.modules:  # (imported before this file by a plugin: its settings were read already)
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", _SESSION_CACHE)
+        sys.modules["jax"].config.update("jax_compilation_cache_max_size", 4 << 30)
+
+
+def without_compilation_cache(env: dict) -> dict:
+    """`env` without the session's compilation cache: for a process under a file size limit, whose cache
+    entries would be written cut short (and then fail to load in every later process)."""
+    return {k: v for k, v in env.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 DEFAULT_GOLDEN = HERE / "golden" / "bagel_tiny_a"
 SHARED_BENCHMARKS = HERE.parent.parent / "shared" / "benchmarks"
 SHARED_GOLDEN = HERE.parent.parent / "shared" / "golden"

@@ -35,6 +35,7 @@ from echo4o_jax.model.keymap import CheckpointMismatchError
 from echo4o_jax.model.loading import export_official, load_bagel, load_vae
 from echo4o_jax.safetensors_io import (SafetensorsError, SafetensorsFile, open_checkpoint_file,
                                        write_safetensors)
+from conftest import without_compilation_cache
 from test_golden import _to_official_order, max_err, train_case  # noqa: F401  (fixture reused)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -642,7 +643,8 @@ def test_full_disk_is_one_line_and_leaves_nothing(golden_dir, converted, tmp_pat
     "[Errno 28] No space left on device" naming no file."""
     src = ["--src", str(golden_dir)] if tool == "to_jax" else ["--ckpt", str(converted[0])]
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    env = dict(without_compilation_cache(os.environ), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
     limited = ("import resource, runpy, sys\n"  # (set in the child: a preexec_fn would fork this JAX process)
                "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
                f"sys.argv[0] = 'tools.convert_weights.{tool}'\n"

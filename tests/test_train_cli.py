@@ -19,6 +19,7 @@ import jax
 import pytest
 
 from echo4o_jax.train.__main__ import run
+from conftest import without_compilation_cache
 from test_train import load_config
 from test_train_processes import _losses
 
@@ -482,7 +483,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
     p = subprocess.run([sys.executable, "-c", limited, "--config", str(TINY), "--workdir", str(wd),
                         "--config.train.steps=12", "--config.checkpoint.every=2",
                         f"--config.checkpoint.async_save={async_save}", "--config.log.tensorboard=False"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**without_compilation_cache(os.environ), "JAX_PLATFORMS": "cpu"})
     assert p.returncode == 2, p.stderr[-3000:]
     lines = [x for x in p.stderr.splitlines() if "it/s" not in x and x.strip()]  # (the progress bar)
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
@@ -520,8 +522,12 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(workdir, capsys, monkeypatc
     import errno
     import fcntl
 
-    def no_locks(*a):
-        raise OSError(errno.ENOLCK, "No locks available")
+    real_flock = fcntl.flock
+
+    def no_locks(fd, op):  # (only the workdir's: JAX's compilation cache takes a lock of its own elsewhere)
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(workdir)):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real_flock(fd, op)
 
     monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without locks: said, and training goes on
     capsys.readouterr()
