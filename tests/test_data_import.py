@@ -132,7 +132,7 @@ def test_echo4o_import_corrupt_fail_names_file_and_row(echo_root, tmp_path, caps
         ie.import_echo4o(str(root), str(tmp_path / "o2"), subsets=["surreal"])
     with pytest.raises(ie.ImportFailure, match=r"part-0.parquet row 1: corrupt image"):
         ie.import_echo4o(str(root), str(tmp_path / "o3"), subsets=["multiref"])
-    assert ie.main(["--root", str(root), "--out", str(tmp_path / "o4"), "--subsets", "surreal"]) == 1
+    assert ie.main(["--root", str(root), "--out", str(tmp_path / "o4"), "--subsets", "surreal"]) == 2
     assert "corrupt image" in capsys.readouterr().err
     m = load_manifest(tmp_path / "o4" / "surreal")
     assert not m["complete"] and "ImportFailure" in m["error"]
@@ -203,7 +203,7 @@ def test_bagel_parquet_errors(tmp_path, capsys):
     (src / "b.parquet").write_bytes(b"not a parquet file at all")
     with pytest.raises(ibp.ImportFailure, match=r"a.parquet row 2: corrupt image"):
         ibp.import_bagel_parquet([str(src)], str(tmp_path / "o1"), kind="t2i")
-    assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o2")]) == 1
+    assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o2")]) == 2
     assert "a.parquet row 2" in capsys.readouterr().err
     m = ibp.import_bagel_parquet([str(src)], str(tmp_path / "o3"), kind="t2i", on_error="skip")
     assert m["records"] == 3 and m["skipped"]["by_reason"] == {"corrupt image": 1, "unreadable parquet": 1}
@@ -231,7 +231,7 @@ def test_bagel_parquet_repeated_file_names_get_distinct_ids(tmp_path, capsys, mo
     assert ibp.main([str(tmp_path / "a"), str(tmp_path / "b"), "--kind", "t2i", "--out", str(tmp_path / "o3")]) == 0
     assert [x.id for x in RecordReader(tmp_path / "o3")] == [f"a/{s}/part-0/{i}" for s in "ab" for i in range(2)]
     # a rerun into an existing dataset names the CLI flag
-    assert ibp.main([str(tmp_path / "a"), "--kind", "t2i", "--out", str(tmp_path / "o3")]) == 1
+    assert ibp.main([str(tmp_path / "a"), "--kind", "t2i", "--out", str(tmp_path / "o3")]) == 2
     assert f"{tmp_path / 'o3'} already holds a dataset; pass --overwrite" in capsys.readouterr().err
     # inputs that would give the same ids: an error naming both files, even with --on-error skip; nothing written
     (tmp_path / "a" / "part-0").write_bytes((tmp_path / "a" / "part-0.parquet").read_bytes())
@@ -251,12 +251,12 @@ def test_echo4o_overwrite_keeps_old_dataset_on_failure(echo_root, tmp_path, caps
     good = [x.id for x in RecordReader(out / "surreal", verify=True)]
     assert len(good) == 5
     capsys.readouterr()
-    assert ie.main(args) == 1
+    assert ie.main(args) == 2
     err = capsys.readouterr().err
     assert f"{out / 'surreal'} already holds a dataset; pass --overwrite to replace it" in err
     assert "overwrite=True" not in err
     _corrupt(root)
-    assert ie.main([*args, "--overwrite"]) == 1
+    assert ie.main([*args, "--overwrite"]) == 2
     assert "conflict.jsonl:2: invalid JSON line" in capsys.readouterr().err
     m = load_manifest(out / "surreal")
     assert m["complete"] and m["records"] == 5
@@ -284,7 +284,7 @@ def test_echo4o_arguments_checked_before_anything_is_written(echo_root, tmp_path
     capsys.readouterr()
 
     def error(*args) -> str:
-        assert ie.main(["--root", str(root), "--out", str(out), *args]) == 1
+        assert ie.main(["--root", str(root), "--out", str(out), *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("import_echo4o: error: ") and "Traceback" not in err, err
         assert _tree(out) == before
@@ -311,7 +311,7 @@ def test_echo4o_arguments_checked_before_anything_is_written(echo_root, tmp_path
     assert error("--subsets", "instruction,surreal") == (  # surreal exists: instruction not imported first
         f"import_echo4o: error: {out / 'surreal'} already holds a dataset; pass --overwrite to replace it")
     (tmp_path / "afile").write_text("x")  # an --out that cannot be a folder: one line too
-    assert ie.main(["--root", str(root), "--out", str(tmp_path / "afile"), "--subsets", "surreal"]) == 1
+    assert ie.main(["--root", str(root), "--out", str(tmp_path / "afile"), "--subsets", "surreal"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("import_echo4o: error: ") and "afile" in err, err
 
@@ -323,11 +323,11 @@ def test_bagel_parquet_wrong_columns_and_captions_named(tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     pq.write_table(pa.table({"img": [_jpeg(1)], "caption": ["a cat"]}), src / "part-0.parquet")
-    assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o1")]) == 1
+    assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o1")]) == 2
     assert capsys.readouterr().err == (
         "import_bagel_parquet: error: part-0.parquet row 0: missing columns ['image', 'captions'] (--kind t2i reads "
         "the columns ['image', 'captions']; the file has ['caption', 'img'])\n")
-    assert ibp.main([str(src), "--kind", "edit", "--out", str(tmp_path / "o2")]) == 1
+    assert ibp.main([str(src), "--kind", "edit", "--out", str(tmp_path / "o2")]) == 2
     assert "missing columns ['image_list', 'instruction_list']" in capsys.readouterr().err
 
     caps = [json.dumps({"a": "a red cat"}), "a plain caption, not JSON", json.dumps(["a", "list"]), json.dumps({})]
@@ -343,7 +343,7 @@ def test_bagel_parquet_wrong_columns_and_captions_named(tmp_path, capsys):
     for args, msg in [(["--shard-bytes", "0"], "--shard-bytes=0: must be a positive number of bytes"),
                       (["--limit", "-1"], "--limit=-1: must be >= 1 (records per dataset; leave it out for all)"),
                       (["--name", "a/b"], "--name=a/b: must be a plain file-name prefix (no '/')")]:
-        assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o5"), *args]) == 1
+        assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o5"), *args]) == 2
         assert capsys.readouterr().err == f"import_bagel_parquet: error: {msg}\n"
         assert not (tmp_path / "o5").exists()
 
@@ -556,7 +556,7 @@ def test_echo4o_ctrl_c_keeps_the_partial_dataset_and_a_rerun_names_it(echo_root,
     assert (m["complete"], m["records"], m["error"]) == (False, 2, "interrupted (Ctrl-C)")
     assert [x.id for x in RecordReader(out / "surreal", verify=True)] == ["echo4o/surreal/00000",
                                                                            "echo4o/surreal/00001"]
-    assert ie.main(args) == 1
+    assert ie.main(args) == 2
     err = capsys.readouterr().err
     assert err == (f"import_echo4o: error: {out / 'surreal' / 'manifest.json'} says the dataset is incomplete "
                    "(error: interrupted (Ctrl-C)); it holds 2 records in 1 shards; pass --overwrite to write it "
@@ -576,14 +576,14 @@ def test_demo_cli_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys)
     for argv, msg in [(["--size", "16"], f"--size=16: must be >= {demo_mod.MIN_SIZE} pixels"),
                       (["--t2i", "-1"], "--t2i=-1: must be a number of samples >= 0"),
                       (["--shard-bytes", "0"], "--shard-bytes=0: must be a positive number of bytes")]:
-        assert demo_mod.main(["--out", str(out), *argv]) == 1
+        assert demo_mod.main(["--out", str(out), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("demo: error: ") and msg in err and err.count("\n") == 1, err
         assert not out.exists()
     small = ["--out", str(out), "--t2i", "4", "--multiref", "2", "--understanding", "2"]
     assert demo_mod.main(small) == 0
     capsys.readouterr()
-    assert demo_mod.main(small) == 1
+    assert demo_mod.main(small) == 2
     err = capsys.readouterr().err
     assert err == f"demo: error: {out / 't2i'} already holds a dataset; pass --overwrite to replace it\n"
 
@@ -707,7 +707,7 @@ def test_an_import_of_nothing_is_an_error(echo_root, tmp_path, capsys):
     dataset of 0 records; it is an error naming the input (the dataset is left marked incomplete)."""
     root, _ = echo_root
     _write_jsonl(root / "Surrel-Fantasy-Image" / "conflict.jsonl", [])
-    assert ie.main(["--root", str(root), "--out", str(tmp_path / "o"), "--subsets", "surreal"]) == 1
+    assert ie.main(["--root", str(root), "--out", str(tmp_path / "o"), "--subsets", "surreal"]) == 2
     assert capsys.readouterr().err.startswith("import_echo4o: error: surreal (Surrel-Fantasy-Image/conflict.jsonl): "
                                               "no records to import; skipped: 5 x image without a jsonl row")
     ins = root / "Instruction-Following-Image" / "Instruction-Following-Image.jsonl"
@@ -755,7 +755,7 @@ def test_echo4o_archive_names_and_layouts_seen_in_practice(echo_root, tmp_path, 
         "gives the same record id echo4o/surreal/00001")
     assert ex["image file type not imported"].startswith(
         "Surrel-Fantasy-Image/images/0.tar:im\\xe1genes/00002.bmp (row Surrel-Fantasy-Image/conflict.jsonl:4): .bmp")
-    assert ie.main(["--root", str(root), "--out", str(tmp_path / "o2"), "--subsets", "surreal"]) == 1
+    assert ie.main(["--root", str(root), "--out", str(tmp_path / "o2"), "--subsets", "surreal"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("import_echo4o: error: Surrel-Fantasy-Image/images/0.tar:im\\xe1genes/00001.png (row "
                           "Surrel-Fantasy-Image/conflict.jsonl:3): another image of the same name") and \
@@ -766,12 +766,12 @@ def test_echo4o_archive_names_and_layouts_seen_in_practice(echo_root, tmp_path, 
     for f in (root / "Multi-Reference-Image").rglob("*.parquet"):
         f.unlink()
     out = tmp_path / "o3"
-    assert ie.main(["--root", str(root), "--out", str(out), "--subsets", "instruction,surreal"]) == 1
+    assert ie.main(["--root", str(root), "--out", str(out), "--subsets", "instruction,surreal"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"import_echo4o: error: {sur / 'images'}: no image archives (*.tar.gz, *.tgz, *.tar); its 1 loose image "
         f"file(s) are not read: the release ships the images as archives (pack loose ones, e.g. tar -czf "
         f"{sur / 'images' / '000.tar.gz'} -C {sur / 'images'} .)")
-    assert ie.main(["--root", str(root), "--out", str(out), "--subsets", "instruction,multiref"]) == 1
+    assert ie.main(["--root", str(root), "--out", str(out), "--subsets", "instruction,multiref"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"import_echo4o: error: {root / 'Multi-Reference-Image'}: no *.parquet (multi-reference rows are read as "
         "Echo-4o's training code reads them: parquet with image_list / instruction_list; convert the folder to such "
@@ -789,7 +789,7 @@ def test_inspect_names_a_trial_import_and_an_unknown_sheet_extension(echo_root, 
     assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "-n", "0"]) == 0
     assert capsys.readouterr().err == (f"inspect: note: {tmp_path / 'o' / 'surreal'} was imported with --limit 2 (a "
                                        "trial import: not the whole source)\n")
-    assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "--contact-sheet", str(tmp_path / "s.xyz")]) == 1
+    assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "--contact-sheet", str(tmp_path / "s.xyz")]) == 2
     assert capsys.readouterr().err.strip().endswith("unknown image file extension '.xyz' (e.g. .png, .jpg)")
     assert not (tmp_path / "s.xyz").exists()
 

@@ -327,7 +327,7 @@ def _dataset(d, n=8, name="surreal"):
 
 def _cli_error(capsys, argv) -> str:
     """Runs the inspect CLI expecting a one-line error; returns it."""
-    assert inspect_cli.main(argv) == 1
+    assert inspect_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("inspect: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     return err

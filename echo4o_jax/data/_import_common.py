@@ -54,7 +54,7 @@ def check_writer_args(*, shard_bytes: int, limit: int | None, on_error: str, ima
 
 def cli_error(prog: str, e: Exception) -> int:
     """Prints a data CLI's one-line error (`PROG: error: ...`, naming the CLI flag where the library message
-    names a keyword argument); returns the exit status 1."""
+    names a keyword argument); returns the exit status 2 (bad input or a full disk, as every CLI here)."""
     if isinstance(e, DatasetExistsError):
         msg = f"{e.path} already holds a dataset; pass --overwrite to replace it"
         try:
@@ -68,7 +68,7 @@ def cli_error(prog: str, e: Exception) -> int:
     else:
         msg = str(e)
     print(f"{prog}: error: {msg}", file=sys.stderr)
-    return 1
+    return 2
 
 
 def cli_interrupted(prog: str, kept: str) -> int:

@@ -25,7 +25,7 @@ same inputs. A file given twice (or two paths that map to the same PATH) is an e
 Other scalar columns are kept in `meta.extra`; images are stored as received. A row without the columns of
 its `--kind` is an error naming them and the columns found. Errors: `--on-error=fail` (default) names the
 file and row; `skip` counts them in the manifest. Arguments (`--shard-bytes`, `--limit` >= 1,
-`--name`) are checked before anything is written. Exit status 1 on failure, with one line
+`--name`) are checked before anything is written. Exit status 2 on failure, with one line
 `import_bagel_parquet: error: ...`. `--overwrite` replaces an existing
 dataset only when the import succeeds (a failed import leaves it as it was).
 """

@@ -34,7 +34,7 @@ with more than one instruction step, no record at all):
 `--on-error=fail` (default) stops with a message naming the file and row / member; `skip` counts them in
 each dataset's manifest (`skipped.by_reason`, first 100 examples). Every argument (`--subsets` names,
 `--shard-bytes` and `--limit` >= 1) and every chosen subset's input folder is checked before anything is
-written, as is every output folder (an existing dataset without `--overwrite`). Exit status 1 on failure,
+written, as is every output folder (an existing dataset without `--overwrite`). Exit status 2 on failure,
 with one line `import_echo4o: error: ...` naming the file and row / member, or the argument. `--overwrite` replaces existing datasets: each is written aside and swapped in
 only when its import succeeds (a failed import leaves the old dataset as it was; the subsets imported
 before it stay imported).

@@ -12,7 +12,7 @@ is incomplete (a failed or interrupted import / synthesis run; training refuses 
 `data.records.allow_incomplete`) is shown with a line `inspect: warning: ...` on stderr naming the manifest
 and its recorded error. Errors (bad manifest, missing / truncated / corrupt shard, undecodable record,
 `--start` past the last record, `-n` < 0) print one line `inspect: error: ...` naming the file (and record)
-and exit with status 1.
+and exit with status 2.
 """
 
 from __future__ import annotations
