@@ -13,14 +13,16 @@ import importlib.util
 import json
 import os
 import pathlib
-import sys
-
 import shutil
+import sys
 import tempfile
 
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
+DEFAULT_GOLDEN = HERE / "golden" / "bagel_tiny_a"
+SHARED_BENCHMARKS = HERE.parent.parent / "shared" / "benchmarks"
+SHARED_GOLDEN = HERE.parent.parent / "shared" / "golden"
 
 # One persistent XLA compilation cache for the test session: its worker processes (pytest-xdist starts them
 # from this process, with its environment) and every training / bench process a test starts. Dozens of tests
@@ -47,9 +49,6 @@ def without_compilation_cache(env: dict) -> dict:
 def pytest_unconfigure(config):
     if _SESSION_CACHE is not None:
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
-DEFAULT_GOLDEN = HERE / "golden" / "bagel_tiny_a"
-SHARED_BENCHMARKS = HERE.parent.parent / "shared" / "benchmarks"
-SHARED_GOLDEN = HERE.parent.parent / "shared" / "golden"
 
 
 def load_file(path: pathlib.Path, name: str):
