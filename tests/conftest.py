@@ -82,6 +82,9 @@ def golden_dirs() -> list[pathlib.Path]:
         for d in _golden_folders(SHARED_GOLDEN):
             if not any(d.name == b.name and _same_files(d, b) for b in dirs):
                 dirs.append(d)
+    if not dirs:  # (an empty parameter set would skip every golden test: a green run that checked nothing)
+        raise FileNotFoundError(f"no golden folder: ECHO4O_GOLDEN_DIRS={env!r} names none" if env else
+                                f"no golden folder under {DEFAULT_GOLDEN.parent} or {SHARED_GOLDEN}")
     for d in dirs:
         if not (d / "llm_config.json").exists():
             raise FileNotFoundError(f"golden folder {d} has no llm_config.json")

@@ -9,6 +9,8 @@ import os
 import tarfile
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -16,9 +18,6 @@ from echo4o_jax.data import demo as demo_mod
 from echo4o_jax.data import import_bagel_parquet as ibp
 from echo4o_jax.data import import_echo4o as ie
 from echo4o_jax.data.records import RecordReader, load_manifest
-
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 
 def _jpeg(seed, w=24, h=16):

@@ -468,11 +468,27 @@ def test_large_image_is_downscaled(tmp_path):
 
 
 def test_concurrency_and_order(server, key_env, tmp_path):
-    server.chat_handler = lambda r: json.dumps({"correct": int("odd" in message_text(r)), "reason": ""})
+    """Up to `concurrency` requests in flight at once (the server counts them), answers in request order."""
+    import threading
+    import time
+
+    lock, flight = threading.Lock(), {"now": 0, "peak": 0}
+
+    def answer(r):
+        with lock:
+            flight["now"] += 1
+            flight["peak"] = max(flight["peak"], flight["now"])
+        time.sleep(0.05)  # (long enough for the others to arrive)
+        with lock:
+            flight["now"] -= 1
+        return json.dumps({"correct": int("odd" in message_text(r)), "reason": ""})
+
+    server.chat_handler = answer
     reqs = [request(image(tmp_path, f"{i}.png", (i, 0, 0)), prompt=("odd" if i % 2 else "even") + f" {i}")
             for i in range(16)]
     res = make_judge(server, concurrency=8).judge_many(reqs)
     assert [r.parsed["correct"] for r in res] == [i % 2 for i in range(16)]
+    assert 1 < flight["peak"] <= 8, flight
 
 
 def test_redact():

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import load_npz, npz_json
-from test_golden import assert_uint8_close
+from test_golden import assert_uint8_close, golden_max_context
 from echo4o_jax import generate as G
 from echo4o_jax import inference
 from echo4o_jax.config import BagelConfig
@@ -29,7 +29,8 @@ HUGE = 1 << 20
 
 @pytest.fixture(scope="module")
 def gen(golden_dir):
-    g = G.Generator(golden_dir, max_context=256)
+    g = G.Generator(golden_dir, max_context=golden_max_context(golden_dir, BagelConfig.from_checkpoint_dir(golden_dir),
+                                                                text_bucket=G.TEXT_BUCKET))
     g.inf.vae_transform = ImageTransform(HUGE, 1, g.cfg.latent_downsample, HUGE)
     g.inf.vit_transform = ImageTransform(HUGE, 1, g.cfg.vit.patch_size, HUGE)
     return g
@@ -48,7 +49,13 @@ def test_generator_reproduces_golden(golden_dir, gen, case, monkeypatch):
     ids, images, kw = _golden_request(d)
     size = tuple(kw.pop("image_shapes")) if "image_shapes" in kw else None
     # the CLI draws the initial noise from the seed; feed the golden one through the same call
-    monkeypatch.setattr(jax.random, "normal", lambda key, shape, *a, **k: np.asarray(d["init_noise"])[None])
+    noise = np.asarray(d["init_noise"])[None]
+
+    def golden_noise(key, shape, *a, **k):
+        assert tuple(shape) == noise.shape, (shape, noise.shape)  # the draw the sampler asks for, one image's
+        return noise
+
+    monkeypatch.setattr(jax.random, "normal", golden_noise)
     out = gen.generate(prompt_ids=ids, images=images, size=size, seed=0, num_images=1, **kw)
     assert_uint8_close(out["images"][0], d["image_uint8"])
 
@@ -315,14 +322,15 @@ def test_resume_refuses_a_finished_request_made_otherwise(golden_dir, gen, tmp_p
 def test_bad_inputs_give_clear_errors(golden_dir, gen, tmp_path):
     with pytest.raises(G.GenerateError, match="not found"):
         gen.generate(prompt_ids=[1], images=[tmp_path / "missing.png"])
-    with pytest.raises(G.GenerateError, match=f"multiples of {gen.cfg.latent_downsample}$"):
-        gen.generate(prompt_ids=[1], size=(30, 32))
+    ds, m = gen.cfg.latent_downsample, gen.cfg.max_latent_size
+    with pytest.raises(G.GenerateError, match=f"multiples of {ds}$"):
+        gen.generate(prompt_ids=[1], size=(2 * ds - 2, 2 * ds))
     with pytest.raises(G.GenerateError, match="context tokens"):
-        gen.generate(prompt_ids=[1] * 300, size=(32, 32))
+        gen.generate(prompt_ids=[1] * gen.max_context, size=(2 * ds, 2 * ds))
     with pytest.raises(G.GenerateError, match="vocabulary"):
-        gen.generate(prompt_ids=[10**6], size=(32, 32))
-    with pytest.raises(G.GenerateError, match="position table"):
-        gen.generate(prompt_ids=[1], size=(1024, 1024))
+        gen.generate(prompt_ids=[10**6], size=(2 * ds, 2 * ds))
+    with pytest.raises(G.GenerateError, match="position table"):  # one latent token over the table
+        gen.generate(prompt_ids=[1], size=((m + 1) * ds, (m + 1) * ds))
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(golden_dir / "llm_config.json", broken / "llm_config.json")
@@ -487,10 +495,10 @@ def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, caps
     want = rf"error: ViT-resized input image \d+x\d+ exceeds .*{vit_max} x {p} = {vit_side} px.*--vit-transform"
     assert re.search(want, err), err
     assert not (tmp_path / "und2").exists()
-    # the context count leaves out the VAE tokens understanding never adds. bagel_tiny_a: a 96x96 image is 6x6+2
-    # VAE tokens, 7x7+2 ViT tokens; 3 prompt ids + 2 + 32 (text bucket) + 51 + 168 = 256 (+38 VAE would not fit).
-    # The picture: the largest side <= 6 latent tokens whose ViT grid fits the ViT table.
-    ds = c.latent_downsample
+    # the context count leaves out the VAE tokens understanding never adds. bagel_tiny_a (max_context M = 256): a
+    # 96x96 image is 6x6+2 VAE tokens, 7x7+2 ViT tokens; 3 prompt ids + 2 + 32 (text bucket) + 51 + 168 = M (+38 VAE
+    # would not fit). The picture: the largest side <= 6 latent tokens whose ViT grid fits the ViT table.
+    ds, M, bucket = c.latent_downsample, gen.max_context, G.TEXT_BUCKET
     k = min(6, c.max_latent_size)
     while k > 1 and round(k * ds / p) > vit_max:
         k -= 1
@@ -498,16 +506,15 @@ def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, caps
     n_vae = k * k + 2
     n_vit = round(side / p) ** 2 + 2  # the ViT resize: the nearest multiple of the patch size
     pic = Image.fromarray(np.full((side, side, 3), 60, np.uint8))
-    assert gen.max_context == 256
-    new_tokens = 256 - (3 + 2 + 32) - n_vit
+    new_tokens = M - (3 + 2 + bucket) - n_vit
     res = gen.understand(prompt_ids=[5, 6, 7], images=[pic], max_new_tokens=new_tokens)
     assert len(res["answer_ids"]) <= new_tokens - 1
-    # generation does feed the VAE image: 140 + 2 + 32 + 38 + 51 = 263 > 256 (225 without the VAE tokens) for
-    # bagel_tiny_a; the prompt length makes it 263 for any model
-    n_prompt = 263 - (2 + 32) - n_vae - n_vit
+    # generation does feed the VAE image: a prompt that makes M + 7 with it (M + 7 - n_vae <= M without it);
+    # bagel_tiny_a: 140 + 2 + 32 + 38 + 51 = 263 > 256 (225 without the VAE tokens)
+    n_prompt = M + 7 - (2 + bucket) - n_vae - n_vit
     assert n_vae > 7 and n_prompt > 0
-    with pytest.raises(G.GenerateError, match="need about 263 context tokens"):
-        gen.check(prompt_ids=[5] * n_prompt, images=[pic], size=(32, 32))
+    with pytest.raises(G.GenerateError, match=f"need about {M + 7} context tokens"):
+        gen.check(prompt_ids=[5] * n_prompt, images=[pic], size=(2 * ds, 2 * ds))
 
 
 # ------------------------------------------------------------------------------------- audit fixes

@@ -39,6 +39,27 @@ def max_err(a, b):
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
+def loss_close(got, want) -> bool:
+    """The golden README's loss tolerance: relative 1e-4 (and float32 resolution at a loss of 0)."""
+    return abs(float(got) - float(want)) <= 1e-4 * abs(float(want)) + 1e-7
+
+
+def gradient_mismatches(got: dict, want: SafetensorsFile) -> list[str]:
+    """Official-key gradients `got` against the recorded ones: every trainable tensor has one (the fixed sin-cos
+    tables have none), shapes equal, per tensor max abs error <= 1e-4 + 1e-3 * max abs value (the golden
+    README). Returns the tensors that miss it."""
+    assert set(want.keys()) <= set(got)
+    assert set(got) - set(want.keys()) == {"latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"}
+    bad = []
+    for k in want.keys():
+        w = want.get(k)
+        tol = 1e-4 + 1e-3 * float(np.max(np.abs(w)))
+        err = max_err(got[k], w)
+        if err > tol:
+            bad.append(f"{k}: {err:.3g} > {tol:.3g}")
+    return bad
+
+
 @pytest.fixture(scope="module")
 def loaded(golden_dir):
     cfg = BagelConfig.from_checkpoint_dir(golden_dir)
@@ -160,8 +181,7 @@ def test_losses(train_case, loaded):
     _, model, _ = loaded
     loss, parts = jax.jit(lambda: _loss_fn(model, arrays, noise, x0, d))()
     for name, got in (("loss", loss), ("loss_ce", parts["loss_ce"]), ("loss_mse", parts["loss_mse"])):
-        want = float(d[name])
-        assert abs(float(got) - want) <= 1e-4 * max(1.0, abs(want)), name
+        assert loss_close(got, d[name]), (name, float(got), float(d[name]))
 
 
 def test_ce_loss_reweighting_uses_the_official_token_weights(train_case, loaded):
@@ -174,7 +194,7 @@ def test_ce_loss_reweighting_uses_the_official_token_weights(train_case, loaded)
     want = float(np.sum(d["out_ce"].astype(np.float64) * d["ce_loss_weights"]) / np.sum(d["ce_loss_weights"]))
     batched = {k: v[None] for k, v in arrays.items()}
     _, parts = jax.jit(lambda: packed_loss(model, batched, noise[None], x0[None], ce_reweighting=True))()
-    assert abs(float(parts["loss_ce"]) - want) <= 1e-4 * max(1.0, abs(want))
+    assert loss_close(parts["loss_ce"], want)
     assert abs(float(parts["loss_ce"]) - float(d["loss_ce"])) > 1e-3  # the weights change the CE here
 
 
@@ -191,32 +211,42 @@ def test_gradients_match_official(golden_dir, train_case, loaded):
     grad_model = nnx.merge(graphdef, grads, rest)
     want = SafetensorsFile(golden_dir / "train_grads.safetensors")
     got = dict(export_official(grad_model, bagel_key_rules(cfg)))
-    assert set(want.keys()) <= set(got)
-    # every trainable tensor of the model has a recorded gradient (the fixed sin-cos tables do not)
-    assert set(got) - set(want.keys()) == {"latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"}
-    bad = []
-    for k in want.keys():
-        w = want.get(k)
-        tol = 1e-4 + 1e-3 * float(np.max(np.abs(w)))
-        err = max_err(got[k], w)
-        if err > tol:
-            bad.append(f"{k}: {err:.3g} > {tol:.3g}")
+    bad = gradient_mismatches(got, want)
     assert not bad, "\n".join(bad)
 
 
 # ------------------------------------------------------------------------------------------ inference
 
 
-def golden_inferencer(cfg, model, vae) -> Inferencer:
+def golden_max_context(golden_dir, cfg, text_bucket: int = 32) -> int:
+    """A KV cache that holds every inference case of the folder, counted from its case files: each text with its
+    two wrapping tokens and a text bucket of padding room, each input image as VAE and ViT tokens (+ 2 each),
+    the generated image's tokens (+ 2) or the answer's; at least 256 (bagel_tiny_a's cases need under 100),
+    rounded up to a multiple of 64."""
+    ds, p = cfg.latent_downsample, cfg.vit.patch_size
+    need = 0
+    for case in ("t2i", "multiref", "understand"):
+        d = load_npz(golden_dir / f"{case}.npz")
+        n = sum(len(ids) + 2 + text_bucket for ids in npz_json(d["prompt_ids_json"]))
+        for k in range(sum(x == "image" for x in npz_json(d["input_order_json"]))):
+            h, w = d[f"input_image_{k}"].shape[:2]
+            n += (h // ds) * (w // ds) + 2 + round(h / p) * round(w / p) + 2
+        n += d["init_noise"].shape[0] + 2 if "init_noise" in d else 0
+        n += int(npz_json(d["kwargs_json"]).get("max_think_token_n", 0))
+        need = max(need, n)
+    return max(256, -(-need // 64) * 64)
+
+
+def golden_inferencer(cfg, model, vae, max_context: int) -> Inferencer:
     """The inference cases' settings: no resize beyond the strides (huge max size / pixels, min size 1)."""
-    return Inferencer(model, vae, max_context=256,
+    return Inferencer(model, vae, max_context=max_context,
                       vae_transform=ImageTransform(HUGE, 1, cfg.latent_downsample, HUGE),
                       vit_transform=ImageTransform(HUGE, 1, cfg.vit.patch_size, HUGE))
 
 
 @pytest.fixture(scope="module")
-def inferencer(loaded):
-    return golden_inferencer(*loaded)
+def inferencer(golden_dir, loaded):
+    return golden_inferencer(*loaded, max_context=golden_max_context(golden_dir, loaded[0]))
 
 
 def _inputs(d):
@@ -241,7 +271,9 @@ def test_image_generation(golden_dir, inferencer, case):
     out = inferencer.interleave_inference(_inputs(d), init_noise=d["init_noise"], return_velocities=True, **kw)
     vel = np.asarray(out["velocities"])
     assert vel.shape == d["dbg_velocity_per_step"].shape
-    assert max_err(vel, d["dbg_velocity_per_step"]) <= 1e-3
+    # each step's guided velocity is a model output (as out_mse): the activations' 1e-4 (measured ~2e-6); the
+    # README's 1e-3 is for the latent the whole sampler integrates
+    assert max_err(vel, d["dbg_velocity_per_step"]) <= 1e-4
     assert max_err(out["latent"], d["latent"]) <= 1e-3
     assert max_err(out["decoded"], d["decoded"][0].transpose(1, 2, 0)) <= 5e-4
     assert_uint8_close(out["image"], d["image_uint8"])

@@ -41,3 +41,15 @@ def test_the_environment_variable_chooses_the_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("ECHO4O_GOLDEN_DIRS", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="missing has no llm_config.json"):
         conftest.golden_dirs()
+
+
+def test_no_golden_folder_is_an_error_not_a_skip(tmp_path, monkeypatch):
+    """An empty list would parametrize every golden test away (pytest skips an empty parameter set): refused."""
+    monkeypatch.setenv("ECHO4O_GOLDEN_DIRS", ":")
+    with pytest.raises(FileNotFoundError, match="no golden folder: ECHO4O_GOLDEN_DIRS=':' names none"):
+        conftest.golden_dirs()
+    monkeypatch.delenv("ECHO4O_GOLDEN_DIRS")
+    monkeypatch.setattr(conftest, "DEFAULT_GOLDEN", tmp_path / "tests" / "golden" / "bagel_tiny_a")
+    monkeypatch.setattr(conftest, "SHARED_GOLDEN", tmp_path / "shared" / "golden")
+    with pytest.raises(FileNotFoundError, match="no golden folder under "):
+        conftest.golden_dirs()

@@ -492,8 +492,8 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path,
     if vae:
         assert lines[0].startswith(f"error: saving the frozen VAE to {wd / 'vae'} failed: ") and lines[0].endswith(
             "(once the disk has room, the same command goes on)"), lines
-        assert not (wd / "log.jsonl").exists() and not (wd / "checkpoints").exists() or not list(
-            (wd / "checkpoints").iterdir())
+        assert not (wd / "log.jsonl").exists() and (not (wd / "checkpoints").exists() or not list(
+            (wd / "checkpoints").iterdir()))
         return
     assert lines[0].startswith(f"error: saving the checkpoint of step 2 in {wd / 'checkpoints'} failed: "), lines
     assert lines[0].endswith("Training stopped; the last complete checkpoint: step 1 (once the disk has room, the "

@@ -497,7 +497,7 @@ def main(argv=None) -> int:
     record_train_step(args.out, cfg, model, vae, make_samples(cfg, p, rng), rng)
     from test_golden import golden_inferencer
 
-    inf = golden_inferencer(cfg, model, vae)
+    inf = golden_inferencer(cfg, model, vae, max_context=4096)  # (the cases are drawn below: room for any)
     record_generation(args.out, "t2i", cfg, inf, rng, p)
     record_generation(args.out, "multiref", cfg, inf, rng, p)
     record_understand(args.out, cfg, inf, rng, p)
