@@ -1,6 +1,7 @@
 """The Echo-4o fine-tune of BAGEL-7B-MoT.
 
-    python -m tools.convert_weights.to_jax --src BAGEL-7B-MoT --out ckpt/bagel7b --dtype float32
+    python -m tools.convert_weights.to_jax --src BAGEL-7B-MoT --out ckpt/bagel7b --dtype bfloat16
+    (the release is bf16: lossless; the trainer keeps float32 master weights)
     python -m echo4o_jax.train --config configs/echo4o_7b.py --workdir runs/echo4o \
         --config.model.ckpt=ckpt/bagel7b --config.data.records.root=data/echo4o_records
 

@@ -24,6 +24,10 @@ DEFAULT_GOLDEN = HERE / "golden" / "bagel_tiny_a"
 SHARED_BENCHMARKS = HERE.parent.parent / "shared" / "benchmarks"
 SHARED_GOLDEN = HERE.parent.parent / "shared" / "golden"
 
+# The suite runs on CPU (its float32 tolerances are the CPU's: GPU matmuls default to TF32) unless JAX_PLATFORMS
+# says otherwise; the TPU tests compile for a topology description without a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 # One persistent XLA compilation cache for the test session: its worker processes (pytest-xdist starts them
 # from this process, with its environment) and every training / bench process a test starts. Dozens of tests
 # compile the same tiny train step, in-process and in subprocesses; loading it from the cache saves about a
