@@ -491,7 +491,7 @@ def write_model_config(dst, cfg: BagelConfig, src_dir=None, manifest: Mapping | 
     manifest.json (`manifest`, or the one in `src_dir`)."""
     dst = _p(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    if src_dir is not None:
+    if src_dir is not None and config_dir(src_dir).resolve() != dst.resolve():  # (a workdir's own: already there)
         src = config_dir(src_dir)
         copy_model_files(src, dst)
         if manifest is None and (src / MANIFEST_FILE).is_file():

@@ -189,6 +189,35 @@ def test_a_resume_does_not_load_the_base_checkpoint_again(golden_dir, tmp_path, 
     assert res["step"] == 3 and res["resumed"]
 
 
+def test_a_workdir_resumes_without_its_base_checkpoint_folder(golden_dir, tmp_path):
+    """model.ckpt gone (a moved or deleted folder) after the run started: the error says to give the workdir
+    itself, which then stands for it (configs, tokenizer, frozen VAE copy; a resume loads no base weights).
+    Its own model_config was copied onto itself, a SameFileError that stopped the run."""
+    import shutil
+
+    from echo4o_jax.train.trainer import ConfigValueError
+
+    base, wd = tmp_path / "base", tmp_path / "wd"
+    shutil.copytree(golden_dir, base)
+    c = load_config("synthetic_tiny")
+    c.model.init, c.model.ckpt = "checkpoint", str(base)
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 2, 2, False, False
+    first = Trainer(c, wd)
+    first.run()
+    shutil.rmtree(base)
+    c.train.steps = 3
+    with pytest.raises(ConfigValueError, match=rf"no such folder .*To resume without it, give the workdir itself: "
+                                               rf"--config.model.ckpt={re.escape(str(wd))} "):
+        Trainer(c, wd)
+    configs = {p.name: p.read_bytes() for p in (wd / "model_config").iterdir()}
+    c.model.ckpt = str(wd)
+    tr = Trainer(c, wd)
+    assert tr.vae_fingerprint == first.vae_fingerprint  # (the same frozen VAE: a resume checks it)
+    res = tr.run()
+    assert res["step"] == 3 and res["resumed"]
+    assert {p.name: p.read_bytes() for p in (wd / "model_config").iterdir()} == configs
+
+
 def test_synthetic_packs_do_not_depend_on_the_process_count():
     """Synthetic packs are seeded by their global index: 2 processes of 1 pack make one process's 2 packs."""
     from echo4o_jax.train.data_sources import make_source

@@ -336,7 +336,10 @@ class Trainer:
         self.compile_cache_hit = False
         self.data_resharded: dict | None = None  # restore(): how the data state was resharded (train.data_resume)
         self.data_restarted = ""  # restore(): why the data stream started again (train.data_resume=restart)
-        self.cfg = model_config_from(config)
+        try:
+            self.cfg = model_config_from(config)
+        except ConfigValueError as e:
+            raise ConfigValueError(f"{e}{self._own_copies_hint()}") from None
         shd.maybe_initialize_distributed(bool(config.get("multihost", False)))
         self.is_main = jax.process_index() == 0
         if config.model.param_dtype == "bfloat16" and self.is_main:
@@ -359,6 +362,18 @@ class Trainer:
         self._check_workdir_geometry()
         self._lock_workdir(probe=True)  # a run in progress refuses this one before the weights load (minutes on 7B)
         self._build()
+
+    def _own_copies_hint(self) -> str:
+        """For a model.ckpt that is gone when this workdir has checkpoints: the workdir itself can stand for it."""
+        from .. import checkpoint as ck
+
+        m = self.config.model
+        if m.init != "checkpoint" or not m.ckpt or os.path.isdir(m.ckpt) or not ck.list_train_steps(self.workdir) \
+                or not (self.workdir / ck.MODEL_CONFIG_DIR / "llm_config.json").is_file():
+            return ""
+        return (f". To resume without it, give the workdir itself: --config.model.ckpt={self.workdir} (a resume "
+                "takes the weights from its checkpoint, and the workdir keeps copies of the configs, tokenizer "
+                "and frozen VAE)")
 
     def _check_sampling(self):
         """The sample grids' settings (log.sample_*), checked before anything is built: a bad one would
