@@ -1019,8 +1019,9 @@ class Trainer:
                     logger.log(step, {k: v for k, v in m.items() if k != "step"})
                     if self.is_main and st.get("skipped_too_long", 0) > skipped_reported:
                         skipped_reported = st["skipped_too_long"]
-                        tqdm.write(f"[data] {skipped_reported} samples skipped as too long so far (this run, by "
-                                   f"task / reason: {st.get('skipped_by')}); python -m echo4o_jax.data.pack_stats "
+                        # (the count is the data state's, kept across resumes; the breakdown is this start's)
+                        tqdm.write(f"[data] {skipped_reported} samples skipped as too long so far (by task / reason "
+                                   f"since this start: {st.get('skipped_by')}); python -m echo4o_jax.data.pack_stats "
                                    "--config ... shows why")
                 stop["agreed"] = _agreed_signal(stop["signal"])
                 if step % int(c.checkpoint.every) == 0 or step == total or stop["agreed"] is not None:
