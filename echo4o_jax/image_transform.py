@@ -94,6 +94,12 @@ class ImageTransform:
     stride: int
     max_pixels: int = 14 * 14 * 9 * 1024
 
+    def __post_init__(self):
+        if not (0 < self.min_size <= self.max_size and self.stride >= 1 and self.max_pixels >= 1):
+            raise ValueError(f"image transform (max_size={self.max_size}, min_size={self.min_size}, "
+                             f"stride={self.stride}, max_pixels={self.max_pixels}): needs 0 < min_size <= max_size, "
+                             "stride >= 1, max_pixels >= 1")
+
     @classmethod
     def vae_default(cls) -> "ImageTransform":
         return cls(1024, 512, 16)

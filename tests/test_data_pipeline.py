@@ -668,6 +668,12 @@ def test_config_checks(data, model_cfg, tmp_path):
         DataPipeline(_cfg(data), other)
     with pytest.raises(ValueError, match="weight"):
         _cfg(data, datasets=(DatasetSpec(data["a"], 0.0),))
+    with pytest.raises(ValueError, match="weight=inf must be a finite number > 0"):  # (was Grain's OverflowError)
+        _cfg(data, datasets=(DatasetSpec(data["a"], float("inf")),))
+    # transforms that resized every image to one stride (max_pixels <= 0, max_size 0) or min > max
+    for bad in ((64, 16, 16, 0), (0, 0, 16), (32, 64, 16), (64, 16, 0)):
+        with pytest.raises(ValueError, match="needs 0 < min_size <= max_size, stride >= 1, max_pixels >= 1"):
+            ImageTransform(*bad)
     with pytest.raises(ValueError, match="process_index"):
         DataPipeline(_cfg(data), model_cfg, process_index=2, process_count=2)
 
@@ -718,6 +724,13 @@ def test_pack_stats_of_the_demo_config(tmp_path, capsys):
 
     assert np.all(used <= caps) and np.all(free[:, 4] <= pipeline_config_from(c, b, local_packs=1).max_tokens)
     assert not pipeline_config_from(c, b, local_packs=1).drop_unfit  # data.drop_unfit reaches the pipeline
+    # the default expected_tokens: 80% of the budget, at most a lower data.max_tokens (above it no pack reached it)
+    pinned = c.data.expected_tokens, c.data.max_tokens
+    c.data.expected_tokens, c.data.max_tokens = 0, int(0.5 * b.total_tokens)
+    assert pipeline_config_from(c, b, local_packs=1).expected_num_tokens == c.data.max_tokens
+    c.data.max_tokens = 0
+    assert pipeline_config_from(c, b, local_packs=1).expected_num_tokens == int(0.8 * b.total_tokens)
+    c.data.expected_tokens, c.data.max_tokens = pinned
     c.data.drop_unfit = True
     assert pipeline_config_from(c, b, local_packs=1).drop_unfit
     c.data.drop_unfit = False
@@ -958,7 +971,32 @@ def test_state_of_other_records_under_the_same_files_is_refused(data, model_cfg,
     with pytest.raises(DataContentsError, match="mine"):
         pipe.resharded_state([state])
     old = {k: v for k, v in state.items() if k != "contents"}
-    pipe.iterator(old).close()
+    with pytest.raises(DataContentsError, match="does not record its records"):  # (told only by its paths then)
+        pipe.iterator(old)
+    legacy = {**old, "fingerprint": pipe._fingerprint(paths=True)}  # (saved before contents were recorded)
+    pipe.iterator(legacy).close()
+
+
+def test_a_dataset_moved_elsewhere_resumes_exactly(data, model_cfg, tmp_path):
+    """The same records under another path (copied to a local disk, another mount or data.records.root): the
+    state resumes exactly and reshards (both refused it: the fingerprint held every shard's absolute path, so
+    the only way on was train.data_resume=restart, which replays the stream from its start). A state saved with
+    the paths in its fingerprint still resumes where they are the same."""
+    import shutil
+
+    c = _cfg(data, datasets=(DatasetSpec(data["a"], 2.0), DatasetSpec(data["b"], 1.0)), max_buffer_size=4)
+    full, _ = _run(DataPipeline(c, model_cfg), 6)
+    _, state = _run(DataPipeline(c, model_cfg), 3)
+    moved = [shutil.copytree(p, tmp_path / f"moved_{i}") for i, p in enumerate((data["a"], data["b"]))]
+    c2 = dataclasses.replace(c, datasets=tuple(DatasetSpec(str(m), spec.weight) for m, spec in zip(moved, c.datasets)))
+    pipe = DataPipeline(c2, model_cfg)
+    tail, _ = _run(pipe, 3, state=state)
+    _assert_same(tail, full[3:])
+    pipe.resharded_state([state])
+    legacy = {**state, "fingerprint": DataPipeline(c, model_cfg)._fingerprint(paths=True)}
+    _run(DataPipeline(c, model_cfg), 1, state=legacy)
+    with pytest.raises(ValueError, match="another configuration"):  # (the paths it holds are not these)
+        pipe.iterator(legacy)
 
 
 def test_a_budget_no_sample_fits_is_an_error_not_a_hang(data, model_cfg, tmp_path):

@@ -77,6 +77,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -235,8 +236,8 @@ class PipelineConfig:
         if not self.datasets:
             raise ValueError("PipelineConfig.datasets is empty")
         for d in self.datasets:
-            if not d.weight > 0:
-                raise ValueError(f"dataset {d.label}: weight={d.weight} must be > 0")
+            if not (d.weight > 0 and math.isfinite(d.weight)):
+                raise ValueError(f"dataset {d.label}: weight={d.weight} must be a finite number > 0")
         for name in ("text_dropout", "vit_dropout", "vae_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -607,6 +608,10 @@ class DataPipeline:
         self.elements = self.elements_from(None)
         self.fingerprint = self._fingerprint()
         self.stream_fingerprint = self._fingerprint(stream_only=True)
+        # states saved before the fingerprint left the shard paths out (their records were told by the paths,
+        # or by "contents" as well) resume where those paths are the same
+        self.accepted_fingerprints = (self.fingerprint, self._fingerprint(paths=True))
+        self.accepted_stream_fingerprints = (self.stream_fingerprint, self._fingerprint(stream_only=True, paths=True))
 
     # -------------------------------------------------------------------------------------- checks
     def _open_latents(self) -> LatentStore | None:
@@ -641,13 +646,16 @@ class DataPipeline:
             raise ValueError(f"tokenizer has {n} tokens, more than the model vocab_size "
                              f"{self.model_cfg.llm.vocab_size}")
 
-    def _fingerprint(self, *, stream_only: bool = False) -> str:
+    def _fingerprint(self, *, stream_only: bool = False, paths: bool = False) -> str:
         """Of everything a resumed iterator state depends on; `stream_only`: without this process's place
-        (process index / count) and `packs_per_step`, the settings `resharded_state` may change."""
+        (process index / count) and `packs_per_step`, the settings `resharded_state` may change. The records
+        are not told by where they are (the state's "contents": their shard files' sha256 and record counts,
+        `check_contents`), so a dataset copied or moved elsewhere resumes; `paths`: the older form, with
+        every shard's absolute path instead of the shard count."""
         c = self.config
         d = {
-            "datasets": [[[os.path.abspath(f) for f in files], spec.weight] for spec, files in
-                         zip(c.datasets, self.shards)],
+            "datasets": [[[os.path.abspath(f) for f in files] if paths else len(files), spec.weight]
+                         for spec, files in zip(c.datasets, self.shards)],
             "transforms": [[repr(vae_t), repr(vit_t)] for vae_t, vit_t in dataset_transforms(c)],
             "budget": repr(c.budget),
             "knobs": [c.expected_num_tokens, c.max_tokens, c.max_tokens_per_sample, c.prefer_buffer_before,
@@ -664,10 +672,15 @@ class DataPipeline:
         with (shard files' sha256 as their manifests list them, record counts): the same paths and settings
         with other records (a dataset rewritten, or completed in place) give another shuffled order, so its
         position would resume at another place of another stream. A state saved before it recorded its records
-        ("contents" absent) is not checked."""
+        ("contents" absent) is taken as of these records when its fingerprint holds these shards' paths (the older
+        form); any other state without them is refused."""
         then = state.get("contents")
         if then is None:
-            return
+            if (state.get("fingerprint") in self.accepted_fingerprints[1:]
+                    or state.get("stream_fingerprint") in self.accepted_stream_fingerprints[1:]):
+                return  # an older state: its fingerprint holds its shards' paths, which tell its records
+            raise DataContentsError("the iterator state does not record its records (\"contents\"): it cannot be "
+                                    "told to be of these datasets")
         changed = [spec.label for spec, a, b in zip(self.config.datasets, then, self.contents) if a != b]
         if changed or len(then) != len(self.contents):
             raise DataContentsError(
@@ -757,7 +770,7 @@ class DataPipeline:
             if "stream_fingerprint" not in st or st.get("read_by_dataset") is None:
                 raise ValueError("the iterator states were saved by an older version, which cannot be resumed on "
                                  "another process count or packs_per_step")
-            if st["stream_fingerprint"] != self.stream_fingerprint:
+            if st["stream_fingerprint"] not in self.accepted_stream_fingerprints:
                 raise ValueError("iterator state was saved by a pipeline with another configuration "
                                  f"({st['stream_fingerprint']} != {self.stream_fingerprint}, not counting the "
                                  "process count and packs_per_step)")
@@ -942,7 +955,7 @@ class PackIterator:
     def _restore(self, state: dict) -> None:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"iterator state version {state.get('version')} != {_STATE_VERSION}")
-        if state.get("fingerprint") != self.pipe.fingerprint:
+        if state.get("fingerprint") not in self.pipe.accepted_fingerprints:
             raise ValueError("iterator state was saved by a pipeline with another configuration "
                              f"({state.get('fingerprint')} != {self.pipe.fingerprint})")
         self.pipe.check_contents(state)

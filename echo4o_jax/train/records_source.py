@@ -99,8 +99,10 @@ def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fi
                   worker_count=int(r.get("workers", 0)), vae_latents=str(d.get("vae_latents", "") or ""),
                   vae_fingerprint=vae_fingerprint, allow_incomplete=bool(r.get("allow_incomplete", False)),
                   drop_unfit=bool(d.get("drop_unfit", False)))
-    if d.get("expected_tokens"):
-        common["expected_num_tokens"] = int(d.expected_tokens)
+    # packs close once they reach expected_num_tokens: by default 80% of the budget, at most max_tokens (it was
+    # 80% of the budget even above a lower data.max_tokens: every pack then closed on an overflow)
+    common["expected_num_tokens"] = int(d.expected_tokens) if d.get("expected_tokens") else min(
+        int(budget.total_tokens * 0.8), int(d.get("max_tokens") or budget.total_tokens))
     if d.get("max_tokens"):
         common["max_num_tokens"] = int(d.max_tokens)
     if d.get("max_tokens_per_sample"):
@@ -129,12 +131,20 @@ def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fi
     if not tok:
         raise ValueError("data.tokenizer is not set and model.ckpt is empty: no tokenizer to use")
     kw: dict[str, Any] = dict(common)
-    if r.get("vae_transform"):
-        kw["vae_transform"] = ImageTransform(*[int(x) for x in r.vae_transform])
-    if r.get("vit_transform"):
-        kw["vit_transform"] = ImageTransform(*[int(x) for x in r.vit_transform])
-    kw.setdefault("expected_num_tokens", int(budget.total_tokens * 0.8))
+    for key in ("vae_transform", "vit_transform"):
+        if r.get(key):
+            kw[key] = _transform(f"data.records.{key}", r[key])
     return PipelineConfig(datasets=specs, tokenizer=tok, budget=budget, **kw)
+
+
+def _transform(key: str, value) -> ImageTransform:
+    """An ImageTransform from a config's (max_size, min_size, stride[, max_pixels]); a ValueError naming `key`."""
+    try:
+        if isinstance(value, (str, bytes)) or len(value) not in (3, 4):
+            raise ValueError("expected (max_size, min_size, stride) or (max_size, min_size, stride, max_pixels)")
+        return ImageTransform(*[int(x) for x in value])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{key}={value!r}: {e}") from None
 
 
 class RecordsSource:
@@ -176,7 +186,7 @@ class RecordsSource:
         pipe = self.pipe
         own = states[pipe.process_index] if len(states) == pipe.process_count else None
         info = None
-        if own is not None and own.get("fingerprint") == pipe.fingerprint:
+        if own is not None and own.get("fingerprint") in pipe.accepted_fingerprints:
             pipe.check_contents(own)  # (before the running iterator is closed)
             state = own
         elif reshard:
