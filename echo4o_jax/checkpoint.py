@@ -555,13 +555,16 @@ def drop_orbax_thread_errors(record) -> bool:
 
 
 def list_train_steps(workdir) -> list[int]:
-    """The finalized checkpoint steps of a training workdir (no CheckpointManager: it logs warnings)."""
+    """The finalized checkpoint steps of a training workdir (no CheckpointManager: it logs warnings): the
+    folders the train command's CheckpointManager writes and reads, named by the step alone. (Orbax's listing
+    also counts any `<name>_<digits>` folder: a `backup_5` put there counted as step 5, and a model.init=checkpoint
+    run then took itself for a resume, loaded no weights, restored none and trained random ones.)"""
     import orbax.checkpoint as ocp
 
     root = _p(workdir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    return sorted(ocp.step.checkpoint_steps(epath.Path(root)))
+    return sorted({s for s in ocp.step.checkpoint_steps(epath.Path(root)) if (root / str(s)).is_dir()})
 
 
 def train_step_dir(workdir, step: int | None = None) -> tuple[int, pathlib.Path]:

@@ -122,7 +122,8 @@ MAX_ID_BYTES = 200  # a request id names files (<id>_<k>.png and its temporary .
 
 DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
 DEFAULT_OUT = pathlib.Path("outputs/generate")  # single mode without --out: a new <date-time> folder under it
-TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (one compilation per bucket)
+TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (inference.TEXT_BUCKET; not imported from
+#                   there: this module loads JAX only when a model is)
 
 
 class GenerateError(ValueError):

@@ -39,6 +39,7 @@ from .model.vae import AutoEncoder
 __all__ = ["Context", "Inferencer", "timestep_schedule", "cfg_combine", "CFG_RENORM_TYPES"]
 
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
+TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (one compilation per bucket, not per length)
 _QUERY_ORDER = 1 << 29  # query blocks come after every cached token
 
 
@@ -86,7 +87,7 @@ class Inferencer:
 
     def __init__(self, model: Bagel, vae: AutoEncoder | None, *, max_context: int = 4096,
                  vae_transform: ImageTransform | None = None, vit_transform: ImageTransform | None = None,
-                 vae_sample_posterior: bool = False, text_bucket: int = 32):
+                 vae_sample_posterior: bool = False, text_bucket: int = TEXT_BUCKET):
         self.cfg: BagelConfig = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.vae = vae

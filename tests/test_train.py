@@ -189,13 +189,86 @@ def test_a_resume_does_not_load_the_base_checkpoint_again(golden_dir, tmp_path, 
     assert res["step"] == 3 and res["resumed"]
 
 
+def test_a_stray_folder_in_checkpoints_is_no_step_and_a_restore_frees_the_state_it_replaces(golden_dir, tmp_path,
+                                                                                            capsys):
+    """`checkpoints/backup_5` (any `<name>_<digits>` folder: Orbax's listing counts it) was taken for step 5: a
+    model.init=checkpoint run then took itself for a resume, loaded no weights from model.ckpt, restored none and
+    trained random ones from step 0. Only step-named folders are steps. And a restore frees the state it replaces
+    before the checkpoint's is read (a resume held two train states at its peak)."""
+    import echo4o_jax.checkpoint as ck
+
+    c = load_config("synthetic_tiny")
+    c.model.init, c.model.ckpt = "checkpoint", str(golden_dir)
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 2, 2, False, False
+    for name in ("backup_5", "broken_2", "notes"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert ck.list_train_steps(tmp_path) == []
+    capsys.readouterr()
+    tr = Trainer(c, tmp_path)
+    assert "resuming" not in capsys.readouterr().out
+    base = dict(export_official(load_bagel(golden_dir, tr.cfg), bagel_key_rules(tr.cfg)))
+    got = dict(export_official(nnx.merge(tr.graphdef, tr.state["params"], tr.buffers), bagel_key_rules(tr.cfg)))
+    k = "language_model.model.layers.0.mlp.gate_proj.weight"
+    np.testing.assert_array_equal(got[k], base[k])  # model.ckpt's weights, not random ones
+    tr.run()
+    assert ck.list_train_steps(tmp_path) == [2]
+    resumed = Trainer(c, tmp_path)
+    old = jax.tree.leaves(resumed.state["params"])[0]
+    assert resumed.restore() and old.is_deleted()
+    for a, b in zip(jax.tree.leaves(resumed.state["params"]), jax.tree.leaves(tr.state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_signal_during_a_save_stops_at_that_checkpoint(tmp_path, monkeypatch):
+    """A SIGTERM (a preemption notice) that arrives while step 2's checkpoint is written stops the run there: it
+    trained step 3 and wrote another full checkpoint inside the grace period."""
+    import os
+    import signal
+    import time
+
+    import echo4o_jax.checkpoint as ck
+
+    c = load_config("synthetic_tiny")
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 6, 2, False, False
+    real = Trainer.save
+
+    def save(self, *a, **k):
+        out = real(self, *a, **k)
+        if int(self.state["step"]) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # (the handler runs)
+        return out
+
+    monkeypatch.setattr(Trainer, "save", save)
+    res = Trainer(c, tmp_path).run()
+    assert res["stopped_by"] == signal.SIGTERM and res["step"] == 2
+    assert ck.list_train_steps(tmp_path) == [2]
+
+
+def test_a_resume_that_stretches_a_cosine_schedule_says_so(tmp_path, capsys):
+    """optim.schedule=cosine decays over train.steps: resuming with more steps moved the learning rate at once
+    (here from the floor back up), silently."""
+    c = load_config("synthetic_tiny")
+    c.optim.schedule, c.optim.warmup_steps, c.optim.min_lr = "cosine", 0, 0.0
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 2, 2, False, False
+    Trainer(c, tmp_path).run()
+    c.train.steps = 2
+    Trainer(c, tmp_path).restore()
+    assert "warning" not in capsys.readouterr().out  # (the same steps: nothing to say)
+    c.train.steps = 4
+    tr = Trainer(c, tmp_path)
+    tr.restore()
+    out = capsys.readouterr().out
+    old = float(lr_schedule(float(c.optim.lr), 0, 2, "cosine", 0.0)(2))
+    assert (f"[train] warning: optim.schedule=cosine decays over train.steps, which was 2 in this workdir's run and "
+            f"is 4 now: the learning rate at step 2 moves from {old:.3g} to {float(tr.schedule(2)):.3g}") in out, out
+
+
 def test_a_workdir_resumes_without_its_base_checkpoint_folder(golden_dir, tmp_path):
     """model.ckpt gone (a moved or deleted folder) after the run started: the error says to give the workdir
     itself, which then stands for it (configs, tokenizer, frozen VAE copy; a resume loads no base weights).
     Its own model_config was copied onto itself, a SameFileError that stopped the run."""
     import shutil
-
-    from echo4o_jax.train.trainer import ConfigValueError
 
     base, wd = tmp_path / "base", tmp_path / "wd"
     shutil.copytree(golden_dir, base)

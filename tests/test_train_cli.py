@@ -221,6 +221,15 @@ def test_bad_records_settings_are_one_line(tmp_path, capsys):
     assert run(c, str(wd)) == 2
     assert _error_line(capsys) == ("error: bad config: data (records): dataset ds: VAE max_size 1024 exceeds the "
                                    "model's 16 latent positions per side")
+    # the [max, min] form of generate's flags (was a TypeError traceback), and a transform that resized every image
+    # to one stride
+    for vae_t, msg in [((256, 64), "expected (max_size, min_size, stride) or (max_size, min_size, stride, "
+                                   "max_pixels)"),
+                       ((256, 64, 16, 0), "image transform (max_size=256, min_size=64, stride=16, max_pixels=0): "
+                                          "needs 0 < min_size <= max_size, stride >= 1, max_pixels >= 1")]:
+        c.data.records.vae_transform = vae_t
+        assert run(c, str(wd)) == 2
+        assert _error_line(capsys) == f"error: bad config: data (records): data.records.vae_transform={vae_t!r}: {msg}"
     assert not wd.exists()
 
 
@@ -278,6 +287,15 @@ def test_model_checkpoint_and_sampling_settings_are_checked_before_training(gold
     assert run(c, str(wd)) == 2
     assert _error_line(capsys) == ("error: bad config: log.sample_prompts holds text but there is no tokenizer: set "
                                    "data.tokenizer (tokenizer.json, or a folder holding it)")
+    # prompts the sample grid could not feed: a traceback at the first grid, after the steps since the last save
+    vocab = m.llm.vocab_size
+    for prompts, msg in [([5], "log.sample_prompts[0]=5: expected a text or a list of token ids"),
+                         ([[1], [vocab]], f"log.sample_prompts[1]: token ids must be in [0, {vocab}), got [{vocab}]"),
+                         ([[1] * 300], "log.sample_prompts[0] takes 320 context tokens (padded to 32), more than "
+                                       "log.sample_max_context=256")]:
+        c.log.sample_prompts, c.log.sample_max_context = prompts, 256
+        assert run(c, str(wd)) == 2
+        assert _error_line(capsys) == f"error: bad config: {msg}"
     assert not wd.exists()
 
 

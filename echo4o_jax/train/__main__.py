@@ -87,7 +87,8 @@ def run(config, workdir: str) -> int:
         return 128 + sig
     if not hist:
         print(f"[train] already complete: workdir {workdir} is at step {step} (train.steps={total}); nothing to "
-              "train (a larger --config.train.steps trains further)")
+              "train (a larger --config.train.steps trains further; under optim.schedule=cosine it stretches the "
+              "decay, so the learning rate rises again)")
         return 0
     print(f"[train] step {step}: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f} "
           f"({len(hist)} steps this run); workdir {workdir}")

@@ -427,8 +427,8 @@ class Trainer:
         self.vae_sh = shd.state_shardings(abs_vae_state, mesh)
         self.vae_state = init_vae_state(c, cfg, self.vae_sh)
         self.source = self._make_source()  # before the weights: bad data settings fail fast
-        if int(c.log.sample_every) and any(isinstance(p, str) for p in c.log.sample_prompts):
-            self._tokenizer()  # text prompts need a tokenizer (checked once the data, e.g. the demo's, exists)
+        if int(c.log.sample_every):
+            self._sample_prompt_ids()  # checked before training (once the data, e.g. the demo's tokenizer, exists)
 
         params, self.buffers = self._init_weights()
 
@@ -607,6 +607,10 @@ class Trainer:
 
         step = self.ckpt.latest_step() if step is None else step
         if step is None:
+            listed = ck.list_train_steps(self.workdir)
+            if listed:  # (a resume loads no weights from model.ckpt: never go on with the random ones)
+                raise CheckpointError(f"workdir {self.workdir}: checkpoints/ lists steps {listed}, none of which the "
+                                      "checkpoint manager can restore")
             return False
         _, step_dir = ck.train_step_dir(self.workdir, step)  # an unknown step: CheckpointError listing the others
         full_sh = _merge_trees(self.param_sh, self.buffer_sh)
@@ -616,6 +620,11 @@ class Trainer:
         ema_abs = _abstract(_merge_trees(self.state["ema"], self.buffers), full_sh)
         opt_abs = _abstract(self.state["opt_state"], self.state_sh["opt_state"])
         self._check_optimizer_layout(step)
+        # the state in place only gave the shapes: freed before the restored one is allocated (a resume held both
+        # at its peak, about twice the train state: a 7B run that fitted could run out of memory on its resume)
+        for x in {id(x): x for x in jax.tree.leaves(self.state)}.values():
+            if isinstance(x, jax.Array) and not x.is_deleted():
+                x.delete()
         quiet = _AbortedRestoreReports()
         quiet.install()
         try:
@@ -669,7 +678,27 @@ class Trainer:
         self.state = dict(params=only(r["params"]), ema=only(r["ema"]), opt_state=r["opt_state"],
                           step=shd.put_global(np.asarray(meta["step"], np.int32), shd.replicated(self.mesh)),
                           rng=shd.put_global(np.asarray(meta["rng"], np.uint32), shd.replicated(self.mesh)))
+        self._warn_stretched_schedule(int(meta["step"]))
         return True
+
+    def _warn_stretched_schedule(self, step: int) -> None:
+        """A cosine schedule decays over train.steps: a resume with another train.steps than the run's (its
+        config.json, not yet rewritten) moves the learning rate at once. Said, with the jump."""
+        o = self.config.optim
+        if o.schedule != "cosine" or not self.is_main:
+            return
+        try:
+            then = json.loads((self.workdir / "config.json").read_text())
+            before, warmup = int(then["train"]["steps"]), int(then["optim"]["warmup_steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # (no record of the run's settings)
+        now = int(self.config.train.steps)
+        if before == now:
+            return
+        old = lr_schedule(float(o.lr), warmup, before, "cosine", float(o.min_lr))(step)
+        print(f"[train] warning: optim.schedule=cosine decays over train.steps, which was {before} in this "
+              f"workdir's run and is {now} now: the learning rate at step {step} moves from {float(old):.3g} to "
+              f"{float(self.schedule(step)):.3g}", flush=True)
 
     def _report_skipped_records(self, step: int, total: int, reported: int, logger) -> int:
         """Print (and log, as a `data_skipped_errors` event) the records skipped as unreadable since `reported`
@@ -803,16 +832,41 @@ class Trainer:
         vae = nnx.merge(self.vae_graphdef, self.vae_state)
         inf = Inferencer(model, vae, max_context=int(self.config.log.sample_max_context))
         H, W = (int(x) for x in self.config.log.sample_size)
-        tok = self._tokenizer() if any(isinstance(p, str) for p in prompts) else None  # (token-id prompts need none)
         imgs = []
-        for i, p in enumerate(prompts):
-            ids = [int(x) for x in p] if not isinstance(p, str) else tok(p)
+        for i, ids in enumerate(self._sample_prompt_ids()):
             out = inf.interleave_inference([ids], image_shapes=(H, W), rng=jax.random.key(i),
                                            num_timesteps=int(self.config.log.sample_steps),
                                            cfg_text_scale=float(self.config.log.sample_cfg), cfg_img_scale=1.0,
                                            cfg_interval=(0.0, 1.0), timestep_shift=3.0)
             imgs.append(out["image"])
         return np.concatenate(imgs, axis=1)
+
+    def _sample_prompt_ids(self) -> list[list[int]]:
+        """log.sample_prompts as token ids: text through the tokenizer, or lists of ids below the vocabulary
+        size; each, with its two wrapping tokens padded to the text bucket, within log.sample_max_context. A bad
+        one is a ConfigValueError (it was a traceback at the first sample grid, after the steps since the last
+        checkpoint)."""
+        from ..inference import TEXT_BUCKET
+
+        lg, vocab = self.config.log, self.cfg.llm.vocab_size
+        prompts = list(lg.sample_prompts)
+        tok = self._tokenizer() if any(isinstance(p, str) for p in prompts) else None  # (token-id prompts need none)
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids = tok(p)
+            elif isinstance(p, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+                ids = list(p)
+                if any(not 0 <= x < vocab for x in ids):
+                    raise ConfigValueError(f"log.sample_prompts[{i}]: token ids must be in [0, {vocab}), got {p!r}")
+            else:
+                raise ConfigValueError(f"log.sample_prompts[{i}]={p!r}: expected a text or a list of token ids")
+            need = -(-(len(ids) + 2) // TEXT_BUCKET) * TEXT_BUCKET
+            if need > int(lg.sample_max_context):
+                raise ConfigValueError(f"log.sample_prompts[{i}] takes {need} context tokens (padded to "
+                                       f"{TEXT_BUCKET}), more than log.sample_max_context={lg.sample_max_context}")
+            out.append(ids)
+        return out
 
     def _tokenizer(self):
         """The sample prompts' tokenizer: data.tokenizer, else the one of model.ckpt (as the records data)."""
@@ -1024,10 +1078,16 @@ class Trainer:
                                    f"since this start: {st.get('skipped_by')}); python -m echo4o_jax.data.pack_stats "
                                    "--config ... shows why")
                 stop["agreed"] = _agreed_signal(stop["signal"])
-                if step % int(c.checkpoint.every) == 0 or step == total or stop["agreed"] is not None:
-                    self.save(force=True)  # (before the sample grid: a failure there loses no step)
+                saved = step % int(c.checkpoint.every) == 0 or step == total or stop["agreed"] is not None
+                if saved:
+                    self.save(force=True)  # (before the sample grid)
                 if int(c.log.sample_every) and (step % int(c.log.sample_every) == 0 or step == total):
-                    grid = self.sample_grid(step)
+                    try:
+                        grid = self.sample_grid(step)
+                    except Exception:
+                        if not saved:  # a failure there loses no step (it lost those since the last checkpoint)
+                            self.save(force=True)
+                        raise
                     if grid is not None and self.is_main:
                         d = self.workdir / "samples"
                         d.mkdir(exist_ok=True)
@@ -1040,6 +1100,8 @@ class Trainer:
                     failure = next((x["f"] for x in _gather_process_states({"f": failure}) if x["f"]), None)
                 if failure:
                     raise CheckpointSaveError(failure)
+                if saved and stop["agreed"] is None:  # a signal during the save (or the grid): this step's checkpoint
+                    stop["agreed"] = _agreed_signal(stop["signal"])  # is the one to stop at (not one step and save more)
                 if stop["agreed"] is not None:
                     break
             failure = self._save_failure(block=True)
