@@ -94,6 +94,11 @@ def test_bad_config_values_rejected_before_compiling():
     c.data.packs_per_step = 0
     with pytest.raises(ConfigValueError, match="packs_per_step"):
         validate_config(c)
+    for section in ("train", "data"):  # (a negative data.seed was a traceback at the first batch)
+        c = load_config("synthetic_tiny")
+        c[section].seed = -1
+        with pytest.raises(ConfigValueError, match=rf"^{section}.seed=-1 must be >= 0$"):
+            validate_config(c)
     for min_lr in (1.0, -1e-7):  # (above lr the cosine "decay" climbed to min_lr: accepted silently)
         c = load_config("synthetic_tiny")
         c.optim.update(schedule="cosine", min_lr=min_lr)
@@ -217,6 +222,33 @@ def test_a_stray_folder_in_checkpoints_is_no_step_and_a_restore_frees_the_state_
     assert resumed.restore() and old.is_deleted()
     for a, b in zip(jax.tree.leaves(resumed.state["params"]), jax.tree.leaves(tr.state["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_data_worker_that_died_saves_the_steps_trained_first(tmp_path):
+    """A data worker killed outright (the out-of-memory killer) ends the source with a RuntimeError: the steps
+    trained since the last checkpoint are saved before it ends the run (they were lost), and a note says so."""
+    import echo4o_jax.checkpoint as ck
+
+    c = load_config("synthetic_tiny")
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 6, 100, False, False
+    tr = Trainer(c, tmp_path)
+    real, served = tr.source, []
+
+    class Dying:
+        def __next__(self):
+            if len(served) == 3:
+                raise RuntimeError("Worker process was terminated unexpectedly")
+            served.append(1)
+            return next(real)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    tr.source = Dying()
+    with pytest.raises(RuntimeError, match="terminated unexpectedly") as ei:
+        tr.run()
+    assert ck.list_train_steps(tmp_path) == [3]
+    assert any("the 3 step(s) this run trained were saved: checkpoint 3" in n for n in ei.value.__notes__)
 
 
 def test_a_signal_during_a_save_stops_at_that_checkpoint(tmp_path, monkeypatch):
@@ -360,10 +392,14 @@ def test_skipped_nonfinite_steps_log_the_lr_applied_and_stop_after_too_many(tmp_
                                                  rf"\(train.skip_nonfinite skips at most {_MAX_SKIPPED_IN_A_ROW} in "
                                                  r"a row\); last good checkpoint: none in .*checkpoints\.$"):
         tr.run()
-    recs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    def strict(const):  # (bare NaN / Infinity: not JSON, which jq and other strict readers refuse)
+        raise ValueError(f"{const} in log.jsonl")
+
+    recs = [json.loads(x, parse_constant=strict) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     bad = [r for r in steps if not r["ok"]]
     assert len(bad) == _MAX_SKIPPED_IN_A_ROW and bad[-1]["step"] == steps[-1]["step"]  # (the last raised unlogged)
+    assert all(r["loss"] is None for r in bad)  # (non-finite: null)
     applied = sum(r["ok"] for r in steps)  # the optimizer's count: the steps it applied
     assert all(r["lr"] == pytest.approx(float(tr.schedule(applied))) for r in bad)
     assert float(tr.schedule(applied)) != float(tr.schedule(bad[-1]["step"] - 1))  # (what was logged before)

@@ -86,9 +86,10 @@ def run(config, workdir: str) -> int:
               f"rerun the same command to resume (workdir {workdir})", flush=True)
         return 128 + sig
     if not hist:
+        cosine = ("; under optim.schedule=cosine it stretches the decay, so the learning rate rises again"
+                  if config.optim.schedule == "cosine" else "")
         print(f"[train] already complete: workdir {workdir} is at step {step} (train.steps={total}); nothing to "
-              "train (a larger --config.train.steps trains further; under optim.schedule=cosine it stretches the "
-              "decay, so the learning rate rises again)")
+              f"train (a larger --config.train.steps trains further{cosine})")
         return 0
     print(f"[train] step {step}: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f} "
           f"({len(hist)} steps this run); workdir {workdir}")

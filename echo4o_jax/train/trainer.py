@@ -22,7 +22,8 @@ be read is a `CheckpointError` naming the earlier steps to resume from instead. 
 step (a record that cannot be read, a corrupt precomputed latent) saves the steps trained since the last
 checkpoint before the run ends (on one process: several would each have to join the save).
 
-log.jsonl is append-only: one record per logged step, a `{"step": s, "compile_seconds": ...,
+log.jsonl is append-only (strict JSON: a non-finite metric, a skipped step's loss, is null): one record per
+logged step, a `{"step": s, "compile_seconds": ...,
 "compile_cache_hit": ...}` record per run (a hit: the step came from the persistent compilation cache,
 `train.compilation_cache`), and on resume a marker `{"step": s, "event": "resumed", ...}` (s = the restored
 step). A run that died after its last checkpoint (a hard kill) has logged steps after s: the resumed run
@@ -227,6 +228,8 @@ def validate_config(config) -> None:
 
     t, o, d, m = config.train, config.optim, config.data, config.model
     need(int(t.steps) > 0, f"train.steps={t.steps} must be > 0")
+    for key, v in (("train.seed", t.seed), ("data.seed", d.seed)):  # (a negative data.seed: a traceback at the
+        need(int(v) >= 0, f"{key}={v} must be >= 0")  # first batch)
     need(0.0 <= float(t.ema_decay) < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     need(float(t.ce_weight) >= 0 and float(t.mse_weight) >= 0, "train.ce_weight / mse_weight must be >= 0")
     need(float(o.lr) > 0, f"optim.lr={o.lr} must be > 0")
@@ -1007,9 +1010,11 @@ class Trainer:
                 if step > start:
                     try:
                         batch = self._next_batch(step, start)
-                    except RuntimeError:
-                        if not _signalled(stop) or jax.process_count() != 1:
+                    except RuntimeError as e:
+                        if jax.process_count() != 1:
                             raise
+                        if not _signalled(stop):  # a data worker that died (the out-of-memory killer, ...): the
+                            raise _saved_before_error(self, step, start, e) from None  # steps trained are saved
                         # a signal sent to the whole process group (a job scheduler's SIGTERM) ended the data
                         # workers too, so no next batch: the steps trained are saved, and the run stops as asked
                         stop["agreed"] = stop["signal"]
@@ -1136,7 +1141,8 @@ def _signalled(stop: dict, wait_s: float = 1.0) -> bool:
 def _saved_before_error(trainer: "Trainer", step: int, start: int, e: Exception) -> Exception:
     """`e` (a data error at `step`) with the steps this run trained saved first when they can be: on one process
     (several would each have to join the save, while only this one stopped) and when a step was trained since
-    the last checkpoint; the message then says so. A corrupt record read after hours of training lost them."""
+    the last checkpoint; the message then says so (for an error that is not the data's own, a RuntimeError of a
+    data worker that died, in a note). A corrupt record read after hours of training lost them."""
     if jax.process_count() != 1 or step <= start or step == trainer.ckpt.latest_step():
         return e
     from ..data.latents import LatentStoreError
@@ -1144,9 +1150,13 @@ def _saved_before_error(trainer: "Trainer", step: int, start: int, e: Exception)
 
     trainer.save(force=True)
     trainer.ckpt.wait_until_finished()
+    said = (f"[the {step - start} step(s) this run trained were saved: checkpoint {step} in "
+            f"{trainer.workdir / 'checkpoints'}; the same command resumes from it once the data is fixed]")
+    if not isinstance(e, (RecordError, LatentStoreError)):
+        e.add_note(said)
+        return e
     cls = RecordError if isinstance(e, RecordError) else LatentStoreError  # (what the command reports in one line)
-    return cls(f"{e} [the {step - start} step(s) this run trained were saved: checkpoint {step} in "
-               f"{trainer.workdir / 'checkpoints'}; the same command resumes from it once the data is fixed]")
+    return cls(f"{e} {said}")
 
 
 def _process_sums(values: list[float], gather: bool) -> dict:
@@ -1345,7 +1355,10 @@ class _Logger:
         if not self.enabled:
             return
         rec = {"step": step, **{k: (v if not isinstance(v, (np.floating, np.integer)) else v.item()) for k, v in values.items()}}
-        self.f.write(json.dumps(rec) + "\n")
+        # a non-finite value (a skipped step's loss) is null: bare NaN / Infinity are not JSON (jq and other
+        # strict readers refused the whole file)
+        rec = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
+        self.f.write(json.dumps(rec, allow_nan=False) + "\n")
         self.f.flush()
         if self.tb is not None:
             for k, v in values.items():
