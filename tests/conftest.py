@@ -34,12 +34,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # third of a training test's time. A cache the caller set (JAX_COMPILATION_CACHE_DIR) is used as it is. The
 # size limit turns on JAX's file lock, so that processes writing the same entry at once do not read a
 # half-written one. Tests of the cache itself unset the variable for the processes they start.
+# Made when pytest configures (not on import: tests/variant_golden.py imports test modules outside pytest).
 _SESSION_CACHE: str | None = None
-if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+
+
+def pytest_configure(config):
+    global _SESSION_CACHE
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the caller's, or (an xdist worker) the session's
+        return
     _SESSION_CACHE = tempfile.mkdtemp(prefix="echo4o_jax_test_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
-    if "jax" in sys.modules:  # (imported before this file by a plugin: its settings were read already)
+    if "jax" in sys.modules:  # (imported before by a plugin: its settings were read already)
         sys.modules["jax"].config.update("jax_compilation_cache_dir", _SESSION_CACHE)
         sys.modules["jax"].config.update("jax_compilation_cache_max_size", 4 << 30)
 
