@@ -377,14 +377,17 @@ TENSORSTORE_SPEC_MARKERS = (" See full TensorStore details", " [tensorstore_spec
 def tensorstore_error(e: BaseException) -> str:
     """The first line of a tensorstore error (its own message: which array, what is wrong), without the
     TensorStore spec that Orbax or tensorstore append (2,000 characters of JSON); for Orbax's wrapper
-    ("Encountered error while reading array index"), that of the error it wraps."""
+    ("Encountered error while reading array index"), that of the error it wraps. Over 400 characters, the
+    middle is cut."""
     while e.__cause__ is not None and "Encountered error while reading" in str(e):
         e = e.__cause__
     text = str(e)
     for marker in TENSORSTORE_SPEC_MARKERS:
         text = text.split(marker)[0]
     first = (text.strip().splitlines() or [type(e).__name__])[0]
-    return first if len(first) <= 400 else first[:400] + " ..."
+    # a long line loses its middle, not its end: a write error names the OCDBT folder and then the file (two
+    # long paths) before its cause ("File too large [os_error_code='27']")
+    return first if len(first) <= 400 else first[:200] + " ... " + first[-200:]
 
 
 def _stored_dtype(item_dir, name="llm.embed") -> str:

@@ -158,3 +158,17 @@ def test_tensorstore_errors_lose_the_specs_appended_to_them():
     wrapped = Exception("Encountered error while reading array index 3")
     wrapped.__cause__ = ValueError(f"DATA_LOSS: truncated [tensorstore_spec='{spec}']")
     assert tensorstore_error(wrapped) == "DATA_LOSS: truncated"
+
+
+def test_a_long_tensorstore_error_keeps_its_cause():
+    """A write error names the OCDBT folder and the file, two long paths, before its cause: a line cut at 400
+    characters lost the cause in a deep workdir (seen in CI: the full-disk test under a long pytest tmp path)."""
+    from echo4o_jax.checkpoint import tensorstore_error
+
+    folder = "/tmp/" + "a" * 150 + "/wd/vae.orbax-checkpoint-tmp/ocdbt.process_0/"
+    text = (f'OUT_OF_RANGE: Error writing "encoder.mid.attn_1.v.kernel/0.0" in OCDBT database at local file '
+            f'"{folder}": Failed writing: "{folder}d/7216abf9294f5ef0": Failed to write 172229 bytes to file 14: '
+            f"File too large [os_error_code='27']")
+    line = tensorstore_error(ValueError(text))
+    assert line.startswith("OUT_OF_RANGE: Error writing") and line.endswith("File too large [os_error_code='27']")
+    assert len(line) < len(text) and " ... " in line
