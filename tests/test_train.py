@@ -277,6 +277,33 @@ def test_a_signal_during_a_save_stops_at_that_checkpoint(tmp_path, monkeypatch):
     assert ck.list_train_steps(tmp_path) == [2]
 
 
+def test_the_step_a_signal_stops_at_is_logged(tmp_path, monkeypatch):
+    """A run stopped by a signal logs its last step whatever log.every: the steps after the last logged one were
+    never in log.jsonl (the resumed run goes on after them)."""
+    import json
+    import os
+    import signal
+    import time
+
+    c = load_config("synthetic_tiny")
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 8, 4, False, False
+    c.log.every = 2
+    real = Trainer.train_step
+
+    def train_step(self, batch):
+        out = real(self, batch)
+        if int(self.state["step"]) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # (the handler runs)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    res = Trainer(c, tmp_path).run()
+    assert res["stopped_by"] == signal.SIGTERM and res["step"] == 3
+    recs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [2, 3]
+
+
 def test_a_resume_that_stretches_a_cosine_schedule_says_so(tmp_path, capsys):
     """optim.schedule=cosine decays over train.steps: resuming with more steps moved the learning rate at once
     (here from the floor back up), silently."""
@@ -452,7 +479,7 @@ def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys, monke
     from echo4o_jax.train import trainer as trainer_mod
 
     real_close = trainer_mod._StepProfile.close
-    monkeypatch.setattr(trainer_mod._StepProfile, "close", lambda self: (time.sleep(3.0), real_close(self)))
+    monkeypatch.setattr(trainer_mod._StepProfile, "close", lambda self, **k: (time.sleep(3.0), real_close(self, **k)))
     c = load_config("synthetic_tiny")
     c.train.steps = 3
     c.log.tensorboard = False
@@ -472,6 +499,29 @@ def test_profile_steps_report_device_time_by_named_scope(tmp_path, capsys, monke
     assert list((tmp_path / "profile").rglob("perfetto_trace.json.gz"))
     printed = capsys.readouterr().out
     assert "[profile] step 2, device time per step" in printed and "attention" in printed
+
+
+def test_a_step_that_fails_while_traced_raises_its_own_error(tmp_path, capsys, monkeypatch):
+    """A traced step that fails (its donated state deleted): the trace is stopped, not summarised, and the
+    step's own error is the one raised (waiting on the deleted state raised "Array has been deleted" over it)."""
+    import jax
+
+    real = Trainer.train_step
+
+    def train_step(self, batch):
+        if int(self.state["step"]) == 2:
+            jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else x, self.state)
+            raise RuntimeError("the step failed")
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    c = load_config("synthetic_tiny")
+    c.train.steps, c.log.tensorboard, c.log.profile_start, c.log.profile_steps = 4, False, 1, 3
+    with pytest.raises(RuntimeError, match="the step failed"):
+        Trainer(c, tmp_path).run()
+    assert (f"[profile] the run failed after 1 traced step(s): partial trace in {tmp_path / 'profile'}, not "
+            "summarised") in capsys.readouterr().err
+    assert not (tmp_path / "profile" / "summary.json").exists()
 
 
 def test_a_checkpoint_save_is_not_charged_to_the_next_step(tmp_path, monkeypatch):

@@ -970,6 +970,7 @@ class Trainer:
         bar = None  # the progress bar, closed in `finally` (an error then starts on a line of its own)
         prof = _StepProfile(self, int(c.log.profile_start), int(c.log.profile_steps))
         prof.check_reachable(start, total)
+        failing = False
         try:
             if start >= total:
                 return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=None)
@@ -1032,7 +1033,10 @@ class Trainer:
                     timer.lap()  # the trace's stop and summary belong to no step's time
                 step += 1
                 stop["stepped"] = True
-                log_now = step % int(c.log.every) == 0 or step == total  # the same step on every process
+                stop["agreed"] = _agreed_signal(stop["signal"])
+                # the same step on every process; a run's last step is logged whatever log.every (also when a
+                # signal stops it here: the steps after the last logged one were lost from log.jsonl)
+                log_now = step % int(c.log.every) == 0 or step == total or stop["agreed"] is not None
                 lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
                 fl = sum(flops_lib.step_flops(self.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens)) \
                     if peak else 0.0
@@ -1082,7 +1086,6 @@ class Trainer:
                         tqdm.write(f"[data] {skipped_reported} samples skipped as too long so far (by task / reason "
                                    f"since this start: {st.get('skipped_by')}); python -m echo4o_jax.data.pack_stats "
                                    "--config ... shows why")
-                stop["agreed"] = _agreed_signal(stop["signal"])
                 saved = step % int(c.checkpoint.every) == 0 or step == total or stop["agreed"] is not None
                 if saved:
                     self.save(force=True)  # (before the sample grid)
@@ -1114,11 +1117,14 @@ class Trainer:
                 raise CheckpointSaveError(failure)
             return dict(step=step, total=total, history=history, resumed=resumed,
                         stopped_by=stop["agreed"] if step < total else None)
+        except BaseException:
+            failing = True
+            raise
         finally:
             try:
                 if bar is not None:
                     bar.close()
-                prof.close()
+                prof.close(failing=failing)
                 logger.close()
                 failure = self._save_failure(block=True)  # (an error of the run's own is already on its way)
                 if failure:
@@ -1229,10 +1235,22 @@ class _StepProfile:
             print(f"[profile] log.profile_start={self.start} is never reached ({why}): nothing will be traced",
                   flush=True)
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
+        """Stops the trace; summarised unless the run is `failing` (then its own error is the one raised: the
+        state may be deleted, a donated step having failed, and the trace incomplete)."""
         if not self.active:
             return
         self.active = False
+        if failing:
+            try:
+                jax.profiler.stop_trace()
+            except Exception as e:  # (the run's own error is on its way)
+                print(f"[profile] stopping the trace failed too: {e}", file=sys.stderr, flush=True)
+            else:
+                if self.tr.is_main:
+                    print(f"[profile] the run failed after {self.traced} traced step(s): partial trace in {self.dir}, "
+                          "not summarised", file=sys.stderr, flush=True)
+            return
         jax.block_until_ready(self.tr.state)
         jax.profiler.stop_trace()
         if not self.tr.is_main:
