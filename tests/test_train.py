@@ -251,27 +251,35 @@ def test_a_data_worker_that_died_saves_the_steps_trained_first(tmp_path):
     assert any("the 3 step(s) this run trained were saved: checkpoint 3" in n for n in ei.value.__notes__)
 
 
-def test_a_signal_during_a_save_stops_at_that_checkpoint(tmp_path, monkeypatch):
-    """A SIGTERM (a preemption notice) that arrives while step 2's checkpoint is written stops the run there: it
-    trained step 3 and wrote another full checkpoint inside the grace period."""
+def _sigterm_after(monkeypatch, method: str, step: int):
+    """Trainer.<method> sends this process a SIGTERM (a preemption notice) once it has run with the state at
+    `step`."""
     import os
     import signal
     import time
+
+    real = getattr(Trainer, method)
+
+    def patched(self, *a, **k):
+        out = real(self, *a, **k)
+        if int(self.state["step"]) == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # (the handler runs)
+        return out
+
+    monkeypatch.setattr(Trainer, method, patched)
+
+
+def test_a_signal_during_a_save_stops_at_that_checkpoint(tmp_path, monkeypatch):
+    """A SIGTERM (a preemption notice) that arrives while step 2's checkpoint is written stops the run there: it
+    trained step 3 and wrote another full checkpoint inside the grace period."""
+    import signal
 
     import echo4o_jax.checkpoint as ck
 
     c = load_config("synthetic_tiny")
     c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 6, 2, False, False
-    real = Trainer.save
-
-    def save(self, *a, **k):
-        out = real(self, *a, **k)
-        if int(self.state["step"]) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)  # (the handler runs)
-        return out
-
-    monkeypatch.setattr(Trainer, "save", save)
+    _sigterm_after(monkeypatch, "save", 2)
     res = Trainer(c, tmp_path).run()
     assert res["stopped_by"] == signal.SIGTERM and res["step"] == 2
     assert ck.list_train_steps(tmp_path) == [2]
@@ -281,23 +289,12 @@ def test_the_step_a_signal_stops_at_is_logged(tmp_path, monkeypatch):
     """A run stopped by a signal logs its last step whatever log.every: the steps after the last logged one were
     never in log.jsonl (the resumed run goes on after them)."""
     import json
-    import os
     import signal
-    import time
 
     c = load_config("synthetic_tiny")
     c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 8, 4, False, False
     c.log.every = 2
-    real = Trainer.train_step
-
-    def train_step(self, batch):
-        out = real(self, batch)
-        if int(self.state["step"]) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)  # (the handler runs)
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    _sigterm_after(monkeypatch, "train_step", 3)
     res = Trainer(c, tmp_path).run()
     assert res["stopped_by"] == signal.SIGTERM and res["step"] == 3
     recs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
