@@ -224,6 +224,24 @@ def test_a_stray_folder_in_checkpoints_is_no_step_and_a_restore_frees_the_state_
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _dying(source, after: int):
+    """`source` whose data workers die (killed outright: the out-of-memory killer) once it has served `after`
+    batches."""
+    served = []
+
+    class Dying:
+        def __next__(self):
+            if len(served) == after:
+                raise RuntimeError("Worker process was terminated unexpectedly")
+            served.append(1)
+            return next(source)
+
+        def __getattr__(self, name):
+            return getattr(source, name)
+
+    return Dying()
+
+
 def test_a_data_worker_that_died_saves_the_steps_trained_first(tmp_path):
     """A data worker killed outright (the out-of-memory killer) ends the source with a RuntimeError: the steps
     trained since the last checkpoint are saved before it ends the run (they were lost), and a note says so."""
@@ -232,23 +250,28 @@ def test_a_data_worker_that_died_saves_the_steps_trained_first(tmp_path):
     c = load_config("synthetic_tiny")
     c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 6, 100, False, False
     tr = Trainer(c, tmp_path)
-    real, served = tr.source, []
-
-    class Dying:
-        def __next__(self):
-            if len(served) == 3:
-                raise RuntimeError("Worker process was terminated unexpectedly")
-            served.append(1)
-            return next(real)
-
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-    tr.source = Dying()
+    tr.source = _dying(tr.source, after=3)
     with pytest.raises(RuntimeError, match="terminated unexpectedly") as ei:
         tr.run()
     assert ck.list_train_steps(tmp_path) == [3]
     assert any("the 3 step(s) this run trained were saved: checkpoint 3" in n for n in ei.value.__notes__)
+
+
+def test_a_data_worker_that_died_when_the_disk_is_full_says_both(tmp_path, monkeypatch):
+    """The save of the steps trained before a data worker died can fail too (a full disk): both are said, the
+    data error raised (the save's error was a traceback raised over it)."""
+    c = load_config("synthetic_tiny")
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 6, 100, False, False
+    tr = Trainer(c, tmp_path)
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    tr.source = _dying(tr.source, after=3)
+    monkeypatch.setattr(tr.ckpt, "save", full)
+    with pytest.raises(RuntimeError, match="terminated unexpectedly") as ei:
+        tr.run()
+    assert any(n.startswith("[the 3 step(s) this run trained could not be saved: saving the checkpoint of step 3 in ")
+               and "No space left on device" in n for n in ei.value.__notes__), ei.value.__notes__
 
 
 def _sigterm_after(monkeypatch, method: str, step: int):

@@ -1154,10 +1154,16 @@ def _saved_before_error(trainer: "Trainer", step: int, start: int, e: Exception)
     from ..data.latents import LatentStoreError
     from ..data.records import RecordError
 
-    trainer.save(force=True)
-    trainer.ckpt.wait_until_finished()
-    said = (f"[the {step - start} step(s) this run trained were saved: checkpoint {step} in "
-            f"{trainer.workdir / 'checkpoints'}; the same command resumes from it once the data is fixed]")
+    try:  # (a save that fails too is said with the data error, not raised over it as a traceback)
+        trainer.save(force=True)
+        failed = trainer._save_failure(block=True)
+    except CheckpointSaveError as se:
+        failed = str(se)
+    if failed:
+        said = f"[the {step - start} step(s) this run trained could not be saved: {failed}]"
+    else:
+        said = (f"[the {step - start} step(s) this run trained were saved: checkpoint {step} in "
+                f"{trainer.workdir / 'checkpoints'}; the same command resumes from it once the data is fixed]")
     if not isinstance(e, (RecordError, LatentStoreError)):
         e.add_note(said)
         return e
