@@ -1150,6 +1150,8 @@ def _one_error_line(capsys, main_fn, argv) -> str:
     ({"tag": "counting", "prompt": "P", "include": [{"class": "cow", "count": 2}], "exclude": [{"count": 3}]},
      r"gpp.jsonl:2: exclude\[0\] has no 'class'"),
     ([1, 2], r"gpp.jsonl:2: expected a JSON object, got list"),
+    ({"tag": "counting", "prompt": "P", "include": [{"class": "cow", "count": 2, "colour": "red"}]},
+     r"gpp.jsonl:2: include\[0\] has unknown key\(s\) \['colour'\]; expected class, count, color, size, region"),
 ])
 def test_geneval_pp_bad_prompt_file(tmp_path, capsys, bad, message):
     p = tmp_path / "gpp.jsonl"
@@ -1158,6 +1160,14 @@ def test_geneval_pp_bad_prompt_file(tmp_path, capsys, bad, message):
                                                     "--out", str(tmp_path / "o")])
     assert re.search(message, msg) and str(p) in msg, msg
     assert not (tmp_path / "o").exists()
+
+
+def test_geneval_pp_tags_not_its_own_are_noted(tmp_path, capsys):
+    """A misspelt tag counts as one more tag in the mean of tag accuracies: loaded, with a note naming it."""
+    p = write_jsonl(tmp_path / "gpp.jsonl", [_gpp_rows()[0], {**_gpp_rows()[1], "tag": "colour_attr"}])
+    items = geneval_pp.load_items(p)
+    assert [i.tag for i in items] == ["color_attr", "colour_attr"]
+    assert capsys.readouterr().err.startswith(f"note: {p}: tag(s) ['colour_attr'] are not GenEval++'s (color_attr, ")
 
 
 def test_run_checks_every_prompt_file_before_generating(tmp_path, monkeypatch, capsys):

@@ -457,6 +457,37 @@ def test_unreadable_image(server, key_env, tmp_path):
     assert not res.ok and res.image_error and "cannot read image" in res.error and not server.calls(CHAT)
 
 
+def test_an_answer_with_a_key_shaped_word_is_kept_whole(server, key_env, tmp_path):
+    """Only the key is taken out of an answer: the key-shaped patterns ("Bearer ...") cut "a flag bearer too"}
+    at its end, and the answer, unreadable, was a judge failure after 3 paid calls (and on every rerun)."""
+    reason = "All four items hold; the person is a flag bearer too"
+    server.chat_handler = lambda r: json.dumps({"correct": 1, "reason": reason})
+    res = make_judge(server).judge(request(image(tmp_path)))
+    assert res.ok and res.parsed == {"correct": 1, "reason": reason} and len(server.calls(CHAT)) == 1
+
+
+def test_a_jpeg_cut_short_is_unreadable(server, key_env, tmp_path):
+    """verify() reads no JPEG data: a JPEG cut short (an interrupted copy) was sent and judged as it was."""
+    from PIL import Image
+    import io
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(buf, format="JPEG")
+    p = tmp_path / "cut.jpg"
+    p.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 3])
+    res = make_judge(server).judge(request(p))
+    assert not res.ok and res.image_error and "cannot read image" in res.error and not server.calls(CHAT)
+
+
+def test_a_key_in_the_base_urls_path_is_not_recorded(monkeypatch):
+    """A gateway URL with the key in its path: refused nowhere, it was written whole into manifests and
+    results (`describe`)."""
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    d = J.Judge(base_url="https://gw.example.com/sk-proj-PATHSECRET12345/v1").describe()
+    assert d["base_url"] == "https://gw.example.com/sk-[REDACTED]/v1"
+
+
 def test_large_image_is_downscaled(tmp_path):
     from PIL import Image
     import io

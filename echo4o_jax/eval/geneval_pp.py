@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -56,6 +57,7 @@ class Item:
         return f"{self.line:05d}"
 
 
+_TAGS = [t for t, _ in GENEVAL_PP_TAGS]
 _ENTRY_KEYS = {"include": ("class", "count", "color", "size", "region"), "exclude": ("class", "count")}
 
 
@@ -75,6 +77,10 @@ def _entries(where: str, r: dict, field: str) -> list[dict]:
         for req in ("class", "count"):
             if req not in e:
                 raise common.UsageError(f"{where}: {key} has no {req!r}")
+        unknown = sorted(set(e) - set(_ENTRY_KEYS[field]))
+        if unknown:  # (a misspelt constraint, "colour", was left out of the judge's checklist: a higher score)
+            raise common.UsageError(f"{where}: {key} has unknown key(s) {unknown}; expected "
+                                    f"{', '.join(_ENTRY_KEYS[field])}")
         if not isinstance(e["class"], str) or not e["class"].strip():
             raise common.UsageError(f"{where}: {key}.class must be a non-empty string, got {e['class']!r}")
         if isinstance(e["count"], bool) or not isinstance(e["count"], int) or e["count"] < 1:
@@ -87,7 +93,7 @@ def _entries(where: str, r: dict, field: str) -> list[dict]:
 
 def load_items(path, limit: int | None = None) -> list[Item]:
     """The prompts of a GenEval++ jsonl, every line checked (the first `limit` kept)."""
-    items = []
+    items, unknown_tags = [], []
     for i, r in common.jsonl_records(path):
         where = f"{path}:{i}"
         for req in ("tag", "prompt", "include"):
@@ -96,10 +102,15 @@ def load_items(path, limit: int | None = None) -> list[Item]:
         for key in ("tag", "prompt"):
             if not isinstance(r[key], str) or not r[key].strip():
                 raise common.UsageError(f"{where}: {key!r} must be a non-empty string, got {r[key]!r}")
+        if r["tag"] not in _TAGS and r["tag"] not in unknown_tags:
+            unknown_tags.append(r["tag"])
         items.append(Item(line=i, tag=r["tag"], prompt=r["prompt"], include=_entries(where, r, "include"),
                           exclude=_entries(where, r, "exclude")))
     if not items:
         raise common.UsageError(f"{path}: no prompts (one JSON object per line)")
+    if unknown_tags:  # (each is one more tag in the score's mean of tag accuracies)
+        print(f"note: {path}: tag(s) {unknown_tags} are not GenEval++'s ({', '.join(_TAGS)}): each counts as one "
+              "more tag in the score", file=sys.stderr)
     return common.take(items, limit)
 
 

@@ -409,7 +409,7 @@ def encode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS)
             fmt = im.format
             w, h = im.size
             if fmt in _MIME and (not max_pixels or w * h <= max_pixels):
-                im.verify()
+                im.load()  # (decoded: verify() reads no JPEG data, and a JPEG cut short was judged as it was)
                 return f"data:{_MIME[fmt]};base64," + base64.b64encode(data).decode("ascii")
             im = im.convert("RGB")
             if max_pixels and w * h > max_pixels:
@@ -570,7 +570,8 @@ def effective_base_url(url: str | None) -> str | None:
 
 
 def _public_url(url: str | None) -> str | None:
-    """A base URL without userinfo or query (never store credentials that might hide there)."""
+    """A base URL without userinfo, query or a key-shaped path segment (a gateway's "/sk-.../v1"): never store
+    credentials that might hide there."""
     if not url:
         return url
     from urllib.parse import urlsplit, urlunsplit
@@ -578,11 +579,11 @@ def _public_url(url: str | None) -> str | None:
     p = urlsplit(url)
     if p.scheme in ("http", "https") and p.hostname:
         host = p.netloc.rpartition("@")[2]  # (the port as written: it may be out of range)
-        return urlunsplit((p.scheme, host, p.path, "", ""))
+        return urlunsplit((p.scheme, host, redact(p.path), "", ""))
     # not a URL urlsplit reads as one (no scheme: "user:key@host/v1" parses as scheme "user"): cut the query
     # and fragment, and anything before an "@"
     cut = url.split("?", 1)[0].split("#", 1)[0]
-    return "***@" + cut.rpartition("@")[2] if "@" in cut else cut
+    return "***@" + redact(cut.rpartition("@")[2]) if "@" in cut else redact(cut)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -732,8 +733,9 @@ class Judge:
                 calls += e.calls
                 self._count("failures")
                 return JudgeResult(ok=False, raw=raw, error=self.redact(str(e)), calls=calls, key=key)
-            # everything kept (raw, parsed: reasons are answer text) comes from the redacted answer
-            raw = self.redact(answer)
+            # everything kept (raw, parsed: reasons are answer text) comes from the answer without the key; not
+            # without key-shaped words ("a flag bearer too"], cut at "Bearer": a valid answer made unreadable)
+            raw = redact(answer, self._secrets, patterns=False)
             try:
                 parsed = tpl.parse(raw)
             except MalformedAnswer as e:
