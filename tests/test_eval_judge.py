@@ -294,7 +294,7 @@ def test_cache_second_run_makes_no_call(server, key_env, tmp_path):
     assert len(server.calls(CHAT)) == 6 and j2.stats["api_calls"] == 0 and j2.stats["cache_hits"] == 6
     assert [r.parsed for r in second] == [r.parsed for r in first] and all(r.cached for r in second)
     # a cached run needs no key at all
-    # key = (image hash, prompt, model, template version): each change means a new call
+    # key = (image hash, prompt, model, template version, ...): each change means a new call
     imgs[0].write_bytes(solid_png(8, 8, (250, 0, 0)))
     other_tpl = J.JudgeTemplate(**{**VERDICT_TPL.__dict__, "version": "geneval_pp/999"})
     j3 = make_judge(server, tmp_path)
@@ -302,6 +302,16 @@ def test_cache_second_run_makes_no_call(server, key_env, tmp_path):
     assert j3.stats["api_calls"] == 3
     make_judge(server, tmp_path, model="gpt-4.1-mini").judge(reqs[3])
     assert len(server.calls(CHAT)) == 10
+    # another endpoint or request settings: answered by the judge called, not from another's answers
+    make_judge(server, tmp_path, temperature=0.5).judge(reqs[4])
+    low = J.JudgeTemplate(**{**VERDICT_TPL.__dict__, "options": {"image_detail": "low"}})
+    make_judge(server, tmp_path).judge(J.JudgeRequest(low, reqs[4].variables, reqs[4].images))
+    short = J.JudgeTemplate(**{**VERDICT_TPL.__dict__, "max_tokens": 100})
+    make_judge(server, tmp_path).judge(J.JudgeRequest(short, reqs[4].variables, reqs[4].images))
+    assert len(server.calls(CHAT)) == 13
+    with FakeOpenAIServer(chat_handler=lambda r: '{"correct": 0, "reason": "another server"}') as other:
+        res = make_judge(other, tmp_path).judge(reqs[5])
+        assert not res.cached and res.parsed["reason"] == "another server" and len(other.calls(CHAT)) == 1
     assert SECRET not in "".join(p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
 
 

@@ -14,7 +14,8 @@
   so the two do not multiply. 401/403/404 abort the run (:class:`JudgeFatalError`): a wrong key or
   model name would otherwise fail every item. Other 4xx are a judge failure of that item.
 * **Cache**: one JSON file per answer under ``cache_dir``, keyed by sha256 of (image sha256s, the
-  rendered prompt text, judge model, template name@version, image size limit). A re-run makes no call
+  rendered prompt text, judge model, template name@version, image size limit, the endpoint (base URL
+  without credentials), temperature, max_tokens and the template's request options). A re-run makes no call
   for an answer already cached. Only parsed answers are cached; judge failures are retried next run.
 * **Secrets**: the API key is read from the environment (``OPENAI_API_KEY`` or ``api_key_env``) only
   when a call is needed; it is never logged and is redacted from every error text we keep and from
@@ -425,9 +426,11 @@ def encode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS)
 
 
 def cache_key(image_sha256: Sequence[str], system: str, user: str, model: str, template_ident: str,
-              max_pixels: int | None) -> str:
+              max_pixels: int | None, request: dict) -> str:
+    """`request`: what else makes the answer (endpoint, temperature, max_tokens, image detail): another server
+    or settings must not be answered from the cache, nor credited with answers it never gave."""
     blob = json.dumps({"images": list(image_sha256), "system": system, "user": user, "model": model,
-                       "template": template_ident, "max_pixels": max_pixels}, sort_keys=True)
+                       "template": template_ident, "max_pixels": max_pixels, "request": request}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -696,7 +699,9 @@ class Judge:
             return JudgeResult(ok=False, error=self.redact(f"cannot read image: {e}"), image_error=True)
         digests = [hashlib.sha256(b).hexdigest() for b in blobs]
         system, user = tpl.render(req.variables)
-        key = cache_key(digests, system, user, self.model, tpl.ident, self.max_image_pixels)
+        key = cache_key(digests, system, user, self.model, tpl.ident, self.max_image_pixels,
+                        {"endpoint": _public_url(effective_base_url(self.base_url)), "temperature": self.temperature,
+                         "max_tokens": tpl.max_tokens, "options": tpl.options})
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None and isinstance(hit.get("raw"), str):
