@@ -508,6 +508,35 @@ def test_large_image_is_downscaled(tmp_path):
         assert im.size[0] * im.size[1] <= 100 * 100 and abs(im.size[0] / im.size[1] - 1.5) < 0.05
 
 
+def test_an_interrupt_stops_the_retries_of_the_calls_in_flight(server, key_env, tmp_path, capsys):
+    """A Ctrl-C while judging: the requests in flight are not retried, nothing new is sent (their retries went
+    on, each a new paid request, for minutes, silently)."""
+    import os
+    import signal
+    import threading
+
+    server.push(CHAT, *[Reply.status(500)] * 400)  # a server down: every call retried
+    j = make_judge(server, concurrency=2, max_retries=100, backoff_base=0.2, backoff_max=0.2)
+    imgs = [image(tmp_path, f"{i}.png", (i, i, i)) for i in range(4)]
+    sent = []
+
+    def interrupt():  # once calls are being retried
+        deadline = time.monotonic() + 60
+        while len(server.calls(CHAT)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sent.append(len(server.calls(CHAT)))
+        os.kill(os.getpid(), signal.SIGINT)  # (a real signal: it interrupts the main thread's wait)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        j.judge_many([request(p) for p in imgs])
+    stopped = time.monotonic()
+    time.sleep(0.6)  # (retries that went on would be sent meanwhile)
+    assert len(server.calls(CHAT)) <= sent[0] + 2, (sent, len(server.calls(CHAT)))
+    assert time.monotonic() - stopped < 2.0
+    assert "nothing new is sent" in capsys.readouterr().err
+
+
 def test_concurrency_and_order(server, key_env, tmp_path):
     """Up to `concurrency` requests in flight at once (the server counts them), answers in request order."""
     import threading

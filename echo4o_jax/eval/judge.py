@@ -39,6 +39,7 @@ import math
 import os
 import random
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -645,7 +646,7 @@ class Judge:
                  max_retries: int = 5, malformed_retries: int = 2, timeout: float = 120.0,
                  backoff_base: float = 1.0, backoff_max: float = 60.0, client_max_retries: int = 0,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, temperature: float = 0.0,
-                 client: Any = None, sleep: Callable[[float], None] = time.sleep):
+                 client: Any = None, sleep: Callable[[float], None] | None = None):
         check_base_url(base_url, flag="base_url")
         check_api_key_env(api_key_env, flag="api_key_env", error=JudgeConfigError)
         self.model = model
@@ -663,7 +664,8 @@ class Judge:
         self.max_image_pixels = max_image_pixels
         self.temperature = temperature
         self._client = client
-        self._sleep = sleep
+        self._stop = threading.Event()  # set by judge_many when interrupted: no new call, no retry
+        self._sleep = sleep or self._stop.wait  # (a backoff ends early when stopped)
         self._secrets: list[str] = []
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "api_calls": 0, "cache_hits": 0, "failures": 0, "retries": 0,
@@ -771,15 +773,26 @@ class Judge:
                 bar = tqdm(total=len(requests), desc=desc, unit="img")
             except ImportError:
                 bar = None
+        self._stop.clear()
         pool = cf.ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="judge")
+        futs: dict[cf.Future, int] = {}
         try:
-            futs = {pool.submit(self.judge, r): i for i, r in enumerate(requests)}
+            for i, r in enumerate(requests):
+                futs[pool.submit(self.judge, r)] = i
             for fut in cf.as_completed(futs):
                 out[futs[fut]] = fut.result()  # JudgeFatalError / JudgeConfigError propagate
                 if bar is not None:
                     bar.update(1)
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            # (a Ctrl-C, a fatal error): the calls in flight end, nothing new is sent (their retries went on,
+            # each a new paid request, for minutes after a Ctrl-C)
+            self._stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            running = sum(f.running() for f in futs)
+            if running:
+                print(f"stopping: waiting for {running} judge call(s) in flight (at most {self.timeout:g} s, "
+                      "--timeout); nothing new is sent", file=sys.stderr, flush=True)
+            pool.shutdown(wait=True)
             raise
         finally:
             if bar is not None:
@@ -824,6 +837,8 @@ class Judge:
         client = self._get_client()
         calls = 0
         while True:
+            if self._stop.is_set():
+                raise _ItemFailure(f"stopped (the run was interrupted) after {calls} call(s)", calls)
             calls += 1
             self._count("api_calls")
             try:
