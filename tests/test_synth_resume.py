@@ -213,6 +213,34 @@ def test_changed_settings_need_overwrite_and_reuse_journal(tmp_path):
         assert all(r.json["quality"] == "medium" for r in srv.requests[n:])
 
 
+def test_another_endpoint_needs_overwrite_and_is_asked_again(tmp_path):
+    """The server answering is part of what made a dataset: another base URL was appended to it without a word,
+    and --overwrite replayed the first server's journaled answers as the new one's (no call made)."""
+    from echo4o_jax.synth.journal import answered_here
+    from echo4o_jax.synth.runner import fingerprint
+
+    with synth_server() as a, synth_server() as b:
+        run_track(make_track("surreal", make_cfg(a)), tmp_path / "ds", limit=3, progress=False)
+        paid = len(a.requests)
+        other = make_track("surreal", make_cfg(b))
+        with pytest.raises(SynthError, match=r"other settings .*endpoint \(base URL\)"):
+            run_track(other, tmp_path / "ds", limit=4, progress=False)
+        assert dry_run(other, tmp_path / "ds", limit=3, overwrite=True)["journaled_calls_skipped"] == 0
+        s = run_track(other, tmp_path / "ds", limit=3, progress=False, overwrite=True)
+        assert s.mode == "rebuild" and s.complete and len(b.requests) == paid
+        assert load_manifest(tmp_path / "ds")["info"]["synth"]["config"]["base_url"] == b.base_url
+        # a dataset made before the endpoint was fingerprinted: its manifest's endpoint decides
+        mpath = tmp_path / "ds" / "manifest.json"
+        m = json.loads(mpath.read_text())
+        m["info"]["synth"]["fingerprint"] = fingerprint(other, endpoint=False)
+        mpath.write_text(json.dumps(m))
+        assert run_track(other, tmp_path / "ds", limit=3, progress=False).mode == "nothing-to-do"
+        with pytest.raises(SynthError, match="other settings"):
+            run_track(make_track("surreal", make_cfg(a)), tmp_path / "ds", limit=4, progress=False)
+        # journal entries of that time name no endpoint: replayed (which server answered is unknown)
+        assert answered_here({"key": "k"}, b.base_url) and not answered_here({"endpoint": a.base_url}, b.base_url)
+
+
 def test_cli_dry_run_and_errors(tmp_path):
     p = cli(["instruction", "--out", str(tmp_path / "ds"), "--limit", "12", "--dry-run"])
     o, e = p.communicate(timeout=60)

@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 from echo4o_jax.data.records import RecordError, probe_image
 from echo4o_jax.eval.judge import ClientCallError, _retry_after, api_key_from_env, clean_text, redact
 from echo4o_jax.synth.config import SynthConfig
-from echo4o_jax.synth.journal import BlobError, Journal
+from echo4o_jax.synth.journal import BlobError, Journal, answered_here
 from echo4o_jax.synth.resources import data_url_digest
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,7 @@ class SynthClient:
                  on_event: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.journal = journal
+        self.endpoint = cfg.endpoint()  # (journaled with each answer: another server's are not replayed)
         self.stats = CallStats()
         self.stop = threading.Event()
         self._client = client
@@ -416,7 +417,7 @@ class SynthClient:
     def _call(self, key: str, kind: str, model: str, label: str, do, cost_of) -> CallResult:
         while True:
             e = self.journal.get(key)
-            images = self._replayable_images(e, label) if e is not None else None
+            images = self._replayable_images(e, label) if answered_here(e, self.endpoint) else None
             if images is not None:
                 return self._replay(e, images)
             with self._lock:
@@ -481,7 +482,8 @@ class SynthClient:
             blobs.append(self.journal.put_blob(b, _ext_of(b)))
             self._decoded.add(blobs[-1]["sha256"])
         entry = {"key": key, "kind": kind, "model": model, "label": label, "status": "ok", "text": out.get("text"),
-                 "blobs": blobs, "usage": usage, "cost": round(cost, 8), "attempts": attempts}
+                 "blobs": blobs, "usage": usage, "cost": round(cost, 8), "attempts": attempts,
+                 "endpoint": self.endpoint}
         self.journal.append(entry)
         self.stats.paid(model, cost)
         self._on_event("paid")
@@ -491,7 +493,7 @@ class SynthClient:
         reason = self.redact(str(reason))[:500]
         self.journal.append({"key": key, "kind": kind, "model": model, "label": label, "status": "refused",
                              "error": reason, "blobs": [], "usage": usage, "cost": round(cost, 8),
-                             "attempts": attempts})
+                             "attempts": attempts, "endpoint": self.endpoint})
         self.stats.paid(model, cost)
         self.stats.add("refusals")
         self._on_event("refused")

@@ -187,12 +187,17 @@ class SynthConfig:
                 elif not _is_price(v):
                     raise ValueError(f"prices[{model!r}][{k!r}]: expected a number >= 0 (USD), got {_got(v)}")
 
+    def endpoint(self) -> str | None:
+        """The base URL called (the environment's OPENAI_BASE_URL when none is given; None: OpenAI's own),
+        without credentials, query or a key-shaped path segment: what journals and manifests record."""
+        return _public_url(effective_base_url(self.base_url))
+
     def to_public_dict(self) -> dict[str, Any]:
         """Everything that shapes the data, for manifests (no secrets: there are none in here; the
         base URL, the environment's OPENAI_BASE_URL when none is given, is stored without credentials or
         query)."""
         d = dataclasses.asdict(self)
-        d["base_url"] = _public_url(effective_base_url(self.base_url))
+        d["base_url"] = self.endpoint()
         d["refusal_patterns"] = list(self.refusal_patterns)
         return d
 

@@ -9,7 +9,8 @@ Layout (``<journal_dir>``, by default ``<out>/journal``)::
 
 An entry is ``{"v": 1, "key", "kind": "chat"|"image"|"edit", "model", "label", "status": "ok"|"refused",
 "text" (chat answer), "blobs": [{"sha256", "bytes", "ext"}] (images), "usage", "cost", "attempts",
-"error" (refusals)}``. ``key`` is the sha256 of the canonical request (kind, model, parameters, messages
+"error" (refusals), "endpoint" (the base URL called, without credentials; None: OpenAI's)}``; an entry is
+replayed only to a run calling the same endpoint (:func:`answered_here`). ``key`` is the sha256 of the canonical request (kind, model, parameters, messages
 with images replaced by their digests, and a scope: the sample id for per-sample calls, ``shared`` for
 calls whose answer several samples may reuse). The blobs of an entry are written (and fsync'd) before
 the entry, so an entry never points at a missing blob. A run killed while appending leaves at most a
@@ -34,7 +35,7 @@ from ..paths import hold_lock as _hold_lock
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Journal", "JournalError", "BlobError", "JOURNAL_NAME", "hold_lock"]
+__all__ = ["Journal", "JournalError", "BlobError", "JOURNAL_NAME", "hold_lock", "answered_here"]
 
 JOURNAL_NAME = "journal.jsonl"
 JOURNAL_VERSION = 1
@@ -42,6 +43,13 @@ JOURNAL_VERSION = 1
 
 class JournalError(RuntimeError):
     pass
+
+
+def answered_here(entry: dict | None, endpoint: str | None) -> bool:
+    """Whether journaled `entry` answers a call to `endpoint` (another server's answers are asked again, not
+    replayed as this one's). Entries of journals written before endpoints were recorded have none: replayed
+    (their endpoint is unknown)."""
+    return entry is not None and ("endpoint" not in entry or entry["endpoint"] == endpoint)
 
 
 class BlobError(JournalError):

@@ -8,8 +8,9 @@ Resume rules (the journal makes every rebuild free of paid calls):
 * an *incomplete* dataset (a killed run, failed samples, an abort) -> rebuilt from sample 0: every
   answer already paid for is replayed from the journal, only missing calls are made, so the result is
   the dataset an uninterrupted run would have written;
-* a dataset made with other settings -> refused unless ``overwrite`` (then rebuilt; journaled answers
-  to identical requests are still reused);
+* a dataset made with other settings or by another endpoint (``base_url``) -> refused unless
+  ``overwrite`` (then rebuilt; journaled answers to identical requests from the same endpoint are still
+  reused: another server's answers are asked again);
 * the manifest records the journal a dataset was built with (``info.synth.journal``: relative to
   ``out`` when inside it). A run with another journal that holds none of the dataset's calls (a
   forgotten ``--journal-dir``), or a rebuild whose journal holds none of the calls of the records it
@@ -46,7 +47,7 @@ from echo4o_jax.data.records import MANIFEST_NAME, RecordError, RecordReader, Re
 from echo4o_jax.eval.judge import MalformedAnswer, api_key_from_env
 from echo4o_jax.synth.client import (Aborted, CallFailed, Refused, SynthClient, SynthFatalError, chat_cost,
                                      image_cost)
-from echo4o_jax.synth.journal import JOURNAL_NAME, Journal, hold_lock
+from echo4o_jax.synth.journal import JOURNAL_NAME, Journal, answered_here, hold_lock
 from echo4o_jax.synth.tracks import SampleContext, Track
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,27 @@ class RunSummary:
         return dataclasses.asdict(self)
 
 
-def fingerprint(track: Track) -> str:
+def fingerprint(track: Track, *, endpoint: bool = True) -> str:
+    """What the data depends on, the endpoint (the server answering) included; `endpoint=False`: the
+    fingerprint of datasets made before it was (accepted when their manifest names the same endpoint)."""
     cfg = dataclasses.asdict(track.cfg)
     shaping = {k: cfg[k] for k in _SHAPING}
     shaping["refusal_patterns"] = list(shaping["refusal_patterns"])
-    blob = json.dumps({"track": track.name, "config": shaping, "parts": track.fingerprint_parts()},
-                      sort_keys=True, ensure_ascii=True)
+    doc = {"track": track.name, "config": shaping, "parts": track.fingerprint_parts()}
+    if endpoint:
+        doc["endpoint"] = track.cfg.endpoint()
+    blob = json.dumps(doc, sort_keys=True, ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _made_with(synth: dict, track: Track) -> bool:
+    """Whether a dataset's manifest (`synth`: its info.synth) was made with these settings and endpoint."""
+    fp = synth.get("fingerprint")
+    if fp == fingerprint(track):
+        return True
+    config = synth.get("config") if isinstance(synth.get("config"), dict) else {}
+    return (fp == fingerprint(track, endpoint=False) and "base_url" in config
+            and config["base_url"] == track.cfg.endpoint())
 
 
 def _journal_dir(out_dir: str | os.PathLike, journal_dir: str | os.PathLike | None) -> Path:
@@ -176,7 +191,7 @@ def _holds_any_call(out_dir: Path, journal: Journal) -> bool:
     return False
 
 
-def _dataset_state(out_dir: Path, fp: str, overwrite: bool) -> tuple[str, int]:
+def _dataset_state(out_dir: Path, track: Track, overwrite: bool) -> tuple[str, int]:
     """(mode, first sample index) for a run into `out_dir`."""
     mpath = out_dir / MANIFEST_NAME
     if not mpath.exists():
@@ -187,12 +202,12 @@ def _dataset_state(out_dir: Path, fp: str, overwrite: bool) -> tuple[str, int]:
         return ("rebuild" if shards else "new"), 0
     m = load_manifest(mpath)
     synth = (m.get("info") or {}).get("synth") or {}
-    if synth.get("fingerprint") != fp:
+    if not _made_with(synth, track):
         if not overwrite:
             what = "was not made by this tool" if not synth else "was made with other settings (models, seed, " \
-                   "templates, word lists, references, ...)"
+                   "templates, word lists, references, endpoint (base URL), ...)"
             raise SynthError(f"the dataset in {out_dir} {what}; pass --overwrite to rebuild it with these settings "
-                             f"(journaled answers to identical requests are reused)")
+                             f"(journaled answers to identical requests from the same endpoint are reused)")
         return "rebuild", 0
     if m.get("complete"):
         return "append", int(synth.get("items", 0))
@@ -274,7 +289,7 @@ def _run_locked(track: Track, out: Path, jd: Path, *, limit: int, overwrite: boo
     t0 = time.monotonic()
     cfg = track.cfg
     fp = fingerprint(track)
-    mode, start = _dataset_state(out, fp, overwrite)
+    mode, start = _dataset_state(out, track, overwrite)
     summary = RunSummary(track=track.name, out=str(out), limit=limit, start=start, mode=mode)
     if mode == "append" and start >= limit:
         summary.mode = "nothing-to-do"
@@ -443,7 +458,7 @@ def dry_run(track: Track, out_dir: str | os.PathLike | None, *, limit: int,
         out = Path(out_dir)
         jd = _journal_dir(out, journal_dir)
         _check_folders(out, jd)
-        mode, start = _dataset_state(out, fingerprint(track), overwrite)
+        mode, start = _dataset_state(out, track, overwrite)
         journal = _open_journal_if_any(jd, read_only=True)
         _check_journal(out, mode, jd, journal, overwrite)
     seen: set[str] = set()
@@ -455,7 +470,7 @@ def dry_run(track: Track, out_dir: str | os.PathLike | None, *, limit: int,
                 if c.shared in seen:
                     continue
                 seen.add(c.shared)
-            if c.key is not None and journal is not None and c.key in journal:
+            if c.key is not None and journal is not None and answered_here(journal.get(c.key), cfg.endpoint()):
                 journaled += 1
                 continue
             row = rows.setdefault((c.model, c.kind), {"model": c.model, "kind": c.kind, "calls": 0, "usd": 0.0})
