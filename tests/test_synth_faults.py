@@ -21,6 +21,7 @@ from synth_fakes import (API_KEY, Reply, _api_key, all_file_bytes, data_gen, dat
 
 from echo4o_jax.data.records import RecordError, RecordReader, load_manifest, probe_image
 from echo4o_jax.synth import Journal, JournalError, SynthConfig, SynthError, make_track, run_track
+from echo4o_jax.synth.client import image_cost
 
 CHAT = "/v1/chat/completions"
 GEN = "/v1/images/generations"
@@ -495,13 +496,20 @@ def test_undecodable_image_answers_are_retried_and_never_journaled(server, tmp_p
 def test_image_answers_of_another_size_are_retried(server, tmp_path, caplog):
     """An image of another size than the requested one (a misbehaving server or proxy) is a bad answer like
     an undecodable one: retried, never journaled, and the sample fails if it stays wrong (it was written, while
-    the record's metadata stated the requested size); "auto" takes any size."""
+    the record's metadata stated the requested size); "auto" takes any size. Such answers are paid for: in the
+    spend (it showed $0.00), and asked once more only (a server answering another size keeps doing so: up to
+    max_retries + 1 images were bought per sample, on every rerun)."""
     caplog.set_level(logging.INFO)
-    cfg = make_cfg(server, max_retries=1)  # image_size 32x32
+    cfg = make_cfg(server, max_retries=3)  # image_size 32x32
     wrong = solid_png(7, 5)
     server.push(GEN, Reply.text([wrong]), Reply.text([wrong]))
     s = run_track(make_track("surreal", cfg), tmp_path / "ds", limit=2, progress=False)
-    assert not s.complete and s.failures == ["gpt4o/surreal/0000000: call_failed:image"]
+    assert not s.complete and s.failures == ["gpt4o/surreal/0000000: call_rejected:image"]
+    assert len(server.calls(GEN)) == 3  # sample 0's two, sample 1's one
+    price = image_cost(cfg.prices, cfg.image_model, cfg.image_size, cfg.image_quality, 0, None)
+    assert price > 0 and s.stats["paid_calls_per_model"][cfg.image_model] == 3
+    journaled = sum(e["cost"] for e in journal_entries(tmp_path / "ds"))  # (sample 1's image, the chats)
+    assert s.stats["spend_usd"] == pytest.approx(journaled + 2 * price, rel=1e-6)  # + the two thrown away
     assert "an image of 7x5 pixels, not the requested size 32x32" in caplog.text
     assert [e["kind"] for e in journal_entries(tmp_path / "ds")].count("image") == 1  # sample 1's only
     server.push(GEN, Reply.text([wrong]))  # the rerun: retried once, then the server's 32x32 answer

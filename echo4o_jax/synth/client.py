@@ -8,8 +8,9 @@ Every call goes through :meth:`SynthClient._call`:
 2. otherwise the call waits for its model's **rate limiter** (requests per minute, evenly spaced) and a
    slot of the **concurrency** semaphore, and is made with the client's own retries off;
 3. 429 / 408 / 409 / 5xx, time-outs, connection errors and unreadable bodies (an image answer whose
-   bytes do not fully decode as an image, or of another size than the requested one, included) are
-   **retried** with
+   bytes do not fully decode as an image, or of another size than the requested one, included: such an
+   answer is paid for, and counted in the spend; another size is asked once more only, then the call is
+   ``rejected``: a server that answers another size keeps doing so) are **retried** with
    exponential backoff and full jitter, or after the server's ``retry-after-ms`` / ``retry-after``
    (:func:`echo4o_jax.eval.judge._retry_after`), up to ``max_retries`` times, then :class:`CallFailed`
    (not journaled: a later run tries again). 429 ``insufficient_quota``, 400 ``billing_hard_limit_reached``,
@@ -302,7 +303,7 @@ class SynthClient:
 
         def do(client):
             resp = client.images.generate(model=model, prompt=prompt, n=1, **params)
-            return self._images_of(resp, params["size"]), _usage_dict(getattr(resp, "usage", None))
+            return self._images_of(resp, params["size"])
 
         return self._call(key, "image", model, label, do,
                           lambda usage: self._image_cost(model, 0, usage))
@@ -317,7 +318,7 @@ class SynthClient:
 
         def do(client):
             resp = client.images.edit(model=model, image=[tuple(x) for x in images], prompt=prompt, n=1, **params)
-            return self._images_of(resp, params["size"]), _usage_dict(getattr(resp, "usage", None))
+            return self._images_of(resp, params["size"])
 
         return self._call(key, "edit", model, label, do,
                           lambda usage: self._image_cost(model, len(images), usage))
@@ -334,7 +335,9 @@ class SynthClient:
             log.warning("no price for model %r in the config's price table: its spend counts as 0", model)
 
     @staticmethod
-    def _images_of(resp, size: str) -> dict:
+    def _images_of(resp, size: str) -> tuple[dict, dict | None]:
+        """(the answer's images, its usage); an image that is not one to keep is an _UnusableAnswer."""
+        usage = _usage_dict(getattr(resp, "usage", None))
         data = getattr(resp, "data", None) or []
         out = []
         for d in data:
@@ -345,13 +348,13 @@ class SynthClient:
                 img = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError) as e:
                 raise ValueError(f"image response with bad base64: {e}") from None
-            problem = _image_problem(img, size)
+            problem, wrong_size = _image_problem(img, size)
             if problem:  # never journaled: retried like any unreadable answer
-                raise ValueError(f"image response {len(out)}: {problem}")
+                raise _UnusableAnswer(f"image response {len(out)}: {problem}", usage, wrong_size)
             out.append(img)
         if not out:
             raise ValueError("image response without images")
-        return {"images": out}
+        return {"images": out}, usage
 
     def _looks_refused(self, text: str) -> bool:
         head = (text or "").strip()[:300]
@@ -396,7 +399,7 @@ class SynthClient:
         for i, (ref, img) in enumerate(zip(refs, images)):
             if ref["sha256"] in self._decoded:  # decoded once per run (a shared answer is replayed per use)
                 continue
-            problem = _image_problem(img, self.cfg.image_size)
+            problem, _ = _image_problem(img, self.cfg.image_size)
             if problem:
                 log.warning("%s: journaled image %d (%s): %s; asking again", label, i, ref["sha256"][:12], problem)
                 return None
@@ -453,6 +456,9 @@ class SynthClient:
                     out, usage = do(client)
                 except _RefusedAnswer as r:
                     return self._refused(key, kind, model, label, r.reason, attempts, cost_of(r.usage), r.usage)
+                except _UnusableAnswer as u:  # paid for, thrown away: in the spend (it showed $0.00)
+                    self.stats.paid(model, cost_of(u.usage))
+                    verdict = ("fail" if u.wrong_size and attempts >= 2 else "retry", f"unusable answer: {u}", None)
                 except Exception as e:  # noqa: BLE001 -- sorted by classify_error; unknown kinds re-raised
                     verdict = classify_error(e)
                     if verdict is None:
@@ -498,6 +504,15 @@ class SynthClient:
         self.stats.add("refusals")
         self._on_event("refused")
         raise Refused(reason)
+
+
+class _UnusableAnswer(ValueError):
+    """An image answer received (and paid for) but not kept: undecodable, or of another size (`wrong_size`)."""
+
+    def __init__(self, problem: str, usage: dict | None, wrong_size: bool):
+        super().__init__(problem)
+        self.usage = usage
+        self.wrong_size = wrong_size
 
 
 class _RefusedAnswer(Exception):
@@ -549,17 +564,17 @@ def _error_fields(e) -> tuple[str | None, str | None, str | None]:
             str(msg) if msg is not None else None)
 
 
-def _image_problem(data: bytes, size: str) -> str | None:
-    """Why `data` is not an image answer to keep (None when it is): it does not fully decode (the pixels are
-    decoded, so a truncated file is caught, not only a bad header), or it is not of the requested `size`
-    (WIDTHxHEIGHT; "auto": any), which the record's metadata states."""
+def _image_problem(data: bytes, size: str) -> tuple[str | None, bool]:
+    """(why `data` is not an image answer to keep, None when it is; whether that is its size): it does not
+    fully decode (the pixels are decoded, so a truncated file is caught, not only a bad header), or it is not
+    of the requested `size` (WIDTHxHEIGHT; "auto": any), which the record's metadata states."""
     try:
         info = probe_image(data, check="decode")
     except RecordError as e:
-        return f"not a decodable image ({e})"
+        return f"not a decodable image ({e})", False
     if size != "auto" and f"{info.width}x{info.height}" != size:
-        return f"an image of {info.width}x{info.height} pixels, not the requested size {size}"
-    return None
+        return f"an image of {info.width}x{info.height} pixels, not the requested size {size}", True
+    return None, False
 
 
 def _ext_of(data: bytes) -> str:
