@@ -208,17 +208,17 @@ class OrbaxItem:
         meta_file = self.path / "_METADATA"
         if not meta_file.is_file():
             raise CheckpointError(f"{self.path}: not an Orbax PyTree checkpoint (no _METADATA)")
+        self.leaves: dict[str, tuple[str, ...]] = {}
         try:
             meta = json.loads(meta_file.read_text())
             tree = meta["tree_metadata"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            self.use_ocdbt = bool(meta.get("use_ocdbt", True))
+            self.use_zarr3 = bool(meta.get("use_zarr3", False))
+            for entry in tree.values():  # (a damaged entry: this error, not a KeyError traceback)
+                keys = tuple(str(k["key"]) for k in entry["key_metadata"])
+                self.leaves[_name(keys)] = keys
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{meta_file}: corrupt Orbax metadata ({e!r})") from None
-        self.use_ocdbt = bool(meta.get("use_ocdbt", True))
-        self.use_zarr3 = bool(meta.get("use_zarr3", False))
-        self.leaves: dict[str, tuple[str, ...]] = {}
-        for entry in tree.values():
-            keys = tuple(str(k["key"]) for k in entry["key_metadata"])
-            self.leaves[_name(keys)] = keys
         self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=self.use_ocdbt)
         self._stores: dict[str, Any] = {}
 
@@ -242,7 +242,7 @@ class OrbaxItem:
             try:
                 self._stores[name] = ts.open(ts.Spec(spec), open=True, read=True, context=self._ctx).result()
             except Exception as e:  # tensorstore raises ValueError with its own message
-                raise CheckpointError(f"{self.path}: cannot open array {name!r}: {e}") from None
+                raise CheckpointError(f"{self.path}: cannot open array {name!r}: {tensorstore_error(e)}") from None
         return self._stores[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -477,13 +477,26 @@ def save_pytree(item_dir, tree, *, save_args=None) -> None:
     ckptr.save(epath.Path(os.fspath(item_dir)), args=ocp.args.StandardSave(tree, save_args=save_args))
 
 
+def copy_file(src, dst) -> None:
+    """`src`'s bytes into `dst` (through a temporary name beside it): not its permission bits (a read-only
+    source made read-only copies, which the next copy, a training resume's, could not replace), and a copy
+    that an earlier version made read-only is replaced."""
+    dst = _p(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def copy_model_files(src_dir, dst_dir) -> list[str]:
     """Copy the json configs and tokenizer files that exist in `src_dir`; returns their names."""
     src, dst = _p(src_dir), _p(dst_dir)
     copied = []
     for name in CONFIG_FILES + TOKENIZER_FILES:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            copy_file(src / name, dst / name)
             copied.append(name)
     return copied
 
@@ -498,7 +511,7 @@ def write_model_config(dst, cfg: BagelConfig, src_dir=None, manifest: Mapping | 
         src = config_dir(src_dir)
         copy_model_files(src, dst)
         if manifest is None and (src / MANIFEST_FILE).is_file():
-            shutil.copy2(src / MANIFEST_FILE, dst / MANIFEST_FILE)
+            copy_file(src / MANIFEST_FILE, dst / MANIFEST_FILE)
     for name, d in (("llm_config.json", cfg.llm.to_hf()), ("vit_config.json", cfg.vit.to_hf())):
         if not (dst / name).is_file():
             _write_json(dst / name, d)

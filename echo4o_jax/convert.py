@@ -380,6 +380,11 @@ class _Plan:
         return sum(self.source.nbytes(e.key) for e in self.entries)
 
     @property
+    def out_bytes(self) -> int:
+        """The converted arrays' bytes (uncompressed): `dtype` may be wider than the source's."""
+        return self.num_params * self.dtype.itemsize
+
+    @property
     def num_params(self) -> int:
         return int(sum(np.prod(s, dtype=np.int64) for s in self.shapes.values()))
 
@@ -690,6 +695,9 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
     src, out = pathlib.Path(os.fspath(src)).absolute(), pathlib.Path(os.fspath(out)).absolute()
     _check_apart(out, src, [src])  # first: before any message about the source
     if not src.is_dir():
+        if src.exists():  # (the weights file given for its folder)
+            raise FileNotFoundError(f"{src} is a file: --src is the folder that holds the official checkpoint "
+                                    f"(here {src.parent})")
         raise FileNotFoundError(f"source folder not found: {src}")
     if weights not in ("ema", "model"):
         raise ValueError(f"weights={weights!r}: expected 'ema' or 'model'")
@@ -733,7 +741,7 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
         if bar is not None:
             bar.close()
         _remove_when_quiet(tmp)
-        _raise_if_disk_full(e, dest, total)
+        _raise_if_disk_full(e, dest, bagel_plan.out_bytes + vae_plan.out_bytes)  # (not the source's: --dtype)
         raise
     return manifest
 

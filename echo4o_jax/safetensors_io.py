@@ -303,6 +303,9 @@ def open_checkpoint_file(folder: str | os.PathLike, name: str):
         return SafetensorsFile(single)
     if os.path.exists(index):
         return ShardedSafetensors(index)
+    for p in (single, index):  # (a copied Hugging Face cache snapshot: its relative links to ../../blobs break)
+        if os.path.islink(p):
+            raise SafetensorsError(f"{p}: a broken symbolic link (to {os.readlink(p)}, which does not exist)")
     raise SafetensorsError(f"{single}: file not found (nor {os.path.basename(index)})")
 
 

@@ -172,3 +172,54 @@ def test_a_long_tensorstore_error_keeps_its_cause():
     line = tensorstore_error(ValueError(text))
     assert line.startswith("OUT_OF_RANGE: Error writing") and line.endswith("File too large [os_error_code='27']")
     assert len(line) < len(text) and " ... " in line
+
+
+def test_model_files_copied_from_a_read_only_folder_can_be_copied_again(golden_dir, tmp_path):
+    """A read-only source (a shared model store, a read-only golden folder) made read-only copies: every training
+    resume then failed to copy them again ("cannot write the model files of workdir ...: Permission denied", for
+    any user but root). Copies take the bytes, not the mode; a read-only copy made before is replaced."""
+    import shutil
+    import stat
+
+    from echo4o_jax import checkpoint as ck
+
+    src = tmp_path / "src"
+    shutil.copytree(golden_dir, src, ignore=shutil.ignore_patterns("*.safetensors", "*.npz", "cases*"))
+    names = [n for n in ck.CONFIG_FILES if (src / n).is_file()]
+    assert "llm_config.json" in names
+    for n in names:
+        (src / n).chmod(0o444)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    assert ck.copy_model_files(src, dst) == names
+    for n in names:
+        assert (dst / n).stat().st_mode & stat.S_IWUSR and (dst / n).read_bytes() == (src / n).read_bytes()
+        (dst / n).chmod(0o444)  # (as an earlier version left them)
+    ck.copy_model_files(src, dst)
+    assert all((dst / n).stat().st_mode & stat.S_IWUSR for n in names)
+    assert not [p for p in dst.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_a_damaged_orbax_folder_is_one_short_error(tmp_path):
+    """A folder copied in part (cp -r, rsync cut short): a missing manifest.ocdbt was a ~1,000-character line
+    ending in tensorstore's JSON spec; a _METADATA entry without key_metadata, a KeyError traceback."""
+    import json
+
+    import numpy as np
+
+    from echo4o_jax.checkpoint import CheckpointError, OrbaxItem, save_pytree
+
+    item = tmp_path / "params"
+    save_pytree(item, {"a": np.ones((4, 4), np.float32), "b": np.zeros((3,), np.float32)})
+    assert OrbaxItem(item).shape("a") == (4, 4)
+    (item / "manifest.ocdbt").unlink()
+    with pytest.raises(CheckpointError) as ei:
+        OrbaxItem(item).open("a")
+    msg = str(ei.value)
+    assert msg.startswith(f"{item}: cannot open array 'a': ") and "tensorstore_spec" not in msg and len(msg) < 600
+    meta = json.loads((item / "_METADATA").read_text())
+    first = next(iter(meta["tree_metadata"]))
+    del meta["tree_metadata"][first]["key_metadata"]
+    (item / "_METADATA").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"_METADATA: corrupt Orbax metadata \(KeyError\('key_metadata'\)\)"):
+        OrbaxItem(item)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -443,6 +444,37 @@ def test_missing_config_nothing_written(golden_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="source folder not found"):
         convert.convert_to_orbax(tmp_path / "nope", out, progress=False)
     _assert_nothing_written(out)
+
+
+def test_source_mistakes_are_named_as_what_they_are(golden_dir, tmp_path):
+    """The weights file given as --src, and a broken link (a copied Hugging Face cache snapshot: its relative
+    links to ../../blobs break), were both "not found"."""
+    src = make_official(golden_dir, tmp_path / "src")
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=rf"{src / 'ema.safetensors'} is a file: --src is the folder that "
+                                                rf"holds the official checkpoint \(here {src}\)"):
+        convert.convert_to_orbax(src / "ema.safetensors", out, progress=False)
+    (src / "ema.safetensors").unlink()
+    (src / "ema.safetensors").symlink_to("../../blobs/0123abcd")
+    with pytest.raises(SafetensorsError, match=r"ema.safetensors: a broken symbolic link \(to ../../blobs/0123abcd, "
+                                               r"which does not exist\)"):
+        convert.convert_to_orbax(src, out, progress=False)
+    _assert_nothing_written(out)
+
+
+def test_the_full_disk_message_sizes_the_output_in_its_dtype(golden_dir, tmp_path, monkeypatch):
+    """--dtype float32 of a bfloat16 source writes twice its bytes: the space named was the source's."""
+    src = make_official(golden_dir, tmp_path / "src", dtype=ml_dtypes.bfloat16)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert, "save_streamed", full)
+    with pytest.raises(convert.OutputError, match=r"output takes about ([\d,.]+) MiB") as ei:
+        convert.convert_to_orbax(src, tmp_path / "out", dtype="float32", vae_dtype="float32", progress=False)
+    mib = float(re.search(r"about ([\d,.]+) MiB", str(ei.value)).group(1).replace(",", ""))
+    n_params = sum(v.size for name in ("ema.safetensors", "ae.safetensors") for v in tensors_of(src, name).values())
+    assert mib == pytest.approx(n_params * 4 / 2**20, abs=0.05)  # (every tensor, in float32)
 
 
 def test_ctrl_c_inside_the_orbax_save_ends_it_in_order(golden_dir, converted, tmp_path, monkeypatch, caplog):
@@ -885,3 +917,14 @@ def test_cli_refuses_out_overlapping_source(golden_dir, workdir, tmp_path, capsy
     assert to_jax.main(["--src", str(wd), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "training workdir" in err and "to_torch --ckpt" in err and not (tmp_path / "x").exists()
+
+
+def test_the_conversion_tools_run_jax_on_the_cpu_unless_told():
+    """The conversion is host I/O, but Orbax's save started JAX's default backend: on a GPU host it took ~75% of
+    each GPU's memory beside a running job. The tools default JAX_PLATFORMS to cpu; a value given is kept."""
+    code = "import os, tools.convert_weights; print(os.environ.get('JAX_PLATFORMS'))"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    for given, expected in ((None, "cpu"), ("cuda", "cuda")):
+        e = dict(env, **({"JAX_PLATFORMS": given} if given else {}))
+        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and p.stdout.strip() == expected, (p.stdout, p.stderr)

@@ -42,7 +42,6 @@ import logging
 import math
 import os
 import pathlib
-import shutil
 import signal
 import sys
 import time
@@ -534,7 +533,7 @@ class Trainer:
                 ck.write_model_config(self.workdir / "model_config", self.cfg, src_dir=src)
                 tok = self.config.data.get("tokenizer", "")
                 if tok and pathlib.Path(tok).is_file() and not (self.workdir / "model_config" / "tokenizer.json").exists():
-                    shutil.copy2(tok, self.workdir / "model_config" / "tokenizer.json")
+                    ck.copy_file(tok, self.workdir / "model_config" / "tokenizer.json")
                 (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
             except OSError as e:
                 raise CheckpointSaveError(f"cannot write the model files of workdir {self.workdir}: {e}") from e

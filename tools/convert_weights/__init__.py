@@ -9,8 +9,14 @@ The logic lives in `echo4o_jax.convert`; these modules only parse flags and repo
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+
+# the conversion is host I/O: JAX on the CPU, unless asked otherwise (Orbax's save queries the process index and
+# devices, which started the default backend: on a GPU host it took ~75% of the memory of each GPU, beside a
+# training job; on a TPU VM another process holds, it failed)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def run_cli(fn) -> int:
