@@ -38,8 +38,9 @@ jax.random.key keeps a seed's low 32 bits; optional `think`: true,
 request is checked (JSON, keys, ids, sizes, sampler values, image files, prompt length) before the model
 weights load and before `--out` is created; an error names `FILE:LINE (id=...)`. The per-request flags
 (--prompt, --image, --size, --seed, --num-images, --think, --understand) are refused with --prompts. It
-writes `<id>_<k>.png`, `metadata.jsonl` (one line per finished request; `outputs` are file names in --out)
-and `contact_sheet.png`; re-running (from any directory) skips finished requests (a PNG cut short by a kill
+writes `<id>_<k>.png`, `metadata.jsonl` (one line per finished request, the last one of an id when it was
+regenerated; `outputs` are file names in --out, `outputs_sha256` their content) and `contact_sheet.png` (the
+first 256 outputs; made again when a run generated something); re-running (from any directory) skips finished requests (a PNG cut short by a kill
 does not count: PNGs are written to a temporary file and renamed, and one that does not decode is generated
 again). A finished request recorded with other settings is refused, naming each field that differs with
 both values: the checkpoint (folder, workdir step, size and mtime of its weight files), --dtype, the
@@ -430,23 +431,43 @@ class Generator:
                                 f"{limit * stride} px per side); {fix}")
 
     def _check_context(self, ids, images, new_tokens: int, out_shape=None, *, understanding: bool = False,
-                       default_size: bool = False):
+                       default_size: bool = False, sys_ids=None):
         """What the context building will feed must fit the model: each input image resized as
         `Inferencer.build_contexts` does (VAE transform; the ViT sees the VAE-resized image; the VAE image
         itself only when generating), the output size (`default_size`: not given by the user), and the
-        context tokens (prompt, images, `new_tokens` generated ones) within max_context."""
+        context tokens within max_context, counted as `build_contexts` adds them: the think system prompt
+        (`sys_ids`), the images, the prompt (each text with its bos / eos, room for its bucket's padding),
+        `new_tokens` generated ones, and (think before an image) those added back as a text. The think system
+        prompt and the padding of the text added back were not counted: such a request passed this check and
+        overflowed the context mid-batch."""
         c = self.cfg
-        need = len(ids) + 2 + TEXT_BUCKET + new_tokens
+        kv = need = 0
+
+        def add(n: int, room: int | None = None):  # n tokens kept; `room`: what adding them checks for
+            nonlocal kv, need
+            need = max(need, kv + (n if room is None else room))
+            kv += n
+
+        def add_text(n_ids: int):
+            add(n_ids + 2, -(-(n_ids + 2) // TEXT_BUCKET) * TEXT_BUCKET)
+
+        if sys_ids is not None:
+            add_text(len(sys_ids))
         for im in images:
             w, h = _resized_size(self.vae_transform, im.size)
             if not understanding:  # understanding feeds the ViT only (official vae=not understanding_output)
                 self._check_grid(h, w, c.max_latent_size, c.latent_downsample, "VAE-resized input image",
                                  "lower the VAE resize (--vae-transform MAX MIN)")
-                need += (h // c.latent_downsample) * (w // c.latent_downsample) + 2
+                add((h // c.latent_downsample) * (w // c.latent_downsample) + 2)
             vw, vh = _resized_size(self.vit_transform, (w, h))
             self._check_grid(vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size, "ViT-resized input image",
                              "lower the ViT resize (--vit-transform MAX MIN)")
-            need += (vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2
+            add((vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2)
+        add_text(len(ids))
+        if new_tokens:
+            need = max(need, kv + new_tokens)  # (generated one by one after the context)
+            if not understanding:  # think: the text generated (at most new_tokens - 1 after its start token)
+                add_text(new_tokens - 1)  # is added back to the context before the image
         if out_shape is not None:
             m = c.max_latent_size * c.latent_downsample
             self._check_grid(*out_shape, c.max_latent_size, c.latent_downsample, "output size",
@@ -481,7 +502,7 @@ class Generator:
         else:
             shape = DEFAULT_SIZE
         self._check_context(ids, images, max_think_tokens if think else 0, shape,
-                            default_size=size is None and not images)
+                            default_size=size is None and not images, sys_ids=sys_ids)
         return _Prepared(ids, images, kw, shape, seed, num_images, sys_ids, max_think_tokens,
                          tuple(im.size for im in images))
 
@@ -547,7 +568,8 @@ class Generator:
     def generate_many(self, prepared: Sequence[_Prepared]) -> list[dict[str, Any]]:
         """Checked text-to-image requests (`check_request`) of one `batch_key`: contexts built per request,
         then one batched sampler pass (each request keeps its own seed's noise, so results equal one-by-one
-        runs)."""
+        runs up to float rounding: a pixel may differ by one level with the batch's composition, so a resumed
+        batch is not bit-identical to an uninterrupted one). Each group size compiles its own sampler pass."""
         self.load_weights()
         return self._generate_many([self._with_pixels(r) for r in prepared])
 
@@ -576,8 +598,8 @@ class Generator:
         if not images:
             raise GenerateError("understanding needs at least one image")
         max_new_tokens = _as_int(max_new_tokens, "max_new_tokens", minimum=1)
-        self._check_context(ids, images, max_new_tokens, understanding=True)
         sys_ids = self._think_prompt(VLM_THINK_SYSTEM_PROMPT) if think else None
+        self._check_context(ids, images, max_new_tokens, understanding=True, sys_ids=sys_ids)
         self.load_weights()
         return self._understand(ids, images, max_new_tokens, sys_ids)
 
@@ -656,6 +678,15 @@ def _source(req: dict, i: int) -> str:
     return req.get(SOURCE_KEY) or f"request {i + 1}"
 
 
+def _encodable(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (JSON's "\\ud800" escapes give lone surrogates, which cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _request_ids(requests: Sequence[dict]) -> list[str]:
     """The id of each request (default: its index, 5 digits). An id must be a string or an integer usable in
     a file name (it names `<id>_<k>.png`) and unique: a repeated id would overwrite the first request's
@@ -667,10 +698,11 @@ def _request_ids(requests: Sequence[dict]) -> list[str]:
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise GenerateError(f"{_source(req, i)}: id {rid!r}: expected a string or an integer")
         rid = str(rid)
-        if not rid or any(c in rid for c in "/\\\0") or len(rid.encode()) > MAX_ID_BYTES:
+        if not rid or any(c in rid for c in "/\\\0") or len(rid.encode("utf-8", "replace")) > MAX_ID_BYTES \
+                or not _encodable(rid):
             raise GenerateError(f"{_source(req, i)}: id {rid if len(rid) <= 40 else rid[:37] + '...'!r} cannot name "
                                 f"a file (<id>_<k>.png): it must be non-empty, at most {MAX_ID_BYTES} bytes, "
-                                "without '/' or '\\'")
+                                "without '/' or '\\' or a lone surrogate (\\ud800-\\udfff)")
         if rid in first:
             j = first[rid]
             raise GenerateError(f"{_source(req, i)}: id {rid!r} is already used by {_source(requests[j], j)}; "
@@ -713,6 +745,34 @@ class OutputError(GenerateError):
 
     def __init__(self, path, cause: OSError):
         super().__init__(f"cannot write {path}: {cause.strerror or cause}")
+
+
+def _sha256_file(path: pathlib.Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _outputs_recorded(record: dict, paths: Sequence[pathlib.Path]) -> bool:
+    """Whether `paths` hold the images `record` names (their sha256; records of older versions name none);
+    those that do not (a run stopped while --regenerate replaced them) are said: the request is generated
+    again."""
+    want = record.get("outputs_sha256")
+    if want is None:
+        return True
+    other = [p.name for p, h in zip(paths, want) if _sha256_file(p) != h]
+    if other or len(want) != len(paths):
+        print(f"{', '.join(other) or record.get('id')}: not the image(s) metadata.jsonl records for request "
+              f"{record.get('id')!r} (a run stopped while regenerating it?); generating it again", file=sys.stderr)
+        return False
+    return True
+
+
+def _unlink(path: pathlib.Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        raise OutputError(path, e) from None
 
 
 # the temporary file of an output being written: .<name>.<pid>.tmp beside it (write_files); a rerun removes those
@@ -955,12 +1015,12 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     pending, changed = [], []
     for i, (rid, req, r) in enumerate(zip(ids, requests, prepared)):
         paths = _request_paths(out_dir, rid, r.num_images)
-        if rid in done and outputs_finished(paths, f"request {rid!r}"):
+        if rid in done:  # (its outputs complete or not: a request changed is not regenerated silently)
             diff = _changed_settings(done[rid], _generated_with(gen, req, r))
-            if not diff:
+            if not diff and outputs_finished(paths, f"request {rid!r}") and _outputs_recorded(done[rid], paths):
                 records[i] = done[rid]
                 continue
-            if not regenerate:
+            if diff and not regenerate:
                 changed.append(f"{_source(req, i)} (id={rid}): {diff}")
         pending.append((i, rid, req, r, paths))
     if changed:  # keeping those images would pass them off as this request's
@@ -989,21 +1049,36 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
                 for (i, rid, req, r, paths), res in zip(group, results):
                     for p, img in zip(paths, res["images"]):
                         save_png(img, p)
+                    # (the outputs' sha256: a run stopped while replacing a request's images, --regenerate, left
+                    # its old record vouching for a mix of old and new ones)
                     rec = dict(id=rid, **_generated_with(gen, req, r), outputs=[p.name for p in paths],
-                               seconds=seconds, batched_with=len(group))
+                               outputs_sha256=[_sha256_file(p) for p in paths], seconds=seconds,
+                               batched_with=len(group))
+                    if res.get("think") is not None:  # (the planning text, as a single run's generation.json)
+                        rec["think_text"] = res["think"]
                     with _naming(meta_path), open(meta_path, "a") as f:  # a line cut short: _read_metadata
                         f.write(json.dumps(rec) + "\n")
                     records[i] = rec
+                    if rid in done:  # regenerated with fewer images: the old extra ones are no one's
+                        for p in _request_paths(out_dir, rid, len(done[rid].get("outputs") or ()))[len(paths):]:
+                            _unlink(p)
                 bar.update(len(group))
         # the outputs are named by the ids (records of older versions held paths relative to their working directory)
-        write_contact_sheet([p for rid, r in zip(ids, prepared) for p in _request_paths(out_dir, rid, r.num_images)],
-                            out_dir / "contact_sheet.png")
+        # (a sheet of every output grew without bound: 2.9 GB and 138 s for 4,000 images, too large for PIL to
+        # open, and was made again by every rerun, also one that generated nothing)
+        sheet = out_dir / "contact_sheet.png"
+        if pending or not sheet.exists():
+            outputs = [p for rid, r in zip(ids, prepared) for p in _request_paths(out_dir, rid, r.num_images)]
+            write_contact_sheet(outputs[:CONTACT_SHEET_MAX], sheet)
     except KeyboardInterrupt:
         raise BatchInterrupted(len(records), len(requests)) from None
     except OutputError as e:
         raise GenerateError(f"{e}; {len(records)} of {len(requests)} requests finished and kept: rerun the same "
                             "command to resume") from None
     return [records[i] for i in sorted(records)]
+
+
+CONTACT_SHEET_MAX = 256  # outputs on a batch's contact sheet (the first ones): 2048 x 8192 px at most
 
 
 def write_contact_sheet(paths: Sequence, out, cell: int = 256, cols: int = 8) -> None:
@@ -1092,6 +1167,10 @@ def read_requests(path) -> list[dict]:
         images = r.get("images", [])
         if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
             raise GenerateError(f"{where} (id={r['id']}): `images` {images!r}: expected a list of image paths")
+        bad = next((x for x in images if "\0" in x or not _encodable(x)), None)
+        if bad is not None:  # (a traceback from resolve(): "embedded null byte", UnicodeEncodeError)
+            raise GenerateError(f"{where} (id={r['id']}): image path {bad!r} holds a NUL or a lone surrogate "
+                                "(\\ud800-\\udfff): no file has that name")
         r["images"] = [str((p.parent / x).resolve()) for x in images]  # an absolute path stays as it is
         out.append(r)
     if not out:

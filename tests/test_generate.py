@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -471,7 +472,7 @@ def test_default_size_is_checked_like_an_explicit_one(golden_dir, gen, tmp_path,
     assert "Traceback" not in err and not out.exists()
 
 
-def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, capsys):
+def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, capsys, monkeypatch):
     # the VAE resize (official 1024/512: 512x512 here) is over a tiny model's latent table, but understanding
     # feeds the ViT only (of the VAE-resized image: 98x98 with --vit-transform 98 14, at most the ViT table's side)
     c = gen.cfg
@@ -495,9 +496,10 @@ def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, caps
     want = rf"error: ViT-resized input image \d+x\d+ exceeds .*{vit_max} x {p} = {vit_side} px.*--vit-transform"
     assert re.search(want, err), err
     assert not (tmp_path / "und2").exists()
-    # the context count leaves out the VAE tokens understanding never adds. bagel_tiny_a (max_context M = 256): a
-    # 96x96 image is 6x6+2 VAE tokens, 7x7+2 ViT tokens; 3 prompt ids + 2 + 32 (text bucket) + 51 + 168 = M (+38 VAE
-    # would not fit). The picture: the largest side <= 6 latent tokens whose ViT grid fits the ViT table.
+    # the context count leaves out the VAE tokens understanding never adds, and counts what the context building
+    # adds: an image (its ViT tokens; its VAE tokens when generating), the prompt (3 ids + bos / eos, room for a
+    # text bucket), the generated tokens one by one. The picture: the largest side <= 6 latent tokens whose ViT
+    # grid fits the ViT table.
     ds, M, bucket = c.latent_downsample, gen.max_context, G.TEXT_BUCKET
     k = min(6, c.max_latent_size)
     while k > 1 and round(k * ds / p) > vit_max:
@@ -506,15 +508,17 @@ def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, caps
     n_vae = k * k + 2
     n_vit = round(side / p) ** 2 + 2  # the ViT resize: the nearest multiple of the patch size
     pic = Image.fromarray(np.full((side, side, 3), 60, np.uint8))
-    new_tokens = M - (3 + 2 + bucket) - n_vit
+    new_tokens = M - n_vit - 5  # the most that fit
+    assert n_vit + bucket <= M
     res = gen.understand(prompt_ids=[5, 6, 7], images=[pic], max_new_tokens=new_tokens)
-    assert len(res["answer_ids"]) <= new_tokens - 1
-    # generation does feed the VAE image: a prompt that makes M + 7 with it (M + 7 - n_vae <= M without it);
-    # bagel_tiny_a: 140 + 2 + 32 + 38 + 51 = 263 > 256 (225 without the VAE tokens)
-    n_prompt = M + 7 - (2 + bucket) - n_vae - n_vit
-    assert n_vae > 7 and n_prompt > 0
-    with pytest.raises(G.GenerateError, match=f"need about {M + 7} context tokens"):
-        gen.check(prompt_ids=[5] * n_prompt, images=[pic], size=(2 * ds, 2 * ds))
+    assert len(res["answer_ids"]) <= new_tokens
+    with pytest.raises(G.GenerateError, match=f"need about {M + 1} context tokens"):
+        gen.understand(prompt_ids=[5, 6, 7], images=[pic], max_new_tokens=new_tokens + 1)
+    # generation does feed the VAE image
+    with monkeypatch.context() as m:
+        m.setattr(gen, "max_context", n_vae + n_vit + bucket - 1)  # (n_vit + bucket without the VAE tokens)
+        with pytest.raises(G.GenerateError, match=f"need about {n_vae + n_vit + bucket} context tokens"):
+            gen.check(prompt_ids=[5], images=[pic], size=(2 * ds, 2 * ds))
 
 
 # ------------------------------------------------------------------------------------- audit fixes
@@ -627,6 +631,12 @@ def test_bad_values_in_a_request_file_are_refused_up_front(golden_dir, tmp_path,
         (dict(id="b", prompt="a cat", prompt_ids=[3]), r"reqs.jsonl:2 \(id=b\): both a prompt and prompt ids given"),
         (dict(id="x" * 300, prompt_ids=[3]), r"reqs.jsonl:2: id 'x{37}\.\.\.' cannot name a file .*at most 200 bytes"),
         (dict(id="b", prompt_ids=[3], max_new_tokens=5), r"\(id=b\): max_new_tokens applies to think requests only"),
+        # JSON's "\ud800" (a lone surrogate) and "\u0000": tracebacks (UnicodeEncodeError, embedded null byte)
+        (dict(id="b\ud800", prompt_ids=[3]), r"reqs.jsonl:2: id 'b\\ud800' cannot name a file .*lone surrogate"),
+        (dict(id="b", prompt_ids=[3], images=["x\ud800.png"]),
+         r"reqs.jsonl:2 \(id=b\): image path 'x\\ud800.png' holds a NUL or a lone surrogate"),
+        (dict(id="b", prompt_ids=[3], images=["\u0000x.png"]),
+         r"reqs.jsonl:2 \(id=b\): image path '\\x00x.png' holds a NUL or a lone surrogate"),
     ]
     for bad, msg in cases:
         f = _write_jsonl(tmp_path / "reqs.jsonl", [good, bad])
@@ -786,6 +796,107 @@ def test_think_token_limit_in_batch_mode(golden_dir, gen, tmp_path, monkeypatch)
     for extra, want in [([], 500), (["--max-new-tokens", "12"], 12)]:
         assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(tmp_path / "o"), *extra]) == 0
         assert seen[-1] == want
+
+
+def test_think_requests_are_checked_for_the_context_they_take(golden_dir, monkeypatch, tmp_path):
+    """The context check counts a think request as the context building adds it: the system prompt (it was
+    left out) and the bucket padding of the think text added back. A request that passed the check overflowed
+    mid-batch (a traceback, exit 1); at the smallest max_context the check takes, generation fits."""
+    class Tok:  # the golden checkpoint has no tokenizer; think mode needs one for its system prompt
+        def encode(self, text, add_special_tokens=False):
+            return type("E", (), {"ids": list(range(1, 41))})()  # a 40-token system prompt
+
+        def decode(self, ids, **kw):
+            return " ".join(map(str, ids))
+
+    def generator(max_context):
+        g = G.Generator(golden_dir, max_context=max_context)
+        monkeypatch.setattr(g, "tokenizer", Tok())
+        return g
+
+    req = dict(prompt_ids=[5], size=[32, 32], think=True, max_think_tokens=5, num_timesteps=2)
+    b = G.TEXT_BUCKET
+    pad = lambda n: -(-n // b) * b  # noqa: E731
+    # system prompt (40 + 2 kept), prompt (1 + 2), then 5 generated, and at most 4 of them added back as a text
+    need = max(pad(42), 42 + pad(3), 45 + 5, 45 + pad(4 + 2))
+    with pytest.raises(G.GenerateError, match=rf"need about {need} context tokens, more than --max-context="
+                                              rf"{need - 1}"):
+        generator(need - 1).check(**req)
+    # (run as a batch request: its record keeps the think text, as a single run's generation.json does)
+    g = generator(need)
+    recs = G.run_requests(g, [dict(id="t", prompt_ids=[5], size=[32, 32], think=True, max_new_tokens=5)],
+                          tmp_path / "out", overrides=dict(num_timesteps=2), progress=False)
+    assert recs[0]["outputs"] == ["t_0.png"] and isinstance(recs[0]["think_text"], str)
+    assert json.loads((tmp_path / "out" / "metadata.jsonl").read_text())["think_text"] == recs[0]["think_text"]
+
+
+def test_a_request_made_otherwise_is_refused_whatever_its_outputs(gen, tmp_path):
+    """A finished request asked again with other settings is refused unless regenerated: also when it now asks
+    for more images, or one of its outputs is missing (it was then regenerated silently, its old images
+    overwritten with the new settings)."""
+    req = dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=1)
+    fast = dict(num_timesteps=2)
+    G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
+    with pytest.raises(G.GenerateError, match=r"generated otherwise, e.g. .*\(id=a\): num_images 1 -> 2"):
+        G.run_requests(gen, [dict(req, num_images=2)], tmp_path, overrides=fast, progress=False)
+    (tmp_path / "a_0.png").unlink()
+    with pytest.raises(G.GenerateError, match=r"\(id=a\): seed 0 -> 7"):
+        G.run_requests(gen, [dict(req, seed=7)], tmp_path, overrides=fast, progress=False)
+    assert not (tmp_path / "a_0.png").exists()
+    G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)  # (the same settings: made again)
+    assert (tmp_path / "a_0.png").is_file()
+
+
+def test_the_contact_sheet_is_bounded_and_made_when_something_was_generated(gen, tmp_path, monkeypatch):
+    """The sheet held every output (2.9 GB and 138 s for 4,000 images, too large for PIL to open) and was made
+    again by every rerun, one that generated nothing too."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(G, "CONTACT_SHEET_MAX", 2)
+    reqs = [dict(id=f"r{k}", prompt_ids=[k + 1], size=[32, 32], seed=k) for k in range(3)]
+    G.run_requests(gen, reqs, tmp_path, overrides=dict(num_timesteps=2), progress=False)
+    with PILImage.open(tmp_path / "contact_sheet.png") as im:
+        assert im.size == (2 * 256, 256)  # the first 2 outputs
+    made = []
+    monkeypatch.setattr(G, "write_contact_sheet", lambda paths, out: made.append(len(paths)))
+    G.run_requests(gen, reqs, tmp_path, overrides=dict(num_timesteps=2), progress=False)
+    assert made == []  # nothing generated: the sheet stays
+    (tmp_path / "r2_0.png").unlink()
+    G.run_requests(gen, reqs, tmp_path, overrides=dict(num_timesteps=2), progress=False)
+    assert made == [2]
+
+
+def test_a_stopped_regenerate_leaves_no_mix_of_images(gen, tmp_path, monkeypatch, capsys):
+    """A --regenerate run stopped after some of a request's images were replaced left its old record vouching
+    for them: a rerun with the old settings took the mix as finished. Records name their images' sha256. A
+    regenerate with fewer images removes the old extra ones."""
+    req = dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=2)
+    fast = dict(num_timesteps=2)
+    G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
+    first = [(tmp_path / f"a_{k}.png").read_bytes() for k in range(2)]
+    real, saved = G.save_png, []
+
+    def stopped_after_one(img, path):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path)
+        real(img, path)
+
+    with monkeypatch.context() as m:
+        m.setattr(G, "save_png", stopped_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            G.run_requests(gen, [dict(req, seed=7)], tmp_path, overrides=fast, progress=False, regenerate=True)
+    assert (tmp_path / "a_0.png").read_bytes() != first[0]  # replaced; a_1.png is seed 0's
+    calls = []
+    real_gen = gen.generate_prepared
+    monkeypatch.setattr(gen, "generate_prepared", lambda r: calls.append(r.seed) or real_gen(r))
+    capsys.readouterr()
+    G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
+    assert calls == [0] and "a_0.png: not the image(s) metadata.jsonl records for request 'a'" in capsys.readouterr().err
+    for k in range(2):
+        assert_uint8_close(np.asarray(Image.open(tmp_path / f"a_{k}.png")), np.asarray(Image.open(io.BytesIO(first[k]))))
+    G.run_requests(gen, [dict(req, num_images=1)], tmp_path, overrides=fast, progress=False, regenerate=True)
+    assert not (tmp_path / "a_1.png").exists() and (tmp_path / "a_0.png").is_file()
 
 
 def test_ctrl_c_in_a_batch_is_one_line(golden_dir, tmp_path, monkeypatch, capsys):
