@@ -666,6 +666,39 @@ def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_143(tmp_
                                             f"rerun the same command to resume (workdir {wd})")
 
 
+def test_a_group_sigterm_before_the_first_batch_exits_143_in_one_line(tmp_path, capsys, monkeypatch):
+    """A job scheduler's SIGTERM to the process group while the first batch is read (the compile has not begun):
+    the data workers end with it, so no batch comes. Nothing was trained: one line, exit 143 (a traceback, exit 1).
+    """
+    from echo4o_jax.train import trainer as T
+
+    real_init = T.Trainer.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        source = self.source
+
+        class Ended:  # the workers ended by the group's SIGTERM, which reaches the trainer too
+            def __next__(self_):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # (the handler runs)
+                raise RuntimeError("Worker process was terminated unexpectedly")
+
+            def __getattr__(self_, name):
+                return getattr(source, name)
+
+        self.source = Ended()
+
+    monkeypatch.setattr(T.Trainer, "__init__", init)
+    wd = tmp_path / "wd"
+    assert run(_tiny(steps=3), str(wd)) == 128 + signal.SIGTERM
+    out, err = capsys.readouterr()
+    assert out.strip().splitlines()[-1] == (f"[train] stopped by SIGTERM at step 0 of 3 before this run trained a "
+                                            f"step: nothing new to save; rerun the same command to start or resume "
+                                            f"(workdir {wd})")
+    assert "Traceback" not in err and not list((wd / "checkpoints").glob("[0-9]*"))
+
+
 def test_ctrl_c_before_the_first_step_is_one_line_and_ends_the_process(tmp_path, capsys, monkeypatch):
     """A SIGINT while the model is set up or restored (before the step loop's handler): one line, exit 130,
     without the interpreter's teardown (which can crash with an XLA compilation in flight)."""

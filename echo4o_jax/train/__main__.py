@@ -14,7 +14,8 @@ change on resume). Exit status:
     3    non-finite loss (the last good checkpoint is kept)
     128 + N   stopped by signal N (130: SIGINT, 143: SIGTERM) after finishing and saving the current
          step; rerun the same command to resume. A Ctrl-C before the first step (model set-up, restore) ends
-         the process at once with 130 and one line (nothing of this run was trained or saved)
+         the process at once with 130 and one line (nothing of this run was trained or saved); a SIGTERM to the
+         process group while the first batch is read (it ends the data workers too) exits 143 with one line
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ def run(config, workdir: str) -> int:
     step, total, hist = out["step"], out["total"], out["history"]
     if out["stopped_by"] is not None:
         sig = out["stopped_by"]
+        if not hist:  # (the data workers ended with the signal before the first batch)
+            print(f"[train] stopped by {signal.Signals(sig).name} at step {step} of {total} before this run trained a "
+                  f"step: nothing new to save; rerun the same command to start or resume (workdir {workdir})",
+                  flush=True)
+            return 128 + sig
         print(f"[train] stopped by {signal.Signals(sig).name} at step {step} of {total} (checkpoint saved); "
               f"rerun the same command to resume (workdir {workdir})", flush=True)
         return 128 + sig

@@ -993,7 +993,13 @@ class Trainer:
                           f"{r['handed_over']} buffered sample(s) handed over", flush=True)
             # (the records source's counters go on from the checkpoint's: only this run's skips are reported)
             errors_before = getattr(self.source, "skipped_errors", 0)
-            batch = next(self.source)
+            try:
+                batch = next(self.source)
+            except RuntimeError:  # a job scheduler's SIGTERM to the process group ended the data workers before the
+                if jax.process_count() != 1 or not _signalled(stop):  # first batch: stopped as asked, nothing to
+                    raise  # save (it was a traceback, exit 1)
+                stop["agreed"] = stop["signal"]
+                return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=stop["agreed"])
             compile_s = self.compile(batch)
             logger.log(start, dict(compile_seconds=compile_s, compile_cache_hit=self.compile_cache_hit))
             if self.is_main and self.compilation_cache:
