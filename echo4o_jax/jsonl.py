@@ -8,9 +8,12 @@ import json
 from typing import Iterable, Iterator
 
 
-def jsonl_lines(lines: Iterable[bytes | str]) -> Iterator[tuple[int, dict | None, str | None]]:
+def jsonl_lines(lines: Iterable[bytes | str], *, strict_unicode: bool = True
+                ) -> Iterator[tuple[int, dict | None, str | None]]:
     """(1-based line number, object, None) per JSON-object line, or (line number, None, why) for a line
-    that is not UTF-8 text, not JSON, or not a JSON object. Blank lines are skipped (still counted)."""
+    that is not UTF-8 text, not JSON, or not a JSON object, or (`strict_unicode`) that holds text which is not
+    valid Unicode: a lone surrogate escape ("\\ud800"), which no UTF-8 file, record or request can hold.
+    Blank lines are skipped (still counted); a UTF-8 byte order mark before the first line is ignored."""
     for n, raw in enumerate(lines, 1):
         if isinstance(raw, bytes):
             try:
@@ -18,6 +21,8 @@ def jsonl_lines(lines: Iterable[bytes | str]) -> Iterator[tuple[int, dict | None
             except UnicodeDecodeError as e:
                 yield n, None, f"not UTF-8 text ({e.reason})"
                 continue
+        if n == 1:
+            raw = raw.removeprefix("\ufeff")  # (a file saved by an editor that writes one)
         if not raw.strip():
             continue
         try:
@@ -28,4 +33,15 @@ def jsonl_lines(lines: Iterable[bytes | str]) -> Iterator[tuple[int, dict | None
         if not isinstance(obj, dict):
             yield n, None, f"expected a JSON object, got {type(obj).__name__}"
             continue
+        if strict_unicode and "\\u" in raw and not _valid_unicode(obj):  # (only an escape makes one)
+            yield n, None, "not valid Unicode: a lone surrogate escape (\\ud800-\\udfff) in a string"
+            continue
         yield n, obj, None
+
+
+def _valid_unicode(obj) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

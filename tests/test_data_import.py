@@ -341,7 +341,8 @@ def test_bagel_parquet_wrong_columns_and_captions_named(tmp_path, capsys):
     assert [r.texts for r in RecordReader(tmp_path / "o4")] == [["a red cat"]]
     for args, msg in [(["--shard-bytes", "0"], "--shard-bytes=0: must be a positive number of bytes"),
                       (["--limit", "-1"], "--limit=-1: must be >= 1 (records per dataset; leave it out for all)"),
-                      (["--name", "a/b"], "--name=a/b: must be a plain file-name prefix (no '/')")]:
+                      (["--name", "a/b"], "--name=a/b: must be a plain file-name prefix (no '/', not starting with '.': the "
+                                         "shards would be hidden files)")]:
         assert ibp.main([str(src), "--kind", "t2i", "--out", str(tmp_path / "o5"), *args]) == 2
         assert capsys.readouterr().err == f"import_bagel_parquet: error: {msg}\n"
         assert not (tmp_path / "o5").exists()
@@ -817,3 +818,42 @@ def test_bagel_caption_values_of_another_type_are_named(tmp_path):
     m = ibp.import_bagel_parquet([str(src)], str(tmp_path / "o2"), kind="t2i", on_error="skip")
     assert m["records"] == 1 and m["skipped"]["by_reason"] == {"caption is not a non-empty string": 2}
     assert [r.texts for r in RecordReader(tmp_path / "o2")] == [[["a red cat", "a long red cat"]]]
+
+
+def test_text_that_is_not_valid_unicode_is_the_rows_error_not_the_imports(echo_root, tmp_path, monkeypatch):
+    """A JSON "\\ud800" escape (a lone surrogate) in a jsonl field or a BAGEL caption, or a file name that is not
+    UTF-8, made a record that cannot be stored: the whole import stopped, also with --on-error skip, naming a
+    record id. Now the row's error (named by its file and line) under the error policy; a byte order mark before
+    the first jsonl line is ignored; a dataset named after "." gets the folder's name."""
+    root, _ = echo_root
+    sur = root / "Surrel-Fantasy-Image"
+    rows = [_row(i, "Surrel-Fantasy-Image") for i in range(5)]
+    rows[2]["instruction"] = "prompt \ud800 2"
+    _write_jsonl(sur / "conflict.jsonl", rows)
+    (sur / "conflict.jsonl").write_bytes(b"\xef\xbb\xbf" + (sur / "conflict.jsonl").read_bytes())  # a BOM
+    with pytest.raises(ie.ImportFailure, match=r"conflict.jsonl:3: invalid JSON line \(not valid Unicode: a lone "
+                                               r"surrogate escape"):
+        ie.import_echo4o(str(root), str(tmp_path / "o1"), subsets=["surreal"])
+    s = ie.import_echo4o(str(root), str(tmp_path / "o2"), subsets=["surreal"], on_error="skip")["surreal"]
+    assert s["complete"] and s["records"] == 4 and s["skipped"]["by_reason"]["invalid JSON line"] == 1
+    # a BAGEL caption (a JSON string inside a parquet cell)
+    src = tmp_path / "bagel"
+    src.mkdir()
+    _bagel_t2i(src / "p0.parquet", 3)
+    t = pq.read_table(src / "p0.parquet").to_pydict()
+    t["captions"][1] = '{"c": "bad \\ud800 cap"}'
+    pq.write_table(pa.table(t), src / "p0.parquet")
+    with pytest.raises(ibp.ImportFailure, match=r"p0.parquet row 1: record not storable \(.*surrogates not allowed"):
+        ibp.import_bagel_parquet([str(src)], str(tmp_path / "b1"), kind="t2i")
+    m = ibp.import_bagel_parquet([str(src)], str(tmp_path / "b2"), kind="t2i", on_error="skip")
+    assert m["complete"] and m["records"] == 2 and m["skipped"]["by_reason"] == {"record not storable": 1}
+    monkeypatch.chdir(src)
+    m = ibp.import_bagel_parquet(["."], str(tmp_path / "b3"), kind="t2i", on_error="skip")
+    assert m["records"] == 2 and sorted(p.name for p in (tmp_path / "b3").iterdir()) == [
+        "bagel-00000.array_record", "manifest.json"]
+    # an archive whose name is not UTF-8 (latin-1 "é"): its path kept escaped in the records
+    os.rename(sur / "images" / "0-3.tar.gz", os.fsencode(sur / "images") + b"/0-3\xe9.tar.gz")
+    s = ie.import_echo4o(str(root), str(tmp_path / "o3"), subsets=["surreal"], on_error="skip")["surreal"]
+    assert s["complete"] and s["records"] == 4
+    assert {x.meta["archive"] for x in RecordReader(tmp_path / "o3" / "surreal")} == {
+        "Surrel-Fantasy-Image/images/0-3\\xe9.tar.gz", "Surrel-Fantasy-Image/images/3-5.tar.gz"}

@@ -886,10 +886,11 @@ def test_an_incomplete_dataset_is_refused_when_named_by_a_glob_or_killed_before_
     monkeypatch.chdir(d)  # a glob relative to the current folder (its folder part is empty)
     with pytest.raises(RecordError, match=re.escape("dataset part: ./manifest.json says the dataset is incomplete")):
         DataPipeline(_cfg(data, datasets=(DatasetSpec("*.array_record", name="part"),)), model_cfg)
-    # a reader of some shards reports those, not the folder's manifest (which lists them all)
+    # a reader of some shards reads those, and verifies them against the folder's manifest (which lists them all)
     first = sorted(glob.glob("*.array_record"))[0]
     r = RecordReader(first, verify=True)
-    assert len(r) == load_manifest(d)["shards"][0]["records"] and r.manifests == {}
+    assert len(r) == load_manifest(d)["shards"][0]["records"] and list(r.manifests) == ["."]
+    assert r.verification == {"shards_checked": 1, "records": len(r)}
     monkeypatch.chdir(tmp_path)
     killed = tmp_path / "killed"
     w = RecordWriter(killed, name="k")  # ("killed": never closed, no shard finished)

@@ -240,6 +240,14 @@ def test_a_full_disk_keeps_the_finished_shards_and_names_the_failed_one(tmp_path
     assert sorted(os.listdir(tmp_path / "ds")) == ["d-00000.array_record", "manifest.json"]
 
 
+def _flip_byte(path, at: int = 100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 1]))
+
+
 def test_writer_exception_and_skips_and_verify(tmp_path):
     d = tmp_path / "ds"
     with pytest.raises(ZeroDivisionError):
@@ -252,12 +260,7 @@ def test_writer_exception_and_skips_and_verify(tmp_path):
     assert not m["complete"] and "ZeroDivisionError" in m["error"] and m["records"] == 1
     assert m["skipped"]["count"] == 2 and m["skipped"]["by_reason"] == {"corrupt image": 2}
     assert m["skipped"]["examples"][0]["where"] == "file.tar:00001.jpg" and m["info"] == {"tool": "test"}
-    shard = d / m["shards"][0]["file"]
-    with open(shard, "r+b") as f:  # flip a byte
-        f.seek(100)
-        b = f.read(1)
-        f.seek(100)
-        f.write(bytes([b[0] ^ 1]))
+    _flip_byte(d / m["shards"][0]["file"])
     with pytest.raises(RecordError, match="sha256"):
         RecordReader(d, verify=True)
 
@@ -555,3 +558,25 @@ def test_overwrite_keeps_the_old_dataset_until_success(tmp_path):
     (d / ".overwrite-old").mkdir()
     with pytest.raises(RecordError, match=r"/\.overwrite-old exists: an overwrite of .* was interrupted"):
         RecordWriter(d, overwrite=True)
+
+
+def test_verify_of_a_glob_or_shard_files_checks_them(tmp_path):
+    """`inspect --verify` / RecordReader(verify=True) given a glob or shard files found no manifest: it checked
+    nothing and passed (shards_checked 0), and a shard an interrupted writer left unlisted was read as data."""
+    import shutil
+
+    d = tmp_path / "ds"
+    with RecordWriter(d, name="x", shard_bytes=1) as w:  # one record per shard
+        for i in range(3):
+            w.write(t2i_record(f"r{i}", "c", _img(8, 8, i)))
+    assert RecordReader(str(d / "*.array_record"), verify=True).verification == {"shards_checked": 3, "records": 3}
+    one = sorted(d.glob("*.array_record"))[1]
+    assert RecordReader([str(one)], verify=True).verification == {"shards_checked": 1, "records": 1}
+    s = inspect_cli.summarize(RecordReader([str(one)]))  # (counted from its records, not the whole manifest's)
+    assert s["counts_from"] == "scan" and s["records"] == 1 and s["counts"]["task"] == {"t2i": 1}
+    shutil.copy(one, d / "x-00009.array_record")  # unlisted
+    with pytest.raises(RecordError, match=r"x-00009.array_record: not listed by .*manifest.json \(1 such shard"):
+        RecordReader(str(d / "*.array_record"), verify=True)
+    _flip_byte(one)
+    with pytest.raises(RecordError, match="sha256"):
+        RecordReader([str(one)], verify=True)

@@ -397,6 +397,8 @@ def test_duplicate_request_ids_are_refused(golden_dir, gen, tmp_path):
     reqs = [dict(id="a", prompt_ids=[1], size=[32, 32]), dict(id="a", prompt_ids=[2], size=[32, 32])]
     with pytest.raises(G.GenerateError, match=r"request 2: id 'a' is already used by request 1"):
         G.run_requests(gen, reqs, tmp_path / "out", progress=False)
+    with pytest.raises(G.GenerateError, match=r"request 1: id 'a\\ud800' cannot name a file .*lone surrogate"):
+        G.run_requests(gen, [dict(id="a\ud800", prompt_ids=[1], size=[32, 32])], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -632,9 +634,8 @@ def test_bad_values_in_a_request_file_are_refused_up_front(golden_dir, tmp_path,
         (dict(id="x" * 300, prompt_ids=[3]), r"reqs.jsonl:2: id 'x{37}\.\.\.' cannot name a file .*at most 200 bytes"),
         (dict(id="b", prompt_ids=[3], max_new_tokens=5), r"\(id=b\): max_new_tokens applies to think requests only"),
         # JSON's "\ud800" (a lone surrogate) and "\u0000": tracebacks (UnicodeEncodeError, embedded null byte)
-        (dict(id="b\ud800", prompt_ids=[3]), r"reqs.jsonl:2: id 'b\\ud800' cannot name a file .*lone surrogate"),
-        (dict(id="b", prompt_ids=[3], images=["x\ud800.png"]),
-         r"reqs.jsonl:2 \(id=b\): image path 'x\\ud800.png' holds a NUL or a lone surrogate"),
+        (dict(id="b\ud800", prompt_ids=[3]), r"reqs.jsonl:2: not valid Unicode: a lone surrogate escape"),
+        (dict(id="b", prompt_ids=[3], images=["x\ud800.png"]), r"reqs.jsonl:2: not valid Unicode"),
         (dict(id="b", prompt_ids=[3], images=["\u0000x.png"]),
          r"reqs.jsonl:2 \(id=b\): image path '\\x00x.png' holds a NUL or a lone surrogate"),
     ]

@@ -742,3 +742,11 @@ def test_cli_does_not_print_orbax_info_logs(env, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert not re.search(r"^I\d{4} ", r.stderr, re.M), r.stderr[-3000:]
     _same_latents(tmp_path / "lat", env["out"])  # the same VAE as the env's (its safetensors)
+
+
+def test_a_damaged_latents_manifest_is_a_latent_store_error(tmp_path):
+    """latents.json that is not UTF-8, or not a JSON object: a UnicodeDecodeError / AttributeError traceback."""
+    for content, why in ((b"\xff\xfe{}", "is not valid JSON"), (b"[1]", "is not a JSON object \\(got a list\\)")):
+        (tmp_path / MANIFEST_NAME).write_bytes(content)
+        with pytest.raises(LatentStoreError, match=rf"precomputed latents: .*{MANIFEST_NAME} {why}"):
+            LatentStore(str(tmp_path))

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from echo4o_jax.data.records import (DatasetExistsError, RecordError, RecordWriter, incomplete_reason,
                                      load_manifest, probe_image)
@@ -90,6 +90,22 @@ class OnError:
         if self.mode == "fail":
             raise ImportFailure(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
         self.writer.skip(reason, where=where + (f": {detail}" if detail else ""))
+
+    def write(self, where: str, make: Callable[[], Any]) -> None:
+        """Write the record `make()` builds; one that cannot be stored (text that is not valid Unicode: a
+        JSON "\\ud800" escape) is this item's error, named by `where` (it stopped the whole import, also with
+        --on-error skip, naming a record id). A write that fails (RecordWriteError, an OSError) still stops."""
+        try:
+            self.writer.write(make())
+        except RecordError as e:
+            self(where, "record not storable", str(e))
+
+
+def printable(name: str) -> str:
+    """A file or member name as text a record can hold: bytes that are not UTF-8 (a latin-1 archive's
+    `imágenes/`, decoded with surrogates) as backslash escapes. They made the record's header unencodable, which
+    stopped the whole import even with --on-error skip."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def require_records(writer: RecordWriter, what: str) -> None:

@@ -37,6 +37,7 @@ import json
 import os
 
 from echo4o_jax.data._import_common import (
+    printable,
     ArgumentError,
     ImportFailure,
     OnError,
@@ -112,7 +113,7 @@ def _parquet_sources(inputs: list[str]) -> list[tuple[str, str, str]]:
     common = os.path.commonpath([os.path.abspath(root) for _, root in files])
     out, seen = [], {}
     for f, _ in files:
-        rel = os.path.relpath(os.path.abspath(f), common)
+        rel = printable(os.path.relpath(os.path.abspath(f), common))
         part = os.path.splitext(rel)[0].replace(os.sep, "/")
         if part in seen:
             raise ImportFailure(f"{seen[part]} and {f} would get the same record ids ('.../{part}/<row>'): "
@@ -132,10 +133,12 @@ def import_bagel_parquet(inputs: list[str], out_dir: str, *, kind: str, name: st
     if edit_mode not in ("pairs", "chain"):
         raise ArgumentError("edit_mode", edit_mode, "expected pairs or chain")
     check_writer_args(shard_bytes=shard_bytes, limit=limit, on_error=on_error, image_check=image_check)
-    if name is not None and (not name or "/" in name or os.sep in name):
-        raise ArgumentError("name", name, "must be a plain file-name prefix (no '/')")
+    if name is not None and (not name or "/" in name or os.sep in name or name.startswith(".")):
+        raise ArgumentError("name", name, "must be a plain file-name prefix (no '/', not starting with '.': "
+                            "the shards would be hidden files)")
     files = _parquet_sources(inputs)
-    name = name or os.path.basename(os.path.normpath(inputs[0])).removesuffix(".parquet") or kind
+    # (the absolute path's: "." named the dataset ".", its shards hidden files .-00000.array_record)
+    name = name or printable(os.path.basename(os.path.abspath(inputs[0]))).removesuffix(".parquet") or kind
     info = {"importer": "echo4o_jax.data.import_bagel_parquet", "kind": kind, "edit_mode": edit_mode,
             "inputs": [os.path.abspath(p) for p in inputs], "on_error": on_error, "image_check": image_check,
             "limit": limit}
@@ -182,7 +185,7 @@ def _t2i_row(w, err, row, where, prov, rid, image_check) -> None:
     ex = scalar_extras(row, set(COLUMNS["t2i"]))
     if ex:
         meta["extra"] = ex
-    w.write(t2i_record(rid, caps, data, source="bagel_parquet", subset="t2i", meta=meta))
+    err.write(where, lambda: t2i_record(rid, caps, data, source="bagel_parquet", subset="t2i", meta=meta))
 
 
 def _edit_row(w, err, row, where, prov, rid, image_check, edit_mode) -> None:
@@ -209,11 +212,12 @@ def _edit_row(w, err, row, where, prov, rid, image_check, edit_mode) -> None:
     if ex:
         meta["extra"] = ex
     if edit_mode == "chain":
-        w.write(edit_record(rid, data, texts, source="bagel_parquet", subset="edit", meta=meta))
+        err.write(where, lambda: edit_record(rid, data, texts, source="bagel_parquet", subset="edit", meta=meta))
         return
     for s in range(len(data) - 1):
-        w.write(edit_record(f"{rid}/{s}", data[s:s + 2], [texts[s]], source="bagel_parquet", subset="edit",
-                            meta={**meta, "step": s, "chain_length": len(data)}))
+        err.write(f"{where} step {s}", lambda: edit_record(
+            f"{rid}/{s}", data[s:s + 2], [texts[s]], source="bagel_parquet", subset="edit",
+            meta={**meta, "step": s, "chain_length": len(data)}))
 
 
 def main(argv=None) -> int:

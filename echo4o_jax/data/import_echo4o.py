@@ -50,6 +50,7 @@ import tarfile
 import zlib
 
 from echo4o_jax.data._import_common import (
+    printable,
     ArgumentError,
     ImportFailure,
     OnError,
@@ -97,19 +98,12 @@ def _iter_archive(path: str):
     try:
         with tarfile.open(path, mode="r|*") as tf:
             for m in tf:
-                last = _printable(m.name)
+                last = printable(m.name)
                 if not m.isfile():
                     continue
                 yield last, tf.extractfile(m).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise _ArchiveError(f"{type(e).__name__}: {e}; last member {last!r}") from None
-
-
-def _printable(name: str) -> str:
-    """A tar member name as text a record can hold: bytes that are not UTF-8 (a latin-1 archive's `imágenes/`,
-    decoded with surrogates) as backslash escapes. They made the record's header unencodable, which stopped the
-    whole import even with --on-error skip."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _read_jsonl_rows(paths: list[str], root: str, on_error: OnError, writer: RecordWriter, subset_dirs=()):
@@ -120,7 +114,7 @@ def _read_jsonl_rows(paths: list[str], root: str, on_error: OnError, writer: Rec
     others = {d for d in (*SURREAL_DIRS, INSTRUCTION_DIR, MULTIREF_DIR) if d not in subset_dirs}
     rows: dict[str, tuple[dict, str, int]] = {}
     for path in paths:
-        rel = os.path.relpath(path, root)
+        rel = printable(os.path.relpath(path, root))
         with open(path, "rb") as f:
             for line_no, row, why in jsonl_lines(f):
                 where = f"{rel}:{line_no}"
@@ -165,8 +159,8 @@ def import_t2i_subset(subset_dir: str, jsonl_paths: list[str], out_dir: str, *, 
     root = root or os.path.dirname(subset_dir)
     archives = _archives(subset_dir)
     info = {"importer": "echo4o_jax.data.import_echo4o", "subset": subset,
-            "jsonl": [os.path.relpath(p, root) for p in jsonl_paths],
-            "archives": [os.path.relpath(p, root) for p in archives], "on_error": on_error,
+            "jsonl": [printable(os.path.relpath(p, root)) for p in jsonl_paths],
+            "archives": [printable(os.path.relpath(p, root)) for p in archives], "on_error": on_error,
             "image_check": image_check, "limit": limit}
     with RecordWriter(out_dir, shard_bytes=shard_bytes, name=subset, overwrite=overwrite, info=info) as w:
         err = OnError(on_error, w)
@@ -177,7 +171,7 @@ def import_t2i_subset(subset_dir: str, jsonl_paths: list[str], out_dir: str, *, 
         for arc in archives:
             if limit is not None and w.num_records >= limit:
                 break
-            rel_arc = os.path.relpath(arc, root)
+            rel_arc = printable(os.path.relpath(arc, root))
             members = _iter_archive(arc)
             while True:
                 if limit is not None and w.num_records >= limit:
@@ -216,8 +210,9 @@ def import_t2i_subset(subset_dir: str, jsonl_paths: list[str], out_dir: str, *, 
                 except RecordError as e:
                     err(f"{where} (row {jf}:{line})", "corrupt image", str(e))
                     continue
-                w.write(_t2i_from_row(row, data, subset=subset, key=key,
-                                      prov={"jsonl": jf, "line": line, "archive": rel_arc, "member": name}))
+                err.write(f"{where} (row {jf}:{line})", lambda: _t2i_from_row(
+                    row, data, subset=subset, key=key, prov={"jsonl": jf, "line": line, "archive": rel_arc,
+                                                             "member": name}))
             members.close()
         if limit is None:
             for key in sorted(set(rows) - done):
@@ -265,12 +260,12 @@ def import_multiref(mr_dir: str, out_dir: str, *, on_error: str = "fail", image_
     root = root or os.path.dirname(mr_dir)
     files = [f for f, _ in find_parquet([mr_dir])]
     info = {"importer": "echo4o_jax.data.import_echo4o", "subset": "multiref",
-            "parquet": [os.path.relpath(f, root) for f in files], "on_error": on_error, "image_check": image_check,
+            "parquet": [printable(os.path.relpath(f, root)) for f in files], "on_error": on_error, "image_check": image_check,
             "limit": limit}
     with RecordWriter(out_dir, shard_bytes=shard_bytes, name="multiref", overwrite=overwrite, info=info) as w:
         err = OnError(on_error, w)
         for f in files:
-            rel = os.path.relpath(f, root)
+            rel = printable(os.path.relpath(f, root))
             category = os.path.basename(os.path.dirname(f))
             stem = os.path.relpath(os.path.splitext(f)[0], mr_dir).replace(os.sep, "/")
             try:
@@ -306,8 +301,8 @@ def import_multiref(mr_dir: str, out_dir: str, *, on_error: str = "fail", image_
                     meta = {"category": category, "parquet": rel, "row": i,
                             **({"extra": ex} if (ex := scalar_extras(row, {"image_list", "instruction_list"}))
                                else {})}
-                    w.write(multiref_record(f"echo4o/multiref/{stem}/{i}", data[:-1], instr, data[-1],
-                                            source="echo4o", subset="multiref", meta=meta))
+                    err.write(where, lambda: multiref_record(f"echo4o/multiref/{stem}/{i}", data[:-1], instr,
+                                                             data[-1], source="echo4o", subset="multiref", meta=meta))
             except ParquetReadError as e:
                 err(rel, "unreadable parquet", str(e))
             if limit is not None and w.num_records >= limit:

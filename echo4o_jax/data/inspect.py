@@ -46,7 +46,7 @@ def summarize(reader: RecordReader, *, scan: bool = False) -> dict:
     images = 0
     listed = {os.path.normpath(os.path.join(d, s["file"])) for d, m in reader.manifests.items() for s in m["shards"]}
     from_manifest = (not scan and reader.manifests and all(_has_counts(m) for m in reader.manifests.values())
-                     and {os.path.normpath(f) for f in reader.shards} <= listed)
+                     and {os.path.normpath(f) for f in reader.shards} == listed)  # (some shards: not the whole's)
     if from_manifest:
         for m in reader.manifests.values():
             for k in counts:

@@ -316,8 +316,12 @@ def _load_manifest(path: str, name: str = MANIFEST_NAME) -> dict:
                 f"--out {path} --merge once every part has finished" if parts else
                 "not written by python -m echo4o_jax.data.latents, or that run never finished a shard")
         raise LatentStoreError(f"precomputed latents: {path} has no {name} ({hint})") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # (not UTF-8: a traceback)
         raise LatentStoreError(f"precomputed latents: {mf} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise LatentStoreError(f"precomputed latents: cannot read {mf} ({e})") from None
+    if not isinstance(m, dict):  # (a JSON list: an AttributeError traceback)
+        raise LatentStoreError(f"precomputed latents: {mf} is not a JSON object (got a {type(m).__name__})")
     if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
         raise LatentStoreError(f"precomputed latents: {mf} is not an {FORMAT} v{FORMAT_VERSION} manifest "
                                f"(format {m.get('format')!r}, version {m.get('format_version')!r})")

@@ -932,7 +932,8 @@ class RecordReader:
         self.shards = resolve_shards(self.paths)
         if not self.shards:
             raise RecordError(f"{self.paths}: no shards")
-        self.manifests = dataset_manifests(self.paths)
+        # (also of the folders of shard files and globs: verify() checked none of those, and exited 0)
+        self.manifests = dataset_manifests(self.paths, of_shards=True)
         self.verification: dict | None = None  # verify()'s summary when verify=True
         if verify:
             checked = self._verify_files()  # before any shard is opened
@@ -983,27 +984,42 @@ class RecordReader:
         for i in range(len(self)):
             yield self[i]
 
+    def _listed_shards(self) -> Iterator[tuple[str, dict]]:
+        """(file, manifest entry) of each shard read that its folder's manifest lists; a shard read from such a
+        folder that the manifest does not list (one an interrupted writer renamed but never listed, picked up by
+        a glob) is a RecordError."""
+        read = {os.path.normpath(f) for f in self.shards}
+        listed = set()
+        for d, m in self.manifests.items():
+            for s in m["shards"]:
+                f = os.path.join(d, s["file"])
+                listed.add(os.path.normpath(f))
+                if os.path.normpath(f) in read:
+                    yield f, s
+        folders = {os.path.normpath(d) for d in self.manifests}
+        unlisted = sorted(f for f in read - listed if os.path.dirname(f) in folders)
+        if unlisted:
+            mf = os.path.join(os.path.dirname(unlisted[0]), MANIFEST_NAME)
+            raise RecordError(f"{unlisted[0]}: not listed by {mf} ({len(unlisted)} such shard(s): left by an "
+                              "interrupted writer?)")
+
     def _verify_files(self) -> int:
         """Shard sizes and sha256 against the manifests (no shard opened); returns the shards checked."""
         checked = 0
-        for d, m in self.manifests.items():
-            for s in m["shards"]:
-                f = os.path.join(d, s["file"])
-                if os.path.getsize(f) != s["bytes"]:
-                    raise RecordError(f"{f}: size {os.path.getsize(f)} != manifest {s['bytes']} (truncated or "
-                                      f"rewritten)")
-                if _sha256(f) != s["sha256"]:
-                    raise RecordError(f"{f}: sha256 mismatch with the manifest (corrupt or rewritten)")
-                checked += 1
+        for f, s in self._listed_shards():
+            if os.path.getsize(f) != s["bytes"]:
+                raise RecordError(f"{f}: size {os.path.getsize(f)} != manifest {s['bytes']} (truncated or "
+                                  f"rewritten)")
+            if _sha256(f) != s["sha256"]:
+                raise RecordError(f"{f}: sha256 mismatch with the manifest (corrupt or rewritten)")
+            checked += 1
         return checked
 
     def _verify_counts(self) -> None:
-        for d, m in self.manifests.items():
-            for s in m["shards"]:
-                f = os.path.join(d, s["file"])
-                n = self._shard_records[os.path.normpath(f)]
-                if n != s["records"]:
-                    raise RecordError(f"{f}: {n} records, manifest says {s['records']}")
+        for f, s in self._listed_shards():
+            n = self._shard_records[os.path.normpath(f)]
+            if n != s["records"]:
+                raise RecordError(f"{f}: {n} records, manifest says {s['records']}")
 
     def verify(self) -> dict:
         """Checks shard sizes, sha256 and record counts against the manifests; returns a summary."""

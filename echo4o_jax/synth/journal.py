@@ -130,7 +130,7 @@ class Journal:
                     f.truncate(end)
                     f.flush()
                     os.fsync(f.fileno())
-        for n, e, why in jsonl_lines(data[:end].splitlines()):
+        for n, e, why in jsonl_lines(data[:end].splitlines(), strict_unicode=False):
             key = e.get("key") if e else None
             if not isinstance(key, str):
                 self.bad_lines += 1
