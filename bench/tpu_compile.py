@@ -280,23 +280,14 @@ def compile_step(config, devices, hbm_bytes: int | None = None, latents: str | N
 
 
 def data_fsdp_split(config, n: int) -> tuple[int, int]:
-    """(data, fsdp) with data x fsdp = n holding the fewest parameter elements per chip, largest FSDP group
-    on ties. FSDP over every chip replicates parameters whose dims that size does not divide (on 256 chips:
-    the SigLIP ViT, 1152 / 4304 wide); a smaller FSDP group with data parallelism over the rest shards them."""
+    """`echo4o_jax.sharding.data_fsdp_split` of the config's model over n chips."""
     from flax import nnx
 
     from echo4o_jax import sharding as shd
     from echo4o_jax.model.bagel import Bagel
 
     abstract = nnx.eval_shape(lambda: Bagel(bagel_config(config), rngs=nnx.Rngs(0)))
-    params = nnx.state(abstract, nnx.Param)
-    tp = int(config.mesh.tensor)
-    best = None
-    for fsdp in sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True):
-        e = shd.elements_per_device(params, dict(data=n // fsdp, fsdp=fsdp, tensor=tp))
-        if best is None or e < best[0]:
-            best = (e, n // fsdp, fsdp)
-    return best[1], best[2]
+    return shd.data_fsdp_split(nnx.state(abstract, nnx.Param), n, int(config.mesh.tensor))
 
 
 def candidates(config, n_devices: int, search: bool):

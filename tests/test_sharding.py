@@ -41,3 +41,33 @@ def test_tpu_search_splits_data_and_fsdp_where_fsdp_would_replicate():
     c = tc.load_config(str(ROOT / "configs" / "echo4o_7b.py"))
     assert tc.data_fsdp_split(c, 64) == (1, 64)  # 1152 / 64 = 18: FSDP over every chip shards everything
     assert tc.data_fsdp_split(c, 256) == (2, 128)  # v6e-256: FSDP 256 would replicate the ViT
+
+
+def test_a_mesh_that_leaves_the_model_whole_on_every_device_is_refused_up_front():
+    """FSDP over 24 devices (3 nodes of 8 GPUs) does not divide the 7B's width 3584: every LLM matrix stayed
+    whole on every device, ~14.2B parameters each, and the run died out of memory while setting up, the
+    sharding report (printed later) never seen. Refused before the weights load, naming a split that shards
+    them; FSDP over 8 (every width divides) passes."""
+    import pytest
+
+    from echo4o_jax.train.trainer import ConfigValueError, _check_replication
+
+    params = _params_7b()
+    flat = list(nnx.to_flat_state(params))
+
+    def check(data, fsdp):
+        mesh = type("M", (), {"shape": dict(data=data, fsdp=fsdp, tensor=1)})
+        report: list[str] = []
+        for path, v in flat:
+            shd.logical_to_spec(v.get_metadata().get("logical_axes"), v.shape, mesh, report=report,
+                                name="/".join(map(str, path)))
+        _check_replication(params, mesh, report)
+
+    check(1, 8)
+    check(3, 8)  # (the split it names)
+    with pytest.raises(ConfigValueError, match=r"^mesh data=1 fsdp=24 tensor=1 leaves 13\.\d\dB parameters whole on "
+                                               r"every device .* GiB more per device .*not divisible by fsdp=24: "
+                                               r"replicated \(and \d+ more\)\. Use a split that divides them \(e\.g\. "
+                                               r"--config\.mesh\.data=3 --config\.mesh\.fsdp=8\), or "
+                                               r"--config\.mesh\.allow_replicated=True"):
+        check(1, 24)

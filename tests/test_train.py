@@ -99,6 +99,18 @@ def test_bad_config_values_rejected_before_compiling():
         c[section].seed = -1
         with pytest.raises(ConfigValueError, match=rf"^{section}.seed=-1 must be >= 0$"):
             validate_config(c)
+    # (a timestep shift of 0 made every training timestep 0, silently; optim.eps=0 a NaN loss at step 2, after
+    # the compile; an infinite lr, a negative weight decay were taken)
+    for key, value, msg in (("model.timestep_shift", 0.0, r"model.timestep_shift=0.0 must be > 0 \(1.0: no shift\)"),
+                            ("model.timestep_shift", -2.0, r"model.timestep_shift=-2.0 must be > 0"),
+                            ("optim.eps", 0.0, r"optim.eps=0.0 must be > 0 \(the official 1e-15\)"),
+                            ("optim.weight_decay", -0.1, r"optim.weight_decay=-0.1 must be >= 0"),
+                            ("optim.lr", float("inf"), r"optim.lr=inf must be > 0 and finite")):
+        c = load_config("synthetic_tiny")
+        group, name = key.split(".")
+        c[group][name] = value
+        with pytest.raises(ConfigValueError, match=rf"^{msg}"):
+            validate_config(c)
     for min_lr in (1.0, -1e-7):  # (above lr the cosine "decay" climbed to min_lr: accepted silently)
         c = load_config("synthetic_tiny")
         c.optim.update(schedule="cosine", min_lr=min_lr)

@@ -146,6 +146,15 @@ def test_list_overrides_reach_the_config_and_help_exits_0(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: bad config: data (records): data.records.datasets[0] (mine): weight must be a number, got 'heavy'"]
+    # the same overrides from a --flagfile (a multi-host launcher's): the list reached ml_collections, which
+    # refuses lists ("Type <class 'list'> ... is not supported for overriding")
+    (tmp_path / "flags.txt").write_text('--config.data.records.demo_dir=\n'
+                                        '--config.data.records.datasets=[dict(path="mine", weight="heavy")]\n')
+    r = subprocess.run([sys.executable, "-m", "echo4o_jax.data.pack_stats", "--config", str(ROOT / "configs/demo.py"),
+                        f"--flagfile={tmp_path / 'flags.txt'}", "--packs", "1"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: bad config: data (records): data.records.datasets[0] (mine): weight must be a number, got 'heavy'"]
     r = subprocess.run([sys.executable, "-m", "echo4o_jax.data.latents", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -756,3 +765,22 @@ def test_ctrl_c_while_the_step_compiles_ends_at_once(tmp_path, capsys, monkeypat
     assert "interrupted (SIGINT) before the first step of this run ended" in capsys.readouterr().err
     assert not list((tmp_path / "wd" / "checkpoints").glob("[0-9]*"))
     assert signal.getsignal(signal.SIGINT) is before  # the loop's handler was taken down
+
+
+def test_overrides_the_config_does_not_use_are_refused(tmp_path):
+    """--config.model.geometry.* under model.init=checkpoint (the Echo-4o config) changed nothing: 4 layers
+    asked, the 28-layer 7B built (out of memory on a small machine, or a full-size run unsaid)."""
+    r = subprocess.run([sys.executable, "-m", "echo4o_jax.train", "--config", str(ROOT / "configs" / "echo4o_7b.py"),
+                        "--workdir", str(tmp_path / "wd"), "--config.model.geometry.llm.num_layers=4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --config.model.geometry.llm.num_layers: model.geometry is not used with model.init='checkpoint' "
+        "(the geometry is model.ckpt's, ''); a smaller model needs model.init=random"]
+    assert not (tmp_path / "wd").exists()
+    from echo4o_jax.train.config_cli import unused_override
+
+    c = _tiny()
+    assert unused_override(c, "model.geometry.llm.num_layers") is None  # (init=random: it is the geometry)
+    c.data.kind = "records"
+    assert unused_override(c, "data.synthetic") == "--config.data.synthetic: data.synthetic is not used with " \
+                                                   "data.kind='records'"

@@ -87,7 +87,9 @@ def base_config() -> ConfigDict:
         # still does).
         data_resume="exact",
     ))
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # allow_replicated: run although fsdp / tensor leave parameters whole on every device (a width they do not
+    # divide) and that costs more than 1 GiB per device (refused before the weights load, naming a split)
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, allow_replicated=False))
     c.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
     c.log = ConfigDict(dict(
         every=10, tensorboard=True, sample_every=0, sample_prompts=[], sample_size=(32, 32), sample_steps=10,

@@ -136,7 +136,9 @@ def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
     values, a missing config file, config keys the config lacks) as one `error:` line and exit status 2.
     Overrides of list fields are parsed here (`list_overrides`). `--help` exits 0 (absl's exits 1)."""
     def parse(argv: list[str]) -> list[str]:
-        path, keys = config_args(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
+        # a --flagfile's lines read here: its list overrides were left to ml_collections, which refuses lists
+        argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+        path, keys = config_args(argv)
         if path is not None and not os.path.isfile(path.split(":", 1)[0]):
             bad_input(f"--config {path}: no such file")
         # the config file's own values (ml_collections runs its get_config)
@@ -167,8 +169,9 @@ def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
         finally:
             sys.argv = saved_argv
         if default is not None:
-            why = next((w for w in (replaced_group(default, flags.FLAGS[config_flag.name].value, k) for k in keys)
-                        if w), None)
+            value = flags.FLAGS[config_flag.name].value
+            why = next((w for w in (replaced_group(default, value, k) for k in keys) if w), None) or \
+                next((w for w in (unused_override(value, k) for k in keys) if w), None)
             if why:
                 bad_input(why)
         for key, v in lists.items():
@@ -180,6 +183,24 @@ def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
         return rest
 
     return parse
+
+
+def unused_override(config: ConfigDict, key: str) -> str | None:
+    """Why the override `key` changes nothing in a training config `config`, or None: model.geometry under
+    model.init='checkpoint' (the geometry is the checkpoint's: 4 layers asked, the 28-layer model trained),
+    data.records under data.kind='synthetic', data.synthetic under 'records'."""
+    def under(group: str) -> bool:
+        return key == group or key.startswith(group + ".")
+
+    model, data = config.get("model"), config.get("data")
+    if isinstance(model, ConfigDict) and model.get("init") == "checkpoint" and under("model.geometry"):
+        return (f"--config.{key}: model.geometry is not used with model.init='checkpoint' (the geometry is "
+                f"model.ckpt's, {model.get('ckpt')!r}); a smaller model needs model.init=random")
+    if isinstance(data, ConfigDict):
+        for kind, group in (("synthetic", "data.records"), ("records", "data.synthetic")):
+            if data.get("kind") == kind and under(group):
+                return f"--config.{key}: {group} is not used with data.kind={kind!r}"
+    return None
 
 
 def replaced_group(default: ConfigDict, config: ConfigDict, key: str) -> str | None:

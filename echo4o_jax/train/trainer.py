@@ -231,7 +231,11 @@ def validate_config(config) -> None:
         need(int(v) >= 0, f"{key}={v} must be >= 0")  # first batch)
     need(0.0 <= float(t.ema_decay) < 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     need(float(t.ce_weight) >= 0 and float(t.mse_weight) >= 0, "train.ce_weight / mse_weight must be >= 0")
-    need(float(o.lr) > 0, f"optim.lr={o.lr} must be > 0")
+    need(0 < float(o.lr) < math.inf, f"optim.lr={o.lr} must be > 0 and finite")
+    # (eps 0: mu / (sqrt(nu) + 0) is 0/0 for a parameter whose gradient is exactly 0, lm_head in the Echo-4o recipe
+    # (no text targets): a non-finite loss at step 2, after the compile)
+    need(float(o.eps) > 0, f"optim.eps={o.eps} must be > 0 (the official 1e-15)")
+    need(float(o.weight_decay) >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     need(int(o.warmup_steps) >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     need(o.schedule in ("constant", "cosine"), f"optim.schedule={o.schedule!r}: expected constant|cosine")
     need(o.schedule != "cosine" or 0 <= float(o.min_lr) <= float(o.lr), f"optim.min_lr={o.min_lr} must be in "
@@ -239,6 +243,8 @@ def validate_config(config) -> None:
     need(0 <= float(o.b1) < 1 and 0 <= float(o.b2) < 1, "optim.b1 / b2 must be in [0, 1)")
     need(float(o.grad_clip) >= 0, "optim.grad_clip must be >= 0 (0 = off)")
     need(m.init in ("random", "checkpoint"), f"model.init={m.init!r}: expected random|checkpoint")
+    shift = float(m.timestep_shift)  # (0 made every training timestep 0; < 0, timesteps outside [0, 1] and -inf)
+    need(0 < shift < math.inf, f"model.timestep_shift={m.timestep_shift} must be > 0 (1.0: no shift)")
     for k in ("compute_dtype", "param_dtype"):
         need(m[k] in ("float32", "bfloat16"), f"model.{k}={m[k]!r}: expected float32|bfloat16")
     try:
@@ -424,6 +430,8 @@ class Trainer:
         self.param_sh = shd.state_shardings(abs_params, mesh, report)
         self.buffer_sh = shd.state_shardings(abs_buffers, mesh, report)
         self.sharding_report = report
+        if report and not bool(c.mesh.get("allow_replicated", False)):
+            _check_replication(abs_params, mesh, report)  # before the weights load (they did not fit, unsaid)
         abs_vae = nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)))
         self.vae_graphdef, abs_vae_state = nnx.split(abs_vae)
         self.vae_sh = shd.state_shardings(abs_vae_state, mesh)
@@ -1138,6 +1146,34 @@ class Trainer:
                 save_reports.remove()
                 for s, h in old.items():
                     signal.signal(s, h)
+
+
+_REPLICATED_LIMIT = 1 << 30  # bytes per device of train state left whole by the mesh: more is refused
+
+
+def _check_replication(abs_params, mesh, report: list[str]) -> None:
+    """A ConfigValueError when the widths that `mesh`'s fsdp / tensor do not divide leave more than
+    _REPLICATED_LIMIT bytes of train state (weights, EMA, two AdamW moments) whole on every device, naming a
+    data x fsdp split of the same devices that shards everything. FSDP over 24, 48 or 96 GPUs (which do not
+    divide the 7B's width 3584) kept the whole 14.6B model on each: out of memory during set-up, the sharding
+    report (printed later) never seen."""
+    leaves = jax.tree.leaves(abs_params)
+    total = sum(x.size for x in leaves)
+    shape = dict(mesh.shape)
+    per_device = shd.elements_per_device(abs_params, shape)
+    extra = per_device - total / (shape["fsdp"] * shape["tensor"])
+    itemsize = max(np.dtype(x.dtype).itemsize for x in leaves)
+    if extra * itemsize * 4 <= _REPLICATED_LIMIT:
+        return
+    data, fsdp = shd.data_fsdp_split(abs_params, shape["data"] * shape["fsdp"], shape["tensor"])
+    split = (f"e.g. --config.mesh.data={data} --config.mesh.fsdp={fsdp}" if fsdp != shape["fsdp"] else
+             "no data x fsdp split of these devices holds less")
+    raise ConfigValueError(
+        f"mesh data={shape['data']} fsdp={shape['fsdp']} tensor={shape['tensor']} leaves "
+        f"{f'{extra / 1e9:.2f}B' if extra >= 1e8 else f'{extra:,.0f}'} parameters whole on every device (widths it does not divide), about {extra * itemsize * 4 / 2**30:.1f} GiB "
+        f"more per device with the EMA and AdamW state: {report[0]}" + (f" (and {len(report) - 1} more)" if
+        len(report) > 1 else "") + f". Use a split that divides them ({split}), or "
+        "--config.mesh.allow_replicated=True to run anyway")
 
 
 def _signalled(stop: dict, wait_s: float = 1.0) -> bool:
