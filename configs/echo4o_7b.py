@@ -102,7 +102,7 @@ def get_config():
     # FSDP over every device. On 256 chips (v6e-256) use data=2, fsdp=128: 256 does not divide the SigLIP
     # width 1152, so FSDP 256 replicates the ViT (bench/tpu_compile.py picks the split); on 24, 48 or 96 GPUs
     # use fsdp=8 (3584 = 2^9 x 7): the trainer refuses a mesh that leaves more than 1 GiB per device whole,
-    # naming such a split (mesh.allow_replicated=True runs anyway).
+    # naming such a split (train.allow_replicated=True runs anyway).
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.checkpoint.every = 2000
     c.checkpoint.keep = 3

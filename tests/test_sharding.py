@@ -69,5 +69,5 @@ def test_a_mesh_that_leaves_the_model_whole_on_every_device_is_refused_up_front(
                                                r"every device .* GiB more per device .*not divisible by fsdp=24: "
                                                r"replicated \(and \d+ more\)\. Use a split that divides them \(e\.g\. "
                                                r"--config\.mesh\.data=3 --config\.mesh\.fsdp=8\), or "
-                                               r"--config\.mesh\.allow_replicated=True"):
+                                               r"--config\.train\.allow_replicated=True"):
         check(1, 24)

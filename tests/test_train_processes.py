@@ -305,7 +305,7 @@ def test_checkpoint_restores_onto_a_different_mesh_which_equals_single_device(tm
 def test_a_mesh_leaving_parameters_whole_is_refused_before_the_weights_load(tmp_path):
     """The train command on 6 devices with FSDP over all of them (6 divides none of the tiny model's widths):
     with the limit at 0 bytes (the 7B's case, tested in test_sharding) one error line naming a split, exit 2,
-    before anything is written; mesh.allow_replicated=True runs."""
+    before anything is written; train.allow_replicated=True runs."""
     script = ("import runpy, sys\n"
               "import echo4o_jax.train.trainer as T\n"
               "T._REPLICATED_LIMIT = 0\n"
@@ -319,15 +319,15 @@ def test_a_mesh_leaving_parameters_whole_is_refused_before_the_weights_load(tmp_
     err = [x for x in p.stderr.splitlines() if x.strip()]
     assert p.returncode == 2 and len(err) == 1, p.stderr[-3000:]
     assert err[0].startswith("error: bad config: mesh data=1 fsdp=6 tensor=1 leaves ") and "by fsdp=6" in err[0]
-    assert "--config.mesh.allow_replicated=True" in err[0] and not (wd / "checkpoints").exists()
-    # with mesh.allow_replicated the trainer is built (the weights loaded, nothing compiled)
+    assert "--config.train.allow_replicated=True" in err[0] and not (wd / "checkpoints").exists()
+    # with train.allow_replicated the trainer is built (the weights loaded, nothing compiled)
     build = ("import importlib.util, sys\n"
              "import echo4o_jax.train.trainer as T\n"
              "T._REPLICATED_LIMIT = 0\n"
              f"spec = importlib.util.spec_from_file_location('cfg', {str(ROOT / 'configs' / 'synthetic_tiny.py')!r})\n"
              "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
              "c = m.get_config()\n"
-             "c.mesh.data, c.mesh.fsdp, c.mesh.allow_replicated, c.data.packs_per_step = 1, -1, True, -1\n"
+             "c.mesh.data, c.mesh.fsdp, c.train.allow_replicated, c.data.packs_per_step = 1, -1, True, -1\n"
              "tr = T.Trainer(c, sys.argv[1])\n"
              "print(len(tr.sharding_report))\n")
     p = subprocess.run([sys.executable, "-c", build, str(tmp_path / "wd2")], env=env, cwd=ROOT, capture_output=True,

@@ -68,6 +68,10 @@ def base_config() -> ConfigDict:
     ))
     c.train = ConfigDict(dict(
         steps=500_000, seed=4396, ema_decay=0.9999, ce_weight=1.0, mse_weight=1.0,
+        # allow_replicated: train although the mesh's fsdp / tensor leave parameters whole on every device (a
+        # width they do not divide) at more than 1 GiB per device (else refused before the weights load, naming
+        # a data x fsdp split that divides them)
+        allow_replicated=False,
         ce_loss_reweighting=False,  # official option: each CE token weighted 1/sqrt(its text segment's length)
         # as the official flags: freeze_vit / freeze_llm = requires_grad False on the SigLIP ViT / the whole
         # language model (no gradient, no update); freeze_und detaches the understanding tokens' paths in the model
@@ -87,9 +91,7 @@ def base_config() -> ConfigDict:
         # still does).
         data_resume="exact",
     ))
-    # allow_replicated: run although fsdp / tensor leave parameters whole on every device (a width they do not
-    # divide) and that costs more than 1 GiB per device (refused before the weights load, naming a split)
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, allow_replicated=False))
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.checkpoint = ConfigDict(dict(every=1000, keep=3, async_save=True))
     c.log = ConfigDict(dict(
         every=10, tensorboard=True, sample_every=0, sample_prompts=[], sample_size=(32, 32), sample_steps=10,

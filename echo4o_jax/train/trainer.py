@@ -430,7 +430,7 @@ class Trainer:
         self.param_sh = shd.state_shardings(abs_params, mesh, report)
         self.buffer_sh = shd.state_shardings(abs_buffers, mesh, report)
         self.sharding_report = report
-        if report and not bool(c.mesh.get("allow_replicated", False)):
+        if report and not bool(c.train.allow_replicated):
             _check_replication(abs_params, mesh, report)  # before the weights load (they did not fit, unsaid)
         abs_vae = nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)))
         self.vae_graphdef, abs_vae_state = nnx.split(abs_vae)
@@ -1173,7 +1173,7 @@ def _check_replication(abs_params, mesh, report: list[str]) -> None:
         f"{f'{extra / 1e9:.2f}B' if extra >= 1e8 else f'{extra:,.0f}'} parameters whole on every device (widths it does not divide), about {extra * itemsize * 4 / 2**30:.1f} GiB "
         f"more per device with the EMA and AdamW state: {report[0]}" + (f" (and {len(report) - 1} more)" if
         len(report) > 1 else "") + f". Use a split that divides them ({split}), or "
-        "--config.mesh.allow_replicated=True to run anyway")
+        "--config.train.allow_replicated=True to run anyway")
 
 
 def _signalled(stop: dict, wait_s: float = 1.0) -> bool:
