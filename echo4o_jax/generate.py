@@ -40,9 +40,10 @@ weights load and before `--out` is created; an error names `FILE:LINE (id=...)`.
 (--prompt, --image, --size, --seed, --num-images, --think, --understand) are refused with --prompts. It
 writes `<id>_<k>.png`, `metadata.jsonl` (one line per finished request, the last one of an id when it was
 regenerated; `outputs` are file names in --out, `outputs_sha256` their content) and `contact_sheet.png` (the
-first 256 outputs; made again when a run generated something); re-running (from any directory) skips finished requests (a PNG cut short by a kill
-does not count: PNGs are written to a temporary file and renamed, and one that does not decode is generated
-again). A finished request recorded with other settings is refused, naming each field that differs with
+first 256 outputs; made again when a run generated something); re-running (from any directory) skips finished
+requests (a PNG cut short by a kill does not count: PNGs are written to a temporary file and renamed, and one
+that does not decode, or is not the image its record names, is generated again). A finished request recorded
+with other settings is refused, naming each field that differs with
 both values: the checkpoint (folder, workdir step, size and mtime of its weight files), --dtype, the
 --vae-transform / --vit-transform resizes, prompt, reference images (path and sha256 of the content),
 seed, number of images, size, think and its max_new_tokens, sampler settings. Use another --out, or

@@ -260,8 +260,8 @@ def import_multiref(mr_dir: str, out_dir: str, *, on_error: str = "fail", image_
     root = root or os.path.dirname(mr_dir)
     files = [f for f, _ in find_parquet([mr_dir])]
     info = {"importer": "echo4o_jax.data.import_echo4o", "subset": "multiref",
-            "parquet": [printable(os.path.relpath(f, root)) for f in files], "on_error": on_error, "image_check": image_check,
-            "limit": limit}
+            "parquet": [printable(os.path.relpath(f, root)) for f in files], "on_error": on_error,
+            "image_check": image_check, "limit": limit}
     with RecordWriter(out_dir, shard_bytes=shard_bytes, name="multiref", overwrite=overwrite, info=info) as w:
         err = OnError(on_error, w)
         for f in files:

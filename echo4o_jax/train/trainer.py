@@ -1168,11 +1168,12 @@ def _check_replication(abs_params, mesh, report: list[str]) -> None:
     data, fsdp = shd.data_fsdp_split(abs_params, shape["data"] * shape["fsdp"], shape["tensor"])
     split = (f"e.g. --config.mesh.data={data} --config.mesh.fsdp={fsdp}" if fsdp != shape["fsdp"] else
              "no data x fsdp split of these devices holds less")
+    count = f"{extra / 1e9:.2f}B" if extra >= 1e8 else f"{extra:,.0f}"
+    more = f" (and {len(report) - 1} more)" if len(report) > 1 else ""
     raise ConfigValueError(
-        f"mesh data={shape['data']} fsdp={shape['fsdp']} tensor={shape['tensor']} leaves "
-        f"{f'{extra / 1e9:.2f}B' if extra >= 1e8 else f'{extra:,.0f}'} parameters whole on every device (widths it does not divide), about {extra * itemsize * 4 / 2**30:.1f} GiB "
-        f"more per device with the EMA and AdamW state: {report[0]}" + (f" (and {len(report) - 1} more)" if
-        len(report) > 1 else "") + f". Use a split that divides them ({split}), or "
+        f"mesh data={shape['data']} fsdp={shape['fsdp']} tensor={shape['tensor']} leaves {count} parameters whole "
+        f"on every device (widths it does not divide), about {extra * itemsize * 4 / 2**30:.1f} GiB more per device "
+        f"with the EMA and AdamW state: {report[0]}{more}. Use a split that divides them ({split}), or "
         "--config.train.allow_replicated=True to run anyway")
 
 
