@@ -71,3 +71,14 @@ def test_a_mesh_that_leaves_the_model_whole_on_every_device_is_refused_up_front(
                                                r"--config\.mesh\.data=3 --config\.mesh\.fsdp=8\), or "
                                                r"--config\.train\.allow_replicated=True"):
         check(1, 24)
+
+
+def test_a_tensor_size_that_splits_heads_is_said():
+    """tensor=8 divides the 7B's q / k / v widths (nothing replicated, nothing reported), but not its 28 query
+    heads, 4 KV heads or the ViT's 16 heads: the sharding report says so; tensor=4 keeps the LLM's whole."""
+    from echo4o_jax.train.trainer import head_split_notes
+
+    cfg = BagelConfig.bagel_7b_mot()
+    assert head_split_notes(cfg, 1) == head_split_notes(cfg, 2) == head_split_notes(cfg, 4) == []  # 28, 4, 16 heads
+    assert [n.split(": each")[0] for n in head_split_notes(cfg, 8)] == [
+        "LLM query heads 28 not divisible by tensor=8", "LLM key/value heads 4 not divisible by tensor=8"]

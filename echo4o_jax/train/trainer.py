@@ -432,6 +432,7 @@ class Trainer:
         self.sharding_report = report
         if report and not bool(c.train.allow_replicated):
             _check_replication(abs_params, mesh, report)  # before the weights load (they did not fit, unsaid)
+        report += head_split_notes(cfg, int(mesh.shape["tensor"]))
         abs_vae = nnx.eval_shape(lambda: AutoEncoder(cfg.vae, rngs=nnx.Rngs(0)))
         self.vae_graphdef, abs_vae_state = nnx.split(abs_vae)
         self.vae_sh = shd.state_shardings(abs_vae_state, mesh)
@@ -1146,6 +1147,19 @@ class Trainer:
                 save_reports.remove()
                 for s, h in old.items():
                     signal.signal(s, h)
+
+
+def head_split_notes(cfg: BagelConfig, tensor: int) -> list[str]:
+    """Sharding-report lines when `tensor` splits attention heads: the q / k / v widths (heads x head_dim) divide,
+    so nothing is replicated, but a device then holds part of a head (the 7B at tensor=8: 3.5 query heads, half a
+    KV head) and attention reshards them (slower). Heads for the LLM and the ViT."""
+    out = []
+    for what, heads in (("LLM query", cfg.llm.num_heads), ("LLM key/value", cfg.llm.num_kv_heads),
+                        ("ViT", cfg.vit.num_heads)):
+        if tensor > 1 and heads % tensor:
+            out.append(f"{what} heads {heads} not divisible by tensor={tensor}: each device holds part of a head "
+                       "(attention reshards them: slower); a tensor size that divides the heads keeps them whole")
+    return out
 
 
 _REPLICATED_LIMIT = 1 << 30  # bytes per device of train state left whole by the mesh: more is refused
