@@ -527,19 +527,27 @@ def test_run_checks_every_benchmarks_requests_before_generating_any(tmp_path, mo
         eval_run.main(argv)
 
 
+def _two_bench_prompts(tmp_path, out) -> list[str]:
+    """eval.run's prompt and --out flags for a GenEval++ file of 2 prompts and an Imagine-Bench file of 1."""
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
+    ib = write_jsonl(tmp_path / "imagine_bench.jsonl", [{"id": 1, "instruction": "I1", "note": "n", "type": "COLOR"}])
+    return ["--geneval-pp-prompts", str(gpp), "--imagine-bench-prompts", str(ib), "--out", str(out)]
+
+
+def _two_bench_answers(req):
+    """A judge of both: GenEval++ passes, Imagine-Bench 5 / 6 / 10."""
+    return '{"correct": 1}' if "Instruction:" in message_text(req) else _imagine_answer(5, 6, 10)
+
+
 def test_run_of_fewer_benchmarks_keeps_the_others_in_the_summary(tmp_path, monkeypatch):
     """A later run of one benchmark into the same --out (a re-judge, say) rewrites summary.json / summary.md
     with that benchmark's new entry and keeps the others' (marked from_earlier_run); --judge-only without
     --ckpt names the checkpoint the images' records name."""
     calls = []
     monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module(calls))
-    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
-    ib = write_jsonl(tmp_path / "imagine_bench.jsonl", [{"id": 1, "instruction": "I1", "note": "n", "type": "COLOR"}])
     out = tmp_path / "o"
-    prompts = ["--geneval-pp-prompts", str(gpp), "--imagine-bench-prompts", str(ib), "--out", str(out)]
-
-    def handler(req):
-        return '{"correct": 1}' if "Instruction:" in message_text(req) else _imagine_answer(5, 6, 10)
+    prompts = _two_bench_prompts(tmp_path, out)
+    handler = _two_bench_answers
 
     with FakeOpenAIServer(chat_handler=handler) as s:
         eval_run.main(["--ckpt", str(tmp_path / "ckpt"), "--bench", "geneval_pp,imagine_bench", *prompts,
@@ -563,6 +571,50 @@ def test_run_of_fewer_benchmarks_keeps_the_others_in_the_summary(tmp_path, monke
     assert list(rep["benchmarks"]) == ["geneval_pp"] and rep["label"] == "other"
     assert "# Imagine-Bench" not in (out / "summary.md").read_text()
     assert (out / "imagine_bench" / "results.json").is_file()  # its own results stay
+
+
+def test_run_complete_and_exit_status_are_this_runs(tmp_path, monkeypatch, capsys):
+    """An earlier run's benchmark in the same --out decided `complete` and the exit status: one only generated
+    counted as judged (exit 0, complete), one incomplete made every later run of another benchmark exit 1 (its
+    "run the same command again" never touched it). Now they are listed apart (earlier_incomplete)."""
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module([]))
+    gpp = write_jsonl(tmp_path / "geneval_pp.jsonl", _gpp_rows()[:2])
+    ib = write_jsonl(tmp_path / "imagine_bench.jsonl", [{"id": 1, "instruction": "I1", "note": "n", "type": "COLOR"}])
+    out = tmp_path / "o"
+    base = ["--ckpt", str(tmp_path / "ckpt"), "--geneval-pp-prompts", str(gpp), "--imagine-bench-prompts", str(ib),
+            "--out", str(out)]
+    assert common.run_cli(eval_run.main, [*base, "--bench", "geneval_pp,imagine_bench", "--generate-only"]) == 0
+    with FakeOpenAIServer(chat_handler=lambda r: '{"correct": 1}') as s:
+        assert common.run_cli(eval_run.main, [*base, "--bench", "geneval_pp", *judge_args(s)]) == 0
+    rep = json.loads((out / "summary.json").read_text())
+    assert rep["complete"] and rep["earlier_incomplete"] == ["imagine_bench"]  # (generated, never judged)
+    assert "Not (fully) judged by an earlier run in this folder: imagine_bench" in (out / "summary.md").read_text()
+
+
+def test_judge_only_names_the_checkpoint_its_records_name(tmp_path, monkeypatch, capsys):
+    """--judge-only --ckpt <training workdir> (the README's GenEval step) left the step unresolved: the other
+    benchmarks of that workdir's latest step were dropped from the summary as "another checkpoint". Without
+    --ckpt, images of two checkpoints (an interrupted --regenerate) were scored as one model."""
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module([]))
+    wd = _fake_workdir(tmp_path / "runs" / "echo4o", [100, 200])
+    out = tmp_path / "o"
+    prompts = _two_bench_prompts(tmp_path, out)
+    handler = _two_bench_answers
+
+    with FakeOpenAIServer(chat_handler=handler) as s:
+        eval_run.main(["--ckpt", str(wd), "--bench", "geneval_pp,imagine_bench", *prompts, *judge_args(s)])
+        capsys.readouterr()
+        rep = eval_run.main(["--ckpt", str(wd), "--judge-only", "--bench", "geneval_pp", *prompts, *judge_args(s)])
+    assert "another checkpoint" not in capsys.readouterr().err
+    assert list(rep["benchmarks"]) == ["geneval_pp", "imagine_bench"] and rep["ckpt_step"] == 200
+    # images of two checkpoints in one benchmark: --judge-only without --ckpt refuses to score them as one
+    rec_path = out / "imagine_bench" / "images" / eval_run.GENERATION_RECORD
+    rec = json.loads(rec_path.read_text())
+    rid = next(iter(rec["requests"]))
+    rec["requests"][rid]["ckpt"] = str(tmp_path / "other")
+    rec_path.write_text(json.dumps(rec))
+    msg = _one_error_line(capsys, eval_run.main, ["--judge-only", "--bench", "geneval_pp,imagine_bench", *prompts])
+    assert msg.startswith(f"--judge-only: the images in {out} were made by 2 checkpoints (") and "--ckpt" in msg
 
 
 def test_run_without_generate_module_is_a_clear_error(tmp_path, monkeypatch):

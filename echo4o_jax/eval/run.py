@@ -18,7 +18,8 @@ script settings (image scale 1.5, ViT transform (980, 378), the output size of t
 For each benchmark B the images go to ``<out>/B/images/<stem>_<k>.png`` (the naming every
 ``python -m echo4o_jax.eval.B --images`` reads) and the results to ``<out>/B/`` (results.json,
 summary.md, gallery.html); ``<out>/summary.md`` / ``summary.json`` collect the headline numbers (a later run
-of fewer benchmarks into the same ``--out`` keeps the others' entries, marked ``from_earlier_run``), and
+of fewer benchmarks into the same ``--out`` keeps the others' entries, marked ``from_earlier_run``; those
+not fully judged are listed as ``earlier_incomplete``), and
 ``<out>/judge_cache`` is shared. ``results.json`` holds each benchmark's own judge counters;
 ``summary.json`` the run's totals.
 
@@ -58,7 +59,7 @@ folder is searched, e.g. ``--benchmarks-dir ../shared/benchmarks``) holds ``gene
 ``imagine_bench.jsonl`` and ``geneval_metadata.jsonl``; ``--fetch`` downloads the public files there when
 absent. OmniContext needs a local copy (``--omnicontext-data``).
 
-Exit status: 0 every image generated and judged, 1 incomplete (some images missing, unreadable or not
+Exit status (of this run's benchmarks): 0 every image generated and judged, 1 incomplete (some images missing, unreadable or not
 judged, or GenEval without detector results yet: the partial results are written and marked INCOMPLETE),
 2 bad input, 130 interrupted (see -h).
 """
@@ -541,11 +542,20 @@ def main(argv=None) -> dict:
     why = folder_problem(out)
     if why:
         raise common.UsageError(f"--out {out}: {why}")
-    recorded = None  # --judge-only without --ckpt: (checkpoint, step) the images' records name, when just one
-    if args.ckpt is None:
-        named = {(e.get("ckpt"), e.get("ckpt_step")) for n in names for e in _read_record(out / n / "images").values()}
+    recorded = None  # --judge-only: (checkpoint, step) the images' records name, when just one
+    if args.judge_only:
+        named = {(e.get("ckpt"), e.get("ckpt_step")) for n in names
+                 for e in _read_record(out / n / "images").values() if e}
+        if args.ckpt is None and len(named) > 1:  # (an interrupted --regenerate with another checkpoint: scored as
+            # one model under the label "ours", exit 0)
+            raise common.UsageError(
+                f"--judge-only: the images in {out} were made by {len(named)} checkpoints ("
+                + ", ".join(f"{c} step {st}" if st is not None else str(c) for c, st in sorted(named, key=str))
+                + "); name the one to judge with --ckpt (and --step), or generate the others again with it")
         if len(named) == 1 and next(iter(named))[0]:
             (recorded,) = named
+            if args.ckpt is not None and (str(Path(args.ckpt).resolve()) != recorded[0] or args.step is not None):
+                recorded = None  # (--ckpt / --step given: check_judge_only compares them with the records)
     ckpt_name = args.ckpt or (recorded[0] if recorded else None)
     label = args.label or (Path(ckpt_name).name if ckpt_name else "ours")
     # Everything that can fail on bad input fails before hours of generation: every prompt file loaded and
@@ -610,17 +620,25 @@ def main(argv=None) -> dict:
     kept = _earlier_benchmarks(out, names, (*ident, label))
     report["benchmarks"] = {n: report["benchmarks"].get(n) or kept[n] for n in BENCHES
                             if n in report["benchmarks"] or n in kept}
-    report["complete"] = all(e["complete"] for e in report["benchmarks"].values())
+    # complete: this run's benchmarks (an earlier run's incomplete one, which this command does not touch, made
+    # every later run exit 1; one only generated counted as judged); the earlier ones' state is listed apart
+    report["complete"] = all(report["benchmarks"][n]["complete"] for n in names)
     report["incomplete"] = None if report["complete"] else "; ".join(
-        f"{n}: {e['incomplete']}" for n, e in report["benchmarks"].items() if not e["complete"])
+        f"{n}: {report['benchmarks'][n]['incomplete']}" for n in names if not report["benchmarks"][n]["complete"])
+    earlier_open = [n for n, e in kept.items() if not e["complete"] or (evaluating and not e.get("summary"))]
+    if earlier_open:
+        report["earlier_incomplete"] = earlier_open  # (with --bench NAME they are done)
     if evaluating:
         if judge is not None:
             report["judge_stats"] = dict(judge.stats)
         md = [f"# Evaluation of {label}", ""]
         if not report["complete"]:
-            md += [f"**INCOMPLETE: {', '.join(n for n, e in report['benchmarks'].items() if not e['complete'])} "
+            md += [f"**INCOMPLETE: {', '.join(n for n in names if not report['benchmarks'][n]['complete'])} "
                    "(see below); rerun the same command to retry (GenEval: once its evaluator has scored the "
                    "images).**", ""]
+        if earlier_open:
+            md += [f"**Not (fully) judged by an earlier run in this folder: {', '.join(earlier_open)} (run with "
+                   "--bench for them).**", ""]
         md += [report["benchmarks"][n].pop("markdown") if n in names else _markdown_of(out, n)
                for n in report["benchmarks"]]
         common.write_bytes(out / "summary.md", "\n".join(md).encode("utf-8"))
