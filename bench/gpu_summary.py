@@ -34,8 +34,8 @@ GIB = 2**30
 def attention_seconds(a: dict, r: dict) -> float | None:
     """Decoder attention time of one train step (forward + recomputed forward + backward, x layers) for the
     run `r`, from the attention bench `a` (measured with a["layers"] layers; a run with fewer layers scales)."""
-    layers = [int(o.split("=")[1]) for o in r.get("overrides", []) if o.startswith("model.geometry.llm.num_layers=")]
-    scale = layers[0] / a["layers"] if layers else 1.0
+    n = num_layers(r)  # (the layers the run had: after an out-of-memory fallback, the last override, not the first)
+    scale = n / a["layers"] if n else 1.0
     sw, tuning = a.get("sweep") or {}, r.get("attention_tuning") or ""
     if tuning and tuning == sw.get("best") and sw.get("best_fwd_bwd_s"):
         t = (sw["best_fwd_bwd_s"] + sw["best_fwd_s"]) * a["layers"]

@@ -642,3 +642,25 @@ def test_gpu_summary_marks_interpret_runs_and_unreported_memory(tmp_path, capsys
     assert cpu.split()[6] == "-" and cpu.endswith("default  (interpret mode: not a kernel timing)")
     assert gpu.split()[6] == "3.0" and gpu.endswith("default")
     assert gs.main(["--help"]) == 0 and "python bench/gpu_summary.py OUT" in capsys.readouterr().out
+
+
+def test_attention_share_scales_by_the_layers_the_run_had():
+    """gpu_check.sh puts an out-of-memory fallback (num_layers=3) before a run's own num_layers=2: the run has 2
+    layers (the last override applies), but its attention share was scaled as if it had 3 (1.5x too high)."""
+    gs = load_file(ROOT / "bench" / "gpu_summary.py", "gpu_summary_layers")
+    a = {"layers": 4, "results": [{"impl": "pallas_gpu", "decoder_attention_s": 0.040}]}
+    r = {"overrides": ["model.geometry.llm.num_layers=3", "model.remat=full", "model.geometry.llm.num_layers=2"],
+         "attention_impl": "pallas_gpu"}
+    assert gs.num_layers(r) == 2
+    assert abs(gs.attention_seconds(a, r) - 0.040 * 2 / 4) < 1e-12
+
+
+def test_peak_flops_table_names_and_override():
+    """The bf16 dense peak of a device kind (longest name first: an H200 is not an H20, an L40S not an L40);
+    a kind the table lacks has none (the trainer says so on an accelerator), log.peak_flops overrides."""
+    from echo4o_jax.train.flops import peak_flops_per_device as peak
+
+    assert peak("NVIDIA H200") == peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert (peak("NVIDIA H20"), peak("NVIDIA L40"), peak("NVIDIA L40S")) == (148e12, 181.05e12, 362.05e12)
+    assert peak("TPU v6 lite") == 918e12 and peak("TPU7x") == 2307e12
+    assert peak("Some Future GPU") is None and peak("Some Future GPU", 5e14) == 5e14

@@ -105,7 +105,11 @@ def test_bad_config_values_rejected_before_compiling():
                             ("model.timestep_shift", -2.0, r"model.timestep_shift=-2.0 must be > 0"),
                             ("optim.eps", 0.0, r"optim.eps=0.0 must be > 0 \(the official 1e-15\)"),
                             ("optim.weight_decay", -0.1, r"optim.weight_decay=-0.1 must be >= 0"),
-                            ("optim.lr", float("inf"), r"optim.lr=inf must be > 0 and finite")):
+                            ("optim.lr", float("inf"), r"optim.lr=inf must be > 0 and finite"),
+                            # (in TFLOP/s, the official flag's unit: an MFU of ~5e11; negative: a negative MFU)
+                            ("log.peak_flops", 989.0, r"log.peak_flops=989.0 must be 0 \(the device's from the "
+                                                      r"table\) or a device's peak in FLOP/s, e.g. 989e12"),
+                            ("log.peak_flops", -1.0, r"log.peak_flops=-1.0 must be 0")):
         c = load_config("synthetic_tiny")
         group, name = key.split(".")
         c[group][name] = value

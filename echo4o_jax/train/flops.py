@@ -21,10 +21,13 @@ __all__ = ["active_params", "step_flops", "vit_flops", "vae_encoder_flops", "ful
            "peak_flops_per_device"]
 
 # bf16 dense peak per device (official table where it has one)
+# (the official's H100 / H200 / H800 entries give PCIe and NVL parts the SXM figure too, lower than theirs: kept,
+# so that MFU compares with the official logs; log.peak_flops / --peak-flops set a part's own)
 PEAK_FLOPS = {
     "H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "MI300X": 1336e12,
+    "H20": 148e12, "L40": 181.05e12, "L40S": 362.05e12, "L20": 119.5e12,
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
 }
 
 

@@ -262,6 +262,9 @@ def validate_config(config) -> None:
     need(int(config.checkpoint.every) > 0 and int(config.checkpoint.keep) > 0,
          "checkpoint.every and checkpoint.keep must be > 0")
     need(int(config.log.every) > 0, "log.every must be > 0")
+    pf = float(config.log.get("peak_flops", 0.0))  # (negative: a negative MFU; 989: TFLOP/s, an MFU of ~5e11)
+    need(pf == 0 or 1e12 <= pf < math.inf, f"log.peak_flops={config.log.get('peak_flops')} must be 0 (the device's "
+         "from the table) or a device's peak in FLOP/s, e.g. 989e12")
     need(int(config.log.sample_every) >= 0, f"log.sample_every={config.log.sample_every} must be >= 0 (0 = no sample "
          "grids)")  # (a negative one was taken as "every step")
     need(not int(config.log.sample_every) or int(config.log.sample_steps) > 0,
@@ -1015,7 +1018,11 @@ class Trainer:
                 print(f"[train] step compiled in {compile_s:.1f} s (compilation cache {self.compilation_cache}: "
                       f"{'hit' if self.compile_cache_hit else 'miss'})", flush=True)
             n_dev = self.mesh.size
-            peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, float(c.log.get("peak_flops", 0.0)))
+            kind = jax.devices()[0].device_kind
+            peak = flops_lib.peak_flops_per_device(kind, float(c.log.get("peak_flops", 0.0)))
+            if peak is None and self.is_main and jax.default_backend() != "cpu":  # (it was left out, unsaid)
+                print(f"[train] no bf16 peak known for device kind {kind!r}: MFU is not logged (set "
+                      "--config.log.peak_flops=<FLOP/s per device>)", flush=True)
             bar = tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True)
             timer = _Timer()
             step = start
