@@ -1307,6 +1307,12 @@ def test_omnicontext_bad_manifest(tmp_path, capsys):
     assert re.fullmatch(rf"{re.escape(str(jl))}:2: \(task_type, key\) = \('multiple_object', 'k'\) is already used "
                         rf"by {re.escape(str(jl))}:1; .*", _one_error_line(capsys, omnicontext.main,
                                                                           argv[:2] + ["--data", str(data)] + argv[4:]))
+    # an input image cut short: named with its sample (it was reported as the generated image being unreadable,
+    # with the advice to regenerate it)
+    (data / "b.png").write_bytes((data / "a.png").read_bytes()[:30])
+    manifest.write_text(json.dumps([rec, {**rec, "key": "k2", "input_images": ["a.png", "b.png"]}]))
+    assert _one_error_line(capsys, omnicontext.main, argv).startswith(
+        f"{manifest}: input image {data / 'b.png'} of sample 'k2' (multiple_object): cannot read image")
 
 
 @pytest.mark.parametrize("flag,value,why", [

@@ -141,6 +141,14 @@ def load_items(path, limit: int | None = None, data_root=None) -> list[Item]:
     if missing:
         raise FileNotFoundError(f"{len(missing)} input images of {p} not found, e.g. {missing[:3]} "
                                 f"(set --data-root to the folder they are relative to)")
+    from echo4o_jax.data.records import RecordError, probe_image
+
+    for it in items:  # decoded: a broken input was reported as the generated image being unreadable
+        for q in it.input_images:
+            try:
+                probe_image(Path(q).read_bytes(), check="decode")
+            except (RecordError, OSError) as e:
+                raise common.UsageError(f"{p}: input image {q} of sample {it.key!r} ({it.task_type}): {e}") from None
     return items
 
 
