@@ -956,6 +956,29 @@ def test_run_record_survives_an_interrupted_generation(tmp_path, monkeypatch):
     assert [[r["id"] for r in c["requests"]] for c in calls] == [["00002", "00003"]]
 
 
+def test_a_stopped_regenerate_leaves_no_results_saying_complete(tmp_path, monkeypatch):
+    """A --regenerate run that stops (an error, Ctrl-C) after replacing images: the benchmark's results.json and
+    summary.json still said complete, of images partly gone. They are marked incomplete before any is replaced."""
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module([]))
+    out = tmp_path / "o"
+    base = ["--ckpt", str(tmp_path / "ckpt"), "--bench", "geneval_pp", *_two_bench_prompts(tmp_path, out)]
+    with FakeOpenAIServer(chat_handler=_two_bench_answers) as s:
+        assert eval_run.main([*base, *judge_args(s)])["complete"]
+
+    def failing(*args_, **kw):
+        if kw.get("check_only"):
+            return []
+        raise real_generate.GenerateError("the disk is full")
+
+    monkeypatch.setattr(sys.modules["echo4o_jax.generate"], "generate_batch", failing)
+    with pytest.raises(common.UsageError, match="generation failed"):
+        eval_run.main([*base, "--seed", "7", "--regenerate", "--generate-only"])
+    res = json.loads((out / "geneval_pp" / "results.json").read_text())
+    summ = json.loads((out / "summary.json").read_text())
+    assert res["complete"] is False and res["incomplete"].startswith("its images are being generated again")
+    assert summ["complete"] is False and summ["benchmarks"]["geneval_pp"]["complete"] is False
+
+
 def test_run_record_after_a_failed_or_killed_regenerate(tmp_path, monkeypatch):
     """--regenerate with new settings that stops early: the record names, per request, what made the images
     that are there (a generation error, or a kill before the record was settled: told apart by mtimes)."""

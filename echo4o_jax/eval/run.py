@@ -414,6 +414,8 @@ def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
         # generate_batch writes atomically: an image absent before is complete once it exists; one there before
         # (cut short, or beside an absent one) may be left as it was, so only those are decoded again
         existed = {p for r in todo for p in _expected(images_dir, r) if p.is_file()}
+        if existed:  # images judged before are replaced: their results no longer hold (until judged again)
+            _mark_stale(images_dir.parent.parent, name)
         images_dir.mkdir(parents=True, exist_ok=True)
         since = _folder_clock(images_dir)
         _write_record(images_dir, {**plan.record, **{
@@ -442,6 +444,25 @@ def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
             print(f"[{name}] warning: generate_batch did not write {len(absent)} images (they count as "
                   "missing), e.g. " + ", ".join(absent[:3]), file=sys.stderr)
     return info
+
+
+_STALE = "its images are being generated again: these results are of the images they replace (until judged again)"
+
+
+def _mark_stale(out: Path, name: str) -> None:
+    """Benchmark `name`'s results.json and its summary.json entry marked incomplete before its images are
+    replaced: a run stopped meanwhile (Ctrl-C, an error) left them saying complete, of images partly gone."""
+    for path, pick in ((out / name / "results.json", lambda d: d),
+                       (out / "summary.json", lambda d: (d.get("benchmarks") or {}).get(name))):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except ValueError:
+            continue
+        entry = pick(doc) if isinstance(doc, dict) else None
+        if isinstance(entry, dict) and entry.get("complete"):
+            entry.update(complete=False, incomplete=_STALE)
+            doc["complete"] = False
+            common.write_json(path, doc)
 
 
 def build_parser() -> argparse.ArgumentParser:
