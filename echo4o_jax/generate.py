@@ -85,7 +85,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from .interrupts import exit_process, keep_ctrl_c
-from .jsonl import jsonl_lines
+from .jsonl import jsonl_lines, valid_unicode
 from .paths import pid_running
 
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
@@ -679,15 +679,6 @@ def _source(req: dict, i: int) -> str:
     return req.get(SOURCE_KEY) or f"request {i + 1}"
 
 
-def _encodable(text: str) -> bool:
-    """Whether `text` can be written as UTF-8 (JSON's "\\ud800" escapes give lone surrogates, which cannot)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _request_ids(requests: Sequence[dict]) -> list[str]:
     """The id of each request (default: its index, 5 digits). An id must be a string or an integer usable in
     a file name (it names `<id>_<k>.png`) and unique: a repeated id would overwrite the first request's
@@ -700,7 +691,7 @@ def _request_ids(requests: Sequence[dict]) -> list[str]:
             raise GenerateError(f"{_source(req, i)}: id {rid!r}: expected a string or an integer")
         rid = str(rid)
         if not rid or any(c in rid for c in "/\\\0") or len(rid.encode("utf-8", "replace")) > MAX_ID_BYTES \
-                or not _encodable(rid):
+                or not valid_unicode(rid):
             raise GenerateError(f"{_source(req, i)}: id {rid if len(rid) <= 40 else rid[:37] + '...'!r} cannot name "
                                 f"a file (<id>_<k>.png): it must be non-empty, at most {MAX_ID_BYTES} bytes, "
                                 "without '/' or '\\' or a lone surrogate (\\ud800-\\udfff)")
@@ -748,20 +739,16 @@ class OutputError(GenerateError):
         super().__init__(f"cannot write {path}: {cause.strerror or cause}")
 
 
-def _sha256_file(path: pathlib.Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _outputs_recorded(record: dict, paths: Sequence[pathlib.Path]) -> bool:
     """Whether `paths` hold the images `record` names (their sha256; records of older versions name none);
     those that do not (a run stopped while --regenerate replaced them) are said: the request is generated
     again."""
+    from .data.records import _sha256
+
     want = record.get("outputs_sha256")
     if want is None:
         return True
-    other = [p.name for p, h in zip(paths, want) if _sha256_file(p) != h]
+    other = [p.name for p, h in zip(paths, want) if _sha256(p) != h]
     if other or len(want) != len(paths):
         print(f"{', '.join(other) or record.get('id')}: not the image(s) metadata.jsonl records for request "
               f"{record.get('id')!r} (a run stopped while regenerating it?); generating it again", file=sys.stderr)
@@ -1006,6 +993,8 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     `out_dir`). Ctrl-C raises BatchInterrupted (a KeyboardInterrupt) saying how many requests are finished."""
     from tqdm import tqdm
 
+    from .data.records import _sha256
+
     out_dir = pathlib.Path(out_dir)
     ids, prepared = check_requests(gen, requests, overrides, max_new_tokens)
     _make_out_dir(out_dir)
@@ -1053,7 +1042,7 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
                     # (the outputs' sha256: a run stopped while replacing a request's images, --regenerate, left
                     # its old record vouching for a mix of old and new ones)
                     rec = dict(id=rid, **_generated_with(gen, req, r), outputs=[p.name for p in paths],
-                               outputs_sha256=[_sha256_file(p) for p in paths], seconds=seconds,
+                               outputs_sha256=[_sha256(p) for p in paths], seconds=seconds,
                                batched_with=len(group))
                     if res.get("think") is not None:  # (the planning text, as a single run's generation.json)
                         rec["think_text"] = res["think"]
@@ -1168,7 +1157,7 @@ def read_requests(path) -> list[dict]:
         images = r.get("images", [])
         if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
             raise GenerateError(f"{where} (id={r['id']}): `images` {images!r}: expected a list of image paths")
-        bad = next((x for x in images if "\0" in x or not _encodable(x)), None)
+        bad = next((x for x in images if "\0" in x or not valid_unicode(x)), None)
         if bad is not None:  # (a traceback from resolve(): "embedded null byte", UnicodeEncodeError)
             raise GenerateError(f"{where} (id={r['id']}): image path {bad!r} holds a NUL or a lone surrogate "
                                 "(\\ud800-\\udfff): no file has that name")

@@ -33,13 +33,15 @@ def jsonl_lines(lines: Iterable[bytes | str], *, strict_unicode: bool = True
         if not isinstance(obj, dict):
             yield n, None, f"expected a JSON object, got {type(obj).__name__}"
             continue
-        if strict_unicode and "\\u" in raw and not _valid_unicode(obj):  # (only an escape makes one)
+        if strict_unicode and "\\u" in raw and not valid_unicode(obj):  # (only an escape makes one)
             yield n, None, "not valid Unicode: a lone surrogate escape (\\ud800-\\udfff) in a string"
             continue
         yield n, obj, None
 
 
-def _valid_unicode(obj) -> bool:
+def valid_unicode(obj) -> bool:
+    """Whether `obj` (a str, or JSON-able data) can be written as UTF-8 (JSON's "\\ud800" escapes give lone
+    surrogates, which cannot)."""
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

@@ -59,9 +59,9 @@ folder is searched, e.g. ``--benchmarks-dir ../shared/benchmarks``) holds ``gene
 ``imagine_bench.jsonl`` and ``geneval_metadata.jsonl``; ``--fetch`` downloads the public files there when
 absent. OmniContext needs a local copy (``--omnicontext-data``).
 
-Exit status (of this run's benchmarks): 0 every image generated and judged, 1 incomplete (some images missing, unreadable or not
-judged, or GenEval without detector results yet: the partial results are written and marked INCOMPLETE),
-2 bad input, 130 interrupted (see -h).
+Exit status (of this run's benchmarks): 0 every image generated and judged, 1 incomplete (some images
+missing, unreadable or not judged, or GenEval without detector results yet: the partial results are written
+and marked INCOMPLETE), 2 bad input, 130 interrupted (see -h).
 """
 
 from __future__ import annotations
@@ -446,7 +446,8 @@ def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
     return info
 
 
-_STALE = "its images are being generated again: these results are of the images they replace (until judged again)"
+_STALE = ("its images are being generated again: these results are of the images they replace (until judged "
+          "again)")
 
 
 def _mark_stale(out: Path, name: str) -> None:

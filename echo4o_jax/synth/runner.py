@@ -464,13 +464,14 @@ def dry_run(track: Track, out_dir: str | os.PathLike | None, *, limit: int,
     seen: set[str] = set()
     rows: dict[tuple[str, str], dict] = {}
     journaled = 0
+    endpoint = cfg.endpoint()
     for idx in range(start, limit):
         for c in track.estimate(track.plan(idx)):
             if c.shared is not None:
                 if c.shared in seen:
                     continue
                 seen.add(c.shared)
-            if c.key is not None and journal is not None and answered_here(journal.get(c.key), cfg.endpoint()):
+            if c.key is not None and journal is not None and answered_here(journal.get(c.key), endpoint):
                 journaled += 1
                 continue
             row = rows.setdefault((c.model, c.kind), {"model": c.model, "kind": c.kind, "calls": 0, "usd": 0.0})
