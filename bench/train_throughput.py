@@ -10,7 +10,10 @@ ViT, connector, time embedder / latent projections and the VAE encoder when the 
 memory (where the backend reports it) and the compiled step's memory analysis. `memory_phases` has the
 device memory in use and the peak so far after setup (weights, optimizer state, EMA), compile, the first
 step and the timed steps, so a peak above the compiled step's arguments + temporaries can be placed
-(GPU/TPU; CPU reports none). `update_seconds` times the step's optimizer part alone (AdamW + EMA + gradient
+(GPU/TPU; CPU reports none). The allocator's peak cannot be reset: with several --impls in one run, an
+implementation whose steps stay below the peak an earlier one reached has no peak of its own to report
+(`peak_device_memory_bytes` null, `peak_device_memory_note` says at most what; measure it alone for its figure).
+`update_seconds` times the step's optimizer part alone (AdamW + EMA + gradient
 norm) and `layer_param_fraction` is one decoder layer's share of the parameters, so that
 bench/gpu_summary.py can split one layer's time into compute and optimizer work. `interpret_mode` is true
 where the attention is a Pallas kernel run in interpret mode (pallas_gpu / pallas_tpu on the CPU,
@@ -175,6 +178,8 @@ def main(argv=None) -> int:
                 print(f"{str(r['attention_impl']):<18} error: {r['error'][:80]}")
                 continue
             mem = f"{r['peak_device_memory_bytes'] / 2**30:.1f}" if r.get("peak_device_memory_bytes") else "-"
+            if r.get("peak_device_memory_at_most"):  # below an earlier implementation's peak: at most that
+                mem = f"<={r['peak_device_memory_at_most'] / 2**30:.1f}"
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "-"
             mfu_full = f"{r['mfu_full_model']:.1%}" if r.get("mfu_full_model") else "-"
             note = f"  ({INTERPRET_NOTE})" if r.get("interpret_mode") else ""
@@ -188,6 +193,18 @@ def main(argv=None) -> int:
               + (f", written to {args.out}" if args.out else ""), file=sys.stderr)
         return INTERRUPTED
     return 1 if any("error" in r for r in results) else 0  # (the error rows: in the JSON and the table)
+
+
+def own_peak(phases: dict, end_peak: int | None) -> dict:
+    """This implementation's peak device memory. The process's peak cannot be reset: when it did not rise above
+    the peak reached before this implementation started (an earlier --impls entry), this one's is unknown and at
+    most that."""
+    start = (phases.get("start") or {}).get("peak") or 0
+    if not start or end_peak is None or end_peak > start:
+        return dict(peak_device_memory_bytes=end_peak)
+    return dict(peak_device_memory_bytes=None, peak_device_memory_at_most=start,
+                peak_device_memory_note=f"unknown: at most {start / 2**30:.1f} GiB, the peak an earlier implementation "
+                                        "in this process reached (measure it alone for its own)")
 
 
 def batch_work(cfg, batch, freeze_vit: bool) -> tuple[int, float, float]:
@@ -326,7 +343,7 @@ def measure(args, impl: str | None) -> dict:
         model_flops_full_per_step=full_flops,
         mfu_full_model=(full_flops / (step_s * len(jax.devices()) * peak)) if peak else None,
         update_seconds=update_s, layer_param_fraction=n_layers / tr.cfg.llm.num_layers / n_all,
-        profile=profile, peak_device_memory_bytes=stats.get("peak_bytes_in_use"),
+        profile=profile, **own_peak(phases, stats.get("peak_bytes_in_use")),
         memory_phases=phases or None, train_state_bytes=state_bytes,
         compiled_memory=dict(argument=getattr(mem, "argument_size_in_bytes", None),
                              output=getattr(mem, "output_size_in_bytes", None),

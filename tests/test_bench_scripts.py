@@ -491,15 +491,31 @@ def test_interpret_mode_rows_and_unreported_memory_are_labelled(tmp_path, monkey
     def measure(args, impl):
         return dict(attention_impl=impl, compile_seconds=1.0, step_seconds=0.5, tokens_per_second=100.0, mfu=None,
                     mfu_full_model=None, peak_device_memory_bytes=None if impl == "pallas_gpu" else 3 * 2**30,
-                    interpret_mode=tt.interpret_mode(impl, "cpu"))
+                    interpret_mode=tt.interpret_mode(impl, "cpu"),
+                    **(dict(peak_device_memory_at_most=3 * 2**30) if impl == "xla_dense" else {}))
 
     monkeypatch.setattr(tt, "measure", measure)
-    assert tt.main(["--config", str(TINY), "--impls", "pallas_gpu,xla_blockwise"]) == 0
+    assert tt.main(["--config", str(TINY), "--impls", "pallas_gpu,xla_blockwise,xla_dense"]) == 0
     lines = capsys.readouterr().out.splitlines()
     (pallas,) = [line for line in lines if line.startswith("pallas_gpu ")]
     (xla,) = [line for line in lines if line.startswith("xla_blockwise ")]
+    (dense,) = [line for line in lines if line.startswith("xla_dense ")]  # below an earlier one's peak
+    assert dense.split()[4:7] == ["-", "-", "<=3.0"]
     assert pallas.split()[4:7] == ["-", "-", "-"] and pallas.endswith("(interpret mode: not a kernel timing)")
     assert xla.split()[4:7] == ["-", "-", "3.0"] and "interpret" not in xla
+
+
+def test_a_second_implementations_peak_memory_is_not_the_firsts():
+    """The allocator's peak cannot be reset: an implementation run after one that reached a higher peak reports
+    no peak of its own (at most the earlier one, said in the JSON and the table), not the earlier one's."""
+    tt = load_file(ROOT / "bench" / "train_throughput.py", "train_throughput_script")
+    G = 2**30
+    assert tt.own_peak({}, None) == dict(peak_device_memory_bytes=None)  # CPU: no memory stats
+    assert tt.own_peak({"start": {"in_use": 0, "peak": 0}}, 5 * G) == dict(peak_device_memory_bytes=5 * G)
+    assert tt.own_peak({"start": {"in_use": 0, "peak": 5 * G}}, 7 * G) == dict(peak_device_memory_bytes=7 * G)
+    second = tt.own_peak({"start": {"in_use": G, "peak": 5 * G}}, 5 * G)
+    assert second["peak_device_memory_bytes"] is None and second["peak_device_memory_at_most"] == 5 * G
+    assert "at most 5.0 GiB" in second["peak_device_memory_note"]
 
 
 def test_gpu_check_paths_are_the_callers(tmp_path):
