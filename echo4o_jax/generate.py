@@ -87,6 +87,7 @@ import numpy as np
 from .interrupts import exit_process, keep_ctrl_c
 from .jsonl import jsonl_lines, valid_unicode
 from .paths import pid_running
+from .sampling_defaults import DEFAULT_DTYPE, DEFAULT_SIZE, EDIT_DEFAULTS, T2I_DEFAULTS, TaskDefaults
 
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
 DEMO_PROMPT_IDS = [13, 60, 2, 38, 77, 23, 87, 59, 101]
@@ -99,19 +100,6 @@ GEN_THINK_SYSTEM_PROMPT = (
     "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> image here")
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskDefaults:
-    cfg_text_scale: float
-    cfg_img_scale: float
-    cfg_interval: tuple[float, float]
-    cfg_renorm_type: str
-    cfg_renorm_min: float = 0.0
-    timestep_shift: float = 3.0
-    num_timesteps: int = 50
-
-
-T2I_DEFAULTS = TaskDefaults(4.0, 1.5, (0.4, 1.0), "global")
-EDIT_DEFAULTS = TaskDefaults(4.0, 2.0, (0.0, 1.0), "text_channel")
 SAMPLER_KEYS = tuple(f.name for f in dataclasses.fields(TaskDefaults))
 SAMPLER_FLAGS = {k: "--steps" if k == "num_timesteps" else "--" + k.replace("_", "-") for k in SAMPLER_KEYS}
 # the keys of a batch request (a --prompts line, or a generate_batch request); any other is refused
@@ -122,7 +110,6 @@ DTYPES = ("float32", "bfloat16")  # --dtype, generate_batch's `dtype`
 MAX_ID_BYTES = 200  # a request id names files (<id>_<k>.png and its temporary .<id>_<k>.png.<pid>.tmp)
 
 
-DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
 DEFAULT_OUT = pathlib.Path("outputs/generate")  # single mode without --out: a new <date-time> folder under it
 TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (inference.TEXT_BUCKET; not imported from
 #                   there: this module loads JAX only when a model is)
@@ -303,7 +290,7 @@ class Generator:
     `step`: a training workdir's checkpoint step (None: its latest, resolved now: a checkpoint the training
     saves meanwhile is not picked up); `identity` (checkpoint_identity) says which weights these are."""
 
-    def __init__(self, ckpt: str | pathlib.Path, *, step: int | None = None, dtype: str = "float32",
+    def __init__(self, ckpt: str | pathlib.Path, *, step: int | None = None, dtype: str = DEFAULT_DTYPE,
                  max_context: int = 0,
                  demo: bool = False, vae_transform: tuple[int, int] | None = None,
                  vit_transform: tuple[int, int] | None = None, mesh: tuple[int, int, int] | None = None,
@@ -1210,7 +1197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"length limit of the --understand answer / the --think text (default "
                         f"{DEFAULT_MAX_NEW_TOKENS}; batch mode: of think requests without their own max_new_tokens)")
     p.add_argument("--max-context", type=int, default=0, help="KV-cache capacity in tokens (default 8192)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard the parameters over a device mesh, e.g. 1,-1,1 (FSDP over all devices)")
     p.add_argument("--vae-transform", type=int, nargs=2, metavar=("MAX", "MIN"), default=None,

@@ -19,6 +19,7 @@ import pytest
 
 from echo4o_jax import generate as real_generate
 from echo4o_jax.eval import common, geneval_pp, imagine_bench, omnicontext, run as eval_run
+from echo4o_jax.eval.judge import JudgeConfigError
 from fake_openai import FakeOpenAIServer, Reply, message_images, message_text, solid_png
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
@@ -744,9 +745,19 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
                             "size": None, "num_images": 1, "prompt": "P2", "images": []}
     images = _image_bytes(out)
 
-    # the same settings: resumes (nothing to generate)
+    # the same settings: resumes (nothing to generate); so do settings spelled out at the generator's defaults
+    # (the text-to-image sampler's, the dtype, the 1024x1024 size), on their own or with --judge-only
     calls.clear()
     assert common.run_cli(eval_run.main, base + first) == 0 and calls == []
+    defaults = ["--gen-arg", "num_timesteps=50", "--gen-arg", "timestep_shift=3", "--gen-arg", "dtype=float32",
+                "--gen-arg", "cfg_renorm_type=global", "--size", "1024x1024"]
+    assert common.run_cli(eval_run.main, base + first + defaults) == 0 and calls == []
+    judge_only = [a for a in base if a != "--generate-only"] + ["--judge-only"]
+    with pytest.raises(common.UsageError, match="the output size .* differs"):  # (the check runs before the judge)
+        eval_run.main(judge_only + first + ["--size", "512x512"])
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(JudgeConfigError, match="OPENAI_API_KEY"):  # past the settings check: the judge's key
+        eval_run.main(judge_only + first + defaults)
 
     # each setting that makes other pictures is refused, naming it; nothing generated, no image touched
     changed = {

@@ -76,6 +76,7 @@ from typing import Callable
 
 from ..interrupts import exit_process
 from ..paths import folder_problem
+from ..sampling_defaults import DEFAULT_SIZE, default_settings
 from . import common, geneval, geneval_pp, imagine_bench, omnicontext
 from .judge import JudgeConfigError, api_key_from_env, load_template
 
@@ -198,6 +199,16 @@ def _provenance(req: dict, ckpt: dict, gen_args: dict) -> dict:
     return {**ckpt, "seed": req["seed"], "gen_args": gen_args,
             "size": list(req["size"]) if req.get("size") else None, "num_images": req["num_images"],
             "prompt": req["prompt"], "images": [str(Path(p).resolve()) for p in req.get("images", [])]}
+
+
+def _as_run(field: str, value, req: dict):
+    """A recorded or current setting as the generation used it: the generator's defaults filled in, so that a
+    --gen-arg or --size naming a default (cfg_text_scale=4.0, num_timesteps=50, 1024x1024) is the same generation."""
+    if field == "gen_args" and isinstance(value, dict):
+        return {**default_settings(bool(req.get("images"))), **value}
+    if field == "size" and value is None and not req.get("images"):
+        return list(DEFAULT_SIZE)
+    return value
 
 
 def _resolved(images_dir: Path, rid: str, entry: dict | None) -> dict | None:
@@ -349,7 +360,8 @@ def plan_generation(name: str, items, images_dir: Path, args, ckpt: dict, gen_ar
         if not finished and (was is None or not any(p.is_file() for p in paths)):
             todo.append(r)  # nothing of it to keep
             continue
-        diff = [] if was is None else [(f, was.get(f), now) for f, now in current[r["id"]].items() if was.get(f) != now]
+        diff = [] if was is None else [(f, was.get(f), now) for f, now in current[r["id"]].items()
+                                       if _as_run(f, was.get(f), r) != _as_run(f, now, r)]
         if was is not None and not diff:
             if not finished:  # this run's settings: the rest of its images
                 todo.append(r)
@@ -380,7 +392,7 @@ def check_judge_only(name: str, items, images_dir: Path, args, ckpt: dict, gen_a
             continue
         now = _provenance(r, ckpt, gen_args)
         for field in fields:
-            if was.get(field) != now[field]:
+            if _as_run(field, was.get(field), r) != _as_run(field, now[field], r):
                 mismatched.setdefault(field, []).append((r["id"], was.get(field), now[field]))
     _refuse_mismatches(name, images_dir, mismatched, [], judge_only=True)
 

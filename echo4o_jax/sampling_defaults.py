@@ -1,0 +1,33 @@
+"""The generation defaults of a request that names none: the sampler's (text-to-image or editing, as the
+official inferencer's examples), the output size of text-to-image and the weights' dtype. Plain data, no JAX:
+`generate` applies them, `eval.run` compares generations by them (a setting spelled out at its default is the
+same generation)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDefaults:
+    cfg_text_scale: float
+    cfg_img_scale: float
+    cfg_interval: tuple[float, float]
+    cfg_renorm_type: str
+    cfg_renorm_min: float = 0.0
+    timestep_shift: float = 3.0
+    num_timesteps: int = 50
+
+
+T2I_DEFAULTS = TaskDefaults(4.0, 1.5, (0.4, 1.0), "global")
+EDIT_DEFAULTS = TaskDefaults(4.0, 2.0, (0.0, 1.0), "text_channel")
+DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
+DEFAULT_DTYPE = "float32"  # the weights' and compute dtype (generate --dtype, generate_batch's `dtype`)
+
+
+def default_settings(has_images: bool) -> dict[str, Any]:
+    """The sampler settings and dtype a request with (or without) reference images gets when it names none,
+    as JSON values (the interval a list)."""
+    d = dataclasses.asdict(EDIT_DEFAULTS if has_images else T2I_DEFAULTS)
+    return {**d, "cfg_interval": list(d["cfg_interval"]), "dtype": DEFAULT_DTYPE}
