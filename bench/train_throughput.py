@@ -207,7 +207,7 @@ def own_peak(phases: dict, end_peak: int | None) -> dict:
                                         "in this process reached (measure it alone for its own)")
 
 
-def batch_work(cfg, batch, freeze_vit: bool) -> tuple[int, float, float]:
+def batch_work(cfg, batch, freeze_vit: bool, visual_und: bool = True) -> tuple[int, float, float]:
     """(real tokens, FLOPs by the official formula, full-model FLOPs) of one process's batch."""
     import numpy as np
 
@@ -218,7 +218,7 @@ def batch_work(cfg, batch, freeze_vit: bool) -> tuple[int, float, float]:
     full_flops = sum(flops_lib.full_step_flops(
         cfg, int(n), l, np.bincount(vid[vid >= 0]), int(np.sum(vidx >= 0)),
         hw[hw[:, 0] > 0] if batch.vae_images is not None else [],  # precomputed latents: no encoder in the step
-        freeze_vit=freeze_vit)
+        freeze_vit=freeze_vit, visual_und=visual_und)
         for n, l, vid, vidx, hw in zip(batch.num_tokens, lens, np.asarray(batch.vit_image_id),
                                        np.asarray(batch.vae_image_index), np.asarray(batch.vae_image_hw)))
     return int(np.sum(batch.num_tokens)), step_flops, full_flops
@@ -318,7 +318,7 @@ def measure(args, impl: str | None) -> dict:
             t = time.perf_counter()
             tr.train_step(batch)
             times.append(time.perf_counter() - t)
-            work.append(batch_work(tr.cfg, batch, bool(c.train.freeze_vit)))
+            work.append(batch_work(tr.cfg, batch, bool(c.train.freeze_vit), bool(c.train.visual_und)))
         phase("timed_steps")
         profile = profile_steps(tr, args.profile_steps, args.profile_dir) if args.profile_steps > 0 else None
         state_bytes = sum(x.nbytes for x in jax.tree.leaves(tr.state))

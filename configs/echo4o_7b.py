@@ -22,11 +22,16 @@ Every value with its source (../shared/docs/echo4o.md §3, bagel_architecture.md
 * the three Echo-4o-Image subsets mixed by weight proportional to their sizes (37,541 surreal fantasy,
   72,729 multi-reference, 67,958 instruction following; pie-data.ts). The real mixing ratio was not
   released.
-* Echo-4o's data has no text targets: CE is 0 in every step. The official loop trains on then (its
-  `assert not training_args.visual_und` for a step without CE tokens is commented out, in both stored
-  versions of train/pretrain_unified_navit.py), keeping the multi-reference samples' ViT conditions and the
-  ViT trainable (visual_und default True); so does this config. Whether the released run set
-  visual_und=False or mixed in understanding data is not in the release.
+* train.visual_und False: the ViT and connector are not run nor trained, the references' ViT tokens are zero
+  vectors in the sequence (the official model built without a ViT), the checkpoint keeps the base model's ViT
+  and connector. Why: with visual_und True the official forward needs a ViT image in every pack (the first
+  version fails on a pack without one, the later loop skips it), and on this data most packs have none (t2i
+  samples; a 1024-px multi-reference sample is over the per-sample limit; ViT copies dropped at 0.3), so no
+  official run trains this mix that way; Echo-4o ships scripts/merge_safetensors.py, which fills the modules a
+  visual_und=False checkpoint lacks. Not stated in the release. --config.train.visual_und=True trains the ViT
+  on the references' ViT features (and, unlike the official loop, trains the packs without a ViT image).
+* Echo-4o's data has no text targets: CE is 0 in every step (the official loop's assert for such a step is
+  commented out).
 * bf16 compute, fp32 master weights; remat on every layer (official: activation checkpointing on every
   decoder / SigLIP layer); FSDP over all devices (official: HYBRID_SHARD, shard 8 inside a node).
 """
@@ -95,6 +100,7 @@ def get_config():
     c.optim.schedule = "constant"
 
     c.train.steps = 24_000
+    c.train.visual_und = False  # see the docstring
     c.train.ema_decay = 0.9999
     c.train.ce_weight = 1.0
     c.train.mse_weight = 1.0

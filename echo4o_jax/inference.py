@@ -359,11 +359,14 @@ def _write(cache: KVCache, kv, meta: TokenMeta, kv_len) -> KVCache:
     return KVCache(nk, nv, nm)
 
 
-def _run(model: Bagel, x, n_und, meta, positions, cache, *, return_kv):
+def _run(model: Bagel, x, n_und, meta, positions, cache, *, return_kv, gen_mode: bool = False):
+    """The language model over the query tokens `x` with the cache as context. `gen_mode`: the official
+    `forward_inference(mode="gen")` calls (a VAE image's context update, the sampler's velocity), which
+    normalise and rotate queries and keys in float32 (`Qwen2MoT.__call__`'s `qk_float32`)."""
     c = model.cfg
     return model.llm(x, n_und, meta, positions, cache=cache, return_kv=return_kv,
                      attention_impl=c.attention_impl, block_q=c.attention_block_q, block_kv=c.attention_block_kv,
-                     tuning=c.attention_tuning)
+                     tuning=c.attention_tuning, qk_float32=gen_mode)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -390,8 +393,9 @@ def _image_block(model: Bagel, body: jax.Array, soi: int, eoi: int, split, order
     return jnp.concatenate([markers, body]), meta
 
 
-def _append_block(model: Bagel, cache, x, meta, n_und, rope, kv_len):
-    _, kv = _run(model, x, n_und, meta, jnp.full((x.shape[0],), rope, jnp.int32), cache, return_kv=True)
+def _append_block(model: Bagel, cache, x, meta, n_und, rope, kv_len, gen_mode: bool = False):
+    _, kv = _run(model, x, n_und, meta, jnp.full((x.shape[0],), rope, jnp.int32), cache, return_kv=True,
+                 gen_mode=gen_mode)
     return _write(cache, kv, meta, kv_len)
 
 
@@ -408,7 +412,7 @@ def _append_vae(graphdef, state, cache, tokens, lat_pos, rope, kv_len, split, so
     model = nnx.merge(graphdef, state)
     lat = model.embed_latents(tokens, jnp.zeros((tokens.shape[0],), jnp.float32), lat_pos)
     x, meta = _image_block(model, lat, soi, eoi, split, kv_len)
-    return _append_block(model, cache, x, meta, 2, rope, kv_len)
+    return _append_block(model, cache, x, meta, 2, rope, kv_len, gen_mode=True)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11, 12))
@@ -424,7 +428,7 @@ def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, 
         xq, meta = _image_block(model, lat, soi, eoi, _QUERY_ORDER, _QUERY_ORDER)
 
         def branch(cache, rope):
-            h = _run(model, xq, 2, meta, jnp.full((n + 2,), rope, jnp.int32), cache, return_kv=False)
+            h = _run(model, xq, 2, meta, jnp.full((n + 2,), rope, jnp.int32), cache, return_kv=False, gen_mode=True)
             return model.velocity(h[2:]).astype(jnp.float32)
 
         v = jax.vmap(branch)(caches, ropes)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from echo4o_jax.config import BagelConfig
+from echo4o_jax.config import BagelConfig, LLMConfig
 from echo4o_jax.model import keymap
 from echo4o_jax.model.attention import CAUSAL, FULL, NOISE, TokenMeta, attention, mask_from_meta
 from echo4o_jax.model.bagel import Bagel, bagel_key_rules
@@ -131,9 +131,52 @@ def test_bf16_activations_are_rounded_once_as_pytorch_computes_them():
         assert steps.max() <= 1.0, (name, float(steps.max()), float(x64[steps.argmax()]))
 
 
+def test_gen_mode_queries_and_keys_normalised_and_rotated_in_float32_as_the_official():
+    """The official `forward_inference(mode="gen")` (the sampler's velocity, a VAE image's context update) casts
+    bf16 queries / keys to float32 before q/k-norm and RoPE and rounds once after (`qk_float32`); training and
+    "und" mode round at each step. Written out here as the official does it, on a bf16 model at positions in
+    the thousands: the keys it caches agree (within one bf16 rounding; XLA may fuse the float32 ops in another
+    order) where the stepwise bf16 path differs on about half of them. RoPE positions must be integers."""
+    from echo4o_jax.model.layers import linear, rms_norm
+    from echo4o_jax.model.qwen2_mot import Qwen2MoT
+
+    cfg = LLMConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
+                    num_kv_heads=1, head_dim=32)
+    D, half = cfg.head_dim, cfg.head_dim // 2
+    llm = Qwen2MoT(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    rng = np.random.default_rng(0)
+    for expert in (llm.und, llm.gen):  # (norm weights not all ones: their product is rounded too)
+        for name in ("k_norm", "q_norm", "bk"):
+            a = getattr(expert, name)
+            a[...] = jnp.asarray(rng.normal(1.0, 0.3, a.shape), jnp.bfloat16)
+    L, n_und = 64, 3
+    x = jnp.asarray(rng.normal(0.0, 1.0, (L, cfg.hidden_size)), jnp.bfloat16)
+    pos = jnp.asarray(5000 + rng.integers(0, 3000, L), jnp.int32)
+    meta = TokenMeta(jnp.zeros(L, jnp.int32), jnp.zeros(L, jnp.int32), jnp.full(L, FULL, jnp.int32),
+                     jnp.arange(L, dtype=jnp.int32))
+    cos, sin = rope_cos_sin(pos, D, cfg.rope_theta, jnp.bfloat16)  # (the official's are in the input's dtype)
+    official = []
+    for rows, expert in ((slice(0, n_und), llm.und), (slice(n_und, L), llm.gen)):
+        p = {k: v[0] for k, v in expert.arrays().items()}
+        k = linear(rms_norm(x[rows], p["input_norm"], cfg.rms_norm_eps), p["wk"], p["bk"])
+        k = k.reshape(-1, cfg.num_kv_heads, D).astype(jnp.float32)  # .to(torch.float32), then k_norm, RoPE
+        k = p["k_norm"].astype(jnp.float32) * (k * jax.lax.rsqrt(jnp.mean(k * k, -1, keepdims=True) + cfg.rms_norm_eps))
+        c, s = cos[rows, None].astype(jnp.float32), sin[rows, None].astype(jnp.float32)
+        official.append((k * c + jnp.concatenate([-k[..., half:], k[..., :half]], -1) * s).astype(jnp.bfloat16))
+    want = np.asarray(jnp.concatenate(official).astype(jnp.float32))
+    got = {}
+    for gen_mode in (True, False):
+        _, kv = llm(x, n_und, meta, pos, return_kv=True, qk_float32=gen_mode, attention_impl="xla_dense")
+        got[gen_mode] = np.asarray(kv[0][0].astype(jnp.float32))
+    assert np.all(np.abs(got[True] - want) <= 2.0**-7 * np.abs(want)) and np.mean(got[True] != want) < 0.01
+    assert np.mean(got[False] != want) > 0.2
+    with pytest.raises(TypeError, match="RoPE positions must be integers"):
+        rope_cos_sin(pos.astype(jnp.bfloat16), D, cfg.rope_theta, jnp.bfloat16)
+
+
 def test_rope_rotate_half_explicit_values():
     # head_dim 4, theta 100: inv_freq = [1, 0.1]; x = e0 at position p -> [cos p, 0, sin p, 0]
-    p = 3.0
+    p = 3
     cos, sin = rope_cos_sin(jnp.asarray([p]), 4, 100.0, jnp.float32)
     out = np.asarray(apply_rope(jnp.asarray([[[1.0, 0.0, 0.0, 0.0]]]), cos, sin))[0, 0]
     np.testing.assert_allclose(out, [np.cos(p), 0, np.sin(p), 0], atol=1e-6)
@@ -276,6 +319,7 @@ def test_vit_and_connector_flops_match_xla(n):
     xla_fwd, xla_trained = _xla_flops(forward, state, x), _xla_flops(trained, state, x)
     assert 0.97 * xla_fwd <= ours_fwd <= xla_fwd, (ours_fwd, xla_fwd)
     assert 0.97 * xla_trained <= ours_trained <= xla_trained, (ours_trained, xla_trained)
+    assert flops.full_step_flops(cfg, 0, [], [n], 0, visual_und=False) == 0.0  # train.visual_und=False: not run
     # images attend only within themselves: a pack's count is the sum of its images' counts
     assert flops.vit_flops(cfg.vit, [n, 100]) == flops.vit_flops(cfg.vit, [n]) + flops.vit_flops(cfg.vit, [100])
 

@@ -76,6 +76,13 @@ def test_ema_update():
     p = {"a": jnp.asarray([3.0, 6.0])}
     out = ema_update(e, p, 0.75)
     np.testing.assert_allclose(np.asarray(out["a"]), [0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 6])
+    # frozen leaves (trainable False) keep their EMA bit for bit, as the official skips them: computed, an EMA
+    # equal to its weights drifts by rounding where the multiply and add round apart (eager here; a fused
+    # multiply-add keeps it)
+    w = jnp.asarray(np.random.default_rng(0).normal(0.0, 0.05, 10_000), jnp.float32)
+    e, p = {"a": w, "b": w}, {"a": w, "b": w}
+    out = ema_update(e, p, 0.9999, {"a": False, "b": True})
+    assert np.array_equal(out["a"], w) and not np.array_equal(out["b"], w)
 
 
 def test_bad_config_values_rejected_before_compiling():
@@ -614,18 +621,24 @@ def test_an_unreachable_profile_start_is_said(tmp_path, capsys):
         assert capsys.readouterr().out == ""
 
 
+def _tiny_trainer(tmp_path, **train):
+    """A synthetic_tiny Trainer with `train.<key>=value` set (no warm-up, no TensorBoard), its params before any
+    step, its first batch and that batch on device."""
+    c = load_config("synthetic_tiny")
+    for k, v in train.items():
+        c.train[k] = v
+    c.optim.warmup_steps = 0
+    c.log.tensorboard = False
+    tr = Trainer(c, tmp_path)
+    batch = next(tr.source)
+    return tr, jax.device_get(tr.state["params"]), batch, tr._device_batch(batch)
+
+
 def test_freeze_flags_as_the_official(tmp_path):
     """train.freeze_vit / freeze_llm = the official `requires_grad = False` on the ViT / the language model:
     their gradients are zero (so the clipped global norm is the trained parameters' norm), every other
     gradient is unchanged, they never move, and everything else trains (the connector too)."""
-    c = load_config("synthetic_tiny")
-    c.train.freeze_vit = True
-    c.optim.warmup_steps = 0
-    c.log.tensorboard = False
-    tr = Trainer(c, tmp_path)
-    before = jax.device_get(tr.state["params"])
-    batch = next(tr.source)
-    dev = tr._device_batch(batch)
+    tr, before, batch, dev = _tiny_trainer(tmp_path, freeze_vit=True)
 
     def grads(trainable):
         f = make_loss_and_grads(tr.graphdef, tr.buffers, tr.vae_graphdef, patch=tr.cfg.latent_patch_size,
@@ -649,6 +662,61 @@ def test_freeze_flags_as_the_official(tmp_path):
     for top in before:
         moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[top]), jax.tree.leaves(after[top]))]
         assert (not any(moved)) if top == "vit" else all(moved), (top, moved)
+    # the EMA of frozen weights stays the weights (the official fsdp_ema_update skips them; updating it anyway
+    # drifts it by the rounding of decay * e + (1 - decay) * e)
+    for a, b in zip(jax.tree.leaves(before["vit"]), jax.tree.leaves(jax.device_get(tr.state["ema"]["vit"]))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_visual_und_off_as_the_official_model_without_a_vit(tmp_path):
+    """train.visual_und=False (the official flag; configs/echo4o_7b.py): the ViT tokens' slots enter the language
+    model as zero vectors at their places (the official `new_zeros` sequence, no ViT), so nothing depends on the
+    ViT's pixels or weights, the other rows are those of visual_und=True; the ViT and connector get no gradient,
+    never move and keep their EMA; everything else trains."""
+    from echo4o_jax.model.bagel import forward_packed
+    from echo4o_jax.packing import normalize_images
+
+    tr, before, batch, dev = _tiny_trainer(tmp_path, visual_und=False)
+    vit_rows = np.asarray(batch.vit_image_id[0]) >= 0
+    assert vit_rows.any()  # the synthetic packs hold ViT images
+    one = jax.tree.map(lambda x: x[0], normalize_images(dev))
+    model = nnx.merge(tr.graphdef, tr.state["params"], tr.buffers)
+    zeros = jnp.zeros(one["latent_pos_ids"].shape + (tr.cfg.patch_latent_dim,))
+    x = {und: np.asarray(forward_packed(model, one, zeros, zeros, debug=True, visual_und=und)["dbg_llm_input"])
+         for und in (True, False)}
+    Ct = one["text_ids"].shape[0]
+    vit_slots = slice(Ct, Ct + one["vit_patches"].shape[0])
+    assert not np.any(x[False][vit_slots]) and np.any(x[True][vit_slots][vit_rows])
+    rest = np.ones(len(x[False]), bool)
+    rest[vit_slots] = False
+    np.testing.assert_array_equal(x[False][rest], x[True][rest])
+
+    def loss_and_grads(params, dev, visual_und):
+        f = make_loss_and_grads(tr.graphdef, tr.buffers, tr.vae_graphdef, patch=tr.cfg.latent_patch_size,
+                                ce_weight=1.0, mse_weight=1.0, visual_und=visual_und)
+        return jax.device_get(jax.jit(f)(params, tr.vae_state, dev, None, jax.random.key(1)))
+
+    (loss, _), g = loss_and_grads(tr.state["params"], dev, False)
+    (loss_on, _), _ = loss_and_grads(tr.state["params"], dev, True)
+    assert loss != loss_on  # (the ViT features count when it is on)
+    other = dict(dev, vit_patches=jnp.ones_like(dev["vit_patches"]) * 7)
+    other_params = dict(tr.state["params"], vit=jax.tree.map(lambda w: w + 1.0, tr.state["params"]["vit"]))
+    assert loss_and_grads(tr.state["params"], other, False)[0][0] == loss
+    assert loss_and_grads(other_params, dev, False)[0][0] == loss
+    for top in ("vit", "connector_fc1", "connector_fc2"):
+        assert not any(np.any(a) for a in jax.tree.leaves(g[top])), top
+
+    tr.compile(batch)
+    for _ in range(2):
+        assert tr.train_step(batch)["ok"] == 1.0
+    after, ema = jax.device_get(tr.state["params"]), jax.device_get(tr.state["ema"])
+    for top in before:
+        still = top in ("vit", "connector_fc1", "connector_fc2")
+        moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[top]), jax.tree.leaves(after[top]))]
+        assert (not any(moved)) if still else all(moved), (top, moved)
+        if still:
+            for a, b in zip(jax.tree.leaves(before[top]), jax.tree.leaves(ema[top])):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_freeze_und_reaches_the_model():

@@ -181,8 +181,11 @@ def _meta(batch: Mapping[str, jax.Array]) -> TokenMeta:
 
 
 def forward_packed(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Array, latent_tokens: jax.Array,
-                   *, debug: bool = False) -> dict[str, jax.Array]:
+                   *, debug: bool = False, visual_und: bool = True) -> dict[str, jax.Array]:
     """One packed sequence (no batch axis), laid out [text | vit | vae] (see `echo4o_jax.packing`).
+    `visual_und=False` is the official training flag's other mode: the ViT and connector are not run, the ViT
+    tokens' slots stay zero vectors (with their positions, in the understanding stream) as the official
+    `packed_sequence = new_zeros(...)` leaves them.
 
     latent_tokens: clean VAE latent tokens x0 [Cg, p*p*z] (from `latent_tokens_from_latents`);
     noise: eps of the same shape. Returns per-token outputs:
@@ -196,7 +199,9 @@ def forward_packed(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Arra
     Cv = batch["vit_patches"].shape[0]
     text = model.llm.embed_tokens(batch["text_ids"], dt)
     parts = [text]
-    if Cv:
+    if Cv and not visual_und:
+        parts.append(jnp.zeros((Cv, text.shape[-1]), text.dtype))
+    elif Cv:
         with jax.named_scope("vit"):
             parts.append(model.embed_vit(batch["vit_patches"], batch["vit_pos_ids"], batch["vit_image_id"],
                                          debug=dbg))
@@ -237,15 +242,17 @@ def forward_packed(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Arra
 
 def packed_loss(model: Bagel, batch: Mapping[str, jax.Array], noise: jax.Array, latent_tokens: jax.Array,
                 *, ce_weight: float = 1.0, mse_weight: float = 1.0, ce_reweighting: bool = False,
+                visual_und: bool = True,
                 batch_axes: tuple[str, ...] = ("data", "fsdp")) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss over a batch of packs (leading axis B on every array), normalised as the official code:
     CE = sum / (global count of CE tokens), MSE = (mean over channels, summed over tokens) / (global
     count of MSE tokens); loss = ce_weight * CE + mse_weight * MSE. `ce_reweighting` (the official
     `ce_loss_reweighting`, off by default): CE = sum of ce * `text_ce_weight` (1 / sqrt(the length of its
     text segment)) / (global sum of those weights). Under a mesh the packs' axis stays
-    sharded over `batch_axes` inside the model (vmap spmd_axis_name + `qwen2_mot.pin_activation`)."""
+    sharded over `batch_axes` inside the model (vmap spmd_axis_name + `qwen2_mot.pin_activation`).
+    `visual_und`: see `forward_packed`."""
     def one(b, n, x0):
-        return forward_packed(model, b, n, x0)
+        return forward_packed(model, b, n, x0, visual_und=visual_und)
 
     out = jax.vmap(one, spmd_axis_name=batch_axes)(dict(batch), noise, latent_tokens)
     ce_count = jnp.sum(out["ce_mask"])

@@ -101,7 +101,10 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
-    """HF default RoPE: float32 angles, [angles, angles] layout, cast to the activation dtype."""
+    """HF default RoPE: float32 angles, [angles, angles] layout, cast to the activation dtype. Positions must be
+    integers (a bfloat16 position is exact only up to 256: 10,000 would rotate as 9,984)."""
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TypeError(f"RoPE positions must be integers, got {positions.dtype}")
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     emb = jnp.concatenate([ang, ang], axis=-1)

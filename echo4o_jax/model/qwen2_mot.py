@@ -123,6 +123,7 @@ class Qwen2MoT(nnx.Module):
         remat: str = "none",
         return_layer_outputs: bool = False,
         freeze_und: bool = False,
+        qk_float32: bool = False,
     ):
         """x [L, H] laid out as [und stream (n_und) | gen stream]; returns hidden [L, H] (after the
         per-expert final norms when `final_norm`), plus per-layer (k, v) [num_layers, L, KVH, D] when
@@ -131,7 +132,11 @@ class Qwen2MoT(nnx.Module):
         `freeze_und` (training): as the official `freeze_und`, no gradient flows along an understanding token's
         paths: its input, its queries, keys and values, its attention and MLP outputs and its final norm are
         detached (the gen tokens still read its keys and values, as constants), so no understanding-expert
-        weight gets a gradient; the LM head still does, from the CE on those (constant) hidden states."""
+        weight gets a gradient; the LM head still does, from the CE on those (constant) hidden states.
+        `qk_float32` (inference in the official "gen" mode: the sampler's velocity and a VAE image's context
+        update): queries and keys are normalised and rotated in float32 and rounded to the compute dtype once, as
+        the official `forward_inference(mode="gen")` does (its training and "und" mode round at each step, as
+        here without it). A no-op in float32."""
         c = self.cfg
         L = x.shape[0]
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
@@ -144,6 +149,8 @@ class Qwen2MoT(nnx.Module):
             q = linear(h, p["wq"], p["bq"]).reshape(n, c.num_heads, c.head_dim)
             k = linear(h, p["wk"], p["bk"]).reshape(n, c.num_kv_heads, c.head_dim)
             v = linear(h, p["wv"], p["bv"]).reshape(n, c.num_kv_heads, c.head_dim)
+            if qk_float32:
+                q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             return rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps), v
 
         def mlp(h, p):
@@ -165,7 +172,7 @@ class Qwen2MoT(nnx.Module):
             with jax.named_scope("qkv"):
                 q, k, v = per_expert(qkv, h, pu, pg, detach_und=True)
             with jax.named_scope("rope"):
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                q, k = apply_rope(q, cos, sin).astype(x.dtype), apply_rope(k, cos, sin).astype(x.dtype)
             keys, vals = (k, v) if ck is None else (jnp.concatenate([ck, k]), jnp.concatenate([cv, v]))
             with jax.named_scope("attention"):
                 o = attention(q, keys, vals, meta, key_meta, scale=scale, impl=attention_impl, block_q=block_q,

@@ -62,6 +62,8 @@ def base_config() -> ConfigDict:
         vit_dropout=0.3,
         vae_dropout=0.3,
     ))
+    # weight_decay: not an official setting (its AdamW hard-codes 0); a non-zero value decays every parameter,
+    # norms, biases and embeddings included (optax.adamw without a mask)
     c.optim = ConfigDict(dict(
         lr=1e-4, b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, warmup_steps=2000, schedule="constant",
         min_lr=1e-7, grad_clip=1.0,
@@ -76,6 +78,11 @@ def base_config() -> ConfigDict:
         # as the official flags: freeze_vit / freeze_llm = requires_grad False on the SigLIP ViT / the whole
         # language model (no gradient, no update); freeze_und detaches the understanding tokens' paths in the model
         freeze_und=False, freeze_vit=False, freeze_llm=False, skip_nonfinite=False,
+        # the official flag: True, the ViT features of the references condition the target and the ViT + connector
+        # train (a pack without any ViT image trains too; the official loop skips it, or fails on it in its first
+        # version); False, the ViT and connector are not run nor trained, the ViT tokens' slots are zero vectors
+        # (as the official model without a ViT), and the checkpoint keeps the base model's ViT and connector
+        visual_und=True,
         debug_step_delay=0.0,     # seconds slept after each step (tests of kill / resume only)
         # persistent XLA compilation cache: a folder (local or gs://) where compiled steps are kept, so that a
         # rerun or resume of the same step skips its compile; "" = none. JAX_COMPILATION_CACHE_DIR, when set,

@@ -82,11 +82,11 @@ def vae_encoder_flops(c: VAEConfig, image_hw) -> float:
 
 
 def full_step_flops(cfg: BagelConfig, num_tokens: int, sample_lens, vit_image_patches, vae_tokens: int,
-                    vae_image_hw=(), *, freeze_vit: bool = False) -> float:
+                    vae_image_hw=(), *, freeze_vit: bool = False, visual_und: bool = True) -> float:
     """`step_flops` plus the rest of the model for one pack: ViT (forward; + backward when trained), the
     connector on the ViT tokens, the time embedder and vae2llm / llm2vae on the `vae_tokens` latent tokens
     (forward + backward), and the VAE encoder's forward on `vae_image_hw` (empty when the latents were
-    precomputed)."""
+    precomputed). `visual_und=False` (train.visual_und): the ViT and connector are not run."""
     H = cfg.llm.hidden_size
     n_vit = float(np.sum(np.asarray(vit_image_patches, np.float64)))
     connector = 2 * n_vit * (cfg.vit.hidden_size * H + H * H)
@@ -96,6 +96,7 @@ def full_step_flops(cfg: BagelConfig, num_tokens: int, sample_lens, vit_image_pa
     # trained: forward + backward (2x), less the patch embedding's input gradient (the pixels need none)
     patch_dx = 2 * n_vit * cfg.vit.patch_dim * cfg.vit.hidden_size
     vision = vit + 2 * connector if freeze_vit else 3 * (vit + connector) - patch_dx
+    vision = vision if visual_und else 0.0
     return step_flops(cfg.llm, num_tokens, sample_lens) + vision + 3 * latent + vae_encoder_flops(cfg.vae, vae_image_hw)
 
 

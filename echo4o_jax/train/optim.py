@@ -45,7 +45,9 @@ def schedule_count(opt_state, default):
     return states[0].count if states else default
 
 
-def ema_update(ema, params, decay: float):
-    """ema <- decay * ema + (1 - decay) * params (in the EMA's dtype)."""
-    return jax.tree.map(lambda e, p: (decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype),
-                        ema, params)
+def ema_update(ema, params, decay: float, trainable=None):
+    """ema <- decay * ema + (1 - decay) * params (in the EMA's dtype); where `trainable` (a bool tree like
+    params) is False, the EMA is kept as it is."""
+    def one(e, p, t=True):
+        return (decay * e.astype(jnp.float32) + (1.0 - decay) * p.astype(jnp.float32)).astype(e.dtype) if t else e
+    return jax.tree.map(one, ema, params) if trainable is None else jax.tree.map(one, ema, params, trainable)

@@ -64,13 +64,17 @@ def encode_batch_latents(vae, batch, patch: int, rng: jax.Array | None = None) -
     return jax.lax.stop_gradient(gather(lat, batch["vae_image_index"], batch["vae_token_hw"]))
 
 
-def trainable_mask(params: dict, *, freeze_vit: bool = False, freeze_llm: bool = False) -> dict:
+def trainable_mask(params: dict, *, freeze_vit: bool = False, freeze_llm: bool = False,
+                   visual_und: bool = True) -> dict:
     """Bool tree over the Param pure dict: False = frozen, as the official `requires_grad = False`: no
     gradient (the loss sees it through `stop_gradient`, so it adds nothing to the clipped norm and its
-    backward is not computed) and no update. `freeze_vit`: the SigLIP ViT (the connector still trains);
-    `freeze_llm`: the whole language model, both experts. (`freeze_und` is not a mask: as the official,
-    it detaches the understanding tokens' paths inside the model.)"""
-    frozen_tops = ({"vit"} if freeze_vit else set()) | ({"llm"} if freeze_llm else set())
+    backward is not computed), no update and no EMA update. `freeze_vit`: the SigLIP ViT (the connector still
+    trains); `freeze_llm`: the whole language model, both experts; `visual_und=False`: the ViT and the
+    connector, which the step does not run (the official model has none then: its checkpoint lacks them and
+    Echo-4o's merge_safetensors.py takes them from the base model, as they stay here). (`freeze_und` is not a
+    mask: as the official, it detaches the understanding tokens' paths inside the model.)"""
+    frozen_tops = (({"vit"} if freeze_vit else set()) | ({"llm"} if freeze_llm else set())
+                   | (set() if visual_und else {"vit", "connector_fc1", "connector_fc2"}))
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[0], "key", path[0]) not in frozen_tops,
                                             params)
 
@@ -82,13 +86,13 @@ def init_train_state(params: dict, tx: optax.GradientTransformation, seed: int) 
 
 def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weight: float, mse_weight: float,
                         vae_posterior: str = "sample", ce_reweighting: bool = False,
-                        trainable: dict | None = None) -> Callable:
+                        trainable: dict | None = None, visual_und: bool = True) -> Callable:
     """f(params, vae_state, batch, noise | None, rng) -> ((loss, aux), grads). The frozen VAE encodes the
     batch's images (or the batch carries precomputed `vae_moments`); the latent is the posterior mean or,
     with `vae_posterior="sample"`, a sample drawn with its own key: `rng` is split into (noise key,
     posterior key). With "mean", `rng` is the noise key as it is (and may be None when `noise` is given);
     noise is drawn unless given ([B, Cg, p*p*z]). `trainable` (`trainable_mask`): frozen parameters get
-    exactly zero gradients."""
+    exactly zero gradients. `visual_und=False`: the ViT tokens are zero vectors (`bagel.forward_packed`)."""
     sample = check_vae_posterior(vae_posterior) == "sample"
 
     def loss_of(params, batch, noise, x0):
@@ -96,7 +100,7 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
             params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
         model = nnx.merge(graphdef, params, buffers)
         return packed_loss(model, batch, noise, x0, ce_weight=ce_weight, mse_weight=mse_weight,
-                           ce_reweighting=ce_reweighting)
+                           ce_reweighting=ce_reweighting, visual_und=visual_und)
 
     def f(params, vae_state, batch, noise, rng):
         # uint8 pixel batches (the data pipeline's) -> the float32 [-1, 1] arrays of a float pack, on device
@@ -116,33 +120,37 @@ def make_loss_and_grads(graphdef, buffers, vae_graphdef, *, patch: int, ce_weigh
     return f
 
 
-def apply_update(state: dict, grads, tx: optax.GradientTransformation, ema_decay: float) -> dict:
-    """The optimizer and EMA part of a step: dict(params, ema, opt_state) after `grads` (fp32, per param)."""
+def apply_update(state: dict, grads, tx: optax.GradientTransformation, ema_decay: float,
+                 trainable: dict | None = None) -> dict:
+    """The optimizer and EMA part of a step: dict(params, ema, opt_state) after `grads` (fp32, per param).
+    Frozen parameters (`trainable` False) keep their EMA as it is, as the official `fsdp_ema_update` skips
+    them (the EMA's rounding would drift it from the weights it equals)."""
     with jax.named_scope("optimizer"):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        return dict(params=params, ema=ema_update(state["ema"], params, ema_decay), opt_state=opt_state)
+        return dict(params=params, ema=ema_update(state["ema"], params, ema_decay, trainable), opt_state=opt_state)
 
 
 def make_train_step(graphdef, buffers, vae_graphdef, tx: optax.GradientTransformation, schedule: Callable,
                     *, patch: int, ce_weight: float, mse_weight: float, ema_decay: float,
                     vae_posterior: str = "sample", ce_reweighting: bool = False,
-                    trainable: dict | None = None) -> Callable:
+                    trainable: dict | None = None, visual_und: bool = True) -> Callable:
     """step(state, vae_state, batch) -> (state, metrics). `state` = dict(params, ema, opt_state, step, rng).
     A non-finite loss or gradient norm leaves params / EMA / optimizer state untouched (metrics['ok'] = 0).
     The step's key (split from `state["rng"]`) draws the noise and, with `vae_posterior="sample"`, the
     posterior sample (`make_loss_and_grads`). `trainable`: the frozen parameters' gradients are zero; `tx`
-    leaves them unchanged (`optimizer_from_config` builds both from one mask)."""
+    leaves them unchanged and the EMA too (`optimizer_from_config` builds both from one mask). `visual_und`:
+    see `make_loss_and_grads`."""
     loss_and_grads = make_loss_and_grads(graphdef, buffers, vae_graphdef, patch=patch, ce_weight=ce_weight,
                                          mse_weight=mse_weight, vae_posterior=vae_posterior,
-                                         ce_reweighting=ce_reweighting, trainable=trainable)
+                                         ce_reweighting=ce_reweighting, trainable=trainable, visual_und=visual_und)
 
     def step(state: dict, vae_state, batch: dict[str, jax.Array]):
         rng, k_step = jax.random.split(state["rng"])
         (loss, aux), grads = loss_and_grads(state["params"], vae_state, batch, None, k_step)
 
         def apply(_):
-            return dict(apply_update(state, grads, tx, ema_decay), step=state["step"] + 1, rng=rng)
+            return dict(apply_update(state, grads, tx, ema_decay, trainable), step=state["step"] + 1, rng=rng)
 
         def keep(_):
             return dict(state, step=state["step"] + 1, rng=rng)

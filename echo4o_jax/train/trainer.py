@@ -156,7 +156,8 @@ def optimizer_from_config(config, params) -> tuple[Any, Any, dict | None]:
     (frozen: zero gradient), so they cannot disagree."""
     o, t = config.optim, config.train
     schedule = lr_schedule(float(o.lr), int(o.warmup_steps), int(t.steps), o.schedule, float(o.min_lr))
-    mask = trainable_mask(params, freeze_vit=bool(t.freeze_vit), freeze_llm=bool(t.freeze_llm))
+    mask = trainable_mask(params, freeze_vit=bool(t.freeze_vit), freeze_llm=bool(t.freeze_llm),
+                          visual_und=bool(t.visual_und))
     trainable = None if all(jax.tree.leaves(mask)) else mask
     tx = make_optimizer(schedule, b1=float(o.b1), b2=float(o.b2), eps=float(o.eps), weight_decay=float(o.weight_decay),
                         grad_clip=float(o.grad_clip), trainable_mask=trainable)
@@ -168,7 +169,7 @@ def _optimizer_layout(config) -> dict:
     frozen parts (a masked optimizer). `config`: a training config, or one as a dict (a run's config.json)."""
     o, t = (config["optim"], config["train"]) if isinstance(config, dict) else (config.optim, config.train)
     return {"optim.grad_clip > 0": float(o["grad_clip"]) > 0, "train.freeze_vit": bool(t.get("freeze_vit", False)),
-            "train.freeze_llm": bool(t.get("freeze_llm", False))}
+            "train.freeze_llm": bool(t.get("freeze_llm", False)), "train.visual_und": bool(t.get("visual_und", True))}
 
 
 def opt_state_shardings(abs_opt, param_sh, mesh):
@@ -192,7 +193,8 @@ def train_step_from_config(config, cfg: BagelConfig, graphdef, buffers, vae_grap
     return make_train_step(graphdef, buffers, vae_graphdef, tx, schedule, patch=cfg.latent_patch_size,
                            ce_weight=float(t.ce_weight), mse_weight=float(t.mse_weight),
                            ema_decay=float(t.ema_decay), vae_posterior=str(config.model.vae_posterior),
-                           ce_reweighting=bool(t.ce_loss_reweighting), trainable=trainable)
+                           ce_reweighting=bool(t.ce_loss_reweighting), trainable=trainable,
+                           visual_und=bool(t.visual_und))
 
 
 def _error_summary(e: BaseException) -> str:
