@@ -444,6 +444,7 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
         assert ib["summary"]["overall"] == pytest.approx((3 * per + 2 * 0 + 2 * per) / 7)
         md = (out / "summary.md").read_text()
         assert md.startswith("# Evaluation of tiny") and "# GenEval++: tiny" in md and "# Imagine-Bench: tiny" in md
+        assert "SUBSET" not in md and "subset" not in gb and "subset" not in ib  # every prompt: no --limit
 
         # judge counters: each results.json has its own benchmark's; summary.json the run's total
         res_g = json.loads((out / "geneval_pp" / "results.json").read_text())["judge_stats"]
@@ -726,6 +727,24 @@ def _two_benches(tmp_path, gpp_rows=None):
 
 def _image_bytes(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+
+def test_a_limited_run_is_marked_as_a_subset_not_a_benchmark_score(tmp_path, monkeypatch, capsys):
+    """--limit N (a smoke test, or capped API spend): the results say which prompts of how many they hold, in
+    summary.json, results.json and above the score table that sets the score beside the published ones."""
+    monkeypatch.setitem(sys.modules, "echo4o_jax.generate", _fake_generate_module([]))
+    gpp = write_jsonl(tmp_path / "bench" / "geneval_pp.jsonl", _gpp_rows()[:3])
+    out = tmp_path / "out"
+    with FakeOpenAIServer(chat_handler=lambda req: '{"correct": 1, "reason": "ok"}') as s:
+        rep = eval_run.main(["--ckpt", str(tmp_path / "ckpt"), "--bench", "geneval_pp", "--out", str(out),
+                             "--geneval-pp-prompts", str(gpp), "--limit", "2", *judge_args(s)])
+    note = "SUBSET: the first 2 of 3 prompts (--limit): a smoke test, not comparable with the benchmark's scores"
+    assert rep["complete"] and rep["benchmarks"]["geneval_pp"]["subset"] == note
+    assert json.loads((out / "summary.json").read_text())["benchmarks"]["geneval_pp"]["subset"] == note
+    assert json.loads((out / "geneval_pp" / "results.json").read_text())["source"]["subset"] == note
+    for md in ((out / "summary.md").read_text(), (out / "geneval_pp" / "summary.md").read_text()):
+        assert md.index(f"**{note}.**") < md.index("| Model")
+    assert f"n_judge_failures=0 ({note})\n" in capsys.readouterr().out
 
 
 def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys):

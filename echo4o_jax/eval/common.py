@@ -69,13 +69,41 @@ def number_arg(kind: type, low: float, *, above: bool = False):
 positive_int = number_arg(int, 1)
 
 
-def take(items: list, limit: int | None) -> list:
-    """The first `limit` items (all with None); a limit below 1 is an error."""
-    if limit is None:
-        return items
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+class Taken(list):
+    """The items a prompt file's `--limit` kept; `of`: how many the file holds."""
+    of: int
+
+
+def take(items: list, limit: int | None) -> Taken:
+    """The first `limit` items (all with None), knowing how many there were; a limit below 1 is an error."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UsageError(f"limit {limit!r}: must be a positive integer (or None for all)")
-    return items[:limit]
+    out = Taken(items if limit is None else items[:limit])
+    out.of = len(items)
+    return out
+
+
+def subset_note(items) -> str | None:
+    """What a --limit left out, for a benchmark's results (`source.subset` of results.json, a banner in its
+    summary.md; None when every prompt is there): its score is then a smoke test's, not comparable with the
+    benchmark's published scores beside it."""
+    total = getattr(items, "of", len(items))
+    if len(items) >= total:
+        return None
+    return (f"SUBSET: the first {len(items)} of {total} prompts (--limit): a smoke test, not comparable with the "
+            "benchmark's scores")
+
+
+def subset_source(items) -> dict:
+    """{"subset": subset_note(items)} for a results document's `source` ({} for a whole benchmark)."""
+    note = subset_note(items)
+    return {"subset": note} if note else {}
+
+
+def subset_banner(doc: dict) -> list[str]:
+    """summary.md's lines on a --limit run (`subset_note`), under its title; [] for a whole benchmark."""
+    note = (doc.get("source") or {}).get("subset")
+    return [f"**{note}.**", ""] if note else []
 
 
 def image_name(stem: str, k: int, ext: str = "png") -> str:
@@ -425,6 +453,8 @@ def summary_markdown(parts: list[str], doc: dict) -> str:
     note = incomplete_note(doc)
     if note:
         parts = parts[:1] + ["", f"**INCOMPLETE: {note}**"] + parts[1:]
+    if subset_banner(doc):
+        parts = parts[:1] + [""] + subset_banner(doc)[:1] + parts[1:]
     return "\n".join(parts + problem_lists(doc)) + "\n"
 
 
@@ -591,5 +621,6 @@ def run_benchmark(args, *, public_url: str, public_md5: str, load_items, evaluat
     doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
                    template=template_arg(args.template, default_template), label=args.label,
                    progress=not args.no_progress,
-                   source={"prompts": str(prompts), "prompts_md5": md5sum(prompts)})
+                   source={"prompts": str(prompts), "prompts_md5": md5sum(prompts),
+                           **subset_source(items)})
     return doc, judge

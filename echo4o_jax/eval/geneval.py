@@ -468,7 +468,7 @@ def markdown(doc: dict) -> str:
     rows = [[f"**{doc['label']}** (this run)"] + [s["tasks"].get(t, {}).get("accuracy") for t in tags]
             + [s["overall"]]]
     rows += [[name] + [vals.get(t) for t in tags] + [vals.get("overall")] for name, vals in GENEVAL_REPORTED.items()]
-    parts = [f"# {TITLE}: {doc['label']}", ""]
+    parts = [f"# {TITLE}: {doc['label']}", ""] + common.subset_banner(doc)
     if doc["incomplete"]:
         parts += [f"**INCOMPLETE: {doc['incomplete']}**", ""]
     parts += [
@@ -517,7 +517,8 @@ def main(argv=None) -> dict:
     prompts = common.resolve_prompts(args.prompts, PUBLIC_URL, PUBLIC_MD5, args.fetch)
     items = load_items(prompts, args.limit)
     doc = evaluate(items, args.images, None, args.out, num_images=args.num_images, label=args.label,
-                   source={"prompts": str(prompts), "prompts_md5": common.md5sum(prompts)},
+                   source={"prompts": str(prompts), "prompts_md5": common.md5sum(prompts),
+                           **common.subset_source(items)},
                    detector_results=args.detector_results)
     s = doc["summary"]
     print(f"{TITLE} overall {common.fmt(s['overall'], 4)} (mean of {len(s['tasks'])} task scores)"

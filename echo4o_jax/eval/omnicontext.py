@@ -358,7 +358,8 @@ def main(argv=None) -> dict:
     judge = common.judge_from_args(args, args.out)
     doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
                    templates=templates, label=args.label, progress=not args.no_progress,
-                   source={"data": str(args.data)})
+                   source={"data": str(args.data),
+                           **common.subset_source(items)})
     s = doc["summary"]
     print(f"{TITLE} overall ({s['n_tasks']} tasks) {common.fmt(s['overall_8'], 3)}, Echo-4o avg (MULTIPLE, SCENE) "
           f"{common.fmt(s['echo4o_avg'], 3)}{'' if doc['complete'] else ' INCOMPLETE'}; images {s['n_images']}, "

@@ -625,6 +625,8 @@ def main(argv=None) -> dict:
         images_dir = out / name / "images"
         entry = {"prompts": str(path), "items": len(items), "images_dir": str(images_dir), "ckpt": ident[0],
                  "ckpt_step": ident[1], "label": label}
+        subset = common.subset_source(items)  # {"subset": what --limit left out} or {}
+        entry.update(subset)
         if gen_api is not None:
             entry["generation"] = generate(plans[name], args, _gen_args(gen_args, name), gen_api)
             entry["complete"] = not entry["generation"].get("not_written")
@@ -632,7 +634,8 @@ def main(argv=None) -> dict:
             record = images_dir / GENERATION_RECORD
             kw = dict(num_images=_num_images(args, name), label=label, progress=not args.no_progress,
                       source={"prompts": str(path), "ckpt": ident[0], "ckpt_step": ident[1],
-                              "generation_record": str(record) if record.is_file() else None})
+                              "generation_record": str(record) if record.is_file() else None,
+                              **subset})
             if name == "omnicontext":
                 kw["templates"] = {k: templates[v] for k, v in omnicontext.TEMPLATES.items() if v in templates}
             elif name == "geneval":
@@ -683,13 +686,14 @@ def main(argv=None) -> dict:
             e = report["benchmarks"][name]
             g = e["generation"]
             print(f"{name}: {g['generated']} of {g['requests']} requests generated -> {e['images_dir']}"
-                  + ("" if e["complete"] else " INCOMPLETE"))
+                  + ("" if e["complete"] else " INCOMPLETE") + (" (SUBSET: --limit)" if e.get("subset") else ""))
         if s:
             head = {k: v for k, v in s.items() if k in ("score", "overall", "overall_official_script", "overall_8",
                                                         "echo4o_avg", "n_missing", "n_unreadable",
                                                         "n_judge_failures", "n_unscored")}
             print(f"{name}: " + ", ".join(f"{k}={common.fmt(v, 4)}" for k, v in head.items())
-                  + ("" if report["benchmarks"][name]["complete"] else " INCOMPLETE"))
+                  + ("" if report["benchmarks"][name]["complete"] else " INCOMPLETE")
+                  + (f" ({report['benchmarks'][name]['subset']})" if report["benchmarks"][name].get("subset") else ""))
     return report
 
 
