@@ -743,6 +743,10 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
         _remove_when_quiet(tmp)
         _raise_if_disk_full(e, dest, bagel_plan.out_bytes + vae_plan.out_bytes)  # (not the source's: --dtype)
         raise
+    if not any(p.name in ("tokenizer.json", "vocab.json") for p in side_files):
+        print(f"note: {src} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): the converted "
+              "checkpoint takes token ids only (generate --prompt-ids; training from it needs data.tokenizer); copy "
+              "the release's tokenizer files into the output to use text", file=sys.stderr)
     return manifest
 
 

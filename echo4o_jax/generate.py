@@ -380,7 +380,9 @@ class Generator:
             if not prompt.strip():
                 raise GenerateError(f"prompt {prompt!r} is empty: give a prompt")
             if self.tokenizer is None:
-                raise GenerateError(f"{self.ckpt} has no tokenizer files: give prompt ids instead of text")
+                raise GenerateError(f"{self.ckpt} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
+                                    "give token ids instead of text (--prompt-ids 1,2,3; `prompt_ids` in a "
+                                    "--prompts request), or copy the release's tokenizer files into the folder")
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         else:
             raise GenerateError("a request needs `prompt` (or `prompt_ids`)")
@@ -1324,6 +1326,8 @@ def _run(args) -> int:
         res = gen.understand(args.prompt, prompt_ids=prompt_ids, images=args.image,
                              max_new_tokens=max_new_tokens, think=args.think)
         print(res["answer"])
+        if gen.tokenizer is None:
+            print(f"(token ids: {args.ckpt} has no tokenizer files to turn them into text)", file=sys.stderr)
         rec = dict(**_inputs_record(gen, args.prompt, args.image), prompt_ids=prompt_ids, think=args.think,
                    max_new_tokens=max_new_tokens, **res)
         _write_single(args.out, [(args.out / "answer.json", _json_writer(rec))])

@@ -882,6 +882,9 @@ def test_cli_round_trip(golden_dir, tmp_path, capsys):
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1])["dtype"] == "bfloat16"
     assert "tensors" in p.stderr  # the progress bar
+    # the golden folder has no tokenizer files: said, with what the checkpoint then takes
+    assert f"note: {golden_dir} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt)" in p.stderr
+    assert "generate --prompt-ids" in p.stderr
     assert to_torch.main(["--ckpt", str(mid), "--out", str(back), "--dtype", "bfloat16", "--max-shard-size", "100KB",
                           "--no-progress"]) == 0
     want = {k: v.astype(BF16) for k, v in tensors_of(golden_dir, "ema.safetensors").items()}

@@ -672,6 +672,10 @@ def test_bad_flags_are_refused_before_the_weights_load(golden_dir, tmp_path, no_
         (["--ckpt", str(golden_dir), "--prompt", "   ", "--image", str(img), "--understand"],
          "error: prompt '   ' is empty"),
         (base + ["--vae-transform", "64", "200"], "error: --vae-transform 64 200: expected MAX MIN with 0 < MIN <= MAX"),
+        # a folder without tokenizer files (the golden one): which flag takes token ids
+        (["--ckpt", str(golden_dir), "--prompt", "a cat", "--size", "32x32"],
+         f"error: {golden_dir} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): give token ids "
+         "instead of text (--prompt-ids 1,2,3"),
     ]
     for argv, start in cases:
         err = _one_error(capsys, argv + ([] if "--out" in argv else ["--out", str(tmp_path / "o")]))
