@@ -1,4 +1,4 @@
-"""Attention alone on a real BAGEL pack layout: exactness and forward+backward time per implementation.
+r"""Attention alone on a real BAGEL pack layout: exactness and forward+backward time per implementation.
 
     python bench/attention_bench.py [--config configs/bagel_7b_geometry_small.py] \
         [--impls pallas_gpu,xla_blockwise,xla_dense,naive_per_sample] [--iters 10] [--dtype bfloat16|float32] \

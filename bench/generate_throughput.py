@@ -1,4 +1,4 @@
-"""Generation speed on the current backend: compile time and seconds per image.
+r"""Generation speed on the current backend: compile time and seconds per image.
 
     python bench/generate_throughput.py [--ckpt DIR] [--size 1024x1024] [--steps 50] [--images 4] \
         [--requests 3] [--dtype float32|bfloat16]

@@ -418,7 +418,10 @@ def main(argv=None) -> int:
         devices = tpu_devices(args.topology)
     except Exception as e:  # noqa: BLE001 - no libtpu, or a topology libtpu cannot describe
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        print(f"error: --topology {args.topology}: libtpu cannot describe it ({type(e).__name__}: {msg})",
+        import importlib.util
+
+        hint = "" if importlib.util.find_spec("libtpu") else "; libtpu is not installed: pip install -e '.[tpu]'"
+        print(f"error: --topology {args.topology}: libtpu cannot describe it ({type(e).__name__}: {msg}){hint}",
               file=sys.stderr)
         return 2
     print(f"[tpu_compile] {args.topology}: {len(devices)} x {devices[0].device_kind}, HBM {hbm / GiB:.0f} GiB/chip "

@@ -1,4 +1,4 @@
-"""Train-step throughput on the current backend (CPU, GPU or TPU), written as JSON.
+r"""Train-step throughput on the current backend (CPU, GPU or TPU), written as JSON.
 
     python bench/train_throughput.py --config configs/bagel_7b_geometry_small.py --steps 5 \
         [--impls xla_blockwise,pallas_gpu] [--set model.remat=dots ...] [--out bench_train.json]

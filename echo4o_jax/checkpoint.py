@@ -78,6 +78,7 @@ __all__ = [
     "load_any_vae",
     "copy_model_files",
     "write_model_config",
+    "meta_of",
     "save_vae",
     "train_checkpoint_manager",
     "train_save_args",
@@ -501,6 +502,17 @@ def copy_model_files(src_dir, dst_dir) -> list[str]:
     return copied
 
 
+def meta_of(cfg: BagelConfig, src_dir=None) -> dict:
+    """meta.json's content for `cfg` (`meta_dict`), with the other top-level keys of `src_dir`'s meta.json
+    (provenance notes a release or a tool added) carried over."""
+    meta = cfg.meta_dict()
+    src = None if src_dir is None else config_dir(src_dir) / META_FILE
+    if src is not None and src.is_file():
+        extra = json.loads(src.read_text(encoding="utf-8"))  # (a JSON object: the config was read from it)
+        meta = {**{k: v for k, v in extra.items() if k not in meta}, **meta}
+    return meta
+
+
 def write_model_config(dst, cfg: BagelConfig, src_dir=None, manifest: Mapping | None = None) -> pathlib.Path:
     """The config part of a model folder (OUT/ or WORKDIR/model_config/): llm/vit json (copied from
     `src_dir` when present there, else generated from `cfg`), meta.json, tokenizer files, and
@@ -515,7 +527,7 @@ def write_model_config(dst, cfg: BagelConfig, src_dir=None, manifest: Mapping | 
     for name, d in (("llm_config.json", cfg.llm.to_hf()), ("vit_config.json", cfg.vit.to_hf())):
         if not (dst / name).is_file():
             _write_json(dst / name, d)
-    _write_json(dst / META_FILE, cfg.meta_dict())
+    _write_json(dst / META_FILE, meta_of(cfg, src_dir))
     if manifest is not None:
         _write_json(dst / MANIFEST_FILE, manifest)
     return dst

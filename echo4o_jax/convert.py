@@ -703,6 +703,11 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
         raise ValueError(f"weights={weights!r}: expected 'ema' or 'model'")
     _check_not_orbax_source(src)
     cfg = BagelConfig.from_checkpoint_dir(src)
+    held = {n for n in ("ema", "model") if (src / f"{n}.safetensors").exists()
+            or (src / f"{n}.safetensors.index.json").exists()}
+    if weights == "ema" and held == {"model"}:
+        raise FileNotFoundError(f"{src} has no ema.safetensors but a model.safetensors (the non-EMA weights of an "
+                                "official training checkpoint): pass --weights model to convert those")
     ema = open_checkpoint_file(src, f"{weights}.safetensors")
     ae = open_checkpoint_file(src, "ae.safetensors")
     bagel_plan, vae_plan = _all_or_mismatch(
@@ -945,7 +950,7 @@ def convert_to_official(ckpt, out, *, step: int | None = None, weights: str = "e
         for name, d in (("llm_config.json", cfg.llm.to_hf()), ("vit_config.json", cfg.vit.to_hf())):
             if not (tmp / name).is_file():
                 ck._write_json(tmp / name, d)
-        ck._write_json(tmp / ck.META_FILE, cfg.meta_dict())
+        ck._write_json(tmp / ck.META_FILE, ck.meta_of(cfg, cfg_dir))
         _finalize(tmp, dest)
     except BaseException as e:
         if bar is not None:

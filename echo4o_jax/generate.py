@@ -415,10 +415,13 @@ class Generator:
         return [_read_image(im) if isinstance(im, (str, pathlib.Path)) else
                 pil_img2rgb(im) if isinstance(im, Image.Image) else im for im in images]
 
-    def _check_grid(self, h: int, w: int, limit: int, stride: int, what: str, fix: str, note: str = ""):
-        if h // stride > limit or w // stride > limit:
-            raise GenerateError(f"{what} {h}x{w}{note} exceeds the model's position table ({limit} x {stride} = "
-                                f"{limit * stride} px per side); {fix}")
+    @staticmethod
+    def _grid_problem(problems: dict, h: int, w: int, limit: int, stride: int, what: str, fix: str,
+                      note: str = "") -> None:
+        """Adds to `problems` (the first of each `what`) when an h x w image is over the position table."""
+        if (h // stride > limit or w // stride > limit) and what not in problems:
+            problems[what] = (f"{what} {h}x{w}{note} exceeds the model's position table ({limit} x {stride} = "
+                              f"{limit * stride} px per side); {fix}")
 
     def _check_context(self, ids, images, new_tokens: int, out_shape=None, *, understanding: bool = False,
                        default_size: bool = False, sys_ids=None):
@@ -429,9 +432,10 @@ class Generator:
         (`sys_ids`), the images, the prompt (each text with its bos / eos, room for its bucket's padding),
         `new_tokens` generated ones, and (think before an image) those added back as a text. The think system
         prompt and the padding of the text added back were not counted: such a request passed this check and
-        overflowed the context mid-batch."""
+        overflowed the context mid-batch. Every size over the model's tables is said in one error."""
         c = self.cfg
         kv = need = 0
+        problems: dict[str, str] = {}
 
         def add(n: int, room: int | None = None):  # n tokens kept; `room`: what adding them checks for
             nonlocal kv, need
@@ -446,12 +450,12 @@ class Generator:
         for im in images:
             w, h = _resized_size(self.vae_transform, im.size)
             if not understanding:  # understanding feeds the ViT only (official vae=not understanding_output)
-                self._check_grid(h, w, c.max_latent_size, c.latent_downsample, "VAE-resized input image",
-                                 "lower the VAE resize (--vae-transform MAX MIN)")
+                self._grid_problem(problems, h, w, c.max_latent_size, c.latent_downsample, "VAE-resized input image",
+                                   "lower the VAE resize (--vae-transform MAX MIN)")
                 add((h // c.latent_downsample) * (w // c.latent_downsample) + 2)
             vw, vh = _resized_size(self.vit_transform, (w, h))
-            self._check_grid(vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size, "ViT-resized input image",
-                             "lower the ViT resize (--vit-transform MAX MIN)")
+            self._grid_problem(problems, vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size,
+                               "ViT-resized input image", "lower the ViT resize (--vit-transform MAX MIN)")
             add((vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2)
         add_text(len(ids))
         if new_tokens:
@@ -460,9 +464,11 @@ class Generator:
                 add_text(new_tokens - 1)  # is added back to the context before the image
         if out_shape is not None:
             m = c.max_latent_size * c.latent_downsample
-            self._check_grid(*out_shape, c.max_latent_size, c.latent_downsample, "output size",
-                             f"give a size of at most {m}x{m} (--size HxW, or `size` in a --prompts request)",
-                             " (the default; no size given)" if default_size else "")
+            self._grid_problem(problems, *out_shape, c.max_latent_size, c.latent_downsample, "output size",
+                               f"give a size of at most {m}x{m} (--size HxW, or `size` in a --prompts request)",
+                               " (the default; no size given)" if default_size else "")
+        if problems:
+            raise GenerateError("; ".join(problems.values()))
         if need > self.max_context:
             raise GenerateError(f"the prompt and images need about {need} context tokens, more than "
                                 f"--max-context={self.max_context}; raise it or shorten the prompt")
@@ -965,7 +971,8 @@ def check_requests(gen: Generator, requests: Sequence[dict], overrides: dict | N
 
 def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides: dict | None = None,
                  max_new_tokens: int | None = None,
-                 progress: bool = True, batch_size: int = 4, regenerate: bool = False) -> list[dict]:
+                 progress: bool = True, batch_size: int = 4, regenerate: bool = False,
+                 counts: dict | None = None) -> list[dict]:
     """Generate every request into `out_dir` (`<id>_<k>.png`, written atomically); finished requests (listed
     in metadata.jsonl, every PNG present and decoding fully) are skipped; a PNG that does not decode (an
     interrupted write) is reported and its request generated again. A finished request whose record differs
@@ -979,7 +986,8 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     generated from that checked form: its images are decoded again at its turn (no pixels are held meanwhile)
     and resized once. `max_new_tokens`: the think text's limit of a think request without its own
     `max_new_tokens` (None: the Generator's default). Returns one record per request (`outputs`: file names in
-    `out_dir`). Ctrl-C raises BatchInterrupted (a KeyboardInterrupt) saying how many requests are finished."""
+    `out_dir`); `counts` (a dict), when given, gets "generated": how many this call generates (the others were
+    finished). Ctrl-C raises BatchInterrupted (a KeyboardInterrupt) saying how many requests are finished."""
     from tqdm import tqdm
 
     from .data.records import _sha256
@@ -1005,7 +1013,9 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     if changed:  # keeping those images would pass them off as this request's
         raise GenerateError(f"{meta_path} says {len(changed)} finished request(s) were generated otherwise, e.g. "
                             f"{changed[0]}. Nothing was generated: use another output folder, or regenerate them "
-                            "(python -m echo4o_jax.generate --regenerate; generate_batch(..., regenerate=True))")
+                            "(--regenerate)")
+    if counts is not None:  # (the CLI's last line: how many this run generates)
+        counts["generated"] = len(pending)
     # consecutive requests of one shape and sampler setting share a sampler pass
     groups: list[list] = []
     last_key = None
@@ -1311,9 +1321,12 @@ def _run(args) -> int:
                         vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
                         vit_transform=tuple(args.vit_transform) if args.vit_transform else None)
     if reqs is not None:  # run_requests checks every request before it creates --out
+        counts: dict = {}
         recs = run_requests(gen, reqs, args.out, overrides=sampler, regenerate=args.regenerate,
-                            max_new_tokens=max_new_tokens)
-        print(f"{len(recs)} requests -> {args.out} (metadata.jsonl, contact_sheet.png) in {time.time() - t0:.1f}s")
+                            max_new_tokens=max_new_tokens, counts=counts)
+        done = len(recs) - counts["generated"]
+        print(f"{len(recs)} requests -> {args.out} (metadata.jsonl, contact_sheet.png) in {time.time() - t0:.1f}s: "
+              f"{counts['generated']} generated" + (f", {done} already finished" if done else ""))
         return 0
     seed = 0 if args.seed is None else args.seed
     try:

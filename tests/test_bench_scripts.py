@@ -375,6 +375,25 @@ def test_tpu_compile_refuses_a_mesh_that_does_not_span_the_chips(monkeypatch, ca
     assert err.startswith("error: --topology v5p:2x2x1 has 4 chips: mesh ") and "4 devices" in err, err
 
 
+def test_tpu_compile_without_libtpu_names_the_extra(monkeypatch, capsys):
+    """With the README's first install (no `tpu` extra) the topology cannot be described: the error says what to
+    install (it pointed at JAX's installation page only)."""
+    import importlib.util
+
+    tc = load_file(ROOT / "bench" / "tpu_compile.py", "tpu_compile_bench")
+
+    def no_tpu(topology):
+        raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology.")
+
+    monkeypatch.setattr(tc, "tpu_devices", no_tpu)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    assert tc.main(["--config", str(TINY), "--topology", "v5p:2x2x1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --topology v5p:2x2x1: libtpu cannot describe it (RuntimeError: JAX TPU support not installed; cannot "
+        "generate TPU topology.); libtpu is not installed: pip install -e '.[tpu]'")
+
+
 def test_tpu_compile_packs_per_step_the_mesh_cannot_split(capsys):
     """data.packs_per_step must be a multiple of data x fsdp (= chips / tensor): the search skips the tensor
     sizes that break it, and a config none fits is one error line (it used to be reported as compile failures)."""

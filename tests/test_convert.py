@@ -127,7 +127,9 @@ def test_converted_folder_layout_and_manifest(golden_dir, converted):
     for name in ("llm_config.json", "vit_config.json"):
         assert (out / name).read_bytes() == (golden_dir / name).read_bytes()
     cfg = BagelConfig.from_checkpoint_dir(golden_dir)
-    assert json.loads((out / "meta.json").read_text()) == cfg.meta_dict()
+    # meta.json: the config's fields, and the source's other keys carried over (provenance: variant, seed, ...)
+    src_meta = json.loads((golden_dir / "meta.json").read_text())
+    assert json.loads((out / "meta.json").read_text()) == {**src_meta, **cfg.meta_dict()}
     assert BagelConfig.from_checkpoint_dir(out) == cfg
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == manifest
@@ -740,6 +742,9 @@ def test_official_training_checkpoint_folder(golden_dir, tmp_path):
     assert_bit_exact(tensors_of(tmp_path / "back", "ema.safetensors"), model, "model.safetensors via to_jax")
     with pytest.raises(ValueError, match="weights='params': expected 'ema' or 'model'"):
         convert.convert_to_orbax(ckpt, tmp_path / "out2", progress=False, weights="params")
+    (ckpt / "ema.safetensors").unlink()  # the non-EMA weights only: the flag that converts them is named
+    with pytest.raises(FileNotFoundError, match=r"has no ema.safetensors but a model.safetensors .*--weights model"):
+        convert.convert_to_orbax(ckpt, tmp_path / "out2", progress=False)
 
 
 def test_to_torch_bad_inputs_nothing_written(golden_dir, converted, workdir, tmp_path):
@@ -890,6 +895,8 @@ def test_cli_round_trip(golden_dir, tmp_path, capsys):
     want = {k: v.astype(BF16) for k, v in tensors_of(golden_dir, "ema.safetensors").items()}
     assert_bit_exact(tensors_of(back, "ema.safetensors"), want, "ema bf16 via the CLIs")
     assert (back / "ema.safetensors.index.json").is_file()
+    src_meta = json.loads((golden_dir / "meta.json").read_text())  # its other keys survive the round trip
+    assert json.loads((back / "meta.json").read_text()) == src_meta
     capsys.readouterr()
     assert to_jax.main(["--src", str(golden_dir), "--out", str(back), "--no-progress"]) == 2
     err = capsys.readouterr().err

@@ -792,6 +792,9 @@ def test_inspect_names_a_trial_import_and_an_unknown_sheet_extension(echo_root, 
     assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "--contact-sheet", str(tmp_path / "s.xyz")]) == 2
     assert capsys.readouterr().err.strip().endswith("unknown image file extension '.xyz' (e.g. .png, .jpg)")
     assert not (tmp_path / "s.xyz").exists()
+    assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "--contact-sheet", str(tmp_path / "typo" / "s.png")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no folder {tmp_path / 'typo'}")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_echo4o_multiref_parquet_without_its_columns_is_named(echo_root, tmp_path):

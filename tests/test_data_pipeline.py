@@ -925,6 +925,10 @@ def test_pack_stats_command_reports_bad_input_in_one_line(tmp_path):
     assert one_error_line(cmd(_config(good, tok), "--config.data.bogus=1")) == "error: unknown config key data.bogus"
     assert one_error_line(cmd(_config(tmp_path / "nope", tok))) == (
         f"error: {tmp_path / 'nope'}: no such dataset, shard or glob match")
+    # the recipe's dataset names (relative) with data.records.root left unset: the root is named
+    assert one_error_line(cmd(_config("surreal", tok))) == (
+        f"error: bad config: data (records): data.records.root is not set, and dataset 'surreal' is not in the "
+        f"current folder {ROOT}: set --config.data.records.root=<the folder holding the datasets>")
     assert one_error_line(cmd(_config(good, tok, records=dict(datasets=[dict(path=good, weight=1.0)],
                                                               vae_transform=(1024, 512, 16))))) == (
         "error: bad config: data (records): dataset ds: VAE max_size 1024 exceeds the model's 8 latent positions "

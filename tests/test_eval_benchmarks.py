@@ -632,8 +632,12 @@ def test_run_without_generate_module_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_run_generation_error_is_one_line(tmp_path, monkeypatch, capsys):
-    msg = ("output size 1024x1024 exceeds the model's position table (8 x 16 = 128 px per side); lower the "
-           "size / the resize transform")
+    """A generation error is one line, its advice in eval.run's flags (generate's name its own CLI's)."""
+    msg = ("output size 1024x1024 exceeds the model's position table (8 x 16 = 128 px per side); give a size of at "
+           "most 128x128 (--size HxW, or `size` in a --prompts request); lower the VAE resize (--vae-transform MAX "
+           "MIN)")
+    ours = ("output size 1024x1024 exceeds the model's position table (8 x 16 = 128 px per side); give a size of "
+            "at most 128x128 (--size HxW); lower the VAE resize (--gen-arg vae_transform=[MAX,MIN])")
     calls = []
     monkeypatch.setitem(sys.modules, "echo4o_jax.generate",
                         _fake_generate_module(calls, error=real_generate.GenerateError(msg)))
@@ -643,7 +647,7 @@ def test_run_generation_error_is_one_line(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert common.run_cli(eval_run.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: [geneval_pp] generation failed: {msg}"
+    assert err[-1] == f"error: [geneval_pp] generation failed: {ours}"
     assert not any("Traceback" in line for line in err) and len(calls) == 1
 
 
@@ -663,8 +667,8 @@ def test_run_generation_error_from_the_real_generator(golden_dir, tmp_path, caps
         msg = _one_error_line(capsys, eval_run.main, ["--ckpt", str(golden_dir), "--bench", "geneval_pp", "--out",
                                                       str(tmp_path / "o"), "--geneval-pp-prompts", str(gpp),
                                                       "--generate-only", "--gen-arg", f"dtype={dtype}"])
-        assert msg == (f"[geneval_pp] {gpp}: dtype (--dtype) {dtype!r}: expected one of float32, bfloat16 (nothing "
-                       "was generated)"), msg
+        assert msg == (f"[geneval_pp] {gpp}: dtype (--gen-arg dtype=...) {dtype!r}: expected one of float32, "
+                       "bfloat16 (nothing was generated)"), msg
     assert not (tmp_path / "o").exists()
 
 
@@ -794,6 +798,20 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
         assert len(err) == 1 and err[0].startswith("error: [geneval_pp] ") and "Traceback" not in err[0]
         assert f"{flag}" in err[0] and "--regenerate" in err[0] and "another --out" in err[0], err[0]
         assert calls == [] and _image_bytes(out) == images
+    # a setting the generator does not take (a typo) is said as that, not as another generation
+    fake, checked = sys.modules["echo4o_jax.generate"], []
+
+    def typo_refused(ckpt, requests, out_dir, **kw):
+        checked.append(kw.get("check_only"))
+        if "num_timestep" in kw:
+            raise real_generate.GenerateError("unknown sampler setting 'num_timestep'; known: ..., num_timesteps")
+        return generate_batch(ckpt, requests, out_dir, **kw)
+
+    generate_batch, fake.generate_batch = fake.generate_batch, typo_refused
+    with pytest.raises(common.UsageError, match=r"^\[geneval_pp\] --gen-arg: unknown sampler setting 'num_timestep'"):
+        eval_run.main(base + first + ["--gen-arg", "num_timestep=4"])
+    assert checked == [True] and calls == [] and _image_bytes(out) == images
+    fake.generate_batch = generate_batch
     with pytest.raises(common.UsageError) as ei:
         eval_run.main(base + changed["--ckpt"])
     assert f"made with {str(ckpt_a.resolve())!r}, this run has {str(ckpt_b.resolve())!r}" in str(ei.value)

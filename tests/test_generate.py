@@ -498,6 +498,13 @@ def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, caps
     want = rf"error: ViT-resized input image \d+x\d+ exceeds .*{vit_max} x {p} = {vit_side} px.*--vit-transform"
     assert re.search(want, err), err
     assert not (tmp_path / "und2").exists()
+    # generating from it instead: every size over the model's tables in one error (they came one at a time)
+    assert G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--vit-transform",
+                   str(vit_side + p), str(vit_side + p), "--out", str(tmp_path / "gen")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    for what in ("VAE-resized input image", "ViT-resized input image", "output size"):
+        assert err.count(f"{what} ") == 1, (what, err)
     # the context count leaves out the VAE tokens understanding never adds, and counts what the context building
     # adds: an image (its ViT tokens; its VAE tokens when generating), the prompt (3 ids + bos / eos, room for a
     # text bucket), the generated tokens one by one. The picture: the largest side <= 6 latent tokens whose ViT
@@ -745,7 +752,9 @@ def test_batch_resumes_from_another_directory_with_its_contact_sheet(golden_dir,
     flags = ["--ckpt", str(golden_dir), "--steps", "2", "--max-context", "256", "--vae-transform", "64", "16",
              "--vit-transform", "98", "14"]
     monkeypatch.chdir(tmp_path / "a")
+    capsys.readouterr()
     assert G.main(flags + ["--prompts", "../reqs.jsonl", "--out", "out"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(": 2 generated")
     out = tmp_path / "a" / "out"
     recs = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["outputs"] for r in recs] == [["x_0.png"], ["y_0.png", "y_1.png"]]  # relative to --out
@@ -757,6 +766,7 @@ def test_batch_resumes_from_another_directory_with_its_contact_sheet(golden_dir,
     monkeypatch.chdir(tmp_path / "b")
     monkeypatch.setattr(G.Generator, "load_weights", lambda self: pytest.fail("nothing is left to generate"))
     assert G.main(flags + ["--prompts", str(f), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.rstrip().endswith(": 0 generated, 2 already finished")  # (not read as a run)
     assert Image.open(out / "contact_sheet.png").size == (3 * 256, 256)  # every image, also the older record's
 
 

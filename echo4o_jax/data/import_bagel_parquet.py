@@ -222,7 +222,7 @@ def _edit_row(w, err, row, where, prov, rid, image_check, edit_mode) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m echo4o_jax.data.import_bagel_parquet",
-                                 description="Import BAGEL parquet t2i / edit data into echo4o records.")
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="parquet files or folders")
     ap.add_argument("--kind", choices=("t2i", "edit"), required=True)
     ap.add_argument("--out", required=True)

@@ -380,7 +380,7 @@ def import_echo4o(root: str, out: str, *, subsets=SUBSETS, on_error: str = "fail
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m echo4o_jax.data.import_echo4o",
-                                 description="Import Echo-4o-Image into echo4o record datasets.")
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", required=True, help="the downloaded Echo-4o-Image folder")
     ap.add_argument("--out", required=True)
     ap.add_argument("--subsets", default=",".join(SUBSETS))

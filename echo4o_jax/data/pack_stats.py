@@ -1,4 +1,4 @@
-"""How full a training config's static pack budget is on its own data, and what budget would fit it.
+r"""How full a training config's static pack budget is on its own data, and what budget would fit it.
 
     python -m echo4o_jax.data.pack_stats --config configs/echo4o_7b.py --config.model.ckpt=ckpt/bagel7b \
         --config.data.records.root=data/echo4o_records [--packs 256]

@@ -372,6 +372,13 @@ def plan_generation(name: str, items, images_dir: Path, args, ckpt: dict, gen_ar
         else:
             for field, old, now in diff:
                 mismatched.setdefault(field, []).append((r["id"], old, now))
+    if "gen_args" in mismatched:  # a setting the generator does not take (a typo) is said as that, not as
+        r0 = reqs[0]              # another generation: the first request checked with this run's settings
+        try:
+            api.generate_batch(str(args.ckpt), [r0], None, check_only=True,
+                               **_overrides(gen_args, current[r0["id"]]["ckpt_step"]))
+        except api.error as e:
+            raise common.UsageError(f"[{name}] --gen-arg: {_generation_error(e)} (nothing was generated)") from None
     _refuse_mismatches(name, images_dir, mismatched, unrecorded, judge_only=False)
     return _Plan(name, images_dir, reqs, todo, record, current)
 
@@ -397,11 +404,29 @@ def check_judge_only(name: str, items, images_dir: Path, args, ckpt: dict, gen_a
     _refuse_mismatches(name, images_dir, mismatched, [], judge_only=True)
 
 
-def _batch_overrides(plan: _Plan, gen_args: dict) -> dict:
-    """generate_batch's keyword arguments for the plan's requests: the settings, and the training workdir's step
-    resolved once (the step the record names)."""
-    step = plan.current[plan.todo[0]["id"]]["ckpt_step"] if plan.todo else None
+# generate's advice names its own flags; eval.run's forms of them
+_EVAL_FLAGS = (("(--vae-transform MAX MIN)", "(--gen-arg vae_transform=[MAX,MIN])"),
+               ("(--vit-transform MAX MIN)", "(--gen-arg vit_transform=[MAX,MIN])"),
+               ("(--size HxW, or `size` in a --prompts request)", "(--size HxW)"),
+               ("--max-context=", "--gen-arg max_context="), ("(--dtype)", "(--gen-arg dtype=...)"))
+
+
+def _generation_error(e: Exception) -> str:
+    """A generation error's text with eval.run's flags in its advice."""
+    msg = str(e)
+    for theirs, ours in _EVAL_FLAGS:
+        msg = msg.replace(theirs, ours)
+    return msg
+
+
+def _overrides(gen_args: dict, step: int | None) -> dict:
+    """generate_batch's keyword arguments: the settings, and a training workdir's step resolved once."""
     return {**gen_args, **({} if step is None else {"step": step})}
+
+
+def _batch_overrides(plan: _Plan, gen_args: dict) -> dict:
+    """`_overrides` for the plan's requests (the step the record names)."""
+    return _overrides(gen_args, plan.current[plan.todo[0]["id"]]["ckpt_step"] if plan.todo else None)
 
 
 def check_generation(plan: _Plan, prompts: Path, args, gen_args: dict, api: _GenerationAPI) -> None:
@@ -412,7 +437,7 @@ def check_generation(plan: _Plan, prompts: Path, args, gen_args: dict, api: _Gen
     try:
         api.generate_batch(str(args.ckpt), plan.todo, None, check_only=True, **_batch_overrides(plan, gen_args))
     except api.error as e:
-        raise common.UsageError(f"[{plan.name}] {prompts}: {e} (nothing was generated)") from None
+        raise common.UsageError(f"[{plan.name}] {prompts}: {_generation_error(e)} (nothing was generated)") from None
 
 
 def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
@@ -442,7 +467,7 @@ def generate(plan: _Plan, args, gen_args: dict, api: _GenerationAPI) -> dict:
                       if not p.is_file() or (p in existed and not api.image_complete(p))]
             made = {r["id"] for r in todo if not any(str(p) in absent for p in _expected(images_dir, r))}
         except api.error as e:
-            raise common.UsageError(f"[{name}] generation failed: {e}") from None
+            raise common.UsageError(f"[{name}] generation failed: {_generation_error(e)}") from None
         finally:
             try:
                 _write_record(images_dir, _settled(plan, since, made or ()))

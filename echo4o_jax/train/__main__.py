@@ -98,7 +98,7 @@ def run(config, workdir: str) -> int:
               f"train (a larger --config.train.steps trains further{cosine})")
         return 0
     print(f"[train] step {step}: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f} "
-          f"({len(hist)} steps this run); workdir {workdir}")
+          f"({len(hist)} step{'s' if len(hist) != 1 else ''} this run); workdir {workdir}")
     return 0
 
 

@@ -124,6 +124,10 @@ def pipeline_config_from(config, budget: PackBudget, *, local_packs: int, vae_fi
         if isinstance(ds["weight"], bool) or not isinstance(ds["weight"], (int, float)):
             raise ValueError(f"data.records.datasets[{i}] ({ds['path']}): weight must be a number, got "
                              f"{ds['weight']!r}")
+        if not root and not os.path.isabs(ds["path"]) and not any(ch in ds["path"] for ch in "*?[") \
+                and not os.path.exists(ds["path"]):  # (the recipe's names, relative to a root it leaves empty)
+            raise ValueError(f"data.records.root is not set, and dataset {ds['path']!r} is not in the current folder "
+                             f"{os.getcwd()}: set --config.data.records.root=<the folder holding the datasets>")
     specs = tuple(DatasetSpec(os.path.join(root, ds["path"]), weight=float(ds["weight"]),
                               name=os.path.basename(os.path.normpath(ds["path"]))) for ds in r.datasets)
     # default: the tokenizer files of model.ckpt (a training workdir keeps them in model_config/)

@@ -1326,18 +1326,21 @@ class _StepProfile:
         jax.profiler.stop_trace()
         if not self.tr.is_main:
             return
+        from tqdm import tqdm
+
         from . import profile as prof
 
         s = prof.summarize_compiled_trace(self.dir, self.tr._compiled, self.traced)
         (self.dir / "summary.json").write_text(json.dumps(s, indent=1))
         tot = s["device_seconds_per_step"] or 1.0
         a, b = self.start + 1, self.start + self.traced
-        print(f"[profile] {f'step {a}' if a == b else f'steps {a}-{b}'}, device time per step "
-              f"{s['device_seconds_per_step'] * 1e3:.1f} ms ({s['source']}): "
-              + ", ".join(f"{k} {v / tot:.0%}" for k, v in s["by_scope"].items())
-              + f"; trace and summary.json in {self.dir}", flush=True)
+        # (tqdm.write: on a line of its own, not after the progress bar's)
+        tqdm.write(f"[profile] {f'step {a}' if a == b else f'steps {a}-{b}'}, device time per step "
+                   f"{s['device_seconds_per_step'] * 1e3:.1f} ms ({s['source']}): "
+                   + ", ".join(f"{k} {v / tot:.0%}" for k, v in s["by_scope"].items())
+                   + f"; trace and summary.json in {self.dir}")
         if s["note"]:
-            print(f"[profile] {s['note']}", flush=True)
+            tqdm.write(f"[profile] {s['note']}")
 
 
 class _AbortedRestoreReports(logging.Filter):
