@@ -499,6 +499,14 @@ def test_inspect_warns_about_an_incomplete_dataset(tmp_path, capsys):
     _dataset(tmp_path / "ok")
     assert inspect_cli.main([str(tmp_path / "ok"), "-n", "0"]) == 0
     assert capsys.readouterr().err == ""
+    # a writer that failed before its first record (a synthesis whose every call failed): no shards, and why
+    with pytest.raises(ZeroDivisionError):
+        with RecordWriter(tmp_path / "empty", name="e"):
+            1 / 0
+    assert inspect_cli.main([str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"no shards (its manifest lists none; {tmp_path / 'empty' / 'manifest.json'} says the dataset is incomplete "
+        "(error: ZeroDivisionError: division by zero); it holds 0 records in 0 shards)")
 
 
 def test_inspect_start_and_count_out_of_range(tmp_path, capsys):

@@ -786,8 +786,10 @@ def resolve_shards(path: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
             if inner:  # a root of datasets (an import's --out), not a dataset
                 raise RecordError(f"{p}: no shards; it holds the datasets {', '.join(inner[:8])}"
                                   f"{' ...' if len(inner) > 8 else ''}: give one of them (or several)")
-            raise RecordError(f"{p}: no shards" + (" (its manifest lists none)" if os.path.exists(
-                os.path.join(p, MANIFEST_NAME)) else " (no manifest.json, no *.array_record file)"))
+            if os.path.exists(os.path.join(p, MANIFEST_NAME)):
+                why = incomplete_reason(p, m)  # (a failed import or synthesis: what its manifest says)
+                raise RecordError(f"{p}: no shards (its manifest lists none" + (f"; {why})" if why else ")"))
+            raise RecordError(f"{p}: no shards (no manifest.json, no *.array_record file)")
         missing = [f for f in files if not os.path.exists(f)]
         if missing:
             raise RecordError(f"{p}: manifest lists missing shards {missing[:3]}")
