@@ -792,9 +792,11 @@ def test_inspect_names_a_trial_import_and_an_unknown_sheet_extension(echo_root, 
     assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "--contact-sheet", str(tmp_path / "s.xyz")]) == 2
     assert capsys.readouterr().err.strip().endswith("unknown image file extension '.xyz' (e.g. .png, .jpg)")
     assert not (tmp_path / "s.xyz").exists()
-    assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "--contact-sheet", str(tmp_path / "typo" / "s.png")]) == 2
-    assert capsys.readouterr().err.strip().endswith(f"no folder {tmp_path / 'typo'}")
-    assert not (tmp_path / "typo").exists()
+    # a folder that does not exist is created, and said (a typo'd one went unnoticed)
+    assert inspect_cli.main([str(tmp_path / "o" / "surreal"), "--contact-sheet", str(tmp_path / "typo" / "s.png")]) == 0
+    assert capsys.readouterr().err.startswith(f"inspect: note: the folder {tmp_path / 'typo'} does not exist: it is "
+                                              "created for the contact sheet\n")
+    assert (tmp_path / "typo" / "s.png").is_file()
 
 
 def test_echo4o_multiref_parquet_without_its_columns_is_named(echo_root, tmp_path):

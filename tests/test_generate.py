@@ -311,7 +311,8 @@ def test_resume_refuses_a_finished_request_made_otherwise(golden_dir, gen, tmp_p
 
     # the CLI: --regenerate reaches run_requests in batch mode, and is refused without --prompts
     seen = []
-    monkeypatch.setattr(G, "run_requests", lambda *a, **kw: seen.append(kw["regenerate"]) or [])
+    monkeypatch.setattr(G, "run_requests", lambda *a, **kw: kw["counts"].update(generated=0)
+                        or seen.append(kw["regenerate"]) or [])
     f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=[32, 32])])
     assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(tmp_path / "o"), "--regenerate"]) == 0
     assert seen == [True]
@@ -806,7 +807,8 @@ def test_think_token_limit_in_batch_mode(golden_dir, gen, tmp_path, monkeypatch)
         gen.check_request(dict(think, max_new_tokens=0), {}, 7)
     # the CLI passes --max-new-tokens (default 500) to run_requests
     seen = []
-    monkeypatch.setattr(G, "run_requests", lambda *a, **kw: seen.append(kw["max_new_tokens"]) or [])
+    monkeypatch.setattr(G, "run_requests", lambda *a, **kw: kw["counts"].update(generated=0)
+                        or seen.append(kw["max_new_tokens"]) or [])
     f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(think, id="t")])
     for extra, want in [([], 500), (["--max-new-tokens", "12"], 12)]:
         assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(tmp_path / "o"), *extra]) == 0

@@ -158,8 +158,9 @@ def main(argv=None) -> int:
                 raise ArgumentError("contact_sheet", a.contact_sheet, f"unknown image file extension {ext or '(none)'!r}"
                                     " (e.g. .png, .jpg)")
             parent = os.path.dirname(os.path.abspath(a.contact_sheet))
-            if not os.path.isdir(parent):  # (a typo'd folder was created silently)
-                raise ArgumentError("contact_sheet", a.contact_sheet, f"no folder {parent}")
+            if not os.path.isdir(parent):  # (created by contact_sheet: said, so that a typo'd folder is seen)
+                print(f"inspect: note: the folder {parent} does not exist: it is created for the contact sheet",
+                      file=sys.stderr)
         reader = RecordReader(a.path if len(a.path) > 1 else a.path[0], verify=a.verify)
         if not 0 <= a.start < len(reader):
             raise ArgumentError("start", a.start, f"{' '.join(a.path)} holds {len(reader)} records (indices 0 .. "
