@@ -87,7 +87,7 @@ import numpy as np
 from .interrupts import exit_process, keep_ctrl_c
 from .jsonl import jsonl_lines, valid_unicode
 from .paths import pid_running
-from .sampling_defaults import DEFAULT_DTYPE, DEFAULT_SIZE, EDIT_DEFAULTS, T2I_DEFAULTS, TaskDefaults
+from .sampling_defaults import DEFAULT_DTYPE, DEFAULT_SIZE, TaskDefaults, task_defaults
 
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
 DEMO_PROMPT_IDS = [13, 60, 2, 38, 77, 23, 87, 59, 101]
@@ -474,7 +474,7 @@ class Generator:
                                 f"--max-context={self.max_context}; raise it or shorten the prompt")
 
     def sampler_settings(self, has_images: bool, overrides: dict[str, Any]) -> dict[str, Any]:
-        d = dataclasses.asdict(EDIT_DEFAULTS if has_images else T2I_DEFAULTS)
+        d = dataclasses.asdict(task_defaults(has_images))
         d.update({k: v for k, v in _check_sampler(overrides).items() if v is not None})
         return d
 

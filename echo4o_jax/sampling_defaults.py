@@ -26,8 +26,13 @@ DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
 DEFAULT_DTYPE = "float32"  # the weights' and compute dtype (generate --dtype, generate_batch's `dtype`)
 
 
+def task_defaults(has_images: bool) -> TaskDefaults:
+    """The sampler defaults of a request with reference images (editing) or without (text-to-image)."""
+    return EDIT_DEFAULTS if has_images else T2I_DEFAULTS
+
+
 def default_settings(has_images: bool) -> dict[str, Any]:
     """The sampler settings and dtype a request with (or without) reference images gets when it names none,
     as JSON values (the interval a list)."""
-    d = dataclasses.asdict(EDIT_DEFAULTS if has_images else T2I_DEFAULTS)
+    d = dataclasses.asdict(task_defaults(has_images))
     return {**d, "cfg_interval": list(d["cfg_interval"]), "dtype": DEFAULT_DTYPE}

@@ -100,10 +100,10 @@ def subset_source(items) -> dict:
     return {"subset": note} if note else {}
 
 
-def subset_banner(doc: dict) -> list[str]:
-    """summary.md's lines on a --limit run (`subset_note`), under its title; [] for a whole benchmark."""
+def subset_banner(doc: dict) -> str | None:
+    """summary.md's line on a --limit run (`subset_note`), for under its title; None for a whole benchmark."""
     note = (doc.get("source") or {}).get("subset")
-    return [f"**{note}.**", ""] if note else []
+    return f"**{note}.**" if note else None
 
 
 def image_name(stem: str, k: int, ext: str = "png") -> str:
@@ -453,8 +453,9 @@ def summary_markdown(parts: list[str], doc: dict) -> str:
     note = incomplete_note(doc)
     if note:
         parts = parts[:1] + ["", f"**INCOMPLETE: {note}**"] + parts[1:]
-    if subset_banner(doc):
-        parts = parts[:1] + [""] + subset_banner(doc)[:1] + parts[1:]
+    banner = subset_banner(doc)
+    if banner:
+        parts = parts[:1] + ["", banner] + parts[1:]
     return "\n".join(parts + problem_lists(doc)) + "\n"
 
 

@@ -468,7 +468,8 @@ def markdown(doc: dict) -> str:
     rows = [[f"**{doc['label']}** (this run)"] + [s["tasks"].get(t, {}).get("accuracy") for t in tags]
             + [s["overall"]]]
     rows += [[name] + [vals.get(t) for t in tags] + [vals.get("overall")] for name, vals in GENEVAL_REPORTED.items()]
-    parts = [f"# {TITLE}: {doc['label']}", ""] + common.subset_banner(doc)
+    banner = common.subset_banner(doc)
+    parts = [f"# {TITLE}: {doc['label']}", ""] + ([banner, ""] if banner else [])
     if doc["incomplete"]:
         parts += [f"**INCOMPLETE: {doc['incomplete']}**", ""]
     parts += [
