@@ -46,6 +46,7 @@ from .model import keymap
 from .model.bagel import Bagel, bagel_key_rules
 from .model.layers import sincos_2d_table
 from .model.vae import AutoEncoder
+from .paths import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -482,13 +483,8 @@ def copy_file(src, dst) -> None:
     """`src`'s bytes into `dst` (through a temporary name beside it): not its permission bits (a read-only
     source made read-only copies, which the next copy, a training resume's, could not replace), and a copy
     that an earlier version made read-only is replaced."""
-    dst = _p(dst)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(src, "rb") as f:
+        atomic_write(_p(dst), lambda out: shutil.copyfileobj(f, out), fsync=False)
 
 
 def copy_model_files(src_dir, dst_dir) -> list[str]:

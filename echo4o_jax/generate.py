@@ -86,8 +86,8 @@ import numpy as np
 
 from .interrupts import exit_process, keep_ctrl_c
 from .jsonl import jsonl_lines, valid_unicode
-from .paths import pid_running
-from .sampling_defaults import DEFAULT_DTYPE, DEFAULT_SIZE, TaskDefaults, task_defaults
+from .paths import file_sha256, pid_running
+from .sampling_defaults import DEFAULT_DTYPE, DEFAULT_SIZE, SETTING_FLAGS, TaskDefaults, task_defaults
 
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
 DEMO_PROMPT_IDS = [13, 60, 2, 38, 77, 23, 87, 59, 101]
@@ -451,11 +451,11 @@ class Generator:
             w, h = _resized_size(self.vae_transform, im.size)
             if not understanding:  # understanding feeds the ViT only (official vae=not understanding_output)
                 self._grid_problem(problems, h, w, c.max_latent_size, c.latent_downsample, "VAE-resized input image",
-                                   "lower the VAE resize (--vae-transform MAX MIN)")
+                                   f"lower the VAE resize ({SETTING_FLAGS['vae_transform']})")
                 add((h // c.latent_downsample) * (w // c.latent_downsample) + 2)
             vw, vh = _resized_size(self.vit_transform, (w, h))
             self._grid_problem(problems, vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size,
-                               "ViT-resized input image", "lower the ViT resize (--vit-transform MAX MIN)")
+                               "ViT-resized input image", f"lower the ViT resize ({SETTING_FLAGS['vit_transform']})")
             add((vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2)
         add_text(len(ids))
         if new_tokens:
@@ -465,13 +465,13 @@ class Generator:
         if out_shape is not None:
             m = c.max_latent_size * c.latent_downsample
             self._grid_problem(problems, *out_shape, c.max_latent_size, c.latent_downsample, "output size",
-                               f"give a size of at most {m}x{m} (--size HxW, or `size` in a --prompts request)",
+                               f"give a size of at most {m}x{m} ({SETTING_FLAGS['size']})",
                                " (the default; no size given)" if default_size else "")
         if problems:
             raise GenerateError("; ".join(problems.values()))
         if need > self.max_context:
             raise GenerateError(f"the prompt and images need about {need} context tokens, more than "
-                                f"--max-context={self.max_context}; raise it or shorten the prompt")
+                                f"{SETTING_FLAGS['max_context']}={self.max_context}; raise it or shorten the prompt")
 
     def sampler_settings(self, has_images: bool, overrides: dict[str, Any]) -> dict[str, Any]:
         d = dataclasses.asdict(task_defaults(has_images))
@@ -738,12 +738,11 @@ def _outputs_recorded(record: dict, paths: Sequence[pathlib.Path]) -> bool:
     """Whether `paths` hold the images `record` names (their sha256; records of older versions name none);
     those that do not (a run stopped while --regenerate replaced them) are said: the request is generated
     again."""
-    from .data.records import _sha256
 
     want = record.get("outputs_sha256")
     if want is None:
         return True
-    other = [p.name for p, h in zip(paths, want) if _sha256(p) != h]
+    other = [p.name for p, h in zip(paths, want) if file_sha256(p) != h]
     if other or len(want) != len(paths):
         print(f"{', '.join(other) or record.get('id')}: not the image(s) metadata.jsonl records for request "
               f"{record.get('id')!r} (a run stopped while regenerating it?); generating it again", file=sys.stderr)
@@ -877,7 +876,7 @@ def _image_identity(im) -> tuple[str, str]:
     if isinstance(im, (str, pathlib.Path)):
         p = pathlib.Path(im)
         try:
-            return str(p.resolve()), hashlib.sha256(p.read_bytes()).hexdigest()
+            return str(p.resolve()), file_sha256(p)
         except OSError as e:
             raise GenerateError(f"cannot read image {p}: {e}") from None
     return f"<{type(im).__name__} {im.size[0]}x{im.size[1]}>", hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
@@ -990,7 +989,6 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     finished). Ctrl-C raises BatchInterrupted (a KeyboardInterrupt) saying how many requests are finished."""
     from tqdm import tqdm
 
-    from .data.records import _sha256
 
     out_dir = pathlib.Path(out_dir)
     ids, prepared = check_requests(gen, requests, overrides, max_new_tokens)
@@ -1041,7 +1039,7 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
                     # (the outputs' sha256: a run stopped while replacing a request's images, --regenerate, left
                     # its old record vouching for a mix of old and new ones)
                     rec = dict(id=rid, **_generated_with(gen, req, r), outputs=[p.name for p in paths],
-                               outputs_sha256=[_sha256(p) for p in paths], seconds=seconds,
+                               outputs_sha256=[file_sha256(p) for p in paths], seconds=seconds,
                                batched_with=len(group))
                     if res.get("think") is not None:  # (the planning text, as a single run's generation.json)
                         rec["think_text"] = res["think"]
@@ -1106,10 +1104,11 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, rege
 
     load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context") if k in overrides}
     if "dtype" in load_kw and load_kw["dtype"] not in DTYPES:  # (the loader would fail once the weights load)
-        raise GenerateError(f"dtype (--dtype) {load_kw['dtype']!r}: expected one of {', '.join(DTYPES)}")
+        raise GenerateError(f"dtype ({SETTING_FLAGS['dtype']}) {load_kw['dtype']!r}: expected one of "
+                            f"{', '.join(DTYPES)}")
     for k in ("step", "max_context"):
         if load_kw.get(k) is not None:
-            _as_int(load_kw[k], f"{k} (--{k.replace('_', '-')})", minimum=0)
+            _as_int(load_kw[k], f"{k} ({SETTING_FLAGS[k]})", minimum=0)
     transforms = {}
     for k in ("vae_transform", "vit_transform"):
         if k in overrides:

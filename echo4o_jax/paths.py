@@ -1,12 +1,15 @@
-"""Output folders: whether a path is, or can become, a folder this process writes into; one run at a time
-in a folder (`hold_lock`)."""
+"""Output files and folders: whether a path is, or can become, a folder this process writes into; one run at a
+time in a folder (`hold_lock`); a file written whole or not at all (`atomic_write`); a file's sha256."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
+import threading
+from typing import BinaryIO, Callable
 
-__all__ = ["folder_problem", "hold_lock", "LockUnavailable", "pid_running"]
+__all__ = ["atomic_write", "file_sha256", "folder_problem", "hold_lock", "LockUnavailable", "pid_running"]
 
 
 class LockUnavailable(OSError):
@@ -91,3 +94,36 @@ def pid_running(pid: int) -> bool:
     except OSError:  # another user's process (PermissionError), or unknown
         return True
     return True
+
+
+def atomic_write(path, data: bytes | str | Callable[[BinaryIO], None], *, fsync: bool = True) -> pathlib.Path:
+    """Write `path` whole or not at all: `data` (bytes, str as UTF-8, or a function that writes into the open
+    binary file) goes to a temporary file beside it (``.NAME.PID.THREAD.tmp``: two processes or threads never
+    share one), flushed and, with `fsync`, synced to disk, then renamed over `path`. On any failure (a full
+    disk, an exception in the writer, Ctrl-C) the temporary file is removed, `path` is as it was and the error
+    propagates. The parent folder is created. Returns `path` as a Path."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def file_sha256(path) -> str:
+    """The hex sha256 of a file's content (read in 4 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 import ml_dtypes
 import numpy as np
 
+from .paths import atomic_write
+
 __all__ = ["SafetensorsError", "SafetensorsFile", "ShardedSafetensors", "open_checkpoint_file", "write_safetensors",
            "write_safetensors_stream", "write_safetensors_sharded", "parse_size", "TensorSpec"]
 
@@ -340,43 +342,39 @@ def write_safetensors_stream(path: str | os.PathLike, specs: Sequence[TensorSpec
     """Write a safetensors file one tensor at a time: the header comes from `specs` (key, shape,
     dtype), then `produce(key)` is called for each key in order and returns either the array (that
     shape and dtype) or an iterator of row blocks (that dtype, C order, concatenating to the tensor)
-    so a big tensor need not exist whole. Written to `path.tmp`, renamed at the end. Returns the data
-    size in bytes."""
+    so a big tensor need not exist whole. Written whole or not at all (`paths.atomic_write`). Returns the
+    data size in bytes."""
     path = os.fspath(path)
     specs = [TensorSpec(k, tuple(int(d) for d in s), np.dtype(dt)) for k, s, dt in specs]
     blob, total = _header(path, specs, metadata)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for key, shape, dt in specs:
-                arr = produce(key)
-                want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-                if isinstance(arr, np.ndarray):
-                    if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dt:
-                        raise SafetensorsError(f"{path}: tensor {key!r} is {arr.dtype}{list(arr.shape)}, "
-                                               f"announced {dt}{list(shape)}")
-                    arr = (arr,)
-                n = 0
-                for block in arr:
-                    if np.dtype(block.dtype) != dt or (block.ndim and tuple(block.shape[1:]) != shape[1:]):
-                        raise SafetensorsError(f"{path}: block of {key!r} is {block.dtype}{list(block.shape)}, "
-                                               f"announced {dt}{list(shape)}")
-                    data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
-                    f.write(memoryview(data))
-                    n += data.nbytes
-                    del block, data
-                if n != want:
-                    raise SafetensorsError(f"{path}: tensor {key!r} has {n} bytes, announced {want}")
-                if on_tensor is not None:
-                    on_tensor(key, n)
-                del arr
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key, shape, dt in specs:
+            arr = produce(key)
+            want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if isinstance(arr, np.ndarray):
+                if tuple(arr.shape) != shape or np.dtype(arr.dtype) != dt:
+                    raise SafetensorsError(f"{path}: tensor {key!r} is {arr.dtype}{list(arr.shape)}, "
+                                           f"announced {dt}{list(shape)}")
+                arr = (arr,)
+            n = 0
+            for block in arr:
+                if np.dtype(block.dtype) != dt or (block.ndim and tuple(block.shape[1:]) != shape[1:]):
+                    raise SafetensorsError(f"{path}: block of {key!r} is {block.dtype}{list(block.shape)}, "
+                                           f"announced {dt}{list(shape)}")
+                data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+                f.write(memoryview(data))
+                n += data.nbytes
+                del block, data
+            if n != want:
+                raise SafetensorsError(f"{path}: tensor {key!r} has {n} bytes, announced {want}")
+            if on_tensor is not None:
+                on_tensor(key, n)
+            del arr
+
+    atomic_write(path, write)  # whole or not at all
     return total
 
 

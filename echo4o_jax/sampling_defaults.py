@@ -1,7 +1,8 @@
 """The generation defaults of a request that names none: the sampler's (text-to-image or editing, as the
 official inferencer's examples), the output size of text-to-image and the weights' dtype. Plain data, no JAX:
 `generate` applies them, `eval.run` compares generations by them (a setting spelled out at its default is the
-same generation)."""
+same generation). And how generate's error messages name a setting's flag (`SETTING_FLAGS`), which eval.run
+maps to its own."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ T2I_DEFAULTS = TaskDefaults(4.0, 1.5, (0.4, 1.0), "global")
 EDIT_DEFAULTS = TaskDefaults(4.0, 2.0, (0.0, 1.0), "text_channel")
 DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
 DEFAULT_DTYPE = "float32"  # the weights' and compute dtype (generate --dtype, generate_batch's `dtype`)
+
+# How a GenerateError's advice names a setting: generate's CLI flag. Every generate message that names one of these
+# settings takes its flag from here, and eval.run (which sets them by --gen-arg or its own flags) maps these strings.
+SETTING_FLAGS = {"vae_transform": "--vae-transform MAX MIN", "vit_transform": "--vit-transform MAX MIN",
+                 "size": "--size HxW, or `size` in a --prompts request", "max_context": "--max-context",
+                 "dtype": "--dtype", "step": "--step"}
 
 
 def task_defaults(has_images: bool) -> TaskDefaults:

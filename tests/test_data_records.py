@@ -305,8 +305,11 @@ def test_inspect_contact_sheet_is_never_left_cut_short(tmp_path, capsys, monkeyp
     sheet = tmp_path / "sheet.png"
 
     def save_half_then_ctrl_c(self, fp, *a, **k):
-        with open(fp, "wb") as f:
-            f.write(b"\x89PNG half")
+        if hasattr(fp, "write"):  # (an open file, or a path)
+            fp.write(b"\x89PNG half")
+        else:
+            with open(fp, "wb") as f:
+                f.write(b"\x89PNG half")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Image.Image, "save", save_half_then_ctrl_c)

@@ -669,7 +669,23 @@ def test_run_generation_error_from_the_real_generator(golden_dir, tmp_path, caps
                                                       "--generate-only", "--gen-arg", f"dtype={dtype}"])
         assert msg == (f"[geneval_pp] {gpp}: dtype (--gen-arg dtype=...) {dtype!r}: expected one of float32, "
                        "bfloat16 (nothing was generated)"), msg
+    msg = _one_error_line(capsys, eval_run.main, ["--ckpt", str(golden_dir), "--bench", "geneval_pp", "--out",
+                                                  str(tmp_path / "o"), "--geneval-pp-prompts", str(gpp),
+                                                  "--generate-only", "--gen-arg", "max_context=-1"])
+    assert msg == (f"[geneval_pp] {gpp}: max_context (--gen-arg max_context) -1: must be at least 0 (nothing was "
+                   "generated)"), msg  # (it named generate's --max-context)
     assert not (tmp_path / "o").exists()
+
+
+def test_run_maps_every_flag_generate_names():
+    """generate's messages take a setting's flag from sampling_defaults.SETTING_FLAGS; eval.run has its own form of
+    each, and maps both message forms ("(FLAG" and "FLAG=")."""
+    from echo4o_jax.sampling_defaults import SETTING_FLAGS
+
+    assert set(eval_run.EVAL_FLAGS) == set(SETTING_FLAGS)
+    for key, flag in SETTING_FLAGS.items():
+        got = eval_run._generation_error(ValueError(f"x ({flag}) y; {flag}=3"))
+        assert got == f"x ({eval_run.EVAL_FLAGS[key]}) y; {eval_run.EVAL_FLAGS[key]}=3", got
 
 
 def test_run_missing_prompt_file_names_the_flags(tmp_path, monkeypatch, capsys):
@@ -866,6 +882,14 @@ def test_run_full_disk_is_one_error_line_and_the_rerun_resumes(tmp_path, monkeyp
             return _real(self, data, *a, **kw)
 
         monkeypatch.setattr(Path, method, write)
+    real_fsync = os.fsync
+
+    def fsync(fd):  # (the record is written through paths.atomic_write: the full disk shows when it is synced)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     image_error = (f"cannot write {images / '00002_0.png'}: No space left on device; 1 of 2 requests finished and "
                    "kept: rerun the same command to resume")  # as the real generate_batch says it
 

@@ -27,6 +27,7 @@ import textwrap
 
 from echo4o_jax.data._import_common import ArgumentError, cli_error, cli_interrupted
 from echo4o_jax.interrupts import exit_process, keep_ctrl_c
+from echo4o_jax.paths import atomic_write
 from echo4o_jax.data.records import Record, RecordError, RecordReader, incomplete_reason
 
 __all__ = ["summarize", "describe", "contact_sheet", "main"]
@@ -125,15 +126,9 @@ def contact_sheet(records: list[Record], path: str, *, thumb: int = 128, text_wi
         tx = W - text_width
         d.multiline_text((tx, y), caption, fill=(0, 0, 0), spacing=2)
         y += thumb + pad
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.part{ext}"  # written whole, then renamed: a Ctrl-C or a failed write leaves no cut-short file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        sheet.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # (main checked the extension)
+    # written whole, then renamed: a Ctrl-C or a failed write leaves no cut-short file
+    atomic_write(path, lambda f: sheet.save(f, format=fmt), fsync=False)
 
 
 def main(argv=None) -> int:

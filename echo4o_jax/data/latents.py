@@ -119,7 +119,8 @@ from typing import Callable
 
 import numpy as np
 
-from echo4o_jax.data.records import _atomic_write_json, _sha256, listed_sha256, resolve_shards
+from echo4o_jax.data.records import listed_sha256, resolve_shards, write_json
+from echo4o_jax.paths import file_sha256
 from echo4o_jax.paths import folder_problem
 from echo4o_jax.packing import MOMENT_DTYPES, moments_dtype
 from echo4o_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors
@@ -234,7 +235,7 @@ def _record_files(path) -> list[str]:
 def _records_sha256(files: list[str]) -> list[str]:
     """The sha256 of each record shard file: from its folder's records manifest when that lists it, else
     hashed from the file (a read of the whole file)."""
-    return [sha or _sha256(f) for f, sha in zip(files, listed_sha256(files))]
+    return [sha or file_sha256(f) for f, sha in zip(files, listed_sha256(files))]
 
 
 def _folders(files: list[str]) -> str:
@@ -621,7 +622,7 @@ class _Writer:
         self.m["updated_utc"] = _now()
         path = os.path.join(self.out, self.manifest_name)
         try:
-            _atomic_write_json(path, self.m)
+            write_json(path, self.m)
         except OSError as e:
             raise LatentStoreError(f"cannot write {path}: {e.strerror or e}; once fixed, run the same command "
                                    "again to go on") from None
@@ -691,7 +692,7 @@ def merge_parts(out: str, log: Callable[[str], None] | None = print) -> dict:
         if ds["records_sha256"] is None:  # parts written before records_sha256: `check` says how to add it
             del ds["records_sha256"]
     merged["updated_utc"] = _now()
-    _atomic_write_json(os.path.join(out, MANIFEST_NAME), merged)
+    write_json(os.path.join(out, MANIFEST_NAME), merged)
     if log is not None:
         imgs = sum(d["images"] for d in merged["datasets"].values())
         log(f"[latents] merged {n} parts: {imgs} VAE images in {len(merged['datasets'])} dataset(s) -> {out}")

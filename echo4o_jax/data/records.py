@@ -65,7 +65,6 @@ import concurrent.futures
 import dataclasses
 import datetime
 import glob
-import hashlib
 import io
 import itertools
 import json
@@ -73,6 +72,8 @@ import os
 import shutil
 import struct
 from typing import Any, Iterable, Iterator, Sequence
+
+from echo4o_jax.paths import atomic_write, file_sha256
 
 __all__ = [
     "FORMAT_VERSION",
@@ -424,27 +425,14 @@ def decode_record(buf: bytes, *, images: bool = True, validate: bool = False) ->
 # ---------------------------------------------------------------------------------------------- writer
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dataset_files(folder: str) -> list[str]:
     """The names of the files of `folder` that make up a dataset (shards and manifest)."""
     return [p for p in os.listdir(folder) if p.endswith(SHARD_SUFFIX) or p == MANIFEST_NAME]
 
 
-def _atomic_write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json(path: str, obj: Any) -> None:
+    """`obj` as indented JSON into `path`, whole or not at all (`paths.atomic_write`, synced to disk)."""
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _aside(out_dir: str, which: str) -> str:
@@ -530,7 +518,7 @@ class RecordWriter:
         if not os.path.exists(self._manifest_path):
             # at once, before any shard: a writer killed after its first shard's rename (before a manifest
             # listed it) left shards and no manifest, which readers took as a complete dataset
-            _atomic_write_json(self._manifest_path, self._manifest(complete=False))
+            write_json(self._manifest_path, self._manifest(complete=False))
 
     def _aside(self, which: str) -> str:
         return _aside(self.out_dir, which)
@@ -620,7 +608,7 @@ class RecordWriter:
         m = self._manifest(complete=error is None)
         if error is not None:
             m["error"] = error
-        _atomic_write_json(self._manifest_path, m)
+        write_json(self._manifest_path, m)
         if self._staging is not None:
             if error is None or keep_partial:
                 self._swap_in()
@@ -683,8 +671,8 @@ class RecordWriter:
         path = os.path.join(self._write_dir, final)
         os.replace(tmp, path)
         self._shards.append({"file": final, "records": self._cur_records, "bytes": os.path.getsize(path),
-                             "sha256": _sha256(path)})
-        _atomic_write_json(self._manifest_path, self._manifest(complete=False))
+                             "sha256": file_sha256(path)})
+        write_json(self._manifest_path, self._manifest(complete=False))
 
     def _abandon_shard(self, e: RuntimeError) -> RecordWriteError:
         """The open shard failed to write (`e`): drop its file, take no more records; -> the error to raise."""
@@ -1012,7 +1000,7 @@ class RecordReader:
             if os.path.getsize(f) != s["bytes"]:
                 raise RecordError(f"{f}: size {os.path.getsize(f)} != manifest {s['bytes']} (truncated or "
                                   f"rewritten)")
-            if _sha256(f) != s["sha256"]:
+            if file_sha256(f) != s["sha256"]:
                 raise RecordError(f"{f}: sha256 mismatch with the manifest (corrupt or rewritten)")
             checked += 1
         return checked

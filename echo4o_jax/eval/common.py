@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..interrupts import keep_ctrl_c
 from ..jsonl import jsonl_lines
+from ..paths import atomic_write
 from .judge import (DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MODEL, Judge, JudgeError, JudgeRequest, JudgeResult,
                     JudgeTemplate, check_base_url, load_template)
 
@@ -405,22 +406,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `path` atomically: a temporary file beside it (``<name>.tmp``), renamed over it. A failure (a full
-    disk ...) removes the temporary file, leaves `path` as it was and is a UsageError naming the file and the
-    cause."""
+    """Write `path` whole or not at all (`paths.atomic_write`). A failure (a full disk ...) leaves `path` as it
+    was and is a UsageError naming the file and the cause."""
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        atomic_write(p, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {p}: {e.strerror or e}; what was written before is kept: rerun the same "
                          "command to continue") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def rel(path: str | os.PathLike | None, start: str | os.PathLike) -> str | None:

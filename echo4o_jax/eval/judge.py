@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from ..paths import atomic_write
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -452,11 +454,7 @@ class JudgeCache:
             return None
 
     def put(self, key: str, record: dict) -> None:
-        p = self._path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, p)
+        atomic_write(self._path(key), json.dumps(record, ensure_ascii=False, indent=1), fsync=False)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0

@@ -76,7 +76,7 @@ from typing import Callable
 
 from ..interrupts import exit_process
 from ..paths import folder_problem
-from ..sampling_defaults import DEFAULT_SIZE, default_settings
+from ..sampling_defaults import DEFAULT_SIZE, SETTING_FLAGS, default_settings
 from . import common, geneval, geneval_pp, imagine_bench, omnicontext
 from .judge import JudgeConfigError, api_key_from_env, load_template
 
@@ -404,18 +404,17 @@ def check_judge_only(name: str, items, images_dir: Path, args, ckpt: dict, gen_a
     _refuse_mismatches(name, images_dir, mismatched, [], judge_only=True)
 
 
-# generate's advice names its own flags; eval.run's forms of them
-_EVAL_FLAGS = (("(--vae-transform MAX MIN)", "(--gen-arg vae_transform=[MAX,MIN])"),
-               ("(--vit-transform MAX MIN)", "(--gen-arg vit_transform=[MAX,MIN])"),
-               ("(--size HxW, or `size` in a --prompts request)", "(--size HxW)"),
-               ("--max-context=", "--gen-arg max_context="), ("(--dtype)", "(--gen-arg dtype=...)"))
+# eval.run's form of each setting's flag that generate's advice names (sampling_defaults.SETTING_FLAGS' keys)
+EVAL_FLAGS = {"vae_transform": "--gen-arg vae_transform=[MAX,MIN]", "vit_transform": "--gen-arg vit_transform=[MAX,MIN]",
+              "size": "--size HxW", "max_context": "--gen-arg max_context", "dtype": "--gen-arg dtype=...",
+              "step": "--step"}
 
 
 def _generation_error(e: Exception) -> str:
-    """A generation error's text with eval.run's flags in its advice."""
+    """A generation error's text with eval.run's flags in its advice (generate names its own CLI's)."""
     msg = str(e)
-    for theirs, ours in _EVAL_FLAGS:
-        msg = msg.replace(theirs, ours)
+    for key, theirs in sorted(SETTING_FLAGS.items(), key=lambda kv: -len(kv[1])):  # (a longer form first)
+        msg = msg.replace(f"({theirs}", f"({EVAL_FLAGS[key]}").replace(f"{theirs}=", f"{EVAL_FLAGS[key]}=")
     return msg
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..jsonl import jsonl_lines
+from ..paths import atomic_write
 from ..paths import hold_lock as _hold_lock
 
 log = logging.getLogger(__name__)
@@ -178,14 +179,7 @@ class Journal:
         try:
             self.read_blob(ref)  # stored already (the same answer again)
         except BlobError:  # missing, or corrupt: (re)written
-            p = self._blob_path(sha, ext)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
+            p = atomic_write(self._blob_path(sha, ext), data)
             _fsync_dir(p.parent)
         return ref
 
