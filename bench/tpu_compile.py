@@ -183,14 +183,15 @@ def build_abstract_step(config, devices, latents: str | None = None) -> Built:
     from echo4o_jax.model.vae import AutoEncoder
     from echo4o_jax.train.data_sources import budget_from_config
     from echo4o_jax.train.step import init_train_state
-    from echo4o_jax.train.trainer import (opt_state_shardings, optimizer_from_config, train_step_from_config,
-                                          validate_config)
+    from echo4o_jax.train.trainer import (check_attention_mesh, opt_state_shardings, optimizer_from_config,
+                                          train_step_from_config, validate_config)
 
     config = compile_config(config)
     validate_config(config)
     cfg = bagel_config(config)
     moments = latents_dtype(config, latents)
     mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor), devices=devices)
+    check_attention_mesh(cfg, mesh.shape["tensor"], backend="tpu")  # (the kernel is chosen by the lowering: TPU)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     packs = shd.packs_per_step(int(config.data.packs_per_step), dp)
 
@@ -468,6 +469,16 @@ def main(argv=None) -> int:
         print(f"[tpu_compile] skipped tensor={sorted({t for _, t in cand} - {t for _, t in fits})}: data x fsdp "
               f"would not divide data.packs_per_step={packs}", flush=True)
     cand = fits
+    if not args.no_search:  # a tensor size the attention kernel cannot split its heads over: not searched
+        from echo4o_jax.model.attention import kernel_heads_problem
+
+        mc = bagel_config(c)
+        heads = {"LLM": mc.llm.num_kv_heads, "ViT": mc.vit.num_heads}
+        wasteful = sorted({t for _, t in cand if kernel_heads_problem(mc.attention_impl, heads, t)})
+        if wasteful and len(wasteful) < len({t for _, t in cand}):
+            why = kernel_heads_problem(mc.attention_impl, heads, wasteful[0])
+            print(f"[tpu_compile] skipped tensor={wasteful}: {why}", flush=True)
+            cand = [x for x in cand if x[1] not in wasteful]
     results, chosen = [], None
     print(HEADER, flush=True)
     for remat, tp in cand:

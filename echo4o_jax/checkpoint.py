@@ -148,7 +148,7 @@ def load_config(path, **overrides) -> BagelConfig:
 
 # BagelConfig fields a training checkpoint does not depend on: a resumed run may change them
 RESUMABLE_MODEL_FIELDS = ("param_dtype", "compute_dtype", "remat", "attention_impl", "attention_block_q",
-                          "attention_block_kv", "attention_tuning", "timestep_shift", "freeze_und")
+                          "attention_block_kv", "attention_tuning", "attention_chunk", "timestep_shift", "freeze_und")
 
 
 def model_geometry(cfg: BagelConfig) -> dict[str, Any]:

@@ -227,9 +227,12 @@ class BagelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch
     attention_impl: str = "xla_blockwise"  # xla_blockwise | xla_dense | pallas_gpu | pallas_tpu | pallas_interpret
-    attention_block_q: int = 512
+    attention_block_q: int = 512  # xla_blockwise / pallas_tpu blocks; pallas_gpu's tiles: attention_tuning
     attention_block_kv: int = 512
     attention_tuning: str = ""  # pallas_gpu launch shapes, e.g. "fwd=128x64:w8:s3" (kernels.pallas_flash.parse_tuning)
+    # xla_blockwise: block pairs per loop step (0: the number of q blocks). Its score tensors are chunk x heads x
+    # block_q x block_kv float32 (0.9 GiB each at the 7B's 16K-token pack): a smaller chunk, less memory, more steps
+    attention_chunk: int = 0
     freeze_und: bool = False  # training: detach every understanding-token path (official `freeze_und`)
 
     # ------------------------------------------------------------------ derived sizes
@@ -327,6 +330,11 @@ class BagelConfig:
         if self.attention_impl not in ("xla_blockwise", "xla_dense", "pallas_gpu", "pallas_tpu", "pallas_interpret"):
             raise ConfigError(f"attention_impl={self.attention_impl!r}: "
                               "expected xla_blockwise|xla_dense|pallas_gpu|pallas_tpu|pallas_interpret")
+        for k in ("attention_block_q", "attention_block_kv"):  # (0 divided by zero in xla_blockwise)
+            if int(getattr(self, k)) < 8:
+                raise ConfigError(f"{k}={getattr(self, k)} must be >= 8")
+        if int(self.attention_chunk) < 0:
+            raise ConfigError(f"attention_chunk={self.attention_chunk} must be >= 0 (0: the number of q blocks)")
         if self.attention_tuning:
             from .model.kernels.pallas_flash import parse_tuning
 

@@ -366,7 +366,7 @@ def _run(model: Bagel, x, n_und, meta, positions, cache, *, return_kv, gen_mode:
     c = model.cfg
     return model.llm(x, n_und, meta, positions, cache=cache, return_kv=return_kv,
                      attention_impl=c.attention_impl, block_q=c.attention_block_q, block_kv=c.attention_block_kv,
-                     tuning=c.attention_tuning, qk_float32=gen_mode)
+                     tuning=c.attention_tuning, chunk=c.attention_chunk, qk_float32=gen_mode)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -386,3 +386,135 @@ def test_pallas_kernel_runs_per_shard_under_a_mesh(tmp_path):
     assert line, out.stderr[-3000:]
     err, gathers = line[0].split()[1:]
     assert float(err) < 1e-4 and int(gathers) == 0, line[0]
+
+
+def test_rows_that_see_no_key_are_zero_everywhere():
+    """A query row whose keys are all masked (only in direct calls: in the model every token sees itself): every
+    implementation gives 0 there, and finite gradients; the reference gave NaN, and NaN in dV for every key."""
+    rng = np.random.default_rng(5)
+    L, H, KVH, D = 24, 4, 2, 64
+    km = random_meta(rng, L, n_pad=0, shuffle=False)
+    # queries of sample 0, then two rows of a sample no key has (sample 99): they see nothing
+    qm = TokenMeta(*(jnp.concatenate([x[:6], jnp.asarray([99, 99] if i == 0 else x[:2], jnp.int32)])
+                     for i, x in enumerate(km)))
+    assert not bool(mask_from_meta(qm, km)[-2:].any()) and bool(mask_from_meta(qm, km)[:-2].any(-1).all())
+    q, k, v = qkv(rng, 8, L, H, KVH, D)
+    w = jnp.asarray(rng.normal(size=(8, H, D)), jnp.float32)
+    res = {}
+    for impl in ("xla_dense", "xla_blockwise", "pallas_interpret", "pallas_tpu"):
+        (_, o), g = jax.jit(jax.value_and_grad(_loss(impl, qm, km, D ** -0.5, w, 8), argnums=(0, 1, 2),
+                                               has_aux=True))(q, k, v)
+        assert bool(jnp.all(o[-2:] == 0)), impl
+        assert all(bool(jnp.isfinite(x).all()) for x in (o, *g)), impl
+        res[impl] = (o, g)
+    for impl, (o, g) in res.items():
+        np.testing.assert_allclose(o, res["xla_dense"][0], atol=2e-5, rtol=1e-5, err_msg=impl)
+        for a, b in zip(g, res["xla_dense"][1]):
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5, err_msg=impl)
+
+
+def test_kernel_of_another_backend_is_refused(monkeypatch):
+    """pallas_gpu where the default backend is a TPU (a bare AssertionError deep in Pallas) and pallas_tpu on a GPU
+    are one error naming the implementation that fits; on the CPU both run (interpreted)."""
+    from echo4o_jax.model.attention import backend_problem
+
+    assert backend_problem("pallas_gpu", "tpu") == ("attention_impl='pallas_gpu' is the GPU kernel and the default "
+                                                    "backend is 'tpu': use attention_impl='pallas_tpu' there (or "
+                                                    "xla_blockwise)")
+    assert "use attention_impl='pallas_gpu'" in backend_problem("pallas_tpu", "gpu")
+    for impl in ("pallas_gpu", "pallas_tpu", "pallas_interpret", "xla_blockwise", "xla_dense"):
+        assert backend_problem(impl, "cpu") is None
+    assert backend_problem("pallas_interpret", "tpu") is None and backend_problem("xla_blockwise", "gpu") is None
+    rng = np.random.default_rng(0)
+    meta = random_meta(rng, 16, n_pad=0)
+    q, k, v = qkv(rng, 16, 16, 2, 1, 64)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match="'pallas_gpu' is the GPU kernel .* use attention_impl='pallas_tpu'"):
+        attention(q, k, v, meta, meta, scale=0.1, impl="pallas_gpu")
+
+
+def test_pallas_tpu_compiles_the_mosaic_kernel_for_a_tpu_topology_from_the_cpu():
+    """`attention(impl="pallas_tpu")` lowered for a TPU topology on this CPU-only machine (JAX_PLATFORMS=cpu, as
+    bench/tpu_compile.py does) is the Mosaic kernel (tpu_custom_call), not its interpreted emulation: the mode is
+    the lowering platform's, not jax.default_backend()'s (which is the CPU here, and chose interpret mode)."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:  # (CI installs it: the tpu extra)
+        pytest.skip("a TPU topology needs libtpu (the tpu extra)")
+    import os
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    devs = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices[:1]
+    mesh = jax.sharding.Mesh(np.array(devs), ("data",))
+    L, H, KVH, D = 256, 4, 2, 128
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    S = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)
+
+    def step(q, k, v, m):
+        f = lambda q, k, v: attention(q, k, v, m, m, scale=0.1, impl="pallas_tpu", block_q=128, block_kv=128)
+        return jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    args = (S((L, H, D), jnp.bfloat16), S((L, KVH, D), jnp.bfloat16), S((L, KVH, D), jnp.bfloat16),
+            TokenMeta(*(S((L,), jnp.int32) for _ in range(4))))
+    with jax.set_mesh(mesh):  # (Pallas reads the chip generation from the mesh's devices)
+        lowered = jax.jit(step).lower(*args)
+        assert lowered.as_text().count("tpu_custom_call") >= 3  # forward, dq, dkv
+        lowered.compile()
+
+
+def test_block_sizes_below_8_and_a_negative_chunk_are_config_errors():
+    for k, v in (("attention_block_q", 0), ("attention_block_kv", -16), ("attention_block_q", 4),
+                 ("attention_chunk", -1)):
+        with pytest.raises(ConfigError, match=f"{k}={v} must be >= 0" if k == "attention_chunk" else f"{k}={v} must"):
+            BagelConfig.bagel_7b_mot().replace(**{k: v}).validate()
+    BagelConfig.bagel_7b_mot().replace(attention_block_q=8, attention_block_kv=8, attention_chunk=3).validate()
+
+
+def test_a_tensor_axis_that_does_not_divide_the_kv_heads_is_refused_for_the_kernels():
+    """The kernels split heads over "tensor" only when it divides the KV heads; otherwise each tensor device would
+    run the whole attention (8x the work for the 7B's 4 KV heads at tensor=8): refused, naming the heads."""
+    from echo4o_jax.model.attention import kernel_heads_problem
+    from echo4o_jax.train.trainer import ConfigValueError, check_attention_mesh
+
+    cfg = BagelConfig.bagel_7b_mot().replace(attention_impl="pallas_tpu")
+    with pytest.raises(ConfigValueError, match=r"mesh.tensor=8 does not divide the KV heads \(LLM 4\): the "
+                                               r"pallas_tpu kernel .* \(model.attention_impl='pallas_tpu'\)"):
+        check_attention_mesh(cfg, 8, backend="tpu")
+    for t in (1, 2, 4):
+        check_attention_mesh(cfg, t, backend="tpu")
+    check_attention_mesh(cfg.replace(attention_impl="xla_blockwise"), 8, backend="tpu")  # (XLA partitions it)
+    assert "ViT 16" in kernel_heads_problem("pallas_gpu", {"LLM": 4, "ViT": 16}, 32)
+    with pytest.raises(ConfigValueError, match="model.attention_impl='pallas_tpu' is the TPU kernel"):
+        check_attention_mesh(cfg, 1, backend="gpu")
+
+
+def test_attention_chunk_reaches_the_blockwise_loop(golden_dir, monkeypatch):
+    """model.attention_chunk (xla_blockwise's block pairs per loop step) is what the LLM's and the ViT's attention
+    calls get, and changes no value."""
+    from echo4o_jax.model import qwen2_mot, siglip
+    from echo4o_jax.model.loading import load_bagel
+
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir).replace(attention_block_q=8, attention_block_kv=8)
+    seen = []
+    real = attention
+
+    def spy(*a, **kw):
+        seen.append(kw["chunk"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(qwen2_mot, "attention", spy)
+    monkeypatch.setattr(siglip, "attention", spy)
+    rng = np.random.default_rng(0)
+    n = 12
+    meta = random_meta(rng, n, n_pad=0, shuffle=False)
+    outs = []
+    x = jnp.asarray(rng.normal(size=(n, cfg.llm.hidden_size)), jnp.float32)
+    for chunk in (0, 1):
+        model = load_bagel(golden_dir, cfg=cfg.replace(attention_chunk=chunk))
+        outs.append(model.llm(x, n // 2, meta, meta.order, **model._kw()))
+        patches = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 3 * cfg.vit.patch_size ** 2)), jnp.float32)
+        model.vit(patches, jnp.arange(4), jnp.zeros(4, jnp.int32), **model._kw())
+    assert set(seen[:len(seen) // 2]) == {0} and set(seen[len(seen) // 2:]) == {1}
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)

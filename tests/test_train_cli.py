@@ -180,13 +180,13 @@ def test_bad_model_and_mesh_values_are_one_line(tmp_path, capsys):
     c.model.attention_impl = "bogus"
     assert run(c, str(wd)) == 2
     assert _error_line(capsys).startswith("error: bad config: model.attention_impl='bogus': expected xla_blockwise|")
-    for k, v in (("attention_block_q", 0), ("attention_block_kv", -4)):
+    for k, v in (("attention_block_q", 0), ("attention_block_kv", -4), ("attention_block_q", 4)):
         c = _tiny()
         c.model[k] = v
         assert run(c, str(wd)) == 2
         q, kv = (v, c.model.attention_block_kv) if k == "attention_block_q" else (c.model.attention_block_q, v)
         assert _error_line(capsys) == (f"error: bad config: model.attention_block_q={q} / attention_block_kv={kv} "
-                                       "must be > 0")
+                                       "must be >= 8")
     for part, key in (("llm", "num_layers"), ("vit", "num_heads")):  # (0 layers trained, then failed to save)
         c = _tiny()
         c.model.geometry[part][key] = 0

@@ -88,6 +88,9 @@ def attention(
     KVH = k.shape[1]
     if H % KVH:
         raise ValueError(f"{H} query heads is not a multiple of {KVH} KV heads")
+    problem = backend_problem(impl, jax.default_backend())
+    if problem:
+        raise ValueError(problem)
     if impl == "xla_dense":
         return _dense(q, k, v, mask_from_meta(q_meta, k_meta), scale)
     if impl == "xla_blockwise":
@@ -95,19 +98,56 @@ def attention(
     if impl == "pallas_tpu":
         from echo4o_jax.model.kernels.pallas_tpu_flash import flash_attention_tpu
 
-        # Mosaic on TPU, interpret mode when the default backend is the CPU
-        kernel = functools.partial(flash_attention_tpu, scale=scale, block_q=block_q, block_kv=block_kv)
+        # Mosaic on TPU, interpret mode when lowered for the CPU
+        kernel = _by_platform(functools.partial(flash_attention_tpu, scale=scale, block_q=block_q,
+                                                block_kv=block_kv))
         return _per_shard(kernel, q, k, v, q_meta, k_meta)
     if impl in PALLAS_IMPLS:
         from echo4o_jax.model.kernels.pallas_flash import flash_attention
 
-        # pallas_gpu: Triton lowering on GPU, interpret mode when the default backend is the CPU;
+        # pallas_gpu: Triton on GPU, interpret mode when lowered for the CPU;
         # pallas_interpret: always interpret mode (any backend; slow, for tests and debugging).
-        interpret = True if impl == "pallas_interpret" else None
-        kernel = functools.partial(flash_attention, scale=scale, block_q=block_q, block_kv=block_kv,
-                                   interpret=interpret, tuning=tuning)
+        kernel = functools.partial(flash_attention, scale=scale, block_q=block_q, block_kv=block_kv, tuning=tuning)
+        kernel = functools.partial(kernel, interpret=True) if impl == "pallas_interpret" else _by_platform(kernel)
         return _per_shard(kernel, q, k, v, q_meta, k_meta)
     raise ValueError(f"unknown attention impl {impl!r}")
+
+
+def backend_problem(impl: str, backend: str) -> str | None:
+    """Why `impl` cannot run on `backend` (jax.default_backend()), or None. On the CPU every kernel runs in
+    interpret mode (tests; and an ahead-of-time compile for a TPU topology gets the real kernel by its lowering
+    platform, `_by_platform`)."""
+    own = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}.get(impl)
+    if own is None or backend in (own, "cpu"):
+        return None
+    fit = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla_blockwise")
+    return (f"attention_impl={impl!r} is the {own.upper()} kernel and the default backend is {backend!r}: use "
+            f"attention_impl={fit!r} there (or xla_blockwise)")
+
+
+def kernel_heads_problem(impl: str, heads: dict[str, int], tensor: int) -> str | None:
+    """Why a Pallas `impl` would waste a `tensor`-way mesh axis, or None: `_per_shard` splits the heads over
+    "tensor" only when it divides the KV heads; otherwise every tensor device gathers q, k, v and runs the
+    kernel on all heads (`tensor` times the attention work). `heads`: {what: KV heads} (the LLM's KV heads, the
+    ViT's heads)."""
+    if impl not in PALLAS_IMPLS or tensor <= 1:
+        return None
+    bad = [f"{what} {n}" for what, n in heads.items() if n % tensor]
+    if not bad:
+        return None
+    return (f"mesh.tensor={tensor} does not divide the KV heads ({', '.join(bad)}): the {impl} kernel would run "
+            f"the whole attention on every one of the {tensor} tensor devices; use a mesh.tensor that divides them")
+
+
+def _by_platform(kernel):
+    """`kernel(..., interpret=...)` as a function of (q, k, v, q_meta, k_meta) whose mode is chosen by the platform
+    the computation is lowered for (`lax.platform_dependent`): interpret mode for the CPU, the compiled kernel
+    otherwise. Not by `jax.default_backend()`: an ahead-of-time compile for a TPU topology on a CPU-only machine
+    (bench/tpu_compile.py, JAX_PLATFORMS=cpu) must get the Mosaic kernel, not its interpreted emulation."""
+    def run(q, k, v, q_meta, k_meta):
+        return jax.lax.platform_dependent(q, k, v, q_meta, k_meta, cpu=functools.partial(kernel, interpret=True),
+                                          default=functools.partial(kernel, interpret=False))
+    return run
 
 
 def _per_shard(kernel, q, k, v, q_meta, k_meta):
@@ -136,7 +176,8 @@ def _dense(q, k, v, mask, scale):
     qg = q.reshape(Lq, KVH, G, D)
     s = jnp.einsum("qhgd,khd->hgqk", qg, k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(mask[None, None], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
+    sees = mask.any(-1)[None, None, :, None]  # a row that sees no key (only in direct calls): 0, as the kernels
+    p = jnp.where(sees, jax.nn.softmax(jnp.where(sees, s, 0.0), axis=-1), 0.0)  # (not NaN, nor NaN gradients)
     o = jnp.einsum("hgqk,khd->qhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(Lq, H, D).astype(q.dtype)
 

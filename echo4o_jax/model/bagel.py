@@ -65,7 +65,7 @@ class Bagel(nnx.Module):
     def _kw(self) -> dict[str, Any]:
         c = self.cfg
         return dict(attention_impl=c.attention_impl, block_q=c.attention_block_q, block_kv=c.attention_block_kv,
-                    tuning=c.attention_tuning, remat=c.remat)
+                    tuning=c.attention_tuning, chunk=c.attention_chunk, remat=c.remat)
 
     def embed_vit(self, patches, pos_ids, image_id, *, debug: dict | None = None):
         dt = dtype_of(self.cfg.compute_dtype)

@@ -120,6 +120,7 @@ class Qwen2MoT(nnx.Module):
         block_q: int = 512,
         block_kv: int = 512,
         tuning: str = "",
+        chunk: int = 0,
         remat: str = "none",
         return_layer_outputs: bool = False,
         freeze_und: bool = False,
@@ -176,7 +177,7 @@ class Qwen2MoT(nnx.Module):
             keys, vals = (k, v) if ck is None else (jnp.concatenate([ck, k]), jnp.concatenate([cv, v]))
             with jax.named_scope("attention"):
                 o = attention(q, keys, vals, meta, key_meta, scale=scale, impl=attention_impl, block_q=block_q,
-                              block_kv=block_kv, tuning=tuning).reshape(L, c.num_heads * c.head_dim)
+                              block_kv=block_kv, tuning=tuning, chunk=chunk).reshape(L, c.num_heads * c.head_dim)
             with jax.named_scope("o_proj"):
                 x = x + per_expert(lambda t, p: linear(t, p["wo"]), o, pu, pg, detach_und=True)
             with jax.named_scope("norm"):

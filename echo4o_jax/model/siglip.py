@@ -60,7 +60,7 @@ class SigLIPNaViT(nnx.Module):
 
     def __call__(self, patches: jax.Array, pos_ids: jax.Array, image_id: jax.Array, *,
                  attention_impl: str = "xla_blockwise", block_q: int = 512, block_kv: int = 512, tuning: str = "",
-                 remat: str = "none") -> jax.Array:
+                 chunk: int = 0, remat: str = "none") -> jax.Array:
         """patches [N, p*p*3] (in [-1, 1]), pos_ids [N], image_id [N] -> [N, hidden] after post-LN."""
         c = self.cfg
         dt = patches.dtype
@@ -78,7 +78,7 @@ class SigLIPNaViT(nnx.Module):
             k = linear(h, p["wk"], p["bk"]).reshape(N, nh, hd)
             v = linear(h, p["wv"], p["bv"]).reshape(N, nh, hd)
             o = attention(q, k, v, meta, meta, scale=hd**-0.5, impl=attention_impl,
-                          block_q=block_q, block_kv=block_kv, tuning=tuning).reshape(N, c.hidden_size)
+                          block_q=block_q, block_kv=block_kv, tuning=tuning, chunk=chunk).reshape(N, c.hidden_size)
             x = x + linear(o, p["wo"], p["bo"])
             h = layer_norm(x, p["ln2_w"], p["ln2_b"], eps)
             x = x + linear(gelu_tanh(linear(h, p["fc1_w"], p["fc1_b"])), p["fc2_w"], p["fc2_b"])

@@ -40,6 +40,7 @@ def base_config() -> ConfigDict:
         attention_block_q=512,
         attention_block_kv=512,
         attention_tuning="",      # pallas_gpu launch shapes per kernel, e.g. "fwd=128x64:w8:s3,dkv=64x128:w8:s2"
+        attention_chunk=0,        # xla_blockwise block pairs per loop step (0: q blocks; smaller: less memory)
         timestep_shift=1.0,       # official training default (BagelConfig.timestep_shift)
         vae_posterior="sample",   # sample (official: z = mean + std * N(0, 1)) | mean (deterministic)
     ))

@@ -94,7 +94,8 @@ def model_config_from(config) -> BagelConfig:
     exec_kw = dict(compute_dtype=m.compute_dtype, param_dtype=m.param_dtype, remat=m.remat,
                    attention_impl=m.attention_impl, attention_block_q=int(m.attention_block_q),
                    attention_block_kv=int(m.attention_block_kv),
-                   attention_tuning=str(m.get("attention_tuning", "")), timestep_shift=float(m.timestep_shift),
+                   attention_tuning=str(m.get("attention_tuning", "")),
+                   attention_chunk=int(m.get("attention_chunk", 0)), timestep_shift=float(m.timestep_shift),
                    freeze_und=bool(config.train.freeze_und))
     if m.init == "checkpoint" and not m.ckpt:
         raise ConfigValueError("model.init='checkpoint' needs model.ckpt (an official or converted checkpoint folder)")
@@ -221,6 +222,21 @@ def _loading(ckpt: str, what: str, load):
         raise CheckpointError(f"model.ckpt={ckpt!r}: cannot load the {what}: {_error_summary(e)}") from e
 
 
+def check_attention_mesh(cfg: BagelConfig, tensor: int, backend: str | None = None) -> None:
+    """ConfigValueError, before anything compiles, when the attention kernel is another backend's than `backend`
+    (default: jax.default_backend(); `backend_problem`) or would run whole on each of `tensor` devices
+    (`kernel_heads_problem`)."""
+    from echo4o_jax.model.attention import backend_problem, kernel_heads_problem
+
+    problem = backend_problem(cfg.attention_impl, backend or jax.default_backend())
+    if problem:
+        raise ConfigValueError(f"model.{problem}")
+    problem = kernel_heads_problem(cfg.attention_impl, {"LLM": cfg.llm.num_kv_heads, "ViT": cfg.vit.num_heads},
+                                   tensor)
+    if problem:
+        raise ConfigValueError(f"{problem} (model.attention_impl={cfg.attention_impl!r})")
+
+
 def validate_config(config) -> None:
     """Reject bad values with a clear message before compiling anything."""
     def need(cond, msg):
@@ -271,8 +287,10 @@ def validate_config(config) -> None:
          "grids)")  # (a negative one was taken as "every step")
     need(not int(config.log.sample_every) or int(config.log.sample_steps) > 0,
          f"log.sample_steps={config.log.sample_steps} must be > 0 (the sampler's timesteps)")
-    need(int(m.attention_block_q) > 0 and int(m.attention_block_kv) > 0,
-         f"model.attention_block_q={m.attention_block_q} / attention_block_kv={m.attention_block_kv} must be > 0")
+    need(int(m.attention_block_q) >= 8 and int(m.attention_block_kv) >= 8,
+         f"model.attention_block_q={m.attention_block_q} / attention_block_kv={m.attention_block_kv} must be >= 8")
+    need(int(m.get("attention_chunk", 0)) >= 0, f"model.attention_chunk={m.get('attention_chunk')} must be >= 0 "
+         "(0: the number of q blocks)")
     for k in ("data", "fsdp", "tensor"):
         v = int(config.mesh[k])
         need(v == -1 or v > 0, f"mesh.{k}={v} must be > 0 or -1")
@@ -364,6 +382,7 @@ class Trainer:
             self.mesh = shd.make_mesh(int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor))
         except ValueError as e:  # sizes that do not fit the devices
             raise ConfigValueError(f"mesh.data / fsdp / tensor: {e}") from None
+        check_attention_mesh(self.cfg, self.mesh.shape["tensor"])
         try:
             P = shd.packs_per_step(int(config.data.packs_per_step), self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         except ValueError as e:
