@@ -521,7 +521,7 @@ def write_model_config(dst, cfg: BagelConfig, src_dir=None, manifest: Mapping | 
         if manifest is None and (src / MANIFEST_FILE).is_file():
             copy_file(src / MANIFEST_FILE, dst / MANIFEST_FILE)
     for name, d in (("llm_config.json", cfg.llm.to_hf()), ("vit_config.json", cfg.vit.to_hf())):
-        if not (dst / name).is_file():
+        if not _parses(dst / name):  # (missing, or cut short by an earlier version's non-atomic write)
             _write_json(dst / name, d)
     _write_json(dst / META_FILE, meta_of(cfg, src_dir))
     if manifest is not None:
@@ -535,9 +535,15 @@ def save_vae(item_dir, vae: AutoEncoder) -> None:
 
 
 def _write_json(path, d) -> None:
-    with open(path, "w") as f:
-        json.dump(d, f, indent=2)
-        f.write("\n")
+    atomic_write(path, json.dumps(d, indent=2) + "\n")  # (a kill or a full disk leaves the old file or none)
+
+
+def _parses(path) -> bool:
+    try:
+        json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------ training

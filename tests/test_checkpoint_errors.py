@@ -223,3 +223,32 @@ def test_a_damaged_orbax_folder_is_one_short_error(tmp_path):
     (item / "_METADATA").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"_METADATA: corrupt Orbax metadata \(KeyError\('key_metadata'\)\)"):
         OrbaxItem(item)
+
+
+def test_model_config_files_are_written_whole_and_a_cut_short_one_is_rewritten(golden_dir, tmp_path, monkeypatch):
+    """WORKDIR/model_config: a full disk (or a kill) while meta.json is rewritten leaves the old file, not a cut-short
+    one (a resume read it as invalid JSON); a generated llm/vit config that an earlier write left empty is written
+    again (it was kept for good: every later resume and export failed)."""
+    import errno
+    import os
+
+    from echo4o_jax.checkpoint import META_FILE, write_model_config
+
+    cfg = BagelConfig.from_checkpoint_dir(golden_dir)
+    dst = write_model_config(tmp_path / "model_config", cfg)
+    meta = (dst / META_FILE).read_text()
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        write_model_config(dst, cfg)  # (the llm / vit configs are there: meta.json is rewritten, and fails)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (dst / META_FILE).read_text() == meta
+    assert sorted(p.name for p in dst.iterdir()) == sorted(["llm_config.json", "vit_config.json", META_FILE])
+    (dst / "llm_config.json").write_text("")  # as an out-of-disk first start of an earlier version left it
+    write_model_config(dst, cfg)
+    assert json.loads((dst / "llm_config.json").read_text()) == cfg.llm.to_hf()
+    assert BagelConfig.from_checkpoint_dir(dst) == cfg

@@ -484,6 +484,49 @@ def test_worker_processes_ignore_ctrl_c(data, model_cfg):
     _assert_same(got, ref)
 
 
+def test_worker_processes_end_when_the_trainer_is_killed_outright(data, tmp_path):
+    """A process reading with worker processes, killed with SIGKILL (as the out-of-memory killer does), cannot stop
+    them: they kept running (~200 MB each) for good. They now end within seconds of their parent."""
+    import signal
+
+    script = tmp_path / "read.py"
+    script.write_text(f"""
+import dataclasses, multiprocessing, sys, time
+sys.path[:0] = [{str(pathlib.Path(__file__).parent)!r}]
+from test_data_pipeline import DEFAULT_GOLDEN, BagelConfig, DataPipeline, _cfg
+if __name__ == "__main__":  # (the workers are spawned: they import this file)
+    data = {{"a": {data["a"]!r}, "tok": {data["tok"]!r}}}
+    c = dataclasses.replace(_cfg(data, packs_per_step=2, max_buffer_size=4), worker_count=1, worker_buffer_size=1,
+                            read_threads=1)
+    it = DataPipeline(c, BagelConfig.from_checkpoint_dir(DEFAULT_GOLDEN)).iterator()
+    next(it)
+    print(" ".join(str(w.pid) for w in multiprocessing.active_children()), flush=True)
+    time.sleep(600)
+""")
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in p.stdout.readline().split()]
+        assert pids, "no worker process started"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[-1].split()[0] != "Z"  # (a zombie has ended)
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(q) for q in pids):
+        time.sleep(0.2)
+    left = [q for q in pids if alive(q)]
+    for q in left:
+        os.kill(q, signal.SIGKILL)
+    assert not left, f"worker processes {left} outlived their killed parent"
+
+
 def test_samples_from_worker_processes_hold_no_shared_memory(data, model_cfg):
     """Grain's worker processes send arrays through shared-memory blocks; the pipeline copies them out as each
     sample arrives, so the samples it holds (overflow buffer, carry) keep no block alive: blocks still held at

@@ -728,3 +728,33 @@ def test_freeze_und_reaches_the_model():
     assert model_config_from(c).freeze_und is False
     c.train.freeze_und = True
     assert model_config_from(c).freeze_und is True
+
+
+def test_a_synthetic_data_state_of_other_settings_is_refused_and_restart_goes_on(tmp_path):
+    """The synthetic source's state records what its packs depend on (seed, recipe, budget): a resume with another
+    data.seed was accepted silently (another data stream), and a records checkpoint resumed with data.kind=synthetic
+    was a KeyError traceback even with train.data_resume=restart. Now: refused naming the setting; restart goes
+    on; the packs per process are not part of it (the packs are seeded by their global index)."""
+    from echo4o_jax.checkpoint import CheckpointError
+
+    c = load_config("synthetic_tiny")
+    c.checkpoint.async_save, c.log.tensorboard = False, False
+    Trainer(c, tmp_path).save(force=True)
+    c.data.seed = int(c.data.seed) + 1
+    with pytest.raises(CheckpointError, match=rf"synthetic packs of other settings .*data.seed: checkpoint "
+                                              rf"{c.data.seed - 1}, config {c.data.seed}"):
+        Trainer(c, tmp_path).restore()
+    c.train.data_resume = "restart"
+    tr = Trainer(c, tmp_path)
+    assert tr.restore() and "data.seed" in tr.data_restarted
+    from echo4o_jax.train.data_sources import DataStateError, SyntheticSource
+
+    src = tr.source
+    other = SyntheticSource(src.cfg, src.budget, packs=src.packs + 1, seed=src.seed, image_size=src.image_size,
+                            text_len=src.text_len, t2i=src.t2i, edit=src.edit, und=src.und)
+    other.resume([dict(src.get_state(), step=3)], reshard=False)  # (another packs per process: exact)
+    assert other.step == 3
+    other.resume([{"step": 2}], reshard=False)  # (a state saved before the fingerprint was: its step)
+    assert other.step == 2
+    with pytest.raises(DataStateError, match="a records pipeline's"):  # as data.kind=records saved it
+        src.resume([{"fingerprint": "x", "iterator": {}}], reshard=False)

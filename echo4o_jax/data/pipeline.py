@@ -142,10 +142,24 @@ def _worker_ignores_ctrl_c(worker_index: int, worker_count: int) -> None:
     """grain worker start-up: ignore SIGINT. A terminal's Ctrl-C reaches the whole process group: the workers
     died with tracebacks, and the trainer, which finishes its step and saves on a Ctrl-C, then failed on its
     next batch ("Worker process was terminated unexpectedly"), losing the steps since its last checkpoint. The
-    trainer stops them (SIGTERM, which they keep, is how multiprocessing ends daemon processes at exit)."""
+    trainer stops them (SIGTERM, which they keep, is how multiprocessing ends daemon processes at exit).
+    And end when the process that started them is gone: a trainer killed outright (SIGKILL, the out-of-memory
+    killer) cannot stop them, and they kept running (~200 MB each) for good. A thread watches the parent process
+    id (not PR_SET_PDEATHSIG, which fires when the starting *thread* ends)."""
+    import os
     import signal
+    import threading
+    import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)  # (reparented: the parent died without stopping this worker)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _mark_absl_flags_parsed() -> None:

@@ -9,6 +9,7 @@ count or packs per process, with `reshard`, from about where the old run had rea
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from .. import packing
 from ..config import BagelConfig
 
-__all__ = ["SyntheticSource", "make_source", "budget_from_config"]
+__all__ = ["DataStateError", "SyntheticSource", "make_source", "budget_from_config"]
 
 
 def budget_from_config(b) -> packing.PackBudget:
@@ -27,6 +28,14 @@ def budget_from_config(b) -> packing.PackBudget:
                                   vae_image_size=tuple(int(x) for x in b.vae_image_size))
     except ValueError as e:  # (PackBudget names its own fields)
         raise ValueError(str(e).replace("PackBudget.", "data.budget.")) from None
+
+
+class DataStateError(ValueError):
+    """A data state this run cannot resume exactly; `reshardable`: `train.data_resume=reshard` could go on."""
+
+    def __init__(self, msg: str, reshardable: bool = False):
+        super().__init__(msg)
+        self.reshardable = reshardable
 
 
 class SyntheticSource:
@@ -41,13 +50,31 @@ class SyntheticSource:
         self.process_index = process_index
         self.step = 0
 
+    @property
+    def fingerprint(self) -> str:
+        """What the packs of a step depend on, besides the step and their global index: the seed, the samples'
+        recipe and the budget (not the process count or packs per process)."""
+        import hashlib
+
+        what = ["synthetic", self.seed, self.image_size, self.text_len, self.t2i, self.edit, self.und,
+                dataclasses.astuple(self.budget)]
+        return hashlib.sha256(repr(what).encode()).hexdigest()[:16]
+
     def get_state(self) -> dict[str, Any]:
-        return {"step": self.step}
+        return {"step": self.step, "fingerprint": self.fingerprint}
 
     def resume(self, states: list[dict[str, Any]], *, reshard: bool) -> None:
         """Exact with any process count and packs per process (`reshard` is not needed): the state is the step,
-        the same on every process, and packs are seeded by their global index."""
-        self.step = int(states[0]["step"])
+        the same on every process, and packs are seeded by their global index. A state of other synthetic
+        settings (seed, recipe, budget), or a records pipeline's, is a DataStateError (the trainer names the
+        settings that differ; `train.data_resume=restart` starts this stream from its beginning)."""
+        st = states[0]
+        if "step" not in st:
+            raise DataStateError("the checkpoint's data state is a records pipeline's (data.kind='records'), this "
+                                 "run reads synthetic packs")
+        if st.get("fingerprint", self.fingerprint) != self.fingerprint:  # (none: saved before it was recorded)
+            raise DataStateError(f"synthetic packs of other settings ({st['fingerprint']} != {self.fingerprint})")
+        self.step = int(st["step"])
 
     def _sample(self, rng, kind: str) -> dict:
         H, W = self.image_size

@@ -19,6 +19,7 @@ from ..checkpoint import config_dir
 from ..config import BagelConfig
 from ..image_transform import ImageTransform
 from ..packing import PackBudget
+from .data_sources import DataStateError
 
 __all__ = ["RecordsSource", "data_config_errors", "ensure_demo", "pipeline_config_from"]
 
@@ -204,14 +205,6 @@ class RecordsSource:
         self._it.close()
         self._it = pipe.iterator(state=state)
         return info
-
-
-class DataStateError(ValueError):
-    """A data state this run cannot resume exactly; `reshardable`: `train.data_resume=reshard` could go on."""
-
-    def __init__(self, msg: str, reshardable: bool):
-        super().__init__(msg)
-        self.reshardable = reshardable
 
 
 def _reshardable(pipe, states: list[dict]) -> bool:

@@ -57,7 +57,7 @@ from .. import sharding as shd
 from ..checkpoint import CheckpointError, config_dir, flatten_dict, unflatten_dict
 from ..config import BagelConfig, ConfigError, LLMConfig, SpecialTokens, VAEConfig, ViTConfig
 from ..model.bagel import Bagel
-from ..paths import folder_problem
+from ..paths import atomic_write, folder_problem
 from ..model.vae import AutoEncoder
 from . import flops as flops_lib
 from .data_sources import make_source
@@ -567,7 +567,7 @@ class Trainer:
                 tok = self.config.data.get("tokenizer", "")
                 if tok and pathlib.Path(tok).is_file() and not (self.workdir / "model_config" / "tokenizer.json").exists():
                     ck.copy_file(tok, self.workdir / "model_config" / "tokenizer.json")
-                (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=1))
+                atomic_write(self.workdir / "config.json", self.config.to_json_best_effort(indent=1))
             except OSError as e:
                 raise CheckpointSaveError(f"cannot write the model files of workdir {self.workdir}: {e}") from e
         if save_vae:
