@@ -1025,6 +1025,30 @@ def test_state_of_other_records_under_the_same_files_is_refused(data, model_cfg,
     pipe.iterator(legacy).close()
 
 
+def test_state_of_another_tokenizer_is_refused_and_a_moved_copy_resumes(data, model_cfg, tmp_path):
+    """Another tokenizer (other token ids: other sample lengths, other packs) under the same special tokens was
+    accepted on resume; it is refused naming the tokenizer (a reshard too). The same tokenizer copied elsewhere,
+    and a state saved before the tokenizer was recorded, resume."""
+    import shutil
+
+    from echo4o_jax.data.pipeline import DataContentsError
+
+    c = _cfg(data)
+    ref, state = _run(DataPipeline(c, model_cfg), 2)
+    other = _tokenizer_json(tmp_path / "other.json", n_words=149)  # (the same special tokens)
+    pipe = DataPipeline(dataclasses.replace(c, tokenizer=other), model_cfg)
+    for resume in (pipe.iterator, lambda st: pipe.resharded_state([st])):
+        with pytest.raises(DataContentsError, match=rf"the tokenizer {re.escape(other)} is not the one the iterator "
+                                                    r"state was saved with") as e:
+            resume(state)
+        assert e.value.inputs == "tokenizer"
+    moved = shutil.copy(data["tok"], tmp_path / "moved.json")
+    full, _ = _run(DataPipeline(c, model_cfg), 4)
+    tail, _ = _run(DataPipeline(dataclasses.replace(c, tokenizer=str(moved)), model_cfg), 2, state=state)
+    _assert_same(tail, full[2:])
+    pipe.iterator({k: v for k, v in state.items() if k != "tokenizer"}).close()  # (an older state: as before)
+
+
 def test_a_dataset_moved_elsewhere_resumes_exactly(data, model_cfg, tmp_path):
     """The same records under another path (copied to a local disk, another mount or data.records.root): the
     state resumes exactly and reshards (both refused it: the fingerprint held every shard's absolute path, so

@@ -446,6 +446,13 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tr2 = Trainer(c, tmp_path)
     assert tr2.restore(steps[-1])
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tr2.state["params"]))
+    # a resume whose first step is non-finite: the restored checkpoint is not called good (its data carries no
+    # checksum: a damaged one trains NaN from its first step), the one before it is named
+    with pytest.raises(NonFiniteLossError) as e:
+        Trainer(c, tmp_path).run()
+    assert (f"; last checkpoint: step {steps[-1]} in {tmp_path / 'checkpoints'}, which this run resumed from and no "
+            f"step after which was finite: it may be damaged"
+            + (f" (the one before: step {steps[-2]})." if len(steps) > 1 else ".")) in str(e.value), (steps, e.value)
 
 
 def test_skipped_nonfinite_steps_log_the_lr_applied_and_stop_after_too_many(tmp_path):

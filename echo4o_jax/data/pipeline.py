@@ -659,6 +659,9 @@ class DataPipeline:
         if n > self.model_cfg.llm.vocab_size:
             raise ValueError(f"tokenizer has {n} tokens, more than the model vocab_size "
                              f"{self.model_cfg.llm.vocab_size}")
+        # what the token ids depend on (not where the file is): another tokenizer gives other samples' lengths,
+        # so other packs, from a resumed position (check_contents)
+        self.tokenizer_digest = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
     def _fingerprint(self, *, stream_only: bool = False, paths: bool = False) -> str:
         """Of everything a resumed iterator state depends on; `stream_only`: without this process's place
@@ -688,6 +691,11 @@ class DataPipeline:
         position would resume at another place of another stream. A state saved before it recorded its records
         ("contents" absent) is taken as of these records when its fingerprint holds these shards' paths (the older
         form); any other state without them is refused."""
+        tok = state.get("tokenizer")  # (absent: saved before it was recorded)
+        if tok is not None and tok != self.tokenizer_digest:
+            raise DataContentsError(f"the tokenizer {self.config.tokenizer} is not the one the iterator state was "
+                                    f"saved with ({self.tokenizer_digest} != {tok}): other token ids, other packs",
+                                    inputs="tokenizer")
         then = state.get("contents")
         if then is None:
             if (state.get("fingerprint") in self.accepted_fingerprints[1:]
@@ -822,7 +830,12 @@ class PackBudgetError(RecordError):
 
 
 class DataContentsError(ValueError):
-    """An iterator state saved with other records in its datasets (`DataPipeline.check_contents`)."""
+    """An iterator state saved with other records in its datasets, or another tokenizer
+    (`DataPipeline.check_contents`); `inputs`: which ("records" / "tokenizer")."""
+
+    def __init__(self, msg: str, inputs: str = "records"):
+        super().__init__(msg)
+        self.inputs = inputs
 
 
 def _records_digest(files: Sequence[str], records: int) -> str:
@@ -956,6 +969,7 @@ class PackIterator:
             "version": _STATE_VERSION,
             "fingerprint": self.pipe.fingerprint,
             "contents": list(self.pipe.contents),
+            "tokenizer": self.pipe.tokenizer_digest,
             "stream_fingerprint": self.pipe.stream_fingerprint,
             "offsets": None if self._offsets is None else list(self._offsets),  # (copies: a snapshot stays put)
             "next_element": self._next_k,

@@ -822,7 +822,7 @@ class Trainer:
                         "buffered samples handed over; a few may be read twice or skipped), ")
             return msg + f"{restart}, or use another --workdir"
         if isinstance(e, DataContentsError):
-            return msg + f"Resume with the records the run trained on, {restart}, or use another --workdir"
+            return msg + f"Resume with the {e.inputs} the run trained on, {restart}, or use another --workdir"
         return msg + ("No data setting differs from the checkpoint's run: the pipeline's inputs did (dataset files, "
                       f"their paths relative to the current folder). Resume with the same inputs, {restart}, or use "
                       "another --workdir")
@@ -1111,9 +1111,16 @@ class Trainer:
                             msg = f"{msg}; also, {failed}"
                         last = self.ckpt.latest_step()
                         hint = "" if c.train.skip_nonfinite else " Set train.skip_nonfinite=True to skip such steps."
-                        raise NonFiniteLossError(f"{msg}; last good checkpoint: "
-                                                 f"{'step ' + str(last) if last is not None else 'none'} in "
-                                                 f"{self.workdir / 'checkpoints'}.{hint}")
+                        where = f"{'step ' + str(last) if last is not None else 'none'} in {self.workdir / 'checkpoints'}"
+                        if resumed and last == start and step - nonfinite_run == start:
+                            # no finite step since the restore: the restored weights themselves may be damaged (a
+                            # checkpoint's data carries no checksum), not "good"
+                            before = [s for s in self.ckpt.all_steps() if s < start]
+                            where = (f"step {start} in {self.workdir / 'checkpoints'}, which this run resumed from "
+                                     "and no step after which was finite: it may be damaged"
+                                     + (f" (the one before: step {max(before)})" if before else ""))
+                            raise NonFiniteLossError(f"{msg}; last checkpoint: {where}.{hint}")
+                        raise NonFiniteLossError(f"{msg}; last good checkpoint: {where}.{hint}")
                     print(f"[train] {msg}; skipped (train.skip_nonfinite)", flush=True)
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
