@@ -267,6 +267,9 @@ def compile_step(config, devices, hbm_bytes: int | None = None, latents: str | N
         flops_per_chip=float(cost.get("flops", 0.0)), bytes_accessed_per_chip=float(cost.get("bytes accessed", 0.0)),
         lower_seconds=round(t1 - t0, 1), compile_seconds=round(t2 - t1, 1),
         replicated=list(b.sharding_report),  # parameters the mesh axis does not divide (kept whole per chip)
+        # Mosaic kernels in the lowered step (pallas_tpu: the attention's forward, dq and dkv per stack of layers;
+        # 0 would be the kernel's interpreted emulation, which an earlier version compiled here)
+        tpu_custom_calls=lowered.as_text().count("tpu_custom_call"),
     )
     # XLA's cost_analysis counts a while-loop body once (the scanned decoder / ViT layers, the blockwise
     # attention loops): a lower bound. The official formula (train/flops.py) for the same step, with each

@@ -418,7 +418,7 @@ def test_kernel_of_another_backend_is_refused(monkeypatch):
     are one error naming the implementation that fits; on the CPU both run (interpreted)."""
     from echo4o_jax.model.attention import backend_problem
 
-    assert backend_problem("pallas_gpu", "tpu") == ("attention_impl='pallas_gpu' is the GPU kernel and the default "
+    assert backend_problem("pallas_gpu", "tpu") == ("attention_impl='pallas_gpu' is the GPU kernel and the "
                                                     "backend is 'tpu': use attention_impl='pallas_tpu' there (or "
                                                     "xla_blockwise)")
     assert "use attention_impl='pallas_gpu'" in backend_problem("pallas_tpu", "gpu")

@@ -85,6 +85,26 @@ def test_the_trainers_settings_reach_the_compiled_step(monkeypatch):
     assert "convolution" not in latents.as_text()  # precomputed latents: no VAE encoder
 
 
+def test_pallas_tpu_steps_compile_the_mosaic_kernel_and_pallas_gpu_is_refused():
+    """model.attention_impl=pallas_tpu compiled for a TPU topology here (JAX_PLATFORMS=cpu) is the Mosaic kernel in
+    every attention (its interpreted emulation was compiled before: jax.default_backend() is the CPU here), and the
+    count is in the result; pallas_gpu, the GPU kernel, is refused naming the one that fits."""
+    import jax
+
+    from echo4o_jax.train.trainer import ConfigValueError
+
+    if jax.default_backend() == "tpu":
+        pytest.skip("on a real TPU host: the topology API is for compiling without one")
+    tc, devices, c = _tiny_on_v5p()
+    c.model.attention_impl = "pallas_tpu"
+    r = tc.compile_step(c, devices, tc.chip_hbm("v5p:2x2x1"))
+    assert r["tpu_custom_calls"] >= 6  # forward, dq, dkv: in the LLM's and in the ViT's layers
+    c.model.attention_impl = "pallas_gpu"
+    with pytest.raises(ConfigValueError, match="'pallas_gpu' is the GPU kernel and the backend is 'tpu': "
+                                               "use attention_impl='pallas_tpu'"):
+        tc.compile_step(c, devices)
+
+
 def test_a_checkpoint_config_without_ckpt_compiles_the_released_geometry_with_its_settings():
     tc = load_file(ROOT / "bench" / "tpu_compile.py", "tpu_compile_bench")
     c = load_file(ROOT / "configs" / "echo4o_7b.py", "echo4o_7b_config").get_config()

@@ -121,7 +121,7 @@ def backend_problem(impl: str, backend: str) -> str | None:
     if own is None or backend in (own, "cpu"):
         return None
     fit = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend, "xla_blockwise")
-    return (f"attention_impl={impl!r} is the {own.upper()} kernel and the default backend is {backend!r}: use "
+    return (f"attention_impl={impl!r} is the {own.upper()} kernel and the backend is {backend!r}: use "
             f"attention_impl={fit!r} there (or xla_blockwise)")
 
 
