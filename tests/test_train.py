@@ -297,6 +297,50 @@ def test_a_data_worker_that_died_when_the_disk_is_full_says_both(tmp_path, monke
                and "No space left on device" in n for n in ei.value.__notes__), ei.value.__notes__
 
 
+def test_a_full_disk_while_logging_is_one_error_and_the_steps_trained_are_saved_first(tmp_path, monkeypatch):
+    """log.jsonl that cannot be written (a full disk) was chained OSError tracebacks (the write, then the close),
+    the steps since the last checkpoint lost: one LogWriteError (a failed save: one line, exit 2), those steps
+    saved first."""
+    import echo4o_jax.checkpoint as ck
+    from echo4o_jax.train import trainer as trainer_mod
+
+    class FullFromStep3:
+        def __init__(self, f):
+            self.f, self.full = f, False
+
+        def write(self, line):
+            self.full = self.full or ('"step": 3,' in line and '"loss"' in line)
+            if self.full:
+                raise OSError(28, "No space left on device")
+            return self.f.write(line)
+
+        def flush(self):
+            if self.full:
+                raise OSError(28, "No space left on device")
+            self.f.flush()
+
+        def close(self):
+            self.f.close()
+            if self.full:
+                raise OSError(28, "No space left on device")
+
+    real_init = trainer_mod._Logger.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        self.f = FullFromStep3(self.f)
+
+    monkeypatch.setattr(trainer_mod._Logger, "__init__", init)
+    c = load_config("synthetic_tiny")
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 6, 100, False, False
+    with pytest.raises(trainer_mod.LogWriteError) as ei:
+        Trainer(c, tmp_path).run()
+    assert str(ei.value) == (f"cannot write the training log {tmp_path / 'log.jsonl'}: No space left on device [the 3 "
+                             f"step(s) this run trained were saved: checkpoint 3 in {tmp_path / 'checkpoints'}; the "
+                             "same command resumes from it once the disk has room]")
+    assert ck.list_train_steps(tmp_path) == [3] and ei.value.__cause__ is None
+
+
 def _sigterm_after(monkeypatch, method: str, step: int):
     """Trainer.<method> sends this process a SIGTERM (a preemption notice) once it has run with the state at
     `step`."""
@@ -365,6 +409,15 @@ def test_a_resume_that_stretches_a_cosine_schedule_says_so(tmp_path, capsys):
     assert old < new
     assert (f"[train] warning: optim.schedule=cosine decays over train.steps, which was 2 in this workdir's run and "
             f"is 4 now: the learning rate at step 2 moves from {old:.3g} to {new:.3g}") in out, out
+    # another schedule (with the steps): each schedule as its own settings give it (the "before" was the cosine
+    # formula with the old steps, and a schedule change alone was not said)
+    c.optim.schedule = "constant"
+    tr = Trainer(c, tmp_path)
+    tr.restore()
+    out = capsys.readouterr().out
+    assert (f"[train] warning: the learning-rate schedule differs from this workdir's run (optim.schedule: cosine -> "
+            f"constant; train.steps: 2 -> 4): the learning rate at step 2 moves from {old:.3g} to "
+            f"{float(c.optim.lr):.3g}") in out, out
 
 
 def test_a_workdir_resumes_without_its_base_checkpoint_folder(golden_dir, tmp_path):

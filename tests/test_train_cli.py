@@ -591,6 +591,12 @@ def test_unreadable_checkpoint_names_the_earlier_steps_and_resuming_from_one_wor
     assert err.startswith("error: cannot restore the checkpoint of step 4") and "Earlier checkpoints" in err, err
     assert len(err) < 1000 and "tensorstore_spec" not in err, err
     manifest.write_bytes(saved)
+    meta = workdir / "checkpoints" / "4" / "opt_state" / "_METADATA"  # (Orbax's error named no file then)
+    saved = meta.read_bytes()
+    meta.unlink()
+    assert run(_tiny(steps=4), str(workdir)) == 2
+    assert "[opt_state/_METADATA is missing]. Earlier checkpoints" in _error_line(capsys)
+    meta.write_bytes(saved)
     data = workdir / "checkpoints" / "4" / "params" / "ocdbt.process_0" / "d"
     biggest = max(data.iterdir(), key=lambda p: p.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])

@@ -83,6 +83,11 @@ class CheckpointSaveError(CheckpointError):
     complete checkpoint (the train command prints it on one line, exit 2)."""
 
 
+class LogWriteError(CheckpointSaveError):
+    """log.jsonl could not be written (a full disk): reported as a failed save (one line, exit 2), the steps
+    trained since the last checkpoint saved first when the disk allows."""
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 
@@ -297,6 +302,30 @@ def validate_config(config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _damaged_items(step_dir: pathlib.Path) -> list[str]:
+    """What is visibly wrong with a training checkpoint's items (params, ema, opt_state, meta): a missing item or
+    metadata file, metadata that is not JSON, empty files (as a power loss leaves unsynced writes). [] when
+    nothing is (a damaged data chunk shows only in the restore's own error)."""
+    out = []
+    for item, meta in (("params", "_METADATA"), ("ema", "_METADATA"), ("opt_state", "_METADATA"),
+                       ("meta", "metadata")):
+        d = step_dir / item
+        if not d.is_dir():
+            out.append(f"{item}/ is missing")
+            continue
+        try:
+            json.loads((d / meta).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            out.append(f"{item}/{meta} is missing")
+        except (OSError, ValueError):
+            out.append(f"{item}/{meta} is not valid JSON")
+        empty = sorted(str(p.relative_to(step_dir)) for p in d.rglob("*") if p.is_file() and p.stat().st_size == 0
+                       and p.name != "commit_success.txt")
+        if empty:
+            out.append(f"{len(empty)} empty file(s) in {item}/ (e.g. {empty[0]})")
+    return out
 
 
 def _flat(tree: dict) -> dict[tuple, Any]:
@@ -717,23 +746,37 @@ class Trainer:
         return True
 
     def _warn_stretched_schedule(self, step: int) -> None:
-        """A cosine schedule decays over train.steps: a resume with another train.steps than the run's (its
-        config.json, not yet rewritten) moves the learning rate at once. Said, with the jump."""
+        """The learning-rate schedule of a resume that differs from the run's (its config.json, not yet rewritten):
+        another train.steps under a cosine schedule (it decays over them), another schedule, lr, min_lr or
+        warmup moves the learning rate at once. Said, with the jump (each schedule as its own settings give it)."""
         o = self.config.optim
-        if o.schedule != "cosine" or not self.is_main:
+        if not self.is_main:
             return
         try:
             then = json.loads((self.workdir / "config.json").read_text())
-            before, warmup = int(then["train"]["steps"]), int(then["optim"]["warmup_steps"])
+            t = then["optim"]
+            was = dict(schedule=str(t["schedule"]), lr=float(t["lr"]), min_lr=float(t.get("min_lr", 0.0)),
+                       warmup_steps=int(t["warmup_steps"]), steps=int(then["train"]["steps"]))
         except (OSError, ValueError, KeyError, TypeError):
             return  # (no record of the run's settings)
-        now = int(self.config.train.steps)
-        if before == now:
+        now = dict(schedule=str(o.schedule), lr=float(o.lr), min_lr=float(o.min_lr), warmup_steps=int(o.warmup_steps),
+                   steps=int(self.config.train.steps))
+        sched = lambda s: lr_schedule(s["lr"], s["warmup_steps"], s["steps"], s["schedule"], s["min_lr"])
+        try:
+            old, new = float(sched(was)(step)), float(sched(now)(step))
+        except ValueError:  # (a schedule name this version does not know)
             return
-        old = lr_schedule(float(o.lr), warmup, before, "cosine", float(o.min_lr))(step)
-        print(f"[train] warning: optim.schedule=cosine decays over train.steps, which was {before} in this "
-              f"workdir's run and is {now} now: the learning rate at step {step} moves from {float(old):.3g} to "
-              f"{float(self.schedule(step)):.3g}", flush=True)
+        changed = [k for k in ("schedule", "lr", "min_lr", "warmup_steps", "steps") if was[k] != now[k]]
+        if old == new and was["schedule"] == now["schedule"]:  # (no jump: min_lr of a constant schedule, ...)
+            return
+        if changed == ["steps"]:
+            print(f"[train] warning: optim.schedule=cosine decays over train.steps, which was {was['steps']} in this "
+                  f"workdir's run and is {now['steps']} now: the learning rate at step {step} moves from {old:.3g} to "
+                  f"{new:.3g}", flush=True)
+            return
+        what = "; ".join(f"{'train' if k == 'steps' else 'optim'}.{k}: {was[k]} -> {now[k]}" for k in changed)
+        print(f"[train] warning: the learning-rate schedule differs from this workdir's run ({what}): the learning "
+              f"rate at step {step} moves from {old:.3g} to {new:.3g}", flush=True)
 
     def _report_skipped_records(self, step: int, total: int, reported: int, logger) -> int:
         """Print (and log, as a `data_skipped_errors` event) the records skipped as unreadable since `reported`
@@ -778,6 +821,9 @@ class Trainer:
         from .. import checkpoint as ck
 
         why = _error_summary(e).splitlines()[0]
+        damage = _damaged_items(step_dir)
+        if damage:  # (Orbax's own reason may name no file: "pytree structure error", "Expecting value")
+            why = f"{why} [{'; '.join(damage)}]"
         earlier = [s for s in ck.list_train_steps(self.workdir) if s < step]
         msg = f"cannot restore the checkpoint of step {step} in workdir {self.workdir} ({step_dir}): {why}. "
         moved = self.workdir / f"broken_checkpoint_{step}"
@@ -1128,7 +1174,10 @@ class Trainer:
                     errors_reported = self._report_skipped_records(step, st["skipped_errors"], errors_reported,
                                                                    logger)
                 if log_now:
-                    logger.log(step, {k: v for k, v in m.items() if k != "step"})
+                    try:
+                        logger.log(step, {k: v for k, v in m.items() if k != "step"})
+                    except LogWriteError as e:  # the steps since the last checkpoint are saved first if they can be
+                        raise _saved_before_error(self, step, start, e) from None
                     if self.is_main and st.get("skipped_too_long", 0) > skipped_reported:
                         skipped_reported = st["skipped_too_long"]
                         # (the count is the data state's, kept across resumes; the breakdown is this start's)
@@ -1253,12 +1302,13 @@ def _saved_before_error(trainer: "Trainer", step: int, start: int, e: Exception)
     if failed:
         said = f"[the {step - start} step(s) this run trained could not be saved: {failed}]"
     else:
+        fix = "the disk has room" if isinstance(e, LogWriteError) else "the data is fixed"
         said = (f"[the {step - start} step(s) this run trained were saved: checkpoint {step} in "
-                f"{trainer.workdir / 'checkpoints'}; the same command resumes from it once the data is fixed]")
-    if not isinstance(e, (RecordError, LatentStoreError)):
+                f"{trainer.workdir / 'checkpoints'}; the same command resumes from it once {fix}]")
+    if not isinstance(e, (RecordError, LatentStoreError, LogWriteError)):
         e.add_note(said)
         return e
-    cls = RecordError if isinstance(e, RecordError) else LatentStoreError  # (what the command reports in one line)
+    cls = next(c for c in (RecordError, LatentStoreError, LogWriteError) if isinstance(e, c))  # (reported in one line)
     return cls(f"{e} {said}")
 
 
@@ -1466,8 +1516,14 @@ class _Logger:
     def event(self, step: int, name: str, fields: dict[str, Any]):
         """A `{"step": step, "event": name, ...}` record in log.jsonl only (no TensorBoard scalars)."""
         if self.enabled:
-            self.f.write(json.dumps({"step": step, "event": name, **fields}) + "\n")
+            self._write(json.dumps({"step": step, "event": name, **fields}) + "\n")
+
+    def _write(self, line: str) -> None:
+        try:
+            self.f.write(line)
             self.f.flush()
+        except OSError as e:  # (a full disk: one line, as a failed checkpoint save; not chained tracebacks)
+            raise LogWriteError(f"cannot write the training log {self.path}: {e.strerror or e}") from None
 
     def log(self, step: int, values: dict[str, Any]):
         if not self.enabled:
@@ -1476,8 +1532,7 @@ class _Logger:
         # a non-finite value (a skipped step's loss) is null: bare NaN / Infinity are not JSON (jq and other
         # strict readers refused the whole file)
         rec = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in rec.items()}
-        self.f.write(json.dumps(rec, allow_nan=False) + "\n")
-        self.f.flush()
+        self._write(json.dumps(rec, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(float(v)):
@@ -1489,6 +1544,9 @@ class _Logger:
 
     def close(self):
         if self.f:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:  # (its last write failed: already reported by _write, and what is flushed is kept)
+                pass
         if self.tb is not None:
             self.tb.close()
