@@ -484,7 +484,10 @@ def test_a_tensor_axis_that_does_not_divide_the_kv_heads_is_refused_for_the_kern
         check_attention_mesh(cfg, 8, backend="tpu")
     for t in (1, 2, 4):
         check_attention_mesh(cfg, t, backend="tpu")
-    check_attention_mesh(cfg.replace(attention_impl="xla_blockwise"), 8, backend="tpu")  # (XLA partitions it)
+    check_attention_mesh(cfg.replace(attention_impl="xla_dense"), 8, backend="tpu")  # (the partitioner's)
+    with pytest.raises(ConfigValueError, match=r"mesh.tensor=8 does not divide the KV heads \(LLM 4\): its block-pair "
+                                               r"loops would split a KV head across devices"):
+        check_attention_mesh(cfg.replace(attention_impl="xla_blockwise"), 8, backend="tpu")
     assert "ViT 16" in kernel_heads_problem("pallas_gpu", {"LLM": 4, "ViT": 16}, 32)
     with pytest.raises(ConfigValueError, match="model.attention_impl='pallas_tpu' is the TPU kernel"):
         check_attention_mesh(cfg, 1, backend="gpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
+import pytest
 from conftest import load_file
 from flax import nnx
 
@@ -82,3 +83,47 @@ def test_a_tensor_size_that_splits_heads_is_said():
     assert head_split_notes(cfg, 1) == head_split_notes(cfg, 2) == head_split_notes(cfg, 4) == []  # 28, 4, 16 heads
     assert [n.split(": each")[0] for n in head_split_notes(cfg, 8)] == [
         "LLM query heads 28 not divisible by tensor=8", "LLM key/value heads 4 not divisible by tensor=8"]
+
+
+def test_a_tensor_group_spanning_processes_is_refused():
+    """Each process puts its own packs on its devices' batch rows; a tensor group (one row) whose devices belong to
+    two processes got two different packs, silently (two losses for one step). Refused: tensor must divide the
+    devices per process."""
+    import types
+
+    from echo4o_jax.train.trainer import tensor_group_problem
+
+    def mesh(shape, procs):
+        devs = np.array([types.SimpleNamespace(process_index=p) for p in procs], dtype=object).reshape(shape)
+        return types.SimpleNamespace(devices=devs, size=devs.size)
+
+    assert tensor_group_problem(mesh((1, 1, 2), [0, 1])) == (
+        "mesh.tensor=2 spans processes: a tensor group's devices must be one process's (each process loads its own "
+        "packs), and a process has 1 device(s): use a mesh.tensor that divides 1")
+    assert tensor_group_problem(mesh((2, 1, 1), [0, 1])) is None
+    assert tensor_group_problem(mesh((1, 2, 4), [0, 0, 0, 0, 1, 1, 1, 1])) is None
+    assert "divides 4" in tensor_group_problem(mesh((1, 1, 8), [0, 0, 0, 0, 1, 1, 1, 1]))
+
+
+def test_processes_with_different_configs_are_refused(tmp_path, monkeypatch):
+    """A host started with another config (optim.lr: its replicated weights trained apart; data.seed: overlapping
+    data slices) or workdir trained silently: refused naming the processes, before anything is built."""
+    from echo4o_jax.train import trainer as trainer_mod
+    from echo4o_jax.train.config_base import base_config
+
+    c = base_config()
+    trainer_mod._check_same_config(c, tmp_path)  # one process: nothing to compare
+    seen = []
+    monkeypatch.setattr(trainer_mod, "_gather_process_states",
+                        lambda st: seen.append(st) or [st, st, {"config": "0123456789abcdef"}])
+    with pytest.raises(trainer_mod.ConfigValueError, match=r"process\(es\) \[2\] run another config or workdir than "
+                                                           r"process 0 .*every host must run the same command"):
+        trainer_mod._check_same_config(c, tmp_path)
+    # process 1 with process 0's config (its hash, gathered above), process 0 with another lr, or another workdir
+    c2 = base_config()
+    c2.optim.lr = float(c.optim.lr) * 2
+    monkeypatch.setattr(trainer_mod, "_gather_process_states", lambda st: [st, seen[0]])
+    for cfg, wd in ((c2, tmp_path), (c, tmp_path / "other")):
+        with pytest.raises(trainer_mod.ConfigValueError, match=r"process\(es\) \[1\] run another config"):
+            trainer_mod._check_same_config(cfg, wd)
+    trainer_mod._check_same_config(c, tmp_path)  # the same config and workdir: the same hash

@@ -126,17 +126,22 @@ def backend_problem(impl: str, backend: str) -> str | None:
 
 
 def kernel_heads_problem(impl: str, heads: dict[str, int], tensor: int) -> str | None:
-    """Why a Pallas `impl` would waste a `tensor`-way mesh axis, or None: `_per_shard` splits the heads over
-    "tensor" only when it divides the KV heads; otherwise every tensor device gathers q, k, v and runs the
-    kernel on all heads (`tensor` times the attention work). `heads`: {what: KV heads} (the LLM's KV heads, the
-    ViT's heads)."""
-    if impl not in PALLAS_IMPLS or tensor <= 1:
+    """Why `impl` cannot use a `tensor`-way mesh axis that does not divide the KV heads, or None. A Pallas
+    kernel (`_per_shard` splits the heads over "tensor" only when it divides them): every tensor device would
+    gather q, k, v and run it on all heads (`tensor` times the attention work). `xla_blockwise`: the partitioner
+    splits a KV head across devices inside its block-pair loops, and the step deadlocked (XLA:CPU, a mismatched
+    collective rendezvous). `xla_dense` is left to the partitioner. `heads`: {what: KV heads} (the LLM's KV
+    heads, the ViT's heads)."""
+    if (impl not in PALLAS_IMPLS and impl != "xla_blockwise") or tensor <= 1:
         return None
     bad = [f"{what} {n}" for what, n in heads.items() if n % tensor]
     if not bad:
         return None
-    return (f"mesh.tensor={tensor} does not divide the KV heads ({', '.join(bad)}): the {impl} kernel would run "
-            f"the whole attention on every one of the {tensor} tensor devices; use a mesh.tensor that divides them")
+    why = ("its block-pair loops would split a KV head across devices (the step deadlocked on XLA:CPU)"
+           if impl == "xla_blockwise" else
+           f"the {impl} kernel would run the whole attention on every one of the {tensor} tensor devices")
+    return (f"mesh.tensor={tensor} does not divide the KV heads ({', '.join(bad)}): {why}; use a mesh.tensor that "
+            "divides them")
 
 
 def _by_platform(kernel):

@@ -402,6 +402,7 @@ class Trainer:
             raise ConfigValueError(f"{e}{self._own_copies_hint()}") from None
         shd.maybe_initialize_distributed(bool(config.get("multihost", False)))
         self.is_main = jax.process_index() == 0
+        _check_same_config(config, self.workdir)
         if config.model.param_dtype == "bfloat16" and self.is_main:
             print("[train] warning: model.param_dtype=bfloat16 keeps the master weights and the AdamW state in "
                   "bfloat16 (8 significant bits): updates below ~1/256 of a weight (lr 2e-5 steps) round away. The "
@@ -412,6 +413,9 @@ class Trainer:
         except ValueError as e:  # sizes that do not fit the devices
             raise ConfigValueError(f"mesh.data / fsdp / tensor: {e}") from None
         check_attention_mesh(self.cfg, self.mesh.shape["tensor"])
+        problem = tensor_group_problem(self.mesh)
+        if problem:
+            raise ConfigValueError(problem)
         try:
             P = shd.packs_per_step(int(config.data.packs_per_step), self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         except ValueError as e:
@@ -1323,6 +1327,36 @@ def _process_sums(values: list[float], gather: bool) -> dict:
 
     every = np.asarray(multihost_utils.process_allgather(v)).reshape(jax.process_count(), -1)
     return {"sum": every.sum(0), "by_process": every.tolist()}
+
+
+def _check_same_config(config, workdir) -> None:
+    """Every process of a multi-host run must run the same config and workdir: a host started with another
+    optim.lr trained its copy of the replicated weights apart, another data.seed read overlapping slices; both
+    silently. A ConfigValueError naming the processes that differ from process 0 (one process: nothing)."""
+    import hashlib
+
+    mine = hashlib.sha256((config.to_json_best_effort(sort_keys=True) + "\0" +
+                           os.path.abspath(workdir)).encode()).hexdigest()[:16]
+    every = [s["config"] for s in _gather_process_states({"config": mine})]
+    other = [i for i, h in enumerate(every) if h != every[0]]
+    if other:
+        raise ConfigValueError(f"process(es) {other} run another config or workdir than process 0 (config hashes "
+                               f"{sorted(set(every))}): every host must run the same command")
+
+
+def tensor_group_problem(mesh) -> str | None:
+    """Why the mesh's tensor groups (the devices that share one (data, fsdp) place, and so one batch row) span
+    processes, or None. Each process puts its own packs on its devices' rows; a row shared by two processes got
+    two different packs (silently: losses differ by process). `tensor` must divide the devices per process."""
+    devs = np.asarray(mesh.devices)
+    shared = {(d, f) for d in range(devs.shape[0]) for f in range(devs.shape[1])
+              if len({x.process_index for x in devs[d, f, :]}) > 1}
+    if not shared:
+        return None
+    per = max(1, mesh.size // max(1, len({x.process_index for x in devs.flat})))
+    return (f"mesh.tensor={devs.shape[2]} spans processes: a tensor group's devices must be one process's (each "
+            f"process loads its own packs), and a process has {per} device(s): use a mesh.tensor that divides "
+            f"{per}")
 
 
 def _gather_process_states(state: dict) -> list[dict]:
