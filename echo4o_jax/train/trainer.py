@@ -1132,19 +1132,22 @@ class Trainer:
                 lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
                 fl = sum(flops_lib.step_flops(self.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens)) \
                     if peak else 0.0
-                # this process's real tokens, capacity tokens and FLOPs; summed over the processes at a logged
-                # step (each reads other packs), else estimated from this one's (the progress bar)
-                work = _process_sums([float(np.sum(batch.num_tokens)), float(np.asarray(batch.sample_id).size), fl],
-                                     gather=log_now)
+                st = getattr(self.source, "last_stats", None) or {}  # records pipeline: this process's counters
+                counters = [k for k in ("skipped_too_long", "skipped_errors", "dropped_unfit", "time_wait_s")
+                            if k in st]
+                # this process's real tokens, capacity tokens and FLOPs (and data counters); summed over the
+                # processes at a logged step (each reads other packs), else estimated from this one's (the bar)
+                work = _process_sums([float(np.sum(batch.num_tokens)), float(np.asarray(batch.sample_id).size), fl,
+                                      *(float(st[k]) for k in counters)], gather=log_now)
                 tokens = int(work["sum"][0])
                 m.update(step=step, step_seconds=dt, tokens=tokens, tokens_per_second=tokens / dt,
                          fill=work["sum"][0] / work["sum"][1])
                 if work["by_process"] is not None:
                     m["tokens_by_process"] = [int(x[0]) for x in work["by_process"]]
-                st = getattr(self.source, "last_stats", None) or {}  # records pipeline: this process's counters
-                for k in ("skipped_too_long", "skipped_errors", "dropped_unfit", "time_wait_s"):
-                    if k in st:
-                        m[f"data_{k}"] = st[k]
+                for i, k in enumerate(counters):  # every process's, summed, at a logged step (the wait: the
+                    by = work["by_process"]  # longest); else this process's
+                    m[f"data_{k}"] = (st[k] if by is None else max(p[3 + i] for p in by) if k == "time_wait_s"
+                                      else int(work["sum"][3 + i]))
                 if peak:
                     m["mfu"] = work["sum"][2] / (dt * n_dev * peak)
                 history.append(m)
@@ -1182,9 +1185,10 @@ class Trainer:
                         logger.log(step, {k: v for k, v in m.items() if k != "step"})
                     except LogWriteError as e:  # the steps since the last checkpoint are saved first if they can be
                         raise _saved_before_error(self, step, start, e) from None
-                    if self.is_main and st.get("skipped_too_long", 0) > skipped_reported:
-                        skipped_reported = st["skipped_too_long"]
-                        # (the count is the data state's, kept across resumes; the breakdown is this start's)
+                    if self.is_main and m.get("data_skipped_too_long", 0) > skipped_reported:
+                        skipped_reported = m["data_skipped_too_long"]  # (every process's, at a logged step)
+                        # (the count is the data state's, kept across resumes; the breakdown is this start's, and
+                        # process 0's)
                         tqdm.write(f"[data] {skipped_reported} samples skipped as too long so far (by task / reason "
                                    f"since this start: {st.get('skipped_by')}); python -m echo4o_jax.data.pack_stats "
                                    "--config ... shows why")
