@@ -46,7 +46,7 @@ from .model import keymap
 from .model.bagel import Bagel, bagel_key_rules
 from .model.layers import sincos_2d_table
 from .model.vae import AutoEncoder
-from .paths import atomic_write
+from .paths import atomic_write, write_json
 
 __all__ = [
     "CheckpointError",
@@ -522,20 +522,16 @@ def write_model_config(dst, cfg: BagelConfig, src_dir=None, manifest: Mapping | 
             copy_file(src / MANIFEST_FILE, dst / MANIFEST_FILE)
     for name, d in (("llm_config.json", cfg.llm.to_hf()), ("vit_config.json", cfg.vit.to_hf())):
         if not _parses(dst / name):  # (missing, or cut short by an earlier version's non-atomic write)
-            _write_json(dst / name, d)
-    _write_json(dst / META_FILE, meta_of(cfg, src_dir))
+            write_json(dst / name, d, indent=2)
+    write_json(dst / META_FILE, meta_of(cfg, src_dir), indent=2)
     if manifest is not None:
-        _write_json(dst / MANIFEST_FILE, manifest)
+        write_json(dst / MANIFEST_FILE, manifest, indent=2)
     return dst
 
 
 def save_vae(item_dir, vae: AutoEncoder) -> None:
     """The VAE item (WORKDIR/vae or OUT/vae) from a module."""
     save_pytree(item_dir, nnx.to_pure_dict(nnx.state(vae)))
-
-
-def _write_json(path, d) -> None:
-    atomic_write(path, json.dumps(d, indent=2) + "\n")  # (a kill or a full disk leaves the old file or none)
 
 
 def _parses(path) -> bool:

@@ -56,6 +56,7 @@ from flax import nnx
 from . import __version__
 from . import checkpoint as ck
 from .interrupts import Terminated
+from .paths import write_json
 from .config import BagelConfig
 from .model import keymap
 from .model.bagel import Bagel, bagel_key_rules
@@ -738,7 +739,7 @@ def convert_to_orbax(src, out, *, dtype=None, vae_dtype=None, overwrite: bool = 
             files = hasher.result
         manifest = _manifest_to_jax(src, files, bagel_plan, vae_plan, f"{weights}.safetensors")
         manifest["compression"] = "zstd-1" if compress else None
-        ck._write_json(tmp / ck.MANIFEST_FILE, manifest)
+        write_json(tmp / ck.MANIFEST_FILE, manifest, indent=2)
         _finalize(tmp, dest)
     except BaseException as e:
         if hasher:
@@ -949,8 +950,8 @@ def convert_to_official(ckpt, out, *, step: int | None = None, weights: str = "e
         ck.copy_model_files(cfg_dir, tmp)
         for name, d in (("llm_config.json", cfg.llm.to_hf()), ("vit_config.json", cfg.vit.to_hf())):
             if not (tmp / name).is_file():
-                ck._write_json(tmp / name, d)
-        ck._write_json(tmp / ck.META_FILE, ck.meta_of(cfg, cfg_dir))
+                write_json(tmp / name, d, indent=2)
+        write_json(tmp / ck.META_FILE, ck.meta_of(cfg, cfg_dir), indent=2)
         _finalize(tmp, dest)
     except BaseException as e:
         if bar is not None:

@@ -4,12 +4,13 @@ time in a folder (`hold_lock`); a file written whole or not at all (`atomic_writ
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import threading
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "file_sha256", "folder_problem", "hold_lock", "LockUnavailable", "pid_running"]
+__all__ = ["atomic_write", "write_json", "file_sha256", "folder_problem", "hold_lock", "LockUnavailable", "pid_running"]
 
 
 class LockUnavailable(OSError):
@@ -118,6 +119,11 @@ def atomic_write(path, data: bytes | str | Callable[[BinaryIO], None], *, fsync:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_json(path, obj, *, indent: int = 1, fsync: bool = True, **dumps_kw) -> pathlib.Path:
+    """`obj` as indented JSON (and a newline) into `path`, whole or not at all (`atomic_write`)."""
+    return atomic_write(path, json.dumps(obj, indent=indent, **dumps_kw) + "\n", fsync=fsync)
 
 
 def file_sha256(path) -> str:

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 
 from echo4o_jax.data._import_common import ArgumentError, WRITER_INTERRUPTED, cli_error, cli_interrupted
 from echo4o_jax.interrupts import exit_process, keep_ctrl_c
-from echo4o_jax.paths import atomic_write
+from echo4o_jax.paths import write_json
 from echo4o_jax.data.records import (
     RecordError,
     RecordWriter,
@@ -434,7 +434,7 @@ def write_demo(out: str, *, size: int = 64, n_t2i: int = 512, n_multiref: int = 
         "vit_transform": [vit_side, max(14, vit_side // 2), 14],
         "seconds": round(time.time() - t0, 2),
     }
-    atomic_write(demo_json, json.dumps(demo, indent=1))  # whole or absent: its presence says the demo is complete
+    write_json(demo_json, demo)  # whole or absent: its presence says the demo is complete
     return demo
 
 

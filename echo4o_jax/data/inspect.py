@@ -126,7 +126,10 @@ def contact_sheet(records: list[Record], path: str, *, thumb: int = 128, text_wi
         tx = W - text_width
         d.multiline_text((tx, y), caption, fill=(0, 0, 0), spacing=2)
         y += thumb + pad
-    fmt = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # (main checked the extension)
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)  # (main checks it before reading anything)
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension {ext or '(none)'!r}")
     # written whole, then renamed: a Ctrl-C or a failed write leaves no cut-short file
     atomic_write(path, lambda f: sheet.save(f, format=fmt), fsync=False)
 

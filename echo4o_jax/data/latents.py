@@ -119,8 +119,8 @@ from typing import Callable
 
 import numpy as np
 
-from echo4o_jax.data.records import listed_sha256, resolve_shards, write_json
-from echo4o_jax.paths import file_sha256
+from echo4o_jax.data.records import listed_sha256, resolve_shards
+from echo4o_jax.paths import file_sha256, write_json
 from echo4o_jax.paths import folder_problem
 from echo4o_jax.packing import MOMENT_DTYPES, moments_dtype
 from echo4o_jax.safetensors_io import SafetensorsError, SafetensorsFile, write_safetensors

@@ -71,9 +71,9 @@ import json
 import os
 import shutil
 import struct
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
-from echo4o_jax.paths import atomic_write, file_sha256
+from echo4o_jax.paths import file_sha256, write_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -428,11 +428,6 @@ def decode_record(buf: bytes, *, images: bool = True, validate: bool = False) ->
 def _dataset_files(folder: str) -> list[str]:
     """The names of the files of `folder` that make up a dataset (shards and manifest)."""
     return [p for p in os.listdir(folder) if p.endswith(SHARD_SUFFIX) or p == MANIFEST_NAME]
-
-
-def write_json(path: str, obj: Any) -> None:
-    """`obj` as indented JSON into `path`, whole or not at all (`paths.atomic_write`, synced to disk)."""
-    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _aside(out_dir: str, which: str) -> str:

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ..paths import atomic_write
+from ..paths import write_json
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ class JudgeCache:
             return None
 
     def put(self, key: str, record: dict) -> None:
-        atomic_write(self._path(key), json.dumps(record, ensure_ascii=False, indent=1), fsync=False)
+        write_json(self._path(key), record, ensure_ascii=False, fsync=False)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0
