@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from echo4o_jax.eval.judge import JudgeCache
-from echo4o_jax.paths import atomic_write, file_sha256
+from echo4o_jax.paths import atomic_write, file_sha256, write_json
 from echo4o_jax.safetensors_io import write_safetensors_stream
 
 
@@ -93,3 +93,10 @@ def test_safetensors_stream_error_keeps_the_old_file(tmp_path):
         write_safetensors_stream(p, [("w", (2, 2), np.float32)], lambda k: np.zeros((3, 2), np.float32))
     assert p.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_write_json_is_indented_with_a_newline(tmp_path):
+    p = write_json(tmp_path / "m.json", {"a": [1], "é": 2}, indent=2, ensure_ascii=False)
+    assert p.read_text(encoding="utf-8") == '{\n  "a": [\n    1\n  ],\n  "é": 2\n}\n'
+    write_json(p, {"b": 1}, fsync=False)
+    assert p.read_text() == '{\n "b": 1\n}\n' and os.listdir(tmp_path) == ["m.json"]
