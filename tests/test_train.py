@@ -340,7 +340,7 @@ def test_the_step_a_signal_stops_at_is_logged(tmp_path, monkeypatch):
     c = load_config("synthetic_tiny")
     c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 8, 4, False, False
     c.log.every = 2
-    _sigterm_after(monkeypatch, "train_step", 3)
+    _sigterm_after(monkeypatch, "_collect", 3)
     res = Trainer(c, tmp_path).run()
     assert res["stopped_by"] == signal.SIGTERM and res["step"] == 3
     recs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -565,15 +565,15 @@ def test_a_step_that_fails_while_traced_raises_its_own_error(tmp_path, capsys, m
     step's own error is the one raised (waiting on the deleted state raised "Array has been deleted" over it)."""
     import jax
 
-    real = Trainer.train_step
+    real = Trainer._dispatch
 
-    def train_step(self, batch):
+    def dispatch(self, dev):
         if int(self.state["step"]) == 2:
             jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else x, self.state)
             raise RuntimeError("the step failed")
-        return real(self, batch)
+        return real(self, dev)
 
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "_dispatch", dispatch)
     c = load_config("synthetic_tiny")
     c.train.steps, c.log.tensorboard, c.log.profile_start, c.log.profile_steps = 4, False, 1, 3
     with pytest.raises(RuntimeError, match="the step failed"):
@@ -598,6 +598,38 @@ def test_a_checkpoint_save_is_not_charged_to_the_next_step(tmp_path, monkeypatch
     out = Trainer(c, tmp_path).run()
     assert out["step"] == 3 and (tmp_path / "checkpoints" / "2").is_dir()
     assert max(m["step_seconds"] for m in out["history"]) < 3.0, [m["step_seconds"] for m in out["history"]]
+
+
+def test_the_next_batch_is_fetched_while_a_step_runs_and_checkpoints_keep_the_trained_batches_state(tmp_path,
+                                                                                                   monkeypatch):
+    """The loop packs the next batch while the device runs a step (dispatched, its metrics not yet read), and
+    fetches nothing past the last step; a checkpoint saves the data state after the batches trained, not after the
+    one fetched ahead (a resume from it would skip that batch)."""
+    import echo4o_jax.checkpoint as ck
+
+    events = []
+    for name in ("_dispatch", "_collect"):
+        real = getattr(Trainer, name)
+        monkeypatch.setattr(Trainer, name, lambda self, x, real=real, name=name: (events.append(name),
+                                                                                  real(self, x))[1])
+    c = load_config("synthetic_tiny")
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 3, 2, False, False
+    tr = Trainer(c, tmp_path)
+    source = tr.source
+
+    class Recorded:
+        def __next__(self):
+            events.append("next")
+            return next(source)
+
+        def __getattr__(self, name):
+            return getattr(source, name)
+
+    tr.source = Recorded()
+    assert tr.run()["step"] == 3
+    assert events == ["next"] + ["_dispatch", "next", "_collect"] * 2 + ["_dispatch", "_collect"]
+    assert ck.read_train_meta(tmp_path, 2)["data_states"][0]["step"] == 2  # (3 batches were fetched by then)
+    assert ck.read_train_meta(tmp_path, 3)["data_states"][0]["step"] == 3
 
 
 def test_a_run_killed_before_its_first_checkpoint_is_marked_restarted(tmp_path):

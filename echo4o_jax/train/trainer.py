@@ -341,6 +341,18 @@ def _abstract(tree, shardings):
 
 
 @dataclasses.dataclass
+class _Fetched:
+    """A batch the loop fetched, with its device arrays (`dev`), the source's data state after it (`state`: what
+    a checkpoint of the step trained on it saves) and the records pipeline's stats and last skipped records as of
+    it (`stats`, `recent_errors`; empty for the synthetic source): the loop fetches one batch ahead."""
+    batch: Any
+    dev: dict
+    state: dict
+    stats: dict
+    recent_errors: list
+
+
+@dataclasses.dataclass
 class _Timer:
     t: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -519,6 +531,9 @@ class Trainer:
         self.ckpt = ck.train_checkpoint_manager(self.workdir.absolute(), max_to_keep=int(c.checkpoint.keep),
                                                 enable_async_checkpointing=bool(c.checkpoint.async_save))
         self._saving: int | None = None  # the step of the save in flight (`_save_failure`)
+        # the data state after the last batch trained (what a checkpoint saves: the loop fetches the next batch
+        # while the device runs a step); None: the source's own (no batch fetched since it was made / restored)
+        self._data_state: dict | None = None
 
     def _make_source(self):
         """The batch source; its configuration errors (the data pipeline raises ValueError: no datasets,
@@ -621,7 +636,7 @@ class Trainer:
         # when another data config cannot resume it)
         # data_states [process]: every process's data iterator (the JSON item is written by process 0)
         meta = dict(step=step, rng=np.asarray(jax.device_get(self.state["rng"])).tolist(),
-                    data_states=_gather_process_states(self.source.get_state()), time=time.time(),
+                    data_states=_gather_process_states(self._trained_data_state()), time=time.time(),
                     data_config=json.loads(self.config.data.to_json_best_effort()),
                     local_packs=self.local_packs, process_count=jax.process_count(),
                     vae_fingerprint=self.vae_fingerprint, optimizer_layout=_optimizer_layout(self.config))
@@ -657,6 +672,11 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 -- orbax / tensorstore: ValueError, OSError, ...
             return self._save_failed(step, e)
         return None
+
+    def _trained_data_state(self) -> dict:
+        """The data state of the steps trained: after the last batch a step ran on, not after a batch fetched
+        ahead of it (a checkpoint of the later one would skip that batch on resume)."""
+        return self.source.get_state() if self._data_state is None else self._data_state
 
     def _save_failed(self, step: int, e: Exception) -> str:
         from .. import checkpoint as ck
@@ -718,6 +738,7 @@ class Trainer:
         mode = self.config.train.data_resume
         try:
             resharded = self.source.resume(states, reshard=mode == "reshard")
+            self._data_state = None  # (the source's own state again: nothing fetched from it yet)
         except ValueError as e:  # the records pipeline refuses a state made by another configuration
             if mode == "restart":  # (the source as built: its stream from the beginning)
                 diff = self._data_settings_diff(meta)  # (the pipeline's own reason is a fingerprint: name the keys)
@@ -782,13 +803,15 @@ class Trainer:
         print(f"[train] warning: the learning-rate schedule differs from this workdir's run ({what}): the learning "
               f"rate at step {step} moves from {old:.3g} to {new:.3g}", flush=True)
 
-    def _report_skipped_records(self, step: int, total: int, reported: int, logger) -> int:
+    def _report_skipped_records(self, step: int, total: int, reported: int, recent_errors: list[dict],
+                                logger) -> int:
         """Print (and log, as a `data_skipped_errors` event) the records skipped as unreadable since `reported`
-        of this process's `total`: they were only a counter in log.jsonl, naming no record. Returns `total`."""
+        of this process's `total` (`recent_errors`: the source's last ones, as of that count): they were only a
+        counter in log.jsonl, naming no record. Returns `total`."""
         from tqdm import tqdm
 
         new = total - reported
-        recent = list(getattr(self.source, "recent_errors", ()))[-new:]
+        recent = recent_errors[-new:]
         where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
         for e in recent:
             tqdm.write(f"[data] record {e['id']} skipped{where}: {e['error']}")
@@ -902,8 +925,16 @@ class Trainer:
         return time.perf_counter() - t0
 
     def train_step(self, batch) -> dict[str, float]:
-        dev = self._device_batch(batch)
+        return self._collect(self._dispatch(self._device_batch(batch)))
+
+    def _dispatch(self, dev: dict[str, jax.Array]):
+        """Starts the step on the device batch `dev` (`_device_batch`); returns its metrics, still on the device
+        (JAX dispatches asynchronously: the host goes on, e.g. fetching the next batch, while the step runs)."""
         self.state, metrics = self._compiled(self.state, self.vae_state, dev)
+        return metrics
+
+    def _collect(self, metrics) -> dict[str, float]:
+        """A dispatched step's metrics as floats (waits for the step to end)."""
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     # ------------------------------------------------------------------ sampling
@@ -969,14 +1000,35 @@ class Trainer:
         return lambda s: t.encode(s, add_special_tokens=False).ids
 
     # ------------------------------------------------------------------ loop
-    def _next_batch(self, step: int, start: int):
-        """The next batch; a data error (a record that cannot be read, precomputed latents, a budget nothing
-        fits) first saves the steps trained since the last checkpoint (`_saved_before_error`)."""
+    def _fetch(self) -> "_Fetched":
+        """The source's next batch, with what belongs to it (`_Fetched`); its device arrays are made too (their
+        host-to-device copy then overlaps a step in flight)."""
+        if self._data_state is None:  # (the state of the steps trained while this batch waits for its step)
+            self._data_state = self.source.get_state()
+        batch = next(self.source)
+        return _Fetched(batch, self._device_batch(batch), self.source.get_state(),
+                        dict(getattr(self.source, "last_stats", None) or {}),
+                        list(getattr(self.source, "recent_errors", ())))
+
+    def _fetch_ahead(self) -> "_Fetched | Exception":
+        """`_fetch` while a step runs on the device; an error is returned, to be raised where the batch is taken
+        (`_next_batch`: after the step in flight is logged and saved as it would have been)."""
+        try:
+            return self._fetch()
+        except Exception as e:  # noqa: BLE001 -- re-raised by _next_batch
+            return e
+
+    def _next_batch(self, step: int, start: int, ahead: "_Fetched | Exception | None" = None) -> "_Fetched":
+        """The next batch (`ahead`: the one fetched while the last step ran, or the error that fetch raised);
+        a data error (a record that cannot be read, precomputed latents, a budget nothing fits) first saves the
+        steps trained since the last checkpoint (`_saved_before_error`)."""
         from ..data.latents import LatentStoreError
         from ..data.records import RecordError
 
         try:
-            return next(self.source)
+            if isinstance(ahead, Exception):
+                raise ahead
+            return ahead if ahead is not None else self._fetch()
         except (RecordError, LatentStoreError) as e:
             raise _saved_before_error(self, step, start, e) from None
 
@@ -1077,13 +1129,13 @@ class Trainer:
             # (the records source's counters go on from the checkpoint's: only this run's skips are reported)
             errors_before = getattr(self.source, "skipped_errors", 0)
             try:
-                batch = next(self.source)
+                fetched = self._fetch()
             except RuntimeError:  # a job scheduler's SIGTERM to the process group ended the data workers before the
                 if jax.process_count() != 1 or not _signalled(stop):  # first batch: stopped as asked, nothing to
                     raise  # save (it was a traceback, exit 1)
                 stop["agreed"] = stop["signal"]
                 return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=stop["agreed"])
-            compile_s = self.compile(batch)
+            compile_s = self.compile(fetched.batch)
             logger.log(start, dict(compile_seconds=compile_s, compile_cache_hit=self.compile_cache_hit))
             if self.is_main and self.compilation_cache:
                 print(f"[train] step compiled in {compile_s:.1f} s (compilation cache {self.compilation_cache}: "
@@ -1099,10 +1151,11 @@ class Trainer:
             step = start
             skipped_reported = nonfinite_run = 0
             errors_reported = errors_before
+            ahead = None  # the next batch, fetched while a step runs (or the error that fetch raised)
             while step < total:
                 if step > start:
                     try:
-                        batch = self._next_batch(step, start)
+                        fetched = self._next_batch(step, start, ahead)
                     except RuntimeError as e:
                         if jax.process_count() != 1:
                             raise
@@ -1116,8 +1169,14 @@ class Trainer:
                         print(f"[train] the data workers ended with signal {stop['signal']} too; saved step {step}",
                               flush=True)
                         break
+                ahead = None
+                batch = fetched.batch
                 prof.before(step)
-                m = self.train_step(batch)
+                metrics = self._dispatch(fetched.dev)
+                self._data_state = fetched.state
+                if step + 1 < total and stop["signal"] is None:  # the host packs the next batch meanwhile
+                    ahead = self._fetch_ahead()
+                m = self._collect(metrics)
                 if float(c.train.debug_step_delay):  # tests: widen the window for an external kill
                     time.sleep(float(c.train.debug_step_delay))
                 dt = timer.lap()
@@ -1132,7 +1191,7 @@ class Trainer:
                 lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
                 fl = sum(flops_lib.step_flops(self.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens)) \
                     if peak else 0.0
-                st = getattr(self.source, "last_stats", None) or {}  # records pipeline: this process's counters
+                st = fetched.stats  # records pipeline: this process's counters (as of this step's batch)
                 counters = [k for k in ("skipped_too_long", "skipped_errors", "dropped_unfit", "time_wait_s")
                             if k in st]
                 # this process's real tokens, capacity tokens and FLOPs (and data counters); summed over the
@@ -1179,7 +1238,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_second']:.0f}")
                 if st.get("skipped_errors", 0) > errors_reported:  # each unreadable record, named (this process's)
                     errors_reported = self._report_skipped_records(step, st["skipped_errors"], errors_reported,
-                                                                   logger)
+                                                                   fetched.recent_errors, logger)
                 if log_now:
                     try:
                         logger.log(step, {k: v for k, v in m.items() if k != "step"})
