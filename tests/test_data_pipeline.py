@@ -597,7 +597,7 @@ def test_resharded_state_goes_on_with_each_datasets_order(data, model_cfg, tmp_p
     one = DataPipeline(c, model_cfg)  # one process reads every place: its record stream is the global order
     sizes = one.dataset_sizes
     assert sizes == [60, 7]
-    glob = lambda d, g: decode_record(one._parts[d][g][1]).id
+    glob = lambda d, g: decode_record(one._parts[d][g][2]).id
     used = [[st["read_by_dataset"][d] for st in states] for d in range(2)]  # records read per old process
     assert sum(used[1]) > 7  # the small dataset is past its first epoch
     twice = 0
@@ -824,6 +824,34 @@ def test_unreadable_record_is_a_record_error_naming_dataset_shard_and_index(data
         assert re.fullmatch(msg, str(e.value)), str(e.value)
 
 
+def test_a_record_that_does_not_decode_is_told_by_its_shard_and_index(data, model_cfg, tmp_path, monkeypatch):
+    """A record whose bytes are no record (no id to name it by) is skipped, and the skip names its shard file and
+    its index there, after the shuffle, in every epoch and from worker processes (it was reported as record
+    None)."""
+    import echo4o_jax.data.records as records_mod
+
+    real = records_mod.encode_record
+    monkeypatch.setattr(records_mod, "encode_record",
+                        lambda rec, **kw: b"not a record" if rec.id == "g4" else real(rec, **kw))
+    d = _write_dataset(tmp_path / "g", 9, 11, prefix="g", sizes=(16,))
+    monkeypatch.setattr(records_mod, "encode_record", real)
+    m, k, i = load_manifest(d), 0, 4
+    while i >= m["shards"][k]["records"]:
+        i, k = i - m["shards"][k]["records"], k + 1
+    assert k > 0  # (not the first shard: the index in the shard is not the index in the dataset)
+    where = f"{os.path.join(d, m['shards'][k]['file'])}: record {i} (dataset g)"
+    for workers in (0, 2):
+        it = DataPipeline(_cfg(data, datasets=(DatasetSpec(d),), num_epochs=2, worker_count=workers),
+                          model_cfg).iterator()
+        try:
+            for _ in it:
+                pass
+        finally:
+            it.close()
+        assert [(e["id"], e["where"]) for e in it.recent_errors] == [(None, where)] * 2, list(it.recent_errors)
+        assert it.recent_errors[0]["error"].startswith("RecordError: ")
+
+
 def test_training_names_each_record_skipped_as_undecodable(tmp_path, capsys):
     """A record whose image does not decode is skipped (the run goes on); training prints its id and the error,
     and logs a `data_skipped_errors` event: it was only a counter in log.jsonl."""
@@ -839,6 +867,7 @@ def test_training_names_each_record_skipped_as_undecodable(tmp_path, capsys):
     lines = [x for x in out.splitlines() if x.startswith("[data] record ")]
     assert {x.split()[2] for x in lines} == {"s0", "s3"}, out  # (read again each epoch)
     assert all(x.endswith("skipped: OSError: image file is truncated") for x in lines), out
+    assert all(re.search(r"^\[data\] record s[03] \(.*/ds/.*: record \d+ \(dataset ds\)\) skipped", x) for x in lines), out
     assert "[data] 2 unreadable record(s) skipped so far" in out
     events = [json.loads(x) for x in (tmp_path / "wd" / "log.jsonl").read_text().splitlines()]
     ev = [e for e in events if e.get("event") == "data_skipped_errors"]

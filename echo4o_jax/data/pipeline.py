@@ -19,8 +19,9 @@ Stages
    (`sequence_plan`, `text_ids_list`, images as [H, W, C] arrays) plus its exact no-dropout sizes
    (from the record header and the resize rule, before decoding, so over-long samples are never
    decoded; checked against `packing.sample_sizes` after). A record that fails to decode or prepare is an
-   error element (counted, skipped); one that cannot be read from its shard (a corrupt chunk) is fatal: a
-   RecordError naming the dataset, the shard file and the record's index in it.
+   error element (counted, skipped; named by its id, its shard file and its index there); one that cannot
+   be read from its shard (a corrupt chunk) is fatal: a RecordError naming the dataset, the shard file and
+   the record's index in it.
    This stage runs in `worker_count` processes (`mp_prefetch`; element order does not depend on the
    worker count). Workers are started by spawning: a calling script needs an
    `if __name__ == "__main__":` guard.
@@ -356,13 +357,14 @@ def transform_pixels(image, tr: ImageTransform, img_num: int) -> np.ndarray:
 
 
 class _TagDataset:
-    """raw record bytes -> (dataset index, bytes)."""
+    """(record index in its dataset, raw record bytes) -> (dataset index, record index, bytes): applied before
+    the shuffle, so that a record that does not decode (no id) can still be told by its shard and index."""
 
-    def __init__(self, index: int):
-        self.index = index
+    def __init__(self, index: int, size: int):
+        self.index, self.size = index, size
 
-    def __call__(self, raw):
-        return self.index, raw
+    def __call__(self, record: int, raw):  # (Grain's index runs on past the size in later epochs)
+        return self.index, int(record) % self.size, raw
 
 
 class _Prepare:
@@ -391,8 +393,9 @@ class _Prepare:
         return self._tok
 
     def __call__(self, k: int, tagged) -> dict:
-        ds, raw = tagged
-        el: dict[str, Any] = {"k": int(k), "dataset": int(ds), "id": None, "task": None, "error": None}
+        ds, record, raw = tagged
+        el: dict[str, Any] = {"k": int(k), "dataset": int(ds), "record": record, "id": None, "task": None,
+                              "error": None}
         try:
             self._prepare(el, raw)
         except LatentStoreError:  # a missing / wrong precomputed latent is fatal, never a skipped sample
@@ -718,11 +721,11 @@ class DataPipeline:
         c = self.config
         parts = []
         for i, src in enumerate(self._sources):
-            ds = grain.MapDataset.source(src)
+            ds = grain.MapDataset.source(src).map_with_index(_TagDataset(i, len(src)))
             if c.shuffle:
                 ds = ds.shuffle(seed=_seed32(c.seed, i, "shuffle"))
             ds = ds.slice(slice(index, None, count)).repeat(c.num_epochs)
-            parts.append(ds.map(_TagDataset(i)))
+            parts.append(ds)
         return parts
 
     def elements_from(self, offsets: Sequence[int] | None, place: tuple[int, int] | None = None):
@@ -741,6 +744,11 @@ class DataPipeline:
             mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
             self._streams[key] = mixed.map_with_index(self._prepare)
         return self._streams[key]
+
+    def record_where(self, el: dict) -> str:
+        """Where element `el`'s record is: `"<shard file>: record <index in the shard> (dataset <label>)"`."""
+        d = el["dataset"]
+        return f"{self._sources[d].where(el['record'])} (dataset {self.config.datasets[d].label})"
 
     def held_element(self, entry, offsets: Sequence[int] | None) -> dict:
         """A buffered / carried sample of an iterator state: its index k in this process's stream (from
@@ -1062,7 +1070,8 @@ class PackIterator:
                     el, from_buffer = self._buffer.pop(0), True
             if el["error"] is not None:
                 self.counters["skipped_errors"] += 1
-                self.recent_errors.append({"k": el["k"], "id": el["id"], "error": el["error"]})
+                self.recent_errors.append({"k": el["k"], "id": el["id"], "error": el["error"],
+                                           "where": self.pipe.record_where(el)})
                 self._consecutive_errors += 1
                 if self._consecutive_errors >= c.max_consecutive_errors:
                     raise RecordError(f"{self._consecutive_errors} consecutive samples failed to load; last: "

@@ -813,8 +813,10 @@ class Trainer:
         new = total - reported
         recent = recent_errors[-new:]
         where = f" (process {jax.process_index()})" if jax.process_count() > 1 else ""
-        for e in recent:
-            tqdm.write(f"[data] record {e['id']} skipped{where}: {e['error']}")
+        for e in recent:  # (a record that does not decode has no id: its shard and index tell it)
+            name = e["id"] if e["id"] is not None else "(no id)"
+            at = f" ({e['where']})" if e.get("where") else ""
+            tqdm.write(f"[data] record {name}{at} skipped{where}: {e['error']}")
         if new > len(recent):
             tqdm.write(f"[data] ... and {new - len(recent)} more record(s) skipped{where}")
         tqdm.write(f"[data] {total} unreadable record(s) skipped so far{where}")
