@@ -280,6 +280,29 @@ def test_a_data_worker_that_died_saves_the_steps_trained_first(tmp_path):
     assert any("the 3 step(s) this run trained were saved: checkpoint 3" in n for n in ei.value.__notes__)
 
 
+def test_a_device_error_while_the_next_batch_is_copied_is_not_taken_for_a_data_error(tmp_path, monkeypatch):
+    """The next batch's host-to-device copy overlaps the step in flight: its error (out of device memory) is
+    raised as it is, not handled as a data worker that died (its steps saved and a note saying the data needs
+    fixing)."""
+    import echo4o_jax.checkpoint as ck
+
+    c = load_config("synthetic_tiny")
+    c.train.steps, c.checkpoint.every, c.checkpoint.async_save, c.log.tensorboard = 6, 100, False, False
+    tr = Trainer(c, tmp_path)
+    real, calls = tr._device_batch, []
+
+    def device_batch(batch):  # the compile's copy, step 1's, then step 2's (made while step 1 runs) fails
+        calls.append(1)
+        if len(calls) == 3:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1 bytes")
+        return real(batch)
+
+    monkeypatch.setattr(tr, "_device_batch", device_batch)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED") as ei:
+        tr.run()
+    assert not getattr(ei.value, "__notes__", None) and ck.list_train_steps(tmp_path) == []
+
+
 def test_a_data_worker_that_died_when_the_disk_is_full_says_both(tmp_path, monkeypatch):
     """The save of the steps trained before a data worker died can fail too (a full disk): both are said, the
     data error raised (the save's error was a traceback raised over it)."""

@@ -646,6 +646,31 @@ def test_interrupted_run_exits_128_plus_the_signal(workdir, capsys):
     assert len(resumed) == 1 and resumed[0]["step"] == 4 and "superseded_steps" not in resumed[0]
 
 
+def test_ctrl_c_while_the_first_step_runs_saves_it(tmp_path, capsys, monkeypatch):
+    """A SIGINT once the first step is under way (here: while the next batch is packed, which overlaps the step)
+    lets that step finish, saves it and exits 130 (it ended the run with nothing saved)."""
+    import echo4o_jax.train.__main__ as train_main
+    import echo4o_jax.train.trainer as trainer_mod
+
+    def hard_exit(code):  # (a Ctrl-C taken for one before the first step: the process would end here)
+        pytest.fail(f"the run ended at once with {code}, nothing saved")
+
+    real = trainer_mod.Trainer._fetch_ahead
+
+    def fetch_ahead(self):  # (the loop's handler, called as a delivered Ctrl-C calls it: see the test above)
+        if int(self.state["step"]) == 1:  # (the first step's state: dispatched)
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        return real(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_fetch_ahead", fetch_ahead)
+    monkeypatch.setattr(train_main, "_hard_exit", hard_exit)
+    wd = tmp_path / "wd"
+    assert run(_tiny(steps=3), str(wd)) == 128 + signal.SIGINT
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"[train] stopped by SIGINT at step 1 of 3 (checkpoint saved); rerun the same command to resume (workdir {wd})")
+    assert (wd / "checkpoints" / "1").is_dir()
+
+
 def test_sigterm_to_the_process_group_with_data_workers_saves_and_exits_143(tmp_path, capsys):
     """A job scheduler's SIGTERM to the whole process group also ends the records pipeline's worker processes
     (they keep SIGTERM: multiprocessing stops them with it at exit): the next batch cannot come. The steps
@@ -737,15 +762,16 @@ def test_ctrl_c_before_the_first_step_is_one_line_and_ends_the_process(tmp_path,
         run(_tiny(steps=2), str(tmp_path / "wd"))
     assert e.value.args == (128 + signal.SIGINT,)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"[train] interrupted (SIGINT) before the first step of this run ended (setting up, restoring, "
-                   f"compiling or running it): nothing was trained or saved; rerun the same command to start or "
-                   f"resume (workdir {tmp_path / 'wd'})"]
+    assert err == [f"[train] interrupted (SIGINT) before the first step of this run started (setting up, restoring "
+                   f"or compiling): nothing was trained or saved; rerun the same command to start or resume "
+                   f"(workdir {tmp_path / 'wd'})"]
 
 
 def test_ctrl_c_while_the_step_compiles_ends_at_once(tmp_path, capsys, monkeypatch):
-    """A SIGINT after the step loop's handler is installed but before a step has finished (the compile: minutes
+    """A SIGINT after the step loop's handler is installed but before a step has started (the compile: minutes
     for the 7B model) ends the run at once as above (it used to wait for the compile, train a step and save it);
-    after the first step it finishes the step and saves (test_interrupted_run_exits_128_plus_the_signal)."""
+    once the first step is under way it finishes the step and saves (test_interrupted_run_exits_128_plus_the_signal,
+    test_ctrl_c_while_the_first_step_runs_saves_it)."""
     import echo4o_jax.train.__main__ as train_main
     import echo4o_jax.train.trainer as trainer_mod
 
@@ -770,7 +796,7 @@ def test_ctrl_c_while_the_step_compiles_ends_at_once(tmp_path, capsys, monkeypat
     with pytest.raises(Interrupted) as e:
         run(_tiny(steps=2), str(tmp_path / "wd"))
     assert e.value.args == (128 + signal.SIGINT,) and time.monotonic() - t0 < 60
-    assert "interrupted (SIGINT) before the first step of this run ended" in capsys.readouterr().err
+    assert "interrupted (SIGINT) before the first step of this run started" in capsys.readouterr().err
     assert not list((tmp_path / "wd" / "checkpoints").glob("[0-9]*"))
     assert signal.getsignal(signal.SIGINT) is before  # the loop's handler was taken down
 

@@ -23,7 +23,9 @@ from echo4o_jax.train.trainer import Trainer
 
 
 def _train_cmd(workdir, *overrides, config="synthetic_tiny"):
-    return [sys.executable, "-m", "echo4o_jax.train", "--config", str(ROOT / "configs" / f"{config}.py"),
+    """`config`: the name of a file in configs/, or a config file's path."""
+    path = config if config.endswith(".py") else str(ROOT / "configs" / f"{config}.py")
+    return [sys.executable, "-m", "echo4o_jax.train", "--config", path,
             "--workdir", str(workdir), "--config.log.tensorboard=False", *overrides]
 
 
@@ -333,3 +335,54 @@ def test_a_mesh_leaving_parameters_whole_is_refused_before_the_weights_load(tmp_
     p = subprocess.run([sys.executable, "-c", build, str(tmp_path / "wd2")], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0 and int(p.stdout.strip().splitlines()[-1]) > 0, p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_record_one_process_cannot_read_stops_both_after_saving(tmp_path):
+    """2 processes on a records dataset; a record that only process 1 reads is unreadable (a corrupt shard chunk):
+    both stop at once after the step in flight, which every process logs and saves (the save is collective), process
+    1 naming the record, process 0 naming process 1. Before, process 1 alone stopped (its steps since the checkpoint
+    lost) and process 0 waited in the next step's collective for minutes, then aborted. A first batch that fails
+    on one process stops both too, before anything is compiled."""
+    from echo4o_jax.checkpoint import list_train_steps
+    from echo4o_jax.data.pipeline import DataPipeline
+    from echo4o_jax.train.data_sources import budget_from_config
+    from echo4o_jax.train.records_source import pipeline_config_from
+    from echo4o_jax.train.trainer import model_config_from
+    from test_data_pipeline import _tokenizer_json, _write_dataset, config_file, corrupt_record
+    from test_latents import SIDE, _config
+
+    tok = _tokenizer_json(tmp_path / "tok.json")
+    for k, name in ((12, "later"), (0, "first")):  # process 1's k-th record in its stream
+        d = _write_dataset(tmp_path / name / "ds", 40, 5, prefix="s", sizes=(SIDE,))
+        c = _config(d, tok)
+        c.train.steps, c.checkpoint.every, c.log.every, c.log.sample_every = 40, 100, 1, 0
+        c.data.packs_per_step = 2
+        c.train.compilation_cache = str(tmp_path / "xla_cache")
+        pc = pipeline_config_from(c, budget_from_config(c.data.budget), local_packs=1)
+        pipe = DataPipeline(pc, model_config_from(c), process_index=1, process_count=2)
+        shard, index = corrupt_record(d, pipe._parts[0][k][1])  # (the record's index in the dataset)
+        wd = tmp_path / name / "wd"
+        procs = _start_two_processes(wd, config=config_file(tmp_path / name / "cfg.py", c))
+        errs = []
+        try:
+            for p in procs:
+                _, err = p.communicate(timeout=240)
+                assert p.returncode == 2, err[-3000:]
+                errs.append(err.strip().splitlines()[-1])
+        finally:
+            for p in procs:
+                p.kill()
+        assert errs[1].startswith(f"error: {shard}: record {index}: cannot read (RuntimeError: "), errs[1]
+        if name == "first":
+            assert errs[0] == ("error: process(es) [1] could not read their first batch (their logs say why): this "
+                               "process stops with them, nothing of this run trained")
+            assert not list_train_steps(wd)
+            continue
+        step = max(_losses(wd))
+        assert 0 < step < 40 and list_train_steps(wd) == [step]
+        saved = (f" [the {step} step(s) this run trained were saved: checkpoint {step} in {wd / 'checkpoints'}; the same "
+                 "command resumes from it once the data is fixed]")
+        assert errs[1].endswith(") (dataset ds)" + saved), errs[1]
+        assert errs[0] == (f"error: process(es) [1] could not read their next batch after step {step} (their logs say "
+                           "why): this process stops with them" + saved)

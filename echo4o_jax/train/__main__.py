@@ -13,7 +13,7 @@ change on resume). Exit status:
          not be written (a full disk: training stops at once, naming the last complete checkpoint)
     3    non-finite loss (the last good checkpoint is kept)
     128 + N   stopped by signal N (130: SIGINT, 143: SIGTERM) after finishing and saving the current
-         step; rerun the same command to resume. A Ctrl-C before the first step (model set-up, restore) ends
+         step; rerun the same command to resume. A Ctrl-C before the first step (model set-up, restore, compile) ends
          the process at once with 130 and one line (nothing of this run was trained or saved); a SIGTERM to the
          process group while the first batch is read (it ends the data workers too) exits 143 with one line
 """
@@ -73,8 +73,8 @@ def run(config, workdir: str) -> int:
     except KeyboardInterrupt:  # the step loop stops on SIGINT itself: this is set-up or restore, nothing is written
         if out:  # (after training: the run has returned, everything is written)
             raise
-        print(f"\n[train] interrupted (SIGINT) before the first step of this run ended (setting up, restoring, "
-              f"compiling or running it): nothing was trained or saved; rerun the same command to start or resume "
+        print(f"\n[train] interrupted (SIGINT) before the first step of this run started (setting up, restoring "
+              f"or compiling): nothing was trained or saved; rerun the same command to start or resume "
               f"(workdir {workdir})",
               file=sys.stderr, flush=True)
         _hard_exit(128 + signal.SIGINT)

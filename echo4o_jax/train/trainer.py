@@ -56,6 +56,7 @@ from flax import nnx
 from .. import sharding as shd
 from ..checkpoint import CheckpointError, config_dir, flatten_dict, unflatten_dict
 from ..config import BagelConfig, ConfigError, LLMConfig, SpecialTokens, VAEConfig, ViTConfig
+from ..data.records import RecordError
 from ..model.bagel import Bagel
 from ..paths import atomic_write, folder_problem
 from ..model.vae import AutoEncoder
@@ -81,6 +82,11 @@ _MAX_SKIPPED_IN_A_ROW = 20  # train.skip_nonfinite: more non-finite steps in a r
 class CheckpointSaveError(CheckpointError):
     """A checkpoint could not be written (a full disk, a quota): training stops at once, naming the last
     complete checkpoint (the train command prints it on one line, exit 2)."""
+
+
+class DataFailedElsewhereError(RecordError):
+    """Multi-host: another process could not read its next batch (its own log names the record / error); this one
+    stops with it, after the steps trained were saved by every process (one line, exit 2)."""
 
 
 class LogWriteError(CheckpointSaveError):
@@ -346,7 +352,7 @@ class _Fetched:
     a checkpoint of the step trained on it saves) and the records pipeline's stats and last skipped records as of
     it (`stats`, `recent_errors`; empty for the synthetic source): the loop fetches one batch ahead."""
     batch: Any
-    dev: dict
+    dev: dict | None
     state: dict
     stats: dict
     recent_errors: list
@@ -1003,29 +1009,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _fetch(self) -> "_Fetched":
-        """The source's next batch, with what belongs to it (`_Fetched`); its device arrays are made too (their
-        host-to-device copy then overlaps a step in flight)."""
+        """The source's next batch, with what belongs to it (`_Fetched`; its device arrays: `_on_device`)."""
         if self._data_state is None:  # (the state of the steps trained while this batch waits for its step)
             self._data_state = self.source.get_state()
         batch = next(self.source)
-        return _Fetched(batch, self._device_batch(batch), self.source.get_state(),
-                        dict(getattr(self.source, "last_stats", None) or {}),
+        return _Fetched(batch, None, self.source.get_state(), dict(getattr(self.source, "last_stats", None) or {}),
                         list(getattr(self.source, "recent_errors", ())))
 
+    def _on_device(self, fetched: "_Fetched") -> "_Fetched":
+        """`fetched` with its device arrays (made once). Outside the handling of the source's errors: a device
+        error (out of memory) is not the data's, and is raised as it is."""
+        if fetched.dev is None:
+            fetched.dev = self._device_batch(fetched.batch)
+        return fetched
+
     def _fetch_ahead(self) -> "_Fetched | Exception":
-        """`_fetch` while a step runs on the device; an error is returned, to be raised where the batch is taken
-        (`_next_batch`: after the step in flight is logged and saved as it would have been)."""
+        """`_fetch` while a step runs on the device, with its device arrays (their host-to-device copy overlaps the
+        step too); the source's error is returned, to be raised where the batch is taken (`_next_batch`: after
+        the step in flight is logged and saved as it would have been)."""
         try:
-            return self._fetch()
+            fetched = self._fetch()
         except Exception as e:  # noqa: BLE001 -- re-raised by _next_batch
             return e
+        return self._on_device(fetched)
 
     def _next_batch(self, step: int, start: int, ahead: "_Fetched | Exception | None" = None) -> "_Fetched":
         """The next batch (`ahead`: the one fetched while the last step ran, or the error that fetch raised);
         a data error (a record that cannot be read, precomputed latents, a budget nothing fits) first saves the
         steps trained since the last checkpoint (`_saved_before_error`)."""
         from ..data.latents import LatentStoreError
-        from ..data.records import RecordError
 
         try:
             if isinstance(ahead, Exception):
@@ -1088,12 +1100,13 @@ class Trainer:
         if self.is_main:
             for line in self.sharding_report:
                 print(f"[sharding] {line}")
-        # agreed: the signal all processes stop on (see _agreed_signal); stepped: a step of this run has finished
-        stop = {"signal": None, "agreed": None, "stepped": False}
+        # agreed: the signal all processes stop on (see _agreed_stop); started: a step of this run was dispatched (a
+        # signal from then on lets it finish, saves it and stops)
+        stop = {"signal": None, "agreed": None, "started": False}
 
         def handler(signum, frame):
-            if signum == signal.SIGINT and not stop["stepped"]:  # compiling / the first step: nothing to save, and
-                raise KeyboardInterrupt  # waiting for a 7B compile to end is not what a Ctrl-C asks (train.__main__)
+            if signum == signal.SIGINT and not stop["started"]:  # set-up / compiling: nothing to save, and waiting
+                raise KeyboardInterrupt  # for a 7B compile to end is not what a Ctrl-C asks (train.__main__)
             stop["signal"] = signum
             print(f"\n[train] signal {signum}: finishing the current step, saving, exiting", flush=True)
 
@@ -1131,12 +1144,22 @@ class Trainer:
             # (the records source's counters go on from the checkpoint's: only this run's skips are reported)
             errors_before = getattr(self.source, "skipped_errors", 0)
             try:
-                fetched = self._fetch()
-            except RuntimeError:  # a job scheduler's SIGTERM to the process group ended the data workers before the
-                if jax.process_count() != 1 or not _signalled(stop):  # first batch: stopped as asked, nothing to
-                    raise  # save (it was a traceback, exit 1)
+                fetched, first_error = self._fetch(), None
+            except Exception as e:  # noqa: BLE001 -- raised below, once every process knows
+                first_error = e
+            # multi-host: a process whose first batch failed stops every process (the others waited for it in the
+            # step's first collective until the distributed runtime's timeout, minutes, then aborted)
+            failed = _agreed_stop(None, first_error is not None)[1]
+            if isinstance(first_error, RuntimeError) and jax.process_count() == 1 and _signalled(stop):
+                # a job scheduler's SIGTERM to the process group ended the data workers before the first batch:
+                # stopped as asked, nothing to save (it was a traceback, exit 1)
                 stop["agreed"] = stop["signal"]
                 return dict(step=start, total=total, history=history, resumed=resumed, stopped_by=stop["agreed"])
+            if first_error is not None:
+                raise first_error
+            if failed:
+                raise DataFailedElsewhereError(f"process(es) {failed} could not read their first batch (their logs "
+                                               "say why): this process stops with them, nothing of this run trained")
             compile_s = self.compile(fetched.batch)
             logger.log(start, dict(compile_seconds=compile_s, compile_cache_hit=self.compile_cache_hit))
             if self.is_main and self.compilation_cache:
@@ -1174,7 +1197,8 @@ class Trainer:
                 ahead = None
                 batch = fetched.batch
                 prof.before(step)
-                metrics = self._dispatch(fetched.dev)
+                metrics = self._dispatch(self._on_device(fetched).dev)
+                stop["started"] = True
                 self._data_state = fetched.state
                 if step + 1 < total and stop["signal"] is None:  # the host packs the next batch meanwhile
                     ahead = self._fetch_ahead()
@@ -1185,11 +1209,14 @@ class Trainer:
                 if prof.after(step + 1):
                     timer.lap()  # the trace's stop and summary belong to no step's time
                 step += 1
-                stop["stepped"] = True
-                stop["agreed"] = _agreed_signal(stop["signal"])
+                # multi-host, `failed`: the processes whose next batch could not be read: every process logs and
+                # saves this step, then stops with that error (only the failing one stopped: the others waited in
+                # the next step's collectives for minutes, then aborted, the steps since the checkpoint lost)
+                stop["agreed"], failed = _agreed_stop(stop["signal"], isinstance(ahead, Exception))
                 # the same step on every process; a run's last step is logged whatever log.every (also when a
                 # signal stops it here: the steps after the last logged one were lost from log.jsonl)
-                log_now = step % int(c.log.every) == 0 or step == total or stop["agreed"] is not None
+                log_now = (step % int(c.log.every) == 0 or step == total or stop["agreed"] is not None
+                           or bool(failed))
                 lens = [np.bincount(s[s >= 0]) for s in np.asarray(batch.sample_id)]
                 fl = sum(flops_lib.step_flops(self.cfg.llm, int(n), l) for n, l in zip(batch.num_tokens, lens)) \
                     if peak else 0.0
@@ -1275,10 +1302,15 @@ class Trainer:
                     failure = next((x["f"] for x in _gather_process_states({"f": failure}) if x["f"]), None)
                 if failure:
                     raise CheckpointSaveError(failure)
-                if saved and stop["agreed"] is None:  # a signal during the save (or the grid): this step's checkpoint
-                    stop["agreed"] = _agreed_signal(stop["signal"])  # is the one to stop at (not one step and save more)
-                if stop["agreed"] is not None:
+                if saved and stop["agreed"] is None:  # a signal during the save (or the grid): this step's
+                    stop["agreed"] = _agreed_stop(stop["signal"])[0]  # checkpoint is the one to stop at
+                if stop["agreed"] is not None:  # (before a data failure: the same command meets that again)
                     break
+                if failed:
+                    e = ahead if isinstance(ahead, Exception) else DataFailedElsewhereError(
+                        f"process(es) {failed} could not read their next batch after step {step} (their logs say "
+                        "why): this process stops with them")
+                    raise _saved_before_error(self, step, start, e, together=True) from None
             failure = self._save_failure(block=True)
             if failure:
                 raise CheckpointSaveError(failure)
@@ -1353,15 +1385,15 @@ def _signalled(stop: dict, wait_s: float = 1.0) -> bool:
     return stop["signal"] is not None
 
 
-def _saved_before_error(trainer: "Trainer", step: int, start: int, e: Exception) -> Exception:
-    """`e` (a data error at `step`) with the steps this run trained saved first when they can be: on one process
-    (several would each have to join the save, while only this one stopped) and when a step was trained since
-    the last checkpoint; the message then says so (for an error that is not the data's own, a RuntimeError of a
-    data worker that died, in a note). A corrupt record read after hours of training lost them."""
-    if jax.process_count() != 1 or step <= start or step == trainer.ckpt.latest_step():
+def _saved_before_error(trainer: "Trainer", step: int, start: int, e: Exception, together: bool = False) -> Exception:
+    """`e` (a data error at `step`) with the steps this run trained saved first when they can be: on one process,
+    or on several when every process calls this `together` (the save is collective: one process alone cannot),
+    and when a step was trained since the last checkpoint; the message then says so (for an error that is not
+    the data's own, a RuntimeError of a data worker that died, in a note). A corrupt record read after hours of
+    training lost them."""
+    if (jax.process_count() != 1 and not together) or step <= start or step == trainer.ckpt.latest_step():
         return e
     from ..data.latents import LatentStoreError
-    from ..data.records import RecordError
 
     try:  # (a save that fails too is said with the data error, not raised over it as a traceback)
         trainer.save(force=True)
@@ -1438,15 +1470,17 @@ def _gather_process_states(state: dict) -> list[dict]:
     return [json.loads(bytes(every[i, :n])) for i, n in enumerate(sizes)]
 
 
-def _agreed_signal(local: int | None) -> int | None:
-    """The signal that stops training after this step, the same on every process: a SIGTERM / SIGINT that
+def _agreed_stop(local: int | None, data_failed: bool = False) -> tuple[int | None, list[int]]:
+    """(The signal that stops training after this step, the same on every process: a SIGTERM / SIGINT that
     reached any of them (a preemption may signal some hosts only, or a step apart; the save is collective, so
-    every process must stop at the same step). One process: its own."""
+    every process must stop at the same step); the processes whose next batch could not be read (`data_failed`
+    on each)). One process: its own signal, and no list (its data error is raised where the batch is taken)."""
     if jax.process_count() == 1:
-        return local
+        return local, []
     from jax.experimental import multihost_utils
 
-    return int(np.max(multihost_utils.process_allgather(np.int32(local or 0)))) or None
+    got = np.asarray(multihost_utils.process_allgather(np.asarray([local or 0, int(data_failed)], np.int32)))
+    return int(np.max(got[:, 0])) or None, [int(i) for i in np.flatnonzero(got[:, 1])]
 
 
 class _StepProfile:
