@@ -207,7 +207,9 @@ class Inferencer:
     ):
         """Several requests of one shape in one sampler pass: `contexts` = [(cond, text-uncond, image-uncond)]
         per request, init_noise [requests, images, h*w, C]. Returns latents [requests, images, h*w, C]
-        (and velocities [requests, images, steps, h*w, C])."""
+        (and velocities [requests, images, steps, h*w, C]). When every request's image-uncond context is its
+        cond context (the same object: text-to-image, `build_contexts`), the cond velocity stands for the
+        image-uncond one: 2 branches are run, not 3 (the official runs the third, identical one)."""
         if cfg_renorm_type not in CFG_RENORM_TYPES:
             raise ValueError(f"cfg_renorm_type={cfg_renorm_type!r}; expected one of {CFG_RENORM_TYPES}")
         H, W = image_shape
@@ -220,9 +222,11 @@ class Inferencer:
         want = (len(contexts), h * w, self.cfg.patch_latent_dim)
         if x.ndim != 4 or (x.shape[0], *x.shape[2:]) != want:
             raise ValueError(f"init_noise shape {x.shape}, expected ({want[0]}, images, {want[1]}, {want[2]})")
-        caches = jax.tree.map(lambda *a: jnp.stack(a).reshape(len(contexts), 3, *a[0].shape),
-                              *[c.cache for triple in contexts for c in triple])
-        ropes = jnp.asarray([[c.rope for c in triple] for triple in contexts], jnp.int32)
+        img_is_cond = all(triple[2] is triple[0] for triple in contexts)
+        kept = 2 if img_is_cond else 3  # (the image-uncond cache, the cond one again, is not stacked)
+        caches = jax.tree.map(lambda *a: jnp.stack(a).reshape(len(contexts), kept, *a[0].shape),
+                              *[c.cache for triple in contexts for c in triple[:kept]])
+        ropes = jnp.asarray([[c.rope for c in triple[:kept]] for triple in contexts], jnp.int32)
         lat_pos = self._latent_pos(h, w)
         ts = timestep_schedule(num_timesteps, timestep_shift)
         vels = []
@@ -231,10 +235,10 @@ class Inferencer:
             active = cfg_interval[0] < t <= cfg_interval[1]
             s_txt = float(cfg_text_scale) if active else 1.0
             s_img = float(cfg_img_scale) if active else 1.0
-            nb = 1 if s_txt <= 1.0 else (3 if s_img > 1.0 else 2)
+            nb = 1 if s_txt <= 1.0 else (3 if s_img > 1.0 and not img_is_cond else 2)
             v = _guided_velocity(self.graphdef, self.state, jax.tree.map(lambda a: a[:, :nb], caches),
                                  ropes[:, :nb], x, jnp.float32(t), lat_pos, self.soi, self.eoi,
-                                 s_txt, s_img, cfg_renorm_type, float(cfg_renorm_min))
+                                 s_txt, s_img, cfg_renorm_type, float(cfg_renorm_min), img_is_cond)
             x = x - v * (ts[i] - ts[i + 1])
             if return_velocities:
                 vels.append(v)
@@ -321,9 +325,10 @@ class Inferencer:
         if think and system_prompt_ids is None:
             raise ValueError("think=True needs system_prompt_ids (the tokenized think system prompt)")
         gen = cfg_text = cfg_img = self.new_context()
+        # until an image comes, the image-uncond context is the cond one: the same object (computed once; the
+        # sampler then runs 2 branches, not 3 identical ones: `generate_image_latents`)
         if think:
-            gen = self.add_text(gen, system_prompt_ids)
-            cfg_img = self.add_text(cfg_img, system_prompt_ids)
+            gen = cfg_img = self.add_text(gen, system_prompt_ids)
         for item in inputs:
             if isinstance(item, Image.Image):
                 item = self.vae_transform.resize(item)
@@ -333,9 +338,9 @@ class Inferencer:
                 image_shapes = (item.size[1], item.size[0])
                 cfg_text = gen
             elif isinstance(item, (list, tuple, np.ndarray)):
-                cfg_text = gen
+                cfg_text, same = gen, cfg_img is gen
                 gen = self.add_text(gen, item)
-                cfg_img = self.add_text(cfg_img, item)
+                cfg_img = gen if same else self.add_text(cfg_img, item)
             else:
                 raise TypeError(f"unsupported input {type(item).__name__}: expected token ids or a PIL image")
         out: dict[str, Any] = dict(gen=gen, cfg_text=cfg_text, cfg_img=cfg_img, image_shapes=tuple(image_shapes))
@@ -415,11 +420,13 @@ def _append_vae(graphdef, state, cache, tokens, lat_pos, rope, kv_len, split, so
     return _append_block(model, cache, x, meta, 2, rope, kv_len, gen_mode=True)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11, 12))
-def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, s_txt, s_img, renorm_type, renorm_min):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11, 12, 13))
+def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, s_txt, s_img, renorm_type, renorm_min,
+                     img_is_cond=False):
     """x_t [requests, images, N, C] -> guided velocity, same shape. Per request, its CFG branches
     (cond / text-uncond / image-uncond: caches [requests, branches, ...]) and its images run batched
-    (vmap) over that request's context caches."""
+    (vmap) over that request's context caches. `img_is_cond`: the image-uncond context is the cond one (its
+    velocity is the cond velocity; caches hold 2 branches)."""
     model = nnx.merge(graphdef, state)
 
     def one_image(x, caches, ropes):
@@ -433,7 +440,8 @@ def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, 
 
         v = jax.vmap(branch)(caches, ropes)
         nb = v.shape[0]
-        return cfg_combine(v[0], v[1] if nb > 1 else None, v[2] if nb > 2 else None, text_scale=s_txt,
+        v_img = v[0] if img_is_cond else v[2] if nb > 2 else None
+        return cfg_combine(v[0], v[1] if nb > 1 else None, v_img, text_scale=s_txt,
                            img_scale=s_img, renorm_type=renorm_type, renorm_min=renorm_min)
 
     one_request = jax.vmap(one_image, in_axes=(0, None, None))  # images of one request share its caches

@@ -284,3 +284,40 @@ def test_understanding_text(golden_dir, inferencer):
     kw = npz_json(d["kwargs_json"])
     out = inferencer.interleave_inference(_inputs(d), **kw)
     assert out["text_ids"] == d["text_ids"].tolist()
+
+
+def test_text_to_image_runs_two_cfg_branches_for_the_official_three(golden_dir, inferencer, monkeypatch):
+    """With no input image, the official image-uncond context is the cond one (the same text): it is built once
+    (the same object) and the sampler runs 2 branches, taking the cond velocity for the image-uncond one. The
+    velocities equal those of the 3 branches the official runs (a copy of the cond context as the third), here
+    with an image scale > 1 (the golden t2i case has none); with an input image, or a thinking turn appended to
+    the cond context, 3 distinct contexts remain."""
+    import dataclasses
+
+    import echo4o_jax.inference as inference
+
+    d = load_npz(golden_dir / "t2i.npz")
+    kw = npz_json(d["kwargs_json"])
+    shape = tuple(kw.pop("image_shapes"))
+    kw.update(cfg_img_scale=1.5, cfg_interval=(0.0, 1.0))
+    ctx = inferencer.build_contexts(_inputs(d), image_shapes=shape)
+    assert ctx["cfg_img"] is ctx["gen"] and ctx["cfg_text"] is not ctx["gen"]
+    branches = []
+    real = inference._guided_velocity
+    monkeypatch.setattr(inference, "_guided_velocity", lambda g, s, caches, *a: (
+        branches.append(caches.k.shape[1]), real(g, s, caches, *a))[1])
+    noise = d["init_noise"]
+    _, two = inferencer.generate_image_latent(ctx["gen"], ctx["cfg_text"], ctx["cfg_img"], shape,
+                                              init_noise=noise, return_velocities=True, **kw)
+    assert set(branches) == {2}
+    branches.clear()
+    copy = dataclasses.replace(ctx["gen"])  # (another object: the sampler cannot tell it is the cond context)
+    _, three = inferencer.generate_image_latent(ctx["gen"], ctx["cfg_text"], copy, shape, init_noise=noise,
+                                                return_velocities=True, **kw)
+    assert set(branches) == {3}
+    np.testing.assert_array_equal(np.asarray(two), np.asarray(three))
+    m = load_npz(golden_dir / "multiref.npz")
+    ctx = inferencer.build_contexts(_inputs(m))
+    assert len({id(ctx[k]) for k in ("gen", "cfg_text", "cfg_img")}) == 3
+    ctx = inferencer.build_contexts(_inputs(d), think=True, system_prompt_ids=[1, 2, 3], max_think_token_n=3)
+    assert len({id(ctx[k]) for k in ("gen", "cfg_text", "cfg_img")}) == 3
