@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=1, help="images per request (batched)")
     ap.add_argument("--requests", type=int, default=3, help="requests of the same shape, >= 2: the first "
                                                             "compiles, the later ones are timed")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                    help="default: generate's (bfloat16 on a GPU / TPU, float32 on the CPU)")
     args = ap.parse_args(argv)
     if args.requests < 2:
         ap.error(f"--requests {args.requests}: at least 2 (the first request compiles; per-request figures "
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         return 2
     later = times[1:]
     res = dict(backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind, ckpt=str(gen.ckpt),
-               size=size, steps=steps, dtype=args.dtype, images_per_request=args.images,
+               size=size, steps=steps, dtype=gen.dtype, images_per_request=args.images,
                first_request_seconds=times[0], timed_requests=len(later),
                seconds_per_request=sum(later) / len(later), seconds_per_image=sum(later) / len(later) / args.images,
                sampler_compilations=inference._guided_velocity._cache_size(),

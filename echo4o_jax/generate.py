@@ -87,7 +87,7 @@ import numpy as np
 from .interrupts import exit_process, keep_ctrl_c
 from .jsonl import jsonl_lines, valid_unicode
 from .paths import file_sha256, pid_running
-from .sampling_defaults import DEFAULT_DTYPE, DEFAULT_SIZE, SETTING_FLAGS, TaskDefaults, task_defaults
+from .sampling_defaults import DEFAULT_SIZE, SETTING_FLAGS, TaskDefaults, default_dtype, task_defaults
 
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
 DEMO_PROMPT_IDS = [13, 60, 2, 38, 77, 23, 87, 59, 101]
@@ -290,7 +290,7 @@ class Generator:
     `step`: a training workdir's checkpoint step (None: its latest, resolved now: a checkpoint the training
     saves meanwhile is not picked up); `identity` (checkpoint_identity) says which weights these are."""
 
-    def __init__(self, ckpt: str | pathlib.Path, *, step: int | None = None, dtype: str = DEFAULT_DTYPE,
+    def __init__(self, ckpt: str | pathlib.Path, *, step: int | None = None, dtype: str | None = None,
                  max_context: int = 0,
                  demo: bool = False, vae_transform: tuple[int, int] | None = None,
                  vit_transform: tuple[int, int] | None = None, mesh: tuple[int, int, int] | None = None,
@@ -301,7 +301,7 @@ class Generator:
         from .image_transform import ImageTransform, valid_sides
 
         self.ckpt = pathlib.Path(ckpt)
-        self.dtype = dtype
+        self.dtype = dtype = dtype or default_dtype()
         self.mesh = None
         self.inf = None
         if not self.ckpt.exists():
@@ -661,6 +661,7 @@ def get_generator(ckpt, **kw) -> Generator:
     per call: a checkpoint saved since gives another Generator."""
     ident = checkpoint_identity(ckpt, kw.pop("step", None))
     kw["step"] = ident["ckpt_step"]
+    kw["dtype"] = kw.get("dtype") or default_dtype()  # (the default named or not: one Generator)
     key = (ident["ckpt"], json.dumps(ident["ckpt_weights"]), tuple(sorted(kw.items())))
     if key not in _GENERATORS:
         _GENERATORS[key] = Generator(ckpt, load_weights=False, **kw)
@@ -1208,7 +1209,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"length limit of the --understand answer / the --think text (default "
                         f"{DEFAULT_MAX_NEW_TOKENS}; batch mode: of think requests without their own max_new_tokens)")
     p.add_argument("--max-context", type=int, default=0, help="KV-cache capacity in tokens (default 8192)")
-    p.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE)
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights' and compute dtype (default: bfloat16 on a GPU / TPU, as the official inference; "
+                        "float32 on the CPU)")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard the parameters over a device mesh, e.g. 1,-1,1 (FSDP over all devices)")
     p.add_argument("--vae-transform", type=int, nargs=2, metavar=("MAX", "MIN"), default=None,

@@ -24,7 +24,17 @@ class TaskDefaults:
 T2I_DEFAULTS = TaskDefaults(4.0, 1.5, (0.4, 1.0), "global")
 EDIT_DEFAULTS = TaskDefaults(4.0, 2.0, (0.0, 1.0), "text_channel")
 DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
-DEFAULT_DTYPE = "float32"  # the weights' and compute dtype (generate --dtype, generate_batch's `dtype`)
+
+
+def default_dtype() -> str:
+    """The weights' and compute dtype of a generation that names none (generate --dtype, generate_batch's `dtype`,
+    eval.run): bfloat16 on a GPU / TPU, as the official inference (the 7B-MoT's 14B weights take 29 GB, where
+    float32's 58 GB leave an 80 GB GPU no room for a benchmark batch's KV caches, and run at TF32's half the bf16
+    rate); float32 on the CPU (bfloat16 matmuls are slow there; the golden recordings' tolerances are float32's)."""
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
 
 # How a GenerateError's advice names a setting: generate's CLI flag. Every generate message that names one of these
 # settings takes its flag from here, and eval.run (which sets them by --gen-arg or its own flags) maps these strings.
@@ -42,4 +52,4 @@ def default_settings(has_images: bool) -> dict[str, Any]:
     """The sampler settings and dtype a request with (or without) reference images gets when it names none,
     as JSON values (the interval a list)."""
     d = dataclasses.asdict(task_defaults(has_images))
-    return {**d, "cfg_interval": list(d["cfg_interval"]), "dtype": DEFAULT_DTYPE}
+    return {**d, "cfg_interval": list(d["cfg_interval"]), "dtype": default_dtype()}

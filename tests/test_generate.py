@@ -1088,3 +1088,18 @@ def test_a_full_disk_stops_the_batch_keeping_what_is_finished(gen, tmp_path, mon
     assert calls == [1]  # b only
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["a_0.png", "a_1.png", "b_0.png", "contact_sheet.png", "metadata.jsonl"] + kept)
+
+
+def test_the_default_dtype_is_bfloat16_on_accelerators_as_the_official_and_float32_on_the_cpu(golden_dir, no_weights,
+                                                                                          monkeypatch):
+    """A generation that names no dtype runs in bfloat16 on a GPU / TPU (the official inference's dtype; float32's
+    14B weights and caches did not fit an 80 GB GPU with a benchmark batch) and in float32 on the CPU; the dtype a
+    Generator records is the one it runs in, and naming the default is the same (cached) Generator."""
+    from echo4o_jax.sampling_defaults import default_settings
+
+    assert G.Generator(golden_dir, load_weights=False).dtype == "float32" == default_settings(False)["dtype"]
+    assert G.get_generator(golden_dir) is G.get_generator(golden_dir, dtype="float32")
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        assert G.Generator(golden_dir, load_weights=False).dtype == "bfloat16" == default_settings(True)["dtype"]
+        assert G.get_generator(golden_dir) is G.get_generator(golden_dir, dtype="bfloat16")
