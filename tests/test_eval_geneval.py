@@ -158,7 +158,7 @@ def test_results_of_another_layout_or_prompt_file_score_nothing(tmp_path):
     results = _write_results(tmp_path / "results.jsonl", foreign)
     doc = geneval.evaluate(items, ours, None, out, num_images=1, detector_results=results)
     assert doc["summary"]["n_unscored"] == 2 and doc["summary"]["overall"] is None and not doc["complete"]
-    assert all("scored on another image" in p for p in doc["results_problems"])
+    assert len(doc["results_problems"]) == 2 and all("scored on another image" in p for p in doc["results_problems"])
     # another prompt file, a line twice, lines not in the evaluator's format: problems, never an exception
     geneval.evaluate(items, ours, None, out, num_images=1)
     rows = _official_walk(out / "layout", lambda p, m: True)

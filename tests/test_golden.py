@@ -198,9 +198,17 @@ def test_ce_loss_reweighting_uses_the_official_token_weights(train_case, loaded)
     assert abs(float(parts["loss_ce"]) - float(d["loss_ce"])) > 1e-3  # the weights change the CE here
 
 
-def test_gradients_match_official(golden_dir, train_case, loaded):
+@pytest.mark.parametrize("blocks", [None, (8, 8)])
+def test_gradients_match_official(golden_dir, train_case, loaded, blocks):
+    """Every trainable parameter's gradient == the official's. `blocks` (q, kv): small attention blocks, so that
+    the golden pack spans several of each (the default 512 block holds it whole): the blockwise backward's
+    block skipping and merging checked against the official gradients too."""
     d, batch, arrays, latents, x0, noise, out = train_case
     cfg, model, _ = loaded
+    if blocks is not None:
+        assert len(batch.order) > 2 * blocks[0]
+        cfg = cfg.replace(attention_block_q=blocks[0], attention_block_kv=blocks[1])
+        model = load_bagel(golden_dir, cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
