@@ -407,3 +407,40 @@ def test_freeze_und_detaches_understanding_paths_as_the_official(golden_dir):
         assert diff > 1e-6 * norm(g_no_ce["llm"]["gen"])
     else:  # one layer: the und tokens' outputs (the only detached path from gen weights to the MSE) feed nothing
         assert diff <= 1e-10 * norm(g_no_ce["llm"]["gen"])
+
+
+def _official_guidance(v, v_text, v_img, text_scale, img_scale, renorm_type, renorm_min):
+    """NumPy (float64) of the official sampler's guidance (`_forward_flow`, ByteDance-Seed/Bagel), one image's
+    velocities [tokens, channels]: the reference cfg_combine is checked against."""
+    if text_scale <= 1.0:
+        return v
+    norm = lambda x, channel: np.linalg.norm(x, axis=-1, keepdims=True) if channel else np.linalg.norm(x)
+    with_text = v_text + text_scale * (v - v_text)
+    if renorm_type == "text_channel":
+        with_text = with_text * np.clip(norm(v, True) / (norm(with_text, True) + 1e-8), renorm_min, 1.0)
+        return v_img + img_scale * (with_text - v_img) if img_scale > 1.0 else with_text
+    both = v_img + img_scale * (with_text - v_img) if img_scale > 1.0 else with_text
+    channel = renorm_type == "channel"
+    return both * np.clip(norm(v, channel) / (norm(both, channel) + 1e-8), renorm_min, 1.0)
+
+
+def test_cfg_combine_equals_the_official_guidance():
+    """Every renorm type (the golden sampler cases run `global` and `text_channel` only), with and without the
+    image branch, text scale <= 1 (no guidance), and a renorm_min that clamps."""
+    from echo4o_jax.inference import CFG_RENORM_TYPES, cfg_combine
+
+    rng = np.random.default_rng(0)
+    v, v_text, v_img = (rng.normal(size=(24, 16)) for _ in range(3))
+    clamped = 0
+    for renorm_type in CFG_RENORM_TYPES:
+        for text_scale, img_scale, renorm_min in [(4.0, 1.0, 0.0), (4.0, 2.0, 0.0), (4.0, 2.0, 0.9), (1.0, 2.0, 0.0),
+                                                  (0.5, 1.5, 0.5)]:
+            want = _official_guidance(v, v_text, v_img, text_scale, img_scale, renorm_type, renorm_min)
+            got = cfg_combine(*(jnp.asarray(x, jnp.float32) for x in (v, v_text, v_img)), text_scale=text_scale,
+                              img_scale=img_scale, renorm_type=renorm_type, renorm_min=renorm_min)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{renorm_type} {text_scale} {img_scale} {renorm_min}")
+            if renorm_min and text_scale > 1.0:  # the clamp at renorm_min acts (else 0.9 would test nothing)
+                unclamped = _official_guidance(v, v_text, v_img, text_scale, img_scale, renorm_type, 0.0)
+                clamped += not np.allclose(want, unclamped)
+    assert clamped == len(CFG_RENORM_TYPES)
