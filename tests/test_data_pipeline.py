@@ -46,15 +46,22 @@ from echo4o_jax.packing import (
     to_official,
 )
 
-VAE_T = ImageTransform(64, 16, 16)
-VIT_T = ImageTransform(56, 14, 14)
+# These tests pack for the bundled tiny model (DEFAULT_GOLDEN, not parametrised over golden folders); the numbers
+# that must match it are read from its config (bagel_tiny_a's in brackets).
+_MODEL = BagelConfig.from_checkpoint_dir(DEFAULT_GOLDEN)
+_ST = _MODEL.special_tokens
+SPECIALS = (_ST.bos_token_id, _ST.eos_token_id, _ST.start_of_image, _ST.end_of_image)  # (150, 151, 152, 153)
+N_WORDS = min(SPECIALS)  # word ids w0 .. below the special tokens (150)
+_DS, _P = _MODEL.latent_downsample, _MODEL.vit.patch_size  # (16, 14)
+VAE_T = ImageTransform(4 * _DS, _DS, _DS)  # (64, 16, 16): 4 of the latent table's 8 positions per side
+VIT_T = ImageTransform(4 * _P, _P, _P)  # (56, 14, 14)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _tokenizer_json(path, n_words=150, specials=(150, 151, 152, 153)):
+def _tokenizer_json(path, n_words=N_WORDS, specials=SPECIALS):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {f"w{i}": i for i in range(n_words)}
@@ -78,7 +85,7 @@ def _rand_png(rng, w, h):
 
 
 def _words(rng, n):
-    return " ".join(f"w{int(i)}" for i in rng.integers(0, 150, n))
+    return " ".join(f"w{int(i)}" for i in rng.integers(0, N_WORDS, n))
 
 
 def _write_dataset(d, n, seed, *, prefix="r", huge=(), corrupt=(), sizes=(16, 32, 48, 64), append=False):
@@ -179,7 +186,7 @@ def _run(pipe, n, state=None):
 
 
 def _assert_same(x, y):
-    assert len(x) == len(y)
+    assert len(x) == len(y) > 0
     for (ba, sa), (bb, sb) in zip(x, y):
         assert sa["sample_ids"] == sb["sample_ids"]
         for k in ba:
@@ -702,10 +709,11 @@ def test_overlong_and_corrupt_samples_counted(data, model_cfg):
 
 
 def test_config_checks(data, model_cfg, tmp_path):
+    ds, m = model_cfg.latent_downsample, model_cfg.max_latent_size
     with pytest.raises(ValueError, match="stride"):
-        DataPipeline(_cfg(data, vae_transform=ImageTransform(64, 16, 8)), model_cfg)
-    with pytest.raises(ValueError, match="latent positions"):
-        DataPipeline(_cfg(data, vae_transform=ImageTransform(256, 16, 16)), model_cfg)
+        DataPipeline(_cfg(data, vae_transform=ImageTransform(4 * ds, ds, ds // 2)), model_cfg)
+    with pytest.raises(ValueError, match="latent positions"):  # twice the latent table's side (256 px)
+        DataPipeline(_cfg(data, vae_transform=ImageTransform(2 * m * ds, ds, ds)), model_cfg)
     other = model_cfg.replace(special_tokens=SpecialTokens(1, 2, 3, 4))
     with pytest.raises(ValueError, match="<|im_start|>"):
         DataPipeline(_cfg(data), other)
@@ -1002,13 +1010,14 @@ def test_pack_stats_command_reports_bad_input_in_one_line(tmp_path):
         f"error: bad config: data (records): data.records.root is not set, and dataset 'surreal' is not in the "
         f"current folder {ROOT}: set --config.data.records.root=<the folder holding the datasets>")
     assert one_error_line(cmd(_config(good, tok, records=dict(datasets=[dict(path=good, weight=1.0)],
-                                                              vae_transform=(1024, 512, 16))))) == (
-        "error: bad config: data (records): dataset ds: VAE max_size 1024 exceeds the model's 8 latent positions "
-        "per side")
-    other = _tokenizer_json(tmp_path / "other.json", n_words=100, specials=(100, 101, 102, 103))
+                                                              vae_transform=(1024, 512, _DS))))) == (
+        "error: bad config: data (records): dataset ds: VAE max_size 1024 exceeds the model's "
+        f"{_MODEL.max_latent_size} latent positions per side")
+    ids = tuple(i - 50 for i in SPECIALS)  # other special-token ids (100, 101, 102, 103)
+    other = _tokenizer_json(tmp_path / "other.json", n_words=min(ids), specials=ids)
     assert one_error_line(cmd(_config(good, other))) == (
-        f"error: bad config: data (records): tokenizer {other}: <|im_start|> has id 100, the model config says "
-        "bos_token_id=150")
+        f"error: bad config: data (records): tokenizer {other}: <|im_start|> has id {ids[0]}, the model config says "
+        f"bos_token_id={_ST.bos_token_id}")
     part = _failed_dataset(tmp_path / "part")
     assert one_error_line(cmd(_config(part, tok))).startswith(
         f"error: dataset part: {part}/manifest.json says the dataset is incomplete (error: 2 samples failed")
@@ -1064,7 +1073,7 @@ def test_state_of_another_tokenizer_is_refused_and_a_moved_copy_resumes(data, mo
 
     c = _cfg(data)
     ref, state = _run(DataPipeline(c, model_cfg), 2)
-    other = _tokenizer_json(tmp_path / "other.json", n_words=149)  # (the same special tokens)
+    other = _tokenizer_json(tmp_path / "other.json", n_words=N_WORDS - 1)  # (the same special tokens)
     pipe = DataPipeline(dataclasses.replace(c, tokenizer=other), model_cfg)
     for resume in (pipe.iterator, lambda st: pipe.resharded_state([st])):
         with pytest.raises(DataContentsError, match=rf"the tokenizer {re.escape(other)} is not the one the iterator "

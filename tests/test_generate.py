@@ -12,6 +12,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import types
 
 import jax
 import numpy as np
@@ -35,6 +36,26 @@ def gen(golden_dir):
     g.inf.vae_transform = ImageTransform(HUGE, 1, g.cfg.latent_downsample, HUGE)
     g.inf.vit_transform = ImageTransform(HUGE, 1, g.cfg.vit.patch_size, HUGE)
     return g
+
+
+def _sizes(cfg):
+    """The sizes the CLI / request tests use, read from the folder's config (bagel_tiny_a's in brackets): the
+    latent stride `ds` (16), an output side of 2 latent tokens `side` (32: `size` [32, 32] as a request gives it,
+    `hw` 32x32 as --size does), `other` output size of 2x3 latent tokens ([32, 48]), --vae-transform / --vit-transform
+    flags (64 16 / 98 14: `vae`, `vit`, `vae_flags`, `vit_flags`) whose resizes fit the latent / ViT tables, and
+    `und_hw` an input picture of 2x3 ViT patches (28x42)."""
+    ds, p = cfg.latent_downsample, cfg.vit.patch_size
+    side = 2 * ds
+    vae = (min(cfg.max_latent_size, 4) * ds, ds)
+    vit = (min(cfg.vit_max_num_patch_per_side, 7) * p, p)
+    return types.SimpleNamespace(ds=ds, p=p, side=side, size=[side, side], hw=f"{side}x{side}", other=[side, 3 * ds],
+                                 vae=vae, vit=vit, vae_flags=["--vae-transform", *map(str, vae)],
+                                 vit_flags=["--vit-transform", *map(str, vit)], und_hw=(2 * p, 3 * p))
+
+
+@pytest.fixture
+def sz(golden_dir):  # (per test: its lists are a request's own)
+    return _sizes(BagelConfig.from_checkpoint_dir(golden_dir))
 
 
 def _golden_request(d):
@@ -68,41 +89,41 @@ def test_generator_understanding_reproduces_golden(golden_dir, gen):
     assert [gen.cfg.special_tokens.bos_token_id, *out["answer_ids"]] == d["text_ids"].tolist()
 
 
-def test_cli_end_to_end_writes_pngs(golden_dir, tmp_path):
-    rc = G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6,7,8", "--size", "32x32", "--steps", "3",
+def test_cli_end_to_end_writes_pngs(golden_dir, sz, tmp_path):
+    rc = G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6,7,8", "--size", sz.hw, "--steps", "3",
                  "--num-images", "2", "--seed", "3", "--out", str(tmp_path / "one"), "--max-context", "128"])
     assert rc == 0
     pngs = sorted((tmp_path / "one").glob("*.png"))
-    assert len(pngs) == 2 and all(np.asarray(Image.open(p)).shape == (32, 32, 3) for p in pngs)
+    assert len(pngs) == 2 and all(np.asarray(Image.open(p)).shape == (sz.side, sz.side, 3) for p in pngs)
     rec = json.loads((tmp_path / "one" / "generation.json").read_text())
     assert rec["settings"]["num_timesteps"] == 3 and rec["settings"]["cfg_renorm_type"] == "global"
 
     # understanding through the CLI
     img = tmp_path / "in.png"
-    Image.fromarray(np.full((28, 42, 3), 127, np.uint8)).save(img)
+    Image.fromarray(np.full((*sz.und_hw, 3), 127, np.uint8)).save(img)
     rc = G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--understand",
                  "--max-new-tokens", "3", "--out", str(tmp_path / "und"), "--max-context", "128",
-                 "--vae-transform", "64", "16", "--vit-transform", "98", "14"])
+                 *sz.vae_flags, *sz.vit_flags])
     assert rc == 0
     ans = json.loads((tmp_path / "und" / "answer.json").read_text())
     # what made the answer, as generation.json / metadata.jsonl keep it: weights, resizes, inputs by content
     assert "answer_ids" in ans and ans["prompt_ids"] == [5, 6] and ans["max_new_tokens"] == 3
     assert ans["ckpt"] == str(pathlib.Path(golden_dir).resolve()) and ans["images"] == [str(img.resolve())]
     assert ans["images_sha256"] == [hashlib.sha256(img.read_bytes()).hexdigest()]
-    assert (ans["vae_transform"]["max_size"], ans["vit_transform"]["max_size"]) == (64, 98)
-    rc = G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--size", "32x32",
+    assert (ans["vae_transform"]["max_size"], ans["vit_transform"]["max_size"]) == (sz.vae[0], sz.vit[0])
+    rc = G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--size", sz.hw,
                  "--steps", "2", "--out", str(tmp_path / "edit"), "--max-context", "128",
-                 "--vae-transform", "64", "16", "--vit-transform", "98", "14"])
+                 *sz.vae_flags, *sz.vit_flags])
     rec = json.loads((tmp_path / "edit" / "generation.json").read_text())
     assert rc == 0 and rec["images_sha256"] == ans["images_sha256"] and rec["images"] == ans["images"]
     assert (rec["vae_transform"], rec["vit_transform"], rec["num_images"]) == (ans["vae_transform"],
                                                                                ans["vit_transform"], 1)
 
 
-def test_batch_mode_resumes_and_compiles_once_per_shape(golden_dir, gen, tmp_path, monkeypatch):
-    reqs = [dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=2),
-            dict(id="b", prompt_ids=[4, 5, 6, 7, 8, 9, 10], size=[32, 32], seed=1, num_images=2),
-            dict(id="c", prompt_ids=[11], size=[32, 32], seed=2, num_images=2)]
+def test_batch_mode_resumes_and_compiles_once_per_shape(golden_dir, gen, sz, tmp_path, monkeypatch):
+    reqs = [dict(id="a", prompt_ids=[1, 2, 3], size=sz.size, seed=0, num_images=2),
+            dict(id="b", prompt_ids=[4, 5, 6, 7, 8, 9, 10], size=sz.size, seed=1, num_images=2),
+            dict(id="c", prompt_ids=[11], size=sz.size, seed=2, num_images=2)]
     fast = dict(num_timesteps=3)
     G.run_requests(gen, reqs[:1], tmp_path, overrides=fast, progress=False)
     n_vel = inference._guided_velocity._cache_size()
@@ -170,18 +191,18 @@ def test_batch_reads_and_resizes_each_input_image_once(gen, tmp_path, monkeypatc
     assert sorted(opened) == ["p.png", "p.png", "q.png"] and resized == []
 
 
-def test_check_sizes_and_batch_key_come_from_the_checked_request(gen, tmp_path):
+def test_check_sizes_and_batch_key_come_from_the_checked_request(gen, sz, tmp_path):
     # the checks' resized sizes equal the transforms' own (no pixel resampled for them)
     for t in [ImageTransform.vae_default(), ImageTransform.vit_default(), ImageTransform(64, 16, 16),
               ImageTransform(98, 14, 14), ImageTransform(500, 500, 16), ImageTransform(1024, 512, 16, 300 * 300)]:
         for size in [(40, 24), (24, 40), (1000, 300), (7, 513), (512, 512)]:
             assert G._resized_size(t, size) == t.resize(Image.new("RGB", size)).size, (t, size)
     over = dict(num_timesteps=3)
-    a = gen.check_request(dict(prompt_ids=[1, 2], size=[32, 32], seed=4), over)
-    b = gen.check_request(dict(prompt_ids=[3], size=[32, 32], seed=5, sampler={"cfg_renorm_min": 0.0}), over)
-    c = gen.check_request(dict(prompt_ids=[3], size=[32, 32], num_images=2), over)
-    d = gen.check_request(dict(prompt_ids=[3], size=[32, 32], sampler={"num_timesteps": 4}), over)
-    e = gen.check_request(dict(prompt_ids=[3], images=[Image.new("RGB", (32, 32))]), over)
+    a = gen.check_request(dict(prompt_ids=[1, 2], size=sz.size, seed=4), over)
+    b = gen.check_request(dict(prompt_ids=[3], size=sz.size, seed=5, sampler={"cfg_renorm_min": 0.0}), over)
+    c = gen.check_request(dict(prompt_ids=[3], size=sz.size, num_images=2), over)
+    d = gen.check_request(dict(prompt_ids=[3], size=sz.size, sampler={"num_timesteps": 4}), over)
+    e = gen.check_request(dict(prompt_ids=[3], images=[Image.new("RGB", (sz.side, sz.side))]), over)
     ds = gen.cfg.latent_downsample
     w, h = 5 * ds // 2, 3 * ds // 2  # 40x24 for a stride of 16: VAE-resized to 32x32
     Image.new("RGB", (w, h)).save(tmp_path / "p.png")
@@ -191,7 +212,7 @@ def test_check_sizes_and_batch_key_come_from_the_checked_request(gen, tmp_path):
     with pytest.raises(G.GenerateError, match=rf"p.png: {h}x{w} now, {w}x{h} when the request was checked"):
         gen.generate_prepared(f)
     keys = [G.Generator.batch_key(r) for r in (a, b, c, d, e)]
-    assert keys[0] == keys[1] == ((32, 32), 1, tuple(sorted(gen.sampler_settings(False, over).items())))
+    assert keys[0] == keys[1] == ((sz.side, sz.side), 1, tuple(sorted(gen.sampler_settings(False, over).items())))
     assert len({keys[0], keys[2], keys[3]}) == 3 and keys[4] is None
 
 
@@ -218,8 +239,8 @@ def _dying_save(monkeypatch):
     monkeypatch.setattr(Image.Image, "save", save)
 
 
-def test_kill_mid_save_leaves_no_truncated_png(gen, tmp_path, monkeypatch):
-    req = dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=1)
+def test_kill_mid_save_leaves_no_truncated_png(gen, sz, tmp_path, monkeypatch):
+    req = dict(id="a", prompt_ids=[1, 2, 3], size=sz.size, seed=0, num_images=1)
     fast = dict(num_timesteps=3)
     with monkeypatch.context() as m:
         _dying_save(m)
@@ -237,9 +258,9 @@ def test_kill_mid_save_leaves_no_truncated_png(gen, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_0.png", "contact_sheet.png", "metadata.jsonl"]
 
 
-def test_resume_regenerates_truncated_png_and_cut_metadata(gen, tmp_path, monkeypatch, capsys):
-    reqs = [dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=2),
-            dict(id="b", prompt_ids=[4, 5], size=[32, 32], seed=1, num_images=1)]
+def test_resume_regenerates_truncated_png_and_cut_metadata(gen, sz, tmp_path, monkeypatch, capsys):
+    reqs = [dict(id="a", prompt_ids=[1, 2, 3], size=sz.size, seed=0, num_images=2),
+            dict(id="b", prompt_ids=[4, 5], size=sz.size, seed=1, num_images=1)]
     fast = dict(num_timesteps=3)
     G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
     good = np.asarray(Image.open(tmp_path / "a_1.png"))
@@ -272,17 +293,17 @@ def test_resume_regenerates_truncated_png_and_cut_metadata(gen, tmp_path, monkey
         G.run_requests(gen, reqs, tmp_path, overrides=fast, progress=False)
 
 
-def test_resume_refuses_a_finished_request_made_otherwise(golden_dir, gen, tmp_path, monkeypatch, capsys):
+def test_resume_refuses_a_finished_request_made_otherwise(golden_dir, gen, sz, tmp_path, monkeypatch, capsys):
     """metadata.jsonl records what made each finished request (checkpoint, prompt, seed, size, sampler ...);
     a request that asks for other pictures under the same id is refused, naming what differs, before anything
     is generated, instead of being skipped and its old images passed off as its own."""
-    req = dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=1)
+    req = dict(id="a", prompt_ids=[1, 2, 3], size=sz.size, seed=0, num_images=1)
     fast = dict(num_timesteps=3)
     G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
     meta = tmp_path / "metadata.jsonl"
     rec = json.loads(meta.read_text())
     assert (rec["ckpt"], rec["prompt_ids"], rec["seed"], rec["size"], rec["think"]) == (
-        str(golden_dir.resolve()), [1, 2, 3], 0, [32, 32], False)
+        str(golden_dir.resolve()), [1, 2, 3], 0, sz.size, False)
     before = (tmp_path / "a_0.png").read_bytes()
     calls = []
     real = gen.generate_prepared
@@ -291,7 +312,7 @@ def test_resume_refuses_a_finished_request_made_otherwise(golden_dir, gen, tmp_p
     assert calls == []
     for changed, over, what in [(dict(req, seed=1), fast, "seed 0 -> 1"),
                                 (dict(req, prompt_ids=[1, 2, 4]), fast, "prompt_ids [1, 2, 3] -> [1, 2, 4]"),
-                                (dict(req, size=[32, 48]), fast, "size [32, 32] -> [32, 48]"),
+                                (dict(req, size=sz.other), fast, f"size {sz.size} -> {sz.other}"),
                                 (req, dict(num_timesteps=4), "settings.num_timesteps 3 -> 4")]:
         with pytest.raises(G.GenerateError, match=r"metadata.jsonl says 1 finished request\(s\) were generated "
                                                   r"otherwise, e.g. request 1 \(id=a\): .*" + re.escape(what)):
@@ -313,7 +334,7 @@ def test_resume_refuses_a_finished_request_made_otherwise(golden_dir, gen, tmp_p
     seen = []
     monkeypatch.setattr(G, "run_requests", lambda *a, **kw: kw["counts"].update(generated=0)
                         or seen.append(kw["regenerate"]) or [])
-    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=[32, 32])])
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=sz.size)])
     assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(tmp_path / "o"), "--regenerate"]) == 0
     assert seen == [True]
     capsys.readouterr()
@@ -351,24 +372,24 @@ from echo4o_jax import generate as G
 g = G.Generator(sys.argv[1], max_context=128, mesh=(1, 2, 2))
 leaves = [x for x in __import__("jax").tree.leaves(__import__("flax").nnx.state(g.model))]
 n_sharded = sum(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated for x in leaves)
-out = g.generate(prompt_ids=[5, 6, 7], size=(32, 32), seed=1, num_images=1, num_timesteps=3)
+out = g.generate(prompt_ids=[5, 6, 7], size=(int(sys.argv[3]),) * 2, seed=1, num_images=1, num_timesteps=3)
 np.save(sys.argv[2], out["images"][0])
 print(n_sharded)
 """
 
 
 @pytest.mark.slow
-def test_generation_with_params_sharded_over_a_mesh(golden_dir, gen, tmp_path):
+def test_generation_with_params_sharded_over_a_mesh(golden_dir, gen, sz, tmp_path):
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", _MESH_GEN, str(golden_dir), str(tmp_path / "img.npy")], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", _MESH_GEN, str(golden_dir), str(tmp_path / "img.npy"), str(sz.side)],
+                       env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.strip().splitlines()[-1]) > 0  # parameters really are sharded
-    ref = G.Generator(golden_dir, max_context=128).generate(prompt_ids=[5, 6, 7], size=(32, 32), seed=1,
+    ref = G.Generator(golden_dir, max_context=128).generate(prompt_ids=[5, 6, 7], size=(sz.side, sz.side), seed=1,
                                                             num_images=1, num_timesteps=3)["images"][0]
     assert_uint8_close(np.load(tmp_path / "img.npy"), ref)
 
@@ -379,11 +400,11 @@ def _write_jsonl(path, rows):
     return path
 
 
-def test_duplicate_request_ids_are_refused(golden_dir, gen, tmp_path):
+def test_duplicate_request_ids_are_refused(golden_dir, gen, sz, tmp_path):
     # the audit's file: two lines with id "a" (64x64, then 32x32) used to leave one a_0.png and two records
-    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1, 2], size=[64, 64]),
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1, 2], size=[2 * sz.side, 2 * sz.side]),
                                                dict(id="b", prompt_ids=[3]),
-                                               dict(id="a", prompt_ids=[4, 5], size=[32, 32])])
+                                               dict(id="a", prompt_ids=[4, 5], size=sz.size)])
     with pytest.raises(G.GenerateError, match=r"reqs.jsonl:3: id 'a' is already used by .*reqs.jsonl:1\b"):
         G.read_requests(f)
     # a default id (the line number) clashing with an explicit one
@@ -395,15 +416,15 @@ def test_duplicate_request_ids_are_refused(golden_dir, gen, tmp_path):
     with pytest.raises(G.GenerateError, match=r"reqs3.jsonl:1: id '../x' cannot name a file"):
         G.read_requests(f)
     # the API (eval's generate_batch) too: nothing generated, nothing written
-    reqs = [dict(id="a", prompt_ids=[1], size=[32, 32]), dict(id="a", prompt_ids=[2], size=[32, 32])]
+    reqs = [dict(id="a", prompt_ids=[1], size=sz.size), dict(id="a", prompt_ids=[2], size=sz.size)]
     with pytest.raises(G.GenerateError, match=r"request 2: id 'a' is already used by request 1"):
         G.run_requests(gen, reqs, tmp_path / "out", progress=False)
     with pytest.raises(G.GenerateError, match=r"request 1: id 'a\\ud800' cannot name a file .*lone surrogate"):
-        G.run_requests(gen, [dict(id="a\ud800", prompt_ids=[1], size=[32, 32])], tmp_path / "out", progress=False)
+        G.run_requests(gen, [dict(id="a\ud800", prompt_ids=[1], size=sz.size)], tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_request_file_fails_before_the_weights_load(golden_dir, tmp_path, monkeypatch, capsys):
+def test_bad_request_file_fails_before_the_weights_load(golden_dir, sz, tmp_path, monkeypatch, capsys):
     """Per-request errors name FILE:LINE (id=...); every request is checked before the weights load and
     before --out is created; relative image paths are read from the JSONL file's folder."""
     monkeypatch.setattr(G, "_GENERATORS", {})
@@ -413,11 +434,12 @@ def test_bad_request_file_fails_before_the_weights_load(golden_dir, tmp_path, mo
 
     monkeypatch.setattr(G.Generator, "load_weights", no_weights)
     monkeypatch.chdir(tmp_path)  # relative image paths must not be read from here
-    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "ref.png")  # the CWD's, not the file's
+    pix = (sz.side, sz.side, 3)
+    Image.fromarray(np.full(pix, 200, np.uint8)).save(tmp_path / "ref.png")  # the CWD's, not the file's
     sub = tmp_path / "sub"
     sub.mkdir()
-    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(sub / "here.png")
-    good = [dict(id="a", prompt_ids=[1, 2], size=[32, 32]), dict(id="e", prompt_ids=[1], images=["here.png"])]
+    Image.fromarray(np.full(pix, 90, np.uint8)).save(sub / "here.png")
+    good = [dict(id="a", prompt_ids=[1, 2], size=sz.size), dict(id="e", prompt_ids=[1], images=["here.png"])]
     out = tmp_path / "out"
     cfg = BagelConfig.from_checkpoint_dir(golden_dir)
     side = cfg.max_latent_size * cfg.latent_downsample  # the largest output the latent position table allows
@@ -441,7 +463,7 @@ def test_bad_request_file_fails_before_the_weights_load(golden_dir, tmp_path, mo
         f = _write_jsonl(sub / "reqs.jsonl", [good[0], good[1], bad])
         capsys.readouterr()
         assert G.main(["--ckpt", str(golden_dir), "--prompts", "sub/reqs.jsonl", "--out", str(out),
-                       "--vae-transform", "64", "16", "--vit-transform", "98", "14"]) == 2
+                       *sz.vae_flags, *sz.vit_flags]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err
         assert re.search(msg, err[0]), (msg, err[0])
@@ -449,12 +471,12 @@ def test_bad_request_file_fails_before_the_weights_load(golden_dir, tmp_path, mo
     # the good lines pass every check (here.png read from the file's folder) without the weights
     reqs = G.read_requests(f)
     assert reqs[1]["images"] == [str(sub / "here.png")] == G.read_requests("sub/reqs.jsonl")[1]["images"]
-    lazy = G.get_generator(golden_dir, vae_transform=(64, 16), vit_transform=(98, 14))
+    lazy = G.get_generator(golden_dir, vae_transform=sz.vae, vit_transform=sz.vit)
     for r in reqs[:2]:
         lazy.check_request(r)
     assert lazy.inf is None
     # per-request flags would be ignored in batch mode: refused
-    assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--size", "32x32", "--out", str(out)]) == 2
+    assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--size", sz.hw, "--out", str(out)]) == 2
     assert "--size would be ignored" in capsys.readouterr().err and not out.exists()
 
 
@@ -567,22 +589,22 @@ def workdir(gen, tmp_path_factory):
     return d
 
 
-def test_checkpoint_given_relative_to_the_working_directory(workdir, tmp_path, monkeypatch):
+def test_checkpoint_given_relative_to_the_working_directory(workdir, sz, tmp_path, monkeypatch):
     """`--ckpt runs/echo4o` as the README writes it: Orbax (tensorstore) refuses relative checkpoint paths, so the
     loaders make every path absolute (a relative workdir used to end in a traceback)."""
     monkeypatch.setattr(G, "_GENERATORS", {})
     monkeypatch.chdir(workdir.parent)
     out = tmp_path / "rel"
-    assert G.main(["--ckpt", workdir.name, "--prompt-ids", "1,2", "--size", "32x32", "--steps", "2",
+    assert G.main(["--ckpt", workdir.name, "--prompt-ids", "1,2", "--size", sz.hw, "--steps", "2",
                    "--max-context", "128", "--out", str(out)]) == 0
     rec = json.loads((out / "generation.json").read_text())
     assert (rec["ckpt"], rec["ckpt_step"]) == (str(workdir.resolve()), 4)
     assert G.checkpoint_identity(workdir.name) == G.checkpoint_identity(workdir)
 
 
-def test_workdir_step_is_recorded_and_a_newer_step_is_refused(golden_dir, workdir, tmp_path, monkeypatch, capsys):
+def test_workdir_step_is_recorded_and_a_newer_step_is_refused(golden_dir, workdir, sz, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(G, "_GENERATORS", {})
-    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1, 2], size=[32, 32])])
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1, 2], size=sz.size)])
     out = tmp_path / "out"
     argv = ["--ckpt", str(workdir), "--prompts", str(f), "--out", str(out), "--steps", "2", "--max-context", "128"]
     assert G.main(argv) == 0
@@ -597,7 +619,7 @@ def test_workdir_step_is_recorded_and_a_newer_step_is_refused(golden_dir, workdi
         err = _one_error(capsys, argv + ["--step", "5"])
         assert err == f"error: --step: {workdir}: no checkpoint for step 5 (available: [4, 6])", err
         # single mode records the step too
-        assert G.main(["--ckpt", str(workdir), "--prompt-ids", "1,2", "--size", "32x32", "--steps", "2",
+        assert G.main(["--ckpt", str(workdir), "--prompt-ids", "1,2", "--size", sz.hw, "--steps", "2",
                        "--max-context", "128", "--out", str(tmp_path / "one")]) == 0
         assert json.loads((tmp_path / "one" / "generation.json").read_text())["ckpt_step"] == 6
     finally:
@@ -612,11 +634,11 @@ def test_workdir_step_is_recorded_and_a_newer_step_is_refused(golden_dir, workdi
     assert ident["ckpt_step"] is None and ident["ckpt_weights"]["ema.safetensors"] == [st.st_size, st.st_mtime_ns]
 
 
-def test_bad_values_in_a_request_file_are_refused_up_front(golden_dir, tmp_path, no_weights, capsys):
+def test_bad_values_in_a_request_file_are_refused_up_front(golden_dir, sz, tmp_path, no_weights, capsys):
     """Sampler values, unknown keys, empty prompts, prompt and prompt_ids both, ids too long for a file name,
     max_new_tokens without think: FILE:LINE (id=...) before the weights load, --out not created."""
     out = tmp_path / "out"
-    good = dict(id="a", prompt_ids=[1, 2], size=[32, 32])
+    good = dict(id="a", prompt_ids=[1, 2], size=sz.size)
     cases = [
         (dict(id="b", prompt_ids=[3], sampler={"cfg_renorm_type": "bogus"}),
          r"reqs.jsonl:2 \(id=b\): cfg_renorm_type \(--cfg-renorm-type\) 'bogus': expected one of global, channel, "
@@ -654,11 +676,11 @@ def test_bad_values_in_a_request_file_are_refused_up_front(golden_dir, tmp_path,
         assert not out.exists()
 
 
-def test_bad_flags_are_refused_before_the_weights_load(golden_dir, tmp_path, no_weights, capsys):
+def test_bad_flags_are_refused_before_the_weights_load(golden_dir, sz, tmp_path, no_weights, capsys):
     img = tmp_path / "in.png"
-    Image.fromarray(np.full((32, 32, 3), 9, np.uint8)).save(img)
+    Image.fromarray(np.full((sz.side, sz.side, 3), 9, np.uint8)).save(img)
     (tmp_path / "afile").write_text("x")
-    base = ["--ckpt", str(golden_dir), "--prompt-ids", "1,2", "--size", "32x32"]
+    base = ["--ckpt", str(golden_dir), "--prompt-ids", "1,2", "--size", sz.hw]
     und = ["--ckpt", str(golden_dir), "--prompt-ids", "1,2", "--image", str(img), "--understand"]
     cases = [
         (base + ["--steps", "-1"], "error: num_timesteps (--steps) -1: must be at least 2"),
@@ -670,18 +692,18 @@ def test_bad_flags_are_refused_before_the_weights_load(golden_dir, tmp_path, no_
          f"error: --out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a folder"),
         (["--ckpt", str(golden_dir), "--prompts", str(img), "--out", str(tmp_path / "afile")],
          f"error: --out {tmp_path / 'afile'}: exists and is not a folder"),
-        (und + ["--size", "32x32", "--seed", "3", "--steps", "4", "--cfg-text-scale", "2"],
+        (und + ["--size", sz.hw, "--seed", "3", "--steps", "4", "--cfg-text-scale", "2"],
          "error: --size, --seed, --cfg-text-scale, --steps would be ignored by --understand"),
         (und + ["--num-images", "2"], "error: --num-images would be ignored by --understand"),
         (base + ["--max-new-tokens", "9"], "error: --max-new-tokens would be ignored without --think or --understand"),
-        (["--ckpt", str(golden_dir), "--prompt", "a cat", "--prompt-ids", "5,6,7", "--size", "32x32"],
+        (["--ckpt", str(golden_dir), "--prompt", "a cat", "--prompt-ids", "5,6,7", "--size", sz.hw],
          "error: both a prompt and prompt ids given"),
-        (["--ckpt", str(golden_dir), "--prompt", "", "--size", "32x32"], "error: prompt '' is empty"),
+        (["--ckpt", str(golden_dir), "--prompt", "", "--size", sz.hw], "error: prompt '' is empty"),
         (["--ckpt", str(golden_dir), "--prompt", "   ", "--image", str(img), "--understand"],
          "error: prompt '   ' is empty"),
         (base + ["--vae-transform", "64", "200"], "error: --vae-transform 64 200: expected MAX MIN with 0 < MIN <= MAX"),
         # a folder without tokenizer files (the golden one): which flag takes token ids
-        (["--ckpt", str(golden_dir), "--prompt", "a cat", "--size", "32x32"],
+        (["--ckpt", str(golden_dir), "--prompt", "a cat", "--size", sz.hw],
          f"error: {golden_dir} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): give token ids "
          "instead of text (--prompt-ids 1,2,3"),
     ]
@@ -689,7 +711,7 @@ def test_bad_flags_are_refused_before_the_weights_load(golden_dir, tmp_path, no_
         err = _one_error(capsys, argv + ([] if "--out" in argv else ["--out", str(tmp_path / "o")]))
         assert err.startswith(start), (start, err)
     assert not (tmp_path / "o").exists()
-    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=[32, 32])])
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=sz.size)])
     err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f), "--overwrite", "--out", str(tmp_path / "o")])
     assert err.startswith("error: --overwrite applies to single mode"), err
     err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f), "--max-new-tokens", "9",
@@ -697,10 +719,10 @@ def test_bad_flags_are_refused_before_the_weights_load(golden_dir, tmp_path, no_
     assert err.startswith("error: --max-new-tokens would be ignored: no request of"), err
 
 
-def test_single_mode_refuses_an_earlier_generation_unless_overwrite(golden_dir, tmp_path, monkeypatch, capsys):
+def test_single_mode_refuses_an_earlier_generation_unless_overwrite(golden_dir, sz, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(G, "_GENERATORS", {})
     out = tmp_path / "out"
-    run = ["--ckpt", str(golden_dir), "--size", "32x32", "--steps", "2", "--seed", "5", "--max-context", "128",
+    run = ["--ckpt", str(golden_dir), "--size", sz.hw, "--steps", "2", "--seed", "5", "--max-context", "128",
            "--out", str(out)]
     assert G.main(run + ["--prompt-ids", "1,2", "--num-images", "2"]) == 0
     (out / "notes.txt").write_text("mine")
@@ -737,21 +759,20 @@ def test_single_mode_refuses_an_earlier_generation_unless_overwrite(golden_dir, 
     err = _one_error(capsys, run[:-1] + [str(tmp_path / "batch"), "--prompt-ids", "3", "--overwrite"])
     assert err.endswith("holds a batch run (metadata.jsonl): use another --out"), err
     # and a single-mode folder is not a batch run's to resume in
-    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=[32, 32])])
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=sz.size)])
     err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(out)])
     assert err == f"error: --out {out} holds a single-mode generation (generation.json): use another --out for a " \
                   "batch run", err
 
 
-def test_batch_resumes_from_another_directory_with_its_contact_sheet(golden_dir, tmp_path, monkeypatch, capsys):
+def test_batch_resumes_from_another_directory_with_its_contact_sheet(golden_dir, sz, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(G, "_GENERATORS", {})
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "ref.png")
+    Image.fromarray(np.full((sz.side, sz.side, 3), 90, np.uint8)).save(tmp_path / "ref.png")
     f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="x", prompt_ids=[1, 2], images=["ref.png"]),
-                                               dict(id="y", prompt_ids=[3], size=[32, 32], num_images=2)])
-    flags = ["--ckpt", str(golden_dir), "--steps", "2", "--max-context", "256", "--vae-transform", "64", "16",
-             "--vit-transform", "98", "14"]
+                                               dict(id="y", prompt_ids=[3], size=sz.size, num_images=2)])
+    flags = ["--ckpt", str(golden_dir), "--steps", "2", "--max-context", "256", *sz.vae_flags, *sz.vit_flags]
     monkeypatch.chdir(tmp_path / "a")
     capsys.readouterr()
     assert G.main(flags + ["--prompts", "../reqs.jsonl", "--out", "out"]) == 0
@@ -771,9 +792,9 @@ def test_batch_resumes_from_another_directory_with_its_contact_sheet(golden_dir,
     assert Image.open(out / "contact_sheet.png").size == (3 * 256, 256)  # every image, also the older record's
 
 
-def test_resume_compares_dtype_resizes_and_reference_content(gen, tmp_path, monkeypatch):
+def test_resume_compares_dtype_resizes_and_reference_content(gen, sz, tmp_path, monkeypatch):
     for name, v in [("p.png", 90), ("q.png", 30)]:
-        Image.fromarray(np.full((32, 32, 3), v, np.uint8)).save(tmp_path / name)
+        Image.fromarray(np.full((sz.side, sz.side, 3), v, np.uint8)).save(tmp_path / name)
     req = dict(id="a", prompt_ids=[1, 2], images=[str(tmp_path / "p.png")])
     fast = dict(num_timesteps=2)
     out = tmp_path / "out"
@@ -794,13 +815,13 @@ def test_resume_compares_dtype_resizes_and_reference_content(gen, tmp_path, monk
     refused(r"images_sha256 \['[0-9a-f]{16}")
 
 
-def test_think_token_limit_in_batch_mode(golden_dir, gen, tmp_path, monkeypatch):
+def test_think_token_limit_in_batch_mode(golden_dir, gen, sz, tmp_path, monkeypatch):
     class Tok:  # the golden checkpoint has no tokenizer; think mode needs one for its system prompt
         def encode(self, text, add_special_tokens=False):
             return type("E", (), {"ids": [1, 2, 3]})()
 
     monkeypatch.setattr(gen, "tokenizer", Tok())
-    think = dict(prompt_ids=[5], size=[32, 32], think=True)
+    think = dict(prompt_ids=[5], size=sz.size, think=True)
     assert gen.check_request(think, {}, 7).max_think_tokens == 7  # --max-new-tokens
     assert gen.check_request(dict(think, max_new_tokens=3), {}, 7).max_think_tokens == 3  # the request's own
     with pytest.raises(G.GenerateError, match=r"max_new_tokens \(think\) 0: must be at least 1"):
@@ -815,7 +836,7 @@ def test_think_token_limit_in_batch_mode(golden_dir, gen, tmp_path, monkeypatch)
         assert seen[-1] == want
 
 
-def test_think_requests_are_checked_for_the_context_they_take(golden_dir, monkeypatch, tmp_path):
+def test_think_requests_are_checked_for_the_context_they_take(golden_dir, sz, monkeypatch, tmp_path):
     """The context check counts a think request as the context building adds it: the system prompt (it was
     left out) and the bucket padding of the think text added back. A request that passed the check overflowed
     mid-batch (a traceback, exit 1); at the smallest max_context the check takes, generation fits."""
@@ -831,7 +852,7 @@ def test_think_requests_are_checked_for_the_context_they_take(golden_dir, monkey
         monkeypatch.setattr(g, "tokenizer", Tok())
         return g
 
-    req = dict(prompt_ids=[5], size=[32, 32], think=True, max_think_tokens=5, num_timesteps=2)
+    req = dict(prompt_ids=[5], size=sz.size, think=True, max_think_tokens=5, num_timesteps=2)
     b = G.TEXT_BUCKET
     pad = lambda n: -(-n // b) * b  # noqa: E731
     # system prompt (40 + 2 kept), prompt (1 + 2), then 5 generated, and at most 4 of them added back as a text
@@ -841,17 +862,17 @@ def test_think_requests_are_checked_for_the_context_they_take(golden_dir, monkey
         generator(need - 1).check(**req)
     # (run as a batch request: its record keeps the think text, as a single run's generation.json does)
     g = generator(need)
-    recs = G.run_requests(g, [dict(id="t", prompt_ids=[5], size=[32, 32], think=True, max_new_tokens=5)],
+    recs = G.run_requests(g, [dict(id="t", prompt_ids=[5], size=sz.size, think=True, max_new_tokens=5)],
                           tmp_path / "out", overrides=dict(num_timesteps=2), progress=False)
     assert recs[0]["outputs"] == ["t_0.png"] and isinstance(recs[0]["think_text"], str)
     assert json.loads((tmp_path / "out" / "metadata.jsonl").read_text())["think_text"] == recs[0]["think_text"]
 
 
-def test_a_request_made_otherwise_is_refused_whatever_its_outputs(gen, tmp_path):
+def test_a_request_made_otherwise_is_refused_whatever_its_outputs(gen, sz, tmp_path):
     """A finished request asked again with other settings is refused unless regenerated: also when it now asks
     for more images, or one of its outputs is missing (it was then regenerated silently, its old images
     overwritten with the new settings)."""
-    req = dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=1)
+    req = dict(id="a", prompt_ids=[1, 2, 3], size=sz.size, seed=0, num_images=1)
     fast = dict(num_timesteps=2)
     G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
     with pytest.raises(G.GenerateError, match=r"generated otherwise, e.g. .*\(id=a\): num_images 1 -> 2"):
@@ -864,13 +885,13 @@ def test_a_request_made_otherwise_is_refused_whatever_its_outputs(gen, tmp_path)
     assert (tmp_path / "a_0.png").is_file()
 
 
-def test_the_contact_sheet_is_bounded_and_made_when_something_was_generated(gen, tmp_path, monkeypatch):
+def test_the_contact_sheet_is_bounded_and_made_when_something_was_generated(gen, sz, tmp_path, monkeypatch):
     """The sheet held every output (2.9 GB and 138 s for 4,000 images, too large for PIL to open) and was made
     again by every rerun, one that generated nothing too."""
     from PIL import Image as PILImage
 
     monkeypatch.setattr(G, "CONTACT_SHEET_MAX", 2)
-    reqs = [dict(id=f"r{k}", prompt_ids=[k + 1], size=[32, 32], seed=k) for k in range(3)]
+    reqs = [dict(id=f"r{k}", prompt_ids=[k + 1], size=sz.size, seed=k) for k in range(3)]
     G.run_requests(gen, reqs, tmp_path, overrides=dict(num_timesteps=2), progress=False)
     with PILImage.open(tmp_path / "contact_sheet.png") as im:
         assert im.size == (2 * 256, 256)  # the first 2 outputs
@@ -883,11 +904,11 @@ def test_the_contact_sheet_is_bounded_and_made_when_something_was_generated(gen,
     assert made == [2]
 
 
-def test_a_stopped_regenerate_leaves_no_mix_of_images(gen, tmp_path, monkeypatch, capsys):
+def test_a_stopped_regenerate_leaves_no_mix_of_images(gen, sz, tmp_path, monkeypatch, capsys):
     """A --regenerate run stopped after some of a request's images were replaced left its old record vouching
     for them: a rerun with the old settings took the mix as finished. Records name their images' sha256. A
     regenerate with fewer images removes the old extra ones."""
-    req = dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=2)
+    req = dict(id="a", prompt_ids=[1, 2, 3], size=sz.size, seed=0, num_images=2)
     fast = dict(num_timesteps=2)
     G.run_requests(gen, [req], tmp_path, overrides=fast, progress=False)
     first = [(tmp_path / f"a_{k}.png").read_bytes() for k in range(2)]
@@ -916,9 +937,9 @@ def test_a_stopped_regenerate_leaves_no_mix_of_images(gen, tmp_path, monkeypatch
     assert not (tmp_path / "a_1.png").exists() and (tmp_path / "a_0.png").is_file()
 
 
-def test_ctrl_c_in_a_batch_is_one_line(golden_dir, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_in_a_batch_is_one_line(golden_dir, sz, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(G, "_GENERATORS", {})
-    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id=f"r{k}", prompt_ids=[k + 1], size=[32, 32], num_images=k + 1)
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id=f"r{k}", prompt_ids=[k + 1], size=sz.size, num_images=k + 1)
                                                for k in range(3)])
     real = G.Generator.generate_prepared
     calls = []
@@ -995,16 +1016,16 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
     assert loads == []
 
 
-def test_without_out_each_single_run_gets_a_new_folder(golden_dir, tmp_path, monkeypatch, capsys):
+def test_without_out_each_single_run_gets_a_new_folder(golden_dir, sz, tmp_path, monkeypatch, capsys):
     """Without --out, single mode writes into a new outputs/generate/<date-time> folder per run (a fixed default
     refused the second run as "holds an earlier generation"); batch mode needs --out (the folder it resumes)."""
     monkeypatch.chdir(tmp_path)
-    argv = ["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--size", "32x32", "--steps", "2",
+    argv = ["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--size", sz.hw, "--steps", "2",
             "--max-context", "128"]
     assert G.main(argv) == 0 and G.main(argv) == 0
     runs = sorted((tmp_path / "outputs" / "generate").iterdir())
     assert len(runs) == 2 and all((r / "generation.json").is_file() for r in runs)
-    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=[32, 32])])
+    f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(id="a", prompt_ids=[1], size=sz.size)])
     capsys.readouterr()
     err = _one_error(capsys, ["--ckpt", str(golden_dir), "--prompts", str(f)])
     assert err == "error: --prompts needs --out: the folder the outputs go to, which a rerun resumes", err
@@ -1051,12 +1072,12 @@ def test_an_image_over_pils_pixel_limit_is_one_error_line(golden_dir, tmp_path, 
     assert not out.exists()
 
 
-def test_a_full_disk_stops_the_batch_keeping_what_is_finished(gen, tmp_path, monkeypatch):
+def test_a_full_disk_stops_the_batch_keeping_what_is_finished(gen, sz, tmp_path, monkeypatch):
     """An output that cannot be written (a full disk) is one GenerateError naming it and the cause, saying how many
     requests are finished and kept (no temporary file is left); the rerun resumes, removing the temporary files
     of a killed run (a process no longer running) and only those."""
-    reqs = [dict(id="a", prompt_ids=[1, 2, 3], size=[32, 32], seed=0, num_images=2),
-            dict(id="b", prompt_ids=[4, 5], size=[32, 32], seed=1, num_images=1)]
+    reqs = [dict(id="a", prompt_ids=[1, 2, 3], size=sz.size, seed=0, num_images=2),
+            dict(id="b", prompt_ids=[4, 5], size=sz.size, seed=1, num_images=1)]
     fast = dict(num_timesteps=3)
     real, saved = Image.Image.save, []
 
