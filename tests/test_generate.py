@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import load_npz, npz_json
-from test_golden import assert_uint8_close, golden_max_context
+from test_golden import assert_uint8_close, golden_max_context, max_err
 from echo4o_jax import generate as G
 from echo4o_jax import inference
 from echo4o_jax.config import BagelConfig
@@ -78,8 +78,15 @@ def test_generator_reproduces_golden(golden_dir, gen, case, monkeypatch):
         return noise
 
     monkeypatch.setattr(jax.random, "normal", golden_noise)
+    seen = []
+    real = gen.inf.interleave_inference
+    monkeypatch.setattr(gen.inf, "interleave_inference", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     out = gen.generate(prompt_ids=ids, images=images, size=size, seed=0, num_images=1, **kw)
     assert_uint8_close(out["images"][0], d["image_uint8"])
+    # the latent and the decoded image too (test_golden's tolerances), not only the uint8 picture
+    (res,) = seen
+    assert max_err(np.asarray(res["latent"])[0], d["latent"]) <= 1e-3
+    assert max_err(np.asarray(res["decoded"])[0], d["decoded"][0].transpose(1, 2, 0)) <= 5e-4
 
 
 def test_generator_understanding_reproduces_golden(golden_dir, gen):
