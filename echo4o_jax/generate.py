@@ -291,7 +291,7 @@ class Generator:
     saves meanwhile is not picked up); `identity` (checkpoint_identity) says which weights these are."""
 
     def __init__(self, ckpt: str | pathlib.Path, *, step: int | None = None, dtype: str | None = None,
-                 max_context: int = 0,
+                 max_context: int = 0, attention_impl: str | None = None,
                  demo: bool = False, vae_transform: tuple[int, int] | None = None,
                  vit_transform: tuple[int, int] | None = None, mesh: tuple[int, int, int] | None = None,
                  load_weights: bool = True):
@@ -323,6 +323,8 @@ class Generator:
                 self.mesh = shd.make_mesh(*mesh)
             except ValueError as e:
                 raise GenerateError(f"--mesh {','.join(map(str, mesh))}: {e}") from None
+        if attention_impl:  # (else the config's default, xla_blockwise)
+            self.cfg = self.cfg.replace(attention_impl=_attention_impl(attention_impl, self.mesh, self.cfg))
         self.tokenizer = _load_tokenizer(self.ckpt)
         self.max_context = max_context or (256 if demo else 8192)
         if demo:  # the tiny checkpoint's images are tiny: no upscaling to 512 px
@@ -354,7 +356,7 @@ class Generator:
             vae_shardings = shd.replicated(self.mesh)
         with _checkpoint_errors(self.ckpt):
             self.model = load_any_bagel(self.ckpt, dtype=self.dtype, shardings=shardings, step=self.step,
-                                        compute_dtype=self.dtype)
+                                        compute_dtype=self.dtype, attention_impl=self.cfg.attention_impl)
             self.vae = load_any_vae(self.ckpt, self.cfg, shardings=vae_shardings)
         self.inf = Inferencer(self.model, self.vae, max_context=self.max_context, vae_transform=self._vae_transform,
                               vit_transform=self._vit_transform, text_bucket=TEXT_BUCKET)
@@ -651,6 +653,23 @@ def checkpoint_identity(ckpt, step: int | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- batch
+
+def _attention_impl(impl, mesh, cfg) -> str:
+    """`impl` checked for this backend and mesh (the model config's own checks), or a GenerateError naming the flag."""
+    import jax
+
+    from .model.attention import IMPLS, backend_problem, kernel_heads_problem
+
+    flag = SETTING_FLAGS["attention_impl"]
+    if impl not in IMPLS:
+        raise GenerateError(f"attention_impl ({flag}) {impl!r}: expected one of {', '.join(IMPLS)}")
+    tensor = mesh.shape["tensor"] if mesh is not None else 1
+    problem = backend_problem(impl, jax.default_backend()) or kernel_heads_problem(
+        impl, {"LLM": cfg.llm.num_kv_heads, "ViT": cfg.vit.num_heads}, tensor)
+    if problem:
+        raise GenerateError(f"attention_impl ({flag}): {problem}")
+    return impl
+
 
 _GENERATORS: dict[tuple, Generator] = {}
 
@@ -1095,7 +1114,8 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, rege
     cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps) may be passed as overrides. Every
     request is checked (ids unique, keys, sizes, sampler values, image files, prompt length; the error names
     the request) before the weights load or anything is written. `step` (a training workdir's checkpoint step,
-    default its latest), `dtype` (DTYPES), `max_context` configure the loader (checked as the CLI's flags);
+    default its latest), `dtype` (DTYPES), `max_context`, `attention_impl` configure the loader (checked as the
+    CLI's flags);
     `vae_transform` / `vit_transform` ([max, min] side, as --vae-transform / --vit-transform) the input resizes of
     this batch only (set on the cached Generator and restored after it: one loaded model serves batches with
     different transforms); `max_new_tokens` is run_requests'. `check_only`: the requests are checked (the model
@@ -1103,7 +1123,7 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, rege
     benchmark's requests before it generates any."""
     from .image_transform import ImageTransform, valid_sides
 
-    load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context") if k in overrides}
+    load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context", "attention_impl") if k in overrides}
     if "dtype" in load_kw and load_kw["dtype"] not in DTYPES:  # (the loader would fail once the weights load)
         raise GenerateError(f"dtype ({SETTING_FLAGS['dtype']}) {load_kw['dtype']!r}: expected one of "
                             f"{', '.join(DTYPES)}")
@@ -1212,6 +1232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weights' and compute dtype (default: bfloat16 on a GPU / TPU, as the official inference; "
                         "float32 on the CPU)")
+    p.add_argument("--attention-impl", default=None, metavar="IMPL",
+                   help="the model's attention: xla_blockwise (default), pallas_gpu / pallas_tpu (the fused "
+                        "kernels, on a GPU / TPU), xla_dense; not recorded with the images: it changes them by float "
+                        "rounding only, as a batch's composition does")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard the parameters over a device mesh, e.g. 1,-1,1 (FSDP over all devices)")
     p.add_argument("--vae-transform", type=int, nargs=2, metavar=("MAX", "MIN"), default=None,
@@ -1320,7 +1344,7 @@ def _run(args) -> int:
                                 "replace it")
     # config and tokenizer now; the weights load at the first generation, once the input is checked
     gen = get_generator(ckpt, step=args.step, dtype=args.dtype, max_context=args.max_context, demo=demo, mesh=mesh,
-                        vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
+                        attention_impl=args.attention_impl, vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
                         vit_transform=tuple(args.vit_transform) if args.vit_transform else None)
     if reqs is not None:  # run_requests checks every request before it creates --out
         counts: dict = {}

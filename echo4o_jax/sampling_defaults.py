@@ -40,7 +40,7 @@ def default_dtype() -> str:
 # settings takes its flag from here, and eval.run (which sets them by --gen-arg or its own flags) maps these strings.
 SETTING_FLAGS = {"vae_transform": "--vae-transform MAX MIN", "vit_transform": "--vit-transform MAX MIN",
                  "size": "--size HxW, or `size` in a --prompts request", "max_context": "--max-context",
-                 "dtype": "--dtype", "step": "--step"}
+                 "dtype": "--dtype", "step": "--step", "attention_impl": "--attention-impl"}
 
 
 def task_defaults(has_images: bool) -> TaskDefaults:

@@ -1131,3 +1131,32 @@ def test_the_default_dtype_is_bfloat16_on_accelerators_as_the_official_and_float
         monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
         assert G.Generator(golden_dir, load_weights=False).dtype == "bfloat16" == default_settings(True)["dtype"]
         assert G.get_generator(golden_dir) is G.get_generator(golden_dir, dtype="bfloat16")
+
+
+def test_attention_impl_is_chosen_for_generation_and_checked(golden_dir, sz, tmp_path, capsys, monkeypatch):
+    """--attention-impl (generate_batch / eval.run: attention_impl) selects the model's attention for generation:
+    a kernel (here pallas_tpu, interpreted on the CPU) reproduces the golden text-to-image case as xla_blockwise
+    does; a name that is none, or the other backend's kernel, is one error line naming the flag."""
+    d = load_npz(golden_dir / "t2i.npz")
+    ids, images, kw = _golden_request(d)
+    size = tuple(kw.pop("image_shapes"))
+    g = G.Generator(golden_dir, max_context=golden_max_context(golden_dir, BagelConfig.from_checkpoint_dir(golden_dir),
+                                                                 text_bucket=G.TEXT_BUCKET),
+                    attention_impl="pallas_tpu")
+    assert g.cfg.attention_impl == g.model.cfg.attention_impl == "pallas_tpu"
+    noise = np.asarray(d["init_noise"])[None]  # (the golden noise for the sampler's draw: after the weights loaded)
+    monkeypatch.setattr(jax.random, "normal", lambda key, shape, *a, **k: noise)
+    seen = []
+    real = g.inf.interleave_inference
+    monkeypatch.setattr(g.inf, "interleave_inference", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    g.generate(prompt_ids=ids, size=size, seed=0, num_images=1, **kw)
+    assert max_err(np.asarray(seen[0]["latent"])[0], d["latent"]) <= 1e-3
+    monkeypatch.undo()
+    base = ["--ckpt", str(golden_dir), "--prompt-ids", "1,2", "--size", sz.hw, "--out", str(tmp_path / "o")]
+    assert _one_error(capsys, base + ["--attention-impl", "flash"]) == (
+        "error: attention_impl (--attention-impl) 'flash': expected one of xla_blockwise, xla_dense, pallas_gpu, "
+        "pallas_tpu, pallas_interpret")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _one_error(capsys, base + ["--attention-impl", "pallas_tpu"]).startswith(
+        "error: attention_impl (--attention-impl): attention_impl='pallas_tpu' is the TPU kernel and the backend is "
+        "'gpu': use attention_impl='pallas_gpu' there")

@@ -407,7 +407,7 @@ def check_judge_only(name: str, items, images_dir: Path, args, ckpt: dict, gen_a
 # eval.run's form of each setting's flag that generate's advice names (sampling_defaults.SETTING_FLAGS' keys)
 EVAL_FLAGS = {"vae_transform": "--gen-arg vae_transform=[MAX,MIN]", "vit_transform": "--gen-arg vit_transform=[MAX,MIN]",
               "size": "--size HxW", "max_context": "--gen-arg max_context", "dtype": "--gen-arg dtype=...",
-              "step": "--step"}
+              "step": "--step", "attention_impl": "--gen-arg attention_impl=..."}
 
 
 def _generation_error(e: Exception) -> str:
