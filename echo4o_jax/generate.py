@@ -658,14 +658,13 @@ def _attention_impl(impl, mesh, cfg) -> str:
     """`impl` checked for this backend and mesh (the model config's own checks), or a GenerateError naming the flag."""
     import jax
 
-    from .model.attention import IMPLS, backend_problem, kernel_heads_problem
+    from .model.attention import IMPLS, model_attention_problem
 
     flag = SETTING_FLAGS["attention_impl"]
     if impl not in IMPLS:
         raise GenerateError(f"attention_impl ({flag}) {impl!r}: expected one of {', '.join(IMPLS)}")
     tensor = mesh.shape["tensor"] if mesh is not None else 1
-    problem = backend_problem(impl, jax.default_backend()) or kernel_heads_problem(
-        impl, {"LLM": cfg.llm.num_kv_heads, "ViT": cfg.vit.num_heads}, tensor)
+    problem = model_attention_problem(cfg.replace(attention_impl=impl), tensor, jax.default_backend())
     if problem:
         raise GenerateError(f"attention_impl ({flag}): {problem}")
     return impl
@@ -1344,7 +1343,8 @@ def _run(args) -> int:
                                 "replace it")
     # config and tokenizer now; the weights load at the first generation, once the input is checked
     gen = get_generator(ckpt, step=args.step, dtype=args.dtype, max_context=args.max_context, demo=demo, mesh=mesh,
-                        attention_impl=args.attention_impl, vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
+                        attention_impl=args.attention_impl,
+                        vae_transform=tuple(args.vae_transform) if args.vae_transform else None,
                         vit_transform=tuple(args.vit_transform) if args.vit_transform else None)
     if reqs is not None:  # run_requests checks every request before it creates --out
         counts: dict = {}

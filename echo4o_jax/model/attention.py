@@ -144,6 +144,14 @@ def kernel_heads_problem(impl: str, heads: dict[str, int], tensor: int) -> str |
             "divides them")
 
 
+def model_attention_problem(cfg, tensor: int, backend: str) -> str | None:
+    """Why the model config `cfg`'s attention_impl cannot run here, or None: on `backend` (`backend_problem`), or
+    with a `tensor`-way mesh axis over the LLM's KV heads and the ViT's heads (`kernel_heads_problem`). The
+    trainer's and generate's check."""
+    return backend_problem(cfg.attention_impl, backend) or kernel_heads_problem(
+        cfg.attention_impl, {"LLM": cfg.llm.num_kv_heads, "ViT": cfg.vit.num_heads}, tensor)
+
+
 def _by_platform(kernel):
     """`kernel(..., interpret=...)` as a function of (q, k, v, q_meta, k_meta) whose mode is chosen by the platform
     the computation is lowered for (`lax.platform_dependent`): interpret mode for the CPU, the compiled kernel

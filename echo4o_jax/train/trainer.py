@@ -237,13 +237,9 @@ def check_attention_mesh(cfg: BagelConfig, tensor: int, backend: str | None = No
     """ConfigValueError, before anything compiles, when the attention kernel is another backend's than `backend`
     (default: jax.default_backend(); `backend_problem`) or would run whole on each of `tensor` devices
     (`kernel_heads_problem`)."""
-    from echo4o_jax.model.attention import backend_problem, kernel_heads_problem
+    from echo4o_jax.model.attention import model_attention_problem
 
-    problem = backend_problem(cfg.attention_impl, backend or jax.default_backend())
-    if problem:
-        raise ConfigValueError(f"model.{problem}")
-    problem = kernel_heads_problem(cfg.attention_impl, {"LLM": cfg.llm.num_kv_heads, "ViT": cfg.vit.num_heads},
-                                   tensor)
+    problem = model_attention_problem(cfg, tensor, backend or jax.default_backend())
     if problem:
         raise ConfigValueError(f"{problem} (model.attention_impl={cfg.attention_impl!r})")
 
