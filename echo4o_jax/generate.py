@@ -51,8 +51,8 @@ seed, number of images, size, think and its max_new_tokens, sampler settings. Us
 interrupted --regenerate run resumes). Ctrl-C, or an output that cannot be written (a full disk: one
 `error:` line naming it), stops the batch with one line saying how many requests are finished (kept:
 rerun the same command to resume); a rerun removes the temporary files (.<id>_<k>.png.<pid>.tmp) of a
-killed run. The sampler is compiled once per (resolution, number of references, CFG setting) and
-reused; the CFG branches and the `num_images` images of a request run batched in one forward pass.
+killed run. The sampler is compiled once per (resolution, number of references, which CFG terms apply:
+not per scale value) and reused; the CFG branches and the `num_images` images of a request run batched in one forward pass.
 
 Without --size, text-to-image makes 1024x1024 and editing the last input image's VAE-resized size;
 either must fit the model's latent position table (an error names the largest size it allows).

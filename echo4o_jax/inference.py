@@ -36,7 +36,7 @@ from .model.layers import dtype_of
 from .model.qwen2_mot import KVCache
 from .model.vae import AutoEncoder
 
-__all__ = ["Context", "Inferencer", "timestep_schedule", "cfg_combine", "CFG_RENORM_TYPES"]
+__all__ = ["Context", "Inferencer", "timestep_schedule", "cfg_branches", "cfg_combine", "CFG_RENORM_TYPES"]
 
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
 TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (one compilation per bucket, not per length)
@@ -58,16 +58,25 @@ def timestep_schedule(num_timesteps: int, shift: float) -> np.ndarray:
     return (s * t / (np.float32(1.0) + (s - np.float32(1.0)) * t)).astype(np.float32)
 
 
-def cfg_combine(v_c, v_t, v_i, *, text_scale: float, img_scale: float, renorm_type: str, renorm_min: float):
-    """Official `_forward_flow` guidance. `v_t` / `v_i` may be None when their scale is <= 1."""
-    if text_scale <= 1.0:
+def cfg_branches(text_scale: float, img_scale: float) -> tuple[bool, bool]:
+    """Which guidance terms the official `_forward_flow` applies at these scales (decided on the host, so that
+    the scale values themselves can be traced: a new value does not compile a new sampler step): text guidance
+    when text_scale > 1; image guidance on top of it when img_scale > 1."""
+    use_text = float(text_scale) > 1.0
+    return use_text, use_text and float(img_scale) > 1.0
+
+
+def cfg_combine(v_c, v_t, v_i, *, text_scale, img_scale, renorm_type: str, renorm_min):
+    """Official `_forward_flow` guidance. `v_t` / `v_i` are None for a term `cfg_branches` leaves out (v_i is
+    ignored without v_t); the scales and renorm_min may be traced scalars."""
+    if v_t is None:
         return v_c
     v_text_ = v_t + text_scale * (v_c - v_t)
     if renorm_type == "text_channel":
         scale = jnp.linalg.norm(v_c, axis=-1, keepdims=True) / (jnp.linalg.norm(v_text_, axis=-1, keepdims=True) + 1e-8)
         v_text = v_text_ * jnp.clip(scale, renorm_min, 1.0)
-        return v_i + img_scale * (v_text - v_i) if img_scale > 1.0 else v_text
-    v_ = v_i + img_scale * (v_text_ - v_i) if img_scale > 1.0 else v_text_
+        return v_i + img_scale * (v_text - v_i) if v_i is not None else v_text
+    v_ = v_i + img_scale * (v_text_ - v_i) if v_i is not None else v_text_
     if renorm_type == "global":
         n_c, n_ = jnp.linalg.norm(v_c), jnp.linalg.norm(v_)
     elif renorm_type == "channel":
@@ -229,16 +238,17 @@ class Inferencer:
         ropes = jnp.asarray([[c.rope for c in triple[:kept]] for triple in contexts], jnp.int32)
         lat_pos = self._latent_pos(h, w)
         ts = timestep_schedule(num_timesteps, timestep_shift)
+        guided = cfg_branches(cfg_text_scale, cfg_img_scale)
+        scales = jnp.asarray([cfg_text_scale, cfg_img_scale, cfg_renorm_min], jnp.float32)  # (traced: no recompile)
         vels = []
         for i in range(num_timesteps - 1):
             t = ts[i]
             active = cfg_interval[0] < t <= cfg_interval[1]
-            s_txt = float(cfg_text_scale) if active else 1.0
-            s_img = float(cfg_img_scale) if active else 1.0
-            nb = 1 if s_txt <= 1.0 else (3 if s_img > 1.0 and not img_is_cond else 2)
+            use_txt, use_img = guided if active else (False, False)
+            nb = 1 if not use_txt else (3 if use_img and not img_is_cond else 2)
             v = _guided_velocity(self.graphdef, self.state, jax.tree.map(lambda a: a[:, :nb], caches),
-                                 ropes[:, :nb], x, jnp.float32(t), lat_pos, self.soi, self.eoi,
-                                 s_txt, s_img, cfg_renorm_type, float(cfg_renorm_min), img_is_cond)
+                                 ropes[:, :nb], x, jnp.float32(t), lat_pos, self.soi, self.eoi, scales,
+                                 cfg_renorm_type, img_is_cond, use_img)
             x = x - v * (ts[i] - ts[i + 1])
             if return_velocities:
                 vels.append(v)
@@ -420,13 +430,14 @@ def _append_vae(graphdef, state, cache, tokens, lat_pos, rope, kv_len, split, so
     return _append_block(model, cache, x, meta, 2, rope, kv_len, gen_mode=True)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10, 11, 12, 13))
-def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, s_txt, s_img, renorm_type, renorm_min,
-                     img_is_cond=False):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 10, 11, 12))
+def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, scales, renorm_type, img_is_cond,
+                     use_img):
     """x_t [requests, images, N, C] -> guided velocity, same shape. Per request, its CFG branches
-    (cond / text-uncond / image-uncond: caches [requests, branches, ...]) and its images run batched
-    (vmap) over that request's context caches. `img_is_cond`: the image-uncond context is the cond one (its
-    velocity is the cond velocity; caches hold 2 branches)."""
+    (cond / text-uncond / image-uncond: caches [requests, branches, ...]; one branch: no guidance) and its images
+    run batched (vmap) over that request's context caches. `scales` = [text, image, renorm_min] (traced);
+    `use_img`: the image guidance term applies (`cfg_branches`); `img_is_cond`: the image-uncond context is the
+    cond one (its velocity is the cond velocity; caches hold 2 branches)."""
     model = nnx.merge(graphdef, state)
 
     def one_image(x, caches, ropes):
@@ -440,9 +451,9 @@ def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, 
 
         v = jax.vmap(branch)(caches, ropes)
         nb = v.shape[0]
-        v_img = v[0] if img_is_cond else v[2] if nb > 2 else None
-        return cfg_combine(v[0], v[1] if nb > 1 else None, v_img, text_scale=s_txt,
-                           img_scale=s_img, renorm_type=renorm_type, renorm_min=renorm_min)
+        v_img = None if nb == 1 or not use_img else v[0] if img_is_cond else v[2]
+        return cfg_combine(v[0], v[1] if nb > 1 else None, v_img, text_scale=scales[0], img_scale=scales[1],
+                           renorm_type=renorm_type, renorm_min=scales[2])
 
     one_request = jax.vmap(one_image, in_axes=(0, None, None))  # images of one request share its caches
     return jax.vmap(one_request)(x_t, caches, ropes)

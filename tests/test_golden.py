@@ -287,6 +287,29 @@ def test_image_generation(golden_dir, inferencer, case):
     assert_uint8_close(out["image"], d["image_uint8"])
 
 
+@pytest.mark.parametrize("case", ["t2i", "multiref"])
+def test_new_cfg_scale_values_compile_nothing(golden_dir, inferencer, case):
+    """The CFG scales and renorm_min are traced: after sampling with other values (the same guidance terms
+    on), the recorded values compile no new sampler step and still reproduce the official velocities."""
+    import echo4o_jax.inference as inference
+
+    d = load_npz(golden_dir / f"{case}.npz")
+    kw = npz_json(d["kwargs_json"])
+    if "image_shapes" in kw:
+        kw["image_shapes"] = tuple(kw["image_shapes"])
+    other = dict(kw, cfg_text_scale=kw["cfg_text_scale"] + 1.5, cfg_renorm_min=0.25)
+    if kw["cfg_img_scale"] > 1.0:
+        other["cfg_img_scale"] = kw["cfg_img_scale"] + 0.75
+    inference._guided_velocity.clear_cache()
+    out = inferencer.interleave_inference(_inputs(d), init_noise=d["init_noise"], return_velocities=True, **other)
+    compiled = inference._guided_velocity._cache_size()
+    assert compiled > 0
+    assert max_err(np.asarray(out["velocities"]), d["dbg_velocity_per_step"]) > 1e-2  # (other values: other output)
+    out = inferencer.interleave_inference(_inputs(d), init_noise=d["init_noise"], return_velocities=True, **kw)
+    assert inference._guided_velocity._cache_size() == compiled
+    assert max_err(np.asarray(out["velocities"]), d["dbg_velocity_per_step"]) <= 1e-4
+
+
 def test_understanding_text(golden_dir, inferencer):
     d = load_npz(golden_dir / "understand.npz")
     kw = npz_json(d["kwargs_json"])

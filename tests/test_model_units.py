@@ -427,7 +427,7 @@ def _official_guidance(v, v_text, v_img, text_scale, img_scale, renorm_type, ren
 def test_cfg_combine_equals_the_official_guidance():
     """Every renorm type (the golden sampler cases run `global` and `text_channel` only), with and without the
     image branch, text scale <= 1 (no guidance), and a renorm_min that clamps."""
-    from echo4o_jax.inference import CFG_RENORM_TYPES, cfg_combine
+    from echo4o_jax.inference import CFG_RENORM_TYPES, cfg_branches, cfg_combine
 
     rng = np.random.default_rng(0)
     v, v_text, v_img = (rng.normal(size=(24, 16)) for _ in range(3))
@@ -436,8 +436,11 @@ def test_cfg_combine_equals_the_official_guidance():
         for text_scale, img_scale, renorm_min in [(4.0, 1.0, 0.0), (4.0, 2.0, 0.0), (4.0, 2.0, 0.9), (1.0, 2.0, 0.0),
                                                   (0.5, 1.5, 0.5)]:
             want = _official_guidance(v, v_text, v_img, text_scale, img_scale, renorm_type, renorm_min)
-            got = cfg_combine(*(jnp.asarray(x, jnp.float32) for x in (v, v_text, v_img)), text_scale=text_scale,
-                              img_scale=img_scale, renorm_type=renorm_type, renorm_min=renorm_min)
+            use_text, use_img = cfg_branches(text_scale, img_scale)
+            got = cfg_combine(jnp.asarray(v, jnp.float32), jnp.asarray(v_text, jnp.float32) if use_text else None,
+                              jnp.asarray(v_img, jnp.float32) if use_img else None,
+                              text_scale=jnp.float32(text_scale), img_scale=jnp.float32(img_scale),
+                              renorm_type=renorm_type, renorm_min=jnp.float32(renorm_min))
             np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5,
                                        err_msg=f"{renorm_type} {text_scale} {img_scale} {renorm_min}")
             if renorm_min and text_scale > 1.0:  # the clamp at renorm_min acts (else 0.9 would test nothing)
