@@ -13,7 +13,8 @@ The semantics are those of the official `InterleaveInferencer.interleave_inferen
 * text: start token `<|im_start|>`, then greedy or temperature sampling until `<|im_end|>` or
   `max_length` tokens (the start token included), as the official `generate_text`.
 
-All step functions are jitted with static shapes (the cache capacity is fixed per `Inferencer`).
+All step functions are jitted with static shapes (the cache capacity is fixed per `Inferencer`; the sampler's
+copies of the caches are cut to the contexts' length rounded up to `SAMPLER_CACHE_BUCKET`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = ["Context", "Inferencer", "timestep_schedule", "cfg_branches", "cfg_co
 
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
 TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (one compilation per bucket, not per length)
+SAMPLER_CACHE_BUCKET = 512  # the sampler's caches are cut to the contexts' length rounded up to this
 _QUERY_ORDER = 1 << 29  # query blocks come after every cached token
 
 
@@ -232,23 +234,30 @@ class Inferencer:
         if x.ndim != 4 or (x.shape[0], *x.shape[2:]) != want:
             raise ValueError(f"init_noise shape {x.shape}, expected ({want[0]}, images, {want[1]}, {want[2]})")
         img_is_cond = all(triple[2] is triple[0] for triple in contexts)
-        kept = 2 if img_is_cond else 3  # (the image-uncond cache, the cond one again, is not stacked)
-        caches = jax.tree.map(lambda *a: jnp.stack(a).reshape(len(contexts), kept, *a[0].shape),
-                              *[c.cache for triple in contexts for c in triple[:kept]])
-        ropes = jnp.asarray([[c.rope for c in triple[:kept]] for triple in contexts], jnp.int32)
-        lat_pos = self._latent_pos(h, w)
         ts = timestep_schedule(num_timesteps, timestep_shift)
         guided = cfg_branches(cfg_text_scale, cfg_img_scale)
+        active = [cfg_interval[0] < t <= cfg_interval[1] for t in ts[:-1]]
+        # branches the guided steps run: the image-uncond cache is stacked only when it is used and is not the cond
+        # one again; the sampler's caches are cut to the contexts' length (bucketed), not max_context: the copy
+        # below and every step's attention then cover the real context (a few hundred slots for a prompt), not
+        # thousands of empty ones
+        nb_guided = 1 if not (guided[0] and any(active)) else 3 if guided[1] and not img_is_cond else 2
+        used = max(c.kv_len for triple in contexts for c in triple[:nb_guided])
+        cap = min(self.max_context, -(-max(used, 1) // SAMPLER_CACHE_BUCKET) * SAMPLER_CACHE_BUCKET)
+        stacked = jax.tree.map(lambda *a: jnp.stack(a).reshape(len(contexts), nb_guided, *a[0].shape),
+                               *[_cut_cache(c.cache, cap) for triple in contexts for c in triple[:nb_guided]])
+        ropes = jnp.asarray([[c.rope for c in triple[:nb_guided]] for triple in contexts], jnp.int32)
+        branches = {nb_guided: (stacked, ropes)}  # (the cond branch alone for the unguided steps: sliced once)
+        branches[1] = jax.tree.map(lambda a: a[:, :1], branches[nb_guided])
+        lat_pos = self._latent_pos(h, w)
         scales = jnp.asarray([cfg_text_scale, cfg_img_scale, cfg_renorm_min], jnp.float32)  # (traced: no recompile)
         vels = []
         for i in range(num_timesteps - 1):
             t = ts[i]
-            active = cfg_interval[0] < t <= cfg_interval[1]
-            use_txt, use_img = guided if active else (False, False)
-            nb = 1 if not use_txt else (3 if use_img and not img_is_cond else 2)
-            v = _guided_velocity(self.graphdef, self.state, jax.tree.map(lambda a: a[:, :nb], caches),
-                                 ropes[:, :nb], x, jnp.float32(t), lat_pos, self.soi, self.eoi, scales,
-                                 cfg_renorm_type, img_is_cond, use_img)
+            use_txt, use_img = guided if active[i] else (False, False)
+            caches, rp = branches[nb_guided if use_txt else 1]
+            v = _guided_velocity(self.graphdef, self.state, caches, rp, x, jnp.float32(t), lat_pos, self.soi,
+                                 self.eoi, scales, cfg_renorm_type, img_is_cond, use_img)
             x = x - v * (ts[i] - ts[i + 1])
             if return_velocities:
                 vels.append(v)
@@ -364,6 +373,11 @@ class Inferencer:
 
 
 # ---------------------------------------------------------------------------- jitted kernels
+
+
+def _cut_cache(cache: KVCache, capacity: int) -> KVCache:
+    """The first `capacity` slots of a cache (read-only use: the sampler's branches)."""
+    return KVCache(cache.k[:, :capacity], cache.v[:, :capacity], jax.tree.map(lambda a: a[:capacity], cache.meta))
 
 
 def _write(cache: KVCache, kv, meta: TokenMeta, kv_len) -> KVCache:

@@ -310,6 +310,30 @@ def test_new_cfg_scale_values_compile_nothing(golden_dir, inferencer, case):
     assert max_err(np.asarray(out["velocities"]), d["dbg_velocity_per_step"]) <= 1e-4
 
 
+@pytest.mark.parametrize("case", ["t2i", "multiref"])
+def test_sampler_attends_a_cache_cut_to_the_context(golden_dir, loaded, case, monkeypatch):
+    """With a max_context far above the contexts' length, the sampler's branch caches hold the contexts' length
+    rounded up to SAMPLER_CACHE_BUCKET (not max_context's empty slots), and give the official velocities."""
+    import echo4o_jax.inference as inference
+
+    bucket = inference.SAMPLER_CACHE_BUCKET
+    big = golden_inferencer(*loaded, max_context=golden_max_context(golden_dir, loaded[0]) + 2 * bucket)
+    d = load_npz(golden_dir / f"{case}.npz")
+    kw = npz_json(d["kwargs_json"])
+    if "image_shapes" in kw:
+        kw["image_shapes"] = tuple(kw["image_shapes"])
+    ctx = big.build_contexts(_inputs(d), image_shapes=kw.get("image_shapes"))
+    want = -(-max(ctx[k].kv_len for k in ("gen", "cfg_text", "cfg_img")) // bucket) * bucket
+    assert want < big.max_context
+    capacities = []
+    real = inference._guided_velocity
+    monkeypatch.setattr(inference, "_guided_velocity", lambda g, s, caches, *a: (
+        capacities.append(caches.k.shape[3]), real(g, s, caches, *a))[1])
+    out = big.interleave_inference(_inputs(d), init_noise=d["init_noise"], return_velocities=True, **kw)
+    assert set(capacities) == {want}
+    assert max_err(np.asarray(out["velocities"]), d["dbg_velocity_per_step"]) <= 1e-4
+
+
 def test_understanding_text(golden_dir, inferencer):
     d = load_npz(golden_dir / "understand.npz")
     kw = npz_json(d["kwargs_json"])
