@@ -87,7 +87,8 @@ import numpy as np
 from .interrupts import exit_process, keep_ctrl_c
 from .jsonl import jsonl_lines, valid_unicode
 from .paths import file_sha256, pid_running
-from .sampling_defaults import DEFAULT_SIZE, SETTING_FLAGS, TaskDefaults, default_dtype, task_defaults
+from .sampling_defaults import (DEFAULT_SIZE, SETTING_FLAGS, VAE_POSTERIORS, TaskDefaults, default_dtype,
+                                task_defaults)
 
 DEMO_CKPT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "bagel_tiny_a"
 DEMO_PROMPT_IDS = [13, 60, 2, 38, 77, 23, 87, 59, 101]
@@ -151,6 +152,9 @@ def _check_sampler(settings) -> dict[str, Any]:
         elif k == "cfg_renorm_type":
             if v not in CFG_RENORM_TYPES:
                 raise GenerateError(f"{what} {v!r}: expected one of {', '.join(CFG_RENORM_TYPES)}")
+        elif k == "vae_posterior":
+            if v not in VAE_POSTERIORS:
+                raise GenerateError(f"{what} {v!r}: expected one of {', '.join(VAE_POSTERIORS)}")
         elif k == "cfg_interval":
             if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or len(v) != 2:
                 raise GenerateError(f"{what} {v!r}: expected [low, high]")
@@ -476,8 +480,11 @@ class Generator:
                                 f"{SETTING_FLAGS['max_context']}={self.max_context}; raise it or shorten the prompt")
 
     def sampler_settings(self, has_images: bool, overrides: dict[str, Any]) -> dict[str, Any]:
-        d = dataclasses.asdict(task_defaults(has_images))
-        d.update({k: v for k, v in _check_sampler(overrides).items() if v is not None})
+        """The task's defaults under the checked `overrides`; a setting the task does not have (vae_posterior
+        without reference images: nothing is VAE-encoded) is left out, also when given (eval.run's --gen-arg
+        covers text-to-image and editing benchmarks alike)."""
+        d = task_defaults(has_images).settings()
+        d.update({k: v for k, v in _check_sampler(overrides).items() if v is not None and (k in d or has_images)})
         return d
 
     def _prepare(self, prompt=None, *, prompt_ids=None, images: Sequence = (), size=None, seed: int = 0,
@@ -1110,7 +1117,8 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, rege
     writes `<out_dir>/<id>_<k>.png` (finished requests skipped; with `regenerate` those finished with other
     settings are generated again: run_requests; `progress`: its progress bar). The loaded
     checkpoint is cached per path. Sampler settings (cfg_text_scale, cfg_img_scale, cfg_interval,
-    cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps) may be passed as overrides. Every
+    cfg_renorm_type, cfg_renorm_min, timestep_shift, num_timesteps; vae_posterior for the requests with
+    reference images) may be passed as overrides. Every
     request is checked (ids unique, keys, sizes, sampler values, image files, prompt length; the error names
     the request) before the weights load or anything is written. `step` (a training workdir's checkpoint step,
     default its latest), `dtype` (DTYPES), `max_context`, `attention_impl` configure the loader (checked as the
@@ -1224,6 +1232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-renorm-type", choices=["global", "channel", "text_channel"], default=None)
     p.add_argument("--cfg-renorm-min", type=float, default=None)
     p.add_argument("--timestep-shift", type=float, default=None)
+    p.add_argument("--vae-posterior", choices=VAE_POSTERIORS, default=None,
+                   help="how --image inputs are VAE-encoded: sample (default, the official: a posterior sample "
+                        "drawn from the seed) or mean (the posterior mean)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"length limit of the --understand answer / the --think text (default "
                         f"{DEFAULT_MAX_NEW_TOKENS}; batch mode: of think requests without their own max_new_tokens)")
@@ -1334,6 +1345,9 @@ def _run(args) -> int:
             raise GenerateError(f"{', '.join(ignored)} would be ignored "
                                 + ("by --understand (it generates text)" if args.understand
                                    else "without --think or --understand (it limits their text)"))
+        if args.vae_posterior is not None and not args.image:
+            raise GenerateError("--vae-posterior would be ignored without --image (it sets how input images are "
+                                "VAE-encoded)")
         if (args.out / "metadata.jsonl").exists():
             raise GenerateError(f"--out {args.out} holds a batch run (metadata.jsonl): use another --out")
         earlier = _earlier_generation(args.out)

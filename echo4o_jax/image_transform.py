@@ -109,7 +109,12 @@ class ImageTransform:
         return cls(980, 224, 14)
 
     def resize(self, img: Image.Image, img_num: int = 1) -> Image.Image:
-        img = img.convert("RGB")
+        """The official resize of `pil_img2rgb(img)` (transparent pixels on white, as every official caller
+        converts first); a mode whose conversion clips (`unsupported_mode`) is a ValueError."""
+        bad = unsupported_mode(img)
+        if bad:
+            raise ValueError(f"cannot resize the image: {bad}")
+        img = pil_img2rgb(img)
         w, h = img.size
         nw, nh = resize_shape(w, h, self.max_size, self.min_size, self.stride, self.max_pixels, img_num)
         return img.resize((nw, nh), Image.Resampling.BICUBIC)

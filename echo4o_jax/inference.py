@@ -36,6 +36,7 @@ from .model.bagel import Bagel, latent_tokens_from_latents, tokens_to_latent
 from .model.layers import dtype_of
 from .model.qwen2_mot import KVCache
 from .model.vae import AutoEncoder
+from .sampling_defaults import VAE_POSTERIORS
 
 __all__ = ["Context", "Inferencer", "timestep_schedule", "cfg_branches", "cfg_combine", "CFG_RENORM_TYPES"]
 
@@ -98,7 +99,7 @@ class Inferencer:
 
     def __init__(self, model: Bagel, vae: AutoEncoder | None, *, max_context: int = 4096,
                  vae_transform: ImageTransform | None = None, vit_transform: ImageTransform | None = None,
-                 vae_sample_posterior: bool = False, text_bucket: int = TEXT_BUCKET):
+                 text_bucket: int = TEXT_BUCKET):
         self.cfg: BagelConfig = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.vae = vae
@@ -107,7 +108,6 @@ class Inferencer:
         self.max_context = max_context
         self.vae_transform = vae_transform or ImageTransform.vae_default()
         self.vit_transform = vit_transform or ImageTransform.vit_default()
-        self.vae_sample_posterior = vae_sample_posterior
         self.text_bucket = text_bucket
         self.dtype = dtype_of(self.cfg.compute_dtype)
         tok = self.cfg.special_tokens
@@ -151,7 +151,8 @@ class Inferencer:
         return Context(cache, ctx.kv_len + n, ctx.rope + 1, ctx.n_splits + 1)
 
     def encode_latent_tokens(self, pixels: np.ndarray, rng: jax.Array | None = None) -> tuple[jax.Array, int, int]:
-        """[H, W, 3] in [-1, 1] (multiples of the latent stride) -> clean latent tokens [h*w, p*p*z]."""
+        """[H, W, 3] in [-1, 1] (multiples of the latent stride) -> clean latent tokens [h*w, p*p*z]: the VAE
+        posterior sampled with `rng` (the official), or its mean without."""
         if self.vae is None:
             raise ValueError("this Inferencer has no VAE: image inputs for generation need one")
         H, W, _ = pixels.shape
@@ -160,7 +161,7 @@ class Inferencer:
             raise ValueError(f"VAE image size {H}x{W} is not a multiple of {ds}")
         h, w = H // ds, W // ds
         self._check_latent_grid(h, w, f"VAE image {H}x{W}")
-        lat = _vae_encode(self.vae_graphdef, self.vae_state, jnp.asarray(pixels)[None], self.vae_sample_posterior, rng)
+        lat = _vae_encode(self.vae_graphdef, self.vae_state, jnp.asarray(pixels)[None], rng is not None, rng)
         rows, cols = np.divmod(np.arange(h * w), w)
         tokens = latent_tokens_from_latents(lat, jnp.zeros((h * w,), jnp.int32),
                                             jnp.asarray(np.stack([rows, cols], 1), jnp.int32), self.cfg.latent_patch_size)
@@ -309,7 +310,7 @@ class Inferencer:
         system_prompt_ids: Sequence[int] | None = None, max_think_token_n: int = 1000, do_sample: bool = False,
         text_temperature: float = 0.3, image_shapes: tuple[int, int] = (1024, 1024), init_noise=None,
         rng: jax.Array | None = None, return_velocities: bool = False, output_shape: tuple[int, int] | None = None,
-        **gen_kwargs,
+        vae_posterior: str = "sample", **gen_kwargs,
     ) -> dict[str, Any]:
         """`inputs`: token-id lists (text) and PIL images, in order. Returns a dict with `text_ids`
         (understanding / thinking output), and for generation `latent`, `decoded`, `image` (uint8).
@@ -318,7 +319,7 @@ class Inferencer:
         ctx = self.build_contexts(inputs, understanding_output=understanding_output, think=think,
                                   system_prompt_ids=system_prompt_ids, max_think_token_n=max_think_token_n,
                                   do_sample=do_sample, text_temperature=text_temperature,
-                                  image_shapes=image_shapes, rng=rng)
+                                  image_shapes=image_shapes, rng=rng, vae_posterior=vae_posterior)
         out: dict[str, Any] = {k: ctx[k] for k in ("text_ids",) if k in ctx}
         if understanding_output:
             return out
@@ -337,13 +338,23 @@ class Inferencer:
         self, inputs: Sequence[Any], *, understanding_output: bool = False, think: bool = False,
         system_prompt_ids: Sequence[int] | None = None, max_think_token_n: int = 1000, do_sample: bool = False,
         text_temperature: float = 0.3, image_shapes: tuple[int, int] = (1024, 1024), rng: jax.Array | None = None,
+        vae_posterior: str = "sample",
     ) -> dict[str, Any]:
         """The official context building of `interleave_inference`: returns the cond (`gen`), text-uncond
         (`cfg_text`) and image-uncond (`cfg_img`) contexts, the output `image_shapes`, and `text_ids` when
-        text was generated (understanding answer, or the think-mode reasoning appended to `gen`)."""
+        text was generated (understanding answer, or the think-mode reasoning appended to `gen`).
+        `vae_posterior` (`sampling_defaults.VAE_POSTERIORS`): input images are VAE-encoded as a posterior sample
+        (the official; image k's draw from `fold_in(rng, k)`: rng needed) or at its mean."""
         if think and system_prompt_ids is None:
             raise ValueError("think=True needs system_prompt_ids (the tokenized think system prompt)")
+        if vae_posterior not in VAE_POSTERIORS:
+            raise ValueError(f"vae_posterior={vae_posterior!r}; expected one of {VAE_POSTERIORS}")
+        vae_images = 0 if understanding_output else sum(isinstance(x, Image.Image) for x in inputs)
+        if vae_posterior == "sample" and vae_images and rng is None:
+            raise ValueError("vae_posterior='sample' (the official) draws the input images' VAE posterior: give rng "
+                             "(a jax.random key), or vae_posterior='mean'")
         gen = cfg_text = cfg_img = self.new_context()
+        n_vae = 0
         # until an image comes, the image-uncond context is the cond one: the same object (computed once; the
         # sampler then runs 2 branches, not 3 identical ones: `generate_image_latents`)
         if think:
@@ -352,7 +363,9 @@ class Inferencer:
             if isinstance(item, Image.Image):
                 item = self.vae_transform.resize(item)
                 if not understanding_output:
-                    gen = self.add_vae_image(gen, item)
+                    key = jax.random.fold_in(rng, n_vae) if vae_posterior == "sample" else None
+                    gen = self.add_vae_image(gen, item, key)
+                    n_vae += 1
                 gen = self.add_vit_image(gen, item)
                 image_shapes = (item.size[1], item.size[0])
                 cfg_text = gen

@@ -19,10 +19,19 @@ class TaskDefaults:
     cfg_renorm_min: float = 0.0
     timestep_shift: float = 3.0
     num_timesteps: int = 50
+    # how reference images are VAE-encoded (VAE_POSTERIORS); None: a setting text-to-image does not have
+    vae_posterior: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a request gets, by name (those the task does not have left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
+# "sample": mean + std * N(0, 1), drawn from the request's seed (the official: its AutoEncoder's DiagonalGaussian
+# samples, also for the context images of inference); "mean": the posterior mean (the golden recordings')
+VAE_POSTERIORS = ("sample", "mean")
 T2I_DEFAULTS = TaskDefaults(4.0, 1.5, (0.4, 1.0), "global")
-EDIT_DEFAULTS = TaskDefaults(4.0, 2.0, (0.0, 1.0), "text_channel")
+EDIT_DEFAULTS = TaskDefaults(4.0, 2.0, (0.0, 1.0), "text_channel", vae_posterior="sample")
 DEFAULT_SIZE = (1024, 1024)  # output size of text-to-image without a size
 
 
@@ -51,5 +60,5 @@ def task_defaults(has_images: bool) -> TaskDefaults:
 def default_settings(has_images: bool) -> dict[str, Any]:
     """The sampler settings and dtype a request with (or without) reference images gets when it names none,
     as JSON values (the interval a list)."""
-    d = dataclasses.asdict(task_defaults(has_images))
+    d = task_defaults(has_images).settings()
     return {**d, "cfg_interval": list(d["cfg_interval"]), "dtype": default_dtype()}

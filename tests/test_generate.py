@@ -70,6 +70,8 @@ def test_generator_reproduces_golden(golden_dir, gen, case, monkeypatch):
     d = load_npz(golden_dir / f"{case}.npz")
     ids, images, kw = _golden_request(d)
     size = tuple(kw.pop("image_shapes")) if "image_shapes" in kw else None
+    if images:  # recorded at the posterior mean (golden README), where the official default samples
+        kw["vae_posterior"] = "mean"
     # the CLI draws the initial noise from the seed; feed the golden one through the same call
     noise = np.asarray(d["init_noise"])[None]
 
@@ -347,6 +349,34 @@ def test_resume_refuses_a_finished_request_made_otherwise(golden_dir, gen, sz, t
     capsys.readouterr()
     assert G.main(["--ckpt", str(golden_dir), "--prompt-ids", "1", "--regenerate"]) == 2
     assert capsys.readouterr().err.strip() == "error: --regenerate applies to --prompts (batch mode) only"
+
+
+def test_editing_samples_the_vae_posterior_as_the_official(golden_dir, gen, sz, tmp_path, monkeypatch):
+    """Reference images are VAE-encoded as the official inference does (its DiagonalGaussian samples the
+    posterior): a draw from the request's seed (the same seed, the same pictures), unless vae_posterior=mean; the
+    setting is recorded with editing requests and is not a setting of text-to-image."""
+    d = load_npz(golden_dir / "multiref.npz")
+    ids, images, _ = _golden_request(d)
+    seen = []
+    real = gen.inf.interleave_inference
+    monkeypatch.setattr(gen.inf, "interleave_inference", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    run = lambda **kw: gen.generate(prompt_ids=ids, images=images, num_timesteps=3, **kw)["settings"]
+    assert run(seed=0)["vae_posterior"] == "sample"
+    assert run(seed=0)["vae_posterior"] == "sample"
+    run(seed=1)
+    assert run(seed=0, vae_posterior="mean")["vae_posterior"] == "mean"
+    run(seed=1, vae_posterior="mean")
+    lat = [np.asarray(r["latent"]) for r in seen]
+    np.testing.assert_array_equal(lat[0], lat[1])  # reproducible from the seed
+    assert max_err(lat[0], lat[3]) > 1e-4  # the posterior sample is not the mean
+    # the seed draws the sampler's noise and the posterior: seed 1 against seed 0 differs beyond the noise's part
+    assert max_err(lat[2] - lat[0], lat[4] - lat[3]) > 1e-4
+    with pytest.raises(G.GenerateError, match=r"vae_posterior \(--vae-posterior\) 'median': expected one of sample, mean"):
+        run(seed=0, vae_posterior="median")
+    # text-to-image: no VAE-encoded input, no such setting (eval.run's --gen-arg covers both kinds of benchmark)
+    recs = G.run_requests(gen, [dict(id="t", prompt_ids=[1, 2], size=sz.size, sampler=dict(vae_posterior="mean"))],
+                          tmp_path, overrides=dict(num_timesteps=2), progress=False)
+    assert "vae_posterior" not in recs[0]["settings"]
 
 
 def test_bad_inputs_give_clear_errors(golden_dir, gen, tmp_path):
@@ -703,6 +733,8 @@ def test_bad_flags_are_refused_before_the_weights_load(golden_dir, sz, tmp_path,
          "error: --size, --seed, --cfg-text-scale, --steps would be ignored by --understand"),
         (und + ["--num-images", "2"], "error: --num-images would be ignored by --understand"),
         (base + ["--max-new-tokens", "9"], "error: --max-new-tokens would be ignored without --think or --understand"),
+        (base + ["--vae-posterior", "mean"], "error: --vae-posterior would be ignored without --image"),
+        (und + ["--vae-posterior", "mean"], "error: --vae-posterior would be ignored by --understand"),
         (["--ckpt", str(golden_dir), "--prompt", "a cat", "--prompt-ids", "5,6,7", "--size", sz.hw],
          "error: both a prompt and prompt ids given"),
         (["--ckpt", str(golden_dir), "--prompt", "", "--size", sz.hw], "error: prompt '' is empty"),

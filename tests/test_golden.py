@@ -257,6 +257,15 @@ def inferencer(golden_dir, loaded):
     return golden_inferencer(*loaded, max_context=golden_max_context(golden_dir, loaded[0]))
 
 
+def _golden_kwargs(d) -> dict:
+    """A case's recorded sampler settings, with the posterior setting it was recorded with (the golden README:
+    `DiagonalGaussian.sample = False`, the mean; the official default samples) and `image_shapes` a tuple."""
+    kw = dict(npz_json(d["kwargs_json"]), vae_posterior="mean")
+    if "image_shapes" in kw:
+        kw["image_shapes"] = tuple(kw["image_shapes"])
+    return kw
+
+
 def _inputs(d):
     prompts = iter(npz_json(d["prompt_ids_json"]))
     n_img = 0
@@ -273,9 +282,7 @@ def _inputs(d):
 @pytest.mark.parametrize("case", ["t2i", "multiref"])
 def test_image_generation(golden_dir, inferencer, case):
     d = load_npz(golden_dir / f"{case}.npz")
-    kw = npz_json(d["kwargs_json"])
-    if "image_shapes" in kw:
-        kw["image_shapes"] = tuple(kw["image_shapes"])
+    kw = _golden_kwargs(d)
     out = inferencer.interleave_inference(_inputs(d), init_noise=d["init_noise"], return_velocities=True, **kw)
     vel = np.asarray(out["velocities"])
     assert vel.shape == d["dbg_velocity_per_step"].shape
@@ -294,9 +301,7 @@ def test_new_cfg_scale_values_compile_nothing(golden_dir, inferencer, case):
     import echo4o_jax.inference as inference
 
     d = load_npz(golden_dir / f"{case}.npz")
-    kw = npz_json(d["kwargs_json"])
-    if "image_shapes" in kw:
-        kw["image_shapes"] = tuple(kw["image_shapes"])
+    kw = _golden_kwargs(d)
     other = dict(kw, cfg_text_scale=kw["cfg_text_scale"] + 1.5, cfg_renorm_min=0.25)
     if kw["cfg_img_scale"] > 1.0:
         other["cfg_img_scale"] = kw["cfg_img_scale"] + 0.75
@@ -319,10 +324,8 @@ def test_sampler_attends_a_cache_cut_to_the_context(golden_dir, loaded, case, mo
     bucket = inference.SAMPLER_CACHE_BUCKET
     big = golden_inferencer(*loaded, max_context=golden_max_context(golden_dir, loaded[0]) + 2 * bucket)
     d = load_npz(golden_dir / f"{case}.npz")
-    kw = npz_json(d["kwargs_json"])
-    if "image_shapes" in kw:
-        kw["image_shapes"] = tuple(kw["image_shapes"])
-    ctx = big.build_contexts(_inputs(d), image_shapes=kw.get("image_shapes"))
+    kw = _golden_kwargs(d)
+    ctx = big.build_contexts(_inputs(d), image_shapes=kw.get("image_shapes"), vae_posterior="mean")
     want = -(-max(ctx[k].kv_len for k in ("gen", "cfg_text", "cfg_img")) // bucket) * bucket
     assert want < big.max_context
     capacities = []
@@ -332,6 +335,25 @@ def test_sampler_attends_a_cache_cut_to_the_context(golden_dir, loaded, case, mo
     out = big.interleave_inference(_inputs(d), init_noise=d["init_noise"], return_velocities=True, **kw)
     assert set(capacities) == {want}
     assert max_err(np.asarray(out["velocities"]), d["dbg_velocity_per_step"]) <= 1e-4
+
+
+def test_input_images_sample_the_vae_posterior_unless_mean(golden_dir, inferencer):
+    """The official default samples the posterior of input images (a key is needed), the mean on request; an
+    RGBA image goes on white before its resize (the official `pil_img2rgb`), not through a plain RGB convert."""
+    d = load_npz(golden_dir / "multiref.npz")
+    with pytest.raises(ValueError, match="vae_posterior='sample' .* give rng"):
+        inferencer.build_contexts(_inputs(d))
+    with pytest.raises(ValueError, match="vae_posterior='median'"):
+        inferencer.build_contexts(_inputs(d), vae_posterior="median")
+    img = next(x for x in _inputs(d) if isinstance(x, Image.Image))
+    pixels = inferencer.vae_transform(img)
+    key = jax.random.key(0)
+    mean, sample = (np.asarray(inferencer.encode_latent_tokens(pixels, k)[0]) for k in (None, key))
+    np.testing.assert_array_equal(sample, np.asarray(inferencer.encode_latent_tokens(pixels, key)[0]))
+    assert max_err(sample, mean) > 1e-4
+    rgba = img.convert("RGBA")
+    rgba.putalpha(0)  # fully transparent: white, as the official
+    assert np.asarray(inferencer.vae_transform.resize(rgba)).min() == 255
 
 
 def test_understanding_text(golden_dir, inferencer):
@@ -372,7 +394,7 @@ def test_text_to_image_runs_two_cfg_branches_for_the_official_three(golden_dir, 
     assert set(branches) == {3}
     np.testing.assert_array_equal(np.asarray(two), np.asarray(three))
     m = load_npz(golden_dir / "multiref.npz")
-    ctx = inferencer.build_contexts(_inputs(m))
+    ctx = inferencer.build_contexts(_inputs(m), vae_posterior="mean")
     assert len({id(ctx[k]) for k in ("gen", "cfg_text", "cfg_img")}) == 3
     ctx = inferencer.build_contexts(_inputs(d), think=True, system_prompt_ids=[1, 2, 3], max_think_token_n=3)
     assert len({id(ctx[k]) for k in ("gen", "cfg_text", "cfg_img")}) == 3

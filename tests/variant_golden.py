@@ -405,7 +405,7 @@ def record_generation(out: pathlib.Path, name: str, cfg, inf, rng, p: dict) -> N
         shape_src = images[-1].shape[:2]
     H, W = shape_src
     init_noise = rng.standard_normal(((H // ds) * (W // ds), cfg.patch_latent_dim)).astype(np.float32)
-    call_kw = dict(kw)
+    call_kw = dict(kw, vae_posterior="mean")  # (as the golden recordings: the posterior mean)
     if "image_shapes" in call_kw:
         call_kw["image_shapes"] = tuple(call_kw["image_shapes"])
     res = inf.interleave_inference(_inputs(order, prompts, images), init_noise=init_noise, return_velocities=True,
