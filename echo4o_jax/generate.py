@@ -15,7 +15,8 @@ cfg_interval [0.4, 1.0], renorm `global`; with reference images (multi-reference
 scale 4.0, image scale 2.0, cfg_interval [0.0, 1.0], renorm `text_channel`; shift 3.0, 50 steps.
 Every one is overridable (checked: steps at least 2, scales >= 0, 0 <= cfg_interval low <= high <= 1,
 0 <= renorm min <= 1, shift > 0). `--think` adds the official "think" system prompt and generates the
-reasoning text (at most --max-new-tokens, default 500) before the image (or the answer). A prompt
+reasoning text (at most --max-new-tokens, default 1000 as the official interleave_inference) before the
+image (or the answer). A prompt
 (text or ids, not both) must not be empty; flags a mode would ignore are refused (e.g. --size, --seed,
 --steps or --cfg-* with --understand; --max-new-tokens without --think or --understand).
 
@@ -106,7 +107,7 @@ SAMPLER_FLAGS = {k: "--steps" if k == "num_timesteps" else "--" + k.replace("_",
 # the keys of a batch request (a --prompts line, or a generate_batch request); any other is refused
 REQUEST_KEYS = ("id", "prompt", "prompt_ids", "images", "size", "seed", "num_images", "think", "max_new_tokens",
                 "sampler")
-DEFAULT_MAX_NEW_TOKENS = 500  # the CLI's --max-new-tokens (understanding answer, think text)
+DEFAULT_MAX_NEW_TOKENS = 1000  # --max-new-tokens (understanding answer, think text): the official interleave_inference's
 DTYPES = ("float32", "bfloat16")  # --dtype, generate_batch's `dtype`
 MAX_ID_BYTES = 200  # a request id names files (<id>_<k>.png and its temporary .<id>_<k>.png.<pid>.tmp)
 
@@ -363,7 +364,12 @@ class Generator:
                                         compute_dtype=self.dtype, attention_impl=self.cfg.attention_impl)
             self.vae = load_any_vae(self.ckpt, self.cfg, shardings=vae_shardings)
         self.inf = Inferencer(self.model, self.vae, max_context=self.max_context, vae_transform=self._vae_transform,
-                              vit_transform=self._vit_transform, text_bucket=TEXT_BUCKET)
+                              vit_transform=self._vit_transform, text_bucket=TEXT_BUCKET,
+                              retokenize=None if self.tokenizer is None else self._retokenize)
+
+    def _retokenize(self, ids: Sequence[int]) -> list[int]:
+        """The think text's ids as the official feeds them back: its decoded string encoded again."""
+        return self.tokenizer.encode(self.decode_text(ids), add_special_tokens=False).ids
 
     # the resize transforms are the Inferencer's once it exists (the checks and the context building use one pair)
     vae_transform = _TransformSlot("vae_transform")
@@ -559,7 +565,9 @@ class Generator:
         images_out = res["image"] if res["image"].ndim == 4 else res["image"][None]
         out = dict(images=list(images_out), settings=r.sampler, size=list(r.shape), prompt_ids=r.ids)
         if "text_ids" in res:
-            out["think"] = self.decode_text(res["text_ids"][1:])
+            from .inference import answer_ids
+
+            out["think"] = self.decode_text(answer_ids(res["text_ids"], self.cfg.special_tokens.bos_token_id))
         return out
 
     @staticmethod
@@ -596,7 +604,7 @@ class Generator:
             out.append(dict(images=list(images), settings=kw, size=list(size), prompt_ids=r.ids))
         return out
 
-    def understand(self, prompt=None, *, prompt_ids=None, images: Sequence = (), max_new_tokens: int = 500,
+    def understand(self, prompt=None, *, prompt_ids=None, images: Sequence = (), max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                    think: bool = False) -> dict[str, Any]:
         ids = self.encode(prompt, prompt_ids)
         images = self._read_images(images)
@@ -612,8 +620,10 @@ class Generator:
     def _understand(self, ids, images, max_new_tokens, sys_ids) -> dict[str, Any]:
         res = self.inf.interleave_inference([*images, ids], understanding_output=True, think=sys_ids is not None,
                                             system_prompt_ids=sys_ids, max_think_token_n=max_new_tokens)
-        answer_ids = res["text_ids"][1:]
-        return dict(answer=self.decode_text(answer_ids), answer_ids=answer_ids)
+        from .inference import answer_ids
+
+        answer = answer_ids(res["text_ids"], self.cfg.special_tokens.bos_token_id)
+        return dict(answer=self.decode_text(answer), answer_ids=answer)
 
 
 def _load_tokenizer(ckpt: pathlib.Path):

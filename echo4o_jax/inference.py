@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,8 @@ from .model.qwen2_mot import KVCache
 from .model.vae import AutoEncoder
 from .sampling_defaults import VAE_POSTERIORS
 
-__all__ = ["Context", "Inferencer", "timestep_schedule", "cfg_branches", "cfg_combine", "CFG_RENORM_TYPES"]
+__all__ = ["Context", "Inferencer", "timestep_schedule", "answer_ids", "cfg_branches", "cfg_combine",
+           "CFG_RENORM_TYPES"]
 
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
 TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (one compilation per bucket, not per length)
@@ -59,6 +60,14 @@ def timestep_schedule(num_timesteps: int, shift: float) -> np.ndarray:
     t = np.linspace(1.0, 0.0, num_timesteps, dtype=np.float64).astype(np.float32)
     s = np.float32(shift)
     return (s * t / (np.float32(1.0) + (s - np.float32(1.0)) * t)).astype(np.float32)
+
+
+def answer_ids(text_ids: Sequence[int], bos: int) -> list[int]:
+    """The text of `Inferencer.generate_text`'s ids ([start token, generated...]): the generated ids up to a
+    generated start token `<|im_start|>`, where the official `gen_text` cuts its decoded string
+    (`split('<|im_end|>')[0].split('<|im_start|>')[1]`; an `<|im_end|>` ends the generation already)."""
+    out = list(text_ids[1:])
+    return out[:out.index(bos)] if bos in out else out
 
 
 def cfg_branches(text_scale: float, img_scale: float) -> tuple[bool, bool]:
@@ -99,7 +108,7 @@ class Inferencer:
 
     def __init__(self, model: Bagel, vae: AutoEncoder | None, *, max_context: int = 4096,
                  vae_transform: ImageTransform | None = None, vit_transform: ImageTransform | None = None,
-                 text_bucket: int = TEXT_BUCKET):
+                 text_bucket: int = TEXT_BUCKET, retokenize: Callable[[list[int]], list[int]] | None = None):
         self.cfg: BagelConfig = model.cfg
         self.graphdef, self.state = nnx.split(model)
         self.vae = vae
@@ -109,6 +118,9 @@ class Inferencer:
         self.vae_transform = vae_transform or ImageTransform.vae_default()
         self.vit_transform = vit_transform or ImageTransform.vit_default()
         self.text_bucket = text_bucket
+        # the official feeds a think text back as its decoded string encoded again (`update_context_text`): with a
+        # tokenizer, `retokenize` (decode then encode) does the same; without, the generated ids go back as they are
+        self.retokenize = retokenize
         self.dtype = dtype_of(self.cfg.compute_dtype)
         tok = self.cfg.special_tokens
         self.bos, self.eos, self.soi, self.eoi = tok.bos_token_id, tok.eos_token_id, tok.start_of_image, tok.end_of_image
@@ -286,6 +298,8 @@ class Inferencer:
         stopping before an `<|im_end|>` prediction."""
         if do_sample and rng is None:
             raise ValueError("do_sample=True needs rng")
+        if do_sample and not temperature > 0:  # (logits / 0: the official's softmax gives NaN and sampling fails)
+            raise ValueError(f"do_sample=True needs a temperature > 0, got {temperature}")
         cache, kv_len, rope, n_splits = ctx.cache, ctx.kv_len, ctx.rope, ctx.n_splits
         tok = self.bos
         out = []
@@ -297,7 +311,7 @@ class Inferencer:
             kv_len, rope, n_splits = kv_len + 1, rope + 1, n_splits + 1
             if do_sample:
                 rng, sub = jax.random.split(rng)
-                tok = int(jax.random.categorical(sub, logits / temperature))
+                tok = int(jax.random.categorical(sub, logits.astype(jnp.float32) / temperature))
             else:
                 tok = int(jnp.argmax(logits))
             if tok == self.eos:
@@ -381,7 +395,8 @@ class Inferencer:
                                      temperature=text_temperature, rng=rng)
             out["text_ids"] = ids
             if not understanding_output:
-                out["gen"] = self.add_text(gen, ids[1:])
+                think = answer_ids(ids, self.bos)
+                out["gen"] = self.add_text(gen, self.retokenize(think) if self.retokenize else think)
         return out
 
 
@@ -493,7 +508,8 @@ def _decode_step(graphdef, state, cache, token, rope, kv_len, split):
     x = model.llm.embed_tokens(token[None], dt)
     meta = _meta(1, split, CAUSAL, kv_len)
     h, kv = _run(model, x, 1, meta, rope[None], cache, return_kv=True)
-    return model.llm.logits(h)[0], _write(cache, kv, meta, kv_len)
+    # logits in the compute dtype, as the official's lm_head output under bf16 autocast (its argmax: bf16 ties)
+    return model.llm.logits(h)[0].astype(dt), _write(cache, kv, meta, kv_len)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

@@ -865,12 +865,12 @@ def test_think_token_limit_in_batch_mode(golden_dir, gen, sz, tmp_path, monkeypa
     assert gen.check_request(dict(think, max_new_tokens=3), {}, 7).max_think_tokens == 3  # the request's own
     with pytest.raises(G.GenerateError, match=r"max_new_tokens \(think\) 0: must be at least 1"):
         gen.check_request(dict(think, max_new_tokens=0), {}, 7)
-    # the CLI passes --max-new-tokens (default 500) to run_requests
+    # the CLI passes --max-new-tokens to run_requests (default 1000, the official interleave_inference's)
     seen = []
     monkeypatch.setattr(G, "run_requests", lambda *a, **kw: kw["counts"].update(generated=0)
                         or seen.append(kw["max_new_tokens"]) or [])
     f = _write_jsonl(tmp_path / "reqs.jsonl", [dict(think, id="t")])
-    for extra, want in [([], 500), (["--max-new-tokens", "12"], 12)]:
+    for extra, want in [([], 1000), (["--max-new-tokens", "12"], 12)]:
         assert G.main(["--ckpt", str(golden_dir), "--prompts", str(f), "--out", str(tmp_path / "o"), *extra]) == 0
         assert seen[-1] == want
 
@@ -880,8 +880,9 @@ def test_think_requests_are_checked_for_the_context_they_take(golden_dir, sz, mo
     left out) and the bucket padding of the think text added back. A request that passed the check overflowed
     mid-batch (a traceback, exit 1); at the smallest max_context the check takes, generation fits."""
     class Tok:  # the golden checkpoint has no tokenizer; think mode needs one for its system prompt
-        def encode(self, text, add_special_tokens=False):
-            return type("E", (), {"ids": list(range(1, 41))})()  # a 40-token system prompt
+        def encode(self, text, add_special_tokens=False):  # a 40-token system prompt; the think text round trips
+            ids = list(range(1, 41)) if text == G.GEN_THINK_SYSTEM_PROMPT else [int(x) for x in text.split()]
+            return type("E", (), {"ids": ids})()
 
         def decode(self, ids, **kw):
             return " ".join(map(str, ids))

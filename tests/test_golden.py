@@ -363,6 +363,56 @@ def test_understanding_text(golden_dir, inferencer):
     assert out["text_ids"] == d["text_ids"].tolist()
 
 
+def test_think_text_goes_back_as_the_official_cuts_and_encodes_it(golden_dir, inferencer, monkeypatch):
+    """The official `gen_text` decodes the generated ids and keeps the text between the start token and a
+    generated `<|im_start|>`; `interleave_inference` encodes that string again for the context. Ours: the ids cut
+    there (`answer_ids`), then `retokenize` (the Generator's decode + encode) when the Inferencer has one."""
+    import echo4o_jax.inference as inference
+
+    bos = inferencer.bos
+    assert inference.answer_ids([bos, 7, 8, bos, 9], bos) == [7, 8] and inference.answer_ids([bos], bos) == []
+    d = load_npz(golden_dir / "t2i.npz")
+    shape = _golden_kwargs(d)["image_shapes"]
+
+    def think_context(generated, retokenize=None):
+        monkeypatch.setattr(inferencer, "generate_text", lambda *a, **k: generated)
+        monkeypatch.setattr(inferencer, "retokenize", retokenize)
+        c = inferencer.build_contexts(_inputs(d), think=True, system_prompt_ids=[1, 2, 3], image_shapes=shape)
+        return c["gen"]
+
+    def same(a, b):
+        assert (a.kv_len, a.rope) == (b.kv_len, b.rope)
+        np.testing.assert_array_equal(np.asarray(a.cache.k), np.asarray(b.cache.k))
+
+    same(think_context([bos, 7, 8, bos, 9]), think_context([bos, 7, 8]))
+    same(think_context([bos, 7, 8], retokenize=lambda ids: [*ids, 11]), think_context([bos, 7, 8, 11]))
+    assert think_context([bos, 7, 8]).kv_len != think_context([bos, 7, 8, 11]).kv_len  # (the comparison sees ids)
+
+
+def test_text_decoding_stops_before_the_end_token_and_checks_its_temperature(inferencer, monkeypatch):
+    """Greedy decoding feeds the start token, then each argmax, and stops when `<|im_end|>` is predicted
+    (not returned), as the official `generate_text`; sampling at temperature <= 0 is an error (the official's
+    softmax of logits / 0 is NaN)."""
+    import echo4o_jax.inference as inference
+
+    ctx = inferencer.add_text(inferencer.new_context(), [5, 6, 7])
+    free = inferencer.generate_text(ctx, max_length=6)
+    assert len(free) == 6 and free[0] == inferencer.bos and inferencer.eos not in free
+    real, calls = inference._decode_step, []
+
+    def ends_at_third(*a):
+        logits, cache = real(*a)
+        calls.append(1)
+        return (logits.at[inferencer.eos].set(1e9) if len(calls) == 3 else logits), cache
+
+    monkeypatch.setattr(inference, "_decode_step", ends_at_third)
+    assert inferencer.generate_text(ctx, max_length=6) == free[:3]
+    monkeypatch.setattr(inference, "_decode_step", real)
+    for t in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature > 0"):
+            inferencer.generate_text(ctx, max_length=3, do_sample=True, temperature=t, rng=jax.random.key(0))
+
+
 def test_text_to_image_runs_two_cfg_branches_for_the_official_three(golden_dir, inferencer, monkeypatch):
     """With no input image, the official image-uncond context is the cond one (the same text): it is built once
     (the same object) and the sampler runs 2 branches, taking the cond velocity for the image-uncond one. The
