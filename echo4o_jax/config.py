@@ -323,6 +323,12 @@ class BagelConfig:
             raise ConfigError(f"hidden_size={l.hidden_size} must be a multiple of 4 for the 2-D sin-cos tables")
         if self.vit.hidden_size % self.vit.num_heads:
             raise ConfigError("vit hidden_size must be a multiple of num_attention_heads")
+        side = self.vit.image_size // self.vit.patch_size
+        if self.vit_max_num_patch_per_side > side:  # (ids row * max_side + col index SigLIP's table of side^2 rows:
+            # past it, the lookup gives NaN silently; the official's nn.Embedding raises)
+            raise ConfigError(f"vit_max_num_patch_per_side={self.vit_max_num_patch_per_side} exceeds SigLIP's position "
+                              f"table: vit image_size {self.vit.image_size} / patch_size {self.vit.patch_size} = {side} "
+                              "patches per side")
         if self.connector_act != "gelu_pytorch_tanh":
             raise ConfigError(f"connector_act={self.connector_act!r} is not supported")
         if self.remat not in ("none", "full", "dots", "dots_no_batch"):

@@ -430,7 +430,7 @@ class Generator:
     @staticmethod
     def _grid_problem(problems: dict, h: int, w: int, limit: int, stride: int, what: str, fix: str,
                       note: str = "") -> None:
-        """Adds to `problems` (the first of each `what`) when an h x w image is over the position table."""
+        """Adds to `problems` (once per `what`) when an h x w image is over the position table."""
         if (h // stride > limit or w // stride > limit) and what not in problems:
             problems[what] = (f"{what} {h}x{w}{note} exceeds the model's position table ({limit} x {stride} = "
                               f"{limit * stride} px per side); {fix}")
@@ -459,15 +459,17 @@ class Generator:
 
         if sys_ids is not None:
             add_text(len(sys_ids))
-        for im in images:
+        for i, im in enumerate(images):
             w, h = _resized_size(self.vae_transform, im.size)
+            src = f" (from {im.size[0]}x{im.size[1]})"  # (which of several inputs is at fault: its index and size)
             if not understanding:  # understanding feeds the ViT only (official vae=not understanding_output)
-                self._grid_problem(problems, h, w, c.max_latent_size, c.latent_downsample, "VAE-resized input image",
-                                   f"lower the VAE resize ({SETTING_FLAGS['vae_transform']})")
+                self._grid_problem(problems, h, w, c.max_latent_size, c.latent_downsample, f"input image {i} VAE-resized",
+                                   f"lower the VAE resize ({SETTING_FLAGS['vae_transform']})", src)
                 add((h // c.latent_downsample) * (w // c.latent_downsample) + 2)
             vw, vh = _resized_size(self.vit_transform, (w, h))
             self._grid_problem(problems, vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size,
-                               "ViT-resized input image", f"lower the ViT resize ({SETTING_FLAGS['vit_transform']})")
+                               f"input image {i} ViT-resized", f"lower the ViT resize ({SETTING_FLAGS['vit_transform']})",
+                               src)
             add((vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2)
         add_text(len(ids))
         if new_tokens:

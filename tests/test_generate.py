@@ -555,7 +555,8 @@ def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, caps
     assert G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--understand",
                    *over, "--out", str(tmp_path / "und2")]) == 2
     err = capsys.readouterr().err
-    want = rf"error: ViT-resized input image \d+x\d+ exceeds .*{vit_max} x {p} = {vit_side} px.*--vit-transform"
+    want = (rf"error: input image 0 ViT-resized \d+x\d+ \(from 64x64\) exceeds .*{vit_max} x {p} = {vit_side} px"
+            r".*--vit-transform")
     assert re.search(want, err), err
     assert not (tmp_path / "und2").exists()
     # generating from it instead: every size over the model's tables in one error (they came one at a time)
@@ -563,8 +564,16 @@ def test_understanding_checks_only_what_it_feeds(golden_dir, gen, tmp_path, caps
                    str(vit_side + p), str(vit_side + p), "--out", str(tmp_path / "gen")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "Traceback" not in err, err
-    for what in ("VAE-resized input image", "ViT-resized input image", "output size"):
+    for what in ("input image 0 VAE-resized", "input image 0 ViT-resized", "output size"):
         assert err.count(f"{what} ") == 1, (what, err)
+    # two input images, the second over the tables: it is the one named
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((8, 4 * vit_side, 3), 9, np.uint8)).save(big)
+    assert G.main(["--ckpt", str(golden_dir), "--prompt-ids", "5,6", "--image", str(img), "--image", str(big),
+                   "--vae-transform", "1024", str(c.latent_downsample), "--vit-transform", str(small), str(p),
+                   "--out", str(tmp_path / "gen2")]) == 2
+    err = capsys.readouterr().err
+    assert "input image 1 " in err and "input image 0 " not in err and f"(from {4 * vit_side}x8)" in err, err
     # the context count leaves out the VAE tokens understanding never adds, and counts what the context building
     # adds: an image (its ViT tokens; its VAE tokens when generating), the prompt (3 ids + bos / eos, room for a
     # text bucket), the generated tokens one by one. The picture: the largest side <= 6 latent tokens whose ViT

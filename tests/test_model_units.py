@@ -447,3 +447,17 @@ def test_cfg_combine_equals_the_official_guidance():
                 unclamped = _official_guidance(v, v_text, v_img, text_scale, img_scale, renorm_type, 0.0)
                 clamped += not np.allclose(want, unclamped)
     assert clamped == len(CFG_RENORM_TYPES)
+
+
+def test_the_vit_position_grid_must_fit_siglips_table():
+    """ViT position ids are row * vit_max_num_patch_per_side + col into SigLIP's (image_size / patch)^2 table: a
+    grid side over the table's (a smaller SigLIP with the release's 70) is a config error; a lookup past the table
+    gave NaN activations silently (the official's nn.Embedding raises)."""
+    from echo4o_jax.config import ConfigError
+
+    cfg = BagelConfig.bagel_7b_mot()
+    cfg.validate()  # the release: 980 / 14 = 70 = vit_max_num_patch_per_side
+    small = dataclasses.replace(cfg, vit=dataclasses.replace(cfg.vit, image_size=384))
+    with pytest.raises(ConfigError, match=r"vit_max_num_patch_per_side=70 exceeds .* 384 / patch_size 14 = 27"):
+        small.validate()
+    dataclasses.replace(small, vit_max_num_patch_per_side=27).validate()
