@@ -300,22 +300,17 @@ class Inferencer:
             raise ValueError("do_sample=True needs rng")
         if do_sample and not temperature > 0:  # (logits / 0: the official's softmax gives NaN and sampling fails)
             raise ValueError(f"do_sample=True needs a temperature > 0, got {temperature}")
-        cache, kv_len, rope, n_splits = ctx.cache, ctx.kv_len, ctx.rope, ctx.n_splits
-        tok = self.bos
-        out = []
-        for step in range(max_length):
-            out.append(tok)
-            self._check_room(Context(cache, kv_len, rope, n_splits), 1, "a generated token")
-            logits, cache = _decode_step(self.graphdef, self.state, cache, jnp.int32(tok), jnp.int32(rope),
-                                         jnp.int32(kv_len), jnp.int32(n_splits))
-            kv_len, rope, n_splits = kv_len + 1, rope + 1, n_splits + 1
-            if do_sample:
-                rng, sub = jax.random.split(rng)
-                tok = int(jax.random.categorical(sub, logits.astype(jnp.float32) / temperature))
-            else:
-                tok = int(jnp.argmax(logits))
-            if tok == self.eos:
-                break
+        # the whole loop runs on the device (`_decode_loop`: one dispatch, the cache updated in place; it was a
+        # dispatch, a host sync and a copy of the cache per token); it stops at max_length, at an <|im_end|>
+        # prediction, or where the context is full (then, as each token is checked for room, an error)
+        room = self.max_context - ctx.kv_len
+        ids, n, ended = _decode_loop(self.graphdef, self.state, ctx.cache, jnp.int32(ctx.rope), jnp.int32(ctx.kv_len),
+                                     jnp.int32(ctx.n_splits), jnp.int32(max(0, min(max_length, room))),
+                                     jnp.int32(self.bos), jnp.int32(self.eos), jnp.float32(temperature), rng,
+                                     max_length, do_sample)
+        out = np.asarray(ids)[:int(n)].tolist()
+        if room < max_length and not bool(ended):
+            self._check_room(Context(ctx.cache, ctx.kv_len + len(out), 0, 0), 1, "a generated token")
         return out
 
     # ------------------------------------------------------------------ interleaved
@@ -501,15 +496,38 @@ def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, 
     return jax.vmap(one_request)(x_t, caches, ropes)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _decode_step(graphdef, state, cache, token, rope, kv_len, split):
+@functools.partial(jax.jit, static_argnums=(0, 11, 12))
+def _decode_loop(graphdef, state, cache, rope, kv_len, split, limit, bos, eos, temperature, rng, max_length: int,
+                 do_sample: bool):
+    """`Inferencer.generate_text` on the device: from the start token, each step writes the token to the cache
+    (its own split, the next position) and picks the next one (argmax, or a sample at `temperature` with a key
+    split off `rng` per step), until `<|im_end|>` is picked or `limit` (<= max_length) tokens are out. Returns
+    (ids [max_length], the count, whether it ended on <|im_end|>). The cache is the loop's carry: updated in
+    place (the caller's buffer is copied once, not per token)."""
     model = nnx.merge(graphdef, state)
     dt = dtype_of(model.cfg.compute_dtype)
-    x = model.llm.embed_tokens(token[None], dt)
-    meta = _meta(1, split, CAUSAL, kv_len)
-    h, kv = _run(model, x, 1, meta, rope[None], cache, return_kv=True)
-    # logits in the compute dtype, as the official's lm_head output under bf16 autocast (its argmax: bf16 ties)
-    return model.llm.logits(h)[0].astype(dt), _write(cache, kv, meta, kv_len)
+    rng = jax.random.key(0) if rng is None else rng
+
+    def body(carry):
+        i, tok, cache, ids, _, rng = carry
+        ids = ids.at[i].set(tok)
+        x = model.llm.embed_tokens(tok[None], dt)
+        meta = _meta(1, split + i, CAUSAL, kv_len + i)
+        h, kv = _run(model, x, 1, meta, (rope + i)[None], cache, return_kv=True)
+        cache = _write(cache, kv, meta, kv_len + i)
+        # logits in the compute dtype, as the official's lm_head output under bf16 autocast (argmax: bf16 ties)
+        logits = model.llm.logits(h)[0].astype(dt)
+        if do_sample:
+            rng, sub = jax.random.split(rng)
+            nxt = jax.random.categorical(sub, logits.astype(jnp.float32) / temperature)
+        else:
+            nxt = jnp.argmax(logits)
+        nxt = nxt.astype(jnp.int32)
+        return i + 1, nxt, cache, ids, nxt == eos, rng
+
+    init = (jnp.int32(0), bos, cache, jnp.zeros((max_length,), jnp.int32), jnp.bool_(False), rng)
+    n, _, _, ids, ended, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4], body, init)
+    return ids, n, ended
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))

@@ -393,21 +393,22 @@ def test_text_decoding_stops_before_the_end_token_and_checks_its_temperature(inf
     """Greedy decoding feeds the start token, then each argmax, and stops when `<|im_end|>` is predicted
     (not returned), as the official `generate_text`; sampling at temperature <= 0 is an error (the official's
     softmax of logits / 0 is NaN)."""
-    import echo4o_jax.inference as inference
-
     ctx = inferencer.add_text(inferencer.new_context(), [5, 6, 7])
     free = inferencer.generate_text(ctx, max_length=6)
     assert len(free) == 6 and free[0] == inferencer.bos and inferencer.eos not in free
-    real, calls = inference._decode_step, []
-
-    def ends_at_third(*a):
-        logits, cache = real(*a)
-        calls.append(1)
-        return (logits.at[inferencer.eos].set(1e9) if len(calls) == 3 else logits), cache
-
-    monkeypatch.setattr(inference, "_decode_step", ends_at_third)
-    assert inferencer.generate_text(ctx, max_length=6) == free[:3]
-    monkeypatch.setattr(inference, "_decode_step", real)
+    # the last token free decoding picked, as the end token: decoding stops before its first prediction
+    k = free.index(free[-1], 1)
+    monkeypatch.setattr(inferencer, "eos", free[-1])
+    assert inferencer.generate_text(ctx, max_length=6) == free[:k]
+    monkeypatch.undo()
+    # the context's room (no end token predicted): an error where a token would not fit, none up to the room
+    room = inferencer.max_context - ctx.kv_len
+    monkeypatch.setattr(inferencer, "eos", -1)
+    with pytest.raises(ValueError, match="context overflow while adding a generated token"):
+        inferencer.generate_text(ctx, max_length=room + 1)
+    full = inferencer.generate_text(ctx, max_length=room)
+    assert len(full) == room and full[:6] == free
+    monkeypatch.undo()
     for t in (0.0, -1.0):
         with pytest.raises(ValueError, match="temperature > 0"):
             inferencer.generate_text(ctx, max_length=3, do_sample=True, temperature=t, rng=jax.random.key(0))
