@@ -53,7 +53,8 @@ interrupted --regenerate run resumes). Ctrl-C, or an output that cannot be writt
 `error:` line naming it), stops the batch with one line saying how many requests are finished (kept:
 rerun the same command to resume); a rerun removes the temporary files (.<id>_<k>.png.<pid>.tmp) of a
 killed run. The sampler is compiled once per (resolution, number of references, which CFG terms apply:
-not per scale value) and reused; the CFG branches and the `num_images` images of a request run batched in one forward pass.
+not per scale value) and reused; the CFG branches and the `num_images` images of a request run batched in
+one forward pass.
 
 Without --size, text-to-image makes 1024x1024 and editing the last input image's VAE-resized size;
 either must fit the model's latent position table (an error names the largest size it allows).
@@ -463,13 +464,14 @@ class Generator:
             w, h = _resized_size(self.vae_transform, im.size)
             src = f" (from {im.size[0]}x{im.size[1]})"  # (which of several inputs is at fault: its index and size)
             if not understanding:  # understanding feeds the ViT only (official vae=not understanding_output)
-                self._grid_problem(problems, h, w, c.max_latent_size, c.latent_downsample, f"input image {i} VAE-resized",
+                self._grid_problem(problems, h, w, c.max_latent_size, c.latent_downsample,
+                                   f"input image {i} VAE-resized",
                                    f"lower the VAE resize ({SETTING_FLAGS['vae_transform']})", src)
                 add((h // c.latent_downsample) * (w // c.latent_downsample) + 2)
             vw, vh = _resized_size(self.vit_transform, (w, h))
             self._grid_problem(problems, vh, vw, c.vit_max_num_patch_per_side, c.vit.patch_size,
-                               f"input image {i} ViT-resized", f"lower the ViT resize ({SETTING_FLAGS['vit_transform']})",
-                               src)
+                               f"input image {i} ViT-resized",
+                               f"lower the ViT resize ({SETTING_FLAGS['vit_transform']})", src)
             add((vh // c.vit.patch_size) * (vw // c.vit.patch_size) + 2)
         add_text(len(ids))
         if new_tokens:
@@ -606,8 +608,8 @@ class Generator:
             out.append(dict(images=list(images), settings=kw, size=list(size), prompt_ids=r.ids))
         return out
 
-    def understand(self, prompt=None, *, prompt_ids=None, images: Sequence = (), max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                   think: bool = False) -> dict[str, Any]:
+    def understand(self, prompt=None, *, prompt_ids=None, images: Sequence = (),
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, think: bool = False) -> dict[str, Any]:
         ids = self.encode(prompt, prompt_ids)
         images = self._read_images(images)
         if not images:

@@ -390,8 +390,8 @@ class Inferencer:
                                      temperature=text_temperature, rng=rng)
             out["text_ids"] = ids
             if not understanding_output:
-                think = answer_ids(ids, self.bos)
-                out["gen"] = self.add_text(gen, self.retokenize(think) if self.retokenize else think)
+                think_ids = answer_ids(ids, self.bos)
+                out["gen"] = self.add_text(gen, self.retokenize(think_ids) if self.retokenize else think_ids)
         return out
 
 

@@ -371,7 +371,8 @@ def test_editing_samples_the_vae_posterior_as_the_official(golden_dir, gen, sz, 
     assert max_err(lat[0], lat[3]) > 1e-4  # the posterior sample is not the mean
     # the seed draws the sampler's noise and the posterior: seed 1 against seed 0 differs beyond the noise's part
     assert max_err(lat[2] - lat[0], lat[4] - lat[3]) > 1e-4
-    with pytest.raises(G.GenerateError, match=r"vae_posterior \(--vae-posterior\) 'median': expected one of sample, mean"):
+    with pytest.raises(G.GenerateError,
+                       match=r"vae_posterior \(--vae-posterior\) 'median': expected one of sample, mean"):
         run(seed=0, vae_posterior="median")
     # text-to-image: no VAE-encoded input, no such setting (eval.run's --gen-arg covers both kinds of benchmark)
     recs = G.run_requests(gen, [dict(id="t", prompt_ids=[1, 2], size=sz.size, sampler=dict(vae_posterior="mean"))],
