@@ -9,11 +9,14 @@ bit-identical); `--image-dtype float32` measures the older float32 batches (norm
 
 Workloads (synthetic photo-like JPEGs, quality 90, written once into --data-dir):
   * 512 / 1024: Echo-4o-like mix, 2/3 t2i (GPT-4o sizes 1:1, 3:2, 2:3 at that scale) + 1/3 multiref with 2
-    references, packed as the 7B recipe (configs/echo4o_7b.py, read from it): its VAE / ViT transforms
-    (official example.yaml: VAE (1024, 512, 16), 512-class images kept at 512; ViT (518, 224, 14)), its
-    token limits (expected 10240, max 11520, per sample 10240) and its static budget (text 1024 | vit 4224 |
-    vae 11264 in 4 VAE images of up to 1024 x 1024; the first line of the run prints it). One process per
-    host: 8 packs per step (one per device), built in --pack-threads threads.
+    references at half that scale (two full-scale 1024 references make a ~11,900-token sample, over the
+    recipe's per-sample limit: skipped, never decoded, as the official trainer skips it), loaded by the
+    pipeline the trainer builds for the 7B recipe (configs/echo4o_7b.py with this dataset: `pipeline_config_from`,
+    so its VAE / ViT transforms (official example.yaml: VAE (1024, 512, 16), 512-class images kept at 512; ViT
+    (518, 224, 14)), token limits (expected 10240, max 11520, per sample 10240), static budget (text 1024 |
+    vit 4224 | vae 11264 in 4 VAE images of up to 1024 x 1024; the first line of the run prints it),
+    dropouts, drop_unfit and the trainer's worker / read buffers and threads). One process per host: 8 packs
+    per step (one per device), built in the trainer's pack threads (--pack-threads overrides).
   * demo: configs/demo.py's own records pipeline (the offline demo set, 64 x 64 PNG, its budget).
 
 Consumption per step (stated in the table):
@@ -53,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from echo4o_jax.config import BagelConfig, SpecialTokens  # noqa: E402
 from echo4o_jax.train.data_sources import budget_from_config  # noqa: E402
 from echo4o_jax.data import demo as demo_mod  # noqa: E402
-from echo4o_jax.data.pipeline import DataPipeline, DatasetSpec, PipelineConfig  # noqa: E402
+from echo4o_jax.data.pipeline import DataPipeline, PipelineConfig  # noqa: E402
 from echo4o_jax.data.records import RecordWriter, load_manifest, multiref_record, t2i_record  # noqa: E402
 from echo4o_jax.image_transform import ImageTransform  # noqa: E402
 from echo4o_jax.packing import PackBudget  # noqa: E402
@@ -112,15 +115,16 @@ def _words(rng, n):
 
 
 def make_photo_dataset(path: str, res: int, n: int, seed: int = 0) -> str:
+    """2/3 text-to-image at `res` (1:1, 3:2, 2:3), 1/3 multi-reference: 2 references at res / 2, target at res."""
     if os.path.exists(os.path.join(path, "manifest.json")) and load_manifest(path)["records"] == n:
         return path
     rng = np.random.default_rng(seed)
     shapes = [(res, res), (res * 3 // 2, res), (res, res * 3 // 2)]
-    with RecordWriter(path, name=f"photo{res}", overwrite=True, shard_bytes=64 << 20) as w:
+    with RecordWriter(path, name=os.path.basename(path), overwrite=True, shard_bytes=64 << 20) as w:
         for i in range(n):
             wh = shapes[i % 3]
             if i % 3 == 2:
-                refs = [_photo(rng, *shapes[(i + k) % 3]) for k in range(2)]
+                refs = [_photo(rng, *(x // 2 for x in shapes[(i + k) % 3])) for k in range(2)]
                 w.write(multiref_record(f"p{i}", refs, _words(rng, 30), _photo(rng, *wh)))
             else:
                 w.write(t2i_record(f"p{i}", _words(rng, int(rng.integers(20, 80))), _photo(rng, *wh)))
@@ -146,6 +150,22 @@ def precompute_latents(path: str, out: str, tok_path: str, budget: PackBudget, v
                           vit_transform=(vit_t.max_size, vit_t.min_size, vit_t.stride))
     stats = precompute(c, out, dtype="bfloat16", batch=4, log=None)
     return out, stats["vae_fingerprint"]
+
+
+def recipe_pipeline_config(path: str, tok_path: str, workers: int, latents: str = "", fingerprint: str = "",
+                           pack_threads: int | None = None, image_dtype: str = "uint8") -> PipelineConfig:
+    """The PipelineConfig the trainer builds (`pipeline_config_from`) for the 7B recipe trained on the dataset
+    at `path` alone, with `workers` loader processes (and precomputed `latents`), 8 packs per host."""
+    from echo4o_jax.train.records_source import pipeline_config_from
+
+    c = load_config(RECIPE)
+    c.data.records.datasets = [dict(path=path, weight=1.0)]
+    c.data.records.root, c.data.records.workers = "", workers
+    c.data.tokenizer, c.data.vae_latents = tok_path, latents
+    pc = pipeline_config_from(c, budget_from_config(c.data.budget), local_packs=DEVICES_PER_HOST,
+                              vae_fingerprint=fingerprint)
+    return dataclasses.replace(pc, image_dtype=image_dtype,
+                               **({} if pack_threads is None else dict(pack_threads=pack_threads)))
 
 
 def run(pipe: DataPipeline, seconds: float, warmup_steps: int = 1) -> dict:
@@ -219,7 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=96, help="records per synthetic dataset")
     ap.add_argument("--data-dir", default="/tmp/echo4o_bench_data")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
-    ap.add_argument("--pack-threads", type=int, default=4)
+    ap.add_argument("--pack-threads", type=int, default=None, help="threads building a step's packs (default: "
+                                                                    "the trainer's)")
     ap.add_argument("--demo-steps", type=int, default=5, help="timed demo train steps (consumption)")
     ap.add_argument("--table-from", default=None, help="only print the table of a --json file")
     ap.add_argument("--latents", action="store_true", help="also measure the 7B workloads with precomputed VAE "
@@ -242,7 +263,7 @@ def main(argv=None) -> int:
         ap.error(f"--workers {a.workers!r} / --res {a.res!r}: expected comma lists of integers")
     if any(w < 0 for w in workers) or any(r <= 0 for r in resolutions):
         ap.error("--workers must be >= 0 and --res > 0")
-    if a.seconds <= 0 or a.samples <= 0 or a.demo_steps < 1 or a.pack_threads < 1:
+    if a.seconds <= 0 or a.samples <= 0 or a.demo_steps < 1 or (a.pack_threads is not None and a.pack_threads < 1):
         ap.error("--seconds and --samples must be > 0, --demo-steps and --pack-threads >= 1")
     why = out_file_problem(a.json) if a.json else None
     if why:  # (found now, not when the first row is written)
@@ -276,7 +297,7 @@ def main(argv=None) -> int:
 
     for res in resolutions:
         t = time.perf_counter()
-        path = make_photo_dataset(os.path.join(a.data_dir, f"photo{res}"), res, a.samples)
+        path = make_photo_dataset(os.path.join(a.data_dir, f"photo{res}_halfrefs"), res, a.samples)
         print(f"# dataset photo{res}: {a.samples} records ready in {time.perf_counter() - t:.1f} s", flush=True)
         modes = [("", "", "")]
         if a.latents:
@@ -287,12 +308,7 @@ def main(argv=None) -> int:
             modes.append((out, fp, ", latents"))
         for latents, fp, tag in modes:
             for nw in [0] + [w for w in workers if w]:  # threads (0) always, once
-                pc = PipelineConfig(datasets=(DatasetSpec(path, name=os.path.basename(path)),), tokenizer=tok_path,
-                                    budget=budget7, expected_num_tokens=rp["expected"], max_num_tokens=rp["max"],
-                                    max_num_tokens_per_sample=rp["per_sample"], packs_per_step=DEVICES_PER_HOST,
-                                    pack_threads=a.pack_threads, vae_transform=rp["vae_t"], vit_transform=rp["vit_t"],
-                                    worker_count=nw, worker_buffer_size=2, read_threads=1, read_buffer_size=2,
-                                    image_dtype=a.image_dtype, vae_latents=latents, vae_fingerprint=fp)
+                pc = recipe_pipeline_config(path, tok_path, nw, latents, fp, a.pack_threads, a.image_dtype)
                 r = run(DataPipeline(pc, cfg7), a.seconds)
                 r.update(workload=f"{res}^2 mix{tag}", workers=nw, need_packs_s=need7_packs,
                          need_note=f"{DEVICES_PER_HOST} GPUs x 1 pack / {step7:.2f} s (H100, 28 layers extrapolated)")

@@ -452,6 +452,19 @@ def test_data_throughput_end_to_end_with_tiny_settings(tmp_path, monkeypatch, ca
     assert "text_tokens=1024, vit_tokens=4224, vae_tokens=11264, vae_images=4" in text
     assert rows[0]["tokens_per_pack"] <= 1024 + 4224 + 11264
     assert rows[1]["need_packs_s"] == 2 / 0.5
+    # the 7B rows load as the trainer would (its pipeline config for the recipe: buffers, threads, drop_unfit,
+    # dropouts), and the multi-reference samples (references at half scale) fit: none skipped as too long
+    assert rows[0]["skipped_too_long"] == 0 and rows[0]["read"] >= 3
+    import dataclasses
+
+    from echo4o_jax.data.pipeline import PipelineConfig
+
+    path = str(tmp_path / "data" / "photo256_halfrefs")
+    pc = dt.recipe_pipeline_config(path, str(tmp_path / "data" / "tokenizer.json"), 2)
+    defaults = {f.name: f.default for f in dataclasses.fields(PipelineConfig)}
+    assert (pc.worker_count, pc.packs_per_step, pc.drop_unfit, pc.vit_dropout) == (2, 8, True, 0.3)
+    for k in ("worker_buffer_size", "read_threads", "read_buffer_size", "pack_threads"):
+        assert getattr(pc, k) == defaults[k], k
 
     def broken(*a, **k):
         raise RuntimeError("demo stage failed")
