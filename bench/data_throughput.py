@@ -143,6 +143,7 @@ def precompute_latents(path: str, out: str, tok_path: str, budget: PackBudget, v
     g = c.model.geometry
     g.vae = dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16, downsample=8)
     g.max_latent_size, g.vit_max_num_patch_per_side = 64, 70
+    g.vit.image_size = 70 * g.vit.patch_size  # (SigLIP's position table holds the 70 x 70 grid; the ViT is unused)
     c.data.kind, c.data.tokenizer = "records", tok_path
     c.data.budget = dataclasses.asdict(budget)
     c.data.records = dict(datasets=[dict(path=path, weight=1.0)], root="", demo_dir="", workers=0,

@@ -61,7 +61,7 @@ def get_config():
     #   its ViT copy, long side <= 518 px) and the target at least 1,024, so a sample under the limit has at
     #   most 3 references: at most 3 x 1,369 = 4,107 ViT tokens (and 4 VAE images). Two 1024-px references
     #   already make a sample of ~11,900 tokens: it is skipped, as by the official trainer.
-    # * vae_tokens 11264 / 4 images: on an Echo-4o-like 1024-class mix (bench/data_throughput.py's photo1024)
+    # * vae_tokens 11264 / 4 images: on an Echo-4o-like 1024-class mix (2/3 t2i, 1/3 two 1024-px references)
     #   the official policy packs ~9,950 real tokens, up to 11,008 VAE tokens in 4 images (a budget of 8192
     #   closed packs at ~6,950 tokens).
     # * text_tokens 1024: long instructions.

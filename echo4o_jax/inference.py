@@ -325,10 +325,13 @@ class Inferencer:
         (understanding / thinking output), and for generation `latent`, `decoded`, `image` (uint8).
         As the official code, the output shape is `image_shapes` unless an input image came last-most
         (then its VAE-resized shape); `output_shape` overrides both."""
+        # the contexts' draws (text sampling, VAE posteriors) from a key folded off `rng`: the initial noise takes
+        # `rng` itself (a key split for the text and used again for the noise gave correlated draws)
         ctx = self.build_contexts(inputs, understanding_output=understanding_output, think=think,
                                   system_prompt_ids=system_prompt_ids, max_think_token_n=max_think_token_n,
                                   do_sample=do_sample, text_temperature=text_temperature,
-                                  image_shapes=image_shapes, rng=rng, vae_posterior=vae_posterior)
+                                  image_shapes=image_shapes, rng=None if rng is None else jax.random.fold_in(rng, 1),
+                                  vae_posterior=vae_posterior)
         out: dict[str, Any] = {k: ctx[k] for k in ("text_ids",) if k in ctx}
         if understanding_output:
             return out
