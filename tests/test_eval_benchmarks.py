@@ -39,6 +39,13 @@ def key_env(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
 
 
+@pytest.fixture(autouse=True)
+def our_judge_prompts(monkeypatch):
+    """These tests judge with our templates (no official script here): the CLIs' --judge-prompts default is
+    "ours" for them; the official prompts are tested in test_eval_official.py."""
+    monkeypatch.setattr(common, "DEFAULT_JUDGE_PROMPTS", "ours")
+
+
 def assert_no_secret(*dirs):
     n = 0
     for d in dirs:
@@ -303,6 +310,7 @@ def test_imagine_bench_full_file(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_omnicontext_formula_and_scene_templates(tmp_path):
+    assert "pf_scene" not in omnicontext.TEMPLATES
     from echo4o_jax.eval.reference import OMNICONTEXT_TASKS
 
     data = tmp_path / "oc"
@@ -342,7 +350,8 @@ def test_omnicontext_formula_and_scene_templates(tmp_path):
         task = instr.split()[1]
         row = next(r for r in rows if r["instruction"] == instr)
         assert n_img == len(row["input_images"]) + 1
-        assert (sc_scene if is_sc else pf_scene) == task.startswith("scene")
+        # SC checks the scene for scene_* tasks; PF never does (the official scorer's PF rule has no scene variant)
+        assert (sc_scene if is_sc else pf_scene) == (is_sc and task.startswith("scene"))
     expect_task = {}
     for r in rows:
         s_ = 0.0 if (r["task_type"], r["key"]) == ("scene_object", "k1") else math.sqrt(pf[r["instruction"]] * sc[r["instruction"]])

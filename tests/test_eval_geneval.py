@@ -34,6 +34,11 @@ ROWS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _our_judge_prompts(monkeypatch):  # (no official script here: the judged runs use our templates)
+    monkeypatch.setattr(common, "DEFAULT_JUDGE_PROMPTS", "ours")
+
+
 def _png(path: Path, value: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)

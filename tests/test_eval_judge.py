@@ -177,7 +177,6 @@ def test_stats_since_is_one_batch_share(server, key_env, tmp_path):
 def test_builtin_templates_have_versions_and_placeholders():
     for name, ph in [("geneval_pp", {"prompt", "checklist"}), ("imagine_bench", {"prompt", "note"}),
                      ("omnicontext_pf", {"instruction", "n_inputs"}), ("omnicontext_sc", {"instruction", "n_inputs"}),
-                     ("omnicontext_pf_scene", {"instruction", "n_inputs"}),
                      ("omnicontext_sc_scene", {"instruction", "n_inputs"})]:
         t = J.load_template(name)
         assert t.version.startswith(name + "/") and t.placeholders() == ph and t.system and t.user

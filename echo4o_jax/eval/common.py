@@ -233,6 +233,66 @@ def template_arg(value: str | None, default: str):
 
 
 # ------------------------------------------------------------------------------------------------
+# which judge prompts: the official scripts' (read at run time) or ours
+# ------------------------------------------------------------------------------------------------
+
+JUDGE_PROMPTS = ("official", "ours")
+DEFAULT_JUDGE_PROMPTS = "official"  # (read when a parser is built: the tests of our own prompts set "ours")
+OURS_CAVEAT = ("the judge prompts are not the official scripts' wording (echo4o_jax's own templates, or a --template "
+               "file): the scores are not the official protocol's and are not directly comparable with the paper "
+               "rows")
+
+
+def add_judge_prompts_args(ap: argparse.ArgumentParser, *, folder_default: str) -> None:
+    g = ap.add_argument_group("judge prompts")
+    g.add_argument("--judge-prompts", choices=JUDGE_PROMPTS, default=DEFAULT_JUDGE_PROMPTS,
+                   help="official (default): the prompts of the benchmark's official evaluation script, read from "
+                        "it at run time (--official-scripts; --fetch downloads it); ours: echo4o_jax's own "
+                        "templates (scores then not comparable with the paper's); a --template file replaces both")
+    g.add_argument("--official-scripts", default=None, metavar="DIR",
+                   help=f"folder holding the official evaluation scripts (default: {folder_default})")
+
+
+def official_prompts(name: str, args, default_folder: str | os.PathLike):
+    """The official prompts of benchmark `name` (an OfficialPrompts), or None with ``--judge-prompts ours`` or
+    a ``--template`` file for it (which replaces them). The script is looked up in ``--official-scripts`` (or
+    `default_folder`), downloaded there with ``--fetch``; absent, a FileNotFoundError names both ways and
+    ``--judge-prompts ours``. A script that cannot be read is a UsageError naming it."""
+    from . import official
+
+    if args.judge_prompts != "official":
+        return None
+    folder = args.official_scripts or default_folder
+    path = official.resolve_script(name, folder, args.fetch)
+    try:
+        return official.load(name, path)
+    except official.OfficialScriptError as e:
+        raise UsageError(f"{e}; or pass --judge-prompts ours") from None
+
+
+def judge_prompts_info(templates: JudgeTemplate | dict[str, JudgeTemplate], official=None) -> dict:
+    """results.json's ``judge_prompts``: the official script used (path, sha256, URL), or, for our templates or a
+    template file, which ones and the caveat (OURS_CAVEAT)."""
+    if official is not None:
+        return official.describe()
+    tpls = templates.values() if isinstance(templates, dict) else [templates]
+    from .judge import TEMPLATE_DIR
+
+    ours = all(Path(t.path).resolve().parent == TEMPLATE_DIR for t in tpls)
+    return {"kind": "ours" if ours else "custom", "templates": [t.ident for t in tpls], "note": OURS_CAVEAT}
+
+
+def judge_prompts_line(info: dict | None) -> str | None:
+    """summary.md's line on the judge prompts used (None for a benchmark without a judge)."""
+    if not info:
+        return None
+    if info["kind"] == "official":
+        return (f"Judge prompts: **official**, read from `{info['script']}` (sha256 {info['sha256'][:16]}...; "
+                f"{info['url']}).")
+    return f"**Judge prompts: {info['kind']} ({', '.join(info['templates'])}): {info['note']}.**"
+
+
+# ------------------------------------------------------------------------------------------------
 # the per-image loop: find the image, judge it, record the outcome
 # ------------------------------------------------------------------------------------------------
 
@@ -334,9 +394,10 @@ def start(judge: Judge) -> Start:
 
 def results_document(name: str, *, label: str, source: dict | None, images_dir, num_images: int, judge: Judge,
                      templates: JudgeTemplate | dict[str, JudgeTemplate], started: Start, summary: dict,
-                     records: list[dict], formula: str | None = None) -> dict:
+                     records: list[dict], formula: str | None = None, official=None) -> dict:
     """The ``results.json`` document of a benchmark run (judge template(s), stats, summary, problems, items).
-    ``judge_stats`` and ``seconds`` cover this benchmark only (since `started`)."""
+    ``judge_stats`` and ``seconds`` cover this benchmark only (since `started`); ``judge_prompts`` says which
+    prompts judged (`official`: the OfficialPrompts used, else our templates or a file, with the caveat)."""
     if isinstance(templates, dict):
         tpl_info = {"template": {k: t.ident for k, t in templates.items()},
                     "template_path": {k: t.path for k, t in templates.items()}}
@@ -346,6 +407,7 @@ def results_document(name: str, *, label: str, source: dict | None, images_dir, 
         "benchmark": name, "label": label, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "source": source or {}, "images_dir": str(images_dir), "num_images": num_images,
         "judge": {**judge.describe(), **tpl_info},
+        "judge_prompts": judge_prompts_info(templates, official),
         "judge_stats": judge.stats_since(started.stats), "seconds": round(time.time() - started.t0, 2),
     }
     if formula is not None:
@@ -443,6 +505,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits
 def summary_markdown(parts: list[str], doc: dict) -> str:
     """``summary.md``: the benchmark's `parts` (lines; the first is the title), an INCOMPLETE banner under the
     title when some images were not judged, then the lists of missing / unreadable images and judge failures."""
+    prompts = judge_prompts_line(doc.get("judge_prompts"))
+    if prompts:
+        parts = parts[:1] + ["", prompts] + parts[1:]
     note = incomplete_note(doc)
     if note:
         parts = parts[:1] + ["", f"**INCOMPLETE: {note}**"] + parts[1:]
@@ -597,23 +662,32 @@ def benchmark_parser(prog: str, description: str, *, images_help: str, prompts_h
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", required=True, help=images_help)
     ap.add_argument("--prompts", required=True, help=prompts_help.replace("%", "%%"))  # URLs hold %2B
-    ap.add_argument("--fetch", action="store_true", help="download the public prompt file to --prompts if absent")
+    ap.add_argument("--fetch", action="store_true",
+                    help="download the public prompt file to --prompts, and the official evaluation script to "
+                         "--official-scripts, if absent")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--num-images", type=positive_int, default=1, help="images per prompt (official: 1)")
     ap.add_argument("--limit", type=positive_int, default=None, help="only the first N prompts")
     ap.add_argument("--template", default=None, help=template_help)
     ap.add_argument("--label", default="ours", help="row name for this run in summary.md")
+    add_judge_prompts_args(ap, folder_default=f"the folder '{OFFICIAL_SCRIPTS_DIR}' beside --prompts")
     add_judge_args(ap)
     return ap
 
 
-def run_benchmark(args, *, public_url: str, public_md5: str, load_items, evaluate, default_template):
-    """Resolve the prompt file, load the items, judge the images: (results document, judge)."""
+OFFICIAL_SCRIPTS_DIR = "official"  # (echo4o_jax.eval.official.OFFICIAL_DIR)
+
+
+def run_benchmark(args, *, name: str, public_url: str, public_md5: str, load_items, evaluate, default_template):
+    """Resolve the prompt file (and the official script), load the items, judge the images: (results document,
+    judge)."""
     prompts = resolve_prompts(args.prompts, public_url, public_md5, args.fetch)
     items = load_items(prompts, args.limit)
+    official = None if args.template else official_prompts(name, args, Path(args.prompts).parent / OFFICIAL_SCRIPTS_DIR)
     judge = judge_from_args(args, args.out)
     doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
-                   template=template_arg(args.template, default_template), label=args.label,
+                   template=template_arg(args.template, default_template) if official is None else None,
+                   official=official, label=args.label,
                    progress=not args.no_progress,
                    source={"prompts": str(prompts), "prompts_md5": md5sum(prompts),
                            **subset_source(items)})

@@ -1,10 +1,17 @@
-r"""GenEval++ with a VLM judge (Echo-4o's protocol): 280 prompts in 7 tags, one verdict per image.
+r"""GenEval++ with a VLM judge (Echo-4o's benchmark): 280 prompts in 7 tags, one verdict per image.
 
     python -m echo4o_jax.eval.geneval_pp --images DIR --prompts geneval_pp.jsonl --out DIR \
-        [--judge-model gpt-4.1] [--base-url URL] [--num-images 1] [--fetch]
+        [--judge-prompts official|ours] [--official-scripts DIR] [--judge-model gpt-4.1] [--base-url URL] \
+        [--num-images 1] [--fetch]
 
 * The judge sees the image and a checklist built from the prompt's ``include`` items (class, count,
   colour, region, size) and ``exclude`` items ("no more than count-1"), temperature 0.
+* Judge prompts: ``--judge-prompts official`` (default) takes the system prompt, the user message and the
+  checklist from the official script ``Eval-gpt-4.1-geneval++.py``, read at run time from ``--official-scripts``
+  (default: the folder ``official`` beside --prompts; ``--fetch`` downloads it; see ``echo4o_jax.eval.official``),
+  and sends the image as that script does (a full-size JPEG). ``--judge-prompts ours`` uses our own template
+  (``templates/geneval_pp.txt``, stricter wording): its scores are not the official protocol's and not directly
+  comparable with the paper's (results.json and summary.md say so).
 * An image passes only if every checklist item holds (the judge's ``correct == 1``). A missing or
   unreadable image or a judge failure (API errors or malformed answers after the retries) counts as a
   failure and is listed separately -- never mixed up with a judged fail; the run is then INCOMPLETE
@@ -34,6 +41,7 @@ from typing import Sequence
 
 from . import common
 from .judge import Judge, JudgeRequest, JudgeTemplate, load_template
+from .official import OfficialPrompts
 from .reference import GENEVAL_PP_MD5, GENEVAL_PP_REPORTED, GENEVAL_PP_TAGS, GENEVAL_PP_URL
 
 NAME = "geneval_pp"
@@ -55,6 +63,10 @@ class Item:
     @property
     def stem(self) -> str:
         return f"{self.line:05d}"
+
+    def metadata(self) -> dict:
+        """The prompt record as the official script reads it (its checklist function takes it)."""
+        return {"tag": self.tag, "prompt": self.prompt, "include": self.include, "exclude": self.exclude}
 
 
 _TAGS = [t for t, _ in GENEVAL_PP_TAGS]
@@ -210,21 +222,30 @@ def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 
 
 def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,
              template: JudgeTemplate | None = None, label: str = "ours", progress: bool = False,
-             source: dict | None = None) -> dict:
-    tpl = template or load_template(DEFAULT_TEMPLATE)
+             source: dict | None = None, official: OfficialPrompts | None = None) -> dict:
+    """Judge the images of `items`. The prompts: `official` (read from the official script) when given, else
+    `template`, else our built-in one (results and summary.md then say they are not the official wording)."""
+    if official is not None and template is not None:
+        raise common.UsageError("give either the official prompts or a template, not both")
+    tpl = official.template if official is not None else template or load_template(DEFAULT_TEMPLATE)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     units = common.locate_images(items, images_dir, num_images, official_name=lambda it: str(it.line))
 
     def requests_for(it: Item, path) -> dict:
-        return {"verdict": JudgeRequest(tpl, {"prompt": it.prompt, "checklist": checklist_text(it)}, [path])}
+        if official is not None:  # the script's own instruction (the prompt, stripped) and checklist
+            v = {"prompt": it.prompt.strip(), "checklist": official.checklist(it.metadata())}
+        else:
+            v = {"prompt": it.prompt, "checklist": checklist_text(it)}
+        return {"verdict": JudgeRequest(tpl, v, [path])}
 
     started = common.start(judge)
     results = common.judge_units(judge, units, requests_for, progress=progress, desc=TITLE)
 
     def record(it: Item, k: int, path) -> dict:
         return {"id": f"{it.stem}_{k}", "line": it.line, "k": k, "tag": it.tag, "prompt": it.prompt,
-                "checklist": checklist(it), "image": common.rel(path, out) if path else None,
+                "checklist": checklist(it) if official is None else official.checklist(it.metadata()).splitlines(),
+                "image": common.rel(path, out) if path else None,
                 "expected_image": common.image_name(it.stem, k)}
 
     def judged(res) -> dict:
@@ -237,7 +258,7 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
                                   failure=lambda res: {"raw": res["verdict"].raw}, judged=judged)
     doc = common.results_document(NAME, label=label, source=source, images_dir=images_dir, num_images=num_images,
                                   judge=judge, templates=tpl, started=started, summary=aggregate(records),
-                                  records=records)
+                                  records=records, official=official)
     common.write_outputs(out, doc, markdown, write_html)
     return doc
 
@@ -298,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    doc, judge = common.run_benchmark(args, public_url=PUBLIC_URL, public_md5=PUBLIC_MD5, load_items=load_items,
+    doc, judge = common.run_benchmark(args, name=NAME, public_url=PUBLIC_URL, public_md5=PUBLIC_MD5, load_items=load_items,
                                       evaluate=evaluate, default_template=DEFAULT_TEMPLATE)
     s = doc["summary"]
     print(f"{TITLE} score {common.fmt(s['score'], 4)} (mean of {len(s['tags'])} tag accuracies)"

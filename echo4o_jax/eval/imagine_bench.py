@@ -1,10 +1,18 @@
-r"""Imagine-Bench with a VLM judge (Echo-4o's protocol): 270 fantasy prompts in 8 types / 4 categories.
+r"""Imagine-Bench with a VLM judge (Echo-4o's benchmark): 270 fantasy prompts in 8 types / 4 categories.
 
     python -m echo4o_jax.eval.imagine_bench --images DIR --prompts imagine_bench.jsonl --out DIR \
-        [--judge-model gpt-4.1] [--base-url URL] [--num-images 1] [--fetch]
+        [--judge-prompts official|ours] [--official-scripts DIR] [--judge-model gpt-4.1] [--base-url URL] \
+        [--num-images 1] [--fetch]
 
 * The judge scores Fantasy Fulfillment (FF), Identity Preservation (IP) and Aesthetic Quality (AQ),
   0-10, against the record's ``note`` checklist, temperature 0.
+* Judge prompts: ``--judge-prompts official`` (default) takes the system and user text of ``build_messages`` in
+  the official script ``Eval-gpt-4.1-Imagine.py``, read at run time from ``--official-scripts`` (default: the
+  folder ``official`` beside --prompts; ``--fetch`` downloads it; see ``echo4o_jax.eval.official``), and sends
+  the image as that script does (a full-size JPEG); its ``Label: <score>`` / ``Reason: ...`` answers are read
+  by our parser. ``--judge-prompts ours`` uses our own template (``templates/imagine_bench.txt``): its scores
+  are not the official protocol's and not directly comparable with the paper's (results.json and summary.md
+  say so).
 * **Per image: 0.8 * min(FF, IP) + 0.2 * AQ.** Type and category score = mean over their images
   (types COLOR/SHAPE/SIZE -> Attribute shift, MATERIAL/COMBINATION -> Hybridization,
   TIME/ENVIRONMENT -> Spatiotemporal, Multi-Object -> Multi-Object).
@@ -14,8 +22,9 @@ r"""Imagine-Bench with a VLM judge (Echo-4o's protocol): 270 fantasy prompts in 
       counted (equal to the plain mean over the 270 images: the categories hold 90/60/60/60 prompts);
     - ``overall_official_script``: what the official script computes on the released jsonl. Its
       weight table names the last category ``TWO_OBJECT`` while the data says ``Multi-Object``, so
-      Multi-Object gets no weight and drops out: (3*A + 2*H + 2*S) / 7. We report it for comparison
-      with published numbers, but it ignores 60 of the 270 prompts.
+      Multi-Object gets no weight and drops out: (3*A + 2*H + 2*S) / 7. It ignores 60 of the 270 prompts;
+      the paper's overall includes Multi-Object (Echo-4o's ``Eval.md`` example: 8.613 = (3*8.821 + 2*9.339 +
+      2*8.377 + 2*7.813) / 9, the authors' data naming it TWO_OBJECT), i.e. ``overall`` is the comparable one.
   Missing or unreadable images and judge failures score 0 in both (the official script skips missing
   images; that variant is in results.json as ``official_script_exact``); the run is then INCOMPLETE
   (exit status 1; with nothing judged there is no overall).
@@ -40,6 +49,7 @@ from typing import Sequence
 
 from . import common
 from .judge import Judge, JudgeRequest, JudgeTemplate, load_template
+from .official import OfficialPrompts
 from .reference import (IMAGINE_BENCH_MD5, IMAGINE_BENCH_URL, IMAGINE_CATEGORIES, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS,
                         IMAGINE_REPORTED, IMAGINE_TYPE_TO_CATEGORY, IMAGINE_WEIGHTS)
 
@@ -160,8 +170,12 @@ def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 
 
 def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,
              template: JudgeTemplate | None = None, label: str = "ours", progress: bool = False,
-             source: dict | None = None) -> dict:
-    tpl = template or load_template(DEFAULT_TEMPLATE)
+             source: dict | None = None, official: OfficialPrompts | None = None) -> dict:
+    """Judge the images of `items`. The prompts: `official` (read from the official script) when given, else
+    `template`, else our built-in one (results and summary.md then say they are not the official wording)."""
+    if official is not None and template is not None:
+        raise common.UsageError("give either the official prompts or a template, not both")
+    tpl = official.template if official is not None else template or load_template(DEFAULT_TEMPLATE)
     keys = {k for k, _ in tpl.dimensions}
     if not {"FF", "IP", "AQ"} <= keys:
         raise common.UsageError(f"template {tpl.path} must define dimensions FF, IP and AQ (has {sorted(keys)})")
@@ -191,7 +205,7 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
                                   failure=lambda res: {"raw": res["scores"].raw}, judged=judged)
     doc = common.results_document(
         NAME, label=label, source=source, images_dir=images_dir, num_images=num_images, judge=judge,
-        templates=tpl, started=started, summary=aggregate(records), records=records,
+        templates=tpl, started=started, summary=aggregate(records), records=records, official=official,
         formula="per image 0.8*min(FF, IP) + 0.2*AQ; overall = weighted mean of categories (3/2/2/2)")
     common.write_outputs(out, doc, markdown, write_html)
     return doc
@@ -215,10 +229,12 @@ def markdown(doc: dict) -> str:
         "judge failures score 0.", "",
         "**Overall (all 4 categories)** weights Attribute shift 3, Hybridization 2, Spatiotemporal 2, "
         "Multi-Object 2 (on the full benchmark, 90/60/60/60 prompts, this is the mean over all 270 images).", "",
-        "**Overall (official script)** is what the released evaluation script computes: its weight table "
-        "calls the last category `TWO_OBJECT` while the data calls it `Multi-Object`, so the 60 Multi-Object "
-        "prompts get no weight and drop out ((3·A + 2·H + 2·S) / 7). The paper's numbers (overall only; "
-        "which of the two it used is not known) are from the Echo-4o figures.", "",
+        "**Overall (official script)** is what the released evaluation script computes on the released "
+        "jsonl: its weight table calls the last category `TWO_OBJECT` while the data calls it `Multi-Object`, so "
+        "the 60 Multi-Object prompts get no weight and drop out ((3·A + 2·H + 2·S) / 7). The paper's overall "
+        "includes Multi-Object: Echo-4o's Eval.md shows the authors' own output, 8.613 = (3·8.821 + 2·9.339 + "
+        "2·8.377 + 2·7.813) / 9 (their data named the category TWO_OBJECT), so **Overall (all 4 categories)** "
+        "is the one to set beside the paper's numbers (overall only, from the Echo-4o figures).", "",
         f"Aggregated as the official script (missing images skipped instead of 0; answers parsed as ours): "
         f"{common.fmt(s['official_script_exact']['overall'])}", "",
         "## Per type", "",
@@ -252,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    doc, judge = common.run_benchmark(args, public_url=PUBLIC_URL, public_md5=PUBLIC_MD5, load_items=load_items,
+    doc, judge = common.run_benchmark(args, name=NAME, public_url=PUBLIC_URL, public_md5=PUBLIC_MD5, load_items=load_items,
                                       evaluate=evaluate, default_template=DEFAULT_TEMPLATE)
     s = doc["summary"]
     print(f"{TITLE} overall {common.fmt(s['overall'])} (all categories), {common.fmt(s['overall_official_script'])} "

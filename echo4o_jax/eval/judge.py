@@ -23,7 +23,8 @@
   e.g. a reason, can carry it). Results and caches hold no request headers.
 
 Images are sent as base64 ``data:`` URLs (the file's own bytes, or a JPEG re-encode when the image is
-larger than ``max_image_pixels``). Temperature is 0 unless changed.
+larger than ``max_image_pixels``; with the template option ``image_encoding: official_jpeg``, what the official
+scripts send: a full-size JPEG at PIL's default quality). Temperature is 0 unless changed.
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ def _parse_template_text(text: str, path: str) -> JudgeTemplate:
             dims.append((k.strip(), label.strip()))
     if parser == "dimension_scores" and not dims:
         raise TemplateError(f"{path}: parser dimension_scores needs a '# dimensions: KEY=Label; ...' line")
+    if header.get("image_encoding", "file") not in IMAGE_ENCODINGS:
+        raise TemplateError(f"{path}: '# image_encoding: {header['image_encoding']}' must be one of {IMAGE_ENCODINGS}")
     known = {"name", "version", "parser", "max_tokens", "dimensions"}
     return JudgeTemplate(
         name=header.get("name") or Path(path).stem,
@@ -322,6 +325,9 @@ def _ambiguous_tail(score: float, out_of_ten: bool, tail: str) -> bool:
     return m is not None and score < float(m.group(1)) <= 10
 
 
+_REASON_LABEL = re.compile(r"^(?:reason|reasoning|justification)\s*[*_]*\s*[:：]\s*[*_]*\s*", re.I)
+
+
 def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
     """``<Label>: <0-10>`` lines (Markdown allowed), each optionally followed by a reason; or JSON.
 
@@ -359,8 +365,8 @@ def parse_dimension_scores(text: str, tpl: JudgeTemplate) -> dict:
             if not reason:
                 for nxt in lines[i + 1:]:
                     if nxt.strip():
-                        if not any_label.match(nxt):
-                            reason = nxt.strip().lstrip("-–—:*_ ").strip()
+                        if not any_label.match(nxt):  # (a "Reason: ..." line: the official format)
+                            reason = _REASON_LABEL.sub("", nxt.strip().lstrip("-–—:*_ ").strip())
                         break
             reasons[key] = reason
     if len(scores) < len(label_res):
@@ -404,14 +410,28 @@ class UnreadableImage(ValueError):
     pass
 
 
-def encode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> str:
-    """A ``data:`` URL for image bytes: the bytes themselves, or a JPEG re-encode if too large/odd."""
+IMAGE_ENCODINGS = ("file", "official_jpeg")  # a template's '# image_encoding:' option (default file)
+
+
+def encode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, encoding: str | None = None,
+                 mime: str | None = None) -> str:
+    """A ``data:`` URL for image bytes: the bytes themselves, or a JPEG re-encode if too large/odd.
+
+    ``encoding="official_jpeg"``: what the official GenEval++ / Imagine-Bench scripts send, whatever the file:
+    ``convert("RGB")`` and a JPEG at PIL's default quality (75), full size (`max_pixels` ignored), labelled
+    `mime` (default image/jpeg; the Imagine-Bench script labels its JPEG image/png)."""
     from PIL import Image
 
+    if encoding not in (None, *IMAGE_ENCODINGS):
+        raise JudgeConfigError(f"image_encoding {encoding!r}: expected one of {IMAGE_ENCODINGS}")
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
             w, h = im.size
+            if encoding == "official_jpeg":
+                buf = io.BytesIO()
+                im.convert("RGB").save(buf, format="JPEG")
+                return f"data:{mime or 'image/jpeg'};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
             if fmt in _MIME and (not max_pixels or w * h <= max_pixels):
                 im.load()  # (decoded: verify() reads no JPEG data, and a JPEG cut short was judged as it was)
                 return f"data:{_MIME[fmt]};base64," + base64.b64encode(data).decode("ascii")
@@ -713,7 +733,8 @@ class Judge:
                     self._count("cache_hits")
                     return JudgeResult(ok=True, parsed=parsed, raw=hit["raw"], cached=True, key=key)
         try:
-            urls = [encode_image(b, self.max_image_pixels) for b in blobs]
+            urls = [encode_image(b, self.max_image_pixels, tpl.options.get("image_encoding"),
+                                 tpl.options.get("image_mime")) for b in blobs]
         except UnreadableImage as e:
             self._count("failures")
             return JudgeResult(ok=False, error=str(e), key=key, image_error=True)
@@ -724,7 +745,8 @@ class Judge:
             if detail:
                 part["detail"] = detail
             content.append({"type": "image_url", "image_url": part})
-        messages = ([{"role": "system", "content": system}] if system else []) + [
+        sys_content = [{"type": "text", "text": system}] if tpl.options.get("system_content") == "parts" else system
+        messages = ([{"role": "system", "content": sys_content}] if system else []) + [
             {"role": "user", "content": content}]
 
         calls = 0

@@ -15,7 +15,9 @@ here). Give a JSON-lines (or JSON list) manifest with one record per sample::
 
 * Two judge calls per image: prompt following (PF) and subject consistency (SC), each 0-10 with a JSON
   answer; the reference images are sent first, the generated image last. ``scene_*`` tasks use the
-  scene variants of both templates (they also check the background).
+  scene variant of the SC template (it also checks the background); PF uses one template for every task, as
+  the official scorer does. The judge prompts are our own wording, not OmniGen2's (``prompt_generator.py``):
+  the scores are not directly comparable with published ones (results.json and summary.md say so).
 * **Per sample: sqrt(PF * SC)**; task score = mean over its samples; ``overall_8`` = mean over the 8
   task scores (OmniGen2's number); ``echo4o_avg`` = mean of the MULTIPLE and SCENE group scores (each
   the mean of its 3 tasks), i.e. the 6-task average Echo-4o reported (its statistics script skips the
@@ -54,8 +56,9 @@ NAME = "omnicontext"
 TITLE = "OmniContext"
 PROMPTS_FILE = "omnicontext/metadata.jsonl"
 PUBLIC_URL, PUBLIC_MD5 = OMNICONTEXT_URL, None
-TEMPLATES = {"pf": "omnicontext_pf", "sc": "omnicontext_sc", "pf_scene": "omnicontext_pf_scene",
-             "sc_scene": "omnicontext_sc_scene"}
+# PF uses one template for every task type, SC its scene variant for scene_* tasks: as the official scorer
+# (OmniGen2's OmniContextScore asks prompt following without the scene rule, subject consistency with it)
+TEMPLATES = {"pf": "omnicontext_pf", "sc": "omnicontext_sc", "sc_scene": "omnicontext_sc_scene"}
 
 
 @dataclasses.dataclass
@@ -244,8 +247,8 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
     def requests_for(it: Item, path) -> dict:
         v = {"instruction": it.instruction, "n_inputs": len(it.input_images)}
         imgs = list(it.input_images) + [path]
-        return {dim.upper(): JudgeRequest(tpls[dim + "_scene" if it.is_scene else dim], v, imgs)
-                for dim in ("pf", "sc")}
+        return {"PF": JudgeRequest(tpls["pf"], v, imgs),
+                "SC": JudgeRequest(tpls["sc_scene" if it.is_scene else "sc"], v, imgs)}
 
     started = common.start(judge)
     results = common.judge_units(judge, units, requests_for, progress=progress, desc=TITLE)

@@ -13,6 +13,10 @@ GENEVAL_PP_URL = f"{ECHO4O_RAW}/Geneval%2B%2B.jsonl"
 GENEVAL_PP_MD5 = "957bd4aea2d3ce4f702d5c854d7d89d3"  # 280 lines, 64,253 bytes
 IMAGINE_BENCH_URL = f"{ECHO4O_RAW}/Imagine.jsonl"
 IMAGINE_BENCH_MD5 = "6624cfafa28587d6018bcf4d78c06248"  # 270 records, 191,440 bytes
+# the official judge scripts (--judge-prompts official reads their prompts at run time: echo4o_jax.eval.official);
+# no checksum pinned: the copies they were read from could not be compared with the upstream files here
+GENEVAL_PP_SCRIPT_URL = f"{ECHO4O_RAW}/Eval-gpt-4.1-geneval%2B%2B.py"
+IMAGINE_BENCH_SCRIPT_URL = f"{ECHO4O_RAW}/Eval-gpt-4.1-Imagine.py"
 OMNICONTEXT_URL = "https://huggingface.co/datasets/OmniGen2/OmniContext"  # user-supplied (see omnicontext.py)
 # GenEval's own prompt file (553 prompts, short ones); no checksum pinned: the copy it was read from
 # (../shared/benchmarks/geneval_metadata.jsonl, 85,209 bytes) could not be compared with the upstream file here

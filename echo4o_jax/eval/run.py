@@ -59,6 +59,13 @@ folder is searched, e.g. ``--benchmarks-dir ../shared/benchmarks``) holds ``gene
 ``imagine_bench.jsonl`` and ``geneval_metadata.jsonl``; ``--fetch`` downloads the public files there when
 absent. OmniContext needs a local copy (``--omnicontext-data``).
 
+Judge prompts (``--judge-prompts``): ``official`` (default) reads the GenEval++ and Imagine-Bench prompts from the
+benchmarks' official evaluation scripts at run time (``--official-scripts DIR``, default
+``<benchmarks-dir>/official``; ``--fetch`` downloads them there; see ``echo4o_jax.eval.official``): a missing
+script is an error naming both. ``ours`` uses echo4o_jax's own templates: the results, summary.json and
+summary.md then say that the scores are not the official protocol's wording and not directly comparable with
+the paper's. OmniContext is judged with ours for now. A ``--template NAME=FILE`` replaces either.
+
 Exit status (of this run's benchmarks): 0 every image generated and judged, 1 incomplete (some images
 missing, unreadable or not judged, or GenEval without detector results yet: the partial results are written
 and marked INCOMPLETE), 2 bad input, 130 interrupted (see -h).
@@ -81,6 +88,7 @@ from . import common, geneval, geneval_pp, imagine_bench, omnicontext
 from .judge import JudgeConfigError, api_key_from_env, load_template
 
 BENCHES = {"geneval_pp": geneval_pp, "imagine_bench": imagine_bench, "omnicontext": omnicontext, "geneval": geneval}
+OFFICIAL_PROMPTS = ("geneval_pp", "imagine_bench")  # the benchmarks --judge-prompts official reads a script for
 TEMPLATE_NAMES = ("geneval_pp", "imagine_bench") + tuple(omnicontext.TEMPLATES.values())
 GENERATION_RECORD = "generation.json"  # in <out>/<bench>/images: what generated each request's images
 DEFAULT_SEED = 42
@@ -523,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "when it exists; see python -m echo4o_jax.eval.geneval -h)")
     ap.add_argument("--omnicontext-data", default=None, help="OmniContext manifest or folder (see eval.omnicontext)")
     ap.add_argument("--omnicontext-data-root", default=None, help="folder OmniContext input paths are relative to")
-    ap.add_argument("--fetch", action="store_true", help="download absent public prompt files")
+    ap.add_argument("--fetch", action="store_true",
+                    help="download absent public prompt files and official evaluation scripts")
     ap.add_argument("--limit", type=common.positive_int, default=None,
                     help="only the first N prompts of each benchmark")
     ap.add_argument("--num-images", type=common.positive_int, default=None,
@@ -543,7 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--generate-only", action="store_true", help="skip judging")
     ap.add_argument("--label", default=None, help="row name in the summaries (default: the checkpoint folder name)")
     ap.add_argument("--template", action="append", default=[], metavar="NAME=FILE",
-                    help="replace a built-in judge template (repeatable); NAME in " + ", ".join(TEMPLATE_NAMES))
+                    help="replace a judge template (repeatable; it replaces the official prompts too); NAME in "
+                         + ", ".join(TEMPLATE_NAMES))
+    common.add_judge_prompts_args(ap, folder_default=f"<benchmarks-dir>/{common.OFFICIAL_SCRIPTS_DIR}; OmniContext: "
+                                                     "ours for now")
     common.add_judge_args(ap)
     return ap
 
@@ -622,6 +634,14 @@ def main(argv=None) -> dict:
     for name in names:
         path = _prompt_path(args, name)
         loaded[name] = (path, _load(name, path, args))
+    officials = {}  # the official judge prompts (read and checked before anything is generated)
+    for name in names:
+        if name in OFFICIAL_PROMPTS and not args.generate_only and name not in templates:
+            officials[name] = common.official_prompts(
+                name, args, Path(args.benchmarks_dir) / common.OFFICIAL_SCRIPTS_DIR)
+        elif name == "omnicontext" and args.judge_prompts == "official" and not args.generate_only:
+            print("note: OmniContext has no --judge-prompts official yet: it is judged with our prompts (marked as "
+                  "not comparable in its results)", file=sys.stderr)
     gen_api = None if args.judge_only else _load_generation_api()
     ckpt = _checkpoint(args, gen_api)
     plans = {}
@@ -666,7 +686,11 @@ def main(argv=None) -> dict:
                 kw["detector_results"] = args.geneval_results
             elif name in templates:
                 kw["template"] = templates[name]
+            elif name in officials:
+                kw["official"] = officials[name]
             doc = mod.evaluate(items, images_dir, judge, out / name, **kw)
+            if doc.get("judge_prompts"):
+                entry["judge_prompts"] = doc["judge_prompts"]
             entry["summary"] = {k: v for k, v in doc["summary"].items() if not isinstance(v, dict)}
             entry["complete"] = doc["complete"]
             entry["incomplete"] = getattr(mod, "incomplete_note", common.incomplete_note)(doc)
@@ -718,6 +742,9 @@ def main(argv=None) -> dict:
             print(f"{name}: " + ", ".join(f"{k}={common.fmt(v, 4)}" for k, v in head.items())
                   + ("" if report["benchmarks"][name]["complete"] else " INCOMPLETE")
                   + (f" ({report['benchmarks'][name]['subset']})" if report["benchmarks"][name].get("subset") else ""))
+            jp = report["benchmarks"][name].get("judge_prompts") or {}
+            if jp.get("kind") in ("ours", "custom"):
+                print(f"note: {name}: judge prompts {jp['kind']}: {jp['note']}", file=sys.stderr)
     return report
 
 
