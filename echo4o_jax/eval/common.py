@@ -288,7 +288,7 @@ def judge_prompts_line(info: dict | None) -> str | None:
         return None
     if info["kind"] == "official":
         return (f"Judge prompts: **official**, read from `{info['script']}` (sha256 {info['sha256'][:16]}...; "
-                f"{info['url']}).")
+                f"{info['url']})." + (f" Unverified: {info['unverified']}." if info.get("unverified") else ""))
     return f"**Judge prompts: {info['kind']} ({', '.join(info['templates'])}): {info['note']}.**"
 
 

@@ -24,7 +24,8 @@
 
 Images are sent as base64 ``data:`` URLs (the file's own bytes, or a JPEG re-encode when the image is
 larger than ``max_image_pixels``; with the template option ``image_encoding: official_jpeg``, what the official
-scripts send: a full-size JPEG at PIL's default quality). Temperature is 0 unless changed.
+scripts send: a full-size JPEG at PIL's default quality; ``official_omnicontext``: the same, the reference images
+first resized as the official OmniContext scorer does). Temperature is 0 unless changed.
 """
 
 from __future__ import annotations
@@ -410,16 +411,37 @@ class UnreadableImage(ValueError):
     pass
 
 
-IMAGE_ENCODINGS = ("file", "official_jpeg")  # a template's '# image_encoding:' option (default file)
+# a template's '# image_encoding:' option (default file); official_omnicontext: the official OmniContext templates'
+IMAGE_ENCODINGS = ("file", "official_jpeg", "official_omnicontext")
+OMNICONTEXT_INPUT_PIXELS = 1024 * 1024  # Echo-4o's test_omnicontext_score.py: the input images' area limit
+OMNICONTEXT_INPUT_MULTIPLE = 16  # ... and the multiple their sides are floored to
+
+
+def omnicontext_input_size(w: int, h: int) -> tuple[int, int]:
+    """The size an OmniContext input (reference) image is resized to before the official scorer sends it (Echo-4o's
+    ``test_omnicontext_score.py``, as OmniGen2's): scaled by sqrt(1024^2 / area) when larger than 1024^2 pixels
+    (each side truncated to an integer), then each side floored to a multiple of 16 (also when it was not larger)."""
+    if w * h > OMNICONTEXT_INPUT_PIXELS:
+        r = math.sqrt(OMNICONTEXT_INPUT_PIXELS / (w * h))
+        w, h = int(w * r), int(h * r)
+    m = OMNICONTEXT_INPUT_MULTIPLE
+    return w // m * m, h // m * m
 
 
 def encode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, encoding: str | None = None,
-                 mime: str | None = None) -> str:
+                 mime: str | None = None, *, reference: bool = False) -> str:
     """A ``data:`` URL for image bytes: the bytes themselves, or a JPEG re-encode if too large/odd.
 
     ``encoding="official_jpeg"``: what the official GenEval++ / Imagine-Bench scripts send, whatever the file:
     ``convert("RGB")`` and a JPEG at PIL's default quality (75), full size (`max_pixels` ignored), labelled
-    `mime` (default image/jpeg; the Imagine-Bench script labels its JPEG image/png)."""
+    `mime` (default image/jpeg; the Imagine-Bench script labels its JPEG image/png).
+
+    ``encoding="official_omnicontext"``: the official OmniContext scorer's images. A `reference` (input) image is
+    first resized (PIL's default filter, in its own mode) to :func:`omnicontext_input_size`, as Echo-4o's
+    ``test_omnicontext_score.py`` does; the generated image is sent at full size. Then, as ``official_jpeg``:
+    ``convert("RGB")``, a JPEG at PIL's default quality. UNVERIFIED: that JPEG and its quality -- the transport
+    (OmniGen2's ``openai_util.ask_gpt4o``) could not be read; ``shared/docs/echo4o.md`` 6.3 says JPEG data
+    URLs, the quality is our choice (that of the other official scripts)."""
     from PIL import Image
 
     if encoding not in (None, *IMAGE_ENCODINGS):
@@ -428,7 +450,13 @@ def encode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
             w, h = im.size
-            if encoding == "official_jpeg":
+            if encoding in ("official_jpeg", "official_omnicontext"):
+                if encoding == "official_omnicontext" and reference:
+                    size = omnicontext_input_size(w, h)
+                    if min(size) < 1:
+                        raise UnreadableImage(f"a {w}x{h} input image is smaller than the official scorer's "
+                                              f"{OMNICONTEXT_INPUT_MULTIPLE}-pixel multiple: it cannot be resized")
+                    im = im.resize(size)
                 buf = io.BytesIO()
                 im.convert("RGB").save(buf, format="JPEG")
                 return f"data:{mime or 'image/jpeg'};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -733,8 +761,10 @@ class Judge:
                     self._count("cache_hits")
                     return JudgeResult(ok=True, parsed=parsed, raw=hit["raw"], cached=True, key=key)
         try:
+            # (the last image is the one judged; those before it are references: official_omnicontext resizes them)
             urls = [encode_image(b, self.max_image_pixels, tpl.options.get("image_encoding"),
-                                 tpl.options.get("image_mime")) for b in blobs]
+                                 tpl.options.get("image_mime"), reference=i < len(blobs) - 1)
+                    for i, b in enumerate(blobs)]
         except UnreadableImage as e:
             self._count("failures")
             return JudgeResult(ok=False, error=str(e), key=key, image_error=True)

@@ -18,9 +18,22 @@ points ``--official-scripts DIR`` at a folder holding them, or ``--fetch`` downl
 * Both: ``max_tokens`` (and the temperature and model, recorded) from the script's ``.create(...)`` call, the
   ``data:`` URL's MIME type from its image part, and the script's image encoding (a full-size JPEG re-encode
   at PIL's default quality; the template option ``image_encoding: official_jpeg``).
+* **OmniContext** (OmniGen2's ``omnicontext/prompt_generator.py``): the ``__call__`` method of its
+  ``PromptGenerator`` (a preamble string plus one of four rule strings, the instruction marker replaced by the
+  instruction) is compiled alone and run with the module-level strings (and the class's string attributes) as
+  its only names (:func:`checked_function`), with our ``{{instruction}}`` as the instruction: once per judge
+  call, with the keywords OmniGen2's ``OmniContextScore.evaluate`` passes (:data:`OMNICONTEXT_CALLS`): prompt
+  following always without the scene rule (scene_* tasks too), subject consistency with it for scene_* tasks.
+  Each text is a user message with no system message, answered as ``{"score": ..., "reasoning": ...}`` (our
+  ``score_json`` parser). The images: the input images resized as Echo-4o's ``test_omnicontext_score.py``
+  (area <= 1024^2, sides floored to multiples of 16), the output image at full size (``image_encoding:
+  official_omnicontext``). **Unverified**: the transport, OmniGen2's ``openai_util.ask_gpt4o``, could not be
+  read; we send the text first, then the input images and the output image, each a JPEG at PIL's default
+  quality, ``max_tokens`` 1400 (``shared/docs/echo4o.md`` 6.3), at the judge's temperature (0) -- recorded as
+  ``unverified`` in results.json's ``judge_prompts``.
 
-A template's name is ``<benchmark>_official`` and its version the script's sha256 prefix, so cached answers
-of another script (or of our own prompts) are never reused.
+A template's name is ``<benchmark>_official`` (OmniContext: ``omnicontext_<call>_official``) and its version the
+script's sha256 prefix, so cached answers of another script (or of our own prompts) are never reused.
 """
 
 from __future__ import annotations
@@ -30,20 +43,37 @@ import dataclasses
 import hashlib
 import re
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable
 
 from . import common
 from .judge import JudgeTemplate, _PLACEHOLDER
-from .reference import GENEVAL_PP_SCRIPT_URL, IMAGINE_BENCH_SCRIPT_URL
+from .reference import GENEVAL_PP_SCRIPT_URL, IMAGINE_BENCH_SCRIPT_URL, OMNICONTEXT_SCRIPT_URL
 
 OFFICIAL_DIR = common.OFFICIAL_SCRIPTS_DIR  # default folder of the scripts: under --benchmarks-dir, beside --prompts
 EXTRACTOR_VERSION = 1  # bump when what is taken from a script changes (it keys the judge cache)
 SCRIPTS = {  # benchmark -> (file name in the folder, public URL)
     "geneval_pp": ("Eval-gpt-4.1-geneval++.py", GENEVAL_PP_SCRIPT_URL),
     "imagine_bench": ("Eval-gpt-4.1-Imagine.py", IMAGINE_BENCH_SCRIPT_URL),
+    "omnicontext": ("prompt_generator.py", OMNICONTEXT_SCRIPT_URL),
 }
-DEFAULT_MAX_TOKENS = {"geneval_pp": 200, "imagine_bench": 1024}  # the scripts' values, when not a constant
+# the scripts' values, when not a constant (OmniContext: shared/docs/echo4o.md 6.3; its transport is not read)
+DEFAULT_MAX_TOKENS = {"geneval_pp": 200, "imagine_bench": 1024, "omnicontext": 1400}
+# OmniContext: our template key -> the keywords OmniContextScore.evaluate passes to PromptGenerator (after the
+# instruction): prompt following without with_scene (so never the scene rule, scene_* tasks too), subject
+# consistency with with_scene = the task is a scene_* one (test_omnicontext_score.py)
+OMNICONTEXT_CALLS = {
+    "pf": {"task_type": "prompt_following"},
+    "sc": {"task_type": "subject_consistency", "with_scene": False},
+    "sc_scene": {"task_type": "subject_consistency", "with_scene": True},
+}
+OMNICONTEXT_UNVERIFIED = (
+    "the transport (OmniGen2's openai_util.ask_gpt4o) could not be read: one user message, the prompt text then the "
+    "input images (resized as test_omnicontext_score.py: area <= 1024^2, sides floored to multiples of 16) and the "
+    "output image (full size), each a JPEG at PIL's default quality; max_tokens 1400; the judge's temperature "
+    "(0). Known besides: the official scorer asks each question 3 times and keeps the last parsed answer (a random "
+    "score when none parses); we ask once and list a failure")
 
 
 class OfficialScriptError(common.UsageError):
@@ -60,10 +90,17 @@ class OfficialPrompts:
     url: str
     request: dict  # the script's constant .create() keywords (model, temperature, max_tokens)
     checklist: Callable[[dict], str] | None = None  # GenEval++: metadata_to_explanation
+    templates: dict[str, JudgeTemplate] | None = None  # OmniContext: one per judge call ("pf", "sc", "sc_scene")
+    unverified: str | None = None  # what of the protocol could not be read from an official source
 
     def describe(self) -> dict:
-        return {"kind": "official", "script": self.path, "sha256": self.sha256, "url": self.url,
-                "script_request": self.request, "template": self.template.ident}
+        d = {"kind": "official", "script": self.path, "sha256": self.sha256, "url": self.url,
+             "script_request": self.request,
+             "template": ({k: t.ident for k, t in self.templates.items()} if self.templates
+                          else self.template.ident)}
+        if self.unverified:
+            d["unverified"] = self.unverified
+        return d
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,8 +130,8 @@ def resolve_script(benchmark: str, folder: str | Path, do_fetch: bool, *, folder
 
 def load(benchmark: str, path: str | Path, url: str | None = None) -> OfficialPrompts:
     """The judge template (and GenEval++'s checklist) extracted from the official script at `path`."""
-    return {"geneval_pp": geneval_pp_prompts, "imagine_bench": imagine_bench_prompts}[benchmark](
-        path, url or SCRIPTS[benchmark][1])
+    return {"geneval_pp": geneval_pp_prompts, "imagine_bench": imagine_bench_prompts,
+            "omnicontext": omnicontext_prompts}[benchmark](path, url or SCRIPTS[benchmark][1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,9 +242,9 @@ def _encodes_jpeg(tree: ast.Module, where: str) -> None:
         raise _err(where, "encode_image() no longer saves a full-size JPEG at the default quality")
 
 
-def _template(benchmark: str, sha: str, path: str, *, system: str, user: str, parser: str, max_tokens: int,
+def _template(name: str, sha: str, path: str, *, system: str, user: str, parser: str, max_tokens: int,
               dimensions=(), options: dict) -> JudgeTemplate:
-    return JudgeTemplate(name=f"{benchmark}_official", version=sha[:16], parser=parser, system=system, user=user,
+    return JudgeTemplate(name=f"{name}_official", version=sha[:16], parser=parser, system=system, user=user,
                          max_tokens=max_tokens, dimensions=tuple(dimensions),
                          options={"extractor": EXTRACTOR_VERSION, **options}, path=path)
 
@@ -221,28 +258,36 @@ def _max_tokens(request: dict, benchmark: str) -> int:
 # running one function of a script
 # ------------------------------------------------------------------------------------------------
 
-_ALLOWED = (ast.FunctionDef, ast.arguments, ast.arg, ast.Return, ast.Assign, ast.AugAssign, ast.Expr, ast.For,
-            ast.If, ast.IfExp, ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Call, ast.keyword,
+_ALLOWED = (ast.FunctionDef, ast.arguments, ast.arg, ast.Return, ast.Raise, ast.Assign, ast.AugAssign, ast.Expr,
+            ast.For, ast.If, ast.IfExp, ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Call, ast.keyword,
             ast.Attribute, ast.Name, ast.Constant, ast.JoinedStr, ast.FormattedValue, ast.Subscript, ast.Slice,
             ast.List, ast.Tuple, ast.Dict, ast.ListComp, ast.GeneratorExp, ast.comprehension, ast.Pass,
             ast.expr_context, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
 _BANNED_ATTRS = {"format", "format_map", "mro"}
+_EXCEPTIONS = {"ValueError": ValueError, "KeyError": KeyError, "TypeError": TypeError}  # what a function may raise
 
 
-def checked_function(tree: ast.Module, name: str, where: str) -> Callable:
-    """The module-level function `name` of a script, compiled alone (nothing else of the script runs) and run in
-    a namespace without builtins. Its syntax tree must hold only plain statements and expressions: no import,
-    global, while, try, with, class, lambda, no name it neither takes nor assigns (no builtin, no global), no
-    attribute starting with ``_`` and no ``str.format`` (the ways out of an empty namespace). This makes a
-    changed or odd file fail with a clear error; it is not a sandbox for a hostile file (run only scripts from
-    the benchmark's public source)."""
-    fn = _function(tree, name, where)
+def checked_function(tree: ast.Module, name: str, where: str, *, func: ast.FunctionDef | None = None,
+                     env: dict[str, str] | None = None, attrs: set[str] = frozenset()) -> Callable:
+    """The module-level function `name` of a script (or the function definition `func`, e.g. a method), compiled
+    alone (nothing else of the script runs) and run in a namespace without builtins. Its syntax tree must hold
+    only plain statements and expressions: no import, global, while, try, with, class, lambda, no name it neither
+    takes nor assigns (no builtin, no global) but those of `env` (strings of the script) and ValueError / KeyError
+    / TypeError (to raise), no attribute starting with ``_`` (but those in `attrs`, never a dunder) and no
+    ``str.format`` (the ways out of an empty namespace). This makes a changed or odd file fail with a clear
+    error; it is not a sandbox for a hostile file (run only scripts from the benchmark's public source)."""
+    fn = func if func is not None else _function(tree, name, where)
+    if any(a.startswith("__") for a in [*attrs, *(env or {})]) or not all(isinstance(v, str)
+                                                                           for v in (env or {}).values()):
+        raise ValueError("checked_function: env holds strings only; no dunder name in env or attrs")
+    env = {**(env or {}), **_EXCEPTIONS}
     local: set[str] = set()
     for node in ast.walk(fn):
         if not isinstance(node, _ALLOWED):
             raise _err(where, f"{name}() uses {type(node).__name__} (line {getattr(node, 'lineno', '?')}), which is "
                               "not run here")
-        if isinstance(node, ast.Attribute) and (node.attr.startswith("_") or node.attr in _BANNED_ATTRS):
+        if isinstance(node, ast.Attribute) and ((node.attr.startswith("_") and node.attr not in attrs)
+                                                or node.attr in _BANNED_ATTRS):
             raise _err(where, f"{name}() reads attribute {node.attr!r} (line {node.lineno}), which is not run here")
         if isinstance(node, ast.FunctionDef):
             local.add(node.name)
@@ -255,19 +300,21 @@ def checked_function(tree: ast.Module, name: str, where: str) -> Callable:
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             local.add(node.id)
     for node in ast.walk(fn):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in local:
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in local \
+                and node.id not in env:
             raise _err(where, f"{name}() reads the name {node.id!r} (line {node.lineno}), a builtin or global, which "
                               "is not run here")
     module = ast.Module(body=[fn], type_ignores=[])
-    namespace: dict[str, Any] = {"__builtins__": {}}
+    namespace: dict[str, Any] = {**env, "__builtins__": {}}
     exec(compile(module, where, "exec"), namespace)  # noqa: S102 -- one checked function, no builtins
-    f = namespace[name]
+    f = namespace[fn.name]
 
-    def call(*args):
+    def call(*args, **kw):
         try:
-            out = f(*args)
+            out = f(*args, **kw)
         except Exception as e:  # noqa: BLE001 -- the script's own error, named with the file
-            raise OfficialScriptError(f"{where}: {name}() failed on {args!r}: {type(e).__name__}: {e}") from None
+            shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kw.items())])
+            raise OfficialScriptError(f"{where}: {name}() failed on ({shown}): {type(e).__name__}: {e}") from None
         if not isinstance(out, str):
             raise OfficialScriptError(f"{where}: {name}() returned {type(out).__name__}, not text")
         return out
@@ -356,3 +403,60 @@ def imagine_bench_prompts(path: str | Path, url: str = IMAGINE_BENCH_SCRIPT_URL)
                     dimensions=(("FF", "Fantasy Fulfillment"), ("IP", "Identity Preservation"),
                                 ("AQ", "Aesthetic Quality")), options=options)
     return OfficialPrompts("imagine_bench", tpl, where, sha, url, request)
+
+
+_INSTRUCTION = "{{instruction}}"  # what PromptGenerator is given as the instruction: our template's placeholder
+
+
+def _class(tree: ast.Module, name: str, where: str) -> ast.ClassDef:
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return node
+    raise _err(where, f"no class {name}")
+
+
+def _plain_strings(body: list[ast.stmt]) -> dict[str, str]:
+    """The ``NAME = "text"`` assignments (plain strings) among the statements `body`."""
+    out = {}
+    for node in body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    out[t.id] = node.value.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            out[node.target.id] = node.value.value
+    return out
+
+
+def omnicontext_prompts(path: str | Path, url: str = OMNICONTEXT_SCRIPT_URL) -> OfficialPrompts:
+    """The three OmniContext judge templates (``pf``, ``sc``, ``sc_scene``: :data:`OMNICONTEXT_CALLS`), each the
+    text ``PromptGenerator()(instruction, **keywords)`` of the official ``prompt_generator.py`` returns, run as
+    :func:`checked_function` with the module's plain strings (and the class's, as ``self.NAME``) as its only
+    names and ``{{instruction}}`` as the instruction."""
+    tree, sha, where = _read(path)
+    cls = _class(tree, "PromptGenerator", where)
+    method = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__call__"), None)
+    if method is None:
+        raise _err(where, "PromptGenerator has no __call__()")
+    env = {k: v for k, v in _plain_strings(tree.body).items() if not k.startswith("__")}
+    own = {k: v for k, v in _plain_strings(cls.body).items() if not k.startswith("__")}  # read as self.NAME
+    for k, v in {**env, **own}.items():
+        if _PLACEHOLDER.search(v):
+            raise _err(where, f"the string {k} holds {_PLACEHOLDER.search(v).group(0)!r}, which reads as one of our "
+                              "template placeholders")
+    if method.decorator_list or method.args.posonlyargs or len(method.args.args) < 2:
+        raise _err(where, "PromptGenerator.__call__ is not (self, instruction, ...)")
+    generate = checked_function(tree, "PromptGenerator.__call__", where, func=method, env=env, attrs=set(own))
+    me = types.SimpleNamespace(**own)
+    templates = {}
+    for key, kw in OMNICONTEXT_CALLS.items():
+        text = generate(me, _INSTRUCTION, **kw)
+        if _INSTRUCTION not in text:
+            raise _err(where, f"PromptGenerator()(instruction, {', '.join(f'{k}={v!r}' for k, v in kw.items())}) "
+                              "does not hold the instruction")
+        templates[key] = _template(f"omnicontext_{key}", sha, where, system="", user=text, parser="score_json",
+                                   max_tokens=DEFAULT_MAX_TOKENS["omnicontext"],
+                                   options={"image_encoding": "official_omnicontext", "image_mime": "image/jpeg"})
+    return OfficialPrompts("omnicontext", templates["pf"], where, sha, url, {}, templates=templates,
+                           unverified=OMNICONTEXT_UNVERIFIED)

@@ -1,7 +1,8 @@
 r"""OmniContext (in-context / multi-reference generation) with a VLM judge, for a user-supplied copy.
 
     python -m echo4o_jax.eval.omnicontext --images DIR --data metadata.jsonl --out DIR \
-        [--data-root DIR] [--judge-model gpt-4.1] [--base-url URL] [--num-images 1]
+        [--data-root DIR] [--judge-prompts official|ours] [--official-scripts DIR] [--fetch] \
+        [--judge-model gpt-4.1] [--base-url URL] [--num-images 1]
 
 Data: the benchmark is ``OmniGen2/OmniContext`` on the Hugging Face Hub (not bundled, not fetched
 here). Give a JSON-lines (or JSON list) manifest with one record per sample::
@@ -15,9 +16,17 @@ here). Give a JSON-lines (or JSON list) manifest with one record per sample::
 
 * Two judge calls per image: prompt following (PF) and subject consistency (SC), each 0-10 with a JSON
   answer; the reference images are sent first, the generated image last. ``scene_*`` tasks use the
-  scene variant of the SC template (it also checks the background); PF uses one template for every task, as
-  the official scorer does. The judge prompts are our own wording, not OmniGen2's (``prompt_generator.py``):
-  the scores are not directly comparable with published ones (results.json and summary.md say so).
+  scene variant of the SC prompt (it also checks the background); PF uses one prompt for every task, as
+  the official scorer does.
+* Judge prompts: ``--judge-prompts official`` (default) takes the three prompts from OmniGen2's
+  ``omnicontext/prompt_generator.py``, read at run time from ``--official-scripts`` (default: the folder
+  ``official`` beside the manifest; ``--fetch`` downloads it; see ``echo4o_jax.eval.official``), and sends the
+  images as the official scorer does (the input images resized to at most 1024^2 pixels, sides floored to
+  multiples of 16; the output at full size); how OmniGen2 sends them (its ``openai_util.py``) could not be read:
+  the JPEG encoding, the message layout and max_tokens 1400 are unverified (results.json says so). A missing
+  script is an error naming ``--fetch``. ``--judge-prompts ours`` uses our own templates
+  (``templates/omnicontext_*.txt``, other wording and bands): the scores are then not directly comparable with
+  published ones (results.json and summary.md say so); a ``--template-*`` file replaces the official prompts.
 * **Per sample: sqrt(PF * SC)**; task score = mean over its samples; ``overall_8`` = mean over the 8
   task scores (OmniGen2's number); ``echo4o_avg`` = mean of the MULTIPLE and SCENE group scores (each
   the mean of its 3 tasks), i.e. the 6-task average Echo-4o reported (its statistics script skips the
@@ -50,6 +59,7 @@ from typing import Sequence
 from ..image_transform import ImageTransform, resize_shape, valid_sides
 from . import common
 from .judge import Judge, JudgeRequest, JudgeTemplate, load_template
+from .official import OfficialPrompts
 from .reference import OMNICONTEXT_GROUPS, OMNICONTEXT_REPORTED, OMNICONTEXT_TASKS, OMNICONTEXT_URL
 
 NAME = "omnicontext"
@@ -238,8 +248,16 @@ def generation_requests(items: Sequence[Item], num_images: int = 1, seed: int = 
 
 def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_images: int = 1,
              templates: dict[str, JudgeTemplate] | None = None, label: str = "ours", progress: bool = False,
-             source: dict | None = None) -> dict:
-    tpls = {k: (templates or {}).get(k) or load_template(v) for k, v in TEMPLATES.items()}
+             source: dict | None = None, official: OfficialPrompts | None = None) -> dict:
+    """Judge the images of `items`. The prompts: `official` (read from OmniGen2's prompt_generator.py) when
+    given, else our built-in templates with those of `templates` replacing theirs (results and summary.md then
+    say they are not the official wording)."""
+    if official is not None and templates:
+        raise common.UsageError("give either the official prompts or templates, not both")
+    if official is not None:
+        tpls = dict(official.templates)
+    else:
+        tpls = {k: (templates or {}).get(k) or load_template(v) for k, v in TEMPLATES.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     units = common.locate_images(items, images_dir, num_images, official_name=lambda it: f"{it.task_type}/{it.key}")
@@ -275,7 +293,7 @@ def evaluate(items: Sequence[Item], images_dir, judge: Judge, out_dir, *, num_im
                                   failure=failure, judged=judged)
     doc = common.results_document(
         NAME, label=label, source=source, images_dir=images_dir, num_images=num_images, judge=judge,
-        templates=tpls, started=started, summary=aggregate(records), records=records,
+        templates=tpls, started=started, summary=aggregate(records), records=records, official=official,
         formula="per sample sqrt(PF*SC); task = mean; overall_8 = mean of tasks; echo4o_avg = mean(MULTIPLE, SCENE)")
     common.write_outputs(out, doc, markdown, write_html)
     return doc
@@ -339,13 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", "--prompts", dest="data", required=True,
                     help="OmniContext manifest (jsonl/json) or a folder with metadata.jsonl")
     ap.add_argument("--data-root", default=None, help="folder the input image paths are relative to")
+    ap.add_argument("--fetch", action="store_true",
+                    help="download the official prompt_generator.py to --official-scripts, if absent (the data is "
+                         "never fetched)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--num-images", type=common.positive_int, default=1, help="images per sample (official: 1)")
     ap.add_argument("--limit", type=common.positive_int, default=None, help="only the first N samples")
     for k in TEMPLATES:
         ap.add_argument(f"--template-{k.replace('_', '-')}", default=None,
-                        help=f"judge template file for {k} (default: built-in {TEMPLATES[k]})")
+                        help=f"judge template file for {k} (default: the official prompt, or with --judge-prompts "
+                             f"ours the built-in {TEMPLATES[k]}; it replaces the official prompts)")
     ap.add_argument("--label", default="ours", help="row name for this run in summary.md")
+    common.add_judge_prompts_args(ap, folder_default=f"the folder '{common.OFFICIAL_SCRIPTS_DIR}' beside the "
+                                                     "manifest")
     common.add_judge_args(ap)
     return ap
 
@@ -354,12 +378,21 @@ def templates_from_args(args) -> dict[str, JudgeTemplate]:
     return {k: common.template_arg(getattr(args, f"template_{k}", None), v) for k, v in TEMPLATES.items()}
 
 
+def manifest_folder(data) -> Path:
+    """The folder of the manifest `data` names (`data` itself when it is a folder holding metadata.jsonl)."""
+    p = Path(data)
+    return p if p.is_dir() else p.parent
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     items = load_items(args.data, args.limit, args.data_root)
-    templates = templates_from_args(args)
+    replaced = any(getattr(args, f"template_{k}", None) for k in TEMPLATES)  # a template file replaces the official
+    official = None if replaced else common.official_prompts(
+        NAME, args, manifest_folder(args.data) / common.OFFICIAL_SCRIPTS_DIR)
+    templates = templates_from_args(args) if official is None else None
     judge = common.judge_from_args(args, args.out)
-    doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images,
+    doc = evaluate(items, args.images, judge, args.out, num_images=args.num_images, official=official,
                    templates=templates, label=args.label, progress=not args.no_progress,
                    source={"data": str(args.data),
                            **common.subset_source(items)})

@@ -18,6 +18,9 @@ IMAGINE_BENCH_MD5 = "6624cfafa28587d6018bcf4d78c06248"  # 270 records, 191,440 b
 GENEVAL_PP_SCRIPT_URL = f"{ECHO4O_RAW}/Eval-gpt-4.1-geneval%2B%2B.py"
 IMAGINE_BENCH_SCRIPT_URL = f"{ECHO4O_RAW}/Eval-gpt-4.1-Imagine.py"
 OMNICONTEXT_URL = "https://huggingface.co/datasets/OmniGen2/OmniContext"  # user-supplied (see omnicontext.py)
+# OmniContext's judge prompts (--judge-prompts official: echo4o_jax.eval.official); no checksum pinned, as above
+OMNIGEN2_RAW = "https://raw.githubusercontent.com/VectorSpaceLab/OmniGen2/main/omnicontext"
+OMNICONTEXT_SCRIPT_URL = f"{OMNIGEN2_RAW}/prompt_generator.py"
 # GenEval's own prompt file (553 prompts, short ones); no checksum pinned: the copy it was read from
 # (../shared/benchmarks/geneval_metadata.jsonl, 85,209 bytes) could not be compared with the upstream file here
 GENEVAL_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"

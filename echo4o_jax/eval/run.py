@@ -59,12 +59,14 @@ folder is searched, e.g. ``--benchmarks-dir ../shared/benchmarks``) holds ``gene
 ``imagine_bench.jsonl`` and ``geneval_metadata.jsonl``; ``--fetch`` downloads the public files there when
 absent. OmniContext needs a local copy (``--omnicontext-data``).
 
-Judge prompts (``--judge-prompts``): ``official`` (default) reads the GenEval++ and Imagine-Bench prompts from the
-benchmarks' official evaluation scripts at run time (``--official-scripts DIR``, default
-``<benchmarks-dir>/official``; ``--fetch`` downloads them there; see ``echo4o_jax.eval.official``): a missing
+Judge prompts (``--judge-prompts``): ``official`` (default) reads the GenEval++, Imagine-Bench and OmniContext
+prompts from the benchmarks' official evaluation scripts at run time (``--official-scripts DIR``, default
+``<benchmarks-dir>/official``; ``--fetch`` downloads them there; OmniContext's is OmniGen2's
+``prompt_generator.py``, whose image transport is unverified; see ``echo4o_jax.eval.official``): a missing
 script is an error naming both. ``ours`` uses echo4o_jax's own templates: the results, summary.json and
 summary.md then say that the scores are not the official protocol's wording and not directly comparable with
-the paper's. OmniContext is judged with ours for now. A ``--template NAME=FILE`` replaces either.
+the paper's. A ``--template NAME=FILE`` replaces either (for OmniContext, one of its three replaces all three
+official prompts: the others are ours).
 
 Exit status (of this run's benchmarks): 0 every image generated and judged, 1 incomplete (some images
 missing, unreadable or not judged, or GenEval without detector results yet: the partial results are written
@@ -88,10 +90,15 @@ from . import common, geneval, geneval_pp, imagine_bench, omnicontext
 from .judge import JudgeConfigError, api_key_from_env, load_template
 
 BENCHES = {"geneval_pp": geneval_pp, "imagine_bench": imagine_bench, "omnicontext": omnicontext, "geneval": geneval}
-OFFICIAL_PROMPTS = ("geneval_pp", "imagine_bench")  # the benchmarks --judge-prompts official reads a script for
+OFFICIAL_PROMPTS = ("geneval_pp", "imagine_bench", "omnicontext")  # those --judge-prompts official reads a script for
 TEMPLATE_NAMES = ("geneval_pp", "imagine_bench") + tuple(omnicontext.TEMPLATES.values())
 GENERATION_RECORD = "generation.json"  # in <out>/<bench>/images: what generated each request's images
 DEFAULT_SEED = 42
+
+
+def _replaced(name: str, templates: dict) -> bool:
+    """Whether a --template replaces benchmark `name`'s judge prompts (OmniContext: any of its three)."""
+    return any(t in templates for t in (omnicontext.TEMPLATES.values() if name == "omnicontext" else (name,)))
 
 
 def _templates(pairs) -> dict:
@@ -554,8 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--template", action="append", default=[], metavar="NAME=FILE",
                     help="replace a judge template (repeatable; it replaces the official prompts too); NAME in "
                          + ", ".join(TEMPLATE_NAMES))
-    common.add_judge_prompts_args(ap, folder_default=f"<benchmarks-dir>/{common.OFFICIAL_SCRIPTS_DIR}; OmniContext: "
-                                                     "ours for now")
+    common.add_judge_prompts_args(ap, folder_default=f"<benchmarks-dir>/{common.OFFICIAL_SCRIPTS_DIR}")
     common.add_judge_args(ap)
     return ap
 
@@ -636,12 +642,9 @@ def main(argv=None) -> dict:
         loaded[name] = (path, _load(name, path, args))
     officials = {}  # the official judge prompts (read and checked before anything is generated)
     for name in names:
-        if name in OFFICIAL_PROMPTS and not args.generate_only and name not in templates:
+        if name in OFFICIAL_PROMPTS and not args.generate_only and not _replaced(name, templates):
             officials[name] = common.official_prompts(
                 name, args, Path(args.benchmarks_dir) / common.OFFICIAL_SCRIPTS_DIR)
-        elif name == "omnicontext" and args.judge_prompts == "official" and not args.generate_only:
-            print("note: OmniContext has no --judge-prompts official yet: it is judged with our prompts (marked as "
-                  "not comparable in its results)", file=sys.stderr)
     gen_api = None if args.judge_only else _load_generation_api()
     ckpt = _checkpoint(args, gen_api)
     plans = {}
@@ -680,14 +683,14 @@ def main(argv=None) -> dict:
                       source={"prompts": str(path), "ckpt": ident[0], "ckpt_step": ident[1],
                               "generation_record": str(record) if record.is_file() else None,
                               **subset})
-            if name == "omnicontext":
+            if name in officials:
+                kw["official"] = officials[name]
+            elif name == "omnicontext":
                 kw["templates"] = {k: templates[v] for k, v in omnicontext.TEMPLATES.items() if v in templates}
             elif name == "geneval":
                 kw["detector_results"] = args.geneval_results
             elif name in templates:
                 kw["template"] = templates[name]
-            elif name in officials:
-                kw["official"] = officials[name]
             doc = mod.evaluate(items, images_dir, judge, out / name, **kw)
             if doc.get("judge_prompts"):
                 entry["judge_prompts"] = doc["judge_prompts"]
