@@ -44,6 +44,7 @@ __all__ = ["Context", "Inferencer", "timestep_schedule", "answer_ids", "cfg_bran
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
 TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (one compilation per bucket, not per length)
 SAMPLER_CACHE_BUCKET = 512  # the sampler's caches are cut to the contexts' length rounded up to this
+DECODE_BUCKET = 256  # the decoding loop's token buffer: max_length rounded up to this (one compilation per bucket)
 _QUERY_ORDER = 1 << 29  # query blocks come after every cached token
 
 
@@ -307,7 +308,7 @@ class Inferencer:
         ids, n, ended = _decode_loop(self.graphdef, self.state, ctx.cache, jnp.int32(ctx.rope), jnp.int32(ctx.kv_len),
                                      jnp.int32(ctx.n_splits), jnp.int32(max(0, min(max_length, room))),
                                      jnp.int32(self.bos), jnp.int32(self.eos), jnp.float32(temperature), rng,
-                                     max_length, do_sample)
+                                     -(-max(max_length, 1) // DECODE_BUCKET) * DECODE_BUCKET, do_sample)
         out = np.asarray(ids)[:int(n)].tolist()
         if room < max_length and not bool(ended):
             self._check_room(Context(ctx.cache, ctx.kv_len + len(out), 0, 0), 1, "a generated token")
@@ -500,13 +501,13 @@ def _guided_velocity(graphdef, state, caches, ropes, x_t, t, lat_pos, soi, eoi, 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 11, 12))
-def _decode_loop(graphdef, state, cache, rope, kv_len, split, limit, bos, eos, temperature, rng, max_length: int,
+def _decode_loop(graphdef, state, cache, rope, kv_len, split, limit, bos, eos, temperature, rng, buffer: int,
                  do_sample: bool):
     """`Inferencer.generate_text` on the device: from the start token, each step writes the token to the cache
     (its own split, the next position) and picks the next one (argmax, or a sample at `temperature` with a key
-    split off `rng` per step), until `<|im_end|>` is picked or `limit` (<= max_length) tokens are out. Returns
-    (ids [max_length], the count, whether it ended on <|im_end|>). The cache is the loop's carry: updated in
-    place (the caller's buffer is copied once, not per token)."""
+    split off `rng` per step), until `<|im_end|>` is picked or `limit` (<= `buffer`, static: max_length rounded up
+    to DECODE_BUCKET) tokens are out. Returns (ids [buffer], the count, whether it ended on <|im_end|>). The
+    cache is the loop's carry: updated in place (the caller's buffer is copied once, not per token)."""
     model = nnx.merge(graphdef, state)
     dt = dtype_of(model.cfg.compute_dtype)
     rng = jax.random.key(0) if rng is None else rng
@@ -528,7 +529,7 @@ def _decode_loop(graphdef, state, cache, rope, kv_len, split, limit, bos, eos, t
         nxt = nxt.astype(jnp.int32)
         return i + 1, nxt, cache, ids, nxt == eos, rng
 
-    init = (jnp.int32(0), bos, cache, jnp.zeros((max_length,), jnp.int32), jnp.bool_(False), rng)
+    init = (jnp.int32(0), bos, cache, jnp.zeros((buffer,), jnp.int32), jnp.bool_(False), rng)
     n, _, _, ids, ended, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[4], body, init)
     return ids, n, ended
 
