@@ -262,7 +262,8 @@ class Inferencer:
                                *[_cut_cache(c.cache, cap) for triple in contexts for c in triple[:nb_guided]])
         ropes = jnp.asarray([[c.rope for c in triple[:nb_guided]] for triple in contexts], jnp.int32)
         branches = {nb_guided: (stacked, ropes)}  # (the cond branch alone for the unguided steps: sliced once)
-        branches[1] = jax.tree.map(lambda a: a[:, :1], branches[nb_guided])
+        if nb_guided > 1:
+            branches[1] = jax.tree.map(lambda a: a[:, :1], branches[nb_guided])
         lat_pos = self._latent_pos(h, w)
         scales = jnp.asarray([cfg_text_scale, cfg_img_scale, cfg_renorm_min], jnp.float32)  # (traced: no recompile)
         vels = []
