@@ -838,6 +838,16 @@ def save_png(img, path) -> None:
     write_files([(path, functools.partial(_write_png, img))])
 
 
+def crop_to_bbox(img) -> np.ndarray:
+    """`img` (uint8 [H, W, 3]) cropped to the bounding box of its non-black pixels, as the official benchmark
+    generation scripts save their samples (``sample.crop(sample.getbbox())``: BAGEL's GenEval script, Echo-4o's
+    OmniContext script); an all-black image is kept whole (getbbox: None, crop(None): the whole image)."""
+    from PIL import Image
+
+    im = Image.fromarray(np.asarray(img))
+    return np.asarray(im.crop(im.getbbox()))
+
+
 def _write_png(img, f) -> None:
     from PIL import Image
 
@@ -944,6 +954,8 @@ def _generated_with(gen: Generator, req: dict, r: _Prepared) -> dict[str, Any]:
 
 
 _ABSENT = object()
+# fields added to metadata.jsonl records after they were first written: their value in an older record
+RECORD_DEFAULTS = {"crop_to_bbox": False}
 
 
 def _changed_settings(record: dict, now: dict[str, Any]) -> str:
@@ -956,7 +968,7 @@ def _changed_settings(record: dict, now: dict[str, Any]) -> str:
 
     parts = []
     for k, v in now.items():
-        was = record.get(k, _ABSENT)
+        was = record.get(k, RECORD_DEFAULTS.get(k, _ABSENT))
         if was == v:
             continue
         if isinstance(was, dict) and isinstance(v, dict):
@@ -1011,7 +1023,7 @@ def check_requests(gen: Generator, requests: Sequence[dict], overrides: dict | N
 def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides: dict | None = None,
                  max_new_tokens: int | None = None,
                  progress: bool = True, batch_size: int = 4, regenerate: bool = False,
-                 counts: dict | None = None) -> list[dict]:
+                 counts: dict | None = None, crop: bool = False) -> list[dict]:
     """Generate every request into `out_dir` (`<id>_<k>.png`, written atomically); finished requests (listed
     in metadata.jsonl, every PNG present and decoding fully) are skipped; a PNG that does not decode (an
     interrupted write) is reported and its request generated again. A finished request whose record differs
@@ -1026,7 +1038,9 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     and resized once. `max_new_tokens`: the think text's limit of a think request without its own
     `max_new_tokens` (None: the Generator's default). Returns one record per request (`outputs`: file names in
     `out_dir`); `counts` (a dict), when given, gets "generated": how many this call generates (the others were
-    finished). Ctrl-C raises BatchInterrupted (a KeyboardInterrupt) saying how many requests are finished."""
+    finished). `crop`: each image is saved cropped to its non-black content (crop_to_bbox, as the official
+    benchmark scripts; recorded as `crop_to_bbox`). Ctrl-C raises BatchInterrupted (a KeyboardInterrupt) saying
+    how many requests are finished."""
     from tqdm import tqdm
 
 
@@ -1041,7 +1055,7 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
     for i, (rid, req, r) in enumerate(zip(ids, requests, prepared)):
         paths = _request_paths(out_dir, rid, r.num_images)
         if rid in done:  # (its outputs complete or not: a request changed is not regenerated silently)
-            diff = _changed_settings(done[rid], _generated_with(gen, req, r))
+            diff = _changed_settings(done[rid], {**_generated_with(gen, req, r), "crop_to_bbox": crop})
             if not diff and outputs_finished(paths, f"request {rid!r}") and _outputs_recorded(done[rid], paths):
                 records[i] = done[rid]
                 continue
@@ -1075,10 +1089,11 @@ def run_requests(gen: Generator, requests: Sequence[dict], out_dir, *, overrides
                 seconds = round((time.time() - t0) / len(group), 3)
                 for (i, rid, req, r, paths), res in zip(group, results):
                     for p, img in zip(paths, res["images"]):
-                        save_png(img, p)
+                        save_png(crop_to_bbox(img) if crop else img, p)
                     # (the outputs' sha256: a run stopped while replacing a request's images, --regenerate, left
                     # its old record vouching for a mix of old and new ones)
-                    rec = dict(id=rid, **_generated_with(gen, req, r), outputs=[p.name for p in paths],
+                    rec = dict(id=rid, **_generated_with(gen, req, r), crop_to_bbox=crop,
+                               outputs=[p.name for p in paths],
                                outputs_sha256=[file_sha256(p) for p in paths], seconds=seconds,
                                batched_with=len(group))
                     if res.get("think") is not None:  # (the planning text, as a single run's generation.json)
@@ -1139,7 +1154,7 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, rege
     CLI's flags);
     `vae_transform` / `vit_transform` ([max, min] side, as --vae-transform / --vit-transform) the input resizes of
     this batch only (set on the cached Generator and restored after it: one loaded model serves batches with
-    different transforms); `max_new_tokens` is run_requests'. `check_only`: the requests are checked (the model
+    different transforms); `max_new_tokens` is run_requests', `crop_to_bbox` its `crop`. `check_only`: the requests are checked (the model
     loaded and cached, their images read) and nothing is written or generated (-> []): an evaluation checks every
     benchmark's requests before it generates any."""
     from .image_transform import ImageTransform, valid_sides
@@ -1159,6 +1174,10 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, rege
                 raise GenerateError(f"{k} {t!r}: expected [MAX, MIN] image sides with 0 < MIN <= MAX")
             transforms[k] = tuple(t)
     run_kw = {k: overrides.pop(k) for k in ("max_new_tokens",) if k in overrides}
+    if "crop_to_bbox" in overrides:
+        run_kw["crop"] = overrides.pop("crop_to_bbox")
+        if not isinstance(run_kw["crop"], bool):
+            raise GenerateError(f"crop_to_bbox {run_kw['crop']!r}: expected true or false")
     gen = get_generator(ckpt, **load_kw)
     saved = {k: getattr(gen, k) for k in transforms}
     try:
@@ -1166,7 +1185,7 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, rege
             stride = gen.cfg.latent_downsample if k == "vae_transform" else gen.cfg.vit.patch_size
             setattr(gen, k, ImageTransform(hi, lo, stride))
         if check_only:
-            check_requests(gen, requests, overrides, **run_kw)
+            check_requests(gen, requests, overrides, run_kw.get("max_new_tokens"))
             return []
         return run_requests(gen, requests, out_dir, overrides=overrides, regenerate=regenerate, progress=progress,
                             **run_kw)

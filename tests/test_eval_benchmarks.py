@@ -438,7 +438,7 @@ def test_run_generates_then_judges(tmp_path, monkeypatch):
         assert [c["progress"] for c in calls] == [False, False]  # --no-progress (judge_args): no bar of its own
         g = calls[0]
         # the GenEval script's text-to-image settings (no image CFG, interval [0, 1]) under --gen-arg, both benches
-        t2i = {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0]}
+        t2i = {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0], "crop_to_bbox": True}
         assert g["out_dir"] == str(out / "geneval_pp" / "images") and g["overrides"] == {**t2i, "cfg_text_scale": 4.0,
                                                                                            "note": "plain"}
         assert calls[1]["overrides"] == g["overrides"]
@@ -789,7 +789,8 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
     assert [len(c["requests"]) for c in calls] == [2, 1]
     rec = json.loads((out / "geneval_pp" / "images" / eval_run.GENERATION_RECORD).read_text())["requests"]
     assert rec["00002"] == {"ckpt": str(ckpt_a.resolve()), "ckpt_step": None, "ckpt_weights": None, "seed": 101,
-                            "gen_args": {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0], "cfg_text_scale": 4.0},
+                            "gen_args": {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0], "cfg_text_scale": 4.0,
+                                         "crop_to_bbox": True},
                             "size": None, "num_images": 1, "prompt": "P2", "images": []}
     images = _image_bytes(out)
 
@@ -806,6 +807,21 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(JudgeConfigError, match="OPENAI_API_KEY"):  # past the settings check: the judge's key
         eval_run.main(judge_only + first + defaults)
+
+    # images recorded before crop_to_bbox (a default now, as the official scripts) were saved whole: refused as
+    # another --gen-arg, accepted with crop_to_bbox=false
+    record = out / "geneval_pp" / "images" / eval_run.GENERATION_RECORD
+    kept = record.read_text()
+    older = json.loads(kept)
+    for entry in older["requests"].values():
+        del entry["gen_args"]["crop_to_bbox"]
+    record.write_text(json.dumps(older))
+    with pytest.raises(common.UsageError, match=r"^\[geneval_pp\] .*--gen-arg.*crop_to_bbox"):
+        eval_run.main(base + first)
+    calls.clear()
+    eval_run.main(base + first + ["--gen-arg", "crop_to_bbox=false", "--bench", "geneval_pp"])
+    assert calls == []
+    record.write_text(kept)
 
     # each setting that makes other pictures is refused, naming it; nothing generated, no image touched
     changed = {
@@ -982,7 +998,8 @@ def test_run_records_and_passes_the_workdir_step(tmp_path, monkeypatch, capsys):
     base = ["--bench", "geneval_pp", "--out", str(tmp_path / "out"), "--benchmarks-dir", str(bench),
             "--generate-only", "--ckpt", str(wd)]
     eval_run.main(base)
-    assert [c["overrides"] for c in calls] == [{"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0], "step": 4}]
+    assert [c["overrides"] for c in calls] == [{"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0], "crop_to_bbox": True,
+                                                "step": 4}]
     rec = json.loads((tmp_path / "out" / "geneval_pp" / "images" / eval_run.GENERATION_RECORD).read_text())
     entry = rec["requests"]["00001"]
     assert (entry["ckpt"], entry["ckpt_step"]) == (str(wd.resolve()), 4)
@@ -1536,16 +1553,17 @@ def test_run_omnicontext_generates_as_echo4o_script(tmp_path, monkeypatch):
             "--out", str(out), "--generate-only"]
     eval_run.main(argv)
     (call,) = calls
-    assert call["overrides"] == {"cfg_img_scale": 1.5, "vit_transform": [980, 378]}
+    assert call["overrides"] == {"cfg_img_scale": 1.5, "vit_transform": [980, 378], "crop_to_bbox": True}
     assert [tuple(r["size"]) for r in call["requests"]] == [(512, 768), (768, 1024)]
     calls.clear()
     eval_run.main(argv + ["--regenerate", "--size", "256x256", "--gen-arg", "cfg_img_scale=2.0"])  # generate's form
-    assert calls[0]["overrides"] == {"cfg_img_scale": 2.0, "vit_transform": [980, 378]}
+    assert calls[0]["overrides"] == {"cfg_img_scale": 2.0, "vit_transform": [980, 378], "crop_to_bbox": True}
     assert [tuple(r["size"]) for r in calls[0]["requests"]] == [(256, 256), (256, 256)]
     calls.clear()  # another VAE resize rule sizes the output by that rule: 300 x 200 under (512, 256) -> 384 x 256
     eval_run.main(argv + ["--regenerate", "--gen-arg", "vae_transform=[512, 256]"])
     assert [tuple(r["size"]) for r in calls[0]["requests"]] == [(256, 384), (384, 512)]
-    assert calls[0]["overrides"] == {"cfg_img_scale": 1.5, "vit_transform": [980, 378], "vae_transform": [512, 256]}
+    assert calls[0]["overrides"] == {"cfg_img_scale": 1.5, "vit_transform": [980, 378], "vae_transform": [512, 256],
+                                         "crop_to_bbox": True}
     with pytest.raises(common.UsageError, match=r"--gen-arg vae_transform=\[512\]: expected \[MAX, MIN\]"):
         eval_run.main(argv + ["--regenerate", "--gen-arg", "vae_transform=[512]"])
 

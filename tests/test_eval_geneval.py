@@ -244,7 +244,7 @@ def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
             str(bench), "--no-progress"]
     rep = eval_run.main(argv)
     (call,) = calls
-    assert call["overrides"] == {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0]}
+    assert call["overrides"] == {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0], "crop_to_bbox": True}
     assert [(r["id"], r["seed"], r["num_images"]) for r in call["requests"]] == [
         ("00000", 42, 4), ("00001", 43, 4), ("00002", 44, 4)]
     entry = rep["benchmarks"]["geneval"]
@@ -277,7 +277,7 @@ def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
     eval_run.main(argv + ["--gen-arg", "cfg_interval=[0.4, 1.0]", "--num-images", "1", "--regenerate",
                           "--generate-only"])
     assert f"geneval: 3 of 3 requests generated -> {out / 'geneval' / 'images'}" in capsys.readouterr().out
-    assert calls[0]["overrides"] == {"cfg_img_scale": 1.0, "cfg_interval": [0.4, 1.0]}
+    assert calls[0]["overrides"] == {"cfg_img_scale": 1.0, "cfg_interval": [0.4, 1.0], "crop_to_bbox": True}
     assert calls[0]["requests"][0]["num_images"] == 1
     with pytest.raises(common.UsageError, match="--geneval-results .* needs --bench geneval"):
         eval_run.main(["--judge-only", "--bench", "geneval_pp", "--out", str(out), "--geneval-results", "x"])

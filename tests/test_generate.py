@@ -200,6 +200,46 @@ def test_batch_reads_and_resizes_each_input_image_once(gen, tmp_path, monkeypatc
     assert sorted(opened) == ["p.png", "p.png", "q.png"] and resized == []
 
 
+def test_crop_to_bbox_saves_the_content_as_the_official_benchmark_scripts(gen, sz, tmp_path, monkeypatch):
+    """crop=True (eval.run's benchmarks: the official scripts' ``sample.crop(sample.getbbox())``) saves each image
+    cut to its non-black pixels and records it; a rerun with the other choice is refused as generated otherwise,
+    and a record older than the field is one made without cropping."""
+    blank = np.zeros((4, 6, 3), np.uint8)
+    np.testing.assert_array_equal(G.crop_to_bbox(blank), blank)  # all black: kept whole, as PIL's crop(None)
+    real = gen.generate_prepared
+
+    def bordered(r):  # black rows above, a black column on the right: what getbbox cuts
+        res = real(r)
+        imgs = [np.array(im) for im in res["images"]]
+        for im in imgs:
+            im[:3] = 0
+            im[:, -1] = 0
+        return {**res, "images": imgs}
+
+    monkeypatch.setattr(gen, "generate_prepared", bordered)
+    req = dict(id="a", prompt_ids=[1, 2, 3], size=sz.size, seed=0, num_images=1)
+    fast = dict(num_timesteps=2)
+    (rec,) = G.run_requests(gen, [req], tmp_path / "crop", overrides=fast, progress=False, crop=True)
+    out = np.asarray(Image.open(tmp_path / "crop" / "a_0.png"))
+    full = np.asarray(bordered(gen.check_request(req, fast))["images"][0])
+    assert rec["crop_to_bbox"] is True and out.shape == (sz.side - 3, sz.side - 1, 3)
+    box = Image.fromarray(full).getbbox()
+    np.testing.assert_array_equal(out, full[box[1]:box[3], box[0]:box[2]])
+    with pytest.raises(G.GenerateError, match=r"crop_to_bbox True -> False"):
+        G.run_requests(gen, [req], tmp_path / "crop", overrides=fast, progress=False)
+    (rec,) = G.run_requests(gen, [req], tmp_path / "plain", overrides=fast, progress=False)
+    assert rec["crop_to_bbox"] is False
+    assert np.asarray(Image.open(tmp_path / "plain" / "a_0.png")).shape == (sz.side, sz.side, 3)
+    meta = tmp_path / "plain" / "metadata.jsonl"  # a record written before the field: made without cropping
+    old = json.loads(meta.read_text())
+    del old["crop_to_bbox"]
+    meta.write_text(json.dumps(old) + "\n")
+    monkeypatch.setattr(gen, "generate_prepared", lambda r: pytest.fail("a finished request generated again"))
+    G.run_requests(gen, [req], tmp_path / "plain", overrides=fast, progress=False)
+    with pytest.raises(G.GenerateError, match=r"crop_to_bbox False -> True"):
+        G.run_requests(gen, [req], tmp_path / "plain", overrides=fast, progress=False, crop=True)
+
+
 def test_check_sizes_and_batch_key_come_from_the_checked_request(gen, sz, tmp_path):
     # the checks' resized sizes equal the transforms' own (no pixel resampled for them)
     for t in [ImageTransform.vae_default(), ImageTransform.vit_default(), ImageTransform(64, 16, 16),
@@ -1029,10 +1069,11 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
     gen = object.__new__(G.Generator)  # no checkpoint: only the transform slots matter here
     gen.cfg = types.SimpleNamespace(latent_downsample=16, vit=types.SimpleNamespace(patch_size=14))
     gen.inf, gen._vae_transform, gen._vit_transform = None, vae0, vit0
-    loads, runs, progress = [], [], []
+    loads, runs, progress, crops = [], [], [], []
 
     def run_requests(g, reqs, out, **kw):
         progress.append(kw["progress"])
+        crops.append(kw.get("crop"))
         # the weights load during the batch: the Inferencer takes the Generator's transforms then
         g.inf = types.SimpleNamespace(vae_transform=g.vae_transform, vit_transform=g.vit_transform)
         runs.append((g.vae_transform, g.vit_transform, kw["overrides"]))
@@ -1054,6 +1095,10 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
             G.generate_batch("ckpt", [], "out", vit_transform=bad)
     G.generate_batch("ckpt", [], "out", progress=False)  # eval.run --no-progress
     assert progress[-1] is False
+    G.generate_batch("ckpt", [], "out", crop_to_bbox=True, cfg_img_scale=1.0)  # run_requests' crop, not a sampler key
+    assert crops[-1] is True and runs[-1][2] == {"cfg_img_scale": 1.0}
+    with pytest.raises(G.GenerateError, match=r"crop_to_bbox 'yes': expected true or false$"):
+        G.generate_batch("ckpt", [], "out", crop_to_bbox="yes")
     # the loader's settings are checked as the CLI's flags, before the checkpoint is looked at
     loads.clear()
     for bad, msg in [(dict(dtype="foo"), "dtype (--dtype) 'foo': expected one of float32, bfloat16"),

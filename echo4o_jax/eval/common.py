@@ -40,8 +40,10 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # Echo-4o's evals): text scale 4, no image CFG, cfg_interval [0, 1]. The generator's own text-to-image defaults (the
 # Gradio app's: image scale 1.5, interval [0.4, 1]) differ: with no input image an image scale s > 1 strengthens the
 # text guidance (effective text scale 1 + s (4 - 1) = 5.5, bagel_architecture.md §5.3). Echo-4o does not publish
-# the settings it generated GenEval++ / Imagine-Bench images with; --gen-arg overrides these.
-T2I_EVAL_GEN_DEFAULTS = {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0]}
+# the settings it generated GenEval++ / Imagine-Bench images with; --gen-arg overrides these. The script saves each
+# sample cropped to its non-black content (``sample.crop(sample.getbbox())``): crop_to_bbox (a no-op unless an image
+# has black border rows or columns).
+T2I_EVAL_GEN_DEFAULTS = {"cfg_img_scale": 1.0, "cfg_interval": [0.0, 1.0], "crop_to_bbox": True}
 
 
 class UsageError(ValueError):

@@ -35,8 +35,9 @@ run in the official evaluator's own environment. This module does the two ends a
    the run is then INCOMPLETE (exit status 1), as is a run without detector results yet (no score).
 
 Protocol (GenEval, BAGEL's / Echo-4o's scripts): 4 images per prompt, 1024x1024, text scale 4 without image
-CFG (cfg_img_scale 1), cfg_interval [0, 1], global renorm with min 0, shift 3, 50 steps (``eval.run`` uses these
-for this benchmark; ``--gen-arg`` / ``--num-images`` override them). Echo-4o's run
+CFG (cfg_img_scale 1), cfg_interval [0, 1], global renorm with min 0, shift 3, 50 steps, each image saved cropped to
+its non-black content as the script's ``sample.crop(sample.getbbox())`` (``eval.run`` uses these for this benchmark;
+``--gen-arg`` / ``--num-images`` override them, e.g. ``--gen-arg crop_to_bbox=false``). Echo-4o's run
 script defaults to LLM-rewritten long prompts (``evaluation_metadata_long.jsonl``, the same 553 items): pass
 that file as the prompt file to compare with its 0.89.
 

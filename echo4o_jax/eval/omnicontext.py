@@ -206,8 +206,9 @@ def aggregate(records: Sequence[dict]) -> dict:
 
 
 # Echo-4o's OmniContext script (shared/docs/echo4o.md 3.5); the other settings are the generator's reference-image
-# defaults (text scale 4, cfg_interval [0, 1], text_channel renorm, shift 3, 50 steps)
-GEN_DEFAULTS = {"cfg_img_scale": 1.5, "vit_transform": [980, 378]}
+# defaults (text scale 4, cfg_interval [0, 1], text_channel renorm, shift 3, 50 steps); it saves the output cropped
+# to its non-black content (``tmpimage.crop(tmpimage.getbbox())``): crop_to_bbox
+GEN_DEFAULTS = {"cfg_img_scale": 1.5, "vit_transform": [980, 378], "crop_to_bbox": True}
 OUTPUT_TRANSFORM = ImageTransform.vae_default()  # the output size: the first input image's, resized by this rule
 
 

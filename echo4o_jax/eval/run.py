@@ -13,7 +13,9 @@ laid out for the official evaluator in ``<out>/geneval/layout`` and its output i
 ``<out>/geneval/detector_results.jsonl`` (or ``--geneval-results F``) when the run is repeated (see
 ``python -m echo4o_jax.eval.geneval -h``); it needs no API key. OmniContext is generated with Echo-4o's
 script settings (image scale 1.5, ViT transform (980, 378), the output size of the first input image: see
-``python -m echo4o_jax.eval.omnicontext -h``); ``--size`` and ``--gen-arg`` override a benchmark's settings.
+``python -m echo4o_jax.eval.omnicontext -h``). Every benchmark's images are saved cropped to their non-black content,
+as the official generation scripts (``crop_to_bbox``: a no-op unless an image has black border rows or columns);
+``--size`` and ``--gen-arg`` override a benchmark's settings (e.g. ``--gen-arg crop_to_bbox=false``).
 
 For each benchmark B the images go to ``<out>/B/images/<stem>_<k>.png`` (the naming every
 ``python -m echo4o_jax.eval.B --images`` reads) and the results to ``<out>/B/`` (results.json,
@@ -219,8 +221,8 @@ def _provenance(req: dict, ckpt: dict, gen_args: dict) -> dict:
 def _as_run(field: str, value, req: dict):
     """A recorded or current setting as the generation used it: the generator's defaults filled in, so that a
     --gen-arg or --size naming a default (cfg_text_scale=4.0, num_timesteps=50, 1024x1024) is the same generation."""
-    if field == "gen_args" and isinstance(value, dict):
-        return {**default_settings(bool(req.get("images"))), **value}
+    if field == "gen_args" and isinstance(value, dict):  # (crop_to_bbox: False in records older than it)
+        return {**default_settings(bool(req.get("images"))), "crop_to_bbox": False, **value}
     if field == "size" and value is None and not req.get("images"):
         return list(DEFAULT_SIZE)
     return value
