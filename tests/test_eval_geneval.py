@@ -136,6 +136,9 @@ def test_layout_results_and_the_official_formula(tmp_path, capsys):
     assert doc["summary"]["overall"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
     md = (out / "summary.md").read_text()
     assert "| Echo-4o (paper; likely rewritten prompts)" in md and "INCOMPLETE" not in md
+    # which prompts (the paper rows differ by it): GenEval's templated ones here
+    assert doc["prompt_variant"] == "short" and "Prompts: **short**: GenEval's own templated prompts" in md
+    assert "comparable paper row is BAGEL (paper) 0.82" in md
 
     # an image generated again after scoring: its old result no longer counts (the others do)
     _png(images / "00000_1.png", 123)
@@ -222,10 +225,24 @@ def test_bad_prompt_lines_are_named(tmp_path, bad, message):
         geneval.load_items(f)
 
 
+def _variant(prompts):
+    return geneval.prompt_variant([geneval.Item(i, "single_object", t, {}) for i, t in enumerate(prompts)])
+
+
+def test_prompt_variant_tells_short_from_rewritten_prompts():
+    """Echo-4o's 0.89 comes from LLM-rewritten prompts, BAGEL's 0.82 from GenEval's templated ones: the results
+    say which kind a run used."""
+    assert _variant(["a photo of a bench", "A photo of two clocks"]) == "short"
+    rewritten = ["A sturdy wooden bench stands alone in a quiet park at dusk.", "Two round clocks on a wall."]
+    assert _variant(rewritten) == "rewritten" and _variant(rewritten + ["a photo of a cow"]) == "mixed"
+    assert set(geneval.VARIANT_NOTES) == {"short", "rewritten", "mixed"}
+
+
 @needs_bench
 def test_public_prompt_file():
     path = BENCH_DIR / geneval.PROMPTS_FILE
     items = geneval.load_items(path)
+    assert geneval.prompt_variant(items) == "short"  # GenEval's own file (the long one is the rewritten variant)
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     assert [it.metadata for it in items] == lines and [it.stem for it in items[:2]] == ["00000", "00001"]
     assert set(geneval.tag_order(it.tag for it in items)) == {t for t, _ in geneval.GENEVAL_TASKS}
@@ -258,6 +275,9 @@ def test_run_bench_geneval_needs_no_judge(tmp_path, monkeypatch, capsys):
     rep = eval_run.main(argv[2:] + ["--judge-only"])
     entry = rep["benchmarks"]["geneval"]
     assert rep["complete"] and entry["summary"]["overall"] == pytest.approx(2 / 3)
+    assert entry["prompt_variant"] == "short"
+    source = json.loads((out / "geneval" / "results.json").read_text())["source"]
+    assert source["prompts_md5"] == hashlib.md5((bench / geneval.PROMPTS_FILE).read_bytes()).hexdigest()
     assert "geneval: overall=0.6667" in capsys.readouterr().out
 
     # generated again with another seed, beside a judged benchmark: the old detector results no longer count

@@ -146,7 +146,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def md5sum(path: str | os.PathLike) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+    h = hashlib.md5()
+    with open(path, "rb") as f:  # (in pieces: an OmniContext data file can be large)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fetch(url: str, dest: str | os.PathLike, md5: str | None = None, timeout: float = 60.0) -> Path:

@@ -39,7 +39,9 @@ CFG (cfg_img_scale 1), cfg_interval [0, 1], global renorm with min 0, shift 3, 5
 its non-black content as the script's ``sample.crop(sample.getbbox())`` (``eval.run`` uses these for this benchmark;
 ``--gen-arg`` / ``--num-images`` override them, e.g. ``--gen-arg crop_to_bbox=false``). Echo-4o's run
 script defaults to LLM-rewritten long prompts (``evaluation_metadata_long.jsonl``, the same 553 items): pass
-that file as the prompt file to compare with its 0.89.
+that file as the prompt file to compare with its 0.89. ``results.json`` (``prompt_variant``) and ``summary.md`` say
+which kind of prompts a run used (``short``: GenEval's templated "a photo of ..." prompts, comparable with BAGEL's
+0.82; ``rewritten``: with the 0.88 / 0.89 rows).
 
 Prompt file: one JSON object per line with ``tag``, ``prompt`` and ``include`` (a non-empty list of
 ``{"class", "count"[, "color", "position": [relation, index of an earlier include]]}``), optional
@@ -438,7 +440,7 @@ def evaluate(items: Sequence[Item], images_dir, judge, out_dir, *, num_images: i
     summary = aggregate(records)
     doc = {
         "benchmark": NAME, "label": label, "source": source or {}, "images_dir": str(images_dir),
-        "num_images": num_images, "layout": str(layout),
+        "num_images": num_images, "layout": str(layout), "prompt_variant": prompt_variant(items),
         "detector_results": str(results) if verdicts is not None else None,
         "evaluator_command": evaluator_commands(layout, results),
         "formula": "overall = mean over tasks of the share of correct images (official summary_scores.py); "
@@ -456,6 +458,26 @@ def evaluate(items: Sequence[Item], images_dir, judge, out_dir, *, num_images: i
     common.write_json(out / "results.json", doc)
     (out / "summary.md").write_text(markdown(doc), encoding="utf-8")
     return doc
+
+
+SHORT_PROMPT_PREFIX = "a photo of "  # GenEval's own prompts are templated: "a photo of a bench", ...
+
+
+def prompt_variant(items: Sequence[Item]) -> str:
+    """Which prompts were generated from: ``short`` (GenEval's own templated prompts, every one "a photo of ..."),
+    ``rewritten`` (none of them: e.g. the LLM-rewritten ``evaluation_metadata_long.jsonl`` Echo-4o's run script
+    passes) or ``mixed``. The published overalls differ by it (BAGEL 0.82 short, 0.88 rewritten)."""
+    short = sum(it.prompt.lower().startswith(SHORT_PROMPT_PREFIX) for it in items)
+    return "short" if short == len(items) else "rewritten" if short == 0 else "mixed"
+
+
+VARIANT_NOTES = {
+    "short": "GenEval's own templated prompts ('a photo of ...'): the comparable paper row is BAGEL (paper) 0.82; "
+             "the 0.88 / 0.89 rows were measured with LLM-rewritten prompts",
+    "rewritten": "not GenEval's templated prompts (rewritten ones, as Echo-4o's run script passes): the comparable "
+                 "paper rows are the rewritten-prompt ones (0.88, 0.89), not BAGEL (paper) 0.82",
+    "mixed": "some GenEval templated prompts and some others: comparable with no paper row",
+}
 
 
 def not_scored(s: dict) -> str:
@@ -476,6 +498,7 @@ def markdown(doc: dict) -> str:
     parts += [
         f"Official object detector (results: `{doc['detector_results']}`); {s['n_images']} images "
         f"({doc['num_images']} per prompt): {not_scored(s)}. Layout for the evaluator: `{doc['layout']}`.", "",
+        f"Prompts: **{doc['prompt_variant']}**: {VARIANT_NOTES[doc['prompt_variant']]}.", "",
         common.markdown_table(["Model"] + [c for _, c in GENEVAL_TASKS] + ["Overall"], rows), "",
         "Overall = mean of the task scores (share of correct images), as the official summary_scores.py. Paper "
         "rows: overall only.", "",

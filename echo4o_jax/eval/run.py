@@ -682,7 +682,9 @@ def main(argv=None) -> dict:
         if evaluating:
             record = images_dir / GENERATION_RECORD
             kw = dict(num_images=_num_images(args, name), label=label, progress=not args.no_progress,
-                      source={"prompts": str(path), "ckpt": ident[0], "ckpt_step": ident[1],
+                      source={"prompts": str(path),
+                              "prompts_md5": common.md5sum(path) if Path(path).is_file() else None,
+                              "ckpt": ident[0], "ckpt_step": ident[1],
                               "generation_record": str(record) if record.is_file() else None,
                               **subset})
             if name in officials:
@@ -694,8 +696,9 @@ def main(argv=None) -> dict:
             elif name in templates:
                 kw["template"] = templates[name]
             doc = mod.evaluate(items, images_dir, judge, out / name, **kw)
-            if doc.get("judge_prompts"):
-                entry["judge_prompts"] = doc["judge_prompts"]
+            for k in ("judge_prompts", "prompt_variant"):  # (GenEval: short or rewritten prompts)
+                if doc.get(k):
+                    entry[k] = doc[k]
             entry["summary"] = {k: v for k, v in doc["summary"].items() if not isinstance(v, dict)}
             entry["complete"] = doc["complete"]
             entry["incomplete"] = getattr(mod, "incomplete_note", common.incomplete_note)(doc)
