@@ -366,6 +366,8 @@ def test_omnicontext_formula_and_scene_templates(tmp_path):
     assert sm["complete_8_tasks"] and sm["n_missing"] == 1
     md = (out / "summary.md").read_text()
     assert "Echo-4o avg (MULTIPLE, SCENE)" in md and "7.94" in md and "8.23" in md and "scene_object__k1_0.png" in md
+    # the 8-task overall mixes OmniGen2's aggregation with Echo-4o's output size: said beside the table
+    assert "OmniGen2's protocol fixes the outputs at 1024x1024 (eval.run --size 1024x1024)" in md
     srcs = gallery_images(out)
     assert any("images/multiple_object" in x for x in srcs)  # reference images shown too
     assert_no_secret(out)

@@ -319,7 +319,10 @@ def markdown(doc: dict) -> str:
         "of the task scores (OmniGen2's protocol); Echo-4o avg = mean of the MULTIPLE and SCENE groups (Echo-4o's "
         "statistics skip the single_* tasks). Missing or unreadable images and judge failures score 0. BAGEL's "
         "Echo-4o avg is "
-        "computed from its two group numbers; 8-task rows are third-party measurements.", "",
+        "computed from its two group numbers; 8-task rows are third-party measurements (their protocol is not "
+        "known). Echo-4o avg is the number comparable with the Echo-4o paper. Overall (8 tasks) takes OmniGen2's "
+        "aggregation, but eval.run generates at Echo-4o's output size (the first input image's, resized as the VAE "
+        "input), while OmniGen2's protocol fixes the outputs at 1024x1024 (eval.run --size 1024x1024).", "",
         "## Per task", "",
         common.markdown_table(["task", "images", "PF", "SC", "score", "missing", "unreadable", "judge failures"],
                               [[t, v["n"], v["PF"], v["SC"], v["score"], v["n_missing"], v["n_unreadable"],
