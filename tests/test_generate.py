@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_npz, npz_json
+from conftest import load_npz, npz_json, xla_env
 from test_golden import assert_uint8_close, golden_max_context, max_err
 from echo4o_jax import generate as G
 from echo4o_jax import inference
@@ -458,11 +458,10 @@ print(n_sharded)
 
 @pytest.mark.slow
 def test_generation_with_params_sharded_over_a_mesh(golden_dir, gen, sz, tmp_path):
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = xla_env(devices=4)
     r = subprocess.run([sys.executable, "-c", _MESH_GEN, str(golden_dir), str(tmp_path / "img.npy"), str(sz.side)],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]

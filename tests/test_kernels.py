@@ -14,6 +14,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from conftest import xla_env
 from echo4o_jax.config import BagelConfig, ConfigError
 from echo4o_jax.model.attention import (CAUSAL, FULL, NOISE, TokenMeta, _pad_meta, attention, block_table,
                                         mask_from_meta, pair_list)
@@ -372,13 +373,12 @@ def test_pallas_kernel_runs_per_shard_under_a_mesh(tmp_path):
     """Under the trainer's mesh (data 2 x fsdp 2 x tensor 2, 8 CPU devices) and the model's vmap over
     packs, the kernel runs on each device's own packs and heads (shard_map): exact gradients and no
     all-gather in the compiled step (a bare kernel call gathers every pack onto every device)."""
-    import os
     import pathlib
     import subprocess
     import sys
 
     root = pathlib.Path(__file__).resolve().parent.parent
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = xla_env(devices=8)
     out = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(root), str(root / "tests")], env=env,
                          capture_output=True, text=True, timeout=600)
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]

@@ -23,7 +23,7 @@ from echo4o_jax.train.config_base import base_config
 from echo4o_jax.train.data_sources import make_source
 from echo4o_jax.train.step import make_loss_and_grads
 from echo4o_jax.train.trainer import ConfigValueError, Trainer, validate_config
-from conftest import DEFAULT_GOLDEN
+from conftest import DEFAULT_GOLDEN, xla_env
 from test_data_pipeline import _tokenizer_json, _write_dataset, config_file, corrupt_record, one_error_line
 from test_data_records import count_calls
 
@@ -586,8 +586,7 @@ def _cli(*args, devices: int = 1, env_extra: dict | None = None, wait: bool = Tr
     import subprocess
     import sys
 
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               **(env_extra or {}))
+    env = {**xla_env(devices=devices), **(env_extra or {})}
     cmd = [sys.executable, "-m", "echo4o_jax.data.latents", *args]
     cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not wait:

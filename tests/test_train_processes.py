@@ -5,7 +5,6 @@ on 1 process with train.data_resume=reshard) and an 8-device mesh (restore onto 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import xla_env
 from test_train import ROOT, load_config
 from echo4o_jax.train.trainer import Trainer
 
@@ -191,7 +191,7 @@ def _start_two_processes(workdir, *overrides, config="synthetic_tiny") -> list[s
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    env = {k: v for k, v in xla_env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
     return [subprocess.Popen(_train_cmd(workdir, *overrides, config=config), cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**env, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
@@ -263,7 +263,7 @@ def test_two_processes_stop_and_resume_as_if_never_stopped(tmp_path):
     meta = json.loads((one / "checkpoints" / str(stopped) / "meta" / "metadata").read_text())
     r = subprocess.run(_train_cmd(one, *common, "--config.train.data_resume=reshard", config="demo"), cwd=ROOT,
                        capture_output=True, text=True, timeout=300,
-                       env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+                       env=xla_env())
     assert r.returncode == 0, r.stderr[-3000:]
     rec = [x for x in map(json.loads, (one / "log.jsonl").read_text().splitlines()) if x.get("event") == "data_resharded"]
     states = meta["data_states"]
@@ -289,7 +289,7 @@ def test_checkpoint_restores_onto_a_different_mesh_which_equals_single_device(tm
     flat = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tr.state["params"]))[0]}
     np.savez(tmp_path / "params.npz", **flat)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = xla_env(devices=8)
     r = subprocess.run([sys.executable, "-c", _RESTORE_SCRIPT, str(ROOT / "tests"), str(tmp_path / "wd"),
                         str(tmp_path / "params.npz")], env=env, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -313,7 +313,7 @@ def test_a_mesh_leaving_parameters_whole_is_refused_before_the_weights_load(tmp_
               "T._REPLICATED_LIMIT = 0\n"
               "sys.argv[0] = 'echo4o_jax.train'\n"
               "runpy.run_module('echo4o_jax.train', run_name='__main__', alter_sys=True)\n")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=6", JAX_PLATFORMS="cpu")
+    env = xla_env(devices=6)
     wd = tmp_path / "wd"
     args = [sys.executable, "-c", script, *_train_cmd(wd, "--config.mesh.data=1", "--config.mesh.fsdp=-1",
                                                       "--config.train.steps=1", "--config.data.packs_per_step=-1")[3:]]
