@@ -238,6 +238,32 @@ def _imagine_answer(ff, ip, aq):
             f"Aesthetic Quality: {aq} - reason a\n")
 
 
+def test_imagine_bench_official_script_exact_reads_answers_as_the_official_parser():
+    """official_script_exact scores each answer as the official extract_scores + formula: integers only (9.5 reads
+    9), the last occurrence of a label wins, above 10 clipped, Markdown-bolded labels not read (-1), rounded to 3
+    decimals; a judge failure with an answer is re-read too, one without an answer is 0."""
+    ans = "Fantasy Fulfillment: {}\nReason: r\nIdentity Preservation: {}\nAesthetic Quality: {}".format
+    assert imagine_bench.official_image_score(ans(10, "9.5", 5)) == pytest.approx(8.2)  # ours: 8.6
+    assert imagine_bench.official_image_score(ans(3, 7, 7) + "\nFantasy Fulfillment: 8") == pytest.approx(7.0)
+    assert imagine_bench.official_image_score(ans(12, 10, 10)) == pytest.approx(10.0)
+    bold = "**Fantasy Fulfillment:** 9\nIdentity Preservation: 8\nAesthetic Quality: 6"
+    assert imagine_bench.official_image_score(bold) == pytest.approx(0.8 * -1 + 0.2 * 6)
+    assert imagine_bench.official_image_score("Fantasy Fulfillment: 7\nIdentity Preservation: 7\nAesthetic "
+                                              "Quality: 8 and more text 1/3") == pytest.approx(7.2)
+    assert imagine_bench.official_image_score(ans(1, 1, 2)) == 1.2  # (0.8 + 0.4 = 1.2000000000000002 unrounded)
+    rec = lambda cat, score, status, raw: {"type": "T", "category": cat, "score": score, "status": status, "raw": raw,
+                                           "FF": 1.0, "IP": 1.0, "AQ": 1.0}  # (the dimensions' means: not here)
+    records = [rec("Attribute shift", 8.6, "scored", ans(10, "9.5", 5)),
+               rec("Attribute shift", 0.0, "judge_failure", "Fantasy Fulfillment: 5\nIdentity Preservation: 5"),
+               rec("Hybridization", 0.0, "judge_failure", None), rec("Spatiotemporal", 5.0, "scored", ans(5, 5, 5)),
+               rec("Spatiotemporal", 0.0, "missing", None), rec("Multi-Object", 9.0, "scored", ans(9, 9, 9))]
+    exact = imagine_bench.aggregate(records)["official_script_exact"]
+    a = (8.2 + (0.8 * 5 - 0.2)) / 2  # the failure's answer: AQ -1
+    assert exact["categories"] == pytest.approx({"Attribute shift": a, "Hybridization": 0.0, "Spatiotemporal": 5.0,
+                                                 "Multi-Object": 9.0})
+    assert exact["overall"] == pytest.approx((3 * a + 2 * 0.0 + 2 * 5.0) / 7) and exact["n_scored"] == 5
+
+
 def test_imagine_bench_formula_by_hand(tmp_path):
     rows = [
         {"id": 1, "instruction": "I1", "note": "N1", "type": "COLOR"},

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -111,6 +112,28 @@ def image_score(ff: float, ip: float, aq: float) -> float:
     return 0.8 * min(ff, ip) + 0.2 * aq
 
 
+# The official script's extract_scores: the last "<label>[:：] <1-2 digits>" of each label wins (integers only:
+# "8.5" reads 8; Markdown such as "**Fantasy Fulfillment:** 8" does not match), clipped to at most 10; a label never
+# matched stays -1 (and goes into the formula so). official_script_exact re-reads the judge's answers so.
+OFFICIAL_SCORE_PATTERN = re.compile(r"(Fantasy Fulfillment|Identity Preservation|Aesthetic Quality)\s*[:：]?\s*(\d{1,2})")
+OFFICIAL_LABELS = {"Fantasy Fulfillment": "FF", "Identity Preservation": "IP", "Aesthetic Quality": "AQ"}
+
+
+def official_image_score(answer: str) -> float:
+    """An image's score as the official script computes it from the judge's answer text: its extract_scores,
+    then round(0.8 * min(FF, IP) + 0.2 * AQ, 3)."""
+    scores = {"FF": -1.0, "IP": -1.0, "AQ": -1.0}
+    for label, value in OFFICIAL_SCORE_PATTERN.findall(answer):
+        scores[OFFICIAL_LABELS[label]] = max(0.0, min(float(value), 10.0))
+    return round(image_score(scores["FF"], scores["IP"], scores["AQ"]), 3)
+
+
+def _official_score(r: dict) -> float:
+    """A record's score as the official script would give it: judged (or answered but malformed): its answer
+    re-read by the official parser; a judge failure without an answer: 0 (the script's after 3 failed calls)."""
+    return official_image_score(r["raw"]) if r["status"] != "missing" and r.get("raw") else 0.0
+
+
 def _mean(xs):
     xs = list(xs)
     return sum(xs) / len(xs) if xs else None
@@ -141,15 +164,16 @@ def aggregate(records: Sequence[dict]) -> dict:
     kept = [r for r in records if r["status"] not in ("missing", "unreadable")] if judged else []
     exact_cats: dict[str, list[float]] = {}
     for r in kept:
-        exact_cats.setdefault(r["category"], []).append(r["score"])
+        exact_cats.setdefault(r["category"], []).append(_official_score(r))
     exact_scores = {c: _mean(v) for c, v in exact_cats.items()}
     return {
         "overall": _weighted(cat_scores, IMAGINE_WEIGHTS),
         "overall_official_script": _weighted(cat_scores, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS),
         "official_script_exact": {
-            "note": "as the official script aggregates: missing and unreadable images skipped (not scored), judge "
-                    "failures 0, Multi-Object dropped (answers are parsed as ours: decimals kept, a score above 10 "
-                    "or a missing dimension asked again, then a failure)",
+            "note": "as the official script scores: each judge answer re-read by its extract_scores (the last "
+                    "integer of each label, clipped to 10, a missing one -1) and rounded to 3 decimals, missing "
+                    "and unreadable images skipped (not scored), judge failures without an answer 0, Multi-Object "
+                    "dropped (an answer our parser asked again is the last one received)",
             "categories": exact_scores,
             "overall": _weighted(exact_scores, IMAGINE_OFFICIAL_SCRIPT_WEIGHTS),
             "n_scored": len(kept),
@@ -235,7 +259,8 @@ def markdown(doc: dict) -> str:
         "includes Multi-Object: Echo-4o's Eval.md shows the authors' own output, 8.613 = (3·8.821 + 2·9.339 + "
         "2·8.377 + 2·7.813) / 9 (their data named the category TWO_OBJECT), so **Overall (all 4 categories)** "
         "is the one to set beside the paper's numbers (overall only, from the Echo-4o figures).", "",
-        f"Aggregated as the official script (missing images skipped instead of 0; answers parsed as ours): "
+        f"Scored as the official script (its answer parser and rounding, missing images skipped instead of 0, "
+        f"Multi-Object dropped): "
         f"{common.fmt(s['official_script_exact']['overall'])}", "",
         "## Per type", "",
         common.markdown_table(["type", "category", "images", "score"],
