@@ -109,6 +109,21 @@ def _gpp_rows():
     ]
 
 
+def test_geneval_pp_official_parser_edge_cases():
+    """official_correct: the official script's extract_json_from_response and `result.get("correct", 0) == 1`."""
+    yes = ['{"correct": 1, "reason": "r"}', '```json\n{"correct": true}\n```', 'Here: {"correct": 1.0}',
+           '{"reason": "a {nested} brace", "correct": 1}']
+    no = ['{"correct": "1"}', '{"correct": 0}', '{"reason": "no verdict"}', '{"correct": 1} and {"correct": 1}',
+          "no JSON here", "", None, '{"correct": 1']
+    assert [geneval_pp.official_correct(a) for a in yes] == [True] * len(yes)
+    assert [geneval_pp.official_correct(a) for a in no] == [False] * len(no)
+    recs = [{"tag": "counting", "correct": 1, "status": "pass", "raw": '{"correct": "1"}'},  # ours: pass
+            {"tag": "counting", "correct": 1, "status": "pass", "raw": '{"correct": 1}'},
+            {"tag": "color_attr", "correct": 0, "status": "missing"}]
+    exact = geneval_pp.aggregate(recs)["official_script_exact"]
+    assert exact["tags"] == {"counting": 0.5, "color_attr": 0.0} and exact["score"] == pytest.approx(0.25)
+
+
 def test_geneval_pp_formula_missing_failures_outputs(tmp_path):
     prompts = write_jsonl(tmp_path / "gpp.jsonl", _gpp_rows())
     images, out = tmp_path / "images", tmp_path / "out"
@@ -137,6 +152,9 @@ def test_geneval_pp_formula_missing_failures_outputs(tmp_path):
     assert sm["tags"]["size_spatial_attr"]["accuracy"] == 0.0
     assert sm["score"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
     assert sm["accuracy_all_samples"] == pytest.approx(3 / 6)
+    # these answers read the same with the official script's parser (P6's prose: wrong there too)
+    assert sm["official_script_exact"]["score"] == pytest.approx(sm["score"])
+    assert sm["official_script_exact"]["tags"]["color_attr"] == pytest.approx(2 / 3)
     assert (sm["n_missing"], sm["n_judge_failures"], sm["n_images"]) == (1, 1, 6)
     st = {r["id"]: r["status"] for r in doc["items"]}
     assert st == {"00001_0": "pass", "00002_0": "fail", "00003_0": "pass", "00004_0": "pass", "00005_0": "missing",

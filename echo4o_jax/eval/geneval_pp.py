@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -185,6 +187,22 @@ def tag_order(tags) -> list[str]:
     return [t for t in known if t in tags] + sorted(t for t in set(tags) if t not in known)
 
 
+def official_correct(answer: str | None) -> bool:
+    """The official script's verdict on a judge answer (its extract_json_from_response and pass rule): the text
+    stripped, a leading ```json and a trailing ``` dropped, the greedy ``{...}`` match parsed as JSON; correct iff
+    its "correct" == 1 (1, 1.0 and true pass; "1" does not). An answer that does not parse (the script asks again,
+    then records -1) or none (a failed call) is not correct."""
+    if not answer:
+        return False
+    text = re.sub(r"\s*```$", "", re.sub(r"^```json\s*", "", answer.strip()))
+    m = re.search(r"\{[\s\S]*\}", text)
+    try:
+        obj = json.loads(m.group(0)) if m else None
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and obj.get("correct", 0) == 1
+
+
 def aggregate(records: Sequence[dict]) -> dict:
     """records: dicts with 'tag', 'correct' (0/1) and 'status' -> per-tag accuracy and the score (None, with
     the accuracies, when no image was judged: there is no score to give)."""
@@ -201,11 +219,20 @@ def aggregate(records: Sequence[dict]) -> dict:
     counts = common.status_counts(records)
     judged = counts["n_judged"] > 0
     n = len(records)
+    # the official script's numbers from the same answers: each re-read by its parser (missing images: wrong)
+    official = {t: sum(official_correct(r.get("raw")) for r in rs) / len(rs) for t, rs in by_tag.items()}
     return {
         "score": sum(v["accuracy"] for v in tags.values()) / len(tags) if tags and judged else None,
         "accuracy_all_samples": sum(int(r["correct"] == 1) for r in records) / n if n and judged else None,
         "tags": tags,
         "n_correct": sum(int(r["correct"] == 1) for r in records),
+        "official_script_exact": {
+            "note": "the official script's numbers from the same judge answers, each re-read by its parser (the "
+                    "greedy {...} match, correct iff \"correct\" == 1; an answer that does not parse: wrong; an "
+                    "answer our parser asked again is the last one received)",
+            "score": sum(official.values()) / len(official) if official and judged else None,
+            "tags": official if judged else {},
+        },
         **counts,
     }
 
@@ -282,6 +309,8 @@ def markdown(doc: dict) -> str:
         "or unreadable images and judge failures count as failures. Paper rows: Echo-4o figures (overall only); GPT-4o "
         "per-tag row from a third-party paper (Mind-Brush).", "",
         f"Accuracy over all images: {common.fmt(s['accuracy_all_samples'])}", "",
+        f"Scored as the official script (its answer parser on the same answers): "
+        f"{common.fmt(s['official_script_exact']['score'])}", "",
         "## Per tag", "",
         common.markdown_table(
             ["tag", "column", "images", "pass", "accuracy", "missing", "unreadable", "judge failures"],
