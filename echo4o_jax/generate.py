@@ -562,10 +562,17 @@ class Generator:
         ds = self.cfg.latent_downsample
         n_tok = (r.shape[0] // ds) * (r.shape[1] // ds)
         noise = jax.random.normal(jax.random.key(r.seed), (r.num_images, n_tok, self.cfg.patch_latent_dim))
-        res = self.inf.interleave_inference([*r.images, r.ids], think=r.sys_ids is not None,
-                                            system_prompt_ids=r.sys_ids, max_think_token_n=r.max_think_tokens,
-                                            image_shapes=r.shape, output_shape=r.shape, init_noise=noise,
-                                            rng=jax.random.key(r.seed), **r.sampler)
+        from .inference import ContextOverflow
+
+        try:
+            res = self.inf.interleave_inference([*r.images, r.ids], think=r.sys_ids is not None,
+                                                system_prompt_ids=r.sys_ids, max_think_token_n=r.max_think_tokens,
+                                                image_shapes=r.shape, output_shape=r.shape, init_noise=noise,
+                                                rng=jax.random.key(r.seed), **r.sampler)
+        except ContextOverflow as e:  # (checked before: only the think text, encoded again, can be longer)
+            raise GenerateError(f"{e}: the think text, decoded and encoded again as the official feeds it back, "
+                                f"came out longer than the room checked for it; raise {SETTING_FLAGS['max_context']}"
+                                ) from None
         images_out = res["image"] if res["image"].ndim == 4 else res["image"][None]
         out = dict(images=list(images_out), settings=r.sampler, size=list(r.shape), prompt_ids=r.ids)
         if "text_ids" in res:

@@ -42,6 +42,10 @@ __all__ = ["Context", "Inferencer", "timestep_schedule", "answer_ids", "cfg_bran
            "CFG_RENORM_TYPES"]
 
 CFG_RENORM_TYPES = ("global", "channel", "text_channel")
+class ContextOverflow(ValueError):
+    """What is added to a context does not fit its KV cache (max_context)."""
+
+
 TEXT_BUCKET = 32  # text prefills are padded to a multiple of this (one compilation per bucket, not per length)
 SAMPLER_CACHE_BUCKET = 512  # the sampler's caches are cut to the contexts' length rounded up to this
 DECODE_BUCKET = 256  # the decoding loop's token buffer: max_length rounded up to this (one compilation per bucket)
@@ -133,7 +137,7 @@ class Inferencer:
 
     def _check_room(self, ctx: Context, n: int, what: str):
         if ctx.kv_len + n > self.max_context:
-            raise ValueError(f"context overflow while adding {what}: {ctx.kv_len} + {n} tokens > max_context={self.max_context}")
+            raise ContextOverflow(f"context overflow while adding {what}: {ctx.kv_len} + {n} tokens > max_context={self.max_context}")
 
     def add_text(self, ctx: Context, ids: Sequence[int]) -> Context:
         ids = [self.bos, *[int(i) for i in ids], self.eos]

@@ -955,6 +955,18 @@ def test_think_requests_are_checked_for_the_context_they_take(golden_dir, sz, mo
                           tmp_path / "out", overrides=dict(num_timesteps=2), progress=False)
     assert recs[0]["outputs"] == ["t_0.png"] and isinstance(recs[0]["think_text"], str)
     assert json.loads((tmp_path / "out" / "metadata.jsonl").read_text())["think_text"] == recs[0]["think_text"]
+    # a think text that encodes again to more tokens than were generated (e.g. bytes decoding to U+FFFD) no longer
+    # fits: one error naming the cause (it was a ValueError's traceback mid-batch); the finished request is kept
+    encode = g.tokenizer.encode
+    monkeypatch.setattr(g.tokenizer, "encode", lambda text, **kw: encode(text) if text == G.GEN_THINK_SYSTEM_PROMPT
+                        else type("E", (), {"ids": [7] * 100})())
+    monkeypatch.setattr(g.inf, "retokenize", g._retokenize)  # (the cached model's Inferencer: made without Tok)
+    with pytest.raises(G.GenerateError, match=r"^context overflow while adding text: .*: the think text, decoded and "
+                                              r"encoded again .* raise --max-context$"):
+        G.run_requests(g, [dict(id="t", prompt_ids=[5], size=sz.size, think=True, max_new_tokens=5),
+                           dict(id="u", prompt_ids=[6], size=sz.size, think=True, max_new_tokens=5)],
+                       tmp_path / "out", overrides=dict(num_timesteps=2), progress=False)
+    assert [json.loads(x)["id"] for x in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()] == ["t"]
 
 
 def test_a_request_made_otherwise_is_refused_whatever_its_outputs(gen, sz, tmp_path):
