@@ -847,6 +847,10 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
     defaults = ["--gen-arg", "num_timesteps=50", "--gen-arg", "timestep_shift=3", "--gen-arg", "dtype=float32",
                 "--gen-arg", "cfg_renorm_type=global", "--size", "1024x1024"]
     assert common.run_cli(eval_run.main, base + first + defaults) == 0 and calls == []
+    # settings that make no other images resume too (as generate): the attention kernel, the cache capacity, and
+    # vae_posterior where no image is VAE-encoded (it was "another generation", leaving only --regenerate)
+    same = ["--gen-arg", "attention_impl=xla_dense", "--gen-arg", "max_context=4096", "--gen-arg", "vae_posterior=mean"]
+    assert common.run_cli(eval_run.main, base + first + same) == 0 and calls == []
     judge_only = [a for a in base if a != "--generate-only"] + ["--judge-only"]
     with pytest.raises(common.UsageError, match="the output size .* differs"):  # (the check runs before the judge)
         eval_run.main(judge_only + first + ["--size", "512x512"])

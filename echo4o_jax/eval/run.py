@@ -218,11 +218,22 @@ def _provenance(req: dict, ckpt: dict, gen_args: dict) -> dict:
             "prompt": req["prompt"], "images": [str(Path(p).resolve()) for p in req.get("images", [])]}
 
 
+# --gen-arg keys that do not make other images, left out when records are compared (generate does not record them
+# either): the attention implementation (float rounding at most, as a batch's composition) and the KV-cache capacity
+UNCOMPARED_GEN_ARGS = ("attention_impl", "max_context")
+
+
 def _as_run(field: str, value, req: dict):
     """A recorded or current setting as the generation used it: the generator's defaults filled in, so that a
-    --gen-arg or --size naming a default (cfg_text_scale=4.0, num_timesteps=50, 1024x1024) is the same generation."""
+    --gen-arg or --size naming a default (cfg_text_scale=4.0, num_timesteps=50, 1024x1024) is the same generation;
+    the settings that change nothing left out (UNCOMPARED_GEN_ARGS, and vae_posterior without input images:
+    nothing is VAE-encoded)."""
     if field == "gen_args" and isinstance(value, dict):  # (crop_to_bbox: False in records older than it)
-        return {**default_settings(bool(req.get("images"))), "crop_to_bbox": False, **value}
+        has_images = bool(req.get("images"))
+        out = {**default_settings(has_images), "crop_to_bbox": False, **value}
+        for k in UNCOMPARED_GEN_ARGS + (() if has_images else ("vae_posterior",)):
+            out.pop(k, None)
+        return out
     if field == "size" and value is None and not req.get("images"):
         return list(DEFAULT_SIZE)
     return value
