@@ -134,8 +134,10 @@ def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
     """The `flags_parser` of `absl.app.run` for a command with the config file flag `config_flag` (the holder
     `config_flags.DEFINE_config_file` returns): absl's flag parsing, with its errors (unknown flags, bad
     values, a missing config file, config keys the config lacks) as one `error:` line and exit status 2.
-    Overrides of list fields are parsed here (`list_overrides`). `--help` exits 0 (absl's exits 1)."""
+    Overrides of list fields are parsed here (`list_overrides`). `--help` (and `-h`, as the argparse commands)
+    exits 0 (absl's exits 1; it took -h for an unknown flag)."""
     def parse(argv: list[str]) -> list[str]:
+        argv = argv[:1] + ["--help" if a == "-h" else a for a in argv[1:]]
         # a --flagfile's lines read here: its list overrides were left to ml_collections, which refuses lists
         argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
         path, keys = config_args(argv)
