@@ -1147,6 +1147,11 @@ def write_contact_sheet(paths: Sequence, out, cell: int = 256, cols: int = 8) ->
     save_png(sheet, out)
 
 
+# generate_batch's settings besides the sampler's: the loader's, the input resizes, the think text's limit, the crop
+BATCH_KEYS = ("step", "dtype", "max_context", "attention_impl", "vae_transform", "vit_transform", "max_new_tokens",
+              "crop_to_bbox")
+
+
 def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, regenerate: bool = False,
                    check_only: bool = False, progress: bool = True, **overrides) -> list[dict]:
     """API for the evaluation: requests with `id`, `prompt`, `images`, `size`, `seed`, `num_images`;
@@ -1166,6 +1171,10 @@ def generate_batch(ckpt: str, requests: list[dict], out_dir: str | None, *, rege
     benchmark's requests before it generates any."""
     from .image_transform import ImageTransform, valid_sides
 
+    unknown = [k for k in overrides if k not in SAMPLER_KEYS + BATCH_KEYS]
+    if unknown:  # (eval.run's --gen-arg: every key it may pass is named, not the sampler's alone)
+        raise GenerateError(f"unknown setting {', '.join(map(repr, unknown))}; known: "
+                            f"{', '.join(SAMPLER_KEYS + BATCH_KEYS)}")
     load_kw = {k: overrides.pop(k) for k in ("step", "dtype", "max_context", "attention_impl") if k in overrides}
     if "dtype" in load_kw and load_kw["dtype"] not in DTYPES:  # (the loader would fail once the weights load)
         raise GenerateError(f"dtype ({SETTING_FLAGS['dtype']}) {load_kw['dtype']!r}: expected one of "

@@ -895,11 +895,11 @@ def test_run_refuses_images_of_another_generation(tmp_path, monkeypatch, capsys)
     def typo_refused(ckpt, requests, out_dir, **kw):
         checked.append(kw.get("check_only"))
         if "num_timestep" in kw:
-            raise real_generate.GenerateError("unknown sampler setting 'num_timestep'; known: ..., num_timesteps")
+            raise real_generate.GenerateError("unknown setting 'num_timestep'; known: ..., num_timesteps")
         return generate_batch(ckpt, requests, out_dir, **kw)
 
     generate_batch, fake.generate_batch = fake.generate_batch, typo_refused
-    with pytest.raises(common.UsageError, match=r"^\[geneval_pp\] --gen-arg: unknown sampler setting 'num_timestep'"):
+    with pytest.raises(common.UsageError, match=r"^\[geneval_pp\] --gen-arg: unknown setting 'num_timestep'"):
         eval_run.main(base + first + ["--gen-arg", "num_timestep=4"])
     assert checked == [True] and calls == [] and _image_bytes(out) == images
     fake.generate_batch = generate_batch

@@ -1088,7 +1088,7 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
         # the weights load during the batch: the Inferencer takes the Generator's transforms then
         g.inf = types.SimpleNamespace(vae_transform=g.vae_transform, vit_transform=g.vit_transform)
         runs.append((g.vae_transform, g.vit_transform, kw["overrides"]))
-        if kw["overrides"].get("fail"):
+        if kw["overrides"].get("cfg_renorm_type") == "fail":
             raise RuntimeError("batch failed")
         return []
 
@@ -1099,7 +1099,7 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
     assert runs == [(vae0, ImageTransform(980, 378, 14), {"cfg_img_scale": 1.5})] and progress == [True]
     assert (gen.vae_transform, gen.vit_transform) == (vae0, vit0) and gen.inf.vit_transform == vit0
     with pytest.raises(RuntimeError, match="batch failed"):
-        G.generate_batch("ckpt", [], "out", vae_transform=(512, 256), fail=True)
+        G.generate_batch("ckpt", [], "out", vae_transform=(512, 256), cfg_renorm_type="fail")
     assert runs[-1][0] == ImageTransform(512, 256, 16) and (gen.vae_transform, gen.inf.vae_transform) == (vae0, vae0)
     for bad in ([980], [300, 400], [True, True]):
         with pytest.raises(G.GenerateError, match=r"vit_transform .*: expected \[MAX, MIN\] image sides"):
@@ -1110,6 +1110,10 @@ def test_generate_batch_sets_image_transforms_for_its_batch_only(monkeypatch):
     assert crops[-1] is True and runs[-1][2] == {"cfg_img_scale": 1.0}
     with pytest.raises(G.GenerateError, match=r"crop_to_bbox 'yes': expected true or false$"):
         G.generate_batch("ckpt", [], "out", crop_to_bbox="yes")
+    # an unknown key names every one generate_batch takes (eval.run's --gen-arg), not the sampler's alone
+    with pytest.raises(G.GenerateError, match=r"^unknown setting 'bogus'; known: cfg_text_scale, .*num_timesteps") as ei:
+        G.generate_batch("ckpt", [], "out", bogus=1, check_only=True)
+    assert all(k in str(ei.value) for k in G.BATCH_KEYS + ("vae_posterior",))
     # the loader's settings are checked as the CLI's flags, before the checkpoint is looked at
     loads.clear()
     for bad, msg in [(dict(dtype="foo"), "dtype (--dtype) 'foo': expected one of float32, bfloat16"),
