@@ -214,7 +214,9 @@ def add_judge_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--client-max-retries", type=number_arg(int, 0), default=0,
                    help="retries inside the openai client itself (default 0: ours only)")
     g.add_argument("--max-image-pixels", type=number_arg(int, 0), default=DEFAULT_MAX_IMAGE_PIXELS,
-                   help="images above this area are downscaled (JPEG) before sending; 0 = never")
+                   help="images above this area are downscaled (JPEG) before sending; 0 = never. Our templates "
+                        "only (--judge-prompts ours, --template): the official prompts send images as the official "
+                        "scripts do (full size)")
     g.add_argument("--cache-dir", default=None, help="judge answer cache (default: <out>/judge_cache)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,7 +2,7 @@ r"""Generate the benchmark images with a checkpoint, then judge them.
 
     python -m echo4o_jax.eval.run --ckpt DIR [--step N] --bench geneval_pp,imagine_bench --out DIR \
         [--benchmarks-dir DIR | --geneval-pp-prompts F --imagine-bench-prompts F --geneval-prompts F] [--fetch] \
-        [--omnicontext-data F [--omnicontext-data-root DIR]] [--num-images N] [--seed 42] [--size H W] \
+        [--omnicontext-data F [--omnicontext-data-root DIR]] [--num-images N] [--seed 42] [--size HxW] \
         [--gen-arg KEY=VALUE ...] [--judge-only | --generate-only] [--regenerate] [--geneval-results F] \
         [judge options]
 
@@ -70,9 +70,7 @@ summary.md then say that the scores are not the official protocol's wording and 
 the paper's. A ``--template NAME=FILE`` replaces either (for OmniContext, one of its three replaces all three
 official prompts: the others are ours).
 
-Exit status (of this run's benchmarks): 0 every image generated and judged, 1 incomplete (some images
-missing, unreadable or not judged, or GenEval without detector results yet: the partial results are written
-and marked INCOMPLETE), 2 bad input, 130 interrupted (see -h).
+The exit status (below) is that of this run's benchmarks; GenEval without detector results yet is incomplete (1).
 """
 
 from __future__ import annotations
