@@ -571,8 +571,8 @@ class Generator:
                                                 rng=jax.random.key(r.seed), **r.sampler)
         except ContextOverflow as e:  # (checked before: only the think text, encoded again, can be longer)
             raise GenerateError(f"{e}: the think text, decoded and encoded again as the official feeds it back, "
-                                f"came out longer than the room checked for it; raise {SETTING_FLAGS['max_context']}"
-                                ) from None
+                                f"came out longer than the room checked for it; raise the context capacity "
+                                f"({SETTING_FLAGS['max_context']})") from None
         images_out = res["image"] if res["image"].ndim == 4 else res["image"][None]
         out = dict(images=list(images_out), settings=r.sampler, size=list(r.shape), prompt_ids=r.ids)
         if "text_ids" in res:

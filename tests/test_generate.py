@@ -962,7 +962,7 @@ def test_think_requests_are_checked_for_the_context_they_take(golden_dir, sz, mo
                         else type("E", (), {"ids": [7] * 100})())
     monkeypatch.setattr(g.inf, "retokenize", g._retokenize)  # (the cached model's Inferencer: made without Tok)
     with pytest.raises(G.GenerateError, match=r"^context overflow while adding text: .*: the think text, decoded and "
-                                              r"encoded again .* raise --max-context$"):
+                                              r"encoded again .* raise the context capacity \(--max-context\)$"):
         G.run_requests(g, [dict(id="t", prompt_ids=[5], size=sz.size, think=True, max_new_tokens=5),
                            dict(id="u", prompt_ids=[6], size=sz.size, think=True, max_new_tokens=5)],
                        tmp_path / "out", overrides=dict(num_timesteps=2), progress=False)
