@@ -1245,6 +1245,8 @@ def test_every_judge_call_failing_is_incomplete_without_a_score(tmp_path, capsys
     assert md.splitlines()[2].startswith("**INCOMPLETE: none of the 3 images could be judged")
     ours = next(line for line in md.splitlines() if line.startswith("| **ours**"))
     assert ours.endswith("| – |")  # no overall
+    # nor per tag (it showed 0.000 beside the overall's "–")
+    assert "0.000" not in ours and all(v["accuracy"] is None for v in res["summary"]["tags"].values())
     assert "INCOMPLETE" in (out / "gallery.html").read_text()
 
     # the server is back: the rerun judges the failed images (nothing was cached), then exits 0
@@ -1282,6 +1284,7 @@ def test_judge_faults_give_exit_status_1(tmp_path, fault, capsys):
         assert "**INCOMPLETE: 1 of 2 images could not be judged" in (out / "summary.md").read_text()
     else:
         assert sm["n_judge_failures"] == 2 and sm["overall"] is None and sm["overall_official_script"] is None
+        assert sm["categories"]["Attribute shift"]["score"] is None and sm["types"]["COLOR"]["score"] is None
     assert "incomplete: " in capsys.readouterr().err
 
 

@@ -209,15 +209,15 @@ def aggregate(records: Sequence[dict]) -> dict:
     by_tag: dict[str, list[dict]] = {}
     for r in records:
         by_tag.setdefault(r["tag"], []).append(r)
+    counts = common.status_counts(records)
+    judged = counts["n_judged"] > 0
     tags = {}
     for t in tag_order(by_tag):
         rs = by_tag[t]
         n_ok = sum(int(r["correct"] == 1) for r in rs)
         c = common.status_counts(rs)
-        tags[t] = {"n": len(rs), "n_correct": n_ok, "accuracy": n_ok / len(rs),
+        tags[t] = {"n": len(rs), "n_correct": n_ok, "accuracy": n_ok / len(rs) if judged else None,
                    **{k: v for k, v in c.items() if k != "n_images"}}
-    counts = common.status_counts(records)
-    judged = counts["n_judged"] > 0
     n = len(records)
     # the official script's numbers from the same answers: each re-read by its parser (missing images: wrong)
     official = {t: sum(official_correct(r.get("raw")) for r in rs) / len(rs) for t, rs in by_tag.items()}

@@ -155,9 +155,10 @@ def aggregate(records: Sequence[dict]) -> dict:
         by_cat.setdefault(r["category"], []).append(r["score"])
     order_t = [t for t in TYPES if t in by_type] + sorted(t for t in by_type if t not in TYPES)
     order_c = [c for c in IMAGINE_CATEGORIES if c in by_cat] + sorted(c for c in by_cat if c not in IMAGINE_CATEGORIES)
-    types = {t: {"n": len(by_type[t]), "score": _mean(by_type[t])} for t in order_t}
-    cats = {c: {"n": len(by_cat[c]), "score": _mean(by_cat[c])} for c in order_c}
     judged = [r for r in records if r["status"] == "scored"]
+    # (nothing judged: no score, per category or type either, as the overall)
+    types = {t: {"n": len(by_type[t]), "score": _mean(by_type[t]) if judged else None} for t in order_t}
+    cats = {c: {"n": len(by_cat[c]), "score": _mean(by_cat[c]) if judged else None} for c in order_c}
     cat_scores = {c: v["score"] for c, v in cats.items()} if judged else {}  # nothing judged: no overall
 
     # As the official script: missing (and unreadable) images skipped, failures 0, Multi-Object without a weight.
