@@ -129,9 +129,9 @@ def official_image_score(answer: str) -> float:
 
 
 def _official_score(r: dict) -> float:
-    """A record's score as the official script would give it: judged (or answered but malformed): its answer
-    re-read by the official parser; a judge failure without an answer: 0 (the script's after 3 failed calls)."""
-    return official_image_score(r["raw"]) if r["status"] != "missing" and r.get("raw") else 0.0
+    """A judged record's score as the official script would give it (a malformed answer too): its answer re-read
+    by the official parser; a judge failure without an answer: 0 (the script's after 3 failed calls)."""
+    return official_image_score(r["raw"]) if r.get("raw") else 0.0
 
 
 def _mean(xs):
